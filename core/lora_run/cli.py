@@ -1,0 +1,284 @@
+"""The `lora-run` command line.
+
+    lora-run RECIPE.toml [--set k=v ...] [--output-dir D] [--resume | --overwrite]   train
+    lora-run check RECIPE [--json]      recipe + dataset lint, fast, never imports torch
+    lora-run plan RECIPE [--json]       resolved recipe + the backend's plan
+    lora-run plugins [--json]           installed plugins, hooks, registrations
+    lora-run recipes                    shipped recipes with their header line
+    lora-run demo                       the embedded tiny end-to-end demo (no download)
+
+Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError, RecipeError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-run", description="Declarative identity-LoRA trainer for "
+                                     "FLUX.1-dev and Hunyuan image models.",
+                                     epilog="Run a recipe: lora-run RECIPE.toml [options] (see `lora-run run -h`).")
+    parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train a recipe (the default command)")
+    _recipe_args(p)
+    p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("check", help="validate a recipe and lint its dataset (fast, no torch)")
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("plan", help="show the resolved recipe and what the backend will do")
+    _recipe_args(p)
+    p.add_argument("--output-dir", help="run folder the plan is made for")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("recipes", help="list shipped recipes")
+
+    p = sub.add_parser("demo", help="run the embedded tiny end-to-end demo (CPU, no download)")
+    p.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    for extend in EXTRA_PARSERS:
+        extend(sub)
+    return parser
+
+
+#: Hooks for commands added in other core modules (eval/score): each takes the subparsers object.
+EXTRA_PARSERS: list[Callable[[Any], None]] = []
+
+
+def _fail(err: LoraRunError, as_json: bool = False) -> int:
+    if as_json:
+        problems = getattr(err, "problems", [str(err)])
+        print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
+                          "problems": problems}, indent=2))
+    else:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+    return err.exit_code
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .plugins import load_plugins
+    from .recipe import load_recipe
+
+    loaded = load_recipe(args.recipe, args.sets)
+    plugins = load_plugins()
+    for b in plugins.broken:
+        print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
+    for c in plugins.conflicts:
+        print(f"warning: {c}", file=sys.stderr)
+    return loaded, plugins
+
+
+@command("check")
+def cmd_check(args: argparse.Namespace) -> int:
+    from .run import lint, validate
+
+    loaded, plugins = _load(args)
+    prepared = validate(loaded, plugins)
+    report = lint(prepared.recipe, plugins)
+    ok = not report.errors
+    if args.json:
+        print(json.dumps({"ok": ok, "exit_code": EXIT_OK if ok else EXIT_BAD_INPUT, "recipe": loaded.shown,
+                          "backend": prepared.recipe.backend.name, "family": prepared.recipe.model.family,
+                          "problems": [], "lint": report.to_json()}, indent=2))
+    else:
+        print(f"{loaded.shown}: recipe OK (backend {prepared.recipe.backend.name}, {prepared.recipe.model.family})")
+        print(report.table())
+        if ok:
+            print("check passed" + (f" with {len(report.warnings)} warning(s)" if report.warnings else ""))
+        else:
+            print(f"error: {loaded.shown}: [dataset] has {len(report.errors)} error(s)", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_BAD_INPUT
+
+
+@command("plan")
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .recipe import dump_recipe, to_dict
+    from .run import RunDir, make_backend, output_path, validate
+
+    loaded, plugins = _load(args)
+    prepared = validate(loaded, plugins)
+    run_dir = RunDir(output_path(prepared.recipe, args.output_dir))
+    plan = make_backend(prepared, plugins, run_dir=run_dir).plan()
+    if args.json:
+        print(json.dumps({"ok": True, "recipe": to_dict(prepared.recipe), "output_dir": str(run_dir.path),
+                          "plan": attrs.asdict(plan)}, indent=2, default=str))
+        return EXIT_OK
+    print(f"# resolved recipe ({loaded.shown})")
+    print(dump_recipe(prepared.recipe))
+    print(f"# plan: backend {plan.backend}, {plan.family}, {plan.steps} steps, output {run_dir.path}")
+    if plan.memory_estimate_gib is not None:
+        print(f"# memory estimate: {plan.memory_estimate_gib:.1f} GiB peak"
+              + (f" ({plan.memory_mode} mode)" if plan.memory_mode else ""))
+    for argv in plan.commands:
+        print("# command: " + " ".join(_quote(a) for a in argv))
+    for rel, content in plan.files.items():
+        print(f"# file: {run_dir.path / rel}\n{content.rstrip()}\n")
+    for out in plan.outputs:
+        print(f"# output: {out}")
+    for note in plan.notes:
+        print(f"# note: {note}")
+    return EXIT_OK
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+@command("plugins")
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    listing = plugins.describe()
+    if args.json:
+        print(json.dumps({"plugins": listing, "broken": [attrs.asdict(b) for b in plugins.broken],
+                          "conflicts": plugins.conflicts}, indent=2))
+        return EXIT_OK
+    for p in listing:
+        print(f"{p['name']} {p['version'] or ''} ({p['module']})".replace("  ", " "))
+        print(f"  hooks: {', '.join(p['hooks'])}")
+        for kind in ("backends", "losses", "datasets", "evaluators", "embedders"):
+            if p.get(kind):
+                print(f"  {kind}: {', '.join(p[kind])}")
+    for b in plugins.broken:
+        print(f"BROKEN {b.name}: {b.error}")
+    for c in plugins.conflicts:
+        print(f"CONFLICT {c}")
+    return EXIT_OK
+
+
+def recipe_roots() -> list[Path]:
+    """Shipped recipes: the source checkout's recipes/ (editable installs) and the installed copy."""
+    here = Path(__file__).resolve()
+    roots = [here.parents[2] / "recipes", here.parent / "recipes"]
+    return [r for r in roots if r.is_dir()]
+
+
+def shipped_recipes() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for root in recipe_roots():
+        for path in sorted(root.rglob("*.toml")):
+            seen.setdefault(str(path.relative_to(root)), path)
+    return [seen[k] for k in sorted(seen)]
+
+
+def header_line(path: Path) -> str:
+    for line in path.read_text("utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text:
+            return text
+    return ""
+
+
+@command("recipes")
+def cmd_recipes(_args: argparse.Namespace) -> int:
+    for path in shipped_recipes():
+        root = next(r for r in recipe_roots() if path.is_relative_to(r))
+        print(f"{str(path.relative_to(root)):<32} {header_line(path)}")
+        print(f"{'':<32} {path}")
+    return EXIT_OK
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import execute
+
+    loaded, plugins = _load(args)
+    ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                  debug=args.debug)
+    print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
+    for key, value in ctx.artifacts.items():
+        if isinstance(value, (str, Path)):
+            print(f"  {key}: {value}")
+    return EXIT_OK
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .plugins import load_plugins
+    from .recipe import load_recipe
+    from .run import execute
+
+    plugins = load_plugins()
+    makers = [r for r in plugins.registry["backend"].values() if "demo" in r.meta]
+    if not makers:
+        raise RecipeError("no installed backend provides the demo (install lora-run with the [train] extra)")
+    out = Path(args.output_dir).resolve()
+    recipe_path = makers[0].meta["demo"](out / "assets")
+    ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
+                  debug=args.debug)
+    print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
+    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA.")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    known = set(COMMANDS) | {"-h", "--help", "--version"}
+    first = next((a for a in argv if a != "--debug"), None)
+    if first is not None and first not in known and not first.startswith("-"):
+        argv.insert(argv.index(first), "run")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors are bad input
+        return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    debug = getattr(args, "debug", False)
+    as_json = getattr(args, "json", False)
+    try:
+        return COMMANDS[args.command](args)
+    except LoraRunError as err:
+        if debug:
+            raise
+        return _fail(err, as_json)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

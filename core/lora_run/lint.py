@@ -1,0 +1,162 @@
+"""Dataset lint (playbook §6: "fix the dataset first"), run by `lora-run check` and before every run.
+
+Errors stop the run before any model loads; warnings and conversions are shown in a table.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .dataset import Item, training_caption
+from .images import ImageProblem, open_rgb
+from .schema import Recipe
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+EXTREME_ASPECT = 3.0
+NEAR_DUPLICATE_BITS = 4
+
+
+@attrs.frozen
+class Finding:
+    level: str
+    code: str
+    message: str
+    file: str = ""
+
+
+@attrs.define
+class LintReport:
+    findings: list[Finding] = attrs.field(factory=list)
+    usable: list[Item] = attrs.field(factory=list)
+    counts: dict[str, int] = attrs.field(factory=dict)
+    dataset_hash: str = ""
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == WARNING]
+
+    def add(self, level: str, code: str, message: str, file: Path | str = "") -> None:
+        self.findings.append(Finding(level, code, message, str(file)))
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(counts=self.counts, dataset_hash=self.dataset_hash,
+                    findings=[attrs.asdict(f) for f in self.findings])
+
+    def table(self) -> str:
+        """A readable table: one line per finding, errors first."""
+        order = {ERROR: 0, WARNING: 1, INFO: 2}
+        rows = sorted(self.findings, key=lambda f: (order[f.level], f.code, f.file))
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        lines = [f"dataset: {counts}; {len(self.errors)} error(s), {len(self.warnings)} warning(s)"]
+        if rows:
+            width = max(len(r.level) for r in rows)
+            for r in rows:
+                where = f"{r.file}: " if r.file else ""
+                lines.append(f"  {r.level.upper():<{width}}  {r.code:<22} {where}{r.message}")
+        return "\n".join(lines)
+
+
+def _dhash(image: Any) -> int:
+    small = image.convert("L").resize((9, 8))
+    px = list(small.getdata())
+    bits = 0
+    for row in range(8):
+        for col in range(8):
+            bits = (bits << 1) | (px[row * 9 + col] > px[row * 9 + col + 1])
+    return bits
+
+
+def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
+    """Check every image and caption; the usable items are those without an error."""
+    d = recipe.dataset
+    report = LintReport()
+    trigger = d.trigger.strip()
+    subject = [i for i in items if not i.is_reg]
+    report.counts = {"subject images": len(subject), "regularisation images": len(items) - len(subject)}
+    if not subject:
+        report.add(ERROR, "no-images", f"no images found in {d.path} (looked for .jpg .jpeg .png .webp .bmp)")
+    elif len(subject) < d.min_images:
+        report.add(WARNING, "few-images", f"only {len(subject)} subject images; the playbook asks for 15–30 "
+                   f"with mixed angles, lighting and framing (threshold: dataset.min_images = {d.min_images})")
+    digest = hashlib.sha256()
+    seen_exact: dict[str, Path] = {}
+    seen_near: list[tuple[int, Path]] = []
+    for item in items:
+        name = str(item.image)
+        try:
+            raw = item.image.read_bytes()
+        except OSError as exc:
+            report.add(ERROR, "unreadable", f"cannot read ({exc.strerror})", name)
+            continue
+        try:
+            opened = open_rgb(item.image)
+        except ImageProblem as exc:
+            report.add(ERROR, "bad-image", str(exc), name)
+            continue
+        for note in opened.notes:
+            report.add(INFO, "converted", note, name)
+        ok = _check_caption(item, recipe, trigger, report)
+        w, h = opened.image.size  # type: ignore[attr-defined]
+        if min(w, h) < d.bucket_min:
+            report.add(WARNING, "too-small", f"{w}×{h} is smaller than the minimum bucket ({d.bucket_min} px); "
+                       "it is skipped (we never upscale). Lower dataset.bucket_min or replace it", name)
+            ok = False
+        if max(w, h) / min(w, h) > EXTREME_ASPECT:
+            report.add(WARNING, "extreme-aspect", f"{w}×{h} has an aspect ratio above {EXTREME_ASPECT}:1; it will "
+                       "be cropped hard to fit a bucket", name)
+        sha = hashlib.sha256(raw).hexdigest()
+        if sha in seen_exact:
+            report.add(WARNING, "duplicate", f"identical to {seen_exact[sha]}", name)
+        else:
+            seen_exact[sha] = item.image
+            fingerprint = _dhash(opened.image)
+            for other_hash, other in seen_near:
+                if bin(fingerprint ^ other_hash).count("1") <= NEAR_DUPLICATE_BITS:
+                    report.add(WARNING, "near-duplicate", f"looks like a near copy of {other}", name)
+                    break
+            seen_near.append((fingerprint, item.image))
+        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode())
+        digest.update(training_caption(item, d).encode("utf-8", "replace") + b"\0")
+        if ok:
+            report.usable.append(item)
+    report.dataset_hash = digest.hexdigest()
+    if subject and not any(not i.is_reg for i in report.usable) and not report.errors:
+        report.add(ERROR, "no-usable-images", "no subject image is usable (see the warnings above)")
+    return report
+
+
+def _check_caption(item: Item, recipe: Recipe, trigger: str, report: LintReport) -> bool:
+    d = recipe.dataset
+    where = str(item.caption_file or item.image)
+    if item.caption_error:
+        report.add(ERROR, "bad-caption", item.caption_error, where)
+        return False
+    caption = (item.caption or "").strip()
+    if item.is_reg:
+        if not caption:
+            report.add(INFO, "default-caption", f"no caption; uses \"{item.default_caption}\"", str(item.image))
+        if trigger and trigger in caption:
+            report.add(ERROR, "trigger-in-reg", f"regularisation caption contains the trigger \"{trigger}\"; it "
+                       "must never appear there (playbook §6)", where)
+            return False
+        return True
+    if item.caption is None or not caption:
+        what = "missing caption file" if item.caption is None else "empty caption"
+        if d.trigger_policy == "prepend":
+            report.add(WARNING, "no-caption", f"{what}: trained with the trigger alone", str(item.image))
+            return True
+        report.add(ERROR, "no-caption", f"{what} (expected {item.image.with_suffix(d.caption_extension).name})",
+                   str(item.image))
+        return False
+    if d.trigger_policy == "require" and trigger and trigger not in caption:
+        report.add(ERROR, "trigger-missing", f"caption does not contain the trigger \"{trigger}\" (or set "
+                   "dataset.trigger_policy = \"prepend\")", where)
+        return False
+    return True

@@ -1,0 +1,186 @@
+"""Plugin discovery (stevedore over the ``lora_run`` entry-point group) and the registries (pluggy).
+
+Built-in plugins are found exactly like third-party ones. Nothing is loaded at import time: call
+:func:`load_plugins`. Debug switches (environment variables):
+
+- ``LORA_RUN_PLUGINS_DISABLE=name,name`` — skip these entry points;
+- ``LORA_RUN_PLUGINS_ONLY=name,name`` — load only these entry points;
+- ``LORA_RUN_TRACE_PLUGINS=1`` — print every hook call and its result to stderr.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+ENTRY_POINT_GROUP = "lora_run"
+KINDS = ("backend", "loss", "dataset", "evaluator", "embedder")
+PLURAL = {"backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
+          "embedder": "embedders"}
+
+
+@attrs.frozen
+class Registration:
+    """One named thing a plugin registered."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    options: type | None = None
+    capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
+    description: str = ""
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class BrokenPlugin:
+    name: str
+    error: str
+
+
+class Plugins:
+    """The loaded plugin manager plus everything registered through it."""
+
+    def __init__(self, pm: pluggy.PluginManager, broken: list[BrokenPlugin]):
+        self.pm = pm
+        self.hook = pm.hook
+        self.broken = broken
+        self.conflicts: list[str] = []
+        self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in (("backend", "register_backends"), ("loss", "register_losses"),
+                                ("dataset", "register_datasets"), ("evaluator", "register_evaluators")):
+            self._collect(kind, hook_name)
+
+    def _collect(self, kind: str, hook_name: str) -> None:
+        caller = getattr(self.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(name: str, factory: Callable[..., Any], *, options: type | None = None,
+                         capabilities: dict[str, Iterable[str]] | None = None, description: str = "",
+                         kind: str = kind, _plugin: str = plugin_name, **meta: Any) -> None:
+                if kind not in KINDS:
+                    raise PluginError(f"plugin {_plugin}: unknown registration kind {kind!r}")
+                table = self.registry[kind]
+                if name in table:
+                    self.conflicts.append(f"{kind} {name!r} from plugin {_plugin} ignored: already registered "
+                                          f"by {table[name].plugin}")
+                    return
+                caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
+                table[name] = Registration(kind, name, factory, _plugin, options, caps, description, meta)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
+                self.broken.append(BrokenPlugin(plugin_name, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.registry[kind])
+
+    def get(self, kind: str, name: str, where: str) -> Registration:
+        """Look a registration up by name; the error names the recipe key and the choices."""
+        table = self.registry[kind]
+        if name in table:
+            return table[name]
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+        available = ", ".join(sorted(table)) or "none installed"
+        broken = [b for b in self.broken if b.name == name]
+        extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
+        raise PluginError(f"unknown {kind} \"{name}\" at [{where}]{hint}; available: {available}{extra}")
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What `lora-run plugins` prints: one entry per plugin with its hooks and registrations."""
+        from importlib import metadata
+
+        out = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
+            if plugin is None:
+                continue
+            module = getattr(plugin, "__name__", type(plugin).__name__)
+            dist = _distribution_of(module)
+            version = ""
+            if dist:
+                try:
+                    version = metadata.version(dist)
+                except metadata.PackageNotFoundError:
+                    version = ""
+            hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
+            regs = {kind: sorted(r.name for r in table.values() if r.plugin == name)
+                    for kind, table in self.registry.items()}
+            out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
+                            **{PLURAL[kind]: names for kind, names in regs.items() if names}))
+        return out
+
+
+def _distribution_of(module: str) -> str:
+    from importlib import metadata
+
+    top = module.split(".")[0]
+    try:
+        dists = metadata.packages_distributions().get(top, [])
+    except Exception:  # noqa: BLE001 - broken metadata must not break listing
+        dists = []
+    return dists[0] if dists else ""
+
+
+def _split_env(name: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
+    """Discover entry points with stevedore, register them with pluggy, collect the registries.
+
+    ``extra`` objects (tests, embedding applications) are registered after the entry points.
+    """
+    from stevedore import EnabledExtensionManager
+
+    pm = make_plugin_manager()
+    broken: list[BrokenPlugin] = []
+    disabled, only = _split_env("LORA_RUN_PLUGINS_DISABLE"), _split_env("LORA_RUN_PLUGINS_ONLY")
+
+    def failed(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
+        broken.append(BrokenPlugin(entrypoint.name, f"{type(exc).__name__}: {exc}"))
+
+    def wanted(ext: Any) -> bool:
+        return ext.name not in disabled and (not only or ext.name in only)
+
+    manager = EnabledExtensionManager(namespace=ENTRY_POINT_GROUP, check_func=wanted, invoke_on_load=False,
+                                      on_load_failure_callback=failed)
+    for ext in sorted(manager, key=lambda e: e.name):
+        try:
+            pm.register(ext.plugin, name=ext.name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a hook with wrong arguments
+            broken.append(BrokenPlugin(ext.name, f"{type(exc).__name__}: {exc}"))
+    for obj in extra:
+        pm.register(obj)
+    while True:  # a plugin implementing a hook that does not exist (a typo) is reported and dropped
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            broken.append(BrokenPlugin(name, f"unknown hook implementation: {exc}"))
+            pm.unregister(exc.plugin)
+    if os.environ.get("LORA_RUN_TRACE_PLUGINS"):
+        def before(hook_name: str, _impls: Any, kwargs: dict) -> None:
+            print(f"[lora-run trace] {hook_name}({', '.join(sorted(kwargs))})", file=sys.stderr)
+
+        def after(outcome: Any, hook_name: str, _impls: Any, _kwargs: dict) -> None:
+            print(f"[lora-run trace] {hook_name} -> {outcome.get_result()!r}"[:300], file=sys.stderr)
+        pm.add_hookcall_monitoring(before, after)
+    return Plugins(pm, broken)

@@ -1,0 +1,582 @@
+"""Recipes: TOML in, frozen attrs classes out, through one strict cattrs converter.
+
+Loading collects *every* problem before failing, each one naming its file and key path:
+``recipe.toml: [train.steps] expected int, got float 3.9``. cattrs' lenient coercions (``3.9 → 3``,
+``"false" → True``, ``42 → "42"``) are replaced by strict hooks.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import attrs
+import cattrs
+import tomli_w
+from cattrs.errors import (AttributeValidationNote, BaseValidationError, ForbiddenExtraKeysError,
+                           IterableValidationNote)
+
+from .errors import RecipeError
+from .schema import Recipe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+KeyPath = tuple[Any, ...]
+MAX_EXTENDS_DEPTH = 8
+
+
+class RecipeValueError(ValueError):
+    """Raised by the strict hooks; the message is shown to the user as is."""
+
+
+def describe(value: Any) -> str:
+    """`float 3.9`, `str 'false'`: the type and a short form of a value, for error messages."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+# --------------------------------------------------------------------------------------------- converter
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, typing.List)
+
+
+def _is_dict(tp: Any) -> bool:
+    return typing.get_origin(tp) in (dict, typing.Dict)
+
+
+def make_converter() -> cattrs.Converter:
+    """The one converter: forbids unknown keys, reports every problem, never coerces."""
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def strict_int(value: Any, _: Any) -> int:
+        if type(value) is int:
+            return value
+        raise RecipeValueError(f"expected int, got {describe(value)}")
+
+    def strict_float(value: Any, _: Any) -> float:
+        if type(value) in (int, float):
+            return float(value)
+        raise RecipeValueError(f"expected float, got {describe(value)}")
+
+    def strict_bool(value: Any, _: Any) -> bool:
+        if type(value) is bool:
+            return value
+        raise RecipeValueError(f"expected true or false, got {describe(value)}")
+
+    def strict_str(value: Any, _: Any) -> str:
+        if type(value) is str:
+            return value
+        raise RecipeValueError(f"expected string, got {describe(value)}")
+
+    def literal(value: Any, tp: Any) -> Any:
+        choices = typing.get_args(tp)
+        if type(value) is str and value in choices:
+            return value
+        shown = ", ".join(f'"{c}"' for c in choices)
+        hint = ""
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise RecipeValueError(f"must be one of {shown}; got {describe(value)}{hint}")
+
+    def list_factory(tp: Any) -> Any:
+        (item_type,) = typing.get_args(tp) or (Any,)
+        inner = conv.get_structure_hook(item_type) if item_type is not Any else None
+
+        def structure_list(value: Any, _: Any) -> list:
+            if not isinstance(value, list):
+                raise RecipeValueError(f"expected a list, got {describe(value)}")
+            out, errors = [], []
+            for i, item in enumerate(value):
+                try:
+                    out.append(inner(item, item_type) if inner else item)
+                except Exception as exc:  # noqa: BLE001 - collected and re-raised as a group
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"@ [{i}]", i, item_type)]
+                    errors.append(exc)
+            if errors:
+                raise cattrs.IterableValidationError("list items", errors, tp)
+            return out
+        return structure_list
+
+    def dict_factory(tp: Any) -> Any:
+        _, value_type = typing.get_args(tp) or (str, Any)
+        inner = conv.get_structure_hook(value_type) if value_type is not Any else None
+
+        def structure_dict(value: Any, _: Any) -> dict:
+            if not isinstance(value, dict):
+                raise RecipeValueError(f"expected a table, got {describe(value)}")
+            if inner is None:
+                return dict(value)
+            out, errors = {}, []
+            for key, item in value.items():
+                try:
+                    out[key] = inner(item, value_type)
+                except Exception as exc:  # noqa: BLE001
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"@ {key}", key, value_type)]
+                    errors.append(exc)
+            if errors:
+                raise cattrs.ClassValidationError("table items", errors, tp)
+            return out
+        return structure_dict
+
+    conv.register_structure_hook(int, strict_int)
+    conv.register_structure_hook(float, strict_float)
+    conv.register_structure_hook(bool, strict_bool)
+    conv.register_structure_hook(str, strict_str)
+    conv.register_structure_hook_func(_is_literal, literal)
+    conv.register_structure_hook_factory(_is_list, list_factory)
+    conv.register_structure_hook_factory(_is_dict, dict_factory)
+
+    def attrs_guard(cls: type) -> Any:
+        base = cattrs.gen.make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
+
+        def structure_table(value: Any, _: Any) -> Any:
+            if not isinstance(value, dict):
+                raise RecipeValueError(f"expected a table, got {describe(value)}")
+            return base(value, cls)
+        return structure_table
+
+    conv.register_structure_hook_factory(attrs.has, attrs_guard)
+    return conv
+
+
+CONVERTER = make_converter()
+
+
+# ------------------------------------------------------------------------------------------- problems
+def format_key(path: KeyPath) -> str:
+    """("dataset", "regularization", 0, "path") -> "dataset.regularization[0].path"."""
+    if path[:2] == ("backend", "options"):
+        path = ("backend", *path[2:])
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in attrs.fields(cls)]
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[tuple[KeyPath, str]]:
+    """Flatten a cattrs error tree into (key path, message) pairs."""
+    out: list[tuple[KeyPath, str]] = []
+    if isinstance(exc, ForbiddenExtraKeysError):
+        names = field_names(exc.cl)
+        for key in sorted(exc.extra_fields):
+            out.append((path, f"unknown key '{key}'{did_you_mean(key, names)}; allowed: {', '.join(names)}"))
+    elif isinstance(exc, BaseValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            segment = note.index if isinstance(note, IterableValidationNote) else note.name
+            out.extend(collect_errors(sub, (*path, segment)))
+        for sub in without:
+            out.extend(collect_errors(sub, path))
+    elif isinstance(exc, KeyError):
+        out.append((path, "is required"))
+    elif isinstance(exc, RecipeValueError):
+        out.append((path, str(exc)))
+    else:
+        out.append((path, f"invalid value ({type(exc).__name__}: {exc})"))
+    return out
+
+
+@attrs.define
+class Problems:
+    """Problems found while loading; every one names a file and a key."""
+
+    default_file: str
+    origins: dict[KeyPath, str] = attrs.field(factory=dict)
+    items: list[str] = attrs.field(factory=list)
+
+    def file_for(self, path: KeyPath) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.origins:
+                return self.origins[path[:n]]
+        return self.default_file
+
+    def add(self, path: KeyPath, message: str) -> None:
+        where = f"[{format_key(path)}] " if path else "top level: "
+        line = f"{self.file_for(path)}: {where}{message}"
+        if line not in self.items:
+            self.items.append(line)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise RecipeError(self.items)
+
+
+# -------------------------------------------------------------------------------------------- reading
+def display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
+    shown = shown or display_path(path)
+    if not path.is_file():
+        raise RecipeError(f"{shown}: recipe file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{shown}: cannot read the recipe ({exc.strerror})") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{shown}: the recipe is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{shown}: not valid TOML: {exc}") from None
+
+
+def _path_keys() -> list[KeyPath]:
+    """Key paths of fields marked `path=True` (`*` stands for a list index)."""
+    found: list[KeyPath] = []
+
+    def walk(cls: type, prefix: KeyPath) -> None:
+        for f in attrs.fields(cls):
+            tp = f.type if not isinstance(f.type, str) else typing.get_type_hints(cls)[f.name]
+            if f.metadata.get("path"):
+                found.append((*prefix, f.name))
+            inner = [a for a in typing.get_args(tp) if attrs.has(a)]
+            if attrs.has(tp):
+                walk(tp, (*prefix, f.name))
+            elif _is_list(tp) and inner:
+                walk(inner[0], (*prefix, f.name, "*"))
+    walk(Recipe, ())
+    return found
+
+
+PATH_KEYS = _path_keys()
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the path-valued keys of one file absolute against that file's folder (in place)."""
+
+    def visit(node: Any, keys: KeyPath) -> None:
+        if not keys or not isinstance(node, dict):
+            return
+        head, rest = keys[0], keys[1:]
+        if head == "*":
+            return
+        child = node.get(head)
+        if not rest:
+            if isinstance(child, str) and child:
+                node[head] = _absolute(child, base)
+            return
+        if rest[0] == "*" and isinstance(child, list):
+            for item in child:
+                visit(item, rest[1:])
+        else:
+            visit(child, rest)
+
+    for keys in PATH_KEYS:
+        visit(raw, keys)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("source"), str):
+        src = model["source"]
+        if src.startswith((".", "/", "~")) or (base / src).exists():
+            model["source"] = _absolute(src, base)
+
+
+def _absolute(value: str, base: Path) -> str:
+    if "{" in value and "}" in value and not value.startswith(("/", "~", ".")):
+        # templated output dirs (runs/{name}) stay relative to the recipe's folder too
+        return str((base / value))
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], origins: dict[KeyPath, str], shown: str,
+           prefix: KeyPath = ()) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origins, shown, (*prefix, key))
+        else:
+            out[key] = value
+            _record(origins, (*prefix, key), value, shown)
+    return out
+
+
+def _record(origins: dict[KeyPath, str], path: KeyPath, value: Any, shown: str) -> None:
+    origins[path] = shown
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(origins, (*path, k), v, shown)
+
+
+def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and everything it `extends`, merged (later files win), paths made absolute."""
+    path = Path(os.path.expanduser(str(path)))
+    real = path.resolve()
+    shown = display_path(path)
+    if real in chain:
+        loop = " -> ".join(display_path(p) for p in (*chain, real))
+        raise RecipeError(f"{shown}: [extends] forms a loop: {loop}")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"{shown}: [extends] nests deeper than {MAX_EXTENDS_DEPTH} files")
+    raw = read_toml(path, shown)
+    _resolve_paths(raw, real.parent)
+    parent = raw.pop("extends", None)
+    own: dict[KeyPath, str] = {}
+    for key, value in raw.items():
+        _record(own, (key,), value, shown)
+    if parent is None:
+        origins.update(own)
+        return raw
+    if not isinstance(parent, str) or not parent:
+        raise RecipeError(f"{shown}: [extends] expected a path string, got {describe(parent)}")
+    parent_path = Path(os.path.expanduser(parent))
+    if not parent_path.is_absolute():
+        parent_path = real.parent / parent_path
+    if not parent_path.is_file():
+        raise RecipeError(f"{shown}: [extends] file not found: {parent}")
+    merged = _merge(load_raw(parent_path, origins, (*chain, real)), raw, origins, shown)
+    return merged
+
+
+def parse_set(assignment: str) -> tuple[KeyPath, Any]:
+    """`train.steps=100` -> (("train", "steps"), 100). Values are TOML; bare words are strings."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment}: expected KEY=VALUE, e.g. --set train.steps=100")
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {assignment}: the key is empty or malformed")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return tuple(key.split(".")), value
+
+
+def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
+    for assignment in sets:
+        path, value = parse_set(assignment)
+        if path[-1] in ("path", "dir", "cache_dir", "transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5") \
+                and isinstance(value, str) and value:
+            value = str(Path(os.path.expanduser(value)).resolve()) if "{" not in value else value
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part == "backend":
+                child = node[part] = {"name": child}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {assignment}: [{'.'.join(path[:-1])}] is not a table")
+            node = child
+        node[path[-1]] = value
+        _record(origins, path, value, "--set")
+    return raw
+
+
+# ------------------------------------------------------------------------------------------ structuring
+def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
+    """`backend = "kohya"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
+    raw = dict(raw)
+    section = raw.get("backend")
+    if section is None:
+        return raw
+    if isinstance(section, str):
+        raw["backend"] = {"name": section, "options": {}}
+        return raw
+    if not isinstance(section, dict):
+        problems.add(("backend",), f"expected a backend name or a table, got {describe(section)}")
+        raw.pop("backend")
+        return raw
+    packed: dict[str, Any] = {"options": {}}
+    for key, value in section.items():
+        if key == "name":
+            packed["name"] = value
+        elif isinstance(value, dict):
+            packed["options"][key] = value
+        else:
+            problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
+                         "`[backend.<name>]` table per backend")
+    raw["backend"] = packed
+    return raw
+
+
+def _limit_problem(meta: Any, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if meta.get("ge") is not None and value < meta["ge"]:
+        return f"must be >= {meta['ge']}, got {value}"
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        return f"must be > {meta['gt']}, got {value}"
+    if meta.get("le") is not None and value > meta["le"]:
+        return f"must be <= {meta['le']}, got {value}"
+    return None
+
+
+def _check_limits_raw(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None:
+    """Range limits on the raw data, so they are reported even when structuring failed elsewhere."""
+    if not isinstance(raw, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    for f in attrs.fields(cls):
+        if f.name not in raw:
+            continue
+        value, here, tp = raw[f.name], (*path, f.name), hints[f.name]
+        message = _limit_problem(f.metadata, value)
+        if message:
+            problems.add(here, message)
+        if isinstance(value, str) and len(value) > 4096:
+            problems.add(here, f"is {len(value)} characters long; the limit is 4096")
+        if attrs.has(tp):
+            _check_limits_raw(value, tp, here, problems)
+        elif _is_list(tp) and isinstance(value, list):
+            inner = typing.get_args(tp)[0]
+            for i, item in enumerate(value):
+                if attrs.has(inner):
+                    _check_limits_raw(item, inner, (*here, i), problems)
+                else:
+                    message = _limit_problem(f.metadata, item)
+                    if message:
+                        problems.add((*here, i), message)
+
+
+def _check_rules(r: Recipe, problems: Problems) -> None:
+    """Rules that involve more than one key."""
+    t, d = r.train, r.dataset
+    if (t.steps is None) == (t.epochs is None):
+        problems.add(("train",), "give exactly one of `steps` or `epochs`"
+                     + (f" (got steps={t.steps}, epochs={t.epochs})" if t.steps and t.epochs else ""))
+    if d.bucket_min > d.bucket_max:
+        problems.add(("dataset", "bucket_min"), f"must be <= bucket_max ({d.bucket_max}), got {d.bucket_min}")
+    if not d.bucket_min <= d.resolution <= d.bucket_max:
+        problems.add(("dataset", "resolution"), f"must lie between bucket_min ({d.bucket_min}) and bucket_max "
+                     f"({d.bucket_max}), got {d.resolution}")
+    grid = 32 if r.model.family == "hunyuan-image-2.1" else 16
+    for key in ("resolution", "bucket_min", "bucket_max", "bucket_step"):
+        value = getattr(d, key)
+        if value % grid:
+            problems.add(("dataset", key), f"must be a multiple of {grid} for {r.model.family}, got {value}")
+    if d.trigger_policy != "none" and not d.trigger.strip():
+        problems.add(("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
+                     "unique trigger token or trigger_policy = \"none\"")
+    if len(r.optimizer.betas) != 2:
+        problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
+    if r.model.source is None and r.model.files.transformer is None:
+        problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
+    if r.lora.alpha > 16 * r.lora.rank:
+        problems.add(("lora", "alpha"), f"is {r.lora.alpha} for rank {r.lora.rank}: a scale alpha/rank above 16 "
+                     "is almost certainly a typo")
+    if not r.output.formats:
+        problems.add(("output", "formats"), "must name at least one format")
+    if r.eval.enabled and not r.eval.prompts:
+        problems.add(("eval", "prompts"), "must not be empty when eval is enabled")
+    for key in ("prompts", "seeds", "strengths"):
+        values = getattr(r.sample, key)
+        if r.sample.every_steps and not values:
+            problems.add(("sample", key), "must not be empty when sample.every_steps is set")
+
+
+def structure(raw: dict[str, Any], problems: Problems) -> Recipe | None:
+    raw = _pack_backend(raw, problems)
+    _check_limits_raw(raw, Recipe, (), problems)
+    try:
+        recipe = CONVERTER.structure(raw, Recipe)
+    except Exception as exc:  # noqa: BLE001 - every problem is reported
+        for path, message in collect_errors(exc):
+            problems.add(path, message)
+        return None
+    if not problems.items:
+        _check_rules(recipe, problems)
+    return recipe
+
+
+@attrs.frozen
+class LoadedRecipe:
+    """A validated recipe with the file it came from."""
+
+    recipe: Recipe
+    path: Path
+    shown: str
+    origins: dict[KeyPath, str] = attrs.field(eq=False, repr=False)
+
+    def problems(self) -> Problems:
+        return Problems(self.shown, dict(self.origins))
+
+
+def load_recipe(path: str | Path, sets: Iterable[str] = ()) -> LoadedRecipe:
+    """Read, merge (`extends`), override (`--set`), structure and check a recipe. Raises RecipeError."""
+    path = Path(path)
+    origins: dict[KeyPath, str] = {}
+    raw = load_raw(path, origins)
+    raw = apply_sets(raw, sets, origins)
+    problems = Problems(display_path(path), origins)
+    recipe = structure(raw, problems)
+    problems.raise_if_any()
+    assert recipe is not None
+    return LoadedRecipe(recipe, path, display_path(path), origins)
+
+
+def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None) -> Recipe:
+    """Structure a recipe from TOML text (used for embedded recipes and tests)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{name}: not valid TOML: {exc}") from None
+    _resolve_paths(raw, base or Path.cwd())
+    raw.pop("extends", None)
+    problems = Problems(name)
+    recipe = structure(raw, problems)
+    problems.raise_if_any()
+    assert recipe is not None
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain TOML-able data (None values left out, backend tables unpacked)."""
+    data = _drop_none(CONVERTER.unstructure(recipe))
+    data.pop("extends", None)
+    backend = data.pop("backend")
+    data["backend"] = {"name": backend["name"], **backend.get("options", {})}
+    return data
+
+
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    """The resolved recipe as TOML (tomli-w); loading it gives an equal Recipe."""
+    body = tomli_w.dumps(to_dict(recipe))
+    if header:
+        body = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + "\n" + body
+    return body
+
+
+def replace(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:
+    """A copy with some section fields changed: replace(r, train={"steps": 5})."""
+    changes = {name: attrs.evolve(getattr(recipe, name), **fields) for name, fields in sections.items()}
+    return attrs.evolve(recipe, **changes)

@@ -1,0 +1,301 @@
+"""Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import attrs
+
+from . import __version__
+from .dataset import Item
+from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
+from .features import capability_problems
+from .lint import LintReport, lint_dataset
+from .plugins import Plugins, Registration
+from .recipe import CONVERTER, LoadedRecipe, Problems, collect_errors, dump_recipe, to_dict
+from .rundir import RECIPE, RunDir, hardware
+from .schema import Recipe
+
+
+@attrs.frozen
+class Plan:
+    """What a backend will do: shown by `lora-run plan`, written into the run directory."""
+
+    backend: str
+    family: str
+    steps: int
+    files: dict[str, str] = attrs.field(factory=dict)        # run-dir relative path -> content
+    commands: list[list[str]] = attrs.field(factory=list)      # argv lists, launched without a shell
+    memory_estimate_gib: float | None = None
+    memory_mode: str | None = None
+    outputs: list[str] = attrs.field(factory=list)             # files the run will produce
+    notes: list[str] = attrs.field(factory=list)
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+class Backend(Protocol):
+    """What a backend factory returns. ``check`` is optional; ``plan`` and ``check`` never import torch."""
+
+    def plan(self) -> Plan: ...
+
+    def run(self) -> None: ...
+
+
+@attrs.define
+class RunContext:
+    """Everything a backend, loss, evaluator or lifecycle hook needs to know about a run."""
+
+    recipe: Recipe
+    plugins: Plugins
+    backend: Registration
+    options: Any = None
+    loaded: LoadedRecipe | None = None
+    run_dir: RunDir | None = None
+    resume: bool = False
+    items: list[Item] = attrs.field(factory=list)
+    lint: LintReport | None = None
+    artifacts: dict[str, Any] = attrs.field(factory=dict)   # backends record LoRA files, checkpoints, samples
+    debug: bool = False
+    echo: Callable[[str], None] = print
+
+    @property
+    def hook(self) -> Any:
+        return self.plugins.hook
+
+    def option_for(self, kind: str, name: str, raw: dict[str, Any], where: tuple) -> Any:
+        return structure_options(self.plugins.get(kind, name, ".".join(where)), raw, where)
+
+
+def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, problems: Problems | None = None) -> Any:
+    """Structure a plugin's options table with its attrs class through the strict converter."""
+    if reg.options is None:
+        if raw and problems is not None:
+            problems.add(where, f"{reg.kind} \"{reg.name}\" takes no options, got {', '.join(sorted(raw))}")
+        return None
+    try:
+        return CONVERTER.structure(raw, reg.options)
+    except Exception as exc:  # noqa: BLE001
+        if problems is None:
+            raise
+        for path, message in collect_errors(exc):
+            problems.add((*where, *path), message)
+        return None
+
+
+@attrs.frozen
+class Prepared:
+    recipe: Recipe
+    loaded: LoadedRecipe
+    backend: Registration
+    options: Any
+
+
+def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
+    """Plugin tables, plugin names and capabilities; every problem at once (RecipeError)."""
+    recipe = loaded.recipe
+    problems = loaded.problems()
+    backend: Registration | None = None
+    try:
+        backend = plugins.get("backend", recipe.backend.name, "backend.name")
+    except PluginError as exc:
+        problems.add(("backend", "name"), _strip_where(str(exc)))
+    options = None
+    for name, table in recipe.backend.options.items():
+        if name not in plugins.registry["backend"]:
+            problems.add(("backend", "options", name), f"table for unknown backend \"{name}\"; installed: "
+                         f"{', '.join(plugins.names('backend'))}")
+            continue
+        value = structure_options(plugins.registry["backend"][name], table, ("backend", "options", name), problems)
+        if backend is not None and name == backend.name:
+            options = value
+    if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
+        options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
+    for kind, name, where, raw in (("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options),
+                                   ("dataset", recipe.dataset.type, ("dataset", "type"), None)):
+        try:
+            reg = plugins.get(kind, name, ".".join(where))
+        except PluginError as exc:
+            problems.add(where, _strip_where(str(exc)))
+            continue
+        if raw is not None:
+            structure_options(reg, raw, ("train", "loss_options"), problems)
+    if recipe.eval.enabled and plugins.registry["embedder"]:
+        try:
+            reg = plugins.get("embedder", recipe.eval.embedder, "eval.embedder")
+            structure_options(reg, recipe.eval.embedder_options, ("eval", "embedder_options"), problems)
+        except PluginError as exc:
+            problems.add(("eval", "embedder"), _strip_where(str(exc)))
+    if backend is not None:
+        for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
+            problems.add(path, message)
+    problems.raise_if_any()
+    assert backend is not None
+    prepared = Prepared(recipe, loaded, backend, options)
+    checker = getattr(make_backend(prepared, plugins), "check", None)
+    if checker is not None:
+        for path, message in checker():
+            problems.add(tuple(path), message)
+        problems.raise_if_any()
+    return prepared
+
+
+def _strip_where(message: str) -> str:
+    head, sep, tail = message.partition(" at [")
+    return head + (tail.split("]", 1)[1] if sep else "")
+
+
+def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
+    ctx = context.pop("ctx", None) or RunContext(prepared.recipe, plugins, prepared.backend, prepared.options,
+                                                  prepared.loaded, **context)
+    return prepared.backend.factory(ctx)
+
+
+def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
+    reg = plugins.get("dataset", recipe.dataset.type, "dataset.type")
+    source = reg.factory(recipe.dataset, recipe)
+    return list(source.items())
+
+
+def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
+    return lint_dataset(recipe, scan_dataset(recipe, plugins))
+
+
+def output_path(recipe: Recipe, override: str | None) -> Path:
+    if override:
+        return Path(os.path.expanduser(override)).resolve()
+    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
+
+
+def manifest_base(prepared: Prepared, plugins: Plugins, report: LintReport) -> dict[str, Any]:
+    r = prepared.recipe
+    return {
+        "lora_run_version": __version__,
+        "recipe": str(prepared.loaded.path.resolve()),
+        "command": sys.argv,
+        "backend": r.backend.name,
+        "family": r.model.family,
+        "model_source": r.model.source or {k: v for k, v in attrs.asdict(r.model.files).items() if v},
+        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in plugins.describe()],
+        "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
+        "seed": r.train.seed,
+        "lora": {"rank": r.lora.rank, "alpha": r.lora.alpha, "targets": r.lora.targets},
+        "lr": r.optimizer.lr,
+        "steps": r.train.steps,
+        "epochs": r.train.epochs,
+        "hardware": hardware(),
+        "external_tools": {},
+    }
+
+
+_RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
+                      ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
+
+
+def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple = ()) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        here = (*prefix, key)
+        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_resume_differences(a, b, here))
+        elif a != b:
+            out.append(".".join(here))
+    return out
+
+
+def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = None, resume: bool = False,
+            overwrite: bool = False, debug: bool = False, echo: Callable[[str], None] = print) -> RunContext:
+    """The whole run. Raises a LoraRunError subclass on failure (exit codes in errors.py)."""
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite exclude each other")
+    prepared = validate(loaded, plugins)
+    recipe = prepared.recipe
+    report = lint(recipe, plugins)
+    echo(report.table())
+    if report.errors:
+        raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
+                           "training (nothing was loaded or written)")
+    run_dir = RunDir(output_path(recipe, output_dir))
+    if resume:
+        saved = run_dir.file(RECIPE)
+        if saved.is_file():
+            from .recipe import load_recipe
+
+            previous = load_recipe(saved).recipe
+            diffs = _resume_differences(to_dict(previous), to_dict(recipe))
+            if diffs:
+                raise RecipeError(f"{loaded.shown}: cannot resume {run_dir.path}: the recipe changed at "
+                                  f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
+                                  "[sample] and [eval] may change on resume")
+    run_dir.prepare(overwrite=overwrite, resume=resume)
+    run_dir.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
+                                           f"{__version__}.\nRe-run with: lora-run {run_dir.path / RECIPE}"))
+    started = time.time()
+    manifest = manifest_base(prepared, plugins, report)
+    manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if resume:
+        manifest["resumed_at"] = [*run_dir.read_manifest().get("resumed_at", []), manifest["started_at"]]
+        manifest.pop("started_at")
+    run_dir.update_manifest(**manifest)
+    run_dir.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+    ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
+                     report.usable, report, debug=debug, echo=echo)
+    backend = prepared.backend.factory(ctx)
+    plan = backend.plan()
+    for rel, content in plan.files.items():
+        run_dir.write_text(rel, content)
+    run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
+                                  "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
+    status, error = "failed", None
+    previous_term = _install_sigterm()
+    try:
+        ctx.hook.run_started(run=ctx)
+        backend.run()
+        if recipe.eval.enabled:
+            run_evaluators(ctx)
+        status = "completed"
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:
+        status = "interrupted"
+        error = exc if isinstance(exc, TrainingInterrupted) else TrainingInterrupted(
+            f"interrupted; resume with: lora-run {loaded.shown} --resume --output-dir {run_dir.path}")
+        raise error from None
+    except LoraRunError as exc:
+        error = exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
+        error = exc
+        raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
+                           f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        run_dir.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                duration_s=round(time.time() - started, 2), artifacts=ctx.artifacts,
+                                error=str(error) if error else None)
+        run_dir.log(f"run {status}")
+        try:
+            ctx.hook.run_finished(run=ctx, status=status, error=error)
+        except Exception as exc:  # noqa: BLE001 - a broken observer must not hide the run's outcome
+            echo(f"warning: a run_finished hook failed: {exc}")
+    return ctx
+
+
+def run_evaluators(ctx: RunContext) -> None:
+    for reg in ctx.plugins.registry["evaluator"].values():
+        evaluator = reg.factory(ctx)
+        evaluator.evaluate()
+
+
+def _install_sigterm() -> Any:
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        return signal.getsignal(signal.SIGTERM)

@@ -1,0 +1,285 @@
+"""The recipe schema: frozen attrs classes, one section per TOML table.
+
+Every field carries its documentation next to it (``doc``); ``docs/recipe-reference.md`` is generated
+from these docs (``python -m lora_run.docgen``) and a test fails when the page is stale. Range limits
+live in the field metadata (``ge``/``gt``/``le``) and are checked with all other problems at once.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+Family = Literal["flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1"]
+FAMILIES: tuple[str, ...] = ("flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1")
+
+
+def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, path: bool = False) -> Any:
+    """An attrs field with its documentation and limits in the metadata."""
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=metadata)
+    return attrs.field(default=default, metadata=metadata)
+
+
+frozen = attrs.frozen(kw_only=True)
+
+
+@frozen
+class ModelFiles:
+    """Single-file checkpoints, as ComfyUI and sd-scripts users have them."""
+
+    transformer: str | None = option(None, "The diffusion transformer: `flux1-dev.safetensors` (BFL layout) "
+                                     "or `hunyuanimage2.1.safetensors`.", path=True)
+    vae: str | None = option(None, "The autoencoder: FLUX `ae.safetensors` or the HunyuanImage VAE file.", path=True)
+    clip_l: str | None = option(None, "FLUX: CLIP-L text encoder file (`clip_l.safetensors`).", path=True)
+    t5xxl: str | None = option(None, "FLUX: T5-XXL text encoder file (`t5xxl_fp16.safetensors`).", path=True)
+    qwen: str | None = option(None, "HunyuanImage-2.1: Qwen2.5-VL-7B text encoder file "
+                              "(`qwen_2.5_vl_7b.safetensors`).", path=True)
+    byt5: str | None = option(None, "HunyuanImage-2.1: ByT5 glyph encoder file "
+                              "(`byt5_small_glyphxl_fp16.safetensors`).", path=True)
+
+
+@frozen
+class ModelSection:
+    """Which base model to train on and where its weights come from."""
+
+    family: Family = option("flux.1-dev", "Model family: `flux.1-dev`, `hunyuan-dit-1.2` or `hunyuan-image-2.1`.")
+    source: str | None = option(None, "Hub id (`black-forest-labs/FLUX.1-dev`) or a local diffusers folder. "
+                                "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
+                                "hub id may still supply the tokenizers and configs).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
+    files: ModelFiles = option(factory=ModelFiles, doc="Single-file checkpoints (see `[model.files]`).")
+    base_precision: Literal["bf16", "fp8"] = option(
+        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).")
+    offline: bool = option(False, "Never contact the hub (also implied by the `HF_HUB_OFFLINE` environment "
+                           "variable).")
+
+
+@frozen
+class RegularizationSet:
+    """One set of generic images (prior preservation) trained alongside the subject."""
+
+    path: str = option(doc="Folder of regularisation images.", path=True)
+    caption_extension: str = option(".txt", "Caption file extension next to each image.")
+    default_caption: str = option("a person", "Caption for images that have no caption file "
+                                  "(playbook §6: `a person` / `a man`).")
+    weight: float = option(1.0, "Loss weight of these samples relative to the subject's.", gt=0.0, le=10.0)
+    repeats: int = option(1, "How many times each image appears per epoch.", ge=1, le=10000)
+
+
+@frozen
+class DatasetSection:
+    """The subject's images and captions, buckets and regularisation sets."""
+
+    type: str = option("folder", "Dataset plugin (`lora-run plugins` lists them).")
+    path: str = option(doc="Folder of subject images with a caption file next to each.", path=True)
+    caption_extension: str = option(".txt", "Caption file extension (sd-scripts defaults to `.caption`; we don't).")
+    trigger: str = option("", "Unique trigger token. Must appear in every subject caption and never in a "
+                          "regularisation caption (playbook §6).")
+    trigger_policy: Literal["require", "prepend", "none"] = option(
+        "require", "`require`: a subject caption without the trigger is a lint error; `prepend`: add "
+        "`<trigger>, ` where it is missing; `none`: no trigger rules.")
+    resolution: int = option(512, "Base training resolution (square side in pixels).", ge=64, le=4096)
+    bucket_min: int = option(256, "Smallest bucket side in pixels.", ge=64, le=4096)
+    bucket_max: int = option(1024, "Largest bucket side in pixels.", ge=64, le=8192)
+    bucket_step: int = option(64, "Bucket side step in pixels (a multiple of the model's latent grid: 16 for "
+                              "FLUX and Hunyuan-DiT, 32 for HunyuanImage-2.1).", ge=8, le=512)
+    repeats: int = option(1, "How many times each subject image appears per epoch.", ge=1, le=10000)
+    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", ge=0.0, le=1.0)
+    min_images: int = option(15, "Lint warns below this many subject images (playbook §6: 15–30 minimum).", ge=1)
+    regularization: list[RegularizationSet] = option(factory=list, doc="Regularisation sets "
+                                                     "(`[[dataset.regularization]]`).")
+
+
+@frozen
+class LoraSection:
+    """The adapter: rank, alpha, dropout and which layers it wraps."""
+
+    rank: int = option(32, "LoRA rank (dim).", ge=1, le=1024)
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0.0, le=4096.0)
+    dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0.0, le=0.9)
+    targets: Literal["attention", "attention+mlp", "all-linear"] = option(
+        "attention", "Target preset: `attention` (q/k/v/out of every block), `attention+mlp`, or `all-linear` "
+        "(every linear of the double/single blocks, modulation included, as sd-scripts' lora_flux does).")
+    modules: list[str] = option(factory=list, doc="Explicit module names or regular expressions; when given, "
+                                "they replace the preset.")
+    init: Literal["default", "gaussian"] = option("default", "LoRA init: `default` (Kaiming A, zero B) or "
+                                                  "`gaussian`.")
+
+
+@frozen
+class TextEncoderSection:
+    """Text-encoder LoRA policy (playbook §5)."""
+
+    train: bool = option(False, "Train a LoRA on the CLIP-L text encoder. Off by default: a unique trigger and "
+                         "fewer than ~15 images do not need it.")
+    lr_ratio: float = option(0.4, "Text-encoder LR as a fraction of the transformer LR (playbook: 0.3–0.5).",
+                             gt=0.0, le=1.0)
+    train_fraction: float = option(0.5, "Fraction of the steps after which the text encoder is frozen "
+                                   "(playbook: ≤ 0.5).", gt=0.0, le=1.0)
+    rank: int | None = option(None, "Text-encoder LoRA rank; defaults to `[lora.rank]`.", ge=1, le=1024)
+
+
+@frozen
+class OptimizerSection:
+    """Optimizer and its hyper-parameters."""
+
+    name: Literal["adafactor", "adamw", "adamw8bit", "prodigy"] = option(
+        "adafactor", "`adafactor` (relative_step=False, scale_parameter=False), `adamw` (fused on CUDA), "
+        "`adamw8bit` (needs bitsandbytes), `prodigy` (needs prodigyopt).")
+    lr: float = option(1e-4, "Transformer LoRA learning rate.", gt=0.0, le=1.0)
+    weight_decay: float = option(0.0, "Decoupled weight decay.", ge=0.0, le=1.0)
+    betas: list[float] = option(factory=lambda: [0.9, 0.999], doc="Adam betas (two numbers).")
+    eps: float = option(1e-8, "Adam epsilon.", gt=0.0, le=1.0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0.0)
+
+
+@frozen
+class SchedulerSection:
+    """Learning-rate schedule."""
+
+    name: Literal["constant", "constant_with_warmup", "cosine", "linear"] = option(
+        "constant_with_warmup", "Schedule: `constant`, `constant_with_warmup`, `cosine` (with warmup) or "
+        "`linear` (with warmup).")
+    warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
+    min_lr_ratio: float = option(0.0, "Cosine/linear: final LR as a fraction of the peak.", ge=0.0, le=1.0)
+
+
+@frozen
+class TrainSection:
+    """Steps, batch, precision, objective and checkpoint policy."""
+
+    steps: int | None = option(None, "Optimizer steps to train. Give `steps` or `epochs`, not both.", ge=1,
+                               le=10_000_000)
+    epochs: int | None = option(None, "Epochs to train (steps are derived from the dataset size).", ge=1,
+                                le=100_000)
+    batch_size: int = option(1, "Samples per step (per device).", ge=1, le=1024)
+    gradient_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1, le=1024)
+    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "Compute precision (`no` = float32; "
+                                                            "use it on CPU).")
+    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
+    memory_mode: Literal["auto", "speed", "memory", "low-vram"] = option(
+        "auto", "Native backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
+        "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory).")
+    seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
+    loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
+    loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
+                                          "`{ c = 0.1 }` for huber); checked by the loss plugin.")
+    timestep_sampling: Literal["uniform", "sigmoid", "logit-normal", "shift", "flux-shift"] = option(
+        "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
+        "`shift` (sigmoid then a fixed shift), `flux-shift` (shift from the image's token count).")
+    sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
+    logit_mean: float = option(0.0, "Mean for `logit-normal`.")
+    logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
+    shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
+    timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
+        "none", "Flow-matching loss weighting per sample (SD3 schemes).")
+    min_snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting; only meaningful for DDPM models "
+                                         "(Hunyuan-DiT).", gt=0.0, le=100.0)
+    guidance: float = option(1.0, "FLUX.1-dev guidance-embedding value during training (1.0 for a dev LoRA).",
+                             ge=0.0, le=100.0)
+    noise_offset: float = option(0.0, "Noise offset. For flow matching: a per-channel constant "
+                                 "`noise_offset·N(0,1)` is added to ε before x_t and the target are formed.",
+                                 ge=0.0, le=1.0)
+    save_every_steps: int | None = option(None, "Save a checkpoint (LoRA + resumable state) every N steps.", ge=1)
+    save_every_epochs: int | None = option(None, "Save a checkpoint every N epochs.", ge=1)
+    keep_last: int = option(3, "How many checkpoints to keep (older ones are deleted; the final LoRA is "
+                            "always kept).", ge=1, le=10000)
+    cache_dir: str | None = option(None, "Latent / text-embedding cache folder; default `<output>/cache`.",
+                                   path=True)
+    num_workers: int = option(0, "Data-loader worker processes.", ge=0, le=64)
+    compile: Literal["auto", "on", "off"] = option("auto", "Regional `torch.compile` of the repeated blocks "
+                                                   "(`auto`: on CUDA in speed/memory mode).")
+
+
+@frozen
+class SampleSection:
+    """Images generated during training to watch progress."""
+
+    prompts: list[str] = option(factory=list, doc="Prompts; `{trigger}` is replaced by the trigger token.")
+    seeds: list[int] = option(factory=lambda: [1], doc="Seeds, one image per prompt × seed × strength.")
+    strengths: list[float] = option(factory=lambda: [1.0], doc="LoRA strengths.")
+    every_steps: int | None = option(None, "Sample every N steps (and at the end).", ge=1)
+    steps: int = option(20, "Inference steps.", ge=1, le=1000)
+    guidance: float = option(3.5, "Inference guidance scale.", ge=0.0, le=100.0)
+    width: int = option(512, "Sample width in pixels.", ge=64, le=4096)
+    height: int = option(512, "Sample height in pixels.", ge=64, le=4096)
+
+
+DEFAULT_EVAL_PROMPTS = [
+    "a close-up portrait photo of {trigger}, neutral expression, soft studio light",
+    "a photo of {trigger} standing on a busy city street at night",
+    "a photo of {trigger} wearing a red winter coat and a wool hat",
+    "an oil painting of {trigger} in the style of an old master",
+    "a close-up portrait photo of a person, neutral expression, soft studio light",
+]
+
+
+@frozen
+class EvalSection:
+    """The playbook's §7 evaluation protocol."""
+
+    enabled: bool = option(True, "Evaluate at the end of the run.")
+    prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
+                                "portrait, new environment, new outfit, new style, and the control prompt "
+                                "(the last one, without `{trigger}`).")
+    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep.")
+    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.")
+    steps: int = option(28, "Inference steps.", ge=1, le=1000)
+    guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
+    width: int = option(768, "Image width.", ge=64, le=4096)
+    height: int = option(768, "Image height.", ge=64, le=4096)
+    embedder: str = option("dlib", "Face embedder plugin: `dlib` (offline default) or `onnx` (ArcFace).")
+    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder (for `onnx`: "
+                                              "`model`, `detector`).")
+    every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
+
+
+@frozen
+class OutputSection:
+    """Where the run directory goes and what is written."""
+
+    dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
+    name: str = option("identity-lora", "Base name of the LoRA files.")
+    formats: list[Literal["kohya", "diffusers"]] = option(
+        factory=lambda: ["kohya", "diffusers"], doc="LoRA formats to write: `kohya` (ComfyUI/kohya keys with "
+        "alpha and metadata) and/or `diffusers`.")
+    save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
+
+
+@frozen
+class BackendSection:
+    """Which backend executes the recipe, and the options of each backend."""
+
+    name: str = option("native", "Backend: `native` (in-process, all families), `kohya` (sd-scripts), "
+                       "`diffusion-pipe`; `lora-run plugins` lists installed ones. `backend = \"kohya\"` at the "
+                       "top level is shorthand for `[backend] name = \"kohya\"`.")
+    options: dict[str, dict[str, Any]] = option(factory=dict, doc="`[backend.<name>]` tables, checked by the "
+                                                "backend's own options class.")
+
+
+@frozen
+class Recipe:
+    """A whole recipe."""
+
+    extends: str | None = option(None, "Another recipe this one builds on (a path relative to this file); "
+                                 "keys here override it.")
+    description: str = option("", "One-line description shown by `lora-run recipes`.")
+    model: ModelSection = option(factory=ModelSection, doc="`[model]`")
+    dataset: DatasetSection = option(doc="`[dataset]`")
+    lora: LoraSection = option(factory=LoraSection, doc="`[lora]`")
+    text_encoder: TextEncoderSection = option(factory=TextEncoderSection, doc="`[text_encoder]`")
+    optimizer: OptimizerSection = option(factory=OptimizerSection, doc="`[optimizer]`")
+    scheduler: SchedulerSection = option(factory=SchedulerSection, doc="`[scheduler]`")
+    train: TrainSection = option(factory=TrainSection, doc="`[train]`")
+    sample: SampleSection = option(factory=SampleSection, doc="`[sample]`")
+    eval: EvalSection = option(factory=EvalSection, doc="`[eval]`")
+    output: OutputSection = option(factory=OutputSection, doc="`[output]`")
+    backend: BackendSection = option(factory=BackendSection, doc="`[backend]`")
+
+    @property
+    def backend_options(self) -> dict[str, Any]:
+        """The raw `[backend.<name>]` table of the selected backend."""
+        return self.backend.options.get(self.backend.name, {})
