@@ -65,7 +65,7 @@ class LintReport:
 
 def _dhash(image: Any) -> int:
     small = image.convert("L").resize((9, 8))
-    px = list(small.getdata())
+    px = list(small.tobytes())
     bits = 0
     for row in range(8):
         for col in range(8):

@@ -77,6 +77,8 @@ class Plugins:
                 caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
                 table[name] = Registration(kind, name, factory, _plugin, options, caps, description, meta)
 
+            if os.environ.get("LORA_RUN_TRACE_PLUGINS"):
+                print(f"[lora-run trace] {hook_name}(register) -> {plugin_name}", file=sys.stderr)
             try:
                 impl.function(register=register)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal

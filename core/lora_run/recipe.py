@@ -212,7 +212,8 @@ class Problems:
     def file_for(self, path: KeyPath) -> str:
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
-                return self.origins[path[:n]]
+                origin = self.origins[path[:n]]
+                return f"{self.default_file} (--set)" if origin == "--set" else origin
         return self.default_file
 
     def add(self, path: KeyPath, message: str) -> None:
@@ -432,7 +433,7 @@ def _limit_problem(meta: Any, value: Any) -> str | None:
     return None
 
 
-def _check_limits_raw(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None:
+def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None:
     """Range limits on the raw data, so they are reported even when structuring failed elsewhere."""
     if not isinstance(raw, dict):
         return
@@ -447,12 +448,12 @@ def _check_limits_raw(raw: Any, cls: type, path: KeyPath, problems: Problems) ->
         if isinstance(value, str) and len(value) > 4096:
             problems.add(here, f"is {len(value)} characters long; the limit is 4096")
         if attrs.has(tp):
-            _check_limits_raw(value, tp, here, problems)
+            check_limits(value, tp, here, problems)
         elif _is_list(tp) and isinstance(value, list):
             inner = typing.get_args(tp)[0]
             for i, item in enumerate(value):
                 if attrs.has(inner):
-                    _check_limits_raw(item, inner, (*here, i), problems)
+                    check_limits(item, inner, (*here, i), problems)
                 else:
                     message = _limit_problem(f.metadata, item)
                     if message:
@@ -497,7 +498,7 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
 
 def structure(raw: dict[str, Any], problems: Problems) -> Recipe | None:
     raw = _pack_backend(raw, problems)
-    _check_limits_raw(raw, Recipe, (), problems)
+    check_limits(raw, Recipe, (), problems)
     try:
         recipe = CONVERTER.structure(raw, Recipe)
     except Exception as exc:  # noqa: BLE001 - every problem is reported
@@ -532,6 +533,8 @@ def load_recipe(path: str | Path, sets: Iterable[str] = ()) -> LoadedRecipe:
     recipe = structure(raw, problems)
     problems.raise_if_any()
     assert recipe is not None
+    if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
+        recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
     return LoadedRecipe(recipe, path, display_path(path), origins)
 
 

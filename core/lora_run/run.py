@@ -16,7 +16,7 @@ from .errors import (BackendError, DatasetError, LoraRunError, PluginError, Reci
 from .features import capability_problems
 from .lint import LintReport, lint_dataset
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, collect_errors, dump_recipe, to_dict
+from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, to_dict
 from .rundir import RECIPE, RunDir, hardware
 from .schema import Recipe
 
@@ -76,14 +76,18 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
         if raw and problems is not None:
             problems.add(where, f"{reg.kind} \"{reg.name}\" takes no options, got {', '.join(sorted(raw))}")
         return None
+    own = problems if problems is not None else Problems("recipe")
+    before = len(own.items)
+    check_limits(raw, reg.options, where, own)
     try:
-        return CONVERTER.structure(raw, reg.options)
+        value = CONVERTER.structure(raw, reg.options)
     except Exception as exc:  # noqa: BLE001
-        if problems is None:
-            raise
         for path, message in collect_errors(exc):
-            problems.add((*where, *path), message)
-        return None
+            own.add((*where, *path), message)
+        value = None
+    if problems is None:
+        own.raise_if_any()
+    return value if len(own.items) == before else None
 
 
 @attrs.frozen

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lora_run.errors import PluginError
+from lora_run.hookspecs import hookimpl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fake_distribution(site: Path, name: str, module_source: str, entry: str | None = None) -> None:
+    """A module plus a dist-info declaring it in the `lora_run` entry-point group."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{name}.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[lora_run]\n{entry or name} = {name}\n")
+
+
+def test_builtins_are_found_through_entry_points(plugins_with):
+    plugins = plugins_with()
+    assert "folder" in plugins.names("dataset")
+    assert {"mse", "huber", "pseudo-huber", "smooth-l1"} <= set(plugins.names("loss"))
+    assert plugins.pm.get_plugin("folder") is not None
+
+
+def test_unknown_name_error_lists_choices(plugins_with):
+    plugins = plugins_with()
+    with pytest.raises(PluginError) as info:
+        plugins.get("loss", "hubber", "train.loss")
+    message = str(info.value)
+    assert 'unknown loss "hubber" at [train.loss] (did you mean "huber"?)' in message
+    assert "available: huber, mse, pseudo-huber, smooth-l1" in message
+
+
+def test_duplicate_registration_is_reported_not_fatal(plugins_with):
+    class Dup:
+        @hookimpl
+        def register_losses(self, register):
+            register("mse", lambda options=None: None)
+    plugins = plugins_with(Dup())
+    assert any("loss 'mse'" in c for c in plugins.conflicts)
+
+
+def test_register_hook_that_raises_is_reported(plugins_with):
+    class Bad:
+        @hookimpl
+        def register_losses(self, register):
+            raise RuntimeError("nope")
+    plugins = plugins_with(Bad())
+    assert any("register_losses failed: RuntimeError: nope" in b.error for b in plugins.broken)
+    assert "mse" in plugins.names("loss")
+
+
+def test_broken_and_misspelled_plugins_are_skipped(tmp_path):
+    site = tmp_path / "site"
+    fake_distribution(site, "broken_plugin", "raise ImportError('missing dependency foo')\n")
+    fake_distribution(site, "typo_plugin", """
+        from lora_run.hookspecs import hookimpl
+        @hookimpl
+        def register_backend(register):
+            pass
+        """)
+    env = {"PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-m", "lora_run.cli", "plugins", "--json"], capture_output=True,
+                         text=True, env={**__import__("os").environ, **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    broken = {b["name"]: b["error"] for b in data["broken"]}
+    assert "missing dependency foo" in broken["broken_plugin"]
+    assert "register_backend" in broken["typo_plugin"]
+    assert "folder" in [p["name"] for p in data["plugins"]]
+
+
+def test_disable_and_trace_switches(tmp_path):
+    import os
+    env = {**os.environ, "LORA_RUN_PLUGINS_DISABLE": "losses", "LORA_RUN_TRACE_PLUGINS": "1"}
+    out = subprocess.run([sys.executable, "-m", "lora_run.cli", "plugins", "--json"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    names = [p["name"] for p in json.loads(out.stdout)["plugins"]]
+    assert "losses" not in names and "folder" in names
+    assert "[lora-run trace] register_datasets(register)" in out.stderr
+
+
+@pytest.fixture(scope="session")
+def toy_site(tmp_path_factory):
+    """The toy third-party plugin from docs/examples, pip-installed into a throwaway target folder."""
+    target = tmp_path_factory.mktemp("toy-site")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--target", str(target), str(REPO / "docs" / "examples" / "lora-run-toy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+def test_third_party_plugin_is_discovered_and_selected(toy_site, tmp_path, run_cli, subject_dataset):
+    env = {"PYTHONPATH": str(toy_site)}
+    listing = run_cli("plugins", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    toy = next(p for p in json.loads(listing.stdout)["plugins"] if p["name"] == "toy")
+    assert toy["backends"] == ["toy"] and toy["losses"] == ["toy-abs"] and toy["version"] == "0.3.0"
+    assert "step_finished" in toy["hooks"]
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(f"""
+[backend]
+name = "toy"
+[backend.toy]
+target = 5.0
+[model]
+source = "black-forest-labs/FLUX.1-dev"
+[dataset]
+path = "{subject_dataset}"
+trigger = "ohwx"
+min_images = 2
+[optimizer]
+lr = 0.1
+[train]
+steps = 20
+[eval]
+enabled = false
+""")
+    done = run_cli(recipe, "--output-dir", tmp_path / "run", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "run" / "identity-lora.toy.json").read_text())
+    assert abs(result["value"] - 5.0) < 0.1
+    events = (tmp_path / "run" / "toy-events.txt").read_text().splitlines()
+    assert len(events) == 20 and events[0].startswith("step 1 loss")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["backend"] == "toy"
+    assert any(p["name"] == "toy" and p["version"] == "0.3.0" for p in manifest["plugins"])
+    bad = run_cli(recipe, "--output-dir", tmp_path / "run2", "--set", "backend.toy.target='x'", env=env)
+    assert bad.returncode == 2
+    assert "[backend.toy.target] expected float, got str 'x'" in bad.stderr

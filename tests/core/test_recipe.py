@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_run.errors import RecipeError
+from lora_run.recipe import dump_recipe, load_recipe, parse_set
+
+from .conftest import GOOD
+
+
+def problems_of(path, sets=()):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, sets)
+    return info.value.problems
+
+
+def test_good_recipe_loads_with_defaults(write_recipe):
+    loaded = load_recipe(write_recipe(GOOD))
+    r = loaded.recipe
+    assert r.backend.name == "recording"
+    assert r.train.steps == 3 and r.train.epochs is None
+    assert r.lora.rank == 32 and r.optimizer.name == "adafactor"
+    assert Path(r.dataset.path).is_absolute()
+
+
+def test_ten_mistakes_ten_errors(write_recipe):
+    path = write_recipe("""
+[model]
+source = "x"
+base_precision = "fp9"
+[dataset]
+path = "{dataset}"
+repeats = "2"
+caption_dropout = 1.5
+[lora]
+rank = 0
+lerning_rate = 3
+[optimizer]
+lr = "1e-4"
+name = "adam"
+[train]
+steps = 3.9
+gradient_checkpointing = "false"
+[optimzer]
+x = 1
+""")
+    problems = problems_of(path)
+    assert len(problems) == 10, problems
+    expected = ["[model.base_precision] must be one of \"bf16\", \"fp8\"",
+                "[dataset.repeats] expected int, got str '2'",
+                "[dataset.caption_dropout] must be <= 1.0, got 1.5",
+                "[lora.rank] must be >= 1, got 0",
+                "[lora] unknown key 'lerning_rate'",
+                "[optimizer.lr] expected float, got str '1e-4'",
+                "[optimizer.name] must be one of",
+                "[train.steps] expected int, got float 3.9",
+                "[train.gradient_checkpointing] expected true or false, got str 'false'",
+                "unknown key 'optimzer' (did you mean 'optimizer'?)"]
+    for fragment in expected:
+        assert any(fragment in p for p in problems), (fragment, problems)
+    assert all(p.startswith("recipe.toml: ") for p in problems)
+
+
+def test_no_lenient_coercions(write_recipe):
+    for key, value in [("train.seed", "3.9"), ("train.gradient_checkpointing", '"false"'),
+                       ("output.name", "42"), ("train.seed", "true")]:
+        assert problems_of(write_recipe(GOOD), [f"{key}={value}"])
+
+
+def test_int_accepted_for_float_but_not_bool(write_recipe):
+    assert load_recipe(write_recipe(GOOD), ["optimizer.lr=1"]).recipe.optimizer.lr == 1.0
+    assert problems_of(write_recipe(GOOD), ["optimizer.lr=true"])
+
+
+def test_steps_and_epochs_are_exclusive(write_recipe):
+    problems = problems_of(write_recipe(GOOD), ["train.epochs=2"])
+    assert any("exactly one of `steps` or `epochs`" in p for p in problems)
+
+
+def test_bucket_sizes_follow_the_family_grid(write_recipe):
+    problems = problems_of(write_recipe(GOOD), ["dataset.bucket_step=48", "model.family=hunyuan-image-2.1"])
+    assert any("[dataset.bucket_step] must be a multiple of 32 for hunyuan-image-2.1, got 48" in p for p in problems)
+
+
+def test_set_overrides_and_parses_toml_values():
+    assert parse_set("train.steps=100") == (("train", "steps"), 100)
+    assert parse_set("dataset.trigger=sks") == (("dataset", "trigger"), "sks")
+    assert parse_set("sample.prompts=['a', 'b']") == (("sample", "prompts"), ["a", "b"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        parse_set("train.steps")
+
+
+def test_extends_merges_and_reports_the_right_file(write_recipe, tmp_path):
+    write_recipe(GOOD, "base.toml")
+    child = write_recipe('extends = "base.toml"\n[lora]\nrank = 64\nalpha = 64.0\n[train]\nseed = -1\n', "child.toml")
+    problems = problems_of(child)
+    assert problems == ["child.toml: [train.seed] must be >= 0, got -1"]
+    child.write_text('extends = "base.toml"\n[lora]\nrank = 64\nalpha = 64.0\n')
+    r = load_recipe(child).recipe
+    assert (r.lora.rank, r.train.steps, r.backend.name) == (64, 3, "recording")
+    bad = write_recipe('extends = "base.toml"\n[train]\nsteps = 0\n', "bad.toml")
+    assert problems_of(bad) == ["bad.toml: [train.steps] must be >= 1, got 0"]
+    base_bad = write_recipe(GOOD.replace("steps = 3", "steps = 0"), "base.toml")
+    assert problems_of(child) == [f"base.toml: [train.steps] must be >= 1, got 0"]
+    assert base_bad
+
+
+def test_extends_loop_and_missing_file(write_recipe):
+    write_recipe('extends = "b.toml"\n', "a.toml")
+    b = write_recipe('extends = "a.toml"\n', "b.toml")
+    assert "forms a loop" in problems_of(b)[0]
+    c = write_recipe('extends = "nope.toml"\n', "c.toml")
+    assert problems_of(c) == ["c.toml: [extends] file not found: nope.toml"]
+
+
+def test_round_trip_through_tomli_w(write_recipe, tmp_path):
+    r = load_recipe(write_recipe(GOOD), ["backend.recording.fail_at=2"]).recipe
+    text = dump_recipe(r, header="resolved")
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    assert load_recipe(again).recipe == r
+    assert text.startswith("# resolved\n")
+
+
+def test_backend_shorthand_and_table_forms(write_recipe):
+    table = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\n[backend.recording]\nfail_at = 2\n'
+    r = load_recipe(write_recipe(table)).recipe
+    assert r.backend.name == "recording" and r.backend_options == {"fail_at": 2}
+    bad = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\nfail_at = 2\n'
+    assert "[backend.fail_at] unknown key" in problems_of(write_recipe(bad))[0]
+
+
+def test_not_toml_and_not_found(tmp_path):
+    p = tmp_path / "broken.toml"
+    p.write_text("[train\nsteps = 3")
+    assert "not valid TOML" in problems_of(p)[0]
+    assert problems_of(tmp_path / "missing.toml")[0].endswith("recipe file not found")
+
+
+def test_list_values_are_not_split_strings(write_recipe):
+    problems = problems_of(write_recipe(GOOD), ["sample.prompts='a cat'"])
+    assert any("[sample.prompts] expected a list, got str 'a cat'" in p for p in problems)
+    problems = problems_of(write_recipe(GOOD), ["sample.seeds=[1, 'x']"])
+    assert any("[sample.seeds[1]] expected int, got str 'x'" in p for p in problems)

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError
+from lora_run.recipe import load_recipe
+from lora_run.run import execute, validate
+
+from .conftest import GOOD
+
+
+def quiet(_line):
+    pass
+
+
+def test_run_writes_recipe_manifest_plan_files_and_calls_hooks(recording, write_recipe, tmp_path):
+    plugin, plugins = recording
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "out"), echo=quiet)
+    out = tmp_path / "out"
+    assert (out / "lora.txt").read_text() == "weights"
+    assert load_recipe(out / "recipe.toml").recipe == ctx.recipe
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["seed"] == 42 and manifest["lora"]["rank"] == 32 and manifest["steps"] == 3
+    assert len(manifest["dataset"]["hash"]) == 64 and manifest["dataset"]["subject images"] == 4
+    assert manifest["plan"]["commands"] == [["echo", "it's a plan"]]
+    assert json.loads((out / "recording" / "config.json").read_text()) == {"steps": 3}
+    assert plugin.events == [("run_started",), ("step", 1, 1.0), ("step", 2, 0.5), ("step", 3, 1 / 3),
+                             ("run_finished", "completed", None)]
+
+
+def test_non_empty_output_is_never_overwritten(recording, write_recipe, tmp_path):
+    _, plugins = recording
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.safetensors").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
+    assert (out / "precious.safetensors").read_text() == "keep me"
+    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), overwrite=True, echo=quiet)
+    assert not (out / "precious.safetensors").exists() and (out / "lora.txt").exists()
+
+
+def test_resume_needs_a_run_and_the_same_recipe(recording, write_recipe, tmp_path):
+    _, plugins = recording
+    out = str(tmp_path / "out")
+    with pytest.raises(OutputError, match="nothing to resume"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=out, resume=True, echo=quiet)
+    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=out, echo=quiet)
+    longer = load_recipe(write_recipe(GOOD), ["train.steps=5"])
+    execute(longer, plugins, output_dir=out, resume=True, echo=quiet)
+    with pytest.raises(RecipeError, match=r"the recipe changed at \[lora.alpha\], \[lora.rank\]"):
+        execute(load_recipe(write_recipe(GOOD), ["lora.rank=8", "lora.alpha=8.0"]), plugins, output_dir=out,
+                resume=True, echo=quiet)
+
+
+def test_backend_crash_is_reported_and_recorded(recording, write_recipe, tmp_path):
+    plugin, plugins = recording
+    loaded = load_recipe(write_recipe(GOOD), ["backend.recording.fail_at=2"])
+    with pytest.raises(BackendError, match="boom at step 2"):
+        execute(loaded, plugins, output_dir=str(tmp_path / "out"), echo=quiet)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "boom" in manifest["error"]
+    assert plugin.events[-1] == ("run_finished", "failed", "RuntimeError")
+
+
+def test_capability_refusal_names_key_and_capable_backends(recording, write_recipe):
+    _, plugins = recording
+    loaded = load_recipe(write_recipe(GOOD), ["train.min_snr_gamma=5.0", "lora.dropout=0.1"])
+    with pytest.raises(RecipeError) as info:
+        validate(loaded, plugins)
+    problems = info.value.problems
+    assert any(p.startswith("recipe.toml (--set): [train.min_snr_gamma] backend \"recording\" cannot honour Min-SNR-γ "
+                            "weighting for flux.1-dev (it records, it does not weight)") for p in problems), problems
+    assert any(p.startswith("recipe.toml (--set): [lora.dropout]") for p in problems)
+    loaded = load_recipe(write_recipe(GOOD), ["model.family=hunyuan-dit-1.2"])
+    with pytest.raises(RecipeError, match=r"\[model.family\] backend \"recording\" does not train hunyuan-dit-1.2"):
+        validate(loaded, plugins)
+
+
+def test_unknown_backend_loss_and_tables(recording, write_recipe):
+    _, plugins = recording
+    loaded = load_recipe(write_recipe(GOOD), ["backend.name=recordin", "train.loss=hubber",
+                                              "backend.kohyaa.x=1"])
+    with pytest.raises(RecipeError) as info:
+        validate(loaded, plugins)
+    text = "\n".join(info.value.problems)
+    assert '[backend.name] unknown backend "recordin" (did you mean "recording"?)' in text
+    assert '[train.loss] unknown loss "hubber" (did you mean "huber"?)' in text
+    assert '[backend.kohyaa] table for unknown backend "kohyaa"' in text
+
+
+def test_loss_options_are_checked_by_the_loss(recording, write_recipe):
+    _, plugins = recording
+    loaded = load_recipe(write_recipe(GOOD), ["train.loss=huber", "train.loss_options={c=-1.0}"])
+    assert load_recipe(write_recipe(GOOD), ["train.loss=huber", "train.loss_options={c=0.2}"])
+    # huber is not in the recording backend's capabilities either; both problems are shown at once
+    with pytest.raises(RecipeError) as info:
+        validate(loaded, plugins)
+    assert any("[train.loss_options.c] must be > 0.0, got -1.0" in p for p in info.value.problems)
+
+
+def test_dataset_errors_stop_before_anything_is_written(recording, write_recipe, tmp_path, subject_dataset):
+    _, plugins = recording
+    (subject_dataset / "img000.txt").write_text("no trigger here")
+    with pytest.raises(DatasetError, match="1 error"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "out"), echo=quiet)
+    assert not (tmp_path / "out").exists()
