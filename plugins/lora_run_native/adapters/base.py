@@ -1,0 +1,364 @@
+"""`ModelAdapter`: everything the native trainer needs to know about one model family.
+
+The native backend is one training loop (``train.py``), one data pipeline (``data.py``), one cache
+(``cache.py``), one checkpoint format and one generation API (``generate.py``) shared by every family.
+What differs between FLUX.1-dev, Hunyuan-DiT and HunyuanImage-2.1 lives in a subclass of
+:class:`ModelAdapter`, one per family, registered in ``lora_run_native/adapters/__init__.py``.
+
+Contract (stable; other adapters code against it):
+
+* **Class attributes** describe the family without importing torch: ``family``, ``pixel_multiple``
+  (bucket sides are multiples of it: 16 for FLUX/Hunyuan-DiT, 32 for HunyuanImage-2.1), ``objective``
+  (``"flow"``: ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``; ``"ddpm-v"``: DDPM with v-prediction),
+  ``features`` (recipe features the adapter honours: ``lora_run.features`` names; the ``native`` backend
+  registers them as its capabilities for this family), ``reasons`` (why a feature is not honoured),
+  ``target_presets`` (LoRA target preset → regular expressions over module names), ``lora_formats``,
+  ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``) and
+  ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``).
+* **Lifecycle** (called by ``train.py`` in this order): ``check_sources()`` (no torch; by ``lora-run
+  check``) → ``load_encoders()`` → ``encode_images()`` / ``encode_captions()`` for every cache miss →
+  ``unload_encoders()`` → ``load_transformer()`` → ``prepare_transformer()`` (in ``train.py``, the one place
+  the transformer is set up for training) → ``inject_lora()`` → per step ``sample_timesteps()``,
+  ``noisy_and_target()``, ``predict()``, ``loss_weights()`` → ``lora_files()`` for every output format.
+* **Inference**: ``load_pipeline()`` (the family's diffusers pipeline from ``recipe.model``),
+  ``load_lora_into_pipeline()``, ``generate()`` (one image; LoRA strength applied through ``lora_scale``) and
+  ``sampling_pipeline()`` (a pipeline around the transformer being trained, for samples during training).
+
+Tensor conventions: images enter ``encode_images`` as ``(B, 3, H, W)`` floats in ``[-1, 1]``; latents
+are the *normalised* latents the transformer sees, unpacked ``(B, C, h, w)``; caption encodings are a dict of
+tensors with the batch first (``encode_captions`` returns a batch; the cache stores one sample per file
+without the batch dimension and the loader stacks them again). ``t`` is the adapter's own timestep:
+σ ∈ [0, 1] for flow models, an integer-valued tensor in ``[0, 1000)`` for DDPM models.
+
+torch is never imported at module level: ``lora-run check`` and ``lora-run plugins`` import this file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lora_run.errors import ModelSourceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from lora_run.schema import Recipe
+
+#: Features every native adapter honours (the shared loop implements them); adapters add their own.
+COMMON_FEATURES: frozenset[str] = frozenset({
+    "regularization", "regularization_weight", "caption_dropout", "lora_dropout", "lora_alpha", "lora_modules",
+    "sampling", "save_every_epochs", "save_every_steps", "epochs", "steps",
+    "targets:attention", "targets:attention+mlp", "targets:all-linear",
+    "optimizer:adafactor", "optimizer:adamw", "optimizer:adamw8bit", "optimizer:prodigy",
+    "scheduler:constant", "scheduler:constant_with_warmup", "scheduler:cosine", "scheduler:linear",
+    "loss:mse", "loss:huber", "loss:pseudo-huber", "loss:smooth-l1",
+})
+
+#: Flow-matching features (timestep sampling choices, SD3 loss weighting, noise offset).
+FLOW_FEATURES: frozenset[str] = frozenset({
+    "noise_offset", "timestep_weighting",
+    "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
+    "timestep_sampling:shift", "timestep_sampling:flux-shift",
+})
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
+
+
+def is_local_source(source: str) -> bool:
+    """A `model.source` that names a folder (recipe paths are already absolute) rather than a hub id."""
+    if source.startswith(("/", ".", "~")) or Path(source).exists():
+        return True
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is None
+
+
+def hub_offline(recipe: Recipe) -> bool:
+    """True when no download may be attempted: `[model] offline = true` or `HF_HUB_OFFLINE` set."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return recipe.model.offline or env not in ("", "0", "false", "no", "off")
+
+
+def file_identity(path: Path) -> str:
+    """Cheap identity of a (possibly many-GB) weight file: path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def folder_identity(folder: Path, subfolder: str) -> str:
+    """Identity of a diffusers component folder: config content + weight file identities."""
+    digest = hashlib.sha256()
+    root = folder / subfolder
+    for p in sorted(root.rglob("*")) if root.is_dir() else []:
+        if p.is_file():
+            if p.suffix in (".json", ".txt", ".model"):
+                digest.update(p.name.encode() + b"\0" + p.read_bytes())
+            else:
+                digest.update(file_identity(p).encode())
+    return digest.hexdigest()[:16]
+
+
+class ModelAdapter:
+    """Base class of a model family adapter. Subclasses override the methods that raise NotImplementedError.
+
+    An instance is created per run with the resolved recipe, the torch device and the backend options
+    (``NativeOptions``); it holds the loaded encoders/VAE between ``load_encoders`` and
+    ``unload_encoders``.
+    """
+
+    family: ClassVar[str] = ""
+    pixel_multiple: ClassVar[int] = 16
+    objective: ClassVar[str] = "flow"            # "flow" | "ddpm-v"
+    features: ClassVar[frozenset[str]] = COMMON_FEATURES
+    reasons: ClassVar[dict[str, str]] = {}
+    target_presets: ClassVar[dict[str, list[str]]] = {}
+    lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
+    text_encoders: ClassVar[tuple[str, ...]] = ()
+    trainable_text_encoder: ClassVar[str | None] = None
+    default_hub_id: ClassVar[str | None] = None
+    #: `[model.files]` keys this family uses (others are refused by `check_sources`).
+    file_keys: ClassVar[tuple[str, ...]] = ("transformer", "vae")
+
+    def __init__(self, recipe: Recipe, *, device: Any = "cpu", options: Any = None, shown: str = "recipe.toml"):
+        self.recipe = recipe
+        self.device = device
+        self.options = options
+        self.shown = shown                       # recipe file name for error messages
+        self.encoders: dict[str, Any] = {}       # loaded text encoders / tokenizers / vae
+        self.sample_vae: Any = None              # VAE kept (on CPU) for in-training samples
+
+    # ------------------------------------------------------------------------------------ precision
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the frozen modules compute in: bf16/fp16 with mixed precision, fp32 with `no`."""
+        import torch
+
+        return getattr(torch, DTYPES[self.recipe.train.mixed_precision])
+
+    # --------------------------------------------------------------------------------- model sources
+    def error(self, key: str, message: str) -> ModelSourceError:
+        """A ModelSourceError naming the recipe file and key: `recipe.toml: [model.files.vae] …`."""
+        return ModelSourceError(f"{self.shown}: [{key}] {message}")
+
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        """Problems with `[model]` found without loading anything (missing files, not safetensors,
+        hub id not cached while offline). No torch. Default: files exist and are safetensors."""
+        problems: list[tuple[tuple[str, ...], str]] = []
+        m = self.recipe.model
+        for key in ("transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5"):
+            value = getattr(m.files, key)
+            if value is None:
+                continue
+            if key not in self.file_keys:
+                problems.append((("model", "files", key), f"is not used by {self.family} (it uses "
+                                 f"{', '.join(self.file_keys)})"))
+                continue
+            p = Path(value)
+            if not p.is_file():
+                problems.append((("model", "files", key), f"file not found: {p}"))
+            elif p.suffix != ".safetensors":
+                problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
+        if m.source is not None:
+            if is_local_source(m.source):
+                if not Path(m.source).is_dir():
+                    problems.append((("model", "source"), f"folder not found: {m.source}"))
+            elif hub_offline(self.recipe) and not self.hub_cached(m.source):
+                problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
+                                 "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
+                                 "download it first or point `source` at a local diffusers folder"))
+        return problems
+
+    def hub_cached(self, repo_id: str) -> bool:
+        """Whether the hub model's `model_index.json` is in the local cache (no network)."""
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+            return False
+        found = try_to_load_from_cache(repo_id, "model_index.json", revision=self.recipe.model.revision)
+        return isinstance(found, str)
+
+    def source_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` keyword arguments for `model.source` (offline, revision)."""
+        kw: dict[str, Any] = {}
+        if hub_offline(self.recipe):
+            kw["local_files_only"] = True
+        if self.recipe.model.revision and not is_local_source(self.recipe.model.source or ""):
+            kw["revision"] = self.recipe.model.revision
+        return kw
+
+    def source_identity(self, subfolder: str, file_key: str | None = None) -> str:
+        """Identity string of one component: a single file, a local folder's component or a hub id."""
+        m = self.recipe.model
+        if file_key and getattr(m.files, file_key, None):
+            return "file:" + file_identity(Path(getattr(m.files, file_key)))
+        src = m.source or self.default_hub_id or "?"
+        if is_local_source(src):
+            return f"folder:{Path(src).resolve()}/{subfolder}:{folder_identity(Path(src), subfolder)}"
+        return f"hub:{src}@{m.revision or 'main'}/{subfolder}"
+
+    # ------------------------------------------------------------------------------------- loading
+    def load_encoders(self) -> None:
+        """Load tokenizers, text encoders and the VAE (frozen, eval mode) onto ``self.device``."""
+        raise NotImplementedError
+
+    def load_transformer(self) -> torch.nn.Module:
+        """Load the denoiser (frozen, on CPU, in its storage dtype); ``prepare_transformer`` places it."""
+        raise NotImplementedError
+
+    def encoder_identity(self, part: str) -> str:
+        """Stable identity of the encoders behind a cache entry: ``part`` is ``"latents"`` (the VAE) or
+        ``"text"`` (all text encoders + tokenizer settings). Includes the compute dtype."""
+        raise NotImplementedError
+
+    def unload_encoders(self, keep: tuple[str, ...] = ()) -> None:
+        """Free the text encoders and the VAE (GPU memory released) except the names in ``keep``.
+        When sampling is on, the VAE moves to CPU as ``self.sample_vae`` instead of being freed."""
+        import gc
+
+        import torch
+
+        for name in list(self.encoders):
+            if name in keep:
+                continue
+            module = self.encoders.pop(name)
+            if name == "vae" and self.recipe.sample.every_steps:
+                self.sample_vae = module.to("cpu")
+            del module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B,3,H,W)`` in [-1,1] → normalised latents ``(B,C,h,w)`` (float32, deterministic: the mean
+        of the latent distribution)."""
+        raise NotImplementedError
+
+    def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Captions → dict of batched tensors. ``encoders`` limits which text encoders run (``None``: all);
+        with text-encoder training the trainable one is run live, the others come from the cache."""
+        raise NotImplementedError
+
+    def text_keys(self, encoder: str) -> tuple[str, ...]:
+        """The keys of ``encode_captions``' dict produced by ``encoder``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- LoRA
+    def lora_target_modules(self, transformer: torch.nn.Module, preset: str, explicit: list[str]) -> list[str]:
+        """Full names of the linear layers to wrap: ``explicit`` names/regexes (when given) or the preset's
+        regexes, matched against ``named_modules()``. Raises RecipeError when nothing matches."""
+        import torch
+
+        from lora_run.errors import RecipeError
+
+        patterns = explicit or self.target_presets[preset]
+        compiled = []
+        for p in patterns:
+            try:
+                compiled.append(re.compile(p))
+            except re.error as exc:
+                raise RecipeError(f"{self.shown}: [lora.modules] {p!r} is not a valid regular expression ({exc})")
+        names = []
+        for name, module in transformer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            for pattern, raw in zip(compiled, patterns):
+                if name == raw or name.endswith("." + raw) or pattern.fullmatch(name):
+                    names.append(name)
+                    break
+        if not names:
+            key = "lora.modules" if explicit else "lora.targets"
+            raise RecipeError(f"{self.shown}: [{key}] matched no linear layer of the {self.family} transformer")
+        return names
+
+    def inject_lora(self, module: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
+                    dropout: float, init: str, adapter_name: str = "default") -> None:
+        """Wrap ``targets`` of ``module`` with peft LoRA layers (diffusers' ``add_adapter`` when the model has
+        it, so ``joint_attention_kwargs={"scale": s}`` works; ``peft.inject_adapter_in_model`` otherwise)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            init_lora_weights="gaussian" if init == "gaussian" else True)
+        if hasattr(module, "add_adapter") and hasattr(module, "set_adapters"):
+            module.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, module, adapter_name=adapter_name)
+
+    def text_encoder_module(self) -> torch.nn.Module | None:
+        """The loaded trainable text encoder (for a text-encoder LoRA), or None."""
+        return self.encoders.get(self.trainable_text_encoder) if self.trainable_text_encoder else None
+
+    def text_encoder_targets(self, module: torch.nn.Module) -> list[str]:
+        """Module names of the text encoder a text-encoder LoRA wraps."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------- objective
+    def sample_timesteps(self, batch: int, generator: torch.Generator, latents: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``t`` for this objective, drawn with ``generator`` (see ``timesteps.py``)."""
+        from .. import timesteps
+
+        t = self.recipe.train
+        seq_len = self.image_seq_len(latents)
+        return timesteps.sample_sigmas(t.timestep_sampling, batch, generator, sigmoid_scale=t.sigmoid_scale,
+                                       logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.shift,
+                                       image_seq_len=seq_len, device=latents.device)
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Image tokens per sample (for the resolution-dependent `flux-shift`)."""
+        return int(latents.shape[-1] * latents.shape[-2])
+
+    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectified flow by default: ``x_t = (1-σ)·x0 + σ·ε`` and the velocity target ``ε - x0``."""
+        sigma = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return (1.0 - sigma) * x0 + sigma * noise, noise - x0
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights from `train.timestep_weighting` (flow) or Min-SNR-γ (DDPM adapters)."""
+        from .. import timesteps
+
+        return timesteps.loss_weighting(self.recipe.train.timestep_weighting, t)
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
+                text: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
+        """The model's prediction in the latent layout of ``noisy`` (unpacked, same shape)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------- outputs
+    def lora_files(self, fmt: str, transformer_sd: dict[str, torch.Tensor], te_sd: dict[str, torch.Tensor],
+                   *, rank: int, alpha: float, te_rank: int | None, metadata: dict[str, str]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and safetensors metadata of the LoRA in format ``fmt`` (one of ``lora_formats``).
+
+        ``transformer_sd``/``te_sd`` are peft state dicts (``<module>.lora_A.weight`` / ``lora_B``) in fp32
+        with the alpha/rank scale *not* folded in; ``metadata`` holds our run metadata (strings)."""
+        raise NotImplementedError
+
+    def output_name(self, fmt: str, base: str) -> str:
+        """Relative path of the final LoRA of format ``fmt`` inside the run folder."""
+        return f"{base}.safetensors" if fmt == self.lora_formats[0] else f"{fmt}/{base}.safetensors"
+
+    # ------------------------------------------------------------------------------------ inference
+    def load_pipeline(self, device: Any, dtype: Any) -> Any:
+        """The family's diffusers inference pipeline built from ``recipe.model``."""
+        raise NotImplementedError
+
+    def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
+        """Load a LoRA file (any of ``lora_formats``) into ``pipe``."""
+        raise NotImplementedError
+
+    def sampling_pipeline(self, transformer: torch.nn.Module) -> Any:
+        """A pipeline around the transformer being trained (text encoders absent: prompts are pre-encoded)."""
+        raise NotImplementedError
+
+    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
+                 height: int, lora_scale: float, text: dict[str, torch.Tensor] | None = None) -> Any:
+        """One PIL image. ``text`` (from ``encode_captions``) replaces ``prompt`` when given."""
+        raise NotImplementedError
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Small helper for adapters writing inferred configs (not into a run folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
