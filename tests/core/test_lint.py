@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from lora_run.lint import ERROR, INFO, WARNING
+from lora_run.recipe import load_recipe
+from lora_run.run import lint
+from lora_run.testing import make_images
+
+from .conftest import GOOD
+
+
+def findings(report, code):
+    return [f for f in report.findings if f.code == code]
+
+
+def test_clean_dataset_passes(recording, write_recipe):
+    _, plugins = recording
+    report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
+    assert not report.errors and not report.warnings and len(report.usable) == 4
+    report = lint(load_recipe(write_recipe(GOOD), ["dataset.min_images=15"]).recipe, plugins)
+    assert findings(report, "few-images")[0].level == WARNING
+
+
+def test_corpus_of_bad_files(recording, write_recipe, subject_dataset, tmp_path):
+    _, plugins = recording
+    d = subject_dataset
+    rng = np.random.default_rng(3)
+
+    def img(name, arr, caption="ohwx, person", **save):
+        Image.fromarray(arr).save(d / name, **save)
+        if caption is not None:
+            (d / name).with_suffix(".txt").write_bytes(caption if isinstance(caption, bytes) else caption.encode())
+
+    photo = (rng.random((300, 280, 3)) * 255).astype("uint8")
+    (d / "empty.png").write_bytes(b"")
+    (d / "empty.txt").write_text("ohwx")
+    good = d / "img001.png"
+    (d / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (d / "truncated.txt").write_text("ohwx, cut")
+    (d / "notimage.jpg").write_text("hello, I am text")
+    (d / "notimage.txt").write_text("ohwx")
+    img("cmyk.jpg", photo)
+    Image.open(d / "cmyk.jpg").convert("CMYK").save(d / "cmyk.jpg")
+    img("deep.png", (rng.random((300, 300)) * 65535).astype("uint16"))
+    img("alpha.png", np.dstack([photo, np.full(photo.shape[:2], 128, "uint8")]))
+    img("nocap.png", photo[::-1].copy(), caption=None)
+    img("emptycap.png", photo[:, ::-1].copy(), caption="   ")
+    img("latin1.png", np.rot90(photo).copy(), caption="ohwx caf\xe9".encode("latin-1"))
+    img("notrigger.png", (255 - photo), caption="a person")
+    img("small.png", photo[:100, :100].copy())
+    img("wide.png", (rng.random((300, 1200, 3)) * 255).astype("uint8"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img("rotated.jpg", (rng.random((320, 280, 3)) * 255).astype("uint8"), exif=exif)
+    (d / "dup.png").write_bytes((d / "img002.png").read_bytes())
+    (d / "dup.txt").write_text("ohwx, dup")
+    near = np.asarray(Image.open(d / "img003.png")).astype(int) + 2
+    img("near.png", near.clip(0, 255).astype("uint8"))
+    if hasattr(os, "symlink"):
+        (d / "loop").symlink_to(d, target_is_directory=True)
+        (d / "dangling.png").symlink_to(d / "does-not-exist.png")
+    report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
+    by_file = {}
+    for f in report.findings:
+        by_file.setdefault(os.path.basename(f.file), []).append((f.level, f.code))
+    assert (ERROR, "bad-image") in by_file["empty.png"]
+    assert (ERROR, "bad-image") in by_file["truncated.png"]
+    assert (ERROR, "bad-image") in by_file["notimage.jpg"]
+    assert (INFO, "converted") in by_file["cmyk.jpg"]
+    assert (INFO, "converted") in by_file["deep.png"]
+    assert (INFO, "converted") in by_file["alpha.png"]
+    assert (INFO, "converted") in by_file["rotated.jpg"]
+    assert (ERROR, "no-caption") in by_file["nocap.png"]
+    assert (ERROR, "no-caption") in by_file["emptycap.png"]
+    assert (ERROR, "bad-caption") in by_file["latin1.txt"]
+    assert (ERROR, "trigger-missing") in by_file["notrigger.txt"]
+    assert (WARNING, "too-small") in by_file["small.png"]
+    assert (WARNING, "extreme-aspect") in by_file["wide.png"]
+    dups = [f for f in report.findings if f.code == "duplicate"]
+    assert len(dups) == 1 and {os.path.basename(dups[0].file), dups[0].message.rsplit("/", 1)[-1]} == {
+        "dup.png", "img002.png"}
+    assert (WARNING, "near-duplicate") in by_file["near.png"]
+    assert (ERROR, "unreadable") in by_file["dangling.png"] or (ERROR, "bad-image") in by_file["dangling.png"]
+    usable = {p.image.name for p in report.usable}
+    assert {"cmyk.jpg", "deep.png", "alpha.png", "rotated.jpg", "img000.png"} <= usable
+    assert not usable & {"empty.png", "truncated.png", "nocap.png", "small.png", "notrigger.png"}
+    table = report.table()
+    assert "ERROR" in table and "truncated image" in table
+
+
+def test_regularisation_rules(recording, write_recipe, tmp_path):
+    _, plugins = recording
+    reg = tmp_path / "reg"
+    make_images(reg, count=2, trigger="", seed=9, prefix="r")
+    (reg / "r000.txt").write_text("ohwx, a person")
+    (reg / "r001.txt").unlink()
+    body = GOOD + f'[[dataset.regularization]]\npath = "{reg}"\n'
+    report = lint(load_recipe(write_recipe(body)).recipe, plugins)
+    codes = {(f.code, os.path.basename(f.file)) for f in report.findings}
+    assert ("trigger-in-reg", "r000.txt") in codes
+    assert ("default-caption", "r001.png") in codes
+    assert report.counts["regularisation images"] == 2
+
+
+def test_prepend_policy_and_empty_folder(recording, write_recipe, subject_dataset, tmp_path):
+    _, plugins = recording
+    (subject_dataset / "img000.txt").write_text("a person outdoors")
+    report = lint(load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="prepend"']).recipe, plugins)
+    assert not report.errors
+    from lora_run.dataset import training_caption
+    r = load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="prepend"']).recipe
+    item = next(i for i in report.usable if i.image.name == "img000.png")
+    assert training_caption(item, r.dataset) == "ohwx, a person outdoors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    report = lint(load_recipe(write_recipe(GOOD), [f'dataset.path="{empty}"']).recipe, plugins)
+    assert report.errors[0].code == "no-images"
+
+
+def test_decompression_bomb_is_refused(recording, write_recipe, subject_dataset, monkeypatch):
+    _, plugins = recording
+    import lora_run.images as images
+    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
+    assert all(f.code == "bad-image" and "decompression bomb" in f.message for f in report.errors)
+    assert len(report.errors) == 4
