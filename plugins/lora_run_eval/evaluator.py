@@ -1,0 +1,466 @@
+"""The `identity` evaluator: the playbook's §7 protocol on one or more LoRA files.
+
+For each LoRA (the run's final LoRA, and every kept checkpoint when `[eval] every_checkpoint`): generate
+the grid prompts × strengths × seeds with the backend family's pipeline, embed every face, compute the
+metrics (:mod:`.metrics`), then pick the best checkpoint and write `metrics.json` and `report.html`.
+Used at the end of a run, by `lora-run eval RECIPE --lora FILE` and (without generation) by
+`lora-run score`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lora_run.errors import LoraRunError, OutputError, PluginError, RecipeError
+from lora_run.rundir import atomic_write_text
+
+from . import metrics as M
+from .faces import Embedder
+from .losslog import LOSS_FILE, log_for
+from .report import render
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+
+
+# ------------------------------------------------------------------------------------------- embedders
+def make_embedder(plugins: Any, name: str, raw: dict[str, Any], base: Path | None = None,
+                  where: tuple = ("eval", "embedder_options")) -> Embedder:
+    """Build the named embedder plugin with its options table (paths resolved against `base`)."""
+    from lora_run.run import structure_options
+
+    reg = plugins.get("embedder", name, "eval.embedder")
+    raw = dict(raw)
+    for key in ("model", "detector"):
+        value = raw.get(key)
+        if isinstance(value, str) and value and base is not None and not Path(value).expanduser().is_absolute():
+            raw[key] = str((base / value).resolve())
+        elif isinstance(value, str) and value:
+            raw[key] = str(Path(value).expanduser())
+    try:
+        options = structure_options(reg, raw, where)
+    except Exception as exc:  # noqa: BLE001 - cattrs validation error tree
+        from lora_run.recipe import collect_errors, format_key
+
+        lines = [f"[{format_key((*where, *p))}] {msg}" for p, msg in collect_errors(exc)]
+        raise RecipeError(lines or [f"[{format_key(where)}] invalid: {exc}"]) from None
+    return reg.factory(options)
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def job_name(prompt_index: int, strength: float, seed: int) -> str:
+    return f"p{prompt_index}-s{strength:g}-seed{seed}"
+
+
+def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
+    """The §7 grid: every prompt × strength × seed; `{trigger}` replaced; no `{trigger}` = control prompt."""
+    ev = recipe.eval
+    trigger = recipe.dataset.trigger.strip()
+    jobs = []
+    for pi, template in enumerate(ev.prompts):
+        control = "{trigger}" not in template
+        prompt = template.replace("{trigger}", trigger).strip()
+        for strength in ev.strengths:
+            for seed in ev.seeds:
+                jobs.append({"name": job_name(pi, strength, seed), "prompt": prompt, "prompt_index": pi,
+                             "control": control, "seed": seed, "strength": float(strength), "steps": ev.steps,
+                             "guidance": ev.guidance, "width": ev.width, "height": ev.height})
+    return jobs
+
+
+def expanded_prompts(recipe: Any) -> list[str]:
+    trigger = recipe.dataset.trigger.strip()
+    return [p.replace("{trigger}", trigger).strip() for p in recipe.eval.prompts]
+
+
+def find_generator(plugins: Any, recipe: Any) -> Callable[..., Any]:
+    """`generate_images(recipe, lora_path, jobs, out_dir, device=None)`: the recipe backend's `generate`
+    meta callable if it registers one, else the native backend's module."""
+    reg = plugins.registry["backend"].get(recipe.backend.name)
+    if reg is not None and callable(reg.meta.get("generate")):
+        return reg.meta["generate"]
+    for other in plugins.registry["backend"].values():
+        if callable(other.meta.get("generate")):
+            return other.meta["generate"]
+    try:
+        from lora_run_native.generate import generate_images
+    except ImportError as exc:
+        raise PluginError("image generation for the evaluation grid needs the native backend's pipelines "
+                          f"(lora_run_native.generate): {exc}; install lora-run with the [train] extra") from None
+    return generate_images
+
+
+def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir: Path,
+                  echo: Callable[[str], None]) -> list[M.Sample]:
+    jobs = grid_jobs(recipe)
+    wire = [{k: j[k] for k in ("name", "prompt", "seed", "strength", "steps", "guidance", "width", "height")}
+            for j in jobs]
+    echo(f"eval: generating {len(jobs)} images for {lora.name} ({len(recipe.eval.prompts)} prompts × "
+         f"{len(recipe.eval.strengths)} strengths × {len(recipe.eval.seeds)} seeds)")
+    done = generate(recipe, str(lora), wire, str(out_dir))
+    paths = {d["name"]: d.get("path") for d in done or []}
+    samples = []
+    for j in jobs:
+        path = paths.get(j["name"]) or str(out_dir / f"{j['name']}.png")
+        samples.append(M.Sample(path=str(path), name=j["name"], prompt_index=j["prompt_index"], prompt=j["prompt"],
+                                control=j["control"], strength=j["strength"], seed=j["seed"]))
+    return samples
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+_STEP = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _lora_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        kohya = [f for f in files if "diffusers" not in f.name and "state" not in f.name]
+        return (kohya or files or [None])[0]
+    return None
+
+
+def normalise_checkpoints(items: Sequence[Any]) -> list[tuple[str, int | None, Path]]:
+    """Checkpoint records as backends store them (paths, or dicts with `step` and a LoRA path) →
+    [(label, step, LoRA file)] for the ones still on disk, step-ordered."""
+    out: dict[str, tuple[str, int | None, Path]] = {}
+    for item in items or []:
+        step: int | None = None
+        if isinstance(item, dict):
+            step = item.get("step") if isinstance(item.get("step"), int) else None
+            raw = next((item[k] for k in ("lora_kohya", "lora", "lora_diffusers", "path", "dir") if item.get(k)),
+                       None)
+        else:
+            raw = item
+        if raw is None:
+            continue
+        found = _lora_file(Path(str(raw)))
+        if found is None:
+            continue
+        if step is None:
+            match = _STEP.search(Path(str(raw)).name) or _STEP.search(found.stem)
+            step = int(match.group(1)) if match else None
+        label = f"step {step}" if step is not None else found.stem
+        out[str(found.resolve())] = (label, step, found)
+    return sorted(out.values(), key=lambda t: (t[1] is None, t[1] or 0, t[0]))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+class Evaluation:
+    """Evaluates LoRAs (or ready images) against one subject and writes metrics.json + report.html."""
+
+    def __init__(self, embedder: Embedder, subject_paths: Sequence[Path], out_dir: Path, *,
+                 echo: Callable[[str], None] = print, title: str = "Identity evaluation", source: str = "",
+                 text_encoder_trained: bool | None = None):
+        self.embedder = embedder
+        self.out_dir = out_dir
+        self.echo = echo
+        self.title = title
+        self.source = source
+        self.text_encoder_trained = text_encoder_trained
+        self.subject_paths = list(subject_paths)
+        self._subject: M.Subject | None = None
+        self.results: dict[str, dict[str, Any]] = {}
+        self.entries: list[dict[str, Any]] = []
+        self.samples: dict[str, list[M.Sample]] = {}
+
+    @property
+    def subject(self) -> M.Subject:
+        if self._subject is None:
+            self._subject = M.embed_subject(self.embedder, self.subject_paths)
+            s = self._subject
+            self.echo(f"eval: subject: {len(s.faces)} faces in {len(s.results)} photos "
+                      f"(embedder {self.embedder.name})")
+        return self._subject
+
+    def add(self, label: str, step: int | None, path: str, samples: list[M.Sample]) -> dict[str, Any]:
+        M.embed_samples(self.embedder, samples)
+        result = M.analyze(samples, self.subject, self.embedder, text_encoder_trained=self.text_encoder_trained)
+        self.results[label] = result
+        self.samples[label] = samples
+        self.entries.append(M.summary_entry(label, step, path, result))
+        ident = result["identity"]
+        self.echo(f"eval: {label}: identity {_f(ident['score'])}, faces {_p(ident['face_rate'])}, leakage "
+                  f"{_p(result['leakage']['leak_rate'])}, carbon copies "
+                  f"{_p(result['diversity']['carbon_copy_rate'])}; "
+                  + (", ".join(f["name"] for f in result["failures"]) or "no failure signal"))
+        return result
+
+    def subject_records(self) -> list[dict[str, Any]]:
+        subject = self.subject
+        faces = subject.faces
+        out = []
+        for r in subject.results:
+            rec = {"name": Path(r.path).name, "path": r.path, "face": r.face is not None, "note": r.note,
+                   "score": None, "match": False, "control": False, "seed": None}
+            if r.face is not None and len(faces) > 1:
+                d = [self.embedder.distance(r.face.embedding, f.embedding) for f in faces if f is not r.face]
+                score = M.score_from_distance(sum(d) / len(d), self.embedder.threshold)
+                rec.update(score=round(score, 4), match=score > M.MATCH_SCORE)
+            out.append(rec)
+        return out
+
+    def finish(self, *, final: str | None, prompts: Sequence[str] = (), strengths: Sequence[float] = (),
+               seeds: Sequence[int] = (), loss_history: Sequence[tuple[int, float]] = (),
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        entries = sorted(self.entries, key=lambda e: (e["step"] is None, e["step"] or 0))
+        final = final or (entries[-1]["label"] if entries else None)
+        overfit = M.overfit_signal(list(loss_history), entries) if len(entries) > 1 else {}
+        if final in self.results and overfit.get("flagged"):
+            r = self.results[final]
+            r["failures"] = M.diagnose(r, text_encoder_trained=self.text_encoder_trained, overfit=overfit)
+            for e in entries:
+                if e["label"] == final:
+                    e["failures"] = [f["name"] for f in r["failures"]]
+        best = M.pick_best(entries) if len(entries) > 1 else {}
+        data = {
+            "title": self.title,
+            "source": self.source,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "embedder": self.embedder.describe(),
+            "subject_photos": len(self.subject_paths),
+            "prompts": list(prompts),
+            "strengths": list(strengths),
+            "seeds": list(seeds),
+            "final": final,
+            "loras": entries,
+            "best": best,
+            "overfit": overfit,
+            "strength_notes": {k: M.strength_notes(v) for k, v in self.results.items()},
+            "results": self.results,
+            "loss_history": [list(p) for p in loss_history],
+            "subject_images": self.subject_records(),
+            **(extra or {}),
+        }
+        self.write(data)
+        return data
+
+    def write(self, data: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / METRICS_FILE, json.dumps(data, indent=2, default=str) + "\n")
+        atomic_write_text(self.out_dir / REPORT_FILE, render(data))
+
+
+def _f(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _p(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
+                   loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
+    for label, step, path in loras:
+        folder = images_root / re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+        samples = generate_grid(generate, recipe, path, folder, evaluation.echo)
+        evaluation.add(label, step, str(path), samples)
+
+
+def grid_extra(recipe: Any) -> dict[str, Any]:
+    ev = recipe.eval
+    return {"trigger": recipe.dataset.trigger, "steps": ev.steps, "guidance": ev.guidance,
+            "size": [ev.width, ev.height], "family": recipe.model.family}
+
+
+# ------------------------------------------------------------------------------------------ in a run
+class IdentityEvaluator:
+    """`factory(ctx)` of the `identity` evaluator: runs at the end of a run when `[eval] enabled`."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+
+    def loras(self) -> tuple[list[tuple[str, int | None, Path]], str | None]:
+        art = self.ctx.artifacts
+        found: list[tuple[str, int | None, Path]] = []
+        final_label = None
+        final = next((Path(str(art[k])) for k in ("lora_kohya", "lora_diffusers", "lora") if art.get(k)), None)
+        log = log_for(self.ctx)
+        if self.ctx.recipe.eval.every_checkpoint:
+            recorded = [{"step": c["step"], "path": c["path"]} for c in (log.checkpoints if log else [])]
+            found = normalise_checkpoints([*(art.get("checkpoints") or []), *recorded])
+        if final is not None and final.is_file():
+            steps = self.ctx.artifacts.get("steps") or self.ctx.artifacts.get("final_step")
+            step = steps if isinstance(steps, int) else max([s for _, s, _ in found if s is not None], default=None)
+            found = [f for f in found if f[2].resolve() != final.resolve()]
+            if step is not None and any(s == step for _, s, _ in found):
+                found = [f for f in found if f[1] != step]      # the final LoRA is that step's checkpoint
+            final_label = "final" if step is None else f"final (step {step})"
+            found.append((final_label, step, final))
+        return found, final_label
+
+    def evaluate(self) -> None:
+        ctx = self.ctx
+        recipe = ctx.recipe
+        out = ctx.run_dir.file("eval")
+        log = log_for(ctx)
+        if log is not None:
+            log.flush()
+        loras, final = self.loras()
+        if not loras:
+            ctx.echo("eval: skipped: the backend recorded no LoRA file in the run's artifacts")
+            return
+        try:
+            base = ctx.loaded.path.resolve().parent if ctx.loaded is not None else None
+            embedder = make_embedder(ctx.plugins, recipe.eval.embedder, recipe.eval.embedder_options, base)
+            generate = find_generator(ctx.plugins, recipe)
+            subject = [i.image for i in ctx.items if not i.is_reg]
+            ev = Evaluation(embedder, subject, out, echo=ctx.echo, title=f"Identity evaluation: {recipe.output.name}",
+                            source=str(ctx.run_dir.path), text_encoder_trained=recipe.text_encoder.train)
+            evaluate_loras(ev, generate, recipe, loras, out / "images")
+            history = M.read_loss(out / LOSS_FILE)
+            data = ev.finish(final=final, prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
+                             seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
+        except LoraRunError as exc:
+            if ctx.debug:
+                raise
+            ctx.echo(f"warning: evaluation failed: {exc} (the LoRA files are fine; evaluate later with "
+                     f"`lora-run eval {ctx.run_dir.path / 'recipe.toml'} --lora FILE`)")
+            ctx.artifacts["eval_error"] = str(exc)
+            return
+        ctx.artifacts["eval_report"] = str(out / REPORT_FILE)
+        ctx.artifacts["eval_metrics"] = str(out / METRICS_FILE)
+        best = data.get("best") or {}
+        if best.get("label"):
+            ctx.artifacts["best_checkpoint"] = best.get("path")
+            ctx.echo(f"eval: best: {best['label']}: {best['reason']}")
+        for f in data["results"][data["final"]]["failures"]:
+            ctx.echo(f"eval: {f['name']}: {'; '.join(f['evidence'])} — fix: {f['fix']}")
+        ctx.echo(f"eval: report {out / REPORT_FILE}")
+        ctx.run_dir.log(f"evaluation written to {out}")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _run_dir_of(lora: Path) -> Path | None:
+    for folder in (lora.parent, *list(lora.parents)[1:3]):
+        if (folder / "manifest.json").is_file():
+            return folder
+    return None
+
+
+def _prepare_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
+                          "or --output-dir for a new folder")
+    if path.is_dir() and overwrite:
+        for name in (METRICS_FILE, REPORT_FILE):
+            (path / name).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(path / "images", ignore_errors=True)
+
+
+def cmd_eval(args: Any, plugins: Any) -> int:
+    """`lora-run eval RECIPE --lora FILE [--lora FILE ...] [--output-dir D] [--overwrite] [--json]`."""
+    from lora_run.recipe import load_recipe
+    from lora_run.run import lint, validate
+
+    loaded = load_recipe(args.recipe, args.sets)
+    prepared = validate(loaded, plugins)
+    recipe = prepared.recipe
+    loras = []
+    for raw in args.lora:
+        path = Path(raw).expanduser().resolve()
+        if not path.is_file():
+            raise RecipeError(f"--lora {raw}: no such file")
+        match = _STEP.search(path.stem)
+        step = int(match.group(1)) if match and len(args.lora) > 1 else None
+        loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
+    if len({label for label, _, _ in loras}) != len(loras):
+        loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
+    report = lint(recipe, plugins)
+    subject = [i.image for i in report.usable if not i.is_reg]
+    if not subject:
+        raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
+    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else \
+        loras[0][2].parent / f"eval-{loras[0][2].stem}"
+    _prepare_output(out, args.overwrite)
+    echo = (lambda _m: None) if args.json else print
+    embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
+                             loaded.path.resolve().parent)
+    generate = find_generator(plugins, recipe)
+    ev = Evaluation(embedder, subject, out, echo=echo, title=f"Identity evaluation: {loras[0][2].name}",
+                    source=loaded.shown, text_encoder_trained=recipe.text_encoder.train)
+    evaluate_loras(ev, generate, recipe, loras, out / "images")
+    run_dir = _run_dir_of(loras[0][2])
+    history = M.read_loss(run_dir / "eval" / LOSS_FILE) if run_dir else []
+    data = ev.finish(final=loras[-1][0], prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
+                     seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
+    return _print_result(data, out, args.json)
+
+
+def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
+    if as_json:
+        slim = {k: v for k, v in data.items() if k not in ("loss_history",)}
+        print(json.dumps({"ok": True, "output_dir": str(out) if out else None, **slim}, indent=2, default=str))
+        return 0
+    final = data["results"].get(data["final"]) if data.get("final") else None
+    if final is not None:
+        ident, leak, div = final["identity"], final["leakage"], final["diversity"]
+        print(f"identity score: {_f(ident['score'])} (faces {_p(ident['face_rate'])}, match rate "
+              f"{_p(ident['match_rate'])}; subject vs itself {_f(final['subject']['self_score'])})")
+        print(f"leakage: {_p(leak['leak_rate'])} of {leak['faces']} control faces match the subject")
+        print(f"diversity: carbon copies {_p(div['carbon_copy_rate'])} of {div['pairs']} pairs, 1 − SSIM "
+              f"{_f(div['ssim_distance'])}, face spread {_f(div['embedding_distance'])}")
+        for f in final["failures"]:
+            print(f"{f['name']}: {'; '.join(f['evidence'])}\n  fix: {f['fix']}")
+        if not final["failures"]:
+            print("no failure signal")
+    best = data.get("best") or {}
+    if best.get("label"):
+        print(f"best: {best['label']}: {best['reason']}")
+    if out is not None:
+        print(f"report: {out / REPORT_FILE}")
+    return 0
+
+
+def _folder_images(folder: Path, flag: str) -> list[Path]:
+    from lora_run.images import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        raise RecipeError(f"{flag} {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    if not files:
+        raise RecipeError(f"{flag} {folder}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
+    return files
+
+
+def cmd_score(args: Any, plugins: Any) -> int:
+    """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
+    subject = _folder_images(Path(args.subject).expanduser(), "--subject")
+    images = _folder_images(Path(args.images).expanduser(), "--images")
+    control = _folder_images(Path(args.control).expanduser(), "--control") if args.control else []
+    raw: dict[str, Any] = {}
+    if args.model:
+        raw["model"] = args.model
+    if args.detector:
+        raw["detector"] = args.detector
+    if args.embedder == "onnx" and not args.model:
+        raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
+    report_path = Path(args.report).expanduser().resolve() if args.report else None
+    if report_path is not None and report_path.exists() and not args.overwrite:
+        raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
+    embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
+    echo = (lambda _m: None) if args.json else print
+    samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]
+    out_dir = report_path.parent if report_path else None
+    ev = Evaluation(embedder, subject, out_dir or Path.cwd(), echo=echo,
+                    title=f"Identity score: {Path(args.images).name}", source=f"subject {args.subject}")
+    ev.add("images", None, str(args.images), samples)
+    entries = ev.entries
+    data = {"title": ev.title, "source": ev.source, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "embedder": embedder.describe(), "subject_photos": len(subject), "final": "images", "loras": entries,
+            "best": {}, "overfit": {}, "strength_notes": {}, "results": ev.results, "loss_history": [],
+            "subject_images": ev.subject_records(), "prompts": [], "strengths": [], "seeds": []}
+    if report_path is not None:
+        atomic_write_text(report_path, render(data))
+        if not args.json:
+            print(f"report: {report_path}")
+    return _print_result(data, None, args.json)

@@ -1,0 +1,87 @@
+"""Collects the training loss from the `step_finished` hook into `<run>/eval/loss.jsonl`.
+
+The file is rewritten atomically (every FLUSH_EVERY steps, at each checkpoint and at the end), never
+appended in place, so a crash leaves the previous complete file. On resume the earlier history is kept
+up to the step the run continues from. Checkpoints seen through `checkpoint_saved` are remembered for the
+evaluator too (in case a backend does not list them in `ctx.artifacts`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lora_run.rundir import atomic_write_text
+
+LOSS_FILE = "loss.jsonl"
+FLUSH_EVERY = 50
+
+
+class LossLog:
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self.checkpoints: list[dict[str, Any]] = []
+        self.dirty = 0
+        self.loaded = False
+
+    def _load(self, first_step: int) -> None:
+        self.loaded = True
+        try:
+            lines = self.path.read_text("utf-8").splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                row = json.loads(line)
+                if int(row["step"]) < first_step:
+                    self.rows.append(row)
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def add(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.loaded:
+            self._load(step)
+        loss = metrics.get("loss")
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            return
+        row = {"step": int(step), "loss": loss if math.isfinite(loss) else None}
+        for key in ("lr", "it_per_s"):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                row[key] = value
+        self.rows.append(row)
+        self.dirty += 1
+        if self.dirty >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.dirty and self.path.exists():
+            return
+        if not self.rows:
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.dirty = 0
+
+
+_LOGS: dict[str, LossLog] = {}
+
+
+def log_for(run: Any) -> LossLog | None:
+    run_dir = getattr(run, "run_dir", None)
+    if run_dir is None:
+        return None
+    key = str(Path(run_dir.path).resolve())
+    if key not in _LOGS:
+        _LOGS[key] = LossLog(Path(key) / "eval" / LOSS_FILE)
+    return _LOGS[key]
+
+
+def finish(run: Any) -> None:
+    log = log_for(run)
+    if log is not None:
+        log.flush()
+        _LOGS.pop(str(Path(run.run_dir.path).resolve()), None)
