@@ -6,6 +6,8 @@
     lora-run plugins [--json]           installed plugins, hooks, registrations
     lora-run recipes                    shipped recipes with their header line
     lora-run demo                       the embedded tiny end-to-end demo (no download)
+    lora-run eval RECIPE --lora FILE    identity evaluation of LoRA files (grid, metrics, HTML report)
+    lora-run score --subject D --images D   score any folder of images against the subject's photos
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
@@ -73,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the embedded tiny end-to-end demo (CPU, no download)")
     p.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("eval", help="evaluate LoRA files with the recipe's [eval] protocol (grid, identity, report)")
+    _recipe_args(p)
+    p.add_argument("--lora", action="append", required=True, metavar="FILE",
+                   help="LoRA file; repeat to compare checkpoints and pick the best")
+    p.add_argument("--output-dir", help="where the report goes (default: eval-<lora name> next to the LoRA)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in that folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("score", help="score a folder of images against the subject's photos (any trainer)")
+    p.add_argument("--subject", required=True, metavar="DIR", help="the subject's photos")
+    p.add_argument("--images", required=True, metavar="DIR", help="generated images to score")
+    p.add_argument("--control", metavar="DIR", help="images generated without the trigger (leakage check)")
+    p.add_argument("--embedder", default="dlib", help="face embedder plugin: dlib (default) or onnx")
+    p.add_argument("--model", metavar="FILE", help="onnx: ArcFace ONNX model")
+    p.add_argument("--detector", metavar="FILE", help="onnx: SCRFD ONNX face detector (optional)")
+    p.add_argument("--report", metavar="FILE", help="also write an HTML report to FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     for extend in EXTRA_PARSERS:
         extend(sub)
@@ -251,6 +274,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
     print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA.")
     return EXIT_OK
+
+
+def _evaluator_command(name: str, args: argparse.Namespace) -> int:
+    """`eval` and `score` live in an evaluator plugin: dispatch to its `commands` meta callable."""
+    from .errors import PluginError
+
+    plugins = _plugins()
+    for reg in plugins.registry["evaluator"].values():
+        handler = reg.meta.get("commands", {}).get(name)
+        if callable(handler):
+            return handler(args, plugins)
+    raise PluginError(f"no installed evaluator provides `lora-run {name}` (install lora-run with the [eval] extra)")
+
+
+def _plugins() -> Any:
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    for b in plugins.broken:
+        print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
+    return plugins
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _evaluator_command("eval", args)
+
+
+@command("score")
+def cmd_score(args: argparse.Namespace) -> int:
+    return _evaluator_command("score", args)
 
 
 def main(argv: list[str] | None = None) -> int:
