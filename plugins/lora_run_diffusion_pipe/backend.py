@@ -1,0 +1,399 @@
+"""The diffusion-pipe backend object: check, plan, run."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
+                             TrainingInterrupted)
+from lora_run.run import Plan, RunContext
+
+from . import collect, keydata, translate
+from .options import ENV_PATH, DiffusionPipeOptions
+from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent, Supervisor
+
+NAME = "diffusion-pipe"
+
+
+def _toml(data: dict[str, Any], header: str) -> str:
+    lines = "".join(f"# {line}\n" for line in header.splitlines())
+    return lines + "\n" + translate.dumps_toml(data)
+
+
+class Progress:
+    """One line every `every_s` seconds (and at the first and last step) through `echo`."""
+
+    def __init__(self, echo: Callable[[str], None], total: int | None, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.echo, self.total, self.every_s, self.clock = echo, total, every_s, clock
+        self.last_print = -math.inf
+        self.phases: set[str] = set()
+
+    def phase(self, text: str) -> None:
+        if text not in self.phases:
+            self.phases.add(text)
+            self.echo(f"diffusion-pipe: {text}")
+
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
+        now = self.clock()
+        last = self.total is not None and step >= self.total
+        if step > 1 and not last and now - self.last_print < self.every_s:
+            return
+        self.last_print = now
+        parts = [f"step {step}" + (f"/{self.total} ({100 * step // max(1, self.total)}%)" if self.total else "")]
+        parts.append(f"loss {metrics['loss']:.4f}")
+        if "lr" in metrics:
+            parts.append(f"lr {metrics['lr']:.2e}")
+        if "s_per_it" in metrics:
+            parts.append(f"{metrics['s_per_it']:.2f} s/it")
+            if self.total:
+                left = (self.total - step) * metrics["s_per_it"]
+                parts.append(f"ETA {_duration(left)}")
+        self.echo("diffusion-pipe: " + "  ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class DiffusionPipeBackend:
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+        self.options: DiffusionPipeOptions = ctx.options or DiffusionPipeOptions()
+        self.family = self.recipe.model.family
+
+    # ------------------------------------------------------------------------------ locations
+    def _base(self) -> Path:
+        loaded = self.ctx.loaded
+        return loaded.path.resolve().parent if loaded is not None else Path.cwd()
+
+    def _resolve(self, value: str) -> Path:
+        path = Path(os.path.expanduser(value))
+        return path if path.is_absolute() else (self._base() / path).resolve()
+
+    def checkout(self) -> tuple[Path | None, str]:
+        """(checkout path or None, where it came from)."""
+        if self.options.path:
+            return self._resolve(self.options.path), "[backend.diffusion-pipe] path"
+        env = os.environ.get(ENV_PATH)
+        if env:
+            return Path(os.path.expanduser(env)).resolve(), f"the {ENV_PATH} environment variable"
+        return None, ""
+
+    def launcher(self) -> Path | None:
+        if self.options.deepspeed:
+            return self._resolve(self.options.deepspeed)
+        beside = Path(sys.executable).parent / "deepspeed"
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return beside
+        found = shutil.which("deepspeed")
+        return Path(found) if found else None
+
+    def layout(self) -> translate.Layout:
+        assert self.ctx.run_dir is not None
+        return translate.Layout.of(self.ctx.run_dir.path, self.recipe)
+
+    def _examples(self) -> int:
+        items = self.ctx.items
+        if not items:
+            try:
+                from lora_run.run import scan_dataset
+
+                items = scan_dataset(self.recipe, self.ctx.plugins)
+            except Exception:  # noqa: BLE001 - only an estimate for the plan
+                items = []
+        return sum(max(1, getattr(i, "repeats", 1)) for i in items)
+
+    def _loss_options(self) -> Any:
+        t = self.recipe.train
+        try:
+            return self.ctx.option_for("loss", t.loss, t.loss_options, ("train", "loss_options"))
+        except Exception:  # noqa: BLE001 - validated by the core already
+            return None
+
+    # ------------------------------------------------------------------------------ check
+    def check(self) -> list[tuple[tuple, str]]:
+        problems = translate.recipe_problems(self.recipe, self.options)
+        key = translate.OPTIONS_KEY
+        path, where = self.checkout()
+        if path is not None:
+            problem = _checkout_problem(path)
+            if problem:
+                problems.append(((*key, "path"), f"{problem} (from {where})"))
+        if self.options.deepspeed:
+            launcher = self._resolve(self.options.deepspeed)
+            if not (launcher.is_file() and os.access(launcher, os.X_OK)):
+                problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
+        return problems
+
+    # ------------------------------------------------------------------------------ plan
+    def _configs(self, layout: translate.Layout, examples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        config = translate.build_config(self.recipe, self.options, layout, examples=examples,
+                                        loss_options=self._loss_options())
+        dataset = translate.build_dataset(self.recipe, layout)
+        problems = keydata.config_problems(config) + keydata.dataset_problems(dataset)
+        if problems:  # a bug in the translation, not in the recipe
+            raise PluginError("diffusion-pipe backend generated a config diffusion-pipe would not accept: "
+                              + "; ".join(problems))
+        return config, dataset
+
+    def _argv(self, layout: translate.Layout, resume_from: str | None = None) -> list[str]:
+        launcher = self.launcher()
+        return translate.launch_argv(str(launcher) if launcher else "deepspeed", layout.config, self.options,
+                                     resume_from)
+
+    def plan(self) -> Plan:
+        layout = self.layout()
+        run_dir = self.ctx.run_dir.path  # type: ignore[union-attr]
+        examples = self._examples()
+        config, dataset = self._configs(layout, examples)
+        _, _, steps = translate.training_length(self.recipe, self.options, examples)
+        checkout, _ = self.checkout()
+        shown = self.ctx.loaded.shown if self.ctx.loaded else "recipe"
+        header = (f"diffusion-pipe {{what}} generated by lora-run from {shown}.\n"
+                  f"Keys checked against diffusion-pipe {keydata.SOURCE_COMMIT[:12]}.")
+        files = {
+            layout.relative(layout.config, run_dir): _toml(config, header.format(what="main config")),
+            layout.relative(layout.dataset, run_dir): _toml(dataset, header.format(what="dataset config")),
+        }
+        env = {k: v for k, v in translate.child_env(self.options, {}).items()}
+        return Plan(
+            backend=NAME, family=self.family, steps=steps, files=files, commands=[self._argv(layout)],
+            memory_estimate_gib=None, memory_mode=None,
+            outputs=[*translate.expected_outputs(self.recipe, run_dir), str(layout.log)],
+            notes=[f"runs in {checkout or '<the diffusion-pipe checkout: [backend.diffusion-pipe] path or $' + ENV_PATH + '>'}"
+                   + (f" with {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else ""),
+                   *translate.notes(self.recipe, self.options, layout, examples)],
+            details={"cwd": str(checkout) if checkout else None, "env": env,
+                     "model_type": translate.MODEL_TYPE[self.family], "examples": examples,
+                     "key_data_commit": keydata.SOURCE_COMMIT},
+        )
+
+    # ------------------------------------------------------------------------------ run
+    def _require_checkout(self) -> Path:
+        path, where = self.checkout()
+        if path is None:
+            raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path is not set: point it (or the "
+                              f"{ENV_PATH} environment variable) at a diffusion-pipe checkout (git clone "
+                              "--recurse-submodules https://github.com/tdrussell/diffusion-pipe)")
+        problem = _checkout_problem(path)
+        if problem:
+            raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path: {problem} (from {where})")
+        return path
+
+    def _require_launcher(self) -> Path:
+        launcher = self.launcher()
+        if launcher is None:
+            raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] deepspeed: no `deepspeed` launcher next "
+                              f"to {sys.executable} or on PATH; install DeepSpeed in diffusion-pipe's environment and "
+                              "set [backend.diffusion-pipe] deepspeed to its launcher")
+        if not (launcher.is_file() and os.access(launcher, os.X_OK)):
+            raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] deepspeed: {launcher} is not an "
+                              "executable file")
+        return launcher
+
+    def _shown(self) -> str:
+        return self.ctx.loaded.shown if self.ctx.loaded else "recipe"
+
+    def _check_model_files(self) -> None:
+        m = self.recipe.model
+        if self.family == "flux.1-dev":
+            paths = [("model.source", m.source), ("model.files.transformer", m.files.transformer)]
+            source = Path(m.source or "")
+            if m.source and source.is_dir() and not (source / "model_index.json").is_file():
+                raise ModelSourceError(f"{self._shown()}: [model.source] {source} is not a diffusers folder (no "
+                                       "model_index.json); diffusion-pipe loads FLUX.1-dev's VAE and text encoders "
+                                       "from it")
+        else:
+            paths = [(f"model.files.{n}", getattr(m.files, n)) for n in ("transformer", "vae", "qwen", "byt5")]
+        for key, value in paths:
+            if value and not Path(value).exists():
+                raise ModelSourceError(f"{self._shown()}: [{key}] {value} does not exist")
+
+    def run(self) -> None:
+        ctx, recipe = self.ctx, self.recipe
+        assert ctx.run_dir is not None
+        checkout = self._require_checkout()
+        launcher = self._require_launcher()
+        self._check_model_files()
+        layout = self.layout()
+        commit, dirty = git_state(checkout)
+        tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
+                "key_data_commit": keydata.SOURCE_COMMIT}
+        ctx.run_dir.update_manifest(external_tools={NAME: tool})
+        if commit not in ("unknown", keydata.SOURCE_COMMIT):
+            ctx.echo(f"note: diffusion-pipe checkout is at {commit[:12]}{' (modified)' if dirty else ''}; this "
+                     f"backend's key data was read at {keydata.SOURCE_COMMIT[:12]}")
+
+        from .stage import stage
+
+        counts = stage(recipe, ctx.items, layout.data, translate.set_names(recipe), copy=self.options.copy_images)
+        ctx.run_dir.log(f"diffusion-pipe: staged {counts} in {layout.data}")
+        examples = self._examples()
+        resume_from = None
+        if ctx.resume:
+            resume_from = collect.resumable_run(layout.output)
+            if resume_from is None:
+                raise OutputError(f"{ctx.run_dir.path}: nothing to resume: diffusion-pipe wrote no resumable "
+                                  f"checkpoint in {layout.output} yet (it saves one "
+                                  "every checkpoint interval and at the end); start again with --overwrite")
+        argv = self._argv(layout, resume_from)
+        argv[0] = str(launcher)
+        before = set(collect.run_folders(layout.output))
+        _, _, total = translate.training_length(recipe, self.options, examples)
+        watcher = _Watcher(self, layout, before, resume_from, total)
+        ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
+        supervisor = Supervisor(
+            argv, cwd=checkout, env=translate.child_env(self.options), log_path=layout.log,
+            on_line=watcher.on_line, tick=watcher.tick, request_quit=watcher.request_quit,
+            stall_timeout=self.options.stall_timeout, timeout=self.options.timeout,
+            interrupt_grace=self.options.interrupt_grace, echo=ctx.echo)
+        watcher.supervisor = supervisor
+        outcome = supervisor.run()
+        watcher.tick()
+        run_folder = watcher.run_folder
+        if run_folder is not None:
+            tool["run_folder"] = str(run_folder)
+            ctx.run_dir.update_manifest(external_tools={NAME: tool})
+        ctx.artifacts["train_log"] = str(layout.log)
+        if run_folder is not None:
+            ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
+        tail = "\n".join(f"  | {line}" for line in supervisor.tail[-30:])
+        where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
+        if outcome.interrupted:
+            saved = collect.latest_checkpoint(run_folder) if run_folder else None
+            resume = (f"resume with: lora-run {self._shown()} --resume --output-dir {ctx.run_dir.path}" if saved
+                      else "no resumable checkpoint was written yet")
+            raise TrainingInterrupted(f"interrupted at step {watcher.parser.last_step}; {resume}")
+        if outcome.stalled:
+            raise BackendError(f"diffusion-pipe printed nothing for {self.options.stall_timeout:.0f} s and was "
+                               f"stopped ([backend.diffusion-pipe] stall_timeout); last output:\n{tail}\n{where}")
+        if outcome.timed_out:
+            raise BackendError(f"diffusion-pipe ran longer than [backend.diffusion-pipe] timeout = "
+                               f"{self.options.timeout:.0f} s and was stopped; last output:\n{tail}\n{where}")
+        if outcome.returncode != 0:
+            raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode}); last output:\n{tail}\n{where}")
+        saves = collect.saved_loras(run_folder, self.family)
+        if not watcher.parser.completed or not saves:
+            what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
+            raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
+                               f"output:\n{tail}\n{where}")
+        self._collect(saves, watcher, commit)
+
+    def _collect(self, saves: list[collect.SavedLora], watcher: "_Watcher", commit: str) -> None:
+        ctx, recipe = self.ctx, self.recipe
+        assert ctx.run_dir is not None
+        final = saves[-1]
+        steps = watcher.step_of.get(final.name, watcher.parser.last_step or None)
+        examples = self._examples()
+        written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
+                                        examples=examples, commit=commit)
+        ctx.artifacts.update(written)
+        ctx.artifacts["steps"] = watcher.parser.last_step
+        checkpoints = []
+        for saved in saves[:-1][-recipe.train.keep_last:]:
+            folder = ctx.run_dir.path / "checkpoints" / saved.name
+            files = collect.write_formats(saved, self.family, recipe, folder, steps=watcher.step_of.get(saved.name),
+                                          examples=examples, commit=commit)
+            checkpoints.append({"name": saved.name, "step": watcher.step_of.get(saved.name),
+                                "epoch": saved.number if saved.kind == "epoch" else None,
+                                "path": files.get("lora_kohya") or files.get("lora_diffusers"),
+                                "source": str(saved.file), **files})
+        ctx.artifacts["checkpoints"] = checkpoints
+        ctx.run_dir.log(f"diffusion-pipe: collected {final.file} → {', '.join(written.values())}")
+
+
+class _Watcher:
+    """Turns output lines into hooks and progress; polls the output folder for the run folder and saves."""
+
+    def __init__(self, backend: DiffusionPipeBackend, layout: translate.Layout, before: set[str],
+                 resume_from: str | None, total: int):
+        self.backend, self.layout, self.before = backend, layout, before
+        self.ctx = backend.ctx
+        self.parser = LogParser()
+        self.progress = Progress(self.ctx.echo, total)
+        self.run_folder: Path | None = layout.output / resume_from if resume_from else None
+        self.reported: set[str] = set()
+        self.step_of: dict[str, int] = {}
+        self.pending_saves: list[str] = []
+        self.training_started = False
+        self.supervisor: Supervisor | None = None
+        self.last_poll = -math.inf
+
+    def on_line(self, line: str) -> None:
+        for event in self.parser.feed(line):
+            if isinstance(event, StepEvent):
+                self.training_started = True
+                loss = event.loss
+                if not math.isfinite(loss) and self.backend.options.stop_on_nan:
+                    raise NonFiniteLoss(f"the loss became {loss} at step {event.step}; diffusion-pipe was stopped "
+                                        f"(saved LoRAs and checkpoints are kept in {self.run_folder or self.layout.output}; "
+                                        f"log: {self.layout.log})")
+                self.progress.step(event.step, event.metrics)
+                self.ctx.hook.step_finished(run=self.ctx, step=event.step, metrics=dict(event.metrics))
+            elif isinstance(event, SaveEvent):
+                self.step_of.setdefault(event.name, self.parser.last_step)
+                self.pending_saves.append(event.name)
+            elif isinstance(event, PhaseEvent):
+                self.progress.phase(event.text)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_poll < 1.0:
+            return
+        self.last_poll = now
+        if self.run_folder is None:
+            self.run_folder = collect.new_run_folder(self.layout.output, self.before)
+        if self.run_folder is None:
+            return
+        family = self.backend.family
+        fresh = [s for s in collect.saved_loras(self.run_folder, family) if s.name not in self.reported]
+        for saved in fresh:
+            self.reported.add(saved.name)
+            step = self.step_of.get(saved.name, self.parser.last_step)
+            self.step_of.setdefault(saved.name, step)
+            self.ctx.hook.checkpoint_saved(run=self.ctx, step=step, path=saved.folder)
+        if fresh:
+            collect.prune(self.run_folder, family, self.backend.recipe.train.keep_last)
+
+    def request_quit(self) -> bool:
+        """Ctrl-C during training: create diffusion-pipe's `save_quit` file (checkpoint, then exit)."""
+        self.tick()
+        if not self.training_started or self.run_folder is None:
+            return False
+        try:
+            (self.run_folder / "save_quit").write_text("", "utf-8")
+        except OSError:
+            return False
+        return True
+
+
+def _checkout_problem(path: Path) -> str | None:
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    if not (path / "train.py").is_file():
+        return f"{path} has no train.py: not a diffusion-pipe checkout"
+    return None
+
+
+def git_state(path: Path) -> tuple[str, bool]:
+    """(HEAD commit, has uncommitted changes to tracked files) of a checkout; ("unknown", False) without git."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=20)
+        if head.returncode != 0:
+            return "unknown", False
+        status = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=60)
+        return head.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", False

@@ -1,0 +1,100 @@
+"""Stage the training sets for diffusion-pipe: one folder per set with the images and their training captions.
+
+Why not point diffusion-pipe at the dataset folders: it writes its cache into them (read-only datasets fail),
+it reads ``<stem>.txt`` captions as they are (our trigger policy and the regularisation sets' default caption
+would be lost), and it skips images without a caption. Here every usable image (after lint) is linked (or
+copied) as ``NNNNN_<name>`` next to ``NNNNN_<stem>.txt`` holding exactly the caption we train with. Images the
+lint had to convert (EXIF rotation, CMYK, 16-bit, alpha, palette, animation) are written as converted PNGs,
+so diffusion-pipe sees the same pixels our other backends train on. The file names carry a hash of the image
+bytes and the caption: diffusion-pipe keys its cache on the file list, not on file contents, so an edited
+image or caption gets a new name and is cached afresh, while an unchanged set reuses the cache. Entries from an earlier staging that are
+no longer wanted are removed; the ``cache/`` folder diffusion-pipe keeps there is left alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from lora_run.dataset import Item, training_caption
+from lora_run.images import open_rgb
+from lora_run.rundir import atomic_path, atomic_write_text
+from lora_run.schema import Recipe
+
+#: Image files diffusion-pipe reads with Pillow as they are (others are converted to PNG).
+PASS_THROUGH = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def set_of(item: Item) -> str:
+    if not item.is_reg:
+        return "subject"
+    index = item.subset.rsplit("[", 1)[-1].rstrip("]")
+    return f"reg-{index}"
+
+
+def stage(recipe: Recipe, items: list[Item], root: Path, set_names: list[str], *, copy: bool = False) -> dict[str, int]:
+    """Populate `root/<set>/` for every set; returns the number of images per set."""
+    counts: dict[str, int] = {}
+    for name in set_names:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        members = [item for item in items if set_of(item) == name]
+        wanted: dict[str, tuple[str, object]] = {}   # file name -> ("link"|"copy"|"png"|"caption", payload)
+        for index, item in enumerate(members):
+            caption = training_caption(item, recipe.dataset)
+            digest = hashlib.sha256(item.image.read_bytes() + b"\0" + caption.encode("utf-8")).hexdigest()[:10]
+            stem = f"{index:05d}_{digest}_{item.image.stem}"
+            opened = open_rgb(item.image)
+            suffix = item.image.suffix.lower()
+            if opened.notes or suffix not in PASS_THROUGH:
+                wanted[f"{stem}.png"] = ("png", opened.image)
+            else:
+                wanted[f"{stem}{suffix}"] = ("copy" if copy else "link", item.image.resolve())
+            wanted[f"{stem}.txt"] = ("caption", caption)
+        for entry in folder.iterdir():
+            if entry.name == "cache" or entry.name in wanted:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for file_name, (kind, payload) in wanted.items():
+            _place(folder / file_name, kind, payload)
+        counts[name] = len(members)
+    return counts
+
+
+def _place(target: Path, kind: str, payload: object) -> None:
+    if kind == "caption":
+        text = str(payload)
+        if target.is_file() and not target.is_symlink() and target.read_text("utf-8") == text:
+            return
+        atomic_write_text(target, text)
+    elif kind == "link":
+        source = Path(str(payload))
+        if target.is_symlink() and os.readlink(target) == str(source):
+            return
+        tmp = target.with_name(f".{target.name}.link")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        try:
+            os.symlink(source, tmp)
+        except OSError:                       # no symlinks here: copy instead
+            _place(target, "copy", source)
+            return
+        os.replace(tmp, target)
+    elif kind == "copy":
+        source = Path(str(payload))
+        if target.is_file() and not target.is_symlink() and target.stat().st_size == source.stat().st_size \
+                and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            return
+        if target.is_symlink():
+            target.unlink()
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    else:                                     # converted image
+        if target.is_symlink():
+            target.unlink()
+        with atomic_path(target) as tmp:
+            payload.save(tmp, format="PNG")   # type: ignore[attr-defined]

@@ -1,0 +1,390 @@
+"""Recipe → diffusion-pipe: the main config, the dataset config and the launch command (no torch, no I/O).
+
+Every key written here is one diffusion-pipe's code reads at commit :data:`keydata.SOURCE_COMMIT`
+(checked by :func:`keydata.config_problems` / :func:`keydata.dataset_problems`). Recipe features that
+diffusion-pipe cannot honour exactly are refused by the capability table in ``__init__`` or by
+:func:`recipe_problems`, never dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lora_run.schema import Recipe
+
+from .options import DiffusionPipeOptions
+
+MODEL_TYPE = {"flux.1-dev": "flux", "hunyuan-image-2.1": "hunyuan_image"}
+DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "no": "float32"}
+OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
+#: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
+MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
+DEFAULT_CHECKPOINT_MINUTES = 30
+OPTIONS_KEY = ("backend", "options", "diffusion-pipe")
+
+KeyPath = tuple[Any, ...]
+
+
+@attrs.frozen
+class Layout:
+    """Where the backend's files live inside the run directory."""
+
+    root: Path          # <run>/diffusion-pipe
+    config: Path        # the main config TOML
+    dataset: Path       # the dataset TOML
+    output: Path        # diffusion-pipe's output_dir (it creates <UTC timestamp>/ folders in it)
+    data: Path          # the staged training sets (symlinks + caption files); diffusion-pipe caches in here
+    log: Path           # everything diffusion-pipe printed
+
+    @classmethod
+    def of(cls, run_dir: Path, recipe: Recipe) -> "Layout":
+        root = Path(run_dir) / "diffusion-pipe"
+        return cls(root, root / "config.toml", root / "dataset.toml", root / "output", staging_root(recipe, root),
+                   root / "train.log")
+
+    def relative(self, path: Path, run_dir: Path) -> str:
+        return str(path.relative_to(run_dir))
+
+
+def staging_root(recipe: Recipe, root: Path) -> Path:
+    """`<run>/diffusion-pipe/data`, or a folder under `[train] cache_dir` keyed by model and dataset, so
+    diffusion-pipe's latent / text-embedding cache is reused by later runs on the same images."""
+    if not recipe.train.cache_dir:
+        return root / "data"
+    m, d = recipe.model, recipe.dataset
+    key = json.dumps([m.family, m.source, attrs.asdict(m.files), m.base_precision, recipe.train.mixed_precision,
+                      d.path, [s.path for s in d.regularization]], sort_keys=True)
+    return Path(recipe.train.cache_dir) / "diffusion-pipe" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def set_names(recipe: Recipe) -> list[str]:
+    """Staged folder names: `subject`, then `reg-0`, `reg-1`, … (order of `[[dataset.regularization]]`)."""
+    return ["subject", *(f"reg-{i}" for i in range(len(recipe.dataset.regularization)))]
+
+
+def bucket_sizes(recipe: Recipe) -> list[list[int]]:
+    """Our bucket grid as [width, height] pairs: sides from bucket_min to bucket_max in bucket_step, area at
+    most resolution², both orientations. diffusion-pipe uses them as aspect ratios and scales each to the
+    area resolution² (rounded to its 16/32-pixel grid)."""
+    d = recipe.dataset
+    area = d.resolution * d.resolution
+    pairs: set[tuple[int, int]] = set()
+    for w in range(d.bucket_min, d.bucket_max + 1, d.bucket_step):
+        h = min(d.bucket_max, (area // w) // d.bucket_step * d.bucket_step)
+        if h >= d.bucket_min:
+            pairs.add((w, h))
+            pairs.add((h, w))
+    return [list(p) for p in sorted(pairs, key=lambda p: (p[0] / p[1], p[0]))]
+
+
+def global_batch(recipe: Recipe, options: DiffusionPipeOptions) -> int:
+    return recipe.train.batch_size * recipe.train.gradient_accumulation * (options.num_gpus // options.pipeline_stages)
+
+
+def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int) -> int:
+    """diffusion-pipe's steps per epoch for `examples` (images × repeats): an estimate, because it drops, per
+    aspect bucket, what does not fill a whole global batch."""
+    per_step = max(1, global_batch(recipe, options))
+    return max(1, examples // per_step)
+
+
+def training_length(recipe: Recipe, options: DiffusionPipeOptions, examples: int) -> tuple[int, int | None, int]:
+    """(epochs, max_steps, planned steps). A `steps` recipe sets `max_steps` and an epoch count that cannot end
+    the run first (each epoch has at least one step)."""
+    t = recipe.train
+    if t.steps is not None:
+        return t.steps, t.steps, t.steps
+    assert t.epochs is not None
+    return t.epochs, None, t.epochs * steps_per_epoch(recipe, options, examples)
+
+
+def activation_checkpointing(recipe: Recipe, options: DiffusionPipeOptions) -> bool | str:
+    mode = options.activation_checkpointing
+    if mode == "recipe":
+        return bool(recipe.train.gradient_checkpointing)
+    return {"on": True, "off": False, "unsloth": "unsloth"}[mode]
+
+
+def timestep_keys(recipe: Recipe) -> dict[str, Any]:
+    t = recipe.train
+    if t.timestep_sampling == "uniform":
+        return {"timestep_sample_method": "uniform"}
+    keys: dict[str, Any] = {"timestep_sample_method": "logit_normal"}
+    keys["sigmoid_scale"] = float(t.logit_std if t.timestep_sampling == "logit-normal" else t.sigmoid_scale)
+    if t.timestep_sampling == "shift":
+        keys["shift"] = float(t.shift)
+    elif t.timestep_sampling == "flux-shift":
+        keys["flux_shift"] = True
+    return keys
+
+
+def model_table(recipe: Recipe) -> dict[str, Any]:
+    m, t = recipe.model, recipe.train
+    table: dict[str, Any] = {"type": MODEL_TYPE[m.family], "dtype": DTYPE[t.mixed_precision]}
+    if m.family == "flux.1-dev":
+        table["diffusers_path"] = m.source or ""
+        if m.files.transformer:
+            table["transformer_path"] = m.files.transformer
+        table["guidance"] = float(t.guidance)
+    else:
+        table.update(transformer_path=m.files.transformer or "", vae_path=m.files.vae or "",
+                     text_encoder_path=m.files.qwen or "", byt5_path=m.files.byt5 or "")
+    if m.base_precision == "fp8":
+        table["transformer_dtype"] = "float8"
+    table.update(timestep_keys(recipe))
+    return table
+
+
+def build_config(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, *, examples: int,
+                 loss_options: Any = None) -> dict[str, Any]:
+    """The main config as a dict (written with tomli-w)."""
+    t, o, s = recipe.train, recipe.optimizer, recipe.scheduler
+    epochs, max_steps, _ = training_length(recipe, options, examples)
+    config: dict[str, Any] = {
+        "output_dir": str(layout.output),
+        "dataset": str(layout.dataset),
+        "epochs": epochs,
+    }
+    if max_steps is not None:
+        config["max_steps"] = max_steps
+    config.update({
+        "micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "pipeline_stages": options.pipeline_stages,
+        "gradient_clipping": float(o.max_grad_norm),
+        "lr_scheduler": "constant",
+        "warmup_steps": s.warmup_steps if s.name == "constant_with_warmup" else 0,
+    })
+    if t.save_every_epochs is not None:
+        config["save_every_n_epochs"] = t.save_every_epochs
+    if t.save_every_steps is not None:
+        config["save_every_n_steps"] = t.save_every_steps
+    if t.save_every_epochs is None and t.save_every_steps is None:
+        # diffusion-pipe insists on a save cadence; the final LoRA is always saved, so ask for it only at the end
+        if max_steps is not None:
+            config["save_every_n_steps"] = max_steps
+        else:
+            config["save_every_n_epochs"] = epochs
+    if options.checkpoint_every_minutes is not None:
+        config["checkpoint_every_n_minutes"] = options.checkpoint_every_minutes
+    elif t.save_every_epochs is not None:
+        config["checkpoint_every_n_epochs"] = t.save_every_epochs
+    else:
+        config["checkpoint_every_n_minutes"] = DEFAULT_CHECKPOINT_MINUTES
+    config["activation_checkpointing"] = activation_checkpointing(recipe, options)
+    if options.reentrant_activation_checkpointing:
+        config["reentrant_activation_checkpointing"] = True
+    if options.partition_split:
+        config["partition_method"] = "manual"
+        config["partition_split"] = list(options.partition_split)
+    else:
+        config["partition_method"] = "parameters"
+    if options.blocks_to_swap:
+        config["blocks_to_swap"] = options.blocks_to_swap
+    config.update({
+        "save_dtype": DTYPE[recipe.output.save_precision],
+        "caching_batch_size": options.caching_batch_size,
+        "steps_per_print": 1,
+        "logging_steps": 1,
+        "eval_before_first_step": False,
+        "compile": t.compile == "on",
+    })
+    if recipe.dataset.caption_dropout > 0:
+        config["uncond_fraction"] = float(recipe.dataset.caption_dropout)
+    if t.loss == "huber":
+        config["huber_delta"] = float(getattr(loss_options, "c", 0.1))
+    elif t.loss == "smooth-l1":
+        config["smooth_l1_beta"] = float(getattr(loss_options, "beta", 1.0))
+    config["model"] = model_table(recipe)
+    adapter: dict[str, Any] = {"type": "lora", "rank": recipe.lora.rank, "dtype": "float32"}
+    if recipe.lora.dropout > 0:
+        adapter["dropout"] = float(recipe.lora.dropout)
+    config["adapter"] = adapter
+    config["optimizer"] = {"type": OPTIMIZER.get(o.name, o.name), "lr": float(o.lr),
+                           "betas": [float(b) for b in o.betas], "weight_decay": float(o.weight_decay),
+                           "eps": float(o.eps)}
+    return config
+
+
+def build_dataset(recipe: Recipe, layout: Layout) -> dict[str, Any]:
+    """The dataset config as a dict: one [[directory]] per staged set (captions always written, so
+    `skip_empty_caption = false` drops nothing; aspect buckets from our bucket grid)."""
+    d = recipe.dataset
+    directories = [{"path": str(layout.data / "subject"), "num_repeats": d.repeats}]
+    for i, reg in enumerate(d.regularization):
+        directories.append({"path": str(layout.data / f"reg-{i}"), "num_repeats": reg.repeats})
+    return {
+        "resolutions": [d.resolution],
+        "enable_ar_bucket": True,
+        "ar_buckets": bucket_sizes(recipe),
+        "frame_buckets": [1],
+        "skip_empty_caption": False,
+        "directory": directories,
+    }
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """TOML text (tomli-w, native types) in which lists of tables are written as `[[name]]` blocks.
+
+    diffusion-pipe reads its dataset config with the `toml` package, which turns inline tables into objects
+    that cannot be pickled for its multiprocessing caching; tomli-w would write short tables inline."""
+    import tomli_w
+
+    def is_table_list(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    text = tomli_w.dumps({k: v for k, v in data.items() if not is_table_list(v)})
+    for key, value in data.items():
+        if is_table_list(value):
+            for entry in value:
+                if any(isinstance(v, dict) or is_table_list(v) for v in entry.values()):
+                    raise ValueError(f"[[{key}]] entries must hold plain values")
+                text += f"\n[[{key}]]\n" + tomli_w.dumps(entry)
+    return text
+
+
+def launch_argv(launcher: str, config: Path, options: DiffusionPipeOptions,
+                resume_from: str | None = None) -> list[str]:
+    """`deepspeed --num_gpus=N [--master_port=P] train.py --deepspeed --config FILE [...]` (run from the checkout)."""
+    argv = [launcher, f"--num_gpus={options.num_gpus}"]
+    if options.master_port is not None:
+        argv.append(f"--master_port={options.master_port}")
+    argv += ["train.py", "--deepspeed", "--config", str(config)]
+    if resume_from is not None:
+        argv += ["--resume_from_checkpoint", resume_from]
+    if options.master_port is not None:       # train.py sets MASTER_PORT from its own flag (default 29500)
+        argv += ["--master_port", str(options.master_port)]
+    return argv
+
+
+def child_env(options: DiffusionPipeOptions, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["PYTHONUNBUFFERED"] = "1"
+    if options.nccl_p2p_disable:
+        env["NCCL_P2P_DISABLE"] = "1"
+    if options.nccl_ib_disable:
+        env["NCCL_IB_DISABLE"] = "1"
+    if options.expandable_segments:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
+
+
+def recipe_problems(recipe: Recipe, options: DiffusionPipeOptions | None) -> list[tuple[KeyPath, str]]:
+    """Values diffusion-pipe cannot honour that the feature table does not cover (each names its key)."""
+    out: list[tuple[KeyPath, str]] = []
+    m, t = recipe.model, recipe.train
+    if m.family == "flux.1-dev":
+        if not m.source:
+            out.append((("model", "source"), "diffusion-pipe needs the FLUX.1-dev diffusers folder (its "
+                        "`diffusers_path`: the VAE, CLIP-L and T5 are loaded from it even when "
+                        "[model.files] transformer is given); set [model] source to that folder"))
+        elif not os.path.isabs(m.source):
+            out.append((("model", "source"), f"\"{m.source}\" looks like a hub id; diffusion-pipe needs a local "
+                        "diffusers folder (download it first, e.g. `huggingface-cli download "
+                        f"{m.source} --local-dir ...`) and set [model] source to that path"))
+    elif m.family == "hunyuan-image-2.1":
+        for name, what in (("transformer", "hunyuanimage2.1.safetensors"), ("vae", "hunyuan_image_2.1_vae_fp16"
+                           ".safetensors"), ("qwen", "qwen_2.5_vl_7b.safetensors"),
+                           ("byt5", "byt5_small_glyphxl_fp16.safetensors")):
+            if not getattr(m.files, name):
+                out.append((("model", "files", name), f"diffusion-pipe loads HunyuanImage-2.1 from the four "
+                            f"ComfyUI files; set [model.files] {name} (e.g. {what})"))
+    if t.timestep_sampling == "logit-normal" and t.logit_mean != 0.0:
+        out.append((("train", "logit_mean"), "diffusion-pipe's logit-normal sampling has mean 0 (only the "
+                    "scale is configurable, as sigmoid_scale); set logit_mean = 0"))
+    if recipe.scheduler.name == "constant" and recipe.scheduler.warmup_steps > 0:
+        out.append((("scheduler", "warmup_steps"), "the `constant` schedule has no warmup; use "
+                    "scheduler.name = \"constant_with_warmup\" or set warmup_steps = 0"))
+    if recipe.lora.init != "default":
+        out.append((("lora", "init"), "diffusion-pipe always uses peft's default LoRA init (Kaiming A, zero "
+                    "B); set lora.init = \"default\""))
+    if options is None:
+        return out
+    key = OPTIONS_KEY
+    if options.num_gpus % options.pipeline_stages:
+        out.append(((*key, "pipeline_stages"), f"must divide num_gpus ({options.num_gpus}); got "
+                    f"{options.pipeline_stages}"))
+    if options.blocks_to_swap:
+        if options.pipeline_stages != 1:
+            out.append(((*key, "blocks_to_swap"), "block swapping needs pipeline_stages = 1"))
+        limit = MAX_BLOCKS_TO_SWAP.get(m.family)
+        if limit is not None and options.blocks_to_swap > limit:
+            out.append(((*key, "blocks_to_swap"), f"at most {limit} for {m.family} (diffusion-pipe keeps two "
+                        f"double and two single blocks on the GPU); got {options.blocks_to_swap}"))
+    split = options.partition_split
+    if split:
+        if len(split) != options.pipeline_stages - 1:
+            out.append(((*key, "partition_split"), f"needs pipeline_stages - 1 = {options.pipeline_stages - 1} "
+                        f"numbers, got {len(split)}"))
+        elif any(b <= a for a, b in zip(split, split[1:])) or split[0] < 1:
+            out.append(((*key, "partition_split"), f"must be increasing layer indices >= 1, got {split}"))
+    return out
+
+
+def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, examples: int) -> list[str]:
+    """What a user should know about this translation (shown by `lora-run plan`)."""
+    r, t = recipe, recipe.train
+    out = [
+        f"training images are staged in {layout.data} (symbolic links to your files plus the training "
+        "captions, trigger policy applied); diffusion-pipe writes its latent and text-embedding cache under "
+        f"{layout.data}/<set>/cache/{MODEL_TYPE[r.model.family]}/, never into your dataset folders",
+        f"LoRA alpha = rank = {r.lora.rank} (diffusion-pipe forces it), on every Linear of the transformer "
+        "blocks (targets = \"all-linear\"); the adapter trains in float32 and is saved as "
+        f"{DTYPE[r.output.save_precision]}",
+        f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
+        f"the area of {r.dataset.resolution}² (rounded to its grid) and never upscale-limits",
+        f"[train] seed = {t.seed} is not used: diffusion-pipe has no seed setting",
+    ]
+    if t.steps is not None:
+        out.append(f"max_steps = {t.steps} ends the run; epochs = {t.steps} is only an upper bound")
+    else:
+        out.append(f"{examples} examples per epoch ≈ {steps_per_epoch(r, options, examples)} steps at a global "
+                   f"batch of {global_batch(r, options)} (an estimate: diffusion-pipe drops, per aspect bucket, "
+                   "what does not fill a whole global batch)")
+    if global_batch(r, options) > 1:
+        out.append(f"global batch {global_batch(r, options)}: buckets holding fewer images than that are "
+                   "dropped by diffusion-pipe; with a small dataset keep batch_size = 1")
+    if r.dataset.caption_dropout > 0:
+        out.append(f"caption_dropout → uncond_fraction = {r.dataset.caption_dropout}: an undocumented diffusion-pipe "
+                   "key (read by train.py at the pinned commit) that swaps in the cached empty-caption embedding")
+    if r.model.family == "flux.1-dev":
+        ignored = [n for n in ("vae", "clip_l", "t5xxl") if getattr(r.model.files, n)]
+        if ignored:
+            out.append(f"[model.files] {', '.join(ignored)} not used: diffusion-pipe loads the VAE and text "
+                       f"encoders from the diffusers folder {r.model.source}")
+    elif r.model.source:
+        out.append(f"[model] source {r.model.source} not used: diffusion-pipe reads the ComfyUI files only")
+    if r.model.revision:
+        out.append("[model] revision not used: diffusion-pipe reads local files")
+    if t.num_workers:
+        out.append("[train] num_workers not used: diffusion-pipe sizes its own data loading")
+    if t.memory_mode != "auto":
+        out.append("[train] memory_mode is a native-backend setting; here use [backend.diffusion-pipe] "
+                   "blocks_to_swap / activation_checkpointing / pipeline_stages")
+    if t.compile == "auto":
+        out.append("[train] compile = \"auto\" → compile = false (diffusion-pipe's torch.compile is not tested on "
+                   "every model; set compile = \"on\" to use it)")
+    checkpoint = (f"every {options.checkpoint_every_minutes} minutes" if options.checkpoint_every_minutes else
+                  f"every {t.save_every_epochs} epoch(s)" if t.save_every_epochs else
+                  f"every {DEFAULT_CHECKPOINT_MINUTES} minutes")
+    out.append(f"resumable DeepSpeed state is written {checkpoint} and at the end (`--resume` needs one); "
+               "Ctrl-C asks diffusion-pipe to write one and stop")
+    if options.num_gpus > 1:
+        out.append(f"{options.num_gpus} GPUs: {options.pipeline_stages} pipeline stage(s) × "
+                   f"{options.num_gpus // options.pipeline_stages} data-parallel copies")
+    return out
+
+
+def expected_outputs(recipe: Recipe, run_dir: Path) -> list[str]:
+    name = recipe.output.name
+    files = []
+    if "kohya" in recipe.output.formats:
+        files.append(str(Path(run_dir) / f"{name}.safetensors"))
+    if "diffusers" in recipe.output.formats:
+        files.append(str(Path(run_dir) / f"{name}.diffusers.safetensors"))
+    return files
