@@ -34,6 +34,49 @@ def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, metadata
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file, read from its JSON header (no torch)."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(fh.read(size))
+    return dict(header.get("__metadata__") or {})
+
+
+def copy_with_metadata(source: str | Path, target: str | Path, extra: Mapping[str, str]) -> Path:
+    """Copy a ``.safetensors`` file atomically, merging ``extra`` into its metadata (no torch, tensors untouched).
+
+    The header is JSON followed by the raw tensor bytes; offsets are relative to the end of the header, so
+    only the header is rewritten (padded with spaces to 8 bytes, as safetensors does).
+    """
+    import json
+    import shutil
+    import struct
+
+    from lora_run.rundir import atomic_path
+
+    target = Path(target)
+    with open(source, "rb") as src:
+        size = struct.unpack("<Q", src.read(8))[0]
+        if size > 100_000_000:
+            raise ValueError(f"{source}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(src.read(size))
+        metadata = dict(header.get("__metadata__") or {})
+        metadata.update({str(k): str(v) for k, v in extra.items()})
+        header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(src, out, 1 << 20)
+    return target
+
+
 def save_lora(path: str | Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Path:
     """Write a ``.safetensors`` LoRA atomically (a temp file renamed on success); tensors made contiguous."""
     from safetensors.torch import save_file

@@ -1,0 +1,537 @@
+"""The `kohya` backend object: check(), plan() and run() around sd-scripts.
+
+- ``check()`` and ``plan()`` never touch sd-scripts (``lora-run plan`` works without a checkout) and never
+  import torch; ``check()`` verifies the checkout only when one is configured.
+- ``run()``: verify the checkout and its interpreter → stage the dataset view → launch ``accelerate launch``
+  without a shell in its own process group → stream and parse its output → collect the LoRA.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lora_run import __version__
+from lora_run.dataset import Item, training_caption
+from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
+from lora_run.rundir import atomic_write_text
+from lora_run.run import Plan
+
+from . import checkout, spec
+from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
+from .translate import FAMILIES, FLUX, Paths, Translation, problems, steps_per_epoch, translate
+
+CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
+    "kohya/train.log"
+#: options the backend owns; `extra_args` may not set them (they would break the run's layout or launch)
+RESERVED = {"config_file", "dataset_config", "output_config", "resume", "train_data_dir", "reg_data_dir", "in_json",
+            "sample_prompts", "output_dir", "output_name", "network_module", "save_model_as", "logging_dir"}
+TAIL_LINES = 30
+
+
+def _toml(config: dict[str, Any], header: str) -> str:
+    return "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + tomli_w.dumps(config)
+
+
+class KohyaBackend:
+    def __init__(self, ctx: Any):
+        from . import KohyaOptions
+
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+        self.options = ctx.options if ctx.options is not None else KohyaOptions()
+        self.family = FAMILIES.get(self.recipe.model.family)
+
+    # ---------------------------------------------------------------------------------------------- basics
+    @property
+    def base(self) -> Path:
+        loaded = self.ctx.loaded
+        return loaded.path.resolve().parent if loaded is not None else Path.cwd()
+
+    @property
+    def shown(self) -> str:
+        return self.ctx.loaded.shown if self.ctx.loaded is not None else "recipe"
+
+    def python(self) -> str:
+        value = self.options.python
+        if not value:
+            return sys.executable
+        p = Path(os.path.expanduser(value))
+        if p.is_absolute() or os.sep in value or "/" in value:
+            return str(p if p.is_absolute() else (self.base / p).resolve())
+        return value  # a bare command name, found on PATH by Popen
+
+    def run_path(self) -> Path:
+        if self.ctx.run_dir is not None:
+            return Path(self.ctx.run_dir.path).resolve()
+        from lora_run.run import output_path
+
+        return output_path(self.recipe, None)
+
+    def paths(self, sd_scripts: Path | None = None) -> Paths:
+        run = self.run_path()
+        if sd_scripts is None:
+            configured, _ = checkout.configured_path(self.options.sd_scripts, self.base)
+            sd_scripts = configured
+        data = (Path(self.recipe.train.cache_dir) / "kohya-data") if self.recipe.train.cache_dir else \
+            run / "kohya" / "data"
+        return Paths(run, str(sd_scripts) if sd_scripts else "<sd-scripts>", self.python(), data)
+
+    def translation(self, sd_scripts: Path | None = None) -> Translation:
+        return translate(self.recipe, self.options, self.paths(sd_scripts), version=__version__,
+                         recipe_path=str(self.ctx.loaded.path.resolve()) if self.ctx.loaded is not None else "")
+
+    # ---------------------------------------------------------------------------------------------- check
+    def check(self) -> list[tuple[tuple, str]]:
+        if self.family is None:  # the capability check already refused the family
+            return []
+        out = problems(self.recipe, self.options)
+        tr = self.translation()
+        out.extend(self._validate(tr))
+        for key in self.options.extra_args:
+            if key in RESERVED or any(key in table for name, table in tr.config.items() if name != "extra"):
+                out.append((("backend", "kohya", "extra_args", key), "is set by lora-run from the recipe (or by the "
+                            "backend's layout) and cannot be overridden here"))
+        formats = self.recipe.output.formats
+        if "diffusers" in formats:
+            missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+            if missing:
+                out.append((("output", "formats"), f"\"diffusers\" needs {' and '.join(missing)} in lora-run's own "
+                            "environment to convert sd-scripts' kohya file (pip install 'lora-run[train]'), or use "
+                            "formats = [\"kohya\"]"))
+            if self.family.name != FLUX and importlib.util.find_spec("lora_run_formats.hunyuan_image") is None:
+                out.append((("output", "formats"), f"no kohya → diffusers converter for {self.family.name} is "
+                            "installed (lora_run_formats.hunyuan_image); use formats = [\"kohya\"]"))
+        path, origin = checkout.configured_path(self.options.sd_scripts, self.base)
+        if path is not None:
+            try:
+                checkout.verify(path, origin, self.family.script, self.family.network_module)
+            except checkout.CheckoutError as exc:
+                out.append((("backend", "kohya", "sd_scripts"), str(exc)))
+        if self.options.python and os.sep in self.options.python and not Path(self.python()).is_file():
+            out.append((("backend", "kohya", "python"), f"{self.python()} does not exist"))
+        return out
+
+    def _validate(self, tr: Translation) -> list[tuple[tuple, str]]:
+        out: list[tuple[tuple, str]] = []
+        for message in spec.check_config(tr.family.script, tr.config):
+            where = ("backend", "kohya", "extra_args") if message.startswith("[extra]") else ("backend", "kohya")
+            out.append((where, f"generated {CONFIG}: {message}"))
+        for message in spec.check_dataset(tr.dataset):
+            out.append((("dataset",), f"generated {DATASET}: {message}"))
+        return out
+
+    # ---------------------------------------------------------------------------------------------- plan
+    def steps(self) -> int:
+        t = self.recipe.train
+        if t.steps is not None:
+            return int(t.steps)
+        items = self.ctx.items
+        if not items:
+            try:
+                from lora_run.run import scan_dataset
+
+                items = scan_dataset(self.recipe, self.ctx.plugins)
+            except Exception:  # noqa: BLE001 - an unreadable dataset is the lint's job, not the plan's
+                items = []
+        subject = sum(1 for i in items if not i.is_reg)
+        reg = sum(1 for i in items if i.is_reg)
+        return int(t.epochs) * steps_per_epoch(self.recipe, subject, reg)
+
+    def plan(self) -> Plan:
+        tr = self.translation()
+        header = (f"sd-scripts {tr.family.script} --config_file, generated by lora-run {__version__} from "
+                  f"{self.shown}.\nChecked against sd-scripts' option list; sections are flattened by sd-scripts.")
+        files = {CONFIG: _toml(tr.config, header),
+                 DATASET: _toml(tr.dataset, f"sd-scripts --dataset_config, generated by lora-run {__version__}.\n"
+                                "image_dir folders are staged by lora-run at run time (links + captions).")}
+        if tr.sample_prompts is not None:
+            files[PROMPTS] = tr.sample_prompts
+        paths = self.paths()
+        name = self.recipe.output.name
+        outputs = []
+        if "kohya" in self.recipe.output.formats:
+            outputs.append(str(paths.run_dir / f"{name}.safetensors"))
+        if "diffusers" in self.recipe.output.formats:
+            outputs.append(str(paths.run_dir / f"{name}.diffusers.safetensors"))
+        outputs.append(str(paths.output_dir) + "/ (sd-scripts' checkpoints, states and samples)")
+        notes = list(tr.notes)
+        if paths.sd_scripts == "<sd-scripts>":
+            notes.append(f"no sd-scripts checkout configured yet: set [backend.kohya] sd_scripts or "
+                         f"${checkout.ENV} before running")
+        notes.append("memory: see sd-scripts' own table (docs/flux_train_network.md): 24 GB fits batch 2 with "
+                     "fp8; 16 GB batch 1 with blocks_to_swap; 12 GB blocks_to_swap 16 + AdamW8bit")
+        return Plan(backend="kohya", family=self.recipe.model.family, steps=self.steps(), files=files,
+                    commands=[tr.argv], memory_estimate_gib=None, memory_mode=None, outputs=outputs, notes=notes,
+                    details={"sd_scripts": None if paths.sd_scripts == "<sd-scripts>" else paths.sd_scripts,
+                             "script": tr.family.script})
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> None:
+        ctx, recipe = self.ctx, self.recipe
+        assert ctx.run_dir is not None and self.family is not None
+        tr0 = self.translation()
+        needed = [k for name, table in tr0.config.items() for k in table] + ["config_file", "dataset_config"]
+        try:
+            co = checkout.locate(self.options.sd_scripts, self.base, self.family.script, self.family.network_module,
+                                 needed)
+        except checkout.CheckoutError as exc:
+            raise RecipeError(f"{self.shown}: [backend.kohya.sd_scripts] {exc}") from None
+        accelerate_version = self._check_python()
+        tr = self.translation(co.path)
+        problems_now = self._validate(tr)
+        if problems_now:  # the same check ran in validate(); this guards files changed since
+            raise RecipeError([f"{self.shown}: [{'.'.join(map(str, k))}] {m}" for k, m in problems_now])
+        paths = self.paths(co.path)
+        run_dir = ctx.run_dir
+        run_dir.write_text(CONFIG, _toml(tr.config, f"sd-scripts {tr.family.script} --config_file, generated by "
+                                          f"lora-run {__version__} from {self.shown}."))
+        run_dir.write_text(DATASET, _toml(tr.dataset, f"sd-scripts --dataset_config, generated by lora-run "
+                                           f"{__version__}."))
+        if tr.sample_prompts is not None:
+            run_dir.write_text(PROMPTS, tr.sample_prompts)
+        counts = stage_dataset(ctx.items, recipe, ctx.lint, paths)
+        argv = list(tr.argv)
+        resume_from = None
+        if ctx.resume:
+            resume_from = latest_state(paths.output_dir, recipe.output.name)
+            if resume_from is None:
+                ctx.echo(f"note: no sd-scripts state in {paths.output_dir} to resume from (states are saved with each "
+                         "checkpoint); training starts from the beginning")
+            else:
+                argv += ["--resume", str(resume_from)]
+        run_dir.update_manifest(external_tools={"sd-scripts": {**co.manifest(), "accelerate": accelerate_version,
+                                                               "argv": argv,
+                                                               "resumed_from": str(resume_from) if resume_from
+                                                               else None}})
+        run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
+                    f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        watcher = Watcher(ctx, paths.output_dir, recipe.output.name)
+        display = Display(ctx.echo)
+        log_path = run_dir.file(LOG)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        if recipe.model.offline:
+            env["HF_HUB_OFFLINE"] = "1"
+
+        def on_progress(p: Progress) -> None:
+            watcher.step = p.step
+            loss = p.loss
+            if not finite(loss):
+                raise NonFiniteLoss(f"sd-scripts reported a non-finite loss ({loss}) at step {p.step}; it was "
+                                    f"stopped. Last checkpoint: {watcher.last_checkpoint or 'none'}; lower the "
+                                    f"learning rate ([optimizer] lr = {recipe.optimizer.lr}) or check the data")
+            metrics: dict[str, float] = {k: v for k, v in p.values.items()}
+            if loss is not None:
+                metrics["loss"] = loss
+            if p.it_per_s is not None:
+                metrics["it_per_s"] = p.it_per_s
+            metrics["total_steps"] = float(p.total)
+            ctx.hook.step_finished(run=ctx, step=p.step, metrics=metrics)
+            display.show(p)
+
+        def on_line(line: str) -> None:
+            if re.match(r"^\s*epoch \d+/\d+", line):
+                display.echo(line.strip())
+
+        stall = self.options.stall_minutes * 60 if self.options.stall_minutes else None
+        timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
+        sup = Supervisor(argv, log_path=log_path, cwd=co.path, env=env, on_line=on_line, on_progress=on_progress,
+                         stall_seconds=stall, timeout_seconds=timeout, poll=watcher.poll)
+        ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
+                 f"log: {log_path}")
+        try:
+            sup.start()
+        except OSError as exc:
+            raise BackendError(f"cannot launch {argv[0]}: {exc.strerror or exc} ([backend.kohya] python)") from None
+        try:
+            code = sup.wait()
+        except KeyboardInterrupt:
+            display.done()
+            watcher.poll(final=True)
+            self._record(watcher, paths, log_path)
+            state = latest_state(paths.output_dir, recipe.output.name)
+            raise TrainingInterrupted(
+                f"interrupted: sd-scripts was stopped at step {watcher.step}; "
+                + (f"its last saved state is {state}; " if state else "no state was saved yet; ")
+                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}") from None
+        except (Stalled, TimedOut) as exc:
+            display.done()
+            self._record(watcher, paths, log_path)
+            what = (f"printed nothing for {self.options.stall_minutes:g} minutes ([backend.kohya] stall_minutes)"
+                    if isinstance(exc, Stalled) else
+                    f"ran longer than {self.options.timeout_hours:g} hours ([backend.kohya] timeout_hours)")
+            raise BackendError(f"sd-scripts {what} and was stopped.\n{self._tail(sup, log_path)}") from None
+        except NonFiniteLoss:
+            display.done()
+            self._record(watcher, paths, log_path)
+            raise
+        display.done()
+        watcher.poll(final=True)
+        self._record(watcher, paths, log_path)
+        if code != 0:
+            raise BackendError(f"sd-scripts exited with code {code}{_hint(sup.tail)}.\n{self._tail(sup, log_path)}")
+        self._collect(paths, co, tr)
+
+    def _check_python(self) -> str:
+        python = self.python()
+        try:
+            done = subprocess.run([python, "-c", "import accelerate; print(accelerate.__version__)"],
+                                  capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RecipeError(f"{self.shown}: [backend.kohya.python] cannot run {python}: {exc}") from None
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            raise RecipeError(f"{self.shown}: [backend.kohya.python] {python} cannot import accelerate ({last}); set "
+                              "it to the Python of sd-scripts' environment (where `pip install -r requirements.txt` "
+                              "was run)")
+        return done.stdout.strip()
+
+    def _tail(self, sup: Supervisor, log_path: Path) -> str:
+        lines = list(sup.tail)[-TAIL_LINES:]
+        body = "\n".join(f"  | {line}" for line in lines) or "  | (no output)"
+        return (f"last {len(lines)} lines of {log_path}:\n{body}\n(run folder kept: {self.run_path()}; "
+                f"config: {self.run_path() / CONFIG})")
+
+    def _record(self, watcher: Watcher, paths: Paths, log_path: Path) -> None:
+        arts = self.ctx.artifacts
+        arts["kohya_log"] = str(log_path)
+        arts["kohya_output_dir"] = str(paths.output_dir)
+        existing = [c for c in watcher.checkpoints if Path(c["path"]).is_file()]
+        if existing:
+            arts["checkpoints"] = existing
+        if watcher.samples:
+            arts["samples"] = [s for s in watcher.samples if Path(s).is_file()]
+        state = latest_state(paths.output_dir, self.recipe.output.name)
+        if state is not None:
+            arts["kohya_state"] = str(state)
+
+    def _collect(self, paths: Paths, co: checkout.Checkout, tr: Translation) -> None:
+        from lora_run_formats import copy_with_metadata, read_metadata
+
+        recipe, ctx = self.recipe, self.ctx
+        name = recipe.output.name
+        produced = paths.output_dir / f"{name}.safetensors"
+        if not produced.is_file():
+            raise BackendError(f"sd-scripts finished but wrote no {produced}; see {self.run_path() / LOG}")
+        extra = {"lora_run.version": __version__, "lora_run.backend": "kohya", "lora_run.family": recipe.model.family,
+                 "lora_run.sd_scripts_commit": co.commit or "", "lora_run.trigger": recipe.dataset.trigger,
+                 "lora_run.recipe": str(self.run_path() / "recipe.toml")}
+        if "kohya" in recipe.output.formats:
+            target = copy_with_metadata(produced, paths.run_dir / f"{name}.safetensors", extra)
+            ctx.artifacts["lora_kohya"] = str(target)
+        if "diffusers" in recipe.output.formats:
+            target = paths.run_dir / f"{name}.diffusers.safetensors"
+            convert_to_diffusers(produced, target, recipe.model.family,
+                                 {**extra, "lora_run.converted_from": "kohya",
+                                  "ss_network_dim": read_metadata(produced).get("ss_network_dim", "")})
+            ctx.artifacts["lora_diffusers"] = str(target)
+        ctx.echo(f"kohya: LoRA written: {', '.join(str(ctx.artifacts[k]) for k in ('lora_kohya', 'lora_diffusers') if k in ctx.artifacts)}")
+
+
+def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict[str, str]) -> Path:
+    """sd-scripts' kohya LoRA → a diffusers-format file (alpha folded in), via lora_run_formats."""
+    from lora_run_formats import load_lora, save_lora
+
+    tensors, _meta = load_lora(source)
+    if family == FLUX:
+        from lora_run_formats.flux import kohya_to_diffusers
+    else:
+        from lora_run_formats.hunyuan_image import kohya_to_diffusers  # type: ignore[import-not-found,no-redef]
+    try:
+        converted = kohya_to_diffusers(tensors)
+    except ValueError as exc:
+        raise BackendError(f"cannot convert {source} to diffusers format: {exc}") from None
+    return save_lora(target, converted, {k: v for k, v in metadata.items() if v != ""})
+
+
+# -------------------------------------------------------------------------------------------------- staging
+def _safe(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "image"
+
+
+def _subset_index(item: Item) -> int:
+    if not item.is_reg:
+        return 0
+    match = re.search(r"\[(\d+)\]", item.subset)
+    return int(match.group(1)) + 1 if match else 1
+
+
+def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> dict[str, int]:
+    """The dataset view sd-scripts reads: per subset a folder of links to the usable images (converted copies
+    where the lint converted them: EXIF rotation, CMYK, 16-bit, alpha) and a ``.txt`` caption per image holding
+    exactly the caption lora-run trains with (trigger policy and default captions applied, one line)."""
+    if not any(not i.is_reg for i in items):
+        raise BackendError("no usable subject image to train on (see the dataset lint above)")
+    converted = {f.file for f in (lint.findings if lint is not None else []) if f.code == "converted"}
+    wanted: dict[Path, set[str]] = {}
+    counts: dict[str, int] = {}
+    for n, item in enumerate(items):
+        folder = paths.subset_dir(_subset_index(item))
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if str(item.image) in converted else item.image.suffix.lower()
+        name = f"{n:05d}_{_safe(item.image.stem)}"
+        image = folder / f"{name}{suffix}"
+        if str(item.image) in converted:
+            if not image.is_file() or image.is_symlink():
+                _write_converted(item.image, image)
+        else:
+            _link(item.image, image)
+        caption = " ".join(training_caption(item, recipe.dataset).split())
+        atomic_write_text(folder / f"{name}.txt", caption + "\n")
+        wanted.setdefault(folder, set()).update({image.name, f"{name}.txt"})
+        key = folder.name
+        counts[key] = counts.get(key, 0) + 1
+    from lora_run.images import IMAGE_EXTENSIONS
+
+    for folder, names in wanted.items():  # drop images a previous attempt staged that are no longer usable
+        for entry in folder.iterdir():
+            if entry.name not in names and (entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt"):
+                entry.unlink()
+    return counts
+
+
+def _link(source: Path, target: Path) -> None:
+    source = source.resolve()
+    if target.is_symlink() and Path(os.readlink(target)) == source:
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    try:
+        os.symlink(source, tmp)
+    except OSError:  # no symlinks here (some file systems): copy
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def _write_converted(source: Path, target: Path) -> None:
+    from lora_run.images import open_rgb
+    from lora_run.rundir import atomic_path
+
+    opened = open_rgb(source)
+    with atomic_path(target) as tmp:
+        opened.image.save(tmp, format="PNG")  # type: ignore[attr-defined]
+
+
+def latest_state(output_dir: Path, name: str) -> Path | None:
+    """The newest sd-scripts state folder (`<name>-step00000100-state`, `<name>-000002-state`, `<name>-state`)."""
+    if not output_dir.is_dir():
+        return None
+    states = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(name) and p.name.endswith("-state")]
+    return max(states, key=lambda p: p.stat().st_mtime_ns) if states else None
+
+
+# -------------------------------------------------------------------------------------------------- watching
+class Watcher:
+    """Finds new checkpoints and sample images in sd-scripts' output folder and calls the lifecycle hooks.
+
+    A file is reported once its size and modification time stayed the same between two looks (sd-scripts
+    writes in place), or when the process has ended.
+    """
+
+    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0):
+        self.ctx, self.output_dir, self.name, self.every = ctx, output_dir, name, every
+        self.step = 0
+        self.checkpoints: list[dict[str, Any]] = []
+        self.samples: list[str] = []
+        self.last_checkpoint: str | None = None
+        self._seen: set[str] = set()
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._last = 0.0
+        self._pattern = re.compile(re.escape(name) + r"-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))\.safetensors$")
+
+    def _stable(self, path: Path, final: bool) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        key = (st.st_size, st.st_mtime_ns)
+        previous = self._sizes.get(str(path))
+        self._sizes[str(path)] = key
+        return final or previous == key
+
+    def poll(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < self.every:
+            return
+        self._last = now
+        if not self.output_dir.is_dir():
+            return
+        for path in sorted(self.output_dir.glob(f"{self.name}-*.safetensors")):
+            match = self._pattern.match(path.name)
+            if not match or str(path) in self._seen or not self._stable(path, final):
+                continue
+            self._seen.add(str(path))
+            step = int(match["step"]) if match["step"] else self.step
+            entry = {"step": step, "path": str(path), "format": "kohya"}
+            if match["epoch"]:
+                entry["epoch"] = int(match["epoch"])
+            self.checkpoints.append(entry)
+            self.last_checkpoint = str(path)
+            self.ctx.echo(f"kohya: checkpoint at step {step}: {path.name}")
+            self.ctx.hook.checkpoint_saved(run=self.ctx, step=step, path=path)
+        new = []
+        for path in sorted((self.output_dir / "sample").glob("*.png")):
+            if str(path) in self._seen or not self._stable(path, final):
+                continue
+            self._seen.add(str(path))
+            new.append(path)
+        if new:
+            self.samples.extend(str(p) for p in new)
+            self.ctx.hook.samples_written(run=self.ctx, step=self.step, paths=new)
+
+
+class Display:
+    """Progress on the terminal: one rewritten line on a TTY, otherwise a line every ~5% of the steps."""
+
+    def __init__(self, echo: Any):
+        self.echo_fn = echo
+        self.tty = sys.stderr.isatty()
+        self.last_shown = -1
+        self.active = False
+
+    def show(self, p: Progress) -> None:
+        loss = f"  loss {p.loss:.4f}" if p.loss is not None and math.isfinite(p.loss) else ""
+        speed = f"  {p.it_per_s:.2f} it/s" if p.it_per_s else ""
+        text = f"step {p.step}/{p.total}{loss}{speed}  elapsed {p.elapsed}  left {p.remaining}"
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(78))
+            sys.stderr.flush()
+            self.active = True
+            return
+        every = max(1, p.total // 20)
+        if p.step == p.total or p.step // every != self.last_shown // every or self.last_shown < 0:
+            self.echo_fn(text)
+            self.last_shown = p.step
+
+    def echo(self, text: str) -> None:
+        self.done()
+        self.echo_fn(text)
+
+    def done(self) -> None:
+        if self.active:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.active = False
+
+
+def _hint(tail: Any) -> str:
+    text = "\n".join(tail)
+    if "CUDA out of memory" in text or "OutOfMemoryError" in text:
+        return " (out of GPU memory: try [backend.kohya] blocks_to_swap, [model] base_precision = \"fp8\" or a " \
+               "smaller [dataset] resolution)"
+    if "ModuleNotFoundError" in text or "No module named" in text:
+        return " (a module is missing: is [backend.kohya] python the interpreter of sd-scripts' environment?)"
+    if "extra keys not allowed" in text:
+        return " (sd-scripts rejected the dataset config)"
+    return ""

@@ -1,0 +1,379 @@
+"""Recipe → sd-scripts: the ``--config_file`` table, the ``--dataset_config`` table, the sample prompts
+and the ``accelerate launch`` argv. Pure data; no torch, no file system writes, no sd-scripts needed.
+
+Every mapping below is one sd-scripts really honours for the family (see docs/backend-kohya.md for the
+table and the reasons behind each refusal); anything else is refused by the capability check or by
+:func:`problems` with the recipe key named.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lora_run.schema import Recipe
+
+FLUX = "flux.1-dev"
+HUNYUAN_IMAGE = "hunyuan-image-2.1"
+
+
+@attrs.frozen
+class Family:
+    name: str
+    script: str
+    network_module: str
+    files: dict[str, str]                 # [model.files] key -> sd-scripts option
+    file_help: dict[str, str]             # [model.files] key -> what file it is
+    max_blocks_to_swap: int
+    bucket_multiple: int = 32
+
+
+FAMILIES: dict[str, Family] = {
+    FLUX: Family(
+        FLUX, "flux_train_network.py", "networks.lora_flux",
+        {"transformer": "pretrained_model_name_or_path", "clip_l": "clip_l", "t5xxl": "t5xxl", "vae": "ae"},
+        {"transformer": "flux1-dev.safetensors (BFL layout, from black-forest-labs/FLUX.1-dev)",
+         "clip_l": "clip_l.safetensors (comfyanonymous/flux_text_encoders)",
+         "t5xxl": "t5xxl_fp16.safetensors (comfyanonymous/flux_text_encoders)",
+         "vae": "ae.safetensors (black-forest-labs/FLUX.1-dev)"},
+        max_blocks_to_swap=35),
+    HUNYUAN_IMAGE: Family(
+        HUNYUAN_IMAGE, "hunyuan_image_train_network.py", "networks.lora_hunyuan_image",
+        {"transformer": "pretrained_model_name_or_path", "vae": "vae", "qwen": "text_encoder", "byt5": "byt5"},
+        {"transformer": "the HunyuanImage-2.1 DiT single file (hunyuanimage2.1.safetensors)",
+         "vae": "the HunyuanImage-2.1 VAE single file",
+         "qwen": "Qwen2.5-VL-7B in bf16 (qwen_2.5_vl_7b.safetensors)",
+         "byt5": "the ByT5 glyph encoder in fp16 (byt5_small_glyphxl_fp16.safetensors)"},
+        max_blocks_to_swap=37),
+}
+
+OPTIMIZERS = {"adafactor": "Adafactor", "adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
+TIMESTEPS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "shift", "flux-shift": "flux_shift",
+             "logit-normal": "sigma"}
+SAVE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "float"}
+# lora_flux per-layer ranks (network_args); 0 removes the layer. attention+mlp = every block linear except
+# the modulation layers. "attention" alone cannot be expressed (single blocks fuse q/k/v with the MLP input).
+FLUX_TARGET_ARGS = {"attention+mlp": ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0"], "all-linear": []}
+
+
+@attrs.frozen
+class Paths:
+    """Absolute locations the generated files refer to."""
+
+    run_dir: Path
+    sd_scripts: str            # the checkout, or a placeholder for `lora-run plan` without one
+    python: str
+    data_dir: Path             # staged dataset view (images + captions; sd-scripts writes its caches here)
+
+    @property
+    def kohya(self) -> Path:
+        return self.run_dir / "kohya"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.kohya / "output"
+
+    def subset_dir(self, index: int) -> Path:
+        return self.data_dir / ("subject" if index == 0 else f"reg{index - 1}")
+
+
+@attrs.frozen
+class Translation:
+    family: Family
+    config: dict[str, dict[str, Any]]
+    dataset: dict[str, Any]
+    sample_prompts: str | None
+    argv: list[str]
+    notes: list[str]
+
+
+def text_encoder_cache(recipe: Recipe, options: Any) -> bool:
+    """Whether text-encoder outputs are cached (sd-scripts forbids caching with caption dropout or TE training)."""
+    if options.cache_text_encoder_outputs is not None:
+        return options.cache_text_encoder_outputs
+    return recipe.dataset.caption_dropout == 0 and not recipe.text_encoder.train
+
+
+def sample_lines(recipe: Recipe) -> list[str]:
+    """One sd-scripts prompt-file line per prompt × seed (FLUX: `--g` embedded guidance; HunyuanImage: `--l`)."""
+    s = recipe.sample
+    flag = "--g" if recipe.model.family == FLUX else "--l"
+    trigger = recipe.dataset.trigger.strip()
+    lines = []
+    for prompt in s.prompts:
+        text = " ".join(prompt.replace("{trigger}", trigger).split())
+        for seed in s.seeds:
+            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {s.guidance:g}")
+    return lines
+
+
+def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
+    """What sd-scripts cannot do with this recipe beyond the capability features (key path, message)."""
+    out: list[tuple[tuple, str]] = []
+    fam = FAMILIES.get(recipe.model.family)
+    if fam is None:
+        return out
+    d, t = recipe.dataset, recipe.train
+    files = recipe.model.files
+    missing = [k for k in fam.files if not getattr(files, k)]
+    if missing:
+        src = f" ([model] source = \"{recipe.model.source}\" is a hub id or diffusers folder, which sd-scripts " \
+              "cannot load)" if recipe.model.source else ""
+        need = "; ".join(f"{k} = {fam.file_help[k]}" for k in fam.files)
+        for key in missing:
+            out.append((("model", "files", key), f"is required by the kohya backend: sd-scripts loads single-file "
+                        f"checkpoints only{src}. Set [model.files] {need}"))
+    for key in fam.files:
+        value = getattr(files, key)
+        if value and not Path(value).is_file():
+            what = "is a folder, not a single file" if Path(value).is_dir() else "does not exist"
+            out.append((("model", "files", key), f"{value} {what} (expected {fam.file_help[key]})"))
+    for key in ("bucket_step",):
+        if d.bucket_step % fam.bucket_multiple:
+            out.append((("dataset", key), f"sd-scripts requires bucket_reso_steps to be a multiple of "
+                        f"{fam.bucket_multiple} for {fam.name}; got {d.bucket_step}"))
+    for key in ("bucket_min", "bucket_max"):
+        value = getattr(d, key)
+        if d.bucket_step and value % d.bucket_step:
+            out.append((("dataset", key), f"must be a multiple of dataset.bucket_step ({d.bucket_step}) for "
+                        f"sd-scripts (it would round it silently); got {value}"))
+    weights = sorted({r.weight for r in d.regularization})
+    if len(weights) > 1:
+        out.append((("dataset", "regularization"), f"sets use different weights ({', '.join(map(str, weights))}); "
+                    "sd-scripts has one --prior_loss_weight for all regularisation images"))
+    if recipe.text_encoder.train:
+        if recipe.text_encoder.train_fraction < 1.0:
+            out.append((("text_encoder", "train_fraction"), f"is {recipe.text_encoder.train_fraction}; sd-scripts' "
+                        "network trainer cannot stop the text-encoder LoRA early: set train_fraction = 1.0 (train it "
+                        "throughout) or use the native backend"))
+        if recipe.text_encoder.rank not in (None, recipe.lora.rank):
+            out.append((("text_encoder", "rank"), "sd-scripts trains the text-encoder LoRA with the same rank as "
+                        f"the transformer ([lora] rank = {recipe.lora.rank})"))
+        if options.cache_text_encoder_outputs:
+            out.append((("backend", "kohya", "cache_text_encoder_outputs"), "cannot be true while the text "
+                        "encoder is trained"))
+    if d.caption_dropout > 0 and options.cache_text_encoder_outputs:
+        out.append((("backend", "kohya", "cache_text_encoder_outputs"), "cannot be true with dataset.caption_dropout "
+                    "> 0: sd-scripts refuses caption dropout on cached text-encoder outputs"))
+    if recipe.lora.init != "default":
+        out.append((("lora", "init"), "sd-scripts always initialises LoRA down with Kaiming-uniform and up with "
+                    "zeros (= \"default\")"))
+    if recipe.scheduler.name == "constant" and recipe.scheduler.warmup_steps:
+        out.append((("scheduler", "warmup_steps"), "is set but the scheduler is \"constant\" (no warmup); use "
+                    "\"constant_with_warmup\""))
+    if t.memory_mode != "auto":
+        out.append((("train", "memory_mode"), "is a native-backend setting; with kohya use [backend.kohya] "
+                    "blocks_to_swap, [model] base_precision = \"fp8\" and train.gradient_checkpointing"))
+    if t.compile == "on":
+        out.append((("train", "compile"), "sd-scripts' LoRA trainers do not compile the transformer blocks"))
+    if t.save_every_steps and t.save_every_epochs:
+        out.append((("train", "save_every_epochs"), "sd-scripts saves either every N steps or every N epochs "
+                    "(epochs win); give one of them"))
+    if recipe.sample.every_steps is not None:
+        if any(s != 1.0 for s in recipe.sample.strengths):
+            out.append((("sample", "strengths"), "sd-scripts samples with the LoRA at strength 1.0 only"))
+        for i, line in enumerate(recipe.sample.prompts):
+            text = line.replace("{trigger}", recipe.dataset.trigger)
+            if re.search(r"(^|\s)--", text) or text.lstrip().startswith("#"):
+                out.append((("sample", "prompts", i), "contains \"--\" or starts with \"#\", which sd-scripts' "
+                            "prompt file reads as an option or a comment"))
+    if options.blocks_to_swap is not None:
+        if options.blocks_to_swap > fam.max_blocks_to_swap:
+            out.append((("backend", "kohya", "blocks_to_swap"), f"sd-scripts swaps at most "
+                        f"{fam.max_blocks_to_swap} blocks for {fam.name}; got {options.blocks_to_swap}"))
+        if options.cpu_offload_checkpointing and options.blocks_to_swap:
+            out.append((("backend", "kohya", "cpu_offload_checkpointing"), "sd-scripts refuses it together "
+                        "with blocks_to_swap"))
+    if options.cpu_offload_checkpointing and not t.gradient_checkpointing:
+        out.append((("backend", "kohya", "cpu_offload_checkpointing"), "needs train.gradient_checkpointing = true"))
+    return out
+
+
+def _lr_args(recipe: Recipe) -> dict[str, Any]:
+    s, lr = recipe.scheduler, recipe.optimizer.lr
+    out: dict[str, Any] = {}
+    name, ratio = s.name, s.min_lr_ratio
+    if name in ("cosine", "linear") and ratio >= 1.0:
+        name = "constant_with_warmup"      # decaying to the peak LR is a constant LR
+    if name == "constant":
+        out["lr_scheduler"] = "constant"
+        return out
+    if name == "cosine" and ratio > 0:
+        out["lr_scheduler"] = "cosine_with_min_lr"
+        out["lr_scheduler_min_lr_ratio"] = float(ratio)
+    elif name == "linear" and ratio > 0:
+        out["lr_scheduler"] = "polynomial"          # power 1 to lr_end = linear to the floor
+        out["lr_scheduler_power"] = 1.0
+        out["lr_scheduler_args"] = [f"lr_end={lr * ratio!r}"]
+    else:
+        out["lr_scheduler"] = name
+    out["lr_warmup_steps"] = int(s.warmup_steps)
+    return out
+
+
+def _optimizer(recipe: Recipe) -> dict[str, Any]:
+    o = recipe.optimizer
+    args = [f"weight_decay={float(o.weight_decay)!r}"]
+    if o.name == "adafactor":
+        args = ["relative_step=False", "scale_parameter=False", "warmup_init=False", *args]
+    else:
+        args += [f"betas=({float(o.betas[0])!r},{float(o.betas[1])!r})", f"eps={float(o.eps)!r}"]
+    return {"optimizer_type": OPTIMIZERS[o.name], "optimizer_args": args, "learning_rate": float(o.lr),
+            "max_grad_norm": float(o.max_grad_norm), **_lr_args(recipe)}
+
+
+def _timesteps(recipe: Recipe) -> dict[str, Any]:
+    t = recipe.train
+    out: dict[str, Any] = {"timestep_sampling": TIMESTEPS[t.timestep_sampling]}
+    if t.timestep_sampling in ("sigmoid", "shift", "flux-shift"):
+        out["sigmoid_scale"] = float(t.sigmoid_scale)
+    if t.timestep_sampling == "shift":
+        out["discrete_flow_shift"] = float(t.shift)
+    if t.timestep_sampling == "logit-normal":
+        # sd-scripts' "sigma" path: u = sigmoid(N(mean, std)) indexes the scheduler's *descending* timesteps,
+        # so σ ≈ 1 − u = sigmoid(N(−mean, std)); a shift of 1.0 keeps the schedule unshifted.
+        out.update(weighting_scheme="logit_normal", logit_mean=0.0 - float(t.logit_mean), logit_std=float(t.logit_std),
+                   discrete_flow_shift=1.0)
+    return out
+
+
+def _loss(recipe: Recipe) -> dict[str, Any]:
+    if recipe.train.loss == "pseudo-huber":
+        c = recipe.train.loss_options.get("c", 0.1)
+        return {"loss_type": "huber", "huber_c": float(c), "huber_scale": 1.0, "huber_schedule": "constant"}
+    return {"loss_type": "l2"}
+
+
+def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int) -> int:
+    """sd-scripts' batches per epoch: subject × repeats, regularisation images balanced to the same count."""
+    d, t = recipe.dataset, recipe.train
+    samples = subject_images * d.repeats
+    if reg_images and d.regularization:
+        samples *= 2
+    batches = math.ceil(samples / t.batch_size) if samples else 0
+    return math.ceil(batches / t.gradient_accumulation) if batches else 0
+
+
+def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", recipe_path: str = "") -> Translation:
+    fam = FAMILIES[recipe.model.family]
+    d, t, lora = recipe.dataset, recipe.train, recipe.lora
+    notes: list[str] = []
+    te_cache = text_encoder_cache(recipe, options)
+
+    model: dict[str, Any] = {}
+    for key, opt in fam.files.items():
+        value = getattr(recipe.model.files, key)
+        model[opt] = value or f"<[model.files] {key}>"
+    if fam.name == FLUX:
+        model["model_type"] = "flux"
+    model["mixed_precision"] = t.mixed_precision
+    model["save_precision"] = SAVE_PRECISION[recipe.output.save_precision]
+    if recipe.model.base_precision == "fp8":
+        if fam.name == FLUX:
+            model["fp8_base_unet" if recipe.text_encoder.train else "fp8_base"] = True
+        else:
+            model["fp8_scaled"] = True
+    model["gradient_checkpointing"] = bool(t.gradient_checkpointing)
+    if options.cpu_offload_checkpointing:
+        model["cpu_offload_checkpointing"] = True
+    if options.blocks_to_swap:
+        model["blocks_to_swap"] = int(options.blocks_to_swap)
+    if options.cache_latents:
+        model.update(cache_latents=True, cache_latents_to_disk=True)
+    if te_cache:
+        model.update(cache_text_encoder_outputs=True, cache_text_encoder_outputs_to_disk=True)
+    if options.tokenizer_cache_dir:
+        model["tokenizer_cache_dir"] = options.tokenizer_cache_dir
+    model["max_data_loader_n_workers"] = int(t.num_workers)
+    if t.num_workers:
+        model["persistent_data_loader_workers"] = True
+    model["seed"] = int(t.seed)
+
+    network: dict[str, Any] = {"network_module": fam.network_module, "network_dim": int(lora.rank),
+                               "network_alpha": float(lora.alpha)}
+    if fam.name == FLUX:
+        args = list(FLUX_TARGET_ARGS.get(lora.targets, []))
+        if args:
+            network["network_args"] = args
+        if recipe.text_encoder.train:
+            network["text_encoder_lr"] = [float(recipe.optimizer.lr * recipe.text_encoder.lr_ratio)]
+        else:
+            network["network_train_unet_only"] = True
+    else:
+        network["network_train_unet_only"] = True
+
+    training: dict[str, Any] = {}
+    if t.steps is not None:
+        training["max_train_steps"] = int(t.steps)
+    else:
+        training["max_train_epochs"] = int(t.epochs)
+    training["gradient_accumulation_steps"] = int(t.gradient_accumulation)
+    if fam.name == FLUX:
+        training["guidance_scale"] = float(t.guidance)
+    training["model_prediction_type"] = "raw"
+    training.update(_timesteps(recipe))
+    training.update(_loss(recipe))
+    if d.regularization:
+        training["prior_loss_weight"] = float(d.regularization[0].weight)
+
+    saving: dict[str, Any] = {"output_dir": str(paths.output_dir), "output_name": recipe.output.name,
+                              "save_model_as": "safetensors", "save_state": True, "save_state_on_train_end": True,
+                              "metadata_title": recipe.output.name,
+                              "training_comment": f"lora-run {version} {recipe_path}".strip()}
+    if d.trigger.strip():
+        saving["metadata_trigger_phrase"] = d.trigger.strip()
+    if t.save_every_steps:
+        saving["save_every_n_steps"] = int(t.save_every_steps)
+        saving["save_last_n_steps"] = int((t.keep_last - 1) * t.save_every_steps)
+        saving["save_last_n_steps_state"] = int((t.keep_last - 1) * t.save_every_steps)
+    if t.save_every_epochs:
+        saving["save_every_n_epochs"] = int(t.save_every_epochs)
+        saving["save_last_n_epochs"] = int(t.keep_last)
+        saving["save_last_n_epochs_state"] = int(t.keep_last)
+
+    config: dict[str, dict[str, Any]] = {"model": model, "network": network, "optimizer": _optimizer(recipe),
+                                         "training": training, "saving": saving}
+    sample_text = None
+    if recipe.sample.every_steps is not None:
+        sample_text = "\n".join(sample_lines(recipe)) + "\n"
+        config["sampling"] = {"sample_prompts": str(paths.kohya / "sample_prompts.txt"),
+                              "sample_every_n_steps": int(recipe.sample.every_steps)}
+    if options.tensorboard:
+        config["logging"] = {"log_with": "tensorboard", "logging_dir": str(paths.kohya / "logs")}
+    if options.extra_args:
+        config["extra"] = dict(options.extra_args)
+
+    general: dict[str, Any] = {"caption_extension": ".txt", "enable_bucket": True, "resolution": int(d.resolution),
+                               "min_bucket_reso": int(d.bucket_min), "max_bucket_reso": int(d.bucket_max),
+                               "bucket_reso_steps": int(d.bucket_step), "bucket_no_upscale": True,
+                               "batch_size": int(t.batch_size)}
+    subject: dict[str, Any] = {"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}
+    if d.caption_dropout > 0:
+        subject["caption_dropout_rate"] = float(d.caption_dropout)
+    subsets = [subject]
+    for n, reg in enumerate(d.regularization):
+        subsets.append({"image_dir": str(paths.subset_dir(n + 1)), "num_repeats": int(reg.repeats), "is_reg": True})
+    dataset = {"general": general, "datasets": [{"subsets": subsets}]}
+
+    argv = [paths.python, "-m", "accelerate.commands.launch",
+            "--num_cpu_threads_per_process", str(options.num_cpu_threads_per_process),
+            "--mixed_precision", t.mixed_precision, "--num_processes", str(options.num_processes),
+            "--num_machines", "1", "--dynamo_backend", "no",
+            f"{paths.sd_scripts}/{fam.script}",
+            "--config_file", str(paths.kohya / "config.toml"),
+            "--dataset_config", str(paths.kohya / "dataset.toml")]
+
+    if d.regularization:
+        notes.append("sd-scripts balances regularisation images to the subject count: each epoch it uses as many "
+                     "regularisation samples as subject samples (subject images × repeats), cycling or leaving "
+                     "some out; [dataset.regularization] repeats is only the starting count")
+    if not te_cache and not recipe.text_encoder.train and d.caption_dropout > 0:
+        notes.append("text-encoder outputs are not cached (sd-scripts forbids caching with caption dropout): the "
+                     "text encoders stay loaded and run every step")
+    if t.epochs is not None:
+        notes.append("steps are estimated from the image counts; sd-scripts batches per bucket, so an epoch can "
+                     "have a few more batches than estimated")
+    return Translation(fam, config, dataset, sample_text, argv, notes)
