@@ -1,1 +1,45 @@
-"""(being written)"""
+"""Built-in backend plugin `native` (alias `flux`): the in-process trainer (diffusers + peft + accelerate).
+
+One training loop, data pipeline, cache, checkpoint format and generation API for every model family; the
+family specifics live in ``adapters/`` (one :class:`~lora_run_native.adapters.base.ModelAdapter` per family).
+The backend's capabilities are the adapters' ``features``, so adding an adapter adds its family.
+
+No torch import at module level: `lora-run check` and `lora-run plugins` load this module.
+"""
+from __future__ import annotations
+
+from lora_run.hookspecs import hookimpl
+
+
+def make_backend(ctx):
+    from .backend import NativeBackend
+
+    return NativeBackend(ctx)
+
+
+def build_demo(assets_dir):
+    """The `lora-run demo` assets: a tiny model, a synthetic dataset and a recipe; returns the recipe path."""
+    from .demo import build_demo as build
+
+    return build(assets_dir)
+
+
+@hookimpl
+def register_backends(register):
+    from .adapters import adapter_classes
+    from .backend import NativeOptions
+
+    classes = adapter_classes()
+    capabilities = {family: cls.features for family, cls in classes.items()}
+    reasons = {}
+    for cls in classes.values():
+        reasons.update(cls.reasons)
+    from lora_run.schema import FAMILIES
+
+    notes = {f: "no native adapter for this family is installed" for f in FAMILIES if f not in classes}
+    register("native", make_backend, options=NativeOptions, capabilities=capabilities,
+             description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
+             reasons=reasons, family_notes=notes, demo=build_demo)
+    flux = classes["flux.1-dev"]
+    register("flux", make_backend, options=NativeOptions, capabilities={"flux.1-dev": flux.features},
+             description="alias of native for FLUX.1-dev", reasons=dict(flux.reasons))

@@ -81,6 +81,24 @@ def hub_offline(recipe: Recipe) -> bool:
     return recipe.model.offline or env not in ("", "0", "false", "no", "off")
 
 
+def quiet_libraries() -> None:
+    """No per-file loading/saving progress bars from transformers/diffusers (our own bar is enough)."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def file_identity(path: Path) -> str:
     """Cheap identity of a (possibly many-GB) weight file: path, size and modification time."""
     st = path.stat()
@@ -199,8 +217,9 @@ class ModelAdapter:
         return f"hub:{src}@{m.revision or 'main'}/{subfolder}"
 
     # ------------------------------------------------------------------------------------- loading
-    def load_encoders(self) -> None:
-        """Load tokenizers, text encoders and the VAE (frozen, eval mode) onto ``self.device``."""
+    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
+        """Load tokenizers, text encoders and the VAE (frozen, eval mode) onto ``self.device``; ``only`` limits
+        it to some of them (``"vae"`` and names from ``text_encoders``). Already loaded ones are kept."""
         raise NotImplementedError
 
     def load_transformer(self) -> torch.nn.Module:

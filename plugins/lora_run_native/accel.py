@@ -1,0 +1,271 @@
+"""GPU speed and memory modes for the native trainer (``[train] memory_mode``).
+
+Three modes, applied to a transformer *after* the LoRA is injected:
+
+* ``speed``    — bf16 base weights, no activation checkpointing, regional ``torch.compile`` of every
+                 repeated block (one compiled graph per block type, reused by all blocks of that type).
+* ``memory``   — frozen base weights stored in float8 (e4m3, per-output-channel scale, dequantised inside
+                 the compiled block so only one layer's bf16 copy exists at a time), plus block-level
+                 activation checkpointing of just enough blocks to fit the budget.
+* ``low-vram`` — ``memory`` with every block checkpointed, and the frozen weights of a share of the blocks
+                 kept in pinned CPU memory and streamed to the GPU one block ahead of use, on a side stream
+                 (forward order in the forward pass, reverse order while backward recomputes).
+
+``auto`` picks the fastest mode whose estimated peak fits the GPU's free memory (``memory.py``).
+Numerics: ``speed`` computes exactly what the reference computes (bf16 autocast, fp32 LoRA weights);
+the fp8 modes round the *frozen* base weights to e4m3 (as sd-scripts' ``--fp8_base`` does).
+Everything here is a no-op on CPU except fp8 storage (used by ``base_precision = "fp8"`` everywhere).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import attrs
+
+MODES = ("speed", "memory", "low-vram")
+
+
+@attrs.frozen
+class PerfPlan:
+    """What will be applied; `memory.py` fills `checkpoint_blocks` and `offload_blocks` from the budget."""
+
+    mode: str
+    compile: bool = False
+    fp8: bool = False
+    checkpoint_blocks: int = 0      # how many repeated blocks run under activation checkpointing
+    offload_blocks: int = 0         # how many blocks keep their frozen weights in pinned CPU memory
+
+    def describe(self) -> str:
+        parts = [self.mode, "compiled" if self.compile else "eager", "fp8 base" if self.fp8 else "bf16 base"]
+        if self.checkpoint_blocks:
+            parts.append(f"checkpointing {self.checkpoint_blocks} blocks")
+        if self.offload_blocks:
+            parts.append(f"offloading {self.offload_blocks} blocks")
+        return ", ".join(parts)
+
+
+def repeated_blocks(model: Any) -> list[Any]:
+    """The transformer's repeated blocks in execution order (FLUX/HunyuanImage: double then single)."""
+    names = getattr(model, "_repeated_blocks", None) or []
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks and hasattr(model, "blocks"):
+        blocks = list(model.blocks)
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------ fp8 storage
+def _fp8_linear_class() -> type:
+    import torch
+    import torch.nn.functional as F
+
+    class _Fp8Matmul(torch.autograd.Function):
+        """y = x @ (w8·s)ᵀ + b with only the fp8 weight saved for backward (never a bf16 copy)."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, w8: Any, scale: Any, bias: Any) -> Any:
+            weight = w8.to(x.dtype) * scale.to(x.dtype)
+            ctx.save_for_backward(w8, scale)
+            ctx.has_bias = bias is not None
+            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            w8, scale = ctx.saved_tensors
+            weight = w8.to(grad.dtype) * scale.to(grad.dtype)
+            return grad @ weight, None, None, None
+
+    class Fp8Linear(torch.nn.Module):
+        """A frozen Linear whose weight is stored as float8_e4m3fn with a per-output-channel scale."""
+
+        def __init__(self, linear: Any, compute_dtype: Any):
+            super().__init__()
+            w = linear.weight.detach().float()
+            amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+            scale = amax / torch.finfo(torch.float8_e4m3fn).max
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))
+            self.register_buffer("scale", scale.to(torch.float32))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
+            self.compute_dtype = compute_dtype
+
+        @property
+        def weight(self) -> Any:
+            """Dequantised weight (allocates; used only by code that inspects the layer, e.g. peft merges)."""
+            return (self.w8.to(self.compute_dtype) * self.scale.to(self.compute_dtype))
+
+        def forward(self, x: Any) -> Any:
+            if x.dtype not in (torch.bfloat16, torch.float16):
+                x = x.to(self.compute_dtype) if torch.is_autocast_enabled() or x.is_cuda else x
+            if x.dtype == torch.float32:  # CPU float32 training: dequantise to float32
+                weight = self.w8.float() * self.scale
+                return F.linear(x, weight, None if self.bias is None else self.bias.float())
+            return _Fp8Matmul.apply(x, self.w8, self.scale, self.bias)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
+
+    return Fp8Linear
+
+
+_FP8_LINEAR: type | None = None
+
+
+def fp8_linear_class() -> type:
+    global _FP8_LINEAR
+    if _FP8_LINEAR is None:
+        _FP8_LINEAR = _fp8_linear_class()
+    return _FP8_LINEAR
+
+
+def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterable[Any] | None = None) -> int:
+    """Replace every frozen nn.Linear (LoRA base layers included) inside `modules` by an Fp8Linear."""
+    import torch
+
+    Fp8Linear = fp8_linear_class()
+    count = 0
+    for root in (modules if modules is not None else [model]):
+        for parent in list(root.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad \
+                        and min(child.weight.shape) >= 64:
+                    setattr(parent, name, Fp8Linear(child, compute_dtype))
+                    count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------- checkpointing, compile
+def checkpoint_indices(n_blocks: int, count: int) -> list[int]:
+    """Spread `count` blocks evenly over `n_blocks` (so memory stays flat across the model)."""
+    count = max(0, min(n_blocks, count))
+    if count == 0:
+        return []
+    return sorted({min(n_blocks - 1, math.floor(i * n_blocks / count)) for i in range(count)})
+
+
+class BlockOffloader:
+    """Streams the fp8 weights of some blocks from pinned CPU memory, one block ahead, on a side stream.
+
+    `load(i)` runs inside the (checkpointed) block function, so the recomputation in backward loads the
+    weights again; it prefetches the next offloaded block in the direction of travel (forward order in the
+    forward pass, reverse order in backward)."""
+
+    def __init__(self, blocks: list[Any], offload: list[int], device: Any):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.n = len(blocks)
+        self.offload = sorted(offload)
+        self.stream = torch.cuda.Stream(device=device)
+        self.pending: dict[int, Any] = {}
+        self.host: dict[int, list[tuple[Any, Any]]] = {}
+        Fp8Linear = fp8_linear_class()
+        for i in offload:
+            pairs = []
+            for layer in (m for m in blocks[i].modules() if isinstance(m, Fp8Linear)):
+                cpu = layer.w8.detach().to("cpu").pin_memory()
+                layer.w8 = torch.empty(0, dtype=cpu.dtype, device=device)  # placeholder until loaded
+                pairs.append((layer, cpu))
+            self.host[i] = pairs
+        torch.cuda.empty_cache()
+
+    def _copy(self, i: int) -> None:
+        torch = self.torch
+        if i in self.pending:
+            return
+        with torch.cuda.stream(self.stream):
+            tensors = [cpu.to(self.device, non_blocking=True) for _, cpu in self.host[i]]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pending[i] = (tensors, event)
+
+    def load(self, i: int) -> None:
+        torch = self.torch
+        self._copy(i)
+        tensors, event = self.pending.pop(i)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for (layer, _), tensor in zip(self.host[i], tensors):
+            tensor.record_stream(current)
+            layer.w8 = tensor
+        backward = torch._C._current_graph_task_id() != -1
+        k = self.offload.index(i) + (-1 if backward else 1)
+        if 0 <= k < len(self.offload):
+            self._copy(self.offload[k])
+
+    def release(self, i: int) -> None:
+        for layer, cpu in self.host[i]:  # autograd keeps what backward needs; drop the module's reference
+            layer.w8 = self.torch.empty(0, dtype=cpu.dtype, device=self.device)
+
+
+def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
+                offloader: BlockOffloader | None) -> None:
+    import torch
+
+    forward = block.forward
+    if compile:
+        forward = torch.compile(forward, dynamic=False)
+    if offloader is not None and index in offloader.host:
+        compiled = forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811 - load weights around the call
+            offloader.load(index)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                offloader.release(index)
+    if checkpoint:
+        inner = forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811 - the checkpointed call
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return inner(*args, **kwargs)
+    block.forward = forward
+
+
+# ---------------------------------------------------------------------------------------------- apply
+def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[str, Any]:
+    """Apply a PerfPlan to a transformer whose LoRA is already injected. Returns what was done."""
+    import torch
+
+    blocks = repeated_blocks(model)
+    done: dict[str, Any] = {"mode": plan.mode, "blocks": len(blocks)}
+    if plan.fp8:
+        done["fp8_linears"] = store_frozen_linears_in_fp8(model, compute_dtype)
+    on_cuda = torch.device(device).type == "cuda"
+    if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+    ckpt = set(checkpoint_indices(len(blocks), plan.checkpoint_blocks))
+    offloader = None
+    if plan.offload_blocks and on_cuda:
+        if not plan.fp8:
+            raise ValueError("offloading needs fp8 storage")
+        offload = checkpoint_indices(len(blocks), plan.offload_blocks)
+        ckpt |= set(offload)  # an offloaded block must be recomputed, never keep its weights for backward
+        offloader = BlockOffloader(blocks, offload, device)
+        model._lora_run_offloader = offloader  # kept alive with the model
+        done["offloaded"] = len(offload)
+    for i, block in enumerate(blocks):
+        _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader)
+    done["checkpointed"] = len(ckpt)
+    if plan.compile and on_cuda:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        done["compiled"] = True
+    return done
+
+
+def configure_cuda() -> None:
+    """Process-wide CUDA settings for training: flash/efficient SDPA on, cuDNN SDPA off (its backward
+    crashes on H100 with torch 2.11 + CUDA 13)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,425 @@
+"""FLUX.1-dev adapter: diffusers ``FluxTransformer2DModel`` + ``FluxPipeline`` components.
+
+Sources: ``[model] source`` (hub id or local diffusers folder) and/or ``[model.files]`` single files
+(``transformer`` in BFL layout, ``vae`` = ``ae.safetensors`` in LDM layout, ``clip_l``, ``t5xxl``). A component
+given as a file is read from the file; its config comes from ``source`` when that has one, else it is
+inferred from the tensor shapes. Components not given as files come from ``source``. The tokenizers come
+from ``source`` (``tokenizer/``, ``tokenizer_2/``) or, without a source, from the hub ids
+``openai/clip-vit-large-patch14`` and ``google/t5-v1_1-xxl`` (the ones FLUX uses; cached copies only when
+offline).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, is_local_source, quiet_libraries
+
+SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
+TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
+DEFAULT_TOKENIZERS = {"clip_l": ("openai/clip-vit-large-patch14", None), "t5xxl": ("google/t5-v1_1-xxl", None)}
+WHAT = {"transformer": "FLUX transformer", "vae": "FLUX autoencoder", "clip_l": "CLIP-L text encoder",
+        "t5xxl": "T5-XXL text encoder"}
+
+_DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
+_SINGLE_ATTN = [r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"]
+_MLP = [r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+        r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"]
+_MODULATION = [r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear", r"single_transformer_blocks\.\d+\.norm\.linear"]
+
+
+class FluxAdapter(ModelAdapter):
+    """FLUX.1-dev: rectified flow on packed 2×2 latent patches, CLIP-L pooled + T5-XXL sequence conditioning,
+    distilled guidance embedding."""
+
+    family = "flux.1-dev"
+    pixel_multiple = 16
+    objective = "flow"
+    features = COMMON_FEATURES | FLOW_FEATURES | {"guidance", "text_encoder_training", "fp8"}
+    reasons = {"min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no "
+                                "alphas_cumprod (use train.timestep_weighting or the pseudo-huber loss)"}
+    target_presets = {
+        "attention": _DOUBLE_ATTN + _SINGLE_ATTN,
+        "attention+mlp": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP,
+        "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
+    }
+    lora_formats = ("kohya", "diffusers")
+    text_encoders = ("clip_l", "t5xxl")
+    trainable_text_encoder = "clip_l"
+    default_hub_id = "black-forest-labs/FLUX.1-dev"
+    file_keys = ("transformer", "vae", "clip_l", "t5xxl")
+    vae_scale_factor = 8
+
+    def __init__(self, recipe: Any, **kw: Any):
+        super().__init__(recipe, **kw)
+        self.guidance_embeds = True
+        self.tokenizers: dict[str, Any] = {}
+        self._configs: dict[str, dict] = {}
+
+    @property
+    def max_sequence_length(self) -> int:
+        value = getattr(self.options, "text_max_length", None)
+        return min(512, value) if value else 512
+
+    # ---------------------------------------------------------------------------------------- sources
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().check_sources()
+        m = self.recipe.model
+        if m.source is None:
+            missing = [k for k in self.file_keys if getattr(m.files, k) is None]
+            for key in missing:
+                problems.append((("model", "files", key), f"is required when [model.source] is not set (or set "
+                                 "[model.source] to a diffusers folder / hub id that provides it)"))
+        elif is_local_source(m.source) and Path(m.source).is_dir():
+            src = Path(m.source)
+            for key in self.file_keys:
+                if getattr(m.files, key) is None and not (src / SUBFOLDER[key]).is_dir():
+                    problems.append((("model", "source"), f"{src} has no {SUBFOLDER[key]}/ folder (the {WHAT[key]}); "
+                                     f"it is not a FLUX diffusers folder — or give [model.files.{key}]"))
+            for key, sub in TOKENIZER_SUBFOLDER.items():
+                if not (src / sub).is_dir():
+                    problems.append((("model", "source"), f"{src} has no {sub}/ folder (the {WHAT[key]}'s "
+                                     "tokenizer)"))
+        return problems
+
+    def _source(self) -> str | None:
+        return self.recipe.model.source
+
+    def _from_source(self, cls: Any, subfolder: str, key: str, **kw: Any) -> Any:
+        src = self._source()
+        if src is None:
+            raise self.error(f"model.files.{key}", f"is required when [model.source] is not set")
+        if is_local_source(src) and not (Path(src) / subfolder).is_dir():
+            raise self.error("model.source", f"{src} has no {subfolder}/ folder (the {WHAT.get(key, key)})")
+        try:
+            return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)
+        except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
+            raise self._source_error("model.source", f"{src}/{subfolder}", exc) from None
+
+    def _source_error(self, key: str, what: str, exc: Exception) -> Exception:
+        from lora_run.errors import ModelSourceError
+
+        if isinstance(exc, ModelSourceError):
+            return exc
+        text = _first_line(exc)
+        offline = "local_files_only" in self.source_kwargs()
+        hint = (" (downloads are off: [model] offline = true or HF_HUB_OFFLINE; the model is not in the local "
+                "cache)") if offline and not is_local_source(self._source() or "") else ""
+        return self.error(key, f"cannot load {what}{hint}: {text[:300]}")
+
+    def _read_file(self, key: str) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        path = Path(getattr(self.recipe.model.files, key))
+        if not path.is_file():
+            raise self.error(f"model.files.{key}", f"file not found: {path}")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise self.error(f"model.files.{key}", f"{path.name} is not a readable safetensors file ({exc})") from None
+
+    def _source_config(self, cls: Any, key: str) -> dict | None:
+        """The component's config from `model.source` (local folder or hub cache), or None."""
+        src = self._source()
+        if src is None:
+            return None
+        sub = SUBFOLDER[key]
+        if is_local_source(src):
+            path = Path(src) / sub / "config.json"
+            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+        try:
+            config = cls.load_config(src, subfolder=sub, **self.source_kwargs()) if hasattr(cls, "load_config") \
+                else cls.config_class.from_pretrained(src, subfolder=sub, **self.source_kwargs()).to_dict()
+            return dict(config)
+        except Exception:  # noqa: BLE001 - fall back to inferring from the tensors
+            return None
+
+    def _instantiate(self, build: Any, state: dict[str, Any], key: str, dtype: Any, *, strict: bool = True) -> Any:
+        """Build a model without initialising weights and load ``state`` into it (names the file on mismatch)."""
+        import torch
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = build()
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or shape or (strict and unexpected):
+            path = getattr(self.recipe.model.files, key)
+            detail = (f"missing {missing[:3]}" if missing else f"shape mismatch at {shape[:3]}" if shape
+                      else f"unexpected {unexpected[:3]}")
+            raise self.error(f"model.files.{key}", f"{Path(path).name} does not match the {WHAT[key]} config "
+                             f"({detail})")
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in own}
+        model.load_state_dict(state, strict=False, assign=True)
+        if hasattr(model, "tie_weights"):
+            try:
+                model.tie_weights()
+            except Exception:  # noqa: BLE001 - tying is a nicety for T5's shared embedding
+                pass
+        for name, buf in list(model.named_buffers()):
+            if buf.device.type == "meta":
+                raise self.error(f"model.files.{key}", f"buffer {name} could not be materialised")
+        return model.to(torch.device("cpu"))
+
+    def _load_file_component(self, key: str, dtype: Any) -> Any:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        from .. import flux_files as ff
+
+        raw = self._read_file(key)
+        name = Path(getattr(self.recipe.model.files, key)).name
+        try:
+            if key == "transformer":
+                state = ff.transformer_bfl_to_diffusers(raw)
+                config = self._source_config(FluxTransformer2DModel, key) or ff.infer_transformer_config(state)
+                self._configs[key] = config
+                return self._instantiate(lambda: FluxTransformer2DModel.from_config(config), state, key, dtype)
+            if key == "vae":
+                state = ff.vae_ldm_to_diffusers(raw)
+                config = self._source_config(AutoencoderKL, key) or ff.infer_vae_config(state)
+                self._configs[key] = config
+                return self._instantiate(lambda: AutoencoderKL.from_config(config), state, key, dtype)
+            if key == "clip_l":
+                state = ff.clip_state_dict(raw)
+                tok = self.tokenizers["clip_l"]
+                config = self._source_config(CLIPTextModel, key) or ff.infer_clip_config(
+                    state, bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+                config = {k: v for k, v in config.items() if not k.startswith("_")}
+                return self._instantiate(lambda: CLIPTextModel(CLIPTextConfig(**config)), state, key, dtype,
+                                         strict=False)
+            state = ff.t5_state_dict(raw)
+            config = self._source_config(T5EncoderModel, key) or ff.infer_t5_config(state)
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
+            return self._instantiate(lambda: T5EncoderModel(T5Config(**config)), state, key, dtype, strict=False)
+        except ff.LayoutError as exc:
+            raise self.error(f"model.files.{key}", f"{name} does not look like a {WHAT[key]}: {exc}") from None
+
+    def _component(self, key: str, dtype: Any) -> Any:
+        if getattr(self.recipe.model.files, key) is not None:
+            return self._load_file_component(key, dtype)
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        cls = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "clip_l": CLIPTextModel,
+               "t5xxl": T5EncoderModel}[key]
+        kw = {"torch_dtype": dtype} if key in ("transformer", "vae") else {"dtype": dtype}
+        return self._from_source(cls, SUBFOLDER[key], key, **kw)
+
+    def _load_tokenizers(self) -> None:
+        from transformers import CLIPTokenizer, T5Tokenizer
+
+        quiet_libraries()
+        for key, cls in (("clip_l", CLIPTokenizer), ("t5xxl", T5Tokenizer)):
+            if key in self.tokenizers:
+                continue
+            src = self._source()
+            if src is not None:
+                self.tokenizers[key] = self._from_source(cls, TOKENIZER_SUBFOLDER[key], key)
+                continue
+            repo, _ = DEFAULT_TOKENIZERS[key]
+            try:
+                self.tokenizers[key] = cls.from_pretrained(repo, **self.source_kwargs())
+            except Exception as exc:  # noqa: BLE001
+                raise self.error("model.source", f"is not set, so the {WHAT[key]}'s tokenizer is taken from the "
+                                 f"hub model {repo}, which could not be loaded ({_first_line(exc)}); "
+                                 "set [model.source] to a folder with tokenizer/ and tokenizer_2/") from None
+
+    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
+        self._load_tokenizers()
+        dtype = self.compute_dtype
+        for key in ("vae", "clip_l", "t5xxl"):
+            if key in self.encoders or (only is not None and key not in only):
+                continue
+            module = self._component(key, dtype).to(self.device)
+            module.requires_grad_(False)
+            module.eval()
+            self.encoders[key] = module
+        if "vae" in self.encoders:
+            self.vae_scale_factor = 2 ** (len(self.encoders["vae"].config.block_out_channels) - 1)
+
+    def load_transformer(self) -> Any:
+        quiet_libraries()
+        model = self._component("transformer", self.compute_dtype)
+        model.requires_grad_(False)
+        self.guidance_embeds = bool(model.config.guidance_embeds)
+        return model
+
+    def encoder_identity(self, part: str) -> str:
+        dtype = self.recipe.train.mixed_precision
+        if part == "latents":
+            return f"flux|vae|{self.source_identity('vae', 'vae')}|{dtype}"
+        return (f"flux|clip:{self.source_identity('text_encoder', 'clip_l')}|"
+                f"t5:{self.source_identity('text_encoder_2', 't5xxl')}|tok:{self.source_identity('tokenizer')}|"
+                f"{self.source_identity('tokenizer_2')}|len:{self.max_sequence_length}|{dtype}")
+
+    # --------------------------------------------------------------------------------------- encoding
+    def encode_images(self, pixels: Any) -> Any:
+        import torch
+
+        vae = self.encoders["vae"]
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            z = dist.mode()
+        shift = vae.config.shift_factor or 0.0
+        return ((z - shift) * vae.config.scaling_factor).float()
+
+    def text_keys(self, encoder: str) -> tuple[str, ...]:
+        return {"clip_l": ("pooled_prompt_embeds",), "t5xxl": ("prompt_embeds",)}[encoder]
+
+    def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
+        import torch
+
+        encoders = encoders or self.text_encoders
+        out: dict[str, Any] = {}
+        if "clip_l" in encoders:
+            tok, model = self.tokenizers["clip_l"], self.encoders["clip_l"]
+            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+                out["pooled_prompt_embeds"] = model(ids, output_hidden_states=False).pooler_output
+        if "t5xxl" in encoders:
+            tok, model = self.tokenizers["t5xxl"], self.encoders["t5xxl"]
+            ids = tok(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            with torch.no_grad():
+                out["prompt_embeds"] = model(ids, output_hidden_states=False)[0]
+        return out
+
+    def text_encoder_targets(self, module: Any) -> list[str]:
+        import torch
+
+        return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+                and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+    # -------------------------------------------------------------------------------------- objective
+    def image_seq_len(self, latents: Any) -> int:
+        return int((latents.shape[-1] // 2) * (latents.shape[-2] // 2))
+
+    def predict(self, transformer: Any, noisy: Any, t: Any, text: dict[str, Any], guidance: float) -> Any:
+        import torch
+        from diffusers import FluxPipeline
+
+        dtype = self.compute_dtype
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        prompt = text["prompt_embeds"].to(dtype)
+        txt_ids = torch.zeros(prompt.shape[1], 3, device=noisy.device, dtype=dtype)
+        g = torch.full((b,), float(guidance), device=noisy.device, dtype=dtype) if self.guidance_embeds else None
+        out = transformer(hidden_states=packed, encoder_hidden_states=prompt,
+                          pooled_projections=text["pooled_prompt_embeds"].to(dtype), timestep=t.to(dtype),
+                          img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
+                                            self.vae_scale_factor)
+
+    # ---------------------------------------------------------------------------------------- outputs
+    def lora_files(self, fmt: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, rank: int,
+                   alpha: float, te_rank: int | None, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+        te_rank = te_rank or rank
+        te_alpha = alpha * te_rank / rank
+        if fmt == "diffusers":
+            out = {}
+            for prefix, sd, scale in (("transformer.", transformer_sd, alpha / rank),
+                                      ("text_encoder.", te_sd, te_alpha / te_rank)):
+                for k, v in sd.items():
+                    out[prefix + k] = v * scale if (".lora_B." in k and scale != 1.0) else v
+            return out, {"format": "pt", **metadata}
+        from lora_run_formats.flux import diffusers_to_kohya, kohya_metadata
+
+        out = diffusers_to_kohya({f"transformer.{k}": v for k, v in transformer_sd.items()}, alpha=alpha, rank=rank)
+        if te_sd:
+            out.update(diffusers_to_kohya({f"text_encoder.{k}": v for k, v in te_sd.items()}, alpha=te_alpha,
+                                          rank=te_rank))
+        return out, kohya_metadata(**metadata)
+
+    # -------------------------------------------------------------------------------------- inference
+    def _scheduler(self) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        src = self._source()
+        if src is not None:
+            try:
+                return FlowMatchEulerDiscreteScheduler.from_pretrained(src, subfolder="scheduler", **self.source_kwargs())
+            except Exception:  # noqa: BLE001 - FLUX.1-dev's scheduler config is known
+                pass
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+
+    def load_pipeline(self, device: Any, dtype: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        self._load_tokenizers()
+        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", "clip_l", "t5xxl")}
+        pipe = FluxPipeline(scheduler=self._scheduler(), vae=parts["vae"], text_encoder=parts["clip_l"],
+                            tokenizer=self.tokenizers["clip_l"], text_encoder_2=parts["t5xxl"],
+                            tokenizer_2=self.tokenizers["t5xxl"], transformer=parts["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
+        """A diffusers-format file goes to ``load_lora_weights`` as is. A kohya file is converted with
+        ``lora_run_formats.flux.kohya_to_diffusers`` first: exact for any model width (diffusers' own kohya
+        converter assumes FLUX.1's full width for the fused ``linear1`` and drops some top-level layers)."""
+        from lora_run.errors import OutputError
+        from lora_run_formats import detect_format, load_lora
+        from lora_run_formats.flux import kohya_to_diffusers
+
+        try:
+            tensors, _ = load_lora(path)
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"{path}: not a readable safetensors LoRA ({_first_line(exc)})") from None
+        try:
+            if detect_format(tensors) == "kohya":
+                pipe.load_lora_weights(kohya_to_diffusers(tensors), adapter_name=adapter_name)
+            else:
+                pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({_first_line(exc)})") from None
+
+    def sampling_pipeline(self, transformer: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(scheduler=self._scheduler(), vae=self.sample_vae, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
+                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
+        import torch
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        kwargs: dict[str, Any] = {}
+        if text is not None:
+            dtype = pipe.transformer.dtype
+            device = pipe._execution_device
+            kwargs["prompt_embeds"] = text["prompt_embeds"].to(device, dtype)
+            kwargs["pooled_prompt_embeds"] = text["pooled_prompt_embeds"].to(device, dtype)
+        else:
+            kwargs["prompt"] = prompt
+        latents = self._initial_latents(pipe, seed, width, height)
+        result = pipe(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                      generator=generator, latents=latents, max_sequence_length=self.max_sequence_length,
+                      joint_attention_kwargs={"scale": float(lora_scale)}, output_type="pil", **kwargs)
+        return result.images[0]
+
+    def _initial_latents(self, pipe: Any, seed: int, width: int, height: int) -> Any:
+        """Starting noise drawn on CPU from the seed, so a seed gives the same image on CPU and CUDA."""
+        import torch
+        from diffusers import FluxPipeline
+
+        h = 2 * (height // (self.vae_scale_factor * 2))
+        w = 2 * (width // (self.vae_scale_factor * 2))
+        channels = pipe.transformer.config.in_channels // 4
+        noise = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+        packed = FluxPipeline._pack_latents(noise, 1, channels, h, w)
+        return packed.to(pipe._execution_device, pipe.transformer.dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

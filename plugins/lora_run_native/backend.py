@@ -1,0 +1,130 @@
+"""The `native` backend object: ``check()`` and ``plan()`` (fast, no torch) and ``run()`` (the trainer)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any
+
+import attrs
+
+from lora_run.run import Plan
+from lora_run.schema import option
+
+
+@attrs.frozen(kw_only=True)
+class NativeOptions:
+    """`[backend.native]` (or `[backend.flux]`) options."""
+
+    text_max_length: int | None = option(None, "Text tokens of the sequence encoder (FLUX: T5, default and "
+                                         "maximum 512). Lower values train faster with short captions.", ge=8, le=4096)
+    tensorboard: bool = option(True, "Write TensorBoard logs to `<run>/logs` (needs the tensorboard package).")
+    progress_bar: bool = option(True, "Show a progress bar (step, loss, it/s, ETA, memory) on stderr.")
+
+
+class NativeBackend:
+    """In-process trainer: diffusers + peft + accelerate, one adapter per model family."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+
+    def _adapter(self) -> Any:
+        from .adapters import adapter_class
+
+        shown = self.ctx.loaded.shown if self.ctx.loaded else "recipe.toml"
+        return adapter_class(self.recipe.model.family)(self.recipe, options=self.ctx.options, shown=shown)
+
+    # ---------------------------------------------------------------------------------------------- check
+    def check(self) -> list[tuple[tuple, str]]:
+        r = self.recipe
+        problems = list(self._adapter().check_sources())
+        for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
+            if r.optimizer.name == name and importlib.util.find_spec(package) is None:
+                problems.append((("optimizer", "name"), f"\"{name}\" needs the {package} package (pip install "
+                                 f"{package}); or use \"adamw\" / \"adafactor\""))
+        multiple = self._adapter().pixel_multiple
+        for key in ("width", "height"):
+            value = getattr(r.sample, key)
+            if r.sample.every_steps and value % multiple:
+                problems.append((("sample", key), f"must be a multiple of {multiple} for {r.model.family}, got {value}"))
+        import re
+
+        for n, pattern in enumerate(r.lora.modules):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append((("lora", "modules", n), f"{pattern!r} is not a valid regular expression ({exc})"))
+        return problems
+
+    # ----------------------------------------------------------------------------------------------- plan
+    def _planned_steps(self) -> tuple[int, dict[str, Any]]:
+        """Steps (exact for `steps`; for `epochs` computed from the dataset's buckets, no torch)."""
+        from lora_run.images import ImageProblem, open_rgb
+
+        from .data import EpochPlanner, choose_bucket, make_buckets
+
+        r = self.recipe
+        details: dict[str, Any] = {}
+        items = self.ctx.items
+        if not items:
+            return (r.train.steps or 0), details
+        adapter_cls = type(self._adapter())
+        d = r.dataset
+        buckets = make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step, adapter_cls.pixel_multiple)
+        chosen = []
+        for item in items:
+            try:
+                size = open_rgb(item.image).image.size
+            except ImageProblem:
+                continue
+            chosen.append(choose_bucket(size, buckets, max(d.bucket_step, adapter_cls.pixel_multiple)))
+        usable = items[:len(chosen)]
+        planner = EpochPlanner(usable, d, chosen, seed=r.train.seed, batch_size=r.train.batch_size)
+        counts: dict[str, int] = {}
+        for b in chosen:
+            counts[f"{b[0]}x{b[1]}"] = counts.get(f"{b[0]}x{b[1]}", 0) + 1
+        details["buckets"] = counts
+        details["batches_per_epoch"] = planner.batches_per_epoch
+        steps = r.train.steps or math.ceil((r.train.epochs or 1) * planner.batches_per_epoch / r.train.gradient_accumulation)
+        details["epochs"] = round(steps * r.train.gradient_accumulation / max(1, planner.batches_per_epoch), 2)
+        return steps, details
+
+    def plan(self) -> Plan:
+        from .memory import estimate_memory_gib
+
+        r = self.recipe
+        adapter = self._adapter()
+        steps, details = self._planned_steps()
+        run_dir = self.ctx.run_dir
+        base = str(run_dir.path) if run_dir else "<run>"
+        outputs = [f"{base}/{adapter.output_name(fmt, r.output.name)}" for fmt in r.output.formats
+                   if fmt in adapter.lora_formats]
+        notes = [f"{r.model.family} via diffusers + peft + accelerate; objective: "
+                 + ("rectified flow (x_t = (1-σ)·x0 + σ·ε, target ε - x0)" if adapter.objective == "flow"
+                    else "DDPM v-prediction")]
+        if r.model.base_precision == "fp8":
+            notes.append("base weights stored in float8 (e4m3), computed in "
+                         + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision])
+        if r.train.noise_offset > 0:
+            notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and channel, before "
+                         "x_t and the target are formed")
+        if r.text_encoder.train:
+            te_steps = math.ceil(steps * r.text_encoder.train_fraction)
+            notes.append(f"CLIP-L text-encoder LoRA trained for the first {te_steps} steps at "
+                         f"{r.text_encoder.lr_ratio}× the LR, then frozen (playbook §5)")
+        for fmt in r.output.formats:
+            if fmt not in adapter.lora_formats:
+                notes.append(f"output format {fmt} is not available for {r.model.family}; skipped")
+        notes.append("latents and text embeddings are cached in "
+                     + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
+        details["timestep_sampling"] = r.train.timestep_sampling
+        details["lora_targets"] = r.lora.modules or r.lora.targets
+        return Plan(backend=r.backend.name, family=r.model.family, steps=steps, outputs=outputs,
+                    memory_estimate_gib=round(estimate_memory_gib(r), 1), memory_mode=r.train.memory_mode,
+                    notes=notes, details=details)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> None:
+        from .train import Trainer
+
+        Trainer(self.ctx).run()

@@ -1,0 +1,49 @@
+"""A first estimate of the peak accelerator memory of a native run (`lora-run plan` shows it).
+
+Deliberately simple (the GPU issue refines it): frozen base weights at their storage precision, the LoRA
+(weights, gradients, optimizer state), activations kept for backward (block inputs with gradient
+checkpointing, roughly a block's worth of intermediates otherwise), and a fixed CUDA/runtime overhead.
+Text encoders and the VAE are not counted: they leave the GPU before training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: family: (transformer parameters, hidden size, blocks, text tokens, latent pixels per token side, linear
+#: layers per block with (in, out) sizes for the LoRA presets)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "flux.1-dev": {"params": 11.90e9, "hidden": 3072, "blocks": 57, "text_tokens": 512, "patch_px": 16,
+                   "lora_io": {"attention": 19 * 8 * 6144 + 38 * 3 * 6144,
+                               "attention+mlp": 19 * (8 * 6144 + 4 * 15360) + 38 * (3 * 6144 + 15360 + 18432),
+                               "all-linear": 19 * (8 * 6144 + 4 * 15360 + 2 * 21504) + 38 * (3 * 6144 + 15360 + 18432 + 12288)}},
+    "hunyuan-dit-1.2": {"params": 1.50e9, "hidden": 1408, "blocks": 40, "text_tokens": 333, "patch_px": 16,
+                        "lora_io": {"attention": 40 * 8 * 2816, "attention+mlp": 40 * (8 * 2816 + 2 * 7552),
+                                    "all-linear": 40 * (8 * 2816 + 2 * 7552 + 4224)}},
+    "hunyuan-image-2.1": {"params": 17.43e9, "hidden": 3584, "blocks": 60, "text_tokens": 1128, "patch_px": 32,
+                          "lora_io": {"attention": 20 * 8 * 7168 + 40 * 3 * 7168,
+                                      "attention+mlp": 20 * (8 * 7168 + 4 * 17920) + 40 * (3 * 7168 + 17920 + 21504),
+                                      "all-linear": 20 * (8 * 7168 + 4 * 17920 + 2 * 25088) + 40 * (3 * 7168 + 17920 + 21504 + 14336)}},
+}
+OPTIMIZER_BYTES = {"adafactor": 4, "adamw": 8, "adamw8bit": 2, "prodigy": 16}   # state bytes per LoRA parameter
+OVERHEAD_GIB = 1.5
+
+
+def estimate_memory_gib(recipe: Any) -> float:
+    """Peak GiB on the accelerator for one training step at the recipe's largest bucket."""
+    f = FAMILIES.get(recipe.model.family, FAMILIES["flux.1-dev"])
+    weight_bytes = 1 if recipe.model.base_precision == "fp8" else (4 if recipe.train.mixed_precision == "no" else 2)
+    base = f["params"] * weight_bytes
+    io = f["lora_io"][recipe.lora.targets]
+    lora_params = recipe.lora.rank * io
+    lora = lora_params * (4 + 4 + OPTIMIZER_BYTES.get(recipe.optimizer.name, 8))
+    side = recipe.dataset.bucket_max
+    area = min(side * side, max(recipe.dataset.resolution ** 2, 1))
+    tokens = math.ceil(area / f["patch_px"] ** 2) + f["text_tokens"]
+    act_bytes = 2 if recipe.train.mixed_precision != "no" else 4
+    per_block_input = tokens * f["hidden"] * act_bytes * recipe.train.batch_size
+    if recipe.train.gradient_checkpointing:
+        activations = f["blocks"] * per_block_input + 24 * per_block_input
+    else:
+        activations = f["blocks"] * 24 * per_block_input
+    return (base + lora + activations) / 2**30 + OVERHEAD_GIB

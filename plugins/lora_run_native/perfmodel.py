@@ -1,0 +1,137 @@
+"""Peak-memory model and mode planner for the native trainer (no torch: `lora-run plan` uses it).
+
+peak ≈ resident base weights + LoRA training state (fp32 weights, grads, two optimizer moments)
+      + activations: every block run without checkpointing keeps ``act_per_token`` bytes per token,
+        a checkpointed block keeps only its input (``boundary_per_token``), and the block being
+        recomputed in backward needs its full working set once
+      + a fixed allowance for the optimizer step, the loss and allocator slack.
+The per-token coefficients were measured on an H100 (bench/flux_bench.py, results in bench/results/);
+``lora-run plan`` prints the estimate, and the benchmark prints estimate vs. measured peak.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from .accel import PerfPlan
+
+GiB = 2**30
+
+
+@attrs.frozen
+class FamilyShape:
+    params: float               # transformer parameters
+    blocks: int                 # repeated blocks
+    hidden: int
+    latent_factor: int          # pixels per token side (VAE factor × patch)
+    text_tokens: int            # tokens that travel through the blocks with the image tokens
+    act_per_token_compiled: float   # bytes per token per non-checkpointed block (compiled blocks)
+    act_per_token_eager: float      # the same without compile
+    lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
+
+
+def _flux_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
+    h, ff = 3072, 12288
+    attention = [(19 * 8, h, h), (38 * 3, h, h)]
+    mlp = [(19 * 2, h, ff), (19 * 2, ff, h), (38, h, ff), (38, h + ff, h)]
+    mod = [(19 * 2, h, 6 * h), (38, h, 3 * h)]
+    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + mod}
+
+
+def _hunyuan_image_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
+    h, ff = 3584, 4 * 3584
+    attention = [(20 * 8, h, h), (40 * 3, h, h)]
+    mlp = [(20 * 2, h, ff), (20 * 2, ff, h), (40, h, ff), (40, h + ff, h)]
+    mod = [(20 * 2, h, 6 * h), (40, h, 3 * h)]
+    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + mod}
+
+
+def _hunyuan_dit_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
+    h, ff = 1408, 6144
+    attention = [(40 * 4, h, h), (40 * 1, h, h), (40 * 2, 1024, h)]
+    mlp = [(40, h, ff), (40, ff, h)]
+    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp}
+
+
+SHAPES: dict[str, FamilyShape] = {
+    "flux.1-dev": FamilyShape(11.90e9, 57, 3072, 16, 512, 62_000.0, 100_000.0, _flux_lora_shapes()),
+    "hunyuan-image-2.1": FamilyShape(17.43e9, 60, 3584, 32, 1000 + 128, 72_000.0, 116_000.0,
+                                     _hunyuan_image_lora_shapes()),
+    "hunyuan-dit-1.2": FamilyShape(1.50e9, 40, 1408, 16, 0, 40_000.0, 60_000.0, _hunyuan_dit_lora_shapes()),
+}
+OVERHEAD_GIB = 0.6
+
+
+def lora_params(family: str, preset: str, rank: int) -> int:
+    return sum(n * rank * (i + o) for n, i, o in SHAPES[family].lora_shapes[preset])
+
+
+def tokens(family: str, height: int, width: int) -> int:
+    s = SHAPES[family]
+    return (height // s.latent_factor) * (width // s.latent_factor) + s.text_tokens
+
+
+def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: int, preset: str,
+                      plan: PerfPlan) -> float:
+    s = SHAPES[family]
+    n_tok = tokens(family, height, width) * batch
+    offloaded_share = plan.offload_blocks / s.blocks
+    weight_bytes = s.params * (1.0 + 4.0 / s.hidden if plan.fp8 else 2.0)
+    resident = weight_bytes * (1.0 - offloaded_share * 0.98)   # embedders/norms stay resident
+    if plan.offload_blocks:
+        resident += 2 * weight_bytes / s.blocks                 # the block in use and the one prefetched
+    lora = lora_params(family, preset, rank) * 16.0
+    per_token = s.act_per_token_compiled if plan.compile else s.act_per_token_eager
+    boundary = 2.0 * s.hidden * 2.0                               # block input kept by checkpointing
+    ckpt = min(s.blocks, max(plan.checkpoint_blocks, plan.offload_blocks))
+    activations = n_tok * ((s.blocks - ckpt) * per_token + ckpt * boundary + (per_token if ckpt else 0.0))
+    return (resident + lora + activations) / GiB + OVERHEAD_GIB
+
+
+def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
+              budget_gib: float | None = None, compile: bool = True) -> PerfPlan:
+    """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget."""
+    s = SHAPES[family]
+    if mode == "speed":
+        return PerfPlan("speed", compile=compile)
+    if mode == "memory":
+        budget = budget_gib if budget_gib is not None else 24.0
+        for n in range(0, s.blocks + 1):
+            plan = PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=n)
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan) <= budget:
+                return plan
+        return PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks)
+    if mode == "low-vram":
+        budget = budget_gib if budget_gib is not None else 12.0
+        for n in range(0, s.blocks + 1):
+            plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=n)
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan) <= budget:
+                return plan
+        return PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=s.blocks)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
+                free_gib: float | None, fp8_requested: bool, compile: bool = True) -> PerfPlan:
+    """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin)."""
+    if requested != "auto":
+        plan = plan_mode(requested, family, height, width, batch, rank, preset,
+                         budget_gib=free_gib * 0.95 if free_gib and requested != "speed" else None, compile=compile)
+    else:
+        plan = None
+        for mode in ("speed", "memory", "low-vram"):
+            candidate = plan_mode(mode, family, height, width, batch, rank, preset,
+                                  budget_gib=(free_gib * 0.95) if free_gib else None, compile=compile)
+            if free_gib is None or estimate_peak_gib(family, height, width, batch, rank, preset,
+                                                     candidate) <= free_gib * 0.95:
+                plan = candidate
+                break
+        plan = plan or plan_mode("low-vram", family, height, width, batch, rank, preset, compile=compile)
+    if fp8_requested and not plan.fp8:
+        plan = attrs.evolve(plan, fp8=True)
+    return plan
+
+
+def round_up(value: float, step: float = 0.1) -> float:
+    return math.ceil(value / step) * step

@@ -1,0 +1,80 @@
+"""Timestep (σ) sampling, loss weighting and noise for flow-matching training.
+
+Rectified flow: ``x_t = (1-σ)·x0 + σ·ε`` with σ ∈ (0, 1), the model predicts the velocity ``ε - x0``.
+
+σ sampling (`train.timestep_sampling`):
+
+- ``uniform``: σ ~ U(0, 1).
+- ``sigmoid``: σ = sigmoid(s·n), n ~ N(0, 1), s = `sigmoid_scale` (sd-scripts' `sigmoid`; with s = 1 this is
+  the logit-normal(0, 1) of SD3).
+- ``logit-normal``: σ = sigmoid(n), n ~ N(`logit_mean`, `logit_std`).
+- ``shift``: the sigmoid draw, then σ' = k·σ / (1 + (k-1)·σ) with k = `shift` (more weight on noisy steps).
+- ``flux-shift``: the sigmoid draw, then the resolution-dependent shift FLUX uses at inference: μ grows
+  linearly with the image token count from 0.5 at 256 tokens to 1.15 at 4096 tokens and
+  σ' = e^μ / (e^μ + 1/σ - 1).
+
+Loss weighting (`train.timestep_weighting`, SD3's schemes): ``none``; ``sigma_sqrt``: w = σ⁻² (clamped);
+``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
+
+Noise offset for flow matching (`train.noise_offset` = o > 0): ε ← ε + o·δ with δ ~ N(0, 1) drawn once
+per sample and channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. The
+model thus also learns to move the per-channel mean, which lets it render very dark or bright images.
+The target stays consistent with the noisy input (unlike adding the offset to x_t only).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SIGMA_EPS = 1e-4
+
+
+def flux_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """μ of FLUX's resolution-dependent shift (linear in the image token count)."""
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: float = 1.0, logit_mean: float = 0.0,
+                  logit_std: float = 1.0, shift: float = 3.0, image_seq_len: int = 1024, device: Any = "cpu") -> Any:
+    """Per-sample σ in (0, 1), shape ``(batch,)``, float32, drawn with ``generator`` (a CPU generator; the
+    result is moved to ``device`` so CPU and CUDA runs draw the same numbers)."""
+    import torch
+
+    if method == "uniform":
+        sigma = torch.rand(batch, generator=generator)
+    elif method == "logit-normal":
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator) * logit_std + logit_mean)
+    elif method in ("sigmoid", "shift", "flux-shift"):
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator) * sigmoid_scale)
+        if method == "shift":
+            sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        elif method == "flux-shift":
+            mu = math.exp(flux_mu(image_seq_len))
+            sigma = mu / (mu + (1 / sigma.clamp_min(SIGMA_EPS) - 1))
+    else:
+        raise ValueError(f"unknown timestep sampling {method!r}")
+    return sigma.clamp(SIGMA_EPS, 1 - SIGMA_EPS).to(device=device, dtype=torch.float32)
+
+
+def loss_weighting(scheme: str, sigma: Any) -> Any:
+    """Per-sample loss weights for flow matching."""
+    import torch
+
+    if scheme == "sigma_sqrt":
+        return (sigma.float() ** -2.0).clamp(max=1e4)
+    if scheme == "cosmap":
+        bot = 1 - 2 * sigma.float() + 2 * sigma.float() ** 2
+        return 2 / (math.pi * bot)
+    return torch.ones_like(sigma, dtype=torch.float32)
+
+
+def make_noise(shape: tuple[int, ...], generator: Any, noise_offset: float = 0.0) -> Any:
+    """ε ~ N(0, 1) of ``shape`` on CPU (deterministic everywhere), with the flow-matching noise offset."""
+    import torch
+
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset > 0:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator)
+    return noise

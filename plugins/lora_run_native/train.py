@@ -1,0 +1,593 @@
+"""The native training loop, shared by every model family (the family specifics live in the adapter).
+
+Order of work: buckets and epoch plan → latent and text caches (encoders loaded only for misses, unloaded
+before training) → ``prepare_transformer`` (dtype, fp8 storage, gradient checkpointing, LoRA) → optional
+text-encoder LoRA → optimizer and LR schedule → resume → steps → final LoRA files.
+
+Determinism: every optimizer step reseeds python/numpy/torch from (seed, step) and draws noise and σ from a
+CPU generator seeded by (seed, step, micro-batch); the data order is a pure function of (seed, epoch). So
+a run resumed from a checkpoint continues exactly as the uninterrupted run would have (bitwise on CPU).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
+from lora_run.images import ImageProblem, open_rgb
+
+from . import checkpoint as ckpt
+from .cache import Cache, entry_key, text_hash
+from .data import EpochPlanner, choose_bucket, file_sha256, image_to_tensor, make_buckets, prepare_image
+from .outputs import lora_state_dict, run_metadata, trainable_parameters, write_loras
+
+MASK64 = (1 << 63) - 1
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and step/micro-batch numbers (stable across runs)."""
+    import hashlib
+
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & MASK64
+
+
+def reseed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- transformer
+def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any) -> Any:
+    """The one place the transformer is set up for training: storage dtype (fp8 via diffusers' layerwise
+    casting), gradient checkpointing, device placement and LoRA injection (seeded). Returns the transformer
+    with only the LoRA parameters trainable, in fp32.
+
+    Hook point for `train.memory_mode` / `train.compile` (speed / memory / low-vram on CUDA).
+    """
+    import torch
+
+    compute = adapter.compute_dtype
+    transformer.requires_grad_(False)
+    transformer.to(dtype=compute)
+    if recipe.model.base_precision == "fp8":
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    if recipe.train.gradient_checkpointing and getattr(transformer, "_supports_gradient_checkpointing", False):
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device)
+    targets = adapter.lora_target_modules(transformer, recipe.lora.targets, recipe.lora.modules)
+    torch.manual_seed(step_seed(recipe.train.seed, "lora-init"))
+    adapter.inject_lora(transformer, targets, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
+                        dropout=recipe.lora.dropout, init=recipe.lora.init)
+    for name, p in transformer.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.data = p.data.to(device=device, dtype=torch.float32)
+            p.requires_grad_(True)
+    transformer.train()
+    return transformer
+
+
+def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
+    o = recipe.optimizer
+    if o.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=o.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        import torch
+
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 **({"fused": True} if on_cuda else {}))
+    if o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise RecipeError("[optimizer.name] \"adamw8bit\" needs the bitsandbytes package (pip install "
+                              "bitsandbytes); or use \"adamw\" / \"adafactor\"") from None
+        return bnb.optim.AdamW8bit(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise RecipeError("[optimizer.name] \"prodigy\" needs the prodigyopt package (pip install prodigyopt); "
+                          "or use \"adamw\" / \"adafactor\"") from None
+    return Prodigy(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def lr_lambda(recipe: Any, total_steps: int) -> Any:
+    s = recipe.scheduler
+    warm, floor = s.warmup_steps, s.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if s.name == "constant":
+            return 1.0
+        if step < warm:
+            return step / max(1, warm)
+        if s.name == "constant_with_warmup":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        if s.name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One native training run (``NativeBackend.run`` creates and runs it)."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.recipe = ctx.recipe
+        self.options = ctx.options
+        self.run_dir = ctx.run_dir
+        self.shown = ctx.loaded.shown if ctx.loaded else "recipe.toml"
+        self.echo = ctx.echo
+        self.stop_requested = False
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.last_checkpoint: Path | None = None
+
+    # ---------------------------------------------------------------------------------------- setup
+    def _accelerator(self) -> Any:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available
+
+        mp = self.recipe.train.mixed_precision
+        if mp == "fp16" and not torch.cuda.is_available():
+            raise RecipeError(f"{self.shown}: [train.mixed_precision] \"fp16\" needs a CUDA GPU; use \"bf16\" or "
+                              "\"no\" on CPU")
+        trackers = "tensorboard" if (getattr(self.options, "tensorboard", True) and is_tensorboard_available()) else None
+        acc = Accelerator(mixed_precision=mp, log_with=trackers, project_dir=str(self.run_dir.file("logs")),
+                          cpu=not torch.cuda.is_available())
+        if trackers:
+            acc.init_trackers("native", config={"rank": self.recipe.lora.rank, "lr": self.recipe.optimizer.lr,
+                                                "seed": self.recipe.train.seed, "family": self.recipe.model.family})
+        elif getattr(self.options, "tensorboard", True):
+            self.echo("note: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+        self.has_trackers = bool(trackers)
+        return acc
+
+    def _buckets(self, adapter: Any) -> tuple[list[Any], list[tuple[int, int]], list[tuple[int, int]]]:
+        d = self.recipe.dataset
+        buckets = make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step, adapter.pixel_multiple)
+        items, chosen, sizes = [], [], []
+        for item in self.ctx.items:
+            try:
+                opened = open_rgb(item.image)
+            except ImageProblem as exc:
+                raise BackendError(f"{item.image}: {exc}") from None
+            size = opened.image.size
+            items.append(item)
+            sizes.append(size)
+            chosen.append(choose_bucket(size, buckets, max(d.bucket_step, adapter.pixel_multiple)))
+        if not any(not i.is_reg for i in items):
+            raise BackendError(f"{self.shown}: [dataset] no usable subject image")
+        return items, chosen, buckets
+
+    def total_steps(self, planner: EpochPlanner) -> int:
+        t = self.recipe.train
+        if t.steps is not None:
+            return t.steps
+        return math.ceil(t.epochs * planner.batches_per_epoch / t.gradient_accumulation)
+
+    def sample_prompts(self) -> list[str]:
+        trigger = self.recipe.dataset.trigger
+        return [p.replace("{trigger}", trigger) for p in self.recipe.sample.prompts]
+
+    # -------------------------------------------------------------------------------------- caching
+    def build_caches(self, adapter: Any, items: list[Any], buckets_of: list[tuple[int, int]],
+                     captions: set[str], te_live: bool) -> tuple[dict[int, Any], dict[str, dict[str, Any]]]:
+        """Latents per item and text encodings per caption, from the cache or encoded (then stored)."""
+        import torch
+
+        root = Path(self.recipe.train.cache_dir) if self.recipe.train.cache_dir else self.run_dir.file("cache")
+        latent_cache, text_cache = Cache(root, "latents"), Cache(root, "text")
+        latent_id = adapter.encoder_identity("latents")
+        cached_encoders = tuple(e for e in adapter.text_encoders if not (te_live and e == adapter.trainable_text_encoder))
+        text_id = adapter.encoder_identity("text") + "|" + ",".join(cached_encoders)
+        text_expected = tuple(k for e in cached_encoders for k in adapter.text_keys(e))
+        latents: dict[int, Any] = {}
+        texts: dict[str, dict[str, Any]] = {}
+        todo_images, todo_text = [], []
+        for i, (item, bucket) in enumerate(zip(items, buckets_of)):
+            key = entry_key("latents", file_sha256(item.image), latent_id, f"{bucket[0]}x{bucket[1]}")
+            found = latent_cache.load(key, ("latent",), source=f"{item.image}|{bucket[0]}x{bucket[1]}")
+            if found is None:
+                todo_images.append((i, key))
+            else:
+                latents[i] = found["latent"]
+        for caption in sorted(captions):
+            key = entry_key("text", text_hash(caption), text_id)
+            found = text_cache.load(key, text_expected)
+            if found is None:
+                todo_text.append((caption, key))
+            else:
+                texts[caption] = found
+        needed: set[str] = set()
+        if todo_images or self.recipe.sample.every_steps:
+            needed.add("vae")
+        if todo_text:
+            needed.update(cached_encoders)
+        if te_live:
+            needed.add(adapter.trainable_text_encoder)
+        if todo_images or todo_text:
+            self.echo(f"caching: {len(todo_images)} latent(s), {len(todo_text)} caption(s) to encode")
+        if needed:
+            adapter.load_encoders(only=tuple(sorted(needed)))
+            with torch.no_grad():
+                for i, key in todo_images:
+                    image = prepare_image(open_rgb(items[i].image).image, buckets_of[i])
+                    z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu")
+                    latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
+                    latents[i] = z
+                for caption, key in todo_text:
+                    enc = adapter.encode_captions([caption], encoders=cached_encoders)
+                    value = {k: v[0].detach().to("cpu") for k, v in enc.items()}
+                    text_cache.store(key, value, source=None)
+                    texts[caption] = value
+            adapter.unload_encoders(keep=(adapter.trainable_text_encoder,) if te_live else ())
+        latent_cache.flush()
+        text_cache.flush()
+        self.cache_stats = {"latents": latent_cache.stats.text(), "text": text_cache.stats.text()}
+        self.echo(f"cache: latents {latent_cache.stats.text()}; text {text_cache.stats.text()}")
+        self.run_dir.log(f"cache: latents {latent_cache.stats.text()}; text {text_cache.stats.text()}")
+        self.ctx.artifacts["cache"] = {"dir": str(root), "latents": attrs.asdict(latent_cache.stats),
+                                       "text": attrs.asdict(text_cache.stats)}
+        return latents, texts
+
+    # ---------------------------------------------------------------------------------------- signals
+    def _install_signals(self) -> dict[int, Any]:
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.echo("\nstopping after this step; saving a resumable state (press Ctrl-C again to abort)")
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self) -> None:
+        import torch
+
+        from .adapters import adapter_class
+
+        r = self.recipe
+        if torch.cuda.is_available():
+            torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
+        accelerator = self._accelerator()
+        device = accelerator.device
+        adapter = adapter_class(r.model.family)(r, device=device, options=self.options, shown=self.shown)
+        items, buckets_of, _ = self._buckets(adapter)
+        planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size)
+        total = self.total_steps(planner)
+        te_train = bool(r.text_encoder.train and adapter.trainable_text_encoder)
+        te_stop = math.ceil(total * r.text_encoder.train_fraction) if te_train else 0
+        captions = planner.all_captions() | set(self.sample_prompts())
+        latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
+
+        transformer = adapter.load_transformer()
+        transformer = prepare_transformer(adapter, transformer, r, device)
+        te_module = None
+        if te_train:
+            te_module = adapter.text_encoder_module()
+            te_rank = r.text_encoder.rank or r.lora.rank
+            torch.manual_seed(step_seed(r.train.seed, "te-lora-init"))
+            adapter.inject_lora(te_module, adapter.text_encoder_targets(te_module), rank=te_rank,
+                                alpha=r.lora.alpha * te_rank / r.lora.rank, dropout=r.lora.dropout, init=r.lora.init)
+            for name, p in te_module.named_parameters():
+                if ".lora_A." in name or ".lora_B." in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+            te_module.train()
+        params = trainable_parameters(transformer)
+        te_params = trainable_parameters(te_module) if te_module is not None else {}
+        groups = [{"params": list(params.values()), "lr": r.optimizer.lr}]
+        if te_params:
+            groups.append({"params": list(te_params.values()), "lr": r.optimizer.lr * r.text_encoder.lr_ratio})
+        optimizer = make_optimizer(r, groups, device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r, total))
+        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
+        loss_reg = self.ctx.plugins.get("loss", r.train.loss, "train.loss")
+        loss_opts = self.ctx.option_for("loss", r.train.loss, r.train.loss_options, ("train", "loss_options"))
+        loss_fn = loss_reg.factory(loss_opts) if loss_opts is not None else loss_reg.factory()
+        ckpt_root = self.run_dir.file("checkpoints")
+
+        start = 0
+        if self.ctx.resume:
+            found = ckpt.latest_checkpoint(ckpt_root)
+            if found is None:
+                self.echo("resume: no complete checkpoint yet; starting from step 0")
+            else:
+                data = ckpt.load(found)
+                all_named = {**{f"transformer.{k}": v for k, v in params.items()},
+                             **{f"text_encoder.{k}": v for k, v in te_params.items()}}
+                missing = set(all_named) ^ set(data["trainable"])
+                if missing:
+                    raise BackendError(f"{found}: the checkpoint's LoRA does not match this recipe's LoRA layout "
+                                       f"({sorted(missing)[:3]} …)")
+                with torch.no_grad():
+                    for k, p in all_named.items():
+                        p.copy_(data["trainable"][k].to(p.device, p.dtype))
+                optimizer.load_state_dict(data["optimizer"])
+                scheduler.load_state_dict(data["scheduler"])
+                ckpt.restore_rng(data["rng_tensors"], data["state"]["rng"])
+                start = int(data["state"]["step"])
+                self.last_checkpoint = found
+                self.echo(f"resumed from {found} (step {start} of {total})")
+                self.run_dir.log(f"resumed from {found.name}")
+
+        state = _LoopState(adapter=adapter, transformer=transformer, te_module=te_module, params=params,
+                           te_params=te_params, optimizer=optimizer, scheduler=scheduler, planner=planner,
+                           latents=latents, texts=texts, loss_fn=loss_fn, accelerator=accelerator, total=total,
+                           te_stop=te_stop, ckpt_root=ckpt_root, counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
+        previous = self._install_signals()
+        try:
+            self._loop(state, start)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.has_trackers:
+                accelerator.end_training()
+        self._finish(state)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _batch(self, state: _LoopState, index: int) -> list[Any]:
+        bpe = state.planner.batches_per_epoch
+        epoch, position = divmod(index, bpe)
+        if state.epoch_cache[0] != epoch:
+            state.epoch_cache = (epoch, state.planner.epoch(epoch))
+        return state.epoch_cache[1][position]
+
+    def _loop(self, state: _LoopState, start: int) -> None:
+        import torch
+        from tqdm.auto import tqdm
+
+        r = self.recipe
+        acc = state.accelerator
+        device = acc.device
+        accum = r.train.gradient_accumulation
+        show = getattr(self.options, "progress_bar", True)
+        bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
+                   unit="step", desc="training")
+        loss_ema = None
+        t0, done = time.time(), 0
+        try:
+            for step in range(start, state.total):
+                reseed(step_seed(r.train.seed, "step", step))
+                te_active = state.te_module is not None and step < state.te_stop
+                if state.te_module is not None and step == state.te_stop:
+                    for p in state.te_params.values():
+                        p.requires_grad_(False)
+                        p.grad = None
+                    state.te_module.eval()
+                step_loss = 0.0
+                for micro in range(accum):
+                    batch = self._batch(state, step * accum + micro)
+                    value = self._micro_step(state, batch, step, micro, te_active, accum)
+                    if not math.isfinite(value):
+                        self._non_finite(value, step)
+                    step_loss += value
+                params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
+                if r.optimizer.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
+                state.optimizer.step()
+                state.scheduler.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                done += 1
+                number = step + 1
+                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+                elapsed = time.time() - t0
+                metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": state.scheduler.get_last_lr()[0],
+                           "it_per_s": done / elapsed if elapsed > 0 else 0.0, "memory_gib": _memory_gib(device),
+                           "epoch": (number * accum) // state.planner.batches_per_epoch}
+                state.losses.append(step_loss)
+                if self.has_trackers:
+                    acc.log({"train/loss": step_loss, "train/lr": metrics["lr"]}, step=number)
+                bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{metrics['lr']:.2e}", mem=f"{metrics['memory_gib']:.1f}G",
+                                refresh=False)
+                bar.update(1)
+                if number % 10 == 0 or number == state.total:
+                    self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
+                self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
+                if self._checkpoint_due(state, number) or (self.stop_requested and number < state.total):
+                    self._save_checkpoint(state, number)
+                if r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
+                    self._samples(state, number)
+                if self.stop_requested and number < state.total:
+                    raise TrainingInterrupted(
+                        f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
+                        f"resume with: lora-run {self.shown} --resume --output-dir {self.run_dir.path}")
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                "aborted" + (f"; the last checkpoint is {self.last_checkpoint}; resume with: lora-run {self.shown} "
+                             f"--resume --output-dir {self.run_dir.path}" if self.last_checkpoint else
+                             " before the first checkpoint")) from None
+        finally:
+            bar.close()
+
+    def _micro_step(self, state: _LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
+                    accum: int) -> float:
+        import torch
+
+        from .timesteps import make_noise
+
+        r = self.recipe
+        acc = state.accelerator
+        device = acc.device
+        adapter = state.adapter
+        x0 = torch.stack([state.latents[s.index] for s in batch]).to(device)
+        text = {k: torch.stack([state.texts[s.caption][k] for s in batch]).to(device)
+                for k in state.texts[batch[0].caption]}
+        if state.te_module is not None:
+            with torch.set_grad_enabled(te_active):
+                live = adapter.encode_captions([s.caption for s in batch], encoders=(adapter.trainable_text_encoder,))
+            text.update({k: v.to(device) for k, v in live.items()})
+        generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
+        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset).to(device)
+        t = adapter.sample_timesteps(len(batch), generator, x0)
+        noisy, target = adapter.noisy_and_target(x0, noise, t)
+        with acc.autocast():
+            pred = adapter.predict(state.transformer, noisy, t, text, r.train.guidance)
+        per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
+        weights = adapter.loss_weights(t).to(per_sample.device) * torch.tensor(
+            [s.weight for s in batch], dtype=torch.float32, device=per_sample.device)
+        loss = (per_sample * weights).mean()
+        value = float(loss.detach().item())
+        if math.isfinite(value):
+            acc.backward(loss / accum)
+        return value
+
+    def _non_finite(self, value: float, step: int) -> None:
+        r = self.recipe
+        kept = f"the last good checkpoint is kept: {self.last_checkpoint}" if self.last_checkpoint \
+            else "no checkpoint had been saved yet"
+        message = (f"the loss became {value} at step {step + 1}; training stopped and no LoRA was written for this "
+                   f"step ({kept}). Playbook §9 (NaNs): lower the learning rate ([optimizer.lr] is {r.optimizer.lr}) "
+                   f"and use bf16 ([train.mixed_precision] is \"{r.train.mixed_precision}\"; fp16 overflows)")
+        self.run_dir.log(message)
+        raise NonFiniteLoss(f"{self.shown}: {message}")
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def _checkpoint_due(self, state: _LoopState, number: int) -> bool:
+        t = self.recipe.train
+        if t.save_every_steps and number % t.save_every_steps == 0 and number < state.total:
+            return True
+        if t.save_every_epochs and number < state.total:
+            bpe, accum = state.planner.batches_per_epoch, t.gradient_accumulation
+            before, after = ((number - 1) * accum) // bpe, (number * accum) // bpe
+            return after > before and after % t.save_every_epochs == 0
+        return False
+
+    def _lora_dicts(self, state: _LoopState) -> tuple[dict[str, Any], dict[str, Any]]:
+        te = lora_state_dict(state.te_module) if state.te_module is not None else {}
+        return lora_state_dict(state.transformer), te
+
+    def _save_checkpoint(self, state: _LoopState, number: int) -> None:
+        trainable = {**{f"transformer.{k}": p for k, p in state.params.items()},
+                     **{f"text_encoder.{k}": p for k, p in state.te_params.items()}}
+        t_sd, te_sd = self._lora_dicts(state)
+        meta = run_metadata(self.recipe, step=number, counts=state.counts, started_at=self.started_at)
+        name = self.recipe.output.name
+
+        def loras(folder: Path) -> dict[str, Path]:
+            return write_loras(state.adapter, folder, name, t_sd, te_sd, recipe=self.recipe, metadata=meta,
+                               suffix=f"-step{number:06d}")
+
+        epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
+        info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
+                state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family}
+        path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=state.optimizer,
+                         scheduler=state.scheduler, info=info, write_loras=loras)
+        self.last_checkpoint = path
+        removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
+        kept = [str(p) for _, p in ckpt.complete_checkpoints(state.ckpt_root)]
+        self.ctx.artifacts["checkpoints"] = kept
+        self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
+
+    # -------------------------------------------------------------------------------------- samples
+    def _samples(self, state: _LoopState, number: int) -> list[str]:
+        import torch
+
+        from lora_run.rundir import atomic_write_bytes
+
+        r = self.recipe
+        adapter = state.adapter
+        if adapter.sample_vae is None:
+            return []
+        acc = state.accelerator
+        device = acc.device
+        transformer = state.transformer
+        was_training = transformer.training
+        transformer.eval()
+        adapter.sample_vae.to(device)
+        pipe = adapter.sampling_pipeline(transformer)
+        folder = self.run_dir.file("samples", f"step-{number:06d}")
+        written = []
+        rng_state = torch.get_rng_state()
+        try:
+            with torch.no_grad(), acc.autocast():
+                for n, prompt in enumerate(self.sample_prompts()):
+                    text = {k: v[None] for k, v in state.texts[prompt].items()}
+                    if state.te_module is not None:
+                        text.update(adapter.encode_captions([prompt], encoders=(adapter.trainable_text_encoder,)))
+                    for seed in r.sample.seeds:
+                        for strength in r.sample.strengths:
+                            image = adapter.generate(pipe, prompt=None, seed=seed, steps=r.sample.steps,
+                                                     guidance=r.sample.guidance, width=r.sample.width,
+                                                     height=r.sample.height, lora_scale=strength, text=text)
+                            path = folder / f"p{n:02d}-seed{seed}-x{strength:g}.png"
+                            atomic_write_bytes(path, _png_bytes(image))
+                            written.append(str(path))
+        finally:
+            torch.set_rng_state(rng_state)
+            adapter.sample_vae.to("cpu")
+            if was_training:
+                transformer.train()
+        self.ctx.artifacts.setdefault("samples", []).extend(written)
+        self.run_dir.log(f"samples for step {number}: {len(written)} image(s) in {folder}")
+        self.ctx.hook.samples_written(run=self.ctx, step=number, paths=written)
+        return written
+
+    # ---------------------------------------------------------------------------------------- finish
+    def _finish(self, state: _LoopState) -> None:
+        r = self.recipe
+        if r.sample.every_steps:
+            self._samples(state, state.total)
+        t_sd, te_sd = self._lora_dicts(state)
+        meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
+        written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r, metadata=meta)
+        for fmt, path in written.items():
+            self.ctx.artifacts[f"lora_{fmt}"] = str(path)
+        if state.losses:
+            self.ctx.artifacts["loss_first"] = state.losses[0]
+            self.ctx.artifacts["loss_last"] = state.losses[-1]
+        self.ctx.artifacts["steps"] = state.total
+        self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))
+
+
+class _LoopState:
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+        self.epoch_cache: tuple[int, list] = (-1, [])
+        self.losses: list[float] = []
+
+
+def _memory_gib(device: Any) -> float:
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def _png_bytes(image: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
