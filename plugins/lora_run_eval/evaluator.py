@@ -114,14 +114,27 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
 _STEP = re.compile(r"(\d+)(?!.*\d)")
 
 
+_STATE_FILES = {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors"}
+
+
 def _lora_file(path: Path) -> Path | None:
+    """A LoRA file, or the LoRA inside a checkpoint folder: the one its `state.json` names (kohya format
+    first), else the first `.safetensors` that is not training state."""
     if path.is_file():
         return path
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        kohya = [f for f in files if "diffusers" not in f.name and "state" not in f.name]
-        return (kohya or files or [None])[0]
-    return None
+    if not path.is_dir():
+        return None
+    try:
+        named = json.loads((path / "state.json").read_text("utf-8")).get("loras") or {}
+    except (OSError, ValueError, AttributeError):
+        named = {}
+    for fmt in sorted(named, key=lambda f: (f != "kohya", f)):
+        candidate = path / str(named[fmt])
+        if candidate.is_file():
+            return candidate
+    files = sorted(f for f in path.rglob("*.safetensors") if f.name not in _STATE_FILES)
+    files.sort(key=lambda f: (len(f.relative_to(path).parts), f.name))
+    return files[0] if files else None
 
 
 def normalise_checkpoints(items: Sequence[Any]) -> list[tuple[str, int | None, Path]]:
@@ -315,9 +328,11 @@ class IdentityEvaluator:
             history = M.read_loss(out / LOSS_FILE)
             data = ev.finish(final=final, prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
                              seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
-        except LoraRunError as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed evaluation must not turn a finished training into a failure
             if ctx.debug:
                 raise
+            if not isinstance(exc, LoraRunError):
+                exc = f"{type(exc).__name__}: {exc}"
             ctx.echo(f"warning: evaluation failed: {exc} (the LoRA files are fine; evaluate later with "
                      f"`lora-run eval {ctx.run_dir.path / 'recipe.toml'} --lora FILE`)")
             ctx.artifacts["eval_error"] = str(exc)

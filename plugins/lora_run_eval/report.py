@@ -99,7 +99,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+    parts = [f'<svg width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}" '
              'style="background:#fff;border:1px solid #ddd;border-radius:6px">',
              f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14" font-weight="600">{esc(title)}</text>']

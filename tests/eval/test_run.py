@@ -1,0 +1,183 @@
+"""The evaluator inside a real `execute()` run: a test backend that trains nothing but calls the lifecycle
+hooks, saves checkpoint folders shaped like the native backend's, and generates the grid (its `generate`
+registration meta) from real faces. Checks loss collection, checkpoint evaluation, the best-checkpoint
+pick, metrics.json and the report — and renders that report in headless Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_run.features import FEATURES
+from lora_run.hookspecs import hookimpl
+from lora_run.recipe import load_recipe
+from lora_run.run import Plan, execute
+
+from .conftest import astronaut_scene, face_free, other_person
+
+STEPS = 12
+
+
+def fake_generate(recipe, lora_path, jobs, out_dir):
+    """Checkpoint 4: other people (weak identity); checkpoint 8: the subject in varied pictures (healthy);
+    final: one picture for everything and the subject in the control prompt (sameface + leakage)."""
+    name = Path(lora_path).name
+    out = []
+    for n, job in enumerate(jobs):
+        control = "ohwx" not in job["prompt"]
+        if "step000004" in name:
+            image = face_free()["coffee"] if control else other_person(n)
+        elif "step000008" in name:
+            image = other_person(30 + n) if control else astronaut_scene(n)
+        else:
+            image = astronaut_scene(1) if control else astronaut_scene(0)
+        path = Path(out_dir) / f"{job['name']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        out.append({**job, "path": str(path)})
+    return out
+
+
+class FakeBackend:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def plan(self):
+        return Plan(backend="fake-gen", family=self.ctx.recipe.model.family, steps=STEPS)
+
+    def run(self):
+        ctx = self.ctx
+        kept = []
+        for step in range(1, STEPS + 1):
+            ctx.hook.step_finished(run=ctx, step=step, metrics={"loss": 1.0 / step, "lr": 1e-4})
+            if step in (4, 8):
+                folder = ctx.run_dir.file("checkpoints", f"step-{step:06d}")
+                folder.mkdir(parents=True)
+                (folder / "trainable.safetensors").write_bytes(b"state")
+                (folder / f"identity-lora-step{step:06d}.safetensors").write_bytes(b"lora")
+                (folder / "state.json").write_text(json.dumps(
+                    {"step": step, "loras": {"kohya": f"identity-lora-step{step:06d}.safetensors"}}))
+                kept.append(str(folder))
+                ctx.artifacts["checkpoints"] = list(kept)
+                ctx.hook.checkpoint_saved(run=ctx, step=step, path=folder)
+        final = ctx.run_dir.file("identity-lora.safetensors")
+        final.write_bytes(b"lora")
+        ctx.artifacts["lora_kohya"] = str(final)
+        ctx.artifacts["steps"] = STEPS
+
+
+class FakeGenPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        features = {f.name for f in FEATURES} | {"loss:mse"}
+        register("fake-gen", FakeBackend, capabilities={"flux.1-dev": features}, generate=fake_generate)
+
+
+RECIPE = """
+backend = "fake-gen"
+[model]
+source = "black-forest-labs/FLUX.1-dev"
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+min_images = 2
+[train]
+steps = 12
+[eval]
+prompts = ["a portrait photo of {trigger}", "a photo of {trigger} in a city", "a portrait photo of a person"]
+strengths = [0.8, 1.0]
+seeds = [1, 2]
+every_checkpoint = true
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, subject_dir):
+    from lora_run.plugins import load_plugins
+
+    folder = tmp_path_factory.mktemp("run")
+    recipe = folder / "recipe.toml"
+    recipe.write_text(RECIPE.replace("{dataset}", str(subject_dir)), encoding="utf-8")
+    lines = []
+    ctx = execute(load_recipe(recipe), load_plugins(extra=[FakeGenPlugin()]), output_dir=str(folder / "out"),
+                  echo=lines.append)
+    return folder / "out", ctx, lines
+
+
+def test_the_run_ends_with_the_evaluation(evaluated_run):
+    out, ctx, lines = evaluated_run
+    assert (out / "eval" / "report.html").is_file() and (out / "eval" / "metrics.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["artifacts"]["eval_report"] == str(out / "eval" / "report.html")
+    assert any(line.startswith("eval: best: step 8") for line in lines), lines
+    assert not [p for p in (out / "eval").rglob("*.tmp")]
+
+
+def test_checkpoints_are_evaluated_and_the_best_is_picked(evaluated_run):
+    out, ctx, _ = evaluated_run
+    data = json.loads((out / "eval" / "metrics.json").read_text())
+    assert [e["label"] for e in data["loras"]] == ["step 4", "step 8", "final (step 12)"]
+    by = {e["label"]: e for e in data["loras"]}
+    assert "weak identity" in by["step 4"]["failures"]
+    assert by["step 8"]["failures"] == []
+    assert "sameface" in by["final (step 12)"]["failures"] and by["final (step 12)"]["leak_rate"] == 1.0
+    assert data["best"]["label"] == "step 8" and "highest quality" in data["best"]["reason"]
+    assert ctx.artifacts["best_checkpoint"].endswith("identity-lora-step000008.safetensors")
+    grid = data["results"]["final (step 12)"]["images"]
+    assert len(grid) == 3 * 2 * 2 and {r["strength"] for r in grid} == {0.8, 1.0}
+    assert data["prompts"][0] == "a portrait photo of ohwx"
+    assert data["overfit"]["measured"]                  # loss history + checkpoints with faces
+
+
+def test_the_loss_is_collected_from_step_finished(evaluated_run):
+    out, _, _ = evaluated_run
+    rows = [json.loads(line) for line in (out / "eval" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[1]["loss"] == pytest.approx(0.5) and rows[1]["lr"] == 1e-4
+
+
+def test_the_report_is_one_self_contained_file(evaluated_run):
+    out, _, _ = evaluated_run
+    html = (out / "eval" / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html
+    assert "http://" not in html and "https://" not in html and "src=\"file:" not in html
+    # the final grid (12 images), the best checkpoint's grid (12) and the 3 subject photos, all embedded
+    assert html.count('src="data:image/jpeg;base64,') == 12 + 12 + 3
+    assert html.count("<svg") >= 3                                   # loss, identity per checkpoint, strength
+    assert "Training loss" in html and "Identity per checkpoint" in html and "Identity vs LoRA strength" in html
+    assert "Best: step 8" in html and "sameface" in html
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_report_renders_in_headless_chromium(evaluated_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium); the report was not rendered")
+    out, _, _ = evaluated_run
+    shot = tmp_path / "report.png"
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           "--window-size=1280,2000", (out / "eval" / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), done.stderr[-2000:]
+    assert shot.stat().st_size > 30_000
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2000)
+    colours = image.resize((320, 500)).getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 500           # text, plots and photographs, not a blank page
+    grey = np.asarray(image.convert("L"))
+    assert (grey < 80).sum() > 5_000                              # dark text and lines on the page …
+    assert (grey[:120] < 80).sum() > 500                          # … starting with the title at the top
+    assert grey.std() > 20                                        # not a uniform page
+    keep = Path(out / "eval" / "report-screenshot.png")
+    shutil.copy(shot, keep)                                       # kept next to the report for inspection
