@@ -357,12 +357,15 @@ def _run_dir_of(lora: Path) -> Path | None:
     return None
 
 
-def _prepare_output(path: Path, overwrite: bool) -> None:
+def _check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
                           "or --output-dir for a new folder")
+
+
+def _clear_output(path: Path, overwrite: bool) -> None:
     if path.is_dir() and overwrite:
         for name in (METRICS_FILE, REPORT_FILE):
             (path / name).unlink(missing_ok=True)
@@ -377,8 +380,6 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.run import lint, validate
 
     loaded = load_recipe(args.recipe, args.sets)
-    prepared = validate(loaded, plugins)
-    recipe = prepared.recipe
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()
@@ -389,13 +390,15 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
     if len({label for label, _, _ in loras}) != len(loras):
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
+    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else \
+        loras[0][2].parent / f"eval-{loras[0][2].stem}"
+    _check_output(out, args.overwrite)
+    recipe = validate(loaded, plugins).recipe
     report = lint(recipe, plugins)
     subject = [i.image for i in report.usable if not i.is_reg]
     if not subject:
         raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
-    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else \
-        loras[0][2].parent / f"eval-{loras[0][2].stem}"
-    _prepare_output(out, args.overwrite)
+    _clear_output(out, args.overwrite)
     echo = (lambda _m: None) if args.json else print
     embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
                              loaded.path.resolve().parent)

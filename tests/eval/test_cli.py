@@ -1,0 +1,78 @@
+"""`lora-run score` and `lora-run eval` as a user runs them (real subprocesses)."""
+from __future__ import annotations
+
+import json
+
+from .conftest import astronaut_scene, face_free, other_person, save
+
+
+def folders(tmp_path, subject_dir):
+    images = save({f"gen{i}": astronaut_scene(i) for i in range(3)}, tmp_path / "images")[0].parent
+    control = save({f"ctl{i}": other_person(i) for i in range(2)}, tmp_path / "control")[0].parent
+    return images, control
+
+
+def test_score_folders_human_and_json(run_cli, tmp_path, subject_dir):
+    images, control = folders(tmp_path, subject_dir)
+    done = run_cli("score", "--subject", subject_dir, "--images", images, "--control", control,
+                   "--report", tmp_path / "score.html")
+    assert done.returncode == 0, done.stderr
+    assert "identity score: 0.8" in done.stdout or "identity score: 0.9" in done.stdout, done.stdout
+    assert "leakage: 0% of 2 control faces" in done.stdout and "no failure signal" in done.stdout
+    html = (tmp_path / "score.html").read_text()
+    assert "data:image/jpeg;base64," in html and "<script" not in html
+    again = run_cli("score", "--subject", subject_dir, "--images", images, "--report", tmp_path / "score.html")
+    assert again.returncode == 2 and "exists; use --overwrite" in again.stderr
+
+    done = run_cli("score", "--subject", subject_dir, "--images", images, "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    result = data["results"]["images"]
+    assert data["ok"] and data["embedder"]["name"] == "dlib"
+    assert result["identity"]["face_rate"] == 1.0 and result["identity"]["match_rate"] == 1.0
+    assert len(result["images"]) == 3 and all(r["match"] for r in result["images"])
+
+
+def test_score_reports_no_face_and_weak_identity(run_cli, tmp_path, subject_dir):
+    mixed = save({**face_free(), **{f"other{i}": other_person(i) for i in range(4)}}, tmp_path / "mixed")[0].parent
+    done = run_cli("score", "--subject", subject_dir, "--images", mixed, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["results"]["images"]
+    notes = {r["name"]: r["note"] for r in result["images"]}
+    assert notes["coffee"] == "no face found" and notes["chelsea"] == "no face found"
+    assert "weak identity" in [f["name"] for f in result["failures"]]
+
+
+def test_score_bad_input_exits_2_without_traceback(run_cli, tmp_path, subject_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in (
+            (("--subject", tmp_path / "nope", "--images", subject_dir), "--subject"),
+            (("--subject", subject_dir, "--images", empty), "no images"),
+            (("--subject", subject_dir, "--images", subject_dir, "--embedder", "onnx"), "needs --model"),
+            (("--subject", subject_dir, "--images", subject_dir, "--embedder", "onxx", "--model", "m.onnx"),
+             'did you mean "onnx"'),
+            (("--subject", subject_dir, "--images", subject_dir, "--embedder", "onnx", "--model",
+              tmp_path / "missing.onnx"), "ONNX model not found")):
+        done = run_cli("score", *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "black-forest-labs/FLUX.1-dev"\n[dataset]\npath = "{subject_dir}"\n'
+                      'trigger = "ohwx"\nmin_images = 2\n[train]\nsteps = 2\n[eval]\nembedder = "onnx"\n',
+                      encoding="utf-8")
+    done = run_cli("eval", recipe, "--lora", tmp_path / "missing.safetensors")
+    assert done.returncode == 2 and "--lora" in done.stderr and "no such file" in done.stderr, done.stderr
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"x")
+    done = run_cli("eval", recipe, "--lora", lora)
+    assert done.returncode == 2 and "[eval.embedder_options.model]" in done.stderr, done.stderr
+    recipe.write_text(recipe.read_text().replace('embedder = "onnx"', 'embedder = "dlib"'))
+    (tmp_path / "eval-x").mkdir()
+    (tmp_path / "eval-x" / "report.html").write_text("earlier")
+    done = run_cli("eval", recipe, "--lora", lora)
+    assert done.returncode == 2 and "not empty" in done.stderr, done.stderr
+    assert (tmp_path / "eval-x" / "report.html").read_text() == "earlier"
