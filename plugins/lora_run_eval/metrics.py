@@ -312,6 +312,9 @@ def quality(metrics: dict[str, Any]) -> float | None:
 
 # ------------------------------------------------------------------------------------------ the §9 table
 FIXES = {
+    "no subject face": ("no face was found in the subject's own photos, so nothing can be compared",
+                        "Use photos where the face is visible (frontal or three-quarter, at least about 80 pixels "
+                        "wide); see the subject photos in the report."),
     "no face": ("the generated images show no detectable face",
                 "Look at the grid. No person at all: the model or the LoRA is broken (or far too strong). Small or "
                 "profile faces: use close-up prompts, or the `onnx` embedder with an SCRFD detector."),
@@ -343,6 +346,8 @@ def diagnose(m: dict[str, Any], *, text_encoder_trained: bool | None = None,
     out = []
     ident, leak, div, subj = m["identity"], m["leakage"], m["diversity"], m["subject"]
     at = f" at strength {ident['reference_strength']}" if ident["reference_strength"] is not None else ""
+    if subj["images"] and not subj["faces"]:
+        out.append(_failure("no subject face", [f"no face found in any of the {subj['images']} subject photos"]))
     if ident["images"] and (ident["face_rate"] or 0.0) < FACE_RATE_MIN:
         out.append(_failure("no face", [f"faces found in {_pct(ident['face_rate'])} of the trigger images{at} "
                                         f"(identity needs ≥ {_pct(FACE_RATE_MIN)})"]))
