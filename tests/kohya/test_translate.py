@@ -1,0 +1,351 @@
+"""Recipe → sd-scripts files: the mapping of every feature, the refusals, and every shipped recipe."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lora_run.errors import RecipeError
+from lora_run.plugins import load_plugins
+from lora_run.recipe import LoadedRecipe, load_recipe
+from lora_run.rundir import RunDir
+from lora_run.run import make_backend, output_path, validate
+from lora_run_kohya import spec
+
+from .conftest import model_files
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return load_plugins()
+
+
+def planned(path: Path, plugins, sets=()):
+    loaded = load_recipe(path, sets)
+    prepared = validate(loaded, plugins)
+    run_dir = RunDir(output_path(prepared.recipe, None))
+    plan = make_backend(prepared, plugins, run_dir=run_dir).plan()
+    return plan, tomllib.loads(plan.files["kohya/config.toml"]), tomllib.loads(plan.files["kohya/dataset.toml"])
+
+
+def flat(config: dict) -> dict:
+    out = {}
+    for table in config.values():
+        out.update(table)
+    return out
+
+
+def refusal(path: Path, plugins, sets=()) -> str:
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(path, sets), plugins)
+    return str(info.value)
+
+
+def test_plan_writes_validated_files_and_the_exact_command(kohya_recipe, plugins, fake_checkout, monkeypatch):
+    monkeypatch.setenv("LORA_RUN_SD_SCRIPTS", str(fake_checkout))
+    path = kohya_recipe()
+    plan, config, dataset = planned(path, plugins)
+    run = path.parent / "runs" / "ohwx"
+    assert set(plan.files) == {"kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt"}
+    assert spec.check_config("flux_train_network.py", config) == []
+    assert spec.check_dataset(dataset) == []
+    assert plan.commands == [[sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process",
+                              "1", "--mixed_precision", "bf16", "--num_processes", "1", "--num_machines", "1",
+                              "--dynamo_backend", "no", f"{fake_checkout}/flux_train_network.py",
+                              "--config_file", f"{run}/kohya/config.toml", "--dataset_config",
+                              f"{run}/kohya/dataset.toml"]]
+    f = flat(config)
+    assert f["network_module"] == "networks.lora_flux" and f["network_train_unet_only"] is True
+    assert f["guidance_scale"] == 1.0 and f["model_prediction_type"] == "raw"
+    assert f["network_dim"] == 4 and f["network_alpha"] == 2.0
+    assert f["network_args"] == ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0"]
+    assert f["pretrained_model_name_or_path"].endswith("flux1-dev.safetensors") and f["ae"].endswith("ae.safetensors")
+    assert f["learning_rate"] == 1e-4 and f["max_train_steps"] == 6 and f["seed"] == 42
+    assert f["save_every_n_steps"] == 2 and f["save_last_n_steps"] == 2 and f["save_state"] is True
+    assert f["cache_text_encoder_outputs"] is True and f["cache_latents_to_disk"] is True
+    assert f["output_dir"] == f"{run}/kohya/output" and f["output_name"] == "ohwx"
+    general = dataset["general"]
+    assert general["caption_extension"] == ".txt" and general["bucket_reso_steps"] == 64
+    assert dataset["datasets"][0]["subsets"] == [{"image_dir": f"{run}/kohya/data/subject", "num_repeats": 1,
+                                                  "is_reg": False}]
+    assert plan.files["kohya/sample_prompts.txt"] == "a photo of ohwx --w 512 --h 512 --d 1 --s 20 --g 3.5\n"
+    assert plan.steps == 6 and plan.details["sd_scripts"] == str(fake_checkout)
+
+
+def test_plan_works_without_a_checkout(kohya_recipe, plugins, monkeypatch):
+    monkeypatch.delenv("LORA_RUN_SD_SCRIPTS", raising=False)
+    plan, _, _ = planned(kohya_recipe(), plugins)
+    assert plan.commands[0][13] == "<sd-scripts>/flux_train_network.py"
+    assert any("no sd-scripts checkout configured" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["train.timestep_sampling=\"uniform\""], {"timestep_sampling": "uniform"}),
+    (["train.timestep_sampling=\"sigmoid\"", "train.sigmoid_scale=2.0"],
+     {"timestep_sampling": "sigmoid", "sigmoid_scale": 2.0}),
+    (["train.timestep_sampling=\"shift\"", "train.shift=3.1582"],
+     {"timestep_sampling": "shift", "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0}),
+    (["train.timestep_sampling=\"flux-shift\""], {"timestep_sampling": "flux_shift"}),
+    # sd-scripts' "sigma" path indexes descending timesteps with sigmoid(N(m, s)): the mean flips sign
+    (["train.timestep_sampling=\"logit-normal\"", "train.logit_mean=0.5", "train.logit_std=1.2"],
+     {"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_mean": -0.5, "logit_std": 1.2,
+      "discrete_flow_shift": 1.0}),
+    (["train.loss=\"pseudo-huber\"", "train.loss_options={c = 0.2}"],
+     {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "constant", "huber_scale": 1.0}),
+    (["train.loss=\"mse\""], {"loss_type": "l2"}),
+    (["scheduler.name=\"cosine\"", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1"],
+     {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_min_lr_ratio": 0.1, "lr_warmup_steps": 10}),
+    (["scheduler.name=\"cosine\""], {"lr_scheduler": "cosine", "lr_warmup_steps": 0}),
+    (["scheduler.name=\"linear\"", "scheduler.min_lr_ratio=0.25"],
+     {"lr_scheduler": "polynomial", "lr_scheduler_power": 1.0, "lr_scheduler_args": ["lr_end=2.5e-05"]}),
+    (["scheduler.name=\"linear\"", "scheduler.min_lr_ratio=1.0", "scheduler.warmup_steps=5"],
+     {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5}),
+    (["scheduler.name=\"constant\""], {"lr_scheduler": "constant"}),
+    (["optimizer.name=\"adamw\"", "optimizer.weight_decay=0.01", "optimizer.betas=[0.9, 0.99]"],
+     {"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=0.01", "betas=(0.9,0.99)", "eps=1e-08"]}),
+    (["optimizer.name=\"adafactor\""], {"optimizer_type": "Adafactor", "optimizer_args": [
+        "relative_step=False", "scale_parameter=False", "warmup_init=False", "weight_decay=0.0"]}),
+    (["optimizer.name=\"prodigy\"", "optimizer.lr=1.0"], {"optimizer_type": "Prodigy", "learning_rate": 1.0}),
+    (["optimizer.name=\"adamw8bit\""], {"optimizer_type": "AdamW8bit"}),
+    (["model.base_precision=\"fp8\""], {"fp8_base": True}),
+    (["lora.targets=\"all-linear\""], {"network_train_unet_only": True}),
+    (["train.guidance=3.5"], {"guidance_scale": 3.5}),
+    (["train.mixed_precision=\"no\"", "output.save_precision=\"fp32\""],
+     {"mixed_precision": "no", "save_precision": "float"}),
+    (["train.epochs=3", "train.steps=null"], {"max_train_epochs": 3}),
+    (["train.save_every_steps=null", "train.save_every_epochs=2", "train.keep_last=3", "train.epochs=4",
+      "train.steps=null"], {"save_every_n_epochs": 2, "save_last_n_epochs": 3, "save_last_n_epochs_state": 3}),
+    (["train.keep_last=1"], {"save_last_n_steps": 0}),
+    (["train.num_workers=2"], {"max_data_loader_n_workers": 2, "persistent_data_loader_workers": True}),
+    (["train.gradient_accumulation=4", "train.gradient_checkpointing=false"],
+     {"gradient_accumulation_steps": 4, "gradient_checkpointing": False}),
+])
+def test_feature_mapping(kohya_recipe, plugins, sets, expected):
+    replace = {}
+    if "train.steps=null" in sets:
+        sets = [s for s in sets if s != "train.steps=null"]
+        replace["steps = 6"] = ""
+    if "train.save_every_steps=null" in sets:
+        sets = [s for s in sets if s != "train.save_every_steps=null"]
+        replace["save_every_steps = 2"] = ""
+    _, config, dataset = planned(kohya_recipe(replace=replace), plugins, sets)
+    f = flat(config)
+    for key, value in expected.items():
+        assert f.get(key) == value, key
+    assert spec.check_config("flux_train_network.py", config) == []
+    if any("lora.targets=\"all-linear\"" in s for s in sets):
+        assert "network_args" not in f
+
+
+def test_steps_from_epochs_count_images_and_regularisation(kohya_recipe, plugins, tmp_path):
+    from lora_run.testing import make_images
+
+    make_images(tmp_path / "reg", count=3, trigger="", prefix="reg")
+    extra = f'[[dataset.regularization]]\npath = "{tmp_path / "reg"}"\nweight = 0.5\nrepeats = 2\n'
+    plan, config, dataset = planned(kohya_recipe(extra, replace={"steps = 6": ""}), plugins,
+                                    ["train.epochs=5", "train.batch_size=3", "dataset.repeats=2"])
+    # 4 subject images × 2 repeats, regularisation balanced to the same count: 16 samples / batch 3 = 6 per epoch
+    assert plan.steps == 5 * 6
+    subsets = dataset["datasets"][0]["subsets"]
+    assert subsets[1] == {"image_dir": str(tmp_path / "runs/ohwx/kohya/data/reg0"), "num_repeats": 2, "is_reg": True}
+    assert flat(config)["prior_loss_weight"] == 0.5
+    assert any("balances regularisation images" in n for n in plan.notes)
+
+
+def test_text_encoder_training_and_caption_dropout(kohya_recipe, plugins):
+    sets = ["text_encoder.train=true", "text_encoder.train_fraction=1.0", "text_encoder.lr_ratio=0.5",
+            "model.base_precision=\"fp8\"", "dataset.caption_dropout=0.1"]
+    _, config, dataset = planned(kohya_recipe(), plugins, sets)
+    f = flat(config)
+    assert "network_train_unet_only" not in f and f["text_encoder_lr"] == [5e-5]
+    assert f["fp8_base_unet"] is True and "fp8_base" not in f       # CLIP-L stays in bf16 while it trains
+    assert "cache_text_encoder_outputs" not in f                     # sd-scripts forbids it with either
+    assert dataset["datasets"][0]["subsets"][0]["caption_dropout_rate"] == 0.1
+
+
+def test_backend_options(kohya_recipe, plugins, tmp_path):
+    extra = ('[backend.kohya]\nblocks_to_swap = 18\nnum_processes = 2\ntensorboard = true\n'
+             'tokenizer_cache_dir = "/tok"\ncache_latents = false\npython = "py/bin/python"\n'
+             'extra_args = { full_bf16 = true, lr_scheduler_num_cycles = 1 }\n')
+    (tmp_path / "py" / "bin").mkdir(parents=True)
+    (tmp_path / "py" / "bin" / "python").write_text("")
+    plan, config, _ = planned(kohya_recipe(extra), plugins)
+    f = flat(config)
+    assert f["blocks_to_swap"] == 18 and f["log_with"] == "tensorboard" and f["tokenizer_cache_dir"] == "/tok"
+    assert "cache_latents" not in f and f["full_bf16"] is True
+    argv = plan.commands[0]
+    assert argv[0] == str(tmp_path / "py/bin/python") and argv[argv.index("--num_processes") + 1] == "2"
+
+
+def test_hunyuan_image(kohya_recipe, plugins):
+    extra = "[sample]\nguidance = 4.0\n"
+    path = kohya_recipe(family="hunyuan-image-2.1")
+    plan, config, _ = planned(path, plugins, ["model.base_precision=\"fp8\"", "sample.guidance=4.0",
+                                              "dataset.resolution=1024", "dataset.bucket_max=2048",
+                                              "dataset.bucket_min=512", "dataset.bucket_step=64"])
+    del extra
+    f = flat(config)
+    assert spec.check_config("hunyuan_image_train_network.py", config) == []
+    assert f["network_module"] == "networks.lora_hunyuan_image" and f["network_train_unet_only"] is True
+    assert f["fp8_scaled"] is True and "guidance_scale" not in f and "fp8_base" not in f
+    assert f["text_encoder"].endswith("qwen_2.5_vl_7b.safetensors") and f["byt5"].endswith("byt5.safetensors")
+    assert f["vae"].endswith("vae.safetensors") and "network_args" not in f
+    assert plan.commands[0][13].endswith("/hunyuan_image_train_network.py")
+    assert plan.files["kohya/sample_prompts.txt"].strip().endswith("--l 4")
+
+
+@pytest.mark.parametrize("sets, key, words", [
+    (["train.noise_offset=0.05"], "train.noise_offset", "plain randn noise"),
+    (["train.min_snr_gamma=5.0"], "train.min_snr_gamma", "return the loss unchanged"),
+    (["lora.targets=\"attention\""], "lora.targets", "linear1"),
+    (["train.loss=\"huber\""], "train.loss", "pseudo-Huber"),
+    (["train.loss=\"smooth-l1\""], "train.loss", "SmoothL1"),
+    (["lora.dropout=0.1"], "lora.dropout", "down-projection's outputs"),
+    (["train.timestep_weighting=\"cosmap\""], "train.timestep_weighting", "sigma_scaled"),
+    (["lora.modules=[\"attn\"]"], "lora.modules", "targets preset"),
+    (["text_encoder.train=true"], "text_encoder.train_fraction", "cannot stop the text-encoder LoRA early"),
+    (["text_encoder.train=true", "text_encoder.train_fraction=1.0", "text_encoder.rank=8"], "text_encoder.rank",
+     "same rank"),
+    (["dataset.bucket_step=48", "dataset.bucket_min=240", "dataset.bucket_max=1008", "dataset.resolution=480"],
+     "dataset.bucket_step", "multiple of 32"),
+    (["dataset.bucket_min=320", "dataset.bucket_step=128"], "dataset.bucket_min", "multiple of dataset.bucket_step"),
+    (["sample.strengths=[0.5, 1.0]"], "sample.strengths", "strength 1.0 only"),
+    (["sample.prompts=[\"a photo --w 5\"]"], "sample.prompts[0]", "reads as an option"),
+    (["lora.init=\"gaussian\""], "lora.init", "Kaiming"),
+    (["scheduler.name=\"constant\"", "scheduler.warmup_steps=5"], "scheduler.warmup_steps", "constant_with_warmup"),
+    (["train.memory_mode=\"low-vram\""], "train.memory_mode", "blocks_to_swap"),
+    (["train.compile=\"on\""], "train.compile", "do not compile"),
+    (["train.save_every_epochs=1"], "train.save_every_epochs", "give one of them"),
+    (["backend.kohya.blocks_to_swap=36"], "backend.kohya.blocks_to_swap", "at most 35"),
+    (["backend.kohya.blocks_to_swap=4", "backend.kohya.cpu_offload_checkpointing=true"],
+     "backend.kohya.cpu_offload_checkpointing", "together"),
+    (["dataset.caption_dropout=0.1", "backend.kohya.cache_text_encoder_outputs=true"],
+     "backend.kohya.cache_text_encoder_outputs", "caption dropout"),
+    (["backend.kohya.extra_args={lerning_rate = 0.1}"], "backend.kohya.extra_args", "did you mean `learning_rate`"),
+    (["backend.kohya.extra_args={full_bf16 = \"yes\"}"], "backend.kohya.extra_args", "expects bool"),
+    (["backend.kohya.extra_args={learning_rate = 0.1}"], "backend.kohya.extra_args.learning_rate",
+     "cannot be overridden"),
+    (["backend.kohya.extra_args={output_dir = \"/x\"}"], "backend.kohya.extra_args.output_dir", "cannot be"),
+    (["backend.kohya.sd_scripts=\"/nonexistent/sd-scripts\""], "backend.kohya.sd_scripts", "not a folder"),
+])
+def test_refusals_name_the_key(kohya_recipe, plugins, sets, key, words):
+    message = refusal(kohya_recipe(), plugins, sets)
+    assert f"[{key}]" in message and words in message, message
+
+
+def test_regularisation_sets_with_different_weights(kohya_recipe, plugins, tmp_path):
+    from lora_run.testing import make_images
+
+    make_images(tmp_path / "r1", count=2, trigger="", prefix="a")
+    make_images(tmp_path / "r2", count=2, trigger="", prefix="b")
+    extra = (f'[[dataset.regularization]]\npath = "{tmp_path / "r1"}"\nweight = 0.5\n'
+             f'[[dataset.regularization]]\npath = "{tmp_path / "r2"}"\nweight = 1.0\n')
+    message = refusal(kohya_recipe(extra), plugins)
+    assert "[dataset.regularization]" in message and "one --prior_loss_weight" in message
+
+
+def test_model_source_only_names_every_needed_file(kohya_recipe, plugins, tmp_path):
+    path = kohya_recipe()
+    text = path.read_text()
+    files = text[text.index("[model.files]"):text.index("[dataset]")]
+    path.write_text(text.replace(files, "").replace('[model]\n', '[model]\nsource = "black-forest-labs/FLUX.1-dev"\n'))
+    message = refusal(path, plugins)
+    for key in ("transformer", "clip_l", "t5xxl", "vae"):
+        assert f"[model.files.{key}] is required by the kohya backend" in message
+    assert "flux1-dev.safetensors" in message and "t5xxl_fp16.safetensors" in message and "ae.safetensors" in message
+    assert "hub id or diffusers folder" in message
+
+
+def test_missing_model_file_and_folder(kohya_recipe, plugins, tmp_path):
+    path = kohya_recipe()
+    (tmp_path / "models" / "clip_l.safetensors").unlink()
+    (tmp_path / "models" / "ae.safetensors").unlink()
+    (tmp_path / "models" / "ae.safetensors").mkdir()
+    message = refusal(path, plugins)
+    assert "[model.files.clip_l]" in message and "does not exist" in message
+    assert "[model.files.vae]" in message and "is a folder, not a single file" in message
+
+
+def test_hunyuan_refusals(kohya_recipe, plugins):
+    path = kohya_recipe(family="hunyuan-image-2.1")
+    message = refusal(path, plugins, ["train.guidance=3.5", "text_encoder.train=true", "lora.targets=\"attention+mlp\"",
+                                      "output.formats=[\"kohya\", \"diffusers\"]"])
+    assert "[train.guidance]" in message and "no guidance embedding" in message
+    assert "[text_encoder.train]" in message and "--network_train_unet_only" in message
+    assert "[lora.targets]" in message
+
+
+def test_hunyuan_dit_is_refused_naming_the_backends_that_train_it(kohya_recipe, plugins, tmp_path):
+    path = kohya_recipe()
+    path.write_text(path.read_text().replace('family = "flux.1-dev"', 'family = "hunyuan-dit-1.2"'))
+    message = refusal(path, plugins)
+    assert 'backend "kohya" does not train hunyuan-dit-1.2' in message
+    assert "sd-scripts has no Hunyuan-DiT trainer" in message and "backends that do:" in message
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes
+FIXES = {("lora", "targets"): {"flux.1-dev": "attention+mlp", "hunyuan-image-2.1": "all-linear"},
+         ("train", "loss"): "pseudo-huber", ("text_encoder", "train_fraction"): 1.0,
+         ("output", "formats"): ["kohya"]}
+
+
+def _fix(recipe, key):
+    """The documented remedy for one refusal, or the field's default."""
+    section, field = key[0], key[1]
+    value = FIXES.get((section, field))
+    if isinstance(value, dict):
+        value = value[recipe.model.family]
+    if value is None:
+        value = attrs.fields_dict(type(getattr(recipe, section)))[field].default
+        if isinstance(value, attrs.Factory):
+            value = value.factory()
+    if section == "model" and field == "files":
+        return recipe
+    return attrs.evolve(recipe, **{section: attrs.evolve(getattr(recipe, section), **{field: value})})
+
+
+def shipped():
+    return sorted((REPO / "recipes").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("path", shipped(), ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_shipped_recipe_translates_to_valid_sd_scripts_files(path, plugins, tmp_path):
+    loaded = load_recipe(path)
+    recipe = loaded.recipe
+    family = recipe.model.family
+    files = model_files(tmp_path / "models", family) if family != "hunyuan-dit-1.2" else {}
+    recipe = attrs.evolve(recipe, backend=attrs.evolve(recipe.backend, name="kohya"),
+                          model=attrs.evolve(recipe.model, files=attrs.evolve(recipe.model.files, **files)),
+                          output=attrs.evolve(recipe.output, dir=str(tmp_path / "runs" / "{name}")))
+    if family == "hunyuan-dit-1.2":
+        with pytest.raises(RecipeError, match="does not train hunyuan-dit-1.2.*sd-scripts has no Hunyuan-DiT"):
+            validate(LoadedRecipe(recipe, path, path.name, {}), plugins)
+        return
+    for _attempt in range(6):
+        try:
+            prepared = validate(LoadedRecipe(recipe, path, path.name, {}), plugins)
+            break
+        except RecipeError as exc:
+            for line in exc.problems:
+                assert "backend \"kohya\" cannot honour" in line or "sd-scripts" in line or "kohya" in line, line
+            keys = {tuple(p.split("[", 1)[1].split("]", 1)[0].split(".")) for p in exc.problems if "[" in p}
+            for key in keys:
+                recipe = _fix(recipe, (key[0], key[1].split("[")[0]))
+    else:
+        pytest.fail(f"{path}: still refused after applying the documented remedies")
+    plan = make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "runs" / "x")).plan()
+    script = "flux_train_network.py" if family == "flux.1-dev" else "hunyuan_image_train_network.py"
+    config = tomllib.loads(plan.files["kohya/config.toml"])
+    dataset = tomllib.loads(plan.files["kohya/dataset.toml"])
+    assert spec.check_config(script, config) == []
+    assert spec.check_dataset(dataset) == []
+    assert plan.commands[0][13].endswith(script)
