@@ -282,7 +282,10 @@ _T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.", "te2.")
 
 
 def clip_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
+    """CLIP-L text-model tensors under their canonical ``text_model.`` names (prefixes of other tools removed)."""
     sd = strip_prefixes(dict(sd), _CLIP_PREFIXES)
+    if "embeddings.token_embedding.weight" in sd:           # transformers 5 saves without `text_model.`
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
     if "text_model.embeddings.token_embedding.weight" not in sd:
         raise LayoutError("no text_model.embeddings.token_embedding.weight: not a CLIP text encoder")
     return {k: v for k, v in sd.items() if k.startswith("text_model.")}

@@ -110,7 +110,8 @@ def write_single_files(folder: str | Path, out: str | Path) -> dict[str, Path]:
     bfl = transformer_diffusers_to_bfl(read("transformer"))
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in bfl.items()}, str(paths["transformer"]))
     save_file({k: v.contiguous() for k, v in vae_diffusers_to_ldm(read("vae")).items()}, str(paths["vae"]))
-    save_file({k: v.contiguous() for k, v in read("text_encoder").items()}, str(paths["clip_l"]))
+    clip = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.contiguous() for k, v in read("text_encoder").items()}
+    save_file(clip, str(paths["clip_l"]))           # ComfyUI's clip_l.safetensors names tensors text_model.*
     t5 = read("text_encoder_2")
     t5.pop("encoder.embed_tokens.weight", None)
     save_file({k: v.contiguous() for k, v in t5.items()}, str(paths["t5xxl"]))

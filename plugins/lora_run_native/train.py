@@ -374,7 +374,7 @@ class Trainer:
             for step in range(start, state.total):
                 reseed(step_seed(r.train.seed, "step", step))
                 te_active = state.te_module is not None and step < state.te_stop
-                if state.te_module is not None and step == state.te_stop:
+                if state.te_module is not None and not te_active and state.te_module.training:
                     for p in state.te_params.values():
                         p.requires_grad_(False)
                         p.grad = None

@@ -143,6 +143,7 @@ class FluxAdapter(ModelAdapter):
         with init_empty_weights():
             model = build()
         own = model.state_dict()
+        state = _match_text_model_prefix(state, own)
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -321,6 +322,9 @@ class FluxAdapter(ModelAdapter):
                    alpha: float, te_rank: int | None, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         te_rank = te_rank or rank
         te_alpha = alpha * te_rank / rank
+        # canonical CLIP names (`text_model.encoder.layers.N…`, as sd-scripts/ComfyUI and transformers 4 have
+        # them); transformers 5 drops the `text_model` level but still loads such keys
+        te_sd = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in te_sd.items()}
         if fmt == "diffusers":
             out = {}
             for prefix, sd, scale in (("transformer.", transformer_sd, alpha / rank),
@@ -423,3 +427,14 @@ class FluxAdapter(ModelAdapter):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _match_text_model_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """CLIP files name tensors `text_model.…`; transformers 5's CLIPTextModel has no `text_model` level."""
+    has = any(k.startswith("text_model.") for k in state)
+    wants = any(k.startswith("text_model.") for k in own)
+    if has and not wants:
+        return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    if wants and not has and any(k.startswith("embeddings.") for k in state):
+        return {f"text_model.{k}": v for k, v in state.items()}
+    return state
