@@ -62,7 +62,7 @@ def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
     jobs = []
     for pi, template in enumerate(ev.prompts):
         control = "{trigger}" not in template
-        prompt = template.replace("{trigger}", trigger).strip()
+        prompt = " ".join(template.replace("{trigger}", trigger).split())
         for strength in ev.strengths:
             for seed in ev.seeds:
                 jobs.append({"name": job_name(pi, strength, seed), "prompt": prompt, "prompt_index": pi,
@@ -73,7 +73,7 @@ def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
 
 def expanded_prompts(recipe: Any) -> list[str]:
     trigger = recipe.dataset.trigger.strip()
-    return [p.replace("{trigger}", trigger).strip() for p in recipe.eval.prompts]
+    return [" ".join(p.replace("{trigger}", trigger).split()) for p in recipe.eval.prompts]
 
 
 def find_generator(plugins: Any, recipe: Any) -> Callable[..., Any]:
@@ -423,7 +423,12 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
         ident, leak, div = final["identity"], final["leakage"], final["diversity"]
         print(f"identity score: {_f(ident['score'])} (faces {_p(ident['face_rate'])}, match rate "
               f"{_p(ident['match_rate'])}; subject vs itself {_f(final['subject']['self_score'])})")
-        print(f"leakage: {_p(leak['leak_rate'])} of {leak['faces']} control faces match the subject")
+        if leak["faces"]:
+            print(f"leakage: {_p(leak['leak_rate'])} of {leak['faces']} control faces match the subject")
+        elif leak["images"]:
+            print(f"leakage: no face in the {leak['images']} control images")
+        else:
+            print("leakage: not measured (no control images; `score --control DIR` adds them)")
         print(f"diversity: carbon copies {_p(div['carbon_copy_rate'])} of {div['pairs']} pairs, 1 − SSIM "
               f"{_f(div['ssim_distance'])}, face spread {_f(div['embedding_distance'])}")
         for f in final["failures"]:

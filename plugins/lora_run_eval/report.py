@@ -167,6 +167,8 @@ def _figure(rec: dict[str, Any]) -> str:
     else:
         caption = f'<span class="warn">{esc(rec["note"] or "no face")}</span>'
     seed = f"seed {rec['seed']} · " if rec.get("seed") is not None else ""
+    if rec.get("control") and rec.get("prompt_index") is None:
+        seed = "control · " + seed
     img = (f'<img src="{uri}" alt="{esc(rec["name"])}">' if uri
            else '<div class="muted" style="width:120px">unreadable</div>')
     return f'<figure title="{esc(rec["path"])}">{img}<figcaption>{seed}{caption}</figcaption></figure>'
@@ -318,7 +320,7 @@ def render(data: dict[str, Any]) -> str:
             ([esc(gname(g)), _num(g["images"], 0), _num(g["ssim_distance"]), _num(g["hash_distance"]),
               _num(g["embedding_distance"]), _num(g["pose_spread"]),
               f'<td class="num">{g["carbon_copies"]} / {g["pairs"]}</td>'] for g in groups)))
-    parts.append(f"<h2>Images: {esc(final)}</h2>")
+    parts.append("<h2>Images</h2>" if final == "images" else f"<h2>Images: {esc(final)}</h2>")
     parts.append(grid_html(m, prompts, data.get("strengths") or []))
     if best.get("label") and best["label"] != final and best["label"] in results:
         parts.append(f"<h2>Images: best checkpoint {esc(best['label'])}</h2>")
