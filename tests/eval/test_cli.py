@@ -76,3 +76,16 @@ def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
     done = run_cli("eval", recipe, "--lora", lora)
     assert done.returncode == 2 and "not empty" in done.stderr, done.stderr
     assert (tmp_path / "eval-x" / "report.html").read_text() == "earlier"
+
+
+def test_embedder_model_paths_are_relative_to_the_recipe(tmp_path, subject_dir, monkeypatch):
+    from lora_run.recipe import load_recipe
+
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "r.toml").write_text(f'[dataset]\npath = "{subject_dir}"\ntrigger = "ohwx"\n[train]\nsteps = 1\n'
+                                   '[eval]\nembedder = "onnx"\nembedder_options = { model = "models/arc.onnx", '
+                                   'min_similarity = 0.3 }\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    options = load_recipe(folder / "r.toml").recipe.eval.embedder_options
+    assert options == {"model": str(folder / "models" / "arc.onnx"), "min_similarity": 0.3}
