@@ -299,6 +299,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         src = model["source"]
         if src.startswith((".", "/", "~")) or (base / src).exists():
             model["source"] = _absolute(src, base)
+    options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
+    if isinstance(options, dict):  # model files of the face embedder (`onnx`: model, detector)
+        for key in ("model", "detector"):
+            if isinstance(options.get(key), str) and options[key]:
+                options[key] = _absolute(options[key], base)
 
 
 def _absolute(value: str, base: Path) -> str:
