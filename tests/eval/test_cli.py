@@ -83,7 +83,8 @@ def test_embedder_model_paths_are_relative_to_the_recipe(tmp_path, subject_dir, 
 
     folder = tmp_path / "recipes"
     folder.mkdir()
-    (folder / "r.toml").write_text(f'[dataset]\npath = "{subject_dir}"\ntrigger = "ohwx"\n[train]\nsteps = 1\n'
+    (folder / "r.toml").write_text(f'[model]\nsource = "black-forest-labs/FLUX.1-dev"\n[dataset]\n'
+                                   f'path = "{subject_dir}"\ntrigger = "ohwx"\n[train]\nsteps = 1\n'
                                    '[eval]\nembedder = "onnx"\nembedder_options = { model = "models/arc.onnx", '
                                    'min_similarity = 0.3 }\n', encoding="utf-8")
     monkeypatch.chdir(tmp_path)
