@@ -110,7 +110,8 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
         parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#666"/>'
                      f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">{t:g}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle" font-size="12">{esc(x_label)}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle" font-size="12">'
+                 f'{esc(x_label)}</text>')
     parts.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" font-size="12" '
                  f'transform="rotate(-90 14 {top + ph / 2})">{esc(y_label)}</text>')
     for x, label in markers:

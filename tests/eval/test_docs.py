@@ -25,7 +25,8 @@ def test_the_thresholds_on_the_page_are_the_code_s():
         "spread **< 0.03**": M.SAME_POSE_SPREAD == 0.03,
         "leak_rate ≥ 0.5": M.LEAK_RATE_MAX == 0.5,
         "**≥ 25 %**": M.MEMORISED_RATE == 0.25,
-        "quality = identity − 0.5 · leak_rate − 0.5 · carbon_copy_rate": M.PENALTY_LEAK == M.PENALTY_CARBON == 0.5,
+        "quality = identity − 0.5 · leak_rate − 0.5 · carbon_copy_rate":
+            M.PENALTY_LEAK == M.PENALTY_CARBON == 0.5,
         "within **0.01**": M.TIE == 0.01,
         "< 0.01` **and**": M.IDENTITY_FLAT == 0.01,
         "> 0.05`": M.LOSS_FALLING == 0.05,
