@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lora_run.errors import LoraRunError, OutputError, PluginError, RecipeError
+from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.rundir import atomic_write_text
 
 from . import metrics as M
@@ -100,7 +100,13 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
             for j in jobs]
     echo(f"eval: generating {len(jobs)} images for {lora.name} ({len(recipe.eval.prompts)} prompts × "
          f"{len(recipe.eval.strengths)} strengths × {len(recipe.eval.seeds)} seeds)")
-    done = generate(recipe, str(lora), wire, str(out_dir))
+    try:
+        done = generate(recipe, str(lora), wire, str(out_dir))
+    except LoraRunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a pipeline failure is reported with the LoRA it was for
+        raise BackendError(f"{lora}: generating the evaluation grid failed: {type(exc).__name__}: {exc} "
+                           "(--debug shows the traceback)") from exc
     paths = {d["name"]: d.get("path") for d in done or []}
     samples = []
     for j in jobs:
