@@ -80,7 +80,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
     pts = [p for _, s in series for p in s] + list(faint)
     if not pts:
         return f'<div class="card muted">{esc(title)}: no data</div>'
-    left, right, top, bottom = 58, 16, 30, 44
+    left, right, top, bottom = 58, 16, 46, 44
     xs = [p[0] for p in pts]
     ys = [p[1] for p in pts]
     x0, x1 = min(xs), max(xs)
@@ -119,6 +119,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
                      f'stroke-dasharray="4 3"><title>{esc(label)}</title></line>')
     if faint:
         parts.append("".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="1.3" fill="#bbb"/>' for x, y in faint))
+    legend_x = left
     for n, (name, s) in enumerate(series):
         color = COLORS[n % len(COLORS)]
         s = sorted(s)
@@ -128,9 +129,9 @@ def line_chart(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], *, t
         if len(s) <= 60:
             parts.append("".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}">'
                                  f'<title>{esc(name)}: {x:g} → {y:.3f}</title></circle>' for x, y in s))
-        ly = top + 14 + 16 * n
-        parts.append(f'<rect x="{left + 8}" y="{ly - 9}" width="12" height="3" fill="{color}"/>'
-                     f'<text x="{left + 24}" y="{ly - 4}" font-size="11">{esc(name)}</text>')
+        parts.append(f'<rect x="{legend_x}" y="{top - 13}" width="12" height="3" fill="{color}"/>'
+                     f'<text x="{legend_x + 16}" y="{top - 8}" font-size="11">{esc(name)}</text>')
+        legend_x += 28 + 6 * len(name)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -276,7 +277,8 @@ def render(data: dict[str, Any]) -> str:
         pts = [(float(s), float(v)) for s, v in loss]
         window = max(1, len(pts) // 25)
         marks = [(float(e["step"]), e["label"]) for e in entries if e.get("step") is not None]
-        plots.append(line_chart([(f"loss (moving average of {window})", smooth(pts, window))], faint=pts,
+        name = "loss" if window == 1 else f"loss (moving average of {window} steps)"
+        plots.append(line_chart([(name, smooth(pts, window))], faint=pts,
                                 title="Training loss", x_label="step", y_label="loss", markers=marks))
     steps = [e for e in entries if e.get("step") is not None]
     if len(steps) > 1:
