@@ -75,9 +75,9 @@ REASONS = {
                     "[lora] dropout does",
     "lora_modules": "[lora] modules names diffusers modules; sd-scripts selects BFL-layout modules by layer type "
                     "(use a targets preset)",
-    "targets:attention": "sd-scripts' networks.lora_flux fuses each single block's q/k/v with its MLP input in "
-                         "one `linear1` layer, so single-block attention alone cannot get a LoRA; use "
-                         "`attention+mlp` (exact: every block linear except modulation) or `all-linear`",
+    "targets:attention": "the single blocks fuse q/k/v with the MLP input in one `linear1` layer, which "
+                         "sd-scripts' LoRA networks wrap as a whole, so single-block attention alone cannot get a "
+                         "LoRA; use `attention+mlp` (FLUX.1: every block linear except modulation) or `all-linear`",
     "targets:attention+mlp": "for HunyuanImage-2.1 sd-scripts' networks.lora_hunyuan_image wraps every linear "
                              "layer of the blocks (= `all-linear`)",
     "loss:huber": "sd-scripts has no classic Huber loss: its `huber` is the pseudo-Huber 2c(√(x²+c²)−c); use "

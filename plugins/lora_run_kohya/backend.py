@@ -227,6 +227,7 @@ class KohyaBackend:
             watcher.step = p.step
             loss = p.loss
             if not finite(loss):
+                watcher.poll(final=True)
                 raise NonFiniteLoss(f"sd-scripts reported a non-finite loss ({loss}) at step {p.step}; it was "
                                     f"stopped. Last checkpoint: {watcher.last_checkpoint or 'none'}; lower the "
                                     f"learning rate ([optimizer] lr = {recipe.optimizer.lr}) or check the data")
@@ -279,7 +280,8 @@ class KohyaBackend:
         watcher.poll(final=True)
         self._record(watcher, paths, log_path)
         if code != 0:
-            raise BackendError(f"sd-scripts exited with code {code}{_hint(sup.tail)}.\n{self._tail(sup, log_path)}")
+            raise BackendError(f"sd-scripts exited with code {code}{_cause(sup.tail)}{_hint(sup.tail)}.\n"
+                               f"{self._tail(sup, log_path)}")
         self._collect(paths, co, tr)
 
     def _check_python(self) -> str:
@@ -480,15 +482,19 @@ class Watcher:
             self.last_checkpoint = str(path)
             self.ctx.echo(f"kohya: checkpoint at step {step}: {path.name}")
             self.ctx.hook.checkpoint_saved(run=self.ctx, step=step, path=path)
-        new = []
+        new: dict[int, list[Path]] = {}
         for path in sorted((self.output_dir / "sample").glob("*.png")):
             if str(path) in self._seen or not self._stable(path, final):
                 continue
             self._seen.add(str(path))
-            new.append(path)
-        if new:
-            self.samples.extend(str(p) for p in new)
-            self.ctx.hook.samples_written(run=self.ctx, step=self.step, paths=new)
+            # sd-scripts names samples <output_name>_<step:06d>_<index:02d>_<timestamp>[_<seed>].png
+            # (`e<epoch:06d>` instead of the step for per-epoch samples)
+            match = re.match(re.escape(self.name) + r"_(e?)(\d{6})_\d{2}_", path.name)
+            step = int(match.group(2)) if match and not match.group(1) else self.step
+            new.setdefault(step, []).append(path)
+        for step, paths in sorted(new.items()):
+            self.samples.extend(str(p) for p in paths)
+            self.ctx.hook.samples_written(run=self.ctx, step=step, paths=paths)
 
 
 class Display:
@@ -523,6 +529,15 @@ class Display:
             sys.stderr.write("\n")
             sys.stderr.flush()
             self.active = False
+
+
+def _cause(tail: Any) -> str:
+    """The last exception line of sd-scripts itself (not accelerate's CalledProcessError around it)."""
+    for line in reversed(list(tail)):
+        text = line.strip()
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", text) and "CalledProcessError" not in text:
+            return f": {text[:300]}"
+    return ""
 
 
 def _hint(tail: Any) -> str:

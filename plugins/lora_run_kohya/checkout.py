@@ -40,7 +40,7 @@ def configured_path(option: str | None, base: Path | None = None) -> tuple[Path 
         p = Path(os.path.expanduser(option))
         if not p.is_absolute() and base is not None:
             p = base / p
-        return p.resolve(), "[backend.kohya] sd_scripts"
+        return p.resolve(), ""
     env = os.environ.get(ENV, "").strip()
     if env:
         return Path(os.path.expanduser(env)).resolve(), f"${ENV}"
@@ -53,14 +53,15 @@ def verify(path: Path | None, origin: str, script: str, network_module: str) -> 
         raise CheckoutError(f"no sd-scripts checkout configured: clone https://github.com/kohya-ss/sd-scripts "
                             f"(with its own Python environment) and set [backend.kohya] sd_scripts = \"<path>\" "
                             f"or the {ENV} environment variable")
+    where = f"{origin} = {path}" if origin else str(path)
     if not path.is_dir():
-        raise CheckoutError(f"{origin} = {path}: not a folder (expected a kohya-ss/sd-scripts checkout)")
+        raise CheckoutError(f"{where}: not a folder (expected a kohya-ss/sd-scripts checkout)")
     trainer = path / script
     module = path / (network_module.replace(".", "/") + ".py")
     missing = [p.relative_to(path).as_posix() for p in (trainer, module, path / "library" / "train_util.py")
                if not p.is_file()]
     if missing:
-        raise CheckoutError(f"{origin} = {path}: not a usable sd-scripts checkout for this run; missing "
+        raise CheckoutError(f"{where}: not a usable sd-scripts checkout for this run; missing "
                             f"{', '.join(missing)} (FLUX.1 needs sd-scripts v0.10 or newer, where the sd3 branch "
                             "was merged into main; HunyuanImage-2.1 needs a main branch from 2025-09-23 or later)")
     return trainer
@@ -103,7 +104,8 @@ def locate(option: str | None, base: Path | None, script: str, network_module: s
     assert path is not None
     unknown = missing_options(path, trainer, needed_options)
     if unknown:
-        raise CheckoutError(f"{origin} = {path}: this sd-scripts is too old for the generated config: its "
+        where = f"{origin} = {path}" if origin else str(path)
+        raise CheckoutError(f"{where}: this sd-scripts is too old for the generated config: its "
                             f"{script} defines no {', '.join('--' + k for k in unknown)} (sd-scripts would "
                             "silently ignore them); update it with `git pull` in that folder")
     commit, dirty = git_state(path)

@@ -106,6 +106,8 @@ class Supervisor:
         self.last_progress: Progress | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._pending: tuple[Progress, str, bool] | None = None   # (progress, line, already logged)
+        self._reported = 0          # the last step handed to on_progress (step 0 is the bar's initial state)
 
     # -------------------------------------------------------------------------------------------- running
     def start(self) -> None:
@@ -155,8 +157,10 @@ class Supervisor:
                     now = time.monotonic()
                     if line is None:
                         finished = True
+                        self._flush(log)
                     elif not line and self.proc.poll() is not None and now - last_output > 5.0:
                         finished = True  # the child is gone; a grandchild still holds the pipe open
+                        self._flush(log)
                     elif line:
                         last_output = now
                         self._handle(line, log)
@@ -176,21 +180,43 @@ class Supervisor:
 
     def _handle(self, line: str, log) -> None:  # noqa: ANN001 - a text file
         progress = parse_progress(line)
+        if progress is not None and progress.it_per_s is None and not progress.values:
+            progress = None     # the bar's first draw (`0/N [00:00<?, ?it/s]`, or `k/N` after a resume)
         if progress is not None:
-            changed = self.last_progress is None or progress.step != self.last_progress.step
-            self.last_progress = progress
-            if changed:
-                log.write(line + "\n")
-                log.flush()
-                self.tail.append(line)
-                if self.on_progress is not None:
-                    self.on_progress(progress)
+            # sd-scripts calls bar.update(1) and only later set_postfix(avr_loss=...): the last line printed for a
+            # step carries that step's values, so a step is reported when the next one starts (or at the end).
+            if self._pending is not None and self._pending[0].step != progress.step:
+                self._flush(log)
+            self._pending = (progress, line, False)
             return
+        self._write_pending(log)
+        self._write(line, log)
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def _write(self, line: str, log) -> None:  # noqa: ANN001 - a text file
         log.write(line + "\n")
         log.flush()
         self.tail.append(line)
-        if self.on_line is not None:
-            self.on_line(line)
+
+    def _write_pending(self, log) -> None:  # noqa: ANN001 - a text file
+        """Log the current step's line before an unrelated line, so the log keeps the output's order."""
+        if self._pending is not None and not self._pending[2]:
+            self._write(self._pending[1], log)
+            self._pending = (self._pending[0], self._pending[1], True)
+
+    def _flush(self, log) -> None:  # noqa: ANN001 - a text file
+        if self._pending is None:
+            return
+        progress, line, written = self._pending
+        self._pending = None
+        if not written:
+            self._write(line, log)
+        if progress.step > self._reported:
+            self._reported = progress.step
+            self.last_progress = progress
+            if self.on_progress is not None:
+                self.on_progress(progress)
 
     def stop(self, *, interrupt: bool) -> None:
         """Stop the whole process group: SIGINT (when ``interrupt``), then SIGTERM, then SIGKILL."""

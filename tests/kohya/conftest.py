@@ -18,27 +18,29 @@ STANDIN = HERE / "fake_sd_scripts" / "train_network_standin.py"
 TYPES = {"str": "str", "Path": "str", "int": "int", "float": "float", "int_or_float": "int_or_float"}
 
 
-def generated_train_util(script: str, drop: tuple[str, ...] = ()) -> str:
-    """A `library/train_util.py` declaring sd-scripts' options for `script` with real argparse calls."""
+def generated_train_util(drop: tuple[str, ...] = ()) -> str:
+    """A `library/train_util.py` declaring sd-scripts' options per trainer with real argparse calls."""
     lines = ['"""Generated for tests: the options sd-scripts declares (from lora_run_kohya/data)."""',
              "", "", "def int_or_float(value):", "    try:", "        return int(value)",
-             "    except ValueError:", "        return float(value)", "", "", "def add_arguments(parser):",
+             "    except ValueError:", "        return float(value)", "", "", "def add_arguments(parser, script):",
              '    parser.add_argument("--config_file", type=str, default=None)']
-    for dest, s in spec.options(script).items():
-        if dest in drop or dest == "config_file":
-            continue
-        args = [repr(f"--{dest}")]
-        if s.get("action") == "StoreTrue":
-            args.append('action="store_true"')
-        else:
-            args.append(f"type={TYPES[s['type']]}")
-            if s.get("nargs"):
-                args.append(f"nargs={s['nargs']!r}")
-            if s.get("choices"):
-                args.append(f"choices={s['choices']!r}")
-            if "default" in s:
-                args.append(f"default={s['default']!r}")
-        lines.append(f"    parser.add_argument({', '.join(args)})")
+    for script in ("flux_train_network.py", "hunyuan_image_train_network.py"):
+        lines.append(f"    if script == {script!r}:")
+        for dest, s in spec.options(script).items():
+            if dest in drop or dest == "config_file":
+                continue
+            args = [repr(f"--{dest}")]
+            if s.get("action") == "StoreTrue":
+                args.append('action="store_true"')
+            else:
+                args.append(f"type={TYPES[s['type']]}")
+                if s.get("nargs"):
+                    args.append(f"nargs={s['nargs']!r}")
+                if s.get("choices"):
+                    args.append(f"choices={s['choices']!r}")
+                if "default" in s:
+                    args.append(f"default={s['default']!r}")
+            lines.append(f"        parser.add_argument({', '.join(args)})")
     return "\n".join(lines) + "\n"
 
 
@@ -51,7 +53,7 @@ def make_checkout(root: Path, *, drop: tuple[str, ...] = (), scripts=("flux_trai
     for script in scripts:
         shutil.copy(STANDIN, root / script)
     (root / "library" / "__init__.py").write_text("")
-    (root / "library" / "train_util.py").write_text(generated_train_util(scripts[0], drop))
+    (root / "library" / "train_util.py").write_text(generated_train_util(drop))
     (root / "train_network.py").write_text("# the generic trainer (not used by the stand-in)\n")
     for module in ("lora_flux", "lora_hunyuan_image"):
         (root / "networks" / f"{module}.py").write_text(f"# {module} marker\n")

@@ -161,7 +161,7 @@ def remove_step_no(args: argparse.Namespace, step: int, last_n: int | None) -> i
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    train_util.add_arguments(parser)
+    train_util.add_arguments(parser, SCRIPT)
     args = read_config(parser.parse_args(), parser)
     mode, at = os.environ.get("FAKE_KOHYA_MODE", ""), int(os.environ.get("FAKE_KOHYA_AT", "3"))
     if os.environ.get("FAKE_KOHYA_RECORD"):

@@ -1,0 +1,256 @@
+"""Running sd-scripts for real: a fake checkout (temporary git repo, stand-in trainer) launched through the real
+`accelerate launch` on CPU, supervised, resumed, interrupted and collected."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_run.errors import BackendError, NonFiniteLoss, RecipeError
+from lora_run.recipe import load_recipe
+from lora_run.run import execute
+
+from .conftest import HookRecorder, make_checkout, read_manifest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("torch")
+
+
+def run_in_process(path: Path, plugins_with, *, resume=False, sets=()):
+    recorder = HookRecorder()
+    plugins = plugins_with(recorder)
+    echoed: list[str] = []
+    try:
+        ctx = execute(load_recipe(path, sets), plugins, resume=resume, echo=echoed.append)
+    except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+        return None, recorder, echoed, exc
+    return ctx, recorder, echoed, None
+
+
+def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    from lora_run_formats import load_lora
+    from lora_run_formats.flux import kohya_to_diffusers
+
+    record = tmp_path / "args.json"
+    monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    ctx, hooks, echoed, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    run = tmp_path / "runs" / "ohwx"
+    arts = ctx.artifacts
+    # the LoRA under our names, both formats
+    assert arts["lora_kohya"] == str(run / "ohwx.safetensors")
+    assert arts["lora_diffusers"] == str(run / "ohwx.diffusers.safetensors")
+    kohya, meta = load_lora(run / "ohwx.safetensors")
+    assert meta["ss_network_module"] == "networks.lora_flux"              # sd-scripts' own metadata kept
+    assert meta["lora_run.backend"] == "kohya" and meta["lora_run.trigger"] == "ohwx"
+    assert len(meta["lora_run.sd_scripts_commit"]) == 40
+    diffusers, _ = load_lora(run / "ohwx.diffusers.safetensors")
+    expected = kohya_to_diffusers(kohya)
+    assert set(diffusers) == set(expected) and all(k.startswith("transformer.") for k in diffusers)
+    assert not any("norm1.linear" in k for k in diffusers)                   # attention+mlp: no modulation
+    # hooks: every step once, with sd-scripts' running loss; checkpoints and samples as they appear
+    assert [s for s, _ in hooks.steps] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < m["loss"] < 1 and m["total_steps"] == 6 for _, m in hooks.steps)
+    assert [s for s, _ in hooks.checkpoints] == [2, 4]
+    assert [s for s, _ in hooks.samples] == [3, 6] and all(len(p) == 1 for _, p in hooks.samples)
+    assert [c["step"] for c in arts["checkpoints"]] == [2, 4]
+    assert arts["kohya_state"].endswith("ohwx-state")
+    # manifest: the checkout's commit and clean state, the argv
+    manifest = read_manifest(run)
+    tool = manifest["external_tools"]["sd-scripts"]
+    head = subprocess.run(["git", "-C", str(fake_checkout), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert tool["commit"] == head and tool["dirty"] is False and tool["path"] == str(fake_checkout)
+    assert tool["argv"][:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert manifest["status"] == "completed"
+    # what sd-scripts parsed from our files (TOML flattened into argparse's namespace)
+    args = json.loads(record.read_text())
+    assert args["guidance_scale"] == 1.0 and args["timestep_sampling"] == "sigmoid"
+    assert args["network_train_unet_only"] is True and args["max_train_steps"] == 6
+    assert args["network_args"] == ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0"]
+    assert args["config_file"] == str(run / "kohya" / "config.toml")
+    # the staged dataset: links to the images, one-line captions in .txt
+    staged = sorted((run / "kohya" / "data" / "subject").iterdir())
+    images = [p for p in staged if p.suffix == ".png"]
+    assert len(images) == 4 and all(p.is_symlink() for p in images)
+    assert (run / "kohya" / "data" / "subject" / "00000_img000.txt").read_text() == "ohwx, a photo number 0\n"
+    log = (run / "kohya" / "train.log").read_text()
+    assert "running training" in log and "steps: 100%" in log
+    assert any("step 6/6" in line for line in echoed)
+
+
+def test_dirty_checkout_is_recorded(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    with open(fake_checkout / "train_network.py", "a") as fh:
+        fh.write("# local change\n")
+    ctx, _, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert error is None, error
+    assert read_manifest(tmp_path / "runs" / "ohwx")["external_tools"]["sd-scripts"]["dirty"] is True
+
+
+def test_staging_converts_and_captions(kohya_recipe, fake_checkout, plugins_with, tmp_path, subject_dataset):
+    from PIL import Image
+
+    Image.new("RGBA", (320, 288), (200, 10, 10, 128)).save(subject_dataset / "alpha.png")
+    (subject_dataset / "alpha.txt").write_text("ohwx, with\ntwo lines")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(reg / "r0.jpg")
+    extra = f'[[dataset.regularization]]\npath = "{reg}"\ndefault_caption = "a man"\nweight = 0.7\n'
+    ctx, _, _, error = run_in_process(kohya_recipe(extra, sd_scripts=fake_checkout), plugins_with)
+    assert error is None, error
+    data = tmp_path / "runs" / "ohwx" / "kohya" / "data"
+    converted = [p for p in (data / "subject").iterdir() if "alpha" in p.name and p.suffix == ".png"]
+    assert len(converted) == 1 and not converted[0].is_symlink()
+    assert Image.open(converted[0]).mode == "RGB"
+    assert converted[0].with_suffix(".txt").read_text() == "ohwx, with two lines\n"
+    assert [p.name for p in sorted((data / "reg0").iterdir())] == ["00005_r0.jpg", "00005_r0.txt"]
+    assert (data / "reg0" / "00005_r0.txt").read_text() == "a man\n"
+
+
+def test_crash_shows_the_last_lines(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
+    _, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert isinstance(error, BackendError)
+    text = str(error)
+    assert "sd-scripts exited with code 1: RuntimeError: CUDA out of memory" in text and "out of GPU memory" in text
+    assert "RuntimeError: CUDA out of memory" in text and "train.log" in text
+    assert "run folder kept" in text
+    assert read_manifest(tmp_path / "runs" / "ohwx")["status"] == "failed"
+
+
+def test_garbage_output_does_not_break_anything(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "garbage")
+    ctx, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert error is None, error
+    assert [s for s, _ in hooks.steps] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_the_run(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "nan")
+    monkeypatch.setenv("FAKE_KOHYA_STEP_SECONDS", "0.3")
+    _, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert isinstance(error, NonFiniteLoss), error
+    assert "non-finite loss (nan) at step 3" in str(error) and "step00000002" in str(error)
+    assert [s for s, _ in hooks.steps] == [1, 2]
+
+
+def test_stall_is_stopped(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "hang")
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    path.write_text(path.read_text().replace("stall_minutes = 2.0", "stall_minutes = 0.05"))
+    started = time.monotonic()
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert isinstance(error, BackendError) and "printed nothing for 0.05 minutes" in str(error)
+    assert time.monotonic() - started < 60
+
+
+def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
+    monkeypatch.setenv("FAKE_KOHYA_AT", "5")
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert isinstance(error, BackendError)
+    monkeypatch.delenv("FAKE_KOHYA_MODE")
+    ctx, hooks, _, error = run_in_process(path, plugins_with, resume=True)
+    assert error is None, error
+    run = tmp_path / "runs" / "ohwx"
+    tool = read_manifest(run)["external_tools"]["sd-scripts"]
+    assert tool["resumed_from"] == str(run / "kohya" / "output" / "ohwx-step00000004-state")
+    assert tool["argv"][-2:] == ["--resume", tool["resumed_from"]]
+    assert [s for s, _ in hooks.steps] == [5, 6]
+    assert "resume training from local state" in (run / "kohya" / "train.log").read_text()
+    assert Path(ctx.artifacts["lora_kohya"]).is_file()
+
+
+def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    record = tmp_path / "args.json"
+    monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
+    path = kohya_recipe(family="hunyuan-image-2.1", sd_scripts=fake_checkout)
+    ctx, hooks, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    args = json.loads(record.read_text())
+    assert args["network_module"] == "networks.lora_hunyuan_image" and args["text_encoder"].endswith("qwen_2.5_vl_7b"
+                                                                                                   ".safetensors")
+    assert read_manifest(tmp_path / "runs" / "ohwx")["external_tools"]["sd-scripts"]["script"] == \
+        "hunyuan_image_train_network.py"
+    assert "lora_diffusers" not in ctx.artifacts and Path(ctx.artifacts["lora_kohya"]).is_file()
+
+
+# -------------------------------------------------------------------------------- CLI: exit codes, messages
+def test_missing_checkout_is_a_clear_error_before_anything_starts(kohya_recipe, run_cli, tmp_path):
+    path = kohya_recipe()
+    done = run_cli(path, env={"LORA_RUN_SD_SCRIPTS": ""})
+    assert done.returncode == 2, done.stderr
+    assert "[backend.kohya.sd_scripts] no sd-scripts checkout configured" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "ohwx" / "kohya" / "output").exists()
+
+
+def test_too_old_checkout_names_the_missing_options(kohya_recipe, run_cli, tmp_path):
+    old = make_checkout(tmp_path / "old-sd-scripts", drop=("guidance_scale", "model_prediction_type"))
+    done = run_cli(kohya_recipe(sd_scripts=old))
+    assert done.returncode == 2, done.stderr
+    assert "too old" in done.stderr and "--guidance_scale" in done.stderr and "--model_prediction_type" in done.stderr
+    assert "git pull" in done.stderr
+
+
+def test_checkout_without_the_flux_trainer(kohya_recipe, run_cli, tmp_path):
+    old = make_checkout(tmp_path / "sd1-only", scripts=("train_network_sd.py",))
+    done = run_cli("check", kohya_recipe(sd_scripts=old))
+    assert done.returncode == 2
+    assert "missing flux_train_network.py" in done.stderr and "v0.10" in done.stderr
+
+
+def test_interpreter_without_accelerate(kohya_recipe, run_cli, fake_checkout, tmp_path):
+    fake_python = tmp_path / "python-without-accelerate"
+    fake_python.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'accelerate'\" >&2\nexit 1\n")
+    fake_python.chmod(0o755)
+    # `extra` lands at the end of the [backend.kohya] table
+    done = run_cli(kohya_recipe(sd_scripts=fake_checkout, extra=f'python = "{fake_python}"\n'))
+    assert done.returncode == 2, done.stderr
+    assert "[backend.kohya.python]" in done.stderr and "cannot import accelerate" in done.stderr
+
+
+def test_plan_cli_shows_files_and_command(kohya_recipe, run_cli, fake_checkout):
+    done = run_cli("plan", kohya_recipe(sd_scripts=fake_checkout))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"# command: {sys.executable} -m accelerate.commands.launch" in out
+    assert f"{fake_checkout}/flux_train_network.py --config_file" in out
+    assert "kohya/config.toml\n# sd-scripts flux_train_network.py --config_file" in out
+    assert 'network_module = "networks.lora_flux"' in out and "[[datasets]]" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_sd_scripts_and_exits_130(kohya_recipe, fake_checkout, tmp_path):
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    env = {**os.environ, "FAKE_KOHYA_STEP_SECONDS": "0.5", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_run.cli", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "runs" / "ohwx" / "kohya" / "train.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.is_file() and "steps:" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "interrupted: sd-scripts was stopped at step" in err and "--resume" in err
+    assert read_manifest(tmp_path / "runs" / "ohwx")["status"] == "interrupted"
+    time.sleep(0.5)
+    survivors = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+            if str(fake_checkout) in cmdline:
+                survivors.append(cmdline)
+    assert survivors == []
