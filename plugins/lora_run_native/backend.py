@@ -66,6 +66,13 @@ class NativeBackend:
         r = self.recipe
         details: dict[str, Any] = {}
         items = self.ctx.items
+        if not items and r.train.steps is None:       # `lora-run plan` does not lint; epochs need the images
+            from lora_run.run import lint
+
+            try:
+                items = lint(r, self.ctx.plugins).usable
+            except Exception:  # noqa: BLE001 - the plan still shows what it can
+                items = []
         if not items:
             return (r.train.steps or 0), details
         adapter_cls = type(self._adapter())

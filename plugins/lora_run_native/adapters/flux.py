@@ -219,15 +219,23 @@ class FluxAdapter(ModelAdapter):
                 continue
             src = self._source()
             if src is not None:
-                self.tokenizers[key] = self._from_source(cls, TOKENIZER_SUBFOLDER[key], key)
+                tok = self._from_source(cls, TOKENIZER_SUBFOLDER[key], key)
+                if not _real_tokenizer(tok):
+                    raise self.error("model.source", f"{src}/{TOKENIZER_SUBFOLDER[key]}: no {WHAT[key]} tokenizer "
+                                     "files there (or not in the local cache while offline)")
+                self.tokenizers[key] = tok
                 continue
             repo, _ = DEFAULT_TOKENIZERS[key]
+            why = "its files are not in the local cache"
             try:
-                self.tokenizers[key] = cls.from_pretrained(repo, **self.source_kwargs())
+                tok = cls.from_pretrained(repo, **self.source_kwargs())
             except Exception as exc:  # noqa: BLE001
+                tok, why = None, _first_line(exc)
+            if tok is None or not _real_tokenizer(tok):
                 raise self.error("model.source", f"is not set, so the {WHAT[key]}'s tokenizer is taken from the "
-                                 f"hub model {repo}, which could not be loaded ({_first_line(exc)}); "
-                                 "set [model.source] to a folder with tokenizer/ and tokenizer_2/") from None
+                                 f"hub model {repo}, which could not be loaded ({why}); set [model.source] to a "
+                                 "folder with tokenizer/ and tokenizer_2/ (or a FLUX.1-dev hub id)")
+            self.tokenizers[key] = tok
 
     def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
         self._load_tokenizers()
@@ -438,3 +446,9 @@ def _match_text_model_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict
     if wants and not has and any(k.startswith("embeddings.") for k in state):
         return {f"text_model.{k}": v for k, v in state.items()}
     return state
+
+
+def _real_tokenizer(tok: Any) -> bool:
+    """transformers 5 returns an *empty* tokenizer (special tokens only) for a repo whose files are missing
+    offline instead of failing; such a tokenizer would silently encode every caption the same way."""
+    return len(tok) > len(set(tok.all_special_tokens)) + 10

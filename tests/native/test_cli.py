@@ -1,0 +1,126 @@
+"""The backend as users meet it: registration, capabilities, check/plan without torch, shipped recipes, demo."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_native_and_flux_are_registered_with_capabilities():
+    from lora_run.plugins import load_plugins
+
+    plugins = load_plugins()
+    native, flux = plugins.registry["backend"]["native"], plugins.registry["backend"]["flux"]
+    assert native.factory is flux.factory and native.options is flux.options
+    assert "flux.1-dev" in native.capabilities and set(flux.capabilities) == {"flux.1-dev"}
+    assert flux.description == "alias of native for FLUX.1-dev"
+    caps = native.capabilities["flux.1-dev"]
+    for feature in ("noise_offset", "guidance", "text_encoder_training", "fp8", "regularization_weight",
+                    "timestep_sampling:flux-shift", "targets:all-linear", "optimizer:prodigy", "loss:pseudo-huber"):
+        assert feature in caps
+    assert "min_snr_gamma" not in caps
+    assert callable(native.meta["demo"])
+
+
+def test_min_snr_gamma_is_refused_with_the_reason(flux_recipe, run_cli):
+    result = run_cli("check", flux_recipe(), "--set", "train.min_snr_gamma=5.0")
+    assert result.returncode == 2
+    assert "[train.min_snr_gamma]" in result.stderr and "flow matching" in result.stderr
+
+
+def test_flux_alias_trains_only_flux(flux_recipe, run_cli):
+    result = run_cli("check", flux_recipe(), "--set", "backend.name=\"flux\"", "--set",
+                     "model.family=\"hunyuan-dit-1.2\"")
+    assert result.returncode == 2 and "[model.family]" in result.stderr
+
+
+def test_check_and_plan_never_import_torch(flux_recipe, tmp_path):
+    code = ("import sys, io, contextlib\nfrom lora_run.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            f"    a = main(['check', {str(flux_recipe())!r}])\n"
+            f"    b = main(['plan', {str(flux_recipe())!r}, '--json'])\n"
+            "assert (a, b) == (0, 0), (a, b, out.getvalue())\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_plan_reports_steps_buckets_memory_and_outputs(flux_recipe, run_cli):
+    result = run_cli("plan", flux_recipe(length="epochs = 3"), "--json", "--set", "dataset.repeats=2")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["backend"] == "native" and plan["steps"] == 3 * 3 * 2
+    assert plan["details"]["buckets"] == {"64x64": 3}       # area ≤ resolution² = 64²: 96×80 photos → 64×64
+    assert plan["memory_estimate_gib"] > 0
+    assert plan["outputs"][0].endswith("tiny.safetensors") and plan["outputs"][1].endswith("diffusers/tiny.safetensors")
+
+
+def test_memory_estimate_follows_the_recipe():
+    from lora_run.recipe import load_recipe, replace
+    from lora_run_native.memory import estimate_memory_gib
+
+    fast = load_recipe(REPO / "recipes" / "flux" / "identity-fast.toml").recipe
+    bf16 = replace(fast, model={"base_precision": "bf16"})
+    no_gc = replace(fast, train={"gradient_checkpointing": False})
+    assert 12 < estimate_memory_gib(fast) < estimate_memory_gib(bf16) < 40
+    assert estimate_memory_gib(no_gc) > estimate_memory_gib(fast)
+
+
+@pytest.mark.parametrize("name", ["identity-fast.toml", "identity-hifi.toml"])
+def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch):
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import validate
+    from lora_run.testing import make_images
+
+    path = REPO / "recipes" / "flux" / name
+    text = path.read_text()
+    assert text.startswith("# ") and "Command:" in text and "lora-run" in text
+    recipe = load_recipe(path).recipe
+    assert recipe.backend.name == "native" and recipe.model.family == "flux.1-dev"
+    assert recipe.optimizer.name == "adafactor" and recipe.optimizer.lr == 1e-4
+    assert recipe.model.base_precision == "fp8" and recipe.train.gradient_checkpointing
+    assert recipe.train.seed == 42 and recipe.train.timestep_sampling == "sigmoid"
+    if name == "identity-fast.toml":
+        assert (recipe.lora.rank, recipe.lora.alpha, recipe.train.steps, recipe.train.noise_offset) == (32, 32.0, 1500, 0.05)
+        assert (recipe.dataset.resolution, recipe.dataset.bucket_min, recipe.dataset.bucket_max) == (512, 256, 768)
+        assert (recipe.scheduler.name, recipe.scheduler.warmup_steps) == ("constant_with_warmup", 100)
+    else:
+        assert (recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout, recipe.train.steps) == (64, 64.0, 0.1, 2500)
+        assert (recipe.dataset.resolution, recipe.dataset.bucket_min, recipe.dataset.bucket_max) == (768, 384, 1024)
+        assert (recipe.scheduler.name, recipe.scheduler.warmup_steps) == ("cosine", 500)
+        assert recipe.train.noise_offset == 0.1 and recipe.train.loss == "pseudo-huber"
+        assert recipe.train.min_snr_gamma is None and recipe.dataset.regularization
+        assert "min_snr_gamma" in text and "does\n#   not apply to flow matching" in text
+    monkeypatch.delenv("HF_HUB_OFFLINE")           # check/plan never download; offline only adds the cache check
+    loaded = load_recipe(path)
+    validate(loaded, load_plugins())            # every feature it uses is honoured by the native backend
+    photos = tmp_path / "photos"
+    make_images(photos, count=3, size=(320, 288))
+    result = run_cli("plan", path, "--set", f"dataset.path=\"{photos}\"", "--set", "dataset.regularization=[]",
+                     "--json", env={"HF_HUB_OFFLINE": ""})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["plan"]["steps"] == recipe.train.steps
+
+
+@pytest.mark.slow
+def test_demo_runs_from_the_cli(run_cli, tmp_path):
+    result = run_cli("demo", "--output-dir", tmp_path / "demo", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "demo" / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert (run / "tiny-flux-demo.safetensors").is_file() and (run / "diffusers" / "tiny-flux-demo.safetensors").is_file()
+    assert list((run / "checkpoints").iterdir()) and list((run / "samples").rglob("*.png"))
+    assert manifest["duration_s"] < 120
+    assert "not a useful LoRA" in result.stdout
+    again = run_cli("demo", "--output-dir", tmp_path / "demo", "--overwrite", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
