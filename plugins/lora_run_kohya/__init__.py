@@ -62,7 +62,7 @@ COMMON = {
 }
 CAPABILITIES = {
     FLUX: COMMON | {"guidance", "text_encoder_training", "targets:attention+mlp", "targets:all-linear"},
-    HUNYUAN_IMAGE: COMMON | {"targets:all-linear"},
+    HUNYUAN_IMAGE: COMMON | {"targets:attention+mlp", "targets:all-linear"},
 }
 REASONS = {
     "noise_offset": "sd-scripts accepts --noise_offset, but its FLUX.1 and HunyuanImage trainers draw plain "
@@ -78,8 +78,6 @@ REASONS = {
     "targets:attention": "the single blocks fuse q/k/v with the MLP input in one `linear1` layer, which "
                          "sd-scripts' LoRA networks wrap as a whole, so single-block attention alone cannot get a "
                          "LoRA; use `attention+mlp` (FLUX.1: every block linear except modulation) or `all-linear`",
-    "targets:attention+mlp": "for HunyuanImage-2.1 sd-scripts' networks.lora_hunyuan_image wraps every linear "
-                             "layer of the blocks (= `all-linear`)",
     "loss:huber": "sd-scripts has no classic Huber loss: its `huber` is the pseudo-Huber 2c(√(x²+c²)−c); use "
                   "`pseudo-huber`",
     "loss:smooth-l1": "sd-scripts' `smooth_l1` is 2(√(x²+c²)−c), a rescaled pseudo-Huber, not the PyTorch "

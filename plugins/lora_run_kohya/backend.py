@@ -325,6 +325,11 @@ class KohyaBackend:
         produced = paths.output_dir / f"{name}.safetensors"
         if not produced.is_file():
             raise BackendError(f"sd-scripts finished but wrote no {produced}; see {self.run_path() / LOG}")
+        wrong = unexpected_modules(produced, recipe)
+        if wrong:
+            raise BackendError(f"{produced} holds LoRA modules the recipe did not ask for ({', '.join(wrong[:4])}"
+                               f"{', …' if len(wrong) > 4 else ''}): this sd-scripts ignored part of the generated "
+                               f"network_args ({self.run_path() / CONFIG}); nothing was collected")
         extra = {"lora_run.version": __version__, "lora_run.backend": "kohya", "lora_run.family": recipe.model.family,
                  "lora_run.sd_scripts_commit": co.commit or "", "lora_run.trigger": recipe.dataset.trigger,
                  "lora_run.recipe": str(self.run_path() / "recipe.toml")}
@@ -338,6 +343,26 @@ class KohyaBackend:
                                   "ss_network_dim": read_metadata(produced).get("ss_network_dim", "")})
             ctx.artifacts["lora_diffusers"] = str(target)
         ctx.echo(f"kohya: LoRA written: {', '.join(str(ctx.artifacts[k]) for k in ('lora_kohya', 'lora_diffusers') if k in ctx.artifacts)}")
+
+
+def unexpected_modules(path: Path, recipe: Any) -> list[str]:
+    """kohya modules in sd-scripts' file that the recipe excludes (read from the header, no torch): modulation
+    layers under `attention+mlp`, text-encoder modules when the text encoder is not trained."""
+    import json
+    import struct
+
+    from .translate import MODULATION
+
+    with open(path, "rb") as fh:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        keys = [k for k in json.loads(fh.read(size)) if k != "__metadata__"]
+    modules = sorted({k.split(".", 1)[0] for k in keys})
+    out = []
+    if recipe.lora.targets == "attention+mlp":
+        out += [m for m in modules if m.startswith("lora_unet_") and MODULATION.search(m)]
+    if not recipe.text_encoder.train:
+        out += [m for m in modules if m.startswith("lora_te")]
+    return out
 
 
 def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict[str, str]) -> Path:

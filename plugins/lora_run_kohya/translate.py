@@ -54,9 +54,17 @@ OPTIMIZERS = {"adafactor": "Adafactor", "adamw": "AdamW", "adamw8bit": "AdamW8bi
 TIMESTEPS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "shift", "flux-shift": "flux_shift",
              "logit-normal": "sigma"}
 SAVE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "float"}
-# lora_flux per-layer ranks (network_args); 0 removes the layer. attention+mlp = every block linear except
-# the modulation layers. "attention" alone cannot be expressed (single blocks fuse q/k/v with the MLP input).
-FLUX_TARGET_ARGS = {"attention+mlp": ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0"], "all-linear": []}
+# network_args per target preset; a rank of 0 removes a layer. attention+mlp = every block linear except the
+# modulation layers: lora_flux has per-layer-type ranks, lora_hunyuan_image only regex ranks (network_reg_dims,
+# matched with re.search against names like lora_unet_double_blocks_0_img_mod_linear). "attention" alone cannot
+# be expressed: the single blocks fuse q/k/v with the MLP input in one linear1 layer.
+TARGET_ARGS = {
+    FLUX: {"attention+mlp": ["img_mod_dim=0", "txt_mod_dim=0", "single_mod_dim=0"], "all-linear": []},
+    HUNYUAN_IMAGE: {"attention+mlp": ["network_reg_dims=img_mod_lin=0,txt_mod_lin=0,modulation_lin=0"],
+                    "all-linear": []},
+}
+#: kohya module-name fragments of the modulation layers (both families, both spellings)
+MODULATION = re.compile(r"_mod_lin|modulation_lin")
 
 
 @attrs.frozen
@@ -294,10 +302,10 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
 
     network: dict[str, Any] = {"network_module": fam.network_module, "network_dim": int(lora.rank),
                                "network_alpha": float(lora.alpha)}
+    args = list(TARGET_ARGS[fam.name].get(lora.targets, []))
+    if args:
+        network["network_args"] = args
     if fam.name == FLUX:
-        args = list(FLUX_TARGET_ARGS.get(lora.targets, []))
-        if args:
-            network["network_args"] = args
         if recipe.text_encoder.train:
             network["text_encoder_lr"] = [float(recipe.optimizer.lr * recipe.text_encoder.lr_ratio)]
         else:

@@ -183,6 +183,26 @@ def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins
     assert "lora_diffusers" not in ctx.artifacts and Path(ctx.artifacts["lora_kohya"]).is_file()
 
 
+def test_hunyuan_attention_mlp_has_no_modulation_modules(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    from lora_run_formats import load_lora
+
+    path = kohya_recipe(family="hunyuan-image-2.1", sd_scripts=fake_checkout)
+    path.write_text(path.read_text().replace('targets = "all-linear"', 'targets = "attention+mlp"'))
+    ctx, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    tensors, _ = load_lora(ctx.artifacts["lora_kohya"])
+    assert tensors and not any("mod_lin" in k or "modulation" in k for k in tensors)
+
+
+def test_lora_with_modules_the_recipe_excludes_is_not_collected(kohya_recipe, fake_checkout, plugins_with, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("FAKE_KOHYA_IGNORE_NETWORK_ARGS", "1")
+    _, _, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert isinstance(error, BackendError)
+    assert "holds LoRA modules the recipe did not ask for (lora_unet_double_blocks_0_img_mod_lin" in str(error)
+    assert not (tmp_path / "runs" / "ohwx" / "ohwx.safetensors").exists()
+
+
 # -------------------------------------------------------------------------------- CLI: exit codes, messages
 def test_missing_checkout_is_a_clear_error_before_anything_starts(kohya_recipe, run_cli, tmp_path):
     path = kohya_recipe()

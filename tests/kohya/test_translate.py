@@ -198,7 +198,9 @@ def test_hunyuan_image(kohya_recipe, plugins):
     assert f["network_module"] == "networks.lora_hunyuan_image" and f["network_train_unet_only"] is True
     assert f["fp8_scaled"] is True and "guidance_scale" not in f and "fp8_base" not in f
     assert f["text_encoder"].endswith("qwen_2.5_vl_7b.safetensors") and f["byt5"].endswith("byt5.safetensors")
-    assert f["vae"].endswith("vae.safetensors") and "network_args" not in f
+    assert f["vae"].endswith("vae.safetensors") and "network_args" not in f    # all-linear: the network default
+    _, config, _ = planned(path, plugins, ["lora.targets=\"attention+mlp\""])
+    assert flat(config)["network_args"] == ["network_reg_dims=img_mod_lin=0,txt_mod_lin=0,modulation_lin=0"]
     assert plan.commands[0][13].endswith("/hunyuan_image_train_network.py")
     assert plan.files["kohya/sample_prompts.txt"].strip().endswith("--l 4")
 
@@ -277,7 +279,7 @@ def test_missing_model_file_and_folder(kohya_recipe, plugins, tmp_path):
 
 def test_hunyuan_refusals(kohya_recipe, plugins):
     path = kohya_recipe(family="hunyuan-image-2.1")
-    message = refusal(path, plugins, ["train.guidance=3.5", "text_encoder.train=true", "lora.targets=\"attention+mlp\"",
+    message = refusal(path, plugins, ["train.guidance=3.5", "text_encoder.train=true", "lora.targets=\"attention\"",
                                       "output.formats=[\"kohya\", \"diffusers\"]"])
     assert "[train.guidance]" in message and "no guidance embedding" in message
     assert "[text_encoder.train]" in message and "--network_train_unet_only" in message

@@ -108,7 +108,11 @@ def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> No
     rng = np.random.default_rng(seed + step)
     d, mlp, rank = 32, 128, int(args.network_dim or 4)
     alpha = float(args.network_alpha if args.network_alpha is not None else 1.0)
-    skip = {a.split("=")[0] for a in (args.network_args or []) if a.endswith("=0")}
+    import re
+
+    network_args = dict(a.split("=", 1) for a in (args.network_args or []))
+    skip = {k for k, v in network_args.items() if v == "0"}       # lora_flux per-type dims (img_mod_dim=0 …)
+    reg_dims = dict(p.split("=", 1) for p in network_args.get("network_reg_dims", "").split(",") if p)
     modules = {}
     for i in range(2):
         for stream in ("img", "txt"):
@@ -122,6 +126,13 @@ def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> No
         modules[f"single_blocks_{i}_linear2"] = (d, d + mlp)
         if "single_mod_dim" not in skip:
             modules[f"single_blocks_{i}_modulation_lin"] = (3 * d, d)
+    if os.environ.get("FAKE_KOHYA_IGNORE_NETWORK_ARGS"):     # an sd-scripts too old to know them
+        skip, reg_dims = set(), {}
+        modules.update({f"double_blocks_0_{s}_mod_lin": (6 * d, d) for s in ("img", "txt")})
+    for regex, dim in reg_dims.items():                          # lora_hunyuan_image: regex → rank (0 = off)
+        for name in [n for n in modules if re.search(regex, "lora_unet_" + n)]:
+            if int(dim) == 0:
+                del modules[name]
     tensors = {}
     for name, (out_f, in_f) in modules.items():
         tensors[f"lora_unet_{name}.lora_down.weight"] = (rng.standard_normal((rank, in_f)) * 0.1).astype("float16")
