@@ -259,7 +259,7 @@ class DiffusionPipeBackend:
             interrupt_grace=self.options.interrupt_grace, echo=ctx.echo)
         watcher.supervisor = supervisor
         outcome = supervisor.run()
-        watcher.tick()
+        watcher.tick(force=True)
         run_folder = watcher.run_folder
         if run_folder is not None:
             tool["run_folder"] = str(run_folder)
@@ -346,9 +346,9 @@ class _Watcher:
             elif isinstance(event, PhaseEvent):
                 self.progress.phase(event.text)
 
-    def tick(self) -> None:
+    def tick(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self.last_poll < 1.0:
+        if not force and now - self.last_poll < 1.0:
             return
         self.last_poll = now
         if self.run_folder is None:
@@ -367,7 +367,7 @@ class _Watcher:
 
     def request_quit(self) -> bool:
         """Ctrl-C during training: create diffusion-pipe's `save_quit` file (checkpoint, then exit)."""
-        self.tick()
+        self.tick(force=True)
         if not self.training_started or self.run_folder is None:
             return False
         try:

@@ -209,7 +209,7 @@ class Supervisor:
             reader = threading.Thread(target=_read_lines, args=(self.proc.stdout, lines), daemon=True)
             reader.start()
             outcome = Outcome(None)
-            last_output = self.clock()
+            last_output = last_check = self.clock()
             quit_deadline: float | None = None
             eof = False
             exited_at: float | None = None
@@ -229,10 +229,12 @@ class Supervisor:
                             text = raw.decode("utf-8", errors="replace")
                             self.tail = [*self.tail[-(TAIL_LINES - 1):], text[:500]]
                             self.on_line(text)
-                            continue
+                        now = self.clock()
+                        if raw and now - last_check < 0.2:
+                            continue                   # a chatty child: check the clocks 5 times a second
+                        last_check = now
                         if self.tick is not None:
                             self.tick()
-                        now = self.clock()
                         if self.proc.poll() is not None:
                             exited_at = exited_at or now
                             if eof or now - exited_at > 5.0:   # grandchildren may hold the pipe open

@@ -1,0 +1,128 @@
+"""Fixtures: a fake diffusion-pipe checkout (a real git repo whose train.py is fake_train.py) and a fake
+`deepspeed` launcher, both real subprocesses; recipes that point at them."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
+
+
+@pytest.fixture(scope="session")
+def fake_checkout(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("diffusion-pipe")
+    shutil.copy(HERE / "fake_train.py", repo / "train.py")
+    (repo / "README.md").write_text("fake diffusion-pipe for lora-run tests\n")
+    subprocess.run([*GIT, "init", "-q", str(repo)], check=True)
+    subprocess.run([*GIT, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", "fake"], check=True)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def fake_launcher(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bin")
+    launcher = folder / "deepspeed"
+    launcher.write_text(f"#!{sys.executable}\n" + (HERE / "fake_deepspeed.py").read_text())
+    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return launcher
+
+
+@pytest.fixture
+def flux_folder(tmp_path) -> Path:
+    folder = tmp_path / "FLUX.1-dev"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def hunyuan_files(tmp_path) -> dict[str, Path]:
+    folder = tmp_path / "comfy"
+    folder.mkdir()
+    files = {}
+    for key, name in (("transformer", "hunyuanimage2.1.safetensors"), ("vae", "hunyuan_image_2.1_vae_fp16.safetensors"),
+                      ("qwen", "qwen_2.5_vl_7b.safetensors"), ("byt5", "byt5_small_glyphxl_fp16.safetensors")):
+        (folder / name).write_bytes(b"")
+        files[key] = folder / name
+    return files
+
+
+FLUX_RECIPE = """\
+# a FLUX recipe for the diffusion-pipe backend tests
+[model]
+family = "flux.1-dev"
+source = "{flux}"
+
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+min_images = 1
+
+[lora]
+rank = 4
+alpha = 4
+targets = "all-linear"
+
+[optimizer]
+name = "adamw"
+
+[scheduler]
+warmup_steps = 2
+
+[train]
+steps = 6
+save_every_steps = 2
+
+[eval]
+enabled = false
+
+[output]
+name = "subject"
+
+[backend]
+name = "diffusion-pipe"
+
+[backend.diffusion-pipe]
+path = "{checkout}"
+deepspeed = "{launcher}"
+"""
+
+
+def hunyuan_recipe(files: dict[str, Path]) -> str:
+    """FLUX_RECIPE turned into a HunyuanImage-2.1 recipe on the given ComfyUI files (32-pixel buckets)."""
+    table = "\n".join(f'{key} = "{path}"' for key, path in files.items())
+    return FLUX_RECIPE.replace('family = "flux.1-dev"\nsource = "{flux}"',
+                               f'family = "hunyuan-image-2.1"\n\n[model.files]\n{table}') \
+        .replace('min_images = 1', 'min_images = 1\nbucket_min = 256\nbucket_step = 64')
+
+
+@pytest.fixture
+def dp_recipe(write_recipe, fake_checkout, fake_launcher, flux_folder):
+    """write(body=FLUX_RECIPE, **extra placeholders) -> recipe path pointing at the fake checkout/launcher."""
+    def write(body: str = FLUX_RECIPE, name: str = "recipe.toml", **extra: str) -> Path:
+        text = body.replace("{flux}", str(flux_folder)).replace("{checkout}", str(fake_checkout)) \
+            .replace("{launcher}", str(fake_launcher))
+        for key, value in extra.items():
+            text = text.replace("{" + key + "}", str(value))
+        return write_recipe(text, name)
+    return write
+
+
+@pytest.fixture
+def fake_env(monkeypatch):
+    """Set FAKE_DP_* variables for the fake train.py (inherited by the subprocesses)."""
+    def setenv(**values: object) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(f"FAKE_DP_{key.upper()}", str(value))
+    for key in [k for k in os.environ if k.startswith("FAKE_DP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("LORA_RUN_DIFFUSION_PIPE", raising=False)
+    return setenv

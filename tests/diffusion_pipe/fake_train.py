@@ -1,0 +1,278 @@
+"""A stand-in for diffusion-pipe's train.py (tests only; copied as `train.py` into a temporary git checkout).
+
+It takes diffusion-pipe's command line, reads the main and dataset TOML with the `toml` package when it is
+installed (as diffusion-pipe does; `tomllib` otherwise), applies diffusion-pipe's checks and defaults that
+matter to lora-run (alpha refused, a save cadence required, captions-less images skipped by default, the
+cache written into each dataset directory, runs named by UTC timestamp), prints DeepSpeed-style progress
+lines and saves LoRAs in diffusion-pipe's real key layouts (FLUX: diffusers keys in
+`pytorch_lora_weights.safetensors`; HunyuanImage: ComfyUI keys in `adapter_model.safetensors`), with tiny
+tensors. It honours `--resume_from_checkpoint` and the `save_quit` signal file.
+
+FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache.
+FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
+FAKE_DP_BLOCKS: "double,single" block counts (default "2,2"); FAKE_DP_HIDDEN: hidden size (default 8).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+MEDIA_SKIP = {".txt", ".npz", ".json", ".parquet", ".bak", ".db"}
+MODEL_TYPES = {"flux", "hunyuan_image", "sdxl", "wan", "hunyuan-video", "chroma", "qwen_image"}
+
+
+def load_toml(path):
+    try:
+        import toml
+    except ImportError:
+        import tomllib
+
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    with open(path) as fh:
+        return toml.load(fh)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def ds_info(msg):
+    log(f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S,%f')[:-3]}] [INFO] [logging.py:107:log_dist] [Rank 0] {msg}")
+
+
+def lora_tensors(model_type, rank, seed):
+    import numpy as np
+
+    double, single = (int(x) for x in os.environ.get("FAKE_DP_BLOCKS", "2,2").split(","))
+    h = int(os.environ.get("FAKE_DP_HIDDEN", "8"))
+    mlp = 4 * h
+    rng = np.random.default_rng(seed)
+
+    def pair(out_f, in_f):
+        return (rng.standard_normal((rank, in_f)).astype(np.float16),
+                (rng.standard_normal((out_f, rank)) * 0.1).astype(np.float16))
+
+    tensors = {}
+    if model_type == "flux":
+        shapes_d = {"attn.to_q": (h, h), "attn.to_k": (h, h), "attn.to_v": (h, h), "attn.to_out.0": (h, h),
+                    "attn.add_q_proj": (h, h), "attn.add_k_proj": (h, h), "attn.add_v_proj": (h, h),
+                    "attn.to_add_out": (h, h), "ff.net.0.proj": (mlp, h), "ff.net.2": (h, mlp),
+                    "ff_context.net.0.proj": (mlp, h), "ff_context.net.2": (h, mlp), "norm1.linear": (6 * h, h),
+                    "norm1_context.linear": (6 * h, h)}
+        shapes_s = {"attn.to_q": (h, h), "attn.to_k": (h, h), "attn.to_v": (h, h), "norm.linear": (3 * h, h),
+                    "proj_mlp": (mlp, h), "proj_out": (h, h + mlp)}
+        for kind, count, shapes in (("transformer_blocks", double, shapes_d),
+                                    ("single_transformer_blocks", single, shapes_s)):
+            for i in range(count):
+                for name, (o, n) in shapes.items():
+                    a, b = pair(o, n)
+                    tensors[f"transformer.{kind}.{i}.{name}.lora_A.weight"] = a
+                    tensors[f"transformer.{kind}.{i}.{name}.lora_B.weight"] = b
+    else:
+        shapes_d = {"img_attn.qkv": (3 * h, h), "img_attn.proj": (h, h), "img_mlp.0": (mlp, h), "img_mlp.2": (h, mlp),
+                    "img_mod.lin": (6 * h, h)}
+        shapes_d.update({k.replace("img_", "txt_"): v for k, v in shapes_d.items()})
+        shapes_s = {"linear1": (3 * h + mlp, h), "linear2": (h, h + mlp), "modulation.lin": (3 * h, h)}
+        for kind, count, shapes in (("double_blocks", double, shapes_d), ("single_blocks", single, shapes_s)):
+            for i in range(count):
+                for name, (o, n) in shapes.items():
+                    a, b = pair(o, n)
+                    tensors[f"diffusion_model.{kind}.{i}.{name}.lora_A.weight"] = a
+                    tensors[f"diffusion_model.{kind}.{i}.{name}.lora_B.weight"] = b
+    return tensors
+
+
+def save_model(run_dir, name, config, config_path, step):
+    from safetensors.numpy import save_file
+
+    log(f"Saving model to directory {name}")
+    save_dir = run_dir / name
+    tmp = save_dir / "tmp"
+    os.makedirs(tmp, exist_ok=False)
+    model_type = config["model"]["type"]
+    tensors = lora_tensors(model_type, config["adapter"]["rank"], seed=step)
+    if model_type == "flux":
+        save_file(tensors, str(save_dir / "pytorch_lora_weights.safetensors"))
+    else:
+        (save_dir / "adapter_config.json").write_text(json.dumps({"r": config["adapter"]["rank"],
+                                                                   "lora_alpha": config["adapter"]["rank"]}))
+        save_file(tensors, str(save_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(config_path, save_dir)
+    shutil.rmtree(tmp)
+
+
+def save_checkpoint(run_dir, step, epoch):
+    tag = f"global_step{step}"
+    (run_dir / tag).mkdir(exist_ok=True)
+    (run_dir / tag / "state.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+    (run_dir / "latest").write_text(tag)
+
+
+def scan_directory(entry, dataset_cfg, model_type):
+    path = Path(entry["path"])
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset directory {path} does not exist")
+    skip_empty = entry.get("skip_empty_caption", dataset_cfg.get("skip_empty_caption", True))
+    kept = []
+    for f in sorted(path.iterdir()):
+        if f.is_dir() or f.suffix.lower() in MEDIA_SKIP:
+            continue
+        caption_file = f.with_suffix(".txt")
+        caption = caption_file.read_text() if caption_file.exists() else ""
+        if not caption.strip() and skip_empty:
+            log(f"WARNING: skipping {f} because it has no caption")
+            continue
+        kept.append((f, caption))
+    cache = path / "cache" / model_type
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "metadata.json").write_text(json.dumps([[str(f), c] for f, c in kept]))
+    return len(kept) * entry.get("num_repeats", dataset_cfg.get("num_repeats", 1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--local_rank", type=int, default=-1)
+    parser.add_argument("--resume_from_checkpoint", nargs="?", const=True, default=None)
+    parser.add_argument("--regenerate_cache", action="store_true", default=None)
+    parser.add_argument("--cache_only", action="store_true", default=None)
+    parser.add_argument("--trust_cache", action="store_true", default=None)
+    parser.add_argument("--i_know_what_i_am_doing", action="store_true", default=None)
+    parser.add_argument("--master_port", type=int, default=29500)
+    parser.add_argument("--deepspeed", action="store_true")
+    parser.add_argument("--deepspeed_config", default=None)
+    args = parser.parse_args()
+    if not args.deepspeed:
+        raise SystemExit("train.py: launch with `deepspeed ... train.py --deepspeed --config ...`")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    main_process = rank == 0
+    mode = os.environ.get("FAKE_DP_MODE", "ok")
+    at = int(os.environ.get("FAKE_DP_AT", "3"))
+    delay = float(os.environ.get("FAKE_DP_STEP_DELAY", "0"))
+
+    config = json.loads(json.dumps(load_toml(args.config)))
+    if not any(k in config for k in ("save_every_n_epochs", "save_every_n_steps", "save_every_n_examples")):
+        raise AssertionError("one of save_every_n_epochs/steps/examples is required")
+    adapter = config["adapter"]
+    if "alpha" in adapter:
+        raise NotImplementedError("This script forces alpha=rank to make the saved LoRA format simpler and more "
+                                  "predictable with downstream inference programs. Please remove alpha from the config.")
+    model_type = config["model"]["type"]
+    if model_type not in MODEL_TYPES:
+        raise NotImplementedError(f"Model type {model_type} is not implemented")
+    stages = config.get("pipeline_stages", 1)
+    if world % stages:
+        raise AssertionError(f"num_gpus {world} must be divisible by pipeline_stages {stages}")
+    if config.get("blocks_to_swap") and stages != 1:
+        raise AssertionError("Block swapping only works with pipeline_stages=1")
+    dataset_cfg = load_toml(config["dataset"])
+    examples = 0
+    if main_process:
+        log("Map (num_proc=8): 100%|##########| 4/4 [00:00<00:00, 312.15 examples/s]")
+        if mode == "slow_cache":
+            time.sleep(delay * 20)
+    for entry in dataset_cfg["directory"]:
+        examples += scan_directory(entry, dataset_cfg, model_type)
+    if main_process:
+        log("Caching latents: 100%|##########| 1/1 [00:00<00:00,  9.87it/s]")
+        log("Caching text embeddings: 100%|##########| 1/1 [00:00<00:00, 11.02it/s]")
+
+    output_dir = Path(config["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = args.resume_from_checkpoint if args.resume_from_checkpoint is not None else \
+        config.get("resume_from_checkpoint", False)
+    if resume is True:
+        run_dir = sorted(p for p in output_dir.iterdir() if p.is_dir())[-1]
+    elif resume:
+        run_dir = output_dir / resume
+        if not run_dir.exists():
+            raise ValueError(f"Checkpoint directory {run_dir} does not exist")
+    else:
+        run_dir = output_dir / datetime.now(timezone.utc).strftime("%Y%m%d_%H-%M-%S")
+        if main_process:
+            run_dir.mkdir(exist_ok=True)
+            shutil.copy(args.config, run_dir)
+            shutil.copy(config["dataset"], run_dir)
+    if not main_process:
+        return 0
+
+    mbs = config.get("micro_batch_size_per_gpu", 1)
+    gas = config.get("gradient_accumulation_steps", 1)
+    global_batch = mbs * gas * (world // stages)
+    steps_per_epoch = examples // global_batch
+    if steps_per_epoch == 0:
+        raise RuntimeError("ConcatenatedBatchedDataset is empty")
+    epochs = config["epochs"]
+    max_steps = config.get("max_steps")
+    warmup = config.get("warmup_steps", 0)
+    lr0 = config["optimizer"].get("lr", 1e-4)
+    step, epoch = 1, 1
+    if resume:
+        state = json.loads((run_dir / (run_dir / "latest").read_text().strip() / "state.json").read_text())
+        step, epoch = state["step"] + 1, state["epoch"]
+        log(f"Resuming training from checkpoint. Resuming at epoch: {epoch}, step: {step}")
+    saved = checkpointed = False
+    final_name = None
+    while True:
+        if delay:
+            time.sleep(delay)
+        if mode == "crash" and step == at:
+            log("Traceback (most recent call last):")
+            log('  File "train.py", line 612, in <module>')
+            log("    loss = model_engine.train_batch(iterator).item()")
+            log("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+            return 1
+        if mode == "hang" and step == at:
+            time.sleep(3600)
+        if mode == "garbage":
+            sys.stdout.buffer.write(b"\xff\xfe garbage \x00\x01 " + os.urandom(16).replace(b"\n", b"") + b"\n")
+            sys.stdout.buffer.write(b"Training:  10%|#         | 1/10 [00:01<00:09]\r" * 3 + b"\n")
+            sys.stdout.buffer.write(b"x" * 40000 + b"\n")
+            sys.stdout.flush()
+        lr = lr0 * min(1.0, step / warmup) if warmup else lr0
+        ds_info(f"step={step}, skipped=0, lr=[{lr}], mom=[(0.9, 0.99)]")
+        loss = float("nan") if (mode == "nan" and step >= at) else 0.5 / (1 + 0.1 * step)
+        log(f"steps: {step} loss: {loss:0.4f} iter time (s): 0.012 samples/sec: {global_batch / 0.012:0.3f}")
+        saved = checkpointed = False
+        if step % steps_per_epoch == 0:
+            if config.get("checkpoint_every_n_epochs") and epoch % config["checkpoint_every_n_epochs"] == 0:
+                save_checkpoint(run_dir, step, epoch + 1)
+                checkpointed = True
+            if config.get("save_every_n_epochs") and epoch % config["save_every_n_epochs"] == 0:
+                save_model(run_dir, f"epoch{epoch}", config, args.config, step)
+                saved = True
+            epoch += 1
+            if epoch > epochs:
+                final_name = f"epoch{epoch - 1}"
+                break
+            log(f"Started new epoch: {epoch}")
+        if (run_dir / "save_quit").exists():
+            os.remove(run_dir / "save_quit")
+            save_checkpoint(run_dir, step, epoch)
+            log("Manually quitting")
+            return 0
+        if config.get("save_every_n_steps") and step % config["save_every_n_steps"] == 0:
+            save_model(run_dir, f"step{step}", config, args.config, step)
+            saved = True
+        if max_steps and step >= max_steps:
+            final_name = f"step{step}"
+            break
+        step += 1
+    if mode == "quiet_exit":
+        return 0
+    if not checkpointed:
+        save_checkpoint(run_dir, step, epoch)
+    if not saved:
+        save_model(run_dir, final_name, config, args.config, step)
+    log("TRAINING COMPLETE!")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Whole runs through a fake diffusion-pipe checkout and a fake `deepspeed` launcher (real subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_run.errors import BackendError, NonFiniteLoss, OutputError, RecipeError
+from lora_run.hookspecs import hookimpl
+from lora_run.recipe import load_recipe
+from lora_run.run import execute
+
+from .conftest import FLUX_RECIPE, hunyuan_recipe
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+class Recorder:
+    def __init__(self):
+        self.steps, self.checkpoints, self.finished = [], [], []
+
+    @hookimpl
+    def step_finished(self, run, step, metrics):
+        self.steps.append((step, dict(metrics)))
+
+    @hookimpl
+    def checkpoint_saved(self, run, step, path):
+        self.checkpoints.append((step, Path(path).name))
+
+    @hookimpl
+    def run_finished(self, run, status, error):
+        self.finished.append(status)
+
+
+def run_recipe(path, plugins_with, out, *sets, resume=False, overwrite=False):
+    recorder = Recorder()
+    lines = []
+    ctx = execute(load_recipe(path, sets), plugins_with(recorder), output_dir=str(out), resume=resume,
+                  overwrite=overwrite, echo=lines.append)
+    return ctx, recorder, lines
+
+
+def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_checkout, subject_dataset):
+    fake_env(record=tmp_path / "launch.jsonl")
+    before = sorted(p.name for p in subject_dataset.iterdir())
+    ctx, rec, lines = run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
+    out = tmp_path / "run"
+    # the command, its folder and environment
+    launch = json.loads((tmp_path / "launch.jsonl").read_text().splitlines()[0])
+    assert launch["argv"][1:] == ["--num_gpus=1", "train.py", "--deepspeed", "--config",
+                                  str(out / "diffusion-pipe" / "config.toml")]
+    assert launch["cwd"] == str(fake_checkout) and launch["env"] == {"PYTHONUNBUFFERED": "1"}
+    # hooks and progress
+    assert [s for s, _ in rec.steps] == [1, 2, 3, 4, 5, 6]
+    assert rec.steps[0][1]["lr"] == pytest.approx(5e-5) and rec.steps[-1][1]["lr"] == pytest.approx(1e-4)
+    assert rec.steps[-1][1]["loss"] == pytest.approx(0.3125) and rec.steps[-1][1]["it_per_s"] > 0
+    assert rec.checkpoints == [(2, "step2"), (4, "step4"), (6, "step6")]
+    assert rec.finished == ["completed"]
+    assert any("step 6/6 (100%)" in line for line in lines)
+    # the LoRA in both formats
+    kohya = safetensors_torch.load_file(ctx.artifacts["lora_kohya"])
+    diffusers = safetensors_torch.load_file(ctx.artifacts["lora_diffusers"])
+    assert ctx.artifacts["lora_kohya"] == str(out / "subject.safetensors")
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert kohya["lora_unet_single_blocks_1_linear1.alpha"].item() == pytest.approx(4 * 4)  # 4 fused parts, rank 4
+    assert "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight" in diffusers
+    assert all(v.dtype == torch.bfloat16 for k, v in diffusers.items())
+    source = safetensors_torch.load_file(next((out / "diffusion-pipe" / "output").glob("*/step6")) /
+                                         "pytorch_lora_weights.safetensors")
+    assert set(diffusers) == set(source)
+    from lora_run_formats import flux
+
+    back = flux.kohya_to_diffusers(kohya)                  # the kohya file holds the same LoRA
+    for key in source:
+        if key.endswith("lora_A.weight"):
+            b = key.replace("lora_A", "lora_B")
+            delta = back[b].float() @ back[key].float()
+            expected = source[b].to(torch.bfloat16).float() @ source[key].to(torch.bfloat16).float()
+            torch.testing.assert_close(delta, expected, atol=2e-2, rtol=2e-2)
+    # intermediate saves converted too; the run folder and the manifest
+    assert [c["name"] for c in ctx.artifacts["checkpoints"]] == ["step2", "step4"]
+    assert Path(ctx.artifacts["checkpoints"][0]["lora_kohya"]).is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    tool = manifest["external_tools"]["diffusion-pipe"]
+    head = subprocess.run(["git", "-C", str(fake_checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tool["commit"] == head.stdout.strip() and tool["dirty"] is False
+    assert Path(tool["run_folder"]).parent == out / "diffusion-pipe" / "output"
+    assert manifest["status"] == "completed"
+    log = (out / "diffusion-pipe" / "train.log").read_text()
+    assert "TRAINING COMPLETE!" in log and "lora-run launches:" in log
+    # staging: captions next to links; the cache went there, never into the dataset folder
+    staged = out / "diffusion-pipe" / "data" / "subject"
+    images = sorted(p for p in staged.iterdir() if p.suffix == ".png")
+    assert len(images) == 4 and all(p.is_symlink() for p in images)
+    assert images[0].with_suffix(".txt").read_text() == "ohwx, a photo number 0"
+    assert (staged / "cache" / "flux" / "metadata.json").is_file()
+    assert sorted(p.name for p in subject_dataset.iterdir()) == before
+
+
+def test_hunyuan_image_run_converts_comfyui_keys(dp_recipe, plugins_with, tmp_path, fake_env, hunyuan_files):
+    fake_env()
+    ctx, _, _ = run_recipe(dp_recipe(hunyuan_recipe(hunyuan_files)), plugins_with, tmp_path / "run")
+    kohya = safetensors_torch.load_file(ctx.artifacts["lora_kohya"])
+    diffusers = safetensors_torch.load_file(ctx.artifacts["lora_diffusers"])
+    assert "lora_unet_double_blocks_1_txt_mod_lin.lora_up.weight" in kohya
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 4   # fused, rank kept
+    assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 4
+    assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_A.weight" in diffusers
+    assert "transformer.single_transformer_blocks.1.norm.linear.lora_B.weight" in diffusers
+    from safetensors import safe_open
+
+    with safe_open(ctx.artifacts["lora_kohya"], "pt") as fh:
+        assert fh.metadata()["modelspec.architecture"] == "hunyuan-image-2.1/lora"
+
+
+def test_epochs_regularisation_and_keep_last(dp_recipe, plugins_with, tmp_path, fake_env):
+    from lora_run.testing import make_images
+
+    fake_env()
+    reg = tmp_path / "reg"
+    make_images(reg, count=2, trigger="", captions=False, prefix="reg", seed=5)
+    rgba = reg / "reg_alpha.png"
+    from PIL import Image
+
+    Image.new("RGBA", (300, 300), (10, 200, 30, 128)).save(rgba)
+    body = FLUX_RECIPE.replace("steps = 6\nsave_every_steps = 2", "epochs = 5\nsave_every_epochs = 1\nkeep_last = 2") \
+        + '\n[[dataset.regularization]]\npath = "{reg}"\ndefault_caption = "a man"\nrepeats = 2\n'
+    path = dp_recipe(body, reg=reg)
+    ctx, rec, _ = run_recipe(path, plugins_with, tmp_path / "run")
+    out = tmp_path / "run"
+    config = (out / "diffusion-pipe" / "config.toml").read_text()
+    assert "checkpoint_every_n_epochs = 1" in config and "save_every_n_epochs = 1" in config
+    # 4 subject + 3 reg × 2 repeats = 10 examples per epoch at batch 1
+    assert [s for s, _ in rec.steps][-1] == 50
+    run_folder = Path(ctx.artifacts["diffusion_pipe_run"])
+    assert sorted(p.name for p in run_folder.iterdir() if p.name.startswith("epoch")) == ["epoch4", "epoch5"]
+    assert [c["name"] for c in ctx.artifacts["checkpoints"]] == ["epoch4"]
+    assert ctx.artifacts["checkpoints"][0]["epoch"] == 4 and ctx.artifacts["checkpoints"][0]["step"] == 40
+    staged = out / "diffusion-pipe" / "data" / "reg-0"
+    captions = sorted(p.read_text() for p in staged.glob("*.txt"))
+    assert captions == ["a man"] * 3
+    converted = [p for p in staged.iterdir() if p.name.endswith("reg_alpha.png")]
+    assert len(converted) == 1 and not converted[0].is_symlink()       # alpha composited: a converted copy
+    assert Image.open(converted[0]).mode == "RGB"
+    dataset = (out / "diffusion-pipe" / "dataset.toml").read_text()
+    assert f'path = "{staged}"\nnum_repeats = 2' in dataset
+
+
+def test_read_only_dataset_and_shared_cache_dir(dp_recipe, plugins_with, tmp_path, fake_env, subject_dataset):
+    fake_env()
+    cache = tmp_path / "cache"
+    before = sorted(p.name for p in subject_dataset.iterdir())
+    os.chmod(subject_dataset, 0o555)
+    try:
+        first, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "a", f"train.cache_dir='{cache}'")
+        second, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "b", f"train.cache_dir='{cache}'")
+    finally:
+        os.chmod(subject_dataset, 0o755)
+    staged = list((cache / "diffusion-pipe").iterdir())
+    assert len(staged) == 1, "same model and dataset: one staging folder, its cache reused"
+    assert (staged[0] / "subject" / "cache" / "flux").is_dir()
+    assert Path(second.artifacts["lora_kohya"]).is_file()
+    assert sorted(p.name for p in subject_dataset.iterdir()) == before
+
+
+def test_multi_gpu_launch(dp_recipe, plugins_with, tmp_path, fake_env):
+    fake_env(record=tmp_path / "launch.jsonl")
+    ctx, rec, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "backend.diffusion-pipe.num_gpus=2",
+                             "backend.diffusion-pipe.master_port=29613", "backend.diffusion-pipe.nccl_p2p_disable=true",
+                             "backend.diffusion-pipe.nccl_ib_disable=true", "train.steps=2",
+                             "train.save_every_steps=1")
+    launch = json.loads((tmp_path / "launch.jsonl").read_text().splitlines()[0])
+    assert launch["argv"][1:3] == ["--num_gpus=2", "--master_port=29613"]
+    assert launch["argv"][-2:] == ["--master_port", "29613"]
+    assert launch["env"]["NCCL_P2P_DISABLE"] == "1" and launch["env"]["NCCL_IB_DISABLE"] == "1"
+    # 4 images / (1 × 1 × 2 data-parallel copies) = 2 steps per epoch
+    assert [s for s, _ in rec.steps] == [1, 2] and Path(ctx.artifacts["lora_diffusers"]).is_file()
+
+
+@pytest.mark.parametrize("mode, error, words", [
+    ("crash", BackendError, ["exit code 1", "CUDA out of memory", "full log:"]),
+    ("nan", NonFiniteLoss, ["loss became nan at step 3"]),
+    ("quiet_exit", BackendError, ["never printed TRAINING COMPLETE"]),
+])
+def test_failures_show_the_log_tail(dp_recipe, plugins_with, tmp_path, fake_env, mode, error, words):
+    fake_env(mode=mode, at=3)
+    with pytest.raises(error) as info:
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
+    for word in words:
+        assert word in str(info.value)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and (tmp_path / "run" / "recipe.toml").is_file()
+
+
+def test_stall_timeout_stops_a_hung_run(dp_recipe, plugins_with, tmp_path, fake_env):
+    fake_env(mode="hang", at=2)
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="printed nothing for 2 s") as info:
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "backend.diffusion-pipe.stall_timeout=2")
+    assert time.monotonic() - started < 60
+    assert "steps: 1 loss" in str(info.value)
+
+
+def test_garbage_output_is_survived(dp_recipe, plugins_with, tmp_path, fake_env):
+    fake_env(mode="garbage")
+    ctx, rec, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
+    assert [s for s, _ in rec.steps] == [1, 2, 3, 4, 5, 6] and Path(ctx.artifacts["lora_kohya"]).is_file()
+
+
+def test_missing_checkout_or_launcher_is_bad_input(dp_recipe, run_cli, tmp_path, fake_env, fake_checkout):
+    fake_env()
+    body = FLUX_RECIPE.replace('path = "{checkout}"\n', "")
+    out = run_cli(dp_recipe(body, "nopath.toml"), "--output-dir", tmp_path / "r1")
+    assert out.returncode == 2 and "[backend.diffusion-pipe] path is not set" in out.stderr
+    assert "LORA_RUN_DIFFUSION_PIPE" in out.stderr and "Traceback" not in out.stderr
+    # the environment variable works instead; an empty PATH and no launcher option → clear error
+    body = FLUX_RECIPE.replace('path = "{checkout}"\n', "").replace('deepspeed = "{launcher}"\n', "")
+    env = {"LORA_RUN_DIFFUSION_PIPE": str(fake_checkout), "PATH": "/nonexistent"}
+    out = run_cli(dp_recipe(body, "nolauncher.toml"), "--output-dir", tmp_path / "r2", env=env)
+    assert out.returncode == 2 and "[backend.diffusion-pipe] deepspeed" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume(dp_recipe, tmp_path, fake_env, fake_checkout):
+    """Ctrl-C mid-training: diffusion-pipe saves a checkpoint (save_quit), lora-run exits 130; --resume
+    continues from that checkpoint through --resume_from_checkpoint <run folder>."""
+    fake_env(step_delay=0.3, record=tmp_path / "launch.jsonl")
+    path = dp_recipe(FLUX_RECIPE.replace("steps = 6", "steps = 12"))
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_run.cli", str(path), "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    log = out / "diffusion-pipe" / "train.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.is_file() and "steps: 2 loss" in log.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "asked diffusion-pipe to save a resumable checkpoint" in stdout
+    assert "Manually quitting" in log.read_text()
+    run_folder = next((out / "diffusion-pipe" / "output").iterdir())
+    stopped_at = int((run_folder / "latest").read_text().removeprefix("global_step"))
+    assert 2 <= stopped_at < 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+
+    fake_env(step_delay=0, record=tmp_path / "launch.jsonl")
+    resumed = subprocess.run([sys.executable, "-m", "lora_run.cli", str(path), "--output-dir", str(out), "--resume"],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    last = json.loads((tmp_path / "launch.jsonl").read_text().splitlines()[-1])
+    assert last["argv"][-2:] == ["--resume_from_checkpoint", run_folder.name]
+    text = log.read_text()
+    assert f"Resuming training from checkpoint. Resuming at epoch: " in text and "steps: 12 loss" in text
+    assert f"steps: {stopped_at} loss" in text.split("Resuming training")[0]
+    assert (out / "subject.safetensors").is_file()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_path, fake_env):
+    fake_env(mode="crash", at=2)
+    with pytest.raises(BackendError):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "train.save_every_steps=100")
+    fake_env()
+    with pytest.raises(OutputError, match="nothing to resume"):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "train.save_every_steps=100", resume=True)
+
+
+def test_model_files_are_checked_before_launch(dp_recipe, plugins_with, tmp_path, fake_env, flux_folder):
+    fake_env(record=tmp_path / "launch.jsonl")
+    (flux_folder / "model_index.json").unlink()
+    from lora_run.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="not a diffusers folder"):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
+    assert not (tmp_path / "launch.jsonl").exists()
+    with pytest.raises(RecipeError):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run2", "backend.diffusion-pipe.path='/nonexistent'")
+
+
+def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):
+    fake_env()
+    ok = run_cli(dp_recipe(), "--output-dir", tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr
+    assert "lora_kohya: " + str(tmp_path / "ok" / "subject.safetensors") in ok.stdout
+    fake_env(mode="crash", at=2)
+    bad = run_cli(dp_recipe(), "--output-dir", tmp_path / "bad")
+    assert bad.returncode == 1 and "CUDA out of memory" in bad.stderr and "Traceback (most recent" in bad.stderr
+    assert "error: diffusion-pipe failed (exit code 1)" in bad.stderr

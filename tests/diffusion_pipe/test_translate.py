@@ -1,0 +1,244 @@
+"""Recipe → diffusion-pipe configs and argv; refusals that name the recipe key; the shipped key data."""
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lora_run.errors import RecipeError
+from lora_run.plugins import load_plugins
+from lora_run.recipe import load_recipe
+from lora_run.run import RunDir, make_backend, validate
+from lora_run_diffusion_pipe import CAPABILITIES, keydata, translate
+
+from .conftest import FLUX_RECIPE, hunyuan_recipe
+
+SHARED_KEYS = Path(__file__).resolve().parents[3] / "shared" / "tools-data" / "diffusion-pipe" / "config_keys.json"
+
+
+def problems(path, *sets):
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(path, sets), load_plugins())
+    return info.value.problems
+
+
+def plan_of(path, tmp_path, *sets):
+    plugins = load_plugins()
+    prepared = validate(load_recipe(path, sets), plugins)
+    return make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "run")).plan()
+
+
+def parse_like_diffusion_pipe(text: str) -> dict:
+    """diffusion-pipe reads with the `toml` package (then json round-trips the main config)."""
+    toml = pytest.importorskip("toml")
+    data = toml.loads(text)
+    assert json.loads(json.dumps(data)) == data
+    return data
+
+
+def test_shipped_key_data_matches_the_shared_research_file():
+    if not SHARED_KEYS.is_file():
+        pytest.skip(f"{SHARED_KEYS} is not present in this checkout")
+    data = json.loads(SHARED_KEYS.read_text("utf-8"))
+    assert keydata.extract(data) == keydata.KEYS
+    assert data["_meta"]["source"].split("@ ")[1].startswith(keydata.SOURCE_COMMIT)
+
+
+def test_plan_writes_valid_configs_and_the_exact_command(dp_recipe, tmp_path, fake_checkout, fake_launcher,
+                                                         flux_folder):
+    plan = plan_of(dp_recipe(), tmp_path)
+    run = tmp_path / "run"
+    assert plan.backend == "diffusion-pipe" and plan.steps == 6
+    assert plan.commands == [[str(fake_launcher), "--num_gpus=1", "train.py", "--deepspeed", "--config",
+                              str(run / "diffusion-pipe" / "config.toml")]]
+    assert set(plan.files) == {"diffusion-pipe/config.toml", "diffusion-pipe/dataset.toml"}
+    config = parse_like_diffusion_pipe(plan.files["diffusion-pipe/config.toml"])
+    dataset = parse_like_diffusion_pipe(plan.files["diffusion-pipe/dataset.toml"])
+    assert tomllib.loads(plan.files["diffusion-pipe/config.toml"]) == config
+    assert keydata.config_problems(config) == [] and keydata.dataset_problems(dataset) == []
+    assert config["output_dir"] == str(run / "diffusion-pipe" / "output")
+    assert config["dataset"] == str(run / "diffusion-pipe" / "dataset.toml")
+    assert (config["epochs"], config["max_steps"], config["save_every_n_steps"]) == (6, 6, 2)
+    assert config["model"] == {"type": "flux", "dtype": "bfloat16", "diffusers_path": str(flux_folder),
+                               "guidance": 1.0, "timestep_sample_method": "logit_normal", "sigmoid_scale": 1.0}
+    assert config["adapter"] == {"type": "lora", "rank": 4, "dtype": "float32"}       # never an alpha key
+    assert config["optimizer"] == {"type": "adamw", "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
+                                   "eps": 1e-8}
+    assert (config["lr_scheduler"], config["warmup_steps"], config["gradient_clipping"]) == ("constant", 2, 1.0)
+    assert config["activation_checkpointing"] is True and config["checkpoint_every_n_minutes"] == 30
+    assert dataset["enable_ar_bucket"] is True and dataset["skip_empty_caption"] is False
+    assert dataset["resolutions"] == [512] and [512, 512] in dataset["ar_buckets"]
+    assert dataset["directory"] == [{"path": str(run / "diffusion-pipe" / "data" / "subject"), "num_repeats": 1}]
+    assert "[[directory]]" in plan.files["diffusion-pipe/dataset.toml"]   # never inline tables (not picklable)
+    assert any("seed" in n and "not used" in n for n in plan.notes)
+    assert plan.outputs[:2] == [str(run / "subject.safetensors"), str(run / "subject.diffusers.safetensors")]
+
+
+def test_every_mapped_setting(dp_recipe, tmp_path):
+    body = FLUX_RECIPE.replace('name = "adamw"', 'name = "prodigy"\nlr = 1.0\nmax_grad_norm = 0.0') \
+        .replace("steps = 6", "epochs = 3")
+    path = dp_recipe(body)
+    plan = plan_of(path, tmp_path, "train.save_every_epochs=1",
+                   "train.save_every_steps=5", "train.timestep_sampling=shift", "train.shift=3.5",
+                   "train.sigmoid_scale=1.5", "train.guidance=2.5", "model.base_precision=fp8",
+                   "train.loss=huber", "train.loss_options={c = 0.25}", "dataset.caption_dropout=0.1",
+                   "lora.dropout=0.05", "train.batch_size=2", "train.gradient_accumulation=3",
+                   "train.gradient_checkpointing=false", "output.save_precision=fp16", "train.compile=on",
+                   "dataset.repeats=5", "backend.diffusion-pipe.num_gpus=4", "backend.diffusion-pipe.pipeline_stages=2",
+                   "backend.diffusion-pipe.partition_split=[10]", "backend.diffusion-pipe.master_port=29611",
+                   "backend.diffusion-pipe.activation_checkpointing=unsloth", "backend.diffusion-pipe.caching_batch_size=4")
+    config = parse_like_diffusion_pipe(plan.files["diffusion-pipe/config.toml"])
+    dataset = parse_like_diffusion_pipe(plan.files["diffusion-pipe/dataset.toml"])
+    assert keydata.config_problems(config) == []
+    assert config["epochs"] == 3 and "max_steps" not in config
+    assert (config["save_every_n_epochs"], config["save_every_n_steps"], config["checkpoint_every_n_epochs"]) == (1, 5, 1)
+    assert config["model"]["transformer_dtype"] == "float8" and config["model"]["guidance"] == 2.5
+    assert (config["model"]["shift"], config["model"]["sigmoid_scale"]) == (3.5, 1.5)
+    assert config["huber_delta"] == 0.25 and config["uncond_fraction"] == 0.1
+    assert config["adapter"]["dropout"] == 0.05 and config["save_dtype"] == "float16"
+    assert config["optimizer"]["type"] == "Prodigy" and config["gradient_clipping"] == 0.0
+    assert (config["micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
+    assert (config["pipeline_stages"], config["partition_method"], config["partition_split"]) == (2, "manual", [10])
+    assert config["activation_checkpointing"] == "unsloth" and config["compile"] is True
+    assert config["caching_batch_size"] == 4 and dataset["directory"][0]["num_repeats"] == 5
+    # 4 images × 5 repeats / (2 × 3 × 2 data-parallel copies) → 1 step per epoch
+    assert plan.steps == 3
+    assert plan.commands[0][:3] == [plan.commands[0][0], "--num_gpus=4", "--master_port=29611"]
+    assert plan.commands[0][-2:] == ["--master_port", "29611"]
+    assert any("uncond_fraction" in n and "undocumented" in n for n in plan.notes)
+
+
+def test_timestep_sampling_variants():
+    from lora_run.recipe import parse_recipe_text, replace
+
+    base = parse_recipe_text('[dataset]\npath = "/d"\ntrigger = "ohwx"\n[model]\nsource = "/m"\n[train]\nsteps = 1\n')
+    cases = {
+        "uniform": {"timestep_sample_method": "uniform"},
+        "sigmoid": {"timestep_sample_method": "logit_normal", "sigmoid_scale": 1.0},
+        "logit-normal": {"timestep_sample_method": "logit_normal", "sigmoid_scale": 0.7},
+        "flux-shift": {"timestep_sample_method": "logit_normal", "sigmoid_scale": 1.0, "flux_shift": True},
+    }
+    for value, expected in cases.items():
+        recipe = replace(base, train={"timestep_sampling": value, "logit_std": 0.7})
+        assert translate.timestep_keys(recipe) == expected, value
+
+
+def test_hunyuan_image_uses_the_comfyui_files(dp_recipe, tmp_path, hunyuan_files):
+    path = dp_recipe(hunyuan_recipe(hunyuan_files), "hy.toml")
+    plan = plan_of(path, tmp_path)
+    config = parse_like_diffusion_pipe(plan.files["diffusion-pipe/config.toml"])
+    assert keydata.config_problems(config) == []
+    assert config["model"] == {
+        "type": "hunyuan_image", "dtype": "bfloat16", "transformer_path": str(hunyuan_files["transformer"]),
+        "vae_path": str(hunyuan_files["vae"]), "text_encoder_path": str(hunyuan_files["qwen"]),
+        "byt5_path": str(hunyuan_files["byt5"]), "timestep_sample_method": "logit_normal", "sigmoid_scale": 1.0}
+    dataset = parse_like_diffusion_pipe(plan.files["diffusion-pipe/dataset.toml"])
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h in dataset["ar_buckets"])
+    assert any("/cache/hunyuan_image/" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("sets, key, words", [
+    (["optimizer.name=adafactor"], "optimizer.name", "Adafactor"),
+    (["lora.alpha=8"], "lora.alpha", "alpha = rank"),
+    (["lora.targets=attention"], "lora.targets", "all-linear"),
+    (["lora.modules=['to_q']"], "lora.modules", "module list"),
+    (["train.loss=pseudo-huber"], "train.loss", "pseudo_huber_c"),
+    (["scheduler.name=cosine"], "scheduler.name", "constant_with_warmup"),
+    (["train.noise_offset=0.05"], "train.noise_offset", "noise offset"),
+    (["text_encoder.train=true"], "text_encoder.train", "text-encoder"),
+    (["sample.every_steps=10", "sample.prompts=['x']"], "sample.every_steps", "#119"),
+    (["dataset.regularization=[{path='reg', weight=0.5}]"], "dataset.regularization", "num_repeats"),
+    (["train.timestep_weighting=sigma_sqrt"], "train.timestep_weighting", "weighting"),
+    (["train.min_snr_gamma=5.0"], "train.min_snr_gamma", "SDXL"),
+    (["model.family=hunyuan-dit-1.2"], "model.family", "no Hunyuan-DiT"),
+    (["model.source=black-forest-labs/FLUX.1-dev"], "model.source", "hub id"),
+    (["train.timestep_sampling=logit-normal", "train.logit_mean=0.5"], "train.logit_mean", "mean 0"),
+    (["scheduler.name=constant"], "scheduler.warmup_steps", "no warmup"),
+    (["lora.init=gaussian"], "lora.init", "peft's default"),
+    (["backend.diffusion-pipe.num_gpus=3", "backend.diffusion-pipe.pipeline_stages=2"],
+     "backend.diffusion-pipe.pipeline_stages", "must divide num_gpus"),
+    (["backend.diffusion-pipe.num_gpus=2", "backend.diffusion-pipe.pipeline_stages=2",
+      "backend.diffusion-pipe.blocks_to_swap=4"], "backend.diffusion-pipe.blocks_to_swap", "pipeline_stages = 1"),
+    (["backend.diffusion-pipe.blocks_to_swap=35"], "backend.diffusion-pipe.blocks_to_swap", "at most 34"),
+    (["backend.diffusion-pipe.num_gpus=3", "backend.diffusion-pipe.pipeline_stages=3",
+      "backend.diffusion-pipe.partition_split=[5]"], "backend.diffusion-pipe.partition_split", "needs pipeline_stages"),
+    (["backend.diffusion-pipe.path=/nonexistent/dp"], "backend.diffusion-pipe.path", "is not a folder"),
+    (["backend.diffusion-pipe.deepspeed=/nonexistent/deepspeed"], "backend.diffusion-pipe.deepspeed", "executable"),
+    (["backend.diffusion-pipe.stall_timeout=-1"], "backend.diffusion-pipe.stall_timeout", ">= 0"),
+])
+def test_refusals_name_the_key(dp_recipe, tmp_path, sets, key, words):
+    (tmp_path / "reg").mkdir(exist_ok=True)
+    found = problems(dp_recipe(), *sets)
+    assert any(f"[{key}]" in p and words in p for p in found), found
+
+
+def test_hunyuan_refusals(dp_recipe, tmp_path):
+    grid = ("dataset.bucket_step=64", "dataset.bucket_min=256", "dataset.resolution=512")
+    text = "\n".join(problems(dp_recipe(), "model.family=hunyuan-image-2.1", "train.guidance=3.0",
+                               "train.timestep_sampling=flux-shift", *grid))
+    assert "[train.guidance]" in text and "guidance embedding" in text
+    assert "[train.timestep_sampling]" in text and "quarter" in text
+    text = "\n".join(problems(dp_recipe(), "model.family=hunyuan-image-2.1", *grid))
+    assert "[model.files.transformer]" in text and "[model.files.byt5]" in text and "ComfyUI files" in text
+
+
+def test_capabilities_are_honest():
+    assert set(CAPABILITIES) == {"flux.1-dev", "hunyuan-image-2.1"}
+    for features in CAPABILITIES.values():
+        assert "targets:all-linear" in features and "targets:attention" not in features
+        assert "lora_alpha" not in features and "sampling" not in features
+        assert "text_encoder_training" not in features and "regularization_weight" not in features
+    assert "guidance" not in CAPABILITIES["hunyuan-image-2.1"]
+
+
+def test_launch_argv_for_resume_and_env():
+    from lora_run_diffusion_pipe.options import DiffusionPipeOptions
+
+    options = DiffusionPipeOptions(num_gpus=2, nccl_p2p_disable=True, nccl_ib_disable=True, expandable_segments=True)
+    argv = translate.launch_argv("/x/deepspeed", Path("/r/config.toml"), options, "20261127_10-00-00")
+    assert argv == ["/x/deepspeed", "--num_gpus=2", "train.py", "--deepspeed", "--config", "/r/config.toml",
+                    "--resume_from_checkpoint", "20261127_10-00-00"]
+    env = translate.child_env(options, {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1",
+                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "NCCL_P2P_DISABLE" not in translate.child_env(DiffusionPipeOptions(), {})
+
+
+def test_bucket_grid_matches_the_recipe():
+    from lora_run.recipe import parse_recipe_text
+
+    recipe = parse_recipe_text('[dataset]\npath = "/d"\ntrigger = "ohwx"\nresolution = 512\nbucket_min = 384\nbucket_max = 640\n'
+                               'bucket_step = 64\n[model]\nsource = "/m"\n[train]\nsteps = 1\n')
+    pairs = translate.bucket_sizes(recipe)
+    assert [512, 512] in pairs and [384, 640] in pairs and [640, 384] in pairs
+    assert all(w * h <= 512 * 512 and 384 <= min(w, h) and max(w, h) <= 640 for w, h in pairs)
+    assert pairs == sorted(pairs, key=lambda p: (p[0] / p[1], p[0]))
+
+
+def test_plan_cli_shows_files_and_command(dp_recipe, run_cli, tmp_path):
+    path = dp_recipe()
+    out = run_cli("plan", path, "--output-dir", tmp_path / "r")
+    assert out.returncode == 0, out.stderr
+    assert "# command: " in out.stdout and "train.py --deepspeed --config" in out.stdout
+    assert "# file: " + str(tmp_path / "r" / "diffusion-pipe" / "config.toml") in out.stdout
+    assert "[[directory]]" in out.stdout and "# note: " in out.stdout
+    as_json = run_cli("plan", path, "--json", "--output-dir", tmp_path / "r")
+    data = json.loads(as_json.stdout)
+    assert data["plan"]["backend"] == "diffusion-pipe" and "diffusion-pipe/dataset.toml" in data["plan"]["files"]
+    bad = run_cli("check", path, "--set", "lora.alpha=8")
+    assert bad.returncode == 2 and "[lora.alpha]" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "r").exists(), "plan and check write nothing"
+
+
+def test_check_and_plan_do_not_import_torch(dp_recipe, tmp_path):
+    import subprocess
+
+    code = ("import sys; from lora_run.cli import main; "
+            f"assert main(['check', {str(dp_recipe())!r}]) == 0; "
+            f"assert main(['plan', {str(dp_recipe())!r}, '--output-dir', {str(tmp_path / 'p')!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
