@@ -35,9 +35,11 @@ class PerfPlan:
     fp8: bool = False
     checkpoint_blocks: int = 0      # how many repeated blocks run under activation checkpointing
     offload_blocks: int = 0         # how many blocks keep their frozen weights in pinned CPU memory
+    compile_mode: str = "default"   # torch.compile mode of each block ("reduce-overhead": CUDA graphs)
 
     def describe(self) -> str:
-        parts = [self.mode, "compiled" if self.compile else "eager", "fp8 base" if self.fp8 else "bf16 base"]
+        compiled = "compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else "compiled"
+        parts = [self.mode, compiled if self.compile else "eager", "fp8 base" if self.fp8 else "bf16 base"]
         if self.checkpoint_blocks:
             parts.append(f"checkpointing {self.checkpoint_blocks} blocks")
         if self.offload_blocks:
@@ -59,21 +61,47 @@ def _fp8_linear_class() -> type:
     import torch
     import torch.nn.functional as F
 
-    class _Fp8Matmul(torch.autograd.Function):
-        """y = x @ (w8·s)ᵀ + b with only the fp8 weight saved for backward (never a bf16 copy)."""
+    def _dequant(w8: Any, scale: Any, dtype: Any) -> Any:
+        return (w8.to(torch.float32) * scale).to(dtype)
 
-        @staticmethod
-        def forward(ctx: Any, x: Any, w8: Any, scale: Any, bias: Any) -> Any:
-            weight = w8.to(x.dtype) * scale.to(x.dtype)
-            ctx.save_for_backward(w8, scale)
-            ctx.has_bias = bias is not None
-            return F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+    triton_dequant = _triton_dequant()
 
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
-            w8, scale = ctx.saved_tensors
-            weight = w8.to(grad.dtype) * scale.to(grad.dtype)
-            return grad @ weight, None, None, None
+    def dequant(w8: Any, scale: Any, dtype: Any) -> Any:
+        """One fused pass on CUDA (read 1 byte, write 2 bytes per weight); plain torch elsewhere."""
+        if w8.is_cuda and triton_dequant is not None and w8.is_contiguous():
+            return triton_dequant(w8, scale, dtype)
+        return _dequant(w8, scale, dtype)
+
+    # Opaque custom ops: torch.compile must not see the dequantisation, or its partitioner may save the
+    # bf16 weight for backward (a full bf16 copy of the model per non-checkpointed block).
+    @torch.library.custom_op("lora_run::fp8_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor w8, Tensor scale, Tensor? bias) -> Tensor")
+    def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, dequant(w8, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @fp8_linear.register_fake
+    def _(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], w8.shape[0]))
+
+    @torch.library.custom_op("lora_run::fp8_linear_grad_input", mutates_args=(),
+                             schema="(Tensor grad, Tensor w8, Tensor scale) -> Tensor")
+    def fp8_linear_grad_input(grad: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return grad @ dequant(w8, scale, grad.dtype)
+
+    @fp8_linear_grad_input.register_fake
+    def _(grad: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return grad.new_empty((*grad.shape[:-1], w8.shape[1]))
+
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        _x, w8, scale, _bias = inputs
+        ctx.save_for_backward(w8, scale)
+
+    def backward(ctx: Any, grad: Any) -> Any:
+        w8, scale = ctx.saved_tensors
+        return fp8_linear_grad_input(grad, w8, scale), None, None, None
+
+    fp8_linear.register_autograd(backward, setup_context=setup_context)
 
     class Fp8Linear(torch.nn.Module):
         """A frozen Linear whose weight is stored as float8_e4m3fn with a per-output-channel scale."""
@@ -92,20 +120,49 @@ def _fp8_linear_class() -> type:
         @property
         def weight(self) -> Any:
             """Dequantised weight (allocates; used only by code that inspects the layer, e.g. peft merges)."""
-            return (self.w8.to(self.compute_dtype) * self.scale.to(self.compute_dtype))
+            return (self.w8.float() * self.scale).to(self.compute_dtype)
 
         def forward(self, x: Any) -> Any:
-            if x.dtype not in (torch.bfloat16, torch.float16):
-                x = x.to(self.compute_dtype) if torch.is_autocast_enabled() or x.is_cuda else x
-            if x.dtype == torch.float32:  # CPU float32 training: dequantise to float32
-                weight = self.w8.float() * self.scale
+            if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+                weight = self.w8.float() * self.scale     # float32 training (CPU tests): no rounding to bf16
                 return F.linear(x, weight, None if self.bias is None else self.bias.float())
-            return _Fp8Matmul.apply(x, self.w8, self.scale, self.bias)
+            if x.dtype == torch.float32:
+                x = x.to(self.compute_dtype)
+            return fp8_linear(x, self.w8, self.scale, self.bias)
 
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
 
     return Fp8Linear
+
+
+def _triton_dequant() -> Any:
+    """A Triton kernel: out[r, c] = w8[r, c] · scale[r], one read of the fp8 weight, one bf16 write."""
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+    except ImportError:  # CPU-only installs: plain torch is used
+        return None
+
+    @triton.jit
+    def kernel(w_ptr, s_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        offset = row.to(tl.int64) * n_cols + cols
+        w = tl.load(w_ptr + offset, mask=mask).to(tl.float32)
+        scale = tl.load(s_ptr + row)
+        tl.store(out_ptr + offset, (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+    def run(w8: Any, scale: Any, dtype: Any) -> Any:
+        rows, cols = w8.shape
+        out = torch.empty((rows, cols), dtype=dtype, device=w8.device)
+        block = 1024
+        kernel[(rows, triton.cdiv(cols, block))](w8, scale, out, cols, BLOCK=block)
+        return out
+
+    return run
 
 
 _FP8_LINEAR: type | None = None
@@ -200,12 +257,12 @@ class BlockOffloader:
 
 
 def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
-                offloader: BlockOffloader | None) -> None:
+                offloader: BlockOffloader | None, compile_mode: str = "default") -> None:
     import torch
 
     forward = block.forward
     if compile:
-        forward = torch.compile(forward, dynamic=False)
+        forward = torch.compile(forward, dynamic=False, mode=compile_mode)
     if offloader is not None and index in offloader.host:
         compiled = forward
 
@@ -248,7 +305,8 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
         model._lora_run_offloader = offloader  # kept alive with the model
         done["offloaded"] = len(offload)
     for i, block in enumerate(blocks):
-        _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader)
+        _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader,
+                    compile_mode=plan.compile_mode)
     done["checkpointed"] = len(ckpt)
     if plan.compile and on_cuda:
         import torch._dynamo
