@@ -1,17 +1,17 @@
 """Resumable training state: ``<run>/checkpoints/step-NNNNNN/``.
 
-A checkpoint folder holds
+A checkpoint folder holds the LoRA of that step in the recipe's output formats (``<name>-stepNNNNNN.safetensors``,
+``diffusers/…``: usable without resuming) and, under ``resume/``, the resumable state:
 
 - ``trainable.safetensors``: the trainable (LoRA) parameters in fp32 under their module names;
 - ``optimizer.safetensors`` + the optimizer's non-tensor state in ``state.json``;
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states;
 - ``state.json``: step, epoch and position in the epoch (the data order is a pure function of the seed and
-  the epoch), the LR scheduler state, python's and numpy's RNG states, and free-form run info;
-- the LoRA of that step in the recipe's output formats (for testing a checkpoint without resuming).
+  the epoch), the LR scheduler state, python's and numpy's RNG states, and free-form run info.
 
 It is written into ``.step-NNNNNN.tmp-<pid>/`` and renamed into place, so a checkpoint folder is complete or
-absent; ``state.json`` is written last, and only folders with one are considered for ``--resume``. Only
-safetensors and JSON are read back (no pickle).
+absent; ``resume/state.json`` is written last, and only folders with one are considered for ``--resume``.
+Only safetensors and JSON are read back (no pickle).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-RNG = "rng.safetensors"
+STATE = "resume/state.json"
+TRAINABLE = "resume/trainable.safetensors"
+OPTIMIZER = "resume/optimizer.safetensors"
+RNG = "resume/rng.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -157,7 +157,7 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
         return final
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / "resume").mkdir(parents=True)
     save_file({k: v.detach().to("cpu").float().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
     opt_tensors, opt_data = split_state(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / OPTIMIZER))

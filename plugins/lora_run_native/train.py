@@ -10,6 +10,7 @@ a run resumed from a checkpoint continues exactly as the uninterrupted run would
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -367,7 +368,7 @@ class Trainer:
         accum = r.train.gradient_accumulation
         show = getattr(self.options, "progress_bar", True)
         bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
-                   unit="step", desc="training")
+                   unit="step", desc="training", mininterval=0.1 if sys.stderr.isatty() else 5.0)
         loss_ema = None
         t0, done = time.time(), 0
         try:
@@ -499,7 +500,11 @@ class Trainer:
                          scheduler=state.scheduler, info=info, write_loras=loras)
         self.last_checkpoint = path
         removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
-        kept = [str(p) for _, p in ckpt.complete_checkpoints(state.ckpt_root)]
+        kept = []
+        for step, folder in ckpt.complete_checkpoints(state.ckpt_root):
+            loras = json.loads((folder / ckpt.STATE).read_text("utf-8")).get("loras", {})
+            kept.append({"step": step, "dir": str(folder),
+                         **{f"lora_{fmt}": str(folder / rel) for fmt, rel in loras.items()}})
         self.ctx.artifacts["checkpoints"] = kept
         self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)

@@ -43,7 +43,7 @@ def test_killed_after_checkpoint_and_resumed_is_bitwise_equal(flux_recipe, run_r
     killed = subprocess.run([sys.executable, str(script), str(recipe), str(cut), *SETS], capture_output=True,
                             text=True, env={**env_for_subprocess(), "KILL_AT": "4"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert (cut / "checkpoints" / "step-000004" / "state.json").is_file()
+    assert (cut / "checkpoints" / "step-000004" / "resume" / "state.json").is_file()
     assert not (cut / "tiny.safetensors").exists(), "the killed run never got to its final LoRA"
     assert json.loads((cut / "manifest.json").read_text())["status"] == "running"
 

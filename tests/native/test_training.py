@@ -72,7 +72,7 @@ def test_nan_loss_stops_with_playbook_advice_and_keeps_the_last_checkpoint(flux_
     assert "step 4" in message and "lower the learning rate" in message and "bf16" in message
     assert "step-000002" in message
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-000002" / "state.json").is_file()
+    assert (run / "checkpoints" / "step-000002" / "resume" / "state.json").is_file()
     assert not (run / "tiny.safetensors").exists(), "no LoRA is written after a NaN"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed"
@@ -94,7 +94,7 @@ def test_ctrl_c_saves_a_resumable_state(flux_recipe, run_recipe, tmp_path):
         run_recipe(recipe, ["train.steps=6"], [InterruptAt(3)])
     assert "--resume" in str(info.value)
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-000003" / "state.json").is_file()
+    assert (run / "checkpoints" / "step-000003" / "resume" / "state.json").is_file()
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
     ctx = run_recipe(recipe, ["train.steps=6"], resume=True)
     assert ctx.artifacts["steps"] == 6 and os.path.isfile(ctx.artifacts["lora_kohya"])
@@ -106,12 +106,16 @@ def test_checkpoints_keep_last_and_carry_lora_files(flux_recipe, run_recipe, tmp
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000006"]
     step6 = root / "step-000006"
-    for name in ("state.json", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors",
-                 "tiny-step000006.safetensors", "diffusers/tiny-step000006.safetensors"):
+    for name in ("resume/state.json", "resume/trainable.safetensors", "resume/optimizer.safetensors",
+                 "resume/rng.safetensors", "tiny-step000006.safetensors", "diffusers/tiny-step000006.safetensors"):
         assert (step6 / name).is_file(), name
-    state = json.loads((step6 / "state.json").read_text())
+    assert sorted(p.name for p in step6.glob("*.safetensors")) == ["tiny-step000006.safetensors"], \
+        "the only top-level weights file is the LoRA (what evaluators pick up)"
+    state = json.loads((step6 / "resume" / "state.json").read_text())
     assert state["step"] == 6 and state["total_steps"] == 7
-    assert ctx.artifacts["checkpoints"] and all(os.path.isdir(p) for p in ctx.artifacts["checkpoints"])
+    recorded = ctx.artifacts["checkpoints"]
+    assert [c["step"] for c in recorded] == [4, 6]
+    assert all(os.path.isfile(c["lora_kohya"]) and os.path.isfile(c["lora_diffusers"]) for c in recorded)
 
 
 def test_epochs_regularisation_accumulation_dropout_and_samples(flux_recipe, run_recipe, tmp_path):
@@ -143,7 +147,7 @@ weight = 0.5
     for _, paths in events:
         for p in paths:
             assert os.path.isfile(p) and p.endswith(".png")
-    assert (tmp_path / "run" / "checkpoints").is_dir()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"], "epoch 1 ends in step 2"
 
 
 def test_text_encoder_lora_is_trained_then_frozen(flux_recipe, run_recipe, tmp_path):
@@ -158,7 +162,10 @@ def test_text_encoder_lora_is_trained_then_frozen(flux_recipe, run_recipe, tmp_p
 
 
 def test_fp8_base_weights_train(flux_recipe, run_recipe):
-    ctx = run_recipe(flux_recipe(), ["train.steps=2", "model.base_precision=\"fp8\"", "train.gradient_checkpointing=true"])
+    ctx = run_recipe(flux_recipe(), ["train.steps=2", "model.base_precision=\"fp8\"", "train.gradient_checkpointing=true",
+                                     "sample.prompts=[\"a photo of {trigger}\"]", "sample.every_steps=1", "sample.steps=2",
+                                     "sample.width=64", "sample.height=64"])
+    assert len(ctx.artifacts["samples"]) == 2
     up = [v for k, v in lora_tensors(ctx.artifacts["lora_diffusers"]).items() if ".lora_B." in k]
     assert up and all(math.isfinite(float(v.abs().sum())) for v in up)
     assert any(float(v.abs().sum()) > 0 for v in up)

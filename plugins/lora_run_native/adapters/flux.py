@@ -370,7 +370,9 @@ class FluxAdapter(ModelAdapter):
                             tokenizer=self.tokenizers["clip_l"], text_encoder_2=parts["t5xxl"],
                             tokenizer_2=self.tokenizers["t5xxl"], transformer=parts["transformer"])
         pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        pipe = pipe.to(device)
+        pipe._lora_run_dtype = dtype
+        return pipe
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         """A diffusers-format file goes to ``load_lora_weights`` as is. A kohya file is converted with
@@ -406,8 +408,8 @@ class FluxAdapter(ModelAdapter):
 
         generator = torch.Generator("cpu").manual_seed(seed)
         kwargs: dict[str, Any] = {}
+        dtype = self._pipe_dtype(pipe)
         if text is not None:
-            dtype = pipe.transformer.dtype
             device = pipe._execution_device
             kwargs["prompt_embeds"] = text["prompt_embeds"].to(device, dtype)
             kwargs["pooled_prompt_embeds"] = text["pooled_prompt_embeds"].to(device, dtype)
@@ -429,7 +431,11 @@ class FluxAdapter(ModelAdapter):
         channels = pipe.transformer.config.in_channels // 4
         noise = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
         packed = FluxPipeline._pack_latents(noise, 1, channels, h, w)
-        return packed.to(pipe._execution_device, pipe.transformer.dtype)
+        return packed.to(pipe._execution_device, self._pipe_dtype(pipe))
+
+    def _pipe_dtype(self, pipe: Any) -> Any:
+        """The compute dtype of a pipeline we built (with fp8 storage the weights' dtype is not it)."""
+        return getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
 
 
 def _first_line(exc: BaseException) -> str:
