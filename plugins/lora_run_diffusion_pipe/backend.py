@@ -102,16 +102,26 @@ class DiffusionPipeBackend:
         assert self.ctx.run_dir is not None
         return translate.Layout.of(self.ctx.run_dir.path, self.recipe)
 
-    def _examples(self) -> int:
-        items = self.ctx.items
-        if not items:
-            try:
-                from lora_run.run import scan_dataset
+    def _items(self) -> list[Any]:
+        if self.ctx.items:
+            return list(self.ctx.items)
+        try:
+            from lora_run.run import scan_dataset
 
-                items = scan_dataset(self.recipe, self.ctx.plugins)
-            except Exception:  # noqa: BLE001 - only an estimate for the plan
-                items = []
-        return sum(max(1, getattr(i, "repeats", 1)) for i in items)
+            return scan_dataset(self.recipe, self.ctx.plugins)
+        except Exception:  # noqa: BLE001 - only for the plan's estimate (the run uses the linted items)
+            return []
+
+    def _examples(self) -> int:
+        return sum(max(1, getattr(i, "repeats", 1)) for i in self._items())
+
+    def _set_counts(self) -> dict[str, int]:
+        from .stage import set_of
+
+        counts = {name: 0 for name in translate.set_names(self.recipe)}
+        for item in self._items():
+            counts[set_of(item)] = counts.get(set_of(item), 0) + 1
+        return counts
 
     def _loss_options(self) -> Any:
         t = self.recipe.train
@@ -139,7 +149,7 @@ class DiffusionPipeBackend:
     def _configs(self, layout: translate.Layout, examples: int) -> tuple[dict[str, Any], dict[str, Any]]:
         config = translate.build_config(self.recipe, self.options, layout, examples=examples,
                                         loss_options=self._loss_options())
-        dataset = translate.build_dataset(self.recipe, layout)
+        dataset = translate.build_dataset(self.recipe, layout, self._set_counts())
         problems = keydata.config_problems(config) + keydata.dataset_problems(dataset)
         if problems:  # a bug in the translation, not in the recipe
             raise PluginError("diffusion-pipe backend generated a config diffusion-pipe would not accept: "
@@ -172,7 +182,7 @@ class DiffusionPipeBackend:
             outputs=[*translate.expected_outputs(self.recipe, run_dir), str(layout.log)],
             notes=[f"runs in {checkout or '<the diffusion-pipe checkout: [backend.diffusion-pipe] path or $' + ENV_PATH + '>'}"
                    + (f" with {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else ""),
-                   *translate.notes(self.recipe, self.options, layout, examples)],
+                   *translate.notes(self.recipe, self.options, layout, examples, self._set_counts())],
             details={"cwd": str(checkout) if checkout else None, "env": env,
                      "model_type": translate.MODEL_TYPE[self.family], "examples": examples,
                      "key_data_commit": keydata.SOURCE_COMMIT},

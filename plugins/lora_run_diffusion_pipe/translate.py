@@ -211,12 +211,15 @@ def build_config(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, 
     return config
 
 
-def build_dataset(recipe: Recipe, layout: Layout) -> dict[str, Any]:
+def build_dataset(recipe: Recipe, layout: Layout, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """The dataset config as a dict: one [[directory]] per staged set (captions always written, so
-    `skip_empty_caption = false` drops nothing; aspect buckets from our bucket grid)."""
+    `skip_empty_caption = false` drops nothing; aspect buckets from our bucket grid). A regularisation set
+    with no usable image (`counts`) is left out: diffusion-pipe fails on an empty directory."""
     d = recipe.dataset
     directories = [{"path": str(layout.data / "subject"), "num_repeats": d.repeats}]
     for i, reg in enumerate(d.regularization):
+        if counts is not None and not counts.get(f"reg-{i}"):
+            continue
         directories.append({"path": str(layout.data / f"reg-{i}"), "num_repeats": reg.repeats})
     return {
         "resolutions": [d.resolution],
@@ -326,7 +329,8 @@ def recipe_problems(recipe: Recipe, options: DiffusionPipeOptions | None) -> lis
     return out
 
 
-def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, examples: int) -> list[str]:
+def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, examples: int,
+          counts: dict[str, int] | None = None) -> list[str]:
     """What a user should know about this translation (shown by `lora-run plan`)."""
     r, t = recipe, recipe.train
     out = [
@@ -346,6 +350,9 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         out.append(f"{examples} examples per epoch ≈ {steps_per_epoch(r, options, examples)} steps at a global "
                    f"batch of {global_batch(r, options)} (an estimate: diffusion-pipe drops, per aspect bucket, "
                    "what does not fill a whole global batch)")
+    for i, reg in enumerate(r.dataset.regularization):
+        if counts is not None and not counts.get(f"reg-{i}"):
+            out.append(f"[[dataset.regularization]] {i} ({reg.path}) has no usable image and is left out")
     if global_batch(r, options) > 1:
         out.append(f"global batch {global_batch(r, options)}: buckets holding fewer images than that are "
                    "dropped by diffusion-pipe; with a small dataset keep batch_size = 1")

@@ -32,11 +32,29 @@ def plan_of(path, tmp_path, *sets):
 
 
 def parse_like_diffusion_pipe(text: str) -> dict:
-    """diffusion-pipe reads with the `toml` package (then json round-trips the main config)."""
-    toml = pytest.importorskip("toml")
-    data = toml.loads(text)
-    assert json.loads(json.dumps(data)) == data
+    """diffusion-pipe reads with the `toml` package (then json round-trips the main config); tomllib must agree."""
+    data = tomllib.loads(text)
+    try:
+        import toml
+    except ImportError:  # the `test` extra installs it; without it only tomllib is checked
+        return data
+    parsed = toml.loads(text)
+    assert parsed == data and json.loads(json.dumps(parsed)) == parsed
     return data
+
+
+def test_generated_files_parse_with_diffusion_pipes_toml_reader(dp_recipe, tmp_path):
+    toml = pytest.importorskip("toml")
+    plan = plan_of(dp_recipe(), tmp_path)
+    for text in plan.files.values():
+        def plain(value):
+            if isinstance(value, dict):
+                assert type(value) is dict, f"{type(value).__name__}: inline tables cannot be pickled"
+                return all(plain(v) for v in value.values())
+            if isinstance(value, list):
+                return all(plain(v) for v in value)
+            return True
+        assert plain(toml.loads(text))
 
 
 def test_shipped_key_data_matches_the_shared_research_file():
@@ -242,3 +260,12 @@ def test_check_and_plan_do_not_import_torch(dp_recipe, tmp_path):
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_an_empty_regularisation_set_is_left_out(dp_recipe, tmp_path):
+    (tmp_path / "empty-reg").mkdir()
+    body = FLUX_RECIPE + '\n[[dataset.regularization]]\npath = "{reg}"\n'
+    plan = plan_of(dp_recipe(body, reg=tmp_path / "empty-reg"), tmp_path)
+    dataset = parse_like_diffusion_pipe(plan.files["diffusion-pipe/dataset.toml"])
+    assert [Path(d["path"]).name for d in dataset["directory"]] == ["subject"]
+    assert any("has no usable image and is left out" in n for n in plan.notes)
