@@ -260,7 +260,7 @@ class DiffusionPipeBackend:
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
         _, _, total = translate.training_length(recipe, self.options, examples)
-        watcher = _Watcher(self, layout, before, resume_from, total)
+        watcher = _Watcher(self, layout, before, resume_from, total, commit)
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
         supervisor = Supervisor(
             argv, cwd=checkout, env=translate.child_env(self.options), log_path=layout.log,
@@ -304,40 +304,64 @@ class DiffusionPipeBackend:
         assert ctx.run_dir is not None
         final = saves[-1]
         steps = watcher.step_of.get(final.name, watcher.parser.last_step or None)
-        examples = self._examples()
         written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
-                                        examples=examples, commit=commit)
+                                        examples=self._examples(), commit=commit)
         ctx.artifacts.update(written)
         ctx.artifacts["steps"] = watcher.parser.last_step
-        checkpoints = []
-        for saved in saves[:-1][-recipe.train.keep_last:]:
-            folder = ctx.run_dir.path / "checkpoints" / saved.name
-            files = collect.write_formats(saved, self.family, recipe, folder, steps=watcher.step_of.get(saved.name),
-                                          examples=examples, commit=commit)
-            checkpoints.append({"name": saved.name, "step": watcher.step_of.get(saved.name),
-                                "epoch": saved.number if saved.kind == "epoch" else None,
-                                "path": files.get("lora_kohya") or files.get("lora_diffusers"),
-                                "source": str(saved.file), **files})
-        ctx.artifacts["checkpoints"] = checkpoints
+        watcher.forget(final.name)             # the final LoRA is in the run folder itself
+        ctx.artifacts["checkpoints"] = watcher.checkpoint_records()
         ctx.run_dir.log(f"diffusion-pipe: collected {final.file} → {', '.join(written.values())}")
 
 
 class _Watcher:
-    """Turns output lines into hooks and progress; polls the output folder for the run folder and saves."""
+    """Turns output lines into hooks and progress; polls the output folder for the run folder and saves.
+
+    Every save diffusion-pipe completes is converted at once into `<run>/checkpoints/<epochN|stepN>/` (our
+    kohya/diffusers files) and reported through `checkpoint_saved` with that path; saves beyond
+    `[train] keep_last` are deleted, oldest first (diffusion-pipe's folders and our copies)."""
 
     def __init__(self, backend: DiffusionPipeBackend, layout: translate.Layout, before: set[str],
-                 resume_from: str | None, total: int):
-        self.backend, self.layout, self.before = backend, layout, before
+                 resume_from: str | None, total: int, commit: str = "unknown"):
+        self.backend, self.layout, self.before, self.commit = backend, layout, before, commit
         self.ctx = backend.ctx
         self.parser = LogParser()
         self.progress = Progress(self.ctx.echo, total)
         self.run_folder: Path | None = layout.output / resume_from if resume_from else None
         self.reported: set[str] = set()
         self.step_of: dict[str, int] = {}
-        self.pending_saves: list[str] = []
+        self.records: dict[str, dict[str, Any]] = {}
         self.training_started = False
         self.supervisor: Supervisor | None = None
         self.last_poll = -math.inf
+        if self.run_folder is not None:        # saves of the interrupted session were reported back then
+            for saved in collect.saved_loras(self.run_folder, backend.family):
+                self.reported.add(saved.name)
+                folder = self._folder(saved.name)
+                files = {key: str(folder / name) for key, name in self._names().items() if (folder / name).is_file()}
+                if files:
+                    self.records[saved.name] = self._record(saved, None, files)
+
+    def _folder(self, name: str) -> Path:
+        assert self.ctx.run_dir is not None
+        return self.ctx.run_dir.path / "checkpoints" / name
+
+    def _names(self) -> dict[str, str]:
+        name = self.backend.recipe.output.name
+        return {"lora_kohya": f"{name}.safetensors", "lora_diffusers": f"{name}.diffusers.safetensors"}
+
+    @staticmethod
+    def _record(saved: collect.SavedLora, step: int | None, files: dict[str, str]) -> dict[str, Any]:
+        if step is None and saved.kind == "step":
+            step = saved.number
+        return {"name": saved.name, "step": step, "epoch": saved.number if saved.kind == "epoch" else None,
+                "path": files.get("lora_kohya") or files.get("lora_diffusers"), "source": str(saved.file), **files}
+
+    def checkpoint_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records.values() if r.get("path") and Path(r["path"]).is_file()]
+
+    def forget(self, name: str) -> None:
+        if self.records.pop(name, None) is not None:
+            shutil.rmtree(self._folder(name), ignore_errors=True)
 
     def on_line(self, line: str) -> None:
         for event in self.parser.feed(line):
@@ -352,7 +376,6 @@ class _Watcher:
                 self.ctx.hook.step_finished(run=self.ctx, step=event.step, metrics=dict(event.metrics))
             elif isinstance(event, SaveEvent):
                 self.step_of.setdefault(event.name, self.parser.last_step)
-                self.pending_saves.append(event.name)
             elif isinstance(event, PhaseEvent):
                 self.progress.phase(event.text)
 
@@ -365,15 +388,25 @@ class _Watcher:
             self.run_folder = collect.new_run_folder(self.layout.output, self.before)
         if self.run_folder is None:
             return
-        family = self.backend.family
-        fresh = [s for s in collect.saved_loras(self.run_folder, family) if s.name not in self.reported]
+        backend, recipe = self.backend, self.backend.recipe
+        fresh = [s for s in collect.saved_loras(self.run_folder, backend.family) if s.name not in self.reported]
         for saved in fresh:
             self.reported.add(saved.name)
             step = self.step_of.get(saved.name, self.parser.last_step)
             self.step_of.setdefault(saved.name, step)
-            self.ctx.hook.checkpoint_saved(run=self.ctx, step=step, path=saved.folder)
+            try:
+                files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,
+                                              examples=backend._examples(), commit=self.commit)
+            except Exception as exc:  # noqa: BLE001 - an unreadable save is a failed run, with the reason
+                raise BackendError(f"cannot convert diffusion-pipe's LoRA {saved.file}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+            self.records[saved.name] = self._record(saved, step, files)
+            self.ctx.hook.checkpoint_saved(run=self.ctx, step=step, path=self.records[saved.name]["path"])
         if fresh:
-            collect.prune(self.run_folder, family, self.backend.recipe.train.keep_last)
+            keep = recipe.train.keep_last
+            collect.prune(self.run_folder, backend.family, keep)
+            for name in list(self.records)[:-keep]:
+                self.forget(name)
 
     def request_quit(self) -> bool:
         """Ctrl-C during training: create diffusion-pipe's `save_quit` file (checkpoint, then exit)."""

@@ -32,7 +32,7 @@ class Recorder:
 
     @hookimpl
     def checkpoint_saved(self, run, step, path):
-        self.checkpoints.append((step, Path(path).name))
+        self.checkpoints.append((step, Path(path).parent.name, Path(path).name, Path(path).is_file()))
 
     @hookimpl
     def run_finished(self, run, status, error):
@@ -61,7 +61,7 @@ def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_c
     assert [s for s, _ in rec.steps] == [1, 2, 3, 4, 5, 6]
     assert rec.steps[0][1]["lr"] == pytest.approx(5e-5) and rec.steps[-1][1]["lr"] == pytest.approx(1e-4)
     assert rec.steps[-1][1]["loss"] == pytest.approx(0.3125) and rec.steps[-1][1]["it_per_s"] > 0
-    assert rec.checkpoints == [(2, "step2"), (4, "step4"), (6, "step6")]
+    assert rec.checkpoints == [(step, f"step{step}", "subject.safetensors", True) for step in (2, 4, 6)]
     assert rec.finished == ["completed"]
     assert any("step 6/6 (100%)" in line for line in lines)
     # the LoRA in both formats
@@ -263,7 +263,11 @@ def test_interrupt_then_resume(dp_recipe, tmp_path, fake_env, fake_checkout):
     assert f"Resuming training from checkpoint. Resuming at epoch: " in text and "steps: 12 loss" in text
     assert f"steps: {stopped_at} loss" in text.split("Resuming training")[0]
     assert (out / "subject.safetensors").is_file()
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    names = [c["name"] for c in manifest["artifacts"]["checkpoints"]]
+    assert names == ["step8", "step10"], names          # keep_last = 3, the final step12 is the LoRA itself
+    assert all(Path(c["lora_kohya"]).is_file() for c in manifest["artifacts"]["checkpoints"])
 
 
 def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_path, fake_env):
