@@ -341,7 +341,8 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         "blocks (targets = \"all-linear\"); the adapter trains in float32 and is saved as "
         f"{DTYPE[r.output.save_precision]}",
         f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
-        f"the area of {r.dataset.resolution}² (rounded to its grid) and never upscale-limits",
+        f"the area of {r.dataset.resolution}² (rounded to its grid); images below bucket_min were left out by the "
+        "dataset lint, because diffusion-pipe itself would upscale them",
         f"[train] seed = {t.seed} is not used: diffusion-pipe has no seed setting",
     ]
     if t.steps is not None:
