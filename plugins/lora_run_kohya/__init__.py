@@ -88,7 +88,7 @@ REASONS = {
 }
 FAMILY_NOTES = {
     "hunyuan-dit-1.2": "sd-scripts has no Hunyuan-DiT trainer: the draft pull requests #1378 and #1397 were never "
-                       "merged",
+                       "merged; lora-run's native backend trains it",
 }
 
 
