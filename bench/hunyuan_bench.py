@@ -40,6 +40,7 @@ DIT_TARGETS = r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 
 
 def free() -> None:
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -140,7 +141,7 @@ def timed(model, family: str, res: int, batch: int = 1, iters: int = 8, warmup: 
         times.append(a.elapsed_time(b) / 1000)
     times.sort()
     return dict(median_s=times[len(times) // 2], peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                loss=float(loss), warmup_s=warm)
+                reserved_gib=torch.cuda.max_memory_reserved() / 2**30, loss=float(loss), warmup_s=warm)
 
 
 def main() -> None:
