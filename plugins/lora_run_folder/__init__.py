@@ -22,7 +22,7 @@ def _images(folder: Path) -> list[Path]:
             continue
         if entry.suffix.lower() in IMAGE_EXTENSIONS:
             try:
-                if entry.is_file():
+                if entry.is_file() or (entry.is_symlink() and not entry.exists()):  # dangling: lint names it
                     found.append(entry)
             except OSError:  # a dangling or looping symlink: lint reports it as unreadable
                 found.append(entry)
