@@ -290,7 +290,7 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
     blocks = repeated_blocks(model)
     done: dict[str, Any] = {"mode": plan.mode, "blocks": len(blocks)}
     if plan.fp8:
-        done["fp8_linears"] = store_frozen_linears_in_fp8(model, compute_dtype)
+        done["fp8_linears"] = store_frozen_linears_in_fp8(model, compute_dtype)  # 0 if done before the move
     on_cuda = torch.device(device).type == "cuda"
     if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "gradient_checkpointing", False):
         model.disable_gradient_checkpointing()

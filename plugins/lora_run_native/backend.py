@@ -124,6 +124,13 @@ class NativeBackend:
                 notes.append(f"output format {fmt} is not available for {r.model.family}; skipped")
         notes.append("latents and text embeddings are cached in "
                      + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
+        if r.train.mixed_precision != "no":
+            from .memory import gpu_mode_estimates
+
+            modes = gpu_mode_estimates(r)
+            notes.append("CUDA memory modes at " + f"{r.dataset.resolution}²: " + "; ".join(
+                f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
+                + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
         details["timestep_sampling"] = r.train.timestep_sampling
         details["lora_targets"] = r.lora.modules or r.lora.targets
         return Plan(backend=r.backend.name, family=r.model.family, steps=steps, outputs=outputs,

@@ -29,8 +29,33 @@ OPTIMIZER_BYTES = {"adafactor": 4, "adamw": 8, "adamw8bit": 2, "prodigy": 16}   
 OVERHEAD_GIB = 1.5
 
 
+def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
+    """CUDA with mixed precision: {mode: (plan description, estimated peak GiB)} at the base resolution,
+    from the measured memory model in perfmodel.py (speed unbounded, memory for 24 GiB, low-vram for 12)."""
+    from . import perfmodel
+
+    r = recipe
+    out = {}
+    for mode in ("speed", "memory", "low-vram"):
+        plan = perfmodel.plan_mode(mode, r.model.family, r.dataset.resolution, r.dataset.resolution,
+                                   r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off")
+        if r.model.base_precision == "fp8" and not plan.fp8:
+            import attrs
+            plan = attrs.evolve(plan, fp8=True)
+        out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(
+            r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
+            r.lora.targets, plan))
+    return out
+
+
 def estimate_memory_gib(recipe: Any) -> float:
-    """Peak GiB on the accelerator for one training step at the recipe's largest bucket."""
+    """Peak GiB on the accelerator for one training step at the recipe's largest bucket.
+
+    With mixed precision this is the CUDA estimate of the recipe's memory_mode (for `auto`: the speed
+    mode, the most it will use; `auto` picks a leaner mode when the GPU has less free memory)."""
+    if recipe.train.mixed_precision != "no":
+        mode = "speed" if recipe.train.memory_mode == "auto" else recipe.train.memory_mode
+        return gpu_mode_estimates(recipe)[mode][1]
     f = FAMILIES.get(recipe.model.family, FAMILIES["flux.1-dev"])
     weight_bytes = 1 if recipe.model.base_precision == "fp8" else (4 if recipe.train.mixed_precision == "no" else 2)
     base = f["params"] * weight_bytes

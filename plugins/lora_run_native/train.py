@@ -51,18 +51,22 @@ def reseed(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- transformer
-def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any) -> Any:
+def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any,
+                        bucket_sizes: set[tuple[int, int]] | None = None, echo: Any = None) -> Any:
     """The one place the transformer is set up for training: storage dtype (fp8 via diffusers' layerwise
     casting), gradient checkpointing, device placement and LoRA injection (seeded). Returns the transformer
     with only the LoRA parameters trainable, in fp32.
 
-    Hook point for `train.memory_mode` / `train.compile` (speed / memory / low-vram on CUDA).
+    On CUDA with mixed precision, `train.memory_mode` picks a speed / memory / low-vram plan (accel.py,
+    perfmodel.py) for the largest bucket; that plan decides compile, fp8 storage, checkpointing, offload.
     """
     import torch
 
     compute = adapter.compute_dtype
     transformer.requires_grad_(False)
     transformer.to(dtype=compute)
+    if torch.device(device).type == "cuda" and recipe.train.mixed_precision != "no":
+        return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print)
     if recipe.model.base_precision == "fp8":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     if recipe.train.gradient_checkpointing and getattr(transformer, "_supports_gradient_checkpointing", False):
@@ -76,6 +80,42 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
         if ".lora_A." in name or ".lora_B." in name:
             p.data = p.data.to(device=device, dtype=torch.float32)
             p.requires_grad_(True)
+    transformer.train()
+    return transformer
+
+
+def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
+                  bucket_sizes: set[tuple[int, int]] | None, echo: Any) -> Any:
+    """CUDA: LoRA first (on the host), then the memory_mode plan: fp8 storage before the move to the GPU,
+    then compile / checkpointing / offload of the repeated blocks."""
+    import torch
+
+    from . import accel, perfmodel
+
+    r = recipe
+    sizes = bucket_sizes or {(r.dataset.resolution, r.dataset.resolution)}
+    height, width = max(sizes, key=lambda s: s[0] * s[1])
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
+                                 r.lora.targets, free_bytes / 2**30, fp8_requested=r.model.base_precision == "fp8",
+                                 compile=r.train.compile != "off", buckets=len(sizes))
+    targets = adapter.lora_target_modules(transformer, r.lora.targets, r.lora.modules)
+    torch.manual_seed(step_seed(r.train.seed, "lora-init"))
+    adapter.inject_lora(transformer, targets, rank=r.lora.rank, alpha=r.lora.alpha, dropout=r.lora.dropout,
+                        init=r.lora.init)
+    for name, p in transformer.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.data = p.data.to(dtype=torch.float32)
+            p.requires_grad_(True)
+    if plan.fp8:
+        accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype)   # on the host: never bf16 on GPU
+    transformer.to(device)
+    accel.configure_cuda()
+    accel.apply(transformer, plan, device, adapter.compute_dtype)
+    estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
+                                           r.lora.targets, plan)
+    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}; estimated peak {estimate:.1f} GiB of "
+         f"{free_bytes / 2**30:.1f} GiB free, largest bucket {width}x{height}")
     transformer.train()
     return transformer
 
@@ -286,7 +326,8 @@ class Trainer:
         latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
 
         transformer = adapter.load_transformer()
-        transformer = prepare_transformer(adapter, transformer, r, device)
+        transformer = prepare_transformer(adapter, transformer, r, device, bucket_sizes=set(buckets_of),
+                                          echo=self.echo)
         te_module = None
         if te_train:
             te_module = adapter.text_encoder_module()
