@@ -130,15 +130,18 @@ def _lora_file(path: Path) -> Path | None:
         return path
     if not path.is_dir():
         return None
-    try:
-        named = json.loads((path / "state.json").read_text("utf-8")).get("loras") or {}
-    except (OSError, ValueError, AttributeError):
-        named = {}
-    for fmt in sorted(named, key=lambda f: (f != "kohya", f)):
-        candidate = path / str(named[fmt])
-        if candidate.is_file():
-            return candidate
-    files = sorted(f for f in path.rglob("*.safetensors") if f.name not in _STATE_FILES)
+    for state in (path / "state.json", path / "resume" / "state.json"):
+        try:
+            named = json.loads(state.read_text("utf-8")).get("loras") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for fmt in sorted(named, key=lambda f: (f != "kohya", f)):
+            for base in (state.parent, path):
+                candidate = base / str(named[fmt])
+                if candidate.is_file():
+                    return candidate
+    files = sorted(f for f in path.rglob("*.safetensors")
+                   if f.name not in _STATE_FILES and "resume" not in f.relative_to(path).parts)
     files.sort(key=lambda f: (len(f.relative_to(path).parts), f.name))
     return files[0] if files else None
 

@@ -181,3 +181,21 @@ def test_the_report_renders_in_headless_chromium(evaluated_run, tmp_path):
     assert grey.std() > 20                                        # not a uniform page
     keep = Path(out / "eval" / "report-screenshot.png")
     shutil.copy(shot, keep)                                       # kept next to the report for inspection
+
+
+@pytest.mark.parametrize("layout", ["flat", "resume"])
+def test_checkpoint_folders_give_their_lora_file(tmp_path, layout):
+    from lora_run_eval.evaluator import normalise_checkpoints
+
+    step = tmp_path / "checkpoints" / "step-000006"
+    state = step / "resume" if layout == "resume" else step
+    state.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        (state / name).write_bytes(b"state")
+    (step / "diffusers").mkdir()
+    (step / "diffusers" / "x-step000006.safetensors").write_bytes(b"lora")
+    (step / "x-step000006.safetensors").write_bytes(b"lora")
+    assert normalise_checkpoints([str(step)]) == [("step 6", 6, step / "x-step000006.safetensors")]
+    (state / "state.json").write_text(json.dumps({"loras": {"diffusers": "diffusers/x-step000006.safetensors"}}))
+    found = normalise_checkpoints([{"step": 6, "path": str(step)}, str(tmp_path / "gone")])
+    assert found == [("step 6", 6, step / "diffusers" / "x-step000006.safetensors")]
