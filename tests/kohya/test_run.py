@@ -1,5 +1,6 @@
 """Running sd-scripts for real: a fake checkout (temporary git repo, stand-in trainer) launched through the real
-`accelerate launch` on CPU, supervised, resumed, interrupted and collected."""
+`accelerate launch` on CPU, supervised, resumed, interrupted and collected. Each launch costs a few seconds
+(accelerate imports torch), so those tests are marked slow; CI runs them."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def run_in_process(path: Path, plugins_with, *, resume=False, sets=()):
     return ctx, recorder, echoed, None
 
 
+@pytest.mark.slow
 def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
     from lora_run_formats import load_lora
     from lora_run_formats.flux import kohya_to_diffusers
@@ -86,6 +88,7 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     assert any("step 6/6" in line for line in echoed)
 
 
+@pytest.mark.slow
 def test_dirty_checkout_is_recorded(kohya_recipe, fake_checkout, plugins_with, tmp_path):
     with open(fake_checkout / "train_network.py", "a") as fh:
         fh.write("# local change\n")
@@ -94,6 +97,7 @@ def test_dirty_checkout_is_recorded(kohya_recipe, fake_checkout, plugins_with, t
     assert read_manifest(tmp_path / "runs" / "ohwx")["external_tools"]["sd-scripts"]["dirty"] is True
 
 
+@pytest.mark.slow
 def test_staging_converts_and_captions(kohya_recipe, fake_checkout, plugins_with, tmp_path, subject_dataset):
     from PIL import Image
 
@@ -114,6 +118,7 @@ def test_staging_converts_and_captions(kohya_recipe, fake_checkout, plugins_with
     assert (data / "reg0" / "00005_r0.txt").read_text() == "a man\n"
 
 
+@pytest.mark.slow
 def test_crash_shows_the_last_lines(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
     _, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
@@ -125,6 +130,7 @@ def test_crash_shows_the_last_lines(kohya_recipe, fake_checkout, plugins_with, t
     assert read_manifest(tmp_path / "runs" / "ohwx")["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_garbage_output_does_not_break_anything(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_MODE", "garbage")
     ctx, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
@@ -132,6 +138,7 @@ def test_garbage_output_does_not_break_anything(kohya_recipe, fake_checkout, plu
     assert [s for s, _ in hooks.steps] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_MODE", "nan")
     monkeypatch.setenv("FAKE_KOHYA_STEP_SECONDS", "0.3")
@@ -141,6 +148,7 @@ def test_non_finite_loss_stops_the_run(kohya_recipe, fake_checkout, plugins_with
     assert [s for s, _ in hooks.steps] == [1, 2]
 
 
+@pytest.mark.slow
 def test_stall_is_stopped(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_MODE", "hang")
     path = kohya_recipe(sd_scripts=fake_checkout)
@@ -151,6 +159,7 @@ def test_stall_is_stopped(kohya_recipe, fake_checkout, plugins_with, monkeypatch
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
     path = kohya_recipe(sd_scripts=fake_checkout)
     monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
@@ -169,6 +178,7 @@ def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plu
     assert Path(ctx.artifacts["lora_kohya"]).is_file()
 
 
+@pytest.mark.slow
 def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
     record = tmp_path / "args.json"
     monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
@@ -183,6 +193,7 @@ def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins
     assert "lora_diffusers" not in ctx.artifacts and Path(ctx.artifacts["lora_kohya"]).is_file()
 
 
+@pytest.mark.slow
 def test_hunyuan_attention_mlp_has_no_modulation_modules(kohya_recipe, fake_checkout, plugins_with, tmp_path):
     from lora_run_formats import load_lora
 
@@ -194,6 +205,7 @@ def test_hunyuan_attention_mlp_has_no_modulation_modules(kohya_recipe, fake_chec
     assert tensors and not any("mod_lin" in k or "modulation" in k for k in tensors)
 
 
+@pytest.mark.slow
 def test_lora_with_modules_the_recipe_excludes_is_not_collected(kohya_recipe, fake_checkout, plugins_with, tmp_path,
                                                                 monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_IGNORE_NETWORK_ARGS", "1")
