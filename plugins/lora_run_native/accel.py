@@ -114,7 +114,7 @@ def _fp8_linear_class() -> type:
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))
             self.register_buffer("scale", scale.to(torch.float32))
-            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
             self.compute_dtype = compute_dtype
 
         @property

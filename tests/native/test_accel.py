@@ -1,0 +1,144 @@
+"""GPU modes (accel.py) on the CPU parts that can run here, and the memory model against the benchmark data."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lora_run_native import accel, perfmodel  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+
+
+def tiny_flux_with_lora():
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[8, 12, 12])
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                 "add_v_proj", "to_add_out"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    return model
+
+
+def inputs():
+    h = w = 4
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None]
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, h * w, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3), guidance=torch.ones(1), return_dict=False)
+
+
+def grads(model):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs())[0]
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fp8_storage_equals_a_model_with_e4m3_rounded_weights():
+    model = tiny_flux_with_lora()
+    rounded = copy.deepcopy(model)
+    Fp8Linear = accel.fp8_linear_class()
+    stored = copy.deepcopy(model)
+    count = accel.store_frozen_linears_in_fp8(stored, torch.bfloat16)
+    layers = [m for m in stored.modules() if isinstance(m, Fp8Linear)]
+    assert count == len(layers) > 20
+    assert all(m.w8.dtype == torch.float8_e4m3fn for m in layers)
+    # the reference: every replaced weight rounded through the same e4m3 + per-row scale, kept in float32
+    with torch.no_grad():
+        for (name, module), (_, new) in zip(rounded.named_modules(), stored.named_modules()):
+            if isinstance(new, Fp8Linear):
+                module.weight.copy_(new.w8.float() * new.scale)
+    out_a, g_a = grads(rounded)
+    out_b, g_b = grads(stored)
+    assert torch.allclose(out_a, out_b, atol=1e-5, rtol=1e-4)
+    assert g_a.keys() == g_b.keys() and all(torch.allclose(g_a[k], g_b[k], atol=1e-6, rtol=1e-4) for k in g_a)
+    # LoRA layers stay trainable float32; the frozen storage is 1 byte per weight
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+
+
+def test_fp8_custom_op_backward_in_bf16():
+    Fp8Linear = accel.fp8_linear_class()
+    lin = torch.nn.Linear(64, 96).requires_grad_(False)
+    layer = Fp8Linear(lin, torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    w = (layer.w8.float() * layer.scale)
+    expected = torch.ones(5, 96) @ w
+    assert y.dtype == torch.bfloat16 and torch.allclose(x.grad.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    model = tiny_flux_with_lora()
+    plain = copy.deepcopy(model)
+    info = accel.apply(model, accel.PerfPlan("memory", checkpoint_blocks=3), "cpu", torch.float32)
+    assert info["checkpointed"] == 3 and info["blocks"] == 4
+    out_a, g_a = grads(plain)
+    out_b, g_b = grads(model)
+    assert torch.equal(out_a, out_b)
+    assert all(torch.allclose(g_a[k], g_b[k], atol=1e-7) for k in g_a)
+
+
+def test_checkpoint_indices_spread_evenly():
+    assert accel.checkpoint_indices(57, 0) == []
+    assert accel.checkpoint_indices(57, 57) == list(range(57))
+    idx = accel.checkpoint_indices(57, 19)
+    assert len(idx) == 19 and idx[0] == 0 and max(b - a for a, b in zip(idx, idx[1:])) <= 3
+
+
+def test_mode_plans_fit_their_budgets():
+    for family in perfmodel.SHAPES:
+        for mode, budget in (("memory", 24.0), ("low-vram", 12.0)):
+            plan = perfmodel.plan_mode(mode, family, 1024, 1024, 1, 32, "attention", budget_gib=budget)
+            est = perfmodel.estimate_peak_gib(family, 1024, 1024, 1, 32, "attention", plan)
+            assert est <= budget or plan.offload_blocks == perfmodel.SHAPES[family].blocks
+    speed = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention")
+    assert speed.compile_mode == "reduce-overhead"          # launch-bound: CUDA graphs
+    assert perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "attention").compile_mode == "default"
+    auto_80 = perfmodel.choose_mode("auto", "flux.1-dev", 1024, 1024, 1, 32, "attention", 78.0, False)
+    auto_24 = perfmodel.choose_mode("auto", "flux.1-dev", 1024, 1024, 1, 32, "attention", 24.0, False)
+    auto_12 = perfmodel.choose_mode("auto", "flux.1-dev", 1024, 1024, 1, 32, "attention", 12.0, False)
+    assert (auto_80.mode, auto_24.mode, auto_12.mode) == ("speed", "memory", "low-vram")
+
+
+def test_estimates_match_the_benchmark_within_15_percent():
+    """Every measured row in bench/results (except CUDA-graph rows, whose pools were not recorded) is
+    re-estimated with the current memory model."""
+    checked = 0
+    for path in sorted(RESULTS.glob("*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            if row.get("impl") != "lora-run" or "peak_gib" not in row or "CUDA graphs" in row.get("plan", ""):
+                continue
+            family = row.get("family", "flux.1-dev")
+            plan_text = row["plan"]
+            if row.get("applied"):
+                a = row["applied"]
+                plan = accel.PerfPlan(row["mode"].split(":")[0], compile=True, fp8="fp8" in plan_text,
+                                      checkpoint_blocks=a.get("checkpointed", 0) if "offloaded" not in a else a["blocks"],
+                                      offload_blocks=a.get("offloaded", 0))
+            else:
+                plan = perfmodel.choose_mode("auto", family, row["resolution"], row["resolution"], 1, 32, "attention",
+                                             78.0, False)
+            est = perfmodel.estimate_peak_gib(family, row["resolution"], row["resolution"], row.get("batch", 1),
+                                              row.get("rank", 32), row.get("targets", "attention"), plan)
+            if "error" in row or row.get("mode", "").endswith("reduce-overhead"):
+                continue
+            assert abs(est / row["peak_gib"] - 1) <= 0.15, (path.name, row["mode"], row["resolution"], est, row["peak_gib"])
+            checked += 1
+    assert checked >= 8
