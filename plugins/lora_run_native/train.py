@@ -69,8 +69,8 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
         return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print)
     if recipe.model.base_precision == "fp8":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-    if recipe.train.gradient_checkpointing and getattr(transformer, "_supports_gradient_checkpointing", False):
-        transformer.enable_gradient_checkpointing()
+    if recipe.train.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing(transformer)
     transformer.to(device)
     targets = adapter.lora_target_modules(transformer, recipe.lora.targets, recipe.lora.modules)
     torch.manual_seed(step_seed(recipe.train.seed, "lora-init"))

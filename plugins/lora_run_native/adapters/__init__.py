@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: family -> "module:Class" (imported lazily; importing an adapter module never imports torch).
 ADAPTERS: dict[str, str] = {
     "flux.1-dev": "lora_run_native.adapters.flux:FluxAdapter",
+    "hunyuan-image-2.1": "lora_run_native.adapters.hunyuan_image:HunyuanImageAdapter",
+    "hunyuan-dit-1.2": "lora_run_native.adapters.hunyuan_dit:HunyuanDiTAdapter",
 }
 
 

@@ -292,6 +292,13 @@ class ModelAdapter:
             raise RecipeError(f"{self.shown}: [{key}] matched no linear layer of the {self.family} transformer")
         return names
 
+    def enable_gradient_checkpointing(self, transformer: torch.nn.Module) -> None:
+        """Gradient checkpointing of the transformer's blocks (CPU path of ``prepare_transformer``). Default:
+        diffusers' own, where the model supports it; adapters override it (HunyuanImage needs a kwargs-aware
+        checkpoint function, Hunyuan-DiT has none in diffusers)."""
+        if getattr(transformer, "_supports_gradient_checkpointing", False):
+            transformer.enable_gradient_checkpointing()
+
     def inject_lora(self, module: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
                     dropout: float, init: str, adapter_name: str = "default") -> None:
         """Wrap ``targets`` of ``module`` with peft LoRA layers (diffusers' ``add_adapter`` when the model has

@@ -1,0 +1,87 @@
+"""Shared pieces of the two Hunyuan adapters: loading diffusers components from ``[model] source``.
+
+A Hunyuan family is loaded from ``[model] source``: a hub id (cached copies only while offline) or a local
+diffusers folder with the pipeline's component folders. Errors name the recipe key and the component.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import ModelAdapter, is_local_source, quiet_libraries
+
+#: Reasons shared by both Hunyuan families (the `native` backend keeps one reason per feature, so each text
+#: names every family that refuses the feature).
+SHARED_REASONS = {
+    "guidance": "train.guidance feeds FLUX.1-dev's distilled guidance embedding; HunyuanImage-2.1 (base) and "
+                "Hunyuan-DiT v1.2 have no guidance-embedding input — leave it at 1.0",
+    "timestep_sampling:flux-shift": "flux-shift is FLUX.1-dev's resolution-dependent shift (μ from 256 to 4096 "
+                                    "image tokens, as its scheduler uses at inference); HunyuanImage-2.1 samples "
+                                    "with a fixed shift (use timestep_sampling = \"shift\" with train.shift) and "
+                                    "Hunyuan-DiT v1.2 is a DDPM model without any shift",
+    "text_encoder_training": "the native backend trains a text-encoder LoRA only on FLUX.1-dev's CLIP-L; the "
+                             "Hunyuan families keep their text encoders frozen (their outputs are cached)",
+}
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+class SourceLoader(ModelAdapter):
+    """Component loading from a diffusers source (subclasses set ``SUBFOLDER`` and ``WHAT``)."""
+
+    SUBFOLDER: dict[str, str] = {}
+    WHAT: dict[str, str] = {}
+    TOKENIZER_SUBFOLDER: dict[str, str] = {}
+
+    def _source(self) -> str | None:
+        return self.recipe.model.source or None
+
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().check_sources()
+        m = self.recipe.model
+        if m.source is None:
+            problems.append((("model", "source"), f"is required for {self.family}: a hub id or a local diffusers "
+                             "folder with the pipeline's components"))
+        elif is_local_source(m.source) and Path(m.source).is_dir():
+            src = Path(m.source)
+            for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
+                if getattr(m.files, key, None) is None and not (src / sub).is_dir():
+                    problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
+                                     f"it is not a {self.family} diffusers folder"))
+        return problems
+
+    def _error_for(self, key: str, what: str, exc: Exception) -> Exception:
+        from lora_run.errors import ModelSourceError
+
+        if isinstance(exc, ModelSourceError):
+            return exc
+        offline = "local_files_only" in self.source_kwargs()
+        hint = (" (downloads are off: [model] offline = true or HF_HUB_OFFLINE; the model is not in the local "
+                "cache)") if offline and not is_local_source(self._source() or "") else ""
+        return self.error(key, f"cannot load {what}{hint}: {first_line(exc)}")
+
+    def from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
+        quiet_libraries()
+        src = self._source()
+        sub = subfolder or self.SUBFOLDER.get(key) or self.TOKENIZER_SUBFOLDER[key]
+        if src is None:
+            raise self.error("model.source", f"is required for {self.family}")
+        if is_local_source(src) and not (Path(src) / sub).is_dir():
+            raise self.error("model.source", f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)})")
+        try:
+            return cls.from_pretrained(src, subfolder=sub, **self.source_kwargs(), **kw)
+        except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
+            raise self._error_for("model.source", f"{src}/{sub}", exc) from None
+
+    def frozen(self, module: Any) -> Any:
+        module.requires_grad_(False)
+        module.eval()
+        return module
+
+
+def real_tokenizer(tok: Any, minimum: int = 10) -> bool:
+    """transformers 5 returns an *empty* tokenizer for a repo whose files are missing offline."""
+    return len(tok) > len(set(tok.all_special_tokens)) + minimum

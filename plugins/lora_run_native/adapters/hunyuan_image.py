@@ -1,0 +1,319 @@
+"""HunyuanImage-2.1 adapter: diffusers ``HunyuanImageTransformer2DModel`` + ``HunyuanImagePipeline`` components.
+
+Flow matching like FLUX (``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``), but the transformer takes *unpacked*
+latents ``(B, 64, H/32, W/32)`` from the 32× ``AutoencoderKLHunyuanImage`` (normalised as ``z · 0.75289``,
+no shift) and its timestep on the 0–1000 scale (σ·1000; the model does not scale it). Text: Qwen2.5-VL-7B
+hidden states (the pipeline's prompt template, the hidden state two layers before the last, the template's
+tokens dropped) with their mask, plus the ByT5 glyph encoder on the quoted text of the caption (zeros and an
+empty mask when the caption quotes nothing), exactly as ``HunyuanImagePipeline.encode_prompt`` computes them
+(its functions are reused). Both are cached like FLUX's encodings.
+
+Source: ``[model] source`` (hub id or local diffusers folder). The base model is trained; the
+guidance-distilled (meanflow) variant is refused.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import COMMON_FEATURES, ModelAdapter
+from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
+
+_DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
+_SINGLE_ATTN = [r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"]
+# `proj_out` anchored to the single blocks: a bare `proj_out` is also the model's output layer
+_MLP = [r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+        r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"]
+_MODULATION = [r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear", r"single_transformer_blocks\.\d+\.norm\.linear"]
+
+#: HunyuanImagePipeline's prompt encoding constants (pipeline_hunyuanimage.py): Qwen template, the number of
+#: template tokens dropped, the hidden state used (the third from the end) and the text lengths.
+QWEN_MAX_LENGTH = 1000
+TEMPLATE_DROP = 34
+HIDDEN_STATE_SKIP_LAYER = 2
+BYT5_MAX_LENGTH = 128
+
+FLOW_NO_FLUX_SHIFT = frozenset({
+    "noise_offset", "timestep_weighting",
+    "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
+    "timestep_sampling:shift",
+})
+
+
+class HunyuanImageAdapter(SourceLoader):
+    """HunyuanImage-2.1: rectified flow on unpacked 32× latents, Qwen2.5-VL + ByT5 glyph conditioning."""
+
+    family = "hunyuan-image-2.1"
+    pixel_multiple = 32
+    objective = "flow"
+    features = COMMON_FEATURES | FLOW_NO_FLUX_SHIFT | {"fp8"}
+    reasons = {
+        **SHARED_REASONS,
+        "min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no alphas_cumprod "
+                         "(use train.timestep_weighting or the pseudo-huber loss)",
+    }
+    target_presets = {
+        "attention": _DOUBLE_ATTN + _SINGLE_ATTN,
+        "attention+mlp": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP,
+        "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
+    }
+    #: ``kohya`` (the recipe's name for the ComfyUI file) is written in ComfyUI's ``diffusion_model.`` layout
+    lora_formats = ("kohya", "diffusers")
+    text_encoders = ("qwen", "byt5")
+    trainable_text_encoder = None
+    default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"
+    file_keys = ()
+    SUBFOLDER = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder", "byt5": "text_encoder_2"}
+    TOKENIZER_SUBFOLDER = {"qwen_tokenizer": "tokenizer", "byt5_tokenizer": "tokenizer_2"}
+    WHAT = {"transformer": "the HunyuanImage-2.1 transformer", "vae": "the 32× autoencoder",
+            "qwen": "the Qwen2.5-VL text encoder", "byt5": "the ByT5 glyph encoder",
+            "qwen_tokenizer": "the Qwen tokenizer", "byt5_tokenizer": "the ByT5 tokenizer"}
+    vae_scale_factor = 32
+
+    def __init__(self, recipe: Any, **kw: Any):
+        super().__init__(recipe, **kw)
+        self.tokenizers: dict[str, Any] = {}
+        self.guidance_embeds = False
+
+    @property
+    def qwen_max_length(self) -> int:
+        value = getattr(self.options, "text_max_length", None)
+        return min(QWEN_MAX_LENGTH, value) if value else QWEN_MAX_LENGTH
+
+    def output_name(self, fmt: str, base: str) -> str:
+        return f"{base}.safetensors" if fmt == "diffusers" else f"comfyui/{base}.safetensors"
+
+    # ------------------------------------------------------------------------------------- loading
+    def _load_tokenizers(self) -> None:
+        from transformers import AutoTokenizer, ByT5Tokenizer
+
+        if "qwen" not in self.tokenizers:
+            tok = self.from_source(AutoTokenizer, "qwen_tokenizer")
+            if not real_tokenizer(tok):
+                raise self.error("model.source", f"{self._source()}/tokenizer: no Qwen tokenizer files there (or not "
+                                 "in the local cache while offline)")
+            self.tokenizers["qwen"] = tok
+        if "byt5" not in self.tokenizers:
+            self.tokenizers["byt5"] = self.from_source(ByT5Tokenizer, "byt5_tokenizer")
+
+    def _component(self, key: str, dtype: Any) -> Any:
+        from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
+        from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
+
+        if key == "transformer":
+            return self.from_source(HunyuanImageTransformer2DModel, key, torch_dtype=dtype)
+        if key == "vae":
+            return self.from_source(AutoencoderKLHunyuanImage, key, torch_dtype=dtype)
+        if key == "qwen":
+            return self.from_source(Qwen2_5_VLForConditionalGeneration, key, dtype=dtype)
+        return self.from_source(T5EncoderModel, key, dtype=dtype)
+
+    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
+        self._load_tokenizers()
+        for key in ("vae", "qwen", "byt5"):
+            if key in self.encoders or (only is not None and key not in only):
+                continue
+            self.encoders[key] = self.frozen(self._component(key, self.compute_dtype).to(self.device))
+        if "vae" in self.encoders:
+            self.vae_scale_factor = int(self.encoders["vae"].config.spatial_compression_ratio)
+
+    def load_transformer(self) -> Any:
+        model = self._component("transformer", self.compute_dtype)
+        model.requires_grad_(False)
+        if getattr(model.config, "use_meanflow", False):
+            raise self.error("model.source", "is the guidance-distilled (meanflow) HunyuanImage-2.1; the native "
+                             "backend trains the base model (hunyuanvideo-community/HunyuanImage-2.1-Diffusers)")
+        self.guidance_embeds = bool(model.config.guidance_embeds)
+        return model
+
+    def encoder_identity(self, part: str) -> str:
+        dtype = self.recipe.train.mixed_precision
+        if part == "latents":
+            return f"hunyuan-image|vae|{self.source_identity('vae')}|{dtype}"
+        return (f"hunyuan-image|qwen:{self.source_identity('text_encoder')}|byt5:{self.source_identity('text_encoder_2')}"
+                f"|tok:{self.source_identity('tokenizer')}|{self.source_identity('tokenizer_2')}|len:{self.qwen_max_length}"
+                f"|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|{dtype}")
+
+    def enable_gradient_checkpointing(self, transformer: Any) -> None:
+        """diffusers 0.42.1's default checkpoint function takes no keyword arguments, which this model passes
+        (``attention_mask`` …): use one that forwards them."""
+        import torch.utils.checkpoint
+
+        def checkpoint(module: Any, *args: Any, **kwargs: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+
+        transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_images(self, pixels: Any) -> Any:
+        import torch
+
+        vae = self.encoders["vae"]
+        with torch.no_grad():
+            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return (z * vae.config.scaling_factor).float()
+
+    def text_keys(self, encoder: str) -> tuple[str, ...]:
+        return {"qwen": ("prompt_embeds", "prompt_embeds_mask"),
+                "byt5": ("prompt_embeds_2", "prompt_embeds_mask_2")}[encoder]
+
+    def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
+        import torch
+        from diffusers import HunyuanImagePipeline
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+        encoders = encoders or self.text_encoders
+        out: dict[str, Any] = {}
+        pipe = HunyuanImagePipeline     # its encoding functions only use `self` for a default device
+        with torch.no_grad():
+            if "qwen" in encoders:
+                model = self.encoders["qwen"]
+                embeds, mask = pipe._get_qwen_prompt_embeds(
+                    None, tokenizer=self.tokenizers["qwen"], text_encoder=model, prompt=list(captions),
+                    device=self.device, dtype=model.dtype, tokenizer_max_length=self.qwen_max_length,
+                    template=_template(), drop_idx=TEMPLATE_DROP, hidden_state_skip_layer=HIDDEN_STATE_SKIP_LAYER)
+                out["prompt_embeds"], out["prompt_embeds_mask"] = embeds, mask.long()
+            if "byt5" in encoders:
+                model = self.encoders["byt5"]
+                embeds, masks = [], []
+                for caption in captions:
+                    glyph = extract_glyph_text(caption)
+                    if glyph is None:
+                        embeds.append(torch.zeros((1, BYT5_MAX_LENGTH, model.config.d_model), device=self.device,
+                                                  dtype=model.dtype))
+                        masks.append(torch.zeros((1, BYT5_MAX_LENGTH), device=self.device, dtype=torch.long))
+                    else:
+                        e, m = pipe._get_byt5_prompt_embeds(None, tokenizer=self.tokenizers["byt5"], text_encoder=model,
+                                                            prompt=glyph, device=self.device, dtype=model.dtype,
+                                                            tokenizer_max_length=BYT5_MAX_LENGTH)
+                        embeds.append(e)
+                        masks.append(m.long())
+                out["prompt_embeds_2"], out["prompt_embeds_mask_2"] = torch.cat(embeds), torch.cat(masks)
+        return out
+
+    def text_encoder_targets(self, module: Any) -> list[str]:
+        return []
+
+    # ----------------------------------------------------------------------------------- objective
+    def image_seq_len(self, latents: Any) -> int:
+        return int(latents.shape[-1] * latents.shape[-2])     # patch size 1
+
+    def predict(self, transformer: Any, noisy: Any, t: Any, text: dict[str, Any], guidance: float) -> Any:
+        import torch
+
+        dtype = self.compute_dtype
+        b = noisy.shape[0]
+        g = torch.full((b,), float(guidance) * 1000.0, device=noisy.device, dtype=dtype) if self.guidance_embeds else None
+        return transformer(hidden_states=noisy.to(dtype), timestep=(t * 1000.0).to(dtype),
+                           encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                           encoder_attention_mask=text["prompt_embeds_mask"],
+                           encoder_hidden_states_2=text["prompt_embeds_2"].to(dtype),
+                           encoder_attention_mask_2=text["prompt_embeds_mask_2"], guidance=g, return_dict=False)[0]
+
+    # ------------------------------------------------------------------------------------- outputs
+    def lora_files(self, fmt: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, rank: int,
+                   alpha: float, te_rank: int | None, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+        """``diffusers``: ``transformer.<module>.lora_A/B.weight`` with ``alpha/rank`` folded into ``lora_B``
+        (``transformer.load_lora_adapter(path, prefix="transformer")`` loads it). ``kohya`` (the ComfyUI file): the
+        ``diffusion_model.`` layout of the original HunyuanImage modules (fused q/k/v and ``linear1``), from
+        ``lora_run_formats.hunyuan_image.diffusers_to_comfy``."""
+        scale = alpha / rank
+        if fmt == "diffusers":
+            out = {f"transformer.{k}": (v * scale if (".lora_B." in k and scale != 1.0) else v)
+                   for k, v in transformer_sd.items()}
+            return out, {"format": "pt", **metadata}
+        from lora_run_formats.hunyuan_image import diffusers_to_comfy
+
+        out = diffusers_to_comfy({f"transformer.{k}": v for k, v in transformer_sd.items()}, alpha=alpha, rank=rank)
+        return out, {"format": "pt", **metadata}
+
+    # ----------------------------------------------------------------------------------- inference
+    def _scheduler(self) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        try:
+            return self.from_source(FlowMatchEulerDiscreteScheduler, "scheduler", subfolder="scheduler")
+        except Exception:  # noqa: BLE001 - the 2.1 scheduler config is known
+            return FlowMatchEulerDiscreteScheduler(shift=5.0)
+
+    def load_pipeline(self, device: Any, dtype: Any) -> Any:
+        from diffusers import HunyuanImagePipeline
+
+        self._load_tokenizers()
+        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", "qwen", "byt5")}
+        pipe = HunyuanImagePipeline(scheduler=self._scheduler(), vae=parts["vae"], text_encoder=parts["qwen"],
+                                    tokenizer=self.tokenizers["qwen"], text_encoder_2=parts["byt5"],
+                                    tokenizer_2=self.tokenizers["byt5"], transformer=parts["transformer"])
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+        pipe._lora_run_dtype = dtype
+        return pipe
+
+    def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
+        """Either output format: a ComfyUI file is converted with ``comfy_to_diffusers`` first; both load with
+        ``pipe.transformer.load_lora_adapter`` (the pipeline has no LoRA loader)."""
+        load_hunyuan_image_lora(pipe.transformer, path, adapter_name)
+
+    def sampling_pipeline(self, transformer: Any) -> Any:
+        from diffusers import HunyuanImagePipeline
+
+        pipe = HunyuanImagePipeline(scheduler=self._scheduler(), vae=self.sample_vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
+                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
+        """One image. The base model has no guidance embedding and the pipeline built here has no guider, so
+        sampling runs without classifier-free guidance (``guidance`` feeds only a distilled model)."""
+        import torch
+
+        dtype = getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
+        device = pipe._execution_device
+        kwargs: dict[str, Any] = {}
+        if text is not None:
+            kwargs.update(prompt_embeds=text["prompt_embeds"].to(device, dtype),
+                          prompt_embeds_mask=text["prompt_embeds_mask"].to(device),
+                          prompt_embeds_2=text["prompt_embeds_2"].to(device, dtype),
+                          prompt_embeds_mask_2=text["prompt_embeds_mask_2"].to(device))
+        else:
+            kwargs["prompt"] = prompt
+        channels = pipe.transformer.config.in_channels
+        scale = self.vae_scale_factor
+        noise = torch.randn((1, channels, height // scale, width // scale), generator=torch.Generator("cpu").manual_seed(seed))
+        result = pipe(num_inference_steps=steps, height=height, width=width, distilled_guidance_scale=guidance,
+                      latents=noise.to(device, dtype), attention_kwargs={"scale": float(lora_scale)}, output_type="pil",
+                      **kwargs)
+        return result.images[0]
+
+
+def _template() -> str:
+    import inspect
+
+    from diffusers import HunyuanImagePipeline
+
+    return inspect.signature(HunyuanImagePipeline._get_qwen_prompt_embeds).parameters["template"].default
+
+
+def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "identity") -> None:
+    """Load a HunyuanImage-2.1 LoRA file (our diffusers or ComfyUI format, or a kohya file) into a transformer."""
+    from lora_run.errors import OutputError
+    from lora_run_formats import load_lora
+    from lora_run_formats.hunyuan_image import comfy_to_diffusers, detect_layout, kohya_to_diffusers
+
+    try:
+        tensors, _ = load_lora(path)
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
+    try:
+        layout = detect_layout(tensors)
+        if layout == "comfy":
+            tensors = comfy_to_diffusers(tensors)
+        elif layout == "kohya":
+            tensors = kohya_to_diffusers(tensors)
+        transformer.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name)
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None
+
+
+ModelAdapter  # re-exported name for type checkers
