@@ -352,6 +352,8 @@ class IdentityEvaluator:
         if best.get("label"):
             ctx.artifacts["best_checkpoint"] = best.get("path")
             ctx.echo(f"eval: best: {best['label']}: {best['reason']}")
+        elif best:
+            ctx.echo(f"eval: best: none: {best['reason']}")
         for f in data["results"][data["final"]]["failures"]:
             ctx.echo(f"eval: {f['name']}: {'; '.join(f['evidence'])} — fix: {f['fix']}")
         ctx.echo(f"eval: report {out / REPORT_FILE}")
@@ -445,8 +447,8 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
         if not final["failures"]:
             print("no failure signal")
     best = data.get("best") or {}
-    if best.get("label"):
-        print(f"best: {best['label']}: {best['reason']}")
+    if best:
+        print(f"best: {best['label'] or 'none'}: {best['reason']}")
     if out is not None:
         print(f"report: {out / REPORT_FILE}")
     return 0
