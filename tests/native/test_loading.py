@@ -100,6 +100,7 @@ def no_network(monkeypatch):
     return attempts
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 @pytest.mark.parametrize("how", ["recipe", "environment"])
 def test_offline_hub_id_is_refused_without_any_download(flux_recipe, tmp_path, monkeypatch, no_network, how, run_cli):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

@@ -23,6 +23,7 @@ class Losses:
         self.values.append(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_a_handful_of_images(flux_recipe, run_recipe, tmp_path):
     """Same seed ⇒ the same batches, noise and σ at every step; a run with a (practically) zero learning rate
     is the paired baseline, so the comparison is not at the mercy of σ-noise."""
