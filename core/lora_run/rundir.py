@@ -81,7 +81,8 @@ class RunDir:
             raise OutputError(f"{p}: the output path exists and is not a folder")
         existing = [c for c in p.iterdir()] if p.is_dir() else []
         if resume:
-            if not (p / MANIFEST).is_file():
+            # a run killed between writing recipe.toml and its first manifest is still resumable
+            if not (p / MANIFEST).is_file() and not (p / RECIPE).is_file():
                 raise OutputError(f"{p}: nothing to resume (no {MANIFEST}); start without --resume")
         elif existing and not overwrite:
             raise OutputError(f"{p}: the output folder is not empty ({len(existing)} entries); use --resume to "
