@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -165,7 +166,7 @@ def format_key(path: KeyPath) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += ("." if text else "") + str(part)
+            text += ("." if text else "") + (str(part) if str(part).isprintable() else repr(part))  # no raw \n
     return text or "(top level)"
 
 
@@ -184,7 +185,7 @@ def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[tuple[KeyPath
     if isinstance(exc, ForbiddenExtraKeysError):
         names = field_names(exc.cl)
         for key in sorted(exc.extra_fields):
-            out.append((path, f"unknown key '{key}'{did_you_mean(key, names)}; allowed: {', '.join(names)}"))
+            out.append((path, f"unknown key {key!r}{did_you_mean(key, names)}; allowed: {', '.join(names)}"))
     elif isinstance(exc, BaseValidationError):
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
@@ -297,7 +298,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("source"), str):
         src = model["source"]
-        if src.startswith((".", "/", "~")) or (base / src).exists():
+        if src.startswith((".", "/", "~")) or os.path.exists(base / src):  # False for over-long or NUL names
             model["source"] = _absolute(src, base)
     options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
     if isinstance(options, dict):  # model files of the face embedder (`onnx`: model, detector)
@@ -307,6 +308,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 
 
 def _absolute(value: str, base: Path) -> str:
+    if "\x00" in value:  # not a usable path: left as written, the checks of that key report it
+        return value
     if "{" in value and "}" in value and not value.startswith(("/", "~", ".")):
         # templated output dirs (runs/{name}) stay relative to the recipe's folder too
         return str((base / value))
@@ -484,6 +487,11 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
     if d.trigger_policy != "none" and not d.trigger.strip():
         problems.add(("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
                      "unique trigger token or trigger_policy = \"none\"")
+    for where, ext in [(("dataset", "caption_extension"), d.caption_extension),
+                       *((("dataset", "regularization", n, "caption_extension"), reg.caption_extension)
+                         for n, reg in enumerate(d.regularization))]:
+        if not re.fullmatch(r"\.[^\s/\\\x00]+", ext):
+            problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
     if len(r.optimizer.betas) != 2:
         problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
     if r.model.source is None and r.model.files.transformer is None:
