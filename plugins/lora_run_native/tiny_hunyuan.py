@@ -3,11 +3,11 @@
 ``build_tiny_hunyuan_image(folder)`` writes a complete diffusers ``HunyuanImagePipeline`` folder: an offline
 byte-level Qwen2 tokenizer (with the chat special tokens the prompt template uses), a 3-layer
 ``Qwen2_5_VLForConditionalGeneration`` (text path; a 1-layer vision tower), a ``ByT5Tokenizer`` + 1-layer
-``T5EncoderModel`` (the glyph encoder), a 64-channel **32×** ``AutoencoderKLHunyuanImage`` (6 levels, 32
-channels each) and a ``HunyuanImageTransformer2DModel`` with one double, one single and one refiner block.
+``T5EncoderModel`` (the glyph encoder), a 64-channel **32×** ``AutoencoderKLHunyuanImage`` (6 levels, 32–128
+channels) and a ``HunyuanImageTransformer2DModel`` with one double, one single and one refiner block.
 ``write_hunyuan_image_single_files(folder, out)`` writes the same model as the ComfyUI single files
-(transformer in HunyuanImage's own layout, VAE, ``qwen_2.5_vl_7b``, ``byt5_small_glyphxl``) plus a folder
-with only the tokenizers.
+(transformer and VAE in Tencent's layout, ``qwen_2.5_vl_7b``, ``byt5_small_glyphxl``) plus a folder with the
+tokenizers and the tiny Qwen's config.
 
 ``build_tiny_hunyuan_dit(folder)`` writes a ``HunyuanDiTPipeline`` folder: BERT (WordPiece tokenizer, 77
 tokens) + mT5-style T5 encoder (unigram tokenizer, 256 tokens), a 4-channel 8× ``AutoencoderKL`` with the
@@ -110,7 +110,7 @@ def write_hunyuan_image_single_files(folder: str | Path, out: str | Path) -> dic
 
     from safetensors.torch import load_file, save_file
 
-    from .hunyuan_files import qwen_diffusers_to_comfy, transformer_diffusers_to_original
+    from .hunyuan_files import qwen_diffusers_to_comfy, transformer_diffusers_to_original, vae_diffusers_to_original
 
     folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,12 +126,15 @@ def write_hunyuan_image_single_files(folder: str | Path, out: str | Path) -> dic
              "tokenizers": out / "tokenizers"}
     save_file({k: v.contiguous() for k, v in transformer_diffusers_to_original(read("transformer")).items()},
               str(paths["transformer"]))
-    save_file({k: v.contiguous() for k, v in read("vae").items()}, str(paths["vae"]))
+    save_file({k: v.contiguous() for k, v in vae_diffusers_to_original(read("vae")).items()}, str(paths["vae"]))
     save_file({k: v.contiguous() for k, v in qwen_diffusers_to_comfy(read("text_encoder")).items()},
               str(paths["qwen"]))
     save_file({k: v.contiguous() for k, v in read("text_encoder_2").items()}, str(paths["byt5"]))
     for sub in ("tokenizer", "tokenizer_2"):
         shutil.copytree(folder / sub, paths["tokenizers"] / sub, dirs_exist_ok=True)
+    # the tiny Qwen is not Qwen2.5-VL-7B, so its config travels with the tokenizers (as a hub id would give it)
+    (paths["tokenizers"] / "text_encoder").mkdir(exist_ok=True)
+    shutil.copy(folder / "text_encoder" / "config.json", paths["tokenizers"] / "text_encoder" / "config.json")
     return paths
 
 

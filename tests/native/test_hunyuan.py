@@ -425,7 +425,7 @@ def test_flux_fast_recipe_switched_to_hunyuan_plans_and_runs(kind, tiny_hunyuan,
     out = tmp_path / "run"
     run = run_cli(recipe, *sets, "--set", "train.steps=2", "--set", "train.save_every_steps=1", "--set", "sample.steps=2",
                   "--set", "sample.width=64", "--set", "sample.height=64", "--set", "backend.native.progress_bar=false",
-                  "--set", "backend.native.tensorboard=false", "--output-dir", out)
+                  "--set", "backend.native.tensorboard=false", "--set", "eval.enabled=false", "--output-dir", out)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
@@ -475,3 +475,59 @@ def test_shipped_hunyuan_recipes_check(tiny_hunyuan, dataset, run_cli):
                          "--set", f"dataset.path={dataset}", "--set", "dataset.min_images=1")
         assert result.returncode == 0, result.stdout + result.stderr
         assert FAMILIES[kind] in result.stdout
+
+
+# ------------------------------------------------------------------------------- HunyuanImage single files
+@pytest.fixture(scope="module")
+def image_single_files(tiny_hunyuan, tmp_path_factory) -> dict:
+    from lora_run_native.tiny_hunyuan import write_hunyuan_image_single_files
+
+    return write_hunyuan_image_single_files(tiny_hunyuan["image"], tmp_path_factory.mktemp("image-single"))
+
+
+def _files_toml(files: dict) -> str:
+    return "[model.files]\n" + "".join(f'{k} = "{files[k]}"\n' for k in ("transformer", "vae", "qwen", "byt5"))
+
+
+def test_image_single_files_load_the_same_model_as_the_folder(image_single_files, tiny_hunyuan, tmp_path):
+    """The Tencent-layout transformer and VAE, ComfyUI's Qwen and the ByT5 file give the folder's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_run.recipe import load_recipe
+    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
+    from lora_run_native.hunyuan_files import qwen_comfy_to_transformers5
+
+    assert any(k.startswith("double_blocks.0.img_attn_qkv") for k in load_file(str(image_single_files["transformer"])))
+    recipe_path = tmp_path / "files.toml"
+    body = RECIPE.format(family=FAMILIES["image"], model=image_single_files["tokenizers"], dataset=tmp_path)
+    recipe_path.write_text(body + _files_toml(image_single_files), encoding="utf-8")
+    recipe = load_recipe(recipe_path).recipe
+    adapter = HunyuanImageAdapter(recipe)
+    assert adapter.check_sources() == []
+    folder = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder", "byt5": "text_encoder_2"}
+    for key, sub in folder.items():
+        model = adapter._component(key, torch.float32)
+        reference = load_file(str(next((tiny_hunyuan["image"] / sub).glob("*.safetensors"))))
+        if key == "qwen":       # saved with transformers-4 names, like ComfyUI's file
+            reference = qwen_comfy_to_transformers5(reference)
+        own = model.state_dict()
+        for name, value in reference.items():
+            assert name in own, (key, name)
+            assert torch.equal(own[name].float(), value.float()), (key, name)
+
+
+def test_image_trains_from_single_files_and_names_a_wrong_file(image_single_files, dataset, run_recipe, tmp_path):
+    from lora_run.errors import ModelSourceError
+
+    def write(files: dict, name: str) -> Path:
+        body = RECIPE.format(family=FAMILIES["image"], model=image_single_files["tokenizers"], dataset=dataset)
+        path = tmp_path / name
+        path.write_text(body + _files_toml(files), encoding="utf-8")
+        return path
+
+    ctx = run_recipe(write(image_single_files, "files.toml"), ["train.steps=2"])
+    assert Path(ctx.artifacts["lora_diffusers"]).is_file()
+    wrong = write({**image_single_files, "vae": image_single_files["byt5"]}, "wrong.toml")
+    with pytest.raises(ModelSourceError, match=r"model\.files\.vae.*byt5_small_glyphxl"):
+        run_recipe(wrong, ["train.steps=1"], output=tmp_path / "wrong")

@@ -8,8 +8,13 @@ tokens dropped) with their mask, plus the ByT5 glyph encoder on the quoted text 
 empty mask when the caption quotes nothing), exactly as ``HunyuanImagePipeline.encode_prompt`` computes them
 (its functions are reused). Both are cached like FLUX's encodings.
 
-Source: ``[model] source`` (hub id or local diffusers folder). The base model is trained; the
-guidance-distilled (meanflow) variant is refused.
+Sources: ``[model] source`` (hub id or local diffusers folder) and/or ``[model.files]`` single files as ComfyUI,
+sd-scripts and diffusion-pipe use them (``transformer`` = ``hunyuanimage2.1.safetensors`` in Tencent's layout,
+``vae``, ``qwen`` = ``qwen_2.5_vl_7b``, ``byt5`` = ``byt5_small_glyphxl``; converted by ``hunyuan_files``). A
+component given as a file takes its config from ``source`` when that has one, else it is inferred from the
+tensors (Qwen: the known Qwen2.5-VL-7B text config). Tokenizers come from ``source``, or without one from the
+hub model ``hunyuanvideo-community/HunyuanImage-2.1-Diffusers`` (cached copies only while offline). The base
+model is trained; the guidance-distilled (meanflow) variant is refused.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ class HunyuanImageAdapter(SourceLoader):
     text_encoders = ("qwen", "byt5")
     trainable_text_encoder = None
     default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"
-    file_keys = ()
+    file_keys = ("transformer", "vae", "qwen", "byt5")
     SUBFOLDER = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder", "byt5": "text_encoder_2"}
     TOKENIZER_SUBFOLDER = {"qwen_tokenizer": "tokenizer", "byt5_tokenizer": "tokenizer_2"}
     WHAT = {"transformer": "the HunyuanImage-2.1 transformer", "vae": "the 32× autoencoder",
@@ -83,6 +88,121 @@ class HunyuanImageAdapter(SourceLoader):
     def output_name(self, fmt: str, base: str) -> str:
         return f"{base}.safetensors" if fmt == "diffusers" else f"comfyui/{base}.safetensors"
 
+    # ------------------------------------------------------------------------------------- sources
+    def _source(self) -> str | None:
+        """``[model] source``; without one (all components as files) the default hub id gives tokenizers."""
+        return self.recipe.model.source or self.default_hub_id
+
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        m = self.recipe.model
+        if m.source is not None:
+            return super().check_sources()
+        problems = ModelAdapter.check_sources(self)
+        for key in self.file_keys:
+            if getattr(m.files, key) is None:
+                problems.append((("model", "files", key), "is required when [model.source] is not set (or set "
+                                 "[model.source] to a HunyuanImage-2.1 diffusers folder / hub id that provides it)"))
+        return problems
+
+    def _source_config(self, key: str) -> dict | None:
+        """The component's config.json from ``source`` (local folder or hub cache), or None."""
+        import json
+
+        from .base import is_local_source
+
+        src, sub = self._source(), self.SUBFOLDER[key]
+        if src is None:
+            return None
+        if is_local_source(src):
+            path = Path(src) / sub / "config.json"
+            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            kw = self.source_kwargs()
+            path = hf_hub_download(src, "config.json", subfolder=sub, revision=kw.get("revision"),
+                                   local_files_only=kw.get("local_files_only", False))
+            return json.loads(Path(path).read_text("utf-8"))
+        except Exception:  # noqa: BLE001 - fall back to inferring the config
+            return None
+
+    def _load_file(self, key: str, dtype: Any) -> Any:
+        from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
+        from safetensors.torch import load_file
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
+
+        from .. import hunyuan_files as hf
+        from ..flux_files import infer_t5_config
+
+        path = Path(getattr(self.recipe.model.files, key))
+        if not path.is_file():
+            raise self.error(f"model.files.{key}", f"file not found: {path}")
+        try:
+            raw = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise self.error(f"model.files.{key}", f"{path.name} is not a readable safetensors file ({exc})") from None
+        config = self._source_config(key)
+        optional: tuple[str, ...] = ()
+        try:
+            if key == "transformer":
+                state = hf._strip_prefix(raw)
+                if not any(k.startswith("transformer_blocks.") for k in state):
+                    state = hf.transformer_original_to_diffusers(state)
+                config = config or hf.infer_transformer_config(state)
+                build = lambda: HunyuanImageTransformer2DModel.from_config(config)  # noqa: E731
+            elif key == "vae":
+                state = hf.vae_original_to_diffusers(raw)
+                config = config or hf.infer_vae_config(state)
+                build = lambda: AutoencoderKLHunyuanImage.from_config(config)  # noqa: E731
+            elif key == "qwen":
+                state = hf.qwen_comfy_to_transformers5(raw)
+                embed = state.get("model.language_model.embed_tokens.weight")
+                if embed is None:
+                    raise hf.LayoutError("no model.embed_tokens.weight (not a Qwen2.5-VL language model)")
+                if config is None:
+                    if embed.shape[1] != hf.QWEN_7B_TEXT["hidden_size"]:
+                        raise self.error("model.source", f"gives no text_encoder/config.json for {path.name} (hidden "
+                                         f"size {embed.shape[1]}, not Qwen2.5-VL-7B's); point [model.source] at a "
+                                         "HunyuanImage-2.1 diffusers folder or hub id")
+                    qcfg = Qwen2_5_VLConfig(text_config=dict(hf.QWEN_7B_TEXT), vocab_size=hf.QWEN_7B_TEXT["vocab_size"])
+                else:
+                    qcfg = Qwen2_5_VLConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+                build = lambda: Qwen2_5_VLForConditionalGeneration(qcfg)  # noqa: E731
+                optional = ("model.visual.", "lm_head.")        # only the language model's hidden states are used
+            else:
+                state = {k: v for k, v in raw.items() if not k.startswith("decoder.")}
+                config = {k: v for k, v in (config or infer_t5_config(state)).items() if not k.startswith("_")}
+                build = lambda: T5EncoderModel(T5Config(**config))  # noqa: E731
+                optional = ("encoder.embed_tokens.",)           # tied to shared.weight
+        except (hf.LayoutError, KeyError) as exc:
+            raise self.error(f"model.files.{key}", f"{path.name} does not look like {self.WHAT[key]}: {exc}") from None
+        return self._instantiate(build, state, key, path.name, dtype, optional)
+
+    def _instantiate(self, build: Any, state: dict[str, Any], key: str, name: str, dtype: Any,
+                     optional: tuple[str, ...]) -> Any:
+        import torch
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = build()
+        own = model.state_dict()
+        missing = [k for k in own if k not in state and not k.startswith(optional)]
+        shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        unexpected = [k for k in state if k not in own and not k.startswith(optional)]
+        if missing or shape or unexpected:
+            detail = (f"missing {missing[:3]}" if missing else f"shape mismatch at {shape[:3]}" if shape
+                      else f"unexpected {unexpected[:3]}")
+            raise self.error(f"model.files.{key}", f"{name} does not match {self.WHAT[key]}'s config ({detail})")
+        full = {k: (state[k] if k in state else torch.zeros(own[k].shape, dtype=own[k].dtype)) for k in own}
+        full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+        model.load_state_dict(full, strict=False, assign=True)
+        if hasattr(model, "tie_weights"):
+            try:
+                model.tie_weights()
+            except Exception:  # noqa: BLE001 - T5's shared embedding
+                pass
+        return model.to(torch.device("cpu"))
+
     # ------------------------------------------------------------------------------------- loading
     def _load_tokenizers(self) -> None:
         from transformers import AutoTokenizer, ByT5Tokenizer
@@ -100,6 +220,8 @@ class HunyuanImageAdapter(SourceLoader):
         from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
 
+        if getattr(self.recipe.model.files, key) is not None:
+            return self._load_file(key, dtype)
         if key == "transformer":
             return self.from_source(HunyuanImageTransformer2DModel, key, torch_dtype=dtype)
         if key == "vae":
@@ -129,8 +251,9 @@ class HunyuanImageAdapter(SourceLoader):
     def encoder_identity(self, part: str) -> str:
         dtype = self.recipe.train.mixed_precision
         if part == "latents":
-            return f"hunyuan-image|vae|{self.source_identity('vae')}|{dtype}"
-        return (f"hunyuan-image|qwen:{self.source_identity('text_encoder')}|byt5:{self.source_identity('text_encoder_2')}"
+            return f"hunyuan-image|vae|{self.source_identity('vae', 'vae')}|{dtype}"
+        return (f"hunyuan-image|qwen:{self.source_identity('text_encoder', 'qwen')}|"
+                f"byt5:{self.source_identity('text_encoder_2', 'byt5')}"
                 f"|tok:{self.source_identity('tokenizer')}|{self.source_identity('tokenizer_2')}|len:{self.qwen_max_length}"
                 f"|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|{dtype}")
 
