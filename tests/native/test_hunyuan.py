@@ -456,6 +456,14 @@ def test_flux_only_settings_are_refused_with_the_key_and_reason(kind, sets, key,
     assert key.split(".")[-1] in text and why in text and "Traceback" not in text
 
 
+def test_dit_refuses_single_files_and_text_length_by_key(hunyuan_recipe, dataset, run_cli):
+    recipe = hunyuan_recipe("dit", f'[model.files]\ntransformer = "{dataset}/x.safetensors"\n')
+    result = run_cli("check", recipe)
+    assert result.returncode == 2 and "[model.files.transformer] single files are not read" in result.stderr
+    result = run_cli("check", hunyuan_recipe("dit", name="len.toml"), "--set", "backend.native.text_max_length=64")
+    assert result.returncode == 2 and "text_max_length" in result.stderr and "fixed" in result.stderr
+
+
 def test_backend_registers_both_families_honestly():
     from lora_run.plugins import load_plugins
 

@@ -74,7 +74,9 @@ class HunyuanDiTAdapter(SourceLoader):
         self._alphas_cumprod: Any = None
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
-        problems = super().check_sources()
+        problems = [(key, "single files are not read for Hunyuan-DiT v1.2; give [model.source] (a hub id or a "
+                     "diffusers folder)") if key[:2] == ("model", "files") else (key, message)
+                    for key, message in super().check_sources()]
         if getattr(self.options, "text_max_length", None):
             problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT v1.2's text "
                              f"lengths are fixed by the model ({BERT_LENGTH} BERT + {T5_LENGTH} mT5 tokens); remove it"))
