@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a recipe (the default command)")
     _recipe_args(p)
     p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
+    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes, one per GPU (overrides "
+                   "[train.gpus])")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -247,6 +249,8 @@ def cmd_recipes(_args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import execute
 
+    if args.gpus is not None:
+        args.sets = [*args.sets, f"train.gpus={args.gpus}"]
     loaded, plugins = _load(args)
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
                   debug=args.debug)

@@ -66,6 +66,7 @@ FEATURES: list[Feature] = [
             "checkpoints every N steps"),
     Feature("epochs", ("train", "epochs"), lambda r: r.train.epochs is not None, "training length in epochs"),
     Feature("steps", ("train", "steps"), lambda r: r.train.steps is not None, "training length in steps"),
+    Feature("multi_gpu", ("train", "gpus"), lambda r: r.train.gpus > 1, "data-parallel training on several GPUs"),
     *_choice("train", "timestep_sampling"),
     *_choice("lora", "targets"),
     *_choice("optimizer", "name"),

@@ -86,7 +86,7 @@ class NativeBackend:
                 continue
             chosen.append(choose_bucket(size, buckets, max(d.bucket_step, adapter_cls.pixel_multiple)))
         usable = items[:len(chosen)]
-        planner = EpochPlanner(usable, d, chosen, seed=r.train.seed, batch_size=r.train.batch_size)
+        planner = EpochPlanner(usable, d, chosen, seed=r.train.seed, batch_size=r.train.batch_size * r.train.gpus)
         counts: dict[str, int] = {}
         for b in chosen:
             counts[f"{b[0]}x{b[1]}"] = counts.get(f"{b[0]}x{b[1]}", 0) + 1
@@ -131,6 +131,11 @@ class NativeBackend:
             notes.append("CUDA memory modes at " + f"{r.dataset.resolution}²: " + "; ".join(
                 f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
                 + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
+        if r.train.gpus > 1:
+            notes.append(f"data-parallel on {r.train.gpus} processes (one per GPU; gloo CPU processes without CUDA): "
+                         f"global batch {r.train.batch_size * r.train.gpus * r.train.gradient_accumulation} = "
+                         f"{r.train.batch_size} per device × {r.train.gpus} × {r.train.gradient_accumulation} "
+                         "accumulation; rank 0 writes checkpoints, samples, logs and the LoRA")
         details["timestep_sampling"] = r.train.timestep_sampling
         details["lora_targets"] = r.lora.modules or r.lora.targets
         return Plan(backend=r.backend.name, family=r.model.family, steps=steps, outputs=outputs,
@@ -139,6 +144,11 @@ class NativeBackend:
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> None:
+        if self.recipe.train.gpus > 1:
+            from .distributed import launch
+
+            launch(self.ctx)                  # N worker processes, rank 0 writes (distributed.py)
+            return
         from .train import Trainer
 
         Trainer(self.ctx).run()

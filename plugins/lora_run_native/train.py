@@ -169,8 +169,10 @@ def lr_lambda(recipe: Any, total_steps: int) -> Any:
 class Trainer:
     """One native training run (``NativeBackend.run`` creates and runs it)."""
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any, dist: Any = None):
         self.ctx = ctx
+        self.dist = dist                  # a distributed.Dist in a data-parallel worker, else None
+        self.main = dist is None or dist.is_main
         self.recipe = ctx.recipe
         self.options = ctx.options
         self.run_dir = ctx.run_dir
@@ -190,13 +192,14 @@ class Trainer:
         if mp == "fp16" and not torch.cuda.is_available():
             raise RecipeError(f"{self.shown}: [train.mixed_precision] \"fp16\" needs a CUDA GPU; use \"bf16\" or "
                               "\"no\" on CPU")
-        trackers = "tensorboard" if (getattr(self.options, "tensorboard", True) and is_tensorboard_available()) else None
+        trackers = "tensorboard" if (getattr(self.options, "tensorboard", True) and is_tensorboard_available()
+                                     and self.main) else None
         acc = Accelerator(mixed_precision=mp, log_with=trackers, project_dir=str(self.run_dir.file("logs")),
                           cpu=not torch.cuda.is_available())
         if trackers:
             acc.init_trackers("native", config={"rank": self.recipe.lora.rank, "lr": self.recipe.optimizer.lr,
                                                 "seed": self.recipe.train.seed, "family": self.recipe.model.family})
-        elif getattr(self.options, "tensorboard", True):
+        elif getattr(self.options, "tensorboard", True) and self.main:
             self.echo("note: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
         self.has_trackers = bool(trackers)
         return acc
@@ -316,14 +319,21 @@ class Trainer:
             torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
         accelerator = self._accelerator()
         device = accelerator.device
+        if self.dist is not None:
+            self.dist.init(device)
+        world = self.dist.world if self.dist is not None else 1
         adapter = adapter_class(r.model.family)(r, device=device, options=self.options, shown=self.shown)
         items, buckets_of, _ = self._buckets(adapter)
-        planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size)
+        planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size * world)
         total = self.total_steps(planner)
         te_train = bool(r.text_encoder.train and adapter.trainable_text_encoder)
         te_stop = math.ceil(total * r.text_encoder.train_fraction) if te_train else 0
         captions = planner.all_captions() | set(self.sample_prompts())
+        if self.dist is not None and not self.main:
+            self.dist.barrier()           # rank 0 encodes and writes the caches; the others then read them
         latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
+        if self.dist is not None and self.main:
+            self.dist.barrier()
 
         transformer = adapter.load_transformer()
         transformer = prepare_transformer(adapter, transformer, r, device, bucket_sizes=set(buckets_of),
@@ -425,10 +435,14 @@ class Trainer:
                 for micro in range(accum):
                     batch = self._batch(state, step * accum + micro)
                     value = self._micro_step(state, batch, step, micro, te_active, accum)
-                    if not math.isfinite(value):
+                    if not math.isfinite(value) and self.dist is None:
                         self._non_finite(value, step)
                     step_loss += value
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
+                if self.dist is not None:     # sum the gradients over ranks; agree on the loss and on stopping
+                    step_loss, self.stop_requested = self.dist.reduce_step(params, step_loss, self.stop_requested)
+                    if not math.isfinite(step_loss):
+                        self._non_finite(step_loss, step)
                 if r.optimizer.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
                 state.optimizer.step()
@@ -450,9 +464,9 @@ class Trainer:
                 if number % 10 == 0 or number == state.total:
                     self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
                 self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
-                if self._checkpoint_due(state, number) or (self.stop_requested and number < state.total):
+                if self.main and (self._checkpoint_due(state, number) or (self.stop_requested and number < state.total)):
                     self._save_checkpoint(state, number)
-                if r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
+                if self.main and r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
                     self._samples(state, number)
                 if self.stop_requested and number < state.total:
                     raise TrainingInterrupted(
@@ -476,6 +490,8 @@ class Trainer:
         acc = state.accelerator
         device = acc.device
         adapter = state.adapter
+        if self.dist is not None:
+            return self._shard_step(state, batch, step, micro, te_active, accum)
         x0 = torch.stack([state.latents[s.index] for s in batch]).to(device)
         text = {k: torch.stack([state.texts[s.caption][k] for s in batch]).to(device)
                 for k in state.texts[batch[0].caption]}
@@ -486,13 +502,50 @@ class Trainer:
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
         noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset).to(device)
         t = adapter.sample_timesteps(len(batch), generator, x0)
+        return self._forward_backward(state, batch, x0, noise, t, text, step, te_active, accum, len(batch))
+
+    def _shard_step(self, state: _LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
+                    accum: int) -> float:
+        """A data-parallel micro-step: noise and σ for the whole global batch (as one process draws them),
+        this rank's slice of it, loss = Σ(own samples) / global batch (the ranks' gradients are summed)."""
+        import torch
+
+        from .timesteps import make_noise
+
+        r = self.recipe
+        device = state.accelerator.device
+        adapter = state.adapter
+        x0 = torch.stack([state.latents[s.index] for s in batch])
+        generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
+        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset)
+        t = adapter.sample_timesteps(len(batch), generator, x0)
+        lo, hi = self.dist.shard(len(batch), r.train.batch_size)
+        if lo >= hi:
+            return 0.0                   # a short last batch: this rank contributes zero gradients
+        mine = batch[lo:hi]
+        text = {k: torch.stack([state.texts[s.caption][k] for s in mine]).to(device)
+                for k in state.texts[mine[0].caption]}
+        if state.te_module is not None:
+            with torch.set_grad_enabled(te_active):
+                live = adapter.encode_captions([s.caption for s in mine], encoders=(adapter.trainable_text_encoder,))
+            text.update({k: v.to(device) for k, v in live.items()})
+        return self._forward_backward(state, mine, x0[lo:hi].to(device), noise[lo:hi].to(device),
+                                      t[lo:hi].to(device), text, step, te_active, accum, len(batch))
+
+    def _forward_backward(self, state: _LoopState, batch: list[Any], x0: Any, noise: Any, t: Any,
+                          text: dict[str, Any], step: int, te_active: bool, accum: int, global_size: int) -> float:
+        import torch
+
+        r = self.recipe
+        acc = state.accelerator
+        adapter = state.adapter
         noisy, target = adapter.noisy_and_target(x0, noise, t)
         with acc.autocast():
             pred = adapter.predict(state.transformer, noisy, t, text, r.train.guidance)
         per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
         weights = adapter.loss_weights(t).to(per_sample.device) * torch.tensor(
             [s.weight for s in batch], dtype=torch.float32, device=per_sample.device)
-        loss = (per_sample * weights).mean()
+        loss = (per_sample * weights).mean() if self.dist is None else (per_sample * weights).sum() / global_size
         value = float(loss.detach().item())
         if math.isfinite(value):
             acc.backward(loss / accum)
@@ -597,6 +650,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- finish
     def _finish(self, state: _LoopState) -> None:
         r = self.recipe
+        if not self.main:
+            return
         if r.sample.every_steps:
             self._samples(state, state.total)
         t_sd, te_sd = self._lora_dicts(state)

@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Features every native adapter honours (the shared loop implements them); adapters add their own.
 COMMON_FEATURES: frozenset[str] = frozenset({
     "regularization", "regularization_weight", "caption_dropout", "lora_dropout", "lora_alpha", "lora_modules",
-    "sampling", "save_every_epochs", "save_every_steps", "epochs", "steps",
+    "sampling", "save_every_epochs", "save_every_steps", "epochs", "steps", "multi_gpu",
     "targets:attention", "targets:attention+mlp", "targets:all-linear",
     "optimizer:adafactor", "optimizer:adamw", "optimizer:adamw8bit", "optimizer:prodigy",
     "scheduler:constant", "scheduler:constant_with_warmup", "scheduler:cosine", "scheduler:linear",
