@@ -16,7 +16,7 @@ from .options import DiffusionPipeOptions
 
 COMMON = {
     "regularization", "caption_dropout", "lora_dropout", "fp8", "save_every_epochs", "save_every_steps", "epochs",
-    "steps", "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
+    "steps", "multi_gpu", "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
     "timestep_sampling:shift", "targets:all-linear", "optimizer:adamw", "optimizer:adamw8bit",
     "optimizer:prodigy", "scheduler:constant", "scheduler:constant_with_warmup", "loss:mse", "loss:huber",
     "loss:smooth-l1",

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
+
 from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
                              TrainingInterrupted)
 from lora_run.run import Plan, RunContext
@@ -69,6 +71,9 @@ class DiffusionPipeBackend:
         self.ctx = ctx
         self.recipe = ctx.recipe
         self.options: DiffusionPipeOptions = ctx.options or DiffusionPipeOptions()
+        raw = self.recipe.backend.options.get(getattr(ctx.backend, "name", "diffusion-pipe"), {})
+        if self.recipe.train.gpus > 1 and "num_gpus" not in raw:     # [train] gpus / --gpus feed --num_gpus
+            self.options = attrs.evolve(self.options, num_gpus=self.recipe.train.gpus)
         self.family = self.recipe.model.family
 
     # ------------------------------------------------------------------------------ locations

@@ -53,7 +53,7 @@ class KohyaOptions:
 
 COMMON = {
     "steps", "epochs", "save_every_steps", "save_every_epochs", "regularization", "regularization_weight",
-    "caption_dropout", "lora_alpha", "fp8", "sampling",
+    "caption_dropout", "lora_alpha", "fp8", "sampling", "multi_gpu",
     "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
     "timestep_sampling:shift", "timestep_sampling:flux-shift",
     "optimizer:adafactor", "optimizer:adamw", "optimizer:adamw8bit", "optimizer:prodigy",

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import tomli_w
 
 from lora_run import __version__
@@ -49,6 +50,9 @@ class KohyaBackend:
         self.ctx = ctx
         self.recipe = ctx.recipe
         self.options = ctx.options if ctx.options is not None else KohyaOptions()
+        raw = self.recipe.backend.options.get(getattr(ctx.backend, "name", "kohya"), {})
+        if self.recipe.train.gpus > 1 and "num_processes" not in raw:   # [train] gpus / --gpus feed it
+            self.options = attrs.evolve(self.options, num_processes=self.recipe.train.gpus)
         self.family = FAMILIES.get(self.recipe.model.family)
 
     # ---------------------------------------------------------------------------------------------- basics

@@ -370,6 +370,7 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
             "--num_cpu_threads_per_process", str(options.num_cpu_threads_per_process),
             "--mixed_precision", t.mixed_precision, "--num_processes", str(options.num_processes),
             "--num_machines", "1", "--dynamo_backend", "no",
+            *(["--multi_gpu"] if options.num_processes > 1 else []),
             f"{paths.sd_scripts}/{fam.script}",
             "--config_file", str(paths.kohya / "config.toml"),
             "--dataset_config", str(paths.kohya / "dataset.toml")]

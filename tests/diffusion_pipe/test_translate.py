@@ -269,3 +269,14 @@ def test_an_empty_regularisation_set_is_left_out(dp_recipe, tmp_path):
     dataset = parse_like_diffusion_pipe(plan.files["diffusion-pipe/dataset.toml"])
     assert [Path(d["path"]).name for d in dataset["directory"]] == ["subject"]
     assert any("has no usable image and is left out" in n for n in plan.notes)
+
+
+
+def test_train_gpus_feeds_num_gpus_unless_the_backend_option_is_set(dp_recipe, tmp_path):
+    plan = plan_of(dp_recipe(), tmp_path, "train.gpus=2")
+    assert plan.commands[0][1] == "--num_gpus=2"
+    assert any("2 GPUs" in note for note in plan.notes)
+    plan = plan_of(dp_recipe(), tmp_path, "train.gpus=2", "backend.diffusion-pipe.num_gpus=4",
+                   "backend.diffusion-pipe.pipeline_stages=2")
+    assert plan.commands[0][1] == "--num_gpus=4"        # the backend's own option wins
+    assert plan_of(dp_recipe(), tmp_path).commands[0][1] == "--num_gpus=1"

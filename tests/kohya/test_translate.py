@@ -351,3 +351,13 @@ def test_every_shipped_recipe_translates_to_valid_sd_scripts_files(path, plugins
     assert spec.check_config(script, config) == []
     assert spec.check_dataset(dataset) == []
     assert plan.commands[0][13].endswith(script)
+
+
+def test_train_gpus_feeds_accelerate_num_processes(kohya_recipe, plugins):
+    argv = planned(kohya_recipe(), plugins, ["train.gpus=2"])[0].commands[0]
+    assert argv[argv.index("--num_processes") + 1] == "2" and "--multi_gpu" in argv
+    argv = planned(kohya_recipe(), plugins)[0].commands[0]
+    assert argv[argv.index("--num_processes") + 1] == "1" and "--multi_gpu" not in argv
+    argv = planned(kohya_recipe("[backend.kohya]\nnum_processes = 4\n", name="own.toml"), plugins,
+                   ["train.gpus=2"])[0].commands[0]
+    assert argv[argv.index("--num_processes") + 1] == "4"   # the backend's own option wins
