@@ -63,11 +63,15 @@ def assert_close(a_path, b_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_and_only_rank_0_writes(flux_recipe, run_recipe, five_images, tmp_path):
+def test_two_processes_equal_one_process_only_rank_0_writes_and_resume(flux_recipe, run_recipe, five_images,
+                                                                        tmp_path):
+    """Global batch 4: 1 process × batch 2 × accumulation 2 against 2 processes × batch 1 × accumulation 2,
+    run whole and run cut after step 3 then resumed."""
     recipe = flux_recipe(data=five_images)
-    one = run_recipe(recipe, [*ONE, "train.steps=5"], output=tmp_path / "one")
+    accum = ["train.gradient_accumulation=2"]
+    one = run_recipe(recipe, [*ONE, *accum, "train.steps=5"], output=tmp_path / "one")
     seen = Recorder()
-    two = run_recipe(recipe, [*TWO, "train.steps=5"], output=tmp_path / "two", extra_plugins=[seen])
+    two = run_recipe(recipe, [*TWO, *accum, "train.steps=5"], output=tmp_path / "two", extra_plugins=[seen])
 
     worst = assert_close(one.artifacts["lora_kohya"], two.artifacts["lora_kohya"])
     print(f"2 processes vs 1: worst difference {worst:.2e} of the tensor's largest value")
@@ -77,7 +81,7 @@ def test_two_processes_equal_one_process_and_only_rank_0_writes(flux_recipe, run
     assert [s for s, _ in seen.checkpoints] == [2, 4]
     # the reported loss is the global batch's loss: equal to the one-process loss of the same step
     assert two.artifacts["loss_first"] == pytest.approx(one.artifacts["loss_first"], rel=1e-5)
-    assert seen.losses[-1] == pytest.approx(one.artifacts["loss_last"], rel=1e-4)
+    assert seen.losses[-1] == pytest.approx(one.artifacts["loss_last"], rel=1e-3)
     # rank 0 alone wrote: one checkpoint folder per save, each logged once, no stray temp folders
     run = tmp_path / "two"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -90,18 +94,10 @@ def test_two_processes_equal_one_process_and_only_rank_0_writes(flux_recipe, run
     assert manifest["artifacts"]["lora_kohya"] == str(run / "tiny.safetensors")
     assert [c["step"] for c in manifest["artifacts"]["checkpoints"]] == [2, 4]
 
-
-@pytest.mark.slow
-def test_resume_with_two_processes_and_accumulation(flux_recipe, run_recipe, five_images, tmp_path):
-    """Global batch 4: 1 process × batch 2 × accumulation 2 vs 2 processes × batch 1 × accumulation 2; the
-    2-process run stops after step 3 (checkpoint at step 2) and is resumed with more steps."""
-    recipe = flux_recipe(data=five_images)
-    accum = ["train.gradient_accumulation=2"]
-    one = run_recipe(recipe, [*ONE, *accum, "train.steps=4"], output=tmp_path / "one")
+    # resume with 2 processes: stop after step 3 (checkpoint at 2), resume with more steps
     cut = tmp_path / "cut"
-    run_recipe(recipe, [*TWO, *accum, "train.steps=3"], output=cut)       # checkpoint at step 2, then 3
-    resumed = run_recipe(recipe, [*TWO, *accum, "train.steps=4"], output=cut, resume=True)
-    assert "resumed from step-000003" not in (cut / "run.log").read_text()
+    run_recipe(recipe, [*TWO, *accum, "train.steps=3"], output=cut)
+    resumed = run_recipe(recipe, [*TWO, *accum, "train.steps=5"], output=cut, resume=True)
     assert (cut / "run.log").read_text().count("resumed from step-000002") == 1
     assert_close(one.artifacts["lora_kohya"], resumed.artifacts["lora_kohya"])
 
