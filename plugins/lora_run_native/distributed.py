@@ -242,11 +242,13 @@ def launch(ctx: Any) -> None:
                     code = w.proc.poll()
                     if failed is None and code not in (None, 0):
                         failed = w
-                        for other in workers:          # the others would wait forever in the next all-reduce
-                            if other is not w and other.proc.poll() is None:
-                                _signal(other.proc, signal.SIGINT if code == 130 else signal.SIGTERM)
+                        if code != TrainingInterrupted.exit_code:   # a stop: the others stop at the same step
+                            for other in workers:      # a crash: the others would wait in the next all-reduce
+                                if other is not w and other.proc.poll() is None:
+                                    _signal(other.proc, signal.SIGTERM)
                         killed_at = time.time()
-                if killed_at is not None and time.time() - killed_at > GRACE_S:
+                grace = GRACE_S * (3 if failed is not None and failed.proc.returncode == 130 else 1)
+                if killed_at is not None and time.time() - killed_at > grace:
                     for w in workers:
                         if w.proc.poll() is None:
                             _signal(w.proc, signal.SIGKILL)

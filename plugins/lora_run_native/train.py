@@ -417,7 +417,7 @@ class Trainer:
         acc = state.accelerator
         device = acc.device
         accum = r.train.gradient_accumulation
-        show = getattr(self.options, "progress_bar", True)
+        show = getattr(self.options, "progress_bar", True) and self.main
         bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
                    unit="step", desc="training", mininterval=0.1 if sys.stderr.isatty() else 5.0)
         loss_ema = None
