@@ -44,6 +44,8 @@ ENV_RANK, ENV_WORLD, ENV_ADDR, ENV_PORT, ENV_PARENT = (
     "LORA_RUN_RANK", "LORA_RUN_WORLD_SIZE", "LORA_RUN_MASTER_ADDR", "LORA_RUN_MASTER_PORT", "LORA_RUN_PARENT_PID")
 TAIL_CHARS = 4000
 GRACE_S = 20.0
+#: After a stop request, the workers finish the step and rank 0 saves; past this they are killed.
+STOP_TIMEOUT_S = 600.0
 
 
 def validate_gpus(gpus: int, cuda_available: bool, device_count: int, shown: str = "recipe.toml") -> None:
@@ -234,6 +236,7 @@ def launch(ctx: Any) -> None:
     failed: _Worker | None = None
     interrupts = 0
     killed_at: float | None = None
+    stop_at: float | None = None
     try:
         while True:
             try:
@@ -248,6 +251,8 @@ def launch(ctx: Any) -> None:
                                     _signal(other.proc, signal.SIGTERM)
                         killed_at = time.time()
                 grace = GRACE_S * (3 if failed is not None and failed.proc.returncode == 130 else 1)
+                if stop_at is not None and killed_at is None and time.time() - stop_at > STOP_TIMEOUT_S:
+                    killed_at = time.time() - grace - 1    # a stop that never completes: do not wait forever
                 if killed_at is not None and time.time() - killed_at > grace:
                     for w in workers:
                         if w.proc.poll() is None:
@@ -256,6 +261,7 @@ def launch(ctx: Any) -> None:
                     break
             except KeyboardInterrupt:
                 interrupts += 1
+                stop_at = stop_at or time.time()
                 if interrupts == 1:
                     ctx.echo("\nstopping all workers after this step; rank 0 saves a resumable state "
                              "(press Ctrl-C again to abort)")

@@ -439,8 +439,9 @@ class Trainer:
                         self._non_finite(value, step)
                     step_loss += value
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
+                stop_now = self.stop_requested   # read once: a signal arriving later counts for the next step
                 if self.dist is not None:     # sum the gradients over ranks; agree on the loss and on stopping
-                    step_loss, self.stop_requested = self.dist.reduce_step(params, step_loss, self.stop_requested)
+                    step_loss, stop_now = self.dist.reduce_step(params, step_loss, stop_now)
                     if not math.isfinite(step_loss):
                         self._non_finite(step_loss, step)
                 if r.optimizer.max_grad_norm > 0:
@@ -464,11 +465,11 @@ class Trainer:
                 if number % 10 == 0 or number == state.total:
                     self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
                 self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
-                if self.main and (self._checkpoint_due(state, number) or (self.stop_requested and number < state.total)):
+                if self.main and (self._checkpoint_due(state, number) or (stop_now and number < state.total)):
                     self._save_checkpoint(state, number)
                 if self.main and r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
                     self._samples(state, number)
-                if self.stop_requested and number < state.total:
+                if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     raise TrainingInterrupted(
                         f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
                         f"resume with: lora-run {self.shown} --resume --output-dir {self.run_dir.path}")
