@@ -465,6 +465,8 @@ class Trainer:
                 if number % 10 == 0 or number == state.total:
                     self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
                 self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
+                if self.dist is None:          # one process: a stop requested during this step counts now
+                    stop_now = self.stop_requested
                 if self.main and (self._checkpoint_due(state, number) or (stop_now and number < state.total)):
                     self._save_checkpoint(state, number)
                 if self.main and r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
