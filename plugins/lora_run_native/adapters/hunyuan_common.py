@@ -39,6 +39,15 @@ class SourceLoader(ModelAdapter):
     def _source(self) -> str | None:
         return self.recipe.model.source or None
 
+    def encode_images(self, pixels: Any) -> Any:
+        """Both Hunyuan VAEs: the latent mean times the VAE's scaling factor (no shift, unlike FLUX)."""
+        import torch
+
+        vae = self.encoders["vae"]
+        with torch.no_grad():
+            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return (z * vae.config.scaling_factor).float()
+
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
         problems = super().check_sources()
         m = self.recipe.model

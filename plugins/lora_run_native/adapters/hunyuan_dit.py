@@ -150,14 +150,6 @@ class HunyuanDiTAdapter(SourceLoader):
             block._lora_run_checkpointed = True
 
     # ------------------------------------------------------------------------------------ encoding
-    def encode_images(self, pixels: Any) -> Any:
-        import torch
-
-        vae = self.encoders["vae"]
-        with torch.no_grad():
-            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        return (z * vae.config.scaling_factor).float()
-
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         return {"bert": ("prompt_embeds", "prompt_attention_mask"),
                 "mt5": ("prompt_embeds_2", "prompt_attention_mask_2")}[encoder]

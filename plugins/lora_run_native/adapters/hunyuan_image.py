@@ -268,14 +268,6 @@ class HunyuanImageAdapter(SourceLoader):
         transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
     # ------------------------------------------------------------------------------------ encoding
-    def encode_images(self, pixels: Any) -> Any:
-        import torch
-
-        vae = self.encoders["vae"]
-        with torch.no_grad():
-            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        return (z * vae.config.scaling_factor).float()
-
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         return {"qwen": ("prompt_embeds", "prompt_embeds_mask"),
                 "byt5": ("prompt_embeds_2", "prompt_embeds_mask_2")}[encoder]
