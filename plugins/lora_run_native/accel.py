@@ -106,15 +106,15 @@ def _fp8_linear_class() -> type:
     class Fp8Linear(torch.nn.Module):
         """A frozen Linear whose weight is stored as float8_e4m3fn with a per-output-channel scale."""
 
-        def __init__(self, linear: Any, compute_dtype: Any):
+        def __init__(self, linear: Any, compute_dtype: Any, device: Any = None):
             super().__init__()
-            w = linear.weight.detach().float()
+            w = linear.weight.detach().to(device=device or linear.weight.device, dtype=torch.float32)
             amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
             scale = amax / torch.finfo(torch.float8_e4m3fn).max
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))
             self.register_buffer("scale", scale.to(torch.float32))
-            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(w.device, copy=True))
             self.compute_dtype = compute_dtype
 
         @property
@@ -175,8 +175,11 @@ def fp8_linear_class() -> type:
     return _FP8_LINEAR
 
 
-def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterable[Any] | None = None) -> int:
-    """Replace every frozen nn.Linear (LoRA base layers included) inside `modules` by an Fp8Linear."""
+def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterable[Any] | None = None,
+                                device: Any = None) -> int:
+    """Replace every frozen nn.Linear (LoRA base layers included) inside `modules` by an Fp8Linear. With
+    `device`, each layer is quantised there, one layer at a time (fast on a GPU; never more than one bf16
+    layer on it), and its fp8 weight stays there."""
     import torch
 
     Fp8Linear = fp8_linear_class()
@@ -186,7 +189,7 @@ def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterabl
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear and not child.weight.requires_grad \
                         and min(child.weight.shape) >= 64:
-                    setattr(parent, name, Fp8Linear(child, compute_dtype))
+                    setattr(parent, name, Fp8Linear(child, compute_dtype, device))
                     count += 1
     return count
 
@@ -258,18 +261,30 @@ class BlockOffloader:
 
 def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
                 offloader: BlockOffloader | None, compile_mode: str = "default") -> None:
+    """Replace ``block.forward`` by: weights loaded (offload) → compiled or eager call → checkpointing.
+
+    Only training calls (grad enabled) run the compiled graph. Sampling and evaluation run the model under
+    ``no_grad`` and get the eager block: with ``reduce-overhead`` a compiled call hands out outputs that live
+    in the CUDA graph's static memory, and a diffusers pipeline that keeps a block output across the next
+    replay reads overwritten memory (the crash "accessing tensor output of CUDAGraphs that has been
+    overwritten by a subsequent run"). The eager path also avoids a recompilation per LoRA strength, since
+    peft's scale is a Python float that the compiled graph is specialised on."""
     import torch
 
-    forward = block.forward
+    eager = block.forward
+    forward = eager
     if compile:
-        forward = torch.compile(forward, dynamic=False, mode=compile_mode)
+        compiled = torch.compile(eager, dynamic=False, mode=compile_mode)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811 - compiled for training only
+            return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
     if offloader is not None and index in offloader.host:
-        compiled = forward
+        loaded = forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811 - load weights around the call
             offloader.load(index)
             try:
-                return compiled(*args, **kwargs)
+                return loaded(*args, **kwargs)
             finally:
                 offloader.release(index)
     if checkpoint:
@@ -279,7 +294,20 @@ def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
             if torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
             return inner(*args, **kwargs)
+    block._lora_run_eager_forward = eager
     block.forward = forward
+
+
+def uses_cuda_graphs(model: Any) -> bool:
+    return bool(getattr(model, "_lora_run_cuda_graphs", False))
+
+
+def mark_step_begin(model: Any) -> None:
+    """Tell CUDA-graph trees that a new training iteration starts (outputs of the last one are dead)."""
+    if uses_cuda_graphs(model):
+        import torch
+
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 # ---------------------------------------------------------------------------------------------- apply
@@ -308,6 +336,7 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
         _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader,
                     compile_mode=plan.compile_mode)
     done["checkpointed"] = len(ckpt)
+    model._lora_run_cuda_graphs = bool(plan.compile and on_cuda and plan.compile_mode == "reduce-overhead")
     if plan.compile and on_cuda:
         import torch._dynamo
 

@@ -142,3 +142,63 @@ def test_estimates_match_the_benchmark_within_15_percent():
             assert abs(est / row["peak_gib"] - 1) <= 0.15, (path.name, row["mode"], row["resolution"], est, row["peak_gib"])
             checked += 1
     assert checked >= 8
+
+
+def test_auto_decides_fp8_itself_and_explicit_modes_honour_the_recipe():
+    """`base_precision = "fp8"` in a recipe is a memory setting: `auto` on a big GPU keeps the bf16 speed plan,
+    on a 24 GiB card it picks an fp8 plan; an explicit mode honours the recipe's fp8."""
+    big = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear", 130.0, fp8_requested=True)
+    assert (big.mode, big.fp8) == ("speed", False)
+    small = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear", 24.0, fp8_requested=True)
+    assert small.mode in ("memory", "low-vram") and small.fp8
+    explicit = perfmodel.choose_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", 130.0, fp8_requested=True)
+    assert (explicit.mode, explicit.fp8) == ("speed", True)
+
+
+def test_cuda_graphs_setting():
+    auto = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention")
+    off = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", cuda_graphs="off")
+    on = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "attention", cuda_graphs="on")
+    many = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", buckets=5)
+    assert auto.compile_mode == "reduce-overhead" and off.compile_mode == "default"
+    assert on.compile_mode == "reduce-overhead" and many.compile_mode == "default"
+    assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
+                               cuda_graphs="on").compile_mode == "default"      # graphs need compiled blocks
+
+
+def test_plans_are_sized_for_the_model_actually_loaded(tmp_path):
+    """A tiny FLUX-layout model is planned with its own size, not FLUX.1-dev's 12 B parameters."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 14, 14))
+    shape = perfmodel.shape_of_model("flux.1-dev", model, lora_parameters=10_000, rank=4, preset="attention")
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.blocks == 2 and shape.hidden == 64
+    plan = accel.PerfPlan("speed", compile=True)
+    tiny = perfmodel.estimate_peak_gib("flux.1-dev", 512, 512, 1, 4, "attention", plan, shape)
+    full = perfmodel.estimate_peak_gib("flux.1-dev", 512, 512, 1, 4, "attention", plan)
+    assert tiny < 1.0 < 20.0 < full
+    assert perfmodel.lora_params("flux.1-dev", "attention", 4, shape) == 10_000
+
+
+def test_training_calls_run_compiled_blocks_and_sampling_calls_run_eager(monkeypatch):
+    """Sampling must never read CUDA-graph outputs: a block called without grad takes the eager forward."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append("compiled")
+            return fn(*args, **kw)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    block = torch.nn.Linear(4, 4)
+    accel._wrap_block(block, 0, compile=True, checkpoint=False, offloader=None, compile_mode="reduce-overhead")
+    x = torch.randn(2, 4)
+    block(x).sum().backward()
+    assert calls == ["compiled"]
+    with torch.no_grad():
+        eager = block(x)
+    assert calls == ["compiled"] and torch.equal(eager, block._lora_run_eager_forward(x))
