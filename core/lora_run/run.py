@@ -262,7 +262,9 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         ctx.hook.run_started(run=ctx)
         backend.run()
         if recipe.eval.enabled:
+            evaluated = time.perf_counter()
             run_evaluators(ctx)
+            ctx.artifacts.setdefault("timing", {})["evaluate_s"] = round(time.perf_counter() - evaluated, 2)
         status = "completed"
     except (KeyboardInterrupt, TrainingInterrupted) as exc:
         status = "interrupted"

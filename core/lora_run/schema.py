@@ -165,7 +165,16 @@ class TrainSection:
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
     memory_mode: Literal["auto", "speed", "memory", "low-vram"] = option(
         "auto", "Native backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
-        "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory).")
+        "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory; "
+        "`base_precision` and `gradient_checkpointing` are then decided by the plan).")
+    gpu_memory_gib: float | None = option(
+        None, "Native backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
+        "samples. `auto` plans within it and the CUDA allocator is capped to it, so a shared GPU or a smaller "
+        "card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
+        "Default: the GPU's free memory.", gt=0.0, le=4096.0)
+    cuda_graphs: Literal["auto", "on", "off"] = option(
+        "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
+        "tokens and at most 4 bucket shapes, where graphs pay off).")
     seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "

@@ -149,6 +149,9 @@ class NativeBackend:
 
             launch(self.ctx)                  # N worker processes, rank 0 writes (distributed.py)
             return
-        from .train import Trainer
+        from .train import Trainer, release_gpu
 
-        Trainer(self.ctx).run()
+        try:
+            Trainer(self.ctx).run()
+        finally:
+            release_gpu()     # evaluation loads its own pipeline: the training model must be gone first

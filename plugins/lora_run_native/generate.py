@@ -45,12 +45,13 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
         torch.backends.cuda.enable_cudnn_sdp(False)
     adapter = adapter_class(recipe.model.family)(recipe, device=dev)
     dtype = adapter.compute_dtype if dev.type == "cuda" or recipe.train.mixed_precision == "no" else torch.float32
-    pipe = adapter.load_pipeline(dev, dtype)
+    if lora_path is not None and not Path(lora_path).is_file():
+        raise OutputError(f"{lora_path}: LoRA file not found")
+    pipe = adapter.load_pipeline(torch.device("cpu") if dev.type == "cuda" else dev, dtype)
     if lora_path is not None:
-        path = Path(lora_path)
-        if not path.is_file():
-            raise OutputError(f"{path}: LoRA file not found")
-        adapter.load_lora_into_pipeline(pipe, path)
+        adapter.load_lora_into_pipeline(pipe, Path(lora_path))
+    if dev.type == "cuda":
+        place_pipeline(pipe, dev, recipe)
     out = Path(out_dir)
     results = []
     with torch.no_grad():
@@ -67,3 +68,26 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return results
+
+
+def place_pipeline(pipe: Any, device: Any, recipe: Any) -> str:
+    """Put a CPU-loaded pipeline on the GPU whole when it fits the memory this run may use (the free memory,
+    capped by ``[train] gpu_memory_gib``), else stream it block by block from the host (diffusers' group
+    offloading, one block ahead on a side stream): a 24 GB card evaluates FLUX.1-dev's 24 GB transformer
+    that way. Returns which placement was used."""
+    import torch
+
+    from .train import cap_gpu_memory
+
+    cap_gpu_memory(recipe, device)
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    if recipe.train.gpu_memory_gib is not None:
+        free = min(free, recipe.train.gpu_memory_gib - torch.cuda.memory_reserved(device) / 2**30)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**30
+    if size <= free * 0.8:
+        pipe.to(device)
+        return "whole"
+    pipe.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                              use_stream=True)
+    return "group-offload"

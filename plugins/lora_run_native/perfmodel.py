@@ -65,25 +65,46 @@ CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster wi
 CUDA_GRAPH_MAX_BUCKETS = 4       # each bucket shape records its own graphs (and memory pool)
 
 
-def lora_params(family: str, preset: str, rank: int) -> int:
-    return sum(n * rank * (i + o) for n, i, o in SHAPES[family].lora_shapes[preset])
+def shape_of_model(family: str, model: object, lora_parameters: int, rank: int, preset: str) -> FamilyShape:
+    """The family's shape rescaled to the model actually loaded (a tiny test model, a pruned variant):
+    its parameter count, repeated blocks and width, and the LoRA it really carries. Activation bytes per
+    token scale with the width."""
+    from .accel import repeated_blocks
+
+    base = SHAPES[family]
+    params = float(sum(p.numel() for p in model.parameters()))   # type: ignore[attr-defined]
+    blocks = len(repeated_blocks(model)) or base.blocks
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "attention_head_dim", None)
+    hidden = int(heads * head_dim) if heads and head_dim else int(getattr(config, "hidden_size", 0) or base.hidden)
+    scale = hidden / base.hidden
+    per_rank = max(1, lora_parameters // max(1, rank))
+    return attrs.evolve(base, params=params, blocks=blocks, hidden=hidden,
+                        act_per_token_compiled=base.act_per_token_compiled * scale,
+                        act_per_token_eager=base.act_per_token_eager * scale,
+                        lora_shapes={preset: [(1, per_rank, 0)]})
 
 
-def tokens(family: str, height: int, width: int) -> int:
-    s = SHAPES[family]
+def lora_params(family: str, preset: str, rank: int, shape: FamilyShape | None = None) -> int:
+    return sum(n * rank * (i + o) for n, i, o in (shape or SHAPES[family]).lora_shapes[preset])
+
+
+def tokens(family: str, height: int, width: int, shape: FamilyShape | None = None) -> int:
+    s = shape or SHAPES[family]
     return (height // s.latent_factor) * (width // s.latent_factor) + s.text_tokens
 
 
 def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: int, preset: str,
-                      plan: PerfPlan) -> float:
-    s = SHAPES[family]
-    n_tok = tokens(family, height, width) * batch
+                      plan: PerfPlan, shape: FamilyShape | None = None) -> float:
+    s = shape or SHAPES[family]
+    n_tok = tokens(family, height, width, s) * batch
     offloaded_share = plan.offload_blocks / s.blocks
     weight_bytes = s.params * (1.0 + 4.0 / s.hidden if plan.fp8 else 2.0)
     resident = weight_bytes * (1.0 - offloaded_share * 0.98)   # embedders/norms stay resident
     if plan.offload_blocks:
         resident += 2 * weight_bytes / s.blocks                 # the block in use and the one prefetched
-    lora = lora_params(family, preset, rank) * 16.0
+    lora = lora_params(family, preset, rank, s) * 16.0
     per_token = s.act_per_token_compiled if plan.compile else s.act_per_token_eager
     boundary = s.hidden * 2.0                                     # block input kept by checkpointing (bf16)
     ckpt = min(s.blocks, max(plan.checkpoint_blocks, plan.offload_blocks))
@@ -92,51 +113,52 @@ def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: in
 
 
 def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
-              budget_gib: float | None = None, compile: bool = True, buckets: int = 1) -> PerfPlan:
-    """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget."""
-    s = SHAPES[family]
+              budget_gib: float | None = None, compile: bool = True, buckets: int = 1,
+              shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
+    """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
+    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs."""
+    s = shape or SHAPES[family]
     if mode == "speed":
         # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
-        small = tokens(family, height, width) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS
-        return PerfPlan("speed", compile=compile, compile_mode="reduce-overhead" if small and compile else "default")
+        small = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS
+        graphs = compile and (cuda_graphs == "on" or (cuda_graphs == "auto" and small))
+        return PerfPlan("speed", compile=compile, compile_mode="reduce-overhead" if graphs else "default")
     if mode == "memory":
         budget = budget_gib if budget_gib is not None else 24.0
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=n)
-            if estimate_peak_gib(family, height, width, batch, rank, preset, plan) <= budget:
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s) <= budget:
                 return plan
         return PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks)
     if mode == "low-vram":
         budget = budget_gib if budget_gib is not None else 12.0
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=n)
-            if estimate_peak_gib(family, height, width, batch, rank, preset, plan) <= budget:
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s) <= budget:
                 return plan
         return PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=s.blocks)
     raise ValueError(f"unknown mode {mode!r}")
 
 
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
-                free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1) -> PerfPlan:
-    """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin)."""
+                free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
+                shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
+    """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin). The recipe's
+    `base_precision = "fp8"` is a memory setting: an explicit mode honours it, `auto` decides itself (a GPU
+    with room gets the bf16 speed plan, a small one an fp8 plan)."""
+    budget = free_gib * 0.95 if free_gib else None
+    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs)
     if requested != "auto":
         plan = plan_mode(requested, family, height, width, batch, rank, preset,
-                         budget_gib=free_gib * 0.95 if free_gib and requested != "speed" else None, compile=compile,
-                         buckets=buckets)
-    else:
-        plan = None
-        for mode in ("speed", "memory", "low-vram"):
-            candidate = plan_mode(mode, family, height, width, batch, rank, preset,
-                                  budget_gib=(free_gib * 0.95) if free_gib else None, compile=compile,
-                                  buckets=buckets)
-            if free_gib is None or estimate_peak_gib(family, height, width, batch, rank, preset,
-                                                     candidate) <= free_gib * 0.95:
-                plan = candidate
-                break
-        plan = plan or plan_mode("low-vram", family, height, width, batch, rank, preset, compile=compile)
-    if fp8_requested and not plan.fp8:
-        plan = attrs.evolve(plan, fp8=True)
-    return plan
+                         budget_gib=budget if requested != "speed" else None, **kw)
+        if fp8_requested and not plan.fp8:
+            plan = attrs.evolve(plan, fp8=True)
+        return plan
+    for mode in ("speed", "memory", "low-vram"):
+        candidate = plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=budget, **kw)
+        if budget is None or estimate_peak_gib(family, height, width, batch, rank, preset, candidate, shape) <= budget:
+            return candidate
+    return plan_mode("low-vram", family, height, width, batch, rank, preset, budget_gib=budget, **kw)
 
 
 def round_up(value: float, step: float = 0.1) -> float:

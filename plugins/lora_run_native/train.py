@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -84,10 +85,47 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
     return transformer
 
 
+def gpu_budget_gib(recipe: Any, device: Any) -> tuple[float, str]:
+    """The GPU memory this run may still use (GiB) and where that figure comes from: the free memory, capped
+    by ``[train] gpu_memory_gib`` (less what this process already holds)."""
+    import torch
+
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    free = free_bytes / 2**30
+    cap = recipe.train.gpu_memory_gib
+    if cap is None:
+        return free, f"{free:.1f} GiB free"
+    held = torch.cuda.memory_reserved(device) / 2**30
+    return min(free, cap - held), f"[train.gpu_memory_gib] = {cap:g} GiB"
+
+
+def cap_gpu_memory(recipe: Any, device: Any) -> None:
+    """Cap this process's CUDA allocator at ``[train] gpu_memory_gib`` (a smaller card, a shared GPU): an
+    allocation past it fails as it would on a card of that size, in caching, training and sampling alike."""
+    import torch
+
+    cap = recipe.train.gpu_memory_gib
+    if cap is None or torch.device(device).type != "cuda":
+        return
+    # Under a cap, fragmentation is what runs out first: the acceptance run at 12 GiB (1024², low-vram) died
+    # with 8.0 GiB allocated and 4.0 GiB reserved but unused. Expandable segments let the allocator grow
+    # and reuse one mapping instead (it must be chosen before this process's first CUDA allocation).
+    if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except Exception:  # noqa: BLE001 - an allocator without the setting keeps its default
+            pass
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
+
+
 def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                   bucket_sizes: set[tuple[int, int]] | None, echo: Any) -> Any:
-    """CUDA: LoRA first (on the host), then the memory_mode plan: fp8 storage before the move to the GPU,
-    then compile / checkpointing / offload of the repeated blocks."""
+    """CUDA: LoRA first (on the host), then the memory_mode plan for the model actually loaded: fp8 storage
+    before the move to the GPU, then compile / checkpointing / offload of the repeated blocks. A plan whose
+    estimate exceeds the memory this run may use stops here, before any training (exit 2)."""
     import torch
 
     from . import accel, perfmodel
@@ -95,27 +133,48 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     r = recipe
     sizes = bucket_sizes or {(r.dataset.resolution, r.dataset.resolution)}
     height, width = max(sizes, key=lambda s: s[0] * s[1])
-    free_bytes, _total = torch.cuda.mem_get_info(device)
-    plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
-                                 r.lora.targets, free_bytes / 2**30, fp8_requested=r.model.base_precision == "fp8",
-                                 compile=r.train.compile != "off", buckets=len(sizes))
     targets = adapter.lora_target_modules(transformer, r.lora.targets, r.lora.modules)
     torch.manual_seed(step_seed(r.train.seed, "lora-init"))
     adapter.inject_lora(transformer, targets, rank=r.lora.rank, alpha=r.lora.alpha, dropout=r.lora.dropout,
                         init=r.lora.init)
+    lora_count = 0
     for name, p in transformer.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
             p.data = p.data.to(dtype=torch.float32)
             p.requires_grad_(True)
+            lora_count += p.numel()
+    shape = perfmodel.shape_of_model(r.model.family, transformer, lora_count, r.lora.rank, r.lora.targets)
+    available, source = gpu_budget_gib(r, device)
+    plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
+                                 r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
+                                 compile=r.train.compile != "off", buckets=len(sizes), shape=shape,
+                                 cuda_graphs=r.train.cuda_graphs)
+    estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
+                                           r.lora.targets, plan, shape)
+    if estimate > available * 0.95 and (r.train.gpu_memory_gib is not None or r.train.memory_mode == "auto"):
+        raise RecipeError(
+            f"[train.memory_mode] \"{r.train.memory_mode}\": the plan \"{plan.describe()}\" needs about "
+            f"{estimate:.1f} GiB at {width}x{height} but this run may use {max(available, 0):.1f} GiB "
+            f"({source}); nothing was trained. Lower [dataset] resolution/bucket_max or [train.batch_size], "
+            "or give the run more GPU memory")
+    if estimate > available * 0.95:
+        echo(f"warning: [train.memory_mode] \"{r.train.memory_mode}\" is estimated at {estimate:.1f} GiB, more than "
+             f"the {available:.1f} GiB available ({source}); \"auto\" would pick a leaner plan")
     if plan.fp8:
-        accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype)   # on the host: never bf16 on GPU
+        # layer by layer on the GPU: the bf16 model never sits on it whole, and the host does no fp8 arithmetic
+        accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype, device=device)
     transformer.to(device)
     accel.configure_cuda()
     accel.apply(transformer, plan, device, adapter.compute_dtype)
-    estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
-                                           r.lora.targets, plan)
-    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}; estimated peak {estimate:.1f} GiB of "
-         f"{free_bytes / 2**30:.1f} GiB free, largest bucket {width}x{height}")
+    why = ""
+    if r.train.memory_mode == "auto":
+        why = " (the fastest plan that fits)"
+        if r.model.base_precision == "fp8" and not plan.fp8:
+            why += "; [model.base_precision] \"fp8\" is not needed here, the base stays bf16"
+    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; estimated peak {estimate:.1f} GiB of "
+         f"{available:.1f} GiB available ({source}), largest bucket {width}x{height}")
+    transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),
+                                  "available_gib": round(available, 2), "budget": source}
     transformer.train()
     return transformer
 
@@ -181,6 +240,9 @@ class Trainer:
         self.stop_requested = False
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.last_checkpoint: Path | None = None
+        self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
+        self.sample_seconds = 0.0
+        self.checkpoint_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- setup
     def _accelerator(self) -> Any:
@@ -260,29 +322,32 @@ class Trainer:
                 todo_text.append((caption, key))
             else:
                 texts[caption] = found
-        needed: set[str] = set()
-        if todo_images or self.recipe.sample.every_steps:
-            needed.add("vae")
-        if todo_text:
-            needed.update(cached_encoders)
-        if te_live:
-            needed.add(adapter.trainable_text_encoder)
         if todo_images or todo_text:
             self.echo(f"caching: {len(todo_images)} latent(s), {len(todo_text)} caption(s) to encode")
-        if needed:
-            adapter.load_encoders(only=tuple(sorted(needed)))
-            with torch.no_grad():
+        keep = (adapter.trainable_text_encoder,) if te_live else ()
+        # One model on the device at a time (the VAE, then each text encoder): the peak of caching is the
+        # largest encoder (T5-XXL: 9.5 GB in bf16), not their sum, so caching fits where training fits.
+        with torch.no_grad():
+            if todo_images or self.recipe.sample.every_steps:
+                adapter.load_encoders(only=("vae",))
                 for i, key in todo_images:
                     image = prepare_image(open_rgb(items[i].image).image, buckets_of[i])
                     z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu")
                     latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
                     latents[i] = z
-                for caption, key in todo_text:
-                    enc = adapter.encode_captions([caption], encoders=cached_encoders)
-                    value = {k: v[0].detach().to("cpu") for k, v in enc.items()}
-                    text_cache.store(key, value, source=None)
-                    texts[caption] = value
-            adapter.unload_encoders(keep=(adapter.trainable_text_encoder,) if te_live else ())
+                adapter.unload_encoders(keep=keep)
+            partial: dict[str, dict[str, Any]] = {caption: {} for caption, _ in todo_text}
+            for encoder in (cached_encoders if todo_text else ()):
+                adapter.load_encoders(only=(encoder,))
+                for caption, _key in todo_text:
+                    enc = adapter.encode_captions([caption], encoders=(encoder,))
+                    partial[caption].update({k: v[0].detach().to("cpu") for k, v in enc.items()})
+                adapter.unload_encoders(keep=keep)
+            for caption, key in todo_text:
+                text_cache.store(key, partial[caption], source=None)
+                texts[caption] = partial[caption]
+        if te_live:
+            adapter.load_encoders(only=(adapter.trainable_text_encoder,))
         latent_cache.flush()
         text_cache.flush()
         self.cache_stats = {"latents": latent_cache.stats.text(), "text": text_cache.stats.text()}
@@ -319,6 +384,9 @@ class Trainer:
             torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
         accelerator = self._accelerator()
         device = accelerator.device
+        cap_gpu_memory(r, device)
+        timing = self.ctx.artifacts.setdefault("timing", {})
+        phase = time.perf_counter()
         if self.dist is not None:
             self.dist.init(device)
         world = self.dist.world if self.dist is not None else 1
@@ -334,6 +402,8 @@ class Trainer:
         latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
         if self.dist is not None and self.main:
             self.dist.barrier()
+        timing["cache_s"] = round(time.perf_counter() - phase, 2)
+        phase = time.perf_counter()
 
         transformer = adapter.load_transformer()
         transformer = prepare_transformer(adapter, transformer, r, device, bucket_sizes=set(buckets_of),
@@ -362,6 +432,9 @@ class Trainer:
         loss_opts = self.ctx.option_for("loss", r.train.loss, r.train.loss_options, ("train", "loss_options"))
         loss_fn = loss_reg.factory(loss_opts) if loss_opts is not None else loss_reg.factory()
         ckpt_root = self.run_dir.file("checkpoints")
+        timing["load_s"] = round(time.perf_counter() - phase, 2)
+        if getattr(transformer, "_lora_run_plan", None):
+            self.ctx.artifacts["gpu_plan"] = transformer._lora_run_plan
 
         start = 0
         if self.ctx.resume:
@@ -392,6 +465,7 @@ class Trainer:
                            latents=latents, texts=texts, loss_fn=loss_fn, accelerator=accelerator, total=total,
                            te_stop=te_stop, ckpt_root=ckpt_root, counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
         previous = self._install_signals()
+        phase = time.perf_counter()
         try:
             self._loop(state, start)
         finally:
@@ -399,7 +473,33 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.has_trackers:
                 accelerator.end_training()
+            self._record_step_times(timing, time.perf_counter() - phase)
+        phase = time.perf_counter()
         self._finish(state)
+        timing["finish_s"] = round(time.perf_counter() - phase, 2)
+        if device.type == "cuda":
+            timing["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            timing["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+
+    def _record_step_times(self, timing: dict[str, Any], loop_s: float) -> None:
+        """Split the loop's wall time: steady step time (median), compilation (the first step of each
+        shape beyond that median), samples and checkpoints (timed where they run)."""
+        import statistics
+
+        steps = self.step_times
+        samples_s, ckpt_s = self.sample_seconds, self.checkpoint_seconds
+        timing.update(loop_s=round(loop_s, 2), samples_s=round(samples_s, 2), checkpoints_s=round(ckpt_s, 2),
+                      steps=len(steps))
+        if not steps:
+            return
+        seen: set[Any] = set()
+        first, rest = [], []
+        for shape, seconds in steps:
+            (rest if shape in seen else first).append(seconds)
+            seen.add(shape)
+        median = statistics.median(rest) if rest else statistics.median(first)
+        timing.update(step_s=round(median, 4), compile_s=round(sum(max(0.0, f - median) for f in first), 2),
+                      train_s=round(sum(x for _, x in steps), 2), shapes=len(seen))
 
     # ------------------------------------------------------------------------------------------ loop
     def _batch(self, state: _LoopState, index: int) -> list[Any]:
@@ -424,6 +524,7 @@ class Trainer:
         t0, done = time.time(), 0
         try:
             for step in range(start, state.total):
+                step_started = time.perf_counter()
                 reseed(step_seed(r.train.seed, "step", step))
                 te_active = state.te_module is not None and step < state.te_stop
                 if state.te_module is not None and not te_active and state.te_module.training:
@@ -432,8 +533,10 @@ class Trainer:
                         p.grad = None
                     state.te_module.eval()
                 step_loss = 0.0
+                shape: Any = None
                 for micro in range(accum):
                     batch = self._batch(state, step * accum + micro)
+                    shape = shape or (len(batch), tuple(state.latents[batch[0].index].shape))
                     value = self._micro_step(state, batch, step, micro, te_active, accum)
                     if not math.isfinite(value) and self.dist is None:
                         self._non_finite(value, step)
@@ -451,6 +554,7 @@ class Trainer:
                 state.optimizer.zero_grad(set_to_none=True)
                 done += 1
                 number = step + 1
+                self.step_times.append((shape, time.perf_counter() - step_started))
                 loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
                 elapsed = time.time() - t0
                 metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": state.scheduler.get_last_lr()[0],
@@ -543,6 +647,9 @@ class Trainer:
         acc = state.accelerator
         adapter = state.adapter
         noisy, target = adapter.noisy_and_target(x0, noise, t)
+        from .accel import mark_step_begin
+
+        mark_step_begin(state.transformer)
         with acc.autocast():
             pred = adapter.predict(state.transformer, noisy, t, text, r.train.guidance)
         per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
@@ -593,6 +700,7 @@ class Trainer:
         epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
         info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
                 state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family}
+        started = time.perf_counter()
         path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=state.optimizer,
                          scheduler=state.scheduler, info=info, write_loras=loras)
         self.last_checkpoint = path
@@ -604,6 +712,7 @@ class Trainer:
                          **{f"lora_{fmt}": str(folder / rel) for fmt, rel in loras.items()}})
         self.ctx.artifacts["checkpoints"] = kept
         self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        self.checkpoint_seconds += time.perf_counter() - started
         self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
 
     # -------------------------------------------------------------------------------------- samples
@@ -626,6 +735,7 @@ class Trainer:
         folder = self.run_dir.file("samples", f"step-{number:06d}")
         written = []
         rng_state = torch.get_rng_state()
+        started = time.perf_counter()
         try:
             with torch.no_grad(), acc.autocast():
                 for n, prompt in enumerate(self.sample_prompts()):
@@ -645,6 +755,7 @@ class Trainer:
             adapter.sample_vae.to("cpu")
             if was_training:
                 transformer.train()
+            self.sample_seconds += time.perf_counter() - started
         self.ctx.artifacts.setdefault("samples", []).extend(written)
         self.run_dir.log(f"samples for step {number}: {len(written)} image(s) in {folder}")
         self.ctx.hook.samples_written(run=self.ctx, step=number, paths=written)
@@ -674,6 +785,26 @@ class _LoopState:
         self.__dict__.update(kw)
         self.epoch_cache: tuple[int, list] = (-1, [])
         self.losses: list[float] = []
+
+
+def release_gpu() -> None:
+    """Free what training held on the GPU: compiled graphs (and their CUDA-graph memory pools) and the
+    model they reference, so that evaluation (or the next run in this process) starts from an empty card."""
+    import gc
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 - best effort: an older torch without reset still frees below
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def _memory_gib(device: Any) -> float:
