@@ -174,7 +174,9 @@ class TrainSection:
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
         "`shift` (sigmoid then a fixed shift), `flux-shift` (shift from the image's token count).")
     sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
-    logit_mean: float = option(0.0, "Mean for `logit-normal`.")
+    logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the convention of "
+                               "diffusers' examples and sd-scripts (a positive mean trains more on less noisy steps; "
+                               "values copy between them unchanged).")
     logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
     shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
     timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
