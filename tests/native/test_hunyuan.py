@@ -302,7 +302,8 @@ def test_dit_objective_matches_the_ddpm_scheduler():
 
     from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
+    # no model folder: the documented v1.2 schedule (β_end 0.018; tests/parity checks it against the model's)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.018, beta_schedule="scaled_linear",
                           prediction_type="v_prediction")
     recipe = mini("dit", train={"min_snr_gamma": 5.0, "timestep_sampling": "sigmoid"})
     adapter = HunyuanDiTAdapter(recipe)
