@@ -465,6 +465,16 @@ def test_dit_refuses_single_files_and_text_length_by_key(hunyuan_recipe, dataset
     assert result.returncode == 2 and "text_max_length" in result.stderr and "fixed" in result.stderr
 
 
+def test_dit_version_must_agree_with_the_model_folder(hunyuan_recipe, run_cli):
+    """`[model] version` names the release; the tiny folder is v1.2 (its scheduler config says β_end 0.018)."""
+    result = run_cli("check", hunyuan_recipe("dit"), "--set", 'model.version="1.1"')
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "[model.version]" in result.stderr and "scheduler_config.json" in result.stderr, result.stderr
+    assert run_cli("check", hunyuan_recipe("dit", name="v12.toml"), "--set", 'model.version="1.2"').returncode == 0
+    result = run_cli("check", hunyuan_recipe("image", name="img.toml"), "--set", 'model.version="1.2"')
+    assert result.returncode == 2 and "[model.version]" in result.stderr and "no release" in result.stderr
+
+
 def test_backend_registers_both_families_honestly():
     from lora_run.plugins import load_plugins
 
