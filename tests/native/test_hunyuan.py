@@ -475,6 +475,25 @@ def test_dit_version_must_agree_with_the_model_folder(hunyuan_recipe, run_cli):
     assert result.returncode == 2 and "[model.version]" in result.stderr and "no release" in result.stderr
 
 
+@pytest.mark.slow
+def test_dit_v11_trains_and_samples_from_the_cli(tmp_path, dataset, run_cli):
+    """A v1.1 model (style and image-size conditioning, β_end 0.03 in its scheduler config) trains and draws its
+    samples with `[model] version = "1.1"`, on its own schedule."""
+    from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit
+
+    model = build_tiny_hunyuan_dit(tmp_path / "v11", version="1.1")
+    recipe = tmp_path / "v11.toml"
+    recipe.write_text(RECIPE.format(family="hunyuan-dit-1.2", model=model, dataset=dataset)
+                      + '\n[sample]\nprompts = ["a photo of {trigger}"]\nevery_steps = 2\nsteps = 2\nwidth = 64\n'
+                      'height = 64\n', encoding="utf-8")
+    out = tmp_path / "run"
+    run = run_cli(recipe, "--set", 'model.version="1.1"', "--set", "train.steps=2", "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "tiny.safetensors").is_file() and list((out / "samples").rglob("*.png"))
+    refused = run_cli("check", recipe, "--set", 'model.version="1.2"')
+    assert refused.returncode == 2 and "[model.version]" in refused.stderr and "0.03" in refused.stderr
+
+
 def test_backend_registers_both_families_honestly():
     from lora_run.plugins import load_plugins
 

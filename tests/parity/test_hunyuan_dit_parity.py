@@ -142,6 +142,12 @@ def test_a_version_that_contradicts_the_model_is_refused_with_the_key(tmp_path):
     bad = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, {**V12, "prediction_type": "epsilon"}, name="e")))
     with pytest.raises(ModelSourceError, match="v-prediction"):
         bad.schedule()
+    # no scheduler config, but a v1.1 (style-conditioned) transformer: `lora-run check` names the key
+    folder = model_folder(tmp_path, None, style=True, name="s")
+    for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        (folder / sub).mkdir()
+    problems = HunyuanDiTAdapter(recipe_for(folder, "1.2")).check_sources()
+    assert any(key == ("model", "version") and "≤ v1.1 model" in why for key, why in problems), problems
 
 
 # ------------------------------------------------------------------------------- x_t, target, weights

@@ -103,6 +103,14 @@ class HunyuanDiTAdapter(SourceLoader):
         if not problems and is_local_source(self._source() or ""):      # hub sources: checked when loaded
             try:
                 self.schedule()
+                chosen = self.recipe.model.version
+                config, where = self._component_json("transformer/config.json")
+                if chosen and config is not None and \
+                        bool(config.get("use_style_cond_and_image_meta_size")) != (chosen == "1.1"):
+                    problems.append((("model", "version"), f"is \"{chosen}\", but {where} is a "
+                                     + ("≤ v1.1 model (style and image-size conditioning)"
+                                        if chosen == "1.2" else "v1.2 model (no style or image-size conditioning)")
+                                     + "; set the release the weights are, or remove the key"))
             except Exception as exc:  # noqa: BLE001 - ModelSourceError: "<file>: [key] message"
                 key = ("model", "version") if "[model.version]" in str(exc) else ("model", "source")
                 problems.append((key, str(exc).split("] ", 1)[-1]))
