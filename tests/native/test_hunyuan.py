@@ -423,6 +423,8 @@ def test_flux_fast_recipe_switched_to_hunyuan_plans_and_runs(kind, tiny_hunyuan,
     plan = run_cli("plan", recipe, *sets)
     assert plan.returncode == 0, plan.stderr
     assert FAMILIES[kind] in plan.stdout and ("DDPM v-prediction" if kind == "dit" else "rectified flow") in plan.stdout
+    if kind == "dit":               # the plan says which schedule trains, and where it came from
+        assert "β 0.00085 → 0.018" in plan.stdout and "scheduler_config.json" in plan.stdout, plan.stdout
     out = tmp_path / "run"
     run = run_cli(recipe, *sets, "--set", "train.steps=2", "--set", "train.save_every_steps=1", "--set", "sample.steps=2",
                   "--set", "sample.width=64", "--set", "sample.height=64", "--set", "backend.native.progress_bar=false",

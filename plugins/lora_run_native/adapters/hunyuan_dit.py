@@ -183,6 +183,21 @@ class HunyuanDiTAdapter(SourceLoader):
         self._schedule = ({k: v for k, v in config.items() if not k.startswith("_")}, where)
         return self._schedule
 
+    def schedule_note(self) -> str:
+        """The schedule in words for `lora-run plan` (a hub source is read only when loaded)."""
+        from .base import is_local_source
+
+        if not is_local_source(self._source() or ""):
+            return "noise schedule: the model's scheduler config, read when it is loaded"
+        try:
+            config, where = self.schedule()
+        except Exception as exc:  # noqa: BLE001 - `check` reports it with the key
+            return f"noise schedule: {str(exc).split('] ', 1)[-1]}"
+        if config.get("trained_betas") is not None:
+            return f"noise schedule: trained betas from {where}"
+        return (f"noise schedule {config['beta_schedule']} β {config['beta_start']} → {config['beta_end']}, "
+                f"{config['num_train_timesteps']} steps, from {where}")
+
     def noise_scheduler(self) -> Any:
         """A ``DDPMScheduler`` on the model's schedule (training ᾱ_t and sampling use this same config)."""
         from diffusers import DDPMScheduler
