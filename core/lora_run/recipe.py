@@ -21,7 +21,7 @@ from cattrs.errors import (AttributeValidationNote, BaseValidationError, Forbidd
                            IterableValidationNote)
 
 from .errors import RecipeError
-from .schema import Recipe
+from .schema import VERSIONS, Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -494,6 +494,10 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
             problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
     if len(r.optimizer.betas) != 2:
         problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
+    if r.model.version is not None and r.model.version not in VERSIONS.get(r.model.family, ()):
+        problems.add(("model", "version"), f"{r.model.family} has no release {r.model.version!r} to choose ("
+                     + (f"it has {', '.join(repr(v) for v in VERSIONS[r.model.family])})" if r.model.family in VERSIONS
+                        else "remove the key; only " + ", ".join(VERSIONS) + " has several)"))
     if r.model.source is None and r.model.files.transformer is None:
         problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
     if r.lora.alpha > 16 * r.lora.rank:

@@ -12,6 +12,8 @@ import attrs
 
 Family = Literal["flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1"]
 FAMILIES: tuple[str, ...] = ("flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1")
+#: Families with several releases in use that were trained differently (`[model] version`).
+VERSIONS: dict[str, tuple[str, ...]] = {"hunyuan-dit-1.2": ("1.1", "1.2")}
 
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
@@ -50,6 +52,12 @@ class ModelSection:
                                 "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
                                 "hub id may still supply the tokenizers and configs).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
+    version: Literal["1.1", "1.2"] | None = option(
+        None, "Hunyuan-DiT only: which release the weights are, `\"1.2\"` (DDPM β 0.00085 → 0.018) or `\"1.1\"` (β → "
+        "0.03, style and image-size conditioning). Unset: the model says (its `scheduler/scheduler_config.json` "
+        "and transformer config), v1.2 where it says nothing. The noise schedule is the model folder's "
+        "`scheduler/scheduler_config.json` when it has one (a `version` given here must agree with it), otherwise "
+        "this version's documented schedule (docs/hunyuan.md). Refused for the other families.")
     files: ModelFiles = option(factory=ModelFiles, doc="Single-file checkpoints (see `[model.files]`).")
     base_precision: Literal["bf16", "fp8"] = option(
         "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).")
@@ -183,7 +191,9 @@ class TrainSection:
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
         "`shift` (sigmoid then a fixed shift), `flux-shift` (shift from the image's token count).")
     sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
-    logit_mean: float = option(0.0, "Mean for `logit-normal`.")
+    logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the convention of "
+                               "diffusers' examples and sd-scripts (a positive mean trains more on less noisy steps; "
+                               "values copy between them unchanged).")
     logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
     shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
     timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(

@@ -442,6 +442,10 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
             print("leakage: not measured (no control images; `score --control DIR` adds them)")
         print(f"diversity: carbon copies {_p(div['carbon_copy_rate'])} of {div['pairs']} pairs, 1 − SSIM "
               f"{_f(div['ssim_distance'])}, face spread {_f(div['embedding_distance'])}")
+        for key, kind in (("memorised", "trigger"), ("memorised_control", "control")):
+            if div.get(f"{key}_compared"):
+                print(f"copies of training photos: {len(div[key])} of {div[f'{key}_compared']} {kind} images "
+                      f"({_p(div[f'{key}_rate'])})")
         for f in final["failures"]:
             print(f"{f['name']}: {'; '.join(f['evidence'])}\n  fix: {f['fix']}")
         if not final["failures"]:

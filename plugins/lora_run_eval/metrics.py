@@ -25,7 +25,7 @@ SAME_POSE_SPREAD = 0.03         # a group's mean pairwise pose distance below th
 FLAG_RATE = 0.5                 # a signal is flagged when it holds for at least half of the cases
 FACE_RATE_MIN = 0.5             # below this share of images with a face, identity is not judged
 LEAK_RATE_MAX = 0.5             # control images matching the subject at ≥ 50 % = leakage
-MEMORISED_RATE = 0.25           # ≥ 25 % of generated images are copies of a training photo
+MEMORISED_RATE = 0.25           # ≥ 25 % of the trigger (or of the control) images are copies of a training photo
 FRONTAL_YAW = 0.15              # |yaw proxy| below this counts as a frontal photo
 FRONTAL_MIN_PHOTOS = 5          # the angle check needs at least this many subject faces
 STRENGTH_DROP = 0.05            # identity at the top strength this far below the best = over-strength
@@ -236,14 +236,19 @@ def _prompt_following(trigger: list[Sample]) -> dict[str, Any]:
             "ignored": rate is not None and rate >= FLAG_RATE}
 
 
-def _memorised(samples: list[Sample], subject: Subject) -> list[str]:
-    out = []
+def _memorised(samples: list[Sample], subject: Subject) -> tuple[list[str], int]:
+    """Names of the images that are carbon copies of a subject photo, and how many images were compared
+    (those with a readable signature; none when no subject photo could be read)."""
+    if not subject.signatures:
+        return [], 0
+    out, compared = [], 0
     for s in samples:
         if s.signature is None:
             continue
+        compared += 1
         if any(_carbon(s.signature, t)[2] for t in subject.signatures):
             out.append(s.name or Path(s.path).stem)
-    return out
+    return out, compared
 
 
 def analyze(samples: Sequence[Sample], subject: Subject, embedder: Embedder, *,
@@ -283,9 +288,12 @@ def analyze(samples: Sequence[Sample], subject: Subject, embedder: Embedder, *,
     leakage["flagged"] = leakage["leak_rate"] is not None and leakage["leak_rate"] >= LEAK_RATE_MAX
     diversity = _diversity(samples, embedder)
     diversity["prompt_following"] = _prompt_following(trigger)
-    memorised = _memorised(samples, subject)
-    diversity["memorised"] = memorised
-    diversity["memorised_rate"] = len(memorised) / len(samples) if samples else None
+    # each rate over its own kind: control images never dilute the trigger images' memorisation
+    for key, group in (("memorised", trigger), ("memorised_control", control)):
+        names, compared = _memorised(group, subject)
+        diversity[key] = names
+        diversity[f"{key}_compared"] = compared
+        diversity[f"{key}_rate"] = len(names) / compared if compared else None
     result = {
         "embedder": embedder.describe(),
         "subject": subject_summary(subject, embedder),
@@ -369,8 +377,12 @@ def diagnose(m: dict[str, Any], *, text_encoder_trained: bool | None = None,
     if div["same_pose"]:
         same.append(f"same pose every time in {div['same_pose_groups']} of {div['pose_groups']} prompt×strength "
                     f"groups (pose spread < {SAME_POSE_SPREAD})")
-    if div["memorised_rate"] is not None and div["memorised_rate"] >= MEMORISED_RATE:
-        same.append(f"{len(div['memorised'])} generated images are near copies of a training photo")
+    for key, kind in (("memorised", "trigger"), ("memorised_control", "control")):
+        rate = div.get(f"{key}_rate")
+        if rate is not None and rate >= MEMORISED_RATE:
+            same.append(f"{len(div[key])} of {div[f'{key}_compared']} {kind} images ({_pct(rate)}) are near "
+                        "copies of a training photo" + (" (the control prompt should not show the subject at "
+                                                         "all)" if kind == "control" else ""))
     if overfit and overfit.get("flagged"):
         same.append(overfit["evidence"])
     if same:

@@ -206,6 +206,14 @@ def _failures_html(failures: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _copies(names: list[str], compared: int | None, kind: str) -> str:
+    """"2 of 6 trigger images: a, b" — the count behind a memorisation rate."""
+    if not compared:
+        return f"not measured (no readable {kind} image or subject photo)"
+    listed = ", ".join(names[:8]) + (" …" if len(names) > 8 else "")
+    return f"{len(names)} of {compared} {kind} images" + (f": {listed}" if names else "")
+
+
 def _headline(m: dict[str, Any]) -> str:
     ident, leak, div = m["identity"], m["leakage"], m["diversity"]
     at = f" (strength {ident['reference_strength']:g})" if ident["reference_strength"] is not None else ""
@@ -222,7 +230,13 @@ def _headline(m: dict[str, Any]) -> str:
         ("hash distance", fmt(div["hash_distance"]), "mean DCT-hash bits differing / 64"),
         ("face embedding spread", fmt(div["embedding_distance"]), "mean pairwise distance across seeds"),
         ("same-pose groups", f"{div['same_pose_groups']} / {div['pose_groups']}", "pose spread < 0.03"),
-        ("copies of training photos", str(len(div["memorised"])), ", ".join(div["memorised"][:8])),
+        ("copies of training photos", pct(div.get("memorised_rate")),
+         _copies(div.get("memorised", []), div.get("memorised_compared"), "trigger")),
+    ]
+    if div.get("memorised_control_compared"):
+        rows.append(("control images copying a training photo", pct(div["memorised_control_rate"]),
+                     _copies(div["memorised_control"], div["memorised_control_compared"], "control")))
+    rows += [
         ("quality (best-checkpoint rule)", fmt(m["quality"]), "identity − 0.5·leak − 0.5·carbon copies"),
     ]
     return _table(("metric", "value", "meaning"), ([esc(a), f'<td class="num">{b}</td>', esc(c)] for a, b, c in rows))

@@ -242,8 +242,9 @@ def _timesteps(recipe: Recipe) -> dict[str, Any]:
         out["discrete_flow_shift"] = float(t.shift)
     if t.timestep_sampling == "logit-normal":
         # sd-scripts' "sigma" path: u = sigmoid(N(mean, std)) indexes the scheduler's *descending* timesteps,
-        # so σ ≈ 1 − u = sigmoid(N(−mean, std)); a shift of 1.0 keeps the schedule unshifted.
-        out.update(weighting_scheme="logit_normal", logit_mean=0.0 - float(t.logit_mean), logit_std=float(t.logit_std),
+        # so σ ≈ 1 − u — the convention lora-run's logit-normal uses too, so the mean passes through unchanged;
+        # a shift of 1.0 keeps the schedule unshifted.
+        out.update(weighting_scheme="logit_normal", logit_mean=float(t.logit_mean), logit_std=float(t.logit_std),
                    discrete_flow_shift=1.0)
     return out
 

@@ -11,8 +11,11 @@ tokenizers and the tiny Qwen's config.
 
 ``build_tiny_hunyuan_dit(folder)`` writes a ``HunyuanDiTPipeline`` folder: BERT (WordPiece tokenizer, 77
 tokens) + mT5-style T5 encoder (unigram tokenizer, 256 tokens), a 4-channel 8× ``AutoencoderKL`` with the
-SDXL scaling factor, a 4-block ``HunyuanDiT2DModel`` (long skips, ``learn_sigma``) and the v-prediction
-``DDPMScheduler`` of Hunyuan-DiT v1.2. Nothing is downloaded.
+SDXL scaling factor, a 4-block ``HunyuanDiT2DModel`` (long skips, ``learn_sigma``) and a v-prediction
+``DDPMScheduler`` written from the release's published scheduler config (v1.2: β_end 0.018; v1.1, with the
+style/size-conditioned transformer: β_end 0.03) — literal values here, deliberately not the adapter's table, so
+a wrong adapter default cannot hide behind the same constant. ``scheduler`` overrides the config (``False``:
+no ``scheduler/`` folder). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -138,8 +141,22 @@ def write_hunyuan_image_single_files(folder: str | Path, out: str | Path) -> dic
     return paths
 
 
-def build_tiny_hunyuan_dit(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Hunyuan-DiT-v1.2-layout ``HunyuanDiTPipeline`` to ``folder``; returns it."""
+#: Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers and -v1.1-Diffusers ``scheduler/scheduler_config.json`` (the
+#: values that matter for training; written out here on purpose, see the module docstring).
+PUBLISHED_SCHEDULERS = {
+    "1.2": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.018, "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction", "clip_sample": False, "steps_offset": 1},
+    "1.1": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.03, "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction", "clip_sample": False, "steps_offset": 1},
+}
+
+
+def build_tiny_hunyuan_dit(folder: str | Path, seed: int = 0, version: str = "1.2",
+                           scheduler: dict | bool = True) -> Path:
+    """Write a tiny random Hunyuan-DiT ``HunyuanDiTPipeline`` of ``version`` ("1.2", or "1.1" with style and
+    image-size conditioning) to ``folder``; returns it."""
+    import shutil
+
     import tempfile
 
     from diffusers import AutoencoderKL, DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
@@ -168,11 +185,12 @@ def build_tiny_hunyuan_dit(folder: str | Path, seed: int = 0) -> Path:
                                         hidden_size=32, num_layers=4, mlp_ratio=2.0, learn_sigma=True,
                                         cross_attention_dim=32, cross_attention_dim_t5=32, pooled_projection_dim=32,
                                         text_len=77, text_len_t5=256, sample_size=16,
-                                        use_style_cond_and_image_meta_size=False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
-                              prediction_type="v_prediction", clip_sample=False, steps_offset=1)
+                                        use_style_cond_and_image_meta_size=version == "1.1")
+    config = scheduler if isinstance(scheduler, dict) else PUBLISHED_SCHEDULERS[version]
     pipe = HunyuanDiTPipeline(vae=vae, text_encoder=bert, tokenizer=bert_tok, transformer=transformer,
-                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                              scheduler=DDPMScheduler(**config), safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False, text_encoder_2=t5, tokenizer_2=t5_tok)
     pipe.save_pretrained(folder)
+    if scheduler is False:
+        shutil.rmtree(folder / "scheduler")
     return folder

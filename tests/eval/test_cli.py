@@ -90,3 +90,31 @@ def test_embedder_model_paths_are_relative_to_the_recipe(tmp_path, subject_dir, 
     monkeypatch.chdir(tmp_path)
     options = load_recipe(folder / "r.toml").recipe.eval.embedder_options
     assert options == {"model": str(folder / "models" / "arc.onnx"), "min_similarity": 0.3}
+
+
+def test_score_control_images_do_not_hide_a_copy_of_a_training_photo(run_cli, tmp_path, subject_dir):
+    """One of three generated images is a training photo (33 % ≥ 25 %): flagged with and without control
+    images, with the same counts in the text output, the JSON and the HTML report (issue 14: the control
+    images used to dilute the rate to 1 of 5 = 20 % and the report showed the copy next to "No failure")."""
+    from PIL import Image
+
+    copy = Image.open(sorted(subject_dir.glob("*.png"))[0]).convert("RGB")
+    images = save({"copy": copy, **{f"gen{i}": astronaut_scene(i) for i in range(2)}}, tmp_path / "images")[0].parent
+    control = save({f"ctl{i}": other_person(i) for i in range(2)}, tmp_path / "control")[0].parent
+    for extra in ([], ["--control", str(control)]):
+        report = tmp_path / f"score{len(extra)}.html"
+        done = run_cli("score", "--subject", subject_dir, "--images", images, *extra, "--report", report)
+        assert done.returncode == 0, done.stderr
+        assert "copies of training photos: 1 of 3 trigger images (33%)" in done.stdout, done.stdout
+        assert "sameface:" in done.stdout and "1 of 3 trigger images (33%) are near copies" in done.stdout
+        assert "no failure signal" not in done.stdout
+        html = report.read_text()
+        assert "No failure signal" not in html and "1 of 3 trigger images: copy" in html
+        data = json.loads(run_cli("score", "--subject", subject_dir, "--images", images, *extra, "--json").stdout)
+        div = data["results"]["images"]["diversity"]
+        assert div["memorised"] == ["copy"] and div["memorised_compared"] == 3
+        assert abs(div["memorised_rate"] - 1 / 3) < 1e-3
+        assert "sameface" in [f["name"] for f in data["results"]["images"]["failures"]]
+        if extra:
+            assert div["memorised_control"] == [] and div["memorised_control_compared"] == 2
+            assert div["memorised_control_rate"] == 0.0

@@ -144,3 +144,19 @@ def test_read_loss_skips_bad_lines(tmp_path):
     path.write_text('{"step": 2, "loss": 0.5}\nnot json\n{"step": 1, "loss": 0.7}\n{"step": 3, "loss": null}\n')
     assert M.read_loss(path) == [(1, 0.7), (2, 0.5)]
     assert M.read_loss(tmp_path / "missing.jsonl") == []
+
+
+def test_memorisation_rates_count_each_kind_of_image_separately(tmp_path, dlib_embedder, subject, subject_dir):
+    """Trigger copies are a share of the trigger images, control copies a share of the control images."""
+    train = Image.open(sorted(subject_dir.glob("*.png"))[0]).convert("RGB")
+    m = run(tmp_path, dlib_embedder, subject,
+            trigger=lambda pi, st, seed: train if (pi, seed) == (0, 1) else astronaut_scene(pi * 7 + seed),
+            control=lambda st, seed: train if seed == 1 else other_person(seed), prompts=1, strengths=(1.0,),
+            seeds=(1, 2, 3))
+    div = m["diversity"]
+    assert div["memorised"] == ["p0-s1-seed1"] and div["memorised_compared"] == 3
+    assert div["memorised_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert div["memorised_control"] == ["p1-s1-seed1"] and div["memorised_control_compared"] == 3
+    evidence = " ".join(next(f for f in m["failures"] if f["name"] == "sameface")["evidence"])
+    assert "1 of 3 trigger images (33%) are near copies" in evidence
+    assert "1 of 3 control images (33%) are near copies" in evidence

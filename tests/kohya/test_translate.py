@@ -95,9 +95,10 @@ def test_plan_works_without_a_checkout(kohya_recipe, plugins, monkeypatch):
     (["train.timestep_sampling=\"shift\"", "train.shift=3.1582"],
      {"timestep_sampling": "shift", "discrete_flow_shift": 3.1582, "sigmoid_scale": 1.0}),
     (["train.timestep_sampling=\"flux-shift\""], {"timestep_sampling": "flux_shift"}),
-    # sd-scripts' "sigma" path indexes descending timesteps with sigmoid(N(m, s)): the mean flips sign
+    # sd-scripts' "sigma" path indexes descending timesteps with sigmoid(N(m, s)) (σ ≈ 1 − u), the native
+    # convention too: the mean passes through unchanged
     (["train.timestep_sampling=\"logit-normal\"", "train.logit_mean=0.5", "train.logit_std=1.2"],
-     {"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_mean": -0.5, "logit_std": 1.2,
+     {"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 1.2,
       "discrete_flow_shift": 1.0}),
     (["train.loss=\"pseudo-huber\"", "train.loss_options={c = 0.2}"],
      {"loss_type": "huber", "huber_c": 0.2, "huber_schedule": "constant", "huber_scale": 1.0}),

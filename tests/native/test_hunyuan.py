@@ -302,7 +302,8 @@ def test_dit_objective_matches_the_ddpm_scheduler():
 
     from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
 
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
+    # no model folder: the documented v1.2 schedule (β_end 0.018; tests/parity checks it against the model's)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.018, beta_schedule="scaled_linear",
                           prediction_type="v_prediction")
     recipe = mini("dit", train={"min_snr_gamma": 5.0, "timestep_sampling": "sigmoid"})
     adapter = HunyuanDiTAdapter(recipe)
@@ -422,6 +423,8 @@ def test_flux_fast_recipe_switched_to_hunyuan_plans_and_runs(kind, tiny_hunyuan,
     plan = run_cli("plan", recipe, *sets)
     assert plan.returncode == 0, plan.stderr
     assert FAMILIES[kind] in plan.stdout and ("DDPM v-prediction" if kind == "dit" else "rectified flow") in plan.stdout
+    if kind == "dit":               # the plan says which schedule trains, and where it came from
+        assert "β 0.00085 → 0.018" in plan.stdout and "scheduler_config.json" in plan.stdout, plan.stdout
     out = tmp_path / "run"
     run = run_cli(recipe, *sets, "--set", "train.steps=2", "--set", "train.save_every_steps=1", "--set", "sample.steps=2",
                   "--set", "sample.width=64", "--set", "sample.height=64", "--set", "backend.native.progress_bar=false",
@@ -462,6 +465,35 @@ def test_dit_refuses_single_files_and_text_length_by_key(hunyuan_recipe, dataset
     assert result.returncode == 2 and "[model.files.transformer] single files are not read" in result.stderr
     result = run_cli("check", hunyuan_recipe("dit", name="len.toml"), "--set", "backend.native.text_max_length=64")
     assert result.returncode == 2 and "text_max_length" in result.stderr and "fixed" in result.stderr
+
+
+def test_dit_version_must_agree_with_the_model_folder(hunyuan_recipe, run_cli):
+    """`[model] version` names the release; the tiny folder is v1.2 (its scheduler config says β_end 0.018)."""
+    result = run_cli("check", hunyuan_recipe("dit"), "--set", 'model.version="1.1"')
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "[model.version]" in result.stderr and "scheduler_config.json" in result.stderr, result.stderr
+    assert run_cli("check", hunyuan_recipe("dit", name="v12.toml"), "--set", 'model.version="1.2"').returncode == 0
+    result = run_cli("check", hunyuan_recipe("image", name="img.toml"), "--set", 'model.version="1.2"')
+    assert result.returncode == 2 and "[model.version]" in result.stderr and "no release" in result.stderr
+
+
+@pytest.mark.slow
+def test_dit_v11_trains_and_samples_from_the_cli(tmp_path, dataset, run_cli):
+    """A v1.1 model (style and image-size conditioning, β_end 0.03 in its scheduler config) trains and draws its
+    samples with `[model] version = "1.1"`, on its own schedule."""
+    from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit
+
+    model = build_tiny_hunyuan_dit(tmp_path / "v11", version="1.1")
+    recipe = tmp_path / "v11.toml"
+    recipe.write_text(RECIPE.format(family="hunyuan-dit-1.2", model=model, dataset=dataset)
+                      + '\n[sample]\nprompts = ["a photo of {trigger}"]\nevery_steps = 2\nsteps = 2\nwidth = 64\n'
+                      'height = 64\n', encoding="utf-8")
+    out = tmp_path / "run"
+    run = run_cli(recipe, "--set", 'model.version="1.1"', "--set", "train.steps=2", "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "tiny.safetensors").is_file() and list((out / "samples").rglob("*.png"))
+    refused = run_cli("check", recipe, "--set", 'model.version="1.2"')
+    assert refused.returncode == 2 and "[model.version]" in refused.stderr and "0.03" in refused.stderr
 
 
 def test_backend_registers_both_families_honestly():

@@ -1,7 +1,12 @@
-"""Hunyuan-DiT v1.2 adapter: diffusers ``HunyuanDiT2DModel`` + ``HunyuanDiTPipeline`` components.
+"""Hunyuan-DiT adapter (v1.2, and v1.1 with ``[model] version = "1.1"``): diffusers ``HunyuanDiT2DModel`` +
+``HunyuanDiTPipeline`` components.
 
-Objective: DDPM with v-prediction on the scaled-linear schedule of Hunyuan-DiT (β from 0.00085 to 0.03 over
-1000 steps): ``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε``, target ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0``. The model has
+Objective: DDPM with v-prediction, ``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε``, target ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0``, on the
+noise schedule *of the model*: the source's ``scheduler/scheduler_config.json`` when it has one, otherwise the
+documented schedule of the release (``SCHEDULES``: v1.2 β 0.00085 → 0.018, v1.1 β 0.00085 → 0.03, scaled-linear,
+1000 steps). ``[model] version`` names the release where the model cannot (and must agree with it where it
+can); unset, the transformer's config decides (style/size conditioning = v1.1). One ``DDPMScheduler`` built from
+that config gives both the training ᾱ_t and the sampling scheduler. The model has
 ``learn_sigma`` (8 output channels: 4 for v, 4 for the variance); the first half is trained, the variance
 half is left alone (no VLB term). Latents: the SDXL-style 8× ``AutoencoderKL`` with 4 channels, ``z·0.13025``.
 
@@ -29,8 +34,20 @@ _MLP = [r"blocks\.\d+\.ff\.net\.(0\.proj|2)"]
 _OTHER = [r"blocks\.\d+\.norm1\.linear", r"blocks\.\d+\.skip_linear"]
 
 NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 0.00085, 0.03
 BERT_LENGTH, T5_LENGTH = 77, 256
+
+#: The DDPM schedule each Hunyuan-DiT release was trained with, used when the model folder carries no
+#: ``scheduler/scheduler_config.json``. v1.2: β_end 0.018 (Tencent's HunyuanDiT-v1.2-Diffusers scheduler config
+#: and v1.2 training scripts; ComfyUI's model config for v1.2). v1.1 (and v1.0): β_end 0.03 (Tencent's
+#: HunyuanDiT-v1.1-Diffusers scheduler config and ``hydit/config.py`` defaults; ComfyUI's v1.0/1.1 config).
+SCHEDULES: dict[str, dict[str, Any]] = {
+    version: {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_start": 0.00085, "beta_end": beta_end,
+              "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "clip_sample": False,
+              "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading",
+              "variance_type": "fixed_small"}
+    for version, beta_end in (("1.2", 0.018), ("1.1", 0.03))
+}
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
 
 DDPM_FEATURES = frozenset({
     "noise_offset", "min_snr_gamma",
@@ -72,15 +89,120 @@ class HunyuanDiTAdapter(SourceLoader):
         self.tokenizers: dict[str, Any] = {}
         self._rope: dict[tuple, Any] = {}
         self._alphas_cumprod: Any = None
+        self._schedule: tuple[dict[str, Any], str] | None = None
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
-        problems = [(key, "single files are not read for Hunyuan-DiT v1.2; give [model.source] (a hub id or a "
+        problems = [(key, "single files are not read for Hunyuan-DiT; give [model.source] (a hub id or a "
                      "diffusers folder)") if key[:2] == ("model", "files") else (key, message)
                     for key, message in super().check_sources()]
         if getattr(self.options, "text_max_length", None):
-            problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT v1.2's text "
+            problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT's text "
                              f"lengths are fixed by the model ({BERT_LENGTH} BERT + {T5_LENGTH} mT5 tokens); remove it"))
+        from .base import is_local_source
+
+        if not problems and is_local_source(self._source() or ""):      # hub sources: checked when loaded
+            try:
+                self.schedule()
+                chosen = self.recipe.model.version
+                config, where = self._component_json("transformer/config.json")
+                if chosen and config is not None and \
+                        bool(config.get("use_style_cond_and_image_meta_size")) != (chosen == "1.1"):
+                    problems.append((("model", "version"), f"is \"{chosen}\", but {where} is a "
+                                     + ("≤ v1.1 model (style and image-size conditioning)"
+                                        if chosen == "1.2" else "v1.2 model (no style or image-size conditioning)")
+                                     + "; set the release the weights are, or remove the key"))
+            except Exception as exc:  # noqa: BLE001 - ModelSourceError: "<file>: [key] message"
+                key = ("model", "version") if "[model.version]" in str(exc) else ("model", "source")
+                problems.append((key, str(exc).split("] ", 1)[-1]))
         return problems
+
+    # ------------------------------------------------------------------------------ noise schedule
+    def _component_json(self, relative: str) -> tuple[dict[str, Any] | None, str]:
+        """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
+        import json
+
+        from .base import is_local_source
+
+        src = self._source()
+        if src is None:
+            return None, ""
+        if is_local_source(src):
+            path = Path(src) / relative
+            if not path.is_file():
+                return None, str(path)
+            try:
+                return json.loads(path.read_text("utf-8")), str(path)
+            except (OSError, ValueError) as exc:
+                raise self.error("model.source", f"{path}: not readable JSON ({first_line(exc)})") from None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            kw = self.source_kwargs()
+            sub, name = relative.rsplit("/", 1)
+            found = hf_hub_download(src, name, subfolder=sub, revision=kw.get("revision"),
+                                    local_files_only=kw.get("local_files_only", False))
+            return json.loads(Path(found).read_text("utf-8")), f"{src}/{relative}"
+        except Exception:  # noqa: BLE001 - not in the cache / no such file: the documented default applies
+            return None, f"{src}/{relative}"
+
+    def version(self) -> str:
+        """The release: ``[model] version``, else the transformer config's (style/size conditioning = v1.1),
+        else v1.2."""
+        if self.recipe.model.version:
+            return self.recipe.model.version
+        config, _ = self._component_json("transformer/config.json")
+        return "1.1" if config and config.get("use_style_cond_and_image_meta_size") else "1.2"
+
+    def schedule(self) -> tuple[dict[str, Any], str]:
+        """(DDPM scheduler config, where it came from): the source's ``scheduler/scheduler_config.json``, or the
+        release's documented schedule. Checked: v-prediction; agreement with ``[model] version``."""
+        if self._schedule is not None:
+            return self._schedule
+        version = self.version()
+        config, where = self._component_json(SCHEDULER_FILE)
+        if config is None:
+            self._schedule = (dict(SCHEDULES[version]), f"the documented Hunyuan-DiT v{version} schedule "
+                              f"(no {SCHEDULER_FILE} in the source)")
+            return self._schedule
+        if config.get("prediction_type", "epsilon") != "v_prediction":
+            raise self.error("model.source", f"{where}: prediction_type is {config.get('prediction_type')!r}; "
+                             "Hunyuan-DiT is trained with v-prediction (\"v_prediction\")")
+        if config.get("trained_betas") is None:
+            for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule"):
+                if key not in config:
+                    raise self.error("model.source", f"{where}: has no {key!r}; not a DDPM scheduler config")
+        chosen = self.recipe.model.version
+        if chosen and config.get("trained_betas") is None:
+            expected = SCHEDULES[chosen]
+            if any(config[k] != expected[k] for k in ("beta_start", "beta_end", "beta_schedule",
+                                                      "num_train_timesteps")):
+                raise self.error("model.version", f"is \"{chosen}\" (β {expected['beta_start']} → "
+                                 f"{expected['beta_end']}), but {where} has β {config['beta_start']} → "
+                                 f"{config['beta_end']} ({config['beta_schedule']}); the model's own schedule wins: "
+                                 "remove [model] version, or point [model] source at a v" + chosen + " model")
+        self._schedule = ({k: v for k, v in config.items() if not k.startswith("_")}, where)
+        return self._schedule
+
+    def schedule_note(self) -> str:
+        """The schedule in words for `lora-run plan` (a hub source is read only when loaded)."""
+        from .base import is_local_source
+
+        if not is_local_source(self._source() or ""):
+            return "noise schedule: the model's scheduler config, read when it is loaded"
+        try:
+            config, where = self.schedule()
+        except Exception as exc:  # noqa: BLE001 - `check` reports it with the key
+            return f"noise schedule: {str(exc).split('] ', 1)[-1]}"
+        if config.get("trained_betas") is not None:
+            return f"noise schedule: trained betas from {where}"
+        return (f"noise schedule {config['beta_schedule']} β {config['beta_start']} → {config['beta_end']}, "
+                f"{config['num_train_timesteps']} steps, from {where}")
+
+    def noise_scheduler(self) -> Any:
+        """A ``DDPMScheduler`` on the model's schedule (training ᾱ_t and sampling use this same config)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.schedule()[0])
 
     # ------------------------------------------------------------------------------------- loading
     def _load_tokenizers(self) -> None:
@@ -117,9 +239,12 @@ class HunyuanDiTAdapter(SourceLoader):
     def load_transformer(self) -> Any:
         model = self._component("transformer", self.compute_dtype)
         model.requires_grad_(False)
-        if model.config.use_style_cond_and_image_meta_size:
-            raise self.error("model.source", "is a Hunyuan-DiT ≤ v1.1 model (style and image-size conditioning); "
-                             "the native adapter trains v1.2")
+        conditioned = bool(model.config.use_style_cond_and_image_meta_size)
+        if self.recipe.model.version and conditioned != (self.recipe.model.version == "1.1"):
+            raise self.error("model.version", f"is \"{self.recipe.model.version}\", but {self._source()} is a "
+                             + ("≤ v1.1 model (style and image-size conditioning)" if conditioned
+                                else "v1.2 model (no style or image-size conditioning)")
+                             + "; set the release the weights are, or remove the key")
         return model
 
     def encoder_identity(self, part: str) -> str:
@@ -179,28 +304,31 @@ class HunyuanDiTAdapter(SourceLoader):
 
     # ----------------------------------------------------------------------------------- objective
     def alphas_cumprod(self) -> Any:
-        """ᾱ_t of the scaled-linear schedule, as ``DDPMScheduler`` computes it (float32)."""
+        """ᾱ_t of the model's schedule (``noise_scheduler()``; float32)."""
         import torch
 
         if self._alphas_cumprod is None:
-            betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
-            self._alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            self._alphas_cumprod = self.noise_scheduler().alphas_cumprod.to(torch.float32).clone()
         return self._alphas_cumprod
 
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.schedule()[0].get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))
+
     def sample_timesteps(self, batch: int, generator: Any, latents: Any) -> Any:
-        """Integer t in [0, 999] (as float32): ``uniform`` draws it uniformly; ``sigmoid`` / ``logit-normal``
-        draw u ∈ (0, 1) exactly as for flow models and take t = round(999·u)."""
+        """Integer t in [0, T-1] (as float32; T = 1000): ``uniform`` draws it uniformly; ``sigmoid`` /
+        ``logit-normal`` draw u ∈ (0, 1) exactly as σ for flow models and take t = round((T-1)·u)."""
         import torch
 
         from .. import timesteps
 
         t = self.recipe.train
         if t.timestep_sampling == "uniform":
-            steps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+            steps = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
         else:
             u = timesteps.sample_sigmas(t.timestep_sampling, batch, generator, sigmoid_scale=t.sigmoid_scale,
                                         logit_mean=t.logit_mean, logit_std=t.logit_std)
-            steps = torch.round(u * (NUM_TRAIN_TIMESTEPS - 1))
+            steps = torch.round(u * (self.num_train_timesteps - 1))
         return steps.to(device=latents.device, dtype=torch.float32)
 
     def _coefficients(self, t: Any, ndim: int) -> tuple[Any, Any]:
@@ -241,13 +369,22 @@ class HunyuanDiTAdapter(SourceLoader):
         return self._rope[key]
 
     def predict(self, transformer: Any, noisy: Any, t: Any, text: dict[str, Any], guidance: float) -> Any:
+        import torch
+
         dtype = self.compute_dtype
         b, c, h, w = noisy.shape
         rope = self.rotary_embedding(transformer, h, w, noisy.device)
+        meta = style = None
+        if transformer.config.use_style_cond_and_image_meta_size:
+            # v1.1: original size = target size = the bucket in pixels (images are resized into it), crop at
+            # (0, 0), style 0 — what the pipeline passes at sampling (generate() gives original_size the same way)
+            px = [h * 8, w * 8]
+            meta = torch.tensor([px + px + [0, 0]] * b, device=noisy.device, dtype=dtype)
+            style = torch.zeros(b, device=noisy.device, dtype=torch.long)
         out = transformer(noisy.to(dtype), t.to(dtype), encoder_hidden_states=text["prompt_embeds"].to(dtype),
                           text_embedding_mask=text["prompt_attention_mask"],
                           encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
-                          text_embedding_mask_t5=text["prompt_attention_mask_2"], image_meta_size=None, style=None,
+                          text_embedding_mask_t5=text["prompt_attention_mask_2"], image_meta_size=meta, style=style,
                           image_rotary_emb=rope, return_dict=False)[0]
         return out[:, :c]                       # learn_sigma: the first half is the v prediction
 
@@ -261,14 +398,7 @@ class HunyuanDiTAdapter(SourceLoader):
 
     # ----------------------------------------------------------------------------------- inference
     def _scheduler(self) -> Any:
-        from diffusers import DDPMScheduler
-
-        try:
-            return self.from_source(DDPMScheduler, "scheduler", subfolder="scheduler")
-        except Exception:  # noqa: BLE001 - v1.2's scheduler is known
-            return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END,
-                                 beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False,
-                                 steps_offset=1)
+        return self.noise_scheduler()        # the very schedule training uses
 
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         from diffusers import HunyuanDiTPipeline
@@ -320,7 +450,8 @@ class HunyuanDiTAdapter(SourceLoader):
         scale_lora_layers(pipe.transformer, float(lora_scale))
         try:
             result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise.to(device, dtype),
-                          generator=generator, output_type="pil", use_resolution_binning=False, **kwargs)
+                          generator=generator, output_type="pil", use_resolution_binning=False,
+                          original_size=(height, width), **kwargs)
         finally:
             unscale_lora_layers(pipe.transformer, float(lora_scale))
         return result.images[0]

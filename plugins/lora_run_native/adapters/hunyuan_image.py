@@ -5,8 +5,9 @@ latents ``(B, 64, H/32, W/32)`` from the 32× ``AutoencoderKLHunyuanImage`` (nor
 no shift) and its timestep on the 0–1000 scale (σ·1000; the model does not scale it). Text: Qwen2.5-VL-7B
 hidden states (the pipeline's prompt template, the hidden state two layers before the last, the template's
 tokens dropped) with their mask, plus the ByT5 glyph encoder on the quoted text of the caption (zeros and an
-empty mask when the caption quotes nothing), exactly as ``HunyuanImagePipeline.encode_prompt`` computes them
-(its functions are reused). Both are cached like FLUX's encodings.
+empty mask when the caption quotes nothing), as ``HunyuanImagePipeline.encode_prompt`` computes them (its
+functions are reused) except which quotes count: ``glyph_text`` follows Tencent's pipeline and sd-scripts
+("…", ‘…’, “…”; an ASCII apostrophe is not a quotation mark), in training and in sampling alike. Both are cached like FLUX's encodings.
 
 Sources: ``[model] source`` (hub id or local diffusers folder) and/or ``[model.files]`` single files as ComfyUI,
 sd-scripts and diffusion-pipe use them (``transformer`` = ``hunyuanimage2.1.safetensors`` in Tencent's layout,
@@ -255,7 +256,7 @@ class HunyuanImageAdapter(SourceLoader):
         return (f"hunyuan-image|qwen:{self.source_identity('text_encoder', 'qwen')}|"
                 f"byt5:{self.source_identity('text_encoder_2', 'byt5')}"
                 f"|tok:{self.source_identity('tokenizer')}|{self.source_identity('tokenizer_2')}|len:{self.qwen_max_length}"
-                f"|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|{dtype}")
+                f"|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|glyph:{GLYPH_RULE}|{dtype}")
 
     def enable_gradient_checkpointing(self, transformer: Any) -> None:
         """diffusers 0.42.1's default checkpoint function takes no keyword arguments, which this model passes
@@ -275,7 +276,6 @@ class HunyuanImageAdapter(SourceLoader):
     def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
         import torch
         from diffusers import HunyuanImagePipeline
-        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
 
         encoders = encoders or self.text_encoders
         out: dict[str, Any] = {}
@@ -289,21 +289,8 @@ class HunyuanImageAdapter(SourceLoader):
                     template=_template(), drop_idx=TEMPLATE_DROP, hidden_state_skip_layer=HIDDEN_STATE_SKIP_LAYER)
                 out["prompt_embeds"], out["prompt_embeds_mask"] = embeds, mask.long()
             if "byt5" in encoders:
-                model = self.encoders["byt5"]
-                embeds, masks = [], []
-                for caption in captions:
-                    glyph = extract_glyph_text(caption)
-                    if glyph is None:
-                        embeds.append(torch.zeros((1, BYT5_MAX_LENGTH, model.config.d_model), device=self.device,
-                                                  dtype=model.dtype))
-                        masks.append(torch.zeros((1, BYT5_MAX_LENGTH), device=self.device, dtype=torch.long))
-                    else:
-                        e, m = pipe._get_byt5_prompt_embeds(None, tokenizer=self.tokenizers["byt5"], text_encoder=model,
-                                                            prompt=glyph, device=self.device, dtype=model.dtype,
-                                                            tokenizer_max_length=BYT5_MAX_LENGTH)
-                        embeds.append(e)
-                        masks.append(m.long())
-                out["prompt_embeds_2"], out["prompt_embeds_mask_2"] = torch.cat(embeds), torch.cat(masks)
+                out["prompt_embeds_2"], out["prompt_embeds_mask_2"] = glyph_embeds(
+                    self.tokenizers["byt5"], self.encoders["byt5"], captions, self.device)
         return out
 
     def text_encoder_targets(self, module: Any) -> list[str]:
@@ -392,7 +379,10 @@ class HunyuanImageAdapter(SourceLoader):
                           prompt_embeds_2=text["prompt_embeds_2"].to(device, dtype),
                           prompt_embeds_mask_2=text["prompt_embeds_mask_2"].to(device))
         else:
-            kwargs["prompt"] = prompt
+            # the pipeline's own glyph extraction also quotes with ASCII apostrophes; the ByT5 input is computed
+            # here with the reference rule (glyph_text), the same as in training
+            embeds_2, mask_2 = glyph_embeds(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
+            kwargs.update(prompt=prompt, prompt_embeds_2=embeds_2.to(device, dtype), prompt_embeds_mask_2=mask_2)
         channels = pipe.transformer.config.in_channels
         scale = self.vae_scale_factor
         noise = torch.randn((1, channels, height // scale, width // scale), generator=torch.Generator("cpu").manual_seed(seed))
@@ -400,6 +390,47 @@ class HunyuanImageAdapter(SourceLoader):
                       latents=noise.to(device, dtype), attention_kwargs={"scale": float(lora_scale)}, output_type="pil",
                       **kwargs)
         return result.images[0]
+
+
+GLYPH_RULE = "ref-quotes"     # in the text cache identity: caches made with diffusers' rule are not reused
+#: Quotation marks that delimit glyph text, as Tencent's HunyuanImage-2.1 pipeline and sd-scripts read them:
+#: ASCII double quotes, then ‘…’, then “…”. ASCII single quotes are *not* quotation marks (apostrophes: "the
+#: man's face, the woman's hat" quotes nothing); diffusers 0.42.1's ``extract_glyph_text`` differs here.
+GLYPH_QUOTES = (('"', '"'), ("\u2018", "\u2019"), ("\u201c", "\u201d"))
+
+
+def glyph_text(caption: str) -> str | None:
+    """The ByT5 input of a caption: every quoted span (shortest match, per quote kind in the order of
+    ``GLYPH_QUOTES``) as ``Text "<span>". `` concatenated; None when nothing is quoted."""
+    import re
+
+    spans: list[str] = []
+    for opening, closing in GLYPH_QUOTES:
+        spans += re.findall(re.escape(opening) + "(.*?)" + re.escape(closing), caption)
+    return "".join(f'Text "{span}". ' for span in spans) if spans else None
+
+
+def glyph_embeds(tokenizer: Any, encoder: Any, captions: list[str], device: Any) -> tuple[Any, Any]:
+    """ByT5 hidden states and masks of the captions' glyph text ``(B, 128, d)`` / ``(B, 128)`` (long), computed
+    with ``HunyuanImagePipeline._get_byt5_prompt_embeds``; zeros and an empty mask without quoted text."""
+    import torch
+    from diffusers import HunyuanImagePipeline
+
+    embeds, masks = [], []
+    with torch.no_grad():
+        for caption in captions:
+            glyph = glyph_text(caption or "")
+            if glyph is None:
+                embeds.append(torch.zeros((1, BYT5_MAX_LENGTH, encoder.config.d_model), device=device,
+                                          dtype=encoder.dtype))
+                masks.append(torch.zeros((1, BYT5_MAX_LENGTH), device=device, dtype=torch.long))
+            else:
+                e, m = HunyuanImagePipeline._get_byt5_prompt_embeds(
+                    None, tokenizer=tokenizer, text_encoder=encoder, prompt=glyph, device=device, dtype=encoder.dtype,
+                    tokenizer_max_length=BYT5_MAX_LENGTH)
+                embeds.append(e)
+                masks.append(m.long())
+    return torch.cat(embeds), torch.cat(masks)
 
 
 def _template() -> str:
