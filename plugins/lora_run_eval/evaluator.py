@@ -390,7 +390,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.recipe import load_recipe
     from lora_run.run import lint, validate
 
-    loaded = load_recipe(args.recipe, args.sets)
+    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()

@@ -25,7 +25,7 @@ from lora_run import __version__
 from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
-from lora_run.run import Plan
+from lora_run.run import Plan, borrowed_memory_estimate
 
 from . import checkout, spec
 from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
@@ -177,10 +177,13 @@ class KohyaBackend:
         if paths.sd_scripts == "<sd-scripts>":
             notes.append(f"no sd-scripts checkout configured yet: set [backend.kohya] sd_scripts or "
                          f"${checkout.ENV} before running")
+        memory = borrowed_memory_estimate(self.recipe, self.ctx.plugins, self.options.blocks_to_swap or 0)
         notes.append("memory: see sd-scripts' own table (docs/flux_train_network.md): 24 GB fits batch 2 with "
-                     "fp8; 16 GB batch 1 with blocks_to_swap; 12 GB blocks_to_swap 16 + AdamW8bit")
+                     "fp8; 16 GB batch 1 with blocks_to_swap; 12 GB blocks_to_swap 16 + AdamW8bit"
+                     + ("; the estimate above is lora-run's, not sd-scripts'" if memory else ""))
         return Plan(backend="kohya", family=self.recipe.model.family, steps=self.steps(), files=files,
-                    commands=[tr.argv], memory_estimate_gib=None, memory_mode=None, outputs=outputs, notes=notes,
+                    commands=[tr.argv], memory_estimate_gib=memory[0] if memory else None, memory_mode=None,
+                    memory_source=memory[1] if memory else None, outputs=outputs, notes=notes,
                     details={"sd_scripts": None if paths.sd_scripts == "<sd-scripts>" else paths.sd_scripts,
                              "script": tr.family.script})
 

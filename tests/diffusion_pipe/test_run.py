@@ -282,13 +282,20 @@ def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_pat
 def test_model_files_are_checked_before_launch(dp_recipe, plugins_with, tmp_path, fake_env, flux_folder):
     fake_env(record=tmp_path / "launch.jsonl")
     (flux_folder / "model_index.json").unlink()
-    from lora_run.errors import ModelSourceError
-
-    with pytest.raises(ModelSourceError, match="not a diffusers folder"):
+    with pytest.raises(RecipeError, match="not a diffusers folder"):  # found by the check, before anything runs
         run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
     assert not (tmp_path / "launch.jsonl").exists()
     with pytest.raises(RecipeError):
         run_recipe(dp_recipe(), plugins_with, tmp_path / "run2", "backend.diffusion-pipe.path='/nonexistent'")
+
+
+def test_check_reports_a_missing_source_folder_and_model_file(dp_recipe, run_cli, tmp_path, flux_folder):
+    out = run_cli("check", dp_recipe(), "--set", f"model.source={tmp_path / 'no-such-flux'}",
+                  "--set", f"model.files.transformer={tmp_path / 'flux1-dev.safetensors'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"[model.source] folder not found: {tmp_path / 'no-such-flux'}" in out.stderr
+    assert f"[model.files.transformer] {tmp_path / 'flux1-dev.safetensors'} does not exist" in out.stderr
+    assert out.stderr.count("[model.source]") == 1
 
 
 def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):

@@ -80,7 +80,7 @@ def test_memory_estimate_follows_the_recipe():
 
 
 @pytest.mark.parametrize("name", ["identity-fast.toml", "identity-hifi.toml"])
-def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch):
+def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch, reachable_hub):
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import validate
@@ -105,13 +105,13 @@ def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch):
         assert recipe.train.noise_offset == 0.1 and recipe.train.loss == "pseudo-huber"
         assert recipe.train.min_snr_gamma is None and recipe.dataset.regularization
         assert "min_snr_gamma" in text and "does\n#   not apply to flow matching" in text
-    monkeypatch.delenv("HF_HUB_OFFLINE")           # check/plan never download; offline only adds the cache check
+    monkeypatch.delenv("HF_HUB_OFFLINE")           # check/plan never download; they only ask whether the hub answers
     loaded = load_recipe(path)
     validate(loaded, load_plugins())            # every feature it uses is honoured by the native backend
     photos = tmp_path / "photos"
     make_images(photos, count=3, size=(320, 288))
     result = run_cli("plan", path, "--set", f"dataset.path=\"{photos}\"", "--set", "dataset.regularization=[]",
-                     "--json", env={"HF_HUB_OFFLINE": ""})
+                     "--json", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": reachable_hub})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["plan"]["steps"] == recipe.train.steps
 

@@ -210,8 +210,8 @@ class HunyuanImageAdapter(SourceLoader):
         if "qwen" not in self.tokenizers:
             tok = self.from_source(AutoTokenizer, "qwen_tokenizer")
             if not real_tokenizer(tok):
-                raise self.error("model.source", f"{self._source()}/tokenizer: no Qwen tokenizer files there (or not "
-                                 "in the local cache while offline)")
+                raise self.error("model.source", f"{self._source()}/tokenizer: no Qwen tokenizer files there"
+                                 + (self.cache_hint() or " (or not in the local cache while offline)"))
             self.tokenizers["qwen"] = tok
         if "byt5" not in self.tokenizers:
             self.tokenizers["byt5"] = self.from_source(ByT5Tokenizer, "byt5_tokenizer")
