@@ -345,7 +345,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
                   debug=args.debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
-    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA.")
+    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
+          "report's failures are expected: the model is random and the photos are cartoons.\n"
+          "Next: your own photos, with a shipped recipe (docs/getting-started.md): lora-run recipes")
     return EXIT_OK
 
 

@@ -286,7 +286,7 @@ def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe:
 def grid_extra(recipe: Any) -> dict[str, Any]:
     ev = recipe.eval
     return {"trigger": recipe.dataset.trigger, "steps": ev.steps, "guidance": ev.guidance,
-            "size": [ev.width, ev.height], "family": recipe.model.family}
+            "size": [ev.width, ev.height], "family": recipe.model.family, "about": recipe.description}
 
 
 # ------------------------------------------------------------------------------------------ in a run

@@ -307,3 +307,14 @@ def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):
     bad = run_cli(dp_recipe(), "--output-dir", tmp_path / "bad")
     assert bad.returncode == 1 and "CUDA out of memory" in bad.stderr and "Traceback (most recent" in bad.stderr
     assert "error: diffusion-pipe failed (exit code 1)" in bad.stderr
+
+
+def test_plan_gives_our_memory_estimate(dp_recipe, run_cli):
+    out = run_cli("plan", dp_recipe(), "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["memory_estimate_gib"] > 0
+    assert plan["memory_source"].startswith("lora-run's native memory model for the equivalent settings")
+    swapped = json.loads(run_cli("plan", dp_recipe(), "--set", "backend.diffusion-pipe.blocks_to_swap=10",
+                                 "--json").stdout)["plan"]
+    assert swapped["memory_estimate_gib"] < plan["memory_estimate_gib"]

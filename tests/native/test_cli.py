@@ -129,3 +129,14 @@ def test_demo_runs_from_the_cli(run_cli, tmp_path):
     assert "not a useful LoRA" in result.stdout
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs through accelerate"
     assert manifest["artifacts"]["cache"]["latents"]["misses"] == 18
+
+
+def test_demo_run_again_says_how_to_replace_it(run_cli, tmp_path):
+    earlier = tmp_path / "demo" / "run"
+    earlier.mkdir(parents=True)
+    (earlier / "manifest.json").write_text("{}")
+    result = run_cli("demo", "--output-dir", tmp_path / "demo")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lora-run demo --overwrite" in result.stderr and "--resume" not in result.stderr
+    assert not (tmp_path / "demo" / "assets").exists()       # refused before building anything
+    assert (earlier / "manifest.json").read_text() == "{}"
