@@ -246,9 +246,13 @@ class OutputSection:
 
     dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
     name: str = option("identity-lora", "Base name of the LoRA files.")
-    formats: list[Literal["kohya", "diffusers"]] = option(
-        factory=lambda: ["kohya", "diffusers"], doc="LoRA formats to write: `kohya` (ComfyUI/kohya keys with "
-        "alpha and metadata) and/or `diffusers`.")
+    formats: list[Literal["kohya", "diffusers", "comfyui"]] = option(
+        factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (sd-scripts' layout: "
+        "`lora_unet_` keys with alpha and `ss_*` metadata; for FLUX.1 ComfyUI and Forge load it too), `diffusers` "
+        "(diffusers/peft keys, scale folded in; ComfyUI loads FLUX.1's too) and/or `comfyui` (ComfyUI's own "
+        "layout, for HunyuanImage-2.1: `diffusion_model.` keys, scale folded in). A format a family or backend "
+        "does not write is skipped with a note in `lora-run plan`. Which file for which tool: "
+        "docs/lora-formats.md.")
     save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
 
 

@@ -106,10 +106,11 @@ class KohyaBackend:
                 out.append((("backend", "kohya", "extra_args", key), "is set by lora-run from the recipe (or by the "
                             "backend's layout) and cannot be overridden here"))
         formats = self.recipe.output.formats
-        if "diffusers" in formats:
+        converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
+        if converted:
             missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
             if missing:
-                out.append((("output", "formats"), f"\"diffusers\" needs {' and '.join(missing)} in lora-run's own "
+                out.append((("output", "formats"), f"\"{converted[0]}\" needs {' and '.join(missing)} in lora-run's own "
                             "environment to convert sd-scripts' kohya file (pip install 'lora-run[train]'), or use "
                             "formats = [\"kohya\"]"))
             if self.family.name != FLUX and importlib.util.find_spec("lora_run_formats.hunyuan_image") is None:
@@ -172,8 +173,12 @@ class KohyaBackend:
             outputs.append(str(paths.run_dir / f"{name}.safetensors"))
         if "diffusers" in self.recipe.output.formats:
             outputs.append(str(paths.run_dir / f"{name}.diffusers.safetensors"))
+        if "comfyui" in self.recipe.output.formats and self.family.name != FLUX:
+            outputs.append(str(paths.run_dir / f"{name}.comfyui.safetensors"))
         outputs.append(str(paths.output_dir) + "/ (sd-scripts' checkpoints, states and samples)")
         notes = list(tr.notes)
+        if "comfyui" in self.recipe.output.formats and self.family.name == FLUX:
+            notes.append("output format comfyui skipped: ComfyUI loads FLUX.1's kohya and diffusers files directly")
         if paths.sd_scripts == "<sd-scripts>":
             notes.append(f"no sd-scripts checkout configured yet: set [backend.kohya] sd_scripts or "
                          f"${checkout.ENV} before running")
@@ -350,7 +355,12 @@ class KohyaBackend:
                                  {**extra, "lora_run.converted_from": "kohya",
                                   "ss_network_dim": read_metadata(produced).get("ss_network_dim", "")})
             ctx.artifacts["lora_diffusers"] = str(target)
-        ctx.echo(f"kohya: LoRA written: {', '.join(str(ctx.artifacts[k]) for k in ('lora_kohya', 'lora_diffusers') if k in ctx.artifacts)}")
+        if "comfyui" in recipe.output.formats and recipe.model.family != "flux.1-dev":
+            target = paths.run_dir / f"{name}.comfyui.safetensors"
+            convert_to_comfy(produced, target, {**extra, "lora_run.converted_from": "kohya"})
+            ctx.artifacts["lora_comfyui"] = str(target)
+        written = [str(ctx.artifacts[k]) for k in ("lora_kohya", "lora_diffusers", "lora_comfyui") if k in ctx.artifacts]
+        ctx.echo(f"kohya: LoRA written: {', '.join(written)}")
 
 
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:
@@ -371,6 +381,19 @@ def unexpected_modules(path: Path, recipe: Any) -> list[str]:
     if not recipe.text_encoder.train:
         out += [m for m in modules if m.startswith("lora_te")]
     return out
+
+
+def convert_to_comfy(source: Path, target: Path, metadata: dict[str, str]) -> Path:
+    """sd-scripts' HunyuanImage LoRA → ComfyUI's layout (`diffusion_model.` keys, alpha/rank folded in)."""
+    from lora_run_formats import load_lora, save_lora
+    from lora_run_formats.hunyuan_image import kohya_to_comfy
+
+    tensors, _meta = load_lora(source)
+    try:
+        converted = kohya_to_comfy(tensors)
+    except ValueError as exc:
+        raise BackendError(f"cannot convert {source} to ComfyUI's layout: {exc}") from None
+    return save_lora(target, converted, {"format": "pt", **metadata})
 
 
 def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict[str, str]) -> Path:

@@ -106,12 +106,20 @@ def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_c
 
 def test_hunyuan_image_run_converts_comfyui_keys(dp_recipe, plugins_with, tmp_path, fake_env, hunyuan_files):
     fake_env()
-    ctx, _, _ = run_recipe(dp_recipe(hunyuan_recipe(hunyuan_files)), plugins_with, tmp_path / "run")
+    ctx, _, _ = run_recipe(dp_recipe(hunyuan_recipe(hunyuan_files)), plugins_with, tmp_path / "run",
+                           'output.formats=["kohya", "diffusers", "comfyui"]')
     kohya = safetensors_torch.load_file(ctx.artifacts["lora_kohya"])
     diffusers = safetensors_torch.load_file(ctx.artifacts["lora_diffusers"])
-    assert "lora_unet_double_blocks_1_txt_mod_lin.lora_up.weight" in kohya
+    comfy = safetensors_torch.load_file(ctx.artifacts["lora_comfyui"])
+    # kohya: sd-scripts' names (networks.lora_hunyuan_image) with alphas; comfyui: ComfyUI's own layout
+    assert "lora_unet_double_blocks_1_txt_mod_linear.lora_up.weight" in kohya
+    assert "lora_unet_double_blocks_0_img_mlp_fc1.lora_up.weight" in kohya
+    assert not any("_mod_lin." in k or "mlp_0" in k for k in kohya)
     assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 4   # fused, rank kept
     assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 4
+    assert comfy and all(k.startswith("diffusion_model.") and ".alpha" not in k for k in comfy)
+    assert "diffusion_model.double_blocks.1.txt_mod.lin.lora_B.weight" in comfy
+    assert ctx.artifacts["lora_comfyui"].endswith("subject.comfyui.safetensors")
     assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_A.weight" in diffusers
     assert "transformer.single_transformer_blocks.1.norm.linear.lora_B.weight" in diffusers
     from safetensors import safe_open

@@ -194,6 +194,34 @@ def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins
 
 
 @pytest.mark.slow
+def test_hunyuan_image_comfyui_file_from_sd_scripts_file(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    import torch
+
+    from lora_run_formats import load_lora
+    from lora_run_formats.hunyuan_image import kohya_to_diffusers
+
+    path = kohya_recipe(family="hunyuan-image-2.1", sd_scripts=fake_checkout)
+    text = path.read_text()
+    formats = next(line for line in text.splitlines() if line.startswith("formats ="))
+    path.write_text(text.replace(formats, 'formats = ["kohya", "comfyui"]'))
+    ctx, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    assert ctx.artifacts["lora_comfyui"].endswith("ohwx.comfyui.safetensors")
+    comfy, _ = load_lora(ctx.artifacts["lora_comfyui"])
+    kohya, _ = load_lora(ctx.artifacts["lora_kohya"])
+    assert comfy and all(k.startswith("diffusion_model.") and not k.endswith(".alpha") for k in comfy)
+    from lora_run_formats.hunyuan_image import comfy_to_diffusers
+
+    ours, theirs = comfy_to_diffusers(comfy), kohya_to_diffusers(kohya)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if key.endswith("lora_A.weight"):
+            b = key.replace("lora_A", "lora_B")
+            torch.testing.assert_close((ours[b].float() @ ours[key].float()), (theirs[b].float() @ theirs[key].float()),
+                                       atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.slow
 def test_hunyuan_attention_mlp_has_no_modulation_modules(kohya_recipe, fake_checkout, plugins_with, tmp_path):
     from lora_run_formats import load_lora
 

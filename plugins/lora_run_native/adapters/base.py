@@ -183,6 +183,8 @@ class ModelAdapter:
     reasons: ClassVar[dict[str, str]] = {}
     target_presets: ClassVar[dict[str, list[str]]] = {}
     lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
+    #: Why an output format is not written for this family (shown by `lora-run plan`).
+    format_notes: ClassVar[dict[str, str]] = {}
     text_encoders: ClassVar[tuple[str, ...]] = ()
     trainable_text_encoder: ClassVar[str | None] = None
     default_hub_id: ClassVar[str | None] = None

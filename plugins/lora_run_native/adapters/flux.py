@@ -45,6 +45,8 @@ class FluxAdapter(ModelAdapter):
         "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
     }
     lora_formats = ("kohya", "diffusers")
+    format_notes = {"comfyui": "ComfyUI loads FLUX.1's kohya and diffusers files directly; no separate comfyui "
+                               "file is written"}
     text_encoders = ("clip_l", "t5xxl")
     trainable_text_encoder = "clip_l"
     default_hub_id = "black-forest-labs/FLUX.1-dev"
