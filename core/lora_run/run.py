@@ -144,8 +144,10 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             checker = getattr(make_backend(Prepared(recipe, loaded, backend, options), plugins), "check", None)
             for path, message in checker() if checker is not None else ():
                 problems.add(tuple(path), message)
-        except LoraRunError:
-            raise
+        except LoraRunError as exc:  # reported with the others (alone, it keeps its own type and exit code)
+            if not found:
+                raise
+            problems.items.extend(getattr(exc, "problems", [str(exc)]))
         except Exception:  # a check confused by a problem already reported; without one it is a real bug
             if not found:
                 raise

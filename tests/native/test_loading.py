@@ -188,3 +188,23 @@ def test_a_hub_probe_that_gets_no_answer_gives_up_in_time(monkeypatch):
         reason = base.hub_unreachable(timeout=1.0)
         assert reason and time.monotonic() - started < 3
     base._HUB_PROBES.clear()
+
+
+def test_an_unreachable_hub_with_the_model_cached_loads_from_the_cache(flux_recipe, tmp_path, monkeypatch,
+                                                                      unreachable_hub, capsys):
+    cache = tmp_path / "hf-home" / "hub"
+    snapshot = cache / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (cache / "models--black-forest-labs--FLUX.1-dev" / "refs").mkdir()
+    (cache / "models--black-forest-labs--FLUX.1-dev" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))   # read at import otherwise
+    adapter = _adapter(flux_recipe(name="hub.toml"), ["model.source=\"black-forest-labs/FLUX.1-dev\"",
+                                                      "model.offline=false"])
+    assert adapter.check_sources() == []             # cached: nothing to report, the hub is not needed
+    assert adapter.source_kwargs()["local_files_only"] is True
+    assert "cannot be reached" in capsys.readouterr().err and adapter.hub_down
