@@ -273,7 +273,8 @@ class Recipe:
 
     extends: str | None = option(None, "Another recipe this one builds on (a path relative to this file); "
                                  "keys here override it.")
-    description: str = option("", "One-line description shown by `lora-run recipes`.")
+    description: str = option("", "What the recipe is for, in a sentence; the evaluation report shows it at "
+                              "the top (`lora-run recipes` shows the file's first comment line).")
     model: ModelSection = option(factory=ModelSection, doc="`[model]`")
     dataset: DatasetSection = option(doc="`[dataset]`")
     lora: LoraSection = option(factory=LoraSection, doc="`[lora]`")
