@@ -235,6 +235,13 @@ class KohyaBackend:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         if recipe.model.offline:
             env["HF_HUB_OFFLINE"] = "1"
+        elif env.get("HF_HUB_OFFLINE", "").strip().lower() in ("", "0", "false", "no", "off"):
+            reason = _hub_unreachable()
+            if reason:  # sd-scripts fetches its tokenizers from the hub: use the cache at once, not after retries
+                env["HF_HUB_OFFLINE"] = "1"
+                ctx.echo(f"warning: the Hugging Face hub cannot be reached ({reason}); sd-scripts runs with "
+                         "HF_HUB_OFFLINE=1 and uses the tokenizers in the local cache (or "
+                         "[backend.kohya] tokenizer_cache_dir)")
 
         def on_progress(p: Progress) -> None:
             watcher.step = p.step
@@ -381,6 +388,15 @@ def unexpected_modules(path: Path, recipe: Any) -> list[str]:
     if not recipe.text_encoder.train:
         out += [m for m in modules if m.startswith("lora_te")]
     return out
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (the native backend's bounded probe), or None."""
+    try:
+        from lora_run_native.adapters.base import hub_unreachable
+    except ImportError:  # pragma: no cover - native is a built-in plugin of the same distribution
+        return None
+    return hub_unreachable()
 
 
 def convert_to_comfy(source: Path, target: Path, metadata: dict[str, str]) -> Path:

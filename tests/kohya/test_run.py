@@ -314,3 +314,31 @@ def test_ctrl_c_stops_sd_scripts_and_exits_130(kohya_recipe, fake_checkout, tmp_
             if str(fake_checkout) in cmdline:
                 survivors.append(cmdline)
     assert survivors == []
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_runs_sd_scripts_offline(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    """sd-scripts fetches tokenizers from the hub: without a reachable hub it runs with HF_HUB_OFFLINE=1 (the
+    cache at once) instead of spending minutes in retries, and says so."""
+    import socket
+
+    from lora_run_native.adapters import base
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")       # nobody listens: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(base, "_HUB_PROBES", {})
+    record = tmp_path / "args.json"
+    monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
+    ctx, _, echoed, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert error is None, error
+    assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] == "1"
+    assert any("the Hugging Face hub cannot be reached" in line for line in echoed)
+    # a reachable hub (here: any HTTP answer) leaves sd-scripts' environment alone
+    monkeypatch.setattr(base, "_HUB_PROBES", {f"http://127.0.0.1:{port}": None})
+    _, _, echoed, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with,
+                                         sets=["output.dir=\"runs/second\""])
+    assert error is None, error
+    assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] is None
