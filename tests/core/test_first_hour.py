@@ -88,17 +88,25 @@ def test_check_reports_recipe_and_dataset_problems_in_one_run(write_recipe, run_
     assert any(f["level"] == "error" for f in as_json["lint"]["findings"])
 
 
+def _closed_pipe_stderr(code: str, cwd) -> str:
+    """Run `code` with its stdout a pipe whose reading end is closed at once (as `| head` does): stderr."""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    child.wait(timeout=60)
+    return err
+
+
 def test_a_closed_output_pipe_ends_quietly(write_recipe, tmp_path):
     path = write_recipe(GOOD)
     for args in (["plugins", "--json"], ["check", str(path), "--json"], ["recipes"]):
         code = f"import sys; sys.argv = ['lora-run', *{args!r}]; from lora_run.cli import main; sys.exit(main())"
-        reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  cwd=tmp_path)
-        assert reader.stdout.read(5)           # read a little, then stop reading, as `| head` does
-        reader.stdout.close()
-        err = reader.stderr.read().decode()
-        reader.wait(timeout=60)
+        err = _closed_pipe_stderr(code, tmp_path)
         assert "Traceback" not in err and "BrokenPipe" not in err, err
+    # control: the same output written without the CLI's handling does end in BrokenPipeError
+    control = ("import sys, argparse; from lora_run import cli; "
+               "cli.COMMANDS['plugins'](argparse.Namespace(json=True)); sys.stdout.flush()")
+    assert "BrokenPipeError" in _closed_pipe_stderr(control, tmp_path)
 
 
 def test_capability_errors_name_each_backend_once(write_recipe, run_cli):
