@@ -339,6 +339,6 @@ def test_an_unreachable_hub_runs_sd_scripts_offline(kohya_recipe, fake_checkout,
     # a reachable hub (here: any HTTP answer) leaves sd-scripts' environment alone
     monkeypatch.setattr(base, "_HUB_PROBES", {f"http://127.0.0.1:{port}": None})
     _, _, echoed, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with,
-                                         sets=["output.dir=\"runs/second\""])
+                                         sets=[f"output.dir=\"{tmp_path / 'second'}\""])
     assert error is None, error
     assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] is None
