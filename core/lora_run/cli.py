@@ -4,7 +4,7 @@
     lora-run check RECIPE [--json]      recipe + dataset lint, fast, never imports torch
     lora-run plan RECIPE [--json]       resolved recipe + the backend's plan
     lora-run plugins [--json]           installed plugins, hooks, registrations
-    lora-run recipes                    shipped recipes with their header line
+    lora-run recipes [NAME]             shipped recipes with their header line; NAME prints one recipe
     lora-run demo                       the embedded tiny end-to-end demo (no download)
     lora-run eval RECIPE --lora FILE    identity evaluation of LoRA files (grid, metrics, HTML report)
     lora-run score --subject D --images D   score any folder of images against the subject's photos
@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +28,8 @@ from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError, RecipeError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+#: Commands that only print: a closed output pipe just ends them (default SIGPIPE behaviour).
+READ_ONLY = {"check", "plan", "plugins", "recipes"}
 
 
 def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
@@ -38,6 +43,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
+                   help="remove a key so its default applies, e.g. --unset sample.every_steps; repeatable; "
+                   "applied before the --set values")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sub.add_parser("recipes", help="list shipped recipes")
+    p = sub.add_parser("recipes", help="list shipped recipes, or print one (to copy it)")
+    p.add_argument("name", nargs="?", help="a shipped recipe, e.g. flux/identity-fast: print its text "
+                   "(lora-run recipes flux/identity-fast > my.toml)")
 
     p = sub.add_parser("demo", help="run the embedded tiny end-to-end demo (CPU, no download)")
     p.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
@@ -123,7 +133,7 @@ def _load(args: argparse.Namespace) -> Any:
     from .plugins import load_plugins
     from .recipe import load_recipe
 
-    loaded = load_recipe(args.recipe, args.sets)
+    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
     plugins = load_plugins()
     for b in plugins.broken:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
@@ -137,21 +147,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .run import lint, validate
 
     loaded, plugins = _load(args)
-    prepared = validate(loaded, plugins)
-    report = lint(prepared.recipe, plugins)
-    ok = not report.errors
+    recipe_error: LoraRunError | None = None
+    prepared = None
+    try:
+        prepared = validate(loaded, plugins)
+    except LoraRunError as exc:  # still lint the dataset: one `check` reports every problem
+        recipe_error = exc
+    try:
+        report = lint(loaded.recipe, plugins)
+    except LoraRunError:
+        if recipe_error is None:
+            raise
+        report = None  # e.g. an unknown [dataset] type, already among the recipe's problems
+    problems = getattr(recipe_error, "problems", [str(recipe_error)]) if recipe_error else []
+    ok = recipe_error is None and report is not None and not report.errors
+    code = EXIT_OK if ok else (recipe_error.exit_code if recipe_error else EXIT_BAD_INPUT)
+    recipe = prepared.recipe if prepared else loaded.recipe
     if args.json:
-        print(json.dumps({"ok": ok, "exit_code": EXIT_OK if ok else EXIT_BAD_INPUT, "recipe": loaded.shown,
-                          "backend": prepared.recipe.backend.name, "family": prepared.recipe.model.family,
-                          "problems": [], "lint": report.to_json()}, indent=2))
-    else:
-        print(f"{loaded.shown}: recipe OK (backend {prepared.recipe.backend.name}, {prepared.recipe.model.family})")
+        print(json.dumps({"ok": ok, "exit_code": code, "recipe": loaded.shown, "backend": recipe.backend.name,
+                          "family": recipe.model.family, "problems": problems,
+                          "lint": report.to_json() if report else None}, indent=2))
+        return code
+    if recipe_error is None:
+        print(f"{loaded.shown}: recipe OK (backend {recipe.backend.name}, {recipe.model.family})")
+    if report is not None:
         print(report.table())
-        if ok:
-            print("check passed" + (f" with {len(report.warnings)} warning(s)" if report.warnings else ""))
-        else:
-            print(f"error: {loaded.shown}: [dataset] has {len(report.errors)} error(s)", file=sys.stderr)
-    return EXIT_OK if ok else EXIT_BAD_INPUT
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if report is not None and report.errors:
+        print(f"error: {loaded.shown}: [dataset] has {len(report.errors)} error(s)", file=sys.stderr)
+    if ok:
+        print("check passed" + (f" with {len(report.warnings)} warning(s)" if report.warnings else ""))
+    elif recipe_error is not None:
+        print(f"check failed: {len(problems)} recipe problem(s)"
+              + (f", {len(report.errors)} dataset error(s)" if report is not None and report.errors else ""),
+              file=sys.stderr)
+    return code
 
 
 @command("plan")
@@ -172,7 +203,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"# plan: backend {plan.backend}, {plan.family}, {plan.steps} steps, output {run_dir.path}")
     if plan.memory_estimate_gib is not None:
         print(f"# memory estimate: {plan.memory_estimate_gib:.1f} GiB peak"
-              + (f" ({plan.memory_mode} mode)" if plan.memory_mode else ""))
+              + (f" ({plan.memory_mode} mode)" if plan.memory_mode else "")
+              + (f" — {plan.memory_source}" if plan.memory_source else ""))
     for argv in plan.commands:
         print("# command: " + " ".join(_quote(a) for a in argv))
     for rel, content in plan.files.items():
@@ -214,9 +246,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def recipe_roots() -> list[Path]:
-    """Shipped recipes: the source checkout's recipes/ (editable installs) and the installed copy."""
+    """Shipped recipes: the source checkout's recipes/ (editable installs, PYTHONPATH=core) and the copy a
+    wheel carries as the data package ``lora_run.recipes`` (pyproject.toml maps recipes/ to it)."""
     here = Path(__file__).resolve()
-    roots = [here.parents[2] / "recipes", here.parent / "recipes"]
+    checkout = here.parents[2]
+    roots = [here.parent / "recipes"]
+    if (checkout / "pyproject.toml").is_file():
+        roots.insert(0, checkout / "recipes")
     return [r for r in roots if r.is_dir()]
 
 
@@ -224,8 +260,14 @@ def shipped_recipes() -> list[Path]:
     seen: dict[str, Path] = {}
     for root in recipe_roots():
         for path in sorted(root.rglob("*.toml")):
-            seen.setdefault(str(path.relative_to(root)), path)
+            seen.setdefault(path.relative_to(root).as_posix(), path)
     return [seen[k] for k in sorted(seen)]
+
+
+def shipped_name(path: Path) -> str:
+    """`flux/identity-fast` for <root>/flux/identity-fast.toml."""
+    root = next(r for r in recipe_roots() if path.is_relative_to(r))
+    return path.relative_to(root).with_suffix("").as_posix()
 
 
 def header_line(path: Path) -> str:
@@ -236,12 +278,35 @@ def header_line(path: Path) -> str:
     return ""
 
 
+def copyable_text(path: Path) -> str:
+    """A shipped recipe's text, ready to be saved anywhere: a relative `extends` points at the shipped file."""
+    def absolute(match: re.Match[str]) -> str:
+        parent = Path(match.group(2))
+        if parent.is_absolute():
+            return match.group(0)
+        return f'{match.group(1)}{json.dumps(str((path.parent / parent).resolve()))}'
+
+    return re.sub(r'^(extends\s*=\s*)"([^"\n]+)"', absolute, path.read_text("utf-8"), flags=re.M)
+
+
 @command("recipes")
-def cmd_recipes(_args: argparse.Namespace) -> int:
-    for path in shipped_recipes():
-        root = next(r for r in recipe_roots() if path.is_relative_to(r))
-        print(f"{str(path.relative_to(root)):<32} {header_line(path)}")
-        print(f"{'':<32} {path}")
+def cmd_recipes(args: argparse.Namespace) -> int:
+    recipes = shipped_recipes()
+    if not recipes:
+        raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "
+                          "(reinstall it; a wheel carries them as lora_run/recipes)")
+    if args.name:
+        wanted = args.name.removesuffix(".toml").removeprefix("recipes/")
+        for path in recipes:
+            if shipped_name(path) == wanted:
+                sys.stdout.write(copyable_text(path))
+                return EXIT_OK
+        raise RecipeError(f"no shipped recipe \"{args.name}\"; shipped: "
+                          f"{', '.join(shipped_name(p) for p in recipes)}")
+    for path in recipes:
+        print(f"{shipped_name(path):<28} {header_line(path)}")
+        print(f"{'':<28} {path}")
+    print("\nCopy one to start your own: lora-run recipes NAME > my.toml")
     return EXIT_OK
 
 
@@ -272,11 +337,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not makers:
         raise RecipeError("no installed backend provides the demo (install lora-run with the [train] extra)")
     out = Path(args.output_dir).resolve()
+    run_out = out / "run"
+    if not args.overwrite and run_out.is_dir() and any(run_out.iterdir()):
+        raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
+                          "`lora-run demo --output-dir OTHER` runs it elsewhere")
     recipe_path = makers[0].meta["demo"](out / "assets")
     ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
                   debug=args.debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
-    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA.")
+    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
+          "report's failures are expected: the model is random and the photos are cartoons.\n"
+          "Next: your own photos, with a shipped recipe (docs/getting-started.md): lora-run recipes")
     return EXIT_OK
 
 
@@ -312,6 +383,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the `lora-run` program, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known = set(COMMANDS) | {"-h", "--help", "--version"}
@@ -327,8 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     debug = getattr(args, "debug", False)
     as_json = getattr(args, "json", False)
+    if as_program and args.command in READ_ONLY and hasattr(signal, "SIGPIPE"):
+        # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except LoraRunError as err:
         if debug:
             raise

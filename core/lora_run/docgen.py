@@ -16,6 +16,12 @@ Generated from the field documentation in `core/lora_run/schema.py` by `python -
 a test fails when this page is stale. Paths in a recipe file are relative to that file; paths given with
 `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
 keys are errors (with a suggestion), all problems are reported at once, exit code 2.
+
+On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.steps=100`,
+`--set 'dataset.regularization=[{path="reg/"}]'`) and `--unset KEY` removes one, so that its default
+applies (`--unset sample.every_steps` turns sampling off; `--unset sample` resets the whole table).
+`--unset` is applied first, then every `--set`, in order; unsetting a key that is not set does nothing,
+and a name that is not a recipe key is an error.
 """
 
 

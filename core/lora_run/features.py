@@ -93,10 +93,12 @@ def doc_of(name: str) -> str:
 
 
 def capability_problems(recipe: Recipe, backend: str, registry: dict[str, Any]) -> list[tuple[tuple, str]]:
-    """Problems for features the backend does not honour for the recipe's family."""
+    """Problems for features the backend does not honour for the recipe's family. The backends that can are
+    listed once each: a registration with ``alias_of`` meta (another name for a listed backend) is left out."""
     family = recipe.model.family
     reg = registry[backend]
     out: list[tuple[tuple, str]] = []
+    registry = {n: r for n, r in registry.items() if r.meta.get("alias_of") not in registry}
     if family not in reg.capabilities:
         able = sorted(n for n, r in registry.items() if family in r.capabilities)
         why = reg.meta.get("family_notes", {}).get(family, "")

@@ -381,6 +381,47 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     return tuple(key.split(".")), value
 
 
+def _known_key(path: KeyPath) -> bool:
+    """Whether a dotted key names a field of the recipe schema (backend option tables: any key)."""
+    cls: Any = Recipe
+    for i, part in enumerate(path):
+        if cls is Recipe and part == "backend":
+            return True
+        if not attrs.has(cls):
+            return False
+        fields = {f.name: f for f in attrs.fields(cls)}
+        if part not in fields:
+            return False
+        tp = typing.get_type_hints(cls)[part]
+        inner = [a for a in typing.get_args(tp) if attrs.has(a)]
+        cls = tp if attrs.has(tp) else (inner[0] if inner and not _is_list(tp) else None)
+        if cls is None:
+            return i == len(path) - 1
+    return True
+
+
+def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
+    """`--unset sample.every_steps`: remove the key (a value or a whole table) so its default applies."""
+    for key in keys:
+        key = key.strip()
+        path = tuple(key.split("."))
+        if not key or any(not part for part in path) or "=" in key:
+            raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
+        node: Any = raw
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
+            node = {}  # `backend = "kohya"` has no option tables to remove
+        if not isinstance(node, dict) or path[-1] not in node:
+            if not _known_key(path):  # a key that is simply not set: nothing to do
+                raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
+            continue
+        del node[path[-1]]
+        for known in [k for k in origins if k[:len(path)] == path]:
+            origins.pop(known)
+    return raw
+
+
 def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
     for assignment in sets:
         path, value = parse_set(assignment)
@@ -540,11 +581,13 @@ class LoadedRecipe:
         return Problems(self.shown, dict(self.origins))
 
 
-def load_recipe(path: str | Path, sets: Iterable[str] = ()) -> LoadedRecipe:
-    """Read, merge (`extends`), override (`--set`), structure and check a recipe. Raises RecipeError."""
+def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str] = ()) -> LoadedRecipe:
+    """Read, merge (`extends`), remove (`--unset`), override (`--set`), structure and check a recipe.
+    Raises RecipeError."""
     path = Path(path)
     origins: dict[KeyPath, str] = {}
     raw = load_raw(path, origins)
+    raw = apply_unsets(raw, unsets, origins)
     raw = apply_sets(raw, sets, origins)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems)

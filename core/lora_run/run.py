@@ -32,6 +32,7 @@ class Plan:
     commands: list[list[str]] = attrs.field(factory=list)      # argv lists, launched without a shell
     memory_estimate_gib: float | None = None
     memory_mode: str | None = None
+    memory_source: str | None = None                           # whose estimate it is, when not the backend's
     outputs: list[str] = attrs.field(factory=list)             # files the run will produce
     notes: list[str] = attrs.field(factory=list)
     details: dict[str, Any] = attrs.field(factory=dict)
@@ -136,15 +137,23 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     if backend is not None:
         for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
             problems.add(path, message)
+    # The backend's own check runs even when problems were found above, so that one `check` reports them all.
+    if backend is not None and (options is not None or backend.options is None):
+        found = len(problems.items)
+        try:
+            checker = getattr(make_backend(Prepared(recipe, loaded, backend, options), plugins), "check", None)
+            for path, message in checker() if checker is not None else ():
+                problems.add(tuple(path), message)
+        except LoraRunError as exc:  # reported with the others (alone, it keeps its own type and exit code)
+            if not found:
+                raise
+            problems.items.extend(getattr(exc, "problems", [str(exc)]))
+        except Exception:  # a check confused by a problem already reported; without one it is a real bug
+            if not found:
+                raise
     problems.raise_if_any()
     assert backend is not None
-    prepared = Prepared(recipe, loaded, backend, options)
-    checker = getattr(make_backend(prepared, plugins), "check", None)
-    if checker is not None:
-        for path, message in checker():
-            problems.add(tuple(path), message)
-        problems.raise_if_any()
-    return prepared
+    return Prepared(recipe, loaded, backend, options)
 
 
 def _strip_where(message: str) -> str:
@@ -156,6 +165,19 @@ def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
     ctx = context.pop("ctx", None) or RunContext(prepared.recipe, plugins, prepared.backend, prepared.options,
                                                   prepared.loaded, **context)
     return prepared.backend.factory(ctx)
+
+
+def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: int = 0) -> tuple[float, str] | None:
+    """For a backend without its own memory model: (GiB, label) from the first backend that offers one
+    (`memory_estimate` meta), for the equivalent settings, labelled as that backend's estimate."""
+    for reg in plugins.registry["backend"].values():
+        estimate = reg.meta.get("memory_estimate")
+        if callable(estimate) and recipe.model.family in reg.capabilities:
+            found = estimate(recipe, swapped_blocks)
+            if found is not None:
+                gib, assumed = found
+                return round(gib, 1), f"lora-run's {reg.name} memory model for the equivalent settings: {assumed}"
+    return None
 
 
 def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:

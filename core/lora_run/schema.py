@@ -265,9 +265,13 @@ class OutputSection:
 
     dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
     name: str = option("identity-lora", "Base name of the LoRA files.")
-    formats: list[Literal["kohya", "diffusers"]] = option(
-        factory=lambda: ["kohya", "diffusers"], doc="LoRA formats to write: `kohya` (ComfyUI/kohya keys with "
-        "alpha and metadata) and/or `diffusers`.")
+    formats: list[Literal["kohya", "diffusers", "comfyui"]] = option(
+        factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (sd-scripts' layout: "
+        "`lora_unet_` keys with alpha and `ss_*` metadata; for FLUX.1 ComfyUI and Forge load it too), `diffusers` "
+        "(diffusers/peft keys, scale folded in; ComfyUI loads FLUX.1's too) and/or `comfyui` (ComfyUI's own "
+        "layout, for HunyuanImage-2.1: `diffusion_model.` keys, scale folded in). A format a family or backend "
+        "does not write is skipped with a note in `lora-run plan`. Which file for which tool: "
+        "docs/lora-formats.md.")
     save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
 
 
@@ -288,7 +292,8 @@ class Recipe:
 
     extends: str | None = option(None, "Another recipe this one builds on (a path relative to this file); "
                                  "keys here override it.")
-    description: str = option("", "One-line description shown by `lora-run recipes`.")
+    description: str = option("", "What the recipe is for, in a sentence; the evaluation report shows it at "
+                              "the top (`lora-run recipes` shows the file's first comment line).")
     model: ModelSection = option(factory=ModelSection, doc="`[model]`")
     dataset: DatasetSection = option(doc="`[dataset]`")
     lora: LoraSection = option(factory=LoraSection, doc="`[lora]`")

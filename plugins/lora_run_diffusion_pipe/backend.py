@@ -14,7 +14,7 @@ import attrs
 
 from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
                              TrainingInterrupted)
-from lora_run.run import Plan, RunContext
+from lora_run.run import Plan, RunContext, borrowed_memory_estimate
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
@@ -137,7 +137,7 @@ class DiffusionPipeBackend:
 
     # ------------------------------------------------------------------------------ check
     def check(self) -> list[tuple[tuple, str]]:
-        problems = translate.recipe_problems(self.recipe, self.options)
+        problems = translate.recipe_problems(self.recipe, self.options) + self.model_problems()
         key = translate.OPTIONS_KEY
         path, where = self.checkout()
         if path is not None:
@@ -181,9 +181,11 @@ class DiffusionPipeBackend:
             layout.relative(layout.dataset, run_dir): _toml(dataset, header.format(what="dataset config")),
         }
         env = {k: v for k, v in translate.child_env(self.options, {}).items()}
+        memory = borrowed_memory_estimate(self.recipe, self.ctx.plugins, self.options.blocks_to_swap or 0)
         return Plan(
             backend=NAME, family=self.family, steps=steps, files=files, commands=[self._argv(layout)],
-            memory_estimate_gib=None, memory_mode=None,
+            memory_estimate_gib=memory[0] if memory else None, memory_mode=None,
+            memory_source=memory[1] if memory else None,
             outputs=[*translate.expected_outputs(self.recipe, run_dir), str(layout.log)],
             notes=[f"runs in {checkout or '<the diffusion-pipe checkout: [backend.diffusion-pipe] path or $' + ENV_PATH + '>'}"
                    + (f" with {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else ""),
@@ -219,20 +221,32 @@ class DiffusionPipeBackend:
     def _shown(self) -> str:
         return self.ctx.loaded.shown if self.ctx.loaded else "recipe"
 
-    def _check_model_files(self) -> None:
+    def model_problems(self) -> list[tuple[tuple, str]]:
+        """Model files and folders that do not exist (or are not what diffusion-pipe loads); no torch."""
         m = self.recipe.model
+        out: list[tuple[tuple, str]] = []
         if self.family == "flux.1-dev":
-            paths = [("model.source", m.source), ("model.files.transformer", m.files.transformer)]
+            paths = [(("model", "files", "transformer"), m.files.transformer)]
             source = Path(m.source or "")
-            if m.source and source.is_dir() and not (source / "model_index.json").is_file():
-                raise ModelSourceError(f"{self._shown()}: [model.source] {source} is not a diffusers folder (no "
-                                       "model_index.json); diffusion-pipe loads FLUX.1-dev's VAE and text encoders "
-                                       "from it")
+            if m.source and os.path.isabs(m.source):  # a hub id is refused by translate.recipe_problems
+                if not source.is_dir():
+                    out.append((("model", "source"), f"folder not found: {source} (diffusion-pipe loads FLUX.1-dev's "
+                                "VAE and text encoders from this diffusers folder)"))
+                elif not (source / "model_index.json").is_file():
+                    out.append((("model", "source"), f"{source} is not a diffusers folder (no model_index.json); "
+                                "diffusion-pipe loads FLUX.1-dev's VAE and text encoders from it"))
         else:
-            paths = [(f"model.files.{n}", getattr(m.files, n)) for n in ("transformer", "vae", "qwen", "byt5")]
+            paths = [(("model", "files", n), getattr(m.files, n)) for n in ("transformer", "vae", "qwen", "byt5")]
         for key, value in paths:
-            if value and not Path(value).exists():
-                raise ModelSourceError(f"{self._shown()}: [{key}] {value} does not exist")
+            if value and not Path(value).is_file():
+                what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+                out.append((key, f"{value} {what}"))
+        return out
+
+    def _check_model_files(self) -> None:
+        problems = self.model_problems()
+        if problems:
+            raise ModelSourceError("\n".join(f"{self._shown()}: [{'.'.join(k)}] {msg}" for k, msg in problems))
 
     def run(self) -> None:
         ctx, recipe = self.ctx, self.recipe

@@ -116,9 +116,20 @@ def to_our_formats(saved: SavedLora, family: str, rank: int) -> tuple[dict[str, 
     else:
         from lora_run_formats import hunyuan_image
 
-        kohya = hunyuan_image.comfy_to_kohya(state)
+        kohya = hunyuan_image.to_sd_scripts_names(hunyuan_image.comfy_to_kohya(state))
         diffusers = hunyuan_image.comfy_to_diffusers(state)
     return kohya, diffusers
+
+
+def comfy_file(saved: SavedLora, family: str) -> dict[str, Any] | None:
+    """The `comfyui` output: HunyuanImage's ComfyUI layout (`diffusion_model.` keys, scale 1); None for FLUX,
+    whose kohya and diffusers files ComfyUI loads directly."""
+    if family == "flux.1-dev":
+        return None
+    from lora_run_formats import hunyuan_image, load_lora
+
+    state, _meta = load_lora(saved.file)
+    return hunyuan_image.kohya_to_comfy(hunyuan_image.comfy_to_kohya(state))
 
 
 def metadata(family: str, recipe: Any, *, steps: int | None, examples: int, commit: str) -> dict[str, str]:
@@ -142,8 +153,9 @@ def metadata(family: str, recipe: Any, *, steps: int | None, examples: int, comm
 
 def write_formats(saved: SavedLora, family: str, recipe: Any, folder: Path, *, steps: int | None, examples: int,
                   commit: str) -> dict[str, str]:
-    """Write `<name>.safetensors` (kohya) and/or `<name>.diffusers.safetensors` into `folder`; returns
-    {"lora_kohya": path, "lora_diffusers": path} for the formats the recipe asks for."""
+    """Write `<name>.safetensors` (kohya), `<name>.diffusers.safetensors` and/or (HunyuanImage)
+    `<name>.comfyui.safetensors` into `folder`; returns {"lora_kohya": path, "lora_diffusers": path,
+    "lora_comfyui": path} for the formats the recipe asks for."""
     import torch
 
     from lora_run_formats import save_lora
@@ -165,4 +177,10 @@ def write_formats(saved: SavedLora, family: str, recipe: Any, folder: Path, *, s
         save_lora(path, cast(diffusers), {"format": "pt", "lora_run.backend": "diffusion-pipe",
                                           "lora_run.rank": str(recipe.lora.rank)})
         out["lora_diffusers"] = str(path)
+    comfy = comfy_file(saved, family) if "comfyui" in recipe.output.formats else None
+    if comfy is not None:
+        path = folder / f"{name}.comfyui.safetensors"
+        save_lora(path, cast(comfy), {"format": "pt", "lora_run.backend": "diffusion-pipe",
+                                      "lora_run.rank": str(recipe.lora.rank), "lora_run.layout": "comfyui"})
+        out["lora_comfyui"] = str(path)
     return out

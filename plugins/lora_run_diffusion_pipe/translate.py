@@ -385,6 +385,8 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
     if options.num_gpus > 1:
         out.append(f"{options.num_gpus} GPUs: {options.pipeline_stages} pipeline stage(s) × "
                    f"{options.num_gpus // options.pipeline_stages} data-parallel copies")
+    if "comfyui" in r.output.formats and r.model.family == "flux.1-dev":
+        out.append("output format comfyui skipped: ComfyUI loads FLUX.1's kohya and diffusers files directly")
     return out
 
 
@@ -395,4 +397,6 @@ def expected_outputs(recipe: Recipe, run_dir: Path) -> list[str]:
         files.append(str(Path(run_dir) / f"{name}.safetensors"))
     if "diffusers" in recipe.output.formats:
         files.append(str(Path(run_dir) / f"{name}.diffusers.safetensors"))
+    if "comfyui" in recipe.output.formats and recipe.model.family != "flux.1-dev":
+        files.append(str(Path(run_dir) / f"{name}.comfyui.safetensors"))
     return files

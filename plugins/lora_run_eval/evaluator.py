@@ -154,7 +154,7 @@ def normalise_checkpoints(items: Sequence[Any]) -> list[tuple[str, int | None, P
         step: int | None = None
         if isinstance(item, dict):
             step = item.get("step") if isinstance(item.get("step"), int) else None
-            raw = next((item[k] for k in ("lora_kohya", "lora", "lora_diffusers", "path", "dir") if item.get(k)),
+            raw = next((item[k] for k in ("lora_kohya", "lora", "lora_diffusers", "lora_comfyui", "path", "dir") if item.get(k)),
                        None)
         else:
             raw = item
@@ -286,7 +286,7 @@ def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe:
 def grid_extra(recipe: Any) -> dict[str, Any]:
     ev = recipe.eval
     return {"trigger": recipe.dataset.trigger, "steps": ev.steps, "guidance": ev.guidance,
-            "size": [ev.width, ev.height], "family": recipe.model.family}
+            "size": [ev.width, ev.height], "family": recipe.model.family, "about": recipe.description}
 
 
 # ------------------------------------------------------------------------------------------ in a run
@@ -300,7 +300,7 @@ class IdentityEvaluator:
         art = self.ctx.artifacts
         found: list[tuple[str, int | None, Path]] = []
         final_label = None
-        final = next((Path(str(art[k])) for k in ("lora_kohya", "lora_diffusers", "lora") if art.get(k)), None)
+        final = next((Path(str(art[k])) for k in ("lora_kohya", "lora_diffusers", "lora_comfyui", "lora") if art.get(k)), None)
         log = log_for(self.ctx)
         if self.ctx.recipe.eval.every_checkpoint:
             recorded = [{"step": c["step"], "path": c["path"]} for c in (log.checkpoints if log else [])]
@@ -390,7 +390,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.recipe import load_recipe
     from lora_run.run import lint, validate
 
-    loaded = load_recipe(args.recipe, args.sets)
+    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()

@@ -254,6 +254,8 @@ def render(data: dict[str, Any]) -> str:
              f'<div class="muted">{esc(data.get("created_at", ""))} · embedder {esc(data["embedder"]["name"])} '
              f'({esc(data["embedder"]["metric"])}, τ = {fmt(data["embedder"]["threshold"], 2)}) · '
              f'{esc(data.get("source", ""))}</div>']
+    if data.get("about"):  # the recipe's description: what this run is (the demo says it is a demo)
+        parts.append(f'<div class="card about">{esc(data["about"])}</div>')
     if m is None:
         parts.append('<div class="card">Nothing was evaluated.</div></body></html>')
         return "".join(parts)

@@ -29,7 +29,8 @@ Text encoders: ``lora_te1_<CLIP-L path>`` ↔ ``text_encoder.<path>``; ``lora_te
 
 Fusing is exact: separate LoRAs ``ΔW_p = B_p A_p`` on the parts of a fused layer become one LoRA whose down
 matrix stacks the ``A_p`` (rank = sum of the part ranks) and whose up matrix is block-diagonal in the
-``B_p``. A part without a LoRA is a zero block. kohya scales by ``alpha / rank``; the fused alpha is
+``B_p``. A part without a LoRA adds no rank: only its rows of the up matrix are zero (the fused layer's
+output includes it), so no all-zero block is written. kohya scales by ``alpha / rank``; the fused alpha is
 chosen so that this ratio is the recipe's ``alpha / rank``. Splitting back drops the all-zero columns of
 each part's up block, so a file we fused splits back into the original ranks; a LoRA trained fused (by
 sd-scripts) gives each part the full shared down matrix — also exact.
@@ -250,7 +251,7 @@ def diffusers_to_kohya(state_dict: Mapping[str, Any], alpha: float | None = None
     for name, parts in sorted(fused.items()):
         present = [p for p in parts if p is not None]
         sizes = _fused_sizes(parts, modules, fused_modules[name], mlp_ratio)
-        ranks = [p["A"].shape[0] if p is not None else present[0]["A"].shape[0] for p in parts]
+        ranks = [p["A"].shape[0] if p is not None else 0 for p in parts]   # no all-zero block for a missing part
         ref = present[0]
         dtype, device, hidden = ref["A"].dtype, ref["A"].device, ref["A"].shape[1]
         for p, module in zip(parts, fused_modules[name]):

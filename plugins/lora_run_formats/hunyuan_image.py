@@ -32,9 +32,13 @@ Names we read besides the ComfyUI ones:
   ``modulation_linear``), which ComfyUI does not load without renaming (sd-scripts ships
   ``convert_hunyuan_image_lora_to_comfy.py`` for that).
 
-We write ComfyUI names (``img_mlp_0``, ``img_mod_lin``, ``modulation_lin``) in kohya files, so ComfyUI loads them
-directly. ComfyUI-layout peft files (diffusion-pipe's ``adapter_model.safetensors``) carry no alpha: the LoRA
-acts at scale 1. Only block modules are handled (diffusion-pipe trains nothing else); any other key raises
+The files lora-run writes (output formats): ``comfyui`` is the ComfyUI layout (``diffusion_model.`` peft keys,
+scale folded into ``lora_B``, no alpha), which ComfyUI loads directly; ``kohya`` uses sd-scripts' names with
+alphas and ``ss_*`` metadata (:func:`to_sd_scripts_names`), the layout sd-scripts' trainer writes and reads
+(ComfyUI needs sd-scripts' converter for it). Inside this module kohya dicts use ComfyUI's names
+(``img_mlp_0``, ``img_mod_lin``, ``modulation_lin``), which ComfyUI also reads with a ``lora_unet_`` prefix.
+ComfyUI-layout peft files (diffusion-pipe's ``adapter_model.safetensors``) carry no alpha: the LoRA acts at
+scale 1. Only block modules are handled (diffusion-pipe trains nothing else); any other key raises
 :class:`FormatError` naming it. torch is imported inside the functions.
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ from .flux import kohya_to_diffusers as _flux_kohya_to_diffusers
 
 __all__ = ["FormatError", "comfy_to_diffusers", "diffusers_to_comfy", "comfy_to_kohya", "kohya_to_comfy",
            "diffusers_to_kohya", "kohya_to_diffusers", "normalize_kohya", "compact_fused", "kohya_metadata",
+           "to_sd_scripts_names", "diffusers_to_sd_scripts",
            "detect_layout", "COMFY_PREFIX", "KOHYA_PREFIX"]
 
 COMFY_PREFIX = "diffusion_model."
@@ -68,6 +73,8 @@ ALIASES: dict[str, str] = {
     "txt_mlp_fc1": "txt_mlp_0", "txt_mlp_fc2": "txt_mlp_2", "txt_mod_linear": "txt_mod_lin",
     "modulation_linear": "modulation_lin",
 }
+#: ComfyUI's names → sd-scripts' (``networks.lora_hunyuan_image``), for the kohya files we write.
+SD_SCRIPTS_NAMES: dict[str, str] = {comfy: sd for sd, comfy in ALIASES.items()}
 FUSED_PARTS = {"img_attn_qkv": 3, "txt_attn_qkv": 3, "linear1": 4}
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.default)?\.weight$")
@@ -231,6 +238,27 @@ def diffusers_to_kohya(state_dict: Mapping[str, Any], alpha: float | None = None
     """
     _check_diffusers_blocks(state_dict)
     return compact_fused(_flux_diffusers_to_kohya(state_dict, alpha, rank, mlp_ratio=MLP_RATIO))
+
+
+def to_sd_scripts_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A kohya HunyuanImage LoRA → the same tensors under sd-scripts' module names (``img_mlp_fc1``/``fc2``,
+    ``img_mod_linear``, ``modulation_linear``; the attention names are shared): the layout sd-scripts'
+    ``networks.lora_hunyuan_image`` saves and loads. :func:`normalize_kohya` is the inverse."""
+    out: dict[str, Any] = {}
+    for key, value in normalize_kohya(state_dict).items():
+        match = _KOHYA_KEY.match(key)
+        assert match is not None
+        block = _BLOCK.match(match["module"])
+        assert block is not None
+        name = SD_SCRIPTS_NAMES.get(block["name"], block["name"])
+        out[f"{KOHYA_PREFIX}{block['kind']}_{block['index']}_{name}.{match['which']}"] = value
+    return out
+
+
+def diffusers_to_sd_scripts(state_dict: Mapping[str, Any], alpha: float | None = None,
+                            rank: int | None = None) -> dict[str, Any]:
+    """diffusers/peft keys → a kohya file in sd-scripts' names, with alphas (our `kohya` output format)."""
+    return to_sd_scripts_names(diffusers_to_kohya(state_dict, alpha, rank))
 
 
 def kohya_to_diffusers(state_dict: Mapping[str, Any], *, prefix: bool = True) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from lora_run import __version__
 from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
-from lora_run.run import Plan
+from lora_run.run import Plan, borrowed_memory_estimate
 
 from . import checkout, spec
 from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
@@ -106,10 +106,11 @@ class KohyaBackend:
                 out.append((("backend", "kohya", "extra_args", key), "is set by lora-run from the recipe (or by the "
                             "backend's layout) and cannot be overridden here"))
         formats = self.recipe.output.formats
-        if "diffusers" in formats:
+        converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
+        if converted:
             missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
             if missing:
-                out.append((("output", "formats"), f"\"diffusers\" needs {' and '.join(missing)} in lora-run's own "
+                out.append((("output", "formats"), f"\"{converted[0]}\" needs {' and '.join(missing)} in lora-run's own "
                             "environment to convert sd-scripts' kohya file (pip install 'lora-run[train]'), or use "
                             "formats = [\"kohya\"]"))
             if self.family.name != FLUX and importlib.util.find_spec("lora_run_formats.hunyuan_image") is None:
@@ -172,15 +173,22 @@ class KohyaBackend:
             outputs.append(str(paths.run_dir / f"{name}.safetensors"))
         if "diffusers" in self.recipe.output.formats:
             outputs.append(str(paths.run_dir / f"{name}.diffusers.safetensors"))
+        if "comfyui" in self.recipe.output.formats and self.family.name != FLUX:
+            outputs.append(str(paths.run_dir / f"{name}.comfyui.safetensors"))
         outputs.append(str(paths.output_dir) + "/ (sd-scripts' checkpoints, states and samples)")
         notes = list(tr.notes)
+        if "comfyui" in self.recipe.output.formats and self.family.name == FLUX:
+            notes.append("output format comfyui skipped: ComfyUI loads FLUX.1's kohya and diffusers files directly")
         if paths.sd_scripts == "<sd-scripts>":
             notes.append(f"no sd-scripts checkout configured yet: set [backend.kohya] sd_scripts or "
                          f"${checkout.ENV} before running")
+        memory = borrowed_memory_estimate(self.recipe, self.ctx.plugins, self.options.blocks_to_swap or 0)
         notes.append("memory: see sd-scripts' own table (docs/flux_train_network.md): 24 GB fits batch 2 with "
-                     "fp8; 16 GB batch 1 with blocks_to_swap; 12 GB blocks_to_swap 16 + AdamW8bit")
+                     "fp8; 16 GB batch 1 with blocks_to_swap; 12 GB blocks_to_swap 16 + AdamW8bit"
+                     + ("; the estimate above is lora-run's, not sd-scripts'" if memory else ""))
         return Plan(backend="kohya", family=self.recipe.model.family, steps=self.steps(), files=files,
-                    commands=[tr.argv], memory_estimate_gib=None, memory_mode=None, outputs=outputs, notes=notes,
+                    commands=[tr.argv], memory_estimate_gib=memory[0] if memory else None, memory_mode=None,
+                    memory_source=memory[1] if memory else None, outputs=outputs, notes=notes,
                     details={"sd_scripts": None if paths.sd_scripts == "<sd-scripts>" else paths.sd_scripts,
                              "script": tr.family.script})
 
@@ -227,6 +235,13 @@ class KohyaBackend:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         if recipe.model.offline:
             env["HF_HUB_OFFLINE"] = "1"
+        elif env.get("HF_HUB_OFFLINE", "").strip().lower() in ("", "0", "false", "no", "off"):
+            reason = _hub_unreachable()
+            if reason:  # sd-scripts fetches its tokenizers from the hub: use the cache at once, not after retries
+                env["HF_HUB_OFFLINE"] = "1"
+                ctx.echo(f"warning: the Hugging Face hub cannot be reached ({reason}); sd-scripts runs with "
+                         "HF_HUB_OFFLINE=1 and uses the tokenizers in the local cache (or "
+                         "[backend.kohya] tokenizer_cache_dir)")
 
         def on_progress(p: Progress) -> None:
             watcher.step = p.step
@@ -347,7 +362,12 @@ class KohyaBackend:
                                  {**extra, "lora_run.converted_from": "kohya",
                                   "ss_network_dim": read_metadata(produced).get("ss_network_dim", "")})
             ctx.artifacts["lora_diffusers"] = str(target)
-        ctx.echo(f"kohya: LoRA written: {', '.join(str(ctx.artifacts[k]) for k in ('lora_kohya', 'lora_diffusers') if k in ctx.artifacts)}")
+        if "comfyui" in recipe.output.formats and recipe.model.family != "flux.1-dev":
+            target = paths.run_dir / f"{name}.comfyui.safetensors"
+            convert_to_comfy(produced, target, {**extra, "lora_run.converted_from": "kohya"})
+            ctx.artifacts["lora_comfyui"] = str(target)
+        written = [str(ctx.artifacts[k]) for k in ("lora_kohya", "lora_diffusers", "lora_comfyui") if k in ctx.artifacts]
+        ctx.echo(f"kohya: LoRA written: {', '.join(written)}")
 
 
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:
@@ -368,6 +388,28 @@ def unexpected_modules(path: Path, recipe: Any) -> list[str]:
     if not recipe.text_encoder.train:
         out += [m for m in modules if m.startswith("lora_te")]
     return out
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (the native backend's bounded probe), or None."""
+    try:
+        from lora_run_native.adapters.base import hub_unreachable
+    except ImportError:  # pragma: no cover - native is a built-in plugin of the same distribution
+        return None
+    return hub_unreachable()
+
+
+def convert_to_comfy(source: Path, target: Path, metadata: dict[str, str]) -> Path:
+    """sd-scripts' HunyuanImage LoRA → ComfyUI's layout (`diffusion_model.` keys, alpha/rank folded in)."""
+    from lora_run_formats import load_lora, save_lora
+    from lora_run_formats.hunyuan_image import kohya_to_comfy
+
+    tensors, _meta = load_lora(source)
+    try:
+        converted = kohya_to_comfy(tensors)
+    except ValueError as exc:
+        raise BackendError(f"cannot convert {source} to ComfyUI's layout: {exc}") from None
+    return save_lora(target, converted, {"format": "pt", **metadata})
 
 
 def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict[str, str]) -> Path:

@@ -130,10 +130,10 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if missing:
         src = f" ([model] source = \"{recipe.model.source}\" is a hub id or diffusers folder, which sd-scripts " \
               "cannot load)" if recipe.model.source else ""
-        need = "; ".join(f"{k} = {fam.file_help[k]}" for k in fam.files)
-        for key in missing:
-            out.append((("model", "files", key), f"is required by the kohya backend: sd-scripts loads single-file "
-                        f"checkpoints only{src}. Set [model.files] {need}"))
+        need = "; ".join(f"{k} = {fam.file_help[k]}" for k in missing)
+        keys = ", ".join(missing)
+        out.append((("model", "files"), f"{keys} {'is' if len(missing) == 1 else 'are'} required by the kohya "
+                    f"backend: sd-scripts loads single-file checkpoints only{src}. Set {need}"))
     for key in fam.files:
         value = getattr(files, key)
         if value and not Path(value).is_file():

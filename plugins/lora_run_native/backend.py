@@ -122,7 +122,8 @@ class NativeBackend:
                          f"{r.text_encoder.lr_ratio}× the LR, then frozen (playbook §5)")
         for fmt in r.output.formats:
             if fmt not in adapter.lora_formats:
-                notes.append(f"output format {fmt} is not available for {r.model.family}; skipped")
+                notes.append(f"output format {fmt} is not available for {r.model.family}; skipped"
+                             + (f" ({adapter.format_notes[fmt]})" if fmt in adapter.format_notes else ""))
         notes.append("latents and text embeddings are cached in "
                      + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
         if r.train.mixed_precision != "no":

@@ -72,3 +72,25 @@ def estimate_memory_gib(recipe: Any) -> float:
     else:
         activations = f["blocks"] * 24 * per_block_input
     return (base + lora + activations) / 2**30 + OVERHEAD_GIB
+
+
+def equivalent_estimate(recipe: Any, swapped_blocks: int = 0) -> tuple[float, str] | None:
+    """This memory model's peak-GiB estimate for the settings an external trainer (sd-scripts,
+    diffusion-pipe) runs the recipe with: eager, the recipe's base precision, every block checkpointed when
+    `gradient_checkpointing` is on, `swapped_blocks` blocks' weights in CPU memory. (GiB, what it assumed),
+    or None for a family this model does not know."""
+    from . import perfmodel
+    from .accel import PerfPlan
+
+    r = recipe
+    shapes = perfmodel.SHAPES.get(r.model.family)
+    if shapes is None:
+        return None
+    if r.train.mixed_precision == "no":
+        return estimate_memory_gib(r), "fp32, eager"
+    blocks = shapes.blocks if r.train.gradient_checkpointing else 0
+    plan = PerfPlan("external", compile=False, fp8=r.model.base_precision == "fp8", checkpoint_blocks=blocks,
+                    offload_blocks=min(max(swapped_blocks, 0), shapes.blocks))
+    gib = perfmodel.estimate_peak_gib(r.model.family, r.dataset.resolution, r.dataset.resolution,
+                                      r.train.batch_size, r.lora.rank, r.lora.targets, plan)
+    return gib, plan.describe().replace("external, ", "") + f", batch {r.train.batch_size} at {r.dataset.resolution}²"

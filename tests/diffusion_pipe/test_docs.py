@@ -26,3 +26,23 @@ def test_every_refused_feature_names_its_key_in_the_page():
     keys.update({"loss:pseudo-huber": "train.loss"})
     for feature in REASONS:
         assert f"`{keys[feature]}" in refused, f"{feature} ({keys[feature]}) is not in the refusal table"
+
+
+def test_the_complete_flux_recipe_checks_after_changing_the_marked_lines(run_cli, tmp_path, flux_folder, monkeypatch):
+    """As the page says: only the lines marked `← yours` change, and no diffusion-pipe checkout is needed."""
+    from lora_run.testing import make_images
+
+    text = PAGE.read_text("utf-8")
+    block = text.split("### A complete FLUX.1-dev recipe")[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    marked = [line for line in block.splitlines() if "← yours" in line]
+    assert len(marked) == 2
+    make_images(tmp_path / "data" / "subject", count=3, size=(800, 800))
+    recipe = tmp_path / "dp.toml"
+    recipe.write_text(block.replace('"/models/FLUX.1-dev"', f'"{flux_folder}"'))
+    env = {"LORA_RUN_DIFFUSION_PIPE": "", "PATH": "/usr/bin:/bin"}
+    out = run_cli("check", recipe, env=env)
+    assert out.returncode == 0, out.stderr
+    as_written = tmp_path / "as-written.toml"
+    as_written.write_text(block)
+    out = run_cli("check", as_written, env=env)
+    assert out.returncode == 2 and "[model.source] folder not found: /models/FLUX.1-dev" in out.stderr

@@ -213,3 +213,29 @@ def test_metadata_names_the_architecture():
     assert meta["ss_network_module"] == "networks.lora_hunyuan_image"
     assert meta["ss_network_dim"] == "16" and meta["modelspec.title"] == "x"
     assert all(isinstance(v, str) for v in meta.values())
+
+
+def test_kohya_output_uses_sd_scripts_names_and_round_trips():
+    """Our `kohya` HunyuanImage file: sd-scripts' module names with alphas; reading it back gives the same
+    products B·A as the ComfyUI file (ComfyUI's names are only renamed, never re-weighted)."""
+    import torch
+
+    from lora_run_formats import hunyuan_image as hi
+
+    g = torch.Generator().manual_seed(0)
+    comfy = {}
+    for module, (i, o) in {"double_blocks.0.img_mlp.0": (8, 32), "double_blocks.0.img_mod.lin": (8, 48),
+                           "double_blocks.0.txt_attn.qkv": (8, 24), "single_blocks.0.modulation.lin": (8, 24),
+                           "single_blocks.0.linear2": (40, 8)}.items():
+        comfy[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(2, i, generator=g)
+        comfy[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(o, 2, generator=g)
+    kohya = hi.to_sd_scripts_names(hi.comfy_to_kohya(comfy))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    assert modules == {"lora_unet_double_blocks_0_img_mlp_fc1", "lora_unet_double_blocks_0_img_mod_linear",
+                       "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_single_blocks_0_modulation_linear",
+                       "lora_unet_single_blocks_0_linear2"}
+    assert all(kohya[f"{m}.alpha"].item() == 2.0 for m in modules)
+    back = hi.kohya_to_comfy(kohya)               # sd-scripts' names are read back (normalize_kohya)
+    assert set(back) == set(comfy)
+    for key in comfy:
+        torch.testing.assert_close(back[key], comfy[key])

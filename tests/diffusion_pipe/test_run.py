@@ -106,12 +106,20 @@ def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_c
 
 def test_hunyuan_image_run_converts_comfyui_keys(dp_recipe, plugins_with, tmp_path, fake_env, hunyuan_files):
     fake_env()
-    ctx, _, _ = run_recipe(dp_recipe(hunyuan_recipe(hunyuan_files)), plugins_with, tmp_path / "run")
+    ctx, _, _ = run_recipe(dp_recipe(hunyuan_recipe(hunyuan_files)), plugins_with, tmp_path / "run",
+                           'output.formats=["kohya", "diffusers", "comfyui"]')
     kohya = safetensors_torch.load_file(ctx.artifacts["lora_kohya"])
     diffusers = safetensors_torch.load_file(ctx.artifacts["lora_diffusers"])
-    assert "lora_unet_double_blocks_1_txt_mod_lin.lora_up.weight" in kohya
+    comfy = safetensors_torch.load_file(ctx.artifacts["lora_comfyui"])
+    # kohya: sd-scripts' names (networks.lora_hunyuan_image) with alphas; comfyui: ComfyUI's own layout
+    assert "lora_unet_double_blocks_1_txt_mod_linear.lora_up.weight" in kohya
+    assert "lora_unet_double_blocks_0_img_mlp_fc1.lora_up.weight" in kohya
+    assert not any("_mod_lin." in k or "mlp_0" in k for k in kohya)
     assert kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape[0] == 4   # fused, rank kept
     assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 4
+    assert comfy and all(k.startswith("diffusion_model.") and ".alpha" not in k for k in comfy)
+    assert "diffusion_model.double_blocks.1.txt_mod.lin.lora_B.weight" in comfy
+    assert ctx.artifacts["lora_comfyui"].endswith("subject.comfyui.safetensors")
     assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_A.weight" in diffusers
     assert "transformer.single_transformer_blocks.1.norm.linear.lora_B.weight" in diffusers
     from safetensors import safe_open
@@ -282,13 +290,20 @@ def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_pat
 def test_model_files_are_checked_before_launch(dp_recipe, plugins_with, tmp_path, fake_env, flux_folder):
     fake_env(record=tmp_path / "launch.jsonl")
     (flux_folder / "model_index.json").unlink()
-    from lora_run.errors import ModelSourceError
-
-    with pytest.raises(ModelSourceError, match="not a diffusers folder"):
+    with pytest.raises(RecipeError, match="not a diffusers folder"):  # found by the check, before anything runs
         run_recipe(dp_recipe(), plugins_with, tmp_path / "run")
     assert not (tmp_path / "launch.jsonl").exists()
     with pytest.raises(RecipeError):
         run_recipe(dp_recipe(), plugins_with, tmp_path / "run2", "backend.diffusion-pipe.path='/nonexistent'")
+
+
+def test_check_reports_a_missing_source_folder_and_model_file(dp_recipe, run_cli, tmp_path, flux_folder):
+    out = run_cli("check", dp_recipe(), "--set", f"model.source={tmp_path / 'no-such-flux'}",
+                  "--set", f"model.files.transformer={tmp_path / 'flux1-dev.safetensors'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"[model.source] folder not found: {tmp_path / 'no-such-flux'}" in out.stderr
+    assert f"[model.files.transformer] {tmp_path / 'flux1-dev.safetensors'} does not exist" in out.stderr
+    assert out.stderr.count("[model.source]") == 1
 
 
 def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):
@@ -300,3 +315,14 @@ def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):
     bad = run_cli(dp_recipe(), "--output-dir", tmp_path / "bad")
     assert bad.returncode == 1 and "CUDA out of memory" in bad.stderr and "Traceback (most recent" in bad.stderr
     assert "error: diffusion-pipe failed (exit code 1)" in bad.stderr
+
+
+def test_plan_gives_our_memory_estimate(dp_recipe, run_cli):
+    out = run_cli("plan", dp_recipe(), "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)["plan"]
+    assert plan["memory_estimate_gib"] > 0
+    assert plan["memory_source"].startswith("lora-run's native memory model for the equivalent settings")
+    swapped = json.loads(run_cli("plan", dp_recipe(), "--set", "backend.diffusion-pipe.blocks_to_swap=10",
+                                 "--json").stdout)["plan"]
+    assert swapped["memory_estimate_gib"] < plan["memory_estimate_gib"]

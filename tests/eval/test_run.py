@@ -199,3 +199,16 @@ def test_checkpoint_folders_give_their_lora_file(tmp_path, layout):
     (state / "state.json").write_text(json.dumps({"loras": {"diffusers": "diffusers/x-step000006.safetensors"}}))
     found = normalise_checkpoints([{"step": 6, "path": str(step)}, str(tmp_path / "gone")])
     assert found == [("step 6", 6, step / "diffusers" / "x-step000006.safetensors")]
+
+
+def test_the_report_says_what_the_run_is():
+    """The recipe's description heads the report: the demo's says it is a demo on cartoons."""
+    from lora_run.recipe import load_recipe
+    from lora_run_eval.report import render
+
+    demo = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "demo" / "tiny-flux.toml").recipe
+    data = {"results": {}, "embedder": {"name": "dlib", "metric": "L2", "threshold": 0.6}, "about": demo.description}
+    html = render(data)
+    assert "demo" in demo.description and "cartoon" in demo.description and "expected" in demo.description
+    assert 'class="card about"' in html and "cartoon drawings" in html
+    assert 'class="card about"' not in render({**data, "about": ""})

@@ -108,16 +108,21 @@ def test_round_trip_is_exact_on_every_module_type():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_attention_only_lora_pads_missing_parts_with_zero_blocks():
+def test_attention_only_lora_writes_no_all_zero_block():
     model = tiny_flux()
     sd = random_lora(model, ATTENTION_ONLY, rank=4, alpha=4.0)
     expected = output_with(model, sd, "peft", alpha=4.0)
     kohya = diffusers_to_kohya(sd, 4.0, 4)
     up = kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"]
     down = kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"]
-    assert up.shape == (32 * 3 + 128, 16) and down.shape == (16, 32)
-    assert not up[96:].any() and not down[12:].any(), "proj_mlp has no LoRA: its block is zero"
+    assert up.shape == (32 * 3 + 128, 12) and down.shape == (12, 32), "proj_mlp has no LoRA: it adds no rank"
+    assert not up[96:].any(), "the MLP rows of linear1 are unchanged"
+    assert all(down[i].any() for i in range(12)) and all(up[:, i].any() for i in range(12)), "no zero rank"
+    assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 12.0      # alpha/rank = 4/4 kept
     assert not up[:32, 4:].any(), "q's rows only see q's down rows (block diagonal)"
+    for key, value in kohya.items():
+        if not key.endswith(".alpha"):
+            assert value.any(), f"{key} is all zero"
     back = kohya_to_diffusers(kohya)
     assert not any("proj_mlp" in k for k in back)
     got = output_with(model, back, "back")
@@ -158,15 +163,18 @@ def test_kohya_file_loads_in_diffusers_with_the_same_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_width_single_block_linear1_through_diffusers(tmp_path):
-    """FLUX.1's real width (24 heads × 128) so that diffusers' fixed linear1 split applies; one single block."""
+@pytest.mark.parametrize("pattern, fused_rank", [(targets(SINGLE_ATTN, SINGLE_REST), 8),
+                                                 (r"single_transformer_blocks\.\d+\.attn\.to_[qkv]", 6)])
+def test_full_width_single_block_linear1_through_diffusers(tmp_path, pattern, fused_rank):
+    """FLUX.1's real width (24 heads × 128) so that diffusers' fixed linear1 split applies; one single block.
+    Attention only: linear1 carries q/k/v (rank 3×2, no zero block for proj_mlp) and still loads exactly."""
     from diffusers import FluxPipeline
 
     model = tiny_flux(width_heads=24, head_dim=128, double=0, single=1)
-    sd = random_lora(model, targets(SINGLE_ATTN, SINGLE_REST), rank=2, alpha=1.0)
+    sd = random_lora(model, pattern, rank=2, alpha=1.0)
     expected = output_with(model, sd, "peft", alpha=1.0)
     kohya = diffusers_to_kohya(sd, 1.0, 2)
-    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, 8)
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, fused_rank)
     path = save_lora(tmp_path / "wide.safetensors", kohya, kohya_metadata())
     converted = FluxPipeline.lora_state_dict(str(path))
     converted = converted[0] if isinstance(converted, tuple) else converted

@@ -194,6 +194,34 @@ def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins
 
 
 @pytest.mark.slow
+def test_hunyuan_image_comfyui_file_from_sd_scripts_file(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    import torch
+
+    from lora_run_formats import load_lora
+    from lora_run_formats.hunyuan_image import kohya_to_diffusers
+
+    path = kohya_recipe(family="hunyuan-image-2.1", sd_scripts=fake_checkout)
+    text = path.read_text()
+    formats = next(line for line in text.splitlines() if line.startswith("formats ="))
+    path.write_text(text.replace(formats, 'formats = ["kohya", "comfyui"]'))
+    ctx, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    assert ctx.artifacts["lora_comfyui"].endswith("ohwx.comfyui.safetensors")
+    comfy, _ = load_lora(ctx.artifacts["lora_comfyui"])
+    kohya, _ = load_lora(ctx.artifacts["lora_kohya"])
+    assert comfy and all(k.startswith("diffusion_model.") and not k.endswith(".alpha") for k in comfy)
+    from lora_run_formats.hunyuan_image import comfy_to_diffusers
+
+    ours, theirs = comfy_to_diffusers(comfy), kohya_to_diffusers(kohya)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if key.endswith("lora_A.weight"):
+            b = key.replace("lora_A", "lora_B")
+            torch.testing.assert_close((ours[b].float() @ ours[key].float()), (theirs[b].float() @ theirs[key].float()),
+                                       atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.slow
 def test_hunyuan_attention_mlp_has_no_modulation_modules(kohya_recipe, fake_checkout, plugins_with, tmp_path):
     from lora_run_formats import load_lora
 
@@ -286,3 +314,31 @@ def test_ctrl_c_stops_sd_scripts_and_exits_130(kohya_recipe, fake_checkout, tmp_
             if str(fake_checkout) in cmdline:
                 survivors.append(cmdline)
     assert survivors == []
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_runs_sd_scripts_offline(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    """sd-scripts fetches tokenizers from the hub: without a reachable hub it runs with HF_HUB_OFFLINE=1 (the
+    cache at once) instead of spending minutes in retries, and says so."""
+    import socket
+
+    from lora_run_native.adapters import base
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")       # nobody listens: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(base, "_HUB_PROBES", {})
+    record = tmp_path / "args.json"
+    monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
+    ctx, _, echoed, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
+    assert error is None, error
+    assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] == "1"
+    assert any("the Hugging Face hub cannot be reached" in line for line in echoed)
+    # a reachable hub (here: any HTTP answer) leaves sd-scripts' environment alone
+    monkeypatch.setattr(base, "_HUB_PROBES", {f"http://127.0.0.1:{port}": None})
+    _, _, echoed, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with,
+                                         sets=[f"output.dir=\"{tmp_path / 'second'}\""])
+    assert error is None, error
+    assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] is None

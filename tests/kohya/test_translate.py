@@ -262,8 +262,8 @@ def test_model_source_only_names_every_needed_file(kohya_recipe, plugins, tmp_pa
     files = text[text.index("[model.files]"):text.index("[dataset]")]
     path.write_text(text.replace(files, "").replace('[model]\n', '[model]\nsource = "black-forest-labs/FLUX.1-dev"\n'))
     message = refusal(path, plugins)
-    for key in ("transformer", "clip_l", "t5xxl", "vae"):
-        assert f"[model.files.{key}] is required by the kohya backend" in message
+    assert "[model.files] transformer, clip_l, t5xxl, vae are required by the kohya backend" in message
+    assert message.count("sd-scripts loads single-file checkpoints only") == 1   # one problem, said once
     assert "flux1-dev.safetensors" in message and "t5xxl_fp16.safetensors" in message and "ae.safetensors" in message
     assert "hub id or diffusers folder" in message
 
@@ -362,3 +362,40 @@ def test_train_gpus_feeds_accelerate_num_processes(kohya_recipe, plugins):
     argv = planned(kohya_recipe("[backend.kohya]\nnum_processes = 4\n", name="own.toml"), plugins,
                    ["train.gpus=2"])[0].commands[0]
     assert argv[argv.index("--num_processes") + 1] == "4"   # the backend's own option wins
+
+
+def test_switching_the_fast_flux_recipe_to_kohya_reports_everything_in_one_check(run_cli, tmp_path):
+    """noise offset, the missing single files (said once) and the dataset lint, in one `check`."""
+    from lora_run.testing import make_images
+
+    photos = tmp_path / "photos"
+    make_images(photos, count=3, trigger="")                  # captions without the trigger: lint errors
+    shipped = Path(__file__).resolve().parents[2] / "recipes" / "flux" / "identity-fast.toml"
+    out = run_cli("check", shipped, "--set", "backend=\"kohya\"", "--set", f"dataset.path=\"{photos}\"",
+                  "--set", "model.offline=true")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    err = out.stderr
+    assert "[train.noise_offset]" in err
+    assert err.count("sd-scripts loads single-file checkpoints only") == 1
+    assert "transformer, clip_l, t5xxl, vae are required" in err
+    assert "[dataset] has" in err and "trigger" in out.stdout
+    assert "backends that can: native" in err and "flux," not in err
+
+
+def test_plan_gives_our_memory_estimate_for_the_equivalent_settings(kohya_recipe, plugins, run_cli):
+    from lora_run.recipe import replace
+    from lora_run_native.memory import equivalent_estimate
+
+    path = kohya_recipe()
+    plan, _, _ = planned(path, plugins)
+    recipe = load_recipe(path).recipe
+    gib, assumed = equivalent_estimate(recipe)
+    assert plan.memory_estimate_gib == round(gib, 1) > 0
+    assert plan.memory_source.startswith("lora-run's native memory model for the equivalent settings")
+    assert "eager" in plan.memory_source
+    # it follows the settings: bf16 base weights need more than fp8, swapped blocks less
+    fp8 = replace(recipe, model={"base_precision": "fp8"}, train={"mixed_precision": "bf16"})
+    bf16 = replace(fp8, model={"base_precision": "bf16"})
+    assert equivalent_estimate(bf16)[0] > equivalent_estimate(fp8)[0] > equivalent_estimate(fp8, 20)[0]
+    shown = run_cli("plan", path)
+    assert "# memory estimate:" in shown.stdout and "lora-run's native memory model" in shown.stdout

@@ -128,3 +128,52 @@ def lora_tensors(path: Path) -> dict:
 
 def env_for_subprocess() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """HF_ENDPOINT pointed at a local server that answers every request with 404: a hub that is reachable
+    (it has no models). Yields the endpoint; the hub probe's cached answers are cleared around the test."""
+    import http.server
+    import threading
+
+    from lora_run_native.adapters import base
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    base._HUB_PROBES.clear()
+    yield endpoint
+    base._HUB_PROBES.clear()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """HF_ENDPOINT pointed at a local port nobody listens on: connections are refused, as without network."""
+    import socket
+
+    from lora_run_native.adapters import base
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    base._HUB_PROBES.clear()
+    yield endpoint
+    base._HUB_PROBES.clear()

@@ -80,7 +80,7 @@ def test_memory_estimate_follows_the_recipe():
 
 
 @pytest.mark.parametrize("name", ["identity-fast.toml", "identity-hifi.toml"])
-def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch):
+def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch, reachable_hub):
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import validate
@@ -105,13 +105,13 @@ def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch):
         assert recipe.train.noise_offset == 0.1 and recipe.train.loss == "pseudo-huber"
         assert recipe.train.min_snr_gamma is None and recipe.dataset.regularization
         assert "min_snr_gamma" in text and "does\n#   not apply to flow matching" in text
-    monkeypatch.delenv("HF_HUB_OFFLINE")           # check/plan never download; offline only adds the cache check
+    monkeypatch.delenv("HF_HUB_OFFLINE")           # check/plan never download; they only ask whether the hub answers
     loaded = load_recipe(path)
     validate(loaded, load_plugins())            # every feature it uses is honoured by the native backend
     photos = tmp_path / "photos"
     make_images(photos, count=3, size=(320, 288))
     result = run_cli("plan", path, "--set", f"dataset.path=\"{photos}\"", "--set", "dataset.regularization=[]",
-                     "--json", env={"HF_HUB_OFFLINE": ""})
+                     "--json", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": reachable_hub})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["plan"]["steps"] == recipe.train.steps
 
@@ -129,3 +129,14 @@ def test_demo_runs_from_the_cli(run_cli, tmp_path):
     assert "not a useful LoRA" in result.stdout
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs through accelerate"
     assert manifest["artifacts"]["cache"]["latents"]["misses"] == 18
+
+
+def test_demo_run_again_says_how_to_replace_it(run_cli, tmp_path):
+    earlier = tmp_path / "demo" / "run"
+    earlier.mkdir(parents=True)
+    (earlier / "manifest.json").write_text("{}")
+    result = run_cli("demo", "--output-dir", tmp_path / "demo")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lora-run demo --overwrite" in result.stderr and "--resume" not in result.stderr
+    assert not (tmp_path / "demo" / "assets").exists()       # refused before building anything
+    assert (earlier / "manifest.json").read_text() == "{}"

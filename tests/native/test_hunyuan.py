@@ -175,7 +175,8 @@ def image_run(tiny_hunyuan, tmp_path_factory):
     make_images(root / "subject", count=2, size=(96, 80))
     recipe = root / "image.toml"
     recipe.write_text(RECIPE.format(family=FAMILIES["image"], model=tiny_hunyuan["image"], dataset=root / "subject"))
-    ctx = execute(load_recipe(recipe, ["optimizer.lr=5e-2", "train.steps=3"]), load_plugins(),
+    ctx = execute(load_recipe(recipe, ["optimizer.lr=5e-2", "train.steps=3",
+                                       'output.formats=["diffusers", "comfyui", "kohya"]']), load_plugins(),
                   output_dir=str(root / "run"), echo=lambda *_: None)
     return ctx
 
@@ -245,19 +246,26 @@ def test_image_text_encoding_follows_the_pipeline(tiny_hunyuan):
     assert ours["prompt_embeds_mask_2"][0].sum() == 0 and ours["prompt_embeds_mask_2"][1].sum() > 0
 
 
-def test_image_both_formats_load_and_change_the_output(image_run, tiny_hunyuan):
+def test_image_every_format_loads_and_changes_the_output(image_run, tiny_hunyuan):
     import torch
     from diffusers import HunyuanImageTransformer2DModel
+    from safetensors import safe_open
 
     from lora_run_native.adapters.hunyuan_image import load_hunyuan_image_lora
 
     diffusers_file = Path(image_run.artifacts["lora_diffusers"])
-    comfy_file = Path(image_run.artifacts["lora_kohya"])
-    assert comfy_file.parent.name == "comfyui"
+    comfy_file = Path(image_run.artifacts["lora_comfyui"])
+    kohya_file = Path(image_run.artifacts["lora_kohya"])
+    assert comfy_file.parent.name == "comfyui" and kohya_file.parent.name == "kohya"
     comfy = lora_tensors(comfy_file)
-    assert comfy and all(k.startswith("diffusion_model.") for k in comfy)
+    assert comfy and all(k.startswith("diffusion_model.") for k in comfy)     # ComfyUI's layout, no alpha
     assert any("double_blocks.0.img_attn.qkv" in k for k in comfy) and any("single_blocks.0.linear1" in k for k in comfy)
     assert all(k.startswith("transformer.") for k in lora_tensors(diffusers_file))
+    kohya = lora_tensors(kohya_file)                                         # sd-scripts' names, with alphas
+    assert all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    assert not any("_mod_lin." in k or "_mlp_0." in k or "modulation_lin." in k for k in kohya)
+    with safe_open(str(kohya_file), "pt") as fh:
+        assert fh.metadata()["ss_network_module"] == "networks.lora_hunyuan_image"
 
     torch.manual_seed(1)
     x = torch.randn(1, 64, 2, 2)
@@ -265,14 +273,15 @@ def test_image_both_formats_load_and_change_the_output(image_run, tiny_hunyuan):
               encoder_attention_mask=torch.ones(1, 5, dtype=torch.long), encoder_hidden_states_2=torch.randn(1, 3, 32),
               encoder_attention_mask_2=torch.ones(1, 3, dtype=torch.long), return_dict=False)
     outputs = {}
-    for name, path in (("base", None), ("diffusers", diffusers_file), ("comfy", comfy_file)):
+    for name, path in (("base", None), ("diffusers", diffusers_file), ("comfy", comfy_file), ("kohya", kohya_file)):
         model = HunyuanImageTransformer2DModel.from_pretrained(tiny_hunyuan["image"], subfolder="transformer")
         if path is not None:
             load_hunyuan_image_lora(model, path)
         with torch.no_grad():
             outputs[name] = model(x, **kw)[0]
     assert (outputs["diffusers"] - outputs["base"]).abs().max() > 1e-4, "the LoRA changes the output"
-    assert torch.allclose(outputs["diffusers"], outputs["comfy"], atol=1e-5), "both formats are the same LoRA"
+    assert torch.allclose(outputs["diffusers"], outputs["comfy"], atol=1e-5), "the formats are the same LoRA"
+    assert torch.allclose(outputs["diffusers"], outputs["kohya"], atol=1e-5), "the formats are the same LoRA"
     # also the plain diffusers loader with the path, as users do
     model = HunyuanImageTransformer2DModel.from_pretrained(tiny_hunyuan["image"], subfolder="transformer")
     model.load_lora_adapter(str(diffusers_file), prefix="transformer")
@@ -288,7 +297,7 @@ def test_image_generate_api_with_both_formats(image_run, tmp_path):
     job = {"prompt": "ohwx, a portrait", "seed": 3, "steps": 2, "guidance": 1.0, "width": 64, "height": 64}
     images = {}
     for name, lora, strength in (("base", None, 1.0), ("d", image_run.artifacts["lora_diffusers"], 1.0),
-                                 ("c", image_run.artifacts["lora_kohya"], 1.0), ("d0", image_run.artifacts["lora_diffusers"], 0.0)):
+                                 ("c", image_run.artifacts["lora_comfyui"], 1.0), ("d0", image_run.artifacts["lora_diffusers"], 0.0)):
         out = generate_images(recipe, lora, [{**job, "name": name, "strength": strength}], tmp_path / name)
         images[name] = Path(out[0]["path"]).read_bytes()
     assert images["d"] != images["base"]
@@ -435,7 +444,7 @@ def test_flux_fast_recipe_switched_to_hunyuan_plans_and_runs(kind, tiny_hunyuan,
     assert (out / "subject_fast.safetensors").is_file()
     assert list((out / "samples").rglob("*.png")), "the final samples were drawn"
     if kind == "image":
-        assert (out / "comfyui" / "subject_fast.safetensors").is_file()
+        assert (out / "kohya" / "subject_fast.safetensors").is_file()     # the recipe asks for kohya + diffusers
 
 
 @pytest.mark.parametrize("kind,sets,key,why", [

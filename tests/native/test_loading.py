@@ -141,3 +141,70 @@ def test_single_files_without_a_source_need_cached_tokenizers(flux_recipe, tiny_
     with pytest.raises(ModelSourceError, match=r"\[model\.source\] is not set, so the CLIP-L text encoder's tokenizer"):
         adapter.load_encoders()
     assert no_network == []
+
+
+def test_an_unreachable_hub_is_reported_in_seconds(flux_recipe, tmp_path, monkeypatch, unreachable_hub, run_cli):
+    """A hub id, downloads allowed, no network: `check` and the run say so at once, and how to proceed."""
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    sets = ["model.source=\"black-forest-labs/FLUX.1-dev\"", "model.offline=false"]
+    adapter = _adapter(flux_recipe(name="hub.toml"), sets)
+    started = time.monotonic()
+    problems = adapter.check_sources()
+    assert [p[0] for p in problems] == [("model", "source")]
+    assert "cannot be reached" in problems[0][1] and unreachable_hub in problems[0][1]
+    assert "offline = true" in problems[0][1] and "hf download black-forest-labs/FLUX.1-dev" in problems[0][1]
+    with pytest.raises(ModelSourceError, match=r"\[model\.source\] .*cannot be reached"):
+        adapter.load_encoders()
+    with pytest.raises(ModelSourceError, match=r"cannot be reached"):
+        adapter.load_transformer()
+    assert time.monotonic() - started < 30
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"),
+           "HF_ENDPOINT": unreachable_hub, "HF_HUB_OFFLINE": ""}
+    for command in (["check"], ["run", "--output-dir", tmp_path / "run"]):
+        started = time.monotonic()
+        result = run_cli(command[0], flux_recipe(name="hub.toml"), *(a for s in sets for a in ("--set", s)),
+                         *command[1:], env=env, timeout=120)
+        assert result.returncode == 2 and "cannot be reached" in result.stderr and "Traceback" not in result.stderr
+        assert "Retrying" not in result.stderr and time.monotonic() - started < 60
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hub_probe_that_gets_no_answer_gives_up_in_time(monkeypatch):
+    """A server that accepts the connection but never answers: the probe is bounded by its timeout."""
+    import socket
+    import time
+
+    from lora_run_native.adapters import base
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        base._HUB_PROBES.clear()
+        started = time.monotonic()
+        reason = base.hub_unreachable(timeout=1.0)
+        assert reason and time.monotonic() - started < 3
+    base._HUB_PROBES.clear()
+
+
+def test_an_unreachable_hub_with_the_model_cached_loads_from_the_cache(flux_recipe, tmp_path, monkeypatch,
+                                                                      unreachable_hub, capsys):
+    cache = tmp_path / "hf-home" / "hub"
+    snapshot = cache / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (cache / "models--black-forest-labs--FLUX.1-dev" / "refs").mkdir()
+    (cache / "models--black-forest-labs--FLUX.1-dev" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))   # read at import otherwise
+    adapter = _adapter(flux_recipe(name="hub.toml"), ["model.source=\"black-forest-labs/FLUX.1-dev\"",
+                                                      "model.offline=false"])
+    assert adapter.check_sources() == []             # cached: nothing to report, the hub is not needed
+    assert adapter.source_kwargs()["local_files_only"] is True
+    assert "cannot be reached" in capsys.readouterr().err and adapter.hub_down

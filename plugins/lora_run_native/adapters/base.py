@@ -81,6 +81,56 @@ def hub_offline(recipe: Recipe) -> bool:
     return recipe.model.offline or env not in ("", "0", "false", "no", "off")
 
 
+#: Seconds `hub_unreachable` waits for the hub to answer (a hub that answers anything is reachable).
+HUB_PROBE_TIMEOUT_S = 5.0
+_HUB_PROBES: dict[str, str | None] = {}
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it answers (any HTTP status counts).
+
+    One HEAD request, bounded to ``timeout`` seconds in all (name lookup included); the answer is kept for
+    the process. Without it, a hub id and no network cost minutes of the hub client's retries."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    endpoint = hub_endpoint()
+    if endpoint in _HUB_PROBES:
+        return _HUB_PROBES[endpoint]
+    result: list[str | None] = [f"no answer within {timeout:g} s"]
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"),
+                                   timeout=timeout).close()
+            result[0] = None
+        except urllib.error.HTTPError:  # it answered: reachable (authorisation is the hub client's business)
+            result[0] = None
+        except urllib.error.URLError as exc:
+            result[0] = str(getattr(exc, "reason", exc))
+        except Exception as exc:  # noqa: BLE001 - timeouts, resets: unreachable, say why
+            result[0] = f"{type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    _HUB_PROBES[endpoint] = result[0]
+    return result[0]
+
+
+def unreachable_message(repo_id: str, reason: str) -> str:
+    """What to do when a hub model is needed, not cached, and the hub cannot be reached."""
+    return (f"hub model {repo_id!r} is not in the local Hugging Face cache and the hub ({hub_endpoint()}) cannot be "
+            f"reached ({reason}). Download it first where there is network (`hf download {repo_id}`, then copy "
+            "the cache or the folder here) and point [model] source at the local folder, or, with the model in "
+            "the cache, set [model] offline = true")
+
+
 def quiet_libraries() -> None:
     """No per-file loading/saving progress bars from transformers/diffusers (our own bar is enough)."""
     try:
@@ -133,6 +183,8 @@ class ModelAdapter:
     reasons: ClassVar[dict[str, str]] = {}
     target_presets: ClassVar[dict[str, list[str]]] = {}
     lora_formats: ClassVar[tuple[str, ...]] = ("diffusers",)
+    #: Why an output format is not written for this family (shown by `lora-run plan`).
+    format_notes: ClassVar[dict[str, str]] = {}
     text_encoders: ClassVar[tuple[str, ...]] = ()
     trainable_text_encoder: ClassVar[str | None] = None
     default_hub_id: ClassVar[str | None] = None
@@ -186,7 +238,21 @@ class ModelAdapter:
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
                                  "download it first or point `source` at a local diffusers folder"))
+            elif not hub_offline(self.recipe) and not self.hub_cached(m.source):
+                reason = hub_unreachable()
+                if reason:
+                    problems.append((("model", "source"), unreachable_message(m.source, reason)))
         return problems
+
+    def cache_hint(self) -> str:
+        """Why a hub file may be missing: downloads are off, or the hub cannot be reached."""
+        if self.hub_down:
+            return (f" (the Hugging Face hub {hub_endpoint()} cannot be reached: {self.hub_down}; the files are not "
+                    "in the local cache: download them first, or point [model] source at a local folder)")
+        if hub_offline(self.recipe) and not is_local_source(self.recipe.model.source or ""):
+            return (" (downloads are off: [model] offline = true or HF_HUB_OFFLINE; the model is not in the local "
+                    "cache)")
+        return ""
 
     def hub_cached(self, repo_id: str) -> bool:
         """Whether the hub model's `model_index.json` is in the local cache (no network)."""
@@ -197,11 +263,32 @@ class ModelAdapter:
         found = try_to_load_from_cache(repo_id, "model_index.json", revision=self.recipe.model.revision)
         return isinstance(found, str)
 
+    #: Why the hub cannot be reached when a load found it so (None: reachable, offline, or not asked yet).
+    hub_down: str | None = None
+
     def source_kwargs(self) -> dict[str, Any]:
-        """`from_pretrained` keyword arguments for `model.source` (offline, revision)."""
+        """`from_pretrained` keyword arguments for `model.source` (offline, revision).
+
+        When downloads are allowed but the hub cannot be reached (probed once, in seconds), loads use the local
+        cache only; a hub `source` that is not cached fails at once (ModelSourceError), instead of after minutes
+        of the hub client's retries."""
         kw: dict[str, Any] = {}
+        src = self.recipe.model.source
         if hub_offline(self.recipe):
             kw["local_files_only"] = True
+        elif src is None or not is_local_source(src):
+            reason = hub_unreachable()
+            if reason:
+                if src is not None and not self.hub_cached(src):
+                    raise self.error("model.source", unreachable_message(src, reason))
+                if self.hub_down is None:
+                    import sys
+
+                    print(f"warning: the Hugging Face hub ({hub_endpoint()}) cannot be reached ({reason}); "
+                          "loading from the local cache only ([model] offline = true skips this probe)",
+                          file=sys.stderr)
+                self.hub_down = reason
+                kw["local_files_only"] = True
         if self.recipe.model.revision and not is_local_source(self.recipe.model.source or ""):
             kw["revision"] = self.recipe.model.revision
         return kw

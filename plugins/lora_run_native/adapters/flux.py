@@ -45,6 +45,8 @@ class FluxAdapter(ModelAdapter):
         "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
     }
     lora_formats = ("kohya", "diffusers")
+    format_notes = {"comfyui": "ComfyUI loads FLUX.1's kohya and diffusers files directly; no separate comfyui "
+                               "file is written"}
     text_encoders = ("clip_l", "t5xxl")
     trainable_text_encoder = "clip_l"
     default_hub_id = "black-forest-labs/FLUX.1-dev"
@@ -103,9 +105,7 @@ class FluxAdapter(ModelAdapter):
         if isinstance(exc, ModelSourceError):
             return exc
         text = _first_line(exc)
-        offline = "local_files_only" in self.source_kwargs()
-        hint = (" (downloads are off: [model] offline = true or HF_HUB_OFFLINE; the model is not in the local "
-                "cache)") if offline and not is_local_source(self._source() or "") else ""
+        hint = self.cache_hint()
         return self.error(key, f"cannot load {what}{hint}: {text[:300]}")
 
     def _read_file(self, key: str) -> dict[str, Any]:
@@ -222,7 +222,7 @@ class FluxAdapter(ModelAdapter):
                 tok = self._from_source(cls, TOKENIZER_SUBFOLDER[key], key)
                 if not _real_tokenizer(tok):
                     raise self.error("model.source", f"{src}/{TOKENIZER_SUBFOLDER[key]}: no {WHAT[key]} tokenizer "
-                                     "files there (or not in the local cache while offline)")
+                                     "files there" + (self.cache_hint() or " (or not in the local cache while offline)"))
                 self.tokenizers[key] = tok
                 continue
             repo, _ = DEFAULT_TOKENIZERS[key]

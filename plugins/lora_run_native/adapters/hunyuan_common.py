@@ -67,9 +67,7 @@ class SourceLoader(ModelAdapter):
 
         if isinstance(exc, ModelSourceError):
             return exc
-        offline = "local_files_only" in self.source_kwargs()
-        hint = (" (downloads are off: [model] offline = true or HF_HUB_OFFLINE; the model is not in the local "
-                "cache)") if offline and not is_local_source(self._source() or "") else ""
+        hint = self.cache_hint()
         return self.error(key, f"cannot load {what}{hint}: {first_line(exc)}")
 
     def from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:

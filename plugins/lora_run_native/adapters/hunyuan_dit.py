@@ -214,7 +214,7 @@ class HunyuanDiTAdapter(SourceLoader):
             tok = self.from_source(AutoTokenizer, sub)
             if not real_tokenizer(tok):
                 raise self.error("model.source", f"{self._source()}/{self.TOKENIZER_SUBFOLDER[sub]}: no tokenizer files "
-                                 "there (or not in the local cache while offline)")
+                                 "there" + (self.cache_hint() or " (or not in the local cache while offline)"))
             self.tokenizers[key] = tok
 
     def _component(self, key: str, dtype: Any) -> Any:

@@ -64,7 +64,7 @@ class HunyuanImageAdapter(SourceLoader):
         "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
     }
     #: ``kohya`` (the recipe's name for the ComfyUI file) is written in ComfyUI's ``diffusion_model.`` layout
-    lora_formats = ("kohya", "diffusers")
+    lora_formats = ("diffusers", "comfyui", "kohya")   # <name>.safetensors, comfyui/<name>…, kohya/<name>…
     text_encoders = ("qwen", "byt5")
     trainable_text_encoder = None
     default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"
@@ -85,9 +85,6 @@ class HunyuanImageAdapter(SourceLoader):
     def qwen_max_length(self) -> int:
         value = getattr(self.options, "text_max_length", None)
         return min(QWEN_MAX_LENGTH, value) if value else QWEN_MAX_LENGTH
-
-    def output_name(self, fmt: str, base: str) -> str:
-        return f"{base}.safetensors" if fmt == "diffusers" else f"comfyui/{base}.safetensors"
 
     # ------------------------------------------------------------------------------------- sources
     def _source(self) -> str | None:
@@ -211,8 +208,8 @@ class HunyuanImageAdapter(SourceLoader):
         if "qwen" not in self.tokenizers:
             tok = self.from_source(AutoTokenizer, "qwen_tokenizer")
             if not real_tokenizer(tok):
-                raise self.error("model.source", f"{self._source()}/tokenizer: no Qwen tokenizer files there (or not "
-                                 "in the local cache while offline)")
+                raise self.error("model.source", f"{self._source()}/tokenizer: no Qwen tokenizer files there"
+                                 + (self.cache_hint() or " (or not in the local cache while offline)"))
             self.tokenizers["qwen"] = tok
         if "byt5" not in self.tokenizers:
             self.tokenizers["byt5"] = self.from_source(ByT5Tokenizer, "byt5_tokenizer")
@@ -316,18 +313,22 @@ class HunyuanImageAdapter(SourceLoader):
     def lora_files(self, fmt: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, rank: int,
                    alpha: float, te_rank: int | None, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         """``diffusers``: ``transformer.<module>.lora_A/B.weight`` with ``alpha/rank`` folded into ``lora_B``
-        (``transformer.load_lora_adapter(path, prefix="transformer")`` loads it). ``kohya`` (the ComfyUI file): the
-        ``diffusion_model.`` layout of the original HunyuanImage modules (fused q/k/v and ``linear1``), from
-        ``lora_run_formats.hunyuan_image.diffusers_to_comfy``."""
+        (``transformer.load_lora_adapter(path, prefix="transformer")`` loads it). ``comfyui``: the
+        ``diffusion_model.`` layout of the original HunyuanImage modules (fused q/k/v and ``linear1``, scale folded
+        in, no alpha), which ComfyUI loads. ``kohya``: sd-scripts' ``lora_unet_`` names with alphas and ``ss_*``
+        metadata (``networks.lora_hunyuan_image``), for sd-scripts."""
+        from lora_run_formats import hunyuan_image
+
         scale = alpha / rank
         if fmt == "diffusers":
             out = {f"transformer.{k}": (v * scale if (".lora_B." in k and scale != 1.0) else v)
                    for k, v in transformer_sd.items()}
             return out, {"format": "pt", **metadata}
-        from lora_run_formats.hunyuan_image import diffusers_to_comfy
-
-        out = diffusers_to_comfy({f"transformer.{k}": v for k, v in transformer_sd.items()}, alpha=alpha, rank=rank)
-        return out, {"format": "pt", **metadata}
+        prefixed = {f"transformer.{k}": v for k, v in transformer_sd.items()}
+        if fmt == "kohya":
+            return (hunyuan_image.diffusers_to_sd_scripts(prefixed, alpha=alpha, rank=rank),
+                    hunyuan_image.kohya_metadata(**metadata))
+        return hunyuan_image.diffusers_to_comfy(prefixed, alpha=alpha, rank=rank), {"format": "pt", **metadata}
 
     # ----------------------------------------------------------------------------------- inference
     def _scheduler(self) -> Any:

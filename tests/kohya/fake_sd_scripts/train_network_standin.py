@@ -176,7 +176,8 @@ def main() -> int:
     args = read_config(parser.parse_args(), parser)
     mode, at = os.environ.get("FAKE_KOHYA_MODE", ""), int(os.environ.get("FAKE_KOHYA_AT", "3"))
     if os.environ.get("FAKE_KOHYA_RECORD"):
-        Path(os.environ["FAKE_KOHYA_RECORD"]).write_text(json.dumps(vars(args), default=str, indent=1))
+        record = {**vars(args), "env_HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE")}
+        Path(os.environ["FAKE_KOHYA_RECORD"]).write_text(json.dumps(record, default=str, indent=1))
     log(f"{SCRIPT}: sd-scripts stand-in; mixed precision {os.environ.get('ACCELERATE_MIXED_PRECISION')}")
     ds = load_dataset(args.dataset_config, args.caption_extension)
     general = ds["general"]
