@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a recipe (the default command)")
     _recipe_args(p)
     p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
-    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes, one per GPU (overrides "
-                   "[train.gpus])")
+    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
+                   "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
+                   "launcher decides)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -254,6 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded, plugins = _load(args)
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
                   debug=args.debug)
+    if not ctx.process.main:          # one of several processes: rank 0 reports
+        return EXIT_OK
     print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
     for key, value in ctx.artifacts.items():
         if isinstance(value, (str, Path)):
