@@ -89,6 +89,7 @@ def launch(processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -
              f" = {r.batch_size} per process × {processes} × {r.gradient_accumulation} accumulation")
     if not cuda:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    os.environ.setdefault("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:")   # rank 0's console lines
     with tempfile.TemporaryDirectory(prefix="lora-run-ranks-") as logs:
         try:
             run(parse_args(torchrun_arguments(processes, argv, logs)))
