@@ -129,8 +129,9 @@ def _failure(exc: Any, logs: str, shown: str) -> LoraRunError:
     summary = ", ".join(f"rank {rank}: {code}" for rank, code in sorted(codes.items()))
     if codes and all(c == TrainingInterrupted.exit_code for c in codes.values()):
         return TrainingInterrupted(_last_error(_rank_output(logs, 0)) or "interrupted")
-    # the first rank to fail is the cause (the others were stopped by torchrun afterwards)
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0])) if failures else (0, None)
+    # the cause: a rank that was not stopped by torchrun (it ends the others with SIGTERM), the earliest first
+    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp,
+                                                          kv[0])) if failures else (0, None)
     code = failure.exitcode if failure is not None else 1
     tail = _rank_output(logs, failure.local_rank if failure is not None else rank)
     message = _last_error(tail)
