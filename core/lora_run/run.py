@@ -300,6 +300,10 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
                            "training (nothing was loaded or written)")
     if process.launched:
+        if process.world > 1 and not hasattr(make_backend(prepared, plugins), "launch"):
+            raise RecipeError(f"{loaded.shown}: backend \"{recipe.backend.name}\" starts its own processes; run "
+                              f"`lora-run {loaded.shown} --gpus {process.world}` once instead of under a launcher "
+                              f"({process.world} processes here) — see docs/multi-gpu.md")
         recipe = _with_world_size(recipe, process, loaded.shown, echo)
         prepared = attrs.evolve(prepared, recipe=recipe)
     elif recipe.train.gpus > 1:

@@ -382,3 +382,45 @@ def test_python_dash_m_lora_run_is_the_cli(tmp_path):
 def test_launchers_are_installed():
     for name in ("torchrun", "accelerate"):
         assert shutil.which(name, path=str(BIN)), name
+
+
+def test_a_backend_with_its_own_launcher_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
+    """kohya / diffusion-pipe start accelerate / deepspeed themselves: N copies of them would each start one."""
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+
+    class OwnLauncher:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def plan(self):
+            raise AssertionError("never reached")
+
+        def run(self):
+            raise AssertionError("never reached")
+
+    from lora_run.hookspecs import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            from lora_run_native.adapters import adapter_classes
+
+            register("own", OwnLauncher, capabilities={"flux.1-dev": adapter_classes()["flux.1-dev"].features})
+
+    from lora_run.testing import make_images
+
+    make_images(tmp_path / "data", count=2, size=(64, 64))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nfamily = "flux.1-dev"\nsource = "x/y"\n[dataset]\npath = "{tmp_path / "data"}"\n'
+                      'trigger = "ohwx"\nmin_images = 1\nresolution = 64\nbucket_min = 64\nbucket_max = 96\n'
+                      'bucket_step = 16\n[train]\nsteps = 1\n[eval]\nenabled = false\n'
+                      '[backend]\nname = "own"\n', encoding="utf-8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError) as err:
+        execute(load_recipe(recipe), load_plugins(extra=[Plugin()]), output_dir=str(out), echo=lambda *_: None)
+    assert "starts its own processes" in str(err.value) and "--gpus 2" in str(err.value)
+    assert not out.exists()
