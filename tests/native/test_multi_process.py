@@ -152,15 +152,19 @@ def test_torchrun_equals_one_process_and_resumes_with_another_process_count(flux
 @pytest.mark.slow
 def test_accelerate_launch_and_two_nodes_on_one_machine_equal_one_process(flux_recipe, run_recipe, five_images,
                                                                           tmp_path):
+    """With the CLIP-L text-encoder LoRA trained for the first half of the steps (it joins DDP, then stops
+    getting gradients)."""
     recipe = flux_recipe(data=five_images)
-    one = run_recipe(recipe, [*ONE, "train.steps=3"], output=tmp_path / "one")
+    te = ["text_encoder.train=true", "text_encoder.train_fraction=0.5"]
+    one = run_recipe(recipe, [*ONE, *te, "train.steps=3"], output=tmp_path / "one")
+    assert any("lora_te" in k for k in lora_tensors(one.artifacts["lora_kohya"]))
     # accelerate 1.x starts several CPU processes through torchrun with --multi_gpu (its --cpu form starts
     # one process unless an mpirun hostfile is given); without CUDA they use gloo
     acc = tmp_path / "accelerate"
     code, text = launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
                          "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1",
                          f"--main_process_port={free_port()}",
-                         *lora_run_args(recipe, acc, [*TWO, "train.steps=3"])],
+                         *lora_run_args(recipe, acc, [*TWO, *te, "train.steps=3"])],
                         tmp_path / "acc.log", HF_HOME=str(tmp_path / "hf"))     # no user config: only the flags
     assert code == 0, text
     assert_close(one.artifacts["lora_kohya"], acc / "tiny.safetensors")
@@ -171,7 +175,7 @@ def test_accelerate_launch_and_two_nodes_on_one_machine_equal_one_process(flux_r
     port = free_port()
     procs = [start([str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
                     "--master-addr=127.0.0.1", f"--master-port={port}",
-                    *lora_run_args(recipe, nodes, [*TWO, "train.steps=3"])], tmp_path / f"node{rank}.log")
+                    *lora_run_args(recipe, nodes, [*TWO, *te, "train.steps=3"])], tmp_path / f"node{rank}.log")
              for rank in (0, 1)]
     results = [finish(p, tmp_path / f"node{rank}.log") for rank, p in enumerate(procs)]
     assert [c for c, _ in results] == [0, 0], results
