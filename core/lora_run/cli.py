@@ -314,6 +314,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     return _evaluator_command("score", args)
 
 
+def _tell_launcher(err: LoraRunError) -> None:
+    """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
+    the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or err.exit_code == 130:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": f"{type(err).__name__} (exit {err.exit_code}): {err}",
+                       "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -333,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LoraRunError as err:
+        _tell_launcher(err)
         if debug:
             raise
         return _fail(err, as_json)

@@ -199,6 +199,13 @@ class Trainer:
                                      and self.main) else None
         extra: dict[str, Any] = {"gradient_accumulation_steps": self.recipe.train.gradient_accumulation}
         if getattr(getattr(self.ctx, "process", None), "launched", False):
+            import os
+
+            local, count = int(os.environ.get("LOCAL_RANK", "0") or 0), torch.cuda.device_count()
+            if torch.cuda.is_available() and local >= count:
+                raise RecipeError(f"{self.shown}: this process is local rank {local} but the machine has {count} CUDA "
+                                  f"device(s): start at most {count} process(es) per machine (torchrun "
+                                  "--nproc-per-node, accelerate launch --num_processes)")
             from .distributed import accelerator_options
 
             extra = accelerator_options(self.recipe, self.options)

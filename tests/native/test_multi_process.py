@@ -428,3 +428,16 @@ def test_a_backend_with_its_own_launcher_refuses_to_run_under_torchrun(tmp_path,
         execute(load_recipe(recipe), load_plugins(extra=[Plugin()]), output_dir=str(out), echo=lambda *_: None)
     assert "starts its own processes" in str(err.value) and "--gpus 2" in str(err.value)
     assert not out.exists()
+
+
+def test_a_failing_process_leaves_its_message_for_the_launcher(tmp_path):
+    """torchrun names an error file per process; lora-run writes its message there (the launcher's summary)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 3.5\n", encoding="utf-8")
+    report = tmp_path / "error.json"
+    done = subprocess.run([sys.executable, "-m", "lora_run", str(bad)], capture_output=True, text=True, timeout=60,
+                          env={**env(), "TORCHELASTIC_ERROR_FILE": str(report)})
+    assert done.returncode == 2
+    data = json.loads(report.read_text())
+    assert "RecipeError (exit 2)" in data["message"] and "[train.steps]" in data["message"]
+    assert isinstance(data["timestamp"], int)
