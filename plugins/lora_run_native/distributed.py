@@ -190,6 +190,11 @@ class Parallel:
         total = self.acc.reduce(value, reduction="sum")
         return float(total[0].item()), bool(total[1].item() > 0)
 
+    def close(self) -> None:
+        """After the last collective (the final LoRA is gathered): leave the process group."""
+        if self.active:
+            self.acc.state.destroy_process_group()
+
     # ------------------------------------------------------------------------------------- wrapping
     def wrap(self, transformer: Any, te_module: Any, optimizer: Any, te_train: bool) -> tuple[Any, Any]:
         """Hand the model to the accelerator: (the callable the forward pass goes through, the optimizer).

@@ -433,9 +433,11 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.has_trackers:
-                accelerator.end_training()
+            if self.has_trackers:     # not end_training(): it also ends the process group _finish may need
+                for tracker in accelerator.trackers:
+                    tracker.finish()
         self._finish(state)
+        self.parallel.close()
 
     # ------------------------------------------------------------------------------------------ loop
     def _batch(self, state: _LoopState, index: int) -> list[Any]:

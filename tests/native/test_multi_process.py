@@ -194,12 +194,14 @@ def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_reci
     run = tmp_path / "fsdp"
     code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
                          f"--master-port={free_port()}",
-                         *lora_run_args(recipe, run, [*TWO, "train.steps=3", "backend.native.fsdp=true"])],
+                         *lora_run_args(recipe, run, [*TWO, "train.steps=3", "backend.native.fsdp=true",
+                                                      "backend.native.tensorboard=true"])],
                         tmp_path / "fsdp.log")
     assert code == 0, text
     assert "FSDP2" in text
     assert json.loads((run / "manifest.json").read_text())["processes"]["sharding"] == "fsdp2"
     assert_close(one.artifacts["lora_kohya"], run / "tiny.safetensors")
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "rank 0's TensorBoard log"
     # the resumable state has the one-process layout: whole tensors under the same names
     for name in ("trainable", "optimizer"):
         a = load_file(str(Path(one.run_dir.path) / "checkpoints/step-000002/resume" / f"{name}.safetensors"))
@@ -211,10 +213,13 @@ def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_reci
     # and it resumes under FSDP on 2 processes
     code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
                          f"--master-port={free_port()}",
-                         *lora_run_args(recipe, run, [*TWO, "train.steps=4", "backend.native.fsdp=true"],
-                                        "--resume")], tmp_path / "fsdp-resume.log")
+                         *lora_run_args(recipe, run, [*TWO, "train.steps=4", "backend.native.fsdp=true",
+                                                      "backend.native.tensorboard=true"], "--resume")],
+                        tmp_path / "fsdp-resume.log")
     assert code == 0, text
     assert (run / "run.log").read_text().count("resumed from step-000002") == 1
+    longer = run_recipe(recipe, [*ONE, "train.steps=4"], output=tmp_path / "one-4")
+    assert_close(longer.artifacts["lora_kohya"], run / "tiny.safetensors")
 
 
 def test_fsdp_refuses_what_it_cannot_shard(flux_recipe):
