@@ -231,20 +231,26 @@ class Parallel:
         return _ForwardThrough(wrapped, transformer), optimizer
 
     def _fsdp(self, transformer: Any, optimizer: Any) -> tuple[Any, Any]:
-        if self.accelerate_fsdp:            # GPUs: accelerate's FSDP2 (plugin set in fsdp_plugin())
+        from .accel import repeated_blocks
+
+        blocks = repeated_blocks(transformer)
+        if self.accelerate_fsdp:            # GPUs: accelerate's FSDP2 (plugin from accelerator_options)
+            plugin = self.acc.state.fsdp_plugin
+            if blocks:                      # shard each repeated block, then the rest with the root
+                plugin.transformer_cls_names_to_wrap = sorted({type(b).__name__ for b in blocks})
             transformer, optimizer = self.acc.prepare(transformer, optimizer, device_placement=[False, False])
             return transformer, optimizer
         # gloo on CPU: accelerate enables FSDP on accelerators only; the same FSDP2 (torch's fully_shard,
         # each repeated block then the root) keeps the CPU tests honest about sharded state.
         from torch.distributed.fsdp import fully_shard
 
-        from .accel import repeated_blocks
-
+        policy = mixed_precision_policy(self.acc.mixed_precision)
+        kwargs = {"mp_policy": policy} if policy is not None else {}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         names = {id(p): n for n, p in transformer.named_parameters()}
-        for block in repeated_blocks(transformer):
-            fully_shard(block)
-        fully_shard(transformer)
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(transformer, **kwargs)
         by_name = dict(transformer.named_parameters())
         for group in optimizer.param_groups:      # the optimizer must step the sharded parameters
             group["params"] = [by_name[names[id(p)]] for p in group["params"]]
@@ -342,5 +348,18 @@ def accelerator_options(recipe: Any, options: Any, block_names: list[str] | None
             out["fsdp_plugin"] = FullyShardedDataParallelPlugin(
                 fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
                 auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=block_names or None,
-                cpu_ram_efficient_loading=False)
+                cpu_ram_efficient_loading=False,
+                mixed_precision_policy=mixed_precision_policy(recipe.train.mixed_precision))
     return out
+
+
+def mixed_precision_policy(mixed_precision: str) -> Any:
+    """FSDP2: gather and compute in the training precision (the fp32 LoRA and the bf16 base become one
+    dtype), reduce the gradients in fp32. None for float32 training."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    if dtype is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=dtype)
