@@ -189,12 +189,15 @@ def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_reci
                                                                        tmp_path):
     from safetensors.torch import load_file
 
+    """With TensorBoard and samples: under FSDP every rank takes part in sampling, rank 0 writes."""
     recipe = flux_recipe(data=five_images)
-    one = run_recipe(recipe, [*ONE, "train.steps=3"], output=tmp_path / "one")
+    samples = ["sample.every_steps=2", "sample.steps=2", "sample.width=64", "sample.height=64",
+               'sample.prompts=["{trigger} photo"]']
+    one = run_recipe(recipe, [*ONE, *samples, "train.steps=3"], output=tmp_path / "one")
     run = tmp_path / "fsdp"
     code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
                          f"--master-port={free_port()}",
-                         *lora_run_args(recipe, run, [*TWO, "train.steps=3", "backend.native.fsdp=true",
+                         *lora_run_args(recipe, run, [*TWO, *samples, "train.steps=3", "backend.native.fsdp=true",
                                                       "backend.native.tensorboard=true"])],
                         tmp_path / "fsdp.log")
     assert code == 0, text
@@ -202,6 +205,15 @@ def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_reci
     assert json.loads((run / "manifest.json").read_text())["processes"]["sharding"] == "fsdp2"
     assert_close(one.artifacts["lora_kohya"], run / "tiny.safetensors")
     assert list((run / "logs").rglob("events.out.tfevents.*")), "rank 0's TensorBoard log"
+    import numpy as np
+    from PIL import Image
+
+    written = sorted(p.relative_to(run) for p in (run / "samples").rglob("*.png"))
+    assert [str(p) for p in written] == ["samples/step-000002/p00-seed1-x1.png", "samples/step-000003/p00-seed1-x1.png"]
+    for rel in written:
+        a = np.asarray(Image.open(Path(one.run_dir.path) / rel), dtype=np.int16)
+        b = np.asarray(Image.open(run / rel), dtype=np.int16)
+        assert int(np.abs(a - b).max()) <= 2, rel
     # the resumable state has the one-process layout: whole tensors under the same names
     for name in ("trainable", "optimizer"):
         a = load_file(str(Path(one.run_dir.path) / "checkpoints/step-000002/resume" / f"{name}.safetensors"))
@@ -213,12 +225,12 @@ def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_reci
     # and it resumes under FSDP on 2 processes
     code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
                          f"--master-port={free_port()}",
-                         *lora_run_args(recipe, run, [*TWO, "train.steps=4", "backend.native.fsdp=true",
+                         *lora_run_args(recipe, run, [*TWO, *samples, "train.steps=4", "backend.native.fsdp=true",
                                                       "backend.native.tensorboard=true"], "--resume")],
                         tmp_path / "fsdp-resume.log")
     assert code == 0, text
     assert (run / "run.log").read_text().count("resumed from step-000002") == 1
-    longer = run_recipe(recipe, [*ONE, "train.steps=4"], output=tmp_path / "one-4")
+    longer = run_recipe(recipe, [*ONE, *samples, "train.steps=4"], output=tmp_path / "one-4")
     assert_close(longer.artifacts["lora_kohya"], run / "tiny.safetensors")
 
 
