@@ -166,8 +166,13 @@ class Parallel:
         self.rank = accelerator.process_index
         self.main = accelerator.is_main_process
         self.active = accelerator.distributed_type != DistributedType.NO     # started by a launcher
-        self.fsdp = bool(fsdp) and self.active
         self.accelerate_fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if self.accelerate_fsdp and accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise RecipeError("the accelerate config asks for FSDP version 1 (distributed_type: FSDP); lora-run "
+                              "shards with FSDP2: set fsdp_version: 2 there, or use distributed_type: MULTI_GPU with "
+                              "[backend.native] fsdp = true")
+        # accelerate's own switch (distributed_type: FSDP, fsdp_version: 2) turns it on as well
+        self.fsdp = (bool(fsdp) or self.accelerate_fsdp) and self.active
 
     def describe(self) -> str:
         kind = "FSDP2 (frozen base sharded)" if self.fsdp else "DDP (LoRA gradients)"
