@@ -247,8 +247,7 @@ class Parallel:
             return transformer, optimizer
         # gloo on CPU: accelerate enables FSDP on accelerators only; the same FSDP2 (torch's fully_shard,
         # each repeated block then the root) keeps the CPU tests honest about sharded state.
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard = _fsdp2()
         policy = mixed_precision_policy(self.acc.mixed_precision)
         kwargs = {"mp_policy": policy} if policy is not None else {}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -350,12 +349,26 @@ def accelerator_options(recipe: Any, options: Any, block_names: list[str] | None
         if torch.cuda.is_available():
             from accelerate.utils import FullyShardedDataParallelPlugin
 
-            out["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-                fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-                auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=block_names or None,
-                cpu_ram_efficient_loading=False,
-                mixed_precision_policy=mixed_precision_policy(recipe.train.mixed_precision))
+            _fsdp2()
+            try:
+                out["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+                    fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                    auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=block_names or None,
+                    cpu_ram_efficient_loading=False,
+                    mixed_precision_policy=mixed_precision_policy(recipe.train.mixed_precision))
+            except TypeError:
+                raise RecipeError(f"[backend.{recipe.backend.name}] fsdp = true needs accelerate with FSDP2 "
+                                  "(pip install -U accelerate)") from None
     return out
+
+
+def _fsdp2() -> Any:
+    """torch's FSDP2 ``fully_shard`` (public in torch 2.6 and later)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise RecipeError("[backend.native] fsdp = true needs torch 2.6 or later (FSDP2)") from None
+    return fully_shard
 
 
 def mixed_precision_policy(mixed_precision: str) -> Any:
