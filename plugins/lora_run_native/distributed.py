@@ -87,9 +87,11 @@ def launch(processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -
     mode = f"{processes} GPU processes (NCCL)" if cuda else f"{processes} CPU processes (gloo; testing mode)"
     ctx.echo(f"data-parallel through torchrun: {mode}; global batch {r.batch_size * processes * r.gradient_accumulation}"
              f" = {r.batch_size} per process × {processes} × {r.gradient_accumulation} accumulation")
+    settings = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank${rank}]:"}     # rank 0's console lines
     if not cuda:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    os.environ.setdefault("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:")   # rank 0's console lines
+        settings["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    added = {k: v for k, v in settings.items() if k not in os.environ}
+    os.environ.update(added)                    # torchrun reads them from this process's environment
     with tempfile.TemporaryDirectory(prefix="lora-run-ranks-") as logs:
         try:
             run(parse_args(torchrun_arguments(processes, argv, logs)))
@@ -101,6 +103,9 @@ def launch(processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -
             if type(exc).__name__ == "SignalException":
                 raise TrainingInterrupted(_interrupted(ctx, shown)) from None
             raise
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
 
 
 def _interrupted(ctx: Any, shown: str) -> str:
