@@ -1,14 +1,16 @@
-"""Data-parallel scaling of the native FLUX.1-dev step: 1, 2 (and 4) GPUs through lora-run's own launch path.
+"""Data-parallel scaling of the native FLUX.1-dev step: 1, 2 (and 4) GPUs through `lora-run --gpus N`.
 
     python bench/flux_ddp_bench.py --out bench/results [--gpus 1 2 4] [--steps 20 --warmup 8] [--work /tmp/ddp]
 
-What it measures: a real `lora-run` run (the orchestrator, `[train] gpus = N`, the native backend's launcher,
-N worker processes, NCCL gradient all-reduce, rank 0's step events relayed to the parent) on a FLUX.1-dev
+What it measures: a real `lora-run --gpus N` run (a subprocess: validation, torchrun started through
+`torch.distributed.run`, N processes each running `python -m lora_run`, the Accelerator's DDP over the LoRA
+gradients with NCCL, rank 0 writing) on a FLUX.1-dev
 model with the **full-size transformer architecture** (19 double + 38 single blocks, 3072 wide; random bf16
 weights), small random text encoders of the right widths (T5 4096, CLIP-L 768, one layer each — they only
 fill the cache) and an 8× VAE. Training: 1024² images, batch 1 per GPU, rank 32 attention LoRA,
-`memory_mode = "speed"`, bf16. Per N: the median wall time between rank 0's step events after `--warmup`
-steps (compilation included in the warm-up), samples/s = N / step time, and the scaling efficiency
+`memory_mode = "speed"`, bf16. Per N: the median wall time between rank 0's per-step TensorBoard events
+(`train/loss`, written at the end of each optimizer step) after `--warmup` steps (compilation included in
+the warm-up), samples/s = N / step time, and the scaling efficiency
 samples/s(N) / (N × samples/s(1)). Writes `ddp-<timestamp>.json` and prints a table.
 
 Needs N CUDA GPUs and about 30 GB of free disk for the random model (built once under --work).
@@ -113,36 +115,37 @@ name = "native"
 [backend.native]
 text_max_length = 512
 progress_bar = false
-tensorboard = false
+tensorboard = true
 """
 
 
-from lora_run.hookspecs import hookimpl  # noqa: E402
+def step_times(run: Path) -> list[float]:
+    """Wall times of rank 0's `train/loss` TensorBoard events, one per optimizer step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-
-class StepClock:
-    """Parent-side hook: the arrival time of each of rank 0's step events."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    @hookimpl
-    def step_finished(self, run, step, metrics):
-        self.times.append(time.perf_counter())
+    times: list[float] = []
+    for folder in sorted({p.parent for p in run.joinpath("logs").rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        if "train/loss" in acc.Tags().get("scalars", []):
+            times.extend(e.wall_time for e in acc.Scalars("train/loss"))
+    return sorted(times)
 
 
 def run_one(model: Path, data: Path, work: Path, gpus: int, steps: int, warmup: int) -> dict:
-    from lora_run.plugins import load_plugins
-    from lora_run.recipe import load_recipe
-    from lora_run.run import execute
+    import subprocess
 
-    clock = StepClock()
     recipe = work / f"recipe-{gpus}.toml"
     recipe.write_text(RECIPE.format(model=model, data=data, steps=steps, gpus=gpus, cache=work / "cache"))
+    run = work / f"run-{gpus}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "core"), str(HERE.parent / "plugins"),
+                                                         os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
-    execute(load_recipe(recipe), load_plugins(extra=[clock]), output_dir=str(work / f"run-{gpus}"), overwrite=True)
+    subprocess.run([sys.executable, "-m", "lora_run", str(recipe), "--gpus", str(gpus), "--output-dir", str(run),
+                    "--overwrite"], env=env, check=True)
     total = time.perf_counter() - started
-    gaps = [b - a for a, b in zip(clock.times[warmup:], clock.times[warmup + 1:])]
+    times = step_times(run)
+    gaps = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
     step_s = statistics.median(gaps) if gaps else float("nan")
     return {"gpus": gpus, "steps": steps, "warmup": warmup, "step_s": step_s, "samples_per_s": gpus / step_s,
             "wall_s": round(total, 1), "gaps": gaps}

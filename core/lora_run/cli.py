@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train a recipe (the default command)")
     _recipe_args(p)
     p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
-    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes, one per GPU (overrides "
-                   "[train.gpus])")
+    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
+                   "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
+                   "launcher decides)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -319,6 +320,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded, plugins = _load(args)
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
                   debug=args.debug)
+    if not ctx.process.main:          # one of several processes: rank 0 reports
+        return EXIT_OK
     print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
     for key, value in ctx.artifacts.items():
         if isinstance(value, (str, Path)):
@@ -382,6 +385,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     return _evaluator_command("score", args)
 
 
+def _tell_launcher(err: LoraRunError) -> None:
+    """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
+    the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or err.exit_code == 130:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": f"{type(err).__name__} (exit {err.exit_code}): {err}",
+                       "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `lora-run` program, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -408,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except LoraRunError as err:
+        _tell_launcher(err)
         if debug:
             raise
         return _fail(err, as_json)

@@ -576,6 +576,7 @@ class LoadedRecipe:
     path: Path
     shown: str
     origins: dict[KeyPath, str] = attrs.field(eq=False, repr=False)
+    sets: tuple[str, ...] = ()          # the `--set` overrides applied, in order (a relaunch repeats them)
 
     def problems(self) -> Problems:
         return Problems(self.shown, dict(self.origins))
@@ -595,7 +596,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     assert recipe is not None
     if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
-    return LoadedRecipe(recipe, path, display_path(path), origins)
+    return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets))
 
 
 def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None) -> Recipe:

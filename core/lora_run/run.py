@@ -46,6 +46,65 @@ class Backend(Protocol):
     def run(self) -> None: ...
 
 
+@attrs.frozen
+class Processes:
+    """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
+    read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them. Rank 0 is
+    the main process: it alone writes the run folder and calls the plugins' hooks."""
+
+    rank: int = 0
+    world: int = 1
+    launched: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, env: Any = None) -> Processes:
+        env = os.environ if env is None else env
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        try:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        except ValueError:
+            raise RecipeError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} in the environment are "
+                              "not whole numbers (set by a launcher?)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
+        return cls(rank, world, True)
+
+
+def _quiet(_text: str) -> None:
+    pass
+
+
+class _SilentHooks:
+    """What a rank other than 0 sees as `ctx.hook`: every hook call does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., list]:
+        return lambda **_kw: []
+
+
+_SILENT_HOOKS = _SilentHooks()
+
+
+class FollowerRunDir(RunDir):
+    """A rank other than 0's view of the run folder: it reads (caches, checkpoints), never writes."""
+
+    def prepare(self, *, overwrite: bool, resume: bool) -> None:
+        pass
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.path / name
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        return self.read_manifest()
+
+    def log(self, message: str) -> None:
+        pass
+
+
 @attrs.define
 class RunContext:
     """Everything a backend, loss, evaluator or lifecycle hook needs to know about a run."""
@@ -62,10 +121,12 @@ class RunContext:
     artifacts: dict[str, Any] = attrs.field(factory=dict)   # backends record LoRA files, checkpoints, samples
     debug: bool = False
     echo: Callable[[str], None] = print
+    process: Processes = attrs.field(factory=lambda: Processes())
 
     @property
     def hook(self) -> Any:
-        return self.plugins.hook
+        """The plugins' hooks; silent on the processes of a multi-process run other than rank 0."""
+        return self.plugins.hook if self.process.main else _SILENT_HOOKS
 
     def option_for(self, kind: str, name: str, raw: dict[str, Any], where: tuple) -> Any:
         return structure_options(self.plugins.get(kind, name, ".".join(where)), raw, where)
@@ -221,11 +282,21 @@ _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_e
                       ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
 
 
+#: May change on resume as long as the batch all processes train on together (their product) stays the same.
+_PER_PROCESS_BATCH = {("train", "batch_size"), ("train", "gpus")}
+
+
 def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple = ()) -> list[str]:
     out = []
+    if not prefix:
+        a, b = saved.get("train", {}), new.get("train", {})
+        if a.get("batch_size", 1) * a.get("gpus", 1) != b.get("batch_size", 1) * b.get("gpus", 1):
+            out.append("train.batch_size × train.gpus (the global batch: "
+                       f"{a.get('batch_size', 1)} × {a.get('gpus', 1)} before, "
+                       f"{b.get('batch_size', 1)} × {b.get('gpus', 1)} now)")
     for key in sorted(set(saved) | set(new)):
         here = (*prefix, key)
-        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES:
+        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH:
             continue
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -243,10 +314,26 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     prepared = validate(loaded, plugins)
     recipe = prepared.recipe
     report = lint(recipe, plugins)
+    process = Processes.from_env()
+    if not process.main:
+        echo = _quiet
     echo(report.table())
     if report.errors:
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
                            "training (nothing was loaded or written)")
+    if process.launched:
+        if process.world > 1 and not hasattr(make_backend(prepared, plugins), "launch"):
+            raise RecipeError(f"{loaded.shown}: backend \"{recipe.backend.name}\" starts its own processes; run "
+                              f"`lora-run {loaded.shown} --gpus {process.world}` once instead of under a launcher "
+                              f"({process.world} processes here) — see docs/multi-gpu.md")
+        recipe = _with_world_size(recipe, process, loaded.shown, echo)
+        prepared = attrs.evolve(prepared, recipe=recipe)
+    elif recipe.train.gpus > 1:
+        launch = getattr(make_backend(prepared, plugins), "launch", None)
+        if launch is not None:        # the backend runs every process through a launcher (this same command)
+            return _launch_processes(launch, prepared, plugins, report, output_dir, resume, overwrite, debug, echo)
+    if not process.main:
+        return _follow(prepared, plugins, report, output_dir, resume, debug, process)
     run_dir = RunDir(output_path(recipe, output_dir))
     if resume:
         saved = run_dir.file(RECIPE)
@@ -270,8 +357,10 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         manifest.pop("started_at")
     run_dir.update_manifest(**manifest)
     run_dir.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+    if process.launched:
+        run_dir.update_manifest(processes={"world_size": process.world})
     ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
-                     report.usable, report, debug=debug, echo=echo)
+                     report.usable, report, debug=debug, echo=echo, process=process)
     backend = prepared.backend.factory(ctx)
     plan = backend.plan()
     for rel, content in plan.files.items():
@@ -310,6 +399,54 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
             ctx.hook.run_finished(run=ctx, status=status, error=error)
         except Exception as exc:  # noqa: BLE001 - a broken observer must not hide the run's outcome
             echo(f"warning: a run_finished hook failed: {exc}")
+    return ctx
+
+
+def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Callable[[str], None]) -> Recipe:
+    """Under a launcher the number of processes is the launcher's: it becomes `[train.gpus]` of this run."""
+    from .recipe import replace
+
+    if recipe.train.gpus not in (1, process.world) and process.main:
+        echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
+             "process(es)")
+    return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
+
+
+def relaunch_command(loaded: LoadedRecipe, run_path: Path, resume: bool, overwrite: bool, debug: bool) -> list[str]:
+    """The `python -m lora_run` arguments every process of a `--gpus N` run gets: this same run."""
+    return ["-m", "lora_run", "run", str(loaded.path), *[a for s in loaded.sets for a in ("--set", s)],
+            "--output-dir", str(run_path), *(["--resume"] if resume else []),
+            *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
+
+
+def _launch_processes(launch: Callable[..., None], prepared: Prepared, plugins: Plugins, report: LintReport,
+                      output_dir: str | None, resume: bool, overwrite: bool, debug: bool,
+                      echo: Callable[[str], None]) -> RunContext:
+    """`[train] gpus = N` without a launcher: the backend starts N processes of this run through its
+    launcher and waits; each runs :func:`execute` (rank 0 writes). The run's result comes from its manifest."""
+    run_dir = RunDir(output_path(prepared.recipe, output_dir))
+    argv = relaunch_command(prepared.loaded, run_dir.path, resume, overwrite, debug)
+    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, prepared.loaded, run_dir,
+                     resume, report.usable, report, debug=debug, echo=echo)
+    launch(processes=prepared.recipe.train.gpus, argv=argv, ctx=ctx, overwrite=overwrite)
+    ctx.artifacts.update(run_dir.read_manifest().get("artifacts") or {})
+    return ctx
+
+
+def _follow(prepared: Prepared, plugins: Plugins, report: LintReport, output_dir: str | None, resume: bool,
+            debug: bool, process: Processes) -> RunContext:
+    """A rank other than 0 of a launched run: it trains its share and writes nothing (rank 0 prepares the
+    folder, writes, calls the hooks and evaluates)."""
+    run_dir = FollowerRunDir(output_path(prepared.recipe, output_dir))
+    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, prepared.loaded, run_dir, resume,
+                     report.usable, report, debug=debug, echo=_quiet, process=process)
+    previous_term = _install_sigterm()
+    try:
+        prepared.backend.factory(ctx).run()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted("interrupted") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     return ctx
 
 

@@ -165,9 +165,10 @@ class TrainSection:
                                 le=100_000)
     batch_size: int = option(1, "Samples per step (per device).", ge=1, le=1024)
     gradient_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1, le=1024)
-    gpus: int = option(1, "Data-parallel processes (one per GPU). The global batch is batch_size × gpus × "
-                       "gradient_accumulation; `steps` count optimizer steps at that batch. `lora-run --gpus N` "
-                       "overrides it. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64)
+    gpus: int = option(1, "Data-parallel processes on this machine (one per GPU). The global batch is batch_size "
+                       "× gpus × gradient_accumulation; `steps` count optimizer steps at that batch. `lora-run "
+                       "--gpus N` overrides it; under `torchrun` / `accelerate launch` the launcher's process count "
+                       "is used. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64)
     mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "Compute precision (`no` = float32; "
                                                             "use it on CPU).")
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")

@@ -19,6 +19,10 @@ class NativeOptions:
                                          "maximum 512). Lower values train faster with short captions.", ge=8, le=4096)
     tensorboard: bool = option(True, "Write TensorBoard logs to `<run>/logs` (needs the tensorboard package).")
     progress_bar: bool = option(True, "Show a progress bar (step, loss, it/s, ETA, memory) on stderr.")
+    fsdp: bool = option(False, "Several processes: shard the frozen base model over them with FSDP2 (through "
+                        "accelerate) instead of a full copy per GPU; for models that do not fit one GPU. Not with "
+                        "fp8 base storage, `memory_mode = \"low-vram\"` or text-encoder training "
+                        "(docs/multi-gpu.md).")
 
 
 class NativeBackend:
@@ -47,6 +51,13 @@ class NativeBackend:
             value = getattr(r.sample, key)
             if r.sample.every_steps and value % multiple:
                 problems.append((("sample", key), f"must be a multiple of {multiple} for {r.model.family}, got {value}"))
+        if getattr(self.ctx.options, "fsdp", False):
+            for key, bad, why in ((("model", "base_precision"), r.model.base_precision == "fp8", "fp8 base storage"),
+                                  (("train", "memory_mode"), r.train.memory_mode == "low-vram", "block offload"),
+                                  (("text_encoder", "train"), r.text_encoder.train, "text-encoder training")):
+                if bad:
+                    problems.append((key, f"{why} cannot be combined with [backend.{r.backend.name}] fsdp = true; "
+                                     "turn one of them off"))
         import re
 
         for n, pattern in enumerate(r.lora.modules):
@@ -134,8 +145,11 @@ class NativeBackend:
                 f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
                 + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
         if r.train.gpus > 1:
-            notes.append(f"data-parallel on {r.train.gpus} processes (one per GPU; gloo CPU processes without CUDA): "
-                         f"global batch {r.train.batch_size * r.train.gpus * r.train.gradient_accumulation} = "
+            sharding = "FSDP2 shards the frozen base" if getattr(self.ctx.options, "fsdp", False) else \
+                "DDP, a full base per process"
+            notes.append(f"data-parallel on {r.train.gpus} processes (torchrun; one per GPU, gloo CPU processes "
+                         f"without CUDA; {sharding}): global batch "
+                         f"{r.train.batch_size * r.train.gpus * r.train.gradient_accumulation} = "
                          f"{r.train.batch_size} per device × {r.train.gpus} × {r.train.gradient_accumulation} "
                          "accumulation; rank 0 writes checkpoints, samples, logs and the LoRA")
         details["timestep_sampling"] = r.train.timestep_sampling
@@ -145,12 +159,13 @@ class NativeBackend:
                     notes=notes, details=details)
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self) -> None:
-        if self.recipe.train.gpus > 1:
-            from .distributed import launch
+    def launch(self, processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -> None:
+        """`gpus = N` without a launcher: this run as N processes through torchrun's Python entry."""
+        from .distributed import launch
 
-            launch(self.ctx)                  # N worker processes, rank 0 writes (distributed.py)
-            return
+        launch(processes, argv, ctx, overwrite=overwrite)
+
+    def run(self) -> None:
         from .train import Trainer, release_gpu
 
         try:

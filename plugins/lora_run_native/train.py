@@ -53,7 +53,8 @@ def reseed(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------- transformer
 def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any,
-                        bucket_sizes: set[tuple[int, int]] | None = None, echo: Any = None) -> Any:
+                        bucket_sizes: set[tuple[int, int]] | None = None, echo: Any = None,
+                        sharded: bool = False) -> Any:
     """The one place the transformer is set up for training: storage dtype (fp8 via diffusers' layerwise
     casting), gradient checkpointing, device placement and LoRA injection (seeded). Returns the transformer
     with only the LoRA parameters trainable, in fp32.
@@ -67,7 +68,7 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
     transformer.requires_grad_(False)
     transformer.to(dtype=compute)
     if torch.device(device).type == "cuda" and recipe.train.mixed_precision != "no":
-        return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print)
+        return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print, sharded)
     if recipe.model.base_precision == "fp8":
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     if recipe.train.gradient_checkpointing:
@@ -122,10 +123,12 @@ def cap_gpu_memory(recipe: Any, device: Any) -> None:
 
 
 def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
-                  bucket_sizes: set[tuple[int, int]] | None, echo: Any) -> Any:
+                  bucket_sizes: set[tuple[int, int]] | None, echo: Any, sharded: bool = False) -> Any:
     """CUDA: LoRA first (on the host), then the memory_mode plan for the model actually loaded: fp8 storage
     before the move to the GPU, then compile / checkpointing / offload of the repeated blocks. A plan whose
-    estimate exceeds the memory this run may use stops here, before any training (exit 2)."""
+    estimate exceeds the memory this run may use stops here, before any training (exit 2). Under FSDP
+    (`sharded`) the base is sharded instead: no fp8 storage, offload or compiled blocks, and the estimate
+    (of one unsharded replica) is shown but not enforced."""
     import torch
 
     from . import accel, perfmodel
@@ -149,15 +152,18 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                                  r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
                                  compile=r.train.compile != "off", buckets=len(sizes), shape=shape,
                                  cuda_graphs=r.train.cuda_graphs)
+    if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
+        plan = attrs.evolve(plan, fp8=False, offload_blocks=0, compile=False)
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                            r.lora.targets, plan, shape)
-    if estimate > available * 0.95 and (r.train.gpu_memory_gib is not None or r.train.memory_mode == "auto"):
+    if estimate > available * 0.95 and not sharded and (r.train.gpu_memory_gib is not None
+                                                       or r.train.memory_mode == "auto"):
         raise RecipeError(
             f"[train.memory_mode] \"{r.train.memory_mode}\": the plan \"{plan.describe()}\" needs about "
             f"{estimate:.1f} GiB at {width}x{height} but this run may use {max(available, 0):.1f} GiB "
             f"({source}); nothing was trained. Lower [dataset] resolution/bucket_max or [train.batch_size], "
             "or give the run more GPU memory")
-    if estimate > available * 0.95:
+    if estimate > available * 0.95 and not sharded:
         echo(f"warning: [train.memory_mode] \"{r.train.memory_mode}\" is estimated at {estimate:.1f} GiB, more than "
              f"the {available:.1f} GiB available ({source}); \"auto\" would pick a leaner plan")
     if plan.fp8:
@@ -228,10 +234,10 @@ def lr_lambda(recipe: Any, total_steps: int) -> Any:
 class Trainer:
     """One native training run (``NativeBackend.run`` creates and runs it)."""
 
-    def __init__(self, ctx: Any, dist: Any = None):
+    def __init__(self, ctx: Any):
         self.ctx = ctx
-        self.dist = dist                  # a distributed.Dist in a data-parallel worker, else None
-        self.main = dist is None or dist.is_main
+        process = getattr(ctx, "process", None)
+        self.main = process is None or process.main     # rank 0 (or the only process) writes
         self.recipe = ctx.recipe
         self.options = ctx.options
         self.run_dir = ctx.run_dir
@@ -256,8 +262,20 @@ class Trainer:
                               "\"no\" on CPU")
         trackers = "tensorboard" if (getattr(self.options, "tensorboard", True) and is_tensorboard_available()
                                      and self.main) else None
+        extra: dict[str, Any] = {"gradient_accumulation_steps": self.recipe.train.gradient_accumulation}
+        if getattr(getattr(self.ctx, "process", None), "launched", False):
+            import os
+
+            local, count = int(os.environ.get("LOCAL_RANK", "0") or 0), torch.cuda.device_count()
+            if torch.cuda.is_available() and local >= count:
+                raise RecipeError(f"{self.shown}: this process is local rank {local} but the machine has {count} CUDA "
+                                  f"device(s): start at most {count} process(es) per machine (torchrun "
+                                  "--nproc-per-node, accelerate launch --num_processes)")
+            from .distributed import accelerator_options
+
+            extra = accelerator_options(self.recipe, self.options)
         acc = Accelerator(mixed_precision=mp, log_with=trackers, project_dir=str(self.run_dir.file("logs")),
-                          cpu=not torch.cuda.is_available())
+                          cpu=not torch.cuda.is_available(), **extra)
         if trackers:
             acc.init_trackers("native", config={"rank": self.recipe.lora.rank, "lr": self.recipe.optimizer.lr,
                                                 "seed": self.recipe.train.seed, "family": self.recipe.model.family})
@@ -322,13 +340,18 @@ class Trainer:
                 todo_text.append((caption, key))
             else:
                 texts[caption] = found
+        if (todo_images or todo_text) and not self.main:
+            raise BackendError(f"rank {self.parallel.rank} does not find {len(todo_images)} latent(s) and "
+                               f"{len(todo_text)} caption(s) that rank 0 cached in {root}: on several machines the "
+                               "run folder ([output.dir]) and [train.cache_dir] must be on a filesystem every "
+                               "machine shares (docs/multi-gpu.md)")
         if todo_images or todo_text:
             self.echo(f"caching: {len(todo_images)} latent(s), {len(todo_text)} caption(s) to encode")
         keep = (adapter.trainable_text_encoder,) if te_live else ()
         # One model on the device at a time (the VAE, then each text encoder): the peak of caching is the
         # largest encoder (T5-XXL: 9.5 GB in bf16), not their sum, so caching fits where training fits.
         with torch.no_grad():
-            if todo_images or self.recipe.sample.every_steps:
+            if todo_images or (self.recipe.sample.every_steps and (self.main or self.parallel.fsdp)):
                 adapter.load_encoders(only=("vae",))
                 for i, key in todo_images:
                     image = prepare_image(open_rgb(items[i].image).image, buckets_of[i])
@@ -359,9 +382,16 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- signals
     def _install_signals(self) -> dict[int, Any]:
+        first: list[float] = []
+
         def request_stop(signum: int, _frame: Any) -> None:
-            if self.stop_requested:
+            # several processes: a terminal's Ctrl-C reaches every rank and the launcher forwards it once more
+            # within moments; that is still the same request
+            if self.stop_requested and not (self.parallel.active and time.time() - first[0] < 10):
                 raise KeyboardInterrupt
+            if self.stop_requested:
+                return
+            first.append(time.time())
             self.stop_requested = True
             self.echo("\nstopping after this step; saving a resumable state (press Ctrl-C again to abort)")
 
@@ -382,14 +412,19 @@ class Trainer:
         r = self.recipe
         if torch.cuda.is_available():
             torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
+        from .distributed import Parallel
+
         accelerator = self._accelerator()
         device = accelerator.device
         cap_gpu_memory(r, device)
         timing = self.ctx.artifacts.setdefault("timing", {})
         phase = time.perf_counter()
-        if self.dist is not None:
-            self.dist.init(device)
-        world = self.dist.world if self.dist is not None else 1
+        self.parallel = Parallel(accelerator, fsdp=getattr(self.options, "fsdp", False))
+        world = self.parallel.world if self.parallel.active else 1
+        if self.parallel.active:
+            self.echo(f"processes: {self.parallel.describe()}")
+            self.run_dir.update_manifest(processes={"world_size": world, "backend": accelerator.state.backend,
+                                                    "sharding": "fsdp2" if self.parallel.fsdp else "ddp"})
         adapter = adapter_class(r.model.family)(r, device=device, options=self.options, shown=self.shown)
         items, buckets_of, _ = self._buckets(adapter)
         planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size * world)
@@ -397,17 +432,17 @@ class Trainer:
         te_train = bool(r.text_encoder.train and adapter.trainable_text_encoder)
         te_stop = math.ceil(total * r.text_encoder.train_fraction) if te_train else 0
         captions = planner.all_captions() | set(self.sample_prompts())
-        if self.dist is not None and not self.main:
-            self.dist.barrier()           # rank 0 encodes and writes the caches; the others then read them
+        if not self.main:
+            self.parallel.barrier()       # rank 0 encodes and writes the caches; the others then read them
         latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
-        if self.dist is not None and self.main:
-            self.dist.barrier()
+        if self.main:
+            self.parallel.barrier()
         timing["cache_s"] = round(time.perf_counter() - phase, 2)
         phase = time.perf_counter()
 
         transformer = adapter.load_transformer()
         transformer = prepare_transformer(adapter, transformer, r, device, bucket_sizes=set(buckets_of),
-                                          echo=self.echo)
+                                          echo=self.echo, sharded=self.parallel.fsdp)
         te_module = None
         if te_train:
             te_module = adapter.text_encoder_module()
@@ -427,7 +462,12 @@ class Trainer:
             groups.append({"params": list(te_params.values()), "lr": r.optimizer.lr * r.text_encoder.lr_ratio})
         optimizer = make_optimizer(r, groups, device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r, total))
-        optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
+        if self.parallel.active:      # DDP (or FSDP2) through the accelerator; parameters may be replaced
+            forward, optimizer = self.parallel.wrap(transformer, te_module, optimizer, te_train)
+            params = trainable_parameters(transformer)
+        else:
+            forward = transformer
+            optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
         loss_reg = self.ctx.plugins.get("loss", r.train.loss, "train.loss")
         loss_opts = self.ctx.option_for("loss", r.train.loss, r.train.loss_options, ("train", "loss_options"))
         loss_fn = loss_reg.factory(loss_opts) if loss_opts is not None else loss_reg.factory()
@@ -449,10 +489,9 @@ class Trainer:
                 if missing:
                     raise BackendError(f"{found}: the checkpoint's LoRA does not match this recipe's LoRA layout "
                                        f"({sorted(missing)[:3]} …)")
-                with torch.no_grad():
-                    for k, p in all_named.items():
-                        p.copy_(data["trainable"][k].to(p.device, p.dtype))
-                optimizer.load_state_dict(data["optimizer"])
+                for k, p in all_named.items():
+                    self.parallel.load_trainable(p, data["trainable"][k])
+                self.parallel.load_optimizer_state(optimizer, data["optimizer"])
                 scheduler.load_state_dict(data["scheduler"])
                 ckpt.restore_rng(data["rng_tensors"], data["state"]["rng"])
                 start = int(data["state"]["step"])
@@ -460,7 +499,7 @@ class Trainer:
                 self.echo(f"resumed from {found} (step {start} of {total})")
                 self.run_dir.log(f"resumed from {found.name}")
 
-        state = _LoopState(adapter=adapter, transformer=transformer, te_module=te_module, params=params,
+        state = _LoopState(adapter=adapter, transformer=transformer, forward=forward, te_module=te_module, params=params,
                            te_params=te_params, optimizer=optimizer, scheduler=scheduler, planner=planner,
                            latents=latents, texts=texts, loss_fn=loss_fn, accelerator=accelerator, total=total,
                            te_stop=te_stop, ckpt_root=ckpt_root, counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
@@ -471,11 +510,13 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.has_trackers:
-                accelerator.end_training()
+            if self.has_trackers:     # not end_training(): it also ends the process group _finish may need
+                for tracker in accelerator.trackers:
+                    tracker.finish()
             self._record_step_times(timing, time.perf_counter() - phase)
         phase = time.perf_counter()
         self._finish(state)
+        self.parallel.close()
         timing["finish_s"] = round(time.perf_counter() - phase, 2)
         if device.type == "cuda":
             timing["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -534,17 +575,19 @@ class Trainer:
                     state.te_module.eval()
                 step_loss = 0.0
                 shape: Any = None
+                sync_model = getattr(state.forward, "_wrapped", state.forward)
                 for micro in range(accum):
                     batch = self._batch(state, step * accum + micro)
                     shape = shape or (len(batch), tuple(state.latents[batch[0].index].shape))
-                    value = self._micro_step(state, batch, step, micro, te_active, accum)
-                    if not math.isfinite(value) and self.dist is None:
+                    with acc.accumulate(sync_model):       # gradients reduced on the last micro-batch only
+                        value = self._micro_step(state, batch, step, micro, te_active, accum)
+                    if not math.isfinite(value) and not self.parallel.active:
                         self._non_finite(value, step)
                     step_loss += value
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
                 stop_now = self.stop_requested   # read once: a signal arriving later counts for the next step
-                if self.dist is not None:     # sum the gradients over ranks; agree on the loss and on stopping
-                    step_loss, stop_now = self.dist.reduce_step(params, step_loss, stop_now)
+                if self.parallel.active:      # every rank: the global batch's loss and one stop decision
+                    step_loss, stop_now = self.parallel.agree(step_loss, stop_now)
                     if not math.isfinite(step_loss):
                         self._non_finite(step_loss, step)
                 if r.optimizer.max_grad_norm > 0:
@@ -569,11 +612,11 @@ class Trainer:
                 if number % 10 == 0 or number == state.total:
                     self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
                 self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
-                if self.dist is None:          # one process: a stop requested during this step counts now
+                if not self.parallel.active:   # one process: a stop requested during this step counts now
                     stop_now = self.stop_requested
-                if self.main and (self._checkpoint_due(state, number) or (stop_now and number < state.total)):
+                if self._checkpoint_due(state, number) or (stop_now and number < state.total):
                     self._save_checkpoint(state, number)
-                if self.main and r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
+                if r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
                     self._samples(state, number)
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     raise TrainingInterrupted(
@@ -597,7 +640,7 @@ class Trainer:
         acc = state.accelerator
         device = acc.device
         adapter = state.adapter
-        if self.dist is not None:
+        if self.parallel.active:
             return self._shard_step(state, batch, step, micro, te_active, accum)
         x0 = torch.stack([state.latents[s.index] for s in batch]).to(device)
         text = {k: torch.stack([state.texts[s.caption][k] for s in batch]).to(device)
@@ -614,7 +657,8 @@ class Trainer:
     def _shard_step(self, state: _LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
                     accum: int) -> float:
         """A data-parallel micro-step: noise and σ for the whole global batch (as one process draws them),
-        this rank's slice of it, loss = Σ(own samples) / global batch (the ranks' gradients are summed)."""
+        this rank's slice of it, loss = Σ(own samples) / global batch × processes (DDP/FSDP average the
+        ranks' gradients). An empty slice (a short last batch) trains one sample with weight 0."""
         import torch
 
         from .timesteps import make_noise
@@ -626,9 +670,10 @@ class Trainer:
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
         noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset)
         t = adapter.sample_timesteps(len(batch), generator, x0)
-        lo, hi = self.dist.shard(len(batch), r.train.batch_size)
-        if lo >= hi:
-            return 0.0                   # a short last batch: this rank contributes zero gradients
+        lo, hi = self.parallel.shard(len(batch), r.train.batch_size)
+        scale = 1.0
+        if lo >= hi:                     # every rank must take part in the gradient reduction
+            lo, hi, scale = 0, 1, 0.0
         mine = batch[lo:hi]
         text = {k: torch.stack([state.texts[s.caption][k] for s in mine]).to(device)
                 for k in state.texts[mine[0].caption]}
@@ -637,10 +682,11 @@ class Trainer:
                 live = adapter.encode_captions([s.caption for s in mine], encoders=(adapter.trainable_text_encoder,))
             text.update({k: v.to(device) for k, v in live.items()})
         return self._forward_backward(state, mine, x0[lo:hi].to(device), noise[lo:hi].to(device),
-                                      t[lo:hi].to(device), text, step, te_active, accum, len(batch))
+                                      t[lo:hi].to(device), text, step, te_active, accum, len(batch), scale)
 
     def _forward_backward(self, state: _LoopState, batch: list[Any], x0: Any, noise: Any, t: Any,
-                          text: dict[str, Any], step: int, te_active: bool, accum: int, global_size: int) -> float:
+                          text: dict[str, Any], step: int, te_active: bool, accum: int, global_size: int,
+                          scale: float = 1.0) -> float:
         import torch
 
         r = self.recipe
@@ -651,15 +697,19 @@ class Trainer:
 
         mark_step_begin(state.transformer)
         with acc.autocast():
-            pred = adapter.predict(state.transformer, noisy, t, text, r.train.guidance)
+            pred = adapter.predict(state.forward, noisy, t, text, r.train.guidance)
         per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
         weights = adapter.loss_weights(t).to(per_sample.device) * torch.tensor(
             [s.weight for s in batch], dtype=torch.float32, device=per_sample.device)
-        loss = (per_sample * weights).mean() if self.dist is None else (per_sample * weights).sum() / global_size
-        value = float(loss.detach().item())
-        if math.isfinite(value):
-            acc.backward(loss / accum)
-        return value
+        if not self.parallel.active:
+            loss = (per_sample * weights).mean()
+            value = float(loss.detach().item())
+            if math.isfinite(value):
+                acc.backward(loss)          # the accelerator divides by the accumulation steps
+            return value
+        part = (per_sample * weights).sum() / global_size          # this rank's share of the global loss
+        acc.backward(part * (self.parallel.world * scale))       # every rank, always: DDP/FSDP average
+        return float(part.detach().item()) * scale
 
     def _non_finite(self, value: float, step: int) -> None:
         r = self.recipe
@@ -683,13 +733,21 @@ class Trainer:
         return False
 
     def _lora_dicts(self, state: _LoopState) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.parallel.fsdp:         # whole tensors from the shards: the same files whatever the sharding
+            return self.parallel.lora_state_dict(state.transformer), {}
         te = lora_state_dict(state.te_module) if state.te_module is not None else {}
         return lora_state_dict(state.transformer), te
 
     def _save_checkpoint(self, state: _LoopState, number: int) -> None:
-        trainable = {**{f"transformer.{k}": p for k, p in state.params.items()},
-                     **{f"text_encoder.{k}": p for k, p in state.te_params.items()}}
+        if not (self.main or self.parallel.fsdp):
+            return
+        trainable = self.parallel.trainable_full(           # under FSDP every rank takes part in the gathers
+            {**{f"transformer.{k}": p for k, p in state.params.items()},
+             **{f"text_encoder.{k}": p for k, p in state.te_params.items()}})
+        optimizer_state = self.parallel.optimizer_state(state.optimizer)
         t_sd, te_sd = self._lora_dicts(state)
+        if not self.main:
+            return
         meta = run_metadata(self.recipe, step=number, counts=state.counts, started_at=self.started_at)
         name = self.recipe.output.name
 
@@ -701,7 +759,7 @@ class Trainer:
         info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
                 state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family}
         started = time.perf_counter()
-        path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=state.optimizer,
+        path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
                          scheduler=state.scheduler, info=info, write_loras=loras)
         self.last_checkpoint = path
         removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
@@ -723,7 +781,7 @@ class Trainer:
 
         r = self.recipe
         adapter = state.adapter
-        if adapter.sample_vae is None:
+        if adapter.sample_vae is None or not (self.main or self.parallel.fsdp):   # FSDP: every rank samples
             return []
         acc = state.accelerator
         device = acc.device
@@ -748,14 +806,17 @@ class Trainer:
                                                      guidance=r.sample.guidance, width=r.sample.width,
                                                      height=r.sample.height, lora_scale=strength, text=text)
                             path = folder / f"p{n:02d}-seed{seed}-x{strength:g}.png"
-                            atomic_write_bytes(path, _png_bytes(image))
-                            written.append(str(path))
+                            if self.main:
+                                atomic_write_bytes(path, _png_bytes(image))
+                                written.append(str(path))
         finally:
             torch.set_rng_state(rng_state)
             adapter.sample_vae.to("cpu")
             if was_training:
                 transformer.train()
             self.sample_seconds += time.perf_counter() - started
+        if not self.main:
+            return []
         self.ctx.artifacts.setdefault("samples", []).extend(written)
         self.run_dir.log(f"samples for step {number}: {len(written)} image(s) in {folder}")
         self.ctx.hook.samples_written(run=self.ctx, step=number, paths=written)
@@ -764,11 +825,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- finish
     def _finish(self, state: _LoopState) -> None:
         r = self.recipe
-        if not self.main:
+        if not (self.main or self.parallel.fsdp):
             return
         if r.sample.every_steps:
             self._samples(state, state.total)
         t_sd, te_sd = self._lora_dicts(state)
+        if not self.main:
+            return
         meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
         written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r, metadata=meta)
         for fmt, path in written.items():
@@ -778,6 +841,16 @@ class Trainer:
             self.ctx.artifacts["loss_last"] = state.losses[-1]
         self.ctx.artifacts["steps"] = state.total
         self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))
+
+
+class _StateOf:
+    """An optimizer stand-in for ``checkpoint.save``: its (whole-tensor) state dict."""
+
+    def __init__(self, state_dict: dict[str, Any]):
+        self._sd = state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._sd
 
 
 class _LoopState:

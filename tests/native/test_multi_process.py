@@ -1,55 +1,43 @@
-"""Data-parallel native training with 2 gloo CPU processes: launch, rank handling, equivalence with one
-process at the same global batch, resume, Ctrl-C and a crashed worker."""
+"""Several processes through the real launchers, on CPU with gloo: `torchrun`, `accelerate launch`, two
+"nodes" on one machine, and `lora-run --gpus N` (torch.distributed.run's Python entry). Checked: the same
+LoRA as one process with the same global batch, rank 0 alone writes, resume with another number of
+processes, FSDP2 of the frozen base, an agreed stop on Ctrl-C, a failed rank ending the run.
+
+Every launch runs in its own session with a timeout and is killed with its whole process group afterwards,
+so no process outlives a test."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from lora_run.errors import BackendError, RecipeError, TrainingInterrupted
-from lora_run.hookspecs import hookimpl
+from lora_run.errors import RecipeError
 
 from .conftest import lora_tensors
 
-# 5 images, global batch 2: every epoch ends with a 1-sample batch, so rank 1 gets an empty shard there.
+# 5 images, global batch 2: every epoch ends with a 1-sample batch, so rank 1 gets an empty slice there.
 COMMON = ["train.save_every_steps=2", "train.keep_last=10", "dataset.caption_dropout=0.3", "train.noise_offset=0.1",
           "optimizer.lr=1e-2", "optimizer.eps=1e-4", "train.timestep_sampling=\"flux-shift\""]
-ONE = ["train.batch_size=2", *COMMON]
-TWO = ["train.batch_size=1", "train.gpus=2", *COMMON]
-# Measured on CPU (5 steps, lr 1e-2): ≤ 1e-6 of the tensor's largest value with Adam ε = 1e-4. With the
-# default ε = 1e-8 it is ~1e-4: Adam's g / (|g| + ε) turns float32 round-off in gradients near ε (sums of
-# the ranks' gradients that nearly cancel) into visible differences, so the test raises ε to compare updates.
+ONE = ["train.batch_size=2", *COMMON]           # one process, global batch 2
+TWO = ["train.batch_size=1", *COMMON]           # per process; × 2 processes = global batch 2
+# Measured on CPU (tiny FLUX, lr 1e-2): ≤ 1e-6 of the tensor's largest value with Adam ε = 1e-4. With the
+# default ε = 1e-8 it is ~1e-4: Adam's g / (|g| + ε) turns float32 round-off in gradients near ε (averages of
+# the ranks' gradients that nearly cancel) into visible differences, so the tests raise ε to compare updates.
 REL = 1e-5
-
-
-@pytest.fixture
-def five_images(tmp_path):
-    from lora_run.testing import make_images
-
-    folder = tmp_path / "five"
-    make_images(folder, count=5, size=(96, 80))
-    return folder
-
-
-class Recorder:
-    def __init__(self):
-        self.steps, self.checkpoints, self.losses = [], [], []
-
-    @hookimpl
-    def step_finished(self, run, step, metrics):
-        self.steps.append(step)
-        self.losses.append(metrics["loss"])
-
-    @hookimpl
-    def checkpoint_saved(self, run, step, path):
-        self.checkpoints.append((step, str(path)))
+BIN = Path(sys.executable).parent
+TIMEOUT = 300
 
 
 def assert_close(a_path, b_path):
-    """Every tensor of LoRA ``b`` equals ``a`` within float32 round-off, measured relative to the tensor's
-    largest value. Returns the worst relative difference."""
+    """Every tensor of ``b`` equals ``a`` within float32 round-off relative to the tensor's largest value."""
     a, b = lora_tensors(a_path), lora_tensors(b_path)
     assert a.keys() == b.keys() and a
     worst = 0.0
@@ -62,93 +50,271 @@ def assert_close(a_path, b_path):
     return worst
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    paths = [str(Path(__file__).resolve().parents[2] / d) for d in ("core", "plugins")]
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+            "HOME": os.environ.get("HOME", "/tmp")}
+
+
+def start(argv: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    fh = open(log, "wb")
+    return subprocess.Popen(argv, env={**env(), **extra_env}, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)       # whatever is left of its process group
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return code, log.read_text("utf-8", "replace")
+
+
+def launch(argv: list[str], log: Path, timeout: float = TIMEOUT, **extra_env: str) -> tuple[int, str]:
+    return finish(start(argv, log, **extra_env), log, timeout)
+
+
+def sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def lora_run_args(recipe: Path, out: Path, values: list[str], *extra: str) -> list[str]:
+    return ["-m", "lora_run", str(recipe), "--output-dir", str(out), *sets(values), *extra]
+
+
+@pytest.fixture
+def five_images(tmp_path):
+    from lora_run.testing import make_images
+
+    folder = tmp_path / "five"
+    make_images(folder, count=5, size=(96, 80))
+    return folder
+
+
+def only_rank_0_wrote(run: Path, checkpoints: list[int], steps: int) -> dict:
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in checkpoints]
+    log = (run / "run.log").read_text()
+    assert log.count("LoRA written") == 1 and log.count(f"step {steps}/{steps}") == 1
+    for s in checkpoints:
+        assert log.count(f"checkpoint step-{s:06d}") == 1
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["processes"]["world_size"] == 2 and manifest["processes"]["backend"] == "gloo"
+    assert manifest["artifacts"]["lora_kohya"] == str(run / "tiny.safetensors")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
 @pytest.mark.slow
-def test_two_processes_equal_one_process_only_rank_0_writes_and_resume(flux_recipe, run_recipe, five_images,
-                                                                        tmp_path):
-    """Global batch 4: 1 process × batch 2 × accumulation 2 against 2 processes × batch 1 × accumulation 2,
-    run whole and run cut after step 3 then resumed."""
+def test_torchrun_equals_one_process_and_resumes_with_another_process_count(flux_recipe, run_recipe, five_images,
+                                                                             tmp_path):
+    """Global batch 4 = 1 process × batch 2 × accumulation 2 = 2 processes × batch 1 × accumulation 2."""
     recipe = flux_recipe(data=five_images)
     accum = ["train.gradient_accumulation=2"]
-    one = run_recipe(recipe, [*ONE, *accum, "train.steps=5"], output=tmp_path / "one")
-    seen = Recorder()
-    two = run_recipe(recipe, [*TWO, *accum, "train.steps=5"], output=tmp_path / "two", extra_plugins=[seen])
+    one = run_recipe(recipe, [*ONE, *accum, "train.steps=4"], output=tmp_path / "one")
+    two = tmp_path / "two"
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}",
+                         *lora_run_args(recipe, two, [*TWO, *accum, "train.steps=4"])], tmp_path / "two.log")
+    assert code == 0, text
+    worst = assert_close(one.artifacts["lora_kohya"], two / "tiny.safetensors")
+    print(f"torchrun 2 processes vs 1: worst difference {worst:.2e} of the tensor's largest value")
+    assert_close(one.artifacts["lora_diffusers"], two / "diffusers" / "tiny.safetensors")
+    only_rank_0_wrote(two, [2], 4)
+    assert text.count("done: ") == 1                 # rank 0 reports, the other rank is silent
+    # planted mistake: half the global batch (one process, batch 1) is not the same training
+    half = run_recipe(recipe, ["train.batch_size=1", *COMMON, *accum, "train.steps=4"], output=tmp_path / "half")
+    with pytest.raises(AssertionError):
+        assert_close(half.artifacts["lora_kohya"], two / "tiny.safetensors")
 
-    worst = assert_close(one.artifacts["lora_kohya"], two.artifacts["lora_kohya"])
-    print(f"2 processes vs 1: worst difference {worst:.2e} of the tensor's largest value")
-    assert_close(one.artifacts["lora_diffusers"], two.artifacts["lora_diffusers"])
-    # the parent called the lifecycle hooks once per step / checkpoint, from rank 0's events
-    assert seen.steps == [1, 2, 3, 4, 5]
-    assert [s for s, _ in seen.checkpoints] == [2, 4]
-    # the reported loss is the global batch's loss: equal to the one-process loss of the same step
-    assert two.artifacts["loss_first"] == pytest.approx(one.artifacts["loss_first"], rel=1e-5)
-    assert seen.losses[-1] == pytest.approx(one.artifacts["loss_last"], rel=1e-3)
-    # rank 0 alone wrote: one checkpoint folder per save, each logged once, no stray temp folders
-    run = tmp_path / "two"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    log = (run / "run.log").read_text()
-    assert log.count("checkpoint step-000002") == 1 and log.count("LoRA written") == 1
-    assert log.count("step 5/5") == 1
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and manifest["workers"]["count"] == 2
-    assert manifest["workers"]["backend"] == "gloo"
-    assert manifest["artifacts"]["lora_kohya"] == str(run / "tiny.safetensors")
-    assert [c["step"] for c in manifest["artifacts"]["checkpoints"]] == [2, 4]
-
-    # resume with 2 processes: stop after step 3 (checkpoint at 2), resume with more steps
+    # the run cut after step 3 by 2 processes (checkpoint at 2), resumed by ONE process with batch 2
     cut = tmp_path / "cut"
-    run_recipe(recipe, [*TWO, *accum, "train.steps=3"], output=cut)
-    resumed = run_recipe(recipe, [*TWO, *accum, "train.steps=5"], output=cut, resume=True)
+    code, text = launch([sys.executable, *lora_run_args(recipe, cut, [*TWO, *accum, "train.steps=3"], "--gpus", "2")],
+                        tmp_path / "cut.log")
+    assert code == 0, text
+    resumed = run_recipe(recipe, [*ONE, *accum, "train.steps=4"], output=cut, resume=True)
     assert (cut / "run.log").read_text().count("resumed from step-000002") == 1
     assert_close(one.artifacts["lora_kohya"], resumed.artifacts["lora_kohya"])
 
 
-class StopAfterFirstStep:
-    """Ctrl-C in the parent (a KeyboardInterrupt raised while it relays rank 0's first step)."""
+# ------------------------------------------------------------------------------------- accelerate launch
+@pytest.mark.slow
+def test_accelerate_launch_and_two_nodes_on_one_machine_equal_one_process(flux_recipe, run_recipe, five_images,
+                                                                          tmp_path):
+    """With the CLIP-L text-encoder LoRA trained for the first half of the steps (it joins DDP, then stops
+    getting gradients)."""
+    recipe = flux_recipe(data=five_images)
+    te = ["text_encoder.train=true", "text_encoder.train_fraction=0.5"]
+    one = run_recipe(recipe, [*ONE, *te, "train.steps=3"], output=tmp_path / "one")
+    assert any("lora_te" in k for k in lora_tensors(one.artifacts["lora_kohya"]))
+    # accelerate 1.x starts several CPU processes through torchrun with --multi_gpu (its --cpu form starts
+    # one process unless an mpirun hostfile is given); without CUDA they use gloo
+    acc = tmp_path / "accelerate"
+    code, text = launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                         "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1",
+                         f"--main_process_port={free_port()}",
+                         *lora_run_args(recipe, acc, [*TWO, *te, "train.steps=3"])],
+                        tmp_path / "acc.log", HF_HOME=str(tmp_path / "hf"))     # no user config: only the flags
+    assert code == 0, text
+    assert_close(one.artifacts["lora_kohya"], acc / "tiny.safetensors")
+    only_rank_0_wrote(acc, [2], 3)
 
-    @hookimpl
-    def step_finished(self, run, step, metrics):
-        if step == 1:
-            raise KeyboardInterrupt
+    # two "nodes" (one process each) joining one rendezvous on 127.0.0.1
+    nodes = tmp_path / "nodes"
+    port = free_port()
+    procs = [start([str(BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+                    "--master-addr=127.0.0.1", f"--master-port={port}",
+                    *lora_run_args(recipe, nodes, [*TWO, *te, "train.steps=3"])], tmp_path / f"node{rank}.log")
+             for rank in (0, 1)]
+    results = [finish(p, tmp_path / f"node{rank}.log") for rank, p in enumerate(procs)]
+    assert [c for c, _ in results] == [0, 0], results
+    assert_close(one.artifacts["lora_kohya"], nodes / "tiny.safetensors")
+    only_rank_0_wrote(nodes, [2], 3)
+
+
+# ------------------------------------------------------------------------------------------------- FSDP
+@pytest.mark.slow
+def test_fsdp_shards_the_base_and_writes_the_same_state_as_one_process(flux_recipe, run_recipe, five_images,
+                                                                       tmp_path):
+    from safetensors.torch import load_file
+
+    """With TensorBoard and samples: under FSDP every rank takes part in sampling, rank 0 writes."""
+    recipe = flux_recipe(data=five_images)
+    samples = ["sample.every_steps=2", "sample.steps=2", "sample.width=64", "sample.height=64",
+               'sample.prompts=["{trigger} photo"]']
+    one = run_recipe(recipe, [*ONE, *samples, "train.steps=3"], output=tmp_path / "one")
+    run = tmp_path / "fsdp"
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}",
+                         *lora_run_args(recipe, run, [*TWO, *samples, "train.steps=3", "backend.native.fsdp=true",
+                                                      "backend.native.tensorboard=true"])],
+                        tmp_path / "fsdp.log")
+    assert code == 0, text
+    assert "FSDP2" in text
+    assert json.loads((run / "manifest.json").read_text())["processes"]["sharding"] == "fsdp2"
+    assert_close(one.artifacts["lora_kohya"], run / "tiny.safetensors")
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "rank 0's TensorBoard log"
+    import numpy as np
+    from PIL import Image
+
+    written = sorted(p.relative_to(run) for p in (run / "samples").rglob("*.png"))
+    assert [str(p) for p in written] == ["samples/step-000002/p00-seed1-x1.png", "samples/step-000003/p00-seed1-x1.png"]
+    for rel in written:
+        a = np.asarray(Image.open(Path(one.run_dir.path) / rel), dtype=np.int16)
+        b = np.asarray(Image.open(run / rel), dtype=np.int16)
+        assert int(np.abs(a - b).max()) <= 2, rel
+    # the resumable state has the one-process layout: whole tensors under the same names
+    for name in ("trainable", "optimizer"):
+        a = load_file(str(Path(one.run_dir.path) / "checkpoints/step-000002/resume" / f"{name}.safetensors"))
+        b = load_file(str(run / "checkpoints/step-000002/resume" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert a[k].shape == b[k].shape, k
+            assert float((a[k] - b[k]).abs().max()) <= REL * (float(a[k].abs().max()) or 1.0), k
+    # and it resumes under FSDP on 2 processes
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}",
+                         *lora_run_args(recipe, run, [*TWO, *samples, "train.steps=4", "backend.native.fsdp=true",
+                                                      "backend.native.tensorboard=true"], "--resume")],
+                        tmp_path / "fsdp-resume.log")
+    assert code == 0, text
+    assert (run / "run.log").read_text().count("resumed from step-000002") == 1
+    longer = run_recipe(recipe, [*ONE, *samples, "train.steps=4"], output=tmp_path / "one-4")
+    assert_close(longer.artifacts["lora_kohya"], run / "tiny.safetensors")
+
+
+def test_fsdp_refuses_what_it_cannot_shard(flux_recipe):
+    from lora_run.cli import main
+
+    recipe = flux_recipe()
+    assert main(["check", str(recipe), "--set", "backend.native.fsdp=true", "--set", "model.base_precision=\"fp8\""]) == 2
+    assert main(["check", str(recipe), "--set", "backend.native.fsdp=true"]) == 0
+
+
+# ---------------------------------------------------------------------------------- stop and failure
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    for pid in _children(parent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def _wait_for(predicate, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError("timed out")
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_worker_with_a_resumable_checkpoint(flux_recipe, run_recipe, five_images, tmp_path):
+def test_ctrl_c_stops_every_rank_at_one_step_with_a_resumable_checkpoint(flux_recipe, five_images, tmp_path):
     recipe = flux_recipe(data=five_images)
     out = tmp_path / "stop"
-    with pytest.raises(TrainingInterrupted) as err:
-        run_recipe(recipe, [*TWO, "train.steps=400", "train.save_every_steps=1000"], output=out,
-                   extra_plugins=[StopAfterFirstStep()])
-    assert "resume with" in str(err.value)
+    log = tmp_path / "stop.log"
+    proc = start([sys.executable, *lora_run_args(recipe, out, [*TWO, "train.steps=400",
+                                                                "train.save_every_steps=1000"], "--gpus", "2")], log)
+    try:
+        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
+        os.killpg(proc.pid, signal.SIGINT)            # a terminal's Ctrl-C reaches the whole process group
+    finally:
+        code, text = finish(proc, log)
+    assert code == 130, text
+    assert "resume with" in text
     found = sorted((out / "checkpoints").glob("step-*/resume/state.json"))
     assert len(found) == 1, "rank 0 saved exactly one resumable state"
-    step = json.loads(found[0].read_text())["step"]
-    assert 1 <= step < 400
+    assert 10 <= json.loads(found[0].read_text())["step"] < 400
     assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
     assert not (out / "tiny.safetensors").exists()
 
 
-class KillRankOne:
-    @hookimpl
-    def step_finished(self, run, step, metrics):
-        if step == 2:
-            os.kill(run.run_dir.read_manifest()["workers"]["pids"][1], signal.SIGKILL)
-
-
 @pytest.mark.slow
-def test_a_crashed_worker_ends_the_run_with_exit_1_and_its_log_tail(flux_recipe, run_recipe, five_images, tmp_path):
+def test_a_failed_rank_ends_the_run_with_exit_1_and_its_log_tail(flux_recipe, five_images, tmp_path):
     recipe = flux_recipe(data=five_images)
     out = tmp_path / "crash"
-    with pytest.raises(BackendError) as err:
-        run_recipe(recipe, [*TWO, "train.steps=400"], output=out, extra_plugins=[KillRankOne()])
-    assert err.value.exit_code == 1
-    text = str(err.value)
-    assert "worker rank 1" in text and f"exit code {-signal.SIGKILL}" in text and "last output" in text
-    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
-    pids = json.loads((out / "manifest.json").read_text())["workers"]["pids"]
-    for pid in pids:                              # no worker is left running
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    log = tmp_path / "crash.log"
+    proc = start([sys.executable, *lora_run_args(recipe, out, [*TWO, "train.steps=400"], "--gpus", "2")], log)
+    try:
+        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        code, text = finish(proc, log)
+    assert code == 1, text
+    assert "rank 1 was killed by SIGKILL" in text and "last output" in text
+    assert json.loads((out / "manifest.json").read_text())["status"] != "completed"
 
 
+# ------------------------------------------------------------------------------------------------ units
 def test_more_gpus_than_cuda_devices_is_refused_with_the_key_named():
     from lora_run_native.distributed import validate_gpus
 
@@ -175,6 +341,26 @@ def test_shards_are_disjoint_and_cover_the_global_batch():
                 assert covered == list(range(size))
 
 
+def test_processes_come_from_the_launchers_environment():
+    from lora_run.run import Processes
+
+    assert Processes.from_env({}) == Processes(0, 1, False)
+    assert Processes.from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Processes(1, 2, True)
+    assert not Processes.from_env({"RANK": "1", "WORLD_SIZE": "2"}).main
+    for bad in ({"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}):
+        with pytest.raises(RecipeError):
+            Processes.from_env(bad)
+
+
+def test_resume_may_change_the_process_count_but_not_the_global_batch():
+    from lora_run.run import _resume_differences
+
+    saved = {"train": {"batch_size": 1, "gpus": 2, "steps": 4}}
+    assert _resume_differences(saved, {"train": {"batch_size": 2, "gpus": 1, "steps": 8}}) == []
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 4, "steps": 4}})
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}})
+
+
 def test_gpus_key_and_flag(flux_recipe, tmp_path):
     from lora_run.cli import main
     from lora_run.recipe import load_recipe
@@ -190,8 +376,85 @@ def test_gpus_key_and_flag(flux_recipe, tmp_path):
     assert not out.exists()
 
 
+def test_gpus_into_a_used_folder_is_refused_before_any_process_starts(flux_recipe, tmp_path, capsys):
+    from lora_run.cli import main
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", str(flux_recipe()), "--gpus", "2", "--output-dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
 def test_plan_shows_the_global_batch(flux_recipe, capsys):
     from lora_run.cli import main
 
     assert main(["plan", str(flux_recipe()), "--set", "train.gpus=2", "--set", "train.batch_size=3"]) == 0
     assert "data-parallel on 2 processes" in capsys.readouterr().out
+
+
+def test_python_dash_m_lora_run_is_the_cli(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lora_run", "--version"], env=env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("lora-run ")
+
+
+def test_launchers_are_installed():
+    for name in ("torchrun", "accelerate"):
+        assert shutil.which(name, path=str(BIN)), name
+
+
+def test_a_backend_with_its_own_launcher_refuses_to_run_under_torchrun(tmp_path, monkeypatch, capsys):
+    """kohya / diffusion-pipe start accelerate / deepspeed themselves: N copies of them would each start one."""
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+
+    class OwnLauncher:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def plan(self):
+            raise AssertionError("never reached")
+
+        def run(self):
+            raise AssertionError("never reached")
+
+    from lora_run.hookspecs import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            from lora_run_native.adapters import adapter_classes
+
+            register("own", OwnLauncher, capabilities={"flux.1-dev": adapter_classes()["flux.1-dev"].features})
+
+    from lora_run.testing import make_images
+
+    make_images(tmp_path / "data", count=2, size=(64, 64))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nfamily = "flux.1-dev"\nsource = "x/y"\n[dataset]\npath = "{tmp_path / "data"}"\n'
+                      'trigger = "ohwx"\nmin_images = 1\nresolution = 64\nbucket_min = 64\nbucket_max = 96\n'
+                      'bucket_step = 16\n[train]\nsteps = 1\n[eval]\nenabled = false\n'
+                      '[backend]\nname = "own"\n', encoding="utf-8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError) as err:
+        execute(load_recipe(recipe), load_plugins(extra=[Plugin()]), output_dir=str(out), echo=lambda *_: None)
+    assert "starts its own processes" in str(err.value) and "--gpus 2" in str(err.value)
+    assert not out.exists()
+
+
+def test_a_failing_process_leaves_its_message_for_the_launcher(tmp_path):
+    """torchrun names an error file per process; lora-run writes its message there (the launcher's summary)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 3.5\n", encoding="utf-8")
+    report = tmp_path / "error.json"
+    done = subprocess.run([sys.executable, "-m", "lora_run", str(bad)], capture_output=True, text=True, timeout=60,
+                          env={**env(), "TORCHELASTIC_ERROR_FILE": str(report)})
+    assert done.returncode == 2
+    data = json.loads(report.read_text())
+    assert "RecipeError (exit 2)" in data["message"] and "[train.steps]" in data["message"]
+    assert isinstance(data["timestamp"], int)
