@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "[train.gpus])")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output folder "
+                       "(only a folder lora-run created)")
+    p.add_argument("--allow-dataset-change", action="store_true", help="with --resume: continue although images or "
+                   "captions changed since the run started (refused otherwise)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("check", help="validate a recipe and lint its dataset (fast, no torch)")
@@ -134,10 +137,11 @@ def _load(args: argparse.Namespace) -> Any:
 
 @command("check")
 def cmd_check(args: argparse.Namespace) -> int:
-    from .run import lint, validate
+    from .run import lint, raise_output_problems, validate
 
     loaded, plugins = _load(args)
     prepared = validate(loaded, plugins)
+    raise_output_problems(loaded)
     report = lint(prepared.recipe, plugins)
     ok = not report.errors
     if args.json:
@@ -157,10 +161,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 @command("plan")
 def cmd_plan(args: argparse.Namespace) -> int:
     from .recipe import dump_recipe, to_dict
-    from .run import RunDir, make_backend, output_path, validate
+    from .run import RunDir, make_backend, output_path, raise_output_problems, validate
 
     loaded, plugins = _load(args)
     prepared = validate(loaded, plugins)
+    raise_output_problems(loaded, args.output_dir)
     run_dir = RunDir(output_path(prepared.recipe, args.output_dir))
     plan = make_backend(prepared, plugins, run_dir=run_dir).plan()
     if args.json:
@@ -252,8 +257,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         args.sets = [*args.sets, f"train.gpus={args.gpus}"]
     loaded, plugins = _load(args)
+    if args.allow_dataset_change and not args.resume:
+        raise RecipeError("--allow-dataset-change only applies with --resume")
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                  debug=args.debug)
+                  debug=args.debug, allow_dataset_change=args.allow_dataset_change)
     print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
     for key, value in ctx.artifacts.items():
         if isinstance(value, (str, Path)):
@@ -336,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
+        if debug:
+            raise
+        from .errors import EXIT_FAILED
+        from .files import printable
+
+        kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
+        print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover
