@@ -54,7 +54,7 @@ def check_input_file(path: Path | str, kind: str) -> os.stat_result:
         raise FileProblem(f"is {what}, not a regular file")
     limit = LIMITS[kind]
     if st.st_size > limit:
-        raise FileProblem(f"is {human_size(st.st_size)}; the limit for a {kind} file is {human_size(limit)}")
+        raise FileProblem(f"is {human_size(st.st_size)}, over the {human_size(limit)} limit for {kind} files")
     return st
 
 
@@ -68,7 +68,7 @@ def read_limited(path: Path | str, kind: str) -> bytes:
     except OSError as exc:
         raise FileProblem(f"cannot be read ({exc.strerror or exc})") from None
     if len(data) > limit:
-        raise FileProblem(f"is larger than the limit for a {kind} file ({human_size(limit)})")
+        raise FileProblem(f"is over the {human_size(limit)} limit for {kind} files")
     return data
 
 

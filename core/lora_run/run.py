@@ -273,14 +273,14 @@ def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> li
     for key in sorted(set(saved) | set(now)):
         old, new = saved.get(key), now.get(key)
         if old is None:
-            out.append(f"added {shown(key)}")
+            out.append(f"added image {shown(key)}")
         elif new is None:
-            out.append(f"removed {shown(key)}")
+            out.append(f"removed image {shown(key)}")
         else:
             if old.get("image") != new.get("image"):
-                out.append(f"image changed {shown(key)}")
+                out.append(f"image {shown(key)} changed")
             if old.get("caption") != new.get("caption"):
-                out.append(f"caption changed {shown(key)}")
+                out.append(f"caption of {shown(key)} changed")
     return out
 
 

@@ -213,7 +213,7 @@ class RunLock:
             raise OutputError(f"{shown(self.path.parent)}: cannot lock the run folder ({exc.strerror})") from None
         self.fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "command": sys.argv}
+                "command": [os.path.basename(sys.argv[0] if sys.argv else "lora-run"), *sys.argv[1:]]}
         with contextlib.suppress(OSError):   # who holds it is informative only (a full disk may refuse it)
             data = (json.dumps(info) + "\n").encode()
             os.ftruncate(fd, 0)
@@ -231,9 +231,14 @@ def _read_holder(fd: int) -> str:
         info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace") or "{}")
         command = " ".join(str(a) for a in info.get("command", []))
         return printable(f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}: "
-                         f"lora-run {command}".strip())
+                         f"{command}".strip())
     except (OSError, ValueError, AttributeError):
         return "holder unknown"
+
+
+def _ours_only(entry: Path) -> bool:
+    return entry.name in (LOCK, RESERVE, ".write-test") or (TEMP_FILE.match(entry.name) is not None
+                                                            and entry.is_file() and not entry.is_symlink())
 
 
 class RunDir:
@@ -253,8 +258,8 @@ class RunDir:
             raise OutputError(f"{shown(p)}: the output path is a dangling link")
         if p.exists() and not p.is_dir():
             raise OutputError(f"{shown(p)}: the output path exists and is not a folder")
-        try:
-            existing = [c for c in p.iterdir()] if p.is_dir() else []
+        try:   # our lock, reserve and temporary files alone are nothing of value (a run killed very early)
+            existing = [c for c in p.iterdir() if not _ours_only(c)] if p.is_dir() else []
         except OSError as exc:
             raise OutputError(f"{shown(p)}: cannot read the output folder ({exc.strerror})") from None
         if resume:

@@ -251,10 +251,6 @@ def align_face(image: Any, points: Sequence[Sequence[float]], size: int = 112) -
 
 
 def _session(path: str, providers: Sequence[str]) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise PluginError("the onnx face embedder needs onnxruntime: pip install 'lora-run[eval]'") from None
     from lora_run.files import FileProblem, check_input_file, shown
 
     try:
@@ -262,6 +258,10 @@ def _session(path: str, providers: Sequence[str]) -> Any:
     except FileProblem as exc:
         what = "ONNX model not found" if str(exc).startswith("not found") else f"the ONNX model {exc}"
         raise PluginError(f"{shown(path)}: {what} ([eval.embedder_options])") from None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PluginError("the onnx face embedder needs onnxruntime: pip install 'lora-run[eval]'") from None
     available = ort.get_available_providers()
     wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
     try:

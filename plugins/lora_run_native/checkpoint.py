@@ -285,37 +285,41 @@ def candidate_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def newest_intact(root: Path, warn: Callable[[str], None] = print, move_damaged: bool = True
                   ) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest checkpoint that verifies and loads, with its data, or (None, None) when there is none at all.
-    Damaged ones are named in a warning and moved aside (``step-NNNNNN.damaged``) so that training can write
-    that step again; when checkpoints exist but none is usable, OutputError names every damaged file."""
-    damaged = []
+    Damaged newer ones are named in a warning and moved aside (``step-NNNNNN.damaged``) so that training
+    can write those steps again; when checkpoints exist but none is usable, OutputError names every damaged
+    file (and they stay where they are, so a later ``--resume`` says the same)."""
+    damaged: list[tuple[Path, str]] = []
     for _step, folder in reversed(candidate_checkpoints(root)):
         problem = verify(folder)
-        data = None
         if problem is None:
             try:
                 data = load(folder)
             except Exception as exc:  # noqa: BLE001 - verified but unloadable: damaged all the same
                 problem = f"{shown(folder)}: cannot be loaded ({type(exc).__name__}: {exc})"
-        if data is not None:
-            return folder, data
-        damaged.append(problem)
-        aside = folder.with_name(f"{folder.name}.damaged")
-        if move_damaged:
-            n = 1
-            while aside.exists():
-                n += 1
-                aside = folder.with_name(f"{folder.name}.damaged-{n}")
-            try:
-                folder.rename(aside)
-            except OSError:
-                aside = folder
-        warn(f"warning: checkpoint {folder.name} is damaged: {problem}; "
-             + (f"moved to {aside.name}; " if aside != folder and move_damaged else "")
-             + "trying the one before it")
+            else:
+                for bad, why in damaged:
+                    where = _move_aside(bad) if move_damaged else None
+                    warn(f"warning: checkpoint {bad.name} is damaged: {why}"
+                         + (f"; moved to {where.name}" if where else "") + f"; resuming from {folder.name}")
+                return folder, data
+        damaged.append((folder, problem))
     if damaged:
-        raise OutputError(f"{shown(root)}: no usable checkpoint to resume from: {'; '.join(damaged)}; start the run "
-                          "again with --overwrite (the LoRA files in damaged checkpoint folders may still load)")
+        raise OutputError(f"{shown(root)}: no usable checkpoint to resume from: "
+                          f"{'; '.join(why for _, why in damaged)}; start the run again with --overwrite (the LoRA "
+                          "files in the checkpoint folders may still load)")
     return None, None
+
+
+def _move_aside(folder: Path) -> Path | None:
+    aside, n = folder.with_name(f"{folder.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged-{n}")
+    try:
+        folder.rename(aside)
+    except OSError:
+        return None
+    return aside
 
 
 def load(path: Path) -> dict[str, Any]:
