@@ -37,6 +37,8 @@ def _honour_umask(fd: int) -> None:
 
 def is_disk_full(exc: BaseException) -> bool:
     """An OSError (or a safetensors error wrapping one) that says the disk or the quota is full."""
+    if isinstance(exc, DiskFullError):      # already one line naming its file: never wrapped again
+        return False
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
@@ -57,7 +59,7 @@ def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
     free = free_bytes(Path(path).parent)
     need = f"about {human_size(needed)} free" if needed else "more free space"
     have = f"{human_size(free)} free now" if free is not None else "free space unknown"
-    return DiskFullError(f"{shown(path)}: no space left on device: writing it needs {need} ({have} on that file "
+    return DiskFullError(f"{shown(path)}: No space left on device (writing it needs {need}; {have} on that file "
                          "system); free some space, then continue with --resume")
 
 

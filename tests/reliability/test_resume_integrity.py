@@ -248,7 +248,7 @@ def test_disk_full_before_recipe_toml_leaves_nothing(tiny_recipe, tmp_path, monk
     code = main([str(tiny_recipe()), "--output-dir", str(run)])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 1 and full.hits
-    assert "recipe.toml: no space left on device: writing it needs about" in line and "free now" in line, line
+    assert "recipe.toml: No space left on device (writing it needs about" in line and "free now" in line, line
     assert not run.exists(), "nothing of value was written: nothing is left to block the retry"
     figures("disk full", cases=1, faults=1)
 
@@ -262,7 +262,7 @@ def test_disk_full_while_caching_names_the_entry_and_finishes_the_manifest(tiny_
     code = main([str(tiny_recipe()), "--output-dir", str(run)])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 1 and full.hits
-    assert "/cache/latents/" in line and ".safetensors: no space left on device" in line and "needs about" in line
+    assert "/cache/latents/" in line and ".safetensors: No space left on device" in line and "needs about" in line
     assert _status(run) == "failed"
     assert not list(run.rglob("*.tmp")), "no temporary file is left behind"
     assert not (run / ".lora-run.reserve").exists()
@@ -278,7 +278,7 @@ def test_resume_on_a_still_full_disk(base_run, tmp_path, monkeypatch, capsys, fi
     code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "no space left on device" in _one_error_line(err) and "recipe.toml" in err, err
+    assert "No space left on device" in _one_error_line(err) and "recipe.toml" in err, err
     assert (run / "manifest.json").read_bytes() == manifest and _status(run) == "completed", \
         "the manifest keeps its earlier final state"
     monkeypatch.undo()
