@@ -219,6 +219,7 @@ class Problems:
         return self.default_file
 
     def add(self, path: KeyPath, message: str) -> None:
+        message = files.printable(message)    # a value with a newline never splits a problem over two lines
         where = f"[{format_key(path)}] " if path else "top level: "
         line = f"{self.file_for(path)}: {where}{message}"
         if line not in self.items:
@@ -367,8 +368,12 @@ def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = 
     except files.FileProblem as exc:
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
-    merged = _merge(load_raw(parent_path, origins, (*chain, real)), raw, origins, shown)
-    return merged
+    try:
+        parent_raw = load_raw(parent_path, origins, (*chain, real))
+    except RecipeError as exc:   # a parent that cannot be read or parsed: named through this file's key
+        raise RecipeError([line if "[extends]" in line else f"{shown}: [extends] {line}"
+                           for line in exc.problems]) from None
+    return _merge(parent_raw, raw, origins, shown)
 
 
 def parse_set(assignment: str) -> tuple[KeyPath, Any]:

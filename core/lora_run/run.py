@@ -204,8 +204,11 @@ def output_problems(recipe: Recipe, override: str | None = None) -> list[str]:
     except (OSError, ValueError, RuntimeError) as exc:
         return [f"{where}: not a usable folder path ({exc})"]
     problems = []
-    if path.exists() and not path.is_dir():
-        problems.append(f"{where}: {shown(path)} exists and is not a folder")
+    try:
+        if path.exists() and not path.is_dir():
+            problems.append(f"{where}: {shown(path)} exists and is not a folder")
+    except OSError as exc:     # e.g. a name too long for the file system
+        return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
     cwd = Path.cwd().resolve()
     if path == cwd or path in cwd.parents:
         problems.append(f"{where}: the run folder {shown(path)} is the working folder or contains it; a run needs a "
