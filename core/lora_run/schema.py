@@ -245,7 +245,8 @@ class OutputSection:
     """Where the run directory goes and what is written."""
 
     dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
-    name: str = option("identity-lora", "Base name of the LoRA files.")
+    name: str = option("identity-lora", "Base name of the LoRA files: a plain file name (no folder part, no "
+                       "`..`, no leading dot or control characters, at most 160 bytes).")
     formats: list[Literal["kohya", "diffusers"]] = option(
         factory=lambda: ["kohya", "diffusers"], doc="LoRA formats to write: `kohya` (ComfyUI/kohya keys with "
         "alpha and metadata) and/or `diffusers`.")

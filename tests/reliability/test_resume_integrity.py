@@ -250,7 +250,7 @@ def test_disk_full_before_recipe_toml_leaves_nothing(tiny_recipe, tmp_path, monk
     assert code == 1 and full.hits
     assert "recipe.toml: No space left on device (writing it needs about" in line and "free now" in line, line
     assert not run.exists(), "nothing of value was written: nothing is left to block the retry"
-    figures("disk full", cases=1, faults=1)
+    figures("disk-full", cases=1, faults=1)
 
 
 @pytest.mark.slow
@@ -266,7 +266,7 @@ def test_disk_full_while_caching_names_the_entry_and_finishes_the_manifest(tiny_
     assert _status(run) == "failed"
     assert not list(run.rglob("*.tmp")), "no temporary file is left behind"
     assert not (run / ".lora-run.reserve").exists()
-    figures("disk full", cases=1, faults=1)
+    figures("disk-full", cases=1, faults=1)
 
 
 @pytest.mark.slow
@@ -282,7 +282,7 @@ def test_resume_on_a_still_full_disk(base_run, tmp_path, monkeypatch, capsys, fi
     assert (run / "manifest.json").read_bytes() == manifest and _status(run) == "completed", \
         "the manifest keeps its earlier final state"
     monkeypatch.undo()
-    figures("disk full", cases=1, faults=1)
+    figures("disk-full", cases=1, faults=1)
 
 
 @pytest.mark.slow
