@@ -24,6 +24,14 @@ LOG = "run.log"
 
 
 def _umask() -> int:
+    """The process umask; read from /proc where possible (setting it, even briefly, races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     current = os.umask(0o022)
     os.umask(current)
     return current

@@ -494,6 +494,8 @@ def cmd_score(args: Any, plugins: Any) -> int:
     report_path = Path(args.report).expanduser().resolve() if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
+    if report_path is not None and report_path.exists() and not report_path.is_file():
+        raise OutputError(f"--report {shown(report_path)}: exists and is not a regular file; it is never replaced")
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
     echo = (lambda _m: None) if args.json else print
     samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]
