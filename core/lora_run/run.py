@@ -194,10 +194,12 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     return found
 
 
-def output_problems(recipe: Recipe, override: str | None = None) -> list[str]:
+def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool = False,
+                    recipe_file: Path | None = None) -> list[str]:
     """Why the run folder cannot be used whatever its state (check, plan and run ask the same): it is a
-    file, the working folder or one above it, or it holds the run's dataset or model (`--overwrite` would
-    delete them). Each message names the key (or --output-dir)."""
+    file, a folder above the working folder (or, with --overwrite, the working folder itself), or it holds
+    the run's dataset or model (`--overwrite` would delete them). Each message names the key (or
+    --output-dir)."""
     where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
     try:
         path = output_path(recipe, override)
@@ -210,9 +212,19 @@ def output_problems(recipe: Recipe, override: str | None = None) -> list[str]:
     except OSError as exc:     # e.g. a name too long for the file system
         return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
     cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
-        problems.append(f"{where}: the run folder {shown(path)} is the working folder or contains it; a run needs a "
-                        "folder of its own")
+    if path in cwd.parents:
+        problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
+                        "of its own")
+    elif path == cwd and overwrite:
+        problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
+    if recipe_file is not None:
+        try:
+            own = recipe_file.resolve()
+        except (OSError, RuntimeError):
+            own = None
+        if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
+            problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
+                            "recipes outside run folders (--overwrite would delete it)")
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
             problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
@@ -220,8 +232,8 @@ def output_problems(recipe: Recipe, override: str | None = None) -> list[str]:
     return problems
 
 
-def raise_output_problems(loaded: LoadedRecipe, override: str | None = None) -> None:
-    problems = output_problems(loaded.recipe, override)
+def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
+    problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
     if problems:
         err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
         err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
@@ -329,7 +341,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise RecipeError("--resume and --overwrite exclude each other")
     prepared = validate(loaded, plugins)
     recipe = prepared.recipe
-    raise_output_problems(loaded, output_dir)
+    raise_output_problems(loaded, output_dir, overwrite)
     report = lint(recipe, plugins)
     echo(report.table())
     if report.errors:

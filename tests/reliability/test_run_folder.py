@@ -55,17 +55,20 @@ def test_overwrite_never_removes_a_folder_lora_run_did_not_create(tiny_recipe, s
     # the dataset, a folder holding it, the working folder and one above it: refused by check, plan and run
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)
-    cases = [(["--output-dir", str(small_dataset)], "contains [dataset.path]"),
-             (["--output-dir", str(tmp_path)], "contains [dataset.path]"),
-             (["--output-dir", str(work)], "is the working folder or contains it"),
-             (["--set", f'output.dir="{tmp_path}"'], "contains [dataset.path]"),
-             (["--set", 'output.dir="."'], "is the working folder")]
+    inner = work / "inner"
+    inner.mkdir()
+    monkeypatch.chdir(inner)
+    plan_run, all_three = ("plan", "run"), ("plan", "run", "check")
+    cases = [(["--output-dir", str(small_dataset)], "contains [dataset.path]", plan_run),
+             (["--output-dir", str(tmp_path)], "contains [dataset.path]", plan_run),
+             (["--output-dir", str(work)], "contains the working folder", plan_run),
+             (["--set", f'output.dir="{tmp_path}"'], "contains [dataset.path]", all_three),
+             (["--set", 'output.dir=".."'], "contains the working folder", all_three),
+             (["--output-dir", str(inner)], "--overwrite would replace the working folder", ("run",))]
     tried = 0
-    for extra, message in cases:
-        commands = [["plan", str(recipe)], [str(recipe), "--overwrite"]]
-        if "--set" in extra:
-            commands.append(["check", str(recipe)])
+    for extra, message, where in cases:
+        commands = [{"plan": ["plan", str(recipe)], "run": [str(recipe), "--overwrite"],
+                     "check": ["check", str(recipe)]}[w] for w in where]
         for argv in commands:
             code = main([*argv, *extra])
             err = capsys.readouterr().err
@@ -73,7 +76,18 @@ def test_overwrite_never_removes_a_folder_lora_run_did_not_create(tiny_recipe, s
             tried += 1
     assert sorted(p.name for p in small_dataset.iterdir()) == sorted(
         [f"img{i:03d}{ext}" for i in range(3) for ext in (".png", ".txt")])
-    assert work.is_dir() and not any(work.iterdir())
+    assert [p.name for p in work.iterdir()] == ["inner"] and not any(inner.iterdir())
+    # a recipe file kept inside the run folder would be deleted by --overwrite; our own recipe.toml may be re-run
+    old_run = tmp_path / "old-run"
+    old_run.mkdir()
+    (old_run / "mine.toml").write_text(recipe.read_text())
+    (old_run / "recipe.toml").write_text(recipe.read_text())
+    code = main(["plan", str(old_run / "mine.toml"), "--output-dir", str(old_run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "contains the recipe file" in err, err
+    assert main(["plan", str(old_run / "recipe.toml"), "--output-dir", str(old_run)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    tried += 1
     figures("run-folder safety", cases=tried + 1, faults=tried + 1)
 
 
