@@ -20,7 +20,7 @@ from .features import capability_problems
 from .lint import LintReport, lint_dataset
 from .plugins import Plugins, Registration
 from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, to_dict
-from .rundir import MANIFEST, RECIPE, RunDir, hardware, remove_temp_files
+from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
 from .schema import Recipe
 
 
@@ -418,6 +418,9 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
         error = exc
+        if is_disk_full(exc):      # a write outside our atomic writers (a tracker, a library) met a full disk
+            error = disk_full_error(Path(getattr(exc, "filename", None) or run_dir.path), None)
+            raise error from exc
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:

@@ -271,6 +271,21 @@ def test_disk_full_while_caching_names_the_entry_and_finishes_the_manifest(tiny_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_disk_full_at_the_final_lora_keeps_the_checkpoints(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    run = tmp_path / "run"
+    full = FullDisk(monkeypatch, lambda p: p.startswith(str(run / ".tiny.safetensors.")))
+    code = main([str(tiny_recipe()), "--output-dir", str(run)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and full.hits
+    assert f"{run / 'tiny.safetensors'}: No space left on device (writing it needs about" in line, line
+    assert (run / "checkpoints" / "step-000004" / "resume" / "state.json").is_file()
+    assert _status(run) == "failed" and not (run / "tiny.safetensors").exists()
+    assert not list(run.glob(".tiny.safetensors.*")), "the torn temporary file is removed"
+    figures("disk-full", cases=1, faults=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_resume_on_a_still_full_disk(base_run, tmp_path, monkeypatch, capsys, figures):
     recipe, run, _ = _copy(base_run, tmp_path)
     manifest = (run / "manifest.json").read_bytes()
