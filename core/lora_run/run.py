@@ -451,7 +451,7 @@ def _finish_manifest(run_dir: RunDir, status: str, started: float, ctx: RunConte
         run_dir.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                 duration_s=round(time.time() - started, 2),
                                 artifacts=ctx.artifacts if ctx is not None else {},
-                                error=str(error) if error else None)
+                                error=(str(error) or type(error).__name__) if error else None)
     except (OSError, LoraRunError) as exc:
         echo(f"warning: could not record the final status \"{status}\" in {run_dir.file(MANIFEST)}: {exc}")
     run_dir.log(f"run {status}")
