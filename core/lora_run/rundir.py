@@ -280,6 +280,9 @@ class RunDir:
                 raise OutputError(f"{shown(p)}: nothing to resume: {MANIFEST} there was not written by lora-run")
             self._lock()
         elif existing and not overwrite:
+            if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
+                self._lock()
+                self.release()
             raise OutputError(f"{shown(p)}: the output folder is not empty ({len(existing)} entries); use --resume to "
                               "continue that run, --overwrite to replace it, or --output-dir for a new folder")
         elif existing and overwrite:

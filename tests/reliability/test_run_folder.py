@@ -151,9 +151,10 @@ def test_one_run_per_folder_and_a_killed_holder_never_leaves_a_stuck_lock(tiny_r
     assert code == 0, err
     holder = _hold(run)                                         # and a finished run can be locked again
     try:
-        code = main([str(recipe), "--output-dir", str(run), "--resume", "--set", "train.steps=8"])
-        err = capsys.readouterr().err
-        assert code == 2 and "another lora-run is using this run folder" in err, err
+        for extra in (["--resume", "--set", "train.steps=8"], []):   # a second --resume; a plain run names it too
+            code = main([str(recipe), "--output-dir", str(run), *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and "another lora-run is using this run folder" in err, err
         assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -269,3 +270,23 @@ def test_no_traceback_reaches_the_user_without_debug(tiny_recipe, monkeypatch, c
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError):
         main(["check", "--debug", str(tiny_recipe())])
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_folder(tiny_recipe, tmp_path, figures):
+    """Two real `lora-run` processes on one output folder: exactly one trains, the other stops with exit 2."""
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-c", "import sys; from lora_run.cli import main; sys.exit(main(sys.argv[1:]))",
+            str(recipe), "--output-dir", str(run)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another lora-run is using this run folder" in loser or "not empty" in loser, loser
+    assert "Traceback" not in loser
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    figures("run-folder lock", cases=1, faults=1)
