@@ -15,7 +15,7 @@ from . import __version__
 from .dataset import Item
 from .errors import (BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError,
                      TrainingInterrupted)
-from .files import shown
+from .files import FileProblem, read_limited, shown
 from .features import capability_problems
 from .lint import LintReport, lint_dataset
 from .plugins import Plugins, Registration
@@ -304,8 +304,8 @@ def _check_dataset_unchanged(run_dir: RunDir, report: LintReport, shown_recipe: 
     changes: list[str] = []
     if record.is_file():
         try:
-            saved = json.loads(record.read_bytes()[: 64 << 20]).get("files", {})
-        except (OSError, ValueError, AttributeError):
+            saved = json.loads(read_limited(record, "json")).get("files", {})
+        except (OSError, ValueError, AttributeError, FileProblem):
             saved = None
         if isinstance(saved, dict):
             changes = dataset_changes(saved, report.files)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DiskFullError, OutputError
-from .files import human_size, printable, shown
+from .files import FileProblem, human_size, printable, read_limited, shown
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"
@@ -173,9 +173,9 @@ def is_run_folder(path: Path) -> bool:
     manifest = path / MANIFEST
     if manifest.is_file() and not manifest.is_symlink():
         try:
-            if "lora_run_version" in json.loads(manifest.read_bytes()[: 64 << 20]):
+            if "lora_run_version" in json.loads(read_limited(manifest, "json")):
                 return True
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, FileProblem):
             pass
     recipe = path / RECIPE
     if recipe.is_file() and not recipe.is_symlink():
@@ -381,9 +381,9 @@ class RunDir:
 
     def read_manifest(self) -> dict[str, Any]:
         try:
-            data = json.loads((self.path / MANIFEST).read_bytes()[: 64 << 20])
+            data = json.loads(read_limited(self.path / MANIFEST, "json"))
             return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, FileProblem):
             return {}
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import attrs
 
+from lora_run.files import FileProblem, read_limited
 from lora_run.rundir import atomic_path, atomic_write_text
 
 FORMAT_VERSION = "2"   # 2: per-tensor shape, dtype and checksum in the metadata
@@ -63,8 +64,8 @@ class Cache:
         self.stats = CacheStats()
         self._index_path = self.root / "index.json"
         try:
-            index = json.loads(self._index_path.read_bytes()[: 64 << 20])
-        except (OSError, ValueError):
+            index = json.loads(read_limited(self._index_path, "json"))
+        except (OSError, ValueError, FileProblem):
             index = {}
         # only well-formed keys: a tampered index must never make us delete a file outside the cache
         self._index: dict[str, str] = {k: v for k, v in index.items() if isinstance(k, str) and isinstance(v, str)

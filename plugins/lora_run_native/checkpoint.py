@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_run.errors import OutputError
-from lora_run.files import shown
+from lora_run.files import FileProblem, read_limited, shown
 from lora_run.rundir import disk_full_error, is_disk_full
 
 STATE = "resume/state.json"
@@ -232,12 +232,12 @@ def verify(folder: Path) -> str | None:
     """None when the checkpoint is intact, else what is wrong, naming the file."""
     folder = Path(folder)
     state_path = folder / STATE
-    try:
-        if state_path.stat().st_size > 256 << 20:
-            return f"{shown(state_path)}: too large to be a checkpoint state"
-        state = json.loads(state_path.read_bytes())
-    except FileNotFoundError:
+    if not os.path.lexists(state_path):
         return f"{shown(state_path)}: missing"
+    try:
+        state = json.loads(read_limited(state_path, "json"))
+    except FileProblem as exc:
+        return f"{shown(state_path)}: {exc}"
     except (OSError, ValueError) as exc:
         return f"{shown(state_path)}: not readable JSON ({type(exc).__name__})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
@@ -245,11 +245,12 @@ def verify(folder: Path) -> str | None:
     records = state.get("files")
     if isinstance(records, dict):
         for rel, rec in sorted(records.items()):
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
+                return f"{shown(state_path)}: records a file outside the checkpoint ({rel!r})"
             path = folder / rel
-            try:
-                size = path.stat().st_size
-            except OSError:
-                return f"{shown(path)}: missing"
+            if not path.is_file() or path.is_symlink():
+                return f"{shown(path)}: " + ("missing" if not os.path.lexists(path) else "not a regular file")
+            size = path.stat().st_size
             if not isinstance(rec, dict) or size != rec.get("size"):
                 return f"{shown(path)}: {size} bytes, {rec.get('size') if isinstance(rec, dict) else '?'} recorded " \
                        "(truncated or damaged)"

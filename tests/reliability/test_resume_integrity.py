@@ -104,6 +104,9 @@ DAMAGE = {
     "state not JSON": ("resume/state.json", lambda p: p.write_text('{"step": ')),
     "state emptied": ("resume/state.json", lambda p: p.write_bytes(b"")),
     "state deleted": ("resume/state.json", lambda p: p.unlink()),
+    "state linked to /dev/zero": ("resume/state.json", lambda p: (p.unlink(), p.symlink_to("/dev/zero"))),
+    "optimizer linked to /dev/zero": ("resume/optimizer.safetensors",
+                                      lambda p: (p.unlink(), p.symlink_to("/dev/zero"))),
 }
 
 
