@@ -21,7 +21,7 @@ def _sparse(path: Path, size: int = BIG) -> Path:
     return path
 
 
-def _run(argv, capsys, timeout_note=""):
+def _run(argv, capsys):
     code = main(argv)
     captured = capsys.readouterr()
     text = captured.out + captured.err
