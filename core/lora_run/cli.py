@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "launcher decides)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    group.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output folder "
+                       "(only a folder lora-run created)")
+    p.add_argument("--allow-dataset-change", action="store_true", help="with --resume: continue although images or "
+                   "captions changed since the run started (refused otherwise)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("check", help="validate a recipe and lint its dataset (fast, no torch)")
@@ -145,7 +148,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 @command("check")
 def cmd_check(args: argparse.Namespace) -> int:
-    from .run import lint, validate
+    from .run import lint, raise_output_problems, validate
 
     loaded, plugins = _load(args)
     recipe_error: LoraRunError | None = None
@@ -154,6 +157,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         prepared = validate(loaded, plugins)
     except LoraRunError as exc:  # still lint the dataset: one `check` reports every problem
         recipe_error = exc
+    try:
+        raise_output_problems(loaded)
+    except LoraRunError as exc:  # the output folder's problems join the recipe's
+        if recipe_error is None:
+            recipe_error = exc
+        else:
+            merged = [*getattr(recipe_error, "problems", [str(recipe_error)]),
+                      *getattr(exc, "problems", [str(exc)])]
+            recipe_error.problems = merged   # type: ignore[attr-defined]
     try:
         report = lint(loaded.recipe, plugins)
     except LoraRunError:
@@ -189,10 +201,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 @command("plan")
 def cmd_plan(args: argparse.Namespace) -> int:
     from .recipe import dump_recipe, to_dict
-    from .run import RunDir, make_backend, output_path, validate
+    from .run import RunDir, make_backend, output_path, raise_output_problems, validate
 
     loaded, plugins = _load(args)
     prepared = validate(loaded, plugins)
+    raise_output_problems(loaded, args.output_dir)
     run_dir = RunDir(output_path(prepared.recipe, args.output_dir))
     plan = make_backend(prepared, plugins, run_dir=run_dir).plan()
     if args.json:
@@ -318,8 +331,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         args.sets = [*args.sets, f"train.gpus={args.gpus}"]
     loaded, plugins = _load(args)
+    if args.allow_dataset_change and not args.resume:
+        raise RecipeError("--allow-dataset-change only applies with --resume")
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                  debug=args.debug)
+                  debug=args.debug, allow_dataset_change=args.allow_dataset_change)
     if not ctx.process.main:          # one of several processes: rank 0 reports
         return EXIT_OK
     print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
@@ -435,6 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
+        if debug:
+            raise
+        from .errors import EXIT_FAILED
+        from .files import printable
+
+        kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
+        print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
+              "traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

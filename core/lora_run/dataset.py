@@ -1,11 +1,13 @@
 """What a dataset plugin hands the core: items (image + caption), and the caption rules of a recipe."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
 import attrs
 
+from .files import FileProblem, read_limited
 from .schema import DatasetSection
 
 
@@ -44,12 +46,12 @@ def training_caption(item: Item, section: DatasetSection) -> str:
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:
     """(text, error) for a caption file; a missing file gives (None, None)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None, None
-    except OSError as exc:
-        return None, f"cannot read caption ({exc.strerror})"
+    try:
+        data = read_limited(path, "caption")
+    except FileProblem as exc:
+        return None, f"caption file {exc}"
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import attrs
 
+from .files import FileProblem, check_input_file
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 #: Above this many pixels an image is refused as a possible decompression bomb (a 12k × 12k photo is fine).
 MAX_PIXELS = 150_000_000
@@ -33,7 +35,7 @@ def open_rgb(path: Path) -> OpenedImage:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     notes: list[str] = []
     try:
-        if path.stat().st_size == 0:
+        if check_input_file(path, "image").st_size == 0:
             raise ImageProblem("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -50,6 +52,10 @@ def open_rgb(path: Path) -> OpenedImage:
                 return OpenedImage(img, tuple(notes), size)
     except ImageProblem:
         raise
+    except FileProblem as exc:
+        raise ImageProblem(str(exc)) from None
+    except MemoryError:
+        raise ImageProblem("too large to decode in the memory available") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageProblem(f"too many pixels (over {MAX_PIXELS:,}): refused as a possible decompression "
                            "bomb") from None

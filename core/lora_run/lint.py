@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from .dataset import Item, training_caption
+from .files import FileProblem, check_input_file, printable, shown
 from .images import ImageProblem, open_rgb
 from .schema import Recipe
 
@@ -33,6 +34,7 @@ class LintReport:
     usable: list[Item] = attrs.field(factory=list)
     counts: dict[str, int] = attrs.field(factory=dict)
     dataset_hash: str = ""
+    files: dict[str, dict[str, str]] = attrs.field(factory=dict)   # "subset/name" -> image and caption sha256
 
     @property
     def errors(self) -> list[Finding]:
@@ -58,9 +60,22 @@ class LintReport:
         if rows:
             width = max(len(r.level) for r in rows)
             for r in rows:
-                where = f"{r.file}: " if r.file else ""
-                lines.append(f"  {r.level.upper():<{width}}  {r.code:<22} {where}{r.message}")
+                where = f"{shown(r.file)}: " if r.file else ""
+                lines.append(f"  {r.level.upper():<{width}}  {r.code:<22} {where}{printable(r.message)}")
         return "\n".join(lines)
+
+
+def file_sha256(path: Path, kind: str) -> str:
+    """SHA-256 of an input file, read in chunks after the file checks (regular file, size limit)."""
+    check_input_file(path, kind)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise FileProblem(f"cannot read ({exc.strerror or exc})") from None
+    return digest.hexdigest()
 
 
 def _dhash(image: Any) -> int:
@@ -91,9 +106,9 @@ def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
     for item in items:
         name = str(item.image)
         try:
-            raw = item.image.read_bytes()
-        except OSError as exc:
-            report.add(ERROR, "unreadable", f"cannot read ({exc.strerror})", name)
+            sha = file_sha256(item.image, "image")
+        except FileProblem as exc:
+            report.add(ERROR, "unreadable", str(exc), name)
             continue
         try:
             opened = open_rgb(item.image)
@@ -111,7 +126,6 @@ def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
         if max(w, h) / min(w, h) > EXTREME_ASPECT:
             report.add(WARNING, "extreme-aspect", f"{w}×{h} has an aspect ratio above {EXTREME_ASPECT}:1; it will "
                        "be cropped hard to fit a bucket", name)
-        sha = hashlib.sha256(raw).hexdigest()
         if sha in seen_exact:
             report.add(WARNING, "duplicate", f"identical to {seen_exact[sha]}", name)
         else:
@@ -122,8 +136,11 @@ def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
                     report.add(WARNING, "near-duplicate", f"looks like a near copy of {other}", name)
                     break
             seen_near.append((fingerprint, item.image))
-        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode())
-        digest.update(training_caption(item, d).encode("utf-8", "replace") + b"\0")
+        caption_bytes = training_caption(item, d).encode("utf-8", "replace")
+        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "replace"))
+        digest.update(caption_bytes + b"\0")
+        report.files[f"{item.subset}/{item.image.name}"] = {"image": sha,
+                                                           "caption": hashlib.sha256(caption_bytes).hexdigest()}
         if ok:
             report.usable.append(item)
     report.dataset_hash = digest.hexdigest()

@@ -20,6 +20,7 @@ import tomli_w
 from cattrs.errors import (AttributeValidationNote, BaseValidationError, ForbiddenExtraKeysError,
                            IterableValidationNote)
 
+from . import files
 from .errors import RecipeError
 from .schema import VERSIONS, Recipe
 
@@ -218,6 +219,7 @@ class Problems:
         return self.default_file
 
     def add(self, path: KeyPath, message: str) -> None:
+        message = files.printable(message)    # a value with a newline never splits a problem over two lines
         where = f"[{format_key(path)}] " if path else "top level: "
         line = f"{self.file_for(path)}: {where}{message}"
         if line not in self.items:
@@ -237,19 +239,20 @@ def display_path(path: Path) -> str:
 
 
 def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
-    shown = shown or display_path(path)
-    if not path.is_file():
-        raise RecipeError(f"{shown}: recipe file not found")
+    shown = files.shown(shown or display_path(path))
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"{shown}: cannot read the recipe ({exc.strerror})") from None
+        data = files.read_limited(path, "recipe")
+    except files.FileProblem as exc:
+        what = "recipe file not found" if str(exc).startswith("not found") else f"the recipe file {exc}"
+        raise RecipeError(f"{shown}: {what}") from None
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise RecipeError(f"{shown}: the recipe is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{shown}: not valid TOML: {exc}") from None
+        raise RecipeError(f"{shown}: not valid TOML: {files.printable(str(exc))}") from None
+    except RecursionError:
+        raise RecipeError(f"{shown}: not valid TOML: nested too deeply") from None
 
 
 def _path_keys() -> list[KeyPath]:
@@ -360,10 +363,17 @@ def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = 
     parent_path = Path(os.path.expanduser(parent))
     if not parent_path.is_absolute():
         parent_path = real.parent / parent_path
-    if not parent_path.is_file():
-        raise RecipeError(f"{shown}: [extends] file not found: {parent}")
-    merged = _merge(load_raw(parent_path, origins, (*chain, real)), raw, origins, shown)
-    return merged
+    try:
+        files.check_input_file(parent_path, "recipe")
+    except files.FileProblem as exc:
+        what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
+        raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
+    try:
+        parent_raw = load_raw(parent_path, origins, (*chain, real))
+    except RecipeError as exc:   # a parent that cannot be read or parsed: named through this file's key
+        raise RecipeError([line if "[extends]" in line else f"{shown}: [extends] {line}"
+                           for line in exc.problems]) from None
+    return _merge(parent_raw, raw, origins, shown)
 
 
 def parse_set(assignment: str) -> tuple[KeyPath, Any]:
@@ -376,7 +386,7 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
         raise RecipeError(f"--set {assignment}: the key is empty or malformed")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = text
     return tuple(key.split(".")), value
 
@@ -509,6 +519,27 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
                         problems.add((*here, i), message)
 
 
+#: A recipe value used as a file name must fit in one (with the suffixes lora-run adds) and stay in its folder.
+MAX_NAME_BYTES = 160
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain file name (no folder part, no `..`, no control characters), or None."""
+    if not name or not name.strip():
+        return "must be a plain file name, got an empty one"
+    if name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        return f"must be a plain file name without a folder part, got {name!r}"
+    if not name.isprintable():
+        return f"must be a plain file name without control characters, got {name!r}"
+    if name.startswith("."):
+        return f"must not start with a dot (a hidden file), got {name!r}"
+    if name != name.strip():
+        return f"must not start or end with spaces, got {name!r}"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is {len(name.encode('utf-8'))} bytes long; a file name may have at most {MAX_NAME_BYTES}"
+    return None
+
+
 def _check_rules(r: Recipe, problems: Problems) -> None:
     """Rules that involve more than one key."""
     t, d = r.train, r.dataset
@@ -544,6 +575,11 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
     if r.lora.alpha > 16 * r.lora.rank:
         problems.add(("lora", "alpha"), f"is {r.lora.alpha} for rank {r.lora.rank}: a scale alpha/rank above 16 "
                      "is almost certainly a typo")
+    name_problem = file_name_problem(r.output.name)
+    if name_problem:
+        problems.add(("output", "name"), name_problem)
+    if "\x00" in r.output.dir or not r.output.dir.strip():
+        problems.add(("output", "dir"), f"must be a folder path, got {r.output.dir!r}")
     if not r.output.formats:
         problems.add(("output", "formats"), "must name at least one format")
     if r.eval.enabled and not r.eval.prompts:

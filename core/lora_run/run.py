@@ -1,6 +1,7 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -12,12 +13,14 @@ import attrs
 
 from . import __version__
 from .dataset import Item
-from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
+from .errors import (BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError,
+                     TrainingInterrupted)
+from .files import FileProblem, read_limited, shown
 from .features import capability_problems
 from .lint import LintReport, lint_dataset
 from .plugins import Plugins, Registration
 from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, to_dict
-from .rundir import RECIPE, RunDir, hardware
+from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
 from .schema import Recipe
 
 
@@ -257,6 +260,69 @@ def output_path(recipe: Recipe, override: str | None) -> Path:
     return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
 
 
+def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(key, path) of the run's local inputs: the folders and files a run folder must never contain."""
+    r = recipe
+    out = [("dataset.path", r.dataset.path)] + [(f"dataset.regularization[{n}].path", reg.path)
+                                                for n, reg in enumerate(r.dataset.regularization)]
+    if r.model.source and os.path.isabs(r.model.source):
+        out.append(("model.source", r.model.source))
+    out.extend((f"model.files.{k}", v) for k, v in attrs.asdict(r.model.files).items() if v)
+    found = []
+    for key, value in out:
+        try:
+            found.append((key, Path(value).resolve()))
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return found
+
+
+def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool = False,
+                    recipe_file: Path | None = None) -> list[str]:
+    """Why the run folder cannot be used whatever its state (check, plan and run ask the same): it is a
+    file, a folder above the working folder (or, with --overwrite, the working folder itself), or it holds
+    the run's dataset or model (`--overwrite` would delete them). Each message names the key (or
+    --output-dir)."""
+    where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
+    try:
+        path = output_path(recipe, override)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return [f"{where}: not a usable folder path ({exc})"]
+    problems = []
+    try:
+        if path.exists() and not path.is_dir():
+            problems.append(f"{where}: {shown(path)} exists and is not a folder")
+    except OSError as exc:     # e.g. a name too long for the file system
+        return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
+    cwd = Path.cwd().resolve()
+    if path in cwd.parents:
+        problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
+                        "of its own")
+    elif path == cwd and overwrite:
+        problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
+    if recipe_file is not None:
+        try:
+            own = recipe_file.resolve()
+        except (OSError, RuntimeError):
+            own = None
+        if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
+            problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
+                            "recipes outside run folders (--overwrite would delete it)")
+    for key, value in _inputs(recipe):
+        if value == path or path in value.parents:
+            problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
+                            "folder must not hold the run's inputs (--overwrite would delete them)")
+    return problems
+
+
+def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
+    problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
+    if problems:
+        err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
+        err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
+        raise err
+
+
 def manifest_base(prepared: Prepared, plugins: Plugins, report: LintReport) -> dict[str, Any]:
     r = prepared.recipe
     return {
@@ -306,13 +372,69 @@ def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tupl
     return out
 
 
+DATASET_RECORD = "dataset.json"
+
+
+def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> list[str]:
+    """What changed between the per-file record of a run's dataset and the dataset now."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if old is None:
+            out.append(f"added image {shown(key)}")
+        elif new is None:
+            out.append(f"removed image {shown(key)}")
+        else:
+            if old.get("image") != new.get("image"):
+                out.append(f"image {shown(key)} changed")
+            if old.get("caption") != new.get("caption"):
+                out.append(f"caption of {shown(key)} changed")
+    return out
+
+
+def _check_dataset_unchanged(run_dir: RunDir, report: LintReport, shown_recipe: str) -> None:
+    record = run_dir.file(DATASET_RECORD)
+    changes: list[str] = []
+    if record.is_file():
+        try:
+            saved = json.loads(read_limited(record, "json")).get("files", {})
+        except (OSError, ValueError, AttributeError, FileProblem):
+            saved = None
+        if isinstance(saved, dict):
+            changes = dataset_changes(saved, report.files)
+    if not changes:
+        old_hash = run_dir.read_manifest().get("dataset", {}).get("hash")
+        if old_hash and old_hash != report.dataset_hash and not record.is_file():
+            changes = ["the dataset hash differs (this run folder has no per-file record to name the files)"]
+    if changes:
+        shown_changes = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more" if len(changes) > 12 else "")
+        raise OutputError(f"{shown_recipe}: cannot resume {shown(run_dir.path)}: the dataset changed since the run "
+                          f"started ({len(changes)} change(s): {shown_changes}); restore it, start a new run, or pass "
+                          "--allow-dataset-change to continue training on the changed dataset")
+
+
+def _valuable(folder: Path) -> bool:
+    """Did a run write something worth keeping (a LoRA or checkpoint file anywhere but the cache)?"""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "cache" and not os.path.islink(os.path.join(root, d))]
+        if any(n.endswith(".safetensors") and not n.startswith(".") for n in names):
+            return True
+    return False
+
+
 def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = None, resume: bool = False,
-            overwrite: bool = False, debug: bool = False, echo: Callable[[str], None] = print) -> RunContext:
-    """The whole run. Raises a LoraRunError subclass on failure (exit codes in errors.py)."""
+            overwrite: bool = False, debug: bool = False, echo: Callable[[str], None] = print,
+            allow_dataset_change: bool = False) -> RunContext:
+    """The whole run. Raises a LoraRunError subclass on failure (exit codes in errors.py).
+
+    A fresh run that stops before it wrote anything of value with exit code 2 (bad input found by a
+    backend's pre-flight: a missing model folder or checkout, an unreachable hub), or that could not even
+    write its manifest, removes what it wrote, so the corrected command just works."""
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite exclude each other")
     prepared = validate(loaded, plugins)
     recipe = prepared.recipe
+    raise_output_problems(loaded, output_dir, overwrite)
     report = lint(recipe, plugins)
     process = Processes.from_env()
     if not process.main:
@@ -346,30 +468,48 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                 raise RecipeError(f"{loaded.shown}: cannot resume {run_dir.path}: the recipe changed at "
                                   f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
                                   "[sample] and [eval] may change on resume")
+        if not allow_dataset_change:
+            _check_dataset_unchanged(run_dir, report, loaded.shown)
     run_dir.prepare(overwrite=overwrite, resume=resume)
-    run_dir.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
-                                           f"{__version__}.\nRe-run with: lora-run {run_dir.path / RECIPE}"))
     started = time.time()
-    manifest = manifest_base(prepared, plugins, report)
-    manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if resume:
-        manifest["resumed_at"] = [*run_dir.read_manifest().get("resumed_at", []), manifest["started_at"]]
-        manifest.pop("started_at")
-    run_dir.update_manifest(**manifest)
-    run_dir.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
-    if process.launched:
-        run_dir.update_manifest(processes={"world_size": process.world})
-    ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
-                     report.usable, report, debug=debug, echo=echo, process=process)
-    backend = prepared.backend.factory(ctx)
-    plan = backend.plan()
-    for rel, content in plan.files.items():
-        run_dir.write_text(rel, content)
-    run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
-                                  "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
-    status, error = "failed", None
-    previous_term = _install_sigterm()
+    ctx: RunContext | None = None
+    status, error, began = "failed", None, False
+    manifest_written = False
+    previous_term = None
     try:
+        if resume:
+            cache = Path(recipe.train.cache_dir).resolve() if recipe.train.cache_dir else None
+            if cache is None or run_dir.path in cache.parents:   # a shared cache may have live writers
+                for tmp in remove_temp_files(run_dir.path):
+                    run_dir.log(f"removed the temporary file of an interrupted write: {tmp.name}")
+        run_dir.reserve()
+        run_dir.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
+                                               f"{__version__}.\nRe-run with: lora-run {run_dir.path / RECIPE}"))
+        manifest = manifest_base(prepared, plugins, report)
+        manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if resume:
+            manifest["resumed_at"] = [*run_dir.read_manifest().get("resumed_at", []), manifest["started_at"]]
+            manifest.pop("started_at")
+            if allow_dataset_change:
+                manifest["dataset_change_allowed_at"] = [*run_dir.read_manifest().get("dataset_change_allowed_at", []),
+                                                         manifest["resumed_at"][-1]]
+        run_dir.update_manifest(**manifest)
+        manifest_written = True
+        run_dir.write_text(DATASET_RECORD, json.dumps({"hash": report.dataset_hash, "files": report.files},
+                                                      indent=1, sort_keys=True) + "\n")
+        run_dir.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+        if process.launched:
+            run_dir.update_manifest(processes={"world_size": process.world})
+        ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
+                         report.usable, report, debug=debug, echo=echo, process=process)
+        backend = prepared.backend.factory(ctx)
+        plan = backend.plan()
+        for rel, content in plan.files.items():
+            run_dir.write_text(rel, content)
+        run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
+                                      "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
+        previous_term = _install_sigterm()
+        began = True
         ctx.hook.run_started(run=ctx)
         backend.run()
         if recipe.eval.enabled:
@@ -385,20 +525,35 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     except LoraRunError as exc:
         error = exc
         raise
+    except MemoryError as exc:
+        error = exc
+        raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
+                           f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
         error = exc
+        if is_disk_full(exc):      # a write outside our atomic writers (a tracker, a library) met a full disk
+            error = disk_full_error(Path(getattr(exc, "filename", None) or run_dir.path), None)
+            raise error from exc
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        run_dir.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                duration_s=round(time.time() - started, 2), artifacts=ctx.artifacts,
-                                error=str(error) if error else None)
-        run_dir.log(f"run {status}")
-        try:
-            ctx.hook.run_finished(run=ctx, status=status, error=error)
-        except Exception as exc:  # noqa: BLE001 - a broken observer must not hide the run's outcome
-            echo(f"warning: a run_finished hook failed: {exc}")
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+        run_dir.unreserve()
+        code = getattr(error, "exit_code", None)
+        undo = (not resume and status == "failed" and (code == 2 or not manifest_written)
+                and not _valuable(run_dir.path))
+        if undo and run_dir.remove_created():
+            echo(f"note: nothing was kept in {run_dir.path}: the run stopped before training (fix the problem and "
+                 "run the same command again)")
+        else:
+            _finish_manifest(run_dir, status, started, ctx, error, echo)
+        if ctx is not None and began:
+            try:
+                ctx.hook.run_finished(run=ctx, status=status, error=error)
+            except Exception as exc:  # noqa: BLE001 - a broken observer must not hide the run's outcome
+                echo(f"warning: a run_finished hook failed: {exc}")
+        run_dir.release()
     return ctx
 
 
@@ -448,6 +603,19 @@ def _follow(prepared: Prepared, plugins: Plugins, report: LintReport, output_dir
     finally:
         signal.signal(signal.SIGTERM, previous_term)
     return ctx
+
+
+def _finish_manifest(run_dir: RunDir, status: str, started: float, ctx: RunContext | None, error: Any,
+                     echo: Callable[[str], None]) -> None:
+    """The manifest's final state (the reserve was released just before, so a full disk still has room)."""
+    try:
+        run_dir.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                duration_s=round(time.time() - started, 2),
+                                artifacts=ctx.artifacts if ctx is not None else {},
+                                error=(str(error) or type(error).__name__) if error else None)
+    except (OSError, LoraRunError) as exc:
+        echo(f"warning: could not record the final status \"{status}\" in {run_dir.file(MANIFEST)}: {exc}")
+    run_dir.log(f"run {status}")
 
 
 def run_evaluators(ctx: RunContext) -> None:

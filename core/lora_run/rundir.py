@@ -2,34 +2,96 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
+import re
+import shutil
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import DiskFullError, OutputError
+from .files import FileProblem, human_size, printable, read_limited, shown
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"
 LOG = "run.log"
 
 
+def _umask() -> int:
+    """The process umask; read from /proc where possible (setting it, even briefly, races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _honour_umask(fd: int) -> None:
+    """mkstemp creates files 0600; give the file the mode any other tool would (0666 minus the umask)."""
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError (or a safetensors error wrapping one) that says the disk or the quota is full."""
+    if isinstance(exc, DiskFullError):      # already one line naming its file: never wrapped again
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def free_bytes(path: Path) -> int | None:
+    for folder in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
+    """One line: the file, the space it needs and the space there is."""
+    free = free_bytes(Path(path).parent)
+    need = f"about {human_size(needed)} free" if needed else "more free space"
+    have = f"{human_size(free)} free now" if free is not None else "free space unknown"
+    return DiskFullError(f"{shown(path)}: No space left on device (writing it needs {need}; {have} on that file "
+                         "system); free some space, then continue with --resume")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, len(data)) from exc
+        raise
+    try:
+        _honour_umask(fd)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise disk_full_error(path, len(data)) from exc
         raise
 
 
@@ -38,20 +100,50 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """For writers that want a file name (safetensors.save_file): yields a temp path, renamed on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
+    """For writers that want a file name (safetensors.save_file): yields a temp path, renamed on success.
+    A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if known)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed) from exc
+        raise
+    _honour_umask(fd)
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise disk_full_error(path, needed) from exc
         raise
+
+
+#: Temporary files of our atomic writes: ``.<final name>.<8 random characters>.tmp`` (tempfile.mkstemp).
+TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left under ``folder`` (ours only: the
+    exact name pattern of ``atomic_write_bytes``/``atomic_path``; links are never followed). Call it only
+    while holding the run folder's lock, so no live writer owns them."""
+    removed = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in names:
+            if TEMP_FILE.match(name):
+                target = Path(root) / name
+                if target.is_file() and not target.is_symlink():
+                    with contextlib.suppress(OSError):
+                        target.unlink()
+                        removed.append(target)
+    return removed
 
 
 def hardware() -> dict[str, Any]:
@@ -68,34 +160,216 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+LOCK = ".lora-run.lock"
+RESERVE = ".lora-run.reserve"
+#: Kept free while a run is running and released before its final manifest is written, so a full disk
+#: can never leave the manifest at "running".
+RESERVE_BYTES = 1 << 20
+
+
+def is_run_folder(path: Path) -> bool:
+    """True for a folder lora-run created: its manifest, its resolved recipe or its lock file is there."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file() and not manifest.is_symlink():
+        try:
+            if "lora_run_version" in json.loads(read_limited(manifest, "json")):
+                return True
+        except (OSError, ValueError, TypeError, FileProblem):
+            pass
+    recipe = path / RECIPE
+    if recipe.is_file() and not recipe.is_symlink():
+        try:
+            with open(recipe, "rb") as fh:
+                head = fh.read(4096)
+            if head.startswith(b"# Resolved from ") and b" by lora-run " in head:
+                return True
+        except OSError:
+            pass
+    lock = path / LOCK
+    return lock.is_file() and not lock.is_symlink()
+
+
+class RunLock:
+    """One lora-run per run folder: an exclusive ``flock`` on ``<run>/.lora-run.lock``, held while the run
+    lives. The kernel drops it when the process ends, however it ends, so a killed run never leaves a stuck
+    lock. The file says who holds it (pid, host, start time, command) for the message of the refused one."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                         0o666)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, 4096) from None
+            raise OutputError(f"{shown(self.path.parent)}: cannot create the run folder's lock file "
+                              f"({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{shown(self.path.parent)}: another lora-run is using this run folder "
+                                  f"({holder}); wait for it to finish or stop it, or use another --output-dir") from None
+            raise OutputError(f"{shown(self.path.parent)}: cannot lock the run folder ({exc.strerror})") from None
+        self.fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": [os.path.basename(sys.argv[0] if sys.argv else "lora-run"), *sys.argv[1:]]}
+        with contextlib.suppress(OSError):   # who holds it is informative only (a full disk may refuse it)
+            data = (json.dumps(info) + "\n").encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)         # closing the only descriptor drops the flock
+            self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace") or "{}")
+        command = " ".join(str(a) for a in info.get("command", []))
+        return printable(f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}: "
+                         f"{command}".strip())
+    except (OSError, ValueError, AttributeError):
+        return "holder unknown"
+
+
+def _ours_only(entry: Path) -> bool:
+    return entry.name in (LOCK, RESERVE, ".write-test") or (TEMP_FILE.match(entry.name) is not None
+                                                            and entry.is_file() and not entry.is_symlink())
+
+
 class RunDir:
     """A run's output folder."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.lock: RunLock | None = None
+        self.created = False        # this run created the folder (or found it empty): it may remove it again
+        self.existed = False        # ... and the (empty) folder was there before
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None:
-        """Create the folder; refuse a non-empty one unless resuming or told to overwrite."""
+        """Create and lock the folder; refuse a non-empty one unless resuming or told to overwrite, and
+        never replace a folder lora-run did not create."""
         p = self.path
+        if p.is_symlink() and not p.exists():
+            raise OutputError(f"{shown(p)}: the output path is a dangling link")
         if p.exists() and not p.is_dir():
-            raise OutputError(f"{p}: the output path exists and is not a folder")
-        existing = [c for c in p.iterdir()] if p.is_dir() else []
+            raise OutputError(f"{shown(p)}: the output path exists and is not a folder")
+        try:   # our lock, reserve and temporary files alone are nothing of value (a run killed very early)
+            existing = [c for c in p.iterdir() if not _ours_only(c)] if p.is_dir() else []
+        except OSError as exc:
+            raise OutputError(f"{shown(p)}: cannot read the output folder ({exc.strerror})") from None
         if resume:
             # a run killed between writing recipe.toml and its first manifest is still resumable
             if not (p / MANIFEST).is_file() and not (p / RECIPE).is_file():
-                raise OutputError(f"{p}: nothing to resume (no {MANIFEST}); start without --resume")
+                raise OutputError(f"{shown(p)}: nothing to resume (no {MANIFEST}); start without --resume")
+            if not is_run_folder(p):
+                raise OutputError(f"{shown(p)}: nothing to resume: {MANIFEST} there was not written by lora-run")
+            self._lock()
         elif existing and not overwrite:
-            raise OutputError(f"{p}: the output folder is not empty ({len(existing)} entries); use --resume to "
+            if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
+                self._lock()
+                self.release()
+            raise OutputError(f"{shown(p)}: the output folder is not empty ({len(existing)} entries); use --resume to "
                               "continue that run, --overwrite to replace it, or --output-dir for a new folder")
         elif existing and overwrite:
-            _clear(p)
+            if not is_run_folder(p):
+                raise OutputError(f"{shown(p)}: --overwrite replaces only a run folder lora-run created (one with "
+                                  f"its {MANIFEST}); this folder holds other files ({len(existing)} entries) and is "
+                                  "left alone; choose another --output-dir")
+            self._lock()             # refuses while another run uses it
+            self._clear()
+        else:
+            self.created, self.existed = True, p.is_dir()
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error(p, 4096) from None
+                raise OutputError(f"{shown(p)}: cannot create the output folder ({exc.strerror})") from None
+            self._lock()
         try:
-            p.mkdir(parents=True, exist_ok=True)
             probe = p / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise OutputError(f"{p}: cannot write to the output folder ({exc.strerror})") from None
+            self.release()
+            raise OutputError(f"{shown(p)}: cannot write to the output folder ({exc.strerror})") from None
+
+    def _lock(self) -> None:
+        lock = RunLock(self.path)
+        lock.acquire()
+        self.lock = lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _clear(self) -> None:
+        """--overwrite: move the old run aside, start the new folder (locked), then delete the old one."""
+        path = self.path
+        trash = path.with_name(f".{path.name}.old-{int(time.time())}-{os.getpid()}")
+        old_lock = self.lock
+        try:
+            path.rename(trash)
+            path.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
+        self.created = True
+        try:
+            self._lock()
+        except OutputError as exc:
+            raise OutputError(f"{exc} (the old run was moved to {shown(trash)})") from None
+        if old_lock is not None:
+            old_lock.release()
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def reserve(self) -> None:
+        """Set aside RESERVE_BYTES (released by ``unreserve`` before the final manifest is written)."""
+        with contextlib.suppress(OSError):
+            with open(self.path / RESERVE, "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def unreserve(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path / RESERVE)
+
+    def remove_created(self) -> bool:
+        """Undo a run that stopped before it wrote anything of value (a failed pre-flight): remove the folder
+        if this run created it, else only what this run wrote into the empty folder it found. Never follows
+        links. Returns True when the folder is gone or empty again."""
+        if not self.created:
+            return False
+        p = self.path
+        try:
+            for entry in p.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        except OSError:
+            return False
+        self.release()
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        return True
 
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
@@ -107,8 +381,9 @@ class RunDir:
 
     def read_manifest(self) -> dict[str, Any]:
         try:
-            return json.loads((self.path / MANIFEST).read_text("utf-8"))
-        except (OSError, ValueError):
+            data = json.loads(read_limited(self.path / MANIFEST, "json"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError, FileProblem):
             return {}
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:
@@ -123,15 +398,7 @@ class RunDir:
         return data
 
     def log(self, message: str) -> None:
-        with open(self.path / LOG, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
-
-
-def _clear(path: Path) -> None:
-    """--overwrite: move the old run aside first, delete it only once the move worked."""
-    import shutil
-
-    trash = path.with_name(f".{path.name}.old-{int(time.time())}")
-    path.rename(trash)
-    path.mkdir()
-    shutil.rmtree(trash, ignore_errors=True)
+        """Append to run.log; the log is informative, so a failed append (a full disk) is not an error."""
+        with contextlib.suppress(OSError):
+            with open(self.path / LOG, "a", encoding="utf-8") as fh:
+                fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")

@@ -265,7 +265,8 @@ class OutputSection:
     """Where the run directory goes and what is written."""
 
     dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
-    name: str = option("identity-lora", "Base name of the LoRA files.")
+    name: str = option("identity-lora", "Base name of the LoRA files: a plain file name (no folder part, no "
+                       "`..`, no leading dot or control characters, at most 160 bytes).")
     formats: list[Literal["kohya", "diffusers", "comfyui"]] = option(
         factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (sd-scripts' layout: "
         "`lora_unet_` keys with alpha and `ss_*` metadata; for FLUX.1 ComfyUI and Forge load it too), `diffusers` "

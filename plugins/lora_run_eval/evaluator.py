@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
+from lora_run.files import FileProblem, check_input_file, shown
 from lora_run.rundir import atomic_write_text
 
 from . import metrics as M
@@ -277,8 +278,9 @@ def _p(value: Any) -> str:
 
 def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
                    loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
-    for label, step, path in loras:
-        folder = images_root / re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+    for n, (label, step, path) in enumerate(loras, 1):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+        folder = images_root / (name if name.strip(".") else f"lora-{n}")   # never "", "." or "..": stays inside
         samples = generate_grid(generate, recipe, path, folder, evaluation.echo)
         evaluation.add(label, step, str(path), samples)
 
@@ -371,13 +373,21 @@ def _run_dir_of(lora: Path) -> Path | None:
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
-                          "or --output-dir for a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
+                              "or --output-dir for a new folder")
+        if not _is_evaluation(path):
+            raise OutputError(f"{path}: --overwrite replaces only an earlier evaluation (a folder with "
+                              f"{METRICS_FILE} or {REPORT_FILE}); this folder holds other files and is left alone")
+
+
+def _is_evaluation(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file() or (path / REPORT_FILE).is_file()
 
 
 def _clear_output(path: Path, overwrite: bool) -> None:
-    if path.is_dir() and overwrite:
+    if path.is_dir() and overwrite and _is_evaluation(path):
         for name in (METRICS_FILE, REPORT_FILE):
             (path / name).unlink(missing_ok=True)
         import shutil
@@ -394,8 +404,11 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()
-        if not path.is_file():
-            raise RecipeError(f"--lora {raw}: no such file")
+        try:
+            check_input_file(path, "lora")
+        except FileProblem as exc:
+            raise RecipeError(f"--lora {shown(raw)}: " + ("no such file" if str(exc).startswith("not found")
+                                                          else str(exc))) from None
         match = _STEP.search(path.stem)
         step = int(match.group(1)) if match and len(args.lora) > 1 else None
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
@@ -485,6 +498,8 @@ def cmd_score(args: Any, plugins: Any) -> int:
     report_path = Path(args.report).expanduser().resolve() if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
+    if report_path is not None and report_path.exists() and not report_path.is_file():
+        raise OutputError(f"--report {shown(report_path)}: exists and is not a regular file; it is never replaced")
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
     echo = (lambda _m: None) if args.json else print
     samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]

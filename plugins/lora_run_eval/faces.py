@@ -251,12 +251,17 @@ def align_face(image: Any, points: Sequence[Sequence[float]], size: int = 112) -
 
 
 def _session(path: str, providers: Sequence[str]) -> Any:
+    from lora_run.files import FileProblem, check_input_file, shown
+
+    try:
+        check_input_file(path, "onnx")
+    except FileProblem as exc:
+        what = "ONNX model not found" if str(exc).startswith("not found") else f"the ONNX model {exc}"
+        raise PluginError(f"{shown(path)}: {what} ([eval.embedder_options])") from None
     try:
         import onnxruntime as ort
     except ImportError:
         raise PluginError("the onnx face embedder needs onnxruntime: pip install 'lora-run[eval]'") from None
-    if not Path(path).is_file():
-        raise PluginError(f"{path}: ONNX model not found ([eval.embedder_options])")
     available = ort.get_available_providers()
     wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
     try:

@@ -85,6 +85,7 @@ def save_lora(path: str | Path, state_dict: Mapping[str, Any], metadata: Mapping
 
     path = Path(path)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
+    with atomic_path(path, needed) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
     return path

@@ -3,9 +3,13 @@
 An entry's key is the SHA-256 of ``kind``, the content hash of its source (the image file's bytes, or the
 caption text), the encoder identity (``ModelAdapter.encoder_identity``: model files, dtype, tokenizer
 settings) and, for latents, the bucket. The file ``<cache>/<kind>/<key[:2]>/<key>.safetensors`` stores the
-tensors and, in its metadata, the key, the format version and the source. On every read the entry is
-checked: the file must parse, its metadata must carry the same key and version, the expected tensors must
-be present and finite. Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
+tensors and, in its metadata, the key, the format version, the source and, per tensor, its shape, dtype and
+the SHA-256 of its bytes. On every read the entry is checked: the file must be a regular file of sane size
+and parse, its metadata must carry the same key and version, the expected tensors must be present, match
+their recorded shape, dtype and checksum (a flipped bit is caught) and be finite, and a latent must have
+the geometry of its bucket (3-D, both sides the bucket's divided by one integer factor; and the same channel
+count and factor as the other latents of the run). Anything else is **corrupt**: the file is deleted and
+rebuilt, never trusted.
 
 When an image changes, its new content hash gives a new key (a miss); the per-kind ``index.json`` remembers
 which key each source had, so the entry of the old content is found **stale** and deleted. Writes are
@@ -16,14 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
+from lora_run.files import FileProblem, read_limited
 from lora_run.rundir import atomic_path, atomic_write_text
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"   # 2: per-tensor shape, dtype and checksum in the metadata
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+#: An entry larger than this is not one of ours (latents and text embeddings are a few MiB at most).
+MAX_ENTRY_BYTES = 1 << 30
 
 
 @attrs.define
@@ -54,18 +64,21 @@ class Cache:
         self.stats = CacheStats()
         self._index_path = self.root / "index.json"
         try:
-            self._index: dict[str, str] = json.loads(self._index_path.read_text("utf-8"))
-            if not isinstance(self._index, dict):
-                self._index = {}
-        except (OSError, ValueError):
-            self._index = {}
+            index = json.loads(read_limited(self._index_path, "json"))
+        except (OSError, ValueError, FileProblem):
+            index = {}
+        # only well-formed keys: a tampered index must never make us delete a file outside the cache
+        self._index: dict[str, str] = {k: v for k, v in index.items() if isinstance(k, str) and isinstance(v, str)
+                                       and _KEY.match(v)} if isinstance(index, dict) else {}
         self._index_dirty = False
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, expected: tuple[str, ...], source: str | None = None) -> dict[str, Any] | None:
-        """The tensors of a valid entry (a hit), or None (a miss; a corrupt or stale file is removed)."""
+    def load(self, key: str, expected: tuple[str, ...], source: str | None = None,
+             check: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any] | None:
+        """The tensors of a valid entry (a hit), or None (a miss; a corrupt or stale file is removed).
+        ``check``: what the tensors must be beyond their own record (e.g. a latent's bucket geometry)."""
         if source is not None:
             old = self._index.get(source)
             if old is not None and old != key:
@@ -78,6 +91,8 @@ class Cache:
             self.stats.misses += 1
             return None
         tensors = self._read_valid(path, key, expected)
+        if tensors is not None and check is not None and check(tensors) is not None:
+            tensors = None
         if tensors is None:
             self.stats.corrupt += 1
             self.stats.misses += 1
@@ -89,6 +104,13 @@ class Cache:
             self._index_dirty = True
         return tensors
 
+    def discard(self, key: str) -> None:
+        """A hit found wrong after the fact (``odd_latents``): delete it; it is rebuilt as a miss."""
+        self.stats.hits -= 1
+        self.stats.corrupt += 1
+        self.stats.misses += 1
+        self._remove(self.path(key))
+
     def contains_valid(self, key: str, expected: tuple[str, ...]) -> bool:
         path = self.path(key)
         return path.is_file() and self._read_valid(path, key, expected) is not None
@@ -98,17 +120,23 @@ class Cache:
         from safetensors import safe_open
 
         try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_ENTRY_BYTES:
+                return None
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
                 if meta.get("key") != key or meta.get("version") != FORMAT_VERSION:
                     return None
+                records = json.loads(meta.get("tensors", "null"))
                 names = set(fh.keys())
-                if not set(expected) <= names:
+                if not set(expected) <= names or not isinstance(records, dict) or set(records) != names:
                     return None
                 tensors = {name: fh.get_tensor(name) for name in names}
         except Exception:  # noqa: BLE001 - any parse failure means corrupt
             return None
-        for value in tensors.values():
+        for name, value in tensors.items():
+            if records[name] != tensor_record(value):
+                return None
             if value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
                 return None
         return tensors
@@ -118,9 +146,11 @@ class Cache:
 
         path = self.path(key)
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        with atomic_path(path) as tmp:
+        records = json.dumps({k: tensor_record(v) for k, v in data.items()}, sort_keys=True)
+        needed = sum(v.numel() * v.element_size() for v in data.values()) + 65536
+        with atomic_path(path, needed) as tmp:
             save_file(data, str(tmp), metadata={"key": key, "version": FORMAT_VERSION, "kind": self.kind,
-                                                "source": (source or "")[:500]})
+                                                "source": (source or "")[:500], "tensors": records})
         if source is not None:
             self._index[source] = key
             self._index_dirty = True
@@ -131,9 +161,43 @@ class Cache:
             atomic_write_text(self._index_path, json.dumps(self._index, indent=1, sort_keys=True))
             self._index_dirty = False
 
-    @staticmethod
-    def _remove(path: Path) -> None:
+    def _remove(self, path: Path) -> None:
+        if path.parent.parent != self.root:          # only entries of this cache, by construction
+            return
         try:
             os.unlink(path)
         except OSError:
             pass
+
+
+def tensor_record(tensor: Any) -> dict[str, Any]:
+    """What an entry's metadata records of each tensor: shape, dtype and the SHA-256 of its bytes."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else flat
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).replace("torch.", ""),
+            "sha256": hashlib.sha256(raw.numpy().tobytes() if flat.numel() else b"").hexdigest()}
+
+
+def latent_geometry(latent: Any, bucket: tuple[int, int]) -> tuple[int, int] | None:
+    """(channels, downscale factor) of a latent [C, H, W] for a bucket (width, height), or None when its shape
+    cannot be a latent of that bucket (not 3-D, sides not the bucket's divided by one integer factor)."""
+    shape = tuple(getattr(latent, "shape", ()))
+    if len(shape) != 3 or min(shape) < 1:
+        return None
+    channels, h, w = shape
+    width, height = bucket
+    if height % h or width % w or height // h != width // w or height // h < 1:
+        return None
+    return channels, height // h
+
+
+def odd_latents(latents: dict[int, Any], buckets_of: list[tuple[int, int]]) -> list[int]:
+    """Indices of latents whose (channels, factor) differ from most of the run's latents (a wrong-shaped
+    entry that still fits some bucket geometry): they are rebuilt."""
+    from collections import Counter
+
+    geometry = {i: latent_geometry(z, buckets_of[i]) for i, z in latents.items()}
+    common = Counter(g for g in geometry.values() if g is not None).most_common(1)
+    return sorted(i for i, g in geometry.items() if g is None or (common and g != common[0][0]))

@@ -12,9 +12,15 @@ A checkpoint folder holds the LoRA of that step in the recipe's output formats (
 It is written into ``.step-NNNNNN.tmp-<pid>/`` and renamed into place, so a checkpoint folder is complete or
 absent; ``resume/state.json`` is written last, and only folders with one are considered for ``--resume``.
 Only safetensors and JSON are read back (no pickle).
+
+``state.json`` records the size and SHA-256 of every other file of the folder. ``--resume`` verifies them
+(``newest_intact``): a damaged checkpoint (truncated, emptied, bit-flipped) is moved aside to
+``step-NNNNNN.damaged`` with a warning naming the file, and the newest intact one is used; when none is
+usable the error names each damaged file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,6 +28,10 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+from lora_run.errors import OutputError
+from lora_run.files import FileProblem, read_limited, shown
+from lora_run.rundir import disk_full_error, is_disk_full
 
 STATE = "resume/state.json"
 TRAINABLE = "resume/trainable.safetensors"
@@ -59,9 +69,19 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         removed.append(path)
     for entry in Path(root).glob(".step-*.tmp-*") if Path(root).is_dir() else []:
         pid = entry.name.rsplit("-", 1)[-1]
-        if pid != str(os.getpid()):
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):   # never a live writer's folder
             shutil.rmtree(entry, ignore_errors=True)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, owned by someone else
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -157,24 +177,150 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
         return final
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "resume").mkdir(parents=True)
-    save_file({k: v.detach().to("cpu").float().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
+    weights = {k: v.detach().to("cpu").float().contiguous() for k, v in trainable.items()}
     opt_tensors, opt_data = split_state(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / OPTIMIZER))
-    rng_tensors, rng_data = capture_rng()
-    save_file(rng_tensors, str(tmp / RNG))
-    loras = {fmt: str(p.relative_to(tmp)) for fmt, p in (write_loras(tmp) if write_loras else {}).items()}
-    state = {"step": step, "optimizer": opt_data, "scheduler": _jsonable(scheduler.state_dict()), "rng": rng_data,
-             "loras": loras, **info}
-    text = json.dumps(state)
-    with open(tmp / STATE, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if final.exists():                    # an incomplete folder of the same step (no state.json)
-        shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    lora_count = 1 + (1 if write_loras else 0)
+    needed = (sum(v.numel() * 4 for v in weights.values()) * (1 + lora_count)
+              + sum(v.numel() * v.element_size() for v in opt_tensors.values()) + (1 << 20))
+    writing = tmp / TRAINABLE
+    try:
+        (tmp / "resume").mkdir(parents=True)
+        save_file(weights, str(writing))
+        writing = tmp / OPTIMIZER
+        save_file(opt_tensors, str(writing))
+        rng_tensors, rng_data = capture_rng()
+        writing = tmp / RNG
+        save_file(rng_tensors, str(writing))
+        writing = tmp
+        loras = {fmt: str(p.relative_to(tmp)) for fmt, p in (write_loras(tmp) if write_loras else {}).items()}
+        state = {"step": step, "optimizer": opt_data, "scheduler": _jsonable(scheduler.state_dict()), "rng": rng_data,
+                 "loras": loras, "files": _records(tmp), **info}
+        writing = tmp / STATE
+        with open(writing, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(state))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():                    # an incomplete folder of the same step (no state.json)
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)        # our own half-written folder (frees its space too)
+        if not isinstance(exc, OutputError) and is_disk_full(exc):
+            target = final / writing.relative_to(tmp) if writing != tmp else final
+            raise disk_full_error(target, needed) from exc
+        raise
     return final
+
+
+def _records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder`` (relative names), for ``verify``."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint is intact, else what is wrong, naming the file."""
+    folder = Path(folder)
+    state_path = folder / STATE
+    if not os.path.lexists(state_path):
+        return f"{shown(state_path)}: missing"
+    try:
+        state = json.loads(read_limited(state_path, "json"))
+    except FileProblem as exc:
+        return f"{shown(state_path)}: {exc}"
+    except (OSError, ValueError) as exc:
+        return f"{shown(state_path)}: not readable JSON ({type(exc).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
+        return f"{shown(state_path)}: not a checkpoint state"
+    records = state.get("files")
+    if isinstance(records, dict):
+        for rel, rec in sorted(records.items()):
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
+                return f"{shown(state_path)}: records a file outside the checkpoint ({rel!r})"
+            path = folder / rel
+            if not path.is_file() or path.is_symlink():
+                return f"{shown(path)}: " + ("missing" if not os.path.lexists(path) else "not a regular file")
+            size = path.stat().st_size
+            if not isinstance(rec, dict) or size != rec.get("size"):
+                return f"{shown(path)}: {size} bytes, {rec.get('size') if isinstance(rec, dict) else '?'} recorded " \
+                       "(truncated or damaged)"
+            if _sha256(path) != rec.get("sha256"):
+                return f"{shown(path)}: checksum differs from the one recorded (damaged)"
+        required = {TRAINABLE, OPTIMIZER, RNG} - set(records)
+        if required:
+            return f"{shown(folder / sorted(required)[0])}: not recorded in the checkpoint state"
+        return None
+    from safetensors import safe_open                   # a checkpoint of an older version: parse its files
+
+    for rel in (TRAINABLE, OPTIMIZER, RNG):
+        try:
+            with safe_open(str(folder / rel), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means damaged
+            return f"{shown(folder / rel)}: not a readable safetensors file ({type(exc).__name__})"
+    return None
+
+
+def candidate_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint folder under its final name, whether intact or not, oldest first."""
+    out = []
+    if Path(root).is_dir():
+        for entry in Path(root).iterdir():
+            m = _STEP_DIR.match(entry.name)
+            if m and entry.is_dir() and not entry.is_symlink():
+                out.append((int(m[1]), entry))
+    return sorted(out)
+
+
+def newest_intact(root: Path, warn: Callable[[str], None] = print, move_damaged: bool = True
+                  ) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that verifies and loads, with its data, or (None, None) when there is none at all.
+    Damaged newer ones are named in a warning and moved aside (``step-NNNNNN.damaged``) so that training
+    can write those steps again; when checkpoints exist but none is usable, OutputError names every damaged
+    file (and they stay where they are, so a later ``--resume`` says the same)."""
+    damaged: list[tuple[Path, str]] = []
+    for _step, folder in reversed(candidate_checkpoints(root)):
+        problem = verify(folder)
+        if problem is None:
+            try:
+                data = load(folder)
+            except Exception as exc:  # noqa: BLE001 - verified but unloadable: damaged all the same
+                problem = f"{shown(folder)}: cannot be loaded ({type(exc).__name__}: {exc})"
+            else:
+                for bad, why in damaged:
+                    where = _move_aside(bad) if move_damaged else None
+                    warn(f"warning: checkpoint {bad.name} is damaged: {why}"
+                         + (f"; moved to {where.name}" if where else "") + f"; resuming from {folder.name}")
+                return folder, data
+        damaged.append((folder, problem))
+    if damaged:
+        raise OutputError(f"{shown(root)}: no usable checkpoint to resume from: "
+                          f"{'; '.join(why for _, why in damaged)}; start the run again with --overwrite (the LoRA "
+                          "files in the checkpoint folders may still load)")
+    return None, None
+
+
+def _move_aside(folder: Path) -> Path | None:
+    aside, n = folder.with_name(f"{folder.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged-{n}")
+    try:
+        folder.rename(aside)
+    except OSError:
+        return None
+    return aside
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -183,7 +329,7 @@ def load(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    state = json.loads((path / STATE).read_text("utf-8"))
+    state = json.loads((path / STATE).read_bytes())
     return {
         "state": state,
         "trainable": load_file(str(path / TRAINABLE)),

@@ -25,7 +25,7 @@ from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingIn
 from lora_run.images import ImageProblem, open_rgb
 
 from . import checkpoint as ckpt
-from .cache import Cache, entry_key, text_hash
+from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
 from .data import EpochPlanner, choose_bucket, file_sha256, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_state_dict, run_metadata, trainable_parameters, write_loras
 
@@ -326,13 +326,19 @@ class Trainer:
         latents: dict[int, Any] = {}
         texts: dict[str, dict[str, Any]] = {}
         todo_images, todo_text = [], []
+        hit_keys: dict[int, str] = {}
         for i, (item, bucket) in enumerate(zip(items, buckets_of)):
             key = entry_key("latents", file_sha256(item.image), latent_id, f"{bucket[0]}x{bucket[1]}")
-            found = latent_cache.load(key, ("latent",), source=f"{item.image}|{bucket[0]}x{bucket[1]}")
+            found = latent_cache.load(key, ("latent",), source=f"{item.image}|{bucket[0]}x{bucket[1]}",
+                                      check=lambda t, b=bucket: None if latent_geometry(t["latent"], b) else "shape")
             if found is None:
                 todo_images.append((i, key))
             else:
-                latents[i] = found["latent"]
+                latents[i], hit_keys[i] = found["latent"], key
+        for i in odd_latents(latents, buckets_of):     # shaped unlike the run's other latents: rebuilt
+            latent_cache.discard(hit_keys[i])
+            del latents[i]
+            todo_images.append((i, hit_keys[i]))
         for caption in sorted(captions):
             key = entry_key("text", text_hash(caption), text_id)
             found = text_cache.load(key, text_expected)
@@ -478,11 +484,10 @@ class Trainer:
 
         start = 0
         if self.ctx.resume:
-            found = ckpt.latest_checkpoint(ckpt_root)
-            if found is None:
+            found, data = ckpt.newest_intact(ckpt_root, warn=self.echo, move_damaged=self.main)
+            if found is None or data is None:
                 self.echo("resume: no complete checkpoint yet; starting from step 0")
             else:
-                data = ckpt.load(found)
                 all_named = {**{f"transformer.{k}": v for k, v in params.items()},
                              **{f"text_encoder.{k}": v for k, v in te_params.items()}}
                 missing = set(all_named) ^ set(data["trainable"])
@@ -827,20 +832,22 @@ class Trainer:
         r = self.recipe
         if not (self.main or self.parallel.fsdp):
             return
+        t_sd, te_sd = self._lora_dicts(state)     # the LoRA first: slow or failed final samples never lose it
+        if self.main:                             # (under FSDP every rank gathers; rank 0 writes)
+            meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
+            written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
+                                  metadata=meta)
+            for fmt, path in written.items():
+                self.ctx.artifacts[f"lora_{fmt}"] = str(path)
+            self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))
         if r.sample.every_steps:
-            self._samples(state, state.total)
-        t_sd, te_sd = self._lora_dicts(state)
+            self._samples(state, state.total)     # under FSDP every rank takes part
         if not self.main:
             return
-        meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
-        written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r, metadata=meta)
-        for fmt, path in written.items():
-            self.ctx.artifacts[f"lora_{fmt}"] = str(path)
         if state.losses:
             self.ctx.artifacts["loss_first"] = state.losses[0]
             self.ctx.artifacts["loss_last"] = state.losses[-1]
         self.ctx.artifacts["steps"] = state.total
-        self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))
 
 
 class _StateOf:

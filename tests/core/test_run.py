@@ -39,8 +39,15 @@ def test_non_empty_output_is_never_overwritten(recording, write_recipe, tmp_path
     with pytest.raises(OutputError, match="not empty"):
         execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
     assert (out / "precious.safetensors").read_text() == "keep me"
-    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), overwrite=True, echo=quiet)
-    assert not (out / "precious.safetensors").exists() and (out / "lora.txt").exists()
+    # --overwrite replaces only a folder lora-run created: someone else's files are never deleted
+    with pytest.raises(OutputError, match="replaces only a run folder lora-run created"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), overwrite=True, echo=quiet)
+    assert (out / "precious.safetensors").read_text() == "keep me"
+    run = tmp_path / "run"
+    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), echo=quiet)
+    (run / "old-extra.txt").write_text("from the old run")
+    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), overwrite=True, echo=quiet)
+    assert not (run / "old-extra.txt").exists() and (run / "lora.txt").exists()
 
 
 def test_resume_needs_a_run_and_the_same_recipe(recording, write_recipe, tmp_path):

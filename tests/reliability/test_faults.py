@@ -84,6 +84,10 @@ def test_disk_full_is_a_clear_error_and_earlier_checkpoints_stay_intact(tiny_rec
     err = capsys.readouterr().err
     assert code == 1 and full.failed, err
     assert "No space left on device" in err and str(run) in err and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "step-000004/resume/trainable.safetensors: No space left" in line[0], err
+    assert "needs about" in line[0] and "free now" in line[0], err    # the file and the space it needs
+    assert not list((run / "checkpoints").glob(".step-*")), "the half-written temp folder is removed"
     ckpt = run / "checkpoints" / "step-000002"
     from safetensors import safe_open
 

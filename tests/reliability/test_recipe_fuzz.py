@@ -1,11 +1,14 @@
 """Property-based fuzzing of the shipped recipes: wrong types, unknown keys, missing sections and keys,
-out-of-range numbers, huge strings and odd unicode. Thousands of mutated recipes go through the real loader
+out-of-range numbers, huge strings and odd unicode, and hostile paths in `output.name`, `output.dir`,
+`extends` and every path key (names that climb out of the run folder, devices, FIFOs, a 4 GiB sparse file,
+folders, the dataset itself). Thousands of mutated recipes go through the real loader
 and validation (``load_recipe`` + ``validate``, the path `lora-run check` takes) in-process; a sample also
 goes through ``lora_run.cli.main``. Every case either validates or fails with a ``LoraRunError`` of exit code
 2 whose every line names a key; nothing else ever escapes (no traceback)."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -28,6 +31,23 @@ NUMBERS = st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.flo
                     st.sampled_from([0, -1, 2**31, 1e308, -0.0, 1e-320]))
 SCALARS = st.one_of(NUMBERS, st.booleans(), st.text(max_size=30), ODD, HUGE)
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=4), st.dictionaries(st.text(max_size=8), SCALARS, max_size=3))
+
+
+#: Path-like values; "@giant", "@fifo", "@data", "@folder" are replaced by real hostile files (module fixture).
+PATHLIKE = st.sampled_from(["../../escaped", "..", ".", "/", "/dev/zero", "/dev/null", "/etc/passwd", "~", "a/b",
+                            "runs/{name}/..", "{name}", "../{name}", "", " ", "\x00", "a\nb", "/proc/self/mem",
+                            "@giant", "@fifo", "@data", "@folder", "nonexistent/file.toml", "x" * 300,
+                            "\u202e\u0644\u0627.safetensors", ".hidden", "C:\\Windows\\evil"])
+PATH_KEYS = [("output", "name"), ("output", "dir"), ("extends",), ("dataset", "path"), ("train", "cache_dir"),
+             ("model", "source"), ("model", "files", "transformer"), ("model", "files", "vae"),
+             ("dataset", "regularization")]
+HOSTILE: dict[str, str] = {}
+
+
+def _hostile(value: str) -> str:
+    for mark, real in HOSTILE.items():
+        value = value.replace(mark, real)
+    return value
 
 
 def _paths(node, prefix=()):
@@ -68,6 +88,11 @@ def bases(tmp_path_factory, tiny_model):
 
     data = tmp_path_factory.mktemp("fuzzdata")
     make_images(data / "subject", count=2, size=(64, 64))
+    with open(data / "giant.toml", "wb") as fh:
+        fh.truncate(4 << 30)                          # sparse: no disk used
+    os.mkfifo(data / "fifo")
+    HOSTILE.update({"@giant": str(data / "giant.toml"), "@fifo": str(data / "fifo"), "@data": str(data / "subject"),
+                    "@folder": str(data)})
     out = []
     for path in shipped_recipes():
         raw = load_raw(path, {})
@@ -94,7 +119,17 @@ def mutate(data, raw):
     done = []
     for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="mutations")):
         paths = list(_paths(raw))
-        kind = data.draw(st.sampled_from(["type", "type", "range", "unknown", "delete", "string"]), label="kind")
+        kind = data.draw(st.sampled_from(["type", "type", "range", "unknown", "delete", "string", "path", "path"]),
+                         label="kind")
+        if kind == "path":
+            where = data.draw(st.sampled_from(PATH_KEYS), label="path key")
+            value = _hostile(data.draw(PATHLIKE, label="path value"))
+            node = raw
+            for part in where[:-1]:
+                node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+            node[where[-1]] = [{"path": value}] if where[-1] == "regularization" else value
+            done.append(("path", where, value))
+            continue
         if kind == "unknown":
             tables = [()] + [p for p in paths if isinstance(_walk(raw, p), dict)]
             where = data.draw(st.sampled_from(tables), label="table")
@@ -139,11 +174,13 @@ COUNT = {"cases": 0, "rejected": 0, "accepted": 0, "cli": 0}
 
 def check_outcome(path: Path, plugins, what) -> None:
     from lora_run.recipe import load_recipe
-    from lora_run.run import validate
+    from lora_run.run import raise_output_problems, validate
 
     COUNT["cases"] += 1
     try:
-        validate(load_recipe(path), plugins)
+        loaded = load_recipe(path)
+        validate(loaded, plugins)
+        raise_output_problems(loaded)          # what `check`, `plan` and `run` also refuse
     except LoraRunError as exc:
         COUNT["rejected"] += 1
         assert exc.exit_code == 2, (what, type(exc).__name__, str(exc)[:500])

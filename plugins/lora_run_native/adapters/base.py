@@ -70,7 +70,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 
 def is_local_source(source: str) -> bool:
     """A `model.source` that names a folder (recipe paths are already absolute) rather than a hub id."""
-    if source.startswith(("/", ".", "~")) or Path(source).exists():
+    if source.startswith(("/", ".", "~")) or os.path.exists(source):   # False (no OSError) for over-long names
         return True
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is None
 
@@ -226,13 +226,13 @@ class ModelAdapter:
                                  f"{', '.join(self.file_keys)})"))
                 continue
             p = Path(value)
-            if not p.is_file():
+            if not os.path.isfile(p):
                 problems.append((("model", "files", key), f"file not found: {p}"))
             elif p.suffix != ".safetensors":
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
         if m.source is not None:
             if is_local_source(m.source):
-                if not Path(m.source).is_dir():
+                if not os.path.isdir(m.source):
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "

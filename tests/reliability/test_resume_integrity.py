@@ -1,0 +1,323 @@
+"""Resume trusts nothing it finds: a changed dataset is refused, damaged checkpoints are detected by their
+recorded sizes and checksums, cache entries are verified, our own temporary files are cleaned up, and a
+full disk ends every time with one line naming the file and a manifest in a final state."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lora_run.cli import main
+
+from .conftest import RECIPE
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, tiny_model):
+    """One finished tiny run (6 steps, checkpoints 2 and 4 kept) that each test copies."""
+    from lora_run.testing import make_images
+
+    root = tmp_path_factory.mktemp("base")
+    make_images(root / "data", count=3, size=(96, 80))
+    recipe = root / "recipe.toml"
+    recipe.write_text(RECIPE.replace("{model}", str(tiny_model)).replace("{dataset}", str(root / "data")),
+                      encoding="utf-8")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    assert main([str(recipe), "--output-dir", str(root / "run")]) == 0
+    return root
+
+
+def _copy(base: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(recipe, run, data) copies of the base run; the recipe points at the copied dataset."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(base / "data", data)
+    shutil.copytree(base / "run", run, symlinks=True)
+    text = (base / "recipe.toml").read_text("utf-8").replace(str(base / "data"), str(data))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text, encoding="utf-8")
+    # the saved resolved recipe names the base dataset: point it at the copy as well
+    saved = run / "recipe.toml"
+    saved.write_text(saved.read_text("utf-8").replace(str(base / "data"), str(data)), encoding="utf-8")
+    return recipe, run, data
+
+
+def _status(run: Path) -> str:
+    return json.loads((run / "manifest.json").read_text())["status"]
+
+
+# ----------------------------------------------------------------------------------- dataset changes
+@pytest.mark.slow
+def test_resume_refuses_a_changed_dataset_naming_the_files(base_run, tmp_path, capsys, figures):
+    recipe, run, data = _copy(base_run, tmp_path)
+    manifest_before = (run / "manifest.json").read_bytes()
+    png = sorted(data.glob("*.png"))
+    edits = {
+        "added image subject/extra.png": lambda: (shutil.copy(png[0], data / "extra.png"),
+                                                  (data / "extra.txt").write_text("ohwx, another")),
+        "caption of subject/img001.png changed": lambda: (data / "img001.txt").write_text("ohwx, edited"),
+        "removed image subject/img002.png": lambda: ((data / "img002.png").unlink(), (data / "img002.txt").unlink()),
+        "image subject/img000.png changed": lambda: png[0].write_bytes(png[1].read_bytes()),
+    }
+    seen = []
+    for text, edit in edits.items():
+        edit()
+        seen.append(text)
+        code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+        err = capsys.readouterr().err
+        assert code == 2 and "the dataset changed since the run started" in err, err
+        for earlier in seen:
+            assert earlier in err, (earlier, err)
+        assert "--allow-dataset-change" in err and "Traceback" not in err
+        assert (run / "manifest.json").read_bytes() == manifest_before, "a refused resume writes nothing"
+    code = main([str(recipe), "--resume", "--allow-dataset-change", "--output-dir", str(run), "--set", "train.steps=8"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest.get("dataset_change_allowed_at")
+    assert set(json.loads((run / "dataset.json").read_text())["files"]) == {
+        "subject/img000.png", "subject/img001.png", "subject/extra.png"}
+    code = main([str(recipe), "--allow-dataset-change", "--output-dir", str(tmp_path / "new")])
+    assert code == 2 and "only applies with --resume" in capsys.readouterr().err
+    figures("resume integrity", cases=len(edits) + 2, faults=len(edits) + 2)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "optimizer truncated": ("resume/optimizer.safetensors", _truncate),
+    "trainable emptied": ("resume/trainable.safetensors", lambda p: p.write_bytes(b"")),
+    "rng bit flipped": ("resume/rng.safetensors", _flip),
+    "state not JSON": ("resume/state.json", lambda p: p.write_text('{"step": ')),
+    "state emptied": ("resume/state.json", lambda p: p.write_bytes(b"")),
+    "state deleted": ("resume/state.json", lambda p: p.unlink()),
+    "state linked to /dev/zero": ("resume/state.json", lambda p: (p.unlink(), p.symlink_to("/dev/zero"))),
+    "optimizer linked to /dev/zero": ("resume/optimizer.safetensors",
+                                      lambda p: (p.unlink(), p.symlink_to("/dev/zero"))),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_intact_one(base_run, tmp_path, capsys, damage, figures):
+    recipe, run, _ = _copy(base_run, tmp_path)
+    rel, hurt = DAMAGE[damage]
+    newest = run / "checkpoints" / "step-000004"
+    hurt(newest / rel)
+    # our temp files of an interrupted write are removed on resume; files that only look alike are not
+    ours = [run / ".tiny.safetensors.q1w2e3r4.tmp", run / "diffusers" / ".tiny.safetensors.a1s2d3f4.tmp"]
+    theirs = [run / ".notes.tmp", run / "keep.q1w2e3r4.tmp"]
+    for p in ours + theirs:
+        p.write_bytes(b"half")
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 0, text[-2000:]
+    assert "warning: checkpoint step-000004 is damaged" in text and rel.split("/")[-1] in text, text[-2000:]
+    assert "resumed from" in text and "step-000002 (step 2 of 8)" in text, text[-2000:]
+    assert (run / "checkpoints" / "step-000004.damaged").is_dir(), "the damaged checkpoint is kept aside"
+    assert "Traceback" not in text
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+    assert _status(run) == "completed"
+    figures("resume integrity", cases=1, faults=1)
+
+
+@pytest.mark.slow
+def test_no_usable_checkpoint_names_every_damaged_file(base_run, tmp_path, capsys, figures):
+    recipe, run, _ = _copy(base_run, tmp_path)
+    (run / "checkpoints" / "step-000004" / "resume" / "state.json").write_bytes(b"")
+    _truncate(run / "checkpoints" / "step-000002" / "resume" / "trainable.safetensors")
+    for attempt in range(2):          # the damaged ones stay where they are: the second resume says the same
+        code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "no usable checkpoint to resume from" in err and "step-000004/resume/state.json" in err, err
+        assert "step-000002/resume/trainable.safetensors" in err and "--overwrite" in err, err
+        assert "Traceback" not in err
+        assert _status(run) == "failed", "the manifest ends in a final state"
+    figures("resume integrity", cases=2, faults=2)
+
+
+# ---------------------------------------------------------------------------------------- cache
+def test_cache_entries_are_verified_and_rebuilt(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_run_native.cache import FORMAT_VERSION, Cache, odd_latents, tensor_record
+
+    cache = Cache(tmp_path, "latents")
+    z = torch.randn(4, 8, 10)
+    bucket = (80, 64)                               # (width, height): latents of 8x smaller sides
+    key = "a" * 64
+
+    def ok(t):
+        from lora_run_native.cache import latent_geometry
+        return None if latent_geometry(t["latent"], bucket) else "shape"
+
+    cache.store(key, {"latent": z})
+    assert torch.equal(cache.load(key, ("latent",), check=ok)["latent"], z)
+    # one flipped bit in the tensor bytes: the recorded checksum catches it
+    path = cache.path(key)
+    _flip(path)
+    assert cache.load(key, ("latent",), check=ok) is None and not path.exists()
+    # the wrong shape with a fully consistent record (key, version and its own checksum): the bucket check
+    wrong = torch.randn(4, 9, 10)
+    save_file({"latent": wrong}, str(path), metadata={"key": key, "version": FORMAT_VERSION, "kind": "latents",
+                                                      "source": "", "tensors": json.dumps({"latent": tensor_record(wrong)})})
+    assert cache.load(key, ("latent",), check=ok) is None
+    # an old-style entry (key and version right, no per-tensor record) is not trusted either
+    save_file({"latent": z}, str(path), metadata={"key": key, "version": FORMAT_VERSION})
+    assert cache.load(key, ("latent",)) is None
+    assert cache.stats.corrupt == 3
+    # shaped like some bucket but unlike the run's other latents: rebuilt
+    latents = {0: torch.zeros(4, 8, 10), 1: torch.zeros(4, 8, 10), 2: torch.zeros(16, 4, 5)}
+    assert odd_latents(latents, [bucket, bucket, bucket]) == [2]
+    # planted mistake: the geometry check must reject what it should (a check that accepts all would pass here)
+    from lora_run_native.cache import latent_geometry
+    assert latent_geometry(torch.zeros(4, 8, 10), bucket) == (4, 8)
+    assert latent_geometry(torch.zeros(4, 9, 10), bucket) is None and latent_geometry(torch.zeros(8, 10), bucket) is None
+
+
+def test_a_tampered_cache_index_never_deletes_outside_the_cache(tmp_path):
+    from lora_run_native.cache import Cache
+
+    victim = tmp_path / "victim.safetensors"
+    victim.write_text("not the cache's")
+    root = tmp_path / "cache"
+    (root / "latents").mkdir(parents=True)
+    (root / "latents" / "index.json").write_text(json.dumps({"img|64x64": "../../victim", "x": "../" * 5 + "etc"}))
+    cache = Cache(root, "latents")
+    assert cache.load("b" * 64, ("latent",), source="img|64x64") is None
+    assert victim.read_text() == "not the cache's"
+
+
+@pytest.mark.slow
+def test_a_bit_flipped_latent_is_rebuilt_in_a_real_run(base_run, tmp_path, capsys):
+    recipe, run, _ = _copy(base_run, tmp_path)
+    entries = sorted((run / "cache" / "latents").rglob("*.safetensors"))
+    assert entries
+    _flip(entries[0])
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=7"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 corrupt rebuilt" in out, out[-1500:]
+
+
+# ------------------------------------------------------------------------------------------ disk full
+class FullDisk:
+    """os.fsync fails with ENOSPC for files whose path matches: every atomic write (and the checkpoint's
+    state.json) fsyncs before its rename, so this is where a real full disk is noticed at the latest."""
+
+    def __init__(self, monkeypatch, match):
+        real = os.fsync
+        self.hits: list[str] = []
+
+        def fsync(fd):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                path = ""
+            if match(path):
+                self.hits.append(path)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_disk_full_before_recipe_toml_leaves_nothing(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    full = FullDisk(monkeypatch, lambda p: ".recipe.toml." in p)
+    run = tmp_path / "run"
+    code = main([str(tiny_recipe()), "--output-dir", str(run)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and full.hits
+    assert "recipe.toml: No space left on device (writing it needs about" in line and "free now" in line, line
+    assert not run.exists(), "nothing of value was written: nothing is left to block the retry"
+    figures("disk-full", cases=1, faults=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_disk_full_while_caching_names_the_entry_and_finishes_the_manifest(tiny_recipe, tmp_path, monkeypatch,
+                                                                         capsys, figures):
+    full = FullDisk(monkeypatch, lambda p: "/cache/latents/" in p)
+    run = tmp_path / "run"
+    code = main([str(tiny_recipe()), "--output-dir", str(run)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and full.hits
+    assert "/cache/latents/" in line and ".safetensors: No space left on device" in line and "needs about" in line
+    assert _status(run) == "failed"
+    assert not list(run.rglob("*.tmp")), "no temporary file is left behind"
+    assert not (run / ".lora-run.reserve").exists()
+    figures("disk-full", cases=1, faults=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_disk_full_at_the_final_lora_keeps_the_checkpoints(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    run = tmp_path / "run"
+    full = FullDisk(monkeypatch, lambda p: p.startswith(str(run / ".tiny.safetensors.")))
+    code = main([str(tiny_recipe()), "--output-dir", str(run)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 1 and full.hits
+    assert f"{run / 'tiny.safetensors'}: No space left on device (writing it needs about" in line, line
+    assert (run / "checkpoints" / "step-000004" / "resume" / "state.json").is_file()
+    assert _status(run) == "failed" and not (run / "tiny.safetensors").exists()
+    assert not list(run.glob(".tiny.safetensors.*")), "the torn temporary file is removed"
+    figures("disk-full", cases=1, faults=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_resume_on_a_still_full_disk(base_run, tmp_path, monkeypatch, capsys, figures):
+    recipe, run, _ = _copy(base_run, tmp_path)
+    manifest = (run / "manifest.json").read_bytes()
+    FullDisk(monkeypatch, lambda p: p.startswith(str(run)))
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "No space left on device" in _one_error_line(err) and "recipe.toml" in err, err
+    assert (run / "manifest.json").read_bytes() == manifest and _status(run) == "completed", \
+        "the manifest keeps its earlier final state"
+    monkeypatch.undo()
+    figures("disk-full", cases=1, faults=1)
+
+
+@pytest.mark.slow
+def test_the_final_lora_is_written_before_the_final_samples(tiny_recipe, tmp_path, monkeypatch, capsys):
+    from lora_run_native.train import Trainer
+
+    real = Trainer._samples
+
+    def fail_at_the_end(self, state, number):
+        if number == state.total:
+            raise RuntimeError("sampling crashed")
+        return real(self, state, number)
+    monkeypatch.setattr(Trainer, "_samples", fail_at_the_end)
+    run = tmp_path / "run"
+    recipe = tiny_recipe('[sample]\nprompts = ["a photo of {trigger}"]\nevery_steps = 100\nsteps = 1\n'
+                         'width = 64\nheight = 64\n')
+    code = main([str(recipe), "--output-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 1 and "sampling crashed" in err
+    assert (run / "tiny.safetensors").is_file() and (run / "diffusers" / "tiny.safetensors").is_file()

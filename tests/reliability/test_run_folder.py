@@ -1,0 +1,291 @@
+"""Nothing lost, nothing overwritten, nothing escapes: names that would leave the run folder, --overwrite of
+folders lora-run did not create, the run-folder lock, a failed pre-flight, and temporary files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_run.cli import main
+
+ESCAPING_NAMES = ["../../escaped", "..", ".", "a/b", "/tmp/lora-run-absolute-name", "", " ", "line\nbreak",
+                  "~user", "back\\slash", ".hidden", "x" * 200]
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", ESCAPING_NAMES)
+def test_output_names_that_are_not_plain_file_names_are_refused_by_check_plan_and_run(name, tiny_recipe, tmp_path,
+                                                                                     capsys, figures):
+    recipe = tiny_recipe()
+    victim = Path("/tmp/lora-run-absolute-name.safetensors")
+    before = _tree(tmp_path)
+    setting = f"output.name={json.dumps(name)}"
+    for argv in (["check", str(recipe)], ["plan", str(recipe)], [str(recipe), "--overwrite"],
+                 [str(recipe), "--output-dir", str(tmp_path / "run")]):
+        code = main([*argv, "--set", setting])
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert "[output.name]" in err and "Traceback" not in err, err
+        assert all(line.startswith("error: ") for line in err.strip().splitlines()), err  # one line each
+    assert _tree(tmp_path) == before, "nothing was written anywhere"
+    assert not victim.exists()
+    figures("run-folder safety", cases=4, faults=4)
+
+
+def test_overwrite_never_removes_a_folder_lora_run_did_not_create(tiny_recipe, small_dataset, tmp_path, capsys,
+                                                                  monkeypatch, figures):
+    recipe = tiny_recipe()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    (foreign / "manifest.json").write_text('{"someone": "else"}')      # a manifest that is not ours
+    code = main([str(recipe), "--output-dir", str(foreign), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "replaces only a run folder lora-run created" in err, err
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious" and len(list(foreign.iterdir())) == 2
+    # the dataset, a folder holding it, the working folder and one above it: refused by check, plan and run
+    work = tmp_path / "work"
+    work.mkdir()
+    inner = work / "inner"
+    inner.mkdir()
+    monkeypatch.chdir(inner)
+    plan_run, all_three = ("plan", "run"), ("plan", "run", "check")
+    cases = [(["--output-dir", str(small_dataset)], "contains [dataset.path]", plan_run),
+             (["--output-dir", str(tmp_path)], "contains [dataset.path]", plan_run),
+             (["--output-dir", str(work)], "contains the working folder", plan_run),
+             (["--set", f'output.dir="{tmp_path}"'], "contains [dataset.path]", all_three),
+             (["--set", 'output.dir=".."'], "contains the working folder", all_three),
+             (["--output-dir", str(inner)], "--overwrite would replace the working folder", ("run",))]
+    tried = 0
+    for extra, message, where in cases:
+        commands = [{"plan": ["plan", str(recipe)], "run": [str(recipe), "--overwrite"],
+                     "check": ["check", str(recipe)]}[w] for w in where]
+        for argv in commands:
+            code = main([*argv, *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and "Traceback" not in err, (argv, extra, err)
+            tried += 1
+    assert sorted(p.name for p in small_dataset.iterdir()) == sorted(
+        [f"img{i:03d}{ext}" for i in range(3) for ext in (".png", ".txt")])
+    assert [p.name for p in work.iterdir()] == ["inner"] and not any(inner.iterdir())
+    # a recipe file kept inside the run folder would be deleted by --overwrite; our own recipe.toml may be re-run
+    old_run = tmp_path / "old-run"
+    old_run.mkdir()
+    (old_run / "mine.toml").write_text(recipe.read_text())
+    (old_run / "recipe.toml").write_text(recipe.read_text())
+    code = main(["plan", str(old_run / "mine.toml"), "--output-dir", str(old_run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "contains the recipe file" in err, err
+    assert main(["plan", str(old_run / "recipe.toml"), "--output-dir", str(old_run)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    tried += 1
+    figures("run-folder safety", cases=tried + 1, faults=tried + 1)
+
+
+def test_a_folder_holding_only_our_lock_and_temp_files_is_not_in_the_way(tmp_path):
+    """A run SIGKILLed before it wrote recipe.toml leaves its lock and a temp file: the next run starts."""
+    from lora_run.rundir import LOCK, RunDir, is_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("{}")
+    (run / ".recipe.toml.k2j4h5g6.tmp").write_text("half")
+    rd = RunDir(run)
+    rd.prepare(overwrite=False, resume=False)
+    rd.release()
+    assert is_run_folder(run)
+    (run / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(Exception, match="not empty"):
+        RunDir(run).prepare(overwrite=False, resume=False)
+
+
+# ------------------------------------------------------------------------------------------------ lock
+HOLDER = """
+import sys, time
+from lora_run.rundir import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.slow
+def test_one_run_per_folder_and_a_killed_holder_never_leaves_a_stuck_lock(tiny_recipe, tmp_path, capsys, figures):
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = _hold(run)
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code = main([str(recipe), "--output-dir", str(run), *extra])
+            err = capsys.readouterr().err
+            if extra == ["--resume"]:        # nothing to resume yet: refused before the lock is even tried
+                assert code == 2 and "nothing to resume" in err, err
+                continue
+            assert code == 2, err
+            assert "another lora-run is using this run folder" in err and f"pid {holder.pid}" in err, err
+            assert "started 20" in err and "Traceback" not in err, err
+        assert sorted(p.name for p in run.iterdir()) == [".lora-run.lock"], "the refused run wrote nothing"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    code = main([str(recipe), "--output-dir", str(run)])        # the kernel dropped the dead holder's lock
+    err = capsys.readouterr().err
+    assert code == 0, err
+    holder = _hold(run)                                         # and a finished run can be locked again
+    try:
+        for extra in (["--resume", "--set", "train.steps=8"], []):   # a second --resume; a plain run names it too
+            code = main([str(recipe), "--output-dir", str(run), *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and "another lora-run is using this run folder" in err, err
+        assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    figures("run-folder lock", cases=4, faults=4)
+
+
+def test_the_checkpoint_pruner_never_touches_a_live_writers_temp_folder(tmp_path):
+    from lora_run_native import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        live_tmp = root / f".step-000007.tmp-{sleeper.pid}"
+        dead_tmp = root / f".step-000005.tmp-{dead.pid}"
+        for folder in (live_tmp, dead_tmp):
+            (folder / "resume").mkdir(parents=True)
+            (folder / "resume" / "state.json").write_text("{}")
+        ckpt.prune(root, keep_last=2)
+        assert (live_tmp / "resume" / "state.json").is_file(), "a live process's temp folder was deleted"
+        assert not dead_tmp.exists(), "a dead process's temp folder is stale and removed"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ----------------------------------------------------------------------------------- failed pre-flight
+def test_a_failed_pre_flight_leaves_nothing_and_the_retry_is_not_blocked(tmp_path, monkeypatch, capsys, figures):
+    """kohya without an sd-scripts checkout stops in run() with exit 2, after the run folder was begun."""
+    from lora_run.testing import make_images
+
+    from tests.kohya.conftest import model_files, recipe_text
+
+    monkeypatch.delenv("LORA_RUN_SD_SCRIPTS", raising=False)
+    data = tmp_path / "data"
+    make_images(data, count=3, size=(512, 512))
+    recipe = tmp_path / "k.toml"
+    recipe.write_text(recipe_text(data, model_files(tmp_path / "models")), encoding="utf-8")
+    fresh, empty = tmp_path / "fresh", tmp_path / "empty"
+    empty.mkdir()
+    for attempt in range(2):                       # the same command twice: the same error, never "not empty"
+        for run in (fresh, empty):
+            code = main([str(recipe), "--output-dir", str(run)])
+            err = capsys.readouterr()
+            assert code == 2, err
+            assert "[backend.kohya.sd_scripts] no sd-scripts checkout configured" in err.err, err.err
+            assert "not empty" not in err.err and "Traceback" not in err.err
+            assert "nothing was kept" in err.out
+    assert not fresh.exists(), "a folder this run created is removed again"
+    assert empty.is_dir() and not any(empty.iterdir()), "an empty folder we found stays, empty"
+    figures("failed pre-flight", cases=4, faults=4)
+
+
+# ------------------------------------------------------------------------------------------ smaller
+def test_atomic_writes_honour_the_umask(tmp_path):
+    from lora_run.rundir import atomic_path, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"y")
+        os.umask(0o002)
+        atomic_write_text(tmp_path / "c.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "c.txt").stat().st_mode & 0o777 == 0o664
+
+
+def test_remove_temp_files_takes_only_ours(tmp_path):
+    from lora_run.rundir import remove_temp_files
+
+    ours = [tmp_path / ".tiny.safetensors.a1b2c3d4.tmp", tmp_path / "checkpoints" / ".manifest.json.zz_9yy8x.tmp"]
+    theirs = [tmp_path / ".notes.tmp", tmp_path / "draft.a1b2c3d4.tmp", tmp_path / ".x.TOOLONG12.tmp",
+              tmp_path / "data.tmp"]
+    for p in ours + theirs:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir(exist_ok=True)
+    (outside / ".y.abcdefgh.tmp").write_text("not under the run folder")
+    (tmp_path / "link").symlink_to(outside)
+    assert sorted(remove_temp_files(tmp_path)) == sorted(ours)
+    assert all(p.exists() for p in theirs) and (outside / ".y.abcdefgh.tmp").exists()
+
+
+def test_file_names_with_control_characters_stay_on_one_line(tiny_recipe, tmp_path, capsys):
+    data = tmp_path / "odd"
+    data.mkdir()
+    (data / "bad\nname.png").write_bytes(b"not a png")
+    (data / "bad\nname.txt").write_text("ohwx, a photo")
+    code = main(["check", str(tiny_recipe(data=data))])
+    out = capsys.readouterr().out
+    assert code == 2
+    lines = [line for line in out.splitlines() if "bad" in line]
+    assert len(lines) == 1 and "bad\\nname.png" in lines[0], out
+
+
+def test_no_traceback_reaches_the_user_without_debug(tiny_recipe, monkeypatch, capsys):
+    import lora_run.recipe as recipe_mod
+
+    def broken(*_a, **_kw):
+        raise ValueError("planted\nbug")
+    monkeypatch.setattr(recipe_mod, "load_recipe", broken)
+    code = main(["check", str(tiny_recipe())])
+    err = capsys.readouterr().err
+    assert code == 1 and "unexpected ValueError: planted\\nbug" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError):
+        main(["check", "--debug", str(tiny_recipe())])
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_one_folder(tiny_recipe, tmp_path, figures):
+    """Two real `lora-run` processes on one output folder: exactly one trains, the other stops with exit 2."""
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-c", "import sys; from lora_run.cli import main; sys.exit(main(sys.argv[1:]))",
+            str(recipe), "--output-dir", str(run)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another lora-run is using this run folder" in loser or "not empty" in loser, loser
+    assert "Traceback" not in loser
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    figures("run-folder lock", cases=1, faults=1)
