@@ -333,7 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .run import execute
 
     plugins = load_plugins()
-    makers = [r for r in plugins.registry["backend"].values() if "demo" in r.meta]
+    makers = [r for r in plugins.registry["backend"].values() if r.demo is not None]
     if not makers:
         raise RecipeError("no installed backend provides the demo (install lora-run with the [train] extra)")
     out = Path(args.output_dir).resolve()
@@ -341,7 +341,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.overwrite and run_out.is_dir() and any(run_out.iterdir()):
         raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
                           "`lora-run demo --output-dir OTHER` runs it elsewhere")
-    recipe_path = makers[0].meta["demo"](out / "assets")
+    recipe_path = makers[0].demo(out / "assets")
     ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
                   debug=args.debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
@@ -352,12 +352,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _evaluator_command(name: str, args: argparse.Namespace) -> int:
-    """`eval` and `score` live in an evaluator plugin: dispatch to its `commands` meta callable."""
+    """`eval` and `score` live in an evaluator plugin: dispatch to its registered `commands`."""
     from .errors import PluginError
 
     plugins = _plugins()
     for reg in plugins.registry["evaluator"].values():
-        handler = reg.meta.get("commands", {}).get(name)
+        handler = reg.commands.get(name)
         if callable(handler):
             return handler(args, plugins)
     raise PluginError(f"no installed evaluator provides `lora-run {name}` (install lora-run with the [eval] extra)")

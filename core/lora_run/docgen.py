@@ -101,7 +101,8 @@ def render() -> str:
     lines.append("| feature | key | used when |\n| --- | --- | --- |")
     for feat in FEATURES:
         lines.append(f"| `{feat.name}` | `{'.'.join(feat.key)}` | {feat.doc} |")
-    lines.append("| `loss:<name>` | `train.loss` | the named loss plugin |")
+    lines.append("| `loss:<name>` | `train.loss` | the named loss plugin (a backend that declares `loss:*` "
+                 "takes every registered loss) |")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -18,9 +18,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_backends(register: Any) -> None:
     """Register backends: ``register(name, factory, options=OptionsClass, capabilities={family: features})``.
 
-    ``factory(recipe, options, context)`` returns an object with ``plan()`` and ``run()`` (see
-    :class:`lora_run.plugins.Backend`). ``options`` is a frozen attrs class for the ``[backend.<name>]``
-    table; ``capabilities`` maps each model family the backend trains to the recipe features it honours.
+    ``factory(ctx)`` gets the :class:`lora_run.run.RunContext` (``ctx.recipe``, ``ctx.options`` structured
+    with ``options``, ``ctx.run_dir`` …) and returns an object with ``plan()``, ``run()`` and optionally
+    ``check()`` (see :class:`lora_run.run.Backend`). ``options`` is a frozen attrs class for the
+    ``[backend.<name>]`` table; ``capabilities`` maps each model family the backend trains to the recipe
+    features it honours (``loss:*``: every registered loss). Further keywords: ``description``, ``reasons``,
+    ``family_notes``, ``alias_of``, ``memory_estimate``, ``demo``, ``generate`` (see
+    :class:`lora_run.plugins.Registration`).
     """
 
 
@@ -34,16 +38,21 @@ def register_losses(register: Any) -> None:
 
 @hookspec
 def register_datasets(register: Any) -> None:
-    """Register dataset types: ``register(name, factory)``; ``factory(section, recipe)`` returns a
-    :class:`lora_run.dataset.DatasetSource` whose ``items()`` lists images with captions."""
+    """Register dataset types: ``register(name, factory, options=OptionsClass)``.
+
+    ``factory(section, recipe)`` — or ``factory(section, recipe, options)`` when the type registered an
+    ``options`` class for its ``[dataset.options]`` table — returns a :class:`lora_run.dataset.DatasetSource`
+    whose ``items()`` lists images with captions and whose optional ``check()`` returns (key path, message)
+    problems for ``lora-run check``."""
 
 
 @hookspec
 def register_evaluators(register: Any) -> None:
     """Register evaluators and face embedders: ``register(name, factory, options=OptionsClass, kind=...)``.
 
-    ``kind`` is ``"evaluator"`` (runs after training on the run's LoRA files) or ``"embedder"`` (turns an
-    image into a face embedding; used by the identity evaluator and ``lora-run score``).
+    ``kind`` is ``"evaluator"`` (``factory(ctx)`` returns an object whose ``evaluate()`` runs after training
+    on the run's LoRA files; ``[eval] evaluators`` chooses which) or ``"embedder"`` (turns an image into a
+    face embedding). ``commands={"name": handler}`` adds ``lora-run name`` subcommands.
     """
 
 

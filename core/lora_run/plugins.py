@@ -28,16 +28,36 @@ PLURAL = {"backend": "backends", "loss": "losses", "dataset": "datasets", "evalu
 
 @attrs.frozen
 class Registration:
-    """One named thing a plugin registered."""
+    """One named thing a plugin registered. Every field is a keyword of ``register(...)``; an unknown
+    keyword is an error that marks the plugin broken (no untyped side channel)."""
 
     kind: str
     name: str
     factory: Callable[..., Any]
     plugin: str
     options: type | None = None
+    #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
     capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
     description: str = ""
-    meta: dict[str, Any] = attrs.field(factory=dict)
+    #: backends: feature -> why it is not honoured (shown with the refusal)
+    reasons: dict[str, str] = attrs.field(factory=dict)
+    #: backends: family -> why it is not trained (shown with the refusal)
+    family_notes: dict[str, str] = attrs.field(factory=dict)
+    #: backends: the registered backend this name is another name for (listed once in refusals)
+    alias_of: str | None = None
+    #: backends: ``memory_estimate(recipe, swapped_blocks) -> (GiB, assumptions) | None``, lent to backends
+    #: without their own memory model
+    memory_estimate: Callable[..., Any] | None = None
+    #: backends: ``demo(folder) -> recipe path``, a tiny end-to-end run for ``lora-run demo``
+    demo: Callable[..., Any] | None = None
+    #: backends: ``generate(...)`` image generation for evaluators (see lora_run_eval)
+    generate: Callable[..., Any] | None = None
+    #: evaluators: CLI subcommand name -> ``handler(args, plugins) -> exit code``
+    commands: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+
+
+_FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
+    "kind", "name", "factory", "plugin", "options", "capabilities"}
 
 
 @attrs.frozen
@@ -60,27 +80,33 @@ class Plugins:
             self._collect(kind, hook_name)
 
     def _collect(self, kind: str, hook_name: str) -> None:
-        caller = getattr(self.hook, hook_name)
-        for impl in caller.get_hookimpls():
+        """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see
+        every call) with a ``register`` that knows which plugin registers."""
+        impls = getattr(self.hook, hook_name).get_hookimpls()
+        everyone = [impl.plugin for impl in impls]
+        for impl in impls:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
             def register(name: str, factory: Callable[..., Any], *, options: type | None = None,
-                         capabilities: dict[str, Iterable[str]] | None = None, description: str = "",
-                         kind: str = kind, _plugin: str = plugin_name, **meta: Any) -> None:
+                         capabilities: dict[str, Iterable[str]] | None = None, kind: str = kind,
+                         _plugin: str = plugin_name, **fields: Any) -> None:
                 if kind not in KINDS:
                     raise PluginError(f"plugin {_plugin}: unknown registration kind {kind!r}")
+                unknown = sorted(set(fields) - _FIELDS)
+                if unknown:
+                    raise TypeError(f"register() got unknown keyword(s) {', '.join(unknown)}; known: "
+                                    f"{', '.join(sorted(_FIELDS | {'options', 'capabilities', 'kind'}))}")
                 table = self.registry[kind]
                 if name in table:
                     self.conflicts.append(f"{kind} {name!r} from plugin {_plugin} ignored: already registered "
                                           f"by {table[name].plugin}")
                     return
                 caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
-                table[name] = Registration(kind, name, factory, _plugin, options, caps, description, meta)
+                table[name] = Registration(kind, name, factory, _plugin, options, caps, **fields)
 
-            if os.environ.get("LORA_RUN_TRACE_PLUGINS"):
-                print(f"[lora-run trace] {hook_name}(register) -> {plugin_name}", file=sys.stderr)
+            others = [p for p in everyone if p is not impl.plugin]
             try:
-                impl.function(register=register)
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
                 self.broken.append(BrokenPlugin(plugin_name, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
 

@@ -119,15 +119,24 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             options = value
     if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
         options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
-    for kind, name, where, raw in (("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options),
-                                   ("dataset", recipe.dataset.type, ("dataset", "type"), None)):
+    for kind, name, where, raw, raw_at in (
+            ("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options, ("train", "loss_options")),
+            ("dataset", recipe.dataset.type, ("dataset", "type"), recipe.dataset.options, ("dataset", "options"))):
         try:
             reg = plugins.get(kind, name, ".".join(where))
         except PluginError as exc:
             problems.add(where, _strip_where(str(exc)))
             continue
-        if raw is not None:
-            structure_options(reg, raw, ("train", "loss_options"), problems)
+        value = structure_options(reg, raw, raw_at, problems)
+        if kind == "dataset" and (value is not None or reg.options is None):
+            checker = getattr(make_dataset(recipe, reg, value), "check", None)
+            for path, message in checker() if checker is not None else ():
+                problems.add(tuple(path), message)
+    for n, name in enumerate(recipe.eval.evaluators or ()):
+        try:
+            plugins.get("evaluator", name, "eval.evaluators")
+        except PluginError as exc:
+            problems.add(("eval", "evaluators", n), _strip_where(str(exc)))
     if recipe.eval.enabled and plugins.registry["embedder"]:
         try:
             reg = plugins.get("embedder", recipe.eval.embedder, "eval.embedder")
@@ -169,9 +178,9 @@ def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
 
 def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: int = 0) -> tuple[float, str] | None:
     """For a backend without its own memory model: (GiB, label) from the first backend that offers one
-    (`memory_estimate` meta), for the equivalent settings, labelled as that backend's estimate."""
+    (its registered `memory_estimate`), for the equivalent settings, labelled as that backend's estimate."""
     for reg in plugins.registry["backend"].values():
-        estimate = reg.meta.get("memory_estimate")
+        estimate = reg.memory_estimate
         if callable(estimate) and recipe.model.family in reg.capabilities:
             found = estimate(recipe, swapped_blocks)
             if found is not None:
@@ -180,10 +189,17 @@ def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: i
     return None
 
 
+def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
+    """The dataset source; ``options`` (the structured ``[dataset.options]``) only for types that take them."""
+    if reg.options is None:
+        return reg.factory(recipe.dataset, recipe)
+    return reg.factory(recipe.dataset, recipe, options)
+
+
 def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
     reg = plugins.get("dataset", recipe.dataset.type, "dataset.type")
-    source = reg.factory(recipe.dataset, recipe)
-    return list(source.items())
+    options = structure_options(reg, recipe.dataset.options, ("dataset", "options")) if reg.options else None
+    return list(make_dataset(recipe, reg, options).items())
 
 
 def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
@@ -314,9 +330,11 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
 
 
 def run_evaluators(ctx: RunContext) -> None:
-    for reg in ctx.plugins.registry["evaluator"].values():
-        evaluator = reg.factory(ctx)
-        evaluator.evaluate()
+    """The evaluators `[eval] evaluators` names (unset: every installed one), in that order."""
+    chosen = ctx.recipe.eval.evaluators
+    names = chosen if chosen is not None else ctx.plugins.names("evaluator")
+    for name in names:
+        ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
 
 
 def _install_sigterm() -> Any:

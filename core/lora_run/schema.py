@@ -82,7 +82,11 @@ class DatasetSection:
     """The subject's images and captions, buckets and regularisation sets."""
 
     type: str = option("folder", "Dataset plugin (`lora-run plugins` lists them).")
-    path: str = option(doc="Folder of subject images with a caption file next to each.", path=True)
+    path: str | None = option(None, "Folder of subject images with a caption file next to each (the `folder` "
+                              "type requires it; other types may take their images from `[dataset.options]`).",
+                              path=True)
+    options: dict[str, Any] = option(factory=dict, doc="`[dataset.options]`: options of the dataset type, "
+                                     "checked by the options class that type registered.")
     caption_extension: str = option(".txt", "Caption file extension (sd-scripts defaults to `.caption`; we don't).")
     trigger: str = option("", "Unique trigger token. Must appear in every subject caption and never in a "
                           "regularisation caption (playbook §6).")
@@ -257,6 +261,8 @@ class EvalSection:
     embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder (for `onnx`: "
                                               "`model`, `detector`).")
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
+    evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
+                                          "plugins` lists them); unset: every installed evaluator.")
 
 
 @frozen

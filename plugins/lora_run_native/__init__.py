@@ -24,6 +24,13 @@ def build_demo(assets_dir):
     return build(assets_dir)
 
 
+def _generate(*args, **kwargs):
+    """Image generation for evaluators (`generate_images(recipe, lora_path, jobs, out_dir, device=None)`)."""
+    from .generate import generate_images
+
+    return generate_images(*args, **kwargs)
+
+
 def _memory_estimate(recipe, swapped_blocks=0):
     from .memory import equivalent_estimate
 
@@ -45,7 +52,8 @@ def register_backends(register):
     notes = {f: "no native adapter for this family is installed" for f in FAMILIES if f not in classes}
     register("native", make_backend, options=NativeOptions, capabilities=capabilities,
              description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
-             reasons=reasons, family_notes=notes, demo=build_demo, memory_estimate=_memory_estimate)
+             reasons=reasons, family_notes=notes, demo=build_demo, memory_estimate=_memory_estimate,
+             generate=_generate)
     flux = classes["flux.1-dev"]
     register("flux", make_backend, options=NativeOptions, capabilities={"flux.1-dev": flux.features},
              description="alias of native for FLUX.1-dev", reasons=dict(flux.reasons), alias_of="native")

@@ -55,7 +55,7 @@ COMMON_FEATURES: frozenset[str] = frozenset({
     "targets:attention", "targets:attention+mlp", "targets:all-linear",
     "optimizer:adafactor", "optimizer:adamw", "optimizer:adamw8bit", "optimizer:prodigy",
     "scheduler:constant", "scheduler:constant_with_warmup", "scheduler:cosine", "scheduler:linear",
-    "loss:mse", "loss:huber", "loss:pseudo-huber", "loss:smooth-l1",
+    "loss:*",  # every registered loss: the loop calls it as `loss(prediction, target, **info)`
 })
 
 #: Flow-matching features (timestep sampling choices, SD3 loss weighting, noise offset).

@@ -1,0 +1,179 @@
+"""Open registries: capabilities by kind, registry hooks through pluggy, typed registration, dataset options,
+evaluator choice."""
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from lora_run.errors import RecipeError
+from lora_run.features import capability_problems
+from lora_run.hookspecs import hookimpl
+from lora_run.recipe import load_recipe
+from lora_run.run import execute, scan_dataset, validate
+from lora_run.schema import option
+
+from .conftest import GOOD, RecordingBackend
+
+
+def _abs_loss(_options=None):
+    def loss(prediction, target, **_info):
+        return (prediction - target).abs()
+    return loss
+
+
+class AnyLossBackend:
+    """A backend that declares the kind `loss:*`, and one that lists a loss by name."""
+
+    @hookimpl
+    def register_backends(self, register):
+        caps = {"steps", "timestep_sampling:sigmoid", "targets:attention", "optimizer:adafactor",
+                "scheduler:constant_with_warmup"}
+        register("any-loss", RecordingBackend, capabilities={"flux.1-dev": caps | {"loss:*"}})
+        register("mse-only", RecordingBackend, capabilities={"flux.1-dev": caps | {"loss:mse"}})
+
+
+class ThirdPartyLoss:
+    @hookimpl
+    def register_losses(self, register):
+        register("third-abs", _abs_loss, description="mean absolute error from another plugin")
+
+
+def test_a_loss_from_any_plugin_is_honoured_by_a_backend_that_takes_every_loss(plugins_with, write_recipe):
+    plugins = plugins_with(AnyLossBackend(), ThirdPartyLoss())
+    body = GOOD.replace('backend = "recording"', 'backend = "any-loss"').replace("steps = 3", 'steps = 3\nloss = "third-abs"')
+    recipe = load_recipe(write_recipe(body)).recipe
+    assert capability_problems(recipe, "any-loss", plugins.registry["backend"]) == []
+    problems = capability_problems(recipe, "mse-only", plugins.registry["backend"])
+    ((key, message),) = problems
+    assert key == ("train", "loss")
+    assert message.startswith('backend "mse-only" cannot honour the `third-abs` loss for flux.1-dev; backends that '
+                              "can: any-loss")
+    assert "mse-only" not in message.split("can:")[1]
+    validate(load_recipe(write_recipe(body)), plugins)  # the whole check passes
+
+
+def test_registry_hooks_go_through_pluggy_so_monitoring_sees_them(plugins_with):
+    seen = []
+
+    class Watch:
+        @hookimpl
+        def register_losses(self, register):
+            register("watched", _abs_loss)
+    from lora_run import plugins as plugins_mod
+
+    pm = plugins_mod.make_plugin_manager()
+    real = plugins_mod.make_plugin_manager
+
+    def monitored():
+        pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(name), lambda *a: None)
+        return pm
+    plugins_mod.make_plugin_manager = monitored
+    try:
+        plugins = plugins_with(Watch())
+    finally:
+        plugins_mod.make_plugin_manager = real
+    assert "watched" in plugins.names("loss") and plugins.registry["loss"]["watched"].plugin != "losses"
+    assert {"register_backends", "register_losses", "register_datasets", "register_evaluators"} <= set(seen)
+    assert seen.count("register_losses") >= 2  # once per implementing plugin: `losses` and the test plugin
+
+
+def test_unknown_registration_keyword_marks_the_plugin_broken(plugins_with):
+    class Typo:
+        @hookimpl
+        def register_losses(self, register):
+            register("typo-loss", _abs_loss, descripton="misspelled")
+    plugins = plugins_with(Typo())
+    assert "typo-loss" not in plugins.names("loss")
+    assert any("unknown keyword(s) descripton" in b.error for b in plugins.broken)
+
+
+@attrs.frozen(kw_only=True)
+class ListOptions:
+    names: list[str] = option(factory=list, doc="Image file names, relative to [dataset] path.")
+
+
+class ListDataset:
+    def __init__(self, section, recipe, options):
+        self.section, self.options = section, options
+
+    def check(self):
+        return [] if self.options.names else [(("dataset", "options", "names"), "lists no image")]
+
+    def items(self):
+        from pathlib import Path
+
+        from lora_run.dataset import Item, read_caption
+        out = []
+        for name in self.options.names:
+            image = Path(self.section.path) / name
+            text, error = read_caption(image.with_suffix(".txt"))
+            out.append(Item(image, text, image.with_suffix(".txt"), "subject", caption_error=error))
+        return out
+
+
+class ListDatasetPlugin:
+    @hookimpl
+    def register_datasets(self, register):
+        register("list", ListDataset, options=ListOptions, description="named images of a folder")
+
+
+def test_dataset_type_takes_its_own_options_table(plugins_with, write_recipe, recording):
+    plugins = plugins_with(ListDatasetPlugin(), recording[0])
+    body = GOOD.replace("[dataset]\n", '[dataset]\ntype = "list"\n')
+    ok = body + '\n[dataset.options]\nnames = ["img000.png", "img002.png"]\n'
+    recipe = load_recipe(write_recipe(ok)).recipe
+    validate(load_recipe(write_recipe(ok)), plugins)
+    assert [item.image.name for item in scan_dataset(recipe, plugins)] == ["img000.png", "img002.png"]
+    with pytest.raises(RecipeError) as info:  # a typo in the type's table: named with the full key
+        validate(load_recipe(write_recipe(body + '\n[dataset.options]\nname = ["a.png"]\n')), plugins)
+    assert "[dataset.options]" in str(info.value) and "did you mean 'names'" in str(info.value)
+    with pytest.raises(RecipeError) as info:  # the type's own check
+        validate(load_recipe(write_recipe(body + '\n[dataset.options]\nnames = []\n')), plugins)
+    assert "[dataset.options.names] lists no image" in str(info.value)
+    with pytest.raises(RecipeError) as info:  # folder takes no options
+        validate(load_recipe(write_recipe(GOOD + '\n[dataset.options]\nnames = []\n')), plugins)
+    assert 'dataset "folder" takes no options' in str(info.value)
+
+
+def test_folder_dataset_requires_a_path(plugins_with, write_recipe, recording):
+    plugins = plugins_with(recording[0])
+    body = GOOD.replace('path = "{dataset}"\n', "")
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(write_recipe(body)), plugins)
+    assert '[dataset.path] is required for dataset type "folder"' in str(info.value)
+
+
+class Evaluators:
+    def __init__(self):
+        self.ran = []
+
+    @hookimpl
+    def register_evaluators(self, register):
+        for name in ("first", "second"):
+            register(name, lambda ctx, name=name: _Eval(self, name), kind="evaluator")
+
+
+class _Eval:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def evaluate(self):
+        self.owner.ran.append(self.name)
+
+
+@pytest.mark.parametrize("chosen, expected", [('["second"]', ["second"]), ("[]", []),
+                                              ('["second", "first"]', ["second", "first"])])
+def test_eval_evaluators_chooses_which_run(plugins_with, write_recipe, recording, tmp_path, chosen, expected):
+    evaluators = Evaluators()
+    plugins = plugins_with(recording[0], evaluators)
+    body = GOOD.replace("enabled = false", f"evaluators = {chosen}")
+    execute(load_recipe(write_recipe(body)), plugins, output_dir=str(tmp_path / "run"), echo=lambda _: None)
+    assert evaluators.ran == expected
+
+
+def test_unknown_evaluator_is_named_with_did_you_mean(plugins_with, write_recipe, recording):
+    plugins = plugins_with(recording[0], Evaluators())
+    body = GOOD.replace("enabled = false", 'evaluators = ["secnod"]')
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(write_recipe(body)), plugins)
+    assert '[eval.evaluators[0]] unknown evaluator "secnod" (did you mean "second"?)' in str(info.value)
