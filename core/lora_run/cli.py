@@ -235,9 +235,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for p in listing:
         print(f"{p['name']} {p['version'] or ''} ({p['module']})".replace("  ", " "))
         print(f"  hooks: {', '.join(p['hooks'])}")
-        for kind in ("backends", "losses", "datasets", "evaluators", "embedders"):
+        for kind in ("families", "backends", "losses", "datasets", "evaluators", "embedders"):
             if p.get(kind):
                 print(f"  {kind}: {', '.join(p[kind])}")
+        for family, backends in p.get("trained_by", {}).items():
+            print(f"  {family} is trained by: {', '.join(backends) or 'no installed backend'}")
     for b in plugins.broken:
         print(f"BROKEN {b.name}: {b.error}")
     for c in plugins.conflicts:

@@ -1,4 +1,4 @@
-"""The hook specifications: four registries (backend, loss, dataset, evaluator) and the run's lifecycle.
+"""The hook specifications: five registries (family, backend, loss, dataset, evaluator) and the run's lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -15,14 +15,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_backends(register: Any) -> None:
+def register_families(register: Any) -> None:
+    """Register model families: ``register(name, *, description, file_slots={slot: doc}, pixel_multiple=16,
+    versions=(), adapters={backend: "module:Class"})``.
+
+    ``[model] family`` is looked up here. ``file_slots`` are the ``[model.files]`` keys the family takes,
+    ``pixel_multiple`` the grid every bucket side must fall on, ``versions`` the releases ``[model] version``
+    may name. ``adapters`` tells backends (by their name) which class teaches them the family; core never
+    reads it. Families are collected before backends, so ``register_backends`` can receive them.
+    """
+
+
+@hookspec
+def register_backends(register: Any, families: Any) -> None:
     """Register backends: ``register(name, factory, options=OptionsClass, capabilities={family: features})``.
 
     ``factory(ctx)`` gets the :class:`lora_run.run.RunContext` (``ctx.recipe``, ``ctx.options`` structured
     with ``options``, ``ctx.run_dir`` …) and returns an object with ``plan()``, ``run()`` and optionally
     ``check()`` (see :class:`lora_run.run.Backend`). ``options`` is a frozen attrs class for the
     ``[backend.<name>]`` table; ``capabilities`` maps each model family the backend trains to the recipe
-    features it honours (``loss:*``: every registered loss). Further keywords: ``description``, ``reasons``,
+    features it honours (``loss:*``: every registered loss). ``families`` maps each registered family name
+    to its :class:`lora_run.plugins.Registration` (``adapters`` included). Further keywords: ``description``, ``reasons``,
     ``family_notes``, ``alias_of``, ``memory_estimate``, ``demo``, ``generate`` (see
     :class:`lora_run.plugins.Registration`).
     """

@@ -21,8 +21,8 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lora_run"
-KINDS = ("backend", "loss", "dataset", "evaluator", "embedder")
-PLURAL = {"backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
+KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder")
+PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
           "embedder": "embedders"}
 
 
@@ -33,7 +33,7 @@ class Registration:
 
     kind: str
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | None   # None for families (a family is facts, not a factory)
     plugin: str
     options: type | None = None
     #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
@@ -54,6 +54,15 @@ class Registration:
     generate: Callable[..., Any] | None = None
     #: evaluators: CLI subcommand name -> ``handler(args, plugins) -> exit code``
     commands: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+    #: families: ``[model.files]`` slot -> what file goes there
+    file_slots: dict[str, str] = attrs.field(factory=dict)
+    #: families: every bucket side is a multiple of this many pixels (the latent grid)
+    pixel_multiple: int = 16
+    #: families: releases ``[model] version`` may name (empty: the key is refused)
+    versions: tuple[str, ...] = ()
+    #: families: backend name -> ``"module:Class"`` (or a callable returning the class) that teaches that
+    #: backend this family; read by the backend, never by core
+    adapters: dict[str, Any] = attrs.field(factory=dict)
 
 
 _FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
@@ -75,11 +84,13 @@ class Plugins:
         self.broken = broken
         self.conflicts: list[str] = []
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
-        for kind, hook_name in (("backend", "register_backends"), ("loss", "register_losses"),
-                                ("dataset", "register_datasets"), ("evaluator", "register_evaluators")):
+        self._collect("family", "register_families")
+        self._collect("backend", "register_backends", families=dict(self.registry["family"]))
+        for kind, hook_name in (("loss", "register_losses"), ("dataset", "register_datasets"),
+                                ("evaluator", "register_evaluators")):
             self._collect(kind, hook_name)
 
-    def _collect(self, kind: str, hook_name: str) -> None:
+    def _collect(self, kind: str, hook_name: str, **arguments: Any) -> None:
         """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see
         every call) with a ``register`` that knows which plugin registers."""
         impls = getattr(self.hook, hook_name).get_hookimpls()
@@ -87,7 +98,7 @@ class Plugins:
         for impl in impls:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
-            def register(name: str, factory: Callable[..., Any], *, options: type | None = None,
+            def register(name: str, factory: Callable[..., Any] | None = None, *, options: type | None = None,
                          capabilities: dict[str, Iterable[str]] | None = None, kind: str = kind,
                          _plugin: str = plugin_name, **fields: Any) -> None:
                 if kind not in KINDS:
@@ -106,7 +117,7 @@ class Plugins:
 
             others = [p for p in everyone if p is not impl.plugin]
             try:
-                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register, **arguments)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
                 self.broken.append(BrokenPlugin(plugin_name, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
 
@@ -124,6 +135,11 @@ class Plugins:
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
         raise PluginError(f"unknown {kind} \"{name}\" at [{where}]{hint}; available: {available}{extra}")
+
+    def trainers(self, family: str) -> list[str]:
+        """Backends that train ``family`` (another name of a listed backend is left out)."""
+        backends = self.registry["backend"]
+        return sorted(n for n, r in backends.items() if family in r.capabilities and r.alias_of not in backends)
 
     def describe(self) -> list[dict[str, Any]]:
         """What `lora-run plugins` prints: one entry per plugin with its hooks and registrations."""
@@ -144,8 +160,11 @@ class Plugins:
             hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
             regs = {kind: sorted(r.name for r in table.values() if r.plugin == name)
                     for kind, table in self.registry.items()}
-            out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
-                            **{PLURAL[kind]: names for kind, names in regs.items() if names}))
+            entry = dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
+                         **{PLURAL[kind]: names for kind, names in regs.items() if names})
+            if regs["family"]:
+                entry["trained_by"] = {family: self.trainers(family) for family in regs["family"]}
+            out.append(entry)
         return out
 
 

@@ -108,6 +108,10 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         backend = plugins.get("backend", recipe.backend.name, "backend.name")
     except PluginError as exc:
         problems.add(("backend", "name"), _strip_where(str(exc)))
+    try:
+        family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
+    except PluginError as exc:
+        problems.add(("model", "family"), _strip_where(str(exc)))
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -143,7 +147,7 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             structure_options(reg, recipe.eval.embedder_options, ("eval", "embedder_options"), problems)
         except PluginError as exc:
             problems.add(("eval", "embedder"), _strip_where(str(exc)))
-    if backend is not None:
+    if backend is not None and recipe.model.family in plugins.registry["family"]:
         for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
             problems.add(path, message)
     # The backend's own check runs even when problems were found above, so that one `check` reports them all.
@@ -163,6 +167,26 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     problems.raise_if_any()
     assert backend is not None
     return Prepared(recipe, loaded, backend, options)
+
+
+def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, problems: Problems) -> None:
+    """What the family's registration says about the recipe: bucket grid, release, `[model.files]` slots."""
+    d, name = recipe.dataset, family.name
+    for key in ("resolution", "bucket_min", "bucket_max", "bucket_step"):
+        if getattr(d, key) % family.pixel_multiple:
+            problems.add(("dataset", key), f"must be a multiple of {family.pixel_multiple} for {name}, got "
+                         f"{getattr(d, key)}")
+    version = recipe.model.version
+    if version is not None and version not in family.versions:
+        several = [n for n, r in plugins.registry["family"].items() if r.versions]
+        problems.add(("model", "version"), f"{name} has no release {version!r} to choose (" + (
+            f"it has {', '.join(repr(v) for v in family.versions)})" if family.versions
+            else "remove the key; only " + (", ".join(several) or "no installed family") + " has several)"))
+    for slot, value in attrs.asdict(recipe.model.files).items():
+        if value is not None and slot not in family.file_slots:
+            problems.add(("model", "files", slot), f"is not a file {name} takes; its [model.files] slots: "
+                         f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
+                         f"for {name}; give [model.source] (a hub id or a diffusers folder)")
 
 
 def _strip_where(message: str) -> str:

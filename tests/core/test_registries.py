@@ -177,3 +177,60 @@ def test_unknown_evaluator_is_named_with_did_you_mean(plugins_with, write_recipe
     with pytest.raises(RecipeError) as info:
         validate(load_recipe(write_recipe(body)), plugins)
     assert '[eval.evaluators[0]] unknown evaluator "secnod" (did you mean "second"?)' in str(info.value)
+
+
+def test_family_is_looked_up_in_the_registry_with_did_you_mean(run_cli, write_recipe):
+    result = run_cli("check", write_recipe(GOOD.replace('backend = "recording"', "")), "--set",
+                     'model.family="flux.1-dve"')
+    assert result.returncode == 2, result.stderr
+    assert '[model.family] unknown family "flux.1-dve" (did you mean "flux.1-dev"?)' in result.stderr
+    assert "available: flux.1-dev, hunyuan-dit-1.2, hunyuan-image-2.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_builtin_families_are_plugins_listed_with_their_backends(run_cli):
+    import json
+
+    listing = json.loads(run_cli("plugins", "--json").stdout)["plugins"]
+    by_family = {f: p for p in listing for f in p.get("families", [])}
+    assert set(by_family) >= {"flux.1-dev", "hunyuan-image-2.1", "hunyuan-dit-1.2"}
+    assert by_family["flux.1-dev"]["name"] == "flux.1-dev" and by_family["flux.1-dev"]["module"] == "lora_run_flux"
+    assert "native" in by_family["hunyuan-dit-1.2"]["trained_by"]["hunyuan-dit-1.2"]
+    assert "kohya" not in by_family["hunyuan-dit-1.2"]["trained_by"]["hunyuan-dit-1.2"]
+    assert "flux" not in by_family["flux.1-dev"]["trained_by"]["flux.1-dev"]  # an alias is listed once
+
+
+def test_a_disabled_family_plugin_takes_its_family_away(run_cli, write_recipe):
+    result = run_cli("check", write_recipe(GOOD.replace('backend = "recording"', "")),
+                     env={"LORA_RUN_PLUGINS_DISABLE": "flux.1-dev"})
+    assert result.returncode == 2
+    assert '[model.family] unknown family "flux.1-dev"' in result.stderr, result.stderr
+
+
+def test_file_slots_come_from_the_family(plugins_with, write_recipe, recording, tmp_path):
+    weights = tmp_path / "qwen.safetensors"
+    weights.write_bytes(b"x")
+    plugins = plugins_with(recording[0])
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(write_recipe(GOOD), [f"model.files.qwen='{weights}'"]), plugins)
+    assert ("[model.files.qwen] is not a file flux.1-dev takes; its [model.files] slots: transformer, vae, clip_l, "
+            "t5xxl") in str(info.value)
+
+
+class TinyFamily:
+    @hookimpl
+    def register_families(self, register):
+        register("tiny-family", file_slots={"weights": "the one file"}, pixel_multiple=8, versions=("a", "b"))
+
+
+def test_a_third_party_family_brings_its_own_grid_and_versions(plugins_with, write_recipe, recording):
+    plugins = plugins_with(recording[0], TinyFamily())
+    assert "tiny-family" in plugins.names("family")
+    base = write_recipe(GOOD)
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(base, ["model.family='tiny-family'", "dataset.bucket_step=12", "model.version='c'"]),
+                 plugins)
+    text = str(info.value)
+    assert "[dataset.bucket_step] must be a multiple of 8 for tiny-family, got 12" in text
+    assert "[model.version] tiny-family has no release 'c' to choose (it has 'a', 'b')" in text
+    assert 'backend "recording" does not train tiny-family' in text
