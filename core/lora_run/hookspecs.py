@@ -1,4 +1,5 @@
-"""The hook specifications: five registries (family, backend, loss, dataset, evaluator) and the run's lifecycle.
+"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command) and the run's
+lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -65,7 +66,16 @@ def register_evaluators(register: Any) -> None:
 
     ``kind`` is ``"evaluator"`` (``factory(ctx)`` returns an object whose ``evaluate()`` runs after training
     on the run's LoRA files; ``[eval] evaluators`` chooses which) or ``"embedder"`` (turns an image into a
-    face embedding). ``commands={"name": handler}`` adds ``lora-run name`` subcommands.
+    face embedding).
+    """
+
+
+@hookspec
+def register_commands(register: Any) -> None:
+    """Add ``lora-run`` subcommands: ``register(name, handler, *, configure=fn, description="")``.
+
+    ``configure(parser)`` adds the command's arguments to its :class:`argparse.ArgumentParser`;
+    ``handler(args, plugins)`` runs it and returns the exit code (raise a ``LoraRunError`` for bad input).
     """
 
 

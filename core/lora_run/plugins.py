@@ -21,9 +21,9 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lora_run"
-KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder")
+KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command")
 PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
-          "embedder": "embedders"}
+          "embedder": "embedders", "command": "commands"}
 
 
 @attrs.frozen
@@ -52,8 +52,8 @@ class Registration:
     demo: Callable[..., Any] | None = None
     #: backends: ``generate(...)`` image generation for evaluators (see lora_run_eval)
     generate: Callable[..., Any] | None = None
-    #: evaluators: CLI subcommand name -> ``handler(args, plugins) -> exit code``
-    commands: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+    #: commands: ``configure(parser)`` adds the subcommand's arguments
+    configure: Callable[..., Any] | None = None
     #: families: ``[model.files]`` slot -> what file goes there
     file_slots: dict[str, str] = attrs.field(factory=dict)
     #: families: every bucket side is a multiple of this many pixels (the latent grid)
@@ -87,7 +87,7 @@ class Plugins:
         self._collect("family", "register_families")
         self._collect("backend", "register_backends", families=dict(self.registry["family"]))
         for kind, hook_name in (("loss", "register_losses"), ("dataset", "register_datasets"),
-                                ("evaluator", "register_evaluators")):
+                                ("evaluator", "register_evaluators"), ("command", "register_commands")):
             self._collect(kind, hook_name)
 
     def _collect(self, kind: str, hook_name: str, **arguments: Any) -> None:

@@ -234,3 +234,41 @@ def test_a_third_party_family_brings_its_own_grid_and_versions(plugins_with, wri
     assert "[dataset.bucket_step] must be a multiple of 8 for tiny-family, got 12" in text
     assert "[model.version] tiny-family has no release 'c' to choose (it has 'a', 'b')" in text
     assert 'backend "recording" does not train tiny-family' in text
+
+
+class CountCommand:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def register_commands(self, register):
+        def configure(parser):
+            parser.add_argument("folder")
+
+        def count(args, plugins):
+            from pathlib import Path
+
+            folder = Path(args.folder)
+            if not folder.is_dir():
+                raise RecipeError(f"{folder}: not a folder")
+            self.seen.append((len(list(folder.iterdir())), "folder" in plugins.names("dataset")))
+            return 0
+        register("count", count, configure=configure, description="count the files in a folder")
+        register("check", count, description="tries to replace a built-in command")
+
+
+def test_plugins_add_cli_commands_through_a_hook(monkeypatch, subject_dataset, tmp_path, capsys):
+    from lora_run import cli, plugins as plugins_mod
+
+    plugin = CountCommand()
+    real = plugins_mod.load_plugins
+    monkeypatch.setattr(plugins_mod, "load_plugins", lambda extra=(): real(extra=[*extra, plugin]))
+    assert cli.main(["count", str(subject_dataset)]) == 0
+    assert plugin.seen == [(8, True)]
+    capsys.readouterr()
+    assert cli.main(["count", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "nowhere: not a folder" in err and "Traceback" not in err
+    assert cli.main(["check", str(tmp_path / "missing.toml")]) == 2  # still the built-in check
+    assert plugin.seen == [(8, True)]
+    assert "count the files in a folder" in cli.build_parser().format_help()
