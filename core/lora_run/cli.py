@@ -6,8 +6,7 @@
     lora-run plugins [--json]           installed plugins, hooks, registrations
     lora-run recipes [NAME]             shipped recipes with their header line; NAME prints one recipe
     lora-run demo                       the embedded tiny end-to-end demo (no download)
-    lora-run eval RECIPE --lora FILE    identity evaluation of LoRA files (grid, metrics, HTML report)
-    lora-run score --subject D --images D   score any folder of images against the subject's photos
+    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them)
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
@@ -39,7 +38,8 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callab
     return wrap
 
 
-def _recipe_args(p: argparse.ArgumentParser) -> None:
+def recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """RECIPE, --set and --unset: for plugin commands that read a recipe as the built-in ones do."""
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="train a recipe (the default command)")
-    _recipe_args(p)
+    recipe_arguments(p)
     p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
     p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
                    "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
@@ -71,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("check", help="validate a recipe and lint its dataset (fast, no torch)")
-    _recipe_args(p)
+    recipe_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("plan", help="show the resolved recipe and what the backend will do")
-    _recipe_args(p)
+    recipe_arguments(p)
     p.add_argument("--output-dir", help="run folder the plan is made for")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -93,33 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    p = sub.add_parser("eval", help="evaluate LoRA files with the recipe's [eval] protocol (grid, identity, report)")
-    _recipe_args(p)
-    p.add_argument("--lora", action="append", required=True, metavar="FILE",
-                   help="LoRA file; repeat to compare checkpoints and pick the best")
-    p.add_argument("--output-dir", help="where the report goes (default: eval-<lora name> next to the LoRA)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in that folder")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-    p = sub.add_parser("score", help="score a folder of images against the subject's photos (any trainer)")
-    p.add_argument("--subject", required=True, metavar="DIR", help="the subject's photos")
-    p.add_argument("--images", required=True, metavar="DIR", help="generated images to score")
-    p.add_argument("--control", metavar="DIR", help="images generated without the trigger (leakage check)")
-    p.add_argument("--embedder", default="dlib", help="face embedder plugin: dlib (default) or onnx")
-    p.add_argument("--model", metavar="FILE", help="onnx: ArcFace ONNX model")
-    p.add_argument("--detector", metavar="FILE", help="onnx: SCRFD ONNX face detector (optional)")
-    p.add_argument("--report", metavar="FILE", help="also write an HTML report to FILE")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    for extend in EXTRA_PARSERS:
-        extend(sub)
+    for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
+        if name in COMMANDS or name == "run":
+            continue  # a plugin cannot replace a built-in command
+        p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
+        if reg.configure is not None:
+            reg.configure(p)
+        if not any(action.dest == "debug" for action in p._actions):
+            p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
-
-
-#: Hooks for commands added in other core modules (eval/score): each takes the subparsers object.
-EXTRA_PARSERS: list[Callable[[Any], None]] = []
 
 
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
@@ -249,9 +231,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for p in listing:
         print(f"{p['name']} {p['version'] or ''} ({p['module']})".replace("  ", " "))
         print(f"  hooks: {', '.join(p['hooks'])}")
-        for kind in ("backends", "losses", "datasets", "evaluators", "embedders"):
+        for kind in ("families", "backends", "losses", "datasets", "evaluators", "embedders", "commands"):
             if p.get(kind):
                 print(f"  {kind}: {', '.join(p[kind])}")
+        for family, backends in p.get("trained_by", {}).items():
+            print(f"  {family} is trained by: {', '.join(backends) or 'no installed backend'}")
     for b in plugins.broken:
         print(f"BROKEN {b.name}: {b.error}")
     for c in plugins.conflicts:
@@ -351,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .run import execute
 
     plugins = load_plugins()
-    makers = [r for r in plugins.registry["backend"].values() if "demo" in r.meta]
+    makers = [r for r in plugins.registry["backend"].values() if r.demo is not None]
     if not makers:
         raise RecipeError("no installed backend provides the demo (install lora-run with the [train] extra)")
     out = Path(args.output_dir).resolve()
@@ -359,7 +343,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.overwrite and run_out.is_dir() and any(run_out.iterdir()):
         raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
                           "`lora-run demo --output-dir OTHER` runs it elsewhere")
-    recipe_path = makers[0].meta["demo"](out / "assets")
+    recipe_path = makers[0].demo(out / "assets")
     ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
                   debug=args.debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
@@ -369,35 +353,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _evaluator_command(name: str, args: argparse.Namespace) -> int:
-    """`eval` and `score` live in an evaluator plugin: dispatch to its `commands` meta callable."""
-    from .errors import PluginError
-
-    plugins = _plugins()
-    for reg in plugins.registry["evaluator"].values():
-        handler = reg.meta.get("commands", {}).get(name)
-        if callable(handler):
-            return handler(args, plugins)
-    raise PluginError(f"no installed evaluator provides `lora-run {name}` (install lora-run with the [eval] extra)")
+_LOADED: list[Any] = []
 
 
-def _plugins() -> Any:
+def _plugins(quiet: bool = False) -> Any:
+    """The plugins, loaded once per command line (the parser needs their commands)."""
     from .plugins import load_plugins
 
-    plugins = load_plugins()
-    for b in plugins.broken:
-        print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
-    return plugins
+    if not _LOADED:
+        _LOADED.append(load_plugins())
+    if not quiet:
+        for b in _LOADED[0].broken:
+            print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
+    return _LOADED[0]
 
 
-@command("eval")
-def cmd_eval(args: argparse.Namespace) -> int:
-    return _evaluator_command("eval", args)
-
-
-@command("score")
-def cmd_score(args: argparse.Namespace) -> int:
-    return _evaluator_command("score", args)
+def _plugin_command(args: argparse.Namespace) -> int:
+    plugins = _plugins()
+    return plugins.registry["command"][args.command].factory(args, plugins)
 
 
 def _tell_launcher(err: LoraRunError) -> None:
@@ -420,8 +393,9 @@ def _tell_launcher(err: LoraRunError) -> None:
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `lora-run` program, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
+    _LOADED.clear()  # a fresh plugin list for every command line (tests call main() repeatedly)
     parser = build_parser()
-    known = set(COMMANDS) | {"-h", "--help", "--version"}
+    known = set(COMMANDS) | set(_plugins(quiet=True).registry["command"]) | {"-h", "--help", "--version"}
     first = next((a for a in argv if a != "--debug"), None)
     if first is not None and first not in known and not first.startswith("-"):
         argv.insert(argv.index(first), "run")
@@ -438,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS.get(args.command, _plugin_command)(args)
     except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

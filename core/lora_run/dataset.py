@@ -27,7 +27,7 @@ class Item:
 
 
 class DatasetSource(Protocol):
-    """What a dataset plugin's factory returns."""
+    """What a dataset plugin's factory returns (``check()`` is optional: (key path, message) problems)."""
 
     def items(self) -> list[Item]:
         """Every image of the subject set and the regularisation sets, in a stable order."""

@@ -82,6 +82,25 @@ def section_table(cls: type, title: str) -> list[str]:
     return lines
 
 
+def families_section() -> list[str]:
+    """`[model] family` choices, from the registered family plugins (`register_families`)."""
+    from .plugins import load_plugins
+
+    plugins = load_plugins()
+    lines = ["## Model families\n",
+             "Generated from the installed family plugins (`register_families`): what `[model] family` accepts, "
+             "the `[model.files]` slots each takes, the grid every bucket side must fall on, the releases "
+             "`[model] version` may name, and the backends that train it.\n",
+             "| family | plugin | `[model.files]` slots | grid (px) | versions | trained by |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, reg in sorted(plugins.registry["family"].items()):
+        slots = "<br>".join(f"`{slot}`: {doc}" for slot, doc in reg.file_slots.items()) or "none (folders only)"
+        lines.append(f"| `{name}` | {reg.plugin} | {slots} | {reg.pixel_multiple} | "
+                     f"{', '.join(reg.versions) or '—'} | {', '.join(plugins.trainers(name)) or '—'} |")
+    lines.append("")
+    return lines
+
+
 def render() -> str:
     lines = [HEADER]
     top = attrs.fields(schema.Recipe)
@@ -95,13 +114,15 @@ def render() -> str:
     for f in top:
         if attrs.has(hints[f.name]):
             lines.extend(section_table(hints[f.name], f"[{f.name}]"))
+    lines.extend(families_section())
     lines.append("## Features and backend capabilities\n")
     lines.append("A backend declares, per model family, which of these features it honours; a recipe that uses "
                  "one the chosen backend does not honour is refused with the key named (`lora-run check`).\n")
     lines.append("| feature | key | used when |\n| --- | --- | --- |")
     for feat in FEATURES:
         lines.append(f"| `{feat.name}` | `{'.'.join(feat.key)}` | {feat.doc} |")
-    lines.append("| `loss:<name>` | `train.loss` | the named loss plugin |")
+    lines.append("| `loss:<name>` | `train.loss` | the named loss plugin (a backend that declares `loss:*` "
+                 "takes every registered loss) |")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -83,6 +83,14 @@ def used_features(recipe: Recipe) -> Iterator[tuple[str, tuple[str, ...]]]:
     yield f"loss:{recipe.train.loss}", ("train", "loss")
 
 
+ANY_LOSS = "loss:*"
+
+
+def honours(capabilities: frozenset[str] | set[str], name: str) -> bool:
+    """Whether a capability set covers a feature; ``loss:*`` covers every registered loss (a kind, not a list)."""
+    return name in capabilities or (name.startswith("loss:") and ANY_LOSS in capabilities)
+
+
 def doc_of(name: str) -> str:
     for feature in FEATURES:
         if feature.name == name:
@@ -94,23 +102,23 @@ def doc_of(name: str) -> str:
 
 def capability_problems(recipe: Recipe, backend: str, registry: dict[str, Any]) -> list[tuple[tuple, str]]:
     """Problems for features the backend does not honour for the recipe's family. The backends that can are
-    listed once each: a registration with ``alias_of`` meta (another name for a listed backend) is left out."""
+    listed once each: a registration with ``alias_of`` (another name for a listed backend) is left out."""
     family = recipe.model.family
     reg = registry[backend]
     out: list[tuple[tuple, str]] = []
-    registry = {n: r for n, r in registry.items() if r.meta.get("alias_of") not in registry}
+    registry = {n: r for n, r in registry.items() if r.alias_of not in registry}
     if family not in reg.capabilities:
         able = sorted(n for n, r in registry.items() if family in r.capabilities)
-        why = reg.meta.get("family_notes", {}).get(family, "")
+        why = reg.family_notes.get(family, "")
         out.append((("model", "family"), f"backend \"{backend}\" does not train {family}"
                     + (f" ({why})" if why else "") + f"; backends that do: {', '.join(able) or 'none installed'}"))
         return out
     honoured = reg.capabilities[family]
-    reasons = reg.meta.get("reasons", {})
+    reasons = reg.reasons
     for name, key in used_features(recipe):
-        if name in honoured:
+        if honours(honoured, name):
             continue
-        able = sorted(n for n, r in registry.items() if name in r.capabilities.get(family, ()))
+        able = sorted(n for n, r in registry.items() if honours(r.capabilities.get(family, frozenset()), name))
         why = reasons.get(name, "")
         out.append((key, f"backend \"{backend}\" cannot honour {doc_of(name)} for {family}"
                     + (f" ({why})" if why else "")

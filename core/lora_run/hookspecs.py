@@ -1,4 +1,5 @@
-"""The hook specifications: four registries (backend, loss, dataset, evaluator) and the run's lifecycle.
+"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command) and the run's
+lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -15,12 +16,29 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_backends(register: Any) -> None:
+def register_families(register: Any) -> None:
+    """Register model families: ``register(name, *, description, file_slots={slot: doc}, pixel_multiple=16,
+    versions=(), adapters={backend: "module:Class"})``.
+
+    ``[model] family`` is looked up here. ``file_slots`` are the ``[model.files]`` keys the family takes,
+    ``pixel_multiple`` the grid every bucket side must fall on, ``versions`` the releases ``[model] version``
+    may name. ``adapters`` tells backends (by their name) which class teaches them the family; core never
+    reads it. Families are collected before backends, so ``register_backends`` can receive them.
+    """
+
+
+@hookspec
+def register_backends(register: Any, families: Any) -> None:
     """Register backends: ``register(name, factory, options=OptionsClass, capabilities={family: features})``.
 
-    ``factory(recipe, options, context)`` returns an object with ``plan()`` and ``run()`` (see
-    :class:`lora_run.plugins.Backend`). ``options`` is a frozen attrs class for the ``[backend.<name>]``
-    table; ``capabilities`` maps each model family the backend trains to the recipe features it honours.
+    ``factory(ctx)`` gets the :class:`lora_run.run.RunContext` (``ctx.recipe``, ``ctx.options`` structured
+    with ``options``, ``ctx.run_dir`` …) and returns an object with ``plan()``, ``run()`` and optionally
+    ``check()`` (see :class:`lora_run.run.Backend`). ``options`` is a frozen attrs class for the
+    ``[backend.<name>]`` table; ``capabilities`` maps each model family the backend trains to the recipe
+    features it honours (``loss:*``: every registered loss). ``families`` maps each registered family name
+    to its :class:`lora_run.plugins.Registration` (``adapters`` included). Further keywords: ``description``, ``reasons``,
+    ``family_notes``, ``alias_of``, ``memory_estimate``, ``demo``, ``generate`` (see
+    :class:`lora_run.plugins.Registration`).
     """
 
 
@@ -34,16 +52,30 @@ def register_losses(register: Any) -> None:
 
 @hookspec
 def register_datasets(register: Any) -> None:
-    """Register dataset types: ``register(name, factory)``; ``factory(section, recipe)`` returns a
-    :class:`lora_run.dataset.DatasetSource` whose ``items()`` lists images with captions."""
+    """Register dataset types: ``register(name, factory, options=OptionsClass)``.
+
+    ``factory(section, recipe)`` — or ``factory(section, recipe, options)`` when the type registered an
+    ``options`` class for its ``[dataset.options]`` table — returns a :class:`lora_run.dataset.DatasetSource`
+    whose ``items()`` lists images with captions and whose optional ``check()`` returns (key path, message)
+    problems for ``lora-run check``."""
 
 
 @hookspec
 def register_evaluators(register: Any) -> None:
     """Register evaluators and face embedders: ``register(name, factory, options=OptionsClass, kind=...)``.
 
-    ``kind`` is ``"evaluator"`` (runs after training on the run's LoRA files) or ``"embedder"`` (turns an
-    image into a face embedding; used by the identity evaluator and ``lora-run score``).
+    ``kind`` is ``"evaluator"`` (``factory(ctx)`` returns an object whose ``evaluate()`` runs after training
+    on the run's LoRA files; ``[eval] evaluators`` chooses which) or ``"embedder"`` (turns an image into a
+    face embedding).
+    """
+
+
+@hookspec
+def register_commands(register: Any) -> None:
+    """Add ``lora-run`` subcommands: ``register(name, handler, *, configure=fn, description="")``.
+
+    ``configure(parser)`` adds the command's arguments to its :class:`argparse.ArgumentParser`;
+    ``handler(args, plugins)`` runs it and returns the exit code (raise a ``LoraRunError`` for bad input).
     """
 
 

@@ -21,23 +21,52 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lora_run"
-KINDS = ("backend", "loss", "dataset", "evaluator", "embedder")
-PLURAL = {"backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
-          "embedder": "embedders"}
+KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command")
+PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
+          "embedder": "embedders", "command": "commands"}
 
 
 @attrs.frozen
 class Registration:
-    """One named thing a plugin registered."""
+    """One named thing a plugin registered. Every field is a keyword of ``register(...)``; an unknown
+    keyword is an error that marks the plugin broken (no untyped side channel)."""
 
     kind: str
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | None   # None for families (a family is facts, not a factory)
     plugin: str
     options: type | None = None
+    #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
     capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
     description: str = ""
-    meta: dict[str, Any] = attrs.field(factory=dict)
+    #: backends: feature -> why it is not honoured (shown with the refusal)
+    reasons: dict[str, str] = attrs.field(factory=dict)
+    #: backends: family -> why it is not trained (shown with the refusal)
+    family_notes: dict[str, str] = attrs.field(factory=dict)
+    #: backends: the registered backend this name is another name for (listed once in refusals)
+    alias_of: str | None = None
+    #: backends: ``memory_estimate(recipe, swapped_blocks) -> (GiB, assumptions) | None``, lent to backends
+    #: without their own memory model
+    memory_estimate: Callable[..., Any] | None = None
+    #: backends: ``demo(folder) -> recipe path``, a tiny end-to-end run for ``lora-run demo``
+    demo: Callable[..., Any] | None = None
+    #: backends: ``generate(...)`` image generation for evaluators (see lora_run_eval)
+    generate: Callable[..., Any] | None = None
+    #: commands: ``configure(parser)`` adds the subcommand's arguments
+    configure: Callable[..., Any] | None = None
+    #: families: ``[model.files]`` slot -> what file goes there
+    file_slots: dict[str, str] = attrs.field(factory=dict)
+    #: families: every bucket side is a multiple of this many pixels (the latent grid)
+    pixel_multiple: int = 16
+    #: families: releases ``[model] version`` may name (empty: the key is refused)
+    versions: tuple[str, ...] = ()
+    #: families: backend name -> ``"module:Class"`` (or a callable returning the class) that teaches that
+    #: backend this family; read by the backend, never by core
+    adapters: dict[str, Any] = attrs.field(factory=dict)
+
+
+_FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
+    "kind", "name", "factory", "plugin", "options", "capabilities"}
 
 
 @attrs.frozen
@@ -55,32 +84,40 @@ class Plugins:
         self.broken = broken
         self.conflicts: list[str] = []
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
-        for kind, hook_name in (("backend", "register_backends"), ("loss", "register_losses"),
-                                ("dataset", "register_datasets"), ("evaluator", "register_evaluators")):
+        self._collect("family", "register_families")
+        self._collect("backend", "register_backends", families=dict(self.registry["family"]))
+        for kind, hook_name in (("loss", "register_losses"), ("dataset", "register_datasets"),
+                                ("evaluator", "register_evaluators"), ("command", "register_commands")):
             self._collect(kind, hook_name)
 
-    def _collect(self, kind: str, hook_name: str) -> None:
-        caller = getattr(self.hook, hook_name)
-        for impl in caller.get_hookimpls():
+    def _collect(self, kind: str, hook_name: str, **arguments: Any) -> None:
+        """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see
+        every call) with a ``register`` that knows which plugin registers."""
+        impls = getattr(self.hook, hook_name).get_hookimpls()
+        everyone = [impl.plugin for impl in impls]
+        for impl in impls:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
-            def register(name: str, factory: Callable[..., Any], *, options: type | None = None,
-                         capabilities: dict[str, Iterable[str]] | None = None, description: str = "",
-                         kind: str = kind, _plugin: str = plugin_name, **meta: Any) -> None:
+            def register(name: str, factory: Callable[..., Any] | None = None, *, options: type | None = None,
+                         capabilities: dict[str, Iterable[str]] | None = None, kind: str = kind,
+                         _plugin: str = plugin_name, **fields: Any) -> None:
                 if kind not in KINDS:
                     raise PluginError(f"plugin {_plugin}: unknown registration kind {kind!r}")
+                unknown = sorted(set(fields) - _FIELDS)
+                if unknown:
+                    raise TypeError(f"register() got unknown keyword(s) {', '.join(unknown)}; known: "
+                                    f"{', '.join(sorted(_FIELDS | {'options', 'capabilities', 'kind'}))}")
                 table = self.registry[kind]
                 if name in table:
                     self.conflicts.append(f"{kind} {name!r} from plugin {_plugin} ignored: already registered "
                                           f"by {table[name].plugin}")
                     return
                 caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
-                table[name] = Registration(kind, name, factory, _plugin, options, caps, description, meta)
+                table[name] = Registration(kind, name, factory, _plugin, options, caps, **fields)
 
-            if os.environ.get("LORA_RUN_TRACE_PLUGINS"):
-                print(f"[lora-run trace] {hook_name}(register) -> {plugin_name}", file=sys.stderr)
+            others = [p for p in everyone if p is not impl.plugin]
             try:
-                impl.function(register=register)
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register, **arguments)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
                 self.broken.append(BrokenPlugin(plugin_name, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
 
@@ -98,6 +135,11 @@ class Plugins:
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
         raise PluginError(f"unknown {kind} \"{name}\" at [{where}]{hint}; available: {available}{extra}")
+
+    def trainers(self, family: str) -> list[str]:
+        """Backends that train ``family`` (another name of a listed backend is left out)."""
+        backends = self.registry["backend"]
+        return sorted(n for n, r in backends.items() if family in r.capabilities and r.alias_of not in backends)
 
     def describe(self) -> list[dict[str, Any]]:
         """What `lora-run plugins` prints: one entry per plugin with its hooks and registrations."""
@@ -118,8 +160,11 @@ class Plugins:
             hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
             regs = {kind: sorted(r.name for r in table.values() if r.plugin == name)
                     for kind, table in self.registry.items()}
-            out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
-                            **{PLURAL[kind]: names for kind, names in regs.items() if names}))
+            entry = dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
+                         **{PLURAL[kind]: names for kind, names in regs.items() if names})
+            if regs["family"]:
+                entry["trained_by"] = {family: self.trainers(family) for family in regs["family"]}
+            out.append(entry)
         return out
 
 

@@ -22,7 +22,7 @@ from cattrs.errors import (AttributeValidationNote, BaseValidationError, Forbidd
 
 from . import files
 from .errors import RecipeError
-from .schema import VERSIONS, Recipe
+from .schema import Recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -551,11 +551,6 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
     if not d.bucket_min <= d.resolution <= d.bucket_max:
         problems.add(("dataset", "resolution"), f"must lie between bucket_min ({d.bucket_min}) and bucket_max "
                      f"({d.bucket_max}), got {d.resolution}")
-    grid = 32 if r.model.family == "hunyuan-image-2.1" else 16
-    for key in ("resolution", "bucket_min", "bucket_max", "bucket_step"):
-        value = getattr(d, key)
-        if value % grid:
-            problems.add(("dataset", key), f"must be a multiple of {grid} for {r.model.family}, got {value}")
     if d.trigger_policy != "none" and not d.trigger.strip():
         problems.add(("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
                      "unique trigger token or trigger_policy = \"none\"")
@@ -566,10 +561,6 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
             problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
     if len(r.optimizer.betas) != 2:
         problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
-    if r.model.version is not None and r.model.version not in VERSIONS.get(r.model.family, ()):
-        problems.add(("model", "version"), f"{r.model.family} has no release {r.model.version!r} to choose ("
-                     + (f"it has {', '.join(repr(v) for v in VERSIONS[r.model.family])})" if r.model.family in VERSIONS
-                        else "remove the key; only " + ", ".join(VERSIONS) + " has several)"))
     if r.model.source is None and r.model.files.transformer is None:
         problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
     if r.lora.alpha > 16 * r.lora.rank:

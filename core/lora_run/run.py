@@ -172,6 +172,10 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         backend = plugins.get("backend", recipe.backend.name, "backend.name")
     except PluginError as exc:
         problems.add(("backend", "name"), _strip_where(str(exc)))
+    try:
+        family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
+    except PluginError as exc:
+        problems.add(("model", "family"), _strip_where(str(exc)))
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -183,22 +187,31 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             options = value
     if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
         options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
-    for kind, name, where, raw in (("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options),
-                                   ("dataset", recipe.dataset.type, ("dataset", "type"), None)):
+    for kind, name, where, raw, raw_at in (
+            ("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options, ("train", "loss_options")),
+            ("dataset", recipe.dataset.type, ("dataset", "type"), recipe.dataset.options, ("dataset", "options"))):
         try:
             reg = plugins.get(kind, name, ".".join(where))
         except PluginError as exc:
             problems.add(where, _strip_where(str(exc)))
             continue
-        if raw is not None:
-            structure_options(reg, raw, ("train", "loss_options"), problems)
+        value = structure_options(reg, raw, raw_at, problems)
+        if kind == "dataset" and (value is not None or reg.options is None):
+            checker = getattr(make_dataset(recipe, reg, value), "check", None)
+            for path, message in checker() if checker is not None else ():
+                problems.add(tuple(path), message)
+    for n, name in enumerate(recipe.eval.evaluators or ()):
+        try:
+            plugins.get("evaluator", name, "eval.evaluators")
+        except PluginError as exc:
+            problems.add(("eval", "evaluators", n), _strip_where(str(exc)))
     if recipe.eval.enabled and plugins.registry["embedder"]:
         try:
             reg = plugins.get("embedder", recipe.eval.embedder, "eval.embedder")
             structure_options(reg, recipe.eval.embedder_options, ("eval", "embedder_options"), problems)
         except PluginError as exc:
             problems.add(("eval", "embedder"), _strip_where(str(exc)))
-    if backend is not None:
+    if backend is not None and recipe.model.family in plugins.registry["family"]:
         for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
             problems.add(path, message)
     # The backend's own check runs even when problems were found above, so that one `check` reports them all.
@@ -220,6 +233,26 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     return Prepared(recipe, loaded, backend, options)
 
 
+def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, problems: Problems) -> None:
+    """What the family's registration says about the recipe: bucket grid, release, `[model.files]` slots."""
+    d, name = recipe.dataset, family.name
+    for key in ("resolution", "bucket_min", "bucket_max", "bucket_step"):
+        if getattr(d, key) % family.pixel_multiple:
+            problems.add(("dataset", key), f"must be a multiple of {family.pixel_multiple} for {name}, got "
+                         f"{getattr(d, key)}")
+    version = recipe.model.version
+    if version is not None and version not in family.versions:
+        several = [n for n, r in plugins.registry["family"].items() if r.versions]
+        problems.add(("model", "version"), f"{name} has no release {version!r} to choose (" + (
+            f"it has {', '.join(repr(v) for v in family.versions)})" if family.versions
+            else "remove the key; only " + (", ".join(several) or "no installed family") + " has several)"))
+    for slot, value in attrs.asdict(recipe.model.files).items():
+        if value is not None and slot not in family.file_slots:
+            problems.add(("model", "files", slot), f"is not a file {name} takes; its [model.files] slots: "
+                         f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
+                         f"for {name}; give [model.source] (a hub id or a diffusers folder)")
+
+
 def _strip_where(message: str) -> str:
     head, sep, tail = message.partition(" at [")
     return head + (tail.split("]", 1)[1] if sep else "")
@@ -233,9 +266,9 @@ def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
 
 def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: int = 0) -> tuple[float, str] | None:
     """For a backend without its own memory model: (GiB, label) from the first backend that offers one
-    (`memory_estimate` meta), for the equivalent settings, labelled as that backend's estimate."""
+    (its registered `memory_estimate`), for the equivalent settings, labelled as that backend's estimate."""
     for reg in plugins.registry["backend"].values():
-        estimate = reg.meta.get("memory_estimate")
+        estimate = reg.memory_estimate
         if callable(estimate) and recipe.model.family in reg.capabilities:
             found = estimate(recipe, swapped_blocks)
             if found is not None:
@@ -244,10 +277,17 @@ def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: i
     return None
 
 
+def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
+    """The dataset source; ``options`` (the structured ``[dataset.options]``) only for types that take them."""
+    if reg.options is None:
+        return reg.factory(recipe.dataset, recipe)
+    return reg.factory(recipe.dataset, recipe, options)
+
+
 def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
     reg = plugins.get("dataset", recipe.dataset.type, "dataset.type")
-    source = reg.factory(recipe.dataset, recipe)
-    return list(source.items())
+    options = structure_options(reg, recipe.dataset.options, ("dataset", "options")) if reg.options else None
+    return list(make_dataset(recipe, reg, options).items())
 
 
 def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
@@ -619,9 +659,11 @@ def _finish_manifest(run_dir: RunDir, status: str, started: float, ctx: RunConte
 
 
 def run_evaluators(ctx: RunContext) -> None:
-    for reg in ctx.plugins.registry["evaluator"].values():
-        evaluator = reg.factory(ctx)
-        evaluator.evaluate()
+    """The evaluators `[eval] evaluators` names (unset: every installed one), in that order."""
+    chosen = ctx.recipe.eval.evaluators
+    names = chosen if chosen is not None else ctx.plugins.names("evaluator")
+    for name in names:
+        ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
 
 
 def _install_sigterm() -> Any:

@@ -10,10 +10,8 @@ from typing import Any, Literal
 
 import attrs
 
-Family = Literal["flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1"]
-FAMILIES: tuple[str, ...] = ("flux.1-dev", "hunyuan-dit-1.2", "hunyuan-image-2.1")
-#: Families with several releases in use that were trained differently (`[model] version`).
-VERSIONS: dict[str, tuple[str, ...]] = {"hunyuan-dit-1.2": ("1.1", "1.2")}
+#: The family a recipe without `[model] family` trains (families themselves are plugins: `register_families`).
+DEFAULT_FAMILY = "flux.1-dev"
 
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
@@ -47,12 +45,13 @@ class ModelFiles:
 class ModelSection:
     """Which base model to train on and where its weights come from."""
 
-    family: Family = option("flux.1-dev", "Model family: `flux.1-dev`, `hunyuan-dit-1.2` or `hunyuan-image-2.1`.")
+    family: str = option(DEFAULT_FAMILY, "Model family: a registered family (`lora-run plugins` lists them; the "
+                         "built-ins are `flux.1-dev`, `hunyuan-dit-1.2` and `hunyuan-image-2.1`).")
     source: str | None = option(None, "Hub id (`black-forest-labs/FLUX.1-dev`) or a local diffusers folder. "
                                 "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
                                 "hub id may still supply the tokenizers and configs).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
-    version: Literal["1.1", "1.2"] | None = option(
+    version: str | None = option(
         None, "Hunyuan-DiT only: which release the weights are, `\"1.2\"` (DDPM β 0.00085 → 0.018) or `\"1.1\"` (β → "
         "0.03, style and image-size conditioning). Unset: the model says (its `scheduler/scheduler_config.json` "
         "and transformer config), v1.2 where it says nothing. The noise schedule is the model folder's "
@@ -82,7 +81,11 @@ class DatasetSection:
     """The subject's images and captions, buckets and regularisation sets."""
 
     type: str = option("folder", "Dataset plugin (`lora-run plugins` lists them).")
-    path: str = option(doc="Folder of subject images with a caption file next to each.", path=True)
+    path: str | None = option(None, "Folder of subject images with a caption file next to each (the `folder` "
+                              "type requires it; other types may take their images from `[dataset.options]`).",
+                              path=True)
+    options: dict[str, Any] = option(factory=dict, doc="`[dataset.options]`: options of the dataset type, "
+                                     "checked by the options class that type registered.")
     caption_extension: str = option(".txt", "Caption file extension (sd-scripts defaults to `.caption`; we don't).")
     trigger: str = option("", "Unique trigger token. Must appear in every subject caption and never in a "
                           "regularisation caption (playbook §6).")
@@ -258,6 +261,8 @@ class EvalSection:
     embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder (for `onnx`: "
                                               "`model`, `detector`).")
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
+    evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
+                                          "plugins` lists them); unset: every installed evaluator.")
 
 
 @frozen

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import attrs
 from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
                              TrainingInterrupted)
 from lora_run.run import Plan, RunContext, borrowed_memory_estimate
+import lora_run_engines as engines
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
@@ -24,8 +24,7 @@ NAME = "diffusion-pipe"
 
 
 def _toml(data: dict[str, Any], header: str) -> str:
-    lines = "".join(f"# {line}\n" for line in header.splitlines())
-    return lines + "\n" + translate.dumps_toml(data)
+    return engines.commented(header, translate.dumps_toml(data))
 
 
 class Progress:
@@ -448,14 +447,6 @@ def _checkout_problem(path: Path) -> str | None:
 
 
 def git_state(path: Path) -> tuple[str, bool]:
-    """(HEAD commit, has uncommitted changes to tracked files) of a checkout; ("unknown", False) without git."""
-    try:
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=20)
-        if head.returncode != 0:
-            return "unknown", False
-        status = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=60)
-        return head.stdout.strip(), bool(status.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown", False
+    """(HEAD commit, has uncommitted changes) of a checkout; ("unknown", False) without git."""
+    commit, dirty = engines.git_state(path)
+    return commit or "unknown", bool(dirty)

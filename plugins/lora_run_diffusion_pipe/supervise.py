@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import attrs
 
+from lora_run_engines import split_output
+
 MAX_LINE = 16384          # parse at most this much of one line (the log keeps everything)
 TAIL_LINES = 40
 
@@ -288,26 +290,10 @@ class Supervisor:
 
 def _read_lines(stream: Any, out: queue.Queue) -> None:
     """Split the child's bytes on \\n and \\r (progress bars redraw with \\r); None marks the end."""
-    buffer = b""
+    read = stream.read1 if hasattr(stream, "read1") else stream.read
     try:
-        while True:
-            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-            if not chunk:
-                break
-            buffer += chunk
-            parts = re.split(rb"\r\n|\r|\n", buffer)
-            buffer = parts.pop()
-            for part in parts:
-                if part.strip():
-                    out.put(part)
-            if len(buffer) > 1 << 20:          # a runaway line without newline
-                out.put(buffer)
-                buffer = b""
-    except (OSError, ValueError):
-        pass
+        split_output(lambda: read(65536), out.put)
     finally:
-        if buffer.strip():
-            out.put(buffer)
         out.put(None)
 
 

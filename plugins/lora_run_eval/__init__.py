@@ -2,8 +2,8 @@
 
 Registers the `identity` evaluator (end of run: generation grid → face metrics → best checkpoint →
 `<run>/eval/report.html` + `metrics.json`) and two face embedders, `dlib` (offline default) and `onnx`
-(user-supplied ArcFace). The `eval` and `score` commands of `lora-run` reach this plugin through the
-evaluator registration's `commands` meta. It also collects the training loss (`step_finished`) and the
+(user-supplied ArcFace). It adds the `eval` and `score` commands to `lora-run` through
+`register_commands`. It also collects the training loss (`step_finished`) and the
 saved checkpoints (`checkpoint_saved`). Heavy imports (numpy, dlib, onnxruntime, torch) happen inside
 functions only.
 """
@@ -46,12 +46,42 @@ def _cmd_score(args: Any, plugins: Any) -> int:
     return cmd_score(args, plugins)
 
 
+def _eval_arguments(p: Any) -> None:
+    from lora_run.cli import recipe_arguments
+
+    recipe_arguments(p)
+    p.add_argument("--lora", action="append", required=True, metavar="FILE",
+                   help="LoRA file; repeat to compare checkpoints and pick the best")
+    p.add_argument("--output-dir", help="where the report goes (default: eval-<lora name> next to the LoRA)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in that folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _score_arguments(p: Any) -> None:
+    p.add_argument("--subject", required=True, metavar="DIR", help="the subject's photos")
+    p.add_argument("--images", required=True, metavar="DIR", help="generated images to score")
+    p.add_argument("--control", metavar="DIR", help="images generated without the trigger (leakage check)")
+    p.add_argument("--embedder", default="dlib", help="face embedder plugin: dlib (default) or onnx")
+    p.add_argument("--model", metavar="FILE", help="onnx: ArcFace ONNX model")
+    p.add_argument("--detector", metavar="FILE", help="onnx: SCRFD ONNX face detector (optional)")
+    p.add_argument("--report", metavar="FILE", help="also write an HTML report to FILE")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@hookimpl
+def register_commands(register):
+    register("eval", _cmd_eval, configure=_eval_arguments,
+             description="evaluate LoRA files with the recipe's [eval] protocol (grid, identity, report)")
+    register("score", _cmd_score, configure=_score_arguments,
+             description="score a folder of images against the subject's photos (any trainer)")
+
+
 @hookimpl
 def register_evaluators(register):
     register("identity", _identity, kind="evaluator",
              description="playbook §7: prompt × strength × seed grid, face identity, leakage, diversity, "
-                         "best checkpoint, HTML report",
-             commands={"eval": _cmd_eval, "score": _cmd_score})
+                         "best checkpoint, HTML report")
     register("dlib", _dlib, kind="embedder", options=DlibOptions,
              description="offline face embedder: dlib HOG detector, 5-point landmarks, 128-d ResNet (L2 < 0.6)")
     register("onnx", _onnx, kind="embedder", options=OnnxOptions,

@@ -78,20 +78,16 @@ def expanded_prompts(recipe: Any) -> list[str]:
 
 
 def find_generator(plugins: Any, recipe: Any) -> Callable[..., Any]:
-    """`generate_images(recipe, lora_path, jobs, out_dir, device=None)`: the recipe backend's `generate`
-    meta callable if it registers one, else the native backend's module."""
+    """`generate_images(recipe, lora_path, jobs, out_dir, device=None)`: the recipe backend's registered
+    `generate` if it has one, else the first installed backend's."""
     reg = plugins.registry["backend"].get(recipe.backend.name)
-    if reg is not None and callable(reg.meta.get("generate")):
-        return reg.meta["generate"]
+    if reg is not None and reg.generate is not None:
+        return reg.generate
     for other in plugins.registry["backend"].values():
-        if callable(other.meta.get("generate")):
-            return other.meta["generate"]
-    try:
-        from lora_run_native.generate import generate_images
-    except ImportError as exc:
-        raise PluginError("image generation for the evaluation grid needs the native backend's pipelines "
-                          f"(lora_run_native.generate): {exc}; install lora-run with the [train] extra") from None
-    return generate_images
+        if other.generate is not None:
+            return other.generate
+    raise PluginError("image generation for the evaluation grid needs a backend that registers `generate` "
+                      "(the native backend does; install lora-run with the [train] extra)")
 
 
 def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir: Path,

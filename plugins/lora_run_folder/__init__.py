@@ -33,10 +33,15 @@ class FolderDataset:
     def __init__(self, section: DatasetSection, recipe: Recipe):
         self.section = section
 
+    def check(self) -> list[tuple[tuple[str, ...], str]]:
+        if self.section.path is None:
+            return [(("dataset", "path"), "is required for dataset type \"folder\" (the folder of subject images)")]
+        return []
+
     def items(self) -> list[Item]:
         s = self.section
         out = []
-        for image in _images(Path(s.path)):
+        for image in _images(Path(s.path)) if s.path is not None else ():
             cap_file = image.with_suffix(s.caption_extension)
             text, error = read_caption(cap_file)
             out.append(Item(image, text, cap_file if text is not None or error else None, "subject",

@@ -11,7 +11,6 @@ import importlib.util
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
 from lora_run.run import Plan, borrowed_memory_estimate
+from lora_run_engines import commented, stage_link
 
 from . import checkout, spec
 from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
@@ -40,7 +40,7 @@ TAIL_LINES = 30
 
 
 def _toml(config: dict[str, Any], header: str) -> str:
-    return "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + tomli_w.dumps(config)
+    return commented(header, tomli_w.dumps(config))
 
 
 class KohyaBackend:
@@ -474,18 +474,7 @@ def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> di
     return counts
 
 
-def _link(source: Path, target: Path) -> None:
-    source = source.resolve()
-    if target.is_symlink() and Path(os.readlink(target)) == source:
-        return
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists() or tmp.is_symlink():
-        tmp.unlink()
-    try:
-        os.symlink(source, tmp)
-    except OSError:  # no symlinks here (some file systems): copy
-        shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+_link = stage_link
 
 
 def _write_converted(source: Path, target: Path) -> None:

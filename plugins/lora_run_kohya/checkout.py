@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 from typing import Iterable
 
 import attrs
+
+from lora_run_engines import git_state
 
 ENV = "LORA_RUN_SD_SCRIPTS"
 
@@ -78,23 +79,6 @@ def missing_options(path: Path, trainer: Path, keys: Iterable[str]) -> list[str]
     corpus = "\n".join(texts)
     defined = set(re.findall(r"""["']--([A-Za-z0-9_]+)["']""", corpus))
     return sorted(k for k in set(keys) if k not in defined)
-
-
-def git_state(path: Path) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout, or (None, None) when it is not a git repository."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30,
-                                  stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
-    if head is None:
-        return None, None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return head.strip(), (bool(status.strip()) if status is not None else None)
 
 
 def locate(option: str | None, base: Path | None, script: str, network_module: str,

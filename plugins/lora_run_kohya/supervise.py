@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import attrs
 
+from lora_run_engines import split_output
+
 _BAR = re.compile(
     r"(?P<desc>[\w ./-]*?):\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<step>\d+)/(?P<total>\d+)\s*"
     r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+),\s*(?P<rate>[\d.]+|\?)\s*(?P<unit>it/s|s/it)?"
@@ -119,26 +121,9 @@ class Supervisor:
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        pending = b""
         try:
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                pending += chunk
-                parts = re.split(rb"[\r\n]", pending)
-                pending = parts.pop()
-                for part in parts:
-                    if part.strip():
-                        self._lines.put(part.decode("utf-8", "replace").rstrip())
-                if len(pending) > 1 << 20:  # a 1 MiB "line" without a newline: flush it anyway
-                    self._lines.put(pending.decode("utf-8", "replace"))
-                    pending = b""
-        except OSError:
-            pass
+            split_output(lambda: os.read(fd, 65536), lambda line: self._lines.put(line.decode("utf-8", "replace").rstrip()))
         finally:
-            if pending.strip():
-                self._lines.put(pending.decode("utf-8", "replace").rstrip())
             self._lines.put(None)
 
     def wait(self) -> int:

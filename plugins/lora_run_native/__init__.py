@@ -24,6 +24,13 @@ def build_demo(assets_dir):
     return build(assets_dir)
 
 
+def _generate(*args, **kwargs):
+    """Image generation for evaluators (`generate_images(recipe, lora_path, jobs, out_dir, device=None)`)."""
+    from .generate import generate_images
+
+    return generate_images(*args, **kwargs)
+
+
 def _memory_estimate(recipe, swapped_blocks=0):
     from .memory import equivalent_estimate
 
@@ -31,21 +38,22 @@ def _memory_estimate(recipe, swapped_blocks=0):
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register, families):
     from .adapters import adapter_classes
     from .backend import NativeOptions
 
-    classes = adapter_classes()
+    classes = adapter_classes(families)
     capabilities = {family: cls.features for family, cls in classes.items()}
     reasons = {}
     for cls in classes.values():
         reasons.update(cls.reasons)
-    from lora_run.schema import FAMILIES
-
-    notes = {f: "no native adapter for this family is installed" for f in FAMILIES if f not in classes}
+    notes = {f: "its family plugin declares no native adapter" for f in families if f not in classes}
     register("native", make_backend, options=NativeOptions, capabilities=capabilities,
              description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
-             reasons=reasons, family_notes=notes, demo=build_demo, memory_estimate=_memory_estimate)
-    flux = classes["flux.1-dev"]
+             reasons=reasons, family_notes=notes, demo=build_demo, memory_estimate=_memory_estimate,
+             generate=_generate)
+    flux = classes.get("flux.1-dev")
+    if flux is None:  # the alias exists only with the FLUX.1-dev family plugin
+        return
     register("flux", make_backend, options=NativeOptions, capabilities={"flux.1-dev": flux.features},
              description="alias of native for FLUX.1-dev", reasons=dict(flux.reasons), alias_of="native")

@@ -6,7 +6,7 @@ import sys
 import time
 
 from .conftest import GOOD
-from .test_plugins import toy_site  # noqa: F401 - session fixture reused
+from .test_plugins import toy_env, toy_site  # noqa: F401 - session fixture reused
 
 TOY = GOOD.replace('backend = "recording"', 'backend = "toy"')
 
@@ -25,7 +25,7 @@ def test_check_is_fast_and_torch_free(toy_site, write_recipe, tmp_path):  # noqa
     code = ("import sys, time; from lora_run.cli import main; t = time.perf_counter(); "
             f"rc = main(['check', {str(recipe)!r}]); "
             "print('RESULT', rc, 'torch' in sys.modules, round(time.perf_counter() - t, 3))")
-    env = {"PYTHONPATH": str(toy_site)}
+    env = toy_env(toy_site)
     import os
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -62,13 +62,13 @@ def test_usage_errors_and_help(run_cli, tmp_path):
 
 
 def test_check_json_reports_lint(toy_site, run_cli, write_recipe):  # noqa: F811
-    out = run_cli("check", write_recipe(TOY), "--json", env={"PYTHONPATH": str(toy_site)})
+    out = run_cli("check", write_recipe(TOY), "--json", env=toy_env(toy_site))
     data = json.loads(out.stdout)
     assert out.returncode == 0 and data["ok"] and data["lint"]["counts"]["subject images"] == 4
 
 
 def test_plan_shows_resolved_recipe_and_plan(toy_site, run_cli, write_recipe, tmp_path):  # noqa: F811
-    env = {"PYTHONPATH": str(toy_site)}
+    env = toy_env(toy_site)
     out = run_cli("plan", write_recipe(TOY), "--output-dir", tmp_path / "o", env=env)
     assert out.returncode == 0, out.stderr
     assert "[train]\nsteps = 3" in out.stdout and "# plan: backend toy" in out.stdout
@@ -79,7 +79,7 @@ def test_plan_shows_resolved_recipe_and_plan(toy_site, run_cli, write_recipe, tm
 
 
 def test_run_refuses_non_empty_output_exit_2(toy_site, run_cli, write_recipe, tmp_path):  # noqa: F811
-    env = {"PYTHONPATH": str(toy_site)}
+    env = toy_env(toy_site)
     out_dir = tmp_path / "o"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("x")

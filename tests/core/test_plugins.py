@@ -89,6 +89,13 @@ def test_disable_and_trace_switches(tmp_path):
     assert "[lora-run trace] register_datasets(register)" in out.stderr
 
 
+def toy_env(site: Path) -> dict:
+    """PYTHONPATH with the toy's install folder in front of the one the tests run with."""
+    import os
+
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 @pytest.fixture(scope="session")
 def toy_site(tmp_path_factory):
     """The toy third-party plugin from docs/examples, pip-installed into a throwaway target folder."""
@@ -101,7 +108,7 @@ def toy_site(tmp_path_factory):
 
 
 def test_third_party_plugin_is_discovered_and_selected(toy_site, tmp_path, run_cli, subject_dataset):
-    env = {"PYTHONPATH": str(toy_site)}
+    env = toy_env(toy_site)
     listing = run_cli("plugins", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     toy = next(p for p in json.loads(listing.stdout)["plugins"] if p["name"] == "toy")

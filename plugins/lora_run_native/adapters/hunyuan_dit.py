@@ -92,9 +92,7 @@ class HunyuanDiTAdapter(SourceLoader):
         self._schedule: tuple[dict[str, Any], str] | None = None
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
-        problems = [(key, "single files are not read for Hunyuan-DiT; give [model.source] (a hub id or a "
-                     "diffusers folder)") if key[:2] == ("model", "files") else (key, message)
-                    for key, message in super().check_sources()]
+        problems = super().check_sources()  # [model.files] is refused by core: the family declares no slots
         if getattr(self.options, "text_max_length", None):
             problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT's text "
                              f"lengths are fixed by the model ({BERT_LENGTH} BERT + {T5_LENGTH} mT5 tokens); remove it"))

@@ -1,7 +1,9 @@
 """lora-run-toy: a complete third-party plugin, small enough to read in a minute.
 
 It registers a backend (`toy`) that "trains" by fitting one number with plain Python, a loss
-(`toy-abs`), and implements a lifecycle hook that appends every event to `<run>/toy-events.txt`.
+(`toy-abs`), a tiny model family (`toy-flux`, see `family.py`) that the built-in native backend trains,
+and implements a lifecycle hook that appends every event to `<run>/toy-events.txt`. Any backend that
+takes every registered loss (`loss:*`, as the native backend does) trains with `toy-abs`.
 """
 from __future__ import annotations
 
@@ -63,6 +65,12 @@ def register_backends(register):
              capabilities={"flux.1-dev": {"steps", "timestep_sampling:sigmoid", "targets:attention",
                                           "optimizer:adafactor", "optimizer:adamw",
                                           "scheduler:constant", "scheduler:constant_with_warmup", "loss:mse"}})
+
+
+@hookimpl
+def register_families(register):
+    register("toy-flux", description="a FLUX-shaped toy DiT for CPU demos (build one: lora_run_toy.family.build)",
+             file_slots={}, pixel_multiple=16, adapters={"native": "lora_run_toy.family:ToyFluxAdapter"})
 
 
 @hookimpl

@@ -1,0 +1,87 @@
+"""What the backends that drive an external engine (kohya sd-scripts, diffusion-pipe) share.
+
+A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is for LoRA layouts:
+
+- :func:`git_state` — the commit and cleanliness of an engine checkout, for the manifest;
+- :func:`commented` — a generated file's comment header (who wrote it, from what, how to re-run);
+- :func:`split_output` — the supervisor's reader loop: an engine's output split into lines on ``\\n`` and
+  ``\\r`` (progress bars redraw with ``\\r``), a runaway line flushed at 1 MiB;
+- :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
+  file system has no symlinks.
+
+No torch, no engine import: ``lora-run check`` loads the backends that use this.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+#: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
+MAX_LINE_BYTES = 1 << 20
+
+
+def git_state(path: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, has uncommitted changes to tracked files) of a checkout; (None, None) when it is not a git
+    repository or git is missing; dirty is None when only the status could not be read."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return head.strip(), (bool(status.strip()) if status is not None else None)
+
+
+def commented(header: str, body: str) -> str:
+    """``body`` (a generated TOML file) under ``header``, each header line a ``#`` comment."""
+    return "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + body
+
+
+def split_output(read: Callable[[], bytes], emit: Callable[[bytes], None]) -> None:
+    """Call ``emit`` with every non-blank line ``read()`` yields until it returns b"" (end of output) or the
+    pipe fails (OSError, ValueError: closed under us); the unfinished last line is emitted too."""
+    pending = b""
+    try:
+        while True:
+            chunk = read()
+            if not chunk:
+                break
+            pending += chunk
+            parts = re.split(rb"\r\n|\r|\n", pending)
+            pending = parts.pop()
+            for part in parts:
+                if part.strip():
+                    emit(part)
+            if len(pending) > MAX_LINE_BYTES:
+                emit(pending)
+                pending = b""
+    except (OSError, ValueError):
+        pass
+    if pending.strip():
+        emit(pending)
+
+
+def stage_link(source: Path, target: Path) -> None:
+    """``target`` becomes a symlink to ``source`` (a copy where symlinks are not possible), replaced atomically;
+    nothing is done when it already points there."""
+    source = source.resolve()
+    if target.is_symlink() and Path(os.readlink(target)) == source:
+        return
+    tmp = target.with_name(f".{target.name}.link")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    try:
+        os.symlink(source, tmp)
+    except OSError:  # no symlinks on this file system: copy
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)

@@ -1,0 +1,58 @@
+"""lora_run_engines: the one library kohya and diffusion-pipe use to drive their external engines."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from lora_run_engines import MAX_LINE_BYTES, commented, git_state, split_output, stage_link
+
+
+def _lines(chunks: list[bytes]) -> list[bytes]:
+    feed, out = iter([*chunks, b""]), []
+    split_output(lambda: next(feed), out.append)
+    return out
+
+
+def test_output_is_split_on_newlines_and_carriage_returns_across_chunks():
+    assert _lines([b"step 1\r", b"step 2\r\nst", b"ep 3\n\n  \nlast"]) == [b"step 1", b"step 2", b"step 3", b"last"]
+
+
+def test_a_runaway_line_is_flushed_and_a_broken_pipe_keeps_what_was_read():
+    out = _lines([b"x" * (MAX_LINE_BYTES + 1), b"tail\n"])
+    assert len(out[0]) == MAX_LINE_BYTES + 1 and out[1] == b"tail"
+    got = []
+
+    def failing(calls=[b"half a li"]):  # noqa: B006 - one chunk, then the pipe breaks
+        if calls:
+            return calls.pop()
+        raise OSError("closed")
+    split_output(failing, got.append)
+    assert got == [b"half a li"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="no git")
+def test_git_state_reports_commit_and_dirtiness(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    assert git_state(tmp_path) == (None, None)
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    commit, dirty = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is False
+    (tmp_path / "train.py").write_text("print(2)\n")
+    assert git_state(tmp_path) == (commit, True)
+
+
+def test_commented_header_and_stage_link(tmp_path):
+    assert commented("made by lora-run\nre-run: x", "a = 1\n") == "# made by lora-run\n# re-run: x\n\na = 1\n"
+    source = tmp_path / "img.png"
+    source.write_bytes(b"png")
+    target = tmp_path / "stage" / "img.png"
+    target.parent.mkdir()
+    stage_link(source, target)
+    stage_link(source, target)  # again: nothing changes, no temp file left
+    assert target.read_bytes() == b"png" and sorted(p.name for p in target.parent.iterdir()) == ["img.png"]
