@@ -103,3 +103,45 @@ def test_a_state_saved_after_a_resume_counts_the_earlier_steps(tmp_path):
     assert state_step(state) == 2
     (out / "lora-run-segment.json").write_text(json.dumps({"offset": 4}))
     assert state_step(state) == 6
+
+
+def test_the_real_interrupted_run_reports_the_last_step_it_finished(tmp_path):
+    reported, _, _ = replay("flux_ctrl_c.log", tmp_path)
+    assert [p.step for p in reported] == [1, 2, 3, 4]
+    assert reported[-1].loss == 2.56
+
+
+def test_the_real_resumed_run_counts_from_zero_again(tmp_path):
+    """What makes lora-run pass `--initial_step 0 --max_train_steps <left>` and add the saved step itself."""
+    reported, _, _ = replay("flux_resume.log", tmp_path)
+    assert [(p.step, p.total) for p in reported] == [(1, 2), (2, 2)]
+    text = (FIXTURES / "flux_resume.log").read_text("utf-8")
+    assert "resume training from local state: <run>/kohya/output/before-step00000004/cpuproof-step00000004-state" in text
+    assert "steps from the state is ignored because initial_step is specified" in text
+
+
+def test_the_engine_error_for_a_truncated_file_is_found_in_its_output():
+    tail = (FIXTURES / "flux_error_truncated_file.log").read_text("utf-8").splitlines()[-40:]
+    assert _cause(tail) == ": safetensors_rust.SafetensorError: Error while deserializing header: InvalidHeaderLength"
+
+
+def test_truncated_model_files_are_refused_before_launch(tmp_path):
+    """sd-scripts reports a truncated file only as `InvalidHeaderLength` without its name, after loading the others;
+    lora-run checks each [model.files] header first (and must accept a complete file)."""
+    import struct
+
+    from lora_run_kohya.translate import safetensors_problem
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    assert safetensors_problem(good) is None
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(good.read_bytes()[:-4])                     # tensor data cut off
+    assert "truncated" in safetensors_problem(short)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:20])                       # header cut off (the recorded case)
+    assert "header claims" in safetensors_problem(cut)
+    text = tmp_path / "text.safetensors"
+    text.write_bytes(b"not a model file at all")
+    assert safetensors_problem(text) is not None
