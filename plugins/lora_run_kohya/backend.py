@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -215,13 +216,18 @@ class KohyaBackend:
         counts = stage_dataset(ctx.items, recipe, ctx.lint, paths)
         argv = list(tr.argv)
         resume_from = None
+        offset = 0
         if ctx.resume:
             resume_from = latest_state(paths.output_dir, recipe.output.name)
             if resume_from is None:
                 ctx.echo(f"note: no sd-scripts state in {paths.output_dir} to resume from (states are saved with each "
                          "checkpoint); training starts from the beginning")
             else:
-                argv += ["--resume", str(resume_from)]
+                saved = state_step(resume_from)
+                ctx.echo(f"kohya: resuming from sd-scripts' state {resume_from.name}"
+                         + (f" (step {saved})" if saved is not None else ""))
+                resume_from, extra_argv, offset = self._resume_segment(paths, resume_from, saved)
+                argv += ["--resume", str(resume_from), *extra_argv]
         run_dir.update_manifest(external_tools={"sd-scripts": {**co.manifest(), "accelerate": accelerate_version,
                                                                "argv": argv,
                                                                "resumed_from": str(resume_from) if resume_from
@@ -229,10 +235,12 @@ class KohyaBackend:
         run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
                     f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
         paths.output_dir.mkdir(parents=True, exist_ok=True)
-        watcher = Watcher(ctx, paths.output_dir, recipe.output.name)
+        watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset)
         display = Display(ctx.echo)
         log_path = run_dir.file(LOG)
+        # sd-scripts logs through rich, which wraps at 80 columns without a terminal (paths split over lines)
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        env.setdefault("COLUMNS", "200")
         if recipe.model.offline:
             env["HF_HUB_OFFLINE"] = "1"
         elif env.get("HF_HUB_OFFLINE", "").strip().lower() in ("", "0", "false", "no", "off"):
@@ -244,6 +252,7 @@ class KohyaBackend:
                          "[backend.kohya] tokenizer_cache_dir)")
 
         def on_progress(p: Progress) -> None:
+            p = attrs.evolve(p, step=p.step + offset, total=p.total + offset)
             watcher.step = p.step
             loss = p.loss
             if not finite(loss):
@@ -281,9 +290,11 @@ class KohyaBackend:
             watcher.poll(final=True)
             self._record(watcher, paths, log_path)
             state = latest_state(paths.output_dir, recipe.output.name)
+            saved = state_step(state) if state else None
             raise TrainingInterrupted(
-                f"interrupted: sd-scripts was stopped at step {watcher.step}; "
-                + (f"its last saved state is {state}; " if state else "no state was saved yet; ")
+                f"interrupted: sd-scripts was stopped after step {watcher.step}; "
+                + (f"its last saved state is {state}" + (f" (step {saved})" if saved is not None else "") + "; "
+                   if state else "no state was saved yet; ")
                 + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}") from None
         except (Stalled, TimedOut) as exc:
             display.done()
@@ -317,6 +328,38 @@ class KohyaBackend:
                               "it to the Python of sd-scripts' environment (where `pip install -r requirements.txt` "
                               "was run)")
         return done.stdout.strip()
+
+    def _resume_segment(self, paths: Paths, state: Path, saved: int | None) -> tuple[Path, list[str], int]:
+        """How to continue from an sd-scripts state: (state folder, extra options, step offset).
+
+        sd-scripts (checked at 48d368f) restores the LoRA weights, optimizer, LR scheduler and RNG from
+        ``--resume`` but restarts its step counter at 0; from ``current_step`` it only derives the epoch to start
+        from, so a step-based run would train past ``train.steps`` and name its new checkpoints from step 1 again
+        (over the earlier ones). For a step-based recipe lora-run therefore passes ``--initial_step 0`` (the
+        state's step is then not used to skip epochs) and ``--max_train_steps <steps left>``, moves the earlier
+        segment's step checkpoints and states into ``kohya/output/before-step<N>/`` (nothing is overwritten) and
+        adds N to the steps sd-scripts reports."""
+        t = self.recipe.train
+        if t.steps is None or saved is None:  # epoch-based: sd-scripts starts at the saved epoch, as it should
+            return state, [], 0
+        if saved >= int(t.steps):
+            raise RecipeError(f"{self.shown}: [train.steps] the sd-scripts state {state} is at step {saved}, so a "
+                              f"run of {t.steps} steps has nothing left to do; raise train.steps to train further")
+        keep = paths.output_dir / f"before-step{saved:08d}"
+        keep.mkdir(parents=True, exist_ok=True)
+        name = re.escape(self.recipe.output.name)
+        moved = state
+        for entry in sorted(paths.output_dir.iterdir()):
+            if re.match(name + r"-step\d{8}(?:-state|\.safetensors)$", entry.name) or \
+                    re.match(name + r"-state$", entry.name) or entry.name == SEGMENT:
+                target = keep / entry.name
+                if target.exists():
+                    continue
+                os.replace(entry, target)
+                if entry == state:
+                    moved = target
+        atomic_write_text(paths.output_dir / SEGMENT, json.dumps({"offset": saved, "resumed_from": str(moved)}) + "\n")
+        return moved, ["--initial_step", "0", "--max_train_steps", str(int(t.steps) - saved)], saved
 
     def _tail(self, sup: Supervisor, log_path: Path) -> str:
         lines = list(sup.tail)[-TAIL_LINES:]
@@ -486,11 +529,35 @@ def _write_converted(source: Path, target: Path) -> None:
         opened.image.save(tmp, format="PNG")  # type: ignore[attr-defined]
 
 
+SEGMENT = "lora-run-segment.json"
+
+
+def state_step(state: Path) -> int | None:
+    """The run's optimizer step an sd-scripts state folder was saved at: its ``train_state.json``
+    ``current_step`` (counted from the segment's start: sd-scripts restarts at 0 after a resume) plus the steps
+    of the earlier segments, which lora-run records in ``lora-run-segment.json`` beside the state."""
+    import json
+
+    try:
+        value = json.loads((state / "train_state.json").read_text("utf-8")).get("current_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(value, int):
+        return None
+    try:
+        offset = int(json.loads((state.parent / SEGMENT).read_text("utf-8")).get("offset", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        offset = 0
+    return value + offset
+
+
 def latest_state(output_dir: Path, name: str) -> Path | None:
     """The newest sd-scripts state folder (`<name>-step00000100-state`, `<name>-000002-state`, `<name>-state`)."""
     if not output_dir.is_dir():
         return None
-    states = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(name) and p.name.endswith("-state")]
+    folders = [output_dir] + [p for p in output_dir.glob("before-step*") if p.is_dir()]
+    states = [p for folder in folders for p in folder.iterdir()
+              if p.is_dir() and p.name.startswith(name) and p.name.endswith("-state")]
     return max(states, key=lambda p: p.stat().st_mtime_ns) if states else None
 
 
@@ -502,8 +569,9 @@ class Watcher:
     writes in place), or when the process has ended.
     """
 
-    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0):
+    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0, offset: int = 0):
         self.ctx, self.output_dir, self.name, self.every = ctx, output_dir, name, every
+        self.offset = offset    # steps done before this segment (sd-scripts counts from 0 after a resume)
         self.step = 0
         self.checkpoints: list[dict[str, Any]] = []
         self.samples: list[str] = []
@@ -512,6 +580,9 @@ class Watcher:
         self._sizes: dict[str, tuple[int, int]] = {}
         self._last = 0.0
         self._pattern = re.compile(re.escape(name) + r"-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))\.safetensors$")
+        if output_dir.is_dir():  # files of an earlier segment (before --resume) were reported by that run
+            self._seen.update(str(p) for p in output_dir.glob(f"{name}-*.safetensors"))
+            self._seen.update(str(p) for p in (output_dir / "sample").glob("*.png"))
 
     def _stable(self, path: Path, final: bool) -> bool:
         try:
@@ -535,7 +606,7 @@ class Watcher:
             if not match or str(path) in self._seen or not self._stable(path, final):
                 continue
             self._seen.add(str(path))
-            step = int(match["step"]) if match["step"] else self.step
+            step = int(match["step"]) + self.offset if match["step"] else self.step
             entry = {"step": step, "path": str(path), "format": "kohya"}
             if match["epoch"]:
                 entry["epoch"] = int(match["epoch"])
@@ -551,7 +622,7 @@ class Watcher:
             # sd-scripts names samples <output_name>_<step:06d>_<index:02d>_<timestamp>[_<seed>].png
             # (`e<epoch:06d>` instead of the step for per-epoch samples)
             match = re.match(re.escape(self.name) + r"_(e?)(\d{6})_\d{2}_", path.name)
-            step = int(match.group(2)) if match and not match.group(1) else self.step
+            step = int(match.group(2)) + self.offset if match and not match.group(1) else self.step
             new.setdefault(step, []).append(path)
         for step, paths in sorted(new.items()):
             self.samples.extend(str(p) for p in paths)

@@ -157,6 +157,11 @@ class Supervisor:
                         raise TimedOut()
                 return self.proc.wait()
             except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    try:  # the bar already showed the step sd-scripts finished last: report it
+                        self._flush(log)
+                    except Exception:  # noqa: BLE001 - stopping the child comes first
+                        pass
                 log.write(f"[lora-run] stopping sd-scripts (process group {self.proc.pid}): "
                           f"{type(exc).__name__}\n")
                 log.flush()

@@ -118,6 +118,33 @@ def sample_lines(recipe: Recipe) -> list[str]:
     return lines
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header length, header JSON, data size), or None. Reads
+    only the header: an 8-byte little-endian length, a JSON table of tensors, then their bytes."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                return f"its header claims {n} bytes but the file has {size}: truncated or not safetensors"
+            table = json.loads(fh.read(n))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in table.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if ends and 8 + n + max(ends) > size:
+        return f"truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}"
+    return None
+
+
 def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     """What sd-scripts cannot do with this recipe beyond the capability features (key path, message)."""
     out: list[tuple[tuple, str]] = []
@@ -139,6 +166,11 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         if value and not Path(value).is_file():
             what = "is a folder, not a single file" if Path(value).is_dir() else "does not exist"
             out.append((("model", "files", key), f"{value} {what} (expected {fam.file_help[key]})"))
+        elif value and str(value).endswith(".safetensors"):
+            bad = safetensors_problem(Path(value))
+            if bad:  # sd-scripts would only say `SafetensorError: … InvalidHeaderLength`, minutes later
+                out.append((("model", "files", key), f"{value} is not a readable safetensors file ({bad}); "
+                            f"expected {fam.file_help[key]}"))
     for key in ("bucket_step",):
         if d.bucket_step % fam.bucket_multiple:
             out.append((("dataset", key), f"sd-scripts requires bucket_reso_steps to be a multiple of "

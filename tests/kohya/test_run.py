@@ -171,9 +171,12 @@ def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plu
     assert error is None, error
     run = tmp_path / "runs" / "ohwx"
     tool = read_manifest(run)["external_tools"]["sd-scripts"]
-    assert tool["resumed_from"] == str(run / "kohya" / "output" / "ohwx-step00000004-state")
-    assert tool["argv"][-2:] == ["--resume", tool["resumed_from"]]
-    assert [s for s, _ in hooks.steps] == [5, 6]
+    # the earlier segment's files are kept aside (sd-scripts would name its new checkpoints from step 1 again)
+    kept = run / "kohya" / "output" / "before-step00000004"
+    assert tool["resumed_from"] == str(kept / "ohwx-step00000004-state")
+    assert tool["argv"][-6:] == ["--resume", tool["resumed_from"], "--initial_step", "0", "--max_train_steps", "2"]
+    assert (kept / "ohwx-step00000004.safetensors").is_file()
+    assert [s for s, _ in hooks.steps] == [5, 6]   # sd-scripts counts 1, 2 again; lora-run adds the saved step
     assert "resume training from local state" in (run / "kohya" / "train.log").read_text()
     assert Path(ctx.artifacts["lora_kohya"]).is_file()
 
@@ -301,7 +304,7 @@ def test_ctrl_c_stops_sd_scripts_and_exits_130(kohya_recipe, fake_checkout, tmp_
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
-    assert "interrupted: sd-scripts was stopped at step" in err and "--resume" in err
+    assert "interrupted: sd-scripts was stopped after step" in err and "--resume" in err
     assert read_manifest(tmp_path / "runs" / "ohwx")["status"] == "interrupted"
     time.sleep(0.5)
     survivors = []

@@ -205,11 +205,17 @@ def main() -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = args.output_name
-    start = 0
+    # Like sd-scripts 48d368f (tests/kohya/fixtures/sd-scripts-48d368f): --resume restores the state but the step
+    # counter restarts at 0; the state's current_step only picks the epoch to start from, unless --initial_step /
+    # --initial_epoch is given (then it is ignored).
+    epoch_to_start = 0
     if args.resume:
         state = json.loads((Path(args.resume) / "train_state.json").read_text())
-        start = int(state["current_step"])
-        log(f"resume training from local state: {args.resume} (step {start})")
+        log(f"resume training from local state: {args.resume}")
+        if args.initial_step is None and getattr(args, "initial_epoch", None) is None:
+            epoch_to_start = int(state["current_step"]) // max(1, per_epoch)
+        elif args.initial_step:
+            epoch_to_start = int(args.initial_step) // max(1, per_epoch)
     prompts = []
     if args.sample_prompts:
         prompts = [ln for ln in Path(args.sample_prompts).read_text("utf-8").splitlines() if ln.strip()]
@@ -217,12 +223,14 @@ def main() -> int:
     print(f"  num train images * repeats / 学習画像の数×繰り返し回数: {ds['subject']}", flush=True)
     print(f"  total optimization steps / 学習ステップ数: {total}", flush=True)
     step_seconds = float(os.environ.get("FAKE_KOHYA_STEP_SECONDS", "0.01"))
-    bar = tqdm(total=total, initial=start, desc="steps", file=sys.stderr, mininterval=0, smoothing=0)
+    bar = tqdm(total=total, desc="steps", file=sys.stderr, mininterval=0, smoothing=0)
     loss_sum = 0.0
-    epoch = start // max(1, per_epoch)
-    for step in range(start + 1, total + 1):
-        if (step - 1) % max(1, per_epoch) == 0:
-            epoch = (step - 1) // max(1, per_epoch) + 1
+    schedule = [(e + 1, b) for e in range(epoch_to_start, epochs) for b in range(max(1, per_epoch))][:total]
+    step = 0
+    epoch = epoch_to_start
+    for epoch, index in schedule:
+        step += 1
+        if index == 0:
             print(f"\nepoch {epoch}/{epochs}", flush=True)
         time.sleep(step_seconds)
         if mode == "crash" and step == at:
@@ -234,7 +242,7 @@ def main() -> int:
             sys.stdout.flush()
         loss = 0.5 / (1 + 0.01 * step)
         loss_sum += loss
-        avr = loss_sum / (step - start)
+        avr = loss_sum / step
         bar.update(1)
         bar.set_postfix(avr_loss=float("nan") if mode == "nan" and step >= at else avr)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total:
@@ -263,9 +271,9 @@ def main() -> int:
             for i, _line in enumerate(prompts):
                 write_sample(out / "sample", name, step, i)
     bar.close()
-    write_lora(out / f"{name}.safetensors", args, total, args.seed or 0)
+    write_lora(out / f"{name}.safetensors", args, step, args.seed or 0)
     if args.save_state_on_train_end:
-        save_state(out / f"{name}-state", total, epoch)
+        save_state(out / f"{name}-state", step, epoch)
     log("model saved.")
     return 0
 

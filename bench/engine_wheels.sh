@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Download the Python wheels the real engines need on the lent GPU machine (Python 3.12, no network; it has
+# torch 2.11+cu130, transformers 5.17, peft 0.21, accelerate 1.15). Run here (with network), from the repo root:
+#
+#   bash bench/engine_wheels.sh            # → engines/wheels/{sd-scripts,diffusion-pipe}/*.whl (git-ignored)
+#
+# sd-scripts 48d368f pins transformers 4.54.1 / accelerate 1.6.0 / diffusers 0.32.1; they are installed with
+# `pip install --no-index --no-deps --target engines/site-sd-scripts` on the GPU machine and put first on
+# PYTHONPATH for sd-scripts only, so the machine's own packages (which lora-run uses) are not touched.
+# diffusion-pipe needs deepspeed, which PyPI ships as a source archive only: it is built here into a
+# pure-Python wheel (DS_BUILD_OPS=0: deepspeed compiles its CUDA ops at run time when they are used).
+# See bench/engines_gpu.md for sizes and the command that carries them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${1:-engines/wheels}
+PY=${PY:-python3}
+common=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+        --platform any --only-binary=:all: --no-deps)
+
+# what sd-scripts imports (requirements.txt at 48d368f, minus the optional optimizers and bitsandbytes)
+SD_SCRIPTS=(
+  "transformers==4.54.1" "tokenizers==0.21.4" "huggingface-hub==0.34.3" "accelerate==1.6.0"
+  "diffusers==0.32.1" "safetensors==0.4.5" "toml==0.10.2" "voluptuous==0.15.2" "einops==0.7.0"
+  "imagesize==1.4.1" "ftfy==6.3.1" "wcwidth" "opencv-python-headless==4.10.0.84" "rich==14.1.0"
+  "markdown-it-py" "mdurl" "sentencepiece==0.2.1"
+)
+# what diffusion-pipe's train.py, models/flux.py and models/hunyuan_image.py import (requirements.txt at 8f83dbf)
+DIFFUSION_PIPE=(
+  "diffusers==0.36.0" "huggingface-hub==0.36.0" "toml==0.10.2" "datasets==4.4.1" "pyarrow" "multiprocess"
+  "dill" "xxhash" "fsspec" "pandas" "loguru" "omegaconf" "hydra-core"
+  "easydict" "termcolor" "iopath" "portalocker" "torch-optimi" "pytorch-optimizer" "einops" "ftfy" "wcwidth"
+  "hjson" "py-cpuinfo" "ninja" "msgpack" "imageio" "av" "wandb" "sentencepiece"
+)
+
+mkdir -p "$DEST/sd-scripts" "$DEST/diffusion-pipe"
+"$PY" -m pip download "${common[@]}" -d "$DEST/sd-scripts" "${SD_SCRIPTS[@]}"
+"$PY" -m pip download "${common[@]}" -d "$DEST/diffusion-pipe" "${DIFFUSION_PIPE[@]}"
+# deepspeed and antlr4 4.9.3 (omegaconf's pin) are source-only on PyPI: build py3-none-any wheels (deepspeed needs torch in $PY's environment)
+DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$DEST/diffusion-pipe" "deepspeed==0.18.4" "antlr4-python3-runtime==4.9.3"
+du -sh "$DEST"/* && du -ch "$DEST"/*/*.whl | tail -1
