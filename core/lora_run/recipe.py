@@ -301,7 +301,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if src.startswith((".", "/", "~")) or os.path.exists(base / src):  # False for over-long or NUL names
             model["source"] = _absolute(src, base)
     options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
-    if isinstance(options, dict):  # model files of the face embedder (`onnx`: model, detector)
+    if isinstance(options, dict):  # the face embedder's model files (`model`, `detector`)
         for key in ("model", "detector"):
             if isinstance(options.get(key), str) and options[key]:
                 options[key] = _absolute(options[key], base)
@@ -411,7 +411,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
-            node = {}  # `backend = "kohya"` has no option tables to remove
+            node = {}  # `backend = "name"` has no option tables to remove
         if not isinstance(node, dict) or path[-1] not in node:
             if not _known_key(path):  # a key that is simply not set: nothing to do
                 raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
@@ -445,7 +445,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
 
 # ------------------------------------------------------------------------------------------ structuring
 def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
-    """`backend = "kohya"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
+    """`backend = "name"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
     raw = dict(raw)
     section = raw.get("backend")
     if section is None:
