@@ -240,7 +240,7 @@ class ModelAdapter:
         problems: list[tuple[tuple[str, ...], str]] = []
         m = self.recipe.model
         for key in ("transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5"):
-            value = getattr(m.files, key)
+            value = m.files.get(key)
             if value is None:
                 continue
             if key not in self.file_keys:  # refused by core from the family's registered slots
@@ -316,8 +316,8 @@ class ModelAdapter:
     def source_identity(self, subfolder: str, file_key: str | None = None) -> str:
         """Identity string of one component: a single file, a local folder's component or a hub id."""
         m = self.recipe.model
-        if file_key and getattr(m.files, file_key, None):
-            return "file:" + file_identity(Path(getattr(m.files, file_key)))
+        if file_key and m.files.get(file_key):
+            return "file:" + file_identity(Path(m.files.get(file_key)))
         src = m.source or self.default_hub_id or "?"
         if is_local_source(src):
             return f"folder:{Path(src).resolve()}/{subfolder}:{folder_identity(Path(src), subfolder)}"

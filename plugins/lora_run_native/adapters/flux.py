@@ -62,14 +62,14 @@ class FluxAdapter(ModelAdapter):
         problems = super().check_sources()
         m = self.recipe.model
         if m.source is None:
-            missing = [k for k in self.file_keys if getattr(m.files, k) is None]
+            missing = [k for k in self.file_keys if m.files.get(k) is None]
             for key in missing:
                 problems.append((("model", "files", key), f"is required when [model.source] is not set (or set "
                                  "[model.source] to a diffusers folder / hub id that provides it)"))
         elif is_local_source(m.source) and Path(m.source).is_dir():
             src = Path(m.source)
             for key in self.file_keys:
-                if getattr(m.files, key) is None and not (src / SUBFOLDER[key]).is_dir():
+                if m.files.get(key) is None and not (src / SUBFOLDER[key]).is_dir():
                     problems.append((("model", "source"), f"{src} has no {SUBFOLDER[key]}/ folder (the {WHAT[key]}); "
                                      f"it is not a FLUX diffusers folder — or give [model.files.{key}]"))
             for key, sub in TOKENIZER_SUBFOLDER.items():
@@ -85,7 +85,7 @@ class FluxAdapter(ModelAdapter):
     def _read_file(self, key: str) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        path = Path(getattr(self.recipe.model.files, key))
+        path = Path(self.recipe.model.files.get(key))
         if not path.is_file():
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
@@ -122,7 +122,7 @@ class FluxAdapter(ModelAdapter):
         unexpected = [k for k in state if k not in own]
         shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or shape or (strict and unexpected):
-            path = getattr(self.recipe.model.files, key)
+            path = self.recipe.model.files.get(key)
             detail = (f"missing {missing[:3]}" if missing else f"shape mismatch at {shape[:3]}" if shape
                       else f"unexpected {unexpected[:3]}")
             raise self.error(f"model.files.{key}", f"{Path(path).name} does not match the {WHAT[key]} config "
@@ -146,7 +146,7 @@ class FluxAdapter(ModelAdapter):
         from .. import flux_files as ff
 
         raw = self._read_file(key)
-        name = Path(getattr(self.recipe.model.files, key)).name
+        name = Path(self.recipe.model.files.get(key)).name
         try:
             if key == "transformer":
                 state = ff.transformer_bfl_to_diffusers(raw)
@@ -174,7 +174,7 @@ class FluxAdapter(ModelAdapter):
             raise self.error(f"model.files.{key}", f"{name} does not look like a {WHAT[key]}: {exc}") from None
 
     def _component(self, key: str, dtype: Any) -> Any:
-        if getattr(self.recipe.model.files, key) is not None:
+        if self.recipe.model.files.get(key) is not None:
             return self._load_file_component(key, dtype)
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5EncoderModel

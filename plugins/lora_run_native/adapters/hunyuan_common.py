@@ -49,7 +49,7 @@ class SourceLoader(ModelAdapter):
         elif is_local_source(m.source) and Path(m.source).is_dir():
             src = Path(m.source)
             for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
-                if getattr(m.files, key, None) is None and not (src / sub).is_dir():
+                if m.files.get(key) is None and not (src / sub).is_dir():
                     problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
                                      f"it is not a {self.family} diffusers folder"))
         return problems

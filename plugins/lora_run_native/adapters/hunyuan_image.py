@@ -89,7 +89,7 @@ class HunyuanImageAdapter(SourceLoader):
             return super().check_sources()
         problems = ModelAdapter.check_sources(self)
         for key in self.file_keys:
-            if getattr(m.files, key) is None:
+            if m.files.get(key) is None:
                 problems.append((("model", "files", key), "is required when [model.source] is not set (or set "
                                  "[model.source] to a HunyuanImage-2.1 diffusers folder / hub id that provides it)"))
         return problems
@@ -124,7 +124,7 @@ class HunyuanImageAdapter(SourceLoader):
         from .. import hunyuan_files as hf
         from ..flux_files import infer_t5_config
 
-        path = Path(getattr(self.recipe.model.files, key))
+        path = Path(self.recipe.model.files.get(key))
         if not path.is_file():
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
@@ -210,7 +210,7 @@ class HunyuanImageAdapter(SourceLoader):
         from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
 
-        if getattr(self.recipe.model.files, key) is not None:
+        if self.recipe.model.files.get(key) is not None:
             return self._load_file(key, dtype)
         if key == "transformer":
             return self.from_source(HunyuanImageTransformer2DModel, key, torch_dtype=dtype)
