@@ -50,7 +50,7 @@ def recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-run", description="Declarative identity-LoRA trainer for "
-                                     "FLUX.1-dev and Hunyuan image models.",
+                                     "the model families its plugins register (lora-run plugins).",
                                      epilog="Run a recipe: lora-run RECIPE.toml [options] (see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("recipes", help="list shipped recipes, or print one (to copy it)")
-    p.add_argument("name", nargs="?", help="a shipped recipe, e.g. flux/identity-fast: print its text "
-                   "(lora-run recipes flux/identity-fast > my.toml)")
+    p.add_argument("name", nargs="?", help="a shipped recipe by its name in the list: print its text "
+                   "(lora-run recipes NAME > my.toml)")
 
     p = sub.add_parser("demo", help="run the embedded tiny end-to-end demo (CPU, no download)")
     p.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
@@ -263,7 +263,7 @@ def shipped_recipes() -> list[Path]:
 
 
 def shipped_name(path: Path) -> str:
-    """`flux/identity-fast` for <root>/flux/identity-fast.toml."""
+    """`folder/name` for <root>/folder/name.toml."""
     root = next(r for r in recipe_roots() if path.is_relative_to(r))
     return path.relative_to(root).with_suffix("").as_posix()
 

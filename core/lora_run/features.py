@@ -2,7 +2,7 @@
 
 A backend registers ``capabilities={family: {feature, ...}}``. A recipe that uses a feature the chosen
 backend does not list for the chosen family is refused, naming the key and the backends that can.
-We never silently ignore a setting (sd-scripts does, for noise_offset and min_snr_gamma on FLUX).
+We never silently ignore a setting (some external trainers do).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Feature:
 
 
 def _choice(section: str, field: str) -> list[Feature]:
-    """One feature per value of a choice field: `timestep_sampling:flux-shift`, `optimizer:prodigy`."""
+    """One feature per value of a choice field: `optimizer:prodigy`, `scheduler:cosine`."""
     import typing
 
     from . import schema
@@ -50,7 +50,7 @@ FEATURES: list[Feature] = [
     Feature("min_snr_gamma", ("train", "min_snr_gamma"), lambda r: r.train.min_snr_gamma is not None,
             "Min-SNR-γ weighting"),
     Feature("guidance", ("train", "guidance"), lambda r: r.train.guidance != 1.0,
-            "a guidance-embedding value other than 1.0 (FLUX.1-dev's distilled guidance input)"),
+            "a guidance-embedding value other than 1.0 (a distilled guidance input)"),
     Feature("timestep_weighting", ("train", "timestep_weighting"), lambda r: r.train.timestep_weighting != "none",
             "a flow-matching loss weighting"),
     Feature("lora_dropout", ("lora", "dropout"), lambda r: r.lora.dropout > 0, "LoRA dropout"),

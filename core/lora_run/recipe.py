@@ -303,8 +303,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         src = model["source"]
         if src.startswith((".", "/", "~")) or os.path.exists(base / src):  # False for over-long or NUL names
             model["source"] = _absolute(src, base)
+    files = model.get("files") if isinstance(model, dict) else None
+    if isinstance(files, dict):  # [model.files]: every slot is a file
+        for key, value in files.items():
+            if isinstance(value, str) and value:
+                files[key] = _absolute(value, base)
     options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
-    if isinstance(options, dict):  # model files of the face embedder (`onnx`: model, detector)
+    if isinstance(options, dict):  # the face embedder's model files (`model`, `detector`)
         for key in ("model", "detector"):
             if isinstance(options.get(key), str) and options[key]:
                 options[key] = _absolute(options[key], base)
@@ -406,7 +411,7 @@ def _known_key(path: KeyPath) -> bool:
         inner = [a for a in typing.get_args(tp) if attrs.has(a)]
         cls = tp if attrs.has(tp) else (inner[0] if inner and not _is_list(tp) else None)
         if cls is None:
-            return i == len(path) - 1
+            return i == len(path) - 1 or _is_dict(tp)  # any key inside a free-form table
     return True
 
 
@@ -421,7 +426,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
-            node = {}  # `backend = "kohya"` has no option tables to remove
+            node = {}  # `backend = "name"` has no option tables to remove
         if not isinstance(node, dict) or path[-1] not in node:
             if not _known_key(path):  # a key that is simply not set: nothing to do
                 raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
@@ -435,7 +440,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
 def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
     for assignment in sets:
         path, value = parse_set(assignment)
-        if path[-1] in ("path", "dir", "cache_dir", "transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5") \
+        if (path[-1] in ("path", "dir", "cache_dir") or path[:2] == ("model", "files")) \
                 and isinstance(value, str) and value:
             value = str(Path(os.path.expanduser(value)).resolve()) if "{" not in value else value
         node = raw
@@ -455,7 +460,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
 
 # ------------------------------------------------------------------------------------------ structuring
 def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
-    """`backend = "kohya"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
+    """`backend = "name"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
     raw = dict(raw)
     section = raw.get("backend")
     if section is None:
@@ -561,7 +566,7 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
             problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
     if len(r.optimizer.betas) != 2:
         problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
-    if r.model.source is None and r.model.files.transformer is None:
+    if r.model.source is None and r.model.files.get("transformer") is None:
         problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
     if r.lora.alpha > 16 * r.lora.rank:
         problems.add(("lora", "alpha"), f"is {r.lora.alpha} for rank {r.lora.rank}: a scale alpha/rank above 16 "

@@ -1,6 +1,7 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import signal
@@ -246,9 +247,11 @@ def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, prob
         problems.add(("model", "version"), f"{name} has no release {version!r} to choose (" + (
             f"it has {', '.join(repr(v) for v in family.versions)})" if family.versions
             else "remove the key; only " + (", ".join(several) or "no installed family") + " has several)"))
-    for slot, value in attrs.asdict(recipe.model.files).items():
+    for slot, value in recipe.model.files.items():
         if value is not None and slot not in family.file_slots:
-            problems.add(("model", "files", slot), f"is not a file {name} takes; its [model.files] slots: "
+            close = difflib.get_close_matches(slot, list(family.file_slots), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.add(("model", "files", slot), f"is not a file {name} takes{hint}; its [model.files] slots: "
                          f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
                          f"for {name}; give [model.source] (a hub id or a diffusers folder)")
 
@@ -371,7 +374,7 @@ def manifest_base(prepared: Prepared, plugins: Plugins, report: LintReport) -> d
         "command": sys.argv,
         "backend": r.backend.name,
         "family": r.model.family,
-        "model_source": r.model.source or {k: v for k, v in attrs.asdict(r.model.files).items() if v},
+        "model_source": r.model.source or dict(r.model.files),
         "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in plugins.describe()],
         "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
         "seed": r.train.seed,

@@ -27,21 +27,6 @@ frozen = attrs.frozen(kw_only=True)
 
 
 @frozen
-class ModelFiles:
-    """Single-file checkpoints, as ComfyUI and sd-scripts users have them."""
-
-    transformer: str | None = option(None, "The diffusion transformer: `flux1-dev.safetensors` (BFL layout) "
-                                     "or `hunyuanimage2.1.safetensors`.", path=True)
-    vae: str | None = option(None, "The autoencoder: FLUX `ae.safetensors` or the HunyuanImage VAE file.", path=True)
-    clip_l: str | None = option(None, "FLUX: CLIP-L text encoder file (`clip_l.safetensors`).", path=True)
-    t5xxl: str | None = option(None, "FLUX: T5-XXL text encoder file (`t5xxl_fp16.safetensors`).", path=True)
-    qwen: str | None = option(None, "HunyuanImage-2.1: Qwen2.5-VL-7B text encoder file "
-                              "(`qwen_2.5_vl_7b.safetensors`).", path=True)
-    byt5: str | None = option(None, "HunyuanImage-2.1: ByT5 glyph encoder file "
-                              "(`byt5_small_glyphxl_fp16.safetensors`).", path=True)
-
-
-@frozen
 class ModelSection:
     """Which base model to train on and where its weights come from."""
 
@@ -57,7 +42,10 @@ class ModelSection:
         "and transformer config), v1.2 where it says nothing. The noise schedule is the model folder's "
         "`scheduler/scheduler_config.json` when it has one (a `version` given here must agree with it), otherwise "
         "this version's documented schedule (docs/hunyuan.md). Refused for the other families.")
-    files: ModelFiles = option(factory=ModelFiles, doc="Single-file checkpoints (see `[model.files]`).")
+    files: dict[str, str] = option(factory=dict, doc="`[model.files]`: single-file checkpoints (as ComfyUI and "
+                                   "sd-scripts users have them), one file per slot; the slots are the family's own "
+                                   "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
+                                   path=True)
     base_precision: Literal["bf16", "fp8"] = option(
         "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).")
     offline: bool = option(False, "Never contact the hub (also implied by the `HF_HUB_OFFLINE` environment "

@@ -225,7 +225,7 @@ class DiffusionPipeBackend:
         m = self.recipe.model
         out: list[tuple[tuple, str]] = []
         if self.family == "flux.1-dev":
-            paths = [(("model", "files", "transformer"), m.files.transformer)]
+            paths = [(("model", "files", "transformer"), m.files.get("transformer"))]
             source = Path(m.source or "")
             if m.source and os.path.isabs(m.source):  # a hub id is refused by translate.recipe_problems
                 if not source.is_dir():
@@ -235,7 +235,7 @@ class DiffusionPipeBackend:
                     out.append((("model", "source"), f"{source} is not a diffusers folder (no model_index.json); "
                                 "diffusion-pipe loads FLUX.1-dev's VAE and text encoders from it"))
         else:
-            paths = [(("model", "files", n), getattr(m.files, n)) for n in ("transformer", "vae", "qwen", "byt5")]
+            paths = [(("model", "files", n), m.files.get(n)) for n in ("transformer", "vae", "qwen", "byt5")]
         for key, value in paths:
             if value and not Path(value).is_file():
                 what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"

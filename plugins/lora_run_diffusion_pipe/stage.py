@@ -13,7 +13,6 @@ no longer wanted are removed; the ``cache/`` folder diffusion-pipe keeps there i
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from lora_run.dataset import Item, training_caption
 from lora_run.images import open_rgb
 from lora_run.rundir import atomic_path, atomic_write_text
 from lora_run.schema import Recipe
+from lora_run_engines import stage_link
 
 #: Image files diffusion-pipe reads with Pillow as they are (others are converted to PNG).
 PASS_THROUGH = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -72,18 +72,7 @@ def _place(target: Path, kind: str, payload: object) -> None:
             return
         atomic_write_text(target, text)
     elif kind == "link":
-        source = Path(str(payload))
-        if target.is_symlink() and os.readlink(target) == str(source):
-            return
-        tmp = target.with_name(f".{target.name}.link")
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        try:
-            os.symlink(source, tmp)
-        except OSError:                       # no symlinks here: copy instead
-            _place(target, "copy", source)
-            return
-        os.replace(tmp, target)
+        stage_link(Path(str(payload)), target)
     elif kind == "copy":
         source = Path(str(payload))
         if target.is_file() and not target.is_symlink() and target.stat().st_size == source.stat().st_size \

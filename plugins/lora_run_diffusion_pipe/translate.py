@@ -57,7 +57,7 @@ def staging_root(recipe: Recipe, root: Path) -> Path:
     if not recipe.train.cache_dir:
         return root / "data"
     m, d = recipe.model, recipe.dataset
-    key = json.dumps([m.family, m.source, attrs.asdict(m.files), m.base_precision, recipe.train.mixed_precision,
+    key = json.dumps([m.family, m.source, m.files, m.base_precision, recipe.train.mixed_precision,
                       d.path, [s.path for s in d.regularization]], sort_keys=True)
     return Path(recipe.train.cache_dir) / "diffusion-pipe" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -128,12 +128,12 @@ def model_table(recipe: Recipe) -> dict[str, Any]:
     table: dict[str, Any] = {"type": MODEL_TYPE[m.family], "dtype": DTYPE[t.mixed_precision]}
     if m.family == "flux.1-dev":
         table["diffusers_path"] = m.source or ""
-        if m.files.transformer:
-            table["transformer_path"] = m.files.transformer
+        if m.files.get("transformer"):
+            table["transformer_path"] = m.files.get("transformer")
         table["guidance"] = float(t.guidance)
     else:
-        table.update(transformer_path=m.files.transformer or "", vae_path=m.files.vae or "",
-                     text_encoder_path=m.files.qwen or "", byt5_path=m.files.byt5 or "")
+        table.update(transformer_path=m.files.get("transformer") or "", vae_path=m.files.get("vae") or "",
+                     text_encoder_path=m.files.get("qwen") or "", byt5_path=m.files.get("byt5") or "")
     if m.base_precision == "fp8":
         table["transformer_dtype"] = "float8"
     table.update(timestep_keys(recipe))
@@ -294,7 +294,7 @@ def recipe_problems(recipe: Recipe, options: DiffusionPipeOptions | None) -> lis
         for name, what in (("transformer", "hunyuanimage2.1.safetensors"), ("vae", "hunyuan_image_2.1_vae_fp16"
                            ".safetensors"), ("qwen", "qwen_2.5_vl_7b.safetensors"),
                            ("byt5", "byt5_small_glyphxl_fp16.safetensors")):
-            if not getattr(m.files, name):
+            if not m.files.get(name):
                 out.append((("model", "files", name), f"diffusion-pipe loads HunyuanImage-2.1 from the four "
                             f"ComfyUI files; set [model.files] {name} (e.g. {what})"))
     if t.timestep_sampling == "logit-normal" and t.logit_mean != 0.0:
@@ -361,7 +361,7 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         out.append(f"caption_dropout → uncond_fraction = {r.dataset.caption_dropout}: an undocumented diffusion-pipe "
                    "key (read by train.py at the pinned commit) that swaps in the cached empty-caption embedding")
     if r.model.family == "flux.1-dev":
-        ignored = [n for n in ("vae", "clip_l", "t5xxl") if getattr(r.model.files, n)]
+        ignored = [n for n in ("vae", "clip_l", "t5xxl") if r.model.files.get(n)]
         if ignored:
             out.append(f"[model.files] {', '.join(ignored)} not used: diffusion-pipe loads the VAE and text "
                        f"encoders from the diffusers folder {r.model.source}")

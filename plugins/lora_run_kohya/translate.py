@@ -153,7 +153,7 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         return out
     d, t = recipe.dataset, recipe.train
     files = recipe.model.files
-    missing = [k for k in fam.files if not getattr(files, k)]
+    missing = [k for k in fam.files if not files.get(k)]
     if missing:
         src = f" ([model] source = \"{recipe.model.source}\" is a hub id or diffusers folder, which sd-scripts " \
               "cannot load)" if recipe.model.source else ""
@@ -162,7 +162,7 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         out.append((("model", "files"), f"{keys} {'is' if len(missing) == 1 else 'are'} required by the kohya "
                     f"backend: sd-scripts loads single-file checkpoints only{src}. Set {need}"))
     for key in fam.files:
-        value = getattr(files, key)
+        value = files.get(key)
         if value and not Path(value).is_file():
             what = "is a folder, not a single file" if Path(value).is_dir() else "does not exist"
             out.append((("model", "files", key), f"{value} {what} (expected {fam.file_help[key]})"))
@@ -306,7 +306,7 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
 
     model: dict[str, Any] = {}
     for key, opt in fam.files.items():
-        value = getattr(recipe.model.files, key)
+        value = recipe.model.files.get(key)
         model[opt] = value or f"<[model.files] {key}>"
     if fam.name == FLUX:
         model["model_type"] = "flux"

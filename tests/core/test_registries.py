@@ -215,6 +215,12 @@ def test_file_slots_come_from_the_family(plugins_with, write_recipe, recording, 
         validate(load_recipe(write_recipe(GOOD), [f"model.files.qwen='{weights}'"]), plugins)
     assert ("[model.files.qwen] is not a file flux.1-dev takes; its [model.files] slots: transformer, vae, clip_l, "
             "t5xxl") in str(info.value)
+    with pytest.raises(RecipeError) as info:  # a misspelled slot: named, with the family's closest slot
+        validate(load_recipe(write_recipe(GOOD), [f"model.files.clip_I='{weights}'"]), plugins)
+    assert "[model.files.clip_I] is not a file flux.1-dev takes (did you mean 'clip_l'?)" in str(info.value)
+    with_file = write_recipe(GOOD + f'\n[model.files]\ntransformer = "{weights}"\n', "with-file.toml")
+    assert load_recipe(with_file).recipe.model.files == {"transformer": str(weights)}
+    assert load_recipe(with_file, (), ["model.files.transformer"]).recipe.model.files == {}  # --unset reaches a slot
 
 
 class TinyFamily:

@@ -327,7 +327,7 @@ def test_every_shipped_recipe_translates_to_valid_sd_scripts_files(path, plugins
     family = recipe.model.family
     files = model_files(tmp_path / "models", family) if family != "hunyuan-dit-1.2" else {}
     recipe = attrs.evolve(recipe, backend=attrs.evolve(recipe.backend, name="kohya"),
-                          model=attrs.evolve(recipe.model, files=attrs.evolve(recipe.model.files, **files)),
+                          model=attrs.evolve(recipe.model, files={**recipe.model.files, **files}),
                           output=attrs.evolve(recipe.output, dir=str(tmp_path / "runs" / "{name}")))
     if family == "hunyuan-dit-1.2":
         with pytest.raises(RecipeError, match="does not train hunyuan-dit-1.2.*sd-scripts has no Hunyuan-DiT"):

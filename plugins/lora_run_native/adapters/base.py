@@ -67,6 +67,28 @@ FLOW_FEATURES: frozenset[str] = frozenset({
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
 
+#: LoRA target presets for diffusers' MMDiT layout (double-stream `transformer_blocks`, single-stream
+#: `single_transformer_blocks`), shared by FLUX.1 and HunyuanImage-2.1. `proj_out` is anchored to the single
+#: blocks: a bare `proj_out` is also the model's output layer.
+_MMDIT_DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                      r"to_add_out)"]
+_MMDIT_SINGLE_ATTN = [r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"]
+_MMDIT_MLP = [r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+              r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"]
+_MMDIT_MODULATION = [r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear",
+                     r"single_transformer_blocks\.\d+\.norm\.linear"]
+MMDIT_TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": _MMDIT_DOUBLE_ATTN + _MMDIT_SINGLE_ATTN,
+    "attention+mlp": _MMDIT_DOUBLE_ATTN + _MMDIT_SINGLE_ATTN + _MMDIT_MLP,
+    "all-linear": _MMDIT_DOUBLE_ATTN + _MMDIT_SINGLE_ATTN + _MMDIT_MLP + _MMDIT_MODULATION,
+}
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), at most 300 characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
 
 def is_local_source(source: str) -> bool:
     """A `model.source` that names a folder (recipe paths are already absolute) rather than a hub id."""
@@ -218,7 +240,7 @@ class ModelAdapter:
         problems: list[tuple[tuple[str, ...], str]] = []
         m = self.recipe.model
         for key in ("transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5"):
-            value = getattr(m.files, key)
+            value = m.files.get(key)
             if value is None:
                 continue
             if key not in self.file_keys:  # refused by core from the family's registered slots
@@ -294,14 +316,38 @@ class ModelAdapter:
     def source_identity(self, subfolder: str, file_key: str | None = None) -> str:
         """Identity string of one component: a single file, a local folder's component or a hub id."""
         m = self.recipe.model
-        if file_key and getattr(m.files, file_key, None):
-            return "file:" + file_identity(Path(getattr(m.files, file_key)))
+        if file_key and m.files.get(file_key):
+            return "file:" + file_identity(Path(m.files.get(file_key)))
         src = m.source or self.default_hub_id or "?"
         if is_local_source(src):
             return f"folder:{Path(src).resolve()}/{subfolder}:{folder_identity(Path(src), subfolder)}"
         return f"hub:{src}@{m.revision or 'main'}/{subfolder}"
 
     # ------------------------------------------------------------------------------------- loading
+    def _source(self) -> str | None:
+        """The diffusers folder or hub id components are loaded from (None: single files only)."""
+        return self.recipe.model.source or None
+
+    def source_error(self, key: str, what: str, exc: Exception) -> Exception:
+        """One clear ModelSourceError for a hub or file error while loading ``what``."""
+        if isinstance(exc, ModelSourceError):
+            return exc
+        return self.error(key, f"cannot load {what}{self.cache_hint()}: {first_line(exc)}")
+
+    def load_from_source(self, cls: Any, subfolder: str, what: str, *, missing: tuple[str, str], **kw: Any) -> Any:
+        """``cls.from_pretrained`` from the source's ``subfolder``; ``missing`` is the (key, message) when
+        there is no source at all; errors name ``[model.source]``."""
+        quiet_libraries()
+        src = self._source()
+        if src is None:
+            raise self.error(*missing)
+        if is_local_source(src) and not (Path(src) / subfolder).is_dir():
+            raise self.error("model.source", f"{src} has no {subfolder}/ folder ({what})")
+        try:
+            return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)
+        except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
+            raise self.source_error("model.source", f"{src}/{subfolder}", exc) from None
+
     def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
         """Load tokenizers, text encoders and the VAE (frozen, eval mode) onto ``self.device``; ``only`` limits
         it to some of them (``"vae"`` and names from ``text_encoders``). Already loaded ones are kept."""
@@ -311,10 +357,26 @@ class ModelAdapter:
         """Load the denoiser (frozen, on CPU, in its storage dtype); ``prepare_transformer`` places it."""
         raise NotImplementedError
 
+    #: Cache-identity prefix of the family (``encoder_identity``).
+    cache_tag: ClassVar[str] = ""
+    #: ``[model.files]`` slot that may hold the VAE (None: folders only).
+    vae_file_key: ClassVar[str | None] = "vae"
+    #: (label, subfolder, ``[model.files]`` slot or None) of each text encoder, in ``text_encoders`` order.
+    encoder_sources: ClassVar[tuple[tuple[str, str, str | None], ...]] = ()
+
+    def text_settings(self) -> str:
+        """The tokenizer/prompt settings that change caption encodings (part of the text cache identity)."""
+        return ""
+
     def encoder_identity(self, part: str) -> str:
         """Stable identity of the encoders behind a cache entry: ``part`` is ``"latents"`` (the VAE) or
         ``"text"`` (all text encoders + tokenizer settings). Includes the compute dtype."""
-        raise NotImplementedError
+        dtype = self.recipe.train.mixed_precision
+        if part == "latents":
+            return f"{self.cache_tag}|vae|{self.source_identity('vae', self.vae_file_key)}|{dtype}"
+        encoders = "|".join(f"{label}:{self.source_identity(sub, key)}" for label, sub, key in self.encoder_sources)
+        return (f"{self.cache_tag}|{encoders}|tok:{self.source_identity('tokenizer')}|"
+                f"{self.source_identity('tokenizer_2')}|{self.text_settings()}|{dtype}")
 
     def unload_encoders(self, keep: tuple[str, ...] = ()) -> None:
         """Free the text encoders and the VAE (GPU memory released) except the names in ``keep``.
@@ -451,6 +513,21 @@ class ModelAdapter:
         return f"{base}.safetensors" if fmt == self.lora_formats[0] else f"{fmt}/{base}.safetensors"
 
     # ------------------------------------------------------------------------------------ inference
+    def assemble_pipeline(self, pipeline_class: Any, device: Any, dtype: Any, **extra: Any) -> Any:
+        """The family's two-text-encoder diffusers pipeline from the adapter's own components
+        (``_component(key, dtype)``, ``tokenizers``, ``_scheduler()``), on ``device``; ``extra`` goes to the
+        pipeline class as is."""
+        self._load_tokenizers()  # type: ignore[attr-defined]
+        first, second = self.text_encoders
+        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", first, second)}  # type: ignore[attr-defined]
+        pipe = pipeline_class(scheduler=self._scheduler(), vae=parts["vae"], text_encoder=parts[first],  # type: ignore[attr-defined]
+                              tokenizer=self.tokenizers[first], text_encoder_2=parts[second],  # type: ignore[attr-defined]
+                              tokenizer_2=self.tokenizers[second], transformer=parts["transformer"], **extra)  # type: ignore[attr-defined]
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+        pipe._lora_run_dtype = dtype
+        return pipe
+
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         """The family's diffusers inference pipeline built from ``recipe.model``."""
         raise NotImplementedError

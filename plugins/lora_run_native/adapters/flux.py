@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, is_local_source, quiet_libraries
+from .base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
@@ -22,11 +22,6 @@ DEFAULT_TOKENIZERS = {"clip_l": ("openai/clip-vit-large-patch14", None), "t5xxl"
 WHAT = {"transformer": "FLUX transformer", "vae": "FLUX autoencoder", "clip_l": "CLIP-L text encoder",
         "t5xxl": "T5-XXL text encoder"}
 
-_DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
-_SINGLE_ATTN = [r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"]
-_MLP = [r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
-        r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"]
-_MODULATION = [r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear", r"single_transformer_blocks\.\d+\.norm\.linear"]
 
 
 class FluxAdapter(ModelAdapter):
@@ -39,11 +34,7 @@ class FluxAdapter(ModelAdapter):
     features = COMMON_FEATURES | FLOW_FEATURES | {"guidance", "text_encoder_training", "fp8"}
     reasons = {"min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no "
                                 "alphas_cumprod (use train.timestep_weighting or the pseudo-huber loss)"}
-    target_presets = {
-        "attention": _DOUBLE_ATTN + _SINGLE_ATTN,
-        "attention+mlp": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP,
-        "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
-    }
+    target_presets = MMDIT_TARGET_PRESETS
     lora_formats = ("kohya", "diffusers")
     format_notes = {"comfyui": "ComfyUI loads FLUX.1's kohya and diffusers files directly; no separate comfyui "
                                "file is written"}
@@ -51,6 +42,8 @@ class FluxAdapter(ModelAdapter):
     trainable_text_encoder = "clip_l"
     default_hub_id = "black-forest-labs/FLUX.1-dev"
     file_keys = ("transformer", "vae", "clip_l", "t5xxl")
+    cache_tag = "flux"
+    encoder_sources = (("clip", "text_encoder", "clip_l"), ("t5", "text_encoder_2", "t5xxl"))
     vae_scale_factor = 8
 
     def __init__(self, recipe: Any, **kw: Any):
@@ -69,14 +62,14 @@ class FluxAdapter(ModelAdapter):
         problems = super().check_sources()
         m = self.recipe.model
         if m.source is None:
-            missing = [k for k in self.file_keys if getattr(m.files, k) is None]
+            missing = [k for k in self.file_keys if m.files.get(k) is None]
             for key in missing:
                 problems.append((("model", "files", key), f"is required when [model.source] is not set (or set "
                                  "[model.source] to a diffusers folder / hub id that provides it)"))
         elif is_local_source(m.source) and Path(m.source).is_dir():
             src = Path(m.source)
             for key in self.file_keys:
-                if getattr(m.files, key) is None and not (src / SUBFOLDER[key]).is_dir():
+                if m.files.get(key) is None and not (src / SUBFOLDER[key]).is_dir():
                     problems.append((("model", "source"), f"{src} has no {SUBFOLDER[key]}/ folder (the {WHAT[key]}); "
                                      f"it is not a FLUX diffusers folder — or give [model.files.{key}]"))
             for key, sub in TOKENIZER_SUBFOLDER.items():
@@ -85,33 +78,14 @@ class FluxAdapter(ModelAdapter):
                                      "tokenizer)"))
         return problems
 
-    def _source(self) -> str | None:
-        return self.recipe.model.source
-
     def _from_source(self, cls: Any, subfolder: str, key: str, **kw: Any) -> Any:
-        src = self._source()
-        if src is None:
-            raise self.error(f"model.files.{key}", f"is required when [model.source] is not set")
-        if is_local_source(src) and not (Path(src) / subfolder).is_dir():
-            raise self.error("model.source", f"{src} has no {subfolder}/ folder (the {WHAT.get(key, key)})")
-        try:
-            return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)
-        except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
-            raise self._source_error("model.source", f"{src}/{subfolder}", exc) from None
-
-    def _source_error(self, key: str, what: str, exc: Exception) -> Exception:
-        from lora_run.errors import ModelSourceError
-
-        if isinstance(exc, ModelSourceError):
-            return exc
-        text = _first_line(exc)
-        hint = self.cache_hint()
-        return self.error(key, f"cannot load {what}{hint}: {text[:300]}")
+        return self.load_from_source(cls, subfolder, f"the {WHAT.get(key, key)}", **kw, missing=(
+            f"model.files.{key}", "is required when [model.source] is not set"))
 
     def _read_file(self, key: str) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        path = Path(getattr(self.recipe.model.files, key))
+        path = Path(self.recipe.model.files.get(key))
         if not path.is_file():
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
@@ -148,7 +122,7 @@ class FluxAdapter(ModelAdapter):
         unexpected = [k for k in state if k not in own]
         shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         if missing or shape or (strict and unexpected):
-            path = getattr(self.recipe.model.files, key)
+            path = self.recipe.model.files.get(key)
             detail = (f"missing {missing[:3]}" if missing else f"shape mismatch at {shape[:3]}" if shape
                       else f"unexpected {unexpected[:3]}")
             raise self.error(f"model.files.{key}", f"{Path(path).name} does not match the {WHAT[key]} config "
@@ -172,7 +146,7 @@ class FluxAdapter(ModelAdapter):
         from .. import flux_files as ff
 
         raw = self._read_file(key)
-        name = Path(getattr(self.recipe.model.files, key)).name
+        name = Path(self.recipe.model.files.get(key)).name
         try:
             if key == "transformer":
                 state = ff.transformer_bfl_to_diffusers(raw)
@@ -200,7 +174,7 @@ class FluxAdapter(ModelAdapter):
             raise self.error(f"model.files.{key}", f"{name} does not look like a {WHAT[key]}: {exc}") from None
 
     def _component(self, key: str, dtype: Any) -> Any:
-        if getattr(self.recipe.model.files, key) is not None:
+        if self.recipe.model.files.get(key) is not None:
             return self._load_file_component(key, dtype)
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5EncoderModel
@@ -230,7 +204,7 @@ class FluxAdapter(ModelAdapter):
             try:
                 tok = cls.from_pretrained(repo, **self.source_kwargs())
             except Exception as exc:  # noqa: BLE001
-                tok, why = None, _first_line(exc)
+                tok, why = None, first_line(exc)
             if tok is None or not _real_tokenizer(tok):
                 raise self.error("model.source", f"is not set, so the {WHAT[key]}'s tokenizer is taken from the "
                                  f"hub model {repo}, which could not be loaded ({why}); set [model.source] to a "
@@ -257,13 +231,8 @@ class FluxAdapter(ModelAdapter):
         self.guidance_embeds = bool(model.config.guidance_embeds)
         return model
 
-    def encoder_identity(self, part: str) -> str:
-        dtype = self.recipe.train.mixed_precision
-        if part == "latents":
-            return f"flux|vae|{self.source_identity('vae', 'vae')}|{dtype}"
-        return (f"flux|clip:{self.source_identity('text_encoder', 'clip_l')}|"
-                f"t5:{self.source_identity('text_encoder_2', 't5xxl')}|tok:{self.source_identity('tokenizer')}|"
-                f"{self.source_identity('tokenizer_2')}|len:{self.max_sequence_length}|{dtype}")
+    def text_settings(self) -> str:
+        return f"len:{self.max_sequence_length}"
 
     # --------------------------------------------------------------------------------------- encoding
     def encode_images(self, pixels: Any) -> Any:
@@ -364,15 +333,7 @@ class FluxAdapter(ModelAdapter):
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         from diffusers import FluxPipeline
 
-        self._load_tokenizers()
-        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", "clip_l", "t5xxl")}
-        pipe = FluxPipeline(scheduler=self._scheduler(), vae=parts["vae"], text_encoder=parts["clip_l"],
-                            tokenizer=self.tokenizers["clip_l"], text_encoder_2=parts["t5xxl"],
-                            tokenizer_2=self.tokenizers["t5xxl"], transformer=parts["transformer"])
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device)
-        pipe._lora_run_dtype = dtype
-        return pipe
+        return self.assemble_pipeline(FluxPipeline, device, dtype)
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         """A diffusers-format file goes to ``load_lora_weights`` as is. A kohya file is converted with
@@ -385,14 +346,14 @@ class FluxAdapter(ModelAdapter):
         try:
             tensors, _ = load_lora(path)
         except Exception as exc:  # noqa: BLE001
-            raise OutputError(f"{path}: not a readable safetensors LoRA ({_first_line(exc)})") from None
+            raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
         try:
             if detect_format(tensors) == "kohya":
                 pipe.load_lora_weights(kohya_to_diffusers(tensors), adapter_name=adapter_name)
             else:
                 pipe.load_lora_weights(str(path), adapter_name=adapter_name)
         except Exception as exc:  # noqa: BLE001
-            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({_first_line(exc)})") from None
+            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:
         from diffusers import FluxPipeline
@@ -436,11 +397,6 @@ class FluxAdapter(ModelAdapter):
     def _pipe_dtype(self, pipe: Any) -> Any:
         """The compute dtype of a pipeline we built (with fp8 storage the weights' dtype is not it)."""
         return getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _match_text_model_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

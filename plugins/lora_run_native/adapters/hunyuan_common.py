@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import ModelAdapter, is_local_source, quiet_libraries
+from .base import ModelAdapter, first_line, is_local_source  # noqa: F401 - first_line re-exported
 
 #: Reasons shared by both Hunyuan families (the `native` backend keeps one reason per feature, so each text
 #: names every family that refuses the feature).
@@ -24,20 +24,12 @@ SHARED_REASONS = {
 }
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 class SourceLoader(ModelAdapter):
     """Component loading from a diffusers source (subclasses set ``SUBFOLDER`` and ``WHAT``)."""
 
     SUBFOLDER: dict[str, str] = {}
     WHAT: dict[str, str] = {}
     TOKENIZER_SUBFOLDER: dict[str, str] = {}
-
-    def _source(self) -> str | None:
-        return self.recipe.model.source or None
 
     def encode_images(self, pixels: Any) -> Any:
         """Both Hunyuan VAEs: the latent mean times the VAE's scaling factor (no shift, unlike FLUX)."""
@@ -57,31 +49,15 @@ class SourceLoader(ModelAdapter):
         elif is_local_source(m.source) and Path(m.source).is_dir():
             src = Path(m.source)
             for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
-                if getattr(m.files, key, None) is None and not (src / sub).is_dir():
+                if m.files.get(key) is None and not (src / sub).is_dir():
                     problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
                                      f"it is not a {self.family} diffusers folder"))
         return problems
 
-    def _error_for(self, key: str, what: str, exc: Exception) -> Exception:
-        from lora_run.errors import ModelSourceError
-
-        if isinstance(exc, ModelSourceError):
-            return exc
-        hint = self.cache_hint()
-        return self.error(key, f"cannot load {what}{hint}: {first_line(exc)}")
-
     def from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
-        quiet_libraries()
-        src = self._source()
         sub = subfolder or self.SUBFOLDER.get(key) or self.TOKENIZER_SUBFOLDER[key]
-        if src is None:
-            raise self.error("model.source", f"is required for {self.family}")
-        if is_local_source(src) and not (Path(src) / sub).is_dir():
-            raise self.error("model.source", f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)})")
-        try:
-            return cls.from_pretrained(src, subfolder=sub, **self.source_kwargs(), **kw)
-        except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
-            raise self._error_for("model.source", f"{src}/{sub}", exc) from None
+        return self.load_from_source(cls, sub, self.WHAT.get(key, key), **kw,
+                                     missing=("model.source", f"is required for {self.family}"))
 
     def frozen(self, module: Any) -> Any:
         module.requires_grad_(False)

@@ -76,6 +76,9 @@ class HunyuanDiTAdapter(SourceLoader):
     }
     lora_formats = ("diffusers",)
     text_encoders = ("bert", "mt5")
+    cache_tag = "hunyuan-dit"
+    vae_file_key = None
+    encoder_sources = (("bert", "text_encoder", None), ("mt5", "text_encoder_2", None))
     trainable_text_encoder = None
     default_hub_id = "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     file_keys = ()
@@ -245,13 +248,8 @@ class HunyuanDiTAdapter(SourceLoader):
                              + "; set the release the weights are, or remove the key")
         return model
 
-    def encoder_identity(self, part: str) -> str:
-        dtype = self.recipe.train.mixed_precision
-        if part == "latents":
-            return f"hunyuan-dit|vae|{self.source_identity('vae')}|{dtype}"
-        return (f"hunyuan-dit|bert:{self.source_identity('text_encoder')}|mt5:{self.source_identity('text_encoder_2')}|"
-                f"tok:{self.source_identity('tokenizer')}|{self.source_identity('tokenizer_2')}|"
-                f"len:{BERT_LENGTH},{T5_LENGTH}|{dtype}")
+    def text_settings(self) -> str:
+        return f"len:{BERT_LENGTH},{T5_LENGTH}"
 
     def enable_gradient_checkpointing(self, transformer: Any) -> None:
         """Checkpoint every ``transformer.blocks[i]`` (diffusers has no checkpointing for this model): the block's
@@ -401,16 +399,8 @@ class HunyuanDiTAdapter(SourceLoader):
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         from diffusers import HunyuanDiTPipeline
 
-        self._load_tokenizers()
-        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", "bert", "mt5")}
-        pipe = HunyuanDiTPipeline(vae=parts["vae"], text_encoder=parts["bert"], tokenizer=self.tokenizers["bert"],
-                                  transformer=parts["transformer"], scheduler=self._scheduler(), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False,
-                                  text_encoder_2=parts["mt5"], tokenizer_2=self.tokenizers["mt5"])
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device)
-        pipe._lora_run_dtype = dtype
-        return pipe
+        return self.assemble_pipeline(HunyuanDiTPipeline, device, dtype, safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False)
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         load_hunyuan_dit_lora(pipe.transformer, path, adapter_name)

@@ -22,15 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, ModelAdapter
+from .base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
 from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
 
-_DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"]
-_SINGLE_ATTN = [r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"]
-# `proj_out` anchored to the single blocks: a bare `proj_out` is also the model's output layer
-_MLP = [r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
-        r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"]
-_MODULATION = [r"transformer_blocks\.\d+\.(norm1|norm1_context)\.linear", r"single_transformer_blocks\.\d+\.norm\.linear"]
 
 #: HunyuanImagePipeline's prompt encoding constants (pipeline_hunyuanimage.py): Qwen template, the number of
 #: template tokens dropped, the hidden state used (the third from the end) and the text lengths.
@@ -58,14 +52,12 @@ class HunyuanImageAdapter(SourceLoader):
         "min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no alphas_cumprod "
                          "(use train.timestep_weighting or the pseudo-huber loss)",
     }
-    target_presets = {
-        "attention": _DOUBLE_ATTN + _SINGLE_ATTN,
-        "attention+mlp": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP,
-        "all-linear": _DOUBLE_ATTN + _SINGLE_ATTN + _MLP + _MODULATION,
-    }
+    target_presets = MMDIT_TARGET_PRESETS
     #: ``kohya`` (the recipe's name for the ComfyUI file) is written in ComfyUI's ``diffusion_model.`` layout
     lora_formats = ("diffusers", "comfyui", "kohya")   # <name>.safetensors, comfyui/<name>…, kohya/<name>…
     text_encoders = ("qwen", "byt5")
+    cache_tag = "hunyuan-image"
+    encoder_sources = (("qwen", "text_encoder", "qwen"), ("byt5", "text_encoder_2", "byt5"))
     trainable_text_encoder = None
     default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"
     file_keys = ("transformer", "vae", "qwen", "byt5")
@@ -97,7 +89,7 @@ class HunyuanImageAdapter(SourceLoader):
             return super().check_sources()
         problems = ModelAdapter.check_sources(self)
         for key in self.file_keys:
-            if getattr(m.files, key) is None:
+            if m.files.get(key) is None:
                 problems.append((("model", "files", key), "is required when [model.source] is not set (or set "
                                  "[model.source] to a HunyuanImage-2.1 diffusers folder / hub id that provides it)"))
         return problems
@@ -132,7 +124,7 @@ class HunyuanImageAdapter(SourceLoader):
         from .. import hunyuan_files as hf
         from ..flux_files import infer_t5_config
 
-        path = Path(getattr(self.recipe.model.files, key))
+        path = Path(self.recipe.model.files.get(key))
         if not path.is_file():
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
@@ -218,7 +210,7 @@ class HunyuanImageAdapter(SourceLoader):
         from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
 
-        if getattr(self.recipe.model.files, key) is not None:
+        if self.recipe.model.files.get(key) is not None:
             return self._load_file(key, dtype)
         if key == "transformer":
             return self.from_source(HunyuanImageTransformer2DModel, key, torch_dtype=dtype)
@@ -246,14 +238,8 @@ class HunyuanImageAdapter(SourceLoader):
         self.guidance_embeds = bool(model.config.guidance_embeds)
         return model
 
-    def encoder_identity(self, part: str) -> str:
-        dtype = self.recipe.train.mixed_precision
-        if part == "latents":
-            return f"hunyuan-image|vae|{self.source_identity('vae', 'vae')}|{dtype}"
-        return (f"hunyuan-image|qwen:{self.source_identity('text_encoder', 'qwen')}|"
-                f"byt5:{self.source_identity('text_encoder_2', 'byt5')}"
-                f"|tok:{self.source_identity('tokenizer')}|{self.source_identity('tokenizer_2')}|len:{self.qwen_max_length}"
-                f"|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|glyph:{GLYPH_RULE}|{dtype}")
+    def text_settings(self) -> str:
+        return f"len:{self.qwen_max_length}|drop:{TEMPLATE_DROP}|skip:{HIDDEN_STATE_SKIP_LAYER}|glyph:{GLYPH_RULE}"
 
     def enable_gradient_checkpointing(self, transformer: Any) -> None:
         """diffusers 0.42.1's default checkpoint function takes no keyword arguments, which this model passes
@@ -342,15 +328,7 @@ class HunyuanImageAdapter(SourceLoader):
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         from diffusers import HunyuanImagePipeline
 
-        self._load_tokenizers()
-        parts = {key: self._component(key, dtype) for key in ("transformer", "vae", "qwen", "byt5")}
-        pipe = HunyuanImagePipeline(scheduler=self._scheduler(), vae=parts["vae"], text_encoder=parts["qwen"],
-                                    tokenizer=self.tokenizers["qwen"], text_encoder_2=parts["byt5"],
-                                    tokenizer_2=self.tokenizers["byt5"], transformer=parts["transformer"])
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(device)
-        pipe._lora_run_dtype = dtype
-        return pipe
+        return self.assemble_pipeline(HunyuanImagePipeline, device, dtype)
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         """Either output format: a ComfyUI file is converted with ``comfy_to_diffusers`` first; both load with
