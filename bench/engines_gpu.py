@@ -41,7 +41,7 @@ class GpuMemory(threading.Thread):
         super().__init__(daemon=True)
         self.peak = 0
         self.baseline = self._read()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     @staticmethod
     def _read() -> int:
@@ -53,11 +53,11 @@ class GpuMemory(threading.Thread):
             return 0
 
     def run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._halt.wait(0.5):
             self.peak = max(self.peak, self._read())
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         return {"peak_used_gib": round(self.peak / 1024, 2), "baseline_gib": round(self.baseline / 1024, 2)}
 
