@@ -210,6 +210,10 @@ def run_row(row: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     sets, env = row_sets(row, a, work, data)
     recipe = str(HUNYUAN_RECIPE if row.endswith("hunyuan") else RECIPE)
     runs = work / "runs" / row
+    if runs.exists():   # this script's own output from an earlier invocation
+        import shutil
+
+        shutil.rmtree(runs)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"row": row, "recipe": recipe, "size": a.size, "steps": a.steps}
