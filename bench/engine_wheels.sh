@@ -38,4 +38,24 @@ mkdir -p "$DEST/sd-scripts" "$DEST/diffusion-pipe"
 "$PY" -m pip download "${common[@]}" -d "$DEST/diffusion-pipe" "${DIFFUSION_PIPE[@]}"
 # deepspeed and antlr4 4.9.3 (omegaconf's pin) are source-only on PyPI: build py3-none-any wheels (deepspeed needs torch in $PY's environment)
 DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$DEST/diffusion-pipe" "deepspeed==0.18.4" "antlr4-python3-runtime==4.9.3"
-du -sh "$DEST"/* && du -ch "$DEST"/*/*.whl | tail -1
+# the GPU runner carries at most 64 MiB per call: split each engine's wheels into parts of at most 60 MiB
+"$PY" - "$DEST" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+dest = Path(sys.argv[1])
+for engine in ("sd-scripts", "diffusion-pipe"):
+    parts, sizes = [], []
+    for whl in sorted((dest / engine).glob("*.whl"), key=lambda p: -p.stat().st_size):
+        size = whl.stat().st_size
+        for i, used in enumerate(sizes):
+            if used + size <= 60 * 2**20:
+                break
+        else:
+            i = len(sizes); sizes.append(0)
+        sizes[i] += size
+        part = dest / f"{engine}-{i + 1}"
+        part.mkdir(exist_ok=True)
+        shutil.copy2(whl, part / whl.name)
+    for i, used in enumerate(sizes):
+        print(f"{dest}/{engine}-{i + 1}: {used / 2**20:.1f} MiB")
+PYEOF

@@ -41,7 +41,7 @@ class GpuMemory(threading.Thread):
         super().__init__(daemon=True)
         self.peak = 0
         self.baseline = self._read()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     @staticmethod
     def _read() -> int:
@@ -53,11 +53,11 @@ class GpuMemory(threading.Thread):
             return 0
 
     def run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._halt.wait(0.5):
             self.peak = max(self.peak, self._read())
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         return {"peak_used_gib": round(self.peak / 1024, 2), "baseline_gib": round(self.baseline / 1024, 2)}
 
@@ -164,6 +164,11 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
               "--set", f"sample.every_steps={max(2, steps // 2)}", "--set", "sample.steps=4",
               "--set", "train.noise_offset=0", "--set", "scheduler.warmup_steps=2", "--set", "model.offline=true",
               "--set", "eval.enabled=false"]
+    if a.resolution != 512:   # a CPU smoke run: smaller images (the shipped recipe trains at 512)
+        common += ["--set", f"dataset.resolution={a.resolution}", "--set", f"dataset.bucket_min={a.resolution // 2}",
+                   "--set", f"dataset.bucket_max={a.resolution * 2}", "--set", f"sample.width={a.resolution}",
+                   "--set", f"sample.height={a.resolution}", "--set", "train.mixed_precision=no",
+                   "--set", "model.base_precision=bf16", "--set", "lora.rank=4"]
     if row == "kohya-flux":
         files = build_flux_single_files(a, work)
         t5 = None if files["t5_layers"] == 24 else files["t5_layers"]
@@ -201,10 +206,14 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
 
 
 def run_row(row: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    data = make_dataset(work / "data")
+    data = make_dataset(work / f"data-{a.resolution}", size=a.resolution)
     sets, env = row_sets(row, a, work, data)
     recipe = str(HUNYUAN_RECIPE if row.endswith("hunyuan") else RECIPE)
     runs = work / "runs" / row
+    if runs.exists():   # this script's own output from an earlier invocation
+        import shutil
+
+        shutil.rmtree(runs)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"row": row, "recipe": recipe, "size": a.size, "steps": a.steps}
@@ -263,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--size", choices=["reduced", "full"], default="reduced")
     ap.add_argument("--hunyuan-files", type=Path)
+    ap.add_argument("--resolution", type=int, default=512, help="training resolution; below 512 also switches to "
+                    "fp32 and rank 4 (a CPU smoke run of this script)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/engines-gpu"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args(argv)

@@ -114,8 +114,12 @@ class Supervisor:
     # -------------------------------------------------------------------------------------------- running
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # start_new_session: Ctrl-C in the terminal reaches lora-run only, which forwards it to the whole group.
+        # SIGINT is reset to its default in the child: lora-run started with `&` or nohup has SIGINT ignored, and
+        # the child would inherit that and sit out the grace period (seen with the real sd-scripts).
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_sigint)
         threading.Thread(target=self._read, name="sd-scripts-output", daemon=True).start()
 
     def _read(self) -> None:
@@ -229,6 +233,10 @@ class Supervisor:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finite(value: float | None) -> bool:

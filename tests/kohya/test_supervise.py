@@ -154,3 +154,28 @@ def test_no_shell_is_involved(tmp_path):
     assert sup.wait() == 0
     assert not marker.exists()
     assert "$(touch x)" in (tmp_path / "t.log").read_text()
+
+
+def test_the_forwarded_sigint_reaches_the_child_even_when_lora_run_ignores_it(tmp_path):
+    """lora-run started with `&` or nohup has SIGINT ignored; the engine must not inherit that, or a forwarded
+    Ctrl-C would only take effect after the grace period (met with the real sd-scripts)."""
+    import signal as _signal
+    import sys as _sys
+    import time as _time
+
+    from lora_run_kohya.supervise import Supervisor as _Supervisor
+
+    previous = _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    try:
+        sup = _Supervisor([_sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                          log_path=tmp_path / "log", grace_seconds=20.0)
+        sup.start()
+    finally:
+        _signal.signal(_signal.SIGINT, previous)
+    deadline = _time.monotonic() + 20
+    while _time.monotonic() < deadline and "up" not in sup._lines.queue:
+        _time.sleep(0.05)
+    started = _time.monotonic()
+    sup.stop(interrupt=True)
+    assert sup.proc.returncode is not None
+    assert _time.monotonic() - started < 5.0   # SIGINT worked; not SIGTERM after the 20 s grace
