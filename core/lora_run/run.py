@@ -310,7 +310,7 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
                                                 for n, reg in enumerate(r.dataset.regularization)]
     if r.model.source and os.path.isabs(r.model.source):
         out.append(("model.source", r.model.source))
-    out.extend((f"model.files.{k}", v) for k, v in attrs.asdict(r.model.files).items() if v)
+    out.extend((f"model.files.{k}", v) for k, v in r.model.files.items() if v)
     found = []
     for key, value in out:
         try:
