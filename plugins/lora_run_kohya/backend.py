@@ -257,8 +257,12 @@ class KohyaBackend:
             loss = p.loss
             if not finite(loss):
                 watcher.poll(final=True)
+                # the last *good* checkpoint: one sd-scripts saved after the bad step (it runs on until it is
+                # stopped) already holds weights trained on a non-finite loss
+                good = [c for c in watcher.checkpoints if c["step"] < p.step]
+                last_good = max(good, key=lambda c: c["step"])["path"] if good else "none"
                 raise NonFiniteLoss(f"sd-scripts reported a non-finite loss ({loss}) at step {p.step}; it was "
-                                    f"stopped. Last checkpoint: {watcher.last_checkpoint or 'none'}; lower the "
+                                    f"stopped. Last good checkpoint: {last_good}; lower the "
                                     f"learning rate ([optimizer] lr = {recipe.optimizer.lr}) or check the data")
             metrics: dict[str, float] = {k: v for k, v in p.values.items()}
             if loss is not None:
