@@ -83,6 +83,7 @@ def launch(processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -
     cuda = torch.cuda.is_available()
     validate_gpus(processes, cuda, torch.cuda.device_count() if cuda else 0, shown)
     ctx.run_dir.prepare(overwrite=overwrite, resume=ctx.resume)     # folder problems: exit 2 before any start
+    ctx.run_dir.release()       # rank 0 takes the run folder's lock itself (one lora-run per folder)
     r = ctx.recipe.train
     mode = f"{processes} GPU processes (NCCL)" if cuda else f"{processes} CPU processes (gloo; testing mode)"
     ctx.echo(f"data-parallel through torchrun: {mode}; global batch {r.batch_size * processes * r.gradient_accumulation}"
