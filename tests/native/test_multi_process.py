@@ -426,9 +426,9 @@ def test_a_backend_with_its_own_launcher_refuses_to_run_under_torchrun(tmp_path,
     class Plugin:
         @hookimpl
         def register_backends(self, register):
-            from lora_run_native.adapters import adapter_classes
+            from lora_run_native.adapters import adapter_class
 
-            register("own", OwnLauncher, capabilities={"flux.1-dev": adapter_classes()["flux.1-dev"].features})
+            register("own", OwnLauncher, capabilities={"flux.1-dev": adapter_class("flux.1-dev").features})
 
     from lora_run.testing import make_images
 
