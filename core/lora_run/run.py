@@ -313,6 +313,8 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     out.extend((f"model.files.{k}", v) for k, v in r.model.files.items() if v)
     found = []
     for key, value in out:
+        if not isinstance(value, str) or not value:    # an optional path left unset (a dataset type without one)
+            continue
         try:
             found.append((key, Path(value).resolve()))
         except (OSError, ValueError, RuntimeError):

@@ -341,7 +341,7 @@ class ModelAdapter:
         src = self._source()
         if src is None:
             raise self.error(*missing)
-        if is_local_source(src) and not (Path(src) / subfolder).is_dir():
+        if is_local_source(src) and not os.path.isdir(Path(src) / subfolder):
             raise self.error("model.source", f"{src} has no {subfolder}/ folder ({what})")
         try:
             return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)

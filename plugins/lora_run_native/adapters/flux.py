@@ -11,6 +11,7 @@ offline).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,14 @@ class FluxAdapter(ModelAdapter):
             for key in missing:
                 problems.append((("model", "files", key), f"is required when [model.source] is not set (or set "
                                  "[model.source] to a diffusers folder / hub id that provides it)"))
-        elif is_local_source(m.source) and Path(m.source).is_dir():
+        elif is_local_source(m.source) and os.path.isdir(m.source):
             src = Path(m.source)
             for key in self.file_keys:
-                if m.files.get(key) is None and not (src / SUBFOLDER[key]).is_dir():
+                if m.files.get(key) is None and not os.path.isdir(src / SUBFOLDER[key]):
                     problems.append((("model", "source"), f"{src} has no {SUBFOLDER[key]}/ folder (the {WHAT[key]}); "
                                      f"it is not a FLUX diffusers folder — or give [model.files.{key}]"))
             for key, sub in TOKENIZER_SUBFOLDER.items():
-                if not (src / sub).is_dir():
+                if not os.path.isdir(src / sub):
                     problems.append((("model", "source"), f"{src} has no {sub}/ folder (the {WHAT[key]}'s "
                                      "tokenizer)"))
         return problems
@@ -86,7 +87,7 @@ class FluxAdapter(ModelAdapter):
         from safetensors.torch import load_file
 
         path = Path(self.recipe.model.files.get(key))
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
             return load_file(str(path))

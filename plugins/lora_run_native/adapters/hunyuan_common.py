@@ -5,6 +5,7 @@ diffusers folder with the pipeline's component folders. Errors name the recipe k
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,10 @@ class SourceLoader(ModelAdapter):
         if m.source is None:
             problems.append((("model", "source"), f"is required for {self.family}: a hub id or a local diffusers "
                              "folder with the pipeline's components"))
-        elif is_local_source(m.source) and Path(m.source).is_dir():
+        elif is_local_source(m.source) and os.path.isdir(m.source):
             src = Path(m.source)
             for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
-                if m.files.get(key) is None and not (src / sub).is_dir():
+                if m.files.get(key) is None and not os.path.isdir(src / sub):
                     problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
                                      f"it is not a {self.family} diffusers folder"))
         return problems

@@ -23,6 +23,7 @@ the same peft config into ``pipe.transformer`` and loads it with ``set_peft_mode
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ class HunyuanDiTAdapter(SourceLoader):
             return None, ""
         if is_local_source(src):
             path = Path(src) / relative
-            if not path.is_file():
+            if not os.path.isfile(path):
                 return None, str(path)
             try:
                 return json.loads(path.read_text("utf-8")), str(path)

@@ -19,6 +19,7 @@ model is trained; the guidance-distilled (meanflow) variant is refused.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ class HunyuanImageAdapter(SourceLoader):
         from ..flux_files import infer_t5_config
 
         path = Path(self.recipe.model.files.get(key))
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise self.error(f"model.files.{key}", f"file not found: {path}")
         try:
             raw = load_file(str(path))
