@@ -312,7 +312,7 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
             rc = _wait(proc, row["timeout"])
             result = _summary(row, rc, out, log, time.perf_counter() - started)
             if rc == 0:
-                _expect_outputs({**result, "problems": result["problems"]}, {**row, "eval": True}, out)
+                _expect_outputs(result, {**row, "eval": True}, out)
         else:
             proc, out, log = _launch(row, assets, work)
             rc = _wait(proc, row["timeout"])

@@ -77,12 +77,10 @@ def place_pipeline(pipe: Any, device: Any, recipe: Any) -> str:
     that way. Returns which placement was used."""
     import torch
 
-    from .train import cap_gpu_memory
+    from .train import cap_gpu_memory, gpu_budget_gib
 
     cap_gpu_memory(recipe, device)
-    free = torch.cuda.mem_get_info(device)[0] / 2**30
-    if recipe.train.gpu_memory_gib is not None:
-        free = min(free, recipe.train.gpu_memory_gib - torch.cuda.memory_reserved(device) / 2**30)
+    free, _source = gpu_budget_gib(recipe, device)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     size = sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**30
     if size <= free * 0.8:
