@@ -73,10 +73,10 @@ def tiny_rows() -> list[dict[str, Any]]:
 def full_rows() -> list[dict[str, Any]]:
     rows = [_row("full-flux-512-speed-samples", "full", "flux",
                  {"train.memory_mode": "speed", "train.steps": 12, "sample.every_steps": 4}, model="flux-full-encoders",
-                 resolution=512, timeout=200)]
-    for mode in ("speed", "memory", "low-vram"):
+                 resolution=512, timeout=240, gib=34)]
+    for mode, gib in (("speed", 46), ("memory", 35), ("low-vram", 16)):
         rows.append(_row(f"full-flux-1024-{mode}", "full", "flux", {"train.memory_mode": mode, "train.steps": 8},
-                         model="flux-full-encoders", resolution=1024, timeout=200))
+                         model="flux-full-encoders", resolution=1024, timeout=240, gib=gib))
     return rows
 
 
@@ -85,7 +85,7 @@ def budget_rows() -> list[dict[str, Any]]:
     for res, gib in ((1024, 24), (1024, 12), (512, 16), (1024, 16), (512, 24), (512, 12)):
         rows.append(_row(f"budget-flux-{res}-{gib}gib", "budget", "flux",
                          {"train.memory_mode": "auto", "train.gpu_memory_gib": float(gib), "train.steps": 6},
-                         model="flux-full-encoders", resolution=res, budget=gib, timeout=240,
+                         model="flux-full-encoders", resolution=res, budget=gib, timeout=300, gib=gib,
                          eval=(res, gib) == (1024, 24)))
     return rows
 
@@ -94,18 +94,19 @@ def hunyuan_rows() -> list[dict[str, Any]]:
     rows = []
     for mode in ("speed", "memory", "low-vram", "auto"):
         rows.append(_row(f"full-dit-1024-{mode}", "hunyuan", "dit", {"train.memory_mode": mode, "train.steps": 6},
-                         model="dit-full", resolution=1024))
+                         model="dit-full", resolution=1024, timeout=300, gib=20))
     for mode in ("speed", "memory"):
         rows.append(_row(f"full-image-1024-{mode}", "hunyuan-image", "image",
-                         {"train.memory_mode": mode, "train.steps": 4}, model="image-full", resolution=1024))
+                         {"train.memory_mode": mode, "train.steps": 4}, model="image-full", resolution=1024,
+                         timeout=360, gib=100 if mode == "speed" else 60))
     return rows
 
 
 def whole_rows(steps: int) -> list[dict[str, Any]]:
     return [_row("whole-flux-fast-recipe", "whole", "flux", {"train.steps": steps}, kind="whole",
-                 model="flux-full-encoders", timeout=580),
+                 model="flux-full-encoders", timeout=580, gib=139),
             _row("whole-flux-fast-recipe-short", "whole", "flux", {"train.steps": 100}, kind="whole",
-                 model="flux-full-encoders", timeout=300, whole_sets={"eval.seeds": [1]})]
+                 model="flux-full-encoders", timeout=300, gib=139, whole_sets={"eval.seeds": [1]})]
 
 
 def all_rows(whole_steps: int = 200) -> list[dict[str, Any]]:
@@ -457,14 +458,29 @@ def environment() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[name] = None
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
+            "commit": os.environ.get("LORA_RUN_COMMIT") or _git_commit(),
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
             "python": platform.python_version(), **versions}
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    head = (f"Run of `bench/gpu_acceptance.py` on {env['date']}: {env['gpu']} ({env['gpu_memory_gib']} GiB), "
+    calls = env.get("invocations") or [env["date"]]
+    head = (f"Run of `bench/gpu_acceptance.py` at commit {env.get('commit') or '(unknown)'}, started {env['date']}"
+            f"{f' ({len(calls)} invocations: ' + ', '.join(calls) + ')' if len(calls) > 1 else ''}: "
+            f"{env['gpu']} ({env['gpu_memory_gib']} GiB), "
             f"Python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}, "
-            f"transformers {env['transformers']}, accelerate {env['accelerate']}.")
+            f"transformers {env['transformers']}, accelerate {env['accelerate']}"
+            f"{', flash-attn-4 ' + env['flash-attn-4'] if env.get('flash-attn-4') else ''}. Rows marked * shared "
+            "the GPU with other rows (peaks are per process and exact; their step and wall times are not "
+            "isolated timings: docs/performance.md has those).")
     lines = [head, "", "| row | configuration | result | step s | peak GiB | wall s | plan / notes |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -486,9 +502,37 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
             notes += "; " + " | ".join(p.replace("\n", " ")[:300] for p in r["problems"])
         step = f"{r['step_s']:.3f}" if isinstance(r.get("step_s"), float) else "–"
         peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "–"
-        lines.append(f"| {r['id']} | {r.get('family', '')}: {conf} | {'pass' if r['passed'] else 'FAIL'} | "
+        star = "*" if r.get("shared_gpu") else ""
+        lines.append(f"| {r['id']}{star} | {r.get('family', '')}: {conf} | {'pass' if r['passed'] else 'FAIL'} | "
                      f"{step} | {peak} | {r.get('wall_s', '–')} | {notes.strip('; ')} |")
     return "\n".join(lines) + "\n"
+
+
+class GpuPool:
+    """Full-size rows share the GPU when their memory (``gib``) fits together: a row waits until the sum of
+    the running rows' shares stays within ``capacity`` GiB and fewer than ``jobs`` run. Each process measures
+    its own peak, so the memory columns stay exact; step times of rows that overlapped are marked."""
+
+    def __init__(self, capacity: float, jobs: int):
+        import threading
+
+        self.capacity, self.jobs, self.used, self.running = capacity, jobs, 0.0, 0
+        self.cond = threading.Condition()
+
+    def run(self, row: dict[str, Any], fn) -> dict[str, Any]:
+        need = min(float(row.get("gib", self.capacity)), self.capacity)
+        with self.cond:
+            self.cond.wait_for(lambda: self.running < self.jobs and self.used + need <= self.capacity)
+            self.used += need
+            self.running += 1
+        try:
+            result = fn(row)
+        finally:
+            with self.cond:
+                self.used -= need
+                self.running -= 1
+                self.cond.notify_all()
+        return result
 
 
 def main() -> int:
@@ -496,9 +540,15 @@ def main() -> int:
     ap.add_argument("--groups", nargs="+", default=["tiny", "full", "budget", "hunyuan", "whole"])
     ap.add_argument("--only", nargs="*", default=None, help="row ids (overrides --groups)")
     ap.add_argument("--jobs", type=int, default=6, help="tiny rows run this many at a time")
+    ap.add_argument("--full-jobs", type=int, default=1,
+                    help="full-size rows run this many at a time when their memory fits (1: one at a time)")
+    ap.add_argument("--overlap", action="store_true", help="full-size rows start while the tiny rows run")
     ap.add_argument("--whole-steps", type=int, default=200)
     ap.add_argument("--work", default="/tmp/lora-run-acceptance")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--append", default=None,
+                    help="a JSON file of an earlier invocation of this run (same commit): its rows are kept, "
+                         "new rows are added, and the JSON and table are rewritten as one run")
     ap.add_argument("--doc", default=None, help="write the table here (e.g. docs/gpu-acceptance.md)")
     args = ap.parse_args()
     import torch
@@ -510,30 +560,58 @@ def main() -> int:
     rows = [r for r in rows if r["id"] in args.only] if args.only else [r for r in rows if r["group"] in args.groups]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = {"tiny" if r["model"] == "tiny" else r["model"] for r in rows}
-    assets = build_assets(work, models)
     env = environment()
     results: list[dict[str, Any]] = []
-    parallel = [r for r in rows if r["model"] == "tiny"]
-    serial = [r for r in rows if r["model"] != "tiny"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = out / f"gpu-acceptance-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.append:
+        earlier = json.loads(Path(args.append).read_text())
+        if earlier["environment"].get("commit") != env.get("commit"):
+            print(f"gpu_acceptance: {args.append} was measured at commit {earlier['environment'].get('commit')}, "
+                  f"this is {env.get('commit')}: not one run", file=sys.stderr)
+            return 2
+        new_ids = {r["id"] for r in rows}
+        results = [r for r in earlier["rows"] if r["id"] not in new_ids]
+        env["invocations"] = [*earlier["environment"].get("invocations", [earlier["environment"]["date"]]),
+                              env["date"]]
+        env["date"] = earlier["environment"]["date"]
+        json_path = Path(args.append)
+    import threading
+
+    lock = threading.Lock()
 
     def record(result: dict[str, Any]) -> None:
         """Print the row and rewrite the JSON and the table (a run cut short keeps what it measured)."""
-        results.append(result)
-        print(f"{result['id']}: {'pass' if result['passed'] else 'FAIL ' + str(result['problems'])[:400]} "
-              f"step {result.get('step_s')} peak {result.get('peak_gib')} wall {result.get('wall_s')}", flush=True)
-        (out / f"gpu-acceptance-{stamp}.json").write_text(json.dumps({"environment": env, "rows": results},
-                                                                     indent=2, default=str))
-        if args.doc:
-            Path(args.doc).write_text(markdown(env, results))
+        with lock:
+            results.append(result)
+            print(f"{result['id']}: {'pass' if result['passed'] else 'FAIL ' + str(result['problems'])[:400]} "
+                  f"step {result.get('step_s')} peak {result.get('peak_gib')} wall {result.get('wall_s')}", flush=True)
+            json_path.write_text(json.dumps({"environment": env, "rows": results}, indent=2, default=str))
+            if args.doc:
+                Path(args.doc).write_text(markdown(env, results))
 
-    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for result in pool.map(lambda r: run_row(r, assets, work), parallel):
-            record(result)
-    for row in serial:
+    tiny = [r for r in rows if r["model"] == "tiny"]
+    big = [r for r in rows if r["model"] != "tiny" and r["group"] != "whole"]
+    whole = [r for r in rows if r["group"] == "whole"]
+    assets = build_assets(work, {"tiny"} if tiny else set())
+
+    def tiny_part() -> None:
+        with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for result in pool.map(lambda r: run_row(r, assets, work), tiny):
+                record({**result, "shared_gpu": args.jobs > 1 or bool(args.overlap and big)})
+
+    tiny_thread = threading.Thread(target=tiny_part)
+    tiny_thread.start()
+    if not args.overlap:
+        tiny_thread.join()
+    assets.update(build_assets(work, {r["model"] for r in big + whole}))
+    gpu = GpuPool(capacity=torch.cuda.get_device_properties(0).total_memory / 2**30 - 8, jobs=max(1, args.full_jobs))
+    with cf.ThreadPoolExecutor(max_workers=max(1, args.full_jobs)) as pool:
+        for future in [pool.submit(gpu.run, r, lambda r: run_row(r, assets, work)) for r in big]:
+            record({**future.result(), "shared_gpu": args.full_jobs > 1 or bool(args.overlap and tiny)})
+    tiny_thread.join()
+    for row in whole:          # alone on the GPU: its times are what a user gets
         record(run_row(row, assets, work))
     print(markdown(env, results))
     return 0 if all(r["passed"] for r in results) else 1
