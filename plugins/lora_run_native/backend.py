@@ -144,6 +144,10 @@ class NativeBackend:
             notes.append("CUDA memory modes at " + f"{r.dataset.resolution}²: " + "; ".join(
                 f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
                 + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
+            notes.append({"auto": "attention (CUDA): FlashAttention-4 on SM90/SM100 GPUs when flash-attn-4 is "
+                                  "installed and passes its start-up check, else SDPA flash; the run prints which",
+                          "fa4": "attention (CUDA): FlashAttention-4 required (SM90/SM100, flash-attn-4 installed)",
+                          "sdpa": "attention (CUDA): SDPA flash (FlashAttention-2)"}[r.train.attention])
         if r.train.gpus > 1:
             sharding = "FSDP2 shards the frozen base" if getattr(self.ctx.options, "fsdp", False) else \
                 "DDP, a full base per process"

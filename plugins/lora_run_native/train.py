@@ -171,18 +171,35 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
         accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype, device=device)
     transformer.to(device)
     accel.configure_cuda()
+    kernel = choose_attention(transformer, r, device)
     accel.apply(transformer, plan, device, adapter.compute_dtype)
     why = ""
     if r.train.memory_mode == "auto":
-        why = " (the fastest plan that fits)"
+        why = " (the fastest plan that fits"
         if r.model.base_precision == "fp8" and not plan.fp8:
-            why += "; [model.base_precision] \"fp8\" is not needed here, the base stays bf16"
-    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; estimated peak {estimate:.1f} GiB of "
-         f"{available:.1f} GiB available ({source}), largest bucket {width}x{height}")
+            why += "; [model.base_precision] \"fp8\" is a memory setting not needed here, the base stays bf16"
+        if r.train.gradient_checkpointing and not plan.checkpoint_blocks:
+            why += "; [train.gradient_checkpointing] is a memory setting not needed here, no block is recomputed"
+        why += ")"
+    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; {kernel.describe()}; estimated peak "
+         f"{estimate:.1f} GiB of {available:.1f} GiB available ({source}), largest bucket {width}x{height}")
     transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),
-                                  "available_gib": round(available, 2), "budget": source}
+                                  "available_gib": round(available, 2), "budget": source,
+                                  "attention": kernel.kernel, "attention_reason": kernel.reason}
     transformer.train()
     return transformer
+
+
+def choose_attention(transformer: Any, recipe: Any, device: Any) -> Any:
+    """The attention kernel of this run (attention.py): FlashAttention-4 where it runs and passes its start-up
+    check, else SDPA flash. `[train] attention = "fa4"` stops the run (exit 2) when FA4 cannot run."""
+    from .attention import setup
+
+    choice = setup(transformer, recipe.train.attention, device)
+    if recipe.train.attention == "fa4" and choice.kernel != "fa4":
+        raise RecipeError(f"[train.attention] \"fa4\": FlashAttention-4 cannot run here: {choice.reason}; nothing "
+                          "was trained. Use \"auto\" (falls back to SDPA) or \"sdpa\"")
+    return choice
 
 
 def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
