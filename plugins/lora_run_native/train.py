@@ -204,11 +204,10 @@ def choose_attention(transformer: Any, recipe: Any, device: Any) -> Any:
 
 def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
     o = recipe.optimizer
-    if o.name == "adafactor":
-        from transformers.optimization import Adafactor
+    if o.name == "adafactor":      # transformers' update rule, grouped kernels (optim.py)
+        from .optim import make_adafactor
 
-        return Adafactor(groups, lr=o.lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                         weight_decay=o.weight_decay)
+        return make_adafactor(groups, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
         import torch
 
