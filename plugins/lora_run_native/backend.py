@@ -123,7 +123,13 @@ class NativeBackend:
                                                  if hasattr(adapter, "schedule_note") else ""))]
         if r.model.base_precision == "fp8":
             notes.append("base weights stored in float8 (e4m3), computed in "
-                         + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision])
+                         + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision]
+                         + (" — on CUDA under memory_mode \"auto\" a memory setting the GPU plan decides (a GPU "
+                            "with room keeps the base in bf16)"
+                            if r.train.memory_mode == "auto" and r.train.mixed_precision != "no" else ""))
+        if r.train.gradient_checkpointing and r.train.memory_mode == "auto" and r.train.mixed_precision != "no":
+            notes.append("gradient_checkpointing: on CUDA under memory_mode \"auto\" the GPU plan decides how many "
+                         "blocks are recomputed (none where the speed plan fits)")
         if r.train.noise_offset > 0:
             notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and channel, before "
                          "x_t and the target are formed")

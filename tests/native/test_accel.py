@@ -259,3 +259,20 @@ def test_compile_caches_live_under_the_users_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")      # a user's own setting wins
     accel.compile_cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+
+
+def test_shipped_recipes_memory_settings_follow_auto():
+    """The shipped fast recipe sets fp8 + checkpointing (for 24 GB cards). Under `memory_mode = "auto"` the plan
+    shown by `lora-run plan` trains a big GPU in bf16 without checkpointing; an explicit mode keeps the fp8."""
+    import attrs
+
+    from lora_run.recipe import load_recipe
+    from lora_run_native.memory import gpu_mode_estimates
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "flux" / "identity-fast.toml", []).recipe
+    assert recipe.model.base_precision == "fp8" and recipe.train.gradient_checkpointing
+    assert recipe.train.memory_mode == "auto"
+    speed, _gib = gpu_mode_estimates(recipe)["speed"]
+    assert "bf16 base" in speed and "checkpointing" not in speed
+    explicit = attrs.evolve(recipe, train=attrs.evolve(recipe.train, memory_mode="speed"))
+    assert "fp8 base" in gpu_mode_estimates(explicit)["speed"][0]
