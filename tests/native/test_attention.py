@@ -179,3 +179,47 @@ def test_masked_calls_fall_back_to_sdpa(standin):
                                                            attn_mask=mask).transpose(1, 2)
     assert torch.allclose(out, ref)
     assert not attention.fa4_serves(q, k, v, None, 0.0, False)        # fp32 CPU tensors: SDPA
+
+
+@pytest.mark.slow
+def test_compiled_flux_blocks_keep_the_routed_op_in_graph():
+    """The blocks compiled as the speed plan compiles them (token dims dynamic), attention routed to the op
+    through diffusers' dispatch: no graph break (same graph count as without routing), the kernel runs inside
+    the compiled graphs at every bucket shape, gradients equal the eager SDPA model's."""
+    import torch._dynamo
+
+    from lora_run_native import accel
+    from tests.native.test_accel import inputs, tiny_flux_with_lora
+
+    kernel_calls = []
+
+    def counted_forward(q, k, v, scale):
+        kernel_calls.append(q.shape[1])
+        return _forward(q, k, v, scale)
+
+    op = attention.define_op("lora_run_test_count", counted_forward, _backward)
+    reference = tiny_flux_with_lora()
+    ref_out = reference(**inputs())[0]
+    ref_out.pow(2).mean().backward()
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_flux_with_lora()
+    attention.set_backend(model, attention.register_backend(op, "lora_run_test_count", serves=lambda *a: a[3] is None))
+    for i, block in enumerate(accel.repeated_blocks(model)):
+        accel._wrap_block(block, i, compile=True, checkpoint=False, offloader=None, backend=counting_backend)
+    out = model(**inputs())[0]
+    out.pow(2).mean().backward()
+    assert len(kernel_calls) == 4 and len(graphs) == 4            # 2 block types × 2 input variants, no break
+    assert any("fa4_attention" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4), n
+    torch._dynamo.reset()
