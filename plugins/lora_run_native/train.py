@@ -171,7 +171,9 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
         accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype, device=device)
     transformer.to(device)
     accel.configure_cuda()
-    kernel = choose_attention(transformer, r, device)
+    kernel = choose_attention(transformer, r, device, tokens=perfmodel.tokens(r.model.family, height, width, shape)
+                              * r.train.batch_size,
+                              graphs=plan.compile and plan.compile_mode == "reduce-overhead")
     accel.apply(transformer, plan, device, adapter.compute_dtype)
     why = ""
     if r.train.memory_mode == "auto":
@@ -190,12 +192,13 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     return transformer
 
 
-def choose_attention(transformer: Any, recipe: Any, device: Any) -> Any:
+def choose_attention(transformer: Any, recipe: Any, device: Any, tokens: int | None = None,
+                     graphs: bool = False) -> Any:
     """The attention kernel of this run (attention.py): FlashAttention-4 where it runs and passes its start-up
     check, else SDPA flash. `[train] attention = "fa4"` stops the run (exit 2) when FA4 cannot run."""
     from .attention import setup
 
-    choice = setup(transformer, recipe.train.attention, device)
+    choice = setup(transformer, recipe.train.attention, device, tokens=tokens, graphs=graphs)
     if recipe.train.attention == "fa4" and choice.kernel != "fa4":
         raise RecipeError(f"[train.attention] \"fa4\": FlashAttention-4 cannot run here: {choice.reason}; nothing "
                           "was trained. Use \"auto\" (falls back to SDPA) or \"sdpa\"")

@@ -223,3 +223,13 @@ def test_compiled_flux_blocks_keep_the_routed_op_in_graph():
         if p.requires_grad:
             assert torch.allclose(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4), n
     torch._dynamo.reset()
+
+
+def test_auto_keeps_sdpa_where_fa4_dispatch_costs_more_than_it_saves():
+    ok = lambda: None  # noqa: E731
+    kw = dict(cuda=True, capability=(9, 0), import_error=None, check=ok)
+    small = attention.choose("auto", tokens=1536, graphs=False, **kw)
+    assert small.kernel == "sdpa" and "1536 tokens without CUDA graphs" in small.reason
+    assert attention.choose("auto", tokens=1536, graphs=True, **kw).kernel == "fa4"
+    assert attention.choose("auto", tokens=4608, graphs=False, **kw).kernel == "fa4"
+    assert attention.choose("fa4", tokens=1536, graphs=False, **kw).kernel == "fa4"     # asked for: honoured
