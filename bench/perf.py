@@ -13,6 +13,8 @@ moment it is measured, so a timeout keeps what was done:
                 FLUX's widths), ``--cli-steps`` steps, samples twice, a short evaluation (1 seed, strength 1.0).
                 Reports the plan line and the split from the manifest's ``artifacts.timing`` (cache, load,
                 compile, train, samples, evaluation) and projects the playbook's 1500-step run from it.
+* ``cli-fast-graphs`` the same with ``[train] cuda_graphs = "on"`` (auto turns graphs off above 4 buckets),
+                and so ``attention = "auto"`` may pick FlashAttention-4 at 512² (not a default row).
 * ``reference`` the plain diffusers + peft step (``flux_step_reference.py``, unchanged: bf16, eager, SDPA,
                 fused AdamW) at 1024² and 512², rank 32 attention LoRA; the matmul ceiling and the step FLOPs.
 * ``fa2``       lora-run's speed mode (compiled blocks) with SDPA flash (FlashAttention-2), 1024² and 512².
@@ -52,7 +54,7 @@ for extra in (REPO / "core", REPO / "plugins", HERE):
 GRAD_BOUND = 1e-2
 RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
-    "cli-fast": "cli", "reference": "fa2", "fa2": "fa2", "fa4": "fa4", "graphs": "fa4", "memory": "memory",
+    "cli-fast": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2", "fa4": "fa4", "graphs": "fa4", "memory": "memory",
     "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
@@ -189,8 +191,10 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
     accel.compile_cache_dir()
     if group == "cli":
-        guarded(out, "cli-fast", timeout, lambda: cli_row(Path(os.environ["PERF_WORK"]),
-                                                          int(os.environ.get("PERF_CLI_STEPS", "40"))))
+        for row in rows:
+            sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
+            guarded(out, row, timeout, lambda row=row, sets=sets: cli_row(
+                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "40")), row, sets))
         return
     build_started = time.perf_counter()
     model = ref.build_model(RANK, TARGETS)
@@ -301,7 +305,7 @@ def make_dataset(folder: Path, count: int = 20) -> Path:
     return folder
 
 
-def cli_row(work: Path, steps: int) -> dict[str, Any]:
+def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import fullsize
     import gpu_acceptance as acc
 
@@ -310,15 +314,15 @@ def cli_row(work: Path, steps: int) -> dict[str, Any]:
     free()
     built = time.perf_counter() - started
     data = make_dataset(work / "data-5buckets")
-    out = work / "runs" / "cli-fast"
+    out = work / "runs" / name
     every = max(1, steps // 2)
     sets = {"model.source": str(model), "model.offline": True, "dataset.path": str(data),
-            "dataset.min_images": 1, "output.name": "cli-fast", "train.steps": steps,
+            "dataset.min_images": 1, "output.name": name, "train.steps": steps,
             "train.save_every_steps": every, "sample.every_steps": every, "eval.seeds": [1],
-            "eval.strengths": [1.0], "backend.native.progress_bar": False}
+            "eval.strengths": [1.0], "backend.native.progress_bar": False, **(extra or {})}
     args = [*acc.cli(), str(REPO / "recipes" / "flux" / "identity-fast.toml"), "--output-dir", str(out),
             "--overwrite", *acc._set_args(sets)]
-    log = work / "logs" / "cli-fast.log"
+    log = work / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), env.get("PYTHONPATH", "")])
@@ -337,7 +341,7 @@ def cli_row(work: Path, steps: int) -> dict[str, Any]:
     timing = art.get("timing") or {}
     plan = art.get("gpu_plan") or {}
     plan_line = next((line for line in log.read_text(errors="replace").splitlines() if line.startswith("GPU plan")), "")
-    row = dict(exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps,
+    row = dict(sets=extra or {}, exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps,
                step_s=timing.get("step_s"), timing=timing, plan=plan.get("plan"), attention=plan.get("attention"),
                attention_reason=plan.get("attention_reason"), plan_line=plan_line,
                peak_gib=timing.get("peak_reserved_gib"), shapes=timing.get("shapes"))
@@ -412,8 +416,10 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = GRAD_BOUND if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= GRAD_BOUND if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    cli = by.get(("cli-fast", None))
-    if cli and cli.get("step_s"):
+    for name in ("cli-fast", "cli-fast-graphs"):
+        cli = by.get((name, None))
+        if not (cli and cli.get("step_s")):
+            continue
         t = cli["timing"]
         isolated = [by[k]["median_s"] for k in (("graphs", 512), ("fa4", 512), ("fa2", 512)) if k in by]
         if isolated:
@@ -424,7 +430,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         cli["projected_1500_s"] = round((t.get("cache_s") or 0) + (t.get("load_s") or 0) + (t.get("compile_s") or 0)
                                         + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
                                         + (t.get("evaluate_s") or 0) + (t.get("finish_s") or 0), 1)
-        summary["cli"] = cli
+        summary["cli" if name == "cli-fast" else name] = cli
     return summary
 
 
@@ -437,7 +443,7 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
              "| row | res | plan / attention | median s | peak GiB | vs reference | vs FA2 | floor % | LoRA-grad rel. err (bound) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["row"] == "cli-fast":
+        if r["row"].startswith("cli-fast"):
             continue
         if "error" in r:
             lines.append(f"| {r['row']} | {r.get('resolution', '')} | | **failed**: {r['error'][:160]} | | | | | |")
@@ -453,23 +459,26 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
         lines.append(f"| {r['row']}{extra} | {r.get('resolution', '')} | {what} | {f(r.get('median_s'))} | "
                      f"{f(r.get('peak_gib'), '{:.1f}')} | {f(r.get('vs_reference'), '{:.2f}×')} | "
                      f"{f(r.get('vs_fa2'), '{:.2f}×')} | {f(100 * r['floor_fraction'] if r.get('floor_fraction') else None, '{:.0f}')} | {err} |")
-    cli = next((r for r in rows if r["row"] == "cli-fast"), None)
-    if cli:
+    clis = [r for r in rows if r["row"].startswith("cli-fast")]
+    if clis:
         lines += ["", "Shipped fast recipe through the CLI (`recipes/flux/identity-fast.toml`, full-size FLUX.1-dev "
-                  "transformer, random weights, 20 images in 5 buckets):", ""]
-        if "error" in cli:
-            lines.append(f"**failed**: {cli['error'][:400]}")
-        else:
+                  "transformer, random weights, 20 images in 5 buckets):", "",
+                  "| row | steps | plan | attention | step s | vs isolated 512² | cache s | load s | compile s | "
+                  "train s | samples s | eval s | wall s | start-up s | projected 1500 steps |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for cli in clis:
+            if "error" in cli:
+                lines.append(f"| {cli['row']} | **failed**: {cli['error'][:300]} |")
+                continue
             t = cli.get("timing") or {}
-            lines += ["| steps | plan | attention | step s | vs isolated 512² | cache s | load s | compile s | "
-                      "train s | samples s | eval s | wall s | start-up s | projected 1500 steps |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-                      f"| {cli['steps']} | {cli.get('plan')} | {cli.get('attention')} | {f(cli.get('step_s'))} | "
-                      f"{f(cli.get('vs_isolated_512'), '{:.2f}×')} | {t.get('cache_s')} | {t.get('load_s')} | "
-                      f"{t.get('compile_s')} | {t.get('train_s')} | {t.get('samples_s')} | {t.get('evaluate_s')} | "
-                      f"{f(cli.get('wall_s'), '{:.0f}')} | {cli.get('startup_s')} | "
-                      f"{f(cli.get('projected_1500_s'), '{:.0f}')} s |",
-                      "", f"Plan line: `{cli.get('plan_line', '')}`"]
+            lines.append(f"| {cli['row']} | {cli['steps']} | {cli.get('plan')} | {cli.get('attention')} | "
+                         f"{f(cli.get('step_s'))} | {f(cli.get('vs_isolated_512'), '{:.2f}×')} | {t.get('cache_s')} | "
+                         f"{t.get('load_s')} | {t.get('compile_s')} | {t.get('train_s')} | {t.get('samples_s')} | "
+                         f"{t.get('evaluate_s')} | {f(cli.get('wall_s'), '{:.0f}')} | {cli.get('startup_s')} | "
+                         f"{f(cli.get('projected_1500_s'), '{:.0f}')} s |")
+        for cli in clis:
+            if cli.get("plan_line"):
+                lines.append(f"\n{cli['row']} plan line: `{cli['plan_line']}`")
     return "\n".join(lines)
 
 

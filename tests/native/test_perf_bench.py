@@ -57,7 +57,7 @@ def test_ratios_and_the_markdown_block():
     text = perf.markdown({"gpu": "H200"}, rows, summary, "perf-x.json")
     assert "| fa4 | 1024 | speed, compiled | 0.300 |  | 2.00× | 1.40× | 73 | 5.0e-02 (≤ 1e-02: NO) |" in text
     assert "| memory | 1024 | | **failed**: RowTimeout" in text
-    assert "| 40 | None | None | 0.130 | 1.30× |" in text
+    assert "| cli-fast | 40 | None | None | 0.130 | 1.30× |" in text
 
 
 def test_the_cli_dataset_has_five_aspect_buckets(tmp_path):
