@@ -13,6 +13,8 @@ moment it is measured, so a timeout keeps what was done:
                 FLUX's widths), ``--cli-steps`` steps, samples twice, a short evaluation (1 seed, strength 1.0).
                 Reports the plan line and the split from the manifest's ``artifacts.timing`` (cache, load,
                 compile, train, samples, evaluation) and projects the playbook's 1500-step run from it.
+* ``cli-fast-warm`` ``cli-fast`` once more, right after it: start-up with the compile caches of the first run
+                (``~/.cache/lora-run/compile``) warm (not a default row).
 * ``cli-fast-graphs`` the same with ``[train] cuda_graphs = "on"`` (auto turns graphs off above 4 buckets),
                 and so ``attention = "auto"`` may pick FlashAttention-4 at 512² (not a default row).
 * ``reference`` the plain diffusers + peft step (``flux_step_reference.py``, unchanged: bf16, eager, SDPA,
@@ -54,7 +56,7 @@ for extra in (REPO / "core", REPO / "plugins", HERE):
 GRAD_BOUND = 1e-2
 RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
-    "cli-fast": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2", "fa4": "fa4", "graphs": "fa4", "memory": "memory",
+    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2", "fa4": "fa4", "graphs": "fa4", "memory": "memory",
     "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
@@ -269,7 +271,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
 
     def fp8_row() -> dict:
-        choice = attention.setup(model, "auto", "cuda")
+        choice = attention.setup(model, "auto", "cuda", tokens=4608)
         accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda")
         accel.apply(model, plan, "cuda", torch.bfloat16)
         free()
@@ -416,7 +418,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = GRAD_BOUND if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= GRAD_BOUND if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-graphs"):
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-graphs"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
