@@ -37,6 +37,7 @@ class PerfPlan:
     checkpoint_blocks: int = 0      # how many repeated blocks run under activation checkpointing
     offload_blocks: int = 0         # how many blocks keep their frozen weights in pinned CPU memory
     compile_mode: str = "default"   # torch.compile mode of each block ("reduce-overhead": CUDA graphs)
+    dynamic_tokens: bool = False    # compile the token dimension symbolic: one graph for every bucket shape
 
     def describe(self) -> str:
         compiled = "compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else "compiled"
@@ -304,7 +305,7 @@ def compile_cache_dir() -> str:
 
 def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
                 offloader: BlockOffloader | None, compile_mode: str = "default", backend: Any = "inductor",
-                dynamic_tokens: bool = True) -> None:
+                dynamic_tokens: bool = False) -> None:
     """Replace ``block.forward`` by: weights loaded (offload) → compiled or eager call → checkpointing.
 
     Only training calls (grad enabled) run the compiled graph. Sampling and evaluation run the model under
@@ -384,7 +385,7 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
         done["offloaded"] = len(offload)
     for i, block in enumerate(blocks):
         _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader,
-                    compile_mode=plan.compile_mode)
+                    compile_mode=plan.compile_mode, dynamic_tokens=plan.dynamic_tokens)
     done["checkpointed"] = len(ckpt)
     model._lora_run_cuda_graphs = bool(plan.compile and on_cuda and plan.compile_mode == "reduce-overhead")
     if plan.compile and on_cuda:

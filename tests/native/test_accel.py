@@ -276,3 +276,11 @@ def test_shipped_recipes_memory_settings_follow_auto():
     assert "bf16 base" in speed and "checkpointing" not in speed
     explicit = attrs.evolve(recipe, train=attrs.evolve(recipe.train, memory_mode="speed"))
     assert "fp8 base" in gpu_mode_estimates(explicit)["speed"][0]
+
+
+def test_several_buckets_plan_one_graph_with_a_symbolic_token_dimension():
+    for mode in ("speed", "memory", "low-vram"):
+        assert perfmodel.plan_mode(mode, "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5).dynamic_tokens
+        assert not perfmodel.plan_mode(mode, "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=1).dynamic_tokens
+    assert not perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5,
+                                   compile=False).dynamic_tokens
