@@ -3,7 +3,8 @@
     python bench/perf.py [--rows ROW ...] [--row-timeout 240] [--budget 470] [--cli-steps 40]
                          [--out bench/results] [--work /tmp/lora-run-perf]
 
-Rows (default: all but ``low-vram-8g``), each group in its own process so a crash (an illegal memory access
+Rows (default: all but the ``cli-fast-*`` variants and ``low-vram-8g``, in priority order: a group that would
+start after ``--budget`` seconds is skipped and reported so), each group in its own process so a crash (an illegal memory access
 poisons a CUDA context) costs only that group; every row is printed and appended to a JSON-lines file the
 moment it is measured, so a timeout keeps what was done:
 
@@ -56,8 +57,8 @@ for extra in (REPO / "core", REPO / "plugins", HERE):
 GRAD_BOUND = 1e-2
 RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
-    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2", "fa4": "fa4", "graphs": "fa4", "memory": "memory",
-    "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
+    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2",
+    "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
 
@@ -196,7 +197,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         for row in rows:
             sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
             guarded(out, row, timeout, lambda row=row, sets=sets: cli_row(
-                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "40")), row, sets))
+                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets))
         return
     build_started = time.perf_counter()
     model = ref.build_model(RANK, TARGETS)
@@ -488,9 +489,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=sorted(GROUPS))
     ap.add_argument("--row-timeout", type=int, default=240, help="seconds per row (a row over it is an error row)")
-    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; later groups are "
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run; later groups are "
                     "skipped when it is spent")
-    ap.add_argument("--cli-steps", type=int, default=40)
+    ap.add_argument("--cli-steps", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
