@@ -204,6 +204,20 @@ def grad_error(model: Any, ref_grads: dict, snapshot: dict) -> float:
     return rel_error(lora_grads(model, 512), ref_grads)
 
 
+def fa4_calls(model: Any) -> int:
+    """How many attention calls of one (eager, no-grad) 512² forward ran the FA4 op: 57 when every FLUX
+    block's attention reached it (a call that falls back to SDPA is not counted)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import flux_step_reference as ref
+
+    inputs = ref.make_inputs(512, 1)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    return sum(e.count for e in prof.key_averages() if e.key == "lora_run::fa4_attention")
+
+
 def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     import torch
 
@@ -259,6 +273,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                 emit(out, {"row": row, "error": f"FlashAttention-4 not used: {choice.reason}"})
             return
         plan = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, cuda_graphs="off")
+        routed = fa4_calls(model)
         accel.apply(model, plan, "cuda", torch.bfloat16)
         err = {}
 
@@ -266,7 +281,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
             if not err:
                 err["value"] = grad_error(model, ref_grads, snapshot)
                 free()
-            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise)
+            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, fa4_calls=routed)
         if "fa4" in rows:
             for res in (1024, 512):
                 guarded(out, "fa4", timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
@@ -474,6 +489,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
         what = r.get("plan") or r.get("impl", "")
         if r.get("attention"):
             what += f"; {r['attention']}"
+        if r.get("fa4_calls") is not None:
+            what += f"; {r['fa4_calls']} of 57 attention calls on FA4"
         err = ""
         if r.get("grad_rel_error") is not None:
             err = f"{r['grad_rel_error']:.1e}" + (f" (≤ {r['grad_bound']:.1e}: {'yes' if r['grad_ok'] else 'NO'})"
