@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+#: elements per stacked chunk: bounds the optimizer step's transient memory (a few stacked copies of one chunk)
+CHUNK_ELEMENTS = 1 << 24
+
 
 class ForeachAdafactor(torch.optim.Optimizer):
     """transformers.optimization.Adafactor's update with grouped kernels. Same arguments and defaults."""
@@ -64,7 +67,9 @@ class ForeachAdafactor(torch.optim.Optimizer):
                 key = (tuple(p.shape), p.dtype, p.device, state["step"])
                 buckets.setdefault(key, []).append(p)
             for (shape, _dtype, _device, step), params in buckets.items():
-                self._update(group, params, len(shape) >= 2, step)
+                per_chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape)))
+                for start in range(0, len(params), per_chunk):
+                    self._update(group, params[start:start + per_chunk], len(shape) >= 2, step)
         return loss
 
     def _init_state(self, group: dict[str, Any], p: Any, state: dict[str, Any]) -> None:

@@ -108,3 +108,12 @@ def test_recipes_get_the_grouped_adafactor_and_fused_adamw_on_cuda():
     assert opt.defaults["relative_step"] is False and opt.defaults["scale_parameter"] is False
     recipe.optimizer.name = "adamw"
     assert make_optimizer(recipe, [{"params": [p]}], on_cuda=False).defaults.get("fused") in (None, False)
+
+
+def test_chunked_groups_give_the_same_result(monkeypatch):
+    """Large groups are updated in chunks (bounded transient memory): same parameters as one stack."""
+    whole, _ = run(optim.ForeachAdafactor, CONFIGS[1])
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 200)        # (8, 24) tensors: one per chunk
+    chunked, _ = run(optim.ForeachAdafactor, CONFIGS[1])
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
