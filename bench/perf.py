@@ -230,7 +230,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     if group == "cli":
         for row in rows:
             sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
-            guarded(out, row, timeout, lambda row=row, sets=sets: cli_row(
+            guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets))
         return
     build_started = time.perf_counter()
@@ -526,7 +526,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=sorted(GROUPS))
     ap.add_argument("--row-timeout", type=int, default=240, help="seconds per row (a row over it is an error row)")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run; later groups are "
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; later groups are "
                     "skipped when it is spent")
     ap.add_argument("--cli-steps", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -558,7 +558,7 @@ def main() -> int:
                 for row in rows:
                     f.write(json.dumps({"row": row, "error": "skipped: the run's --budget was spent"}) + "\n")
             continue
-        limit = min(left, args.row_timeout * (len(rows) + (1 if group == "cli" else 2)) + 60)
+        limit = min(left, args.row_timeout * (len(rows) * (1.5 if group == "cli" else 1) + 2) + 60)
         run_group(group, rows, args, jsonl, limit)
     rows = read_rows(jsonl)
     summary = analyse(rows)
