@@ -233,3 +233,17 @@ def test_auto_keeps_sdpa_where_fa4_dispatch_costs_more_than_it_saves():
     assert attention.choose("auto", tokens=1536, graphs=True, **kw).kernel == "fa4"
     assert attention.choose("auto", tokens=4608, graphs=False, **kw).kernel == "fa4"
     assert attention.choose("fa4", tokens=1536, graphs=False, **kw).kernel == "fa4"     # asked for: honoured
+
+
+def test_asking_for_fa4_where_it_cannot_run_stops_with_the_key_named():
+    from types import SimpleNamespace
+
+    from lora_run.errors import RecipeError
+    from lora_run_native.train import choose_attention
+
+    recipe = SimpleNamespace(train=SimpleNamespace(attention="fa4"))
+    with pytest.raises(RecipeError) as info:
+        choose_attention(torch.nn.Linear(2, 2), recipe, "cpu")
+    assert "[train.attention] \"fa4\"" in str(info.value) and "no CUDA device" in str(info.value)
+    recipe.train.attention = "auto"
+    assert choose_attention(torch.nn.Linear(2, 2), recipe, "cpu").kernel == "sdpa"
