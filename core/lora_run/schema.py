@@ -175,6 +175,11 @@ class TrainSection:
     cuda_graphs: Literal["auto", "on", "off"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
         "tokens and at most 4 bucket shapes, where graphs pay off).")
+    attention: Literal["auto", "fa4", "sdpa"] = option(
+        "auto", "Attention kernel on CUDA: `auto` runs FlashAttention-4 (`pip install 'lora-run[hopper]'`) on "
+        "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, else SDPA flash "
+        "(FlashAttention-2); `fa4` stops the run when FlashAttention-4 cannot run; `sdpa` always uses SDPA. "
+        "The run's plan line says which kernel runs and why.")
     seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "

@@ -374,6 +374,8 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
     if t.memory_mode != "auto":
         out.append("[train] memory_mode is a native-backend setting; here use [backend.diffusion-pipe] "
                    "blocks_to_swap / activation_checkpointing / pipeline_stages")
+    if t.attention != "auto":
+        out.append("[train] attention is a native-backend setting; diffusion-pipe uses the model's own attention")
     if t.compile == "auto":
         out.append("[train] compile = \"auto\" → compile = false (diffusion-pipe's torch.compile is not tested on "
                    "every model; set compile = \"on\" to use it)")

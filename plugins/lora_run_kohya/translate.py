@@ -207,6 +207,9 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if t.memory_mode != "auto":
         out.append((("train", "memory_mode"), "is a native-backend setting; with kohya use [backend.kohya] "
                     "blocks_to_swap, [model] base_precision = \"fp8\" and train.gradient_checkpointing"))
+    if t.attention != "auto":
+        out.append((("train", "attention"), "is a native-backend setting; sd-scripts picks its own attention "
+                    "(--sdpa / --xformers)"))
     if t.compile == "on":
         out.append((("train", "compile"), "sd-scripts' LoRA trainers do not compile the transformer blocks"))
     if t.save_every_steps and t.save_every_epochs:

@@ -19,6 +19,7 @@ Everything here is a no-op on CPU except fp8 storage (used by ``base_precision =
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable
 
 import attrs
@@ -36,6 +37,7 @@ class PerfPlan:
     checkpoint_blocks: int = 0      # how many repeated blocks run under activation checkpointing
     offload_blocks: int = 0         # how many blocks keep their frozen weights in pinned CPU memory
     compile_mode: str = "default"   # torch.compile mode of each block ("reduce-overhead": CUDA graphs)
+    dynamic_tokens: bool = False    # compile the token dimension symbolic: one graph for every bucket shape
 
     def describe(self) -> str:
         compiled = "compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else "compiled"
@@ -259,8 +261,51 @@ class BlockOffloader:
             layer.w8 = self.torch.empty(0, dtype=cpu.dtype, device=self.device)
 
 
+def mark_token_dims(args: Any, kwargs: Any) -> None:
+    """Mark the token dimension of a block's inputs dynamic, so one compiled graph serves every aspect-ratio
+    bucket: dim 1 of (batch, tokens, width) activations and dim 0 of 2-D per-token tables (rotary cos/sin,
+    which have more rows than a batch has samples). `maybe_mark_dynamic` lets the compiler specialise a dim
+    that turns out to be fixed (the text tokens) instead of failing."""
+    import torch
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 3 and value.shape[1] > 1:
+                torch._dynamo.maybe_mark_dynamic(value, 1)
+            elif value.dim() == 2 and value.shape[0] > 16:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        elif isinstance(value, (tuple, list)) and depth < 2:
+            for item in value:
+                visit(item, depth + 1)
+
+    for value in (*args, *kwargs.values()):
+        visit(value)
+
+
+def compile_cache_dir() -> str:
+    """Persistent compile caches under the user's cache folder, reused by the next run: inductor's FX-graph
+    and AOT-autograd caches and Triton kernels (``TORCHINDUCTOR_CACHE_DIR``), dynamo's record of which
+    dimensions were dynamic, and FlashAttention-4's compiled CuTe kernels. A variable the user set wins.
+    ``$LORA_RUN_COMPILE_CACHE`` moves the whole folder (default ``~/.cache/lora-run/compile``)."""
+    base = os.environ.get("LORA_RUN_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lora-run", "compile")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "inductor"))
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(base, "flash-attn-cute"))
+    try:
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        functorch_config.enable_autograd_cache = True
+    except Exception:  # noqa: BLE001 - an older torch without these caches compiles from scratch
+        pass
+    return base
+
+
 def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
-                offloader: BlockOffloader | None, compile_mode: str = "default") -> None:
+                offloader: BlockOffloader | None, compile_mode: str = "default", backend: Any = "inductor",
+                dynamic_tokens: bool = False) -> None:
     """Replace ``block.forward`` by: weights loaded (offload) → compiled or eager call → checkpointing.
 
     Only training calls (grad enabled) run the compiled graph. Sampling and evaluation run the model under
@@ -274,10 +319,16 @@ def _wrap_block(block: Any, index: int, *, compile: bool, checkpoint: bool,
     eager = block.forward
     forward = eager
     if compile:
-        compiled = torch.compile(eager, dynamic=False, mode=compile_mode)
+        # one graph for every bucket shape: the token dimension is symbolic (mark_token_dims), the rest static
+        options = {"mode": compile_mode} if backend == "inductor" else {}
+        compiled = torch.compile(eager, dynamic=None if dynamic_tokens else False, backend=backend, **options)
 
         def forward(*args: Any, **kwargs: Any) -> Any:  # noqa: F811 - compiled for training only
-            return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+            if not torch.is_grad_enabled():
+                return eager(*args, **kwargs)
+            if dynamic_tokens:
+                mark_token_dims(args, kwargs)
+            return compiled(*args, **kwargs)
     if offloader is not None and index in offloader.host:
         loaded = forward
 
@@ -334,12 +385,13 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
         done["offloaded"] = len(offload)
     for i, block in enumerate(blocks):
         _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader,
-                    compile_mode=plan.compile_mode)
+                    compile_mode=plan.compile_mode, dynamic_tokens=plan.dynamic_tokens)
     done["checkpointed"] = len(ckpt)
     model._lora_run_cuda_graphs = bool(plan.compile and on_cuda and plan.compile_mode == "reduce-overhead")
     if plan.compile and on_cuda:
         import torch._dynamo
 
+        done["compile_cache"] = compile_cache_dir()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         done["compiled"] = True
     return done

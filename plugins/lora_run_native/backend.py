@@ -123,7 +123,13 @@ class NativeBackend:
                                                  if hasattr(adapter, "schedule_note") else ""))]
         if r.model.base_precision == "fp8":
             notes.append("base weights stored in float8 (e4m3), computed in "
-                         + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision])
+                         + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision]
+                         + (" — on CUDA under memory_mode \"auto\" a memory setting the GPU plan decides (a GPU "
+                            "with room keeps the base in bf16)"
+                            if r.train.memory_mode == "auto" and r.train.mixed_precision != "no" else ""))
+        if r.train.gradient_checkpointing and r.train.memory_mode == "auto" and r.train.mixed_precision != "no":
+            notes.append("gradient_checkpointing: on CUDA under memory_mode \"auto\" the GPU plan decides how many "
+                         "blocks are recomputed (none where the speed plan fits)")
         if r.train.noise_offset > 0:
             notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and channel, before "
                          "x_t and the target are formed")
@@ -144,6 +150,10 @@ class NativeBackend:
             notes.append("CUDA memory modes at " + f"{r.dataset.resolution}²: " + "; ".join(
                 f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
                 + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
+            notes.append({"auto": "attention (CUDA): FlashAttention-4 on SM90/SM100 GPUs when flash-attn-4 is "
+                                  "installed and passes its start-up check, else SDPA flash; the run prints which",
+                          "fa4": "attention (CUDA): FlashAttention-4 required (SM90/SM100, flash-attn-4 installed)",
+                          "sdpa": "attention (CUDA): SDPA flash (FlashAttention-2)"}[r.train.attention])
         if r.train.gpus > 1:
             sharding = "FSDP2 shards the frozen base" if getattr(self.ctx.options, "fsdp", False) else \
                 "DDP, a full base per process"

@@ -39,7 +39,7 @@ def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
     for mode in ("speed", "memory", "low-vram"):
         plan = perfmodel.plan_mode(mode, r.model.family, r.dataset.resolution, r.dataset.resolution,
                                    r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off")
-        if r.model.base_precision == "fp8" and not plan.fp8:
+        if r.model.base_precision == "fp8" and not plan.fp8 and r.train.memory_mode != "auto":   # auto decides
             import attrs
             plan = attrs.evolve(plan, fp8=True)
         out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(

@@ -116,7 +116,16 @@ def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank:
               budget_gib: float | None = None, compile: bool = True, buckets: int = 1,
               shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
-    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs."""
+    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs.
+    With several bucket shapes the blocks compile with a symbolic token dimension (one graph for all)."""
+    plan = _plan_mode(mode, family, height, width, batch, rank, preset, budget_gib, compile, buckets, shape,
+                      cuda_graphs)
+    return attrs.evolve(plan, dynamic_tokens=plan.compile and buckets > 1)
+
+
+def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
+               budget_gib: float | None, compile: bool, buckets: int, shape: FamilyShape | None,
+               cuda_graphs: str) -> PerfPlan:
     s = shape or SHAPES[family]
     if mode == "speed":
         # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much

@@ -171,27 +171,46 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
         accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype, device=device)
     transformer.to(device)
     accel.configure_cuda()
+    kernel = choose_attention(transformer, r, device, tokens=perfmodel.tokens(r.model.family, height, width, shape)
+                              * r.train.batch_size,
+                              graphs=plan.compile and plan.compile_mode == "reduce-overhead")
     accel.apply(transformer, plan, device, adapter.compute_dtype)
     why = ""
     if r.train.memory_mode == "auto":
-        why = " (the fastest plan that fits)"
+        why = " (the fastest plan that fits"
         if r.model.base_precision == "fp8" and not plan.fp8:
-            why += "; [model.base_precision] \"fp8\" is not needed here, the base stays bf16"
-    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; estimated peak {estimate:.1f} GiB of "
-         f"{available:.1f} GiB available ({source}), largest bucket {width}x{height}")
+            why += "; [model.base_precision] \"fp8\" is a memory setting not needed here, the base stays bf16"
+        if r.train.gradient_checkpointing and not plan.checkpoint_blocks:
+            why += "; [train.gradient_checkpointing] is a memory setting not needed here, no block is recomputed"
+        why += ")"
+    echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; {kernel.describe()}; estimated peak "
+         f"{estimate:.1f} GiB of {available:.1f} GiB available ({source}), largest bucket {width}x{height}")
     transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),
-                                  "available_gib": round(available, 2), "budget": source}
+                                  "available_gib": round(available, 2), "budget": source,
+                                  "attention": kernel.kernel, "attention_reason": kernel.reason}
     transformer.train()
     return transformer
 
 
+def choose_attention(transformer: Any, recipe: Any, device: Any, tokens: int | None = None,
+                     graphs: bool = False) -> Any:
+    """The attention kernel of this run (attention.py): FlashAttention-4 where it runs and passes its start-up
+    check, else SDPA flash. `[train] attention = "fa4"` stops the run (exit 2) when FA4 cannot run."""
+    from .attention import setup
+
+    choice = setup(transformer, recipe.train.attention, device, tokens=tokens, graphs=graphs)
+    if recipe.train.attention == "fa4" and choice.kernel != "fa4":
+        raise RecipeError(f"[train.attention] \"fa4\": FlashAttention-4 cannot run here: {choice.reason}; nothing "
+                          "was trained. Use \"auto\" (falls back to SDPA) or \"sdpa\"")
+    return choice
+
+
 def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
     o = recipe.optimizer
-    if o.name == "adafactor":
-        from transformers.optimization import Adafactor
+    if o.name == "adafactor":      # transformers' update rule, grouped kernels (optim.py)
+        from .optim import make_adafactor
 
-        return Adafactor(groups, lr=o.lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                         weight_decay=o.weight_decay)
+        return make_adafactor(groups, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "adamw":
         import torch
 
@@ -228,6 +247,78 @@ def lr_lambda(recipe: Any, total_steps: int) -> Any:
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return floor + (1 - floor) * (1 - progress)
     return factor
+
+
+# ------------------------------------------------------------------------------------------ setup state
+@attrs.define
+class RunEnv:
+    """`Trainer.setup_environment`: where the run executes."""
+
+    accelerator: Any
+    device: Any
+    world: int                      # data-parallel processes (1 without a launcher)
+    timing: dict[str, Any]          # the manifest's artifacts.timing, filled phase by phase
+    phase: float                    # perf_counter at the start of the current phase
+
+
+@attrs.define
+class DataState:
+    """`Trainer.setup_data`: what is trained on, and for how long."""
+
+    adapter: Any                    # the family adapter (encoders, transformer loading, objective)
+    buckets_of: list[tuple[int, int]]
+    planner: EpochPlanner
+    total: int                      # optimizer steps
+    te_train: bool
+    te_stop: int                    # the text-encoder LoRA trains for steps < te_stop
+    latents: dict[int, Any]         # item index → cached latent
+    texts: dict[str, dict[str, Any]]    # caption → cached text encodings
+
+
+@attrs.define
+class ModelState:
+    """`Trainer.setup_model`: the networks being trained."""
+
+    transformer: Any
+    te_module: Any | None
+    te_params: dict[str, Any]
+
+
+@attrs.define
+class OptimState:
+    """`Trainer.setup_optimization`: how the LoRA is updated."""
+
+    optimizer: Any
+    scheduler: Any
+    forward: Any                    # the transformer, or its data-parallel wrapper
+    params: dict[str, Any]          # the transformer's LoRA parameters (after any wrap)
+    loss_fn: Any
+    ckpt_root: Path
+
+
+@attrs.define
+class LoopState:
+    """Everything the training loop, checkpoints, samples and the finish read."""
+
+    adapter: Any
+    transformer: Any
+    forward: Any
+    te_module: Any | None
+    params: dict[str, Any]
+    te_params: dict[str, Any]
+    optimizer: Any
+    scheduler: Any
+    planner: EpochPlanner
+    latents: dict[int, Any]
+    texts: dict[str, dict[str, Any]]
+    loss_fn: Any
+    accelerator: Any
+    total: int
+    te_stop: int
+    ckpt_root: Path
+    counts: dict[str, Any]
+    epoch_cache: tuple[int, list] = (-1, [])
+    losses: list[float] = attrs.Factory(list)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -410,19 +501,44 @@ class Trainer:
         return previous
 
     # ------------------------------------------------------------------------------------------- run
+    # The run is a fixed sequence of named setup steps, each returning typed state for the next (the shape of
+    # torchtune's recipe classes): environment → data (buckets, plan, caches) → model (transformer, optional
+    # text-encoder LoRA) → optimization (optimizer, schedule, data-parallel wrap, loss) → resume → loop → finish.
     def run(self) -> None:
+        env = self.setup_environment()
+        data = self.setup_data(env)
+        model = self.setup_model(env, data)
+        opt = self.setup_optimization(env, data, model)
+        start = self.restore(data, model, opt)
+        env.timing["load_s"] = round(time.perf_counter() - env.phase, 2)
+        state = LoopState(adapter=data.adapter, transformer=model.transformer, forward=opt.forward,
+                          te_module=model.te_module, params=opt.params, te_params=model.te_params,
+                          optimizer=opt.optimizer, scheduler=opt.scheduler, planner=data.planner, latents=data.latents,
+                          texts=data.texts, loss_fn=opt.loss_fn, accelerator=env.accelerator, total=data.total,
+                          te_stop=data.te_stop, ckpt_root=opt.ckpt_root,
+                          counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
+        self.train(env, state, start)
+        phase = time.perf_counter()
+        self._finish(state)
+        self.parallel.close()
+        env.timing["finish_s"] = round(time.perf_counter() - phase, 2)
+        if env.device.type == "cuda":
+            import torch
+
+            env.timing["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
+            env.timing["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(env.device) / 2**30, 2)
+
+    def setup_environment(self) -> RunEnv:
+        """The accelerator (device, mixed precision, trackers), the GPU memory cap and the process group."""
         import torch
 
-        from .adapters import adapter_class
-
-        r = self.recipe
-        if torch.cuda.is_available():
-            torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
         from .distributed import Parallel
 
+        if torch.cuda.is_available():
+            torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
         accelerator = self._accelerator()
         device = accelerator.device
-        cap_gpu_memory(r, device)
+        cap_gpu_memory(self.recipe, device)
         timing = self.ctx.artifacts.setdefault("timing", {})
         phase = time.perf_counter()
         self.parallel = Parallel(accelerator, fsdp=getattr(self.options, "fsdp", False))
@@ -431,9 +547,17 @@ class Trainer:
             self.echo(f"processes: {self.parallel.describe()}")
             self.run_dir.update_manifest(processes={"world_size": world, "backend": accelerator.state.backend,
                                                     "sharding": "fsdp2" if self.parallel.fsdp else "ddp"})
-        adapter = adapter_class(r.model.family)(r, device=device, options=self.options, shown=self.shown)
+        return RunEnv(accelerator=accelerator, device=device, world=world, timing=timing, phase=phase)
+
+    def setup_data(self, env: RunEnv) -> DataState:
+        """The family adapter, buckets and the epoch plan, then the latent and text caches (encoders loaded only
+        for misses; rank 0 encodes, the other ranks read)."""
+        from .adapters import adapter_class
+
+        r = self.recipe
+        adapter = adapter_class(r.model.family)(r, device=env.device, options=self.options, shown=self.shown)
         items, buckets_of, _ = self._buckets(adapter)
-        planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size * world)
+        planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size * env.world)
         total = self.total_steps(planner)
         te_train = bool(r.text_encoder.train and adapter.trainable_text_encoder)
         te_stop = math.ceil(total * r.text_encoder.train_fraction) if te_train else 0
@@ -443,14 +567,23 @@ class Trainer:
         latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
         if self.main:
             self.parallel.barrier()
-        timing["cache_s"] = round(time.perf_counter() - phase, 2)
-        phase = time.perf_counter()
+        env.timing["cache_s"] = round(time.perf_counter() - env.phase, 2)
+        env.phase = time.perf_counter()
+        return DataState(adapter=adapter, buckets_of=buckets_of, planner=planner, total=total, te_train=te_train,
+                         te_stop=te_stop, latents=latents, texts=texts)
 
+    def setup_model(self, env: RunEnv, data: DataState) -> ModelState:
+        """The transformer prepared for training (GPU plan, attention kernel, LoRA), the optional text-encoder
+        LoRA, and the caches staged on the GPU when they are small."""
+        import torch
+
+        r = self.recipe
+        adapter = data.adapter
         transformer = adapter.load_transformer()
-        transformer = prepare_transformer(adapter, transformer, r, device, bucket_sizes=set(buckets_of),
+        transformer = prepare_transformer(adapter, transformer, r, env.device, bucket_sizes=set(data.buckets_of),
                                           echo=self.echo, sharded=self.parallel.fsdp)
         te_module = None
-        if te_train:
+        if data.te_train:
             te_module = adapter.text_encoder_module()
             te_rank = r.text_encoder.rank or r.lora.rank
             torch.manual_seed(step_seed(r.train.seed, "te-lora-init"))
@@ -461,53 +594,63 @@ class Trainer:
                     p.data = p.data.float()
                     p.requires_grad_(True)
             te_module.train()
-        params = trainable_parameters(transformer)
-        te_params = trainable_parameters(te_module) if te_module is not None else {}
+        if getattr(transformer, "_lora_run_plan", None):
+            self.ctx.artifacts["gpu_plan"] = transformer._lora_run_plan
+        stage_caches(data.latents, data.texts, env.device)
+        return ModelState(transformer=transformer, te_module=te_module,
+                          te_params=trainable_parameters(te_module) if te_module is not None else {})
+
+    def setup_optimization(self, env: RunEnv, data: DataState, model: ModelState) -> OptimState:
+        """Optimizer and LR schedule over the LoRA parameters, the data-parallel wrap, the loss plugin."""
+        import torch
+
+        r = self.recipe
+        params = trainable_parameters(model.transformer)
         groups = [{"params": list(params.values()), "lr": r.optimizer.lr}]
-        if te_params:
-            groups.append({"params": list(te_params.values()), "lr": r.optimizer.lr * r.text_encoder.lr_ratio})
-        optimizer = make_optimizer(r, groups, device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r, total))
+        if model.te_params:
+            groups.append({"params": list(model.te_params.values()), "lr": r.optimizer.lr * r.text_encoder.lr_ratio})
+        optimizer = make_optimizer(r, groups, env.device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(r, data.total))
         if self.parallel.active:      # DDP (or FSDP2) through the accelerator; parameters may be replaced
-            forward, optimizer = self.parallel.wrap(transformer, te_module, optimizer, te_train)
-            params = trainable_parameters(transformer)
+            forward, optimizer = self.parallel.wrap(model.transformer, model.te_module, optimizer, data.te_train)
+            params = trainable_parameters(model.transformer)
         else:
-            forward = transformer
-            optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
+            forward = model.transformer
+            optimizer = env.accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
         loss_reg = self.ctx.plugins.get("loss", r.train.loss, "train.loss")
         loss_opts = self.ctx.option_for("loss", r.train.loss, r.train.loss_options, ("train", "loss_options"))
         loss_fn = loss_reg.factory(loss_opts) if loss_opts is not None else loss_reg.factory()
-        ckpt_root = self.run_dir.file("checkpoints")
-        timing["load_s"] = round(time.perf_counter() - phase, 2)
-        if getattr(transformer, "_lora_run_plan", None):
-            self.ctx.artifacts["gpu_plan"] = transformer._lora_run_plan
+        return OptimState(optimizer=optimizer, scheduler=scheduler, forward=forward, params=params, loss_fn=loss_fn,
+                          ckpt_root=self.run_dir.file("checkpoints"))
 
-        start = 0
-        if self.ctx.resume:
-            found, data = ckpt.newest_intact(ckpt_root, warn=self.echo, move_damaged=self.main)
-            if found is None or data is None:
-                self.echo("resume: no complete checkpoint yet; starting from step 0")
-            else:
-                all_named = {**{f"transformer.{k}": v for k, v in params.items()},
-                             **{f"text_encoder.{k}": v for k, v in te_params.items()}}
-                missing = set(all_named) ^ set(data["trainable"])
-                if missing:
-                    raise BackendError(f"{found}: the checkpoint's LoRA does not match this recipe's LoRA layout "
-                                       f"({sorted(missing)[:3]} …)")
-                for k, p in all_named.items():
-                    self.parallel.load_trainable(p, data["trainable"][k])
-                self.parallel.load_optimizer_state(optimizer, data["optimizer"])
-                scheduler.load_state_dict(data["scheduler"])
-                ckpt.restore_rng(data["rng_tensors"], data["state"]["rng"])
-                start = int(data["state"]["step"])
-                self.last_checkpoint = found
-                self.echo(f"resumed from {found} (step {start} of {total})")
-                self.run_dir.log(f"resumed from {found.name}")
+    def restore(self, data: DataState, model: ModelState, opt: OptimState) -> int:
+        """`--resume`: the newest intact checkpoint's LoRA, optimizer, schedule and RNG; the step to start at."""
+        if not self.ctx.resume:
+            return 0
+        found, saved = ckpt.newest_intact(opt.ckpt_root, warn=self.echo, move_damaged=self.main)
+        if found is None or saved is None:
+            self.echo("resume: no complete checkpoint yet; starting from step 0")
+            return 0
+        all_named = {**{f"transformer.{k}": v for k, v in opt.params.items()},
+                     **{f"text_encoder.{k}": v for k, v in model.te_params.items()}}
+        missing = set(all_named) ^ set(saved["trainable"])
+        if missing:
+            raise BackendError(f"{found}: the checkpoint's LoRA does not match this recipe's LoRA layout "
+                               f"({sorted(missing)[:3]} …)")
+        for k, p in all_named.items():
+            self.parallel.load_trainable(p, saved["trainable"][k])
+        self.parallel.load_optimizer_state(opt.optimizer, saved["optimizer"])
+        opt.scheduler.load_state_dict(saved["scheduler"])
+        ckpt.restore_rng(saved["rng_tensors"], saved["state"]["rng"])
+        start = int(saved["state"]["step"])
+        self.last_checkpoint = found
+        self.echo(f"resumed from {found} (step {start} of {data.total})")
+        self.run_dir.log(f"resumed from {found.name}")
+        return start
 
-        state = _LoopState(adapter=adapter, transformer=transformer, forward=forward, te_module=te_module, params=params,
-                           te_params=te_params, optimizer=optimizer, scheduler=scheduler, planner=planner,
-                           latents=latents, texts=texts, loss_fn=loss_fn, accelerator=accelerator, total=total,
-                           te_stop=te_stop, ckpt_root=ckpt_root, counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
+    def train(self, env: RunEnv, state: LoopState, start: int) -> None:
+        """The training loop with signal handling; its wall time is split into steps, compilation, samples and
+        checkpoints in the manifest's timing."""
         previous = self._install_signals()
         phase = time.perf_counter()
         try:
@@ -516,16 +659,9 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.has_trackers:     # not end_training(): it also ends the process group _finish may need
-                for tracker in accelerator.trackers:
+                for tracker in env.accelerator.trackers:
                     tracker.finish()
-            self._record_step_times(timing, time.perf_counter() - phase)
-        phase = time.perf_counter()
-        self._finish(state)
-        self.parallel.close()
-        timing["finish_s"] = round(time.perf_counter() - phase, 2)
-        if device.type == "cuda":
-            timing["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            timing["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+            self._record_step_times(env.timing, time.perf_counter() - phase)
 
     def _record_step_times(self, timing: dict[str, Any], loop_s: float) -> None:
         """Split the loop's wall time: steady step time (median), compilation (the first step of each
@@ -548,14 +684,14 @@ class Trainer:
                       train_s=round(sum(x for _, x in steps), 2), shapes=len(seen))
 
     # ------------------------------------------------------------------------------------------ loop
-    def _batch(self, state: _LoopState, index: int) -> list[Any]:
+    def _batch(self, state: LoopState, index: int) -> list[Any]:
         bpe = state.planner.batches_per_epoch
         epoch, position = divmod(index, bpe)
         if state.epoch_cache[0] != epoch:
             state.epoch_cache = (epoch, state.planner.epoch(epoch))
         return state.epoch_cache[1][position]
 
-    def _loop(self, state: _LoopState, start: int) -> None:
+    def _loop(self, state: LoopState, start: int) -> None:
         import torch
         from tqdm.auto import tqdm
 
@@ -578,7 +714,7 @@ class Trainer:
                         p.requires_grad_(False)
                         p.grad = None
                     state.te_module.eval()
-                step_loss = 0.0
+                loss_sum: Any = None      # the step's loss stays on the device until the step is queued
                 shape: Any = None
                 sync_model = getattr(state.forward, "_wrapped", state.forward)
                 for micro in range(accum):
@@ -586,13 +722,11 @@ class Trainer:
                     shape = shape or (len(batch), tuple(state.latents[batch[0].index].shape))
                     with acc.accumulate(sync_model):       # gradients reduced on the last micro-batch only
                         value = self._micro_step(state, batch, step, micro, te_active, accum)
-                    if not math.isfinite(value) and not self.parallel.active:
-                        self._non_finite(value, step)
-                    step_loss += value
+                    loss_sum = value if loss_sum is None else loss_sum + value
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
                 stop_now = self.stop_requested   # read once: a signal arriving later counts for the next step
                 if self.parallel.active:      # every rank: the global batch's loss and one stop decision
-                    step_loss, stop_now = self.parallel.agree(step_loss, stop_now)
+                    step_loss, stop_now = self.parallel.agree(float(loss_sum), stop_now)
                     if not math.isfinite(step_loss):
                         self._non_finite(step_loss, step)
                 if r.optimizer.max_grad_norm > 0:
@@ -600,6 +734,13 @@ class Trainer:
                 state.optimizer.step()
                 state.scheduler.step()
                 state.optimizer.zero_grad(set_to_none=True)
+                if not self.parallel.active:
+                    # The step's one host sync, after its forward, backward and optimizer kernels are queued (the
+                    # GPU is busy while the host waits). A non-finite loss stops the run here, before anything
+                    # of this step is written: the LoRA in memory is then discarded, the last checkpoint kept.
+                    step_loss = float(loss_sum)
+                    if not math.isfinite(step_loss):
+                        self._non_finite(step_loss, step)
                 done += 1
                 number = step + 1
                 self.step_times.append((shape, time.perf_counter() - step_started))
@@ -635,8 +776,8 @@ class Trainer:
         finally:
             bar.close()
 
-    def _micro_step(self, state: _LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
-                    accum: int) -> float:
+    def _micro_step(self, state: LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
+                    accum: int) -> Any:
         import torch
 
         from .timesteps import make_noise
@@ -655,12 +796,12 @@ class Trainer:
                 live = adapter.encode_captions([s.caption for s in batch], encoders=(adapter.trainable_text_encoder,))
             text.update({k: v.to(device) for k, v in live.items()})
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset).to(device)
+        noise = _to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset), device)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         return self._forward_backward(state, batch, x0, noise, t, text, step, te_active, accum, len(batch))
 
-    def _shard_step(self, state: _LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
-                    accum: int) -> float:
+    def _shard_step(self, state: LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
+                    accum: int) -> Any:
         """A data-parallel micro-step: noise and σ for the whole global batch (as one process draws them),
         this rank's slice of it, loss = Σ(own samples) / global batch × processes (DDP/FSDP average the
         ranks' gradients). An empty slice (a short last batch) trains one sample with weight 0."""
@@ -689,9 +830,10 @@ class Trainer:
         return self._forward_backward(state, mine, x0[lo:hi].to(device), noise[lo:hi].to(device),
                                       t[lo:hi].to(device), text, step, te_active, accum, len(batch), scale)
 
-    def _forward_backward(self, state: _LoopState, batch: list[Any], x0: Any, noise: Any, t: Any,
+    def _forward_backward(self, state: LoopState, batch: list[Any], x0: Any, noise: Any, t: Any,
                           text: dict[str, Any], step: int, te_active: bool, accum: int, global_size: int,
-                          scale: float = 1.0) -> float:
+                          scale: float = 1.0) -> Any:
+        """Forward and backward of one micro-batch; returns its loss as a detached device scalar (no sync)."""
         import torch
 
         r = self.recipe
@@ -708,13 +850,11 @@ class Trainer:
             [s.weight for s in batch], dtype=torch.float32, device=per_sample.device)
         if not self.parallel.active:
             loss = (per_sample * weights).mean()
-            value = float(loss.detach().item())
-            if math.isfinite(value):
-                acc.backward(loss)          # the accelerator divides by the accumulation steps
-            return value
+            acc.backward(loss)              # the accelerator divides by the accumulation steps
+            return loss.detach()
         part = (per_sample * weights).sum() / global_size          # this rank's share of the global loss
         acc.backward(part * (self.parallel.world * scale))       # every rank, always: DDP/FSDP average
-        return float(part.detach().item()) * scale
+        return part.detach() * scale
 
     def _non_finite(self, value: float, step: int) -> None:
         r = self.recipe
@@ -727,7 +867,7 @@ class Trainer:
         raise NonFiniteLoss(f"{self.shown}: {message}")
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def _checkpoint_due(self, state: _LoopState, number: int) -> bool:
+    def _checkpoint_due(self, state: LoopState, number: int) -> bool:
         t = self.recipe.train
         if t.save_every_steps and number % t.save_every_steps == 0 and number < state.total:
             return True
@@ -737,13 +877,13 @@ class Trainer:
             return after > before and after % t.save_every_epochs == 0
         return False
 
-    def _lora_dicts(self, state: _LoopState) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _lora_dicts(self, state: LoopState) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.parallel.fsdp:         # whole tensors from the shards: the same files whatever the sharding
             return self.parallel.lora_state_dict(state.transformer), {}
         te = lora_state_dict(state.te_module) if state.te_module is not None else {}
         return lora_state_dict(state.transformer), te
 
-    def _save_checkpoint(self, state: _LoopState, number: int) -> None:
+    def _save_checkpoint(self, state: LoopState, number: int) -> None:
         if not (self.main or self.parallel.fsdp):
             return
         trainable = self.parallel.trainable_full(           # under FSDP every rank takes part in the gathers
@@ -779,7 +919,7 @@ class Trainer:
         self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
 
     # -------------------------------------------------------------------------------------- samples
-    def _samples(self, state: _LoopState, number: int) -> list[str]:
+    def _samples(self, state: LoopState, number: int) -> list[str]:
         import torch
 
         from lora_run.rundir import atomic_write_bytes
@@ -828,7 +968,7 @@ class Trainer:
         return written
 
     # ---------------------------------------------------------------------------------------- finish
-    def _finish(self, state: _LoopState) -> None:
+    def _finish(self, state: LoopState) -> None:
         r = self.recipe
         if not (self.main or self.parallel.fsdp):
             return
@@ -859,12 +999,6 @@ class _StateOf:
     def state_dict(self) -> dict[str, Any]:
         return self._sd
 
-
-class _LoopState:
-    def __init__(self, **kw: Any):
-        self.__dict__.update(kw)
-        self.epoch_cache: tuple[int, list] = (-1, [])
-        self.losses: list[float] = []
 
 
 def release_gpu() -> None:
@@ -898,6 +1032,34 @@ def _memory_gib(device: Any) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
     except Exception:  # noqa: BLE001
         return 0.0
+
+
+def _to_device(tensor: Any, device: Any) -> Any:
+    """A host tensor to the device without waiting for the GPU (pinned, non-blocking) on CUDA."""
+    if getattr(device, "type", str(device)) == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+STAGE_ON_GPU_BYTES = 512 * 2**20
+
+
+def stage_caches(latents: dict[int, Any], texts: dict[str, dict[str, Any]], device: Any,
+                 limit: int = STAGE_ON_GPU_BYTES) -> bool:
+    """Move the cached latents and text embeddings to the GPU once, before training, when together they take
+    at most `limit` bytes (an identity dataset: ~20 images, ~100 MB); otherwise each step copies its batch.
+    Returns whether they were moved."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return False
+    tensors = list(latents.values()) + [t for entry in texts.values() for t in entry.values()]
+    if sum(t.numel() * t.element_size() for t in tensors) > limit:
+        return False
+    for key, value in latents.items():
+        latents[key] = value.to(device, non_blocking=True)
+    for entry in texts.values():
+        for key, value in entry.items():
+            entry[key] = value.to(device, non_blocking=True)
+    return True
 
 
 def _png_bytes(image: Any) -> bytes:

@@ -227,6 +227,7 @@ def test_hunyuan_image(kohya_recipe, plugins):
     (["scheduler.name=\"constant\"", "scheduler.warmup_steps=5"], "scheduler.warmup_steps", "constant_with_warmup"),
     (["train.memory_mode=\"low-vram\""], "train.memory_mode", "blocks_to_swap"),
     (["train.compile=\"on\""], "train.compile", "do not compile"),
+    (["train.attention=\"fa4\""], "train.attention", "native-backend setting"),
     (["train.save_every_epochs=1"], "train.save_every_epochs", "give one of them"),
     (["backend.kohya.blocks_to_swap=36"], "backend.kohya.blocks_to_swap", "at most 35"),
     (["backend.kohya.blocks_to_swap=4", "backend.kohya.cpu_offload_checkpointing=true"],

@@ -202,3 +202,85 @@ def test_training_calls_run_compiled_blocks_and_sampling_calls_run_eager(monkeyp
     with torch.no_grad():
         eager = block(x)
     assert calls == ["compiled"] and torch.equal(eager, block._lora_run_eager_forward(x))
+
+
+def _compile_count_over_buckets(dynamic_tokens: bool, sizes=((4, 4), (4, 6), (6, 6), (4, 4))) -> list[int]:
+    """Compiled graphs after each bucket shape when every block of a tiny FLUX runs through `_wrap_block`
+    (a counting compiler backend; a graph compiled = one backend call)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(len(gm.graph.nodes))
+        return gm.forward
+
+    model = tiny_flux_with_lora()
+    for i, block in enumerate(accel.repeated_blocks(model)):
+        accel._wrap_block(block, i, compile=True, checkpoint=False, offloader=None, backend=counting_backend,
+                          dynamic_tokens=dynamic_tokens)
+    counts = []
+    for h, w in sizes:
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None]
+        g = torch.Generator().manual_seed(h * 10 + w)
+        out = model(hidden_states=torch.randn(1, h * w, 64, generator=g),
+                    encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+                    pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(8, 3), guidance=torch.ones(1),
+                    return_dict=False)[0]
+        out.pow(2).mean().backward()
+        counts.append(len(compiled))
+    torch._dynamo.reset()
+    return counts
+
+
+@pytest.mark.slow
+def test_one_compilation_serves_every_bucket_shape():
+    """Three aspect-ratio buckets: the blocks compile at the first shape and never again (the token dimension
+    is symbolic). Control: with static shapes the same counter sees a recompilation per new shape."""
+    counts = _compile_count_over_buckets(dynamic_tokens=True)
+    assert counts[0] >= 1 and counts == [counts[0]] * 4, counts
+    static = _compile_count_over_buckets(dynamic_tokens=False)
+    assert static[1] > static[0] and static[2] > static[1] and static[3] == static[2], static
+
+
+def test_compile_caches_live_under_the_users_cache(monkeypatch, tmp_path):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "LORA_RUN_COMPILE_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    base = accel.compile_cache_dir()
+    assert base == str(tmp_path / "lora-run" / "compile")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "lora-run" / "compile" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")      # a user's own setting wins
+    accel.compile_cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+
+
+def test_shipped_recipes_memory_settings_follow_auto():
+    """The shipped fast recipe sets fp8 + checkpointing (for 24 GB cards). Under `memory_mode = "auto"` the plan
+    shown by `lora-run plan` trains a big GPU in bf16 without checkpointing; an explicit mode keeps the fp8."""
+    import attrs
+
+    from lora_run.recipe import load_recipe
+    from lora_run_native.memory import gpu_mode_estimates
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "flux" / "identity-fast.toml", []).recipe
+    assert recipe.model.base_precision == "fp8" and recipe.train.gradient_checkpointing
+    assert recipe.train.memory_mode == "auto"
+    speed, _gib = gpu_mode_estimates(recipe)["speed"]
+    assert "bf16 base" in speed and "checkpointing" not in speed
+    explicit = attrs.evolve(recipe, train=attrs.evolve(recipe.train, memory_mode="speed"))
+    assert "fp8 base" in gpu_mode_estimates(explicit)["speed"][0]
+
+
+def test_several_buckets_plan_one_graph_with_a_symbolic_token_dimension():
+    for mode in ("speed", "memory", "low-vram"):
+        assert perfmodel.plan_mode(mode, "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5).dynamic_tokens
+        assert not perfmodel.plan_mode(mode, "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=1).dynamic_tokens
+    assert not perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5,
+                                   compile=False).dynamic_tokens

@@ -1,0 +1,573 @@
+"""One GPU run that measures what issue 19 asks, side by side, and prints the ratios.
+
+    python bench/perf.py [--rows ROW ...] [--row-timeout 240] [--budget 470] [--cli-steps 40]
+                         [--out bench/results] [--work /tmp/lora-run-perf]
+
+Rows (default: all but the ``cli-fast-*`` variants and ``low-vram-8g``, in priority order: a group that would
+start after ``--budget`` seconds is skipped and reported so), each group in its own process so a crash (an illegal memory access
+poisons a CUDA context) costs only that group; every row is printed and appended to a JSON-lines file the
+moment it is measured, so a timeout keeps what was done:
+
+* ``cli-fast``  the shipped fast recipe (``recipes/flux/identity-fast.toml``: all-linear rank 32, Adafactor,
+                512 px, five aspect-ratio buckets, 20 images) through the real CLI on the full-size FLUX.1-dev
+                transformer (random weights, saved and loaded as a diffusers folder, tiny text encoders of
+                FLUX's widths), ``--cli-steps`` steps, samples twice, a short evaluation (1 seed, strength 1.0).
+                Reports the plan line and the split from the manifest's ``artifacts.timing`` (cache, load,
+                compile, train, samples, evaluation) and projects the playbook's 1500-step run from it.
+* ``cli-fast-warm`` ``cli-fast`` once more, right after it: start-up with the compile caches of the first run
+                (``~/.cache/lora-run/compile``) warm (not a default row).
+* ``cli-fast-graphs`` the same with ``[train] cuda_graphs = "on"`` (auto turns graphs off above 4 buckets),
+                and so ``attention = "auto"`` may pick FlashAttention-4 at 512² (not a default row).
+* ``reference`` the plain diffusers + peft step (``flux_step_reference.py``, unchanged: bf16, eager, SDPA,
+                fused AdamW) at 1024² and 512², rank 32 attention LoRA; the matmul ceiling and the step FLOPs.
+* ``fa2``       lora-run's speed mode (compiled blocks) with SDPA flash (FlashAttention-2), 1024² and 512².
+* ``fa4``       the same with FlashAttention-4 (``[train] attention = "fa4"``, the registered op).
+* ``graphs``    fa4 at 512² with CUDA graphs, then a no-grad (sampling) call and another training step.
+* ``memory``    memory mode (fp8 base, checkpointing for a 24 GiB budget) at 1024², attention ``auto``.
+* ``low-vram``  low-vram mode (12 GiB budget) at 1024², attention ``auto``.
+* ``low-vram-8g`` low-vram for an 8 GiB budget (most blocks offloaded) at 1024².
+
+Numerics: the LoRA gradients of every lora-run row against the reference's on the same inputs (512², LoRA B
+set non-zero), relative L2 error. Bound for the bf16 paths (``grad_bound``): 3× the reference's own bf16
+noise — the same eager step with SDPA's memory-efficient kernel instead of flash, two correct bf16
+computations — clamped to [1e-3, 2e-2] (1e-2 when the noise cannot be measured); the fp8 rows report their
+own error (the base weights are rounded to e4m3: not a bf16-level difference, opt-in via the plan).
+
+Writes ``bench/results/perf-<time>.json`` and prints a markdown block for docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for extra in (REPO / "core", REPO / "plugins", HERE):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+GRAD_BOUND = 1e-2           # used when the reference's own bf16 noise could not be measured
+GRAD_BOUND_MAX = 2e-2
+
+
+def grad_bound(noise: float | None) -> float:
+    """A bf16 fast path agrees with the reference when its LoRA-gradient error is at most 3× the reference's
+    own bf16 noise (flash vs memory-efficient attention in the same eager step), within [1e-3, 2e-2]."""
+    if noise is None:
+        return GRAD_BOUND
+    return min(GRAD_BOUND_MAX, max(1e-3, 3.0 * noise))
+RANK, TARGETS = 32, "attention"
+GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
+    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2",
+    "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
+DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
+BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
+
+
+class RowTimeout(Exception):
+    pass
+
+
+# ============================================================================================== worker side
+def emit(out: Path, row: dict[str, Any]) -> None:
+    row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+    print("ROW " + json.dumps(row), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def guarded(out: Path, row_id: str, timeout: int, fn: Any, **fields: Any) -> dict[str, Any] | None:
+    """Run one row under a time limit (SIGALRM); a failure or timeout becomes an error row, never a crash."""
+    import torch
+
+    def on_alarm(_sig: int, _frame: Any) -> None:
+        raise RowTimeout(f"row time limit {timeout} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(timeout)
+    started = time.perf_counter()
+    try:
+        row = {"row": row_id, **fields, **fn()}
+    except BaseException as exc:  # noqa: BLE001 - one failing row must not take the others down
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        row = {"row": row_id, **fields, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    row["row_wall_s"] = round(time.perf_counter() - started, 1)
+    emit(out, row)
+    return row if "error" not in row else None
+
+
+def free() -> None:
+    import gc
+
+    import torch
+
+    try:
+        import torch._inductor.cudagraph_trees as trees
+        trees.reset_cudagraph_trees()
+    except Exception:  # noqa: BLE001
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, graphs: bool = False) -> dict:
+    """The reference's own step (autocast bf16, MSE, backward, fused AdamW), timed with CUDA events."""
+    import torch
+
+    import flux_step_reference as ref
+    from lora_run_native import accel
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    inputs = ref.make_inputs(resolution, 1)
+    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        accel.mark_step_begin(model)
+        ref.train_step(model, opt, inputs, target)
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        accel.mark_step_begin(model)
+        loss = ref.train_step(model, opt, inputs, target)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    times.sort()
+    row = dict(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], warmup_s=warm,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               reserved_gib=torch.cuda.max_memory_reserved() / 2**30, loss=float(loss))
+    if graphs:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):   # a sampling call: eager blocks
+            sample = model(**inputs)[0]
+        accel.mark_step_begin(model)
+        after = ref.train_step(model, opt, inputs, target)
+        torch.cuda.synchronize()
+        row["sampling_ok"] = bool(torch.isfinite(sample).all()) and bool(torch.isfinite(after))
+    del opt
+    return row
+
+
+def lora_snapshot(model: Any) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def reference_grads(model: Any) -> tuple[dict, float | None]:
+    """The reference's LoRA gradients at 512² (eager, SDPA flash, bf16 autocast), LoRA B set non-zero, and the
+    reference's own bf16 noise: the relative difference when its attention runs on SDPA's memory-efficient
+    kernel instead (two correct bf16 computations of the same step)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flux_bench import lora_grads, rel_error
+
+    grads = lora_grads(model, 512)
+    try:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            noise = rel_error(lora_grads(model, 512), grads)
+    except Exception:  # noqa: BLE001 - without the second kernel the fixed bound applies
+        noise = None
+    return grads, noise
+
+
+def grad_error(model: Any, ref_grads: dict, snapshot: dict) -> float:
+    """Relative L2 error of this model's LoRA gradients against the reference's, from the same LoRA weights
+    (restored from `snapshot`: timed optimizer steps may have moved them) on the same inputs."""
+    import torch
+
+    from flux_bench import lora_grads, rel_error
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in snapshot:
+                p.copy_(snapshot[n])
+    return rel_error(lora_grads(model, 512), ref_grads)
+
+
+def fa4_calls(model: Any) -> int:
+    """How many attention calls of one (eager, no-grad) 512² forward ran the FA4 op: 57 when every FLUX
+    block's attention reached it (a call that falls back to SDPA is not counted)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import flux_step_reference as ref
+
+    inputs = ref.make_inputs(512, 1)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs)
+    return sum(e.count for e in prof.key_averages() if e.key == "lora_run::fa4_attention")
+
+
+def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
+    import torch
+
+    import flux_step_reference as ref
+    from lora_run_native import accel, attention, perfmodel
+
+    accel.configure_cuda()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    accel.compile_cache_dir()
+    if group == "cli":
+        for row in rows:
+            sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
+            guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
+                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets))
+        return
+    build_started = time.perf_counter()
+    model = ref.build_model(RANK, TARGETS)
+    built_s = time.perf_counter() - build_started
+    snapshot = lora_snapshot(model)
+    ref_grads, noise = reference_grads(model)
+    free()
+    if group == "fa2":
+        env = dict(matmul_tflops=ref.matmul_ceiling_tflops())
+        if "reference" in rows:
+            for res in (1024, 512):
+                def reference(res: int = res) -> dict:
+                    flops = ref.step_flops(model, res, 1)
+                    free()
+                    return dict(timed_steps(model, res), tflop=flops / 1e12, **env, build_s=built_s)
+                guarded(out, "reference", timeout, reference, resolution=res, impl="diffusers+peft",
+                        attention="sdpa (FA2)")
+                free()
+        if "fa2" in rows:
+            plan = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, cuda_graphs="off")
+            choice = attention.setup(model, "sdpa", "cuda")
+            accel.apply(model, plan, "cuda", torch.bfloat16)
+            err = {}
+
+            def speed(res: int) -> dict:
+                if not err:
+                    err["value"] = grad_error(model, ref_grads, snapshot)
+                    free()
+                return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise)
+            for res in (1024, 512):
+                guarded(out, "fa2", timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
+                        plan=plan.describe(), attention=choice.describe())
+                free()
+        return
+    if group == "fa4":
+        choice = attention.setup(model, "fa4", "cuda")
+        if choice.kernel != "fa4":
+            for row in rows:
+                emit(out, {"row": row, "error": f"FlashAttention-4 not used: {choice.reason}"})
+            return
+        plan = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, cuda_graphs="off")
+        routed = fa4_calls(model)
+        accel.apply(model, plan, "cuda", torch.bfloat16)
+        err = {}
+
+        def speed(res: int) -> dict:
+            if not err:
+                err["value"] = grad_error(model, ref_grads, snapshot)
+                free()
+            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, fa4_calls=routed)
+        if "fa4" in rows:
+            for res in (1024, 512):
+                guarded(out, "fa4", timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
+                        plan=plan.describe(), attention=choice.describe())
+                free()
+        if "graphs" in rows:
+            graphs = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS, cuda_graphs="on")
+            for block in accel.repeated_blocks(model):       # re-wrap the eager forwards with CUDA graphs
+                block.forward = block._lora_run_eager_forward
+            torch._dynamo.reset()
+            accel.apply(model, graphs, "cuda", torch.bfloat16)
+
+            def graphed() -> dict:
+                row = timed_steps(model, 512, graphs=True)
+                row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
+                return row
+            guarded(out, "graphs", timeout, graphed, resolution=512, impl="lora-run", plan=graphs.describe(),
+                    attention=choice.describe())
+        return
+    # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
+    mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
+                    "low-vram-8g": ("low-vram", 8.0)}[group]
+    plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
+
+    def fp8_row() -> dict:
+        choice = attention.setup(model, "auto", "cuda", tokens=4608)
+        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda")
+        accel.apply(model, plan, "cuda", torch.bfloat16)
+        free()
+        err = grad_error(model, ref_grads, snapshot)
+        free()
+        estimate = perfmodel.estimate_peak_gib("flux.1-dev", 1024, 1024, 1, RANK, TARGETS, plan)
+        return dict(timed_steps(model, 1024), grad_rel_error=err, bf16_noise=noise, attention=choice.describe(),
+                    estimate_gib=estimate, budget_gib=budget)
+    guarded(out, group, timeout, fp8_row, resolution=1024, impl="lora-run", plan=plan.describe())
+
+
+# --------------------------------------------------------------------------------------------- CLI row
+def make_dataset(folder: Path, count: int = 20) -> Path:
+    """`count` images in five aspect-ratio buckets, drawn shapes on gradients, each with a caption."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    if folder.is_dir() and len(list(folder.glob("*.png"))) >= count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        w, h = BUCKETS[i % len(BUCKETS)]
+        image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x0, y0 = rng.randrange(w), rng.randrange(h)
+            draw.ellipse((x0, y0, x0 + rng.randrange(20, w // 2), y0 + rng.randrange(20, h // 2)),
+                         fill=tuple(rng.randrange(256) for _ in range(3)))
+        image.save(folder / f"img{i:02d}.png")
+        (folder / f"img{i:02d}.txt").write_text(f"ohwx, a photo number {i}, outdoors")
+    return folder
+
+
+def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import fullsize
+    import gpu_acceptance as acc
+
+    started = time.perf_counter()
+    model = fullsize.build_flux(work / "models" / "flux-full", "tiny")
+    free()
+    built = time.perf_counter() - started
+    data = make_dataset(work / "data-5buckets")
+    out = work / "runs" / name
+    every = max(1, steps // 2)
+    sets = {"model.source": str(model), "model.offline": True, "dataset.path": str(data),
+            "dataset.min_images": 1, "output.name": name, "train.steps": steps,
+            "train.save_every_steps": every, "sample.every_steps": every, "eval.seeds": [1],
+            "eval.strengths": [1.0], "backend.native.progress_bar": False, **(extra or {})}
+    args = [*acc.cli(), str(REPO / "recipes" / "flux" / "identity-fast.toml"), "--output-dir", str(out),
+            "--overwrite", *acc._set_args(sets)]
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), env.get("PYTHONPATH", "")])
+    run_started = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work,
+                            start_new_session=True)
+    try:
+        rc = proc.wait()
+    except RowTimeout:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RowTimeout(f"the CLI run did not finish; log tail: {acc._tail(log, 4)}") from None
+    wall = time.perf_counter() - run_started
+    manifest = acc._manifest(out)
+    art = manifest.get("artifacts") or {}
+    timing = art.get("timing") or {}
+    plan = art.get("gpu_plan") or {}
+    plan_line = next((line for line in log.read_text(errors="replace").splitlines() if line.startswith("GPU plan")), "")
+    row = dict(sets=extra or {}, exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps,
+               step_s=timing.get("step_s"), timing=timing, plan=plan.get("plan"), attention=plan.get("attention"),
+               attention_reason=plan.get("attention_reason"), plan_line=plan_line,
+               peak_gib=timing.get("peak_reserved_gib"), shapes=timing.get("shapes"))
+    if rc != 0 or manifest.get("status") != "completed":
+        row["error"] = f"exit {rc}, status {manifest.get('status')}: {manifest.get('error') or acc._tail(log, 6)}"
+    return row
+
+
+# ========================================================================================== orchestrator
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                            "python": platform.python_version()}
+    try:
+        probe = subprocess.run([sys.executable, "-c", (
+            "import json, torch, diffusers\n"
+            "try:\n import importlib.metadata as m; fa4 = m.version('flash-attn-4')\n"
+            "except Exception: fa4 = None\n"
+            "print(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, "
+            "cuda=torch.version.cuda, diffusers=diffusers.__version__, flash_attn_4=fa4)))")],
+            capture_output=True, text=True, timeout=120)
+        info.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    except Exception as exc:  # noqa: BLE001
+        info["probe_error"] = str(exc)[:200]
+    return info
+
+
+def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path, limit: float) -> None:
+    env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", group, "--rows", *rows, "--jsonl", str(jsonl),
+           "--row-timeout", str(args.row_timeout)]
+    print(f"== {group}: {' '.join(rows)} (limit {limit:.0f} s)", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=max(1.0, limit))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = -9
+    if rc != 0:
+        print(f"== {group}: worker exit {rc}", flush=True)
+        done = {r["row"] for r in read_rows(jsonl)}
+        for row in rows:
+            if row not in done:
+                with jsonl.open("a") as f:
+                    f.write(json.dumps({"row": row, "error": f"worker exit {rc} (crash or group time limit)"}) + "\n")
+
+
+def read_rows(jsonl: Path) -> list[dict[str, Any]]:
+    if not jsonl.is_file():
+        return []
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+
+
+def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios: each row against the reference (same resolution), FA4 against FA2, the FLOP floor, the CLI step
+    against the isolated speed step at 512², and the projected 1500-step run."""
+    by = {(r["row"], r.get("resolution")): r for r in rows if "error" not in r}
+    ceiling = next((r.get("matmul_tflops") for r in rows if r.get("matmul_tflops")), None)
+    for r in rows:
+        if "error" in r or "median_s" not in r:
+            continue
+        res = r.get("resolution")
+        ref = by.get(("reference", res))
+        if ref:
+            r["vs_reference"] = ref["median_s"] / r["median_s"]
+            if ceiling and ref.get("tflop"):
+                r["floor_fraction"] = ref["tflop"] * 1e12 / (ceiling * 1e12) / r["median_s"]
+        fa2 = by.get(("fa2", res))
+        if fa2 and r["row"] != "fa2" and r["row"] != "reference":
+            r["vs_fa2"] = fa2["median_s"] / r["median_s"]
+        if r.get("grad_rel_error") is not None:
+            r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
+            r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
+    summary: dict[str, Any] = {}
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-graphs"):
+        cli = by.get((name, None))
+        if not (cli and cli.get("step_s")):
+            continue
+        t = cli["timing"]
+        isolated = [by[k]["median_s"] for k in (("graphs", 512), ("fa4", 512), ("fa2", 512)) if k in by]
+        if isolated:
+            cli["vs_isolated_512"] = cli["step_s"] / min(isolated)
+        cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
+        rounds = max(1, cli["steps"] // max(1, cli["steps"] // 2))
+        per_round = (t.get("samples_s") or 0) / rounds
+        cli["projected_1500_s"] = round((t.get("cache_s") or 0) + (t.get("load_s") or 0) + (t.get("compile_s") or 0)
+                                        + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
+                                        + (t.get("evaluate_s") or 0) + (t.get("finish_s") or 0), 1)
+        summary["cli" if name == "cli-fast" else name] = cli
+    return summary
+
+
+def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any], name: str) -> str:
+    def f(v: Any, fmt: str = "{:.3f}") -> str:
+        return "" if v is None else fmt.format(v)
+
+    lines = [f"Run `{name}`: {env.get('gpu')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), diffusers "
+             f"{env.get('diffusers')}, flash-attn-4 {env.get('flash_attn_4')}, {env.get('date')}.", "",
+             "| row | res | plan / attention | median s | peak GiB | vs reference | vs FA2 | floor % | LoRA-grad rel. err (bound) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["row"].startswith("cli-fast"):
+            continue
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r.get('resolution', '')} | | **failed**: {r['error'][:160]} | | | | | |")
+            continue
+        what = r.get("plan") or r.get("impl", "")
+        if r.get("attention"):
+            what += f"; {r['attention']}"
+        if r.get("fa4_calls") is not None:
+            what += f"; {r['fa4_calls']} of 57 attention calls on FA4"
+        err = ""
+        if r.get("grad_rel_error") is not None:
+            err = f"{r['grad_rel_error']:.1e}" + (f" (≤ {r['grad_bound']:.1e}: {'yes' if r['grad_ok'] else 'NO'})"
+                                                 if r.get("grad_bound") else " (fp8 base, reported)")
+        extra = " (sampling ok)" if r.get("sampling_ok") else (" (SAMPLING FAILED)" if r.get("sampling_ok") is False else "")
+        lines.append(f"| {r['row']}{extra} | {r.get('resolution', '')} | {what} | {f(r.get('median_s'))} | "
+                     f"{f(r.get('peak_gib'), '{:.1f}')} | {f(r.get('vs_reference'), '{:.2f}×')} | "
+                     f"{f(r.get('vs_fa2'), '{:.2f}×')} | {f(100 * r['floor_fraction'] if r.get('floor_fraction') else None, '{:.0f}')} | {err} |")
+    clis = [r for r in rows if r["row"].startswith("cli-fast")]
+    if clis:
+        lines += ["", "Shipped fast recipe through the CLI (`recipes/flux/identity-fast.toml`, full-size FLUX.1-dev "
+                  "transformer, random weights, 20 images in 5 buckets):", "",
+                  "| row | steps | plan | attention | step s | vs isolated 512² | cache s | load s | compile s | "
+                  "train s | samples s | eval s | wall s | start-up s | projected 1500 steps |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for cli in clis:
+            if "error" in cli:
+                lines.append(f"| {cli['row']} | **failed**: {cli['error'][:300]} |")
+                continue
+            t = cli.get("timing") or {}
+            lines.append(f"| {cli['row']} | {cli['steps']} | {cli.get('plan')} | {cli.get('attention')} | "
+                         f"{f(cli.get('step_s'))} | {f(cli.get('vs_isolated_512'), '{:.2f}×')} | {t.get('cache_s')} | "
+                         f"{t.get('load_s')} | {t.get('compile_s')} | {t.get('train_s')} | {t.get('samples_s')} | "
+                         f"{t.get('evaluate_s')} | {f(cli.get('wall_s'), '{:.0f}')} | {cli.get('startup_s')} | "
+                         f"{f(cli.get('projected_1500_s'), '{:.0f}')} s |")
+        for cli in clis:
+            if cli.get("plan_line"):
+                lines.append(f"\n{cli['row']} plan line: `{cli['plan_line']}`")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=sorted(GROUPS))
+    ap.add_argument("--row-timeout", type=int, default=240, help="seconds per row (a row over it is an error row)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; later groups are "
+                    "skipped when it is spent")
+    ap.add_argument("--cli-steps", type=int, default=30)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--work", default="/tmp/lora-run-perf")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--jsonl", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.rows, Path(args.jsonl), args.row_timeout)
+        return 0
+    started = time.perf_counter()
+    args.work = Path(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    jsonl = out / f"perf-{stamp}.jsonl"
+    env = environment()
+    print(json.dumps(env), flush=True)
+    order: list[str] = []
+    for row in args.rows:
+        if GROUPS[row] not in order:
+            order.append(GROUPS[row])
+    for group in order:
+        rows = [r for r in args.rows if GROUPS[r] == group]
+        left = args.budget - (time.perf_counter() - started)
+        if left < 30:
+            with jsonl.open("a") as f:
+                for row in rows:
+                    f.write(json.dumps({"row": row, "error": "skipped: the run's --budget was spent"}) + "\n")
+            continue
+        limit = min(left, args.row_timeout * (len(rows) * (1.5 if group == "cli" else 1) + 2) + 60)
+        run_group(group, rows, args, jsonl, limit)
+    rows = read_rows(jsonl)
+    summary = analyse(rows)
+    name = f"perf-{stamp}.json"
+    (out / name).write_text(json.dumps(dict(env=env, rows=rows, summary=summary,
+                                            wall_s=round(time.perf_counter() - started, 1)), indent=1))
+    print("\n" + markdown(env, rows, summary, name), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

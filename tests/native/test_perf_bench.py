@@ -1,0 +1,75 @@
+"""bench/perf.py on CPU: its row guard (a failing or overlong row becomes an error row, the next row runs),
+the ratios it prints and its five-bucket dataset. The GPU rows themselves run on the lead's GPU call."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import perf  # noqa: E402
+
+
+def test_a_failing_or_overlong_row_becomes_an_error_row_and_the_next_runs(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert perf.guarded(out, "a", 5, lambda: {"median_s": 0.5}) == {"row": "a", "median_s": 0.5,
+                                                                    "row_wall_s": pytest.approx(0.0, abs=0.5)}
+    assert perf.guarded(out, "b", 5, lambda: 1 / 0) is None
+
+    def slow():
+        time.sleep(10)
+        return {}
+
+    started = time.perf_counter()
+    assert perf.guarded(out, "c", 1, slow) is None
+    assert time.perf_counter() - started < 5
+    assert perf.guarded(out, "d", 5, lambda: {"ok": True})["ok"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["a", "b", "c", "d"]
+    assert rows[1]["error"].startswith("ZeroDivisionError") and "time limit 1 s" in rows[2]["error"]
+
+
+def test_ratios_and_the_markdown_block():
+    rows = [
+        {"row": "reference", "resolution": 1024, "median_s": 0.6, "tflop": 171.8, "matmul_tflops": 780.0, "peak_gib": 47.0},
+        {"row": "reference", "resolution": 512, "median_s": 0.4, "tflop": 45.7, "peak_gib": 31.0},
+        {"row": "fa2", "resolution": 1024, "median_s": 0.42, "grad_rel_error": 4e-3, "plan": "speed, compiled"},
+        {"row": "fa4", "resolution": 1024, "median_s": 0.30, "grad_rel_error": 5e-2, "plan": "speed, compiled"},
+        {"row": "fa4", "resolution": 512, "median_s": 0.10, "grad_rel_error": 5e-3, "bf16_noise": 1e-3},
+        {"row": "fa2", "resolution": 512, "median_s": 0.12, "grad_rel_error": 5e-3, "bf16_noise": 2e-3},
+        {"row": "memory", "resolution": 1024, "error": "RowTimeout: row time limit 240 s"},
+        {"row": "cli-fast", "steps": 40, "step_s": 0.13, "timing": {"cache_s": 10, "load_s": 20, "compile_s": 30,
+                                                                   "samples_s": 8, "evaluate_s": 15}},
+    ]
+    summary = perf.analyse(rows)
+    fa4 = rows[3]
+    assert fa4["vs_reference"] == pytest.approx(2.0) and fa4["vs_fa2"] == pytest.approx(1.4)
+    assert fa4["floor_fraction"] == pytest.approx(171.8 / 780.0 / 0.30)
+    assert rows[2]["grad_ok"] is True and fa4["grad_ok"] is False          # the bound is enforced, not shown
+    assert rows[4]["grad_bound"] == pytest.approx(3e-3) and rows[4]["grad_ok"] is False     # 3× the noise
+    assert rows[5]["grad_bound"] == pytest.approx(6e-3) and rows[5]["grad_ok"] is True
+    assert perf.grad_bound(1e-1) == 2e-2 and perf.grad_bound(1e-5) == 1e-3 and perf.grad_bound(None) == 1e-2
+    cli = summary["cli"]
+    assert cli["vs_isolated_512"] == pytest.approx(1.3) and cli["startup_s"] == 50      # vs the fastest 512² row
+    assert cli["projected_1500_s"] == pytest.approx(10 + 20 + 30 + 1500 * 0.13 + 6 * 4 + 15, abs=0.1)
+    text = perf.markdown({"gpu": "H200"}, rows, summary, "perf-x.json")
+    assert "| fa4 | 1024 | speed, compiled | 0.300 |  | 2.00× | 1.40× | 73 | 5.0e-02 (≤ 1.0e-02: NO) |" in text
+    assert "| memory | 1024 | | **failed**: RowTimeout" in text
+    assert "| cli-fast | 40 | None | None | 0.130 | 1.30× |" in text
+
+
+def test_the_cli_dataset_has_five_aspect_buckets(tmp_path):
+    from lora_run_native.data import choose_bucket, make_buckets
+
+    folder = perf.make_dataset(tmp_path / "data", count=10)
+    from PIL import Image
+
+    buckets = make_buckets(512, 256, 768, 64, 16)
+    chosen = {choose_bucket(Image.open(p).size, buckets, 64) for p in folder.glob("*.png")}
+    assert len(chosen) == 5 and len(list(folder.glob("*.txt"))) == 10
