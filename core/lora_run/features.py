@@ -114,7 +114,7 @@ def capability_problems(recipe: Recipe, backend: str, registry: dict[str, Any]) 
                     + (f" ({why})" if why else "") + f"; backends that do: {', '.join(able) or 'none installed'}"))
         return out
     honoured = reg.capabilities[family]
-    reasons = reg.reasons
+    reasons = reg.reasons.get(family) if isinstance(reg.reasons.get(family), dict) else reg.reasons
     for name, key in used_features(recipe):
         if honours(honoured, name):
             continue

@@ -39,8 +39,8 @@ class Registration:
     #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
     capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
     description: str = ""
-    #: backends: feature -> why it is not honoured (shown with the refusal)
-    reasons: dict[str, str] = attrs.field(factory=dict)
+    #: backends: feature -> why it is not honoured (shown with the refusal), or family -> {feature -> why}
+    reasons: dict[str, Any] = attrs.field(factory=dict)
     #: backends: family -> why it is not trained (shown with the refusal)
     family_notes: dict[str, str] = attrs.field(factory=dict)
     #: backends: the registered backend this name is another name for (listed once in refusals)

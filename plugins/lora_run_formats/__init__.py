@@ -1,8 +1,8 @@
 """LoRA file formats shared by the backends: kohya (sd-scripts / ComfyUI) ↔ diffusers (peft) conversions.
 
-A library, not a plugin: it registers nothing. One module per model family:
-
-- :mod:`lora_run_formats.flux` — FLUX.1 (BFL's fused layers ↔ diffusers' split layers, exact both ways).
+A library, not a plugin: it registers nothing. The family-specific layouts live in the family packages
+(``lora_run_<family>.lora``); ``lora_run_formats.flux`` and ``lora_run_formats.hunyuan_image`` are kept as
+other names of those modules for the engine backends.
 
 torch is imported inside the functions that need it, so importing this package is cheap.
 """

@@ -44,9 +44,7 @@ def register_backends(register, families):
 
     classes = adapter_classes(families)
     capabilities = {family: cls.features for family, cls in classes.items()}
-    reasons = {}
-    for cls in classes.values():
-        reasons.update(cls.reasons)
+    reasons = {family: dict(cls.reasons) for family, cls in classes.items()}   # per family: its own words
     notes = {f: "its family plugin declares no native adapter" for f in families if f not in classes}
     register("native", make_backend, options=NativeOptions, capabilities=capabilities,
              description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
@@ -56,4 +54,5 @@ def register_backends(register, families):
     if flux is None:  # the alias exists only with the FLUX.1-dev family plugin
         return
     register("flux", make_backend, options=NativeOptions, capabilities={"flux.1-dev": flux.features},
-             description="alias of native for FLUX.1-dev", reasons=dict(flux.reasons), alias_of="native")
+             description="alias of native for FLUX.1-dev", reasons={"flux.1-dev": dict(flux.reasons)},
+             alias_of="native")

@@ -83,7 +83,7 @@ def build_demo(assets_dir: str | Path) -> Path:
     """Build (or reuse) the demo assets in ``assets_dir`` and return the demo recipe's path."""
     import tomli_w
 
-    from .tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     assets = Path(assets_dir).resolve()
     assets.mkdir(parents=True, exist_ok=True)

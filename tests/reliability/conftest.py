@@ -94,7 +94,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from lora_run_native.tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "tiny-flux")
 

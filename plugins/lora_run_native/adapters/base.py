@@ -546,6 +546,54 @@ class ModelAdapter:
         raise NotImplementedError
 
 
+class SourceLoader(ModelAdapter):
+    """An adapter whose components come from ``[model] source``: a hub id (cached copies only while offline) or a
+    local diffusers folder with the pipeline's component folders (subclasses set ``SUBFOLDER`` and ``WHAT``;
+    single files, where the family has slots, are read by the subclass). Errors name the key and component."""
+
+    SUBFOLDER: dict[str, str] = {}
+    WHAT: dict[str, str] = {}
+    TOKENIZER_SUBFOLDER: dict[str, str] = {}
+
+    def encode_images(self, pixels: Any) -> Any:
+        """The latent mean times the VAE's scaling factor (VAEs without a shift factor)."""
+        import torch
+
+        vae = self.encoders["vae"]
+        with torch.no_grad():
+            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return (z * vae.config.scaling_factor).float()
+
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().check_sources()
+        m = self.recipe.model
+        if m.source is None:
+            problems.append((("model", "source"), f"is required for {self.family}: a hub id or a local diffusers "
+                             "folder with the pipeline's components"))
+        elif is_local_source(m.source) and os.path.isdir(m.source):
+            src = Path(m.source)
+            for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
+                if m.files.get(key) is None and not os.path.isdir(src / sub):
+                    problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
+                                     f"it is not a {self.family} diffusers folder"))
+        return problems
+
+    def from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
+        sub = subfolder or self.SUBFOLDER.get(key) or self.TOKENIZER_SUBFOLDER[key]
+        return self.load_from_source(cls, sub, self.WHAT.get(key, key), **kw,
+                                     missing=("model.source", f"is required for {self.family}"))
+
+    def frozen(self, module: Any) -> Any:
+        module.requires_grad_(False)
+        module.eval()
+        return module
+
+
+def real_tokenizer(tok: Any, minimum: int = 10) -> bool:
+    """transformers 5 returns an *empty* tokenizer for a repo whose files are missing offline."""
+    return len(tok) > len(set(tok.all_special_tokens)) + minimum
+
+
 def write_json(path: Path, data: Any) -> None:
     """Small helper for adapters writing inferred configs (not into a run folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)

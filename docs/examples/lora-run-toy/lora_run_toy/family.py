@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_run_native.adapters.flux import FluxAdapter
+from lora_run_flux.adapter import FluxAdapter
 
 FAMILY = "toy-flux"
 
@@ -25,6 +25,6 @@ class ToyFluxAdapter(FluxAdapter):
 
 def build(folder: str | Path, seed: int = 0) -> Path:
     """Write a random `toy-flux` model (a diffusers FluxPipeline folder, a few MB) and return its path."""
-    from lora_run_native.tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     return build_tiny_flux(folder, seed=seed)

@@ -40,11 +40,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lora_run_native.single_files import LayoutError, strip_prefixes
+
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-class LayoutError(ValueError):
-    """The tensors do not have the expected layout (message says what is missing)."""
 
 
 def _split(value: Any, sizes: list[int]) -> list[Any]:
@@ -54,10 +52,7 @@ def _split(value: Any, sizes: list[int]) -> list[Any]:
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
+    return strip_prefixes(state, PREFIXES)
 
 
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}."

@@ -27,8 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES
-from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer
+from lora_run_native.shapes import FamilyShape
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
 _MLP = [r"blocks\.\d+\.ff\.net\.(0\.proj|2)"]
@@ -50,6 +50,14 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
 
+#: For the memory model (perfmodel.py): 40 blocks; self-attention q/k/v/out and cross-attention q/out on the
+#: 1408-wide stream, cross-attention k/v from the 1024-wide text; MLP 1408 → 6144 → 1408.
+_ATTENTION_SHAPES = [(40 * 4, 1408, 1408), (40 * 1, 1408, 1408), (40 * 2, 1024, 1408)]
+_MLP_SHAPES = [(40, 1408, 6144), (40, 6144, 1408)]
+MEMORY_SHAPE = FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, {
+    "attention": _ATTENTION_SHAPES, "attention+mlp": _ATTENTION_SHAPES + _MLP_SHAPES,
+    "all-linear": _ATTENTION_SHAPES + _MLP_SHAPES})
+
 DDPM_FEATURES = frozenset({
     "noise_offset", "min_snr_gamma",
     "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
@@ -64,12 +72,17 @@ class HunyuanDiTAdapter(SourceLoader):
     objective = "ddpm-v"
     features = COMMON_FEATURES | DDPM_FEATURES | {"fp8"}
     reasons = {
-        **SHARED_REASONS,
+        "guidance": "train.guidance feeds a distilled guidance embedding; Hunyuan-DiT v1.2 has no "
+                    "guidance-embedding input — leave it at 1.0",
+        "timestep_sampling:flux-shift": "flux-shift is FLUX.1-dev's resolution-dependent shift; Hunyuan-DiT v1.2 is "
+                                        "a DDPM model without any shift",
+        "text_encoder_training": "Hunyuan-DiT's text encoders stay frozen (their outputs are cached)",
         "timestep_weighting": "train.timestep_weighting is SD3's flow-matching loss weighting (σ-based); "
                               "Hunyuan-DiT v1.2 is a DDPM model — use train.min_snr_gamma instead",
         "timestep_sampling:shift": "a timestep shift is defined for flow matching; Hunyuan-DiT v1.2 is a DDPM "
                                    "model (use uniform, sigmoid or logit-normal)",
     }
+    memory_shape = MEMORY_SHAPE
     target_presets = {
         "attention": _ATTN,
         "attention+mlp": _ATTN + _MLP,
@@ -100,7 +113,7 @@ class HunyuanDiTAdapter(SourceLoader):
         if getattr(self.options, "text_max_length", None):
             problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT's text "
                              f"lengths are fixed by the model ({BERT_LENGTH} BERT + {T5_LENGTH} mT5 tokens); remove it"))
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         if not problems and is_local_source(self._source() or ""):      # hub sources: checked when loaded
             try:
@@ -123,7 +136,7 @@ class HunyuanDiTAdapter(SourceLoader):
         """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
         import json
 
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         src = self._source()
         if src is None:
@@ -187,7 +200,7 @@ class HunyuanDiTAdapter(SourceLoader):
 
     def schedule_note(self) -> str:
         """The schedule in words for `lora-run plan` (a hub source is read only when loaded)."""
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         if not is_local_source(self._source() or ""):
             return "noise schedule: the model's scheduler config, read when it is loaded"
@@ -317,7 +330,7 @@ class HunyuanDiTAdapter(SourceLoader):
         ``logit-normal`` draw u ∈ (0, 1) exactly as σ for flow models and take t = round((T-1)·u)."""
         import torch
 
-        from .. import timesteps
+        from lora_run_native import timesteps
 
         t = self.recipe.train
         if t.timestep_sampling == "uniform":

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
+from lora_run_native.adapters.base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
+from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
@@ -46,6 +47,8 @@ class FluxAdapter(ModelAdapter):
     cache_tag = "flux"
     encoder_sources = (("clip", "text_encoder", "clip_l"), ("t5", "text_encoder_2", "t5xxl"))
     vae_scale_factor = 8
+    #: for the memory model (perfmodel.py); activation bytes per token measured on an H100 (bench/flux_bench.py)
+    memory_shape = FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, mmdit_lora_shapes(19, 38, 3072, 12288))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -144,7 +147,7 @@ class FluxAdapter(ModelAdapter):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from .. import flux_files as ff
+        from . import files as ff
 
         raw = self._read_file(key)
         name = Path(self.recipe.model.files.get(key)).name
@@ -310,7 +313,7 @@ class FluxAdapter(ModelAdapter):
                 for k, v in sd.items():
                     out[prefix + k] = v * scale if (".lora_B." in k and scale != 1.0) else v
             return out, {"format": "pt", **metadata}
-        from lora_run_formats.flux import diffusers_to_kohya, kohya_metadata
+        from .lora import diffusers_to_kohya, kohya_metadata
 
         out = diffusers_to_kohya({f"transformer.{k}": v for k, v in transformer_sd.items()}, alpha=alpha, rank=rank)
         if te_sd:
@@ -342,7 +345,7 @@ class FluxAdapter(ModelAdapter):
         converter assumes FLUX.1's full width for the fused ``linear1`` and drops some top-level layers)."""
         from lora_run.errors import OutputError
         from lora_run_formats import detect_format, load_lora
-        from lora_run_formats.flux import kohya_to_diffusers
+        from .lora import kohya_to_diffusers
 
         try:
             tensors, _ = load_lora(path)

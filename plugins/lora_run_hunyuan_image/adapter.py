@@ -23,8 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
-from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
+from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer
+from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
 
 
 #: HunyuanImagePipeline's prompt encoding constants (pipeline_hunyuanimage.py): Qwen template, the number of
@@ -49,7 +50,12 @@ class HunyuanImageAdapter(SourceLoader):
     objective = "flow"
     features = COMMON_FEATURES | FLOW_NO_FLUX_SHIFT | {"fp8"}
     reasons = {
-        **SHARED_REASONS,
+        "guidance": "train.guidance feeds a distilled guidance embedding; HunyuanImage-2.1 (base) has no "
+                    "guidance-embedding input — leave it at 1.0",
+        "timestep_sampling:flux-shift": "flux-shift is FLUX.1-dev's resolution-dependent shift; HunyuanImage-2.1 "
+                                        "samples with a fixed shift (use timestep_sampling = \"shift\" with "
+                                        "train.shift)",
+        "text_encoder_training": "HunyuanImage-2.1's text encoders stay frozen (their outputs are cached)",
         "min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no alphas_cumprod "
                          "(use train.timestep_weighting or the pseudo-huber loss)",
     }
@@ -68,6 +74,9 @@ class HunyuanImageAdapter(SourceLoader):
             "qwen": "the Qwen2.5-VL text encoder", "byt5": "the ByT5 glyph encoder",
             "qwen_tokenizer": "the Qwen tokenizer", "byt5_tokenizer": "the ByT5 tokenizer"}
     vae_scale_factor = 32
+    #: for the memory model (perfmodel.py): 1000 Qwen + 128 ByT5 text tokens travel with the image tokens
+    memory_shape = FamilyShape(17.43e9, 60, 3584, 32, 1000 + 128, 94_000.0, 117_000.0,
+                               mmdit_lora_shapes(20, 40, 3584, 4 * 3584))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -99,7 +108,7 @@ class HunyuanImageAdapter(SourceLoader):
         """The component's config.json from ``source`` (local folder or hub cache), or None."""
         import json
 
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         src, sub = self._source(), self.SUBFOLDER[key]
         if src is None:
@@ -122,8 +131,8 @@ class HunyuanImageAdapter(SourceLoader):
         from safetensors.torch import load_file
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
 
-        from .. import hunyuan_files as hf
-        from ..flux_files import infer_t5_config
+        from . import files as hf
+        from lora_run_native.single_files import infer_t5_config
 
         path = Path(self.recipe.model.files.get(key))
         if not os.path.isfile(path):
@@ -304,7 +313,7 @@ class HunyuanImageAdapter(SourceLoader):
         ``diffusion_model.`` layout of the original HunyuanImage modules (fused q/k/v and ``linear1``, scale folded
         in, no alpha), which ComfyUI loads. ``kohya``: sd-scripts' ``lora_unet_`` names with alphas and ``ss_*``
         metadata (``networks.lora_hunyuan_image``), for sd-scripts."""
-        from lora_run_formats import hunyuan_image
+        from . import lora as hunyuan_image
 
         scale = alpha / rank
         if fmt == "diffusers":
@@ -425,7 +434,7 @@ def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "i
     """Load a HunyuanImage-2.1 LoRA file (our diffusers or ComfyUI format, or a kohya file) into a transformer."""
     from lora_run.errors import OutputError
     from lora_run_formats import load_lora
-    from lora_run_formats.hunyuan_image import comfy_to_diffusers, detect_layout, kohya_to_diffusers
+    from .lora import comfy_to_diffusers, detect_layout, kohya_to_diffusers
 
     try:
         tensors, _ = load_lora(path)
