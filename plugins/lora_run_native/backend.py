@@ -70,7 +70,7 @@ class NativeBackend:
     # ----------------------------------------------------------------------------------------------- plan
     def _planned_steps(self) -> tuple[int, dict[str, Any]]:
         """Steps (exact for `steps`; for `epochs` computed from the dataset's buckets, no torch)."""
-        from lora_run.images import ImageProblem, open_rgb
+        from lora_run_folder.images import ImageProblem, open_rgb
 
         from .data import EpochPlanner, choose_bucket, make_buckets
 

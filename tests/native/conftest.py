@@ -75,7 +75,7 @@ def tiny_single_files(tiny_flux, tmp_path_factory) -> dict:
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "subject"
     make_images(folder, count=3, size=(96, 80))

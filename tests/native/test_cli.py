@@ -84,7 +84,7 @@ def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch, reachable_hu
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import validate
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     path = REPO / "recipes" / "flux" / name
     text = path.read_text()

@@ -170,7 +170,7 @@ def image_run(tiny_hunyuan, tmp_path_factory):
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     root = tmp_path_factory.mktemp("image-run")
     make_images(root / "subject", count=2, size=(96, 80))

@@ -101,7 +101,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "subject"
     make_images(folder, count=3, size=(96, 80))
