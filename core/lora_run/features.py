@@ -38,7 +38,7 @@ def _choice(section: str, field: str) -> list[Feature]:
 
 FEATURES: list[Feature] = [
     Feature("text_encoder_training", ("text_encoder", "train"), lambda r: r.text_encoder.train,
-            "a LoRA on the CLIP-L text encoder"),
+            "a text-encoder LoRA"),
     Feature("regularization", ("dataset", "regularization"), lambda r: bool(r.dataset.regularization),
             "regularisation (prior) image sets"),
     Feature("regularization_weight", ("dataset", "regularization"),

@@ -37,7 +37,7 @@ def register_backends(register: Any, families: Any) -> None:
     ``[backend.<name>]`` table; ``capabilities`` maps each model family the backend trains to the recipe
     features it honours (``loss:*``: every registered loss). ``families`` maps each registered family name
     to its :class:`lora_run.plugins.Registration` (``adapters`` included). Further keywords: ``description``, ``reasons``,
-    ``family_notes``, ``alias_of``, ``memory_estimate``, ``demo``, ``generate`` (see
+    ``family_notes``, ``alias_of``, ``memory_estimate``, ``generate`` (see
     :class:`lora_run.plugins.Registration`).
     """
 

@@ -48,9 +48,7 @@ class Registration:
     #: backends: ``memory_estimate(recipe, swapped_blocks) -> (GiB, assumptions) | None``, lent to backends
     #: without their own memory model
     memory_estimate: Callable[..., Any] | None = None
-    #: backends: ``demo(folder) -> recipe path``, a tiny end-to-end run for ``lora-run demo``
-    demo: Callable[..., Any] | None = None
-    #: backends: ``generate(...)`` image generation for evaluators (see lora_run_eval)
+    #: backends: ``generate(...)`` image generation lent to evaluator plugins
     generate: Callable[..., Any] | None = None
     #: commands: ``configure(parser)`` adds the subcommand's arguments
     configure: Callable[..., Any] | None = None

@@ -13,9 +13,9 @@ from lora_run.features import FEATURES
 
 HEADER = """# Recipe reference
 
-Generated from the field documentation in `core/lora_run/schema.py` by `python -m lora_run.docgen`;
-a test fails when this page is stale. Paths in a recipe file are relative to that file; paths given with
-`--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
+Generated from the field documentation in `core/lora_run/schema.py` and the installed plugins by
+`python -m lora_run.docgen`; a test fails when this page is stale. Paths in a recipe file are relative to
+that file; paths given with `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
 keys are errors (with a suggestion), all problems are reported at once, exit code 2.
 
 On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.steps=100`,

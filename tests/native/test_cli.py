@@ -25,7 +25,7 @@ def test_native_and_flux_are_registered_with_capabilities():
                     "timestep_sampling:flux-shift", "targets:all-linear", "optimizer:prodigy", "loss:*"):
         assert feature in caps
     assert "min_snr_gamma" not in caps
-    assert callable(native.demo) and callable(native.generate)
+    assert callable(native.generate) and plugins.registry["command"]["demo"].plugin == "native"
 
 
 def test_min_snr_gamma_is_refused_with_the_reason(flux_recipe, run_cli):
