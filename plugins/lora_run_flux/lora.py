@@ -44,6 +44,8 @@ import math
 import re
 from typing import Any, Mapping
 
+from lora_run_formats import FormatError, kohya_modules  # noqa: F401 - FormatError re-exported
+
 KOHYA_PREFIX = "lora_unet_"
 TE1_PREFIX = "lora_te1_"      # CLIP-L
 TE3_PREFIX = "lora_te3_"      # T5-XXL (sd-scripts' name; there is no te2 for FLUX)
@@ -89,10 +91,6 @@ _CLIP = re.compile(r"^text_model_encoder_layers_(\d+)_(self_attn_(?:q|k|v|out)_p
 _T5 = re.compile(r"^encoder_block_(\d+)_layer_(\d+)_(SelfAttention_(?:q|k|v|o)|DenseReluDense_(?:wi_0|wi_1|wi|wo))$")
 _COMPONENT_PREFIXES = (("transformer.", "transformer"), ("text_encoder_2.", "text_encoder_2"),
                        ("text_encoder.", "text_encoder"), ("base_model.model.", "transformer"), ("unet.", None))
-
-
-class FormatError(ValueError):
-    """A state dict this module cannot convert (the message names the key)."""
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -283,23 +281,12 @@ def kohya_to_diffusers(state_dict: Mapping[str, Any], *, prefix: bool = True) ->
     """
     import torch
 
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in state_dict.items():
-        match = _KOHYA_KEY.match(key)
-        if match is None:
-            raise FormatError(f"{key}: not a kohya LoRA key (expected lora_unet_/lora_te*_<module>.lora_down.weight, "
-                              ".lora_up.weight or .alpha; LoHa/LoKr/DoRA files are not plain LoRAs)")
-        grouped.setdefault(match["module"], {})[match["which"].split(".")[0]] = value
     out: dict[str, Any] = {}
-    for module, entry in sorted(grouped.items()):
-        if "lora_down" not in entry or "lora_up" not in entry:
-            raise FormatError(f"{module}: needs both lora_down.weight and lora_up.weight")
-        down, up = entry["lora_down"], entry["lora_up"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise FormatError(f"{module}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not form "
-                              "a Linear LoRA")
+    for module, down, up, alpha in kohya_modules(state_dict, _KOHYA_KEY, "not a kohya LoRA key (expected "
+                                                 "lora_unet_/lora_te*_<module>.lora_down.weight, .lora_up.weight or "
+                                                 ".alpha; LoHa/LoKr/DoRA files are not plain LoRAs)"):
         total_rank = down.shape[0]
-        alpha = float(entry["alpha"].item()) if "alpha" in entry else float(total_rank)
+        alpha = alpha if alpha is not None else float(total_rank)
         s_down, s_up = _split_scale(alpha / total_rank)
         component, targets = _diffusers_target(module)
         head = "" if (component == "transformer" and not prefix) else component + "."

@@ -12,6 +12,33 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+class FormatError(ValueError):
+    """A state dict a conversion cannot convert (the message names the key)."""
+
+
+def kohya_modules(state_dict: Mapping[str, Any], key_pattern: Any, unmatched: str,
+                  shown_prefix: str = "") -> list[tuple[str, Any, Any, float | None]]:
+    """A kohya LoRA grouped by module: ``(module, lora_down, lora_up, alpha or None)`` sorted by module, each
+    checked to be a plain Linear LoRA. ``key_pattern`` matches every key with the groups ``module`` and
+    ``which``; a key it does not match is a FormatError ``"<key>: <unmatched>"``."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        match = key_pattern.match(key)
+        if match is None:
+            raise FormatError(f"{key}: {unmatched}")
+        grouped.setdefault(match["module"], {})[match["which"].split(".")[0]] = value
+    out = []
+    for module, entry in sorted(grouped.items()):
+        if "lora_down" not in entry or "lora_up" not in entry:
+            raise FormatError(f"{shown_prefix}{module}: needs both lora_down.weight and lora_up.weight")
+        down, up = entry["lora_down"], entry["lora_up"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise FormatError(f"{shown_prefix}{module}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                              "do not form a Linear LoRA")
+        out.append((module, down, up, float(entry["alpha"].item()) if "alpha" in entry else None))
+    return out
+
+
 def detect_format(state_dict: Mapping[str, Any]) -> str:
     """``"kohya"`` (``*.lora_down.weight`` keys), ``"diffusers"`` (``*.lora_A.weight``) or ``"unknown"``."""
     keys = list(state_dict)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from lora_run_flux.lora import FormatError
+from lora_run_formats import FormatError, kohya_modules
 from lora_run_flux.lora import diffusers_to_kohya as _flux_diffusers_to_kohya
 from lora_run_flux.lora import kohya_to_diffusers as _flux_kohya_to_diffusers
 
@@ -169,20 +169,10 @@ def normalize_kohya(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def kohya_to_comfy(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A kohya HunyuanImage LoRA → ComfyUI-layout peft keys with ``alpha / rank`` folded into lora_B."""
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in normalize_kohya(state_dict).items():
-        match = _KOHYA_KEY.match(key)
-        assert match is not None
-        grouped.setdefault(match["module"], {})[match["which"].split(".")[0]] = value
     out: dict[str, Any] = {}
-    for module, entry in sorted(grouped.items()):
-        if "lora_down" not in entry or "lora_up" not in entry:
-            raise FormatError(f"{KOHYA_PREFIX}{module}: needs both lora_down.weight and lora_up.weight")
-        down, up = entry["lora_down"], entry["lora_up"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise FormatError(f"{KOHYA_PREFIX}{module}: lora_down {tuple(down.shape)} and lora_up "
-                              f"{tuple(up.shape)} do not form a Linear LoRA")
-        scale = float(entry["alpha"].item()) / down.shape[0] if "alpha" in entry else 1.0
+    for module, down, up, alpha in kohya_modules(normalize_kohya(state_dict), _KOHYA_KEY, "not a kohya LoRA key",
+                                                 KOHYA_PREFIX):
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
         path = COMFY_PREFIX + _comfy_path(module)
         out[f"{path}.lora_A.weight"] = down
         out[f"{path}.lora_B.weight"] = up if scale == 1.0 else (up.float() * scale).to(up.dtype)
