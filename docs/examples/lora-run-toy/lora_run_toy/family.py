@@ -1,8 +1,9 @@
 """A tiny model family, `toy-flux`: a FLUX-shaped DiT small enough to train on a CPU in seconds.
 
 A third-party family is three things: its facts (registered in ``__init__.py`` with ``register_families``),
-the adapter that teaches a backend the family (here the native backend: a subclass of its FLUX adapter,
-since the architecture is the same, only tiny), and a builder that writes a model folder to train on.
+the adapter that teaches a backend the family (here the native backend: a subclass of the FLUX.1-dev family
+plugin's adapter, ``lora_run_flux.adapter``, since the architecture is the same, only tiny), and a builder
+that writes a model folder to train on.
 Nothing here imports torch at module level, so ``lora-run check`` and ``lora-run plugins`` stay fast.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ FAMILY = "toy-flux"
 
 
 class ToyFluxAdapter(FluxAdapter):
-    """The native backend's FLUX adapter under the toy family's name: same latents, objective and LoRA
+    """The FLUX.1-dev family's native adapter under the toy family's name: same latents, objective and LoRA
     targets; diffusers folders only (no single-file slots) and no hub default (build one with ``build``)."""
 
     family = FAMILY
