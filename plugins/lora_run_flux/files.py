@@ -62,6 +62,16 @@ def _swap(t: Any) -> Any:
     return torch.cat([t[half:], t[:half]], dim=0)
 
 
+def _renamed(get: Any, d: str, b: str, plain: list[tuple[str, str]], norms: list[tuple[str, str]],
+             to_diffusers: bool = True) -> dict[str, Any]:
+    """One block's un-fused tensors under the other layout's names (``d``/``b``: the block's diffusers and BFL
+    prefixes): BFL → diffusers, or back with ``to_diffusers=False``. ``get`` reads a tensor of the source."""
+    pairs = [(f"{dn}.{suffix}", f"{bn}.{suffix}") for dn, bn in plain for suffix in ("weight", "bias")] + list(norms)
+    if to_diffusers:
+        return {d + dn: get(b + bn) for dn, bn in pairs}
+    return {b + bn: get(d + dn) for dn, bn in pairs}
+
+
 def transformer_bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
     """BFL ``flux1-dev.safetensors`` tensors → ``FluxTransformer2DModel`` state dict (any model size)."""
     import torch
@@ -84,20 +94,14 @@ def transformer_bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
     out[f"{_SWAPPED[0]}.bias"] = _swap(take(f"{_SWAPPED[1]}.bias"))
     for i in range(count_blocks(sd, r"double_blocks\.(\d+)\.")):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for dname, bname in _DOUBLE_PLAIN:
-            out[f"{d}{dname}.weight"], out[f"{d}{dname}.bias"] = take(f"{b}{bname}.weight"), take(f"{b}{bname}.bias")
-        for dname, bname in _DOUBLE_NORMS:
-            out[d + dname] = take(b + bname)
+        out.update(_renamed(take, d, b, _DOUBLE_PLAIN, _DOUBLE_NORMS))
         for parts, bname in _DOUBLE_FUSED:
             for suffix in ("weight", "bias"):
                 for dname, piece in zip(parts, torch.chunk(take(f"{b}{bname}.{suffix}"), 3, dim=0)):
                     out[f"{d}{dname}.{suffix}"] = piece.clone()
     for i in range(count_blocks(sd, r"single_blocks\.(\d+)\.")):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for dname, bname in _SINGLE_PLAIN:
-            out[f"{d}{dname}.weight"], out[f"{d}{dname}.bias"] = take(f"{b}{bname}.weight"), take(f"{b}{bname}.bias")
-        for dname, bname in _SINGLE_NORMS:
-            out[d + dname] = take(b + bname)
+        out.update(_renamed(take, d, b, _SINGLE_PLAIN, _SINGLE_NORMS))
         parts, bname = _SINGLE_FUSED
         for suffix in ("weight", "bias"):
             fused = take(f"{b}{bname}.{suffix}")
@@ -120,19 +124,13 @@ def transformer_diffusers_to_bfl(sd: dict[str, Any]) -> dict[str, Any]:
     out[f"{_SWAPPED[1]}.bias"] = _swap(sd[f"{_SWAPPED[0]}.bias"])
     for i in range(count_blocks(sd, r"transformer_blocks\.(\d+)\.")):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for dname, bname in _DOUBLE_PLAIN:
-            out[f"{b}{bname}.weight"], out[f"{b}{bname}.bias"] = sd[f"{d}{dname}.weight"], sd[f"{d}{dname}.bias"]
-        for dname, bname in _DOUBLE_NORMS:
-            out[b + bname] = sd[d + dname]
+        out.update(_renamed(sd.__getitem__, d, b, _DOUBLE_PLAIN, _DOUBLE_NORMS, to_diffusers=False))
         for parts, bname in _DOUBLE_FUSED:
             for suffix in ("weight", "bias"):
                 out[f"{b}{bname}.{suffix}"] = torch.cat([sd[f"{d}{p}.{suffix}"] for p in parts], dim=0)
     for i in range(count_blocks(sd, r"single_transformer_blocks\.(\d+)\.")):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for dname, bname in _SINGLE_PLAIN:
-            out[f"{b}{bname}.weight"], out[f"{b}{bname}.bias"] = sd[f"{d}{dname}.weight"], sd[f"{d}{dname}.bias"]
-        for dname, bname in _SINGLE_NORMS:
-            out[b + bname] = sd[d + dname]
+        out.update(_renamed(sd.__getitem__, d, b, _SINGLE_PLAIN, _SINGLE_NORMS, to_diffusers=False))
         parts, bname = _SINGLE_FUSED
         for suffix in ("weight", "bias"):
             out[f"{b}{bname}.{suffix}"] = torch.cat([sd[f"{d}{p}.{suffix}"] for p in parts], dim=0)
