@@ -1,4 +1,4 @@
-"""Shared test configuration. Fixtures for plugin authors live in `lora_run.testing` (a pytest plugin)."""
+"""Shared test configuration. Fixtures for plugin authors live in `lora_run_devtools.testing` (a pytest plugin)."""
 from __future__ import annotations
 
 import os

@@ -5,8 +5,8 @@
     lora-run plan RECIPE [--json]       resolved recipe + the backend's plan
     lora-run plugins [--json]           installed plugins, hooks, registrations
     lora-run recipes [NAME]             shipped recipes with their header line; NAME prints one recipe
-    lora-run demo                       the embedded tiny end-to-end demo (no download)
-    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them)
+    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them:
+                                        `demo` from the native backend, `eval` and `score` from the evaluator)
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
@@ -87,11 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list shipped recipes, or print one (to copy it)")
     p.add_argument("name", nargs="?", help="a shipped recipe by its name in the list: print its text "
                    "(lora-run recipes NAME > my.toml)")
-
-    p = sub.add_parser("demo", help="run the embedded tiny end-to-end demo (CPU, no download)")
-    p.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
         if name in COMMANDS or name == "run":
@@ -325,31 +320,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in ctx.artifacts.items():
         if isinstance(value, (str, Path)):
             print(f"  {key}: {value}")
-    return EXIT_OK
-
-
-@command("demo")
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .plugins import load_plugins
-    from .recipe import load_recipe
-    from .run import execute
-
-    plugins = load_plugins()
-    makers = [r for r in plugins.registry["backend"].values() if r.demo is not None]
-    if not makers:
-        raise RecipeError("no installed backend provides the demo (install lora-run with the [train] extra)")
-    out = Path(args.output_dir).resolve()
-    run_out = out / "run"
-    if not args.overwrite and run_out.is_dir() and any(run_out.iterdir()):
-        raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
-                          "`lora-run demo --output-dir OTHER` runs it elsewhere")
-    recipe_path = makers[0].demo(out / "assets")
-    ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(out / "run"), overwrite=args.overwrite,
-                  debug=args.debug)
-    print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
-    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
-          "report's failures are expected: the model is random and the photos are cartoons.\n"
-          "Next: your own photos, with a shipped recipe (docs/getting-started.md): lora-run recipes")
     return EXIT_OK
 
 

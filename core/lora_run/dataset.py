@@ -1,14 +1,16 @@
-"""What a dataset plugin hands the core: items (image + caption), and the caption rules of a recipe."""
+"""What a dataset plugin hands the core: items (image + caption), the caption rule of a recipe, and the lint
+report the ``lint_dataset`` hook fills (errors stop a run before any model loads)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 
-from .files import FileProblem, read_limited
+from .files import printable, shown
 from .schema import DatasetSection
+
+ERROR, WARNING, INFO = "error", "warning", "info"
 
 
 @attrs.frozen
@@ -44,17 +46,49 @@ def training_caption(item: Item, section: DatasetSection) -> str:
     return caption
 
 
-def read_caption(path: Path) -> tuple[str | None, str | None]:
-    """(text, error) for a caption file; a missing file gives (None, None)."""
-    if not os.path.lexists(path):
-        return None, None
-    try:
-        data = read_limited(path, "caption")
-    except FileProblem as exc:
-        return None, f"caption file {exc}"
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return None, "caption is not UTF-8 text"
+@attrs.frozen
+class Finding:
+    level: str
+    code: str
+    message: str
+    file: str = ""
+
+
+@attrs.define
+class LintReport:
+    """What the ``lint_dataset`` implementations found. ``usable`` starts as every item; an implementation
+    removes the ones it refuses. ``dataset_hash`` and ``files`` (``"subset/name"`` -> image and caption
+    digests) let a resumed run notice a changed dataset."""
+
+    findings: list[Finding] = attrs.field(factory=list)
+    usable: list[Item] = attrs.field(factory=list)
+    counts: dict[str, int] = attrs.field(factory=dict)
+    dataset_hash: str = ""
+    files: dict[str, dict[str, str]] = attrs.field(factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == WARNING]
+
+    def add(self, level: str, code: str, message: str, file: Path | str = "") -> None:
+        self.findings.append(Finding(level, code, message, str(file)))
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(counts=self.counts, dataset_hash=self.dataset_hash,
+                    findings=[attrs.asdict(f) for f in self.findings])
+
+    def table(self) -> str:
+        """A readable table: one line per finding, errors first."""
+        order = {ERROR: 0, WARNING: 1, INFO: 2}
+        rows = sorted(self.findings, key=lambda f: (order.get(f.level, 3), f.code, f.file))
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        lines = [f"dataset: {counts}; {len(self.errors)} error(s), {len(self.warnings)} warning(s)"]
+        width = max((len(r.level) for r in rows), default=0)
+        for r in rows:
+            where = f"{shown(r.file)}: " if r.file else ""
+            lines.append(f"  {r.level.upper():<{width}}  {r.code:<22} {where}{printable(r.message)}")
+        return "\n".join(lines)

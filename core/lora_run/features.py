@@ -38,7 +38,7 @@ def _choice(section: str, field: str) -> list[Feature]:
 
 FEATURES: list[Feature] = [
     Feature("text_encoder_training", ("text_encoder", "train"), lambda r: r.text_encoder.train,
-            "a LoRA on the CLIP-L text encoder"),
+            "a text-encoder LoRA"),
     Feature("regularization", ("dataset", "regularization"), lambda r: bool(r.dataset.regularization),
             "regularisation (prior) image sets"),
     Feature("regularization_weight", ("dataset", "regularization"),
@@ -114,7 +114,7 @@ def capability_problems(recipe: Recipe, backend: str, registry: dict[str, Any]) 
                     + (f" ({why})" if why else "") + f"; backends that do: {', '.join(able) or 'none installed'}"))
         return out
     honoured = reg.capabilities[family]
-    reasons = reg.reasons
+    reasons = reg.reasons.get(family) if isinstance(reg.reasons.get(family), dict) else reg.reasons
     for name, key in used_features(recipe):
         if honours(honoured, name):
             continue

@@ -1,7 +1,7 @@
 """Reading the files a user hands lora-run, within limits, and naming them safely in messages.
 
 Every file lora-run reads on a user's behalf (recipes and their ``extends``, captions, images, LoRA files
-for ``eval``, ONNX models) is checked *before* it is opened: it must be a regular file (never a device,
+for ``eval``, model files of evaluator plugins) is checked *before* it is opened: it must be a regular file (never a device,
 FIFO or socket, e.g. a caption linked to ``/dev/zero``) and no larger than the limit of its kind. The
 limits are documented in docs/reliability.md.
 """
@@ -20,7 +20,7 @@ LIMITS = {
     "caption": 64 * 1024,       # one caption file
     "image": 256 * MiB,         # one training / subject image (pixels are limited separately: images.MAX_PIXELS)
     "lora": 8 * GiB,            # a LoRA file given to `lora-run eval`
-    "onnx": 2 * GiB,            # an ONNX face model (protobuf cannot hold more)
+    "onnx": 2 * GiB,            # an ONNX model an evaluator plugin reads (protobuf cannot hold more)
     "json": 64 * MiB,           # a JSON file of our own run folder read back (manifest, checkpoint state)
 }
 

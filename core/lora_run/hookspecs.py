@@ -1,5 +1,5 @@
-"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command) and the run's
-lifecycle.
+"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command), the dataset
+lint and the run's lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -37,7 +37,7 @@ def register_backends(register: Any, families: Any) -> None:
     ``[backend.<name>]`` table; ``capabilities`` maps each model family the backend trains to the recipe
     features it honours (``loss:*``: every registered loss). ``families`` maps each registered family name
     to its :class:`lora_run.plugins.Registration` (``adapters`` included). Further keywords: ``description``, ``reasons``,
-    ``family_notes``, ``alias_of``, ``memory_estimate``, ``demo``, ``generate`` (see
+    ``family_notes``, ``alias_of``, ``memory_estimate``, ``generate`` (see
     :class:`lora_run.plugins.Registration`).
     """
 
@@ -76,6 +76,17 @@ def register_commands(register: Any) -> None:
 
     ``configure(parser)`` adds the command's arguments to its :class:`argparse.ArgumentParser`;
     ``handler(args, plugins)`` runs it and returns the exit code (raise a ``LoraRunError`` for bad input).
+    """
+
+
+@hookspec
+def lint_dataset(recipe: Any, items: list, report: Any) -> None:
+    """Check the dataset before any model loads (`lora-run check` and every run): add findings with
+    ``report.add(level, code, message, file)`` and remove refused items from ``report.usable``.
+
+    ``items`` are what the dataset type listed; ``report`` is a :class:`lora_run.dataset.LintReport`. An
+    ``"error"`` finding stops the run. The implementation that reads the files also sets ``report.counts``,
+    ``report.dataset_hash`` and ``report.files`` (a resumed run compares them).
     """
 
 

@@ -39,8 +39,8 @@ class Registration:
     #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
     capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
     description: str = ""
-    #: backends: feature -> why it is not honoured (shown with the refusal)
-    reasons: dict[str, str] = attrs.field(factory=dict)
+    #: backends: feature -> why it is not honoured (shown with the refusal), or family -> {feature -> why}
+    reasons: dict[str, Any] = attrs.field(factory=dict)
     #: backends: family -> why it is not trained (shown with the refusal)
     family_notes: dict[str, str] = attrs.field(factory=dict)
     #: backends: the registered backend this name is another name for (listed once in refusals)
@@ -48,9 +48,7 @@ class Registration:
     #: backends: ``memory_estimate(recipe, swapped_blocks) -> (GiB, assumptions) | None``, lent to backends
     #: without their own memory model
     memory_estimate: Callable[..., Any] | None = None
-    #: backends: ``demo(folder) -> recipe path``, a tiny end-to-end run for ``lora-run demo``
-    demo: Callable[..., Any] | None = None
-    #: backends: ``generate(...)`` image generation for evaluators (see lora_run_eval)
+    #: backends: ``generate(...)`` image generation lent to evaluator plugins
     generate: Callable[..., Any] | None = None
     #: commands: ``configure(parser)`` adds the subcommand's arguments
     configure: Callable[..., Any] | None = None

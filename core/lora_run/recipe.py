@@ -309,7 +309,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             if isinstance(value, str) and value:
                 files[key] = _absolute(value, base)
     options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
-    if isinstance(options, dict):  # the face embedder's model files (`model`, `detector`)
+    if isinstance(options, dict):  # the embedder's model files (`model`, `detector`)
         for key in ("model", "detector"):
             if isinstance(options.get(key), str) and options[key]:
                 options[key] = _absolute(options[key], base)

@@ -13,12 +13,11 @@ from typing import Any, Callable, Protocol
 import attrs
 
 from . import __version__
-from .dataset import Item
+from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError,
                      TrainingInterrupted)
 from .files import FileProblem, read_limited, shown
 from .features import capability_problems
-from .lint import LintReport, lint_dataset
 from .plugins import Plugins, Registration
 from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, to_dict
 from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
@@ -294,7 +293,11 @@ def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
 
 
 def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
-    return lint_dataset(recipe, scan_dataset(recipe, plugins))
+    """The dataset's items checked by every ``lint_dataset`` implementation (all usable when none is installed)."""
+    items = scan_dataset(recipe, plugins)
+    report = LintReport(usable=list(items))
+    plugins.hook.lint_dataset(recipe=recipe, items=items, report=report)
+    return report
 
 
 def output_path(recipe: Recipe, override: str | None) -> Path:

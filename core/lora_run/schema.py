@@ -30,20 +30,18 @@ frozen = attrs.frozen(kw_only=True)
 class ModelSection:
     """Which base model to train on and where its weights come from."""
 
-    family: str = option(DEFAULT_FAMILY, "Model family: a registered family (`lora-run plugins` lists them; the "
-                         "built-ins are `flux.1-dev`, `hunyuan-dit-1.2` and `hunyuan-image-2.1`).")
-    source: str | None = option(None, "Hub id (`black-forest-labs/FLUX.1-dev`) or a local diffusers folder. "
+    family: str = option(DEFAULT_FAMILY, "Model family: a registered family (`lora-run plugins` lists them; see "
+                         "Model families below).")
+    source: str | None = option(None, "Hub id (`owner/name`) or a local diffusers folder. "
                                 "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
                                 "hub id may still supply the tokenizers and configs).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
     version: str | None = option(
-        None, "Hunyuan-DiT only: which release the weights are, `\"1.2\"` (DDPM β 0.00085 → 0.018) or `\"1.1\"` (β → "
-        "0.03, style and image-size conditioning). Unset: the model says (its `scheduler/scheduler_config.json` "
-        "and transformer config), v1.2 where it says nothing. The noise schedule is the model folder's "
-        "`scheduler/scheduler_config.json` when it has one (a `version` given here must agree with it), otherwise "
-        "this version's documented schedule (docs/hunyuan.md). Refused for the other families.")
-    files: dict[str, str] = option(factory=dict, doc="`[model.files]`: single-file checkpoints (as ComfyUI and "
-                                   "sd-scripts users have them), one file per slot; the slots are the family's own "
+        None, "Which release of the family the weights are, for a family that registers several (see Model "
+        "families below; what each release changes is in the family's documentation). Unset: the model folder "
+        "says. Refused for a family with one release.")
+    files: dict[str, str] = option(factory=dict, doc="`[model.files]`: single-file checkpoints (as other tools "
+                                   "distribute them), one file per slot; the slots are the family's own "
                                    "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
                                    path=True)
     base_precision: Literal["bf16", "fp8"] = option(
@@ -74,7 +72,7 @@ class DatasetSection:
                               path=True)
     options: dict[str, Any] = option(factory=dict, doc="`[dataset.options]`: options of the dataset type, "
                                      "checked by the options class that type registered.")
-    caption_extension: str = option(".txt", "Caption file extension (sd-scripts defaults to `.caption`; we don't).")
+    caption_extension: str = option(".txt", "Caption file extension of the subject images.")
     trigger: str = option("", "Unique trigger token. Must appear in every subject caption and never in a "
                           "regularisation caption (playbook §6).")
     trigger_policy: Literal["require", "prepend", "none"] = option(
@@ -83,8 +81,8 @@ class DatasetSection:
     resolution: int = option(512, "Base training resolution (square side in pixels).", ge=64, le=4096)
     bucket_min: int = option(256, "Smallest bucket side in pixels.", ge=64, le=4096)
     bucket_max: int = option(1024, "Largest bucket side in pixels.", ge=64, le=8192)
-    bucket_step: int = option(64, "Bucket side step in pixels (a multiple of the model's latent grid: 16 for "
-                              "FLUX and Hunyuan-DiT, 32 for HunyuanImage-2.1).", ge=8, le=512)
+    bucket_step: int = option(64, "Bucket side step in pixels (a multiple of the family's grid, see Model "
+                              "families below).", ge=8, le=512)
     repeats: int = option(1, "How many times each subject image appears per epoch.", ge=1, le=10000)
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", ge=0.0, le=1.0)
     min_images: int = option(15, "Lint warns below this many subject images (playbook §6: 15–30 minimum).", ge=1)
@@ -101,7 +99,7 @@ class LoraSection:
     dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0.0, le=0.9)
     targets: Literal["attention", "attention+mlp", "all-linear"] = option(
         "attention", "Target preset: `attention` (q/k/v/out of every block), `attention+mlp`, or `all-linear` "
-        "(every linear of the double/single blocks, modulation included, as sd-scripts' lora_flux does).")
+        "(every linear of the repeated blocks, modulation included).")
     modules: list[str] = option(factory=list, doc="Explicit module names or regular expressions; when given, "
                                 "they replace the preset.")
     init: Literal["default", "gaussian"] = option("default", "LoRA init: `default` (Kaiming A, zero B) or "
@@ -112,8 +110,8 @@ class LoraSection:
 class TextEncoderSection:
     """Text-encoder LoRA policy (playbook §5)."""
 
-    train: bool = option(False, "Train a LoRA on the CLIP-L text encoder. Off by default: a unique trigger and "
-                         "fewer than ~15 images do not need it.")
+    train: bool = option(False, "Train a LoRA on the family's trainable text encoder. Off by default: a unique "
+                         "trigger and fewer than ~15 images do not need it.")
     lr_ratio: float = option(0.4, "Text-encoder LR as a fraction of the transformer LR (playbook: 0.3–0.5).",
                              gt=0.0, le=1.0)
     train_fraction: float = option(0.5, "Fraction of the steps after which the text encoder is frozen "
@@ -188,17 +186,17 @@ class TrainSection:
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
         "`shift` (sigmoid then a fixed shift), `flux-shift` (shift from the image's token count).")
     sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
-    logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the convention of "
-                               "diffusers' examples and sd-scripts (a positive mean trains more on less noisy steps; "
-                               "values copy between them unchanged).")
+    logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the common convention "
+                               "(a positive mean trains more on less noisy steps; values copy between trainers "
+                               "unchanged).")
     logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
     shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
     timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
         "none", "Flow-matching loss weighting per sample (SD3 schemes).")
-    min_snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting; only meaningful for DDPM models "
-                                         "(Hunyuan-DiT).", gt=0.0, le=100.0)
-    guidance: float = option(1.0, "FLUX.1-dev guidance-embedding value during training (1.0 for a dev LoRA).",
-                             ge=0.0, le=100.0)
+    min_snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting; only meaningful for DDPM families.",
+                                         gt=0.0, le=100.0)
+    guidance: float = option(1.0, "Guidance-embedding value during training, for a family with a distilled "
+                             "guidance input (1.0 for such a LoRA).", ge=0.0, le=100.0)
     noise_offset: float = option(0.0, "Noise offset. For flow matching: a per-channel constant "
                                  "`noise_offset·N(0,1)` is added to ε before x_t and the target are formed.",
                                  ge=0.0, le=1.0)
@@ -250,9 +248,10 @@ class EvalSection:
     guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
     width: int = option(768, "Image width.", ge=64, le=4096)
     height: int = option(768, "Image height.", ge=64, le=4096)
-    embedder: str = option("dlib", "Face embedder plugin: `dlib` (offline default) or `onnx` (ArcFace).")
-    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder (for `onnx`: "
-                                              "`model`, `detector`).")
+    embedder: str = option("dlib", "Embedder plugin the evaluation compares images with (`lora-run plugins` lists "
+                           "them).")
+    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
+                                              "class.")
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
     evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
                                           "plugins` lists them); unset: every installed evaluator.")
@@ -266,12 +265,10 @@ class OutputSection:
     name: str = option("identity-lora", "Base name of the LoRA files: a plain file name (no folder part, no "
                        "`..`, no leading dot or control characters, at most 160 bytes).")
     formats: list[Literal["kohya", "diffusers", "comfyui"]] = option(
-        factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (sd-scripts' layout: "
-        "`lora_unet_` keys with alpha and `ss_*` metadata; for FLUX.1 ComfyUI and Forge load it too), `diffusers` "
-        "(diffusers/peft keys, scale folded in; ComfyUI loads FLUX.1's too) and/or `comfyui` (ComfyUI's own "
-        "layout, for HunyuanImage-2.1: `diffusion_model.` keys, scale folded in). A format a family or backend "
-        "does not write is skipped with a note in `lora-run plan`. Which file for which tool: "
-        "docs/lora-formats.md.")
+        factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (`lora_unet_` keys with "
+        "alpha and `ss_*` metadata), `diffusers` (diffusers/peft keys, scale folded in) and/or `comfyui` "
+        "(`diffusion_model.` keys, scale folded in). A format a family or backend does not write is skipped with a "
+        "note in `lora-run plan`. Which file for which tool: docs/lora-formats.md.")
     save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
 
 
@@ -279,9 +276,8 @@ class OutputSection:
 class BackendSection:
     """Which backend executes the recipe, and the options of each backend."""
 
-    name: str = option("native", "Backend: `native` (in-process, all families), `kohya` (sd-scripts), "
-                       "`diffusion-pipe`; `lora-run plugins` lists installed ones. `backend = \"kohya\"` at the "
-                       "top level is shorthand for `[backend] name = \"kohya\"`.")
+    name: str = option("native", "Backend plugin (`lora-run plugins` lists them and the families each trains). "
+                       "`backend = \"NAME\"` at the top level is shorthand for `[backend] name = \"NAME\"`.")
     options: dict[str, dict[str, Any]] = option(factory=dict, doc="`[backend.<name>]` tables, checked by the "
                                                 "backend's own options class.")
 

@@ -468,7 +468,7 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
 
 
 def _folder_images(folder: Path, flag: str) -> list[Path]:
-    from lora_run.images import IMAGE_EXTENSIONS
+    from lora_run_folder.images import IMAGE_EXTENSIONS
 
     if not folder.is_dir():
         raise RecipeError(f"{flag} {folder}: not a folder")

@@ -84,7 +84,7 @@ class Embedder:
 
     def embed_path(self, path: Path | str) -> FaceResult:
         """Open an image safely and embed its most confident face; unreadable or face-free is reported."""
-        from lora_run.images import ImageProblem, open_rgb
+        from lora_run_folder.images import ImageProblem, open_rgb
 
         try:
             image = open_rgb(Path(path)).image

@@ -81,7 +81,7 @@ def signature(image: Any) -> Signature:
 
 
 def signature_of(path: Path | str) -> Signature | None:
-    from lora_run.images import ImageProblem, open_rgb
+    from lora_run_folder.images import ImageProblem, open_rgb
 
     try:
         return signature(open_rgb(Path(path)).image)

@@ -47,7 +47,7 @@ def pct(value: Any) -> str:
 
 def thumbnail(path: str | Path, side: int = THUMB_SIDE) -> str | None:
     """A JPEG data URI of the image scaled to fit side×side; None when it cannot be read."""
-    from lora_run.images import ImageProblem, open_rgb
+    from lora_run_folder.images import ImageProblem, open_rgb
 
     try:
         image = open_rgb(Path(path)).image

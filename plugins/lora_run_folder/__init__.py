@@ -1,15 +1,36 @@
-"""Built-in dataset plugin `folder`: images in a folder with a caption file next to each.
+"""Built-in dataset plugin: the `folder` type (images in a folder with a caption file next to each) and the
+dataset machinery every type shares: opening images safely (``images``) and the dataset lint (``lint``,
+through the ``lint_dataset`` hook, so it checks the items of any dataset type).
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from lora_run.dataset import Item, read_caption
+from lora_run.dataset import Item
+from lora_run.files import FileProblem, read_limited
 from lora_run.hookspecs import hookimpl
-from lora_run.images import IMAGE_EXTENSIONS
 from lora_run.schema import DatasetSection, Recipe
+
+from .images import IMAGE_EXTENSIONS
+
+
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(text, error) for a caption file; a missing file gives (None, None)."""
+    if not os.path.lexists(path):
+        return None, None
+    try:
+        data = read_limited(path, "caption")
+    except FileProblem as exc:
+        return None, f"caption file {exc}"
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8 text"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -59,3 +80,10 @@ class FolderDataset:
 @hookimpl
 def register_datasets(register):
     register("folder", FolderDataset, description="images + same-name caption files in a folder")
+
+
+@hookimpl
+def lint_dataset(recipe, items, report):
+    from .lint import lint_dataset as lint
+
+    lint(recipe, items, report)

@@ -1,8 +1,8 @@
 """LoRA file formats shared by the backends: kohya (sd-scripts / ComfyUI) ↔ diffusers (peft) conversions.
 
-A library, not a plugin: it registers nothing. One module per model family:
-
-- :mod:`lora_run_formats.flux` — FLUX.1 (BFL's fused layers ↔ diffusers' split layers, exact both ways).
+A library, not a plugin: it registers nothing. The family-specific layouts live in the family packages
+(``lora_run_<family>.lora``); ``lora_run_formats.flux`` and ``lora_run_formats.hunyuan_image`` are kept as
+other names of those modules for the engine backends.
 
 torch is imported inside the functions that need it, so importing this package is cheap.
 """
@@ -10,6 +10,33 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
+
+
+class FormatError(ValueError):
+    """A state dict a conversion cannot convert (the message names the key)."""
+
+
+def kohya_modules(state_dict: Mapping[str, Any], key_pattern: Any, unmatched: str,
+                  shown_prefix: str = "") -> list[tuple[str, Any, Any, float | None]]:
+    """A kohya LoRA grouped by module: ``(module, lora_down, lora_up, alpha or None)`` sorted by module, each
+    checked to be a plain Linear LoRA. ``key_pattern`` matches every key with the groups ``module`` and
+    ``which``; a key it does not match is a FormatError ``"<key>: <unmatched>"``."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        match = key_pattern.match(key)
+        if match is None:
+            raise FormatError(f"{key}: {unmatched}")
+        grouped.setdefault(match["module"], {})[match["which"].split(".")[0]] = value
+    out = []
+    for module, entry in sorted(grouped.items()):
+        if "lora_down" not in entry or "lora_up" not in entry:
+            raise FormatError(f"{shown_prefix}{module}: needs both lora_down.weight and lora_up.weight")
+        down, up = entry["lora_down"], entry["lora_up"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise FormatError(f"{shown_prefix}{module}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+                              "do not form a Linear LoRA")
+        out.append((module, down, up, float(entry["alpha"].item()) if "alpha" in entry else None))
+    return out
 
 
 def detect_format(state_dict: Mapping[str, Any]) -> str:

@@ -2,7 +2,8 @@
 
 Registered through the `lora_run` entry-point group exactly as a third-party family would be: a DDPM
 v-prediction DiT on a 16-pixel grid, loaded from diffusers folders only (no `[model.files]` slots), with two
-releases `[model] version` may name. No torch import.
+releases `[model] version` may name. The package holds the native adapter (``adapter``, with the memory-model
+shape) and the tiny test-model builder (``tiny``). No torch import.
 """
 from __future__ import annotations
 
@@ -15,5 +16,4 @@ FAMILY = "hunyuan-dit-1.2"
 def register_families(register):
     register(FAMILY, description="Hunyuan-DiT v1.2 (and v1.1): DDPM v-prediction DiT, CLIP + mT5 encoders, "
                                  "16-px grid; diffusers folders", file_slots={}, pixel_multiple=16,
-             versions=("1.1", "1.2"),
-             adapters={"native": "lora_run_native.adapters.hunyuan_dit:HunyuanDiTAdapter"})
+             versions=("1.1", "1.2"), adapters={"native": "lora_run_hunyuan_dit.adapter:HunyuanDiTAdapter"})

@@ -17,11 +17,16 @@ def make_backend(ctx):
     return NativeBackend(ctx)
 
 
-def build_demo(assets_dir):
-    """The `lora-run demo` assets: a tiny model, a synthetic dataset and a recipe; returns the recipe path."""
-    from .demo import build_demo as build
+def _demo_arguments(parser):
+    parser.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
 
-    return build(assets_dir)
+
+def _cmd_demo(args, plugins):
+    """`lora-run demo`: build the tiny assets and run them end to end with this backend."""
+    from .demo import run_demo
+
+    return run_demo(args.output_dir, plugins, overwrite=args.overwrite, debug=args.debug)
 
 
 def _generate(*args, **kwargs):
@@ -44,16 +49,21 @@ def register_backends(register, families):
 
     classes = adapter_classes(families)
     capabilities = {family: cls.features for family, cls in classes.items()}
-    reasons = {}
-    for cls in classes.values():
-        reasons.update(cls.reasons)
+    reasons = {family: dict(cls.reasons) for family, cls in classes.items()}   # per family: its own words
     notes = {f: "its family plugin declares no native adapter" for f in families if f not in classes}
     register("native", make_backend, options=NativeOptions, capabilities=capabilities,
              description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
-             reasons=reasons, family_notes=notes, demo=build_demo, memory_estimate=_memory_estimate,
+             reasons=reasons, family_notes=notes, memory_estimate=_memory_estimate,
              generate=_generate)
     flux = classes.get("flux.1-dev")
     if flux is None:  # the alias exists only with the FLUX.1-dev family plugin
         return
     register("flux", make_backend, options=NativeOptions, capabilities={"flux.1-dev": flux.features},
-             description="alias of native for FLUX.1-dev", reasons=dict(flux.reasons), alias_of="native")
+             description="alias of native for FLUX.1-dev", reasons={"flux.1-dev": dict(flux.reasons)},
+             alias_of="native")
+
+
+@hookimpl
+def register_commands(register):
+    register("demo", _cmd_demo, configure=_demo_arguments,
+             description="run the embedded tiny end-to-end demo (CPU, no download)")

@@ -70,7 +70,7 @@ class NativeBackend:
     # ----------------------------------------------------------------------------------------------- plan
     def _planned_steps(self) -> tuple[int, dict[str, Any]]:
         """Steps (exact for `steps`; for `epochs` computed from the dataset's buckets, no torch)."""
-        from lora_run.images import ImageProblem, open_rgb
+        from lora_run_folder.images import ImageProblem, open_rgb
 
         from .data import EpochPlanner, choose_bucket, make_buckets
 
@@ -143,7 +143,8 @@ class NativeBackend:
                              + (f" ({adapter.format_notes[fmt]})" if fmt in adapter.format_notes else ""))
         notes.append("latents and text embeddings are cached in "
                      + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
-        if r.train.mixed_precision != "no":
+        estimate = estimate_memory_gib(r)
+        if r.train.mixed_precision != "no" and estimate is not None:
             from .memory import gpu_mode_estimates
 
             modes = gpu_mode_estimates(r)
@@ -165,7 +166,7 @@ class NativeBackend:
         details["timestep_sampling"] = r.train.timestep_sampling
         details["lora_targets"] = r.lora.modules or r.lora.targets
         return Plan(backend=r.backend.name, family=r.model.family, steps=steps, outputs=outputs,
-                    memory_estimate_gib=round(estimate_memory_gib(r), 1), memory_mode=r.train.memory_mode,
+                    memory_estimate_gib=None if estimate is None else round(estimate, 1), memory_mode=r.train.memory_mode,
                     notes=notes, details=details)
 
     # ------------------------------------------------------------------------------------------------ run

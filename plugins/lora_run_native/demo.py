@@ -83,7 +83,7 @@ def build_demo(assets_dir: str | Path) -> Path:
     """Build (or reuse) the demo assets in ``assets_dir`` and return the demo recipe's path."""
     import tomli_w
 
-    from .tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     assets = Path(assets_dir).resolve()
     assets.mkdir(parents=True, exist_ok=True)
@@ -107,3 +107,23 @@ def build_demo(assets_dir: str | Path) -> Path:
               "# dataset paths. Run it again with: lora-run " + str(path) + " --overwrite\n\n")
     path.write_text(header + tomli_w.dumps(recipe), encoding="utf-8")
     return path
+
+
+def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug: bool = False) -> int:
+    """Build the assets under ``output_dir/assets`` and train them into ``output_dir/run``; the exit code."""
+    from lora_run.errors import RecipeError
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+
+    out = Path(output_dir).resolve()
+    run_out = out / "run"
+    if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
+        raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
+                          "`lora-run demo --output-dir OTHER` runs it elsewhere")
+    recipe_path = build_demo(out / "assets")
+    ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(run_out), overwrite=overwrite, debug=debug)
+    print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
+    print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
+          "report's failures are expected: the model is random and the photos are cartoons.\n"
+          "Next: your own photos, with a shipped recipe (docs/getting-started.md): lora-run recipes")
+    return 0

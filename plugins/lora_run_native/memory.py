@@ -10,21 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-#: family: (transformer parameters, hidden size, blocks, text tokens, latent pixels per token side, linear
-#: layers per block with (in, out) sizes for the LoRA presets)
-FAMILIES: dict[str, dict[str, Any]] = {
-    "flux.1-dev": {"params": 11.90e9, "hidden": 3072, "blocks": 57, "text_tokens": 512, "patch_px": 16,
-                   "lora_io": {"attention": 19 * 8 * 6144 + 38 * 3 * 6144,
-                               "attention+mlp": 19 * (8 * 6144 + 4 * 15360) + 38 * (3 * 6144 + 15360 + 18432),
-                               "all-linear": 19 * (8 * 6144 + 4 * 15360 + 2 * 21504) + 38 * (3 * 6144 + 15360 + 18432 + 12288)}},
-    "hunyuan-dit-1.2": {"params": 1.50e9, "hidden": 1408, "blocks": 40, "text_tokens": 333, "patch_px": 16,
-                        "lora_io": {"attention": 40 * 8 * 2816, "attention+mlp": 40 * (8 * 2816 + 2 * 7552),
-                                    "all-linear": 40 * (8 * 2816 + 2 * 7552 + 4224)}},
-    "hunyuan-image-2.1": {"params": 17.43e9, "hidden": 3584, "blocks": 60, "text_tokens": 1128, "patch_px": 32,
-                          "lora_io": {"attention": 20 * 8 * 7168 + 40 * 3 * 7168,
-                                      "attention+mlp": 20 * (8 * 7168 + 4 * 17920) + 40 * (3 * 7168 + 17920 + 21504),
-                                      "all-linear": 20 * (8 * 7168 + 4 * 17920 + 2 * 25088) + 40 * (3 * 7168 + 17920 + 21504 + 14336)}},
-}
 OPTIMIZER_BYTES = {"adafactor": 4, "adamw": 8, "adamw8bit": 2, "prodigy": 16}   # state bytes per LoRA parameter
 OVERHEAD_GIB = 1.5
 
@@ -48,29 +33,33 @@ def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
     return out
 
 
-def estimate_memory_gib(recipe: Any) -> float:
-    """Peak GiB on the accelerator for one training step at the recipe's largest bucket.
+def estimate_memory_gib(recipe: Any) -> float | None:
+    """Peak GiB on the accelerator for one training step at the recipe's largest bucket (None: the family's
+    adapter declares no ``memory_shape``).
 
     With mixed precision this is the CUDA estimate of the recipe's memory_mode (for `auto`: the speed
     mode, the most it will use; `auto` picks a leaner mode when the GPU has less free memory)."""
+    from . import perfmodel
+
+    f = perfmodel.SHAPES.get(recipe.model.family)
+    if f is None:
+        return None
     if recipe.train.mixed_precision != "no":
         mode = "speed" if recipe.train.memory_mode == "auto" else recipe.train.memory_mode
         return gpu_mode_estimates(recipe)[mode][1]
-    f = FAMILIES.get(recipe.model.family, FAMILIES["flux.1-dev"])
     weight_bytes = 1 if recipe.model.base_precision == "fp8" else (4 if recipe.train.mixed_precision == "no" else 2)
-    base = f["params"] * weight_bytes
-    io = f["lora_io"][recipe.lora.targets]
-    lora_params = recipe.lora.rank * io
+    base = f.params * weight_bytes
+    lora_params = perfmodel.lora_params(recipe.model.family, recipe.lora.targets, recipe.lora.rank, f)
     lora = lora_params * (4 + 4 + OPTIMIZER_BYTES.get(recipe.optimizer.name, 8))
     side = recipe.dataset.bucket_max
     area = min(side * side, max(recipe.dataset.resolution ** 2, 1))
-    tokens = math.ceil(area / f["patch_px"] ** 2) + f["text_tokens"]
+    tokens = math.ceil(area / f.latent_factor ** 2) + f.text_tokens
     act_bytes = 2 if recipe.train.mixed_precision != "no" else 4
-    per_block_input = tokens * f["hidden"] * act_bytes * recipe.train.batch_size
+    per_block_input = tokens * f.hidden * act_bytes * recipe.train.batch_size
     if recipe.train.gradient_checkpointing:
-        activations = f["blocks"] * per_block_input + 24 * per_block_input
+        activations = f.blocks * per_block_input + 24 * per_block_input
     else:
-        activations = f["blocks"] * 24 * per_block_input
+        activations = f.blocks * 24 * per_block_input
     return (base + lora + activations) / 2**30 + OVERHEAD_GIB
 
 

@@ -15,51 +15,13 @@ import math
 import attrs
 
 from .accel import PerfPlan
+from .shapes import FamilyShape, RegisteredShapes  # noqa: F401 - FamilyShape re-exported
 
 GiB = 2**30
 
 
-@attrs.frozen
-class FamilyShape:
-    params: float               # transformer parameters
-    blocks: int                 # repeated blocks
-    hidden: int
-    latent_factor: int          # pixels per token side (VAE factor × patch)
-    text_tokens: int            # tokens that travel through the blocks with the image tokens
-    act_per_token_compiled: float   # bytes per token per non-checkpointed block (compiled blocks)
-    act_per_token_eager: float      # the same without compile
-    lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
-
-
-def _flux_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
-    h, ff = 3072, 12288
-    attention = [(19 * 8, h, h), (38 * 3, h, h)]
-    mlp = [(19 * 2, h, ff), (19 * 2, ff, h), (38, h, ff), (38, h + ff, h)]
-    mod = [(19 * 2, h, 6 * h), (38, h, 3 * h)]
-    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + mod}
-
-
-def _hunyuan_image_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
-    h, ff = 3584, 4 * 3584
-    attention = [(20 * 8, h, h), (40 * 3, h, h)]
-    mlp = [(20 * 2, h, ff), (20 * 2, ff, h), (40, h, ff), (40, h + ff, h)]
-    mod = [(20 * 2, h, 6 * h), (40, h, 3 * h)]
-    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + mod}
-
-
-def _hunyuan_dit_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
-    h, ff = 1408, 6144
-    attention = [(40 * 4, h, h), (40 * 1, h, h), (40 * 2, 1024, h)]
-    mlp = [(40, h, ff), (40, ff, h)]
-    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp}
-
-
-SHAPES: dict[str, FamilyShape] = {
-    "flux.1-dev": FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, _flux_lora_shapes()),
-    "hunyuan-image-2.1": FamilyShape(17.43e9, 60, 3584, 32, 1000 + 128, 94_000.0, 117_000.0,
-                                     _hunyuan_image_lora_shapes()),
-    "hunyuan-dit-1.2": FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, _hunyuan_dit_lora_shapes()),
-}
+#: family -> FamilyShape, from the installed families' native adapters (``memory_shape``)
+SHAPES = RegisteredShapes()
 OVERHEAD_GIB = 0.6
 CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster with graphs, 1024² only 1.03×
 CUDA_GRAPH_MAX_BUCKETS = 4       # each bucket shape records its own graphs (and memory pool)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from lora_run import docgen, hookspecs
+from lora_run import hookspecs
+from lora_run_devtools import docgen
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -15,7 +16,7 @@ def hook_functions():
 
 def test_every_hook_has_a_page_headed_by_its_signature():
     hooks = hook_functions()
-    assert len(hooks) == 11
+    assert len(hooks) == 12
     for fn in hooks:
         page = DOCS / "hooks" / f"{fn.__name__}.md"
         assert page.is_file(), page

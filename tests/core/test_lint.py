@@ -5,10 +5,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from lora_run.lint import ERROR, INFO, WARNING
+from lora_run.dataset import ERROR, INFO, WARNING
 from lora_run.recipe import load_recipe
 from lora_run.run import lint
-from lora_run.testing import make_images
+from lora_run_devtools.testing import make_images
 
 from .conftest import GOOD
 
@@ -123,7 +123,7 @@ def test_prepend_policy_and_empty_folder(recording, write_recipe, subject_datase
 
 def test_decompression_bomb_is_refused(recording, write_recipe, subject_dataset, monkeypatch):
     _, plugins = recording
-    import lora_run.images as images
+    import lora_run_folder.images as images
     monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
     report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
     assert all(f.code == "bad-image" and "decompression bomb" in f.message for f in report.errors)

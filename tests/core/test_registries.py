@@ -102,7 +102,8 @@ class ListDataset:
     def items(self):
         from pathlib import Path
 
-        from lora_run.dataset import Item, read_caption
+        from lora_run.dataset import Item
+        from lora_run_folder import read_caption
         out = []
         for name in self.options.names:
             image = Path(self.section.path) / name

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from lora_run_formats import detect_format, load_lora, save_lora  # noqa: E402
-from lora_run_formats.flux import (FormatError, diffusers_to_kohya, kohya_metadata,  # noqa: E402
+from lora_run_flux.lora import (FormatError, diffusers_to_kohya, kohya_metadata,  # noqa: E402
                                    kohya_to_diffusers)
 
 SHARED_KEYS = Path(__file__).resolve().parents[2].parent / "shared/tools-data/sd-scripts/flux_lora_keys_rank16.json"

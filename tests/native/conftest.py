@@ -61,21 +61,21 @@ tensorboard = false
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> Path:
-    from lora_run_native.tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "tiny-flux")
 
 
 @pytest.fixture(scope="session")
 def tiny_single_files(tiny_flux, tmp_path_factory) -> dict:
-    from lora_run_native.tiny import write_single_files
+    from lora_run_flux.tiny import write_single_files
 
     return write_single_files(tiny_flux, tmp_path_factory.mktemp("single"))
 
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "subject"
     make_images(folder, count=3, size=(96, 80))

@@ -25,7 +25,7 @@ def test_native_and_flux_are_registered_with_capabilities():
                     "timestep_sampling:flux-shift", "targets:all-linear", "optimizer:prodigy", "loss:*"):
         assert feature in caps
     assert "min_snr_gamma" not in caps
-    assert callable(native.demo) and callable(native.generate)
+    assert callable(native.generate) and plugins.registry["command"]["demo"].plugin == "native"
 
 
 def test_min_snr_gamma_is_refused_with_the_reason(flux_recipe, run_cli):
@@ -84,7 +84,7 @@ def test_shipped_flux_recipes(name, run_cli, tmp_path, monkeypatch, reachable_hu
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import validate
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     path = REPO / "recipes" / "flux" / name
     text = path.read_text()

@@ -70,7 +70,8 @@ tensorboard = false
 
 @pytest.fixture(scope="session")
 def tiny_hunyuan(tmp_path_factory) -> dict[str, Path]:
-    from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit, build_tiny_hunyuan_image
+    from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
+    from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
 
     root = tmp_path_factory.mktemp("tiny-hunyuan")
     return {"image": build_tiny_hunyuan_image(root / "image"), "dit": build_tiny_hunyuan_dit(root / "dit")}
@@ -169,7 +170,7 @@ def image_run(tiny_hunyuan, tmp_path_factory):
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     root = tmp_path_factory.mktemp("image-run")
     make_images(root / "subject", count=2, size=(96, 80))
@@ -184,7 +185,7 @@ def image_run(tiny_hunyuan, tmp_path_factory):
 def test_image_targets_anchor_proj_out_and_skip_the_refiner(tiny_hunyuan):
     from diffusers import HunyuanImageTransformer2DModel
 
-    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
 
     model = HunyuanImageTransformer2DModel.from_pretrained(tiny_hunyuan["image"], subfolder="transformer")
     recipe = mini("image", tiny_hunyuan["image"])
@@ -200,7 +201,7 @@ def test_image_gradient_checkpointing_workaround(tiny_hunyuan):
     import torch
     from diffusers import HunyuanImageTransformer2DModel
 
-    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
 
     recipe = mini("image")
     adapter = HunyuanImageAdapter(recipe)
@@ -231,7 +232,7 @@ def test_image_text_encoding_follows_the_pipeline(tiny_hunyuan):
     import torch
     from diffusers import HunyuanImagePipeline
 
-    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
 
     recipe = mini("image", tiny_hunyuan["image"])
     adapter = HunyuanImageAdapter(recipe)
@@ -251,7 +252,7 @@ def test_image_every_format_loads_and_changes_the_output(image_run, tiny_hunyuan
     from diffusers import HunyuanImageTransformer2DModel
     from safetensors import safe_open
 
-    from lora_run_native.adapters.hunyuan_image import load_hunyuan_image_lora
+    from lora_run_hunyuan_image.adapter import load_hunyuan_image_lora
 
     diffusers_file = Path(image_run.artifacts["lora_diffusers"])
     comfy_file = Path(image_run.artifacts["lora_comfyui"])
@@ -309,7 +310,7 @@ def test_dit_objective_matches_the_ddpm_scheduler():
     import torch
     from diffusers import DDPMScheduler
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     # no model folder: the documented v1.2 schedule (β_end 0.018; tests/parity checks it against the model's)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.018, beta_schedule="scaled_linear",
@@ -333,7 +334,7 @@ def test_dit_checkpointing_gives_the_same_gradients_and_keeps_names(tiny_hunyuan
     import torch
     from diffusers import HunyuanDiT2DModel
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     recipe = mini("dit")
     adapter = HunyuanDiTAdapter(recipe)
@@ -386,7 +387,7 @@ def test_dit_lora_reloads_with_peft_exactly(hunyuan_recipe, run_recipe, tiny_hun
     from diffusers import HunyuanDiT2DModel
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    from lora_run_native.adapters.hunyuan_dit import load_hunyuan_dit_lora
+    from lora_run_hunyuan_dit.adapter import load_hunyuan_dit_lora
 
     ctx = run_recipe(hunyuan_recipe("dit"), ["optimizer.lr=5e-2", "train.steps=2", "lora.alpha=2.0"])
     tensors = lora_tensors(ctx.artifacts["lora_diffusers"])
@@ -490,7 +491,7 @@ def test_dit_version_must_agree_with_the_model_folder(hunyuan_recipe, run_cli):
 def test_dit_v11_trains_and_samples_from_the_cli(tmp_path, dataset, run_cli):
     """A v1.1 model (style and image-size conditioning, β_end 0.03 in its scheduler config) trains and draws its
     samples with `[model] version = "1.1"`, on its own schedule."""
-    from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit
+    from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
 
     model = build_tiny_hunyuan_dit(tmp_path / "v11", version="1.1")
     recipe = tmp_path / "v11.toml"
@@ -529,7 +530,7 @@ def test_shipped_hunyuan_recipes_check(tiny_hunyuan, dataset, run_cli):
 # ------------------------------------------------------------------------------- HunyuanImage single files
 @pytest.fixture(scope="module")
 def image_single_files(tiny_hunyuan, tmp_path_factory) -> dict:
-    from lora_run_native.tiny_hunyuan import write_hunyuan_image_single_files
+    from lora_run_hunyuan_image.tiny import write_hunyuan_image_single_files
 
     return write_hunyuan_image_single_files(tiny_hunyuan["image"], tmp_path_factory.mktemp("image-single"))
 
@@ -544,8 +545,8 @@ def test_image_single_files_load_the_same_model_as_the_folder(image_single_files
     from safetensors.torch import load_file
 
     from lora_run.recipe import load_recipe
-    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
-    from lora_run_native.hunyuan_files import qwen_comfy_to_transformers5
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
+    from lora_run_hunyuan_image.files import qwen_comfy_to_transformers5
 
     assert any(k.startswith("double_blocks.0.img_attn_qkv") for k in load_file(str(image_single_files["transformer"])))
     recipe_path = tmp_path / "files.toml"

@@ -95,7 +95,7 @@ def lora_run_args(recipe: Path, out: Path, values: list[str], *extra: str) -> li
 
 @pytest.fixture
 def five_images(tmp_path):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "five"
     make_images(folder, count=5, size=(96, 80))
@@ -430,7 +430,7 @@ def test_a_backend_with_its_own_launcher_refuses_to_run_under_torchrun(tmp_path,
 
             register("own", OwnLauncher, capabilities={"flux.1-dev": adapter_class("flux.1-dev").features})
 
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     make_images(tmp_path / "data", count=2, size=(64, 64))
     recipe = tmp_path / "r.toml"

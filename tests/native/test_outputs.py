@@ -35,7 +35,7 @@ def trained(tiny_flux, tmp_path_factory):
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     from .conftest import BASE_RECIPE
 

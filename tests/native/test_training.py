@@ -120,7 +120,7 @@ def test_checkpoints_keep_last_and_carry_lora_files(flux_recipe, run_recipe, tmp
 
 
 def test_epochs_regularisation_accumulation_dropout_and_samples(flux_recipe, run_recipe, tmp_path):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     reg = tmp_path / "reg"
     make_images(reg, count=2, size=(80, 80), trigger="", seed=3, prefix="reg")

@@ -20,7 +20,7 @@ from lora_run.recipe import parse_recipe_text
 
 
 def adapter_for(tmp_path, **train):
-    from lora_run_native.adapters.flux import FluxAdapter
+    from lora_run_flux.adapter import FluxAdapter
 
     lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in train.items())
     recipe = parse_recipe_text(f"""

@@ -89,7 +89,7 @@ def objective_matches(noisy_and_target, alphas_config: dict) -> bool:
 
 # ------------------------------------------------------------------------------------------- schedule
 def test_schedule_comes_from_the_v12_scheduler_config(tmp_path):
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path)))
     assert adapter.schedule()[1].endswith("scheduler/scheduler_config.json")
@@ -114,7 +114,7 @@ def test_planted_mistake_the_old_constant_is_caught():
 
 def test_the_model_folder_decides_not_a_constant(tmp_path):
     """An unusual β_end in the folder is what trains (the value is read, not assumed)."""
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     odd = {**V12, "beta_end": 0.021}
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, odd)))
@@ -124,7 +124,7 @@ def test_the_model_folder_decides_not_a_constant(tmp_path):
 @pytest.mark.parametrize("style, version, beta_end", [(False, None, 0.018), (True, None, 0.03),
                                                       (False, "1.2", 0.018), (True, "1.1", 0.03)])
 def test_without_a_scheduler_config_the_release_default(tmp_path, style, version, beta_end):
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, None, style=style), version))
     config, where = adapter.schedule()
@@ -134,7 +134,7 @@ def test_without_a_scheduler_config_the_release_default(tmp_path, style, version
 
 def test_a_version_that_contradicts_the_model_is_refused_with_the_key(tmp_path):
     from lora_run.errors import ModelSourceError
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path), "1.1"))
     with pytest.raises(ModelSourceError, match=r"\[model.version\] is \"1.1\".*0.018"):
@@ -152,7 +152,7 @@ def test_a_version_that_contradicts_the_model_is_refused_with_the_key(tmp_path):
 
 # ------------------------------------------------------------------------------- x_t, target, weights
 def test_noisy_input_and_v_target(tmp_path):
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path)))
     assert objective_matches(adapter.noisy_and_target, V12)
@@ -166,7 +166,7 @@ def test_noisy_input_and_v_target(tmp_path):
 def test_min_snr_weights(tmp_path):
     import torch
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path), min_snr_gamma=5.0))
     t = torch.tensor([10.0, 300.0, 700.0, 990.0])
@@ -230,7 +230,7 @@ def timestep_is_the_integer_step(predict, transformer) -> bool:
 def test_the_transformer_gets_t_text_masks_and_gives_v(tmp_path):
     import torch
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path)))
     model = tiny_transformer()
@@ -256,7 +256,7 @@ def test_the_transformer_gets_t_text_masks_and_gives_v(tmp_path):
 def test_v11_gets_size_and_style_conditioning(tmp_path):
     import torch
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, None, style=True), "1.1"))
     seen, out = fed_inputs(adapter.predict, tiny_transformer(style=True), torch.randn(2, 4, 8, 12),
@@ -269,7 +269,7 @@ def test_latents_are_the_posterior_mean_times_the_scaling_factor(tmp_path):
     import torch
     from diffusers import AutoencoderKL
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path)))
     torch.manual_seed(0)

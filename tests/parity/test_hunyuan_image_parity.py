@@ -20,7 +20,7 @@ from lora_run.recipe import parse_recipe_text
 
 
 def adapter_for(tmp_path, **train):
-    from lora_run_native.adapters.hunyuan_image import HunyuanImageAdapter
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
 
     lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in train.items())
     recipe = parse_recipe_text(f"""
@@ -62,7 +62,7 @@ def reference_glyph(caption: str):
 
 @pytest.mark.parametrize("caption, expected", CASES)
 def test_glyph_text_quotes_like_the_reference(caption, expected):
-    from lora_run_native.adapters.hunyuan_image import glyph_text
+    from lora_run_hunyuan_image.adapter import glyph_text
 
     assert reference_glyph(caption) == expected
     assert glyph_text(caption) == expected

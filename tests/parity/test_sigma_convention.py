@@ -75,7 +75,7 @@ def test_hunyuan_dit_timesteps_follow_the_same_convention(tmp_path):
     """The DDPM family draws u the same way: t = round(999·σ), so mean 0.5 → median t ≈ 377."""
     import torch
 
-    from lora_run_native.adapters.hunyuan_dit import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     recipe = parse_recipe_text(f"""
 [model]

@@ -94,14 +94,14 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from lora_run_native.tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "tiny-flux")
 
 
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "subject"
     make_images(folder, count=3, size=(96, 80))

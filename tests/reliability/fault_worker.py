@@ -119,7 +119,7 @@ def main() -> None:
     import lora_run.cli  # noqa: F401
     import lora_run.plugins
     import lora_run_native.train  # noqa: F401
-    import lora_run_native.adapters.flux  # noqa: F401
+    import lora_run_flux.adapter  # noqa: F401
 
     lora_run.plugins.load_plugins()
     results = []

@@ -243,14 +243,14 @@ def test_bad_dataset_corpus_is_named_before_any_model_loads(tiny_recipe, tmp_pat
     for name, outcome in expect.items():
         assert outcome == "usable" or name in text or Path(name).with_suffix(".txt").name in text, f"{name} ({outcome}) is not named in the lint report"
     # the real run stops at the lint: DatasetError, nothing written, no model loaded
-    torch_loaded_before = "lora_run_native.adapters.flux" in sys.modules
+    torch_loaded_before = "lora_run_flux.adapter" in sys.modules
     run = tmp_path / "run"
     code = main([str(recipe), "--output-dir", str(run)])
     captured = capsys.readouterr()
     assert code == 2 and "[dataset] has" in captured.err and "Traceback" not in captured.err, captured.err[-2000:]
     assert not run.exists(), "nothing is written before the dataset is fixed"
     if not torch_loaded_before:
-        assert "lora_run_native.adapters.flux" not in sys.modules
+        assert "lora_run_flux.adapter" not in sys.modules
     # only the handled kinds left: the lint passes and reports each conversion
     for name, outcome in expect.items():
         if outcome in ("error", "named"):

@@ -84,7 +84,7 @@ def _sanitize(value):
 def bases(tmp_path_factory, tiny_model):
     """The shipped recipes with `extends` merged, the dataset pointed at a real folder and FLUX models at the
     tiny model, so unmutated bases validate and mutations are what fails."""
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     data = tmp_path_factory.mktemp("fuzzdata")
     make_images(data / "subject", count=2, size=(64, 64))

@@ -19,7 +19,7 @@ from .conftest import RECIPE
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_model):
     """One finished tiny run (6 steps, checkpoints 2 and 4 kept) that each test copies."""
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     root = tmp_path_factory.mktemp("base")
     make_images(root / "data", count=3, size=(96, 80))

@@ -186,7 +186,7 @@ def test_the_checkpoint_pruner_never_touches_a_live_writers_temp_folder(tmp_path
 # ----------------------------------------------------------------------------------- failed pre-flight
 def test_a_failed_pre_flight_leaves_nothing_and_the_retry_is_not_blocked(tmp_path, monkeypatch, capsys, figures):
     """kohya without an sd-scripts checkout stops in run() with exit 2, after the run folder was begun."""
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     from tests.kohya.conftest import model_files, recipe_text
 

@@ -38,6 +38,11 @@ def _registered() -> dict[str, Any]:
             if BACKEND in reg.adapters}
 
 
+def registered_adapters() -> dict[str, type[ModelAdapter]]:
+    """family -> adapter class of every installed family plugin that declares a native adapter."""
+    return {family: resolve(spec) for family, spec in _registered().items()}
+
+
 def adapter_class(family: str) -> type[ModelAdapter]:
     """The adapter class of ``family`` from the installed family plugins (KeyError when none exists)."""
     return resolve(_registered()[family])

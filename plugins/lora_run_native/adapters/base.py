@@ -348,10 +348,53 @@ class ModelAdapter:
         except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
             raise self.source_error("model.source", f"{src}/{subfolder}", exc) from None
 
+    #: component -> (module, class name, keyword that takes the dtype, further keywords): how ``_component``
+    #: loads ``transformer``, ``vae`` and each of ``text_encoders`` from the source's subfolder.
+    COMPONENTS: ClassVar[dict[str, tuple[str, str, str, dict[str, Any]]]] = {}
+    vae_scale_factor: int = 8
+
+    def _load_tokenizers(self) -> None:
+        """Load the tokenizers of ``text_encoders`` into ``self.tokenizers``."""
+        raise NotImplementedError
+
+    def _load_file(self, key: str, dtype: Any) -> Any:
+        """The component of ``[model.files] <key>`` (families with single-file slots)."""
+        raise NotImplementedError
+
+    def _from_subfolder(self, cls: Any, key: str, **kw: Any) -> Any:
+        """``cls.from_pretrained`` of component ``key`` from the source's subfolder."""
+        raise NotImplementedError
+
+    def _component(self, key: str, dtype: Any) -> Any:
+        """One component in ``dtype``: from its ``[model.files]`` slot when the recipe names one, else from the
+        source (``COMPONENTS``)."""
+        if self.recipe.model.files.get(key) is not None:
+            return self._load_file(key, dtype)
+        import importlib
+
+        module, name, dtype_keyword, extra = self.COMPONENTS[key]
+        return self._from_subfolder(getattr(importlib.import_module(module), name), key, **{dtype_keyword: dtype},
+                                    **extra)
+
+    def frozen(self, module: Any) -> Any:
+        module.requires_grad_(False)
+        module.eval()
+        return module
+
+    def vae_factor(self, vae: Any) -> int:
+        """Pixels per latent side of the loaded VAE (default: the class's ``vae_scale_factor``)."""
+        return self.vae_scale_factor
+
     def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
         """Load tokenizers, text encoders and the VAE (frozen, eval mode) onto ``self.device``; ``only`` limits
         it to some of them (``"vae"`` and names from ``text_encoders``). Already loaded ones are kept."""
-        raise NotImplementedError
+        self._load_tokenizers()
+        for key in ("vae", *self.text_encoders):
+            if key in self.encoders or (only is not None and key not in only):
+                continue
+            self.encoders[key] = self.frozen(self._component(key, self.compute_dtype).to(self.device))
+        if "vae" in self.encoders:
+            self.vae_scale_factor = self.vae_factor(self.encoders["vae"])
 
     def load_transformer(self) -> torch.nn.Module:
         """Load the denoiser (frozen, on CPU, in its storage dtype); ``prepare_transformer`` places it."""
@@ -528,6 +571,24 @@ class ModelAdapter:
         pipe._lora_run_dtype = dtype
         return pipe
 
+    def pipe_placement(self, pipe: Any) -> tuple[Any, Any]:
+        """(device, dtype) a pipeline built by this adapter computes on."""
+        return pipe._execution_device, getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
+
+    def pipe_text(self, pipe: Any, text: dict[str, Any], embeds: tuple[str, ...], masks: tuple[str, ...]) -> dict:
+        """Pre-encoded caption tensors as pipeline keywords: ``embeds`` on the pipeline's device and dtype,
+        ``masks`` on its device."""
+        device, dtype = self.pipe_placement(pipe)
+        return {**{k: text[k].to(device, dtype) for k in embeds}, **{k: text[k].to(device) for k in masks}}
+
+    def initial_noise(self, pipe: Any, seed: int, height: int, width: int) -> Any:
+        """Seeded ``(1, C, h, w)`` starting latents (drawn on the CPU, so every device gets the same image)."""
+        import torch
+
+        device, dtype = self.pipe_placement(pipe)
+        shape = (1, pipe.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).to(device, dtype)
+
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         """The family's diffusers inference pipeline built from ``recipe.model``."""
         raise NotImplementedError
@@ -544,6 +605,66 @@ class ModelAdapter:
                  height: int, lora_scale: float, text: dict[str, torch.Tensor] | None = None) -> Any:
         """One PIL image. ``text`` (from ``encode_captions``) replaces ``prompt`` when given."""
         raise NotImplementedError
+
+
+class SourceLoader(ModelAdapter):
+    """An adapter whose components come from ``[model] source``: a hub id (cached copies only while offline) or a
+    local diffusers folder with the pipeline's component folders (subclasses set ``SUBFOLDER`` and ``WHAT``;
+    single files, where the family has slots, are read by the subclass). Errors name the key and component."""
+
+    #: component -> subfolder of the diffusers folder; tokenizer -> subfolder; component -> what it is (messages).
+    #: Unless a subclass sets them, the pipeline convention is assumed: ``transformer/``, ``vae/``, the two
+    #: ``text_encoders`` in ``text_encoder/`` and ``text_encoder_2/``, their tokenizers (``<encoder>_tokenizer``)
+    #: in ``tokenizer/`` and ``tokenizer_2/``; ``encoder_sources`` follows from them and ``file_keys``.
+    SUBFOLDER: ClassVar[dict[str, str]] = {}
+    WHAT: ClassVar[dict[str, str]] = {}
+    TOKENIZER_SUBFOLDER: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if len(cls.text_encoders) == 2 and "SUBFOLDER" not in cls.__dict__:
+            first, second = cls.text_encoders
+            cls.SUBFOLDER = {"transformer": "transformer", "vae": "vae", first: "text_encoder", second: "text_encoder_2"}
+            cls.TOKENIZER_SUBFOLDER = {f"{first}_tokenizer": "tokenizer", f"{second}_tokenizer": "tokenizer_2"}
+        if cls.text_encoders and "encoder_sources" not in cls.__dict__:
+            cls.encoder_sources = tuple((name, cls.SUBFOLDER[name], name if name in cls.file_keys else None)
+                                        for name in cls.text_encoders)
+
+    def encode_images(self, pixels: Any) -> Any:
+        """The latent mean times the VAE's scaling factor (VAEs without a shift factor)."""
+        import torch
+
+        vae = self.encoders["vae"]
+        with torch.no_grad():
+            z = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        return (z * vae.config.scaling_factor).float()
+
+    def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = super().check_sources()
+        m = self.recipe.model
+        if m.source is None:
+            problems.append((("model", "source"), f"is required for {self.family}: a hub id or a local diffusers "
+                             "folder with the pipeline's components"))
+        elif is_local_source(m.source) and os.path.isdir(m.source):
+            src = Path(m.source)
+            for key, sub in {**self.SUBFOLDER, **self.TOKENIZER_SUBFOLDER}.items():
+                if m.files.get(key) is None and not os.path.isdir(src / sub):
+                    problems.append((("model", "source"), f"{src} has no {sub}/ folder ({self.WHAT.get(key, key)}); "
+                                     f"it is not a {self.family} diffusers folder"))
+        return problems
+
+    def from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
+        sub = subfolder or self.SUBFOLDER.get(key) or self.TOKENIZER_SUBFOLDER[key]
+        return self.load_from_source(cls, sub, self.WHAT.get(key, key), **kw,
+                                     missing=("model.source", f"is required for {self.family}"))
+
+    def _from_subfolder(self, cls: Any, key: str, **kw: Any) -> Any:
+        return self.from_source(cls, key, **kw)
+
+
+def real_tokenizer(tok: Any, minimum: int = 10) -> bool:
+    """transformers 5 returns an *empty* tokenizer for a repo whose files are missing offline."""
+    return len(tok) > len(set(tok.all_special_tokens)) + minimum
 
 
 def write_json(path: Path, data: Any) -> None:

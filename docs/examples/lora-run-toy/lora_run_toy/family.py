@@ -1,21 +1,22 @@
 """A tiny model family, `toy-flux`: a FLUX-shaped DiT small enough to train on a CPU in seconds.
 
 A third-party family is three things: its facts (registered in ``__init__.py`` with ``register_families``),
-the adapter that teaches a backend the family (here the native backend: a subclass of its FLUX adapter,
-since the architecture is the same, only tiny), and a builder that writes a model folder to train on.
+the adapter that teaches a backend the family (here the native backend: a subclass of the FLUX.1-dev family
+plugin's adapter, ``lora_run_flux.adapter``, since the architecture is the same, only tiny), and a builder
+that writes a model folder to train on.
 Nothing here imports torch at module level, so ``lora-run check`` and ``lora-run plugins`` stay fast.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from lora_run_native.adapters.flux import FluxAdapter
+from lora_run_flux.adapter import FluxAdapter
 
 FAMILY = "toy-flux"
 
 
 class ToyFluxAdapter(FluxAdapter):
-    """The native backend's FLUX adapter under the toy family's name: same latents, objective and LoRA
+    """The FLUX.1-dev family's native adapter under the toy family's name: same latents, objective and LoRA
     targets; diffusers folders only (no single-file slots) and no hub default (build one with ``build``)."""
 
     family = FAMILY
@@ -25,6 +26,6 @@ class ToyFluxAdapter(FluxAdapter):
 
 def build(folder: str | Path, seed: int = 0) -> Path:
     """Write a random `toy-flux` model (a diffusers FluxPipeline folder, a few MB) and return its path."""
-    from lora_run_native.tiny import build_tiny_flux
+    from lora_run_flux.tiny import build_tiny_flux
 
     return build_tiny_flux(folder, seed=seed)

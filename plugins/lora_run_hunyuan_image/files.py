@@ -40,11 +40,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lora_run_native.single_files import LayoutError, strip_prefixes
+
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-class LayoutError(ValueError):
-    """The tensors do not have the expected layout (message says what is missing)."""
 
 
 def _split(value: Any, sizes: list[int]) -> list[Any]:
@@ -54,10 +52,7 @@ def _split(value: Any, sizes: list[int]) -> list[Any]:
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
+    return strip_prefixes(state, PREFIXES)
 
 
 _REFINER = "txt_in.individual_token_refiner.blocks.{i}."
@@ -117,6 +112,33 @@ def _rx(template: str) -> re.Pattern:
     return re.compile(text + r"\.(?P<suffix>weight|bias)")
 
 
+def _renamed(state: dict[str, Any], to_diffusers: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the renamed, un-fused tensors under the other layout's names, every other tensor as it is)."""
+    pairs = [(_rx(o if to_diffusers else d), d if to_diffusers else o) for o, d in _RENAMES]
+    out: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in state.items():
+        found = next(((target, m) for pattern, target in pairs if (m := pattern.fullmatch(key))), None)
+        if found is None:
+            rest[key] = value
+        else:
+            out[found[0].format(**found[1].groupdict()) + "." + found[1]["suffix"]] = value
+    return out, rest
+
+
+def _final_modulation(key: str, value: Any, to_diffusers: bool) -> tuple[str, Any]:
+    """The final layer's modulation under the other layout's name, its halves swapped (Tencent: shift, scale;
+    diffusers: scale, shift)."""
+    import torch
+
+    source, target = _FINAL_MOD if to_diffusers else _FINAL_MOD[::-1]
+    m = _rx(source).fullmatch(key)
+    if m is None:
+        raise LayoutError(f"unknown tensor {key}")
+    first, second = torch.chunk(value, 2, dim=0)
+    return f"{target}.{m['suffix']}", torch.cat([second, first], dim=0)
+
+
 def transformer_original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     """Tencent/ComfyUI HunyuanImage-2.1 transformer tensors → diffusers ``HunyuanImageTransformer2DModel`` names."""
     import torch
@@ -124,31 +146,22 @@ def transformer_original_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
     state = _strip_prefix(state)
     if not any(k.startswith("double_blocks.") for k in state):
         raise LayoutError("no double_blocks.* tensors (not a HunyuanImage-2.1 transformer in Tencent's layout)")
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        for source, target in _RENAMES:
+    out, rest = _renamed(state, to_diffusers=True)
+    for key, value in rest.items():
+        for source, targets in _FUSED:
             m = _rx(source).fullmatch(key)
             if m:
-                out[target.format(**m.groupdict()) + "." + m["suffix"]] = value
+                if len(targets) == 4:      # single block linear1: q, k, v of `hidden` rows, then the MLP input
+                    hidden = state[f"single_blocks.{m['i']}.linear2.weight"].shape[0]
+                    parts = _split(value, [hidden, hidden, hidden, value.shape[0] - 3 * hidden])
+                else:
+                    parts = list(torch.chunk(value, 3, dim=0))
+                for target, part in zip(targets, parts):
+                    out[target.format(**m.groupdict()) + "." + m["suffix"]] = part.contiguous()
                 break
         else:
-            for source, targets in _FUSED:
-                m = _rx(source).fullmatch(key)
-                if m:
-                    if len(targets) == 4:      # single block linear1: q, k, v of `hidden` rows, then the MLP input
-                        hidden = state[f"single_blocks.{m['i']}.linear2.weight"].shape[0]
-                        parts = _split(value, [hidden, hidden, hidden, value.shape[0] - 3 * hidden])
-                    else:
-                        parts = list(torch.chunk(value, 3, dim=0))
-                    for target, part in zip(targets, parts):
-                        out[target.format(**m.groupdict()) + "." + m["suffix"]] = part.contiguous()
-                    break
-            else:
-                m = _rx(_FINAL_MOD[0]).fullmatch(key)
-                if m is None:
-                    raise LayoutError(f"unknown tensor {key}")
-                shift, scale = torch.chunk(value, 2, dim=0)
-                out[f"{_FINAL_MOD[1]}.{m['suffix']}"] = torch.cat([scale, shift], dim=0)
+            name, swapped = _final_modulation(key, value, to_diffusers=True)
+            out[name] = swapped
     return out
 
 
@@ -156,27 +169,18 @@ def transformer_diffusers_to_original(state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`transformer_original_to_diffusers` (writes Tencent-layout files, e.g. for tests)."""
     import torch
 
-    out: dict[str, Any] = {}
+    out, rest = _renamed(state, to_diffusers=False)
     fused: dict[tuple[str, str, str], dict[int, Any]] = {}
-    for key, value in state.items():
-        for source, target in _RENAMES:
-            m = _rx(target).fullmatch(key)
-            if m:
-                out[source.format(**m.groupdict()) + "." + m["suffix"]] = value
+    for key, value in rest.items():
+        for source, targets in _FUSED:
+            hit = next(((n, m) for n, t in enumerate(targets) if (m := _rx(t).fullmatch(key))), None)
+            if hit:
+                n, m = hit
+                fused.setdefault((source.format(**m.groupdict()), m["suffix"], str(len(targets))), {})[n] = value
                 break
         else:
-            for source, targets in _FUSED:
-                hit = next(((n, m) for n, t in enumerate(targets) if (m := _rx(t).fullmatch(key))), None)
-                if hit:
-                    n, m = hit
-                    fused.setdefault((source.format(**m.groupdict()), m["suffix"], str(len(targets))), {})[n] = value
-                    break
-            else:
-                m = _rx(_FINAL_MOD[1]).fullmatch(key)
-                if m is None:
-                    raise LayoutError(f"unknown tensor {key}")
-                scale, shift = torch.chunk(value, 2, dim=0)
-                out[f"{_FINAL_MOD[0]}.{m['suffix']}"] = torch.cat([shift, scale], dim=0)
+            name, swapped = _final_modulation(key, value, to_diffusers=False)
+            out[name] = swapped
     for (name, suffix, count), parts in fused.items():
         if len(parts) != int(count):
             raise LayoutError(f"{name}: only {len(parts)} of its {count} parts present")

@@ -16,6 +16,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from lora_run_native.single_files import (  # noqa: F401 - the encoders' helpers, re-exported
+    LayoutError, clip_state_dict, count_blocks, infer_clip_config, infer_t5_config, strip_prefixes, t5_state_dict)
+
 FLUX_VAE_SCALING = 0.3611
 FLUX_VAE_SHIFT = 0.1159
 
@@ -52,10 +55,6 @@ _SWAPPED = ("norm_out.linear", "final_layer.adaLN_modulation.1")   # BFL (shift,
 _TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 
-class LayoutError(ValueError):
-    """The tensors do not have the expected layout (the message says what is missing)."""
-
-
 def _swap(t: Any) -> Any:
     import torch
 
@@ -63,16 +62,14 @@ def _swap(t: Any) -> Any:
     return torch.cat([t[half:], t[:half]], dim=0)
 
 
-def strip_prefixes(sd: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
-
-
-def _count(sd: dict[str, Any], pattern: str) -> int:
-    found = {int(m[1]) for k in sd if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
+def _renamed(get: Any, d: str, b: str, plain: list[tuple[str, str]], norms: list[tuple[str, str]],
+             to_diffusers: bool = True) -> dict[str, Any]:
+    """One block's un-fused tensors under the other layout's names (``d``/``b``: the block's diffusers and BFL
+    prefixes): BFL → diffusers, or back with ``to_diffusers=False``. ``get`` reads a tensor of the source."""
+    pairs = [(f"{dn}.{suffix}", f"{bn}.{suffix}") for dn, bn in plain for suffix in ("weight", "bias")] + list(norms)
+    if to_diffusers:
+        return {d + dn: get(b + bn) for dn, bn in pairs}
+    return {b + bn: get(d + dn) for dn, bn in pairs}
 
 
 def transformer_bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
@@ -95,22 +92,16 @@ def transformer_bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
             out[f"{dname}.weight"], out[f"{dname}.bias"] = take(f"{bname}.weight"), take(f"{bname}.bias")
     out[f"{_SWAPPED[0]}.weight"] = _swap(take(f"{_SWAPPED[1]}.weight"))
     out[f"{_SWAPPED[0]}.bias"] = _swap(take(f"{_SWAPPED[1]}.bias"))
-    for i in range(_count(sd, r"double_blocks\.(\d+)\.")):
+    for i in range(count_blocks(sd, r"double_blocks\.(\d+)\.")):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for dname, bname in _DOUBLE_PLAIN:
-            out[f"{d}{dname}.weight"], out[f"{d}{dname}.bias"] = take(f"{b}{bname}.weight"), take(f"{b}{bname}.bias")
-        for dname, bname in _DOUBLE_NORMS:
-            out[d + dname] = take(b + bname)
+        out.update(_renamed(take, d, b, _DOUBLE_PLAIN, _DOUBLE_NORMS))
         for parts, bname in _DOUBLE_FUSED:
             for suffix in ("weight", "bias"):
                 for dname, piece in zip(parts, torch.chunk(take(f"{b}{bname}.{suffix}"), 3, dim=0)):
                     out[f"{d}{dname}.{suffix}"] = piece.clone()
-    for i in range(_count(sd, r"single_blocks\.(\d+)\.")):
+    for i in range(count_blocks(sd, r"single_blocks\.(\d+)\.")):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for dname, bname in _SINGLE_PLAIN:
-            out[f"{d}{dname}.weight"], out[f"{d}{dname}.bias"] = take(f"{b}{bname}.weight"), take(f"{b}{bname}.bias")
-        for dname, bname in _SINGLE_NORMS:
-            out[d + dname] = take(b + bname)
+        out.update(_renamed(take, d, b, _SINGLE_PLAIN, _SINGLE_NORMS))
         parts, bname = _SINGLE_FUSED
         for suffix in ("weight", "bias"):
             fused = take(f"{b}{bname}.{suffix}")
@@ -131,21 +122,15 @@ def transformer_diffusers_to_bfl(sd: dict[str, Any]) -> dict[str, Any]:
             out[f"{bname}.weight"], out[f"{bname}.bias"] = sd[f"{dname}.weight"], sd[f"{dname}.bias"]
     out[f"{_SWAPPED[1]}.weight"] = _swap(sd[f"{_SWAPPED[0]}.weight"])
     out[f"{_SWAPPED[1]}.bias"] = _swap(sd[f"{_SWAPPED[0]}.bias"])
-    for i in range(_count(sd, r"transformer_blocks\.(\d+)\.")):
+    for i in range(count_blocks(sd, r"transformer_blocks\.(\d+)\.")):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for dname, bname in _DOUBLE_PLAIN:
-            out[f"{b}{bname}.weight"], out[f"{b}{bname}.bias"] = sd[f"{d}{dname}.weight"], sd[f"{d}{dname}.bias"]
-        for dname, bname in _DOUBLE_NORMS:
-            out[b + bname] = sd[d + dname]
+        out.update(_renamed(sd.__getitem__, d, b, _DOUBLE_PLAIN, _DOUBLE_NORMS, to_diffusers=False))
         for parts, bname in _DOUBLE_FUSED:
             for suffix in ("weight", "bias"):
                 out[f"{b}{bname}.{suffix}"] = torch.cat([sd[f"{d}{p}.{suffix}"] for p in parts], dim=0)
-    for i in range(_count(sd, r"single_transformer_blocks\.(\d+)\.")):
+    for i in range(count_blocks(sd, r"single_transformer_blocks\.(\d+)\.")):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for dname, bname in _SINGLE_PLAIN:
-            out[f"{b}{bname}.weight"], out[f"{b}{bname}.bias"] = sd[f"{d}{dname}.weight"], sd[f"{d}{dname}.bias"]
-        for dname, bname in _SINGLE_NORMS:
-            out[b + bname] = sd[d + dname]
+        out.update(_renamed(sd.__getitem__, d, b, _SINGLE_PLAIN, _SINGLE_NORMS, to_diffusers=False))
         parts, bname = _SINGLE_FUSED
         for suffix in ("weight", "bias"):
             out[f"{b}{bname}.{suffix}"] = torch.cat([sd[f"{d}{p}.{suffix}"] for p in parts], dim=0)
@@ -163,8 +148,8 @@ def infer_transformer_config(diffusers_sd: dict[str, Any]) -> dict[str, Any]:
         "patch_size": 1,
         "in_channels": diffusers_sd["x_embedder.weight"].shape[1],
         "out_channels": diffusers_sd["proj_out.weight"].shape[0],
-        "num_layers": _count(diffusers_sd, r"transformer_blocks\.(\d+)\."),
-        "num_single_layers": _count(diffusers_sd, r"single_transformer_blocks\.(\d+)\."),
+        "num_layers": count_blocks(diffusers_sd, r"transformer_blocks\.(\d+)\."),
+        "num_single_layers": count_blocks(diffusers_sd, r"single_transformer_blocks\.(\d+)\."),
         "attention_head_dim": head_dim,
         "num_attention_heads": hidden // head_dim,
         "joint_attention_dim": diffusers_sd["context_embedder.weight"].shape[1],
@@ -198,7 +183,7 @@ def _vae_rules(num_up: int) -> list[tuple[str, str]]:
 
 def vae_diffusers_to_ldm(sd: dict[str, Any]) -> dict[str, Any]:
     """``AutoencoderKL`` state dict → LDM layout (``ae.safetensors``), attention weights as 1×1 convs."""
-    num_up = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
+    num_up = count_blocks(sd, r"decoder\.up_blocks\.(\d+)\.")
     rules = _vae_rules(num_up)
     out = {}
     for key, value in sd.items():
@@ -224,7 +209,7 @@ def vae_ldm_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
     sd = strip_prefixes(dict(sd), _VAE_PREFIXES)
     if not any(k.startswith("encoder.down.") for k in sd) or not any(k.startswith("decoder.up.") for k in sd):
         raise LayoutError("no encoder.down.* / decoder.up.* tensors: not an autoencoder in LDM layout")
-    num_up = _count(sd, r"decoder\.up\.(\d+)\.")
+    num_up = count_blocks(sd, r"decoder\.up\.(\d+)\.")
     out = {}
     for key, value in sd.items():
         new = key
@@ -256,7 +241,7 @@ def vae_ldm_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def infer_vae_config(diffusers_sd: dict[str, Any]) -> dict[str, Any]:
-    num_down = _count(diffusers_sd, r"encoder\.down_blocks\.(\d+)\.")
+    num_down = count_blocks(diffusers_sd, r"encoder\.down_blocks\.(\d+)\.")
     channels = [diffusers_sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(num_down)]
     return {
         "_class_name": "AutoencoderKL",
@@ -265,7 +250,7 @@ def infer_vae_config(diffusers_sd: dict[str, Any]) -> dict[str, Any]:
         "down_block_types": ["DownEncoderBlock2D"] * num_down,
         "up_block_types": ["UpDecoderBlock2D"] * num_down,
         "block_out_channels": channels,
-        "layers_per_block": _count(diffusers_sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+        "layers_per_block": count_blocks(diffusers_sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
         "latent_channels": diffusers_sd["decoder.conv_in.weight"].shape[1],
         "norm_num_groups": 32,
         "scaling_factor": FLUX_VAE_SCALING,
@@ -277,56 +262,3 @@ def infer_vae_config(diffusers_sd: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ text encoders
-_CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.", "clip_l.", "te1.")
-_T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.", "te2.")
-
-
-def clip_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
-    """CLIP-L text-model tensors under their canonical ``text_model.`` names (prefixes of other tools removed)."""
-    sd = strip_prefixes(dict(sd), _CLIP_PREFIXES)
-    if "embeddings.token_embedding.weight" in sd:           # transformers 5 saves without `text_model.`
-        sd = {f"text_model.{k}": v for k, v in sd.items()}
-    if "text_model.embeddings.token_embedding.weight" not in sd:
-        raise LayoutError("no text_model.embeddings.token_embedding.weight: not a CLIP text encoder")
-    return {k: v for k, v in sd.items() if k.startswith("text_model.")}
-
-
-def t5_state_dict(sd: dict[str, Any]) -> dict[str, Any]:
-    sd = strip_prefixes(dict(sd), _T5_PREFIXES)
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
-    if "shared.weight" not in sd or not any(k.startswith("encoder.block.") for k in sd):
-        raise LayoutError("no shared.weight / encoder.block.* tensors: not a T5 encoder")
-    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
-    return {k: v for k, v in sd.items() if k.startswith(("encoder.", "shared."))}
-
-
-def infer_clip_config(sd: dict[str, Any], *, bos: int, eos: int, pad: int) -> dict[str, Any]:
-    vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
-    return {
-        "model_type": "clip_text_model",
-        "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        "num_hidden_layers": _count(sd, r"text_model\.encoder\.layers\.(\d+)\."),
-        "num_attention_heads": max(1, hidden // 64),
-        "max_position_embeddings": sd["text_model.embeddings.position_embedding.weight"].shape[0],
-        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": hidden,
-        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
-    }
-
-
-def infer_t5_config(sd: dict[str, Any]) -> dict[str, Any]:
-    vocab, d_model = sd["shared.weight"].shape
-    heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
-    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
-    wi = "wi_0" if gated else "wi"
-    return {
-        "model_type": "t5", "vocab_size": vocab, "d_model": d_model,
-        "d_kv": sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        "d_ff": sd[f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight"].shape[0],
-        "num_layers": _count(sd, r"encoder\.block\.(\d+)\."), "num_heads": heads,
-        "relative_attention_num_buckets":
-            sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0],
-        "feed_forward_proj": "gated-gelu" if gated else "relu", "is_encoder_decoder": False,
-        "use_cache": False, "tie_word_embeddings": False,
-    }

@@ -27,8 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES
-from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer
+from lora_run_native.shapes import FamilyShape
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
 _MLP = [r"blocks\.\d+\.ff\.net\.(0\.proj|2)"]
@@ -50,26 +50,47 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
 
+#: For the memory model (perfmodel.py): 40 blocks; self-attention q/k/v/out and cross-attention q/out on the
+#: 1408-wide stream, cross-attention k/v from the 1024-wide text; MLP 1408 → 6144 → 1408.
+_ATTENTION_SHAPES = [(40 * 4, 1408, 1408), (40 * 1, 1408, 1408), (40 * 2, 1024, 1408)]
+_MLP_SHAPES = [(40, 1408, 6144), (40, 6144, 1408)]
+MEMORY_SHAPE = FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, {
+    "attention": _ATTENTION_SHAPES, "attention+mlp": _ATTENTION_SHAPES + _MLP_SHAPES,
+    "all-linear": _ATTENTION_SHAPES + _MLP_SHAPES})
+
 DDPM_FEATURES = frozenset({
     "noise_offset", "min_snr_gamma",
     "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
 })
 
 
+#: Why the native backend refuses a feature for Hunyuan-DiT (shown with the refusal).
+REASONS = {
+    "guidance": "train.guidance feeds a distilled guidance embedding; Hunyuan-DiT v1.2 has no "
+                "guidance-embedding input — leave it at 1.0",
+    "timestep_sampling:flux-shift": "flux-shift is FLUX.1-dev's resolution-dependent shift; Hunyuan-DiT v1.2 is "
+                                    "a DDPM model without any shift",
+    "text_encoder_training": "the native backend trains a text-encoder LoRA only on FLUX.1-dev's CLIP-L; "
+                             "Hunyuan-DiT's text encoders stay frozen (their outputs are cached)",
+    "timestep_weighting": "train.timestep_weighting is SD3's flow-matching loss weighting (σ-based); "
+                          "Hunyuan-DiT v1.2 is a DDPM model — use train.min_snr_gamma instead",
+    "timestep_sampling:shift": "a timestep shift is defined for flow matching; Hunyuan-DiT v1.2 is a DDPM "
+                               "model (use uniform, sigmoid or logit-normal)",
+}
+
+
 class HunyuanDiTAdapter(SourceLoader):
     """Hunyuan-DiT v1.2: DDPM v-prediction, BERT + mT5 conditioning with masks, learn_sigma output."""
 
     family = "hunyuan-dit-1.2"
-    pixel_multiple = 16
+    features, reasons = COMMON_FEATURES | DDPM_FEATURES | {"fp8"}, REASONS
     objective = "ddpm-v"
-    features = COMMON_FEATURES | DDPM_FEATURES | {"fp8"}
-    reasons = {
-        **SHARED_REASONS,
-        "timestep_weighting": "train.timestep_weighting is SD3's flow-matching loss weighting (σ-based); "
-                              "Hunyuan-DiT v1.2 is a DDPM model — use train.min_snr_gamma instead",
-        "timestep_sampling:shift": "a timestep shift is defined for flow matching; Hunyuan-DiT v1.2 is a DDPM "
-                                   "model (use uniform, sigmoid or logit-normal)",
-    }
+    pixel_multiple = 16
+    memory_shape = MEMORY_SHAPE
+    COMPONENTS = {"transformer": ("diffusers", "HunyuanDiT2DModel", "torch_dtype", {}),
+                  "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),
+                  "bert": ("transformers", "BertModel", "dtype", {"add_pooling_layer": False}),
+                  "mt5": ("transformers", "T5EncoderModel", "dtype", {})}
     target_presets = {
         "attention": _ATTN,
         "attention+mlp": _ATTN + _MLP,
@@ -79,12 +100,9 @@ class HunyuanDiTAdapter(SourceLoader):
     text_encoders = ("bert", "mt5")
     cache_tag = "hunyuan-dit"
     vae_file_key = None
-    encoder_sources = (("bert", "text_encoder", None), ("mt5", "text_encoder_2", None))
     trainable_text_encoder = None
     default_hub_id = "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     file_keys = ()
-    SUBFOLDER = {"transformer": "transformer", "vae": "vae", "bert": "text_encoder", "mt5": "text_encoder_2"}
-    TOKENIZER_SUBFOLDER = {"bert_tokenizer": "tokenizer", "mt5_tokenizer": "tokenizer_2"}
     WHAT = {"transformer": "the Hunyuan-DiT transformer", "vae": "the autoencoder", "bert": "the BERT/CLIP text encoder",
             "mt5": "the mT5 text encoder", "bert_tokenizer": "the BERT tokenizer", "mt5_tokenizer": "the mT5 tokenizer"}
 
@@ -100,7 +118,7 @@ class HunyuanDiTAdapter(SourceLoader):
         if getattr(self.options, "text_max_length", None):
             problems.append((("backend", self.recipe.backend.name, "text_max_length"), "Hunyuan-DiT's text "
                              f"lengths are fixed by the model ({BERT_LENGTH} BERT + {T5_LENGTH} mT5 tokens); remove it"))
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         if not problems and is_local_source(self._source() or ""):      # hub sources: checked when loaded
             try:
@@ -123,7 +141,7 @@ class HunyuanDiTAdapter(SourceLoader):
         """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
         import json
 
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         src = self._source()
         if src is None:
@@ -187,7 +205,7 @@ class HunyuanDiTAdapter(SourceLoader):
 
     def schedule_note(self) -> str:
         """The schedule in words for `lora-run plan` (a hub source is read only when loaded)."""
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         if not is_local_source(self._source() or ""):
             return "noise schedule: the model's scheduler config, read when it is loaded"
@@ -218,25 +236,6 @@ class HunyuanDiTAdapter(SourceLoader):
                 raise self.error("model.source", f"{self._source()}/{self.TOKENIZER_SUBFOLDER[sub]}: no tokenizer files "
                                  "there" + (self.cache_hint() or " (or not in the local cache while offline)"))
             self.tokenizers[key] = tok
-
-    def _component(self, key: str, dtype: Any) -> Any:
-        from diffusers import AutoencoderKL, HunyuanDiT2DModel
-        from transformers import BertModel, T5EncoderModel
-
-        if key == "transformer":
-            return self.from_source(HunyuanDiT2DModel, key, torch_dtype=dtype)
-        if key == "vae":
-            return self.from_source(AutoencoderKL, key, torch_dtype=dtype)
-        if key == "bert":
-            return self.from_source(BertModel, key, dtype=dtype, add_pooling_layer=False)
-        return self.from_source(T5EncoderModel, key, dtype=dtype)
-
-    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
-        self._load_tokenizers()
-        for key in ("vae", "bert", "mt5"):
-            if key in self.encoders or (only is not None and key not in only):
-                continue
-            self.encoders[key] = self.frozen(self._component(key, self.compute_dtype).to(self.device))
 
     def load_transformer(self) -> Any:
         model = self._component("transformer", self.compute_dtype)
@@ -317,7 +316,7 @@ class HunyuanDiTAdapter(SourceLoader):
         ``logit-normal`` draw u ∈ (0, 1) exactly as σ for flow models and take t = round((T-1)·u)."""
         import torch
 
-        from .. import timesteps
+        from lora_run_native import timesteps
 
         t = self.recipe.train
         if t.timestep_sampling == "uniform":
@@ -423,22 +422,17 @@ class HunyuanDiTAdapter(SourceLoader):
         import torch
         from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 
-        dtype = getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
-        device = pipe._execution_device
-        kwargs: dict[str, Any] = {}
         if text is not None:
-            kwargs.update(prompt_embeds=text["prompt_embeds"].to(device, dtype),
-                          prompt_attention_mask=text["prompt_attention_mask"].to(device),
-                          prompt_embeds_2=text["prompt_embeds_2"].to(device, dtype),
-                          prompt_attention_mask_2=text["prompt_attention_mask_2"].to(device), guidance_scale=1.0)
+            kwargs = self.pipe_text(pipe, text, ("prompt_embeds", "prompt_embeds_2"),
+                                    ("prompt_attention_mask", "prompt_attention_mask_2"))
+            kwargs["guidance_scale"] = 1.0
         else:
-            kwargs.update(prompt=prompt, guidance_scale=guidance)
-        channels = pipe.transformer.config.in_channels
-        noise = torch.randn((1, channels, height // 8, width // 8), generator=torch.Generator("cpu").manual_seed(seed))
+            kwargs = {"prompt": prompt, "guidance_scale": guidance}
+        noise = self.initial_noise(pipe, seed, height, width)
         generator = torch.Generator("cpu").manual_seed(seed)
         scale_lora_layers(pipe.transformer, float(lora_scale))
         try:
-            result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise.to(device, dtype),
+            result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise,
                           generator=generator, output_type="pil", use_resolution_binning=False,
                           original_size=(height, width), **kwargs)
         finally:

@@ -23,8 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
-from .hunyuan_common import SHARED_REASONS, SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
+from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer
+from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
 
 
 #: HunyuanImagePipeline's prompt encoding constants (pipeline_hunyuanimage.py): Qwen template, the number of
@@ -49,7 +50,13 @@ class HunyuanImageAdapter(SourceLoader):
     objective = "flow"
     features = COMMON_FEATURES | FLOW_NO_FLUX_SHIFT | {"fp8"}
     reasons = {
-        **SHARED_REASONS,
+        "guidance": "train.guidance feeds a distilled guidance embedding; HunyuanImage-2.1 (base) has no "
+                    "guidance-embedding input — leave it at 1.0",
+        "timestep_sampling:flux-shift": "flux-shift is FLUX.1-dev's resolution-dependent shift; HunyuanImage-2.1 "
+                                        "samples with a fixed shift (use timestep_sampling = \"shift\" with "
+                                        "train.shift)",
+        "text_encoder_training": "the native backend trains a text-encoder LoRA only on FLUX.1-dev's CLIP-L; "
+                                 "HunyuanImage-2.1's text encoders stay frozen (their outputs are cached)",
         "min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no alphas_cumprod "
                          "(use train.timestep_weighting or the pseudo-huber loss)",
     }
@@ -58,16 +65,20 @@ class HunyuanImageAdapter(SourceLoader):
     lora_formats = ("diffusers", "comfyui", "kohya")   # <name>.safetensors, comfyui/<name>…, kohya/<name>…
     text_encoders = ("qwen", "byt5")
     cache_tag = "hunyuan-image"
-    encoder_sources = (("qwen", "text_encoder", "qwen"), ("byt5", "text_encoder_2", "byt5"))
     trainable_text_encoder = None
     default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"
     file_keys = ("transformer", "vae", "qwen", "byt5")
-    SUBFOLDER = {"transformer": "transformer", "vae": "vae", "qwen": "text_encoder", "byt5": "text_encoder_2"}
-    TOKENIZER_SUBFOLDER = {"qwen_tokenizer": "tokenizer", "byt5_tokenizer": "tokenizer_2"}
     WHAT = {"transformer": "the HunyuanImage-2.1 transformer", "vae": "the 32× autoencoder",
             "qwen": "the Qwen2.5-VL text encoder", "byt5": "the ByT5 glyph encoder",
             "qwen_tokenizer": "the Qwen tokenizer", "byt5_tokenizer": "the ByT5 tokenizer"}
     vae_scale_factor = 32
+    COMPONENTS = {"transformer": ("diffusers", "HunyuanImageTransformer2DModel", "torch_dtype", {}),
+                  "vae": ("diffusers", "AutoencoderKLHunyuanImage", "torch_dtype", {}),
+                  "qwen": ("transformers", "Qwen2_5_VLForConditionalGeneration", "dtype", {}),
+                  "byt5": ("transformers", "T5EncoderModel", "dtype", {})}
+    #: for the memory model (perfmodel.py): 1000 Qwen + 128 ByT5 text tokens travel with the image tokens
+    memory_shape = FamilyShape(17.43e9, 60, 3584, 32, 1000 + 128, 94_000.0, 117_000.0,
+                               mmdit_lora_shapes(20, 40, 3584, 4 * 3584))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -99,7 +110,7 @@ class HunyuanImageAdapter(SourceLoader):
         """The component's config.json from ``source`` (local folder or hub cache), or None."""
         import json
 
-        from .base import is_local_source
+        from lora_run_native.adapters.base import is_local_source
 
         src, sub = self._source(), self.SUBFOLDER[key]
         if src is None:
@@ -122,8 +133,8 @@ class HunyuanImageAdapter(SourceLoader):
         from safetensors.torch import load_file
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, T5Config, T5EncoderModel
 
-        from .. import hunyuan_files as hf
-        from ..flux_files import infer_t5_config
+        from . import files as hf
+        from lora_run_native.single_files import infer_t5_config
 
         path = Path(self.recipe.model.files.get(key))
         if not os.path.isfile(path):
@@ -207,28 +218,8 @@ class HunyuanImageAdapter(SourceLoader):
         if "byt5" not in self.tokenizers:
             self.tokenizers["byt5"] = self.from_source(ByT5Tokenizer, "byt5_tokenizer")
 
-    def _component(self, key: str, dtype: Any) -> Any:
-        from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
-        from transformers import Qwen2_5_VLForConditionalGeneration, T5EncoderModel
-
-        if self.recipe.model.files.get(key) is not None:
-            return self._load_file(key, dtype)
-        if key == "transformer":
-            return self.from_source(HunyuanImageTransformer2DModel, key, torch_dtype=dtype)
-        if key == "vae":
-            return self.from_source(AutoencoderKLHunyuanImage, key, torch_dtype=dtype)
-        if key == "qwen":
-            return self.from_source(Qwen2_5_VLForConditionalGeneration, key, dtype=dtype)
-        return self.from_source(T5EncoderModel, key, dtype=dtype)
-
-    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
-        self._load_tokenizers()
-        for key in ("vae", "qwen", "byt5"):
-            if key in self.encoders or (only is not None and key not in only):
-                continue
-            self.encoders[key] = self.frozen(self._component(key, self.compute_dtype).to(self.device))
-        if "vae" in self.encoders:
-            self.vae_scale_factor = int(self.encoders["vae"].config.spatial_compression_ratio)
+    def vae_factor(self, vae: Any) -> int:
+        return int(vae.config.spatial_compression_ratio)
 
     def load_transformer(self) -> Any:
         model = self._component("transformer", self.compute_dtype)
@@ -304,7 +295,7 @@ class HunyuanImageAdapter(SourceLoader):
         ``diffusion_model.`` layout of the original HunyuanImage modules (fused q/k/v and ``linear1``, scale folded
         in, no alpha), which ComfyUI loads. ``kohya``: sd-scripts' ``lora_unet_`` names with alphas and ``ss_*``
         metadata (``networks.lora_hunyuan_image``), for sd-scripts."""
-        from lora_run_formats import hunyuan_image
+        from . import lora as hunyuan_image
 
         scale = alpha / rank
         if fmt == "diffusers":
@@ -348,26 +339,18 @@ class HunyuanImageAdapter(SourceLoader):
                  height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
         """One image. The base model has no guidance embedding and the pipeline built here has no guider, so
         sampling runs without classifier-free guidance (``guidance`` feeds only a distilled model)."""
-        import torch
-
-        dtype = getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
-        device = pipe._execution_device
-        kwargs: dict[str, Any] = {}
+        device, dtype = self.pipe_placement(pipe)
         if text is not None:
-            kwargs.update(prompt_embeds=text["prompt_embeds"].to(device, dtype),
-                          prompt_embeds_mask=text["prompt_embeds_mask"].to(device),
-                          prompt_embeds_2=text["prompt_embeds_2"].to(device, dtype),
-                          prompt_embeds_mask_2=text["prompt_embeds_mask_2"].to(device))
+            kwargs = self.pipe_text(pipe, text, ("prompt_embeds", "prompt_embeds_2"),
+                                    ("prompt_embeds_mask", "prompt_embeds_mask_2"))
         else:
             # the pipeline's own glyph extraction also quotes with ASCII apostrophes; the ByT5 input is computed
             # here with the reference rule (glyph_text), the same as in training
             embeds_2, mask_2 = glyph_embeds(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
-            kwargs.update(prompt=prompt, prompt_embeds_2=embeds_2.to(device, dtype), prompt_embeds_mask_2=mask_2)
-        channels = pipe.transformer.config.in_channels
-        scale = self.vae_scale_factor
-        noise = torch.randn((1, channels, height // scale, width // scale), generator=torch.Generator("cpu").manual_seed(seed))
+            kwargs = {"prompt": prompt, "prompt_embeds_2": embeds_2.to(device, dtype), "prompt_embeds_mask_2": mask_2}
+        noise = self.initial_noise(pipe, seed, height, width)
         result = pipe(num_inference_steps=steps, height=height, width=width, distilled_guidance_scale=guidance,
-                      latents=noise.to(device, dtype), attention_kwargs={"scale": float(lora_scale)}, output_type="pil",
+                      latents=noise, attention_kwargs={"scale": float(lora_scale)}, output_type="pil",
                       **kwargs)
         return result.images[0]
 
@@ -425,7 +408,7 @@ def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "i
     """Load a HunyuanImage-2.1 LoRA file (our diffusers or ComfyUI format, or a kohya file) into a transformer."""
     from lora_run.errors import OutputError
     from lora_run_formats import load_lora
-    from lora_run_formats.hunyuan_image import comfy_to_diffusers, detect_layout, kohya_to_diffusers
+    from .lora import comfy_to_diffusers, detect_layout, kohya_to_diffusers
 
     try:
         tensors, _ = load_lora(path)

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
+from lora_run_native.adapters.base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
+from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
@@ -46,6 +47,12 @@ class FluxAdapter(ModelAdapter):
     cache_tag = "flux"
     encoder_sources = (("clip", "text_encoder", "clip_l"), ("t5", "text_encoder_2", "t5xxl"))
     vae_scale_factor = 8
+    COMPONENTS = {"transformer": ("diffusers", "FluxTransformer2DModel", "torch_dtype", {}),
+                  "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),
+                  "clip_l": ("transformers", "CLIPTextModel", "dtype", {}),
+                  "t5xxl": ("transformers", "T5EncoderModel", "dtype", {})}
+    #: for the memory model (perfmodel.py); activation bytes per token measured on an H100 (bench/flux_bench.py)
+    memory_shape = FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, mmdit_lora_shapes(19, 38, 3072, 12288))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -140,11 +147,11 @@ class FluxAdapter(ModelAdapter):
                 raise self.error(f"model.files.{key}", f"buffer {name} could not be materialised")
         return model.to(torch.device("cpu"))
 
-    def _load_file_component(self, key: str, dtype: Any) -> Any:
+    def _load_file(self, key: str, dtype: Any) -> Any:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from .. import flux_files as ff
+        from . import files as ff
 
         raw = self._read_file(key)
         name = Path(self.recipe.model.files.get(key)).name
@@ -174,15 +181,7 @@ class FluxAdapter(ModelAdapter):
         except ff.LayoutError as exc:
             raise self.error(f"model.files.{key}", f"{name} does not look like a {WHAT[key]}: {exc}") from None
 
-    def _component(self, key: str, dtype: Any) -> Any:
-        if self.recipe.model.files.get(key) is not None:
-            return self._load_file_component(key, dtype)
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
-        from transformers import CLIPTextModel, T5EncoderModel
-
-        cls = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "clip_l": CLIPTextModel,
-               "t5xxl": T5EncoderModel}[key]
-        kw = {"torch_dtype": dtype} if key in ("transformer", "vae") else {"dtype": dtype}
+    def _from_subfolder(self, cls: Any, key: str, **kw: Any) -> Any:
         return self._from_source(cls, SUBFOLDER[key], key, **kw)
 
     def _load_tokenizers(self) -> None:
@@ -212,18 +211,8 @@ class FluxAdapter(ModelAdapter):
                                  "folder with tokenizer/ and tokenizer_2/ (or a FLUX.1-dev hub id)")
             self.tokenizers[key] = tok
 
-    def load_encoders(self, only: tuple[str, ...] | None = None) -> None:
-        self._load_tokenizers()
-        dtype = self.compute_dtype
-        for key in ("vae", "clip_l", "t5xxl"):
-            if key in self.encoders or (only is not None and key not in only):
-                continue
-            module = self._component(key, dtype).to(self.device)
-            module.requires_grad_(False)
-            module.eval()
-            self.encoders[key] = module
-        if "vae" in self.encoders:
-            self.vae_scale_factor = 2 ** (len(self.encoders["vae"].config.block_out_channels) - 1)
+    def vae_factor(self, vae: Any) -> int:
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     def load_transformer(self) -> Any:
         quiet_libraries()
@@ -310,7 +299,7 @@ class FluxAdapter(ModelAdapter):
                 for k, v in sd.items():
                     out[prefix + k] = v * scale if (".lora_B." in k and scale != 1.0) else v
             return out, {"format": "pt", **metadata}
-        from lora_run_formats.flux import diffusers_to_kohya, kohya_metadata
+        from .lora import diffusers_to_kohya, kohya_metadata
 
         out = diffusers_to_kohya({f"transformer.{k}": v for k, v in transformer_sd.items()}, alpha=alpha, rank=rank)
         if te_sd:
@@ -342,7 +331,7 @@ class FluxAdapter(ModelAdapter):
         converter assumes FLUX.1's full width for the fused ``linear1`` and drops some top-level layers)."""
         from lora_run.errors import OutputError
         from lora_run_formats import detect_format, load_lora
-        from lora_run_formats.flux import kohya_to_diffusers
+        from .lora import kohya_to_diffusers
 
         try:
             tensors, _ = load_lora(path)

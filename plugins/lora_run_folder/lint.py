@@ -1,4 +1,5 @@
-"""Dataset lint (playbook §6: "fix the dataset first"), run by `lora-run check` and before every run.
+"""The dataset lint (playbook §6: "fix the dataset first"): this package's ``lint_dataset`` hook, run by
+`lora-run check` and before every run, for every dataset type.
 
 Errors stop the run before any model loads; warnings and conversions are shown in a table.
 """
@@ -8,61 +9,14 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import attrs
+from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport, training_caption
+from lora_run.files import FileProblem, check_input_file
+from lora_run.schema import Recipe
 
-from .dataset import Item, training_caption
-from .files import FileProblem, check_input_file, printable, shown
 from .images import ImageProblem, open_rgb
-from .schema import Recipe
 
-ERROR, WARNING, INFO = "error", "warning", "info"
 EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
-
-
-@attrs.frozen
-class Finding:
-    level: str
-    code: str
-    message: str
-    file: str = ""
-
-
-@attrs.define
-class LintReport:
-    findings: list[Finding] = attrs.field(factory=list)
-    usable: list[Item] = attrs.field(factory=list)
-    counts: dict[str, int] = attrs.field(factory=dict)
-    dataset_hash: str = ""
-    files: dict[str, dict[str, str]] = attrs.field(factory=dict)   # "subset/name" -> image and caption sha256
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == ERROR]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == WARNING]
-
-    def add(self, level: str, code: str, message: str, file: Path | str = "") -> None:
-        self.findings.append(Finding(level, code, message, str(file)))
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(counts=self.counts, dataset_hash=self.dataset_hash,
-                    findings=[attrs.asdict(f) for f in self.findings])
-
-    def table(self) -> str:
-        """A readable table: one line per finding, errors first."""
-        order = {ERROR: 0, WARNING: 1, INFO: 2}
-        rows = sorted(self.findings, key=lambda f: (order[f.level], f.code, f.file))
-        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
-        lines = [f"dataset: {counts}; {len(self.errors)} error(s), {len(self.warnings)} warning(s)"]
-        if rows:
-            width = max(len(r.level) for r in rows)
-            for r in rows:
-                where = f"{shown(r.file)}: " if r.file else ""
-                lines.append(f"  {r.level.upper():<{width}}  {r.code:<22} {where}{printable(r.message)}")
-        return "\n".join(lines)
 
 
 def file_sha256(path: Path, kind: str) -> str:
@@ -88,10 +42,11 @@ def _dhash(image: Any) -> int:
     return bits
 
 
-def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
-    """Check every image and caption; the usable items are those without an error."""
+def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = None) -> LintReport:
+    """Check every image and caption into ``report``; the usable items are those without an error."""
     d = recipe.dataset
-    report = LintReport()
+    report = report if report is not None else LintReport(usable=list(items))
+    ok_items: list[Item] = []
     trigger = d.trigger.strip()
     subject = [i for i in items if not i.is_reg]
     report.counts = {"subject images": len(subject), "regularisation images": len(items) - len(subject)}
@@ -142,7 +97,9 @@ def lint_dataset(recipe: Recipe, items: list[Item]) -> LintReport:
         report.files[f"{item.subset}/{item.image.name}"] = {"image": sha,
                                                            "caption": hashlib.sha256(caption_bytes).hexdigest()}
         if ok:
-            report.usable.append(item)
+            ok_items.append(item)
+    kept = {id(i) for i in ok_items}
+    report.usable = [i for i in report.usable if id(i) in kept]
     report.dataset_hash = digest.hexdigest()
     if subject and not any(not i.is_reg for i in report.usable) and not report.errors:
         report.add(ERROR, "no-usable-images", "no subject image is usable (see the warnings above)")

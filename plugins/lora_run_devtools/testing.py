@@ -1,0 +1,65 @@
+"""Test helpers for lora-run and for plugin authors (a pytest plugin, loaded through the `pytest11` entry point;
+`lora_run.testing` is another name for it).
+
+Fixtures:
+- ``subject_dataset``: a folder of small captioned images (distinct patterns, trigger ``ohwx``);
+- ``write_recipe``: ``write_recipe(body, name="recipe.toml") -> Path`` in a temp folder, with a
+  ``{dataset}`` placeholder for the subject folder;
+- ``plugins_with``: ``plugins_with(obj, ...)`` loads the installed plugins plus test plugin objects.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (320, 288), trigger: str = "ohwx",
+                captions: bool = True, seed: int = 0, prefix: str = "img") -> list[Path]:
+    """Distinct synthetic RGB images (no near-duplicates) with `<trigger>, ...` captions."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        w, h = size
+        yy, xx = np.mgrid[0:h, 0:w]
+        freq = 2 + i
+        base = np.stack([np.sin(xx / w * freq * np.pi + c) * np.cos(yy / h * (i + 1) * np.pi) for c in range(3)], -1)
+        noise = rng.normal(0, 0.15, size=(h, w, 3))
+        pixels = ((base + noise) * 0.5 + 0.5).clip(0, 1) * 255
+        path = folder / f"{prefix}{i:03d}.png"
+        Image.fromarray(pixels.astype("uint8")).save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(f"{trigger}, a photo number {i}" if trigger else f"a photo {i}",
+                                                encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def subject_dataset(tmp_path: Path) -> Path:
+    folder = tmp_path / "subject"
+    make_images(folder, count=4)
+    return folder
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path, subject_dataset: Path) -> Callable[..., Path]:
+    def write(body: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(body.replace("{dataset}", str(subject_dataset)), encoding="utf-8")
+        return path
+    return write
+
+
+@pytest.fixture
+def plugins_with() -> Callable[..., Any]:
+    from lora_run.plugins import load_plugins
+
+    def load(*objects: Any) -> Any:
+        return load_plugins(extra=objects)
+    return load

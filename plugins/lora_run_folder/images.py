@@ -1,0 +1,103 @@
+"""Opening training images safely: one function used by the lint and by every data pipeline.
+
+Pillow only (no torch). Orientation from EXIF is applied; CMYK, 16-bit, palette and alpha images are
+converted to 8-bit RGB (alpha composited on white), and each conversion is reported.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import attrs
+
+from lora_run.files import FileProblem, check_input_file
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+#: Above this many pixels an image is refused as a possible decompression bomb (a 12k × 12k photo is fine).
+MAX_PIXELS = 150_000_000
+
+
+class ImageProblem(Exception):
+    """The file cannot be used as a training image; the message says why."""
+
+
+@attrs.frozen
+class OpenedImage:
+    image: object  # PIL.Image.Image, RGB
+    notes: tuple[str, ...]
+    original_size: tuple[int, int]
+
+
+def open_rgb(path: Path) -> OpenedImage:
+    """Decode fully and return an 8-bit RGB image, or raise ImageProblem with a clear reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    notes: list[str] = []
+    try:
+        if check_input_file(path, "image").st_size == 0:
+            raise ImageProblem("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if getattr(img, "n_frames", 1) > 1:
+                    notes.append("animated: first frame used")
+                img.load()
+                size = img.size
+                transposed = ImageOps.exif_transpose(img)
+                if transposed is not None and transposed.size != img.size or _has_rotation(img):
+                    notes.append("EXIF orientation applied")
+                img = transposed if transposed is not None else img
+                img = _to_rgb(img, notes)
+                return OpenedImage(img, tuple(notes), size)
+    except ImageProblem:
+        raise
+    except FileProblem as exc:
+        raise ImageProblem(str(exc)) from None
+    except MemoryError:
+        raise ImageProblem("too large to decode in the memory available") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageProblem(f"too many pixels (over {MAX_PIXELS:,}): refused as a possible decompression "
+                           "bomb") from None
+    except UnidentifiedImageError:
+        raise ImageProblem("not an image Pillow can read (wrong extension or corrupt file)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc) or type(exc).__name__
+        if "truncated" in text.lower():
+            raise ImageProblem("truncated image (the file ends early)") from None
+        raise ImageProblem(f"corrupt image: {text}") from None
+
+
+def _has_rotation(img: object) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) not in (1, None)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - broken EXIF is not worth failing over
+        return False
+
+
+def _to_rgb(img: object, notes: list[str]) -> object:
+    from PIL import Image
+
+    mode = img.mode  # type: ignore[attr-defined]
+    if mode == "RGB":
+        return img
+    if mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+        return img.convert("RGB")  # type: ignore[attr-defined]
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        notes.append("16-bit converted to 8-bit")
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype("uint8")).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):  # type: ignore[attr-defined]
+        notes.append("alpha composited on white")
+        rgba = img.convert("RGBA")  # type: ignore[attr-defined]
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "P":
+        notes.append("palette converted to RGB")
+    elif mode in ("I;16N", "F"):
+        notes.append(f"{mode} converted to RGB")
+    return img.convert("RGB")  # type: ignore[attr-defined]

@@ -1,0 +1,52 @@
+"""A family's shape for the native backend's memory model (no torch): each family's adapter carries one as
+``memory_shape``; ``perfmodel`` and ``memory`` read it from there, so no table here names a family."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import attrs
+
+
+@attrs.frozen
+class FamilyShape:
+    params: float               # transformer parameters
+    blocks: int                 # repeated blocks
+    hidden: int
+    latent_factor: int          # pixels per token side (VAE factor × patch)
+    text_tokens: int            # tokens that travel through the blocks with the image tokens
+    act_per_token_compiled: float   # bytes per token per non-checkpointed block (compiled blocks)
+    act_per_token_eager: float      # the same without compile
+    lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
+
+
+def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[str, list[tuple[int, int, int]]]:
+    """(count, in, out) of the linear layers each LoRA preset wraps in diffusers' MMDiT layout (``double``
+    two-stream blocks, ``single`` one-stream blocks; the presets of ``adapters.base.MMDIT_TARGET_PRESETS``)."""
+    h = hidden
+    attention = [(double * 8, h, h), (single * 3, h, h)]
+    mlp = [(double * 2, h, ff), (double * 2, ff, h), (single, h, ff), (single, h + ff, h)]
+    modulation = [(double * 2, h, 6 * h), (single, h, 3 * h)]
+    return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + modulation}
+
+
+class RegisteredShapes(Mapping):
+    """family -> FamilyShape of every installed family whose native adapter declares ``memory_shape``."""
+
+    def _table(self) -> dict[str, FamilyShape]:
+        from .adapters import registered_adapters
+
+        found = {}
+        for family, cls in registered_adapters().items():
+            shape = getattr(cls, "memory_shape", None)
+            if shape is not None:
+                found[family] = shape
+        return found
+
+    def __getitem__(self, family: str) -> FamilyShape:
+        return self._table()[family]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
