@@ -27,13 +27,16 @@ def params(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool)
     return float(blocks + shared)
 
 
-def shape(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool) -> FamilyShape:
+def shape(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool,
+          low_vram_gib: float = 12.0) -> FamilyShape:
     scale = h / 3072
     return FamilyShape(params(h, doubles, singles, text_hidden, guidance), doubles + singles, h, 16, 512,
-                       80_500.0 * scale, 100_000.0 * scale, lora_shapes(h, doubles, singles))
+                       80_500.0 * scale, 100_000.0 * scale, lora_shapes(h, doubles, singles), low_vram_gib)
 
 
-DEV_SHAPE = shape(6144, 8, 48, 5120, True)
+#: [dev]'s smallest plan is for a 24 GB card (fp8 storage, every block checkpointed, as few blocks streamed
+#: from host memory as fit); `memory` (fp8 + checkpointing, no offload) is its 80 GB plan
+DEV_SHAPE = shape(6144, 8, 48, 5120, True, low_vram_gib=22.0)
 KLEIN_9B_SHAPE = shape(4096, 8, 24, 4096, False)
 KLEIN_4B_SHAPE = shape(3072, 5, 20, 2560, False)
 #: `lora-run plan` for [klein] estimates the 9B (the larger; at run time the loaded model's own shape is used)

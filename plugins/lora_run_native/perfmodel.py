@@ -29,6 +29,7 @@ class FamilyShape:
     act_per_token_compiled: float   # bytes per token per non-checkpointed block (compiled blocks)
     act_per_token_eager: float      # the same without compile
     lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
+    low_vram_gib: float = 12.0      # the budget `low-vram` plans for when no GPU is known (`lora-run plan`)
 
 
 def _flux_lora_shapes() -> dict[str, list[tuple[int, int, int]]]:
@@ -61,6 +62,19 @@ SHAPES: dict[str, FamilyShape] = {
     "hunyuan-dit-1.2": FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, _hunyuan_dit_lora_shapes()),
 }
 OVERHEAD_GIB = 0.6
+
+
+def family_shape(family: str) -> FamilyShape | None:
+    """The family's shape: one of ``SHAPES``, else the ``perf_shape`` its native adapter declares (a family
+    plugin brings its own), else None."""
+    if family in SHAPES:
+        return SHAPES[family]
+    from .adapters import adapter_class
+
+    try:
+        return getattr(adapter_class(family), "perf_shape", None)
+    except KeyError:
+        return None
 CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster with graphs, 1024² only 1.03×
 CUDA_GRAPH_MAX_BUCKETS = 4       # each bucket shape records its own graphs (and memory pool)
 
@@ -71,7 +85,7 @@ def shape_of_model(family: str, model: object, lora_parameters: int, rank: int, 
     token scale with the width."""
     from .accel import repeated_blocks
 
-    base = SHAPES[family]
+    base = family_shape(family)
     params = float(sum(p.numel() for p in model.parameters()))   # type: ignore[attr-defined]
     blocks = len(repeated_blocks(model)) or base.blocks
     config = getattr(model, "config", None)
@@ -87,17 +101,17 @@ def shape_of_model(family: str, model: object, lora_parameters: int, rank: int, 
 
 
 def lora_params(family: str, preset: str, rank: int, shape: FamilyShape | None = None) -> int:
-    return sum(n * rank * (i + o) for n, i, o in (shape or SHAPES[family]).lora_shapes[preset])
+    return sum(n * rank * (i + o) for n, i, o in (shape or family_shape(family)).lora_shapes[preset])
 
 
 def tokens(family: str, height: int, width: int, shape: FamilyShape | None = None) -> int:
-    s = shape or SHAPES[family]
+    s = shape or family_shape(family)
     return (height // s.latent_factor) * (width // s.latent_factor) + s.text_tokens
 
 
 def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: int, preset: str,
                       plan: PerfPlan, shape: FamilyShape | None = None) -> float:
-    s = shape or SHAPES[family]
+    s = shape or family_shape(family)
     n_tok = tokens(family, height, width, s) * batch
     offloaded_share = plan.offload_blocks / s.blocks
     weight_bytes = s.params * (1.0 + 4.0 / s.hidden if plan.fp8 else 2.0)
@@ -117,7 +131,7 @@ def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank:
               shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
     `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs."""
-    s = shape or SHAPES[family]
+    s = shape or family_shape(family)
     if mode == "speed":
         # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
         small = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS
@@ -131,7 +145,7 @@ def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank:
                 return plan
         return PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks)
     if mode == "low-vram":
-        budget = budget_gib if budget_gib is not None else 12.0
+        budget = budget_gib if budget_gib is not None else s.low_vram_gib
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=n)
             if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s) <= budget:
