@@ -120,8 +120,12 @@ def build_tiny_flux2(folder: str | Path, variant: str = "klein", *, distilled: b
 
 def write_single_files(folder: str | Path, out: str | Path) -> dict[str, Path]:
     """The model in ``folder`` as single files: ``transformer`` in BFL layout under ``model.diffusion_model.``
-    (``flux2.safetensors``) and the text encoder as one file (``text_encoder.safetensors``)."""
+    (``flux2.safetensors``), the autoencoder in BFL/LDM layout with its batch-norm statistics
+    (``flux2-vae.safetensors``; FLUX.1's LDM writer) and the text encoder as one file
+    (``text_encoder.safetensors``)."""
     from safetensors.torch import load_file, save_file
+
+    from lora_run_native.flux_files import vae_diffusers_to_ldm
 
     from .files import transformer_diffusers_to_bfl
 
@@ -134,7 +138,11 @@ def write_single_files(folder: str | Path, out: str | Path) -> dict[str, Path]:
             sd.update(load_file(str(f)))
         return sd
 
-    paths = {"transformer": out / "flux2.safetensors", "text_encoder": out / "text_encoder.safetensors"}
+    paths = {"transformer": out / "flux2.safetensors", "vae": out / "flux2-vae.safetensors",
+             "text_encoder": out / "text_encoder.safetensors"}
+    vae = read("vae")
+    stats = {k: vae.pop(k) for k in list(vae) if k.startswith("bn.")}
+    save_file({**{k: v.contiguous() for k, v in vae_diffusers_to_ldm(vae).items()}, **stats}, str(paths["vae"]))
     bfl = transformer_diffusers_to_bfl(read("transformer"))
     save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in bfl.items()}, str(paths["transformer"]))
     save_file({k: v.contiguous() for k, v in read("text_encoder").items()}, str(paths["text_encoder"]))
