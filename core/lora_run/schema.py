@@ -37,11 +37,13 @@ class ModelSection:
                                 "hub id may still supply the tokenizers and configs).")
     revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
     version: str | None = option(
-        None, "Hunyuan-DiT only: which release the weights are, `\"1.2\"` (DDPM β 0.00085 → 0.018) or `\"1.1\"` (β → "
+        None, "Which release the weights are. Hunyuan-DiT: `\"1.2\"` (DDPM β 0.00085 → 0.018) or `\"1.1\"` (β → "
         "0.03, style and image-size conditioning). Unset: the model says (its `scheduler/scheduler_config.json` "
         "and transformer config), v1.2 where it says nothing. The noise schedule is the model folder's "
         "`scheduler/scheduler_config.json` when it has one (a `version` given here must agree with it), otherwise "
-        "this version's documented schedule (docs/hunyuan.md). Refused for the other families.")
+        "this version's documented schedule (docs/hunyuan.md). FLUX.2 [klein]: `\"base-4b\"` (default), "
+        "`\"base-9b\"`, `\"4b\"`, `\"9b\"` (distilled) pick the hub id and sampling (docs/flux2.md). Refused for "
+        "families without releases (the families table below lists each family's).")
     files: dict[str, str] = option(factory=dict, doc="`[model.files]`: single-file checkpoints (as ComfyUI and "
                                    "sd-scripts users have them), one file per slot; the slots are the family's own "
                                    "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
