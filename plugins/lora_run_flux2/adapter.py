@@ -28,7 +28,9 @@ from typing import Any, ClassVar
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line,
                                            is_local_source, quiet_libraries)
 
-from .shapes import KLEIN_SHAPE, DEV_SHAPE
+from lora_run_native.adapters.flux import FluxAdapter
+
+from .shapes import DEV_SHAPE, KLEIN_SHAPE
 
 _DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)"]
@@ -62,6 +64,14 @@ class Flux2Adapter(ModelAdapter):
     text_layers: ClassVar[tuple[int, ...]] = ()
     perf_shape: ClassVar[Any] = None
 
+    def __init_subclass__(cls, **kw: Any):
+        """A variant names itself and its text encoder; family, file slots and cache tag follow."""
+        super().__init_subclass__(**kw)
+        te = cls.text_encoders[0]
+        cls.family, cls.cache_tag = f"flux.2-{cls.variant}", f"flux2-{cls.variant}"
+        cls.file_keys = ("transformer", "vae", te)
+        cls.encoder_sources = ((te, "text_encoder", te),)
+
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
         self.tokenizers: dict[str, Any] = {}
@@ -91,29 +101,23 @@ class Flux2Adapter(ModelAdapter):
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
         problems = super().check_sources()
         m = self.recipe.model
+        given = {k for k in self.file_keys if m.files.get(k) is not None}
         if m.source is None:
-            for key in self.file_keys:
-                if m.files.get(key) is None:
-                    problems.append((("model", "files", key), "is required when [model.source] is not set (or set "
-                                     f"[model.source] to a {self.family} diffusers folder / hub id that provides it)"))
-        elif is_local_source(m.source) and os.path.isdir(m.source):
-            src = Path(m.source)
-            for key in self.file_keys:
-                if m.files.get(key) is None and not os.path.isdir(src / SUBFOLDER[key]):
-                    problems.append((("model", "source"), f"{src} has no {SUBFOLDER[key]}/ folder (the {WHAT[key]}); "
-                                     f"it is not a {self.family} diffusers folder — or give [model.files.{key}]"))
-            if not os.path.isdir(src / "tokenizer"):
-                problems.append((("model", "source"), f"{src} has no tokenizer/ folder (the {WHAT[self.te]}'s "
-                                 "tokenizer)"))
-            index = src / "model_index.json"
-            if index.is_file():
-                try:
-                    name = json.loads(index.read_text("utf-8")).get("_class_name")
-                except (OSError, ValueError):
-                    name = None
-                if name and name not in self.pipeline_names:
-                    problems.append((("model", "source"), f"{src} holds a {name}, not a {self.family} model "
-                                     f"({' or '.join(self.pipeline_names)}); set [model] family accordingly"))
+            why = (f"is required when [model.source] is not set (or set [model.source] to a {self.family} diffusers "
+                   "folder / hub id that provides it)")
+            return problems + [(("model", "files", k), why) for k in self.file_keys if k not in given]
+        if not (is_local_source(m.source) and os.path.isdir(m.source)):
+            return problems
+        folder = Path(m.source)
+        wanted = {SUBFOLDER[k]: f"the {WHAT[k]}" for k in self.file_keys if k not in given}
+        wanted["tokenizer"] = f"the {WHAT[self.te]}'s tokenizer"
+        problems += [(("model", "source"), f"{folder} has no {sub}/ folder ({what}); it is not a {self.family} "
+                      "diffusers folder, or give that component in [model.files]")
+                     for sub, what in wanted.items() if not (folder / sub).is_dir()]
+        name = (self._source_config("", "model_index.json") or {}).get("_class_name")
+        if name and name not in self.pipeline_names:
+            problems.append((("model", "source"), f"{folder} holds a {name}, not a {self.family} model "
+                             f"({' or '.join(self.pipeline_names)}); set [model] family accordingly"))
         return problems
 
     pipeline_names: ClassVar[tuple[str, ...]] = ()
@@ -140,81 +144,94 @@ class Flux2Adapter(ModelAdapter):
         except Exception:  # noqa: BLE001 - callers fall back (inferred config) or say what is missing
             return None
 
-    def _read_file(self, key: str) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        path = Path(self.recipe.model.files.get(key))
-        if not os.path.isfile(path):
-            raise self.error(f"model.files.{key}", f"file not found: {path}")
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise self.error(f"model.files.{key}", f"{path.name} is not a readable safetensors file ({exc})") from None
+    #: reading a `[model.files]` safetensors file, errors naming the key: FLUX.1's
+    _read_file = FluxAdapter._read_file
 
     def _instantiate(self, build: Any, state: dict[str, Any], key: str, dtype: Any, *, strict: bool = True) -> Any:
-        """A model built without initialising weights, ``state`` loaded into it (names the file on mismatch)."""
-        import torch
+        """A model built on the meta device with ``state`` assigned to it; what does not fit names the file.
+        Tensors the model does not have are an error for the diffusers components (``strict``); a text-encoder
+        file may carry extra heads, and its ``lm_head`` may be tied to the input embedding."""
         from accelerate import init_empty_weights
 
         from .files import match_prefix
 
-        with init_empty_weights():
-            model = build()
-        own = model.state_dict()
-        state = match_prefix(state, own)
-        missing = [k for k in own if k not in state]
-        tied = {k for k in missing if k.endswith("lm_head.weight")}      # tied to the input embedding
-        missing = [k for k in missing if k not in tied]
-        unexpected = [k for k in state if k not in own]
-        shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         name = Path(self.recipe.model.files.get(key)).name
         if any(k.endswith(("scale_weight", "weight_scale", "scale_input")) for k in state):
             raise self.error(f"model.files.{key}", f"{name} stores scaled-fp8 weights (ComfyUI's *_fp8 files); "
                              "give the bf16/fp16 file or load this component from [model.source] "
                              "(base_precision = \"fp8\" stores the weights in fp8 after loading)")
-        if missing or shape or (strict and unexpected):
-            detail = (f"missing {missing[:3]}" if missing else f"shape mismatch at {shape[:3]}" if shape
-                      else f"unexpected {unexpected[:3]}")
+        import torch
+
+        with init_empty_weights():
+            model = build()
+        own = model.state_dict()
+        state = match_prefix(state, own)
+        for k in own:                             # batch-norm step counters: not in every file
+            if k.endswith("num_batches_tracked") and k not in state:
+                state[k] = torch.tensor(0)
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+        try:
+            report = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:               # size mismatches
+            raise self.error(f"model.files.{key}", f"{name} does not match the {WHAT[key]} config "
+                             f"({first_line(exc)})") from None
+        missing = [k for k in report.missing_keys if not k.endswith("lm_head.weight")]
+        extra = list(report.unexpected_keys) if strict else []
+        if missing or extra:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
             raise self.error(f"model.files.{key}", f"{name} does not match the {WHAT[key]} config ({detail})")
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in own}
-        model.load_state_dict(state, strict=False, assign=True)
-        if tied and hasattr(model, "tie_weights"):
+        if len(missing) != len(report.missing_keys):
             model.tie_weights()
-        for bname, buf in list(model.named_buffers()):
-            if buf.device.type == "meta":        # rotary tables etc.: recomputed on a real device
-                raise self.error(f"model.files.{key}", f"buffer {bname} could not be materialised")
-        return model.to(torch.device("cpu"))
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        if leftover:
+            raise self.error(f"model.files.{key}", f"{name}: {leftover[0]} could not be materialised")
+        return model.to("cpu")
 
     def _load_file_component(self, key: str, dtype: Any) -> Any:
-        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+        """A ``[model.files]`` component: its tensors in diffusers/transformers names and a builder of the
+        model from its config (``_file_transformer`` / ``_file_vae`` / ``_file_encoder``)."""
+        from .files import LayoutError
 
-        from . import files
-
-        raw = self._read_file(key)
-        name = Path(self.recipe.model.files.get(key)).name
+        reader = getattr(self, "_file_encoder" if key == self.te else f"_file_{key}")
+        file_name = Path(self.recipe.model.files.get(key)).name
         try:
-            if key == "transformer":
-                state = files.transformer_bfl_to_diffusers(raw)
-                config = self._source_config("transformer") or files.infer_transformer_config(state)
-                return self._instantiate(lambda: Flux2Transformer2DModel.from_config(config), state, key, dtype)
-            if key == "vae":
-                config = self._source_config("vae") or dict(AutoencoderKLFlux2.load_config(
-                    self.hub_id(), subfolder="vae", **self.source_kwargs()))
-                state = files.vae_ldm_to_diffusers(raw, config)
-                return self._instantiate(lambda: AutoencoderKLFlux2.from_config(config), state, key, dtype)
-        except files.LayoutError as exc:
-            raise self.error(f"model.files.{key}", f"{name} does not look like a {WHAT[key]}: {exc}") from None
-        except OSError as exc:                    # no config for the VAE anywhere
-            raise self.error(f"model.files.{key}", f"{name}: its config comes from [model.source] or "
-                             f"{self.hub_id()} ({first_line(exc)}){self.cache_hint()}") from None
+            build, tensors, strict = reader(self._read_file(key), file_name)
+        except LayoutError as exc:
+            raise self.error(f"model.files.{key}", f"{file_name} does not look like a {WHAT[key]}: {exc}") from None
+        return self._instantiate(build, tensors, key, dtype, strict=strict)
+
+    def _file_transformer(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:
+        from diffusers import Flux2Transformer2DModel
+
+        from .files import infer_transformer_config, transformer_bfl_to_diffusers
+
+        tensors = transformer_bfl_to_diffusers(raw)
+        config = self._source_config("transformer") or infer_transformer_config(tensors)
+        return (lambda: Flux2Transformer2DModel.from_config(config)), tensors, True
+
+    def _file_vae(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:
+        from diffusers import AutoencoderKLFlux2
+
+        from .files import vae_ldm_to_diffusers
+
+        config = self._source_config("vae")
+        if config is None:
+            try:
+                config = dict(AutoencoderKLFlux2.load_config(self.hub_id(), subfolder="vae", **self.source_kwargs()))
+            except OSError as exc:               # no config anywhere
+                raise self.error("model.files.vae", f"{file_name}: its config comes from [model.source] or "
+                                 f"{self.hub_id()} ({first_line(exc)}){self.cache_hint()}") from None
+        return (lambda: AutoencoderKLFlux2.from_config(config)), vae_ldm_to_diffusers(raw, config), True
+
+    def _file_encoder(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:
         config = self._source_config("text_encoder")
         if config is None:
-            raise self.error(f"model.files.{key}", f"{name}: the {WHAT[key]}'s config comes from [model.source]'s "
-                             f"text_encoder/config.json (or the hub model {self.hub_id()}), which could not be "
-                             f"read{self.cache_hint()}")
+            raise self.error(f"model.files.{self.te}", f"{file_name}: the {WHAT[self.te]}'s config comes from "
+                             f"[model.source]'s text_encoder/config.json (or the hub model {self.hub_id()}), which "
+                             f"could not be read{self.cache_hint()}")
         cls, config_cls = self._encoder_classes()
         cfg = config_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-        return self._instantiate(lambda: cls(cfg), raw, key, dtype, strict=False)
+        return (lambda: cls(cfg)), raw, False
 
     def _encoder_classes(self) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -254,17 +271,10 @@ class Flux2Adapter(ModelAdapter):
                 continue
             if key == self.te:
                 self._load_tokenizer()
-            module = self._component(key, dtype).to(self.device)
-            module.requires_grad_(False)
-            module.eval()
-            self.encoders[key] = module
+            self.encoders[key] = self._component(key, dtype).to(self.device).requires_grad_(False).eval()
 
-    def load_transformer(self) -> Any:
-        quiet_libraries()
-        model = self._component("transformer", self.compute_dtype)
-        model.requires_grad_(False)
-        self.guidance_embeds = bool(model.config.guidance_embeds)
-        return model
+    #: the transformer from `_component`, frozen, its `guidance_embeds` noted: FLUX.1's
+    load_transformer = FluxAdapter.load_transformer
 
     # --------------------------------------------------------------------------------------- encoding
     def encode_images(self, pixels: Any) -> Any:
@@ -290,6 +300,12 @@ class Flux2Adapter(ModelAdapter):
         return out
 
     def _embed(self, captions: list[str]) -> Any:
+        """diffusers' own prompt encoder of the variant's pipeline (``_encoder_call``), on our loaded parts."""
+        encode, extra = self._encoder_call()
+        return encode(self.encoders[self.te], self.tokenizers[self.te], captions, device=self.device,
+                      max_sequence_length=self.max_sequence_length, hidden_states_layers=self.text_layers, **extra)
+
+    def _encoder_call(self) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------------- objective
@@ -416,12 +432,8 @@ class Flux2Adapter(ModelAdapter):
 class Flux2KleinAdapter(Flux2Adapter):
     """FLUX.2 [klein] 4B/9B, base or distilled: Qwen3 text encoder, no guidance embedding."""
 
-    family = "flux.2-klein"
     variant = "klein"
     text_encoders = ("qwen3",)
-    file_keys = ("transformer", "vae", "qwen3")
-    encoder_sources = (("qwen3", "text_encoder", "qwen3"),)
-    cache_tag = "flux2-klein"
     text_layers = (9, 18, 27)
     pipeline_names = ("Flux2KleinPipeline",)
     perf_shape = KLEIN_SHAPE
@@ -461,12 +473,10 @@ class Flux2KleinAdapter(Flux2Adapter):
 
         return Qwen3ForCausalLM, Qwen3Config
 
-    def _embed(self, captions: list[str]) -> Any:
+    def _encoder_call(self) -> tuple[Any, dict[str, Any]]:
         from diffusers import Flux2KleinPipeline
 
-        return Flux2KleinPipeline._get_qwen3_prompt_embeds(
-            self.encoders[self.te], self.tokenizers[self.te], captions, device=self.device,
-            max_sequence_length=self.max_sequence_length, hidden_states_layers=self.text_layers)
+        return Flux2KleinPipeline._get_qwen3_prompt_embeds, {}
 
     def _pipeline(self, **parts: Any) -> Any:
         from diffusers import Flux2KleinPipeline
@@ -480,13 +490,9 @@ class Flux2KleinAdapter(Flux2Adapter):
 class Flux2DevAdapter(Flux2Adapter):
     """FLUX.2 [dev] (32 B): Mistral-3 text encoder, distilled guidance embedding."""
 
-    family = "flux.2-dev"
     variant = "dev"
     features = Flux2Adapter.features | {"guidance"}
     text_encoders = ("mistral",)
-    file_keys = ("transformer", "vae", "mistral")
-    encoder_sources = (("mistral", "text_encoder", "mistral"),)
-    cache_tag = "flux2-dev"
     text_layers = (10, 20, 30)
     pipeline_names = ("Flux2Pipeline",)
     perf_shape = DEV_SHAPE
@@ -506,14 +512,11 @@ class Flux2DevAdapter(Flux2Adapter):
 
         return AutoProcessor
 
-    def _embed(self, captions: list[str]) -> Any:
+    def _encoder_call(self) -> tuple[Any, dict[str, Any]]:
         from diffusers import Flux2Pipeline
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-        return Flux2Pipeline._get_mistral_3_small_prompt_embeds(
-            self.encoders[self.te], self.tokenizers[self.te], captions, device=self.device,
-            max_sequence_length=self.max_sequence_length, system_message=SYSTEM_MESSAGE,
-            hidden_states_layers=self.text_layers)
+        return Flux2Pipeline._get_mistral_3_small_prompt_embeds, {"system_message": SYSTEM_MESSAGE}
 
     def _pipeline(self, **parts: Any) -> Any:
         from diffusers import Flux2Pipeline

@@ -81,8 +81,8 @@ def diffusers_modules(module: str) -> list[str]:
     raise FormatError(f"{module}: not a FLUX.2 module this converter knows")
 
 
-def _fused(state_dict: Mapping[str, Any], scale: float) -> dict[str, tuple[Any, Any]]:
-    """{BFL module: (down, up)} with ``scale`` (alpha/rank) not applied; q/k/v fused block-diagonally."""
+def _fused(state_dict: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{BFL module: (down, up)} without the scale; q/k/v fused block-diagonally."""
     import torch
 
     out: dict[str, tuple[Any, Any]] = {}
@@ -111,7 +111,7 @@ def diffusers_to_kohya(state_dict: Mapping[str, Any], *, alpha: float, rank: int
     import torch
 
     out: dict[str, Any] = {}
-    for name, (down, up) in _fused(state_dict, alpha / rank).items():
+    for name, (down, up) in _fused(state_dict).items():
         key = KOHYA_PREFIX + name.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down
         out[f"{key}.lora_up.weight"] = up
@@ -124,7 +124,7 @@ def diffusers_to_comfyui(state_dict: Mapping[str, Any], *, alpha: float, rank: i
     scale folded into the weights (no alpha keys: ComfyUI, diffusers and diffusion-pipe read it at scale 1)."""
     s_down, s_up = _split_scale(alpha / rank)
     out: dict[str, Any] = {}
-    for name, (down, up) in _fused(state_dict, alpha / rank).items():
+    for name, (down, up) in _fused(state_dict).items():
         out[f"{COMFY_PREFIX}{name}.lora_A.weight"] = down * s_down
         out[f"{COMFY_PREFIX}{name}.lora_B.weight"] = up * s_up
     return out
@@ -149,34 +149,34 @@ def _kohya_module(flat: str) -> str:
 def to_diffusers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """A FLUX.2 kohya or ComfyUI LoRA → ``transformer.<module>.lora_A/B.weight`` with the scale folded in.
     A fused q/k/v is split exactly: each part keeps the columns of the shared down matrix its block of the up
-    matrix uses (all of them for a LoRA trained fused)."""
+    matrix uses (all of them for a LoRA trained fused). Pairs are checked by the FLUX.1 module's parser."""
     import torch
 
-    grouped: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, Any] = {}
+    alphas: dict[str, float] = {}
     for key, value in state_dict.items():
-        m = _KOHYA_KEY.match(key)
-        if m:
-            grouped.setdefault(_kohya_module(m["module"]), {})[m["which"].split(".")[0]] = value
-            continue
-        m = _COMFY_KEY.match(key)
-        if m is None:
+        kohya = _KOHYA_KEY.match(key)
+        comfy = None if kohya else _COMFY_KEY.match(key)
+        if kohya is None and comfy is None:
             raise FormatError(f"{key}: not a FLUX.2 kohya (lora_unet_…) or ComfyUI (diffusion_model.…) LoRA key")
-        diffusers_modules(m["module"])
-        grouped.setdefault(m["module"], {})["lora_down" if m["which"] == "lora_A" else "lora_up"] = value
+        if kohya is not None:
+            module = _kohya_module(kohya["module"])
+            if kohya["which"] == "alpha":
+                alphas[module] = float(value.item())
+                continue
+            side = "lora_A" if kohya["which"].startswith("lora_down") else "lora_B"
+        else:
+            module, side = comfy["module"], comfy["which"]
+            diffusers_modules(module)
+        pairs[f"{module}.{side}.weight"] = value
     out: dict[str, Any] = {}
-    for module, entry in sorted(grouped.items()):
-        if "lora_down" not in entry or "lora_up" not in entry:
-            raise FormatError(f"{module}: needs both a down (lora_A) and an up (lora_B) weight")
-        down, up = entry["lora_down"], entry["lora_up"]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise FormatError(f"{module}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a LoRA")
-        scale = float(entry["alpha"].item()) / down.shape[0] if "alpha" in entry else 1.0
-        s_down, s_up = _split_scale(scale)
+    for (_, module), pair in sorted(_diffusers_modules(pairs).items()):
+        down, up = pair["A"], pair["B"]
+        s_down, s_up = _split_scale(alphas.get(module, down.shape[0]) / down.shape[0])
         targets = diffusers_modules(module)
-        pieces = torch.chunk(up, len(targets), dim=0) if len(targets) > 1 else (up,)
-        if len(targets) > 1 and up.shape[0] % len(targets):
-            raise FormatError(f"{module}: up has {up.shape[0]} rows, not three equal q/k/v parts")
-        for target, piece in zip(targets, pieces):
+        if up.shape[0] % len(targets):
+            raise FormatError(f"{module}: up has {up.shape[0]} rows, not {len(targets)} equal parts")
+        for target, piece in zip(targets, torch.chunk(up, len(targets), dim=0)):
             cols = piece.ne(0).any(dim=0)
             a, b = (down, piece) if bool(cols.all()) or not bool(cols.any()) else (down[cols], piece[:, cols])
             out[f"transformer.{target}.lora_A.weight"] = (a * s_down).contiguous()

@@ -12,56 +12,11 @@ from pathlib import Path
 
 import pytest
 
-RECIPE = """
-[model]
-family = "{family}"
-source = "{model}"
-offline = true
+from tests.native.conftest import BASE_RECIPE
 
-[dataset]
-path = "{dataset}"
-trigger = "ohwx"
-resolution = 64
-bucket_min = 64
-bucket_max = 96
-bucket_step = 16
-min_images = 1
-
-[lora]
-rank = 4
-alpha = 4.0
-targets = "all-linear"
-
-[optimizer]
-name = "adamw"
-lr = 1e-3
-
-[scheduler]
-name = "constant"
-
-[train]
-steps = {steps}
-batch_size = 1
-mixed_precision = "no"
-gradient_checkpointing = false
-seed = 7
-
-[eval]
-enabled = false
-
-[output]
-name = "tiny"
-save_precision = "fp32"
-formats = ["kohya", "diffusers", "comfyui"]
-
-[backend]
-name = "native"
-
-[backend.native]
-text_max_length = 16
-progress_bar = false
-tensorboard = false
-"""
+#: the native tests' tiny-model recipe, on a FLUX.2 family, writing every LoRA format
+RECIPE = BASE_RECIPE.replace('family = "flux.1-dev"', 'family = "{family}"').replace(
+    'save_precision = "fp32"', 'save_precision = "fp32"\nformats = ["kohya", "diffusers", "comfyui"]')
 
 
 def _installed() -> bool:
@@ -126,5 +81,6 @@ def dataset(tmp_path) -> Path:
 
 
 def write_recipe(path: Path, family: str, model: Path, dataset: Path, steps: int = 2, extra: str = "") -> Path:
-    path.write_text(RECIPE.format(family=family, model=model, dataset=dataset, steps=steps) + extra, encoding="utf-8")
+    body = RECIPE.replace("{family}", family).replace("{model}", str(model)).replace("{dataset}", str(dataset))
+    path.write_text(body.replace("{length}", f"steps = {steps}") + extra, encoding="utf-8")
     return path
