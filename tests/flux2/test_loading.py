@@ -104,3 +104,16 @@ def test_without_source_every_file_is_required(klein_files):
     problems = _adapter(None, {"transformer": klein_files["transformer"].parent / "missing.safetensors",
                                "vae": klein_files["vae"], "qwen3": klein_files["text_encoder"]}).check_sources()
     assert [(key, why.startswith("file not found")) for key, why in problems] == [(("model", "files", "transformer"), True)]
+
+
+def test_empty_prompt_for_cfg_samples_without_a_loaded_encoder(tiny_klein):
+    """Base [klein] samples use CFG with the empty prompt: with every caption cached (no encoder loaded) it is
+    encoded on demand, on the CPU, and the encoder leaves again."""
+    import torch
+
+    fresh = _adapter(tiny_klein, {})
+    negative = fresh._negative()["prompt_embeds"]
+    assert fresh.encoders == {}
+    reference = _adapter(tiny_klein, {})
+    reference.load_encoders(only=("qwen3",))
+    assert torch.allclose(negative, reference._embed([""]), atol=1e-6)
