@@ -271,7 +271,21 @@ class Flux2Adapter(ModelAdapter):
                 continue
             if key == self.te:
                 self._load_tokenizer()
-            self.encoders[key] = self._component(key, dtype).to(self.device).requires_grad_(False).eval()
+                module = self._component(key, dtype)
+            else:
+                module = self.vae_with_fp32_stats(dtype)
+            self.encoders[key] = module.to(self.device).requires_grad_(False).eval()
+
+    def vae_with_fp32_stats(self, dtype: Any) -> Any:
+        """The VAE in ``dtype`` with its batch-norm statistics kept in float32, as the reference reads them
+        (before it casts the VAE) — in bf16 they would lose all but ~3 significant digits."""
+        import torch
+
+        vae = self._component("vae", torch.float32)
+        mean, var = vae.bn.running_mean.clone(), vae.bn.running_var.clone()
+        vae = vae.to(dtype)
+        vae.bn.running_mean, vae.bn.running_var = mean, var
+        return vae
 
     #: the transformer from `_component`, frozen, its `guidance_embeds` noted: FLUX.1's
     load_transformer = FluxAdapter.load_transformer

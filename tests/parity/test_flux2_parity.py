@@ -116,6 +116,20 @@ def test_latents_are_patchified_then_batch_normalised(klein):
     assert torch.allclose(latents.denormalise(ours, vae), z, atol=1e-5)
 
 
+def test_batch_norm_statistics_stay_float32_under_bf16(klein):
+    """The reference reads the statistics from the fp32 VAE before casting it to the training dtype."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    adapter = adapter_for("klein", klein)
+    vae = adapter.vae_with_fp32_stats(torch.bfloat16)
+    exact = AutoencoderKLFlux2.from_pretrained(klein, subfolder="vae").bn
+    assert vae.dtype == torch.bfloat16 and vae.bn.running_mean.dtype == torch.float32
+    assert torch.equal(vae.bn.running_var, exact.running_var)
+    cast = AutoencoderKLFlux2.from_pretrained(klein, subfolder="vae", torch_dtype=torch.bfloat16).bn   # planted
+    assert not torch.equal(cast.running_var.float(), exact.running_var)
+
+
 def test_patchify_matches_the_pipeline_helpers():
     import torch
     from diffusers import Flux2KleinPipeline
