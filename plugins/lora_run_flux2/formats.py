@@ -18,6 +18,9 @@ BFL module                                   diffusers module (``transformer.`` 
 ``double_stream_modulation_{img,txt}.lin``   ``double_stream_modulation_{img,txt}.linear``
 ``single_stream_modulation.lin``             ``single_stream_modulation.linear``
 ``img_in``, ``txt_in``                       ``x_embedder``, ``context_embedder``
+``time_in.*``, ``guidance_in.*``             ``time_guidance_embed.{timestep,guidance}_embedder.linear_{1,2}``
+``final_layer.linear``                       ``proj_out``
+``final_layer.adaLN_modulation.1``           ``norm_out.linear`` (shift/scale halves swapped)
 ===========================================  ====================================================
 
 Fusing q/k/v is exact: the fused down matrix stacks the three ``A`` (rank 3r), the up matrix is
@@ -30,7 +33,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from lora_run_formats.flux import FormatError, _diffusers_modules, _split_scale, kohya_metadata
+from lora_run_formats.flux import FormatError, _diffusers_modules, _split_scale, _swap_halves, kohya_metadata
 
 KOHYA_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."
@@ -42,7 +45,15 @@ SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
 TOP = {"double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
        "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
        "single_stream_modulation.lin": "single_stream_modulation.linear",
-       "img_in": "x_embedder", "txt_in": "context_embedder"}
+       "img_in": "x_embedder", "txt_in": "context_embedder",
+       "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+       "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+       "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+       "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+       "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+#: BFL's final modulation is (shift, scale), diffusers' ``norm_out.linear`` (scale, shift): the up matrix's
+#: halves swap (diffusers' own FLUX.2 LoRA readers do not swap them: give diffusers the diffusers file)
+SWAPPED = {"final_layer.adaLN_modulation.1"}
 
 _QKV_PART = {part: (name, i) for name, parts in QKV.items() for i, part in enumerate(parts)}
 _DOUBLE_REV = {v: k for k, v in DOUBLE.items()}
@@ -92,7 +103,7 @@ def _fused(state_dict: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
             raise FormatError(f"{component}.{module}: FLUX.2 LoRAs carry no text-encoder part")
         name, index, count = bfl_module(module)
         if count == 1:
-            out[name] = (pair["A"], pair["B"])
+            out[name] = (pair["A"], _swap_halves(pair["B"]) if name in SWAPPED else pair["B"])
         else:
             parts.setdefault(name, [None] * count)[index] = pair
     for name, pairs in parts.items():
@@ -174,6 +185,7 @@ def to_diffusers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         down, up = pair["A"], pair["B"]
         s_down, s_up = _split_scale(alphas.get(module, down.shape[0]) / down.shape[0])
         targets = diffusers_modules(module)
+        up = _swap_halves(up) if module in SWAPPED else up
         if up.shape[0] % len(targets):
             raise FormatError(f"{module}: up has {up.shape[0]} rows, not {len(targets)} equal parts")
         for target, piece in zip(targets, torch.chunk(up, len(targets), dim=0)):

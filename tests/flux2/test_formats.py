@@ -30,13 +30,13 @@ mixed_precision = "no"
     return adapter_class("flux.2-klein")(recipe)
 
 
-def trained_lora(adapter, targets):
+def trained_lora(adapter, targets, modules=()):
     """A transformer with a LoRA whose A and B are both random (as after training); its peft state dict."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
     transformer = adapter.load_transformer()
-    names = adapter.lora_target_modules(transformer, targets, [])
+    names = adapter.lora_target_modules(transformer, targets, list(modules))
     adapter.inject_lora(transformer, names, rank=4, alpha=2.0, dropout=0.0, init="default")
     torch.manual_seed(3)
     for name, p in transformer.named_parameters():
@@ -107,11 +107,13 @@ def test_diffusers_flux2_loader_loads_our_files(fmt, targets, tiny_klein, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui", "diffusers"])
 def test_our_reader_is_exact_for_every_format(fmt, tiny_klein, tmp_path):
-    """all-linear, modulation layers included (diffusers' kohya reader drops those; ours keeps them)."""
+    """Every Linear of the transformer (modulation, embedders and the output layers included; diffusers' kohya
+    reader drops some of those, ours keeps them)."""
     from lora_run_formats import save_lora
 
     adapter = _adapter(tiny_klein)
-    _, names, state = trained_lora(adapter, "all-linear")
+    _, names, state = trained_lora(adapter, "all-linear", modules=[r".*"])
+    assert "norm_out.linear" in names and "proj_out" in names and "x_embedder" in names
     tensors, meta = adapter.lora_files(fmt, state, {}, rank=4, alpha=2.0, te_rank=None, metadata={})
     path = save_lora(tmp_path / f"{fmt}.safetensors", tensors, meta)
     pipe = _pipe(adapter)
@@ -135,11 +137,11 @@ def test_unknown_module_is_refused_with_its_name():
 
     from lora_run_flux2.formats import FormatError, diffusers_to_kohya, to_diffusers
 
-    with pytest.raises(FormatError, match="norm_out.linear"):
-        diffusers_to_kohya({"transformer.norm_out.linear.lora_A.weight": torch.zeros(2, 4),
-                            "transformer.norm_out.linear.lora_B.weight": torch.zeros(4, 2)}, alpha=2, rank=2)
-    with pytest.raises(FormatError, match="lora_unet_final_layer"):
-        to_diffusers({"lora_unet_final_layer_linear.lora_down.weight": torch.zeros(2, 4)})
+    with pytest.raises(FormatError, match="pos_embed"):
+        diffusers_to_kohya({"transformer.pos_embed.lora_A.weight": torch.zeros(2, 4),
+                            "transformer.pos_embed.lora_B.weight": torch.zeros(4, 2)}, alpha=2, rank=2)
+    with pytest.raises(FormatError, match="lora_unet_vector_in"):
+        to_diffusers({"lora_unet_vector_in_in_layer.lora_down.weight": torch.zeros(2, 4)})
 
 
 @pytest.mark.slow
@@ -167,3 +169,39 @@ def test_evaluation_generation_applies_the_lora_at_its_strength(fmt, tiny_klein,
     assert np.abs(pixels["off"] - pixels["base"]).max() <= 1
     assert np.abs(pixels["on"] - pixels["base"]).max() > 1
     assert np.array_equal(pixels["on"], pixels["on-again"])
+
+
+def test_kohya_and_comfyui_deltas_are_the_bfl_model_layout(tiny_klein):
+    """Every module's ΔW in our kohya/ComfyUI file equals the trained ΔW carried into BFL's layout by the
+    model's own diffusers → BFL conversion (q/k/v stacked, the final modulation's halves swapped)."""
+    import torch
+
+    from lora_run_flux2.files import transformer_diffusers_to_bfl
+
+    adapter = _adapter(tiny_klein)
+    _, _, state = trained_lora(adapter, "all-linear", modules=[r".*"])
+    expected = transformer_diffusers_to_bfl({f"{m}.weight": d for m, d in expected_deltas(state, 0.5).items()})
+
+    def kohya_deltas(tensors):
+        out = {}
+        for key, down in tensors.items():
+            if key.endswith(".lora_down.weight"):
+                base = key[:-len(".lora_down.weight")]
+                scale = float(tensors[f"{base}.alpha"]) / down.shape[0]
+                out[base] = scale * tensors[f"{base}.lora_up.weight"] @ down
+        return out
+
+    kohya, _ = adapter.lora_files("kohya", state, {}, rank=4, alpha=2.0, te_rank=None, metadata={})
+    comfy, _ = adapter.lora_files("comfyui", state, {}, rank=4, alpha=2.0, te_rank=None, metadata={})
+    ours = kohya_deltas(kohya)
+    comfy_deltas = {k[len("diffusion_model."):-len(".lora_A.weight")]: comfy[k.replace("lora_A", "lora_B")] @ v
+                    for k, v in comfy.items() if k.endswith(".lora_A.weight")}
+    assert len(ours) == len(expected) == len(comfy_deltas)
+    for key, delta in expected.items():
+        module = key[:-len(".weight")]
+        assert torch.allclose(ours["lora_unet_" + module.replace(".", "_")], delta, atol=1e-6), module
+        assert torch.allclose(comfy_deltas[module], delta, atol=1e-6), module
+    # planted: without the swap the final modulation would not match the model's layout
+    final = expected["final_layer.adaLN_modulation.1.weight"]
+    half = final.shape[0] // 2
+    assert not torch.allclose(torch.cat([final[half:], final[:half]]), final, atol=1e-6)
