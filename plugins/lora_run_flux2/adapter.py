@@ -215,12 +215,16 @@ class Flux2Adapter(ModelAdapter):
         from .files import vae_ldm_to_diffusers
 
         config = self._source_config("vae")
-        if config is None:
+        if config is None and self.recipe.model.source != self.hub_id():
             try:
                 config = dict(AutoencoderKLFlux2.load_config(self.hub_id(), subfolder="vae", **self.source_kwargs()))
-            except OSError as exc:               # no config anywhere
-                raise self.error("model.files.vae", f"{file_name}: its config comes from [model.source] or "
-                                 f"{self.hub_id()} ({first_line(exc)}){self.cache_hint()}") from None
+            except Exception:  # noqa: BLE001 - not cached / no network: diffusers' defaults are FLUX.2's VAE
+                config = None
+        if config is None:                        # diffusers' defaults describe FLUX.2's autoencoder
+            import inspect
+
+            config = {name: p.default for name, p in inspect.signature(AutoencoderKLFlux2.__init__).parameters.items()
+                      if p.default is not inspect.Parameter.empty}
         return (lambda: AutoencoderKLFlux2.from_config(config)), vae_ldm_to_diffusers(raw, config), True
 
     def _file_encoder(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:

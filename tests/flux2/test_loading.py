@@ -117,3 +117,18 @@ def test_empty_prompt_for_cfg_samples_without_a_loaded_encoder(tiny_klein):
     reference = _adapter(tiny_klein, {})
     reference.load_encoders(only=("qwen3",))
     assert torch.allclose(negative, reference._embed([""]), atol=1e-6)
+
+
+def test_vae_file_without_any_config_uses_flux2s_defaults(tiny_klein, klein_files, tmp_path):
+    """No VAE config in the source nor in the cache: diffusers' defaults (FLUX.2's autoencoder) are assumed; the
+    tiny file does not match them and the error names the file and the key."""
+    import shutil
+
+    from lora_run.errors import ModelSourceError
+
+    only_tok = tmp_path / "tok"
+    shutil.copytree(tiny_klein / "tokenizer", only_tok / "tokenizer")
+    adapter = _adapter(only_tok, {"vae": klein_files["vae"]})
+    with pytest.raises(ModelSourceError, match=r"\[model.files.vae\] flux2-vae.safetensors does not match the FLUX.2 "
+                                               r"autoencoder config"):
+        adapter._component("vae", None)

@@ -37,3 +37,27 @@ def test_cli_trains_tiny_flux2(variant, request, dataset, tmp_path, run_cli, flu
     assert all(k.startswith("diffusion_model.") for k in comfy)
     assert any(v.abs().sum() > 0 for k, v in diffusers.items() if ".lora_B." in k)     # it trained
     assert list((run / "samples").rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_cli_trains_from_single_files(tiny_klein, dataset, tmp_path, run_cli, flux2_env):
+    """ComfyUI users' files: BFL transformer, flux2-vae, one-file Qwen3; a folder with only the tokenizer and the
+    text encoder's and VAE's small config files (what a hub id's cache gives) supplies the rest."""
+    import shutil
+
+    from lora_run_flux2.tiny import write_single_files
+
+    files = write_single_files(tiny_klein, tmp_path / "files")
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_klein / "tokenizer", configs / "tokenizer")
+    for sub in ("text_encoder", "vae"):
+        (configs / sub).mkdir(parents=True)
+        shutil.copy(tiny_klein / sub / "config.json", configs / sub / "config.json")
+    extra = (f'\n[model.files]\ntransformer = "{files["transformer"]}"\nvae = "{files["vae"]}"\n'
+             f'qwen3 = "{files["text_encoder"]}"\n')
+    recipe = write_recipe(tmp_path / "r.toml", "flux.2-klein", configs, dataset, steps=2, extra=extra)
+    run = tmp_path / "run"
+    done = run_cli(recipe, "--output-dir", run, env=flux2_env, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    assert (run / "diffusers/tiny.safetensors").is_file()
