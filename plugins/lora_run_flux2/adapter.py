@@ -25,9 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line,
+from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
                                            is_local_source, quiet_libraries)
-
 from lora_run_native.adapters.flux import FluxAdapter
 
 from .shapes import DEV_SHAPE, KLEIN_SHAPE
@@ -105,7 +104,13 @@ class Flux2Adapter(ModelAdapter):
         if m.source is None:
             why = (f"is required when [model.source] is not set (or set [model.source] to a {self.family} diffusers "
                    "folder / hub id that provides it)")
-            return problems + [(("model", "files", k), why) for k in self.file_keys if k not in given]
+            problems += [(("model", "files", k), why) for k in self.file_keys if k not in given]
+            if hub_offline(self.recipe) and not self.hub_cached(self.hub_id()):
+                problems.append((("model", "source"), f"is not set, so the tokenizer and the configs come from the "
+                                 f"hub model {self.hub_id()}, which is not in the local Hugging Face cache and "
+                                 "downloads are off; set [model.source] to a folder with tokenizer/ (and the "
+                                 "components' config.json) or download that model's small files first"))
+            return problems
         if not (is_local_source(m.source) and os.path.isdir(m.source)):
             return problems
         folder = Path(m.source)
@@ -133,7 +138,10 @@ class Flux2Adapter(ModelAdapter):
             return None
         if is_local_source(src):
             path = Path(src) / subfolder / name if subfolder else Path(src) / name
-            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            try:
+                return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            except (OSError, ValueError):             # unreadable: treated as absent (the load names what is missing)
+                return None
         try:
             from huggingface_hub import hf_hub_download
 
@@ -255,7 +263,8 @@ class Flux2Adapter(ModelAdapter):
         if self.te in self.tokenizers:
             return self.tokenizers[self.te]
         quiet_libraries()
-        tok = self._from_source(self._tokenizer_class(), self.te, subfolder="tokenizer")
+        tok = self.load_from_source(self._tokenizer_class(), "tokenizer", f"the {WHAT[self.te]}'s tokenizer",
+                                    missing=("model.source", "is required for the tokenizer"))
         inner = getattr(tok, "tokenizer", tok)
         if len(inner) <= len(set(inner.all_special_tokens)) + 10:     # transformers 5: empty when files are missing
             raise self.error("model.source", f"{self._source()}/tokenizer: no {WHAT[self.te]} tokenizer files there"

@@ -99,10 +99,13 @@ def tiny_single_bad(tmp_path):
 
 
 def test_without_source_every_file_is_required(klein_files):
-    problems = _adapter(None, {"transformer": klein_files["transformer"]}).check_sources()
-    assert sorted(key for key, _ in problems) == [("model", "files", "qwen3"), ("model", "files", "vae")]
-    problems = _adapter(None, {"transformer": klein_files["transformer"].parent / "missing.safetensors",
-                               "vae": klein_files["vae"], "qwen3": klein_files["text_encoder"]}).check_sources()
+    def file_problems(files):
+        return sorted((key, why) for key, why in _adapter(None, files).check_sources() if key[1] == "files")
+
+    problems = file_problems({"transformer": klein_files["transformer"]})
+    assert [key for key, _ in problems] == [("model", "files", "qwen3"), ("model", "files", "vae")]
+    problems = file_problems({"transformer": klein_files["transformer"].parent / "missing.safetensors",
+                              "vae": klein_files["vae"], "qwen3": klein_files["text_encoder"]})
     assert [(key, why.startswith("file not found")) for key, why in problems] == [(("model", "files", "transformer"), True)]
 
 
@@ -132,3 +135,14 @@ def test_vae_file_without_any_config_uses_flux2s_defaults(tiny_klein, klein_file
     with pytest.raises(ModelSourceError, match=r"\[model.files.vae\] flux2-vae.safetensors does not match the FLUX.2 "
                                                r"autoencoder config"):
         adapter._component("vae", None)
+
+
+def test_files_without_source_need_the_hub_ids_small_files(klein_files, monkeypatch):
+    """Offline with every component as a file but no source: the tokenizer's hub model must be cached."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(klein_files["transformer"].parent / "empty-hub-cache"))
+    files = {"transformer": klein_files["transformer"], "vae": klein_files["vae"], "qwen3": klein_files["text_encoder"]}
+    problems = _adapter(None, files).check_sources()
+    assert [key for key, _ in problems] == [("model", "source")]
+    assert "black-forest-labs/FLUX.2-klein-base-4B" in problems[0][1] and "not in the local" in problems[0][1]
