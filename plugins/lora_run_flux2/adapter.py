@@ -417,7 +417,7 @@ class Flux2Adapter(ModelAdapter):
         from lora_run.errors import OutputError
         from lora_run_formats import load_lora
 
-        from .formats import FormatError, to_diffusers
+        from .formats import to_diffusers
 
         try:
             tensors, _ = load_lora(path)
@@ -428,7 +428,7 @@ class Flux2Adapter(ModelAdapter):
                 pipe.load_lora_weights(str(path), adapter_name=adapter_name)
             else:
                 pipe.load_lora_weights(to_diffusers(tensors), adapter_name=adapter_name)
-        except (FormatError, Exception) as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a FormatError or diffusers' own refusal, named with the file
             raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:
