@@ -111,7 +111,9 @@ class Flux2Adapter(ModelAdapter):
                                  "downloads are off; set [model.source] to a folder with tokenizer/ (and the "
                                  "components' config.json) or download that model's small files first"))
             return problems
-        if not (is_local_source(m.source) and os.path.isdir(m.source)):
+        if not is_local_source(m.source):
+            return problems + self._hub_model_problems(m.source)
+        if not os.path.isdir(m.source):
             return problems
         folder = Path(m.source)
         wanted = {SUBFOLDER[k]: f"the {WHAT[k]}" for k in self.file_keys if k not in given}
@@ -126,6 +128,25 @@ class Flux2Adapter(ModelAdapter):
         return problems
 
     pipeline_names: ClassVar[tuple[str, ...]] = ()
+
+    def _hub_model_problems(self, repo: str) -> list[tuple[tuple[str, ...], str]]:
+        """A hub id that is another model (a FLUX.1 recipe switched by its family line only): its cached
+        ``model_index.json`` names another pipeline, or, not cached, its name says FLUX.1."""
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "model_index.json", revision=self.recipe.model.revision)
+        name = None
+        if isinstance(found, str):
+            try:
+                name = json.loads(Path(found).read_text("utf-8")).get("_class_name")
+            except (OSError, ValueError):
+                name = None
+        elif "flux.1" in repo.lower():
+            name = "FLUX.1 pipeline"
+        if not name or name in self.pipeline_names:
+            return []
+        return [(("model", "source"), f"{repo} is a {name}, not a {self.family} model: set it to {self.hub_id()} "
+                 f"(or another {self.family} hub id / diffusers folder)")]
 
     def _from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
         return self.load_from_source(cls, subfolder or SUBFOLDER[key], f"the {WHAT.get(key, key)}", **kw,

@@ -64,6 +64,16 @@ def test_a_flux1_recipe_switches_by_its_model_lines(variant, request, dataset, t
         assert "[train.guidance]" in guided.stderr
 
 
+@pytest.mark.parametrize("variant, hub", [("klein", "FLUX.2-klein-base-4B"), ("dev", "FLUX.2-dev")])
+def test_family_line_alone_names_the_source_to_change(variant, hub, dataset, run_cli, flux2_env):
+    recipe = REPO / "recipes" / "flux" / "identity-fast.toml"
+    done = run_cli("check", recipe, "--set", f'model.family="flux.2-{variant}"', "--set", f"dataset.path={dataset}",
+                   *SMALL, env=flux2_env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (f"[model.source] black-forest-labs/FLUX.1-dev is a FLUX.1 pipeline, not a flux.2-{variant} model: set "
+            f"it to black-forest-labs/{hub}") in done.stderr
+
+
 @pytest.mark.slow
 def test_switched_flux1_recipe_trains_klein(tiny_klein, dataset, tmp_path, run_cli, flux2_env):
     recipe = _switched("flux.2-klein", tiny_klein, tmp_path)
