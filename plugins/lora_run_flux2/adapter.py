@@ -98,9 +98,16 @@ class Flux2Adapter(ModelAdapter):
         return self.recipe.model.source or self.hub_id()
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
+        from .files import transformer_file_problem
+
         problems = super().check_sources()
         m = self.recipe.model
         given = {k for k in self.file_keys if m.files.get(k) is not None}
+        transformer = m.files.get("transformer")
+        if transformer and os.path.isfile(transformer) and str(transformer).endswith(".safetensors"):
+            why = transformer_file_problem(transformer)
+            if why:
+                problems.append((("model", "files", "transformer"), f"{Path(transformer).name} {why}"))
         if m.source is None:
             why = (f"is required when [model.source] is not set (or set [model.source] to a {self.family} diffusers "
                    "folder / hub id that provides it)")

@@ -72,6 +72,9 @@ def test_wrong_files_are_named(tiny_klein, tiny_single_bad, tmp_path):
     from lora_run.errors import ModelSourceError
 
     flux1, garbage = tiny_single_bad
+    problems = _adapter(tiny_klein, {"transformer": flux1}).check_sources()       # found by `lora-run check`
+    assert problems == [(("model", "files", "transformer"),
+                         "flux1-dev.safetensors is a FLUX.1 transformer (per-block modulation), not FLUX.2")]
     with pytest.raises(ModelSourceError, match=r"\[model.files.transformer\].*FLUX.1 transformer, not FLUX.2"):
         _adapter(tiny_klein, {"transformer": flux1}).load_transformer()
     with pytest.raises(ModelSourceError, match=r"\[model.files.transformer\].*not a readable safetensors"):
