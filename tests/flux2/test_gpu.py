@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import write_recipe
 
 
 def _cuda() -> bool:
@@ -15,27 +15,19 @@ def _cuda() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
-def test_text_encoder_streamed_when_it_does_not_fit(tiny_dev):
+def test_text_encoder_streamed_when_it_does_not_fit(tiny_dev, dataset, tmp_path):
     import torch
 
+    from lora_run.recipe import load_recipe
     from lora_run_native.adapters import adapter_class
 
-    def adapter(cap):
-        recipe = parse_recipe_text(f"""
-[model]
-family = "flux.2-dev"
-source = "{tiny_dev}"
-[dataset]
-path = "{tiny_dev}"
-trigger = "ohwx"
-[train]
-steps = 1
-mixed_precision = "bf16"
-{f"gpu_memory_gib = {cap}" if cap else ""}
-""")
+    path = write_recipe(tmp_path / "r.toml", "flux.2-dev", tiny_dev, dataset)
+
+    def adapter(*sets):
+        recipe = load_recipe(path, ['train.mixed_precision="bf16"', *sets]).recipe
         return adapter_class("flux.2-dev")(recipe, device=torch.device("cuda"))
 
-    whole, streamed = adapter(None), adapter(1e-4)
+    whole, streamed = adapter(), adapter("train.gpu_memory_gib=0.0001")
     whole.load_encoders(only=("mistral",))
     streamed.load_encoders(only=("mistral",))
     assert not whole.offloaded and streamed.offloaded
