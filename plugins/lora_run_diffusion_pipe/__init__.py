@@ -59,6 +59,10 @@ REASONS = {
 FAMILY_NOTES = {
     "hunyuan-dit-1.2": "diffusion-pipe has no Hunyuan-DiT model type; its Hunyuan types are HunyuanImage-2.1 and "
                        "the video models",
+    "flux.2-klein": "diffusion-pipe trains FLUX.2 (model type flux2, ComfyUI files; checkout 8f83dbf) but this backend "
+                    "does not translate it yet; lora-run's native backend trains it",
+    "flux.2-dev": "diffusion-pipe trains FLUX.2 (model type flux2, ComfyUI files; checkout 8f83dbf) but this backend "
+                  "does not translate it yet; lora-run's native backend trains it",
 }
 
 

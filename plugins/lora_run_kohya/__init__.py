@@ -89,6 +89,10 @@ REASONS = {
 FAMILY_NOTES = {
     "hunyuan-dit-1.2": "sd-scripts has no Hunyuan-DiT trainer: the draft pull requests #1378 and #1397 were never "
                        "merged; lora-run's native backend trains it",
+    "flux.2-klein": "sd-scripts has no FLUX.2 trainer (its flux_train_network.py loads FLUX.1 only; checkout 48d368f); "
+                    "lora-run's native backend trains it",
+    "flux.2-dev": "sd-scripts has no FLUX.2 trainer (its flux_train_network.py loads FLUX.1 only; checkout 48d368f); "
+                  "lora-run's native backend trains it",
 }
 
 

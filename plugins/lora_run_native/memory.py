@@ -72,7 +72,7 @@ def equivalent_estimate(recipe: Any, swapped_blocks: int = 0) -> tuple[float, st
     from .accel import PerfPlan
 
     r = recipe
-    shapes = perfmodel.SHAPES.get(r.model.family)
+    shapes = perfmodel.family_shape(r.model.family)
     if shapes is None:
         return None
     if r.train.mixed_precision == "no":

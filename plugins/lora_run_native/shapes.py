@@ -17,6 +17,7 @@ class FamilyShape:
     act_per_token_compiled: float   # bytes per token per non-checkpointed block (compiled blocks)
     act_per_token_eager: float      # the same without compile
     lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
+    low_vram_gib: float = 12.0      # the budget `low-vram` plans for when no GPU is known (`lora-run plan`)
 
 
 def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[str, list[tuple[int, int, int]]]:
