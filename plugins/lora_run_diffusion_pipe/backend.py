@@ -18,7 +18,8 @@ import lora_run_engines as engines
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
-from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent, Supervisor
+from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent
+from lora_run_engines.supervise import Supervisor
 
 NAME = "diffusion-pipe"
 
@@ -81,17 +82,13 @@ class DiffusionPipeBackend:
         return loaded.path.resolve().parent if loaded is not None else Path.cwd()
 
     def _resolve(self, value: str) -> Path:
-        path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else (self._base() / path).resolve()
+        return engines.resolve_path(value, self._base())
 
     def checkout(self) -> tuple[Path | None, str]:
         """(checkout path or None, where it came from)."""
-        if self.options.path:
-            return self._resolve(self.options.path), "[backend.diffusion-pipe] path"
-        env = os.environ.get(ENV_PATH)
-        if env:
-            return Path(os.path.expanduser(env)).resolve(), f"the {ENV_PATH} environment variable"
-        return None, ""
+        path, env = engines.configured_path(self.options.path, self._base(), ENV_PATH)
+        where = f"the {env} environment variable" if env else "[backend.diffusion-pipe] path" if path else ""
+        return path, where
 
     def launcher(self) -> Path | None:
         if self.options.deepspeed:
@@ -254,11 +251,11 @@ class DiffusionPipeBackend:
         launcher = self._require_launcher()
         self._check_model_files()
         layout = self.layout()
-        commit, dirty = git_state(checkout)
+        commit, dirty = engines.git_state(checkout)
         tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
                 "key_data_commit": keydata.SOURCE_COMMIT}
         ctx.run_dir.update_manifest(external_tools={NAME: tool})
-        if commit not in ("unknown", keydata.SOURCE_COMMIT):
+        if commit is not None and commit != keydata.SOURCE_COMMIT:
             ctx.echo(f"note: diffusion-pipe checkout is at {commit[:12]}{' (modified)' if dirty else ''}; this "
                      f"backend's key data was read at {keydata.SOURCE_COMMIT[:12]}")
 
@@ -278,13 +275,13 @@ class DiffusionPipeBackend:
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
         _, _, total = translate.training_length(recipe, self.options, examples)
-        watcher = _Watcher(self, layout, before, resume_from, total, commit)
+        watcher = _Watcher(self, layout, before, resume_from, total, commit or "unknown")
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
         supervisor = Supervisor(
-            argv, cwd=checkout, env=translate.child_env(self.options), log_path=layout.log,
-            on_line=watcher.on_line, tick=watcher.tick, request_quit=watcher.request_quit,
-            stall_timeout=self.options.stall_timeout, timeout=self.options.timeout,
-            interrupt_grace=self.options.interrupt_grace, echo=ctx.echo)
+            argv, log_path=layout.log, name=NAME, cwd=checkout, env=translate.child_env(self.options),
+            on_line=watcher.on_line, poll=watcher.tick, request_quit=watcher.request_quit,
+            stall_seconds=self.options.stall_timeout or None, timeout_seconds=self.options.timeout,
+            grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo)
         watcher.supervisor = supervisor
         outcome = supervisor.run()
         watcher.tick(force=True)
@@ -295,7 +292,7 @@ class DiffusionPipeBackend:
         ctx.artifacts["train_log"] = str(layout.log)
         if run_folder is not None:
             ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
-        tail = "\n".join(f"  | {line}" for line in supervisor.tail[-30:])
+        tail = "\n".join(f"  | {line}" for line in list(supervisor.tail)[-30:])
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
         if outcome.interrupted:
             saved = collect.latest_checkpoint(run_folder) if run_folder else None
@@ -315,7 +312,7 @@ class DiffusionPipeBackend:
             what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        self._collect(saves, watcher, commit)
+        self._collect(saves, watcher, commit or "unknown")
 
     def _collect(self, saves: list[collect.SavedLora], watcher: "_Watcher", commit: str) -> None:
         ctx, recipe = self.ctx, self.recipe
@@ -445,8 +442,3 @@ def _checkout_problem(path: Path) -> str | None:
         return f"{path} has no train.py: not a diffusion-pipe checkout"
     return None
 
-
-def git_state(path: Path) -> tuple[str, bool]:
-    """(HEAD commit, has uncommitted changes) of a checkout; ("unknown", False) without git."""
-    commit, dirty = engines.git_state(path)
-    return commit or "unknown", bool(dirty)

@@ -2,12 +2,16 @@
 
 A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is for LoRA layouts:
 
+- :func:`configured_path` / :func:`resolve_path` — where the engine's checkout is (a recipe option, else an
+  environment variable) and paths from the recipe, relative to the recipe's folder;
 - :func:`git_state` — the commit and cleanliness of an engine checkout, for the manifest;
 - :func:`commented` — a generated file's comment header (who wrote it, from what, how to re-run);
 - :func:`split_output` — the supervisor's reader loop: an engine's output split into lines on ``\\n`` and
   ``\\r`` (progress bars redraw with ``\\r``), a runaway line flushed at 1 MiB;
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
   file system has no symlinks.
+
+:mod:`lora_run_engines.supervise` runs the engine (one ``Supervisor`` for every engine backend).
 
 No torch, no engine import: ``lora-run check`` loads the backends that use this.
 """
@@ -22,6 +26,23 @@ from typing import Callable
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from the recipe: ``~`` expanded, a relative one taken from ``base`` (the recipe's folder)."""
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def configured_path(option: str | None, base: Path, env_var: str) -> tuple[Path | None, str | None]:
+    """(the engine checkout's path, ``env_var`` when it came from that environment variable, else None): the
+    recipe option wins over the variable; (None, None) when neither is set."""
+    if option:
+        return resolve_path(option, base), None
+    env = os.environ.get(env_var, "").strip()
+    if env:
+        return Path(os.path.expanduser(env)).resolve(), env_var
+    return None, None
 
 
 def git_state(path: Path) -> tuple[str | None, bool | None]:

@@ -26,10 +26,12 @@ from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
 from lora_run.run import Plan, borrowed_memory_estimate
+import lora_run_engines as engines
 from lora_run_engines import commented, stage_link
+from lora_run_engines.supervise import Supervisor
 
 from . import checkout, spec
-from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
+from .supervise import Progress, finite, training_progress
 from .translate import FAMILIES, FLUX, Paths, Translation, problems, steps_per_epoch, translate
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
@@ -70,9 +72,8 @@ class KohyaBackend:
         value = self.options.python
         if not value:
             return sys.executable
-        p = Path(os.path.expanduser(value))
-        if p.is_absolute() or os.sep in value or "/" in value:
-            return str(p if p.is_absolute() else (self.base / p).resolve())
+        if os.sep in value or "/" in value:
+            return str(engines.resolve_path(value, self.base))
         return value  # a bare command name, found on PATH by Popen
 
     def run_path(self) -> Path:
@@ -279,8 +280,9 @@ class KohyaBackend:
 
         stall = self.options.stall_minutes * 60 if self.options.stall_minutes else None
         timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
-        sup = Supervisor(argv, log_path=log_path, cwd=co.path, env=env, on_line=on_line, on_progress=on_progress,
-                         stall_seconds=stall, timeout_seconds=timeout, poll=watcher.poll)
+        sup = Supervisor(argv, log_path=log_path, name="sd-scripts", cwd=co.path, env=env, on_line=on_line,
+                         progress=training_progress, on_progress=on_progress, stall_seconds=stall,
+                         timeout_seconds=timeout, poll=watcher.poll)
         ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
                  f"log: {log_path}")
         try:
@@ -288,8 +290,13 @@ class KohyaBackend:
         except OSError as exc:
             raise BackendError(f"cannot launch {argv[0]}: {exc.strerror or exc} ([backend.kohya] python)") from None
         try:
-            code = sup.wait()
-        except KeyboardInterrupt:
+            outcome = sup.run()
+        except NonFiniteLoss:
+            display.done()
+            self._record(watcher, paths, log_path)
+            raise
+        code = outcome.returncode
+        if outcome.interrupted:
             display.done()
             watcher.poll(final=True)
             self._record(watcher, paths, log_path)
@@ -299,18 +306,14 @@ class KohyaBackend:
                 f"interrupted: sd-scripts was stopped after step {watcher.step}; "
                 + (f"its last saved state is {state}" + (f" (step {saved})" if saved is not None else "") + "; "
                    if state else "no state was saved yet; ")
-                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}") from None
-        except (Stalled, TimedOut) as exc:
+                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}")
+        if outcome.stalled or outcome.timed_out:
             display.done()
             self._record(watcher, paths, log_path)
             what = (f"printed nothing for {self.options.stall_minutes:g} minutes ([backend.kohya] stall_minutes)"
-                    if isinstance(exc, Stalled) else
+                    if outcome.stalled else
                     f"ran longer than {self.options.timeout_hours:g} hours ([backend.kohya] timeout_hours)")
-            raise BackendError(f"sd-scripts {what} and was stopped.\n{self._tail(sup, log_path)}") from None
-        except NonFiniteLoss:
-            display.done()
-            self._record(watcher, paths, log_path)
-            raise
+            raise BackendError(f"sd-scripts {what} and was stopped.\n{self._tail(sup, log_path)}")
         display.done()
         watcher.poll(final=True)
         self._record(watcher, paths, log_path)
