@@ -137,7 +137,7 @@ class DiffusionPipeBackend:
         key = translate.OPTIONS_KEY
         path, where = self.checkout()
         if path is not None:
-            problem = _checkout_problem(path)
+            problem = _checkout_problem(path, self.family)
             if problem:
                 problems.append(((*key, "path"), f"{problem} (from {where})"))
         if self.options.deepspeed:
@@ -198,7 +198,7 @@ class DiffusionPipeBackend:
             raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path is not set: point it (or the "
                               f"{ENV_PATH} environment variable) at a diffusion-pipe checkout (git clone "
                               "--recurse-submodules https://github.com/tdrussell/diffusion-pipe)")
-        problem = _checkout_problem(path)
+        problem = _checkout_problem(path, self.family)
         if problem:
             raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path: {problem} (from {where})")
         return path
@@ -237,6 +237,8 @@ class DiffusionPipeBackend:
             if value and not Path(value).is_file():
                 what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
                 out.append((key, f"{value} {what}"))
+            elif value and key[-1] == "transformer" and self.family == "flux.1-dev":
+                out += _flux_transformer_problem(key, Path(value))
         return out
 
     def _check_model_files(self) -> None:
@@ -306,7 +308,8 @@ class DiffusionPipeBackend:
             raise BackendError(f"diffusion-pipe ran longer than [backend.diffusion-pipe] timeout = "
                                f"{self.options.timeout:.0f} s and was stopped; last output:\n{tail}\n{where}")
         if outcome.returncode != 0:
-            raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode}); last output:\n{tail}\n{where}")
+            raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode})"
+                               f"{engines.explain(supervisor.tail, HINTS)}; last output:\n{tail}\n{where}")
         saves = collect.saved_loras(run_folder, self.family)
         if not watcher.parser.completed or not saves:
             what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
@@ -435,10 +438,49 @@ class _Watcher:
         return True
 
 
-def _checkout_problem(path: Path) -> str | None:
+#: submodule files diffusion-pipe imports at start-up, whatever the model (8f83dbf: models/base.py and
+#: utils/dataset.py import ComfyUI's `comfy`, utils/patches.py HunyuanVideo's `hyvideo`), and per family
+SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
+              "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
+
+#: failures of diffusion-pipe we can say more about (the first whose text occurs in the output's tail)
+HINTS = (
+    (("Found no NVIDIA driver", "Torch not compiled with CUDA", "No CUDA GPUs are available"),
+     "diffusion-pipe needs an NVIDIA GPU with CUDA: ComfyUI's model management and DeepSpeed start on the GPU"),
+    (("No module named 'flash_attn'",), "diffusion-pipe's HunyuanImage-2.1 model imports flash-attn (its "
+     "HunyuanImage-2.1 submodule has no other attention path): install flash-attn in diffusion-pipe's environment"),
+    (("No module named 'comfy", "No module named 'hyvideo'", "No module named 'hyimage'"),
+     "a submodule of the diffusion-pipe checkout is missing: run `git submodule update --init --recursive` in it"),
+    (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.diffusion-pipe] blocks_to_swap, "
+     "[model] base_precision = \"fp8\" or a smaller [dataset] resolution"),
+    (("ModuleNotFoundError", "No module named"), "a module is missing from diffusion-pipe's environment, the one "
+     "its launcher runs in ([backend.diffusion-pipe] deepspeed)"),
+)
+
+
+def _checkout_problem(path: Path, family: str | None = None) -> str | None:
     if not path.is_dir():
         return f"{path} is not a folder"
     if not (path / "train.py").is_file():
         return f"{path} has no train.py: not a diffusion-pipe checkout"
+    missing = [rel for key in (None, family) for rel in SUBMODULES.get(key, ()) if not (path / rel).is_file()]
+    if missing:
+        return (f"{path} lacks {', '.join(missing)}: diffusion-pipe imports its submodules at start-up; run "
+                "`git submodule update --init --recursive` in it")
     return None
 
+
+def _flux_transformer_problem(key: tuple, path: Path) -> list[tuple[tuple, str]]:
+    """diffusion-pipe loads [model.files] transformer with diffusers' from_single_file, which reads BFL's layout
+    (`double_blocks.N…`, as in flux1-dev.safetensors) only: a diffusers-layout file fails inside it with
+    `IndexError: list index out of range` (met with the real diffusion-pipe 8f83dbf)."""
+    try:
+        keys = engines.safetensors_keys(path)
+    except (OSError, ValueError) as exc:
+        return [(key, f"{path} is not a readable .safetensors file ({exc})")]
+    if not any(".double_blocks." in f".{k}" for k in keys):
+        return [(key, f"{path} is not a FLUX.1 transformer in BFL's single-file layout (no double_blocks.* "
+                      "tensors; a diffusers transformer file?): diffusion-pipe reads this file with diffusers' "
+                      "from_single_file; give flux1-dev.safetensors, or leave it unset to load the transformer "
+                      "from the [model] source folder")]
+    return []

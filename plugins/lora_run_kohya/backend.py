@@ -318,7 +318,7 @@ class KohyaBackend:
         watcher.poll(final=True)
         self._record(watcher, paths, log_path)
         if code != 0:
-            raise BackendError(f"sd-scripts exited with code {code}{_cause(sup.tail)}{_hint(sup.tail)}.\n"
+            raise BackendError(f"sd-scripts exited with code {code}{engines.explain(sup.tail, HINTS)}.\n"
                                f"{self._tail(sup, log_path)}")
         self._collect(paths, co, tr)
 
@@ -423,14 +423,9 @@ class KohyaBackend:
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:
     """kohya modules in sd-scripts' file that the recipe excludes (read from the header, no torch): modulation
     layers under `attention+mlp`, text-encoder modules when the text encoder is not trained."""
-    import json
-    import struct
-
     from .translate import MODULATION
 
-    with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
-        keys = [k for k in json.loads(fh.read(size)) if k != "__metadata__"]
+    keys = engines.safetensors_keys(path)
     modules = sorted({k.split(".", 1)[0] for k in keys})
     out = []
     if recipe.lora.targets == "attention+mlp":
@@ -670,22 +665,16 @@ class Display:
             self.active = False
 
 
+#: failures of sd-scripts we can say more about (the first whose text occurs in the output's tail)
+HINTS = (
+    (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.kohya] blocks_to_swap, [model] "
+     "base_precision = \"fp8\" or a smaller [dataset] resolution"),
+    (("ModuleNotFoundError", "No module named"), "a module is missing: is [backend.kohya] python the interpreter of "
+     "sd-scripts' environment?"),
+    (("extra keys not allowed",), "sd-scripts rejected the dataset config"),
+)
+
+
 def _cause(tail: Any) -> str:
     """The last exception line of sd-scripts itself (not accelerate's CalledProcessError around it)."""
-    for line in reversed(list(tail)):
-        text = line.strip()
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", text) and "CalledProcessError" not in text:
-            return f": {text[:300]}"
-    return ""
-
-
-def _hint(tail: Any) -> str:
-    text = "\n".join(tail)
-    if "CUDA out of memory" in text or "OutOfMemoryError" in text:
-        return " (out of GPU memory: try [backend.kohya] blocks_to_swap, [model] base_precision = \"fp8\" or a " \
-               "smaller [dataset] resolution)"
-    if "ModuleNotFoundError" in text or "No module named" in text:
-        return " (a module is missing: is [backend.kohya] python the interpreter of sd-scripts' environment?)"
-    if "extra keys not allowed" in text:
-        return " (sd-scripts rejected the dataset config)"
-    return ""
+    return engines.explain(tail)
