@@ -27,7 +27,8 @@ from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingIn
 from lora_run.rundir import atomic_write_text
 from lora_run.run import Plan, borrowed_memory_estimate
 import lora_run_engines as engines
-from lora_run_engines import commented, stage_link
+from lora_run_engines import commented
+from lora_run_engines.stage import Staged, sync_folder
 from lora_run_engines.supervise import Supervisor
 
 from . import checkout, spec
@@ -488,47 +489,29 @@ def _subset_index(item: Item) -> int:
 def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> dict[str, int]:
     """The dataset view sd-scripts reads: per subset a folder of links to the usable images (converted copies
     where the lint converted them: EXIF rotation, CMYK, 16-bit, alpha) and a ``.txt`` caption per image holding
-    exactly the caption lora-run trains with (trigger policy and default captions applied, one line)."""
+    exactly the caption lora-run trains with (trigger policy and default captions applied, one line). Images
+    and captions a previous attempt staged that are no longer usable are removed; sd-scripts' cache files
+    beside them (``*.npz``) are kept."""
+    from lora_run.images import IMAGE_EXTENSIONS
+
     if not any(not i.is_reg for i in items):
         raise BackendError("no usable subject image to train on (see the dataset lint above)")
     converted = {f.file for f in (lint.findings if lint is not None else []) if f.code == "converted"}
-    wanted: dict[Path, set[str]] = {}
+    wanted: dict[Path, dict[str, Staged]] = {}
     counts: dict[str, int] = {}
     for n, item in enumerate(items):
         folder = paths.subset_dir(_subset_index(item))
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = ".png" if str(item.image) in converted else item.image.suffix.lower()
+        files = wanted.setdefault(folder, {})
         name = f"{n:05d}_{_safe(item.image.stem)}"
-        image = folder / f"{name}{suffix}"
         if str(item.image) in converted:
-            if not image.is_file() or image.is_symlink():
-                _write_converted(item.image, image)
+            files[f"{name}.png"] = Staged("png", item.image)
         else:
-            _link(item.image, image)
-        caption = " ".join(training_caption(item, recipe.dataset).split())
-        atomic_write_text(folder / f"{name}.txt", caption + "\n")
-        wanted.setdefault(folder, set()).update({image.name, f"{name}.txt"})
-        key = folder.name
-        counts[key] = counts.get(key, 0) + 1
-    from lora_run.images import IMAGE_EXTENSIONS
-
-    for folder, names in wanted.items():  # drop images a previous attempt staged that are no longer usable
-        for entry in folder.iterdir():
-            if entry.name not in names and (entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt"):
-                entry.unlink()
+            files[f"{name}{item.image.suffix.lower()}"] = Staged("link", item.image)
+        files[f"{name}.txt"] = Staged("text", text=" ".join(training_caption(item, recipe.dataset).split()) + "\n")
+        counts[folder.name] = counts.get(folder.name, 0) + 1
+    for folder, files in wanted.items():
+        sync_folder(folder, files, lambda entry: entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt")
     return counts
-
-
-_link = stage_link
-
-
-def _write_converted(source: Path, target: Path) -> None:
-    from lora_run.images import open_rgb
-    from lora_run.rundir import atomic_path
-
-    opened = open_rgb(source)
-    with atomic_path(target) as tmp:
-        opened.image.save(tmp, format="PNG")  # type: ignore[attr-defined]
 
 
 SEGMENT = "lora-run-segment.json"

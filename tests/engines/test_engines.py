@@ -56,3 +56,33 @@ def test_commented_header_and_stage_link(tmp_path):
     stage_link(source, target)
     stage_link(source, target)  # again: nothing changes, no temp file left
     assert target.read_bytes() == b"png" and sorted(p.name for p in target.parent.iterdir()) == ["img.png"]
+
+
+def test_sync_folder_stages_exactly_what_is_wanted_and_keeps_the_engines_cache(tmp_path):
+    from PIL import Image
+
+    from lora_run_engines.stage import Staged, sync_folder
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk)
+    folder = tmp_path / "staged"
+    (folder / "cache" / "flux").mkdir(parents=True)          # the engine's own cache
+    (folder / "stale.txt").parent.mkdir(exist_ok=True)
+    (folder / "stale.txt").write_text("old caption")
+    wanted = {"a.jpg": Staged("link", photo), "a.txt": Staged("text", text="ohwx, a photo"),
+              "b.png": Staged("png", cmyk), "c.jpg": Staged("copy", photo)}
+    sync_folder(folder, wanted, removable=lambda entry: entry.name != "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "a.txt", "b.png", "c.jpg", "cache"]
+    assert (folder / "a.jpg").is_symlink() and (folder / "a.jpg").resolve() == photo.resolve()
+    assert not (folder / "c.jpg").is_symlink() and (folder / "c.jpg").read_bytes() == photo.read_bytes()
+    with Image.open(folder / "b.png") as png:
+        assert png.mode == "RGB"                                 # converted as the dataset lint does
+    # a second pass rewrites nothing that is already as wanted (the engine's caches key on the files)
+    before = {p.name: p.lstat().st_mtime_ns for p in folder.iterdir()}
+    sync_folder(folder, wanted, removable=lambda entry: entry.name != "cache")
+    assert {p.name: p.lstat().st_mtime_ns for p in folder.iterdir()} == before
+    # a changed caption is rewritten; what `removable` spares stays even when not wanted
+    sync_folder(folder, {**wanted, "a.txt": Staged("text", text="ohwx, another")}, removable=lambda entry: False)
+    assert (folder / "a.txt").read_text() == "ohwx, another" and (folder / "cache").is_dir()
