@@ -86,3 +86,19 @@ def test_sync_folder_stages_exactly_what_is_wanted_and_keeps_the_engines_cache(t
     # a changed caption is rewritten; what `removable` spares stays even when not wanted
     sync_folder(folder, {**wanted, "a.txt": Staged("text", text="ohwx, another")}, removable=lambda entry: False)
     assert (folder / "a.txt").read_text() == "ohwx, another" and (folder / "cache").is_dir()
+
+
+def test_one_key_scheme_for_every_engine():
+    from lora_run_engines.keys import table_problems, value_ok
+
+    assert value_ok("float", 1.0) and value_ok("int|null", None) and value_ok("[int,int]", [512, 768])
+    # the traps a plain isinstance check falls into: sd-scripts keeps `1` as an int where a float belongs, and
+    # bool is an int subclass (planted-mistake control: isinstance says yes to both)
+    assert isinstance(1, (int, float)) and isinstance(True, int)
+    assert not value_ok("float", 1) and not value_ok("int", True) and not value_ok("[int,int]", [512])
+    problems = table_problems({"resolution": [512, 512], "lerning_rate": 1.0, "batch_size": "4", "subsets": []},
+                              {"resolution": "[int,int]|int", "learning_rate": "float", "batch_size": "int"},
+                              skip=("subsets",), unknown=lambda key, close: f"{key}? {close}",
+                              wrong=lambda key, kind, value: f"{key} wants {kind}")
+    assert problems == ["lerning_rate? learning_rate", "batch_size wants int"]
+    assert table_problems({"a": object()}, ["a"], unknown=lambda k, c: k) == []   # a key list: any value
