@@ -14,7 +14,12 @@ A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is f
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
   file system has no symlinks.
 
-:mod:`lora_run_engines.supervise` runs the engine (one ``Supervisor`` for every engine backend).
+Its modules, for every engine backend:
+
+- :mod:`lora_run_engines.supervise` — ``Supervisor``: the engine as a child process (own process group, log,
+  progress hooks, Ctrl-C → the engine's graceful quit or SIGINT → SIGTERM → SIGKILL, the output's tail);
+- :mod:`lora_run_engines.stage` — the dataset staged as the engine reads it (links, converted PNGs, captions);
+- :mod:`lora_run_engines.keys` — one scheme for checking generated files against the keys the engine reads.
 
 No torch, no engine import: ``lora-run check`` loads the backends that use this.
 """

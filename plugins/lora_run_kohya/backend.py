@@ -656,8 +656,3 @@ HINTS = (
      "sd-scripts' environment?"),
     (("extra keys not allowed",), "sd-scripts rejected the dataset config"),
 )
-
-
-def _cause(tail: Any) -> str:
-    """The last exception line of sd-scripts itself (not accelerate's CalledProcessError around it)."""
-    return engines.explain(tail)

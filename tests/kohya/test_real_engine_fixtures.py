@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from lora_run_kohya.backend import Watcher, _cause, latest_state, state_step
+from lora_run_engines import explain
+from lora_run_kohya.backend import Watcher, latest_state, state_step
 from lora_run_engines.supervise import Supervisor
 from lora_run_kohya.supervise import Progress, parse_progress, training_progress
 
@@ -121,7 +122,7 @@ def test_the_real_resumed_run_counts_from_zero_again(tmp_path):
 
 def test_the_engine_error_for_a_truncated_file_is_found_in_its_output():
     tail = (FIXTURES / "flux_error_truncated_file.log").read_text("utf-8").splitlines()[-40:]
-    assert _cause(tail) == ": safetensors_rust.SafetensorError: Error while deserializing header: InvalidHeaderLength"
+    assert explain(tail) == ": safetensors_rust.SafetensorError: Error while deserializing header: InvalidHeaderLength"
 
 
 def test_truncated_model_files_are_refused_before_launch(tmp_path):
