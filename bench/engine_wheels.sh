@@ -16,6 +16,7 @@ DEST=${1:-engines/wheels}
 PY=${PY:-python3}
 common=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64
         --platform any --only-binary=:all: --no-deps)
 
 # what sd-scripts imports (requirements.txt at 48d368f, minus the optional optimizers and bitsandbytes)
@@ -25,12 +26,20 @@ SD_SCRIPTS=(
   "imagesize==1.4.1" "ftfy==6.3.1" "wcwidth" "opencv-python-headless==4.10.0.84" "rich==14.1.0"
   "markdown-it-py" "mdurl" "sentencepiece==0.2.1"
 )
-# what diffusion-pipe's train.py, models/flux.py and models/hunyuan_image.py import (requirements.txt at 8f83dbf)
+# what diffusion-pipe 8f83dbf imports at start-up (train.py, models/base.py, utils/*, its ComfyUI submodule at
+# 9a9fdb10, and models/flux.py / models/hunyuan_image.py) that the GPU machine does not already have, found by
+# importing them on CPU (see bench/engines_gpu.md). Left out on purpose, because the machine has them:
+# huggingface-hub (its transformers 5.17 refuses an older one at import), pyarrow, pandas, xxhash, fsspec,
+# msgpack, ninja, imageio, einops, sentencepiece, portalocker, py-cpuinfo, peft, torchaudio, scipy, aiohttp.
 DIFFUSION_PIPE=(
-  "diffusers==0.36.0" "huggingface-hub==0.36.0" "toml==0.10.2" "datasets==4.4.1" "pyarrow" "multiprocess"
-  "dill" "xxhash" "fsspec" "pandas" "loguru" "omegaconf" "hydra-core"
-  "easydict" "termcolor" "iopath" "portalocker" "torch-optimi" "pytorch-optimizer" "einops" "ftfy" "wcwidth"
-  "hjson" "py-cpuinfo" "ninja" "msgpack" "imageio" "av" "wandb" "sentencepiece"
+  "diffusers==0.36.0" "datasets==4.4.1" "multiprocess==0.70.19" "dill==0.4.1" "toml==0.10.2" "loguru"
+  "omegaconf==2.4.0" "hydra-core==1.3.8" "easydict" "termcolor" "iopath" "torch-optimi" "pytorch-optimizer"
+  "ftfy" "wcwidth" "hjson" "av==19.0.2" "wandb==0.31.0"
+  "comfy-kitchen==0.2.26" "comfy-aimdo==0.4.11" "kornia==0.9.0" "kornia-rs==0.2.0"   # ComfyUI 9a9fdb10's pins
+  "torchsde==0.2.6" "trampoline"                                                    # ComfyUI's requirements
+  "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types" "typing-inspection" "platformdirs"  # wandb
+  "opentelemetry-api==1.45.2" "opentelemetry-sdk==1.45.2" "opentelemetry-semantic-conventions==0.66b2"
+  "importlib-metadata"
 )
 
 mkdir -p "$DEST/sd-scripts" "$DEST/diffusion-pipe"

@@ -31,7 +31,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "flux" / "identity-fast.toml"
 HUNYUAN_RECIPE = ROOT / "recipes" / "hunyuan-image" / "identity.toml"
-STEP = re.compile(r"^step (\d+)/(\d+)(?:\s+loss ([\d.naif]+))?(?:\s+([\d.]+) it/s)?")
+#: the progress lines lora-run prints: `step 3/24  loss 0.41  2.10 it/s …` (kohya, native) and
+#: `diffusion-pipe: step 3/24 (12%)  loss 0.4100  lr 1.00e-04  0.48 s/it  ETA …` (diffusion-pipe, every ~10 s)
+STEP = re.compile(r"^(?:diffusion-pipe: )?step (\d+)/(\d+)(?: \(\d+%\))?(?:\s+loss ([\d.naif]+))?(?:\s+lr \S+)?"
+                  r"(?:\s+([\d.]+) (it/s|s/it))?")
+
+
+def _steps(text: str) -> list[tuple[int, float | None, float | None]]:
+    """(step, loss, it/s) of every progress line in lora-run's output."""
+    out = []
+    for m in (STEP.match(line.strip()) for line in text.splitlines()):
+        if m:
+            rate = float(m[4]) if m[4] else None
+            if rate and m[5] == "s/it":
+                rate = 1.0 / rate
+            out.append((int(m[1]), float(m[3]) if m[3] else None, rate))
+    return out
 
 
 class GpuMemory(threading.Thread):
@@ -62,9 +77,9 @@ class GpuMemory(threading.Thread):
         return {"peak_used_gib": round(self.peak / 1024, 2), "baseline_gib": round(self.baseline / 1024, 2)}
 
 
-def lora_run(args: list[str], env: dict[str, str], log: Path, *, interrupt_at: str | None = None,
+def lora_run(args: list[str], env: dict[str, str], log: Path, *, interrupt_at: int | None = None,
              timeout: float = 3600) -> dict[str, Any]:
-    """Run the lora-run CLI (optionally SIGINT once `interrupt_at` appears in its output); time it."""
+    """Run the lora-run CLI (optionally SIGINT once it reports step `interrupt_at` or later); time it."""
     cmd = [sys.executable, "-m", "lora_run.cli", *args]
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as fh:
@@ -75,15 +90,15 @@ def lora_run(args: list[str], env: dict[str, str], log: Path, *, interrupt_at: s
         interrupted = None
         while proc.poll() is None and time.monotonic() - started < timeout:
             time.sleep(1)
-            if interrupt_at and interrupted is None and interrupt_at in log.read_text("utf-8", "replace"):
+            if interrupt_at and interrupted is None and any(
+                    step >= interrupt_at for step, _, _ in _steps(log.read_text("utf-8", "replace"))):
                 proc.send_signal(signal.SIGINT)
                 interrupted = time.monotonic()
         if proc.poll() is None:
             proc.kill()
         rc = proc.wait()
     text = log.read_text("utf-8", "replace")
-    steps = [(int(m[1]), float(m[3]) if m[3] else None, float(m[4]) if m[4] else None)
-             for m in (STEP.match(line.strip()) for line in text.splitlines()) if m]
+    steps = _steps(text)
     return {"rc": rc, "seconds": round(time.monotonic() - started, 1), "log": str(log),
             "stopped_after_sigint_s": round(time.monotonic() - interrupted, 1) if interrupted else None,
             "steps": steps, "last_lines": text.splitlines()[-12:]}
@@ -161,14 +176,29 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
     steps = a.steps
     common = ["--set", f"dataset.path={data}", "--set", f"train.steps={steps}",
               "--set", f"train.save_every_steps={max(2, steps // 3)}", "--set", "train.keep_last=2",
-              "--set", f"sample.every_steps={max(2, steps // 2)}", "--set", "sample.steps=4",
               "--set", "train.noise_offset=0", "--set", "scheduler.warmup_steps=2", "--set", "model.offline=true",
               "--set", "eval.enabled=false"]
+    if row.startswith("dpipe"):
+        # diffusion-pipe samples nothing during training, has no Adafactor, no module list and forces alpha =
+        # rank: the settings of the shipped recipes it cannot honour (lora-run check refuses them with the
+        # reason) are changed here
+        import tomllib
+
+        recipe = tomllib.loads((HUNYUAN_RECIPE if row.endswith("hunyuan") else RECIPE).read_text("utf-8"))
+        rank = 4 if a.resolution != 512 else recipe.get("lora", {}).get("rank", 16)
+        common += ["--unset", "sample.every_steps", "--set", "optimizer.name=adamw", "--set", "lora.targets=all-linear",
+                   "--set", f"lora.alpha={float(rank)}"]
+    else:
+        common += ["--set", f"sample.every_steps={max(2, steps // 2)}", "--set", "sample.steps=4"]
     if a.resolution != 512:   # a CPU smoke run: smaller images (the shipped recipe trains at 512)
         common += ["--set", f"dataset.resolution={a.resolution}", "--set", f"dataset.bucket_min={a.resolution // 2}",
-                   "--set", f"dataset.bucket_max={a.resolution * 2}", "--set", f"sample.width={a.resolution}",
-                   "--set", f"sample.height={a.resolution}", "--set", "train.mixed_precision=no",
+                   "--set", f"dataset.bucket_max={a.resolution * 2}", "--set", "train.mixed_precision=no",
                    "--set", "model.base_precision=bf16", "--set", "lora.rank=4"]
+        if not row.startswith("dpipe"):
+            common += ["--set", f"sample.width={a.resolution}", "--set", f"sample.height={a.resolution}"]
+    dpipe = ["--set", "backend.name=diffusion-pipe", "--set", f"backend.diffusion-pipe.path={a.diffusion_pipe}",
+             "--set", f"backend.diffusion-pipe.deepspeed="
+                      f"{wrapper(work, 'deepspeed-dpipe', a.site_diffusion_pipe, None, module='deepspeed.launcher.runner')}"]
     if row == "kohya-flux":
         files = build_flux_single_files(a, work)
         t5 = None if files["t5_layers"] == 24 else files["t5_layers"]
@@ -180,28 +210,32 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
             sets += ["--set", f"model.files.{key}={files[key]}"]
         return common + sets, lora_run_env()
     if row == "dpipe-flux":
-        folder = build_flux_diffusers(a, work)
-        launcher = wrapper(work, "deepspeed-dpipe", a.site_diffusion_pipe, None, module="deepspeed.launcher.runner")
-        return common + ["--set", "backend.name=diffusion-pipe", "--set", f"backend.diffusion-pipe.path={a.diffusion_pipe}",
-                         "--set", f"backend.diffusion-pipe.deepspeed={launcher}",
-                         "--set", f"model.source={folder}"], lora_run_env()
+        # diffusion-pipe loads FLUX.1 from a diffusers folder (the transformer too, no [model.files] transformer)
+        return common + dpipe + ["--set", f"model.source={build_flux_diffusers(a, work)}"], lora_run_env()
     if row == "native-flux":
         folder = build_flux_diffusers(a, work)
         return common + ["--set", f"model.source={folder}"], engine_env(a.site_diffusion_pipe, None)
     if row in ("kohya-hunyuan", "dpipe-hunyuan"):
-        if not a.hunyuan_files:
+        if a.hunyuan_files:
+            h = Path(a.hunyuan_files)
+        elif row == "dpipe-hunyuan":
+            # no HunyuanImage-2.1 files: empty placeholders pass lora-run's existence check, and diffusion-pipe
+            # stops before it reads them (its HunyuanImage model imports flash-attn at start-up): this row then
+            # records that limit with the engine's own message
+            h = work / "hunyuan-placeholders"
+            h.mkdir(parents=True, exist_ok=True)
+            for name in ("dit", "vae", "qwen", "byt5"):
+                (h / f"{name}.safetensors").touch()
+        else:
             raise SystemExit(f"{row}: needs --hunyuan-files DIR (dit.safetensors, vae.safetensors, qwen.safetensors, "
                              "byt5.safetensors); random-weight HunyuanImage-2.1 layouts are not built by this script yet")
-        h = Path(a.hunyuan_files)
         sets = ["--set", f"model.files.transformer={h / 'dit.safetensors'}", "--set", f"model.files.vae={h / 'vae.safetensors'}",
                 "--set", f"model.files.qwen={h / 'qwen.safetensors'}", "--set", f"model.files.byt5={h / 'byt5.safetensors'}"]
         if row == "kohya-hunyuan":
             python = wrapper(work, "python-sd-scripts-full", a.site_sd_scripts, None)
             return common + sets + ["--set", "backend.name=kohya", "--set", f"backend.kohya.sd_scripts={a.sd_scripts}",
                                     "--set", f"backend.kohya.python={python}"], lora_run_env()
-        launcher = wrapper(work, "deepspeed-dpipe", a.site_diffusion_pipe, None, module="deepspeed.launcher.runner")
-        return common + sets + ["--set", "backend.name=diffusion-pipe", "--set", f"backend.diffusion-pipe.path={a.diffusion_pipe}",
-                                "--set", f"backend.diffusion-pipe.deepspeed={launcher}"], lora_run_env()
+        return common + sets + dpipe, lora_run_env()
     raise SystemExit(f"unknown row {row}")
 
 
@@ -232,7 +266,11 @@ def run_row(row: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["external_tools"] = m.get("external_tools")
     if row.startswith("native"):
         return result
-    half = f"step {max(3, a.steps // 2)}/"
+    if row == "dpipe-hunyuan" and not a.hunyuan_files:   # the probe: the engine's own start-up error
+        text = Path(main["log"]).read_text("utf-8", "replace").splitlines()
+        result["engine_limit"] = [line for line in text if line.startswith("error:") and not line.startswith("error:   |")]
+        return result
+    half = max(3, a.steps // 2)
     stopped = lora_run([recipe, *sets, "--output-dir", str(runs / "ctrlc")], env, logs / f"{row}-ctrlc.log",
                        interrupt_at=half)
     resumed = lora_run([recipe, *sets, "--resume", "--output-dir", str(runs / "ctrlc")], env, logs / f"{row}-resume.log")
@@ -240,6 +278,11 @@ def run_row(row: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     result["resume"] = resumed
     result["resume_ok"] = stopped["rc"] == 130 and resumed["rc"] == 0 and bool(resumed["steps"]) and \
         resumed["steps"][-1][0] == a.steps and resumed["steps"][0][0] > 1
+    if row == "dpipe-flux":   # a diffusers-layout transformer file: refused before launch (diffusers crashes on it)
+        folder = build_flux_diffusers(a, work)
+        result["error_diffusers_transformer"] = lora_run(
+            [recipe, *sets, "--set", f"model.files.transformer={folder / 'transformer' / 'diffusion_pytorch_model.safetensors'}",
+             "--output-dir", str(runs / "err1")], env, logs / f"{row}-err1.log")
     if row == "kohya-flux":   # the engine's own errors: a truncated model file, an option it rejects at run time
         files = build_flux_single_files(a, work)
         broken = work / "broken-ae.safetensors"
@@ -278,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    raw = a.out / f"engines-gpu-{stamp}.json"
     results = []
     for row in a.rows:
         try:
@@ -285,13 +331,34 @@ def main(argv: list[str] | None = None) -> int:
         except (subprocess.CalledProcessError, SystemExit) as exc:
             results.append({"row": row, "size": a.size, "steps": a.steps, "error": str(exc)})
         print(json.dumps(results[-1], default=str)[:2000], flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    raw = a.out / f"engines-gpu-{stamp}.json"
-    raw.write_text(json.dumps({"results": results, "argv": sys.argv}, indent=1, default=str))
+        # written after every row (a `run` call that hits its time limit keeps what is done) with the logs
+        # that become test fixtures: lora-run's output, the engine's own log and the output folder's layout
+        raw.write_text(json.dumps({"results": results, "argv": sys.argv}, indent=1, default=str))
+        keep_logs(row, a.work, a.out / f"engines-gpu-{stamp}-logs")
     print(table(results))
     print(f"raw: {raw}")
     return 0 if all("error" not in r for r in results) else 1
+
+
+def keep_logs(row: str, work: Path, dest: Path) -> None:
+    """Copy a row's small text outputs (≤ 2 MiB each) and list its run folders' files, for fixtures."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in sorted((work / "logs").glob(f"{row}-*.log")):
+        shutil.copy2(log, dest / log.name)
+    for run in sorted((work / "runs" / row).glob("*")):
+        listing = []
+        for p in sorted(run.rglob("*")):
+            rel = p.relative_to(run)
+            if "data" in rel.parts[:2] and p.suffix.lower() in (".png", ".jpg", ".txt"):
+                continue
+            listing.append({"path": str(rel), "dir": p.is_dir(), "size": None if p.is_dir() else p.stat().st_size})
+            if p.is_file() and p.suffix in (".log", ".toml", ".json", ".txt") and p.stat().st_size <= 2 * 2**20:
+                target = dest / f"{row}-{run.name}" / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, target)
+        (dest / f"{row}-{run.name}-layout.json").write_text(json.dumps(listing, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import lora_run_engines as engines
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
-from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent, Supervisor
+from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent
+from lora_run_engines.supervise import Supervisor
 
 NAME = "diffusion-pipe"
 
@@ -81,17 +82,13 @@ class DiffusionPipeBackend:
         return loaded.path.resolve().parent if loaded is not None else Path.cwd()
 
     def _resolve(self, value: str) -> Path:
-        path = Path(os.path.expanduser(value))
-        return path if path.is_absolute() else (self._base() / path).resolve()
+        return engines.resolve_path(value, self._base())
 
     def checkout(self) -> tuple[Path | None, str]:
         """(checkout path or None, where it came from)."""
-        if self.options.path:
-            return self._resolve(self.options.path), "[backend.diffusion-pipe] path"
-        env = os.environ.get(ENV_PATH)
-        if env:
-            return Path(os.path.expanduser(env)).resolve(), f"the {ENV_PATH} environment variable"
-        return None, ""
+        path, env = engines.configured_path(self.options.path, self._base(), ENV_PATH)
+        where = f"the {env} environment variable" if env else "[backend.diffusion-pipe] path" if path else ""
+        return path, where
 
     def launcher(self) -> Path | None:
         if self.options.deepspeed:
@@ -140,7 +137,7 @@ class DiffusionPipeBackend:
         key = translate.OPTIONS_KEY
         path, where = self.checkout()
         if path is not None:
-            problem = _checkout_problem(path)
+            problem = _checkout_problem(path, self.family)
             if problem:
                 problems.append(((*key, "path"), f"{problem} (from {where})"))
         if self.options.deepspeed:
@@ -201,7 +198,7 @@ class DiffusionPipeBackend:
             raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path is not set: point it (or the "
                               f"{ENV_PATH} environment variable) at a diffusion-pipe checkout (git clone "
                               "--recurse-submodules https://github.com/tdrussell/diffusion-pipe)")
-        problem = _checkout_problem(path)
+        problem = _checkout_problem(path, self.family)
         if problem:
             raise RecipeError(f"{self._shown()}: [backend.diffusion-pipe] path: {problem} (from {where})")
         return path
@@ -240,6 +237,8 @@ class DiffusionPipeBackend:
             if value and not Path(value).is_file():
                 what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
                 out.append((key, f"{value} {what}"))
+            elif value and key[-1] == "transformer" and self.family == "flux.1-dev":
+                out += _flux_transformer_problem(key, Path(value))
         return out
 
     def _check_model_files(self) -> None:
@@ -254,11 +253,11 @@ class DiffusionPipeBackend:
         launcher = self._require_launcher()
         self._check_model_files()
         layout = self.layout()
-        commit, dirty = git_state(checkout)
+        commit, dirty = engines.git_state(checkout)
         tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
                 "key_data_commit": keydata.SOURCE_COMMIT}
         ctx.run_dir.update_manifest(external_tools={NAME: tool})
-        if commit not in ("unknown", keydata.SOURCE_COMMIT):
+        if commit is not None and commit != keydata.SOURCE_COMMIT:
             ctx.echo(f"note: diffusion-pipe checkout is at {commit[:12]}{' (modified)' if dirty else ''}; this "
                      f"backend's key data was read at {keydata.SOURCE_COMMIT[:12]}")
 
@@ -278,13 +277,13 @@ class DiffusionPipeBackend:
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
         _, _, total = translate.training_length(recipe, self.options, examples)
-        watcher = _Watcher(self, layout, before, resume_from, total, commit)
+        watcher = _Watcher(self, layout, before, resume_from, total, commit or "unknown")
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
         supervisor = Supervisor(
-            argv, cwd=checkout, env=translate.child_env(self.options), log_path=layout.log,
-            on_line=watcher.on_line, tick=watcher.tick, request_quit=watcher.request_quit,
-            stall_timeout=self.options.stall_timeout, timeout=self.options.timeout,
-            interrupt_grace=self.options.interrupt_grace, echo=ctx.echo)
+            argv, log_path=layout.log, name=NAME, cwd=checkout, env=translate.child_env(self.options),
+            on_line=watcher.on_line, poll=watcher.tick, request_quit=watcher.request_quit,
+            stall_seconds=self.options.stall_timeout or None, timeout_seconds=self.options.timeout,
+            grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo)
         watcher.supervisor = supervisor
         outcome = supervisor.run()
         watcher.tick(force=True)
@@ -295,7 +294,7 @@ class DiffusionPipeBackend:
         ctx.artifacts["train_log"] = str(layout.log)
         if run_folder is not None:
             ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
-        tail = "\n".join(f"  | {line}" for line in supervisor.tail[-30:])
+        tail = "\n".join(f"  | {line}" for line in list(supervisor.tail)[-30:])
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
         if outcome.interrupted:
             saved = collect.latest_checkpoint(run_folder) if run_folder else None
@@ -309,13 +308,14 @@ class DiffusionPipeBackend:
             raise BackendError(f"diffusion-pipe ran longer than [backend.diffusion-pipe] timeout = "
                                f"{self.options.timeout:.0f} s and was stopped; last output:\n{tail}\n{where}")
         if outcome.returncode != 0:
-            raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode}); last output:\n{tail}\n{where}")
+            raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode})"
+                               f"{engines.explain(supervisor.tail, HINTS)}; last output:\n{tail}\n{where}")
         saves = collect.saved_loras(run_folder, self.family)
         if not watcher.parser.completed or not saves:
             what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        self._collect(saves, watcher, commit)
+        self._collect(saves, watcher, commit or "unknown")
 
     def _collect(self, saves: list[collect.SavedLora], watcher: "_Watcher", commit: str) -> None:
         ctx, recipe = self.ctx, self.recipe
@@ -438,15 +438,49 @@ class _Watcher:
         return True
 
 
-def _checkout_problem(path: Path) -> str | None:
+#: submodule files diffusion-pipe imports at start-up, whatever the model (8f83dbf: models/base.py and
+#: utils/dataset.py import ComfyUI's `comfy`, utils/patches.py HunyuanVideo's `hyvideo`), and per family
+SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
+              "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
+
+#: failures of diffusion-pipe we can say more about (the first whose text occurs in the output's tail)
+HINTS = (
+    (("Found no NVIDIA driver", "Torch not compiled with CUDA", "No CUDA GPUs are available"),
+     "diffusion-pipe needs an NVIDIA GPU with CUDA: ComfyUI's model management and DeepSpeed start on the GPU"),
+    (("No module named 'flash_attn'",), "diffusion-pipe's HunyuanImage-2.1 model imports flash-attn (its "
+     "HunyuanImage-2.1 submodule has no other attention path): install flash-attn in diffusion-pipe's environment"),
+    (("No module named 'comfy", "No module named 'hyvideo'", "No module named 'hyimage'"),
+     "a submodule of the diffusion-pipe checkout is missing: run `git submodule update --init --recursive` in it"),
+    (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.diffusion-pipe] blocks_to_swap, "
+     "[model] base_precision = \"fp8\" or a smaller [dataset] resolution"),
+    (("ModuleNotFoundError", "No module named"), "a module is missing from diffusion-pipe's environment, the one "
+     "its launcher runs in ([backend.diffusion-pipe] deepspeed)"),
+)
+
+
+def _checkout_problem(path: Path, family: str | None = None) -> str | None:
     if not path.is_dir():
         return f"{path} is not a folder"
     if not (path / "train.py").is_file():
         return f"{path} has no train.py: not a diffusion-pipe checkout"
+    missing = [rel for key in (None, family) for rel in SUBMODULES.get(key, ()) if not (path / rel).is_file()]
+    if missing:
+        return (f"{path} lacks {', '.join(missing)}: diffusion-pipe imports its submodules at start-up; run "
+                "`git submodule update --init --recursive` in it")
     return None
 
 
-def git_state(path: Path) -> tuple[str, bool]:
-    """(HEAD commit, has uncommitted changes) of a checkout; ("unknown", False) without git."""
-    commit, dirty = engines.git_state(path)
-    return commit or "unknown", bool(dirty)
+def _flux_transformer_problem(key: tuple, path: Path) -> list[tuple[tuple, str]]:
+    """diffusion-pipe loads [model.files] transformer with diffusers' from_single_file, which reads BFL's layout
+    (`double_blocks.N…`, as in flux1-dev.safetensors) only: a diffusers-layout file fails inside it with
+    `IndexError: list index out of range` (met with the real diffusion-pipe 8f83dbf)."""
+    try:
+        keys = engines.safetensors_keys(path)
+    except (OSError, ValueError) as exc:
+        return [(key, f"{path} is not a readable .safetensors file ({exc})")]
+    if not any(".double_blocks." in f".{k}" for k in keys):
+        return [(key, f"{path} is not a FLUX.1 transformer in BFL's single-file layout (no double_blocks.* "
+                      "tensors; a diffusers transformer file?): diffusion-pipe reads this file with diffusers' "
+                      "from_single_file; give flux1-dev.safetensors, or leave it unset to load the transformer "
+                      "from the [model] source folder")]
+    return []

@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Any
 
+from lora_run_engines import keys
+
 from ._keys import KEYS, SOURCE_COMMIT
 
 __all__ = ["KEYS", "SOURCE_COMMIT", "extract", "config_problems", "dataset_problems"]
@@ -52,7 +54,8 @@ def extract(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unknown(table: dict[str, Any], allowed: list[str], where: str) -> list[str]:
-    return [f"{where}{key}: not a key diffusion-pipe reads" for key in table if key not in allowed]
+    return keys.table_problems(table, allowed, unknown=lambda key, close: f"{where}{key}: not a key diffusion-pipe "
+                               "reads" + (f" (did you mean {where}{close}?)" if close else ""))
 
 
 def config_problems(config: dict[str, Any]) -> list[str]:

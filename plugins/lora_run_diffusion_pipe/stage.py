@@ -13,14 +13,12 @@ no longer wanted are removed; the ``cache/`` folder diffusion-pipe keeps there i
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from lora_run.dataset import Item, training_caption
 from lora_run.images import open_rgb
-from lora_run.rundir import atomic_path, atomic_write_text
 from lora_run.schema import Recipe
-from lora_run_engines import stage_link
+from lora_run_engines.stage import Staged, sync_folder
 
 #: Image files diffusion-pipe reads with Pillow as they are (others are converted to PNG).
 PASS_THROUGH = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -37,53 +35,18 @@ def stage(recipe: Recipe, items: list[Item], root: Path, set_names: list[str], *
     """Populate `root/<set>/` for every set; returns the number of images per set."""
     counts: dict[str, int] = {}
     for name in set_names:
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
         members = [item for item in items if set_of(item) == name]
-        wanted: dict[str, tuple[str, object]] = {}   # file name -> ("link"|"copy"|"png"|"caption", payload)
+        wanted: dict[str, Staged] = {}
         for index, item in enumerate(members):
             caption = training_caption(item, recipe.dataset)
             digest = hashlib.sha256(item.image.read_bytes() + b"\0" + caption.encode("utf-8")).hexdigest()[:10]
             stem = f"{index:05d}_{digest}_{item.image.stem}"
-            opened = open_rgb(item.image)
             suffix = item.image.suffix.lower()
-            if opened.notes or suffix not in PASS_THROUGH:
-                wanted[f"{stem}.png"] = ("png", opened.image)
+            if open_rgb(item.image).notes or suffix not in PASS_THROUGH:
+                wanted[f"{stem}.png"] = Staged("png", item.image)
             else:
-                wanted[f"{stem}{suffix}"] = ("copy" if copy else "link", item.image.resolve())
-            wanted[f"{stem}.txt"] = ("caption", caption)
-        for entry in folder.iterdir():
-            if entry.name == "cache" or entry.name in wanted:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        for file_name, (kind, payload) in wanted.items():
-            _place(folder / file_name, kind, payload)
+                wanted[f"{stem}{suffix}"] = Staged("copy" if copy else "link", item.image.resolve())
+            wanted[f"{stem}.txt"] = Staged("text", text=caption)
+        sync_folder(root / name, wanted, lambda entry: entry.name != "cache")   # diffusion-pipe's cache stays
         counts[name] = len(members)
     return counts
-
-
-def _place(target: Path, kind: str, payload: object) -> None:
-    if kind == "caption":
-        text = str(payload)
-        if target.is_file() and not target.is_symlink() and target.read_text("utf-8") == text:
-            return
-        atomic_write_text(target, text)
-    elif kind == "link":
-        stage_link(Path(str(payload)), target)
-    elif kind == "copy":
-        source = Path(str(payload))
-        if target.is_file() and not target.is_symlink() and target.stat().st_size == source.stat().st_size \
-                and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
-            return
-        if target.is_symlink():
-            target.unlink()
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
-    else:                                     # converted image
-        if target.is_symlink():
-            target.unlink()
-        with atomic_path(target) as tmp:
-            payload.save(tmp, format="PNG")   # type: ignore[attr-defined]

@@ -2,26 +2,56 @@
 
 A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is for LoRA layouts:
 
+- :func:`configured_path` / :func:`resolve_path` — where the engine's checkout is (a recipe option, else an
+  environment variable) and paths from the recipe, relative to the recipe's folder;
 - :func:`git_state` — the commit and cleanliness of an engine checkout, for the manifest;
 - :func:`commented` — a generated file's comment header (who wrote it, from what, how to re-run);
 - :func:`split_output` — the supervisor's reader loop: an engine's output split into lines on ``\\n`` and
   ``\\r`` (progress bars redraw with ``\\r``), a runaway line flushed at 1 MiB;
+- :func:`explain` — why an engine failed, from the tail of its output: its own last exception line (not the
+  launcher's wrapper around it) and a hint for the failures we recognise;
+- :func:`safetensors_keys` — the tensor names of a ``.safetensors`` file, read from its header (no torch);
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
   file system has no symlinks.
+
+Its modules, for every engine backend:
+
+- :mod:`lora_run_engines.supervise` — ``Supervisor``: the engine as a child process (own process group, log,
+  progress hooks, Ctrl-C → the engine's graceful quit or SIGINT → SIGTERM → SIGKILL, the output's tail);
+- :mod:`lora_run_engines.stage` — the dataset staged as the engine reads it (links, converted PNGs, captions);
+- :mod:`lora_run_engines.keys` — one scheme for checking generated files against the keys the engine reads.
 
 No torch, no engine import: ``lora-run check`` loads the backends that use this.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from the recipe: ``~`` expanded, a relative one taken from ``base`` (the recipe's folder)."""
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def configured_path(option: str | None, base: Path, env_var: str) -> tuple[Path | None, str | None]:
+    """(the engine checkout's path, ``env_var`` when it came from that environment variable, else None): the
+    recipe option wins over the variable; (None, None) when neither is set."""
+    if option:
+        return resolve_path(option, base), None
+    env = os.environ.get(env_var, "").strip()
+    if env:
+        return Path(os.path.expanduser(env)).resolve(), env_var
+    return None, None
 
 
 def git_state(path: Path) -> tuple[str | None, bool | None]:
@@ -69,6 +99,42 @@ def split_output(read: Callable[[], bytes], emit: Callable[[bytes], None]) -> No
         pass
     if pending.strip():
         emit(pending)
+
+
+_EXCEPTION = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)")
+
+
+def explain(tail: Iterable[str], hints: Iterable[tuple[tuple[str, ...], str]] = (),
+            wrappers: tuple[str, ...] = ("CalledProcessError",)) -> str:
+    """``": <last exception line>"`` of an engine's output tail (skipping the launchers' ``wrappers``) followed by
+    the hint of the first ``(needles, hint)`` whose needle occurs in the tail; "" when neither is found."""
+    lines = list(tail)
+    cause = ""
+    for line in reversed(lines):
+        match = _EXCEPTION.match(line.strip())
+        if match and not any(w in match[1] for w in wrappers):
+            cause = f": {match[1][:300]}"
+            break
+    text = "\n".join(lines)
+    for needles, hint in hints:
+        if any(n in text for n in needles):
+            return f"{cause} ({hint})"
+    return cause
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a ``.safetensors`` file's header (OSError/ValueError when it is not one)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path} is too short to be a .safetensors file")
+        size = int.from_bytes(head, "little")
+        if size > 100 * 2**20:
+            raise ValueError(f"{path}: implausible .safetensors header size {size}")
+        header = json.loads(fh.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the .safetensors header is not a table")
+    return [k for k in header if k != "__metadata__"]
 
 
 def stage_link(source: Path, target: Path) -> None:

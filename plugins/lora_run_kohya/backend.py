@@ -26,10 +26,13 @@ from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
 from lora_run.run import Plan, borrowed_memory_estimate
-from lora_run_engines import commented, stage_link
+import lora_run_engines as engines
+from lora_run_engines import commented
+from lora_run_engines.stage import Staged, sync_folder
+from lora_run_engines.supervise import Supervisor
 
 from . import checkout, spec
-from .supervise import Progress, Stalled, Supervisor, TimedOut, finite
+from .supervise import Progress, finite, training_progress
 from .translate import FAMILIES, FLUX, Paths, Translation, problems, steps_per_epoch, translate
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
@@ -70,9 +73,8 @@ class KohyaBackend:
         value = self.options.python
         if not value:
             return sys.executable
-        p = Path(os.path.expanduser(value))
-        if p.is_absolute() or os.sep in value or "/" in value:
-            return str(p if p.is_absolute() else (self.base / p).resolve())
+        if os.sep in value or "/" in value:
+            return str(engines.resolve_path(value, self.base))
         return value  # a bare command name, found on PATH by Popen
 
     def run_path(self) -> Path:
@@ -279,8 +281,9 @@ class KohyaBackend:
 
         stall = self.options.stall_minutes * 60 if self.options.stall_minutes else None
         timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
-        sup = Supervisor(argv, log_path=log_path, cwd=co.path, env=env, on_line=on_line, on_progress=on_progress,
-                         stall_seconds=stall, timeout_seconds=timeout, poll=watcher.poll)
+        sup = Supervisor(argv, log_path=log_path, name="sd-scripts", cwd=co.path, env=env, on_line=on_line,
+                         progress=training_progress, on_progress=on_progress, stall_seconds=stall,
+                         timeout_seconds=timeout, poll=watcher.poll)
         ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
                  f"log: {log_path}")
         try:
@@ -288,8 +291,13 @@ class KohyaBackend:
         except OSError as exc:
             raise BackendError(f"cannot launch {argv[0]}: {exc.strerror or exc} ([backend.kohya] python)") from None
         try:
-            code = sup.wait()
-        except KeyboardInterrupt:
+            outcome = sup.run()
+        except NonFiniteLoss:
+            display.done()
+            self._record(watcher, paths, log_path)
+            raise
+        code = outcome.returncode
+        if outcome.interrupted:
             display.done()
             watcher.poll(final=True)
             self._record(watcher, paths, log_path)
@@ -299,23 +307,19 @@ class KohyaBackend:
                 f"interrupted: sd-scripts was stopped after step {watcher.step}; "
                 + (f"its last saved state is {state}" + (f" (step {saved})" if saved is not None else "") + "; "
                    if state else "no state was saved yet; ")
-                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}") from None
-        except (Stalled, TimedOut) as exc:
+                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}")
+        if outcome.stalled or outcome.timed_out:
             display.done()
             self._record(watcher, paths, log_path)
             what = (f"printed nothing for {self.options.stall_minutes:g} minutes ([backend.kohya] stall_minutes)"
-                    if isinstance(exc, Stalled) else
+                    if outcome.stalled else
                     f"ran longer than {self.options.timeout_hours:g} hours ([backend.kohya] timeout_hours)")
-            raise BackendError(f"sd-scripts {what} and was stopped.\n{self._tail(sup, log_path)}") from None
-        except NonFiniteLoss:
-            display.done()
-            self._record(watcher, paths, log_path)
-            raise
+            raise BackendError(f"sd-scripts {what} and was stopped.\n{self._tail(sup, log_path)}")
         display.done()
         watcher.poll(final=True)
         self._record(watcher, paths, log_path)
         if code != 0:
-            raise BackendError(f"sd-scripts exited with code {code}{_cause(sup.tail)}{_hint(sup.tail)}.\n"
+            raise BackendError(f"sd-scripts exited with code {code}{engines.explain(sup.tail, HINTS)}.\n"
                                f"{self._tail(sup, log_path)}")
         self._collect(paths, co, tr)
 
@@ -420,14 +424,9 @@ class KohyaBackend:
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:
     """kohya modules in sd-scripts' file that the recipe excludes (read from the header, no torch): modulation
     layers under `attention+mlp`, text-encoder modules when the text encoder is not trained."""
-    import json
-    import struct
-
     from .translate import MODULATION
 
-    with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
-        keys = [k for k in json.loads(fh.read(size)) if k != "__metadata__"]
+    keys = engines.safetensors_keys(path)
     modules = sorted({k.split(".", 1)[0] for k in keys})
     out = []
     if recipe.lora.targets == "attention+mlp":
@@ -490,47 +489,29 @@ def _subset_index(item: Item) -> int:
 def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> dict[str, int]:
     """The dataset view sd-scripts reads: per subset a folder of links to the usable images (converted copies
     where the lint converted them: EXIF rotation, CMYK, 16-bit, alpha) and a ``.txt`` caption per image holding
-    exactly the caption lora-run trains with (trigger policy and default captions applied, one line)."""
+    exactly the caption lora-run trains with (trigger policy and default captions applied, one line). Images
+    and captions a previous attempt staged that are no longer usable are removed; sd-scripts' cache files
+    beside them (``*.npz``) are kept."""
+    from lora_run.images import IMAGE_EXTENSIONS
+
     if not any(not i.is_reg for i in items):
         raise BackendError("no usable subject image to train on (see the dataset lint above)")
     converted = {f.file for f in (lint.findings if lint is not None else []) if f.code == "converted"}
-    wanted: dict[Path, set[str]] = {}
+    wanted: dict[Path, dict[str, Staged]] = {}
     counts: dict[str, int] = {}
     for n, item in enumerate(items):
         folder = paths.subset_dir(_subset_index(item))
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = ".png" if str(item.image) in converted else item.image.suffix.lower()
+        files = wanted.setdefault(folder, {})
         name = f"{n:05d}_{_safe(item.image.stem)}"
-        image = folder / f"{name}{suffix}"
         if str(item.image) in converted:
-            if not image.is_file() or image.is_symlink():
-                _write_converted(item.image, image)
+            files[f"{name}.png"] = Staged("png", item.image)
         else:
-            _link(item.image, image)
-        caption = " ".join(training_caption(item, recipe.dataset).split())
-        atomic_write_text(folder / f"{name}.txt", caption + "\n")
-        wanted.setdefault(folder, set()).update({image.name, f"{name}.txt"})
-        key = folder.name
-        counts[key] = counts.get(key, 0) + 1
-    from lora_run.images import IMAGE_EXTENSIONS
-
-    for folder, names in wanted.items():  # drop images a previous attempt staged that are no longer usable
-        for entry in folder.iterdir():
-            if entry.name not in names and (entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt"):
-                entry.unlink()
+            files[f"{name}{item.image.suffix.lower()}"] = Staged("link", item.image)
+        files[f"{name}.txt"] = Staged("text", text=" ".join(training_caption(item, recipe.dataset).split()) + "\n")
+        counts[folder.name] = counts.get(folder.name, 0) + 1
+    for folder, files in wanted.items():
+        sync_folder(folder, files, lambda entry: entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt")
     return counts
-
-
-_link = stage_link
-
-
-def _write_converted(source: Path, target: Path) -> None:
-    from lora_run.images import open_rgb
-    from lora_run.rundir import atomic_path
-
-    opened = open_rgb(source)
-    with atomic_path(target) as tmp:
-        opened.image.save(tmp, format="PNG")  # type: ignore[attr-defined]
 
 
 SEGMENT = "lora-run-segment.json"
@@ -667,22 +648,11 @@ class Display:
             self.active = False
 
 
-def _cause(tail: Any) -> str:
-    """The last exception line of sd-scripts itself (not accelerate's CalledProcessError around it)."""
-    for line in reversed(list(tail)):
-        text = line.strip()
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", text) and "CalledProcessError" not in text:
-            return f": {text[:300]}"
-    return ""
-
-
-def _hint(tail: Any) -> str:
-    text = "\n".join(tail)
-    if "CUDA out of memory" in text or "OutOfMemoryError" in text:
-        return " (out of GPU memory: try [backend.kohya] blocks_to_swap, [model] base_precision = \"fp8\" or a " \
-               "smaller [dataset] resolution)"
-    if "ModuleNotFoundError" in text or "No module named" in text:
-        return " (a module is missing: is [backend.kohya] python the interpreter of sd-scripts' environment?)"
-    if "extra keys not allowed" in text:
-        return " (sd-scripts rejected the dataset config)"
-    return ""
+#: failures of sd-scripts we can say more about (the first whose text occurs in the output's tail)
+HINTS = (
+    (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.kohya] blocks_to_swap, [model] "
+     "base_precision = \"fp8\" or a smaller [dataset] resolution"),
+    (("ModuleNotFoundError", "No module named"), "a module is missing: is [backend.kohya] python the interpreter of "
+     "sd-scripts' environment?"),
+    (("extra keys not allowed",), "sd-scripts rejected the dataset config"),
+)

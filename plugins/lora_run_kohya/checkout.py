@@ -8,14 +8,13 @@ and record ``git rev-parse HEAD`` plus a dirty flag for the manifest.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
 
 import attrs
 
-from lora_run_engines import git_state
+import lora_run_engines as engines
 
 ENV = "LORA_RUN_SD_SCRIPTS"
 
@@ -37,15 +36,8 @@ class Checkout:
 
 def configured_path(option: str | None, base: Path | None = None) -> tuple[Path | None, str]:
     """The checkout path from the recipe option or the environment, and where it came from."""
-    if option:
-        p = Path(os.path.expanduser(option))
-        if not p.is_absolute() and base is not None:
-            p = base / p
-        return p.resolve(), ""
-    env = os.environ.get(ENV, "").strip()
-    if env:
-        return Path(os.path.expanduser(env)).resolve(), f"${ENV}"
-    return None, ""
+    path, env = engines.configured_path(option, base if base is not None else Path.cwd(), ENV)
+    return path, f"${env}" if env else ""
 
 
 def verify(path: Path | None, origin: str, script: str, network_module: str) -> Path:
@@ -92,5 +84,5 @@ def locate(option: str | None, base: Path | None, script: str, network_module: s
         raise CheckoutError(f"{where}: this sd-scripts is too old for the generated config: its "
                             f"{script} defines no {', '.join('--' + k for k in unknown)} (sd-scripts would "
                             "silently ignore them); update it with `git pull` in that folder")
-    commit, dirty = git_state(path)
+    commit, dirty = engines.git_state(path)
     return Checkout(path, trainer, commit, dirty)

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lora_run_engines import keys
+
 DATA = Path(__file__).with_name("data") / "sd_scripts_options.json"
 
 
@@ -26,46 +28,24 @@ def options(script: str) -> dict[str, dict[str, Any]]:
     return load()["scripts"][script]
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _scalar_ok(kind: str, value: Any) -> bool:
-    if kind in ("str", "Path"):
-        return isinstance(value, str)
-    if kind == "int":
-        return type(value) is int
-    if kind == "float":
-        return type(value) is float
-    if kind == "int_or_float":
-        return type(value) in (int, float)
-    if kind == "bool":
-        return type(value) is bool
-    return False
-
-
 def check_option(script: str, key: str, value: Any) -> str | None:
     """Why ``key = value`` is not a valid ``--config_file`` entry for ``script`` (None if it is)."""
     spec = options(script).get(key)
     if spec is None:
-        import difflib
-
-        close = difflib.get_close_matches(key, list(options(script)), n=1)
-        return (f"`{key}` is not an option of sd-scripts' {script}"
-                + (f" (did you mean `{close[0]}`?)" if close else ""))
+        close = keys.close_match(key, options(script))
+        return f"`{key}` is not an option of sd-scripts' {script}" + (f" (did you mean `{close}`?)" if close else "")
     kind = spec["type"]
     if spec.get("nargs") in ("*", "+"):
         if not isinstance(value, list):
-            return f"`{key}` takes a list (nargs={spec['nargs']}), got {_describe(value)}"
-        bad = [v for v in value if not _scalar_ok(kind, v)]
+            return f"`{key}` takes a list (nargs={spec['nargs']}), got {keys.describe(value)}"
+        bad = [v for v in value if not keys.value_ok(kind, v)]
         if bad:
-            return f"`{key}` takes a list of {kind}, got {_describe(bad[0])} in it"
+            return f"`{key}` takes a list of {kind}, got {keys.describe(bad[0])} in it"
         values = value
     else:
-        if not _scalar_ok(kind, value):
+        if not keys.value_ok(kind, value):
             hint = " (write 1.0, not 1: sd-scripts does not convert config-file values)" if kind == "float" else ""
-            return f"`{key}` expects {kind}, got {_describe(value)}{hint}"
+            return f"`{key}` expects {kind}, got {keys.describe(value)}{hint}"
         values = [value]
     choices = spec.get("choices")
     if choices:
@@ -95,21 +75,6 @@ def check_config(script: str, config: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _dataset_value_ok(kind: str, value: Any) -> bool:
-    for alt in kind.split("|"):
-        if alt == "null" and value is None:
-            return True
-        if alt in ("int", "float", "str", "bool") and _scalar_ok(alt, value):
-            return True
-        if alt == "dict" and isinstance(value, dict):
-            return True
-        if alt.startswith("[") and isinstance(value, list):
-            parts = alt.strip("[]").split(",")
-            if len(value) == len(parts) and all(_scalar_ok(p, v) for p, v in zip(parts, value)):
-                return True
-    return False
-
-
 def check_dataset(dataset: dict[str, Any]) -> list[str]:
     """Every problem of a ``--dataset_config`` table against sd-scripts' voluptuous schema (DreamBooth style)."""
     schema = load()["dataset"]
@@ -117,15 +82,12 @@ def check_dataset(dataset: dict[str, Any]) -> list[str]:
 
     def check_table(table: Any, allowed: dict[str, str], where: str, extra: tuple[str, ...] = ()) -> None:
         if not isinstance(table, dict):
-            problems.append(f"{where}: expected a table, got {_describe(table)}")
+            problems.append(f"{where}: expected a table, got {keys.describe(table)}")
             return
-        for key, value in table.items():
-            if key in extra:
-                continue
-            if key not in allowed:
-                problems.append(f"{where} `{key}`: extra keys not allowed (sd-scripts' dataset schema)")
-            elif not _dataset_value_ok(allowed[key], value):
-                problems.append(f"{where} `{key}` expects {allowed[key]}, got {_describe(value)}")
+        problems.extend(keys.table_problems(
+            table, allowed, skip=extra,
+            unknown=lambda key, _close: f"{where} `{key}`: extra keys not allowed (sd-scripts' dataset schema)",
+            wrong=lambda key, kind, value: f"{where} `{key}` expects {kind}, got {keys.describe(value)}"))
 
     for key in dataset:
         if key not in schema["top_level_keys"]:

@@ -20,6 +20,10 @@ def fake_checkout(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("diffusion-pipe")
     shutil.copy(HERE / "fake_train.py", repo / "train.py")
     (repo / "README.md").write_text("fake diffusion-pipe for lora-run tests\n")
+    for rel in ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py",
+                "submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py"):  # what the backend checks for
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("")
     subprocess.run([*GIT, "init", "-q", str(repo)], check=True)
     subprocess.run([*GIT, "-C", str(repo), "add", "."], check=True)
     subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", "fake"], check=True)

@@ -33,18 +33,28 @@ def main():
         keep = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "PYTORCH_", "PYTHONUNBUFFERED"))}
         with open(record, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "env": keep}) + "\n")
+    # the lines the real launcher (DeepSpeed 0.18.4) prints, as recorded in
+    # fixtures/diffusion-pipe-8f83dbf/launch_no_gpu.log (the accelerator line is the GPU variant, not yet recorded)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"[{stamp},001] [INFO] [real_accelerator.py:260:get_accelerator] Setting ds_accelerator to cuda "
-          "(auto detect)", flush=True)
-    print(f"[{stamp},120] [INFO] [launch.py:146:main] WORLD INFO DICT: {{'localhost': {list(range(num_gpus))}}}",
-          flush=True)
-    print(f"[{stamp},121] [INFO] [launch.py:152:main] nnodes=1, num_local_procs={num_gpus}, node_rank=0", flush=True)
     script, rest = args[0], args[1:]
+    say = lambda level, where, text: print(f"[{stamp},001] [{level}] [{where}] {text}", flush=True)  # noqa: E731
+    say("INFO", "real_accelerator.py:260:get_accelerator", "Setting ds_accelerator to cuda (auto detect)")
+    say("WARNING", "runner.py:232:fetch_hostfile", "Unable to find hostfile, will proceed with training with local "
+        "resources only.")
+    say("INFO", "runner.py:630:main", f"cmd = {sys.executable} -u -m deepspeed.launcher.launch --world_info=e30= "
+        f"--master_addr=127.0.0.1 --master_port={master_port} --enable_each_rank_log=None --log_level=info "
+        f"{' '.join(args)}")
+    say("INFO", "launch.py:162:main", f"WORLD INFO DICT: {{'localhost': {list(range(num_gpus))}}}")
+    say("INFO", "launch.py:168:main", f"nnodes=1, num_local_procs={num_gpus}, node_rank=0")
+    say("INFO", "launch.py:180:main", f"dist_world_size={num_gpus}")
+    say("INFO", "launch.py:184:main", f"Setting CUDA_VISIBLE_DEVICES={','.join(map(str, range(num_gpus)))}")
     children = []
     for rank in range(num_gpus):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(num_gpus),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
-        children.append(subprocess.Popen([sys.executable, "-u", script, f"--local_rank={rank}", *rest], env=env))
+        command = [sys.executable, "-u", script, f"--local_rank={rank}", *rest]
+        children.append(subprocess.Popen(command, env=env))
+        say("INFO", "launch.py:272:main", f"process {children[-1].pid} spawned with command: {command}")
 
     def forward(signum, _frame):
         for child in children:
@@ -66,6 +76,8 @@ def main():
                       f"subprocess {child.pid}", flush=True)
                 for other in children:
                     other.terminate()
+                print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')},501] [ERROR] [launch.py:341:sigkill_handler] "
+                      f"{child.args} exits with return code = {rc}", flush=True)
         time.sleep(0.02)
     return code
 

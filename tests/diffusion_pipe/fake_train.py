@@ -173,15 +173,22 @@ def main():
         raise AssertionError("Block swapping only works with pipeline_stages=1")
     dataset_cfg = load_toml(config["dataset"])
     examples = 0
+    # the caching lines as the real diffusion-pipe 8f83dbf prints them
+    # (fixtures/diffusion-pipe-8f83dbf/startup_and_caching_cpu.log)
     if main_process:
-        log("Map (num_proc=8): 100%|##########| 4/4 [00:00<00:00, 312.15 examples/s]")
+        log("Grouped metadata is not cached. Computing ungrouped metadata and then grouping.")
+        log("Map (num_proc=2): 100%|██████████| 4/4 [00:00<?, ? examples/s]")
         if mode == "slow_cache":
             time.sleep(delay * 20)
     for entry in dataset_cfg["directory"]:
         examples += scan_directory(entry, dataset_cfg, model_type)
+        if main_process:
+            log(f"caching latents: {entry['path']}")
     if main_process:
-        log("Caching latents: 100%|##########| 1/1 [00:00<00:00,  9.87it/s]")
-        log("Caching text embeddings: 100%|##########| 1/1 [00:00<00:00, 11.02it/s]")
+        log("[CACHE] Initializing")
+        log("[CACHE] Existing cache length: 0")
+        log("100%|██████████| 4/4 [00:00<00:00,  9.87it/s]")
+        log("caching text embeddings: (1.0, 1)")
 
     output_dir = Path(config["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)

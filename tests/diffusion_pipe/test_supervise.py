@@ -8,7 +8,8 @@ import time
 import pytest
 
 from lora_run_diffusion_pipe.backend import Progress
-from lora_run_diffusion_pipe.supervise import LogParser, PhaseEvent, SaveEvent, StepEvent, Supervisor
+from lora_run_diffusion_pipe.supervise import LogParser, PhaseEvent, SaveEvent, StepEvent
+from lora_run_engines.supervise import Supervisor
 
 
 def feed(parser, *lines):
@@ -75,8 +76,8 @@ def test_output_is_split_on_carriage_returns_and_logged(tmp_path):
     sup = Supervisor(argv, cwd=tmp_path, env={}, log_path=tmp_path / "log", on_line=seen.append)
     outcome = sup.run()
     assert outcome.returncode == 0 and seen == ["a", "b", "c", "\ufffd\ufffd"]
-    log = (tmp_path / "log").read_bytes()
-    assert b"a\nb\nc\n\xff\xfe\n" in log and b"=== exit code 0" in log
+    log = (tmp_path / "log").read_text("utf-8")      # the log is UTF-8; undecodable bytes are replaced
+    assert "a\nb\nc\n\ufffd\ufffd\n" in log and "=== exit code 0" in log
 
 
 def test_a_failing_callback_stops_the_child(tmp_path):
@@ -94,7 +95,7 @@ def test_a_failing_callback_stops_the_child(tmp_path):
 
 def test_total_timeout(tmp_path):
     argv = script(tmp_path, "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.1)\n")
-    sup = Supervisor(argv, cwd=tmp_path, env={}, log_path=tmp_path / "log", on_line=lambda _l: None, timeout=1.0,
-                     kill_grace=2)
+    sup = Supervisor(argv, cwd=tmp_path, env={}, log_path=tmp_path / "log", on_line=lambda _l: None,
+                     timeout_seconds=1.0, kill_grace=2)
     outcome = sup.run()
     assert outcome.timed_out and not outcome.stalled and "tick" in sup.tail

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from lora_run_kohya.backend import Watcher, _cause, latest_state, state_step
-from lora_run_kohya.supervise import Progress, Supervisor, parse_progress
+from lora_run_engines import explain
+from lora_run_kohya.backend import Watcher, latest_state, state_step
+from lora_run_engines.supervise import Supervisor
+from lora_run_kohya.supervise import Progress, parse_progress, training_progress
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sd-scripts-48d368f"
 
@@ -23,10 +25,8 @@ def replay(name: str, tmp_path: Path) -> tuple[list[Progress], int, Supervisor]:
     reported: list[Progress] = []
     source = FIXTURES / name
     sup = Supervisor([sys.executable, "-c", f"import sys; sys.stdout.write(open({str(source)!r}, encoding='utf-8').read())"],
-                     log_path=tmp_path / "train.log", on_progress=reported.append)
-    sup.start()
-    code = sup.wait()
-    return reported, code, sup
+                     log_path=tmp_path / "train.log", progress=training_progress, on_progress=reported.append)
+    return reported, sup.run().returncode, sup
 
 
 def test_the_real_progress_bar_reaches_every_step_with_its_loss(tmp_path):
@@ -122,7 +122,7 @@ def test_the_real_resumed_run_counts_from_zero_again(tmp_path):
 
 def test_the_engine_error_for_a_truncated_file_is_found_in_its_output():
     tail = (FIXTURES / "flux_error_truncated_file.log").read_text("utf-8").splitlines()[-40:]
-    assert _cause(tail) == ": safetensors_rust.SafetensorError: Error while deserializing header: InvalidHeaderLength"
+    assert explain(tail) == ": safetensors_rust.SafetensorError: Error while deserializing header: InvalidHeaderLength"
 
 
 def test_truncated_model_files_are_refused_before_launch(tmp_path):

@@ -1,4 +1,4 @@
-"""Progress parsing and the process supervisor, with real subprocesses (never a shell)."""
+"""sd-scripts' progress bar and the shared process supervisor driving it, with real subprocesses (never a shell)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from lora_run_kohya.supervise import Stalled, Supervisor, TimedOut, parse_progress
+from lora_run_engines.supervise import Supervisor
+from lora_run_kohya.supervise import parse_progress, training_progress
 
 
 @pytest.mark.parametrize("line, step, total, rate, values", [
@@ -66,23 +67,21 @@ sys.stdout.buffer.write(b"\xff\xfe invalid utf-8 \x00\n")
 
 def test_supervisor_streams_carriage_return_progress_and_reports_each_step_once(tmp_path):
     seen, lines = [], []
-    sup = Supervisor(child(TQDM_LIKE), log_path=tmp_path / "train.log", on_progress=seen.append,
-                     on_line=lines.append)
-    sup.start()
-    assert sup.wait() == 0
+    sup = Supervisor(child(TQDM_LIKE), log_path=tmp_path / "train.log", progress=training_progress,
+                     on_progress=seen.append, on_line=lines.append)
+    assert sup.run().returncode == 0
     assert [p.step for p in seen] == [1, 2, 3, 4]
     assert [p.values["avr_loss"] for p in seen] == [0.15, 0.25, 0.35, 0.45]   # the step's last postfix
     assert "INFO line 3" in lines
-    log = (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text("utf-8")
     assert log.count("4/4") == 1 and "invalid utf-8" in log
-    assert "invalid utf-8" in list(sup.tail)[-1] and log.index("4/4") < log.index("invalid utf-8")
+    assert "invalid utf-8" in list(sup.tail)[-1] and log.index("4/4") < log.rindex("invalid utf-8")
 
 
 def test_nonzero_exit_code_and_tail(tmp_path):
     sup = Supervisor(child("import sys\nfor i in range(50): print('line', i)\nsys.exit(3)"),
                      log_path=tmp_path / "t.log", keep_lines=10)
-    sup.start()
-    assert sup.wait() == 3
+    assert sup.run().returncode == 3
     assert list(sup.tail) == [f"line {i}" for i in range(40, 50)]
 
 
@@ -93,10 +92,9 @@ def test_stall_kills_the_whole_process_group(tmp_path):
             f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
             f"print('started', flush=True)\ntime.sleep(60)\n")
     sup = Supervisor(child(code), log_path=tmp_path / "t.log", stall_seconds=1.5)
-    sup.start()
     started = time.monotonic()
-    with pytest.raises(Stalled):
-        sup.wait()
+    outcome = sup.run()
+    assert outcome.stalled and not outcome.timed_out and not outcome.interrupted
     assert time.monotonic() - started < 20
     assert sup.proc.poll() is not None
     grandchild = int(pid_file.read_text())
@@ -113,9 +111,8 @@ def test_stall_kills_the_whole_process_group(tmp_path):
 def test_total_timeout(tmp_path):
     sup = Supervisor(child("import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.1)"),
                      log_path=tmp_path / "t.log", timeout_seconds=1.0)
-    sup.start()
-    with pytest.raises(TimedOut):
-        sup.wait()
+    outcome = sup.run()
+    assert outcome.timed_out and not outcome.stalled
     assert sup.proc.poll() is not None
 
 
@@ -124,14 +121,14 @@ def test_ctrl_c_is_forwarded_as_sigint_first(tmp_path):
             "def on_int(*_):\n    print('got SIGINT, saving', flush=True); sys.exit(130)\n"
             "signal.signal(signal.SIGINT, on_int)\nprint('ready', flush=True)\ntime.sleep(60)\n")
     sup = Supervisor(child(code), log_path=tmp_path / "t.log", on_line=lambda line: None)
-    sup.start()
     timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        sup.wait()
+    outcome = sup.run()
     timer.cancel()
-    assert sup.proc.returncode == 130
-    assert "got SIGINT, saving" in (tmp_path / "t.log").read_text() or sup.proc.returncode == 130
+    assert outcome.interrupted and not outcome.graceful and outcome.returncode == 130
+    log = (tmp_path / "t.log").read_text("utf-8")
+    assert "got SIGINT, saving" in log      # what the child printed after the signal is logged too
+    assert log.index("stopping the engine (process group") < log.rindex("got SIGINT, saving")
 
 
 def test_child_ignoring_sigint_is_escalated(tmp_path):
@@ -150,8 +147,7 @@ def test_no_shell_is_involved(tmp_path):
     marker = tmp_path / "injected"
     argv = child("import sys; print(sys.argv[1:])") + [f"; touch {marker}", "$(touch x)", "'quoted'"]
     sup = Supervisor(argv, log_path=tmp_path / "t.log")
-    sup.start()
-    assert sup.wait() == 0
+    assert sup.run().returncode == 0
     assert not marker.exists()
     assert "$(touch x)" in (tmp_path / "t.log").read_text()
 
@@ -163,7 +159,7 @@ def test_the_forwarded_sigint_reaches_the_child_even_when_lora_run_ignores_it(tm
     import sys as _sys
     import time as _time
 
-    from lora_run_kohya.supervise import Supervisor as _Supervisor
+    from lora_run_engines.supervise import Supervisor as _Supervisor
 
     previous = _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     try:
