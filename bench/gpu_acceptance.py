@@ -508,6 +508,30 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[str], out: Path, doc: str | None) -> int:
+    """One run measured in several invocations (the device's per-call limit): rows joined, invocations listed."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    commits = {p["environment"].get("commit") for p in parts}
+    if len(commits) != 1:
+        print(f"gpu_acceptance --merge: the files were measured at different commits {sorted(map(str, commits))}",
+              file=sys.stderr)
+        return 2
+    env = dict(parts[0]["environment"])
+    env["invocations"] = [d for p in parts for d in p["environment"].get("invocations", [p["environment"]["date"]])]
+    rows: dict[str, dict[str, Any]] = {}
+    for p in parts:
+        rows.update({r["id"]: r for r in p["rows"]})
+    order = {r["id"]: i for i, r in enumerate(all_rows())}
+    results = sorted(rows.values(), key=lambda r: order.get(r["id"], len(order)))
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"gpu-acceptance-{env['date'].replace('-', '').replace(':', '').replace(' ', '-')[:13]}.json"
+    target.write_text(json.dumps({"environment": env, "rows": results}, indent=2, default=str))
+    if doc:
+        Path(doc).write_text(markdown(env, results))
+    print(f"{len(results)} rows from {len(parts)} invocations -> {target}")
+    return 0 if all(r["passed"] for r in results) else 1
+
+
 class GpuPool:
     """Full-size rows share the GPU when their memory (``gib``) fits together: a row waits until the sum of
     the running rows' shares stays within ``capacity`` GiB and fewer than ``jobs`` run. Each process measures
@@ -550,7 +574,12 @@ def main() -> int:
                     help="a JSON file of an earlier invocation of this run (same commit): its rows are kept, "
                          "new rows are added, and the JSON and table are rewritten as one run")
     ap.add_argument("--doc", default=None, help="write the table here (e.g. docs/gpu-acceptance.md)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no GPU needed: join the JSON files of several invocations of one run (same commit) into "
+                         "one JSON under --out and one table (--doc)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.doc)
     import torch
 
     if not torch.cuda.is_available():
