@@ -44,7 +44,7 @@ for extra in (REPO / "core", REPO / "plugins", HERE):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-FAMILIES = {"flux": "flux.1-dev", "image": "hunyuan-image-2.1", "dit": "hunyuan-dit-1.2"}
+FAMILIES = {"flux": "flux.1-dev", "image": "hunyuan-image-2.1", "dit": "hunyuan-dit-1.2", "klein": "flux.2-klein"}
 MODES = {"speed-graphs": ("speed", "on"), "speed": ("speed", "off"), "memory": ("memory", "auto"),
          "low-vram": ("low-vram", "auto"), "auto": ("auto", "auto")}
 
@@ -58,11 +58,15 @@ def _row(id: str, group: str, family: str, sets: dict[str, Any], kind: str = "ru
 
 def tiny_rows() -> list[dict[str, Any]]:
     rows = []
-    for fam in FAMILIES:
+    for fam in ("flux", "image", "dit"):
         for label, (mode, graphs) in MODES.items():
             rows.append(_row(f"tiny-{fam}-{label}", "tiny", fam,
                              {"train.memory_mode": mode, "train.cuda_graphs": graphs},
                              eval=(label == "auto")))
+    for label in ("speed-graphs", "auto"):     # FLUX.2 [klein]: the fastest and the default plan, evaluation on auto
+        mode, graphs = MODES[label]
+        rows.append(_row(f"tiny-klein-{label}", "tiny", "klein",
+                         {"train.memory_mode": mode, "train.cuda_graphs": graphs}, eval=(label == "auto")))
     rows.append(_row("tiny-flux-kill-resume", "tiny", "flux", {"train.memory_mode": "speed",
                                                                "train.cuda_graphs": "on"}, kind="kill-resume"))
     rows.append(_row("tiny-flux-ctrl-c", "tiny", "flux", {"train.memory_mode": "memory"}, kind="ctrl-c"))
@@ -131,8 +135,10 @@ def build_assets(work: Path, models: set[str]) -> dict[str, Path]:
         from lora_run_native.tiny import build_tiny_flux
         from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit, build_tiny_hunyuan_image
 
+        from lora_run_flux2.tiny import build_tiny_flux2
+
         for key, builder in (("flux", build_tiny_flux), ("image", build_tiny_hunyuan_image),
-                             ("dit", build_tiny_hunyuan_dit)):
+                             ("dit", build_tiny_hunyuan_dit), ("klein", lambda f: build_tiny_flux2(f, "klein"))):
             folder = work / "models" / f"tiny-{key}"
             if not (folder / "model_index.json").is_file():
                 builder(folder)
