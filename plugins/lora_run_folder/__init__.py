@@ -35,10 +35,14 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
 
 def _images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name. Sub-folders (and symlink loops) are not entered."""
-    if not folder.is_dir():
+    if not os.path.isdir(folder):        # os.path: an over-long or unreadable path is "not a folder", not a crash
         return []
     found = []
-    for entry in folder.iterdir():
+    try:
+        entries = list(folder.iterdir())
+    except OSError:                      # unreadable folder: the lint names it
+        return []
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if entry.suffix.lower() in IMAGE_EXTENSIONS:
@@ -57,7 +61,8 @@ class FolderDataset:
     def check(self) -> list[tuple[tuple[str, ...], str]]:
         if self.section.path is None:
             return [(("dataset", "path"), "is required for dataset type \"folder\" (the folder of subject images)")]
-        return []
+        return [(("dataset", "regularization", n, "path"), f"folder not found: {reg.path}")
+                for n, reg in enumerate(self.section.regularization) if not os.path.isdir(reg.path)]
 
     def items(self) -> list[Item]:
         s = self.section

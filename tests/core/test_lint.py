@@ -128,3 +128,23 @@ def test_decompression_bomb_is_refused(recording, write_recipe, subject_dataset,
     report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
     assert all(f.code == "bad-image" and "decompression bomb" in f.message for f in report.errors)
     assert len(report.errors) == 4
+
+
+def test_missing_or_unusable_regularisation_folder_is_a_recipe_error(write_recipe, tmp_path):
+    """A regularisation folder that is not there (or whose path the OS refuses: too long) is named by its key,
+    exit 2, no traceback; a real one passes."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(GOOD)
+    reg = tmp_path / "reg"
+    make_images(reg, count=2, size=(64, 64))
+    for path, code in ((tmp_path / "missing", 2), ("x" * 300, 2), (reg, None)):
+        out = subprocess.run([sys.executable, "-m", "lora_run", "check", str(recipe), "--set",
+                              f'dataset.regularization=[{{path="{path}"}}]'], capture_output=True, text=True)
+        text = out.stdout + out.stderr
+        assert "Traceback" not in text
+        if code is None:
+            assert "[dataset.regularization[0].path]" not in text, text
+        else:
+            assert out.returncode == code and "[dataset.regularization[0].path] folder not found" in text, text
