@@ -93,53 +93,39 @@ def make_converter() -> cattrs.Converter:
             hint = f' (did you mean "{close[0]}"?)' if close else ""
         raise RecipeValueError(f"must be one of {shown}; got {describe(value)}{hint}")
 
-    def list_factory(tp: Any) -> Any:
-        (item_type,) = typing.get_args(tp) or (Any,)
+    def container_factory(tp: Any) -> Any:
+        """Lists and tables: each item structured with its type's hook; every failing item is reported."""
+        is_list = _is_list(tp)
+        item_type = (typing.get_args(tp) or (Any, Any))[0 if is_list else 1]
         inner = conv.get_structure_hook(item_type) if item_type is not Any else None
 
-        def structure_list(value: Any, _: Any) -> list:
-            if not isinstance(value, list):
-                raise RecipeValueError(f"expected a list, got {describe(value)}")
-            out, errors = [], []
-            for i, item in enumerate(value):
-                try:
-                    out.append(inner(item, item_type) if inner else item)
-                except Exception as exc:  # noqa: BLE001 - collected and re-raised as a group
-                    exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"@ [{i}]", i, item_type)]
-                    errors.append(exc)
-            if errors:
-                raise cattrs.IterableValidationError("list items", errors, tp)
-            return out
-        return structure_list
-
-    def dict_factory(tp: Any) -> Any:
-        _, value_type = typing.get_args(tp) or (str, Any)
-        inner = conv.get_structure_hook(value_type) if value_type is not Any else None
-
-        def structure_dict(value: Any, _: Any) -> dict:
-            if not isinstance(value, dict):
-                raise RecipeValueError(f"expected a table, got {describe(value)}")
+        def structure_container(value: Any, _: Any) -> Any:
+            if not isinstance(value, list if is_list else dict):
+                raise RecipeValueError(f"expected a {'list' if is_list else 'table'}, got {describe(value)}")
             if inner is None:
-                return dict(value)
+                return list(value) if is_list else dict(value)
             out, errors = {}, []
-            for key, item in value.items():
+            for key, item in enumerate(value) if is_list else value.items():
                 try:
-                    out[key] = inner(item, value_type)
-                except Exception as exc:  # noqa: BLE001
-                    exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"@ {key}", key, value_type)]
+                    out[key] = inner(item, item_type)
+                except Exception as exc:  # noqa: BLE001 - collected and re-raised as a group
+                    note = (IterableValidationNote(f"@ [{key}]", key, item_type) if is_list
+                            else AttributeValidationNote(f"@ {key}", key, item_type))
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
                     errors.append(exc)
             if errors:
-                raise cattrs.ClassValidationError("table items", errors, tp)
-            return out
-        return structure_dict
+                raise (cattrs.IterableValidationError("list items", errors, tp) if is_list
+                       else cattrs.ClassValidationError("table items", errors, tp))
+            return list(out.values()) if is_list else out
+        return structure_container
 
     conv.register_structure_hook(int, strict_int)
     conv.register_structure_hook(float, strict_float)
     conv.register_structure_hook(bool, strict_bool)
     conv.register_structure_hook(str, strict_str)
     conv.register_structure_hook_func(_is_literal, literal)
-    conv.register_structure_hook_factory(_is_list, list_factory)
-    conv.register_structure_hook_factory(_is_dict, dict_factory)
+    conv.register_structure_hook_factory(_is_list, container_factory)
+    conv.register_structure_hook_factory(_is_dict, container_factory)
 
     def attrs_guard(cls: type) -> Any:
         base = cattrs.gen.make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
