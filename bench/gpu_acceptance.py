@@ -18,6 +18,8 @@ Rows (ids are stable; `tests/gpu/test_acceptance.py` runs the tiny rows under py
   transformer *and* full-size CLIP-L + T5-XXL (caching must fit the budget too), ``memory_mode = "auto"``;
   the measured peak (allocator's reserved maximum, caching included) must stay inside the budget.
 * ``hunyuan``: the full-size Hunyuan-DiT v1.2 transformer in each mode (HunyuanImage-2.1 with ``--only``).
+* ``flux2``: the full-size FLUX.2 [klein] 4B and [dev] transformers (``bench/flux2_fullsize.py``) in each mode at
+  1024², and [dev] in a 24 GiB budget ([dev]'s folder needs 65 GB of disk).
 * ``whole``: the shipped fast recipe (``recipes/flux/identity-fast.toml``) on the full-size transformer,
   timed and split into load, caching, compilation, steps, samples and evaluation.
 
@@ -44,7 +46,8 @@ for extra in (REPO / "core", REPO / "plugins", HERE):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-FAMILIES = {"flux": "flux.1-dev", "image": "hunyuan-image-2.1", "dit": "hunyuan-dit-1.2", "klein": "flux.2-klein"}
+FAMILIES = {"flux": "flux.1-dev", "image": "hunyuan-image-2.1", "dit": "hunyuan-dit-1.2", "klein": "flux.2-klein",
+            "dev": "flux.2-dev"}
 MODES = {"speed-graphs": ("speed", "on"), "speed": ("speed", "off"), "memory": ("memory", "auto"),
          "low-vram": ("low-vram", "auto"), "auto": ("auto", "auto")}
 
@@ -113,8 +116,17 @@ def whole_rows(steps: int) -> list[dict[str, Any]]:
                  model="flux-full-encoders", timeout=300, gib=139, whole_sets={"eval.seeds": [1]})]
 
 
+def flux2_rows() -> list[dict[str, Any]]:
+    """FLUX.2 full size (bench/flux2_fullsize.py): [klein] 4B and [dev] 32 B in each mode at 1024², [dev] in a
+    24 GiB budget. [dev]'s folder is 65 GB: its rows need a machine with that much free disk."""
+    import flux2_fullsize
+
+    return [{**r, "gib": r.get("budget") or (100 if r["family"] == "dev" else 40)} for r in flux2_fullsize.rows()]
+
+
 def all_rows(whole_steps: int = 200) -> list[dict[str, Any]]:
-    return tiny_rows() + full_rows() + budget_rows() + hunyuan_rows() + whole_rows(whole_steps)
+    return (tiny_rows() + full_rows() + budget_rows() + hunyuan_rows() + flux2_rows()
+            + whole_rows(whole_steps))
 
 
 # ---------------------------------------------------------------------------------------------- assets
@@ -145,7 +157,10 @@ def build_assets(work: Path, models: set[str]) -> dict[str, Path]:
             assets[f"tiny-{key}"] = folder
     import fullsize
 
-    builders = {"flux-full": lambda f: fullsize.build_flux(f, "tiny"),
+    import flux2_fullsize
+
+    FAMILIES.update(flux2_fullsize.FAMILIES)
+    builders = {**flux2_fullsize.builders(), "flux-full": lambda f: fullsize.build_flux(f, "tiny"),
                 "flux-full-encoders": lambda f: fullsize.build_flux(f, "full"),
                 "dit-full": fullsize.build_hunyuan_dit, "image-full": fullsize.build_hunyuan_image}
     for key, builder in builders.items():
@@ -175,7 +190,7 @@ def recipe_for(row: dict[str, Any], assets: dict[str, Path]) -> dict[str, Any]:
     model_key = f"tiny-{fam}" if row["model"] == "tiny" else row["model"]
     res = row.get("resolution", 96)
     tiny = row["model"] == "tiny"
-    step = 16 if fam == "flux" else 32
+    step = 16 if fam in ("flux", "klein", "dev") else 32
     subject = assets["subject"] if tiny else assets[f"subject-{res}"]
     recipe: dict[str, Any] = {
         "model": {"family": FAMILIES[fam], "source": str(assets[model_key]), "offline": True},
@@ -567,7 +582,7 @@ class GpuPool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--groups", nargs="+", default=["tiny", "full", "budget", "hunyuan", "whole"])
+    ap.add_argument("--groups", nargs="+", default=["tiny", "full", "budget", "hunyuan", "flux2", "whole"])
     ap.add_argument("--only", nargs="*", default=None, help="row ids (overrides --groups)")
     ap.add_argument("--jobs", type=int, default=6, help="tiny rows run this many at a time")
     ap.add_argument("--full-jobs", type=int, default=1,
