@@ -61,8 +61,7 @@ class FolderDataset:
     def check(self) -> list[tuple[tuple[str, ...], str]]:
         if self.section.path is None:
             return [(("dataset", "path"), "is required for dataset type \"folder\" (the folder of subject images)")]
-        return [(("dataset", "regularization", n, "path"), f"folder not found: {reg.path}")
-                for n, reg in enumerate(self.section.regularization) if not os.path.isdir(reg.path)]
+        return []
 
     def items(self) -> list[Item]:
         s = self.section

@@ -6,6 +6,7 @@ Errors stop the run before any model loads; warnings and conversions are shown i
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     elif len(subject) < d.min_images:
         report.add(WARNING, "few-images", f"only {len(subject)} subject images; the playbook asks for 15–30 "
                    f"with mixed angles, lighting and framing (threshold: dataset.min_images = {d.min_images})")
+    for n, reg in enumerate(d.regularization):
+        if not os.path.isdir(reg.path):   # os.path: an over-long or unreadable path is "not found", not a crash
+            report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: folder not found: {reg.path}")
     digest = hashlib.sha256()
     seen_exact: dict[str, Path] = {}
     seen_near: list[tuple[int, Path]] = []

@@ -130,9 +130,9 @@ def test_decompression_bomb_is_refused(recording, write_recipe, subject_dataset,
     assert len(report.errors) == 4
 
 
-def test_missing_or_unusable_regularisation_folder_is_a_recipe_error(write_recipe, tmp_path):
-    """A regularisation folder that is not there (or whose path the OS refuses: too long) is named by its key,
-    exit 2, no traceback; a real one passes."""
+def test_missing_or_unusable_regularisation_folder_is_a_dataset_error(write_recipe, tmp_path):
+    """A regularisation folder that is not there (or whose path the OS refuses: too long) is a dataset error
+    naming its key, exit 2, no traceback; a real one passes."""
     import subprocess
     import sys
 
@@ -145,6 +145,6 @@ def test_missing_or_unusable_regularisation_folder_is_a_recipe_error(write_recip
         text = out.stdout + out.stderr
         assert "Traceback" not in text
         if code is None:
-            assert "[dataset.regularization[0].path]" not in text, text
+            assert "no-reg-folder" not in text, text
         else:
-            assert out.returncode == code and "[dataset.regularization[0].path] folder not found" in text, text
+            assert out.returncode == code and "dataset.regularization[0].path: folder not found" in text, text
