@@ -5,8 +5,7 @@
     lora-run plan RECIPE [--json]       resolved recipe + the backend's plan
     lora-run plugins [--json]           installed plugins, hooks, registrations
     lora-run recipes [NAME]             shipped recipes with their header line; NAME prints one recipe
-    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them:
-                                        `demo` from the native backend, `eval` and `score` from the evaluator)
+    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them)
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
@@ -113,9 +112,11 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
 def _load(args: argparse.Namespace) -> Any:
     from .plugins import load_plugins
     from .recipe import load_recipe
+    from .run import with_defaults
 
     loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
     plugins = load_plugins()
+    loaded = with_defaults(loaded, plugins)
     for b in plugins.broken:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
     for c in plugins.conflicts:

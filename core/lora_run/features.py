@@ -27,7 +27,7 @@ def _choice(section: str, field: str) -> list[Feature]:
 
     from . import schema
 
-    cls = {"train": schema.TrainSection, "optimizer": schema.OptimizerSection,
+    cls = {"optimizer": schema.OptimizerSection,
            "scheduler": schema.SchedulerSection, "lora": schema.LoraSection}[section]
     values = typing.get_args(typing.get_type_hints(cls)[field])
     prefix = section if field == "name" else field
@@ -67,12 +67,11 @@ FEATURES: list[Feature] = [
     Feature("epochs", ("train", "epochs"), lambda r: r.train.epochs is not None, "training length in epochs"),
     Feature("steps", ("train", "steps"), lambda r: r.train.steps is not None, "training length in steps"),
     Feature("multi_gpu", ("train", "gpus"), lambda r: r.train.gpus > 1, "data-parallel training on several GPUs"),
-    *_choice("train", "timestep_sampling"),
     *_choice("lora", "targets"),
     *_choice("optimizer", "name"),
     *_choice("scheduler", "name"),
 ]
-# losses are plugin names, not a fixed choice: `loss:<name>`
+# losses and σ samplers are plugin names, not a fixed choice: `loss:<name>`, `timestep_sampling:<name>`
 
 
 def used_features(recipe: Recipe) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -81,6 +80,7 @@ def used_features(recipe: Recipe) -> Iterator[tuple[str, tuple[str, ...]]]:
         if feature.used(recipe):
             yield feature.name, feature.key
     yield f"loss:{recipe.train.loss}", ("train", "loss")
+    yield f"timestep_sampling:{recipe.train.timestep_sampling}", ("train", "timestep_sampling")
 
 
 ANY_LOSS = "loss:*"
@@ -97,6 +97,8 @@ def doc_of(name: str) -> str:
             return feature.doc
     if name.startswith("loss:"):
         return f"the `{name[5:]}` loss"
+    if name.startswith("timestep_sampling:"):
+        return f"`train.timestep_sampling = \"{name[18:]}\"`"
     return name
 
 

@@ -20,7 +20,6 @@ LIMITS = {
     "caption": 64 * 1024,       # one caption file
     "image": 256 * MiB,         # one training / subject image (pixels are limited separately: images.MAX_PIXELS)
     "lora": 8 * GiB,            # a LoRA file given to `lora-run eval`
-    "onnx": 2 * GiB,            # an ONNX model an evaluator plugin reads (protobuf cannot hold more)
     "json": 64 * MiB,           # a JSON file of our own run folder read back (manifest, checkpoint state)
 }
 
@@ -41,8 +40,9 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def check_input_file(path: Path | str, kind: str) -> os.stat_result:
-    """Stat ``path`` (following links) and refuse anything but a regular file within ``LIMITS[kind]``."""
+def check_input_file(path: Path | str, kind: str, limit: int | None = None) -> os.stat_result:
+    """Stat ``path`` (following links) and refuse anything but a regular file within ``limit`` bytes
+    (default ``LIMITS[kind]``; a plugin reading a kind of its own passes its limit)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -52,16 +52,16 @@ def check_input_file(path: Path | str, kind: str) -> os.stat_result:
     if not stat.S_ISREG(st.st_mode):
         what = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
         raise FileProblem(f"is {what}, not a regular file")
-    limit = LIMITS[kind]
+    limit = LIMITS[kind] if limit is None else limit
     if st.st_size > limit:
         raise FileProblem(f"is {human_size(st.st_size)}, over the {human_size(limit)} limit for {kind} files")
     return st
 
 
-def read_limited(path: Path | str, kind: str) -> bytes:
+def read_limited(path: Path | str, kind: str, limit: int | None = None) -> bytes:
     """The bytes of a checked input file; a file that grows past its limit while read is refused too."""
-    check_input_file(path, kind)
-    limit = LIMITS[kind]
+    check_input_file(path, kind, limit)
+    limit = LIMITS[kind] if limit is None else limit
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)

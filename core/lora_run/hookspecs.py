@@ -102,7 +102,7 @@ def step_finished(run: Any, step: int, metrics: dict) -> None:
 
 @hookspec
 def checkpoint_saved(run: Any, step: int, path: Any) -> None:
-    """Called after a checkpoint (LoRA files and, for native backends, the resumable state) is on disk."""
+    """Called after a checkpoint (LoRA files and, for backends that can resume, their resumable state) is on disk."""
 
 
 @hookspec

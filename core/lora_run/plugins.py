@@ -61,6 +61,15 @@ class Registration:
     #: families: backend name -> ``"module:Class"`` (or a callable returning the class) that teaches that
     #: backend this family; read by the backend, never by core
     adapters: dict[str, Any] = attrs.field(factory=dict)
+    #: families: σ samplers of their own that ``[train] timestep_sampling`` may name (besides the common ones)
+    samplers: tuple[str, ...] = ()
+    #: families: the LoRA file formats ``[output] formats`` may name for this family
+    lora_formats: tuple[str, ...] = ()
+    #: families: what a recipe without ``[output] formats`` writes (empty: every one of ``lora_formats``)
+    default_formats: tuple[str, ...] = ()
+    #: families, backends, embedders: chosen when the recipe leaves the name unset (a backend: among those
+    #: that train the recipe's family)
+    default: bool = False
 
 
 _FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
@@ -133,6 +142,15 @@ class Plugins:
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
         raise PluginError(f"unknown {kind} \"{name}\" at [{where}]{hint}; available: {available}{extra}")
+
+    def default(self, kind: str, among: Iterable[str] | None = None) -> str | None:
+        """The name a recipe that leaves ``kind`` unset gets: the registration marked ``default`` (among
+        ``among`` when given), else the only candidate; None when that does not decide (none, or several
+        marked)."""
+        table = self.registry[kind]
+        names = sorted(table) if among is None else [n for n in among if n in table]
+        marked = [n for n in names if table[n].default]
+        return marked[0] if len(marked) == 1 else names[0] if len(names) == 1 and not marked else None
 
     def trainers(self, family: str) -> list[str]:
         """Backends that train ``family`` (another name of a listed backend is left out)."""

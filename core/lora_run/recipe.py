@@ -562,7 +562,7 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
         problems.add(("output", "name"), name_problem)
     if "\x00" in r.output.dir or not r.output.dir.strip():
         problems.add(("output", "dir"), f"must be a folder path, got {r.output.dir!r}")
-    if not r.output.formats:
+    if r.output.formats is not None and not r.output.formats:
         problems.add(("output", "formats"), "must name at least one format")
     if r.eval.enabled and not r.eval.prompts:
         problems.add(("eval", "prompts"), "must not be empty when eval is enabled")

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import attrs
 
@@ -19,9 +19,10 @@ from .errors import (BackendError, DatasetError, LoraRunError, OutputError, Plug
 from .files import FileProblem, read_limited, shown
 from .features import capability_problems
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, to_dict
+from .recipe import (CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, replace,
+                     to_dict)
 from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
-from .schema import Recipe
+from .schema import TIMESTEP_SAMPLINGS, Recipe
 
 
 @attrs.frozen
@@ -163,19 +164,72 @@ class Prepared:
     options: Any
 
 
+def with_defaults(loaded: LoadedRecipe, plugins: Plugins) -> LoadedRecipe:
+    """The recipe with the plugin names it leaves unset taken from the registries (the family, the backend
+    that trains it, the embedder, the family's LoRA formats); what the registries do not decide stays unset
+    and `validate` reports it."""
+    r = loaded.recipe
+    family = r.model.family or plugins.default("family")
+    backend = r.backend.name or plugins.default("backend", plugins.trainers(family) if family else None)
+    embedder = r.eval.embedder or plugins.default("embedder")
+    formats = r.output.formats
+    if formats is None and family in plugins.registry["family"]:
+        reg = plugins.registry["family"][family]
+        formats = list(reg.default_formats or reg.lora_formats) or None
+    recipe = replace(r, model={"family": family}, backend={"name": backend}, eval={"embedder": embedder},
+                     output={"formats": formats})
+    return loaded if recipe == r else attrs.evolve(loaded, recipe=recipe)
+
+
+def _unset(kind: str, plugins: Plugins, among: list[str] | None = None) -> str:
+    names = plugins.names(kind) if among is None else among
+    return (f"is not set and no single installed {kind} is registered as the default; set it to one of: "
+            f"{', '.join(names) or 'none installed'}")
+
+
+def _known_name(value: str, known: Iterable[str], what: str) -> str | None:
+    """None when ``value`` is one of ``known``, else the message (with "did you mean")."""
+    known = sorted(set(known))
+    if value in known:
+        return None
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+    return f"unknown {what} \"{value}\"{hint}; installed: {', '.join(known) or 'none'}"
+
+
 def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     """Plugin tables, plugin names and capabilities; every problem at once (RecipeError)."""
+    loaded = with_defaults(loaded, plugins)
     recipe = loaded.recipe
     problems = loaded.problems()
     backend: Registration | None = None
-    try:
-        backend = plugins.get("backend", recipe.backend.name, "backend.name")
-    except PluginError as exc:
-        problems.add(("backend", "name"), _strip_where(str(exc)))
-    try:
-        family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
-    except PluginError as exc:
-        problems.add(("model", "family"), _strip_where(str(exc)))
+    families = plugins.registry["family"]
+    if recipe.model.family is None:
+        problems.add(("model", "family"), _unset("family", plugins))
+    if recipe.backend.name is None:
+        problems.add(("backend", "name"), _unset("backend", plugins, plugins.trainers(recipe.model.family or "")))
+    else:
+        try:
+            backend = plugins.get("backend", recipe.backend.name, "backend.name")
+        except PluginError as exc:
+            problems.add(("backend", "name"), _strip_where(str(exc)))
+    if recipe.model.family is not None:
+        try:
+            family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
+        except PluginError as exc:
+            problems.add(("model", "family"), _strip_where(str(exc)))
+    sampling = _known_name(recipe.train.timestep_sampling,
+                           [*TIMESTEP_SAMPLINGS, *(s for f in families.values() for s in f.samplers)],
+                           "timestep sampling")
+    if sampling:
+        problems.add(("train", "timestep_sampling"), sampling)
+    if recipe.output.formats is None and recipe.model.family in families:
+        problems.add(("output", "formats"), f"is not set and family {recipe.model.family} registers no LoRA "
+                     "formats; name the formats to write")
+    for n, fmt in enumerate(recipe.output.formats or ()):
+        message = _known_name(fmt, (f for reg in families.values() for f in reg.lora_formats), "LoRA format")
+        if message:
+            problems.add(("output", "formats", n), message)
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -205,7 +259,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             plugins.get("evaluator", name, "eval.evaluators")
         except PluginError as exc:
             problems.add(("eval", "evaluators", n), _strip_where(str(exc)))
-    if recipe.eval.enabled and plugins.registry["embedder"]:
+    if recipe.eval.enabled and plugins.registry["embedder"] and recipe.eval.embedder is None:
+        problems.add(("eval", "embedder"), _unset("embedder", plugins))
+    elif recipe.eval.enabled and plugins.registry["embedder"]:
         try:
             reg = plugins.get("embedder", recipe.eval.embedder, "eval.embedder")
             structure_options(reg, recipe.eval.embedder_options, ("eval", "embedder_options"), problems)

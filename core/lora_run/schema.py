@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import attrs
 
-#: The family a recipe without `[model] family` trains (families themselves are plugins: `register_families`).
-DEFAULT_FAMILY = "flux.1-dev"
+#: σ samplers every family takes; a family registers its own extra ones (`register_families(samplers=...)`).
+TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "logit-normal", "shift")
 
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
@@ -30,8 +30,9 @@ frozen = attrs.frozen(kw_only=True)
 class ModelSection:
     """Which base model to train on and where its weights come from."""
 
-    family: str = option(DEFAULT_FAMILY, "Model family: a registered family (`lora-run plugins` lists them; see "
-                         "Model families below).")
+    family: str | None = option(None, "Model family: a registered family (`lora-run plugins` lists them; see "
+                                "Model families below). Unset: the installed family registered as the default "
+                                "(or the only one installed).")
     source: str | None = option(None, "Hub id (`owner/name`) or a local diffusers folder. "
                                 "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
                                 "hub id may still supply the tokenizers and configs).")
@@ -162,11 +163,11 @@ class TrainSection:
                                                             "use it on CPU).")
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
     memory_mode: Literal["auto", "speed", "memory", "low-vram"] = option(
-        "auto", "Native backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
+        "auto", "In-process backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
         "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory; "
         "`base_precision` and `gradient_checkpointing` are then decided by the plan).")
     gpu_memory_gib: float | None = option(
-        None, "Native backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
+        None, "In-process backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
         "samples. `auto` plans within it and the CUDA allocator is capped to it, so a shared GPU or a smaller "
         "card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
         "Default: the GPU's free memory.", gt=0.0, le=4096.0)
@@ -182,9 +183,9 @@ class TrainSection:
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
                                           "`{ c = 0.1 }` for huber); checked by the loss plugin.")
-    timestep_sampling: Literal["uniform", "sigmoid", "logit-normal", "shift", "flux-shift"] = option(
+    timestep_sampling: str = option(
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
-        "`shift` (sigmoid then a fixed shift), `flux-shift` (shift from the image's token count).")
+        "`shift` (sigmoid then a fixed shift), or a sampler a family registers (see Model families below).")
     sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
     logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the common convention "
                                "(a positive mean trains more on less noisy steps; values copy between trainers "
@@ -248,8 +249,8 @@ class EvalSection:
     guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
     width: int = option(768, "Image width.", ge=64, le=4096)
     height: int = option(768, "Image height.", ge=64, le=4096)
-    embedder: str = option("dlib", "Embedder plugin the evaluation compares images with (`lora-run plugins` lists "
-                           "them).")
+    embedder: str | None = option(None, "Embedder plugin the evaluation compares images with (`lora-run plugins` "
+                                  "lists them). Unset: the installed embedder registered as the default.")
     embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
                                               "class.")
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
@@ -264,11 +265,10 @@ class OutputSection:
     dir: str = option("runs/{name}", "Run directory; `{name}` is replaced by `name`.", path=True)
     name: str = option("identity-lora", "Base name of the LoRA files: a plain file name (no folder part, no "
                        "`..`, no leading dot or control characters, at most 160 bytes).")
-    formats: list[Literal["kohya", "diffusers", "comfyui"]] = option(
-        factory=lambda: ["kohya", "diffusers"], doc="LoRA files to write: `kohya` (`lora_unet_` keys with "
-        "alpha and `ss_*` metadata), `diffusers` (diffusers/peft keys, scale folded in) and/or `comfyui` "
-        "(`diffusion_model.` keys, scale folded in). A format a family or backend does not write is skipped with a "
-        "note in `lora-run plan`. Which file for which tool: docs/lora-formats.md.")
+    formats: list[str] | None = option(
+        None, "LoRA file formats to write, by the names the families register (see Model families below). "
+        "Unset: the family's default formats. A format a family or backend does not write is skipped with a note "
+        "in `lora-run plan`. Which file for which tool: docs/lora-formats.md.")
     save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
 
 
@@ -276,7 +276,8 @@ class OutputSection:
 class BackendSection:
     """Which backend executes the recipe, and the options of each backend."""
 
-    name: str = option("native", "Backend plugin (`lora-run plugins` lists them and the families each trains). "
+    name: str | None = option(None, "Backend plugin (`lora-run plugins` lists them and the families each trains); "
+                              "unset: the backend registered as the default among those that train the family. "
                        "`backend = \"NAME\"` at the top level is shorthand for `[backend] name = \"NAME\"`.")
     options: dict[str, dict[str, Any]] = option(factory=dict, doc="`[backend.<name>]` tables, checked by the "
                                                 "backend's own options class.")

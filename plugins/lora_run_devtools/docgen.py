@@ -88,16 +88,27 @@ def families_section() -> list[str]:
     from lora_run.plugins import load_plugins
 
     plugins = load_plugins()
+    default = plugins.default("family")
     lines = ["## Model families\n",
              "Generated from the installed family plugins (`register_families`): what `[model] family` accepts, "
              "the `[model.files]` slots each takes, the grid every bucket side must fall on, the releases "
-             "`[model] version` may name, and the backends that train it.\n",
-             "| family | plugin | `[model.files]` slots | grid (px) | versions | trained by |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "`[model] version` may name, the σ samplers of its own `[train] timestep_sampling` may name, the "
+             "LoRA formats `[output] formats` may name (**bold**: written when the recipe does not say), and "
+             "the backends that train it (**bold**: chosen when `[backend] name` is unset). A recipe without "
+             "`[model] family` trains " + (f"`{default}`" if default else "nothing: it must name one") + ".\n",
+             "| family | plugin | `[model.files]` slots | grid (px) | versions | own samplers | LoRA formats "
+             "| trained by |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, reg in sorted(plugins.registry["family"].items()):
         slots = "<br>".join(f"`{slot}`: {doc}" for slot, doc in reg.file_slots.items()) or "none (folders only)"
+        chosen = reg.default_formats or reg.lora_formats
+        formats = ", ".join(f"**`{f}`**" if f in chosen else f"`{f}`" for f in reg.lora_formats) or "—"
+        trainers = plugins.trainers(name)
+        backend = plugins.default("backend", trainers)
+        trained = ", ".join(f"**{b}**" if b == backend else b for b in trainers) or "—"
         lines.append(f"| `{name}` | {reg.plugin} | {slots} | {reg.pixel_multiple} | "
-                     f"{', '.join(reg.versions) or '—'} | {', '.join(plugins.trainers(name)) or '—'} |")
+                     f"{', '.join(reg.versions) or '—'} | {', '.join(f'`{s}`' for s in reg.samplers) or '—'} | "
+                     f"{formats} | {trained} |")
     lines.append("")
     return lines
 
@@ -124,6 +135,8 @@ def render() -> str:
         lines.append(f"| `{feat.name}` | `{'.'.join(feat.key)}` | {feat.doc} |")
     lines.append("| `loss:<name>` | `train.loss` | the named loss plugin (a backend that declares `loss:*` "
                  "takes every registered loss) |")
+    lines.append("| `timestep_sampling:<name>` | `train.timestep_sampling` | the named σ sampler (`uniform`, "
+                 "`sigmoid`, `logit-normal`, `shift`, or one a family registers) |")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -82,7 +82,7 @@ def register_evaluators(register):
     register("identity", _identity, kind="evaluator",
              description="playbook §7: prompt × strength × seed grid, face identity, leakage, diversity, "
                          "best checkpoint, HTML report")
-    register("dlib", _dlib, kind="embedder", options=DlibOptions,
+    register("dlib", _dlib, kind="embedder", options=DlibOptions, default=True,
              description="offline face embedder: dlib HOG detector, 5-point landmarks, 128-d ResNet (L2 < 0.6)")
     register("onnx", _onnx, kind="embedder", options=OnnxOptions,
              description="user-supplied ArcFace ONNX model (+ optional SCRFD detector), cosine similarity")

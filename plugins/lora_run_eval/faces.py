@@ -250,11 +250,15 @@ def align_face(image: Any, points: Sequence[Sequence[float]], size: int = 112) -
     return np.asarray(warped, dtype=np.uint8)
 
 
+#: the largest ONNX model read (protobuf cannot hold more than 2 GiB)
+ONNX_LIMIT = 2 << 30
+
+
 def _session(path: str, providers: Sequence[str]) -> Any:
     from lora_run.files import FileProblem, check_input_file, shown
 
     try:
-        check_input_file(path, "onnx")
+        check_input_file(path, "onnx", ONNX_LIMIT)
     except FileProblem as exc:
         what = "ONNX model not found" if str(exc).startswith("not found") else f"the ONNX model {exc}"
         raise PluginError(f"{shown(path)}: {what} ([eval.embedder_options])") from None

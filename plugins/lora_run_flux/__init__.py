@@ -16,7 +16,10 @@ FAMILY = "flux.1-dev"
 @hookimpl
 def register_families(register):
     register(FAMILY, description="FLUX.1-dev: rectified-flow MMDiT, CLIP-L + T5-XXL text encoders, 16-px grid",
-             pixel_multiple=16, adapters={"native": "lora_run_flux.adapter:FluxAdapter"}, file_slots={
+             pixel_multiple=16, adapters={"native": "lora_run_flux.adapter:FluxAdapter"},
+             default=True,                          # the family a recipe without `[model] family` trains
+             samplers=("flux-shift",),              # σ shifted by the image's token count, as FLUX samples
+             lora_formats=("kohya", "diffusers", "comfyui"), default_formats=("kohya", "diffusers"), file_slots={
                  "transformer": "the diffusion transformer, `flux1-dev.safetensors` (BFL layout)",
                  "vae": "the autoencoder, `ae.safetensors`",
                  "clip_l": "the CLIP-L text encoder, `clip_l.safetensors`",

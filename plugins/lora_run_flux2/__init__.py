@@ -26,13 +26,20 @@ DEV_SLOTS = {
 }
 
 
+#: the LoRA layouts the family writes (docs/lora-formats.md) and those a recipe gets unless it says
+FORMATS = ("kohya", "diffusers", "comfyui")
+DEFAULT_FORMATS = ("kohya", "diffusers")
+
+
 @hookimpl
 def register_families(register):
     register(KLEIN, description="FLUX.2 [klein] 4B/9B (base or distilled): rectified-flow MMDiT, Qwen3 text "
                                 "encoder, no guidance embedding, 16-px grid",
              file_slots=KLEIN_SLOTS, pixel_multiple=16, versions=("base-4b", "base-9b", "4b", "9b"),
+             samplers=("flux-shift",), lora_formats=FORMATS, default_formats=DEFAULT_FORMATS,
              adapters={"native": "lora_run_flux2.adapter:Flux2KleinAdapter"})
     register(DEV, description="FLUX.2 [dev] (32 B): rectified-flow MMDiT, Mistral-3 text encoder, distilled "
                               "guidance embedding, 16-px grid",
-             file_slots=DEV_SLOTS, pixel_multiple=16,
+             file_slots=DEV_SLOTS, pixel_multiple=16, samplers=("flux-shift",), lora_formats=FORMATS,
+             default_formats=DEFAULT_FORMATS,
              adapters={"native": "lora_run_flux2.adapter:Flux2DevAdapter"})

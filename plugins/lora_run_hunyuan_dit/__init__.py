@@ -16,4 +16,5 @@ FAMILY = "hunyuan-dit-1.2"
 def register_families(register):
     register(FAMILY, description="Hunyuan-DiT v1.2 (and v1.1): DDPM v-prediction DiT, CLIP + mT5 encoders, "
                                  "16-px grid; diffusers folders", file_slots={}, pixel_multiple=16,
-             versions=("1.1", "1.2"), adapters={"native": "lora_run_hunyuan_dit.adapter:HunyuanDiTAdapter"})
+             versions=("1.1", "1.2"), lora_formats=("diffusers",),
+             adapters={"native": "lora_run_hunyuan_dit.adapter:HunyuanDiTAdapter"})

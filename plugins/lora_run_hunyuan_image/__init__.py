@@ -18,6 +18,7 @@ def register_families(register):
              "vae": "the HunyuanImage-2.1 VAE file",
              "qwen": "the Qwen2.5-VL-7B text encoder, `qwen_2.5_vl_7b.safetensors`",
              "byt5": "the ByT5 glyph encoder, `byt5_small_glyphxl_fp16.safetensors`"}
-    register(FAMILY, file_slots=slots, pixel_multiple=32,
+    register(FAMILY, file_slots=slots, pixel_multiple=32, lora_formats=("diffusers", "comfyui", "kohya"),
+             default_formats=("kohya", "diffusers"),
              description="HunyuanImage-2.1: rectified-flow DiT, Qwen2.5-VL + ByT5 encoders, 32-px grid",
              adapters={"native": "lora_run_hunyuan_image.adapter:HunyuanImageAdapter"})

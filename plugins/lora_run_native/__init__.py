@@ -54,7 +54,7 @@ def register_backends(register, families):
     register("native", make_backend, options=NativeOptions, capabilities=capabilities,
              description="in-process trainer (diffusers + peft + accelerate) for " + ", ".join(sorted(classes)),
              reasons=reasons, family_notes=notes, memory_estimate=_memory_estimate,
-             generate=_generate)
+             generate=_generate, default=True)
     flux = classes.get("flux.1-dev")
     if flux is None:  # the alias exists only with the FLUX.1-dev family plugin
         return

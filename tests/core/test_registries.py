@@ -10,7 +10,7 @@ from lora_run.features import capability_problems
 from lora_run.hookspecs import hookimpl
 from lora_run.plugins import load_plugins
 from lora_run.recipe import load_recipe
-from lora_run.run import execute, scan_dataset, validate
+from lora_run.run import execute, scan_dataset, validate, with_defaults
 from lora_run.schema import option
 
 from .conftest import GOOD, RecordingBackend
@@ -42,7 +42,7 @@ class ThirdPartyLoss:
 def test_a_loss_from_any_plugin_is_honoured_by_a_backend_that_takes_every_loss(plugins_with, write_recipe):
     plugins = plugins_with(AnyLossBackend(), ThirdPartyLoss())
     body = GOOD.replace('backend = "recording"', 'backend = "any-loss"').replace("steps = 3", 'steps = 3\nloss = "third-abs"')
-    recipe = load_recipe(write_recipe(body)).recipe
+    recipe = with_defaults(load_recipe(write_recipe(body)), plugins).recipe
     assert capability_problems(recipe, "any-loss", plugins.registry["backend"]) == []
     problems = capability_problems(recipe, "mse-only", plugins.registry["backend"])
     ((key, message),) = problems
@@ -208,7 +208,13 @@ def test_a_disabled_family_plugin_takes_its_family_away(run_cli, write_recipe):
     result = run_cli("check", write_recipe(GOOD.replace('backend = "recording"', "")),
                      env={"LORA_RUN_PLUGINS_DISABLE": "flux.1-dev"})
     assert result.returncode == 2
-    assert '[model.family] unknown family "flux.1-dev"' in result.stderr, result.stderr
+    # the family named nowhere: the default went with its plugin, so the recipe must name one of the others
+    assert "[model.family] is not set and no single installed family is registered as the default; set it to one of: " \
+        "flux.2-dev" in result.stderr, result.stderr
+    assert "[output.formats]" not in result.stderr   # no second message for the same missing family
+    body = GOOD.replace('backend = "recording"', "").replace("[model]", '[model]\nfamily = "flux.1-dev"')
+    named = run_cli("check", write_recipe(body), env={"LORA_RUN_PLUGINS_DISABLE": "flux.1-dev"})
+    assert named.returncode == 2 and '[model.family] unknown family "flux.1-dev"' in named.stderr, named.stderr
 
 
 def test_file_slots_come_from_the_family(plugins_with, write_recipe, recording, tmp_path):

@@ -24,6 +24,7 @@ def test_every_refused_feature_names_its_key_in_the_page():
     refused = text.split("## What is refused, and why")[1].split("\n## ")[0]
     keys = {f.name: ".".join(f.key) for f in FEATURES}
     keys.update({"loss:pseudo-huber": "train.loss"})
+    keys.update({f: "train.timestep_sampling" for f in REASONS if f.startswith("timestep_sampling:")})
     for feature in REASONS:
         assert f"`{keys[feature]}" in refused, f"{feature} ({keys[feature]}) is not in the refusal table"
 

@@ -74,7 +74,7 @@ class FakeBackend:
 class FakeGenPlugin:
     @hookimpl
     def register_backends(self, register):
-        features = {f.name for f in FEATURES} | {"loss:mse"}
+        features = {f.name for f in FEATURES} | {"loss:mse", "timestep_sampling:sigmoid"}
         register("fake-gen", FakeBackend, capabilities={"flux.1-dev": features}, generate=fake_generate)
 
 

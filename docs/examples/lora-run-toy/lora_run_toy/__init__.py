@@ -70,7 +70,8 @@ def register_backends(register):
 @hookimpl
 def register_families(register):
     register("toy-flux", description="a FLUX-shaped toy DiT for CPU demos (build one: lora_run_toy.family.build)",
-             file_slots={}, pixel_multiple=16, adapters={"native": "lora_run_toy.family:ToyFluxAdapter"})
+             file_slots={}, pixel_multiple=16, lora_formats=("kohya", "diffusers"),
+             adapters={"native": "lora_run_toy.family:ToyFluxAdapter"})
 
 
 @hookimpl
