@@ -302,6 +302,48 @@ def build_hunyuan(sd_scripts: Path, out: Path, double: int, single: int, qwen_la
     return result
 
 
+def verify_hunyuan(sd_scripts: Path, layout_file: Path, forward: bool = True) -> dict:
+    """Load a HunyuanImage-2.1 layout with sd-scripts' own loaders (strict), as ``hunyuan_image_train_network``
+    does, tokenize a caption with its tokenize strategy and (``forward``) encode it and run one DiT step on
+    the CPU. Run in a fresh process with ``layout.json``'s ``env``, HF_HUB_CACHE and the shim on PYTHONPATH
+    (``engine_models.py verify-hunyuan`` sets them and re-executes itself)."""
+    import torch
+
+    layout = json.loads(layout_file.read_text("utf-8"))
+    if str(sd_scripts) not in sys.path:
+        sys.path.insert(0, str(sd_scripts))
+    from library import hunyuan_image_models, hunyuan_image_text_encoder as te, hunyuan_image_vae
+    from library.strategy_hunyuan_image import HunyuanImageTokenizeStrategy
+
+    report: dict = {}
+    tokens = HunyuanImageTokenizeStrategy(layout["tokenizers"]).tokenize(['ohwx, a photo with "Hello" on a sign'])
+    report["tokens"] = [list(t.shape) for t in tokens]
+    _, qwen = te.load_qwen2_5_vl(layout["qwen"], dtype=torch.bfloat16, device="cpu")
+    report["qwen_layers"] = len(qwen.model.language_model.layers)
+    _, byt5 = te.load_byt5(layout["byt5"], dtype=torch.float16, device="cpu")
+    vae = hunyuan_image_vae.load_vae(layout["vae"], "cpu").to(torch.float32)   # training: fp16 on the GPU
+    dit = hunyuan_image_models.load_hunyuan_image_model("cpu", layout["transformer"], "torch", False, "cpu",
+                                                         torch.bfloat16)
+    report["dit_blocks"] = [len(dit.double_blocks), len(dit.single_blocks)]
+    if forward:   # what a training step does: encode the caption and a picture, one DiT prediction
+        from library.strategy_hunyuan_image import HunyuanImageTextEncodingStrategy
+
+        with torch.no_grad():
+            conds = HunyuanImageTextEncodingStrategy().encode_tokens(None, [qwen, byt5], tokens)
+            report["text_conds"] = [list(t.shape) for t in conds]
+            del qwen, byt5
+            latents = vae.encode(torch.zeros(1, 3, 64, 64)).sample()
+            report["latents"] = list(latents.shape)
+            vlm_embed, vlm_mask, byt5_embed, byt5_mask, _ = conds
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = dit(latents.to(torch.bfloat16), torch.tensor([500.0]), vlm_embed.to(torch.bfloat16), vlm_mask,
+                           byt5_embed.to(torch.bfloat16), byt5_mask)
+            report["prediction"] = list(pred.shape)
+            report["prediction_finite"] = bool(torch.isfinite(pred.float()).all())
+    report["ok"] = True
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -320,7 +362,25 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--qwen-layers", type=int, default=2, help="at least 2: sd-scripts reads hidden_states[-3]")
     h.add_argument("--qwen-vision", type=int, default=1)
     h.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    v = sub.add_parser("verify-hunyuan", help="load a HunyuanImage-2.1 layout with sd-scripts' own loaders")
+    v.add_argument("--sd-scripts", type=Path, required=True)
+    v.add_argument("--layout", type=Path, required=True, help="the layout.json `hunyuan` wrote")
+    v.add_argument("--no-forward", action="store_true")
     args = ap.parse_args(argv)
+    if args.what == "verify-hunyuan":
+        import os
+
+        layout = json.loads(args.layout.read_text("utf-8"))
+        shim = str(Path(__file__).resolve().parent / "engine_shim")
+        if os.environ.get("LORA_RUN_VERIFY_CHILD") != "1":   # a fresh interpreter with the shim and the cache
+            import subprocess
+
+            env = dict(os.environ, **layout["env"], HF_HUB_CACHE=layout["hf_cache"], HF_HUB_OFFLINE="1",
+                       LORA_RUN_VERIFY_CHILD="1",
+                       PYTHONPATH=os.pathsep.join([shim, *filter(None, [os.environ.get("PYTHONPATH")])]))
+            return subprocess.run([sys.executable, *sys.argv], env=env).returncode
+        print(json.dumps(verify_hunyuan(args.sd_scripts, args.layout, not args.no_forward)))
+        return 0
     if args.what == "hunyuan":
         print(json.dumps(build_hunyuan(args.sd_scripts, args.out, args.double, args.single, args.qwen_layers,
                                        args.qwen_vision, args.dtype)))
