@@ -210,19 +210,21 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
         rank = 4 if a.resolution != 512 else recipe.get("lora", {}).get("rank", 16)
         common += ["--unset", "sample.every_steps", "--set", "optimizer.name=adamw", "--set", "lora.targets=all-linear",
                    "--set", f"lora.alpha={float(rank)}"]
+    elif row == "kohya-hunyuan" and a.resolution != 512:
+        # sd-scripts' HunyuanImage sampling (hunyuan_image_minimal_inference.generate_body) feeds bf16 latents
+        # to the DiT; with fp32 training (the CPU smoke run) the first sample stops the run, so none there
+        common += ["--unset", "sample.every_steps"]
     else:
         common += ["--set", f"sample.every_steps={max(2, steps // 2)}", "--set", "sample.steps=4"]
+        if row.endswith("hunyuan") and a.resolution == 512:
+            common += ["--set", "sample.width=512", "--set", "sample.height=512"]
     if row.endswith("hunyuan") and a.resolution == 512:   # the recipe trains at 1024²; the bench rows at 512²
         common += ["--set", "dataset.resolution=512", "--set", "dataset.bucket_min=256", "--set", "dataset.bucket_max=1024"]
     if a.resolution != 512:   # a CPU smoke run: smaller images (the shipped recipe trains at 512)
         common += ["--set", f"dataset.resolution={a.resolution}", "--set", f"dataset.bucket_min={a.resolution // 2}",
                    "--set", f"dataset.bucket_max={a.resolution * 2}", "--set", "train.mixed_precision=no",
                    "--set", "model.base_precision=bf16", "--set", "lora.rank=4"]
-        if row == "kohya-hunyuan":
-            # sd-scripts' HunyuanImage sampling (hunyuan_image_minimal_inference.generate_body) feeds bf16 latents
-            # to the DiT; with fp32 training (this CPU smoke) the first sample stops the run, so none here
-            common += ["--unset", "sample.every_steps"]
-        elif not row.startswith("dpipe"):
+        if not row.startswith("dpipe") and row != "kohya-hunyuan":
             common += ["--set", f"sample.width={a.resolution}", "--set", f"sample.height={a.resolution}"]
     dpipe = ["--set", "backend.name=diffusion-pipe", "--set", f"backend.diffusion-pipe.path={a.diffusion_pipe}",
              "--set", f"backend.diffusion-pipe.deepspeed="
