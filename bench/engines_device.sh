@@ -4,7 +4,7 @@
 # Here (a machine with the checkouts and wheels of bench/engines_gpu.md §1, e.g. /work/engines):
 #   bash bench/engines_device.sh pack            # → engines/pack/kohya.tar.xz, engines/pack/dpipe.tar.xz[.<i>of<n>]
 # On the GPU machine, one argument per `run` call (results go to $OUT):
-#   bash bench/engines_device.sh kohya-flux      # carry engines/pack/kohya.tar.xz
+#   bash bench/engines_device.sh kohya-flux      # carry engines/pack/kohya.tar.xz (kohya-flux, native-flux rows)
 #   bash bench/engines_device.sh kohya-hunyuan   # carry engines/pack/kohya.tar.xz (again: each call stands alone)
 #   bash bench/engines_device.sh dpipe-part      # carry engines/pack/dpipe.tar.xz.1of2 (only when split)
 #   bash bench/engines_device.sh dpipe           # carry engines/pack/dpipe.tar.xz.2of2 (or dpipe.tar.xz)
@@ -14,7 +14,7 @@
 # wheels become a 39 MiB part), and nothing is installed on the GPU machine, it is only unpacked.
 #   kohya.tar.xz: sd-scripts 48d368f (with a .git holding that one commit, so the manifest names it),
 #                 site-sd-scripts (its pinned transformers 4.54.1, accelerate 1.6.0, diffusers 0.32.1, opencv, …),
-#                 site-lora-run (cattrs, tomli-w, stevedore: lora-run's own packages the machine lacks)
+#                 site-lora-run (cattrs, tomli-w, stevedore, diffusers: lora-run's packages the machine lacks)
 #   dpipe.tar.xz: diffusion-pipe 8f83dbf with its submodules, site-diffusion-pipe, site-lora-run
 # sd-scripts 48d368f cannot use the machine's transformers 5.17: library/lpw_stable_diffusion.py line 12
 # imports CLIPFeatureExtractor, which transformers 5 removed (and its diffusers 0.32.1 imports
@@ -81,6 +81,7 @@ pack)
     mkdir -p "$dir"
     pipt "$dir/site-lora-run" "$LR_WHEELS"/cattrs-*.whl "$LR_WHEELS"/tomli_w-*.whl "$LR_WHEELS"/stevedore-*.whl
     if [ $engine = kohya ]; then
+      pipt "$dir/site-lora-run" "$LR_WHEELS"/diffusers-*.whl   # for the native-flux row of the kohya-flux call
       cp -a "$ENG/sd-scripts" "$dir/sd-scripts"
       slim_git "$dir/sd-scripts"
       pipt "$dir/site-sd-scripts" "$ENG"/wheels/sd-scripts-[0-9]/*.whl
@@ -105,16 +106,20 @@ pack)
   done
   ls -l engines/pack
   ;;
-kohya-flux|kohya-hunyuan)
+kohya-flux)
   unpack kohya
-  rows "$what"
+  rows kohya-flux native-flux   # native: the comparison row, lora-run's own trainer (diffusers from site-lora-run)
+  ;;
+kohya-hunyuan)
+  unpack kohya
+  rows kohya-hunyuan
   ;;
 dpipe-part)   # an earlier part of a split pack: it only has to arrive (the machine keeps it while warm)
   ls -l engines/pack/
   ;;
 dpipe)
   unpack dpipe
-  rows dpipe-flux dpipe-hunyuan native-flux
+  rows dpipe-flux dpipe-hunyuan
   ;;
 *)
   echo "engines_device: unknown step $what" >&2
