@@ -21,7 +21,7 @@
 # FLAX_WEIGHTS_NAME from transformers.utils, also gone), so its own versions travel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: engines_device.sh pack|kohya-flux|kohya-hunyuan|dpipe-part|dpipe}
+what=${1:?usage: engines_device.sh pack|kohya-flux|kohya-hunyuan|dpipe-part|dpipe|unpack NAME}
 PART=$((60 * 1024 * 1024))   # a call carries at most 64 MiB, working tree (~2 MiB) included
 
 unpack() {   # unpack engines/pack/$1.tar.xz (or all its parts, <name>.tar.xz.<i>of<n>) into engines/, once per machine
@@ -113,6 +113,9 @@ kohya-flux)
 kohya-hunyuan)
   unpack kohya
   rows kohya-hunyuan
+  ;;
+unpack)   # only unpack a pack (kohya or dpipe)
+  unpack "${2:?usage: engines_device.sh unpack kohya|dpipe}"
   ;;
 dpipe-part)   # an earlier part of a split pack: it only has to arrive (the machine keeps it while warm)
   ls -l engines/pack/
