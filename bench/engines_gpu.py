@@ -129,6 +129,20 @@ def build_flux_single_files(a: argparse.Namespace, work: Path) -> dict[str, str]
     return json.loads((out / "layout.json").read_text())
 
 
+def build_hunyuan_files(a: argparse.Namespace, work: Path) -> dict:
+    """Random-weight HunyuanImage-2.1 files for sd-scripts (bench/engine_models.py): reduced = 1 double +
+    1 single DiT block and Qwen2.5-VL with 2 language layers + 1 vision block (full width); full = the
+    engine's sizes (about 17B + 8B parameters: some 50 GB of bf16 files)."""
+    out = work / f"hunyuan-sd-scripts-{a.size}"
+    if (out / "layout.json").is_file():
+        return json.loads((out / "layout.json").read_text())
+    sizes = ("0", "0", "0", "0") if a.size == "full" else ("1", "1", "2", "1")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "engine_models.py"), "hunyuan", "--sd-scripts",
+                    str(a.sd_scripts), "--out", str(out), "--double", sizes[0], "--single", sizes[1],
+                    "--qwen-layers", sizes[2], "--qwen-vision", sizes[3]], check=True, env=engine_env(a.site_sd_scripts, None))
+    return json.loads((out / "layout.json").read_text())
+
+
 def build_flux_diffusers(a: argparse.Namespace, work: Path) -> Path:
     """A FluxPipeline folder (diffusion-pipe and native read the configs): tiny, or the full-size transformer."""
     out = work / f"flux-diffusers-{a.size}"
@@ -142,14 +156,21 @@ def build_flux_diffusers(a: argparse.Namespace, work: Path) -> Path:
     return out
 
 
-def engine_env(site: Path | None, t5_layers: int | None) -> dict[str, str]:
-    """The environment of a process that needs the engine's packages (``site`` first on PYTHONPATH)."""
+#: what a wrapper exports besides PYTHONPATH (the shim's variables and the offline hub cache)
+WRAPPER_VARS = ("LORA_RUN_T5_LAYERS", "LORA_RUN_HY_BLOCKS", "LORA_RUN_QWEN_LAYERS", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
+
+
+def engine_env(site: Path | None, t5_layers: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process that needs the engine's packages (``site`` first on PYTHONPATH);
+    ``extra``: the shim's variables and HF_HUB_CACHE of a reduced HunyuanImage-2.1 layout."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     parts = [str(site)] if site else []
     parts += [str(ROOT / "core"), str(ROOT / "plugins")]
     if t5_layers:
-        parts.append(str(ROOT / "bench" / "engine_shim"))
         env["LORA_RUN_T5_LAYERS"] = str(t5_layers)
+    env.update(extra or {})
+    if any(k.startswith("LORA_RUN_") for k in (extra or {})) or t5_layers:
+        parts.append(str(ROOT / "bench" / "engine_shim"))
     env["PYTHONPATH"] = os.pathsep.join(parts + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -159,13 +180,14 @@ def lora_run_env() -> dict[str, str]:
     return engine_env(None, None)
 
 
-def wrapper(work: Path, name: str, site: Path | None, t5_layers: int | None, module: str | None = None) -> Path:
+def wrapper(work: Path, name: str, site: Path | None, t5_layers: int | None, module: str | None = None,
+            extra: dict[str, str] | None = None) -> Path:
     """An executable that runs the machine's Python with an engine's packages first on PYTHONPATH: lora-run
     launches it as `[backend.kohya] python` or `[backend.diffusion-pipe] deepspeed`, so only the engine sees
     its pinned transformers/accelerate/diffusers."""
-    env = engine_env(site, t5_layers)
+    env = engine_env(site, t5_layers, extra)
     path = work / name
-    exports = "".join(f"export {k}={json.dumps(env[k])}\n" for k in ("PYTHONPATH", "LORA_RUN_T5_LAYERS") if k in env)
+    exports = "".join(f"export {k}={json.dumps(env[k])}\n" for k in ("PYTHONPATH", *WRAPPER_VARS) if k in env)
     run = f'exec {sys.executable} -m {module} "$@"' if module else f'exec {sys.executable} "$@"'
     path.write_text(f"#!/bin/sh\n{exports}{run}\n", "utf-8")
     path.chmod(0o755)
@@ -188,13 +210,21 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
         rank = 4 if a.resolution != 512 else recipe.get("lora", {}).get("rank", 16)
         common += ["--unset", "sample.every_steps", "--set", "optimizer.name=adamw", "--set", "lora.targets=all-linear",
                    "--set", f"lora.alpha={float(rank)}"]
+    elif row == "kohya-hunyuan" and a.resolution != 512:
+        # sd-scripts' HunyuanImage sampling (hunyuan_image_minimal_inference.generate_body) feeds bf16 latents
+        # to the DiT; with fp32 training (the CPU smoke run) the first sample stops the run, so none there
+        common += ["--unset", "sample.every_steps"]
     else:
         common += ["--set", f"sample.every_steps={max(2, steps // 2)}", "--set", "sample.steps=4"]
+        if row.endswith("hunyuan") and a.resolution == 512:
+            common += ["--set", "sample.width=512", "--set", "sample.height=512"]
+    if row.endswith("hunyuan") and a.resolution == 512:   # the recipe trains at 1024²; the bench rows at 512²
+        common += ["--set", "dataset.resolution=512", "--set", "dataset.bucket_min=256", "--set", "dataset.bucket_max=1024"]
     if a.resolution != 512:   # a CPU smoke run: smaller images (the shipped recipe trains at 512)
         common += ["--set", f"dataset.resolution={a.resolution}", "--set", f"dataset.bucket_min={a.resolution // 2}",
                    "--set", f"dataset.bucket_max={a.resolution * 2}", "--set", "train.mixed_precision=no",
                    "--set", "model.base_precision=bf16", "--set", "lora.rank=4"]
-        if not row.startswith("dpipe"):
+        if not row.startswith("dpipe") and row != "kohya-hunyuan":
             common += ["--set", f"sample.width={a.resolution}", "--set", f"sample.height={a.resolution}"]
     dpipe = ["--set", "backend.name=diffusion-pipe", "--set", f"backend.diffusion-pipe.path={a.diffusion_pipe}",
              "--set", f"backend.diffusion-pipe.deepspeed="
@@ -216,8 +246,13 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
         folder = build_flux_diffusers(a, work)
         return common + ["--set", f"model.source={folder}"], engine_env(a.site_diffusion_pipe, None)
     if row in ("kohya-hunyuan", "dpipe-hunyuan"):
+        extra = None
         if a.hunyuan_files:
             h = Path(a.hunyuan_files)
+        elif row == "kohya-hunyuan":
+            layout = build_hunyuan_files(a, work)
+            h = Path(layout["transformer"]).parent
+            extra = dict(layout["env"], HF_HUB_CACHE=layout["hf_cache"])
         elif row == "dpipe-hunyuan":
             # no HunyuanImage-2.1 files: empty placeholders pass lora-run's existence check, and diffusion-pipe
             # stops before it reads them (its HunyuanImage model imports flash-attn at start-up): this row then
@@ -226,15 +261,15 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
             h.mkdir(parents=True, exist_ok=True)
             for name in ("dit", "vae", "qwen", "byt5"):
                 (h / f"{name}.safetensors").touch()
-        else:
-            raise SystemExit(f"{row}: needs --hunyuan-files DIR (dit.safetensors, vae.safetensors, qwen.safetensors, "
-                             "byt5.safetensors); random-weight HunyuanImage-2.1 layouts are not built by this script yet")
         sets = ["--set", f"model.files.transformer={h / 'dit.safetensors'}", "--set", f"model.files.vae={h / 'vae.safetensors'}",
                 "--set", f"model.files.qwen={h / 'qwen.safetensors'}", "--set", f"model.files.byt5={h / 'byt5.safetensors'}"]
         if row == "kohya-hunyuan":
-            python = wrapper(work, "python-sd-scripts-full", a.site_sd_scripts, None)
-            return common + sets + ["--set", "backend.name=kohya", "--set", f"backend.kohya.sd_scripts={a.sd_scripts}",
-                                    "--set", f"backend.kohya.python={python}"], lora_run_env()
+            python = wrapper(work, "python-sd-scripts-hunyuan", a.site_sd_scripts, None, extra=extra)
+            sets += ["--set", "backend.name=kohya", "--set", f"backend.kohya.sd_scripts={a.sd_scripts}",
+                     "--set", f"backend.kohya.python={python}"]
+            if not a.hunyuan_files:
+                sets += ["--set", f"backend.kohya.tokenizer_cache_dir={h / 'tokenizers'}"]
+            return common + sets, lora_run_env()
         return common + sets + dpipe, lora_run_env()
     raise SystemExit(f"unknown row {row}")
 
@@ -283,10 +318,12 @@ def run_row(row: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["error_diffusers_transformer"] = lora_run(
             [recipe, *sets, "--set", f"model.files.transformer={folder / 'transformer' / 'diffusion_pytorch_model.safetensors'}",
              "--output-dir", str(runs / "err1")], env, logs / f"{row}-err1.log")
-    if row == "kohya-flux":   # the engine's own errors: a truncated model file, an option it rejects at run time
-        files = build_flux_single_files(a, work)
-        broken = work / "broken-ae.safetensors"
-        broken.write_bytes(Path(files["vae"]).read_bytes()[:4096])
+    if row.startswith("kohya"):   # the engine's own errors: a truncated model file, an option it rejects at run time
+        vae = build_flux_single_files(a, work)["vae"] if row == "kohya-flux" else \
+            (str(Path(a.hunyuan_files) / "vae.safetensors") if a.hunyuan_files else build_hunyuan_files(a, work)["vae"])
+        broken = work / f"broken-vae-{row}.safetensors"
+        with open(vae, "rb") as fh:
+            broken.write_bytes(fh.read(4096))
         result["error_truncated_file"] = lora_run([recipe, *sets, "--set", f"model.files.vae={broken}",
                                                    "--output-dir", str(runs / "err1")], env, logs / f"{row}-err1.log")
         result["error_bad_option"] = lora_run([recipe, *sets, "--set", "backend.kohya.blocks_to_swap=99",

@@ -145,3 +145,15 @@ def test_truncated_model_files_are_refused_before_launch(tmp_path):
     text = tmp_path / "text.safetensors"
     text.write_bytes(b"not a model file at all")
     assert safetensors_problem(text) is not None
+
+
+def test_the_real_hunyuan_image_run_reports_every_step_with_its_loss(tmp_path):
+    """sd-scripts' HunyuanImage-2.1 trainer (hunyuan_image_train_network.py) on reduced random files from
+    bench/engine_models.py: the same progress bar as FLUX, parsed the same way (the losses are what lora-run
+    printed during that run)."""
+    reported, code, _ = replay("hunyuan_train.log", tmp_path)
+    assert code == 0
+    assert [p.step for p in reported] == [1, 2, 3, 4] and {p.total for p in reported} == {4}
+    assert [p.loss for p in reported] == [79.9, 104.0, 88.4, 74.4]
+    text = (FIXTURES / "hunyuan_train.log").read_text("utf-8")
+    assert "subject_hunyuan_image-step00000002.safetensors" in text   # the checkpoint name the watcher expects
