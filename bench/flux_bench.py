@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,14 +43,24 @@ def free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def time_model(model, resolution: int, batch: int, iters: int = 8, warmup: int = 3) -> dict:
-    """The reference's own timing loop and step, without touching the model's checkpointing setup."""
+def time_model(model, resolution: int, batch: int, iters: int = 8, warmup: int = 3,
+               before_step: Callable[[], None] | None = None,
+               after: Callable[[Any, dict, Any], dict] | None = None) -> dict:
+    """The reference's own timing loop and step, without touching the model's checkpointing setup.
+    `before_step()` runs before every step (bench/perf.py marks CUDA-graph iterations there); `after(opt,
+    inputs, target)` runs once after the timed steps and adds its entries to the row."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     inputs = ref.make_inputs(resolution, batch)
     target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+
+    def step():
+        if before_step is not None:
+            before_step()
+        return ref.train_step(model, opt, inputs, target)
+
     t0 = time.perf_counter()
     for _ in range(warmup):
-        ref.train_step(model, opt, inputs, target)
+        step()
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -57,7 +68,7 @@ def time_model(model, resolution: int, batch: int, iters: int = 8, warmup: int =
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        loss = ref.train_step(model, opt, inputs, target)
+        loss = step()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
@@ -65,6 +76,8 @@ def time_model(model, resolution: int, batch: int, iters: int = 8, warmup: int =
     row = dict(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1],
                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                reserved_gib=torch.cuda.max_memory_reserved() / 2**30, loss=float(loss), warmup_s=warm_s)
+    if after is not None:
+        row.update(after(opt, inputs, target))
     del opt
     return row
 

@@ -114,59 +114,31 @@ def guarded(out: Path, row_id: str, timeout: int, fn: Any, **fields: Any) -> dic
 
 
 def free() -> None:
-    import gc
+    from flux_bench import free as release
 
-    import torch
-
-    try:
-        import torch._inductor.cudagraph_trees as trees
-        trees.reset_cudagraph_trees()
-    except Exception:  # noqa: BLE001
-        pass
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    release()
 
 
 def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, graphs: bool = False) -> dict:
-    """The reference's own step (autocast bf16, MSE, backward, fused AdamW), timed with CUDA events."""
+    """The reference's own step (autocast bf16, MSE, backward, fused AdamW), timed with CUDA events
+    (`flux_bench.time_model`), each step marked for CUDA-graph trees as the training loop marks it. With
+    `graphs`, a sampling call (eager blocks) between two replayed steps must give finite results."""
     import torch
 
     import flux_step_reference as ref
+    from flux_bench import time_model
     from lora_run_native import accel
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    inputs = ref.make_inputs(resolution, 1)
-    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        accel.mark_step_begin(model)
-        ref.train_step(model, opt, inputs, target)
-    torch.cuda.synchronize()
-    warm = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        accel.mark_step_begin(model)
-        loss = ref.train_step(model, opt, inputs, target)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    times.sort()
-    row = dict(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], warmup_s=warm,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               reserved_gib=torch.cuda.max_memory_reserved() / 2**30, loss=float(loss))
-    if graphs:
+    def sampling_check(opt: Any, inputs: dict, target: Any) -> dict:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):   # a sampling call: eager blocks
             sample = model(**inputs)[0]
         accel.mark_step_begin(model)
         after = ref.train_step(model, opt, inputs, target)
         torch.cuda.synchronize()
-        row["sampling_ok"] = bool(torch.isfinite(sample).all()) and bool(torch.isfinite(after))
-    del opt
-    return row
+        return {"sampling_ok": bool(torch.isfinite(sample).all()) and bool(torch.isfinite(after))}
+
+    return time_model(model, resolution, 1, iters, warmup, before_step=lambda: accel.mark_step_begin(model),
+                      after=sampling_check if graphs else None)
 
 
 def lora_snapshot(model: Any) -> dict:
@@ -239,6 +211,21 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     snapshot = lora_snapshot(model)
     ref_grads, noise = reference_grads(model)
     free()
+
+    def speed_rows(row_id: str, plan: Any, choice: Any, **extra: Any) -> None:
+        """The speed-mode rows at 1024² and 512²; the LoRA-gradient error is measured once, before timing."""
+        err = {}
+
+        def speed(res: int) -> dict:
+            if not err:
+                err["value"] = grad_error(model, ref_grads, snapshot)
+                free()
+            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, **extra)
+        for res in (1024, 512):
+            guarded(out, row_id, timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
+                    plan=plan.describe(), attention=choice.describe())
+            free()
+
     if group == "fa2":
         env = dict(matmul_tflops=ref.matmul_ceiling_tflops())
         if "reference" in rows:
@@ -254,17 +241,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
             plan = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, cuda_graphs="off")
             choice = attention.setup(model, "sdpa", "cuda")
             accel.apply(model, plan, "cuda", torch.bfloat16)
-            err = {}
-
-            def speed(res: int) -> dict:
-                if not err:
-                    err["value"] = grad_error(model, ref_grads, snapshot)
-                    free()
-                return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise)
-            for res in (1024, 512):
-                guarded(out, "fa2", timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
-                        plan=plan.describe(), attention=choice.describe())
-                free()
+            speed_rows("fa2", plan, choice)
         return
     if group == "fa4":
         choice = attention.setup(model, "fa4", "cuda")
@@ -275,18 +252,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         plan = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, cuda_graphs="off")
         routed = fa4_calls(model)
         accel.apply(model, plan, "cuda", torch.bfloat16)
-        err = {}
-
-        def speed(res: int) -> dict:
-            if not err:
-                err["value"] = grad_error(model, ref_grads, snapshot)
-                free()
-            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, fa4_calls=routed)
         if "fa4" in rows:
-            for res in (1024, 512):
-                guarded(out, "fa4", timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
-                        plan=plan.describe(), attention=choice.describe())
-                free()
+            speed_rows("fa4", plan, choice, fa4_calls=routed)
         if "graphs" in rows:
             graphs = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS, cuda_graphs="on")
             for block in accel.repeated_blocks(model):       # re-wrap the eager forwards with CUDA graphs
