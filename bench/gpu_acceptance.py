@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -559,8 +560,6 @@ class GpuPool:
     its own peak, so the memory columns stay exact; step times of rows that overlapped are marked."""
 
     def __init__(self, capacity: float, jobs: int):
-        import threading
-
         self.capacity, self.jobs, self.used, self.running = capacity, jobs, 0.0, 0
         self.cond = threading.Condition()
 
@@ -591,9 +590,6 @@ def main() -> int:
     ap.add_argument("--whole-steps", type=int, default=200)
     ap.add_argument("--work", default="/tmp/lora-run-acceptance")
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--append", default=None,
-                    help="a JSON file of an earlier invocation of this run (same commit): its rows are kept, "
-                         "new rows are added, and the JSON and table are rewritten as one run")
     ap.add_argument("--doc", default=None, help="write the table here (e.g. docs/gpu-acceptance.md)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no GPU needed: join the JSON files of several invocations of one run (same commit) into "
@@ -615,20 +611,6 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"gpu-acceptance-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    if args.append:
-        earlier = json.loads(Path(args.append).read_text())
-        if earlier["environment"].get("commit") != env.get("commit"):
-            print(f"gpu_acceptance: {args.append} was measured at commit {earlier['environment'].get('commit')}, "
-                  f"this is {env.get('commit')}: not one run", file=sys.stderr)
-            return 2
-        new_ids = {r["id"] for r in rows}
-        results = [r for r in earlier["rows"] if r["id"] not in new_ids]
-        env["invocations"] = [*earlier["environment"].get("invocations", [earlier["environment"]["date"]]),
-                              env["date"]]
-        env["date"] = earlier["environment"]["date"]
-        json_path = Path(args.append)
-    import threading
-
     lock = threading.Lock()
 
     def record(result: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ class StepProfiler:
         self.first, self.last, self.out = first, last, out
         self.times: list[tuple[int, float]] = []
         self.prof = None
+        self.summary: dict | None = None
 
     @hookimpl
     def step_finished(self, run, step, metrics):  # noqa: ARG002 - hook signature
@@ -94,9 +95,8 @@ def main() -> int:
         model = fullsize.build_flux(work / "models" / "flux-full", "tiny")
     built = time.perf_counter() - started
     sets = [f'model.source="{model}"', "model.offline=true", f'dataset.path="{work / "data-512"}"',
-            f"train.steps={args.steps}", "train.save_every_steps=1000", "eval.enabled=false",
-            "backend.native.progress_bar=false", 'output.name="profile"', *args.sets]
-    sets = [s for s in sets if not s.startswith("sample.")] + ["sample.every_steps=1000"]
+            f"train.steps={args.steps}", "train.save_every_steps=1000", "sample.every_steps=1000",
+            "eval.enabled=false", "backend.native.progress_bar=false", 'output.name="profile"', *args.sets]
     loaded = load_recipe(REPO / "recipes" / "flux" / "identity-fast.toml", sets)
     profiler = StepProfiler(*args.profile, out)
     plugins = load_plugins(extra=[profiler])
@@ -110,7 +110,7 @@ def main() -> int:
     result = {"model_build_s": round(built, 1), "execute_s": round(total, 1), "step_gaps_s": gaps,
               "first_step_at_s": round(steps[0][1] - started, 1) if steps else None,
               "median_step_s": sorted(gaps)[len(gaps) // 2] if gaps else None,
-              "profile": getattr(profiler, "summary", None),
+              "profile": profiler.summary,
               "dynamo": {k: dict(v) for k, v in counters.items() if k in ("stats", "frames", "recompiles")},
               "sets": sets, "torch": torch.__version__}
     manifest = json.loads((work / "run" / "manifest.json").read_text())
