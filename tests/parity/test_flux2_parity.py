@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import minimal_recipe
 
 pytestmark = pytest.mark.usefixtures("flux2_registered")
 
@@ -45,21 +45,8 @@ def flux2_registered(tmp_path_factory):
 def adapter_for(variant, model, **train):
     from lora_run_native.adapters import adapter_class
 
-    lines = "\n".join(f"{k} = {v!r}" for k, v in train.items())
-    recipe = parse_recipe_text(f"""
-[model]
-family = "flux.2-{variant}"
-source = "{model}"
-[dataset]
-path = "{model}"
-trigger = "ohwx"
-[train]
-steps = 1
-mixed_precision = "no"
-{lines}
-[backend.native]
-text_max_length = 24
-""")
+    recipe = minimal_recipe(f"flux.2-{variant}", model, train={"mixed_precision": "no", **train},
+                            native={"text_max_length": 24})
     from lora_run_native.backend import NativeOptions
 
     return adapter_class(f"flux.2-{variant}")(recipe, options=NativeOptions(text_max_length=24))

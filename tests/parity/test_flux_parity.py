@@ -16,26 +16,13 @@ import math
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import minimal_recipe
 
 
 def adapter_for(tmp_path, **train):
     from lora_run_flux.adapter import FluxAdapter
 
-    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in train.items())
-    recipe = parse_recipe_text(f"""
-[model]
-family = "flux.1-dev"
-source = "{tmp_path}"
-[dataset]
-path = "{tmp_path}"
-trigger = "ohwx"
-[train]
-steps = 1
-mixed_precision = "no"
-{lines}
-""")
-    return FluxAdapter(recipe)
+    return FluxAdapter(minimal_recipe("flux.1-dev", tmp_path, train={"mixed_precision": "no", **train}))
 
 
 # ---------------------------------------------------------------------------------------------- latents

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import minimal_recipe
 
 #: the v1.2 scheduler config as published (the fields that define the schedule), written out independently
 V12 = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.018,
@@ -29,20 +29,8 @@ V12 = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start"
 
 
 def recipe_for(source: Path, version: str | None = None, **train):
-    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in train.items())
-    return parse_recipe_text(f"""
-[model]
-family = "hunyuan-dit-1.2"
-source = "{source}"
-{f'version = "{version}"' if version else ""}
-[dataset]
-path = "{source}"
-trigger = "ohwx"
-[train]
-steps = 1
-mixed_precision = "no"
-{lines}
-""")
+    return minimal_recipe("hunyuan-dit-1.2", source, train={"mixed_precision": "no", **train},
+                          model={"version": version} if version else None)
 
 
 def model_folder(tmp_path: Path, scheduler: dict | None = V12, style: bool = False, name: str = "m") -> Path:

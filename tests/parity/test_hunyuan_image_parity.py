@@ -16,29 +16,14 @@ import math
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import minimal_recipe
 
 
 def adapter_for(tmp_path, **train):
     from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
 
-    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in train.items())
-    recipe = parse_recipe_text(f"""
-[model]
-family = "hunyuan-image-2.1"
-source = "{tmp_path}"
-[dataset]
-path = "{tmp_path}"
-trigger = "ohwx"
-resolution = 512
-bucket_min = 256
-bucket_max = 512
-[train]
-steps = 1
-mixed_precision = "no"
-{lines}
-""")
-    return HunyuanImageAdapter(recipe)
+    return HunyuanImageAdapter(minimal_recipe("hunyuan-image-2.1", tmp_path, train={"mixed_precision": "no", **train},
+                                              dataset={"resolution": 512, "bucket_min": 256, "bucket_max": 512}))
 
 
 # ------------------------------------------------------------------------------------------- glyph text

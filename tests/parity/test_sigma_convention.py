@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from .conftest import minimal_recipe
 
 N = 20000
 
@@ -77,18 +77,7 @@ def test_hunyuan_dit_timesteps_follow_the_same_convention(tmp_path):
 
     from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
-    recipe = parse_recipe_text(f"""
-[model]
-family = "hunyuan-dit-1.2"
-source = "{tmp_path}"
-[dataset]
-path = "{tmp_path}"
-trigger = "ohwx"
-[train]
-steps = 1
-timestep_sampling = "logit-normal"
-logit_mean = 0.5
-""")
+    recipe = minimal_recipe("hunyuan-dit-1.2", tmp_path, train={"timestep_sampling": "logit-normal", "logit_mean": 0.5})
     t = HunyuanDiTAdapter(recipe).sample_timesteps(N, torch.Generator().manual_seed(0), torch.zeros(1, 4, 2, 2))
     assert float(t.median()) == pytest.approx(999 / (1 + math.exp(0.5)), abs=10)
 
@@ -98,19 +87,8 @@ def test_kohya_translation_means_the_same_sigmas(tmp_path):
     its median σ equals ours, so the mean passes through unchanged (it used to be negated)."""
     from lora_run_kohya.translate import _timesteps
 
-    recipe = parse_recipe_text(f"""
-[model]
-family = "flux.1-dev"
-source = "{tmp_path}"
-[dataset]
-path = "{tmp_path}"
-trigger = "ohwx"
-[train]
-steps = 1
-timestep_sampling = "logit-normal"
-logit_mean = 0.5
-logit_std = 1.2
-""")
+    recipe = minimal_recipe("flux.1-dev", tmp_path, train={"timestep_sampling": "logit-normal", "logit_mean": 0.5,
+                                                           "logit_std": 1.2})
     keys = _timesteps(recipe)
     assert keys["timestep_sampling"] == "sigma" and keys["weighting_scheme"] == "logit_normal"
     assert keys["discrete_flow_shift"] == 1.0 and keys["logit_std"] == 1.2
