@@ -21,3 +21,21 @@ def minimal_recipe(family: str, source: str | Path, *, train: dict[str, Any] | N
     if native:
         raw["backend"] = {"native": native}
     return parse_recipe_text(tomli_w.dumps(raw))
+
+
+def transformer_inputs(predict, model, noisy, t, text) -> tuple[dict[str, Any], Any]:
+    """What `predict(model, noisy, t, text, 1.0)` feeds the transformer, by the names of its forward's
+    parameters (passed by position or keyword; tensors cloned), and the prediction."""
+    import inspect
+
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        seen.update({k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in bound.items()})
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = predict(model, noisy, t, text, 1.0)
+    finally:
+        handle.remove()
+    return seen, out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import minimal_recipe
+from .conftest import minimal_recipe, transformer_inputs
 
 #: the v1.2 scheduler config as published (the fields that define the schedule), written out independently
 V12 = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.018,
@@ -192,26 +192,11 @@ def text_inputs(b: int):
             "prompt_embeds_2": torch.randn(b, 256, 32, generator=g), "prompt_attention_mask_2": mask5}
 
 
-def fed_inputs(predict, transformer, noisy, t, text):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen["timestep"] = (args[1] if len(args) > 1 else kwargs["timestep"]).detach().clone()
-        seen.update({k: kwargs.get(k) for k in ("text_embedding_mask", "text_embedding_mask_t5", "image_meta_size",
-                                                "style", "encoder_hidden_states", "encoder_hidden_states_t5")})
-    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        out = predict(transformer, noisy, t, text, 1.0)
-    finally:
-        handle.remove()
-    return seen, out
-
-
 def timestep_is_the_integer_step(predict, transformer) -> bool:
     import torch
 
     t = torch.tensor([17.0, 640.0])
-    seen, _ = fed_inputs(predict, transformer, torch.randn(2, 4, 8, 8), t, text_inputs(2))
+    seen, _ = transformer_inputs(predict, transformer, torch.randn(2, 4, 8, 8), t, text_inputs(2))
     return bool(torch.equal(seen["timestep"].float(), t))
 
 
@@ -227,11 +212,11 @@ def test_the_transformer_gets_t_text_masks_and_gives_v(tmp_path):
     assert not timestep_is_the_integer_step(scaled, model)
     text = text_inputs(2)
     noisy = torch.randn(2, 4, 8, 8)
-    seen, out = fed_inputs(adapter.predict, model, noisy, torch.tensor([5.0, 6.0]), text)
+    seen, out = transformer_inputs(adapter.predict, model, noisy, torch.tensor([5.0, 6.0]), text)
     assert torch.equal(seen["text_embedding_mask"], text["prompt_attention_mask"])
     assert torch.equal(seen["text_embedding_mask_t5"], text["prompt_attention_mask_2"])
     assert torch.equal(seen["encoder_hidden_states_t5"], text["prompt_embeds_2"])
-    assert seen["image_meta_size"] is None and seen["style"] is None          # v1.2: no size / style input
+    assert seen.get("image_meta_size") is None and seen.get("style") is None          # v1.2: no size / style input
     with torch.no_grad():
         full = model(noisy, torch.tensor([5.0, 6.0]), encoder_hidden_states=text["prompt_embeds"],
                      text_embedding_mask=text["prompt_attention_mask"],
@@ -247,7 +232,7 @@ def test_v11_gets_size_and_style_conditioning(tmp_path):
     from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, None, style=True), "1.1"))
-    seen, out = fed_inputs(adapter.predict, tiny_transformer(style=True), torch.randn(2, 4, 8, 12),
+    seen, out = transformer_inputs(adapter.predict, tiny_transformer(style=True), torch.randn(2, 4, 8, 12),
                            torch.tensor([3.0, 9.0]), text_inputs(2))
     assert seen["image_meta_size"].tolist() == [[64.0, 96.0, 64.0, 96.0, 0.0, 0.0]] * 2
     assert seen["style"].tolist() == [0, 0] and out.shape == (2, 4, 8, 12)

@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from .conftest import minimal_recipe
+from .conftest import minimal_recipe, transformer_inputs
 
 
 def adapter_for(tmp_path, **train):
@@ -187,24 +187,11 @@ def text_inputs(b: int):
             "prompt_embeds_2": torch.randn(b, 5, 32, generator=g), "prompt_embeds_mask_2": mask2}
 
 
-def fed(predict, model, noisy, sigma, text):
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen.update({k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in kwargs.items()})
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        out = predict(model, noisy, sigma, text, 1.0)
-    finally:
-        handle.remove()
-    return seen, out
-
-
 def timestep_is_sigma_times_1000(predict, model) -> bool:
     import torch
 
     sigma = torch.tensor([0.125, 0.75])
-    seen, _ = fed(predict, model, torch.randn(2, 64, 2, 2), sigma, text_inputs(2))
+    seen, _ = transformer_inputs(predict, model, torch.randn(2, 64, 2, 2), sigma, text_inputs(2))
     return bool(torch.allclose(seen["timestep"], sigma * 1000.0))
 
 
@@ -218,7 +205,7 @@ def test_the_transformer_gets_sigma_times_1000_and_both_encodings(tmp_path):
     assert not timestep_is_sigma_times_1000(bare_sigma, model)
     text = text_inputs(2)
     noisy = torch.randn(2, 64, 2, 3)
-    seen, out = fed(adapter.predict, model, noisy, torch.tensor([0.5, 0.5]), text)
+    seen, out = transformer_inputs(adapter.predict, model, noisy, torch.tensor([0.5, 0.5]), text)
     assert torch.equal(seen["hidden_states"], noisy) and out.shape == noisy.shape       # unpacked
     assert torch.equal(seen["encoder_hidden_states"], text["prompt_embeds"])
     assert torch.equal(seen["encoder_attention_mask"], text["prompt_embeds_mask"])
