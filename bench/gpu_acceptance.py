@@ -563,8 +563,10 @@ class GpuPool:
         self.capacity, self.jobs, self.used, self.running = capacity, jobs, 0.0, 0
         self.cond = threading.Condition()
 
+    CONTEXT_GIB = 1.0    # a process's CUDA context and kernels: memory outside the allocator's peak
+
     def run(self, row: dict[str, Any], fn) -> dict[str, Any]:
-        need = min(float(row.get("gib", self.capacity)), self.capacity)
+        need = min(float(row.get("gib", self.capacity)) + self.CONTEXT_GIB, self.capacity)
         with self.cond:
             self.cond.wait_for(lambda: self.running < self.jobs and self.used + need <= self.capacity)
             self.used += need
@@ -638,7 +640,11 @@ def main() -> int:
     if not args.overlap:
         tiny_thread.join()
     assets.update(build_assets(work, {r["model"] for r in big + whole}))
-    gpu = GpuPool(capacity=torch.cuda.get_device_properties(0).total_memory / 2**30 - 8, jobs=max(1, args.full_jobs))
+    # Tiny rows running alongside hold about 1.5 GiB each (context, compiled kernels, caches): the first shared
+    # run, without this, put two full-size rows out of memory.
+    alongside = 1.5 * min(max(1, args.jobs), len(tiny)) if args.overlap else 0.0
+    gpu = GpuPool(capacity=torch.cuda.get_device_properties(0).total_memory / 2**30 - 8 - alongside,
+                  jobs=max(1, args.full_jobs))
     with cf.ThreadPoolExecutor(max_workers=max(1, args.full_jobs)) as pool:
         for future in [pool.submit(gpu.run, r, lambda r: run_row(r, assets, work)) for r in big]:
             record({**future.result(), "shared_gpu": args.full_jobs > 1 or bool(args.overlap and tiny)})
