@@ -322,19 +322,6 @@ def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
     return prepared.backend.factory(ctx)
 
 
-def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: int = 0) -> tuple[float, str] | None:
-    """For a backend without its own memory model: (GiB, label) from the first backend that offers one
-    (its registered `memory_estimate`), for the equivalent settings, labelled as that backend's estimate."""
-    for reg in plugins.registry["backend"].values():
-        estimate = reg.memory_estimate
-        if callable(estimate) and recipe.model.family in reg.capabilities:
-            found = estimate(recipe, swapped_blocks)
-            if found is not None:
-                gib, assumed = found
-                return round(gib, 1), f"lora-run's {reg.name} memory model for the equivalent settings: {assumed}"
-    return None
-
-
 def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
     """The dataset source; ``options`` (the structured ``[dataset.options]``) only for types that take them."""
     if reg.options is None:
