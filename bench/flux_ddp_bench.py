@@ -172,7 +172,7 @@ def main() -> None:
     model = build_model(work / "flux-full-random")
     data = work / "images"
     if not data.is_dir():
-        from lora_run.testing import make_images
+        from lora_run_devtools.testing import make_images
 
         make_images(data, count=args.images, size=(1024, 1024))
     rows = []

@@ -4,8 +4,8 @@
     lora-run check RECIPE [--json]      recipe + dataset lint, fast, never imports torch
     lora-run plan RECIPE [--json]       resolved recipe + the backend's plan
     lora-run plugins [--json]           installed plugins, hooks, registrations
-    lora-run recipes [NAME]             shipped recipes with their header line; NAME prints one recipe
-    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them)
+    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them:
+                                        `recipes`, `demo`, `eval`, `score` come from the built-in plugins)
 
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from .errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError, RecipeError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 #: Commands that only print: a closed output pipe just ends them (default SIGPIPE behaviour).
-READ_ONLY = {"check", "plan", "plugins", "recipes"}
+READ_ONLY = {"check", "plan", "plugins"}
 
 
 def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
@@ -82,10 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p = sub.add_parser("recipes", help="list shipped recipes, or print one (to copy it)")
-    p.add_argument("name", nargs="?", help="a shipped recipe by its name in the list: print its text "
-                   "(lora-run recipes NAME > my.toml)")
 
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
         if name in COMMANDS or name == "run":
@@ -236,71 +231,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"BROKEN {b.name}: {b.error}")
     for c in plugins.conflicts:
         print(f"CONFLICT {c}")
-    return EXIT_OK
-
-
-def recipe_roots() -> list[Path]:
-    """Shipped recipes: the source checkout's recipes/ (editable installs, PYTHONPATH=core) and the copy a
-    wheel carries as the data package ``lora_run.recipes`` (pyproject.toml maps recipes/ to it)."""
-    here = Path(__file__).resolve()
-    checkout = here.parents[2]
-    roots = [here.parent / "recipes"]
-    if (checkout / "pyproject.toml").is_file():
-        roots.insert(0, checkout / "recipes")
-    return [r for r in roots if r.is_dir()]
-
-
-def shipped_recipes() -> list[Path]:
-    seen: dict[str, Path] = {}
-    for root in recipe_roots():
-        for path in sorted(root.rglob("*.toml")):
-            seen.setdefault(path.relative_to(root).as_posix(), path)
-    return [seen[k] for k in sorted(seen)]
-
-
-def shipped_name(path: Path) -> str:
-    """`folder/name` for <root>/folder/name.toml."""
-    root = next(r for r in recipe_roots() if path.is_relative_to(r))
-    return path.relative_to(root).with_suffix("").as_posix()
-
-
-def header_line(path: Path) -> str:
-    for line in path.read_text("utf-8").splitlines():
-        text = line.lstrip("#").strip()
-        if line.startswith("#") and text:
-            return text
-    return ""
-
-
-def copyable_text(path: Path) -> str:
-    """A shipped recipe's text, ready to be saved anywhere: a relative `extends` points at the shipped file."""
-    def absolute(match: re.Match[str]) -> str:
-        parent = Path(match.group(2))
-        if parent.is_absolute():
-            return match.group(0)
-        return f'{match.group(1)}{json.dumps(str((path.parent / parent).resolve()))}'
-
-    return re.sub(r'^(extends\s*=\s*)"([^"\n]+)"', absolute, path.read_text("utf-8"), flags=re.M)
-
-
-@command("recipes")
-def cmd_recipes(args: argparse.Namespace) -> int:
-    recipes = shipped_recipes()
-    if not recipes:
-        raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "
-                          "(reinstall it; a wheel carries them as lora_run/recipes)")
-    if args.name:
-        wanted = args.name.removesuffix(".toml").removeprefix("recipes/")
-        for path in recipes:
-            if shipped_name(path) == wanted:
-                sys.stdout.write(copyable_text(path))
-                return EXIT_OK
-        raise RecipeError(f"no shipped recipe \"{args.name}\"; shipped: "
-                          f"{', '.join(shipped_name(p) for p in recipes)}")
-    for path in recipes:
-        print(f"{shipped_name(path):<28} {header_line(path)}")
-        print(f"{'':<28} {path}")
-    print("\nCopy one to start your own: lora-run recipes NAME > my.toml")
     return EXIT_OK
 
 

@@ -43,7 +43,12 @@ class Plan:
 
 
 class Backend(Protocol):
-    """What a backend factory returns. ``check`` is optional; ``plan`` and ``check`` never import torch."""
+    """What a backend factory returns. ``check`` is optional; ``plan`` and ``check`` never import torch.
+
+    Optional too: ``run_processes(ctx, output_dir, overwrite) -> RunContext`` for a backend that trains with
+    several processes (see :class:`Processes`). ``execute`` hands it a run with ``[train] gpus`` > 1 started
+    without a launcher (it starts the processes and waits) and every rank other than 0 of a launched run (it
+    trains without writing); rank 0 of a launched run goes through ``execute`` as a one-process run does."""
 
     def plan(self) -> Plan: ...
 
@@ -91,22 +96,6 @@ class _SilentHooks:
 
 
 _SILENT_HOOKS = _SilentHooks()
-
-
-class FollowerRunDir(RunDir):
-    """A rank other than 0's view of the run folder: it reads (caches, checkpoints), never writes."""
-
-    def prepare(self, *, overwrite: bool, resume: bool) -> None:
-        pass
-
-    def write_text(self, name: str, text: str) -> Path:
-        return self.path / name
-
-    def update_manifest(self, **fields: Any) -> dict[str, Any]:
-        return self.read_manifest()
-
-    def log(self, message: str) -> None:
-        pass
 
 
 @attrs.define
@@ -322,19 +311,6 @@ def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
     return prepared.backend.factory(ctx)
 
 
-def borrowed_memory_estimate(recipe: Recipe, plugins: Plugins, swapped_blocks: int = 0) -> tuple[float, str] | None:
-    """For a backend without its own memory model: (GiB, label) from the first backend that offers one
-    (its registered `memory_estimate`), for the equivalent settings, labelled as that backend's estimate."""
-    for reg in plugins.registry["backend"].values():
-        estimate = reg.memory_estimate
-        if callable(estimate) and recipe.model.family in reg.capabilities:
-            found = estimate(recipe, swapped_blocks)
-            if found is not None:
-                gib, assumed = found
-                return round(gib, 1), f"lora-run's {reg.name} memory model for the equivalent settings: {assumed}"
-    return None
-
-
 def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
     """The dataset source; ``options`` (the structured ``[dataset.options]``) only for types that take them."""
     if reg.options is None:
@@ -547,19 +523,20 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     if report.errors:
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
                            "training (nothing was loaded or written)")
+    several = None      # a backend that trains with several processes starts and runs them: `run_processes`
+    if process.launched or recipe.train.gpus > 1:
+        several = getattr(make_backend(prepared, plugins), "run_processes", None)
     if process.launched:
-        if process.world > 1 and not hasattr(make_backend(prepared, plugins), "launch"):
+        if process.world > 1 and several is None:
             raise RecipeError(f"{loaded.shown}: backend \"{recipe.backend.name}\" starts its own processes; run "
                               f"`lora-run {loaded.shown} --gpus {process.world}` once instead of under a launcher "
                               f"({process.world} processes here) — see docs/multi-gpu.md")
         recipe = _with_world_size(recipe, process, loaded.shown, echo)
         prepared = attrs.evolve(prepared, recipe=recipe)
-    elif recipe.train.gpus > 1:
-        launch = getattr(make_backend(prepared, plugins), "launch", None)
-        if launch is not None:        # the backend runs every process through a launcher (this same command)
-            return _launch_processes(launch, prepared, plugins, report, output_dir, resume, overwrite, debug, echo)
-    if not process.main:
-        return _follow(prepared, plugins, report, output_dir, resume, debug, process)
+    if several is not None and not (process.launched and process.main):   # rank 0 of a launched run goes on here
+        return several(RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume,
+                                  report.usable, report, debug=debug, echo=echo, process=process),
+                       output_dir=output_dir, overwrite=overwrite)
     run_dir = RunDir(output_path(recipe, output_dir))
     if resume:
         saved = run_dir.file(RECIPE)
@@ -612,7 +589,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
             run_dir.write_text(rel, content)
         run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
                                       "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
-        previous_term = _install_sigterm()
+        previous_term = install_sigterm()
         began = True
         ctx.hook.run_started(run=ctx)
         backend.run()
@@ -671,44 +648,6 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
 
 
-def relaunch_command(loaded: LoadedRecipe, run_path: Path, resume: bool, overwrite: bool, debug: bool) -> list[str]:
-    """The `python -m lora_run` arguments every process of a `--gpus N` run gets: this same run."""
-    return ["-m", "lora_run", "run", str(loaded.path), *[a for s in loaded.sets for a in ("--set", s)],
-            "--output-dir", str(run_path), *(["--resume"] if resume else []),
-            *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
-
-
-def _launch_processes(launch: Callable[..., None], prepared: Prepared, plugins: Plugins, report: LintReport,
-                      output_dir: str | None, resume: bool, overwrite: bool, debug: bool,
-                      echo: Callable[[str], None]) -> RunContext:
-    """`[train] gpus = N` without a launcher: the backend starts N processes of this run through its
-    launcher and waits; each runs :func:`execute` (rank 0 writes). The run's result comes from its manifest."""
-    run_dir = RunDir(output_path(prepared.recipe, output_dir))
-    argv = relaunch_command(prepared.loaded, run_dir.path, resume, overwrite, debug)
-    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, prepared.loaded, run_dir,
-                     resume, report.usable, report, debug=debug, echo=echo)
-    launch(processes=prepared.recipe.train.gpus, argv=argv, ctx=ctx, overwrite=overwrite)
-    ctx.artifacts.update(run_dir.read_manifest().get("artifacts") or {})
-    return ctx
-
-
-def _follow(prepared: Prepared, plugins: Plugins, report: LintReport, output_dir: str | None, resume: bool,
-            debug: bool, process: Processes) -> RunContext:
-    """A rank other than 0 of a launched run: it trains its share and writes nothing (rank 0 prepares the
-    folder, writes, calls the hooks and evaluates)."""
-    run_dir = FollowerRunDir(output_path(prepared.recipe, output_dir))
-    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, prepared.loaded, run_dir, resume,
-                     report.usable, report, debug=debug, echo=_quiet, process=process)
-    previous_term = _install_sigterm()
-    try:
-        prepared.backend.factory(ctx).run()
-    except KeyboardInterrupt:
-        raise TrainingInterrupted("interrupted") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-    return ctx
-
-
 def _finish_manifest(run_dir: RunDir, status: str, started: float, ctx: RunContext | None, error: Any,
                      echo: Callable[[str], None]) -> None:
     """The manifest's final state (the reserve was released just before, so a full disk still has room)."""
@@ -730,7 +669,8 @@ def run_evaluators(ctx: RunContext) -> None:
         ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
 
 
-def _install_sigterm() -> Any:
+def install_sigterm() -> Any:
+    """SIGTERM ends the run as Ctrl-C does (a resumable state is saved); returns the previous handler."""
     def on_term(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 

@@ -1,7 +1,7 @@
 """The recipe schema: frozen attrs classes, one section per TOML table.
 
 Every field carries its documentation next to it (``doc``); ``docs/recipe-reference.md`` is generated
-from these docs (``python -m lora_run.docgen``) and a test fails when the page is stale. Range limits
+from these docs (``python -m lora_run_devtools.docgen``) and a test fails when the page is stale. Range limits
 live in the field metadata (``ge``/``gt``/``le``) and are checked with all other problems at once.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Generate docs/recipe-reference.md from the attrs field docs and the registered plugins:
-`python -m lora_run.docgen [--check]` (or `python -m lora_run_devtools.docgen`)."""
+`python -m lora_run_devtools.docgen [--check]`."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +14,7 @@ from lora_run.features import FEATURES
 HEADER = """# Recipe reference
 
 Generated from the field documentation in `core/lora_run/schema.py` and the installed plugins by
-`python -m lora_run.docgen`; a test fails when this page is stale. Paths in a recipe file are relative to
+`python -m lora_run_devtools.docgen`; a test fails when this page is stale. Paths in a recipe file are relative to
 that file; paths given with `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
 keys are errors (with a suggestion), all problems are reported at once, exit code 2.
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--check" in argv:
         current = target().read_text("utf-8") if target().exists() else ""
         if current != text:
-            print("docs/recipe-reference.md is stale: run python -m lora_run.docgen", file=sys.stderr)
+            print("docs/recipe-reference.md is stale: run python -m lora_run_devtools.docgen", file=sys.stderr)
             return 1
         return 0
     target().write_text(text, "utf-8")

@@ -1,5 +1,4 @@
-"""Test helpers for lora-run and for plugin authors (a pytest plugin, loaded through the `pytest11` entry point;
-`lora_run.testing` is another name for it).
+"""Test helpers for lora-run and for plugin authors (a pytest plugin, loaded through the `pytest11` entry point).
 
 Fixtures:
 - ``subject_dataset``: a folder of small captioned images (distinct patterns, trigger ``ohwx``);

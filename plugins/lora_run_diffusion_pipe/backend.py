@@ -13,7 +13,7 @@ import attrs
 
 from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
                              TrainingInterrupted)
-from lora_run.run import Plan, RunContext, borrowed_memory_estimate
+from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 
 from . import collect, keydata, translate
@@ -177,7 +177,7 @@ class DiffusionPipeBackend:
             layout.relative(layout.dataset, run_dir): _toml(dataset, header.format(what="dataset config")),
         }
         env = {k: v for k, v in translate.child_env(self.options, {}).items()}
-        memory = borrowed_memory_estimate(self.recipe, self.ctx.plugins, self.options.blocks_to_swap or 0)
+        memory = engines.borrowed_memory_estimate(self.recipe, self.ctx.plugins, self.options.blocks_to_swap or 0)
         return Plan(
             backend=NAME, family=self.family, steps=steps, files=files, commands=[self._argv(layout)],
             memory_estimate_gib=memory[0] if memory else None, memory_mode=None,

@@ -12,7 +12,9 @@ A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is f
   launcher's wrapper around it) and a hint for the failures we recognise;
 - :func:`safetensors_keys` — the tensor names of a ``.safetensors`` file, read from its header (no torch);
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
-  file system has no symlinks.
+  file system has no symlinks;
+- :func:`borrowed_memory_estimate` — an engine has no memory model of its own: the estimate of a backend that
+  registered one, for the equivalent settings, labelled as that backend's.
 
 Its modules, for every engine backend:
 
@@ -31,7 +33,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
@@ -151,3 +153,16 @@ def stage_link(source: Path, target: Path) -> None:
     except OSError:  # no symlinks on this file system: copy
         shutil.copy2(source, tmp)
     os.replace(tmp, target)
+
+
+def borrowed_memory_estimate(recipe: Any, plugins: Any, swapped_blocks: int = 0) -> tuple[float, str] | None:
+    """For a backend without its own memory model: (GiB, label) from the first backend that offers one
+    (its registered `memory_estimate`), for the equivalent settings, labelled as that backend's estimate."""
+    for reg in plugins.registry["backend"].values():
+        estimate = reg.memory_estimate
+        if callable(estimate) and recipe.model.family in reg.capabilities:
+            found = estimate(recipe, swapped_blocks)
+            if found is not None:
+                gib, assumed = found
+                return round(gib, 1), f"lora-run's {reg.name} memory model for the equivalent settings: {assumed}"
+    return None

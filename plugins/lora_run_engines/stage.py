@@ -52,7 +52,7 @@ def place(target: Path, staged: Staged) -> None:
         if staged.kind == "copy":
             shutil.copyfile(staged.source, tmp)
         elif staged.kind == "png":
-            from lora_run.images import open_rgb
+            from lora_run_folder.images import open_rgb
 
             open_rgb(staged.source).image.save(tmp, format="PNG")  # type: ignore[attr-defined]
         else:

@@ -25,9 +25,9 @@ from lora_run import __version__
 from lora_run.dataset import Item, training_caption
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
-from lora_run.run import Plan, borrowed_memory_estimate
+from lora_run.run import Plan
 import lora_run_engines as engines
-from lora_run_engines import commented
+from lora_run_engines import borrowed_memory_estimate, commented
 from lora_run_engines.stage import Staged, sync_folder
 from lora_run_engines.supervise import Supervisor
 
@@ -492,7 +492,7 @@ def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> di
     exactly the caption lora-run trains with (trigger policy and default captions applied, one line). Images
     and captions a previous attempt staged that are no longer usable are removed; sd-scripts' cache files
     beside them (``*.npz``) are kept."""
-    from lora_run.images import IMAGE_EXTENSIONS
+    from lora_run_folder.images import IMAGE_EXTENSIONS
 
     if not any(not i.is_reg for i in items):
         raise BackendError("no usable subject image to train on (see the dataset lint above)")

@@ -170,11 +170,12 @@ class NativeBackend:
                     notes=notes, details=details)
 
     # ------------------------------------------------------------------------------------------------ run
-    def launch(self, processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -> None:
-        """`gpus = N` without a launcher: this run as N processes through torchrun's Python entry."""
-        from .distributed import launch
+    def run_processes(self, ctx: Any, output_dir: str | None, overwrite: bool) -> Any:
+        """Core's seam for runs of several processes: ``gpus = N`` without a launcher starts this run as N
+        processes through torchrun's Python entry; a rank other than 0 trains without writing."""
+        from .processes import follow, launch_all
 
-        launch(processes, argv, ctx, overwrite=overwrite)
+        return follow(ctx, output_dir) if ctx.process.launched else launch_all(ctx, output_dir, overwrite)
 
     def run(self) -> None:
         from .train import Trainer, release_gpu

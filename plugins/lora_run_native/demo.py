@@ -25,7 +25,7 @@ PLACES = ["on a blue background", "on a sandy background", "in a green field", "
 
 
 def shipped_recipe() -> Path:
-    from lora_run.cli import recipe_roots
+    from lora_run_recipes import recipe_roots
 
     for root in recipe_roots():
         candidate = root / SHIPPED

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
-from lora_run.images import ImageProblem, open_rgb
+from lora_run_folder.images import ImageProblem, open_rgb
 
 from . import checkpoint as ckpt
 from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash

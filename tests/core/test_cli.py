@@ -90,7 +90,7 @@ def test_run_refuses_non_empty_output_exit_2(toy_site, run_cli, write_recipe, tm
 
 
 def test_recipes_lists_every_shipped_recipe(run_cli):
-    from lora_run.cli import shipped_recipes
+    from lora_run_recipes import shipped_recipes
     out = run_cli("recipes")
     assert out.returncode == 0
     for path in shipped_recipes():

@@ -27,7 +27,7 @@ def test_every_hook_has_a_page_headed_by_its_signature():
 
 
 def test_recipe_reference_is_fresh():
-    assert docgen.main(["--check"]) == 0, "run: python -m lora_run.docgen"
+    assert docgen.main(["--check"]) == 0, "run: python -m lora_run_devtools.docgen"
 
 
 def test_every_schema_field_is_documented():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.cli import main, shipped_name, shipped_recipes
+from lora_run.cli import main
+from lora_run_recipes import shipped_name, shipped_recipes
 from lora_run.errors import RecipeError
 from lora_run.recipe import load_recipe, tomllib
 

@@ -31,7 +31,7 @@ def test_every_refused_feature_names_its_key_in_the_page():
 
 def test_the_complete_flux_recipe_checks_after_changing_the_marked_lines(run_cli, tmp_path, flux_folder, monkeypatch):
     """As the page says: only the lines marked `← yours` change, and no diffusion-pipe checkout is needed."""
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     text = PAGE.read_text("utf-8")
     block = text.split("### A complete FLUX.1-dev recipe")[1].split("```toml\n", 1)[1].split("```", 1)[0]

@@ -129,7 +129,7 @@ def test_hunyuan_image_run_converts_comfyui_keys(dp_recipe, plugins_with, tmp_pa
 
 
 def test_epochs_regularisation_and_keep_last(dp_recipe, plugins_with, tmp_path, fake_env):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     fake_env()
     reg = tmp_path / "reg"

@@ -73,7 +73,7 @@ def tiny_dev(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     folder = tmp_path / "subject"
     make_images(folder, 2, size=(64, 64))

@@ -88,7 +88,7 @@ def test_switched_flux1_recipe_trains_klein(tiny_klein, dataset, tmp_path, run_c
 
 @pytest.mark.parametrize("name", ["identity-fast.toml", "identity-hifi.toml"])
 def test_shipped_flux2_recipes_check(name, tiny_klein, tmp_path, run_cli, flux2_env):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     dataset = tmp_path / "photos"
     make_images(dataset, 2, size=(512, 512))

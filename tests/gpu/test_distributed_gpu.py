@@ -78,7 +78,7 @@ tensorboard = false
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
     from lora_run_native.tiny import build_tiny_flux
 
     root = tmp_path_factory.mktemp("gpu")

@@ -149,7 +149,7 @@ def test_feature_mapping(kohya_recipe, plugins, sets, expected):
 
 
 def test_steps_from_epochs_count_images_and_regularisation(kohya_recipe, plugins, tmp_path):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     make_images(tmp_path / "reg", count=3, trigger="", prefix="reg")
     extra = f'[[dataset.regularization]]\npath = "{tmp_path / "reg"}"\nweight = 0.5\nrepeats = 2\n'
@@ -248,7 +248,7 @@ def test_refusals_name_the_key(kohya_recipe, plugins, sets, key, words):
 
 
 def test_regularisation_sets_with_different_weights(kohya_recipe, plugins, tmp_path):
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     make_images(tmp_path / "r1", count=2, trigger="", prefix="a")
     make_images(tmp_path / "r2", count=2, trigger="", prefix="b")
@@ -372,7 +372,7 @@ def test_train_gpus_feeds_accelerate_num_processes(kohya_recipe, plugins):
 
 def test_switching_the_fast_flux_recipe_to_kohya_reports_everything_in_one_check(run_cli, tmp_path):
     """noise offset, the missing single files (said once) and the dataset lint, in one `check`."""
-    from lora_run.testing import make_images
+    from lora_run_devtools.testing import make_images
 
     photos = tmp_path / "photos"
     make_images(photos, count=3, trigger="")                  # captions without the trigger: lint errors

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_run.cli import main as cli_main
-from lora_run.cli import shipped_recipes
+from lora_run_recipes import shipped_recipes
 from lora_run.errors import LoraRunError
 from lora_run.recipe import load_raw
 

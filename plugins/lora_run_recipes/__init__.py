@@ -1,0 +1,94 @@
+"""Built-in plugin `recipes`: the shipped recipes and the `lora-run recipes [NAME]` command.
+
+The shipped recipes are the top-level ``recipes/`` folder of a source checkout; a wheel carries the same files
+as the data package ``lora_run.recipes`` (pyproject.toml maps one to the other). ``lora-run recipes`` lists
+them with their header line; ``lora-run recipes NAME`` prints one, ready to save and edit. The command is
+added through ``register_commands``, like any plugin's.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_run.errors import EXIT_OK, RecipeError
+from lora_run.hookspecs import hookimpl
+
+
+def recipe_roots() -> list[Path]:
+    """Shipped recipes: the source checkout's recipes/ (editable installs, PYTHONPATH=core) and the copy a
+    wheel carries as the data package ``lora_run.recipes`` (pyproject.toml maps recipes/ to it)."""
+    import lora_run
+
+    package = Path(lora_run.__file__).resolve().parent
+    checkout = package.parents[1]
+    roots = [package / "recipes"]
+    if (checkout / "pyproject.toml").is_file():
+        roots.insert(0, checkout / "recipes")
+    return [r for r in roots if r.is_dir()]
+
+
+def shipped_recipes() -> list[Path]:
+    seen: dict[str, Path] = {}
+    for root in recipe_roots():
+        for path in sorted(root.rglob("*.toml")):
+            seen.setdefault(path.relative_to(root).as_posix(), path)
+    return [seen[k] for k in sorted(seen)]
+
+
+def shipped_name(path: Path) -> str:
+    """`folder/name` for <root>/folder/name.toml."""
+    root = next(r for r in recipe_roots() if path.is_relative_to(r))
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def header_line(path: Path) -> str:
+    for line in path.read_text("utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if line.startswith("#") and text:
+            return text
+    return ""
+
+
+def copyable_text(path: Path) -> str:
+    """A shipped recipe's text, ready to be saved anywhere: a relative `extends` points at the shipped file."""
+    def absolute(match: re.Match[str]) -> str:
+        parent = Path(match.group(2))
+        if parent.is_absolute():
+            return match.group(0)
+        return f'{match.group(1)}{json.dumps(str((path.parent / parent).resolve()))}'
+
+    return re.sub(r'^(extends\s*=\s*)"([^"\n]+)"', absolute, path.read_text("utf-8"), flags=re.M)
+
+
+def cmd_recipes(args: Any, _plugins: Any = None) -> int:
+    recipes = shipped_recipes()
+    if not recipes:
+        raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "
+                          "(reinstall it; a wheel carries them as lora_run/recipes)")
+    if args.name:
+        wanted = args.name.removesuffix(".toml").removeprefix("recipes/")
+        for path in recipes:
+            if shipped_name(path) == wanted:
+                sys.stdout.write(copyable_text(path))
+                return EXIT_OK
+        raise RecipeError(f"no shipped recipe \"{args.name}\"; shipped: "
+                          f"{', '.join(shipped_name(p) for p in recipes)}")
+    for path in recipes:
+        print(f"{shipped_name(path):<28} {header_line(path)}")
+        print(f"{'':<28} {path}")
+    print("\nCopy one to start your own: lora-run recipes NAME > my.toml")
+    return EXIT_OK
+
+
+def _arguments(p: Any) -> None:
+    p.add_argument("name", nargs="?", help="a shipped recipe by its name in the list: print its text "
+                   "(lora-run recipes NAME > my.toml)")
+
+
+@hookimpl
+def register_commands(register):
+    register("recipes", cmd_recipes, configure=_arguments,
+             description="list shipped recipes, or print one (to copy it)")

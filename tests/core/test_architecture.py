@@ -1,0 +1,64 @@
+"""The shape of the code: core stays small, imports no plugin and names none of the built-in plugins' families,
+backends (engines) or evaluators; what those are comes from the registries."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from lora_run.plugins import load_plugins
+
+REPO = Path(__file__).resolve().parents[2]
+CORE = REPO / "core" / "lora_run"
+#: core/'s line budget (`wc -l core/lora_run/*.py`). Raise it only for something that is core's by the design:
+#: hook specs and registries, plugin discovery, the recipe schema and loader, the run folder, the CLI and the
+#: run's orchestration. Anything a plugin could do goes to plugins/.
+CORE_LINE_BUDGET = 3200
+
+
+def core_sources() -> dict[Path, str]:
+    return {path: path.read_text("utf-8") for path in sorted(CORE.glob("*.py"))}
+
+
+def test_core_stays_within_its_line_budget():
+    lines = {path.name: text.count("\n") for path, text in core_sources().items()}
+    assert sum(lines.values()) <= CORE_LINE_BUDGET, (
+        f"core/ has {sum(lines.values())} lines, over its budget of {CORE_LINE_BUDGET}: {lines}")
+
+
+def plugin_imports(text: str, packages: set[str]) -> list[str]:
+    """The modules of ``packages`` that a Python source imports (at any depth: inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        found += [n for n in names if n.split(".")[0] in packages]
+    return found
+
+
+def test_core_imports_no_plugin_package():
+    plugin_packages = {p.name for p in (REPO / "plugins").iterdir() if (p / "__init__.py").is_file()}
+    assert {"lora_run_native", "lora_run_folder", "lora_run_devtools"} <= plugin_packages    # the scan sees them
+    found = [f"{path.name}: {n}" for path, text in core_sources().items() for n in plugin_imports(text, plugin_packages)]
+    assert not found, f"core imports plugins: {found}"
+    # control: an import inside a function, as the removed aliases had, is seen
+    planted = "def f():\n    from lora_run_folder import images\n    import lora_run_devtools.testing\n"
+    assert plugin_imports(planted, plugin_packages) == ["lora_run_folder", "lora_run_devtools.testing"]
+
+
+def _named(name: str, text: str) -> bool:
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", text, flags=re.I) is not None
+
+
+def test_core_names_no_family_engine_or_evaluator():
+    plugins = load_plugins()
+    names = {(kind, name) for kind in ("family", "backend", "evaluator", "embedder")
+             for name in plugins.registry[kind]}
+    assert {("family", "flux.1-dev"), ("backend", "kohya"), ("evaluator", "identity")} <= names
+    sources = core_sources()
+    found = [f"{path.name}: {kind} {name!r}" for kind, name in sorted(names) for path, text in sources.items()
+             if _named(name, text)]
+    assert not found, f"core names registered plugins: {found}"
+    # control: the check sees a name where one is written
+    assert _named("kohya", 'backend = "kohya"') and _named("flux.1-dev", "family flux.1-dev.")
+    assert not _named("identity", "an identity-LoRA trainer")
