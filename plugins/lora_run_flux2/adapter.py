@@ -317,28 +317,6 @@ class Flux2Adapter(ModelAdapter):
                 module = self.vae_with_fp32_stats(dtype).to(self.device)
             self.encoders[key] = module.requires_grad_(False).eval()
 
-    def place_encoder(self, module: Any) -> Any:
-        """The text encoder on the device — whole when it fits the memory this run may use (80 % of it), else
-        streamed layer by layer from host memory (diffusers' group offloading, prefetched on a side stream):
-        [dev]'s Mistral-3 (48 GB in bf16) then caches captions on a 24 GB card. ``offloaded`` says which."""
-        import torch
-
-        device = torch.device(self.device)
-        self.offloaded = False
-        if device.type != "cuda":
-            return module.to(device)
-        from lora_run_native.train import gpu_budget_gib
-
-        free, _ = gpu_budget_gib(self.recipe, device)
-        size = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
-        if size <= free * 0.8:
-            return module.to(device)
-        from diffusers.hooks import apply_group_offloading
-
-        apply_group_offloading(module, onload_device=device, offload_type="leaf_level", use_stream=True)
-        self.offloaded = True
-        return module
-
     def vae_with_fp32_stats(self, dtype: Any) -> Any:
         """The VAE in ``dtype`` with its batch-norm statistics kept in float32, as the reference reads them
         (before it casts the VAE) — in bf16 they would lose all but ~3 significant digits."""

@@ -84,6 +84,13 @@ MMDIT_TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
+def encoder_fits(size_gib: float, free_gib: float) -> bool:
+    """Whether a frozen text encoder of ``size_gib`` is placed whole on a device with ``free_gib`` left: its
+    weights plus a tenth of them (at least 1 GiB) for the activations of one caption and the allocator's
+    slack. The budgets proven on the GPU keep their placement (T5-XXL whole in 12 GiB)."""
+    return size_gib + max(1.0, 0.1 * size_gib) <= free_gib
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type when empty), at most 300 characters."""
     text = str(exc).strip()
@@ -392,9 +399,44 @@ class ModelAdapter:
         for key in ("vae", *self.text_encoders):
             if key in self.encoders or (only is not None and key not in only):
                 continue
-            self.encoders[key] = self.frozen(self._component(key, self.compute_dtype).to(self.device))
+            module = self._component(key, self.compute_dtype)
+            # a frozen text encoder too big for the memory this run may use is streamed; the VAE and an
+            # encoder a LoRA trains are always placed whole
+            whole = key == "vae" or key == self.trainable_text_encoder
+            self.encoders[key] = self.frozen(module.to(self.device) if whole else self.place_encoder(module))
         if "vae" in self.encoders:
             self.vae_scale_factor = self.vae_factor(self.encoders["vae"])
+
+    #: whether the last text encoder ``place_encoder`` placed is streamed from host memory
+    offloaded: bool = False
+
+    def place_encoder(self, module: Any) -> Any:
+        """A frozen text encoder on the device: whole when it fits the memory this run may use
+        (``encoder_fits``), else streamed layer by layer from host memory (diffusers' group offloading, the
+        next layer prefetched on a side stream). So caching fits every budget training fits: T5-XXL (8.9 GiB
+        in bf16) on an 8 GiB card, HunyuanImage's Qwen2.5-VL-7B (15.4 GiB) on a 16 GiB card, FLUX.2 [dev]'s
+        Mistral-3 (45 GiB) on a 24 GiB card. ``offloaded`` says which."""
+        import torch
+
+        device = torch.device(self.device)
+        self.offloaded = False
+        if device.type != "cuda":
+            return module.to(device)
+        from ..train import gpu_budget_gib
+
+        free, _ = gpu_budget_gib(self.recipe, device)
+        size = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
+        return module.to(device) if encoder_fits(size, free) else self.stream_encoder(module, device)
+
+    def stream_encoder(self, module: Any, device: Any) -> Any:
+        """``module`` kept in host memory, each leaf layer moved to ``device`` just before it runs (on CUDA the
+        next one prefetched on a side stream)."""
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(module, onload_device=device, offload_type="leaf_level",
+                               use_stream=device.type == "cuda")
+        self.offloaded = True
+        return module
 
     def load_transformer(self) -> torch.nn.Module:
         """Load the denoiser (frozen, on CPU, in its storage dtype); ``prepare_transformer`` places it."""
