@@ -78,6 +78,8 @@ def test_missing_files_and_folders_fail_check_with_exit_2(flux_recipe, tiny_sing
     no_folder = flux_recipe(model=tmp_path / "no-such-model", name="r2.toml")
     result = run_cli("check", no_folder)
     assert result.returncode == 2 and "[model.source] folder not found" in result.stderr
+    result = run_cli("check", no_folder, "--set", 'model.source=""')
+    assert result.returncode == 2 and "[model.source] is empty" in result.stderr and "Traceback" not in result.stderr
 
     not_flux = tmp_path / "not-flux"
     (not_flux / "vae").mkdir(parents=True)

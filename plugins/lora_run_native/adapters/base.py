@@ -258,7 +258,10 @@ class ModelAdapter:
             elif p.suffix != ".safetensors":
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
         if m.source is not None:
-            if is_local_source(m.source):
+            if not m.source.strip():
+                problems.append((("model", "source"), "is empty: give a hub id (owner/name) or a local diffusers "
+                                 "folder"))
+            elif is_local_source(m.source):
                 if not os.path.isdir(m.source):
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
