@@ -112,8 +112,12 @@ def cap_gpu_memory(recipe: Any, device: Any) -> None:
     # with 8.0 GiB allocated and 4.0 GiB reserved but unused. Expandable segments let the allocator grow
     # and reuse one mapping instead (it must be chosen before this process's first CUDA allocation).
     if "expandable_segments" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        # torch >= 2.10 names the setter torch._C._accelerator_setAllocatorSettings (the old name warns)
+        setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+                  or getattr(torch.cuda.memory, "_set_allocator_settings", None))
         try:
-            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            if setter is not None:
+                setter("expandable_segments:True")
         except Exception:  # noqa: BLE001 - an allocator without the setting keeps its default
             pass
     index = torch.device(device).index
