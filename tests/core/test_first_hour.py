@@ -27,7 +27,13 @@ def test_pyproject_ships_every_package_and_the_recipes():
                for p in root.rglob("__init__.py")}
     listed = set(config["packages"])
     assert on_disk <= listed, f"not packaged: {sorted(on_disk - listed)}"
-    assert listed - on_disk == {"lora_run.recipes"}
+    # data folders are listed as packages too (setuptools warns, and will stop installing them, otherwise)
+    data = {"lora_run.recipes"} | {f"lora_run.recipes.{d.name}" for d in (REPO / "recipes").iterdir()
+                                   if d.is_dir() and d.name.isidentifier()}
+    data |= {".".join(d.relative_to(REPO / "plugins").parts) for d in (REPO / "plugins").glob("*/*/")
+             if d.is_dir() and d.name.isidentifier() and not (d / "__init__.py").exists() and d.name != "__pycache__"
+             and any(f.is_file() for f in d.iterdir())}
+    assert listed - on_disk == data
     assert config["package-dir"]["lora_run.recipes"] == "recipes"
     assert "**/*.toml" in config["package-data"]["lora_run.recipes"]
     assert not (REPO / "core" / "lora_run" / "recipes").exists(), "recipes/ has one copy, at the top level"
