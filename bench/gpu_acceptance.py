@@ -146,16 +146,12 @@ def build_assets(work: Path, models: set[str]) -> dict[str, Path]:
             _scaled_dataset(data / "subject", big, base)
         assets[f"subject-{base}"] = big
     if "tiny" in models:
-        from lora_run_native.tiny import build_tiny_flux
-        from lora_run_native.tiny_hunyuan import build_tiny_hunyuan_dit, build_tiny_hunyuan_image
+        from lora_run_devtools.testing import build_tiny
 
-        from lora_run_flux2.tiny import build_tiny_flux2
-
-        for key, builder in (("flux", build_tiny_flux), ("image", build_tiny_hunyuan_image),
-                             ("dit", build_tiny_hunyuan_dit), ("klein", lambda f: build_tiny_flux2(f, "klein"))):
+        for key in ("flux", "image", "dit", "klein"):
             folder = work / "models" / f"tiny-{key}"
             if not (folder / "model_index.json").is_file():
-                builder(folder)
+                build_tiny(FAMILIES[key], folder)
             assets[f"tiny-{key}"] = folder
     import fullsize
 

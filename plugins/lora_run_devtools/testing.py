@@ -5,6 +5,9 @@ Fixtures:
 - ``write_recipe``: ``write_recipe(body, name="recipe.toml") -> Path`` in a temp folder, with a
   ``{dataset}`` placeholder for the subject folder;
 - ``plugins_with``: ``plugins_with(obj, ...)`` loads the installed plugins plus test plugin objects.
+
+Functions: ``make_images`` (the images behind ``subject_dataset``), ``build_tiny(family, folder)`` (a built-in
+family's tiny random model).
 """
 from __future__ import annotations
 
@@ -12,6 +15,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+
+def build_tiny(family: str, folder: str | Path) -> Path:
+    """The tiny random model of a built-in family (its package's ``tiny`` builder) written to ``folder``: FLUX.1-dev,
+    HunyuanImage-2.1, Hunyuan-DiT v1.2, FLUX.2 [klein] or [dev]."""
+    if family == "flux.1-dev":
+        from lora_run_flux.tiny import build_tiny_flux
+        return build_tiny_flux(folder)
+    if family == "hunyuan-image-2.1":
+        from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
+        return build_tiny_hunyuan_image(folder)
+    if family == "hunyuan-dit-1.2":
+        from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
+        return build_tiny_hunyuan_dit(folder)
+    if family in ("flux.2-klein", "flux.2-dev"):
+        from lora_run_flux2.tiny import build_tiny_flux2
+        return build_tiny_flux2(folder, family.removeprefix("flux.2-"))
+    raise ValueError(f"no tiny builder for family {family!r}")
 
 
 def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (320, 288), trigger: str = "ohwx",

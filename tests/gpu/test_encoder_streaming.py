@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.native.test_encoder_placement import _tiny
+from lora_run_devtools.testing import build_tiny
 
 
 def _cuda() -> bool:
@@ -23,7 +23,7 @@ def test_encoders_streamed_under_a_budget(family, tmp_path):
     from lora_run_native.adapters import adapter_class
     from tests.parity.conftest import minimal_recipe
 
-    source = _tiny(family, tmp_path / "m")
+    source = build_tiny(family, tmp_path / "m")
     cls = adapter_class(family)
     encoders = tuple(cls.text_encoders)
 

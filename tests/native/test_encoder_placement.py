@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from lora_run_devtools.testing import build_tiny
 from lora_run_native.adapters.base import encoder_fits
 
 T5_XXL, QWEN25_VL_7B, MISTRAL3 = 8.87, 15.45, 44.7     # GiB in bf16
@@ -20,20 +21,6 @@ def test_the_rule_for_the_encoders_users_load():
     assert not encoder_fits(MISTRAL3, 24.0) and encoder_fits(MISTRAL3, 80.0)
     # planted mistake: the weights alone fit 16 GiB, so a rule without room for activations would place it
     assert QWEN25_VL_7B <= 16.0
-
-
-def _tiny(family: str, folder):
-    if family == "flux.1-dev":
-        from lora_run_flux.tiny import build_tiny_flux
-        return build_tiny_flux(folder)
-    if family == "hunyuan-image-2.1":
-        from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
-        return build_tiny_hunyuan_image(folder)
-    if family == "hunyuan-dit-1.2":
-        from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
-        return build_tiny_hunyuan_dit(folder)
-    from lora_run_flux2.tiny import build_tiny_flux2
-    return build_tiny_flux2(folder, "klein")
 
 
 def streamed_and_whole(family: str, source, device: str):
@@ -57,7 +44,7 @@ def streamed_and_whole(family: str, source, device: str):
 def test_streamed_encoders_give_the_same_encodings(family, tmp_path):
     import torch
 
-    whole, streamed = streamed_and_whole(family, _tiny(family, tmp_path / "m"), "cpu")
+    whole, streamed = streamed_and_whole(family, build_tiny(family, tmp_path / "m"), "cpu")
     assert streamed.offloaded and not whole.offloaded
     hooked = [m for enc in streamed.encoders.values() for m in enc.modules() if getattr(m, "_diffusers_hook", None)]
     assert hooked, "no group-offloading hooks on the streamed encoders"
@@ -76,7 +63,7 @@ def test_the_trainable_text_encoder_is_always_placed_whole(tmp_path):
     from lora_run_native.adapters import adapter_class
     from tests.parity.conftest import minimal_recipe
 
-    recipe = minimal_recipe("flux.1-dev", _tiny("flux.1-dev", tmp_path / "m"))
+    recipe = minimal_recipe("flux.1-dev", build_tiny("flux.1-dev", tmp_path / "m"))
     adapter = adapter_class("flux.1-dev")(recipe, device=torch.device("cpu"))
     placed: list[str] = []
     adapter.place_encoder = lambda module: placed.append(type(module).__name__) or module
