@@ -587,6 +587,9 @@ def main() -> int:
                     help="full-size rows run this many at a time when their memory fits (1: one at a time)")
     ap.add_argument("--overlap", action="store_true", help="full-size rows start while the tiny rows run")
     ap.add_argument("--whole-steps", type=int, default=200)
+    ap.add_argument("--whole-timeout", type=int, default=580,
+                    help="seconds the whole row may run (a 1500-step run outlasts one device call: start it with "
+                         "bench/device_bg.sh and a longer limit)")
     ap.add_argument("--work", default="/tmp/lora-run-acceptance")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--doc", default=None, help="write the table here (e.g. docs/gpu-acceptance.md)")
@@ -601,7 +604,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_acceptance: no CUDA GPU", file=sys.stderr)
         return 2
-    rows = all_rows(args.whole_steps)
+    rows = [{**r, "timeout": args.whole_timeout} if r["id"] == "whole-flux-fast-recipe" else r
+            for r in all_rows(args.whole_steps)]
     rows = [r for r in rows if r["id"] in args.only] if args.only else [r for r in rows if r["group"] in args.groups]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,24 @@
+#!/bin/sh
+# A run longer than one device call (10 minutes): the device keeps a process that started its own session
+# running while the machine stays warm (30 s between calls), so a timed run can span two calls untouched.
+#   bench/device_bg.sh start NAME CMD...   start CMD (stdout+stderr -> /tmp/bg/NAME/log) in a new session
+#   bench/device_bg.sh wait NAME SECONDS   wait until it ends or SECONDS pass; copy its log and the files it
+#                                          wrote under /tmp/bg/NAME/out into $OUT; exit 0 if it ended
+# CMD finds its own results folder in $BG_OUT (= /tmp/bg/NAME/out).
+set -u
+verb=$1; name=$2; shift 2
+dir=/tmp/bg/$name
+case $verb in
+start)
+  mkdir -p "$dir/out"
+  BG_OUT="$dir/out" setsid sh -c '"$@"; echo $? > "$0/rc"' "$dir" "$@" > "$dir/log" 2>&1 < /dev/null &
+  echo "started $name (pid $!)";;
+wait)
+  end=$(( $(date +%s) + $1 ))
+  while [ ! -f "$dir/rc" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 2; done
+  mkdir -p "$OUT"
+  cp "$dir/log" "$OUT/$name.log" 2>/dev/null
+  cp "$dir"/out/* "$OUT/" 2>/dev/null
+  tail -n 25 "$dir/log"
+  if [ -f "$dir/rc" ]; then echo "$name ended: exit $(cat "$dir/rc")"; else echo "$name still running"; exit 1; fi;;
+esac
