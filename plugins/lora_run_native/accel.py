@@ -217,20 +217,34 @@ class BlockOffloader:
 
         self.torch = torch
         self.device = device
+        self.blocks = blocks
         self.n = len(blocks)
         self.offload = sorted(offload)
-        self.stream = torch.cuda.Stream(device=device)
+        self._stream: Any = None
         self.pending: dict[int, Any] = {}
         self.host: dict[int, list[tuple[Any, Any]]] = {}
-        Fp8Linear = fp8_linear_class()
-        for i in offload:
-            pairs = []
-            for layer in (m for m in blocks[i].modules() if isinstance(m, Fp8Linear)):
-                cpu = layer.w8.detach().to("cpu").pin_memory()
-                layer.w8 = torch.empty(0, dtype=cpu.dtype, device=device)  # placeholder until loaded
-                pairs.append((layer, cpu))
-            self.host[i] = pairs
-        torch.cuda.empty_cache()
+
+    @property
+    def stream(self) -> Any:
+        if self._stream is None:
+            self._stream = self.torch.cuda.Stream(device=self.device)
+        return self._stream
+
+    def park(self, i: int) -> None:
+        """Move block `i`'s fp8 weights to pinned host memory, leaving empty placeholders on the device. Called
+        right after the block is quantised (`place_frozen_weights`), so the offloaded blocks' weights never
+        sit on the GPU together."""
+        torch = self.torch
+        if i in self.host:
+            return
+        pairs = []
+        for layer in (m for m in self.blocks[i].modules() if isinstance(m, fp8_linear_class())):
+            cpu = layer.w8.detach().to("cpu")
+            if torch.cuda.is_available():
+                cpu = cpu.pin_memory()
+            layer.w8 = torch.empty(0, dtype=cpu.dtype, device=self.device)  # placeholder until loaded
+            pairs.append((layer, cpu))
+        self.host[i] = pairs
 
     def _copy(self, i: int) -> None:
         torch = self.torch
@@ -362,8 +376,36 @@ def mark_step_begin(model: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- apply
-def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[str, Any]:
-    """Apply a PerfPlan to a transformer whose LoRA is already injected. Returns what was done."""
+def place_frozen_weights(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> BlockOffloader | None:
+    """fp8 storage and the move to `device`, block by block, for a host-loaded transformer whose LoRA is
+    injected. Each frozen Linear is quantised on `device` one layer at a time (fast, never more than one bf16
+    layer there); a block the plan offloads has its fp8 weights moved to pinned host memory as soon as it is
+    quantised. So neither the bf16 model nor all the fp8 weights sit on the device at once: FLUX.1's fp8
+    weights (about 11 GiB) do not fit an 8 GiB card, its resident share does. Returns the offloader (None when
+    nothing is offloaded); `apply` wraps the blocks with it."""
+    blocks = repeated_blocks(model)
+    offload = checkpoint_indices(len(blocks), plan.offload_blocks)
+    if offload and not plan.fp8:
+        raise ValueError("offloading needs fp8 storage")
+    offloader = BlockOffloader(blocks, offload, device) if offload else None
+    if plan.fp8:
+        for i, block in enumerate(blocks):
+            store_frozen_linears_in_fp8(model, compute_dtype, modules=[block], device=device)
+            if offloader is not None and i in offload:
+                offloader.park(i)
+        store_frozen_linears_in_fp8(model, compute_dtype, device=device)     # embedders and output layers
+    model.to(device)
+    if offloader is not None:
+        import torch
+
+        torch.cuda.empty_cache()
+    return offloader
+
+
+def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
+          offloader: BlockOffloader | None = None) -> dict[str, Any]:
+    """Apply a PerfPlan to a transformer whose LoRA is already injected. Returns what was done. `offloader`:
+    the one `place_frozen_weights` made (else the offloaded blocks are parked here, after the fact)."""
     import torch
 
     blocks = repeated_blocks(model)
@@ -374,15 +416,20 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any) -> dict[s
     if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "gradient_checkpointing", False):
         model.disable_gradient_checkpointing()
     ckpt = set(checkpoint_indices(len(blocks), plan.checkpoint_blocks))
-    offloader = None
     if plan.offload_blocks and on_cuda:
         if not plan.fp8:
             raise ValueError("offloading needs fp8 storage")
         offload = checkpoint_indices(len(blocks), plan.offload_blocks)
         ckpt |= set(offload)  # an offloaded block must be recomputed, never keep its weights for backward
-        offloader = BlockOffloader(blocks, offload, device)
+        if offloader is None:
+            offloader = BlockOffloader(blocks, offload, device)
+        for i in offload:
+            offloader.park(i)
+        torch.cuda.empty_cache()
         model._lora_run_offloader = offloader  # kept alive with the model
         done["offloaded"] = len(offload)
+    else:
+        offloader = None
     for i, block in enumerate(blocks):
         _wrap_block(block, i, compile=plan.compile and on_cuda, checkpoint=i in ckpt, offloader=offloader,
                     compile_mode=plan.compile_mode, dynamic_tokens=plan.dynamic_tokens)

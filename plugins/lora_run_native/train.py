@@ -170,15 +170,14 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     if estimate > available * 0.95 and not sharded:
         echo(f"warning: [train.memory_mode] \"{r.train.memory_mode}\" is estimated at {estimate:.1f} GiB, more than "
              f"the {available:.1f} GiB available ({source}); \"auto\" would pick a leaner plan")
-    if plan.fp8:
-        # layer by layer on the GPU: the bf16 model never sits on it whole, and the host does no fp8 arithmetic
-        accel.store_frozen_linears_in_fp8(transformer, adapter.compute_dtype, device=device)
-    transformer.to(device)
+    # layer by layer on the GPU, offloaded blocks straight back to pinned host memory: the bf16 model never sits
+    # on the GPU whole, nor do the offloaded blocks' fp8 weights (an 8 GiB card holds neither)
+    offloader = accel.place_frozen_weights(transformer, plan, device, adapter.compute_dtype)
     accel.configure_cuda()
     kernel = choose_attention(transformer, r, device, tokens=perfmodel.tokens(r.model.family, height, width, shape)
                               * r.train.batch_size,
                               graphs=plan.compile and plan.compile_mode == "reduce-overhead")
-    accel.apply(transformer, plan, device, adapter.compute_dtype)
+    accel.apply(transformer, plan, device, adapter.compute_dtype, offloader=offloader)
     why = ""
     if r.train.memory_mode == "auto":
         why = " (the fastest plan that fits"

@@ -288,3 +288,78 @@ def test_several_buckets_plan_one_graph_with_a_symbolic_token_dimension():
         assert not perfmodel.plan_mode(mode, "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=1).dynamic_tokens
     assert not perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5,
                                    compile=False).dynamic_tokens
+
+
+def _resident_fp8_elements(model):
+    Fp8Linear = accel.fp8_linear_class()
+    return sum(m.w8.numel() for m in model.modules() if isinstance(m, Fp8Linear))
+
+
+def _tracked(monkeypatch, model):
+    """The fp8 weight elements held by the model's modules (what sits on the device), sampled after every
+    quantisation call."""
+    peak = [0]
+    original = accel.store_frozen_linears_in_fp8
+
+    def store(*args, **kwargs):
+        count = original(*args, **kwargs)
+        peak[0] = max(peak[0], _resident_fp8_elements(model))
+        return count
+
+    monkeypatch.setattr(accel, "store_frozen_linears_in_fp8", store)
+    return peak
+
+
+def test_offloaded_blocks_never_sit_on_the_device_together(monkeypatch):
+    """The 8 GiB acceptance row ran out of memory because every block was quantised onto the GPU before the
+    offloaded ones went back to the host (FLUX.1's 11 GiB of fp8 weights on an 8 GiB card). Now each
+    offloaded block is parked in host memory as soon as it is quantised: the device holds the resident
+    blocks plus at most one more."""
+    model = tiny_flux_with_lora()
+    reference = copy.deepcopy(model)
+    accel.store_frozen_linears_in_fp8(reference, torch.bfloat16)
+    total = _resident_fp8_elements(reference)
+    plan = accel.PerfPlan("low-vram", fp8=True, checkpoint_blocks=4, offload_blocks=2)
+    blocks = accel.repeated_blocks(reference)
+    offload = accel.checkpoint_indices(len(blocks), 2)
+    per_block = [_resident_fp8_elements(b) for b in blocks]
+    bound = total - sum(per_block[i] for i in offload) + max(per_block)
+
+    peak = _tracked(monkeypatch, model)
+    offloader = accel.place_frozen_weights(model, plan, "cpu", torch.bfloat16)
+    assert peak[0] <= bound < total
+    assert sorted(offloader.host) == offload
+    Fp8Linear = accel.fp8_linear_class()
+    for i, (block, ref_block) in enumerate(zip(accel.repeated_blocks(model), blocks)):
+        layers = [m for m in block.modules() if isinstance(m, Fp8Linear)]
+        ref_layers = [m for m in ref_block.modules() if isinstance(m, Fp8Linear)]
+        assert len(layers) == len(ref_layers) > 0
+        if i in offload:     # an empty placeholder on the device, the exact fp8 weight on the host
+            assert all(m.w8.numel() == 0 for m in layers)
+            host = [cpu for _, cpu in offloader.host[i]]
+            assert all(torch.equal(h.view(torch.uint8), r.w8.view(torch.uint8)) for h, r in zip(host, ref_layers))
+        else:
+            assert all(torch.equal(m.w8.view(torch.uint8), r.w8.view(torch.uint8)) for m, r in zip(layers, ref_layers))
+
+    # control: the order that ran out of memory (quantise everything, then park) breaks the same bound
+    control = tiny_flux_with_lora()
+    peak = _tracked(monkeypatch, control)
+    accel.store_frozen_linears_in_fp8(control, torch.bfloat16, device="cpu")
+    parker = accel.BlockOffloader(accel.repeated_blocks(control), offload, "cpu")
+    for i in offload:
+        parker.park(i)
+    assert peak[0] == total > bound
+
+
+def test_placement_without_offload_quantises_everything_in_place():
+    model = tiny_flux_with_lora()
+    reference = copy.deepcopy(model)
+    accel.store_frozen_linears_in_fp8(reference, torch.bfloat16)
+    assert accel.place_frozen_weights(model, accel.PerfPlan("memory", fp8=True), "cpu", torch.bfloat16) is None
+    assert _resident_fp8_elements(model) == _resident_fp8_elements(reference) > 0
+    plain = tiny_flux_with_lora()
+    assert accel.place_frozen_weights(plain, accel.PerfPlan("speed"), "cpu", torch.bfloat16) is None
+    assert _resident_fp8_elements(plain) == 0
+    with pytest.raises(ValueError, match="fp8"):
+        accel.place_frozen_weights(tiny_flux_with_lora(), accel.PerfPlan("low-vram", offload_blocks=1), "cpu",
+                                   torch.bfloat16)
