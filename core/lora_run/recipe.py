@@ -7,6 +7,7 @@ Loading collects *every* problem before failing, each one naming its file and ke
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -474,6 +475,8 @@ def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
 def _limit_problem(meta: Any, value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    if not math.isfinite(value):     # TOML has nan and inf; no recipe number means either (nan passes every bound)
+        return f"must be a finite number, got {value}"
     if meta.get("ge") is not None and value < meta["ge"]:
         return f"must be >= {meta['ge']}, got {value}"
     if meta.get("gt") is not None and value <= meta["gt"]:

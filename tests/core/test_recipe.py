@@ -149,3 +149,17 @@ def test_list_values_are_not_split_strings(write_recipe):
     assert any("[sample.prompts] expected a list, got str 'a cat'" in p for p in problems)
     problems = problems_of(write_recipe(GOOD), ["sample.seeds=[1, 'x']"])
     assert any("[sample.seeds[1]] expected int, got str 'x'" in p for p in problems)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[optimizer]\nlr = nan", "[optimizer.lr]"),            # nan passes every >= / <= bound
+    ("[lora]\nalpha = -nan", "[lora.alpha]"),
+    ("[train]\nsteps = 3\ngpu_memory_gib = inf", "[train.gpu_memory_gib]"),   # no upper bound to catch it
+    ("[optimizer]\nbetas = [0.9, nan]", "[optimizer.betas[1]]"),
+])
+def test_nan_and_inf_are_refused_by_name(write_recipe, text, key):
+    base = GOOD.replace("[train]\nsteps = 3\n", "") if "[train]" in text else GOOD
+    problems = problems_of(write_recipe(base + text))
+    assert any(key in p and "must be a finite number" in p for p in problems), problems
+    finite = text.replace("-nan", "1.0").replace("nan", "0.5").replace("inf", "24.0")
+    assert load_recipe(write_recipe(base + finite)).recipe is not None     # control: the finite value loads
