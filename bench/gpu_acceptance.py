@@ -21,6 +21,9 @@ Rows (ids are stable; `tests/gpu/test_acceptance.py` runs the tiny rows under py
 * ``hunyuan``: the full-size Hunyuan-DiT v1.2 transformer in each mode (HunyuanImage-2.1 with ``--only``).
 * ``flux2``: the full-size FLUX.2 [klein] 4B and [dev] transformers (``bench/flux2_fullsize.py``) in each mode at
   1024², and [dev] in a 24 GiB budget ([dev]'s folder needs 65 GB of disk).
+* ``recipes``: every other shipped recipe (FLUX.1 high-fidelity, Hunyuan-DiT, HunyuanImage-2.1, FLUX.2 [klein]
+  fast and high-fidelity) as a user runs it, default ``memory_mode = "auto"``, on its family's full-size model at
+  its own resolution and buckets, with regularisation images, samples and checkpoints, for 8 steps.
 * ``whole``: the shipped fast recipe (``recipes/flux/identity-fast.toml``) on the full-size transformer,
   timed and split into load, caching, compilation, steps, samples and evaluation.
 
@@ -118,6 +121,24 @@ def whole_rows(steps: int) -> list[dict[str, Any]]:
                  model="flux-full-encoders", timeout=300, gib=139, whole_sets={"eval.seeds": [1]})]
 
 
+#: Every shipped recipe but the fast FLUX.1 one (the ``whole`` row), its full-size model and resolution.
+SHIPPED = (("flux/identity-hifi.toml", "flux", "flux-full-encoders", 768),
+           ("hunyuan-dit/identity.toml", "dit", "dit-full", 1024),
+           ("hunyuan-image/identity.toml", "image", "image-full", 1024),
+           ("flux2/identity-fast.toml", "klein", "klein-4b-full", 512),
+           ("flux2/identity-hifi.toml", "klein", "klein-4b-full", 768))
+
+
+def recipe_rows() -> list[dict[str, Any]]:
+    """Each shipped recipe as a user runs it (its own LoRA, optimizer, schedule, buckets and default
+    ``memory_mode = "auto"``) on its family's full-size model: a few steps with samples and checkpoints. This is
+    the issue's "the default plan on CUDA completes every shipped recipe's run shape"."""
+    return [_row(f"recipe-{path.split('.')[0].replace('/', '-')}", "recipes", fam,
+                 {"train.steps": 8, "sample.every_steps": 4},
+                 kind="recipe", model=model, resolution=res, recipe=path, timeout=480,
+                 gib=100 if fam == "image" else 50) for path, fam, model, res in SHIPPED]
+
+
 def flux2_rows() -> list[dict[str, Any]]:
     """FLUX.2 full size (bench/flux2_fullsize.py): [klein] 4B and [dev] 32 B in each mode at 1024², [dev] in a
     24 GiB budget. [dev]'s folder is 65 GB: its rows need a machine with that much free disk."""
@@ -127,7 +148,7 @@ def flux2_rows() -> list[dict[str, Any]]:
 
 
 def all_rows(whole_steps: int = 200) -> list[dict[str, Any]]:
-    return (tiny_rows() + full_rows() + budget_rows() + hunyuan_rows() + flux2_rows()
+    return (tiny_rows() + full_rows() + budget_rows() + hunyuan_rows() + flux2_rows() + recipe_rows()
             + whole_rows(whole_steps))
 
 
@@ -140,11 +161,15 @@ def build_assets(work: Path, models: set[str]) -> dict[str, Path]:
     if not (data / "subject").is_dir():
         build_dataset(data)
     assets["subject"], assets["reg"] = data / "subject", data / "reg"
-    for base in (512, 1024):
+    for base in (512, 768, 1024):
         big = work / f"data-{base}"
         if not big.is_dir():
             _scaled_dataset(data / "subject", big, base)
         assets[f"subject-{base}"] = big
+        reg = work / f"reg-{base}"
+        if not reg.is_dir():
+            _scaled_dataset(data / "reg", reg, base)
+        assets[f"reg-{base}"] = reg
     if "tiny" in models:
         from lora_run_devtools.testing import build_tiny
 
@@ -299,7 +324,8 @@ def _expect_outputs(result: dict[str, Any], row: dict[str, Any], out: Path) -> N
     """The feature set of a completed run: LoRA files, checkpoints, samples, evaluation."""
     m = _manifest(out)
     art = m.get("artifacts") or {}
-    for fmt in ("kohya", "diffusers") if row["family"] != "dit" else ("diffusers",):   # Hunyuan-DiT: diffusers only
+    formats = row.get("formats") or (("kohya", "diffusers") if row["family"] != "dit" else ("diffusers",))
+    for fmt in formats:       # Hunyuan-DiT: diffusers only; a shipped recipe: the formats it lists
         if not art.get(f"lora_{fmt}") or not Path(art[f"lora_{fmt}"]).is_file():
             result["problems"].append(f"no {fmt} LoRA file")
     if row["sets"].get("train.steps", 12) > 4 and not art.get("checkpoints"):
@@ -321,6 +347,22 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
             result = _kill_resume(row, assets, work)
         elif row["kind"] == "ctrl-c":
             result = _ctrl_c(row, assets, work)
+        elif row["kind"] == "recipe":
+            res = row["resolution"]
+            sets = {"model.source": str(assets[row["model"]]), "model.offline": True,
+                    "dataset.path": str(assets[f"subject-{res}"]), "output.name": row["id"],
+                    "train.save_every_steps": 4, "eval.enabled": False,
+                    "backend.native.progress_bar": False}
+            reg = f'dataset.regularization=[{{path = "{assets[f"reg-{res}"]}", weight = 1.0}}]'
+            proc, out, log = _launch(row, assets, work, recipe_path=REPO / "recipes" / row["recipe"], sets=sets,
+                                     extra=["--set", reg])
+            rc = _wait(proc, row["timeout"])
+            result = _summary(row, rc, out, log, time.perf_counter() - started)
+            if rc == 0:
+                import tomllib
+
+                listed = tomllib.loads((REPO / "recipes" / row["recipe"]).read_text()).get("output", {}).get("formats")
+                _expect_outputs(result, {**row, "formats": listed or ("diffusers",)}, out)
         elif row["kind"] == "whole":
             steps = row["sets"]["train.steps"]
             sets = {"model.source": str(assets[row["model"]]), "model.offline": True,
@@ -580,7 +622,7 @@ class GpuPool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--groups", nargs="+", default=["tiny", "full", "budget", "hunyuan", "flux2", "whole"])
+    ap.add_argument("--groups", nargs="+", default=["tiny", "full", "budget", "hunyuan", "flux2", "recipes", "whole"])
     ap.add_argument("--only", nargs="*", default=None, help="row ids (overrides --groups)")
     ap.add_argument("--jobs", type=int, default=6, help="tiny rows run this many at a time")
     ap.add_argument("--full-jobs", type=int, default=1,
