@@ -38,8 +38,8 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_run.errors import ModelSourceError
