@@ -8,44 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import BASE_RECIPE
+
 FAMILIES = ["flux.1-dev", "flux.2-klein", "flux.2-dev", "hunyuan-image-2.1", "hunyuan-dit-1.2"]
 SEEDS = [3, 1, 2]
 #: uint8 pixels: a batch may differ from batch 1 by kernel-level float differences (measured on CPU: at most 1)
 TOLERANCE = 1
 
-RECIPE = """
-[model]
-family = "{family}"
-source = "{model}"
-offline = true
-
-[dataset]
-path = "{dataset}"
-trigger = "ohwx"
-resolution = 64
-bucket_min = 64
-bucket_max = 64
-min_images = 1
-
-[lora]
-rank = 4
-alpha = 4.0
-
-[train]
-steps = 2
-mixed_precision = "no"
-
-[eval]
-enabled = false
-
-[backend]
-name = "native"
-
-[backend.native]
-text_max_length = 16
-progress_bar = false
-tensorboard = false
-"""
+#: the native tests' tiny-model recipe on any family
+RECIPE = BASE_RECIPE.replace('family = "flux.1-dev"', 'family = "{family}"').replace("{length}", "steps = 2")
 
 
 def _pixels(images) -> list[np.ndarray]:
@@ -75,7 +46,8 @@ def family_recipe(tmp_path_factory):
         if family not in made:
             model = build_tiny(family, root / family)
             path = root / f"{family}.toml"
-            path.write_text(RECIPE.format(family=family, model=model, dataset=root / "subject"), encoding="utf-8")
+            body = RECIPE.replace("{family}", family).replace("{model}", str(model))
+            path.write_text(body.replace("{dataset}", str(root / "subject")), encoding="utf-8")
             made[family] = load_recipe(path).recipe
         return made[family]
     return get
