@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line, is_local_source, quiet_libraries
+from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
+                                           is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
@@ -353,35 +355,37 @@ class FluxAdapter(ModelAdapter):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
-                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
-        import torch
-
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
+                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call (batched starting latents, one per seed). FluxPipeline
+        repeats a prompt's encoding ``num_images_per_prompt`` times but not pre-encoded ``text``, which is
+        repeated here."""
         kwargs: dict[str, Any] = {}
         dtype = self._pipe_dtype(pipe)
         if text is not None:
             device = pipe._execution_device
-            kwargs["prompt_embeds"] = text["prompt_embeds"].to(device, dtype)
-            kwargs["pooled_prompt_embeds"] = text["pooled_prompt_embeds"].to(device, dtype)
+            for key in ("prompt_embeds", "pooled_prompt_embeds"):
+                embeds = text[key].to(device, dtype)
+                kwargs[key] = embeds.expand(len(seeds), *embeds.shape[1:]).contiguous()
         else:
             kwargs["prompt"] = prompt
-        latents = self._initial_latents(pipe, seed, width, height)
+            kwargs["num_images_per_prompt"] = len(seeds)
+        latents = self._initial_latents(pipe, seeds, width, height)
         result = pipe(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                      generator=generator, latents=latents, max_sequence_length=self.max_sequence_length,
+                      generator=seed_generators(seeds), latents=latents, max_sequence_length=self.max_sequence_length,
                       joint_attention_kwargs={"scale": float(lora_scale)}, output_type="pil", **kwargs)
-        return result.images[0]
+        return list(result.images)
 
-    def _initial_latents(self, pipe: Any, seed: int, width: int, height: int) -> Any:
-        """Starting noise drawn on CPU from the seed, so a seed gives the same image on CPU and CUDA."""
-        import torch
+    def _initial_latents(self, pipe: Any, seeds: Sequence[int], width: int, height: int) -> Any:
+        """Starting noise drawn on CPU, one row per seed, so a seed gives the same image on CPU and CUDA and in
+        any batch; packed to FLUX's 2×2 tokens."""
         from diffusers import FluxPipeline
 
         h = 2 * (height // (self.vae_scale_factor * 2))
         w = 2 * (width // (self.vae_scale_factor * 2))
         channels = pipe.transformer.config.in_channels // 4
-        noise = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
-        packed = FluxPipeline._pack_latents(noise, 1, channels, h, w)
+        noise = seeded_noise(seeds, (channels, h, w))
+        packed = FluxPipeline._pack_latents(noise, len(seeds), channels, h, w)
         return packed.to(pipe._execution_device, self._pipe_dtype(pipe))
 
     def _pipe_dtype(self, pipe: Any) -> Any:

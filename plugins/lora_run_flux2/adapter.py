@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
-                                           is_local_source, quiet_libraries)
+                                           is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
 
 from .shapes import DEV_SHAPE, KLEIN_SHAPE
@@ -460,11 +461,10 @@ class Flux2Adapter(ModelAdapter):
                 self.device = device
         return self.negative_text  # type: ignore[return-value]
 
-    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
-                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
-        import torch
-
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
+                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call: batched starting latents, one per seed; the pipeline
+        repeats the prompt's (or ``text``'s and the negative) encoding ``num_images_per_prompt`` times."""
         dtype = getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
         device = pipe._execution_device
         kwargs: dict[str, Any] = {}
@@ -476,12 +476,13 @@ class Flux2Adapter(ModelAdapter):
             kwargs["prompt"] = prompt
         channels = pipe.transformer.config.in_channels       # patchified: 4 × the VAE's latent channels
         h, w = height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2)
-        noise = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+        noise = seeded_noise(seeds, (channels, h, w))
         result = pipe(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                      generator=generator, latents=noise.to(device, dtype), max_sequence_length=self.max_sequence_length,
+                      num_images_per_prompt=len(seeds), generator=seed_generators(seeds),
+                      latents=noise.to(device, dtype), max_sequence_length=self.max_sequence_length,
                       text_encoder_out_layers=self.text_layers, attention_kwargs={"scale": float(lora_scale)},
                       output_type="pil", **kwargs)
-        return result.images[0]
+        return list(result.images)
 
 
 class Flux2KleinAdapter(Flux2Adapter):

@@ -24,10 +24,11 @@ the same peft config into ``pipe.transformer`` and loads it with ``set_peft_mode
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, seed_generators
 from lora_run_native.shapes import FamilyShape
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
@@ -414,12 +415,13 @@ class HunyuanDiTAdapter(SourceLoader):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
-                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
-        """One image. With ``text`` (pre-encoded, samples during training) there is no negative prompt
-        encoding, so classifier-free guidance is off; with ``prompt`` the pipeline's CFG uses ``guidance``.
-        The LoRA strength scales the peft layers (``scale_lora_layers``) for this call."""
-        import torch
+    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
+                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call: batched starting latents, one per seed, and one generator
+        per seed for the DDPM steps' noise (row ``i`` from seed ``i``, as alone). With ``text`` (pre-encoded,
+        samples during training) there is no negative prompt encoding, so classifier-free guidance is off; with
+        ``prompt`` the pipeline's CFG uses ``guidance``. The LoRA strength scales the peft layers
+        (``scale_lora_layers``) for this call."""
         from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 
         if text is not None:
@@ -428,16 +430,15 @@ class HunyuanDiTAdapter(SourceLoader):
             kwargs["guidance_scale"] = 1.0
         else:
             kwargs = {"prompt": prompt, "guidance_scale": guidance}
-        noise = self.initial_noise(pipe, seed, height, width)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = self.initial_noise(pipe, seeds, height, width)
         scale_lora_layers(pipe.transformer, float(lora_scale))
         try:
             result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise,
-                          generator=generator, output_type="pil", use_resolution_binning=False,
-                          original_size=(height, width), **kwargs)
+                          num_images_per_prompt=len(seeds), generator=seed_generators(seeds), output_type="pil",
+                          use_resolution_binning=False, original_size=(height, width), **kwargs)
         finally:
             unscale_lora_layers(pipe.transformer, float(lora_scale))
-        return result.images[0]
+        return list(result.images)
 
 
 def lora_config_of(tensors: dict[str, Any], rank: int | None = None) -> Any:

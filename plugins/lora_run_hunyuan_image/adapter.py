@@ -20,6 +20,7 @@ model is trained; the guidance-distilled (meanflow) variant is refused.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,10 +336,12 @@ class HunyuanImageAdapter(SourceLoader):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
-                 height: int, lora_scale: float, text: dict[str, Any] | None = None) -> Any:
-        """One image. The base model has no guidance embedding and the pipeline built here has no guider, so
-        sampling runs without classifier-free guidance (``guidance`` feeds only a distilled model)."""
+    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
+                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call (batched starting latents, one per seed; the pipeline
+        repeats the encodings ``num_images_per_prompt`` times). The base model has no guidance embedding and the
+        pipeline built here has no guider, so sampling runs without classifier-free guidance (``guidance``
+        feeds only a distilled model)."""
         device, dtype = self.pipe_placement(pipe)
         if text is not None:
             kwargs = self.pipe_text(pipe, text, ("prompt_embeds", "prompt_embeds_2"),
@@ -348,11 +351,11 @@ class HunyuanImageAdapter(SourceLoader):
             # here with the reference rule (glyph_text), the same as in training
             embeds_2, mask_2 = glyph_embeds(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
             kwargs = {"prompt": prompt, "prompt_embeds_2": embeds_2.to(device, dtype), "prompt_embeds_mask_2": mask_2}
-        noise = self.initial_noise(pipe, seed, height, width)
+        noise = self.initial_noise(pipe, seeds, height, width)
         result = pipe(num_inference_steps=steps, height=height, width=width, distilled_guidance_scale=guidance,
-                      latents=noise, attention_kwargs={"scale": float(lora_scale)}, output_type="pil",
-                      **kwargs)
-        return result.images[0]
+                      num_images_per_prompt=len(seeds), latents=noise, attention_kwargs={"scale": float(lora_scale)},
+                      output_type="pil", **kwargs)
+        return list(result.images)
 
 
 GLYPH_RULE = "ref-quotes"     # in the text cache identity: caches made with diffusers' rule are not reused

@@ -7,14 +7,49 @@ base pipeline is built once from ``recipe.model`` (hub id, diffusers folder or s
 adapter), the LoRA file (kohya or diffusers format; ``None`` = the base model) is loaded once, and every job
 is generated with the LoRA scale set to its ``strength``. The starting noise is drawn on the CPU from the
 job's seed, so a seed gives the same image on every device. Images are written atomically as
-``<out_dir>/<name>.png``; the jobs come back with ``"path"`` added.
+``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added.
+
+Jobs that differ only in ``seed`` (and ``name``) are generated together, in one pipeline call with a batch of
+starting latents (``batch_groups``; the adapter's ``generate_batch``), at most ``max_batch(width, height)``
+images a call: each latent is still drawn from its own job's seed, so the images are the one-at-a-time images
+up to kernel-level float differences.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 JOB_KEYS = ("name", "prompt", "seed", "strength", "steps", "guidance", "width", "height")
+#: pixels generated in one pipeline call at most (8 images at 512², 2 at 1024²): bounds the activations and the
+#: VAE decode of a batch
+BATCH_PIXELS = 2 * 1024 * 1024
+
+
+def max_batch(width: int, height: int, placement: str = "whole") -> int:
+    """How many ``width`` × ``height`` images one pipeline call generates at most: ``BATCH_PIXELS`` worth, at
+    least 1; 1 when the pipeline is streamed from the host (``group-offload``: memory is what is short)."""
+    if placement == "group-offload":
+        return 1
+    return max(1, BATCH_PIXELS // (int(width) * int(height)))
+
+
+def batch_groups(jobs: list[dict[str, Any]], limit: Callable[[int, int], int]) -> list[list[int]]:
+    """Indices of ``jobs`` in groups of one pipeline call each: jobs equal in everything but their name and seed
+    (``prompt``, ``strength``, ``steps``, ``guidance``, ``width``, ``height``, compared as the pipeline gets
+    them: ``steps``, ``width``, ``height`` as ints, ``strength``, ``guidance`` as floats), whatever their
+    position in the list, in the order they appear; a group is cut into runs of at most
+    ``limit(width, height)`` jobs. Groups come in the order of their first job."""
+    groups: dict[tuple, list[int]] = {}
+    for n, job in enumerate(jobs):
+        key = (job["prompt"], float(job["strength"]), int(job["steps"]), float(job["guidance"]), int(job["width"]),
+               int(job["height"]))
+        groups.setdefault(key, []).append(n)
+    out = []
+    for key, members in groups.items():
+        size = max(1, int(limit(key[4], key[5])))
+        out.extend(members[i:i + size] for i in range(0, len(members), size))
+    return out
 
 
 def _device(device: Any) -> Any:
@@ -50,20 +85,26 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
     pipe = adapter.load_pipeline(torch.device("cpu") if dev.type == "cuda" else dev, dtype)
     if lora_path is not None:
         adapter.load_lora_into_pipeline(pipe, Path(lora_path))
-    if dev.type == "cuda":
-        place_pipeline(pipe, dev, recipe)
+    placement = place_pipeline(pipe, dev, recipe) if dev.type == "cuda" else "whole"
     out = Path(out_dir)
-    results = []
+    paths: dict[int, str] = {}
     with torch.no_grad():
-        for job in jobs:
-            image = adapter.generate(pipe, prompt=job["prompt"], seed=int(job["seed"]), steps=int(job["steps"]),
-                                     guidance=float(job["guidance"]), width=int(job["width"]), height=int(job["height"]),
-                                     lora_scale=float(job["strength"]) if lora_path is not None else 1.0)
-            target = out / f"{job['name']}.png"
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            atomic_write_bytes(target, buf.getvalue())
-            results.append({**job, "path": str(target)})
+        for group in batch_groups(jobs, lambda w, h: max_batch(w, h, placement)):
+            first = jobs[group[0]]
+            images = adapter.generate_batch(
+                pipe, prompt=first["prompt"], seeds=[int(jobs[n]["seed"]) for n in group], steps=int(first["steps"]),
+                guidance=float(first["guidance"]), width=int(first["width"]), height=int(first["height"]),
+                lora_scale=float(first["strength"]) if lora_path is not None else 1.0)
+            if len(images) != len(group):
+                raise RuntimeError(f"{adapter.family}: generate_batch returned {len(images)} images for "
+                                   f"{len(group)} seeds")
+            for n, image in zip(group, images):
+                target = out / f"{jobs[n]['name']}.png"
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                atomic_write_bytes(target, buf.getvalue())
+                paths[n] = str(target)
+    results = [{**job, "path": paths[n]} for n, job in enumerate(jobs)]
     del pipe
     if dev.type == "cuda":
         torch.cuda.empty_cache()

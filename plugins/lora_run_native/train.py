@@ -191,6 +191,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),
                                   "available_gib": round(available, 2), "budget": source,
                                   "attention": kernel.kernel, "attention_reason": kernel.reason}
+    transformer._lora_run_streamed = plan.offload_blocks > 0      # samples: one image a call (generate.max_batch)
     transformer.train()
     return transformer
 
@@ -927,6 +928,8 @@ class Trainer:
 
         from lora_run.rundir import atomic_write_bytes
 
+        from .generate import max_batch
+
         r = self.recipe
         adapter = state.adapter
         if adapter.sample_vae is None or not (self.main or self.parallel.fsdp):   # FSDP: every rank samples
@@ -942,20 +945,27 @@ class Trainer:
         written = []
         rng_state = torch.get_rng_state()
         started = time.perf_counter()
+        streamed = getattr(getattr(transformer, "module", transformer), "_lora_run_streamed", False)   # DDP wraps
+        limit = max_batch(r.sample.width, r.sample.height, "group-offload" if streamed else "whole")
         try:
             with torch.no_grad(), acc.autocast():
                 for n, prompt in enumerate(self.sample_prompts()):
                     text = {k: v[None] for k, v in state.texts[prompt].items()}
                     if state.te_module is not None:
                         text.update(adapter.encode_captions([prompt], encoders=(adapter.trainable_text_encoder,)))
+                    images = {}        # the seeds of one strength in one pipeline call (generate.py)
+                    for strength in r.sample.strengths:
+                        for start in range(0, len(r.sample.seeds), limit):
+                            seeds = r.sample.seeds[start:start + limit]
+                            batch = adapter.generate_batch(pipe, prompt=None, seeds=seeds, steps=r.sample.steps,
+                                                           guidance=r.sample.guidance, width=r.sample.width,
+                                                           height=r.sample.height, lora_scale=strength, text=text)
+                            images.update({(seed, strength): image for seed, image in zip(seeds, batch)})
                     for seed in r.sample.seeds:
                         for strength in r.sample.strengths:
-                            image = adapter.generate(pipe, prompt=None, seed=seed, steps=r.sample.steps,
-                                                     guidance=r.sample.guidance, width=r.sample.width,
-                                                     height=r.sample.height, lora_scale=strength, text=text)
                             path = folder / f"p{n:02d}-seed{seed}-x{strength:g}.png"
                             if self.main:
-                                atomic_write_bytes(path, _png_bytes(image))
+                                atomic_write_bytes(path, _png_bytes(images[seed, strength]))
                                 written.append(str(path))
         finally:
             torch.set_rng_state(rng_state)

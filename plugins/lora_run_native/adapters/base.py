@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -89,6 +90,23 @@ def encoder_fits(size_gib: float, free_gib: float) -> bool:
     weights plus a tenth of them (at least 1 GiB) for the activations of one caption and the allocator's
     slack. The budgets proven on the GPU keep their placement (T5-XXL whole in 12 GiB)."""
     return size_gib + max(1.0, 0.1 * size_gib) <= free_gib
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """``(len(seeds), *shape)`` float32 standard normal noise on the CPU, row ``i`` from its own generator seeded
+    with ``seeds[i]``: a seed draws the same row alone or in any batch (the starting latents of generation)."""
+    import torch
+
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
+                      for seed in seeds])
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per seed, for a pipeline that also draws noise while sampling (a list of generators:
+    diffusers draws row ``i`` of each such noise from generator ``i``)."""
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
 
 def first_line(exc: BaseException) -> str:
@@ -626,13 +644,11 @@ class ModelAdapter:
         device, dtype = self.pipe_placement(pipe)
         return {**{k: text[k].to(device, dtype) for k in embeds}, **{k: text[k].to(device) for k in masks}}
 
-    def initial_noise(self, pipe: Any, seed: int, height: int, width: int) -> Any:
-        """Seeded ``(1, C, h, w)`` starting latents (drawn on the CPU, so every device gets the same image)."""
-        import torch
-
-        device, dtype = self.pipe_placement(pipe)
-        shape = (1, pipe.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).to(device, dtype)
+    def initial_noise(self, pipe: Any, seeds: Sequence[int], height: int, width: int) -> Any:
+        """Seeded ``(len(seeds), C, h, w)`` starting latents: row ``i`` is drawn on the CPU from ``seeds[i]`` alone
+        (its own generator), so a seed gives the same noise on every device and in any batch."""
+        shape = (pipe.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return seeded_noise(seeds, shape).to(*self.pipe_placement(pipe))
 
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         """The family's diffusers inference pipeline built from ``recipe.model``."""
@@ -648,8 +664,21 @@ class ModelAdapter:
 
     def generate(self, pipe: Any, *, prompt: str | None, seed: int, steps: int, guidance: float, width: int,
                  height: int, lora_scale: float, text: dict[str, torch.Tensor] | None = None) -> Any:
-        """One PIL image. ``text`` (from ``encode_captions``) replaces ``prompt`` when given."""
-        raise NotImplementedError
+        """One PIL image. ``text`` (from ``encode_captions``, batch 1) replaces ``prompt`` when given."""
+        return self.generate_batch(pipe, prompt=prompt, seeds=(seed,), steps=steps, guidance=guidance, width=width,
+                                   height=height, lora_scale=lora_scale, text=text)[0]
+
+    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
+                       width: int, height: int, lora_scale: float, text: dict[str, torch.Tensor] | None = None) -> list:
+        """One PIL image per seed, in the order of ``seeds``, from one pipeline call: the starting latents are
+        stacked, row ``i`` drawn from ``seeds[i]`` exactly as ``generate`` draws it alone (``seeded_noise``), so
+        each image is the one-at-a-time image up to kernel-level float differences. The built-in families
+        override this. The default serves an adapter that implements only ``generate`` (its pipeline is not
+        known to take batched latents): one pipeline call per seed."""
+        if type(self).generate is ModelAdapter.generate:
+            raise NotImplementedError(f"{type(self).__name__} implements neither generate nor generate_batch")
+        return [self.generate(pipe, prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=width,
+                              height=height, lora_scale=lora_scale, text=text) for seed in seeds]
 
 
 class SourceLoader(ModelAdapter):

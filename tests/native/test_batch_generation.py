@@ -1,0 +1,214 @@
+"""Batched generation: jobs that differ only in seed go through one pipeline call with one starting latent per
+seed. Every family's batch gives the one-at-a-time images (same seeds, same order); planted mistakes (a batch in
+the wrong order, noise from the wrong seed) are caught by the same comparison; the grouping of jobs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import BASE_RECIPE
+
+FAMILIES = ["flux.1-dev", "flux.2-klein", "flux.2-dev", "hunyuan-image-2.1", "hunyuan-dit-1.2"]
+SEEDS = [3, 1, 2]
+#: uint8 pixels: a batch may differ from batch 1 by kernel-level float differences (measured on CPU: at most 1)
+TOLERANCE = 1
+
+#: the native tests' tiny-model recipe on any family
+RECIPE = BASE_RECIPE.replace('family = "flux.1-dev"', 'family = "{family}"').replace("{length}", "steps = 2")
+
+
+def _pixels(images) -> list[np.ndarray]:
+    return [np.asarray(image, dtype=np.int16) for image in images]
+
+
+def assert_same_images(batched, single) -> None:
+    """The images of one batch equal the one-at-a-time images, in order, within ``TOLERANCE``."""
+    a, b = _pixels(batched), _pixels(single)
+    assert len(a) == len(b)
+    for n, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape
+        diff = int(np.abs(x - y).max())
+        assert diff <= TOLERANCE, f"image {n}: batched differs from one-at-a-time by {diff}"
+
+
+@pytest.fixture(scope="module")
+def family_recipe(tmp_path_factory):
+    from lora_run.recipe import load_recipe
+    from lora_run_devtools.testing import build_tiny, make_images
+
+    root = tmp_path_factory.mktemp("batch-gen")
+    make_images(root / "subject", 1, size=(64, 64))
+    made: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in made:
+            model = build_tiny(family, root / family)
+            path = root / f"{family}.toml"
+            body = RECIPE.replace("{family}", family).replace("{model}", str(model))
+            path.write_text(body.replace("{dataset}", str(root / "subject")), encoding="utf-8")
+            made[family] = load_recipe(path).recipe
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def pipelines(family_recipe):
+    import torch
+
+    from lora_run_native.adapters import adapter_class
+
+    made: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in made:
+            recipe = family_recipe(family)
+            adapter = adapter_class(family)(recipe, device=torch.device("cpu"))
+            made[family] = (adapter, adapter.load_pipeline(torch.device("cpu"), torch.float32))
+        return made[family]
+    return get
+
+
+def _call(adapter, pipe, seeds, guidance):
+    import torch
+
+    kw = dict(prompt='ohwx, a portrait "hi"', steps=2, guidance=guidance, width=64, height=64, lora_scale=1.0)
+    with torch.no_grad():
+        batched = adapter.generate_batch(pipe, seeds=seeds, **kw)
+        single = [adapter.generate(pipe, seed=seed, **kw) for seed in seeds]
+    return batched, single
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_gives_the_one_at_a_time_images(family, pipelines):
+    adapter, pipe = pipelines(family)
+    guidance = 4.0 if family == "hunyuan-dit-1.2" else 3.5        # Hunyuan-DiT: CFG on (negative batch too)
+    batched, single = _call(adapter, pipe, SEEDS, guidance)
+    assert len(batched) == len(SEEDS)
+    assert_same_images(batched, single)
+    pixels = _pixels(single)
+    assert all(np.abs(pixels[0] - p).max() > 10 for p in pixels[1:]), "the seeds give different images"
+    # planted mistakes the comparison must catch: the batch returned in the wrong order, noise from other seeds
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_images(batched[::-1], single)
+    wrong_seed, _ = _call(adapter, pipe, [s + 10 for s in SEEDS], guidance)
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_images(wrong_seed, single)
+
+
+def test_pre_encoded_text_is_batched_too(pipelines):
+    """Samples during training pass pre-encoded prompts (batch 1); FluxPipeline does not repeat those itself."""
+    import torch
+
+    adapter, pipe = pipelines("flux.1-dev")
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt="ohwx, a portrait", prompt_2=None, max_sequence_length=16)
+        text = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        kw = dict(prompt=None, steps=2, guidance=3.5, width=64, height=64, lora_scale=1.0, text=text)
+        batched = adapter.generate_batch(pipe, seeds=SEEDS, **kw)
+        single = [adapter.generate(pipe, seed=seed, **kw) for seed in SEEDS]
+    assert_same_images(batched, single)
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_images(batched[1:] + batched[:1], single)
+
+
+def test_seeded_noise_rows_are_the_seeds_alone():
+    import torch
+
+    from lora_run_native.adapters.base import seeded_noise
+
+    rows = seeded_noise([5, 9, 5], (2, 3, 3))
+    assert rows.shape == (3, 2, 3, 3)
+    alone = torch.randn((1, 2, 3, 3), generator=torch.Generator("cpu").manual_seed(9))
+    assert torch.equal(rows[1:2], alone)
+    assert torch.equal(rows[0], rows[2]) and not torch.equal(rows[0], rows[1])
+
+
+# ------------------------------------------------------------------------------------------ grouping
+def _job(name, seed, prompt="p", strength=1.0, steps=2, guidance=3.5, width=64, height=64):
+    return {"name": name, "prompt": prompt, "seed": seed, "strength": strength, "steps": steps,
+            "guidance": guidance, "width": width, "height": height}
+
+
+def test_jobs_differing_only_in_seed_share_a_call():
+    from lora_run_native.generate import batch_groups
+
+    jobs = [_job("a1", 1), _job("b1", 1, strength=0.5), _job("a2", 2), _job("b2", 2, strength=0.5),
+            _job("c1", 1, prompt="q"), _job("a3", 3, strength=1), _job("d1", 1, steps=3), _job("e1", 1, width=96),
+            _job("f1", 1, guidance=4.0), _job("g1", 1, height=96)]
+    assert batch_groups(jobs, lambda w, h: 8) == [[0, 2, 5], [1, 3], [4], [6], [7], [8], [9]]
+    # each group is cut to the limit of its image size; the order inside stays the jobs' order
+    assert batch_groups(jobs, lambda w, h: 2) == [[0, 2], [5], [1, 3], [4], [6], [7], [8], [9]]
+    sizes = []
+    batch_groups(jobs, lambda w, h: sizes.append((w, h)) or 1)
+    assert (96, 64) in sizes and (64, 96) in sizes
+    assert batch_groups([], lambda w, h: 4) == []
+
+
+def test_the_batch_limit_follows_the_image_size():
+    from lora_run_native.generate import BATCH_PIXELS, max_batch
+
+    assert max_batch(512, 512) == BATCH_PIXELS // 512 ** 2 == 8
+    assert max_batch(1024, 1024) == 2
+    assert max_batch(4096, 4096) == 1
+    assert max_batch(512, 512, "group-offload") == 1
+
+
+def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, monkeypatch):
+    """The evaluation's entry point: a grid (prompts × strengths × seeds) in batches gives the files and the
+    order that one job at a time gives, with the same pixels; a batch returned reversed is caught."""
+    from PIL import Image
+
+    from lora_run_native import generate
+
+    recipe = family_recipe("flux.1-dev")
+    jobs = [_job(f"p{p}-s{s:g}-seed{seed}", seed, prompt=f"ohwx {p}", strength=s)
+            for p in range(2) for s in (0.5, 1.0) for seed in (1, 2, 3)]
+    calls = []
+    real = generate.batch_groups
+    monkeypatch.setattr(generate, "batch_groups", lambda jobs, limit: calls.append(real(jobs, limit)) or calls[-1])
+    done = generate.generate_images(recipe, None, jobs, tmp_path / "batched", device="cpu")
+    assert [len(g) for g in calls[0]] == [3, 3, 3, 3]
+    assert [r["name"] for r in done] == [j["name"] for j in jobs]
+    assert [Path(r["path"]).name for r in done] == [f"{j['name']}.png" for j in jobs]
+    assert all(r["seed"] == j["seed"] for r, j in zip(done, jobs))
+    monkeypatch.setattr(generate, "batch_groups", lambda jobs, limit: [[n] for n in range(len(jobs))])
+    single = generate.generate_images(recipe, None, jobs, tmp_path / "single", device="cpu")
+    images = [Image.open(r["path"]) for r in done]
+    singles = [Image.open(r["path"]) for r in single]
+    assert_same_images(images, singles)
+
+    # planted mistake: an adapter whose batch comes back reversed
+    from lora_run_flux.adapter import FluxAdapter
+
+    monkeypatch.setattr(generate, "batch_groups", real)
+    right = FluxAdapter.generate_batch
+    monkeypatch.setattr(FluxAdapter, "generate_batch", lambda self, pipe, **kw: right(self, pipe, **kw)[::-1])
+    wrong = generate.generate_images(recipe, None, jobs, tmp_path / "wrong", device="cpu")
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_images([Image.open(r["path"]) for r in wrong], singles)
+
+
+def test_an_adapter_with_only_generate_falls_back_to_one_call_per_seed():
+    from lora_run_native.adapters.base import ModelAdapter
+
+    class OneByOne(ModelAdapter):
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, pipe, *, prompt, seed, **kw):
+            self.calls.append(seed)
+            return f"image {seed}"
+
+    adapter = OneByOne()
+    out = adapter.generate_batch(None, prompt="p", seeds=[4, 2], steps=1, guidance=1.0, width=8, height=8,
+                                 lora_scale=1.0)
+    assert out == ["image 4", "image 2"] and adapter.calls == [4, 2]
+
+    class Neither(ModelAdapter):
+        def __init__(self):
+            pass
+
+    with pytest.raises(NotImplementedError, match="neither generate nor generate_batch"):
+        Neither().generate(None, prompt="p", seed=1, steps=1, guidance=1.0, width=8, height=8, lora_scale=1.0)
