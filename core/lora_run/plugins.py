@@ -52,6 +52,8 @@ class Registration:
     generate: Callable[..., Any] | None = None
     #: commands: ``configure(parser)`` adds the subcommand's arguments
     configure: Callable[..., Any] | None = None
+    #: commands: only reads and prints (a closed output pipe just ends it); reports broken plugins itself
+    read_only: bool = False
     #: families: ``[model.files]`` slot -> what file goes there
     file_slots: dict[str, str] = attrs.field(factory=dict)
     #: families: every bucket side is a multiple of this many pixels (the latent grid)
