@@ -93,10 +93,9 @@ def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
         print("# command: " + " ".join(shlex.quote(a) for a in argv))
     for rel, content in plan.files.items():
         print(f"# file: {run_dir.path / rel}\n{content.rstrip()}\n")
-    for out in plan.outputs:
-        print(f"# output: {out}")
-    for note in plan.notes:
-        print(f"# note: {note}")
+    for label, lines in (("output", plan.outputs), ("note", plan.notes)):
+        for line in lines:
+            print(f"# {label}: {line}")
     return EXIT_OK
 
 
