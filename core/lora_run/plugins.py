@@ -9,7 +9,6 @@ Built-in plugins are found exactly like third-party ones. Nothing is loaded at i
 """
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from typing import Any, Callable, Iterable
@@ -138,8 +137,9 @@ class Plugins:
         table = self.registry[kind]
         if name in table:
             return table[name]
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+        from .recipe import did_you_mean
+
+        hint = did_you_mean(name, table, '"')
         available = ", ".join(sorted(table)) or "none installed"
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
