@@ -1,4 +1,4 @@
-"""What a dataset plugin hands the core: items (image + caption), the caption rule of a recipe, and the lint
+"""What a dataset plugin hands the core: items (image + caption) and the lint
 report the ``lint_dataset`` hook fills (errors stop a run before any model loads)."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Protocol
 import attrs
 
 from .files import printable, shown
-from .schema import DatasetSection
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -33,17 +32,6 @@ class DatasetSource(Protocol):
 
     def items(self) -> list[Item]:
         """Every image of the subject set and the regularisation sets, in a stable order."""
-
-
-def training_caption(item: Item, section: DatasetSection) -> str:
-    """The caption a sample is trained with (before caption dropout)."""
-    caption = (item.caption or "").strip()
-    if item.is_reg:
-        return caption or item.default_caption
-    trigger = section.trigger.strip()
-    if section.trigger_policy == "prepend" and trigger and trigger not in caption:
-        return f"{trigger}, {caption}" if caption else trigger
-    return caption
 
 
 @attrs.frozen

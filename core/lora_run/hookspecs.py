@@ -72,10 +72,11 @@ def register_evaluators(register: Any) -> None:
 
 @hookspec
 def register_commands(register: Any) -> None:
-    """Add ``lora-run`` subcommands: ``register(name, handler, *, configure=fn, description="")``.
+    """Add ``lora-run`` subcommands: ``register(name, handler, *, configure=fn, description="", read_only=False)``.
 
     ``configure(parser)`` adds the command's arguments to its :class:`argparse.ArgumentParser`;
     ``handler(args, plugins)`` runs it and returns the exit code (raise a ``LoraRunError`` for bad input).
+    A ``read_only`` command only prints: a closed output pipe just ends it, and it reports broken plugins itself.
     """
 
 

@@ -9,7 +9,6 @@ Built-in plugins are found exactly like third-party ones. Nothing is loaded at i
 """
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from typing import Any, Callable, Iterable
@@ -52,6 +51,8 @@ class Registration:
     generate: Callable[..., Any] | None = None
     #: commands: ``configure(parser)`` adds the subcommand's arguments
     configure: Callable[..., Any] | None = None
+    #: commands: only reads and prints (a closed output pipe just ends it); reports broken plugins itself
+    read_only: bool = False
     #: families: ``[model.files]`` slot -> what file goes there
     file_slots: dict[str, str] = attrs.field(factory=dict)
     #: families: every bucket side is a multiple of this many pixels (the latent grid)
@@ -136,8 +137,9 @@ class Plugins:
         table = self.registry[kind]
         if name in table:
             return table[name]
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+        from .recipe import did_you_mean
+
+        hint = did_you_mean(name, table, '"')
         available = ", ".join(sorted(table)) or "none installed"
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""

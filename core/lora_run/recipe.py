@@ -88,10 +88,7 @@ def make_converter() -> cattrs.Converter:
         if type(value) is str and value in choices:
             return value
         shown = ", ".join(f'"{c}"' for c in choices)
-        hint = ""
-        if isinstance(value, str):
-            close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
+        hint = did_you_mean(value, [str(c) for c in choices], '"') if isinstance(value, str) else ""
         raise RecipeValueError(f"must be one of {shown}; got {describe(value)}{hint}")
 
     def container_factory(tp: Any) -> Any:
@@ -162,9 +159,10 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in attrs.fields(cls)]
 
 
-def did_you_mean(word: str, options: Iterable[str]) -> str:
+def did_you_mean(word: str, options: Iterable[str], quote: str = "'") -> str:
+    """`` (did you mean 'learning_rate'?)`` for the closest of ``options``, or nothing."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
 def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[tuple[KeyPath, str]]:

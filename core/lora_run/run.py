@@ -1,7 +1,6 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import signal
@@ -19,8 +18,8 @@ from .errors import (BackendError, DatasetError, LoraRunError, OutputError, Plug
 from .files import FileProblem, read_limited, shown
 from .features import capability_problems
 from .plugins import Plugins, Registration
-from .recipe import (CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, dump_recipe, replace,
-                     to_dict)
+from .recipe import (CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, did_you_mean, dump_recipe,
+                     replace, to_dict)
 from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
 from .schema import TIMESTEP_SAMPLINGS, Recipe
 
@@ -181,8 +180,7 @@ def _known_name(value: str, known: Iterable[str], what: str) -> str | None:
     known = sorted(set(known))
     if value in known:
         return None
-    close = difflib.get_close_matches(value, known, n=1)
-    hint = f" (did you mean \"{close[0]}\"?)" if close else ""
+    hint = did_you_mean(value, known, '"')
     return f"unknown {what} \"{value}\"{hint}; installed: {', '.join(known) or 'none'}"
 
 
@@ -293,8 +291,7 @@ def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, prob
             else "remove the key; only " + (", ".join(several) or "no installed family") + " has several)"))
     for slot, value in recipe.model.files.items():
         if value is not None and slot not in family.file_slots:
-            close = difflib.get_close_matches(slot, list(family.file_slots), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(slot, family.file_slots)
             problems.add(("model", "files", slot), f"is not a file {name} takes{hint}; its [model.files] slots: "
                          f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
                          f"for {name}; give [model.source] (a hub id or a diffusers folder)")

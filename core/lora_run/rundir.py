@@ -73,26 +73,8 @@ def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path, len(data)) from exc
-        raise
-    try:
-        _honour_umask(fd)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and is_disk_full(exc):
-            raise disk_full_error(path, len(data)) from exc
-        raise
+    with atomic_path(path, len(data)) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -101,8 +83,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
-    """For writers that want a file name (safetensors.save_file): yields a temp path, renamed on success.
-    A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if known)."""
+    """For writers that want a file name (safetensors.save_file): yields a temp path, fsynced and renamed on
+    success. A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if
+    known)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from lora_run.dataset import Item, training_caption
+from lora_run.dataset import Item
+from lora_run_folder import training_caption
 from lora_run_folder.images import open_rgb
 from lora_run.schema import Recipe
 from lora_run_engines.stage import Staged, sync_folder

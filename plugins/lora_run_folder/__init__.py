@@ -1,6 +1,7 @@
 """Built-in dataset plugin: the `folder` type (images in a folder with a caption file next to each) and the
-dataset machinery every type shares: opening images safely (``images``) and the dataset lint (``lint``,
-through the ``lint_dataset`` hook, so it checks the items of any dataset type).
+dataset machinery every type shares: the caption a sample is trained with (``training_caption``), opening
+images safely (``images``) and the dataset lint (``lint``, through the ``lint_dataset`` hook, so it checks the
+items of any dataset type).
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
 """
@@ -15,6 +16,17 @@ from lora_run.hookspecs import hookimpl
 from lora_run.schema import DatasetSection, Recipe
 
 from .images import IMAGE_EXTENSIONS
+
+
+def training_caption(item: Item, section: DatasetSection) -> str:
+    """The caption a sample is trained with (before caption dropout)."""
+    caption = (item.caption or "").strip()
+    if item.is_reg:
+        return caption or item.default_caption
+    trigger = section.trigger.strip()
+    if section.trigger_policy == "prepend" and trigger and trigger not in caption:
+        return f"{trigger}, {caption}" if caption else trigger
+    return caption
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport, training_caption
+from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport
 from lora_run.files import FileProblem, check_input_file
 from lora_run.schema import Recipe
 
+from . import training_caption
 from .images import ImageProblem, open_rgb
 
 EXTREME_ASPECT = 3.0

@@ -22,7 +22,7 @@ import attrs
 import tomli_w
 
 from lora_run import __version__
-from lora_run.dataset import Item, training_caption
+from lora_run.dataset import Item
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.rundir import atomic_write_text
 from lora_run.run import Plan
@@ -30,6 +30,7 @@ import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented
 from lora_run_engines.stage import Staged, sync_folder
 from lora_run_engines.supervise import Supervisor
+from lora_run_folder import training_caption
 
 from . import checkout, spec
 from .supervise import Progress, finite, training_progress

@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 
-from lora_run.dataset import Item, training_caption
+from lora_run.dataset import Item
 from lora_run.schema import DatasetSection
+from lora_run_folder import training_caption
 
 
 @attrs.frozen

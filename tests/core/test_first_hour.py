@@ -111,8 +111,9 @@ def test_a_closed_output_pipe_ends_quietly(write_recipe, tmp_path):
         err = _closed_pipe_stderr(code, tmp_path)
         assert "Traceback" not in err and "BrokenPipe" not in err, err
     # control: the same output written without the CLI's handling does end in BrokenPipeError
-    control = ("import sys, argparse; from lora_run import cli; "
-               "cli.COMMANDS['plugins'](argparse.Namespace(json=True)); sys.stdout.flush()")
+    control = ("import sys, argparse; from lora_run.plugins import load_plugins; "
+               "from lora_run_commands import cmd_plugins; "
+               "cmd_plugins(argparse.Namespace(json=True), load_plugins()); sys.stdout.flush()")
     assert "BrokenPipeError" in _closed_pipe_stderr(control, tmp_path)
 
 

@@ -111,7 +111,7 @@ def test_prepend_policy_and_empty_folder(recording, write_recipe, subject_datase
     (subject_dataset / "img000.txt").write_text("a person outdoors")
     report = lint(load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="prepend"']).recipe, plugins)
     assert not report.errors
-    from lora_run.dataset import training_caption
+    from lora_run_folder import training_caption
     r = load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="prepend"']).recipe
     item = next(i for i in report.usable if i.image.name == "img000.png")
     assert training_caption(item, r.dataset) == "ohwx, a person outdoors"
