@@ -150,6 +150,10 @@ RESERVE = ".lora-run.reserve"
 RESERVE_BYTES = 1 << 20
 
 
+def _entries(found: list) -> str:
+    return f"{len(found)} entr{'y' if len(found) == 1 else 'ies'}"
+
+
 def is_run_folder(path: Path) -> bool:
     """True for a folder lora-run created: its manifest, its resolved recipe or its lock file is there."""
     path = Path(path)
@@ -266,12 +270,12 @@ class RunDir:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
                 self._lock()
                 self.release()
-            raise OutputError(f"{shown(p)}: the output folder is not empty ({len(existing)} entries); use --resume to "
+            raise OutputError(f"{shown(p)}: the output folder is not empty ({_entries(existing)}); use --resume to "
                               "continue that run, --overwrite to replace it, or --output-dir for a new folder")
         elif existing and overwrite:
             if not is_run_folder(p):
                 raise OutputError(f"{shown(p)}: --overwrite replaces only a run folder lora-run created (one with "
-                                  f"its {MANIFEST}); this folder holds other files ({len(existing)} entries) and is "
+                                  f"its {MANIFEST}); this folder holds other files ({_entries(existing)}) and is "
                                   "left alone; choose another --output-dir")
             self._lock()             # refuses while another run uses it
             self._clear()

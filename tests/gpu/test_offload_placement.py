@@ -59,7 +59,7 @@ def test_offloaded_blocks_are_parked_as_they_are_quantised():
         resident = torch.cuda.memory_allocated()
         peaks[order] = (torch.cuda.max_memory_allocated(), resident + per_block + temp, len(blocks))
         assert _fp8_bytes(blocks[i] for i in offloader.offload) == 0
-        del model, offloader
+        del model, offloader, blocks
     peak, bound, n = peaks["placed"]
     assert n == 8 and peak <= bound, f"placement peaked at {peak / 2**30:.2f} GiB, bound {bound / 2**30:.2f} GiB"
     control_peak, control_bound, _ = peaks["control"]
