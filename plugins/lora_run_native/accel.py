@@ -419,11 +419,11 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
     if plan.offload_blocks and on_cuda:
         if not plan.fp8:
             raise ValueError("offloading needs fp8 storage")
-        offload = checkpoint_indices(len(blocks), plan.offload_blocks)
-        ckpt |= set(offload)  # an offloaded block must be recomputed, never keep its weights for backward
         if offloader is None:
-            offloader = BlockOffloader(blocks, offload, device)
-        for i in offload:
+            offloader = BlockOffloader(blocks, checkpoint_indices(len(blocks), plan.offload_blocks), device)
+        offload = offloader.offload
+        ckpt |= set(offload)  # an offloaded block must be recomputed, never keep its weights for backward
+        for i in offload:     # parked already when place_frozen_weights made the offloader
             offloader.park(i)
         torch.cuda.empty_cache()
         model._lora_run_offloader = offloader  # kept alive with the model

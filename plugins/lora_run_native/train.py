@@ -191,7 +191,6 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),
                                   "available_gib": round(available, 2), "budget": source,
                                   "attention": kernel.kernel, "attention_reason": kernel.reason}
-    transformer._lora_run_streamed = plan.offload_blocks > 0      # samples: one image a call (generate.max_batch)
     transformer.train()
     return transformer
 
@@ -945,7 +944,7 @@ class Trainer:
         written = []
         rng_state = torch.get_rng_state()
         started = time.perf_counter()
-        streamed = getattr(getattr(transformer, "module", transformer), "_lora_run_streamed", False)   # DDP wraps
+        streamed = getattr(transformer, "_lora_run_offloader", None) is not None     # blocks streamed from the host
         limit = max_batch(r.sample.width, r.sample.height, "group-offload" if streamed else "whole")
         try:
             with torch.no_grad(), acc.autocast():
