@@ -115,10 +115,11 @@ def hunyuan_rows() -> list[dict[str, Any]]:
 
 
 def whole_rows(steps: int) -> list[dict[str, Any]]:
+    fast = "flux/identity-fast.toml"
     return [_row("whole-flux-fast-recipe", "whole", "flux", {"train.steps": steps}, kind="whole",
-                 model="flux-full-encoders", timeout=580, gib=139),
+                 model="flux-full-encoders", recipe=fast, timeout=580, gib=139),
             _row("whole-flux-fast-recipe-short", "whole", "flux", {"train.steps": 100}, kind="whole",
-                 model="flux-full-encoders", timeout=300, gib=139, whole_sets={"eval.seeds": [1]})]
+                 model="flux-full-encoders", recipe=fast, timeout=300, gib=139, whole_sets={"eval.seeds": [1]})]
 
 
 #: Every shipped recipe but the fast FLUX.1 one (the ``whole`` row), its full-size model and resolution.
@@ -347,34 +348,28 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
             result = _kill_resume(row, assets, work)
         elif row["kind"] == "ctrl-c":
             result = _ctrl_c(row, assets, work)
-        elif row["kind"] == "recipe":
-            res = row["resolution"]
+        elif row["kind"] in ("recipe", "whole"):      # a shipped recipe as a user runs it, with this machine's paths
+            res = row.get("resolution", 512)
             sets = {"model.source": str(assets[row["model"]]), "model.offline": True,
                     "dataset.path": str(assets[f"subject-{res}"]), "output.name": row["id"],
-                    "train.save_every_steps": 4, "eval.enabled": False,
                     "backend.native.progress_bar": False}
-            reg = f'dataset.regularization=[{{path = "{assets[f"reg-{res}"]}", weight = 1.0}}]'
-            proc, out, log = _launch(row, assets, work, recipe_path=REPO / "recipes" / row["recipe"], sets=sets,
-                                     extra=["--set", reg])
+            extra = []
+            if row["kind"] == "whole":      # the recipe's own schedule of samples and checkpoints, scaled to its steps
+                every = max(1, row["sets"]["train.steps"] // 6)
+                sets.update({"train.save_every_steps": every, "sample.every_steps": every, **row.get("whole_sets", {})})
+            else:
+                sets.update({"train.save_every_steps": 4, "eval.enabled": False})
+                extra = ["--set", f'dataset.regularization=[{{path = "{assets[f"reg-{res}"]}", weight = 1.0}}]']
+            recipe_path = REPO / "recipes" / row["recipe"]
+            proc, out, log = _launch(row, assets, work, recipe_path=recipe_path, sets=sets, extra=extra)
             rc = _wait(proc, row["timeout"])
             result = _summary(row, rc, out, log, time.perf_counter() - started)
             if rc == 0:
                 import tomllib
 
-                listed = tomllib.loads((REPO / "recipes" / row["recipe"]).read_text()).get("output", {}).get("formats")
-                _expect_outputs(result, {**row, "formats": listed or ("diffusers",)}, out)
-        elif row["kind"] == "whole":
-            steps = row["sets"]["train.steps"]
-            sets = {"model.source": str(assets[row["model"]]), "model.offline": True,
-                    "dataset.path": str(assets["subject-512"]), "output.name": row["id"],
-                    "train.save_every_steps": max(1, steps // 6), "sample.every_steps": max(1, steps // 6),
-                    "backend.native.progress_bar": False, **row.get("whole_sets", {})}
-            proc, out, log = _launch(row, assets, work, recipe_path=REPO / "recipes" / "flux" / "identity-fast.toml",
-                                     sets=sets)
-            rc = _wait(proc, row["timeout"])
-            result = _summary(row, rc, out, log, time.perf_counter() - started)
-            if rc == 0:
-                _expect_outputs(result, {**row, "eval": True}, out)
+                listed = tomllib.loads(recipe_path.read_text()).get("output", {}).get("formats")
+                _expect_outputs(result, {**row, "formats": listed or ("diffusers",), "eval": row["kind"] == "whole"},
+                                out)
         else:
             proc, out, log = _launch(row, assets, work)
             rc = _wait(proc, row["timeout"])
