@@ -163,9 +163,12 @@ def test_cuda_graphs_setting():
     auto = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention")
     off = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", cuda_graphs="off")
     on = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "attention", cuda_graphs="on")
-    many = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", buckets=5)
+    recipe = perfmodel.plan_mode("speed", "flux.1-dev", 768, 320, 1, 32, "all-linear", buckets=5)  # the fast recipe
+    many = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention",
+                               buckets=perfmodel.CUDA_GRAPH_MAX_BUCKETS + 1)
     assert auto.compile_mode == "reduce-overhead" and off.compile_mode == "default"
-    assert on.compile_mode == "reduce-overhead" and many.compile_mode == "default"
+    assert on.compile_mode == "reduce-overhead" and recipe.compile_mode == "reduce-overhead"
+    assert many.compile_mode == "default"
     assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
                                cuda_graphs="on").compile_mode == "default"      # graphs need compiled blocks
 
