@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
-from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
+from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
@@ -54,7 +54,8 @@ class FluxAdapter(ModelAdapter):
                   "clip_l": ("transformers", "CLIPTextModel", "dtype", {}),
                   "t5xxl": ("transformers", "T5EncoderModel", "dtype", {})}
     #: for the memory model (perfmodel.py); activation bytes per token measured on an H100 (bench/flux_bench.py)
-    memory_shape = FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, mmdit_lora_shapes(19, 38, 3072, 12288))
+    memory_shape = FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, mmdit_lora_shapes(19, 38, 3072, 12288),
+                               lora_inputs_per_token=mmdit_lora_inputs(19, 38, 3072, 12288))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)

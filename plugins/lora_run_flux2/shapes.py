@@ -3,9 +3,12 @@
 Parameter counts and LoRA layer sizes follow from the architectures (diffusers' ``Flux2Transformer2DModel``:
 a double block holds 8 h² of attention and 2 × 9 h² of SwiGLU feed-forward, a single block 9 h² + 4 h² of
 fused projections, the shared modulation 15 h²): [dev] 8 double + 48 single blocks at h = 6144 (32.3 B),
-[klein] 9B 8 + 24 at h = 4096 (9.1 B), [klein] 4B 5 + 20 at h = 3072 (3.9 B). The activation bytes per token
-are FLUX.1's measured values scaled by width (not yet measured on a GPU: ``bench/flux2_fullsize.py`` prints
-estimate vs. measured peak; at run time the estimate is rescaled to the model actually loaded).
+[klein] 9B 8 + 24 at h = 4096 (9.1 B), [klein] 4B 5 + 20 at h = 3072 (3.9 B). The compiled activation bytes
+per token and block were measured on [klein] 4B at 1024² (H200, bench/results/gpu-acceptance-20261202-1614.json:
+19.96 GiB allocated in speed and 16.34 GiB in memory mode, where FLUX.1's 80 500 B predicted 17.1 and 13.4):
+107 500 B at h = 3072 (SwiGLU's 6 h-wide gate and the single block's fused 9 h projection keep more than
+FLUX.1's blocks), scaled by width for the other variants; the eager value is FLUX.1's scaled by the same ratio
+(not measured). At run time the estimate is rescaled to the model actually loaded.
 """
 from __future__ import annotations
 
@@ -20,6 +23,15 @@ def lora_shapes(h: int, doubles: int, singles: int) -> dict[str, list[tuple[int,
     return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + modulation}
 
 
+def lora_inputs(h: int, doubles: int, singles: int) -> dict[str, float]:
+    """Elements a token feeds into the LoRA-wrapped layers per forward (its own stream's q, k, v, out and
+    SwiGLU in/out in a two-stream block; the fused input and output projections of a one-stream block)."""
+    ff = 3 * h
+    attention = doubles * 4 * h + singles * (h + h + ff)
+    mlp = doubles * (h + ff)
+    return {"attention": float(attention), "attention+mlp": float(attention + mlp), "all-linear": float(attention + mlp)}
+
+
 def params(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool) -> float:
     per = h * h
     blocks = doubles * 26 * per + singles * 13 * per
@@ -31,7 +43,8 @@ def shape(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool,
           low_vram_gib: float = 12.0) -> FamilyShape:
     scale = h / 3072
     return FamilyShape(params(h, doubles, singles, text_hidden, guidance), doubles + singles, h, 16, 512,
-                       80_500.0 * scale, 100_000.0 * scale, lora_shapes(h, doubles, singles), low_vram_gib)
+                       107_500.0 * scale, 134_000.0 * scale, lora_shapes(h, doubles, singles), low_vram_gib,
+                       lora_inputs_per_token=lora_inputs(h, doubles, singles))
 
 
 #: [dev]'s smallest plan is for a 24 GB card (fp8 storage, every block checkpointed, as few blocks streamed

@@ -57,7 +57,10 @@ _ATTENTION_SHAPES = [(40 * 4, 1408, 1408), (40 * 1, 1408, 1408), (40 * 2, 1024, 
 _MLP_SHAPES = [(40, 1408, 6144), (40, 6144, 1408)]
 MEMORY_SHAPE = FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, {
     "attention": _ATTENTION_SHAPES, "attention+mlp": _ATTENTION_SHAPES + _MLP_SHAPES,
-    "all-linear": _ATTENTION_SHAPES + _MLP_SHAPES})
+    "all-linear": _ATTENTION_SHAPES + _MLP_SHAPES},
+    # an image token feeds the five 1408-wide attention layers and the MLP (the text's k/v are not per image token)
+    lora_inputs_per_token={"attention": 40 * 5 * 1408.0, "attention+mlp": 40 * (5 * 1408 + 1408 + 6144.0),
+                           "all-linear": 40 * (5 * 1408 + 1408 + 6144.0)})
 
 DDPM_FEATURES = frozenset({
     "noise_offset", "min_snr_gamma",

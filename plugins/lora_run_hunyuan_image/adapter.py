@@ -26,7 +26,7 @@ from typing import Any
 
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
 from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer
-from lora_run_native.shapes import FamilyShape, mmdit_lora_shapes
+from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 
 #: HunyuanImagePipeline's prompt encoding constants (pipeline_hunyuanimage.py): Qwen template, the number of
@@ -79,7 +79,8 @@ class HunyuanImageAdapter(SourceLoader):
                   "byt5": ("transformers", "T5EncoderModel", "dtype", {})}
     #: for the memory model (perfmodel.py): 1000 Qwen + 128 ByT5 text tokens travel with the image tokens
     memory_shape = FamilyShape(17.43e9, 60, 3584, 32, 1000 + 128, 94_000.0, 117_000.0,
-                               mmdit_lora_shapes(20, 40, 3584, 4 * 3584))
+                               mmdit_lora_shapes(20, 40, 3584, 4 * 3584),
+                               lora_inputs_per_token=mmdit_lora_inputs(20, 40, 3584, 4 * 3584))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)

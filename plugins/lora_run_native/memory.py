@@ -23,13 +23,14 @@ def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
     out = {}
     for mode in ("speed", "memory", "low-vram"):
         plan = perfmodel.plan_mode(mode, r.model.family, r.dataset.resolution, r.dataset.resolution,
-                                   r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off")
+                                   r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off",
+                                   dropout=r.lora.dropout, steps=r.train.steps)
         if r.model.base_precision == "fp8" and not plan.fp8 and r.train.memory_mode != "auto":   # auto decides
             import attrs
             plan = attrs.evolve(plan, fp8=True)
         out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(
             r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
-            r.lora.targets, plan))
+            r.lora.targets, plan, dropout=r.lora.dropout))
     return out
 
 
@@ -81,5 +82,5 @@ def equivalent_estimate(recipe: Any, swapped_blocks: int = 0) -> tuple[float, st
     plan = PerfPlan("external", compile=False, fp8=r.model.base_precision == "fp8", checkpoint_blocks=blocks,
                     offload_blocks=min(max(swapped_blocks, 0), shapes.blocks))
     gib = perfmodel.estimate_peak_gib(r.model.family, r.dataset.resolution, r.dataset.resolution,
-                                      r.train.batch_size, r.lora.rank, r.lora.targets, plan)
+                                      r.train.batch_size, r.lora.rank, r.lora.targets, plan, dropout=r.lora.dropout)
     return gib, plan.describe().replace("external, ", "") + f", batch {r.train.batch_size} at {r.dataset.resolution}²"

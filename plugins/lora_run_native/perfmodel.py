@@ -29,10 +29,27 @@ def family_shape(family: str) -> FamilyShape | None:
     """The ``memory_shape`` the family's native adapter declares, None where it declares none."""
     return SHAPES.get(family)
 CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster with graphs, 1024² only 1.03×
-#: bucket shapes up to which speed mode replays CUDA graphs: each shape records its own graphs once (a few
-#: seconds); the shapes' graphs share one memory pool (only one shape's replay is live at a time). The shipped
-#: fast recipe's 5 shapes ran host-bound without graphs (0.355 s/step against 0.164 s isolated).
+#: bucket shapes up to which speed mode replays CUDA graphs; the shapes' graphs share one memory pool (only one
+#: shape's replay is live at a time)
 CUDA_GRAPH_MAX_BUCKETS = 8
+#: Measured on an H200 (bench/results/gpu-acceptance-20261202-1614.json, the shipped fast recipe's 5 bucket
+#: shapes, 100 steps, full-size FLUX.1): CUDA graphs cut the steady step from 0.397 s to about 0.2 s but the first
+#: ten steps took 191 s instead of about 62 s (recording every block's graphs for each shape). With several
+#: shapes, `auto` replays graphs only where the run is long enough to win that time back.
+CUDA_GRAPH_RECORD_S_PER_SHAPE = 26.0
+CUDA_GRAPH_SAVED_S_PER_STEP = 0.2
+#: LoRA dropout keeps each LoRA layer's dropped input for the backward: bytes per element (compiled: the bf16
+#: copy, measured as the whole of the high-fidelity FLUX.1 recipe's excess over the model without it, 8.2 GiB
+#: at 768²; eager also keeps the boolean mask)
+DROPOUT_BYTES_COMPILED = 2.0
+DROPOUT_BYTES_EAGER = 3.0
+
+
+def graphs_pay_off(buckets: int, steps: int | None) -> bool:
+    """Several bucket shapes: each records its graphs once (measured ~26 s); a replayed step saves ~0.2 s."""
+    if buckets <= 1 or steps is None:
+        return True
+    return steps * CUDA_GRAPH_SAVED_S_PER_STEP >= buckets * CUDA_GRAPH_RECORD_S_PER_SHAPE
 
 
 def shape_of_model(family: str, model: object, lora_parameters: int, rank: int, preset: str) -> FamilyShape:
@@ -50,10 +67,11 @@ def shape_of_model(family: str, model: object, lora_parameters: int, rank: int, 
     hidden = int(heads * head_dim) if heads and head_dim else int(getattr(config, "hidden_size", 0) or base.hidden)
     scale = hidden / base.hidden
     per_rank = max(1, lora_parameters // max(1, rank))
+    inputs = {k: v * scale * blocks / base.blocks for k, v in base.lora_inputs_per_token.items()}
     return attrs.evolve(base, params=params, blocks=blocks, hidden=hidden,
                         act_per_token_compiled=base.act_per_token_compiled * scale,
                         act_per_token_eager=base.act_per_token_eager * scale,
-                        lora_shapes={preset: [(1, per_rank, 0)]})
+                        lora_shapes={preset: [(1, per_rank, 0)]}, lora_inputs_per_token=inputs)
 
 
 def lora_params(family: str, preset: str, rank: int, shape: FamilyShape | None = None) -> int:
@@ -66,7 +84,7 @@ def tokens(family: str, height: int, width: int, shape: FamilyShape | None = Non
 
 
 def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: int, preset: str,
-                      plan: PerfPlan, shape: FamilyShape | None = None) -> float:
+                      plan: PerfPlan, shape: FamilyShape | None = None, dropout: float = 0.0) -> float:
     s = shape or family_shape(family)
     n_tok = tokens(family, height, width, s) * batch
     offloaded_share = plan.offload_blocks / s.blocks
@@ -79,41 +97,48 @@ def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: in
     boundary = s.hidden * 2.0                                     # block input kept by checkpointing (bf16)
     ckpt = min(s.blocks, max(plan.checkpoint_blocks, plan.offload_blocks))
     activations = n_tok * ((s.blocks - ckpt) * per_token + ckpt * boundary + (per_token if ckpt else 0.0))
+    if dropout > 0:     # kept by the blocks that are not recomputed, and by the one being recomputed
+        kept = (s.blocks - ckpt + (1 if ckpt else 0)) / s.blocks
+        element = DROPOUT_BYTES_COMPILED if plan.compile else DROPOUT_BYTES_EAGER
+        activations += n_tok * s.lora_inputs_per_token.get(preset, 0.0) * element * kept
     return (resident + lora + activations) / GiB + OVERHEAD_GIB
 
 
 def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
               budget_gib: float | None = None, compile: bool = True, buckets: int = 1,
-              shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
+              shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
+              steps: int | None = None) -> PerfPlan:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
-    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs.
-    With several bucket shapes the blocks compile with a symbolic token dimension (one graph for all)."""
+    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs
+    (`auto`: small steps, at most CUDA_GRAPH_MAX_BUCKETS shapes, and with several shapes enough `steps` to win
+    the recording back). With several bucket shapes the blocks compile with a symbolic token dimension."""
     plan = _plan_mode(mode, family, height, width, batch, rank, preset, budget_gib, compile, buckets, shape,
-                      cuda_graphs)
+                      cuda_graphs, dropout, steps)
     return attrs.evolve(plan, dynamic_tokens=plan.compile and buckets > 1)
 
 
 def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                budget_gib: float | None, compile: bool, buckets: int, shape: FamilyShape | None,
-               cuda_graphs: str) -> PerfPlan:
+               cuda_graphs: str, dropout: float, steps: int | None) -> PerfPlan:
     s = shape or family_shape(family)
     if mode == "speed":
         # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
         small = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS
-        graphs = compile and (cuda_graphs == "on" or (cuda_graphs == "auto" and small))
+        graphs = compile and (cuda_graphs == "on" or (cuda_graphs == "auto" and small
+                                                      and graphs_pay_off(buckets, steps)))
         return PerfPlan("speed", compile=compile, compile_mode="reduce-overhead" if graphs else "default")
     if mode == "memory":
         budget = budget_gib if budget_gib is not None else 24.0
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=n)
-            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s) <= budget:
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout) <= budget:
                 return plan
         return PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks)
     if mode == "low-vram":
         budget = budget_gib if budget_gib is not None else s.low_vram_gib
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=n)
-            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s) <= budget:
+            if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout) <= budget:
                 return plan
         return PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=s.blocks)
     raise ValueError(f"unknown mode {mode!r}")
@@ -121,12 +146,13 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
 
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                 free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
-                shape: FamilyShape | None = None, cuda_graphs: str = "auto") -> PerfPlan:
+                shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
+                steps: int | None = None) -> PerfPlan:
     """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin). The recipe's
     `base_precision = "fp8"` is a memory setting: an explicit mode honours it, `auto` decides itself (a GPU
     with room gets the bf16 speed plan, a small one an fp8 plan)."""
     budget = free_gib * 0.95 if free_gib else None
-    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs)
+    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
     if requested != "auto":
         plan = plan_mode(requested, family, height, width, batch, rank, preset,
                          budget_gib=budget if requested != "speed" else None, **kw)
@@ -135,7 +161,8 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
         return plan
     for mode in ("speed", "memory", "low-vram"):
         candidate = plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=budget, **kw)
-        if budget is None or estimate_peak_gib(family, height, width, batch, rank, preset, candidate, shape) <= budget:
+        if budget is None or estimate_peak_gib(family, height, width, batch, rank, preset, candidate, shape,
+                                               dropout) <= budget:
             return candidate
     return plan_mode("low-vram", family, height, width, batch, rank, preset, budget_gib=budget, **kw)
 

@@ -18,6 +18,9 @@ class FamilyShape:
     act_per_token_eager: float      # the same without compile
     lora_shapes: dict[str, list[tuple[int, int, int]]]  # preset -> [(count, in, out)]
     low_vram_gib: float = 12.0      # the budget `low-vram` plans for when no GPU is known (`lora-run plan`)
+    #: preset -> elements one token feeds into the LoRA-wrapped layers in one forward, summed over the blocks:
+    #: with LoRA dropout each of those inputs is kept (dropped) for the LoRA's backward
+    lora_inputs_per_token: dict[str, float] = attrs.field(factory=dict)
 
 
 def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[str, list[tuple[int, int, int]]]:
@@ -28,6 +31,17 @@ def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[st
     mlp = [(double * 2, h, ff), (double * 2, ff, h), (single, h, ff), (single, h + ff, h)]
     modulation = [(double * 2, h, 6 * h), (single, h, 3 * h)]
     return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + modulation}
+
+
+def mmdit_lora_inputs(double: int, single: int, hidden: int, ff: int) -> dict[str, float]:
+    """``lora_inputs_per_token`` of the presets of ``mmdit_lora_shapes``: in a two-stream block a token passes
+    its own stream's q, k, v, out and feed-forward; in a one-stream block q, k, v, the MLP input and the
+    output projection (attention and MLP concatenated). Modulation layers see one vector per sample."""
+    h = hidden
+    attention = double * 4 * h + single * 3 * h
+    mlp = double * (h + ff) + single * (h + h + ff)
+    return {"attention": float(attention), "attention+mlp": float(attention + mlp),
+            "all-linear": float(attention + mlp)}
 
 
 class RegisteredShapes(Mapping):

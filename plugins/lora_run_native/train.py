@@ -155,11 +155,11 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                  r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
                                  compile=r.train.compile != "off", buckets=len(sizes), shape=shape,
-                                 cuda_graphs=r.train.cuda_graphs)
+                                 cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps)
     if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
         plan = attrs.evolve(plan, fp8=False, offload_blocks=0, compile=False)
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
-                                           r.lora.targets, plan, shape)
+                                           r.lora.targets, plan, shape, dropout=r.lora.dropout)
     if estimate > available * 0.95 and not sharded and (r.train.gpu_memory_gib is not None
                                                        or r.train.memory_mode == "auto"):
         raise RecipeError(
@@ -185,6 +185,11 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
             why += "; [model.base_precision] \"fp8\" is a memory setting not needed here, the base stays bf16"
         if r.train.gradient_checkpointing and not plan.checkpoint_blocks:
             why += "; [train.gradient_checkpointing] is a memory setting not needed here, no block is recomputed"
+        if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead"
+                and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(len(sizes), r.train.steps)):
+            why += (f"; no CUDA graphs: recording them for {len(sizes)} bucket shapes (about "
+                    f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * len(sizes):.0f} s) would outlast what "
+                    f"{r.train.steps} steps win back")
         why += ")"
     echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; {kernel.describe()}; estimated peak "
          f"{estimate:.1f} GiB of {available:.1f} GiB available ({source}), largest bucket {width}x{height}")

@@ -163,12 +163,18 @@ def test_cuda_graphs_setting():
     auto = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention")
     off = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", cuda_graphs="off")
     on = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "attention", cuda_graphs="on")
-    recipe = perfmodel.plan_mode("speed", "flux.1-dev", 768, 320, 1, 32, "all-linear", buckets=5)  # the fast recipe
+    # the fast recipe's 5 bucket shapes: 1500 steps win the recording back (measured ~26 s a shape), 100 do not
+    recipe = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=1500)
+    short = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=100)
+    one_shape = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=1, steps=12)
     many = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention",
-                               buckets=perfmodel.CUDA_GRAPH_MAX_BUCKETS + 1)
+                               buckets=perfmodel.CUDA_GRAPH_MAX_BUCKETS + 1, steps=100_000)
     assert auto.compile_mode == "reduce-overhead" and off.compile_mode == "default"
     assert on.compile_mode == "reduce-overhead" and recipe.compile_mode == "reduce-overhead"
+    assert short.compile_mode == "default" and one_shape.compile_mode == "reduce-overhead"
     assert many.compile_mode == "default"
+    assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=100,
+                               cuda_graphs="on").compile_mode == "reduce-overhead"     # "on" is the user's call
     assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
                                cuda_graphs="on").compile_mode == "default"      # graphs need compiled blocks
 

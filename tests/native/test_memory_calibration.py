@@ -1,0 +1,89 @@
+"""The memory model against the peaks an H200 measured for the shipped recipes (no GPU needed: the measurements
+are the recorded JSON of the acceptance run, bench/results/gpu-acceptance-20261202-1614.json).
+
+Each row is run as the acceptance bench ran it: the shipped recipe (its rank, targets, LoRA dropout and bucket
+settings), the acceptance dataset's five aspect ratios bucketed by the product's own bucketing, speed mode with
+compiled blocks, on the full-size model of the family. The model must come within 10% of the allocated peak
+(the caching allocator's reserved peak adds what sampling fragments; under a memory cap the allocator frees
+that cache before it fails). The planted control: the model without its LoRA-dropout term misses the
+high-fidelity FLUX.1 recipe by more than 15%, as the model before this term did on the GPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_run.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+MEASURED = REPO / "bench" / "results" / "gpu-acceptance-20261202-1614.json"
+#: the acceptance dataset (lora_run_native.demo.build_dataset, scaled by resolution / 96): five aspect ratios
+DEMO_SIZES = [(96, 112), (112, 96), (96, 96), (96, 80), (80, 96)]
+
+#: row id -> (shipped recipe, model shape: None = the family's own, or the FLUX.2 variant the bench built)
+ROWS = {
+    "recipe-flux-identity-hifi": ("flux/identity-hifi.toml", None),
+    "recipe-hunyuan-dit-identity": ("hunyuan-dit/identity.toml", None),
+    "recipe-flux2-identity-fast": ("flux2/identity-fast.toml", "KLEIN_4B_SHAPE"),
+    "recipe-flux2-identity-hifi": ("flux2/identity-hifi.toml", "KLEIN_4B_SHAPE"),
+}
+
+
+def _measured() -> dict[str, dict]:
+    return {row["id"]: row for row in json.loads(MEASURED.read_text())["rows"]}
+
+
+def _estimate(recipe_file: str, shape_name: str | None, dropout_term: bool = True) -> float:
+    from lora_run_native import data, perfmodel
+    from lora_run_native.accel import PerfPlan
+
+    r = load_recipe(REPO / "recipes" / recipe_file).recipe
+    d = r.dataset
+    buckets = data.make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step)
+    used = {data.choose_bucket((w * d.resolution // 96, h * d.resolution // 96), buckets, d.bucket_step)
+            for w, h in DEMO_SIZES}
+    height, width = max(used, key=lambda s: s[0] * s[1])
+    shape = None
+    if shape_name:
+        import lora_run_flux2.shapes as flux2_shapes
+
+        shape = getattr(flux2_shapes, shape_name)
+    plan = PerfPlan("speed", compile=True)
+    return perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
+                                       r.lora.targets, plan, shape, dropout=r.lora.dropout if dropout_term else 0.0)
+
+
+@pytest.mark.parametrize("row_id", sorted(ROWS))
+def test_estimate_is_within_ten_percent_of_the_measured_allocated_peak(row_id):
+    row = _measured()[row_id]
+    assert row["passed"] and row["plan"].startswith("speed, compiled")
+    measured = row["timing"]["peak_allocated_gib"]
+    estimate = _estimate(*ROWS[row_id])
+    assert abs(estimate - measured) / measured < 0.10, (row_id, estimate, measured)
+
+
+def test_control_without_the_dropout_term_the_model_misses():
+    row_id = "recipe-flux-identity-hifi"
+    measured = _measured()[row_id]["timing"]["peak_allocated_gib"]
+    estimate = _estimate(*ROWS[row_id], dropout_term=False)
+    assert (measured - estimate) / measured > 0.15, (row_id, estimate, measured)
+
+
+def test_flux2_klein_modes_match_the_measured_peaks():
+    """[klein] 4B at 1024² (attention LoRA rank 32, one bucket) in each mode, measured side by side."""
+    import lora_run_flux2.shapes as flux2_shapes
+    from lora_run_native import perfmodel
+    from lora_run_native.accel import PerfPlan
+
+    rows = _measured()
+    plans = {"speed": PerfPlan("speed", compile=True), "memory": PerfPlan("memory", compile=True, fp8=True),
+             "low-vram": PerfPlan("low-vram", compile=True, fp8=True, checkpoint_blocks=25)}
+    for mode, plan in plans.items():
+        row = rows[f"full-klein-4b-1024-{mode}"]
+        assert row["plan"] == plan.describe()
+        measured = row["timing"]["peak_allocated_gib"]
+        estimate = perfmodel.estimate_peak_gib("flux.2-klein", 1024, 1024, 1, 32, "attention", plan,
+                                               flux2_shapes.KLEIN_4B_SHAPE)
+        assert abs(estimate - measured) / measured < 0.10, (mode, estimate, measured)
