@@ -120,7 +120,9 @@ def whole_rows(steps: int) -> list[dict[str, Any]]:
                  model="flux-full-encoders", recipe=fast, timeout=580, gib=139),
             _row("whole-flux-fast-recipe-short", "whole", "flux", {"train.steps": 100}, kind="whole",
                  model="flux-full-encoders", recipe=fast, timeout=480, gib=139,
-                 whole_sets={"eval.seeds": [1], "train.cuda_graphs": "on"}),
+                 whole_sets={"eval.seeds": [1], "train.cuda_graphs": "on"},
+                 # the 26 s a bucket shape cost to record: is any of it recompilation?
+                 env={"TORCH_LOGS": "recompiles,perf_hints"}),
             # the same steps without CUDA graphs, for the ratio the graphs buy on the recipe's bucket shapes
             # (`auto` leaves graphs off for 100 steps over 5 shapes: recording them would cost more than they save)
             _row("whole-flux-fast-recipe-short-nographs", "whole", "flux", {"train.steps": 100}, kind="whole",
@@ -284,7 +286,7 @@ def _launch(row: dict[str, Any], assets: dict[str, Path], work: Path, recipe_pat
     args += extra or []
     log = work / "logs" / f"{row['id']}{'-resume' if resume else ''}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **row.get("env", {})}
     proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work,
                             start_new_session=True)
     return proc, out, log
