@@ -6,7 +6,7 @@ live in the field metadata (``ge``/``gt``/``le``) and are checked with all other
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import attrs
 
@@ -15,8 +15,9 @@ TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "logit-normal", "shift")
 
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, path: bool = False) -> Any:
-    """An attrs field with its documentation and limits in the metadata."""
+           gt: float | None = None, le: float | None = None, path: bool | tuple[str, ...] = False) -> Any:
+    """An attrs field with its documentation and limits in the metadata. ``path``: the value is a path, made
+    absolute against the recipe file's folder (a table: every value, or the keys ``path`` names)."""
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path}
     if factory is not None:
         return attrs.field(factory=factory, metadata=metadata)
@@ -226,38 +227,6 @@ class SampleSection:
     height: int = option(512, "Sample height in pixels.", ge=64, le=4096)
 
 
-DEFAULT_EVAL_PROMPTS = [
-    "a close-up portrait photo of {trigger}, neutral expression, soft studio light",
-    "a photo of {trigger} standing on a busy city street at night",
-    "a photo of {trigger} wearing a red winter coat and a wool hat",
-    "an oil painting of {trigger} in the style of an old master",
-    "a close-up portrait photo of a person, neutral expression, soft studio light",
-]
-
-
-@frozen
-class EvalSection:
-    """The playbook's §7 evaluation protocol."""
-
-    enabled: bool = option(True, "Evaluate at the end of the run.")
-    prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
-                                "portrait, new environment, new outfit, new style, and the control prompt "
-                                "(the last one, without `{trigger}`).")
-    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep.")
-    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.")
-    steps: int = option(28, "Inference steps.", ge=1, le=1000)
-    guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
-    width: int = option(768, "Image width.", ge=64, le=4096)
-    height: int = option(768, "Image height.", ge=64, le=4096)
-    embedder: str | None = option(None, "Embedder plugin the evaluation compares images with (`lora-run plugins` "
-                                  "lists them). Unset: the installed embedder registered as the default.")
-    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
-                                              "class.")
-    every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
-    evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
-                                          "plugins` lists them); unset: every installed evaluator.")
-
-
 @frozen
 class OutputSection:
     """Where the run directory goes and what is written."""
@@ -299,7 +268,6 @@ class Recipe:
     scheduler: SchedulerSection = option(factory=SchedulerSection, doc="`[scheduler]`")
     train: TrainSection = option(factory=TrainSection, doc="`[train]`")
     sample: SampleSection = option(factory=SampleSection, doc="`[sample]`")
-    eval: EvalSection = option(factory=EvalSection, doc="`[eval]`")
     output: OutputSection = option(factory=OutputSection, doc="`[output]`")
     backend: BackendSection = option(factory=BackendSection, doc="`[backend]`")
 
@@ -307,3 +275,21 @@ class Recipe:
     def backend_options(self) -> dict[str, Any]:
         """The raw `[backend.<name>]` table of the selected backend."""
         return self.backend.options.get(self.backend.name, {})
+
+
+_RECIPE_CLASSES: dict[tuple[tuple[str, type], ...], type[Recipe]] = {}
+
+
+def recipe_class(sections: Iterable[tuple[str, type]] = ()) -> type[Recipe]:
+    """:class:`Recipe` with the tables plugins register (``register_sections``) as further sections, e.g.
+    ``recipe.eval`` for the evaluator plugin's ``[eval]``. One class per set of tables, so that recipes
+    loaded with the same plugins compare equal."""
+    key = tuple(sorted(sections, key=lambda item: item[0]))
+    if not key:
+        return Recipe
+    if key not in _RECIPE_CLASSES:
+        fields = {name: option(factory=cls, doc=f"`[{name}]`") for name, cls in key}
+        cls = attrs.make_class("Recipe", fields, bases=(Recipe,), frozen=True, kw_only=True, slots=True)
+        cls.__module__, cls.__annotations__ = __name__, {name: section for name, section in key}
+        _RECIPE_CLASSES[key] = cls
+    return _RECIPE_CLASSES[key]

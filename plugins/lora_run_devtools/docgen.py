@@ -8,7 +8,6 @@ from pathlib import Path
 
 import attrs
 
-from lora_run import schema
 from lora_run.features import FEATURES
 
 HEADER = """# Recipe reference
@@ -114,18 +113,26 @@ def families_section() -> list[str]:
 
 
 def render() -> str:
+    from lora_run.plugins import load_plugins
+
+    plugins = load_plugins()
+    recipe_class = plugins.recipe_class
     lines = [HEADER]
-    top = attrs.fields(schema.Recipe)
+    top = attrs.fields(recipe_class)
+    hints = typing.get_type_hints(recipe_class)
     lines.append("## Top level\n")
     lines.append("| key | meaning |\n| --- | --- |")
     for f in top:
-        if not attrs.has(typing.get_type_hints(schema.Recipe)[f.name]):
+        if not attrs.has(hints[f.name]):
             lines.append(f"| `{f.name}` | {f.metadata.get('doc', '')} |")
     lines.append("")
-    hints = typing.get_type_hints(schema.Recipe)
     for f in top:
         if attrs.has(hints[f.name]):
-            lines.extend(section_table(hints[f.name], f"[{f.name}]"))
+            table = section_table(hints[f.name], f"[{f.name}]")
+            section = plugins.registry["section"].get(f.name)
+            if section is not None:     # a table a plugin registers (`register_sections`)
+                table[2] += f" (Registered by the `{section.plugin}` plugin.)"
+            lines.extend(table)
     lines.extend(families_section())
     lines.append("## Features and backend capabilities\n")
     lines.append("A backend declares, per model family, which of these features it honours; a recipe that uses "

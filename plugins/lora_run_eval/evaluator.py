@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, check_input_file, shown
-from lora_run.rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text
 
 from . import metrics as M
 from .faces import Embedder
