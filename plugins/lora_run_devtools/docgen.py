@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from lora_run.features import FEATURES
+from lora_run.features import features_of
 
 HEADER = """# Recipe reference
 
@@ -138,7 +138,7 @@ def render() -> str:
     lines.append("A backend declares, per model family, which of these features it honours; a recipe that uses "
                  "one the chosen backend does not honour is refused with the key named (`lora-run check`).\n")
     lines.append("| feature | key | used when |\n| --- | --- | --- |")
-    for feat in FEATURES:
+    for feat in features_of(recipe_class):
         lines.append(f"| `{feat.name}` | `{'.'.join(feat.key)}` | {feat.doc} |")
     lines.append("| `loss:<name>` | `train.loss` | the named loss plugin (a backend that declares `loss:*` "
                  "takes every registered loss) |")
