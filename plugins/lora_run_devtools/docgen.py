@@ -12,8 +12,9 @@ from lora_run.features import features_of
 
 HEADER = """# Recipe reference
 
-Generated from the field documentation in `core/lora_run/schema.py` and the installed plugins by
-`python -m lora_run_devtools.docgen`; a test fails when this page is stale. Paths in a recipe file are relative to
+Generated from the field documentation in `core/lora_run/schema.py`, the recipe tables plugins register
+(`register_sections`) and the installed plugins by `python -m lora_run_devtools.docgen`; a test fails when this
+page is stale. Paths in a recipe file are relative to
 that file; paths given with `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
 keys are errors (with a suggestion), all problems are reported at once, exit code 2.
 
