@@ -112,7 +112,7 @@ def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
 
 
 @hookspec
-def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool) -> None:
+def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool, plugins: Any) -> None:
     """Refuse a ``--resume`` that cannot continue the run in ``run_dir``: raise a ``LoraRunError`` saying what changed.
 
     Called before the folder is locked or written; ``report`` is the dataset's :class:`lora_run.dataset.LintReport`.

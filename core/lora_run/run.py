@@ -397,7 +397,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                        output_dir=output_dir, overwrite=overwrite)
     if resume:
         plugins.hook.check_resume(run_dir=run_dir, recipe=recipe, loaded=loaded, report=report,
-                                  allow_dataset_change=allow_dataset_change)
+                                  allow_dataset_change=allow_dataset_change, plugins=plugins)
     run_dir.prepare(overwrite=overwrite, resume=resume)
     ctx: RunContext | None = None
     status, error, began = "failed", None, False

@@ -396,7 +396,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.recipe import load_recipe
     from lora_run.run import lint, validate
 
-    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
+    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins)
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()

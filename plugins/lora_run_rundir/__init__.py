@@ -33,9 +33,10 @@ def open_run_folder(loaded: Any, output_dir: str | None, overwrite: bool) -> Run
 
 
 @hookimpl
-def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool) -> None:
+def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool,
+                 plugins: Any) -> None:
     from .resume import check_dataset_unchanged, check_recipe_unchanged
 
-    check_recipe_unchanged(run_dir, recipe, loaded.shown)
+    check_recipe_unchanged(run_dir, recipe, loaded.shown, plugins)
     if not allow_dataset_change:
         check_dataset_unchanged(run_dir, report, loaded.shown)

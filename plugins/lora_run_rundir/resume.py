@@ -41,11 +41,11 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple
     return out
 
 
-def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str) -> None:
+def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str, plugins: Any) -> None:
     saved = run_dir.file(RECIPE)
     if not saved.is_file():
         return
-    diffs = resume_differences(to_dict(load_recipe(saved).recipe), to_dict(recipe))
+    diffs = resume_differences(to_dict(load_recipe(saved, plugins=plugins).recipe), to_dict(recipe))
     if diffs:
         raise RecipeError(f"{shown_recipe}: cannot resume {run_dir.path}: the recipe changed at "
                           f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "

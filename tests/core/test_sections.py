@@ -104,3 +104,19 @@ def test_a_recipe_table_of_a_disabled_plugin_is_refused_on_the_command_line(writ
                           env=env, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "top level: unknown key 'eval'" in done.stderr
+
+
+def test_a_run_with_a_plugin_table_resumes_and_refuses_a_changed_table(plugins_with, write_recipe, tmp_path):
+    from lora_run.run import execute
+
+    from .conftest import RecordingPlugin
+
+    plugins = plugins_with(RecordingPlugin(), Notify())
+    body, out = GOOD + "[notify]\nretries = 3\n", str(tmp_path / "out")
+    execute(load_recipe(write_recipe(body), plugins=plugins), plugins, output_dir=out, echo=lambda _: None)
+    assert "[notify]" in (tmp_path / "out" / "recipe.toml").read_text()
+    execute(load_recipe(write_recipe(body), ["train.steps=5"], plugins=plugins), plugins, output_dir=out,
+            resume=True, echo=lambda _: None)
+    with pytest.raises(RecipeError, match=r"the recipe changed at \[notify.retries\]"):
+        execute(load_recipe(write_recipe(body), ["notify.retries=4"], plugins=plugins), plugins, output_dir=out,
+                resume=True, echo=lambda _: None)
