@@ -86,7 +86,8 @@ def register_sections(register: Any) -> None:
 
     ``[name]`` is structured with the frozen attrs class as strictly as core's tables (unknown keys, types, limits)
     and read as ``recipe.<name>``. ``check(recipe, plugins, problems)`` adds the table's own rules with
-    ``problems.add(key path, message)``; ``with_defaults(section, plugins)`` fills what it leaves unset from the registries.
+    ``problems.add(key path, message)``; ``with_defaults(section, plugins)`` fills what it leaves unset from the
+    registries.
     """
 
 
@@ -112,7 +113,8 @@ def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
 
 
 @hookspec
-def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool, plugins: Any) -> None:
+def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool,
+                 plugins: Any) -> None:
     """Refuse a ``--resume`` that cannot continue the run in ``run_dir``: raise a ``LoraRunError`` saying what changed.
 
     Called before the folder is locked or written; ``report`` is the dataset's :class:`lora_run.dataset.LintReport`.
@@ -141,7 +143,7 @@ def samples_written(run: Any, step: int, paths: list) -> None:
 
 @hookspec
 def evaluate_run(run: Any) -> None:
-    """Called after the backend's ``run()`` returned and before the run is marked completed; an exception fails the run."""
+    """Called after the backend's ``run()`` returned, before the run is marked completed; an exception fails the run."""
 
 
 @hookspec

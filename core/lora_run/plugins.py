@@ -71,7 +71,8 @@ class Registration:
     #: families, backends, embedders: chosen when the recipe leaves the name unset (a backend: among those
     #: that train the recipe's family)
     default: bool = False
-    #: sections: ``check(recipe, plugins, problems)``, the section's rules (after the defaults): ``problems.add(key path, message)``
+    #: sections: ``check(recipe, plugins, problems)`` adds the section's rules (after the defaults) with
+    #: ``problems.add(key path, message)``
     check: Callable[..., Any] | None = None
     #: sections: ``with_defaults(section, plugins) -> section``, the names it leaves unset filled from the registries
     with_defaults: Callable[..., Any] | None = None
