@@ -593,27 +593,35 @@ class LoadedRecipe:
         return Problems(self.shown, dict(self.origins))
 
 
-def _recipe_class(plugins: Any) -> type:
-    """The schema with the plugins' sections (the installed plugins when none are given)."""
+def _loaded(plugins: Any) -> Any:
+    """The plugins whose recipe tables a recipe may hold (the installed plugins when none are given)."""
     if plugins is None:
         from .plugins import load_plugins
 
         plugins = load_plugins()
-    return plugins.recipe_class
+    return plugins
+
+
+def _name_broken_plugins(problems: Problems, plugins: Any) -> None:
+    """An unknown top-level table may be the table of a plugin that failed to load: say which failed."""
+    if plugins.broken and any("top level: unknown key" in line for line in problems.items):
+        problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
+            f"{b.name} ({b.error})" for b in plugins.broken))
 
 
 def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str] = (),
                 plugins: Any = None) -> LoadedRecipe:
     """Read, merge (`extends`), remove (`--unset`), override (`--set`), structure and check a recipe, with the
     sections ``plugins`` register (default: the installed plugins'). Raises RecipeError."""
-    path = Path(path)
-    recipe_class = _recipe_class(plugins)
+    path, plugins = Path(path), _loaded(plugins)
+    recipe_class = plugins.recipe_class
     origins: dict[KeyPath, str] = {}
     raw = load_raw(path, origins, recipe_class)
     raw = apply_unsets(raw, unsets, origins, recipe_class)
     raw = apply_sets(raw, sets, origins)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
+    _name_broken_plugins(problems, plugins)
     problems.raise_if_any()
     assert recipe is not None
     if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
@@ -627,7 +635,7 @@ def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{name}: not valid TOML: {exc}") from None
-    recipe_class = _recipe_class(plugins)
+    recipe_class = _loaded(plugins).recipe_class
     _resolve_paths(raw, base or Path.cwd(), recipe_class)
     raw.pop("extends", None)
     problems = Problems(name)

@@ -80,6 +80,23 @@ def test_a_plugin_table_is_as_strict_as_cores(plugins_with, write_recipe):
         load_recipe(write_recipe(GOOD + "[notify]\nretries = 1\n"), plugins=plugins_with())
 
 
+def test_a_table_of_a_plugin_that_failed_to_load_is_named_with_the_failure(plugins_with, write_recipe):
+    class Broken:
+        @hookimpl
+        def register_sections(self, register):
+            raise ImportError("No module named 'webhooks'")
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(GOOD + "[notify]\nretries = 1\n"), plugins=plugins_with(Broken()))
+    assert "recipe.toml: top level: unknown key 'notify'" in str(err.value)
+    assert "the tables of plugins that failed to load are unknown" in str(err.value)
+    assert "register_sections failed: ImportError: No module named 'webhooks'" in str(err.value)
+    # control: no broken plugin, no such line
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(GOOD + "[notify]\nretries = 1\n"), plugins=plugins_with())
+    assert "failed to load" not in str(err.value)
+
+
 def test_features_a_plugin_table_declares_are_checked_like_cores(plugins_with, write_recipe):
     plugins = plugins_with(Notify())
     recipe = load_recipe(write_recipe(GOOD + "[notify]\nloud = true\n"), plugins=plugins).recipe
