@@ -108,7 +108,7 @@ def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
 
     Called after the recipe validated and before the dataset lint, with the ``--output-dir`` override (None:
     ``[output] dir``); nothing may be created yet. Raise an ``OutputError`` naming the key for a folder no run
-    may use. The built-in ``run-folder`` plugin (``lora_run_rundir``) answers.
+    may use. The built-in ``run-folder`` plugin (``lora_run_rundir``) answers last (``trylast``).
     """
 
 

@@ -22,7 +22,7 @@ from .folder import RunDir
 __all__ = ["RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "is_disk_full"]
 
 
-@hookimpl
+@hookimpl(trylast=True)     # the fallback: a folder another plugin gives is used instead, whatever the load order
 def open_run_folder(loaded: Any, output_dir: str | None, overwrite: bool) -> RunDir:
     from lora_run.run import output_path
 

@@ -156,6 +156,9 @@ def test_the_run_folder_resume_rules_and_evaluation_come_from_hooks(recording, p
     out = tmp_path / "out"
     execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
     assert hooks.logged[-1] == "run completed" and "run completed" in (out / "run.log").read_text()
+    # the built-in folder answers last whatever the load order, so another plugin's folder is the one used
+    (builtin,) = [i for i in plugins.hook.open_run_folder.get_hookimpls() if i.plugin_name == "run-folder"]
+    assert builtin.trylast
     assert hooks.evaluated == [["lora"]] and plugin.events[-1] == ("run_finished", "completed", None)
     before = (out / "manifest.json").read_text()
     with pytest.raises(RecipeError, match="more than 10 steps"):
