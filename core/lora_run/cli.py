@@ -81,7 +81,7 @@ def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
     from .recipe import load_recipe
     from .run import with_defaults
 
-    loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ())), plugins)
+    loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins), plugins)
     _warn_broken(plugins)
     for c in plugins.conflicts:
         print(f"warning: {c}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command), the dataset
-lint and the run's lifecycle.
+"""The hook specifications: the registries (family, backend, loss, dataset, evaluator, command, recipe section),
+the dataset lint, the run folder and the run's lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -81,6 +81,17 @@ def register_commands(register: Any) -> None:
 
 
 @hookspec
+def register_sections(register: Any) -> None:
+    """Add a recipe table: ``register(name, options=SectionClass, *, description="", check=fn, with_defaults=fn)``.
+
+    ``[name]`` is structured with the frozen attrs class as strictly as core's tables (unknown keys, types, limits)
+    and read as ``recipe.<name>``. ``check(recipe, plugins, problems)`` adds the table's own rules with
+    ``problems.add(key path, message)``; ``with_defaults(section, plugins)`` fills what it leaves unset from the
+    registries.
+    """
+
+
+@hookspec
 def lint_dataset(recipe: Any, items: list, report: Any) -> None:
     """Check the dataset before any model loads (`lora-run check` and every run): add findings with
     ``report.add(level, code, message, file)`` and remove refused items from ``report.usable``.
@@ -88,6 +99,25 @@ def lint_dataset(recipe: Any, items: list, report: Any) -> None:
     ``items`` are what the dataset type listed; ``report`` is a :class:`lora_run.dataset.LintReport`. An
     ``"error"`` finding stops the run. The implementation that reads the files also sets ``report.counts``,
     ``report.dataset_hash`` and ``report.files`` (a resumed run compares them).
+    """
+
+
+@hookspec(firstresult=True)
+def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
+    """Return the folder a run writes to (a :class:`lora_run.run.RunFolder`); the first plugin that answers is used.
+
+    Called after the recipe validated and before the dataset lint, with the ``--output-dir`` override (None:
+    ``[output] dir``); nothing may be created yet. Raise an ``OutputError`` naming the key for a folder no run
+    may use. The built-in ``run-folder`` plugin (``lora_run_rundir``) answers last (``trylast``).
+    """
+
+
+@hookspec
+def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool,
+                 plugins: Any) -> None:
+    """Refuse a ``--resume`` that cannot continue the run in ``run_dir``: raise a ``LoraRunError`` saying what changed.
+
+    Called before the folder is locked or written; ``report`` is the dataset's :class:`lora_run.dataset.LintReport`.
     """
 
 
@@ -109,6 +139,11 @@ def checkpoint_saved(run: Any, step: int, path: Any) -> None:
 @hookspec
 def samples_written(run: Any, step: int, paths: list) -> None:
     """Called after sample images for ``step`` were written; ``paths`` lists the image files."""
+
+
+@hookspec
+def evaluate_run(run: Any) -> None:
+    """Called after the backend's ``run()`` returned, before the run is marked completed; an exception fails the run."""
 
 
 @hookspec

@@ -20,9 +20,9 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lora_run"
-KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command")
+KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command", "section")
 PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
-          "embedder": "embedders", "command": "commands"}
+          "embedder": "embedders", "command": "commands", "section": "sections"}
 
 
 @attrs.frozen
@@ -71,6 +71,11 @@ class Registration:
     #: families, backends, embedders: chosen when the recipe leaves the name unset (a backend: among those
     #: that train the recipe's family)
     default: bool = False
+    #: sections: ``check(recipe, plugins, problems)`` adds the section's rules (after the defaults) with
+    #: ``problems.add(key path, message)``
+    check: Callable[..., Any] | None = None
+    #: sections: ``with_defaults(section, plugins) -> section``, the names it leaves unset filled from the registries
+    with_defaults: Callable[..., Any] | None = None
 
 
 _FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
@@ -95,8 +100,16 @@ class Plugins:
         self._collect("family", "register_families")
         self._collect("backend", "register_backends", families=dict(self.registry["family"]))
         for kind, hook_name in (("loss", "register_losses"), ("dataset", "register_datasets"),
-                                ("evaluator", "register_evaluators"), ("command", "register_commands")):
+                                ("evaluator", "register_evaluators"), ("command", "register_commands"),
+                                ("section", "register_sections")):
             self._collect(kind, hook_name)
+
+    @property
+    def recipe_class(self) -> type:
+        """The recipe schema with the sections the plugins register (:func:`lora_run.schema.recipe_class`)."""
+        from .schema import recipe_class
+
+        return recipe_class((name, reg.options) for name, reg in self.registry["section"].items())
 
     def _collect(self, kind: str, hook_name: str, **arguments: Any) -> None:
         """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see

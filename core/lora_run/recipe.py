@@ -7,6 +7,7 @@ Loading collects *every* problem before failing, each one naming its file and ke
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -240,64 +241,55 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
         raise RecipeError(f"{shown}: not valid TOML: nested too deeply") from None
 
 
-def _path_keys() -> list[KeyPath]:
-    """Key paths of fields marked `path=True` (`*` stands for a list index)."""
-    found: list[KeyPath] = []
+@functools.lru_cache(maxsize=None)
+def _path_keys(recipe_class: type) -> list[tuple[KeyPath, Any]]:
+    """(key path, ``path`` metadata) of the fields marked ``path`` (``*`` stands for a list index)."""
+    found: list[tuple[KeyPath, Any]] = []
 
     def walk(cls: type, prefix: KeyPath) -> None:
+        hints = typing.get_type_hints(cls)
         for f in attrs.fields(cls):
-            tp = f.type if not isinstance(f.type, str) else typing.get_type_hints(cls)[f.name]
+            tp = hints[f.name]
             if f.metadata.get("path"):
-                found.append((*prefix, f.name))
+                found.append(((*prefix, f.name), f.metadata["path"]))
             inner = [a for a in typing.get_args(tp) if attrs.has(a)]
             if attrs.has(tp):
                 walk(tp, (*prefix, f.name))
             elif _is_list(tp) and inner:
                 walk(inner[0], (*prefix, f.name, "*"))
-    walk(Recipe, ())
+    walk(recipe_class, ())
     return found
 
 
-PATH_KEYS = _path_keys()
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+def _resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type) -> None:
     """Make the path-valued keys of one file absolute against that file's folder (in place)."""
 
-    def visit(node: Any, keys: KeyPath) -> None:
+    def visit(node: Any, keys: KeyPath, which: Any) -> None:
         if not keys or not isinstance(node, dict):
             return
         head, rest = keys[0], keys[1:]
-        if head == "*":
-            return
         child = node.get(head)
         if not rest:
             if isinstance(child, str) and child:
                 node[head] = _absolute(child, base)
+            elif isinstance(child, dict):     # a table of paths: every value, or the keys ``path`` names
+                for key, value in child.items():
+                    if isinstance(value, str) and value and (which is True or key in which):
+                        child[key] = _absolute(value, base)
             return
         if rest[0] == "*" and isinstance(child, list):
             for item in child:
-                visit(item, rest[1:])
+                visit(item, rest[1:], which)
         else:
-            visit(child, rest)
+            visit(child, rest, which)
 
-    for keys in PATH_KEYS:
-        visit(raw, keys)
+    for keys, which in _path_keys(recipe_class):
+        visit(raw, keys, which)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("source"), str):
         src = model["source"]
         if src.startswith((".", "/", "~")) or os.path.exists(base / src):  # False for over-long or NUL names
             model["source"] = _absolute(src, base)
-    files = model.get("files") if isinstance(model, dict) else None
-    if isinstance(files, dict):  # [model.files]: every slot is a file
-        for key, value in files.items():
-            if isinstance(value, str) and value:
-                files[key] = _absolute(value, base)
-    options = raw.get("eval", {}).get("embedder_options") if isinstance(raw.get("eval"), dict) else None
-    if isinstance(options, dict):  # the embedder's model files (`model`, `detector`)
-        for key in ("model", "detector"):
-            if isinstance(options.get(key), str) and options[key]:
-                options[key] = _absolute(options[key], base)
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -329,7 +321,8 @@ def _record(origins: dict[KeyPath, str], path: KeyPath, value: Any, shown: str) 
             _record(origins, (*path, k), v, shown)
 
 
-def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recipe,
+             chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe and everything it `extends`, merged (later files win), paths made absolute."""
     path = Path(os.path.expanduser(str(path)))
     real = path.resolve()
@@ -340,7 +333,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = 
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"{shown}: [extends] nests deeper than {MAX_EXTENDS_DEPTH} files")
     raw = read_toml(path, shown)
-    _resolve_paths(raw, real.parent)
+    _resolve_paths(raw, real.parent, recipe_class)
     parent = raw.pop("extends", None)
     own: dict[KeyPath, str] = {}
     for key, value in raw.items():
@@ -359,7 +352,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], chain: tuple[Path, ...] = 
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
     try:
-        parent_raw = load_raw(parent_path, origins, (*chain, real))
+        parent_raw = load_raw(parent_path, origins, recipe_class, (*chain, real))
     except RecipeError as exc:   # a parent that cannot be read or parsed: named through this file's key
         raise RecipeError([line if "[extends]" in line else f"{shown}: [extends] {line}"
                            for line in exc.problems]) from None
@@ -381,11 +374,11 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     return tuple(key.split(".")), value
 
 
-def _known_key(path: KeyPath) -> bool:
+def _known_key(path: KeyPath, recipe_class: type) -> bool:
     """Whether a dotted key names a field of the recipe schema (backend option tables: any key)."""
-    cls: Any = Recipe
+    cls: Any = recipe_class
     for i, part in enumerate(path):
-        if cls is Recipe and part == "backend":
+        if i == 0 and part == "backend":
             return True
         if not attrs.has(cls):
             return False
@@ -400,7 +393,8 @@ def _known_key(path: KeyPath) -> bool:
     return True
 
 
-def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
+def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],
+                 recipe_class: type = Recipe) -> dict[str, Any]:
     """`--unset sample.every_steps`: remove the key (a value or a whole table) so its default applies."""
     for key in keys:
         key = key.strip()
@@ -413,7 +407,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
             node = {}  # `backend = "name"` has no option tables to remove
         if not isinstance(node, dict) or path[-1] not in node:
-            if not _known_key(path):  # a key that is simply not set: nothing to do
+            if not _known_key(path, recipe_class):  # a key that is simply not set: nothing to do
                 raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
             continue
         del node[path[-1]]
@@ -565,19 +559,17 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
         problems.add(("output", "dir"), f"must be a folder path, got {r.output.dir!r}")
     if r.output.formats is not None and not r.output.formats:
         problems.add(("output", "formats"), "must name at least one format")
-    if r.eval.enabled and not r.eval.prompts:
-        problems.add(("eval", "prompts"), "must not be empty when eval is enabled")
     for key in ("prompts", "seeds", "strengths"):
         values = getattr(r.sample, key)
         if r.sample.every_steps and not values:
             problems.add(("sample", key), "must not be empty when sample.every_steps is set")
 
 
-def structure(raw: dict[str, Any], problems: Problems) -> Recipe | None:
+def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
     raw = _pack_backend(raw, problems)
-    check_limits(raw, Recipe, (), problems)
+    check_limits(raw, recipe_class, (), problems)
     try:
-        recipe = CONVERTER.structure(raw, Recipe)
+        recipe = CONVERTER.structure(raw, recipe_class)
     except Exception as exc:  # noqa: BLE001 - every problem is reported
         for path, message in collect_errors(exc):
             problems.add(path, message)
@@ -601,16 +593,35 @@ class LoadedRecipe:
         return Problems(self.shown, dict(self.origins))
 
 
-def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str] = ()) -> LoadedRecipe:
-    """Read, merge (`extends`), remove (`--unset`), override (`--set`), structure and check a recipe.
-    Raises RecipeError."""
-    path = Path(path)
+def _loaded(plugins: Any) -> Any:
+    """The plugins whose recipe tables a recipe may hold (the installed plugins when none are given)."""
+    if plugins is None:
+        from .plugins import load_plugins
+
+        plugins = load_plugins()
+    return plugins
+
+
+def _name_broken_plugins(problems: Problems, plugins: Any) -> None:
+    """An unknown top-level table may be the table of a plugin that failed to load: say which failed."""
+    if plugins.broken and any("top level: unknown key" in line for line in problems.items):
+        problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
+            f"{b.name} ({b.error})" for b in plugins.broken))
+
+
+def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str] = (),
+                plugins: Any = None) -> LoadedRecipe:
+    """Read, merge (`extends`), remove (`--unset`), override (`--set`), structure and check a recipe, with the
+    sections ``plugins`` register (default: the installed plugins'). Raises RecipeError."""
+    path, plugins = Path(path), _loaded(plugins)
+    recipe_class = plugins.recipe_class
     origins: dict[KeyPath, str] = {}
-    raw = load_raw(path, origins)
-    raw = apply_unsets(raw, unsets, origins)
+    raw = load_raw(path, origins, recipe_class)
+    raw = apply_unsets(raw, unsets, origins, recipe_class)
     raw = apply_sets(raw, sets, origins)
     problems = Problems(display_path(path), origins)
-    recipe = structure(raw, problems)
+    recipe = structure(raw, problems, recipe_class)
+    _name_broken_plugins(problems, plugins)
     problems.raise_if_any()
     assert recipe is not None
     if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
@@ -618,16 +629,17 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets))
 
 
-def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None) -> Recipe:
+def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None, plugins: Any = None) -> Recipe:
     """Structure a recipe from TOML text (used for embedded recipes and tests)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{name}: not valid TOML: {exc}") from None
-    _resolve_paths(raw, base or Path.cwd())
+    recipe_class = _loaded(plugins).recipe_class
+    _resolve_paths(raw, base or Path.cwd(), recipe_class)
     raw.pop("extends", None)
     problems = Problems(name)
-    recipe = structure(raw, problems)
+    recipe = structure(raw, problems, recipe_class)
     problems.raise_if_any()
     assert recipe is not None
     return recipe

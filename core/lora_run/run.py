@@ -1,26 +1,18 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import attrs
 
-from . import __version__
 from .dataset import Item, LintReport
-from .errors import (BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError,
-                     TrainingInterrupted)
-from .files import FileProblem, read_limited, shown
+from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
 from .features import capability_problems
 from .plugins import Plugins, Registration
-from .recipe import (CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, did_you_mean, dump_recipe,
-                     replace, to_dict)
-from .rundir import MANIFEST, RECIPE, RunDir, disk_full_error, hardware, is_disk_full, remove_temp_files
+from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, did_you_mean, replace
 from .schema import TIMESTEP_SAMPLINGS, Recipe
 
 
@@ -52,6 +44,38 @@ class Backend(Protocol):
     def plan(self) -> Plan: ...
 
     def run(self) -> None: ...
+
+
+class RunFolder(Protocol):
+    """What the ``open_run_folder`` hook returns (the built-in: ``lora_run_rundir.RunDir``). Backends read
+    ``path`` and use ``file``, ``write_text``, ``update_manifest`` and ``log``; ``execute`` calls the rest in
+    this order: ``prepare`` (create and lock; never replaces what lora-run did not create), ``start`` (the
+    resolved recipe, the manifest), ``finish`` (the final manifest, or nothing kept of a run that stopped
+    before it wrote anything of value), ``release`` (the lock)."""
+
+    path: Path
+
+    def prepare(self, *, overwrite: bool, resume: bool) -> None: ...
+
+    def start(self, prepared: Prepared, plugins: Plugins, report: LintReport, *, resume: bool,
+              allow_dataset_change: bool) -> None: ...
+
+    def error_for(self, exc: BaseException) -> LoraRunError | None: ...
+
+    def finish(self, status: str, error: BaseException | None, artifacts: dict[str, Any],
+               echo: Callable[[str], None]) -> None: ...
+
+    def release(self) -> None: ...
+
+    def file(self, *parts: str) -> Path: ...
+
+    def write_text(self, name: str, text: str) -> Path: ...
+
+    def read_manifest(self) -> dict[str, Any]: ...
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]: ...
+
+    def log(self, message: str) -> None: ...
 
 
 @attrs.frozen
@@ -106,7 +130,7 @@ class RunContext:
     backend: Registration
     options: Any = None
     loaded: LoadedRecipe | None = None
-    run_dir: RunDir | None = None
+    run_dir: RunFolder | None = None
     resume: bool = False
     items: list[Item] = attrs.field(factory=list)
     lint: LintReport | None = None
@@ -154,22 +178,24 @@ class Prepared:
 
 def with_defaults(loaded: LoadedRecipe, plugins: Plugins) -> LoadedRecipe:
     """The recipe with the plugin names it leaves unset taken from the registries (the family, the backend
-    that trains it, the embedder, the family's LoRA formats); what the registries do not decide stays unset
-    and `validate` reports it."""
+    that trains it, the family's LoRA formats, and what each plugin section's ``with_defaults`` fills in); what
+    the registries do not decide stays unset and `validate` reports it."""
     r = loaded.recipe
     family = r.model.family or plugins.default("family")
     backend = r.backend.name or plugins.default("backend", plugins.trainers(family) if family else None)
-    embedder = r.eval.embedder or plugins.default("embedder")
     formats = r.output.formats
     if formats is None and family in plugins.registry["family"]:
         reg = plugins.registry["family"][family]
         formats = list(reg.default_formats or reg.lora_formats) or None
-    recipe = replace(r, model={"family": family}, backend={"name": backend}, eval={"embedder": embedder},
-                     output={"formats": formats})
+    recipe = replace(r, model={"family": family}, backend={"name": backend}, output={"formats": formats})
+    for name, section in plugins.registry["section"].items():
+        if section.with_defaults is not None and hasattr(recipe, name):
+            recipe = attrs.evolve(recipe, **{name: section.with_defaults(getattr(recipe, name), plugins)})
     return loaded if recipe == r else attrs.evolve(loaded, recipe=recipe)
 
 
-def _unset(kind: str, plugins: Plugins, among: list[str] | None = None) -> str:
+def unset_message(kind: str, plugins: Plugins, among: list[str] | None = None) -> str:
+    """The problem of a plugin name the recipe leaves unset and no registration decides."""
     names = plugins.names(kind) if among is None else among
     return (f"is not set and no single installed {kind} is registered as the default; set it to one of: "
             f"{', '.join(names) or 'none installed'}")
@@ -192,19 +218,19 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     backend: Registration | None = None
     families = plugins.registry["family"]
     if recipe.model.family is None:
-        problems.add(("model", "family"), _unset("family", plugins))
+        problems.add(("model", "family"), unset_message("family", plugins))
     if recipe.backend.name is None:
-        problems.add(("backend", "name"), _unset("backend", plugins, plugins.trainers(recipe.model.family or "")))
+        problems.add(("backend", "name"), unset_message("backend", plugins, plugins.trainers(recipe.model.family or "")))
     else:
         try:
             backend = plugins.get("backend", recipe.backend.name, "backend.name")
         except PluginError as exc:
-            problems.add(("backend", "name"), _strip_where(str(exc)))
+            problems.add(("backend", "name"), without_where(str(exc)))
     if recipe.model.family is not None:
         try:
             family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
         except PluginError as exc:
-            problems.add(("model", "family"), _strip_where(str(exc)))
+            problems.add(("model", "family"), without_where(str(exc)))
     sampling = _known_name(recipe.train.timestep_sampling,
                            [*TIMESTEP_SAMPLINGS, *(s for f in families.values() for s in f.samplers)],
                            "timestep sampling")
@@ -234,26 +260,16 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         try:
             reg = plugins.get(kind, name, ".".join(where))
         except PluginError as exc:
-            problems.add(where, _strip_where(str(exc)))
+            problems.add(where, without_where(str(exc)))
             continue
         value = structure_options(reg, raw, raw_at, problems)
         if kind == "dataset" and (value is not None or reg.options is None):
             checker = getattr(make_dataset(recipe, reg, value), "check", None)
             for path, message in checker() if checker is not None else ():
                 problems.add(tuple(path), message)
-    for n, name in enumerate(recipe.eval.evaluators or ()):
-        try:
-            plugins.get("evaluator", name, "eval.evaluators")
-        except PluginError as exc:
-            problems.add(("eval", "evaluators", n), _strip_where(str(exc)))
-    if recipe.eval.enabled and plugins.registry["embedder"] and recipe.eval.embedder is None:
-        problems.add(("eval", "embedder"), _unset("embedder", plugins))
-    elif recipe.eval.enabled and plugins.registry["embedder"]:
-        try:
-            reg = plugins.get("embedder", recipe.eval.embedder, "eval.embedder")
-            structure_options(reg, recipe.eval.embedder_options, ("eval", "embedder_options"), problems)
-        except PluginError as exc:
-            problems.add(("eval", "embedder"), _strip_where(str(exc)))
+    for name, section in plugins.registry["section"].items():
+        if section.check is not None and hasattr(recipe, name):
+            section.check(recipe, plugins, problems)
     if backend is not None and recipe.model.family in plugins.registry["family"]:
         for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
             problems.add(path, message)
@@ -297,7 +313,8 @@ def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, prob
                          f"for {name}; give [model.source] (a hub id or a diffusers folder)")
 
 
-def _strip_where(message: str) -> str:
+def without_where(message: str) -> str:
+    """A lookup error without its ``at [key]`` (the problem names the key itself)."""
     head, sep, tail = message.partition(" at [")
     return head + (tail.split("]", 1)[1] if sep else "")
 
@@ -335,183 +352,27 @@ def output_path(recipe: Recipe, override: str | None) -> Path:
     return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
 
 
-def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
-    """(key, path) of the run's local inputs: the folders and files a run folder must never contain."""
-    r = recipe
-    out = [("dataset.path", r.dataset.path)] + [(f"dataset.regularization[{n}].path", reg.path)
-                                                for n, reg in enumerate(r.dataset.regularization)]
-    if r.model.source and os.path.isabs(r.model.source):
-        out.append(("model.source", r.model.source))
-    out.extend((f"model.files.{k}", v) for k, v in r.model.files.items() if v)
-    found = []
-    for key, value in out:
-        if not isinstance(value, str) or not value:    # an optional path left unset (a dataset type without one)
-            continue
-        try:
-            found.append((key, Path(value).resolve()))
-        except (OSError, ValueError, RuntimeError):
-            continue
-    return found
-
-
-def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool = False,
-                    recipe_file: Path | None = None) -> list[str]:
-    """Why the run folder cannot be used whatever its state (check, plan and run ask the same): it is a
-    file, a folder above the working folder (or, with --overwrite, the working folder itself), or it holds
-    the run's dataset or model (`--overwrite` would delete them). Each message names the key (or
-    --output-dir)."""
-    where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
-    try:
-        path = output_path(recipe, override)
-    except (OSError, ValueError, RuntimeError) as exc:
-        return [f"{where}: not a usable folder path ({exc})"]
-    problems = []
-    try:
-        if path.exists() and not path.is_dir():
-            problems.append(f"{where}: {shown(path)} exists and is not a folder")
-    except OSError as exc:     # e.g. a name too long for the file system
-        return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
-    cwd = Path.cwd().resolve()
-    if path in cwd.parents:
-        problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
-                        "of its own")
-    elif path == cwd and overwrite:
-        problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
-    if recipe_file is not None:
-        try:
-            own = recipe_file.resolve()
-        except (OSError, RuntimeError):
-            own = None
-        if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
-            problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
-                            "recipes outside run folders (--overwrite would delete it)")
-    for key, value in _inputs(recipe):
-        if value == path or path in value.parents:
-            problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
-                            "folder must not hold the run's inputs (--overwrite would delete them)")
-    return problems
-
-
-def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
-    problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
-    if problems:
-        err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
-        err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
-        raise err
-
-
-def manifest_base(prepared: Prepared, plugins: Plugins, report: LintReport) -> dict[str, Any]:
-    r = prepared.recipe
-    return {
-        "lora_run_version": __version__,
-        "recipe": str(prepared.loaded.path.resolve()),
-        "command": sys.argv,
-        "backend": r.backend.name,
-        "family": r.model.family,
-        "model_source": r.model.source or dict(r.model.files),
-        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in plugins.describe()],
-        "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
-        "seed": r.train.seed,
-        "lora": {"rank": r.lora.rank, "alpha": r.lora.alpha, "targets": r.lora.targets},
-        "lr": r.optimizer.lr,
-        "steps": r.train.steps,
-        "epochs": r.train.epochs,
-        "hardware": hardware(),
-        "external_tools": {},
-    }
-
-
-_RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
-                      ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
-
-
-#: May change on resume as long as the batch all processes train on together (their product) stays the same.
-_PER_PROCESS_BATCH = {("train", "batch_size"), ("train", "gpus")}
-
-
-def _resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple = ()) -> list[str]:
-    out = []
-    if not prefix:
-        a, b = saved.get("train", {}), new.get("train", {})
-        if a.get("batch_size", 1) * a.get("gpus", 1) != b.get("batch_size", 1) * b.get("gpus", 1):
-            out.append("train.batch_size × train.gpus (the global batch: "
-                       f"{a.get('batch_size', 1)} × {a.get('gpus', 1)} before, "
-                       f"{b.get('batch_size', 1)} × {b.get('gpus', 1)} now)")
-    for key in sorted(set(saved) | set(new)):
-        here = (*prefix, key)
-        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH:
-            continue
-        a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_resume_differences(a, b, here))
-        elif a != b:
-            out.append(".".join(here))
-    return out
-
-
-DATASET_RECORD = "dataset.json"
-
-
-def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> list[str]:
-    """What changed between the per-file record of a run's dataset and the dataset now."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key), now.get(key)
-        if old is None:
-            out.append(f"added image {shown(key)}")
-        elif new is None:
-            out.append(f"removed image {shown(key)}")
-        else:
-            if old.get("image") != new.get("image"):
-                out.append(f"image {shown(key)} changed")
-            if old.get("caption") != new.get("caption"):
-                out.append(f"caption of {shown(key)} changed")
-    return out
-
-
-def _check_dataset_unchanged(run_dir: RunDir, report: LintReport, shown_recipe: str) -> None:
-    record = run_dir.file(DATASET_RECORD)
-    changes: list[str] = []
-    if record.is_file():
-        try:
-            saved = json.loads(read_limited(record, "json")).get("files", {})
-        except (OSError, ValueError, AttributeError, FileProblem):
-            saved = None
-        if isinstance(saved, dict):
-            changes = dataset_changes(saved, report.files)
-    if not changes:
-        old_hash = run_dir.read_manifest().get("dataset", {}).get("hash")
-        if old_hash and old_hash != report.dataset_hash and not record.is_file():
-            changes = ["the dataset hash differs (this run folder has no per-file record to name the files)"]
-    if changes:
-        shown_changes = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more" if len(changes) > 12 else "")
-        raise OutputError(f"{shown_recipe}: cannot resume {shown(run_dir.path)}: the dataset changed since the run "
-                          f"started ({len(changes)} change(s): {shown_changes}); restore it, start a new run, or pass "
-                          "--allow-dataset-change to continue training on the changed dataset")
-
-
-def _valuable(folder: Path) -> bool:
-    """Did a run write something worth keeping (a LoRA or checkpoint file anywhere but the cache)?"""
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != "cache" and not os.path.islink(os.path.join(root, d))]
-        if any(n.endswith(".safetensors") and not n.startswith(".") for n in names):
-            return True
-    return False
+def open_run_folder(loaded: LoadedRecipe, plugins: Plugins, output_dir: str | None = None,
+                    overwrite: bool = False) -> RunFolder:
+    """The run folder (nothing created yet) from the ``open_run_folder`` hook; an ``OutputError`` for a folder no run
+    may use (`lora-run check` and `plan` ask too)."""
+    run_dir = plugins.hook.open_run_folder(loaded=loaded, output_dir=output_dir, overwrite=overwrite)
+    if run_dir is None:
+        raise PluginError("no installed plugin provides the run folder (the open_run_folder hook); is the "
+                          "built-in run-folder plugin disabled?")
+    return run_dir
 
 
 def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = None, resume: bool = False,
             overwrite: bool = False, debug: bool = False, echo: Callable[[str], None] = print,
             allow_dataset_change: bool = False) -> RunContext:
-    """The whole run. Raises a LoraRunError subclass on failure (exit codes in errors.py).
-
-    A fresh run that stops before it wrote anything of value with exit code 2 (bad input found by a
-    backend's pre-flight: a missing model folder or checkout, an unreachable hub), or that could not even
-    write its manifest, removes what it wrote, so the corrected command just works."""
+    """The whole run. Raises a LoraRunError subclass on failure (exit codes in errors.py). The run folder
+    (the ``open_run_folder`` hook) keeps what was written and records how the run ended."""
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite exclude each other")
     prepared = validate(loaded, plugins)
     recipe = prepared.recipe
-    raise_output_problems(loaded, output_dir, overwrite)
+    run_dir = open_run_folder(prepared.loaded, plugins, output_dir, overwrite)
     report = lint(recipe, plugins)
     process = Processes.from_env()
     if not process.main:
@@ -534,48 +395,15 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         return several(RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume,
                                   report.usable, report, debug=debug, echo=echo, process=process),
                        output_dir=output_dir, overwrite=overwrite)
-    run_dir = RunDir(output_path(recipe, output_dir))
     if resume:
-        saved = run_dir.file(RECIPE)
-        if saved.is_file():
-            from .recipe import load_recipe
-
-            previous = load_recipe(saved).recipe
-            diffs = _resume_differences(to_dict(previous), to_dict(recipe))
-            if diffs:
-                raise RecipeError(f"{loaded.shown}: cannot resume {run_dir.path}: the recipe changed at "
-                                  f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
-                                  "[sample] and [eval] may change on resume")
-        if not allow_dataset_change:
-            _check_dataset_unchanged(run_dir, report, loaded.shown)
+        plugins.hook.check_resume(run_dir=run_dir, recipe=recipe, loaded=loaded, report=report,
+                                  allow_dataset_change=allow_dataset_change, plugins=plugins)
     run_dir.prepare(overwrite=overwrite, resume=resume)
-    started = time.time()
     ctx: RunContext | None = None
     status, error, began = "failed", None, False
-    manifest_written = False
     previous_term = None
     try:
-        if resume:
-            cache = Path(recipe.train.cache_dir).resolve() if recipe.train.cache_dir else None
-            if cache is None or run_dir.path in cache.parents:   # a shared cache may have live writers
-                for tmp in remove_temp_files(run_dir.path):
-                    run_dir.log(f"removed the temporary file of an interrupted write: {tmp.name}")
-        run_dir.reserve()
-        run_dir.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
-                                               f"{__version__}.\nRe-run with: lora-run {run_dir.path / RECIPE}"))
-        manifest = manifest_base(prepared, plugins, report)
-        manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if resume:
-            manifest["resumed_at"] = [*run_dir.read_manifest().get("resumed_at", []), manifest["started_at"]]
-            manifest.pop("started_at")
-            if allow_dataset_change:
-                manifest["dataset_change_allowed_at"] = [*run_dir.read_manifest().get("dataset_change_allowed_at", []),
-                                                         manifest["resumed_at"][-1]]
-        run_dir.update_manifest(**manifest)
-        manifest_written = True
-        run_dir.write_text(DATASET_RECORD, json.dumps({"hash": report.dataset_hash, "files": report.files},
-                                                      indent=1, sort_keys=True) + "\n")
-        run_dir.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+        run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
         if process.launched:
             run_dir.update_manifest(processes={"world_size": process.world})
         ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
@@ -590,10 +418,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         began = True
         ctx.hook.run_started(run=ctx)
         backend.run()
-        if recipe.eval.enabled:
-            evaluated = time.perf_counter()
-            run_evaluators(ctx)
-            ctx.artifacts.setdefault("timing", {})["evaluate_s"] = round(time.perf_counter() - evaluated, 2)
+        ctx.hook.evaluate_run(run=ctx)
         status = "completed"
     except (KeyboardInterrupt, TrainingInterrupted) as exc:
         status = "interrupted"
@@ -608,24 +433,15 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
-        error = exc
-        if is_disk_full(exc):      # a write outside our atomic writers (a tracker, a library) met a full disk
-            error = disk_full_error(Path(getattr(exc, "filename", None) or run_dir.path), None)
+        error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
+        if error is not exc:
             raise error from exc
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-        run_dir.unreserve()
-        code = getattr(error, "exit_code", None)
-        undo = (not resume and status == "failed" and (code == 2 or not manifest_written)
-                and not _valuable(run_dir.path))
-        if undo and run_dir.remove_created():
-            echo(f"note: nothing was kept in {run_dir.path}: the run stopped before training (fix the problem and "
-                 "run the same command again)")
-        else:
-            _finish_manifest(run_dir, status, started, ctx, error, echo)
+        run_dir.finish(status, error, ctx.artifacts if ctx is not None else {}, echo)
         if ctx is not None and began:
             try:
                 ctx.hook.run_finished(run=ctx, status=status, error=error)
@@ -643,27 +459,6 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
         echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
              "process(es)")
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
-
-
-def _finish_manifest(run_dir: RunDir, status: str, started: float, ctx: RunContext | None, error: Any,
-                     echo: Callable[[str], None]) -> None:
-    """The manifest's final state (the reserve was released just before, so a full disk still has room)."""
-    try:
-        run_dir.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                duration_s=round(time.time() - started, 2),
-                                artifacts=ctx.artifacts if ctx is not None else {},
-                                error=(str(error) or type(error).__name__) if error else None)
-    except (OSError, LoraRunError) as exc:
-        echo(f"warning: could not record the final status \"{status}\" in {run_dir.file(MANIFEST)}: {exc}")
-    run_dir.log(f"run {status}")
-
-
-def run_evaluators(ctx: RunContext) -> None:
-    """The evaluators `[eval] evaluators` names (unset: every installed one), in that order."""
-    chosen = ctx.recipe.eval.evaluators
-    names = chosen if chosen is not None else ctx.plugins.names("evaluator")
-    for name in names:
-        ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
 
 
 def install_sigterm() -> Any:

@@ -6,7 +6,7 @@ live in the field metadata (``ge``/``gt``/``le``) and are checked with all other
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import attrs
 
@@ -14,10 +14,34 @@ import attrs
 TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "logit-normal", "shift")
 
 
+def is_used(value: Any, _recipe: Any) -> bool:
+    return bool(value)
+
+
+class Feature(NamedTuple):
+    """A recipe feature some backend may not honour: ``used(value, recipe)`` says whether a recipe uses it
+    (default: the field's value is truthy). A backend lists the features it honours per family in its
+    ``capabilities``; ``lora_run.features`` refuses the others, naming the field's key."""
+
+    name: str
+    doc: str
+    used: Callable[[Any, Any], bool] = is_used
+    key: tuple[str, ...] = ()     # filled in by lora_run.features from the field that carries it
+
+
+def is_set(value: Any, _recipe: Any) -> bool:
+    return value is not None
+
+
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, path: bool = False) -> Any:
-    """An attrs field with its documentation and limits in the metadata."""
-    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path}
+           gt: float | None = None, le: float | None = None, path: bool | tuple[str, ...] = False,
+           features: tuple[Feature, ...] = (), choice_features: str = "") -> Any:
+    """An attrs field with its documentation, limits and features in the metadata. ``path``: the value is a
+    path, made absolute against the recipe file's folder (a table: every value, or the keys ``path`` names).
+    ``features``: the features a recipe uses through this field; ``choice_features="optimizer"``: one feature
+    per value of a choice field, ``optimizer:<value>``."""
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path, "features": features,
+                "choice_features": choice_features}
     if factory is not None:
         return attrs.field(factory=factory, metadata=metadata)
     return attrs.field(default=default, metadata=metadata)
@@ -46,7 +70,8 @@ class ModelSection:
                                    "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
                                    path=True)
     base_precision: Literal["bf16", "fp8"] = option(
-        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).")
+        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).",
+        features=(Feature("fp8", "fp8 base weights", lambda precision, _: precision == "fp8"),))
     offline: bool = option(False, "Never contact the hub (also implied by the `HF_HUB_OFFLINE` environment "
                            "variable).")
 
@@ -85,10 +110,14 @@ class DatasetSection:
     bucket_step: int = option(64, "Bucket side step in pixels (a multiple of the family's grid, see Model "
                               "families below).", ge=8, le=512)
     repeats: int = option(1, "How many times each subject image appears per epoch.", ge=1, le=10000)
-    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", ge=0.0, le=1.0)
+    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", ge=0.0,
+                                    le=1.0, features=(Feature("caption_dropout", "caption dropout"),))
     min_images: int = option(15, "Lint warns below this many subject images (playbook §6: 15–30 minimum).", ge=1)
-    regularization: list[RegularizationSet] = option(factory=list, doc="Regularisation sets "
-                                                     "(`[[dataset.regularization]]`).")
+    regularization: list[RegularizationSet] = option(
+        factory=list, doc="Regularisation sets (`[[dataset.regularization]]`).",
+        features=(Feature("regularization", "regularisation (prior) image sets"),
+                  Feature("regularization_weight", "a loss weight other than 1 on a regularisation set",
+                          lambda sets, _: any(s.weight != 1.0 for s in sets))))
 
 
 @frozen
@@ -96,13 +125,18 @@ class LoraSection:
     """The adapter: rank, alpha, dropout and which layers it wraps."""
 
     rank: int = option(32, "LoRA rank (dim).", ge=1, le=1024)
-    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0.0, le=4096.0)
-    dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0.0, le=0.9)
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha / rank.", gt=0.0, le=4096.0,
+                          features=(Feature("lora_alpha", "a LoRA alpha different from the rank",
+                                            lambda alpha, r: alpha != r.lora.rank),))
+    dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0.0, le=0.9,
+                            features=(Feature("lora_dropout", "LoRA dropout"),))
     targets: Literal["attention", "attention+mlp", "all-linear"] = option(
         "attention", "Target preset: `attention` (q/k/v/out of every block), `attention+mlp`, or `all-linear` "
-        "(every linear of the repeated blocks, modulation included).")
+        "(every linear of the repeated blocks, modulation included).",
+        choice_features="targets")
     modules: list[str] = option(factory=list, doc="Explicit module names or regular expressions; when given, "
-                                "they replace the preset.")
+                                "they replace the preset.",
+                                features=(Feature("lora_modules", "explicit LoRA module names"),))
     init: Literal["default", "gaussian"] = option("default", "LoRA init: `default` (Kaiming A, zero B) or "
                                                   "`gaussian`.")
 
@@ -112,7 +146,8 @@ class TextEncoderSection:
     """Text-encoder LoRA policy (playbook §5)."""
 
     train: bool = option(False, "Train a LoRA on the family's trainable text encoder. Off by default: a unique "
-                         "trigger and fewer than ~15 images do not need it.")
+                         "trigger and fewer than ~15 images do not need it.",
+                         features=(Feature("text_encoder_training", "a text-encoder LoRA"),))
     lr_ratio: float = option(0.4, "Text-encoder LR as a fraction of the transformer LR (playbook: 0.3–0.5).",
                              gt=0.0, le=1.0)
     train_fraction: float = option(0.5, "Fraction of the steps after which the text encoder is frozen "
@@ -126,7 +161,8 @@ class OptimizerSection:
 
     name: Literal["adafactor", "adamw", "adamw8bit", "prodigy"] = option(
         "adafactor", "`adafactor` (relative_step=False, scale_parameter=False), `adamw` (fused on CUDA), "
-        "`adamw8bit` (needs bitsandbytes), `prodigy` (needs prodigyopt).")
+        "`adamw8bit` (needs bitsandbytes), `prodigy` (needs prodigyopt).",
+        choice_features="optimizer")
     lr: float = option(1e-4, "Transformer LoRA learning rate.", gt=0.0, le=1.0)
     weight_decay: float = option(0.0, "Decoupled weight decay.", ge=0.0, le=1.0)
     betas: list[float] = option(factory=lambda: [0.9, 0.999], doc="Adam betas (two numbers).")
@@ -140,7 +176,8 @@ class SchedulerSection:
 
     name: Literal["constant", "constant_with_warmup", "cosine", "linear"] = option(
         "constant_with_warmup", "Schedule: `constant`, `constant_with_warmup`, `cosine` (with warmup) or "
-        "`linear` (with warmup).")
+        "`linear` (with warmup).",
+        choice_features="scheduler")
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
     min_lr_ratio: float = option(0.0, "Cosine/linear: final LR as a fraction of the peak.", ge=0.0, le=1.0)
 
@@ -150,15 +187,19 @@ class TrainSection:
     """Steps, batch, precision, objective and checkpoint policy."""
 
     steps: int | None = option(None, "Optimizer steps to train. Give `steps` or `epochs`, not both.", ge=1,
-                               le=10_000_000)
+                               le=10_000_000,
+                               features=(Feature("steps", "training length in steps", is_set),))
     epochs: int | None = option(None, "Epochs to train (steps are derived from the dataset size).", ge=1,
-                                le=100_000)
+                                le=100_000,
+                                features=(Feature("epochs", "training length in epochs", is_set),))
     batch_size: int = option(1, "Samples per step (per device).", ge=1, le=1024)
     gradient_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1, le=1024)
     gpus: int = option(1, "Data-parallel processes on this machine (one per GPU). The global batch is batch_size "
                        "× gpus × gradient_accumulation; `steps` count optimizer steps at that batch. `lora-run "
                        "--gpus N` overrides it; under `torchrun` / `accelerate launch` the launcher's process count "
-                       "is used. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64)
+                       "is used. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64,
+                       features=(Feature("multi_gpu", "data-parallel training on several GPUs",
+                                         lambda n, _: n > 1),))
     mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "Compute precision (`no` = float32; "
                                                             "use it on CPU).")
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
@@ -193,16 +234,25 @@ class TrainSection:
     logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
     shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
     timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
-        "none", "Flow-matching loss weighting per sample (SD3 schemes).")
+        "none", "Flow-matching loss weighting per sample (SD3 schemes).",
+        features=(Feature("timestep_weighting", "a flow-matching loss weighting", lambda w, _: w != "none"),))
     min_snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting; only meaningful for DDPM families.",
-                                         gt=0.0, le=100.0)
+                                         gt=0.0, le=100.0,
+                                         features=(Feature("min_snr_gamma", "Min-SNR-γ weighting", is_set),))
     guidance: float = option(1.0, "Guidance-embedding value during training, for a family with a distilled "
-                             "guidance input (1.0 for such a LoRA).", ge=0.0, le=100.0)
+                             "guidance input (1.0 for such a LoRA).", ge=0.0, le=100.0,
+                             features=(Feature("guidance", "a guidance-embedding value other than 1.0 (a "
+                                               "distilled guidance input)", lambda g, _: g != 1.0),))
     noise_offset: float = option(0.0, "Noise offset. For flow matching: a per-channel constant "
                                  "`noise_offset·N(0,1)` is added to ε before x_t and the target are formed.",
-                                 ge=0.0, le=1.0)
-    save_every_steps: int | None = option(None, "Save a checkpoint (LoRA + resumable state) every N steps.", ge=1)
-    save_every_epochs: int | None = option(None, "Save a checkpoint every N epochs.", ge=1)
+                                 ge=0.0, le=1.0,
+                                 features=(Feature("noise_offset", "noise offset"),))
+    save_every_steps: int | None = option(
+        None, "Save a checkpoint (LoRA + resumable state) every N steps.", ge=1,
+        features=(Feature("save_every_steps", "checkpoints every N steps", is_set),))
+    save_every_epochs: int | None = option(
+        None, "Save a checkpoint every N epochs.", ge=1,
+        features=(Feature("save_every_epochs", "checkpoints every N epochs", is_set),))
     keep_last: int = option(3, "How many checkpoints to keep (older ones are deleted; the final LoRA is "
                             "always kept).", ge=1, le=10000)
     cache_dir: str | None = option(None, "Latent / text-embedding cache folder; default `<output>/cache`.",
@@ -219,43 +269,12 @@ class SampleSection:
     prompts: list[str] = option(factory=list, doc="Prompts; `{trigger}` is replaced by the trigger token.")
     seeds: list[int] = option(factory=lambda: [1], doc="Seeds, one image per prompt × seed × strength.")
     strengths: list[float] = option(factory=lambda: [1.0], doc="LoRA strengths.")
-    every_steps: int | None = option(None, "Sample every N steps (and at the end).", ge=1)
+    every_steps: int | None = option(None, "Sample every N steps (and at the end).", ge=1,
+                                     features=(Feature("sampling", "sample images during training", is_set),))
     steps: int = option(20, "Inference steps.", ge=1, le=1000)
     guidance: float = option(3.5, "Inference guidance scale.", ge=0.0, le=100.0)
     width: int = option(512, "Sample width in pixels.", ge=64, le=4096)
     height: int = option(512, "Sample height in pixels.", ge=64, le=4096)
-
-
-DEFAULT_EVAL_PROMPTS = [
-    "a close-up portrait photo of {trigger}, neutral expression, soft studio light",
-    "a photo of {trigger} standing on a busy city street at night",
-    "a photo of {trigger} wearing a red winter coat and a wool hat",
-    "an oil painting of {trigger} in the style of an old master",
-    "a close-up portrait photo of a person, neutral expression, soft studio light",
-]
-
-
-@frozen
-class EvalSection:
-    """The playbook's §7 evaluation protocol."""
-
-    enabled: bool = option(True, "Evaluate at the end of the run.")
-    prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
-                                "portrait, new environment, new outfit, new style, and the control prompt "
-                                "(the last one, without `{trigger}`).")
-    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep.")
-    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.")
-    steps: int = option(28, "Inference steps.", ge=1, le=1000)
-    guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
-    width: int = option(768, "Image width.", ge=64, le=4096)
-    height: int = option(768, "Image height.", ge=64, le=4096)
-    embedder: str | None = option(None, "Embedder plugin the evaluation compares images with (`lora-run plugins` "
-                                  "lists them). Unset: the installed embedder registered as the default.")
-    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
-                                              "class.")
-    every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
-    evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
-                                          "plugins` lists them); unset: every installed evaluator.")
 
 
 @frozen
@@ -299,7 +318,6 @@ class Recipe:
     scheduler: SchedulerSection = option(factory=SchedulerSection, doc="`[scheduler]`")
     train: TrainSection = option(factory=TrainSection, doc="`[train]`")
     sample: SampleSection = option(factory=SampleSection, doc="`[sample]`")
-    eval: EvalSection = option(factory=EvalSection, doc="`[eval]`")
     output: OutputSection = option(factory=OutputSection, doc="`[output]`")
     backend: BackendSection = option(factory=BackendSection, doc="`[backend]`")
 
@@ -307,3 +325,21 @@ class Recipe:
     def backend_options(self) -> dict[str, Any]:
         """The raw `[backend.<name>]` table of the selected backend."""
         return self.backend.options.get(self.backend.name, {})
+
+
+_RECIPE_CLASSES: dict[tuple[tuple[str, type], ...], type[Recipe]] = {}
+
+
+def recipe_class(sections: Iterable[tuple[str, type]] = ()) -> type[Recipe]:
+    """:class:`Recipe` with the tables plugins register (``register_sections``) as further sections, e.g.
+    ``recipe.eval`` for the evaluator plugin's ``[eval]``. One class per set of tables, so that recipes
+    loaded with the same plugins compare equal."""
+    key = tuple(sorted(sections, key=lambda item: item[0]))
+    if not key:
+        return Recipe
+    if key not in _RECIPE_CLASSES:
+        fields = {name: option(factory=cls, doc=f"`[{name}]`") for name, cls in key}
+        cls = attrs.make_class("Recipe", fields, bases=(Recipe,), frozen=True, kw_only=True, slots=True)
+        cls.__module__, cls.__annotations__ = __name__, {name: section for name, section in key}
+        _RECIPE_CLASSES[key] = cls
+    return _RECIPE_CLASSES[key]

@@ -19,7 +19,7 @@ from lora_run.hookspecs import hookimpl
 
 
 def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
-    from lora_run.run import lint, raise_output_problems, validate
+    from lora_run.run import lint, open_run_folder, validate
 
     loaded = load_recipe_for(args, plugins)
     recipe_error: LoraRunError | None = None
@@ -29,7 +29,7 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
     except LoraRunError as exc:  # still lint the dataset: one `check` reports every problem
         recipe_error = exc
     try:
-        raise_output_problems(loaded)
+        open_run_folder(loaded, plugins)
     except LoraRunError as exc:  # the output folder's problems join the recipe's
         if recipe_error is None:
             recipe_error = exc
@@ -71,12 +71,11 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
 
 def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
     from lora_run.recipe import dump_recipe, to_dict
-    from lora_run.run import RunDir, make_backend, output_path, raise_output_problems, validate
+    from lora_run.run import make_backend, open_run_folder, validate
 
     loaded = load_recipe_for(args, plugins)
     prepared = validate(loaded, plugins)
-    raise_output_problems(loaded, args.output_dir)
-    run_dir = RunDir(output_path(prepared.recipe, args.output_dir))
+    run_dir = open_run_folder(prepared.loaded, plugins, args.output_dir)
     plan = make_backend(prepared, plugins, run_dir=run_dir).plan()
     if args.json:
         print(json.dumps({"ok": True, "recipe": to_dict(prepared.recipe), "output_dir": str(run_dir.path),

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import attrs
 
-from lora_run import schema
-from lora_run.features import FEATURES
+from lora_run.features import features_of
 
 HEADER = """# Recipe reference
 
-Generated from the field documentation in `core/lora_run/schema.py` and the installed plugins by
-`python -m lora_run_devtools.docgen`; a test fails when this page is stale. Paths in a recipe file are relative to
+Generated from the field documentation in `core/lora_run/schema.py`, the recipe tables plugins register
+(`register_sections`) and the installed plugins by `python -m lora_run_devtools.docgen`; a test fails when this
+page is stale. Paths in a recipe file are relative to
 that file; paths given with `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
 keys are errors (with a suggestion), all problems are reported at once, exit code 2.
 
@@ -114,24 +114,32 @@ def families_section() -> list[str]:
 
 
 def render() -> str:
+    from lora_run.plugins import load_plugins
+
+    plugins = load_plugins()
+    recipe_class = plugins.recipe_class
     lines = [HEADER]
-    top = attrs.fields(schema.Recipe)
+    top = attrs.fields(recipe_class)
+    hints = typing.get_type_hints(recipe_class)
     lines.append("## Top level\n")
     lines.append("| key | meaning |\n| --- | --- |")
     for f in top:
-        if not attrs.has(typing.get_type_hints(schema.Recipe)[f.name]):
+        if not attrs.has(hints[f.name]):
             lines.append(f"| `{f.name}` | {f.metadata.get('doc', '')} |")
     lines.append("")
-    hints = typing.get_type_hints(schema.Recipe)
     for f in top:
         if attrs.has(hints[f.name]):
-            lines.extend(section_table(hints[f.name], f"[{f.name}]"))
+            table = section_table(hints[f.name], f"[{f.name}]")
+            section = plugins.registry["section"].get(f.name)
+            if section is not None:     # a table a plugin registers (`register_sections`)
+                table[2] += f" (Registered by the `{section.plugin}` plugin.)"
+            lines.extend(table)
     lines.extend(families_section())
     lines.append("## Features and backend capabilities\n")
     lines.append("A backend declares, per model family, which of these features it honours; a recipe that uses "
                  "one the chosen backend does not honour is refused with the key named (`lora-run check`).\n")
     lines.append("| feature | key | used when |\n| --- | --- | --- |")
-    for feat in FEATURES:
+    for feat in features_of(recipe_class):
         lines.append(f"| `{feat.name}` | `{'.'.join(feat.key)}` | {feat.doc} |")
     lines.append("| `loss:<name>` | `train.loss` | the named loss plugin (a backend that declares `loss:*` "
                  "takes every registered loss) |")

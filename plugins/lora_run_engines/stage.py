@@ -31,7 +31,7 @@ class Staged:
 
 def place(target: Path, staged: Staged) -> None:
     """Make ``target`` what ``staged`` says, atomically; nothing is written when it already is."""
-    from lora_run.rundir import atomic_path, atomic_write_text
+    from lora_run_rundir import atomic_path, atomic_write_text
 
     if staged.kind == "text":
         if target.is_file() and not target.is_symlink() and target.read_text("utf-8") == staged.text:

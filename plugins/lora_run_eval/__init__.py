@@ -2,7 +2,8 @@
 
 Registers the `identity` evaluator (end of run: generation grid → face metrics → best checkpoint →
 `<run>/eval/report.html` + `metrics.json`) and two face embedders, `dlib` (offline default) and `onnx`
-(user-supplied ArcFace). It adds the `eval` and `score` commands to `lora-run` through
+(user-supplied ArcFace). It adds the `[eval]` recipe table (``register_sections``, :mod:`.section`), runs the evaluators it
+chooses after training (``evaluate_run``) and adds the `eval` and `score` commands to `lora-run` through
 `register_commands`. It also collects the training loss (`step_finished`) and the
 saved checkpoints (`checkpoint_saved`). Heavy imports (numpy, dlib, onnxruntime, torch) happen inside
 functions only.
@@ -86,6 +87,21 @@ def register_evaluators(register):
              description="offline face embedder: dlib HOG detector, 5-point landmarks, 128-d ResNet (L2 < 0.6)")
     register("onnx", _onnx, kind="embedder", options=OnnxOptions,
              description="user-supplied ArcFace ONNX model (+ optional SCRFD detector), cosine similarity")
+
+
+@hookimpl
+def register_sections(register):
+    from . import section
+
+    register("eval", options=section.EvalSection, check=section.check, with_defaults=section.with_defaults,
+             description="the identity evaluation after training (prompts, strengths, seeds, embedder)")
+
+
+@hookimpl
+def evaluate_run(run):
+    from .section import evaluate_run
+
+    evaluate_run(run)
 
 
 @hookimpl

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, check_input_file, shown
-from lora_run.rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text
 
 from . import metrics as M
 from .faces import Embedder
@@ -396,7 +396,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.recipe import load_recipe
     from lora_run.run import lint, validate
 
-    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()))
+    loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins)
     loras = []
     for raw in args.lora:
         path = Path(raw).expanduser().resolve()

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_run.rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text
 
 LOSS_FILE = "loss.jsonl"
 FLUSH_EVERY = 50

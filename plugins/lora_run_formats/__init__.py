@@ -84,7 +84,7 @@ def copy_with_metadata(source: str | Path, target: str | Path, extra: Mapping[st
     import shutil
     import struct
 
-    from lora_run.rundir import atomic_path
+    from lora_run_rundir import atomic_path
 
     target = Path(target)
     with open(source, "rb") as src:
@@ -108,7 +108,7 @@ def save_lora(path: str | Path, state_dict: Mapping[str, Any], metadata: Mapping
     """Write a ``.safetensors`` LoRA atomically (a temp file renamed on success); tensors made contiguous."""
     from safetensors.torch import save_file
 
-    from lora_run.rundir import atomic_path
+    from lora_run_rundir import atomic_path
 
     path = Path(path)
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}

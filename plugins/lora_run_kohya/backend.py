@@ -24,7 +24,7 @@ import tomli_w
 from lora_run import __version__
 from lora_run.dataset import Item
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
-from lora_run.rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import attrs
 
 from lora_run.files import FileProblem, read_limited
-from lora_run.rundir import atomic_path, atomic_write_text
+from lora_run_rundir import atomic_path, atomic_write_text
 
 FORMAT_VERSION = "2"   # 2: per-tensor shape, dtype and checksum in the metadata
 _KEY = re.compile(r"^[0-9a-f]{64}$")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
-from lora_run.rundir import disk_full_error, is_disk_full
+from lora_run_rundir import disk_full_error, is_disk_full
 
 STATE = "resume/state.json"
 TRAINABLE = "resume/trainable.safetensors"

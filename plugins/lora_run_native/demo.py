@@ -121,7 +121,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
         raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
                           "`lora-run demo --output-dir OTHER` runs it elsewhere")
     recipe_path = build_demo(out / "assets")
-    ctx = execute(load_recipe(recipe_path), plugins, output_dir=str(run_out), overwrite=overwrite, debug=debug)
+    ctx = execute(load_recipe(recipe_path, plugins=plugins), plugins, output_dir=str(run_out), overwrite=overwrite, debug=debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
     print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
           "report's failures are expected: the model is random and the photos are cartoons.\n"

@@ -67,7 +67,7 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
     import torch
 
     from lora_run.errors import OutputError
-    from lora_run.rundir import atomic_write_bytes
+    from lora_run_rundir import atomic_write_bytes
 
     from .adapters import adapter_class
 

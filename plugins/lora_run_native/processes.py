@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run.errors import TrainingInterrupted
-from lora_run.rundir import RunDir
+from lora_run_rundir import RunDir
 from lora_run.run import RunContext, install_sigterm, output_path
 
 

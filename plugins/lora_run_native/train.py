@@ -930,7 +930,7 @@ class Trainer:
     def _samples(self, state: LoopState, number: int) -> list[str]:
         import torch
 
-        from lora_run.rundir import atomic_write_bytes
+        from lora_run_rundir import atomic_write_bytes
 
         from .generate import max_batch
 

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError
+from lora_run.hookspecs import hookimpl
 from lora_run.recipe import load_recipe
 from lora_run.run import execute, validate
 
@@ -115,3 +117,76 @@ def test_dataset_errors_stop_before_anything_is_written(recording, write_recipe,
     with pytest.raises(DatasetError, match="1 error"):
         execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "out"), echo=quiet)
     assert not (tmp_path / "out").exists()
+
+
+class FolderHooks:
+    """A run folder from another plugin (answered before the built-in one), a resume rule and an evaluation step."""
+
+    def __init__(self, fail_evaluation=False):
+        self.logged, self.evaluated, self.fail_evaluation = [], [], fail_evaluation
+
+    @hookimpl
+    def open_run_folder(self, loaded, output_dir):
+        from lora_run_rundir import RunDir
+
+        logged = self.logged
+
+        class Mirrored(RunDir):
+            def log(self, message):
+                super().log(message)
+                logged.append(message)
+        return Mirrored(Path(output_dir))
+
+    @hookimpl
+    def check_resume(self, run_dir, recipe, loaded):
+        if recipe.train.steps > 10:
+            raise RecipeError(f"{loaded.shown}: cannot resume {run_dir.path}: more than 10 steps")
+
+    @hookimpl
+    def evaluate_run(self, run):
+        self.evaluated.append(sorted(run.artifacts))
+        if self.fail_evaluation:
+            raise RuntimeError("evaluation broke")
+
+
+def test_the_run_folder_resume_rules_and_evaluation_come_from_hooks(recording, plugins_with, write_recipe, tmp_path):
+    plugin, _ = recording
+    hooks = FolderHooks()
+    plugins = plugins_with(plugin, hooks)
+    out = tmp_path / "out"
+    execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
+    assert hooks.logged[-1] == "run completed" and "run completed" in (out / "run.log").read_text()
+    # the built-in folder answers last whatever the load order, so another plugin's folder is the one used
+    (builtin,) = [i for i in plugins.hook.open_run_folder.get_hookimpls() if i.plugin_name == "run-folder"]
+    assert builtin.trylast
+    assert hooks.evaluated == [["lora"]] and plugin.events[-1] == ("run_finished", "completed", None)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(RecipeError, match="more than 10 steps"):
+        execute(load_recipe(write_recipe(GOOD), ["train.steps=11"]), plugins, output_dir=str(out), resume=True,
+                echo=quiet)
+    assert (out / "manifest.json").read_text() == before          # refused before anything was written
+    execute(load_recipe(write_recipe(GOOD), ["train.steps=5"]), plugins, output_dir=str(out), resume=True, echo=quiet)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_a_failing_evaluation_fails_the_run(recording, plugins_with, write_recipe, tmp_path):
+    plugin, _ = recording
+    plugins = plugins_with(plugin, FolderHooks(fail_evaluation=True))
+    with pytest.raises(BackendError, match="evaluation broke"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "out"), echo=quiet)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and (tmp_path / "out" / "lora.txt").exists()
+    assert plugin.events[-1] == ("run_finished", "failed", "RuntimeError")
+
+
+def test_without_a_run_folder_plugin_a_run_stops_with_a_clear_error(plugins_with, write_recipe, tmp_path,
+                                                                   monkeypatch):
+    from lora_run.errors import EXIT_BAD_INPUT, PluginError
+
+    from .conftest import RecordingPlugin
+
+    monkeypatch.setenv("LORA_RUN_PLUGINS_DISABLE", "run-folder")
+    plugins = plugins_with(RecordingPlugin())
+    with pytest.raises(PluginError, match="no installed plugin provides the run folder") as err:
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "o"), echo=quiet)
+    assert err.value.exit_code == EXIT_BAD_INPUT and not (tmp_path / "o").exists()

@@ -10,8 +10,9 @@ import pytest
 from lora_run.errors import RecipeError
 from lora_run.plugins import load_plugins
 from lora_run.recipe import load_recipe
-from lora_run.run import RunDir, make_backend, validate
+from lora_run.run import make_backend, validate
 from lora_run_diffusion_pipe import keydata
+from lora_run_rundir import RunDir
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHIPPED = sorted(RECIPES.rglob("*.toml"))

@@ -5,7 +5,7 @@ import json
 from types import SimpleNamespace
 
 import lora_run_eval as plugin
-from lora_run.rundir import RunDir
+from lora_run_rundir import RunDir
 from lora_run_eval.losslog import FLUSH_EVERY
 
 

@@ -353,7 +353,7 @@ def test_processes_come_from_the_launchers_environment():
 
 
 def test_resume_may_change_the_process_count_but_not_the_global_batch():
-    from lora_run.run import _resume_differences
+    from lora_run_rundir.resume import resume_differences as _resume_differences
 
     saved = {"train": {"batch_size": 1, "gpus": 2, "steps": 4}}
     assert _resume_differences(saved, {"train": {"batch_size": 2, "gpus": 1, "steps": 8}}) == []

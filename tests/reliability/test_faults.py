@@ -102,7 +102,7 @@ def test_disk_full_is_a_clear_error_and_earlier_checkpoints_stay_intact(tiny_rec
 
 def test_read_only_output_is_refused_before_anything_runs(tiny_recipe, tmp_path, monkeypatch, capsys):
     """CI runs as root (chmod does not stop root): the write probe of the run folder is made to fail."""
-    import lora_run.rundir as rundir
+    import lora_run_rundir.folder as rundir
     from lora_run.cli import main
 
     real = Path.write_bytes

@@ -174,7 +174,8 @@ COUNT = {"cases": 0, "rejected": 0, "accepted": 0, "cli": 0}
 
 def check_outcome(path: Path, plugins, what) -> None:
     from lora_run.recipe import load_recipe
-    from lora_run.run import raise_output_problems, validate
+    from lora_run.run import validate
+    from lora_run_rundir.output import raise_output_problems
 
     COUNT["cases"] += 1
     try:

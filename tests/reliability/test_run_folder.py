@@ -92,7 +92,7 @@ def test_overwrite_never_removes_a_folder_lora_run_did_not_create(tiny_recipe, s
 
 def test_a_folder_holding_only_our_lock_and_temp_files_is_not_in_the_way(tmp_path):
     """A run SIGKILLed before it wrote recipe.toml leaves its lock and a temp file: the next run starts."""
-    from lora_run.rundir import LOCK, RunDir, is_run_folder
+    from lora_run_rundir.folder import LOCK, RunDir, is_run_folder
 
     run = tmp_path / "run"
     run.mkdir()
@@ -110,7 +110,7 @@ def test_a_folder_holding_only_our_lock_and_temp_files_is_not_in_the_way(tmp_pat
 # ------------------------------------------------------------------------------------------------ lock
 HOLDER = """
 import sys, time
-from lora_run.rundir import RunLock
+from lora_run_rundir.folder import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)
@@ -212,7 +212,7 @@ def test_a_failed_pre_flight_leaves_nothing_and_the_retry_is_not_blocked(tmp_pat
 
 # ------------------------------------------------------------------------------------------ smaller
 def test_atomic_writes_honour_the_umask(tmp_path):
-    from lora_run.rundir import atomic_path, atomic_write_text
+    from lora_run_rundir import atomic_path, atomic_write_text
 
     old = os.umask(0o027)
     try:
@@ -229,7 +229,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
 
 
 def test_remove_temp_files_takes_only_ours(tmp_path):
-    from lora_run.rundir import remove_temp_files
+    from lora_run_rundir.atomic import remove_temp_files
 
     ours = [tmp_path / ".tiny.safetensors.a1b2c3d4.tmp", tmp_path / "checkpoints" / ".manifest.json.zz_9yy8x.tmp"]
     theirs = [tmp_path / ".notes.tmp", tmp_path / "draft.a1b2c3d4.tmp", tmp_path / ".x.TOOLONG12.tmp",

@@ -12,7 +12,7 @@ import json
 import attrs
 
 from lora_run.hookspecs import hookimpl
-from lora_run.rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text
 from lora_run.run import Plan
 from lora_run.schema import option
 

@@ -1,4 +1,5 @@
-"""The run directory: atomic writes, the manifest, the never-overwrite rule."""
+"""The run folder: the never-overwrite rule, one lora-run per folder (a lock), the manifest, the log, and the
+run's start and end as core's ``execute`` asks for them (:class:`lora_run.run.RunFolder`)."""
 from __future__ import annotations
 
 import contextlib
@@ -6,134 +7,29 @@ import errno
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
-from .errors import DiskFullError, OutputError
-from .files import FileProblem, human_size, printable, read_limited, shown
+from lora_run import __version__
+from lora_run.errors import LoraRunError, OutputError
+from lora_run.files import FileProblem, printable, read_limited, shown
+
+from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"
 LOG = "run.log"
-
-
-def _umask() -> int:
-    """The process umask; read from /proc where possible (setting it, even briefly, races other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
-
-
-def _honour_umask(fd: int) -> None:
-    """mkstemp creates files 0600; give the file the mode any other tool would (0666 minus the umask)."""
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o666 & ~_umask())
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """An OSError (or a safetensors error wrapping one) that says the disk or the quota is full."""
-    if isinstance(exc, DiskFullError):      # already one line naming its file: never wrapped again
-        return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
-
-
-def free_bytes(path: Path) -> int | None:
-    for folder in (Path(path), *Path(path).parents):
-        try:
-            return shutil.disk_usage(folder).free
-        except OSError:
-            continue
-    return None
-
-
-def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
-    """One line: the file, the space it needs and the space there is."""
-    free = free_bytes(Path(path).parent)
-    need = f"about {human_size(needed)} free" if needed else "more free space"
-    have = f"{human_size(free)} free now" if free is not None else "free space unknown"
-    return DiskFullError(f"{shown(path)}: No space left on device (writing it needs {need}; {have} on that file "
-                         "system); free some space, then continue with --resume")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    with atomic_path(path, len(data)) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
-    """For writers that want a file name (safetensors.save_file): yields a temp path, fsynced and renamed on
-    success. A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if
-    known)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path, needed) from exc
-        raise
-    _honour_umask(fd)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
-            raise disk_full_error(path, needed) from exc
-        raise
-
-
-#: Temporary files of our atomic writes: ``.<final name>.<8 random characters>.tmp`` (tempfile.mkstemp).
-TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_temp_files(folder: Path) -> list[Path]:
-    """Delete the temporary files that interrupted atomic writes left under ``folder`` (ours only: the
-    exact name pattern of ``atomic_write_bytes``/``atomic_path``; links are never followed). Call it only
-    while holding the run folder's lock, so no live writer owns them."""
-    removed = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
-        for name in names:
-            if TEMP_FILE.match(name):
-                target = Path(root) / name
-                if target.is_file() and not target.is_symlink():
-                    with contextlib.suppress(OSError):
-                        target.unlink()
-                        removed.append(target)
-    return removed
+#: The per-file record of the run's dataset (a resumed run compares it with the dataset now).
+DATASET_RECORD = "dataset.json"
 
 
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count()}
-    import sys
-
     torch = sys.modules.get("torch")  # only report what is already imported; never import torch here
     if torch is not None:
         info["torch"] = torch.__version__
@@ -246,6 +142,9 @@ class RunDir:
         self.lock: RunLock | None = None
         self.created = False        # this run created the folder (or found it empty): it may remove it again
         self.existed = False        # ... and the (empty) folder was there before
+        self.resumed = False
+        self.manifest_written = False
+        self.started = time.time()
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None:
         """Create and lock the folder; refuse a non-empty one unless resuming or told to overwrite, and
@@ -389,3 +288,91 @@ class RunDir:
         with contextlib.suppress(OSError):
             with open(self.path / LOG, "a", encoding="utf-8") as fh:
                 fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    # ------------------------------------------------------------------------- the run's start and end
+    def start(self, prepared: Any, plugins: Any, report: Any, *, resume: bool, allow_dataset_change: bool) -> None:
+        """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
+        aside, the resolved recipe, the manifest (status "running") and the dataset record written."""
+        from lora_run.recipe import dump_recipe
+
+        recipe, loaded = prepared.recipe, prepared.loaded
+        self.started, self.resumed = time.time(), resume
+        if resume:
+            cache = Path(recipe.train.cache_dir).resolve() if recipe.train.cache_dir else None
+            if cache is None or self.path in cache.parents:   # a shared cache may have live writers
+                for tmp in remove_temp_files(self.path):
+                    self.log(f"removed the temporary file of an interrupted write: {tmp.name}")
+        self.reserve()
+        self.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
+                                            f"{__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
+        manifest = manifest_base(prepared, plugins, report)
+        manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if resume:
+            before = self.read_manifest()
+            manifest["resumed_at"] = [*before.get("resumed_at", []), manifest.pop("started_at")]
+            if allow_dataset_change:
+                manifest["dataset_change_allowed_at"] = [*before.get("dataset_change_allowed_at", []),
+                                                         manifest["resumed_at"][-1]]
+        self.update_manifest(**manifest)
+        self.manifest_written = True
+        self.write_text(DATASET_RECORD, json.dumps({"hash": report.dataset_hash, "files": report.files},
+                                                   indent=1, sort_keys=True) + "\n")
+        self.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+
+    def error_for(self, exc: BaseException) -> LoraRunError | None:
+        """A full disk met by a write outside the atomic writers (a tracker, a library), as one line naming the
+        file; None for any other crash."""
+        if is_disk_full(exc):
+            return disk_full_error(Path(getattr(exc, "filename", None) or self.path), None)
+        return None
+
+    def finish(self, status: str, error: BaseException | None, artifacts: dict[str, Any],
+               echo: Callable[[str], None]) -> None:
+        """The run's end: the reserve released, then the final manifest; a fresh run that stopped before it wrote
+        anything of value, with bad input (exit 2) found by a backend's pre-flight or before its manifest
+        existed, removes what it wrote, so the corrected command just works."""
+        self.unreserve()
+        code = getattr(error, "exit_code", None)
+        undo = (not self.resumed and status == "failed" and (code == 2 or not self.manifest_written)
+                and not _valuable(self.path))
+        if undo and self.remove_created():
+            echo(f"note: nothing was kept in {self.path}: the run stopped before training (fix the problem and "
+                 "run the same command again)")
+            return
+        try:
+            self.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 duration_s=round(time.time() - self.started, 2), artifacts=artifacts,
+                                 error=(str(error) or type(error).__name__) if error else None)
+        except (OSError, LoraRunError) as exc:
+            echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")
+        self.log(f"run {status}")
+
+
+def manifest_base(prepared: Any, plugins: Any, report: Any) -> dict[str, Any]:
+    r = prepared.recipe
+    return {
+        "lora_run_version": __version__,
+        "recipe": str(prepared.loaded.path.resolve()),
+        "command": sys.argv,
+        "backend": r.backend.name,
+        "family": r.model.family,
+        "model_source": r.model.source or dict(r.model.files),
+        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in plugins.describe()],
+        "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
+        "seed": r.train.seed,
+        "lora": {"rank": r.lora.rank, "alpha": r.lora.alpha, "targets": r.lora.targets},
+        "lr": r.optimizer.lr,
+        "steps": r.train.steps,
+        "epochs": r.train.epochs,
+        "hardware": hardware(),
+        "external_tools": {},
+    }
+
+
+def _valuable(folder: Path) -> bool:
+    """Did a run write something worth keeping (a LoRA or checkpoint file anywhere but the cache)?"""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "cache" and not os.path.islink(os.path.join(root, d))]
+        if any(n.endswith(".safetensors") and not n.startswith(".") for n in names):
+            return True
+    return False

@@ -1,0 +1,87 @@
+"""The `[eval]` recipe table (``register_sections``), its rules, and running the evaluators it chooses after
+training (``evaluate_run``). No heavy imports: `lora-run check` structures this class to validate a recipe."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from lora_run.errors import PluginError
+from lora_run.schema import option
+
+
+DEFAULT_EVAL_PROMPTS = [
+    "a close-up portrait photo of {trigger}, neutral expression, soft studio light",
+    "a photo of {trigger} standing on a busy city street at night",
+    "a photo of {trigger} wearing a red winter coat and a wool hat",
+    "an oil painting of {trigger} in the style of an old master",
+    "a close-up portrait photo of a person, neutral expression, soft studio light",
+]
+
+
+@attrs.frozen(kw_only=True)
+class EvalSection:
+    """The playbook's §7 evaluation protocol."""
+
+    enabled: bool = option(True, "Evaluate at the end of the run.")
+    prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
+                                "portrait, new environment, new outfit, new style, and the control prompt "
+                                "(the last one, without `{trigger}`).")
+    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep.")
+    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.")
+    steps: int = option(28, "Inference steps.", ge=1, le=1000)
+    guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
+    width: int = option(768, "Image width.", ge=64, le=4096)
+    height: int = option(768, "Image height.", ge=64, le=4096)
+    embedder: str | None = option(None, "Embedder plugin the evaluation compares images with (`lora-run plugins` "
+                                  "lists them). Unset: the installed embedder registered as the default.")
+    embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
+                                              "class.", path=("model", "detector"))
+    every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
+    evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
+                                          "plugins` lists them); unset: every installed evaluator.")
+
+
+def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:
+    """An unset ``embedder`` becomes the installed embedder registered as the default."""
+    if section.embedder is not None:
+        return section
+    return attrs.evolve(section, embedder=plugins.default("embedder"))
+
+
+def check(recipe: Any, plugins: Any, problems: Any) -> None:
+    """The evaluators named exist; with eval enabled, prompts are given and the embedder and its options are right."""
+    from lora_run.run import structure_options, unset_message, without_where
+
+    ev = recipe.eval
+    for n, name in enumerate(ev.evaluators or ()):
+        try:
+            plugins.get("evaluator", name, "eval.evaluators")
+        except PluginError as exc:
+            problems.add(("eval", "evaluators", n), without_where(str(exc)))
+    if not ev.enabled:
+        return
+    if not ev.prompts:
+        problems.add(("eval", "prompts"), "must not be empty when eval is enabled")
+    if plugins.registry["embedder"] and ev.embedder is None:
+        problems.add(("eval", "embedder"), unset_message("embedder", plugins))
+    elif plugins.registry["embedder"]:
+        try:
+            reg = plugins.get("embedder", ev.embedder, "eval.embedder")
+        except PluginError as exc:
+            problems.add(("eval", "embedder"), without_where(str(exc)))
+            return
+        structure_options(reg, ev.embedder_options, ("eval", "embedder_options"), problems)
+
+
+def evaluate_run(ctx: Any) -> None:
+    """The evaluators ``[eval] evaluators`` names (unset: every installed one), in that order; the time they
+    took goes to the run's ``timing``."""
+    ev = getattr(ctx.recipe, "eval", None)
+    if ev is None or not ev.enabled:
+        return
+    started = time.perf_counter()
+    for name in ev.evaluators if ev.evaluators is not None else ctx.plugins.names("evaluator"):
+        ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
+    ctx.artifacts.setdefault("timing", {})["evaluate_s"] = round(time.perf_counter() - started, 2)

@@ -1,0 +1,121 @@
+"""Writing files safely: atomically (a temporary file in the same folder, fsynced, then renamed), with a full
+disk reported as one line naming the file, and the temporary files of interrupted writes found again."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lora_run.errors import DiskFullError
+from lora_run.files import human_size, shown
+
+
+def _umask() -> int:
+    """The process umask; read from /proc where possible (setting it, even briefly, races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _honour_umask(fd: int) -> None:
+    """mkstemp creates files 0600; give the file the mode any other tool would (0666 minus the umask)."""
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError (or a safetensors error wrapping one) that says the disk or the quota is full."""
+    if isinstance(exc, DiskFullError):      # already one line naming its file: never wrapped again
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def free_bytes(path: Path) -> int | None:
+    for folder in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
+    """One line: the file, the space it needs and the space there is."""
+    free = free_bytes(Path(path).parent)
+    need = f"about {human_size(needed)} free" if needed else "more free space"
+    have = f"{human_size(free)} free now" if free is not None else "free space unknown"
+    return DiskFullError(f"{shown(path)}: No space left on device (writing it needs {need}; {have} on that file "
+                         "system); free some space, then continue with --resume")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    with atomic_path(path, len(data)) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
+    """For writers that want a file name (safetensors.save_file): yields a temp path, fsynced and renamed on
+    success. A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if
+    known)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed) from exc
+        raise
+    _honour_umask(fd)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not isinstance(exc, DiskFullError) and is_disk_full(exc):
+            raise disk_full_error(path, needed) from exc
+        raise
+
+
+#: Temporary files of our atomic writes: ``.<final name>.<8 random characters>.tmp`` (tempfile.mkstemp).
+TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left under ``folder`` (ours only: the
+    exact name pattern of ``atomic_write_bytes``/``atomic_path``; links are never followed). Call it only
+    while holding the run folder's lock, so no live writer owns them."""
+    removed = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in names:
+            if TEMP_FILE.match(name):
+                target = Path(root) / name
+                if target.is_file() and not target.is_symlink():
+                    with contextlib.suppress(OSError):
+                        target.unlink()
+                        removed.append(target)
+    return removed

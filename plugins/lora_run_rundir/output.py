@@ -1,0 +1,77 @@
+"""Where a run folder may not go, whatever its state: `lora-run check`, `plan` and every run ask the same."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lora_run.errors import OutputError
+from lora_run.files import shown
+from lora_run.recipe import LoadedRecipe
+from lora_run.run import output_path
+from lora_run.schema import Recipe
+
+from .folder import RECIPE
+
+
+def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """(key, path) of the run's local inputs: the folders and files a run folder must never contain."""
+    r = recipe
+    out = [("dataset.path", r.dataset.path)] + [(f"dataset.regularization[{n}].path", reg.path)
+                                                for n, reg in enumerate(r.dataset.regularization)]
+    if r.model.source and os.path.isabs(r.model.source):
+        out.append(("model.source", r.model.source))
+    out.extend((f"model.files.{k}", v) for k, v in r.model.files.items() if v)
+    found = []
+    for key, value in out:
+        if not isinstance(value, str) or not value:    # an optional path left unset (a dataset type without one)
+            continue
+        try:
+            found.append((key, Path(value).resolve()))
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return found
+
+
+def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool = False,
+                    recipe_file: Path | None = None) -> list[str]:
+    """Why the run folder cannot be used whatever its state: it is a file, a folder above the working folder
+    (or, with --overwrite, the working folder itself), or it holds the run's dataset or model (`--overwrite`
+    would delete them). Each message names the key (or --output-dir)."""
+    where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
+    try:
+        path = output_path(recipe, override)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return [f"{where}: not a usable folder path ({exc})"]
+    problems = []
+    try:
+        if path.exists() and not path.is_dir():
+            problems.append(f"{where}: {shown(path)} exists and is not a folder")
+    except OSError as exc:     # e.g. a name too long for the file system
+        return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
+    cwd = Path.cwd().resolve()
+    if path in cwd.parents:
+        problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
+                        "of its own")
+    elif path == cwd and overwrite:
+        problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
+    if recipe_file is not None:
+        try:
+            own = recipe_file.resolve()
+        except (OSError, RuntimeError):
+            own = None
+        if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
+            problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
+                            "recipes outside run folders (--overwrite would delete it)")
+    for key, value in _inputs(recipe):
+        if value == path or path in value.parents:
+            problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
+                            "folder must not hold the run's inputs (--overwrite would delete them)")
+    return problems
+
+
+def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
+    problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
+    if problems:
+        err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
+        err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
+        raise err

@@ -1,0 +1,90 @@
+"""What may change when a run is resumed: the recipe only in its length, save policy, `[sample]` and `[eval]`;
+the dataset not at all (unless `--allow-dataset-change`)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lora_run.errors import OutputError, RecipeError
+from lora_run.files import FileProblem, read_limited, shown
+from lora_run.recipe import load_recipe, to_dict
+
+from .folder import DATASET_RECORD, RECIPE, RunDir
+
+_RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
+                      ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
+
+
+#: May change on resume as long as the batch all processes train on together (their product) stays the same.
+_PER_PROCESS_BATCH = {("train", "batch_size"), ("train", "gpus")}
+
+
+def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple = ()) -> list[str]:
+    """The recipe keys that differ between the run's resolved recipe and the recipe now, where a resumed run
+    cannot follow them."""
+    out = []
+    if not prefix:
+        a, b = saved.get("train", {}), new.get("train", {})
+        if a.get("batch_size", 1) * a.get("gpus", 1) != b.get("batch_size", 1) * b.get("gpus", 1):
+            out.append("train.batch_size × train.gpus (the global batch: "
+                       f"{a.get('batch_size', 1)} × {a.get('gpus', 1)} before, "
+                       f"{b.get('batch_size', 1)} × {b.get('gpus', 1)} now)")
+    for key in sorted(set(saved) | set(new)):
+        here = (*prefix, key)
+        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH:
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(resume_differences(a, b, here))
+        elif a != b:
+            out.append(".".join(here))
+    return out
+
+
+def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str, plugins: Any) -> None:
+    saved = run_dir.file(RECIPE)
+    if not saved.is_file():
+        return
+    diffs = resume_differences(to_dict(load_recipe(saved, plugins=plugins).recipe), to_dict(recipe))
+    if diffs:
+        raise RecipeError(f"{shown_recipe}: cannot resume {run_dir.path}: the recipe changed at "
+                          f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
+                          "[sample] and [eval] may change on resume")
+
+
+def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> list[str]:
+    """What changed between the per-file record of a run's dataset and the dataset now."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if old is None:
+            out.append(f"added image {shown(key)}")
+        elif new is None:
+            out.append(f"removed image {shown(key)}")
+        else:
+            if old.get("image") != new.get("image"):
+                out.append(f"image {shown(key)} changed")
+            if old.get("caption") != new.get("caption"):
+                out.append(f"caption of {shown(key)} changed")
+    return out
+
+
+def check_dataset_unchanged(run_dir: RunDir, report: Any, shown_recipe: str) -> None:
+    record = run_dir.file(DATASET_RECORD)
+    changes: list[str] = []
+    if record.is_file():
+        try:
+            saved = json.loads(read_limited(record, "json")).get("files", {})
+        except (OSError, ValueError, AttributeError, FileProblem):
+            saved = None
+        if isinstance(saved, dict):
+            changes = dataset_changes(saved, report.files)
+    if not changes:
+        old_hash = run_dir.read_manifest().get("dataset", {}).get("hash")
+        if old_hash and old_hash != report.dataset_hash and not record.is_file():
+            changes = ["the dataset hash differs (this run folder has no per-file record to name the files)"]
+    if changes:
+        shown_changes = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more" if len(changes) > 12 else "")
+        raise OutputError(f"{shown_recipe}: cannot resume {shown(run_dir.path)}: the dataset changed since the run "
+                          f"started ({len(changes)} change(s): {shown_changes}); restore it, start a new run, or pass "
+                          "--allow-dataset-change to continue training on the changed dataset")
