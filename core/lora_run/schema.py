@@ -214,7 +214,7 @@ class TrainSection:
         "Default: the GPU's free memory.", gt=0.0, le=4096.0)
     cuda_graphs: Literal["auto", "on", "off"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
-        "tokens and at most 8 bucket shapes, where graphs pay off).")
+        "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
     attention: Literal["auto", "fa4", "sdpa"] = option(
         "auto", "Attention kernel on CUDA: `auto` runs FlashAttention-4 (`pip install 'lora-run[hopper]'`) on "
         "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, else SDPA flash "

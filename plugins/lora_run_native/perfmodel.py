@@ -29,14 +29,15 @@ def family_shape(family: str) -> FamilyShape | None:
     """The ``memory_shape`` the family's native adapter declares, None where it declares none."""
     return SHAPES.get(family)
 CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster with graphs, 1024² only 1.03×
-#: bucket shapes up to which speed mode replays CUDA graphs; the shapes' graphs share one memory pool (only one
-#: shape's replay is live at a time)
+#: graph shapes (distinct token counts of the buckets: the compiled blocks see (batch, tokens, width), so a
+#: bucket and its transpose share graphs) up to which speed mode replays CUDA graphs; the shapes' graphs share
+#: one memory pool (only one shape's replay is live at a time)
 CUDA_GRAPH_MAX_BUCKETS = 8
-#: Measured on an H200 (bench/results/gpu-acceptance-20261202-1614.json, the shipped fast recipe's 5 bucket
-#: shapes, 100 steps, full-size FLUX.1): CUDA graphs cut the steady step from 0.397 s to about 0.2 s but the first
-#: ten steps took 191 s instead of about 62 s (recording every block's graphs for each shape). With several
-#: shapes, `auto` replays graphs only where the run is long enough to win that time back.
-CUDA_GRAPH_RECORD_S_PER_SHAPE = 26.0
+#: Measured on an H200 (bench/results/gpu-acceptance-20261202-1614.json, the shipped fast recipe's 5 buckets =
+#: 3 token counts, 100 steps, full-size FLUX.1): CUDA graphs cut the steady step from 0.397 s to about 0.2 s but
+#: the first ten steps took 191 s instead of about 62 s (recording every block's graphs for each token count:
+#: about 43 s each). With several shapes, `auto` replays graphs only where the run wins that time back.
+CUDA_GRAPH_RECORD_S_PER_SHAPE = 43.0
 CUDA_GRAPH_SAVED_S_PER_STEP = 0.2
 #: LoRA dropout keeps each LoRA layer's dropped input for the backward: bytes per element (compiled: the bf16
 #: copy, measured as the whole of the high-fidelity FLUX.1 recipe's excess over the model without it, 8.2 GiB
@@ -45,8 +46,15 @@ DROPOUT_BYTES_COMPILED = 2.0
 DROPOUT_BYTES_EAGER = 3.0
 
 
+def graph_shapes(family: str, sizes: set[tuple[int, int]] | list[tuple[int, int]],
+                 shape: FamilyShape | None = None) -> int:
+    """How many shapes the compiled blocks see for these bucket sizes (height, width): their distinct token
+    counts (a bucket and its transpose carry the same number of tokens and share graphs)."""
+    return len({tokens(family, h, w, shape) for h, w in sizes})
+
+
 def graphs_pay_off(buckets: int, steps: int | None) -> bool:
-    """Several bucket shapes: each records its graphs once (measured ~26 s); a replayed step saves ~0.2 s."""
+    """Several graph shapes: each records its graphs once (measured ~43 s); a replayed step saves ~0.2 s."""
     if buckets <= 1 or steps is None:
         return True
     return steps * CUDA_GRAPH_SAVED_S_PER_STEP >= buckets * CUDA_GRAPH_RECORD_S_PER_SHAPE

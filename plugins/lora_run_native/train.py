@@ -151,10 +151,13 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
             p.requires_grad_(True)
             lora_count += p.numel()
     shape = perfmodel.shape_of_model(r.model.family, transformer, lora_count, r.lora.rank, r.lora.targets)
+    # the compiled blocks see (batch, tokens, width): buckets with one token count (a bucket and its transpose)
+    # share their graphs, so the plan counts token counts, not bucket sizes
+    graph_shapes = perfmodel.graph_shapes(r.model.family, sizes, shape)
     available, source = gpu_budget_gib(r, device)
     plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                  r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
-                                 compile=r.train.compile != "off", buckets=len(sizes), shape=shape,
+                                 compile=r.train.compile != "off", buckets=graph_shapes, shape=shape,
                                  cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps)
     if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
         plan = attrs.evolve(plan, fp8=False, offload_blocks=0, compile=False)
@@ -186,9 +189,9 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
         if r.train.gradient_checkpointing and not plan.checkpoint_blocks:
             why += "; [train.gradient_checkpointing] is a memory setting not needed here, no block is recomputed"
         if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead"
-                and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(len(sizes), r.train.steps)):
-            why += (f"; no CUDA graphs: recording them for {len(sizes)} bucket shapes (about "
-                    f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * len(sizes):.0f} s) would outlast what "
+                and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(graph_shapes, r.train.steps)):
+            why += (f"; no CUDA graphs: recording them for {graph_shapes} token counts of the buckets (about "
+                    f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * graph_shapes:.0f} s) would outlast what "
                     f"{r.train.steps} steps win back")
         why += ")"
     echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; {kernel.describe()}; estimated peak "

@@ -163,9 +163,9 @@ def test_cuda_graphs_setting():
     auto = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention")
     off = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", cuda_graphs="off")
     on = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "attention", cuda_graphs="on")
-    # the fast recipe's 5 bucket shapes: 1500 steps win the recording back (measured ~26 s a shape), 100 do not
-    recipe = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=1500)
-    short = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=100)
+    # the fast recipe's 3 token counts: 1500 steps win the recording back (measured ~43 s each), 100 do not
+    recipe = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=3, steps=1500)
+    short = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=3, steps=100)
     one_shape = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=1, steps=12)
     many = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention",
                                buckets=perfmodel.CUDA_GRAPH_MAX_BUCKETS + 1, steps=100_000)
@@ -173,10 +173,18 @@ def test_cuda_graphs_setting():
     assert on.compile_mode == "reduce-overhead" and recipe.compile_mode == "reduce-overhead"
     assert short.compile_mode == "default" and one_shape.compile_mode == "reduce-overhead"
     assert many.compile_mode == "default"
-    assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=5, steps=100,
+    assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear", buckets=3, steps=100,
                                cuda_graphs="on").compile_mode == "reduce-overhead"     # "on" is the user's call
     assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
                                cuda_graphs="on").compile_mode == "default"      # graphs need compiled blocks
+
+
+def test_graph_shapes_count_token_counts_not_bucket_sizes():
+    """The fast recipe's five buckets on the acceptance dataset are three token counts: a bucket and its
+    transpose share the compiled blocks' graphs. Control: five buckets of five areas are five shapes."""
+    recipe_buckets = {(384, 512), (512, 384), (448, 576), (576, 448), (512, 512)}
+    assert perfmodel.graph_shapes("flux.1-dev", recipe_buckets) == 3
+    assert perfmodel.graph_shapes("flux.1-dev", {(384, 512), (448, 512), (512, 512), (576, 512), (640, 512)}) == 5
 
 
 def test_plans_are_sized_for_the_model_actually_loaded(tmp_path):
