@@ -14,4 +14,9 @@ acc --only whole-flux-fast-recipe-short whole-flux-fast-recipe-short-nographs
 rm -rf $W/models/flux-full-encoders $W/runs
 echo "phase B $(date -u +%T): HunyuanImage-2.1 at full size (the model folder is about 50 GB)"
 acc --only full-image-1024-speed full-image-1024-memory recipe-hunyuan-image-identity
+rm -rf $W/models/image-full $W/runs
+echo "phase C $(date -u +%T): FLUX.2 [dev] 32 B at full size; shards the disk cannot hold go to /dev/shm"
+df -h / /dev/shm
+LORA_RUN_BENCH_SPILL=/dev/shm/lora-run acc --only full-dev-1024-memory full-dev-1024-low-vram budget-dev-1024-24gib \
+    full-dev-1024-speed
 echo "done $(date -u +%T)"

@@ -59,9 +59,54 @@ def _small_text_encoder(kind: str, width: int, vocab: int) -> Any:
                                                            spatial_merge_size=1))
 
 
-def build_flux2(folder: Path, variant: str = "klein-4b") -> Path:
+def save_sharded(model: Any, folder: Path, spill: Path | None = None, reserve_gib: float = 4.0,
+                 max_shard_size: str = "5GB", free_bytes: Any = None) -> list[Path]:
+    """Save ``model`` as a sharded diffusers folder (``config.json``, the safetensors index, the shards) when
+    its disk may be too small: a shard that would leave less than ``reserve_gib`` free there is written into
+    ``spill`` (a RAM-backed folder such as /dev/shm) and linked from ``folder``. [dev]'s bf16 transformer is
+    60.2 GiB and the lent GPU machine has 64 GiB of disk in all. The folder loads with ``from_pretrained`` as
+    any other (the hub's own cache links its files the same way). Returns the spilled shards."""
+    import shutil
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME
+
+    free_bytes = free_bytes or (lambda path: shutil.disk_usage(path).free)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("diffusion_pytorch_model*.safetensors*"):   # the tiny model this folder began as
+        stale.unlink()
+    model.save_config(folder)
+    state = model.state_dict()
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size=max_shard_size)
+    spilled = []
+    for name, keys in split.filename_to_tensors.items():
+        tensors = {k: state[k].detach().to("cpu").contiguous() for k in keys}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        target = folder / name
+        if spill is not None and free_bytes(folder) - size < reserve_gib * 2**30:
+            spill.mkdir(parents=True, exist_ok=True)
+            if free_bytes(spill) - size < 2**30:
+                raise SystemExit(f"flux2_fullsize: {name} ({size / 2**30:.1f} GiB) fits neither {folder}'s disk "
+                                 f"(keeping {reserve_gib:g} GiB free) nor {spill} "
+                                 f"({free_bytes(spill) / 2**30:.1f} GiB free)")
+            save_file(tensors, spill / name, metadata={"format": "pt"})
+            target.symlink_to(spill / name)
+            spilled.append(spill / name)
+        else:
+            save_file(tensors, target, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return spilled
+
+
+def build_flux2(folder: Path, variant: str = "klein-4b", spill: Path | None = None) -> Path:
     """A diffusers folder of ``variant`` (see ``VARIANTS``) with random weights; the ``*-tiny`` variants are
-    the test models (CPU smoke runs)."""
+    the test models (CPU smoke runs). ``spill``: a second folder for the transformer's shards the disk cannot
+    hold (``save_sharded``; default ``$LORA_RUN_BENCH_SPILL``)."""
     import torch
 
     from lora_run_flux2.tiny import build_tiny_flux2
@@ -87,7 +132,10 @@ def build_flux2(folder: Path, variant: str = "klein-4b") -> Path:
                 for p in transformer.parameters():
                     if p.dim() >= 2:
                         p.mul_(0.5)
-        transformer.save_pretrained(folder / "transformer", max_shard_size="10GB")
+        spill = spill or (Path(os.environ["LORA_RUN_BENCH_SPILL"]) if os.environ.get("LORA_RUN_BENCH_SPILL") else None)
+        spilled = save_sharded(transformer, folder / "transformer", spill / variant if spill else None)
+        if spilled:
+            print(f"flux2_fullsize: {len(spilled)} transformer shard(s) in {spill}, linked from {folder}", flush=True)
         del transformer
         vocab = len(AutoTokenizer.from_pretrained(folder / "tokenizer"))
         with torch.device(device):
