@@ -15,7 +15,10 @@ rm -rf $W/models/flux-full-encoders $W/runs
 echo "phase B $(date -u +%T): HunyuanImage-2.1 at full size (the model folder is about 50 GB)"
 acc --only full-image-1024-speed full-image-1024-memory recipe-hunyuan-image-identity
 rm -rf $W/models/image-full $W/runs
-echo "phase C $(date -u +%T): FLUX.2 [dev] 32 B at full size; shards the disk cannot hold go to /dev/shm"
+echo "phase C $(date -u +%T): the shipped fast recipe's whole 1500-step run with its default plan (CUDA graphs)"
+acc --only whole-flux-fast-recipe --whole-steps 1500 --whole-timeout 1700
+rm -rf $W/models/flux-full-encoders $W/runs
+echo "phase D $(date -u +%T): FLUX.2 [dev] 32 B at full size; shards the disk cannot hold go to /dev/shm"
 df -h / /dev/shm
 LORA_RUN_BENCH_SPILL=/dev/shm/lora-run acc --only full-dev-1024-memory full-dev-1024-low-vram budget-dev-1024-24gib \
     full-dev-1024-speed
