@@ -88,10 +88,10 @@ def save_sharded(model: Any, folder: Path, spill: Path | None = None, reserve_gi
         target = folder / name
         if spill is not None and free_bytes(folder) - size < reserve_gib * 2**30:
             spill.mkdir(parents=True, exist_ok=True)
-            if free_bytes(spill) - size < 2**30:
+            room = free_bytes(spill)
+            if room - size < 2**30:
                 raise SystemExit(f"flux2_fullsize: {name} ({size / 2**30:.1f} GiB) fits neither {folder}'s disk "
-                                 f"(keeping {reserve_gib:g} GiB free) nor {spill} "
-                                 f"({free_bytes(spill) / 2**30:.1f} GiB free)")
+                                 f"(keeping {reserve_gib:g} GiB free) nor {spill} ({room / 2**30:.1f} GiB free)")
             save_file(tensors, spill / name, metadata={"format": "pt"})
             target.symlink_to(spill / name)
             spilled.append(spill / name)

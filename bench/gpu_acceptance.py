@@ -121,10 +121,10 @@ def whole_rows(steps: int) -> list[dict[str, Any]]:
             _row("whole-flux-fast-recipe-short", "whole", "flux", {"train.steps": 100}, kind="whole",
                  model="flux-full-encoders", recipe=fast, timeout=480, gib=139,
                  whole_sets={"eval.seeds": [1], "train.cuda_graphs": "on"},
-                 # the 26 s a bucket shape cost to record: is any of it recompilation?
+                 # the ~43 s each token count cost to record: is any of it recompilation?
                  env={"TORCH_LOGS": "recompiles,perf_hints"}),
             # the same steps without CUDA graphs, for the ratio the graphs buy on the recipe's bucket shapes
-            # (`auto` leaves graphs off for 100 steps over 5 shapes: recording them would cost more than they save)
+            # (`auto` leaves graphs off for 100 steps over 3 token counts: recording costs more than they save)
             _row("whole-flux-fast-recipe-short-nographs", "whole", "flux", {"train.steps": 100}, kind="whole",
                  model="flux-full-encoders", recipe=fast, timeout=300, gib=139,
                  whole_sets={"train.cuda_graphs": "off", "eval.enabled": False})]

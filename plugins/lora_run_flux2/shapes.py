@@ -12,7 +12,7 @@ FLUX.1's blocks), scaled by width for the other variants; the eager value is FLU
 """
 from __future__ import annotations
 
-from lora_run_native.shapes import FamilyShape
+from lora_run_native.shapes import FamilyShape, preset_inputs
 
 
 def lora_shapes(h: int, doubles: int, singles: int) -> dict[str, list[tuple[int, int, int]]]:
@@ -29,7 +29,7 @@ def lora_inputs(h: int, doubles: int, singles: int) -> dict[str, float]:
     ff = 3 * h
     attention = doubles * 4 * h + singles * (h + h + ff)
     mlp = doubles * (h + ff)
-    return {"attention": float(attention), "attention+mlp": float(attention + mlp), "all-linear": float(attention + mlp)}
+    return preset_inputs(attention, mlp)
 
 
 def params(h: int, doubles: int, singles: int, text_hidden: int, guidance: bool) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, seed_generators
-from lora_run_native.shapes import FamilyShape
+from lora_run_native.shapes import FamilyShape, preset_inputs
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
 _MLP = [r"blocks\.\d+\.ff\.net\.(0\.proj|2)"]
@@ -59,8 +59,7 @@ MEMORY_SHAPE = FamilyShape(1.50e9, 40, 1408, 16, 0, 59_000.0, 83_000.0, {
     "attention": _ATTENTION_SHAPES, "attention+mlp": _ATTENTION_SHAPES + _MLP_SHAPES,
     "all-linear": _ATTENTION_SHAPES + _MLP_SHAPES},
     # an image token feeds the five 1408-wide attention layers and the MLP (the text's k/v are not per image token)
-    lora_inputs_per_token={"attention": 40 * 5 * 1408.0, "attention+mlp": 40 * (5 * 1408 + 1408 + 6144.0),
-                           "all-linear": 40 * (5 * 1408 + 1408 + 6144.0)})
+    lora_inputs_per_token=preset_inputs(40 * 5 * 1408, 40 * (1408 + 6144)))
 
 DDPM_FEATURES = frozenset({
     "noise_offset", "min_snr_gamma",

@@ -33,6 +33,13 @@ def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[st
     return {"attention": attention, "attention+mlp": attention + mlp, "all-linear": attention + mlp + modulation}
 
 
+def preset_inputs(attention: float, mlp: float) -> dict[str, float]:
+    """``lora_inputs_per_token`` per preset from the attention layers' and the MLP's inputs per token
+    (``all-linear`` adds only modulation layers, which see one vector per sample)."""
+    return {"attention": float(attention), "attention+mlp": float(attention + mlp),
+            "all-linear": float(attention + mlp)}
+
+
 def mmdit_lora_inputs(double: int, single: int, hidden: int, ff: int) -> dict[str, float]:
     """``lora_inputs_per_token`` of the presets of ``mmdit_lora_shapes``: in a two-stream block a token passes
     its own stream's q, k, v, out and feed-forward; in a one-stream block q, k, v, the MLP input and the
@@ -40,8 +47,7 @@ def mmdit_lora_inputs(double: int, single: int, hidden: int, ff: int) -> dict[st
     h = hidden
     attention = double * 4 * h + single * 3 * h
     mlp = double * (h + ff) + single * (h + h + ff)
-    return {"attention": float(attention), "attention+mlp": float(attention + mlp),
-            "all-linear": float(attention + mlp)}
+    return preset_inputs(attention, mlp)
 
 
 class RegisteredShapes(Mapping):
