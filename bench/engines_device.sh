@@ -50,7 +50,7 @@ unpack() {   # unpack engines/pack/$1.tar.xz (or all its parts, <name>.tar.xz.<i
 
 rows() {   # run bench/engines_gpu.py with the engines' folders
   export PYTHONPATH="$PWD/engines/site-lora-run${PYTHONPATH:+:$PYTHONPATH}"
-  python3 bench/engines_gpu.py --steps "${STEPS:-24}" --size "${SIZE:-reduced}" --out "${OUT:-bench/results}" \
+  python3 bench/engines_gpu.py --steps "${STEPS:-24}" --size "${SIZE:-reduced}" --out "${BG_OUT:-${OUT:-bench/results}}" \
     --work "${WORK:-/tmp/engines-gpu}" --rows "$@"
 }
 
