@@ -51,7 +51,7 @@ unpack() {   # unpack engines/pack/$1.tar.xz (or all its parts, <name>.tar.xz.<i
 rows() {   # run bench/engines_gpu.py with the engines' folders
   export PYTHONPATH="$PWD/engines/site-lora-run${PYTHONPATH:+:$PYTHONPATH}"
   python3 bench/engines_gpu.py --steps "${STEPS:-24}" --size "${SIZE:-reduced}" --out "${BG_OUT:-${OUT:-bench/results}}" \
-    --work "${WORK:-/tmp/engines-gpu}" --rows "$@"
+    --work "${WORK:-/tmp/engines-gpu}" ${EXTRA_SET:+--extra-set "$EXTRA_SET"} --rows "$@"
 }
 
 case "$what" in
@@ -123,6 +123,10 @@ dpipe-part)   # an earlier part of a split pack: it only has to arrive (the mach
 dpipe)
   unpack dpipe
   rows dpipe-flux dpipe-hunyuan
+  ;;
+dpipe-flux)   # only the FLUX.1 row (EXTRA_SET=model.base_precision=bf16: diffusion-pipe without its fp8 transformer)
+  unpack dpipe
+  rows dpipe-flux
   ;;
 *)
   echo "engines_device: unknown step $what" >&2

@@ -200,6 +200,8 @@ def row_sets(row: str, a: argparse.Namespace, work: Path, data: Path) -> tuple[l
               "--set", f"train.save_every_steps={max(2, steps // 3)}", "--set", "train.keep_last=2",
               "--set", "train.noise_offset=0", "--set", "scheduler.warmup_steps=2", "--set", "model.offline=true",
               "--set", "eval.enabled=false"]
+    for assignment in a.extra_set:   # e.g. model.base_precision=bf16: a row's variant
+        common += ["--set", assignment]
     if row.startswith("dpipe"):
         # diffusion-pipe samples nothing during training, has no Adafactor, no module list and forces alpha =
         # rank: the settings of the shipped recipes it cannot honour (lora-run check refuses them with the
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--size", choices=["reduced", "full"], default="reduced")
     ap.add_argument("--hunyuan-files", type=Path)
+    ap.add_argument("--extra-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more --set for every row's runs (a variant of the rows, e.g. model.base_precision=bf16)")
     ap.add_argument("--resolution", type=int, default=512, help="training resolution; below 512 also switches to "
                     "fp32 and rank 4 (a CPU smoke run of this script)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/engines-gpu"))
