@@ -8,6 +8,7 @@
 #   bash bench/engines_device.sh kohya-hunyuan   # carry engines/pack/kohya.tar.xz (again: each call stands alone)
 #   bash bench/engines_device.sh dpipe-part      # carry engines/pack/dpipe.tar.xz.1of2 (only when split)
 #   bash bench/engines_device.sh dpipe           # carry engines/pack/dpipe.tar.xz.2of2 (or dpipe.tar.xz)
+#   bash bench/engines_device.sh dpipe-flux      # the same carry, only the FLUX.1 row (EXTRA_SET=KEY=VALUE: one --set)
 #
 # Each pack is one xz-compressed tar of *installed* packages (pip --target here, for the machine's Python
 # 3.12), not wheels: xz shrinks the unpacked files much better than a wheel's zip (sd-scripts' 68 MiB of
