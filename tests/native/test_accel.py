@@ -126,7 +126,8 @@ def test_estimates_match_the_benchmark_within_15_percent():
     re-estimated with the current memory model."""
     checked = 0
     for path in sorted(RESULTS.glob("*.json")):
-        for row in json.loads(path.read_text())["rows"]:
+        # Only the step benchmarks' files hold "rows"; the engines' results (engines-gpu-*.json) measure no plan.
+        for row in json.loads(path.read_text()).get("rows", []):
             if row.get("impl") != "lora-run" or "peak_gib" not in row or "CUDA graphs" in row.get("plan", ""):
                 continue
             family = row.get("family", "flux.1-dev")
