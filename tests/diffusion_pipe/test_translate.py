@@ -222,8 +222,12 @@ def test_launch_argv_for_resume_and_env():
                     "--resume_from_checkpoint", "20261127_10-00-00"]
     env = translate.child_env(options, {"PATH": "/bin"})
     assert env == {"PATH": "/bin", "PYTHONUNBUFFERED": "1", "NCCL_P2P_DISABLE": "1", "NCCL_IB_DISABLE": "1",
-                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                   "TORCH_CUDNN_SDPA_DEPRIORITIZED": "1", "TORCH_CUDNN_SDPA_PREFERRED": "0"}
     assert "NCCL_P2P_DISABLE" not in translate.child_env(DiffusionPipeOptions(), {})
+    # a user who wants cuDNN's attention in the engine says so in the environment, and that wins
+    mine = translate.child_env(DiffusionPipeOptions(), {"TORCH_CUDNN_SDPA_DEPRIORITIZED": "0"})
+    assert mine["TORCH_CUDNN_SDPA_DEPRIORITIZED"] == "0"
 
 
 def test_bucket_grid_matches_the_recipe():
