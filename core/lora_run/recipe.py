@@ -232,7 +232,8 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
         what = "recipe file not found" if str(exc).startswith("not found") else f"the recipe file {exc}"
         raise RecipeError(f"{shown}: {what}") from None
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: a byte-order mark, which Windows editors write, is dropped; anything else is the same UTF-8
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise RecipeError(f"{shown}: the recipe is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:

@@ -144,6 +144,18 @@ def test_not_toml_and_not_found(tmp_path):
     assert problems_of(tmp_path / "missing.toml")[0].endswith("recipe file not found")
 
 
+def test_a_byte_order_mark_is_read_and_other_bytes_are_named(write_recipe, tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark: that recipe loads like the same text without it. Text that
+    is not UTF-8 (Latin-1 here) is refused with the file named."""
+    plain = load_recipe(write_recipe(GOOD)).recipe
+    marked = tmp_path / "bom.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_recipe(marked).recipe.train == plain.train
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(GOOD.encode() + b"# caf\xe9\n")
+    assert problems_of(latin)[0].endswith("latin.toml: the recipe is not UTF-8 text")
+
+
 def test_list_values_are_not_split_strings(write_recipe):
     problems = problems_of(write_recipe(GOOD), ["sample.prompts='a cat'"])
     assert any("[sample.prompts] expected a list, got str 'a cat'" in p for p in problems)
