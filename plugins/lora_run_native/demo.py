@@ -109,6 +109,31 @@ def build_demo(assets_dir: str | Path) -> Path:
     return path
 
 
+#: The file that marks a folder as the demo's own: only such a folder (or a new or empty one) is written into.
+MARK = ".lora-run-demo"
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's folder, or refuse (exit 2) before anything is written: the demo rebuilds its
+    model, dataset and recipe in there, so a folder of the user's own files is never used."""
+    from lora_run.errors import RecipeError
+
+    recipe = out / "assets" / "recipe.toml"
+    try:
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"--output-dir {out}: is a file, not a folder; give a new or empty folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+            written = recipe.is_file() and recipe.read_text(encoding="utf-8", errors="replace").startswith(
+                "# Written by `lora-run demo`")          # a demo folder from before the mark existed
+            if not written:
+                raise RecipeError(f"--output-dir {out}: the folder holds files `lora-run demo` did not write; "
+                                  "give a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARK).write_text("This folder was written by `lora-run demo`.\n", encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"--output-dir {out}: cannot write there ({exc.strerror or exc})") from None
+
+
 def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug: bool = False) -> int:
     """Build the assets under ``output_dir/assets`` and train them into ``output_dir/run``; the exit code."""
     from lora_run.errors import RecipeError
@@ -116,6 +141,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.run import execute
 
     out = Path(output_dir).resolve()
+    _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
         raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "

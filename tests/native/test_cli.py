@@ -138,8 +138,27 @@ def test_demo_run_again_says_how_to_replace_it(run_cli, tmp_path):
     earlier = tmp_path / "demo" / "run"
     earlier.mkdir(parents=True)
     (earlier / "manifest.json").write_text("{}")
+    (tmp_path / "demo" / ".lora-run-demo").write_text("")        # what an earlier demo leaves
     result = run_cli("demo", "--output-dir", tmp_path / "demo")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lora-run demo --overwrite" in result.stderr and "--resume" not in result.stderr
     assert not (tmp_path / "demo" / "assets").exists()       # refused before building anything
     assert (earlier / "manifest.json").read_text() == "{}"
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
+    """A file, or a folder of the user's own files, as --output-dir: exit 2 naming it, nothing written."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    result = run_cli("demo", "--output-dir", a_file)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "notes.txt: is a file, not a folder" in result.stderr and a_file.read_text() == "mine"
+
+    photos = tmp_path / "photos"
+    (photos / "assets").mkdir(parents=True)
+    (photos / "assets" / "recipe.toml").write_text("# my own recipe\n")
+    result = run_cli("demo", "--output-dir", photos)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "did not write" in result.stderr
+    assert sorted(p.name for p in photos.rglob("*")) == ["assets", "recipe.toml"]
+    assert (photos / "assets" / "recipe.toml").read_text() == "# my own recipe\n"
