@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     log = (run / "kohya" / "train.log").read_text()
     assert "running training" in log and "steps: 100%" in log
     assert any("step 6/6" in line for line in echoed)
+    # the stand-in prints sd-scripts' recorded lines (fixtures/sd-scripts-48d368f) with this run's values
+    assert "  total optimization steps / 学習ステップ数: 6" in log
+    assert "INFO     epoch is incremented. current_epoch: 1, epoch: 2" in log
+    assert f"save train state to {run}/kohya/output/ohwx-step00000004-state/train_state.json at epoch 1 step 4" in log
+    assert "INFO     saving last state." in log and "INFO     model saved." in log
+    assert all(re.fullmatch(r"ohwx_00000[36]_00_\d{14}_\d+\.png", Path(p).name) for _, ps in hooks.samples for p in ps)
 
 
 @pytest.mark.slow
