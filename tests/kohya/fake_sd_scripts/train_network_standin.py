@@ -317,7 +317,7 @@ def main() -> int:
               "total": total}
     say(RECORDED_LINES.startup(counts, args.resume, args.initial_step is not None))
     step_seconds = float(os.environ.get("FAKE_KOHYA_STEP_SECONDS", "0.01"))
-    bar = tqdm(total=total, desc="steps", file=sys.stderr, mininterval=0, smoothing=0)
+    bar = tqdm(total=total, desc="steps", file=sys.stderr, smoothing=0)     # as sd-scripts: default 0.1 s redraw
     loss_sum = 0.0
     schedule = [(e + 1, b) for e in range(epoch_to_start, epochs) for b in range(max(1, per_epoch))][:total]
     step = 0
@@ -338,6 +338,7 @@ def main() -> int:
         loss_sum += loss
         avr = loss_sum / step
         bar.update(1)
+        bar.unpause()               # as sd-scripts does after each step (it excludes sampling from the bar's time)
         bar.set_postfix(avr_loss=float("nan") if mode == "nan" and step >= at else avr)
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total:
             write_lora(out / f"{name}-step{step:08d}.safetensors", args, step, args.seed or 0)
