@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shutil
 import sys
 import time

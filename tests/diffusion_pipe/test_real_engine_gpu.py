@@ -103,9 +103,10 @@ def test_the_flash_attn_start_up_failure_gives_the_recorded_message(dp_recipe, p
 
 
 def test_the_last_exception_of_the_chain_is_the_cause():
-    """On the GPU the HunyuanImage-2.1 submodule first fails to import FlashAttention 3 (`flash_attn_interface`, its
-    silent fallback) and then flash-attn 2; the second is the cause. Planted-mistake control: the output cut after
-    the first error names the fallback, and the flash-attn hint must not be given for it."""
+    """On the GPU the HunyuanImage-2.1 submodule first fails to import FlashAttention 3 (`flash_attn_interface`: it
+    prints "FlashAttention v3 not found, falling back to v2.") and then flash-attn 2; the second is the cause.
+    Planted-mistake control: the output cut after the first error names the fallback, and the flash-attn hint must
+    not be given for it."""
     tail = lines(FLASH_LOG)
     assert explain(tail, HINTS).startswith(": ModuleNotFoundError: No module named 'flash_attn' (")
     first = next(i for i, line in enumerate(tail) if "No module named 'flash_attn_interface'" in line)
