@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -348,12 +349,14 @@ class _Watcher:
         self.reported: set[str] = set()
         self.step_of: dict[str, int] = {}
         self.records: dict[str, dict[str, Any]] = {}
+        self.earlier: set[str] = set()          # saves of the session a --resume continues
         self.training_started = False
         self.supervisor: Supervisor | None = None
         self.last_poll = -math.inf
         if self.run_folder is not None:        # saves of the interrupted session were reported back then
             for saved in collect.saved_loras(self.run_folder, backend.family):
                 self.reported.add(saved.name)
+                self.earlier.add(saved.name)
                 folder = self._folder(saved.name)
                 files = {key: str(folder / name) for key, name in self._names().items() if (folder / name).is_file()}
                 if files:
@@ -388,14 +391,42 @@ class _Watcher:
                 loss = event.loss
                 if not math.isfinite(loss) and self.backend.options.stop_on_nan:
                     raise NonFiniteLoss(f"the loss became {loss} at step {event.step}; diffusion-pipe was stopped "
-                                        f"(saved LoRAs and checkpoints are kept in {self.run_folder or self.layout.output}; "
-                                        f"log: {self.layout.log})")
+                                        f"({self.kept(event.step)}; log: {self.layout.log})")
                 self.progress.step(event.step, event.metrics)
                 self.ctx.hook.step_finished(run=self.ctx, step=event.step, metrics=dict(event.metrics))
             elif isinstance(event, SaveEvent):
                 self.step_of.setdefault(event.name, self.parser.last_step)
             elif isinstance(event, PhaseEvent):
                 self.progress.phase(event.text)
+
+    def kept(self, bad_step: int) -> str:
+        """What a run stopped at `bad_step` leaves to use: the LoRAs and resumable checkpoint saved before that
+        step, or that there are none. (The real diffusion-pipe went NaN at step 2 of a FLUX.1 run, before its first
+        save; "saved LoRAs and checkpoints are kept in …" then pointed at a folder of config copies.) A save
+        written after the bad step, while the engine was being stopped, holds weights trained on the bad loss."""
+        folder = self.run_folder or collect.new_run_folder(self.layout.output, self.before)
+        saves = collect.saved_loras(folder, self.backend.family) if folder is not None else []
+
+        def before(saved: collect.SavedLora) -> bool:
+            if saved.name in self.earlier:
+                return True
+            step = saved.number if saved.kind == "step" else self.step_of.get(saved.name)
+            return step is not None and step < bad_step
+
+        good = [s.name for s in saves if before(s)]
+        late = [s.name for s in saves if not before(s)]
+        tag = collect.latest_checkpoint(folder) if folder is not None else None
+        number = re.fullmatch(r"global_step(\d+)", tag or "")
+        checkpoint = tag if number and int(number[1]) < bad_step else None
+        if not good and checkpoint is None:
+            text = "it had saved no LoRA and no checkpoint before it"
+        else:
+            parts = ([f"the LoRAs {', '.join(good)}"] if good else []) + \
+                ([f"the resumable checkpoint {checkpoint}"] if checkpoint else [])
+            text = f"{' and '.join(parts)} saved before it are kept in {folder}"
+        if late:
+            text += f"; {', '.join(late)} {'was' if len(late) == 1 else 'were'} saved after it (trained on the bad loss)"
+        return text
 
     def tick(self, force: bool = False) -> None:
         now = time.monotonic()

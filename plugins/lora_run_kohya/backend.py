@@ -254,8 +254,18 @@ class KohyaBackend:
                          "HF_HUB_OFFLINE=1 and uses the tokenizers in the local cache (or "
                          "[backend.kohya] tokenizer_cache_dir)")
 
+        # seconds per step on lora-run's own clock, averaged since the first step it reported: sd-scripts' bar
+        # rate leaves out every step shorter than its 0.1 s redraw interval (train_network.py calls
+        # progress_bar.unpause() after each step, which drops the time since the last redraw): on the GPU its
+        # elapsed time stood still for 21 HunyuanImage-2.1 steps
+        clock: dict[str, float] = {}
+
         def on_progress(p: Progress) -> None:
             p = attrs.evolve(p, step=p.step + offset, total=p.total + offset)
+            now = time.monotonic()
+            if not clock:
+                clock.update(at=now, step=p.step)
+            between = (now - clock["at"]) / (p.step - clock["step"]) if p.step > clock["step"] else None
             watcher.step = p.step
             loss = p.loss
             if not finite(loss):
@@ -272,6 +282,8 @@ class KohyaBackend:
                 metrics["loss"] = loss
             if p.it_per_s is not None:
                 metrics["it_per_s"] = p.it_per_s
+            if between is not None:
+                metrics["step_seconds"] = between
             metrics["total_steps"] = float(p.total)
             ctx.hook.step_finished(run=ctx, step=p.step, metrics=metrics)
             display.show(p)

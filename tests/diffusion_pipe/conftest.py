@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+#: the real diffusion-pipe's GPU output, which the stand-ins print (see the README there)
+RECORDED = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261202"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
 
 
 @pytest.fixture(scope="session")
 def fake_checkout(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("diffusion-pipe")
-    shutil.copy(HERE / "fake_train.py", repo / "train.py")
+    (repo / "train.py").write_text(f"RECORDED_DIR = {str(RECORDED)!r}\n" + (HERE / "fake_train.py").read_text("utf-8"),
+                                   "utf-8")
     (repo / "README.md").write_text("fake diffusion-pipe for lora-run tests\n")
     for rel in ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py",
                 "submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py"):  # what the backend checks for
@@ -34,7 +37,8 @@ def fake_checkout(tmp_path_factory) -> Path:
 def fake_launcher(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bin")
     launcher = folder / "deepspeed"
-    launcher.write_text(f"#!{sys.executable}\n" + (HERE / "fake_deepspeed.py").read_text())
+    launcher.write_text(f"#!{sys.executable}\nRECORDED_DIR = {str(RECORDED)!r}\n"
+                        + (HERE / "fake_deepspeed.py").read_text("utf-8"), "utf-8")
     launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return launcher
 

@@ -8,13 +8,23 @@ lines and saves LoRAs in diffusion-pipe's real key layouts (FLUX: diffusers keys
 `pytorch_lora_weights.safetensors`; HunyuanImage: ComfyUI keys in `adapter_model.safetensors`), with tiny
 tensors. It honours `--resume_from_checkpoint` and the `save_quit` signal file.
 
-FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache.
+Its console output is the real diffusion-pipe's, read from the GPU recording in
+fixtures/diffusion-pipe-8f83dbf/gpu-h200-20261202/ (commit 8f83dbf, one H200, 2026-12-02): the start-up and
+caching lines are printed as recorded, and each step prints the recorded DeepSpeed `step=…, lr=[…]` and
+`steps: N loss: …` lines with this run's numbers put in. Only the save line (`Saving model to directory …`),
+`Started new epoch`, `Resuming training from checkpoint` and `TRAINING COMPLETE!` are still written from
+diffusion-pipe's code: the GPU run went NaN before its first save.
+
+FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay.
 FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
 FAKE_DP_BLOCKS: "double,single" block counts (default "2,2"); FAKE_DP_HIDDEN: hidden size (default 8).
+`replay` prints train.py's part of a recorded train.log (FAKE_DP_REPLAY names the fixture file) and then
+behaves as the recorded process did: waits to be stopped after a non-finite loss, else exits with 1.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,8 +51,62 @@ def log(msg):
     print(msg, flush=True)
 
 
-def ds_info(msg):
-    log(f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S,%f')[:-3]}] [INFO] [logging.py:107:log_dist] [Rank 0] {msg}")
+try:
+    RECORDED_DIR  # noqa: B018 - set in the line the fake_checkout fixture puts above this file
+except NameError:
+    RECORDED_DIR = str(Path(__file__).resolve().parent / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261202")
+RUN = "<run>/diffusion-pipe/data/subject"     # the staged set's path in the recording
+
+
+def recorded(name="flux_fp8_train_nan.log"):
+    return (Path(RECORDED_DIR) / name).read_text("utf-8").splitlines()
+
+
+def train_py_lines(lines):
+    """train.py's own output in a recorded train.log: after the launcher's `spawned` line, without lora-run's
+    lines and the launcher's closing lines."""
+    start = next(i for i, line in enumerate(lines) if "launch.py:272:main] process" in line) + 1
+    return [line for line in lines[start:] if not line.startswith(("[lora-run]", "=== "))
+            and "[launch.py:" not in line]
+
+
+def startup_lines(dataset_path):
+    """The recorded start-up: DeepSpeed init, pipeline loading, metadata, caching, engine set-up (to the
+    optimizer line), with the recorded data folder replaced by this run's."""
+    lines = train_py_lines(recorded())
+    end = next(i for i, line in enumerate(lines) if "DeepSpeed Final Optimizer" in line) + 1
+    return [line.replace(RUN, dataset_path) for line in lines[:end]]
+
+
+def _stamp():
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+
+
+def lr_line(step, lr):
+    """DeepSpeed's per-step line as recorded (`[…] [INFO] [logging.py:123:log_dist] [Rank 0] step=1, skipped=0,
+    lr=[7.500000000000001e-05], mom=[(0.9, 0.999)]`), with this step's numbers."""
+    line = next(x for x in recorded() if "[Rank 0] step=1, skipped=0" in x)
+    line = re.sub(r"^\[[^\]]+\]", f"[{_stamp()}]", line)
+    return re.sub(r"step=1, skipped=0, lr=\[[^\]]*\]", f"step={step}, skipped=0, lr=[{lr}]", line)
+
+
+def loss_line(step, loss, seconds, samples_per_s):
+    """diffusion-pipe's loss line as recorded (`steps: 1 loss: 1.5028 iter time (s): 1.240 samples/sec: 0.806`)."""
+    line = next(x for x in recorded() if x.startswith("steps: 1 loss: "))
+    return re.sub(r"steps: 1 loss: \S+ iter time \(s\): \S+ samples/sec: \S+",
+                  f"steps: {step} loss: {loss:0.4f} iter time (s): {seconds:0.3f} samples/sec: {samples_per_s:0.3f}",
+                  line)
+
+
+def replay(name):
+    """Print train.py's part of a recorded train.log; after a non-finite loss wait to be stopped (as the real
+    process trained on), else exit with 1 as the recorded process did."""
+    for line in train_py_lines(recorded(name)):
+        log(line)
+        if re.match(r"steps: \d+ loss: (nan|inf|-inf) ", line):
+            time.sleep(120)
+            return 3
+    return 1
 
 
 def lora_tensors(model_type, rank, seed):
@@ -153,6 +217,14 @@ def main():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = rank == 0
     mode = os.environ.get("FAKE_DP_MODE", "ok")
+    if mode == "replay":
+        if any(line.startswith("steps: ") for line in recorded(os.environ["FAKE_DP_REPLAY"])):  # it reached training
+            config = load_toml(args.config)
+            run_dir = Path(config["output_dir"]) / datetime.now(timezone.utc).strftime("%Y%m%d_%H-%M-%S")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(args.config, run_dir)
+            shutil.copy(config["dataset"], run_dir)
+        return replay(os.environ["FAKE_DP_REPLAY"])
     at = int(os.environ.get("FAKE_DP_AT", "3"))
     delay = float(os.environ.get("FAKE_DP_STEP_DELAY", "0"))
 
@@ -173,22 +245,14 @@ def main():
         raise AssertionError("Block swapping only works with pipeline_stages=1")
     dataset_cfg = load_toml(config["dataset"])
     examples = 0
-    # the caching lines as the real diffusion-pipe 8f83dbf prints them
-    # (fixtures/diffusion-pipe-8f83dbf/startup_and_caching_cpu.log)
-    if main_process:
-        log("Grouped metadata is not cached. Computing ungrouped metadata and then grouping.")
-        log("Map (num_proc=2): 100%|██████████| 4/4 [00:00<?, ? examples/s]")
-        if mode == "slow_cache":
-            time.sleep(delay * 20)
     for entry in dataset_cfg["directory"]:
         examples += scan_directory(entry, dataset_cfg, model_type)
-        if main_process:
-            log(f"caching latents: {entry['path']}")
     if main_process:
-        log("[CACHE] Initializing")
-        log("[CACHE] Existing cache length: 0")
-        log("100%|██████████| 4/4 [00:00<00:00,  9.87it/s]")
-        log("caching text embeddings: (1.0, 1)")
+        # the start-up and caching output of the real diffusion-pipe 8f83dbf on a GPU, as recorded
+        for line in startup_lines(dataset_cfg["directory"][0]["path"]):
+            log(line)
+        if mode == "slow_cache":
+            time.sleep(delay * 20)
 
     output_dir = Path(config["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -243,9 +307,9 @@ def main():
             sys.stdout.buffer.write(b"x" * 40000 + b"\n")
             sys.stdout.flush()
         lr = lr0 * min(1.0, step / warmup) if warmup else lr0
-        ds_info(f"step={step}, skipped=0, lr=[{lr}], mom=[(0.9, 0.99)]")
+        log(lr_line(step, lr))
         loss = float("nan") if (mode == "nan" and step >= at) else 0.5 / (1 + 0.1 * step)
-        log(f"steps: {step} loss: {loss:0.4f} iter time (s): 0.012 samples/sec: {global_batch / 0.012:0.3f}")
+        log(loss_line(step, loss, 0.012, global_batch / 0.012))
         saved = checkpointed = False
         if step % steps_per_epoch == 0:
             if config.get("checkpoint_every_n_epochs") and epoch % config["checkpoint_every_n_epochs"] == 0:

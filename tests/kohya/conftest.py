@@ -14,6 +14,8 @@ from lora_run_kohya import spec
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "fake_sd_scripts" / "train_network_standin.py"
+#: the real sd-scripts' output, which the stand-in prints (see the README there)
+RECORDED = HERE / "fixtures" / "sd-scripts-48d368f"
 
 TYPES = {"str": "str", "Path": "str", "int": "int", "float": "float", "int_or_float": "int_or_float"}
 
@@ -52,6 +54,9 @@ def make_checkout(root: Path, *, drop: tuple[str, ...] = (), scripts=("flux_trai
     (root / "networks").mkdir(exist_ok=True)
     for script in scripts:
         shutil.copy(STANDIN, root / script)
+    (root / "lora_run_recorded").mkdir(exist_ok=True)
+    for name in ("flux_resume.log", "flux_train.log", "hunyuan_train.log"):
+        shutil.copy(RECORDED / name, root / "lora_run_recorded" / name)
     (root / "library" / "__init__.py").write_text("")
     (root / "library" / "train_util.py").write_text(generated_train_util(drop))
     (root / "train_network.py").write_text("# the generic trainer (not used by the stand-in)\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     log = (run / "kohya" / "train.log").read_text()
     assert "running training" in log and "steps: 100%" in log
     assert any("step 6/6" in line for line in echoed)
+    # the stand-in prints sd-scripts' recorded lines (fixtures/sd-scripts-48d368f) with this run's values
+    assert "  total optimization steps / 学習ステップ数: 6" in log
+    assert "INFO     epoch is incremented. current_epoch: 1, epoch: 2" in log
+    assert f"save train state to {run}/kohya/output/ohwx-step00000004-state/train_state.json at epoch 1 step 4" in log
+    assert "INFO     saving last state." in log and "INFO     model saved." in log
+    assert all(re.fullmatch(r"ohwx_00000[36]_00_\d{14}_\d+\.png", Path(p).name) for _, ps in hooks.samples for p in ps)
 
 
 @pytest.mark.slow
@@ -136,6 +143,24 @@ def test_garbage_output_does_not_break_anything(kohya_recipe, fake_checkout, plu
     ctx, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
     assert error is None, error
     assert [s for s, _ in hooks.steps] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fast_steps_are_timed_by_lora_runs_own_clock(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
+    """sd-scripts' bar leaves out steps shorter than its 0.1 s redraw (it calls unpause() after each step: recorded
+    on the GPU, where its elapsed time stood still for 21 HunyuanImage-2.1 steps); `step_seconds`, lora-run's own
+    clock averaged since the first reported step, sees 0.03 s steps."""
+    monkeypatch.setenv("FAKE_KOHYA_STEP_SECONDS", "0.03")
+    _, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout, replace={"every_steps = 3": "every_steps = 100"}),
+                                        plugins_with)
+    assert error is None, error
+    assert "step_seconds" not in hooks.steps[0][1]           # no earlier report to measure from
+    timed = {step: m["step_seconds"] for step, m in hooks.steps if 3 <= step <= 5}
+    assert len(timed) == 3 and all(0.025 < t < 0.5 for t in timed.values()), timed
+    # planted-mistake control: the bar's own clock (steps ÷ its rate) did not count these steps, ours did
+    bar = {step: m.get("it_per_s") for step, m in hooks.steps if 3 <= step <= 5}
+    ours = 4 * timed[5] - 2 * timed[3]                       # lora-run's seconds from step 3 to step 5
+    if bar[3] and bar[5]:
+        assert 5 / bar[5] - 3 / bar[3] < ours / 2, (bar, timed)
 
 
 @pytest.mark.slow
