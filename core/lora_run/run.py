@@ -10,7 +10,6 @@ import attrs
 
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
-from .features import capability_problems
 from .plugins import Plugins, Registration
 from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, did_you_mean, replace
 from .schema import TIMESTEP_SAMPLINGS, Recipe
@@ -270,9 +269,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     for name, section in plugins.registry["section"].items():
         if section.check is not None and hasattr(recipe, name):
             section.check(recipe, plugins, problems)
-    if backend is not None and recipe.model.family in plugins.registry["family"]:
-        for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
-            problems.add(path, message)
+    for found in plugins.hook.check_recipe(recipe=recipe, plugins=plugins):
+        for path, message in found or ():
+            problems.add(tuple(path), message)
     # The backend's own check runs even when problems were found above, so that one `check` reports them all.
     if backend is not None and (options is not None or backend.options is None):
         found = len(problems.items)
@@ -344,12 +343,6 @@ def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
     report = LintReport(usable=list(items))
     plugins.hook.lint_dataset(recipe=recipe, items=items, report=report)
     return report
-
-
-def output_path(recipe: Recipe, override: str | None) -> Path:
-    if override:
-        return Path(os.path.expanduser(override)).resolve()
-    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
 
 
 def open_run_folder(loaded: LoadedRecipe, plugins: Plugins, output_dir: str | None = None,
