@@ -96,8 +96,8 @@ def check_recipe(recipe: Any, plugins: Any) -> list:
     """Return (key path, message) problems of the whole recipe, after its names were filled and looked up.
 
     Called by ``validate`` (so by `lora-run check`, `plan` and every run) with the other problems; every
-    implementation is called and every problem is reported at once. The built-in ``training`` plugin refuses
-    the features the backend does not honour for the family.
+    implementation is called and every problem is reported at once. The built-in ``training`` plugin checks the
+    family's facts and refuses the features the backend does not honour for the family.
     """
 
 

@@ -10,10 +10,6 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple
 
 import attrs
 
-#: σ samplers every family takes; a family registers its own extra ones (`register_families(samplers=...)`).
-TIMESTEP_SAMPLINGS = ("uniform", "sigmoid", "logit-normal", "shift")
-
-
 def is_used(value: Any, _recipe: Any) -> bool:
     return bool(value)
 
