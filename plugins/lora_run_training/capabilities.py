@@ -1,7 +1,7 @@
 """Recipe features a backend may or may not honour, and the capability check (``check_recipe``).
 
-The features are declared on the recipe's fields, core's tables and the tables plugins register (``option(features=...)``, ``option(choice_features=...)``);
-this module lists them with their keys. A backend registers ``capabilities={family: {feature, ...}}``. A
+The features are declared on the fields of core's tables and of the tables plugins register
+(``option(features=...)``, ``option(choice_features=...)``); this module lists them with their keys. A backend registers ``capabilities={family: {feature, ...}}``. A
 recipe that uses a feature the chosen backend does not list for the chosen family is refused, naming the key
 and the backends that can. We never silently ignore a setting (some external trainers do).
 """
@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import attrs
 
-from lora_run.schema import Feature, Recipe, recipe_class
+from lora_run import schema
+from lora_run.schema import Feature, Recipe
 
 from .sections import SECTIONS
 
@@ -40,7 +41,7 @@ def features_of(recipe_class: type) -> tuple[Feature, ...]:
 
 
 #: The features of core's tables and this plugin's (the tables of other plugins: ``features_of(plugins.recipe_class)``).
-FEATURES: list[Feature] = list(features_of(recipe_class((name, cls) for name, cls, *_ in SECTIONS)))
+FEATURES: list[Feature] = list(features_of(schema.recipe_class((name, cls) for name, cls, *_ in SECTIONS)))
 # losses and σ samplers are plugin names, not a fixed choice: `loss:<name>`, `timestep_sampling:<name>`
 
 
