@@ -48,10 +48,6 @@ class BackendError(LoraRunError):
     exit_code = EXIT_FAILED
 
 
-class DiskFullError(BackendError):
-    """The disk (or the quota) filled up; the message names the file and the space it needs."""
-
-
 class ModelSourceError(LoraRunError):
     """A model file or folder named by the recipe is missing or wrong."""
 

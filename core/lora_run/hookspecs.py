@@ -1,5 +1,5 @@
 """The hook specifications: the registries (family, backend, loss, dataset, evaluator, command, recipe section),
-the dataset lint, the run folder and the run's lifecycle.
+the recipe check, the dataset lint, the run folder and the run's lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -88,6 +88,16 @@ def register_sections(register: Any) -> None:
     and read as ``recipe.<name>``. ``check(recipe, plugins, problems)`` adds the table's own rules with
     ``problems.add(key path, message)``; ``with_defaults(section, plugins)`` fills what it leaves unset from the
     registries.
+    """
+
+
+@hookspec
+def check_recipe(recipe: Any, plugins: Any) -> list:
+    """Return (key path, message) problems of the whole recipe, after its names were filled and looked up.
+
+    Called by ``validate`` (so by `lora-run check`, `plan` and every run) with the other problems; every
+    implementation is called and every problem is reported at once. The built-in ``training`` plugin checks the
+    family's facts and refuses the features the backend does not honour for the family.
     """
 
 

@@ -262,7 +262,7 @@ def _path_keys(recipe_class: type) -> list[tuple[KeyPath, Any]]:
     return found
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type) -> None:
+def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type) -> None:
     """Make the path-valued keys of one file absolute against that file's folder (in place)."""
 
     def visit(node: Any, keys: KeyPath, which: Any) -> None:
@@ -334,7 +334,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"{shown}: [extends] nests deeper than {MAX_EXTENDS_DEPTH} files")
     raw = read_toml(path, shown)
-    _resolve_paths(raw, real.parent, recipe_class)
+    resolve_paths(raw, real.parent, recipe_class)
     parent = raw.pop("extends", None)
     own: dict[KeyPath, str] = {}
     for key, value in raw.items():
@@ -546,13 +546,8 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
                          for n, reg in enumerate(d.regularization))]:
         if not re.fullmatch(r"\.[^\s/\\\x00]+", ext):
             problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
-    if len(r.optimizer.betas) != 2:
-        problems.add(("optimizer", "betas"), f"expected two numbers, got {len(r.optimizer.betas)}")
     if r.model.source is None and r.model.files.get("transformer") is None:
         problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
-    if r.lora.alpha > 16 * r.lora.rank:
-        problems.add(("lora", "alpha"), f"is {r.lora.alpha} for rank {r.lora.rank}: a scale alpha/rank above 16 "
-                     "is almost certainly a typo")
     name_problem = file_name_problem(r.output.name)
     if name_problem:
         problems.add(("output", "name"), name_problem)
@@ -560,10 +555,6 @@ def _check_rules(r: Recipe, problems: Problems) -> None:
         problems.add(("output", "dir"), f"must be a folder path, got {r.output.dir!r}")
     if r.output.formats is not None and not r.output.formats:
         problems.add(("output", "formats"), "must name at least one format")
-    for key in ("prompts", "seeds", "strengths"):
-        values = getattr(r.sample, key)
-        if r.sample.every_steps and not values:
-            problems.add(("sample", key), "must not be empty when sample.every_steps is set")
 
 
 def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
@@ -628,22 +619,6 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
     return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets))
-
-
-def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None, plugins: Any = None) -> Recipe:
-    """Structure a recipe from TOML text (used for embedded recipes and tests)."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{name}: not valid TOML: {exc}") from None
-    recipe_class = _loaded(plugins).recipe_class
-    _resolve_paths(raw, base or Path.cwd(), recipe_class)
-    raw.pop("extends", None)
-    problems = Problems(name)
-    recipe = structure(raw, problems, recipe_class)
-    problems.raise_if_any()
-    assert recipe is not None
-    return recipe
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -4,16 +4,15 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import attrs
 
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
-from .features import capability_problems
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, did_you_mean, replace
-from .schema import TIMESTEP_SAMPLINGS, Recipe
+from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, replace
+from .schema import Recipe
 
 
 @attrs.frozen
@@ -201,22 +200,12 @@ def unset_message(kind: str, plugins: Plugins, among: list[str] | None = None) -
             f"{', '.join(names) or 'none installed'}")
 
 
-def _known_name(value: str, known: Iterable[str], what: str) -> str | None:
-    """None when ``value`` is one of ``known``, else the message (with "did you mean")."""
-    known = sorted(set(known))
-    if value in known:
-        return None
-    hint = did_you_mean(value, known, '"')
-    return f"unknown {what} \"{value}\"{hint}; installed: {', '.join(known) or 'none'}"
-
-
 def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     """Plugin tables, plugin names and capabilities; every problem at once (RecipeError)."""
     loaded = with_defaults(loaded, plugins)
     recipe = loaded.recipe
     problems = loaded.problems()
     backend: Registration | None = None
-    families = plugins.registry["family"]
     if recipe.model.family is None:
         problems.add(("model", "family"), unset_message("family", plugins))
     if recipe.backend.name is None:
@@ -228,21 +217,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             problems.add(("backend", "name"), without_where(str(exc)))
     if recipe.model.family is not None:
         try:
-            family_problems(recipe, plugins.get("family", recipe.model.family, "model.family"), plugins, problems)
+            plugins.get("family", recipe.model.family, "model.family")
         except PluginError as exc:
             problems.add(("model", "family"), without_where(str(exc)))
-    sampling = _known_name(recipe.train.timestep_sampling,
-                           [*TIMESTEP_SAMPLINGS, *(s for f in families.values() for s in f.samplers)],
-                           "timestep sampling")
-    if sampling:
-        problems.add(("train", "timestep_sampling"), sampling)
-    if recipe.output.formats is None and recipe.model.family in families:
-        problems.add(("output", "formats"), f"is not set and family {recipe.model.family} registers no LoRA "
-                     "formats; name the formats to write")
-    for n, fmt in enumerate(recipe.output.formats or ()):
-        message = _known_name(fmt, (f for reg in families.values() for f in reg.lora_formats), "LoRA format")
-        if message:
-            problems.add(("output", "formats", n), message)
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -270,9 +247,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     for name, section in plugins.registry["section"].items():
         if section.check is not None and hasattr(recipe, name):
             section.check(recipe, plugins, problems)
-    if backend is not None and recipe.model.family in plugins.registry["family"]:
-        for path, message in capability_problems(recipe, backend.name, plugins.registry["backend"]):
-            problems.add(path, message)
+    for found in plugins.hook.check_recipe(recipe=recipe, plugins=plugins):
+        for path, message in found or ():
+            problems.add(tuple(path), message)
     # The backend's own check runs even when problems were found above, so that one `check` reports them all.
     if backend is not None and (options is not None or backend.options is None):
         found = len(problems.items)
@@ -290,27 +267,6 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     problems.raise_if_any()
     assert backend is not None
     return Prepared(recipe, loaded, backend, options)
-
-
-def family_problems(recipe: Recipe, family: Registration, plugins: Plugins, problems: Problems) -> None:
-    """What the family's registration says about the recipe: bucket grid, release, `[model.files]` slots."""
-    d, name = recipe.dataset, family.name
-    for key in ("resolution", "bucket_min", "bucket_max", "bucket_step"):
-        if getattr(d, key) % family.pixel_multiple:
-            problems.add(("dataset", key), f"must be a multiple of {family.pixel_multiple} for {name}, got "
-                         f"{getattr(d, key)}")
-    version = recipe.model.version
-    if version is not None and version not in family.versions:
-        several = [n for n, r in plugins.registry["family"].items() if r.versions]
-        problems.add(("model", "version"), f"{name} has no release {version!r} to choose (" + (
-            f"it has {', '.join(repr(v) for v in family.versions)})" if family.versions
-            else "remove the key; only " + (", ".join(several) or "no installed family") + " has several)"))
-    for slot, value in recipe.model.files.items():
-        if value is not None and slot not in family.file_slots:
-            hint = did_you_mean(slot, family.file_slots)
-            problems.add(("model", "files", slot), f"is not a file {name} takes{hint}; its [model.files] slots: "
-                         f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
-                         f"for {name}; give [model.source] (a hub id or a diffusers folder)")
 
 
 def without_where(message: str) -> str:
@@ -344,12 +300,6 @@ def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
     report = LintReport(usable=list(items))
     plugins.hook.lint_dataset(recipe=recipe, items=items, report=report)
     return report
-
-
-def output_path(recipe: Recipe, override: str | None) -> Path:
-    if override:
-        return Path(os.path.expanduser(override)).resolve()
-    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
 
 
 def open_run_folder(loaded: LoadedRecipe, plugins: Plugins, output_dir: str | None = None,

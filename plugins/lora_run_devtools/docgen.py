@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from lora_run.features import features_of
+from lora_run_training.capabilities import features_of
 
 HEADER = """# Recipe reference
 

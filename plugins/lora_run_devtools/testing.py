@@ -7,7 +7,7 @@ Fixtures:
 - ``plugins_with``: ``plugins_with(obj, ...)`` loads the installed plugins plus test plugin objects.
 
 Functions: ``make_images`` (the images behind ``subject_dataset``), ``build_tiny(family, folder)`` (a built-in
-family's tiny random model).
+family's tiny random model), ``parse_recipe_text(text)`` (a recipe from TOML text, without a file).
 """
 from __future__ import annotations
 
@@ -33,6 +33,26 @@ def build_tiny(family: str, folder: str | Path) -> Path:
         from lora_run_flux2.tiny import build_tiny_flux2
         return build_tiny_flux2(folder, family.removeprefix("flux.2-"))
     raise ValueError(f"no tiny builder for family {family!r}")
+
+
+def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = None, plugins: Any = None) -> Any:
+    """Structure a recipe from TOML text with the tables of ``plugins`` (default: the installed plugins'); paths
+    are relative to ``base`` (default: the current folder). Raises ``RecipeError`` naming ``name``."""
+    from lora_run.errors import RecipeError
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import Problems, resolve_paths, structure, tomllib
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{name}: not valid TOML: {exc}") from None
+    recipe_class = (plugins or load_plugins()).recipe_class
+    resolve_paths(raw, base or Path.cwd(), recipe_class)
+    raw.pop("extends", None)
+    problems = Problems(name)
+    recipe = structure(raw, problems, recipe_class)
+    problems.raise_if_any()
+    return recipe
 
 
 def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (320, 288), trigger: str = "ohwx",

@@ -81,7 +81,7 @@ class KohyaBackend:
     def run_path(self) -> Path:
         if self.ctx.run_dir is not None:
             return Path(self.ctx.run_dir.path).resolve()
-        from lora_run.run import output_path
+        from lora_run_rundir import output_path
 
         return output_path(self.recipe, None)
 

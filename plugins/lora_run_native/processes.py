@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_run.errors import TrainingInterrupted
-from lora_run_rundir import RunDir
-from lora_run.run import RunContext, install_sigterm, output_path
+from lora_run_rundir import RunDir, output_path
+from lora_run.run import RunContext, install_sigterm
 
 
 class FollowerRunDir(RunDir):

@@ -18,15 +18,15 @@ from lora_run.hookspecs import hookimpl
 
 from .atomic import atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, is_disk_full
 from .folder import RunDir
+from .output import output_path
 
-__all__ = ["RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "is_disk_full"]
+__all__ = ["RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "is_disk_full",
+           "output_path"]
 
 
 @hookimpl(trylast=True)     # the fallback: a folder another plugin gives is used instead, whatever the load order
 def open_run_folder(loaded: Any, output_dir: str | None, overwrite: bool) -> RunDir:
-    from lora_run.run import output_path
-
-    from .output import raise_output_problems
+    from .output import output_path, raise_output_problems
 
     raise_output_problems(loaded, output_dir, overwrite)
     return RunDir(output_path(loaded.recipe, output_dir))

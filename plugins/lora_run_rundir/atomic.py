@@ -11,8 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from lora_run.errors import DiskFullError
+from lora_run.errors import BackendError
 from lora_run.files import human_size, shown
+
+
+class DiskFullError(BackendError):
+    """The disk (or the quota) filled up; the message names the file and the space it needs."""
 
 
 def _umask() -> int:

@@ -7,10 +7,16 @@ from pathlib import Path
 from lora_run.errors import OutputError
 from lora_run.files import shown
 from lora_run.recipe import LoadedRecipe
-from lora_run.run import output_path
 from lora_run.schema import Recipe
 
 from .folder import RECIPE
+
+
+def output_path(recipe: Recipe, override: str | None) -> Path:
+    """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``."""
+    if override:
+        return Path(os.path.expanduser(override)).resolve()
+    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
 
 
 def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:

@@ -6,7 +6,7 @@ import attrs
 import pytest
 
 from lora_run.errors import RecipeError
-from lora_run.features import capability_problems
+from lora_run_training.capabilities import capability_problems
 from lora_run.hookspecs import hookimpl
 from lora_run.plugins import load_plugins
 from lora_run.recipe import load_recipe

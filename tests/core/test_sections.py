@@ -9,7 +9,7 @@ import attrs
 import pytest
 
 from lora_run.errors import RecipeError
-from lora_run.features import used_features
+from lora_run_training.capabilities import used_features
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import dump_recipe, load_recipe
 from lora_run.run import validate, with_defaults

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import attrs
 
-from lora_run.features import FEATURES
+from lora_run_training.capabilities import FEATURES
 from lora_run_diffusion_pipe import REASONS
 from lora_run_diffusion_pipe.options import DiffusionPipeOptions
 

@@ -131,7 +131,8 @@ def test_every_mapped_setting(dp_recipe, tmp_path):
 
 
 def test_timestep_sampling_variants():
-    from lora_run.recipe import parse_recipe_text, replace
+    from lora_run.recipe import replace
+    from lora_run_devtools.testing import parse_recipe_text
 
     base = parse_recipe_text('[dataset]\npath = "/d"\ntrigger = "ohwx"\n[model]\nsource = "/m"\n[train]\nsteps = 1\n')
     cases = {
@@ -231,7 +232,7 @@ def test_launch_argv_for_resume_and_env():
 
 
 def test_bucket_grid_matches_the_recipe():
-    from lora_run.recipe import parse_recipe_text
+    from lora_run_devtools.testing import parse_recipe_text
 
     recipe = parse_recipe_text('[dataset]\npath = "/d"\ntrigger = "ohwx"\nresolution = 512\nbucket_min = 384\nbucket_max = 640\n'
                                'bucket_step = 64\n[model]\nsource = "/m"\n[train]\nsteps = 1\n')

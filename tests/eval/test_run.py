@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_run.features import FEATURES
+from lora_run_training.capabilities import FEATURES
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import load_recipe
 from lora_run.run import Plan, execute

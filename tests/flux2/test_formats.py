@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from lora_run_devtools.testing import parse_recipe_text
 
 
 def _adapter(model, targets="all-linear", rank=4, alpha=2.0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from lora_run_devtools.testing import parse_recipe_text
 
 
 @pytest.fixture(scope="module")

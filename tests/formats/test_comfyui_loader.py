@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.recipe import parse_recipe_text
+from lora_run_devtools.testing import parse_recipe_text
 
 COMFYUI = Path(os.environ.get("LORA_RUN_COMFYUI", "/work/comfyui"))
 PROBE = Path(__file__).with_name("comfyui_probe.py")

@@ -16,8 +16,8 @@ else:  # pragma: no cover
 from lora_run.errors import RecipeError
 from lora_run.plugins import load_plugins
 from lora_run.recipe import LoadedRecipe, load_recipe
-from lora_run_rundir import RunDir
-from lora_run.run import make_backend, output_path, validate
+from lora_run_rundir import RunDir, output_path
+from lora_run.run import make_backend, validate
 from lora_run_kohya import spec
 
 from .conftest import model_files

@@ -89,7 +89,8 @@ def hunyuan_recipe(tmp_path, tiny_hunyuan, dataset):
 
 def mini(kind: str, model: Path | str = "/nowhere", **sections):
     """A parsed recipe of the family (no files needed), with section overrides."""
-    from lora_run.recipe import parse_recipe_text, replace
+    from lora_run.recipe import replace
+    from lora_run_devtools.testing import parse_recipe_text
 
     recipe = parse_recipe_text(RECIPE.format(family=FAMILIES[kind], model=model, dataset="/nowhere"))
     return replace(recipe, **sections) if sections else recipe

@@ -6,7 +6,7 @@ from typing import Any
 
 import tomli_w
 
-from lora_run.recipe import parse_recipe_text
+from lora_run_devtools.testing import parse_recipe_text
 
 
 def minimal_recipe(family: str, source: str | Path, *, train: dict[str, Any] | None = None,

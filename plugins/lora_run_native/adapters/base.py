@@ -10,7 +10,7 @@ Contract (stable; other adapters code against it):
 * **Class attributes** describe the family without importing torch: ``family``, ``pixel_multiple``
   (bucket sides are multiples of it: 16 for FLUX/Hunyuan-DiT, 32 for HunyuanImage-2.1), ``objective``
   (``"flow"``: ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``; ``"ddpm-v"``: DDPM with v-prediction),
-  ``features`` (recipe features the adapter honours: ``lora_run.features`` names; the ``native`` backend
+  ``features`` (recipe features the adapter honours: ``lora_run_training.capabilities`` names; the ``native`` backend
   registers them as its capabilities for this family), ``reasons`` (why a feature is not honoured),
   ``target_presets`` (LoRA target preset → regular expressions over module names), ``lora_formats``,
   ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``) and

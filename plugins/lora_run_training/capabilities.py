@@ -1,7 +1,7 @@
-"""Recipe features a backend may or may not honour, and the capability check.
+"""Recipe features a backend may or may not honour, and the capability check (``check_recipe``).
 
-The features are declared on the schema's fields (``option(features=...)``, ``option(choice_features=...)``);
-this module lists them with their keys. A backend registers ``capabilities={family: {feature, ...}}``. A
+The features are declared on the fields of core's tables and of the tables plugins register
+(``option(features=...)``, ``option(choice_features=...)``); this module lists them with their keys. A backend registers ``capabilities={family: {feature, ...}}``. A
 recipe that uses a feature the chosen backend does not list for the chosen family is refused, naming the key
 and the backends that can. We never silently ignore a setting (some external trainers do).
 """
@@ -13,7 +13,10 @@ from typing import Any, Iterator
 
 import attrs
 
-from .schema import Feature, Recipe
+from lora_run import schema
+from lora_run.schema import Feature, Recipe
+
+from .sections import SECTIONS
 
 
 def _declared(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[Feature]:
@@ -37,7 +40,8 @@ def features_of(recipe_class: type) -> tuple[Feature, ...]:
     return tuple(_declared(recipe_class))
 
 
-FEATURES: list[Feature] = list(features_of(Recipe))
+#: The features of core's tables and this plugin's (the tables of other plugins: ``features_of(plugins.recipe_class)``).
+FEATURES: list[Feature] = list(features_of(schema.recipe_class((name, cls) for name, cls, *_ in SECTIONS)))
 # losses and σ samplers are plugin names, not a fixed choice: `loss:<name>`, `timestep_sampling:<name>`
 
 
@@ -65,7 +69,7 @@ def honours(capabilities: frozenset[str] | set[str], name: str) -> bool:
 
 
 def doc_of(name: str, recipe_class: type = Recipe) -> str:
-    for feature in features_of(recipe_class):
+    for feature in (*features_of(recipe_class), *FEATURES):
         if feature.name == name:
             return feature.doc
     if name.startswith("loss:"):
