@@ -286,7 +286,7 @@ class KohyaBackend:
                 metrics["step_seconds"] = between
             metrics["total_steps"] = float(p.total)
             ctx.hook.step_finished(run=ctx, step=p.step, metrics=metrics)
-            display.show(p)
+            display.show(p, between)
 
         def on_line(line: str) -> None:
             if re.match(r"^\s*epoch \d+/\d+", line):
@@ -636,9 +636,12 @@ class Display:
         self.last_shown = -1
         self.active = False
 
-    def show(self, p: Progress) -> None:
+    def show(self, p: Progress, step_seconds: float | None = None) -> None:
+        """``step_seconds``: lora-run's own mean time per step, shown instead of the rate of sd-scripts' bar
+        (the bar leaves out steps shorter than its 0.1 s redraw, so its rate stands still on fast steps)."""
         loss = f"  loss {p.loss:.4f}" if p.loss is not None and math.isfinite(p.loss) else ""
-        speed = f"  {p.it_per_s:.2f} it/s" if p.it_per_s else ""
+        rate = 1.0 / step_seconds if step_seconds else p.it_per_s
+        speed = f"  {rate:.2f} it/s" if rate else ""
         text = f"step {p.step}/{p.total}{loss}{speed}  elapsed {p.elapsed}  left {p.remaining}"
         if self.tty:
             sys.stderr.write("\r" + text.ljust(78))
