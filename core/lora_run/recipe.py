@@ -207,7 +207,8 @@ class Problems:
     def add(self, path: KeyPath, message: str) -> None:
         message = files.printable(message)    # a value with a newline never splits a problem over two lines
         where = f"[{format_key(path)}] " if path else "top level: "
-        line = f"{self.file_for(path)}: {where}{message}"
+        unknown = re.match(r"unknown key '([^']+)'", message)      # named by the file (or --set) that wrote the key
+        line = f"{self.file_for((*path, unknown[1]) if unknown else path)}: {where}{message}"
         if line not in self.items:
             self.items.append(line)
 

@@ -112,6 +112,19 @@ def test_extends_merges_and_reports_the_right_file(write_recipe, tmp_path):
     assert base_bad
 
 
+def test_an_unknown_key_names_the_file_or_set_that_wrote_it(write_recipe):
+    """The table [train] comes from base.toml; a misspelt key in it from the child or from --set is named by
+    where it was written, not by the file that opened the table."""
+    write_recipe(GOOD, "base.toml")
+    child = write_recipe('extends = "base.toml"\n[train]\nstpes = 4\n', "child.toml")
+    assert problems_of(child)[0].startswith("child.toml: [train] unknown key 'stpes' (did you mean 'steps'?)")
+    plain = write_recipe('extends = "base.toml"\n', "plain.toml")
+    assert problems_of(plain, ["train.stpes=4"])[0].startswith("plain.toml (--set): [train] unknown key 'stpes'")
+    base = write_recipe(GOOD.replace("steps = 3", "steps = 3\nstpes = 4"), "base.toml")
+    assert problems_of(plain)[0].startswith("base.toml: [train] unknown key 'stpes'")
+    assert base
+
+
 def test_extends_loop_and_missing_file(write_recipe):
     write_recipe('extends = "b.toml"\n', "a.toml")
     b = write_recipe('extends = "a.toml"\n', "b.toml")
