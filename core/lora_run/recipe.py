@@ -198,6 +198,8 @@ class Problems:
     items: list[str] = attrs.field(factory=list)
 
     def file_for(self, path: KeyPath) -> str:
+        if path[:2] == ("backend", "options"):        # [backend.NAME] in the file is backend.options[NAME] inside
+            path = ("backend", *path[2:])
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
                 origin = self.origins[path[:n]]

@@ -120,6 +120,14 @@ def test_an_unknown_key_names_the_file_or_set_that_wrote_it(write_recipe):
     assert problems_of(child)[0].startswith("child.toml: [train] unknown key 'stpes' (did you mean 'steps'?)")
     plain = write_recipe('extends = "base.toml"\n', "plain.toml")
     assert problems_of(plain, ["train.stpes=4"])[0].startswith("plain.toml (--set): [train] unknown key 'stpes'")
+    from lora_run.recipe import Problems
+
+    # a backend's options table: written [backend.NAME], kept as backend.options[NAME]
+    problems = Problems("plain.toml", {("backend",): "base.toml", ("backend", "native", "nope"): "--set"})
+    problems.add(("backend", "options", "native"), "unknown key 'nope'")
+    problems.add(("backend", "options", "native"), "unknown key 'other'")
+    assert problems.items == ["plain.toml (--set): [backend.native] unknown key 'nope'",
+                              "base.toml: [backend.native] unknown key 'other'"]
     base = write_recipe(GOOD.replace("steps = 3", "steps = 3\nstpes = 4"), "base.toml")
     assert problems_of(plain)[0].startswith("base.toml: [train] unknown key 'stpes'")
     assert base
