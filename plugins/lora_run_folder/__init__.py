@@ -59,9 +59,11 @@ def _images(folder: Path) -> list[Path]:
             continue
         if entry.suffix.lower() in IMAGE_EXTENSIONS:
             try:
-                if entry.is_file() or (entry.is_symlink() and not entry.exists()):  # dangling: lint names it
+                # anything but a folder: a dangling link, a pipe or a device named like an image is the lint's to
+                # name, never silently left out
+                if not entry.is_dir():
                     found.append(entry)
-            except OSError:  # a dangling or looping symlink: lint reports it as unreadable
+            except OSError:  # a looping symlink: lint reports it as unreadable
                 found.append(entry)
     return sorted(found, key=lambda p: p.name)
 

@@ -43,16 +43,21 @@ def test_captions_and_images_that_are_not_small_regular_files(tiny_recipe, small
     _sparse(data / "long.txt", LIMITS["caption"] + 1)            # a caption over its limit
     (data / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     (data / "folder.png").mkdir()                                  # not a file: not an image either
+    (data / "device.png").symlink_to("/dev/zero")                  # named like an image: reported, not skipped
+    os.mkfifo(data / "pipe.png")
     code, text = _run(["check", str(tiny_recipe(data=data))], capsys)
     assert code == 2
     expected = {"img000.txt": "is a character device, not a regular file",
                 "img001.txt": "is a FIFO (named pipe), not a regular file",
                 "huge.png": "is 4.0 GiB, over the 256.0 MiB limit for image files",
                 "long.txt": "over the 64.0 KiB limit for caption files",
-                "dangling.png": "not found (a dangling link)"}
+                "dangling.png": "not found (a dangling link)",
+                "device.png": "is a character device, not a regular file",
+                "pipe.png": "is a FIFO (named pipe), not a regular file"}
     for name, message in expected.items():
         line = next((ln for ln in text.splitlines() if name in ln), "")
         assert message in line, (name, text[-3000:])
+    assert "folder.png" not in text                                # a sub-folder is not a dataset entry
     figures("bounded reads", cases=len(expected), faults=len(expected))
 
 
