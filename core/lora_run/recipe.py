@@ -204,6 +204,8 @@ class Problems:
             if path[:n] in self.origins:
                 origin = self.origins[path[:n]]
                 return f"{self.default_file} (--set)" if origin == "--set" else origin
+            if n > 1 and path[:n - 1] in self.origins and not any(isinstance(p, int) for p in path[:n]):
+                break   # a key no file wrote (missing, or a default): it belongs in the recipe that was run
         return self.default_file
 
     def add(self, path: KeyPath, message: str) -> None:

@@ -123,11 +123,16 @@ def test_an_unknown_key_names_the_file_or_set_that_wrote_it(write_recipe):
     from lora_run.recipe import Problems
 
     # a backend's options table: written [backend.NAME], kept as backend.options[NAME]
-    problems = Problems("plain.toml", {("backend",): "base.toml", ("backend", "native", "nope"): "--set"})
+    problems = Problems("plain.toml", {("backend",): "base.toml", ("backend", "native"): "base.toml",
+                                       ("backend", "native", "other"): "base.toml",
+                                       ("backend", "native", "nope"): "--set"})
     problems.add(("backend", "options", "native"), "unknown key 'nope'")
     problems.add(("backend", "options", "native"), "unknown key 'other'")
+    problems.add(("backend", "options", "native", "steps"), "is required")
     assert problems.items == ["plain.toml (--set): [backend.native] unknown key 'nope'",
-                              "base.toml: [backend.native] unknown key 'other'"]
+                              "base.toml: [backend.native] unknown key 'other'",
+                              # a key no file wrote goes in the recipe that was run, not the table's file
+                              "plain.toml: [backend.native.steps] is required"]
     base = write_recipe(GOOD.replace("steps = 3", "steps = 3\nstpes = 4"), "base.toml")
     assert problems_of(plain)[0].startswith("base.toml: [train] unknown key 'stpes'")
     assert base
