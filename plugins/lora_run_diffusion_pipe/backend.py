@@ -145,6 +145,12 @@ class DiffusionPipeBackend:
             launcher = self._resolve(self.options.deepspeed)
             if not (launcher.is_file() and os.access(launcher, os.X_OK)):
                 problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
+        launcher = self.launcher()
+        for module in REQUIRED_MODULES.get(self.family or "", ()):
+            python = engine_python(launcher) if launcher is not None else None
+            if python and lacks_module(python, module, translate.child_env(self.options)):
+                problems.append(((*key, "deepspeed"), f"diffusion-pipe's Python ({python}, from the launcher "
+                                 f"{launcher}) cannot import {module}: {REQUIRED_MODULES[self.family or ''][module]}"))
         return problems
 
     # ------------------------------------------------------------------------------ plan
@@ -473,6 +479,41 @@ class _Watcher:
 #: utils/dataset.py import ComfyUI's `comfy`, utils/patches.py HunyuanVideo's `hyvideo`), and per family
 SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
               "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
+
+#: modules diffusion-pipe imports at start-up for a family, found missing before launch rather than a minute in
+REQUIRED_MODULES = {"hunyuan-image-2.1": {
+    "flash_attn": "its HunyuanImage-2.1 model imports flash-attn at start-up and has no other attention path; "
+                  "install flash-attn in that environment (pip install flash-attn --no-build-isolation)"}}
+
+
+def engine_python(launcher: Path) -> str | None:
+    """The interpreter of a launcher script (DeepSpeed's `deepspeed` is a Python console script), from its
+    ``#!`` line; None for a launcher that is not a Python script (a shell wrapper: then nothing is checked)."""
+    try:
+        with open(launcher, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    words = first[2:].decode("utf-8", "replace").split() if first.startswith(b"#!") else []
+    if words and Path(words[0]).name == "env":
+        words = [w for w in words[1:] if not w.startswith("-")]
+        found = shutil.which(words[0]) if words else None
+        words = [found] if found else []
+    return words[0] if words and Path(words[0]).name.startswith("python") else None
+
+
+def lacks_module(python: str, module: str, env: dict[str, str]) -> bool:
+    """True only when ``python`` runs and says ``module`` is not importable (found by name, nothing imported);
+    an interpreter that does not run, or takes too long, is left to the launch to report."""
+    import subprocess
+
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
+    try:
+        done = subprocess.run([python, "-c", code], env=env, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 3
+
 
 #: failures of diffusion-pipe we can say more about (the first whose text occurs in the output's tail)
 HINTS = (

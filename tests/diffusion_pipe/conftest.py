@@ -124,6 +124,22 @@ def dp_recipe(write_recipe, fake_checkout, fake_launcher, flux_folder):
     return write
 
 
+@pytest.fixture(scope="session")
+def flash_attn_site(tmp_path_factory) -> Path:
+    """A folder with an empty `flash_attn` package: the stand-in engine's environment has flash-attn, as a GPU
+    user's HunyuanImage-2.1 environment must (the backend checks for it before launch)."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "flash_attn").mkdir()
+    (site / "flash_attn" / "__init__.py").write_text("")
+    return site
+
+
+@pytest.fixture(autouse=True)
+def _engine_has_flash_attn(monkeypatch, flash_attn_site):
+    old = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(flash_attn_site) + (os.pathsep + old if old else ""))
+
+
 @pytest.fixture
 def fake_env(monkeypatch):
     """Set FAKE_DP_* variables for the fake train.py (inherited by the subprocesses)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -331,3 +332,45 @@ def test_plan_gives_our_memory_estimate(dp_recipe, run_cli):
     swapped = json.loads(run_cli("plan", dp_recipe(), "--set", "backend.diffusion-pipe.blocks_to_swap=10",
                                  "--json").stdout)["plan"]
     assert swapped["memory_estimate_gib"] < plan["memory_estimate_gib"]
+
+
+def test_hunyuan_image_without_flash_attn_is_refused_before_launch(dp_recipe, tmp_path, monkeypatch, hunyuan_files,
+                                                                    flash_attn_site):
+    """diffusion-pipe's HunyuanImage-2.1 imports flash-attn a minute into its start-up (GPU run of 2026-12-02):
+    `lora-run check` asks the launcher's Python first and names the key, exit 2. Control: with flash_attn
+    importable there (the autouse fixture's folder), the same check has no such problem."""
+    from lora_run.cli import main
+
+    recipe = dp_recipe(hunyuan_recipe(hunyuan_files))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "empty"))
+    with_missing = _check_output(main, recipe)
+    assert with_missing[0] == 2
+    line = next(ln for ln in with_missing[1].splitlines() if "flash_attn" in ln)
+    assert "[backend.diffusion-pipe.deepspeed] diffusion-pipe's Python (" in line
+    assert "cannot import flash_attn: its HunyuanImage-2.1 model imports flash-attn" in line
+    monkeypatch.setenv("PYTHONPATH", str(flash_attn_site))
+    code, text = _check_output(main, recipe)
+    assert code == 0 and "flash_attn" not in text
+
+
+def test_the_engines_python_is_read_from_the_launchers_first_line(tmp_path):
+    from lora_run_diffusion_pipe.backend import engine_python
+
+    cases = {"#!/opt/dp/bin/python3.12\nimport x\n": "/opt/dp/bin/python3.12",
+             f"#!/usr/bin/env -S {Path(sys.executable).name}\n": shutil.which(Path(sys.executable).name),
+             "#!/bin/sh\nexec python -m deepspeed.launcher.runner \"$@\"\n": None,   # a wrapper: not checked
+             "import deepspeed\n": None}
+    for i, (text, expected) in enumerate(cases.items()):
+        (tmp_path / f"l{i}").write_text(text)
+        assert engine_python(tmp_path / f"l{i}") == expected, text
+    assert engine_python(tmp_path / "missing") is None
+
+
+def _check_output(main, recipe):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(["check", str(recipe)])
+    return code, out.getvalue()
