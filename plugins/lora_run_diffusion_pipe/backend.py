@@ -141,16 +141,16 @@ class DiffusionPipeBackend:
             problem = _checkout_problem(path, self.family)
             if problem:
                 problems.append(((*key, "path"), f"{problem} (from {where})"))
-        if self.options.deepspeed:
-            launcher = self._resolve(self.options.deepspeed)
-            if not (launcher.is_file() and os.access(launcher, os.X_OK)):
-                problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
-        launcher = self.launcher()
-        for module in REQUIRED_MODULES.get(self.family or "", ()):
-            python = engine_python(launcher) if launcher is not None else None
-            if python and lacks_module(python, module, translate.child_env(self.options)):
+        launcher = self.launcher()      # the [backend.diffusion-pipe] deepspeed option, or the one found
+        usable = launcher is not None and launcher.is_file() and os.access(launcher, os.X_OK)
+        if self.options.deepspeed and not usable:
+            problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
+        required = REQUIRED_MODULES.get(self.family or "", {})
+        python = engine_python(launcher) if required and launcher is not None else None
+        for module, why in required.items() if python else ():
+            if lacks_module(python, module, translate.child_env(self.options)):
                 problems.append(((*key, "deepspeed"), f"diffusion-pipe's Python ({python}, from the launcher "
-                                 f"{launcher}) cannot import {module}: {REQUIRED_MODULES[self.family or ''][module]}"))
+                                 f"{launcher}) cannot import {module}: {why}"))
         return problems
 
     # ------------------------------------------------------------------------------ plan
