@@ -25,7 +25,9 @@ Rows (ids are stable; `tests/gpu/test_acceptance.py` runs the tiny rows under py
   fast and high-fidelity) as a user runs it, default ``memory_mode = "auto"``, on its family's full-size model at
   its own resolution and buckets, with regularisation images, samples and checkpoints, for 8 steps.
 * ``whole``: the shipped fast recipe (``recipes/flux/identity-fast.toml``) on the full-size transformer,
-  timed and split into load, caching, compilation, steps, samples and evaluation.
+  timed and split into load, caching, compilation, steps, samples and evaluation; 100-step rows with and without
+  CUDA graphs; and the whole run in two parts that each fit one device call (``-noeval``: the 1500 steps,
+  ``-evalonly``: one step, then the default evaluation grid).
 
 Writes ``bench/results/gpu-acceptance-<time>.json`` (raw) and the table in ``docs/gpu-acceptance.md``.
 """
@@ -127,7 +129,16 @@ def whole_rows(steps: int) -> list[dict[str, Any]]:
             # (`auto` leaves graphs off for 100 steps over 3 token counts: recording costs more than they save)
             _row("whole-flux-fast-recipe-short-nographs", "whole", "flux", {"train.steps": 100}, kind="whole",
                  model="flux-full-encoders", recipe=fast, timeout=300, gib=139,
-                 whole_sets={"train.cuda_graphs": "off", "eval.enabled": False})]
+                 whole_sets={"train.cuda_graphs": "off", "eval.enabled": False}),
+            # The whole run in two parts that each fit one device call (a background run did not survive from one
+            # call to the next on 2026-12-03): the 1500 steps with their samples and checkpoints but no
+            # evaluation, and the evaluation's default grid after one step (its `evaluate_s` is the part to add)
+            _row("whole-flux-fast-recipe-noeval", "whole", "flux", {"train.steps": 1500}, kind="whole",
+                 model="flux-full-encoders", recipe=fast, timeout=560, gib=139,
+                 whole_sets={"eval.enabled": False}),
+            _row("whole-flux-fast-recipe-evalonly", "whole", "flux", {"train.steps": 1}, kind="whole",
+                 model="flux-full-encoders", recipe=fast, timeout=560, gib=139,
+                 whole_sets={"train.cuda_graphs": "off"})]
 
 
 #: Every shipped recipe but the fast FLUX.1 one (the ``whole`` row), its full-size model and resolution.
