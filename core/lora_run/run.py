@@ -159,8 +159,8 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
     try:
         value = CONVERTER.structure(raw, reg.options)
     except Exception as exc:  # noqa: BLE001
-        for path, message in collect_errors(exc):
-            own.add((*where, *path), message)
+        for problem in collect_errors(exc, where):
+            own.add(*problem)
         value = None
     if problems is None:
         own.raise_if_any()
