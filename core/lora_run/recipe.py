@@ -143,11 +143,14 @@ CONVERTER = make_converter()
 
 
 # ------------------------------------------------------------------------------------------- problems
+def as_written(path: KeyPath) -> KeyPath:
+    """A key path as the recipe spells it: ``[backend.NAME]`` is ``backend.options[NAME]`` inside."""
+    return ("backend", *path[2:]) if path[:2] == ("backend", "options") else path
+
+
 def format_key(path: KeyPath) -> str:
     """("dataset", "regularization", 0, "path") -> "dataset.regularization[0].path"."""
-    if path[:2] == ("backend", "options"):
-        path = ("backend", *path[2:])
-    text = ""
+    path, text = as_written(path), ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
@@ -208,8 +211,7 @@ class Problems:
     items: list[str] = attrs.field(factory=list)
 
     def file_for(self, path: KeyPath) -> str:
-        if path[:2] == ("backend", "options"):        # [backend.NAME] in the file is backend.options[NAME] inside
-            path = ("backend", *path[2:])
+        path = as_written(path)
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
                 origin = self.origins[path[:n]]
