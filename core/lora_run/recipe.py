@@ -60,29 +60,19 @@ def _is_dict(tp: Any) -> bool:
     return typing.get_origin(tp) in (dict, typing.Dict)
 
 
+def _strict(tp: type, accepted: tuple[type, ...], expected: str) -> Any:
+    """A structure hook that takes values of exactly the ``accepted`` types (``bool`` is no ``int``, ``1.0`` is
+    no ``int``, a number is no string) as ``tp``; anything else is a problem naming what was ``expected``."""
+    def structure_scalar(value: Any, _: Any) -> Any:
+        if type(value) in accepted:
+            return tp(value)
+        raise RecipeValueError(f"expected {expected}, got {describe(value)}")
+    return structure_scalar
+
+
 def make_converter() -> cattrs.Converter:
     """The one converter: forbids unknown keys, reports every problem, never coerces."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-
-    def strict_int(value: Any, _: Any) -> int:
-        if type(value) is int:
-            return value
-        raise RecipeValueError(f"expected int, got {describe(value)}")
-
-    def strict_float(value: Any, _: Any) -> float:
-        if type(value) in (int, float):
-            return float(value)
-        raise RecipeValueError(f"expected float, got {describe(value)}")
-
-    def strict_bool(value: Any, _: Any) -> bool:
-        if type(value) is bool:
-            return value
-        raise RecipeValueError(f"expected true or false, got {describe(value)}")
-
-    def strict_str(value: Any, _: Any) -> str:
-        if type(value) is str:
-            return value
-        raise RecipeValueError(f"expected string, got {describe(value)}")
 
     def literal(value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
@@ -118,10 +108,9 @@ def make_converter() -> cattrs.Converter:
             return list(out.values()) if is_list else out
         return structure_container
 
-    conv.register_structure_hook(int, strict_int)
-    conv.register_structure_hook(float, strict_float)
-    conv.register_structure_hook(bool, strict_bool)
-    conv.register_structure_hook(str, strict_str)
+    for tp, accepted, expected in ((int, (int,), "int"), (float, (int, float), "float"),
+                                   (bool, (bool,), "true or false"), (str, (str,), "string")):
+        conv.register_structure_hook(tp, _strict(tp, accepted, expected))
     conv.register_structure_hook_func(_is_literal, literal)
     conv.register_structure_hook_factory(_is_list, container_factory)
     conv.register_structure_hook_factory(_is_dict, container_factory)

@@ -190,7 +190,7 @@ def test_round_trip_through_tomli_w(write_recipe, tmp_path):
 def test_backend_shorthand_and_table_forms(write_recipe):
     table = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\n[backend.recording]\nfail_at = 2\n'
     r = load_recipe(write_recipe(table)).recipe
-    assert r.backend.name == "recording" and r.backend_options == {"fail_at": 2}
+    assert r.backend.name == "recording" and r.backend.options == {"recording": {"fail_at": 2}}
     bad = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\nfail_at = 2\n'
     assert "[backend.fail_at] unknown key" in problems_of(write_recipe(bad))[0]
 
