@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError, RecipeError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, LoraRunError, RecipeError
+from .files import printable
 
 
 def recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,7 +138,6 @@ def _plugin_command(args: argparse.Namespace) -> int:
 def _tell_launcher(err: LoraRunError) -> None:
     """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
     the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
-    import os
     import time
 
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -190,9 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
         if debug:
             raise
-        from .errors import EXIT_FAILED
-        from .files import printable
-
         kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
         print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
               "traceback)", file=sys.stderr)

@@ -21,8 +21,6 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lora_run"
 KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command", "section")
-PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
-          "embedder": "embedders", "command": "commands", "section": "sections"}
 
 
 @attrs.frozen
@@ -173,7 +171,8 @@ class Plugins:
         return sorted(n for n, r in backends.items() if family in r.capabilities and r.alias_of not in backends)
 
     def describe(self) -> list[dict[str, Any]]:
-        """What `lora-run plugins` prints: one entry per plugin with its hooks and registrations."""
+        """Each loaded plugin, by name: its module, distribution and version (the manifest records them) and the
+        hooks it implements (`lora-run plugins` adds what it registered)."""
         from importlib import metadata
 
         out = []
@@ -189,13 +188,7 @@ class Plugins:
                 except metadata.PackageNotFoundError:
                     version = ""
             hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
-            regs = {kind: sorted(r.name for r in table.values() if r.plugin == name)
-                    for kind, table in self.registry.items()}
-            entry = dict(name=name, module=module, distribution=dist, version=version, hooks=hooks,
-                         **{PLURAL[kind]: names for kind, names in regs.items() if names})
-            if regs["family"]:
-                entry["trained_by"] = {family: self.trainers(family) for family in regs["family"]}
-            out.append(entry)
+            out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks))
         return out
 
 

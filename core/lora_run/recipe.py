@@ -14,7 +14,7 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, NamedTuple
 
 import attrs
 import cattrs
@@ -60,29 +60,19 @@ def _is_dict(tp: Any) -> bool:
     return typing.get_origin(tp) in (dict, typing.Dict)
 
 
+def _strict(tp: type, accepted: tuple[type, ...], expected: str) -> Any:
+    """A structure hook that takes values of exactly the ``accepted`` types (``bool`` is no ``int``, ``1.0`` is
+    no ``int``, a number is no string) as ``tp``; anything else is a problem naming what was ``expected``."""
+    def structure_scalar(value: Any, _: Any) -> Any:
+        if type(value) in accepted:
+            return tp(value)
+        raise RecipeValueError(f"expected {expected}, got {describe(value)}")
+    return structure_scalar
+
+
 def make_converter() -> cattrs.Converter:
     """The one converter: forbids unknown keys, reports every problem, never coerces."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-
-    def strict_int(value: Any, _: Any) -> int:
-        if type(value) is int:
-            return value
-        raise RecipeValueError(f"expected int, got {describe(value)}")
-
-    def strict_float(value: Any, _: Any) -> float:
-        if type(value) in (int, float):
-            return float(value)
-        raise RecipeValueError(f"expected float, got {describe(value)}")
-
-    def strict_bool(value: Any, _: Any) -> bool:
-        if type(value) is bool:
-            return value
-        raise RecipeValueError(f"expected true or false, got {describe(value)}")
-
-    def strict_str(value: Any, _: Any) -> str:
-        if type(value) is str:
-            return value
-        raise RecipeValueError(f"expected string, got {describe(value)}")
 
     def literal(value: Any, tp: Any) -> Any:
         choices = typing.get_args(tp)
@@ -118,10 +108,9 @@ def make_converter() -> cattrs.Converter:
             return list(out.values()) if is_list else out
         return structure_container
 
-    conv.register_structure_hook(int, strict_int)
-    conv.register_structure_hook(float, strict_float)
-    conv.register_structure_hook(bool, strict_bool)
-    conv.register_structure_hook(str, strict_str)
+    for tp, accepted, expected in ((int, (int,), "int"), (float, (int, float), "float"),
+                                   (bool, (bool,), "true or false"), (str, (str,), "string")):
+        conv.register_structure_hook(tp, _strict(tp, accepted, expected))
     conv.register_structure_hook_func(_is_literal, literal)
     conv.register_structure_hook_factory(_is_list, container_factory)
     conv.register_structure_hook_factory(_is_dict, container_factory)
@@ -143,11 +132,14 @@ CONVERTER = make_converter()
 
 
 # ------------------------------------------------------------------------------------------- problems
+def as_written(path: KeyPath) -> KeyPath:
+    """A key path as the recipe spells it: ``[backend.NAME]`` is ``backend.options[NAME]`` inside."""
+    return ("backend", *path[2:]) if path[:2] == ("backend", "options") else path
+
+
 def format_key(path: KeyPath) -> str:
     """("dataset", "regularization", 0, "path") -> "dataset.regularization[0].path"."""
-    if path[:2] == ("backend", "options"):
-        path = ("backend", *path[2:])
-    text = ""
+    path, text = as_written(path), ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
@@ -166,13 +158,23 @@ def did_you_mean(word: str, options: Iterable[str], quote: str = "'") -> str:
     return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
-def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[tuple[KeyPath, str]]:
-    """Flatten a cattrs error tree into (key path, message) pairs."""
-    out: list[tuple[KeyPath, str]] = []
+class Problem(NamedTuple):
+    """One problem: the key it is shown at, the message, and the key whose file (or --set) it is charged to when
+    that is not ``path`` (an unknown key is shown at its table and charged to whoever wrote the key)."""
+
+    path: KeyPath
+    message: str
+    written: KeyPath | None = None
+
+
+def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[Problem]:
+    """Flatten a cattrs error tree into problems (their paths under ``path``)."""
+    out: list[Problem] = []
     if isinstance(exc, ForbiddenExtraKeysError):
         names = field_names(exc.cl)
         for key in sorted(exc.extra_fields):
-            out.append((path, f"unknown key {key!r}{did_you_mean(key, names)}; allowed: {', '.join(names)}"))
+            message = f"unknown key {key!r}{did_you_mean(key, names)}; allowed: {', '.join(names)}"
+            out.append(Problem(path, message, (*path, key)))
     elif isinstance(exc, BaseValidationError):
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
@@ -181,11 +183,11 @@ def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[tuple[KeyPath
         for sub in without:
             out.extend(collect_errors(sub, path))
     elif isinstance(exc, KeyError):
-        out.append((path, "is required"))
+        out.append(Problem(path, "is required"))
     elif isinstance(exc, RecipeValueError):
-        out.append((path, str(exc)))
+        out.append(Problem(path, str(exc)))
     else:
-        out.append((path, f"invalid value ({type(exc).__name__}: {exc})"))
+        out.append(Problem(path, f"invalid value ({type(exc).__name__}: {exc})"))
     return out
 
 
@@ -198,8 +200,7 @@ class Problems:
     items: list[str] = attrs.field(factory=list)
 
     def file_for(self, path: KeyPath) -> str:
-        if path[:2] == ("backend", "options"):        # [backend.NAME] in the file is backend.options[NAME] inside
-            path = ("backend", *path[2:])
+        path = as_written(path)
         for n in range(len(path), 0, -1):
             if path[:n] in self.origins:
                 origin = self.origins[path[:n]]
@@ -208,11 +209,11 @@ class Problems:
                 break   # a key no file wrote (missing, or a default): it belongs in the recipe that was run
         return self.default_file
 
-    def add(self, path: KeyPath, message: str) -> None:
+    def add(self, path: KeyPath, message: str, written: KeyPath | None = None) -> None:
+        """A problem shown at ``path``, named by the file (or --set) that wrote ``written`` (default: ``path``)."""
         message = files.printable(message)    # a value with a newline never splits a problem over two lines
         where = f"[{format_key(path)}] " if path else "top level: "
-        unknown = re.match(r"unknown key '([^']+)'", message)      # named by the file (or --set) that wrote the key
-        line = f"{self.file_for((*path, unknown[1]) if unknown else path)}: {where}{message}"
+        line = f"{self.file_for(path if written is None else written)}: {where}{message}"
         if line not in self.items:
             self.items.append(line)
 
@@ -568,8 +569,8 @@ def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Reci
     try:
         recipe = CONVERTER.structure(raw, recipe_class)
     except Exception as exc:  # noqa: BLE001 - every problem is reported
-        for path, message in collect_errors(exc):
-            problems.add(path, message)
+        for problem in collect_errors(exc):
+            problems.add(*problem)
         return None
     if not problems.items:
         _check_rules(recipe, problems)
@@ -599,9 +600,9 @@ def _loaded(plugins: Any) -> Any:
     return plugins
 
 
-def _name_broken_plugins(problems: Problems, plugins: Any) -> None:
+def _name_broken_plugins(raw: dict[str, Any], recipe_class: type, problems: Problems, plugins: Any) -> None:
     """An unknown top-level table may be the table of a plugin that failed to load: say which failed."""
-    if plugins.broken and any("top level: unknown key" in line for line in problems.items):
+    if plugins.broken and set(raw) - set(field_names(recipe_class)):
         problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
             f"{b.name} ({b.error})" for b in plugins.broken))
 
@@ -618,7 +619,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     raw = apply_sets(raw, sets, origins)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
-    _name_broken_plugins(problems, plugins)
+    _name_broken_plugins(raw, recipe_class, problems, plugins)
     problems.raise_if_any()
     assert recipe is not None
     if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run

@@ -159,8 +159,8 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
     try:
         value = CONVERTER.structure(raw, reg.options)
     except Exception as exc:  # noqa: BLE001
-        for path, message in collect_errors(exc):
-            own.add((*where, *path), message)
+        for problem in collect_errors(exc, where):
+            own.add(*problem)
         value = None
     if problems is None:
         own.raise_if_any()
@@ -211,15 +211,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     if recipe.backend.name is None:
         problems.add(("backend", "name"), unset_message("backend", plugins, plugins.trainers(recipe.model.family or "")))
     else:
-        try:
-            backend = plugins.get("backend", recipe.backend.name, "backend.name")
-        except PluginError as exc:
-            problems.add(("backend", "name"), without_where(str(exc)))
+        backend = _lookup(plugins, "backend", recipe.backend.name, ("backend", "name"), problems)
     if recipe.model.family is not None:
-        try:
-            plugins.get("family", recipe.model.family, "model.family")
-        except PluginError as exc:
-            problems.add(("model", "family"), without_where(str(exc)))
+        _lookup(plugins, "family", recipe.model.family, ("model", "family"), problems)
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -234,10 +228,8 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     for kind, name, where, raw, raw_at in (
             ("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options, ("train", "loss_options")),
             ("dataset", recipe.dataset.type, ("dataset", "type"), recipe.dataset.options, ("dataset", "options"))):
-        try:
-            reg = plugins.get(kind, name, ".".join(where))
-        except PluginError as exc:
-            problems.add(where, without_where(str(exc)))
+        reg = _lookup(plugins, kind, name, where, problems)
+        if reg is None:
             continue
         value = structure_options(reg, raw, raw_at, problems)
         if kind == "dataset" and (value is not None or reg.options is None):
@@ -269,6 +261,15 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     return Prepared(recipe, loaded, backend, options)
 
 
+def _lookup(plugins: Plugins, kind: str, name: str, where: tuple, problems: Problems) -> Registration | None:
+    """The registration ``name`` of ``kind``, or None with the lookup's problem added at ``where``."""
+    try:
+        return plugins.get(kind, name, ".".join(where))
+    except PluginError as exc:
+        problems.add(where, without_where(str(exc)))
+        return None
+
+
 def without_where(message: str) -> str:
     """A lookup error without its ``at [key]`` (the problem names the key itself)."""
     head, sep, tail = message.partition(" at [")
@@ -276,9 +277,9 @@ def without_where(message: str) -> str:
 
 
 def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
-    ctx = context.pop("ctx", None) or RunContext(prepared.recipe, plugins, prepared.backend, prepared.options,
-                                                  prepared.loaded, **context)
-    return prepared.backend.factory(ctx)
+    """The backend of a validated recipe; ``context``: further :class:`RunContext` fields (``run_dir`` …)."""
+    return prepared.backend.factory(RunContext(prepared.recipe, plugins, prepared.backend, prepared.options,
+                                               prepared.loaded, **context))
 
 
 def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
@@ -403,8 +404,6 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
 
 def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Callable[[str], None]) -> Recipe:
     """Under a launcher the number of processes is the launcher's: it becomes `[train.gpus]` of this run."""
-    from .recipe import replace
-
     if recipe.train.gpus not in (1, process.world) and process.main:
         echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
              "process(es)")

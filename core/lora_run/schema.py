@@ -236,11 +236,6 @@ class Recipe:
     output: OutputSection = option(factory=OutputSection, doc="`[output]`")
     backend: BackendSection = option(factory=BackendSection, doc="`[backend]`")
 
-    @property
-    def backend_options(self) -> dict[str, Any]:
-        """The raw `[backend.<name>]` table of the selected backend."""
-        return self.backend.options.get(self.backend.name, {})
-
 
 _RECIPE_CLASSES: dict[tuple[tuple[str, type], ...], type[Recipe]] = {}
 

@@ -98,8 +98,26 @@ def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
     return EXIT_OK
 
 
+#: The name of each registry as `lora-run plugins` lists it.
+PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
+          "embedder": "embedders", "command": "commands", "section": "sections"}
+
+
+def plugin_listing(plugins: Any) -> list[dict[str, Any]]:
+    """Each plugin (``Plugins.describe``) with what it registered, by kind, and the backends that train its families."""
+    listing = []
+    for entry in plugins.describe():
+        registered = {kind: sorted(r.name for r in table.values() if r.plugin == entry["name"])
+                      for kind, table in plugins.registry.items()}
+        entry.update({PLURAL[kind]: names for kind, names in registered.items() if names})
+        if registered["family"]:
+            entry["trained_by"] = {family: plugins.trainers(family) for family in registered["family"]}
+        listing.append(entry)
+    return listing
+
+
 def cmd_plugins(args: argparse.Namespace, plugins: Any) -> int:
-    listing = plugins.describe()
+    listing = plugin_listing(plugins)
     if args.json:
         print(json.dumps({"plugins": listing, "broken": [attrs.asdict(b) for b in plugins.broken],
                           "conflicts": plugins.conflicts}, indent=2))

@@ -46,7 +46,7 @@ def make_embedder(plugins: Any, name: str, raw: dict[str, Any], base: Path | Non
     except Exception as exc:  # noqa: BLE001 - cattrs validation error tree
         from lora_run.recipe import collect_errors, format_key
 
-        lines = [f"[{format_key((*where, *p))}] {msg}" for p, msg in collect_errors(exc)]
+        lines = [f"[{format_key(problem.path)}] {problem.message}" for problem in collect_errors(exc, where)]
         raise RecipeError(lines or [f"[{format_key(where)}] invalid: {exc}"]) from None
     return reg.factory(options)
 

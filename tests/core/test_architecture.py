@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 2,209 when it was set, 2,464 before #18's last moves). Raise it
-#: only for something that is core's by the design: hook specs and registries, plugin discovery, the recipe schema
-#: and loader, the CLI and the run's orchestration. Anything a plugin could do goes to plugins/ (the read-only
-#: commands went to lora_run_commands, the caption rule to lora_run_folder, the run folder to lora_run_rundir,
-#: `[eval]` to lora_run_eval, the training tables, the capability check and the family-fact checks to
-#: lora_run_training). Issue #18 aims at about 1,500.
-CORE_LINE_BUDGET = 2250
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 2,200 when it was set, 2,215 before it and 2,464 before #18's
+#: earlier moves). Raise it only for something that is core's by the design: hook specs and registries, plugin
+#: discovery, the recipe schema and loader, the CLI and the run's orchestration. Anything a plugin could do goes to
+#: plugins/ (the read-only commands went to lora_run_commands, the caption rule to lora_run_folder, the run folder
+#: to lora_run_rundir, `[eval]` to lora_run_eval, the training tables, the capability check and the family-fact
+#: checks to lora_run_training). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size") says what
+#: stands between.
+CORE_LINE_BUDGET = 2210
 
 
 def core_sources() -> dict[Path, str]:
@@ -65,3 +68,22 @@ def test_core_names_no_family_engine_or_evaluator():
     # control: the check sees a name where one is written
     assert _named("kohya", 'backend = "kohya"') and _named("flux.1-dev", "family flux.1-dev.")
     assert not _named("identity", "an identity-LoRA trainer")
+
+
+def test_every_core_module_imports_without_torch():
+    """Core is torch-free at import: each of its modules, imported alone in a fresh interpreter, loads no heavy
+    library (the CLI and the plugins' own import checks are in test_cli.py)."""
+    modules = [f"lora_run.{path.stem}" for path in sorted(CORE.glob("*.py")) if path.stem != "__main__"]
+    assert {"lora_run.recipe", "lora_run.run", "lora_run.cli", "lora_run.plugins"} <= set(modules)
+    heavy = ("torch", "diffusers", "transformers", "peft", "accelerate", "numpy")
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    # control: the same probe sees a heavy import where one happens
+    planted = subprocess.run([sys.executable, "-c", "import sys, numpy; print('numpy' in sys.modules)"],
+                             capture_output=True, text=True, timeout=60)
+    assert planted.stdout.strip() == "True"

@@ -126,8 +126,8 @@ def test_an_unknown_key_names_the_file_or_set_that_wrote_it(write_recipe):
     problems = Problems("plain.toml", {("backend",): "base.toml", ("backend", "native"): "base.toml",
                                        ("backend", "native", "other"): "base.toml",
                                        ("backend", "native", "nope"): "--set"})
-    problems.add(("backend", "options", "native"), "unknown key 'nope'")
-    problems.add(("backend", "options", "native"), "unknown key 'other'")
+    problems.add(("backend", "options", "native"), "unknown key 'nope'", ("backend", "options", "native", "nope"))
+    problems.add(("backend", "options", "native"), "unknown key 'other'", ("backend", "options", "native", "other"))
     problems.add(("backend", "options", "native", "steps"), "is required")
     assert problems.items == ["plain.toml (--set): [backend.native] unknown key 'nope'",
                               "base.toml: [backend.native] unknown key 'other'",
@@ -136,6 +136,38 @@ def test_an_unknown_key_names_the_file_or_set_that_wrote_it(write_recipe):
     base = write_recipe(GOOD.replace("steps = 3", "steps = 3\nstpes = 4"), "base.toml")
     assert problems_of(plain)[0].startswith("base.toml: [train] unknown key 'stpes'")
     assert base
+
+
+def test_a_problem_is_named_by_the_key_path_passed_never_by_its_wording():
+    """Which file a problem names comes from the key path its emitter passes, not from the message: a message
+    that mentions another key (in the words of an unknown-key message) is still charged to the key passed."""
+    from lora_run.recipe import Problems
+
+    origins = {("train",): "base.toml", ("train", "steps"): "base.toml", ("train", "stpes"): "child.toml"}
+    problems = Problems("run.toml", dict(origins))
+    problems.add(("train",), "unknown key 'steps' (planted: the text names a key base.toml wrote)", ("train", "stpes"))
+    problems.add(("train",), "unknown key 'stpes' (planted: the text names a key child.toml wrote)")
+    problems.add(("train",), "no key named in this text", ("train", "stpes"))
+    assert problems.items == [
+        "child.toml: [train] unknown key 'steps' (planted: the text names a key base.toml wrote)",
+        # no key path passed: the table's own key decides, whatever the text says
+        "base.toml: [train] unknown key 'stpes' (planted: the text names a key child.toml wrote)",
+        "child.toml: [train] no key named in this text"]
+
+
+def test_unknown_keys_carry_their_key_path_from_the_converter():
+    """The converter's unknown-key problems carry the key's own path, shown at the table that holds it."""
+    from lora_run.recipe import CONVERTER, Problem, collect_errors
+    from lora_run.schema import TrainSection
+
+    try:
+        CONVERTER.structure({"stpes": 4, "seed": "x"}, TrainSection)
+    except Exception as exc:  # noqa: BLE001 - the cattrs error tree
+        found = collect_errors(exc, ("train",))
+    unknown = [problem for problem in found if problem.written is not None]
+    assert unknown == [Problem(("train",), unknown[0].message, ("train", "stpes"))]
+    assert unknown[0].message.startswith("unknown key 'stpes' (did you mean 'steps'?)")
+    assert Problem(("train", "seed"), "expected int, got str 'x'") in found
 
 
 def test_extends_loop_and_missing_file(write_recipe):
@@ -158,7 +190,7 @@ def test_round_trip_through_tomli_w(write_recipe, tmp_path):
 def test_backend_shorthand_and_table_forms(write_recipe):
     table = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\n[backend.recording]\nfail_at = 2\n'
     r = load_recipe(write_recipe(table)).recipe
-    assert r.backend.name == "recording" and r.backend_options == {"fail_at": 2}
+    assert r.backend.name == "recording" and r.backend.options == {"recording": {"fail_at": 2}}
     bad = GOOD.replace('backend = "recording"', "") + '[backend]\nname = "recording"\nfail_at = 2\n'
     assert "[backend.fail_at] unknown key" in problems_of(write_recipe(bad))[0]
 
