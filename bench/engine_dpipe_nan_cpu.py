@@ -35,8 +35,11 @@ source at 8f83dbf (its Python files are enough; no submodules):
     git archive 8f83dbf25d03219df705570ec03e62be04bc402f | tar x -C /tmp/dp   # (or a checkout)
     DS_ACCELERATOR=cpu PYTHONPATH=/tmp/dpsite python bench/engine_dpipe_nan_cpu.py /tmp/dp --work /tmp/nanprobe \
         [--steps 24] [--base fp8|bf16] [--adapter-dtype float32|bfloat16] [--precision autocast|fp32] \
-        [--lr 1e-4] [--warmup 2] [--clip 1.0] [--seed 0] [--start 0|1] [--json out.json]
-The options change one thing each against the GPU run's config (defaults: as recorded, fp8 base). It prints
+        [--lr 1e-4] [--warmup 2] [--clip 1.0] [--seed 0] [--start 0|1] [--sdpa math|flash|efficient|cudnn] \
+        [--device cpu|cuda] [--json out.json]
+The options change one thing each against the GPU run's config (defaults: as recorded, fp8 base). On a GPU
+(`--device cuda`, not yet run) the same training with `--sdpa cudnn` against `--sdpa flash` would test the
+suspected kernel directly. It prints
 DeepSpeed's own step lines, one JSON line per step and a verdict line; the exit code is 0 when every loss,
 gradient and LoRA weight stayed finite, 1 when one did not. The runs of 2026-12-03 are in
 bench/results/engine-dpipe-nan-cpu-20261203.json and docs/backend-diffusion-pipe.md ("The step-2 NaN on the CPU").
@@ -99,6 +102,19 @@ def install_stand_ins() -> None:
         except ImportError:
             stand_in(optional); stand_in(f"{optional}.transforms", Compose=lambda *a, **k: None, ToTensor=dummy)
             stand_in(f"{optional}.transforms.functional")
+
+
+SDPA = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+
+
+def attention_backend(name: str | None):
+    """A context in which scaled_dot_product_attention may use only backend `name` (forward and backward)."""
+    import contextlib
+
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, SDPA[name])])
 
 
 def redirect_cuda_autocast(precision: str) -> None:
@@ -206,10 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", type=int, default=0,
                    help="index of the first cached image (1: the 576×448 bucket first)")
+    p.add_argument("--sdpa", choices=sorted(SDPA), default=None,
+                   help="allow only this scaled_dot_product_attention backend in every step (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the same probe on one GPU (models/flux.py's CUDA autocast as written, NCCL); untested")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.device == "cuda" and a.precision != "autocast":
+        p.error("--precision fp32 is for the CPU (on a GPU, models/flux.py's autocast runs as written)")
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if a.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29531"), ("RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_RANK", "0"), ("LOCAL_SIZE", "1")):
         os.environ.setdefault(key, value)
@@ -231,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(source)
     sys.path.insert(0, str(source))
     install_stand_ins()
-    redirect_cuda_autocast(a.precision)
+    if a.device == "cpu":
+        redirect_cuda_autocast(a.precision)
     pieces = main_block_pieces(source / "train.py")
 
     from utils import common
@@ -254,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.utils.set_log_level_from_string("info")  # as train.py does: its optimizer and step=N lines
     from utils.patches import apply_patches
     apply_patches()
-    deepspeed.init_distributed(dist_backend="gloo")
+    if a.device == "cuda":
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="gloo" if a.device == "cpu" else "nccl")
     torch.manual_seed(a.seed)
 
     from models import flux as dp_flux
@@ -351,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         micro = (tuple(features), (target, torch.tensor([]) if mask is None else mask))
         record.clear()
         model_engine.reset_activation_shape()
-        loss = model_engine.train_batch(iter([micro])).item()
+        with attention_backend(a.sdpa):
+            loss = model_engine.train_batch(iter([micro])).item()
         row = {"step": step, "latent_hw": list(item["latents"].shape[-2:]), "loss": loss, **record,
                "lr_after": optimizer.param_groups[0]["lr"]}
         rows.append(row)
@@ -360,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             break
     verdict = {"finite": ok, "steps": len(rows), "base": a.base, "precision": a.precision,
-               "adapter_dtype": str(config["adapter"]["dtype"]), "lr": config["optimizer"]["lr"],
+               "device": a.device, "sdpa": a.sdpa or "default", "adapter_dtype": str(config["adapter"]["dtype"]),
+               "lr": config["optimizer"]["lr"],
                "warmup_steps": config["warmup_steps"], "gradient_clipping": ds_config["gradient_clipping"],
                "base_weight_dtypes": sorted({str(q.dtype) for q in pipeline_model.parameters()
                                              if not q.requires_grad}),
