@@ -269,10 +269,10 @@ def child_env(options: DiffusionPipeOptions, base: dict[str, str] | None = None)
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"
     # torch (2.9 and newer, cuDNN 9.15+) puts cuDNN's attention first on Hopper/Blackwell data-centre GPUs.
-    # Inside diffusers' FLUX blocks, which diffusion-pipe trains, its backward crashes or goes non-finite on
-    # an H200 (torch 2.11: our native backend turns it off for the same reason). These variables move it
-    # behind FlashAttention in the engine's processes (the newer and the older name); a value the user
-    # exported wins.
+    # Inside diffusers' FLUX blocks its backward crashed our native backend on an H200 (torch 2.11), and it is
+    # the suspected cause of diffusion-pipe's step-2 NaN there: the same training on the CPU stays finite
+    # (bench/engine_dpipe_nan_cpu.py), so the NaN comes from a device kernel. These variables move it behind
+    # FlashAttention in the engine's processes (the newer and the older name); a value the user exported wins.
     env.setdefault("TORCH_CUDNN_SDPA_DEPRIORITIZED", "1")
     env.setdefault("TORCH_CUDNN_SDPA_PREFERRED", "0")
     if options.nccl_p2p_disable:
