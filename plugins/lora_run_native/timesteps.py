@@ -17,8 +17,9 @@ Rectified flow: ``x_t = (1-σ)·x0 + σ·ε`` with σ ∈ (0, 1), the model pred
   linearly with the image token count from 0.5 at 256 tokens to 1.15 at 4096 tokens and
   σ' = e^μ / (e^μ + 1/σ - 1).
 
-Loss weighting (`train.timestep_weighting`, SD3's schemes): ``none``; ``sigma_sqrt``: w = σ⁻² (clamped);
-``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
+Loss weighting (`train.timestep_weighting`, SD3's schemes as diffusers' ``compute_loss_weighting_for_sd3`` and
+sd-scripts define them): ``none``; ``sigma_sqrt``: w = σ⁻² (not clamped: the references do not clamp it; σ ≥ 1e-4
+bounds it); ``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
 
 Noise offset for flow matching (`train.noise_offset` = o > 0): ε ← ε + o·δ with δ ~ N(0, 1) drawn once
 per sample and channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. The
@@ -67,7 +68,7 @@ def loss_weighting(scheme: str, sigma: Any) -> Any:
     import torch
 
     if scheme == "sigma_sqrt":
-        return (sigma.float() ** -2.0).clamp(max=1e4)
+        return sigma.float() ** -2.0
     if scheme == "cosmap":
         bot = 1 - 2 * sigma.float() + 2 * sigma.float() ** 2
         return 2 / (math.pi * bot)
