@@ -163,9 +163,10 @@ class TrainSection:
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
         "`shift` (sigmoid then a fixed shift), or a sampler a family registers (see Model families below).")
     sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
-    logit_mean: float = option(0.0, "Mean m for `logit-normal`: σ = 1 − sigmoid(N(m, std)), the common convention "
-                               "(a positive mean trains more on less noisy steps; values copy between trainers "
-                               "unchanged).")
+    logit_mean: float = option(0.0, "Mean m for `logit-normal`: u = sigmoid(N(m, std)) picks σ from the unshifted "
+                               "1000-step table, σ = (1000 − ⌊1000·u⌋)/1000 ≈ 1 − u, as diffusers' examples and "
+                               "sd-scripts draw it (a positive mean trains more on less noisy steps; values copy "
+                               "between trainers unchanged).")
     logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
     shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
     timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(

@@ -7,18 +7,19 @@ Rectified flow: ``x_t = (1-σ)·x0 + σ·ε`` with σ ∈ (0, 1), the model pred
 - ``uniform``: σ ~ U(0, 1).
 - ``sigmoid``: σ = sigmoid(s·n), n ~ N(0, 1), s = `sigmoid_scale` (sd-scripts' `sigmoid`; with s = 1 this is
   the logit-normal(0, 1) of SD3).
-- ``logit-normal``: u = sigmoid(n), n ~ N(`logit_mean`, `logit_std`), and σ = 1 − u (= sigmoid(−n)). This is
-  the convention of diffusers' training examples (``compute_density_for_timestep_sampling("logit_normal")``,
-  whose u indexes the scheduler's *descending* timestep table) and of sd-scripts' ``sigma`` sampling, so a
-  `logit_mean` copied from either trainer means the same thing here: a positive mean puts more weight on
-  *less* noisy steps (mean 0.5 → median σ = sigmoid(−0.5) ≈ 0.38).
+- ``logit-normal``: exactly diffusers' training examples (``compute_density_for_timestep_sampling("logit_normal")``)
+  and sd-scripts' ``sigma`` sampling: u = sigmoid(n), n ~ N(`logit_mean`, `logit_std`) (``torch.normal``), indexes
+  the unshifted 1000-step *descending* table of ``FlowMatchEulerDiscreteScheduler``: σ = (1000 − ⌊1000·u⌋) / 1000,
+  so σ ∈ {0.001, …, 1} and σ ≈ 1 − u. A `logit_mean` copied from either trainer means the same thing here: a
+  positive mean puts more weight on *less* noisy steps (mean 0.5 → median σ ≈ sigmoid(−0.5) ≈ 0.38).
 - ``shift``: the sigmoid draw, then σ' = k·σ / (1 + (k-1)·σ) with k = `shift` (more weight on noisy steps).
 - ``flux-shift``: the sigmoid draw, then the resolution-dependent shift FLUX uses at inference: μ grows
   linearly with the image token count from 0.5 at 256 tokens to 1.15 at 4096 tokens and
   σ' = e^μ / (e^μ + 1/σ - 1).
 
-Loss weighting (`train.timestep_weighting`, SD3's schemes): ``none``; ``sigma_sqrt``: w = σ⁻² (clamped);
-``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
+Loss weighting (`train.timestep_weighting`, SD3's schemes as diffusers' ``compute_loss_weighting_for_sd3`` and
+sd-scripts define them): ``none``; ``sigma_sqrt``: w = σ⁻² (not clamped: the references do not clamp it; σ ≥ 1e-4
+bounds it); ``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
 
 Noise offset for flow matching (`train.noise_offset` = o > 0): ε ← ε + o·δ with δ ~ N(0, 1) drawn once
 per sample and channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. The
@@ -31,6 +32,9 @@ import math
 from typing import Any
 
 SIGMA_EPS = 1e-4
+#: Steps of the flow-matching scheduler's training table (``FlowMatchEulerDiscreteScheduler``'s default, which
+#: every family's scheduler config keeps) that `logit-normal` indexes.
+TABLE_STEPS = 1000
 
 
 def flux_mu(image_seq_len: int, base_len: int = 256, max_len: int = 4096, base_shift: float = 0.5,
@@ -49,7 +53,10 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
     if method == "uniform":
         sigma = torch.rand(batch, generator=generator)
     elif method == "logit-normal":
-        sigma = 1.0 - torch.sigmoid(torch.randn(batch, generator=generator) * logit_std + logit_mean)
+        u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
+        index = (u * TABLE_STEPS).long().clamp(max=TABLE_STEPS - 1)   # u = 1.0 (n > 17) would run off the table
+        sigma = (TABLE_STEPS - index).float() / TABLE_STEPS            # the table's σ, bit for bit; 1.0 included
+        return sigma.to(device=device, dtype=torch.float32)
     elif method in ("sigmoid", "shift", "flux-shift"):
         sigma = torch.sigmoid(torch.randn(batch, generator=generator) * sigmoid_scale)
         if method == "shift":
@@ -67,7 +74,7 @@ def loss_weighting(scheme: str, sigma: Any) -> Any:
     import torch
 
     if scheme == "sigma_sqrt":
-        return (sigma.float() ** -2.0).clamp(max=1e4)
+        return sigma.float() ** -2.0
     if scheme == "cosmap":
         bot = 1 - 2 * sigma.float() + 2 * sigma.float() ** 2
         return 2 / (math.pi * bot)

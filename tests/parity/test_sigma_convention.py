@@ -1,5 +1,6 @@
 """`logit-normal` σ sampling uses the references' convention (diffusers' training examples, sd-scripts'
-`sigma` sampling): u = sigmoid(N(m, s)) indexes a *descending* timestep table, so σ ≈ 1 − u. A `logit_mean`
+`sigma` sampling): u = sigmoid(N(m, s)) indexes a *descending* timestep table, so σ ≈ 1 − u (lora-run takes the
+table's value itself). A `logit_mean`
 copied from either trainer must mean the same here, on every backend and for every family."""
 from __future__ import annotations
 
@@ -59,16 +60,22 @@ def test_planted_mistake_the_old_convention_is_caught():
 
 
 def test_median_and_the_exact_draw():
-    """Median for mean 0.5 is sigmoid(−0.5) ≈ 0.378 (not 0.622); each σ is 1 − sigmoid of the same draw."""
+    """Median for mean 0.5 is sigmoid(−0.5) ≈ 0.378 (not 0.622); each σ is, bit for bit, the diffusers example's
+    table value for the same generator (u from its helper, index ⌊1000·u⌋ into the unshifted table)."""
     import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     from lora_run_native.timesteps import sample_sigmas
 
     sigma = sample_sigmas("logit-normal", N, torch.Generator().manual_seed(0), logit_mean=0.5, logit_std=1.0)
     assert float(sigma.median()) == pytest.approx(1 / (1 + math.exp(0.5)), abs=0.01)
-    n = torch.randn(8, generator=torch.Generator().manual_seed(3)) * 1.3 + 0.5
-    drawn = sample_sigmas("logit-normal", 8, torch.Generator().manual_seed(3), logit_mean=0.5, logit_std=1.3)
-    assert torch.allclose(drawn, (1 - torch.sigmoid(n)).clamp(1e-4, 1 - 1e-4), atol=1e-7)
+    table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas
+    u = compute_density_for_timestep_sampling("logit_normal", 64, logit_mean=0.5, logit_std=1.3,
+                                              generator=torch.Generator().manual_seed(3))
+    drawn = sample_sigmas("logit-normal", 64, torch.Generator().manual_seed(3), logit_mean=0.5, logit_std=1.3)
+    assert torch.equal(drawn, table[(u * 1000).long()])
+    assert not torch.equal(drawn, 1 - u), "planted: the continuous 1 − u is up to one table step off"
 
 
 def test_hunyuan_dit_timesteps_follow_the_same_convention(tmp_path):

@@ -1,0 +1,685 @@
+"""One real training step of every family, run through the orchestrator (`execute`) on the family's tiny model,
+against a reference computed here independently with diffusers' own classes and the references' documented
+formulas (diffusers' training examples and schedulers, sd-scripts' samplers).
+
+The other parity tests check the adapters' methods one by one. This one checks what a training step actually
+feeds and computes — the loop's glue included (the trained latents from the cache, the text encodings, the
+noise and σ drawn in the step, the batch reduction) — by observing, without replacing anything:
+
+- the latents the step trains on (``x0``) = the reference VAE encoding of the dataset images, normalised as the
+  family's VAE config says (FLUX.1: (z − shift_factor)·scaling_factor; Hunyuan: z·scaling_factor; FLUX.2: 2×2
+  patchified, then the VAE batch-norm statistics);
+- σ / t drawn in the step = the documented sampler on the step's seeded generator (after the noise), the
+  noise = N(0, 1) of the latent's shape (+ the per-channel offset);
+- the noisy input and the target the loss uses = the reference objective (flow matching from the formula;
+  Hunyuan-DiT from ``DDPMScheduler.add_noise`` / ``get_velocity`` on the model's own scheduler config);
+- what the transformer is fed (packed tokens, position ids, timestep scale, guidance, text encodings and masks
+  from the pipeline's own ``encode_prompt``);
+- the logged loss = the reference model's prediction against the reference target, per-sample mean over all
+  non-batch dimensions, times the reference loss weighting, averaged over the batch.
+
+Each check also runs planted mistakes (flipped target, σ and 1 − σ swapped, a wrong shift, the timestep
+×1000 off, a missing latent shift …) and must reject them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lora_run.hookspecs import hookimpl
+
+SEED = 11
+CAPTIONS = ("ohwx, red", "ohwx, blue sky")       # differ within the 16 text tokens of the tiny tokenizers
+
+RECIPE = """
+[model]
+family = "{family}"
+source = "{model}"
+offline = true
+
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+resolution = 64
+bucket_min = 64
+bucket_max = 64
+bucket_step = 64
+min_images = 1
+{dataset_extra}
+
+[lora]
+rank = 4
+alpha = 4.0
+targets = "attention"
+
+[optimizer]
+name = "adamw"
+lr = 1e-4
+
+[scheduler]
+name = "constant"
+
+[train]
+steps = 1
+batch_size = 2
+mixed_precision = "no"
+gradient_checkpointing = false
+seed = {seed}
+{train}
+
+[eval]
+enabled = false
+
+[output]
+name = "step"
+save_precision = "fp32"
+
+[backend]
+name = "native"
+
+[backend.native]
+progress_bar = false
+tensorboard = false
+{native}
+"""
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    from lora_run_flux.tiny import build_tiny_flux
+    from lora_run_flux2.tiny import build_tiny_flux2
+    from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
+    from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
+
+    root = tmp_path_factory.mktemp("step-models")
+    return {"flux.1-dev": build_tiny_flux(root / "flux"), "hunyuan-image-2.1": build_tiny_hunyuan_image(root / "hi"),
+            "hunyuan-dit-1.2": build_tiny_hunyuan_dit(root / "dit"),
+            "flux.2-klein": build_tiny_flux2(root / "klein", "klein"), "flux.2-dev": build_tiny_flux2(root / "dev", "dev")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Two 64×64 images (exactly the one bucket: no resize, no crop) with apostrophe- and quote-free captions."""
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path_factory.mktemp("step-data") / "subject"
+    make_images(folder, count=2, size=(64, 64))
+    for i, caption in enumerate(CAPTIONS):
+        (folder / f"img{i:03d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _flux2_and_offline(monkeypatch, tmp_path_factory):
+    """Offline hub; the FLUX.2 family findable in this process (as tests/flux2/conftest.py provides it)."""
+    import sys
+
+    from tests.flux2.conftest import _installed
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not _installed():
+        site = tmp_path_factory.getbasetemp() / "step-flux2-site"
+        info = site / "lora_run_flux2_entry-0.1.0.dist-info"
+        if not info.is_dir():
+            info.mkdir(parents=True)
+            (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora-run-flux2-entry\nVersion: 0.1.0\n")
+            (info / "entry_points.txt").write_text("[lora_run]\nflux.2 = lora_run_flux2\n")
+        monkeypatch.syspath_prepend(str(site))
+    from lora_run_native import adapters
+
+    adapters._registered.cache_clear()
+    yield
+    adapters._registered.cache_clear()
+
+
+class Seen:
+    """What one training step computed, observed through wrappers that call the real methods unchanged."""
+
+    def __init__(self):
+        self.objective: dict[str, Any] = {}
+        self.fed: dict[str, Any] = {}
+        self.losses: list[float] = []
+
+    @hookimpl
+    def step_finished(self, step, metrics):
+        self.losses.append(metrics["loss"])
+
+
+def train_one_step(family: str, model: Path, dataset: Path, tmp_path: Path, monkeypatch, train: str = "",
+                   native: str = "", dataset_extra: str = "") -> Seen:
+    import inspect
+
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_native.adapters import adapter_class
+
+    seen = Seen()
+    cls = adapter_class(family)
+    noisy_and_target, load_transformer = cls.noisy_and_target, cls.load_transformer
+
+    def observed_objective(self, x0, noise, t):
+        noisy, target = noisy_and_target(self, x0, noise, t)
+        seen.objective = {"x0": x0.detach().clone(), "noise": noise.detach().clone(), "t": t.detach().clone(),
+                          "noisy": noisy.detach().clone(), "target": target.detach().clone()}
+        return noisy, target
+
+    def observed_transformer(self):
+        transformer = load_transformer(self)
+
+        def hook(module, args, kwargs):
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            seen.fed = {k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in bound.items()}
+        transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        return transformer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.format(family=family, model=model, dataset=dataset, seed=SEED, train=train, native=native,
+                                  dataset_extra=dataset_extra),
+                    encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:          # observers of this run only (undone after it)
+        patch.setattr(cls, "noisy_and_target", observed_objective)
+        patch.setattr(cls, "load_transformer", observed_transformer)
+        execute(load_recipe(path, []), load_plugins(extra=[seen]), output_dir=str(tmp_path / "run"), resume=False,
+                overwrite=False, echo=lambda *_: None)
+    assert len(seen.losses) == 1 and seen.objective and seen.fed
+    return seen
+
+
+# ------------------------------------------------------------------------------------------- reference
+def pixels(dataset: Path):
+    """The dataset images as the references feed them: (3, H, W) in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    for i in range(len(CAPTIONS)):
+        arr = np.asarray(Image.open(dataset / f"img{i:03d}.png").convert("RGB"), dtype=np.float32) / 255.0
+        out.append((torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5)
+    return torch.stack(out)
+
+
+def close(a, b, atol=1e-5) -> bool:
+    import torch
+
+    return a is not None and b is not None and a.shape == b.shape and bool(torch.allclose(a.float(), b.float(),
+                                                                                           atol=atol, rtol=1e-5))
+
+
+def agrees(name: str, ours, reference, planted: dict[str, Any], atol=1e-5) -> None:
+    """``ours`` equals the reference and differs from every planted mistake."""
+    assert close(ours, reference, atol), f"{name}: differs from the reference"
+    for what, wrong in planted.items():
+        assert not close(ours, wrong, atol), f"{name}: the planted mistake '{what}' was not caught"
+
+
+def batch_order(x0, per_image) -> list[int]:
+    """Which dataset image each row of the trained batch is (the rows must be the reference latents)."""
+    order = []
+    for row in x0:
+        hits = [i for i, ref in enumerate(per_image) if close(row, ref)]
+        assert len(hits) == 1, "a trained latent is not the reference encoding of any dataset image"
+        order.append(hits[0])
+    assert sorted(order) == list(range(len(per_image)))
+    return order
+
+
+def step_generator():
+    import torch
+
+    from lora_run_native.train import step_seed
+
+    return torch.Generator("cpu").manual_seed(step_seed(SEED, "noise", 0, 0))
+
+
+def reference_noise(shape, generator, offset: float = 0.0):
+    """ε ~ N(0, 1); with a noise offset o, + o·N(0, 1) per sample and channel (diffusers' examples' form)."""
+    import torch
+
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
+def flow_sigmas(method: str, batch: int, generator, scheduler, seq_len: int, *, scale=1.0, shift=3.0, mean=0.0,
+                std=1.0):
+    """σ from the references: sd-scripts' `uniform` / `sigmoid` / `shift` / `flux_shift` (μ from the model's
+    scheduler config: base/max shift at base/max sequence length, the scheduler's own exponential time shift),
+    and for `logit-normal` diffusers' example (u = sigmoid(N(m, s)) indexing the unshifted descending table;
+    the continuous 1 − u is returned second, as a planted mistake)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    continuous = None
+    if method == "uniform":
+        sigma = torch.rand(batch, generator=generator)
+    elif method == "logit-normal":
+        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=mean, logit_std=std,
+                                                  generator=generator)
+        # lora-run's `logit-normal` has no shift (a shift is `shift` / `flux-shift`): the table is the unshifted one,
+        # which is the model's own where its scheduler shifts dynamically (FLUX.1-dev, FLUX.2: diffusers' examples)
+        unshifted = FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
+                                                    shift=1.0).sigmas
+        if scheduler.config.use_dynamic_shifting:
+            assert torch.equal(scheduler.sigmas, unshifted)
+        continuous = 1.0 - u
+        return unshifted[(u * scheduler.config.num_train_timesteps).long()], continuous
+    else:
+        sigma = torch.sigmoid(scale * torch.randn(batch, generator=generator))
+        if method == "shift":
+            sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        elif method == "flux-shift":
+            c = scheduler.config
+            mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            sigma = scheduler.time_shift(mu, 1.0, sigma)
+    return sigma.clamp(1e-4, 1 - 1e-4), continuous
+
+
+def sd3_weighting(scheme: str, sigma):
+    import torch
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    if scheme == "none":
+        return torch.ones_like(sigma)
+    return compute_loss_weighting_for_sd3(scheme, sigmas=sigma)
+
+
+def reference_loss(pred, target, weights):
+    """diffusers' examples: mean over the non-batch dimensions per sample, weighted, then the batch mean."""
+    return float(((weights.view(-1) * ((pred.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(1))
+                  .mean()))
+
+
+def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int, *, offset=0.0, weighting="none",
+                    **draw):
+    """x0, noise, σ, noisy input and target of a flow-matching step against the reference; returns (order, σ,
+    target, weights)."""
+    import torch
+
+    ob = seen.objective
+    order = batch_order(ob["x0"], per_image)
+    x0 = torch.stack([per_image[i] for i in order])
+    g = step_generator()
+    noise = reference_noise(tuple(x0.shape), g, offset)
+    agrees("noise", ob["noise"], noise, {"no offset": reference_noise(tuple(x0.shape), step_generator())}
+           if offset else {})
+    sigma, continuous = flow_sigmas(method, len(order), g, scheduler, seq_len, **draw)
+    planted = {"1 - σ": 1 - sigma}
+    if continuous is not None:
+        planted["the continuous 1 − u (off the table)"] = continuous
+    if method in ("shift", "flux-shift"):
+        planted["unshifted"] = flow_sigmas("sigmoid", len(order), _after_noise(x0.shape, offset), scheduler, seq_len,
+                                           scale=draw.get("scale", 1.0))[0]
+    if method == "flux-shift":          # the token count of the unpacked latent instead of the packed one
+        planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset), scheduler,
+                                                    seq_len * 4, scale=draw.get("scale", 1.0))[0]
+    agrees("σ", ob["t"], sigma, planted, atol=1e-7)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    agrees("noisy input", ob["noisy"], (1 - s) * x0 + s * noise, {"σ and 1 − σ swapped": s * x0 + (1 - s) * noise})
+    target = noise - x0
+    agrees("target", ob["target"], target, {"flipped target": x0 - noise, "ε-prediction": noise})
+    weights = sd3_weighting(weighting, sigma)
+    return order, sigma, target, weights
+
+
+def _after_noise(shape, offset):
+    g = step_generator()
+    reference_noise(tuple(shape), g, offset)
+    return g
+
+
+def check_loss(seen: Seen, pred, target, weights):
+    import torch
+
+    loss = reference_loss(pred, target, weights)
+    assert seen.losses[0] == pytest.approx(loss, rel=1e-4, abs=1e-7)
+    assert seen.losses[0] != pytest.approx(reference_loss(pred, -target, weights), rel=1e-3)
+    assert seen.losses[0] != pytest.approx(float(((pred - target) ** 2).sum() / pred.shape[0]), rel=1e-3), \
+        "summed over the latent instead of averaged"
+    if not torch.allclose(weights, torch.ones_like(weights)):
+        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, torch.ones_like(weights)), rel=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- FLUX.1-dev
+FLUX_CASES = [
+    ("uniform", "", {}),
+    ("sigmoid", "sigmoid_scale = 1.3", {"scale": 1.3}),
+    ("logit-normal", "logit_mean = 0.5\nlogit_std = 1.2", {"mean": 0.5, "std": 1.2}),
+    ("shift", "shift = 3.1582", {"shift": 3.1582}),
+    ("flux-shift", "noise_offset = 0.1\ntimestep_weighting = \"cosmap\"", {}),
+    ("sigmoid", "timestep_weighting = \"sigma_sqrt\"\nguidance = 3.5", {}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra, draw", FLUX_CASES)
+def test_flux1_training_step(method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    folder = models["flux.1-dev"]
+    seen = train_one_step("flux.1-dev", folder, dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}', native="text_max_length = 16")
+    train = _toml(extra)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    with torch.no_grad():
+        z = vae.encode(pixels(dataset)).latent_dist.mode()
+    per_image = list((z - vae.config.shift_factor) * vae.config.scaling_factor)
+    assert not close(seen.objective["x0"][0], (z[0] * vae.config.scaling_factor)), "planted: the shift left out"
+    assert not close(seen.objective["x0"][0], (z[0] - vae.config.scaling_factor) * vae.config.shift_factor)
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    b, c, h, w = seen.objective["x0"].shape
+    order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, (h // 2) * (w // 2),
+                                                    offset=train.get("noise_offset", 0.0),
+                                                    weighting=train.get("timestep_weighting", "none"), **draw)
+    noisy = seen.objective["noisy"]
+
+    pipe = FluxPipeline.from_pretrained(folder)
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=[CAPTIONS[i] for i in order], prompt_2=None,
+                                                      device="cpu", max_sequence_length=16)
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    guidance = torch.full((b,), train.get("guidance", 1.0))
+    fed = seen.fed
+    agrees("packed latents", fed["hidden_states"], packed, {"unpacked order": noisy.flatten(2).transpose(1, 2)
+                                                            .reshape(b, -1, c * 4)})
+    agrees("timestep", fed["timestep"], sigma, {"σ·1000": sigma * 1000, "1 − σ": 1 - sigma}, atol=1e-6)
+    agrees("guidance", fed["guidance"], guidance, {"guidance·1000": guidance * 1000}, atol=1e-6)
+    agrees("img_ids", fed["img_ids"], img_ids, {"row/col swapped": img_ids[:, [0, 2, 1]]} if h != w else {})
+    agrees("txt_ids", fed["txt_ids"], text_ids, {})
+    agrees("T5 sequence", fed["encoder_hidden_states"], embeds, {"other caption order": embeds.flip(0)})
+    agrees("CLIP pooled", fed["pooled_projections"], pooled, {"other caption order": pooled.flip(0)})
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    with torch.no_grad():
+        out = transformer(hidden_states=packed, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                          encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    pred = FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
+    check_loss(seen, pred, target, weights)
+
+
+def _toml(text: str) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+# ------------------------------------------------------------------------------------ HunyuanImage-2.1
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra, draw", [("shift", "shift = 5.0", {"shift": 5.0}), ("uniform", "", {}),
+                                                 ("logit-normal", "logit_mean = -0.4", {"mean": -0.4})])
+def test_hunyuan_image_training_step(method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    import torch
+    from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
+                           HunyuanImageTransformer2DModel)
+
+    folder = models["hunyuan-image-2.1"]
+    seen = train_one_step("hunyuan-image-2.1", folder, dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    vae = AutoencoderKLHunyuanImage.from_pretrained(folder, subfolder="vae")
+    with torch.no_grad():
+        z = vae.encode(pixels(dataset)).latent_dist.mode()
+    per_image = list(z * vae.config.scaling_factor)
+    assert not close(seen.objective["x0"][0], z[0]), "planted: the scaling factor left out"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    b, c, h, w = seen.objective["x0"].shape
+    order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, h * w, **draw)
+    noisy = seen.objective["noisy"]
+
+    pipe = HunyuanImagePipeline.from_pretrained(folder)
+    with torch.no_grad():
+        embeds, mask, embeds_2, mask_2 = pipe.encode_prompt([CAPTIONS[i] for i in order], device="cpu", batch_size=b)
+    fed = seen.fed
+    agrees("latents (unpacked)", fed["hidden_states"], noisy, {})
+    agrees("timestep", fed["timestep"], sigma * 1000, {"σ": sigma, "(1 − σ)·1000": (1 - sigma) * 1000}, atol=1e-3)
+    assert fed.get("guidance") is None
+    agrees("Qwen sequence", fed["encoder_hidden_states"], embeds, {"other caption order": embeds.flip(0)})
+    assert torch.equal(fed["encoder_attention_mask"].long(), mask.long())
+    agrees("ByT5 glyph encoding", fed["encoder_hidden_states_2"], embeds_2, {})
+    assert torch.equal(fed["encoder_attention_mask_2"].long(), mask_2.long())
+
+    transformer = HunyuanImageTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    with torch.no_grad():
+        pred = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                           encoder_attention_mask=mask, encoder_hidden_states_2=embeds_2,
+                           encoder_attention_mask_2=mask_2, return_dict=False)[0]
+    check_loss(seen, pred, target, weights)
+
+
+# ------------------------------------------------------------------------------------- Hunyuan-DiT v1.2
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("uniform", ""), ("uniform", "min_snr_gamma = 5.0\nnoise_offset = 0.05"),
+                                           ("logit-normal", "logit_mean = 0.5")])
+def test_hunyuan_dit_training_step(method, extra, models, dataset, tmp_path, monkeypatch):
+    import torch
+    from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, HunyuanDiT2DModel,
+                           HunyuanDiTPipeline)
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
+
+    folder = models["hunyuan-dit-1.2"]
+    seen = train_one_step("hunyuan-dit-1.2", folder, dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    train = _toml(extra)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    with torch.no_grad():
+        z = vae.encode(pixels(dataset)).latent_dist.mode()
+    per_image = list(z * vae.config.scaling_factor)
+    ob = seen.objective
+    order = batch_order(ob["x0"], per_image)
+    x0 = torch.stack([per_image[i] for i in order])
+    b = len(order)
+
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    g = step_generator()
+    offset = train.get("noise_offset", 0.0)
+    noise = reference_noise(tuple(x0.shape), g, offset)
+    agrees("noise", ob["noise"], noise, {})
+    T = scheduler.config.num_train_timesteps
+    if method == "uniform":             # diffusers' DDPM training examples
+        t = torch.randint(0, T, (b,), generator=g)
+    else:                               # documented: u drawn as σ is for flow models, t = round((T − 1)·u)
+        u = compute_density_for_timestep_sampling("logit_normal", b, logit_mean=train["logit_mean"],
+                                                  logit_std=1.0, generator=g)
+        u = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas[(u * 1000).long()]
+        t = torch.round(u * (T - 1)).long()
+    agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float()}, atol=1e-6)
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = scheduler.get_velocity(x0, noise, t)
+    other = DDPMScheduler.from_config({**scheduler.config, "beta_end": 0.03})      # v1.1's schedule
+    agrees("noisy input", ob["noisy"], noisy, {"v1.1 schedule": other.add_noise(x0, noise, t)})
+    agrees("v target", ob["target"], target, {"ε target": noise, "flipped v": -target,
+                                             "v1.1 schedule": other.get_velocity(x0, noise, t)})
+
+    pipe = HunyuanDiTPipeline.from_pretrained(folder)
+    captions = [CAPTIONS[i] for i in order]
+    with torch.no_grad():
+        embeds, _, mask, _ = pipe.encode_prompt(captions, device="cpu", dtype=torch.float32,
+                                                do_classifier_free_guidance=False, text_encoder_index=0)
+        embeds_5, _, mask_5, _ = pipe.encode_prompt(captions, device="cpu", dtype=torch.float32,
+                                                    do_classifier_free_guidance=False, text_encoder_index=1)
+    fed = seen.fed
+    agrees("timestep fed", fed["timestep"], t.float(), {"t/1000": t.float() / 1000}, atol=1e-6)
+    agrees("BERT sequence", fed["encoder_hidden_states"], embeds, {"other caption order": embeds.flip(0)})
+    agrees("mT5 sequence", fed["encoder_hidden_states_t5"], embeds_5, {"other caption order": embeds_5.flip(0)})
+    assert torch.equal(fed["text_embedding_mask"].long(), mask.long())
+    assert torch.equal(fed["text_embedding_mask_t5"].long(), mask_5.long())
+
+    transformer = HunyuanDiT2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    patch = transformer.config.patch_size
+    grid = (noisy.shape[-2] // patch, noisy.shape[-1] // patch)
+    rope = get_2d_rotary_pos_embed(transformer.inner_dim // transformer.num_heads,
+                                   get_resize_crop_region_for_grid(grid, 512 // 8 // patch), grid, output_type="pt")
+    agrees("rotary cos", fed["image_rotary_emb"][0], rope[0], {})
+    with torch.no_grad():
+        out = transformer(noisy, t.float(), encoder_hidden_states=embeds, text_embedding_mask=mask,
+                          encoder_hidden_states_t5=embeds_5, text_embedding_mask_t5=mask_5, image_rotary_emb=rope,
+                          return_dict=False)[0]
+    pred, _variance = out.chunk(2, dim=1)
+    weights = torch.ones(b)
+    if "min_snr_gamma" in train:        # diffusers' examples (and sd-scripts) for v-prediction
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / (snr + 1)
+        eps_weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
+        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, eps_weights), rel=1e-4)
+    check_loss(seen, pred, target, weights)
+
+
+# ---------------------------------------------------------------------------------------- FLUX.2 variants
+#: text tokens: the tiny byte-level tokenizers spend ~48 on [klein]'s chat template, ~250 on [dev]'s system message
+FLUX2_TEXT_LENGTH = {"klein": 64, "dev": 512}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, method, extra, draw", [
+    ("klein", "sigmoid", "", {}),
+    ("klein", "uniform", "timestep_weighting = \"cosmap\"", {}),
+    ("dev", "logit-normal", "logit_mean = 0.3\nguidance = 4.0", {"mean": 0.3}),
+    ("dev", "flux-shift", "", {}),
+])
+def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    import torch
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline,
+                           Flux2Transformer2DModel)
+
+    family = f"flux.2-{variant}"
+    folder = models[family]
+    length = FLUX2_TEXT_LENGTH[variant]
+    seen = train_one_step(family, folder, dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}', native=f"text_max_length = {length}")
+    train = _toml(extra)
+    pipeline_class = Flux2KleinPipeline if variant == "klein" else Flux2Pipeline
+    vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
+    with torch.no_grad():
+        z = vae.encode(pixels(dataset)).latent_dist.mode()
+    patches = pipeline_class._patchify_latents(z)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    per_image = list((patches - mean) / std)
+    assert not close(seen.objective["x0"][0], patches[0]), "planted: the batch-norm normalisation left out"
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    b, c, h, w = seen.objective["x0"].shape
+    order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, h * w,
+                                                    weighting=train.get("timestep_weighting", "none"), **draw)
+    noisy = seen.objective["noisy"]
+
+    pipe = pipeline_class.from_pretrained(folder)
+    with torch.no_grad():
+        embeds, text_ids = pipe.encode_prompt([CAPTIONS[i] for i in order], device="cpu", max_sequence_length=length)
+    tokens = pipeline_class._pack_latents(noisy)
+    img_ids = pipeline_class._prepare_latent_ids(noisy)
+    fed = seen.fed
+    agrees("tokens", fed["hidden_states"], tokens, {})
+    agrees("timestep", fed["timestep"], sigma, {"σ·1000": sigma * 1000}, atol=1e-6)
+    assert torch.equal(fed["img_ids"].long(), img_ids.long()) and torch.equal(fed["txt_ids"].long(), text_ids.long())
+    agrees("text", fed["encoder_hidden_states"], embeds, {"other caption order": embeds.flip(0)})
+    transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    if transformer.config.guidance_embeds:          # diffusers' example: --guidance_scale per sample
+        guidance = torch.full((b,), train.get("guidance", 1.0))
+        agrees("guidance", fed["guidance"], guidance, {"guidance·1000": guidance * 1000}, atol=1e-6)
+    else:
+        guidance = None
+        assert fed["guidance"] is None
+    assert (variant == "dev") == (guidance is not None)
+    with torch.no_grad():
+        out = transformer(hidden_states=tokens, timestep=sigma, guidance=guidance, encoder_hidden_states=embeds,
+                          txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+    pred = pipeline_class._unpack_latents_with_ids(out[:, :tokens.shape[1]], img_ids)
+    check_loss(seen, pred, target, weights)
+
+
+# ------------------------------------------------------------------------------------- caption dropout
+def empty_caption_encoding(family: str, folder: Path, b: int) -> dict[str, Any]:
+    """What the family's diffusers pipeline encodes for the empty prompt (its unconditional input), by the
+    transformer's argument names."""
+    import torch
+    from diffusers import FluxPipeline, Flux2KleinPipeline, HunyuanDiTPipeline, HunyuanImagePipeline
+
+    empty = [""] * b
+    with torch.no_grad():
+        if family == "flux.1-dev":
+            embeds, pooled, _ = FluxPipeline.from_pretrained(folder).encode_prompt(
+                prompt=empty, prompt_2=None, device="cpu", max_sequence_length=16)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        if family == "hunyuan-image-2.1":
+            embeds, mask, embeds_2, mask_2 = HunyuanImagePipeline.from_pretrained(folder).encode_prompt(
+                empty, device="cpu", batch_size=b)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask,
+                    "encoder_hidden_states_2": embeds_2, "encoder_attention_mask_2": mask_2}
+        if family == "hunyuan-dit-1.2":
+            pipe = HunyuanDiTPipeline.from_pretrained(folder)
+            out = {}
+            for index, (e, m) in enumerate((("encoder_hidden_states", "text_embedding_mask"),
+                                             ("encoder_hidden_states_t5", "text_embedding_mask_t5"))):
+                embeds, _, mask, _ = pipe.encode_prompt(empty, device="cpu", dtype=torch.float32,
+                                                        do_classifier_free_guidance=False, text_encoder_index=index)
+                out[e], out[m] = embeds, mask
+            return out
+        embeds, _ = Flux2KleinPipeline.from_pretrained(folder).encode_prompt(
+            empty, device="cpu", max_sequence_length=FLUX2_TEXT_LENGTH["klein"])
+        return {"encoder_hidden_states": embeds}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux.1-dev", "hunyuan-image-2.1", "hunyuan-dit-1.2", "flux.2-klein"])
+def test_caption_dropout_trains_the_pipelines_empty_prompt_encoding(family, models, dataset, tmp_path, monkeypatch):
+    """A dropped caption is the empty string through the same encoders: the unconditional input the family's
+    pipeline builds for classifier-free guidance (sd-scripts' caption_dropout_rate does the same)."""
+    native = {"flux.1-dev": "text_max_length = 16",
+              "flux.2-klein": f"text_max_length = {FLUX2_TEXT_LENGTH['klein']}"}.get(family, "")
+    dropped = train_one_step(family, models[family], dataset, tmp_path / "dropped", monkeypatch,
+                             dataset_extra="caption_dropout = 1.0", native=native)
+    kept = train_one_step(family, models[family], dataset, tmp_path / "kept", monkeypatch, native=native)
+    for name, reference in empty_caption_encoding(family, models[family], 2).items():
+        if name.endswith("mask") or "_mask_" in name:
+            assert dropped.fed[name].long().tolist() == reference.long().tolist(), name
+        elif name == "encoder_hidden_states_2":      # no quoted text in either caption: zeros both ways
+            agrees(name, dropped.fed[name], reference, {})
+        else:
+            agrees(name, dropped.fed[name], reference, {"the caption kept": kept.fed[name]})
+
+
+# ------------------------------------------------------------------------------------------ loss weights
+def test_sd3_loss_weighting_is_the_references_unclamped():
+    """`timestep_weighting` = diffusers' ``compute_loss_weighting_for_sd3`` (sd-scripts' copy is the same) at
+    every σ, the smallest included: σ⁻² is not clamped there (the old 1e4 clamp is the planted mistake)."""
+    import torch
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    from lora_run_native.timesteps import loss_weighting
+
+    sigma = torch.tensor([1e-4, 0.002, 0.009, 0.3, 0.75, 1 - 1e-4])
+    for scheme in ("sigma_sqrt", "cosmap"):
+        assert torch.allclose(loss_weighting(scheme, sigma), compute_loss_weighting_for_sd3(scheme, sigmas=sigma),
+                              rtol=1e-6)
+    assert torch.equal(loss_weighting("none", sigma), torch.ones(6))
+    clamped = (sigma ** -2.0).clamp(max=1e4)
+    assert not torch.allclose(clamped, compute_loss_weighting_for_sd3("sigma_sqrt", sigmas=sigma), rtol=1e-6)
+
+
+def test_planted_reference_mistakes_change_the_loss():
+    """The loss check is not blind: on the same prediction, the flipped target and the ε target give losses
+    the check tells apart (relative difference far above its 1e-4 tolerance)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    pred, x0, eps = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    ones = torch.ones(2)
+    right = reference_loss(pred, eps - x0, ones)
+    assert not math.isclose(right, reference_loss(pred, x0 - eps, ones), rel_tol=1e-3)
+    assert not math.isclose(right, reference_loss(pred, eps, ones), rel_tol=1e-3)
