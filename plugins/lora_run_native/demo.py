@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 from lora_run.errors import BackendError
+from lora_run.files import folder_problem, resolved, shown
 
 TRIGGER = "ohwx"
 SHIPPED = Path("demo") / "tiny-flux.toml"
@@ -85,7 +86,7 @@ def build_demo(assets_dir: str | Path) -> Path:
 
     from lora_run_flux.tiny import build_tiny_flux
 
-    assets = Path(assets_dir).resolve()
+    assets = resolved(assets_dir)
     assets.mkdir(parents=True, exist_ok=True)
     model = assets / "tiny-flux"
     if not (model / "model_index.json").is_file():
@@ -120,8 +121,9 @@ def _claim(out: Path) -> None:
 
     recipe = out / "assets" / "recipe.toml"
     try:
-        if out.exists() and not out.is_dir():
-            raise RecipeError(f"--output-dir {out}: is a file, not a folder; give a new or empty folder")
+        unusable = folder_problem(out)
+        if unusable:
+            raise RecipeError(f"--output-dir {shown(out)}: {unusable}; give a new or empty folder")
         if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
             written = recipe.is_file() and recipe.read_text(encoding="utf-8", errors="replace").startswith(
                 "# Written by `lora-run demo`")          # a demo folder from before the mark existed
@@ -140,7 +142,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    out = Path(output_dir).resolve()
+    out = resolved(output_dir)
     _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from lora_run import __version__
 from lora_run.errors import LoraRunError, OutputError
-from lora_run.files import FileProblem, printable, read_limited, shown
+from lora_run.files import FileProblem, printable, read_limited, resolved, shown
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
 
@@ -298,7 +298,7 @@ class RunDir:
         recipe, loaded = prepared.recipe, prepared.loaded
         self.started, self.resumed = time.time(), resume
         if resume:
-            cache = Path(recipe.train.cache_dir).resolve() if recipe.train.cache_dir else None
+            cache = resolved(recipe.train.cache_dir) if recipe.train.cache_dir else None
             if cache is None or self.path in cache.parents:   # a shared cache may have live writers
                 for tmp in remove_temp_files(self.path):
                     self.log(f"removed the temporary file of an interrupted write: {tmp.name}")

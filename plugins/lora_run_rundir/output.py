@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from lora_run.errors import OutputError
-from lora_run.files import shown
+from lora_run.files import folder_problem, resolved, shown
 from lora_run.recipe import LoadedRecipe
 from lora_run.schema import Recipe
 
@@ -15,8 +15,8 @@ from .folder import RECIPE
 def output_path(recipe: Recipe, override: str | None) -> Path:
     """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``."""
     if override:
-        return Path(os.path.expanduser(override)).resolve()
-    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
+        return resolved(os.path.expanduser(override))
+    return resolved(recipe.output.dir.replace("{name}", recipe.output.name))
 
 
 def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -32,7 +32,7 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
         if not isinstance(value, str) or not value:    # an optional path left unset (a dataset type without one)
             continue
         try:
-            found.append((key, Path(value).resolve()))
+            found.append((key, resolved(value)))
         except (OSError, ValueError, RuntimeError):
             continue
     return found
@@ -50,10 +50,11 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         return [f"{where}: not a usable folder path ({exc})"]
     problems = []
     try:
-        if path.exists() and not path.is_dir():
-            problems.append(f"{where}: {shown(path)} exists and is not a folder")
+        unusable = folder_problem(path)
     except OSError as exc:     # e.g. a name too long for the file system
         return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
+    if unusable:
+        problems.append(f"{where}: {shown(path)} {unusable}")
     cwd = Path.cwd().resolve()
     if path in cwd.parents:
         problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
@@ -62,7 +63,7 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
     if recipe_file is not None:
         try:
-            own = recipe_file.resolve()
+            own = resolved(recipe_file)
         except (OSError, RuntimeError):
             own = None
         if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run

@@ -152,7 +152,7 @@ def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
     a_file.write_text("mine")
     result = run_cli("demo", "--output-dir", a_file)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "notes.txt: is a file, not a folder" in result.stderr and a_file.read_text() == "mine"
+    assert "notes.txt: exists and is not a folder" in result.stderr and a_file.read_text() == "mine"
 
     photos = tmp_path / "photos"
     (photos / "assets").mkdir(parents=True)
