@@ -47,9 +47,14 @@ def test_non_empty_output_is_never_overwritten(recording, write_recipe, tmp_path
     assert (out / "precious.safetensors").read_text() == "keep me"
     run = tmp_path / "run"
     execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), echo=quiet)
-    (run / "old-extra.txt").write_text("from the old run")
+    (run / "lora.txt").write_text("the old run's")                    # written by the (test) backend: replaced
+    (run / "user-notes.txt").write_text("mine")                        # added by the user: never deleted
+    with pytest.raises(OutputError, match=r"--overwrite would delete 1 entry no lora-run run wrote there \(user-notes"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), overwrite=True, echo=quiet)
+    assert (run / "user-notes.txt").read_text() == "mine"
+    (run / "user-notes.txt").unlink()
     execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), overwrite=True, echo=quiet)
-    assert not (run / "old-extra.txt").exists() and (run / "lora.txt").exists()
+    assert (run / "lora.txt").exists() and (run / "lora.txt").read_text() != "the old run's"
 
 
 def test_resume_needs_a_run_and_the_same_recipe(recording, write_recipe, tmp_path):
