@@ -22,7 +22,7 @@ from lora_run_rundir import atomic_write_text
 from . import metrics as M
 from .faces import Embedder
 from .losslog import LOSS_FILE, log_for
-from .report import render
+from .report import is_report, render
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -498,6 +498,9 @@ def cmd_score(args: Any, plugins: Any) -> int:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
     if report_path is not None and report_path.exists() and not report_path.is_file():
         raise OutputError(f"--report {shown(report_path)}: exists and is not a regular file; it is never replaced")
+    if report_path is not None and report_path.exists() and not is_report(report_path):
+        raise OutputError(f"--report {shown(report_path)}: --overwrite replaces only a report lora-run wrote; this file "
+                          "is something else and is left alone")
     if report_path is not None and (os.path.islink(report_path) and not report_path.exists()
                                     or folder_problem(report_path.parent)):
         raise OutputError(f"--report {shown(report_path)}: " + (f"the folder {folder_problem(report_path.parent)}"
