@@ -1,6 +1,7 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -352,6 +353,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     ctx: RunContext | None = None
     status, error, began = "failed", None, False
     previous_term = None
+    ctrl_c = record_ctrl_c()
     try:
         run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
         if process.launched:
@@ -383,12 +385,20 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
+        if ctrl_c.arrived or _caused_by_interrupt(exc):
+            # Ctrl-C inside an import: a library swallowed the KeyboardInterrupt or turned it into an ImportError
+            # ("partially initialized module 'torch'"); it is the interrupt it was, not a crash
+            status = "interrupted"
+            error = TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} --resume --output-dir "
+                                        f"{run_dir.path}")
+            raise error from None
         error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
         if error is not exc:
             raise error from exc
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
+        ctrl_c.restore()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         run_dir.finish(status, error, ctx.artifacts if ctx is not None else {}, echo)
@@ -409,6 +419,46 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
         echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
              "process(es)")
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen:
+        if isinstance(node, KeyboardInterrupt):
+            return True
+        seen.add(id(node))
+        node = node.__cause__ or node.__context__
+    return False
+
+
+@attrs.define
+class CtrlC:
+    """Whether Ctrl-C arrived while a run ran (also when a library swallowed the KeyboardInterrupt it raised)."""
+
+    previous: Any = None
+    arrived: bool = False
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def record_ctrl_c() -> CtrlC:
+    """Python's own Ctrl-C handler, which also records that Ctrl-C arrived. Left alone where Ctrl-C is handled
+    otherwise (ignored under nohup, a plugin's handler, not the main thread)."""
+    state = CtrlC()
+
+    def on_int(signum: int, frame: Any) -> None:
+        state.arrived = True
+        signal.default_int_handler(signum, frame)
+
+    with contextlib.suppress(ValueError):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            state.previous = signal.signal(signal.SIGINT, on_int)
+    return state
 
 
 def install_sigterm() -> Any:
