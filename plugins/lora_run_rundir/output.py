@@ -69,6 +69,14 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
             problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
                             "recipes outside run folders (--overwrite would delete it)")
+    cache = recipe.train.cache_dir
+    if cache:
+        try:
+            unusable = folder_problem(resolved(cache))
+        except (OSError, ValueError) as exc:
+            unusable = f"is not a usable folder path ({getattr(exc, 'strerror', None) or exc})"
+        if unusable:   # the run would load the model, then crash writing its first cache entry
+            problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): {unusable}")
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
             problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
@@ -79,6 +87,14 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
 def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
     problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
     if problems:
-        err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
+        files = {"{file}": loaded.problems().file_for(("output", "dir")),
+                 "{cache_file}": loaded.problems().file_for(("train", "cache_dir"))}
+        err = OutputError("\n".join(_named(p, files) for p in problems))
         err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
         raise err
+
+
+def _named(problem: str, files: dict[str, str]) -> str:
+    for mark, name in files.items():
+        problem = problem.replace(mark, name)
+    return problem

@@ -67,3 +67,21 @@ def test_check_refuses_an_output_dir_that_cannot_be_created_as_the_run_would(tin
     code, out = _run(["check", str(recipe), "--set", f"output.dir={afile}/run"], capsys)
     assert code == 2 and "[output.dir]" in out and "is not a folder" in out, out[-1500:]
     assert afile.read_text() == "mine"
+
+
+def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(tiny_recipe, loop, tmp_path, capsys):
+    """`train.cache_dir` that is a symlink loop, a file, or a path through a file passed `check`, and the run
+    loaded the model and then crashed writing its first cache entry ('backend crashed: OSError', exit 1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    recipe = str(tiny_recipe())
+    for value, says in ((loop, "symlink loop"), (afile, "exists and is not a folder"),
+                        (afile / "cache", "cannot be created")):
+        for argv in (["check", recipe], [recipe, "--output-dir", str(tmp_path / "run")]):
+            code, text = _run([*argv, "--set", f'train.cache_dir="{value}"'], capsys)
+            assert code == 2, text[-1500:]
+            assert "(--set): [train.cache_dir]" in text and says in text, text[-1500:]
+            assert "caching" not in text                                        # nothing loaded
+    assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
+    code, text = _run(["check", recipe, "--set", f'train.cache_dir="{tmp_path / "new" / "cache"}"'], capsys)
+    assert code == 0, text[-1500:]                                            # a folder still to be made is fine
