@@ -80,6 +80,20 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
     return subject, reg
 
 
+def _build_whole(target: Path, build: object) -> None:
+    """``build(folder)`` into a temporary sibling, renamed to ``target`` when complete: a demo interrupted while
+    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. Only
+    called inside the demo's own folder, so an earlier incomplete ``target`` is the demo's and is replaced."""
+    import shutil
+
+    building = target.with_name(f".{target.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    build(building)                                            # type: ignore[operator]
+    if target.exists():
+        shutil.rmtree(target)
+    building.rename(target)
+
+
 def build_demo(assets_dir: str | Path) -> Path:
     """Build (or reuse) the demo assets in ``assets_dir`` and return the demo recipe's path."""
     import tomli_w
@@ -91,11 +105,11 @@ def build_demo(assets_dir: str | Path) -> Path:
     model = assets / "tiny-flux"
     if not (model / "model_index.json").is_file():
         print(f"demo: building a tiny random FLUX-architecture model in {model}")
-        build_tiny_flux(model)
+        _build_whole(model, build_tiny_flux)
     subject, reg = assets / "data" / "subject", assets / "data" / "reg"
     if not subject.is_dir() or not reg.is_dir():
         print(f"demo: drawing a synthetic captioned dataset in {assets / 'data'}")
-        build_dataset(assets / "data")
+        _build_whole(assets / "data", build_dataset)
     recipe = {
         "extends": str(shipped_recipe()),
         "model": {"source": str(model)},
