@@ -73,25 +73,8 @@ def read_limited(path: Path | str, kind: str, limit: int | None = None) -> bytes
 
 
 def resolved(path: Path | str) -> Path:
-    """``Path(path).resolve()`` that never raises for a symlink loop: Python 3.11 and 3.12 raise RuntimeError there,
-    3.13 leaves the loop unresolved, as this does on every version. The caller's own checks of the path (not
-    found, not a folder, not a regular file) then report it, naming its key or option."""
+    """``Path(path).resolve()`` leaving a symlink loop unresolved, as Python 3.13 does (3.11/3.12 raise RuntimeError)."""
     return Path(os.path.realpath(path))
-
-
-def folder_problem(path: Path | str) -> str | None:
-    """Why ``path`` can neither be used nor be created as a folder, or None: it is a file, a dangling link or a
-    link loop, or the way to it runs through something that is not a folder (so `mkdir` would fail later)."""
-    if os.path.lexists(path) and not os.path.exists(path):
-        return "is a dangling link or a symlink loop"
-    if os.path.exists(path):
-        return None if os.path.isdir(path) else "exists and is not a folder"
-    for parent in Path(path).parents:
-        if os.path.lexists(parent):
-            if os.path.isdir(parent):
-                return None
-            return f"cannot be created: {shown(parent)} is not a folder (a file, a dangling link or a symlink loop)"
-    return None
 
 
 def shown(value: Path | str) -> str:

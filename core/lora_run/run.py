@@ -352,8 +352,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     run_dir.prepare(overwrite=overwrite, resume=resume)
     ctx: RunContext | None = None
     status, error, began = "failed", None, False
-    previous_term = None
-    ctrl_c = record_ctrl_c()
+    previous_term, ctrl_c = None, CtrlC()
     try:
         run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
         if process.launched:
@@ -385,12 +384,9 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
-        if ctrl_c.arrived or _caused_by_interrupt(exc):
-            # Ctrl-C inside an import: a library swallowed the KeyboardInterrupt or turned it into an ImportError
-            # ("partially initialized module 'torch'"); it is the interrupt it was, not a crash
-            status = "interrupted"
-            error = TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} --resume --output-dir "
-                                        f"{run_dir.path}")
+        if ctrl_c.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
+            status, error = "interrupted", TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} "
+                                                               f"--resume --output-dir {run_dir.path}")
             raise error from None
         error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
         if error is not exc:
@@ -421,44 +417,27 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
 
 
-def _caused_by_interrupt(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    node: BaseException | None = exc
-    while node is not None and id(node) not in seen:
-        if isinstance(node, KeyboardInterrupt):
-            return True
-        seen.add(id(node))
-        node = node.__cause__ or node.__context__
-    return False
-
-
-@attrs.define
 class CtrlC:
-    """Whether Ctrl-C arrived while a run ran (also when a library swallowed the KeyboardInterrupt it raised)."""
+    """Python's Ctrl-C handler, also recording that Ctrl-C arrived (a library may swallow the KeyboardInterrupt)."""
 
-    previous: Any = None
-    arrived: bool = False
+    def __init__(self) -> None:
+        self.arrived, self.previous = False, None
+        with contextlib.suppress(ValueError):   # not the main thread
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.previous = signal.signal(signal.SIGINT, self._on_int)
+
+    def _on_int(self, signum: int, frame: Any) -> None:
+        self.arrived = True
+        signal.default_int_handler(signum, frame)
+
+    def caused(self, exc: BaseException | None) -> bool:
+        while exc is not None and not isinstance(exc, KeyboardInterrupt):   # raised from / while handling it
+            exc = exc.__cause__ or exc.__context__
+        return self.arrived or exc is not None
 
     def restore(self) -> None:
         if self.previous is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-
-def record_ctrl_c() -> CtrlC:
-    """Python's own Ctrl-C handler, which also records that Ctrl-C arrived. Left alone where Ctrl-C is handled
-    otherwise (ignored under nohup, a plugin's handler, not the main thread)."""
-    state = CtrlC()
-
-    def on_int(signum: int, frame: Any) -> None:
-        state.arrived = True
-        signal.default_int_handler(signum, frame)
-
-    with contextlib.suppress(ValueError):
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            state.previous = signal.signal(signal.SIGINT, on_int)
-    return state
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def install_sigterm() -> Any:

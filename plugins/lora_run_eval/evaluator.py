@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, check_input_file, folder_problem, resolved, shown
+from lora_run.files import FileProblem, check_input_file, resolved, shown
 from lora_run_rundir import atomic_write_text
+from lora_run_rundir.output import folder_problem
 
 from . import metrics as M
 from .faces import Embedder

@@ -16,7 +16,8 @@ import random
 from pathlib import Path
 
 from lora_run.errors import BackendError
-from lora_run.files import folder_problem, resolved, shown
+from lora_run.files import resolved, shown
+from lora_run_rundir.output import folder_problem
 
 TRIGGER = "ohwx"
 SHIPPED = Path("demo") / "tiny-flux.toml"

@@ -5,11 +5,26 @@ import os
 from pathlib import Path
 
 from lora_run.errors import OutputError
-from lora_run.files import folder_problem, resolved, shown
+from lora_run.files import resolved, shown
 from lora_run.recipe import LoadedRecipe
 from lora_run.schema import Recipe
 
 from .folder import RECIPE
+
+
+def folder_problem(path: Path | str) -> str | None:
+    """Why ``path`` can neither be used nor be created as a folder, or None: it is a file, a dangling link or a
+    link loop, or the way to it runs through something that is not a folder (so `mkdir` would fail later)."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "is a dangling link or a symlink loop"
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else "exists and is not a folder"
+    for parent in Path(path).parents:
+        if os.path.lexists(parent):
+            if os.path.isdir(parent):
+                return None
+            return f"cannot be created: {shown(parent)} is not a folder (a file, a dangling link or a symlink loop)"
+    return None
 
 
 def output_path(recipe: Recipe, override: str | None) -> Path:
