@@ -72,6 +72,11 @@ def read_limited(path: Path | str, kind: str, limit: int | None = None) -> bytes
     return data
 
 
+def resolved(path: Path | str) -> Path:
+    """``Path(path).resolve()`` leaving a symlink loop unresolved, as Python 3.13 does (3.11/3.12 raise RuntimeError)."""
+    return Path(os.path.realpath(path))
+
+
 def shown(value: Path | str) -> str:
     """A file name for a message: as is when printable, else quoted with escapes (a newline stays ``\\n``)."""
     text = str(value)

@@ -225,7 +225,7 @@ class Problems:
 # -------------------------------------------------------------------------------------------- reading
 def display_path(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return str(files.resolved(path).relative_to(files.resolved(Path.cwd())))
     except ValueError:
         return str(path)
 
@@ -306,7 +306,7 @@ def _absolute(value: str, base: Path) -> str:
         # templated output dirs (runs/{name}) stay relative to the recipe's folder too
         return str((base / value))
     p = Path(os.path.expanduser(value))
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str(p if p.is_absolute() else files.resolved(base / p))
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], origins: dict[KeyPath, str], shown: str,
@@ -332,7 +332,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
              chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe and everything it `extends`, merged (later files win), paths made absolute."""
     path = Path(os.path.expanduser(str(path)))
-    real = path.resolve()
+    real = files.resolved(path)
     shown = display_path(path)
     if real in chain:
         loop = " -> ".join(display_path(p) for p in (*chain, real))
@@ -428,7 +428,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
         path, value = parse_set(assignment)
         if (path[-1] in ("path", "dir", "cache_dir") or path[:2] == ("model", "files")) \
                 and isinstance(value, str) and value:
-            value = str(Path(os.path.expanduser(value)).resolve()) if "{" not in value else value
+            value = str(files.resolved(os.path.expanduser(value))) if "{" not in value else value
         node = raw
         for part in path[:-1]:
             child = node.get(part)

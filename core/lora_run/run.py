@@ -1,6 +1,7 @@
 """Run orchestration: recipe → plugins → validation → dataset lint → run directory → backend → evaluation."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -352,7 +353,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     run_dir.prepare(overwrite=overwrite, resume=resume)
     ctx: RunContext | None = None
     status, error, began = "failed", None, False
-    previous_term = None
+    previous_term, ctrl_c = None, CtrlC()
     try:
         run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
         if process.launched:
@@ -384,12 +385,17 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
+        if ctrl_c.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
+            status, error = "interrupted", TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} "
+                                                               f"--resume --output-dir {run_dir.path}")
+            raise error from None
         error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
         if error is not exc:
             raise error from exc
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
+        ctrl_c.restore()
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         run_dir.finish(status, error, ctx.artifacts if ctx is not None else {}, echo)
@@ -408,6 +414,29 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
         echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
              "process(es)")
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
+
+
+class CtrlC:
+    """Python's Ctrl-C handler, also recording that Ctrl-C arrived (a library may swallow the KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.arrived, self.previous = False, None
+        with contextlib.suppress(ValueError):   # not the main thread
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.previous = signal.signal(signal.SIGINT, self._on_int)
+
+    def _on_int(self, signum: int, frame: Any) -> None:
+        self.arrived = True
+        signal.default_int_handler(signum, frame)
+
+    def caused(self, exc: BaseException | None) -> bool:
+        while exc is not None and not isinstance(exc, KeyboardInterrupt):   # raised from / while handling it
+            exc = exc.__cause__ or exc.__context__
+        return self.arrived or exc is not None
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def install_sigterm() -> Any:

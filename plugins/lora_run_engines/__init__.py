@@ -35,6 +35,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lora_run.files import resolved
+
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
 
@@ -42,7 +44,7 @@ MAX_LINE_BYTES = 1 << 20
 def resolve_path(value: str, base: Path) -> Path:
     """A path from the recipe: ``~`` expanded, a relative one taken from ``base`` (the recipe's folder)."""
     path = Path(os.path.expanduser(value))
-    return path if path.is_absolute() else (base / path).resolve()
+    return path if path.is_absolute() else resolved(base / path)
 
 
 def configured_path(option: str | None, base: Path, env_var: str) -> tuple[Path | None, str | None]:
@@ -52,7 +54,7 @@ def configured_path(option: str | None, base: Path, env_var: str) -> tuple[Path 
         return resolve_path(option, base), None
     env = os.environ.get(env_var, "").strip()
     if env:
-        return Path(os.path.expanduser(env)).resolve(), env_var
+        return resolved(os.path.expanduser(env)), env_var
     return None, None
 
 

@@ -8,6 +8,7 @@ Used at the end of a run, by `lora-run eval RECIPE --lora FILE` and (without gen
 """
 from __future__ import annotations
 
+import os
 import json
 import re
 import time
@@ -15,13 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, check_input_file, shown
+from lora_run.files import FileProblem, check_input_file, resolved, shown
 from lora_run_rundir import atomic_write_text
+from lora_run_rundir.output import folder_problem
 
 from . import metrics as M
 from .faces import Embedder
 from .losslog import LOSS_FILE, log_for
-from .report import render
+from .report import is_report, render
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -38,7 +40,7 @@ def make_embedder(plugins: Any, name: str, raw: dict[str, Any], base: Path | Non
     for key in ("model", "detector"):
         value = raw.get(key)
         if isinstance(value, str) and value and base is not None and not Path(value).expanduser().is_absolute():
-            raw[key] = str((base / value).resolve())
+            raw[key] = str(resolved(base / value))
         elif isinstance(value, str) and value:
             raw[key] = str(Path(value).expanduser())
     try:
@@ -367,8 +369,9 @@ def _run_dir_of(lora: Path) -> Path | None:
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: exists and is not a folder")
+    unusable = folder_problem(path)
+    if unusable:
+        raise OutputError(f"--output-dir {shown(path)}: {unusable}")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
@@ -399,7 +402,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins)
     loras = []
     for raw in args.lora:
-        path = Path(raw).expanduser().resolve()
+        path = resolved(Path(raw).expanduser())
         try:
             check_input_file(path, "lora")
         except FileProblem as exc:
@@ -410,7 +413,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
     if len({label for label, _, _ in loras}) != len(loras):
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
-    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else \
+    out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     _check_output(out, args.overwrite)
     recipe = validate(loaded, plugins).recipe
@@ -491,11 +494,18 @@ def cmd_score(args: Any, plugins: Any) -> int:
         raw["detector"] = args.detector
     if args.embedder == "onnx" and not args.model:
         raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
-    report_path = Path(args.report).expanduser().resolve() if args.report else None
+    report_path = resolved(Path(args.report).expanduser()) if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
     if report_path is not None and report_path.exists() and not report_path.is_file():
         raise OutputError(f"--report {shown(report_path)}: exists and is not a regular file; it is never replaced")
+    if report_path is not None and report_path.exists() and not is_report(report_path):
+        raise OutputError(f"--report {shown(report_path)}: --overwrite replaces only a report lora-run wrote; this file "
+                          "is something else and is left alone")
+    if report_path is not None and (os.path.islink(report_path) and not report_path.exists()
+                                    or folder_problem(report_path.parent)):
+        raise OutputError(f"--report {shown(report_path)}: " + (f"the folder {folder_problem(report_path.parent)}"
+                          if folder_problem(report_path.parent) else "is a dangling link or a symlink loop"))
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
     echo = (lambda _m: None) if args.json else print
     samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]

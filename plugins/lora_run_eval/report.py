@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -242,13 +243,28 @@ def _headline(m: dict[str, Any]) -> str:
     return _table(("metric", "value", "meaning"), ([esc(a), f'<td class="num">{b}</td>', esc(c)] for a, b, c in rows))
 
 
+#: How every report page begins; `score --overwrite` replaces only a file that begins so (one lora-run wrote).
+REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a report page lora-run wrote (a regular file beginning with ``REPORT_HEAD``)."""
+    if not os.path.isfile(path):      # never opened: a FIFO would block
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(REPORT_HEAD) + 7) == (REPORT_HEAD + "<title>").encode()
+    except OSError:
+        return False
+
+
 def render(data: dict[str, Any]) -> str:
     """The whole report page."""
     results = data["results"]
     final = data.get("final") or next(iter(results), None)
     m = results.get(final) if final else None
     title = data.get("title") or "Identity evaluation"
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+    parts = [f"{REPORT_HEAD}<title>{esc(title)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>{esc(title)}</h1>",
              f'<div class="muted">{esc(data.get("created_at", ""))} · embedder {esc(data["embedder"]["name"])} '

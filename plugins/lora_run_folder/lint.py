@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport
-from lora_run.files import FileProblem, check_input_file
+from lora_run.files import FileProblem, check_input_file, shown
 from lora_run.schema import Recipe
 
 from . import training_caption
@@ -44,6 +44,14 @@ def _dhash(image: Any) -> int:
     return bits
 
 
+def _not_a_folder(path: str) -> str | None:
+    """Why a dataset folder key's value is no folder, or None (os.path: an over-long or unreadable path is "not
+    found", not a crash)."""
+    if os.path.isdir(path):
+        return None
+    return "is not a folder" if os.path.lexists(path) and os.path.exists(path) else "folder not found"
+
+
 def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = None) -> LintReport:
     """Check every image and caption into ``report``; the usable items are those without an error."""
     d = recipe.dataset
@@ -52,14 +60,18 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     trigger = d.trigger.strip()
     subject = [i for i in items if not i.is_reg]
     report.counts = {"subject images": len(subject), "regularisation images": len(items) - len(subject)}
-    if not subject:
-        report.add(ERROR, "no-images", f"no images found in {d.path} (looked for .jpg .jpeg .png .webp .bmp)")
+    if not subject and d.path is not None and _not_a_folder(d.path):
+        report.add(ERROR, "no-folder", f"dataset.path: {_not_a_folder(d.path)}: {shown(d.path)}")
+    elif not subject:
+        report.add(ERROR, "no-images", f"no images found in {shown(d.path) if d.path is not None else 'the dataset'} "
+                   "(looked for .jpg .jpeg .png .webp .bmp)")
     elif len(subject) < d.min_images:
         report.add(WARNING, "few-images", f"only {len(subject)} subject images; the playbook asks for 15–30 "
                    f"with mixed angles, lighting and framing (threshold: dataset.min_images = {d.min_images})")
     for n, reg in enumerate(d.regularization):
-        if not os.path.isdir(reg.path):   # os.path: an over-long or unreadable path is "not found", not a crash
-            report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: folder not found: {reg.path}")
+        if _not_a_folder(reg.path):
+            report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: {_not_a_folder(reg.path)}: "
+                       f"{shown(reg.path)}")
     digest = hashlib.sha256()
     seen_exact: dict[str, Path] = {}
     seen_near: list[tuple[int, Path]] = []

@@ -16,6 +16,8 @@ import random
 from pathlib import Path
 
 from lora_run.errors import BackendError
+from lora_run.files import resolved, shown
+from lora_run_rundir.output import folder_problem
 
 TRIGGER = "ohwx"
 SHIPPED = Path("demo") / "tiny-flux.toml"
@@ -79,22 +81,36 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
     return subject, reg
 
 
+def _build_whole(target: Path, build: object) -> None:
+    """``build(folder)`` into a temporary sibling, renamed to ``target`` when complete: a demo interrupted while
+    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. Only
+    called inside the demo's own folder, so an earlier incomplete ``target`` is the demo's and is replaced."""
+    import shutil
+
+    building = target.with_name(f".{target.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    build(building)                                            # type: ignore[operator]
+    if target.exists():
+        shutil.rmtree(target)
+    building.rename(target)
+
+
 def build_demo(assets_dir: str | Path) -> Path:
     """Build (or reuse) the demo assets in ``assets_dir`` and return the demo recipe's path."""
     import tomli_w
 
     from lora_run_flux.tiny import build_tiny_flux
 
-    assets = Path(assets_dir).resolve()
+    assets = resolved(assets_dir)
     assets.mkdir(parents=True, exist_ok=True)
     model = assets / "tiny-flux"
     if not (model / "model_index.json").is_file():
         print(f"demo: building a tiny random FLUX-architecture model in {model}")
-        build_tiny_flux(model)
+        _build_whole(model, build_tiny_flux)
     subject, reg = assets / "data" / "subject", assets / "data" / "reg"
     if not subject.is_dir() or not reg.is_dir():
         print(f"demo: drawing a synthetic captioned dataset in {assets / 'data'}")
-        build_dataset(assets / "data")
+        _build_whole(assets / "data", build_dataset)
     recipe = {
         "extends": str(shipped_recipe()),
         "model": {"source": str(model)},
@@ -120,8 +136,9 @@ def _claim(out: Path) -> None:
 
     recipe = out / "assets" / "recipe.toml"
     try:
-        if out.exists() and not out.is_dir():
-            raise RecipeError(f"--output-dir {out}: is a file, not a folder; give a new or empty folder")
+        unusable = folder_problem(out)
+        if unusable:
+            raise RecipeError(f"--output-dir {shown(out)}: {unusable}; give a new or empty folder")
         if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
             written = recipe.is_file() and recipe.read_text(encoding="utf-8", errors="replace").startswith(
                 "# Written by `lora-run demo`")          # a demo folder from before the mark existed
@@ -140,7 +157,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    out = Path(output_dir).resolve()
+    out = resolved(output_dir)
     _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):

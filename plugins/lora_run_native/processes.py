@@ -53,7 +53,8 @@ def launch_all(ctx: RunContext, output_dir: str | None, overwrite: bool) -> RunC
 
     ctx.run_dir = RunDir(output_path(ctx.recipe, output_dir))
     launch(ctx.recipe.train.gpus, relaunch_command(ctx, ctx.run_dir.path, overwrite), ctx, overwrite=overwrite)
-    ctx.artifacts.update(ctx.run_dir.read_manifest().get("artifacts") or {})
+    artifacts = ctx.run_dir.read_manifest().get("artifacts")
+    ctx.artifacts.update(artifacts if isinstance(artifacts, dict) else {})
     return ctx
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from lora_run import __version__
 from lora_run.errors import LoraRunError, OutputError
-from lora_run.files import FileProblem, printable, read_limited, shown
+from lora_run.files import FileProblem, printable, read_limited, resolved, shown
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
 
@@ -134,6 +134,67 @@ def _ours_only(entry: Path) -> bool:
                                                             and entry.is_file() and not entry.is_symlink())
 
 
+#: What runs write at the top of a run folder besides the files their manifest names (the final LoRA): the
+#: run's own records, the cache, checkpoints, samples, TensorBoard logs, the evaluation, the LoRA in diffusers
+#: layout and the external backends' working folders.
+RUN_ENTRIES = {MANIFEST, RECIPE, LOG, DATASET_RECORD, "cache", "checkpoints", "samples", "logs", "eval", "diffusers",
+               "kohya", "diffusion-pipe"}
+
+
+def _recorded_names(path: Path, node: Any) -> set[str]:
+    """The top-level names under ``path`` of the file paths a manifest records (its artifacts)."""
+    if isinstance(node, dict):
+        return set().union(*(_recorded_names(path, v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(_recorded_names(path, v) for v in node)) if node else set()
+    if isinstance(node, str) and node.startswith(str(path) + os.sep):
+        return {node[len(str(path)) + 1:].split(os.sep, 1)[0]}
+    return set()
+
+
+#: The manifest key listing the top-level entries the folder's runs wrote (any backend's, a third party's too).
+WRITTEN = "written"
+
+
+def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:
+    """The entries of a run folder that no run wrote (a user's notes, a folder of their own): `--overwrite`
+    would delete them with the old run. A run's entries are those its manifest lists as written (or, in a folder
+    from before that list, names the manifest's artifacts) and the fixed ones above; an evaluation `lora-run eval`
+    wrote next to the final LoRA is a run's too."""
+    written = manifest.get(WRITTEN)
+    recorded = _recorded_names(path, manifest.get("artifacts")) | (
+        {n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
+    out = []
+    for entry in existing:
+        if entry.name in RUN_ENTRIES or entry.name in recorded or _ours_only(entry):
+            continue
+        if entry.name.startswith("eval-") and entry.is_dir() and not entry.is_symlink() and any(
+                (entry / name).is_file() for name in ("metrics.json", "report.html")):
+            continue
+        out.append(entry)
+    return sorted(out, key=lambda e: e.name)
+
+
+#: What a resumed run writes again: each must still be a regular file, or a folder, where it is there at all.
+_RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
+_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers")
+
+
+def _misshapen(path: Path) -> list[str]:
+    """The run's own entries that are no longer what runs write (a folder where the manifest was, a file where
+    the checkpoints go, a link), each named."""
+    out = []
+    for name in _RUN_FILES:
+        entry = path / name
+        if os.path.lexists(entry) and (entry.is_symlink() or not entry.is_file()):
+            out.append(f"{name} is not a regular file")
+    for name in _RUN_FOLDERS:
+        entry = path / name
+        if os.path.lexists(entry) and (entry.is_symlink() or not entry.is_dir()):
+            out.append(f"{name} is not a folder")
+    return out
+
+
 class RunDir:
     """A run's output folder."""
 
@@ -145,6 +206,7 @@ class RunDir:
         self.resumed = False
         self.manifest_written = False
         self.started = time.time()
+        self.found: set[str] = set()    # top-level names that were there before this run (never recorded as written)
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None:
         """Create and lock the folder; refuse a non-empty one unless resuming or told to overwrite, and
@@ -158,12 +220,17 @@ class RunDir:
             existing = [c for c in p.iterdir() if not _ours_only(c)] if p.is_dir() else []
         except OSError as exc:
             raise OutputError(f"{shown(p)}: cannot read the output folder ({exc.strerror})") from None
+        self.found = {c.name for c in existing}
         if resume:
             # a run killed between writing recipe.toml and its first manifest is still resumable
             if not (p / MANIFEST).is_file() and not (p / RECIPE).is_file():
                 raise OutputError(f"{shown(p)}: nothing to resume (no {MANIFEST}); start without --resume")
             if not is_run_folder(p):
                 raise OutputError(f"{shown(p)}: nothing to resume: {MANIFEST} there was not written by lora-run")
+            misshapen = _misshapen(p)
+            if misshapen:   # the run would train and then fail writing there (exit 1); nothing is touched now
+                raise OutputError(f"{shown(p)}: cannot resume: {'; '.join(misshapen)} (not as lora-run wrote it); "
+                                  "restore it, or start a new run with --output-dir")
             self._lock()
         elif existing and not overwrite:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
@@ -176,6 +243,11 @@ class RunDir:
                 raise OutputError(f"{shown(p)}: --overwrite replaces only a run folder lora-run created (one with "
                                   f"its {MANIFEST}); this folder holds other files ({_entries(existing)}) and is "
                                   "left alone; choose another --output-dir")
+            foreign = foreign_entries(p, existing, self.read_manifest())
+            if foreign:
+                names = ", ".join(shown(e.name) for e in foreign[:8]) + (", …" if len(foreign) > 8 else "")
+                raise OutputError(f"{shown(p)}: --overwrite would delete {_entries(foreign)} no lora-run run wrote "
+                                  f"there ({names}); move them out of the run folder, or choose another --output-dir")
             self._lock()             # refuses while another run uses it
             self._clear()
         else:
@@ -216,6 +288,7 @@ class RunDir:
         except OSError as exc:
             raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
         self.created = True
+        self.found = set()
         try:
             self._lock()
         except OutputError as exc:
@@ -280,8 +353,17 @@ class RunDir:
             else:
                 data[key] = value
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        data[WRITTEN] = self._written(data.get(WRITTEN))
         atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         return data
+
+    def _written(self, before: Any) -> list[str]:
+        """The top-level entries runs wrote here: those recorded before, and what appeared since this run began
+        (what was there already, a user's file added between a run and its --resume, is never counted)."""
+        names = {n for n in before if isinstance(n, str)} if isinstance(before, list) else set()
+        with contextlib.suppress(OSError):
+            names |= {c.name for c in self.path.iterdir() if not _ours_only(c)} - self.found
+        return sorted(names)
 
     def log(self, message: str) -> None:
         """Append to run.log; the log is informative, so a failed append (a full disk) is not an error."""
@@ -298,7 +380,7 @@ class RunDir:
         recipe, loaded = prepared.recipe, prepared.loaded
         self.started, self.resumed = time.time(), resume
         if resume:
-            cache = Path(recipe.train.cache_dir).resolve() if recipe.train.cache_dir else None
+            cache = resolved(recipe.train.cache_dir) if recipe.train.cache_dir else None
             if cache is None or self.path in cache.parents:   # a shared cache may have live writers
                 for tmp in remove_temp_files(self.path):
                     self.log(f"removed the temporary file of an interrupted write: {tmp.name}")
@@ -309,9 +391,13 @@ class RunDir:
         manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if resume:
             before = self.read_manifest()
-            manifest["resumed_at"] = [*before.get("resumed_at", []), manifest.pop("started_at")]
+
+            def earlier(key: str) -> list[Any]:   # a damaged manifest's value is dropped, not trusted
+                value = before.get(key)
+                return value if isinstance(value, list) else []
+            manifest["resumed_at"] = [*earlier("resumed_at"), manifest.pop("started_at")]
             if allow_dataset_change:
-                manifest["dataset_change_allowed_at"] = [*before.get("dataset_change_allowed_at", []),
+                manifest["dataset_change_allowed_at"] = [*earlier("dataset_change_allowed_at"),
                                                          manifest["resumed_at"][-1]]
         self.update_manifest(**manifest)
         self.manifest_written = True

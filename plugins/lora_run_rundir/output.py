@@ -5,18 +5,33 @@ import os
 from pathlib import Path
 
 from lora_run.errors import OutputError
-from lora_run.files import shown
+from lora_run.files import resolved, shown
 from lora_run.recipe import LoadedRecipe
 from lora_run.schema import Recipe
 
 from .folder import RECIPE
 
 
+def folder_problem(path: Path | str) -> str | None:
+    """Why ``path`` can neither be used nor be created as a folder, or None: it is a file, a dangling link or a
+    link loop, or the way to it runs through something that is not a folder (so `mkdir` would fail later)."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "is a dangling link or a symlink loop"
+    if os.path.exists(path):
+        return None if os.path.isdir(path) else "exists and is not a folder"
+    for parent in Path(path).parents:
+        if os.path.lexists(parent):
+            if os.path.isdir(parent):
+                return None
+            return f"cannot be created: {shown(parent)} is not a folder (a file, a dangling link or a symlink loop)"
+    return None
+
+
 def output_path(recipe: Recipe, override: str | None) -> Path:
     """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``."""
     if override:
-        return Path(os.path.expanduser(override)).resolve()
-    return Path(recipe.output.dir.replace("{name}", recipe.output.name)).resolve()
+        return resolved(os.path.expanduser(override))
+    return resolved(recipe.output.dir.replace("{name}", recipe.output.name))
 
 
 def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
@@ -32,7 +47,7 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
         if not isinstance(value, str) or not value:    # an optional path left unset (a dataset type without one)
             continue
         try:
-            found.append((key, Path(value).resolve()))
+            found.append((key, resolved(value)))
         except (OSError, ValueError, RuntimeError):
             continue
     return found
@@ -50,10 +65,11 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         return [f"{where}: not a usable folder path ({exc})"]
     problems = []
     try:
-        if path.exists() and not path.is_dir():
-            problems.append(f"{where}: {shown(path)} exists and is not a folder")
+        unusable = folder_problem(path)
     except OSError as exc:     # e.g. a name too long for the file system
         return [f"{where}: not a usable folder path ({exc.strerror or exc})"]
+    if unusable:
+        problems.append(f"{where}: {shown(path)} {unusable}")
     cwd = Path.cwd().resolve()
     if path in cwd.parents:
         problems.append(f"{where}: the run folder {shown(path)} contains the working folder; a run needs a folder "
@@ -62,12 +78,20 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         problems.append(f"{where}: --overwrite would replace the working folder {shown(path)}; run from outside it")
     if recipe_file is not None:
         try:
-            own = recipe_file.resolve()
+            own = resolved(recipe_file)
         except (OSError, RuntimeError):
             own = None
         if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
             problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
                             "recipes outside run folders (--overwrite would delete it)")
+    cache = recipe.train.cache_dir
+    if cache:
+        try:
+            unusable = folder_problem(resolved(cache))
+        except (OSError, ValueError) as exc:
+            unusable = f"is not a usable folder path ({getattr(exc, 'strerror', None) or exc})"
+        if unusable:   # the run would load the model, then crash writing its first cache entry
+            problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): {unusable}")
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
             problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
@@ -78,6 +102,14 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
 def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
     problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
     if problems:
-        err = OutputError("\n".join(p.replace("{file}", loaded.problems().file_for(("output", "dir"))) for p in problems))
+        files = {"{file}": loaded.problems().file_for(("output", "dir")),
+                 "{cache_file}": loaded.problems().file_for(("train", "cache_dir"))}
+        err = OutputError("\n".join(_named(p, files) for p in problems))
         err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
         raise err
+
+
+def _named(problem: str, files: dict[str, str]) -> str:
+    for mark, name in files.items():
+        problem = problem.replace(mark, name)
+    return problem

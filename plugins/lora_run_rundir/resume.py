@@ -57,6 +57,8 @@ def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> li
     out = []
     for key in sorted(set(saved) | set(now)):
         old, new = saved.get(key), now.get(key)
+        if old is not None and not isinstance(old, dict):   # a damaged record: it cannot vouch for this image
+            old = {}
         if old is None:
             out.append(f"added image {shown(key)}")
         elif new is None:
@@ -80,7 +82,8 @@ def check_dataset_unchanged(run_dir: RunDir, report: Any, shown_recipe: str) -> 
         if isinstance(saved, dict):
             changes = dataset_changes(saved, report.files)
     if not changes:
-        old_hash = run_dir.read_manifest().get("dataset", {}).get("hash")
+        recorded = run_dir.read_manifest().get("dataset")
+        old_hash = recorded.get("hash") if isinstance(recorded, dict) else None
         if old_hash and old_hash != report.dataset_hash and not record.is_file():
             changes = ["the dataset hash differs (this run folder has no per-file record to name the files)"]
     if changes:

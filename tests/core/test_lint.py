@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_run.dataset import ERROR, INFO, WARNING
@@ -148,3 +149,21 @@ def test_missing_or_unusable_regularisation_folder_is_a_dataset_error(write_reci
             assert "no-reg-folder" not in text, text
         else:
             assert out.returncode == code and "dataset.regularization[0].path: folder not found" in text, text
+
+
+@pytest.mark.parametrize("what", ["missing", "a-file", "too-long"])
+def test_a_dataset_path_that_is_no_folder_is_named_by_its_key(write_recipe, tmp_path, what, capsys):
+    """`dataset.path` that does not exist or is a file: the lint names the key and says which (it said "no images
+    found in …", as for an empty folder); a regularisation path that is a file says so too."""
+    from lora_run.cli import main
+
+    afile = tmp_path / "afile.png"
+    afile.write_bytes(b"\x89PNG")
+    path = {"missing": tmp_path / "nope", "a-file": afile, "too-long": "x" * 300}[what]
+    code = main(["check", str(write_recipe(GOOD)), "--set", f'dataset.path="{path}"',
+                 "--set", f'dataset.regularization=[{{path="{afile}"}}]'])
+    text = capsys.readouterr().out
+    assert code == 2
+    expected = "is not a folder" if what == "a-file" else "folder not found"
+    assert f"dataset.path: {expected}: " in text and "no images found" not in text, text
+    assert f"dataset.regularization[0].path: is not a folder: {afile}" in text, text

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError
+from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError, TrainingInterrupted
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import load_recipe
 from lora_run.run import execute, validate
 
-from .conftest import GOOD
+from .conftest import ALL_FLUX, GOOD
 
 
 def quiet(_line):
@@ -47,9 +47,14 @@ def test_non_empty_output_is_never_overwritten(recording, write_recipe, tmp_path
     assert (out / "precious.safetensors").read_text() == "keep me"
     run = tmp_path / "run"
     execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), echo=quiet)
-    (run / "old-extra.txt").write_text("from the old run")
+    (run / "lora.txt").write_text("the old run's")                    # written by the (test) backend: replaced
+    (run / "user-notes.txt").write_text("mine")                        # added by the user: never deleted
+    with pytest.raises(OutputError, match=r"--overwrite would delete 1 entry no lora-run run wrote there \(user-notes"):
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), overwrite=True, echo=quiet)
+    assert (run / "user-notes.txt").read_text() == "mine"
+    (run / "user-notes.txt").unlink()
     execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(run), overwrite=True, echo=quiet)
-    assert not (run / "old-extra.txt").exists() and (run / "lora.txt").exists()
+    assert (run / "lora.txt").exists() and (run / "lora.txt").read_text() != "the old run's"
 
 
 def test_resume_needs_a_run_and_the_same_recipe(recording, write_recipe, tmp_path):
@@ -190,3 +195,50 @@ def test_without_a_run_folder_plugin_a_run_stops_with_a_clear_error(plugins_with
     with pytest.raises(PluginError, match="no installed plugin provides the run folder") as err:
         execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "o"), echo=quiet)
     assert err.value.exit_code == EXIT_BAD_INPUT and not (tmp_path / "o").exists()
+
+
+class SwallowedCtrlC:
+    """A backend whose plan meets Ctrl-C inside an import that a library turns into another error, as a
+    Ctrl-C during `import torch` / transformers' lazy imports does."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def plan(self):
+        import os
+        import signal
+        import time
+
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            if self.ctx.recipe.train.steps == 3:      # swallowed: a later import fails on the half-loaded module
+                pass
+            else:                                     # re-raised as an import error, the interrupt as its cause
+                raise ModuleNotFoundError("Could not import module 'GenerationMixin'")  # noqa: B904
+        raise ImportError("cannot import name 'nn' from partially initialized module 'torch'")
+
+    def run(self):  # pragma: no cover - plan never returns
+        raise AssertionError
+
+
+class SwallowingPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("swallowing", SwallowedCtrlC, capabilities={"flux.1-dev": ALL_FLUX})
+
+
+@pytest.mark.parametrize("steps", [3, 4], ids=["swallowed", "chained"])
+def test_ctrl_c_that_a_library_turns_into_an_import_error_is_an_interrupt(plugins_with, write_recipe, tmp_path,
+                                                                         steps):
+    """Ctrl-C while torch or transformers import ended as 'backend crashed: ImportError' (exit 1); it is an
+    interrupt (exit 130, manifest `interrupted`, the resume command named)."""
+    plugins = plugins_with(SwallowingPlugin())
+    recipe = load_recipe(write_recipe(GOOD.replace('backend = "recording"', 'backend = "swallowing"')),
+                         [f"train.steps={steps}"])
+    with pytest.raises(TrainingInterrupted, match="resume with: lora-run .* --resume --output-dir"):
+        execute(recipe, plugins, output_dir=str(tmp_path / "run"), echo=quiet)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "interrupted"
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # Python's own handler is back

@@ -23,6 +23,15 @@ def test_score_folders_human_and_json(run_cli, tmp_path, subject_dir):
     assert "data:image/jpeg;base64," in html and "<script" not in html
     again = run_cli("score", "--subject", subject_dir, "--images", images, "--report", tmp_path / "score.html")
     assert again.returncode == 2 and "exists; use --overwrite" in again.stderr
+    # --overwrite replaces our own report, never a file lora-run did not write (it was replaced by the HTML)
+    again = run_cli("score", "--subject", subject_dir, "--images", images, "--report", tmp_path / "score.html",
+                    "--overwrite")
+    assert again.returncode == 0, again.stderr
+    photo = next(p for p in sorted(images.iterdir()) if p.is_file())
+    kept = photo.read_bytes()
+    again = run_cli("score", "--subject", subject_dir, "--images", images, "--report", photo, "--overwrite")
+    assert again.returncode == 2 and "replaces only a report lora-run wrote" in again.stderr, again.stderr
+    assert photo.read_bytes() == kept
 
     done = run_cli("score", "--subject", subject_dir, "--images", images, "--json")
     assert done.returncode == 0, done.stderr

@@ -152,7 +152,7 @@ def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
     a_file.write_text("mine")
     result = run_cli("demo", "--output-dir", a_file)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "notes.txt: is a file, not a folder" in result.stderr and a_file.read_text() == "mine"
+    assert "notes.txt: exists and is not a folder" in result.stderr and a_file.read_text() == "mine"
 
     photos = tmp_path / "photos"
     (photos / "assets").mkdir(parents=True)
@@ -162,3 +162,27 @@ def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
     assert "did not write" in result.stderr
     assert sorted(p.name for p in photos.rglob("*")) == ["assets", "recipe.toml"]
     assert (photos / "assets" / "recipe.toml").read_text() == "# my own recipe\n"
+
+
+def test_a_demo_interrupted_while_building_leaves_nothing_half_built(tmp_path, monkeypatch):
+    """Ctrl-C while `lora-run demo` built its model left a folder with model_index.json and missing weights,
+    which every later `lora-run demo` reused (and failed on); the model and dataset now appear whole or not at all."""
+    import lora_run_flux.tiny as tiny
+    from lora_run_native import demo
+
+    real = tiny.build_tiny_flux
+
+    def interrupted(folder, seed=0):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model_index.json").write_text("{}")     # diffusers writes this first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "build_tiny_flux", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.build_demo(tmp_path / "assets")
+    assert not (tmp_path / "assets" / "tiny-flux").exists()
+    monkeypatch.setattr(tiny, "build_tiny_flux", real)
+    demo.build_demo(tmp_path / "assets")
+    assert (tmp_path / "assets" / "tiny-flux" / "transformer").is_dir()
+    assert len(list((tmp_path / "assets" / "data" / "subject").glob("*.png"))) == 12
+    assert [p.name for p in (tmp_path / "assets").iterdir() if p.name.startswith(".")] == []

@@ -321,3 +321,48 @@ def test_the_final_lora_is_written_before_the_final_samples(tiny_recipe, tmp_pat
     err = capsys.readouterr().err
     assert code == 1 and "sampling crashed" in err
     assert (run / "tiny.safetensors").is_file() and (run / "diffusers" / "tiny.safetensors").is_file()
+
+
+# ------------------------------------------------------------------- damaged records of the run folder itself
+def _manifest_edit(**fields):
+    def edit(run: Path) -> None:
+        data = json.loads((run / "manifest.json").read_text())
+        data.update(fields)
+        (run / "manifest.json").write_text(json.dumps(data))
+    return edit
+
+
+RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes on)
+    "manifest dataset a string": (_manifest_edit(dataset="x", resumed_at=5), None),
+    "manifest dataset a list": (_manifest_edit(dataset=[1, {"hash": 2}], artifacts=[3]), None),
+    "dataset.json entries not tables": (lambda run: (run / "dataset.json").write_text(
+        json.dumps({"files": {"subject/img000.png": "x", "subject/img001.png": [1]}})), "dataset changed"),
+    "manifest a folder": (lambda run: ((run / "manifest.json").unlink(), (run / "manifest.json").mkdir()),
+                          "manifest.json is not a regular file"),
+    "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
+                           "checkpoints is not a folder"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(RECORD_DAMAGE))
+def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_run, tmp_path, capsys, damage,
+                                                                          figures):
+    """A manifest or dataset record whose values have the wrong JSON type crashed `--resume` with "unexpected
+    AttributeError" (exit 1); a folder where the manifest was, or a file where checkpoints go, let the resume
+    train and then fail writing there (exit 1). Now the wrong types are not trusted (a damaged dataset record
+    counts as a changed dataset), and misshapen entries are refused before anything runs (exit 2, named)."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    hurt, named = RECORD_DAMAGE[damage]
+    hurt(run)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    err = capsys.readouterr().err
+    assert "unexpected" not in err and "Traceback" not in err, err
+    if named is None:
+        assert code == 0, err
+        assert _status(run) == "completed"
+    else:
+        assert code == 2 and named in err, err
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before    # nothing written
+    figures("resume integrity", cases=1, faults=1)

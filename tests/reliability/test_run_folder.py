@@ -289,3 +289,31 @@ def test_two_runs_started_at_once_on_one_folder(tiny_recipe, tmp_path, figures):
     assert "Traceback" not in loser
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     figures("run-folder lock", cases=1, faults=1)
+
+
+@pytest.mark.slow
+def test_overwrite_of_our_run_folder_keeps_what_the_user_put_in_it(tiny_recipe, tmp_path, capsys, figures):
+    """`--overwrite` replaces a run lora-run created, but a file or folder a user added to it (notes, a folder of
+    picked samples) was deleted with the old run; it is now refused, naming them, and nothing is touched. What
+    runs write there (the final LoRA the manifest names, the cache, checkpoints, an evaluation) is replaced."""
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    assert main([str(recipe), "--output-dir", str(run)]) == 0
+    evaluation = run / "eval-tiny"                                   # what `lora-run eval` writes by default
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("which step looked best")
+    (run / "picked").mkdir()
+    (run / "picked" / "best.png").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    capsys.readouterr()
+    code = main([str(recipe), "--output-dir", str(run), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite would delete 2 entries no lora-run run wrote there (notes.txt, picked)" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"} == before
+    (run / "notes.txt").unlink()
+    (run / "picked" / "best.png").unlink()
+    (run / "picked").rmdir()
+    assert main([str(recipe), "--output-dir", str(run), "--overwrite"]) == 0, capsys.readouterr().err
+    assert (run / "tiny.safetensors").is_file() and not evaluation.exists()
+    figures("run-folder safety", cases=2, faults=2)
