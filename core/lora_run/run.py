@@ -353,7 +353,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     run_dir.prepare(overwrite=overwrite, resume=resume)
     ctx: RunContext | None = None
     status, error, began = "failed", None, False
-    previous_term, ctrl_c = None, CtrlC()
+    signals = Signals()
     try:
         run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
         if process.launched:
@@ -366,7 +366,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
             run_dir.write_text(rel, content)
         run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
                                       "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
-        previous_term = install_sigterm()
+        signals.term()
         began = True
         ctx.hook.run_started(run=ctx)
         backend.run()
@@ -385,7 +385,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
-        if ctrl_c.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
+        if signals.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
             status, error = "interrupted", TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} "
                                                                f"--resume --output-dir {run_dir.path}")
             raise error from None
@@ -395,9 +395,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
-        ctrl_c.restore()
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        signals.restore()
         run_dir.finish(status, error, ctx.artifacts if ctx is not None else {}, echo)
         if ctx is not None and began:
             try:
@@ -416,18 +414,26 @@ def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Calla
     return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
 
 
-class CtrlC:
-    """Python's Ctrl-C handler, also recording that Ctrl-C arrived (a library may swallow the KeyboardInterrupt)."""
+class Signals:
+    """Ctrl-C (where Python's own handler is installed) and, from ``term()`` on, SIGTERM raise KeyboardInterrupt
+    and are recorded: a library may swallow the interrupt or re-raise it as another error (``caused``)."""
 
     def __init__(self) -> None:
-        self.arrived, self.previous = False, None
-        with contextlib.suppress(ValueError):   # not the main thread
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                self.previous = signal.signal(signal.SIGINT, self._on_int)
+        self.arrived, self.previous = False, {}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._install(signal.SIGINT)
 
-    def _on_int(self, signum: int, frame: Any) -> None:
+    def _install(self, signum: int) -> None:
+        with contextlib.suppress(ValueError):   # not the main thread
+            self.previous[signum] = signal.signal(signum, self._interrupt)
+
+    def _interrupt(self, _signum: int, _frame: Any) -> None:
         self.arrived = True
-        signal.default_int_handler(signum, frame)
+        raise KeyboardInterrupt
+
+    def term(self) -> None:
+        """SIGTERM ends the run as Ctrl-C does (a resumable state is saved)."""
+        self._install(signal.SIGTERM)
 
     def caused(self, exc: BaseException | None) -> bool:
         while exc is not None and not isinstance(exc, KeyboardInterrupt):   # raised from / while handling it
@@ -435,16 +441,5 @@ class CtrlC:
         return self.arrived or exc is not None
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def install_sigterm() -> Any:
-    """SIGTERM ends the run as Ctrl-C does (a resumable state is saved); returns the previous handler."""
-    def on_term(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        return signal.getsignal(signal.SIGTERM)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)

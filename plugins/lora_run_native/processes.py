@@ -12,13 +12,12 @@ Core hands a run to :meth:`NativeBackend.run_processes` in two cases:
 """
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
 from lora_run.errors import TrainingInterrupted
 from lora_run_rundir import RunDir, output_path
-from lora_run.run import RunContext, install_sigterm
+from lora_run.run import RunContext, Signals
 
 
 class FollowerRunDir(RunDir):
@@ -61,11 +60,12 @@ def launch_all(ctx: RunContext, output_dir: str | None, overwrite: bool) -> RunC
 def follow(ctx: RunContext, output_dir: str | None) -> RunContext:
     """A rank other than 0 of a launched run: it trains its share and writes nothing."""
     ctx.run_dir = FollowerRunDir(output_path(ctx.recipe, output_dir))
-    previous_term = install_sigterm()
+    signals = Signals()
+    signals.term()
     try:
         ctx.backend.factory(ctx).run()
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted") from None
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        signals.restore()
     return ctx
