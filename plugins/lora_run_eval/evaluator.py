@@ -502,10 +502,12 @@ def cmd_score(args: Any, plugins: Any) -> int:
     if report_path is not None and report_path.exists() and not is_report(report_path):
         raise OutputError(f"--report {shown(report_path)}: --overwrite replaces only a report lora-run wrote; this file "
                           "is something else and is left alone")
-    if report_path is not None and (os.path.islink(report_path) and not report_path.exists()
-                                    or folder_problem(report_path.parent)):
-        raise OutputError(f"--report {shown(report_path)}: " + (f"the folder {folder_problem(report_path.parent)}"
-                          if folder_problem(report_path.parent) else "is a dangling link or a symlink loop"))
+    if report_path is not None:
+        unusable = folder_problem(report_path.parent)
+        if unusable:
+            raise OutputError(f"--report {shown(report_path)}: the folder {unusable}")
+        if os.path.islink(report_path) and not report_path.exists():
+            raise OutputError(f"--report {shown(report_path)}: is a dangling link or a symlink loop")
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
     echo = (lambda _m: None) if args.json else print
     samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]

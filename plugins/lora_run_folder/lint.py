@@ -49,7 +49,7 @@ def _not_a_folder(path: str) -> str | None:
     found", not a crash)."""
     if os.path.isdir(path):
         return None
-    return "is not a folder" if os.path.lexists(path) and os.path.exists(path) else "folder not found"
+    return "is not a folder" if os.path.exists(path) else "folder not found"
 
 
 def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = None) -> LintReport:
@@ -60,8 +60,9 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     trigger = d.trigger.strip()
     subject = [i for i in items if not i.is_reg]
     report.counts = {"subject images": len(subject), "regularisation images": len(items) - len(subject)}
-    if not subject and d.path is not None and _not_a_folder(d.path):
-        report.add(ERROR, "no-folder", f"dataset.path: {_not_a_folder(d.path)}: {shown(d.path)}")
+    missing = _not_a_folder(d.path) if not subject and d.path is not None else None
+    if missing:
+        report.add(ERROR, "no-folder", f"dataset.path: {missing}: {shown(d.path)}")
     elif not subject:
         report.add(ERROR, "no-images", f"no images found in {shown(d.path) if d.path is not None else 'the dataset'} "
                    "(looked for .jpg .jpeg .png .webp .bmp)")
@@ -69,9 +70,9 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
         report.add(WARNING, "few-images", f"only {len(subject)} subject images; the playbook asks for 15–30 "
                    f"with mixed angles, lighting and framing (threshold: dataset.min_images = {d.min_images})")
     for n, reg in enumerate(d.regularization):
-        if _not_a_folder(reg.path):
-            report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: {_not_a_folder(reg.path)}: "
-                       f"{shown(reg.path)}")
+        missing = _not_a_folder(reg.path)
+        if missing:
+            report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: {missing}: {shown(reg.path)}")
     digest = hashlib.sha256()
     seen_exact: dict[str, Path] = {}
     seen_near: list[tuple[int, Path]] = []

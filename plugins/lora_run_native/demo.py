@@ -13,6 +13,7 @@ Everything is deterministic and offline. It shows the pipeline end to end; it do
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_run.errors import BackendError
@@ -81,7 +82,7 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
     return subject, reg
 
 
-def _build_whole(target: Path, build: object) -> None:
+def _build_whole(target: Path, build: Callable[[Path], object]) -> None:
     """``build(folder)`` into a temporary sibling, renamed to ``target`` when complete: a demo interrupted while
     building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. Only
     called inside the demo's own folder, so an earlier incomplete ``target`` is the demo's and is replaced."""
@@ -89,7 +90,7 @@ def _build_whole(target: Path, build: object) -> None:
 
     building = target.with_name(f".{target.name}.building")
     shutil.rmtree(building, ignore_errors=True)
-    build(building)                                            # type: ignore[operator]
+    build(building)
     if target.exists():
         shutil.rmtree(target)
     building.rename(target)

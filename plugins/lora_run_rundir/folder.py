@@ -134,19 +134,20 @@ def _ours_only(entry: Path) -> bool:
                                                             and entry.is_file() and not entry.is_symlink())
 
 
+#: The run's own records and folders at the top of a run folder (the cache, checkpoints, samples, TensorBoard logs,
+#: the evaluation, the LoRA in diffusers layout): a resumed run writes them again, so each must still be a regular
+#: file, or a folder, where it is there at all.
+_RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
+_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers")
 #: What runs write at the top of a run folder besides the files their manifest names (the final LoRA): the
-#: run's own records, the cache, checkpoints, samples, TensorBoard logs, the evaluation, the LoRA in diffusers
-#: layout and the external backends' working folders.
-RUN_ENTRIES = {MANIFEST, RECIPE, LOG, DATASET_RECORD, "cache", "checkpoints", "samples", "logs", "eval", "diffusers",
-               "kohya", "diffusion-pipe"}
+#: above and the external backends' working folders.
+RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS, "kohya", "diffusion-pipe"}
 
 
 def _recorded_names(path: Path, node: Any) -> set[str]:
     """The top-level names under ``path`` of the file paths a manifest records (its artifacts)."""
-    if isinstance(node, dict):
-        return set().union(*(_recorded_names(path, v) for v in node.values())) if node else set()
-    if isinstance(node, list):
-        return set().union(*(_recorded_names(path, v) for v in node)) if node else set()
+    if isinstance(node, (dict, list)):
+        return set().union(*(_recorded_names(path, v) for v in (node.values() if isinstance(node, dict) else node)))
     if isinstance(node, str) and node.startswith(str(path) + os.sep):
         return {node[len(str(path)) + 1:].split(os.sep, 1)[0]}
     return set()
@@ -173,11 +174,6 @@ def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) 
             continue
         out.append(entry)
     return sorted(out, key=lambda e: e.name)
-
-
-#: What a resumed run writes again: each must still be a regular file, or a folder, where it is there at all.
-_RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
-_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers")
 
 
 def _misshapen(path: Path) -> list[str]:

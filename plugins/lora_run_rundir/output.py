@@ -48,7 +48,7 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
             continue
         try:
             found.append((key, resolved(value)))
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError):
             continue
     return found
 
@@ -61,7 +61,7 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
     where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
     try:
         path = output_path(recipe, override)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError) as exc:
         return [f"{where}: not a usable folder path ({exc})"]
     problems = []
     try:
@@ -79,7 +79,7 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
     if recipe_file is not None:
         try:
             own = resolved(recipe_file)
-        except (OSError, RuntimeError):
+        except OSError:
             own = None
         if own is not None and path in own.parents and own != path / RECIPE:   # our own copy may be re-run
             problems.append(f"{where}: the run folder {shown(path)} contains the recipe file {shown(own)}; keep "
@@ -102,8 +102,8 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
 def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
     problems = output_problems(loaded.recipe, override, overwrite, loaded.path)
     if problems:
-        files = {"{file}": loaded.problems().file_for(("output", "dir")),
-                 "{cache_file}": loaded.problems().file_for(("train", "cache_dir"))}
+        named = loaded.problems()
+        files = {"{file}": named.file_for(("output", "dir")), "{cache_file}": named.file_for(("train", "cache_dir"))}
         err = OutputError("\n".join(_named(p, files) for p in problems))
         err.problems = str(err).splitlines()   # type: ignore[attr-defined]  (--json lists each)
         raise err

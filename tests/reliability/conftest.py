@@ -69,6 +69,18 @@ tensorboard = false
 FIGURES: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
 
+def run_cli(argv, capsys, never: str):
+    """``lora-run ARGV`` in this process: (exit code, everything it printed), which must hold neither a traceback
+    nor ``never``."""
+    from lora_run.cli import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text and never not in text, text[-2000:]
+    return code, text
+
+
 @pytest.fixture
 def figures():
     """``figures(area, cases=0, faults=0, lost=0)`` adds to the suite's totals."""

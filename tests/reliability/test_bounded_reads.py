@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.cli import main
 from lora_run.files import LIMITS
+
+from .conftest import run_cli
 
 BIG = 4 << 30   # sparse: no disk space used
 
@@ -22,11 +23,7 @@ def _sparse(path: Path, size: int = BIG) -> Path:
 
 
 def _run(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    assert "Traceback" not in text and "MemoryError" not in text, text[-2000:]
-    return code, text
+    return run_cli(argv, capsys, never="MemoryError")
 
 
 def test_captions_and_images_that_are_not_small_regular_files(tiny_recipe, small_dataset, tmp_path, capsys,

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.cli import main
+from .conftest import run_cli
 
 
 def _run(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    assert "Traceback" not in text and "unexpected" not in text, text[-2000:]
-    return code, text
+    return run_cli(argv, capsys, never="unexpected")
 
 
 @pytest.fixture
