@@ -33,12 +33,14 @@ CUDA_GRAPH_MAX_TOKENS = 2048     # measured: 512² batch 1 runs 1.46× faster wi
 #: bucket and its transpose share graphs) up to which speed mode replays CUDA graphs; the shapes' graphs share
 #: one memory pool (only one shape's replay is live at a time)
 CUDA_GRAPH_MAX_BUCKETS = 8
-#: Measured on an H200 (bench/results/gpu-acceptance-20261202-1614.json, the shipped fast recipe's 5 buckets =
-#: 3 token counts, 100 steps, full-size FLUX.1): CUDA graphs cut the steady step from 0.397 s to about 0.2 s but
-#: the first ten steps took 191 s instead of about 62 s (recording every block's graphs for each token count:
-#: about 43 s each). With several shapes, `auto` replays graphs only where the run wins that time back.
-CUDA_GRAPH_RECORD_S_PER_SHAPE = 43.0
-CUDA_GRAPH_SAVED_S_PER_STEP = 0.2
+#: Measured on an H200 (bench/results/gpu-acceptance-20261203-092015.json and …-092325.json, one machine, one
+#: commit: the shipped fast recipe's 5 buckets = 3 token counts, 100 steps, full-size FLUX.1): CUDA graphs cut
+#: the steady step from 0.318 s to 0.153 s (0.165 s saved) but start-up (compilation, and the recording of
+#: every block's graphs for each token count) took 160 s instead of 17 s: about 48 s per token count, warm
+#: compile caches or cold alike. With several shapes, `auto` replays graphs only where the run wins that time
+#: back (3 token counts: from about 870 steps).
+CUDA_GRAPH_RECORD_S_PER_SHAPE = 48.0
+CUDA_GRAPH_SAVED_S_PER_STEP = 0.165
 #: LoRA dropout keeps each LoRA layer's dropped input for the backward: bytes per element (compiled: the bf16
 #: copy, measured as the whole of the high-fidelity FLUX.1 recipe's excess over the model without it, 8.2 GiB
 #: at 768²; eager also keeps the boolean mask)
@@ -54,7 +56,7 @@ def graph_shapes(family: str, sizes: set[tuple[int, int]] | list[tuple[int, int]
 
 
 def graphs_pay_off(buckets: int, steps: int | None) -> bool:
-    """Several graph shapes: each records its graphs once (measured ~43 s); a replayed step saves ~0.2 s."""
+    """Several graph shapes: each records its graphs once (measured ~48 s); a replayed step saves ~0.165 s."""
     if buckets <= 1 or steps is None:
         return True
     return steps * CUDA_GRAPH_SAVED_S_PER_STEP >= buckets * CUDA_GRAPH_RECORD_S_PER_SHAPE

@@ -381,3 +381,29 @@ def test_placement_without_offload_quantises_everything_in_place():
     with pytest.raises(ValueError, match="fp8"):
         accel.place_frozen_weights(tiny_flux_with_lora(), accel.PerfPlan("low-vram", offload_blocks=1), "cpu",
                                    torch.bfloat16)
+
+
+def test_cuda_graph_trade_off_follows_the_measured_runs():
+    """`auto`'s CUDA-graph rule uses the costs measured on one H200 (two rows of the fast recipe, same machine and
+    commit, with and without graphs): the step time graphs save and the start-up they add per token count. Start-up
+    = compilation + the part of the training phase that is not steady steps (where the graphs are recorded)."""
+    rows = {}
+    for name in ("gpu-acceptance-20261203-092015.json", "gpu-acceptance-20261203-092325.json"):
+        row = json.loads((RESULTS / name).read_text())["rows"][0]
+        rows[row["id"]] = row
+    graphs, plain = rows["whole-flux-fast-recipe-short"], rows["whole-flux-fast-recipe-short-nographs"]
+
+    def start_up(row):
+        t = row["timing"]
+        return t["compile_s"] + t["train_s"] - t["steps"] * t["step_s"]
+
+    saved = plain["step_s"] - graphs["step_s"]
+    shapes = 3                                  # the recipe's 5 buckets carry 3 token counts
+    per_shape = (start_up(graphs) - start_up(plain)) / shapes
+    assert perfmodel.CUDA_GRAPH_SAVED_S_PER_STEP == pytest.approx(saved, rel=0.05)
+    assert perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE == pytest.approx(per_shape, rel=0.05)
+    # the decision at its boundary: 3 token counts pay off from about 870 steps; one shape always does
+    breakeven = shapes * per_shape / saved
+    assert perfmodel.graphs_pay_off(shapes, int(breakeven * 1.05)) and perfmodel.graphs_pay_off(shapes, 1500)
+    assert not perfmodel.graphs_pay_off(shapes, int(breakeven * 0.95)) and not perfmodel.graphs_pay_off(shapes, 100)
+    assert perfmodel.graphs_pay_off(1, 10)
