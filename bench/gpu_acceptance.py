@@ -38,6 +38,7 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -303,9 +304,22 @@ def _launch(row: dict[str, Any], assets: dict[str, Path], work: Path, recipe_pat
     return proc, out, log
 
 
-def _wait(proc: subprocess.Popen, timeout: int) -> int:
+#: ``--deadline``: the time (``time.monotonic()``) by which every row must have ended, so that a device call's own
+#: limit never kills the bench before it has written what a stopped row measured (None: no deadline)
+DEADLINE: float | None = None
+DEADLINE_MARGIN_S = 20.0
+
+
+def _limit(timeout: float) -> float:
+    """A row's timeout cut to what the deadline leaves (minus a margin for writing its result)."""
+    if DEADLINE is None:
+        return timeout
+    return max(0.0, min(timeout, DEADLINE - time.monotonic() - DEADLINE_MARGIN_S))
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
-        return proc.wait(timeout=timeout)
+        return proc.wait(timeout=_limit(timeout))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -326,6 +340,60 @@ def _tail(log: Path, lines: int = 12) -> str:
         return ""
 
 
+_LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d) (.*)$")
+_STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
+
+
+def run_log_phases(path: Path) -> dict[str, Any]:
+    """What a run's ``run.log`` says about its phases when the run did not finish (the manifest's ``timing`` is
+    written at the end): seconds from the start to the written cache, from there to the 10th logged step
+    (load, compilation and CUDA-graph recording), the logged steps' span and the sample/checkpoint rounds inside
+    it, the steady step time (steps between two progress lines with no round in between) and when the final LoRA
+    was written. Times are the log's whole seconds, so each figure is good to about a second."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    events: list[tuple[float, str]] = []
+    day = 0.0
+    for line in lines:
+        m = _LOG_LINE.match(line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3]) + day
+        if events and t < events[-1][0]:         # past midnight
+            day += 86400.0
+            t += 86400.0
+        events.append((t, m[4]))
+    if not events:
+        return {}
+    start = events[0][0]
+    out: dict[str, Any] = {}
+    steps = [(t, int(m[1])) for t, text in events if (m := _STEP_LINE.match(text))]
+    cache = next((t for t, text in events if text.startswith("cache:")), None)
+    if cache is not None:
+        out["start_to_cache_s"] = cache - start
+    if steps:
+        out["last_step"] = steps[-1][1]
+        first = next(((t, n) for t, n in steps if n >= 10), steps[0])
+        if cache is not None:
+            out["cache_to_step10_s"] = first[0] - cache
+        out["steps_span_s"] = steps[-1][0] - first[0]
+        rounds = sorted(t for t, text in events if text.startswith(("checkpoint ", "samples for step ")))
+        steady = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(steps, steps[1:])
+                  if b[1] > a[1] and not any(a[0] <= r <= b[0] for r in rounds)]
+        if steady:
+            per_step = sum(steady) / len(steady)
+            out["step_s"] = round(per_step, 4)
+            stepped = out["steps_span_s"]
+            out["rounds_s"] = round(stepped - per_step * (steps[-1][1] - first[1]), 1)
+    written = next((t for t, text in events if text.startswith("LoRA written")), None)
+    if written is not None:
+        out["to_lora_written_s"] = written - start
+    out["logged_s"] = events[-1][0] - start
+    return out
+
+
 def _summary(row: dict[str, Any], rc: int, out: Path, log: Path, wall: float) -> dict[str, Any]:
     m = _manifest(out)
     art = m.get("artifacts") or {}
@@ -337,6 +405,7 @@ def _summary(row: dict[str, Any], rc: int, out: Path, log: Path, wall: float) ->
                   "estimate_gib"), "timing": timing, "problems": []}
     if rc != 0 or m.get("status") != "completed":
         result["problems"].append(f"exit {rc}, status {m.get('status')}: {m.get('error') or _tail(log, 6)}")
+        result["partial_timing"] = run_log_phases(out / "run.log")   # what a stopped run measured
     return result
 
 
@@ -362,6 +431,10 @@ def _expect_outputs(result: dict[str, Any], row: dict[str, Any], out: Path) -> N
 
 def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    if _limit(row["timeout"]) < min(60.0, row["timeout"]):
+        return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
+                "exit": None, "wall_s": 0.0, "passed": False,
+                "problems": ["not started: under a minute of --deadline left"]}
     try:
         if row["kind"] == "kill-resume":
             result = _kill_resume(row, assets, work)
@@ -651,6 +724,10 @@ def main() -> int:
     ap.add_argument("--whole-timeout", type=int, default=580,
                     help="seconds the whole row may run (a 1500-step run outlasts one device call: start it with "
                          "bench/device_bg.sh and a longer limit)")
+    ap.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                    help="every row ends within this many seconds of the bench's start (a row is stopped in time to "
+                         "record what its run.log measured; one that would get under a minute is not started): give "
+                         "a device call's limit less its set-up")
     ap.add_argument("--work", default="/tmp/lora-run-acceptance")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--doc", default=None, help="write the table here (e.g. docs/gpu-acceptance.md)")
@@ -658,6 +735,8 @@ def main() -> int:
                     help="no GPU needed: join the JSON files of several invocations of one run (same commit) into "
                          "one JSON under --out and one table (--doc)")
     args = ap.parse_args()
+    global DEADLINE
+    DEADLINE = None if args.deadline is None else time.monotonic() + args.deadline
     if args.merge:
         return merge(args.merge, Path(args.out), args.doc)
     import torch

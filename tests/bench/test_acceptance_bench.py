@@ -1,0 +1,76 @@
+"""The GPU acceptance bench's own logic that runs without a GPU: reading a stopped run's phases from its
+``run.log`` (checked on the real log of the 1500-step run a device call's limit stopped on 2026-12-03) and the
+``--deadline`` that cuts each row's timeout so a stopped row is still recorded."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STOPPED_LOG = ROOT / "bench" / "results" / "logs-20261203-0905" / "whole-flux-fast-recipe-noeval.run.log"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_acceptance_under_test", ROOT / "bench" / "gpu_acceptance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phases_of_the_stopped_whole_run(bench):
+    p = bench.run_log_phases(STOPPED_LOG)
+    # 09:05:01 start, 09:05:19 cache, 09:08:04 step 10, 09:13:02 step 1500, 09:13:04 LoRA written
+    assert p["start_to_cache_s"] == 18 and p["cache_to_step10_s"] == 165
+    assert p["last_step"] == 1500 and p["steps_span_s"] == 298 and p["to_lora_written_s"] == 483
+    # ten steps between progress lines; the five sample/checkpoint rounds (about 12 s each) are not steps
+    assert 0.14 <= p["step_s"] <= 0.17
+    assert 50 <= p["rounds_s"] <= 75
+
+
+def test_rounds_are_not_counted_as_steps(bench, tmp_path):
+    """Planted: a 30-s round between steps 20 and 30. Counted as steps it would make them 3.1 s each."""
+    log = tmp_path / "run.log"
+    def at(sec):
+        return f"10:{sec // 60:02d}:{sec % 60:02d}"
+
+    lines = [f"{at(0)} lora-run 0.1.0: r.toml with backend native", f"{at(5)} cache: latents 1 built"]
+    t = 65
+    for n in range(10, 60, 10):
+        if n == 30:
+            lines.append(f"{at(t)} checkpoint step-000020")
+            t += 30
+        lines.append(f"{at(t)} step {n}/50 loss 0.1 lr 1e-4")
+        t += 1
+    log.write_text("\n".join(lines) + "\n")
+    p = bench.run_log_phases(log)
+    assert p["start_to_cache_s"] == 5 and p["cache_to_step10_s"] == 60
+    assert p["step_s"] == pytest.approx(0.1)
+    assert p["rounds_s"] == pytest.approx(30.0, abs=1)
+    assert bench.run_log_phases(tmp_path / "missing.log") == {}
+
+
+def test_deadline_cuts_row_timeouts(bench):
+    bench.DEADLINE = time.monotonic() + 100
+    assert bench._limit(600) == pytest.approx(100 - bench.DEADLINE_MARGIN_S, abs=1)
+    assert bench._limit(30) == 30
+    bench.DEADLINE = time.monotonic() + 70           # a row given less than a minute is not started
+    row = {"id": "r", "group": "whole", "family": "flux", "sets": {}, "timeout": 300}
+    result = bench.run_row(row, {}, Path("."))
+    assert not result["passed"] and "not started" in result["problems"][0]
+    bench.DEADLINE = None
+    assert bench._limit(600) == 600
+
+
+def test_a_row_past_the_deadline_is_stopped(bench):
+    bench.DEADLINE = time.monotonic() + bench.DEADLINE_MARGIN_S + 1
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    started = time.monotonic()
+    assert bench._wait(proc, 600) == -9
+    assert time.monotonic() - started < 10
+    bench.DEADLINE = None
