@@ -20,7 +20,6 @@ usable the error names each damaged file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,8 @@ from typing import Any, Callable
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run_rundir import disk_full_error, is_disk_full
+
+from .data import file_sha256
 
 STATE = "resume/state.json"
 TRAINABLE = "resume/trainable.safetensors"
@@ -216,16 +217,8 @@ def _records(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file under ``folder`` (relative names), for ``verify``."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(folder: Path) -> str | None:
@@ -254,7 +247,7 @@ def verify(folder: Path) -> str | None:
             if not isinstance(rec, dict) or size != rec.get("size"):
                 return f"{shown(path)}: {size} bytes, {rec.get('size') if isinstance(rec, dict) else '?'} recorded " \
                        "(truncated or damaged)"
-            if _sha256(path) != rec.get("sha256"):
+            if file_sha256(path) != rec.get("sha256"):
                 return f"{shown(path)}: checksum differs from the one recorded (damaged)"
         required = {TRAINABLE, OPTIMIZER, RNG} - set(records)
         if required:
