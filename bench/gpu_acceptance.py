@@ -685,6 +685,42 @@ def merge(paths: list[str], out: Path, doc: str | None) -> int:
     return 0 if all(r["passed"] for r in results) else 1
 
 
+def latest(paths: list[str]) -> tuple[str, int]:
+    """Every row of the suite with its newest recorded result across the given runs (no GPU needed): date,
+    commit, result, step time, peak and what failed, and the rows no run has measured yet. Returns the markdown
+    table and how many rows lack a passing newest result."""
+    newest: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+            env, rows = data["environment"], data["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for r in rows:
+            stamp = env.get("date", "")
+            if r.get("id") and (r["id"] not in newest or stamp > newest[r["id"]][0]):
+                newest[r["id"]] = (stamp, env, r)
+    lines = ["| row | newest result | date (UTC) | commit | step s | peak GiB | notes |", "|---|---|---|---|---|---|---|"]
+    open_rows = 0
+    for row in all_rows():
+        if row["id"] not in newest:
+            open_rows += 1
+            lines.append(f"| {row['id']} | not measured | | | | | |")
+            continue
+        stamp, env, r = newest[row["id"]]
+        passed = bool(r.get("passed"))
+        open_rows += not passed
+        step = f"{r['step_s']:.3f}" if isinstance(r.get("step_s"), float) else "–"
+        peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "–"
+        notes = " | ".join(p.replace("\n", " ")[:160] for p in r.get("problems") or [])
+        if r.get("partial_timing"):
+            notes += f" (partial timing: {r['partial_timing']})"
+        star = "*" if r.get("shared_gpu") else ""
+        lines.append(f"| {row['id']}{star} | {'pass' if passed else 'FAIL'} | {stamp.replace(' UTC', '')} | "
+                     f"{(env.get('commit') or '?')[:7]} | {step} | {peak} | {notes.replace('|', '/')} |")
+    return "\n".join(lines) + "\n", open_rows
+
+
 class GpuPool:
     """Full-size rows share the GPU when their memory (``gib``) fits together: a row waits until the sum of
     the running rows' shares stays within ``capacity`` GiB and fewer than ``jobs`` run. Each process measures
@@ -734,7 +770,14 @@ def main() -> int:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no GPU needed: join the JSON files of several invocations of one run (same commit) into "
                          "one JSON under --out and one table (--doc)")
+    ap.add_argument("--latest", nargs="*", default=None, metavar="JSON",
+                    help="no GPU needed: every row's newest result across these runs (default: every "
+                         "bench/results/gpu-acceptance-*.json), and the rows not measured yet")
     args = ap.parse_args()
+    if args.latest is not None:
+        table, open_rows = latest(args.latest or sorted(map(str, (HERE / "results").glob("gpu-acceptance-*.json"))))
+        print(table, end="")
+        return 0 if open_rows == 0 else 1
     global DEADLINE
     DEADLINE = None if args.deadline is None else time.monotonic() + args.deadline
     if args.merge:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -74,3 +75,35 @@ def test_a_row_past_the_deadline_is_stopped(bench):
     assert bench._wait(proc, 600) == -9
     assert time.monotonic() - started < 10
     bench.DEADLINE = None
+
+
+def _run_file(path, date, commit, rows):
+    path.write_text(json.dumps({"environment": {"date": date, "commit": commit}, "rows": rows}))
+    return str(path)
+
+
+def test_latest_keeps_each_rows_newest_result(bench, tmp_path):
+    """Planted: an older pass and a newer failure of the same row; the newest (the failure) must win, whatever
+    the order the files are given in. Rows no run measured are listed; an unreadable file is passed over."""
+    old = _run_file(tmp_path / "a.json", "2026-12-01 10:00 UTC", "aaaaaaa1",
+                    [{"id": "tiny-flux-speed", "passed": True, "step_s": 0.05, "peak_gib": 0.1, "problems": []},
+                     {"id": "tiny-flux-memory", "passed": True, "step_s": 0.07, "peak_gib": 0.1, "problems": []}])
+    new = _run_file(tmp_path / "b.json", "2026-12-02 10:00 UTC", "bbbbbbb2",
+                    [{"id": "tiny-flux-speed", "passed": False, "problems": ["exit 1: out of memory"]}])
+    broken = tmp_path / "c.json"
+    broken.write_text("{not json")
+    for order in ([old, new, str(broken)], [str(broken), new, old]):
+        table, open_rows = bench.latest(order)
+        rows = {line.split(" | ")[0].strip("| *"): line for line in table.splitlines()[2:]}
+        assert "FAIL" in rows["tiny-flux-speed"] and "bbbbbbb" in rows["tiny-flux-speed"]
+        assert "out of memory" in rows["tiny-flux-speed"]
+        assert "pass" in rows["tiny-flux-memory"] and "aaaaaaa" in rows["tiny-flux-memory"]
+        assert "not measured" in rows["whole-flux-fast-recipe"]
+        assert set(rows) == {r["id"] for r in bench.all_rows()}
+        assert open_rows == len(rows) - 1          # only tiny-flux-memory passes
+
+
+def test_the_docs_table_is_the_recorded_results(bench):
+    """docs/gpu-acceptance.md shows `--latest` over the repository's results, exactly."""
+    table, _ = bench.latest(sorted(map(str, (ROOT / "bench" / "results").glob("gpu-acceptance-*.json"))))
+    assert table in (ROOT / "docs" / "gpu-acceptance.md").read_text()
