@@ -232,7 +232,7 @@ def display_path(path: Path) -> str:
 def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
     shown = files.shown(shown or display_path(path))
     try:
-        data = files.read_limited(path, "recipe")
+        data = files.read_limited(path, "recipe", files.RECIPE_LIMIT)
     except files.FileProblem as exc:
         what = "recipe file not found" if str(exc).startswith("not found") else f"the recipe file {exc}"
         raise RecipeError(f"{shown}: {what}") from None
@@ -353,7 +353,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     if not parent_path.is_absolute():
         parent_path = real.parent / parent_path
     try:
-        files.check_input_file(parent_path, "recipe")
+        files.check_input_file(parent_path, "recipe", files.RECIPE_LIMIT)
     except files.FileProblem as exc:
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None

@@ -21,6 +21,9 @@ from lora_run.schema import DatasetSection, Recipe
 
 from .images import IMAGE_EXTENSIONS
 
+#: The size limit (bytes) of one caption file.
+CAPTION_LIMIT = 64 * 1024
+
 
 def training_caption(item: Item, section: DatasetSection) -> str:
     """The caption a sample is trained with (before caption dropout)."""
@@ -38,7 +41,7 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     if not os.path.lexists(path):
         return None, None
     try:
-        data = read_limited(path, "caption")
+        data = read_limited(path, "caption", CAPTION_LIMIT)
     except FileProblem as exc:
         return None, f"caption file {exc}"
     if data.startswith(b"\xef\xbb\xbf"):
