@@ -2,8 +2,9 @@
 
 Every file lora-run reads on a user's behalf (recipes and their ``extends``, captions, images, LoRA files
 for ``eval``, model files of evaluator plugins) is checked *before* it is opened: it must be a regular file (never a device,
-FIFO or socket, e.g. a caption linked to ``/dev/zero``) and no larger than the limit of its kind. The
-limits are documented in docs/reliability.md.
+FIFO or socket, e.g. a caption linked to ``/dev/zero``) and no larger than the limit of its kind, which the
+plugin reading that kind names (the folder plugin's captions and images, the run folder's JSON, …). The limits
+are documented in docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -14,14 +15,8 @@ from pathlib import Path
 MiB = 1 << 20
 GiB = 1 << 30
 
-#: Size limits (bytes) of the files lora-run reads on a user's behalf.
-LIMITS = {
-    "recipe": 1 * MiB,          # a recipe or a file it `extends`
-    "caption": 64 * 1024,       # one caption file
-    "image": 256 * MiB,         # one training / subject image (pixels are limited separately: images.MAX_PIXELS)
-    "lora": 8 * GiB,            # a LoRA file given to `lora-run eval`
-    "json": 64 * MiB,           # a JSON file of our own run folder read back (manifest, checkpoint state)
-}
+#: The size limit (bytes) of a recipe or a file it `extends`.
+RECIPE_LIMIT = 1 * MiB
 
 
 class FileProblem(Exception):
@@ -40,9 +35,9 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def check_input_file(path: Path | str, kind: str, limit: int | None = None) -> os.stat_result:
-    """Stat ``path`` (following links) and refuse anything but a regular file within ``limit`` bytes
-    (default ``LIMITS[kind]``; a plugin reading a kind of its own passes its limit)."""
+def check_input_file(path: Path | str, kind: str, limit: int) -> os.stat_result:
+    """Stat ``path`` (following links) and refuse anything but a regular file within ``limit`` bytes (the limit
+    of ``kind``, which messages name: "over the 64.0 KiB limit for caption files")."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -52,16 +47,14 @@ def check_input_file(path: Path | str, kind: str, limit: int | None = None) -> o
     if not stat.S_ISREG(st.st_mode):
         what = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
         raise FileProblem(f"is {what}, not a regular file")
-    limit = LIMITS[kind] if limit is None else limit
     if st.st_size > limit:
         raise FileProblem(f"is {human_size(st.st_size)}, over the {human_size(limit)} limit for {kind} files")
     return st
 
 
-def read_limited(path: Path | str, kind: str, limit: int | None = None) -> bytes:
+def read_limited(path: Path | str, kind: str, limit: int) -> bytes:
     """The bytes of a checked input file; a file that grows past its limit while read is refused too."""
     check_input_file(path, kind, limit)
-    limit = LIMITS[kind] if limit is None else limit
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)

@@ -10,7 +10,6 @@ import difflib
 import functools
 import math
 import os
-import re
 import sys
 import typing
 from pathlib import Path
@@ -233,7 +232,7 @@ def display_path(path: Path) -> str:
 def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
     shown = files.shown(shown or display_path(path))
     try:
-        data = files.read_limited(path, "recipe")
+        data = files.read_limited(path, "recipe", files.RECIPE_LIMIT)
     except files.FileProblem as exc:
         what = "recipe file not found" if str(exc).startswith("not found") else f"the recipe file {exc}"
         raise RecipeError(f"{shown}: {what}") from None
@@ -354,7 +353,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     if not parent_path.is_absolute():
         parent_path = real.parent / parent_path
     try:
-        files.check_input_file(parent_path, "recipe")
+        files.check_input_file(parent_path, "recipe", files.RECIPE_LIMIT)
     except files.FileProblem as exc:
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
@@ -512,58 +511,8 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
                         problems.add((*here, i), message)
 
 
-#: A recipe value used as a file name must fit in one (with the suffixes lora-run adds) and stay in its folder.
-MAX_NAME_BYTES = 160
-
-
-def file_name_problem(name: str) -> str | None:
-    """Why ``name`` is not a plain file name (no folder part, no `..`, no control characters), or None."""
-    if not name or not name.strip():
-        return "must be a plain file name, got an empty one"
-    if name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
-        return f"must be a plain file name without a folder part, got {name!r}"
-    if not name.isprintable():
-        return f"must be a plain file name without control characters, got {name!r}"
-    if name.startswith("."):
-        return f"must not start with a dot (a hidden file), got {name!r}"
-    if name != name.strip():
-        return f"must not start or end with spaces, got {name!r}"
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        return f"is {len(name.encode('utf-8'))} bytes long; a file name may have at most {MAX_NAME_BYTES}"
-    return None
-
-
-def _check_rules(r: Recipe, problems: Problems) -> None:
-    """Rules that involve more than one key."""
-    t, d = r.train, r.dataset
-    if (t.steps is None) == (t.epochs is None):
-        problems.add(("train",), "give exactly one of `steps` or `epochs`"
-                     + (f" (got steps={t.steps}, epochs={t.epochs})" if t.steps and t.epochs else ""))
-    if d.bucket_min > d.bucket_max:
-        problems.add(("dataset", "bucket_min"), f"must be <= bucket_max ({d.bucket_max}), got {d.bucket_min}")
-    if not d.bucket_min <= d.resolution <= d.bucket_max:
-        problems.add(("dataset", "resolution"), f"must lie between bucket_min ({d.bucket_min}) and bucket_max "
-                     f"({d.bucket_max}), got {d.resolution}")
-    if d.trigger_policy != "none" and not d.trigger.strip():
-        problems.add(("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
-                     "unique trigger token or trigger_policy = \"none\"")
-    for where, ext in [(("dataset", "caption_extension"), d.caption_extension),
-                       *((("dataset", "regularization", n, "caption_extension"), reg.caption_extension)
-                         for n, reg in enumerate(d.regularization))]:
-        if not re.fullmatch(r"\.[^\s/\\\x00]+", ext):
-            problems.add(where, f"must be a file extension such as \".txt\", got {ext!r}")
-    if r.model.source is None and r.model.files.get("transformer") is None:
-        problems.add(("model", "source"), "is required unless [model.files] names the transformer file")
-    name_problem = file_name_problem(r.output.name)
-    if name_problem:
-        problems.add(("output", "name"), name_problem)
-    if "\x00" in r.output.dir or not r.output.dir.strip():
-        problems.add(("output", "dir"), f"must be a folder path, got {r.output.dir!r}")
-    if r.output.formats is not None and not r.output.formats:
-        problems.add(("output", "formats"), "must name at least one format")
-
-
 def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
+    """Types, unknown keys and limits; the rules among keys are the plugins' (``check_recipe``, in ``validate``)."""
     raw = _pack_backend(raw, problems)
     check_limits(raw, recipe_class, (), problems)
     try:
@@ -572,8 +521,6 @@ def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Reci
         for problem in collect_errors(exc):
             problems.add(*problem)
         return None
-    if not problems.items:
-        _check_rules(recipe, problems)
     return recipe
 
 
@@ -622,7 +569,8 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     _name_broken_plugins(raw, recipe_class, problems, plugins)
     problems.raise_if_any()
     assert recipe is not None
-    if not os.path.isabs(os.path.expanduser(recipe.output.dir)):  # the default: relative to where we run
+    out = recipe.output.dir       # the default is relative to where we run; an unusable dir stays for its check
+    if out.strip() and "\x00" not in out and not os.path.isabs(os.path.expanduser(out)):
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
     return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets))
 

@@ -226,17 +226,12 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             options = value
     if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
         options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
-    for kind, name, where, raw, raw_at in (
-            ("loss", recipe.train.loss, ("train", "loss"), recipe.train.loss_options, ("train", "loss_options")),
-            ("dataset", recipe.dataset.type, ("dataset", "type"), recipe.dataset.options, ("dataset", "options"))):
-        reg = _lookup(plugins, kind, name, where, problems)
-        if reg is None:
-            continue
-        value = structure_options(reg, raw, raw_at, problems)
-        if kind == "dataset" and (value is not None or reg.options is None):
-            checker = getattr(make_dataset(recipe, reg, value), "check", None)
-            for path, message in checker() if checker is not None else ():
-                problems.add(tuple(path), message)
+    reg = _lookup(plugins, "dataset", recipe.dataset.type, ("dataset", "type"), problems)
+    value = structure_options(reg, recipe.dataset.options, ("dataset", "options"), problems) if reg else None
+    if reg is not None and (value is not None or reg.options is None):
+        checker = getattr(make_dataset(recipe, reg, value), "check", None)
+        for path, message in checker() if checker is not None else ():
+            problems.add(tuple(path), message)
     for name, section in plugins.registry["section"].items():
         if section.check is not None and hasattr(recipe, name):
             section.check(recipe, plugins, problems)
@@ -334,7 +329,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
                            "training (nothing was loaded or written)")
     several = None      # a backend that trains with several processes starts and runs them: `run_processes`
-    if process.launched or recipe.train.gpus > 1:
+    if process.launched or _gpus(recipe) > 1:
         several = getattr(make_backend(prepared, plugins), "run_processes", None)
     if process.launched:
         if process.world > 1 and several is None:
@@ -406,12 +401,17 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     return ctx
 
 
+def _gpus(recipe: Recipe) -> int:
+    """`[train] gpus`, the processes a run asks for (the `[train]` table is the training plugin's; without it, 1)."""
+    return getattr(getattr(recipe, "train", None), "gpus", 1)
+
+
 def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Callable[[str], None]) -> Recipe:
     """Under a launcher the number of processes is the launcher's: it becomes `[train.gpus]` of this run."""
-    if recipe.train.gpus not in (1, process.world) and process.main:
-        echo(f"note: {shown}: [train.gpus] = {recipe.train.gpus} is replaced by the launcher's {process.world} "
+    if _gpus(recipe) not in (1, process.world) and process.main:
+        echo(f"note: {shown}: [train.gpus] = {_gpus(recipe)} is replaced by the launcher's {process.world} "
              "process(es)")
-    return replace(recipe, train={"gpus": process.world}) if recipe.train.gpus != process.world else recipe
+    return replace(recipe, train={"gpus": process.world}) if _gpus(recipe) != process.world else recipe
 
 
 class Signals:

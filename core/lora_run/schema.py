@@ -118,87 +118,6 @@ class DatasetSection:
 
 
 @frozen
-class TrainSection:
-    """Steps, batch, precision, objective and checkpoint policy."""
-
-    steps: int | None = option(None, "Optimizer steps to train. Give `steps` or `epochs`, not both.", ge=1,
-                               le=10_000_000,
-                               features=(Feature("steps", "training length in steps", is_set),))
-    epochs: int | None = option(None, "Epochs to train (steps are derived from the dataset size).", ge=1,
-                                le=100_000,
-                                features=(Feature("epochs", "training length in epochs", is_set),))
-    batch_size: int = option(1, "Samples per step (per device).", ge=1, le=1024)
-    gradient_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1, le=1024)
-    gpus: int = option(1, "Data-parallel processes on this machine (one per GPU). The global batch is batch_size "
-                       "× gpus × gradient_accumulation; `steps` count optimizer steps at that batch. `lora-run "
-                       "--gpus N` overrides it; under `torchrun` / `accelerate launch` the launcher's process count "
-                       "is used. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64,
-                       features=(Feature("multi_gpu", "data-parallel training on several GPUs",
-                                         lambda n, _: n > 1),))
-    mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "Compute precision (`no` = float32; "
-                                                            "use it on CPU).")
-    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
-    memory_mode: Literal["auto", "speed", "memory", "low-vram"] = option(
-        "auto", "In-process backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
-        "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory; "
-        "`base_precision` and `gradient_checkpointing` are then decided by the plan).")
-    gpu_memory_gib: float | None = option(
-        None, "In-process backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
-        "samples. `auto` plans within it and the CUDA allocator is capped to it, so a shared GPU or a smaller "
-        "card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
-        "Default: the GPU's free memory.", gt=0.0, le=4096.0)
-    cuda_graphs: Literal["auto", "on", "off"] = option(
-        "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
-        "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
-    attention: Literal["auto", "fa4", "sdpa"] = option(
-        "auto", "Attention kernel on CUDA: `auto` runs FlashAttention-4 (`pip install 'lora-run[hopper]'`) on "
-        "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, else SDPA flash "
-        "(FlashAttention-2); `fa4` stops the run when FlashAttention-4 cannot run; `sdpa` always uses SDPA. "
-        "The run's plan line says which kernel runs and why.")
-    seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
-    loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
-    loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
-                                          "`{ c = 0.1 }` for huber); checked by the loss plugin.")
-    timestep_sampling: str = option(
-        "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
-        "`shift` (sigmoid then a fixed shift), or a sampler a family registers (see Model families below).")
-    sigmoid_scale: float = option(1.0, "Scale of the normal draw before the sigmoid.", gt=0.0, le=100.0)
-    logit_mean: float = option(0.0, "Mean m for `logit-normal`: u = sigmoid(N(m, std)) picks σ from the unshifted "
-                               "1000-step table, σ = (1000 − ⌊1000·u⌋)/1000 ≈ 1 − u, as diffusers' examples and "
-                               "sd-scripts draw it (a positive mean trains more on less noisy steps; values copy "
-                               "between trainers unchanged).")
-    logit_std: float = option(1.0, "Std for `logit-normal`.", gt=0.0, le=100.0)
-    shift: float = option(3.0, "Shift for `shift` sampling: σ' = sσ / (1 + (s−1)σ).", gt=0.0, le=100.0)
-    timestep_weighting: Literal["none", "sigma_sqrt", "cosmap"] = option(
-        "none", "Flow-matching loss weighting per sample (SD3 schemes).",
-        features=(Feature("timestep_weighting", "a flow-matching loss weighting", lambda w, _: w != "none"),))
-    min_snr_gamma: float | None = option(None, "Min-SNR-γ loss weighting; only meaningful for DDPM families.",
-                                         gt=0.0, le=100.0,
-                                         features=(Feature("min_snr_gamma", "Min-SNR-γ weighting", is_set),))
-    guidance: float = option(1.0, "Guidance-embedding value during training, for a family with a distilled "
-                             "guidance input (1.0 for such a LoRA).", ge=0.0, le=100.0,
-                             features=(Feature("guidance", "a guidance-embedding value other than 1.0 (a "
-                                               "distilled guidance input)", lambda g, _: g != 1.0),))
-    noise_offset: float = option(0.0, "Noise offset. For flow matching: a per-channel constant "
-                                 "`noise_offset·N(0,1)` is added to ε before x_t and the target are formed.",
-                                 ge=0.0, le=1.0,
-                                 features=(Feature("noise_offset", "noise offset"),))
-    save_every_steps: int | None = option(
-        None, "Save a checkpoint (LoRA + resumable state) every N steps.", ge=1,
-        features=(Feature("save_every_steps", "checkpoints every N steps", is_set),))
-    save_every_epochs: int | None = option(
-        None, "Save a checkpoint every N epochs.", ge=1,
-        features=(Feature("save_every_epochs", "checkpoints every N epochs", is_set),))
-    keep_last: int = option(3, "How many checkpoints to keep (older ones are deleted; the final LoRA is "
-                            "always kept).", ge=1, le=10000)
-    cache_dir: str | None = option(None, "Latent / text-embedding cache folder; default `<output>/cache`.",
-                                   path=True)
-    num_workers: int = option(0, "Data-loader worker processes.", ge=0, le=64)
-    compile: Literal["auto", "on", "off"] = option("auto", "Regional `torch.compile` of the repeated blocks "
-                                                   "(`auto`: on CUDA in speed/memory mode).")
-
-
-@frozen
 class OutputSection:
     """Where the run directory goes and what is written."""
 
@@ -233,7 +152,6 @@ class Recipe:
                               "the top (`lora-run recipes` shows the file's first comment line).")
     model: ModelSection = option(factory=ModelSection, doc="`[model]`")
     dataset: DatasetSection = option(doc="`[dataset]`")
-    train: TrainSection = option(factory=TrainSection, doc="`[train]`")
     output: OutputSection = option(factory=OutputSection, doc="`[output]`")
     backend: BackendSection = option(factory=BackendSection, doc="`[backend]`")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, check_input_file, resolved, shown
+from lora_run.files import FileProblem, GiB, check_input_file, resolved, shown
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir.output import folder_problem
 
@@ -25,6 +25,8 @@ from .faces import Embedder
 from .losslog import LOSS_FILE, log_for
 from .report import is_report, render
 
+#: The size limit (bytes) of a LoRA file given to `lora-run eval`.
+LORA_LIMIT = 8 * GiB
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 
@@ -404,7 +406,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     for raw in args.lora:
         path = resolved(Path(raw).expanduser())
         try:
-            check_input_file(path, "lora")
+            check_input_file(path, "lora", LORA_LIMIT)
         except FileProblem as exc:
             raise RecipeError(f"--lora {shown(raw)}: " + ("no such file" if str(exc).startswith("not found")
                                                           else str(exc))) from None

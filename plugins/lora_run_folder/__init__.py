@@ -1,21 +1,28 @@
 """Built-in dataset plugin: the `folder` type (images in a folder with a caption file next to each) and the
 dataset machinery every type shares: the caption a sample is trained with (``training_caption``), opening
-images safely (``images``) and the dataset lint (``lint``, through the ``lint_dataset`` hook, so it checks the
-items of any dataset type).
+images safely (``images``), the rules among the `[dataset]` keys (``check_recipe``) and the dataset lint
+(``lint``, through the ``lint_dataset`` hook, so it checks the items of any dataset type).
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from lora_run.dataset import Item
+from lora_run.errors import RecipeError
 from lora_run.files import FileProblem, read_limited
 from lora_run.hookspecs import hookimpl
+from lora_run.recipe import format_key
 from lora_run.schema import DatasetSection, Recipe
 
 from .images import IMAGE_EXTENSIONS
+
+#: The size limit (bytes) of one caption file.
+CAPTION_LIMIT = 64 * 1024
 
 
 def training_caption(item: Item, section: DatasetSection) -> str:
@@ -34,7 +41,7 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     if not os.path.lexists(path):
         return None, None
     try:
-        data = read_limited(path, "caption")
+        data = read_limited(path, "caption", CAPTION_LIMIT)
     except FileProblem as exc:
         return None, f"caption file {exc}"
     if data.startswith(b"\xef\xbb\xbf"):
@@ -68,6 +75,30 @@ def _images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def extension_problems(section: DatasetSection) -> list[tuple[tuple[Any, ...], str]]:
+    """The caption extensions of the subject and regularisation sets that are no file extension."""
+    return [(where, f"must be a file extension such as \".txt\", got {ext!r}")
+            for where, ext in [(("dataset", "caption_extension"), section.caption_extension),
+                               *((("dataset", "regularization", n, "caption_extension"), reg.caption_extension)
+                                 for n, reg in enumerate(section.regularization))]
+            if not re.fullmatch(r"\.[^\s/\\\x00]+", ext)]
+
+
+def dataset_key_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
+    """The rules among `[dataset]`'s keys (``check_recipe``, for every dataset type): the buckets hold the
+    resolution, a trigger policy has a trigger, caption extensions are file extensions."""
+    d, out = recipe.dataset, []
+    if d.bucket_min > d.bucket_max:
+        out.append((("dataset", "bucket_min"), f"must be <= bucket_max ({d.bucket_max}), got {d.bucket_min}"))
+    if not d.bucket_min <= d.resolution <= d.bucket_max:
+        out.append((("dataset", "resolution"), f"must lie between bucket_min ({d.bucket_min}) and bucket_max "
+                    f"({d.bucket_max}), got {d.resolution}"))
+    if d.trigger_policy != "none" and not d.trigger.strip():
+        out.append((("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
+                    "unique trigger token or trigger_policy = \"none\""))
+    return out + extension_problems(d)
+
+
 class FolderDataset:
     def __init__(self, section: DatasetSection, recipe: Recipe):
         self.section = section
@@ -79,6 +110,9 @@ class FolderDataset:
 
     def items(self) -> list[Item]:
         s = self.section
+        unusable = extension_problems(s)    # never lint with a caption file name that cannot be formed
+        if unusable:
+            raise RecipeError([f"[{format_key(where)}] {message}" for where, message in unusable])
         out = []
         for image in _images(Path(s.path)) if s.path is not None else ():
             cap_file = image.with_suffix(s.caption_extension)
@@ -98,6 +132,11 @@ class FolderDataset:
 @hookimpl
 def register_datasets(register):
     register("folder", FolderDataset, description="images + same-name caption files in a folder")
+
+
+@hookimpl
+def check_recipe(recipe: Recipe) -> list:
+    return dataset_key_problems(recipe)
 
 
 @hookimpl

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import attrs
 
-from lora_run.files import FileProblem, check_input_file
+from lora_run.files import FileProblem, MiB, check_input_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 #: Above this many pixels an image is refused as a possible decompression bomb (a 12k × 12k photo is fine).
 MAX_PIXELS = 150_000_000
+#: The size limit (bytes) of one training / subject image file (its pixels are limited by ``MAX_PIXELS``).
+IMAGE_LIMIT = 256 * MiB
 
 
 class ImageProblem(Exception):
@@ -35,7 +37,7 @@ def open_rgb(path: Path) -> OpenedImage:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     notes: list[str] = []
     try:
-        if check_input_file(path, "image").st_size == 0:
+        if check_input_file(path, "image", IMAGE_LIMIT).st_size == 0:
             raise ImageProblem("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -15,15 +15,15 @@ from lora_run.files import FileProblem, check_input_file, shown
 from lora_run.schema import Recipe
 
 from . import training_caption
-from .images import ImageProblem, open_rgb
+from .images import IMAGE_LIMIT, ImageProblem, open_rgb
 
 EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
 
 
-def file_sha256(path: Path, kind: str) -> str:
+def file_sha256(path: Path, kind: str, limit: int) -> str:
     """SHA-256 of an input file, read in chunks after the file checks (regular file, size limit)."""
-    check_input_file(path, kind)
+    check_input_file(path, kind, limit)
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -79,7 +79,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     for item in items:
         name = str(item.image)
         try:
-            sha = file_sha256(item.image, "image")
+            sha = file_sha256(item.image, "image", IMAGE_LIMIT)
         except FileProblem as exc:
             report.add(ERROR, "unreadable", str(exc), name)
             continue

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
-from lora_run_rundir import disk_full_error, is_disk_full
+from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full
 
 from .data import file_sha256
 
@@ -228,7 +228,7 @@ def verify(folder: Path) -> str | None:
     if not os.path.lexists(state_path):
         return f"{shown(state_path)}: missing"
     try:
-        state = json.loads(read_limited(state_path, "json"))
+        state = json.loads(read_limited(state_path, "json", JSON_LIMIT))
     except FileProblem as exc:
         return f"{shown(state_path)}: {exc}"
     except (OSError, ValueError) as exc:

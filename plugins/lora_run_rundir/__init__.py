@@ -5,7 +5,8 @@ change (``check_resume``), and the safe-writing library plugins share.
   reported as one line naming the file, the temporary files of interrupted writes;
 - :mod:`.folder` — ``RunDir``: never replaces what lora-run did not create, one lora-run per folder (a lock),
   the manifest, the log, the run's start and end;
-- :mod:`.output` — where a run folder may not go (`lora-run check` and `plan` ask too);
+- :mod:`.output` — where a run folder may not go (`lora-run check` and `plan` ask too), and the rules of the
+  `[output]` keys (``check_recipe``: a plain file name, a folder path, at least one format);
 - :mod:`.resume` — the recipe and dataset checks of ``--resume``.
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
@@ -17,10 +18,10 @@ from typing import Any
 from lora_run.hookspecs import hookimpl
 
 from .atomic import atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, is_disk_full
-from .folder import RunDir
+from .folder import JSON_LIMIT, RunDir
 from .output import output_path
 
-__all__ = ["RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "is_disk_full",
+__all__ = ["JSON_LIMIT", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "is_disk_full",
            "output_path"]
 
 
@@ -30,6 +31,13 @@ def open_run_folder(loaded: Any, output_dir: str | None, overwrite: bool) -> Run
 
     raise_output_problems(loaded, output_dir, overwrite)
     return RunDir(output_path(loaded.recipe, output_dir))
+
+
+@hookimpl
+def check_recipe(recipe: Any) -> list:
+    from .output import output_key_problems
+
+    return output_key_problems(recipe)
 
 
 @hookimpl

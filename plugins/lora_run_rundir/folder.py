@@ -16,10 +16,13 @@ from typing import Any, Callable
 
 from lora_run import __version__
 from lora_run.errors import LoraRunError, OutputError
-from lora_run.files import FileProblem, printable, read_limited, resolved, shown
+from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
 
+#: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
+#: cache index).
+JSON_LIMIT = 64 * MiB
 MANIFEST = "manifest.json"
 RECIPE = "recipe.toml"
 LOG = "run.log"
@@ -56,7 +59,7 @@ def is_run_folder(path: Path) -> bool:
     manifest = path / MANIFEST
     if manifest.is_file() and not manifest.is_symlink():
         try:
-            if "lora_run_version" in json.loads(read_limited(manifest, "json")):
+            if "lora_run_version" in json.loads(read_limited(manifest, "json", JSON_LIMIT)):
                 return True
         except (OSError, ValueError, TypeError, FileProblem):
             pass
@@ -336,7 +339,7 @@ class RunDir:
 
     def read_manifest(self) -> dict[str, Any]:
         try:
-            data = json.loads(read_limited(self.path / MANIFEST, "json"))
+            data = json.loads(read_limited(self.path / MANIFEST, "json", JSON_LIMIT))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError, FileProblem):
             return {}

@@ -12,6 +12,40 @@ from lora_run.schema import Recipe
 from .folder import RECIPE
 
 
+#: A recipe value used as a file name must fit in one (with the suffixes lora-run adds) and stay in its folder.
+MAX_NAME_BYTES = 160
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain file name (no folder part, no `..`, no control characters), or None."""
+    if not name or not name.strip():
+        return "must be a plain file name, got an empty one"
+    if name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        return f"must be a plain file name without a folder part, got {name!r}"
+    if not name.isprintable():
+        return f"must be a plain file name without control characters, got {name!r}"
+    if name.startswith("."):
+        return f"must not start with a dot (a hidden file), got {name!r}"
+    if name != name.strip():
+        return f"must not start or end with spaces, got {name!r}"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is {len(name.encode('utf-8'))} bytes long; a file name may have at most {MAX_NAME_BYTES}"
+    return None
+
+
+def output_key_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """The rules of `[output]`'s keys (``check_recipe``): a plain file name, a folder path, at least one format."""
+    o, out = recipe.output, []
+    name_problem = file_name_problem(o.name)
+    if name_problem:
+        out.append((("output", "name"), name_problem))
+    if "\x00" in o.dir or not o.dir.strip():
+        out.append((("output", "dir"), f"must be a folder path, got {o.dir!r}"))
+    if o.formats is not None and not o.formats:
+        out.append((("output", "formats"), "must name at least one format"))
+    return out
+
+
 def folder_problem(path: Path | str) -> str | None:
     """Why ``path`` can neither be used nor be created as a folder, or None: it is a file, a dangling link or a
     link loop, or the way to it runs through something that is not a folder (so `mkdir` would fail later)."""

@@ -9,7 +9,7 @@ from lora_run.errors import OutputError, RecipeError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run.recipe import load_recipe, to_dict
 
-from .folder import DATASET_RECORD, RECIPE, RunDir
+from .folder import DATASET_RECORD, JSON_LIMIT, RECIPE, RunDir
 
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
                       ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
@@ -76,7 +76,7 @@ def check_dataset_unchanged(run_dir: RunDir, report: Any, shown_recipe: str) -> 
     changes: list[str] = []
     if record.is_file():
         try:
-            saved = json.loads(read_limited(record, "json")).get("files", {})
+            saved = json.loads(read_limited(record, "json", JSON_LIMIT)).get("files", {})
         except (OSError, ValueError, AttributeError, FileProblem):
             saved = None
         if isinstance(saved, dict):

@@ -1,11 +1,13 @@
 """Built-in plugin `training`: the recipe tables of training proper and the capability check.
 
-- :mod:`.sections` — `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and `[sample]`
-  (``register_sections``: their attrs classes, defaults and the rules among their keys);
+- :mod:`.sections` — `[train]`, `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and `[sample]`
+  (``register_sections``: their attrs classes, defaults and the rules among their keys, the loss lookup of
+  `[train]` included);
 - :mod:`.capabilities` — the recipe features a backend may not honour, and the check that refuses a recipe
   using one the chosen backend does not list for the chosen family (``check_recipe``);
 - :mod:`.families` — what the families' registrations say about a recipe: the bucket grid, `[model] version`,
-  the `[model.files]` slots, the σ samplers and LoRA formats they register (``check_recipe``).
+  the `[model.files]` slots, the weights to train on, the σ samplers and LoRA formats they register
+  (``check_recipe``).
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
 """
@@ -29,12 +31,12 @@ def check_recipe(recipe: Any, plugins: Any) -> list:
     """What the chosen family's registration says about the recipe, the σ sampler and LoRA formats the families
     register, and the features the recipe uses that its backend does not honour for its family."""
     from .capabilities import capability_problems
-    from .families import family_problems, name_problems
+    from .families import family_problems, name_problems, source_problems
 
     backends, families = plugins.registry["backend"], plugins.registry["family"]
     family = families.get(recipe.model.family)     # an unknown or unset name is reported by the lookup already
     problems = family_problems(recipe, family, plugins) if family is not None else []
-    problems += name_problems(recipe, plugins)
+    problems += source_problems(recipe) + name_problems(recipe, plugins)
     if family is not None and recipe.backend.name in backends:
         problems += capability_problems(recipe, recipe.backend.name, backends)
     return problems

@@ -1,5 +1,6 @@
 """What the families' registrations say about a recipe (``check_recipe``): the bucket grid, `[model] version` and the
-`[model.files]` slots of the chosen family, and the σ samplers and LoRA formats the families register."""
+`[model.files]` slots of the chosen family, the weights to train on, and the σ samplers and LoRA formats the
+families register."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -39,6 +40,13 @@ def family_problems(recipe: Any, family: Any, plugins: Any) -> list[tuple[tuple,
                         f"{', '.join(family.file_slots)}" if family.file_slots else f"single files are not read "
                         f"for {name}; give [model.source] (a hub id or a diffusers folder)"))
     return out
+
+
+def source_problems(recipe: Any) -> list[tuple[tuple, str]]:
+    """Weights to train on: `[model] source`, or the transformer file in `[model.files]`."""
+    if recipe.model.source is None and recipe.model.files.get("transformer") is None:
+        return [(("model", "source"), "is required unless [model.files] names the transformer file")]
+    return []
 
 
 def name_problems(recipe: Any, plugins: Any) -> list[tuple[tuple, str]]:

@@ -12,15 +12,15 @@ from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 2,230 when it was set — 2,200 plus the run's signal handling
-#: that records a Ctrl-C a library swallowed, and symlink-loop-safe path resolution — 2,215 before and 2,464 before
-#: #18's earlier moves). Raise it only for something that is core's by the design: hook specs and registries, plugin
-#: discovery, the recipe schema and loader, the CLI and the run's orchestration. Anything a plugin could do goes to
-#: plugins/ (the read-only commands went to lora_run_commands, the caption rule to lora_run_folder, the run folder
-#: to lora_run_rundir, `[eval]` to lora_run_eval, the training tables, the capability check and the family-fact
-#: checks to lora_run_training). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size") says what
-#: stands between.
-CORE_LINE_BUDGET = 2230
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 2,089 when it was set, after `[train]`, the rules among the keys
+#: of `[dataset]`, `[output]` and `[model]` and the size limits of the plugins' file kinds moved to plugins — 2,230
+#: before, 2,464 before #18's earlier moves). Raise it only for something that is core's by the design: hook specs
+#: and registries, plugin discovery, the recipe schema and loader, the CLI and the run's orchestration. Anything a
+#: plugin could do goes to plugins/ (the read-only commands went to lora_run_commands, the caption rule and the
+#: `[dataset]` rules to lora_run_folder, the run folder and the `[output]` rules to lora_run_rundir, `[eval]` to
+#: lora_run_eval, `[train]` and the other training tables, the capability check and the family-fact checks to
+#: lora_run_training). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size") says what stands between.
+CORE_LINE_BUDGET = 2089
 
 
 def core_sources() -> dict[Path, str]:

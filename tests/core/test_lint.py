@@ -167,3 +167,27 @@ def test_a_dataset_path_that_is_no_folder_is_named_by_its_key(write_recipe, tmp_
     expected = "is not a folder" if what == "a-file" else "folder not found"
     assert f"dataset.path: {expected}: " in text and "no images found" not in text, text
     assert f"dataset.regularization[0].path: is not a folder: {afile}" in text, text
+
+
+def test_an_unusable_caption_extension_is_named_and_the_lint_does_not_run(write_recipe, capsys):
+    """The `[dataset]` rules are the folder plugin's `check_recipe`: `check` reports them with every other problem,
+    and the lint does not run with a caption file name that cannot be formed (`Path.with_suffix` would raise)."""
+    from lora_run.cli import main
+
+    recipe = str(write_recipe(GOOD))
+    for sets in (["dataset.caption_extension='txt'"],
+                 ["dataset.regularization=[{path='.', caption_extension='a/b'}]", "dataset.bucket_min=2048"]):
+        code = main(["check", recipe, *(arg for value in sets for arg in ("--set", value))])
+        captured = capsys.readouterr()
+        assert code == 2 and "Traceback" not in captured.err, captured.err
+        assert "dataset:" not in captured.out, captured.out          # no lint table
+        if len(sets) == 1:
+            assert "[dataset.caption_extension] must be a file extension such as \".txt\", got 'txt'" in captured.err
+        else:
+            assert "[dataset.regularization[0].caption_extension] must be a file extension" in captured.err
+            assert "[dataset.bucket_min] must be <= bucket_max (1024), got 2048" in captured.err
+            assert "[dataset.resolution] must lie between bucket_min (2048) and bucket_max (1024)" in captured.err
+    # control: with a usable extension the lint runs (its table is printed; the test backend is not installed)
+    main(["check", recipe, "--set", "dataset.caption_extension='.txt'"])
+    captured = capsys.readouterr()
+    assert "dataset: 4 subject images" in captured.out and "caption_extension" not in captured.err, captured

@@ -74,9 +74,13 @@ def test_int_accepted_for_float_but_not_bool(write_recipe):
     assert problems_of(write_recipe(GOOD), ["optimizer.lr=true"])
 
 
-def test_steps_and_epochs_are_exclusive(write_recipe):
-    problems = problems_of(write_recipe(GOOD), ["train.epochs=2"])
-    assert any("exactly one of `steps` or `epochs`" in p for p in problems)
+def test_steps_and_epochs_are_exclusive(write_recipe, plugins_with):
+    """A rule of `[train]`, the training plugin's table: `validate` reports it with every other problem."""
+    from lora_run.run import validate
+
+    with pytest.raises(RecipeError) as info:
+        validate(load_recipe(write_recipe(GOOD), ["train.epochs=2"]), plugins_with())
+    assert any("exactly one of `steps` or `epochs`" in p for p in info.value.problems)
 
 
 def test_bucket_sizes_follow_the_family_grid(write_recipe, plugins_with):
@@ -158,7 +162,7 @@ def test_a_problem_is_named_by_the_key_path_passed_never_by_its_wording():
 def test_unknown_keys_carry_their_key_path_from_the_converter():
     """The converter's unknown-key problems carry the key's own path, shown at the table that holds it."""
     from lora_run.recipe import CONVERTER, Problem, collect_errors
-    from lora_run.schema import TrainSection
+    from lora_run_training.sections import TrainSection
 
     try:
         CONVERTER.structure({"stpes": 4, "seed": "x"}, TrainSection)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.files import LIMITS
+from lora_run_eval.evaluator import LORA_LIMIT
+from lora_run_folder import CAPTION_LIMIT
 
 from .conftest import run_cli
 
@@ -37,7 +38,7 @@ def test_captions_and_images_that_are_not_small_regular_files(tiny_recipe, small
     _sparse(data / "huge.png")                                    # 4 GiB "image"
     (data / "huge.txt").write_text("ohwx, big")
     shutil.copy(data / "img002.png", data / "long.png")
-    _sparse(data / "long.txt", LIMITS["caption"] + 1)            # a caption over its limit
+    _sparse(data / "long.txt", CAPTION_LIMIT + 1)            # a caption over its limit
     (data / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     (data / "folder.png").mkdir()                                  # not a file: not an image either
     (data / "device.png").symlink_to("/dev/zero")                  # named like an image: reported, not skipped
@@ -92,7 +93,7 @@ def test_lora_and_onnx_files_for_eval_and_score(tiny_recipe, tmp_path, capsys, f
     from lora_run_eval.faces import _session
 
     recipe = tiny_recipe()
-    giant = _sparse(tmp_path / "giant.safetensors", LIMITS["lora"] + 1)
+    giant = _sparse(tmp_path / "giant.safetensors", LORA_LIMIT + 1)
     cases = [("/dev/zero", "is a character device"), (str(giant), "over the 8.0 GiB limit for lora files"),
              (str(tmp_path), "is a folder"), (str(tmp_path / "missing.safetensors"), "no such file")]
     for lora, message in cases:

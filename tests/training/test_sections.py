@@ -1,6 +1,6 @@
-"""The built-in `training` plugin: `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and `[sample]` are its
-tables (core's schema has none of them), their rules keep their messages, and the capability check runs through
-the `check_recipe` hook with every other problem."""
+"""The built-in `training` plugin: `[train]`, `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and
+`[sample]` are its tables (core's schema has none of them), their rules keep their messages, and the capability
+check runs through the `check_recipe` hook with every other problem."""
 from __future__ import annotations
 
 import attrs
@@ -26,7 +26,7 @@ min_images = 2
 [train]
 steps = 3
 """
-NAMES = ("lora", "text_encoder", "optimizer", "scheduler", "sample")
+NAMES = ("train", "lora", "text_encoder", "optimizer", "scheduler", "sample")
 
 
 @pytest.fixture(autouse=True)
