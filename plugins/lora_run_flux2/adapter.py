@@ -10,7 +10,11 @@ What each step does, following diffusers' FLUX.2 DreamBooth-LoRA examples (``tra
   (it multiplies by 1000 itself), the caption as stacked hidden states of the text encoder (Qwen3 layers
   9/18/27 for [klein], Mistral-3 layers 10/20/30 with FLUX.2's system message for [dev]);
 * guidance: [dev] has a guidance embedding and is fed ``train.guidance`` (diffusers' ``--guidance_scale``);
-  [klein] has none (``guidance=None``), base and distilled alike.
+  [klein] has none (``guidance=None``), base and distilled alike;
+* ``timestep_sampling = "flux-shift"``: the shared sampler's μ line (0.5 at 256 tokens, 1.15 at 4096, on the h·w
+  packed tokens) is FLUX.2's own step-independent μ — ``compute_empirical_mu(tokens, 200)`` of its pipelines, the
+  μ they use at every step count above 4300 tokens — and musubi-tuner's ``flux2_shift``; the pipelines' μ at
+  fewer steps and ≤ 4300 tokens is larger (docs/flux2.md says why training does not follow it).
 
 Sources: ``[model] source`` (hub id or diffusers folder) and/or ``[model.files]``: ``transformer`` (BFL/ComfyUI
 single file), ``vae`` (BFL ``flux2-vae.safetensors``), and the text encoder (``qwen3`` / ``mistral``, one file in

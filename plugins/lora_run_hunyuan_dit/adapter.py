@@ -9,6 +9,8 @@ can); unset, the transformer's config decides (style/size conditioning = v1.1). 
 that config gives both the training ᾱ_t and the sampling scheduler. The model has
 ``learn_sigma`` (8 output channels: 4 for v, 4 for the variance); the first half is trained, the variance
 half is left alone (no VLB term). Latents: the SDXL-style 8× ``AutoencoderKL`` with 4 channels, ``z·0.13025``.
+The timestep embedding sees the exact integer t in every precision, in training and in sampling, as in Tencent's
+trainer (``embed_exact_timesteps``, ``exact_sampling_timesteps``; under bf16 diffusers would round t > 256).
 
 Text: the bilingual BERT/CLIP tower (77 tokens) and mT5-XL (256 tokens), each with its attention mask (the
 transformer replaces masked positions by its learned padding embedding); both cached. Rotary position
@@ -23,6 +25,7 @@ the same peft config into ``pipe.transformer`` and loads it with ``set_peft_mode
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,6 +246,7 @@ class HunyuanDiTAdapter(SourceLoader):
     def load_transformer(self) -> Any:
         model = self._component("transformer", self.compute_dtype)
         model.requires_grad_(False)
+        embed_exact_timesteps(model)
         conditioned = bool(model.config.use_style_cond_and_image_meta_size)
         if self.recipe.model.version and conditioned != (self.recipe.model.version == "1.1"):
             raise self.error("model.version", f"is \"{self.recipe.model.version}\", but {self._source()} is a "
@@ -380,7 +384,9 @@ class HunyuanDiTAdapter(SourceLoader):
             px = [h * 8, w * 8]
             meta = torch.tensor([px + px + [0, 0]] * b, device=noisy.device, dtype=dtype)
             style = torch.zeros(b, device=noisy.device, dtype=torch.long)
-        out = transformer(noisy.to(dtype), t.to(dtype), encoder_hidden_states=text["prompt_embeds"].to(dtype),
+        # t in float32 (exact for every step), everything else in the compute dtype: the timestep embedding sees
+        # the exact integer t (bf16 would make 999 → 1000) and computes in the compute dtype (embed_exact_timesteps)
+        out = transformer(noisy.to(dtype), t.to(torch.float32), encoder_hidden_states=text["prompt_embeds"].to(dtype),
                           text_embedding_mask=text["prompt_attention_mask"],
                           encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
                           text_embedding_mask_t5=text["prompt_attention_mask_2"], image_meta_size=meta, style=style,
@@ -402,8 +408,10 @@ class HunyuanDiTAdapter(SourceLoader):
     def load_pipeline(self, device: Any, dtype: Any) -> Any:
         from diffusers import HunyuanDiTPipeline
 
-        return self.assemble_pipeline(HunyuanDiTPipeline, device, dtype, safety_checker=None,
+        pipe = self.assemble_pipeline(HunyuanDiTPipeline, device, dtype, safety_checker=None,
                                       feature_extractor=None, requires_safety_checker=False)
+        embed_exact_timesteps(pipe.transformer)
+        return pipe
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         load_hunyuan_dit_lora(pipe.transformer, path, adapter_name)
@@ -415,6 +423,7 @@ class HunyuanDiTAdapter(SourceLoader):
                                   scheduler=self._scheduler(), safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=False, text_encoder_2=None, tokenizer_2=None)
         pipe.set_progress_bar_config(disable=True)
+        embed_exact_timesteps(transformer)
         return pipe
 
     def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
@@ -435,12 +444,73 @@ class HunyuanDiTAdapter(SourceLoader):
         noise = self.initial_noise(pipe, seeds, height, width)
         scale_lora_layers(pipe.transformer, float(lora_scale))
         try:
-            result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise,
-                          num_images_per_prompt=len(seeds), generator=seed_generators(seeds), output_type="pil",
-                          use_resolution_binning=False, original_size=(height, width), **kwargs)
+            with exact_sampling_timesteps(pipe):
+                result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise,
+                              num_images_per_prompt=len(seeds), generator=seed_generators(seeds), output_type="pil",
+                              use_resolution_binning=False, original_size=(height, width), **kwargs)
         finally:
             unscale_lora_layers(pipe.transformer, float(lora_scale))
         return list(result.images)
+
+
+def _hidden_dtype_of_the_text(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook of ``time_extra_emb``: its hidden dtype is the dtype of the text states it pools (the
+    compute dtype), not the timestep's."""
+    states = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+    return args, {**kwargs, "hidden_dtype": states.dtype}
+
+
+def embed_exact_timesteps(transformer: Any) -> None:
+    """Let a ``HunyuanDiT2DModel`` take its timestep in float32 while computing in its own dtype.
+
+    diffusers 0.42.1's forward calls ``time_extra_emb(timestep, …, hidden_dtype=timestep.dtype)``, and the
+    hidden dtype is all the timestep's dtype decides there: the sinusoid of t is computed in float32 from
+    whatever t is given and then cast to ``hidden_dtype`` for the timestep MLP (and the v1.1 size embedding
+    likewise). A bf16 t is already rounded (999 → 1000, steps of 2 above 256 and 4 above 512); a float32 t with
+    ``hidden_dtype`` float32 would run the embedder in float32 against bf16 weights. This hook passes the dtype
+    of the text states instead — the compute dtype, what a compute-dtype t gave before — so a float32 t reaches
+    the sinusoid exactly and nothing else in the model changes dtype (Tencent's and ComfyUI's ``TimestepEmbedder``
+    likewise embed the exact t in float32, then cast to the model's dtype). Idempotent."""
+    embedding = transformer.time_extra_emb
+    if not getattr(embedding, "_lora_run_exact_t", False):
+        embedding.register_forward_pre_hook(_hidden_dtype_of_the_text, with_kwargs=True)
+        embedding._lora_run_exact_t = True
+
+
+@contextlib.contextmanager
+def exact_sampling_timesteps(pipe: Any) -> Any:
+    """During one ``HunyuanDiTPipeline`` call, give the transformer the scheduler's exact step in float32.
+
+    The pipeline casts each step t to the latents' dtype before the transformer call (bf16: 981 → 980); training
+    embeds the exact t (``predict``), so samples do too. The pipeline calls the transformer once per entry of
+    ``scheduler.timesteps``, in order; each call's t is checked to be that step cast as the pipeline casts it,
+    so a pipeline that calls differently fails loudly instead of sampling on the wrong steps."""
+    import torch
+
+    calls = [0]
+
+    def exact(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        given = args[1] if len(args) > 1 else kwargs["timestep"]
+        steps = pipe.scheduler.timesteps
+        if calls[0] >= len(steps):
+            raise RuntimeError("HunyuanDiTPipeline called the transformer more than once per step "
+                               f"({len(steps)} steps)")
+        step = steps[calls[0]].to(device=given.device, dtype=torch.float32)
+        calls[0] += 1
+        t = step.expand(given.shape[0]).clone()
+        if not torch.equal(t.to(given.dtype), given):
+            raise RuntimeError(f"HunyuanDiTPipeline passed t = {given.tolist()} at step {calls[0]} of "
+                               f"{len(steps)}, expected {step.item():g} (cast to {given.dtype})")
+        if len(args) > 1:
+            return (args[0], t, *args[2:]), kwargs
+        return args, {**kwargs, "timestep": t}
+
+    embed_exact_timesteps(pipe.transformer)
+    handle = pipe.transformer.register_forward_pre_hook(exact, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def lora_config_of(tensors: dict[str, Any], rank: int | None = None) -> Any:

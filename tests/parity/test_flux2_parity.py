@@ -15,6 +15,8 @@ planted mistake the check must catch:
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from .conftest import minimal_recipe
@@ -181,6 +183,60 @@ def test_noisy_input_and_velocity_target(klein):
 
     assert matches(adapter.noisy_and_target)
     assert not matches(lambda a, e, t: (lambda n, v: (n, -v))(*adapter.noisy_and_target(a, e, t)))  # planted
+
+
+# ------------------------------------------------------------------------------------------ flux-shift
+def shifted(u, mu: float):
+    """σ = e^μ / (e^μ + 1/u − 1), the exponential time shift of FLUX's scheduler, clamped as every σ is."""
+    import math
+
+    e = math.exp(mu)
+    return (e / (e + (1 / u - 1))).clamp(1e-4, 1 - 1e-4)
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (48, 48), (64, 64), (64, 68), (80, 80)])  # 512² … 1280² buckets
+def test_flux_shift_is_flux2s_own_step_independent_mu(klein, h, w):
+    """`flux-shift` draws u = sigmoid(N(0, 1)) and shifts it with μ of FLUX.2's own schedule for the bucket's
+    token count (h·w packed tokens): diffusers' ``compute_empirical_mu`` (BFL's ``flux2/sampling.py``) at 200 steps,
+    its step-independent line a2·tokens + b2 — the μ FLUX.2 samples with at every step count above 4300 tokens.
+    That line is FLUX.1-dev's (0.5 at 256 tokens, 1.15 at 4096: a2, b2 are its slope and intercept to 8 digits),
+    and it is musubi-tuner's FLUX.2 trainer's `flux2_shift` formula. Planted mistakes: μ of the 50-, 28- and
+    4-step schedules (FLUX.2 shifts further with fewer steps below 4300 tokens), the token count of the
+    unpatchified latent (4×) and a quarter of it."""
+    import torch
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+    adapter = adapter_for("klein", klein, timestep_sampling="flux-shift")
+    n, tokens = 2048, h * w
+    sigma = adapter.sample_timesteps(n, torch.Generator().manual_seed(7), torch.zeros(1, 128, h, w))
+    u = torch.sigmoid(torch.randn(n, generator=torch.Generator().manual_seed(7)))
+    assert torch.allclose(sigma, shifted(u, compute_empirical_mu(tokens, 200)), atol=2e-6, rtol=0)
+    slope = (1.15 - 0.5) / (4096 - 256)                  # musubi-tuner: get_lin_function(y1=0.5, y2=1.15)(h * w)
+    k = math.exp(slope * tokens + (0.5 - slope * 256))
+    assert torch.allclose(sigma, (u * k / (1 + (k - 1) * u)).clamp(1e-4, 1 - 1e-4), atol=1e-6, rtol=0)
+    planted = {"4× the tokens": shifted(u, compute_empirical_mu(4 * tokens, 200)),
+               "a quarter of the tokens": shifted(u, compute_empirical_mu(tokens // 4, 200))}
+    if tokens <= 4300:
+        planted.update({f"μ of the {steps}-step schedule": shifted(u, compute_empirical_mu(tokens, steps))
+                        for steps in (50, 28, 4)})
+    else:                                                # FLUX.2's own μ no longer depends on the steps here
+        assert {compute_empirical_mu(tokens, steps) for steps in (4, 28, 50, 200)} == \
+            {compute_empirical_mu(tokens, 200)}
+    for what, wrong in planted.items():
+        assert not torch.allclose(sigma, wrong, atol=1e-3, rtol=0), f"planted mistake not caught: {what}"
+
+
+def test_flux2_mu_numbers_in_the_docs():
+    """The μ values docs/flux2.md quotes, from diffusers' FLUX.2 pipelines."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as klein_mu
+
+    assert all(klein_mu(t, s) == compute_empirical_mu(t, s) for t in (256, 4096, 6400) for s in (4, 50, 200))
+    assert round(compute_empirical_mu(4096, 200), 4) == 1.15 and round(compute_empirical_mu(256, 200), 4) == 0.5
+    assert round(compute_empirical_mu(4096, 50), 2) == 2.02 and round(compute_empirical_mu(4096, 28), 2) == 2.15
+    assert round(compute_empirical_mu(4096, 4), 2) == 2.29 and round(compute_empirical_mu(1024, 50), 2) == 1.70
+    assert round(compute_empirical_mu(4300, 50), 2) == 2.04 and round(compute_empirical_mu(4301, 50), 2) == 1.18
+    assert max(abs(compute_empirical_mu(t, 200) - (0.5 + (t - 256) * 0.65 / 3840)) for t in range(16, 16385)) < 1.4e-5
 
 
 # ------------------------------------------------------------------------------ timestep and guidance

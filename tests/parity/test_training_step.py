@@ -249,11 +249,12 @@ def reference_noise(shape, generator, offset: float = 0.0):
 
 
 def flow_sigmas(method: str, batch: int, generator, scheduler, seq_len: int, *, scale=1.0, shift=3.0, mean=0.0,
-                std=1.0):
+                std=1.0, mu=None):
     """σ from the references: sd-scripts' `uniform` / `sigmoid` / `shift` / `flux_shift` (μ from the model's
-    scheduler config: base/max shift at base/max sequence length, the scheduler's own exponential time shift),
-    and for `logit-normal` diffusers' example (u = sigmoid(N(m, s)) indexing the unshifted descending table;
-    the continuous 1 − u is returned second, as a planted mistake)."""
+    scheduler config: base/max shift at base/max sequence length, or ``mu(seq_len)`` where the family's pipeline
+    computes μ otherwise; the scheduler's own exponential time shift), and for `logit-normal` diffusers' example
+    (u = sigmoid(N(m, s)) indexing the unshifted descending table; the continuous 1 − u is returned second, as a
+    planted mistake)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -279,7 +280,8 @@ def flow_sigmas(method: str, batch: int, generator, scheduler, seq_len: int, *, 
             sigma = shift * sigma / (1 + (shift - 1) * sigma)
         elif method == "flux-shift":
             c = scheduler.config
-            mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            mu = mu(seq_len) if mu is not None else calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len,
+                                                                     c.base_shift, c.max_shift)
             sigma = scheduler.time_shift(mu, 1.0, sigma)
     return sigma.clamp(1e-4, 1 - 1e-4), continuous
 
@@ -321,7 +323,7 @@ def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int,
                                            scale=draw.get("scale", 1.0))[0]
     if method == "flux-shift":          # the token count of the unpacked latent instead of the packed one
         planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset), scheduler,
-                                                    seq_len * 4, scale=draw.get("scale", 1.0))[0]
+                                                    seq_len * 4, scale=draw.get("scale", 1.0), mu=draw.get("mu"))[0]
     agrees("σ", ob["t"], sigma, planted, atol=1e-7)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
     agrees("noisy input", ob["noisy"], (1 - s) * x0 + s * noise, {"σ and 1 − σ swapped": s * x0 + (1 - s) * noise})
@@ -555,6 +557,7 @@ def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_
     import torch
     from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline,
                            Flux2Transformer2DModel)
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     family = f"flux.2-{variant}"
     folder = models[family]
@@ -574,8 +577,16 @@ def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     b, c, h, w = seen.objective["x0"].shape
+    # FLUX.2's pipelines ignore the scheduler config's base/max shift: μ = compute_empirical_mu(tokens, steps);
+    # `flux-shift` is its step-independent line, the 200-step one (docs/flux2.md)
+    flux2_mu = lambda tokens: compute_empirical_mu(tokens, 200)  # noqa: E731
     order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, h * w,
-                                                    weighting=train.get("timestep_weighting", "none"), **draw)
+                                                    weighting=train.get("timestep_weighting", "none"), mu=flux2_mu,
+                                                    **draw)
+    if method == "flux-shift":          # planted: μ of the pipelines' default 50-step schedule
+        at_50 = flow_sigmas(method, b, _after_noise((b, c, h, w), 0.0), scheduler, h * w,
+                            mu=lambda tokens: compute_empirical_mu(tokens, 50))[0]
+        agrees("σ", seen.objective["t"], sigma, {"μ of the 50-step schedule": at_50}, atol=1e-7)
     noisy = seen.objective["noisy"]
 
     pipe = pipeline_class.from_pretrained(folder)
