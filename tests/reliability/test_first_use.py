@@ -1,0 +1,90 @@
+"""What a new user or an automation agent meets first (the audit of issue 46): copies of the shipped recipes,
+the commands the demo and the CLI print for a person to paste, and `lora-run score`'s arguments. Each test
+is a defect that audit found, fixed at its root."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lora_run.cli import main
+from lora_run.recipe import load_recipe, to_dict
+from lora_run_recipes import recipe_roots, shipped_name, shipped_recipes
+
+from .conftest import run_cli
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+@pytest.mark.parametrize("name", [shipped_name(p) for p in shipped_recipes()])
+def test_a_copied_recipe_never_points_into_the_installation(name, tmp_path, capsys, monkeypatch, figures):
+    """`lora-run recipes flux/identity-hifi > my.toml` gave a recipe whose `dataset.path`, inherited from the
+    shipped identity-fast.toml it extends, was the installation's recipes/flux/data/subject: `check` sent the
+    user to a folder inside site-packages while the hifi recipe's own regularisation folder was next to the copy."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", name]) == 0
+    copy = tmp_path / "mine" / "my.toml"
+    copy.parent.mkdir()
+    copy.write_text(capsys.readouterr().out, encoding="utf-8")
+    recipe = load_recipe(copy).recipe
+    roots = [str(r.resolve()) for r in recipe_roots()]
+    inside = [s for s in _strings(to_dict(recipe)) if any(s.startswith(r) for r in roots)]
+    assert not inside, f"{name}: a copy resolves {inside} inside the shipped recipes"
+    assert recipe.dataset.path == str(copy.parent / "data" / "subject")
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+def test_the_demo_recipe_names_a_command_that_pastes(tmp_path, monkeypatch, capsys, figures):
+    """The demo's recipe told the user to run it again with `lora-run <path> --overwrite`, the path unquoted:
+    under a folder with a space the pasted line names two files."""
+    from lora_run_native.demo import build_demo
+
+    assets = tmp_path / "my demo ü" / "assets"
+    (assets / "tiny-flux").mkdir(parents=True)      # an earlier demo's assets: reused, not rebuilt
+    (assets / "tiny-flux" / "model_index.json").write_text("{}")
+    for part in ("subject", "reg"):
+        (assets / "data" / part).mkdir(parents=True)
+    path = build_demo(assets)
+    line = next(line for line in path.read_text("utf-8").splitlines() if "Run it again with:" in line)
+    argv = shlex.split(line.split("Run it again with:", 1)[1])
+    assert argv == ["lora-run", str(path), "--overwrite"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+@pytest.fixture
+def faces(tmp_path):
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path / "subject"
+    make_images(folder, count=2, size=(64, 64))
+    return folder
+
+
+def test_score_arguments_that_cannot_apply_are_named(faces, tmp_path, monkeypatch, capsys, figures):
+    """`score --report ""` silently wrote no report (exit 0); `--model` without `--embedder onnx` was reported as
+    an invalid value of an option that does not exist (`[--embedder-options] invalid value (RecipeError: …)`);
+    a `--report` under a file said "the folder exists and is not a folder" without naming that file."""
+    monkeypatch.chdir(tmp_path)
+    base = ["score", "--subject", str(faces), "--images", str(faces)]
+    code, text = run_cli([*base, "--report", ""], capsys, "unexpected")
+    assert code == 2 and "--report: an empty path" in text
+    code, text = run_cli([*base, "--model", "arcface.onnx"], capsys, "unexpected")
+    assert code == 2 and "--model applies only with --embedder onnx" in text and "RecipeError" not in text
+    code, text = run_cli([*base, "--detector", "scrfd.onnx"], capsys, "unexpected")
+    assert code == 2 and "--detector applies only with --embedder onnx" in text
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    code, text = run_cli([*base, "--report", str(blocker / "r.html")], capsys, "unexpected")
+    assert code == 2 and f"r.html: {blocker} exists and is not a folder" in text
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "subject"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=4, faults=4)
