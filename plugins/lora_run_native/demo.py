@@ -13,6 +13,7 @@ Everything is deterministic and offline. It shows the pipeline end to end; it do
 from __future__ import annotations
 
 import random
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def build_demo(assets_dir: str | Path) -> Path:
     }
     path = assets / "recipe.toml"
     header = ("# Written by `lora-run demo`: the shipped recipes/demo/tiny-flux.toml with this demo's model and\n"
-              "# dataset paths. Run it again with: lora-run " + str(path) + " --overwrite\n\n")
+              "# dataset paths. Run it again with: lora-run " + shlex.quote(str(path)) + " --overwrite\n\n")
     path.write_text(header + tomli_w.dumps(recipe), encoding="utf-8")
     return path
 
