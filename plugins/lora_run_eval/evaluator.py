@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import attrs
+
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, check_input_file, resolved, shown
 from lora_run_rundir import atomic_write_text
@@ -488,12 +490,21 @@ def cmd_score(args: Any, plugins: Any) -> int:
     images = _folder_images(Path(args.images).expanduser(), "--images")
     control = _folder_images(Path(args.control).expanduser(), "--control") if args.control else []
     raw: dict[str, Any] = {}
-    if args.model:
-        raw["model"] = args.model
-    if args.detector:
-        raw["detector"] = args.detector
+    reg = plugins.get("embedder", args.embedder, "eval.embedder")
+    takes = set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()
+    for flag, key in (("--model", "model"), ("--detector", "detector")):
+        value = getattr(args, key)
+        if value is not None and key not in takes:   # e.g. dlib: its models come with it
+            users = sorted(name for name, r in plugins.registry["embedder"].items()
+                           if r.options is not None and attrs.has(r.options) and key in attrs.fields_dict(r.options))
+            raise RecipeError(f"{flag} applies only with --embedder {' or '.join(users) or 'onnx'} (the "
+                              f"{args.embedder} embedder takes no {key} file)")
+        if value is not None:
+            raw[key] = value
     if args.embedder == "onnx" and not args.model:
         raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
+    if args.report is not None and not args.report.strip():
+        raise RecipeError("--report: an empty path; name the HTML file to write, or leave --report out")
     report_path = resolved(Path(args.report).expanduser()) if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
@@ -505,7 +516,7 @@ def cmd_score(args: Any, plugins: Any) -> int:
     if report_path is not None:
         unusable = folder_problem(report_path.parent)
         if unusable:
-            raise OutputError(f"--report {shown(report_path)}: the folder {unusable}")
+            raise OutputError(f"--report {shown(report_path)}: {shown(report_path.parent)} {unusable}")
         if os.path.islink(report_path) and not report_path.exists():
             raise OutputError(f"--report {shown(report_path)}: is a dangling link or a symlink loop")
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
