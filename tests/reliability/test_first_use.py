@@ -88,3 +88,29 @@ def test_score_arguments_that_cannot_apply_are_named(faces, tmp_path, monkeypatc
     assert code == 2 and f"r.html: {blocker} exists and is not a folder" in text
     assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "subject"]
     figures("first use (copied recipes, pasted commands, score arguments)", cases=4, faults=4)
+
+
+def _readme_block(after: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    block = text[text.index(after):].split("```\n", 2)[1]
+    return [line.split("…")[0] for line in block.splitlines()]
+
+
+def test_the_readmes_error_example_is_what_check_prints(tmp_path, capsys, monkeypatch, small_dataset, figures):
+    """The README showed a type error, an unknown key and a backend refusal as one `check`'s output; a recipe
+    with all three gets only the first two (the refusal needs a recipe that parses). The README now shows the
+    two rounds as `check` prints them."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.toml"
+    base = ('backend = "kohya"\n[model]\nfamily = "flux.1-dev"\nsource = "black-forest-labs/FLUX.1-dev"\n'
+            f'offline = true\n[dataset]\npath = "{small_dataset}"\ntrigger = "ohwx"\n')
+    recipe.write_text(base + "[train]\nsteps = 3.9\nnoise_offset = 0.1\n[lora]\nrnak = 3\n", encoding="utf-8")
+    code, first = run_cli(["check", "recipe.toml"], capsys, "unexpected")
+    shown = _readme_block("Wrong types and\nunknown keys come first")
+    assert code == 2 and len(shown) == 2 and all(line in first for line in shown), first
+    assert "noise_offset" not in first
+    recipe.write_text(base + "[train]\nsteps = 4\nnoise_offset = 0.1\n[lora]\nrank = 3\n", encoding="utf-8")
+    code, second = run_cli(["check", "recipe.toml"], capsys, "unexpected")
+    shown = _readme_block("and once it parses")
+    assert code == 2 and len(shown) == 2 and all(line in second for line in shown), second
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
