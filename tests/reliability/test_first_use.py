@@ -114,3 +114,25 @@ def test_the_readmes_error_example_is_what_check_prints(tmp_path, capsys, monkey
     shown = _readme_block("and once it parses")
     assert code == 2 and len(shown) == 2 and all(line in second for line in shown), second
     figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
+
+
+def test_resuming_a_completed_run_replaces_nothing(tiny_recipe, tmp_path, capsys, monkeypatch, figures):
+    """`--resume` of a completed run (an agent retrying a command that already succeeded) said "no complete
+    checkpoint yet; starting from step 0" and trained the run again, replacing the LoRA it had finished with.
+    It is now refused (exit 2) with nothing touched; raising the step count still trains on."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe("", name="recipe.toml")
+    out = tmp_path / "run"
+    code, text = run_cli([str(recipe), "--output-dir", str(out)], capsys, "unexpected")
+    assert code == 0, text
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+              and p.name != ".lora-run.lock"}
+    code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume"], capsys, "unexpected")
+    assert code == 2 and "nothing to resume" in text and "is completed (steps = 6)" in text, text
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+             and p.name != ".lora-run.lock"}
+    assert after == before
+    code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume", "--set", "train.steps=8"], capsys,
+                         "unexpected")
+    assert code == 0 and "resumed from" in text, text
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
