@@ -19,6 +19,7 @@ import attrs
 
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, check_input_file, resolved, shown
+from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir.output import folder_problem
 
@@ -410,6 +411,9 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         except FileProblem as exc:
             raise RecipeError(f"--lora {shown(raw)}: " + ("no such file" if str(exc).startswith("not found")
                                                           else str(exc))) from None
+        not_lora = lora_file_problem(path)
+        if not_lora:     # before any model loads: a model's weights or another file given by mistake
+            raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
         match = _STEP.search(path.stem)
         step = int(match.group(1)) if match and len(args.lora) > 1 else None
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
