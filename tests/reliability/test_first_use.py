@@ -136,3 +136,16 @@ def test_resuming_a_completed_run_replaces_nothing(tiny_recipe, tmp_path, capsys
                          "unexpected")
     assert code == 0 and "resumed from" in text, text
     figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
+
+
+def test_eval_refuses_a_file_that_is_no_lora_before_loading_a_model(tiny_recipe, tmp_path, capsys, figures):
+    """`lora-run eval RECIPE --lora run/manifest.json` (or a model's weights) loaded the whole pipeline, printed
+    "generating N images", and only then failed; it is now refused from the file's header, nothing written."""
+    recipe = tiny_recipe("")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"status": "completed"}')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, text = run_cli(["eval", str(recipe), "--lora", str(manifest)], capsys, "unexpected")
+    assert code == 2 and "not a LoRA file" in text and "generating" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
