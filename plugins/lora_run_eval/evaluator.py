@@ -419,6 +419,9 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
     if len({label for label, _, _ in loras}) != len(loras):
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise RecipeError("--output-dir: an empty path; name the evaluation's folder, or leave --output-dir out "
+                          "(eval-<lora name> next to the LoRA)")
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     _check_output(out, args.overwrite)

@@ -149,3 +149,25 @@ def test_eval_refuses_a_file_that_is_no_lora_before_loading_a_model(tiny_recipe,
     assert code == 2 and "not a LoRA file" in text and "generating" not in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+def test_an_empty_output_dir_is_refused_not_taken_as_absent(tiny_recipe, tmp_path, capsys, monkeypatch, figures):
+    """`--output-dir "$OUT"` with OUT unset: `run --overwrite` took the empty value as no --output-dir and
+    replaced the recipe's own run folder; `plan` and `eval` quietly used their defaults and `demo` the working
+    folder. An empty or blank --output-dir is now refused everywhere (exit 2), nothing touched."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe()               # its run folder: [output] dir's default, runs/tiny
+    code, text = run_cli([str(recipe)], capsys, "unexpected")
+    assert code == 0, text
+    run = tmp_path / "runs" / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    assert any(p.suffix == ".safetensors" for p in before)
+    for argv in ([str(recipe), "--output-dir", "", "--overwrite"], [str(recipe), "--output-dir", " "],
+                 ["plan", str(recipe), "--output-dir", ""], ["plan", str(recipe), "--output-dir", "", "--json"],
+                 ["demo", "--output-dir", ""],
+                 ["eval", str(recipe), "--lora", str(next(run.glob("*.safetensors"))), "--output-dir", ""]):
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and "--output-dir: an empty path" in text, (argv, text)
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "runs", "subject"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=6, faults=6)
