@@ -479,9 +479,12 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
     return 0
 
 
-def _folder_images(folder: Path, flag: str) -> list[Path]:
+def _folder_images(given: str, flag: str) -> list[Path]:
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
+    if not given.strip():    # Path("") is the working folder: never scored by accident ("$UNSET")
+        raise RecipeError(f"{flag}: an empty path; name a folder of images")
+    folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -493,9 +496,9 @@ def _folder_images(folder: Path, flag: str) -> list[Path]:
 
 def cmd_score(args: Any, plugins: Any) -> int:
     """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
-    subject = _folder_images(Path(args.subject).expanduser(), "--subject")
-    images = _folder_images(Path(args.images).expanduser(), "--images")
-    control = _folder_images(Path(args.control).expanduser(), "--control") if args.control else []
+    subject = _folder_images(args.subject, "--subject")
+    images = _folder_images(args.images, "--images")
+    control = _folder_images(args.control, "--control") if args.control is not None else []
     raw: dict[str, Any] = {}
     reg = plugins.get("embedder", args.embedder, "eval.embedder")
     takes = set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()

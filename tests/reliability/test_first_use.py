@@ -82,6 +82,14 @@ def test_score_arguments_that_cannot_apply_are_named(faces, tmp_path, monkeypatc
     assert code == 2 and "--model applies only with --embedder onnx" in text and "RecipeError" not in text
     code, text = run_cli([*base, "--detector", "scrfd.onnx"], capsys, "unexpected")
     assert code == 2 and "--detector applies only with --embedder onnx" in text
+    empty = {"--subject": ["score", "--subject", "", "--images", str(faces)],   # "$UNSET": never the working
+             "--images": ["score", "--subject", str(faces), "--images", ""],     # folder, never ignored
+             "--control": [*base, "--control", ""]}
+    for flag, argv in empty.items():
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and f"{flag}: an empty path" in text, (flag, text)
+    code, text = run_cli(["recipes", ""], capsys, "unexpected")
+    assert code == 2 and 'no shipped recipe ""' in text and "Copy one" not in text
     blocker = tmp_path / "notes.txt"
     blocker.write_text("mine")
     code, text = run_cli([*base, "--report", str(blocker / "r.html")], capsys, "unexpected")
