@@ -545,4 +545,5 @@ def cmd_score(args: Any, plugins: Any) -> int:
         atomic_write_text(report_path, render(data))
         if not args.json:
             print(f"report: {report_path}")
+        data["report"] = str(report_path)      # --json: where the report went (an agent reads it back)
     return _print_result(data, None, args.json)

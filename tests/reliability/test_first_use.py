@@ -3,6 +3,7 @@ the commands the demo and the CLI print for a person to paste, and `lora-run sco
 is a defect that audit found, fixed at its root."""
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def test_score_arguments_that_cannot_apply_are_named(faces, tmp_path, monkeypatc
         assert code == 2 and f"{flag}: an empty path" in text, (flag, text)
     code, text = run_cli(["recipes", ""], capsys, "unexpected")
     assert code == 2 and 'no shipped recipe ""' in text and "Copy one" not in text
+    code, text = run_cli([*base, "--report", "r é.html", "--json"], capsys, "unexpected")
+    assert code == 0 and json.loads(text)["report"] == str(tmp_path / "r é.html")   # --json says where it went
+    (tmp_path / "r é.html").unlink()
     blocker = tmp_path / "notes.txt"
     blocker.write_text("mine")
     code, text = run_cli([*base, "--report", str(blocker / "r.html")], capsys, "unexpected")
