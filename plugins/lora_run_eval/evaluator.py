@@ -411,9 +411,6 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         except FileProblem as exc:
             raise RecipeError(f"--lora {shown(raw)}: " + ("no such file" if str(exc).startswith("not found")
                                                           else str(exc))) from None
-        not_lora = lora_file_problem(path)
-        if not_lora:     # before any model loads: a model's weights or another file given by mistake
-            raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
         match = _STEP.search(path.stem)
         step = int(match.group(1)) if match and len(args.lora) > 1 else None
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
@@ -425,6 +422,10 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     _check_output(out, args.overwrite)
+    for raw, (_, _, path) in zip(args.lora, loras):
+        not_lora = lora_file_problem(path)
+        if not_lora:     # before any model loads: a model's weights or another file given by mistake
+            raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
     recipe = validate(loaded, plugins).recipe
     report = lint(recipe, plugins)
     subject = [i.image for i in report.usable if not i.is_reg]
