@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import attrs
+
 from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, GiB, check_input_file, resolved, shown
+from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir.output import folder_problem
 
@@ -415,9 +418,16 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
     if len({label for label, _, _ in loras}) != len(loras):
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise RecipeError("--output-dir: an empty path; name the evaluation's folder, or leave --output-dir out "
+                          "(eval-<lora name> next to the LoRA)")
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     _check_output(out, args.overwrite)
+    for raw, (_, _, path) in zip(args.lora, loras):
+        not_lora = lora_file_problem(path)
+        if not_lora:     # before any model loads: a model's weights or another file given by mistake
+            raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
     recipe = validate(loaded, plugins).recipe
     report = lint(recipe, plugins)
     subject = [i.image for i in report.usable if not i.is_reg]
@@ -472,9 +482,12 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
     return 0
 
 
-def _folder_images(folder: Path, flag: str) -> list[Path]:
+def _folder_images(given: str, flag: str) -> list[Path]:
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
+    if not given.strip():    # Path("") is the working folder: never scored by accident ("$UNSET")
+        raise RecipeError(f"{flag}: an empty path; name a folder of images")
+    folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {folder}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
@@ -486,16 +499,25 @@ def _folder_images(folder: Path, flag: str) -> list[Path]:
 
 def cmd_score(args: Any, plugins: Any) -> int:
     """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
-    subject = _folder_images(Path(args.subject).expanduser(), "--subject")
-    images = _folder_images(Path(args.images).expanduser(), "--images")
-    control = _folder_images(Path(args.control).expanduser(), "--control") if args.control else []
+    subject = _folder_images(args.subject, "--subject")
+    images = _folder_images(args.images, "--images")
+    control = _folder_images(args.control, "--control") if args.control is not None else []
     raw: dict[str, Any] = {}
-    if args.model:
-        raw["model"] = args.model
-    if args.detector:
-        raw["detector"] = args.detector
+    reg = plugins.get("embedder", args.embedder, "eval.embedder")
+    takes = set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()
+    for flag, key in (("--model", "model"), ("--detector", "detector")):
+        value = getattr(args, key)
+        if value is not None and key not in takes:   # e.g. dlib: its models come with it
+            users = sorted(name for name, r in plugins.registry["embedder"].items()
+                           if r.options is not None and attrs.has(r.options) and key in attrs.fields_dict(r.options))
+            raise RecipeError(f"{flag} applies only with --embedder {' or '.join(users) or 'onnx'} (the "
+                              f"{args.embedder} embedder takes no {key} file)")
+        if value is not None:
+            raw[key] = value
     if args.embedder == "onnx" and not args.model:
         raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
+    if args.report is not None and not args.report.strip():
+        raise RecipeError("--report: an empty path; name the HTML file to write, or leave --report out")
     report_path = resolved(Path(args.report).expanduser()) if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
@@ -507,7 +529,7 @@ def cmd_score(args: Any, plugins: Any) -> int:
     if report_path is not None:
         unusable = folder_problem(report_path.parent)
         if unusable:
-            raise OutputError(f"--report {shown(report_path)}: the folder {unusable}")
+            raise OutputError(f"--report {shown(report_path)}: {shown(report_path.parent)} {unusable}")
         if os.path.islink(report_path) and not report_path.exists():
             raise OutputError(f"--report {shown(report_path)}: is a dangling link or a symlink loop")
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
@@ -526,4 +548,5 @@ def cmd_score(args: Any, plugins: Any) -> int:
         atomic_write_text(report_path, render(data))
         if not args.json:
             print(f"report: {report_path}")
+        data["report"] = str(report_path)      # --json: where the report went (an agent reads it back)
     return _print_result(data, None, args.json)

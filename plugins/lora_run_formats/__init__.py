@@ -61,17 +61,45 @@ def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, metadata
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a ``.safetensors`` file, read from its JSON header (no torch)."""
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file: tensor name -> dtype/shape/offsets, and ``__metadata__``
+    (no torch, nothing else read). ValueError (or OSError) when it is not one."""
     import json
     import struct
 
     with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("too short to be a safetensors file")
+        size = struct.unpack("<Q", head)[0]
         if size > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
-        header = json.loads(fh.read(size))
-    return dict(header.get("__metadata__") or {})
+            raise ValueError(f"not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file, read from its JSON header (no torch)."""
+    return dict(read_header(path).get("__metadata__") or {})
+
+
+def lora_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a LoRA in kohya or diffusers format, judged from its header alone (a model's weights,
+    a file of another kind), or None."""
+    try:
+        header = read_header(path)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    if detect_format({k: None for k in header if k != "__metadata__"}) == "unknown":
+        count = len(header) - ("__metadata__" in header)
+        return (f"holds no LoRA tensors (none of its {count} tensor names ends in lora_down.weight or holds "
+                ".lora_A.)")
+    return None
 
 
 def copy_with_metadata(source: str | Path, target: str | Path, extra: Mapping[str, str]) -> Path:

@@ -13,6 +13,7 @@ Everything is deterministic and offline. It shows the pipeline end to end; it do
 from __future__ import annotations
 
 import random
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def build_demo(assets_dir: str | Path) -> Path:
     }
     path = assets / "recipe.toml"
     header = ("# Written by `lora-run demo`: the shipped recipes/demo/tiny-flux.toml with this demo's model and\n"
-              "# dataset paths. Run it again with: lora-run " + str(path) + " --overwrite\n\n")
+              "# dataset paths. Run it again with: lora-run " + shlex.quote(str(path)) + " --overwrite\n\n")
     path.write_text(header + tomli_w.dumps(recipe), encoding="utf-8")
     return path
 
@@ -158,6 +159,9 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
+    if not output_dir.strip():     # resolved("") is the working folder: never the demo's folder by accident
+        raise RecipeError("--output-dir: an empty path; name the demo's folder, or leave --output-dir out "
+                          "(runs/demo)")
     out = resolved(output_dir)
     _claim(out)
     run_out = out / "run"

@@ -68,7 +68,7 @@ def cmd_recipes(args: Any, _plugins: Any = None) -> int:
     if not recipes:
         raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "
                           "(reinstall it; a wheel carries them as lora_run/recipes)")
-    if args.name:
+    if args.name is not None:    # `lora-run recipes "$NAME" > my.toml` with NAME unset must not save the listing
         wanted = args.name.removesuffix(".toml").removeprefix("recipes/")
         for path in recipes:
             if shipped_name(path) == wanted:

@@ -46,6 +46,10 @@ def output_key_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     return out
 
 
+EMPTY_OUTPUT_DIR = ("--output-dir: an empty path; name the run folder, or leave --output-dir out to use the "
+                    "recipe's [output.dir]")
+
+
 def folder_problem(path: Path | str) -> str | None:
     """Why ``path`` can neither be used nor be created as a folder, or None: it is a file, a dangling link or a
     link loop, or the way to it runs through something that is not a folder (so `mkdir` would fail later)."""
@@ -62,7 +66,11 @@ def folder_problem(path: Path | str) -> str | None:
 
 
 def output_path(recipe: Recipe, override: str | None) -> Path:
-    """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``."""
+    """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``.
+    A blank ``--output-dir`` (``--output-dir "$UNSET"``) is an error: taken as absent, ``--overwrite`` would
+    replace the recipe's own run folder."""
+    if override is not None and not override.strip():
+        raise OutputError(EMPTY_OUTPUT_DIR)
     if override:
         return resolved(os.path.expanduser(override))
     return resolved(recipe.output.dir.replace("{name}", recipe.output.name))
@@ -92,6 +100,8 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
     """Why the run folder cannot be used whatever its state: it is a file, a folder above the working folder
     (or, with --overwrite, the working folder itself), or it holds the run's dataset or model (`--overwrite`
     would delete them). Each message names the key (or --output-dir)."""
+    if override is not None and not override.strip():
+        return [EMPTY_OUTPUT_DIR]
     where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
     try:
         path = output_path(recipe, override)

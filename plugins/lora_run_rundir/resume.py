@@ -42,14 +42,24 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple
 
 
 def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str, plugins: Any) -> None:
+    """The run's recipe may change only where a resumed run can follow it; a completed run resumes only to train
+    on (more steps or epochs): the same length would train its last stretch again and replace the LoRA, samples
+    and evaluation it finished with."""
     saved = run_dir.file(RECIPE)
     if not saved.is_file():
         return
-    diffs = resume_differences(to_dict(load_recipe(saved, plugins=plugins).recipe), to_dict(recipe))
+    before, now = to_dict(load_recipe(saved, plugins=plugins).recipe), to_dict(recipe)
+    diffs = resume_differences(before, now)
     if diffs:
         raise RecipeError(f"{shown_recipe}: cannot resume {run_dir.path}: the recipe changed at "
                           f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
                           "[sample] and [eval] may change on resume")
+    length = [{k: part.get("train", {}).get(k) for k in ("steps", "epochs")} for part in (before, now)]
+    if run_dir.read_manifest().get("status") == "completed" and length[0] == length[1]:
+        told = ", ".join(f"{k} = {v}" for k, v in length[0].items() if v is not None)
+        raise OutputError(f"{shown_recipe}: nothing to resume: the run in {run_dir.path} is completed ({told}); "
+                          "raise [train.steps] (or epochs) to train on, `lora-run eval` evaluates its LoRA again, "
+                          "--overwrite starts it over")
 
 
 def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> list[str]:

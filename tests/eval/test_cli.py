@@ -68,6 +68,15 @@ def test_score_bad_input_exits_2_without_traceback(run_cli, tmp_path, subject_di
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def _safetensors(path, name):
+    """A one-tensor .safetensors file written by hand (no torch)."""
+    import json
+    import struct
+
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+
+
 def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[model]\nsource = "black-forest-labs/FLUX.1-dev"\n[dataset]\npath = "{subject_dir}"\n'
@@ -76,7 +85,14 @@ def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
     done = run_cli("eval", recipe, "--lora", tmp_path / "missing.safetensors")
     assert done.returncode == 2 and "--lora" in done.stderr and "no such file" in done.stderr, done.stderr
     lora = tmp_path / "x.safetensors"
-    lora.write_bytes(b"x")
+    lora.write_bytes(b"x")        # refused before any model loads (it loaded the model, then failed)
+    done = run_cli("eval", recipe, "--lora", lora)
+    assert done.returncode == 2 and "not a LoRA file: too short to be a safetensors file" in done.stderr, done.stderr
+    weights = tmp_path / "model.safetensors"
+    _safetensors(weights, "transformer_blocks.0.attn.to_q.weight")
+    done = run_cli("eval", recipe, "--lora", weights)
+    assert done.returncode == 2 and "not a LoRA file: holds no LoRA tensors" in done.stderr, done.stderr
+    _safetensors(lora, "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
     done = run_cli("eval", recipe, "--lora", lora)
     assert done.returncode == 2 and "[eval.embedder_options.model]" in done.stderr, done.stderr
     recipe.write_text(recipe.read_text().replace('embedder = "onnx"', 'embedder = "dlib"'))

@@ -1,0 +1,185 @@
+"""What a new user or an automation agent meets first (the audit of issue 46): copies of the shipped recipes,
+the commands the demo and the CLI print for a person to paste, and `lora-run score`'s arguments. Each test
+is a defect that audit found, fixed at its root."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lora_run.cli import main
+from lora_run.recipe import load_recipe, to_dict
+from lora_run_recipes import recipe_roots, shipped_name, shipped_recipes
+
+from .conftest import run_cli
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+@pytest.mark.parametrize("name", [shipped_name(p) for p in shipped_recipes()])
+def test_a_copied_recipe_never_points_into_the_installation(name, tmp_path, capsys, monkeypatch, figures):
+    """`lora-run recipes flux/identity-hifi > my.toml` gave a recipe whose `dataset.path`, inherited from the
+    shipped identity-fast.toml it extends, was the installation's recipes/flux/data/subject: `check` sent the
+    user to a folder inside site-packages while the hifi recipe's own regularisation folder was next to the copy."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", name]) == 0
+    copy = tmp_path / "mine" / "my.toml"
+    copy.parent.mkdir()
+    copy.write_text(capsys.readouterr().out, encoding="utf-8")
+    recipe = load_recipe(copy).recipe
+    roots = [str(r.resolve()) for r in recipe_roots()]
+    inside = [s for s in _strings(to_dict(recipe)) if any(s.startswith(r) for r in roots)]
+    assert not inside, f"{name}: a copy resolves {inside} inside the shipped recipes"
+    assert recipe.dataset.path == str(copy.parent / "data" / "subject")
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+def test_the_demo_recipe_names_a_command_that_pastes(tmp_path, monkeypatch, capsys, figures):
+    """The demo's recipe told the user to run it again with `lora-run <path> --overwrite`, the path unquoted:
+    under a folder with a space the pasted line names two files."""
+    from lora_run_native.demo import build_demo
+
+    assets = tmp_path / "my demo ü" / "assets"
+    (assets / "tiny-flux").mkdir(parents=True)      # an earlier demo's assets: reused, not rebuilt
+    (assets / "tiny-flux" / "model_index.json").write_text("{}")
+    for part in ("subject", "reg"):
+        (assets / "data" / part).mkdir(parents=True)
+    path = build_demo(assets)
+    line = next(line for line in path.read_text("utf-8").splitlines() if "Run it again with:" in line)
+    argv = shlex.split(line.split("Run it again with:", 1)[1])
+    assert argv == ["lora-run", str(path), "--overwrite"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+@pytest.fixture
+def faces(tmp_path):
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path / "subject"
+    make_images(folder, count=2, size=(64, 64))
+    return folder
+
+
+def test_score_arguments_that_cannot_apply_are_named(faces, tmp_path, monkeypatch, capsys, figures):
+    """`score --report ""` silently wrote no report (exit 0); `--model` without `--embedder onnx` was reported as
+    an invalid value of an option that does not exist (`[--embedder-options] invalid value (RecipeError: …)`);
+    a `--report` under a file said "the folder exists and is not a folder" without naming that file."""
+    monkeypatch.chdir(tmp_path)
+    base = ["score", "--subject", str(faces), "--images", str(faces)]
+    code, text = run_cli([*base, "--report", ""], capsys, "unexpected")
+    assert code == 2 and "--report: an empty path" in text
+    code, text = run_cli([*base, "--model", "arcface.onnx"], capsys, "unexpected")
+    assert code == 2 and "--model applies only with --embedder onnx" in text and "RecipeError" not in text
+    code, text = run_cli([*base, "--detector", "scrfd.onnx"], capsys, "unexpected")
+    assert code == 2 and "--detector applies only with --embedder onnx" in text
+    empty = {"--subject": ["score", "--subject", "", "--images", str(faces)],   # "$UNSET": never the working
+             "--images": ["score", "--subject", str(faces), "--images", ""],     # folder, never ignored
+             "--control": [*base, "--control", ""]}
+    for flag, argv in empty.items():
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and f"{flag}: an empty path" in text, (flag, text)
+    code, text = run_cli(["recipes", ""], capsys, "unexpected")
+    assert code == 2 and 'no shipped recipe ""' in text and "Copy one" not in text
+    code, text = run_cli([*base, "--report", "r é.html", "--json"], capsys, "unexpected")
+    assert code == 0 and json.loads(text)["report"] == str(tmp_path / "r é.html")   # --json says where it went
+    (tmp_path / "r é.html").unlink()
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    code, text = run_cli([*base, "--report", str(blocker / "r.html")], capsys, "unexpected")
+    assert code == 2 and f"r.html: {blocker} exists and is not a folder" in text
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "subject"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=4, faults=4)
+
+
+def _readme_block(after: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    block = text[text.index(after):].split("```\n", 2)[1]
+    return [line.split("…")[0] for line in block.splitlines()]
+
+
+def test_the_readmes_error_example_is_what_check_prints(tmp_path, capsys, monkeypatch, small_dataset, figures):
+    """The README showed a type error, an unknown key and a backend refusal as one `check`'s output; a recipe
+    with all three gets only the first two (the refusal needs a recipe that parses). The README now shows the
+    two rounds as `check` prints them."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.toml"
+    base = ('backend = "kohya"\n[model]\nfamily = "flux.1-dev"\nsource = "black-forest-labs/FLUX.1-dev"\n'
+            f'offline = true\n[dataset]\npath = "{small_dataset}"\ntrigger = "ohwx"\n')
+    recipe.write_text(base + "[train]\nsteps = 3.9\nnoise_offset = 0.1\n[lora]\nrnak = 3\n", encoding="utf-8")
+    code, first = run_cli(["check", "recipe.toml"], capsys, "unexpected")
+    shown = _readme_block("Wrong types and\nunknown keys come first")
+    assert code == 2 and len(shown) == 2 and all(line in first for line in shown), first
+    assert "noise_offset" not in first
+    recipe.write_text(base + "[train]\nsteps = 4\nnoise_offset = 0.1\n[lora]\nrank = 3\n", encoding="utf-8")
+    code, second = run_cli(["check", "recipe.toml"], capsys, "unexpected")
+    shown = _readme_block("and once it parses")
+    assert code == 2 and len(shown) == 2 and all(line in second for line in shown), second
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
+
+
+def test_resuming_a_completed_run_replaces_nothing(tiny_recipe, tmp_path, capsys, monkeypatch, figures):
+    """`--resume` of a completed run (an agent retrying a command that already succeeded) said "no complete
+    checkpoint yet; starting from step 0" and trained the run again, replacing the LoRA it had finished with.
+    It is now refused (exit 2) with nothing touched; raising the step count still trains on."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe("", name="recipe.toml")
+    out = tmp_path / "run"
+    code, text = run_cli([str(recipe), "--output-dir", str(out)], capsys, "unexpected")
+    assert code == 0, text
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+              and p.name != ".lora-run.lock"}
+    code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume"], capsys, "unexpected")
+    assert code == 2 and "nothing to resume" in text and "is completed (steps = 6)" in text, text
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+             and p.name != ".lora-run.lock"}
+    assert after == before
+    code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume", "--set", "train.steps=8"], capsys,
+                         "unexpected")
+    assert code == 0 and "resumed from" in text, text
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=1)
+
+
+def test_eval_refuses_a_file_that_is_no_lora_before_loading_a_model(tiny_recipe, tmp_path, capsys, figures):
+    """`lora-run eval RECIPE --lora run/manifest.json` (or a model's weights) loaded the whole pipeline, printed
+    "generating N images", and only then failed; it is now refused from the file's header, nothing written."""
+    recipe = tiny_recipe("")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"status": "completed"}')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, text = run_cli(["eval", str(recipe), "--lora", str(manifest)], capsys, "unexpected")
+    assert code == 2 and "not a LoRA file" in text and "generating" not in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+def test_an_empty_output_dir_is_refused_not_taken_as_absent(tiny_recipe, tmp_path, capsys, monkeypatch, figures):
+    """`--output-dir "$OUT"` with OUT unset: `run --overwrite` took the empty value as no --output-dir and
+    replaced the recipe's own run folder; `plan` and `eval` quietly used their defaults and `demo` the working
+    folder. An empty or blank --output-dir is now refused everywhere (exit 2), nothing touched."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe()               # its run folder: [output] dir's default, runs/tiny
+    code, text = run_cli([str(recipe)], capsys, "unexpected")
+    assert code == 0, text
+    run = tmp_path / "runs" / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    assert any(p.suffix == ".safetensors" for p in before)
+    for argv in ([str(recipe), "--output-dir", "", "--overwrite"], [str(recipe), "--output-dir", " "],
+                 ["plan", str(recipe), "--output-dir", ""], ["plan", str(recipe), "--output-dir", "", "--json"],
+                 ["demo", "--output-dir", ""],
+                 ["eval", str(recipe), "--lora", str(next(run.glob("*.safetensors"))), "--output-dir", ""]):
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and "--output-dir: an empty path" in text, (argv, text)
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "runs", "subject"]
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=6, faults=6)
