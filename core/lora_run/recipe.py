@@ -10,6 +10,7 @@ import difflib
 import functools
 import math
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -533,9 +534,21 @@ class LoadedRecipe:
     shown: str
     origins: dict[KeyPath, str] = attrs.field(eq=False, repr=False)
     sets: tuple[str, ...] = ()          # the `--set` overrides applied, in order (a relaunch repeats them)
+    unsets: tuple[str, ...] = ()        # the `--unset` keys, applied before the sets
 
     def problems(self) -> Problems:
         return Problems(self.shown, dict(self.origins))
+
+    def overrides(self) -> list[str]:
+        """The command-line arguments that repeat this recipe's `--unset` and `--set` values."""
+        return [*(a for key in self.unsets for a in ("--unset", key)), *(a for s in self.sets for a in ("--set", s))]
+
+
+def resume_command(loaded: LoadedRecipe | None, run_dir: Path | str) -> str:
+    """The shell line that resumes a run in ``run_dir``: the same recipe, `--unset` and `--set` values, quoted so
+    it pastes as is (a folder with a space, a TOML string)."""
+    recipe = [loaded.shown, *loaded.overrides()] if loaded is not None else ["recipe.toml"]
+    return shlex.join(["lora-run", *recipe, "--resume", "--output-dir", str(run_dir)])
 
 
 def _loaded(plugins: Any) -> Any:
@@ -572,7 +585,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     out = recipe.output.dir       # the default is relative to where we run; an unusable dir stays for its check
     if out.strip() and "\x00" not in out and not os.path.isabs(os.path.expanduser(out)):
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
-    return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets))
+    return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets), tuple(unsets))
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -12,7 +12,7 @@ import attrs
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, replace
+from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, replace, resume_command
 from .schema import Recipe
 
 
@@ -370,7 +370,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     except (KeyboardInterrupt, TrainingInterrupted) as exc:
         status = "interrupted"
         error = exc if isinstance(exc, TrainingInterrupted) else TrainingInterrupted(
-            f"interrupted; resume with: lora-run {loaded.shown} --resume --output-dir {run_dir.path}")
+            f"interrupted; resume with: {resume_command(loaded, run_dir.path)}")
         raise error from None
     except LoraRunError as exc:
         error = exc
@@ -381,8 +381,8 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                            f"{run_dir.path})") from exc
     except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
         if signals.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
-            status, error = "interrupted", TrainingInterrupted(f"interrupted; resume with: lora-run {loaded.shown} "
-                                                               f"--resume --output-dir {run_dir.path}")
+            status, error = "interrupted", TrainingInterrupted(
+                f"interrupted; resume with: {resume_command(loaded, run_dir.path)}")
             raise error from None
         error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
         if error is not exc:

@@ -14,6 +14,7 @@ import attrs
 
 from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
                              TrainingInterrupted)
+from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 
@@ -305,7 +306,7 @@ class DiffusionPipeBackend:
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
         if outcome.interrupted:
             saved = collect.latest_checkpoint(run_folder) if run_folder else None
-            resume = (f"resume with: lora-run {self._shown()} --resume --output-dir {ctx.run_dir.path}" if saved
+            resume = (f"resume with: {resume_command(ctx.loaded, ctx.run_dir.path)}" if saved
                       else "no resumable checkpoint was written yet")
             raise TrainingInterrupted(f"interrupted at step {watcher.parser.last_step}; {resume}")
         if outcome.stalled:

@@ -25,6 +25,7 @@ from lora_run import __version__
 from lora_run.dataset import Item
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run_rundir import atomic_write_text
+from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented
@@ -320,7 +321,7 @@ class KohyaBackend:
                 f"interrupted: sd-scripts was stopped after step {watcher.step}; "
                 + (f"its last saved state is {state}" + (f" (step {saved})" if saved is not None else "") + "; "
                    if state else "no state was saved yet; ")
-                + f"resume with: lora-run {self.shown} --resume --output-dir {run_dir.path}")
+                + f"resume with: {resume_command(self.ctx.loaded, run_dir.path)}")
         if outcome.stalled or outcome.timed_out:
             display.done()
             self._record(watcher, paths, log_path)

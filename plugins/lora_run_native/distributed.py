@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run.errors import BackendError, LoraRunError, RecipeError, TrainingInterrupted
+from lora_run.recipe import resume_command
 
 TAIL_CHARS = 4000
 
@@ -99,22 +100,22 @@ def launch(processes: int, argv: list[str], ctx: Any, overwrite: bool = False) -
         except ChildFailedError as exc:
             raise _failure(exc, logs, shown) from None
         except KeyboardInterrupt:
-            raise TrainingInterrupted(_interrupted(ctx, shown)) from None
+            raise TrainingInterrupted(_interrupted(ctx)) from None
         except Exception as exc:  # noqa: BLE001 - torchrun's SignalException (SIGTERM / SIGINT to the agent)
             if type(exc).__name__ == "SignalException":
-                raise TrainingInterrupted(_interrupted(ctx, shown)) from None
+                raise TrainingInterrupted(_interrupted(ctx)) from None
             raise
         finally:
             for key in added:
                 os.environ.pop(key, None)
 
 
-def _interrupted(ctx: Any, shown: str) -> str:
+def _interrupted(ctx: Any) -> str:
     from .checkpoint import latest_checkpoint
 
     found = latest_checkpoint(ctx.run_dir.file("checkpoints"))
     return (f"interrupted; the last checkpoint is {found}" if found else "interrupted before the first checkpoint") \
-        + f"; resume with: lora-run {shown} --resume --output-dir {ctx.run_dir.path}"
+        + f"; resume with: {resume_command(ctx.loaded, ctx.run_dir.path)}"
 
 
 def _rank_output(logs: str, local_rank: int) -> str:

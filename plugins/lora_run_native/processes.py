@@ -40,7 +40,7 @@ def relaunch_command(ctx: RunContext, run_path: Path, overwrite: bool) -> list[s
     """The `python -m lora_run` arguments every process of a `--gpus N` run gets: this same run."""
     loaded = ctx.loaded
     assert loaded is not None
-    return ["-m", "lora_run", "run", str(loaded.path), *[a for s in loaded.sets for a in ("--set", s)],
+    return ["-m", "lora_run", "run", str(loaded.path), *loaded.overrides(),
             "--output-dir", str(run_path), *(["--resume"] if ctx.resume else []),
             *(["--overwrite"] if overwrite else []), *(["--debug"] if ctx.debug else [])]
 

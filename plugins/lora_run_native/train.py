@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
+from lora_run.recipe import resume_command
 from lora_run_folder.images import ImageProblem, open_rgb
 
 from . import checkpoint as ckpt
@@ -778,11 +779,11 @@ class Trainer:
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     raise TrainingInterrupted(
                         f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
-                        f"resume with: lora-run {self.shown} --resume --output-dir {self.run_dir.path}")
+                        f"resume with: {resume_command(self.ctx.loaded, self.run_dir.path)}")
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                "aborted" + (f"; the last checkpoint is {self.last_checkpoint}; resume with: lora-run {self.shown} "
-                             f"--resume --output-dir {self.run_dir.path}" if self.last_checkpoint else
+                "aborted" + (f"; the last checkpoint is {self.last_checkpoint}; resume with: "
+                             f"{resume_command(self.ctx.loaded, self.run_dir.path)}" if self.last_checkpoint else
                              " before the first checkpoint")) from None
         finally:
             bar.close()

@@ -242,3 +242,35 @@ def test_ctrl_c_that_a_library_turns_into_an_import_error_is_an_interrupt(plugin
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "interrupted"
     import signal
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # Python's own handler is back
+
+
+def test_the_resume_command_repeats_the_overrides_and_pastes_as_is(plugins_with, write_recipe, tmp_path):
+    """The printed "resume with:" line must rerun the same recipe: its `--unset` and `--set` values (a resume
+    without them trains another recipe, e.g. the file's 24 steps instead of 2) and paths with spaces, quoted.
+    The multi-process relaunch repeats the same overrides."""
+    import shlex
+
+    from lora_run.recipe import resume_command
+    from lora_run_native.processes import relaunch_command
+
+    plugins = plugins_with(SwallowingPlugin())
+    path = write_recipe(GOOD.replace('backend = "recording"', 'backend = "swallowing"'))
+    sets = ["train.steps=4", 'output.name="my lora"']
+    recipe = load_recipe(path, sets, ["eval.enabled"])
+    out = tmp_path / "my runs" / "ünï"
+    with pytest.raises(TrainingInterrupted) as caught:
+        execute(recipe, plugins, output_dir=str(out), echo=quiet)
+    line = str(caught.value).split("resume with: ", 1)[1]
+    assert shlex.split(line) == ["lora-run", recipe.shown, "--unset", "eval.enabled", "--set", sets[0],
+                                 "--set", sets[1], "--resume", "--output-dir", str(out)]
+    # planted: the old unquoted form splits the folder and loses the overrides
+    old = f"lora-run {recipe.shown} --resume --output-dir {out}"
+    assert shlex.split(old) != shlex.split(line)
+    assert shlex.split(resume_command(None, out)) == ["lora-run", "recipe.toml", "--resume", "--output-dir", str(out)]
+
+    class Ctx:
+        loaded, resume, debug = recipe, True, False
+
+    argv = relaunch_command(Ctx(), out, overwrite=False)
+    assert argv[argv.index("run") + 2:argv.index("--output-dir")] == recipe.overrides()
+    assert recipe.overrides() == ["--unset", "eval.enabled", "--set", sets[0], "--set", sets[1]]
