@@ -423,12 +423,20 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
     return raw
 
 
-def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str]) -> dict[str, Any]:
+def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str],
+               recipe_class: type | None = None) -> dict[str, Any]:
+    """Apply `--set KEY=VALUE`s; path values (by key name, or marked ``path`` in ``recipe_class``'s schema, e.g.
+    inside a `dataset.regularization` list or `model.source`) are made absolute against the working folder."""
     for assignment in sets:
         path, value = parse_set(assignment)
         if (path[-1] in ("path", "dir", "cache_dir") or path[:2] == ("model", "files")) \
                 and isinstance(value, str) and value:
             value = str(files.resolved(os.path.expanduser(value))) if "{" not in value else value
+        elif recipe_class is not None and isinstance(value, (str, list, dict)):
+            holder: dict[str, Any] = {}
+            functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], holder)[path[-1]] = value
+            resolve_paths(holder, Path.cwd(), recipe_class)
+            value = functools.reduce(lambda node, key: node[key], path, holder)
         node = raw
         for part in path[:-1]:
             child = node.get(part)
@@ -576,7 +584,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     origins: dict[KeyPath, str] = {}
     raw = load_raw(path, origins, recipe_class)
     raw = apply_unsets(raw, unsets, origins, recipe_class)
-    raw = apply_sets(raw, sets, origins)
+    raw = apply_sets(raw, sets, origins, recipe_class)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
     _name_broken_plugins(raw, recipe_class, problems, plugins)

@@ -20,7 +20,7 @@ CORE = REPO / "core" / "lora_run"
 #: `[dataset]` rules to lora_run_folder, the run folder and the `[output]` rules to lora_run_rundir, `[eval]` to
 #: lora_run_eval, `[train]` and the other training tables, the capability check and the family-fact checks to
 #: lora_run_training). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size") says what stands between.
-CORE_LINE_BUDGET = 2102
+CORE_LINE_BUDGET = 2110
 
 
 def core_sources() -> dict[Path, str]:

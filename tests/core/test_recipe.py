@@ -237,3 +237,24 @@ def test_nan_and_inf_are_refused_by_name(write_recipe, text, key):
     assert any(key in p and "must be a finite number" in p for p in problems), problems
     finite = text.replace("-nan", "1.0").replace("nan", "0.5").replace("inf", "24.0")
     assert load_recipe(write_recipe(base + finite)).recipe is not None     # control: the finite value loads
+
+
+def test_set_paths_resolve_against_the_working_folder_by_the_schema(write_recipe, tmp_path, monkeypatch):
+    """A path given with --set means the same wherever it sits in the schema: a regularisation folder inside a
+    list and a local model.source resolve against the working folder, as dataset.path always did (relative,
+    they were saved so into the run's recipe.toml). A hub id is left alone."""
+    from lora_run.recipe import apply_sets
+
+    recipe_path = write_recipe(GOOD)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    sets = ['dataset.regularization=[{path = "reg/", weight = 0.5}]', 'model.source="./my model"']
+    r = load_recipe(recipe_path, sets).recipe
+    assert r.dataset.regularization[0].path == str(work / "reg") and r.dataset.regularization[0].weight == 0.5
+    assert r.model.source == str(work / "my model")
+    assert load_recipe(recipe_path, ["model.source=black-forest-labs/FLUX.1-dev"]).recipe.model.source == \
+        "black-forest-labs/FLUX.1-dev"
+    # planted control: without the schema the list's path stays relative (what --set gave before)
+    raw = apply_sets({}, sets[:1], {})
+    assert raw["dataset"]["regularization"][0]["path"] == "reg/"
