@@ -295,7 +295,7 @@ def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type) -> None:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("source"), str):
         src = model["source"]
-        if src.startswith((".", "/", "~")) or os.path.exists(base / src):  # False for over-long or NUL names
+        if src and (src.startswith((".", "/", "~")) or os.path.exists(base / src)):  # False for over-long or NUL names
             model["source"] = _absolute(src, base)
 
 
@@ -432,7 +432,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
         if (path[-1] in ("path", "dir", "cache_dir") or path[:2] == ("model", "files")) \
                 and isinstance(value, str) and value:
             value = str(files.resolved(os.path.expanduser(value))) if "{" not in value else value
-        elif recipe_class is not None and isinstance(value, (str, list, dict)):
+        elif recipe_class is not None and isinstance(value, (str, list, dict)) and value:
             holder: dict[str, Any] = {}
             functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], holder)[path[-1]] = value
             resolve_paths(holder, Path.cwd(), recipe_class)
