@@ -624,6 +624,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A row's step time and peak as table cells, and its mark when it shared the GPU."""
+    step = f"{r['step_s']:.3f}" if isinstance(r.get("step_s"), float) else "–"
+    peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "–"
+    return step, peak, "*" if r.get("shared_gpu") else ""
+
+
 def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
     calls = env.get("invocations") or [env["date"]]
     head = (f"Run of `bench/gpu_acceptance.py` at commit {env.get('commit') or '(unknown)'}, started {env['date']}"
@@ -653,9 +660,7 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
                                                                     "evaluate_s") if k in t)
         if r["problems"]:
             notes += "; " + " | ".join(p.replace("\n", " ")[:300] for p in r["problems"])
-        step = f"{r['step_s']:.3f}" if isinstance(r.get("step_s"), float) else "–"
-        peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "–"
-        star = "*" if r.get("shared_gpu") else ""
+        step, peak, star = _cells(r)
         lines.append(f"| {r['id']}{star} | {r.get('family', '')}: {conf} | {'pass' if r['passed'] else 'FAIL'} | "
                      f"{step} | {peak} | {r.get('wall_s', '–')} | {notes.strip('; ')} |")
     return "\n".join(lines) + "\n"
@@ -710,12 +715,10 @@ def latest(paths: list[str]) -> tuple[str, int]:
         stamp, env, r = newest[row["id"]]
         passed = bool(r.get("passed"))
         open_rows += not passed
-        step = f"{r['step_s']:.3f}" if isinstance(r.get("step_s"), float) else "–"
-        peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "–"
+        step, peak, star = _cells(r)
         notes = " | ".join(p.replace("\n", " ")[:160] for p in r.get("problems") or [])
         if r.get("partial_timing"):
             notes += f" (partial timing: {r['partial_timing']})"
-        star = "*" if r.get("shared_gpu") else ""
         lines.append(f"| {row['id']}{star} | {'pass' if passed else 'FAIL'} | {stamp.replace(' UTC', '')} | "
                      f"{(env.get('commit') or '?')[:7]} | {step} | {peak} | {notes.replace('|', '/')} |")
     return "\n".join(lines) + "\n", open_rows

@@ -408,10 +408,10 @@ def _gpus(recipe: Recipe) -> int:
 
 def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Callable[[str], None]) -> Recipe:
     """Under a launcher the number of processes is the launcher's: it becomes `[train.gpus]` of this run."""
-    if _gpus(recipe) not in (1, process.world) and process.main:
-        echo(f"note: {shown}: [train.gpus] = {_gpus(recipe)} is replaced by the launcher's {process.world} "
-             "process(es)")
-    return replace(recipe, train={"gpus": process.world}) if _gpus(recipe) != process.world else recipe
+    gpus = _gpus(recipe)
+    if gpus not in (1, process.world) and process.main:
+        echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
+    return replace(recipe, train={"gpus": process.world}) if gpus != process.world else recipe
 
 
 class Signals:

@@ -503,13 +503,14 @@ def cmd_score(args: Any, plugins: Any) -> int:
     images = _folder_images(args.images, "--images")
     control = _folder_images(args.control, "--control") if args.control is not None else []
     raw: dict[str, Any] = {}
-    reg = plugins.get("embedder", args.embedder, "eval.embedder")
-    takes = set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()
+    def option_keys(reg: Any) -> set[str]:
+        return set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()
+
+    takes = option_keys(plugins.get("embedder", args.embedder, "eval.embedder"))
     for flag, key in (("--model", "model"), ("--detector", "detector")):
         value = getattr(args, key)
         if value is not None and key not in takes:   # e.g. dlib: its models come with it
-            users = sorted(name for name, r in plugins.registry["embedder"].items()
-                           if r.options is not None and attrs.has(r.options) and key in attrs.fields_dict(r.options))
+            users = sorted(name for name, r in plugins.registry["embedder"].items() if key in option_keys(r))
             raise RecipeError(f"{flag} applies only with --embedder {' or '.join(users) or 'onnx'} (the "
                               f"{args.embedder} embedder takes no {key} file)")
         if value is not None:
