@@ -123,15 +123,22 @@ def build_flux2(folder: Path, variant: str = "klein-4b", spill: Path | None = No
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
-        with torch.device(device):
-            transformer = Flux2Transformer2DModel(
-                in_channels=128, num_layers=doubles, num_single_layers=singles, attention_head_dim=128,
-                num_attention_heads=width // 128, joint_attention_dim=3 * text_width,
-                guidance_embeds=kind == "dev").to(torch.bfloat16)
-            with torch.no_grad():                   # activations stay finite through the random blocks
-                for p in transformer.parameters():
-                    if p.dim() >= 2:
-                        p.mul_(0.5)
+        # built in bf16 from the start: [dev]'s 32 B parameters in float32 (128 GB) and their bf16 copy would not
+        # fit one H200 together
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                transformer = Flux2Transformer2DModel(
+                    in_channels=128, num_layers=doubles, num_single_layers=singles, attention_head_dim=128,
+                    num_attention_heads=width // 128, joint_attention_dim=3 * text_width,
+                    guidance_embeds=kind == "dev")
+        finally:
+            torch.set_default_dtype(default)
+        with torch.no_grad():                       # activations stay finite through the random blocks
+            for p in transformer.parameters():
+                if p.dim() >= 2:
+                    p.mul_(0.5)
         spill = spill or (Path(os.environ["LORA_RUN_BENCH_SPILL"]) if os.environ.get("LORA_RUN_BENCH_SPILL") else None)
         spilled = save_sharded(transformer, folder / "transformer", spill / variant if spill else None)
         if spilled:
