@@ -235,7 +235,8 @@ def run_cli(variant: str, mode: str, steps: int, resolution: int, work: Path, de
 
 
 # ------------------------------------------------------------------------------ plain diffusers + peft
-def reference_step(variant: str, resolution: int, steps: int, work: Path) -> dict[str, Any]:
+def reference_step(variant: str, resolution: int, steps: int, work: Path, folder: Path | None = None
+                   ) -> dict[str, Any]:
     """The diffusers FLUX.2 LoRA example's step on the same model: bf16 base on the GPU, LoRA (rank 32) on its
     default modules, gradient checkpointing, AdamW, MSE on the packed tokens. Median step time and peak."""
     import statistics
@@ -246,7 +247,7 @@ def reference_step(variant: str, resolution: int, steps: int, work: Path) -> dic
 
     from lora_run_flux2 import latents
 
-    model_dir = build_flux2(work / "models" / variant, variant)
+    model_dir = build_flux2(folder or work / "models" / variant, variant)
     transformer = Flux2Transformer2DModel.from_pretrained(model_dir / "transformer", torch_dtype=torch.bfloat16)
     transformer.to("cuda").requires_grad_(False)
     transformer.enable_gradient_checkpointing()
@@ -295,13 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/flux2-bench"))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--reference", action="store_true", help="also time the plain diffusers + peft step")
+    parser.add_argument("--reference-only", action="store_true", help="time only the diffusers + peft step")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the variant's folder, already built (e.g. gpu_acceptance's WORK/models/dev-full)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows_out = [run_cli(args.variant, args.mode, args.steps, args.resolution, args.work, args.device)]
-    if args.reference and args.device == "cuda":
-        rows_out.append(reference_step(args.variant, args.resolution, args.steps, args.work))
+    rows_out = [] if args.reference_only else [
+        run_cli(args.variant, args.mode, args.steps, args.resolution, args.work, args.device)]
+    if (args.reference or args.reference_only) and args.device == "cuda":
+        rows_out.append(reference_step(args.variant, args.resolution, args.steps, args.work, args.model))
     print(json.dumps(rows_out, indent=2))
-    return 0 if rows_out[0]["exit"] == 0 else 1
+    return 0 if not rows_out or rows_out[0].get("exit", 0) == 0 else 1
 
 
 if __name__ == "__main__":
