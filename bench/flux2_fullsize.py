@@ -59,12 +59,14 @@ def _small_text_encoder(kind: str, width: int, vocab: int) -> Any:
                                                            spatial_merge_size=1))
 
 
-def save_sharded(model: Any, folder: Path, spill: Path | None = None, reserve_gib: float = 4.0,
+def save_sharded(model: Any, folder: Path, spill: Path | None = None, reserve_gib: float = 16.0,
                  max_shard_size: str = "5GB", free_bytes: Any = None) -> list[Path]:
     """Save ``model`` as a sharded diffusers folder (``config.json``, the safetensors index, the shards) when
     its disk may be too small: a shard that would leave less than ``reserve_gib`` free there is written into
     ``spill`` (a RAM-backed folder such as /dev/shm) and linked from ``folder``. [dev]'s bf16 transformer is
-    60.2 GiB and the lent GPU machine has 64 GiB of disk in all. The folder loads with ``from_pretrained`` as
+    60.2 GiB and the lent GPU machine has 64 GiB of disk in all. ``reserve_gib`` is what the runs that follow
+    need: with 4 GiB kept free, the [dev] rows' caches, compile caches and checkpoints filled the disk on the
+    third row (2026-12-03); 16 GiB keeps about 45 GiB of shards on disk and 15 GiB in RAM. The folder loads with ``from_pretrained`` as
     any other (the hub's own cache links its files the same way). Returns the spilled shards."""
     import shutil
 
