@@ -36,8 +36,8 @@ class TrainSection:
         "`base_precision` and `gradient_checkpointing` are then decided by the plan).")
     gpu_memory_gib: float | None = option(
         None, "In-process backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
-        "samples. `auto` plans within it and the CUDA allocator is capped to it, so a shared GPU or a smaller "
-        "card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
+        "samples. `auto` plans within it and the CUDA allocator is capped a quarter GiB below it (its cache "
+        "included, the reserved peak stays inside), so a shared GPU or a smaller card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
         "Default: the GPU's free memory.", gt=0.0, le=4096.0)
     cuda_graphs: Literal["auto", "on", "off"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "

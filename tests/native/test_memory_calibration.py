@@ -121,3 +121,20 @@ def test_flux2_dev_modes_match_the_measured_peaks():
         wrong = perfmodel.estimate_peak_gib("flux.2-dev", 1024, 1024, 1, 32, "attention", plan,
                                             flux2_shapes.KLEIN_9B_SHAPE)
         assert abs(wrong - measured) / measured > 0.10, (row_id, wrong, measured)
+
+
+def test_the_allocator_cap_keeps_the_measured_reserved_peak_inside_the_budget():
+    """Under ``gpu_memory_gib`` the allocator keeps its cache up to its limit and its fraction check let the
+    [dev] 24 GiB row reserve 20 MiB past it (24.02 GiB reserved, 21.5 allocated). Capping the allocator
+    ALLOCATOR_SLACK_GIB below the budget keeps that overshoot inside; the control, the allocator capped at the
+    budget itself (as before), does not."""
+    from lora_run_native.train import allocator_cap_gib
+
+    row = next(r for r in json.loads((REPO / "bench" / "results" / DEV_RUNS[0]).read_text())["rows"]
+               if r["id"] == "budget-dev-1024-24gib")
+    budget = 24.0
+    overshoot = row["timing"]["peak_reserved_gib"] - budget          # what crossed the old limit (the budget)
+    assert overshoot > 0
+    assert allocator_cap_gib(budget) + overshoot <= budget
+    for cap in (0.5, 1.0, 4.0, 8.0, 12.0, 80.0):                    # small caps keep most of themselves
+        assert 0.9 * cap <= allocator_cap_gib(cap) < cap
