@@ -138,3 +138,8 @@ def test_the_allocator_cap_keeps_the_measured_reserved_peak_inside_the_budget():
     assert allocator_cap_gib(budget) + overshoot <= budget
     for cap in (0.5, 1.0, 4.0, 8.0, 12.0, 80.0):                    # small caps keep most of themselves
         assert 0.9 * cap <= allocator_cap_gib(cap) < cap
+    # the same row re-run with the allocator capped below the budget (c38712d): reserved up to the new limit
+    again = next(r for r in json.loads((REPO / "bench" / "results" / "gpu-acceptance-20261203-131505.json")
+                                       .read_text())["rows"] if r["id"] == "budget-dev-1024-24gib")
+    assert again["passed"] and again["plan"] == row["plan"]
+    assert again["timing"]["peak_reserved_gib"] <= allocator_cap_gib(budget) + 0.005 < budget
