@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: engines_device.sh pack|kohya-flux|kohya-hunyuan|dpipe-part|dpipe|unpack NAME}
-PART=$((60 * 1024 * 1024))   # a call carries at most 64 MiB, working tree (~2 MiB) included
+PART=$((48 * 1024 * 1024))   # a call carries at most 64 MiB with the working tree (3.4 MiB on 2026-12-03, growing)
 
 unpack() {   # unpack engines/pack/$1.tar.xz (or all its parts, <name>.tar.xz.<i>of<n>) into engines/, once per machine
   local name=$1 files n i
@@ -94,7 +94,7 @@ pack)
     rm -f engines/pack/$engine.tar.xz engines/pack/$engine.tar.xz.*of*
     tar -C "$dir" -cf - . | xz -T0 -6 > "engines/pack/$engine.tar.xz"
     size=$(stat -c %s "engines/pack/$engine.tar.xz")
-    if [ "$size" -gt "$PART" ]; then   # carried over several calls: parts of at most 60 MiB, <i>of<n>
+    if [ "$size" -gt "$PART" ]; then   # carried over several calls: parts of at most 48 MiB, <i>of<n>
       split -b "$PART" -d -a 2 "engines/pack/$engine.tar.xz" "engines/pack/$engine.split."
       rm "engines/pack/$engine.tar.xz"
       n=$(ls engines/pack/$engine.split.* | wc -l)
