@@ -161,16 +161,17 @@ def builders() -> dict[str, Any]:
 
 
 def rows() -> list[dict[str, Any]]:
-    """Rows in gpu_acceptance's format: [klein] 4B and [dev] in each mode at 1024², [dev] in a 24 GiB budget."""
+    """Rows in gpu_acceptance's format: [klein] 4B and [dev] in each mode at 1024², [dev] in 24 and 80 GiB budgets."""
     out = []
     for variant, fam in (("klein-4b", "klein"), ("dev", "dev")):
         for mode in MODES:
             out.append({"id": f"full-{variant}-1024-{mode}", "group": "flux2", "family": fam,
                         "sets": {"train.memory_mode": mode, "train.steps": 6}, "kind": "run",
                         "model": f"{variant}-full", "timeout": 600, "resolution": 1024})
-    out.append({"id": "budget-dev-1024-24gib", "group": "flux2", "family": "dev", "kind": "run",
-                "sets": {"train.memory_mode": "auto", "train.gpu_memory_gib": 24.0, "train.steps": 4},
-                "model": "dev-full", "timeout": 600, "resolution": 1024, "budget": 24})
+    for gib in (24, 80):     # a 24 GB card (low-vram, blocks streamed) and an 80 GB one (memory, some checkpointed)
+        out.append({"id": f"budget-dev-1024-{gib}gib", "group": "flux2", "family": "dev", "kind": "run",
+                    "sets": {"train.memory_mode": "auto", "train.gpu_memory_gib": float(gib), "train.steps": 4},
+                    "model": "dev-full", "timeout": 600, "resolution": 1024, "budget": gib})
     return out
 
 
