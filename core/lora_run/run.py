@@ -45,15 +45,17 @@ class RunFolder(Protocol):
     """What the ``open_run_folder`` hook returns (the built-in: ``lora_run_rundir.RunDir``). Backends read
     ``path`` and use ``file``, ``write_text``, ``update_manifest`` and ``log``; ``execute`` calls the rest in
     this order: ``prepare`` (create and lock; never replaces what lora-run did not create), ``start`` (the
-    resolved recipe, the manifest), ``finish`` (the final manifest, or nothing kept of a run that stopped
-    before it wrote anything of value), ``release`` (the lock)."""
+    resolved recipe, the manifest), ``record_plan`` (the backend's plan files, the plan in the manifest),
+    ``finish`` (the final manifest, or nothing kept of a run that stopped before it wrote anything of value),
+    ``release`` (the lock)."""
 
     path: Path
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None: ...
 
-    def start(self, prepared: Prepared, plugins: Plugins, report: LintReport, *, resume: bool,
-              allow_dataset_change: bool) -> None: ...
+    def start(self, run: RunContext, *, allow_dataset_change: bool) -> None: ...
+
+    def record_plan(self, plan: Plan) -> None: ...
 
     def error_for(self, exc: BaseException) -> LoraRunError | None: ...
 
@@ -294,7 +296,6 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     if elsewhere is not None:
         return elsewhere()
     recipe, echo = ctx.recipe, ctx.echo     # the launcher's process count is this run's `[train] gpus`
-    prepared = attrs.evolve(prepared, recipe=recipe)
     if resume:
         plugins.hook.check_resume(run_dir=run_dir, recipe=recipe, loaded=loaded, report=report,
                                   allow_dataset_change=allow_dataset_change, plugins=plugins)
@@ -302,16 +303,10 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     status, error, began = "failed", None, False
     signals = Signals()
     try:
-        run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
-        if ctx.process.launched:
-            run_dir.update_manifest(processes={"world_size": ctx.process.world})
         ctx.run_dir = run_dir
+        run_dir.start(ctx, allow_dataset_change=allow_dataset_change)
         backend = prepared.backend.factory(ctx)
-        plan = backend.plan()
-        for rel, content in plan.files.items():
-            run_dir.write_text(rel, content)
-        run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
-                                      "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
+        run_dir.record_plan(backend.plan())
         signals.term()
         began = True
         ctx.hook.run_started(run=ctx)
