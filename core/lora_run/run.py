@@ -177,9 +177,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     if recipe.backend.name is None:
         problems.add(("backend", "name"), unset_message("backend", plugins, plugins.trainers(recipe.model.family or "")))
     else:
-        backend = _lookup(plugins, "backend", recipe.backend.name, ("backend", "name"), problems)
+        backend = plugins.find("backend", recipe.backend.name, ("backend", "name"), problems)
     if recipe.model.family is not None:
-        _lookup(plugins, "family", recipe.model.family, ("model", "family"), problems)
+        plugins.find("family", recipe.model.family, ("model", "family"), problems)
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -191,7 +191,7 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             options = value
     if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
         options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
-    reg = _lookup(plugins, "dataset", recipe.dataset.type, ("dataset", "type"), problems)
+    reg = plugins.find("dataset", recipe.dataset.type, ("dataset", "type"), problems)
     value = structure_options(reg, recipe.dataset.options, ("dataset", "options"), problems) if reg else None
     if reg is not None and (value is not None or reg.options is None):
         checker = getattr(make_dataset(recipe, reg, value), "check", None)
@@ -220,21 +220,6 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     problems.raise_if_any()
     assert backend is not None
     return Prepared(recipe, loaded, backend, options)
-
-
-def _lookup(plugins: Plugins, kind: str, name: str, where: tuple, problems: Problems) -> Registration | None:
-    """The registration ``name`` of ``kind``, or None with the lookup's problem added at ``where``."""
-    try:
-        return plugins.get(kind, name, ".".join(where))
-    except PluginError as exc:
-        problems.add(where, without_where(str(exc)))
-        return None
-
-
-def without_where(message: str) -> str:
-    """A lookup error without its ``at [key]`` (the problem names the key itself)."""
-    head, sep, tail = message.partition(" at [")
-    return head + (tail.split("]", 1)[1] if sep else "")
 
 
 def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
