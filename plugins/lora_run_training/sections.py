@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lora_run.schema import Feature, frozen, is_set, option
+from lora_run.schema import Feature, frozen, option
+
+
+def is_set(value: Any, _recipe: Any) -> bool:
+    """A feature used when its key is set at all (a length, a save policy), whatever the value."""
+    return value is not None
 
 
 @frozen
