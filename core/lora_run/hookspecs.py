@@ -129,8 +129,9 @@ def run_processes(run: Any, output_dir: Any, overwrite: bool) -> Any:
 
     Called by ``execute`` after the dataset lint, before its table is shown; ``run`` has no run folder yet. An
     implementation first sets what holds for the rest of the run: ``run.process``, ``run.echo`` and ``run.hook``
-    (silent on ranks other than 0, which never write) and ``run.recipe``. The function is called once the lint found
-    no errors. The first plugin that answers is used; the built-in one answers last (``trylast``).
+    (silent on ranks other than 0, which never write) and ``run.recipe``; a later implementation leaves a process
+    another one placed (``run.process.launched``) as it is. The function is called once the lint found no errors.
+    The first plugin that answers is used; the built-in one answers last (``trylast``).
     """
 
 

@@ -54,6 +54,8 @@ def quiet(_text: str) -> None:
 def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Callable[[], RunContext] | None:
     """The built-in ``run_processes``: a launched process takes its place (above); the backend's ``run_processes``
     runs a `gpus` > 1 run started without a launcher and every rank other than 0. None: core runs it here."""
+    if run.process.launched:        # another plugin's launcher placed this process (rank 0: it goes on in core)
+        return None
     process, gpus = processes_from_env(), getattr(getattr(run.recipe, "train", None), "gpus", 1)
     if not process.launched and gpus <= 1:
         return None

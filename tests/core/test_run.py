@@ -151,8 +151,11 @@ class SilentHooks:
         return lambda **_kw: []
 
 
-def test_a_third_party_plugin_runs_the_processes_of_a_run(recording, plugins_with, write_recipe, tmp_path):
+def test_a_third_party_plugin_runs_the_processes_of_a_run(recording, plugins_with, write_recipe, tmp_path,
+                                                          monkeypatch):
     plugin, _ = recording
+    monkeypatch.setenv("RANK", "1")         # the built-in launcher's variables say otherwise: the plugin is asked first
+    monkeypatch.setenv("WORLD_SIZE", "2")
     lines = []
     follower = OtherLauncher(rank=1, world=3)
     out = tmp_path / "out"
@@ -166,7 +169,10 @@ def test_a_third_party_plugin_runs_the_processes_of_a_run(recording, plugins_wit
     assert load_recipe(out / "recipe.toml").recipe.train.gpus == 3
     assert json.loads((out / "manifest.json").read_text())["processes"] == {"world_size": 3}
     assert plugin.events[0] == ("run_started",) and plugin.events[-1] == ("run_finished", "completed", None)
-    # control: without the plugin the same recipe is one process
+    # control: without the plugin the built-in reads RANK / WORLD_SIZE (and refuses this backend under a launcher)
+    with pytest.raises(RecipeError, match="starts its own processes"):
+        execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin), output_dir=str(tmp_path / "x"), echo=quiet)
+    monkeypatch.delenv("RANK")
     ctx = execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin), output_dir=str(tmp_path / "one"), echo=quiet)
     assert ctx.process.world == 1 and "processes" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
 
