@@ -1,5 +1,5 @@
 """The hook specifications: the registries (family, backend, loss, dataset, evaluator, command, recipe section),
-the recipe check, the dataset lint, the run folder and the run's lifecycle.
+the recipe check, the dataset lint, the run folder, a run's processes and its lifecycle.
 
 Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
 Each hook has a page in ``docs/hooks/`` whose heading is its signature (a test checks this).
@@ -119,6 +119,19 @@ def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
     Called after the recipe validated and before the dataset lint, with the ``--output-dir`` override (None:
     ``[output] dir``); nothing may be created yet. Raise an ``OutputError`` naming the key for a folder no run
     may use. The built-in ``run-folder`` plugin (``lora_run_rundir``) answers last (``trylast``).
+    """
+
+
+@hookspec(firstresult=True)
+def run_processes(run: Any, output_dir: Any, overwrite: bool) -> Any:
+    """Take this process's part in a run of several processes: return a function that runs it and returns the
+    :class:`lora_run.run.RunContext`, or None to run here (one process, or rank 0 of a launched run).
+
+    Called by ``execute`` after the dataset lint, before its table is shown; ``run`` has no run folder yet. An
+    implementation first sets what holds for the rest of the run: ``run.process``, ``run.echo`` and ``run.hook``
+    (silent on ranks other than 0, which never write) and ``run.recipe``; a later implementation leaves a process
+    another one placed (``run.process.launched``) as it is. The function is called once the lint found no errors.
+    The first plugin that answers is used; the built-in one answers last (``trylast``).
     """
 
 

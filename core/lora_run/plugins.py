@@ -145,16 +145,23 @@ class Plugins:
 
     def get(self, kind: str, name: str, where: str) -> Registration:
         """Look a registration up by name; the error names the recipe key and the choices."""
-        table = self.registry[kind]
-        if name in table:
-            return table[name]
+        if name not in self.registry[kind]:
+            raise PluginError(self._unknown(kind, name, f" at [{where}]"))
+        return self.registry[kind][name]
+
+    def find(self, kind: str, name: str, where: tuple, problems: Any) -> Registration | None:
+        """Look a registration up by name; None with the problem (``get``'s error) added at the key ``where``."""
+        if name not in self.registry[kind]:
+            problems.add(where, self._unknown(kind, name))
+        return self.registry[kind].get(name)
+
+    def _unknown(self, kind: str, name: str, at: str = "") -> str:
         from .recipe import did_you_mean
 
-        hint = did_you_mean(name, table, '"')
-        available = ", ".join(sorted(table)) or "none installed"
+        table, hint = self.registry[kind], did_you_mean(name, self.registry[kind], '"')
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
-        raise PluginError(f"unknown {kind} \"{name}\" at [{where}]{hint}; available: {available}{extra}")
+        return f"unknown {kind} \"{name}\"{at}{hint}; available: {', '.join(sorted(table)) or 'none installed'}{extra}"
 
     def default(self, kind: str, among: Iterable[str] | None = None) -> str | None:
         """The name a recipe that leaves ``kind`` unset gets: the registration marked ``default`` (among

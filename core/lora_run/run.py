@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -34,12 +33,8 @@ class Plan:
 
 
 class Backend(Protocol):
-    """What a backend factory returns. ``check`` is optional; ``plan`` and ``check`` never import torch.
-
-    Optional too: ``run_processes(ctx, output_dir, overwrite) -> RunContext`` for a backend that trains with
-    several processes (see :class:`Processes`). ``execute`` hands it a run with ``[train] gpus`` > 1 started
-    without a launcher (it starts the processes and waits) and every rank other than 0 of a launched run (it
-    trains without writing); rank 0 of a launched run goes through ``execute`` as a one-process run does."""
+    """What a backend factory returns. ``check`` is optional; ``plan`` and ``check`` never import torch. A backend
+    that trains with several processes offers ``run_processes`` too (see the ``run_processes`` hook)."""
 
     def plan(self) -> Plan: ...
 
@@ -50,15 +45,17 @@ class RunFolder(Protocol):
     """What the ``open_run_folder`` hook returns (the built-in: ``lora_run_rundir.RunDir``). Backends read
     ``path`` and use ``file``, ``write_text``, ``update_manifest`` and ``log``; ``execute`` calls the rest in
     this order: ``prepare`` (create and lock; never replaces what lora-run did not create), ``start`` (the
-    resolved recipe, the manifest), ``finish`` (the final manifest, or nothing kept of a run that stopped
-    before it wrote anything of value), ``release`` (the lock)."""
+    resolved recipe, the manifest), ``record_plan`` (the backend's plan files, the plan in the manifest),
+    ``finish`` (the final manifest, or nothing kept of a run that stopped before it wrote anything of value),
+    ``release`` (the lock)."""
 
     path: Path
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None: ...
 
-    def start(self, prepared: Prepared, plugins: Plugins, report: LintReport, *, resume: bool,
-              allow_dataset_change: bool) -> None: ...
+    def start(self, run: RunContext, *, allow_dataset_change: bool) -> None: ...
+
+    def record_plan(self, plan: Plan) -> None: ...
 
     def error_for(self, exc: BaseException) -> LoraRunError | None: ...
 
@@ -80,45 +77,16 @@ class RunFolder(Protocol):
 
 @attrs.frozen
 class Processes:
-    """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
-    read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them. Rank 0 is
-    the main process: it alone writes the run folder and calls the plugins' hooks."""
+    """This process's place in a run of several processes, as the ``run_processes`` hook found it (one process
+    without it). Rank 0 is the main process: it alone writes the run folder and calls the plugins' hooks."""
 
     rank: int = 0
     world: int = 1
-    launched: bool = False
+    launched: bool = False      # started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @classmethod
-    def from_env(cls, env: Any = None) -> Processes:
-        env = os.environ if env is None else env
-        if "RANK" not in env or "WORLD_SIZE" not in env:
-            return cls()
-        try:
-            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        except ValueError:
-            raise RecipeError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} in the environment are "
-                              "not whole numbers (set by a launcher?)") from None
-        if world < 1 or not 0 <= rank < world:
-            raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
-        return cls(rank, world, True)
-
-
-def _quiet(_text: str) -> None:
-    pass
-
-
-class _SilentHooks:
-    """What a rank other than 0 sees as `ctx.hook`: every hook call does nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., list]:
-        return lambda **_kw: []
-
-
-_SILENT_HOOKS = _SilentHooks()
 
 
 @attrs.define
@@ -138,11 +106,8 @@ class RunContext:
     debug: bool = False
     echo: Callable[[str], None] = print
     process: Processes = attrs.field(factory=lambda: Processes())
-
-    @property
-    def hook(self) -> Any:
-        """The plugins' hooks; silent on the processes of a multi-process run other than rank 0."""
-        return self.plugins.hook if self.process.main else _SILENT_HOOKS
+    #: the plugins' hooks (a process other than rank 0 gets ones that do nothing: ``run_processes``)
+    hook: Any = attrs.field(default=attrs.Factory(lambda self: self.plugins.hook, takes_self=True))
 
     def option_for(self, kind: str, name: str, raw: dict[str, Any], where: tuple) -> Any:
         return structure_options(self.plugins.get(kind, name, ".".join(where)), raw, where)
@@ -212,9 +177,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     if recipe.backend.name is None:
         problems.add(("backend", "name"), unset_message("backend", plugins, plugins.trainers(recipe.model.family or "")))
     else:
-        backend = _lookup(plugins, "backend", recipe.backend.name, ("backend", "name"), problems)
+        backend = plugins.find("backend", recipe.backend.name, ("backend", "name"), problems)
     if recipe.model.family is not None:
-        _lookup(plugins, "family", recipe.model.family, ("model", "family"), problems)
+        plugins.find("family", recipe.model.family, ("model", "family"), problems)
     options = None
     for name, table in recipe.backend.options.items():
         if name not in plugins.registry["backend"]:
@@ -226,7 +191,7 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
             options = value
     if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
         options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
-    reg = _lookup(plugins, "dataset", recipe.dataset.type, ("dataset", "type"), problems)
+    reg = plugins.find("dataset", recipe.dataset.type, ("dataset", "type"), problems)
     value = structure_options(reg, recipe.dataset.options, ("dataset", "options"), problems) if reg else None
     if reg is not None and (value is not None or reg.options is None):
         checker = getattr(make_dataset(recipe, reg, value), "check", None)
@@ -255,21 +220,6 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     problems.raise_if_any()
     assert backend is not None
     return Prepared(recipe, loaded, backend, options)
-
-
-def _lookup(plugins: Plugins, kind: str, name: str, where: tuple, problems: Problems) -> Registration | None:
-    """The registration ``name`` of ``kind``, or None with the lookup's problem added at ``where``."""
-    try:
-        return plugins.get(kind, name, ".".join(where))
-    except PluginError as exc:
-        problems.add(where, without_where(str(exc)))
-        return None
-
-
-def without_where(message: str) -> str:
-    """A lookup error without its ``at [key]`` (the problem names the key itself)."""
-    head, sep, tail = message.partition(" at [")
-    return head + (tail.split("]", 1)[1] if sep else "")
 
 
 def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
@@ -321,46 +271,27 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     recipe = prepared.recipe
     run_dir = open_run_folder(prepared.loaded, plugins, output_dir, overwrite)
     report = lint(recipe, plugins)
-    process = Processes.from_env()
-    if not process.main:
-        echo = _quiet
-    echo(report.table())
+    ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume, report.usable, report,
+                     debug=debug, echo=echo)
+    elsewhere = plugins.hook.run_processes(run=ctx, output_dir=output_dir, overwrite=overwrite)
+    ctx.echo(report.table())
     if report.errors:
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "
                            "training (nothing was loaded or written)")
-    several = None      # a backend that trains with several processes starts and runs them: `run_processes`
-    if process.launched or _gpus(recipe) > 1:
-        several = getattr(make_backend(prepared, plugins), "run_processes", None)
-    if process.launched:
-        if process.world > 1 and several is None:
-            raise RecipeError(f"{loaded.shown}: backend \"{recipe.backend.name}\" starts its own processes; run "
-                              f"`lora-run {loaded.shown} --gpus {process.world}` once instead of under a launcher "
-                              f"({process.world} processes here) — see docs/multi-gpu.md")
-        recipe = _with_world_size(recipe, process, loaded.shown, echo)
-        prepared = attrs.evolve(prepared, recipe=recipe)
-    if several is not None and not (process.launched and process.main):   # rank 0 of a launched run goes on here
-        return several(RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume,
-                                  report.usable, report, debug=debug, echo=echo, process=process),
-                       output_dir=output_dir, overwrite=overwrite)
+    if elsewhere is not None:
+        return elsewhere()
+    recipe, echo = ctx.recipe, ctx.echo     # the launcher's process count is this run's `[train] gpus`
     if resume:
         plugins.hook.check_resume(run_dir=run_dir, recipe=recipe, loaded=loaded, report=report,
                                   allow_dataset_change=allow_dataset_change, plugins=plugins)
     run_dir.prepare(overwrite=overwrite, resume=resume)
-    ctx: RunContext | None = None
     status, error, began = "failed", None, False
     signals = Signals()
     try:
-        run_dir.start(prepared, plugins, report, resume=resume, allow_dataset_change=allow_dataset_change)
-        if process.launched:
-            run_dir.update_manifest(processes={"world_size": process.world})
-        ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, run_dir, resume,
-                         report.usable, report, debug=debug, echo=echo, process=process)
+        ctx.run_dir = run_dir
+        run_dir.start(ctx, allow_dataset_change=allow_dataset_change)
         backend = prepared.backend.factory(ctx)
-        plan = backend.plan()
-        for rel, content in plan.files.items():
-            run_dir.write_text(rel, content)
-        run_dir.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
-                                      "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
+        run_dir.record_plan(backend.plan())
         signals.term()
         began = True
         ctx.hook.run_started(run=ctx)
@@ -391,27 +322,14 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                            f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
     finally:
         signals.restore()
-        run_dir.finish(status, error, ctx.artifacts if ctx is not None else {}, echo)
-        if ctx is not None and began:
+        run_dir.finish(status, error, ctx.artifacts, echo)
+        if began:
             try:
                 ctx.hook.run_finished(run=ctx, status=status, error=error)
             except Exception as exc:  # noqa: BLE001 - a broken observer must not hide the run's outcome
                 echo(f"warning: a run_finished hook failed: {exc}")
         run_dir.release()
     return ctx
-
-
-def _gpus(recipe: Recipe) -> int:
-    """`[train] gpus`, the processes a run asks for (the `[train]` table is the training plugin's; without it, 1)."""
-    return getattr(getattr(recipe, "train", None), "gpus", 1)
-
-
-def _with_world_size(recipe: Recipe, process: Processes, shown: str, echo: Callable[[str], None]) -> Recipe:
-    """Under a launcher the number of processes is the launcher's: it becomes `[train.gpus]` of this run."""
-    gpus = _gpus(recipe)
-    if gpus not in (1, process.world) and process.main:
-        echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
-    return replace(recipe, train={"gpus": process.world}) if gpus != process.world else recipe
 
 
 class Signals:

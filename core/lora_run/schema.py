@@ -26,10 +26,6 @@ class Feature(NamedTuple):
     key: tuple[str, ...] = ()     # filled in from the field that carries it (lora_run_training.capabilities)
 
 
-def is_set(value: Any, _recipe: Any) -> bool:
-    return value is not None
-
-
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, path: bool | tuple[str, ...] = False,
            features: tuple[Feature, ...] = (), choice_features: str = "") -> Any:

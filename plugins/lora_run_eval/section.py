@@ -7,7 +7,6 @@ from typing import Any
 
 import attrs
 
-from lora_run.errors import PluginError
 from lora_run.schema import option
 
 
@@ -52,14 +51,11 @@ def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:
 
 def check(recipe: Any, plugins: Any, problems: Any) -> None:
     """The evaluators named exist; with eval enabled, prompts are given and the embedder and its options are right."""
-    from lora_run.run import structure_options, unset_message, without_where
+    from lora_run.run import structure_options, unset_message
 
     ev = recipe.eval
     for n, name in enumerate(ev.evaluators or ()):
-        try:
-            plugins.get("evaluator", name, "eval.evaluators")
-        except PluginError as exc:
-            problems.add(("eval", "evaluators", n), without_where(str(exc)))
+        plugins.find("evaluator", name, ("eval", "evaluators", n), problems)
     if not ev.enabled:
         return
     if not ev.prompts:
@@ -67,12 +63,9 @@ def check(recipe: Any, plugins: Any, problems: Any) -> None:
     if plugins.registry["embedder"] and ev.embedder is None:
         problems.add(("eval", "embedder"), unset_message("embedder", plugins))
     elif plugins.registry["embedder"]:
-        try:
-            reg = plugins.get("embedder", ev.embedder, "eval.embedder")
-        except PluginError as exc:
-            problems.add(("eval", "embedder"), without_where(str(exc)))
-            return
-        structure_options(reg, ev.embedder_options, ("eval", "embedder_options"), problems)
+        reg = plugins.find("embedder", ev.embedder, ("eval", "embedder"), problems)
+        if reg is not None:
+            structure_options(reg, ev.embedder_options, ("eval", "embedder_options"), problems)
 
 
 def evaluate_run(ctx: Any) -> None:

@@ -63,6 +63,15 @@ def register_backends(register, families):
              alias_of="native")
 
 
+@hookimpl(trylast=True)
+def run_processes(run, output_dir, overwrite):
+    """Several processes for every backend: a launcher's processes take their places, and a backend's own
+    ``run_processes`` gets the runs it must start or follow (``processes.take_part``)."""
+    from .processes import take_part
+
+    return take_part(run, output_dir, overwrite)
+
+
 @hookimpl
 def register_commands(register):
     register("demo", _cmd_demo, configure=_demo_arguments,

@@ -171,8 +171,8 @@ class NativeBackend:
 
     # ------------------------------------------------------------------------------------------------ run
     def run_processes(self, ctx: Any, output_dir: str | None, overwrite: bool) -> Any:
-        """Core's seam for runs of several processes: ``gpus = N`` without a launcher starts this run as N
-        processes through torchrun's Python entry; a rank other than 0 trains without writing."""
+        """Runs of several processes (handed over by ``processes.take_part``): ``gpus = N`` without a launcher
+        starts this run as N processes through torchrun's Python entry; a rank other than 0 trains without writing."""
         from .processes import follow, launch_all
 
         return follow(ctx, output_dir) if ctx.process.launched else launch_all(ctx, output_dir, overwrite)

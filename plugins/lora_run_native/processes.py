@@ -1,23 +1,80 @@
-"""The native backend's side of a run with several processes (no torch here; :mod:`.distributed` holds the
-torch part).
+"""Runs of several processes (no torch here; :mod:`.distributed` holds the torch part): the built-in answer to the
+``run_processes`` hook, :func:`take_part`, for every backend.
 
-Core hands a run to :meth:`NativeBackend.run_processes` in two cases:
+A process finds its place in the ``RANK`` / ``WORLD_SIZE`` environment a launcher sets (:func:`processes_from_env`).
+Under a launcher the launcher's process count becomes ``[train] gpus`` of the run, ranks other than 0 print nothing
+and call no hook, and a backend without a ``run_processes`` method is refused. A backend's ``run_processes`` gets:
 
-- ``[train] gpus = N`` (``lora-run --gpus N``) without a launcher: :func:`launch_all` starts this same command
-  (:func:`relaunch_command`) N times through torchrun and waits; the run's result is read back from the
-  manifest rank 0 wrote;
-- a rank other than 0 of a launched run (``torchrun``, ``accelerate launch`` or the above): :func:`follow`
-  trains its share and writes nothing. Rank 0 goes through core's ordinary run: it prepares and locks the
-  folder, writes the manifest, calls the plugins' hooks and evaluates.
+- ``[train] gpus = N`` (``lora-run --gpus N``) without a launcher: the native backend's :func:`launch_all` starts
+  this same command (:func:`relaunch_command`) N times through torchrun and waits; the run's result is read back
+  from the manifest rank 0 wrote;
+- a rank other than 0 of a launched run (``torchrun``, ``accelerate launch`` or the above): :func:`follow` trains
+  its share and writes nothing. Rank 0 goes through core's ordinary run: it prepares and locks the folder, writes
+  the manifest, calls the plugins' hooks and evaluates.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from lora_run.errors import TrainingInterrupted
+from lora_run.errors import RecipeError, TrainingInterrupted
+from lora_run.recipe import replace
+from lora_run.run import Processes, RunContext, Signals
 from lora_run_rundir import RunDir, output_path
-from lora_run.run import RunContext, Signals
+
+
+def processes_from_env(env: Any = None) -> Processes:
+    """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
+    read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Processes()
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    except ValueError:
+        raise RecipeError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} in the environment are "
+                          "not whole numbers (set by a launcher?)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
+    return Processes(rank, world, True)
+
+
+class SilentHooks:
+    """What a rank other than 0 sees as `ctx.hook`: every hook call does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., list]:
+        return lambda **_kw: []
+
+
+def quiet(_text: str) -> None:
+    pass
+
+
+def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Callable[[], RunContext] | None:
+    """The built-in ``run_processes``: a launched process takes its place (above); the backend's ``run_processes``
+    runs a `gpus` > 1 run started without a launcher and every rank other than 0. None: core runs it here."""
+    if run.process.launched:        # another plugin's launcher placed this process (rank 0: it goes on in core)
+        return None
+    process, gpus = processes_from_env(), getattr(getattr(run.recipe, "train", None), "gpus", 1)
+    if not process.launched and gpus <= 1:
+        return None
+    several = getattr(run.backend.factory(run), "run_processes", None)
+    if process.launched:
+        run.process, shown = process, run.loaded.shown if run.loaded else "recipe.toml"
+        if not process.main:
+            run.echo, run.hook = quiet, SilentHooks()
+        if process.world > 1 and several is None:
+            raise RecipeError(f"{shown}: backend \"{run.recipe.backend.name}\" starts its own processes; run "
+                              f"`lora-run {shown} --gpus {process.world}` once instead of under a launcher "
+                              f"({process.world} processes here) — see docs/multi-gpu.md")
+        if gpus not in (1, process.world):
+            run.echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
+        if gpus != process.world:           # under a launcher the number of processes is the launcher's
+            run.recipe = replace(run.recipe, train={"gpus": process.world})
+    if several is None or process.launched and process.main:
+        return None
+    return lambda: several(run, output_dir=output_dir, overwrite=overwrite)
 
 
 class FollowerRunDir(RunDir):

@@ -371,12 +371,13 @@ class RunDir:
                 fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
     # ------------------------------------------------------------------------- the run's start and end
-    def start(self, prepared: Any, plugins: Any, report: Any, *, resume: bool, allow_dataset_change: bool) -> None:
+    def start(self, run: Any, *, allow_dataset_change: bool) -> None:
         """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
-        aside, the resolved recipe, the manifest (status "running") and the dataset record written."""
+        aside, the resolved recipe, the manifest (status "running"; the process count of a launched run) and the
+        dataset record written."""
         from lora_run.recipe import dump_recipe
 
-        recipe, loaded = prepared.recipe, prepared.loaded
+        recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
         self.started, self.resumed = time.time(), resume
         if resume:
             cache = resolved(recipe.train.cache_dir) if recipe.train.cache_dir else None
@@ -386,8 +387,10 @@ class RunDir:
         self.reserve()
         self.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
                                             f"{__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
-        manifest = manifest_base(prepared, plugins, report)
+        manifest = manifest_base(run)
         manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if run.process.launched:
+            manifest["processes"] = {"world_size": run.process.world}
         if resume:
             before = self.read_manifest()
 
@@ -403,6 +406,13 @@ class RunDir:
         self.write_text(DATASET_RECORD, json.dumps({"hash": report.dataset_hash, "files": report.files},
                                                    indent=1, sort_keys=True) + "\n")
         self.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
+
+    def record_plan(self, plan: Any) -> None:
+        """The files the backend's plan names, and the plan in the manifest."""
+        for name, content in plan.files.items():
+            self.write_text(name, content)
+        self.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
+                                   "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
 
     def error_for(self, exc: BaseException) -> LoraRunError | None:
         """A full disk met by a write outside the atomic writers (a tracker, a library), as one line naming the
@@ -433,16 +443,16 @@ class RunDir:
         self.log(f"run {status}")
 
 
-def manifest_base(prepared: Any, plugins: Any, report: Any) -> dict[str, Any]:
-    r = prepared.recipe
+def manifest_base(run: Any) -> dict[str, Any]:
+    r, report = run.recipe, run.lint
     return {
         "lora_run_version": __version__,
-        "recipe": str(prepared.loaded.path.resolve()),
+        "recipe": str(run.loaded.path.resolve()),
         "command": sys.argv,
         "backend": r.backend.name,
         "family": r.model.family,
         "model_source": r.model.source or dict(r.model.files),
-        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in plugins.describe()],
+        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in run.plugins.describe()],
         "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
         "seed": r.train.seed,
         "lora": {"rank": r.lora.rank, "alpha": r.lora.alpha, "targets": r.lora.targets},

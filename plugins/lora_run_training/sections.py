@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from lora_run.errors import PluginError
-from lora_run.schema import Feature, frozen, is_set, option
+from lora_run.schema import Feature, frozen, option
+
+
+def is_set(value: Any, _recipe: Any) -> bool:
+    """A feature used when its key is set at all (a length, a save policy), whatever the value."""
+    return value is not None
 
 
 @frozen
@@ -169,17 +173,14 @@ class SampleSection:
 
 def check_train(recipe: Any, plugins: Any, problems: Any) -> None:
     """One training length; the loss is a registered one, its options structured with its options class."""
-    from lora_run.run import structure_options, without_where
+    from lora_run.run import structure_options
 
     t = recipe.train
     if (t.steps is None) == (t.epochs is None):
         problems.add(("train",), "give exactly one of `steps` or `epochs`"
                      + (f" (got steps={t.steps}, epochs={t.epochs})" if t.steps and t.epochs else ""))
-    try:
-        loss = plugins.get("loss", t.loss, "train.loss")
-    except PluginError as exc:
-        problems.add(("train", "loss"), without_where(str(exc)))
-    else:
+    loss = plugins.find("loss", t.loss, ("train", "loss"), problems)
+    if loss is not None:
         structure_options(loss, t.loss_options, ("train", "loss_options"), problems)
 
 

@@ -16,7 +16,7 @@ def hook_functions():
 
 def test_every_hook_has_a_page_headed_by_its_signature():
     hooks = hook_functions()
-    assert len(hooks) == 17
+    assert len(hooks) == 18
     for fn in hooks:
         page = DOCS / "hooks" / f"{fn.__name__}.md"
         assert page.is_file(), page

@@ -7,7 +7,7 @@ import pytest
 
 from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError, TrainingInterrupted
 from lora_run.hookspecs import hookimpl
-from lora_run.recipe import load_recipe
+from lora_run.recipe import load_recipe, replace
 from lora_run.run import execute, validate
 
 from .conftest import ALL_FLUX, GOOD
@@ -122,6 +122,70 @@ def test_dataset_errors_stop_before_anything_is_written(recording, write_recipe,
     with pytest.raises(DatasetError, match="1 error"):
         execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "out"), echo=quiet)
     assert not (tmp_path / "out").exists()
+
+
+class OtherLauncher:
+    """A third-party ``run_processes``: its own launcher's environment says which process this is."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world, self.followed = rank, world, []
+
+    @hookimpl
+    def run_processes(self, run, output_dir):
+        from lora_run.run import Processes
+
+        run.process = Processes(self.rank, self.world, launched=True)
+        run.recipe = replace(run.recipe, train={"gpus": self.world})
+        if self.rank == 0:
+            return None                 # rank 0 goes on through execute: it writes and calls the hooks
+        run.echo, run.hook = quiet, SilentHooks()
+
+        def follow():                   # a real follower trains its share here, writing nothing
+            self.followed.append((output_dir, run.recipe.train.gpus, len(run.items)))
+            return run
+        return follow
+
+
+class SilentHooks:
+    def __getattr__(self, name):
+        return lambda **_kw: []
+
+
+def test_a_third_party_plugin_runs_the_processes_of_a_run(recording, plugins_with, write_recipe, tmp_path,
+                                                          monkeypatch):
+    plugin, _ = recording
+    monkeypatch.setenv("RANK", "1")         # the built-in launcher's variables say otherwise: the plugin is asked first
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lines = []
+    follower = OtherLauncher(rank=1, world=3)
+    out = tmp_path / "out"
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin, follower), output_dir=str(out),
+                  echo=lines.append)
+    assert follower.followed == [(str(out), 3, 4)] and not ctx.process.main
+    assert not out.exists() and lines == [] and plugin.events == []    # quiet, silent, nothing written
+    main = OtherLauncher(rank=0, world=3)
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin, main), output_dir=str(out), echo=lines.append)
+    assert ctx.process.main and main.followed == [] and lines[0].startswith("dataset: ")
+    assert load_recipe(out / "recipe.toml").recipe.train.gpus == 3
+    assert json.loads((out / "manifest.json").read_text())["processes"] == {"world_size": 3}
+    assert plugin.events[0] == ("run_started",) and plugin.events[-1] == ("run_finished", "completed", None)
+    # control: without the plugin the built-in reads RANK / WORLD_SIZE (and refuses this backend under a launcher)
+    with pytest.raises(RecipeError, match="starts its own processes"):
+        execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin), output_dir=str(tmp_path / "x"), echo=quiet)
+    monkeypatch.delenv("RANK")
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin), output_dir=str(tmp_path / "one"), echo=quiet)
+    assert ctx.process.world == 1 and "processes" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
+
+
+def test_dataset_errors_stop_a_run_of_several_processes_before_it_starts(recording, plugins_with, write_recipe,
+                                                                         tmp_path, subject_dataset):
+    plugin, _ = recording
+    follower = OtherLauncher(rank=1, world=2)
+    (subject_dataset / "img000.txt").write_text("no trigger here")
+    with pytest.raises(DatasetError, match="1 error"):
+        execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin, follower), output_dir=str(tmp_path / "out"),
+                echo=quiet)
+    assert follower.followed == [] and not (tmp_path / "out").exists()
 
 
 class FolderHooks:
