@@ -159,10 +159,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    if not output_dir.strip():     # resolved("") is the working folder: never the demo's folder by accident
-        raise RecipeError("--output-dir: an empty path; name the demo's folder, or leave --output-dir out "
-                          "(runs/demo)")
-    out = resolved(output_dir)
+    out = resolved(output_dir)     # never blank from the command line (lora_run.cli.path_argument)
     _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
