@@ -134,6 +134,23 @@ def test_every_path_option_refuses_an_empty_path_in_one_place(capsys, tmp_path, 
     figures(AREA, cases=3 * len(flags) + 1, faults=3 * len(flags) + 1)
 
 
+def test_the_demo_points_at_what_every_install_has():
+    """The demo's closing line sent the user to docs/getting-started.md, which a wheel does not install. What it
+    names now exists at run time: commands that are registered and shipped recipes by their names."""
+    from lora_run.plugins import load_plugins
+    from lora_run_native.demo import NEXT_STEPS
+    from lora_run_recipes import shipped_name, shipped_recipes
+
+    commands = set(load_plugins().registry["command"]) | {"run"}
+    named = re.findall(r"lora-run ([\w./-]+)(?: ([\w./-]+))?", NEXT_STEPS)
+    assert len(named) == 4 and "docs/" not in NEXT_STEPS and ".md" not in NEXT_STEPS
+    shipped = {shipped_name(p) for p in shipped_recipes()}
+    for command, argument in named:
+        assert command in commands or command == "my.toml", command       # my.toml: the copy the line makes
+        if command == "recipes" and argument:
+            assert argument in shipped, argument
+
+
 def test_debug_is_honoured_before_the_command_too(tmp_path, monkeypatch, capsys, figures):
     """`lora-run --debug check x.toml` and `lora-run --debug RECIPE` silently dropped --debug (the command's own
     parser reset it to false); it now applies wherever it stands on the line."""
