@@ -494,6 +494,12 @@ def _folder_images(given: str, flag: str) -> list[Path]:
 
 def cmd_score(args: Any, plugins: Any) -> int:
     """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
+    from lora_run.recipe import did_you_mean
+
+    embedders = plugins.registry["embedder"]
+    if args.embedder not in embedders:     # named by its option: score reads no recipe, there is no [eval.embedder]
+        raise PluginError(f"--embedder {args.embedder}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
+                          f"available: {', '.join(sorted(embedders)) or 'none installed'}")
     subject = _folder_images(args.subject, "--subject")
     images = _folder_images(args.images, "--images")
     control = _folder_images(args.control, "--control") if args.control is not None else []

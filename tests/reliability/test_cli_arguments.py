@@ -162,3 +162,19 @@ def test_debug_is_honoured_before_the_command_too(tmp_path, monkeypatch, capsys,
             main(argv)
     assert main(["check", "nope.toml"]) == 2 and "error: nope.toml: recipe file not found" in capsys.readouterr().err
     figures(AREA, cases=4, faults=2)
+
+
+def test_a_misspelt_name_in_score_or_recipes_is_named_by_its_argument(tmp_path, capsys, figures):
+    """The neighbours of the unknown command word: `score --embedder onxx` was reported at `[eval.embedder]`, a
+    recipe key of a command that reads no recipe; `recipes identity-fast` listed the recipes without the close one."""
+    from lora_run_devtools.testing import make_images
+
+    make_images(tmp_path / "faces", count=2, size=(64, 64))
+    faces = str(tmp_path / "faces")
+    code, text = run_cli(["score", "--subject", faces, "--images", faces, "--embedder", "onxx"], capsys, "unexpected")
+    assert code == 2 and 'error: --embedder onxx: unknown embedder (did you mean "onnx"?); available: dlib, onnx' \
+        in text and "[eval.embedder]" not in text, text
+    code, text = run_cli(["recipes", "identity-fst"], capsys, "unexpected")
+    assert code == 2 and 'no shipped recipe "identity-fst" (did you mean "flux/identity-fast"?); shipped: ' in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]
+    figures(AREA, cases=2, faults=2)
