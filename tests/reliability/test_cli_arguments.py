@@ -71,6 +71,9 @@ def test_every_single_valued_option_given_twice_is_refused(capsys, figures):
                 (name, flag, text)
             seen += 1
     assert seen >= 12      # run: --output-dir, --gpus; plan, eval, demo: --output-dir; score: 7 options, …
+    plain = argparse.ArgumentParser()           # control: what argparse alone does with the same line
+    plain.add_argument("--output-dir")
+    assert plain.parse_args(["--output-dir", "1", "--output-dir", "2"]).output_dir == "2"
     # controls: repeatable options repeat; a flag given twice is still the same flag
     code, text = run_cli(["check", "nope.toml", "--set", "a.b=1", "--set", "a.c=2", "--json", "--json"], capsys,
                          "more than once")
