@@ -122,7 +122,7 @@ def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import execute
 
-    if args.gpus is not None:       # with --set train.gpus too, the key is refused as given twice
+    if args.gpus is not None:       # after the --set values: it overrides [train.gpus] as its help says
         args.sets = [*args.sets, f"train.gpus={args.gpus}"]
     plugins = _plugins(quiet=True)
     loaded = load_recipe_for(args, plugins)

@@ -401,15 +401,11 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
 
 def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str],
                recipe_class: type | None = None, backends: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
-    """Apply `--set KEY=VALUE`s (a key given twice is refused); values at the keys the schema marks ``path``
-    (``recipe_class``'s, and in ``backends``' option tables) are made absolute against the working folder."""
-    given: dict[KeyPath, str] = {}
+    """Apply `--set KEY=VALUE`s in order (a later one wins: a script's overrides after its base values); values at
+    the keys the schema marks ``path`` (``recipe_class``'s, and in ``backends``' option tables) are made absolute
+    against the working folder."""
     for assignment in sets:
         path, value = parse_set(assignment)
-        if path in given:
-            raise RecipeError(f"[{'.'.join(path)}] is given twice on the command line ({given[path]}, then "
-                              f"{assignment}); give it once")
-        given[path] = assignment
         if recipe_class is not None:    # the value alone at its key, made absolute as a file's would be
             holder = functools.reduce(lambda node, key: {key: node}, reversed(path), value)
             resolve_paths(holder, Path.cwd(), recipe_class, backends)

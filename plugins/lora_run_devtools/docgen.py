@@ -22,8 +22,8 @@ coercion, unknown keys are errors (with a suggestion), all problems are reported
 On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.steps=100`,
 `--set 'dataset.regularization=[{path="reg/"}]'`) and `--unset KEY` removes one, so that its default
 applies (`--unset sample.every_steps` turns sampling off; `--unset sample` resets the whole table).
-`--unset` is applied first, then every `--set`, in order (a key given twice with `--set` is refused: give it once);
-unsetting a key that is not set does nothing, and a name that is not a recipe key is an error.
+`--unset` is applied first, then every `--set`, in order (a later `--set` of a key wins); unsetting a key that is
+not set does nothing, and a name that is not a recipe key is an error.
 """
 
 

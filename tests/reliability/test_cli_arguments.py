@@ -81,23 +81,6 @@ def test_every_single_valued_option_given_twice_is_refused(capsys, figures):
     figures(AREA, cases=seen + 1, faults=seen)
 
 
-def test_the_same_key_set_twice_is_refused(capsys, tmp_path, figures):
-    """`--set train.steps=10 --set train.steps=20` (or `--gpus 2` with `--set train.gpus=4`) silently took the last;
-    the key is now named with both values."""
-    recipe = tmp_path / "r.toml"
-    recipe.write_text("[dataset]\npath = 'x'\n")
-    code, text = run_cli(["check", str(recipe), "--set", "train.steps=10", "--set", "train.steps = 20"], capsys,
-                         "unexpected")
-    assert code == 2 and "[train.steps] is given twice on the command line (train.steps=10, then train.steps = 20)" \
-        in text, text
-    code, text = run_cli([str(recipe), "--gpus", "2", "--set", "train.gpus=4"], capsys, "unexpected")
-    assert code == 2 and "[train.gpus] is given twice on the command line (train.gpus=4, then train.gpus=2)" in text
-    code, text = run_cli(["check", str(recipe), "--set", "train={steps = 10}", "--set", "train.steps=20"], capsys,
-                         "given twice")    # control: a table and a key inside it are two keys; the later wins
-    assert code == 2 and "[train.steps]" not in text and "[dataset.trigger]" in text, text
-    figures(AREA, cases=2, faults=2)
-
-
 @pytest.mark.parametrize("value, says", [
     ("", "an empty path; name the file"), ("  ", "an empty path; name the file"),
     ("-", "reading standard input or writing standard output is not supported; name a file (a recipe: save it")])
