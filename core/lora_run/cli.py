@@ -1,48 +1,85 @@
-"""The `lora-run` command line.
-
-    lora-run RECIPE.toml [--set k=v ...] [--output-dir D] [--resume | --overwrite]   train
-    lora-run COMMAND ...                commands plugins add (`register_commands`; `lora-run -h` lists them:
-                                        `check`, `plan`, `plugins`, `recipes`, `demo`, `eval`, `score` come
-                                        from the built-in plugins)
-
+"""The `lora-run` command line: `lora-run RECIPE.toml [--set k=v ...] [--output-dir D] [--resume | --overwrite]`
+trains; `lora-run COMMAND ...` runs a command a plugin adds (`register_commands`; `lora-run -h` lists them).
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, LoraRunError, RecipeError
 from .files import printable
 
 
+class ArgumentsError(RecipeError):
+    """The command line is wrong: an argparse usage error, or a first word neither a command nor a file."""
+
+
+class _Once(argparse._StoreAction):
+    """A single-valued option: given twice it is refused (argparse would keep the last value silently)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        given = namespace.__dict__.setdefault("_given", set())
+        if self.option_strings and self.dest in given:
+            raise argparse.ArgumentError(self, "given more than once; give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser (plugins' commands too): usage errors are bad input, reported as every other (exit 2,
+    JSON with --json); a plain `add_argument` is a single-valued `_Once`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ArgumentsError(f"{self.prog}: {message}")
+
+
+def path_argument(value: str) -> str:
+    """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
+    `-`: no file is read from standard input or written to standard output (a run records its recipe file)."""
+    if value == "-":
+        raise argparse.ArgumentTypeError("reading standard input or writing standard output is not supported; "
+                                         "name a file (a recipe: save it to a file first)")
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the file or folder (an unset variable gives one)")
+    return value
+
+
 def recipe_arguments(p: argparse.ArgumentParser) -> None:
     """RECIPE, --set and --unset: for plugin commands that read a recipe as the built-in ones do."""
-    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument("recipe", metavar="RECIPE", type=path_argument, help="recipe TOML file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
-    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY",
-                   help="remove a key so its default applies, e.g. --unset sample.every_steps; repeatable; "
-                   "applied before the --set values")
+    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY", help="remove a key so its "
+                   "default applies (before the --set values), e.g. --unset sample.every_steps; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-run", description="Declarative identity-LoRA trainer for "
-                                     "the model families its plugins register (lora-run plugins).",
-                                     epilog="Run a recipe: lora-run RECIPE.toml [options] (see `lora-run run -h`).")
+    parser = _Parser(prog="lora-run", description="Declarative identity-LoRA trainer for the model families its "
+                     "plugins register (lora-run plugins).", epilog="Run a recipe: lora-run RECIPE.toml [options] "
+                     "(see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="train a recipe (the default command)")
     recipe_arguments(p)
-    p.add_argument("--output-dir", help="run folder (default: [output.dir] of the recipe)")
+    p.add_argument("--output-dir", type=path_argument, help="run folder (default: [output.dir] of the recipe)")
     p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
                    "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
                    "launcher decides)")
@@ -52,27 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "(only a folder lora-run created)")
     p.add_argument("--allow-dataset-change", action="store_true", help="with --resume: continue although images or "
                    "captions changed since the run started (refused otherwise)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
-        if name == "run":
-            continue  # a plugin cannot replace the built-in command
-        p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
-        if reg.configure is not None:
-            reg.configure(p)
-        if not any(action.dest == "debug" for action in p._actions):
-            p.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name != "run":  # a plugin cannot replace the built-in command
+            p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
+            if reg.configure is not None:
+                reg.configure(p)
     return parser
 
 
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
     if as_json:
-        problems = getattr(err, "problems", [str(err)])
         print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
-                          "problems": problems}, indent=2))
-    else:
-        for line in str(err).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+                          "problems": getattr(err, "problems", [str(err)])}, indent=2))
+    for line in [] if as_json else str(err).splitlines():
+        print(f"error: {line}", file=sys.stderr)
     return err.exit_code
 
 
@@ -92,7 +122,7 @@ def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import execute
 
-    if args.gpus is not None:
+    if args.gpus is not None:       # after the --set values: it overrides [train.gpus] as its help says
         args.sets = [*args.sets, f"train.gpus={args.gpus}"]
     plugins = _plugins(quiet=True)
     loaded = load_recipe_for(args, plugins)
@@ -102,10 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   debug=args.debug, allow_dataset_change=args.allow_dataset_change)
     if not ctx.process.main:          # one of several processes: rank 0 reports
         return EXIT_OK
-    print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
-    for key, value in ctx.artifacts.items():
-        if isinstance(value, (str, Path)):
-            print(f"  {key}: {value}")
+    print("\n".join([f"done: {ctx.run_dir.path if ctx.run_dir else ''}", *(f"  {key}: {value}" for key, value in
+                     ctx.artifacts.items() if isinstance(value, (str, Path)))]))
     return EXIT_OK
 
 
@@ -129,8 +157,7 @@ def _warn_broken(plugins: Any) -> None:
 
 
 def _plugin_command(args: argparse.Namespace) -> int:
-    """A plugin's command. Read-only ones report broken plugins themselves (through ``load_recipe_for``, or
-    as `lora-run plugins` lists them)."""
+    """A plugin's command; read-only ones report broken plugins themselves (``load_recipe_for``, `lora-run plugins`)."""
     reg = _plugins(quiet=True).registry["command"][args.command]
     return reg.factory(args, _plugins(quiet=reg.read_only))
 
@@ -138,38 +165,46 @@ def _plugin_command(args: argparse.Namespace) -> int:
 def _tell_launcher(err: LoraRunError) -> None:
     """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
     the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
-    import time
-
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or err.exit_code == 130:
-        return
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
+    if path and err.exit_code != 130:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
             json.dump({"message": f"{type(err).__name__} (exit {err.exit_code}): {err}",
                        "timestamp": int(time.time())}, fh)
-    except OSError:
-        pass
+
+
+def _with_command(argv: list[str], commands: list[str]) -> list[str]:
+    """``argv`` with the default command `run` before a recipe; a first word that is no command, no file and no path
+    (no folder part, no .toml) is named, with the commands and the closest of them."""
+    from .recipe import did_you_mean
+
+    word = argv[0] if argv else "-h"
+    if word in commands or (word.startswith("-") and word != "-"):
+        return argv
+    if word.strip() and word != "-" and not os.path.exists(word) and not re.search(r"[/\\]|\.toml$", word, re.I):
+        raise ArgumentsError(f'"{printable(word)}" is neither a command nor a recipe file'
+                             f'{did_you_mean(word, commands, chr(34))}; commands: {", ".join(commands)} (a plugin\'s '
+                             "command exists only while the plugin is installed and loads: lora-run plugins)")
+    return ["run", *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `lora-run` program, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv   # before or after the command (a subcommand's parser would drop the first's)
+    argv = [a for a in argv if a != "--debug"]
     _LOADED.clear()  # a fresh plugin list for every command line (tests call main() repeatedly)
-    parser = build_parser()
-    commands = _plugins(quiet=True).registry["command"]
-    known = {"run", *commands, "-h", "--help", "--version"}
-    first = next((a for a in argv if a != "--debug"), None)
-    if first is not None and first not in known and not first.startswith("-"):
-        argv.insert(argv.index(first), "run")
+    parser, commands = build_parser(), _plugins(quiet=True).registry["command"]
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors are bad input
+        args = parser.parse_args(_with_command(argv, sorted({"run", *commands})))
+    except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
+    except ArgumentsError as err:
+        _warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
+        return _fail(err, "--json" in argv)
     if not args.command:
         parser.print_help()
         return EXIT_BAD_INPUT
-    debug = getattr(args, "debug", False)
-    as_json = getattr(args, "json", False)
+    args.debug, as_json = debug, getattr(args, "json", False)
     read_only = args.command in commands and commands[args.command].read_only
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`

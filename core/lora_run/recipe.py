@@ -42,9 +42,7 @@ class RecipeValueError(ValueError):
 def describe(value: Any) -> str:
     """`float 3.9`, `str 'false'`: the type and a short form of a value, for error messages."""
     text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 # --------------------------------------------------------------------------------------------- converter
@@ -249,49 +247,44 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _path_keys(recipe_class: type) -> list[tuple[KeyPath, Any]]:
-    """(key path, ``path`` metadata) of the fields marked ``path`` (``*`` stands for a list index)."""
-    found: list[tuple[KeyPath, Any]] = []
+def _schema_keys(recipe_class: type, backends: tuple[tuple[str, type], ...] = ()) -> dict[KeyPath, Any]:
+    """Each key of the schema (``*`` stands for a list index) with its (field, type): the recipe's, and those of the
+    ``backends``' option classes in their `[backend.<name>]` tables."""
+    found: dict[KeyPath, Any] = {}
 
     def walk(cls: type, prefix: KeyPath) -> None:
         hints = typing.get_type_hints(cls)
         for f in attrs.fields(cls):
-            tp = hints[f.name]
-            if f.metadata.get("path"):
-                found.append(((*prefix, f.name), f.metadata["path"]))
+            tp, key = hints[f.name], (*prefix, f.name)
+            found[key] = (f, tp)
             inner = [a for a in typing.get_args(tp) if attrs.has(a)]
-            if attrs.has(tp):
-                walk(tp, (*prefix, f.name))
-            elif _is_list(tp) and inner:
-                walk(inner[0], (*prefix, f.name, "*"))
+            if attrs.has(tp) or inner:
+                walk(tp if attrs.has(tp) else inner[0], (*key, "*") if _is_list(tp) else key)
     walk(recipe_class, ())
+    for name, options in backends:
+        walk(options, ("backend", name))
     return found
 
 
-def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type) -> None:
+def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type,
+                  backends: tuple[tuple[str, type], ...] = ()) -> None:
     """Make the path-valued keys of one file absolute against that file's folder (in place)."""
 
     def visit(node: Any, keys: KeyPath, which: Any) -> None:
-        if not keys or not isinstance(node, dict):
-            return
-        head, rest = keys[0], keys[1:]
-        child = node.get(head)
-        if not rest:
-            if isinstance(child, str) and child:
-                node[head] = _absolute(child, base)
-            elif isinstance(child, dict):     # a table of paths: every value, or the keys ``path`` names
-                for key, value in child.items():
-                    if isinstance(value, str) and value and (which is True or key in which):
-                        child[key] = _absolute(value, base)
-            return
-        if rest[0] == "*" and isinstance(child, list):
-            for item in child:
-                visit(item, rest[1:], which)
-        else:
-            visit(child, rest, which)
+        child = node.get(keys[0]) if isinstance(node, dict) else None
+        if len(keys) > 1:                     # deeper: into a table, or into each item of a list (``*``)
+            star = keys[1] == "*"
+            for item in (child if isinstance(child, list) else []) if star else [child]:
+                visit(item, keys[2:] if star else keys[1:], which)
+        elif isinstance(child, str) and child:
+            node[keys[0]] = _absolute(child, base)
+        elif isinstance(child, dict):         # a table of paths: every value, or the keys ``path`` names
+            child.update({key: _absolute(value, base) for key, value in child.items()
+                          if isinstance(value, str) and value and (which is True or key in which)})
 
-    for keys, which in _path_keys(recipe_class):
-        visit(raw, keys, which)
+    for keys, (field, _) in _schema_keys(recipe_class, backends).items():
+        if field.metadata.get("path"):
+            visit(raw, keys, field.metadata["path"])
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("source"), str):
         src = model["source"]
@@ -328,8 +321,8 @@ def _record(origins: dict[KeyPath, str], path: KeyPath, value: Any, shown: str) 
             _record(origins, (*path, k), v, shown)
 
 
-def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recipe,
-             chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recipe, chain: tuple[Path, ...] = (),
+             backends: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
     """Read a recipe and everything it `extends`, merged (later files win), paths made absolute."""
     path = Path(os.path.expanduser(str(path)))
     real = files.resolved(path)
@@ -340,7 +333,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"{shown}: [extends] nests deeper than {MAX_EXTENDS_DEPTH} files")
     raw = read_toml(path, shown)
-    resolve_paths(raw, real.parent, recipe_class)
+    resolve_paths(raw, real.parent, recipe_class, backends)
     parent = raw.pop("extends", None)
     own: dict[KeyPath, str] = {}
     for key, value in raw.items():
@@ -359,7 +352,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
     try:
-        parent_raw = load_raw(parent_path, origins, recipe_class, (*chain, real))
+        parent_raw = load_raw(parent_path, origins, recipe_class, (*chain, real), backends)
     except RecipeError as exc:   # a parent that cannot be read or parsed: named through this file's key
         raise RecipeError([line if "[extends]" in line else f"{shown}: [extends] {line}"
                            for line in exc.problems]) from None
@@ -381,25 +374,6 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     return tuple(key.split(".")), value
 
 
-def _known_key(path: KeyPath, recipe_class: type) -> bool:
-    """Whether a dotted key names a field of the recipe schema (backend option tables: any key)."""
-    cls: Any = recipe_class
-    for i, part in enumerate(path):
-        if i == 0 and part == "backend":
-            return True
-        if not attrs.has(cls):
-            return False
-        fields = {f.name: f for f in attrs.fields(cls)}
-        if part not in fields:
-            return False
-        tp = typing.get_type_hints(cls)[part]
-        inner = [a for a in typing.get_args(tp) if attrs.has(a)]
-        cls = tp if attrs.has(tp) else (inner[0] if inner and not _is_list(tp) else None)
-        if cls is None:
-            return i == len(path) - 1 or _is_dict(tp)  # any key inside a free-form table
-    return True
-
-
 def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],
                  recipe_class: type = Recipe) -> dict[str, Any]:
     """`--unset sample.every_steps`: remove the key (a value or a whole table) so its default applies."""
@@ -413,8 +387,10 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
             node = node.get(part) if isinstance(node, dict) else None
         if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
             node = {}  # `backend = "name"` has no option tables to remove
-        if not isinstance(node, dict) or path[-1] not in node:
-            if not _known_key(path, recipe_class):  # a key that is simply not set: nothing to do
+        if not isinstance(node, dict) or path[-1] not in node:  # not set: nothing to do, if it is a key at all
+            known = _schema_keys(recipe_class)       # any key in backend tables and free-form tables
+            if not (path[0] == "backend" or path in known or any(_is_dict(known[path[:n]][1]) for n in
+                                                                range(1, len(path)) if path[:n] in known)):
                 raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
             continue
         del node[path[-1]]
@@ -424,18 +400,15 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
 
 
 def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str],
-               recipe_class: type | None = None) -> dict[str, Any]:
-    """Apply `--set KEY=VALUE`s; path values (by key name, or marked ``path`` in ``recipe_class``'s schema, e.g.
-    inside a `dataset.regularization` list or `model.source`) are made absolute against the working folder."""
+               recipe_class: type | None = None, backends: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
+    """Apply `--set KEY=VALUE`s in order (a later one wins: a script's overrides after its base values); values at
+    the keys the schema marks ``path`` (``recipe_class``'s, and in ``backends``' option tables) are made absolute
+    against the working folder."""
     for assignment in sets:
         path, value = parse_set(assignment)
-        if (path[-1] in ("path", "dir", "cache_dir") or path[:2] == ("model", "files")) \
-                and isinstance(value, str) and value:
-            value = str(files.resolved(os.path.expanduser(value))) if "{" not in value else value
-        elif recipe_class is not None and isinstance(value, (str, list, dict)) and value:
-            holder: dict[str, Any] = {}
-            functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], holder)[path[-1]] = value
-            resolve_paths(holder, Path.cwd(), recipe_class)
+        if recipe_class is not None:    # the value alone at its key, made absolute as a file's would be
+            holder = functools.reduce(lambda node, key: {key: node}, reversed(path), value)
+            resolve_paths(holder, Path.cwd(), recipe_class, backends)
             value = functools.reduce(lambda node, key: node[key], path, holder)
         node = raw
         for part in path[:-1]:
@@ -559,35 +532,23 @@ def resume_command(loaded: LoadedRecipe | None, run_dir: Path | str) -> str:
     return shlex.join(["lora-run", *recipe, "--resume", "--output-dir", str(run_dir)])
 
 
-def _loaded(plugins: Any) -> Any:
-    """The plugins whose recipe tables a recipe may hold (the installed plugins when none are given)."""
-    if plugins is None:
-        from .plugins import load_plugins
-
-        plugins = load_plugins()
-    return plugins
-
-
-def _name_broken_plugins(raw: dict[str, Any], recipe_class: type, problems: Problems, plugins: Any) -> None:
-    """An unknown top-level table may be the table of a plugin that failed to load: say which failed."""
-    if plugins.broken and set(raw) - set(field_names(recipe_class)):
-        problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
-            f"{b.name} ({b.error})" for b in plugins.broken))
-
-
 def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str] = (),
                 plugins: Any = None) -> LoadedRecipe:
     """Read, merge (`extends`), remove (`--unset`), override (`--set`), structure and check a recipe, with the
     sections ``plugins`` register (default: the installed plugins'). Raises RecipeError."""
-    path, plugins = Path(path), _loaded(plugins)
-    recipe_class = plugins.recipe_class
-    origins: dict[KeyPath, str] = {}
-    raw = load_raw(path, origins, recipe_class)
-    raw = apply_unsets(raw, unsets, origins, recipe_class)
-    raw = apply_sets(raw, sets, origins, recipe_class)
+    if plugins is None:
+        from .plugins import load_plugins
+
+        plugins = load_plugins()
+    path, recipe_class, origins = Path(path), plugins.recipe_class, {}
+    backends = tuple((name, reg.options) for name, reg in plugins.registry["backend"].items() if attrs.has(reg.options))
+    raw = apply_unsets(load_raw(path, origins, recipe_class, (), backends), unsets, origins, recipe_class)
+    raw = apply_sets(raw, sets, origins, recipe_class, backends)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
-    _name_broken_plugins(raw, recipe_class, problems, plugins)
+    if plugins.broken and set(raw) - set(field_names(recipe_class)):   # perhaps the table of a plugin that failed
+        problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
+            f"{b.name} ({b.error})" for b in plugins.broken))
     problems.raise_if_any()
     assert recipe is not None
     out = recipe.output.dir       # the default is relative to where we run; an unusable dir stays for its check

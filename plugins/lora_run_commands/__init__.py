@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from lora_run.cli import load_recipe_for, recipe_arguments
+from lora_run.cli import load_recipe_for, path_argument, recipe_arguments
 from lora_run.errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError
 from lora_run.hookspecs import hookimpl
 
@@ -144,7 +144,7 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
 
 def _plan_arguments(p: argparse.ArgumentParser) -> None:
     recipe_arguments(p)
-    p.add_argument("--output-dir", help="run folder the plan is made for")
+    p.add_argument("--output-dir", type=path_argument, help="run folder the plan is made for")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -15,14 +15,15 @@ HEADER = """# Recipe reference
 Generated from the field documentation in `core/lora_run/schema.py`, the recipe tables plugins register
 (`register_sections`) and the installed plugins by `python -m lora_run_devtools.docgen`; a test fails when this
 page is stale. Paths in a recipe file are relative to
-that file; paths given with `--set` are relative to the current directory. Every key is checked strictly: no type coercion, unknown
-keys are errors (with a suggestion), all problems are reported at once, exit code 2.
+that file; paths given with `--set` are relative to the current directory (the keys a path applies to are the ones the
+schema marks as paths: core's, plugins' tables and backends' option tables). Every key is checked strictly: no type
+coercion, unknown keys are errors (with a suggestion), all problems are reported at once, exit code 2.
 
 On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.steps=100`,
 `--set 'dataset.regularization=[{path="reg/"}]'`) and `--unset KEY` removes one, so that its default
 applies (`--unset sample.every_steps` turns sampling off; `--unset sample` resets the whole table).
-`--unset` is applied first, then every `--set`, in order; unsetting a key that is not set does nothing,
-and a name that is not a recipe key is an error.
+`--unset` is applied first, then every `--set`, in order (a later `--set` of a key wins); unsetting a key that is
+not set does nothing, and a name that is not a recipe key is an error.
 """
 
 

@@ -48,24 +48,28 @@ def _cmd_score(args: Any, plugins: Any) -> int:
 
 
 def _eval_arguments(p: Any) -> None:
-    from lora_run.cli import recipe_arguments
+    from lora_run.cli import path_argument, recipe_arguments
 
     recipe_arguments(p)
-    p.add_argument("--lora", action="append", required=True, metavar="FILE",
+    p.add_argument("--lora", action="append", required=True, metavar="FILE", type=path_argument,
                    help="LoRA file; repeat to compare checkpoints and pick the best")
-    p.add_argument("--output-dir", help="where the report goes (default: eval-<lora name> next to the LoRA)")
+    p.add_argument("--output-dir", type=path_argument,
+                   help="where the report goes (default: eval-<lora name> next to the LoRA)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in that folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _score_arguments(p: Any) -> None:
-    p.add_argument("--subject", required=True, metavar="DIR", help="the subject's photos")
-    p.add_argument("--images", required=True, metavar="DIR", help="generated images to score")
-    p.add_argument("--control", metavar="DIR", help="images generated without the trigger (leakage check)")
+    from lora_run.cli import path_argument
+
+    p.add_argument("--subject", required=True, metavar="DIR", type=path_argument, help="the subject's photos")
+    p.add_argument("--images", required=True, metavar="DIR", type=path_argument, help="generated images to score")
+    p.add_argument("--control", metavar="DIR", type=path_argument,
+                   help="images generated without the trigger (leakage check)")
     p.add_argument("--embedder", default="dlib", help="face embedder plugin: dlib (default) or onnx")
-    p.add_argument("--model", metavar="FILE", help="onnx: ArcFace ONNX model")
-    p.add_argument("--detector", metavar="FILE", help="onnx: SCRFD ONNX face detector (optional)")
-    p.add_argument("--report", metavar="FILE", help="also write an HTML report to FILE")
+    p.add_argument("--model", metavar="FILE", type=path_argument, help="onnx: ArcFace ONNX model")
+    p.add_argument("--detector", metavar="FILE", type=path_argument, help="onnx: SCRFD ONNX face detector (optional)")
+    p.add_argument("--report", metavar="FILE", type=path_argument, help="also write an HTML report to FILE")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

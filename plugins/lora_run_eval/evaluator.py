@@ -418,9 +418,6 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras.append((path.stem if len(args.lora) > 1 else "lora", step, path))
     if len({label for label, _, _ in loras}) != len(loras):
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
-    if args.output_dir is not None and not args.output_dir.strip():
-        raise RecipeError("--output-dir: an empty path; name the evaluation's folder, or leave --output-dir out "
-                          "(eval-<lora name> next to the LoRA)")
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     _check_output(out, args.overwrite)
@@ -485,8 +482,6 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
 def _folder_images(given: str, flag: str) -> list[Path]:
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
-    if not given.strip():    # Path("") is the working folder: never scored by accident ("$UNSET")
-        raise RecipeError(f"{flag}: an empty path; name a folder of images")
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {folder}: not a folder")
@@ -499,6 +494,12 @@ def _folder_images(given: str, flag: str) -> list[Path]:
 
 def cmd_score(args: Any, plugins: Any) -> int:
     """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
+    from lora_run.recipe import did_you_mean
+
+    embedders = plugins.registry["embedder"]
+    if args.embedder not in embedders:     # named by its option: score reads no recipe, there is no [eval.embedder]
+        raise PluginError(f"--embedder {args.embedder}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
+                          f"available: {', '.join(sorted(embedders)) or 'none installed'}")
     subject = _folder_images(args.subject, "--subject")
     images = _folder_images(args.images, "--images")
     control = _folder_images(args.control, "--control") if args.control is not None else []
@@ -517,8 +518,6 @@ def cmd_score(args: Any, plugins: Any) -> int:
             raw[key] = value
     if args.embedder == "onnx" and not args.model:
         raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
-    if args.report is not None and not args.report.strip():
-        raise RecipeError("--report: an empty path; name the HTML file to write, or leave --report out")
     report_path = resolved(Path(args.report).expanduser()) if args.report else None
     if report_path is not None and report_path.exists() and not args.overwrite:
         raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")

@@ -18,7 +18,10 @@ def make_backend(ctx):
 
 
 def _demo_arguments(parser):
-    parser.add_argument("--output-dir", default="runs/demo", help="where the demo's assets and run go")
+    from lora_run.cli import path_argument
+
+    parser.add_argument("--output-dir", default="runs/demo", type=path_argument, help="where the demo's assets and "
+                        "run go")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run")
 
 

@@ -159,10 +159,7 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    if not output_dir.strip():     # resolved("") is the working folder: never the demo's folder by accident
-        raise RecipeError("--output-dir: an empty path; name the demo's folder, or leave --output-dir out "
-                          "(runs/demo)")
-    out = resolved(output_dir)
+    out = resolved(output_dir)     # never blank from the command line (lora_run.cli.path_argument)
     _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
@@ -172,6 +169,11 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     ctx = execute(load_recipe(recipe_path, plugins=plugins), plugins, output_dir=str(run_out), overwrite=overwrite, debug=debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
     print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
-          "report's failures are expected: the model is random and the photos are cartoons.\n"
-          "Next: your own photos, with a shipped recipe (docs/getting-started.md): lora-run recipes")
+          "report's failures are expected: the model is random and the photos are cartoons.\n" + NEXT_STEPS)
     return 0
+
+
+#: The demo's closing lines: only what every install has (commands and shipped recipes; a wheel has no docs/).
+NEXT_STEPS = ("Next: your own photos with a shipped recipe. `lora-run recipes` lists them; copy one with\n"
+              "  lora-run recipes flux/identity-fast > my.toml\n"
+              "then set [dataset] path and trigger in my.toml, and run `lora-run check my.toml`, then `lora-run my.toml`.")

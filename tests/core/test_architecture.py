@@ -23,7 +23,7 @@ CORE = REPO / "core" / "lora_run"
 #: and the other training tables, the capability check and the family-fact checks to lora_run_training, the
 #: launcher's environment and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500;
 #: docs/DEVELOPING.md ("Core's size") says what stands between.
-CORE_LINE_BUDGET = 2044
+CORE_LINE_BUDGET = 2040
 
 
 def core_sources() -> dict[Path, str]:

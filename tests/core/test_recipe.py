@@ -258,3 +258,40 @@ def test_set_paths_resolve_against_the_working_folder_by_the_schema(write_recipe
     # planted control: without the schema the list's path stays relative (what --set gave before)
     raw = apply_sets({}, sets[:1], {})
     assert raw["dataset"]["regularization"][0]["path"] == "reg/"
+
+
+def test_set_paths_are_decided_by_the_schemas_path_marks_alone(write_recipe, tmp_path, monkeypatch):
+    """`--set` decided which values are paths twice: by the key's name (`path`, `dir`, `cache_dir`, `model.files`)
+    and by the schema's ``path`` marks. The marks alone decide now, for every path key: core's tables, plugins'
+    tables (`[train]`, `[eval]`), a list, and a backend's options table (whose marks a file's values now honour
+    too, against the file's folder); a plugin's key merely named `path` that its schema does not mark is left as
+    written."""
+    import attrs
+
+    from lora_run.recipe import apply_sets
+    from lora_run.schema import option, recipe_class
+
+    recipe_path = write_recipe(GOOD.replace('backend = "recording"\n', "") + '[backend]\nname = "recording"\n'
+                               '[backend.diffusion-pipe]\npath = "dp-of-the-recipe"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert load_recipe(recipe_path).recipe.backend.options["diffusion-pipe"]["path"] == \
+        str(recipe_path.parent / "dp-of-the-recipe")
+    sets = ["dataset.path=d", "output.dir=o", "train.cache_dir=c", "model.files.transformer=t.safetensors",
+            'eval.embedder_options={model = "m.onnx", detector = "s.onnx", threshold = "x"}',
+            "backend.diffusion-pipe.path=dp", "backend.diffusion-pipe.deepspeed=bin/ds"]
+    r = load_recipe(recipe_path, sets).recipe
+    assert (r.dataset.path, r.output.dir, r.train.cache_dir, r.model.files["transformer"]) == \
+        (str(work / "d"), str(work / "o"), str(work / "c"), str(work / "t.safetensors"))
+    assert r.eval.embedder_options == {"model": str(work / "m.onnx"), "detector": str(work / "s.onnx"),
+                                       "threshold": "x"}
+    assert r.backend.options["diffusion-pipe"] == {"path": str(work / "dp"), "deepspeed": str(work / "bin" / "ds")}
+
+    @attrs.frozen(kw_only=True)
+    class Toy:
+        path: str = option("", "A plugin's key named path that is no file path.")
+        data: str = option("", "A file.", path=True)
+
+    raw = apply_sets({}, ["toy.path=p", "toy.data=q"], {}, recipe_class([("toy", Toy)]))
+    assert raw["toy"] == {"path": "p", "data": str(work / "q")}    # the mark decides, not the name

@@ -1,0 +1,166 @@
+"""The command line's own arguments, as a first-time user or an automation agent gets them wrong (the CLI audit
+of the recipe-path, option and demo findings): each bad argument is one clear message naming the word, option or
+argument, exit code 2, no traceback, and nothing written."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+
+from lora_run.cli import build_parser, main
+
+from .conftest import run_cli
+
+AREA = "command-line arguments (unknown commands, repeated options, empty and stdin paths)"
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_an_unknown_command_word_is_named_not_read_as_a_recipe(tmp_path, monkeypatch, capsys, figures):
+    """`lora-run chek recipe.toml` was read as `run chek` and said "unrecognized arguments: recipe.toml" (or, alone,
+    "chek: recipe file not found"); the command of a disabled plugin read the same. A word that is no file and
+    looks like no path is now named as neither a command nor a recipe file, with the commands and the closest."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.toml").write_text("")
+    for argv, closest in ((["chek", "recipe.toml"], "check"), (["plna"], "plan"), (["--debug", "recipse"], "recipes"),
+                          (["frobnicate"], None)):
+        code, text = run_cli(argv, capsys, "recipe file not found")
+        word = next(a for a in argv if not a.startswith("-"))
+        assert code == 2 and f'"{word}" is neither a command nor a recipe file' in text, text
+        assert "unrecognized" not in text and "commands: check, demo, eval, plan, plugins, recipes, run, score" in text
+        assert (f'did you mean "{closest}"?' in text) if closest else "did you mean" not in text, text
+    assert main(["frobnicate", "--json"]) == 2       # an agent reading --json gets the same, as JSON
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems[0].startswith('"frobnicate" is neither a command nor a recipe file; commands: check,')
+    monkeypatch.setenv("LORA_RUN_PLUGINS_DISABLE", "eval")      # its commands are gone with it
+    code, text = run_cli(["score", "--subject", "a", "--images", "b"], capsys, "recipe file not found")
+    assert code == 2 and '"score" is neither a command nor a recipe file' in text and "eval, " not in text
+    assert "a plugin's command exists only while the plugin is installed and loads" in text
+    monkeypatch.delenv("LORA_RUN_PLUGINS_DISABLE")
+    # controls: a path-looking word stays a recipe path; an existing file without a suffix is a recipe
+    for word in ("chek.toml", "sub/chek", "./chek"):
+        code, text = run_cli([word], capsys, "neither a command")
+        assert code == 2 and "recipe file not found" in text, (word, text)
+    (tmp_path / "chek").write_text("[model]\n")
+    code, text = run_cli(["chek"], capsys, "neither a command")
+    assert code == 2 and "chek: [dataset] is required" in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chek", "recipe.toml"]
+    figures(AREA, cases=9, faults=5)
+
+
+def _single_valued(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.nargs is None and type(a).__name__ != "_HelpAction"
+            and not isinstance(a, (argparse._StoreConstAction, argparse._AppendAction))]
+
+
+def test_every_single_valued_option_given_twice_is_refused(capsys, figures):
+    """`--output-dir a --output-dir b` silently used b (argparse keeps the last value); an agent that appends an
+    option to a command line it was given changed nothing it could see. Every single-valued option of every
+    command, the plugins' included, is now refused when given twice, naming the option."""
+    seen = 0
+    for name, parser in _commands().items():
+        for action in _single_valued(parser):
+            flag = action.option_strings[-1]
+            code, text = run_cli([name, flag, "1", flag, "2"], capsys, "unexpected")
+            assert code == 2 and f"argument {'/'.join(action.option_strings)}: given more than once" in text, \
+                (name, flag, text)
+            seen += 1
+    assert seen >= 12      # run: --output-dir, --gpus; plan, eval, demo: --output-dir; score: 7 options, …
+    plain = argparse.ArgumentParser()           # control: what argparse alone does with the same line
+    plain.add_argument("--output-dir")
+    assert plain.parse_args(["--output-dir", "1", "--output-dir", "2"]).output_dir == "2"
+    # controls: repeatable options repeat; a flag given twice is still the same flag
+    code, text = run_cli(["check", "nope.toml", "--set", "a.b=1", "--set", "a.c=2", "--json", "--json"], capsys,
+                         "more than once")
+    assert code == 2 and "nope.toml: recipe file not found" in text
+    figures(AREA, cases=seen + 1, faults=seen)
+
+
+@pytest.mark.parametrize("value, says", [
+    ("", "an empty path; name the file"), ("  ", "an empty path; name the file"),
+    ("-", "reading standard input or writing standard output is not supported; name a file (a recipe: save it")])
+def test_an_empty_or_stdin_recipe_argument_is_named(value, says, tmp_path, monkeypatch, capsys, figures):
+    """`lora-run check ""` said ".: the recipe file is a folder"; `lora-run check -` said "-: recipe file not found"
+    and `lora-run -` listed the commands as an invalid choice. Each command that reads a recipe names RECIPE."""
+    monkeypatch.chdir(tmp_path)
+    argvs = [[value], ["run", value], ["check", value, "--json"], ["plan", value], ["eval", value, "--lora", "x"]]
+    for argv in argvs:
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and f"argument RECIPE: {says}" in text, (argv, text)
+        assert "is a folder" not in text and "invalid choice" not in text
+    assert list(tmp_path.iterdir()) == []
+    figures(AREA, cases=len(argvs), faults=len(argvs))
+
+
+def test_every_path_option_refuses_an_empty_path_in_one_place(capsys, tmp_path, monkeypatch, figures):
+    """An empty or blank `--output-dir` was refused by four messages written in four places (run, plan, eval, demo),
+    and the other path options (`--lora`, `score --subject/--images/--control/--report/--model/--detector`) each by
+    its own; one argument type now refuses every one of them, in every command, naming the option."""
+    from lora_run.cli import path_argument
+
+    monkeypatch.chdir(tmp_path)
+    paths = [(name, action) for name, parser in _commands().items() for action in parser._actions
+             if action.type is path_argument]
+    flags = {(name, action.option_strings[-1]) for name, action in paths if action.option_strings}
+    assert {("run", "--output-dir"), ("plan", "--output-dir"), ("eval", "--output-dir"), ("demo", "--output-dir"),
+            ("eval", "--lora"), ("score", "--subject"), ("score", "--report"), ("score", "--model")} <= flags
+    for name, flag in sorted(flags):
+        for blank, says in (("", "an empty path"), (" ", "an empty path"), ("-", "reading standard input or writing")):
+            code, text = run_cli([name, flag, blank], capsys, "unexpected")
+            assert code == 2 and f"argument {flag}: {says}" in text, (name, flag, text)
+    assert main(["plan", "r.toml", "--output-dir", "", "--json"]) == 2
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and data["exit_code"] == 2 and "--output-dir: an empty path" in data["problems"][0]
+    assert list(tmp_path.iterdir()) == []
+    figures(AREA, cases=3 * len(flags) + 1, faults=3 * len(flags) + 1)
+
+
+def test_the_demo_points_at_what_every_install_has():
+    """The demo's closing line sent the user to docs/getting-started.md, which a wheel does not install. What it
+    names now exists at run time: commands that are registered and shipped recipes by their names."""
+    from lora_run.plugins import load_plugins
+    from lora_run_native.demo import NEXT_STEPS
+    from lora_run_recipes import shipped_name, shipped_recipes
+
+    commands = set(load_plugins().registry["command"]) | {"run"}
+    named = re.findall(r"lora-run ([\w./-]+)(?: ([\w./-]+))?", NEXT_STEPS)
+    assert len(named) == 4 and "docs/" not in NEXT_STEPS and ".md" not in NEXT_STEPS
+    shipped = {shipped_name(p) for p in shipped_recipes()}
+    for command, argument in named:
+        assert command in commands or command == "my.toml", command       # my.toml: the copy the line makes
+        if command == "recipes" and argument:
+            assert argument in shipped, argument
+
+
+def test_debug_is_honoured_before_the_command_too(tmp_path, monkeypatch, capsys, figures):
+    """`lora-run --debug check x.toml` and `lora-run --debug RECIPE` silently dropped --debug (the command's own
+    parser reset it to false); it now applies wherever it stands on the line."""
+    from lora_run.errors import RecipeError
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--debug", "check", "nope.toml"], ["check", "nope.toml", "--debug"], ["--debug", "nope.toml"]):
+        with pytest.raises(RecipeError, match="nope.toml: recipe file not found"):
+            main(argv)
+    assert main(["check", "nope.toml"]) == 2 and "error: nope.toml: recipe file not found" in capsys.readouterr().err
+    figures(AREA, cases=4, faults=2)
+
+
+def test_a_misspelt_name_in_score_or_recipes_is_named_by_its_argument(tmp_path, capsys, figures):
+    """The neighbours of the unknown command word: `score --embedder onxx` was reported at `[eval.embedder]`, a
+    recipe key of a command that reads no recipe; `recipes identity-fast` listed the recipes without the close one."""
+    from lora_run_devtools.testing import make_images
+
+    make_images(tmp_path / "faces", count=2, size=(64, 64))
+    faces = str(tmp_path / "faces")
+    code, text = run_cli(["score", "--subject", faces, "--images", faces, "--embedder", "onxx"], capsys, "unexpected")
+    assert code == 2 and 'error: --embedder onxx: unknown embedder (did you mean "onnx"?); available: dlib, onnx' \
+        in text and "[eval.embedder]" not in text, text
+    code, text = run_cli(["recipes", "identity-fst"], capsys, "unexpected")
+    assert code == 2 and 'no shipped recipe "identity-fst" (did you mean "flux/identity-fast"?); shipped: ' in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]
+    figures(AREA, cases=2, faults=2)
