@@ -25,7 +25,8 @@ class KohyaOptions:
     """`[backend.kohya]`: where sd-scripts is and how to launch and supervise it."""
 
     sd_scripts: str | None = option(None, "Path of a kohya-ss/sd-scripts checkout (relative paths are relative to "
-                                    "the recipe file). Default: the `LORA_RUN_SD_SCRIPTS` environment variable.")
+                                    "the recipe file; given with `--set`, to the working folder). Default: the "
+                                    "`LORA_RUN_SD_SCRIPTS` environment variable.", path=True)
     python: str | None = option(None, "Python interpreter of sd-scripts' environment, used as `python -m "
                                 "accelerate.commands.launch`. Default: the interpreter running lora-run.")
     num_processes: int = option(1, "`accelerate launch --num_processes` (GPUs to train on).", ge=1, le=64)
@@ -41,7 +42,8 @@ class KohyaOptions:
     cache_text_encoder_outputs: bool | None = option(None, "Cache text-encoder outputs to disk. Default: on, "
                                                      "unless caption dropout or text-encoder training forbid it.")
     tokenizer_cache_dir: str | None = option(None, "sd-scripts `--tokenizer_cache_dir`: where it keeps the "
-                                             "tokenizers it downloads from the hub on first use (for offline runs).")
+                                             "tokenizers it downloads from the hub on first use (for offline runs; "
+                                             "relative to the recipe file).", path=True)
     tensorboard: bool = option(False, "Write TensorBoard logs to `<run>/kohya/logs` (`--log_with tensorboard`).")
     stall_minutes: float = option(20.0, "Stop sd-scripts when it prints nothing for this many minutes "
                                   "(0 = never).", ge=0.0)

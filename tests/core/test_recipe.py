@@ -280,13 +280,15 @@ def test_set_paths_are_decided_by_the_schemas_path_marks_alone(write_recipe, tmp
         str(recipe_path.parent / "dp-of-the-recipe")
     sets = ["dataset.path=d", "output.dir=o", "train.cache_dir=c", "model.files.transformer=t.safetensors",
             'eval.embedder_options={model = "m.onnx", detector = "s.onnx", threshold = "x"}',
-            "backend.diffusion-pipe.path=dp", "backend.diffusion-pipe.deepspeed=bin/ds"]
+            "backend.diffusion-pipe.path=dp", "backend.diffusion-pipe.deepspeed=bin/ds",
+            "backend.kohya.sd_scripts=sd", "backend.kohya.tokenizer_cache_dir=tok"]
     r = load_recipe(recipe_path, sets).recipe
     assert (r.dataset.path, r.output.dir, r.train.cache_dir, r.model.files["transformer"]) == \
         (str(work / "d"), str(work / "o"), str(work / "c"), str(work / "t.safetensors"))
     assert r.eval.embedder_options == {"model": str(work / "m.onnx"), "detector": str(work / "s.onnx"),
                                        "threshold": "x"}
     assert r.backend.options["diffusion-pipe"] == {"path": str(work / "dp"), "deepspeed": str(work / "bin" / "ds")}
+    assert r.backend.options["kohya"] == {"sd_scripts": str(work / "sd"), "tokenizer_cache_dir": str(work / "tok")}
 
     @attrs.frozen(kw_only=True)
     class Toy:
