@@ -101,8 +101,9 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
                           "problems": getattr(err, "problems", [str(err)])}, indent=2))
-    for line in [] if as_json else str(err).splitlines():
-        print(f"error: {line}", file=sys.stderr)
+    else:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
     return err.exit_code
 
 
@@ -132,8 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                   debug=args.debug, allow_dataset_change=args.allow_dataset_change)
     if not ctx.process.main:          # one of several processes: rank 0 reports
         return EXIT_OK
-    print("\n".join([f"done: {ctx.run_dir.path if ctx.run_dir else ''}", *(f"  {key}: {value}" for key, value in
-                     ctx.artifacts.items() if isinstance(value, (str, Path)))]))
+    print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
+    for key, value in ctx.artifacts.items():
+        if isinstance(value, (str, Path)):
+            print(f"  {key}: {value}")
     return EXIT_OK
 
 
