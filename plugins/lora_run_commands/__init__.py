@@ -1,4 +1,4 @@
-"""Built-in plugin: the read-only commands `check`, `plan` and `plugins`.
+"""Built-in plugin: the read-only commands `check`, `plan`, `plugins` and `docs` (:mod:`.docs`).
 
 Core's command line only dispatches (and trains: `lora-run RECIPE` / `run`); these commands are added
 through ``register_commands`` with exactly the call a third-party plugin makes.
@@ -16,6 +16,8 @@ import attrs
 from lora_run.cli import load_recipe_for, path_argument, recipe_arguments
 from lora_run.errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError
 from lora_run.hookspecs import hookimpl
+
+from .docs import cmd_docs, docs_arguments
 
 
 def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
@@ -160,3 +162,5 @@ def register_commands(register: Any) -> None:
              description="show the resolved recipe and what the backend will do")
     register("plugins", cmd_plugins, configure=_plugins_arguments, read_only=True,
              description="list installed plugins and what they register")
+    register("docs", cmd_docs, configure=docs_arguments, read_only=True,
+             description="list the documentation pages, or print one (offline, from any install)")

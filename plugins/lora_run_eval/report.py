@@ -363,6 +363,6 @@ def render(data: dict[str, Any]) -> str:
     subject = data.get("subject_images") or []
     if subject:
         parts.append("<h2>Subject photos</h2><div class=\"cell\">" + "".join(_figure(r) for r in subject) + "</div>")
-    parts.append('<p class="muted">Formulas and thresholds: docs/evaluation.md (lora-run). τ is the embedder\'s '
+    parts.append('<p class="muted">Formulas and thresholds: <code>lora-run docs evaluation</code>. τ is the embedder\'s '
                  'same-person distance threshold.</p></body></html>')
     return "".join(parts)

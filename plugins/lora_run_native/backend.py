@@ -22,7 +22,7 @@ class NativeOptions:
     fsdp: bool = option(False, "Several processes: shard the frozen base model over them with FSDP2 (through "
                         "accelerate) instead of a full copy per GPU; for models that do not fit one GPU. Not with "
                         "fp8 base storage, `memory_mode = \"low-vram\"` or text-encoder training "
-                        "(docs/multi-gpu.md).")
+                        "(see `lora-run docs multi-gpu`).")
 
 
 class NativeBackend:

@@ -48,7 +48,7 @@ def validate_gpus(gpus: int, cuda_available: bool, device_count: int, shown: str
     if cuda_available and gpus > device_count:
         raise RecipeError(f"{shown}: [train.gpus] asks for {gpus} GPUs but this machine has {device_count} CUDA "
                           f"device(s){' visible (CUDA_VISIBLE_DEVICES)' if os.environ.get('CUDA_VISIBLE_DEVICES') else ''}; "
-                          f"use --gpus {device_count} or fewer (several machines: see docs/multi-gpu.md)")
+                          f"use --gpus {device_count} or fewer (several machines: see `lora-run docs multi-gpu`)")
 
 
 def shard(global_size: int, per_rank: int, rank: int) -> tuple[int, int]:

@@ -67,7 +67,7 @@ def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Calla
         if process.world > 1 and several is None:
             raise RecipeError(f"{shown}: backend \"{run.recipe.backend.name}\" starts its own processes; run "
                               f"`lora-run {shown} --gpus {process.world}` once instead of under a launcher "
-                              f"({process.world} processes here) — see docs/multi-gpu.md")
+                              f"({process.world} processes here) — see `lora-run docs multi-gpu`")
         if gpus not in (1, process.world):
             run.echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
         if gpus != process.world:           # under a launcher the number of processes is the launcher's

@@ -466,7 +466,7 @@ class Trainer:
             raise BackendError(f"rank {self.parallel.rank} does not find {len(todo_images)} latent(s) and "
                                f"{len(todo_text)} caption(s) that rank 0 cached in {root}: on several machines the "
                                "run folder ([output.dir]) and [train.cache_dir] must be on a filesystem every "
-                               "machine shares (docs/multi-gpu.md)")
+                               "machine shares (see `lora-run docs multi-gpu`)")
         if todo_images or todo_text:
             self.echo(f"caching: {len(todo_images)} latent(s), {len(todo_text)} caption(s) to encode")
         keep = (adapter.trainable_text_encoder,) if te_live else ()

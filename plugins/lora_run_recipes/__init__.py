@@ -17,17 +17,23 @@ from lora_run.errors import EXIT_OK, RecipeError
 from lora_run.hookspecs import hookimpl
 
 
-def recipe_roots() -> list[Path]:
-    """Shipped recipes: the source checkout's recipes/ (editable installs, PYTHONPATH=core) and the copy a
-    wheel carries as the data package ``lora_run.recipes`` (pyproject.toml maps recipes/ to it)."""
+def shipped_folders(name: str) -> list[Path]:
+    """Where a top-level folder of the source checkout that the wheel carries as the data package
+    ``lora_run.<name>`` is (pyproject.toml maps one to the other): the checkout's folder first (editable installs,
+    PYTHONPATH=core), then the wheel's copy; only those that exist."""
     import lora_run
 
     package = Path(lora_run.__file__).resolve().parent
     checkout = package.parents[1]
-    roots = [package / "recipes"]
+    folders = [package / name]
     if (checkout / "pyproject.toml").is_file():
-        roots.insert(0, checkout / "recipes")
-    return [r for r in roots if r.is_dir()]
+        folders.insert(0, checkout / name)
+    return [f for f in folders if f.is_dir()]
+
+
+def recipe_roots() -> list[Path]:
+    """Shipped recipes: the source checkout's recipes/ and the copy a wheel carries as ``lora_run.recipes``."""
+    return shipped_folders("recipes")
 
 
 def shipped_recipes() -> list[Path]:

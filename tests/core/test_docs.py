@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import ast
 import inspect
+import re
 from pathlib import Path
 
 from lora_run import hookspecs
@@ -36,3 +38,115 @@ def test_every_schema_field_is_documented():
     for cls in (c for c in vars(schema).values() if isinstance(c, type) and attrs.has(c)):
         for f in attrs.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+
+
+# `lora-run docs`: the pages travel in the wheel (lora_run.docs) and every message names them as `lora-run docs PAGE`
+
+REPO = DOCS.parent
+#: `lora-run docs NAME` as a message, a recipe comment or a page writes it (PAGE, NAME: placeholders, upper case)
+MENTION = re.compile(r"lora-run docs ([a-z][\w/.-]*\w)")
+#: a page named by its path in the checkout: dead for a wheel install, which has no docs/ folder
+DOCS_PATH = re.compile(r"docs/([\w/-]+)\.md")
+
+
+def expected_pages() -> dict[str, Path]:
+    """The pages as the checkout's files are: docs/*.md and docs/hooks/*.md (docs/examples is a plugin package)."""
+    files = [*DOCS.glob("*.md"), *(DOCS / "hooks").glob("*.md")]
+    return {p.relative_to(DOCS).with_suffix("").as_posix(): p for p in files}
+
+
+def test_docs_lists_every_page_and_prints_one(capsys):
+    from lora_run.cli import main
+
+    pages = expected_pages()
+    assert {"multi-gpu", "evaluation", "lora-formats", "hooks/run_processes"} <= set(pages)
+    assert main(["docs"]) == 0
+    listing = capsys.readouterr().out
+    names = [line.split()[0] for line in listing.splitlines()[:len(pages)]]
+    assert names == sorted(pages)
+    assert "\nmulti-gpu " in listing and "Training on several GPUs" in listing and "examples" not in listing
+    for asked in ("multi-gpu", "docs/multi-gpu.md", "multi-gpu.md"):
+        assert main(["docs", asked]) == 0
+        assert capsys.readouterr().out == (DOCS / "multi-gpu.md").read_text("utf-8")
+    assert main(["docs", "hooks/run_processes", "--path"]) == 0
+    assert capsys.readouterr().out == f"{DOCS / 'hooks' / 'run_processes.md'}\n"
+    assert main(["docs", "--path"]) == 0
+    assert capsys.readouterr().out == f"{DOCS}\n"
+
+
+def test_an_unknown_page_is_refused_naming_the_closest(capsys):
+    from lora_run.cli import main
+
+    assert main(["docs", "multi-gpus"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert 'error: docs: no page "multi-gpus" (did you mean "multi-gpu"?); pages: DEVELOPING, architecture' \
+           in captured.err
+    assert main(["docs", " "]) == 2       # `lora-run docs "$PAGE"` with PAGE unset: not the listing
+    captured = capsys.readouterr()
+    assert captured.out == "" and "an empty page name" in captured.err
+
+
+def unknown_mentions(texts: dict[str, str]) -> list[str]:
+    """Each `lora-run docs NAME` in ``texts`` whose NAME is no page, as 'file: NAME'."""
+    from lora_run.errors import LoraRunError
+    from lora_run_commands.docs import doc_pages, find_page
+
+    pages, unknown = doc_pages(), []
+    for where, text in texts.items():
+        for name in MENTION.findall(text):
+            try:
+                find_page(name, pages)
+            except LoraRunError:
+                unknown.append(f"{where}: {name}")
+    return unknown
+
+
+def test_every_page_a_message_names_exists():
+    sources = [*(REPO / "plugins").rglob("*.py"), *(REPO / "core").rglob("*.py"), *(REPO / "recipes").rglob("*.toml"),
+               REPO / "README.md", *DOCS.rglob("*.md")]
+    texts = {str(p.relative_to(REPO)): p.read_text("utf-8") for p in sources}
+    named = {name for text in texts.values() for name in MENTION.findall(text)}
+    assert {"multi-gpu", "evaluation"} <= named, named          # the scan sees the native backend's and the report's
+    assert unknown_mentions(texts) == []
+    planted = {"plugins/x.py": 'raise RecipeError("see `lora-run docs multi-gpus`")',
+               "docs/x.md": "read `lora-run docs hooks/run_process` and `lora-run docs PAGE`"}
+    assert unknown_mentions(planted) == ["plugins/x.py: multi-gpus", "docs/x.md: hooks/run_process"]
+
+
+def docs_paths_in_strings(source: str) -> list[str]:
+    """The docs/ pages a Python source names by path in a string that is not a docstring (a message, the report's
+    HTML), as their page names; comments and docstrings are for readers of the code and may."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    pages = expected_pages()
+    return [name for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings for name in DOCS_PATH.findall(node.value) if name in pages]
+
+
+def test_no_message_names_a_page_by_its_checkout_path():
+    """A wheel install has no docs/ folder: plugins' messages say `lora-run docs PAGE`. lora_run_devtools (the
+    reference generator, run in a checkout) may name the checkout's files."""
+    found = [f"{path.relative_to(REPO)}: {name}" for path in (REPO / "plugins").rglob("*.py")
+             if "lora_run_devtools" not in path.parts for name in docs_paths_in_strings(path.read_text("utf-8"))]
+    assert found == []
+    planted = ('"""See docs/multi-gpu.md."""\n# docs/evaluation.md\n'
+               'def f():\n    """docs/evaluation.md"""\n    raise ValueError("see docs/multi-gpu.md")\n'
+               'NOTE = f"{1} (docs/lora-formats.md)"\nTHEIRS = "sd-scripts\' docs/flux_train_network.md"\n')
+    assert sorted(docs_paths_in_strings(planted)) == ["lora-formats", "multi-gpu"]
+
+
+def test_the_wheel_carries_the_pages_the_command_lists():
+    """pyproject.toml ships docs/ as the data package lora_run.docs with the patterns `lora-run docs` reads, so a
+    wheel lists the same pages as a checkout (.ci/install-proof runs `lora-run docs multi-gpu` from a wheel)."""
+    from lora_run.recipe import tomllib
+    from lora_run_commands.docs import PAGE_PATTERNS, doc_pages
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"]["lora_run.docs"] == "docs"
+    assert tuple(config["package-data"]["lora_run.docs"]) == PAGE_PATTERNS
+    assert {"lora_run.docs", "lora_run.docs.hooks"} <= set(config["packages"])
+    assert doc_pages() == dict(sorted(expected_pages().items()))
+    assert not (REPO / "core" / "lora_run" / "docs").exists(), "docs/ has one copy, at the top level"

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_pyproject_ships_every_package_and_the_recipes():
     """The wheel's package list (pyproject.toml) names every package under core/ and plugins/, and maps the
-    top-level recipes/ (the one copy) into the wheel as lora_run.recipes with every .toml below it."""
+    top-level recipes/ (the one copy) into the wheel as lora_run.recipes with every .toml below it (and docs/ as
+    lora_run.docs: tests/core/test_docs.py)."""
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {".".join(p.parent.relative_to(root).parts) for root in (REPO / "core", REPO / "plugins")
                for p in root.rglob("__init__.py")}
@@ -30,6 +31,7 @@ def test_pyproject_ships_every_package_and_the_recipes():
     # data folders are listed as packages too (setuptools warns, and will stop installing them, otherwise)
     data = {"lora_run.recipes"} | {f"lora_run.recipes.{d.name}" for d in (REPO / "recipes").iterdir()
                                    if d.is_dir() and d.name.isidentifier()}
+    data |= {"lora_run.docs", "lora_run.docs.hooks"}     # docs/'s pages (`lora-run docs`), not docs/examples
     data |= {".".join(d.relative_to(REPO / "plugins").parts) for d in (REPO / "plugins").glob("*/*/")
              if d.is_dir() and d.name.isidentifier() and not (d / "__init__.py").exists() and d.name != "__pycache__"
              and any(f.is_file() for f in d.iterdir())}

@@ -152,6 +152,8 @@ def test_the_report_is_one_self_contained_file(evaluated_run):
     assert html.count("<svg") >= 3                                   # loss, identity per checkpoint, strength
     assert "Training loss" in html and "Identity per checkpoint" in html and "Identity vs LoRA strength" in html
     assert "Best: step 8" in html and "sameface" in html
+    # the page of its formulas is named as every install has it (a wheel has no docs/ folder)
+    assert "<code>lora-run docs evaluation</code>" in html and "docs/evaluation.md" not in html
 
 
 def _chromium() -> str | None:

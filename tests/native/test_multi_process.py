@@ -322,6 +322,7 @@ def test_more_gpus_than_cuda_devices_is_refused_with_the_key_named():
         validate_gpus(4, cuda_available=True, device_count=2, shown="r.toml")
     assert err.value.exit_code == 2
     assert "[train.gpus]" in str(err.value) and "2 CUDA device" in str(err.value)
+    assert "several machines: see `lora-run docs multi-gpu`" in str(err.value)   # a page every install has
     validate_gpus(2, cuda_available=True, device_count=2)
     validate_gpus(4, cuda_available=False, device_count=0)        # no CUDA: N gloo CPU processes
 
