@@ -53,7 +53,7 @@ def test_bad_recipe_exit_2_no_traceback(run_cli, write_recipe):
 def test_usage_errors_and_help(run_cli, tmp_path):
     assert run_cli().returncode == 2
     assert run_cli("--help").returncode == 0
-    for cmd in ("check", "plan", "plugins", "recipes", "run", "demo"):
+    for cmd in ("check", "plan", "plugins", "recipes", "docs", "run", "demo"):
         assert run_cli(cmd, "--help").returncode == 0, cmd
     out = run_cli("nope.toml")
     assert out.returncode == 2 and "nope.toml: recipe file not found" in out.stderr

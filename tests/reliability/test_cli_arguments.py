@@ -32,7 +32,7 @@ def test_an_unknown_command_word_is_named_not_read_as_a_recipe(tmp_path, monkeyp
         code, text = run_cli(argv, capsys, "recipe file not found")
         word = next(a for a in argv if not a.startswith("-"))
         assert code == 2 and f'"{word}" is neither a command nor a recipe file' in text, text
-        assert "unrecognized" not in text and "commands: check, demo, eval, plan, plugins, recipes, run, score" in text
+        assert "unrecognized" not in text and "commands: check, demo, docs, eval, plan, plugins, recipes, run, score" in text
         assert (f'did you mean "{closest}"?' in text) if closest else "did you mean" not in text, text
     assert main(["frobnicate", "--json"]) == 2       # an agent reading --json gets the same, as JSON
     problems = json.loads(capsys.readouterr().out)["problems"]
