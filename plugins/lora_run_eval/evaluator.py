@@ -21,7 +21,7 @@ from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError
 from lora_run.files import FileProblem, GiB, check_input_file, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
-from lora_run_rundir.output import folder_problem
+from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 from . import metrics as M
 from .faces import Embedder
@@ -404,6 +404,7 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     from lora_run.recipe import load_recipe
     from lora_run.run import lint, validate
 
+    refuse_empty_output_dir(args.output_dir)    # not the default folder next to the LoRA
     loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins)
     loras = []
     for raw in args.lora:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lora_run.errors import BackendError
 from lora_run.files import resolved, shown
-from lora_run_rundir.output import folder_problem
+from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 TRIGGER = "ohwx"
 SHIPPED = Path("demo") / "tiny-flux.toml"
@@ -159,7 +159,8 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    out = resolved(output_dir)     # never blank from the command line (lora_run.cli.path_argument)
+    refuse_empty_output_dir(output_dir)      # resolved("") is the working folder
+    out = resolved(output_dir)
     _claim(out)
     run_out = out / "run"
     if not overwrite and run_out.is_dir() and any(run_out.iterdir()):

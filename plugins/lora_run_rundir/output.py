@@ -46,8 +46,27 @@ def output_key_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     return out
 
 
-EMPTY_OUTPUT_DIR = ("--output-dir: an empty path; name the run folder, or leave --output-dir out to use the "
-                    "recipe's [output.dir]")
+#: The one refusal of a blank ``--output-dir``, whoever is asked: `run`, `check`/`plan` (``output_problems``),
+#: ``output_path``, `eval` and `demo`.
+EMPTY_OUTPUT_DIR = ("--output-dir: an empty path (an unset variable gives one); name the folder, or leave --output-dir "
+                    "out for the command's default")
+
+
+def empty_output_dir_problem(output_dir: str | None) -> str | None:
+    """``EMPTY_OUTPUT_DIR`` for a blank ``--output-dir`` (``--output-dir "$UNSET"``), None for a given or absent one.
+    Never taken as absent: `run --overwrite` would replace the recipe's own run folder, `eval` and `demo` would write
+    where their default goes, and ``Path("")`` is the working folder. The command line refuses it first
+    (``lora_run.cli.path_argument``); this holds for every caller from Python too."""
+    if output_dir is not None and not output_dir.strip():
+        return EMPTY_OUTPUT_DIR
+    return None
+
+
+def refuse_empty_output_dir(output_dir: str | None) -> None:
+    """Raise ``OutputError`` (exit 2) with ``EMPTY_OUTPUT_DIR`` for a blank ``--output-dir``."""
+    problem = empty_output_dir_problem(output_dir)
+    if problem is not None:
+        raise OutputError(problem)
 
 
 def folder_problem(path: Path | str) -> str | None:
@@ -69,8 +88,7 @@ def output_path(recipe: Recipe, override: str | None) -> Path:
     """The run folder: ``--output-dir`` when given, else ``[output] dir`` with ``{name}`` replaced by ``[output] name``.
     A blank ``--output-dir`` (``--output-dir "$UNSET"``) is an error: taken as absent, ``--overwrite`` would
     replace the recipe's own run folder."""
-    if override is not None and not override.strip():
-        raise OutputError(EMPTY_OUTPUT_DIR)
+    refuse_empty_output_dir(override)
     if override:
         return resolved(os.path.expanduser(override))
     return resolved(recipe.output.dir.replace("{name}", recipe.output.name))
@@ -100,8 +118,9 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
     """Why the run folder cannot be used whatever its state: it is a file, a folder above the working folder
     (or, with --overwrite, the working folder itself), or it holds the run's dataset or model (`--overwrite`
     would delete them). Each message names the key (or --output-dir)."""
-    if override is not None and not override.strip():
-        return [EMPTY_OUTPUT_DIR]
+    empty = empty_output_dir_problem(override)
+    if empty is not None:
+        return [empty]
     where = f"--output-dir {shown(override)}" if override else f"{{file}}: [output.dir] (= {shown(recipe.output.dir)})"
     try:
         path = output_path(recipe, override)

@@ -183,3 +183,41 @@ def test_an_empty_output_dir_is_refused_not_taken_as_absent(tiny_recipe, tmp_pat
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
     assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "runs", "subject"]
     figures("first use (copied recipes, pasted commands, score arguments)", cases=6, faults=6)
+
+
+def test_the_four_places_that_take_an_output_dir_refuse_a_blank_one_with_one_message(tiny_recipe, tmp_path,
+                                                                                        monkeypatch, figures):
+    """The command line refuses a blank --output-dir first (one argument type); behind it `output_path`,
+    `output_problems` (`run`, `check`, `plan`), `eval` and `demo` each refused it with a message of their own.
+    They share one check now: called from Python, all four (and a whole run) give the same message, exit 2, and
+    write nothing."""
+    from argparse import Namespace
+
+    from lora_run.errors import OutputError
+    from lora_run.plugins import load_plugins
+    from lora_run.run import execute
+    from lora_run_eval.evaluator import cmd_eval
+    from lora_run_native.demo import run_demo
+    from lora_run_rundir.output import EMPTY_OUTPUT_DIR, output_path, output_problems
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe()
+    plugins = load_plugins()
+    loaded = load_recipe(recipe, plugins=plugins)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert EMPTY_OUTPUT_DIR.startswith("--output-dir: an empty path")
+    for blank in ("", "  "):
+        refusals = {
+            "output_path": lambda: output_path(loaded.recipe, blank),
+            "run": lambda: execute(loaded, plugins, output_dir=blank, overwrite=True),
+            "eval": lambda: cmd_eval(Namespace(recipe=str(recipe), sets=[], unsets=[], lora=[str(recipe)],
+                                               output_dir=blank, overwrite=False, json=False), plugins),
+            "demo": lambda: run_demo(blank, plugins)}
+        for name, call in refusals.items():
+            with pytest.raises(OutputError) as err:
+                call()
+            assert (str(err.value), err.value.exit_code) == (EMPTY_OUTPUT_DIR, 2), name
+        assert output_problems(loaded.recipe, blank) == [EMPTY_OUTPUT_DIR]
+    assert output_problems(loaded.recipe, None) == [] and output_problems(loaded.recipe, "runs/x") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=10, faults=10)
