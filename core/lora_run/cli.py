@@ -48,6 +48,15 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise ArgumentsError(f"{self.prog}: {message}")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, but an argument left over after a command is refused in that command's name (`lora-run plugins:
+        unrecognized arguments: extra`), as its other usage errors are (argparse names the whole program)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def path_argument(value: str) -> str:
     """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
