@@ -50,7 +50,7 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
     if args.json:
         print(json.dumps({"ok": ok, "exit_code": code, "recipe": loaded.shown, "backend": recipe.backend.name,
                           "family": recipe.model.family, "problems": problems,
-                          "lint": report.to_json() if report else None}, indent=2))
+                          "lint": lint_json(report) if report else None}, indent=2))
         return code
     if recipe_error is None:
         print(f"{loaded.shown}: recipe OK (backend {recipe.backend.name}, {recipe.model.family})")
@@ -67,6 +67,12 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
               + (f", {len(report.errors)} dataset error(s)" if report is not None and report.errors else ""),
               file=sys.stderr)
     return code
+
+
+def lint_json(report: Any) -> dict[str, Any]:
+    """The dataset lint as `lora-run check --json` shows it: the counts, the dataset's hash and every finding."""
+    return dict(counts=report.counts, dataset_hash=report.dataset_hash,
+                findings=[attrs.asdict(f) for f in report.findings])
 
 
 def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
