@@ -48,14 +48,16 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         raise ArgumentsError(f"{self.prog}: {message}")
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """argparse's, but an argument left over after a command is refused in that command's name (`lora-run plugins:
-        unrecognized arguments: extra`), as its other usage errors are (argparse names the whole program)."""
-        parsed, extras = self.parse_known_args(args, namespace)
+
+class _CommandParser(_Parser):
+    """A command's parser: an argument left over is refused in the command's name (`lora-run plugins: unrecognized
+    arguments: extra`), as its other usage errors are (argparse would name the whole program)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
         if extras:
-            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
-            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
-        return parsed
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def path_argument(value: str) -> str:
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("run", help="train a recipe (the default command)")
     recipe_arguments(p)

@@ -181,9 +181,10 @@ def test_an_extra_argument_is_named_in_its_command(tmp_path, monkeypatch, capsys
     assert main(["plugins", "--json", "extra"]) == 2                          # under --json: the JSON error
     assert json.loads(capsys.readouterr().out)["problems"] == ["lora-run plugins: unrecognized arguments: extra"]
     # controls: an option before any command is still the program's; a command's own usage error was always its own
-    code, text = run_cli(["--bogus"], capsys, "unexpected")
-    assert code == 2 and "error: lora-run: unrecognized arguments: --bogus" in text, text
+    for argv in (["--bogus"], ["--bogus", "plugins"]):
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and "error: lora-run: unrecognized arguments: --bogus" in text, (argv, text)
     code, text = run_cli(["check"], capsys, "unexpected")
     assert code == 2 and "error: lora-run check: the following arguments are required: RECIPE" in text, text
     assert list(tmp_path.iterdir()) == []
-    figures(AREA, cases=5, faults=3)
+    figures(AREA, cases=6, faults=3)
