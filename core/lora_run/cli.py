@@ -49,6 +49,17 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentsError(f"{self.prog}: {message}")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: an argument left over is refused in the command's name (`lora-run plugins: unrecognized
+    arguments: extra`), as its other usage errors are (argparse would name the whole program)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def path_argument(value: str) -> str:
     """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
     `-`: no file is read from standard input or written to standard output (a run records its recipe file)."""
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("run", help="train a recipe (the default command)")
     recipe_arguments(p)

@@ -3,7 +3,7 @@ report the ``lint_dataset`` hook fills (errors stop a run before any model loads
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
@@ -64,10 +64,6 @@ class LintReport:
 
     def add(self, level: str, code: str, message: str, file: Path | str = "") -> None:
         self.findings.append(Finding(level, code, message, str(file)))
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(counts=self.counts, dataset_hash=self.dataset_hash,
-                    findings=[attrs.asdict(f) for f in self.findings])
 
     def table(self) -> str:
         """A readable table: one line per finding, errors first."""

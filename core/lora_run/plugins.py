@@ -177,38 +177,6 @@ class Plugins:
         backends = self.registry["backend"]
         return sorted(n for n, r in backends.items() if family in r.capabilities and r.alias_of not in backends)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Each loaded plugin, by name: its module, distribution and version (the manifest records them) and the
-        hooks it implements (`lora-run plugins` adds what it registered)."""
-        from importlib import metadata
-
-        out = []
-        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
-            if plugin is None:
-                continue
-            module = getattr(plugin, "__name__", type(plugin).__name__)
-            dist = _distribution_of(module)
-            version = ""
-            if dist:
-                try:
-                    version = metadata.version(dist)
-                except metadata.PackageNotFoundError:
-                    version = ""
-            hooks = sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or [])
-            out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks))
-        return out
-
-
-def _distribution_of(module: str) -> str:
-    from importlib import metadata
-
-    top = module.split(".")[0]
-    try:
-        dists = metadata.packages_distributions().get(top, [])
-    except Exception:  # noqa: BLE001 - broken metadata must not break listing
-        dists = []
-    return dists[0] if dists else ""
-
 
 def _split_env(name: str) -> set[str]:
     return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -274,6 +275,11 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume, report.usable, report,
                      debug=debug, echo=echo)
     elsewhere = plugins.hook.run_processes(run=ctx, output_dir=output_dir, overwrite=overwrite)
+    world = os.environ.get("WORLD_SIZE", "").strip()   # with RANK, what torchrun and `accelerate launch` set
+    if elsewhere is None and not ctx.process.launched and "RANK" in os.environ and world.isdigit() and int(world) > 1:
+        raise PluginError(f"WORLD_SIZE={world} in the environment: this process was started by a multi-process "
+                          "launcher, but no installed backend takes part in multi-process runs (no plugin answers the "
+                          "run_processes hook); every process would write the same run folder")
     ctx.echo(report.table())
     if report.errors:
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "

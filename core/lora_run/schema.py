@@ -123,7 +123,7 @@ class OutputSection:
     formats: list[str] | None = option(
         None, "LoRA file formats to write, by the names the families register (see Model families below). "
         "Unset: the family's default formats. A format a family or backend does not write is skipped with a note "
-        "in `lora-run plan`. Which file for which tool: docs/lora-formats.md.")
+        "in `lora-run plan`. Which file for which tool: `lora-run docs lora-formats`.")
     save_precision: Literal["bf16", "fp16", "fp32"] = option("bf16", "Precision of the saved LoRA tensors.")
 
 

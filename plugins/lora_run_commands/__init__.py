@@ -52,7 +52,7 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
     if args.json:
         print(json.dumps({"ok": ok, "exit_code": code, "recipe": loaded.shown, "backend": recipe.backend.name,
                           "family": recipe.model.family, "problems": problems,
-                          "lint": report.to_json() if report else None}, indent=2))
+                          "lint": lint_json(report) if report else None}, indent=2))
         return code
     if recipe_error is None:
         print(f"{loaded.shown}: recipe OK (backend {recipe.backend.name}, {recipe.model.family})")
@@ -69,6 +69,12 @@ def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
               + (f", {len(report.errors)} dataset error(s)" if report is not None and report.errors else ""),
               file=sys.stderr)
     return code
+
+
+def lint_json(report: Any) -> dict[str, Any]:
+    """The dataset lint as `lora-run check --json` shows it: the counts, the dataset's hash and every finding."""
+    return dict(counts=report.counts, dataset_hash=report.dataset_hash,
+                findings=[attrs.asdict(f) for f in report.findings])
 
 
 def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
@@ -100,15 +106,48 @@ def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
     return EXIT_OK
 
 
+def describe_plugins(plugins: Any) -> list[dict[str, Any]]:
+    """Each loaded plugin, by name: its module, distribution and version (the run folder's manifest records them) and
+    the hooks it implements (:func:`plugin_listing` adds what it registered)."""
+    from importlib import metadata
+
+    out = []
+    for name, plugin in sorted(plugins.pm.list_name_plugin(), key=lambda item: item[0]):
+        if plugin is None:
+            continue
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        dist = _distribution_of(module)
+        version = ""
+        if dist:
+            try:
+                version = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                version = ""
+        hooks = sorted(impl.name for impl in plugins.pm.get_hookcallers(plugin) or [])
+        out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks))
+    return out
+
+
+def _distribution_of(module: str) -> str:
+    from importlib import metadata
+
+    top = module.split(".")[0]
+    try:
+        dists = metadata.packages_distributions().get(top, [])
+    except Exception:  # noqa: BLE001 - broken metadata must not break listing
+        dists = []
+    return dists[0] if dists else ""
+
+
 #: The name of each registry as `lora-run plugins` lists it.
 PLURAL = {"family": "families", "backend": "backends", "loss": "losses", "dataset": "datasets", "evaluator": "evaluators",
           "embedder": "embedders", "command": "commands", "section": "sections"}
 
 
 def plugin_listing(plugins: Any) -> list[dict[str, Any]]:
-    """Each plugin (``Plugins.describe``) with what it registered, by kind, and the backends that train its families."""
+    """Each plugin (:func:`describe_plugins`) with what it registered, by kind, and the backends that train its families."""
     listing = []
-    for entry in plugins.describe():
+    for entry in describe_plugins(plugins):
         registered = {kind: sorted(r.name for r in table.values() if r.plugin == entry["name"])
                       for kind, table in plugins.registry.items()}
         entry.update({PLURAL[kind]: names for kind, names in registered.items() if names})

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from lora_run import __version__
 from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
+from lora_run_commands import describe_plugins
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
 
@@ -452,7 +453,7 @@ def manifest_base(run: Any) -> dict[str, Any]:
         "backend": r.backend.name,
         "family": r.model.family,
         "model_source": r.model.source or dict(r.model.files),
-        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in run.plugins.describe()],
+        "plugins": [{k: p[k] for k in ("name", "distribution", "version")} for p in describe_plugins(run.plugins)],
         "dataset": {"path": r.dataset.path, "hash": report.dataset_hash, **report.counts},
         "seed": r.train.seed,
         "lora": {"rank": r.lora.rank, "alpha": r.lora.alpha, "targets": r.lora.targets},

@@ -177,6 +177,39 @@ def test_a_third_party_plugin_runs_the_processes_of_a_run(recording, plugins_wit
     assert ctx.process.world == 1 and "processes" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
 
 
+
+def test_a_launched_process_no_plugin_takes_part_in_is_refused(recording, plugins_with, write_recipe, tmp_path,
+                                                             monkeypatch):
+    """Under a launcher (WORLD_SIZE > 1) with no plugin answering ``run_processes`` (the built-in one disabled),
+    every rank ran as if alone and they all wrote the same run folder; now each refuses before anything is written."""
+    from lora_run.errors import PluginError
+
+    plugin, _ = recording
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LORA_RUN_PLUGINS_DISABLE", "native")
+    plugins = plugins_with(plugin)
+    assert "native" not in dict(plugins.pm.list_name_plugin()) and not plugins.hook.run_processes.get_hookimpls()
+    out = tmp_path / "out"
+    with pytest.raises(PluginError) as err:
+        execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
+    assert str(err.value) == ("WORLD_SIZE=2 in the environment: this process was started by a multi-process launcher, "
+                              "but no installed backend takes part in multi-process runs (no plugin answers the "
+                              "run_processes hook); every process would write the same run folder")
+    assert err.value.exit_code == 2 and not out.exists() and plugin.events == []
+    # controls: one process (or a launcher's single one) runs as before; so does a launched one the built-in places
+    monkeypatch.delenv("RANK")      # WORLD_SIZE alone is no launcher's (the built-in reads both too)
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(tmp_path / "alone"), echo=quiet)
+    assert ctx.process.world == 1 and (tmp_path / "alone" / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctx = execute(load_recipe(write_recipe(GOOD)), plugins, output_dir=str(out), echo=quiet)
+    assert ctx.process.world == 1 and (out / "manifest.json").exists()
+    monkeypatch.delenv("LORA_RUN_PLUGINS_DISABLE")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="starts its own processes"):     # the built-in's answer, not core's
+        execute(load_recipe(write_recipe(GOOD)), plugins_with(plugin), output_dir=str(tmp_path / "x"), echo=quiet)
+
 def test_dataset_errors_stop_a_run_of_several_processes_before_it_starts(recording, plugins_with, write_recipe,
                                                                          tmp_path, subject_dataset):
     plugin, _ = recording

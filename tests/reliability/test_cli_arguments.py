@@ -164,3 +164,27 @@ def test_a_misspelt_name_in_score_or_recipes_is_named_by_its_argument(tmp_path, 
     assert code == 2 and 'no shipped recipe "identity-fst" (did you mean "flux/identity-fast"?); shipped: ' in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]
     figures(AREA, cases=2, faults=2)
+
+
+def test_an_extra_argument_is_named_in_its_command(tmp_path, monkeypatch, capsys, figures):
+    """`lora-run plugins extra` said `lora-run: error: unrecognized arguments: extra`: the whole program's name, as if
+    the word were the program's; argparse names the command for its other usage errors (`lora-run check` without a
+    recipe), and now for a left-over argument too."""
+    monkeypatch.chdir(tmp_path)
+    code, text = run_cli(["plugins", "extra"], capsys, "unexpected")
+    assert code == 2 and "error: lora-run plugins: unrecognized arguments: extra" in text, text
+    assert "usage: lora-run plugins [-h] [--json]" in text and "usage: lora-run [-h]" not in text, text
+    code, text = run_cli(["check", "x.toml", "one", "two"], capsys, "unexpected")
+    assert code == 2 and "error: lora-run check: unrecognized arguments: one two" in text, text
+    code, text = run_cli(["x.toml", "--bogus"], capsys, "unexpected")     # the default command `run` is named too
+    assert code == 2 and "error: lora-run run: unrecognized arguments: --bogus" in text, text
+    assert main(["plugins", "--json", "extra"]) == 2                          # under --json: the JSON error
+    assert json.loads(capsys.readouterr().out)["problems"] == ["lora-run plugins: unrecognized arguments: extra"]
+    # controls: an option before any command is still the program's; a command's own usage error was always its own
+    for argv in (["--bogus"], ["--bogus", "plugins"]):
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and "error: lora-run: unrecognized arguments: --bogus" in text, (argv, text)
+    code, text = run_cli(["check"], capsys, "unexpected")
+    assert code == 2 and "error: lora-run check: the following arguments are required: RECIPE" in text, text
+    assert list(tmp_path.iterdir()) == []
+    figures(AREA, cases=6, faults=3)
