@@ -127,9 +127,11 @@ def docs_paths_in_strings(source: str) -> list[str]:
 
 
 def test_no_message_names_a_page_by_its_checkout_path():
-    """A wheel install has no docs/ folder: plugins' messages say `lora-run docs PAGE`. lora_run_devtools (the
-    reference generator, run in a checkout) may name the checkout's files."""
-    found = [f"{path.relative_to(REPO)}: {name}" for path in (REPO / "plugins").rglob("*.py")
+    """A wheel install has no docs/ folder: core's and plugins' messages (and the schema's help texts, which
+    `lora-run recipes`/the reference show) say `lora-run docs PAGE`. lora_run_devtools (the reference generator,
+    run in a checkout) may name the checkout's files."""
+    sources = [*(REPO / "core").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]
+    found = [f"{path.relative_to(REPO)}: {name}" for path in sources
              if "lora_run_devtools" not in path.parts for name in docs_paths_in_strings(path.read_text("utf-8"))]
     assert found == []
     planted = ('"""See docs/multi-gpu.md."""\n# docs/evaluation.md\n'
