@@ -722,7 +722,30 @@ def latest(paths: list[str]) -> tuple[str, int]:
             notes += f" (partial timing: {r['partial_timing']})"
         lines.append(f"| {row['id']}{star} | {'pass' if passed else 'FAIL'} | {stamp.replace(' UTC', '')} | "
                      f"{(env.get('commit') or '?')[:7]} | {step} | {peak} | {notes.replace('|', '/')} |")
-    return "\n".join(lines) + "\n", open_rows
+    return "\n".join(lines) + "\n" + environments([newest[r["id"]] for r in all_rows() if r["id"] in newest]), open_rows
+
+
+ENVIRONMENT_KEYS = ("gpu", "gpu_memory_gib", "python", "torch", "diffusers", "peft", "transformers", "accelerate",
+                    "flash-attn-4")
+
+
+def environments(results: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    """Under the `--latest` table: the machine and package versions the results were measured with, one line per
+    distinct environment, with how many rows and which dates it covers."""
+    groups: dict[tuple, list[str]] = {}
+    for stamp, env, _ in results:
+        groups.setdefault(tuple(env.get(key) for key in ENVIRONMENT_KEYS), []).append(stamp.replace(" UTC", ""))
+    lines = []
+    for values, stamps in groups.items():
+        v = dict(zip(ENVIRONMENT_KEYS, values))
+        if not any(values):
+            lines.append(f"- {len(stamps)} row(s): environment not recorded ({min(stamps)} to {max(stamps)} UTC)")
+            continue
+        lines.append(f"- {len(stamps)} row(s), {min(stamps)} to {max(stamps)} UTC: {v['gpu']} ({v['gpu_memory_gib']} "
+                     f"GiB), Python {v['python']}, torch {v['torch']}, diffusers {v['diffusers']}, peft {v['peft']}, "
+                     f"transformers {v['transformers']}, accelerate {v['accelerate']}, "
+                     f"flash-attn-4 {v['flash-attn-4'] or 'not installed'}")
+    return "\nMeasured with:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 class GpuPool:

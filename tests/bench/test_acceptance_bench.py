@@ -94,7 +94,7 @@ def test_latest_keeps_each_rows_newest_result(bench, tmp_path):
     broken.write_text("{not json")
     for order in ([old, new, str(broken)], [str(broken), new, old]):
         table, open_rows = bench.latest(order)
-        rows = {line.split(" | ")[0].strip("| *"): line for line in table.splitlines()[2:]}
+        rows = {line.split(" | ")[0].strip("| *"): line for line in table.splitlines()[2:] if line.startswith("|")}
         assert "FAIL" in rows["tiny-flux-speed"] and "bbbbbbb" in rows["tiny-flux-speed"]
         assert "out of memory" in rows["tiny-flux-speed"]
         assert "pass" in rows["tiny-flux-memory"] and "aaaaaaa" in rows["tiny-flux-memory"]
@@ -107,3 +107,24 @@ def test_the_docs_table_is_the_recorded_results(bench):
     """docs/gpu-acceptance.md shows `--latest` over the repository's results, exactly."""
     table, _ = bench.latest(sorted(map(str, (ROOT / "bench" / "results").glob("gpu-acceptance-*.json"))))
     assert table in (ROOT / "docs" / "gpu-acceptance.md").read_text()
+
+
+def test_latest_names_the_environment_of_each_result(bench, tmp_path):
+    """Under the table: one line per distinct machine/version set the newest results were measured with, counting
+    only the rows whose newest result it holds. Planted: an older run on torch 2.10 superseded for one of its two rows
+    by a run on torch 2.11, and a file without versions."""
+    h200 = {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "python": "3.12.3", "diffusers": "0.42.1",
+            "peft": "0.21.0", "transformers": "5.17.0", "accelerate": "1.15.0", "flash-attn-4": None}
+    for name, date, torch, rows in (("a", "2026-12-01 10:00 UTC", "2.10.0", ["tiny-flux-speed", "tiny-flux-memory"]),
+                                    ("b", "2026-12-02 10:00 UTC", "2.11.0", ["tiny-flux-speed"])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"environment": {**h200, "date": date, "commit": "c" * 7, "torch": torch},
+             "rows": [{"id": r, "passed": True, "problems": []} for r in rows]}))
+    bare = _run_file(tmp_path / "c.json", "2026-12-03 10:00 UTC", "ddddddd", [{"id": "tiny-dit-speed", "passed": True}])
+    table, _ = bench.latest([str(tmp_path / "a.json"), str(tmp_path / "b.json"), bare])
+    measured = table.split("Measured with:")[1].strip().splitlines()
+    assert len(measured) == 3
+    assert any(line.startswith("- 1 row(s), 2026-12-01 10:00") and "torch 2.10.0" in line for line in measured)
+    assert any(line.startswith("- 1 row(s), 2026-12-02 10:00") and "torch 2.11.0" in line
+               and "flash-attn-4 not installed" in line and "NVIDIA H200 (139.8 GiB)" in line for line in measured)
+    assert any("environment not recorded" in line for line in measured)
