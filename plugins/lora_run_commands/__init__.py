@@ -111,12 +111,16 @@ def describe_plugins(plugins: Any) -> list[dict[str, Any]]:
     the hooks it implements (:func:`plugin_listing` adds what it registered)."""
     from importlib import metadata
 
+    try:    # one scan of the installed distributions' files for every plugin (about 0.1 s each)
+        distributions = metadata.packages_distributions()
+    except Exception:  # noqa: BLE001 - broken metadata must not break listing
+        distributions = {}
     out = []
     for name, plugin in sorted(plugins.pm.list_name_plugin(), key=lambda item: item[0]):
         if plugin is None:
             continue
         module = getattr(plugin, "__name__", type(plugin).__name__)
-        dist = _distribution_of(module)
+        dist = (distributions.get(module.split(".")[0]) or [""])[0]
         version = ""
         if dist:
             try:
@@ -126,17 +130,6 @@ def describe_plugins(plugins: Any) -> list[dict[str, Any]]:
         hooks = sorted(impl.name for impl in plugins.pm.get_hookcallers(plugin) or [])
         out.append(dict(name=name, module=module, distribution=dist, version=version, hooks=hooks))
     return out
-
-
-def _distribution_of(module: str) -> str:
-    from importlib import metadata
-
-    top = module.split(".")[0]
-    try:
-        dists = metadata.packages_distributions().get(top, [])
-    except Exception:  # noqa: BLE001 - broken metadata must not break listing
-        dists = []
-    return dists[0] if dists else ""
 
 
 #: The name of each registry as `lora-run plugins` lists it.
