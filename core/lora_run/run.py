@@ -89,6 +89,22 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls, env: Any = None) -> Processes:
+        """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
+        read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them."""
+        env = os.environ if env is None else env
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        try:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        except ValueError:
+            raise RecipeError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} in the environment are "
+                              "not whole numbers (set by a launcher?)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
+        return cls(rank, world, True)
+
 
 @attrs.define
 class RunContext:
@@ -275,11 +291,11 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     ctx = RunContext(recipe, plugins, prepared.backend, prepared.options, loaded, None, resume, report.usable, report,
                      debug=debug, echo=echo)
     elsewhere = plugins.hook.run_processes(run=ctx, output_dir=output_dir, overwrite=overwrite)
-    world = os.environ.get("WORLD_SIZE", "").strip()   # with RANK, what torchrun and `accelerate launch` set
-    if elsewhere is None and not ctx.process.launched and "RANK" in os.environ and world.isdigit() and int(world) > 1:
-        raise PluginError(f"WORLD_SIZE={world} in the environment: this process was started by a multi-process "
-                          "launcher, but no installed backend takes part in multi-process runs (no plugin answers the "
-                          "run_processes hook); every process would write the same run folder")
+    launcher = Processes.from_env()
+    if elsewhere is None and not ctx.process.launched and launcher.world > 1:
+        raise PluginError(f"WORLD_SIZE={launcher.world} in the environment: this process was started by a "
+                          "multi-process launcher, but no installed backend takes part in multi-process runs (no "
+                          "plugin answers the run_processes hook); every process would write the same run folder")
     ctx.echo(report.table())
     if report.errors:
         raise DatasetError(f"{loaded.shown}: [dataset] has {len(report.errors)} error(s); fix them before "

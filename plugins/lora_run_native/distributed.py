@@ -5,7 +5,7 @@ How the processes start — lora-run has no launcher of its own:
 - ``torchrun [--nnodes …] --nproc-per-node N -m lora_run recipe.toml`` or ``accelerate launch [--config_file …]
   -m lora_run recipe.toml``: the launcher starts every process, on one machine or several, with its usual
   rendezvous flags; each process runs the whole ``lora-run`` command and finds its rank in ``RANK`` /
-  ``WORLD_SIZE`` (:func:`lora_run_native.processes.processes_from_env`).
+  ``WORLD_SIZE`` (:meth:`lora_run.run.Processes.from_env`).
 - ``lora-run recipe.toml --gpus N`` (``[train] gpus = N``) without a launcher: :func:`launch` starts that same
   command N times on this machine through torchrun's own Python entry (``torch.distributed.run``,
   ``--standalone``) and waits for it.

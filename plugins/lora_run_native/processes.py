@@ -1,9 +1,10 @@
 """Runs of several processes (no torch here; :mod:`.distributed` holds the torch part): the built-in answer to the
 ``run_processes`` hook, :func:`take_part`, for every backend.
 
-A process finds its place in the ``RANK`` / ``WORLD_SIZE`` environment a launcher sets (:func:`processes_from_env`).
-Under a launcher the launcher's process count becomes ``[train] gpus`` of the run, ranks other than 0 print nothing
-and call no hook, and a backend without a ``run_processes`` method is refused. A backend's ``run_processes`` gets:
+A process finds its place in the ``RANK`` / ``WORLD_SIZE`` environment a launcher sets (core's
+``Processes.from_env``, which core also reads to refuse a launched process no plugin places). Under a launcher
+the launcher's process count becomes ``[train] gpus`` of the run, ranks other than 0 print nothing and call no
+hook, and a backend without a ``run_processes`` method is refused. A backend's ``run_processes`` gets:
 
 - ``[train] gpus = N`` (``lora-run --gpus N``) without a launcher: the native backend's :func:`launch_all` starts
   this same command (:func:`relaunch_command`) N times through torchrun and waits; the run's result is read back
@@ -14,7 +15,6 @@ and call no hook, and a backend without a ``run_processes`` method is refused. A
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,22 +22,6 @@ from lora_run.errors import RecipeError, TrainingInterrupted
 from lora_run.recipe import replace
 from lora_run.run import Processes, RunContext, Signals
 from lora_run_rundir import RunDir, output_path
-
-
-def processes_from_env(env: Any = None) -> Processes:
-    """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
-    read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them."""
-    env = os.environ if env is None else env
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return Processes()
-    try:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    except ValueError:
-        raise RecipeError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} in the environment are "
-                          "not whole numbers (set by a launcher?)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
-    return Processes(rank, world, True)
 
 
 class SilentHooks:
@@ -56,7 +40,7 @@ def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Calla
     runs a `gpus` > 1 run started without a launcher and every rank other than 0. None: core runs it here."""
     if run.process.launched:        # another plugin's launcher placed this process (rank 0: it goes on in core)
         return None
-    process, gpus = processes_from_env(), getattr(getattr(run.recipe, "train", None), "gpus", 1)
+    process, gpus = Processes.from_env(), getattr(getattr(run.recipe, "train", None), "gpus", 1)
     if not process.launched and gpus <= 1:
         return None
     several = getattr(run.backend.factory(run), "run_processes", None)

@@ -344,14 +344,13 @@ def test_shards_are_disjoint_and_cover_the_global_batch():
 
 def test_processes_come_from_the_launchers_environment():
     from lora_run.run import Processes
-    from lora_run_native.processes import processes_from_env
 
-    assert processes_from_env({}) == Processes(0, 1, False)
-    assert processes_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Processes(1, 2, True)
-    assert not processes_from_env({"RANK": "1", "WORLD_SIZE": "2"}).main
+    assert Processes.from_env({}) == Processes(0, 1, False)
+    assert Processes.from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Processes(1, 2, True)
+    assert not Processes.from_env({"RANK": "1", "WORLD_SIZE": "2"}).main
     for bad in ({"RANK": "x", "WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}):
         with pytest.raises(RecipeError):
-            processes_from_env(bad)
+            Processes.from_env(bad)
 
 
 def test_resume_may_change_the_process_count_but_not_the_global_batch():
