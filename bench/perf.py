@@ -11,7 +11,7 @@ moment it is measured, so a timeout keeps what was done:
 * ``cli-fast``  the shipped fast recipe (``recipes/flux/identity-fast.toml``: all-linear rank 32, Adafactor,
                 512 px, five aspect-ratio buckets, 20 images) through the real CLI on the full-size FLUX.1-dev
                 transformer (random weights, saved and loaded as a diffusers folder, tiny text encoders of
-                FLUX's widths), ``--cli-steps`` steps, samples twice, a short evaluation (1 seed, strength 1.0).
+                FLUX's widths), ``--cli-steps`` steps, samples twice, the recipe's own evaluation grid (60 images).
                 Reports the plan line and the split from the manifest's ``artifacts.timing`` (cache, load,
                 compile, train, samples, evaluation) and projects the playbook's 1500-step run from it.
 * ``cli-fast-warm`` ``cli-fast`` once more, right after it: start-up with the compile caches of the first run
@@ -323,8 +323,8 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     every = max(1, steps // 2)
     sets = {"model.source": str(model), "model.offline": True, "dataset.path": str(data),
             "dataset.min_images": 1, "output.name": name, "train.steps": steps,
-            "train.save_every_steps": every, "sample.every_steps": every, "eval.seeds": [1],
-            "eval.strengths": [1.0], "backend.native.progress_bar": False, **(extra or {})}
+            "train.save_every_steps": every, "sample.every_steps": every,
+            "backend.native.progress_bar": False, **(extra or {})}
     args = [*acc.cli(), str(REPO / "recipes" / "flux" / "identity-fast.toml"), "--output-dir", str(out),
             "--overwrite", *acc._set_args(sets)]
     log = work / "logs" / f"{name}.log"
