@@ -1,6 +1,6 @@
 """One GPU run that measures what issue 19 asks, side by side, and prints the ratios.
 
-    python bench/perf.py [--rows ROW ...] [--row-timeout 240] [--budget 470] [--cli-steps 40]
+    python bench/perf.py [--rows ROW ...] [--row-timeout 240] [--budget 470] [--cli-steps 40] [--cli-every N]
                          [--out bench/results] [--work /tmp/lora-run-perf]
 
 Rows (default: all but the ``cli-fast-*`` variants and ``low-vram-8g``, in priority order: a group that would
@@ -203,7 +203,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         for row in rows:
             sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
-                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets))
+                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
+                int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
         return
     build_started = time.perf_counter()
     model = ref.build_model(RANK, TARGETS)
@@ -310,7 +311,8 @@ def make_dataset(folder: Path, count: int = 20) -> Path:
     return folder
 
 
-def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any] | None = None,
+            every: int | None = None) -> dict[str, Any]:
     import fullsize
     import gpu_acceptance as acc
 
@@ -320,7 +322,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     built = time.perf_counter() - started
     data = make_dataset(work / "data-5buckets")
     out = work / "runs" / name
-    every = max(1, steps // 2)
+    every = every or max(1, steps // 2)
     sets = {"model.source": str(model), "model.offline": True, "dataset.path": str(data),
             "dataset.min_images": 1, "output.name": name, "train.steps": steps,
             "train.save_every_steps": every, "sample.every_steps": every,
@@ -346,7 +348,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     timing = art.get("timing") or {}
     plan = art.get("gpu_plan") or {}
     plan_line = next((line for line in log.read_text(errors="replace").splitlines() if line.startswith("GPU plan")), "")
-    row = dict(sets=extra or {}, exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps,
+    row = dict(sets=extra or {}, exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps, every=every,
                step_s=timing.get("step_s"), timing=timing, plan=plan.get("plan"), attention=plan.get("attention"),
                attention_reason=plan.get("attention_reason"), plan_line=plan_line,
                peak_gib=timing.get("peak_reserved_gib"), shapes=timing.get("shapes"))
@@ -374,7 +376,8 @@ def environment() -> dict[str, Any]:
 
 
 def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path, limit: float) -> None:
-    env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps),
+           "PERF_CLI_EVERY": str(args.cli_every or 0), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", group, "--rows", *rows, "--jsonl", str(jsonl),
            "--row-timeout", str(args.row_timeout)]
     print(f"== {group}: {' '.join(rows)} (limit {limit:.0f} s)", flush=True)
@@ -430,7 +433,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if isolated:
             cli["vs_isolated_512"] = cli["step_s"] / min(isolated)
         cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
-        rounds = max(1, cli["steps"] // max(1, cli["steps"] // 2))
+        rounds = max(1, cli["steps"] // (cli.get("every") or max(1, cli["steps"] // 2)))
         per_round = (t.get("samples_s") or 0) / rounds
         cli["projected_1500_s"] = round((t.get("cache_s") or 0) + (t.get("load_s") or 0) + (t.get("compile_s") or 0)
                                         + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
@@ -496,6 +499,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run; later groups are "
                     "skipped when it is spent")
     ap.add_argument("--cli-steps", type=int, default=30)
+    ap.add_argument("--cli-every", type=int, help="samples and checkpoints every N steps in the cli rows (default: "
+                    "twice a run; the recipe's own schedule is 250: --cli-steps 1500 --cli-every 250 is the whole run)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
