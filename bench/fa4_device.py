@@ -35,6 +35,8 @@ def staged_distributions() -> dict[str, tuple[Path, list[str]]]:
     """Distribution name → (its dist-info folder, the files its RECORD lists inside site-packages)."""
     found = {}
     for info in sorted(STAGE.glob("*.dist-info")):
+        if not (info / "RECORD").is_file():     # moved into site-packages by an earlier call
+            continue
         name = metadata.Distribution.at(info).metadata["Name"]
         with (info / "RECORD").open(newline="") as f:
             files = [row[0] for row in csv.reader(f) if row and not row[0].startswith("..")]
@@ -42,11 +44,11 @@ def staged_distributions() -> dict[str, tuple[Path, list[str]]]:
     return found
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tar", type=Path)
     ap.add_argument("--check", action="store_true", help="import flash_attn.cute afterwards")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     STAGE.mkdir(exist_ok=True)
     subprocess.run(["tar", "-xJf", str(args.tar), "-C", str(STAGE)], check=True)
     print(f"fa4_device: {args.tar} unpacked into {STAGE}")
