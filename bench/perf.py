@@ -336,6 +336,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     run_started = time.perf_counter()
     proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work,
                             start_new_session=True)
+    cli_pgid_file(work).write_text(f"{proc.pid}\n")
     try:
         rc = proc.wait()
     except RowTimeout:
@@ -375,6 +376,24 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def cli_pgid_file(work: Path) -> Path:
+    """Where a cli row notes the process group of the CLI run it starts. The run has its own session, so a row
+    timeout can stop all of it; the orchestrator stops it too when it kills a worker at the group's limit. On
+    2026-12-03 a killed worker's CLI run went on evaluating on the GPU into the next device call and shared the
+    GPU with that call's measurements."""
+    return work / "cli-run.pgid"
+
+
+def stop_cli_run(work: Path) -> None:
+    """SIGKILL the process group of a CLI run a killed worker left behind (a finished one is gone: no-op)."""
+    try:
+        pgid = int(cli_pgid_file(work).read_text())
+        cli_pgid_file(work).unlink()
+        os.killpg(pgid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+
+
 def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path, limit: float) -> None:
     env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps),
            "PERF_CLI_EVERY": str(args.cli_every or 0), "PYTHONUNBUFFERED": "1"}
@@ -388,6 +407,7 @@ def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         rc = -9
+    stop_cli_run(Path(args.work))
     if rc != 0:
         print(f"== {group}: worker exit {rc}", flush=True)
         done = {r["row"] for r in read_rows(jsonl)}

@@ -73,3 +73,51 @@ def test_the_cli_dataset_has_five_aspect_buckets(tmp_path):
     buckets = make_buckets(512, 256, 768, 64, 16)
     chosen = {choose_bucket(Image.open(p).size, buckets, 64) for p in folder.glob("*.png")}
     assert len(chosen) == 5 and len(list(folder.glob("*.txt"))) == 10
+
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.is_file() and state.read_text().split(")")[-1].split()[0] == "Z")
+
+
+@pytest.mark.parametrize("stops", [True, False])
+def test_a_worker_killed_at_its_group_limit_takes_its_cli_run_with_it(tmp_path, monkeypatch, stops):
+    """The CLI run a cli row starts has its own session; when the orchestrator kills the worker at the group's
+    limit, the run's process group is stopped too (on 2026-12-03 it went on evaluating on the GPU into the next
+    device call). The control (``stops=False``: the orchestrator's stop left out) leaves the run alive."""
+    import argparse
+    import os
+    import signal
+
+    pid_file = tmp_path / "run.pid"
+    worker = tmp_path / "worker.py"        # stands in for a cli worker: starts a long "CLI run", notes its group
+    worker.write_text(
+        "import subprocess, time\n"
+        "from pathlib import Path\n"
+        "run = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        f"Path({str(perf.cli_pgid_file(tmp_path))!r}).write_text(str(run.pid))\n"
+        f"Path({str(pid_file)!r}).write_text(str(run.pid))\n"
+        "time.sleep(60)\n")
+    monkeypatch.setattr(perf, "__file__", str(worker))   # run_group starts `python <perf.__file__> --worker …`
+    if not stops:
+        monkeypatch.setattr(perf, "stop_cli_run", lambda work: None)
+    args = argparse.Namespace(work=tmp_path, cli_steps=1, cli_every=None, row_timeout=1)
+    perf.run_group("cli", ["cli-fast"], args, tmp_path / "rows.jsonl", limit=3)
+    assert perf.read_rows(tmp_path / "rows.jsonl") == [
+        {"row": "cli-fast", "error": "worker exit -9 (crash or group time limit)"}]
+    run = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _alive(run) is not stops
+    finally:
+        if _alive(run):
+            os.killpg(run, signal.SIGKILL)
