@@ -483,6 +483,8 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
 def _folder_images(given: str, flag: str) -> list[Path]:
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
+    if not str(given).strip():      # Path("") is the current folder: never score that by accident
+        raise RecipeError(f"{flag}: an empty path; give the folder of images")
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {folder}: not a folder")

@@ -143,3 +143,24 @@ def test_score_control_images_do_not_hide_a_copy_of_a_training_photo(run_cli, tm
         if extra:
             assert div["memorised_control"] == [] and div["memorised_control_compared"] == 2
             assert div["memorised_control_rate"] == 0.0
+
+
+def test_score_called_from_python_refuses_an_empty_folder_path(tmp_path, monkeypatch, subject_dir):
+    """The CLI refuses `--subject ""` before it reaches the command; a Python caller of `cmd_score` gets the same
+    refusal instead of scoring the images of the current folder (Path("") is ".")."""
+    import argparse
+
+    import pytest
+
+    from lora_run.errors import RecipeError
+    from lora_run.plugins import load_plugins
+    from lora_run_eval.evaluator import cmd_score
+
+    save(face_free(), tmp_path / "cwd_image.png")      # what an empty path would have scored
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(subject="", images=str(subject_dir), control=None, embedder="dlib", model=None,
+                              detector=None, report=None, overwrite=False, json=True)
+    with pytest.raises(RecipeError, match=r"--subject: an empty path"):
+        cmd_score(args, load_plugins())
+    with pytest.raises(RecipeError, match=r"--images: an empty path"):
+        cmd_score(argparse.Namespace(**{**vars(args), "subject": str(subject_dir), "images": " "}), load_plugins())
