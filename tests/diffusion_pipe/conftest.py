@@ -14,6 +14,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 #: the real diffusion-pipe's GPU output, which the stand-ins print (see the README there)
 RECORDED = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261202"
+#: the first real run to completion (2026-12-03): lora-run's console output and the run folders' files
+RECORDED_RUN = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261203"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
 
 
