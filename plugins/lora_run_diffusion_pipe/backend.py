@@ -329,7 +329,7 @@ class DiffusionPipeBackend:
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
         final = saves[-1]
-        steps = watcher.step_of.get(final.name, watcher.parser.last_step or None)
+        steps = watcher.save_step(final) or watcher.parser.last_step or None
         written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
                                         examples=self._examples(), commit=commit)
         ctx.artifacts.update(written)
@@ -367,7 +367,7 @@ class _Watcher:
                 folder = self._folder(saved.name)
                 files = {key: str(folder / name) for key, name in self._names().items() if (folder / name).is_file()}
                 if files:
-                    self.records[saved.name] = self._record(saved, None, files)
+                    self.records[saved.name] = self._record(saved, self.save_step(saved), files)
 
     def _folder(self, name: str) -> Path:
         assert self.ctx.run_dir is not None
@@ -377,10 +377,16 @@ class _Watcher:
         name = self.backend.recipe.output.name
         return {"lora_kohya": f"{name}.safetensors", "lora_diffusers": f"{name}.diffusers.safetensors"}
 
+    def save_step(self, saved: collect.SavedLora) -> int | None:
+        """The training step of a save: N for a `step<N>` folder, always (diffusion-pipe names it by the step it
+        saved at); for an `epoch<N>` folder the step the log had reached at its save line, None before that.
+
+        The log is no clock for step saves: on the GPU (0.06 s a step) `step16/` was recorded as step 13, the
+        last step lora-run had read when it found the folder."""
+        return saved.number if saved.kind == "step" else self.step_of.get(saved.name)
+
     @staticmethod
     def _record(saved: collect.SavedLora, step: int | None, files: dict[str, str]) -> dict[str, Any]:
-        if step is None and saved.kind == "step":
-            step = saved.number
         return {"name": saved.name, "step": step, "epoch": saved.number if saved.kind == "epoch" else None,
                 "path": files.get("lora_kohya") or files.get("lora_diffusers"), "source": str(saved.file), **files}
 
@@ -417,7 +423,7 @@ class _Watcher:
         def before(saved: collect.SavedLora) -> bool:
             if saved.name in self.earlier:
                 return True
-            step = saved.number if saved.kind == "step" else self.step_of.get(saved.name)
+            step = self.save_step(saved)
             return step is not None and step < bad_step
 
         good = [s.name for s in saves if before(s)]
@@ -448,8 +454,9 @@ class _Watcher:
         fresh = [s for s in collect.saved_loras(self.run_folder, backend.family) if s.name not in self.reported]
         for saved in fresh:
             self.reported.add(saved.name)
-            step = self.step_of.get(saved.name, self.parser.last_step)
-            self.step_of.setdefault(saved.name, step)
+            step = self.save_step(saved)
+            if step is None:                   # an epoch save seen before its save line: the log's last step
+                step = self.step_of[saved.name] = self.parser.last_step
             try:
                 files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,
                                               examples=backend._examples(), commit=self.commit)

@@ -9,9 +9,65 @@ watcher, collection.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from .conftest import RECORDED_RUN
+from .test_run import run_recipe
+
+#: the recorded run's settings (bench/engines_gpu.py --steps 24: save every 8 steps, keep the last 2)
+SETS = ("train.steps=24", "train.save_every_steps=8", "train.keep_last=2", "output.name=subject_fast")
+
+
+def console(name: str) -> list[str]:
+    return (RECORDED_RUN / name).read_text("utf-8").splitlines()
+
+
+def layout(key: str) -> list[dict]:
+    return json.loads((RECORDED_RUN / "flux_run_layouts.json").read_text("utf-8"))[key]
+
+
+def names_in(entries: list[dict], pattern: str) -> list[str]:
+    """The recorded paths matching `pattern` (a run folder's timestamp written as <ts>)."""
+    found = []
+    for entry in entries:
+        path = re.sub(r"/\d{8}_\d{2}-\d{2}-\d{2}(/|$)", r"/<ts>\1", entry["path"])
+        if re.fullmatch(pattern, path):
+            found.append(path)
+    return sorted(found)
+
+
+def files_in(folder: Path, pattern: str) -> list[str]:
+    return names_in([{"path": str(p.relative_to(folder))} for p in folder.rglob("*")], pattern)
+
+
+def test_the_main_run_completes_with_both_formats_and_its_checkpoint_at_step_16(dp_recipe, plugins_with, tmp_path,
+                                                                                   fake_env):
+    """On the GPU the manifest recorded diffusion-pipe's `step16` save as step 13: the watcher took the step from the
+    log, which lagged the output folder (0.06 s a step). The stand-in prints each step's lines 8 steps late, so
+    lora-run finds `step8/` and `step16/` before it has read their steps, as there."""
+    fake_env(output_lag=8, step_delay=0.2)
+    out = tmp_path / "run"
+    ctx, rec, lines = run_recipe(dp_recipe(), plugins_with, out, *SETS)
+    assert rec.finished == ["completed"]
+    assert [(step, name) for step, name, _file, _exists in rec.checkpoints] == [(8, "step8"), (16, "step16"), (24, "step24")]
+    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    (checkpoint,) = manifest["artifacts"]["checkpoints"]
+    assert (checkpoint["name"], checkpoint["step"], checkpoint["epoch"]) == ("step16", 16, None)
+    # what lora-run left on the GPU: both formats of the final LoRA, the step-16 save converted, step8 pruned
+    recorded = layout("main")
+    ours = [{"path": str(p.relative_to(out))} for p in out.rglob("*")]
+    for pattern in (r"subject_fast\..*safetensors", r"checkpoints/.*\.safetensors",
+                    r"diffusion-pipe/output/<ts>/(step\d+|global_step\d+|latest)"):
+        assert names_in(ours, pattern) == names_in(recorded, pattern), pattern
+    assert ctx.artifacts["lora_kohya"] == str(out / "subject_fast.safetensors")
+    assert ctx.artifacts["lora_diffusers"] == str(out / "subject_fast.diffusers.safetensors")
+    # lora-run's own lines, as printed on the GPU (numbers aside)
+    shape = [re.sub(r"  loss .*", "", line) for line in console("flux_console.log") if line.startswith("diffusion-pipe: ")]
+    assert [re.sub(r"  loss .*", "", line) for line in lines if line.startswith("diffusion-pipe: ")][1:] == shape[1:]
+    assert shape[1:] == ["diffusion-pipe: caching latents and text embeddings", "diffusion-pipe: step 1/24 (4%)",
+                         "diffusion-pipe: step 24/24 (100%)", "diffusion-pipe: training complete"]
 
 
 def test_the_fixture_readme_names_the_commit_gpu_date_and_command():
