@@ -293,7 +293,10 @@ class DiffusionPipeBackend:
             stall_seconds=self.options.stall_timeout or None, timeout_seconds=self.options.timeout,
             grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo)
         watcher.supervisor = supervisor
-        outcome = supervisor.run()
+        try:
+            outcome = supervisor.run()
+        finally:
+            watcher.remove_unread_quit()
         watcher.tick(force=True)
         run_folder = watcher.run_folder
         if run_folder is not None:
@@ -304,7 +307,11 @@ class DiffusionPipeBackend:
             ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
         tail = "\n".join(f"  | {line}" for line in list(supervisor.tail)[-30:])
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
-        if outcome.interrupted:
+        finished = watcher.parser.completed and outcome.returncode == 0
+        if outcome.interrupted and finished:     # the engine had saved its final LoRA and was exiting on its own
+            ctx.echo("diffusion-pipe: the interrupt came after training had finished (TRAINING COMPLETE!); the run "
+                     "is complete")
+        elif outcome.interrupted:
             saved = collect.latest_checkpoint(run_folder) if run_folder else None
             resume = (f"resume with: {resume_command(ctx.loaded, ctx.run_dir.path)}" if saved
                       else "no resumable checkpoint was written yet")
@@ -358,6 +365,7 @@ class _Watcher:
         self.records: dict[str, dict[str, Any]] = {}
         self.earlier: set[str] = set()          # saves of the session a --resume continues
         self.training_started = False
+        self.quit_file: Path | None = None     # the `save_quit` signal file lora-run wrote on Ctrl-C
         self.supervisor: Supervisor | None = None
         self.last_poll = -math.inf
         if self.run_folder is not None:        # saves of the interrupted session were reported back then
@@ -471,16 +479,35 @@ class _Watcher:
             for name in list(self.records)[:-keep]:
                 self.forget(name)
 
-    def request_quit(self) -> bool:
-        """Ctrl-C during training: create diffusion-pipe's `save_quit` file (checkpoint, then exit)."""
+    def request_quit(self) -> bool | str:
+        """Ctrl-C during training: create diffusion-pipe's `save_quit` file (at the end of the step it saves a
+        resumable checkpoint and exits). After `TRAINING COMPLETE!` the engine has saved its final LoRA and is
+        exiting on its own: it is only waited for (no `save_quit`, which it would never read)."""
         self.tick(force=True)
+        if self.parser.completed:
+            return "diffusion-pipe had already finished training; waiting for it to exit"
         if not self.training_started or self.run_folder is None:
             return False
+        quit_file = self.run_folder / "save_quit"
         try:
-            (self.run_folder / "save_quit").write_text("", "utf-8")
+            quit_file.write_text("", "utf-8")
         except OSError:
             return False
+        self.quit_file = quit_file
         return True
+
+    def remove_unread_quit(self) -> None:
+        """Once diffusion-pipe has exited: remove the `save_quit` file lora-run wrote if the engine never acted on it
+        (it deletes the file when it does), so that no later `--resume` finds it and stops after one step."""
+        if self.quit_file is None or not self.quit_file.is_file():
+            return
+        try:
+            self.quit_file.unlink()
+        except OSError:
+            return
+        assert self.ctx.run_dir is not None
+        self.ctx.run_dir.log(f"diffusion-pipe: removed {self.quit_file}, which lora-run wrote on Ctrl-C and "
+                             "diffusion-pipe exited without reading")
 
 
 #: submodule files diffusion-pipe imports at start-up, whatever the model (8f83dbf: models/base.py and

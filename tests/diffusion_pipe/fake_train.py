@@ -17,7 +17,8 @@ diffusion-pipe's code: the GPU run went NaN before its first save.
 
 FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay.
 FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
-FAKE_DP_OUTPUT_LAG: print the lines of each training step only that many steps later (the rest at the end), so that
+FAKE_DP_EXIT_DELAY: seconds between `TRAINING COMPLETE!` and the exit (the real train.py took seconds to end after it,
+the time in which a late Ctrl-C reached lora-run on the GPU). FAKE_DP_OUTPUT_LAG: print the lines of each training step only that many steps later (the rest at the end), so that
 the save folders appear before lora-run has read their step's lines, as on the GPU (0.06 s a step).
 FAKE_DP_BLOCKS: "double,single" block counts (default "2,2"); FAKE_DP_HIDDEN: hidden size (default 8).
 `replay` prints train.py's part of a recorded train.log (FAKE_DP_REPLAY names the fixture file) and then
@@ -369,6 +370,7 @@ def main():
         save_model(run_dir, final_name, config, args.config, step, out)
         out.flush()
     log("TRAINING COMPLETE!")
+    time.sleep(float(os.environ.get("FAKE_DP_EXIT_DELAY", "0")))
     return 0
 
 

@@ -13,8 +13,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from .conftest import RECORDED_RUN
-from .test_run import run_recipe
+from .test_run import interrupted_cli, run_recipe
 
 #: the recorded run's settings (bench/engines_gpu.py --steps 24: save every 8 steps, keep the last 2)
 SETS = ("train.steps=24", "train.save_every_steps=8", "train.keep_last=2", "output.name=subject_fast")
@@ -68,6 +70,38 @@ def test_the_main_run_completes_with_both_formats_and_its_checkpoint_at_step_16(
     assert [re.sub(r"  loss .*", "", line) for line in lines if line.startswith("diffusion-pipe: ")][1:] == shape[1:]
     assert shape[1:] == ["diffusion-pipe: caching latents and text embeddings", "diffusion-pipe: step 1/24 (4%)",
                          "diffusion-pipe: step 24/24 (100%)", "diffusion-pipe: training complete"]
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_after_training_complete_lets_the_run_complete(dp_recipe, tmp_path, fake_env):
+    """The recorded Ctrl-C came after `TRAINING COMPLETE!` (24 steps at 0.06 s); lora-run wrote `save_quit`, which the
+    finished engine never read, and exited 130 "interrupted at step 24". Now it waits for the engine, which is
+    exiting on its own, and completes with the final LoRA."""
+    recorded = console("flux_ctrl_c_console.log")
+    assert recorded[-3] == "diffusion-pipe: training complete"                 # the interrupt came after this line
+    assert recorded[-2].startswith("interrupt: asked diffusion-pipe to save a resumable checkpoint and stop")
+    assert recorded[-1].startswith("error: interrupted at step 24; resume with: ")
+    fake_env(exit_delay=3)                          # the real train.py took seconds to end after TRAINING COMPLETE!
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupted_cli(dp_recipe(), out, "diffusion-pipe: training complete", tmp_path,
+                                           *[word for item in SETS for word in ("--set", item)])
+    assert code == 0, stderr
+    shown = stdout.splitlines()
+    at = shown.index("diffusion-pipe: training complete")
+    assert shown[at + 1:at + 3] == [
+        "interrupt: diffusion-pipe had already finished training; waiting for it to exit (waiting up to 600 s; "
+        "Ctrl-C again to stop now)",
+        "diffusion-pipe: the interrupt came after training had finished (TRAINING COMPLETE!); the run is complete"]
+    assert "lora_kohya: " + str(out / "subject_fast.safetensors") in stdout and "error:" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    assert manifest["status"] == "completed"
+    assert [(c["name"], c["step"]) for c in manifest["artifacts"]["checkpoints"]] == [("step16", 16)]
+    (run_folder,) = (out / "diffusion-pipe" / "output").iterdir()
+    assert not (run_folder / "save_quit").exists()
+    # on the GPU the step24 save stayed a checkpoint (never collected as the final LoRA); now it is the LoRA itself
+    assert "checkpoints/step24" in [e["path"] for e in layout("ctrl_c")]
+    assert not (out / "checkpoints" / "step24").exists()
+    assert Path(manifest["artifacts"]["lora_diffusers"]).is_file()
 
 
 def test_the_fixture_readme_names_the_commit_gpu_date_and_command():

@@ -284,6 +284,39 @@ def test_interrupt_then_resume(dp_recipe, tmp_path, fake_env, fake_checkout):
     assert all(Path(c["lora_kohya"]).is_file() for c in manifest["artifacts"]["checkpoints"])
 
 
+def interrupted_cli(path: Path, out: Path, when: str, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """`lora-run PATH --output-dir OUT ARGS` in a subprocess, sent SIGINT once it prints a line starting with `when`;
+    (exit code, stdout, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_run.cli", str(path), "--output-dir", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    assert proc.stdout is not None
+    shown = []
+    for line in proc.stdout:
+        shown.append(line)
+        if line.startswith(when):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, "".join(shown) + stdout, stderr
+
+
+@pytest.mark.slow
+def test_a_save_quit_the_engine_never_read_is_removed(dp_recipe, tmp_path, fake_env):
+    """Ctrl-C writes diffusion-pipe's `save_quit`; an engine that exits without reading it (here: hung, stopped after
+    `interrupt_grace`) must not leave it behind: a later --resume would stop after one step."""
+    fake_env(mode="hang", at=2)
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupted_cli(dp_recipe(), out, "diffusion-pipe: step 1/", tmp_path,
+                                           "--set", "backend.diffusion-pipe.interrupt_grace=2")
+    assert code == 130, stderr
+    assert "asked diffusion-pipe to save a resumable checkpoint and stop" in stdout
+    assert "diffusion-pipe did not stop in time; stopping it" in stdout
+    run_folder = next((out / "diffusion-pipe" / "output").iterdir())
+    assert not (run_folder / "save_quit").exists()
+    assert f"diffusion-pipe: removed {run_folder / 'save_quit'}, which lora-run wrote" in (out / "run.log").read_text()
+
+
 def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_path, fake_env):
     fake_env(mode="crash", at=2)
     with pytest.raises(BackendError):
