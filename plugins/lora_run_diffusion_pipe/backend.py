@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -281,11 +280,17 @@ class DiffusionPipeBackend:
                 raise OutputError(f"{ctx.run_dir.path}: nothing to resume: diffusion-pipe wrote no resumable "
                                   f"checkpoint in {layout.output} yet (it saves one "
                                   "every checkpoint interval and at the end); start again with --overwrite")
+            self._remove_stale_quit(layout.output / resume_from)
         argv = self._argv(layout, resume_from)
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
         _, _, total = translate.training_length(recipe, self.options, examples)
         watcher = _Watcher(self, layout, before, resume_from, total, commit or "unknown")
+        if resume_from is not None:
+            resumed = layout.output / resume_from
+            if self._collect_finished(resumed, watcher, commit or "unknown"):
+                self._note_run_folder(resumed, tool, layout)
+                return
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
         supervisor = Supervisor(
             argv, log_path=layout.log, name=NAME, cwd=checkout, env=translate.child_env(self.options),
@@ -299,12 +304,7 @@ class DiffusionPipeBackend:
             watcher.remove_unread_quit()
         watcher.tick(force=True)
         run_folder = watcher.run_folder
-        if run_folder is not None:
-            tool["run_folder"] = str(run_folder)
-            ctx.run_dir.update_manifest(external_tools={NAME: tool})
-        ctx.artifacts["train_log"] = str(layout.log)
-        if run_folder is not None:
-            ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
+        self._note_run_folder(run_folder, tool, layout)
         tail = "\n".join(f"  | {line}" for line in list(supervisor.tail)[-30:])
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
         finished = watcher.parser.completed and outcome.returncode == 0
@@ -330,17 +330,64 @@ class DiffusionPipeBackend:
             what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        self._collect(saves, watcher, commit or "unknown")
+        final = saves[-1]
+        self._collect(final, watcher.save_step(final) or watcher.parser.last_step or None, watcher,
+                      commit or "unknown")
 
-    def _collect(self, saves: list[collect.SavedLora], watcher: "_Watcher", commit: str) -> None:
+    def _note_run_folder(self, run_folder: Path | None, tool: dict[str, Any], layout: translate.Layout) -> None:
+        """Name diffusion-pipe's run folder and log in the manifest and the artifacts."""
+        ctx = self.ctx
+        assert ctx.run_dir is not None
+        if run_folder is not None:
+            tool["run_folder"] = str(run_folder)
+            ctx.run_dir.update_manifest(external_tools={NAME: tool})
+            ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
+        ctx.artifacts["train_log"] = str(layout.log)
+
+    def _remove_stale_quit(self, run_folder: Path) -> None:
+        """Remove a `save_quit` signal file from the run folder a --resume continues: diffusion-pipe reads it at the
+        end of a step, so the resumed run would save and stop after one step. (lora-run before 2026-12-03 wrote it on
+        a Ctrl-C that came after training had finished, and left it there.)"""
+        stale = run_folder / "save_quit"
+        if not stale.is_file():
+            return
+        try:
+            stale.unlink()
+        except OSError as exc:
+            raise OutputError(f"{stale}: cannot remove this save_quit signal file ({exc.strerror}); remove it, or "
+                              "the resumed diffusion-pipe stops after one step") from None
+        self.ctx.echo(f"diffusion-pipe: removed a save_quit signal file left in {run_folder} (the resumed run would "
+                      "have stopped after one step)")
+
+    def _collect_finished(self, run_folder: Path, watcher: "_Watcher", commit: str) -> bool:
+        """--resume of a run whose latest DeepSpeed checkpoint is at or past its last step: diffusion-pipe would resume
+        at the step after it and train one step beyond `max_steps` before it stopped (met on the GPU). Its final
+        LoRA is collected from the run folder instead, without launching it; False when there are steps left."""
+        epochs, max_steps, total = translate.training_length(self.recipe, self.options, self._examples())
+        tag = collect.latest_checkpoint(run_folder)
+        at = collect.checkpoint_step(tag)
+        if at is None or at < total:
+            return False
+        final = collect.final_save(collect.saved_loras(run_folder, self.family), max_steps, epochs)
+        if final is None:
+            wanted = f"step{max_steps}" if max_steps is not None else f"epoch{epochs}"
+            assert self.ctx.run_dir is not None
+            raise OutputError(f"{self.ctx.run_dir.path}: nothing to resume: diffusion-pipe's latest checkpoint {tag} "
+                              f"in {run_folder} is at the end of training (step {at} of {total}), but that folder "
+                              f"holds no final LoRA ({wanted}/) to collect; start again with --overwrite")
+        self.ctx.echo(f"diffusion-pipe: nothing left to train: the latest checkpoint {tag} in {run_folder} is at step "
+                      f"{at} of {total}; collecting its final LoRA {final.name} without launching diffusion-pipe")
+        self._collect(final, watcher.save_step(final) or at, watcher, commit)
+        return True
+
+    def _collect(self, final: collect.SavedLora, steps: int | None, watcher: "_Watcher", commit: str) -> None:
+        """Write the final LoRA into the run folder in our formats, and the run's artifacts."""
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
-        final = saves[-1]
-        steps = watcher.save_step(final) or watcher.parser.last_step or None
         written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
                                         examples=self._examples(), commit=commit)
         ctx.artifacts.update(written)
-        ctx.artifacts["steps"] = watcher.parser.last_step
+        ctx.artifacts["steps"] = steps
         watcher.forget(final.name)             # the final LoRA is in the run folder itself
         ctx.artifacts["checkpoints"] = watcher.checkpoint_records()
         ctx.run_dir.log(f"diffusion-pipe: collected {final.file} → {', '.join(written.values())}")
@@ -437,8 +484,8 @@ class _Watcher:
         good = [s.name for s in saves if before(s)]
         late = [s.name for s in saves if not before(s)]
         tag = collect.latest_checkpoint(folder) if folder is not None else None
-        number = re.fullmatch(r"global_step(\d+)", tag or "")
-        checkpoint = tag if number and int(number[1]) < bad_step else None
+        at = collect.checkpoint_step(tag)
+        checkpoint = tag if at is not None and at < bad_step else None
         if not good and checkpoint is None:
             text = "it had saved no LoRA and no checkpoint before it"
         else:

@@ -17,9 +17,11 @@ diffusion-pipe's code: the GPU run went NaN before its first save.
 
 FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay.
 FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
-FAKE_DP_EXIT_DELAY: seconds between `TRAINING COMPLETE!` and the exit (the real train.py took seconds to end after it,
-the time in which a late Ctrl-C reached lora-run on the GPU). FAKE_DP_OUTPUT_LAG: print the lines of each training step only that many steps later (the rest at the end), so that
-the save folders appear before lora-run has read their step's lines, as on the GPU (0.06 s a step).
+FAKE_DP_AWAIT_QUIT_AT: at the start of that step, wait (at most 60 s) for the `save_quit` file: a Ctrl-C that comes
+during the step. FAKE_DP_EXIT_DELAY: seconds between `TRAINING COMPLETE!` and the exit (the real train.py took seconds to end after
+it, the time in which a late Ctrl-C reached lora-run on the GPU). FAKE_DP_OUTPUT_LAG: print the lines of each training
+step only that many steps later (the rest at the end), so that the save folders appear before lora-run has read their
+step's lines, as on the GPU (0.06 s a step).
 FAKE_DP_BLOCKS: "double,single" block counts (default "2,2"); FAKE_DP_HIDDEN: hidden size (default 8).
 `replay` prints train.py's part of a recorded train.log (FAKE_DP_REPLAY names the fixture file) and then
 behaves as the recorded process did: waits to be stopped after a non-finite loss, else exits with 1.
@@ -311,6 +313,7 @@ def main():
     saved = checkpointed = False
     final_name = None
     out = LaggingOutput(int(os.environ.get("FAKE_DP_OUTPUT_LAG", "0")))
+    await_quit_at = int(os.environ.get("FAKE_DP_AWAIT_QUIT_AT", "0"))
     while True:
         if delay:
             time.sleep(delay)
@@ -324,6 +327,11 @@ def main():
         if mode == "hang" and step == at:
             out.flush()
             time.sleep(3600)
+        if step == await_quit_at:
+            out.flush()
+            waited = time.monotonic()
+            while not (run_dir / "save_quit").is_file() and time.monotonic() - waited < 60:
+                time.sleep(0.05)
         if mode == "garbage":
             sys.stdout.buffer.write(b"\xff\xfe garbage \x00\x01 " + os.urandom(16).replace(b"\n", b"") + b"\n")
             sys.stdout.buffer.write(b"Training:  10%|#         | 1/10 [00:01<00:09]\r" * 3 + b"\n")

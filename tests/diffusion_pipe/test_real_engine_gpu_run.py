@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from .conftest import RECORDED_RUN
-from .test_run import interrupted_cli, run_recipe
+from .test_run import interrupted_cli, printed, run_recipe
 
 #: the recorded run's settings (bench/engines_gpu.py --steps 24: save every 8 steps, keep the last 2)
 SETS = ("train.steps=24", "train.save_every_steps=8", "train.keep_last=2", "output.name=subject_fast")
+CLI_SETS = tuple(word for item in SETS for word in ("--set", item))
 
 
 def console(name: str) -> list[str]:
@@ -83,8 +85,8 @@ def test_a_ctrl_c_after_training_complete_lets_the_run_complete(dp_recipe, tmp_p
     assert recorded[-1].startswith("error: interrupted at step 24; resume with: ")
     fake_env(exit_delay=3)                          # the real train.py took seconds to end after TRAINING COMPLETE!
     out = tmp_path / "run"
-    code, stdout, stderr = interrupted_cli(dp_recipe(), out, "diffusion-pipe: training complete", tmp_path,
-                                           *[word for item in SETS for word in ("--set", item)])
+    code, stdout, stderr = interrupted_cli(dp_recipe(), out, printed("diffusion-pipe: training complete"), tmp_path,
+                                           *CLI_SETS)
     assert code == 0, stderr
     shown = stdout.splitlines()
     at = shown.index("diffusion-pipe: training complete")
@@ -102,6 +104,76 @@ def test_a_ctrl_c_after_training_complete_lets_the_run_complete(dp_recipe, tmp_p
     assert "checkpoints/step24" in [e["path"] for e in layout("ctrl_c")]
     assert not (out / "checkpoints" / "step24").exists()
     assert Path(manifest["artifacts"]["lora_diffusers"]).is_file()
+
+
+def interrupted_in_the_last_step(recipe: Path, out: Path, cwd: Path, fake_env, launches: Path) -> Path:
+    """A run whose latest checkpoint is at the last step, as the recorded Ctrl-C run's was, made by a Ctrl-C during
+    step 24 (diffusion-pipe saves step24/ and global_step24, then quits): lora-run exits 130 with the recorded error.
+    Then the `save_quit` the late Ctrl-C left on the GPU is put back. Returns diffusion-pipe's run folder."""
+    fake_env(record=launches, await_quit_at=24)
+    log = out / "diffusion-pipe" / "train.log"
+    code, _stdout, stderr = interrupted_cli(recipe, out, lambda _: log.is_file() and "steps: 23 loss" in
+                                            log.read_text("utf-8"), cwd, *CLI_SETS)
+    assert code == 130 and "error: interrupted at step 24; resume with: " in stderr, stderr
+    assert console("flux_ctrl_c_console.log")[-1].startswith("error: interrupted at step 24; resume with: ")
+    (run_folder,) = (out / "diffusion-pipe" / "output").iterdir()
+    assert (run_folder / "latest").read_text() == "global_step24" and (run_folder / "step24").is_dir()
+    (run_folder / "save_quit").write_text("")
+    return run_folder
+
+
+@pytest.mark.slow
+def test_resume_at_the_end_collects_the_final_lora_without_launching(dp_recipe, run_cli, tmp_path, fake_env):
+    """The recorded --resume of the Ctrl-C run: its latest checkpoint, global_step24, was at the last step; diffusion-pipe
+    resumed "at step 25", trained a step beyond max_steps, met the stale `save_quit` and quit without TRAINING
+    COMPLETE!, and lora-run failed. Now the stale file is removed and the final LoRA collected, nothing launched."""
+    recorded = console("flux_resume_console.log")
+    assert "diffusion-pipe: resumed at step 25" in recorded
+    assert any(line.startswith("diffusion-pipe: step 25/24 (104%)") for line in recorded)
+    assert any("exited normally but it never printed TRAINING COMPLETE!" in line for line in recorded)
+    launches, out = tmp_path / "launch.jsonl", tmp_path / "run"
+    run_folder = interrupted_in_the_last_step(dp_recipe(), out, tmp_path, fake_env, launches)
+
+    resumed = run_cli(dp_recipe(), *CLI_SETS, "--resume", "--output-dir", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(launches.read_text().splitlines()) == 1       # diffusion-pipe was not launched again
+    assert (f"diffusion-pipe: removed a save_quit signal file left in {run_folder} (the resumed run would have "
+            "stopped after one step)\n"
+            f"diffusion-pipe: nothing left to train: the latest checkpoint global_step24 in {run_folder} is at step 24 "
+            "of 24; collecting its final LoRA step24 without launching diffusion-pipe\n") in resumed.stdout
+    assert not (run_folder / "save_quit").exists()
+    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    assert manifest["status"] == "completed" and manifest["artifacts"]["steps"] == 24
+    assert [(c["name"], c["step"]) for c in manifest["artifacts"]["checkpoints"]] == [("step16", 16)]
+    assert not (out / "checkpoints" / "step24").exists()        # the final LoRA is the run's own now
+    for key in ("lora_kohya", "lora_diffusers"):
+        assert Path(manifest["artifacts"][key]).is_file()
+
+
+@pytest.mark.slow
+def test_launched_as_before_the_stand_in_does_what_the_real_engine_did(dp_recipe, run_cli, tmp_path, fake_env,
+                                                                       fake_checkout):
+    """Planted-mistake control: resumed by launching diffusion-pipe as lora-run did, the stand-in resumes at step 25,
+    meets the stale `save_quit`, quits without TRAINING COMPLETE! and leaves the run folder as the GPU's was; a
+    --resume from there (latest global_step25, past the end) collects step24."""
+    launches, out = tmp_path / "launch.jsonl", tmp_path / "run"
+    run_folder = interrupted_in_the_last_step(dp_recipe(), out, tmp_path, fake_env, launches)
+    argv = json.loads(launches.read_text().splitlines()[0])["argv"] + ["--resume_from_checkpoint", run_folder.name]
+    engine = subprocess.run(argv, cwd=fake_checkout, capture_output=True, text=True, timeout=120)
+    assert engine.returncode == 0, engine.stderr
+    recorded = [line.removeprefix("error:   | ") for line in console("flux_resume_console.log")]
+    for line in ("Resuming training from checkpoint. Resuming at epoch: ", "steps: 25 loss: ", "Manually quitting"):
+        assert any(x.startswith(line) for x in recorded) and line in engine.stdout, line
+    assert "TRAINING COMPLETE!" not in engine.stdout and "step: 25\n" in engine.stdout
+    pattern = r"diffusion-pipe/output/<ts>/(step\d+|global_step\d+|latest|save_quit)"
+    assert files_in(out, pattern) == names_in(layout("ctrl_c"), pattern)
+
+    launched = launches.read_text()             # lora-run's launch and the one above
+    resumed = run_cli(dp_recipe(), *CLI_SETS, "--resume", "--output-dir", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"diffusion-pipe: nothing left to train: the latest checkpoint global_step25 in {run_folder} is at step 25 "
+            "of 24; collecting its final LoRA step24 without launching diffusion-pipe") in resumed.stdout
+    assert launches.read_text() == launched
 
 
 def test_the_fixture_readme_names_the_commit_gpu_date_and_command():
