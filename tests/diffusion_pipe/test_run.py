@@ -353,6 +353,22 @@ def test_resume_from_a_checkpoint_at_the_end_without_its_lora_is_refused(dp_reci
     assert not (tmp_path / "launch.jsonl").exists()
 
 
+def test_the_final_save_is_the_one_at_the_end_of_training(tmp_path):
+    from lora_run_diffusion_pipe.collect import SavedLora, checkpoint_step, final_save
+
+    def save(name: str) -> SavedLora:
+        kind, number = name.rstrip("0123456789"), int(name.lstrip("epochst"))
+        return SavedLora(name, kind, number, tmp_path / name, tmp_path / name / "x.safetensors")
+
+    saves = [save(n) for n in ("step16", "epoch4", "step24", "step25")]
+    assert final_save(saves, 24, 24).name == "step25"          # the newest at or past max_steps
+    assert final_save(saves[:3], 24, 24).name == "step24"
+    assert final_save(saves[:2], 24, 24) is None               # step16 is not the end of a 24-step run
+    assert final_save(saves, None, 4).name == "epoch4"         # an epoch run ends with epoch<epochs>
+    assert final_save(saves, None, 5) is None
+    assert [checkpoint_step(t) for t in ("global_step24", "global_step", "step24", None)] == [24, None, None, None]
+
+
 def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_path, fake_env):
     fake_env(mode="crash", at=2)
     with pytest.raises(BackendError):
