@@ -145,12 +145,13 @@ class DiffusionPipeBackend:
         usable = launcher is not None and launcher.is_file() and os.access(launcher, os.X_OK)
         if self.options.deepspeed and not usable:
             problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
-        required = REQUIRED_MODULES.get(self.family or "", {})
+        required = REQUIRED_IMPORTS.get(self.family or "", ())
         python = engine_python(launcher) if required and launcher is not None else None
-        for module, why in required.items() if python else ():
-            if lacks_module(python, module, translate.child_env(self.options)):
+        for wanted in required if python else ():
+            problem = import_problem(python, wanted, translate.child_env(self.options))
+            if problem:
                 problems.append(((*key, "deepspeed"), f"diffusion-pipe's Python ({python}, from the launcher "
-                                 f"{launcher}) cannot import {module}: {why}"))
+                                 f"{launcher}) {problem}: {wanted.why}; {wanted.fix}"))
         return problems
 
     # ------------------------------------------------------------------------------ plan
@@ -562,10 +563,47 @@ class _Watcher:
 SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
               "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
 
-#: modules diffusion-pipe imports at start-up for a family, found missing before launch rather than a minute in
-REQUIRED_MODULES = {"hunyuan-image-2.1": {
-    "flash_attn": "its HunyuanImage-2.1 model imports flash-attn at start-up and has no other attention path; "
-                  "install flash-attn in that environment (pip install flash-attn --no-build-isolation)"}}
+@attrs.frozen
+class RequiredImport:
+    """Names diffusion-pipe imports from a module at start-up for a family: checked in its Python before launch,
+    rather than met a minute into its start-up."""
+    module: str
+    names: tuple[str, ...]
+    why: str        # who imports them
+    fix: str        # how to get them
+
+
+#: what diffusion-pipe imports at start-up per family. HunyuanImage-2.1 (its submodule's
+#: hyimage/models/hunyuan/modules/flash_attn_no_pad.py, 8f83dbf) imports flash_attn_varlen_func from FlashAttention 3's
+#: flash_attn_interface or else from flash_attn, and flash_attn_varlen_qkvpacked_func (and flash_attn.bert_padding)
+#: from flash_attn: flash-attn 2 in any case. flash-attn-4 installs only flash_attn.cute, which makes flash_attn a
+#: namespace package that imports but has none of these names (met on the GPU, 2026-12-03).
+REQUIRED_IMPORTS = {"hunyuan-image-2.1": (RequiredImport(
+    "flash_attn", ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"),
+    why="its HunyuanImage-2.1 model imports flash_attn_varlen_func and flash_attn_varlen_qkvpacked_func from "
+        "flash_attn at start-up and has no other attention path",
+    fix="install flash-attn 2 (the `flash-attn` package: pip install flash-attn --no-build-isolation) in that "
+        "environment; flash-attn-4 alone does not provide them (it installs only flash_attn.cute)"),)}
+
+#: run in the engine's Python: finds the module, imports it and lists the names it lacks (one JSON line)
+_IMPORT_PROBE = """
+import importlib, importlib.util, json, sys
+module, names = sys.argv[1], sys.argv[2:]
+try:
+    found = importlib.util.find_spec(module) is not None
+except (ImportError, ValueError):
+    found = False
+answer = {"missing": True}
+if found:
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as exc:
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        answer = {"lacks": [name for name in names if not hasattr(loaded, name)],
+                  "file": getattr(loaded, "__file__", None), "paths": list(getattr(loaded, "__path__", []))}
+print("lora-run-probe " + json.dumps(answer))
+"""
 
 
 def engine_python(launcher: Path) -> str | None:
@@ -584,17 +622,31 @@ def engine_python(launcher: Path) -> str | None:
     return words[0] if words and Path(words[0]).name.startswith("python") else None
 
 
-def lacks_module(python: str, module: str, env: dict[str, str]) -> bool:
-    """True only when ``python`` runs and says ``module`` is not importable (found by name, nothing imported);
-    an interpreter that does not run, or takes too long, is left to the launch to report."""
+def import_problem(python: str, wanted: RequiredImport, env: dict[str, str]) -> str | None:
+    """What ``python`` cannot import of ``wanted`` ("cannot import flash_attn", "cannot import X from flash_attn (a
+    namespace package …)", "importing flash_attn fails there (…)"), None when all is there. The module is imported,
+    as diffusion-pipe will: a namespace package (no ``__init__.py``) is found by name but has no names. An
+    interpreter that does not run, or takes too long, is left to the launch to report."""
+    import json
     import subprocess
 
-    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
     try:
-        done = subprocess.run([python, "-c", code], env=env, capture_output=True, timeout=60)
+        done = subprocess.run([python, "-c", _IMPORT_PROBE, wanted.module, *wanted.names], env=env,
+                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 3
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("lora-run-probe ")]
+    if not lines:
+        return None
+    answer = json.loads(lines[-1].split(" ", 1)[1])
+    if answer.get("missing"):
+        return f"cannot import {wanted.module}"
+    if "error" in answer:
+        return f"importing {wanted.module} fails there ({answer['error'][:300]})"
+    if not answer.get("lacks"):
+        return None
+    where = answer.get("file") or f"a namespace package, without __init__.py: {', '.join(answer.get('paths', []))}"
+    return f"cannot import {', '.join(answer['lacks'])} from {wanted.module} ({where})"
 
 
 #: failures of diffusion-pipe we can say more about (the first whose text occurs in the output's tail)
@@ -603,6 +655,10 @@ HINTS = (
      "diffusion-pipe needs an NVIDIA GPU with CUDA: ComfyUI's model management and DeepSpeed start on the GPU"),
     (("No module named 'flash_attn'",), "diffusion-pipe's HunyuanImage-2.1 model imports flash-attn (its "
      "HunyuanImage-2.1 submodule has no other attention path): install flash-attn in diffusion-pipe's environment"),
+    (("cannot import name 'flash_attn_varlen_func' from 'flash_attn'",
+      "cannot import name 'flash_attn_varlen_qkvpacked_func' from 'flash_attn'"),
+     "diffusion-pipe's HunyuanImage-2.1 model imports it from flash-attn 2: install flash-attn 2 (the `flash-attn` "
+     "package) in diffusion-pipe's environment; flash-attn-4 alone does not provide it"),
     (("No module named 'comfy", "No module named 'hyvideo'", "No module named 'hyimage'"),
      "a submodule of the diffusion-pipe checkout is missing: run `git submodule update --init --recursive` in it"),
     (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.diffusion-pipe] blocks_to_swap, "

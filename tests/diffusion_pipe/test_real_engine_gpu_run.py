@@ -10,13 +10,17 @@ watcher, collection.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import RECORDED_RUN
+from lora_run_diffusion_pipe.backend import HINTS
+from lora_run_engines import explain
+
+from .conftest import RECORDED_RUN, hunyuan_recipe
 from .test_run import interrupted_cli, printed, run_recipe
 
 #: the recorded run's settings (bench/engines_gpu.py --steps 24: save every 8 steps, keep the last 2)
@@ -55,7 +59,8 @@ def test_the_main_run_completes_with_both_formats_and_its_checkpoint_at_step_16(
     out = tmp_path / "run"
     ctx, rec, lines = run_recipe(dp_recipe(), plugins_with, out, *SETS)
     assert rec.finished == ["completed"]
-    assert [(step, name) for step, name, _file, _exists in rec.checkpoints] == [(8, "step8"), (16, "step16"), (24, "step24")]
+    saved = [(step, name) for step, name, _file, _exists in rec.checkpoints]
+    assert saved == [(8, "step8"), (16, "step16"), (24, "step24")]
     manifest = json.loads((out / "manifest.json").read_text("utf-8"))
     (checkpoint,) = manifest["artifacts"]["checkpoints"]
     assert (checkpoint["name"], checkpoint["step"], checkpoint["epoch"]) == ("step16", 16, None)
@@ -68,7 +73,8 @@ def test_the_main_run_completes_with_both_formats_and_its_checkpoint_at_step_16(
     assert ctx.artifacts["lora_kohya"] == str(out / "subject_fast.safetensors")
     assert ctx.artifacts["lora_diffusers"] == str(out / "subject_fast.diffusers.safetensors")
     # lora-run's own lines, as printed on the GPU (numbers aside)
-    shape = [re.sub(r"  loss .*", "", line) for line in console("flux_console.log") if line.startswith("diffusion-pipe: ")]
+    shape = [re.sub(r"  loss .*", "", line) for line in console("flux_console.log")
+             if line.startswith("diffusion-pipe: ")]
     assert [re.sub(r"  loss .*", "", line) for line in lines if line.startswith("diffusion-pipe: ")][1:] == shape[1:]
     assert shape[1:] == ["diffusion-pipe: caching latents and text embeddings", "diffusion-pipe: step 1/24 (4%)",
                          "diffusion-pipe: step 24/24 (100%)", "diffusion-pipe: training complete"]
@@ -124,8 +130,8 @@ def interrupted_in_the_last_step(recipe: Path, out: Path, cwd: Path, fake_env, l
 
 @pytest.mark.slow
 def test_resume_at_the_end_collects_the_final_lora_without_launching(dp_recipe, run_cli, tmp_path, fake_env):
-    """The recorded --resume of the Ctrl-C run: its latest checkpoint, global_step24, was at the last step; diffusion-pipe
-    resumed "at step 25", trained a step beyond max_steps, met the stale `save_quit` and quit without TRAINING
+    """The recorded --resume of the Ctrl-C run: its latest checkpoint, global_step24, was at the last step;
+    diffusion-pipe resumed "at step 25", trained a step beyond max_steps, met the stale `save_quit` and quit without TRAINING
     COMPLETE!, and lora-run failed. Now the stale file is removed and the final LoRA collected, nothing launched."""
     recorded = console("flux_resume_console.log")
     assert "diffusion-pipe: resumed at step 25" in recorded
@@ -174,6 +180,47 @@ def test_launched_as_before_the_stand_in_does_what_the_real_engine_did(dp_recipe
     assert (f"diffusion-pipe: nothing left to train: the latest checkpoint global_step25 in {run_folder} is at step 25 "
             "of 24; collecting its final LoRA step24 without launching diffusion-pipe") in resumed.stdout
     assert launches.read_text() == launched
+
+
+def test_a_flash_attn_4_only_environment_is_refused_before_launch(dp_recipe, run_cli, tmp_path, monkeypatch, fake_env,
+                                                                  hunyuan_files, flash_attn_4_site, flash_attn_site):
+    """On the GPU flash-attn-4 was installed without flash-attn 2: `flash_attn` was a namespace package, the
+    pre-launch check (does flash_attn import?) passed, and diffusion-pipe failed 88 s later on `from flash_attn
+    import flash_attn_varlen_func`. Now the names are checked: exit 2 before launch, naming flash-attn 2."""
+    recorded = console("hunyuan_image_flash_attn_4_console.log")
+    assert recorded[0].startswith("error: diffusion-pipe failed (exit code 1): ImportError: cannot import name "
+                                  "'flash_attn_varlen_func' from 'flash_attn' (unknown location)")
+    recipe = dp_recipe(hunyuan_recipe(hunyuan_files))
+    fake_env(record=tmp_path / "launch.jsonl")
+    monkeypatch.setenv("PYTHONPATH", str(flash_attn_4_site))
+    for command in (["check", recipe], [recipe, "--output-dir", tmp_path / "run"]):
+        out = run_cli(*command)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if "flash_attn" in ln)
+        assert "[backend.diffusion-pipe.deepspeed] diffusion-pipe's Python (" in line
+        assert ("cannot import flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func from flash_attn (a namespace "
+                f"package, without __init__.py: {flash_attn_4_site / 'flash_attn'}): ") in line
+        assert "install flash-attn 2 (the `flash-attn` package: pip install flash-attn --no-build-isolation)" in line
+        assert "flash-attn-4 alone does not provide them" in line
+    assert not (tmp_path / "launch.jsonl").exists()
+    # control: flash-attn 2 beside flash-attn-4 (flash_attn/__init__.py with the names) passes
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(flash_attn_site), str(flash_attn_4_site)]))
+    assert run_cli("check", recipe).returncode == 0
+
+
+def test_the_recorded_flash_attn_4_failure_gets_the_flash_attn_2_hint():
+    """Should the engine still meet it (a launcher whose Python is not checked), its error is explained; the recorded
+    run got only the generic "a module is missing" hint (from the FlashAttention-3 fallback's error, earlier in
+    the tail than what came back)."""
+    recorded = console("hunyuan_image_flash_attn_4_console.log")
+    assert "(a module is missing from diffusion-pipe's environment" in recorded[0]
+    tail = [line.removeprefix("error:   | ") for line in recorded[2:-1]]
+    why = explain(tail, HINTS)
+    assert why.startswith(": ImportError: cannot import name 'flash_attn_varlen_func' from 'flash_attn'")
+    assert why.endswith("install flash-attn 2 (the `flash-attn` package) in diffusion-pipe's environment; "
+                        "flash-attn-4 alone does not provide it)")
+    earlier = [hint for hint in HINTS if "flash-attn-4" not in hint[1]]        # planted mistake: the hints of then
+    assert "flash-attn 2" not in explain(tail, earlier)
 
 
 def test_the_fixture_readme_names_the_commit_gpu_date_and_command():

@@ -432,7 +432,8 @@ def test_hunyuan_image_without_flash_attn_is_refused_before_launch(dp_recipe, tm
     assert with_missing[0] == 2
     line = next(ln for ln in with_missing[1].splitlines() if "flash_attn" in ln)
     assert "[backend.diffusion-pipe.deepspeed] diffusion-pipe's Python (" in line
-    assert "cannot import flash_attn: its HunyuanImage-2.1 model imports flash-attn" in line
+    assert "cannot import flash_attn: its HunyuanImage-2.1 model imports flash_attn_varlen_func" in line
+    assert "install flash-attn 2 (the `flash-attn` package: pip install flash-attn --no-build-isolation)" in line
     monkeypatch.setenv("PYTHONPATH", str(flash_attn_site))
     code, text = _check_output(main, recipe)
     assert code == 0 and "flash_attn" not in text
@@ -449,6 +450,26 @@ def test_the_engines_python_is_read_from_the_launchers_first_line(tmp_path):
         (tmp_path / f"l{i}").write_text(text)
         assert engine_python(tmp_path / f"l{i}") == expected, text
     assert engine_python(tmp_path / "missing") is None
+
+
+def test_the_import_check_imports_the_module_as_diffusion_pipe_will(tmp_path, flash_attn_site, flash_attn_4_site):
+    from lora_run_diffusion_pipe.backend import REQUIRED_IMPORTS, import_problem
+
+    (wanted,) = REQUIRED_IMPORTS["hunyuan-image-2.1"]
+    broken = tmp_path / "broken"
+    (broken / "flash_attn").mkdir(parents=True)
+    (broken / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol')\n")
+
+    def problem(*sites: Path, python: str = sys.executable) -> str | None:
+        return import_problem(python, wanted, {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, sites))})
+
+    assert problem(flash_attn_site) is None
+    assert problem(tmp_path) == "cannot import flash_attn"
+    assert problem(broken) == "importing flash_attn fails there (ImportError: flash_attn_2_cuda.so: undefined symbol)"
+    assert problem(flash_attn_4_site).startswith("cannot import flash_attn_varlen_func, "
+                                                 "flash_attn_varlen_qkvpacked_func from flash_attn (a namespace "
+                                                 "package, without __init__.py: ")
+    assert problem(flash_attn_site, python=str(tmp_path / "no-python")) is None     # left to the launch
 
 
 def _check_output(main, recipe):
