@@ -563,6 +563,7 @@ class _Watcher:
 SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
               "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
 
+
 @attrs.frozen
 class RequiredImport:
     """Names diffusion-pipe imports from a module at start-up for a family: checked in its Python before launch,
