@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -146,12 +145,13 @@ class DiffusionPipeBackend:
         usable = launcher is not None and launcher.is_file() and os.access(launcher, os.X_OK)
         if self.options.deepspeed and not usable:
             problems.append(((*key, "deepspeed"), f"{launcher} is not an executable file"))
-        required = REQUIRED_MODULES.get(self.family or "", {})
+        required = REQUIRED_IMPORTS.get(self.family or "", ())
         python = engine_python(launcher) if required and launcher is not None else None
-        for module, why in required.items() if python else ():
-            if lacks_module(python, module, translate.child_env(self.options)):
+        for wanted in required if python else ():
+            problem = import_problem(python, wanted, translate.child_env(self.options))
+            if problem:
                 problems.append(((*key, "deepspeed"), f"diffusion-pipe's Python ({python}, from the launcher "
-                                 f"{launcher}) cannot import {module}: {why}"))
+                                 f"{launcher}) {problem}: {wanted.why}; {wanted.fix}"))
         return problems
 
     # ------------------------------------------------------------------------------ plan
@@ -281,11 +281,17 @@ class DiffusionPipeBackend:
                 raise OutputError(f"{ctx.run_dir.path}: nothing to resume: diffusion-pipe wrote no resumable "
                                   f"checkpoint in {layout.output} yet (it saves one "
                                   "every checkpoint interval and at the end); start again with --overwrite")
+            self._remove_stale_quit(layout.output / resume_from)
         argv = self._argv(layout, resume_from)
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
         _, _, total = translate.training_length(recipe, self.options, examples)
         watcher = _Watcher(self, layout, before, resume_from, total, commit or "unknown")
+        if resume_from is not None:
+            resumed = layout.output / resume_from
+            if self._collect_finished(resumed, watcher, commit or "unknown"):
+                self._note_run_folder(resumed, tool, layout)
+                return
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
         supervisor = Supervisor(
             argv, log_path=layout.log, name=NAME, cwd=checkout, env=translate.child_env(self.options),
@@ -293,18 +299,20 @@ class DiffusionPipeBackend:
             stall_seconds=self.options.stall_timeout or None, timeout_seconds=self.options.timeout,
             grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo)
         watcher.supervisor = supervisor
-        outcome = supervisor.run()
+        try:
+            outcome = supervisor.run()
+        finally:
+            watcher.remove_unread_quit()
         watcher.tick(force=True)
         run_folder = watcher.run_folder
-        if run_folder is not None:
-            tool["run_folder"] = str(run_folder)
-            ctx.run_dir.update_manifest(external_tools={NAME: tool})
-        ctx.artifacts["train_log"] = str(layout.log)
-        if run_folder is not None:
-            ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
+        self._note_run_folder(run_folder, tool, layout)
         tail = "\n".join(f"  | {line}" for line in list(supervisor.tail)[-30:])
         where = f"run folder kept: {ctx.run_dir.path}; full log: {layout.log}"
-        if outcome.interrupted:
+        finished = watcher.parser.completed and outcome.returncode == 0
+        if outcome.interrupted and finished:     # the engine had saved its final LoRA and was exiting on its own
+            ctx.echo("diffusion-pipe: the interrupt came after training had finished (TRAINING COMPLETE!); the run "
+                     "is complete")
+        elif outcome.interrupted:
             saved = collect.latest_checkpoint(run_folder) if run_folder else None
             resume = (f"resume with: {resume_command(ctx.loaded, ctx.run_dir.path)}" if saved
                       else "no resumable checkpoint was written yet")
@@ -323,17 +331,64 @@ class DiffusionPipeBackend:
             what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        self._collect(saves, watcher, commit or "unknown")
+        final = saves[-1]
+        self._collect(final, watcher.save_step(final) or watcher.parser.last_step or None, watcher,
+                      commit or "unknown")
 
-    def _collect(self, saves: list[collect.SavedLora], watcher: "_Watcher", commit: str) -> None:
+    def _note_run_folder(self, run_folder: Path | None, tool: dict[str, Any], layout: translate.Layout) -> None:
+        """Name diffusion-pipe's run folder and log in the manifest and the artifacts."""
+        ctx = self.ctx
+        assert ctx.run_dir is not None
+        if run_folder is not None:
+            tool["run_folder"] = str(run_folder)
+            ctx.run_dir.update_manifest(external_tools={NAME: tool})
+            ctx.artifacts["diffusion_pipe_run"] = str(run_folder)
+        ctx.artifacts["train_log"] = str(layout.log)
+
+    def _remove_stale_quit(self, run_folder: Path) -> None:
+        """Remove a `save_quit` signal file from the run folder a --resume continues: diffusion-pipe reads it at the
+        end of a step, so the resumed run would save and stop after one step. (lora-run before 2026-12-03 wrote it on
+        a Ctrl-C that came after training had finished, and left it there.)"""
+        stale = run_folder / "save_quit"
+        if not stale.is_file():
+            return
+        try:
+            stale.unlink()
+        except OSError as exc:
+            raise OutputError(f"{stale}: cannot remove this save_quit signal file ({exc.strerror}); remove it, or "
+                              "the resumed diffusion-pipe stops after one step") from None
+        self.ctx.echo(f"diffusion-pipe: removed a save_quit signal file left in {run_folder} (the resumed run would "
+                      "have stopped after one step)")
+
+    def _collect_finished(self, run_folder: Path, watcher: "_Watcher", commit: str) -> bool:
+        """--resume of a run whose latest DeepSpeed checkpoint is at or past its last step: diffusion-pipe would resume
+        at the step after it and train one step beyond `max_steps` before it stopped (met on the GPU). Its final
+        LoRA is collected from the run folder instead, without launching it; False when there are steps left."""
+        epochs, max_steps, total = translate.training_length(self.recipe, self.options, self._examples())
+        tag = collect.latest_checkpoint(run_folder)
+        at = collect.checkpoint_step(tag)
+        if at is None or at < total:
+            return False
+        final = collect.final_save(collect.saved_loras(run_folder, self.family), max_steps, epochs)
+        if final is None:
+            wanted = f"step{max_steps}" if max_steps is not None else f"epoch{epochs}"
+            assert self.ctx.run_dir is not None
+            raise OutputError(f"{self.ctx.run_dir.path}: nothing to resume: diffusion-pipe's latest checkpoint {tag} "
+                              f"in {run_folder} is at the end of training (step {at} of {total}), but that folder "
+                              f"holds no final LoRA ({wanted}/) to collect; start again with --overwrite")
+        self.ctx.echo(f"diffusion-pipe: nothing left to train: the latest checkpoint {tag} in {run_folder} is at step "
+                      f"{at} of {total}; collecting its final LoRA {final.name} without launching diffusion-pipe")
+        self._collect(final, watcher.save_step(final) or at, watcher, commit)
+        return True
+
+    def _collect(self, final: collect.SavedLora, steps: int | None, watcher: "_Watcher", commit: str) -> None:
+        """Write the final LoRA into the run folder in our formats, and the run's artifacts."""
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
-        final = saves[-1]
-        steps = watcher.step_of.get(final.name, watcher.parser.last_step or None)
         written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
                                         examples=self._examples(), commit=commit)
         ctx.artifacts.update(written)
-        ctx.artifacts["steps"] = watcher.parser.last_step
+        ctx.artifacts["steps"] = steps
         watcher.forget(final.name)             # the final LoRA is in the run folder itself
         ctx.artifacts["checkpoints"] = watcher.checkpoint_records()
         ctx.run_dir.log(f"diffusion-pipe: collected {final.file} → {', '.join(written.values())}")
@@ -358,6 +413,7 @@ class _Watcher:
         self.records: dict[str, dict[str, Any]] = {}
         self.earlier: set[str] = set()          # saves of the session a --resume continues
         self.training_started = False
+        self.quit_file: Path | None = None     # the `save_quit` signal file lora-run wrote on Ctrl-C
         self.supervisor: Supervisor | None = None
         self.last_poll = -math.inf
         if self.run_folder is not None:        # saves of the interrupted session were reported back then
@@ -367,7 +423,7 @@ class _Watcher:
                 folder = self._folder(saved.name)
                 files = {key: str(folder / name) for key, name in self._names().items() if (folder / name).is_file()}
                 if files:
-                    self.records[saved.name] = self._record(saved, None, files)
+                    self.records[saved.name] = self._record(saved, self.save_step(saved), files)
 
     def _folder(self, name: str) -> Path:
         assert self.ctx.run_dir is not None
@@ -377,10 +433,16 @@ class _Watcher:
         name = self.backend.recipe.output.name
         return {"lora_kohya": f"{name}.safetensors", "lora_diffusers": f"{name}.diffusers.safetensors"}
 
+    def save_step(self, saved: collect.SavedLora) -> int | None:
+        """The training step of a save: N for a `step<N>` folder, always (diffusion-pipe names it by the step it
+        saved at); for an `epoch<N>` folder the step the log had reached at its save line, None before that.
+
+        The log is no clock for step saves: on the GPU (0.06 s a step) `step16/` was recorded as step 13, the
+        last step lora-run had read when it found the folder."""
+        return saved.number if saved.kind == "step" else self.step_of.get(saved.name)
+
     @staticmethod
     def _record(saved: collect.SavedLora, step: int | None, files: dict[str, str]) -> dict[str, Any]:
-        if step is None and saved.kind == "step":
-            step = saved.number
         return {"name": saved.name, "step": step, "epoch": saved.number if saved.kind == "epoch" else None,
                 "path": files.get("lora_kohya") or files.get("lora_diffusers"), "source": str(saved.file), **files}
 
@@ -417,14 +479,14 @@ class _Watcher:
         def before(saved: collect.SavedLora) -> bool:
             if saved.name in self.earlier:
                 return True
-            step = saved.number if saved.kind == "step" else self.step_of.get(saved.name)
+            step = self.save_step(saved)
             return step is not None and step < bad_step
 
         good = [s.name for s in saves if before(s)]
         late = [s.name for s in saves if not before(s)]
         tag = collect.latest_checkpoint(folder) if folder is not None else None
-        number = re.fullmatch(r"global_step(\d+)", tag or "")
-        checkpoint = tag if number and int(number[1]) < bad_step else None
+        at = collect.checkpoint_step(tag)
+        checkpoint = tag if at is not None and at < bad_step else None
         if not good and checkpoint is None:
             text = "it had saved no LoRA and no checkpoint before it"
         else:
@@ -448,8 +510,9 @@ class _Watcher:
         fresh = [s for s in collect.saved_loras(self.run_folder, backend.family) if s.name not in self.reported]
         for saved in fresh:
             self.reported.add(saved.name)
-            step = self.step_of.get(saved.name, self.parser.last_step)
-            self.step_of.setdefault(saved.name, step)
+            step = self.save_step(saved)
+            if step is None:                   # an epoch save seen before its save line: the log's last step
+                step = self.step_of[saved.name] = self.parser.last_step
             try:
                 files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,
                                               examples=backend._examples(), commit=self.commit)
@@ -464,16 +527,35 @@ class _Watcher:
             for name in list(self.records)[:-keep]:
                 self.forget(name)
 
-    def request_quit(self) -> bool:
-        """Ctrl-C during training: create diffusion-pipe's `save_quit` file (checkpoint, then exit)."""
+    def request_quit(self) -> bool | str:
+        """Ctrl-C during training: create diffusion-pipe's `save_quit` file (at the end of the step it saves a
+        resumable checkpoint and exits). After `TRAINING COMPLETE!` the engine has saved its final LoRA and is
+        exiting on its own: it is only waited for (no `save_quit`, which it would never read)."""
         self.tick(force=True)
+        if self.parser.completed:
+            return "diffusion-pipe had already finished training; waiting for it to exit"
         if not self.training_started or self.run_folder is None:
             return False
+        quit_file = self.run_folder / "save_quit"
         try:
-            (self.run_folder / "save_quit").write_text("", "utf-8")
+            quit_file.write_text("", "utf-8")
         except OSError:
             return False
+        self.quit_file = quit_file
         return True
+
+    def remove_unread_quit(self) -> None:
+        """Once diffusion-pipe has exited: remove the `save_quit` file lora-run wrote if the engine never acted on it
+        (it deletes the file when it does), so that no later `--resume` finds it and stops after one step."""
+        if self.quit_file is None or not self.quit_file.is_file():
+            return
+        try:
+            self.quit_file.unlink()
+        except OSError:
+            return
+        assert self.ctx.run_dir is not None
+        self.ctx.run_dir.log(f"diffusion-pipe: removed {self.quit_file}, which lora-run wrote on Ctrl-C and "
+                             "diffusion-pipe exited without reading")
 
 
 #: submodule files diffusion-pipe imports at start-up, whatever the model (8f83dbf: models/base.py and
@@ -481,10 +563,48 @@ class _Watcher:
 SUBMODULES = {None: ("submodules/ComfyUI/comfy/sd.py", "submodules/HunyuanVideo/hyvideo/__init__.py"),
               "hunyuan-image-2.1": ("submodules/HunyuanImage-2.1/hyimage/models/hunyuan/__init__.py",)}
 
-#: modules diffusion-pipe imports at start-up for a family, found missing before launch rather than a minute in
-REQUIRED_MODULES = {"hunyuan-image-2.1": {
-    "flash_attn": "its HunyuanImage-2.1 model imports flash-attn at start-up and has no other attention path; "
-                  "install flash-attn in that environment (pip install flash-attn --no-build-isolation)"}}
+
+@attrs.frozen
+class RequiredImport:
+    """Names diffusion-pipe imports from a module at start-up for a family: checked in its Python before launch,
+    rather than met a minute into its start-up."""
+    module: str
+    names: tuple[str, ...]
+    why: str        # who imports them
+    fix: str        # how to get them
+
+
+#: what diffusion-pipe imports at start-up per family. HunyuanImage-2.1 (its submodule's
+#: hyimage/models/hunyuan/modules/flash_attn_no_pad.py, 8f83dbf) imports flash_attn_varlen_func from FlashAttention 3's
+#: flash_attn_interface or else from flash_attn, and flash_attn_varlen_qkvpacked_func (and flash_attn.bert_padding)
+#: from flash_attn: flash-attn 2 in any case. flash-attn-4 installs only flash_attn.cute, which makes flash_attn a
+#: namespace package that imports but has none of these names (met on the GPU, 2026-12-03).
+REQUIRED_IMPORTS = {"hunyuan-image-2.1": (RequiredImport(
+    "flash_attn", ("flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func"),
+    why="its HunyuanImage-2.1 model imports flash_attn_varlen_func and flash_attn_varlen_qkvpacked_func from "
+        "flash_attn at start-up and has no other attention path",
+    fix="install flash-attn 2 (the `flash-attn` package: pip install flash-attn --no-build-isolation) in that "
+        "environment; flash-attn-4 alone does not provide them (it installs only flash_attn.cute)"),)}
+
+#: run in the engine's Python: finds the module, imports it and lists the names it lacks (one JSON line)
+_IMPORT_PROBE = """
+import importlib, importlib.util, json, sys
+module, names = sys.argv[1], sys.argv[2:]
+try:
+    found = importlib.util.find_spec(module) is not None
+except (ImportError, ValueError):
+    found = False
+answer = {"missing": True}
+if found:
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as exc:
+        answer = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        answer = {"lacks": [name for name in names if not hasattr(loaded, name)],
+                  "file": getattr(loaded, "__file__", None), "paths": list(getattr(loaded, "__path__", []))}
+print("lora-run-probe " + json.dumps(answer))
+"""
 
 
 def engine_python(launcher: Path) -> str | None:
@@ -503,17 +623,31 @@ def engine_python(launcher: Path) -> str | None:
     return words[0] if words and Path(words[0]).name.startswith("python") else None
 
 
-def lacks_module(python: str, module: str, env: dict[str, str]) -> bool:
-    """True only when ``python`` runs and says ``module`` is not importable (found by name, nothing imported);
-    an interpreter that does not run, or takes too long, is left to the launch to report."""
+def import_problem(python: str, wanted: RequiredImport, env: dict[str, str]) -> str | None:
+    """What ``python`` cannot import of ``wanted`` ("cannot import flash_attn", "cannot import X from flash_attn (a
+    namespace package …)", "importing flash_attn fails there (…)"), None when all is there. The module is imported,
+    as diffusion-pipe will: a namespace package (no ``__init__.py``) is found by name but has no names. An
+    interpreter that does not run, or takes too long, is left to the launch to report."""
+    import json
     import subprocess
 
-    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
     try:
-        done = subprocess.run([python, "-c", code], env=env, capture_output=True, timeout=60)
+        done = subprocess.run([python, "-c", _IMPORT_PROBE, wanted.module, *wanted.names], env=env,
+                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 3
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("lora-run-probe ")]
+    if not lines:
+        return None
+    answer = json.loads(lines[-1].split(" ", 1)[1])
+    if answer.get("missing"):
+        return f"cannot import {wanted.module}"
+    if "error" in answer:
+        return f"importing {wanted.module} fails there ({answer['error'][:300]})"
+    if not answer.get("lacks"):
+        return None
+    where = answer.get("file") or f"a namespace package, without __init__.py: {', '.join(answer.get('paths', []))}"
+    return f"cannot import {', '.join(answer['lacks'])} from {wanted.module} ({where})"
 
 
 #: failures of diffusion-pipe we can say more about (the first whose text occurs in the output's tail)
@@ -522,6 +656,10 @@ HINTS = (
      "diffusion-pipe needs an NVIDIA GPU with CUDA: ComfyUI's model management and DeepSpeed start on the GPU"),
     (("No module named 'flash_attn'",), "diffusion-pipe's HunyuanImage-2.1 model imports flash-attn (its "
      "HunyuanImage-2.1 submodule has no other attention path): install flash-attn in diffusion-pipe's environment"),
+    (("cannot import name 'flash_attn_varlen_func' from 'flash_attn'",
+      "cannot import name 'flash_attn_varlen_qkvpacked_func' from 'flash_attn'"),
+     "diffusion-pipe's HunyuanImage-2.1 model imports it from flash-attn 2: install flash-attn 2 (the `flash-attn` "
+     "package) in diffusion-pipe's environment; flash-attn-4 alone does not provide it"),
     (("No module named 'comfy", "No module named 'hyvideo'", "No module named 'hyimage'"),
      "a submodule of the diffusion-pipe checkout is missing: run `git submodule update --init --recursive` in it"),
     (("CUDA out of memory", "OutOfMemoryError"), "out of GPU memory: try [backend.diffusion-pipe] blocks_to_swap, "

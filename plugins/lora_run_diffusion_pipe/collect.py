@@ -60,6 +60,23 @@ def latest_checkpoint(run_folder: Path) -> str | None:
     return tag if tag and (run_folder / tag).is_dir() else None
 
 
+def checkpoint_step(tag: str | None) -> int | None:
+    """N of a DeepSpeed checkpoint tag `global_step<N>` (what `latest` names); None for anything else."""
+    match = CHECKPOINT_FOLDER.match(tag or "")
+    return int(match[1]) if match else None
+
+
+def final_save(saves: list[SavedLora], max_steps: int | None, epochs: int) -> SavedLora | None:
+    """The newest of `saves` that diffusion-pipe makes at the end of training: `step<N>` with N ≥ `max_steps` in a
+    run that `max_steps` ends, else `epoch<N>` with N ≥ `epochs`; None when there is none."""
+    for saved in reversed(saves):
+        if max_steps is not None and saved.kind == "step" and saved.number >= max_steps:
+            return saved
+        if max_steps is None and saved.kind == "epoch" and saved.number >= epochs:
+            return saved
+    return None
+
+
 def saved_loras(run_folder: Path | None, family: str) -> list[SavedLora]:
     """Complete save folders, oldest first (steps, then the final folder in save order)."""
     if run_folder is None or not run_folder.is_dir():

@@ -3,7 +3,8 @@
 The process itself (the DeepSpeed launcher and one train.py per GPU, in one process group) is run by
 :class:`lora_run_engines.supervise.Supervisor`, which hands every line to :class:`LogParser` through the
 backend. Ctrl-C first asks diffusion-pipe to save a resumable checkpoint and quit (its ``save_quit`` signal
-file, the backend's ``request_quit``) and waits ``interrupt_grace`` seconds.
+file, the backend's ``request_quit``) and waits ``interrupt_grace`` seconds; after ``TRAINING COMPLETE!`` it only
+waits for the engine to exit, and the run completes.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ redraw with ``\\r``), written to the log as UTF-8 (undecodable bytes replaced) a
   are collapsed, and ``on_progress`` gets each step once, with the last values drawn for it (an engine may
   draw a step before it sets that step's loss), when the next step starts, at the end or on Ctrl-C;
 - ``poll()`` at most five times a second (watch the output folder), ``request_quit()`` on the first Ctrl-C
-  (ask the engine to save and stop; return False when it cannot).
+  (ask the engine to save and stop; return False when it cannot, or a line to show instead of "asked … to save a
+  resumable checkpoint and stop" when the engine is waited for without being asked, e.g. it is already ending).
 
 Ctrl-C and SIGTERM arrive as KeyboardInterrupt (the core turns SIGTERM into one). The first asks the engine to
 quit through ``request_quit`` and waits ``quit_grace`` seconds for it; without that, or on a second Ctrl-C,
@@ -45,7 +46,7 @@ TICK = 0.2
 class Outcome:
     returncode: int | None
     interrupted: bool = False        # Ctrl-C / SIGTERM reached us
-    graceful: bool = False           # ... and the engine was asked to save and quit (request_quit)
+    graceful: bool = False           # ... and the engine was waited for (request_quit answered)
     stalled: bool = False
     timed_out: bool = False
     duration_s: float = 0.0
@@ -57,7 +58,7 @@ class Supervisor:
     def __init__(self, argv: Sequence[str], *, log_path: Path, name: str = "the engine", cwd: Path | None = None,
                  env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None,
                  progress: Callable[[str], Any] | None = None, on_progress: Callable[[Any], None] | None = None,
-                 poll: Callable[[], None] | None = None, request_quit: Callable[[], bool] | None = None,
+                 poll: Callable[[], None] | None = None, request_quit: Callable[[], bool | str] | None = None,
                  stall_seconds: float | None = None, timeout_seconds: float | None = None,
                  grace_seconds: float = 30.0, quit_grace: float = 600.0, kill_grace: float = 10.0,
                  keep_lines: int = 40, echo: Callable[[str], None] | None = None,
@@ -184,11 +185,14 @@ class Supervisor:
                             self._stop_logged(outcome, "KeyboardInterrupt", grace=self.kill_grace)
                             break
                         outcome.interrupted = True
-                        if self.request_quit is not None and self.request_quit():
+                        answer = self.request_quit() if self.request_quit is not None else False
+                        if answer:
                             outcome.graceful = True
                             quit_deadline = self.clock() + self.quit_grace
-                            self._say(f"interrupt: asked {self.name} to save a resumable checkpoint and stop "
-                                      f"(waiting up to {self.quit_grace:.0f} s; Ctrl-C again to stop now)")
+                            what = answer if isinstance(answer, str) else \
+                                f"asked {self.name} to save a resumable checkpoint and stop"
+                            self._say(f"interrupt: {what} (waiting up to {self.quit_grace:.0f} s; Ctrl-C again to "
+                                      "stop now)")
                         else:
                             self._say(f"interrupt: stopping {self.name}")
                             self._stop_logged(outcome, "KeyboardInterrupt")

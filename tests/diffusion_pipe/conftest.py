@@ -14,6 +14,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 #: the real diffusion-pipe's GPU output, which the stand-ins print (see the README there)
 RECORDED = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261202"
+#: the first real run to completion (2026-12-03): lora-run's console output and the run folders' files
+RECORDED_RUN = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261203"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false"]
 
 
@@ -126,11 +128,23 @@ def dp_recipe(write_recipe, fake_checkout, fake_launcher, flux_folder):
 
 @pytest.fixture(scope="session")
 def flash_attn_site(tmp_path_factory) -> Path:
-    """A folder with an empty `flash_attn` package: the stand-in engine's environment has flash-attn, as a GPU
-    user's HunyuanImage-2.1 environment must (the backend checks for it before launch)."""
+    """A folder with a stand-in flash-attn 2 (`flash_attn` with the two functions HunyuanImage-2.1 imports): the
+    stand-in engine's environment has flash-attn, as a GPU user's HunyuanImage-2.1 environment must (the backend
+    checks for it before launch)."""
     site = tmp_path_factory.mktemp("site")
     (site / "flash_attn").mkdir()
-    (site / "flash_attn" / "__init__.py").write_text("")
+    (site / "flash_attn" / "__init__.py").write_text("def flash_attn_varlen_func(*args, **kwargs): ...\n\n\n"
+                                                     "def flash_attn_varlen_qkvpacked_func(*args, **kwargs): ...\n")
+    return site
+
+
+@pytest.fixture(scope="session")
+def flash_attn_4_site(tmp_path_factory) -> Path:
+    """A folder with what flash-attn-4 alone installs: `flash_attn/cute/` and no `flash_attn/__init__.py`, which
+    makes `flash_attn` a namespace package (the GPU machine's environment on 2026-12-03)."""
+    site = tmp_path_factory.mktemp("site-fa4")
+    (site / "flash_attn" / "cute").mkdir(parents=True)
+    (site / "flash_attn" / "cute" / "__init__.py").write_text("")
     return site
 
 

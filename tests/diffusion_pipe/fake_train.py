@@ -17,6 +17,11 @@ diffusion-pipe's code: the GPU run went NaN before its first save.
 
 FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay.
 FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
+FAKE_DP_AWAIT_QUIT_AT: at the start of that step, wait (at most 60 s) for the `save_quit` file: a Ctrl-C that comes
+during the step. FAKE_DP_EXIT_DELAY: seconds between `TRAINING COMPLETE!` and the exit (the real train.py took seconds to end after
+it, the time in which a late Ctrl-C reached lora-run on the GPU). FAKE_DP_OUTPUT_LAG: print the lines of each training
+step only that many steps later (the rest at the end), so that the save folders appear before lora-run has read their
+step's lines, as on the GPU (0.06 s a step).
 FAKE_DP_BLOCKS: "double,single" block counts (default "2,2"); FAKE_DP_HIDDEN: hidden size (default 8).
 `replay` prints train.py's part of a recorded train.log (FAKE_DP_REPLAY names the fixture file) and then
 behaves as the recorded process did: waits to be stopped after a non-finite loss, else exits with 1.
@@ -151,10 +156,27 @@ def lora_tensors(model_type, rank, seed):
     return tensors
 
 
-def save_model(run_dir, name, config, config_path, step):
+class LaggingOutput:
+    """The training loop's lines, printed `lag` steps after the step that printed them (FAKE_DP_OUTPUT_LAG)."""
+
+    def __init__(self, lag):
+        self.lag, self.held = lag, []
+
+    def line(self, step, text):
+        self.held.append((step, text))
+        while self.held and self.held[0][0] <= step - self.lag:
+            log(self.held.pop(0)[1])
+
+    def flush(self):
+        for _step, text in self.held:
+            log(text)
+        self.held = []
+
+
+def save_model(run_dir, name, config, config_path, step, out):
     from safetensors.numpy import save_file
 
-    log(f"Saving model to directory {name}")
+    out.line(step, f"Saving model to directory {name}")
     save_dir = run_dir / name
     tmp = save_dir / "tmp"
     os.makedirs(tmp, exist_ok=False)
@@ -290,58 +312,73 @@ def main():
         log(f"Resuming training from checkpoint. Resuming at epoch: {epoch}, step: {step}")
     saved = checkpointed = False
     final_name = None
+    out = LaggingOutput(int(os.environ.get("FAKE_DP_OUTPUT_LAG", "0")))
+    await_quit_at = int(os.environ.get("FAKE_DP_AWAIT_QUIT_AT", "0"))
     while True:
         if delay:
             time.sleep(delay)
         if mode == "crash" and step == at:
+            out.flush()
             log("Traceback (most recent call last):")
             log('  File "train.py", line 612, in <module>')
             log("    loss = model_engine.train_batch(iterator).item()")
             log("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
             return 1
         if mode == "hang" and step == at:
+            out.flush()
             time.sleep(3600)
+        if step == await_quit_at:
+            out.flush()
+            waited = time.monotonic()
+            while not (run_dir / "save_quit").is_file() and time.monotonic() - waited < 60:
+                time.sleep(0.05)
         if mode == "garbage":
             sys.stdout.buffer.write(b"\xff\xfe garbage \x00\x01 " + os.urandom(16).replace(b"\n", b"") + b"\n")
             sys.stdout.buffer.write(b"Training:  10%|#         | 1/10 [00:01<00:09]\r" * 3 + b"\n")
             sys.stdout.buffer.write(b"x" * 40000 + b"\n")
             sys.stdout.flush()
         lr = lr0 * min(1.0, step / warmup) if warmup else lr0
-        log(lr_line(step, lr))
+        out.line(step, lr_line(step, lr))
         loss = float("nan") if (mode == "nan" and step >= at) else 0.5 / (1 + 0.1 * step)
-        log(loss_line(step, loss, 0.012, global_batch / 0.012))
+        out.line(step, loss_line(step, loss, 0.012, global_batch / 0.012))
         saved = checkpointed = False
-        if step % steps_per_epoch == 0:
+        if step % steps_per_epoch == 0:             # diffusion-pipe's Saver.process_epoch
             if config.get("checkpoint_every_n_epochs") and epoch % config["checkpoint_every_n_epochs"] == 0:
                 save_checkpoint(run_dir, step, epoch + 1)
                 checkpointed = True
             if config.get("save_every_n_epochs") and epoch % config["save_every_n_epochs"] == 0:
-                save_model(run_dir, f"epoch{epoch}", config, args.config, step)
+                save_model(run_dir, f"epoch{epoch}", config, args.config, step, out)
                 saved = True
             epoch += 1
             if epoch > epochs:
                 final_name = f"epoch{epoch - 1}"
                 break
-            log(f"Started new epoch: {epoch}")
-        if (run_dir / "save_quit").exists():
+            out.line(step, f"Started new epoch: {epoch}")
+        quit_now = (run_dir / "save_quit").is_file()          # Saver.process_step: the signal file is consumed,
+        if quit_now:                                          # the step's LoRA saved, then a checkpoint, then exit
             os.remove(run_dir / "save_quit")
-            save_checkpoint(run_dir, step, epoch)
-            log("Manually quitting")
-            return 0
         if config.get("save_every_n_steps") and step % config["save_every_n_steps"] == 0:
-            save_model(run_dir, f"step{step}", config, args.config, step)
+            save_model(run_dir, f"step{step}", config, args.config, step, out)
             saved = True
+        if quit_now:
+            save_checkpoint(run_dir, step, epoch)
+            out.line(step, "Manually quitting")
+            out.flush()
+            return 0
         if max_steps and step >= max_steps:
             final_name = f"step{step}"
             break
         step += 1
+    out.flush()
     if mode == "quiet_exit":
         return 0
     if not checkpointed:
         save_checkpoint(run_dir, step, epoch)
     if not saved:
-        save_model(run_dir, final_name, config, args.config, step)
+        save_model(run_dir, final_name, config, args.config, step, out)
+        out.flush()
     log("TRAINING COMPLETE!")
+    time.sleep(float(os.environ.get("FAKE_DP_EXIT_DELAY", "0")))
     return 0
 
 

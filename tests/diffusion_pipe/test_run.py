@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -266,11 +268,13 @@ def test_interrupt_then_resume(dp_recipe, tmp_path, fake_env, fake_checkout):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
 
+    (run_folder / "save_quit").write_text("")      # one left unread (by lora-run before 2026-12-03): removed
     fake_env(step_delay=0, record=tmp_path / "launch.jsonl")
     resumed = subprocess.run([sys.executable, "-m", "lora_run.cli", str(path), "--output-dir", str(out), "--resume"],
                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"diffusion-pipe: removed a save_quit signal file left in {run_folder}" in resumed.stdout
     last = json.loads((tmp_path / "launch.jsonl").read_text().splitlines()[-1])
     assert last["argv"][-2:] == ["--resume_from_checkpoint", run_folder.name]
     text = log.read_text()
@@ -282,6 +286,87 @@ def test_interrupt_then_resume(dp_recipe, tmp_path, fake_env, fake_checkout):
     names = [c["name"] for c in manifest["artifacts"]["checkpoints"]]
     assert names == ["step8", "step10"], names          # keep_last = 3, the final step12 is the LoRA itself
     assert all(Path(c["lora_kohya"]).is_file() for c in manifest["artifacts"]["checkpoints"])
+
+
+def interrupted_cli(path: Path, out: Path, ready: Callable[[str], bool], cwd: Path, *args: str) -> tuple[int, str, str]:
+    """`lora-run PATH --output-dir OUT ARGS` in a subprocess, sent SIGINT once `ready(its stdout so far)` is true;
+    (exit code, stdout, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_run.cli", str(path), "--output-dir", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    shown: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+               for lines, stream in ((shown, proc.stdout), (errors, proc.stderr))]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline and not ready("".join(shown)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    for reader in readers:
+        reader.join(timeout=10)
+    return proc.returncode, "".join(shown), "".join(errors)
+
+
+def printed(line: str) -> Callable[[str], bool]:
+    """`ready` for interrupted_cli: lora-run has printed this line."""
+    return lambda stdout: line in stdout.splitlines()
+
+
+@pytest.mark.slow
+def test_a_save_quit_the_engine_never_read_is_removed(dp_recipe, tmp_path, fake_env):
+    """Ctrl-C writes diffusion-pipe's `save_quit`; an engine that exits without reading it (here: hung, stopped after
+    `interrupt_grace`) must not leave it behind: a later --resume would stop after one step."""
+    fake_env(mode="hang", at=2)
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupted_cli(dp_recipe(), out, lambda stdout: "diffusion-pipe: step 1/" in stdout,
+                                           tmp_path, "--set", "backend.diffusion-pipe.interrupt_grace=2")
+    assert code == 130, stderr
+    assert "asked diffusion-pipe to save a resumable checkpoint and stop" in stdout
+    assert "diffusion-pipe did not stop in time; stopping it" in stdout
+    run_folder = next((out / "diffusion-pipe" / "output").iterdir())
+    assert not (run_folder / "save_quit").exists()
+    assert f"diffusion-pipe: removed {run_folder / 'save_quit'}, which lora-run wrote" in (out / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_at_the_end_without_its_lora_is_refused(dp_recipe, run_cli, tmp_path, fake_env):
+    """A Ctrl-C during the last step, when it is no save step: diffusion-pipe writes the checkpoint global_step6 and
+    quits without saving step6/. A --resume has nothing to train (diffusion-pipe would train a 7th step) and no
+    final LoRA to collect: exit 2, naming the folder."""
+    fake_env(await_quit_at=6)
+    out = tmp_path / "run"
+    log = out / "diffusion-pipe" / "train.log"
+    code, _stdout, stderr = interrupted_cli(dp_recipe(), out, lambda _: log.is_file() and "steps: 5 loss" in
+                                            log.read_text("utf-8"), tmp_path, "--set", "train.save_every_steps=4")
+    assert code == 130, stderr
+    (run_folder,) = (out / "diffusion-pipe" / "output").iterdir()
+    assert (run_folder / "latest").read_text() == "global_step6" and not (run_folder / "step6").exists()
+    fake_env(record=tmp_path / "launch.jsonl")
+    resumed = run_cli(dp_recipe(), "--set", "train.save_every_steps=4", "--resume", "--output-dir", out)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr
+    assert (f"error: {out}: nothing to resume: diffusion-pipe's latest checkpoint global_step6 in {run_folder} is at "
+            "the end of training (step 6 of 6), but that folder holds no final LoRA (step6/) to collect; start again "
+            "with --overwrite") in resumed.stderr
+    assert not (tmp_path / "launch.jsonl").exists()
+
+
+def test_the_final_save_is_the_one_at_the_end_of_training(tmp_path):
+    from lora_run_diffusion_pipe.collect import SavedLora, checkpoint_step, final_save
+
+    def save(name: str) -> SavedLora:
+        kind, number = name.rstrip("0123456789"), int(name.lstrip("epochst"))
+        return SavedLora(name, kind, number, tmp_path / name, tmp_path / name / "x.safetensors")
+
+    saves = [save(n) for n in ("step16", "epoch4", "step24", "step25")]
+    assert final_save(saves, 24, 24).name == "step25"          # the newest at or past max_steps
+    assert final_save(saves[:3], 24, 24).name == "step24"
+    assert final_save(saves[:2], 24, 24) is None               # step16 is not the end of a 24-step run
+    assert final_save(saves, None, 4).name == "epoch4"         # an epoch run ends with epoch<epochs>
+    assert final_save(saves, None, 5) is None
+    assert [checkpoint_step(t) for t in ("global_step24", "global_step", "step24", None)] == [24, None, None, None]
 
 
 def test_resume_without_a_checkpoint_is_refused(dp_recipe, plugins_with, tmp_path, fake_env):
@@ -347,7 +432,8 @@ def test_hunyuan_image_without_flash_attn_is_refused_before_launch(dp_recipe, tm
     assert with_missing[0] == 2
     line = next(ln for ln in with_missing[1].splitlines() if "flash_attn" in ln)
     assert "[backend.diffusion-pipe.deepspeed] diffusion-pipe's Python (" in line
-    assert "cannot import flash_attn: its HunyuanImage-2.1 model imports flash-attn" in line
+    assert "cannot import flash_attn: its HunyuanImage-2.1 model imports flash_attn_varlen_func" in line
+    assert "install flash-attn 2 (the `flash-attn` package: pip install flash-attn --no-build-isolation)" in line
     monkeypatch.setenv("PYTHONPATH", str(flash_attn_site))
     code, text = _check_output(main, recipe)
     assert code == 0 and "flash_attn" not in text
@@ -364,6 +450,26 @@ def test_the_engines_python_is_read_from_the_launchers_first_line(tmp_path):
         (tmp_path / f"l{i}").write_text(text)
         assert engine_python(tmp_path / f"l{i}") == expected, text
     assert engine_python(tmp_path / "missing") is None
+
+
+def test_the_import_check_imports_the_module_as_diffusion_pipe_will(tmp_path, flash_attn_site, flash_attn_4_site):
+    from lora_run_diffusion_pipe.backend import REQUIRED_IMPORTS, import_problem
+
+    (wanted,) = REQUIRED_IMPORTS["hunyuan-image-2.1"]
+    broken = tmp_path / "broken"
+    (broken / "flash_attn").mkdir(parents=True)
+    (broken / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol')\n")
+
+    def problem(*sites: Path, python: str = sys.executable) -> str | None:
+        return import_problem(python, wanted, {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, sites))})
+
+    assert problem(flash_attn_site) is None
+    assert problem(tmp_path) == "cannot import flash_attn"
+    assert problem(broken) == "importing flash_attn fails there (ImportError: flash_attn_2_cuda.so: undefined symbol)"
+    assert problem(flash_attn_4_site).startswith("cannot import flash_attn_varlen_func, "
+                                                 "flash_attn_varlen_qkvpacked_func from flash_attn (a namespace "
+                                                 "package, without __init__.py: ")
+    assert problem(flash_attn_site, python=str(tmp_path / "no-python")) is None     # left to the launch
 
 
 def _check_output(main, recipe):
