@@ -343,6 +343,9 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise RowTimeout(f"the CLI run did not finish; log tail: {acc._tail(log, 4)}") from None
+    finally:                     # the run has ended (or was stopped): nothing for the orchestrator to stop
+        if proc.poll() is not None:
+            cli_pgid_file(work).unlink(missing_ok=True)
     wall = time.perf_counter() - run_started
     manifest = acc._manifest(out)
     art = manifest.get("artifacts") or {}

@@ -285,11 +285,11 @@ class DiffusionPipeBackend:
         argv = self._argv(layout, resume_from)
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
-        _, _, total = translate.training_length(recipe, self.options, examples)
-        watcher = _Watcher(self, layout, before, resume_from, total, commit or "unknown")
+        length = translate.training_length(recipe, self.options, examples)
+        watcher = _Watcher(self, layout, before, resume_from, length[2], commit or "unknown")
         if resume_from is not None:
             resumed = layout.output / resume_from
-            if self._collect_finished(resumed, watcher, commit or "unknown"):
+            if self._collect_finished(resumed, watcher, length, commit or "unknown"):
                 self._note_run_folder(resumed, tool, layout)
                 return
         ctx.echo(f"diffusion-pipe: {' '.join(argv)}  (in {checkout}; log: {layout.log})")
@@ -360,11 +360,13 @@ class DiffusionPipeBackend:
         self.ctx.echo(f"diffusion-pipe: removed a save_quit signal file left in {run_folder} (the resumed run would "
                       "have stopped after one step)")
 
-    def _collect_finished(self, run_folder: Path, watcher: "_Watcher", commit: str) -> bool:
+    def _collect_finished(self, run_folder: Path, watcher: "_Watcher", length: tuple[int, int | None, int],
+                          commit: str) -> bool:
         """--resume of a run whose latest DeepSpeed checkpoint is at or past its last step: diffusion-pipe would resume
         at the step after it and train one step beyond `max_steps` before it stopped (met on the GPU). Its final
-        LoRA is collected from the run folder instead, without launching it; False when there are steps left."""
-        epochs, max_steps, total = translate.training_length(self.recipe, self.options, self._examples())
+        LoRA is collected from the run folder instead, without launching it; False when there are steps left.
+        `length` is the run's (epochs, max_steps, total steps), `translate.training_length`."""
+        epochs, max_steps, total = length
         tag = collect.latest_checkpoint(run_folder)
         at = collect.checkpoint_step(tag)
         if at is None or at < total:
