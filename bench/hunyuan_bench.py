@@ -1,12 +1,16 @@
 """Full-size HunyuanImage-2.1 and Hunyuan-DiT v1.2 LoRA training steps (random weights, cached-style inputs).
 
-    python bench/hunyuan_bench.py [--out bench/results]
+    python bench/hunyuan_bench.py [--out bench/results] [--no-fa4]
 
-For each family and size: lora-run's plan for an 80 GB GPU (memory_mode = "auto"), step time (median of
+For each family and size: lora-run's plan for the GPU (memory_mode = "auto"), step time (median of
 8 after 3 warm-up steps, CUDA events), peak memory (max_memory_allocated) and the estimate `lora-run plan`
 prints. As a baseline, the same step with plain diffusers + peft, bf16 weights, autocast and block
 gradient checkpointing (what a user gets without lora-run's modes; for Hunyuan-DiT, which has no
-checkpointing in diffusers, without it).
+checkpointing in diffusers, without it). Then the same lora-run plan with FlashAttention-4
+(`[train] attention = "fa4"`: HunyuanImage-2.1's text-padding mask through the op's `keys_used`, Hunyuan-DiT
+through its family's dispatching processor), and, per family at 1024², the LoRA gradients of one eager step
+with FA4 against SDPA on the same inputs, with the bound of bench/perf.py (3× SDPA's own bf16 noise: its
+default kernel against its math kernel, both bf16).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ sys.path.insert(0, str(HERE.parent / "core"))
 
 import torch  # noqa: E402
 
-from lora_run_native import accel, perfmodel  # noqa: E402
+from lora_run_native import accel, attention, perfmodel  # noqa: E402
+from perf import grad_bound  # noqa: E402
 
 IMAGE_CONFIG = dict(in_channels=64, out_channels=64, num_attention_heads=28, attention_head_dim=128, num_layers=20,
                     num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=(1, 1),
@@ -70,10 +75,62 @@ def build(family: str, rank: int):
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                         target_modules=IMAGE_TARGETS if family == "hunyuan-image-2.1" else DIT_TARGETS)
     inject_adapter_in_model(config, model)
-    for p in model.parameters():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for name, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()
+            if "lora_B" in name:           # non-zero, so every LoRA tensor has a gradient to compare
+                p.data.normal_(0, 0.01, generator=g)
     return model
+
+
+def as_lora_run_builds(model, family: str):
+    """What the family's adapter does to a loaded transformer that bears on speed: Hunyuan-DiT's attention
+    goes through diffusers' dispatch (lora_run_hunyuan_dit.attention), so the run's kernel reaches it."""
+    if family == "hunyuan-dit-1.2":
+        from lora_run_hunyuan_dit.attention import use_dispatching_attention
+
+        use_dispatching_attention(model)
+    return model
+
+
+def lora_grads(model, family: str, res: int) -> dict:
+    kw, target = inputs(family, res, 1)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**kw)[0]
+    torch.nn.functional.mse_loss(out[:, : target.shape[1]].float(), target).backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def rel_error(a: dict, b: dict) -> float:
+    num = sum(float((a[n] - b[n]).pow(2).sum()) for n in b)
+    den = sum(float(b[n].pow(2).sum()) for n in b)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def grad_check(family: str, res: int, rank: int) -> dict:
+    """One eager step's LoRA gradients: FA4 against SDPA's default kernel, and SDPA's own bf16 noise (its
+    default kernel against its math kernel) for the bound."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = as_lora_run_builds(build(family, rank), family)
+    sdpa = lora_grads(model, family, res)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math = lora_grads(model, family, res)
+    choice = attention.setup(model, "fa4", "cuda")
+    row = dict(family=family, resolution=res, impl="gradient check", attention=choice.describe())
+    if choice.kernel == "fa4":
+        fa4 = lora_grads(model, family, res)
+        noise = rel_error(math, sdpa)
+        row.update(grad_rel_error=rel_error(fa4, sdpa), bf16_noise=noise, grad_bound=grad_bound(noise),
+                   tensors=len(sdpa))
+        row["grad_ok"] = row["grad_rel_error"] <= row["grad_bound"]
+    del model
+    free()
+    return row
 
 
 def inputs(family: str, res: int, batch: int) -> tuple[dict, torch.Tensor]:
@@ -148,6 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--no-fa4", dest="fa4", action="store_false", help="skip the FlashAttention-4 rows")
     args = ap.parse_args()
     accel.configure_cuda()
     import diffusers
@@ -171,40 +229,63 @@ def main() -> None:
             row.update(family=family, resolution=res, impl="diffusers+peft",
                        plan="eager, bf16, " + ("block checkpointing" if family != "hunyuan-dit-1.2" else "no checkpointing"))
             rows.append(row)
+            baseline = row
             print(json.dumps(row), flush=True)
             del model
             free()
             plan = perfmodel.choose_mode("auto", family, res, res, 1, args.rank, "attention",
                                          free_gib=total - 1.0, fp8_requested=False)
-            model = build(family, args.rank)
-            accel.apply(model, plan, "cuda", torch.bfloat16)
-            free()
-            try:
-                row = timed(model, family, res)
-            except torch.OutOfMemoryError as exc:
-                row = dict(error=f"OOM {str(exc)[:120]}")
             estimate = perfmodel.estimate_peak_gib(family, res, res, 1, args.rank, "attention", plan)
-            row.update(family=family, resolution=res, impl="lora-run", plan=plan.describe(), estimate_gib=estimate)
-            if "peak_gib" in row:
-                row["estimate_error"] = estimate / row["peak_gib"] - 1
-                base = rows[-1]
-                if "median_s" in base:
-                    row["speedup_vs_baseline"] = base["median_s"] / row["median_s"]
+            sdpa_row = None
+            for kernel in ("sdpa", "fa4") if args.fa4 else ("sdpa",):
+                model = as_lora_run_builds(build(family, args.rank), family)
+                choice = attention.setup(model, kernel, "cuda")
+                accel.apply(model, plan, "cuda", torch.bfloat16)
+                free()
+                if choice.kernel != kernel:
+                    row = dict(error=f"FlashAttention-4 cannot run: {choice.reason}")
+                else:
+                    try:
+                        row = timed(model, family, res)
+                    except torch.OutOfMemoryError as exc:
+                        row = dict(error=f"OOM {str(exc)[:120]}")
+                row.update(family=family, resolution=res, impl="lora-run", plan=plan.describe(),
+                           attention=choice.describe(), estimate_gib=estimate)
+                if "peak_gib" in row:
+                    row["estimate_error"] = estimate / row["peak_gib"] - 1
+                    if "median_s" in baseline:
+                        row["speedup_vs_baseline"] = baseline["median_s"] / row["median_s"]
+                    if sdpa_row and "median_s" in sdpa_row:
+                        row["speedup_vs_sdpa"] = sdpa_row["median_s"] / row["median_s"]
+                sdpa_row = sdpa_row or row
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del model
+                free()
+        if args.fa4:
+            row = grad_check(family, 1024, args.rank)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del model
-            free()
     out = Path(os.environ.get("OUT", args.out))
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     (out / f"hunyuan-{stamp}.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-    print("\n| family | res | impl | plan | median s | peak GiB | est GiB | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| family | res | impl | plan / attention | median s | peak GiB | est GiB | vs baseline | vs SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} | {r['resolution']} | {r['impl']} | {r['plan']} | {r.get('median_s', float('nan')):.3f} | "
+        if r["impl"] == "gradient check":
+            continue
+        what = r["plan"] + (f"; {r['attention']}" if r.get("attention") else "")
+        print(f"| {r['family']} | {r['resolution']} | {r['impl']} | {what} | {r.get('median_s', float('nan')):.3f} | "
               f"{r.get('peak_gib', float('nan')):.1f} | {r.get('estimate_gib', float('nan')):.1f} | "
-              f"{r.get('speedup_vs_baseline', 1.0):.2f}× |")
-
+              f"{r.get('speedup_vs_baseline', 1.0):.2f}× | {r.get('speedup_vs_sdpa', float('nan')):.2f}× |"
+              + (f" {r['error']}" if r.get("error") else ""))
+    for r in rows:
+        if r["impl"] == "gradient check":
+            print(f"{r['family']} LoRA gradients FA4 vs SDPA at {r['resolution']}²: "
+                  + (f"{r['grad_rel_error']:.2e} (bound {r['grad_bound']:.2e}, SDPA's bf16 noise {r['bf16_noise']:.2e}, "
+                     f"{r['tensors']} tensors): {'ok' if r['grad_ok'] else 'TOO LARGE'}" if "grad_rel_error" in r
+                     else r["attention"]))
 
 if __name__ == "__main__":
     main()

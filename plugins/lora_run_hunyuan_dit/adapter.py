@@ -244,9 +244,12 @@ class HunyuanDiTAdapter(SourceLoader):
             self.tokenizers[key] = tok
 
     def load_transformer(self) -> Any:
+        from .attention import use_dispatching_attention
+
         model = self._component("transformer", self.compute_dtype)
         model.requires_grad_(False)
         embed_exact_timesteps(model)
+        use_dispatching_attention(model)        # so the native backend's attention kernel reaches it
         conditioned = bool(model.config.use_style_cond_and_image_meta_size)
         if self.recipe.model.version and conditioned != (self.recipe.model.version == "1.1"):
             raise self.error("model.version", f"is \"{self.recipe.model.version}\", but {self._source()} is a "

@@ -7,9 +7,13 @@ with its own backward op and a fake implementation), so ``torch.compile`` keeps 
 block graph and CUDA graphs capture it, instead of breaking the graph at an opaque Python call.
 
 The op reaches the model through diffusers' attention dispatch: a backend registered in diffusers'
-registry, set on every attention processor that dispatches (FLUX, HunyuanImage-2.1). A call it cannot
-serve (an attention mask, a dtype other than bf16/fp16, a CPU tensor, an unsupported head size) runs
-PyTorch's SDPA instead, as the default backend would.
+registry, set on every attention processor that dispatches (FLUX, HunyuanImage-2.1, and Hunyuan-DiT through
+the dispatching processor its family plugin installs). A boolean key mask (batch, 1, 1, keys) — HunyuanImage-2.1's
+text padding — is served too: the valid keys are moved to the front (a stable sort of the mask, a gather of
+k and v: no host sync, static shapes) and FA4 attends to the first ``keys_used`` of each row (its
+``seqused_k``); the gradients of the masked keys are zero, as with SDPA. A call it cannot serve (any other
+mask, a dtype other than bf16/fp16, a CPU tensor, an unsupported head size) runs PyTorch's SDPA instead, as
+the default backend would.
 
 Selection (``choose``): ``sdpa`` always runs SDPA; ``auto`` runs FA4 when it imports, the GPU is SM90 or
 SM100 and a start-up check of FA4 against SDPA on a small random case (forward and backward) passes, and
@@ -81,66 +85,76 @@ def choose(requested: str, *, cuda: bool, capability: tuple[int, int] | None, im
 # ------------------------------------------------------------------------------------------- the op
 def define_op(namespace: str, forward_kernel: Callable, backward_kernel: Callable,
               device_types: Any = None) -> Callable:
-    """Register ``{namespace}::fa4_attention(q, k, v, scale) -> (out, lse)`` and its backward op.
+    """Register ``{namespace}::fa4_attention(q, k, v, keys_used, scale) -> (out, lse)`` and its backward op.
 
-    Layout (batch, tokens, heads, head_dim) for q/k/v/out, lse (batch, heads, tokens) in float32.
-    ``forward_kernel(q, k, v, scale) -> (out, lse)``; ``backward_kernel(dout, q, k, v, out, lse, scale) ->
-    (dq, dk, dv)``. The real kernels are FA4's; tests register a stand-in under another namespace."""
+    Layout (batch, tokens, heads, head_dim) for q/k/v/out, lse (batch, heads, tokens) in float32. ``keys_used``
+    is None (every key) or an int32 tensor (batch,): each row attends to its first ``keys_used[b]`` keys.
+    ``forward_kernel(q, k, v, keys_used, scale) -> (out, lse)``; ``backward_kernel(dout, q, k, v, out, lse,
+    keys_used, scale) -> (dq, dk, dv)``; the gradients of the unused keys are set to zero here, whatever the
+    kernel leaves there. The real kernels are FA4's; tests register a stand-in under another namespace."""
     import torch
 
     @torch.library.custom_op(f"{namespace}::fa4_attention", mutates_args=(), device_types=device_types,
-                             schema="(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
-    def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = forward_kernel(q, k, v, scale)
+                             schema="(Tensor q, Tensor k, Tensor v, Tensor? keys_used, float scale) -> (Tensor, Tensor)")
+    def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_used: torch.Tensor | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = forward_kernel(q, k, v, keys_used, scale)
         return out, lse
 
     @attention_op.register_fake
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys_used: torch.Tensor | None,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         batch, tokens, heads, _ = q.shape
         return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((batch, heads, tokens), dtype=torch.float32)
 
     @torch.library.custom_op(f"{namespace}::fa4_attention_backward", mutates_args=(), device_types=device_types,
                              schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                                    "float scale) -> (Tensor, Tensor, Tensor)")
+                                    "Tensor? keys_used, float scale) -> (Tensor, Tensor, Tensor)")
     def backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = backward_kernel(dout.contiguous(), q, k, v, out, lse, scale)
+                    lse: torch.Tensor, keys_used: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = backward_kernel(dout.contiguous(), q, k, v, out, lse, keys_used, scale)
+        if keys_used is not None:
+            used = torch.arange(k.shape[1], device=k.device)[None, :] < keys_used[:, None]
+            dk, dv = (g * used[:, :, None, None].to(g.dtype) for g in (dk, dv))
         return dq, dk, dv
 
     @backward_op.register_fake
     def _(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-          lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          lse: torch.Tensor, keys_used: torch.Tensor | None,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        q, k, v, scale = inputs
+        q, k, v, keys_used, scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, keys_used)
         ctx.scale = scale
 
     def backward(ctx: Any, dout: Any, _dlse: Any) -> Any:
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, keys_used = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = backward_op(dout, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
+        dq, dk, dv = backward_op(dout, q, k, v, out, lse, keys_used, ctx.scale)
+        return dq, dk, dv, None, None
 
     attention_op.register_autograd(backward, setup_context=setup_context)
     return attention_op
 
 
 def _fa4_kernels() -> tuple[Callable, Callable]:
-    def forward(q: Any, k: Any, v: Any, scale: float) -> Any:
+    def forward(q: Any, k: Any, v: Any, keys_used: Any, scale: float) -> Any:
         from flash_attn.cute.interface import _flash_attn_fwd
 
-        out, lse, *_ = _flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale,
-                                       causal=False, return_lse=True)
+        out, lse, *_ = _flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), seqused_k=keys_used,
+                                       softmax_scale=scale, causal=False, return_lse=True)
         return out, lse
 
-    def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, scale: float) -> Any:
+    def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, keys_used: Any, scale: float) -> Any:
         from flash_attn.cute.interface import _flash_attn_bwd
 
-        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=False)[:3]
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=False,
+                                     seqused_k=keys_used)[:3]
         return dq, dk, dv
 
     return forward, backward
@@ -164,39 +178,54 @@ def relative_error(a: Any, b: Any) -> float:
 
 def numeric_check(op: Callable, device: Any, tokens: int = 333, heads: int = 4, head_dim: int = 128,
                   dtype: Any = None) -> str | None:
-    """FA4 (`op`) against SDPA on one small random case, forward and backward: None when every output and
-    gradient is within CHECK_FACTOR × SDPA's own error (both against an fp32 reference) + CHECK_SLACK."""
+    """FA4 (`op`) against SDPA on two small random cases, forward and backward: None when every output and
+    gradient is within CHECK_FACTOR × SDPA's own error (both against an fp32 reference) + CHECK_SLACK.
+
+    The second case is the masked path as the dispatch runs it (`valid_keys_first`, then the op): a batch of
+    two with boolean key masks that are not prefixes (every other key of one row masked, the tail of the
+    other)."""
     import torch
-    import torch.nn.functional as F
 
     dtype = dtype or torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, dout = (torch.randn(1, tokens, heads, head_dim, generator=g).to(device, dtype) for _ in range(4))
     scale = head_dim ** -0.5
+    keys = torch.ones(2, tokens, dtype=torch.bool)
+    keys[0, 1::2] = False
+    keys[1, tokens // 3:] = False
+    cases = {"": (1, None), "masked ": (2, keys.view(2, 1, 1, tokens).to(device))}
 
-    def grads(fn: Callable, cast: Any) -> list[Any]:
-        leaves = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+    def masked(a: Any, b: Any, c: Any, mask: Any) -> Any:       # the dispatch's masked path (make_backend_fn)
+        b, c, keys_used = valid_keys_first(b, c, mask.reshape(mask.shape[0], -1))
+        return op(a, b, c, keys_used, scale)[0]
+
+    def grads(fn: Callable, cast: Any, inputs: list[Any], dout: Any) -> list[Any]:
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in inputs]
         out = fn(*leaves)
         out.backward(dout.to(cast))
         return [out.detach()] + [t.grad for t in leaves]
 
-    def sdpa(a: Any, b: Any, c: Any) -> Any:
-        return F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2),
-                                              scale=scale).transpose(1, 2)
+    for label, (batch, mask) in cases.items():
+        *qkv, dout = (torch.randn(batch, tokens, heads, head_dim, generator=g).to(device, dtype) for _ in range(4))
 
-    try:
-        reference = grads(sdpa, torch.float32)
-        baseline = grads(sdpa, dtype)
-        candidate = grads(lambda a, b, c: op(a, b, c, scale)[0], dtype)
-    except Exception as exc:  # noqa: BLE001 - a kernel that raises fails the check
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    for name, ref, base, cand in zip(("out", "dq", "dk", "dv"), reference, baseline, candidate):
-        if cand is None or cand.shape != ref.shape or not torch.isfinite(cand).all():
-            return f"{name}: missing, misshaped or non-finite"
-        bound = CHECK_FACTOR * relative_error(base, ref) + CHECK_SLACK
-        err = relative_error(cand, ref)
-        if not err <= bound:
-            return f"{name} relative error {err:.2e} > bound {bound:.2e}"
+        def sdpa(a: Any, b: Any, c: Any, mask: Any = mask) -> Any:
+            return _sdpa(a, b, c, mask, 0.0, False, scale)
+
+        def candidate_fn(a: Any, b: Any, c: Any, mask: Any = mask) -> Any:
+            return op(a, b, c, None, scale)[0] if mask is None else masked(a, b, c, mask)
+
+        try:
+            reference = grads(sdpa, torch.float32, qkv, dout)
+            baseline = grads(sdpa, dtype, qkv, dout)
+            candidate = grads(candidate_fn, dtype, qkv, dout)
+        except Exception as exc:  # noqa: BLE001 - a kernel that raises fails the check
+            return f"{label}{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        for name, ref, base, cand in zip(("out", "dq", "dk", "dv"), reference, baseline, candidate):
+            if cand is None or cand.shape != ref.shape or not torch.isfinite(cand).all():
+                return f"{label}{name}: missing, misshaped or non-finite"
+            bound = CHECK_FACTOR * relative_error(base, ref) + CHECK_SLACK
+            err = relative_error(cand, ref)
+            if not err <= bound:
+                return f"{label}{name} relative error {err:.2e} > bound {bound:.2e}"
     return None
 
 
@@ -210,25 +239,52 @@ def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any, dropout_p: float, is
     return out.transpose(1, 2)
 
 
+def key_mask(attn_mask: Any, batch: int, keys: int) -> Any:
+    """The (batch, keys) boolean key mask of a dispatched mask, or None when the mask is not one (a float mask,
+    or one that differs between queries or heads, e.g. HunyuanImage-2.1's token refiner)."""
+    import torch
+
+    if attn_mask.dtype != torch.bool or attn_mask.shape not in ((batch, 1, 1, keys), (batch, keys)):
+        return None
+    return attn_mask.reshape(batch, keys)
+
+
 def fa4_serves(query: Any, key: Any, value: Any, attn_mask: Any, dropout_p: float, is_causal: bool) -> bool:
     """Whether a dispatched call can run on the FA4 op (else SDPA runs it)."""
     import torch
 
-    return (attn_mask is None and dropout_p == 0.0 and not is_causal and query.is_cuda
+    return ((attn_mask is None or key_mask(attn_mask, key.shape[0], key.shape[1]) is not None)
+            and dropout_p == 0.0 and not is_causal and query.is_cuda
             and query.dtype in (torch.bfloat16, torch.float16) and query.dtype == key.dtype == value.dtype
             and query.dim() == 4 and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
             and value.shape[-1] % 8 == 0 and query.shape[2] == key.shape[2])
 
 
+def valid_keys_first(key: Any, value: Any, mask: Any) -> tuple[Any, Any, Any]:
+    """(key, value, keys_used): each row's unmasked keys moved to the front, in order (a stable sort of the
+    mask, then a gather: static shapes, no host sync), and how many there are (int32). Attention does not
+    depend on the order of its keys, and the gather's backward puts each key's gradient back in its place."""
+    import torch
+
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    index = order[:, :, None, None]
+    key = key.gather(1, index.expand(-1, -1, *key.shape[2:]))
+    value = value.gather(1, index.expand(-1, -1, *value.shape[2:]))
+    return key, value, mask.sum(dim=1, dtype=torch.int32)
+
+
 def make_backend_fn(op: Callable, serves: Callable = fa4_serves) -> Callable:
     """A diffusers attention backend (layout batch, tokens, heads, head_dim) that runs `op` on the calls
-    `serves` accepts and SDPA on the others."""
+    `serves` accepts and SDPA on the others. A boolean key mask reaches the op as `valid_keys_first`."""
 
     def lora_run_fa4(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
                      is_causal: bool = False, scale: float | None = None, return_lse: bool = False,
                      _parallel_config: Any = None) -> Any:
         if serves(query, key, value, attn_mask, dropout_p, is_causal):
-            out, lse = op(query, key, value, float(scale if scale is not None else query.shape[-1] ** -0.5))
+            keys_used = None
+            if attn_mask is not None:
+                key, value, keys_used = valid_keys_first(key, value, key_mask(attn_mask, key.shape[0], key.shape[1]))
+            out, lse = op(query, key, value, keys_used, float(scale if scale is not None else query.shape[-1] ** -0.5))
             return (out, lse.transpose(1, 2)) if return_lse else out
         if return_lse:
             raise ValueError("lora_run_fa4: return_lse needs the FlashAttention-4 path")
@@ -264,6 +320,18 @@ def set_backend(model: Any, backend: Any) -> int:
     return count
 
 
+def head_dims(model: Any) -> list[int]:
+    """The head sizes of `model`'s dispatching attention modules (FLUX 128, HunyuanImage-2.1 128, Hunyuan-DiT 88):
+    the start-up check runs at each, so a size the kernel gets wrong is caught before training."""
+    sizes = set()
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        heads = getattr(module, "heads", None)
+        if processor is not None and hasattr(processor, "_attention_backend") and heads:
+            sizes.add(int(getattr(module, "head_dim", 0) or module.to_q.out_features // heads))
+    return sorted(sizes) or [128]
+
+
 def setup(model: Any, requested: str, device: Any, tokens: int | None = None, graphs: bool = False) -> AttentionChoice:
     """Choose the kernel for this run and route `model`'s attention to it."""
     import torch
@@ -278,7 +346,11 @@ def setup(model: Any, requested: str, device: Any, tokens: int | None = None, gr
             op.append(fa4_op())
         except Exception as exc:  # noqa: BLE001
             return f"registering the op failed: {type(exc).__name__}: {exc}"
-        return numeric_check(op[0], device)
+        for size in head_dims(model):
+            problem = numeric_check(op[0], device, head_dim=size)
+            if problem:
+                return f"head size {size}: {problem}"
+        return None
 
     choice = choose(requested, cuda=cuda, capability=capability, import_error=import_error, check=check,
                     tokens=tokens, graphs=graphs)

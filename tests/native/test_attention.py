@@ -12,23 +12,34 @@ torch = pytest.importorskip("torch")
 from lora_run_native import attention  # noqa: E402
 
 
-def _forward(q, k, v, scale):
+def _scores(q, k, keys_used, scale):
+    """fp32 scores (B, H, Sq, Sk); keys at or beyond a row's `keys_used` get -inf."""
+    scores = q.float().transpose(1, 2) @ k.float().transpose(1, 2).transpose(-1, -2) * scale
+    if keys_used is not None:
+        unused = torch.arange(k.shape[1])[None, :] >= keys_used[:, None].long()
+        scores = scores.masked_fill(unused[:, None, None, :], float("-inf"))
+    return scores
+
+
+def _forward(q, k, v, keys_used, scale, ignore_keys_used=False):
     """Math attention in fp32, layout (B, S, H, D); lse (B, H, S)."""
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
-    scores = qf @ kf.transpose(-1, -2) * scale
+    scores = _scores(q, k, None if ignore_keys_used else keys_used, scale)   # planted mistake: ignore the mask
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.softmax(scores, dim=-1) @ vf
+    out = torch.softmax(scores, dim=-1) @ v.float().transpose(1, 2)
     return out.transpose(1, 2).to(q.dtype).contiguous(), lse.contiguous()
 
 
-def _backward(dout, q, k, v, out, lse, scale, wrong=False):
+def _backward(dout, q, k, v, out, lse, keys_used, scale, wrong=False, junk_in_unused=False):
     qf, kf, vf, do = (t.float().transpose(1, 2) for t in (q, k, v, dout))
-    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])      # softmax from the saved lse
+    p = torch.exp(_scores(q, k, keys_used, scale) - lse[..., None])      # softmax from the saved lse
     dv = p.transpose(-1, -2) @ do
     dp = do @ vf.transpose(-1, -2)
     delta = (dp * p).sum(-1, keepdim=True)
     ds = p * (dp - delta) * (1.1 if wrong else 1.0)                        # planted mistake: dS off by 10%
     dq, dk = ds @ kf * scale, ds.transpose(-1, -2) @ qf * scale
+    if junk_in_unused and keys_used is not None:                          # a kernel that leaves the unused rows
+        unused = torch.arange(k.shape[1])[None, :] >= keys_used[:, None].long()
+        dk, dv = (g.masked_fill(unused[:, None, :, None], 7.0) for g in (dk, dv))
     return tuple(t.transpose(1, 2).to(q.dtype).contiguous() for t in (dq, dk, dv))
 
 
@@ -43,6 +54,19 @@ def wrong_standin():
                                lambda *a: _backward(*a, wrong=True))
 
 
+@pytest.fixture(scope="module")
+def maskless_standin():
+    """Planted mistake: a kernel that attends to every key, ignoring keys_used."""
+    return attention.define_op("lora_run_test_maskless", lambda *a: _forward(*a, ignore_keys_used=True),
+                               _backward)
+
+
+@pytest.fixture(scope="module")
+def junk_standin():
+    """A kernel that leaves junk in the gradient rows of the unused keys (the op must zero them)."""
+    return attention.define_op("lora_run_test_junk", _forward, lambda *a: _backward(*a, junk_in_unused=True))
+
+
 def qkv(tokens=20, heads=2, dim=16, dtype=torch.float32, grad=True):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(1, tokens, heads, dim, generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3)]
@@ -53,23 +77,25 @@ def test_fake_registration_gives_shapes_without_running_the_kernel(standin):
 
     with FakeTensorMode():
         q, k, v = (torch.empty(2, 37, 3, 64, dtype=torch.bfloat16) for _ in range(3))
-        out, lse = torch.ops.lora_run_test.fa4_attention(q, k, v, 0.125)
+        out, lse = torch.ops.lora_run_test.fa4_attention(q, k, v, None, 0.125)
         assert out.shape == (2, 37, 3, 64) and out.dtype == torch.bfloat16
         assert lse.shape == (2, 3, 37) and lse.dtype == torch.float32
-        dq, dk, dv = torch.ops.lora_run_test.fa4_attention_backward(out, q, k, v, out, lse, 0.125)
+        dq, dk, dv = torch.ops.lora_run_test.fa4_attention_backward(out, q, k, v, out, lse, None, 0.125)
         assert dq.shape == q.shape and dv.shape == v.shape
     meta = [torch.empty(1, 5, 2, 8, device="meta") for _ in range(3)]
-    assert torch.ops.lora_run_test.fa4_attention(*meta, 0.5)[1].shape == (1, 2, 5)
+    assert torch.ops.lora_run_test.fa4_attention(*meta, None, 0.5)[1].shape == (1, 2, 5)
 
 
 def test_opcheck_of_the_registration(standin):
     q, k, v = qkv()
-    torch.library.opcheck(torch.ops.lora_run_test.fa4_attention.default, (q, k, v, 0.25))
+    torch.library.opcheck(torch.ops.lora_run_test.fa4_attention.default, (q, k, v, None, 0.25))
+    used = torch.tensor([13], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.lora_run_test.fa4_attention.default, (q, k, v, used, 0.25))
 
 
 def test_op_gradients_match_sdpa(standin):
     q, k, v = qkv()
-    out = standin(q, k, v, 0.25)[0]
+    out = standin(q, k, v, None, 0.25)[0]
     out.pow(2).sum().backward()
     got = [t.grad.clone() for t in (q, k, v)]
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -99,7 +125,7 @@ def test_compiled_region_keeps_the_op_in_one_graph(standin):
     torch._dynamo.reset()
 
     def block(q, k, v):
-        return (standin(q * 2, k, v, 0.25)[0] + 1).sum()
+        return (standin(q * 2, k, v, None, 0.25)[0] + 1).sum()
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     q, k, v = qkv()
@@ -145,9 +171,9 @@ def test_flux_attention_is_routed_through_the_op_by_diffusers_dispatch(standin):
 
     calls = []
 
-    def counting(q, k, v, scale):
+    def counting(q, k, v, keys_used, scale):
         calls.append(tuple(q.shape))
-        return standin(q, k, v, scale)
+        return standin(q, k, v, keys_used, scale)
 
     model = tiny_flux_with_lora()
 
@@ -168,17 +194,143 @@ def test_flux_attention_is_routed_through_the_op_by_diffusers_dispatch(standin):
         assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), name
 
 
-def test_masked_calls_fall_back_to_sdpa(standin):
-    fn = attention.make_backend_fn(lambda *a: pytest.fail("the op must not see a masked call"),
-                                   serves=attention.fa4_serves)
+def _on_cpu(query, key, value, attn_mask, dropout_p, is_causal):
+    """fa4_serves without its CUDA/bf16 conditions, so the routing runs on CPU in fp32."""
+    return (attn_mask is None or attention.key_mask(attn_mask, key.shape[0], key.shape[1]) is not None) \
+        and dropout_p == 0.0 and not is_causal
+
+
+def _masked_case(batch=2, tokens=20):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(batch, tokens, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    keys = torch.ones(batch, tokens, dtype=torch.bool)
+    keys[0, 1::3] = False                  # not a prefix
+    keys[1, 11:] = False                   # a prefix (text padding)
+    return q, k, v, keys.view(batch, 1, 1, tokens)
+
+
+def _grads(fn, q, k, v):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.pow(2).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def test_a_boolean_key_mask_runs_on_the_op_with_the_valid_keys_first(standin, maskless_standin, junk_standin):
+    q, k, v, mask = _masked_case()
+    reference = _grads(lambda a, b, c: attention._sdpa(a, b, c, mask, 0.0, False, 0.25), q, k, v)
+    assert float(reference[2][0, 1::3].abs().max()) == 0.0           # SDPA: masked keys get no gradient
+    for op in (standin, junk_standin):
+        calls = []
+
+        def counting(*args, op=op):
+            calls.append(args[3].tolist())
+            return op(*args)
+
+        fn = attention.make_backend_fn(counting, serves=_on_cpu)
+        got = _grads(lambda a, b, c: fn(a, b, c, attn_mask=mask, scale=0.25), q, k, v)
+        assert calls == [[13, 11]]                                   # keys_used per row, through the op
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference):
+            assert torch.allclose(a, b, atol=1e-5), name
+    # control: a kernel that ignores keys_used is caught by the same comparison
+    fn = attention.make_backend_fn(maskless_standin, serves=_on_cpu)
+    wrong = _grads(lambda a, b, c: fn(a, b, c, attn_mask=mask, scale=0.25), q, k, v)
+    assert not torch.allclose(wrong[0], reference[0], atol=1e-3)
+
+
+def test_the_masked_path_compiles_into_one_graph(standin):
+    """fullgraph=True: sorting the mask, gathering the keys and counting them break no graph (no host sync)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    q, k, v, mask = _masked_case()
+    fn = attention.make_backend_fn(standin, serves=_on_cpu)
+    compiled = torch.compile(lambda a, b, c: fn(a, b, c, attn_mask=mask, scale=0.25), backend="aot_eager",
+                             fullgraph=True)
+    got = _grads(compiled, q, k, v)
+    reference = _grads(lambda a, b, c: attention._sdpa(a, b, c, mask, 0.0, False, 0.25), q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference):
+        assert torch.allclose(a, b, atol=1e-5), name
+    torch._dynamo.reset()
+
+
+def test_startup_check_covers_the_masked_path(standin, maskless_standin):
+    assert attention.numeric_check(standin, "cpu", tokens=40, heads=2, head_dim=32) is None
+    problem = attention.numeric_check(maskless_standin, "cpu", tokens=40, heads=2, head_dim=32)
+    assert problem is not None and problem.startswith("masked out relative error")
+
+
+def test_other_masks_fall_back_to_sdpa():
+    fn = attention.make_backend_fn(lambda *a: pytest.fail("the op must not see this call"), serves=_on_cpu)
     q, k, v = qkv(grad=False)
-    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool)
-    mask[..., -3:] = False
-    out = fn(q, k, v, attn_mask=mask)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           attn_mask=mask).transpose(1, 2)
-    assert torch.allclose(out, ref)
+    full = torch.ones(1, 1, 20, 20, dtype=torch.bool)                # differs per query: not a key mask
+    full[..., -3:, :5] = False
+    additive = torch.zeros(1, 1, 1, 20)
+    additive[..., -3:] = float("-inf")                               # a float mask
+    for mask in (full, additive):
+        out = fn(q, k, v, attn_mask=mask)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+        assert torch.allclose(out, ref)
     assert not attention.fa4_serves(q, k, v, None, 0.0, False)        # fp32 CPU tensors: SDPA
+
+
+def _tiny_hunyuan_image_with_lora():
+    """One double, one single and one refiner block; captions padded (Qwen 7 of 10 tokens, byT5 2 of 4), as
+    the family's adapter passes them (both encoders, so diffusers puts the valid text tokens first)."""
+    from diffusers import HunyuanImageTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = HunyuanImageTransformer2DModel(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                           text_embed_dim=24, text_embed_2_dim=20, rope_axes_dim=(16, 16))
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(2)
+    mask, mask_2 = torch.zeros(1, 10, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+    mask[:, :7], mask_2[:, :2] = 1, 1
+    kwargs = dict(hidden_states=torch.randn(1, 16, 3, 3, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 10, 24, generator=g), encoder_attention_mask=mask,
+                  encoder_hidden_states_2=torch.randn(1, 4, 20, generator=g), encoder_attention_mask_2=mask_2,
+                  return_dict=False)
+    return model, kwargs
+
+
+def test_hunyuan_image_attention_runs_on_the_op_with_its_text_padding_mask(standin, maskless_standin):
+    """A tiny HunyuanImage-2.1 transformer with padded captions: every block's attention (masked: image tokens
+    and the valid text tokens) goes through the op, and the output and LoRA gradients equal the default
+    (SDPA) backend's; the refiner's query-by-key mask stays on SDPA. A kernel ignoring the mask is caught."""
+    model, kwargs = _tiny_hunyuan_image_with_lora()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0]
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_out, ref_grads = run()
+    calls = []
+
+    def counting(q, k, v, keys_used, scale):
+        calls.append(None if keys_used is None else keys_used.tolist())
+        return standin(q, k, v, keys_used, scale)
+
+    blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert attention.set_backend(model, attention.register_backend(counting, "lora_run_test_hy", serves=_on_cpu)) >= blocks
+    out, grads = run()
+    assert len(calls) == blocks and all(used is not None for used in calls)
+    assert calls == [[9 + 7 + 2]] * blocks                # 3×3 image tokens + the valid text tokens
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), name
+    attention.set_backend(model, attention.register_backend(maskless_standin, "lora_run_test_hy_wrong", serves=_on_cpu))
+    wrong, _ = run()
+    assert not torch.allclose(wrong, ref_out, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -193,9 +345,9 @@ def test_compiled_flux_blocks_keep_the_routed_op_in_graph():
 
     kernel_calls = []
 
-    def counted_forward(q, k, v, scale):
+    def counted_forward(q, k, v, keys_used, scale):
         kernel_calls.append(q.shape[1])
-        return _forward(q, k, v, scale)
+        return _forward(q, k, v, keys_used, scale)
 
     op = attention.define_op("lora_run_test_count", counted_forward, _backward)
     reference = tiny_flux_with_lora()
@@ -247,3 +399,79 @@ def test_asking_for_fa4_where_it_cannot_run_stops_with_the_key_named():
     assert "[train.attention] \"fa4\"" in str(info.value) and "no CUDA device" in str(info.value)
     recipe.train.attention = "auto"
     assert choose_attention(torch.nn.Linear(2, 2), recipe, "cpu").kernel == "sdpa"
+
+
+def _tiny_hunyuan_dit_with_lora():
+    from diffusers import HunyuanDiT2DModel
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2,
+                              hidden_size=32, num_layers=2, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=32,
+                              cross_attention_dim_t5=32, pooled_projection_dim=32, text_len=77, text_len_t5=256,
+                              sample_size=16, use_style_cond_and_image_meta_size=False)
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=r".*blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"), model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(2)
+    rope = get_2d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    kwargs = dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([400.0]),
+                  encoder_hidden_states=torch.randn(1, 77, 32, generator=g),
+                  text_embedding_mask=torch.ones(1, 77, dtype=torch.long),
+                  encoder_hidden_states_t5=torch.randn(1, 256, 32, generator=g),
+                  text_embedding_mask_t5=torch.ones(1, 256, dtype=torch.long), image_rotary_emb=rope,
+                  return_dict=False)
+    return model, kwargs
+
+
+def test_hunyuan_dit_attention_reaches_the_op_through_the_dispatching_processor(standin, wrong_standin):
+    """diffusers' Hunyuan-DiT processor calls SDPA itself; the family's dispatching processor computes the same
+    attention (output and LoRA gradients equal diffusers' processor's), and with the backend set every self- and
+    cross-attention call runs on the op. A kernel with a wrong backward is caught by the same comparison."""
+    from lora_run_hunyuan_dit.attention import use_dispatching_attention
+
+    model, kwargs = _tiny_hunyuan_dit_with_lora()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0]
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_out, ref_grads = run()
+    assert attention.set_backend(model, attention.register_backend(standin, "lora_run_test_dit0")) == 0
+    assert use_dispatching_attention(model) == 4                     # attn1 and attn2 of two blocks
+    out, grads = run()                                               # no backend yet: SDPA through dispatch
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    calls = []
+
+    def counting(q, k, v, keys_used, scale, op=standin):
+        calls.append((q.shape[1], k.shape[1]))
+        return op(q, k, v, keys_used, scale)
+
+    assert attention.set_backend(model, attention.register_backend(counting, "lora_run_test_dit", serves=_on_cpu)) == 4
+    out, grads = run()
+    assert sorted(set(calls)) == [(16, 16), (16, 77 + 256)]          # self-attention, cross-attention to the text
+    assert len(calls) == 4
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-4), name
+    attention.set_backend(model, attention.register_backend(wrong_standin, "lora_run_test_dit_wrong", serves=_on_cpu))
+    _, wrong = run()
+    assert any(not torch.allclose(wrong[n], g, atol=1e-5, rtol=1e-4) for n, g in ref_grads.items())
+
+
+def test_the_startup_check_runs_at_the_model_head_sizes():
+    from lora_run_hunyuan_dit.attention import use_dispatching_attention
+    from tests.native.test_accel import tiny_flux_with_lora
+
+    assert attention.head_dims(tiny_flux_with_lora()) == [32]
+    assert attention.head_dims(_tiny_hunyuan_image_with_lora()[0]) == [32]
+    dit, _ = _tiny_hunyuan_dit_with_lora()
+    assert attention.head_dims(dit) == [128]                  # diffusers' own processor does not dispatch: none
+    use_dispatching_attention(dit)
+    assert attention.head_dims(dit) == [16]
