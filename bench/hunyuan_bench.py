@@ -1,6 +1,6 @@
 """Full-size HunyuanImage-2.1 and Hunyuan-DiT v1.2 LoRA training steps (random weights, cached-style inputs).
 
-    python bench/hunyuan_bench.py [--out bench/results] [--no-fa4]
+    python bench/hunyuan_bench.py [--out bench/results] [--no-fa4] [--families F ...] [--image-sizes 1024 2048]
 
 For each family and size: lora-run's plan for the GPU (memory_mode = "auto"), step time (median of
 8 after 3 warm-up steps, CUDA events), peak memory (max_memory_allocated) and the estimate `lora-run plan`
@@ -206,6 +206,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--no-fa4", dest="fa4", action="store_false", help="skip the FlashAttention-4 rows")
+    ap.add_argument("--families", nargs="+", default=["hunyuan-dit-1.2", "hunyuan-image-2.1"],
+                    choices=["hunyuan-dit-1.2", "hunyuan-image-2.1"])
+    ap.add_argument("--image-sizes", nargs="+", type=int, default=[1024, 2048], help="HunyuanImage-2.1's sizes")
     args = ap.parse_args()
     accel.configure_cuda()
     import diffusers
@@ -215,7 +218,8 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     rows = []
-    for family, sizes in (("hunyuan-dit-1.2", [1024]), ("hunyuan-image-2.1", [1024, 2048])):
+    sizes_of = {"hunyuan-dit-1.2": [1024], "hunyuan-image-2.1": args.image_sizes}
+    for family, sizes in ((f, sizes_of[f]) for f in args.families):
         for res in sizes:
             # baseline: plain diffusers + peft, bf16 weights, block checkpointing where diffusers has it
             model = build(family, args.rank)
