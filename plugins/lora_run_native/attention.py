@@ -91,7 +91,8 @@ def define_op(namespace: str, forward_kernel: Callable, backward_kernel: Callabl
     is None (every key) or an int32 tensor (batch,): each row attends to its first ``keys_used[b]`` keys.
     ``forward_kernel(q, k, v, keys_used, scale) -> (out, lse)``; ``backward_kernel(dout, q, k, v, out, lse,
     keys_used, scale) -> (dq, dk, dv)``; the gradients of the unused keys are set to zero here, whatever the
-    kernel leaves there. The real kernels are FA4's; tests register a stand-in under another namespace."""
+    kernel leaves there (FA4 at head size 88 left non-finite values there on an H200, 2026-12-03). The real
+    kernels are FA4's; tests register a stand-in under another namespace."""
     import torch
 
     @torch.library.custom_op(f"{namespace}::fa4_attention", mutates_args=(), device_types=device_types,
@@ -115,8 +116,8 @@ def define_op(namespace: str, forward_kernel: Callable, backward_kernel: Callabl
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dq, dk, dv = backward_kernel(dout.contiguous(), q, k, v, out, lse, keys_used, scale)
         if keys_used is not None:
-            used = torch.arange(k.shape[1], device=k.device)[None, :] < keys_used[:, None]
-            dk, dv = (g * used[:, :, None, None].to(g.dtype) for g in (dk, dv))
+            used = (torch.arange(k.shape[1], device=k.device)[None, :] < keys_used[:, None])[:, :, None, None]
+            dk, dv = (torch.where(used, g, torch.zeros((), dtype=g.dtype, device=g.device)) for g in (dk, dv))
         return dq, dk, dv
 
     @backward_op.register_fake

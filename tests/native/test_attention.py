@@ -39,7 +39,7 @@ def _backward(dout, q, k, v, out, lse, keys_used, scale, wrong=False, junk_in_un
     dq, dk = ds @ kf * scale, ds.transpose(-1, -2) @ qf * scale
     if junk_in_unused and keys_used is not None:                          # a kernel that leaves the unused rows
         unused = torch.arange(k.shape[1])[None, :] >= keys_used[:, None].long()
-        dk, dv = (g.masked_fill(unused[:, None, :, None], 7.0) for g in (dk, dv))
+        dk, dv = (g.masked_fill(unused[:, None, :, None], float("nan")) for g in (dk, dv))
     return tuple(t.transpose(1, 2).to(q.dtype).contiguous() for t in (dq, dk, dv))
 
 
