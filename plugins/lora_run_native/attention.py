@@ -36,6 +36,10 @@ SUPPORTED_MAJOR = (9, 10)        # SM90 (Hopper), SM100 (Blackwell datacenter): 
 #: (Python, per call) costs more than its faster kernel saves. Measured on an H200 with eager calls: 0.74 ms vs SDPA flash's
 #: 0.54 ms at 1536 tokens (FLUX 512²), 1.52 ms vs 3.20 ms at 4608 (1024²). CUDA graphs remove the dispatch.
 FA4_MIN_TOKENS_WITHOUT_GRAPHS = 3072
+#: `auto` uses FA4 only at these head sizes, where it was measured to win: 128 (FLUX.1 1024², 0.342 vs 0.430 s
+#: per step; HunyuanImage-2.1). At Hunyuan-DiT's 88 the whole step was slower with FA4 (0.230 vs 0.199 s at
+#: 1024², H200, 2026-12-03, bench/hunyuan_bench.py); `fa4` still runs it there when asked for.
+FA4_AUTO_HEAD_SIZES = (128,)
 
 
 @attrs.frozen
@@ -59,10 +63,11 @@ def fa4_import_error() -> str | None:
 
 def choose(requested: str, *, cuda: bool, capability: tuple[int, int] | None, import_error: str | None,
            check: Callable[[], str | None] | None, tokens: int | None = None,
-           graphs: bool = False) -> AttentionChoice:
+           graphs: bool = False, head_sizes: tuple[int, ...] = ()) -> AttentionChoice:
     """Which kernel runs and why. `check` runs the start-up numeric check (None when it passes, else why);
     it is called only when everything else allows FA4. `tokens` (batch × tokens, largest bucket) and `graphs`
-    (the blocks replay CUDA graphs) let `auto` keep SDPA where FA4's dispatch cost outweighs its kernel."""
+    (the blocks replay CUDA graphs) let `auto` keep SDPA where FA4's dispatch cost outweighs its kernel;
+    `head_sizes` (the model's) where FA4 was measured slower (FA4_AUTO_HEAD_SIZES)."""
     if requested == "sdpa":
         return AttentionChoice("sdpa", '[train.attention] = "sdpa"')
     if not cuda:
@@ -75,6 +80,10 @@ def choose(requested: str, *, cuda: bool, capability: tuple[int, int] | None, im
     if requested == "auto" and not graphs and tokens is not None and tokens < FA4_MIN_TOKENS_WITHOUT_GRAPHS:
         return AttentionChoice("sdpa", f"{tokens} tokens without CUDA graphs: FlashAttention-4's per-call "
                                        f"dispatch costs more than it saves below {FA4_MIN_TOKENS_WITHOUT_GRAPHS}")
+    slower = [size for size in head_sizes if size not in FA4_AUTO_HEAD_SIZES]
+    if requested == "auto" and slower:
+        return AttentionChoice("sdpa", f"head size {slower[0]}: FlashAttention-4 measured slower than SDPA flash "
+                                       "there ([train.attention] = \"fa4\" runs it anyway)")
     problem = check() if check is not None else None
     if problem:
         return AttentionChoice("sdpa", f"FlashAttention-4 failed the start-up check: {problem}")
@@ -341,20 +350,21 @@ def setup(model: Any, requested: str, device: Any, tokens: int | None = None, gr
     capability = torch.cuda.get_device_capability(device) if cuda else None
     import_error = fa4_import_error() if cuda and requested != "sdpa" else None
     op: list[Callable] = []
+    sizes = head_dims(model)
 
     def check() -> str | None:
         try:
             op.append(fa4_op())
         except Exception as exc:  # noqa: BLE001
             return f"registering the op failed: {type(exc).__name__}: {exc}"
-        for size in head_dims(model):
+        for size in sizes:
             problem = numeric_check(op[0], device, head_dim=size)
             if problem:
                 return f"head size {size}: {problem}"
         return None
 
     choice = choose(requested, cuda=cuda, capability=capability, import_error=import_error, check=check,
-                    tokens=tokens, graphs=graphs)
+                    tokens=tokens, graphs=graphs, head_sizes=tuple(sizes))
     if choice.kernel == "fa4":
         routed = set_backend(model, register_backend(op[0]))
         if not routed:

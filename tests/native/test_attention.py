@@ -387,6 +387,14 @@ def test_auto_keeps_sdpa_where_fa4_dispatch_costs_more_than_it_saves():
     assert attention.choose("fa4", tokens=1536, graphs=False, **kw).kernel == "fa4"     # asked for: honoured
 
 
+def test_auto_keeps_sdpa_at_head_sizes_where_fa4_measured_slower():
+    kw = dict(cuda=True, capability=(9, 0), import_error=None, check=lambda: None, tokens=4429)
+    dit = attention.choose("auto", head_sizes=(88,), **kw)
+    assert dit.kernel == "sdpa" and dit.reason.startswith("head size 88: FlashAttention-4 measured slower")
+    assert attention.choose("auto", head_sizes=(128,), **kw).kernel == "fa4"             # FLUX, HunyuanImage-2.1
+    assert attention.choose("fa4", head_sizes=(88,), **kw).kernel == "fa4"              # asked for: honoured
+
+
 def test_asking_for_fa4_where_it_cannot_run_stops_with_the_key_named():
     from types import SimpleNamespace
 
