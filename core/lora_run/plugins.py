@@ -94,6 +94,7 @@ class Plugins:
         self.hook = pm.hook
         self.broken = broken
         self.conflicts: list[str] = []
+        self.warned = False     # the command line has reported the broken plugins
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._collect("family", "register_families")
         self._collect("backend", "register_backends", families=dict(self.registry["family"]))
