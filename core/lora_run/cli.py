@@ -1,22 +1,19 @@
-"""The `lora-run` command line: `lora-run RECIPE.toml [--set k=v ...] [--output-dir D] [--resume | --overwrite]`
-trains; `lora-run COMMAND ...` runs a command a plugin adds (`register_commands`; `lora-run -h` lists them).
+"""The `lora-run` command line: `lora-run COMMAND ...` runs a command a plugin adds (`register_commands`; `lora-run -h`
+lists them); `lora-run RECIPE.toml ...` is `lora-run run RECIPE.toml ...` (the built-in `commands` plugin's).
 Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import signal
 import sys
-import time
-from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, LoraRunError, RecipeError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
 from .files import printable
 
 
@@ -88,23 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
-    p = sub.add_parser("run", help="train a recipe (the default command)")
-    recipe_arguments(p)
-    p.add_argument("--output-dir", type=path_argument, help="run folder (default: [output.dir] of the recipe)")
-    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
-                   "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
-                   "launcher decides)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
-    group.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output folder "
-                       "(only a folder lora-run created)")
-    p.add_argument("--allow-dataset-change", action="store_true", help="with --resume: continue although images or "
-                   "captions changed since the run started (refused otherwise)")
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
-        if name != "run":  # a plugin cannot replace the built-in command
-            p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
-            if reg.configure is not None:
-                reg.configure(p)
+        p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
+        if reg.configure is not None:
+            reg.configure(p)
     return parser
 
 
@@ -131,26 +115,6 @@ def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
     return loaded
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .run import execute
-
-    if args.gpus is not None:       # after the --set values: it overrides [train.gpus] as its help says
-        args.sets = [*args.sets, f"train.gpus={args.gpus}"]
-    plugins = _plugins(quiet=True)
-    loaded = load_recipe_for(args, plugins)
-    if args.allow_dataset_change and not args.resume:
-        raise RecipeError("--allow-dataset-change only applies with --resume")
-    ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                  debug=args.debug, allow_dataset_change=args.allow_dataset_change)
-    if not ctx.process.main:          # one of several processes: rank 0 reports
-        return EXIT_OK
-    print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
-    for key, value in ctx.artifacts.items():
-        if isinstance(value, (str, Path)):
-            print(f"  {key}: {value}")
-    return EXIT_OK
-
-
 _LOADED: list[Any] = []
 
 
@@ -166,6 +130,9 @@ def _plugins(quiet: bool = False) -> Any:
 
 
 def _warn_broken(plugins: Any) -> None:
+    if plugins.warned:      # once per command line
+        return
+    plugins.warned = True
     for b in plugins.broken:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
 
@@ -174,16 +141,6 @@ def _plugin_command(args: argparse.Namespace) -> int:
     """A plugin's command; read-only ones report broken plugins themselves (``load_recipe_for``, `lora-run plugins`)."""
     reg = _plugins(quiet=True).registry["command"][args.command]
     return reg.factory(args, _plugins(quiet=reg.read_only))
-
-
-def _tell_launcher(err: LoraRunError) -> None:
-    """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
-    the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and err.exit_code != 130:
-        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
-            json.dump({"message": f"{type(err).__name__} (exit {err.exit_code}): {err}",
-                       "timestamp": int(time.time())}, fh)
 
 
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
@@ -198,6 +155,9 @@ def _with_command(argv: list[str], commands: list[str]) -> list[str]:
         raise ArgumentsError(f'"{printable(word)}" is neither a command nor a recipe file'
                              f'{did_you_mean(word, commands, chr(34))}; commands: {", ".join(commands)} (a plugin\'s '
                              "command exists only while the plugin is installed and loads: lora-run plugins)")
+    if "run" not in commands:
+        raise ArgumentsError(f'no installed plugin adds the `run` command that trains "{printable(word)}" (the '
+                             "built-in `commands` plugin does: lora-run plugins)")
     return ["run", *argv]
 
 
@@ -209,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     _LOADED.clear()  # a fresh plugin list for every command line (tests call main() repeatedly)
     parser, commands = build_parser(), _plugins(quiet=True).registry["command"]
     try:
-        args = parser.parse_args(_with_command(argv, sorted({"run", *commands})))
+        args = parser.parse_args(_with_command(argv, sorted(commands)))
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
     except ArgumentsError as err:
@@ -219,23 +179,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     args.debug, as_json = debug, getattr(args, "json", False)
-    read_only = args.command in commands and commands[args.command].read_only
+    read_only = commands[args.command].read_only
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        return cmd_run(args) if args.command == "run" else _plugin_command(args)
+        return _plugin_command(args)
     except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except LoraRunError as err:
-        _tell_launcher(err)
         if debug:
             raise
         return _fail(err, as_json)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
         if debug:
             raise

@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .schema import check_table, recipe_class
 
 ENTRY_POINT_GROUP = "lora_run"
 KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "command", "section")
@@ -94,6 +95,7 @@ class Plugins:
         self.hook = pm.hook
         self.broken = broken
         self.conflicts: list[str] = []
+        self.warned = False     # the command line has reported the broken plugins
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._collect("family", "register_families")
         self._collect("backend", "register_backends", families=dict(self.registry["family"]))
@@ -105,8 +107,6 @@ class Plugins:
     @property
     def recipe_class(self) -> type:
         """The recipe schema with the sections the plugins register (:func:`lora_run.schema.recipe_class`)."""
-        from .schema import recipe_class
-
         return recipe_class((name, reg.options) for name, reg in self.registry["section"].items())
 
     def _collect(self, kind: str, hook_name: str, **arguments: Any) -> None:
@@ -126,6 +126,8 @@ class Plugins:
                 if unknown:
                     raise TypeError(f"register() got unknown keyword(s) {', '.join(unknown)}; known: "
                                     f"{', '.join(sorted(_FIELDS | {'options', 'capabilities', 'kind'}))}")
+                if kind == "section":
+                    check_table(name, options)
                 table = self.registry[kind]
                 if name in table:
                     self.conflicts.append(f"{kind} {name!r} from plugin {_plugin} ignored: already registered "

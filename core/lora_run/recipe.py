@@ -276,20 +276,20 @@ def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type,
             star = keys[1] == "*"
             for item in (child if isinstance(child, list) else []) if star else [child]:
                 visit(item, keys[2:] if star else keys[1:], which)
-        elif isinstance(child, str) and child:
+        elif isinstance(child, str) and child and (which != "local" or _names_local(child, base)):
             node[keys[0]] = _absolute(child, base)
-        elif isinstance(child, dict):         # a table of paths: every value, or the keys ``path`` names
+        elif isinstance(child, dict) and which != "local":  # a table of paths: every value, or the keys ``path`` names
             child.update({key: _absolute(value, base) for key, value in child.items()
                           if isinstance(value, str) and value and (which is True or key in which)})
 
     for keys, (field, _) in _schema_keys(recipe_class, backends).items():
         if field.metadata.get("path"):
             visit(raw, keys, field.metadata["path"])
-    model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("source"), str):
-        src = model["source"]
-        if src and (src.startswith((".", "/", "~")) or os.path.exists(base / src)):  # False for over-long or NUL names
-            model["source"] = _absolute(src, base)
+
+
+def _names_local(value: str, base: Path) -> bool:
+    """A ``path="local"`` value is a path (not a hub id) when it says so or names what exists."""
+    return value.startswith((".", "/", "~")) or os.path.exists(base / value)   # False for over-long or NUL names
 
 
 def _absolute(value: str, base: Path) -> str:

@@ -1,7 +1,8 @@
-"""Built-in plugin: the read-only commands `check`, `plan`, `plugins` and `docs` (:mod:`.docs`).
+"""Built-in plugin: `run` (:mod:`.run`, also `lora-run RECIPE`) and the read-only commands `check`, `plan`,
+`plugins` and `docs` (:mod:`.docs`).
 
-Core's command line only dispatches (and trains: `lora-run RECIPE` / `run`); these commands are added
-through ``register_commands`` with exactly the call a third-party plugin makes.
+Core's command line only dispatches; these commands are added through ``register_commands`` with exactly the
+call a third-party plugin makes.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lora_run.errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError
 from lora_run.hookspecs import hookimpl
 
 from .docs import cmd_docs, docs_arguments
+from .run import cmd_run, run_arguments
 
 
 def cmd_check(args: argparse.Namespace, plugins: Any) -> int:
@@ -188,6 +190,7 @@ def _plugins_arguments(p: argparse.ArgumentParser) -> None:
 
 @hookimpl
 def register_commands(register: Any) -> None:
+    register("run", cmd_run, configure=run_arguments, description="train a recipe (the default command)")
     register("check", cmd_check, configure=_check_arguments, read_only=True,
              description="validate a recipe and lint its dataset (fast, no torch)")
     register("plan", cmd_plan, configure=_plan_arguments, read_only=True,

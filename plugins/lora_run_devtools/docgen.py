@@ -8,11 +8,12 @@ from pathlib import Path
 
 import attrs
 
+from lora_run.schema import Recipe
 from lora_run_training.capabilities import features_of
 
 HEADER = """# Recipe reference
 
-Generated from the field documentation in `core/lora_run/schema.py`, the recipe tables plugins register
+Generated from the field documentation in `core/lora_run/schema.py`, the recipe tables and keys plugins register
 (`register_sections`) and the installed plugins by `python -m lora_run_devtools.docgen`; a test fails when this
 page is stale. Paths in a recipe file are relative to
 that file; paths given with `--set` are relative to the current directory (the keys a path applies to are the ones the
@@ -132,7 +133,10 @@ def render() -> str:
         if attrs.has(hints[f.name]):
             table = section_table(hints[f.name], f"[{f.name}]")
             section = plugins.registry["section"].get(f.name)
-            if section is not None:     # a table a plugin registers (`register_sections`)
+            if section is not None and f.name in attrs.fields_dict(Recipe):     # keys a plugin adds to core's table
+                first = attrs.fields(section.options)[0].name
+                table[2] += f" (The keys from `{first}` on are registered by the `{section.plugin}` plugin.)"
+            elif section is not None:     # a table a plugin registers (`register_sections`)
                 table[2] += f" (Registered by the `{section.plugin}` plugin.)"
             lines.extend(table)
     lines.extend(families_section())

@@ -17,7 +17,8 @@ from lora_run.errors import RecipeError
 from lora_run.files import FileProblem, read_limited
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import format_key
-from lora_run.schema import DatasetSection, Recipe
+from lora_run.schema import Recipe
+from lora_run_training.sections import DatasetKeys
 
 from .images import IMAGE_EXTENSIONS
 
@@ -25,7 +26,7 @@ from .images import IMAGE_EXTENSIONS
 CAPTION_LIMIT = 64 * 1024
 
 
-def training_caption(item: Item, section: DatasetSection) -> str:
+def training_caption(item: Item, section: DatasetKeys) -> str:
     """The caption a sample is trained with (before caption dropout)."""
     caption = (item.caption or "").strip()
     if item.is_reg:
@@ -75,7 +76,7 @@ def _images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def extension_problems(section: DatasetSection) -> list[tuple[tuple[Any, ...], str]]:
+def extension_problems(section: DatasetKeys) -> list[tuple[tuple[Any, ...], str]]:
     """The caption extensions of the subject and regularisation sets that are no file extension."""
     return [(where, f"must be a file extension such as \".txt\", got {ext!r}")
             for where, ext in [(("dataset", "caption_extension"), section.caption_extension),
@@ -100,7 +101,7 @@ def dataset_key_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
 
 
 class FolderDataset:
-    def __init__(self, section: DatasetSection, recipe: Recipe):
+    def __init__(self, section: DatasetKeys, recipe: Recipe):
         self.section = section
 
     def check(self) -> list[tuple[tuple[str, ...], str]]:

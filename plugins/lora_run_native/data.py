@@ -23,8 +23,8 @@ from typing import Any
 import attrs
 
 from lora_run.dataset import Item
-from lora_run.schema import DatasetSection
 from lora_run_folder import training_caption
+from lora_run_training.sections import DatasetKeys
 
 
 @attrs.frozen
@@ -103,7 +103,7 @@ def file_sha256(path: Path) -> str:
 class EpochPlanner:
     """Deterministic epochs of batches over the usable items."""
 
-    def __init__(self, items: list[Item], section: DatasetSection, buckets_of: list[tuple[int, int]], *,
+    def __init__(self, items: list[Item], section: DatasetKeys, buckets_of: list[tuple[int, int]], *,
                  seed: int, batch_size: int):
         self.items = items
         self.section = section

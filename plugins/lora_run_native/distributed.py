@@ -143,7 +143,7 @@ def _failure(exc: Any, logs: str, shown: str) -> LoraRunError:
     tail = _rank_output(logs, failure.local_rank if failure is not None else rank)
     message = _last_error(tail)
     if not message and failure is not None and isinstance(failure.message, str) and failure.error_file_data:
-        message = failure.message          # what the rank wrote to torchrun's error file (cli._tell_launcher)
+        message = failure.message          # what the rank wrote to torchrun's error file (lora_run_commands.run)
     if code == 2 and message:              # bad input found in the run (the output folder, a model file)
         return LaunchFailed(message, 2)
     if code < 0:

@@ -1,8 +1,9 @@
 """Built-in plugin `training`: the recipe tables of training proper and the capability check.
 
-- :mod:`.sections` — `[train]`, `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and `[sample]`
-  (``register_sections``: their attrs classes, defaults and the rules among their keys, the loss lookup of
-  `[train]` included);
+- :mod:`.sections` — `[train]`, `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and `[sample]`, and the
+  keys of core's `[model]` and `[dataset]` every backend reads (the weights, the images and captions, buckets,
+  regularisation sets) (``register_sections``: their attrs classes, defaults and the rules among their keys, the
+  loss lookup of `[train]` included); :class:`Feature`, a recipe feature some backend may not honour;
 - :mod:`.capabilities` — the recipe features a backend may not honour, and the check that refuses a recipe
   using one the chosen backend does not list for the chosen family (``check_recipe``);
 - :mod:`.families` — what the families' registrations say about a recipe: the bucket grid, `[model] version`,
@@ -13,9 +14,25 @@ Registered through the `lora_run` entry-point group like any third-party plugin.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from lora_run.hookspecs import hookimpl
+
+
+def is_used(value: Any, _recipe: Any) -> bool:
+    return bool(value)
+
+
+class Feature(NamedTuple):
+    """A recipe feature some backend may not honour, declared on a field (``option(features=(Feature(...),))``):
+    ``used(value, recipe)`` says whether a recipe uses it (default: the field's value is truthy). A backend lists
+    the features it honours per family in its ``capabilities``; :mod:`.capabilities` refuses the others, naming
+    the field's key."""
+
+    name: str
+    doc: str
+    used: Callable[[Any, Any], bool] = is_used
+    key: tuple[str, ...] = ()     # filled in from the field that carries it (:mod:`.capabilities`)
 
 
 @hookimpl

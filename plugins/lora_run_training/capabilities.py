@@ -14,8 +14,9 @@ from typing import Any, Iterator
 import attrs
 
 from lora_run import schema
-from lora_run.schema import Feature, Recipe
+from lora_run.schema import Recipe
 
+from . import Feature
 from .sections import SECTIONS
 
 

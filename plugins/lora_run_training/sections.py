@@ -1,16 +1,84 @@
 """The recipe tables of training proper: `[train]`, `[lora]`, `[text_encoder]`, `[optimizer]`, `[scheduler]` and
-`[sample]` (``register_sections``), with the rules each table's keys must keep together. No heavy imports:
-`lora-run check` structures these classes to validate a recipe."""
+`[sample]`, and the keys of core's `[model]` and `[dataset]` that every backend reads (``register_sections``), with
+the rules each table's keys must keep together. No heavy imports: `lora-run check` structures these classes to
+validate a recipe."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from lora_run.schema import Feature, frozen, option
+from lora_run.schema import frozen, option
+
+from . import Feature
 
 
 def is_set(value: Any, _recipe: Any) -> bool:
     """A feature used when its key is set at all (a length, a save policy), whatever the value."""
     return value is not None
+
+
+@frozen
+class ModelKeys:
+    """The keys of core's `[model]` every backend reads: where the weights come from and how they are stored."""
+
+    source: str | None = option(None, "Hub id (`owner/name`) or a local diffusers folder. "
+                                "For single-file checkpoints use `[model.files]` instead (a diffusers folder or "
+                                "hub id may still supply the tokenizers and configs).", path="local")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) when `source` is a hub id.")
+    version: str | None = option(
+        None, "Which release of the family the weights are, for a family that registers several (see Model "
+        "families below; what each release changes is in the family's documentation). Unset: the model folder "
+        "says. Refused for a family with one release.")
+    files: dict[str, str] = option(factory=dict, doc="`[model.files]`: single-file checkpoints (as other tools "
+                                   "distribute them), one file per slot; the slots are the family's own "
+                                   "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
+                                   path=True)
+    base_precision: Literal["bf16", "fp8"] = option(
+        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).",
+        features=(Feature("fp8", "fp8 base weights", lambda precision, _: precision == "fp8"),))
+    offline: bool = option(False, "Never contact the hub (also implied by the `HF_HUB_OFFLINE` environment "
+                           "variable).")
+
+
+@frozen
+class RegularizationSet:
+    """One set of generic images (prior preservation) trained alongside the subject."""
+
+    path: str = option(doc="Folder of regularisation images.", path=True)
+    caption_extension: str = option(".txt", "Caption file extension next to each image.")
+    default_caption: str = option("a person", "Caption for images that have no caption file "
+                                  "(playbook §6: `a person` / `a man`).")
+    weight: float = option(1.0, "Loss weight of these samples relative to the subject's.", gt=0.0, le=10.0)
+    repeats: int = option(1, "How many times each image appears per epoch.", ge=1, le=10000)
+
+
+@frozen
+class DatasetKeys:
+    """The keys of core's `[dataset]` every backend and the `folder` dataset type read: the images and captions,
+    the trigger, buckets and regularisation sets."""
+
+    path: str | None = option(None, "Folder of subject images with a caption file next to each (the `folder` "
+                              "type requires it; other types may take their images from `[dataset.options]`).",
+                              path=True)
+    caption_extension: str = option(".txt", "Caption file extension of the subject images.")
+    trigger: str = option("", "Unique trigger token. Must appear in every subject caption and never in a "
+                          "regularisation caption (playbook §6).")
+    trigger_policy: Literal["require", "prepend", "none"] = option(
+        "require", "`require`: a subject caption without the trigger is a lint error; `prepend`: add "
+        "`<trigger>, ` where it is missing; `none`: no trigger rules.")
+    resolution: int = option(512, "Base training resolution (square side in pixels).", ge=64, le=4096)
+    bucket_min: int = option(256, "Smallest bucket side in pixels.", ge=64, le=4096)
+    bucket_max: int = option(1024, "Largest bucket side in pixels.", ge=64, le=8192)
+    bucket_step: int = option(64, "Bucket side step in pixels (a multiple of the family's grid, see Model "
+                              "families below).", ge=8, le=512)
+    repeats: int = option(1, "How many times each subject image appears per epoch.", ge=1, le=10000)
+    caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", ge=0.0,
+                                    le=1.0, features=(Feature("caption_dropout", "caption dropout"),))
+    min_images: int = option(15, "Lint warns below this many subject images (playbook §6: 15–30 minimum).", ge=1)
+    regularization: list[RegularizationSet] = option(
+        factory=list, doc="Regularisation sets (`[[dataset.regularization]]`).",
+        features=(Feature("regularization", "regularisation (prior) image sets"),
+                  Feature("regularization_weight", "a loss weight other than 1 on a regularisation set",
+                          lambda sets, _: any(s.weight != 1.0 for s in sets))))
 
 
 @frozen
@@ -204,6 +272,8 @@ def check_sample(recipe: Any, _plugins: Any, problems: Any) -> None:
 
 #: (table name, attrs class, the table's rules or None, what `lora-run plugins` says of it), in recipe order.
 SECTIONS: tuple[tuple[str, type, Any, str], ...] = (
+    ("model", ModelKeys, None, "keys of [model]: the weights' source, files and precision"),
+    ("dataset", DatasetKeys, None, "keys of [dataset]: images, captions, trigger, buckets, regularisation sets"),
     ("train", TrainSection, check_train, "steps, batch, precision, objective, checkpoints"),
     ("lora", LoraSection, check_lora, "the LoRA adapter: rank, alpha, dropout, targets"),
     ("text_encoder", TextEncoderSection, None, "the text-encoder LoRA policy"),

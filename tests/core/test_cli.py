@@ -95,3 +95,13 @@ def test_recipes_lists_every_shipped_recipe(run_cli):
     assert out.returncode == 0
     for path in shipped_recipes():
         assert str(path) in out.stdout
+
+
+def test_run_is_the_commands_plugins_command(run_cli, write_recipe):
+    """`run` (and `lora-run RECIPE`) is registered by the built-in `commands` plugin like any command; without that
+    plugin a recipe is refused naming the missing command, not read as an unknown choice."""
+    listing = json.loads(run_cli("plugins", "--json").stdout)["plugins"]
+    assert "run" in next(p for p in listing if p["name"] == "commands")["commands"]
+    out = run_cli(write_recipe(TOY), env={"LORA_RUN_PLUGINS_DISABLE": "commands"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no installed plugin adds the `run` command" in out.stderr and "recipe.toml" in out.stderr, out.stderr

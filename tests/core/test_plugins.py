@@ -77,6 +77,13 @@ def test_broken_and_misspelled_plugins_are_skipped(tmp_path):
     assert "missing dependency foo" in broken["broken_plugin"]
     assert "register_backend" in broken["typo_plugin"]
     assert "folder" in [p["name"] for p in data["plugins"]]
+    # `run` warns before it loads the recipe, and once (its recipe loader would warn again)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[dataset]\npath = "d"\n[backend]\nname = "nope"\n', encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "lora_run.cli", str(recipe)], capture_output=True, text=True,
+                         env={**__import__("os").environ, **env}, timeout=60)
+    assert run.returncode == 2 and 'unknown backend "nope"' in run.stderr, run.stderr
+    assert run.stderr.count("plugin broken_plugin is broken") == 1, run.stderr
 
 
 def test_disable_and_trace_switches(tmp_path):

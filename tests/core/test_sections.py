@@ -13,7 +13,8 @@ from lora_run_training.capabilities import used_features
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import dump_recipe, load_recipe
 from lora_run.run import validate, with_defaults
-from lora_run.schema import Feature, option
+from lora_run.schema import option
+from lora_run_training import Feature
 
 from .conftest import GOOD
 
@@ -138,3 +139,49 @@ def test_a_run_with_a_plugin_table_resumes_and_refuses_a_changed_table(plugins_w
     with pytest.raises(RecipeError, match=r"the recipe changed at \[notify.retries\]"):
         execute(load_recipe(write_recipe(body), ["notify.retries=4"], plugins=plugins), plugins, output_dir=out,
                 resume=True, echo=lambda _: None)
+
+
+@attrs.frozen(kw_only=True)
+class OutputExtra:
+    webhook: str | None = option(None, "Where to post the LoRA's path.")
+    copies: int = option(1, "How many copies to keep.", ge=1)
+
+
+def test_a_table_named_like_one_of_cores_adds_its_keys_after_cores(plugins_with, write_recipe, tmp_path):
+    """`[model]` and `[dataset]` get the `training` plugin's keys this way; a third party's `[output]` keys are read,
+    checked and written back with core's, and a table that would replace a key of core's breaks its plugin."""
+    class Extra:
+        @hookimpl
+        def register_sections(self, register):
+            register("output", options=OutputExtra)
+
+    plugins = plugins_with(Extra())
+    body = GOOD + '[output]\nwebhook = "https://example.invalid"\n'
+    recipe = load_recipe(write_recipe(body), plugins=plugins).recipe
+    assert (recipe.output.webhook, recipe.output.copies, recipe.output.name) == \
+        ("https://example.invalid", 1, "identity-lora")
+    assert [f.name for f in attrs.fields(type(recipe.output))][-2:] == ["webhook", "copies"]
+    (tmp_path / "resolved.toml").write_text(dump_recipe(recipe))
+    assert load_recipe(tmp_path / "resolved.toml", plugins=plugins).recipe == recipe
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(body + "copies = 0\nwebhok = 1\n"), plugins=plugins)
+    assert "recipe.toml: [output.copies] must be >= 1, got 0" in err.value.problems
+    assert any("unknown key 'webhok' (did you mean 'webhook'?)" in p for p in err.value.problems), err.value.problems
+    # without the plugin its keys are unknown ones, as the training plugin's keys of [dataset] are without it
+    with pytest.raises(RecipeError, match=r"\[output\] unknown key 'webhook'"):
+        load_recipe(write_recipe(body), plugins=plugins_with())
+
+    @attrs.frozen(kw_only=True)
+    class Clash:
+        dir: str = option("elsewhere", "Replaces core's key.")
+
+    for name, options in (("output", Clash), ("description", OutputExtra)):
+        class Replacing:
+            @hookimpl
+            def register_sections(self, register):
+                register(name, options=options)
+
+        plugins = plugins_with(Replacing())
+        assert name not in plugins.names("section")
+        assert any(f"recipe table [{name}] would replace core's key(s) {'dir' if name == 'output' else name}"
+                   in b.error for b in plugins.broken), plugins.broken

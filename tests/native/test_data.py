@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_run.dataset import Item
-from lora_run.schema import DatasetSection, RegularizationSet
+from lora_run_training.sections import DatasetKeys, RegularizationSet
 from lora_run_native.data import EpochPlanner, choose_bucket, make_buckets, prepare_image
 
 
@@ -65,8 +65,8 @@ def _items(tmp_path: Path, subject: int, reg: int, repeats: int = 1, reg_weight:
     return items
 
 
-def _section(tmp_path: Path, dropout: float = 0.0) -> DatasetSection:
-    return DatasetSection(path=str(tmp_path), trigger="ohwx", caption_dropout=dropout,
+def _section(tmp_path: Path, dropout: float = 0.0) -> DatasetKeys:
+    return DatasetKeys(path=str(tmp_path), trigger="ohwx", caption_dropout=dropout,
                           regularization=[RegularizationSet(path=str(tmp_path), weight=0.5)])
 
 

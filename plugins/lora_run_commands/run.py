@@ -1,0 +1,64 @@
+"""`lora-run run RECIPE` (also `lora-run RECIPE`): train a recipe through core's ``run.execute``."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_run.cli import load_recipe_for, path_argument, recipe_arguments
+from lora_run.errors import EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
+
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    recipe_arguments(p)
+    p.add_argument("--output-dir", type=path_argument, help="run folder (default: [output.dir] of the recipe)")
+    p.add_argument("--gpus", type=int, metavar="N", help="data-parallel processes on this machine, one per GPU, "
+                   "started through torchrun (overrides [train.gpus]; under torchrun / accelerate launch the "
+                   "launcher decides)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    group.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty output folder "
+                       "(only a folder lora-run created)")
+    p.add_argument("--allow-dataset-change", action="store_true", help="with --resume: continue although images or "
+                   "captions changed since the run started (refused otherwise)")
+
+
+def cmd_run(args: argparse.Namespace, plugins: Any) -> int:
+    try:
+        return _train(args, plugins)
+    except LoraRunError as err:
+        tell_launcher(err)
+        raise
+
+
+def _train(args: argparse.Namespace, plugins: Any) -> int:
+    from lora_run.run import execute
+
+    if args.gpus is not None:       # after the --set values: it overrides [train.gpus] as its help says
+        args.sets = [*args.sets, f"train.gpus={args.gpus}"]
+    loaded = load_recipe_for(args, plugins)
+    if args.allow_dataset_change and not args.resume:
+        raise RecipeError("--allow-dataset-change only applies with --resume")
+    ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                  debug=args.debug, allow_dataset_change=args.allow_dataset_change)
+    if not ctx.process.main:          # one of several processes: rank 0 reports
+        return EXIT_OK
+    print(f"done: {ctx.run_dir.path if ctx.run_dir else ''}")
+    for key, value in ctx.artifacts.items():
+        if isinstance(value, (str, Path)):
+            print(f"  {key}: {value}")
+    return EXIT_OK
+
+
+def tell_launcher(err: LoraRunError) -> None:
+    """Under torchrun (also behind `accelerate launch`) a failing process writes its message to the error file
+    the launcher names, so the launcher's failure summary shows lora-run's message for that rank."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and err.exit_code != EXIT_INTERRUPTED:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": f"{type(err).__name__} (exit {err.exit_code}): {err}",
+                       "timestamp": int(time.time())}, fh)
