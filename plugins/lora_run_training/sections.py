@@ -116,9 +116,10 @@ class TrainSection:
         "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
     attention: Literal["auto", "fa4", "sdpa"] = option(
         "auto", "Attention kernel on CUDA: `auto` runs FlashAttention-4 (`pip install 'lora-run[hopper]'`) on "
-        "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, else SDPA flash "
-        "(FlashAttention-2); `fa4` stops the run when FlashAttention-4 cannot run; `sdpa` always uses SDPA. "
-        "The run's plan line says which kernel runs and why.")
+        "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, where it was measured to pay "
+        "(head size 128: FLUX, HunyuanImage-2.1; at least 3072 tokens per call or CUDA graphs), else SDPA flash "
+        "(FlashAttention-2); `fa4` runs it wherever it can and stops the run when it cannot; `sdpa` always uses "
+        "SDPA. The run's plan line says which kernel runs and why.")
     seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
