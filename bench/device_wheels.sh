@@ -26,5 +26,9 @@ done
 rm -rf "$tmp"
 "$PY" -m pip wheel -q --no-deps . -w "$W"
 rm -rf build ./*.egg-info core/*.egg-info
-du -sh "$W"
+# .whl-lite/: lora-run's wheels without the evaluation's (dlib, face models), for a call that also carries a
+# 48-MiB tar (FlashAttention-4's first part): the bench rows that do not evaluate need only these
+rm -rf .whl-lite && mkdir -p .whl-lite
+cp "$W"/cattrs-*.whl "$W"/diffusers-*.whl "$W"/stevedore-*.whl "$W"/tomli_w-*.whl "$W"/lora_run-*.whl .whl-lite/
+du -sh "$W" .whl-lite
 ls "$W"
