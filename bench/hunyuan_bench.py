@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent / "core"))
 import torch  # noqa: E402
 
 from lora_run_native import accel, attention, perfmodel  # noqa: E402
+from flux_bench import rel_error  # noqa: E402
 from perf import grad_bound  # noqa: E402
 
 IMAGE_CONFIG = dict(in_channels=64, out_channels=64, num_attention_heads=28, attention_head_dim=128, num_layers=20,
@@ -103,12 +104,6 @@ def lora_grads(model, family: str, res: int) -> dict:
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return grads
-
-
-def rel_error(a: dict, b: dict) -> float:
-    num = sum(float((a[n] - b[n]).pow(2).sum()) for n in b)
-    den = sum(float(b[n].pow(2).sum()) for n in b)
-    return (num / max(den, 1e-30)) ** 0.5
 
 
 def grad_check(family: str, res: int, rank: int) -> dict:

@@ -301,6 +301,13 @@ def _tiny_hunyuan_image_with_lora():
     return model, kwargs
 
 
+def _output_and_lora_grads(model, kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)[0]
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_hunyuan_image_attention_runs_on_the_op_with_its_text_padding_mask(standin, maskless_standin):
     """A tiny HunyuanImage-2.1 transformer with padded captions: every block's attention (masked: image tokens
     and the valid text tokens) goes through the op, and the output and LoRA gradients equal the default
@@ -308,10 +315,7 @@ def test_hunyuan_image_attention_runs_on_the_op_with_its_text_padding_mask(stand
     model, kwargs = _tiny_hunyuan_image_with_lora()
 
     def run():
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs)[0]
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return _output_and_lora_grads(model, kwargs)
 
     ref_out, ref_grads = run()
     calls = []
@@ -445,10 +449,7 @@ def test_hunyuan_dit_attention_reaches_the_op_through_the_dispatching_processor(
     model, kwargs = _tiny_hunyuan_dit_with_lora()
 
     def run():
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs)[0]
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return _output_and_lora_grads(model, kwargs)
 
     ref_out, ref_grads = run()
     assert attention.set_backend(model, attention.register_backend(standin, "lora_run_test_dit0")) == 0
