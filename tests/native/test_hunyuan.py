@@ -582,3 +582,22 @@ def test_image_trains_from_single_files_and_names_a_wrong_file(image_single_file
     wrong = write({**image_single_files, "vae": image_single_files["byt5"]}, "wrong.toml")
     with pytest.raises(ModelSourceError, match=r"model\.files\.vae.*byt5_small_glyphxl"):
         run_recipe(wrong, ["train.steps=1"], output=tmp_path / "wrong")
+
+
+def test_dit_transformer_loaded_for_training_dispatches_its_attention(tiny_hunyuan):
+    """The family's load_transformer gives every attention module the dispatching processor, so the native
+    backend's kernel choice (FlashAttention-4) reaches Hunyuan-DiT; a transformer loaded by diffusers alone
+    does not dispatch (its processor calls SDPA itself)."""
+    from diffusers import HunyuanDiT2DModel
+
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
+    from lora_run_hunyuan_dit.attention import DispatchingHunyuanAttnProcessor
+    from lora_run_native.attention import set_backend
+
+    adapter = HunyuanDiTAdapter(mini("dit", model=tiny_hunyuan["dit"]))
+    model = adapter.load_transformer()
+    processors = list(model.attn_processors.values())
+    assert processors and all(isinstance(p, DispatchingHunyuanAttnProcessor) for p in processors)
+    assert set_backend(model, None) == len(processors) == 2 * len(model.blocks)
+    plain = HunyuanDiT2DModel.from_pretrained(tiny_hunyuan["dit"], subfolder="transformer")
+    assert set_backend(plain, None) == 0
