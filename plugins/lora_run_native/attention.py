@@ -22,7 +22,7 @@ SDPA otherwise; ``fa4`` is ``auto`` that stops the run (exit 2) when FA4 cannot 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import attrs
 
@@ -191,9 +191,8 @@ def numeric_check(op: Callable, device: Any, tokens: int = 333, heads: int = 4, 
     """FA4 (`op`) against SDPA on two small random cases, forward and backward: None when every output and
     gradient is within CHECK_FACTOR × SDPA's own error (both against an fp32 reference) + CHECK_SLACK.
 
-    The second case is the masked path as the dispatch runs it (`valid_keys_first`, then the op): a batch of
-    two with boolean key masks that are not prefixes (every other key of one row masked, the tail of the
-    other)."""
+    Both run through the dispatch function (`make_backend_fn`); the second is its masked path: a batch of two
+    with boolean key masks that are not prefixes (every other key of one row masked, the tail of the other)."""
     import torch
 
     dtype = dtype or torch.bfloat16
@@ -203,10 +202,7 @@ def numeric_check(op: Callable, device: Any, tokens: int = 333, heads: int = 4, 
     keys[0, 1::2] = False
     keys[1, tokens // 3:] = False
     cases = {"": (1, None), "masked ": (2, keys.view(2, 1, 1, tokens).to(device))}
-
-    def masked(a: Any, b: Any, c: Any, mask: Any) -> Any:       # the dispatch's masked path (make_backend_fn)
-        b, c, keys_used = valid_keys_first(b, c, mask.reshape(mask.shape[0], -1))
-        return op(a, b, c, keys_used, scale)[0]
+    dispatch = make_backend_fn(op, serves=lambda *_: True)     # the path a dispatched call takes, mask included
 
     def grads(fn: Callable, cast: Any, inputs: list[Any], dout: Any) -> list[Any]:
         leaves = [t.detach().to(cast).requires_grad_(True) for t in inputs]
@@ -221,7 +217,7 @@ def numeric_check(op: Callable, device: Any, tokens: int = 333, heads: int = 4, 
             return _sdpa(a, b, c, mask, 0.0, False, scale)
 
         def candidate_fn(a: Any, b: Any, c: Any, mask: Any = mask) -> Any:
-            return op(a, b, c, None, scale)[0] if mask is None else masked(a, b, c, mask)
+            return dispatch(a, b, c, attn_mask=mask, scale=scale)
 
         try:
             reference = grads(sdpa, torch.float32, qkv, dout)
@@ -250,11 +246,12 @@ def _sdpa(query: Any, key: Any, value: Any, attn_mask: Any, dropout_p: float, is
 
 
 def key_mask(attn_mask: Any, batch: int, keys: int) -> Any:
-    """The (batch, keys) boolean key mask of a dispatched mask, or None when the mask is not one (a float mask,
-    or one that differs between queries or heads, e.g. HunyuanImage-2.1's token refiner)."""
+    """The (batch, keys) boolean key mask of a dispatched (batch, 1, 1, keys) mask, or None when the mask is not
+    one (a float mask, one that differs between queries or heads, e.g. HunyuanImage-2.1's token refiner, or a 2-D
+    mask, which SDPA reads as queries × keys)."""
     import torch
 
-    if attn_mask.dtype != torch.bool or attn_mask.shape not in ((batch, 1, 1, keys), (batch, keys)):
+    if attn_mask.dtype != torch.bool or attn_mask.shape != (batch, 1, 1, keys):
         return None
     return attn_mask.reshape(batch, keys)
 
@@ -322,23 +319,24 @@ def set_backend(model: Any, backend: Any) -> int:
     """Set `backend` on every attention processor of `model` that dispatches through diffusers' registry
     (those with an ``_attention_backend`` attribute); returns how many. Others keep their own attention."""
     count = 0
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and hasattr(processor, "_attention_backend"):
-            processor._attention_backend = backend
-            count += 1
+    for module in dispatching_modules(model):
+        module.processor._attention_backend = backend
+        count += 1
     return count
+
+
+def dispatching_modules(model: Any) -> Iterator[Any]:
+    """The attention modules of `model` whose processor dispatches through diffusers' registry."""
+    for module in model.modules():
+        if hasattr(getattr(module, "processor", None), "_attention_backend"):
+            yield module
 
 
 def head_dims(model: Any) -> list[int]:
     """The head sizes of `model`'s dispatching attention modules (FLUX 128, HunyuanImage-2.1 128, Hunyuan-DiT 88):
     the start-up check runs at each, so a size the kernel gets wrong is caught before training."""
-    sizes = set()
-    for module in model.modules():
-        processor = getattr(module, "processor", None)
-        heads = getattr(module, "heads", None)
-        if processor is not None and hasattr(processor, "_attention_backend") and heads:
-            sizes.add(int(getattr(module, "head_dim", 0) or module.to_q.out_features // heads))
+    sizes = {int(getattr(module, "head_dim", 0) or module.to_q.out_features // module.heads)
+             for module in dispatching_modules(model) if getattr(module, "heads", None)}
     return sorted(sizes) or [128]
 
 

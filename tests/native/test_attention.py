@@ -273,6 +273,7 @@ def test_other_masks_fall_back_to_sdpa():
                                                                v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
         assert torch.allclose(out, ref)
     assert not attention.fa4_serves(q, k, v, None, 0.0, False)        # fp32 CPU tensors: SDPA
+    assert attention.key_mask(torch.ones(2, 5, dtype=torch.bool), 2, 5) is None    # 2-D: queries × keys to SDPA
 
 
 def _tiny_hunyuan_image_with_lora():
