@@ -35,7 +35,7 @@ class FluxAdapter(ModelAdapter):
     family = "flux.1-dev"
     pixel_multiple = 16
     objective = "flow"
-    features = COMMON_FEATURES | FLOW_FEATURES | {"guidance", "text_encoder_training", "fp8"}
+    features = COMMON_FEATURES | FLOW_FEATURES | {"guidance", "text_encoder_training", "fp8", "fp8_matmul"}
     reasons = {"min_snr_gamma": "Min-SNR-γ is defined for DDPM noise schedules; flow matching has no "
                                 "alphas_cumprod (use train.timestep_weighting or the pseudo-huber loss)"}
     target_presets = MMDIT_TARGET_PRESETS

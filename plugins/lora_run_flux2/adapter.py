@@ -59,7 +59,7 @@ class Flux2Adapter(ModelAdapter):
 
     pixel_multiple = 16                          # 8× VAE × 2×2 patches
     objective = "flow"
-    features = COMMON_FEATURES | FLOW_FEATURES | {"fp8"}
+    features = COMMON_FEATURES | FLOW_FEATURES | {"fp8", "fp8_matmul"}
     target_presets = TARGET_PRESETS
     lora_formats = ("kohya", "diffusers", "comfyui")   # <name>.safetensors, diffusers/<name>…, comfyui/<name>…
     trainable_text_encoder = None

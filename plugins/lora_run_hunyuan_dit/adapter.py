@@ -89,7 +89,7 @@ class HunyuanDiTAdapter(SourceLoader):
     """Hunyuan-DiT v1.2: DDPM v-prediction, BERT + mT5 conditioning with masks, learn_sigma output."""
 
     family = "hunyuan-dit-1.2"
-    features, reasons = COMMON_FEATURES | DDPM_FEATURES | {"fp8"}, REASONS
+    features, reasons = COMMON_FEATURES | DDPM_FEATURES | {"fp8", "fp8_matmul"}, REASONS
     objective = "ddpm-v"
     pixel_multiple = 16
     memory_shape = MEMORY_SHAPE

@@ -49,7 +49,7 @@ class HunyuanImageAdapter(SourceLoader):
     family = "hunyuan-image-2.1"
     pixel_multiple = 32
     objective = "flow"
-    features = COMMON_FEATURES | FLOW_NO_FLUX_SHIFT | {"fp8"}
+    features = COMMON_FEATURES | FLOW_NO_FLUX_SHIFT | {"fp8", "fp8_matmul"}
     reasons = {
         "guidance": "train.guidance feeds a distilled guidance embedding; HunyuanImage-2.1 (base) has no "
                     "guidance-embedding input — leave it at 1.0",

@@ -38,10 +38,13 @@ class PerfPlan:
     offload_blocks: int = 0         # how many blocks keep their frozen weights in pinned CPU memory
     compile_mode: str = "default"   # torch.compile mode of each block ("reduce-overhead": CUDA graphs)
     dynamic_tokens: bool = False    # compile the token dimension symbolic: one graph for every bucket shape
+    fp8_matmul: bool = False        # the fp8 base's matmuls run in float8 (`[train] fp8_matmul`; needs `fp8`)
 
     def describe(self) -> str:
         compiled = "compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else "compiled"
         parts = [self.mode, compiled if self.compile else "eager", "fp8 base" if self.fp8 else "bf16 base"]
+        if self.fp8_matmul:
+            parts.append("fp8 matmuls")
         if self.checkpoint_blocks:
             parts.append(f"checkpointing {self.checkpoint_blocks} blocks")
         if self.offload_blocks:
@@ -104,9 +107,14 @@ def _fp8_linear_class() -> type:
         return fp8_linear_grad_input(grad, w8, scale), None, None, None
 
     fp8_linear.register_autograd(backward, setup_context=setup_context)
+    fp8_matmul = _fp8_matmul_op()
 
     class Fp8Linear(torch.nn.Module):
-        """A frozen Linear whose weight is stored as float8_e4m3fn with a per-output-channel scale."""
+        """A frozen Linear whose weight is stored as float8_e4m3fn with a per-output-channel scale. With
+        `matmul = "fp8"` its forward and input-gradient matmuls run in float8 too (`fp8_matmul_linear`); else
+        the weight is dequantised to the compute dtype for each matmul."""
+
+        matmul = "dequant"
 
         def __init__(self, linear: Any, compute_dtype: Any, device: Any = None):
             super().__init__()
@@ -125,6 +133,10 @@ def _fp8_linear_class() -> type:
             return (self.w8.float() * self.scale).to(self.compute_dtype)
 
         def forward(self, x: Any) -> Any:
+            if self.matmul == "fp8":
+                if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+                    x = x.to(self.compute_dtype)
+                return fp8_matmul(x, self.w8, self.scale, self.bias)
             if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
                 weight = self.w8.float() * self.scale     # float32 training (CPU tests): no rounding to bf16
                 return F.linear(x, weight, None if self.bias is None else self.bias.float())
@@ -133,9 +145,68 @@ def _fp8_linear_class() -> type:
             return fp8_linear(x, self.w8, self.scale, self.bias)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
+            matmul = ", matmul=float8" if self.matmul == "fp8" else ""
+            return (f"in_features={self.in_features}, out_features={self.out_features}, storage=float8_e4m3fn"
+                    f"{matmul}")
 
     return Fp8Linear
+
+
+# ------------------------------------------------------------------------------------------ fp8 matmuls
+E4M3_MAX = 448.0
+
+
+def quantise_rows(x: Any, column_scale: Any = None) -> tuple[Any, Any]:
+    """Row-wise float8 (e4m3) quantisation of a 2-D tensor: `q[r] · s[r] ≈ x[r] · column_scale` with
+    `s[r] = max|x[r] · column_scale| / 448`. Returns (q, s), `s` of shape (rows, 1) in float32. Plain torch
+    ops: inside a compiled block, inductor fuses them into one pass over `x`."""
+    import torch
+
+    v = x.to(torch.float32)
+    if column_scale is not None:
+        v = v * column_scale.reshape(1, -1)
+    scale = v.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (v / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_matmul_supported(in_features: int, out_features: int) -> bool:
+    """torch._scaled_mm's float8 GEMMs need both matrix dimensions to be multiples of 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def _fp8_matmul_op() -> Any:
+    """y = x Wᵀ + b with x quantised row-wise to e4m3 and the stored e4m3 weight (per-output-channel scale),
+    in one `torch._scaled_mm` (float32 accumulation, bf16 out). Backward (the base is frozen: only the input
+    gradient): dx = dy W = (dy · s_w) W8 — the weight's per-output-channel scale `s_w` scales the contraction
+    dimension, which row-wise scaling cannot, so it moves onto dy's columns before dy is quantised row-wise;
+    W8 is copied to the column-major layout the GEMM needs (one fp8 copy of the layer, freed after). A
+    `torch.autograd.Function` of plain torch ops, so a compiled block traces it whole (fused quantisation, no
+    Python between the kernels); only the fp8 weight and its scale are saved for backward."""
+    import torch
+
+    def matmul(q: Any, scale_q: Any, b_colmajor: Any, scale_b: Any, dtype: Any) -> Any:
+        out = torch._scaled_mm(q, b_colmajor, scale_a=scale_q, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return out if dtype == torch.bfloat16 else out.to(dtype)
+
+    class Fp8MatmulLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, w8: Any, scale: Any, bias: Any) -> Any:
+            q, scale_x = quantise_rows(x.reshape(-1, x.shape[-1]))
+            out = matmul(q, scale_x, w8.t(), scale.reshape(1, -1), x.dtype)
+            if bias is not None:
+                out = out + bias.to(out.dtype)
+            ctx.save_for_backward(w8, scale)
+            return out.reshape(*x.shape[:-1], w8.shape[0])
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            w8, scale = ctx.saved_tensors
+            q, scale_g = quantise_rows(grad.reshape(-1, grad.shape[-1]), column_scale=scale)
+            ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
+            out = matmul(q, scale_g, w8.t().contiguous().t(), ones, grad.dtype)
+            return out.reshape(*grad.shape[:-1], w8.shape[1]), None, None, None
+
+    return Fp8MatmulLinear.apply
 
 
 def _triton_dequant() -> Any:
@@ -178,10 +249,11 @@ def fp8_linear_class() -> type:
 
 
 def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterable[Any] | None = None,
-                                device: Any = None) -> int:
+                                device: Any = None, fp8_matmul: bool = False) -> int:
     """Replace every frozen nn.Linear (LoRA base layers included) inside `modules` by an Fp8Linear. With
     `device`, each layer is quantised there, one layer at a time (fast on a GPU; never more than one bf16
-    layer on it), and its fp8 weight stays there."""
+    layer on it), and its fp8 weight stays there. `fp8_matmul`: the layers whose shape the float8 GEMM takes
+    compute in float8 too (`use_fp8_matmuls`)."""
     import torch
 
     Fp8Linear = fp8_linear_class()
@@ -193,6 +265,21 @@ def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterabl
                         and min(child.weight.shape) >= 64:
                     setattr(parent, name, Fp8Linear(child, compute_dtype, device))
                     count += 1
+    if fp8_matmul:
+        use_fp8_matmuls(model if modules is None else modules)
+    return count
+
+
+def use_fp8_matmuls(modules: Any) -> int:
+    """Switch every Fp8Linear under `modules` (a module or a list of them) whose shape the float8 GEMM takes
+    to float8 matmuls; returns how many compute in float8."""
+    Fp8Linear = fp8_linear_class()
+    count = 0
+    for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
+        for layer in root.modules():
+            if isinstance(layer, Fp8Linear) and fp8_matmul_supported(layer.in_features, layer.out_features):
+                layer.matmul = "fp8"
+                count += 1
     return count
 
 
@@ -390,10 +477,12 @@ def place_frozen_weights(model: Any, plan: PerfPlan, device: Any, compute_dtype:
     offloader = BlockOffloader(blocks, offload, device) if offload else None
     if plan.fp8:
         for i, block in enumerate(blocks):
-            store_frozen_linears_in_fp8(model, compute_dtype, modules=[block], device=device)
+            store_frozen_linears_in_fp8(model, compute_dtype, modules=[block], device=device,
+                                        fp8_matmul=plan.fp8_matmul)
             if offloader is not None and i in offload:
                 offloader.park(i)
-        store_frozen_linears_in_fp8(model, compute_dtype, device=device)     # embedders and output layers
+        store_frozen_linears_in_fp8(model, compute_dtype, device=device,      # embedders and output layers
+                                    fp8_matmul=plan.fp8_matmul)
     model.to(device)
     if offloader is not None:
         import torch
@@ -412,6 +501,8 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
     done: dict[str, Any] = {"mode": plan.mode, "blocks": len(blocks)}
     if plan.fp8:
         done["fp8_linears"] = store_frozen_linears_in_fp8(model, compute_dtype)  # 0 if done before the move
+    if plan.fp8_matmul:
+        done["fp8_matmuls"] = use_fp8_matmuls(model)
     on_cuda = torch.device(device).type == "cuda"
     if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "gradient_checkpointing", False):
         model.disable_gradient_checkpointing()

@@ -157,24 +157,28 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                 free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
                 shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
-                steps: int | None = None) -> PerfPlan:
+                steps: int | None = None, fp8_matmul: bool = False) -> PerfPlan:
     """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin). The recipe's
     `base_precision = "fp8"` is a memory setting: an explicit mode honours it, `auto` decides itself (a GPU
-    with room gets the bf16 speed plan, a small one an fp8 plan)."""
+    with room gets the bf16 speed plan, a small one an fp8 plan). `fp8_matmul` (`[train] fp8_matmul`, opt-in)
+    makes every mode's base fp8 and its matmuls float8."""
     budget = free_gib * 0.95 if free_gib else None
     kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
+
+    def with_fp8(plan: PerfPlan) -> PerfPlan:
+        if fp8_matmul:
+            return attrs.evolve(plan, fp8=True, fp8_matmul=True)
+        return attrs.evolve(plan, fp8=True) if fp8_requested and requested != "auto" else plan
+
     if requested != "auto":
-        plan = plan_mode(requested, family, height, width, batch, rank, preset,
-                         budget_gib=budget if requested != "speed" else None, **kw)
-        if fp8_requested and not plan.fp8:
-            plan = attrs.evolve(plan, fp8=True)
-        return plan
+        return with_fp8(plan_mode(requested, family, height, width, batch, rank, preset,
+                                  budget_gib=budget if requested != "speed" else None, **kw))
     for mode in ("speed", "memory", "low-vram"):
-        candidate = plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=budget, **kw)
+        candidate = with_fp8(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=budget, **kw))
         if budget is None or estimate_peak_gib(family, height, width, batch, rank, preset, candidate, shape,
                                                dropout) <= budget:
             return candidate
-    return plan_mode("low-vram", family, height, width, batch, rank, preset, budget_gib=budget, **kw)
+    return with_fp8(plan_mode("low-vram", family, height, width, batch, rank, preset, budget_gib=budget, **kw))
 
 
 def round_up(value: float, step: float = 0.1) -> float:

@@ -70,7 +70,7 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
     transformer.to(dtype=compute)
     if torch.device(device).type == "cuda" and recipe.train.mixed_precision != "no":
         return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print, sharded)
-    if recipe.model.base_precision == "fp8":
+    if recipe.model.base_precision == "fp8" and not recipe.train.fp8_matmul:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     if recipe.train.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(transformer)
@@ -83,6 +83,11 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
         if ".lora_A." in name or ".lora_B." in name:
             p.data = p.data.to(device=device, dtype=torch.float32)
             p.requires_grad_(True)
+    if recipe.train.fp8_matmul:        # the frozen base stored in fp8, its matmuls float8 (the LoRA's stay)
+        check_fp8_matmuls(device)
+        from . import accel
+
+        accel.store_frozen_linears_in_fp8(transformer, compute, device=device, fp8_matmul=True)
     transformer.train()
     return transformer
 
@@ -172,9 +177,14 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     plan = perfmodel.choose_mode(r.train.memory_mode, r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                  r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
                                  compile=r.train.compile != "off", buckets=graph_shapes, shape=shape,
-                                 cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps)
+                                 cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps,
+                                 fp8_matmul=r.train.fp8_matmul)
+    if plan.fp8_matmul:
+        check_fp8_matmuls(device)
     if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
-        plan = attrs.evolve(plan, fp8=False, offload_blocks=0, compile=False)
+        plan = attrs.evolve(plan, fp8=False, fp8_matmul=False, offload_blocks=0, compile=False)
+        if r.train.fp8_matmul:
+            echo("warning: [train.fp8_matmul] is not used under FSDP (the sharded base stays bf16)")
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                            r.lora.targets, plan, shape, dropout=r.lora.dropout)
     if estimate > available * 0.95 and not sharded and (r.train.gpu_memory_gib is not None
@@ -215,6 +225,22 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                                   "attention": kernel.kernel, "attention_reason": kernel.reason}
     transformer.train()
     return transformer
+
+
+def check_fp8_matmuls(device: Any) -> None:
+    """`[train] fp8_matmul` needs float8 GEMMs: a CUDA GPU of compute capability 8.9 (Ada) or newer, or the CPU
+    (torch's reference GEMM, for tests); anything else stops the run before training (exit 2)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RecipeError(f"[train.fp8_matmul] float8 matmuls need a GPU of compute capability 8.9 or newer (Ada, "
+                          f"Hopper, Blackwell); this {name} has {torch.cuda.get_device_capability(device)}; nothing "
+                          "was trained. Set it to false")
+    if device.type not in ("cuda", "cpu"):
+        raise RecipeError(f"[train.fp8_matmul] float8 matmuls run on CUDA GPUs (and the CPU), not on "
+                          f"\"{device.type}\"; nothing was trained. Set it to false")
 
 
 def choose_attention(transformer: Any, recipe: Any, device: Any, tokens: int | None = None,

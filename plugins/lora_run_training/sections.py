@@ -114,6 +114,13 @@ class TrainSection:
     cuda_graphs: Literal["auto", "on", "off"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
         "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
+    fp8_matmul: bool = option(
+        False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
+        "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer), the base stored in fp8. "
+        "It changes the numbers more than `[model] base_precision = \"fp8\"` (each layer's input and gradient are "
+        "rounded to e4m3 too): the LoRA-gradient error against bf16 is in `lora-run docs performance`. The LoRA itself "
+        "trains in bf16/fp32 as before.",
+        features=(Feature("fp8_matmul", "float8 matmuls of the frozen base", lambda on, _: on),))
     attention: Literal["auto", "fa4", "sdpa"] = option(
         "auto", "Attention kernel on CUDA: `auto` runs FlashAttention-4 (`pip install 'lora-run[hopper]'`) on "
         "SM90/SM100 GPUs when it imports and passes a start-up check against SDPA, where it was measured to pay "
