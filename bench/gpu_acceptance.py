@@ -82,6 +82,9 @@ def tiny_rows() -> list[dict[str, Any]]:
                                                                "train.cuda_graphs": "on"}, kind="kill-resume"))
     rows.append(_row("tiny-flux-ctrl-c", "tiny", "flux", {"train.memory_mode": "memory"}, kind="ctrl-c"))
     rows.append(_row("tiny-flux-formats", "tiny", "flux", {"train.memory_mode": "auto"}, kind="formats"))
+    for fam in ("flux", "image"):      # `[train] fp8_matmul` (opt-in float8 GEMMs), with CUDA graphs
+        rows.append(_row(f"tiny-{fam}-fp8mm", "tiny", fam, {"train.memory_mode": "speed", "train.cuda_graphs": "on",
+                                                           "train.fp8_matmul": True}))
     return rows
 
 
@@ -92,6 +95,9 @@ def full_rows() -> list[dict[str, Any]]:
     for mode, gib in (("speed", 46), ("memory", 35), ("low-vram", 16)):
         rows.append(_row(f"full-flux-1024-{mode}", "full", "flux", {"train.memory_mode": mode, "train.steps": 8},
                          model="flux-full-encoders", resolution=1024, timeout=240, gib=gib))
+    rows.append(_row("full-flux-1024-fp8mm", "full", "flux", {"train.memory_mode": "speed", "train.steps": 8,
+                                                              "train.fp8_matmul": True},
+                     model="flux-full-encoders", resolution=1024, timeout=240, gib=36))
     return rows
 
 

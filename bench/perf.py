@@ -23,6 +23,11 @@ moment it is measured, so a timeout keeps what was done:
 * ``fa2``       lora-run's speed mode (compiled blocks) with SDPA flash (FlashAttention-2), 1024² and 512².
 * ``fa4``       the same with FlashAttention-4 (``[train] attention = "fa4"``, the registered op).
 * ``graphs``    fa4 at 512² with CUDA graphs, then a no-grad (sampling) call and another training step.
+* ``fp8mm``     speed mode with ``[train] fp8_matmul`` (the frozen base's forward and input-gradient GEMMs in
+                float8, row-wise scales), 1024² and 512², attention as ``auto`` picks it at 1024² (FA4 where
+                installed); reports its own LoRA-gradient error (opt-in: not held to the bf16 bound).
+* ``fp8mm-graphs`` the same at 512² with CUDA graphs, a sampling call between two replayed steps.
+* ``cli-fast-fp8mm`` ``cli-fast-graphs`` with ``[train] fp8_matmul = true`` (not a default row).
 * ``memory``    memory mode (fp8 base, checkpointing for a 24 GiB budget) at 1024², attention ``auto``.
 * ``low-vram``  low-vram mode (12 GiB budget) at 1024², attention ``auto``.
 * ``low-vram-8g`` low-vram for an 8 GiB budget (most blocks offloaded) at 1024².
@@ -68,7 +73,8 @@ def grad_bound(noise: float | None) -> float:
 RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2",
-    "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g"}
+    "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
 
@@ -201,7 +207,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     accel.compile_cache_dir()
     if group == "cli":
         for row in rows:
-            sets = {"train.cuda_graphs": "on"} if row == "cli-fast-graphs" else {}
+            sets = {"cli-fast-graphs": {"train.cuda_graphs": "on"},
+                    "cli-fast-fp8mm": {"train.cuda_graphs": "on", "train.fp8_matmul": True}}.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
                 int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
@@ -268,6 +275,33 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                 return row
             guarded(out, "graphs", timeout, graphed, resolution=512, impl="lora-run", plan=graphs.describe(),
                     attention=choice.describe())
+        return
+    if group == "fp8mm":      # the frozen base in fp8, its matmuls float8 (`[train] fp8_matmul`)
+        import attrs
+
+        choice = attention.setup(model, "auto", "cuda", tokens=4608)
+        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda", fp8_matmul=True)
+        free()
+        plan = attrs.evolve(perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS,
+                                                cuda_graphs="off"), fp8=True, fp8_matmul=True)
+        matmuls = accel.apply(model, plan, "cuda", torch.bfloat16).get("fp8_matmuls")
+        if "fp8mm" in rows:
+            speed_rows("fp8mm", plan, choice, fp8_matmuls=matmuls)
+        if "fp8mm-graphs" in rows:
+            graphs = attrs.evolve(perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS,
+                                                      cuda_graphs="on"), fp8=True, fp8_matmul=True)
+            for block in accel.repeated_blocks(model):
+                block.forward = block._lora_run_eager_forward
+            torch._dynamo.reset()
+            choice = attention.setup(model, "auto", "cuda", tokens=1536, graphs=True)
+            accel.apply(model, graphs, "cuda", torch.bfloat16)
+
+            def graphed_fp8() -> dict:
+                row = timed_steps(model, 512, graphs=True)
+                row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
+                return row
+            guarded(out, "fp8mm-graphs", timeout, graphed_fp8, resolution=512, impl="lora-run",
+                    plan=graphs.describe(), attention=choice.describe())
         return
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
@@ -443,16 +477,21 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         fa2 = by.get(("fa2", res))
         if fa2 and r["row"] != "fa2" and r["row"] != "reference":
             r["vs_fa2"] = fa2["median_s"] / r["median_s"]
+        bf16 = by.get(({"fp8mm": "fa4", "fp8mm-graphs": "graphs"}.get(r["row"], ""), res))
+        if bf16:        # a float8-matmul row against the bf16 row of the same kernel and CUDA-graph setting
+            r["vs_bf16_row"] = bf16["median_s"] / r["median_s"]
         if r.get("grad_rel_error") is not None:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-warm", "cli-fast-graphs"):
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-graphs", "cli-fast-fp8mm"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
         t = cli["timing"]
         isolated = [by[k]["median_s"] for k in (("graphs", 512), ("fa4", 512), ("fa2", 512)) if k in by]
+        if name == "cli-fast-fp8mm":
+            isolated = [by[k]["median_s"] for k in (("fp8mm-graphs", 512), ("fp8mm", 512)) if k in by]
         if isolated:
             cli["vs_isolated_512"] = cli["step_s"] / min(isolated)
         cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
