@@ -30,5 +30,9 @@ rm -rf build ./*.egg-info core/*.egg-info
 # 48-MiB tar (FlashAttention-4's first part): the bench rows that do not evaluate need only these
 rm -rf .whl-lite && mkdir -p .whl-lite
 cp "$W"/cattrs-*.whl "$W"/diffusers-*.whl "$W"/stevedore-*.whl "$W"/tomli_w-*.whl "$W"/lora_run-*.whl .whl-lite/
-du -sh "$W" .whl-lite
+# .whl-eval/: the evaluation's part (dlib-bin and the face models' site folder), to ride beside FlashAttention-4's
+# second tar (19 MiB) in the next call; `. bench/device_setup.sh` installs it when .whl/ is not there
+rm -rf .whl-eval && mkdir -p .whl-eval
+cp "$W"/dlib_bin-*.whl .whl-eval/ && cp -r "$W/site" .whl-eval/site
+du -sh "$W" .whl-lite .whl-eval
 ls "$W"

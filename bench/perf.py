@@ -31,6 +31,12 @@ moment it is measured, so a timeout keeps what was done:
 * ``memory``    memory mode (fp8 base, checkpointing for a 24 GiB budget) at 1024², attention ``auto``.
 * ``low-vram``  low-vram mode (12 GiB budget) at 1024², attention ``auto``.
 * ``low-vram-8g`` low-vram for an 8 GiB budget (most blocks offloaded) at 1024².
+* ``memory-fp8mm`` memory mode with ``[train] fp8_matmul`` (the fp8-stored base multiplied in float8 instead of
+                dequantised to bf16 first) at 1024² (not a default row).
+
+``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) the GPU time of one step split by kernel kind
+(matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from ``torch.profiler``: where
+the step's time goes, beside the FLOP floor.
 
 Numerics: the LoRA gradients of every lora-run row against the reference's on the same inputs (512², LoRA B
 set non-zero), relative L2 error. Bound for the bf16 paths (``grad_bound``): 3× the reference's own bf16
@@ -74,7 +80,7 @@ RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
-    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli"}
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
 
@@ -145,6 +151,48 @@ def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, gr
 
     return time_model(model, resolution, 1, iters, warmup, before_step=lambda: accel.mark_step_begin(model),
                       after=sampling_check if graphs else None)
+
+
+KERNEL_KINDS = (("matmul fp8", ("f8", "e4m3", "fp8")), ("attention", ("flash", "fmha", "attention", "attn")),
+                ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")), ("fused (triton)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
+
+
+def kernel_split(model: Any, resolution: int) -> dict:
+    """One step's GPU time by kernel kind (`kernel_kind`), averaged over `flux_bench.profile`'s three steps, and
+    its top kernels: where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import flux_step_reference as ref
+    from lora_run_native import accel
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    inputs = ref.make_inputs(resolution, 1)
+    target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
+    for _ in range(2):
+        accel.mark_step_begin(model)
+        ref.train_step(model, opt, inputs, target)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            accel.mark_step_begin(model)
+            ref.train_step(model, opt, inputs, target)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 3 / 1e6
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    del opt
+    return dict(gpu_s={k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top=[dict(name=e.key[:100], ms=round(e.self_device_time_total / 3 / 1e3, 2), calls=e.count // 3,
+                          kind=kernel_kind(e.key)) for e in top])
 
 
 def lora_snapshot(model: Any) -> dict:
@@ -228,7 +276,10 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
             if not err:
                 err["value"] = grad_error(model, ref_grads, snapshot)
                 free()
-            return dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, **extra)
+            row = dict(timed_steps(model, res), grad_rel_error=err["value"], bf16_noise=noise, **extra)
+            if res == 1024 and os.environ.get("PERF_PROFILE"):
+                row["profile"] = kernel_split(model, res)
+            return row
         for res in (1024, 512):
             guarded(out, row_id, timeout, lambda res=res: speed(res), resolution=res, impl="lora-run",
                     plan=plan.describe(), attention=choice.describe())
@@ -305,12 +356,17 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         return
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
-                    "low-vram-8g": ("low-vram", 8.0)}[group]
+                    "low-vram-8g": ("low-vram", 8.0), "memory-fp8mm": ("memory", 24.0)}[group]
     plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
+    matmul_fp8 = group.endswith("fp8mm")
+    if matmul_fp8:
+        import attrs
+
+        plan = attrs.evolve(plan, fp8_matmul=True)
 
     def fp8_row() -> dict:
         choice = attention.setup(model, "auto", "cuda", tokens=4608)
-        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda")
+        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda", fp8_matmul=matmul_fp8)
         accel.apply(model, plan, "cuda", torch.bfloat16)
         free()
         err = grad_error(model, ref_grads, snapshot)
@@ -433,7 +489,8 @@ def stop_cli_run(work: Path) -> None:
 
 def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path, limit: float) -> None:
     env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps),
-           "PERF_CLI_EVERY": str(args.cli_every or 0), "PYTHONUNBUFFERED": "1"}
+           "PERF_CLI_EVERY": str(args.cli_every or 0), "PYTHONUNBUFFERED": "1",
+           **({"PERF_PROFILE": "1"} if args.profile else {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", group, "--rows", *rows, "--jsonl", str(jsonl),
            "--row-timeout", str(args.row_timeout)]
     print(f"== {group}: {' '.join(rows)} (limit {limit:.0f} s)", flush=True)
@@ -477,7 +534,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         fa2 = by.get(("fa2", res))
         if fa2 and r["row"] != "fa2" and r["row"] != "reference":
             r["vs_fa2"] = fa2["median_s"] / r["median_s"]
-        bf16 = by.get(({"fp8mm": "fa4", "fp8mm-graphs": "graphs"}.get(r["row"], ""), res))
+        bf16 = by.get(({"fp8mm": "fa4", "fp8mm-graphs": "graphs", "memory-fp8mm": "memory"}.get(r["row"], ""), res))
         if bf16:        # a float8-matmul row against the bf16 row of the same kernel and CUDA-graph setting
             r["vs_bf16_row"] = bf16["median_s"] / r["median_s"]
         if r.get("grad_rel_error") is not None:
@@ -531,6 +588,13 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
         lines.append(f"| {r['row']}{extra} | {r.get('resolution', '')} | {what} | {f(r.get('median_s'))} | "
                      f"{f(r.get('peak_gib'), '{:.1f}')} | {f(r.get('vs_reference'), '{:.2f}×')} | "
                      f"{f(r.get('vs_fa2'), '{:.2f}×')} | {f(100 * r['floor_fraction'] if r.get('floor_fraction') else None, '{:.0f}')} | {err} |")
+    for r in rows:
+        if r.get("vs_bf16_row"):
+            lines.append(f"\n{r['row']} at {r.get('resolution')}²: {r['vs_bf16_row']:.2f}× the same plan without float8 "
+                         "matmuls in this run")
+        if r.get("profile"):
+            split = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["profile"]["gpu_s"].items())
+            lines.append(f"\n{r['row']} at {r.get('resolution')}², GPU time of one step by kernel kind: {split}")
     clis = [r for r in rows if r["row"].startswith("cli-fast")]
     if clis:
         lines += ["", "Shipped fast recipe through the CLI (`recipes/flux/identity-fast.toml`, full-size FLUX.1-dev "
@@ -565,6 +629,7 @@ def main() -> int:
                     "twice a run; the recipe's own schedule is 250: --cli-steps 1500 --cli-every 250 is the whole run)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
+    ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' GPU time by kernel kind")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--jsonl", help=argparse.SUPPRESS)
     args = ap.parse_args()
