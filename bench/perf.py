@@ -153,7 +153,8 @@ def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, gr
                       after=sampling_check if graphs else None)
 
 
-KERNEL_KINDS = (("matmul fp8", ("f8", "e4m3", "fp8")), ("attention", ("flash", "fmha", "attention", "attn")),
+KERNEL_KINDS = (("matmul fp8", ("f8", "e4m3", "fp8", "_qqt")),    # cuBLAS's nvjet_sm90_qq…: float8 inputs
+                ("attention", ("flash", "fmha", "attention", "attn")),
                 ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")), ("fused (triton)", ("triton",)))
 
 

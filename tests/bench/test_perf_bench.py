@@ -11,6 +11,8 @@ import perf  # noqa: E402
 def test_kernel_names_fall_into_their_kinds():
     assert perf.kernel_kind("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "matmul fp8"
     assert perf.kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul bf16"
+    assert perf.kernel_kind("nvjet_sm90_qqtst_128x128_128x6_1x1_h_bz_coopA_algo2_ovscale_TNT") == "matmul fp8"
+    assert perf.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matmul bf16"
     assert perf.kernel_kind("flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
     assert perf.kernel_kind("triton_per_fused__to_copy_mul_0") == "fused (triton)"
     assert perf.kernel_kind("void at::native::vectorized_elementwise_kernel") == "other"
