@@ -57,26 +57,6 @@ class _CommandParser(_Parser):
         return parsed, extras
 
 
-def path_argument(value: str) -> str:
-    """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
-    `-`: no file is read from standard input or written to standard output (a run records its recipe file)."""
-    if value == "-":
-        raise argparse.ArgumentTypeError("reading standard input or writing standard output is not supported; "
-                                         "name a file (a recipe: save it to a file first)")
-    if not value.strip():
-        raise argparse.ArgumentTypeError("an empty path; name the file or folder (an unset variable gives one)")
-    return value
-
-
-def recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """RECIPE, --set and --unset: for plugin commands that read a recipe as the built-in ones do."""
-    p.add_argument("recipe", metavar="RECIPE", type=path_argument, help="recipe TOML file")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
-    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY", help="remove a key so its "
-                   "default applies (before the --set values), e.g. --unset sample.every_steps; repeatable")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-run", description="Declarative identity-LoRA trainer for the model families its "
                      "plugins register (lora-run plugins).", epilog="Run a recipe: lora-run RECIPE.toml [options] "
@@ -102,19 +82,6 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
     return err.exit_code
 
 
-def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
-    """The recipe of a command's RECIPE, --set and --unset arguments, with the registries' defaults; warns
-    of broken plugins and registration conflicts (after the recipe loaded: a recipe error comes alone)."""
-    from .recipe import load_recipe
-    from .run import with_defaults
-
-    loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins), plugins)
-    _warn_broken(plugins)
-    for c in plugins.conflicts:
-        print(f"warning: {c}", file=sys.stderr)
-    return loaded
-
-
 _LOADED: list[Any] = []
 
 
@@ -125,12 +92,13 @@ def _plugins(quiet: bool = False) -> Any:
     if not _LOADED:
         _LOADED.append(load_plugins())
     if not quiet:
-        _warn_broken(_LOADED[0])
+        warn_broken(_LOADED[0])
     return _LOADED[0]
 
 
-def _warn_broken(plugins: Any) -> None:
-    if plugins.warned:      # once per command line
+def warn_broken(plugins: Any) -> None:
+    """Report the plugins that failed to load, once per command line."""
+    if plugins.warned:
         return
     plugins.warned = True
     for b in plugins.broken:
@@ -138,7 +106,7 @@ def _warn_broken(plugins: Any) -> None:
 
 
 def _plugin_command(args: argparse.Namespace) -> int:
-    """A plugin's command; read-only ones report broken plugins themselves (``load_recipe_for``, `lora-run plugins`)."""
+    """A plugin's command; read-only ones report broken plugins themselves (``warn_broken``)."""
     reg = _plugins(quiet=True).registry["command"][args.command]
     return reg.factory(args, _plugins(quiet=reg.read_only))
 
@@ -173,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
     except ArgumentsError as err:
-        _warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
+        warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)
     if not args.command:
         parser.print_help()

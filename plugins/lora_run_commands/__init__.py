@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from lora_run.cli import load_recipe_for, path_argument, recipe_arguments
+from .arguments import load_recipe_for, path_argument, recipe_arguments
 from lora_run.errors import EXIT_BAD_INPUT, EXIT_OK, LoraRunError
 from lora_run.hookspecs import hookimpl
 
