@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
 from .files import printable
+from .recipe import did_you_mean
 
 
 class ArgumentsError(RecipeError):
@@ -114,8 +115,6 @@ def _plugin_command(args: argparse.Namespace) -> int:
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     """``argv`` with the default command `run` before a recipe; a first word that is no command, no file and no path
     (no folder part, no .toml) is named, with the commands and the closest of them."""
-    from .recipe import did_you_mean
-
     word = argv[0] if argv else "-h"
     if word in commands or (word.startswith("-") and word != "-"):
         return argv

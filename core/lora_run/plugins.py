@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .recipe import did_you_mean
 from .schema import check_table, recipe_class
 
 ENTRY_POINT_GROUP = "lora_run"
@@ -158,8 +159,6 @@ class Plugins:
         return self.registry[kind].get(name)
 
     def _unknown(self, kind: str, name: str, at: str = "") -> str:
-        from .recipe import did_you_mean
-
         table, hint = self.registry[kind], did_you_mean(name, self.registry[kind], '"')
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
