@@ -35,27 +35,23 @@ class _Once(argparse._StoreAction):
 
 class _Parser(argparse.ArgumentParser):
     """Every command's parser (plugins' commands too): usage errors are bad input, reported as every other (exit 2,
-    JSON with --json); a plain `add_argument` is a single-valued `_Once`."""
+    JSON with --json), an argument left over in the command's name (`lora-run plugins: unrecognized arguments: extra`;
+    argparse would name the whole program); a plain `add_argument` is a single-valued `_Once`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", None, _Once)
         self.register("action", "store", _Once)
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise ArgumentsError(f"{self.prog}: {message}")
-
-
-class _CommandParser(_Parser):
-    """A command's parser: an argument left over is refused in the command's name (`lora-run plugins: unrecognized
-    arguments: extra`), as its other usage errors are (argparse would name the whole program)."""
-
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ArgumentsError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
         p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
