@@ -45,10 +45,6 @@ def describe(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- converter
-def _is_literal(tp: Any) -> bool:
-    return typing.get_origin(tp) is Literal
-
-
 def _is_list(tp: Any) -> bool:
     return typing.get_origin(tp) in (list, typing.List)
 
@@ -108,7 +104,7 @@ def make_converter() -> cattrs.Converter:
     for tp, accepted, expected in ((int, (int,), "int"), (float, (int, float), "float"),
                                    (bool, (bool,), "true or false"), (str, (str,), "string")):
         conv.register_structure_hook(tp, _strict(tp, accepted, expected))
-    conv.register_structure_hook_func(_is_literal, literal)
+    conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is Literal, literal)
     conv.register_structure_hook_factory(_is_list, container_factory)
     conv.register_structure_hook_factory(_is_dict, container_factory)
 
@@ -427,27 +423,23 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
 # ------------------------------------------------------------------------------------------ structuring
 def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
     """`backend = "name"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
-    raw = dict(raw)
-    section = raw.get("backend")
-    if section is None:
-        return raw
+    raw, section = dict(raw), raw.get("backend")
     if isinstance(section, str):
         raw["backend"] = {"name": section, "options": {}}
-        return raw
-    if not isinstance(section, dict):
+    elif isinstance(section, dict):
+        packed: dict[str, Any] = {"options": {}}
+        for key, value in section.items():
+            if key == "name":
+                packed["name"] = value
+            elif isinstance(value, dict):
+                packed["options"][key] = value
+            else:
+                problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
+                             "`[backend.<name>]` table per backend")
+        raw["backend"] = packed
+    elif section is not None:
         problems.add(("backend",), f"expected a backend name or a table, got {describe(section)}")
         raw.pop("backend")
-        return raw
-    packed: dict[str, Any] = {"options": {}}
-    for key, value in section.items():
-        if key == "name":
-            packed["name"] = value
-        elif isinstance(value, dict):
-            packed["options"][key] = value
-        else:
-            problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
-                         "`[backend.<name>]` table per backend")
-    raw["backend"] = packed
     return raw
 
 
@@ -492,17 +484,21 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
                         problems.add((*here, i), message)
 
 
-def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
-    """Types, unknown keys and limits; the rules among keys are the plugins' (``check_recipe``, in ``validate``)."""
-    raw = _pack_backend(raw, problems)
-    check_limits(raw, recipe_class, (), problems)
+def structure_table(raw: Any, cls: type, problems: Problems, path: KeyPath = ()) -> Any:
+    """``raw`` (the table at ``path``) as ``cls`` through the converter, with its limits; None when it has problems,
+    each added to ``problems``."""
+    check_limits(raw, cls, path, problems)
     try:
-        recipe = CONVERTER.structure(raw, recipe_class)
+        return CONVERTER.structure(raw, cls)
     except Exception as exc:  # noqa: BLE001 - every problem is reported
-        for problem in collect_errors(exc):
+        for problem in collect_errors(exc, path):
             problems.add(*problem)
         return None
-    return recipe
+
+
+def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
+    """Types, unknown keys and limits; the rules among keys are the plugins' (``check_recipe``, in ``validate``)."""
+    return structure_table(_pack_backend(raw, problems), recipe_class, problems)
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ import attrs
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, replace, resume_command
+from .recipe import LoadedRecipe, Problems, replace, resume_command, structure_table
 from .schema import Recipe
 
 
@@ -124,13 +124,7 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
         return None
     own = problems if problems is not None else Problems("recipe")
     before = len(own.items)
-    check_limits(raw, reg.options, where, own)
-    try:
-        value = CONVERTER.structure(raw, reg.options)
-    except Exception as exc:  # noqa: BLE001
-        for problem in collect_errors(exc, where):
-            own.add(*problem)
-        value = None
+    value = structure_table(raw, reg.options, own, where)
     if problems is None:
         own.raise_if_any()
     return value if len(own.items) == before else None
