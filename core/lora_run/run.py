@@ -77,8 +77,7 @@ class Processes:
 
     @classmethod
     def from_env(cls, env: Any = None) -> Processes:
-        """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
-        read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them."""
+        """This process's place, read from the `RANK` / `WORLD_SIZE` environment launchers set (one without them)."""
         env = os.environ if env is None else env
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls()
