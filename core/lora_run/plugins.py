@@ -99,7 +99,6 @@ class Plugins:
         """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see
         every call) with a ``register`` that knows which plugin registers."""
         impls = getattr(self.hook, hook_name).get_hookimpls()
-        everyone = [impl.plugin for impl in impls]
         for impl in impls:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
@@ -122,7 +121,7 @@ class Plugins:
                 caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
                 table[name] = Registration(kind, name, factory, _plugin, options, caps, **fields)
 
-            others = [p for p in everyone if p is not impl.plugin]
+            others = [other.plugin for other in impls if other.plugin is not impl.plugin]
             try:
                 self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register, **arguments)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
@@ -175,10 +174,8 @@ def make_plugin_manager() -> pluggy.PluginManager:
 
 
 def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
-    """Discover entry points with stevedore, register them with pluggy, collect the registries.
-
-    ``extra`` objects (tests, embedding applications) are registered after the entry points.
-    """
+    """Discover entry points with stevedore, register them with pluggy, collect the registries; ``extra`` objects
+    (tests, embedding applications) are registered after the entry points."""
     from stevedore import EnabledExtensionManager
 
     pm = make_plugin_manager()

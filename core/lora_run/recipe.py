@@ -330,12 +330,8 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     raw = read_toml(path, shown)
     resolve_paths(raw, real.parent, recipe_class, backends)
     parent = raw.pop("extends", None)
-    own: dict[KeyPath, str] = {}
-    for key, value in raw.items():
-        _record(own, (key,), value, shown)
     if parent is None:
-        origins.update(own)
-        return raw
+        return _merge({}, raw, origins, shown)      # every key is this file's
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"{shown}: [extends] expected a path string, got {describe(parent)}")
     parent_path = Path(os.path.expanduser(parent))
