@@ -102,12 +102,6 @@ def warn_broken(plugins: Any) -> None:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
 
 
-def _plugin_command(args: argparse.Namespace) -> int:
-    """A plugin's command; read-only ones report broken plugins themselves (``warn_broken``)."""
-    reg = _plugins(quiet=True).registry["command"][args.command]
-    return reg.factory(args, _plugins(quiet=reg.read_only))
-
-
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     """``argv`` with the default command `run` before a recipe; a first word that is no command, no file and no path
     (no folder part, no .toml) is named, with the commands and the closest of them."""
@@ -146,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    try:
-        return _plugin_command(args)
+    try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
+        return commands[args.command].factory(args, _plugins(quiet=read_only))
     except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
