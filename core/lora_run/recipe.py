@@ -141,10 +141,6 @@ def format_key(path: KeyPath) -> str:
     return text or "(top level)"
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in attrs.fields(cls)]
-
-
 def did_you_mean(word: str, options: Iterable[str], quote: str = "'") -> str:
     """`` (did you mean 'learning_rate'?)`` for the closest of ``options``, or nothing."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
@@ -164,7 +160,7 @@ def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[Problem]:
     """Flatten a cattrs error tree into problems (their paths under ``path``)."""
     out: list[Problem] = []
     if isinstance(exc, ForbiddenExtraKeysError):
-        names = field_names(exc.cl)
+        names = list(attrs.fields_dict(exc.cl))
         for key in sorted(exc.extra_fields):
             message = f"unknown key {key!r}{did_you_mean(key, names)}; allowed: {', '.join(names)}"
             out.append(Problem(path, message, (*path, key)))
@@ -537,7 +533,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     raw = apply_sets(raw, sets, origins, recipe_class, backends)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
-    if plugins.broken and set(raw) - set(field_names(recipe_class)):   # perhaps the table of a plugin that failed
+    if plugins.broken and set(raw) - set(attrs.fields_dict(recipe_class)):   # perhaps the table of a plugin that failed
         problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
             f"{b.name} ({b.error})" for b in plugins.broken))
     problems.raise_if_any()
