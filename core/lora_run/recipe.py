@@ -477,8 +477,8 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
 
 
 def structure_table(raw: Any, cls: type, problems: Problems, path: KeyPath = ()) -> Any:
-    """``raw`` (the table at ``path``) as ``cls`` through the converter, with its limits; None when it has problems,
-    each added to ``problems``."""
+    """``raw`` (the table at ``path``) as ``cls`` through the converter, or None when that fails; every problem, the
+    limits' too, is added to ``problems``."""
     check_limits(raw, cls, path, problems)
     try:
         return CONVERTER.structure(raw, cls)
