@@ -38,7 +38,7 @@ class Registration:
     options: type | None = None
     # backends:
     capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)  # family -> features (``loss:*``: every loss)
-    description: str = ""
+    description: str = ""                                       # any kind: one line (a command's is its help)
     reasons: dict[str, Any] = attrs.field(factory=dict)     # feature (or family -> feature) -> why it is not honoured
     family_notes: dict[str, str] = attrs.field(factory=dict)    # family -> why it is not trained
     alias_of: str | None = None                                 # the backend this name is another name for
