@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
 from .files import printable
+from .recipe import did_you_mean
 
 
 class ArgumentsError(RecipeError):
@@ -34,21 +35,13 @@ class _Once(argparse._StoreAction):
 
 class _Parser(argparse.ArgumentParser):
     """Every command's parser (plugins' commands too): usage errors are bad input, reported as every other (exit 2,
-    JSON with --json); a plain `add_argument` is a single-valued `_Once`."""
+    JSON with --json), an argument left over in the command's name (`lora-run plugins: unrecognized arguments: extra`;
+    argparse would name the whole program); a plain `add_argument` is a single-valued `_Once`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.register("action", None, _Once)
         self.register("action", "store", _Once)
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        raise ArgumentsError(f"{self.prog}: {message}")
-
-
-class _CommandParser(_Parser):
-    """A command's parser: an argument left over is refused in the command's name (`lora-run plugins: unrecognized
-    arguments: extra`), as its other usage errors are (argparse would name the whole program)."""
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extras = super().parse_known_args(args, namespace)
@@ -56,25 +49,9 @@ class _CommandParser(_Parser):
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
 
-
-def path_argument(value: str) -> str:
-    """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
-    `-`: no file is read from standard input or written to standard output (a run records its recipe file)."""
-    if value == "-":
-        raise argparse.ArgumentTypeError("reading standard input or writing standard output is not supported; "
-                                         "name a file (a recipe: save it to a file first)")
-    if not value.strip():
-        raise argparse.ArgumentTypeError("an empty path; name the file or folder (an unset variable gives one)")
-    return value
-
-
-def recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """RECIPE, --set and --unset: for plugin commands that read a recipe as the built-in ones do."""
-    p.add_argument("recipe", metavar="RECIPE", type=path_argument, help="recipe TOML file")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key (TOML value), e.g. --set train.steps=100; repeatable")
-    p.add_argument("--unset", dest="unsets", action="append", default=[], metavar="KEY", help="remove a key so its "
-                   "default applies (before the --set values), e.g. --unset sample.every_steps; repeatable")
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise ArgumentsError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(see `lora-run run -h`).")
     parser.add_argument("--version", action="version", version=f"lora-run {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
         p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
@@ -102,19 +79,6 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
     return err.exit_code
 
 
-def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
-    """The recipe of a command's RECIPE, --set and --unset arguments, with the registries' defaults; warns
-    of broken plugins and registration conflicts (after the recipe loaded: a recipe error comes alone)."""
-    from .recipe import load_recipe
-    from .run import with_defaults
-
-    loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins), plugins)
-    _warn_broken(plugins)
-    for c in plugins.conflicts:
-        print(f"warning: {c}", file=sys.stderr)
-    return loaded
-
-
 _LOADED: list[Any] = []
 
 
@@ -125,29 +89,22 @@ def _plugins(quiet: bool = False) -> Any:
     if not _LOADED:
         _LOADED.append(load_plugins())
     if not quiet:
-        _warn_broken(_LOADED[0])
+        warn_broken(_LOADED[0])
     return _LOADED[0]
 
 
-def _warn_broken(plugins: Any) -> None:
-    if plugins.warned:      # once per command line
+def warn_broken(plugins: Any) -> None:
+    """Report the plugins that failed to load, once per command line."""
+    if plugins.warned:
         return
     plugins.warned = True
     for b in plugins.broken:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
 
 
-def _plugin_command(args: argparse.Namespace) -> int:
-    """A plugin's command; read-only ones report broken plugins themselves (``load_recipe_for``, `lora-run plugins`)."""
-    reg = _plugins(quiet=True).registry["command"][args.command]
-    return reg.factory(args, _plugins(quiet=reg.read_only))
-
-
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
     """``argv`` with the default command `run` before a recipe; a first word that is no command, no file and no path
     (no folder part, no .toml) is named, with the commands and the closest of them."""
-    from .recipe import did_you_mean
-
     word = argv[0] if argv else "-h"
     if word in commands or (word.startswith("-") and word != "-"):
         return argv
@@ -173,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
     except ArgumentsError as err:
-        _warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
+        warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)
     if not args.command:
         parser.print_help()
@@ -183,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    try:
-        return _plugin_command(args)
+    try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
+        return commands[args.command].factory(args, _plugins(quiet=read_only))
     except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -1,10 +1,6 @@
-"""Reading the files a user hands lora-run, within limits, and naming them safely in messages.
-
-Every file lora-run reads on a user's behalf (recipes and their ``extends``, captions, images, LoRA files
-for ``eval``, model files of evaluator plugins) is checked *before* it is opened: it must be a regular file (never a device,
-FIFO or socket, e.g. a caption linked to ``/dev/zero``) and no larger than the limit of its kind, which the
-plugin reading that kind names (the folder plugin's captions and images, the run folder's JSON, …). The limits
-are documented in docs/reliability.md.
+"""Reading the files a user hands lora-run, within limits, and naming them safely in messages: every such file is
+checked before it is opened (a regular file, never a device, FIFO or socket; no larger than the limit of its kind,
+which the plugin reading that kind names). docs/reliability.md ("Unbounded reads") lists the kinds and limits.
 """
 from __future__ import annotations
 

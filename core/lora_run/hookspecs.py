@@ -1,10 +1,7 @@
 """The hook specifications: the registries (family, backend, loss, dataset, evaluator, command, recipe section),
-the recipe check, the dataset lint, the run folder, a run's processes and its lifecycle.
-
-Arguments are append-only: an implementation may take any subset of them (pluggy matches by name).
-Each hook's contract (when it is called, its arguments, what it returns, the built-in implementation, an example)
-is its page in ``docs/hooks/``, whose heading is its signature (a test checks this); the docstrings here say what
-it is for.
+the recipe check, the dataset lint, the run folder, a run's processes and its lifecycle. Arguments are append-only
+(pluggy lets an implementation take any subset). Each hook's contract (when it is called, its arguments, what it
+returns, the built-in implementation, an example) is its page in ``docs/hooks/``, headed by its signature.
 """
 from __future__ import annotations
 

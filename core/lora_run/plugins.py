@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .recipe import did_you_mean
 from .schema import check_table, recipe_class
 
 ENTRY_POINT_GROUP = "lora_run"
@@ -26,55 +27,40 @@ KINDS = ("family", "backend", "loss", "dataset", "evaluator", "embedder", "comma
 
 @attrs.frozen
 class Registration:
-    """One named thing a plugin registered. Every field is a keyword of ``register(...)``; an unknown
-    keyword is an error that marks the plugin broken (no untyped side channel)."""
+    """One named thing a plugin registered. Every field is a keyword of ``register(...)``, each kind's described on
+    its hook's page (docs/hooks/register_<kind>s.md); an unknown keyword is an error that marks the plugin broken
+    (no untyped side channel)."""
 
     kind: str
     name: str
     factory: Callable[..., Any] | None   # None for families (a family is facts, not a factory)
     plugin: str
     options: type | None = None
-    #: backends: model family -> recipe features honoured (``loss:*`` = every registered loss)
-    capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)
-    description: str = ""
-    #: backends: feature -> why it is not honoured (shown with the refusal), or family -> {feature -> why}
-    reasons: dict[str, Any] = attrs.field(factory=dict)
-    #: backends: family -> why it is not trained (shown with the refusal)
-    family_notes: dict[str, str] = attrs.field(factory=dict)
-    #: backends: the registered backend this name is another name for (listed once in refusals)
-    alias_of: str | None = None
-    #: backends: ``memory_estimate(recipe, swapped_blocks) -> (GiB, assumptions) | None``, lent to backends
-    #: without their own memory model
-    memory_estimate: Callable[..., Any] | None = None
-    #: backends: ``generate(...)`` image generation lent to evaluator plugins
-    generate: Callable[..., Any] | None = None
-    #: commands: ``configure(parser)`` adds the subcommand's arguments
-    configure: Callable[..., Any] | None = None
-    #: commands: only reads and prints (a closed output pipe just ends it); reports broken plugins itself
-    read_only: bool = False
-    #: families: ``[model.files]`` slot -> what file goes there
-    file_slots: dict[str, str] = attrs.field(factory=dict)
-    #: families: every bucket side is a multiple of this many pixels (the latent grid)
-    pixel_multiple: int = 16
-    #: families: releases ``[model] version`` may name (empty: the key is refused)
-    versions: tuple[str, ...] = ()
-    #: families: backend name -> ``"module:Class"`` (or a callable returning the class) that teaches that
-    #: backend this family; read by the backend, never by core
-    adapters: dict[str, Any] = attrs.field(factory=dict)
-    #: families: σ samplers of their own that ``[train] timestep_sampling`` may name (besides the common ones)
-    samplers: tuple[str, ...] = ()
-    #: families: the LoRA file formats ``[output] formats`` may name for this family
-    lora_formats: tuple[str, ...] = ()
-    #: families: what a recipe without ``[output] formats`` writes (empty: every one of ``lora_formats``)
-    default_formats: tuple[str, ...] = ()
+    # backends:
+    capabilities: dict[str, frozenset[str]] = attrs.field(factory=dict)  # family -> features (``loss:*``: every loss)
+    description: str = ""                                       # any kind: one line (a command's is its help)
+    reasons: dict[str, Any] = attrs.field(factory=dict)     # feature (or family -> feature) -> why it is not honoured
+    family_notes: dict[str, str] = attrs.field(factory=dict)    # family -> why it is not trained
+    alias_of: str | None = None                                 # the backend this name is another name for
+    memory_estimate: Callable[..., Any] | None = None           # lent to backends without their own memory model
+    generate: Callable[..., Any] | None = None                  # image generation, lent to evaluator plugins
+    # commands:
+    configure: Callable[..., Any] | None = None                 # ``configure(parser)`` adds the arguments
+    read_only: bool = False                                     # only reads and prints; reports broken plugins itself
+    # families (read by the ``training`` plugin and each backend, never by core but for the defaults):
+    file_slots: dict[str, str] = attrs.field(factory=dict)      # ``[model.files]`` slot -> what file goes there
+    pixel_multiple: int = 16                                    # every bucket side is a multiple of it (latent grid)
+    versions: tuple[str, ...] = ()                              # what ``[model] version`` may name (empty: nothing)
+    adapters: dict[str, Any] = attrs.field(factory=dict)        # backend -> ``"module:Class"`` teaching it the family
+    samplers: tuple[str, ...] = ()                              # its own σ samplers (``[train] timestep_sampling``)
+    lora_formats: tuple[str, ...] = ()                          # what ``[output] formats`` may name
+    default_formats: tuple[str, ...] = ()                       # written without ``formats`` (empty: every one)
     #: families, backends, embedders: chosen when the recipe leaves the name unset (a backend: among those
     #: that train the recipe's family)
     default: bool = False
-    #: sections: ``check(recipe, plugins, problems)`` adds the section's rules (after the defaults) with
-    #: ``problems.add(key path, message)``
-    check: Callable[..., Any] | None = None
-    #: sections: ``with_defaults(section, plugins) -> section``, the names it leaves unset filled from the registries
-    with_defaults: Callable[..., Any] | None = None
+    # sections:
+    check: Callable[..., Any] | None = None                     # ``check(recipe, plugins, problems)``: its rules
+    with_defaults: Callable[..., Any] | None = None             # ``with_defaults(section, plugins) -> section``
 
 
 _FIELDS = frozenset(f.name for f in attrs.fields(Registration)) - {
@@ -113,7 +99,6 @@ class Plugins:
         """Call ``hook_name`` through pluggy once per implementing plugin (so tracing and monitoring see
         every call) with a ``register`` that knows which plugin registers."""
         impls = getattr(self.hook, hook_name).get_hookimpls()
-        everyone = [impl.plugin for impl in impls]
         for impl in impls:
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
@@ -136,7 +121,7 @@ class Plugins:
                 caps = {family: frozenset(features) for family, features in (capabilities or {}).items()}
                 table[name] = Registration(kind, name, factory, _plugin, options, caps, **fields)
 
-            others = [p for p in everyone if p is not impl.plugin]
+            others = [other.plugin for other in impls if other.plugin is not impl.plugin]
             try:
                 self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register, **arguments)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal
@@ -158,8 +143,6 @@ class Plugins:
         return self.registry[kind].get(name)
 
     def _unknown(self, kind: str, name: str, at: str = "") -> str:
-        from .recipe import did_you_mean
-
         table, hint = self.registry[kind], did_you_mean(name, self.registry[kind], '"')
         broken = [b for b in self.broken if b.name == name]
         extra = f"; plugin {name!r} is installed but broken: {broken[0].error}" if broken else ""
@@ -191,10 +174,8 @@ def make_plugin_manager() -> pluggy.PluginManager:
 
 
 def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
-    """Discover entry points with stevedore, register them with pluggy, collect the registries.
-
-    ``extra`` objects (tests, embedding applications) are registered after the entry points.
-    """
+    """Discover entry points with stevedore, register them with pluggy, collect the registries; ``extra`` objects
+    (tests, embedding applications) are registered after the entry points."""
     from stevedore import EnabledExtensionManager
 
     pm = make_plugin_manager()

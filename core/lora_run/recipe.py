@@ -18,7 +18,6 @@ from typing import Any, Iterable, Literal, NamedTuple
 
 import attrs
 import cattrs
-import tomli_w
 from cattrs.errors import (AttributeValidationNote, BaseValidationError, ForbiddenExtraKeysError,
                            IterableValidationNote)
 
@@ -46,10 +45,6 @@ def describe(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- converter
-def _is_literal(tp: Any) -> bool:
-    return typing.get_origin(tp) is Literal
-
-
 def _is_list(tp: Any) -> bool:
     return typing.get_origin(tp) in (list, typing.List)
 
@@ -109,7 +104,7 @@ def make_converter() -> cattrs.Converter:
     for tp, accepted, expected in ((int, (int,), "int"), (float, (int, float), "float"),
                                    (bool, (bool,), "true or false"), (str, (str,), "string")):
         conv.register_structure_hook(tp, _strict(tp, accepted, expected))
-    conv.register_structure_hook_func(_is_literal, literal)
+    conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is Literal, literal)
     conv.register_structure_hook_factory(_is_list, container_factory)
     conv.register_structure_hook_factory(_is_dict, container_factory)
 
@@ -146,10 +141,6 @@ def format_key(path: KeyPath) -> str:
     return text or "(top level)"
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in attrs.fields(cls)]
-
-
 def did_you_mean(word: str, options: Iterable[str], quote: str = "'") -> str:
     """`` (did you mean 'learning_rate'?)`` for the closest of ``options``, or nothing."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
@@ -169,7 +160,7 @@ def collect_errors(exc: BaseException, path: KeyPath = ()) -> list[Problem]:
     """Flatten a cattrs error tree into problems (their paths under ``path``)."""
     out: list[Problem] = []
     if isinstance(exc, ForbiddenExtraKeysError):
-        names = field_names(exc.cl)
+        names = list(attrs.fields_dict(exc.cl))
         for key in sorted(exc.extra_fields):
             message = f"unknown key {key!r}{did_you_mean(key, names)}; allowed: {', '.join(names)}"
             out.append(Problem(path, message, (*path, key)))
@@ -335,12 +326,8 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     raw = read_toml(path, shown)
     resolve_paths(raw, real.parent, recipe_class, backends)
     parent = raw.pop("extends", None)
-    own: dict[KeyPath, str] = {}
-    for key, value in raw.items():
-        _record(own, (key,), value, shown)
     if parent is None:
-        origins.update(own)
-        return raw
+        return _merge({}, raw, origins, shown)      # every key is this file's
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"{shown}: [extends] expected a path string, got {describe(parent)}")
     parent_path = Path(os.path.expanduser(parent))
@@ -428,27 +415,23 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
 # ------------------------------------------------------------------------------------------ structuring
 def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
     """`backend = "name"` or `[backend] name=…` + `[backend.<name>]` tables -> BackendSection layout."""
-    raw = dict(raw)
-    section = raw.get("backend")
-    if section is None:
-        return raw
+    raw, section = dict(raw), raw.get("backend")
     if isinstance(section, str):
         raw["backend"] = {"name": section, "options": {}}
-        return raw
-    if not isinstance(section, dict):
+    elif isinstance(section, dict):
+        packed: dict[str, Any] = {"options": {}}
+        for key, value in section.items():
+            if key == "name":
+                packed["name"] = value
+            elif isinstance(value, dict):
+                packed["options"][key] = value
+            else:
+                problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
+                             "`[backend.<name>]` table per backend")
+        raw["backend"] = packed
+    elif section is not None:
         problems.add(("backend",), f"expected a backend name or a table, got {describe(section)}")
         raw.pop("backend")
-        return raw
-    packed: dict[str, Any] = {"options": {}}
-    for key, value in section.items():
-        if key == "name":
-            packed["name"] = value
-        elif isinstance(value, dict):
-            packed["options"][key] = value
-        else:
-            problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
-                         "`[backend.<name>]` table per backend")
-    raw["backend"] = packed
     return raw
 
 
@@ -493,17 +476,21 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
                         problems.add((*here, i), message)
 
 
-def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
-    """Types, unknown keys and limits; the rules among keys are the plugins' (``check_recipe``, in ``validate``)."""
-    raw = _pack_backend(raw, problems)
-    check_limits(raw, recipe_class, (), problems)
+def structure_table(raw: Any, cls: type, problems: Problems, path: KeyPath = ()) -> Any:
+    """``raw`` (the table at ``path``) as ``cls`` through the converter, or None when that fails; every problem, the
+    limits' too, is added to ``problems``."""
+    check_limits(raw, cls, path, problems)
     try:
-        recipe = CONVERTER.structure(raw, recipe_class)
+        return CONVERTER.structure(raw, cls)
     except Exception as exc:  # noqa: BLE001 - every problem is reported
-        for problem in collect_errors(exc):
+        for problem in collect_errors(exc, path):
             problems.add(*problem)
         return None
-    return recipe
+
+
+def structure(raw: dict[str, Any], problems: Problems, recipe_class: type = Recipe) -> Recipe | None:
+    """Types, unknown keys and limits; the rules among keys are the plugins' (``check_recipe``, in ``validate``)."""
+    return structure_table(_pack_backend(raw, problems), recipe_class, problems)
 
 
 @attrs.frozen
@@ -546,7 +533,7 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     raw = apply_sets(raw, sets, origins, recipe_class, backends)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
-    if plugins.broken and set(raw) - set(field_names(recipe_class)):   # perhaps the table of a plugin that failed
+    if plugins.broken and set(raw) - set(attrs.fields_dict(recipe_class)):   # perhaps the table of a plugin that failed
         problems.add((), "the tables of plugins that failed to load are unknown: " + "; ".join(
             f"{b.name} ({b.error})" for b in plugins.broken))
     problems.raise_if_any()
@@ -555,32 +542,6 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     if out.strip() and "\x00" not in out and not os.path.isabs(os.path.expanduser(out)):
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
     return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets), tuple(unsets))
-
-
-# ---------------------------------------------------------------------------------------------- writing
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain TOML-able data (None values left out, backend tables unpacked)."""
-    data = _drop_none(CONVERTER.unstructure(recipe))
-    data.pop("extends", None)
-    backend = data.pop("backend")
-    data["backend"] = {"name": backend["name"], **backend.get("options", {})}
-    return data
-
-
-def dump_recipe(recipe: Recipe, header: str = "") -> str:
-    """The resolved recipe as TOML (tomli-w); loading it gives an equal Recipe."""
-    body = tomli_w.dumps(to_dict(recipe))
-    if header:
-        body = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + "\n" + body
-    return body
 
 
 def replace(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:

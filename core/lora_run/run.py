@@ -12,7 +12,7 @@ import attrs
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
 from .plugins import Plugins, Registration
-from .recipe import CONVERTER, LoadedRecipe, Problems, check_limits, collect_errors, replace, resume_command
+from .recipe import LoadedRecipe, Problems, replace, resume_command, structure_table
 from .schema import Recipe
 
 
@@ -38,41 +38,27 @@ class Backend(Protocol):
     that trains with several processes offers ``run_processes`` too (see the ``run_processes`` hook)."""
 
     def plan(self) -> Plan: ...
-
     def run(self) -> None: ...
 
 
 class RunFolder(Protocol):
-    """What the ``open_run_folder`` hook returns (the built-in: ``lora_run_rundir.RunDir``). Backends read
-    ``path`` and use ``file``, ``write_text``, ``update_manifest`` and ``log``; ``execute`` calls the rest in
-    this order: ``prepare`` (create and lock; never replaces what lora-run did not create), ``start`` (the
-    resolved recipe, the manifest), ``record_plan`` (the backend's plan files, the plan in the manifest),
-    ``finish`` (the final manifest, or nothing kept of a run that stopped before it wrote anything of value),
-    ``release`` (the lock)."""
+    """What the ``open_run_folder`` hook returns (the built-in: ``lora_run_rundir.RunDir``): ``execute`` calls the
+    methods from ``prepare`` to ``release`` in this order, backends use the rest (docs/hooks/open_run_folder.md)."""
 
     path: Path
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None: ...
-
     def start(self, run: RunContext, *, allow_dataset_change: bool) -> None: ...
-
     def record_plan(self, plan: Plan) -> None: ...
-
     def error_for(self, exc: BaseException) -> LoraRunError | None: ...
-
     def finish(self, status: str, error: BaseException | None, artifacts: dict[str, Any],
                echo: Callable[[str], None]) -> None: ...
-
     def release(self) -> None: ...
 
     def file(self, *parts: str) -> Path: ...
-
     def write_text(self, name: str, text: str) -> Path: ...
-
     def read_manifest(self) -> dict[str, Any]: ...
-
     def update_manifest(self, **fields: Any) -> dict[str, Any]: ...
-
     def log(self, message: str) -> None: ...
 
 
@@ -91,8 +77,7 @@ class Processes:
 
     @classmethod
     def from_env(cls, env: Any = None) -> Processes:
-        """This process's place in a run started by a launcher (`torchrun`, `accelerate launch`, `lora-run --gpus`),
-        read from the `RANK` / `WORLD_SIZE` environment those launchers set; one process without them."""
+        """This process's place, read from the `RANK` / `WORLD_SIZE` environment launchers set (one without them)."""
         env = os.environ if env is None else env
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls()
@@ -138,13 +123,7 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
         return None
     own = problems if problems is not None else Problems("recipe")
     before = len(own.items)
-    check_limits(raw, reg.options, where, own)
-    try:
-        value = CONVERTER.structure(raw, reg.options)
-    except Exception as exc:  # noqa: BLE001
-        for problem in collect_errors(exc, where):
-            own.add(*problem)
-        value = None
+    value = structure_table(raw, reg.options, own, where)
     if problems is None:
         own.raise_if_any()
     return value if len(own.items) == before else None
@@ -197,8 +176,10 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         backend = plugins.find("backend", recipe.backend.name, ("backend", "name"), problems)
     if recipe.model.family is not None:
         plugins.find("family", recipe.model.family, ("model", "family"), problems)
-    options = None
-    for name, table in recipe.backend.options.items():
+    options, tables = None, dict(recipe.backend.options)
+    if backend is not None:
+        tables.setdefault(backend.name, {})     # the chosen backend's options: its defaults when it has no table
+    for name, table in tables.items():
         if name not in plugins.registry["backend"]:
             problems.add(("backend", "options", name), f"table for unknown backend \"{name}\"; installed: "
                          f"{', '.join(plugins.names('backend'))}")
@@ -206,8 +187,6 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         value = structure_options(plugins.registry["backend"][name], table, ("backend", "options", name), problems)
         if backend is not None and name == backend.name:
             options = value
-    if backend is not None and backend.name not in recipe.backend.options and backend.options is not None:
-        options = structure_options(backend, {}, ("backend", "options", backend.name), problems)
     reg = plugins.find("dataset", recipe.dataset.type, ("dataset", "type"), problems)
     value = structure_options(reg, recipe.dataset.options, ("dataset", "options"), problems) if reg else None
     if reg is not None and (value is not None or reg.options is None):

@@ -17,12 +17,9 @@ from .errors import PluginError
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, path: bool | str | tuple[str, ...] = False,
            features: tuple[Any, ...] = (), choice_features: str = "") -> Any:
-    """An attrs field with its documentation, limits and features in the metadata. ``path``: the value is a
-    path, made absolute against the recipe file's folder (a table: every value, or the keys ``path`` names;
-    ``"local"``: only a value that names an existing file or folder or starts with `.`, `/` or `~`, as a hub id
-    does not). ``features``: the features (``lora_run_training.capabilities.Feature``) a recipe uses through this
-    field, which a backend may not honour; ``choice_features="optimizer"``: one feature per value of a choice
-    field, ``optimizer:<value>``."""
+    """An attrs field with its documentation, limits, ``path`` mark (docs/hooks/register_sections.md) and the
+    ``features`` (``lora_run_training.Feature``) a recipe uses through it, which a backend may not honour, in the
+    metadata; ``choice_features="optimizer"``: one feature per value of a choice field, ``optimizer:<value>``."""
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path, "features": features,
                 "choice_features": choice_features}
     if factory is not None:

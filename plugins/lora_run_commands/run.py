@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_run.cli import load_recipe_for, path_argument, recipe_arguments
+from .arguments import load_recipe_for, path_argument, recipe_arguments
 from lora_run.errors import EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
 
 

@@ -48,7 +48,7 @@ def _cmd_score(args: Any, plugins: Any) -> int:
 
 
 def _eval_arguments(p: Any) -> None:
-    from lora_run.cli import path_argument, recipe_arguments
+    from lora_run_commands.arguments import path_argument, recipe_arguments
 
     recipe_arguments(p)
     p.add_argument("--lora", action="append", required=True, metavar="FILE", type=path_argument,
@@ -60,7 +60,7 @@ def _eval_arguments(p: Any) -> None:
 
 
 def _score_arguments(p: Any) -> None:
-    from lora_run.cli import path_argument
+    from lora_run_commands.arguments import path_argument
 
     p.add_argument("--subject", required=True, metavar="DIR", type=path_argument, help="the subject's photos")
     p.add_argument("--images", required=True, metavar="DIR", type=path_argument, help="generated images to score")

@@ -18,7 +18,7 @@ def make_backend(ctx):
 
 
 def _demo_arguments(parser):
-    from lora_run.cli import path_argument
+    from lora_run_commands.arguments import path_argument
 
     parser.add_argument("--output-dir", default="runs/demo", type=path_argument, help="where the demo's assets and "
                         "run go")

@@ -56,7 +56,7 @@ def empty_output_dir_problem(output_dir: str | None) -> str | None:
     """``EMPTY_OUTPUT_DIR`` for a blank ``--output-dir`` (``--output-dir "$UNSET"``), None for a given or absent one.
     Never taken as absent: `run --overwrite` would replace the recipe's own run folder, `eval` and `demo` would write
     where their default goes, and ``Path("")`` is the working folder. The command line refuses it first
-    (``lora_run.cli.path_argument``); this holds for every caller from Python too."""
+    (``lora_run_commands.arguments.path_argument``); this holds for every caller from Python too."""
     if output_dir is not None and not output_dir.strip():
         return EMPTY_OUTPUT_DIR
     return None

@@ -101,7 +101,7 @@ def test_every_path_option_refuses_an_empty_path_in_one_place(capsys, tmp_path, 
     """An empty or blank `--output-dir` was refused by four messages written in four places (run, plan, eval, demo),
     and the other path options (`--lora`, `score --subject/--images/--control/--report/--model/--detector`) each by
     its own; one argument type now refuses every one of them, in every command, naming the option."""
-    from lora_run.cli import path_argument
+    from lora_run_commands.arguments import path_argument
 
     monkeypatch.chdir(tmp_path)
     paths = [(name, action) for name, parser in _commands().items() for action in parser._actions
