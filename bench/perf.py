@@ -491,7 +491,7 @@ def stop_cli_run(work: Path) -> None:
 def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path, limit: float) -> None:
     env = {**os.environ, "PERF_WORK": str(args.work), "PERF_CLI_STEPS": str(args.cli_steps),
            "PERF_CLI_EVERY": str(args.cli_every or 0), "PYTHONUNBUFFERED": "1",
-           **({"PERF_PROFILE": "1"} if args.profile else {})}
+           **({"PERF_PROFILE": "1"} if getattr(args, "profile", False) else {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", group, "--rows", *rows, "--jsonl", str(jsonl),
            "--row-timeout", str(args.row_timeout)]
     print(f"== {group}: {' '.join(rows)} (limit {limit:.0f} s)", flush=True)
