@@ -18,6 +18,7 @@ from typing import Any, Iterable, Literal, NamedTuple
 
 import attrs
 import cattrs
+import tomli_w
 from cattrs.errors import (AttributeValidationNote, BaseValidationError, ForbiddenExtraKeysError,
                            IterableValidationNote)
 
@@ -542,6 +543,32 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
     if out.strip() and "\x00" not in out and not os.path.isabs(os.path.expanduser(out)):
         recipe = replace(recipe, output={"dir": str(Path.cwd() / recipe.output.dir)})
     return LoadedRecipe(recipe, path, display_path(path), origins, tuple(sets), tuple(unsets))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain TOML-able data (None values left out, backend tables unpacked)."""
+    data = _drop_none(CONVERTER.unstructure(recipe))
+    data.pop("extends", None)
+    backend = data.pop("backend")
+    data["backend"] = {"name": backend["name"], **backend.get("options", {})}
+    return data
+
+
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    """The resolved recipe as TOML (tomli-w); loading it gives an equal Recipe."""
+    body = tomli_w.dumps(to_dict(recipe))
+    if header:
+        body = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + "\n" + body
+    return body
 
 
 def replace(recipe: Recipe, **sections: dict[str, Any]) -> Recipe:

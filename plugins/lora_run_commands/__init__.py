@@ -80,7 +80,7 @@ def lint_json(report: Any) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace, plugins: Any) -> int:
-    from lora_run_rundir.recipe_file import dump_recipe, to_dict
+    from lora_run.recipe import dump_recipe, to_dict
     from lora_run.run import make_backend, open_run_folder, validate
 
     loaded = load_recipe_for(args, plugins)

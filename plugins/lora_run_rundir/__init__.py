@@ -7,7 +7,6 @@ change (``check_resume``), and the safe-writing library plugins share.
   the manifest, the log, the run's start and end;
 - :mod:`.output` — where a run folder may not go (`lora-run check` and `plan` ask too), and the rules of the
   `[output]` keys (``check_recipe``: a plain file name, a folder path, at least one format);
-- :mod:`.recipe_file` — the recipe writer (``dump_recipe``, ``to_dict``): the resolved `recipe.toml`;
 - :mod:`.resume` — the recipe and dataset checks of ``--resume``.
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.

@@ -376,7 +376,7 @@ class RunDir:
         """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
         aside, the resolved recipe, the manifest (status "running"; the process count of a launched run) and the
         dataset record written."""
-        from .recipe_file import dump_recipe
+        from lora_run.recipe import dump_recipe
 
         recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
         self.started, self.resumed = time.time(), resume

@@ -7,10 +7,9 @@ from typing import Any
 
 from lora_run.errors import OutputError, RecipeError
 from lora_run.files import FileProblem, read_limited, shown
-from lora_run.recipe import load_recipe
+from lora_run.recipe import load_recipe, to_dict
 
 from .folder import DATASET_RECORD, JSON_LIMIT, RECIPE, RunDir
-from .recipe_file import to_dict
 
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
                       ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}

@@ -12,10 +12,10 @@ from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,779 when it was set: the command line's conventions for
-#: commands (`recipe_arguments`, `path_argument`, `load_recipe_for`) went to lora_run_commands.arguments and the recipe
-#: writer to lora_run_rundir.recipe_file, with one parser class, one table-structuring helper and docstrings naming
-#: the docs page they repeated; 1,911 before: the `run` command with `--gpus` and
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,806 when it was set: the command line's conventions for
+#: commands (`recipe_arguments`, `path_argument`, `load_recipe_for`) went to lora_run_commands.arguments, with one
+#: parser class, one table-structuring helper and docstrings naming the docs page they repeated; the recipe writer
+#: (tomli-w) stays with the schema, as the design card has it; 1,911 before: the `run` command with `--gpus` and
 #: torchrun's error file went to lora_run_commands (1,945), the keys of `[model]` and `[dataset]` only plugins read to
 #: lora_run_training, added to core's tables through `register_sections` (`schema.with_keys`), with `Feature`;
 #: 1,985 before, after `Plugins.describe` and `LintReport.to_json` went to lora_run_commands and the hook docstrings
@@ -32,7 +32,7 @@ CORE = REPO / "core" / "lora_run"
 #: read, the capability check and the family-fact checks to lora_run_training, a launched process's place in the run
 #: and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size")
 #: says what stands between.
-CORE_LINE_BUDGET = 1779
+CORE_LINE_BUDGET = 1806
 
 
 def core_sources() -> dict[Path, str]:

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from lora_run.errors import RecipeError
-from lora_run.recipe import load_recipe, parse_set
-from lora_run_rundir.recipe_file import dump_recipe
+from lora_run.recipe import dump_recipe, load_recipe, parse_set
 
 from .conftest import GOOD
 

@@ -11,8 +11,7 @@ import pytest
 from lora_run.errors import RecipeError
 from lora_run_training.capabilities import used_features
 from lora_run.hookspecs import hookimpl
-from lora_run.recipe import load_recipe
-from lora_run_rundir.recipe_file import dump_recipe
+from lora_run.recipe import dump_recipe, load_recipe
 from lora_run.run import validate, with_defaults
 from lora_run.schema import option
 from lora_run_training import Feature

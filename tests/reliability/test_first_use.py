@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_run.cli import main
-from lora_run.recipe import load_recipe
-from lora_run_rundir.recipe_file import to_dict
+from lora_run.recipe import load_recipe, to_dict
 from lora_run_recipes import recipe_roots, shipped_name, shipped_recipes
 
 from .conftest import run_cli
