@@ -116,7 +116,8 @@ class TrainSection:
         "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
     fp8_matmul: bool = option(
         False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
-        "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer), the base stored in fp8. "
+        "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer, an older one stops "
+        "the run; the CPU runs torch's slow reference, for tests), the base stored in fp8. "
         "It changes the numbers more than `[model] base_precision = \"fp8\"` (each layer's input and gradient are "
         "rounded to e4m3 too): the LoRA-gradient error against bf16 is in `lora-run docs performance`. The LoRA itself "
         "trains in bf16/fp32 as before.",
