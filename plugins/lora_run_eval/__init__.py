@@ -102,6 +102,13 @@ def register_sections(register):
 
 
 @hookimpl
+def lint_dataset(recipe, items, report):
+    from .section import lint_packages
+
+    lint_packages(recipe, report)
+
+
+@hookimpl
 def evaluate_run(run):
     from .section import evaluate_run
 

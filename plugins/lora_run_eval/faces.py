@@ -117,6 +117,18 @@ def _as_array(image: Any, max_side: int) -> tuple[Any, float]:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), scale
 
 
+#: The modules each built-in embedder imports when it runs, with the distribution that provides each (all in the
+#: ``eval`` extra): what `lora-run check` and the run's lint look for before anything trains.
+NEEDS = {"dlib": (("dlib", "dlib-bin"), ("face_recognition_models", "face_recognition_models")),
+         "onnx": (("dlib", "dlib-bin"), ("onnxruntime", "onnxruntime"))}
+
+
+def missing_packages(embedder: str) -> list[str]:
+    """The distributions ``embedder`` needs that are not installed (none for an embedder not in ``NEEDS``: a third
+    party's states its own needs)."""
+    return [dist for module, dist in NEEDS.get(embedder, ()) if importlib.util.find_spec(module) is None]
+
+
 def dlib_model_dir() -> Path:
     """The folder of model files inside the `face_recognition_models` package, found without importing it
     (its `__init__` needs `pkg_resources`, which recent setuptools no longer ships)."""

@@ -68,6 +68,23 @@ def check(recipe: Any, plugins: Any, problems: Any) -> None:
             structure_options(reg, ev.embedder_options, ("eval", "embedder_options"), problems)
 
 
+def lint_packages(recipe: Any, report: Any) -> None:
+    """A warning before training when the evaluation the recipe asks for could not run: its face embedder's packages
+    are missing (a plain `pip install lora-run` has no `eval` extra). The run would train and then skip the
+    evaluation with a warning; `lora-run check` says so first."""
+    from .faces import missing_packages
+
+    ev = getattr(recipe, "eval", None)
+    if ev is None or not ev.enabled or ev.embedder is None or (ev.evaluators is not None and "identity" not in ev.evaluators):
+        return
+    missing = missing_packages(ev.embedder)
+    if missing:
+        report.add("warning", "eval-packages-missing",
+                   f"[eval] is enabled but the \"{ev.embedder}\" face embedder needs {', '.join(missing)}, not "
+                   "installed: the run would train and then skip its evaluation. Install them with "
+                   "pip install 'lora-run[eval]', or set [eval] enabled = false")
+
+
 def evaluate_run(ctx: Any) -> None:
     """The evaluators ``[eval] evaluators`` names (unset: every installed one), in that order; the time they
     took goes to the run's ``timing``."""
