@@ -332,7 +332,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         import attrs
 
         choice = attention.setup(model, "auto", "cuda", tokens=4608)
-        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda", fp8_matmul=True)
+        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda")     # apply: float8 matmuls
         free()
         plan = attrs.evolve(perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, RANK, TARGETS,
                                                 cuda_graphs="off"), fp8=True, fp8_matmul=True)
@@ -359,15 +359,14 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
                     "low-vram-8g": ("low-vram", 8.0), "memory-fp8mm": ("memory", 24.0)}[group]
     plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
-    matmul_fp8 = group.endswith("fp8mm")
-    if matmul_fp8:
+    if group.endswith("fp8mm"):      # apply switches the stored layers to float8 matmuls
         import attrs
 
         plan = attrs.evolve(plan, fp8_matmul=True)
 
     def fp8_row() -> dict:
         choice = attention.setup(model, "auto", "cuda", tokens=4608)
-        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda", fp8_matmul=matmul_fp8)
+        accel.store_frozen_linears_in_fp8(model, torch.bfloat16, device="cuda")
         accel.apply(model, plan, "cuda", torch.bfloat16)
         free()
         err = grad_error(model, ref_grads, snapshot)

@@ -249,11 +249,11 @@ def fp8_linear_class() -> type:
 
 
 def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterable[Any] | None = None,
-                                device: Any = None, fp8_matmul: bool = False) -> int:
+                                device: Any = None) -> int:
     """Replace every frozen nn.Linear (LoRA base layers included) inside `modules` by an Fp8Linear. With
     `device`, each layer is quantised there, one layer at a time (fast on a GPU; never more than one bf16
-    layer on it), and its fp8 weight stays there. `fp8_matmul`: the layers whose shape the float8 GEMM takes
-    compute in float8 too (`use_fp8_matmuls`)."""
+    layer on it), and its fp8 weight stays there. The layers compute by dequantising their weight;
+    `use_fp8_matmuls` switches them to float8 matmuls."""
     import torch
 
     Fp8Linear = fp8_linear_class()
@@ -265,8 +265,6 @@ def store_frozen_linears_in_fp8(model: Any, compute_dtype: Any, modules: Iterabl
                         and min(child.weight.shape) >= 64:
                     setattr(parent, name, Fp8Linear(child, compute_dtype, device))
                     count += 1
-    if fp8_matmul:
-        use_fp8_matmuls(model if modules is None else modules)
     return count
 
 
@@ -477,12 +475,10 @@ def place_frozen_weights(model: Any, plan: PerfPlan, device: Any, compute_dtype:
     offloader = BlockOffloader(blocks, offload, device) if offload else None
     if plan.fp8:
         for i, block in enumerate(blocks):
-            store_frozen_linears_in_fp8(model, compute_dtype, modules=[block], device=device,
-                                        fp8_matmul=plan.fp8_matmul)
+            store_frozen_linears_in_fp8(model, compute_dtype, modules=[block], device=device)
             if offloader is not None and i in offload:
                 offloader.park(i)
-        store_frozen_linears_in_fp8(model, compute_dtype, device=device,      # embedders and output layers
-                                    fp8_matmul=plan.fp8_matmul)
+        store_frozen_linears_in_fp8(model, compute_dtype, device=device)     # embedders and output layers
     model.to(device)
     if offloader is not None:
         import torch

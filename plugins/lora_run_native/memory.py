@@ -25,12 +25,8 @@ def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
         plan = perfmodel.plan_mode(mode, r.model.family, r.dataset.resolution, r.dataset.resolution,
                                    r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off",
                                    dropout=r.lora.dropout, steps=r.train.steps)
-        if r.model.base_precision == "fp8" and not plan.fp8 and r.train.memory_mode != "auto":   # auto decides
-            import attrs
-            plan = attrs.evolve(plan, fp8=True)
-        if r.train.fp8_matmul:
-            import attrs
-            plan = attrs.evolve(plan, fp8=True, fp8_matmul=True)
+        plan = perfmodel.with_precision(plan, r.train.memory_mode, r.model.base_precision == "fp8",
+                                        r.train.fp8_matmul)
         out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(
             r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
             r.lora.targets, plan, dropout=r.lora.dropout))

@@ -154,6 +154,15 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def with_precision(plan: PerfPlan, requested: str, fp8_requested: bool, fp8_matmul: bool) -> PerfPlan:
+    """The recipe's precision keys on a mode's plan: `[train] fp8_matmul` makes the base fp8 and its matmuls
+    float8 in every mode; `[model] base_precision = "fp8"` makes an explicitly requested mode's base fp8
+    (`auto` decides the storage itself)."""
+    if fp8_matmul:
+        return attrs.evolve(plan, fp8=True, fp8_matmul=True)
+    return attrs.evolve(plan, fp8=True) if fp8_requested and requested != "auto" else plan
+
+
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                 free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
                 shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
@@ -166,9 +175,7 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
     kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
 
     def with_fp8(plan: PerfPlan) -> PerfPlan:
-        if fp8_matmul:
-            return attrs.evolve(plan, fp8=True, fp8_matmul=True)
-        return attrs.evolve(plan, fp8=True) if fp8_requested and requested != "auto" else plan
+        return with_precision(plan, requested, fp8_requested, fp8_matmul)
 
     if requested != "auto":
         return with_fp8(plan_mode(requested, family, height, width, batch, rank, preset,

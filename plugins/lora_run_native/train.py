@@ -87,7 +87,8 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
         check_fp8_matmuls(device)
         from . import accel
 
-        accel.store_frozen_linears_in_fp8(transformer, compute, device=device, fp8_matmul=True)
+        accel.store_frozen_linears_in_fp8(transformer, compute, device=device)
+        accel.use_fp8_matmuls(transformer)
     transformer.train()
     return transformer
 

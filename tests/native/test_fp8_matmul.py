@@ -101,7 +101,8 @@ def test_float32_input_without_autocast_keeps_float32():
 
 def test_layers_the_float8_gemm_cannot_take_keep_dequantised_matmuls():
     model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 72)).requires_grad_(False)
-    accel.store_frozen_linears_in_fp8(model, torch.bfloat16, fp8_matmul=True)
+    accel.store_frozen_linears_in_fp8(model, torch.bfloat16)
+    assert accel.use_fp8_matmuls(model) == 1
     assert [m.matmul for m in model] == ["fp8", "dequant"]            # 72 is not a multiple of 16
     assert "matmul=float8" in repr(model[0]) and "matmul=float8" not in repr(model[1])
 
@@ -126,7 +127,8 @@ def test_a_tiny_flux_trains_through_float8_matmuls_close_to_bf16():
     model = tiny_flux_with_lora()
     storage, fp8mm = copy.deepcopy(model), copy.deepcopy(model)
     accel.store_frozen_linears_in_fp8(storage, torch.bfloat16)
-    count = accel.store_frozen_linears_in_fp8(fp8mm, torch.bfloat16, fp8_matmul=True)
+    count = accel.store_frozen_linears_in_fp8(fp8mm, torch.bfloat16)
+    accel.use_fp8_matmuls(fp8mm)
     layers = [m for m in fp8mm.modules() if isinstance(m, accel.fp8_linear_class())]
     assert count == len(layers) and sum(m.matmul == "fp8" for m in layers) >= count - 2
     out, g = grads(model)
