@@ -286,6 +286,22 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                     plan=plan.describe(), attention=choice.describe())
             free()
 
+    def graphs_row(row_id: str, graphs: Any, choose: Any) -> None:
+        """A 512² row with CUDA graphs: the blocks' eager forwards re-wrapped by `graphs` (a plan), the attention
+        `choose()` returns, a sampling call between two replayed steps."""
+        for block in accel.repeated_blocks(model):       # re-wrap the eager forwards with CUDA graphs
+            block.forward = block._lora_run_eager_forward
+        torch._dynamo.reset()
+        choice = choose()
+        accel.apply(model, graphs, "cuda", torch.bfloat16)
+
+        def graphed() -> dict:
+            row = timed_steps(model, 512, graphs=True)
+            row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
+            return row
+        guarded(out, row_id, timeout, graphed, resolution=512, impl="lora-run", plan=graphs.describe(),
+                attention=choice.describe())
+
     if group == "fa2":
         env = dict(matmul_tflops=ref.matmul_ceiling_tflops())
         if "reference" in rows:
@@ -315,18 +331,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         if "fa4" in rows:
             speed_rows("fa4", plan, choice, fa4_calls=routed)
         if "graphs" in rows:
-            graphs = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS, cuda_graphs="on")
-            for block in accel.repeated_blocks(model):       # re-wrap the eager forwards with CUDA graphs
-                block.forward = block._lora_run_eager_forward
-            torch._dynamo.reset()
-            accel.apply(model, graphs, "cuda", torch.bfloat16)
-
-            def graphed() -> dict:
-                row = timed_steps(model, 512, graphs=True)
-                row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
-                return row
-            guarded(out, "graphs", timeout, graphed, resolution=512, impl="lora-run", plan=graphs.describe(),
-                    attention=choice.describe())
+            graphs_row("graphs", perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS,
+                                                     cuda_graphs="on"), lambda: choice)
         return
     if group == "fp8mm":      # the frozen base in fp8, its matmuls float8 (`[train] fp8_matmul`)
         import attrs
@@ -342,18 +348,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         if "fp8mm-graphs" in rows:
             graphs = attrs.evolve(perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS,
                                                       cuda_graphs="on"), fp8=True, fp8_matmul=True)
-            for block in accel.repeated_blocks(model):
-                block.forward = block._lora_run_eager_forward
-            torch._dynamo.reset()
-            choice = attention.setup(model, "auto", "cuda", tokens=1536, graphs=True)
-            accel.apply(model, graphs, "cuda", torch.bfloat16)
-
-            def graphed_fp8() -> dict:
-                row = timed_steps(model, 512, graphs=True)
-                row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
-                return row
-            guarded(out, "fp8mm-graphs", timeout, graphed_fp8, resolution=512, impl="lora-run",
-                    plan=graphs.describe(), attention=choice.describe())
+            graphs_row("fp8mm-graphs", graphs, lambda: attention.setup(model, "auto", "cuda", tokens=1536, graphs=True))
         return
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
