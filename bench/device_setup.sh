@@ -1,7 +1,7 @@
 #!/bin/sh
 # On the lent GPU machine (no network): install the carried wheels (.whl/, an ignored folder: diffusers,
 # cattrs, tomli-w, stevedore, dlib for the identity evaluation, and lora-run's own freshly built wheel) and
-# put dlib's face models on the path. Source it: `. bench/device_setup.sh`. `sh bench/device_wheels.sh` fills
+# copy dlib's face models into site-packages. Source it: `. bench/device_setup.sh`. `sh bench/device_wheels.sh` fills
 # .whl/ here (a new checkout has none).
 # Split calls carry .whl-lite/ (the wheels without the evaluation's) in one and .whl-eval/ (dlib and the face models)
 # in another: each installs what is there, and the face models are copied into site-packages so later calls of the
