@@ -180,12 +180,12 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                                  compile=r.train.compile != "off", buckets=graph_shapes, shape=shape,
                                  cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps,
                                  fp8_matmul=r.train.fp8_matmul)
-    if plan.fp8_matmul:
-        check_fp8_matmuls(device)
     if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
         plan = attrs.evolve(plan, fp8=False, fp8_matmul=False, offload_blocks=0, compile=False)
         if r.train.fp8_matmul:
             echo("warning: [train.fp8_matmul] is not used under FSDP (the sharded base stays bf16)")
+    if plan.fp8_matmul:        # after FSDP's say: a sharded run on an older GPU goes ahead in bf16
+        check_fp8_matmuls(device)
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                            r.lora.targets, plan, shape, dropout=r.lora.dropout)
     if estimate > available * 0.95 and not sharded and (r.train.gpu_memory_gib is not None

@@ -31,3 +31,35 @@ def test_op_matches_float64_at_flux_widths(compiled):
     assert rel(y, expected_forward(x.detach(), layer.w8, layer.scale, layer.bias)) < 1e-2
     assert rel(x.grad, expected_grad_input(dy, layer.w8, layer.scale)) < 1e-2
     assert rel(y, lin(x.detach().float())) < 0.08
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_an_older_gpu_refuses_fp8_matmuls_unless_fsdp_turns_them_off(sharded, tmp_path, monkeypatch):
+    """On a GPU below compute capability 8.9 (the capability is planted), `fp8_matmul = true` stops an unsharded
+    run before training (exit 2's RecipeError) but not an FSDP one: FSDP keeps the sharded base in bf16 and
+    warns, so there is nothing to refuse. A check placed before FSDP's say would refuse both."""
+    from diffusers import FluxTransformer2DModel
+
+    from lora_run.errors import RecipeError
+    from lora_run.recipe import load_recipe
+    from lora_run_native import train
+    from lora_run_native.adapters import adapter_class
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nfamily = "flux.1-dev"\nsource = "unused"\n[dataset]\npath = "unused"\n'
+                      '[train]\nsteps = 2\nfp8_matmul = true\n', encoding="utf-8")
+    r = load_recipe(recipe).recipe
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[8, 12, 12])
+    adapter = adapter_class("flux.1-dev")(r, device="cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    said = []
+    if sharded:
+        train.prepare_transformer(adapter, model, r, "cuda", echo=said.append, sharded=True)
+        assert any("not used under FSDP" in line for line in said)
+        assert not any(isinstance(m, accel.fp8_linear_class()) for m in model.modules())
+    else:
+        with pytest.raises(RecipeError, match="compute capability 8.9"):
+            train.prepare_transformer(adapter, model, r, "cuda", echo=said.append)
