@@ -21,6 +21,7 @@ usable the error names each damaged file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -33,6 +34,7 @@ from lora_run.files import FileProblem, read_limited, shown
 from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full
 
 from .data import file_sha256
+from .outputs import HEADER_BYTES
 
 STATE = "resume/state.json"
 TRAINABLE = "resume/trainable.safetensors"
@@ -59,6 +61,31 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+#: bytes of optimizer state per trainable element (fp32 moments) for the disk-space check: AdamW's two moments,
+#: 8-bit AdamW's two one-byte moments, Prodigy's two moments, initial weights and ``s``. Adafactor's factored
+#: second moment is counted from the shapes (``optimizer_state_bytes``).
+STATE_BYTES_PER_ELEMENT = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+
+
+def optimizer_state_bytes(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
+    """The saved optimizer state of trainable tensors of these shapes (unknown optimizers count as AdamW)."""
+    if optimizer == "adafactor":        # exp_avg_sq_row + exp_avg_sq_col of 2+-d tensors, exp_avg_sq otherwise
+        return sum(4 * (math.prod(s[:-1]) + math.prod(s[:-2] + s[-1:])) if len(s) >= 2 else 4 * math.prod(s)
+                   for s in shapes)
+    return STATE_BYTES_PER_ELEMENT.get(optimizer, 8) * sum(math.prod(s) for s in shapes)
+
+
+#: the generators' states (``rng.safetensors``: torch's CPU state and one per CUDA device)
+RNG_BYTES = 64 * 1024
+
+
+def checkpoint_bytes(lora_bytes: int, shapes: list[tuple[int, ...]], optimizer: str) -> int:
+    """One checkpoint folder: its LoRA files (``outputs.lora_files_bytes``), the fp32 trainable tensors, the
+    optimizer state and the generators' states, with header room for each resume file."""
+    return (lora_bytes + 4 * sum(math.prod(s) for s in shapes) + optimizer_state_bytes(optimizer, shapes)
+            + RNG_BYTES + 3 * HEADER_BYTES)
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:

@@ -70,23 +70,39 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def write_loras(adapter: Any, folder: Path, base: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *,
-                recipe: Any, metadata: dict[str, str], suffix: str = "") -> dict[str, Path]:
-    """Write the LoRA in every requested format under ``folder``; returns {format: path}."""
-    import torch
+#: room for a safetensors file's header: tensor names and offsets, the run's metadata
+HEADER_BYTES = 64 * 1024
 
-    from lora_run_formats import save_lora
+
+def _format_tensors(adapter: Any, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, recipe: Any,
+                    metadata: dict[str, str]) -> Any:
+    """(format, tensors at the save precision, metadata) of every requested format the family writes."""
+    import torch
 
     dtype = getattr(torch, SAVE_DTYPES[recipe.output.save_precision])
     te_rank = recipe.text_encoder.rank or recipe.lora.rank
-    written = {}
     for fmt in recipe.output.formats:
         if fmt not in adapter.lora_formats:
             continue
         tensors, meta = adapter.lora_files(fmt, transformer_sd, te_sd, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
                                            te_rank=te_rank if te_sd else None, metadata=dict(metadata))
-        tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v)
-                   for k, v in tensors.items()}
-        name = adapter.output_name(fmt, base + suffix)
-        written[fmt] = save_lora(Path(folder) / name, tensors, meta)
-    return written
+        yield fmt, {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v)
+                    for k, v in tensors.items()}, meta
+
+
+def write_loras(adapter: Any, folder: Path, base: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *,
+                recipe: Any, metadata: dict[str, str], suffix: str = "") -> dict[str, Path]:
+    """Write the LoRA in every requested format under ``folder``; returns {format: path}."""
+    from lora_run_formats import save_lora
+
+    return {fmt: save_lora(Path(folder) / adapter.output_name(fmt, base + suffix), tensors, meta)
+            for fmt, tensors, meta in _format_tensors(adapter, transformer_sd, te_sd, recipe=recipe,
+                                                      metadata=metadata)}
+
+
+def lora_files_bytes(adapter: Any, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, recipe: Any) -> int:
+    """The bytes `write_loras` writes for these state dicts: each format's tensors as its conversion lays them out
+    (a fused layer's block-diagonal up weights, or one down weight where the fused ones are equal: the layout
+    depends on the values, so real tensors are converted), plus header room per file."""
+    return sum(sum(t.nelement() * t.element_size() for t in tensors.values()) + HEADER_BYTES
+               for _, tensors, _ in _format_tensors(adapter, transformer_sd, te_sd, recipe=recipe, metadata={}))

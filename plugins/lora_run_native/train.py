@@ -28,7 +28,7 @@ from lora_run_folder.images import ImageProblem, open_rgb
 from . import checkpoint as ckpt
 from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
 from .data import EpochPlanner, choose_bucket, file_sha256, image_to_tensor, make_buckets, prepare_image
-from .outputs import lora_state_dict, run_metadata, trainable_parameters, write_loras
+from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
 
 MASK64 = (1 << 63) - 1
 
@@ -255,6 +255,10 @@ def choose_attention(transformer: Any, recipe: Any, device: Any, tokens: int | N
         raise RecipeError(f"[train.attention] \"fa4\": FlashAttention-4 cannot run here: {choice.reason}; nothing "
                           "was trained. Use \"auto\" (falls back to SDPA) or \"sdpa\"")
     return choice
+
+
+#: room the disk-space check keeps for the logs, the manifest and the evaluation's images
+DISK_SLACK = 256 * 2**20
 
 
 def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
@@ -562,6 +566,7 @@ class Trainer:
         model = self.setup_model(env, data)
         opt = self.setup_optimization(env, data, model)
         start = self.restore(data, model, opt)
+        self.check_disk_space(data, model, opt, start)
         env.timing["load_s"] = round(time.perf_counter() - env.phase, 2)
         state = LoopState(adapter=data.adapter, transformer=model.transformer, forward=opt.forward,
                           te_module=model.te_module, params=opt.params, te_params=model.te_params,
@@ -700,6 +705,37 @@ class Trainer:
         self.run_dir.log(f"resumed from {found.name}")
         return start
 
+    def check_disk_space(self, data: DataState, model: ModelState, opt: OptimState, start: int) -> None:
+        """Before the first step: what the run will still write (its checkpoints, at most `keep_last` + 1 of them
+        at once, the final LoRA and the samples) against the free space of the run folder's file system. A run
+        that cannot finish is refused now (exit 2), not after its last step."""
+        from lora_run.files import human_size
+        from lora_run_rundir import free_bytes
+
+        r = self.recipe
+        free = free_bytes(self.run_dir.path)
+        if free is None:
+            return
+        shapes = [tuple(p.shape) for p in (*opt.params.values(), *model.te_params.values())]
+        final = lora_files_bytes(data.adapter, *self._lora_dicts(model.transformer, model.te_module), recipe=r)
+        one = ckpt.checkpoint_bytes(final, shapes, r.optimizer.name)
+        due = sum(self._checkpoint_due(n, data.total, data.planner) for n in range(start + 1, data.total))
+        at_once = min(due, r.train.keep_last + 1)
+        rounds = (len(range(start + r.sample.every_steps, data.total, r.sample.every_steps)) + 1
+                  if r.sample.every_steps else 0)
+        images = rounds * len(self.sample_prompts()) * len(r.sample.seeds) * len(r.sample.strengths)
+        samples = images * r.sample.width * r.sample.height * 3        # PNG at most about the raw pixels
+        needed = max(at_once * one, min(due, r.train.keep_last) * one + final) + samples + DISK_SLACK
+        if needed <= free:
+            return
+        raise RecipeError(
+            f"[output.dir] {self.run_dir.path}: this run will write about {human_size(needed)} more ({due} "
+            f"checkpoint(s) of {human_size(one)}, at most {at_once} kept at once with [train.keep_last] = "
+            f"{r.train.keep_last}; the final LoRA, {human_size(final)}; {images} sample image(s); "
+            f"{human_size(DISK_SLACK)} for logs and the evaluation) but its file system has {human_size(free)} "
+            "free; nothing was trained. Free some space, or lower [train.keep_last] or save less often "
+            "([train.save_every_steps])")
+
     def train(self, env: RunEnv, state: LoopState, start: int) -> None:
         """The training loop with signal handling; its wall time is split into steps, compilation, samples and
         checkpoints in the manifest's timing."""
@@ -812,7 +848,7 @@ class Trainer:
                 self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
                 if not self.parallel.active:   # one process: a stop requested during this step counts now
                     stop_now = self.stop_requested
-                if self._checkpoint_due(state, number) or (stop_now and number < state.total):
+                if self._checkpoint_due(number, state.total, state.planner) or (stop_now and number < state.total):
                     self._save_checkpoint(state, number)
                 if r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
                     self._samples(state, number)
@@ -919,21 +955,20 @@ class Trainer:
         raise NonFiniteLoss(f"{self.shown}: {message}")
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def _checkpoint_due(self, state: LoopState, number: int) -> bool:
+    def _checkpoint_due(self, number: int, total: int, planner: EpochPlanner) -> bool:
         t = self.recipe.train
-        if t.save_every_steps and number % t.save_every_steps == 0 and number < state.total:
+        if t.save_every_steps and number % t.save_every_steps == 0 and number < total:
             return True
-        if t.save_every_epochs and number < state.total:
-            bpe, accum = state.planner.batches_per_epoch, t.gradient_accumulation
+        if t.save_every_epochs and number < total:
+            bpe, accum = planner.batches_per_epoch, t.gradient_accumulation
             before, after = ((number - 1) * accum) // bpe, (number * accum) // bpe
             return after > before and after % t.save_every_epochs == 0
         return False
 
-    def _lora_dicts(self, state: LoopState) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _lora_dicts(self, transformer: Any, te_module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.parallel.fsdp:         # whole tensors from the shards: the same files whatever the sharding
-            return self.parallel.lora_state_dict(state.transformer), {}
-        te = lora_state_dict(state.te_module) if state.te_module is not None else {}
-        return lora_state_dict(state.transformer), te
+            return self.parallel.lora_state_dict(transformer), {}
+        return lora_state_dict(transformer), lora_state_dict(te_module)
 
     def _save_checkpoint(self, state: LoopState, number: int) -> None:
         if not (self.main or self.parallel.fsdp):
@@ -942,7 +977,7 @@ class Trainer:
             {**{f"transformer.{k}": p for k, p in state.params.items()},
              **{f"text_encoder.{k}": p for k, p in state.te_params.items()}})
         optimizer_state = self.parallel.optimizer_state(state.optimizer)
-        t_sd, te_sd = self._lora_dicts(state)
+        t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)
         if not self.main:
             return
         meta = run_metadata(self.recipe, step=number, counts=state.counts, started_at=self.started_at)
@@ -1033,7 +1068,7 @@ class Trainer:
         r = self.recipe
         if not (self.main or self.parallel.fsdp):
             return
-        t_sd, te_sd = self._lora_dicts(state)     # the LoRA first: slow or failed final samples never lose it
+        t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)     # the LoRA first: slow or failed final samples never lose it
         if self.main:                             # (under FSDP every rank gathers; rank 0 writes)
             meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
             written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
