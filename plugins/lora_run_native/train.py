@@ -713,11 +713,14 @@ class Trainer:
         from lora_run_rundir import free_bytes
 
         r = self.recipe
-        free = free_bytes(self.run_dir.path)
+        if not (self.main or self.parallel.fsdp):     # rank 0 writes; under FSDP every rank takes part in the gathers
+            return
+        t_sd, te_sd = self._lora_dicts(model.transformer, model.te_module)
+        free = free_bytes(self.run_dir.path) if self.main else None
         if free is None:
             return
         shapes = [tuple(p.shape) for p in (*opt.params.values(), *model.te_params.values())]
-        final = lora_files_bytes(data.adapter, *self._lora_dicts(model.transformer, model.te_module), recipe=r)
+        final = lora_files_bytes(data.adapter, t_sd, te_sd, recipe=r)
         one = ckpt.checkpoint_bytes(final, shapes, r.optimizer.name)
         due = sum(self._checkpoint_due(n, data.total, data.planner) for n in range(start + 1, data.total))
         at_once = min(due, r.train.keep_last + 1)
