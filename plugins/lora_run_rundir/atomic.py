@@ -50,11 +50,14 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 def free_bytes(path: Path) -> int | None:
+    """Free bytes of the file system holding ``path`` (its nearest existing folder); None when unknown, as for a
+    file system that reports no size at all (some network and FUSE mounts say 0 of 0)."""
     for folder in (Path(path), *Path(path).parents):
         try:
-            return shutil.disk_usage(folder).free
+            usage = shutil.disk_usage(folder)
         except OSError:
             continue
+        return usage.free if usage.total > 0 else None
     return None
 
 

@@ -84,3 +84,13 @@ def test_a_run_that_fits_is_not_refused(tiny_recipe, tmp_path, capsys, monkeypat
     code, out = run_cli([str(tiny_recipe()), "--output-dir", str(run)], capsys, never="Traceback")
     assert code == 0 and "[output.dir]" not in out, out
     assert (run / "tiny.safetensors").is_file()
+
+
+def test_a_file_system_that_reports_no_size_is_not_refused(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """Some network and FUSE mounts report 0 bytes of 0: the size is unknown, not zero, and the run goes ahead."""
+    run = tmp_path / "run"
+    usage = _Usage(0)
+    usage.total = 0
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    code, out = run_cli([str(tiny_recipe()), "--output-dir", str(run)], capsys, never="Traceback")
+    assert code == 0 and "[output.dir]" not in out, out
