@@ -63,18 +63,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-#: bytes of optimizer state per trainable element (fp32 moments) for the disk-space check: AdamW's two moments,
-#: 8-bit AdamW's two one-byte moments, Prodigy's two moments, initial weights and ``s``. Adafactor's factored
-#: second moment is counted from the shapes (``optimizer_state_bytes``).
-STATE_BYTES_PER_ELEMENT = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
-
-
 def optimizer_state_bytes(optimizer: str, shapes: list[tuple[int, ...]]) -> int:
-    """The saved optimizer state of trainable tensors of these shapes (unknown optimizers count as AdamW)."""
+    """The saved optimizer state of trainable tensors of these shapes: Adafactor's factored second moment from the
+    shapes, the others at `memory.OPTIMIZER_BYTES` per element (AdamW's two fp32 moments, 8-bit AdamW's two
+    one-byte ones, Prodigy's four; an unknown optimizer counts as AdamW)."""
+    from .memory import OPTIMIZER_BYTES
+
     if optimizer == "adafactor":        # exp_avg_sq_row + exp_avg_sq_col of 2+-d tensors, exp_avg_sq otherwise
         return sum(4 * (math.prod(s[:-1]) + math.prod(s[:-2] + s[-1:])) if len(s) >= 2 else 4 * math.prod(s)
                    for s in shapes)
-    return STATE_BYTES_PER_ELEMENT.get(optimizer, 8) * sum(math.prod(s) for s in shapes)
+    return OPTIMIZER_BYTES.get(optimizer, 8) * sum(math.prod(s) for s in shapes)
 
 
 #: the generators' states (``rng.safetensors``: torch's CPU state and one per CUDA device)
