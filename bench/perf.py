@@ -449,7 +449,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
 # ========================================================================================== orchestrator
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            "python": platform.python_version()}
+                            "python": platform.python_version(), "commit": commit()}
     try:
         probe = subprocess.run([sys.executable, "-c", (
             "import json, torch, diffusers\n"
@@ -462,6 +462,47 @@ def environment() -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         info["probe_error"] = str(exc)[:200]
     return info
+
+
+def commit() -> str | None:
+    """The product commit measured: `LORA_RUN_COMMIT` (the device's copy of the tree has no history of its own)
+    or git's HEAD here."""
+    if os.environ.get("LORA_RUN_COMMIT"):
+        return os.environ["LORA_RUN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+#: what must agree for the calls of one run to be joined (`--merge`)
+SAME_RUN = ("gpu", "torch", "cuda", "diffusers", "flash_attn_4", "commit")
+
+
+def merge(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run from the JSON of several invocations on the same machine, product commit and packages (a device call
+    is limited to 600 s; the whole 1500-step CLI run needs a call of its own): their rows in order, a row measured
+    again replacing the earlier one. Different machines, commits or packages are refused (ValueError naming the
+    key and the files), so every ratio of the joined table compares like with like."""
+    runs = [(path, json.loads(Path(path).read_text())) for path in paths]
+    first_path, first = runs[0]
+    for path, run in runs[1:]:
+        for key in SAME_RUN:
+            if run["env"].get(key) != first["env"].get(key):
+                raise ValueError(f"{path}: {key} is {run['env'].get(key)!r}, {first_path} has "
+                                 f"{first['env'].get(key)!r}: not one run")
+    rows: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for _, run in runs:
+        for row in run["rows"]:
+            key = (row["row"], row.get("resolution"))
+            if "error" in row and key in rows and "error" not in rows[key]:
+                continue           # a skipped or failed repeat does not hide a measured row
+            rows.pop(key, None)
+            rows[key] = {k: v for k, v in row.items() if not k.startswith("vs_") and k != "floor_fraction"}
+    env = {**first["env"], "date": f"{first['env'].get('date')} to {runs[-1][1]['env'].get('date')}",
+           "merged_from": [Path(p).name for p, _ in runs]}
+    return env, list(rows.values())
 
 
 def cli_pgid_file(work: Path) -> Path:
@@ -625,9 +666,24 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
     ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' GPU time by kernel kind")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="no GPU needed: join the perf-*.json of "
+                    "several calls of one run (same machine, commit and packages) into one table and one JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--jsonl", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge:
+        try:
+            env, rows = merge(args.merge)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"perf.py --merge: {exc}", file=sys.stderr)
+            return 2
+        summary = analyse(rows)
+        name = "perf-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-merged.json"
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(dict(env=env, rows=rows, summary=summary), indent=1))
+        print(markdown(env, rows, summary, name) + "\n\nJoined from " + ", ".join(env["merged_from"]) + ".")
+        return 0
     if args.worker:
         worker(args.worker, args.rows, Path(args.jsonl), args.row_timeout)
         return 0

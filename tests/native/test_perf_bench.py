@@ -3,6 +3,7 @@ the ratios it prints (a float8 row against the same plan in bf16), its kernel ki
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,3 +146,41 @@ def test_a_float8_row_is_compared_with_its_own_plan_in_bf16():
     assert "vs_bf16_row" not in rows[4] and "vs_bf16_row" not in rows[0]
     text = perf.markdown({}, rows, {}, "perf-x.json")
     assert "memory-fp8mm at 1024²: 1.25× the same plan without float8 matmuls" in text
+
+
+def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
+    """`--merge`: the isolated rows of one device call and the whole CLI run of the next, same machine, commit and
+    packages, become one table whose ratios span them (the CLI step against the isolated 512² step); a row measured
+    again replaces the earlier one unless the repeat failed; a different commit is refused with exit 2."""
+    env = {"gpu": "H200", "torch": "2.11", "cuda": "13.0", "diffusers": "0.42.1", "flash_attn_4": "4.0.0b36",
+           "commit": "abc1234", "date": "2026-12-04 09:30 UTC"}
+    first = {"env": env, "rows": [
+        {"row": "reference", "resolution": 512, "median_s": 0.30, "vs_reference": 9.9},
+        {"row": "graphs", "resolution": 512, "median_s": 0.10},
+        {"row": "fa4", "resolution": 1024, "median_s": 0.34}]}
+    second = {"env": {**env, "date": "2026-12-04 09:40 UTC"}, "rows": [
+        {"row": "fa4", "resolution": 1024, "error": "skipped: the run's --budget was spent"},
+        {"row": "reference", "resolution": 512, "median_s": 0.32},
+        {"row": "cli-fast-graphs", "steps": 1500, "step_s": 0.147, "timing": {"load_s": 20, "compile_s": 196}}]}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    merged_env, rows = perf.merge([a, b])
+    by = {(r["row"], r.get("resolution")): r for r in rows}
+    assert by[("reference", 512)]["median_s"] == 0.32 and "vs_reference" not in by[("reference", 512)]
+    assert by[("fa4", 1024)]["median_s"] == 0.34                 # the failed repeat does not hide it
+    summary = perf.analyse(rows)
+    assert summary["cli-fast-graphs"]["vs_isolated_512"] == pytest.approx(1.47)
+    assert by[("graphs", 512)]["vs_reference"] == pytest.approx(3.2)
+    assert merged_env["merged_from"] == ["a.json", "b.json"] and "09:30 UTC to 2026-12-04 09:40" in merged_env["date"]
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps({**second, "env": {**second["env"], "commit": "fff0000"}}))
+    with pytest.raises(ValueError, match="commit is 'fff0000'"):
+        perf.merge([a, other])
+    done = subprocess.run([sys.executable, perf.__file__, "--merge", str(a), str(other), "--out",
+                                         str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "not one run" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, perf.__file__, "--merge", str(a), str(b), "--out",
+                                         str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0 and "| cli-fast-graphs | 1500 |" in done.stdout and "1.47×" in done.stdout
+    assert len(list(tmp_path.glob("perf-*-merged.json"))) == 1
