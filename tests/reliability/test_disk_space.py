@@ -94,3 +94,23 @@ def test_a_file_system_that_reports_no_size_is_not_refused(tiny_recipe, tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     code, out = run_cli([str(tiny_recipe()), "--output-dir", str(run)], capsys, never="Traceback")
     assert code == 0 and "[output.dir]" not in out, out
+
+
+def test_a_resume_refused_for_space_keeps_the_run_folder(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """`--resume` with more steps on a disk without room: refused before training (exit 2), and the run folder it
+    found keeps its checkpoints and LoRA files byte for byte; the manifest records the refused attempt (status
+    `failed`, the error) and still lists the LoRA."""
+    run = tmp_path / "run"
+    recipe = tiny_recipe()
+    code, out = run_cli([str(recipe), "--output-dir", str(run)], capsys, never="Traceback")
+    assert code == 0, out
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.suffix == ".safetensors"}
+    manifest = (run / "manifest.json").read_bytes()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(100 * 2**20))
+    code, out = run_cli([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=12"], capsys,
+                        never="Traceback")
+    assert code == 2 and "[output.dir]" in out and "nothing was trained" in out, out
+    assert {p: p.read_bytes() for p in before} == before
+    after = json.loads((run / "manifest.json").read_text())      # the attempt is recorded, its files kept
+    assert after["status"] == "failed" and "[output.dir]" in after["error"]
+    assert after["artifacts"]["lora_kohya"] == json.loads(manifest)["artifacts"]["lora_kohya"]
