@@ -34,9 +34,10 @@ moment it is measured, so a timeout keeps what was done:
 * ``memory-fp8mm`` memory mode with ``[train] fp8_matmul`` (the fp8-stored base multiplied in float8 instead of
                 dequantised to bf16 first) at 1024² (not a default row).
 
-``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) the GPU time of one step split by kernel kind
-(matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from ``torch.profiler``: where
-the step's time goes, beside the FLOP floor.
+``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) and to the 512² CUDA-graph rows the GPU time of
+one step split by kernel kind (matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from
+``torch.profiler``, and how much of the step the kernels kept the GPU busy: where the step's time goes, beside
+the FLOP floor.
 
 Numerics: the LoRA gradients of every lora-run row against the reference's on the same inputs (512², LoRA B
 set non-zero), relative L2 error. Bound for the bf16 paths (``grad_bound``): 3× the reference's own bf16
@@ -298,6 +299,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         def graphed() -> dict:
             row = timed_steps(model, 512, graphs=True)
             row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
+            if os.environ.get("PERF_PROFILE"):     # the kernels the replayed graphs launch are traced too
+                row["profile"] = kernel_split(model, 512)
             return row
         guarded(out, row_id, timeout, graphed, resolution=512, impl="lora-run", plan=graphs.describe(),
                 attention=choice.describe())
@@ -630,7 +633,10 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
                          "matmuls in this run")
         if r.get("profile"):
             split = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["profile"]["gpu_s"].items())
-            lines.append(f"\n{r['row']} at {r.get('resolution')}², GPU time of one step by kernel kind: {split}")
+            busy = sum(r["profile"]["gpu_s"].values())
+            idle = (f"; kernels busy {1000 * busy:.0f} of the step's {1000 * r['median_s']:.0f} ms, the rest GPU idle "
+                    "(host-bound)" if r.get("median_s") else "")
+            lines.append(f"\n{r['row']} at {r.get('resolution')}², GPU time of one step by kernel kind: {split}{idle}")
     clis = [r for r in rows if r["row"].startswith("cli-fast")]
     if clis:
         lines += ["", "Shipped fast recipe through the CLI (`recipes/flux/identity-fast.toml`, full-size FLUX.1-dev "
@@ -665,7 +671,7 @@ def main() -> int:
                     "twice a run; the recipe's own schedule is 250: --cli-steps 1500 --cli-every 250 is the whole run)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
-    ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' GPU time by kernel kind")
+    ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' and the 512² graph rows' GPU time by kernel kind")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="no GPU needed: join the perf-*.json of "
                     "several calls of one run (same machine, commit and packages) into one table and one JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -184,3 +184,12 @@ def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
                                          str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0 and "| cli-fast-graphs | 1500 |" in done.stdout and "1.47×" in done.stdout
     assert len(list(tmp_path.glob("perf-*-merged.json"))) == 1
+
+
+def test_a_profiled_row_shows_its_split_and_the_idle_rest():
+    """The kernel split of a profiled row, and the part of the median step no kernel ran (a host-bound step)."""
+    rows = [{"row": "graphs", "resolution": 512, "median_s": 0.108,
+             "profile": {"gpu_s": {"matmul bf16": 0.05, "attention": 0.02, "fused (triton)": 0.01}}}]
+    text = perf.markdown({"gpu": "H200"}, rows, perf.analyse(rows), "perf-x.json")
+    assert ("graphs at 512², GPU time of one step by kernel kind: matmul bf16 50 ms, attention 20 ms, "
+            "fused (triton) 10 ms; kernels busy 80 of the step's 108 ms") in text
