@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, plugins as registry
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, LoraRunError, RecipeError
 from .files import printable
 from .recipe import did_you_mean
@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         raise ArgumentsError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: registry.Plugins | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-run", description="Declarative identity-LoRA trainer for the model families its "
                      "plugins register (lora-run plugins).", epilog="Run a recipe: lora-run RECIPE.toml [options] "
                      "(see `lora-run run -h`).")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for name, reg in sorted(_plugins(quiet=True).registry["command"].items()):
+    for name, reg in sorted((plugins or registry.load_plugins()).registry["command"].items()):
         p = sub.add_parser(name, help=reg.description or f"added by plugin {reg.plugin}")
         if reg.configure is not None:
             reg.configure(p)
@@ -77,20 +77,6 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
     return err.exit_code
-
-
-_LOADED: list[Any] = []
-
-
-def _plugins(quiet: bool = False) -> Any:
-    """The plugins, loaded once per command line (the parser needs their commands)."""
-    from .plugins import load_plugins
-
-    if not _LOADED:
-        _LOADED.append(load_plugins())
-    if not quiet:
-        warn_broken(_LOADED[0])
-    return _LOADED[0]
 
 
 def warn_broken(plugins: Any) -> None:
@@ -123,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv   # before or after the command (a subcommand's parser would drop the first's)
     argv = [a for a in argv if a != "--debug"]
-    _LOADED.clear()  # a fresh plugin list for every command line (tests call main() repeatedly)
-    parser, commands = build_parser(), _plugins(quiet=True).registry["command"]
+    plugins = registry.load_plugins()  # once per command line (the parser needs their commands)
+    parser, commands = build_parser(plugins), plugins.registry["command"]
     try:
         args = parser.parse_args(_with_command(argv, sorted(commands)))
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
     except ArgumentsError as err:
-        warn_broken(_plugins(quiet=True))   # a broken plugin's command is missing
+        warn_broken(plugins)   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)
     if not args.command:
         parser.print_help()
@@ -141,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
-        return commands[args.command].factory(args, _plugins(quiet=read_only))
+        if not read_only:
+            warn_broken(plugins)
+        return commands[args.command].factory(args, plugins)
     except BrokenPipeError:  # other commands: the reader went away; say nothing more on that pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

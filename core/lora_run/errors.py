@@ -45,8 +45,6 @@ class OutputError(LoraRunError):
 class BackendError(LoraRunError):
     """A backend failed while running (its message says what and where the logs are)."""
 
-    exit_code = EXIT_FAILED
-
 
 class ModelSourceError(LoraRunError):
     """A model file or folder named by the recipe is missing or wrong."""

@@ -331,9 +331,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
         return _merge({}, raw, origins, shown)      # every key is this file's
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"{shown}: [extends] expected a path string, got {describe(parent)}")
-    parent_path = Path(os.path.expanduser(parent))
-    if not parent_path.is_absolute():
-        parent_path = real.parent / parent_path
+    parent_path = real.parent / os.path.expanduser(parent)     # an absolute path replaces the folder
     try:
         files.check_input_file(parent_path, "recipe", files.RECIPE_LIMIT)
     except files.FileProblem as exc:
@@ -352,14 +350,14 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment}: expected KEY=VALUE, e.g. --set train.steps=100")
     key, _, text = assignment.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
+    path = tuple(key.strip().split("."))
+    if not all(path):
         raise RecipeError(f"--set {assignment}: the key is empty or malformed")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         value = text
-    return tuple(key.split(".")), value
+    return path, value
 
 
 def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],
@@ -368,7 +366,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
     for key in keys:
         key = key.strip()
         path = tuple(key.split("."))
-        if not key or any(not part for part in path) or "=" in key:
+        if not all(path) or "=" in key:
             raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
         node: Any = raw
         for part in path[:-1]:
@@ -459,8 +457,7 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
         if f.name not in raw:
             continue
         value, here, tp = raw[f.name], (*path, f.name), hints[f.name]
-        message = _limit_problem(f.metadata, value)
-        if message:
+        if message := _limit_problem(f.metadata, value):
             problems.add(here, message)
         if isinstance(value, str) and len(value) > 4096:
             problems.add(here, f"is {len(value)} characters long; the limit is 4096")
@@ -471,10 +468,8 @@ def check_limits(raw: Any, cls: type, path: KeyPath, problems: Problems) -> None
             for i, item in enumerate(value):
                 if attrs.has(inner):
                     check_limits(item, inner, (*here, i), problems)
-                else:
-                    message = _limit_problem(f.metadata, item)
-                    if message:
-                        problems.add((*here, i), message)
+                elif message := _limit_problem(f.metadata, item):
+                    problems.add((*here, i), message)
 
 
 def structure_table(raw: Any, cls: type, problems: Problems, path: KeyPath = ()) -> Any:

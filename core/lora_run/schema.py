@@ -22,9 +22,7 @@ def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, 
     metadata; ``choice_features="optimizer"``: one feature per value of a choice field, ``optimizer:<value>``."""
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "path": path, "features": features,
                 "choice_features": choice_features}
-    if factory is not None:
-        return attrs.field(factory=factory, metadata=metadata)
-    return attrs.field(default=default, metadata=metadata)
+    return attrs.field(default=default if factory is None else attrs.Factory(factory), metadata=metadata)
 
 
 frozen = attrs.frozen(kw_only=True)
