@@ -25,6 +25,8 @@ OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
 #: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
 MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
 DEFAULT_CHECKPOINT_MINUTES = 30
+#: the kohya copy of a FLUX.1 save against diffusion-pipe's diffusers file, bytes (at most 1.5: see disk_writes)
+KOHYA_COPY_FACTOR = 2
 OPTIONS_KEY = ("backend", "options", "diffusion-pipe")
 
 KeyPath = tuple[Any, ...]
@@ -424,7 +426,12 @@ def disk_writes(recipe: Recipe, config: dict[str, Any], parameters: int, epochs:
 
     keep = recipe.train.keep_last
     lora = lora_file_bytes(parameters, recipe.output.save_precision)
-    copies = len([f for f in recipe.output.formats if f != "comfyui" or recipe.model.family != "flux.1-dev"])
+    flux = recipe.model.family == "flux.1-dev"
+    formats = [f for f in recipe.output.formats if f != "comfyui" or not flux]
+    copies = len(formats)
+    # a FLUX kohya copy stacks q, k, v (and the single blocks' MLP input) into sd-scripts' fused layers with
+    # block-diagonal up weights: 1.5 times the diffusers file at full size (1.46 on the recorded GPU run)
+    converted = sum(KOHYA_COPY_FACTOR * lora if f == "kohya" and flux else lora for f in formats)
 
     def with_final(every: int, total: int) -> int:
         return multiples(every, total) + (1 if total % every else 0)
@@ -438,6 +445,6 @@ def disk_writes(recipe: Recipe, config: dict[str, Any], parameters: int, epochs:
     state = state_bytes(parameters, recipe.optimizer.name)
     others = ((f"{min(checkpoints, keep + 1)} DeepSpeed checkpoint(s) of {human_size(state)} at once (fp32 LoRA "
                "weights and optimizer state)", min(checkpoints, keep + 1) * state),)
-    return Writes("diffusion-pipe", saves, (1 + copies) * lora,
+    return Writes("diffusion-pipe", saves, lora + converted,
                   f"diffusion-pipe's LoRA of {human_size(lora)} and lora-run's {copies} converted cop"
-                  f"{'y' if copies == 1 else 'ies'}", copies * lora, "the final LoRA in [output] formats", others)
+                  f"{'y' if copies == 1 else 'ies'}", converted, "the final LoRA in [output] formats", others)

@@ -46,10 +46,11 @@ def lora_file_bytes(parameters: int, precision: str) -> int:
 
 def state_bytes(parameters: int, optimizer: str) -> int:
     """A resumable state: the fp32 trainable weights and the optimizer's state (`memory.OPTIMIZER_BYTES` per
-    element; an unknown optimizer counts as AdamW)."""
+    element; an unknown optimizer counts as AdamW), with room for its files' headers (pickles, safetensors)."""
     from lora_run_native.memory import OPTIMIZER_BYTES
+    from lora_run_native.outputs import HEADER_BYTES
 
-    return parameters * (4 + OPTIMIZER_BYTES.get(optimizer, 8))
+    return parameters * (4 + OPTIMIZER_BYTES.get(optimizer, 8)) + HEADER_BYTES
 
 
 def multiples(every: int | None, total: int) -> int:
