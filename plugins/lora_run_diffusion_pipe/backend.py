@@ -261,6 +261,7 @@ class DiffusionPipeBackend:
         launcher = self._require_launcher()
         self._check_model_files()
         layout = self.layout()
+        self._check_disk_space(layout)
         commit, dirty = engines.git_state(checkout)
         tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
                 "key_data_commit": keydata.SOURCE_COMMIT}
@@ -334,6 +335,22 @@ class DiffusionPipeBackend:
         final = saves[-1]
         self._collect(final, watcher.save_step(final) or watcher.parser.last_step or None, watcher,
                       commit or "unknown")
+
+    def _check_disk_space(self, layout: translate.Layout) -> None:
+        """Before anything is staged or launched: what diffusion-pipe and lora-run will write (saves, DeepSpeed
+        checkpoints, the final LoRA) against the run folder's free space; a run that cannot fit stops (exit 2)."""
+        from lora_run_engines.disk import check_free_space, lora_parameters
+
+        parameters = lora_parameters(self.recipe, "all-linear")     # diffusion-pipe wraps every Linear of the blocks
+        if parameters is None:
+            return
+        examples = self._examples()
+        config, _ = self._configs(layout, examples)
+        epochs, max_steps, steps = translate.training_length(self.recipe, self.options, examples)
+        if max_steps is not None:
+            epochs = math.ceil(steps / translate.steps_per_epoch(self.recipe, self.options, examples))
+        writes = translate.disk_writes(self.recipe, config, parameters, epochs)
+        check_free_space(self.ctx.run_dir.path, writes, self.recipe.train.keep_last)  # type: ignore[union-attr]
 
     def _note_run_folder(self, run_folder: Path | None, tool: dict[str, Any], layout: translate.Layout) -> None:
         """Name diffusion-pipe's run folder and log in the manifest and the artifacts."""

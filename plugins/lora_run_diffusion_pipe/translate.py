@@ -25,6 +25,8 @@ OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
 #: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
 MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
 DEFAULT_CHECKPOINT_MINUTES = 30
+#: the kohya copy of a FLUX.1 save against diffusion-pipe's diffusers file, bytes (at most 1.5: see disk_writes)
+KOHYA_COPY_FACTOR = 2
 OPTIONS_KEY = ("backend", "options", "diffusion-pipe")
 
 KeyPath = tuple[Any, ...]
@@ -409,3 +411,40 @@ def expected_outputs(recipe: Recipe, run_dir: Path) -> list[str]:
     if "comfyui" in recipe.output.formats and recipe.model.family != "flux.1-dev":
         files.append(str(Path(run_dir) / f"{name}.comfyui.safetensors"))
     return files
+
+
+def disk_writes(recipe: Recipe, config: dict[str, Any], parameters: int, epochs: int) -> Any:
+    """What diffusion-pipe and lora-run will write for this generated ``config`` (``parameters``: the LoRA's;
+    ``epochs``: the epochs it runs), for the disk-space check before launch. diffusion-pipe (8f83dbf) saves a
+    LoRA folder at every save_every_n_steps (epochs) and always one at the end; lora-run converts each into
+    ``checkpoints/<name>/`` in [output] formats and keeps [train] keep_last of both, and writes the final LoRA
+    into the run folder. DeepSpeed checkpoints (fp32 LoRA weights and the optimizer state) come every
+    checkpoint_every_n_epochs and at the end; with checkpoint_every_n_minutes their number depends on the time,
+    so as many as lora-run keeps at once are counted."""
+    from lora_run.files import human_size
+    from lora_run_engines.disk import Writes, lora_file_bytes, multiples, state_bytes
+
+    keep = recipe.train.keep_last
+    lora = lora_file_bytes(parameters, recipe.output.save_precision)
+    flux = recipe.model.family == "flux.1-dev"
+    formats = [f for f in recipe.output.formats if f != "comfyui" or not flux]
+    copies = len(formats)
+    # a FLUX kohya copy stacks q, k, v (and the single blocks' MLP input) into sd-scripts' fused layers with
+    # block-diagonal up weights: 1.5 times the diffusers file at full size (1.46 on the recorded GPU run)
+    converted = sum(KOHYA_COPY_FACTOR * lora if f == "kohya" and flux else lora for f in formats)
+
+    def with_final(every: int, total: int) -> int:
+        return multiples(every, total) + (1 if total % every else 0)
+
+    if "save_every_n_steps" in config:
+        saves = with_final(config["save_every_n_steps"], config.get("max_steps") or epochs)
+    else:
+        saves = with_final(config["save_every_n_epochs"], epochs)
+    checkpoints = (with_final(config["checkpoint_every_n_epochs"], epochs) if "checkpoint_every_n_epochs" in config
+                   else keep + 1)
+    state = state_bytes(parameters, recipe.optimizer.name)
+    others = ((f"{min(checkpoints, keep + 1)} DeepSpeed checkpoint(s) of {human_size(state)} at once (fp32 LoRA "
+               "weights and optimizer state)", min(checkpoints, keep + 1) * state),)
+    return Writes("diffusion-pipe", saves, lora + converted,
+                  f"diffusion-pipe's LoRA of {human_size(lora)} and lora-run's {copies} converted cop"
+                  f"{'y' if copies == 1 else 'ies'}", converted, "the final LoRA in [output] formats", others)

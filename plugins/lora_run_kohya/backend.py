@@ -29,13 +29,14 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented
+from lora_run_engines.disk import check_free_space
 from lora_run_engines.stage import Staged, sync_folder
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
 from . import checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import FAMILIES, FLUX, Paths, Translation, problems, steps_per_epoch, translate
+from .translate import FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, translate
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
     "kohya/train.log"
@@ -145,6 +146,18 @@ class KohyaBackend:
         t = self.recipe.train
         if t.steps is not None:
             return int(t.steps)
+        return int(t.epochs) * steps_per_epoch(self.recipe, *self._image_counts())
+
+    def epochs(self) -> int:
+        """The epochs sd-scripts runs: [train] epochs, or enough epochs for [train] steps (an estimate)."""
+        t = self.recipe.train
+        if t.epochs is not None:
+            return int(t.epochs)
+        per_epoch = steps_per_epoch(self.recipe, *self._image_counts())
+        return math.ceil(int(t.steps) / per_epoch) if per_epoch else 1
+
+    def _image_counts(self) -> tuple[int, int]:
+        """(subject images, regularisation images) of the dataset."""
         items = self.ctx.items
         if not items:
             try:
@@ -153,9 +166,7 @@ class KohyaBackend:
                 items = scan_dataset(self.recipe, self.ctx.plugins)
             except Exception:  # noqa: BLE001 - an unreadable dataset is the lint's job, not the plan's
                 items = []
-        subject = sum(1 for i in items if not i.is_reg)
-        reg = sum(1 for i in items if i.is_reg)
-        return int(t.epochs) * steps_per_epoch(self.recipe, subject, reg)
+        return sum(1 for i in items if not i.is_reg), sum(1 for i in items if i.is_reg)
 
     def files(self, tr: Translation) -> dict[str, str]:
         """The generated files (run-dir relative path → text), the same in `lora-run plan` and in the run."""
@@ -213,6 +224,9 @@ class KohyaBackend:
         problems_now = self._validate(tr)
         if problems_now:  # the same check ran in validate(); this guards files changed since
             raise RecipeError([f"{self.shown}: [{'.'.join(map(str, k))}] {m}" for k, m in problems_now])
+        writes = disk_writes(recipe, tr.config, self.steps(), self.epochs())
+        if writes is not None:       # before anything is staged or launched: a refused run leaves nothing behind
+            check_free_space(self.run_path(), *writes)
         paths = self.paths(co.path)
         run_dir = ctx.run_dir
         for rel, text in self.files(tr).items():

@@ -422,3 +422,42 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
         notes.append("steps are estimated from the image counts; sd-scripts batches per bucket, so an epoch can "
                      "have a few more batches than estimated")
     return Translation(fam, config, dataset, sample_text, argv, notes)
+
+
+def disk_writes(recipe: Recipe, config: dict[str, dict[str, Any]], steps: int, epochs: int) -> tuple[Any, int] | None:
+    """(what sd-scripts and lora-run will write for this generated ``config``, how many saves sd-scripts keeps), for
+    the disk-space check before launch; None when the family declares no shape. sd-scripts (48d368f) saves a LoRA
+    at every multiple of save_every_n_steps up to the last step, or every save_every_n_epochs epochs before the
+    last; with save_state each save has a state folder (fp32 weights, optimizer state); it writes a save, then
+    deletes the one save_last_n_steps (epochs) back, so it keeps save_last_n_steps / save_every_n_steps + 1 (or
+    save_last_n_epochs) of each. The end adds the final LoRA, its state (save_state_on_train_end) and lora-run's
+    copies in [output] formats."""
+    from lora_run.files import human_size
+    from lora_run_engines.disk import Writes, lora_file_bytes, lora_parameters, multiples, state_bytes
+
+    params = lora_parameters(recipe)
+    if params is None:
+        return None
+    saving = config["saving"]
+    lora = lora_file_bytes(params, recipe.output.save_precision)
+    state = state_bytes(params, recipe.optimizer.name)
+    if "save_every_n_epochs" in saving:
+        saves = multiples(saving["save_every_n_epochs"], max(0, epochs - 1))
+        kept = saving["save_last_n_epochs"]
+    else:
+        every = saving.get("save_every_n_steps")
+        saves = multiples(every, steps)
+        kept = saving["save_last_n_steps"] // every + 1 if every else 1
+    one = lora + (state if saving.get("save_state") else 0)
+    copies = len([f for f in recipe.output.formats if f != "comfyui" or recipe.model.family != FLUX])
+    final = one + (state if saving.get("save_state_on_train_end") and not saving.get("save_state") else 0) \
+        + copies * lora
+    others = []
+    if "sampling" in config:
+        s = recipe.sample
+        images = multiples(config["sampling"]["sample_every_n_steps"], steps) * len(sample_lines(recipe))
+        others.append((f"{images} sample image(s)", images * s.width * s.height * 3))    # PNG: at most raw pixels
+    state_is = f" and its state of {human_size(state)}" if saving.get("save_state") else ""
+    return Writes("sd-scripts", saves, one, f"a LoRA of {human_size(lora)}{state_is}", final,
+                  f"the final LoRA, its state and lora-run's {copies} cop{'y' if copies == 1 else 'ies'}",
+                  tuple(others)), kept
