@@ -339,7 +339,8 @@ class DiffusionPipeBackend:
     def _check_disk_space(self, layout: translate.Layout) -> None:
         """Before anything is staged or launched: what diffusion-pipe and lora-run will write (saves, DeepSpeed
         checkpoints, the final LoRA) against the run folder's free space; a run that cannot fit stops (exit 2)."""
-        from lora_run_engines.disk import check_free_space, lora_parameters
+        from lora_run_engines.disk import lora_parameters
+        from lora_run_rundir.space import check_free_space
 
         parameters = lora_parameters(self.recipe, "all-linear")     # diffusion-pipe wraps every Linear of the blocks
         if parameters is None:

@@ -422,7 +422,8 @@ def disk_writes(recipe: Recipe, config: dict[str, Any], parameters: int, epochs:
     checkpoint_every_n_epochs and at the end; with checkpoint_every_n_minutes their number depends on the time,
     so as many as lora-run keeps at once are counted."""
     from lora_run.files import human_size
-    from lora_run_engines.disk import Writes, lora_file_bytes, multiples, state_bytes
+    from lora_run_engines.disk import lora_file_bytes, multiples, state_bytes
+    from lora_run_rundir.space import Writes
 
     keep = recipe.train.keep_last
     lora = lora_file_bytes(parameters, recipe.output.save_precision)

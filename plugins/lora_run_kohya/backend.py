@@ -25,11 +25,11 @@ from lora_run import __version__
 from lora_run.dataset import Item
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run_rundir import atomic_write_text
+from lora_run_rundir.space import check_free_space
 from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented
-from lora_run_engines.disk import check_free_space
 from lora_run_engines.stage import Staged, sync_folder
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption

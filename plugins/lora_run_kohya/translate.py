@@ -433,7 +433,8 @@ def disk_writes(recipe: Recipe, config: dict[str, dict[str, Any]], steps: int, e
     save_last_n_epochs) of each. The end adds the final LoRA, its state (save_state_on_train_end) and lora-run's
     copies in [output] formats."""
     from lora_run.files import human_size
-    from lora_run_engines.disk import Writes, lora_file_bytes, lora_parameters, multiples, state_bytes
+    from lora_run_engines.disk import lora_file_bytes, lora_parameters, multiples, state_bytes
+    from lora_run_rundir.space import Writes
 
     params = lora_parameters(recipe)
     if params is None:

@@ -257,10 +257,6 @@ def choose_attention(transformer: Any, recipe: Any, device: Any, tokens: int | N
     return choice
 
 
-#: room the disk-space check keeps for the logs, the manifest and the evaluation's images
-DISK_SLACK = 256 * 2**20
-
-
 def make_optimizer(recipe: Any, groups: list[dict[str, Any]], on_cuda: bool) -> Any:
     o = recipe.optimizer
     if o.name == "adafactor":      # transformers' update rule, grouped kernels (optim.py)
@@ -709,35 +705,24 @@ class Trainer:
         """Before the first step: what the run will still write (its checkpoints, at most `keep_last` + 1 of them
         at once, the final LoRA and the samples) against the free space of the run folder's file system. A run
         that cannot finish is refused now (exit 2), not after its last step."""
-        from lora_run.files import human_size
-        from lora_run_rundir import free_bytes
+        from lora_run_rundir.space import Writes, check_free_space
 
         r = self.recipe
         if not (self.main or self.parallel.fsdp):     # rank 0 writes; under FSDP every rank takes part in the gathers
             return
         t_sd, te_sd = self._lora_dicts(model.transformer, model.te_module)
-        free = free_bytes(self.run_dir.path) if self.main else None
-        if free is None:
+        if not self.main:
             return
         shapes = [tuple(p.shape) for p in (*opt.params.values(), *model.te_params.values())]
         final = lora_files_bytes(data.adapter, t_sd, te_sd, recipe=r)
-        one = ckpt.checkpoint_bytes(final, shapes, r.optimizer.name)
         due = sum(self._checkpoint_due(n, data.total, data.planner) for n in range(start + 1, data.total))
-        at_once = min(due, r.train.keep_last + 1)
         rounds = (len(range(start + r.sample.every_steps, data.total, r.sample.every_steps)) + 1
                   if r.sample.every_steps else 0)
         images = rounds * len(self.sample_prompts()) * len(r.sample.seeds) * len(r.sample.strengths)
-        samples = images * r.sample.width * r.sample.height * 3        # PNG at most about the raw pixels
-        needed = max(at_once * one, min(due, r.train.keep_last) * one + final) + samples + DISK_SLACK
-        if needed <= free:
-            return
-        raise RecipeError(
-            f"[output.dir] {self.run_dir.path}: this run will write about {human_size(needed)} more ({due} "
-            f"checkpoint(s) of {human_size(one)}, at most {at_once} kept at once with [train.keep_last] = "
-            f"{r.train.keep_last}; the final LoRA, {human_size(final)}; {images} sample image(s); "
-            f"{human_size(DISK_SLACK)} for logs and the evaluation) but its file system has {human_size(free)} "
-            "free; nothing was trained. Free some space, or lower [train.keep_last] or save less often "
-            "([train.save_every_steps])")
+        samples = ((f"{images} sample image(s)", images * r.sample.width * r.sample.height * 3),) if images else ()
+        writes = Writes("native", due, ckpt.checkpoint_bytes(final, shapes, r.optimizer.name),  # PNG ≤ raw pixels
+                        "the LoRA files, the fp32 LoRA and the optimizer state", final, "the final LoRA", samples)
+        check_free_space(self.run_dir.path, writes, r.train.keep_last)
 
     def train(self, env: RunEnv, state: LoopState, start: int) -> None:
         """The training loop with signal handling; its wall time is split into steps, compilation, samples and

@@ -73,7 +73,7 @@ def test_a_run_that_cannot_fit_is_refused_before_training(tiny_recipe, tmp_path,
     assert code == 2, out
     line = [ln for ln in out.splitlines() if "[output.dir]" in ln]
     assert line and "nothing was trained" in line[0] and "100.0 MiB free" in line[0], out
-    assert "[train.keep_last] = 2" in line[0] and "checkpoint(s) of" in line[0]
+    assert "[train.keep_last] = 2" in line[0] and "save(s) of" in line[0]
     assert "the run stopped before training" in out and not run.exists(), "a new run folder is not left behind"
 
 
