@@ -12,8 +12,9 @@ from lora_run.files import human_size
 
 from .atomic import free_bytes
 
-#: room kept for the logs, the manifest and the evaluation's images
-DISK_SLACK = 256 * 2**20
+#: room kept for the logs, the manifest and the evaluation's images (its 60 images at 768² are at most 101 MiB
+#: as raw pixels)
+DISK_SLACK = 128 * 2**20
 
 
 @attrs.frozen
