@@ -716,8 +716,8 @@ class Trainer:
         shapes = [tuple(p.shape) for p in (*opt.params.values(), *model.te_params.values())]
         final = lora_files_bytes(data.adapter, t_sd, te_sd, recipe=r)
         due = sum(self._checkpoint_due(n, data.total, data.planner) for n in range(start + 1, data.total))
-        rounds = (len(range(start + r.sample.every_steps, data.total, r.sample.every_steps)) + 1
-                  if r.sample.every_steps else 0)
+        rounds = (sum(self._sample_due(n, data.total) for n in range(start + 1, data.total))
+                  + bool(r.sample.every_steps))                     # and the final round (`_finish`)
         images = rounds * len(self.sample_prompts()) * len(r.sample.seeds) * len(r.sample.strengths)
         samples = ((f"{images} sample image(s)", images * r.sample.width * r.sample.height * 3),) if images else ()
         writes = Writes("native", due, ckpt.checkpoint_bytes(final, shapes, r.optimizer.name),  # PNG ≤ raw pixels
@@ -838,7 +838,7 @@ class Trainer:
                     stop_now = self.stop_requested
                 if self._checkpoint_due(number, state.total, state.planner) or (stop_now and number < state.total):
                     self._save_checkpoint(state, number)
-                if r.sample.every_steps and number % r.sample.every_steps == 0 and number < state.total:
+                if self._sample_due(number, state.total):
                     self._samples(state, number)
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     raise TrainingInterrupted(
@@ -953,6 +953,10 @@ class Trainer:
             return after > before and after % t.save_every_epochs == 0
         return False
 
+    def _sample_due(self, number: int, total: int) -> bool:
+        every = self.recipe.sample.every_steps
+        return bool(every) and number % every == 0 and number < total
+
     def _lora_dicts(self, transformer: Any, te_module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.parallel.fsdp:         # whole tensors from the shards: the same files whatever the sharding
             return self.parallel.lora_state_dict(transformer), {}
@@ -1056,8 +1060,9 @@ class Trainer:
         r = self.recipe
         if not (self.main or self.parallel.fsdp):
             return
-        t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)     # the LoRA first: slow or failed final samples never lose it
-        if self.main:                             # (under FSDP every rank gathers; rank 0 writes)
+        # the LoRA first: slow or failed final samples never lose it (under FSDP every rank gathers; rank 0 writes)
+        t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)
+        if self.main:
             meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
             written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
                                   metadata=meta)

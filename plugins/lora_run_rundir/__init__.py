@@ -21,8 +21,8 @@ from .atomic import atomic_path, atomic_write_bytes, atomic_write_text, disk_ful
 from .folder import JSON_LIMIT, RunDir
 from .output import output_path
 
-__all__ = ["JSON_LIMIT", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error", "free_bytes",
-           "is_disk_full", "output_path"]
+__all__ = ["JSON_LIMIT", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error",
+           "free_bytes", "is_disk_full", "output_path"]
 
 
 @hookimpl(trylast=True)     # the fallback: a folder another plugin gives is used instead, whatever the load order
