@@ -18,6 +18,9 @@ moment it is measured, so a timeout keeps what was done:
                 (``~/.cache/lora-run/compile``) warm (not a default row).
 * ``cli-fast-graphs`` the same with ``[train] cuda_graphs = "on"`` (auto turns graphs off above 4 buckets),
                 and so ``attention = "auto"`` may pick FlashAttention-4 at 512² (not a default row).
+* ``cli-fast-first`` ``cli-fast-graphs`` without the evaluation, for the first run on a machine: it measures the
+                cold start-up and fills the compile caches a ``cli-fast-graphs`` whole run in the next device call
+                reads (not a default row; no whole-run projection, there is no evaluation in it).
 * ``reference`` the plain diffusers + peft step (``flux_step_reference.py``, unchanged: bf16, eager, SDPA,
                 fused AdamW) at 1024² and 512², rank 32 attention LoRA; the matmul ceiling and the step FLOPs.
 * ``fa2``       lora-run's speed mode (compiled blocks) with SDPA flash (FlashAttention-2), 1024² and 512².
@@ -79,7 +82,7 @@ def grad_bound(noise: float | None) -> float:
     return min(GRAD_BOUND_MAX, max(1e-3, 3.0 * noise))
 RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
-    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "reference": "fa2", "fa2": "fa2",
+    "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
     "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm"}
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
@@ -258,6 +261,9 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     if group == "cli":
         for row in rows:
             sets = {"cli-fast-graphs": {"train.cuda_graphs": "on"},
+                    # the first run on a machine (cold compile caches) without the evaluation: it fills the caches
+                    # the next row's whole run reads, and measures the cold start-up
+                    "cli-fast-first": {"train.cuda_graphs": "on", "eval.enabled": False},
                     "cli-fast-fp8mm": {"train.cuda_graphs": "on", "train.fp8_matmul": True}}.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
@@ -580,7 +586,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-warm", "cli-fast-graphs", "cli-fast-fp8mm"):
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
@@ -593,6 +599,9 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
         rounds = max(1, cli["steps"] // (cli.get("every") or max(1, cli["steps"] // 2)))
         per_round = (t.get("samples_s") or 0) / rounds
+        if (cli.get("sets") or {}).get("eval.enabled") is False:
+            summary[name] = cli        # no evaluation measured: no whole-run projection
+            continue
         cli["projected_1500_s"] = round((t.get("cache_s") or 0) + (t.get("load_s") or 0) + (t.get("compile_s") or 0)
                                         + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
                                         + (t.get("evaluate_s") or 0) + (t.get("finish_s") or 0), 1)

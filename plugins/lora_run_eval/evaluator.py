@@ -104,6 +104,7 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
             for j in jobs]
     echo(f"eval: generating {len(jobs)} images for {lora.name} ({len(recipe.eval.prompts)} prompts × "
          f"{len(recipe.eval.strengths)} strengths × {len(recipe.eval.seeds)} seeds)")
+    started = time.monotonic()
     try:
         done = generate(recipe, str(lora), wire, str(out_dir))
     except LoraRunError:
@@ -111,6 +112,7 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
     except Exception as exc:  # noqa: BLE001 - a pipeline failure is reported with the LoRA it was for
         raise BackendError(f"{lora}: generating the evaluation grid failed: {type(exc).__name__}: {exc} "
                            "(--debug shows the traceback)") from exc
+    echo(f"eval: {len(jobs)} images in {time.monotonic() - started:.1f} s (the pipeline's load included)")
     paths = {d["name"]: d.get("path") for d in done or []}
     samples = []
     for j in jobs:
@@ -204,8 +206,10 @@ class Evaluation:
         return self._subject
 
     def add(self, label: str, step: int | None, path: str, samples: list[M.Sample]) -> dict[str, Any]:
+        started = time.monotonic()
         M.embed_samples(self.embedder, samples)
         result = M.analyze(samples, self.subject, self.embedder, text_encoder_trained=self.text_encoder_trained)
+        self.echo(f"eval: {label}: {len(samples)} images scored in {time.monotonic() - started:.1f} s")
         self.results[label] = result
         self.samples[label] = samples
         self.entries.append(M.summary_entry(label, step, path, result))

@@ -5,6 +5,7 @@ pick, metrics.json and the report — and renders that report in headless Chromi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -117,6 +118,14 @@ def test_the_run_ends_with_the_evaluation(evaluated_run):
     assert manifest["artifacts"]["eval_report"] == str(out / "eval" / "report.html")
     assert any(line.startswith("eval: best: step 8") for line in lines), lines
     assert not [p for p in (out / "eval").rglob("*.tmp")]
+
+
+def test_the_evaluation_says_what_its_generation_and_scoring_took(evaluated_run):
+    _, _, lines = evaluated_run
+    timed = [line for line in lines if re.fullmatch(r"eval: (12 images in|.*: 12 images scored in) [0-9.]+ s.*", line)]
+    generated = [line for line in timed if "scored" not in line]
+    scored = [line.split(":")[1].strip() for line in timed if "scored" in line]
+    assert len(generated) == 3 and scored == ["step 4", "step 8", "final (step 12)"], lines
 
 
 def test_checkpoints_are_evaluated_and_the_best_is_picked(evaluated_run):

@@ -171,6 +171,10 @@ def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
     assert by[("fa4", 1024)]["median_s"] == 0.34                 # the failed repeat does not hide it
     summary = perf.analyse(rows)
     assert summary["cli-fast-graphs"]["vs_isolated_512"] == pytest.approx(1.47)
+    first_run = {"row": "cli-fast-first", "steps": 30, "step_s": 0.15, "sets": {"eval.enabled": False},
+                 "timing": {"load_s": 20, "compile_s": 196, "evaluate_s": 0}}
+    cold = perf.analyse([*rows, first_run])["cli-fast-first"]   # the cold start-up, and no whole run made up
+    assert cold["startup_s"] == 216 and "projected_1500_s" not in cold
     assert by[("graphs", 512)]["vs_reference"] == pytest.approx(3.2)
     assert merged_env["merged_from"] == ["a.json", "b.json"] and "09:30 UTC to 2026-12-04 09:40" in merged_env["date"]
     other = tmp_path / "c.json"
