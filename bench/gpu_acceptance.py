@@ -324,12 +324,20 @@ def _limit(timeout: float) -> float:
     return max(0.0, min(timeout, DEADLINE - time.monotonic() - DEADLINE_MARGIN_S))
 
 
+#: per row (each row runs in one thread): whether ``--deadline``, not the row's own limit, stopped one of its runs
+_ROW = threading.local()
+DEADLINE_STOP = "stopped by --deadline (the device call's time, not the row's limit): not a result"
+
+
 def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    limit = _limit(timeout)
     try:
-        return proc.wait(timeout=_limit(timeout))
+        return proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if limit < timeout:
+            _ROW.deadline_stop = True
         return -9
 
 
@@ -438,9 +446,10 @@ def _expect_outputs(result: dict[str, Any], row: dict[str, Any], out: Path) -> N
 
 def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    _ROW.deadline_stop = False
     if _limit(row["timeout"]) < min(60.0, row["timeout"]):
         return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
-                "exit": None, "wall_s": 0.0, "passed": False,
+                "exit": None, "wall_s": 0.0, "passed": False, "stopped": DEADLINE_STOP,
                 "problems": ["not started: under a minute of --deadline left"]}
     try:
         if row["kind"] == "kill-resume":
@@ -487,6 +496,8 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
                   "exit": None, "problems": [f"{type(exc).__name__}: {exc}"]}
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["passed"] = not result["problems"]
+    if _ROW.deadline_stop and not result["passed"]:
+        result["stopped"] = DEADLINE_STOP
     return result
 
 
@@ -668,7 +679,8 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
         if r["problems"]:
             notes += "; " + " | ".join(p.replace("\n", " ")[:300] for p in r["problems"])
         step, peak, star = _cells(r)
-        lines.append(f"| {r['id']}{star} | {r.get('family', '')}: {conf} | {'pass' if r['passed'] else 'FAIL'} | "
+        verdict = "pass" if r["passed"] else ("stopped" if r.get("stopped") else "FAIL")
+        lines.append(f"| {r['id']}{star} | {r.get('family', '')}: {conf} | {verdict} | "
                      f"{step} | {peak} | {r.get('wall_s', '–')} | {notes.strip('; ')} |")
     return "\n".join(lines) + "\n"
 
@@ -710,7 +722,9 @@ def latest(paths: list[str]) -> tuple[str, int]:
             continue
         for r in rows:
             stamp = env.get("date", "")
-            if r.get("id") and (r["id"] not in newest or stamp > newest[r["id"]][0]):
+            if not r.get("id") or (r.get("stopped") and r["id"] in newest):
+                continue        # a row the call's time stopped measured nothing: an earlier result stands
+            if r["id"] not in newest or stamp > newest[r["id"]][0] or newest[r["id"]][2].get("stopped"):
                 newest[r["id"]] = (stamp, env, r)
     lines = ["| row | newest result | date (UTC) | commit | step s | peak GiB | notes |", "|---|---|---|---|---|---|---|"]
     open_rows = 0
@@ -726,7 +740,8 @@ def latest(paths: list[str]) -> tuple[str, int]:
         notes = " | ".join(p.replace("\n", " ")[:160] for p in r.get("problems") or [])
         if r.get("partial_timing"):
             notes += f" (partial timing: {r['partial_timing']})"
-        lines.append(f"| {row['id']}{star} | {'pass' if passed else 'FAIL'} | {stamp.replace(' UTC', '')} | "
+        verdict = "pass" if passed else ("stopped" if r.get("stopped") else "FAIL")
+        lines.append(f"| {row['id']}{star} | {verdict} | {stamp.replace(' UTC', '')} | "
                      f"{(env.get('commit') or '?')[:7]} | {step} | {peak} | {notes.replace('|', '/')} |")
     return "\n".join(lines) + "\n" + environments([newest[r["id"]] for r in all_rows() if r["id"] in newest]), open_rows
 

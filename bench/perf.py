@@ -658,11 +658,11 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
                 lines.append(f"| {cli['row']} | **failed**: {cli['error'][:300]} |")
                 continue
             t = cli.get("timing") or {}
-            lines.append(f"| {cli['row']} | {cli['steps']} | {cli.get('plan')} | {cli.get('attention')} | "
-                         f"{f(cli.get('step_s'))} | {f(cli.get('vs_isolated_512'), '{:.2f}×')} | {t.get('cache_s')} | "
-                         f"{t.get('load_s')} | {t.get('compile_s')} | {t.get('train_s')} | {t.get('samples_s')} | "
-                         f"{t.get('evaluate_s')} | {f(cli.get('wall_s'), '{:.0f}')} | {cli.get('startup_s')} | "
-                         f"{f(cli.get('projected_1500_s'), '{:.0f}')} s |")
+            cells = [cli["row"], cli["steps"], cli.get("plan"), cli.get("attention"), f(cli.get("step_s")),
+                     f(cli.get("vs_isolated_512"), "{:.2f}×"), t.get("cache_s"), t.get("load_s"), t.get("compile_s"),
+                     t.get("train_s"), t.get("samples_s"), t.get("evaluate_s"), f(cli.get("wall_s"), "{:.0f}"),
+                     cli.get("startup_s"), f(cli.get("projected_1500_s"), "{:.0f} s")]
+            lines.append("| " + " | ".join("–" if c is None or c == "" else str(c) for c in cells) + " |")
         for cli in clis:
             if cli.get("plan_line"):
                 lines.append(f"\n{cli['row']} plan line: `{cli['plan_line']}`")

@@ -63,7 +63,7 @@ def test_deadline_cuts_row_timeouts(bench):
     bench.DEADLINE = time.monotonic() + 70           # a row given less than a minute is not started
     row = {"id": "r", "group": "whole", "family": "flux", "sets": {}, "timeout": 300}
     result = bench.run_row(row, {}, Path("."))
-    assert not result["passed"] and "not started" in result["problems"][0]
+    assert not result["passed"] and "not started" in result["problems"][0] and result["stopped"]
     bench.DEADLINE = None
     assert bench._limit(600) == 600
 
@@ -72,9 +72,14 @@ def test_a_row_past_the_deadline_is_stopped(bench):
     bench.DEADLINE = time.monotonic() + bench.DEADLINE_MARGIN_S + 1
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     started = time.monotonic()
+    bench._ROW.deadline_stop = False
     assert bench._wait(proc, 600) == -9
     assert time.monotonic() - started < 10
+    assert bench._ROW.deadline_stop              # the deadline stopped it, not the row's own limit
     bench.DEADLINE = None
+    bench._ROW.deadline_stop = False            # control: the row's own limit stops it: a real failure
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    assert bench._wait(proc, 1) == -9 and not bench._ROW.deadline_stop
 
 
 def _run_file(path, date, commit, rows):
@@ -101,6 +106,26 @@ def test_latest_keeps_each_rows_newest_result(bench, tmp_path):
         assert "not measured" in rows["whole-flux-fast-recipe"]
         assert set(rows) == {r["id"] for r in bench.all_rows()}
         assert open_rows == len(rows) - 1          # only tiny-flux-memory passes
+
+
+def test_a_row_the_deadline_stopped_does_not_hide_a_result(bench, tmp_path):
+    """A newer row stopped by `--deadline` measured nothing: the older pass stays the row's result; a row only ever
+    stopped shows `stopped`, not a failure or a pass; a real newer failure still wins (planted beside it)."""
+    old = _run_file(tmp_path / "a.json", "2026-12-01 10:00 UTC", "aaaaaaa1",
+                    [{"id": "tiny-flux-kill-resume", "passed": True, "problems": []},
+                     {"id": "tiny-flux-memory", "passed": True, "problems": []}])
+    new = _run_file(tmp_path / "b.json", "2026-12-02 10:00 UTC", "bbbbbbb2",
+                    [{"id": "tiny-flux-kill-resume", "passed": False, "stopped": bench.DEADLINE_STOP,
+                      "problems": ["exit -9, status running"]},
+                     {"id": "tiny-flux-memory", "passed": False, "problems": ["exit 1: out of memory"]},
+                     {"id": "tiny-flux-ctrl-c", "passed": False, "stopped": bench.DEADLINE_STOP,
+                      "problems": ["not started: under a minute of --deadline left"]}])
+    for order in ([old, new], [new, old]):
+        table, _ = bench.latest(order)
+        rows = {line.split(" | ")[0].strip("| *"): line for line in table.splitlines()[2:] if line.startswith("|")}
+        assert "| pass |" in rows["tiny-flux-kill-resume"] and "aaaaaaa" in rows["tiny-flux-kill-resume"]
+        assert "| FAIL |" in rows["tiny-flux-memory"] and "bbbbbbb" in rows["tiny-flux-memory"]
+        assert "| stopped |" in rows["tiny-flux-ctrl-c"]
 
 
 def test_the_docs_table_is_the_recorded_results(bench):

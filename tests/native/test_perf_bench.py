@@ -62,7 +62,7 @@ def test_ratios_and_the_markdown_block():
     text = perf.markdown({"gpu": "H200"}, rows, summary, "perf-x.json")
     assert "| fa4 | 1024 | speed, compiled | 0.300 |  | 2.00× | 1.40× | 73 | 5.0e-02 (≤ 1.0e-02: NO) |" in text
     assert "| memory | 1024 | | **failed**: RowTimeout" in text
-    assert "| cli-fast | 40 | None | None | 0.130 | 1.30× |" in text
+    assert "| cli-fast | 40 | – | – | 0.130 | 1.30× | 10 | 20 | 30 | – | 8 | 15 | – | 50 | 294 s |" in text
 
 
 def test_the_cli_dataset_has_five_aspect_buckets(tmp_path):
@@ -175,6 +175,8 @@ def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
                  "timing": {"load_s": 20, "compile_s": 196, "evaluate_s": 0}}
     cold = perf.analyse([*rows, first_run])["cli-fast-first"]   # the cold start-up, and no whole run made up
     assert cold["startup_s"] == 216 and "projected_1500_s" not in cold
+    line = next(x for x in perf.markdown({}, [first_run], {}, "x").splitlines() if x.startswith("| cli-fast-first"))
+    assert line.endswith("| – | 216 | – |") and "None" not in line, line
     assert by[("graphs", 512)]["vs_reference"] == pytest.approx(3.2)
     assert merged_env["merged_from"] == ["a.json", "b.json"] and "09:30 UTC to 2026-12-04 09:40" in merged_env["date"]
     other = tmp_path / "c.json"
