@@ -45,11 +45,14 @@ def free() -> None:
 
 def time_model(model, resolution: int, batch: int, iters: int = 8, warmup: int = 3,
                before_step: Callable[[], None] | None = None,
-               after: Callable[[Any, dict, Any], dict] | None = None) -> dict:
+               after: Callable[[Any, dict, Any], dict] | None = None,
+               optimizer: Callable[[list], Any] | None = None) -> dict:
     """The reference's own timing loop and step, without touching the model's checkpointing setup.
     `before_step()` runs before every step (bench/perf.py marks CUDA-graph iterations there); `after(opt,
-    inputs, target)` runs once after the timed steps and adds its entries to the row."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    inputs, target)` runs once after the timed steps and adds its entries to the row; `optimizer(params)` builds
+    the optimizer (default: the reference's fused AdamW)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params) if optimizer else torch.optim.AdamW(params, lr=1e-4, fused=True)
     inputs = ref.make_inputs(resolution, batch)
     target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
 

@@ -31,6 +31,11 @@ moment it is measured, so a timeout keeps what was done:
                 installed); reports its own LoRA-gradient error (opt-in: not held to the bf16 bound).
 * ``fp8mm-graphs`` the same at 512² with CUDA graphs, a sampling call between two replayed steps.
 * ``cli-fast-fp8mm`` ``cli-fast-graphs`` with ``[train] fp8_matmul = true`` (not a default row).
+* ``recipe-adamw-graphs``, ``recipe-graphs`` the graphs row's step with the shipped fast recipe's LoRA
+                (all-linear rank 32, lora-run's own target preset) and attention ``auto``: with the reference's fused
+                AdamW, then with the recipe's Adafactor. Against ``graphs`` they split the CLI step's extra time
+                between the targets and the optimizer; against ``cli-fast-graphs`` what is left is the real loop's
+                (not default rows).
 * ``memory``    memory mode (fp8 base, checkpointing for a 24 GiB budget) at 1024², attention ``auto``.
 * ``low-vram``  low-vram mode (12 GiB budget) at 1024², attention ``auto``.
 * ``low-vram-8g`` low-vram for an 8 GiB budget (most blocks offloaded) at 1024².
@@ -84,7 +89,10 @@ RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
-    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm"}
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm",
+    "recipe-adamw-graphs": "recipe", "recipe-graphs": "recipe"}
+#: the shipped fast recipe's LoRA (`[lora] targets = "all-linear"`) and optimizer, for the `recipe` group's rows
+RECIPE_TARGETS = "all-linear"
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
 BUCKETS = [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)]     # five aspect ratios, ~512² each
 
@@ -135,7 +143,8 @@ def free() -> None:
     release()
 
 
-def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, graphs: bool = False) -> dict:
+def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, graphs: bool = False,
+                optimizer: Any = None) -> dict:
     """The reference's own step (autocast bf16, MSE, backward, fused AdamW), timed with CUDA events
     (`flux_bench.time_model`), each step marked for CUDA-graph trees as the training loop marks it. With
     `graphs`, a sampling call (eager blocks) between two replayed steps must give finite results."""
@@ -154,10 +163,11 @@ def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, gr
         return {"sampling_ok": bool(torch.isfinite(sample).all()) and bool(torch.isfinite(after))}
 
     return time_model(model, resolution, 1, iters, warmup, before_step=lambda: accel.mark_step_begin(model),
-                      after=sampling_check if graphs else None)
+                      after=sampling_check if graphs else None, optimizer=optimizer)
 
 
-KERNEL_KINDS = (("matmul fp8", ("f8", "e4m3", "fp8", "_qqt")),    # cuBLAS's nvjet_sm90_qq…: float8 inputs
+KERNEL_KINDS = (("optimizer", ("multi_tensor_apply", "fused_adam")),  # foreach/fused optimizer kernels
+                ("matmul fp8", ("f8", "e4m3", "fp8", "_qqt")),    # cuBLAS's nvjet_sm90_qq…: float8 inputs
                 ("attention", ("flash", "fmha", "attention", "attn")),
                 ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")), ("fused (triton)", ("triton",)))
 
@@ -167,7 +177,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(m in low for m in marks)), "other")
 
 
-def kernel_split(model: Any, resolution: int) -> dict:
+def kernel_split(model: Any, resolution: int, optimizer: Any = None) -> dict:
     """One step's GPU time by kernel kind (`kernel_kind`), averaged over `flux_bench.profile`'s three steps, and
     its top kernels: where the time goes."""
     import torch
@@ -176,7 +186,8 @@ def kernel_split(model: Any, resolution: int) -> dict:
     import flux_step_reference as ref
     from lora_run_native import accel
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params) if optimizer else torch.optim.AdamW(params, lr=1e-4, fused=True)
     inputs = ref.make_inputs(resolution, 1)
     target = torch.randn_like(inputs["hidden_states"], dtype=torch.float32)
     for _ in range(2):
@@ -270,7 +281,11 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                 int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
         return
     build_started = time.perf_counter()
-    model = ref.build_model(RANK, TARGETS)
+    if group == "recipe":       # the reference's builder with lora-run's own all-linear preset (peft regexes)
+        from lora_run_native.adapters.base import MMDIT_TARGET_PRESETS
+
+        ref.TARGETS[RECIPE_TARGETS] = MMDIT_TARGET_PRESETS[RECIPE_TARGETS]
+    model = ref.build_model(RANK, RECIPE_TARGETS if group == "recipe" else TARGETS)
     built_s = time.perf_counter() - build_started
     snapshot = lora_snapshot(model)
     ref_grads, noise = reference_grads(model)
@@ -358,6 +373,27 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
             graphs = attrs.evolve(perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, TARGETS,
                                                       cuda_graphs="on"), fp8=True, fp8_matmul=True)
             graphs_row("fp8mm-graphs", graphs, lambda: attention.setup(model, "auto", "cuda", tokens=1536, graphs=True))
+        return
+    if group == "recipe":     # the CLI step's LoRA and optimizer at one 512² shape, CUDA graphs, attention as auto
+        from lora_run_native.optim import make_adafactor
+
+        choice = attention.setup(model, "auto", "cuda", tokens=1536, graphs=True)
+        plan = perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, RANK, RECIPE_TARGETS, cuda_graphs="on")
+        accel.apply(model, plan, "cuda", torch.bfloat16)
+        layers = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+        optimizers = {"recipe-adamw-graphs": None,      # the reference's fused AdamW: the targets' cost alone
+                      "recipe-graphs": lambda params: make_adafactor(params, lr=1e-4, weight_decay=0.0)}
+        for row_id in [r for r in optimizers if r in rows]:
+            def recipe_row(make: Any = optimizers[row_id]) -> dict:
+                row = timed_steps(model, 512, graphs=True, optimizer=make)
+                row["allocated_gib"], row["peak_gib"] = row["peak_gib"], row["reserved_gib"]
+                if os.environ.get("PERF_PROFILE"):
+                    row["profile"] = kernel_split(model, 512, optimizer=make)
+                return row
+            guarded(out, row_id, timeout, recipe_row, resolution=512, impl="lora-run", plan=plan.describe(),
+                    attention=choice.describe(), lora_layers=layers, targets=RECIPE_TARGETS,
+                    optimizer="fused AdamW" if optimizers[row_id] is None else "Adafactor (lora-run's, foreach)")
+            free()
         return
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
@@ -596,6 +632,8 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             isolated = [by[k]["median_s"] for k in (("fp8mm-graphs", 512), ("fp8mm", 512)) if k in by]
         if isolated:
             cli["vs_isolated_512"] = cli["step_s"] / min(isolated)
+        if by.get(("recipe-graphs", 512), {}).get("median_s"):      # the same LoRA and optimizer, isolated
+            cli["vs_recipe_512"] = cli["step_s"] / by[("recipe-graphs", 512)]["median_s"]
         cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
         rounds = max(1, cli["steps"] // (cli.get("every") or max(1, cli["steps"] // 2)))
         per_round = (t.get("samples_s") or 0) / rounds
@@ -663,6 +701,10 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
                      t.get("train_s"), t.get("samples_s"), t.get("evaluate_s"), f(cli.get("wall_s"), "{:.0f}"),
                      cli.get("startup_s"), f(cli.get("projected_1500_s"), "{:.0f} s")]
             lines.append("| " + " | ".join("–" if c is None or c == "" else str(c) for c in cells) + " |")
+        for cli in clis:
+            if cli.get("vs_recipe_512"):
+                lines.append(f"\n{cli['row']}: {cli['vs_recipe_512']:.2f}× the isolated step with the recipe's LoRA "
+                             "and optimizer (`recipe-graphs`)")
         for cli in clis:
             if cli.get("plan_line"):
                 lines.append(f"\n{cli['row']} plan line: `{cli['plan_line']}`")

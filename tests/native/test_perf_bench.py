@@ -199,3 +199,50 @@ def test_a_profiled_row_shows_its_split_and_the_idle_rest():
     text = perf.markdown({"gpu": "H200"}, rows, perf.analyse(rows), "perf-x.json")
     assert ("graphs at 512², GPU time of one step by kernel kind: matmul bf16 50 ms, attention 20 ms, "
             "fused (triton) 10 ms; kernels busy 80 of the step's 108 ms") in text
+
+
+def test_the_recipe_rows_wrap_the_layers_lora_run_wraps():
+    """The `recipe` group builds the reference model with lora-run's own all-linear preset: on a tiny FLUX the
+    LoRA-wrapped layers are exactly the linear layers the native adapter's rule picks (a preset regex matching
+    the whole name), and more than the attention preset's (planted: the attention preset gives another set)."""
+    import re
+
+    import torch
+
+    import flux_step_reference as ref
+    from lora_run_native.adapters.base import MMDIT_TARGET_PRESETS
+
+    tiny = dict(ref.FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, pooled_projection_dim=16)
+
+    def wrapped(preset: str) -> set[str]:
+        ref.TARGETS[preset + "-test"] = MMDIT_TARGET_PRESETS[preset]
+        try:
+            model = ref.build_model(4, preset + "-test", config=tiny, device="cpu")
+        finally:
+            del ref.TARGETS[preset + "-test"]
+        return {n.removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith(".lora_A.default")}
+
+    def picked(preset: str) -> set[str]:
+        from diffusers import FluxTransformer2DModel
+
+        plain = FluxTransformer2DModel(**tiny)
+        patterns = [re.compile(p) for p in MMDIT_TARGET_PRESETS[preset]]
+        return {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)
+                and any(p.fullmatch(n) for p in patterns)}
+
+    assert perf.RECIPE_TARGETS == "all-linear"
+    assert wrapped("all-linear") == picked("all-linear")
+    assert wrapped("attention") == picked("attention") != picked("all-linear")
+    assert len(picked("all-linear")) == 20          # one double block (attention 8, MLP 4, modulation 2), one single (3+2+1)
+
+
+def test_optimizer_kernels_are_their_own_kind_and_the_cli_step_meets_the_recipe_row():
+    assert perf.kernel_kind("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>>") == "optimizer"
+    assert perf.kernel_kind("void at::native::(anonymous)::fused_adam_kernel") == "optimizer"
+    rows = [{"row": "graphs", "resolution": 512, "median_s": 0.10},
+            {"row": "recipe-graphs", "resolution": 512, "median_s": 0.125},
+            {"row": "cli-fast-graphs", "steps": 1500, "step_s": 0.14, "timing": {}}]
+    cli = perf.analyse(rows)["cli-fast-graphs"]
+    assert cli["vs_isolated_512"] == pytest.approx(1.4) and cli["vs_recipe_512"] == pytest.approx(1.12)
+    assert "1.12× the isolated step with the recipe's LoRA" in perf.markdown({}, rows, {}, "x")
