@@ -112,7 +112,13 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
     except Exception as exc:  # noqa: BLE001 - a pipeline failure is reported with the LoRA it was for
         raise BackendError(f"{lora}: generating the evaluation grid failed: {type(exc).__name__}: {exc} "
                            "(--debug shows the traceback)") from exc
-    echo(f"eval: {len(jobs)} images in {time.monotonic() - started:.1f} s (the pipeline's load included)")
+    took = time.monotonic() - started
+    calls = [d.get("seconds") for d in done or []]
+    if calls and all(isinstance(c, (int, float)) for c in calls):      # the generator timed its calls
+        echo(f"eval: {len(jobs)} images in {took:.1f} s: the pipeline calls {sum(calls):.1f} s, the rest (the "
+             f"pipeline's load) {took - sum(calls):.1f} s")
+    else:
+        echo(f"eval: {len(jobs)} images in {took:.1f} s (the pipeline's load included)")
     paths = {d["name"]: d.get("path") for d in done or []}
     samples = []
     for j in jobs:

@@ -7,7 +7,9 @@ base pipeline is built once from ``recipe.model`` (hub id, diffusers folder or s
 adapter), the LoRA file (kohya or diffusers format; ``None`` = the base model) is loaded once, and every job
 is generated with the LoRA scale set to its ``strength``. The starting noise is drawn on the CPU from the
 job's seed, so a seed gives the same image on every device. Images are written atomically as
-``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added.
+``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added, and ``"seconds"``: the
+wall time of the pipeline call that made the image (its PNG written), shared equally by the images of that call,
+so the sum over the jobs is the generation time without the pipeline's load.
 
 Jobs that differ only in ``seed`` (and ``name``) are generated together, in one pipeline call with a batch of
 starting latents (``batch_groups``; the adapter's ``generate_batch``), at most ``max_batch(width, height)``
@@ -63,6 +65,7 @@ def _device(device: Any) -> Any:
 def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
                     device: Any = None) -> list[dict[str, Any]]:
     import io
+    import time
 
     import torch
 
@@ -88,8 +91,10 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
     placement = place_pipeline(pipe, dev, recipe) if dev.type == "cuda" else "whole"
     out = Path(out_dir)
     paths: dict[int, str] = {}
+    seconds: dict[int, float] = {}
     with torch.no_grad():
         for group in batch_groups(jobs, lambda w, h: max_batch(w, h, placement)):
+            started = time.monotonic()
             first = jobs[group[0]]
             images = adapter.generate_batch(
                 pipe, prompt=first["prompt"], seeds=[int(jobs[n]["seed"]) for n in group], steps=int(first["steps"]),
@@ -104,7 +109,8 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
                 image.save(buf, format="PNG")
                 atomic_write_bytes(target, buf.getvalue())
                 paths[n] = str(target)
-    results = [{**job, "path": paths[n]} for n, job in enumerate(jobs)]
+            seconds.update((n, (time.monotonic() - started) / len(group)) for n in group)
+    results = [{**job, "path": paths[n], "seconds": round(seconds[n], 4)} for n, job in enumerate(jobs)]
     del pipe
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -128,6 +128,33 @@ def test_the_evaluation_says_what_its_generation_and_scoring_took(evaluated_run)
     assert len(generated) == 3 and scored == ["step 4", "step 8", "final (step 12)"], lines
 
 
+def test_a_generator_that_times_its_calls_splits_the_generation_from_the_load(tmp_path, subject_dir):
+    """With `seconds` on every job the line splits the calls from the rest (the load); planted: a generator whose
+    calls take 0.3 s of a 0.5-s generation must show about 0.3 s of calls and 0.2 s of rest."""
+    import time as clock
+
+    from lora_run_eval.evaluator import generate_grid
+
+    def timed(recipe, lora_path, jobs, out_dir):
+        clock.sleep(0.2)                               # "the load"
+        out = []
+        for job in jobs:
+            clock.sleep(0.3 / len(jobs))
+            out.append({**job, "path": str(Path(out_dir) / f"{job['name']}.png"), "seconds": 0.3 / len(jobs)})
+        return out
+
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.replace("{dataset}", str(subject_dir)), encoding="utf-8")
+    recipe = load_recipe(path).recipe
+    lines: list[str] = []
+    generate_grid(timed, recipe, tmp_path / "x.safetensors", tmp_path / "images", lines.append)
+    match = re.fullmatch(r"eval: 12 images in ([0-9.]+) s: the pipeline calls ([0-9.]+) s, the rest \(the "
+                         r"pipeline's load\) ([0-9.]+) s", lines[-1])
+    assert match, lines
+    total, calls, rest = map(float, match.groups())
+    assert calls == pytest.approx(0.3, abs=0.01) and rest == pytest.approx(total - calls, abs=0.1) and rest >= 0.15
+
+
 def test_checkpoints_are_evaluated_and_the_best_is_picked(evaluated_run):
     out, ctx, _ = evaluated_run
     data = json.loads((out / "eval" / "metrics.json").read_text())

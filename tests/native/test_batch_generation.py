@@ -173,6 +173,9 @@ def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, m
     assert [r["name"] for r in done] == [j["name"] for j in jobs]
     assert [Path(r["path"]).name for r in done] == [f"{j['name']}.png" for j in jobs]
     assert all(r["seed"] == j["seed"] for r, j in zip(done, jobs))
+    # each image carries its call's time, shared by the call's images: the calls' sum, without the load
+    shares = [[done[n]["seconds"] for n in group] for group in calls[0]]
+    assert all(len(set(share)) == 1 and share[0] > 0 for share in shares), shares
     monkeypatch.setattr(generate, "batch_groups", lambda jobs, limit: [[n] for n in range(len(jobs))])
     single = generate.generate_images(recipe, None, jobs, tmp_path / "single", device="cpu")
     images = [Image.open(r["path"]) for r in done]
