@@ -1,0 +1,61 @@
+"""`[eval]`'s grid rules, checked before training: every prompt × strength × seed image has its own file, so a
+strength or seed given twice (or two strengths that print alike in the file name) would overwrite an image and be
+scored as its own carbon copy; an empty list would evaluate nothing; a seed out of the training seed's range and a
+negative strength are refused. Each rule is shown by the command line a user runs, exit 2, no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+RECIPE = """
+backend = "native"
+[model]
+family = "flux.1-dev"
+source = "{model}"
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+min_images = 2
+[train]
+steps = 2
+"""
+
+
+@pytest.fixture()
+def recipe(tmp_path, subject_dir):
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.format(model=tmp_path / "model", dataset=subject_dir), encoding="utf-8")
+    return path
+
+
+def check(recipe, *sets):
+    args = [sys.executable, "-m", "lora_run", "check", str(recipe)]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, cwd=recipe.parent)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("eval.seeds=[1, 2, 1]", "[eval.seeds] 1, 1 name the same images: give each value once"),
+    ("eval.strengths=[1.0, 0.5, 1.0000001]", "[eval.strengths] 1.0, 1.0000001 name the same images"),
+    ("eval.strengths=[]", "[eval.strengths] must not be empty when eval is enabled"),
+    ("eval.seeds=[]", "[eval.seeds] must not be empty when eval is enabled"),
+    ("eval.seeds=[3, -1]", "[eval.seeds[1]] must be between 0 and 4294967295, got -1"),
+    ("eval.seeds=[4294967296]", "[eval.seeds[0]] must be between 0 and 4294967295"),
+    ("eval.strengths=[-0.5]", "[eval.strengths[0]] must be >= 0"),
+])
+def test_a_grid_that_would_overwrite_or_evaluate_nothing_is_refused(recipe, assignment, message):
+    done = check(recipe, assignment)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("assignment", ["eval.strengths=[1e-05, 1e-06, 0.0, 2.0]", "eval.seeds=[0, 4294967295]",
+                                        "eval.seeds=[1, 1]\neval.enabled=false"])
+def test_distinct_values_and_a_disabled_evaluation_pass(recipe, assignment):
+    """Controls: values that differ in the file name, the seed range's ends, and the rules off with eval off."""
+    done = check(recipe, *assignment.split("\n"))
+    assert "[eval." not in done.stderr, done.stderr
