@@ -27,7 +27,6 @@ from . import metrics as M
 from .faces import Embedder
 from .losslog import LOSS_FILE, log_for
 from .report import is_report, render
-from .section import job_name
 
 #: The size limit (bytes) of a LoRA file given to `lora-run eval`.
 LORA_LIMIT = 8 * GiB
@@ -60,6 +59,10 @@ def make_embedder(plugins: Any, name: str, raw: dict[str, Any], base: Path | Non
 
 
 # ------------------------------------------------------------------------------------------------ grid
+def job_name(prompt_index: int, strength: float, seed: int) -> str:
+    return f"p{prompt_index}-s{strength:g}-seed{seed}"
+
+
 def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
     """The §7 grid: every prompt × strength × seed; `{trigger}` replaced; no `{trigger}` = control prompt."""
     ev = recipe.eval

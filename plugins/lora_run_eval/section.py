@@ -42,15 +42,6 @@ class EvalSection:
                                           "plugins` lists them); unset: every installed evaluator.")
 
 
-#: the largest seed (the training seed's bound, ``[train] seed``)
-MAX_SEED = 2**32 - 1
-
-
-def job_name(prompt_index: int, strength: float, seed: int) -> str:
-    """The grid image's file name (without ``.png``)."""
-    return f"p{prompt_index}-s{strength:g}-seed{seed}"
-
-
 def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:
     """An unset ``embedder`` becomes the installed embedder registered as the default."""
     if section.embedder is not None:
@@ -61,6 +52,7 @@ def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:
 def check(recipe: Any, plugins: Any, problems: Any) -> None:
     """The evaluators named exist; with eval enabled, prompts are given and the embedder and its options are right."""
     from lora_run.run import structure_options, unset_message
+    from lora_run_training.sections import check_grid
 
     ev = recipe.eval
     for n, name in enumerate(ev.evaluators or ()):
@@ -70,19 +62,7 @@ def check(recipe: Any, plugins: Any, problems: Any) -> None:
     for key, values in (("prompts", ev.prompts), ("strengths", ev.strengths), ("seeds", ev.seeds)):
         if not values:
             problems.add(("eval", key), "must not be empty when eval is enabled")
-    for n, seed in enumerate(ev.seeds):
-        if not 0 <= seed <= MAX_SEED:
-            problems.add(("eval", "seeds", n), f"must be between 0 and {MAX_SEED}, got {seed}")
-    for n, strength in enumerate(ev.strengths):
-        if strength < 0:
-            problems.add(("eval", "strengths", n), f"must be >= 0 (0 is the model without the LoRA), got {strength}")
-    # every prompt × strength × seed image has its own file: a value given twice would overwrite an image and be
-    # counted as its carbon copy (a false "sameface" signal)
-    for key, values, names in (("strengths", ev.strengths, [job_name(0, v, 0) for v in ev.strengths]),
-                               ("seeds", ev.seeds, [job_name(0, 0.0, v) for v in ev.seeds])):
-        twice = [v for v, name in zip(values, names) if names.count(name) > 1]
-        if twice:
-            problems.add(("eval", key), f"{', '.join(map(str, twice))} name the same images: give each value once")
+    check_grid(problems, "eval", ev.strengths, ev.seeds)
     if plugins.registry["embedder"] and ev.embedder is None:
         problems.add(("eval", "embedder"), unset_message("embedder", plugins))
     elif plugins.registry["embedder"]:

@@ -10,6 +10,9 @@ from lora_run.schema import frozen, option
 
 from . import Feature
 
+#: the largest seed a recipe takes (`[train] seed`, and the seeds of `[sample]` and `[eval]`)
+MAX_SEED = 2**32 - 1
+
 
 def is_set(value: Any, _recipe: Any) -> bool:
     """A feature used when its key is set at all (a length, a save policy), whatever the value."""
@@ -128,7 +131,7 @@ class TrainSection:
         "(head size 128: FLUX, HunyuanImage-2.1; at least 3072 tokens per call or CUDA graphs), else SDPA flash "
         "(FlashAttention-2); `fa4` runs it wherever it can and stops the run when it cannot; `sdpa` always uses "
         "SDPA. The run's plan line says which kernel runs and why.")
-    seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=2**32 - 1)
+    seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=MAX_SEED)
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
                                           "`{ c = 0.1 }` for huber); checked by the loss plugin.")
@@ -273,10 +276,29 @@ def check_optimizer(recipe: Any, _plugins: Any, problems: Any) -> None:
         problems.add(("optimizer", "betas"), f"expected two numbers, got {len(recipe.optimizer.betas)}")
 
 
+def check_grid(problems: Any, table: str, strengths: list[float], seeds: list[int]) -> None:
+    """The rules of an image grid (prompt × strength × seed, `[sample]`'s and `[eval]`'s): a seed in the training
+    seed's range, a strength >= 0, and each value once. An image's file is named by its strength (``{:g}``) and its
+    seed, so a value given twice, or two strengths that print alike, would overwrite an image (and the evaluation
+    would score it as its own carbon copy)."""
+    for n, seed in enumerate(seeds):
+        if not 0 <= seed <= MAX_SEED:
+            problems.add((table, "seeds", n), f"must be between 0 and {MAX_SEED}, got {seed}")
+    for n, strength in enumerate(strengths):
+        if strength < 0:
+            problems.add((table, "strengths", n), f"must be >= 0 (0 is the model without the LoRA), got {strength}")
+    for key, values, names in (("strengths", strengths, [f"{v:g}" for v in strengths]),
+                               ("seeds", seeds, [str(v) for v in seeds])):
+        twice = [v for v, name in zip(values, names) if names.count(name) > 1]
+        if twice:
+            problems.add((table, key), f"{', '.join(map(str, twice))} name the same images: give each value once")
+
+
 def check_sample(recipe: Any, _plugins: Any, problems: Any) -> None:
     for key in ("prompts", "seeds", "strengths"):
         if recipe.sample.every_steps and not getattr(recipe.sample, key):
             problems.add(("sample", key), "must not be empty when sample.every_steps is set")
+    check_grid(problems, "sample", recipe.sample.strengths, recipe.sample.seeds)
 
 
 #: (table name, attrs class, the table's rules or None, what `lora-run plugins` says of it), in recipe order.
