@@ -6,6 +6,7 @@ from typing import Literal
 import attrs
 
 from lora_run.schema import option
+from lora_run_engines import checkout_option
 
 ENV_PATH = "LORA_RUN_DIFFUSION_PIPE"
 
@@ -14,9 +15,7 @@ ENV_PATH = "LORA_RUN_DIFFUSION_PIPE"
 class DiffusionPipeOptions:
     """Options of the diffusion-pipe backend (tdrussell/diffusion-pipe, launched through DeepSpeed)."""
 
-    path: str | None = option(None, "The diffusion-pipe checkout (a `git clone --recurse-submodules` of "
-                              "tdrussell/diffusion-pipe); default: the `LORA_RUN_DIFFUSION_PIPE` environment "
-                              "variable.", path=True)
+    path: str | None = checkout_option("tdrussell/diffusion-pipe (a `git clone --recurse-submodules`)", ENV_PATH)
     deepspeed: str | None = option(None, "The `deepspeed` launcher; default: the `deepspeed` executable next to "
                                    "the running Python, else the first on PATH.", path=True)
     num_gpus: int = option(1, "GPUs to launch on (`deepspeed --num_gpus`).", ge=1, le=64)

@@ -2,8 +2,8 @@
 
 A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is for LoRA layouts:
 
-- :func:`configured_path` / :func:`resolve_path` — where the engine's checkout is (a recipe option, else an
-  environment variable) and paths from the recipe, relative to the recipe's folder;
+- :func:`checkout_option` / :func:`configured_path` / :func:`resolve_path` — where the engine's checkout is (a recipe
+  option, else an environment variable) and paths from the recipe, relative to the recipe's folder;
 - :func:`git_state` — the commit and cleanliness of an engine checkout, for the manifest;
 - :func:`commented` — a generated file's comment header (who wrote it, from what, how to re-run);
 - :func:`split_output` — the supervisor's reader loop: an engine's output split into lines on ``\\n`` and
@@ -45,6 +45,15 @@ def resolve_path(value: str, base: Path) -> Path:
     """A path from the recipe: ``~`` expanded, a relative one taken from ``base`` (the recipe's folder)."""
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else resolved(base / path)
+
+
+def checkout_option(checkout: str, env_var: str) -> Any:
+    """The options-table field naming the engine's checkout (``configured_path`` reads it): a path, relative to the
+    recipe file, unset by default, ``env_var`` standing in."""
+    from lora_run.schema import option
+
+    return option(None, f"Path of the {checkout} checkout (relative paths are relative to the recipe file; given with "
+                  f"`--set`, to the working folder). Default: the `{env_var}` environment variable.", path=True)
 
 
 def configured_path(option: str | None, base: Path, env_var: str) -> tuple[Path | None, str | None]:

@@ -16,7 +16,9 @@ import attrs
 
 from lora_run.hookspecs import hookimpl
 from lora_run.schema import option
+from lora_run_engines import checkout_option
 
+from .checkout import ENV
 from .translate import FLUX, HUNYUAN_IMAGE
 
 
@@ -24,9 +26,7 @@ from .translate import FLUX, HUNYUAN_IMAGE
 class KohyaOptions:
     """`[backend.kohya]`: where sd-scripts is and how to launch and supervise it."""
 
-    sd_scripts: str | None = option(None, "Path of a kohya-ss/sd-scripts checkout (relative paths are relative to "
-                                    "the recipe file; given with `--set`, to the working folder). Default: the "
-                                    "`LORA_RUN_SD_SCRIPTS` environment variable.", path=True)
+    sd_scripts: str | None = checkout_option("kohya-ss/sd-scripts", ENV)
     python: str | None = option(None, "Python interpreter of sd-scripts' environment, used as `python -m "
                                 "accelerate.commands.launch`. Default: the interpreter running lora-run.")
     num_processes: int = option(1, "`accelerate launch --num_processes` (GPUs to train on).", ge=1, le=64)
