@@ -634,14 +634,19 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             cli["vs_isolated_512"] = cli["step_s"] / min(isolated)
         if by.get(("recipe-graphs", 512), {}).get("median_s"):      # the same LoRA and optimizer, isolated
             cli["vs_recipe_512"] = cli["step_s"] / by[("recipe-graphs", 512)]["median_s"]
-        cli["startup_s"] = round((t.get("load_s") or 0) + (t.get("compile_s") or 0), 1)
+        # start-up: the load, and every step's time beyond the steady step (compilation is the first step of each
+        # shape, CUDA-graph recording the next ones: train_s - steps × step_s counts both; compile_s only the first)
+        warmup = t.get("compile_s") or 0
+        if t.get("train_s") is not None and t.get("steps"):
+            warmup = max(warmup, t["train_s"] - t["steps"] * cli["step_s"])
+        cli["warmup_s"] = round(warmup, 1)
+        cli["startup_s"] = round((t.get("load_s") or 0) + warmup, 1)
         rounds = max(1, cli["steps"] // (cli.get("every") or max(1, cli["steps"] // 2)))
         per_round = (t.get("samples_s") or 0) / rounds
         if (cli.get("sets") or {}).get("eval.enabled") is False:
             summary[name] = cli        # no evaluation measured: no whole-run projection
             continue
-        cli["projected_1500_s"] = round((t.get("cache_s") or 0) + (t.get("load_s") or 0) + (t.get("compile_s") or 0)
-                                        + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
+        cli["projected_1500_s"] = round((t.get("cache_s") or 0) + cli["startup_s"] + 1500 * cli["step_s"] + 6 * per_round + (t.get("checkpoints_s") or 0) * 6 / rounds
                                         + (t.get("evaluate_s") or 0) + (t.get("finish_s") or 0), 1)
         summary["cli" if name == "cli-fast" else name] = cli
     return summary

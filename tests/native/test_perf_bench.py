@@ -237,6 +237,24 @@ def test_the_recipe_rows_wrap_the_layers_lora_run_wraps():
     assert len(picked("all-linear")) == 20          # one double block (attention 8, MLP 4, modulation 2), one single (3+2+1)
 
 
+def test_start_up_counts_the_graph_recording_steps_too():
+    """The whole run of 2026-12-04 (bench/results/perf-20261204-115650.json): its first step per shape was 64.5 s
+    over the steady step (compile_s), but its steps took 95 s more than 1500 steady steps — the CUDA graphs are
+    recorded in the steps after the first of each shape, as its run.log shows (105 s from the cached data to step
+    10). The start-up is the load and all of that; compile_s alone (planted) would say 76.6 s."""
+    data = json.loads((BENCH / "results" / "perf-20261204-115650.json").read_text())
+    [whole] = [r for r in data["rows"] if r["row"] == "cli-fast-graphs"]
+    cli = perf.analyse([whole])["cli-fast-graphs"]
+    t = whole["timing"]
+    assert cli["warmup_s"] == pytest.approx(t["train_s"] - 1500 * t["step_s"], abs=0.1) == pytest.approx(95.2, abs=0.1)
+    assert cli["startup_s"] == pytest.approx(t["load_s"] + cli["warmup_s"], abs=0.1)
+    assert cli["startup_s"] != pytest.approx(t["load_s"] + t["compile_s"], abs=1)
+    # the projection from a 1500-step row is the run itself, less the launch's own overhead
+    assert cli["projected_1500_s"] == pytest.approx(whole["timing"]["cache_s"] + cli["startup_s"] + t["train_s"]
+                                                    - cli["warmup_s"] + t["samples_s"] + t["checkpoints_s"]
+                                                    + t["evaluate_s"] + t["finish_s"], abs=2)
+
+
 def test_optimizer_kernels_are_their_own_kind_and_the_cli_step_meets_the_recipe_row():
     assert perf.kernel_kind("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>>") == "optimizer"
     assert perf.kernel_kind("void at::native::(anonymous)::fused_adam_kernel") == "optimizer"
