@@ -741,7 +741,8 @@ class Trainer:
 
     def _record_step_times(self, timing: dict[str, Any], loop_s: float) -> None:
         """Split the loop's wall time: steady step time (median), compilation (the first step of each
-        shape beyond that median), samples and checkpoints (timed where they run)."""
+        shape beyond that median), warm-up (every step beyond that median: compilation and the CUDA-graph
+        recording of the steps after the first of each shape), samples and checkpoints (timed where they run)."""
         import statistics
 
         steps = self.step_times
@@ -756,8 +757,10 @@ class Trainer:
             (rest if shape in seen else first).append(seconds)
             seen.add(shape)
         median = statistics.median(rest) if rest else statistics.median(first)
+        train_s = sum(x for _, x in steps)
         timing.update(step_s=round(median, 4), compile_s=round(sum(max(0.0, f - median) for f in first), 2),
-                      train_s=round(sum(x for _, x in steps), 2), shapes=len(seen))
+                      warmup_s=round(max(0.0, train_s - len(steps) * median), 2), train_s=round(train_s, 2),
+                      shapes=len(seen))
 
     # ------------------------------------------------------------------------------------------ loop
     def _batch(self, state: LoopState, index: int) -> list[Any]:

@@ -264,3 +264,21 @@ def test_optimizer_kernels_are_their_own_kind_and_the_cli_step_meets_the_recipe_
     cli = perf.analyse(rows)["cli-fast-graphs"]
     assert cli["vs_isolated_512"] == pytest.approx(1.4) and cli["vs_recipe_512"] == pytest.approx(1.12)
     assert "1.12× the isolated step with the recipe's LoRA" in perf.markdown({}, rows, {}, "x")
+
+
+def test_the_trainer_reports_the_warm_up_beside_the_first_step_of_each_shape():
+    """The manifest's timing: a shape's first step (compilation) and the slow steps after it (CUDA-graph recording)
+    both count in warmup_s; compile_s keeps only the first. Planted: 10 s, then 5 s, then steady 0.1-s steps."""
+    from types import SimpleNamespace
+
+    from lora_run_native.train import Trainer
+
+    a, b = ("a",), ("b",)
+    steps = [(a, 10.0), (a, 5.0), *[(a, 0.1)] * 20, (b, 3.0), *[(b, 0.1)] * 20]
+    trainer = SimpleNamespace(step_times=steps, sample_seconds=1.0, checkpoint_seconds=2.0)
+    timing: dict = {}
+    Trainer._record_step_times(trainer, timing, 30.0)
+    assert timing["step_s"] == 0.1 and timing["shapes"] == 2
+    assert timing["compile_s"] == pytest.approx(9.9 + 2.9)
+    assert timing["warmup_s"] == pytest.approx(9.9 + 4.9 + 2.9)
+    assert timing["train_s"] == pytest.approx(10 + 5 + 3 + 4.0)
