@@ -673,9 +673,9 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
                       f"{f['change_vs_base']['diffusers']:.1f}; kohya vs diffusers {f['kohya_vs_diffusers']:.2f}")
         if r.get("group") == "whole" and r.get("timing"):
             t = r["timing"]
-            notes += "; split: " + ", ".join(f"{k} {t[k]}" for k in ("load_s", "cache_s", "compile_s", "warmup_s", "train_s",
-                                                                    "samples_s", "checkpoints_s", "finish_s",
-                                                                    "evaluate_s") if k in t)
+            split = ("load_s", "cache_s", "compile_s", "warmup_s", "train_s", "samples_s", "checkpoints_s", "finish_s",
+                     "evaluate_s")
+            notes += "; split: " + ", ".join(f"{k} {t[k]}" for k in split if k in t)
         if r["problems"]:
             notes += "; " + " | ".join(p.replace("\n", " ")[:300] for p in r["problems"])
         step, peak, star = _cells(r)
