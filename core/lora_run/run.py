@@ -111,9 +111,6 @@ class RunContext:
     #: the plugins' hooks (a process other than rank 0 gets ones that do nothing: ``run_processes``)
     hook: Any = attrs.field(default=attrs.Factory(lambda self: self.plugins.hook, takes_self=True))
 
-    def option_for(self, kind: str, name: str, raw: dict[str, Any], where: tuple) -> Any:
-        return structure_options(self.plugins.get(kind, name, ".".join(where)), raw, where)
-
 
 def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, problems: Problems | None = None) -> Any:
     """Structure a plugin's options table with its attrs class through the strict converter."""

@@ -21,6 +21,7 @@ from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
 from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent
 from lora_run_engines.supervise import Supervisor
+from lora_run_training.sections import loss_options
 
 NAME = "diffusion-pipe"
 
@@ -126,9 +127,8 @@ class DiffusionPipeBackend:
         return counts
 
     def _loss_options(self) -> Any:
-        t = self.recipe.train
         try:
-            return self.ctx.option_for("loss", t.loss, t.loss_options, ("train", "loss_options"))
+            return loss_options(self.recipe, self.ctx.plugins)
         except Exception:  # noqa: BLE001 - validated by the core already
             return None
 

@@ -24,6 +24,7 @@ import attrs
 from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
 from lora_run.recipe import resume_command
 from lora_run_folder.images import ImageProblem, open_rgb
+from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
 from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
@@ -671,7 +672,7 @@ class Trainer:
             forward = model.transformer
             optimizer = env.accelerator.prepare_optimizer(optimizer, device_placement=False)   # fp16 loss scaling
         loss_reg = self.ctx.plugins.get("loss", r.train.loss, "train.loss")
-        loss_opts = self.ctx.option_for("loss", r.train.loss, r.train.loss_options, ("train", "loss_options"))
+        loss_opts = loss_options(r, self.ctx.plugins)
         loss_fn = loss_reg.factory(loss_opts) if loss_opts is not None else loss_reg.factory()
         return OptimState(optimizer=optimizer, scheduler=scheduler, forward=forward, params=params, loss_fn=loss_fn,
                           ckpt_root=self.run_dir.file("checkpoints"))

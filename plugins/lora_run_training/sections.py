@@ -264,6 +264,15 @@ def check_train(recipe: Any, plugins: Any, problems: Any) -> None:
         structure_options(loss, t.loss_options, ("train", "loss_options"), problems)
 
 
+def loss_options(recipe: Any, plugins: Any) -> Any:
+    """`[train] loss_options` structured with the options class `[train] loss` registered (None for a loss without
+    one), for the backends that make the loss; raises what ``check_train`` reports."""
+    from lora_run.run import structure_options
+
+    where = ("train", "loss_options")
+    return structure_options(plugins.get("loss", recipe.train.loss, ".".join(where)), recipe.train.loss_options, where)
+
+
 def check_lora(recipe: Any, _plugins: Any, problems: Any) -> None:
     lora = recipe.lora
     if lora.alpha > 16 * lora.rank:
