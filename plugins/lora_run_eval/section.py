@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from lora_run.schema import option
+from lora_run_training.sections import MAX_SEED
 
 
 DEFAULT_EVAL_PROMPTS = [
@@ -27,8 +28,9 @@ class EvalSection:
     prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
                                 "portrait, new environment, new outfit, new style, and the control prompt "
                                 "(the last one, without `{trigger}`).")
-    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep.")
-    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.")
+    strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep (0: the model "
+                                    "without the LoRA).", ge=0.0)
+    seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.", ge=0, le=MAX_SEED)
     steps: int = option(28, "Inference steps.", ge=1, le=1000)
     guidance: float = option(3.5, "Inference guidance.", ge=0.0, le=100.0)
     width: int = option(768, "Image width.", ge=64, le=4096)

@@ -241,8 +241,10 @@ class SampleSection:
     """Images generated during training to watch progress."""
 
     prompts: list[str] = option(factory=list, doc="Prompts; `{trigger}` is replaced by the trigger token.")
-    seeds: list[int] = option(factory=lambda: [1], doc="Seeds, one image per prompt × seed × strength.")
-    strengths: list[float] = option(factory=lambda: [1.0], doc="LoRA strengths.")
+    seeds: list[int] = option(factory=lambda: [1], doc="Seeds, one image per prompt × seed × strength.", ge=0,
+                              le=MAX_SEED)
+    strengths: list[float] = option(factory=lambda: [1.0], doc="LoRA strengths (0: the model without the LoRA).",
+                                    ge=0.0)
     every_steps: int | None = option(None, "Sample every N steps (and at the end).", ge=1,
                                      features=(Feature("sampling", "sample images during training", is_set),))
     steps: int = option(20, "Inference steps.", ge=1, le=1000)
@@ -286,16 +288,10 @@ def check_optimizer(recipe: Any, _plugins: Any, problems: Any) -> None:
 
 
 def check_grid(problems: Any, table: str, strengths: list[float], seeds: list[int]) -> None:
-    """The rules of an image grid (prompt × strength × seed, `[sample]`'s and `[eval]`'s): a seed in the training
-    seed's range, a strength >= 0, and each value once. An image's file is named by its strength (``{:g}``) and its
-    seed, so a value given twice, or two strengths that print alike, would overwrite an image (and the evaluation
-    would score it as its own carbon copy)."""
-    for n, seed in enumerate(seeds):
-        if not 0 <= seed <= MAX_SEED:
-            problems.add((table, "seeds", n), f"must be between 0 and {MAX_SEED}, got {seed}")
-    for n, strength in enumerate(strengths):
-        if strength < 0:
-            problems.add((table, "strengths", n), f"must be >= 0 (0 is the model without the LoRA), got {strength}")
+    """The rule of an image grid (prompt × strength × seed, `[sample]`'s and `[eval]`'s) beyond each value's range
+    (the fields' bounds): each value once. An image's file is named by its strength (``{:g}``) and its seed, so a
+    value given twice, or two strengths that print alike, would overwrite an image (and the evaluation would score
+    it as its own carbon copy)."""
     for key, values, names in (("strengths", strengths, [f"{v:g}" for v in strengths]),
                                ("seeds", seeds, [str(v) for v in seeds])):
         twice = [v for v, name in zip(values, names) if names.count(name) > 1]

@@ -1,5 +1,5 @@
-"""The image grids' rules (`[eval]`'s and `[sample]`'s, one rule: `lora_run_training.sections.check_grid`), checked
-before training: every prompt × strength × seed image has its own file, so a
+"""The image grids' rules (`[eval]`'s and `[sample]`'s: the fields' bounds, and one rule for the rest,
+`lora_run_training.sections.check_grid`), checked before training: every prompt × strength × seed image has its own file, so a
 strength or seed given twice (or two strengths that print alike in the file name) would overwrite an image and be
 scored as its own carbon copy; an empty list would evaluate nothing; a seed out of the training seed's range and a
 negative strength are refused. Each rule is shown by the command line a user runs, exit 2, no traceback."""
@@ -44,11 +44,11 @@ def check(recipe, *sets):
     ("eval.strengths=[1.0, 0.5, 1.0000001]", "[eval.strengths] 1.0, 1.0000001 name the same images"),
     ("eval.strengths=[]", "[eval.strengths] must not be empty when eval is enabled"),
     ("eval.seeds=[]", "[eval.seeds] must not be empty when eval is enabled"),
-    ("eval.seeds=[3, -1]", "[eval.seeds[1]] must be between 0 and 4294967295, got -1"),
-    ("eval.seeds=[4294967296]", "[eval.seeds[0]] must be between 0 and 4294967295"),
+    ("eval.seeds=[3, -1]", "[eval.seeds[1]] must be >= 0, got -1"),
+    ("eval.seeds=[4294967296]", "[eval.seeds[0]] must be <= 4294967295, got 4294967296"),
     ("eval.strengths=[-0.5]", "[eval.strengths[0]] must be >= 0"),
     ("sample.seeds=[7, 7]", "[sample.seeds] 7, 7 name the same images"),
-    ("sample.seeds=[99999999999999999999]", "[sample.seeds[0]] must be between 0 and 4294967295"),
+    ("sample.seeds=[99999999999999999999]", "[sample.seeds[0]] must be <= 4294967295"),
     ("sample.strengths=[1.0, 1.0]", "[sample.strengths] 1.0, 1.0 name the same images"),
     ("sample.strengths=[-1.0]", "[sample.strengths[0]] must be >= 0"),
 ])
