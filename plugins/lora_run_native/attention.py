@@ -22,6 +22,8 @@ SDPA otherwise; ``fa4`` is ``auto`` that stops the run (exit 2) when FA4 cannot 
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any, Callable, Iterator
 
 import attrs
@@ -152,19 +154,35 @@ def define_op(namespace: str, forward_kernel: Callable, backward_kernel: Callabl
     return attention_op
 
 
+#: host seconds of the first call of each FlashAttention-4 kernel variant in this process, keyed by (direction,
+#: dtype, tokens, head size, keys masked): FA4 compiles a variant on its first call, so this is its JIT time
+FIRST_CALLS: dict[tuple[str, str, int, int, bool], float] = {}
+
+
+@contextlib.contextmanager
+def _first_call(direction: str, q: Any, keys_used: Any) -> Iterator[None]:
+    key = (direction, str(q.dtype), int(q.shape[1]), int(q.shape[-1]), keys_used is not None)
+    started = time.perf_counter()
+    yield
+    if key not in FIRST_CALLS:
+        FIRST_CALLS[key] = time.perf_counter() - started
+
+
 def _fa4_kernels() -> tuple[Callable, Callable]:
     def forward(q: Any, k: Any, v: Any, keys_used: Any, scale: float) -> Any:
         from flash_attn.cute.interface import _flash_attn_fwd
 
-        out, lse, *_ = _flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), seqused_k=keys_used,
-                                       softmax_scale=scale, causal=False, return_lse=True)
+        with _first_call("forward", q, keys_used):
+            out, lse, *_ = _flash_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), seqused_k=keys_used,
+                                           softmax_scale=scale, causal=False, return_lse=True)
         return out, lse
 
     def backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, keys_used: Any, scale: float) -> Any:
         from flash_attn.cute.interface import _flash_attn_bwd
 
-        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=False,
-                                     seqused_k=keys_used)[:3]
+        with _first_call("backward", q, keys_used):
+            dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=False,
+                                         seqused_k=keys_used)[:3]
         return dq, dk, dv
 
     return forward, backward

@@ -392,6 +392,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_seconds = 0.0
+        self.sample_rounds: list[float] = []        # seconds of each sample round
         self.checkpoint_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- setup
@@ -754,14 +755,19 @@ class Trainer:
             return
         seen: set[Any] = set()
         first, rest = [], []
+        early: dict[str, list[float]] = {}     # the first three steps of each shape: compilation, recording
         for shape, seconds in steps:
             (rest if shape in seen else first).append(seconds)
             seen.add(shape)
+            times = early.setdefault(_shape_name(shape), [])
+            if len(times) < 3:
+                times.append(round(seconds, 3))
         median = statistics.median(rest) if rest else statistics.median(first)
         train_s = sum(x for _, x in steps)
         timing.update(step_s=round(median, 4), compile_s=round(sum(max(0.0, f - median) for f in first), 2),
                       warmup_s=round(max(0.0, train_s - len(steps) * median), 2), train_s=round(train_s, 2),
-                      shapes=len(seen))
+                      shapes=len(seen), first_steps_s=early, sample_rounds_s=[round(x, 2) for x in self.sample_rounds],
+                      **_compiler_seconds())
 
     # ------------------------------------------------------------------------------------------ loop
     def _batch(self, state: LoopState, index: int) -> list[Any]:
@@ -1052,6 +1058,7 @@ class Trainer:
             if was_training:
                 transformer.train()
             self.sample_seconds += time.perf_counter() - started
+            self.sample_rounds.append(time.perf_counter() - started)
         if not self.main:
             return []
         self.ctx.artifacts.setdefault("samples", []).extend(written)
@@ -1081,6 +1088,35 @@ class Trainer:
             self.ctx.artifacts["loss_first"] = state.losses[0]
             self.ctx.artifacts["loss_last"] = state.losses[-1]
         self.ctx.artifacts["steps"] = state.total
+
+
+def _shape_name(shape: Any) -> str:
+    """``(batch, (C, H, W))`` as ``"1x16x64x64"``: a step shape as a JSON key."""
+    if isinstance(shape, tuple) and len(shape) == 2 and isinstance(shape[1], tuple):
+        return "x".join(str(x) for x in (shape[0], *shape[1]))
+    return str(shape)
+
+
+def _compiler_seconds() -> dict[str, Any]:
+    """Where this process's compile time went, from what torch records (empty when nothing was compiled):
+    ``dynamo_s``, tracing and compiling or loading graphs from the caches (TorchDynamo's compile calls, which
+    include the backend's); ``backend_s``, the part in the backend (inductor: code generation, or loading from
+    its caches); ``cache_load_s``, inductor's cache loads; plus, with FlashAttention-4,
+    ``attention_first_calls_s``, the host time of its kernels' first calls (their JIT compilation)."""
+    import sys
+
+    out: dict[str, Any] = {}
+    utils = sys.modules.get("torch._dynamo.utils")
+    metrics = getattr(utils, "compilation_time_metrics", None) or {}
+    for key, name in (("_compile.compile_inner", "dynamo_s"), ("OutputGraph.call_user_compiler", "backend_s"),
+                      ("AOTAutogradCache.inductor_load", "cache_load_s")):
+        if metrics.get(key):
+            out[name] = round(sum(metrics[key]), 2)
+    from .attention import FIRST_CALLS
+
+    if FIRST_CALLS:
+        out["attention_first_calls_s"] = round(sum(FIRST_CALLS.values()), 2)
+    return out
 
 
 class _StateOf:

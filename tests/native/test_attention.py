@@ -485,3 +485,26 @@ def test_the_startup_check_runs_at_the_model_head_sizes():
     assert attention.head_dims(dit) == [128]                  # diffusers' own processor does not dispatch: none
     use_dispatching_attention(dit)
     assert attention.head_dims(dit) == [16]
+
+
+def test_each_kernel_variant_keeps_the_time_of_its_first_call(monkeypatch):
+    """FlashAttention-4 compiles a variant on its first call: that call's host time is kept (the manifest's
+    attention_first_calls_s), later calls of the variant do not replace it, another token count or a key mask is
+    another variant."""
+    import time
+
+    from lora_run_native.train import _compiler_seconds
+
+    monkeypatch.setattr(attention, "FIRST_CALLS", {})
+    q = torch.zeros(1, 7, 2, 16)
+    with attention._first_call("forward", q, None):
+        time.sleep(0.2)
+    with attention._first_call("forward", q, None):
+        pass
+    with attention._first_call("forward", q, torch.tensor([3])):
+        pass
+    with attention._first_call("forward", torch.zeros(1, 9, 2, 16), None):
+        pass
+    assert len(attention.FIRST_CALLS) == 3
+    assert attention.FIRST_CALLS["forward", "torch.float32", 7, 16, False] >= 0.2
+    assert 0.2 <= _compiler_seconds()["attention_first_calls_s"] < 1.0
