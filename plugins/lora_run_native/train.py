@@ -393,6 +393,7 @@ class Trainer:
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_seconds = 0.0
         self.sample_rounds: list[float] = []        # seconds of each sample round
+        self.graphs_failure_logged = False
         self.checkpoint_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- setup
@@ -1014,6 +1015,7 @@ class Trainer:
         from lora_run_rundir import atomic_write_bytes
 
         from .generate import max_batch
+        from .graphed import graphed_forward
 
         r = self.recipe
         adapter = state.adapter
@@ -1032,8 +1034,9 @@ class Trainer:
         started = time.perf_counter()
         streamed = getattr(transformer, "_lora_run_offloader", None) is not None     # blocks streamed from the host
         limit = max_batch(r.sample.width, r.sample.height, "group-offload" if streamed else "whole")
+        graphed = device.type == "cuda" and not streamed and not self.parallel.active
         try:
-            with torch.no_grad(), acc.autocast():
+            with torch.no_grad(), acc.autocast(), graphed_forward(pipe.transformer, enabled=graphed) as graphs:
                 for n, prompt in enumerate(self.sample_prompts()):
                     text = {k: v[None] for k, v in state.texts[prompt].items()}
                     if state.te_module is not None:
@@ -1059,6 +1062,9 @@ class Trainer:
                 transformer.train()
             self.sample_seconds += time.perf_counter() - started
             self.sample_rounds.append(time.perf_counter() - started)
+        if graphed and self.main and (len(self.sample_rounds) == 1 or graphs.failed and not self.graphs_failure_logged):
+            self.graphs_failure_logged = bool(graphs.failed)
+            self.run_dir.log(f"samples: the transformer's {graphs.describe()}")    # the first round, a failure once
         if not self.main:
             return []
         self.ctx.artifacts.setdefault("samples", []).extend(written)
