@@ -90,7 +90,9 @@ GROUPS = {            # row → the worker group that measures it (rows of one g
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
     "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm",
-    "recipe-adamw-graphs": "recipe", "recipe-graphs": "recipe"}
+    # one process each: a second compiled model in the process after the first one's release fails
+    # ("Running CUDAGraph after shutdown", 2026-12-04)
+    "recipe-adamw-graphs": "recipe-adamw", "recipe-graphs": "recipe-adafactor"}
 #: the shipped fast recipe's LoRA (`[lora] targets = "all-linear"`) and optimizer, for the `recipe` group's rows
 RECIPE_TARGETS = "all-linear"
 DEFAULT_ROWS = ["reference", "fa2", "fa4", "graphs", "cli-fast", "memory", "low-vram"]   # groups run in this order
@@ -281,11 +283,11 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                 int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
         return
     build_started = time.perf_counter()
-    if group == "recipe":       # the reference's builder with lora-run's own all-linear preset (peft regexes)
+    if group.startswith("recipe"):       # the reference's builder with lora-run's own all-linear preset (peft regexes)
         from lora_run_native.adapters.base import MMDIT_TARGET_PRESETS
 
         ref.TARGETS[RECIPE_TARGETS] = MMDIT_TARGET_PRESETS[RECIPE_TARGETS]
-    model = ref.build_model(RANK, RECIPE_TARGETS if group == "recipe" else TARGETS)
+    model = ref.build_model(RANK, RECIPE_TARGETS if group.startswith("recipe") else TARGETS)
     built_s = time.perf_counter() - build_started
     snapshot = lora_snapshot(model)
     ref_grads, noise = reference_grads(model)
@@ -374,7 +376,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                                                       cuda_graphs="on"), fp8=True, fp8_matmul=True)
             graphs_row("fp8mm-graphs", graphs, lambda: attention.setup(model, "auto", "cuda", tokens=1536, graphs=True))
         return
-    if group == "recipe":     # the CLI step's LoRA and optimizer at one 512² shape, CUDA graphs, attention as auto
+    if group.startswith("recipe"):     # the CLI step's LoRA and optimizer at one 512² shape, CUDA graphs, attention as auto
         from lora_run_native.optim import make_adafactor
 
         choice = attention.setup(model, "auto", "cuda", tokens=1536, graphs=True)

@@ -18,7 +18,8 @@ argument's value, e.g. the LoRA scale):
   are copied out of the graph's memory, so nothing a caller keeps is overwritten by the next replay.
 At most ``max_graphs`` keys are recorded (the graphs share one memory pool); calls of further keys run eagerly.
 A recording that fails (a forward that synchronises with the host, say) turns the graphs off for the rest of
-the block: every call then runs eagerly, and ``failed`` says why.
+the block and for later blocks on the same module: every call then runs eagerly, and ``failed`` says why.
+HunyuanImage-2.1's transformer is one such model (2026-12-04, H200): its samples and evaluation run eagerly.
 
 A recorded forward replays exactly the kernels of its recording: it must not depend on anything but its
 arguments and the model's tensors (whose values may change between replays, not their storage). The model's
@@ -33,6 +34,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_GRAPHS = 8
+#: set on a module whose recording failed, with the reason: the next block does not try again (a failed capture
+#: costs a forward and leaves nothing to gain)
+FAILED_ATTRIBUTE = "_lora_run_graphs_failed"
 
 
 class GraphedForward:
@@ -151,7 +155,8 @@ def graphed_forward(module: Any, *, enabled: bool = True, max_graphs: int = MAX_
     had_own = "forward" in vars(module)
     eager = module.forward
     graphs = GraphedForward(eager, max_graphs=max_graphs)
-    if not (enabled and torch.cuda.is_available()):
+    graphs.failed = getattr(module, FAILED_ATTRIBUTE, None)     # a model that failed once is not tried again
+    if not (enabled and torch.cuda.is_available()) or graphs.failed:
         yield graphs
         return
     module.forward = graphs
@@ -162,5 +167,7 @@ def graphed_forward(module: Any, *, enabled: bool = True, max_graphs: int = MAX_
             module.forward = eager
         else:
             del module.forward
+        if graphs.failed:
+            setattr(module, FAILED_ATTRIBUTE, graphs.failed)
         graphs.graphs.clear()
         graphs.pool = None

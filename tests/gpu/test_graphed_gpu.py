@@ -94,3 +94,7 @@ def test_a_forward_that_syncs_with_the_host_runs_eagerly_and_says_why():
     assert graphs.failed and graphs.recorded == 0 and graphs.replays == 0 and "run eagerly" in graphs.describe()
     assert max(_rel(a, b) for a, b in zip(got, expected)) < 1e-3
     assert model.forward is syncing
+    with graphed.graphed_forward(model) as again:                    # not tried again on the same model
+        assert model.forward is syncing
+        _run(model, [1.0])
+    assert again.failed == graphs.failed and again.calls == 0 and "run eagerly" in again.describe()

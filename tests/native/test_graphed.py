@@ -42,3 +42,11 @@ def test_without_cuda_the_module_is_left_as_it_is():
         assert "forward" not in vars(layer) or not torch.cuda.is_available()
         layer(torch.zeros(1, 3))
     assert "forward" not in vars(layer) and graphs.recorded == 0
+
+
+def test_a_module_whose_recording_failed_is_not_tried_again():
+    layer = torch.nn.Linear(3, 2)
+    setattr(layer, graphed.FAILED_ATTRIBUTE, "RuntimeError: a host sync")
+    with graphed.graphed_forward(layer) as graphs:
+        assert "forward" not in vars(layer)
+    assert graphs.failed == "RuntimeError: a host sync" and "run eagerly" in graphs.describe()
