@@ -522,6 +522,7 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
                     compile_mode=plan.compile_mode, dynamic_tokens=plan.dynamic_tokens)
     done["checkpointed"] = len(ckpt)
     model._lora_run_cuda_graphs = bool(plan.compile and on_cuda and plan.compile_mode == "reduce-overhead")
+    model._lora_run_mode = plan.mode
     if plan.compile and on_cuda:
         import torch._dynamo
 

@@ -1034,7 +1034,9 @@ class Trainer:
         started = time.perf_counter()
         streamed = getattr(transformer, "_lora_run_offloader", None) is not None     # blocks streamed from the host
         limit = max_batch(r.sample.width, r.sample.height, "group-offload" if streamed else "whole")
-        graphed = device.type == "cuda" and not streamed and not self.parallel.active
+        # a CUDA graph's pool keeps the forward's activations for the round: only where memory is not short
+        graphed = (device.type == "cuda" and not streamed and not self.parallel.active
+                   and getattr(transformer, "_lora_run_mode", None) == "speed")
         try:
             with torch.no_grad(), acc.autocast(), graphed_forward(pipe.transformer, enabled=graphed) as graphs:
                 for n, prompt in enumerate(self.sample_prompts()):
