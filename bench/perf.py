@@ -283,11 +283,12 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                 int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
         return
     build_started = time.perf_counter()
-    if group.startswith("recipe"):       # the reference's builder with lora-run's own all-linear preset (peft regexes)
+    recipe_group = group.startswith("recipe")       # recipe-adamw, recipe-adafactor
+    if recipe_group:       # the reference's builder with lora-run's own all-linear preset (peft regexes)
         from lora_run_native.adapters.base import MMDIT_TARGET_PRESETS
 
         ref.TARGETS[RECIPE_TARGETS] = MMDIT_TARGET_PRESETS[RECIPE_TARGETS]
-    model = ref.build_model(RANK, RECIPE_TARGETS if group.startswith("recipe") else TARGETS)
+    model = ref.build_model(RANK, RECIPE_TARGETS if recipe_group else TARGETS)
     built_s = time.perf_counter() - build_started
     snapshot = lora_snapshot(model)
     ref_grads, noise = reference_grads(model)
@@ -376,7 +377,7 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                                                       cuda_graphs="on"), fp8=True, fp8_matmul=True)
             graphs_row("fp8mm-graphs", graphs, lambda: attention.setup(model, "auto", "cuda", tokens=1536, graphs=True))
         return
-    if group.startswith("recipe"):     # the CLI step's LoRA and optimizer at one 512² shape, CUDA graphs, attention as auto
+    if recipe_group:     # the CLI step's LoRA and optimizer at one 512² shape, CUDA graphs, attention as auto
         from lora_run_native.optim import make_adafactor
 
         choice = attention.setup(model, "auto", "cuda", tokens=1536, graphs=True)

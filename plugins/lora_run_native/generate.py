@@ -115,7 +115,7 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
                 atomic_write_bytes(target, buf.getvalue())
                 paths[n] = str(target)
             seconds.update((n, (time.monotonic() - started) / len(group)) for n in group)
-    if graphs.calls and on_gpu:
+    if graphs.calls:                        # calls are counted only where the transformer was wrapped
         print(f"generation: the transformer's {graphs.describe()}", file=sys.stderr)
     results = [{**job, "path": paths[n], "seconds": round(seconds[n], 4)} for n, job in enumerate(jobs)]
     del pipe

@@ -391,9 +391,7 @@ class Trainer:
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.last_checkpoint: Path | None = None
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
-        self.sample_seconds = 0.0
         self.sample_rounds: list[float] = []        # seconds of each sample round
-        self.graphs_failure_logged = False
         self.checkpoint_seconds = 0.0
 
     # ---------------------------------------------------------------------------------------- setup
@@ -749,7 +747,7 @@ class Trainer:
         import statistics
 
         steps = self.step_times
-        samples_s, ckpt_s = self.sample_seconds, self.checkpoint_seconds
+        samples_s, ckpt_s = sum(self.sample_rounds), self.checkpoint_seconds
         timing.update(loop_s=round(loop_s, 2), samples_s=round(samples_s, 2), checkpoints_s=round(ckpt_s, 2),
                       steps=len(steps))
         if not steps:
@@ -1062,11 +1060,10 @@ class Trainer:
             adapter.sample_vae.to("cpu")
             if was_training:
                 transformer.train()
-            self.sample_seconds += time.perf_counter() - started
             self.sample_rounds.append(time.perf_counter() - started)
-        if graphed and self.main and (len(self.sample_rounds) == 1 or graphs.failed and not self.graphs_failure_logged):
-            self.graphs_failure_logged = bool(graphs.failed)
-            self.run_dir.log(f"samples: the transformer's {graphs.describe()}")    # the first round, a failure once
+        # the first round, and the round whose recording failed (later rounds run eagerly without trying: no calls)
+        if graphed and self.main and (len(self.sample_rounds) == 1 or graphs.failed and graphs.calls):
+            self.run_dir.log(f"samples: the transformer's {graphs.describe()}")
         if not self.main:
             return []
         self.ctx.artifacts.setdefault("samples", []).extend(written)

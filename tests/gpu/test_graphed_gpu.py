@@ -38,7 +38,7 @@ def _calls(steps=5, batch=3, tokens=64, text=16):
                **common}
 
 
-def _run(model, scales, forward_cls=graphed.GraphedForward):
+def _run(model, scales):
     out = []
     with torch.no_grad():
         for scale in scales:
