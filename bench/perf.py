@@ -544,9 +544,12 @@ def merge(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     for _, run in runs:
         for row in run["rows"]:
             key = (row["row"], row.get("resolution"))
-            if "error" in row and key in rows and "error" not in rows[key]:
+            # a row that failed before its first measurement has no resolution: it stands for every one of its row
+            same = [k for k in rows if k[0] == key[0] and None in (k[1], key[1])] if key not in rows else [key]
+            if "error" in row and any("error" not in rows[k] for k in same):
                 continue           # a skipped or failed repeat does not hide a measured row
-            rows.pop(key, None)
+            for k in same:
+                rows.pop(k)
             rows[key] = {k: v for k, v in row.items() if not k.startswith("vs_") and k != "floor_fraction"}
     env = {**first["env"], "date": f"{first['env'].get('date')} to {runs[-1][1]['env'].get('date')}",
            "merged_from": [Path(p).name for p, _ in runs]}

@@ -157,11 +157,14 @@ def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
     first = {"env": env, "rows": [
         {"row": "reference", "resolution": 512, "median_s": 0.30, "vs_reference": 9.9},
         {"row": "graphs", "resolution": 512, "median_s": 0.10},
-        {"row": "fa4", "resolution": 1024, "median_s": 0.34}]}
+        {"row": "fa4", "resolution": 1024, "median_s": 0.34},
+        {"row": "memory-fp8mm", "error": "worker exit -9 (crash or group time limit)"}]}
     second = {"env": {**env, "date": "2026-12-04 09:40 UTC"}, "rows": [
         {"row": "fa4", "resolution": 1024, "error": "skipped: the run's --budget was spent"},
         {"row": "reference", "resolution": 512, "median_s": 0.32},
-        {"row": "cli-fast-graphs", "steps": 1500, "step_s": 0.147, "timing": {"load_s": 20, "compile_s": 196}}]}
+        {"row": "cli-fast-graphs", "steps": 1500, "step_s": 0.147, "timing": {"load_s": 20, "compile_s": 196}},
+        {"row": "memory-fp8mm", "resolution": 1024, "median_s": 0.38},
+        {"row": "memory", "resolution": 1024, "median_s": 0.5}, {"row": "memory", "error": "skipped"}]}
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(first))
     b.write_text(json.dumps(second))
@@ -169,6 +172,10 @@ def test_calls_of_one_run_are_joined_and_other_runs_refused(tmp_path):
     by = {(r["row"], r.get("resolution")): r for r in rows}
     assert by[("reference", 512)]["median_s"] == 0.32 and "vs_reference" not in by[("reference", 512)]
     assert by[("fa4", 1024)]["median_s"] == 0.34                 # the failed repeat does not hide it
+    # a row that failed before measuring anything (no resolution) is replaced by its later measurement, and a later
+    # such failure does not hide one
+    assert by[("memory-fp8mm", 1024)]["median_s"] == 0.38 and ("memory-fp8mm", None) not in by
+    assert by[("memory", 1024)]["median_s"] == 0.5 and ("memory", None) not in by
     summary = perf.analyse(rows)
     assert summary["cli-fast-graphs"]["vs_isolated_512"] == pytest.approx(1.47)
     first_run = {"row": "cli-fast-first", "steps": 30, "step_s": 0.15, "sets": {"eval.enabled": False},
