@@ -393,6 +393,7 @@ class Trainer:
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_rounds: list[float] = []        # seconds of each sample round
         self.checkpoint_seconds = 0.0
+        self.round_marks: list[int] = []            # how many steps had run at each sample or checkpoint round
 
     # ---------------------------------------------------------------------------------------- setup
     def _accelerator(self) -> Any:
@@ -740,6 +741,10 @@ class Trainer:
                     tracker.finish()
             self._record_step_times(env.timing, time.perf_counter() - phase)
 
+    def _mark_round(self) -> None:
+        if not self.round_marks or self.round_marks[-1] != len(self.step_times):
+            self.round_marks.append(len(self.step_times))
+
     def _record_step_times(self, timing: dict[str, Any], loop_s: float) -> None:
         """Split the loop's wall time: steady step time (median), compilation (the first step of each
         shape beyond that median), warm-up (every step beyond that median: compilation and the CUDA-graph
@@ -755,18 +760,30 @@ class Trainer:
         seen: set[Any] = set()
         first, rest = [], []
         early: dict[str, list[float]] = {}     # the first three steps of each shape: compilation, recording
-        for shape, seconds in steps:
-            (rest if shape in seen else first).append(seconds)
-            seen.add(shape)
+        firsts = set()                         # the indices of each shape's first step
+        for index, (shape, seconds) in enumerate(steps):
+            if shape in seen:
+                rest.append(seconds)
+            else:
+                first.append(seconds)
+                firsts.add(index)
+                seen.add(shape)
             times = early.setdefault(_shape_name(shape), [])
             if len(times) < 3:
                 times.append(round(seconds, 3))
         median = statistics.median(rest) if rest else statistics.median(first)
         train_s = sum(x for _, x in steps)
+        # the steady step between rounds (samples, checkpoints), to see whether a round slows the steps after it
+        bounds = [0, *(m for m in self.round_marks if 0 < m < len(steps)), len(steps)]
+        windows = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            steady = [seconds for index, (_, seconds) in enumerate(steps[lo:hi], lo) if index not in firsts]
+            if steady:
+                windows.append(round(statistics.median(steady), 4))
         timing.update(step_s=round(median, 4), compile_s=round(sum(max(0.0, f - median) for f in first), 2),
                       warmup_s=round(max(0.0, train_s - len(steps) * median), 2), train_s=round(train_s, 2),
                       shapes=len(seen), first_steps_s=early, sample_rounds_s=[round(x, 2) for x in self.sample_rounds],
-                      **_compiler_seconds())
+                      step_s_between_rounds=windows, **_compiler_seconds())
 
     # ------------------------------------------------------------------------------------------ loop
     def _batch(self, state: LoopState, index: int) -> list[Any]:
@@ -1004,6 +1021,7 @@ class Trainer:
         self.ctx.artifacts["checkpoints"] = kept
         self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         self.checkpoint_seconds += time.perf_counter() - started
+        self._mark_round()
         self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
 
     # -------------------------------------------------------------------------------------- samples
@@ -1061,6 +1079,7 @@ class Trainer:
             if was_training:
                 transformer.train()
             self.sample_rounds.append(time.perf_counter() - started)
+            self._mark_round()
         # the first round, and the round whose recording failed (later rounds run eagerly without trying: no calls)
         if graphed and self.main and (len(self.sample_rounds) == 1 or graphs.failed and graphs.calls):
             self.run_dir.log(f"samples: the transformer's {graphs.describe()}")

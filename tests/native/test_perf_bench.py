@@ -282,12 +282,35 @@ def test_the_trainer_reports_the_warm_up_beside_the_first_step_of_each_shape():
 
     a, b = ("a",), ("b",)
     steps = [(a, 10.0), (a, 5.0), *[(a, 0.1)] * 20, (b, 3.0), *[(b, 0.1)] * 20]
-    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=2.0, sample_rounds=[0.25, 0.75])
+    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=2.0, sample_rounds=[0.25, 0.75], round_marks=[])
     timing: dict = {}
     Trainer._record_step_times(trainer, timing, 30.0)
-    assert timing["step_s"] == 0.1 and timing["shapes"] == 2
+    assert timing["step_s"] == 0.1 and timing["shapes"] == 2 and timing["step_s_between_rounds"] == [0.1]
     assert timing["first_steps_s"] == {"('a',)": [10.0, 5.0, 0.1], "('b',)": [3.0, 0.1, 0.1]}
     assert timing["sample_rounds_s"] == [0.25, 0.75] and timing["samples_s"] == 1.0
     assert timing["compile_s"] == pytest.approx(9.9 + 2.9)
     assert timing["warmup_s"] == pytest.approx(9.9 + 4.9 + 2.9)
     assert timing["train_s"] == pytest.approx(10 + 5 + 3 + 4.0)
+
+
+def test_the_trainer_reports_the_steady_step_between_rounds():
+    """`step_s_between_rounds`: the median step of each stretch between sample or checkpoint rounds, a shape's
+    first step (compilation) left out, so a round that slows the steps after it shows. Planted: 0.10-s steps, a
+    round, a new shape's 3-s first step and one 0.15-s step (with the first step counted, that stretch's median would
+    be 1.575 s), a round marked twice (a checkpoint and samples at the same step), 0.12-s steps, and a round after
+    the last step."""
+    from types import SimpleNamespace
+
+    from lora_run_native.train import Trainer
+
+    a, b = ("a",), ("b",)
+    steps = [(a, 4.0), *[(a, 0.1)] * 9, (b, 3.0), (a, 0.15), *[(b, 0.12)] * 10]
+    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=0.0, sample_rounds=[], round_marks=[])
+    for mark in (10, 12, 12, 22):
+        trainer.step_times = steps[:mark]
+        Trainer._mark_round(trainer)
+    assert trainer.round_marks == [10, 12, 22]
+    trainer.step_times = steps
+    timing: dict = {}
+    Trainer._record_step_times(trainer, timing, 40.0)
+    assert timing["step_s_between_rounds"] == [0.1, 0.15, 0.12]

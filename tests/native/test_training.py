@@ -117,6 +117,8 @@ def test_checkpoints_keep_last_and_carry_lora_files(flux_recipe, run_recipe, tmp
     recorded = ctx.artifacts["checkpoints"]
     assert [c["step"] for c in recorded] == [4, 6]
     assert all(os.path.isfile(c["lora_kohya"]) and os.path.isfile(c["lora_diffusers"]) for c in recorded)
+    timing = ctx.artifacts["timing"]     # the steady step of each stretch between the checkpoints at 2, 4 and 6
+    assert len(timing["step_s_between_rounds"]) == 4 and all(x > 0 for x in timing["step_s_between_rounds"]), timing
 
 
 def test_epochs_regularisation_accumulation_dropout_and_samples(flux_recipe, run_recipe, tmp_path):
