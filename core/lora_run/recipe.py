@@ -370,9 +370,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
             raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
         node: Any = raw
         for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if path[:1] == ("backend",) and len(path) == 2 and isinstance(raw.get("backend"), str):
-            node = {}  # `backend = "name"` has no option tables to remove
+            node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys
         if not isinstance(node, dict) or path[-1] not in node:  # not set: nothing to do, if it is a key at all
             known = _schema_keys(recipe_class)       # any key in backend tables and free-form tables
             if not (path[0] == "backend" or path in known or any(_is_dict(known[path[:n]][1]) for n in

@@ -230,7 +230,7 @@ def make_dataset(recipe: Recipe, reg: Registration, options: Any) -> Any:
 
 def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
     reg = plugins.get("dataset", recipe.dataset.type, "dataset.type")
-    options = structure_options(reg, recipe.dataset.options, ("dataset", "options")) if reg.options else None
+    options = structure_options(reg, recipe.dataset.options, ("dataset", "options"))   # None: takes no options
     return list(make_dataset(recipe, reg, options).items())
 
 
