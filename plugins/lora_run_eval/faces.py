@@ -15,12 +15,18 @@ numpy, dlib and onnxruntime are imported inside the functions that need them.
 from __future__ import annotations
 
 import importlib.util
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
 
 from lora_run.errors import PluginError
+
+#: the most threads that embed one list of images (`Embedder.embed_paths`)
+MAX_THREADS = 8
 
 #: The standard ArcFace alignment template for a 112×112 crop: left eye, right eye, nose tip, left and right
 #: mouth corner (image coordinates, "left" = the image's left side).
@@ -72,6 +78,38 @@ class Embedder:
     name = ""
     metric = ""             # "euclidean" or "cosine"
     threshold = 0.6         # τ: same person when distance < τ
+    #: True when ``spawn()`` makes instances that embed side by side in threads (dlib's detector and descriptor
+    #: run without Python's global lock); onnxruntime already spreads one model's work over the cores
+    parallel = False
+
+    def spawn(self) -> Embedder:
+        """Another instance with the same settings, for another thread (only where ``parallel``)."""
+        raise NotImplementedError
+
+    def embed_paths(self, paths: Sequence[Path | str], threads: int | None = None) -> list[FaceResult]:
+        """``embed_path`` of each path, in order. A ``parallel`` embedder spreads them over ``threads`` threads
+        (default: the machine's cores, at most ``MAX_THREADS`` and one for every four images), each thread with
+        its own instance: this one, then spawned ones."""
+        paths = list(paths)
+        if threads is None:
+            threads = min(os.cpu_count() or 1, MAX_THREADS, len(paths) // 4)
+        if not self.parallel or threads < 2:
+            return [self.embed_path(p) for p in paths]
+        free: queue.SimpleQueue[Embedder] = queue.SimpleQueue()
+        free.put(self)
+
+        def one(path: Path | str) -> FaceResult:
+            try:
+                embedder = free.get_nowait()
+            except queue.Empty:      # at most `threads` calls run at once, so at most that many instances
+                embedder = self.spawn()
+            try:
+                return embedder.embed_path(path)
+            finally:
+                free.put(embedder)
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="embed") as pool:
+            return list(pool.map(one, paths))
 
     def faces(self, image: Any) -> list[Face]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -186,6 +224,7 @@ class DlibEmbedder(Embedder):
 
     name = "dlib"
     metric = "euclidean"
+    parallel = True
 
     def __init__(self, options: Any = None):
         from .options import DlibOptions
@@ -197,6 +236,9 @@ class DlibEmbedder(Embedder):
         if not resnet.is_file():
             raise PluginError(f"{resnet}: missing face descriptor model; reinstall face_recognition_models")
         self.encoder = self.hog.dlib.face_recognition_model_v1(str(resnet))
+
+    def spawn(self) -> DlibEmbedder:
+        return DlibEmbedder(self.options)
 
     def faces(self, image: Any) -> list[Face]:
         import numpy as np

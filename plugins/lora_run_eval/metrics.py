@@ -66,13 +66,12 @@ class Subject:
 
 def embed_subject(embedder: Embedder, paths: Iterable[Path | str]) -> Subject:
     paths = list(paths)
-    return Subject([embedder.embed_path(p) for p in paths],
-                   [s for s in (signature_of(p) for p in paths) if s is not None])
+    return Subject(embedder.embed_paths(paths), [s for s in (signature_of(p) for p in paths) if s is not None])
 
 
 def embed_samples(embedder: Embedder, samples: Sequence[Sample]) -> list[Sample]:
-    for s in samples:
-        s.result = embedder.embed_path(s.path)
+    for s, result in zip(samples, embedder.embed_paths([s.path for s in samples])):
+        s.result = result
         s.signature = signature_of(s.path)
     return samples
 

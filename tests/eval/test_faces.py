@@ -110,3 +110,45 @@ def test_alignment_scales_with_the_crop_size(size):
     template = np.asarray(ARCFACE_TEMPLATE) * 2 + 40
     crop = align_face(Image.new("RGB", (400, 400), (10, 200, 30)), template, size)
     assert crop.shape == (size, size, 3) and crop[size // 2, size // 2].tolist() == [10, 200, 30]
+
+
+def test_a_list_of_images_is_embedded_in_threads_with_the_serial_results_in_order(tmp_path):
+    """`embed_paths` spreads dlib over threads, one instance per thread, and gives each path the result the serial
+    loop gives it: the same face, box and embedding, in the paths' order (faces, other people, face-free images
+    and an unreadable file mixed)."""
+    import threading
+
+    class Watched(DlibEmbedder):
+        def __init__(self, options=None, log=None):
+            super().__init__(options)
+            self.log = log if log is not None else []
+            self.busy = threading.Lock()
+
+        def spawn(self):
+            return Watched(self.options, self.log)
+
+        def embed_path(self, path):
+            assert self.busy.acquire(blocking=False), "one instance used by two threads at once"
+            try:
+                self.log.append(id(self))
+                return super().embed_path(path)
+            finally:
+                self.busy.release()
+
+    images = {**{f"a-{k}": v for k, v in astronaut_variants().items()},
+              **{f"other-{i}": other_person(i) for i in range(4)}, **face_free()}
+    paths = save(images, tmp_path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths.insert(5, broken)
+    embedder = Watched()
+    serial = [embedder.embed_path(p) for p in paths]
+    embedder.log.clear()
+    threaded = embedder.embed_paths(paths, threads=3)
+    assert len(set(embedder.log)) > 1, "the images were not spread over instances"
+    assert [r.path for r in threaded] == [str(p) for p in paths]
+    for one, other in zip(serial, threaded):
+        assert (one.faces_found, one.note) == (other.faces_found, other.note), one.path
+        if one.face is not None:
+            assert one.face.box == other.face.box and np.array_equal(one.face.embedding, other.face.embedding)
+    assert sum(r.face is not None for r in threaded) >= 8 and threaded[5].note.startswith("unreadable image")

@@ -1,0 +1,71 @@
+"""The evaluation's scoring, one thread against several, side by side in one run, with the ratio printed.
+
+The protocol's grid is scored on the CPU: each generated image (and each subject photo) goes through dlib's face
+detector, landmarks and descriptor (`lora_run_eval.faces`). `Embedder.embed_paths` spreads a list of images over
+threads, one dlib instance each. This bench embeds the same images both ways, checks the results agree, and
+prints the seconds and the ratio (the 2026-12-04 H200 run scored the fast recipe's 60 images and 20 subject photos
+in 16.1 s with one thread).
+
+    python bench/eval_scoring.py [--images 80] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def images(folder: Path, count: int) -> list[Path]:
+    """A face in a different 512² scene for each image (as a healthy LoRA's grid has), and other people."""
+    from eval.conftest import astronaut_scene, other_person
+
+    paths = []
+    for i in range(count):
+        image = astronaut_scene(i) if i % 4 else other_person(i).resize((512, 512))
+        path = folder / f"img{i:03d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=80)
+    ap.add_argument("--threads", type=int, default=None, help="default: what embed_paths picks")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    from lora_run_eval.faces import DlibEmbedder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = images(Path(tmp), args.images)
+        embedder = DlibEmbedder()
+        started = time.perf_counter()
+        serial = embedder.embed_paths(paths, threads=1)
+        serial_s = time.perf_counter() - started
+        started = time.perf_counter()
+        threaded = embedder.embed_paths(paths, threads=args.threads)
+        threaded_s = time.perf_counter() - started
+    same = all(a.faces_found == b.faces_found and (a.face is None or (a.face.embedding == b.face.embedding).all())
+               for a, b in zip(serial, threaded))
+    row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+           "images": len(paths), "faces": sum(r.face is not None for r in serial), "threads": args.threads,
+           "serial_s": round(serial_s, 2), "threaded_s": round(threaded_s, 2),
+           "speedup": round(serial_s / threaded_s, 2), "same_results": same}
+    print(json.dumps(row))
+    print(f"{len(paths)} images ({row['faces']} with a face) on {row['cores']} cores: one thread {serial_s:.1f} s, "
+          f"threads {threaded_s:.1f} s, {row['speedup']:.2f}x; results the same: {same}")
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"eval-scoring-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json").write_text(json.dumps(row, indent=1))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
