@@ -41,6 +41,10 @@ moment it is measured, so a timeout keeps what was done:
 * ``low-vram-8g`` low-vram for an 8 GiB budget (most blocks offloaded) at 1024².
 * ``memory-fp8mm`` memory mode with ``[train] fp8_matmul`` (the fp8-stored base multiplied in float8 instead of
                 dequantised to bf16 first) at 1024² (not a default row).
+* ``low-vram-fp8mm`` low-vram mode (12 GiB) with ``[train] fp8_matmul`` at 1024² (not a default row).
+
+Each memory-saving row (memory, low-vram and their variants) is also given as a multiple of the speed step's time
+at 1024² in the same run (``fa4``, else ``fa2``): issue 19 states its targets that way.
 
 ``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) and to the 512² CUDA-graph rows the GPU time of
 one step split by kernel kind (matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from
@@ -90,6 +94,7 @@ GROUPS = {            # row → the worker group that measures it (rows of one g
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
     "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm",
+    "low-vram-fp8mm": "low-vram-fp8mm",
     # one process each: a second compiled model in the process after the first one's release fails
     # ("Running CUDAGraph after shutdown", 2026-12-04)
     "recipe-adamw-graphs": "recipe-adamw", "recipe-graphs": "recipe-adafactor"}
@@ -400,7 +405,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         return
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
-                    "low-vram-8g": ("low-vram", 8.0), "memory-fp8mm": ("memory", 24.0)}[group]
+                    "low-vram-8g": ("low-vram", 8.0), "memory-fp8mm": ("memory", 24.0),
+                    "low-vram-fp8mm": ("low-vram", 12.0)}[group]
     plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
     if group.endswith("fp8mm"):      # apply switches the stored layers to float8 matmuls
         import attrs
@@ -550,7 +556,8 @@ def merge(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 continue           # a skipped or failed repeat does not hide a measured row
             for k in same:
                 rows.pop(k)
-            rows[key] = {k: v for k, v in row.items() if not k.startswith("vs_") and k != "floor_fraction"}
+            rows[key] = {k: v for k, v in row.items()
+                         if not k.startswith("vs_") and k not in ("floor_fraction", "times_speed", "speed_row")}
     env = {**first["env"], "date": f"{first['env'].get('date')} to {runs[-1][1]['env'].get('date')}",
            "merged_from": [Path(p).name for p, _ in runs]}
     return env, list(rows.values())
@@ -621,9 +628,14 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         fa2 = by.get(("fa2", res))
         if fa2 and r["row"] != "fa2" and r["row"] != "reference":
             r["vs_fa2"] = fa2["median_s"] / r["median_s"]
-        bf16 = by.get(({"fp8mm": "fa4", "fp8mm-graphs": "graphs", "memory-fp8mm": "memory"}.get(r["row"], ""), res))
+        bf16 = by.get(({"fp8mm": "fa4", "fp8mm-graphs": "graphs", "memory-fp8mm": "memory",
+                        "low-vram-fp8mm": "low-vram"}.get(r["row"], ""), res))
         if bf16:        # a float8-matmul row against the bf16 row of the same kernel and CUDA-graph setting
             r["vs_bf16_row"] = bf16["median_s"] / r["median_s"]
+        speed = by.get(("fa4", 1024)) or by.get(("fa2", 1024))
+        if speed and r.get("median_s") and r["row"].startswith(("memory", "low-vram")):
+            r["times_speed"] = r["median_s"] / speed["median_s"]    # the issue's "at ≤ 1.2× the speed-mode time"
+            r["speed_row"] = speed["row"]
         if r.get("grad_rel_error") is not None:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
@@ -686,6 +698,9 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
                      f"{f(r.get('peak_gib'), '{:.1f}')} | {f(r.get('vs_reference'), '{:.2f}×')} | "
                      f"{f(r.get('vs_fa2'), '{:.2f}×')} | {f(100 * r['floor_fraction'] if r.get('floor_fraction') else None, '{:.0f}')} | {err} |")
     for r in rows:
+        if r.get("times_speed"):
+            lines.append(f"\n{r['row']} at {r.get('resolution')}²: {r['times_speed']:.2f}× the speed step's time "
+                         f"({r['speed_row']} at 1024²) in this run, {f(r.get('peak_gib'), '{:.1f}')} GiB")
         if r.get("vs_bf16_row"):
             lines.append(f"\n{r['row']} at {r.get('resolution')}²: {r['vs_bf16_row']:.2f}× the same plan without float8 "
                          "matmuls in this run")

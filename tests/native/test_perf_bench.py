@@ -314,3 +314,24 @@ def test_the_trainer_reports_the_steady_step_between_rounds():
     timing: dict = {}
     Trainer._record_step_times(trainer, timing, 40.0)
     assert timing["step_s_between_rounds"] == [0.1, 0.15, 0.12]
+
+
+def test_memory_saving_rows_are_given_as_a_multiple_of_the_speed_step():
+    """Issue 19 states the memory targets as a multiple of the speed step's time: each memory or low-vram row gets
+    it against the FA4 speed step at 1024² of the same run (FA2's where FA4 was not measured), and the float8
+    variant of low-vram is compared with low-vram. Numbers from the eighteenth session's run."""
+    rows = [{"row": "fa2", "resolution": 1024, "median_s": 0.418}, {"row": "fa4", "resolution": 1024, "median_s": 0.344},
+            {"row": "memory", "resolution": 1024, "median_s": 0.495, "peak_gib": 23.17},
+            {"row": "low-vram", "resolution": 1024, "median_s": 0.579, "peak_gib": 11.34},
+            {"row": "low-vram-fp8mm", "resolution": 1024, "median_s": 0.463, "peak_gib": 11.4}]
+    perf.analyse(rows)
+    by = {r["row"]: r for r in rows}
+    assert by["memory"]["times_speed"] == pytest.approx(1.439, abs=1e-3) and by["memory"]["speed_row"] == "fa4"
+    assert by["low-vram"]["times_speed"] == pytest.approx(1.683, abs=1e-3)
+    assert by["low-vram-fp8mm"]["vs_bf16_row"] == pytest.approx(0.579 / 0.463)
+    assert "times_speed" not in by["fa4"] and "times_speed" not in by["fa2"]
+    text = perf.markdown({}, rows, {}, "x")
+    assert "low-vram at 1024²: 1.68× the speed step's time (fa4 at 1024²) in this run, 11.3 GiB" in text
+    without_fa4 = [dict(r) for r in rows if r["row"] != "fa4"]
+    perf.analyse(without_fa4)
+    assert without_fa4[1]["times_speed"] == pytest.approx(0.495 / 0.418) and without_fa4[1]["speed_row"] == "fa2"
