@@ -19,7 +19,9 @@ argument's value, e.g. the LoRA scale):
 At most ``max_graphs`` keys are recorded (the graphs share one memory pool); calls of further keys run eagerly.
 A recording that fails (a forward that synchronises with the host, say) turns the graphs off for the rest of
 the block and for later blocks on the same module: every call then runs eagerly, and ``failed`` says why.
-HunyuanImage-2.1's transformer is one such model (2026-12-04, H200): its samples and evaluation run eagerly.
+HunyuanImage-2.1's transformer is one such model (2026-12-04, H200): its samples and evaluation run eagerly. (Its
+forward in diffusers 0.42.1 reorders the text tokens by boolean-mask indexing, whose output shape depends on the
+mask's values: a read on the host, which a capture forbids. That is a reading of the code, not yet confirmed.)
 
 A recorded forward replays exactly the kernels of its recording: it must not depend on anything but its
 arguments and the model's tensors (whose values may change between replays, not their storage). The model's
