@@ -88,11 +88,12 @@ class Embedder:
 
     def embed_paths(self, paths: Sequence[Path | str], threads: int | None = None) -> list[FaceResult]:
         """``embed_path`` of each path, in order. A ``parallel`` embedder spreads them over ``threads`` threads
-        (default: the machine's cores, at most ``MAX_THREADS`` and one for every four images), each thread with
-        its own instance: this one, then spawned ones."""
+        (default: the cores this process may use, at most ``MAX_THREADS`` and one for every four images), each
+        thread with its own instance: this one, then spawned ones."""
         paths = list(paths)
         if threads is None:
-            threads = min(os.cpu_count() or 1, MAX_THREADS, len(paths) // 4)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = min(cores, MAX_THREADS, len(paths) // 4)
         if not self.parallel or threads < 2:
             return [self.embed_path(p) for p in paths]
         free: queue.SimpleQueue[Embedder] = queue.SimpleQueue()
