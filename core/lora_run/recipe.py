@@ -353,17 +353,11 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     path = tuple(key.strip().split("."))
     if not all(path):
         raise RecipeError(f"--set {assignment}: the key is empty or malformed")
-    if path == ("extends",):    # the files are merged before the --set values apply: a new base would be ignored
-        raise RecipeError(f"--set {assignment}: [extends] cannot be set on the command line (the recipe's files are "
-                          "read before the --set values); write it in the recipe file")
     try:
-        document = tomllib.loads(f"v = {text}")
+        value = tomllib.loads(f"v = {text}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
-        return path, text
-    if set(document) != {"v"}:  # `5\ntrain.seed=3`: one value only, never a second key dropped unseen
-        raise RecipeError(f"--set {files.printable(assignment)}: the value holds more than one TOML value (a line break "
-                          "and another key?); give one --set per key")
-    return path, document["v"]
+        value = text
+    return path, value
 
 
 def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],
@@ -374,9 +368,6 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         path = tuple(key.split("."))
         if not all(path) or "=" in key:
             raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
-        if path == ("extends",):   # already merged: removing it would change nothing
-            raise RecipeError(f"--unset {key}: [extends] cannot be removed on the command line (the recipe's files "
-                              "are read before --unset applies); remove it from the recipe file")
         node: Any = raw
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys

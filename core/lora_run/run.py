@@ -88,10 +88,6 @@ class Processes:
                               "not whole numbers (set by a launcher?)") from None
         if world < 1 or not 0 <= rank < world:
             raise RecipeError(f"RANK={rank} / WORLD_SIZE={world} in the environment do not fit together")
-        local = str(env.get("LOCAL_RANK", "0")).strip() or "0"   # read by the backends and accelerate as a number
-        if not local.isdigit() or int(local) >= world:
-            raise RecipeError(f"LOCAL_RANK={env['LOCAL_RANK']!r} in the environment is not a process number below "
-                              f"WORLD_SIZE={world} (set by a launcher?)")
         return cls(rank, world, True)
 
 

@@ -412,7 +412,11 @@ class Trainer:
         if getattr(getattr(self.ctx, "process", None), "launched", False):
             import os
 
-            local, count = int(os.environ.get("LOCAL_RANK", "0") or 0), torch.cuda.device_count()
+            local, count = os.environ.get("LOCAL_RANK", "0").strip() or "0", torch.cuda.device_count()
+            if not local.isdigit():      # a launcher's variable set by hand: bad input, not a crash of int()
+                raise RecipeError(f"LOCAL_RANK={local!r} in the environment is not a process number (set by a "
+                                  "launcher?)")
+            local = int(local)
             if torch.cuda.is_available() and local >= count:
                 raise RecipeError(f"{self.shown}: this process is local rank {local} but the machine has {count} CUDA "
                                   f"device(s): start at most {count} process(es) per machine (torchrun "
