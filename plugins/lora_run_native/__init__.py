@@ -76,6 +76,32 @@ def run_processes(run, output_dir, overwrite):
 
 
 @hookimpl
+def check_resume(run_dir, recipe, loaded, report, allow_dataset_change, plugins):
+    """A native run's checkpoints, before anything is written: no file or link where a checkpoint folder goes, and
+    no checkpoint of a recipe this one differs from where a resumed run cannot follow it."""
+    from lora_run.errors import OutputError, RecipeError
+    from lora_run.files import shown
+    from lora_run.recipe import to_dict
+
+    from .checkpoint import misplaced_entries, recorded_recipe_differences
+
+    backend = plugins.registry["backend"].get(recipe.backend.name)
+    if backend is None or backend.factory is not make_backend:
+        return
+    root = run_dir.file("checkpoints")
+    misplaced = misplaced_entries(root)
+    if misplaced:
+        raise OutputError(f"{shown(run_dir.path)}: cannot resume: {'; '.join(misplaced)} (checkpoints are folders lora-run "
+                          "writes); move it out of the run folder, or start a new run with --output-dir")
+    differences = recorded_recipe_differences(root, to_dict(recipe))
+    if differences:
+        state, keys = differences[-1]
+        raise RecipeError(f"{loaded.shown}: cannot resume from {shown(state)}: that checkpoint was trained with another "
+                          f"recipe (it differs at {', '.join('[' + k + ']' for k in keys)}); only steps/epochs, save "
+                          "policy, [sample] and [eval] may change on resume")
+
+
+@hookimpl
 def register_commands(register):
     register("demo", _cmd_demo, configure=_demo_arguments,
              description="run the embedded tiny end-to-end demo (CPU, no download)")

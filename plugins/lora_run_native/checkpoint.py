@@ -329,6 +329,63 @@ def newest_intact(root: Path, warn: Callable[[str], None] = print, move_damaged:
     return None, None
 
 
+def misplaced_entries(root: Path) -> list[str]:
+    """The entries under a checkpoint's name that are not plain folders (a file, a link, a dangling link), each
+    named: no run writes them, and a resumed run would train up to that step and then fail writing there."""
+    out = []
+    if Path(root).is_dir() and not Path(root).is_symlink():
+        for entry in sorted(Path(root).iterdir()):
+            if _STEP_DIR.match(entry.name) and (entry.is_symlink() or not entry.is_dir()):
+                out.append(f"{shown(entry)} is {'a link' if entry.is_symlink() else 'not a folder'}")
+    return out
+
+
+#: The recipe's parts a checkpoint's state depends on (its LoRA, optimizer, schedule, data order); its paths are
+#: left out (a dataset or model folder may move; the run folder's own records check the dataset).
+_TRAINED_WITH = ("lora", "optimizer", "scheduler", "text_encoder", "train")
+
+
+def trained_with(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a recipe (``to_dict``'s data) a checkpoint records and ``--resume`` compares."""
+    out = {name: recipe.get(name, {}) for name in _TRAINED_WITH}
+    out["train"] = {k: v for k, v in out["train"].items() if k != "cache_dir"}
+    out["model"] = {"family": recipe.get("model", {}).get("family")}
+    return out
+
+
+def recorded_recipe_differences(root: Path, recipe: dict[str, Any]) -> list[tuple[Path, list[str]]]:
+    """(state file, recipe keys) for every checkpoint whose state records a recipe (``trained_with``) that
+    ``recipe`` (``to_dict``'s data) differs from where a resumed run cannot follow it: a checkpoint from another
+    run's folder, or a run folder whose ``recipe.toml`` was removed. Checkpoints that record no recipe, or whose
+    state does not parse, are left to ``verify`` and to the loading."""
+    from lora_run_rundir.resume import resume_differences
+
+    recipe, out = trained_with(recipe), []
+    for _step, folder in candidate_checkpoints(root):
+        try:
+            state = json.loads(read_limited(folder / STATE, "json", JSON_LIMIT))
+        except (OSError, ValueError, FileProblem):
+            continue
+        saved = state.get("recipe") if isinstance(state, dict) else None
+        if isinstance(saved, dict):
+            differences = resume_differences(saved, recipe)
+            if differences:
+                out.append((folder / STATE, differences))
+    return out
+
+
+def recorded_loras(folder: Path) -> dict[str, str]:
+    """The LoRA files (format -> path relative to ``folder``) a checkpoint's state records; none for a state that
+    does not parse (an older checkpoint damaged after the one a run resumed from)."""
+    try:
+        loras = json.loads(read_limited(Path(folder) / STATE, "json", JSON_LIMIT)).get("loras")
+    except (OSError, ValueError, AttributeError, FileProblem):
+        return {}
+    if not isinstance(loras, dict):
+        return {}
+    return {fmt: rel for fmt, rel in loras.items() if isinstance(fmt, str) and isinstance(rel, str)}
+
+
 def _move_aside(folder: Path) -> Path | None:
     aside, n = folder.with_name(f"{folder.name}.damaged"), 1
     while aside.exists():

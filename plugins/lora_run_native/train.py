@@ -21,8 +21,9 @@ from typing import Any
 
 import attrs
 
-from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
-from lora_run.recipe import resume_command
+from lora_run.errors import BackendError, NonFiniteLoss, OutputError, RecipeError, TrainingInterrupted
+from lora_run.files import shown
+from lora_run.recipe import resume_command, to_dict
 from lora_run_folder.images import ImageProblem, open_rgb
 from lora_run_training.sections import loss_options
 
@@ -411,7 +412,11 @@ class Trainer:
         if getattr(getattr(self.ctx, "process", None), "launched", False):
             import os
 
-            local, count = int(os.environ.get("LOCAL_RANK", "0") or 0), torch.cuda.device_count()
+            local, count = os.environ.get("LOCAL_RANK", "0").strip() or "0", torch.cuda.device_count()
+            if not local.isdigit():      # a launcher's variable set by hand: bad input, not a crash of int()
+                raise RecipeError(f"LOCAL_RANK={local!r} in the environment is not a process number (set by a "
+                                  "launcher?)")
+            local = int(local)
             if torch.cuda.is_available() and local >= count:
                 raise RecipeError(f"{self.shown}: this process is local rank {local} but the machine has {count} CUDA "
                                   f"device(s): start at most {count} process(es) per machine (torchrun "
@@ -688,15 +693,28 @@ class Trainer:
             return 0
         all_named = {**{f"transformer.{k}": v for k, v in opt.params.items()},
                      **{f"text_encoder.{k}": v for k, v in model.te_params.items()}}
-        missing = set(all_named) ^ set(saved["trainable"])
-        if missing:
-            raise BackendError(f"{found}: the checkpoint's LoRA does not match this recipe's LoRA layout "
-                               f"({sorted(missing)[:3]} …)")
-        for k, p in all_named.items():
-            self.parallel.load_trainable(p, saved["trainable"][k])
-        self.parallel.load_optimizer_state(opt.optimizer, saved["optimizer"])
-        opt.scheduler.load_state_dict(saved["scheduler"])
-        ckpt.restore_rng(saved["rng_tensors"], saved["state"]["rng"])
+        # a checkpoint that records no recipe (an older version's) is checked here against the model it is loaded
+        # into (``check_resume`` compared the recorded recipe before anything was written)
+        differ = sorted(set(all_named) ^ set(saved["trainable"])) or sorted(
+            k for k, p in all_named.items() if tuple(p.shape) != tuple(saved["trainable"][k].shape))
+        if differ:
+            raise OutputError(f"{shown(found)}: cannot resume: the checkpoint's LoRA does not match this recipe's "
+                              f"LoRA (its rank, targets or model differ, first at {differ[0]}); only steps/epochs, "
+                              "save policy, [sample] and [eval] may change on resume")
+        try:
+            known = set().union(*(g for g in opt.optimizer.param_groups))   # a newer torch may add settings
+            unknown = set().union(*(g for g in saved["optimizer"]["param_groups"])) - known
+            if unknown:                                                     # another optimizer's
+                raise ValueError(f"its optimizer has settings this one has not: {', '.join(sorted(unknown))}")
+            for k, p in all_named.items():
+                self.parallel.load_trainable(p, saved["trainable"][k])
+            self.parallel.load_optimizer_state(opt.optimizer, saved["optimizer"])
+            opt.scheduler.load_state_dict(saved["scheduler"])
+            ckpt.restore_rng(saved["rng_tensors"], saved["state"]["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise OutputError(f"{shown(found)}: cannot resume: the checkpoint's optimizer, schedule or generator state "
+                              f"does not fit this recipe's ({type(exc).__name__}: {exc}); only steps/epochs, save "
+                              "policy, [sample] and [eval] may change on resume") from None
         start = int(saved["state"]["step"])
         self.last_checkpoint = found
         self.echo(f"resumed from {found} (step {start} of {data.total})")
@@ -1007,7 +1025,8 @@ class Trainer:
 
         epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
         info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
-                state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family}
+                state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family,
+                "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
         started = time.perf_counter()
         path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
                          scheduler=state.scheduler, info=info, write_loras=loras)
@@ -1015,7 +1034,7 @@ class Trainer:
         removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
         kept = []
         for step, folder in ckpt.complete_checkpoints(state.ckpt_root):
-            loras = json.loads((folder / ckpt.STATE).read_text("utf-8")).get("loras", {})
+            loras = ckpt.recorded_loras(folder)
             kept.append({"step": step, "dir": str(folder),
                          **{f"lora_{fmt}": str(folder / rel) for fmt, rel in loras.items()}})
         self.ctx.artifacts["checkpoints"] = kept

@@ -188,3 +188,36 @@ def test_an_extra_argument_is_named_in_its_command(tmp_path, monkeypatch, capsys
     assert code == 2 and "error: lora-run check: the following arguments are required: RECIPE" in text, text
     assert list(tmp_path.iterdir()) == []
     figures(AREA, cases=6, faults=3)
+
+
+def test_set_and_unset_refuse_what_they_would_silently_drop(tiny_recipe, capsys, figures):
+    """`--set extends=…` and `--unset extends` were accepted and changed nothing (the recipe's files are merged before
+    the command line applies), and a --set value holding a line break and a second key kept the first value and
+    dropped the rest unseen. Each is refused naming the option, for every command that reads a recipe."""
+    recipe = str(tiny_recipe())
+    cases = {("--set", 'extends="other.toml"'): "argument --set: [extends] cannot be set on the command line",
+             ("--unset", "extends"): "argument --unset: [extends] cannot be removed on the command line",
+             ("--set", "train.steps=5\ntrain.seed=3"): "argument --set: train.steps=5\\ntrain.seed=3: the value holds "
+                                                       "more than one TOML value",
+             ("--set", "lora.rank=4\n[train]\nsteps=1"): "the value holds more than one TOML value"}
+    for command in ("check", "plan", "run", "eval"):
+        for option, says in cases.items():
+            code, text = run_cli([command, recipe, *option, *(["--lora", recipe] if command == "eval" else [])],
+                                 capsys, "unexpected")
+            error = [line for line in text.splitlines() if line.startswith("error:")]
+            assert code == 2 and len(error) == 1 and says in error[0], (command, option, text[-1500:])
+    for value in ("train.steps=5 # a comment", "dataset.trigger=two words"):     # one value each: as before
+        assert main(["check", recipe, "--set", value]) in (0, 2)
+        assert "argument --set" not in capsys.readouterr().err
+    figures(AREA, cases=len(cases) * 4 + 2, faults=len(cases) * 4)
+
+
+def test_a_launcher_variable_that_is_no_number_is_named(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    """LOCAL_RANK set to a word under a launcher's RANK/WORLD_SIZE crashed the native backend's `int()`
+    ("unexpected ValueError", exit 1)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    code, text = run_cli([str(tiny_recipe()), "--output-dir", str(tmp_path / "run")], capsys, "unexpected")
+    assert code == 2 and "error: LOCAL_RANK='abc' in the environment is not a process number" in text, text[-1500:]
+    figures(AREA, cases=1, faults=1)

@@ -341,6 +341,20 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
                           "manifest.json is not a regular file"),
     "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
                            "checkpoints is not a folder"),
+    # a file or a link under a checkpoint's name: the resume trained up to that step and then crashed writing it
+    # ("NotADirectoryError", exit 1)
+    "a checkpoint a file": (lambda run: (shutil.rmtree(run / "checkpoints" / "step-000004"),
+                                         (run / "checkpoints" / "step-000004").write_text("x")),
+                            "checkpoints/step-000004 is not a folder"),
+    "a link where the next checkpoint goes": (lambda run: (run / "checkpoints" / "step-000006").symlink_to(
+        run.parent / "data", target_is_directory=True), "checkpoints/step-000006 is a link"),
+    "a dangling link where the next checkpoint goes": (
+        lambda run: (run / "checkpoints" / "step-000006").symlink_to(run / "nowhere"), "step-000006 is a link"),
+    # an older checkpoint's state: listing the kept checkpoints after the next save crashed (JSONDecodeError)
+    "an older checkpoint's state not JSON": (
+        lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text("{"), None),
+    "an older checkpoint's LoRA list not a table": (
+        lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text('{"loras": 5}'), None),
 }
 
 
@@ -365,4 +379,43 @@ def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_
     else:
         assert code == 2 and named in err, err
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before    # nothing written
+    figures("resume integrity", cases=1, faults=1)
+
+
+def _without_recorded_recipe(run: Path) -> None:
+    """The checkpoints as an older version wrote them (their state records no recipe)."""
+    for state in run.glob("checkpoints/*/resume/state.json"):
+        data = json.loads(state.read_text())
+        data.pop("recipe")
+        state.write_text(json.dumps(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["lora.rank=8", 'lora.targets="attention"', 'optimizer.name="adafactor"',
+                                    'scheduler.name="constant"', "train.gradient_accumulation=2"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "older-checkpoint"])
+def test_a_checkpoint_of_another_recipe_is_refused(base_run, tmp_path, capsys, change, recorded, figures):
+    """The recipe check of `--resume` compares with the run folder's recipe.toml; with that file gone (or the
+    checkpoints copied from another run) a checkpoint of another rank crashed ("unexpected RuntimeError", exit 1),
+    of another optimizer crashed at the first step (KeyError), of other targets ended "the checkpoint's LoRA does
+    not match" (exit 1), and of another schedule or accumulation trained on silently. Checkpoints now record their
+    recipe and are compared before anything is written; an older checkpoint, recording none, is compared with the
+    model and optimizer it is loaded into (exit 2, named)."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    (run / "recipe.toml").unlink()
+    if not recorded:
+        _without_recorded_recipe(run)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8", "--set", change])
+    err = capsys.readouterr().err
+    assert "unexpected" not in err and "Traceback" not in err and "crashed" not in err, err
+    if recorded:
+        key = change.split("=")[0]
+        assert code == 2 and "step-000004/resume/state.json: that checkpoint was trained with another recipe" in err \
+            and f"[{key}]" in err, err
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before        # nothing written
+    elif change.startswith(("lora.", "optimizer.")):
+        assert code == 2 and "step-000004: cannot resume: the checkpoint's" in err, err
+    else:   # an older checkpoint holds nothing that tells these apart
+        assert code == 0, err
     figures("resume integrity", cases=1, faults=1)
