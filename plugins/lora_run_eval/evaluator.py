@@ -389,10 +389,10 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise OutputError(f"--output-dir {shown(path)}: {unusable}")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise OutputError(f"{path}: the output folder is not empty; use --overwrite to replace its evaluation "
+            raise OutputError(f"{shown(path)}: the output folder is not empty; use --overwrite to replace its evaluation "
                               "or --output-dir for a new folder")
         if not _is_evaluation(path):
-            raise OutputError(f"{path}: --overwrite replaces only an earlier evaluation (a folder with "
+            raise OutputError(f"{shown(path)}: --overwrite replaces only an earlier evaluation (a folder with "
                               f"{METRICS_FILE} or {REPORT_FILE}); this folder holds other files and is left alone")
 
 

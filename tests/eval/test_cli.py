@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import astronaut_scene, face_free, other_person, save
 
 
@@ -164,3 +166,19 @@ def test_score_called_from_python_refuses_an_empty_folder_path(tmp_path, monkeyp
         cmd_score(args, load_plugins())
     with pytest.raises(RecipeError, match=r"--images: an empty path"):
         cmd_score(argparse.Namespace(**{**vars(args), "subject": str(subject_dir), "images": " "}), load_plugins())
+
+
+def test_an_output_folder_named_with_a_line_break_is_named_on_one_line(tmp_path):
+    """The refusals of a non-empty evaluation folder name it escaped, as every other message does: a line break in
+    the name must not split the one-line error."""
+    from lora_run.errors import OutputError
+    from lora_run_eval.evaluator import _check_output
+
+    folder = tmp_path / "eval\nout"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError) as caught:
+            _check_output(folder, overwrite)
+        assert "\n" not in str(caught.value) and "eval" in str(caught.value), str(caught.value)
+    assert (folder / "notes.txt").read_text() == "mine"
