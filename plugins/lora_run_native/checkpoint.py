@@ -362,11 +362,7 @@ def recorded_recipe_differences(root: Path, recipe: dict[str, Any]) -> list[tupl
 
     recipe, out = trained_with(recipe), []
     for _step, folder in candidate_checkpoints(root):
-        try:
-            state = json.loads(read_limited(folder / STATE, "json", JSON_LIMIT))
-        except (OSError, ValueError, FileProblem):
-            continue
-        saved = state.get("recipe") if isinstance(state, dict) else None
+        saved = _state_record(folder).get("recipe")
         if isinstance(saved, dict):
             differences = resume_differences(saved, recipe)
             if differences:
@@ -377,13 +373,19 @@ def recorded_recipe_differences(root: Path, recipe: dict[str, Any]) -> list[tupl
 def recorded_loras(folder: Path) -> dict[str, str]:
     """The LoRA files (format -> path relative to ``folder``) a checkpoint's state records; none for a state that
     does not parse (an older checkpoint damaged after the one a run resumed from)."""
-    try:
-        loras = json.loads(read_limited(Path(folder) / STATE, "json", JSON_LIMIT)).get("loras")
-    except (OSError, ValueError, AttributeError, FileProblem):
-        return {}
+    loras = _state_record(folder).get("loras")
     if not isinstance(loras, dict):
         return {}
     return {fmt: rel for fmt, rel in loras.items() if isinstance(fmt, str) and isinstance(rel, str)}
+
+
+def _state_record(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, or an empty record where it does not read as a JSON object."""
+    try:
+        state = json.loads(read_limited(Path(folder) / STATE, "json", JSON_LIMIT))
+    except (OSError, ValueError, FileProblem):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _move_aside(folder: Path) -> Path | None:
