@@ -31,6 +31,9 @@ moment it is measured, so a timeout keeps what was done:
                 installed); reports its own LoRA-gradient error (opt-in: not held to the bf16 bound).
 * ``fp8mm-graphs`` the same at 512² with CUDA graphs, a sampling call between two replayed steps.
 * ``cli-fast-fp8mm`` ``cli-fast-graphs`` with ``[train] fp8_matmul = true`` (not a default row).
+* ``cli-fast-nosamples`` ``cli-fast-first`` without the sample rounds (``sample.every_steps`` past the run's end;
+                the checkpoints stay): against ``cli-fast-first`` in the same call, the manifests'
+                ``step_s_between_rounds`` say whether a sample round slows the steps after it (not a default row).
 * ``recipe-adamw-graphs``, ``recipe-graphs`` the graphs row's step with the shipped fast recipe's LoRA
                 (all-linear rank 32, lora-run's own target preset) and attention ``auto``: with the reference's fused
                 AdamW, then with the recipe's Adafactor. Against ``graphs`` they split the CLI step's extra time
@@ -45,6 +48,10 @@ moment it is measured, so a timeout keeps what was done:
 
 Each memory-saving row (memory, low-vram and their variants) is also given as a multiple of the speed step's time
 at 1024² in the same run (``fa4``, else ``fa2``): issue 19 states its targets that way.
+
+``--gpu-log`` records the GPU's SM clock, power, temperature, utilisation and clock-event reasons every half
+second (``nvidia-smi``) for the whole invocation, beside the JSON (``gpu-<time>.csv``); each CLI row notes its
+start and end (Unix time), and ``bench/step_clocks.py`` lines the log up with a run's stretches between rounds.
 
 ``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) and to the 512² CUDA-graph rows the GPU time of
 one step split by kernel kind (matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from
@@ -93,7 +100,7 @@ RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
-    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "memory-fp8mm": "memory-fp8mm",
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "memory-fp8mm": "memory-fp8mm",
     "low-vram-fp8mm": "low-vram-fp8mm",
     # one process each: a second compiled model in the process after the first one's release fails
     # ("Running CUDAGraph after shutdown", 2026-12-04)
@@ -282,7 +289,11 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                     # the first run on a machine (cold compile caches) without the evaluation: it fills the caches
                     # the next row's whole run reads, and measures the cold start-up
                     "cli-fast-first": {"train.cuda_graphs": "on", "eval.enabled": False},
-                    "cli-fast-fp8mm": {"train.cuda_graphs": "on", "train.fp8_matmul": True}}.get(row, {})
+                    "cli-fast-fp8mm": {"train.cuda_graphs": "on", "train.fp8_matmul": True},
+                    # the A/B of the sample rounds: no round before the end (the checkpoints stay)
+                    "cli-fast-nosamples": {"train.cuda_graphs": "on", "eval.enabled": False,
+                                           "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
+                    }.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
                 int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
@@ -472,7 +483,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), env.get("PYTHONPATH", "")])
-    run_started = time.perf_counter()
+    run_started, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=work,
                             start_new_session=True)
     cli_pgid_file(work).write_text(f"{proc.pid}\n")
@@ -491,7 +502,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     timing = art.get("timing") or {}
     plan = art.get("gpu_plan") or {}
     plan_line = next((line for line in log.read_text(errors="replace").splitlines() if line.startswith("GPU plan")), "")
-    row = dict(sets=extra or {}, exit=rc, status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps, every=every,
+    row = dict(sets=extra or {}, exit=rc, started_at=round(started_at, 1), ended_at=round(time.time(), 1), status=manifest.get("status"), wall_s=wall, build_model_s=built, steps=steps, every=every,
                step_s=timing.get("step_s"), timing=timing, plan=plan.get("plan"), attention=plan.get("attention"),
                attention_reason=plan.get("attention_reason"), plan_line=plan_line,
                peak_gib=timing.get("peak_reserved_gib"), shapes=timing.get("shapes"))
@@ -561,6 +572,26 @@ def merge(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     env = {**first["env"], "date": f"{first['env'].get('date')} to {runs[-1][1]['env'].get('date')}",
            "merged_from": [Path(p).name for p, _ in runs]}
     return env, list(rows.values())
+
+
+#: what ``--gpu-log`` asks nvidia-smi for (the clock-event reasons are a bit mask: 0x4 power cap, 0x20/0x40
+#: thermal slowdown, 0x1 idle; see ``nvidia-smi --help-query-gpu``)
+GPU_LOG_FIELDS = ("timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used,"
+                  "clocks_event_reasons.active")
+
+
+def start_gpu_log(path: Path) -> subprocess.Popen | None:
+    """nvidia-smi writing one line every 0.5 s to ``path`` until terminated; None where it cannot run."""
+    for fields in (GPU_LOG_FIELDS, GPU_LOG_FIELDS.rsplit(",", 1)[0]):     # older drivers lack the reasons field
+        try:
+            probe = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv"], capture_output=True,
+                                   text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if probe.returncode == 0:
+            return subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,nounits", "-lms", "500",
+                                     "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return None
 
 
 def cli_pgid_file(work: Path) -> Path:
@@ -640,7 +671,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm"):
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm", "cli-fast-nosamples"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
@@ -749,6 +780,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
     ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' and the 512² graph rows' GPU time by kernel kind")
+    ap.add_argument("--gpu-log", action="store_true", help="log the GPU's clocks, power and temperature every "
+                    "0.5 s (nvidia-smi) to gpu-<time>.csv beside the JSON")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="no GPU needed: join the perf-*.json of "
                     "several calls of one run (same machine, commit and packages) into one table and one JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -779,6 +812,7 @@ def main() -> int:
     jsonl = out / f"perf-{stamp}.jsonl"
     env = environment()
     print(json.dumps(env), flush=True)
+    logger = start_gpu_log(out / f"gpu-{stamp}.csv") if args.gpu_log else None
     order: list[str] = []
     for row in args.rows:
         if GROUPS[row] not in order:
@@ -793,6 +827,9 @@ def main() -> int:
             continue
         limit = min(left, args.row_timeout * (len(rows) * (1.5 if group == "cli" else 1) + 2) + 60)
         run_group(group, rows, args, jsonl, limit)
+    if logger is not None:
+        logger.terminate()
+        logger.wait()
     rows = read_rows(jsonl)
     summary = analyse(rows)
     name = f"perf-{stamp}.json"

@@ -335,3 +335,46 @@ def test_memory_saving_rows_are_given_as_a_multiple_of_the_speed_step():
     without_fa4 = [dict(r) for r in rows if r["row"] != "fa4"]
     perf.analyse(without_fa4)
     assert without_fa4[1]["times_speed"] == pytest.approx(0.495 / 0.418) and without_fa4[1]["speed_row"] == "fa2"
+
+
+def test_step_clocks_lines_up_each_stretch_with_the_gpu_log(tmp_path):
+    """bench/step_clocks.py: the run's stretches are split at its checkpoint and sample lines, and each gets the
+    GPU samples of its own time span (a planted clock drop in the second stretch must show there, not in the first)."""
+    import step_clocks
+
+    log = "\n".join(["12:00:00 step 10/40 loss 1.0", "12:00:10 step 20/40 loss 1.0",
+                     "12:00:11 checkpoint step-000020", "12:00:12 samples for step 20: 2 image(s) in x",
+                     "12:00:13 step 30/40 loss 1.0", "12:00:33 step 40/40 loss 1.0"])
+    csv_lines = ["timestamp, clocks.sm [MHz], power.draw [W], temperature.gpu, utilization.gpu [%], "
+                 "clocks_event_reasons.active"]
+    for tenth in range(0, 400, 5):              # 12:00:00.0 to 12:00:39.5, every 0.5 s
+        second = tenth / 10
+        clock = 1980 if second < 12 else 1500
+        reasons = "0x0000000000000000" if second < 12 else "0x0000000000000020"
+        csv_lines.append(f"2026/12/04 12:00:{second:04.1f}0, {clock}, 600.0, 60, 99, {reasons}")
+    gpu = tmp_path / "gpu.csv"
+    gpu.write_text("\n".join(csv_lines) + "\n")
+    rows = step_clocks.summary(log, step_clocks.gpu_samples(gpu), [1.0, 2.0])
+    assert [r["steps"] for r in rows] == ["10-20", "30-40"]
+    assert rows[0]["s_per_step_log"] == 1.0 and rows[1]["s_per_step_log"] == 2.0
+    assert rows[0]["sm_mhz"] == 1980.0 and rows[1]["sm_mhz"] == 1500.0
+    assert rows[0]["reasons"] == "0x0" and rows[1]["reasons"] == "0x20"
+    assert rows[1]["step_s_manifest"] == 2.0
+
+
+def test_the_no_samples_row_moves_the_sample_rounds_past_the_run(monkeypatch, tmp_path):
+    """``cli-fast-nosamples`` is ``cli-fast-first`` with its sample rounds moved past the run's last step, the
+    checkpoints kept: the sets the CLI run gets (a planted ``every`` would move the checkpoints too)."""
+    seen = {}
+    monkeypatch.setenv("PERF_WORK", str(tmp_path))
+    monkeypatch.setenv("PERF_CLI_STEPS", "500")
+    monkeypatch.setenv("PERF_CLI_EVERY", "100")
+    monkeypatch.setattr(perf, "cli_row", lambda work, steps, name, sets, every: seen.update(
+        {name: (steps, sets, every)}) or {"row": name})
+    monkeypatch.setattr(perf, "guarded", lambda out, row, timeout, fn: fn())
+    import types
+    monkeypatch.setitem(sys.modules, "flux_step_reference", types.ModuleType("flux_step_reference"))
+    perf.worker("cli", ["cli-fast-first", "cli-fast-nosamples"], tmp_path / "rows.jsonl", 10)
+    assert seen["cli-fast-first"] == (500, {"train.cuda_graphs": "on", "eval.enabled": False}, 100)
+    steps, sets, every = seen["cli-fast-nosamples"]
+    assert (steps, every) == (500, 100) and sets["sample.every_steps"] > steps and sets["eval.enabled"] is False
