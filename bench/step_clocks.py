@@ -53,12 +53,15 @@ def gpu_samples(path: Path) -> list[dict[str, float]]:
             except ValueError:
                 continue
             sample = {"t": (when - when.replace(hour=0, minute=0, second=0, microsecond=0)) / timedelta(seconds=1)}
-            for key, name in (("clocks.sm", "sm_mhz"), ("power.draw", "power_w"), ("temperature.gpu", "temp_c"),
-                              ("utilization.gpu", "util")):
-                try:
-                    sample[name] = float(row[key])
-                except (KeyError, ValueError):
+            for keys, name in ((("clocks.current.sm", "clocks.sm"), "sm_mhz"), (("power.draw",), "power_w"),
+                               (("temperature.gpu",), "temp_c"), (("utilization.gpu",), "util")):
+                value = next((row[k] for k in keys if k in row), None)      # nvidia-smi names the SM clock
+                try:                                                         # clocks.current.sm in its header
+                    sample[name] = float(value) if value is not None else None
+                except ValueError:
                     pass
+                if sample.get(name) is None:
+                    sample.pop(name, None)
             reasons = row.get("clocks_event_reasons.active")
             if reasons:
                 try:

@@ -345,7 +345,7 @@ def test_step_clocks_lines_up_each_stretch_with_the_gpu_log(tmp_path):
     log = "\n".join(["12:00:00 step 10/40 loss 1.0", "12:00:10 step 20/40 loss 1.0",
                      "12:00:11 checkpoint step-000020", "12:00:12 samples for step 20: 2 image(s) in x",
                      "12:00:13 step 30/40 loss 1.0", "12:00:33 step 40/40 loss 1.0"])
-    csv_lines = ["timestamp, clocks.sm [MHz], power.draw [W], temperature.gpu, utilization.gpu [%], "
+    csv_lines = ["timestamp, clocks.current.sm [MHz], power.draw [W], temperature.gpu, utilization.gpu [%], "
                  "clocks_event_reasons.active"]
     for tenth in range(0, 400, 5):              # 12:00:00.0 to 12:00:39.5, every 0.5 s
         second = tenth / 10
