@@ -182,3 +182,58 @@ def test_an_output_folder_named_with_a_line_break_is_named_on_one_line(tmp_path)
             _check_output(folder, overwrite)
         assert "\n" not in str(caught.value) and "eval" in str(caught.value), str(caught.value)
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_while_scoring_in_worker_processes_exits_130_without_a_traceback(tmp_path, subject_dir):
+    """Ctrl-C in a terminal reaches the whole process group: `lora-run score` and its embedding workers. The
+    workers ignore it, the command says "interrupted" and exits 130, no traceback is printed by anyone, and no
+    worker process is left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    images = save({f"gen{i}": astronaut_scene(i) for i in range(48)}, tmp_path / "images")[0].parent
+    proc = subprocess.Popen([sys.executable, "-m", "lora_run.cli", "score", "--subject", str(subject_dir),
+                             "--images", str(images)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+
+    def workers() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid:           # the parent pid
+                found.append(int(stat.parent.name))
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None and len(workers()) >= 2, "the scoring finished or never started its workers"
+    time.sleep(1.0)                                   # the workers are embedding
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted" in err and "Traceback" not in err + out, err[-2000:]
+    def group() -> list[str]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = text.rsplit(")", 1)[1].split()
+            if int(fields[2]) == proc.pid and fields[0] != "Z":     # a live process of the command's group
+                found.append(f"{stat.parent.name} {fields[0]} {cmd[:200]}")
+        return found
+
+    deadline = time.monotonic() + 5                  # an exited worker may stay a zombie until init reaps it
+    while group() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group(), group()

@@ -3,7 +3,9 @@ face-free images are reported as "no face found"."""
 from __future__ import annotations
 
 import math
+import os
 
+import attrs
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,43 +114,46 @@ def test_alignment_scales_with_the_crop_size(size):
     assert crop.shape == (size, size, 3) and crop[size // 2, size // 2].tolist() == [10, 200, 30]
 
 
-def test_a_list_of_images_is_embedded_in_threads_with_the_serial_results_in_order(tmp_path):
-    """`embed_paths` spreads dlib over threads, one instance per thread, and gives each path the result the serial
-    loop gives it: the same face, box and embedding, in the paths' order (faces, other people, face-free images
-    and an unreadable file mixed)."""
-    import threading
+class PidNoted(DlibEmbedder):
+    """dlib with the embedding process's id at the end of each result's note (module level: a spawned worker
+    process imports it to rebuild the embedder)."""
 
-    class Watched(DlibEmbedder):
-        def __init__(self, options=None, log=None):
-            super().__init__(options)
-            self.log = log if log is not None else []
-            self.busy = threading.Lock()
+    def embed_path(self, path):
+        result = super().embed_path(path)
+        return attrs.evolve(result, note=f"{result.note}|pid {os.getpid()}")
 
-        def spawn(self):
-            return Watched(self.options, self.log)
 
-        def embed_path(self, path):
-            assert self.busy.acquire(blocking=False), "one instance used by two threads at once"
-            try:
-                self.log.append(id(self))
-                return super().embed_path(path)
-            finally:
-                self.busy.release()
-
+def test_a_list_of_images_is_embedded_in_processes_with_the_serial_results_in_order(tmp_path):
+    """`embed_paths` spreads dlib over worker processes (dlib holds Python's lock, so threads barely overlapped) and
+    gives each path the result the serial loop gives it: the same face, box and embedding, in the paths' order
+    (faces, other people, face-free images and an unreadable file mixed), from more than one process."""
     images = {**{f"a-{k}": v for k, v in astronaut_variants().items()},
               **{f"other-{i}": other_person(i) for i in range(4)}, **face_free()}
     paths = save(images, tmp_path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     paths.insert(5, broken)
-    embedder = Watched()
+    embedder = PidNoted()
     serial = [embedder.embed_path(p) for p in paths]
-    embedder.log.clear()
-    threaded = embedder.embed_paths(paths, threads=3)
-    assert len(set(embedder.log)) > 1, "the images were not spread over instances"
-    assert [r.path for r in threaded] == [str(p) for p in paths]
-    for one, other in zip(serial, threaded):
-        assert (one.faces_found, one.note) == (other.faces_found, other.note), one.path
+    spread = embedder.embed_paths(paths, workers=2)
+    assert [r.path for r in spread] == [str(p) for p in paths]
+    pids = {r.note.rsplit("|pid ", 1)[1] for r in spread}
+    assert str(os.getpid()) not in pids and len(pids) == 2, pids
+    for one, other in zip(serial, spread):
+        assert (one.faces_found, one.note.split("|")[0]) == (other.faces_found, other.note.split("|")[0]), one.path
         if one.face is not None:
             assert one.face.box == other.face.box and np.array_equal(one.face.embedding, other.face.embedding)
-    assert sum(r.face is not None for r in threaded) >= 8 and threaded[5].note.startswith("unreadable image")
+    assert sum(r.face is not None for r in spread) >= 8 and spread[5].note.startswith("unreadable image")
+
+
+def test_few_images_or_an_embedder_that_cannot_be_rebuilt_stay_in_this_process(tmp_path):
+    """No process is started for fewer than `IMAGES_PER_WORKER` images a worker, nor for an embedder that is not
+    `parallel` (a third party's, say): their results come from this process."""
+    paths = save({f"a-{k}": v for k, v in list(astronaut_variants().items())[:3]}, tmp_path)
+    here = f"|pid {os.getpid()}"
+    assert all(r.note.endswith(here) for r in PidNoted().embed_paths(paths))
+
+    class Serial(PidNoted):
+        parallel = False
+
+    assert all(r.note.endswith(here) for r in Serial().embed_paths(paths * 4, workers=2))
