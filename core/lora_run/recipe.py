@@ -346,18 +346,18 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
 
 
 def parse_set(assignment: str) -> tuple[KeyPath, Any]:
-    """`train.steps=100` -> (("train", "steps"), 100). Values are TOML; bare words are strings."""
-    if "=" not in assignment:
-        raise RecipeError(f"--set {assignment}: expected KEY=VALUE, e.g. --set train.steps=100")
-    key, _, text = assignment.partition("=")
-    path = tuple(key.strip().split("."))
-    if not all(path):
-        raise RecipeError(f"--set {assignment}: the key is empty or malformed")
+    """`train.steps=100` -> (("train", "steps"), 100): a TOML value (bare words: strings) for one key, not two."""
+    key, equals, text = assignment.partition("=")
+    path, shown = tuple(key.strip().split(".")), f"--set {files.printable(assignment)}"
+    if not (equals and all(path)):
+        raise RecipeError(f"{shown}: expected KEY=VALUE, e.g. --set train.steps=100")
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except (tomllib.TOMLDecodeError, RecursionError):
-        value = text
-    return path, value
+        return path, text
+    if set(parsed) != {"v"}:
+        raise RecipeError(f"{shown}: the value holds more than one TOML value (a line break and another key?)")
+    return path, parsed["v"]
 
 
 def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],

@@ -23,21 +23,17 @@ _EXTENDS = ("[extends] cannot be {} on the command line: the recipe's files are 
 
 
 def set_argument(value: str) -> str:
-    """The type of --set: one value for one key. `extends` is refused (it would be ignored), and so is a value holding
-    a second TOML key (`train.steps=5⏎train.seed=3` kept 5 and dropped the rest unseen)."""
-    from lora_run.files import printable
-    from lora_run.recipe import tomllib
+    """The type of --set: `extends` is refused (it would be ignored), and so is what the recipe's own reader of a --set
+    refuses (`lora_run.recipe.parse_set`: no `=`, an empty key, a value holding a second TOML key)."""
+    from lora_run.errors import RecipeError
+    from lora_run.recipe import parse_set
 
-    key, _, text = value.partition("=")
-    if key.strip() == "extends":
+    if value.partition("=")[0].strip() == "extends":
         raise argparse.ArgumentTypeError(_EXTENDS.format("set", "write it in"))
     try:
-        others = set(tomllib.loads(f"v = {text}")) - {"v"}
-    except (tomllib.TOMLDecodeError, RecursionError):   # not TOML: the value is that text
-        others = set()
-    if others:
-        raise argparse.ArgumentTypeError(f"{printable(value)}: the value holds more than one TOML value (a line break "
-                                         "and another key?); give one --set per key")
+        parse_set(value)
+    except RecipeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--set ")) from None
     return value
 
 

@@ -99,6 +99,20 @@ def test_set_overrides_and_parses_toml_values():
     assert parse_set("sample.prompts=['a', 'b']") == (("sample", "prompts"), ["a", "b"])
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         parse_set("train.steps")
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        parse_set("train..steps=3")
+
+
+@pytest.mark.parametrize("assignment", ["train.steps=5\ntrain.seed=3", "lora.rank=4\n[train]\nsteps=1"])
+def test_a_set_value_holding_a_second_key_is_refused_where_recipes_are_read(write_recipe, assignment):
+    """TOML reads `5⏎train.seed=3` as two keys; the first used to be kept and the rest dropped unseen. The recipe's
+    reader of --set values refuses it, so a caller of `load_recipe(sets=…)` outside the command line is told too (the
+    command line's argument type asks the same reader)."""
+    path = write_recipe(GOOD)
+    with pytest.raises(RecipeError, match="more than one TOML value") as caught:
+        load_recipe(path, sets=[assignment])
+    assert "\n" not in str(caught.value)           # the value is escaped: the error stays one line
+    assert load_recipe(path, sets=["optimizer.lr=0.5"]).recipe.optimizer.lr == 0.5
 
 
 def test_extends_merges_and_reports_the_right_file(write_recipe, tmp_path):
