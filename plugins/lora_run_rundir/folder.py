@@ -376,7 +376,7 @@ class RunDir:
         """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
         aside, the resolved recipe, the manifest (status "running"; the process count of a launched run) and the
         dataset record written."""
-        from lora_run.recipe import dump_recipe
+        from lora_run.recipe import dump_recipe, replace
 
         recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
         self.started, self.resumed = time.time(), resume
@@ -386,8 +386,10 @@ class RunDir:
                 for tmp in remove_temp_files(self.path):
                     self.log(f"removed the temporary file of an interrupted write: {tmp.name}")
         self.reserve()
-        self.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
-                                            f"{__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
+        earlier_dir = _recorded_output_dir(self.file(RECIPE)) if resume else None
+        self.write_text(RECIPE, dump_recipe(
+            replace(recipe, output={"dir": earlier_dir}) if earlier_dir else recipe,
+            header=f"Resolved from {loaded.shown} by lora-run {__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
         manifest = manifest_base(run)
         manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if run.process.launched:
@@ -442,6 +444,20 @@ class RunDir:
         except (OSError, LoraRunError) as exc:
             echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")
         self.log(f"run {status}")
+
+
+def _recorded_output_dir(recipe_file: Path) -> str | None:
+    """The `[output] dir` a run folder's resolved recipe records, or None. A resume keeps it: `--output-dir` named
+    the folder, and the recipe's own value, relative to the working folder, may resolve elsewhere from another one
+    (the recorded recipe, re-run, must still find this folder)."""
+    from lora_run.files import RECIPE_LIMIT
+    from lora_run.recipe import tomllib
+
+    try:
+        value = tomllib.loads(read_limited(recipe_file, "recipe", RECIPE_LIMIT).decode("utf-8"))["output"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, FileProblem):
+        return None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def manifest_base(run: Any) -> dict[str, Any]:

@@ -419,3 +419,29 @@ def test_a_checkpoint_of_another_recipe_is_refused(base_run, tmp_path, capsys, c
     else:   # an older checkpoint holds nothing that tells these apart
         assert code == 0, err
     figures("resume integrity", cases=1, faults=1)
+
+
+# ------------------------------------------------------------------------------ where the run folder is
+@pytest.mark.slow
+def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, capsys, monkeypatch, figures):
+    """The recipe's `[output] dir` (the default `runs/{name}`) resolves against the working folder; resumed from
+    another one with `--output-dir` naming the run folder, the resume was refused as "the recipe changed at
+    [output.dir]". The folder resumed is the one named; the run folder's recipe keeps the `[output] dir` it
+    recorded, so re-running it still finds that folder."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    recorded = [line for line in (run / "recipe.toml").read_text("utf-8").splitlines() if line.startswith("dir = ")]
+    assert recorded and str(tmp_path) not in recorded[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "[output.dir]" not in out.err and "step-000004 (step 4 of 8)" in out.out + out.err
+    assert _status(run) == "completed" and not any(elsewhere.iterdir()), "nothing is written where it was run from"
+    assert [line for line in (run / "recipe.toml").read_text("utf-8").splitlines()
+            if line.startswith("dir = ")] == recorded
+    # a changed recipe is still refused from there, naming the key
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=10", "--set", "lora.rank=8"])
+    assert code == 2 and "[lora.rank]" in capsys.readouterr().err
+    figures("resume integrity", cases=2, faults=2)
