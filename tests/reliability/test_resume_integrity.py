@@ -339,6 +339,19 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
         json.dumps({"files": {"subject/img000.png": "x", "subject/img001.png": [1]}})), "dataset changed"),
     "manifest a folder": (lambda run: ((run / "manifest.json").unlink(), (run / "manifest.json").mkdir()),
                           "manifest.json is not a regular file"),
+    # a damaged manifest: the resume rewrote it with an empty "written" list, so lora-run forgot what it wrote here
+    "manifest not JSON": (lambda run: (run / "manifest.json").write_text('{"lora_run_version": "0.'),
+                          "manifest.json: cannot resume: the manifest is not valid JSON"),
+    "manifest emptied": (lambda run: (run / "manifest.json").write_bytes(b""), "the manifest is not valid JSON"),
+    "manifest not UTF-8": (lambda run: (run / "manifest.json").write_bytes(b'{"a": "\xff"}'), "is not UTF-8 text"),
+    "manifest a list": (lambda run: (run / "manifest.json").write_text("[1, 2]"), "is not a JSON object (a list)"),
+    "manifest an empty object": (lambda run: (run / "manifest.json").write_text("{}"),
+                                 "is not one lora-run wrote (no lora_run_version)"),
+    "manifest written not a list": (_manifest_edit(written="checkpoints"), 'has a damaged "written" list'),
+    "manifest written holding a number": (_manifest_edit(written=["checkpoints", 7]), 'has a damaged "written" list'),
+    "manifest status a number": (_manifest_edit(status=3), 'has a damaged "status"'),
+    "manifest deleted": (lambda run: (run / "manifest.json").unlink(),
+                         "the manifest is missing, while the folder holds what runs write after it (cache, checkpoints"),
     "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
                            "checkpoints is not a folder"),
     # a file or a link under a checkpoint's name: the resume trained up to that step and then crashed writing it
@@ -365,7 +378,9 @@ def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_
     """A manifest or dataset record whose values have the wrong JSON type crashed `--resume` with "unexpected
     AttributeError" (exit 1); a folder where the manifest was, or a file where checkpoints go, let the resume
     train and then fail writing there (exit 1). Now the wrong types are not trusted (a damaged dataset record
-    counts as a changed dataset), and misshapen entries are refused before anything runs (exit 2, named)."""
+    counts as a changed dataset), and misshapen entries are refused before anything runs (exit 2, named). A
+    manifest that is damaged as a whole (not JSON, not lora-run's, its `written` list or `status` of the wrong type,
+    deleted) was rewritten by the resume with an empty `written` list: it is refused, naming the manifest."""
     recipe, run, _ = _copy(base_run, tmp_path)
     hurt, named = RECORD_DAMAGE[damage]
     hurt(run)
@@ -378,6 +393,7 @@ def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_
         assert _status(run) == "completed"
     else:
         assert code == 2 and named in err, err
+        assert len(err.strip().splitlines()) == 1 and ("restore it" in err or "move it out" in err), err
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before    # nothing written
     figures("resume integrity", cases=1, faults=1)
 
