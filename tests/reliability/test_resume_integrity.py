@@ -461,3 +461,101 @@ def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, ca
     code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=10", "--set", "lora.rank=8"])
     assert code == 2 and "[lora.rank]" in capsys.readouterr().err
     figures("resume integrity", cases=2, faults=2)
+
+
+# ------------------------------------------------------------------ checkpoint folders lora-run did not write
+def _tree(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+FOREIGN_CHECKPOINTS = {   # name: (the folder lora-run did not write, what goes into it)
+    "an empty folder at the next step": ("step-000006", {}),
+    "a folder of the user's files at a later step": ("step-000010", {"picked.txt": "mine"}),
+    "an empty folder older than the intact checkpoints": ("step-000001", {}),
+    "a folder holding a state.json that is not a checkpoint's": ("step-000008", {"resume/state.json": '{"step": 8}'}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FOREIGN_CHECKPOINTS))
+def test_a_checkpoint_folder_lora_run_did_not_write_is_refused_not_renamed(base_run, tmp_path, capsys, case,
+                                                                           figures):
+    """An empty folder a user made at `checkpoints/step-000006` was taken for a damaged checkpoint and renamed to
+    `step-000006.damaged` by `--resume`. A folder under a checkpoint's name that holds no checkpoint state and that the
+    manifest does not record among the checkpoints runs saved is not lora-run's: the resume is refused before
+    anything is written (exit 2, naming it), and nothing in it or around it is renamed, deleted or written."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    name, files = FOREIGN_CHECKPOINTS[case]
+    folder = run / "checkpoints" / name
+    folder.mkdir()
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    before, manifest = _tree(run), (run / "manifest.json").read_bytes()
+    for _attempt in range(2):     # and it says the same again: nothing was moved
+        code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=12"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"cannot resume: checkpoints/{name} is a folder lora-run did not write" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "move it out" in err, err
+        assert _tree(run) == before and (run / "manifest.json").read_bytes() == manifest
+    assert all((folder / rel).read_text() == text for rel, text in files.items())
+    # moved out of the run folder by the user, as the message says, the resume goes on
+    folder.rename(tmp_path / name)
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    figures("resume integrity", cases=2, faults=2)
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_of_a_killed_run_is_still_known_as_lora_runs(tiny_recipe, tmp_path, monkeypatch, capsys,
+                                                                         figures):
+    """A checkpoint lora-run wrote whose state was damaged since is moved aside as before, also after a kill, when
+    the run's final manifest (with its artifacts) was never written: the manifest records the checkpoints after every
+    save. The run is stopped in effect after step 5 by putting back the manifest it had then."""
+    from lora_run_native.train import Trainer
+
+    real, seen = Trainer._micro_step, {}
+
+    def micro(self, state, batch, step, *a, **kw):
+        if step + 1 == 5 and "manifest" not in seen:   # after the checkpoints of steps 2 and 4
+            seen["manifest"] = (run / "manifest.json").read_bytes()
+        return real(self, state, batch, step, *a, **kw)
+    monkeypatch.setattr(Trainer, "_micro_step", micro)
+    run, recipe = tmp_path / "run", tiny_recipe()
+    assert main([str(recipe), "--output-dir", str(run)]) == 0
+    monkeypatch.undo()
+    (run / "manifest.json").write_bytes(seen["manifest"])        # what a SIGKILL at step 5 leaves
+    assert json.loads(seen["manifest"])["status"] == "running"
+    (run / "checkpoints" / "step-000004" / "resume" / "state.json").unlink()
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    text = "".join(capsys.readouterr())
+    assert code == 0, text[-2000:]
+    assert "warning: checkpoint step-000004 is damaged" in text and "step-000002 (step 2 of 8)" in text, text[-2000:]
+    assert (run / "checkpoints" / "step-000004.damaged").is_dir()
+    figures("resume integrity", cases=1, faults=1)
+
+
+@pytest.mark.slow
+def test_a_folder_made_where_the_next_checkpoint_goes_is_never_deleted(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """A folder that appears where the next checkpoint goes while a run trains was deleted by the checkpoint's save
+    (it took it for an incomplete one of its own; lora-run renames checkpoints into place whole, so it never leaves
+    one). The save now stops the run naming it (exit 2), the folder and the earlier checkpoint kept."""
+    from lora_run_native.train import Trainer
+
+    real = Trainer._micro_step
+    run, recipe = tmp_path / "run", tiny_recipe()
+    theirs = run / "checkpoints" / "step-000004"
+
+    def micro(self, state, batch, step, *a, **kw):
+        if step + 1 == 3 and not theirs.exists():
+            theirs.mkdir()
+            (theirs / "notes.txt").write_text("mine")
+        return real(self, state, batch, step, *a, **kw)
+    monkeypatch.setattr(Trainer, "_micro_step", micro)
+    code = main([str(recipe), "--output-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "step-000004: something lora-run did not write is where this checkpoint goes" in err, err
+    assert "Traceback" not in err and sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+    assert (run / "checkpoints" / "step-000002" / "resume" / "state.json").is_file()
+    assert not list((run / "checkpoints").glob(".step-*")), "the half-written checkpoint is removed"
