@@ -350,6 +350,11 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
     "manifest written not a list": (_manifest_edit(written="checkpoints"), 'has a damaged "written" list'),
     "manifest written holding a number": (_manifest_edit(written=["checkpoints", 7]), 'has a damaged "written" list'),
     "manifest status a number": (_manifest_edit(status=3), 'has a damaged "status"'),
+    # the manifest is named first: the other resume checks read it (a checkpoint it lists is lora-run's)
+    "manifest not JSON and a checkpoint's state deleted": (
+        lambda run: ((run / "manifest.json").write_text("{"),
+                     (run / "checkpoints" / "step-000004" / "resume" / "state.json").unlink()),
+        "manifest.json: cannot resume: the manifest is not valid JSON"),
     "manifest deleted": (lambda run: (run / "manifest.json").unlink(),
                          "the manifest is missing, while the folder holds what runs write after it (cache, checkpoints"),
     "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
