@@ -451,7 +451,8 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     recipe = validate(loaded, plugins).recipe
     report = lint(recipe, plugins)
     subject = [i.image for i in report.usable if not i.is_reg]
-    left_out = [i.image for i in scan_dataset(recipe, plugins) if not i.is_reg and i.image not in subject]
+    kept = set(subject)
+    left_out = [i.image for i in scan_dataset(recipe, plugins) if not i.is_reg and i.image not in kept]
     unreadable = unreadable_images(left_out, f"{loaded.shown}: [dataset.path]")    # not left out unseen
     if unreadable:
         raise DatasetError("\n".join(unreadable))

@@ -206,7 +206,10 @@ def _manifest_damage(path: Path) -> str | None:
     dropped, not trusted.)"""
     manifest = path / MANIFEST
     if not os.path.lexists(manifest):
-        later = sorted(c.name for c in path.iterdir() if c.name not in _BEFORE_MANIFEST and not _ours_only(c))
+        try:
+            later = sorted(c.name for c in path.iterdir() if c.name not in _BEFORE_MANIFEST and not _ours_only(c))
+        except OSError:      # an unreadable folder: ``prepare`` names it
+            return None
         return (f"is missing, while the folder holds what runs write after it ({', '.join(shown(n) for n in later[:4])}"
                 f"{', …' if len(later) > 4 else ''})") if later else None
     try:
