@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from lora_run.errors import BackendError, LoraRunError, OutputError, PluginError, RecipeError
+from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError
 from lora_run.files import FileProblem, GiB, check_input_file, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
@@ -206,6 +206,7 @@ class Evaluation:
     def subject(self) -> M.Subject:
         if self._subject is None:
             self._subject = M.embed_subject(self.embedder, self.subject_paths)
+            _refuse_unreadable(self._subject.results, DatasetError, "subject photo")
             s = self._subject
             self.echo(f"eval: subject: {len(s.faces)} faces in {len(s.results)} photos "
                       f"(embedder {self.embedder.name})")
@@ -214,6 +215,7 @@ class Evaluation:
     def add(self, label: str, step: int | None, path: str, samples: list[M.Sample]) -> dict[str, Any]:
         started = time.monotonic()
         M.embed_samples(self.embedder, samples)
+        _refuse_unreadable([s.result for s in samples], BackendError, "image to score")
         result = M.analyze(samples, self.subject, self.embedder, text_encoder_trained=self.text_encoder_trained)
         self.echo(f"eval: {label}: {len(samples)} images scored in {time.monotonic() - started:.1f} s")
         self.results[label] = result
@@ -279,6 +281,16 @@ class Evaluation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / METRICS_FILE, json.dumps(data, indent=2, default=str) + "\n")
         atomic_write_text(self.out_dir / REPORT_FILE, render(data))
+
+
+def _refuse_unreadable(results: Sequence[Any], error: type[LoraRunError], what: str) -> None:
+    """A file that does not decode is never scored as an image without a face (it would lower the face rate and
+    the identity verdict unseen): the error names each one. (`score` and `eval` refuse the files they are given
+    before any model loads, ``unreadable_images``; this is the last guard, for the images a generator wrote.)"""
+    bad = [f"{shown(r.path)}: the {what} cannot be scored: {r.note.removeprefix('unreadable image: ')}"
+           for r in results if r is not None and not r.readable]
+    if bad:
+        raise error(bad[0] + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
 
 def _f(value: Any) -> str:
@@ -412,7 +424,7 @@ def _clear_output(path: Path, overwrite: bool) -> None:
 def cmd_eval(args: Any, plugins: Any) -> int:
     """`lora-run eval RECIPE --lora FILE [--lora FILE ...] [--output-dir D] [--overwrite] [--json]`."""
     from lora_run.recipe import load_recipe
-    from lora_run.run import lint, validate
+    from lora_run.run import lint, scan_dataset, validate
 
     refuse_empty_output_dir(args.output_dir)    # not the default folder next to the LoRA
     loaded = load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins)
@@ -439,6 +451,11 @@ def cmd_eval(args: Any, plugins: Any) -> int:
     recipe = validate(loaded, plugins).recipe
     report = lint(recipe, plugins)
     subject = [i.image for i in report.usable if not i.is_reg]
+    kept = set(subject)
+    left_out = [i.image for i in scan_dataset(recipe, plugins) if not i.is_reg and i.image not in kept]
+    unreadable = unreadable_images(left_out, f"{loaded.shown}: [dataset.path]")    # not left out unseen
+    if unreadable:
+        raise DatasetError("\n".join(unreadable))
     if not subject:
         raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
     _clear_output(out, args.overwrite)
@@ -490,18 +507,34 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
     return 0
 
 
+def unreadable_images(paths: Sequence[Path], flag: str) -> list[str]:
+    """A line naming each file of ``paths`` that does not decode as an image (a text file named `.png`, a truncated
+    or empty one), found before any model loads: scored, it would count as an image without a face."""
+    from lora_run_folder.images import ImageProblem, open_rgb
+
+    bad = []
+    for path in paths:
+        try:
+            open_rgb(path)
+        except ImageProblem as exc:
+            bad.append(f"{flag} {shown(path)}: cannot be scored: {exc}; replace it, or move it out of the folder")
+    return bad
+
+
 def _folder_images(given: str, flag: str) -> list[Path]:
+    """The images of a folder given to `score`: its files with an image extension (captions, JSON and other files
+    beside them are neither scored nor counted; each must decode, ``unreadable_images``)."""
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
     if not str(given).strip():      # Path("") is the current folder: never score that by accident
         raise RecipeError(f"{flag}: an empty path; give the folder of images")
     folder = Path(given).expanduser()
     if not folder.is_dir():
-        raise RecipeError(f"{flag} {folder}: not a folder")
+        raise RecipeError(f"{flag} {shown(folder)}: not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                    and not p.name.startswith("."))
     if not files:
-        raise RecipeError(f"{flag} {folder}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
+        raise RecipeError(f"{flag} {shown(folder)}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
     return files
 
 
@@ -516,6 +549,10 @@ def cmd_score(args: Any, plugins: Any) -> int:
     subject = _folder_images(args.subject, "--subject")
     images = _folder_images(args.images, "--images")
     control = _folder_images(args.control, "--control") if args.control is not None else []
+    unreadable = [line for flag, files in (("--subject", subject), ("--images", images), ("--control", control))
+                  for line in unreadable_images(files, flag)]
+    if unreadable:
+        raise RecipeError(unreadable)
     raw: dict[str, Any] = {}
     def option_keys(reg: Any) -> set[str]:
         return set(attrs.fields_dict(reg.options)) if reg.options is not None and attrs.has(reg.options) else set()

@@ -9,7 +9,8 @@ Two implementations share one interface (:class:`Embedder`):
   detector (five keypoints) or else from the dlib HOG detector and its landmarks; each face is aligned to
   the standard ArcFace 112×112 five-point template with a similarity transform. Distance: 1 − cosine.
 
-"No face found" is a result (``FaceResult.face is None`` with a reason), never an exception.
+"No face found" is a result (``FaceResult.face is None`` with a reason), never an exception; so is a file that does
+not decode (``readable=False``), which the evaluation then refuses rather than count as an image without a face.
 numpy, dlib and onnxruntime are imported inside the functions that need them.
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ class FaceResult:
     face: Face | None
     faces_found: int
     note: str = ""          # "no face found", "unreadable image: …"
+    readable: bool = True   # False: the file is no image Pillow decodes (never scored as "no face": see evaluator)
 
 
 class Embedder:
@@ -123,9 +125,9 @@ class Embedder:
         try:
             image = open_rgb(Path(path)).image
         except ImageProblem as exc:
-            return FaceResult(str(path), None, 0, f"unreadable image: {exc}")
+            return FaceResult(str(path), None, 0, f"unreadable image: {exc}", readable=False)
         except OSError as exc:
-            return FaceResult(str(path), None, 0, f"unreadable image: {exc.strerror or exc}")
+            return FaceResult(str(path), None, 0, f"unreadable image: {exc.strerror or exc}", readable=False)
         return self.embed_image(image, str(path))
 
     def embed_image(self, image: Any, label: str = "") -> FaceResult:

@@ -77,13 +77,14 @@ def run_processes(run, output_dir, overwrite):
 
 @hookimpl
 def check_resume(run_dir, recipe, loaded, report, allow_dataset_change, plugins):
-    """A native run's checkpoints, before anything is written: no file or link where a checkpoint folder goes, and
-    no checkpoint of a recipe this one differs from where a resumed run cannot follow it."""
+    """A native run's checkpoints, before anything is written: no file or link where a checkpoint folder goes, no
+    folder there lora-run did not write, and no checkpoint of a recipe this one differs from where a resumed run
+    cannot follow it."""
     from lora_run.errors import OutputError, RecipeError
     from lora_run.files import shown
     from lora_run.recipe import to_dict
 
-    from .checkpoint import misplaced_entries, recorded_recipe_differences
+    from .checkpoint import misplaced_entries, recorded_checkpoints, recorded_recipe_differences, unwritten_checkpoints
 
     backend = plugins.registry["backend"].get(recipe.backend.name)
     if backend is None or backend.factory is not make_backend:
@@ -93,6 +94,12 @@ def check_resume(run_dir, recipe, loaded, report, allow_dataset_change, plugins)
     if misplaced:
         raise OutputError(f"{shown(run_dir.path)}: cannot resume: {'; '.join(misplaced)} (checkpoints are folders lora-run "
                           "writes); move it out of the run folder, or start a new run with --output-dir")
+    unwritten = unwritten_checkpoints(root, recorded_checkpoints(run_dir.read_manifest()))
+    if unwritten:     # moved aside as damaged, it would be renamed; written into, replaced
+        raise OutputError(f"{shown(run_dir.path)}: cannot resume: {', '.join(shown(f.relative_to(run_dir.path)) for f in unwritten)} "
+                          f"{'is a folder' if len(unwritten) == 1 else 'are folders'} lora-run did not write (no "
+                          "checkpoint state in it, and no checkpoint of that name recorded in the manifest); move it "
+                          "out of the run folder, or start a new run with --output-dir")
     differences = recorded_recipe_differences(root, to_dict(recipe))
     if differences:
         state, keys = differences[-1]

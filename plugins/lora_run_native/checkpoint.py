@@ -16,7 +16,9 @@ Only safetensors and JSON are read back (no pickle).
 ``state.json`` records the size and SHA-256 of every other file of the folder. ``--resume`` verifies them
 (``newest_intact``): a damaged checkpoint (truncated, emptied, bit-flipped) is moved aside to
 ``step-NNNNNN.damaged`` with a warning naming the file, and the newest intact one is used; when none is
-usable the error names each damaged file.
+usable the error names each damaged file. A folder under a checkpoint's name that lora-run did not write (no state
+of its own, not among the checkpoints the manifest records after every save) is refused instead
+(``unwritten_checkpoints``): it is never renamed, deleted or written into.
 """
 from __future__ import annotations
 
@@ -201,6 +203,9 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
     final = checkpoint_dir(root, step)
     if (final / STATE).is_file():
         return final
+    if os.path.lexists(final):       # never ours: ours are renamed in whole (``--resume`` refused those it found)
+        raise OutputError(f"{shown(final)}: something lora-run did not write is where this checkpoint goes (it holds "
+                          "no checkpoint state); move it out of the run folder, then continue with --resume")
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     weights = {k: v.detach().to("cpu").float().contiguous() for k, v in trainable.items()}
@@ -226,8 +231,6 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
             fh.write(json.dumps(state))
             fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():                    # an incomplete folder of the same step (no state.json)
-            shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)        # our own half-written folder (frees its space too)
@@ -258,7 +261,7 @@ def verify(folder: Path) -> str | None:
         return f"{shown(state_path)}: {exc}"
     except (OSError, ValueError) as exc:
         return f"{shown(state_path)}: not readable JSON ({type(exc).__name__})"
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
+    if not isinstance(state, dict) or not _is_state(state):
         return f"{shown(state_path)}: not a checkpoint state"
     records = state.get("files")
     if isinstance(records, dict):
@@ -301,12 +304,40 @@ def candidate_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def recorded_checkpoints(manifest: dict[str, Any]) -> set[str]:
+    """The names of the checkpoint folders a run folder's manifest records its runs saved (``artifacts.checkpoints``,
+    written after every save); none from a record of the wrong shape."""
+    artifacts = manifest.get("artifacts")
+    entries = artifacts.get("checkpoints") if isinstance(artifacts, dict) else None
+    names = set()
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("dir"), str):
+            names.add(Path(entry["dir"]).name)
+        elif isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            names.add(checkpoint_dir(Path(), entry["step"]).name)
+    return names
+
+
+def _is_state(state: dict[str, Any]) -> bool:
+    return isinstance(state.get("step"), int) and "optimizer" in state
+
+
+def unwritten_checkpoints(root: Path, recorded: set[str]) -> list[Path]:
+    """The folders under a checkpoint's name lora-run did not write: neither holding a checkpoint state of their own
+    (``resume/state.json``: lora-run renames a checkpoint into place whole, its state written last) nor among the
+    checkpoints the run folder records (``recorded_checkpoints``: one lora-run wrote whose state was damaged since).
+    ``--resume`` refuses them: moving them aside as damaged would rename what lora-run did not create."""
+    return [folder for _step, folder in candidate_checkpoints(root)
+            if folder.name not in recorded and not _is_state(_state_record(folder))]
+
+
 def newest_intact(root: Path, warn: Callable[[str], None] = print, move_damaged: bool = True
                   ) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest checkpoint that verifies and loads, with its data, or (None, None) when there is none at all.
     Damaged newer ones are named in a warning and moved aside (``step-NNNNNN.damaged``) so that training
     can write those steps again; when checkpoints exist but none is usable, OutputError names every damaged
-    file (and they stay where they are, so a later ``--resume`` says the same)."""
+    file (and they stay where they are, so a later ``--resume`` says the same). Every folder here is one lora-run
+    wrote: ``check_resume`` refused the others first (``unwritten_checkpoints``)."""
     damaged: list[tuple[Path, str]] = []
     for _step, folder in reversed(candidate_checkpoints(root)):
         problem = verify(folder)

@@ -1038,6 +1038,7 @@ class Trainer:
             kept.append({"step": step, "dir": str(folder),
                          **{f"lora_{fmt}": str(folder / rel) for fmt, rel in loras.items()}})
         self.ctx.artifacts["checkpoints"] = kept
+        self.run_dir.update_manifest(artifacts={"checkpoints": kept})   # which ones lora-run wrote, before any kill
         self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
         self.checkpoint_seconds += time.perf_counter() - started
         self._mark_round()

@@ -40,11 +40,13 @@ def check_recipe(recipe: Any) -> list:
     return output_key_problems(recipe)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)     # the run folder itself first: other plugins' checks read its records
 def check_resume(run_dir: Any, recipe: Any, loaded: Any, report: Any, allow_dataset_change: bool,
                  plugins: Any) -> None:
     from .resume import check_dataset_unchanged, check_recipe_unchanged
 
+    if isinstance(run_dir, RunDir):
+        run_dir.check_resumable()
     check_recipe_unchanged(run_dir, recipe, loaded.shown, plugins)
     if not allow_dataset_change:
         check_dataset_unchanged(run_dir, report, loaded.shown)

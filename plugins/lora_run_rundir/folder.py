@@ -195,6 +195,45 @@ def _misshapen(path: Path) -> list[str]:
     return out
 
 
+#: All a run writes before its first manifest (besides its lock, reserve and temporary files).
+_BEFORE_MANIFEST = {RECIPE, LOG}
+
+
+def _manifest_damage(path: Path) -> str | None:
+    """Why a run folder's manifest cannot be trusted by ``--resume``, or None: it does not read as a JSON object
+    lora-run wrote, its ``written`` list or its ``status`` has the wrong type, or it is missing while the folder holds
+    more than a run writes before its first manifest. (Its other values are informative: one of the wrong type is
+    dropped, not trusted.)"""
+    manifest = path / MANIFEST
+    if not os.path.lexists(manifest):
+        try:
+            later = sorted(c.name for c in path.iterdir() if c.name not in _BEFORE_MANIFEST and not _ours_only(c))
+        except OSError:      # an unreadable folder: ``prepare`` names it
+            return None
+        return (f"is missing, while the folder holds what runs write after it ({', '.join(shown(n) for n in later[:4])}"
+                f"{', …' if len(later) > 4 else ''})") if later else None
+    try:
+        data = json.loads(read_limited(manifest, "json", JSON_LIMIT))
+    except FileProblem as exc:
+        return str(exc)
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return f"is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno})"
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    if not isinstance(data, dict):
+        return f"is not a JSON object (a {type(data).__name__})"
+    if not isinstance(data.get("lora_run_version"), str):
+        return "is not one lora-run wrote (no lora_run_version)"
+    written = data.get(WRITTEN, [])
+    if not isinstance(written, list) or not all(isinstance(n, str) for n in written):
+        return f"has a damaged \"{WRITTEN}\" list (a list of the names of what runs wrote here)"
+    if not isinstance(data.get("status", ""), str):     # whether the run completed: a completed one is not trained again
+        return "has a damaged \"status\" (not a text)"
+    return None
+
+
 class RunDir:
     """A run's output folder."""
 
@@ -222,15 +261,7 @@ class RunDir:
             raise OutputError(f"{shown(p)}: cannot read the output folder ({exc.strerror})") from None
         self.found = {c.name for c in existing}
         if resume:
-            # a run killed between writing recipe.toml and its first manifest is still resumable
-            if not (p / MANIFEST).is_file() and not (p / RECIPE).is_file():
-                raise OutputError(f"{shown(p)}: nothing to resume (no {MANIFEST}); start without --resume")
-            if not is_run_folder(p):
-                raise OutputError(f"{shown(p)}: nothing to resume: {MANIFEST} there was not written by lora-run")
-            misshapen = _misshapen(p)
-            if misshapen:   # the run would train and then fail writing there (exit 1); nothing is touched now
-                raise OutputError(f"{shown(p)}: cannot resume: {'; '.join(misshapen)} (not as lora-run wrote it); "
-                                  "restore it, or start a new run with --output-dir")
+            self.check_resumable()
             self._lock()
         elif existing and not overwrite:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
@@ -266,6 +297,27 @@ class RunDir:
         except OSError as exc:
             self.release()
             raise OutputError(f"{shown(p)}: cannot write to the output folder ({exc.strerror})") from None
+
+    def check_resumable(self) -> None:
+        """``--resume``, before anything is written (the ``check_resume`` hook asks first, ``prepare`` again): a run
+        folder lora-run wrote, its own entries still as it wrote them, and a manifest it can trust (``_manifest_damage``).
+        OutputError (exit 2) names what is wrong."""
+        p = self.path
+        # a run killed between writing recipe.toml and its first manifest is still resumable
+        if not (p / MANIFEST).is_file() and not (p / RECIPE).is_file():
+            raise OutputError(f"{shown(p)}: nothing to resume (no {MANIFEST}); start without --resume")
+        if not is_run_folder(p):
+            raise OutputError(f"{shown(p)}: nothing to resume: {MANIFEST} there was not written by lora-run")
+        misshapen = _misshapen(p)
+        if misshapen:   # the run would train and then fail writing there (exit 1); nothing is touched now
+            raise OutputError(f"{shown(p)}: cannot resume: {'; '.join(misshapen)} (not as lora-run wrote it); "
+                              "restore it, or start a new run with --output-dir")
+        damage = _manifest_damage(p)
+        if damage:      # the resume would rewrite it without the record of what lora-run wrote here
+            raise OutputError(f"{shown(p / MANIFEST)}: cannot resume: the manifest {damage}; it records which files "
+                              "lora-run wrote in this run folder (the only ones it may replace or delete), and a resume "
+                              "would rewrite it without that record; restore it (from a backup), or start a new run "
+                              "with --output-dir (nothing was written)")
 
     def _lock(self) -> None:
         lock = RunLock(self.path)
@@ -376,7 +428,7 @@ class RunDir:
         """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
         aside, the resolved recipe, the manifest (status "running"; the process count of a launched run) and the
         dataset record written."""
-        from lora_run.recipe import dump_recipe
+        from lora_run.recipe import dump_recipe, replace
 
         recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
         self.started, self.resumed = time.time(), resume
@@ -386,8 +438,10 @@ class RunDir:
                 for tmp in remove_temp_files(self.path):
                     self.log(f"removed the temporary file of an interrupted write: {tmp.name}")
         self.reserve()
-        self.write_text(RECIPE, dump_recipe(recipe, header=f"Resolved from {loaded.shown} by lora-run "
-                                            f"{__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
+        earlier_dir = _recorded_output_dir(self.file(RECIPE)) if resume else None
+        self.write_text(RECIPE, dump_recipe(
+            replace(recipe, output={"dir": earlier_dir}) if earlier_dir else recipe,
+            header=f"Resolved from {loaded.shown} by lora-run {__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
         manifest = manifest_base(run)
         manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if run.process.launched:
@@ -442,6 +496,20 @@ class RunDir:
         except (OSError, LoraRunError) as exc:
             echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")
         self.log(f"run {status}")
+
+
+def _recorded_output_dir(recipe_file: Path) -> str | None:
+    """The `[output] dir` a run folder's resolved recipe records, or None. A resume keeps it: `--output-dir` named
+    the folder, and the recipe's own value, relative to the working folder, may resolve elsewhere from another one
+    (the recorded recipe, re-run, must still find this folder)."""
+    from lora_run.files import RECIPE_LIMIT
+    from lora_run.recipe import tomllib
+
+    try:
+        value = tomllib.loads(read_limited(recipe_file, "recipe", RECIPE_LIMIT).decode("utf-8"))["output"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, FileProblem):
+        return None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def manifest_base(run: Any) -> dict[str, Any]:

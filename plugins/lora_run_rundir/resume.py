@@ -13,6 +13,10 @@ from .folder import DATASET_RECORD, JSON_LIMIT, RECIPE, RunDir
 
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
                       ("train", "save_every_epochs"), ("train", "keep_last"), ("sample",), ("eval",)}
+#: Not compared at all: `[output] dir` only says where the run folder is, and the folder resumed is the one found
+#: (`--output-dir`, or that key); a relative one (the default `runs/{name}`) resolves against the working folder,
+#: so the same folder resumed from another working folder reads another value.
+_WHERE_THE_FOLDER_IS = {("output", "dir")}
 
 
 #: May change on resume as long as the batch all processes train on together (their product) stays the same.
@@ -31,7 +35,8 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple
                        f"{b.get('batch_size', 1)} × {b.get('gpus', 1)} now)")
     for key in sorted(set(saved) | set(new)):
         here = (*prefix, key)
-        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH:
+        if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH \
+                or here in _WHERE_THE_FOLDER_IS:
             continue
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -237,3 +237,55 @@ def test_ctrl_c_while_scoring_in_worker_processes_exits_130_without_a_traceback(
     while group() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not group(), group()
+
+
+def test_score_skips_other_files_and_refuses_an_image_that_does_not_decode(run_cli, tmp_path, subject_dir):
+    """`score` counted a file with an image extension that does not decode as an image without a face (exit 0, the
+    face rate and the verdict lowered unseen). Files that are not images by extension (captions, JSON beside the
+    samples) are neither scored nor counted; an image file that does not decode, in any of the folders, is bad input:
+    exit 2 before any model loads, one line naming each file (escaped), nothing written."""
+    import shutil
+
+    images, control = folders(tmp_path, subject_dir)
+    (images / "gen0.txt").write_text("ohwx, a caption", encoding="utf-8")
+    (images / "samples.json").write_text("{}", encoding="utf-8")
+    done = run_cli("score", "--subject", subject_dir, "--images", images, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["results"]["images"]
+    assert len(result["images"]) == 3 and result["identity"]["face_rate"] == 1.0      # the .txt and .json: not counted
+
+    subject = tmp_path / "subject"
+    shutil.copytree(subject_dir, subject)
+    (images / "notes.png").write_text("not a picture", encoding="utf-8")
+    (subject / "empty.jpg").write_bytes(b"")
+    (control / "cut\nshort.png").write_bytes((control / "ctl0.png").read_bytes()[:200])
+    report = tmp_path / "score.html"
+    done = run_cli("score", "--subject", subject, "--images", images, "--control", control, "--report", report)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "--subject" in lines[0] and "empty.jpg: cannot be scored: empty file (0 bytes)" in lines[0], lines
+    assert "--images" in lines[1] and "notes.png: cannot be scored: not an image Pillow can read" in lines[1], lines
+    assert "--control" in lines[2] and "cut\\nshort.png\": cannot be scored: truncated" in lines[2], lines
+    assert "eval: subject" not in done.stdout and not report.exists()
+    # the control: with the bad files gone the same folders score
+    for bad in (images / "notes.png", subject / "empty.jpg", control / "cut\nshort.png"):
+        bad.unlink()
+    assert run_cli("score", "--subject", subject, "--images", images, "--control", control).returncode == 0
+
+
+def test_an_image_that_does_not_decode_is_never_scored_as_no_face(tmp_path, subject_dir, dlib_embedder):
+    """The last guard, for images a generator wrote (`eval`, the run's evaluation): one that does not decode stops the
+    evaluation naming it (exit 1: lora-run's own output), instead of counting as a generated image without a face."""
+    from lora_run.errors import BackendError
+    from lora_run_eval.evaluator import Evaluation
+    from lora_run_eval.metrics import Sample
+
+    good = save({"gen0": astronaut_scene(0)}, tmp_path / "grid")[0]
+    broken = tmp_path / "grid" / "gen1.png"
+    broken.write_bytes(good.read_bytes()[:100])
+    ev = Evaluation(dlib_embedder, sorted(subject_dir.glob("*.png")), tmp_path / "eval", echo=lambda _m: None)
+    with pytest.raises(BackendError) as caught:
+        ev.add("final", None, "lora", [Sample(str(good), "gen0"), Sample(str(broken), "gen1")])
+    assert "gen1.png: the image to score cannot be scored: truncated" in str(caught.value), str(caught.value)
+    assert ev.add("final", None, "lora", [Sample(str(good), "gen0")])["identity"]["face_rate"] == 1.0   # the control

@@ -64,3 +64,27 @@ def test_eval_command_generates_the_grid_for_a_lora_and_its_checkpoints(demo_run
     assert (out / "report.html").is_file() and (out / "metrics.json").is_file()
     again = cli("eval", run / "recipe.toml", "--lora", final, "--output-dir", out, cwd=tmp_path)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_eval_refuses_a_subject_photo_that_does_not_decode(demo_run, tmp_path):
+    """`eval` compared the grid with the subject photos the dataset lint kept, leaving out unseen one that does not
+    decode; it is refused as in `score` (exit 2, one line naming the file), before any model loads or anything is
+    written. The control: the same command with the photo removed evaluates."""
+    import shutil
+
+    run, _ = demo_run
+    data = tmp_path / "subject"
+    shutil.copytree(run.parent / "assets" / "data" / "subject", data)
+    (data / "broken.png").write_text("not a picture", encoding="utf-8")
+    (data / "broken.txt").write_text("ohwx, a cartoon face", encoding="utf-8")
+    args = ("eval", run / "recipe.toml", "--lora", run / "tiny-flux-demo.safetensors", "--output-dir",
+            tmp_path / "eval", "--set", f'dataset.path="{data}"', "--set", "eval.prompts=['{trigger}']",
+            "--set", "eval.strengths=[1.0]")
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[dataset.path]" in done.stderr and "broken.png: cannot be scored: not an image Pillow can read" \
+        in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "generating" not in done.stdout and not (tmp_path / "eval").exists()
+    (data / "broken.png").unlink()
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

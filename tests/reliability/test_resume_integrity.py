@@ -339,6 +339,24 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
         json.dumps({"files": {"subject/img000.png": "x", "subject/img001.png": [1]}})), "dataset changed"),
     "manifest a folder": (lambda run: ((run / "manifest.json").unlink(), (run / "manifest.json").mkdir()),
                           "manifest.json is not a regular file"),
+    # a damaged manifest: the resume rewrote it with an empty "written" list, so lora-run forgot what it wrote here
+    "manifest not JSON": (lambda run: (run / "manifest.json").write_text('{"lora_run_version": "0.'),
+                          "manifest.json: cannot resume: the manifest is not valid JSON"),
+    "manifest emptied": (lambda run: (run / "manifest.json").write_bytes(b""), "the manifest is not valid JSON"),
+    "manifest not UTF-8": (lambda run: (run / "manifest.json").write_bytes(b'{"a": "\xff"}'), "is not UTF-8 text"),
+    "manifest a list": (lambda run: (run / "manifest.json").write_text("[1, 2]"), "is not a JSON object (a list)"),
+    "manifest an empty object": (lambda run: (run / "manifest.json").write_text("{}"),
+                                 "is not one lora-run wrote (no lora_run_version)"),
+    "manifest written not a list": (_manifest_edit(written="checkpoints"), 'has a damaged "written" list'),
+    "manifest written holding a number": (_manifest_edit(written=["checkpoints", 7]), 'has a damaged "written" list'),
+    "manifest status a number": (_manifest_edit(status=3), 'has a damaged "status"'),
+    # the manifest is named first: the other resume checks read it (a checkpoint it lists is lora-run's)
+    "manifest not JSON and a checkpoint's state deleted": (
+        lambda run: ((run / "manifest.json").write_text("{"),
+                     (run / "checkpoints" / "step-000004" / "resume" / "state.json").unlink()),
+        "manifest.json: cannot resume: the manifest is not valid JSON"),
+    "manifest deleted": (lambda run: (run / "manifest.json").unlink(),
+                         "the manifest is missing, while the folder holds what runs write after it (cache, checkpoints"),
     "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
                            "checkpoints is not a folder"),
     # a file or a link under a checkpoint's name: the resume trained up to that step and then crashed writing it
@@ -365,7 +383,9 @@ def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_
     """A manifest or dataset record whose values have the wrong JSON type crashed `--resume` with "unexpected
     AttributeError" (exit 1); a folder where the manifest was, or a file where checkpoints go, let the resume
     train and then fail writing there (exit 1). Now the wrong types are not trusted (a damaged dataset record
-    counts as a changed dataset), and misshapen entries are refused before anything runs (exit 2, named)."""
+    counts as a changed dataset), and misshapen entries are refused before anything runs (exit 2, named). A
+    manifest that is damaged as a whole (not JSON, not lora-run's, its `written` list or `status` of the wrong type,
+    deleted) was rewritten by the resume with an empty `written` list: it is refused, naming the manifest."""
     recipe, run, _ = _copy(base_run, tmp_path)
     hurt, named = RECORD_DAMAGE[damage]
     hurt(run)
@@ -378,6 +398,7 @@ def test_resume_of_a_run_folder_with_damaged_records_is_refused_or_goes_on(base_
         assert _status(run) == "completed"
     else:
         assert code == 2 and named in err, err
+        assert len(err.strip().splitlines()) == 1 and ("restore it" in err or "move it out" in err), err
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before    # nothing written
     figures("resume integrity", cases=1, faults=1)
 
@@ -419,3 +440,127 @@ def test_a_checkpoint_of_another_recipe_is_refused(base_run, tmp_path, capsys, c
     else:   # an older checkpoint holds nothing that tells these apart
         assert code == 0, err
     figures("resume integrity", cases=1, faults=1)
+
+
+# ------------------------------------------------------------------------------ where the run folder is
+@pytest.mark.slow
+def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, capsys, monkeypatch, figures):
+    """The recipe's `[output] dir` (the default `runs/{name}`) resolves against the working folder; resumed from
+    another one with `--output-dir` naming the run folder, the resume was refused as "the recipe changed at
+    [output.dir]". The folder resumed is the one named; the run folder's recipe keeps the `[output] dir` it
+    recorded, so re-running it still finds that folder."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    recorded = [line for line in (run / "recipe.toml").read_text("utf-8").splitlines() if line.startswith("dir = ")]
+    assert recorded and str(tmp_path) not in recorded[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "[output.dir]" not in out.err and "step-000004 (step 4 of 8)" in out.out + out.err
+    assert _status(run) == "completed" and not any(elsewhere.iterdir()), "nothing is written where it was run from"
+    assert [line for line in (run / "recipe.toml").read_text("utf-8").splitlines()
+            if line.startswith("dir = ")] == recorded
+    # a changed recipe is still refused from there, naming the key
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=10", "--set", "lora.rank=8"])
+    assert code == 2 and "[lora.rank]" in capsys.readouterr().err
+    figures("resume integrity", cases=2, faults=2)
+
+
+# ------------------------------------------------------------------ checkpoint folders lora-run did not write
+def _tree(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+FOREIGN_CHECKPOINTS = {   # name: (the folder lora-run did not write, what goes into it)
+    "an empty folder at the next step": ("step-000006", {}),
+    "a folder of the user's files at a later step": ("step-000010", {"picked.txt": "mine"}),
+    "an empty folder older than the intact checkpoints": ("step-000001", {}),
+    "a folder holding a state.json that is not a checkpoint's": ("step-000008", {"resume/state.json": '{"step": 8}'}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FOREIGN_CHECKPOINTS))
+def test_a_checkpoint_folder_lora_run_did_not_write_is_refused_not_renamed(base_run, tmp_path, capsys, case,
+                                                                           figures):
+    """An empty folder a user made at `checkpoints/step-000006` was taken for a damaged checkpoint and renamed to
+    `step-000006.damaged` by `--resume`. A folder under a checkpoint's name that holds no checkpoint state and that the
+    manifest does not record among the checkpoints runs saved is not lora-run's: the resume is refused before
+    anything is written (exit 2, naming it), and nothing in it or around it is renamed, deleted or written."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    name, files = FOREIGN_CHECKPOINTS[case]
+    folder = run / "checkpoints" / name
+    folder.mkdir()
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    before, manifest = _tree(run), (run / "manifest.json").read_bytes()
+    for _attempt in range(2):     # and it says the same again: nothing was moved
+        code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=12"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"cannot resume: checkpoints/{name} is a folder lora-run did not write" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "move it out" in err, err
+        assert _tree(run) == before and (run / "manifest.json").read_bytes() == manifest
+    assert all((folder / rel).read_text() == text for rel, text in files.items())
+    # moved out of the run folder by the user, as the message says, the resume goes on
+    folder.rename(tmp_path / name)
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    figures("resume integrity", cases=2, faults=2)
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_of_a_killed_run_is_still_known_as_lora_runs(tiny_recipe, tmp_path, monkeypatch, capsys,
+                                                                         figures):
+    """A checkpoint lora-run wrote whose state was damaged since is moved aside as before, also after a kill, when
+    the run's final manifest (with its artifacts) was never written: the manifest records the checkpoints after every
+    save. The run is stopped in effect after step 5 by putting back the manifest it had then."""
+    from lora_run_native.train import Trainer
+
+    real, seen = Trainer._micro_step, {}
+
+    def micro(self, state, batch, step, *a, **kw):
+        if step + 1 == 5 and "manifest" not in seen:   # after the checkpoints of steps 2 and 4
+            seen["manifest"] = (run / "manifest.json").read_bytes()
+        return real(self, state, batch, step, *a, **kw)
+    monkeypatch.setattr(Trainer, "_micro_step", micro)
+    run, recipe = tmp_path / "run", tiny_recipe()
+    assert main([str(recipe), "--output-dir", str(run)]) == 0
+    monkeypatch.undo()
+    (run / "manifest.json").write_bytes(seen["manifest"])        # what a SIGKILL at step 5 leaves
+    assert json.loads(seen["manifest"])["status"] == "running"
+    (run / "checkpoints" / "step-000004" / "resume" / "state.json").unlink()
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    text = "".join(capsys.readouterr())
+    assert code == 0, text[-2000:]
+    assert "warning: checkpoint step-000004 is damaged" in text and "step-000002 (step 2 of 8)" in text, text[-2000:]
+    assert (run / "checkpoints" / "step-000004.damaged").is_dir()
+    figures("resume integrity", cases=1, faults=1)
+
+
+@pytest.mark.slow
+def test_a_folder_made_where_the_next_checkpoint_goes_is_never_deleted(tiny_recipe, tmp_path, monkeypatch, capsys):
+    """A folder that appears where the next checkpoint goes while a run trains was deleted by the checkpoint's save
+    (it took it for an incomplete one of its own; lora-run renames checkpoints into place whole, so it never leaves
+    one). The save now stops the run naming it (exit 2), the folder and the earlier checkpoint kept."""
+    from lora_run_native.train import Trainer
+
+    real = Trainer._micro_step
+    run, recipe = tmp_path / "run", tiny_recipe()
+    theirs = run / "checkpoints" / "step-000004"
+
+    def micro(self, state, batch, step, *a, **kw):
+        if step + 1 == 3 and not theirs.exists():
+            theirs.mkdir()
+            (theirs / "notes.txt").write_text("mine")
+        return real(self, state, batch, step, *a, **kw)
+    monkeypatch.setattr(Trainer, "_micro_step", micro)
+    code = main([str(recipe), "--output-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "step-000004: something lora-run did not write is where this checkpoint goes" in err, err
+    assert "Traceback" not in err and sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+    assert (run / "checkpoints" / "step-000002" / "resume" / "state.json").is_file()
+    assert not list((run / "checkpoints").glob(".step-*")), "the half-written checkpoint is removed"
