@@ -136,9 +136,7 @@ def _failure(exc: Any, logs: str, shown: str) -> LoraRunError:
     summary = ", ".join(f"rank {rank}: {code}" for rank, code in sorted(codes.items()))
     if codes and all(c == TrainingInterrupted.exit_code for c in codes.values()):
         return TrainingInterrupted(_last_error(_rank_output(logs, 0)) or "interrupted")
-    # the cause: a rank that was not stopped by torchrun (it ends the others with SIGTERM), the earliest first
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp,
-                                                          kv[0])) if failures else (0, None)
+    rank, failure = min(failures.items(), key=_cause_first) if failures else (0, None)
     code = failure.exitcode if failure is not None else 1
     tail = _rank_output(logs, failure.local_rank if failure is not None else rank)
     message = _last_error(tail)
@@ -153,6 +151,18 @@ def _failure(exc: Any, logs: str, shown: str) -> LoraRunError:
         what = f"failed with exit code {code}"
     return BackendError(f"{shown}: rank {rank} {what}" + (f": {message}" if message else "")
                         + f" (exit codes: {summary}); its last output:\n{tail or '(nothing)'}")
+
+
+def _cause_first(item: tuple[int, Any]) -> tuple[int, int, int]:
+    """The order in which failed ranks are taken for the cause: one killed by a signal (SIGKILL from the kernel's
+    out-of-memory killer or a user, a crash) before one that exited with an error (a peer's death breaks the others'
+    collectives, and they fail too), and last the ranks torchrun stopped (SIGTERM; 130, a run interrupted by it); the
+    earliest, then the lowest rank, within each. The timestamps alone cannot order them: a rank that wrote torchrun's
+    error file carries the second it failed, a rank killed by a signal the second torchrun noticed it."""
+    rank, failure = item
+    code = failure.exitcode
+    kind = 2 if code in (-signal.SIGTERM, TrainingInterrupted.exit_code) else 0 if code < 0 else 1
+    return kind, failure.timestamp, rank
 
 
 def _last_error(text: str) -> str:
