@@ -16,6 +16,7 @@ from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, Outp
 from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
+from lora_run_engines import tomlfile
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
@@ -27,7 +28,7 @@ NAME = "diffusion-pipe"
 
 
 def _toml(data: dict[str, Any], header: str) -> str:
-    return engines.commented(header, translate.dumps_toml(data))
+    return engines.commented(header, tomlfile.dumps(data))
 
 
 class Progress:
@@ -159,7 +160,8 @@ class DiffusionPipeBackend:
         config = translate.build_config(self.recipe, self.options, layout, examples=examples,
                                         loss_options=self._loss_options())
         dataset = translate.build_dataset(self.recipe, layout, self._set_counts())
-        problems = keydata.config_problems(config) + keydata.dataset_problems(dataset)
+        problems = keydata.config_problems(config) + keydata.dataset_problems(dataset) + [
+            f"{'.'.join(map(str, key))}: {why}" for data in (config, dataset) for key, why in tomlfile.misread(data)]
         if problems:  # a bug in the translation, not in the recipe
             raise PluginError("diffusion-pipe backend generated a config diffusion-pipe would not accept: "
                               + "; ".join(problems))

@@ -3,7 +3,8 @@
 Why not point diffusion-pipe at the dataset folders: it writes its cache into them (read-only datasets fail),
 it reads ``<stem>.txt`` captions as they are (our trigger policy and the regularisation sets' default caption
 would be lost), and it skips images without a caption. Here every usable image (after lint) is linked (or
-copied) as ``NNNNN_<name>`` next to ``NNNNN_<stem>.txt`` holding exactly the caption we train with. Images the
+copied) as ``NNNNN_<hash>_<stem>`` (the stem made safe for a file name: ``lora_run_engines.stage.safe_stem``)
+next to the same name's ``.txt`` holding exactly the caption we train with. Images the
 lint had to convert (EXIF rotation, CMYK, 16-bit, alpha, palette, animation) are written as converted PNGs,
 so diffusion-pipe sees the same pixels our other backends train on. The file names carry a hash of the image
 bytes and the caption: diffusion-pipe keys its cache on the file list, not on file contents, so an edited
@@ -19,7 +20,7 @@ from lora_run.dataset import Item
 from lora_run_folder import training_caption
 from lora_run_folder.images import open_rgb
 from lora_run.schema import Recipe
-from lora_run_engines.stage import Staged, sync_folder
+from lora_run_engines.stage import Staged, safe_stem, sync_folder
 
 #: Image files diffusion-pipe reads with Pillow as they are (others are converted to PNG).
 PASS_THROUGH = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -41,7 +42,7 @@ def stage(recipe: Recipe, items: list[Item], root: Path, set_names: list[str], *
         for index, item in enumerate(members):
             caption = training_caption(item, recipe.dataset)
             digest = hashlib.sha256(item.image.read_bytes() + b"\0" + caption.encode("utf-8")).hexdigest()[:10]
-            stem = f"{index:05d}_{digest}_{item.image.stem}"
+            stem = f"{index:05d}_{digest}_{safe_stem(item.image.stem)}"
             suffix = item.image.suffix.lower()
             if open_rgb(item.image).notes or suffix not in PASS_THROUGH:
                 wanted[f"{stem}.png"] = Staged("png", item.image)

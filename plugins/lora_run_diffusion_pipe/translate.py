@@ -233,26 +233,6 @@ def build_dataset(recipe: Recipe, layout: Layout, counts: dict[str, int] | None 
     }
 
 
-def dumps_toml(data: dict[str, Any]) -> str:
-    """TOML text (tomli-w, native types) in which lists of tables are written as `[[name]]` blocks.
-
-    diffusion-pipe reads its dataset config with the `toml` package, which turns inline tables into objects
-    that cannot be pickled for its multiprocessing caching; tomli-w would write short tables inline."""
-    import tomli_w
-
-    def is_table_list(value: Any) -> bool:
-        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-    text = tomli_w.dumps({k: v for k, v in data.items() if not is_table_list(v)})
-    for key, value in data.items():
-        if is_table_list(value):
-            for entry in value:
-                if any(isinstance(v, dict) or is_table_list(v) for v in entry.values()):
-                    raise ValueError(f"[[{key}]] entries must hold plain values")
-                text += f"\n[[{key}]]\n" + tomli_w.dumps(entry)
-    return text
-
-
 def launch_argv(launcher: str, config: Path, options: DiffusionPipeOptions,
                 resume_from: str | None = None) -> list[str]:
     """`deepspeed --num_gpus=N [--master_port=P] train.py --deepspeed --config FILE [...]` (run from the checkout)."""

@@ -4,8 +4,8 @@ An engine's key data (extracted from its source at a pinned commit and shipped w
 *schema* per table: key → kind, written in one small language:
 
 - ``any`` — the engine reads the key, its value is not checked here;
-- ``str``, ``Path`` (a string), ``int``, ``float`` (a TOML float: sd-scripts does not convert ``1`` to
-  ``1.0``), ``int_or_float``, ``bool``, ``null``, ``dict``;
+- ``str``, ``Path`` (a string), ``int``, ``float`` (a finite TOML float: sd-scripts does not convert ``1`` to
+  ``1.0``, nor refuse ``nan``), ``int_or_float``, ``bool``, ``null``, ``dict``;
 - ``[int,int]`` — a list of exactly those kinds; ``a|b`` — either.
 
 :func:`table_problems` lists the problems of one table (unknown keys, with a close match when there is one,
@@ -16,6 +16,7 @@ No torch, no engine import: ``lora-run check`` runs these.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 ANY = "any"
@@ -35,9 +36,9 @@ def _scalar_ok(kind: str, value: Any) -> bool:
     if kind == "int":
         return type(value) is int
     if kind == "float":
-        return type(value) is float
+        return type(value) is float and math.isfinite(value)
     if kind == "int_or_float":
-        return type(value) in (int, float)
+        return type(value) is int or (type(value) is float and math.isfinite(value))
     if kind == "bool":
         return type(value) is bool
     if kind == "null":

@@ -10,6 +10,7 @@ Only lora-run's staging folders are ever touched. No torch.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,13 @@ from typing import Callable
 import attrs
 
 from . import stage_link
+
+
+def safe_stem(stem: str) -> str:
+    """An image's stem as part of a staged file name: letters, digits, ``._-`` (others become ``_``), at most 80
+    characters, so the name fits the file system (a 255-byte stem plus our prefix does not) and holds no line
+    break or quote for the engine to trip over."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "image"
 
 
 @attrs.frozen

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import tomli_w
 
 from lora_run import __version__
 from lora_run.dataset import Item
@@ -29,8 +28,8 @@ from lora_run_rundir.space import check_free_space
 from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
-from lora_run_engines import borrowed_memory_estimate, commented
-from lora_run_engines.stage import Staged, sync_folder
+from lora_run_engines import borrowed_memory_estimate, commented, tomlfile
+from lora_run_engines.stage import Staged, safe_stem, sync_folder
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -44,10 +43,13 @@ CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohy
 RESERVED = {"config_file", "dataset_config", "output_config", "resume", "train_data_dir", "reg_data_dir", "in_json",
             "sample_prompts", "output_dir", "output_name", "network_module", "save_model_as", "logging_dir"}
 TAIL_LINES = 30
+#: generated options that hold a recipe value as it is written (the key a problem with it names)
+RECIPE_KEYS = {"output_name": ("output", "name"), "metadata_title": ("output", "name"),
+               "metadata_trigger_phrase": ("dataset", "trigger")}
 
 
 def _toml(config: dict[str, Any], header: str) -> str:
-    return commented(header, tomli_w.dumps(config))
+    return commented(header, tomlfile.dumps(config))
 
 
 class KohyaBackend:
@@ -139,6 +141,14 @@ class KohyaBackend:
             out.append((where, f"generated {CONFIG}: {message}"))
         for message in spec.check_dataset(tr.dataset):
             out.append((("dataset",), f"generated {DATASET}: {message}"))
+        named: set[tuple] = set()      # output_name and metadata_title both come from [output] name
+        for rel, table in ((CONFIG, tr.config), (DATASET, tr.dataset)):
+            for (section, key, *_), why in tomlfile.misread(table):
+                where = (("backend", "kohya", "extra_args", key) if section == "extra" else
+                         RECIPE_KEYS.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
+                if where not in named:
+                    named.add(where)
+                    out.append((where, f"generated {rel}: [{section}] {key}: {why}"))
         return out
 
     # ---------------------------------------------------------------------------------------------- plan
@@ -503,10 +513,6 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 
 
 # -------------------------------------------------------------------------------------------------- staging
-def _safe(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "image"
-
-
 def _subset_index(item: Item) -> int:
     if not item.is_reg:
         return 0
@@ -530,7 +536,7 @@ def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> di
     for n, item in enumerate(items):
         folder = paths.subset_dir(_subset_index(item))
         files = wanted.setdefault(folder, {})
-        name = f"{n:05d}_{_safe(item.image.stem)}"
+        name = f"{n:05d}_{safe_stem(item.image.stem)}"
         if str(item.image) in converted:
             files[f"{name}.png"] = Staged("png", item.image)
         else:

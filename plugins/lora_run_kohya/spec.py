@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def check_option(script: str, key: str, value: Any) -> str | None:
         close = keys.close_match(key, options(script))
         return f"`{key}` is not an option of sd-scripts' {script}" + (f" (did you mean `{close}`?)" if close else "")
     kind = spec["type"]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        return f"`{key}` must be a finite number, got {keys.describe(value)}"
     if spec.get("nargs") in ("*", "+"):
         if not isinstance(value, list):
             return f"`{key}` takes a list (nargs={spec['nargs']}), got {keys.describe(value)}"

@@ -105,14 +105,36 @@ def text_encoder_cache(recipe: Recipe, options: Any) -> bool:
     return recipe.dataset.caption_dropout == 0 and not recipe.text_encoder.train
 
 
+#: sd-scripts' prompt-file options (`line_to_prompt_dict`, matched case-insensitively against every part of a line
+#: split at " --", the prompt itself included: a prompt "n blurry" is read as a negative prompt)
+PROMPT_OPTIONS = re.compile(r"(?:[whfds] \d|[lg] [\d.]|(?:n|ss|cn|ctr|rcfg|fs) .)", re.IGNORECASE)
+
+
+def prompt_text(prompt: str, recipe: Recipe) -> str:
+    """A sample prompt as its line in the prompt file holds it: the trigger put in, on one line."""
+    return " ".join(prompt.replace("{trigger}", recipe.dataset.trigger.strip()).split())
+
+
+def prompt_problem(text: str) -> str | None:
+    """Why sd-scripts' prompt-file reader would not read ``text`` (a :func:`prompt_text`) back as the prompt."""
+    if re.search(r"(^|\s)--", text) or text.startswith("#"):
+        return "contains \"--\" or starts with \"#\", which sd-scripts' prompt file reads as an option or a comment"
+    if not text:
+        return "is empty: sd-scripts' prompt file would read the sampling options (\"--w …\") as the prompt"
+    option = PROMPT_OPTIONS.match(text)
+    if option:
+        return (f"starts with \"{text.split()[0]} \", which sd-scripts' prompt-file reader takes for its "
+                f"\"--{text.split()[0].lower()}\" option even at the start of a line")
+    return None
+
+
 def sample_lines(recipe: Recipe) -> list[str]:
     """One sd-scripts prompt-file line per prompt × seed (FLUX: `--g` embedded guidance; HunyuanImage: `--l`)."""
     s = recipe.sample
     flag = "--g" if recipe.model.family == FLUX else "--l"
-    trigger = recipe.dataset.trigger.strip()
     lines = []
     for prompt in s.prompts:
-        text = " ".join(prompt.replace("{trigger}", trigger).split())
+        text = prompt_text(prompt, recipe)
         for seed in s.seeds:
             lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {s.guidance:g}")
     return lines
@@ -219,10 +241,9 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         if any(s != 1.0 for s in recipe.sample.strengths):
             out.append((("sample", "strengths"), "sd-scripts samples with the LoRA at strength 1.0 only"))
         for i, line in enumerate(recipe.sample.prompts):
-            text = line.replace("{trigger}", recipe.dataset.trigger)
-            if re.search(r"(^|\s)--", text) or text.lstrip().startswith("#"):
-                out.append((("sample", "prompts", i), "contains \"--\" or starts with \"#\", which sd-scripts' "
-                            "prompt file reads as an option or a comment"))
+            why = prompt_problem(prompt_text(line, recipe))
+            if why:
+                out.append((("sample", "prompts", i), why))
     if options.blocks_to_swap is not None:
         if options.blocks_to_swap > fam.max_blocks_to_swap:
             out.append((("backend", "kohya", "blocks_to_swap"), f"sd-scripts swaps at most "

@@ -1,0 +1,113 @@
+"""Hostile recipe values through the files and the command line lora-run generates for sd-scripts: every generated
+file must read back exactly with sd-scripts' own readers (`toml` 0.10.2, its prompt-file parser), every argv
+element must be one argument, and what cannot round-trip is refused naming the recipe key."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from .test_run import run_in_process
+from .test_translate import planned, plugins, refusal  # noqa: F401  (plugins: a fixture)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+toml = pytest.importorskip("toml")      # sd-scripts' reader (the `test` extra installs it)
+
+NAMES = ["it's", 'a",b', "with space", "hash#x", "eq=x", "[br]", "-lead", "--lead", "ünï€😀", "q\"x", "x" * 150]
+
+
+@pytest.fixture
+def short_dir():
+    """A folder with a short, fixed path: `toml` 0.10.2's misreading depends on the whole string (a second `'`
+    balances the first), and pytest's own `tmp_path` happens to hide it where `/home/me/runs/it's` does not."""
+    folder = Path(tempfile.gettempdir()) / f"lora-run-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generated_files_read_back_exactly_with_sd_scripts_reader(kohya_recipe, plugins, short_dir, name):  # noqa: F811
+    trigger = name if not name.startswith("-") else f"x{name}"    # a prompt may not hold " --" (refused)
+    sets = [f"output.name={tomllib_str(name)}", f"dataset.trigger={tomllib_str(trigger)}",
+            f"output.dir={tomllib_str(str(short_dir / '{name}'))}"]
+    plan, config, dataset = planned(kohya_recipe(), plugins, sets)
+    for rel in ("kohya/config.toml", "kohya/dataset.toml"):
+        text = plan.files[rel]
+        assert toml.loads(text) == tomllib.loads(text), rel
+    run = short_dir / name
+    assert config["saving"]["output_name"] == name and config["saving"]["metadata_trigger_phrase"] == trigger
+    assert [s["image_dir"] for s in dataset["datasets"][0]["subsets"]] == [str(run / "kohya" / "data" / "subject")]
+    if name == "it's":   # planted-mistake control: tomli-w's inline tables are what sd-scripts' reader loses
+        assert toml.loads(tomli_w.dumps(dataset))["datasets"][0]["subsets"] == []
+    # argv: one element per argument, each path whole, none read as an option
+    argv = plan.commands[0]
+    assert argv[-4:] == ["--config_file", str(run / "kohya" / "config.toml"), "--dataset_config",
+                         str(run / "kohya" / "dataset.toml")]
+
+
+@pytest.mark.parametrize("part", ["it's", 'a",b', "[x] = 'y' # z", "new\nline"])
+def test_a_hostile_cache_folder_reads_back_exactly(kohya_recipe, plugins, short_dir, part):  # noqa: F811
+    cache = short_dir / f"cache {part}"
+    plan, _, dataset = planned(kohya_recipe(), plugins, [f"train.cache_dir={tomllib_str(str(cache))}"])
+    assert toml.loads(plan.files["kohya/dataset.toml"]) == dataset
+    assert dataset["datasets"][0]["subsets"][0]["image_dir"] == str(cache / "kohya-data" / "subject")
+
+
+def tomllib_str(value: str) -> str:
+    """`value` as a TOML string for `--set`."""
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("sets, key, words", [
+    (['output.name="\\""'], "output.name", "empty string"),
+    (['output.name="\\"\\"ohwx"'], "output.name", "empty string"),
+    (['dataset.trigger="\\"\\"ohwx"', 'dataset.trigger_policy="prepend"'], "dataset.trigger", "empty string"),
+    (['backend.kohya.extra_args={lr_scheduler_args=[",x=1"]}'], "backend.kohya.extra_args.lr_scheduler_args",
+     "comma"),
+    (["backend.kohya.extra_args={noise_offset=nan}"], "backend.kohya.extra_args", "finite number, got float nan"),
+    (["backend.kohya.extra_args={huber_c=-inf}"], "backend.kohya.extra_args", "finite number"),
+    (['sample.prompts=[""]'], "sample.prompts[0]", "is empty"),
+    (['sample.prompts=["   "]'], "sample.prompts[0]", "is empty"),
+    (['sample.prompts=["n blurry, {trigger}"]'], "sample.prompts[0]", "\"--n\" option"),
+    (['sample.prompts=["L 7 {trigger}"]'], "sample.prompts[0]", "\"--l\" option"),
+    (['sample.prompts=["{trigger} in snow"]', 'dataset.trigger="ss euler"', 'dataset.trigger_policy="prepend"'],
+     "sample.prompts[0]", "\"--ss\" option"),
+])
+def test_values_sd_scripts_would_read_otherwise_are_refused_by_key(kohya_recipe, plugins, sets, key,  # noqa: F811
+                                                                     words):
+    message = refusal(kohya_recipe(), plugins, sets)
+    line = next(m for m in message.splitlines() if f"[{key}]" in m)
+    assert words in line, message
+
+
+@pytest.mark.parametrize("prompt", ["a photo of {trigger}", "{trigger} in snow", "w x {trigger}", "n", "Newton {trigger}",
+                                    "a photo, \"quoted\" [x] = y #1 of {trigger}"])
+def test_ordinary_prompts_pass_and_read_back_whole(kohya_recipe, plugins, prompt):  # noqa: F811
+    plan, _, _ = planned(kohya_recipe(), plugins, [f"sample.prompts={tomllib_str(prompt)}".replace("=\"", "=[\"", 1)
+                                                   + "]"])
+    line = plan.files["kohya/sample_prompts.txt"].splitlines()[0]
+    assert line.split(" --")[0] == prompt.replace("{trigger}", "ohwx")
+
+
+@pytest.mark.slow
+def test_a_run_folder_with_an_apostrophe_trains(kohya_recipe, fake_checkout, plugins_with, short_dir):
+    """The stand-in reads the dataset config with `toml` as sd-scripts does: written as inline tables, its subsets
+    came back empty and sd-scripts found no image."""
+    path = kohya_recipe(sd_scripts=fake_checkout, replace={'name = "ohwx"': 'name = "it\'s"',
+                                                           'dir = "runs/{name}"': f'dir = "{short_dir}/{{name}}"'})
+    ctx, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    assert (short_dir / "it's" / "it's.safetensors").is_file()
