@@ -84,7 +84,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
             report.add(ERROR, "unreadable", str(exc), name)
             continue
         try:
-            opened = open_rgb(item.image)
+            opened = open_rgb(item.image, expect_sha256=sha)    # the bytes hashed are the bytes checked
         except ImageProblem as exc:
             report.add(ERROR, "bad-image", str(exc), name)
             continue
@@ -110,7 +110,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
                     break
             seen_near.append((fingerprint, item.image))
         caption_bytes = training_caption(item, d).encode("utf-8", "replace")
-        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "replace"))
+        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "surrogateescape"))
         digest.update(caption_bytes + b"\0")
         report.files[f"{item.subset}/{item.image.name}"] = {"image": sha,
                                                            "caption": hashlib.sha256(caption_bytes).hexdigest()}
