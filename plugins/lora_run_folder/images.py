@@ -19,6 +19,9 @@ import attrs
 from lora_run.files import FileProblem, MiB, check_input_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+#: Formats photos come in that are not read (a dataset lint warning names each such file).
+UNREAD_IMAGE_EXTENSIONS = frozenset({".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng",
+                                     ".cr2", ".nef", ".arw", ".psd"})
 #: Above this many pixels an image is refused as a possible decompression bomb (a 12k × 12k photo is fine).
 MAX_PIXELS = 150_000_000
 #: The size limit (bytes) of one training / subject image file (its pixels are limited by ``MAX_PIXELS``).

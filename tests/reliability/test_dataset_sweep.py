@@ -135,3 +135,118 @@ def test_a_cache_or_run_folder_in_a_dataset_folder_is_refused(tiny_recipe, small
         line = next(ln for ln in text.splitlines() if "lies in the dataset folder" in ln)
         assert key in line and ("[dataset.regularization[0].path]" if "reg" in where else "[dataset.path]") in line
     assert sorted(p.name for p in data.iterdir()) + sorted(p.name for p in reg.iterdir()) == before
+
+
+# ------------------------------------------------------------------ regularisation sets on the subject folder
+@pytest.mark.parametrize("how", ["the-subject-folder", "a-link-to-it", "one-folder-twice"])
+def test_a_regularisation_set_reading_the_subject_folder_or_another_set_is_refused(tiny_recipe, small_dataset,
+                                                                                  tmp_path, capsys, how):
+    """Before: with captions lacking the trigger (`trigger_policy = "prepend"`) a regularisation set pointing at the
+    subject folder passed `check` (three "identical to itself" warnings) and trained each subject photo as "not the
+    subject" too; a folder given as two sets did the same twice."""
+    data = _copy(small_dataset, tmp_path)
+    for caption in data.glob("*.txt"):
+        caption.write_text("a photo")
+    reg = _copy(small_dataset, tmp_path, "reg")
+    (tmp_path / "link").symlink_to(data)
+    first, second = {"the-subject-folder": (data, None), "a-link-to-it": (tmp_path / "link", None),
+                     "one-folder-twice": (reg, reg)}[how]
+    sets = "".join(f'[[dataset.regularization]]\npath = "{p}"\n' for p in (first, second) if p)
+    recipe = str(tiny_recipe(data=data, extra=sets))
+    for command in (["check"], ["plan"], []):
+        code, text = _run([*command, recipe, "--set", 'dataset.trigger_policy="prepend"']
+                          + ([] if command else ["--output-dir", str(tmp_path / "run")]), capsys)
+        assert code == 2, text[-2000:]
+        key = "[dataset.regularization[1].path] is the folder of [dataset.regularization[0].path]" if second else \
+            "[dataset.regularization[0].path] is the subject folder [dataset.path]"
+        assert key in text, text[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ oddities the lint names (warnings)
+def _lint(tiny_recipe, data, capsys) -> tuple[int, dict]:
+    import json
+
+    code, text = _run(["check", "--json", str(tiny_recipe(data=data))], capsys)
+    report = json.loads(text[text.index("{"):])
+    return code, {(f["code"], Path(f["file"]).name): f for f in report["lint"]["findings"]}
+
+
+def test_unread_formats_shared_captions_and_odd_caption_text_are_warnings(tiny_recipe, small_dataset, tmp_path,
+                                                                          capsys):
+    """Before: a GIF, TIFF or HEIC photo in the folder was left out unseen; `a.png` and `a.jpg` beside one `a.txt`
+    were both trained with it; a caption with a NUL, an escape code or a second line passed silently; a UTF-16
+    caption was only "not UTF-8"."""
+    from PIL import Image
+
+    data = _copy(small_dataset, tmp_path)
+    for name in ("anim.gif", "scan.TIFF", "phone.heic"):
+        (data / name).write_bytes(b"not read")
+    Image.open(data / "img000.png").save(data / "img000.jpg")
+    (data / "img001.txt").write_bytes(b"ohwx, a photo\x00 with a NUL")
+    (data / "img002.txt").write_text("ohwx, a photo\nand a second line")
+    shutil.copy(data / "img001.png", data / "wide.png")
+    (data / "wide.txt").write_bytes("ohwx, wide".encode("utf-16"))
+    code, found = _lint(tiny_recipe, data, capsys)
+    assert code == 2
+    for name in ("anim.gif", "scan.TIFF", "phone.heic"):
+        assert found[("unread-format", name)]["level"] == "warning"
+    assert "img000.jpg" in found[("shared-caption", "img000.png")]["message"]     # sorted: the .jpg is first
+    assert "\\x00" in found[("odd-caption", "img001.txt")]["message"]
+    assert "2 lines" in found[("odd-caption", "img002.txt")]["message"]
+    assert "UTF-16" in found[("bad-caption", "wide.txt")]["message"]
+
+
+def test_odd_but_usable_folders_pass(tiny_recipe, small_dataset, tmp_path, capsys):
+    """Pinned, already safe: hidden files and macOS/Windows litter are not entries; an upper-case extension is an
+    image with its caption; a doubled extension wants `a.png.txt`; a link to an image outside the folder is used;
+    LA and transparent-palette PNGs and an animated WebP are converted and noted."""
+    from PIL import Image
+
+    data = _copy(small_dataset, tmp_path)
+    outside = _copy(small_dataset, tmp_path, "outside")
+    (data / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (data / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (data / "._img000.png").write_bytes(b"\0\5\26\7")            # an AppleDouble file named like an image
+    (data / "__MACOSX").mkdir()
+    (data / "__MACOSX" / "._img000.png").write_bytes(b"\0\5\26\7")
+    shutil.copy(outside / "img000.png", data / "UPPER.PNG")
+    (data / "UPPER.txt").write_text("ohwx, upper")
+    (data / "linked.png").symlink_to(outside / "img001.png")
+    (data / "linked.txt").write_text("ohwx, linked")
+    src = Image.open(outside / "img002.png")
+    src.convert("LA").save(data / "la.png")
+    src.convert("P").save(data / "pt.png", transparency=0)
+    src.save(data / "anim.webp", save_all=True, append_images=[src.rotate(90)])
+    for name in ("la", "pt", "anim"):
+        (data / f"{name}.txt").write_text(f"ohwx, {name}")
+    shutil.copy(outside / "img002.png", data / "double.png.jpg")
+    (data / "double.png.txt").write_text("ohwx, double")
+    code, found = _lint(tiny_recipe, data, capsys)
+    errors = {k: v for k, v in found.items() if v["level"] == "error"}
+    assert code == 0 and not errors, errors
+    assert {"la.png", "pt.png", "anim.webp"} <= {name for code, name in found if code == "converted"}
+    assert not any(name.startswith(".") or name == "Thumbs.db" for _, name in found)
+
+
+@pytest.mark.parametrize("which", ["subject", "regularisation"])
+def test_an_unreadable_dataset_folder_is_named_as_unreadable(tiny_recipe, small_dataset, tmp_path, capsys,
+                                                             monkeypatch, which):
+    """Before: a folder that cannot be listed (chmod 000; simulated, as root reads anything) was "no images found"
+    (subject) or silently empty (a regularisation set)."""
+    data = _copy(small_dataset, tmp_path)
+    reg = _copy(small_dataset, tmp_path, "reg")
+    for caption in reg.glob("*.txt"):
+        caption.write_text("a photo")
+    locked = data if which == "subject" else reg
+    real = os.listdir
+
+    def listdir(path="."):
+        if os.path.realpath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    code, text = _run(["check", str(tiny_recipe(data=data, extra=f'[[dataset.regularization]]\npath = "{reg}"\n'))],
+                      capsys)
+    key = "dataset.path" if which == "subject" else "dataset.regularization[0].path"
+    assert code == 2 and f"{key}: folder cannot be read (Permission denied): {locked}" in text, text[-2000:]
