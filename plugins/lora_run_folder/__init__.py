@@ -14,13 +14,13 @@ from typing import Any
 
 from lora_run.dataset import Item
 from lora_run.errors import RecipeError
-from lora_run.files import FileProblem, read_limited
+from lora_run.files import FileProblem, read_limited, shown
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import format_key
 from lora_run.schema import Recipe
 from lora_run_training.sections import DatasetKeys
 
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS
 
 #: The size limit (bytes) of one caption file.
 CAPTION_LIMIT = 64 * 1024
@@ -50,11 +50,14 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError:
-        return None, "caption is not UTF-8 text"
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        return None, "caption is " + ("UTF-16 text; save it as UTF-8" if utf16 else "not UTF-8 text")
 
 
-def _images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name. Sub-folders (and symlink loops) are not entered."""
+def _listing(folder: Path, extensions: frozenset[str]) -> list[Path]:
+    """The entries directly in `folder` with one of `extensions` (any case) that are not folders, sorted by name.
+    Hidden names (a leading dot: `.DS_Store`, macOS's `._photo.jpg`) are left out; sub-folders (`__MACOSX`) and
+    symlink loops are not entered."""
     if not os.path.isdir(folder):        # os.path: an over-long or unreadable path is "not a folder", not a crash
         return []
     found = []
@@ -65,7 +68,7 @@ def _images(folder: Path) -> list[Path]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.suffix.lower() in IMAGE_EXTENSIONS:
+        if entry.suffix.lower() in extensions:
             try:
                 # anything but a folder: a dangling link, a pipe or a device named like an image is the lint's to
                 # name, never silently left out
@@ -74,6 +77,18 @@ def _images(folder: Path) -> list[Path]:
             except OSError:  # a looping symlink: lint reports it as unreadable
                 found.append(entry)
     return sorted(found, key=lambda p: p.name)
+
+
+def _images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return _listing(folder, IMAGE_EXTENSIONS)
+
+
+def unread_images(section: DatasetKeys) -> list[Path]:
+    """Files of the subject and regularisation folders in an image format the folder type does not read (GIF,
+    TIFF, HEIC, …): the lint names each, so none is left out unseen."""
+    folders = ([section.path] if section.path is not None else []) + [reg.path for reg in section.regularization]
+    return [f for folder in dict.fromkeys(folders) for f in _listing(Path(folder), UNREAD_IMAGE_EXTENSIONS)]
 
 
 def extension_problems(section: DatasetKeys) -> list[tuple[tuple[Any, ...], str]]:
@@ -97,7 +112,23 @@ def dataset_key_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
     if d.trigger_policy != "none" and not d.trigger.strip():
         out.append((("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
                     "unique trigger token or trigger_policy = \"none\""))
-    return out + extension_problems(d)
+    return out + extension_problems(d) + same_folder_problems(d)
+
+
+def same_folder_problems(section: DatasetKeys) -> list[tuple[tuple[Any, ...], str]]:
+    """Regularisation sets that read the subject folder, or the folder of an earlier set (links resolved): its
+    images would be trained twice, or as both the subject and "not the subject"."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    seen = {os.path.realpath(section.path): "the subject folder [dataset.path]"} if section.path else {}
+    for n, reg in enumerate(section.regularization):
+        real = os.path.realpath(reg.path)
+        if real in seen:
+            fix = ("give a folder of other people (playbook §6)" if section.path and real == os.path.realpath(section.path)
+                   else "use one set with more repeats or a larger weight")
+            out.append((("dataset", "regularization", n, "path"), f"is {seen[real]} ({shown(real)}); {fix}"))
+        else:
+            seen[real] = f"the folder of [dataset.regularization[{n}].path]"
+    return out
 
 
 class FolderDataset:
@@ -145,3 +176,9 @@ def lint_dataset(recipe, items, report):
     from .lint import lint_dataset as lint
 
     lint(recipe, items, report)
+    if recipe.dataset.type == "folder":
+        from lora_run.dataset import WARNING
+
+        for path in unread_images(recipe.dataset):
+            report.add(WARNING, "unread-format", f"{path.suffix} images are not read (only "
+                       f"{' '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG to train on it", path)

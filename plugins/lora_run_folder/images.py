@@ -1,10 +1,16 @@
 """Opening training images safely: one function used by the lint and by every data pipeline.
 
 Pillow only (no torch). Orientation from EXIF is applied; CMYK, 16-bit, palette and alpha images are
-converted to 8-bit RGB (alpha composited on white), and each conversion is reported.
+converted to 8-bit RGB (alpha composited on white), and each conversion is reported. The file is read once,
+without blocking (a FIFO put in its place is refused, never waited on), and decoded from the bytes that were
+hashed: a caller that knows the file's SHA-256 from the lint passes it, and a file changed since is refused.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -13,6 +19,9 @@ import attrs
 from lora_run.files import FileProblem, MiB, check_input_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+#: Formats photos come in that are not read (a dataset lint warning names each such file).
+UNREAD_IMAGE_EXTENSIONS = frozenset({".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".dng",
+                                     ".cr2", ".nef", ".arw", ".psd"})
 #: Above this many pixels an image is refused as a possible decompression bomb (a 12k × 12k photo is fine).
 MAX_PIXELS = 150_000_000
 #: The size limit (bytes) of one training / subject image file (its pixels are limited by ``MAX_PIXELS``).
@@ -28,20 +37,47 @@ class OpenedImage:
     image: object  # PIL.Image.Image, RGB
     notes: tuple[str, ...]
     original_size: tuple[int, int]
+    sha256: str = ""   # of the bytes decoded
 
 
-def open_rgb(path: Path) -> OpenedImage:
-    """Decode fully and return an 8-bit RGB image, or raise ImageProblem with a clear reason."""
+def read_image_bytes(path: Path) -> bytes:
+    """The bytes of an image file: a regular file within ``IMAGE_LIMIT``, checked again on the open file (a FIFO,
+    device or folder swapped in after the check is refused, not read)."""
+    check_input_file(path, "image", IMAGE_LIMIT)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise FileProblem(f"cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise FileProblem("was replaced by something that is not a regular file while being read")
+        try:
+            data = fh.read(IMAGE_LIMIT + 1)
+        except OSError as exc:
+            raise FileProblem(f"cannot be read ({exc.strerror or exc})") from None
+    if len(data) > IMAGE_LIMIT:
+        raise FileProblem("grew over the limit for image files while being read")
+    return data
+
+
+def open_rgb(path: Path, expect_sha256: str | None = None) -> OpenedImage:
+    """Decode fully and return an 8-bit RGB image, or raise ImageProblem with a clear reason; with
+    ``expect_sha256``, a file whose bytes no longer have that digest is refused (it changed since it was hashed)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     notes: list[str] = []
     try:
-        if check_input_file(path, "image", IMAGE_LIMIT).st_size == 0:
+        data = read_image_bytes(path)
+        if not data:
             raise ImageProblem("empty file (0 bytes)")
+        sha = hashlib.sha256(data).hexdigest()
+        if expect_sha256 is not None and sha != expect_sha256:
+            raise ImageProblem("changed while lora-run was using the dataset (its bytes differ from those the "
+                               "lint checked); nothing is trained on an image the lint did not check")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 if getattr(img, "n_frames", 1) > 1:
                     notes.append("animated: first frame used")
                 img.load()
@@ -51,7 +87,7 @@ def open_rgb(path: Path) -> OpenedImage:
                     notes.append("EXIF orientation applied")
                 img = transposed if transposed is not None else img
                 img = _to_rgb(img, notes)
-                return OpenedImage(img, tuple(notes), size)
+                return OpenedImage(img, tuple(notes), size, sha)
     except ImageProblem:
         raise
     except FileProblem as exc:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport
-from lora_run.files import FileProblem, check_input_file, shown
+from lora_run.files import FileProblem, check_input_file, printable, shown
 from lora_run.schema import Recipe
 
 from . import training_caption
@@ -48,6 +49,10 @@ def _not_a_folder(path: str) -> str | None:
     """Why a dataset folder key's value is no folder, or None (os.path: an over-long or unreadable path is "not
     found", not a crash)."""
     if os.path.isdir(path):
+        try:
+            os.listdir(path)
+        except OSError as exc:        # e.g. chmod 000: not "no images found"
+            return f"folder cannot be read ({exc.strerror or exc})"
         return None
     return "is not a folder" if os.path.exists(path) else "folder not found"
 
@@ -73,6 +78,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
         missing = _not_a_folder(reg.path)
         if missing:
             report.add(ERROR, "no-reg-folder", f"dataset.regularization[{n}].path: {missing}: {shown(reg.path)}")
+    shared_captions(items, report)
     digest = hashlib.sha256()
     seen_exact: dict[str, Path] = {}
     seen_near: list[tuple[int, Path]] = []
@@ -84,7 +90,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
             report.add(ERROR, "unreadable", str(exc), name)
             continue
         try:
-            opened = open_rgb(item.image)
+            opened = open_rgb(item.image, expect_sha256=sha)    # the bytes hashed are the bytes checked
         except ImageProblem as exc:
             report.add(ERROR, "bad-image", str(exc), name)
             continue
@@ -110,7 +116,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
                     break
             seen_near.append((fingerprint, item.image))
         caption_bytes = training_caption(item, d).encode("utf-8", "replace")
-        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "replace"))
+        digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "surrogateescape"))
         digest.update(caption_bytes + b"\0")
         report.files[f"{item.subset}/{item.image.name}"] = {"image": sha,
                                                            "caption": hashlib.sha256(caption_bytes).hexdigest()}
@@ -124,6 +130,28 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     return report
 
 
+def shared_captions(items: list[Item], report: LintReport) -> None:
+    """Images that read one caption file (``a.png`` and ``a.jpg`` beside one ``a.txt``): each is trained with it,
+    which is seldom meant."""
+    first: dict[Path, Path] = {}
+    for item in items:
+        if item.caption_file is None:
+            continue
+        other = first.setdefault(item.caption_file, item.image)
+        if other != item.image:
+            report.add(WARNING, "shared-caption", f"shares its caption file {shown(item.caption_file.name)} with "
+                       f"{shown(other.name)}; rename one of the images and give it its own caption", item.image)
+
+
+def _odd_characters(caption: str) -> str | None:
+    """What is odd in a caption's text: line breaks inside it, or control characters (NUL, escape codes)."""
+    lines = len(caption.splitlines())
+    controls = sorted({c for c in caption if unicodedata.category(c) == "Cc" and c not in "\n\r\t"})
+    if controls:
+        return "control characters " + " ".join(printable(c) for c in controls)
+    return f"{lines} lines (some trainers read only the first)" if lines > 1 else None
+
+
 def _check_caption(item: Item, recipe: Recipe, trigger: str, report: LintReport) -> bool:
     d = recipe.dataset
     where = str(item.caption_file or item.image)
@@ -131,6 +159,9 @@ def _check_caption(item: Item, recipe: Recipe, trigger: str, report: LintReport)
         report.add(ERROR, "bad-caption", item.caption_error, where)
         return False
     caption = (item.caption or "").strip()
+    odd = _odd_characters(caption)
+    if odd:
+        report.add(WARNING, "odd-caption", f"the caption holds {odd}; it is trained as written", where)
     if item.is_reg:
         if not caption:
             report.add(INFO, "default-caption", f"no caption; uses \"{item.default_caption}\"", str(item.image))

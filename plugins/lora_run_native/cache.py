@@ -150,7 +150,7 @@ class Cache:
         needed = sum(v.numel() * v.element_size() for v in data.values()) + 65536
         with atomic_path(path, needed) as tmp:
             save_file(data, str(tmp), metadata={"key": key, "version": FORMAT_VERSION, "kind": self.kind,
-                                                "source": (source or "")[:500], "tensors": records})
+                                                "source": _text(source or "")[:500], "tensors": records})
         if source is not None:
             self._index[source] = key
             self._index_dirty = True
@@ -168,6 +168,12 @@ class Cache:
             os.unlink(path)
         except OSError:
             pass
+
+
+def _text(source: str) -> str:
+    """``source`` as UTF-8-safe text for an entry's metadata: a file name's undecodable bytes (kept by Python as
+    lone surrogates, which safetensors cannot encode) become ``\\xNN`` escapes."""
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def tensor_record(tensor: Any) -> dict[str, Any]:

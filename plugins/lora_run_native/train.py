@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from lora_run.errors import BackendError, NonFiniteLoss, OutputError, RecipeError, TrainingInterrupted
+from lora_run.errors import BackendError, DatasetError, NonFiniteLoss, OutputError, RecipeError, TrainingInterrupted
 from lora_run.files import shown
 from lora_run.recipe import resume_command, to_dict
 from lora_run_folder.images import ImageProblem, open_rgb
@@ -29,7 +29,7 @@ from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
 from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
-from .data import EpochPlanner, choose_bucket, file_sha256, image_to_tensor, make_buckets, prepare_image
+from .data import EpochPlanner, choose_bucket, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
 
 MASK64 = (1 << 63) - 1
@@ -434,22 +434,29 @@ class Trainer:
         self.has_trackers = bool(trackers)
         return acc
 
-    def _buckets(self, adapter: Any) -> tuple[list[Any], list[tuple[int, int]], list[tuple[int, int]]]:
+    def _buckets(self, adapter: Any) -> tuple[list[Any], list[tuple[int, int]], list[str]]:
+        """The items, the bucket and the SHA-256 of each; an image that changed (or went) since the lint is
+        refused, naming it (the run trains on the bytes the lint checked and the manifest's dataset hash records)."""
         d = self.recipe.dataset
         buckets = make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step, adapter.pixel_multiple)
-        items, chosen, sizes = [], [], []
+        linted = self.ctx.lint.files if self.ctx.lint else {}
+        items, chosen, digests = [], [], []
         for item in self.ctx.items:
-            try:
-                opened = open_rgb(item.image)
-            except ImageProblem as exc:
-                raise BackendError(f"{item.image}: {exc}") from None
-            size = opened.image.size
+            opened = self._open_image(item, linted.get(f"{item.subset}/{item.image.name}", {}).get("image"))
             items.append(item)
-            sizes.append(size)
-            chosen.append(choose_bucket(size, buckets, max(d.bucket_step, adapter.pixel_multiple)))
+            digests.append(opened.sha256)
+            chosen.append(choose_bucket(opened.image.size, buckets, max(d.bucket_step, adapter.pixel_multiple)))
         if not any(not i.is_reg for i in items):
             raise BackendError(f"{self.shown}: [dataset] no usable subject image")
-        return items, chosen, buckets
+        return items, chosen, digests
+
+    @staticmethod
+    def _open_image(item: Any, sha256: str | None) -> Any:
+        try:
+            return open_rgb(item.image, expect_sha256=sha256)
+        except ImageProblem as exc:
+            raise DatasetError(f"{shown(item.image)}: {exc} (the dataset changed after its lint; check it and run "
+                               "again)") from None
 
     def total_steps(self, planner: EpochPlanner) -> int:
         t = self.recipe.train
@@ -462,7 +469,7 @@ class Trainer:
         return [p.replace("{trigger}", trigger) for p in self.recipe.sample.prompts]
 
     # -------------------------------------------------------------------------------------- caching
-    def build_caches(self, adapter: Any, items: list[Any], buckets_of: list[tuple[int, int]],
+    def build_caches(self, adapter: Any, items: list[Any], buckets_of: list[tuple[int, int]], digests: list[str],
                      captions: set[str], te_live: bool) -> tuple[dict[int, Any], dict[str, dict[str, Any]]]:
         """Latents per item and text encodings per caption, from the cache or encoded (then stored)."""
         import torch
@@ -478,7 +485,7 @@ class Trainer:
         todo_images, todo_text = [], []
         hit_keys: dict[int, str] = {}
         for i, (item, bucket) in enumerate(zip(items, buckets_of)):
-            key = entry_key("latents", file_sha256(item.image), latent_id, f"{bucket[0]}x{bucket[1]}")
+            key = entry_key("latents", digests[i], latent_id, f"{bucket[0]}x{bucket[1]}")
             found = latent_cache.load(key, ("latent",), source=f"{item.image}|{bucket[0]}x{bucket[1]}",
                                       check=lambda t, b=bucket: None if latent_geometry(t["latent"], b) else "shape")
             if found is None:
@@ -510,7 +517,7 @@ class Trainer:
             if todo_images or (self.recipe.sample.every_steps and (self.main or self.parallel.fsdp)):
                 adapter.load_encoders(only=("vae",))
                 for i, key in todo_images:
-                    image = prepare_image(open_rgb(items[i].image).image, buckets_of[i])
+                    image = prepare_image(self._open_image(items[i], digests[i]).image, buckets_of[i])
                     z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu")
                     latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
                     latents[i] = z
@@ -616,7 +623,7 @@ class Trainer:
 
         r = self.recipe
         adapter = adapter_class(r.model.family)(r, device=env.device, options=self.options, shown=self.shown)
-        items, buckets_of, _ = self._buckets(adapter)
+        items, buckets_of, digests = self._buckets(adapter)
         planner = EpochPlanner(items, r.dataset, buckets_of, seed=r.train.seed, batch_size=r.train.batch_size * env.world)
         total = self.total_steps(planner)
         te_train = bool(r.text_encoder.train and adapter.trainable_text_encoder)
@@ -624,7 +631,7 @@ class Trainer:
         captions = planner.all_captions() | set(self.sample_prompts())
         if not self.main:
             self.parallel.barrier()       # rank 0 encodes and writes the caches; the others then read them
-        latents, texts = self.build_caches(adapter, items, buckets_of, captions, te_train)
+        latents, texts = self.build_caches(adapter, items, buckets_of, digests, captions, te_train)
         if self.main:
             self.parallel.barrier()
         env.timing["cache_s"] = round(time.perf_counter() - env.phase, 2)

@@ -1,6 +1,7 @@
 """Where a run folder may not go, whatever its state: `lora-run check`, `plan` and every run ask the same."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -155,11 +156,25 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
             unusable = f"is not a usable folder path ({getattr(exc, 'strerror', None) or exc})"
         if unusable:   # the run would load the model, then crash writing its first cache entry
             problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): {unusable}")
+        with contextlib.suppress(OSError, ValueError):
+            problems.extend(_in_dataset(recipe, resolved(cache), f"{{cache_file}}: [train.cache_dir] (= {shown(cache)})",
+                                        "cache folder"))
+    problems.extend(_in_dataset(recipe, path, where, "run folder"))
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
             problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
                             "folder must not hold the run's inputs (--overwrite would delete them)")
     return problems
+
+
+def _in_dataset(recipe: Recipe, where: Path, named: str, what: str) -> list[str]:
+    """A problem for each dataset folder that ``where`` (the run or cache folder, ``named`` by its key) lies in, or
+    for the cache is: lora-run would write into the user's dataset folder (a run folder that is one is refused as
+    holding an input)."""
+    return [f"{named}: lies in the dataset folder [{key}] ({shown(value)}); lora-run never writes into a dataset "
+            f"folder, give a {what} outside it"
+            for key, value in _inputs(recipe)
+            if key.startswith("dataset.") and (value in where.parents or value == where and what == "cache folder")]
 
 
 def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:
