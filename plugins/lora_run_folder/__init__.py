@@ -119,16 +119,27 @@ def same_folder_problems(section: DatasetKeys) -> list[tuple[tuple[Any, ...], st
     """Regularisation sets that read the subject folder, or the folder of an earlier set (links resolved): its
     images would be trained twice, or as both the subject and "not the subject"."""
     out: list[tuple[tuple[Any, ...], str]] = []
-    seen = {os.path.realpath(section.path): "the subject folder [dataset.path]"} if section.path else {}
+    subject = _real(section.path)
+    seen = {subject: "the subject folder [dataset.path]"} if subject else {}
     for n, reg in enumerate(section.regularization):
-        real = os.path.realpath(reg.path)
+        real = _real(reg.path)
+        if real is None:             # no folder at all (a NUL byte, say): the folder checks name it
+            continue
         if real in seen:
-            fix = ("give a folder of other people (playbook §6)" if section.path and real == os.path.realpath(section.path)
+            fix = ("give a folder of other people (playbook §6)" if real == subject
                    else "use one set with more repeats or a larger weight")
             out.append((("dataset", "regularization", n, "path"), f"is {seen[real]} ({shown(real)}); {fix}"))
         else:
             seen[real] = f"the folder of [dataset.regularization[{n}].path]"
     return out
+
+
+def _real(path: str | None) -> str | None:
+    """``path`` with its links resolved, or None where it names no file at all (empty, a NUL byte)."""
+    try:
+        return os.path.realpath(path) if path else None
+    except (ValueError, OSError):
+        return None
 
 
 class FolderDataset:

@@ -163,6 +163,16 @@ def test_a_regularisation_set_reading_the_subject_folder_or_another_set_is_refus
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sets", [['dataset.regularization=[{path="\\u0000"}]'], ['dataset.path="\\u0000"'],
+                                  ['dataset.path="a\\u0000b"', 'dataset.regularization=[{path="a\\u0000b"}]']])
+def test_a_dataset_folder_with_a_nul_byte_is_bad_input_not_a_crash(tiny_recipe, small_dataset, tmp_path, capsys, sets):
+    """The same-folder rule resolved every folder's links and crashed on a NUL byte ("embedded null byte", found by
+    the recipe fuzzer); such a path is left to the folder checks, which name it (exit 2)."""
+    recipe = str(tiny_recipe(data=_copy(small_dataset, tmp_path)))
+    code, text = _run(["check", recipe, *(a for s in sets for a in ("--set", s))], capsys)
+    assert code == 2 and "dataset" in text and "Traceback" not in text, text[-2000:]
+
+
 # ------------------------------------------------------------------ oddities the lint names (warnings)
 def _lint(tiny_recipe, data, capsys) -> tuple[int, dict]:
     import json
