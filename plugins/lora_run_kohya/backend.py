@@ -537,15 +537,16 @@ def dataset_file_keys(dataset: dict[str, Any]) -> set[str]:
 
 
 def dataset_key(recipe: Any) -> str:
-    """The staged view's folder under `[train] cache_dir` (shared by runs): one per `[dataset]` table, so two recipes
-    sharing a cache folder never stage over each other's images and captions, and a resume (same table) finds its
-    own, with sd-scripts' caches beside them."""
+    """The staged view's folder under `[train] cache_dir` (shared by runs): one per `[dataset]` table and model (the
+    latents sd-scripts caches beside the images are the model's), so two recipes sharing a cache folder never stage
+    over each other's images and captions, and a resume or a rerun finds its own, with sd-scripts' caches."""
     import hashlib
 
     from lora_run.recipe import to_dict
 
-    table = json.dumps(to_dict(recipe).get("dataset") or {}, sort_keys=True, default=str)
-    return "dataset-" + hashlib.sha256(table.encode()).hexdigest()[:12]
+    table = to_dict(recipe)
+    key = json.dumps([table.get("dataset"), recipe.model.family, recipe.model.source], sort_keys=True, default=str)
+    return "dataset-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------------------------------- staging
