@@ -33,7 +33,7 @@ from lora_run_engines.stage import Staged, safe_stem, sync_folder
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
-from . import checkout, spec
+from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
 from .translate import FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, translate
 
@@ -94,8 +94,8 @@ class KohyaBackend:
         if sd_scripts is None:
             configured, _ = checkout.configured_path(self.options.sd_scripts, self.base)
             sd_scripts = configured
-        data = (Path(self.recipe.train.cache_dir) / "kohya-data") if self.recipe.train.cache_dir else \
-            run / "kohya" / "data"
+        data = (Path(self.recipe.train.cache_dir) / "kohya-data" / dataset_key(self.recipe)) \
+            if self.recipe.train.cache_dir else run / "kohya" / "data"
         return Paths(run, str(sd_scripts) if sd_scripts else "<sd-scripts>", self.python(), data)
 
     def translation(self, sd_scripts: Path | None = None) -> Translation:
@@ -109,10 +109,19 @@ class KohyaBackend:
         out = problems(self.recipe, self.options)
         tr = self.translation()
         out.extend(self._validate(tr))
+        in_dataset = dataset_file_keys(tr.dataset)
         for key in self.options.extra_args:
+            where = ("backend", "kohya", "extra_args", key)
             if key in RESERVED or any(key in table for name, table in tr.config.items() if name != "extra"):
-                out.append((("backend", "kohya", "extra_args", key), "is set by lora-run from the recipe (or by the "
-                            "backend's layout) and cannot be overridden here"))
+                out.append((where, "is set by lora-run from the recipe (or by the backend's layout) and cannot be "
+                            "overridden here"))
+            elif key in in_dataset:
+                out.append((where, f"is set in the generated dataset file ({DATASET}), whose values sd-scripts takes "
+                            "over its options, so this one would be ignored; set it through the recipe's [dataset] "
+                            "and [train] keys"))
+            elif key in IGNORED_OPTIONS:
+                out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
+                            f"recipe key"))
         formats = self.recipe.output.formats
         converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
         if converted:
@@ -510,6 +519,34 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
     except ValueError as exc:
         raise BackendError(f"cannot convert {source} to diffusers format: {exc}") from None
     return save_lora(target, converted, {k: v for k, v in metadata.items() if v != ""})
+
+
+#: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
+#: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
+IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+
+
+def dataset_file_keys(dataset: dict[str, Any]) -> set[str]:
+    """Every option name the generated dataset file sets, at any level (`[general]`, a dataset, a subset)."""
+    keys: set[str] = set()
+    for table in (dataset.get("general") or {}, *(dataset.get("datasets") or [])):
+        keys.update(k for k in table if k != "subsets")
+        for subset in table.get("subsets") or []:
+            keys.update(subset)
+    return keys
+
+
+def dataset_key(recipe: Any) -> str:
+    """The staged view's folder under `[train] cache_dir` (shared by runs): one per `[dataset]` table and model (the
+    latents sd-scripts caches beside the images are the model's), so two recipes sharing a cache folder never stage
+    over each other's images and captions, and a resume or a rerun finds its own, with sd-scripts' caches."""
+    import hashlib
+
+    from lora_run.recipe import to_dict
+
+    table = to_dict(recipe)
+    key = json.dumps([table.get("dataset"), recipe.model.family, recipe.model.source], sort_keys=True, default=str)
+    return "dataset-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------------------------------- staging

@@ -61,7 +61,8 @@ def test_a_hostile_cache_folder_reads_back_exactly(kohya_recipe, plugins, short_
     cache = short_dir / f"cache {part}"
     plan, _, dataset = planned(kohya_recipe(), plugins, [f"train.cache_dir={tomllib_str(str(cache))}"])
     assert toml.loads(plan.files["kohya/dataset.toml"]) == dataset
-    assert dataset["datasets"][0]["subsets"][0]["image_dir"] == str(cache / "kohya-data" / "subject")
+    staged = Path(dataset["datasets"][0]["subsets"][0]["image_dir"])
+    assert staged.name == "subject" and staged.parent.parent == cache / "kohya-data"
 
 
 def tomllib_str(value: str) -> str:
@@ -111,3 +112,38 @@ def test_a_run_folder_with_an_apostrophe_trains(kohya_recipe, fake_checkout, plu
     ctx, _, _, error = run_in_process(path, plugins_with)
     assert error is None, error
     assert (short_dir / "it's" / "it's.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, words", [
+    ("{max_bucket_reso=2048}", "generated dataset file"),
+    ("{bucket_reso_steps=32}", "generated dataset file"),
+    ("{caption_extension=\".caption\"}", "generated dataset file"),
+    ("{noise_offset=0.05}", "randn noise"),
+    ("{min_snr_gamma=5.0}", "loss unchanged"),
+])
+def test_extra_args_sd_scripts_would_ignore_are_refused_by_key(kohya_recipe, plugins, extra, words):  # noqa: F811
+    """sd-scripts takes the dataset file's values over its options, so an `extra_args` key the generated dataset file
+    sets changed nothing; `noise_offset` and `min_snr_gamma`, refused as recipe keys because these trainers ignore
+    them, came back through `extra_args`. Each is refused at its key; an option neither file sets still passes."""
+    key = extra.strip("{}").split("=")[0]
+    message = refusal(kohya_recipe(), plugins, [f"backend.kohya.extra_args={extra}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert words in line, message
+    _, config, _ = planned(kohya_recipe(), plugins, ["backend.kohya.extra_args={scale_weight_norms=1.0}"])
+    assert config["extra"]["scale_weight_norms"] == 1.0
+
+
+def test_recipes_sharing_a_cache_folder_stage_their_datasets_apart(kohya_recipe, plugins, tmp_path):  # noqa: F811
+    """The staged view under `[train] cache_dir` was one folder for every recipe using that cache, so a second recipe
+    (another trigger, another folder) staged its links and captions over the first's, under a run still reading them.
+    Each `[dataset]` table now has its own folder, and the same table (a resume, a rerun) finds its own again."""
+    cache = f"train.cache_dir={tomllib_str(str(tmp_path / 'cache'))}"
+
+    def image_dir(*sets: str) -> str:
+        _, _, dataset = planned(kohya_recipe(), plugins, [cache, *sets])
+        return dataset["datasets"][0]["subsets"][0]["image_dir"]
+
+    first = image_dir()
+    assert first == image_dir() and first.startswith(str(tmp_path / "cache" / "kohya-data"))
+    assert image_dir('dataset.trigger="zxq"', 'dataset.trigger_policy="prepend"') != first
+    assert image_dir('output.name="other"') == first       # the dataset, not the run, names the folder
