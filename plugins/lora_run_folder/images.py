@@ -61,14 +61,24 @@ def read_image_bytes(path: Path) -> bytes:
 
 
 def open_rgb(path: Path, expect_sha256: str | None = None) -> OpenedImage:
-    """Decode fully and return an 8-bit RGB image, or raise ImageProblem with a clear reason; with
-    ``expect_sha256``, a file whose bytes no longer have that digest is refused (it changed since it was hashed)."""
+    """Read and decode an image file (``read_image_bytes``, ``decode_rgb``), or raise ImageProblem with a clear
+    reason; with ``expect_sha256``, a file whose bytes no longer have that digest is refused (it changed since it was
+    hashed)."""
+    try:
+        data = read_image_bytes(path)
+    except FileProblem as exc:
+        raise ImageProblem(str(exc)) from None
+    return decode_rgb(data, expect_sha256)
+
+
+def decode_rgb(data: bytes, expect_sha256: str | None = None) -> OpenedImage:
+    """Decode an image file's bytes fully and return an 8-bit RGB image with the bytes' SHA-256, or raise
+    ImageProblem with a clear reason (``expect_sha256``: as ``open_rgb``'s)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     notes: list[str] = []
     try:
-        data = read_image_bytes(path)
         if not data:
             raise ImageProblem("empty file (0 bytes)")
         sha = hashlib.sha256(data).hexdigest()
@@ -90,8 +100,6 @@ def open_rgb(path: Path, expect_sha256: str | None = None) -> OpenedImage:
                 return OpenedImage(img, tuple(notes), size, sha)
     except ImageProblem:
         raise
-    except FileProblem as exc:
-        raise ImageProblem(str(exc)) from None
     except MemoryError:
         raise ImageProblem("too large to decode in the memory available") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

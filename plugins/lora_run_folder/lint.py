@@ -12,27 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport
-from lora_run.files import FileProblem, check_input_file, printable, shown
+from lora_run.files import FileProblem, printable, shown
 from lora_run.schema import Recipe
 
 from . import training_caption
-from .images import IMAGE_LIMIT, ImageProblem, open_rgb
+from .images import ImageProblem, decode_rgb, read_image_bytes
 
 EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
-
-
-def file_sha256(path: Path, kind: str, limit: int) -> str:
-    """SHA-256 of an input file, read in chunks after the file checks (regular file, size limit)."""
-    check_input_file(path, kind, limit)
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        raise FileProblem(f"cannot read ({exc.strerror or exc})") from None
-    return digest.hexdigest()
 
 
 def _dhash(image: Any) -> int:
@@ -85,15 +72,16 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     for item in items:
         name = str(item.image)
         try:
-            sha = file_sha256(item.image, "image", IMAGE_LIMIT)
+            data = read_image_bytes(item.image)
         except FileProblem as exc:
             report.add(ERROR, "unreadable", str(exc), name)
             continue
         try:
-            opened = open_rgb(item.image, expect_sha256=sha)    # the bytes hashed are the bytes checked
+            opened = decode_rgb(data)    # one read: the bytes hashed are the bytes checked
         except ImageProblem as exc:
             report.add(ERROR, "bad-image", str(exc), name)
             continue
+        sha = opened.sha256
         for note in opened.notes:
             report.add(INFO, "converted", note, name)
         ok = _check_caption(item, recipe, trigger, report)
