@@ -22,6 +22,12 @@ EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
 
 
+def file_key(item: Item) -> str:
+    """An item's key in ``LintReport.files`` (its image's and caption's SHA-256, which the run folder records and a
+    backend may check the bytes it reads against)."""
+    return f"{item.subset}/{item.image.name}"
+
+
 def _dhash(image: Any) -> int:
     small = image.convert("L").resize((9, 8))
     px = list(small.tobytes())
@@ -106,7 +112,7 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
         caption_bytes = training_caption(item, d).encode("utf-8", "replace")
         digest.update(f"{item.subset}\0{item.image.name}\0{sha}\0".encode("utf-8", "surrogateescape"))
         digest.update(caption_bytes + b"\0")
-        report.files[f"{item.subset}/{item.image.name}"] = {"image": sha,
+        report.files[file_key(item)] = {"image": sha,
                                                            "caption": hashlib.sha256(caption_bytes).hexdigest()}
         if ok:
             ok_items.append(item)

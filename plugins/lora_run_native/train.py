@@ -25,6 +25,7 @@ from lora_run.errors import BackendError, DatasetError, NonFiniteLoss, OutputErr
 from lora_run.files import shown
 from lora_run.recipe import resume_command, to_dict
 from lora_run_folder.images import ImageProblem, open_rgb
+from lora_run_folder.lint import file_key
 from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
@@ -442,7 +443,7 @@ class Trainer:
         linted = self.ctx.lint.files if self.ctx.lint else {}
         items, chosen, digests = [], [], []
         for item in self.ctx.items:
-            opened = self._open_image(item, linted.get(f"{item.subset}/{item.image.name}", {}).get("image"))
+            opened = self._open_image(item, linted.get(file_key(item), {}).get("image"))
             items.append(item)
             digests.append(opened.sha256)
             chosen.append(choose_bucket(opened.image.size, buckets, max(d.bucket_step, adapter.pixel_multiple)))
