@@ -18,9 +18,10 @@ from typing import Any, Iterable, Literal, NamedTuple
 
 import attrs
 import cattrs
+import cattrs.cols
+import cattrs.gen
 import tomli_w
-from cattrs.errors import (AttributeValidationNote, BaseValidationError, ForbiddenExtraKeysError,
-                           IterableValidationNote)
+from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError, IterableValidationNote
 
 from . import files
 from .errors import RecipeError
@@ -76,49 +77,27 @@ def make_converter() -> cattrs.Converter:
         hint = did_you_mean(value, [str(c) for c in choices], '"') if isinstance(value, str) else ""
         raise RecipeValueError(f"must be one of {shown}; got {describe(value)}{hint}")
 
-    def container_factory(tp: Any) -> Any:
-        """Lists and tables: each item structured with its type's hook; every failing item is reported."""
-        is_list = _is_list(tp)
-        item_type = (typing.get_args(tp) or (Any, Any))[0 if is_list else 1]
-        inner = conv.get_structure_hook(item_type) if item_type is not Any else None
+    def guarded(accepted: type, what: str, make_hook: Any) -> Any:
+        """A hook factory: cattrs' own hook (every failing item reported), for values of the ``accepted`` type only
+        (cattrs would take a string as a list of characters)."""
+        def factory(tp: Any) -> Any:
+            inner = make_hook(tp, conv)
 
-        def structure_container(value: Any, _: Any) -> Any:
-            if not isinstance(value, list if is_list else dict):
-                raise RecipeValueError(f"expected a {'list' if is_list else 'table'}, got {describe(value)}")
-            if inner is None:
-                return list(value) if is_list else dict(value)
-            out, errors = {}, []
-            for key, item in enumerate(value) if is_list else value.items():
-                try:
-                    out[key] = inner(item, item_type)
-                except Exception as exc:  # noqa: BLE001 - collected and re-raised as a group
-                    note = (IterableValidationNote(f"@ [{key}]", key, item_type) if is_list
-                            else AttributeValidationNote(f"@ {key}", key, item_type))
-                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
-                    errors.append(exc)
-            if errors:
-                raise (cattrs.IterableValidationError("list items", errors, tp) if is_list
-                       else cattrs.ClassValidationError("table items", errors, tp))
-            return list(out.values()) if is_list else out
-        return structure_container
+            def structure_container(value: Any, _: Any) -> Any:
+                if not isinstance(value, accepted):
+                    raise RecipeValueError(f"expected a {what}, got {describe(value)}")
+                return inner(value, tp)
+            return structure_container
+        return factory
 
     for tp, accepted, expected in ((int, (int,), "int"), (float, (int, float), "float"),
                                    (bool, (bool,), "true or false"), (str, (str,), "string")):
         conv.register_structure_hook(tp, _strict(tp, accepted, expected))
     conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is Literal, literal)
-    conv.register_structure_hook_factory(_is_list, container_factory)
-    conv.register_structure_hook_factory(_is_dict, container_factory)
-
-    def attrs_guard(cls: type) -> Any:
-        base = cattrs.gen.make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
-
-        def structure_table(value: Any, _: Any) -> Any:
-            if not isinstance(value, dict):
-                raise RecipeValueError(f"expected a table, got {describe(value)}")
-            return base(value, cls)
-        return structure_table
-
-    conv.register_structure_hook_factory(attrs.has, attrs_guard)
+    conv.register_structure_hook_factory(_is_list, guarded(list, "list", cattrs.cols.list_structure_factory))
+    conv.register_structure_hook_factory(_is_dict, guarded(dict, "table", cattrs.cols.mapping_structure_factory))
+    conv.register_structure_hook_factory(attrs.has, guarded(dict, "table", functools.partial(
+        cattrs.gen.make_dict_structure_fn, _cattrs_forbid_extra_keys=True)))
     return conv
 
 
