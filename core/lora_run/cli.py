@@ -107,6 +107,8 @@ def _with_command(argv: list[str], commands: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `lora-run` program, not a call from Python (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a name the terminal's encoding lacks is escaped, not a crash
+        getattr(stream, "reconfigure", lambda **_: None)(errors="backslashreplace")
     debug = "--debug" in argv   # before or after the command (a subcommand's parser would drop the first's)
     argv = [a for a in argv if a != "--debug"]
     plugins = registry.load_plugins()  # once per command line (the parser needs their commands)

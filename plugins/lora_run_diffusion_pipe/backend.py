@@ -655,7 +655,7 @@ def import_problem(python: str, wanted: RequiredImport, env: dict[str, str]) -> 
 
     try:
         done = subprocess.run([python, "-c", _IMPORT_PROBE, wanted.module, *wanted.names], env=env,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = [line for line in done.stdout.splitlines() if line.startswith("lora-run-probe ")]

@@ -74,8 +74,8 @@ def git_state(path: Path) -> tuple[str | None, bool | None]:
     repository or git is missing; dirty is None when only the status could not be read."""
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=30,
-                                  stdin=subprocess.DEVNULL)
+            done = subprocess.run(["git", "-C", str(path), *args], capture_output=True, encoding="utf-8",
+                                  errors="replace", timeout=30, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout if done.returncode == 0 else None

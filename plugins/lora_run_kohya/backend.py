@@ -374,7 +374,8 @@ class KohyaBackend:
         python = self.python()
         try:
             done = subprocess.run([python, "-c", "import accelerate; print(accelerate.__version__)"],
-                                  capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                                  capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                                  stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RecipeError(f"{self.shown}: [backend.kohya.python] cannot run {python}: {exc}") from None
         if done.returncode != 0:

@@ -12,7 +12,8 @@ from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,759 when it was set: the converter's list and table hooks are
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,761 when it was set: the CLI escapes what the output's
+#: encoding cannot show (2 lines); 1,759 before: the converter's list and table hooks are
 #: cattrs' own behind one type guard; 1,780 before: a dead branch of `apply_unsets` removed;
 #: 1,782 before: `RunContext.option_for`, read only by two
 #: backends for `[train] loss_options`, went to lora_run_training as `sections.loss_options`; 1,785 before; 1,806
@@ -36,7 +37,7 @@ CORE = REPO / "core" / "lora_run"
 #: read, the capability check and the family-fact checks to lora_run_training, a launched process's place in the run
 #: and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size")
 #: says what stands between.
-CORE_LINE_BUDGET = 1759
+CORE_LINE_BUDGET = 1761
 
 
 def core_sources() -> dict[Path, str]:

@@ -47,6 +47,27 @@ def test_git_state_reports_commit_and_dirtiness(tmp_path):
     assert git_state(tmp_path) == (commit, True)
 
 
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="no git")
+def test_git_state_reads_a_file_name_that_is_not_utf8(tmp_path):
+    """git prints a Latin-1 file name as raw bytes where `core.quotePath` is off: the state is read, not a
+    UnicodeDecodeError."""
+    import os
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    git("init", "-q")
+    git("config", "core.quotePath", "false")
+    name = os.path.join(os.fsencode(tmp_path), b"caf\xe9.py")
+    with open(name, "wb") as fh:
+        fh.write(b"x = 1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    with open(name, "wb") as fh:
+        fh.write(b"x = 2\n")
+    commit, dirty = git_state(tmp_path)
+    assert len(commit) == 40 and dirty is True
+
 def test_commented_header_and_stage_link(tmp_path):
     assert commented("made by lora-run\nre-run: x", "a = 1\n") == "# made by lora-run\n# re-run: x\n\na = 1\n"
     source = tmp_path / "img.png"

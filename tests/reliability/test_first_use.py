@@ -221,3 +221,29 @@ def test_the_four_places_that_take_an_output_dir_refuse_a_blank_one_with_one_mes
     assert output_problems(loaded.recipe, None) == [] and output_problems(loaded.recipe, "runs/x") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     figures("first use (copied recipes, pasted commands, score arguments)", cases=10, faults=10)
+
+
+def test_a_terminal_that_cannot_show_a_name_gets_it_escaped(tiny_recipe, tmp_path, figures):
+    """An output whose encoding lacks a character (`PYTHONIOENCODING=ascii`, a Latin-1 locale) is written with escapes
+    instead of ending the command in a UnicodeEncodeError: `check` names the dataset's files, `docs` prints pages
+    with `×` and `–`."""
+    import os
+    import subprocess
+    import sys
+
+    from lora_run_devtools.testing import make_images
+
+    data = tmp_path / "été"
+    make_images(data, count=2, size=(96, 80))
+    (data / "日本.png").write_bytes((data / sorted(os.listdir(data))[0]).read_bytes())   # no caption: exit 2
+    recipe = tiny_recipe(data=data)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "HF_HUB_OFFLINE": "1"}
+    shown = {}
+    for argv, code in ((["check", str(recipe)], 2), (["docs", "performance"], 0)):
+        done = subprocess.run([sys.executable, "-m", "lora_run", *argv], capture_output=True, env=env, cwd=tmp_path,
+                              timeout=120)
+        shown[argv[0]] = text = (done.stdout + done.stderr).decode("ascii")    # ASCII, as asked
+        assert done.returncode == code and "Encode" not in text and "Traceback" not in text, text[-2000:]
+    assert "\\xe9t\\xe9" in shown["check"] and "\\u65e5\\u672c.png" in shown["check"], shown["check"]
+    assert "\\xd7" in shown["docs"]      # the page's multiplication signs
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=2)
