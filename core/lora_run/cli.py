@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         getattr(stream, "reconfigure", lambda **_: None)(errors="backslashreplace")
     debug = "--debug" in argv   # before or after the command (a subcommand's parser would drop the first's)
     argv = [a for a in argv if a != "--debug"]
+    try:
+        os.getcwd()
+    except OSError as exc:   # the shell's folder was deleted: a relative path, or a recipe's default, cannot be found
+        return _fail(ArgumentsError(f"the working folder cannot be read ({exc.strerror}; deleted while the shell was "
+                                    "in it?); cd to a folder that exists"), "--json" in argv)
     plugins = registry.load_plugins()  # once per command line (the parser needs their commands)
     parser, commands = build_parser(plugins), plugins.registry["command"]
     try:

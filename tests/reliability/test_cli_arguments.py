@@ -221,3 +221,17 @@ def test_a_launcher_variable_that_is_no_number_is_named(tiny_recipe, tmp_path, m
     code, text = run_cli([str(tiny_recipe()), "--output-dir", str(tmp_path / "run")], capsys, "unexpected")
     assert code == 2 and "error: LOCAL_RANK='abc' in the environment is not a process number" in text, text[-1500:]
     figures(AREA, cases=1, faults=1)
+
+
+def test_a_working_folder_deleted_under_the_shell_is_named(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    """`cd run; rm -rf ../run; lora-run check /abs/recipe.toml`: os.getcwd() fails, and the loader's relative paths
+    with it ("unexpected FileNotFoundError", exit 1)."""
+    recipe, gone = tiny_recipe(), tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for argv in (["check", str(recipe)], [str(recipe)], ["check", str(recipe), "--json"]):
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and "the working folder cannot be read" in text, text[-1500:]
+    assert json.loads(text)["problems"][0].startswith("the working folder cannot be read")
+    figures(AREA, cases=3, faults=3)
