@@ -331,8 +331,9 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
 
 
 class Signals:
-    """Ctrl-C (where Python's own handler is installed) and, from ``term()`` on, SIGTERM raise KeyboardInterrupt
-    and are recorded: a library may swallow the interrupt or re-raise it as another error (``caused``)."""
+    """Ctrl-C (where Python's own handler is installed) and, from ``term()`` on, SIGTERM and SIGHUP raise
+    KeyboardInterrupt and are recorded: a library may swallow the interrupt or re-raise it as another error
+    (``caused``)."""
 
     def __init__(self) -> None:
         self.arrived, self.previous = False, {}
@@ -348,8 +349,11 @@ class Signals:
         raise KeyboardInterrupt
 
     def term(self) -> None:
-        """SIGTERM ends the run as Ctrl-C does (a resumable state is saved)."""
+        """SIGTERM, and SIGHUP (a closed terminal or SSH session) unless ignored (`nohup`), end the run as Ctrl-C does
+        (a resumable state is saved)."""
         self._install(signal.SIGTERM)
+        if getattr(signal, "SIGHUP", None) and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+            self._install(signal.SIGHUP)
 
     def caused(self, exc: BaseException | None) -> bool:
         while exc is not None and not isinstance(exc, KeyboardInterrupt):   # raised from / while handling it

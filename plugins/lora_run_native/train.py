@@ -560,7 +560,9 @@ class Trainer:
             self.echo("\nstopping after this step; saving a resumable state (press Ctrl-C again to abort)")
 
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        hangup = getattr(signal, "SIGHUP", None)      # a closed terminal or SSH session; left alone under `nohup`
+        for sig in (signal.SIGINT, signal.SIGTERM, *([hangup] if hangup and signal.getsignal(hangup) is not
+                                                    signal.SIG_IGN else [])):
             try:
                 previous[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread

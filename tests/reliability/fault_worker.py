@@ -40,6 +40,8 @@ def _install(job: dict) -> None:
 
     fault = job.get("fault") or {}
     kind, at = fault.get("kind"), int(fault.get("at", 0))
+    if fault.get("signal") == "SIGHUP":    # a suite run under `nohup` passes SIGHUP ignored; a terminal does not
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     counts = {"write": 0, "replace": 0, "step": 0}
     events = EVENTS
 

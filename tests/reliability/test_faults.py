@@ -32,7 +32,9 @@ def test_sigterm_and_ctrl_c_save_a_resumable_state_and_say_how_to_resume(tiny_re
             {"argv": [str(recipe), "--output-dir", str(runs["abort"])], "log": str(tmp_path / "abort.log"),
              "fault": {"kind": "signal", "at": 3, "signal": "SIGINT", "twice": True}},
             {"argv": [str(recipe), "--resume", "--output-dir", str(runs["term"])], "log": str(tmp_path / "r1.log")},
-            {"argv": [str(recipe), "--resume", "--output-dir", str(runs["int"])], "log": str(tmp_path / "r2.log")}]
+            {"argv": [str(recipe), "--resume", "--output-dir", str(runs["int"])], "log": str(tmp_path / "r2.log")},
+            {"argv": [str(recipe), "--output-dir", str(tmp_path / "hup")], "log": str(tmp_path / "hup.log"),
+             "fault": {"kind": "signal", "at": 4, "signal": "SIGHUP"}}]   # the terminal or SSH session closed
     codes = run_jobs(jobs, tmp_path)
     logs = [Path(j["log"]).read_text() for j in jobs]
     assert codes[0] == 0, logs[0][-2000:]
@@ -47,12 +49,40 @@ def test_sigterm_and_ctrl_c_save_a_resumable_state_and_say_how_to_resume(tiny_re
     # a second Ctrl-C aborts at once: still exit 130, with what is left to resume from
     assert codes[3] == 130 and "aborted" in logs[3] and "Traceback" not in logs[3], logs[3][-1500:]
     assert codes[4] == 0 and codes[5] == 0, (logs[4][-1500:], logs[5][-1500:])
+    assert codes[6] == 130 and "interrupted at step 4/6" in logs[6], logs[6][-1500:]
+    assert (tmp_path / "hup" / "checkpoints" / "step-000004" / "resume" / "state.json").is_file()
     reference = {fmt: tensors(p) for fmt, p in lora_files(runs["ref"]).items()}
     for name in ("term", "int"):
         for fmt, path in lora_files(runs[name]).items():
             got = tensors(path)
             assert all(bool((got[k] == reference[fmt][k]).all()) for k in reference[fmt]), (name, fmt)
-    figures("signals", cases=3, faults=3)
+    figures("signals", cases=4, faults=4)
+
+
+def test_sighup_is_an_interrupt_unless_nohup_ignores_it():
+    """SIGHUP (the terminal closed) ends the run as SIGTERM does, from ``term()`` on; under `nohup` (SIGHUP ignored)
+    it stays ignored."""
+    import os
+
+    from lora_run.run import Signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        signals = Signals()
+        signals.term()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert signals.arrived
+        signals.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)          # nohup
+        signals = Signals()
+        signals.term()
+        os.kill(os.getpid(), signal.SIGHUP)                    # ignored: nothing raised
+        assert not signals.arrived and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signals.restore()
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 # ---------------------------------------------------------------------------------- disk full
