@@ -8,7 +8,8 @@ Rectified flow: ``x_t = (1-σ)·x0 + σ·ε`` with σ ∈ (0, 1), the model pred
 - ``sigmoid``: σ = sigmoid(s·n), n ~ N(0, 1), s = `sigmoid_scale` (sd-scripts' `sigmoid`; with s = 1 this is
   the logit-normal(0, 1) of SD3).
 - ``logit-normal``: exactly diffusers' training examples (``compute_density_for_timestep_sampling("logit_normal")``)
-  and sd-scripts' ``sigma`` sampling: u = sigmoid(n), n ~ N(`logit_mean`, `logit_std`) (``torch.normal``), indexes
+  and sd-scripts' ``sigma`` sampling with ``--discrete_flow_shift 1`` (what the kohya backend passes; sd-scripts'
+  default 3.0 shifts its table): u = sigmoid(n), n ~ N(`logit_mean`, `logit_std`) (``torch.normal``), indexes
   the unshifted 1000-step *descending* table of ``FlowMatchEulerDiscreteScheduler``: σ = (1000 − ⌊1000·u⌋) / 1000,
   so σ ∈ {0.001, …, 1} and σ ≈ 1 − u. A `logit_mean` copied from either trainer means the same thing here: a
   positive mean puts more weight on *less* noisy steps (mean 0.5 → median σ ≈ sigmoid(−0.5) ≈ 0.38).

@@ -192,15 +192,16 @@ def train_one_step(family: str, model: Path, dataset: Path, tmp_path: Path, monk
 
 
 # ------------------------------------------------------------------------------------------- reference
-def pixels(dataset: Path):
-    """The dataset images as the references feed them: (3, H, W) in [-1, 1] (ToTensor, Normalize(0.5, 0.5))."""
+def pixels(dataset: Path, images: list[Path] | None = None):
+    """The dataset images (or ``images``) as the references feed them: (3, H, W) in [-1, 1] (ToTensor,
+    Normalize(0.5, 0.5))."""
     import numpy as np
     import torch
     from PIL import Image
 
     out = []
-    for i in range(len(CAPTIONS)):
-        arr = np.asarray(Image.open(dataset / f"img{i:03d}.png").convert("RGB"), dtype=np.float32) / 255.0
+    for path in images or [dataset / f"img{i:03d}.png" for i in range(len(CAPTIONS))]:
+        arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
         out.append((torch.from_numpy(arr).permute(2, 0, 1) - 0.5) / 0.5)
     return torch.stack(out)
 
@@ -295,10 +296,33 @@ def sd3_weighting(scheme: str, sigma):
     return compute_loss_weighting_for_sd3(scheme, sigmas=sigma)
 
 
-def reference_loss(pred, target, weights):
-    """diffusers' examples: mean over the non-batch dimensions per sample, weighted, then the batch mean."""
-    return float(((weights.view(-1) * ((pred.float() - target.float()) ** 2).reshape(target.shape[0], -1).mean(1))
-                  .mean()))
+def elementwise(name: str, d, **option):
+    """The loss plugins' per-element value of the difference d = prediction − target, from their documented
+    formulas: ``mse`` d²; ``huber`` (classic, diffusion-pipe's ``huber_delta``) ½d² for |d| ≤ c, c(|d| − ½c)
+    beyond; ``pseudo-huber`` (sd-scripts' ``--loss_type huber``, constant schedule) 2c(√(d² + c²) − c);
+    ``smooth-l1`` (diffusion-pipe's ``smooth_l1_beta``) ½d²/β for |d| < β, |d| − ½β beyond."""
+    import torch
+
+    a = d.abs()
+    if name == "mse":
+        return d * d
+    if name == "huber":
+        c = option.get("c", 0.1)
+        return torch.where(a <= c, 0.5 * d * d, c * (a - 0.5 * c))
+    if name == "pseudo-huber":
+        c = option.get("c", 0.1)
+        return 2 * c * (torch.sqrt(d * d + c * c) - c)
+    if name == "smooth-l1":
+        beta = option.get("beta", 1.0)
+        return torch.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta)
+    raise ValueError(name)
+
+
+def reference_loss(pred, target, weights, loss: str = "mse", **option):
+    """diffusers' examples and sd-scripts: the loss per element, its mean over the non-batch dimensions per
+    sample, times the sample's weight, then the batch mean."""
+    per_sample = elementwise(loss, pred.float() - target.float(), **option).reshape(target.shape[0], -1).mean(1)
+    return float((weights.view(-1) * per_sample).mean())
 
 
 def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int, *, offset=0.0, weighting="none",
@@ -365,16 +389,23 @@ FLUX_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra, draw", FLUX_CASES)
 def test_flux1_training_step(method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    seen = train_one_step("flux.1-dev", models["flux.1-dev"], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}', native="text_max_length = 16")
+    pred, target, weights, _order = check_flux1(seen, models["flux.1-dev"], dataset, method, extra, draw)
+    check_loss(seen, pred, target, weights)
+
+
+def check_flux1(seen: Seen, folder: Path, dataset: Path, method: str, extra: str, draw: dict[str, Any], *,
+                images: list[Path] | None = None, captions: tuple[str, ...] = CAPTIONS):
+    """Every input of a FLUX.1 step against the reference; returns the reference prediction, target, loss
+    weighting and which image (of ``images``, the dataset's by default) each row is."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    folder = models["flux.1-dev"]
-    seen = train_one_step("flux.1-dev", folder, dataset, tmp_path, monkeypatch,
-                          train=f'timestep_sampling = "{method}"\n{extra}', native="text_max_length = 16")
     train = _toml(extra)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     with torch.no_grad():
-        z = vae.encode(pixels(dataset)).latent_dist.mode()
+        z = vae.encode(pixels(dataset, images)).latent_dist.mode()
     per_image = list((z - vae.config.shift_factor) * vae.config.scaling_factor)
     assert not close(seen.objective["x0"][0], (z[0] * vae.config.scaling_factor)), "planted: the shift left out"
     assert not close(seen.objective["x0"][0], (z[0] - vae.config.scaling_factor) * vae.config.shift_factor)
@@ -388,7 +419,7 @@ def test_flux1_training_step(method, extra, draw, models, dataset, tmp_path, mon
 
     pipe = FluxPipeline.from_pretrained(folder)
     with torch.no_grad():
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=[CAPTIONS[i] for i in order], prompt_2=None,
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=[captions[i] for i in order], prompt_2=None,
                                                       device="cpu", max_sequence_length=16)
     packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
@@ -409,7 +440,114 @@ def test_flux1_training_step(method, extra, draw, models, dataset, tmp_path, mon
                           encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     pred = FluxPipeline._unpack_latents(out, h * scale, w * scale, scale)
-    check_loss(seen, pred, target, weights)
+    return pred, target, weights, order
+
+
+# ------------------------------------------------------------ loss plugins and the regularisation weight
+REG_CAPTIONS = ("ohwx, red", "a person, blue sky")    # the subject's caption, the regularisation image's
+REG_WEIGHT = 0.5
+
+
+@pytest.fixture(scope="module")
+def subject_and_regularization(tmp_path_factory) -> tuple[Path, Path]:
+    """One 64×64 subject image and one regularisation image (a different picture): with batch size 2 the one
+    step trains exactly one of each."""
+    from lora_run_devtools.testing import make_images
+
+    root = tmp_path_factory.mktemp("step-reg")
+    subject, reg = root / "subject", root / "reg"
+    made = make_images(root / "made", count=2, size=(64, 64), captions=False)
+    subject.mkdir()
+    reg.mkdir()
+    made[0].rename(subject / "img000.png")
+    made[1].rename(reg / "reg000.png")
+    (subject / "img000.txt").write_text(REG_CAPTIONS[0], encoding="utf-8")
+    (reg / "reg000.txt").write_text(REG_CAPTIONS[1], encoding="utf-8")
+    return subject, reg
+
+
+LOSS_CASES = [("mse", {}), ("huber", {"c": 0.3}), ("pseudo-huber", {"c": 0.3}), ("smooth-l1", {"beta": 0.5})]
+#: For each loss, the formula of another loss (or a lookalike) that the check must tell apart from it.
+LOSS_LOOKALIKES = {
+    "mse": [("huber", {"c": 1e9}, "½·mse (classic Huber with a huge c)")],
+    "huber": [("pseudo-huber", None, "pseudo-Huber instead of Huber"), ("smooth-l1", "beta", "smooth-L1 with β = c")],
+    "pseudo-huber": [("huber", None, "classic Huber instead of pseudo-Huber"),
+                     ("mse", {}, "plain mse")],
+    "smooth-l1": [("huber", "c", "Huber with c = β (β times smaller beyond β)"), ("mse", {}, "plain mse")],
+}
+
+
+def train_with_regularization(loss: str, option: dict[str, Any], models, subject_and_regularization, tmp_path,
+                              monkeypatch) -> Seen:
+    subject, reg = subject_and_regularization
+    options = ", ".join(f"{k} = {v}" for k, v in option.items())
+    return train_one_step("flux.1-dev", models["flux.1-dev"], subject, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "sigmoid"\nloss = "{loss}"\nloss_options = {{ {options} }}',
+                          native="text_max_length = 16",
+                          dataset_extra=f'[[dataset.regularization]]\npath = "{reg}"\nweight = {REG_WEIGHT}')
+
+
+def check_loss_and_weights(seen: Seen, models, subject_and_regularization, loss: str, option: dict[str, Any]) -> None:
+    """The step's inputs against the reference (one subject and one regularisation image), then its logged loss
+    against the loss formula, the regularisation weight of the regularisation sample and the batch mean."""
+    import torch
+
+    subject, reg = subject_and_regularization
+    pred, target, _ones, order = check_flux1(seen, models["flux.1-dev"], subject, "sigmoid", "", {},
+                                             images=[subject / "img000.png", reg / "reg000.png"],
+                                             captions=REG_CAPTIONS)
+    weights = torch.tensor([1.0 if i == 0 else REG_WEIGHT for i in order])
+    right = reference_loss(pred, target, weights, loss, **option)
+    assert seen.losses[0] == pytest.approx(right, rel=1e-4, abs=1e-7), "loss: differs from the reference"
+    wrong = {"the regularisation weight ignored": reference_loss(pred, target, torch.ones(2), loss, **option),
+             "normalised by the weights' sum": reference_loss(pred, target, weights, loss, **option) * 2 /
+             float(weights.sum()),
+             "summed over the batch": 2 * right,
+             "the flipped target": reference_loss(pred, -target, weights, loss, **option)}
+    for other, other_option, what in LOSS_LOOKALIKES[loss]:
+        if isinstance(other_option, str):               # the same number under the other loss's option name
+            other_option = {other_option: next(iter(option.values()))}
+        wrong[what] = reference_loss(pred, target, weights, other, **(option if other_option is None else other_option))
+    for what, value in wrong.items():
+        assert seen.losses[0] != pytest.approx(value, rel=1e-3), f"the planted mistake '{what}' was not caught"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, option", LOSS_CASES)
+def test_loss_plugins_and_regularization_weight_in_a_step(loss, option, models, subject_and_regularization,
+                                                          tmp_path, monkeypatch):
+    """Each loss plugin's value in a real step (FLUX.1) equals its documented formula, per sample averaged over
+    the latent, the regularisation sample weighted by its set's `weight`, then averaged over the batch
+    (sd-scripts' `loss * loss_weights`, `.mean()`; diffusers' examples reduce the same way)."""
+    seen = train_with_regularization(loss, option, models, subject_and_regularization, tmp_path, monkeypatch)
+    check_loss_and_weights(seen, models, subject_and_regularization, loss, option)
+
+
+def test_loss_plugins_are_their_documented_formulas():
+    """The plugins alone, on differences in both regimes (|d| below and above c / β), against the formulas
+    written here; each also differs from its lookalikes."""
+    import torch
+
+    from lora_run_losses import HuberOptions, SmoothL1Options, huber, mse, pseudo_huber, smooth_l1
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    d = pred - target
+    assert bool((d.abs() < 0.3).any()) and bool((d.abs() > 0.5).any())
+    plugins = {"mse": mse(), "huber": huber(HuberOptions(c=0.3)), "pseudo-huber": pseudo_huber(HuberOptions(c=0.3)),
+               "smooth-l1": smooth_l1(SmoothL1Options(beta=0.5))}
+    for name, option in LOSS_CASES:
+        ours = plugins[name](pred, target)
+        assert ours.shape == (3,)
+        reference = elementwise(name, d, **option).flatten(1).mean(1)
+        assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-7), name
+        assert not torch.allclose(ours, elementwise(name, d, **option).flatten(1).sum(1), rtol=1e-3), \
+            f"{name}: summed instead of averaged"
+        for other, other_option, what in LOSS_LOOKALIKES[name]:
+            if isinstance(other_option, str):
+                other_option = {other_option: next(iter(option.values()))}
+            lookalike = elementwise(other, d, **(option if other_option is None else other_option)).flatten(1).mean(1)
+            assert not torch.allclose(ours, lookalike, rtol=1e-3), f"{name}: {what}"
 
 
 def _toml(text: str) -> dict[str, Any]:
@@ -423,13 +561,16 @@ def _toml(text: str) -> dict[str, Any]:
 @pytest.mark.parametrize("method, extra, draw", [("shift", "shift = 5.0", {"shift": 5.0}), ("uniform", "", {}),
                                                  ("logit-normal", "logit_mean = -0.4", {"mean": -0.4})])
 def test_hunyuan_image_training_step(method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    seen = train_one_step("hunyuan-image-2.1", models["hunyuan-image-2.1"], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    check_hunyuan_image(seen, models["hunyuan-image-2.1"], dataset, method, draw)
+
+
+def check_hunyuan_image(seen: Seen, folder: Path, dataset: Path, method: str, draw: dict[str, Any]) -> None:
     import torch
     from diffusers import (AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline,
                            HunyuanImageTransformer2DModel)
 
-    folder = models["hunyuan-image-2.1"]
-    seen = train_one_step("hunyuan-image-2.1", folder, dataset, tmp_path, monkeypatch,
-                          train=f'timestep_sampling = "{method}"\n{extra}')
     vae = AutoencoderKLHunyuanImage.from_pretrained(folder, subfolder="vae")
     with torch.no_grad():
         z = vae.encode(pixels(dataset)).latent_dist.mode()
@@ -465,6 +606,12 @@ def test_hunyuan_image_training_step(method, extra, draw, models, dataset, tmp_p
 @pytest.mark.parametrize("method, extra", [("uniform", ""), ("uniform", "min_snr_gamma = 5.0\nnoise_offset = 0.05"),
                                            ("logit-normal", "logit_mean = 0.5")])
 def test_hunyuan_dit_training_step(method, extra, models, dataset, tmp_path, monkeypatch):
+    seen = train_one_step("hunyuan-dit-1.2", models["hunyuan-dit-1.2"], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    check_hunyuan_dit(seen, models["hunyuan-dit-1.2"], dataset, method, extra)
+
+
+def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extra: str) -> None:
     import torch
     from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, HunyuanDiT2DModel,
                            HunyuanDiTPipeline)
@@ -472,9 +619,6 @@ def test_hunyuan_dit_training_step(method, extra, models, dataset, tmp_path, mon
     from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
-    folder = models["hunyuan-dit-1.2"]
-    seen = train_one_step("hunyuan-dit-1.2", folder, dataset, tmp_path, monkeypatch,
-                          train=f'timestep_sampling = "{method}"\n{extra}')
     train = _toml(extra)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     with torch.no_grad():
@@ -554,16 +698,21 @@ FLUX2_TEXT_LENGTH = {"klein": 64, "dev": 512}
     ("dev", "flux-shift", "", {}),
 ])
 def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_path, monkeypatch):
+    family = f"flux.2-{variant}"
+    seen = train_one_step(family, models[family], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}',
+                          native=f"text_max_length = {FLUX2_TEXT_LENGTH[variant]}")
+    check_flux2(seen, models[family], dataset, variant, method, extra, draw)
+
+
+def check_flux2(seen: Seen, folder: Path, dataset: Path, variant: str, method: str, extra: str,
+                draw: dict[str, Any]) -> None:
     import torch
     from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline,
                            Flux2Transformer2DModel)
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
-    family = f"flux.2-{variant}"
-    folder = models[family]
     length = FLUX2_TEXT_LENGTH[variant]
-    seen = train_one_step(family, folder, dataset, tmp_path, monkeypatch,
-                          train=f'timestep_sampling = "{method}"\n{extra}', native=f"text_max_length = {length}")
     train = _toml(extra)
     pipeline_class = Flux2KleinPipeline if variant == "klein" else Flux2Pipeline
     vae = AutoencoderKLFlux2.from_pretrained(folder, subfolder="vae")
