@@ -234,9 +234,9 @@ def scan_dataset(recipe: Recipe, plugins: Plugins) -> list[Item]:
     return list(make_dataset(recipe, reg, options).items())
 
 
-def lint(recipe: Recipe, plugins: Plugins) -> LintReport:
-    """The dataset's items checked by every ``lint_dataset`` implementation (all usable when none is installed)."""
-    items = scan_dataset(recipe, plugins)
+def lint(recipe: Recipe, plugins: Plugins, items: list[Item] | None = None) -> LintReport:
+    """``items`` (default: the dataset scanned) checked by each ``lint_dataset`` implementation (all usable if none)."""
+    items = scan_dataset(recipe, plugins) if items is None else items
     report = LintReport(usable=list(items))
     plugins.hook.lint_dataset(recipe=recipe, items=items, report=report)
     return report

@@ -78,6 +78,7 @@ class DiffusionPipeBackend:
         if self.recipe.train.gpus > 1 and "num_gpus" not in raw:     # [train] gpus / --gpus feed --num_gpus
             self.options = attrs.evolve(self.options, num_gpus=self.recipe.train.gpus)
         self.family = self.recipe.model.family
+        self._sets: Any = None
 
     # ------------------------------------------------------------------------------ locations
     def _base(self) -> Path:
@@ -104,7 +105,29 @@ class DiffusionPipeBackend:
 
     def layout(self) -> translate.Layout:
         assert self.ctx.run_dir is not None
-        return translate.Layout.of(self.ctx.run_dir.path, self.recipe)
+        from .stage import content_digest
+
+        content = content_digest(self._staged_sets()) if self.recipe.train.cache_dir else ""
+        return translate.Layout.of(self.ctx.run_dir.path, self.recipe, self.options, content)
+
+    def _staged_sets(self) -> Any:
+        """What the run stages (`stage.wanted_sets`), from the linted items and the lint's digests; `lora-run plan`
+        (no lint yet) runs the lint here, so it names the staging folder the run will use."""
+        if self._sets is None:
+            from .stage import wanted_sets
+
+            items, report = list(self.ctx.items), self.ctx.lint
+            if report is None and not items:
+                try:
+                    from lora_run.run import lint
+
+                    report = lint(self.recipe, self.ctx.plugins)
+                    items = report.usable
+                except Exception:  # noqa: BLE001 - only for the plan's folder name (the run uses its own lint)
+                    items, report = [], None
+            self._sets = wanted_sets(self.recipe, items, translate.set_names(self.recipe), lint=report,
+                                     copy=self.options.copy_images)
+        return self._sets
 
     def _items(self) -> list[Any]:
         if self.ctx.items:
@@ -274,7 +297,7 @@ class DiffusionPipeBackend:
 
         from .stage import stage
 
-        counts = stage(recipe, ctx.items, layout.data, translate.set_names(recipe), copy=self.options.copy_images)
+        counts = stage(self._staged_sets(), layout.data)
         ctx.run_dir.log(f"diffusion-pipe: staged {counts} in {layout.data}")
         examples = self._examples()
         resume_from = None

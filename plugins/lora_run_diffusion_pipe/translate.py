@@ -7,8 +7,6 @@ diffusion-pipe cannot honour exactly are refused by the capability table in ``__
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -44,24 +42,32 @@ class Layout:
     log: Path           # everything diffusion-pipe printed
 
     @classmethod
-    def of(cls, run_dir: Path, recipe: Recipe) -> "Layout":
+    def of(cls, run_dir: Path, recipe: Recipe, options: DiffusionPipeOptions | None = None,
+           content: str = "") -> "Layout":
         root = Path(run_dir) / "diffusion-pipe"
-        return cls(root, root / "config.toml", root / "dataset.toml", root / "output", staging_root(recipe, root),
-                   root / "train.log")
+        return cls(root, root / "config.toml", root / "dataset.toml", root / "output",
+                   staging_root(recipe, root, options, content), root / "train.log")
 
     def relative(self, path: Path, run_dir: Path) -> str:
         return str(path.relative_to(run_dir))
 
 
-def staging_root(recipe: Recipe, root: Path) -> Path:
-    """`<run>/diffusion-pipe/data`, or a folder under `[train] cache_dir` keyed by model and dataset, so
-    diffusion-pipe's latent / text-embedding cache is reused by later runs on the same images."""
+def staging_root(recipe: Recipe, root: Path, options: DiffusionPipeOptions | None = None, content: str = "") -> Path:
+    """`<run>/diffusion-pipe/data`, or with `[train] cache_dir` a folder `<cache_dir>/diffusion-pipe/dataset-<hash>`
+    that later runs share, for diffusion-pipe's latent / text-embedding cache there. Its name covers everything the
+    folder holds: ``content`` (`stage.content_digest`: each staged file's name, what it is made from and each caption's
+    text, so the trigger, caption files and defaults), the `[dataset]` table (paths, trigger, caption extension,
+    repeats, buckets, …) and the model files and precisions the cache is made with (`lora_run_engines.dataset_key`,
+    which kohya's staged view is keyed by too), and whether images are copied. Recipes that stage different files
+    never share a folder, so no run writes over a file another one reads."""
     if not recipe.train.cache_dir:
         return root / "data"
-    m, d = recipe.model, recipe.dataset
-    key = json.dumps([m.family, m.source, m.files, m.base_precision, recipe.train.mixed_precision,
-                      d.path, [s.path for s in d.regularization]], sort_keys=True)
-    return Path(recipe.train.cache_dir) / "diffusion-pipe" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    from lora_run_engines import dataset_key
+
+    m = recipe.model
+    key = dataset_key(recipe, m.files, m.base_precision, recipe.train.mixed_precision,
+                      bool(options.copy_images) if options is not None else False, content)
+    return Path(recipe.train.cache_dir) / "diffusion-pipe" / key
 
 
 def set_names(recipe: Recipe) -> list[str]:

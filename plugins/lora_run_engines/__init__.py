@@ -13,6 +13,8 @@ A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is f
 - :func:`safetensors_keys` — the tensor names of a ``.safetensors`` file, read from its header (no torch);
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
   file system has no symlinks;
+- :func:`dataset_key` — the name of a staged view's folder under ``[train] cache_dir`` (shared by runs): a hash of
+  the ``[dataset]`` table, the model and what else the backend's staged files and caches depend on;
 - :func:`borrowed_memory_estimate` — an engine has no memory model of its own: the estimate of a backend that
   registered one, for the equivalent settings, labelled as that backend's.
 
@@ -166,6 +168,21 @@ def stage_link(source: Path, target: Path) -> None:
     except OSError:  # no symlinks on this file system: copy
         shutil.copy2(source, tmp)
     os.replace(tmp, target)
+
+
+def dataset_key(recipe: Any, *more: Any) -> str:
+    """The staged view's folder under ``[train] cache_dir`` (shared by runs): one per ``[dataset]`` table (paths,
+    trigger, caption extension and defaults, repeats, buckets, …), model family and source, and whatever else the
+    backend's staged files or the engine's caches beside them depend on (``more``, JSON-able), so recipes sharing a
+    cache folder never stage over each other's files, and a resume or a rerun finds its own with the engine's
+    caches."""
+    import hashlib
+
+    from lora_run.recipe import to_dict
+
+    key = json.dumps([to_dict(recipe).get("dataset"), recipe.model.family, recipe.model.source, *more],
+                     sort_keys=True, default=str)
+    return "dataset-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def borrowed_memory_estimate(recipe: Any, plugins: Any, swapped_blocks: int = 0) -> tuple[float, str] | None:

@@ -449,11 +449,10 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         if not_lora:     # before any model loads: a model's weights or another file given by mistake
             raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
     recipe = validate(loaded, plugins).recipe
-    report = lint(recipe, plugins)
+    items = scan_dataset(recipe, plugins)
+    report = lint(recipe, plugins, items)
     subject = [i.image for i in report.usable if not i.is_reg]
-    kept = set(subject)
-    left_out = [i.image for i in scan_dataset(recipe, plugins) if not i.is_reg and i.image not in kept]
-    unreadable = unreadable_images(left_out, f"{loaded.shown}: [dataset.path]")    # not left out unseen
+    unreadable = undecoded_subject_photos(items, report, f"{loaded.shown}: [dataset.path]")  # not left out unseen
     if unreadable:
         raise DatasetError("\n".join(unreadable))
     if not subject:
@@ -507,6 +506,10 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
     return 0
 
 
+def _cannot_be_scored(flag: str, path: Path | str, why: Any) -> str:
+    return f"{flag} {shown(path)}: cannot be scored: {why}; replace it, or move it out of the folder"
+
+
 def unreadable_images(paths: Sequence[Path], flag: str) -> list[str]:
     """A line naming each file of ``paths`` that does not decode as an image (a text file named `.png`, a truncated
     or empty one), found before any model loads: scored, it would count as an image without a face."""
@@ -517,8 +520,18 @@ def unreadable_images(paths: Sequence[Path], flag: str) -> list[str]:
         try:
             open_rgb(path)
         except ImageProblem as exc:
-            bad.append(f"{flag} {shown(path)}: cannot be scored: {exc}; replace it, or move it out of the folder")
+            bad.append(_cannot_be_scored(flag, path, exc))
     return bad
+
+
+def undecoded_subject_photos(items: Sequence[Any], report: Any, flag: str) -> list[str]:
+    """``unreadable_images`` for the subject photos of the dataset, from the lint of those ``items``: its findings for
+    a file that cannot be read or decode (``lora_run_folder.lint.NOT_DECODED``) name the file and why; the items say
+    which are subject photos (nothing is read or decoded again)."""
+    from lora_run_folder.lint import NOT_DECODED
+
+    why = {f.file: f.message for f in report.findings if f.code in NOT_DECODED}
+    return [_cannot_be_scored(flag, i.image, why[str(i.image)]) for i in items if not i.is_reg and str(i.image) in why]
 
 
 def _folder_images(given: str, flag: str) -> list[Path]:

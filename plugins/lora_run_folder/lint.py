@@ -20,6 +20,9 @@ from .images import ImageProblem, decode_rgb, read_image_bytes
 
 EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
+#: the codes of the findings for an image that cannot be read or does not decode (the finding's message says why;
+#: such an item has no digest in ``LintReport.files``): ``lora-run eval`` names the subject photos among them
+NOT_DECODED = ("unreadable", "bad-image")
 
 
 def file_key(item: Item) -> str:
@@ -80,12 +83,12 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
         try:
             data = read_image_bytes(item.image)
         except FileProblem as exc:
-            report.add(ERROR, "unreadable", str(exc), name)
+            report.add(ERROR, NOT_DECODED[0], str(exc), name)
             continue
         try:
             opened = decode_rgb(data)    # one read: the bytes hashed are the bytes checked
         except ImageProblem as exc:
-            report.add(ERROR, "bad-image", str(exc), name)
+            report.add(ERROR, NOT_DECODED[1], str(exc), name)
             continue
         sha = opened.sha256
         for note in opened.notes:

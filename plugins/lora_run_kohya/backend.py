@@ -28,7 +28,7 @@ from lora_run_rundir.space import check_free_space
 from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
-from lora_run_engines import borrowed_memory_estimate, commented, tomlfile
+from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
 from lora_run_engines.stage import Staged, safe_stem, sync_folder
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
@@ -535,19 +535,6 @@ def dataset_file_keys(dataset: dict[str, Any]) -> set[str]:
         for subset in table.get("subsets") or []:
             keys.update(subset)
     return keys
-
-
-def dataset_key(recipe: Any) -> str:
-    """The staged view's folder under `[train] cache_dir` (shared by runs): one per `[dataset]` table and model (the
-    latents sd-scripts caches beside the images are the model's), so two recipes sharing a cache folder never stage
-    over each other's images and captions, and a resume or a rerun finds its own, with sd-scripts' caches."""
-    import hashlib
-
-    from lora_run.recipe import to_dict
-
-    table = to_dict(recipe)
-    key = json.dumps([table.get("dataset"), recipe.model.family, recipe.model.source], sort_keys=True, default=str)
-    return "dataset-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 # -------------------------------------------------------------------------------------------------- staging

@@ -5,7 +5,7 @@ from PIL import Image
 
 from lora_run.dataset import Item
 from lora_run.recipe import load_recipe
-from lora_run_diffusion_pipe.stage import stage
+from lora_run_diffusion_pipe.stage import stage, wanted_sets
 
 
 def test_staged_names_fit_the_file_system_whatever_the_image_is_called(dp_recipe, tmp_path):
@@ -20,7 +20,7 @@ def test_staged_names_fit_the_file_system_whatever_the_image_is_called(dp_recipe
         Image.new("RGB", (64, 64), (9, 9, 9)).save(image)
         items.append(Item(image=image, caption="ohwx, a photo", caption_file=None, subset="subject"))
     recipe = load_recipe(dp_recipe()).recipe
-    counts = stage(recipe, items, tmp_path / "staged", ["subject"])
+    counts = stage(wanted_sets(recipe, items, ["subject"]), tmp_path / "staged")
     assert counts == {"subject": 3}
     names = sorted(p.name for p in (tmp_path / "staged" / "subject").iterdir())
     assert len(names) == 6 and all(len(n.encode()) <= 110 for n in names)

@@ -289,3 +289,62 @@ def test_an_image_that_does_not_decode_is_never_scored_as_no_face(tmp_path, subj
         ev.add("final", None, "lora", [Sample(str(good), "gen0"), Sample(str(broken), "gen1")])
     assert "gen1.png: the image to score cannot be scored: truncated" in str(caught.value), str(caught.value)
     assert ev.add("final", None, "lora", [Sample(str(good), "gen0")])["identity"]["face_rate"] == 1.0   # the control
+
+
+def test_eval_names_the_subject_photos_the_lint_could_not_decode_without_reading_any_again(tmp_path, subject_dir,
+                                                                                            monkeypatch):
+    """`eval` named the subject photos that do not decode by scanning the dataset again and decoding the ones the lint
+    left out. It now takes them from the lint of the one scan: its findings for an image that cannot be read or
+    decoded, the scan's items saying which are subject photos. Every image is read once (by the lint); a regularisation
+    image that does not decode and a subject photo left out for another reason (too small) are not named."""
+    import argparse
+    import shutil
+
+    from PIL import Image
+
+    from lora_run.errors import DatasetError
+    from lora_run.plugins import load_plugins
+    import lora_run_folder.images as images
+    import lora_run_folder.lint as lint_module
+    from lora_run_eval.evaluator import cmd_eval
+
+    data = tmp_path / "subject"
+    shutil.copytree(subject_dir, data)
+    (data / "broken.png").write_text("not a picture", encoding="utf-8")
+    (data / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(data / "tiny.png")
+    for name in ("broken", "empty", "tiny"):
+        (data / f"{name}.txt").write_text("ohwx, a photo", encoding="utf-8")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "bad.png").write_text("not a picture either", encoding="utf-8")
+    model = tmp_path / "FLUX.1-dev"          # a local diffusers folder: nothing is looked up on the hub
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        (model / part).mkdir()
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "{model}"\n[dataset]\npath = "{data}"\n'
+                      f'trigger = "ohwx"\nmin_images = 2\n[[dataset.regularization]]\npath = "{reg}"\n'
+                      '[train]\nsteps = 2\n[eval]\nembedder = "dlib"\n', encoding="utf-8")
+    lora = tmp_path / "x.safetensors"
+    _safetensors(lora, "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+    reads: list[str] = []
+    real = images.read_image_bytes
+
+    def counted(path):
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(images, "read_image_bytes", counted)
+    monkeypatch.setattr(lint_module, "read_image_bytes", counted)
+    args = argparse.Namespace(recipe=str(recipe), sets=[], unsets=[], lora=[str(lora)], output_dir=None,
+                              overwrite=False, json=False)
+    with pytest.raises(DatasetError) as caught:
+        cmd_eval(args, load_plugins())
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2 and all("[dataset.path]" in line for line in lines), lines
+    assert "broken.png: cannot be scored: not an image Pillow can read" in lines[0], lines
+    assert "empty.jpg: cannot be scored: empty file (0 bytes)" in lines[1], lines
+    assert sorted(reads) == sorted(["a0.png", "a1.png", "a2.png", "broken.png", "empty.jpg", "tiny.png", "bad.png"])
+    assert not (tmp_path / "eval-x").exists()
