@@ -25,6 +25,19 @@ class NativeOptions:
                         "(see `lora-run docs multi-gpu`).")
 
 
+#: What the native backend trains with: the `train` extra's packages it imports (import names).
+TRAIN_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
+
+
+def missing_packages(backend: str = "native") -> str | None:
+    """Why ``backend`` cannot train in this environment (the `train` extra's packages not installed), or None."""
+    missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"backend \"{backend}\" trains with {', '.join(missing)}, not installed here: pip install "
+            "'lora-run[train]' (on a GPU machine, install the torch build for its CUDA first)")
+
+
 class NativeBackend:
     """In-process trainer: diffusers + peft + accelerate, one adapter per model family."""
 
@@ -42,6 +55,8 @@ class NativeBackend:
     def check(self) -> list[tuple[tuple, str]]:
         r = self.recipe
         problems = list(self._adapter().check_sources())
+        if (why := missing_packages(r.backend.name or "native")) is not None:
+            problems.insert(0, (("backend", "name"), why))
         for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
             if r.optimizer.name == name and importlib.util.find_spec(package) is None:
                 problems.append((("optimizer", "name"), f"\"{name}\" needs the {package} package (pip install "

@@ -159,7 +159,11 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
+    from .backend import missing_packages
+
     refuse_empty_output_dir(output_dir)      # resolved("") is the working folder
+    if (why := missing_packages()) is not None:     # before anything is built: the tiny model needs them too
+        raise RecipeError(f"lora-run demo: {why}")
     out = resolved(output_dir)
     _claim(out)
     run_out = out / "run"

@@ -53,6 +53,27 @@ def test_check_and_plan_never_import_torch(flux_recipe, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+
+def test_an_install_without_the_train_extra_is_named_before_anything_is_written(flux_recipe, tmp_path):
+    """`pip install lora-run` without `[train]`: `check` passed, and the run and the demo crashed with "No module named
+    'torch'" (exit 1) after writing the run folder or half the demo. Each now names the missing packages and the
+    install line (exit 2) and writes nothing. Packages are hidden the way Python sees a package that is not
+    installed (``sys.modules[name] = None``: find_spec gives None, import raises)."""
+    recipe = flux_recipe()
+    runs = {"check": ["check", str(recipe)], "run": [str(recipe), "--output-dir", str(tmp_path / "run")],
+            "demo": ["demo", "--output-dir", str(tmp_path / "demo")]}
+    for name, argv in runs.items():
+        code = ("import sys\nfor hidden in ('peft', 'diffusers'):\n    sys.modules[hidden] = None\n"
+                f"from lora_run.cli import main\nsys.exit(main({argv!r}))\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+        assert ("trains with diffusers, peft, not installed here: pip install 'lora-run[train]'"
+                in result.stderr), (name, result.stderr[-2000:])
+        if name == "check":
+            assert "[backend.name]" in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
+
 def test_plan_reports_steps_buckets_memory_and_outputs(flux_recipe, run_cli):
     result = run_cli("plan", flux_recipe(length="epochs = 3"), "--json", "--set", "dataset.repeats=2")
     assert result.returncode == 0, result.stderr
