@@ -385,9 +385,20 @@ def compile_cache_dir() -> str:
     """Persistent compile caches under the user's cache folder, reused by the next run: inductor's FX-graph
     and AOT-autograd caches and Triton kernels (``TORCHINDUCTOR_CACHE_DIR``), dynamo's record of which
     dimensions were dynamic, and FlashAttention-4's compiled CuTe kernels. A variable the user set wins.
-    ``$LORA_RUN_COMPILE_CACHE`` moves the whole folder (default ``~/.cache/lora-run/compile``)."""
+    ``$LORA_RUN_COMPILE_CACHE`` moves the whole folder (default ``~/.cache/lora-run/compile``). Where that folder
+    cannot be written (a container's read-only or foreign home), the caches go to the temporary folder, as torch's
+    own default does, instead of failing the first compilation."""
+    import tempfile
+
     base = os.environ.get("LORA_RUN_COMPILE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lora-run", "compile")
+    try:
+        os.makedirs(base, exist_ok=True)
+        writable = os.access(base, os.W_OK | os.X_OK)
+    except (OSError, ValueError):
+        writable = False
+    if not writable:
+        base = os.path.join(tempfile.gettempdir(), f"lora-run-compile-{os.getuid() if hasattr(os, 'getuid') else 0}")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "inductor"))
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(base, "flash-attn-cute"))

@@ -289,6 +289,21 @@ def test_compile_caches_live_under_the_users_cache(monkeypatch, tmp_path):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
 
 
+
+def test_compile_caches_fall_back_to_the_temporary_folder_where_home_cannot_be_written(monkeypatch, tmp_path):
+    """A container's home that cannot be written (here: `~/.cache` is a file) sent inductor's first compilation into
+    a PermissionError/FileExistsError; the caches go to the temporary folder instead, as torch's default does."""
+    import os
+    import tempfile
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "LORA_RUN_COMPILE_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = accel.compile_cache_dir()
+    assert base.startswith(tempfile.gettempdir()) and "lora-run-compile" in base, base
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(base, "inductor")
+
 def test_shipped_recipes_memory_settings_follow_auto():
     """The shipped fast recipe sets fp8 + checkpointing (for 24 GB cards). Under `memory_mode = "auto"` the plan
     shown by `lora-run plan` trains a big GPU in bf16 without checkpointing; an explicit mode keeps the fp8."""
