@@ -114,17 +114,11 @@ class DiffusionPipeBackend:
         """What the run stages (`stage.wanted_sets`), from the linted items and the lint's digests; `lora-run plan`
         (no lint yet) runs the lint here, so it names the staging folder the run will use."""
         if self._sets is None:
+            from lora_run_engines.stage import linted
+
             from .stage import wanted_sets
 
-            items, report = list(self.ctx.items), self.ctx.lint
-            if report is None and not items:
-                try:
-                    from lora_run.run import lint
-
-                    report = lint(self.recipe, self.ctx.plugins)
-                    items = report.usable
-                except Exception:  # noqa: BLE001 - only for the plan's folder name (the run uses its own lint)
-                    items, report = [], None
+            items, report = linted(self.ctx)
             self._sets = wanted_sets(self.recipe, items, translate.set_names(self.recipe), lint=report,
                                      copy=self.options.copy_images)
         return self._sets

@@ -7,13 +7,32 @@ lint had to convert (EXIF rotation, CMYK, 16-bit, alpha, …: every backend trai
 the training caption. A file already as wanted is left alone (a re-run re-uses the engine's caches); an
 entry no longer wanted is removed when the backend's ``removable`` says so (the engine's own cache is kept).
 Only lora-run's staging folders are ever touched. No torch.
+
+What both engine backends stage, and how, is one implementation here:
+
+- :func:`staged_files` — one set's files, each image named ``NNNNN_<hash of image bytes and caption>_<safe stem>``
+  beside its caption: the engines key their caches beside the images (sd-scripts' ``*.npz``, diffusion-pipe's
+  ``cache/``) on the file name, not the contents, so an edited image or caption gets a new name and a fresh cache.
+  Each image's SHA-256 and whether it was converted come from the dataset lint's result (no image is read again);
+- :func:`content_digest` — a hash of everything staged (file names, what each is made from, caption texts), part of
+  the staging folder's name under ``[train] cache_dir`` (with :func:`lora_run_engines.dataset_key`), so recipes
+  that stage anything different never share a folder;
+- :func:`publish` — a folder that does not exist yet is staged aside and renamed into place whole (when another run
+  renamed its own there first, theirs, of the same content, is used and ours removed); a folder that exists is only
+  checked: nothing is written where a file is as wanted, so no run rewrites a file another run is reading;
+- :func:`linted` — the run's linted items, or for ``lora-run plan`` (no lint yet) the lint run here, so the plan
+  names the folder the run stages.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Collection, Iterable
 
 import attrs
 
@@ -79,3 +98,108 @@ def sync_folder(folder: Path, wanted: dict[str, Staged], removable: Callable[[Pa
             entry.unlink()
     for name, staged in wanted.items():
         place(folder / name, staged)
+
+
+#: set name (a folder under the staging root) → staged file name → what it is
+Sets = dict[str, dict[str, Staged]]
+
+
+def linted(ctx: Any) -> tuple[list[Any], Any]:
+    """(usable items, lint report) of a run context; without a lint yet (``lora-run plan``) the dataset is linted
+    here, only to name what would be staged (the run uses its own lint): ([], None) when that fails."""
+    items, report = list(ctx.items), ctx.lint
+    if report is None and not items:
+        try:
+            from lora_run.run import lint
+
+            report = lint(ctx.recipe, ctx.plugins)
+            items = report.usable
+        except Exception:  # noqa: BLE001 - only for the plan's folder name (the run uses its own lint)
+            items, report = [], None
+    return items, report
+
+
+def _image_facts(item: Any, lint: Any, converted: set[str]) -> tuple[str, bool]:
+    """(SHA-256 of the image's bytes, whether the lint converted it) from the lint's result; an item the lint did not
+    hash (no report given) is read and decoded here, once."""
+    from lora_run_folder.lint import file_key
+
+    digests = lint.files.get(file_key(item)) if lint is not None else None
+    if digests and digests.get("image"):
+        return digests["image"], str(item.image) in converted
+    from lora_run_folder.images import decode_rgb, read_image_bytes
+
+    opened = decode_rgb(read_image_bytes(item.image))
+    return opened.sha256, bool(opened.notes)
+
+
+def staged_files(items: Iterable[Any], caption: Callable[[Any], str], *, lint: Any = None, copy: bool = False,
+                 pass_through: Collection[str] | None = None) -> dict[str, Staged]:
+    """One set's files: per item (in order) its image — a link (a copy with ``copy``) to it, or a converted PNG where
+    the lint converted it or its suffix is not in ``pass_through`` (None: every suffix) — and ``<stem>.txt`` holding
+    ``caption(item)``, named ``NNNNN_<hash of the image bytes and that text>_<safe stem>``."""
+    converted = {f.file for f in lint.findings if f.code == "converted"} if lint is not None else set()
+    wanted: dict[str, Staged] = {}
+    for index, item in enumerate(items):
+        text = caption(item)
+        sha, was_converted = _image_facts(item, lint, converted)
+        digest = hashlib.sha256(f"{sha}\0{text}".encode("utf-8", "surrogateescape")).hexdigest()[:10]
+        stem = f"{index:05d}_{digest}_{safe_stem(item.image.stem)}"
+        suffix = item.image.suffix.lower()
+        if was_converted or (pass_through is not None and suffix not in pass_through):
+            wanted[f"{stem}.png"] = Staged("png", item.image)
+        else:
+            wanted[f"{stem}{suffix}"] = Staged("copy" if copy else "link", item.image.resolve())
+        wanted[f"{stem}.txt"] = Staged("text", text=text)
+    return wanted
+
+
+def content_digest(sets: Sets) -> str:
+    """A hash of everything :func:`publish` writes: each set's file names (which carry each image's and caption's
+    hash), how each is made (link, copy, PNG), from which file, and each caption's text."""
+    listing = [[name, file, s.kind, str(s.source or ""), s.text]
+               for name, files in sets.items() for file, s in sorted(files.items())]
+    return hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def staged_prefix(name: str) -> str | None:
+    """The ``NNNNN_<hash>_`` a staged file's name (:func:`staged_files`) starts with, which an engine's cache file
+    named after the image (``<stem>_….npz``) starts with too; None for a name not staged that way."""
+    match = _PREFIX.match(name)
+    return match.group(0) if match else None
+
+
+_PREFIX = re.compile(r"\d{5,}_[0-9a-f]{10}_")
+
+
+def publish(sets: Sets, root: Path,
+            removable: Callable[[dict[str, Staged]], Callable[[Path], bool]]) -> dict[str, int]:
+    """Make ``root/<set>/`` hold the files of every set; returns the number of images (files but captions) per set.
+
+    A ``root`` that exists (this run folder's earlier attempt, or a shared folder whose name says it holds this
+    content) is brought to what is wanted in place: nothing is written where a file is as wanted already; an entry
+    not wanted goes where ``removable(the set's wanted files)(entry)`` says so. A new ``root`` is staged in a hidden
+    folder beside it and renamed into place whole, so no run sees a half-staged folder; when another run renamed its
+    own there first, theirs (of the same content) is checked, rewriting nothing, and ours removed."""
+    def sync(into: Path) -> None:
+        for name, wanted in sets.items():
+            sync_folder(into / name, wanted, removable(wanted))
+
+    if root.is_dir():
+        sync(root)
+    else:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        building = root.with_name(f".{root.name}.{os.getpid()}.{secrets.token_hex(4)}.staging")
+        building.mkdir()
+        try:
+            sync(building)
+            try:
+                os.rename(building, root)
+            except OSError:
+                if not root.is_dir():
+                    raise
+                sync(root)       # another run's, of the same content: checked, nothing rewritten
+        finally:
+            if building.exists():
+                shutil.rmtree(building, ignore_errors=True)
+    return {name: sum(1 for file in wanted if not file.endswith(".txt")) for name, wanted in sets.items()}

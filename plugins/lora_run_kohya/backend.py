@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -29,13 +29,14 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
-from lora_run_engines.stage import Staged, safe_stem, sync_folder
+from lora_run_engines.stage import Sets, Staged, content_digest, linted, publish, staged_files, staged_prefix
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, translate
+from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, subset_name,
+                        translate)
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
     "kohya/train.log"
@@ -63,6 +64,7 @@ class KohyaBackend:
         if self.recipe.train.gpus > 1 and "num_processes" not in raw:   # [train] gpus / --gpus feed it
             self.options = attrs.evolve(self.options, num_processes=self.recipe.train.gpus)
         self.family = FAMILIES.get(self.recipe.model.family)
+        self._sets: Sets | None = None
 
     # ---------------------------------------------------------------------------------------------- basics
     @property
@@ -89,17 +91,38 @@ class KohyaBackend:
 
         return output_path(self.recipe, None)
 
-    def paths(self, sd_scripts: Path | None = None) -> Paths:
+    def paths(self, sd_scripts: Path | None = None, *, content: bool = True) -> Paths:
         run = self.run_path()
         if sd_scripts is None:
             configured, _ = checkout.configured_path(self.options.sd_scripts, self.base)
             sd_scripts = configured
-        data = (Path(self.recipe.train.cache_dir) / "kohya-data" / dataset_key(self.recipe)) \
-            if self.recipe.train.cache_dir else run / "kohya" / "data"
+        data = self.data_dir(content) if self.recipe.train.cache_dir else run / "kohya" / "data"
         return Paths(run, str(sd_scripts) if sd_scripts else "<sd-scripts>", self.python(), data)
 
-    def translation(self, sd_scripts: Path | None = None) -> Translation:
-        return translate(self.recipe, self.options, self.paths(sd_scripts), version=__version__,
+    def data_dir(self, content: bool = True) -> Path:
+        """The staged view under `[train] cache_dir` that later runs share: `<cache_dir>/kohya-data/dataset-<hash>`,
+        the hash covering everything the folder holds and sd-scripts caches beside the images: what is staged
+        (`content_digest`: each file's name, which carries a hash of the image bytes and caption, what it is made
+        from and each caption's text), the `[dataset]` table, the model family, source and files and the precisions
+        the latents and text-encoder outputs are cached with (`lora_run_engines.dataset_key`, diffusion-pipe's key
+        too). Recipes that stage anything different never share a folder. ``content=False`` (`check()`, before the
+        dataset is linted) leaves the staged content out: a name of the same form, for checking the generated
+        files, not a folder any run stages."""
+        m = self.recipe.model
+        digest = content_digest(self.staged_sets()) if content else ""
+        key = dataset_key(self.recipe, m.files, m.base_precision, self.recipe.train.mixed_precision, digest)
+        return Path(self.recipe.train.cache_dir) / "kohya-data" / key
+
+    def staged_sets(self) -> Sets:
+        """What the run stages (`wanted_sets`), from the linted items and the lint's digests; `lora-run plan` (no lint
+        yet) lints here, so it names the folder the run stages."""
+        if self._sets is None:
+            items, report = linted(self.ctx)
+            self._sets = wanted_sets(items, self.recipe, report)
+        return self._sets
+
+    def translation(self, sd_scripts: Path | None = None, *, content: bool = True) -> Translation:
+        return translate(self.recipe, self.options, self.paths(sd_scripts, content=content), version=__version__,
                          recipe_path=str(self.ctx.loaded.path.resolve()) if self.ctx.loaded is not None else "")
 
     # ---------------------------------------------------------------------------------------------- check
@@ -107,7 +130,7 @@ class KohyaBackend:
         if self.family is None:  # the capability check already refused the family
             return []
         out = problems(self.recipe, self.options)
-        tr = self.translation()
+        tr = self.translation(content=False)        # no lint before `check`: the staged folder's name is not checked
         out.extend(self._validate(tr))
         in_dataset = dataset_file_keys(tr.dataset)
         for key in self.options.extra_args:
@@ -250,7 +273,7 @@ class KohyaBackend:
         run_dir = ctx.run_dir
         for rel, text in self.files(tr).items():
             run_dir.write_text(rel, text)
-        counts = stage_dataset(ctx.items, recipe, ctx.lint, paths)
+        counts = stage_dataset(self.staged_sets(), paths)
         argv = list(tr.argv)
         resume_from = None
         offset = 0
@@ -545,32 +568,46 @@ def _subset_index(item: Item) -> int:
     return int(match.group(1)) + 1 if match else 1
 
 
-def stage_dataset(items: list[Item], recipe: Any, lint: Any, paths: Paths) -> dict[str, int]:
-    """The dataset view sd-scripts reads: per subset a folder of links to the usable images (converted copies
-    where the lint converted them: EXIF rotation, CMYK, 16-bit, alpha) and a ``.txt`` caption per image holding
-    exactly the caption lora-run trains with (trigger policy and default captions applied, one line). Images
-    and captions a previous attempt staged that are no longer usable are removed; sd-scripts' cache files
-    beside them (``*.npz``) are kept."""
+def _caption(item: Item, recipe: Any) -> str:
+    return " ".join(training_caption(item, recipe.dataset).split()) + "\n"     # sd-scripts reads the first line
+
+
+def wanted_sets(items: list[Item], recipe: Any, lint: Any) -> Sets:
+    """The dataset view sd-scripts reads, per subset folder (`subject`, `reg0`, …; only those with a usable image):
+    a link to each usable image (a converted PNG where the lint converted it: EXIF rotation, CMYK, 16-bit, alpha)
+    and a ``.txt`` caption holding exactly the caption lora-run trains with (trigger policy and default captions
+    applied, one line), named ``NNNNN_<hash of image bytes and caption>_<stem>``
+    (`lora_run_engines.stage.staged_files`): sd-scripts names its latent and text-encoder caches after the image
+    and checks neither against an edited image or caption, so edited content gets a new name and is cached afresh."""
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        groups.setdefault(_subset_index(item), []).append(item)
+    return {subset_name(index): staged_files(members, lambda item: _caption(item, recipe), lint=lint)
+            for index, members in sorted(groups.items())}
+
+
+def _removable(wanted: dict[str, Staged]) -> Callable[[Path], bool]:
+    """Staged images and captions no longer wanted, and sd-scripts' caches beside them (``<stem>_….npz``) of an
+    image no longer staged; the caches of the images staged are kept (a resume or rerun reuses them)."""
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
-    if not any(not i.is_reg for i in items):
+    staged = {staged_prefix(name) for name in wanted}
+
+    def removable(entry: Path) -> bool:
+        suffix = entry.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix == ".txt":
+            return True
+        return suffix == ".npz" and staged_prefix(entry.name) not in staged
+    return removable
+
+
+def stage_dataset(sets: Sets, paths: Paths) -> dict[str, int]:
+    """Make ``paths.data_dir`` hold ``sets`` (`lora_run_engines.stage.publish`: a new folder is staged aside and
+    renamed into place whole; an existing one, this run folder's earlier attempt or a shared folder of this content,
+    is only checked, nothing written where a file is as wanted); returns the images per subset folder."""
+    if not sets.get("subject"):
         raise BackendError("no usable subject image to train on (see the dataset lint above)")
-    converted = {f.file for f in (lint.findings if lint is not None else []) if f.code == "converted"}
-    wanted: dict[Path, dict[str, Staged]] = {}
-    counts: dict[str, int] = {}
-    for n, item in enumerate(items):
-        folder = paths.subset_dir(_subset_index(item))
-        files = wanted.setdefault(folder, {})
-        name = f"{n:05d}_{safe_stem(item.image.stem)}"
-        if str(item.image) in converted:
-            files[f"{name}.png"] = Staged("png", item.image)
-        else:
-            files[f"{name}{item.image.suffix.lower()}"] = Staged("link", item.image)
-        files[f"{name}.txt"] = Staged("text", text=" ".join(training_caption(item, recipe.dataset).split()) + "\n")
-        counts[folder.name] = counts.get(folder.name, 0) + 1
-    for folder, files in wanted.items():
-        sync_folder(folder, files, lambda entry: entry.suffix.lower() in IMAGE_EXTENSIONS or entry.suffix == ".txt")
-    return counts
+    return publish(sets, paths.data_dir, _removable)
 
 
 SEGMENT = "lora-run-segment.json"

@@ -85,7 +85,12 @@ class Paths:
         return self.kohya / "output"
 
     def subset_dir(self, index: int) -> Path:
-        return self.data_dir / ("subject" if index == 0 else f"reg{index - 1}")
+        return self.data_dir / subset_name(index)
+
+
+def subset_name(index: int) -> str:
+    """The staged folder of subset ``index`` (0: the subject images, n: `[[dataset.regularization]]` n - 1)."""
+    return "subject" if index == 0 else f"reg{index - 1}"
 
 
 @attrs.frozen

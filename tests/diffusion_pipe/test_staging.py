@@ -10,7 +10,7 @@ import pytest
 
 from lora_run.recipe import load_recipe
 from lora_run.run import execute
-import lora_run_diffusion_pipe.stage as stage_module
+import lora_run_engines.stage as stage_module      # where the publishing (os.rename) is
 from lora_run_diffusion_pipe.stage import content_digest, stage, wanted_sets
 
 pytest.importorskip("torch")        # the runs convert the fake engine's LoRA

@@ -18,7 +18,9 @@ lines and the end. The ``steps`` bar is drawn by tqdm exactly as sd-scripts draw
 
 Failure injection through the environment: ``FAKE_KOHYA_MODE`` = ``crash`` | ``hang`` | ``garbage`` | ``nan``
 at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01);
-``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON.
+``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON. With ``--cache_latents_to_disk``
+and ``--cache_text_encoder_outputs_to_disk`` it writes cache files beside the staged images as sd-scripts does (only
+where none is yet), the text-encoder cache holding the caption it was made from.
 """
 from __future__ import annotations
 
@@ -210,6 +212,27 @@ def load_dataset(path: str, caption_extension_default: str) -> dict:
     return {"general": general, "data": data, "subject": subject, "reg": reg}
 
 
+def write_caches(data: dict, args: argparse.Namespace) -> None:
+    """sd-scripts' disk caches beside each staged image, written only where none is yet (sd-scripts checks a cache's
+    keys and sizes, never the image or caption it was made from): `<stem>_<W>x<H>_flux.npz` (latents, FLUX.1's
+    naming for both families) and `<stem>_flux_te.npz`, which here holds the caption it encoded."""
+    import numpy as np
+
+    general = data.get("general", {})
+    side = int(general.get("resolution", 512))
+    for ds in data["datasets"]:
+        for sub in ds["subsets"]:
+            for image in images_in(Path(sub["image_dir"])):
+                stem = str(image.with_suffix(""))
+                latents = Path(f"{stem}_{side:04d}x{side:04d}_flux.npz")
+                if args.cache_latents_to_disk and not latents.exists():
+                    np.savez(latents, latents=np.zeros((1, 2, 2), dtype=np.float32))
+                te = Path(f"{stem}_flux_te.npz")
+                if args.cache_text_encoder_outputs_to_disk and not te.exists():
+                    caption = image.with_suffix(".txt").read_text("utf-8").splitlines()[0]
+                    np.savez(te, caption=np.array(caption), apply_t5_attn_mask=np.array(False))
+
+
 def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> None:
     import numpy as np
     from safetensors.numpy import save_file
@@ -291,6 +314,7 @@ def main() -> int:
     global RECORDED_LINES
     RECORDED_LINES = Recorded(Path(args.output_dir).parent.parent, Path(__file__).resolve().parent, args.output_name)
     ds = load_dataset(args.dataset_config, args.caption_extension)
+    write_caches(ds["data"], args)
     general = ds["general"]
     if general.get("bucket_reso_steps", 64) % 32:
         raise AssertionError("bucket_reso_steps must be divisible by 32")

@@ -1,0 +1,194 @@
+"""The dataset view staged for sd-scripts under a shared `[train] cache_dir`: one folder per staged content, recipe and
+model, written aside and renamed into place whole, so recipes (and runs at the same time) never stage over each other's
+captions, and sd-scripts' caches beside the images (`*.npz`, which it checks against neither the image nor the
+caption) are never reused for an edited image or caption. The same staging as diffusion-pipe's
+(`lora_run_engines.stage`; tests/diffusion_pipe/test_staging.py)."""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_run.recipe import load_recipe
+from lora_run.run import execute
+import lora_run_engines.stage as stage_module
+from lora_run_engines.stage import content_digest
+from lora_run_kohya.backend import stage_dataset, wanted_sets
+from lora_run_kohya.translate import Paths
+
+
+def run(recipe: Path, plugins_with, out: Path, *sets: str) -> None:
+    execute(load_recipe(recipe, sets), plugins_with(), output_dir=str(out), echo=lambda _line: None)
+
+
+def staged_subject(out: Path) -> Path:
+    """The subject folder the run's generated dataset.toml hands sd-scripts."""
+    dataset = tomllib.loads((out / "kohya" / "dataset.toml").read_text("utf-8"))
+    return Path(dataset["datasets"][0]["subsets"][0]["image_dir"])
+
+
+def captions(folder: Path) -> list[str]:
+    return sorted(p.read_text("utf-8") for p in folder.glob("*.txt"))
+
+
+def encoded(folder: Path) -> list[str]:
+    """The captions of the stand-in's text-encoder caches (`<stem>_flux_te.npz`): what sd-scripts trains with."""
+    return sorted(str(np.load(p)["caption"]) for p in folder.glob("*_flux_te.npz"))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (links not followed): (inode, mtime_ns); a rewrite, even an atomic one, changes
+    it."""
+    return {str(p.relative_to(folder)): (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def shared(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    """run(name, *sets) -> the run folder of the FLUX recipe with a shared cache folder and the `prepend` policy."""
+    cache = tmp_path / "cache"
+    recipe = kohya_recipe(sd_scripts=fake_checkout)
+
+    def go(name: str, *sets: str) -> Path:
+        out = tmp_path / name
+        run(recipe, plugins_with, out, f"train.cache_dir='{cache}'", "dataset.trigger_policy='prepend'", *sets)
+        return out
+    go.cache = cache
+    return go
+
+
+@pytest.mark.slow
+def test_recipes_differing_only_in_the_trigger_stage_apart(shared):
+    """Keyed by the [dataset] table, the family and source, two recipes on one folder whose staged captions differ
+    (here through the trigger) could share a folder: each run then rewrote the other's captions and removed its files
+    under sd-scripts reading them, and sd-scripts' text-encoder caches of the first captions served the second."""
+    a, b = (staged_subject(shared(name, f"dataset.trigger='{trigger}'")) for name, trigger in (("a", "ohwx"),
+                                                                                               ("b", "sks")))
+    assert a != b and a.parent.parent == b.parent.parent == shared.cache / "kohya-data"
+    assert captions(a) == [f"ohwx, a photo number {i}\n" for i in range(4)]
+    assert captions(b) == [f"sks, ohwx, a photo number {i}\n" for i in range(4)]
+    assert encoded(b) == [f"sks, ohwx, a photo number {i}" for i in range(4)]
+
+
+@pytest.mark.slow
+def test_an_edited_caption_stages_a_new_folder_and_leaves_the_old_one_as_it_was(shared, subject_dataset):
+    """The same recipe after a caption was edited: a new folder, cached afresh (sd-scripts would have reused the
+    text-encoder cache of the old caption beside an image of the same name), and the folder an earlier run staged,
+    with sd-scripts' caches, is left exactly as it was (a run still training on it reads what it staged)."""
+    a = shared("a")
+    before = snapshot(staged_subject(a))
+    assert any(name.endswith("_flux_te.npz") for name in before) and any(n.endswith("x0512_flux.npz") for n in before)
+    (subject_dataset / "img000.txt").write_text("ohwx, an edited caption", "utf-8")
+    b = shared("b")
+    assert staged_subject(b) != staged_subject(a)
+    assert "ohwx, an edited caption\n" in captions(staged_subject(b))
+    assert "ohwx, an edited caption" in encoded(staged_subject(b))
+    assert snapshot(staged_subject(a)) == before
+    assert "ohwx, a photo number 0\n" in captions(staged_subject(a))
+
+
+@pytest.mark.slow
+def test_the_same_recipe_again_reuses_its_folder_and_writes_nothing(shared):
+    """A rerun (or a second run at the same time) finds the folder of its content: every link, caption and sd-scripts
+    cache stays as it was, not even rewritten with the same bytes."""
+    a = shared("a")
+    before = snapshot(staged_subject(a))
+    b = shared("b")
+    assert staged_subject(b) == staged_subject(a)
+    assert [p.name for p in (shared.cache / "kohya-data").iterdir()] == [staged_subject(a).parent.name]
+    assert snapshot(staged_subject(a)) == before
+
+
+def test_plan_names_the_folder_the_run_stages(kohya_recipe, fake_checkout, plugins_with, tmp_path):
+    """`lora-run plan` (no lint before it) lints to name the folder: its dataset.toml is the run's; `check` (no lint
+    either) validates a name of the same form without linting."""
+    from lora_run.run import make_backend, open_run_folder, validate
+
+    sets = (f"train.cache_dir='{tmp_path / 'cache'}'",)
+    recipe = kohya_recipe(sd_scripts=fake_checkout)
+    prepared = validate(load_recipe(recipe, sets), plugins_with())
+    plugins = plugins_with()
+    plan = make_backend(prepared, plugins, run_dir=open_run_folder(prepared.loaded, plugins,
+                                                                     str(tmp_path / "r"))).plan()
+    run(recipe, plugins_with, tmp_path / "r", *sets)
+    assert plan.files["kohya/dataset.toml"] == (tmp_path / "r" / "kohya" / "dataset.toml").read_text("utf-8")
+
+
+def _linted(recipe_path: Path, *sets: str):
+    from lora_run.plugins import load_plugins
+    from lora_run.run import lint
+
+    recipe = load_recipe(recipe_path, sets).recipe
+    return recipe, lint(recipe, load_plugins())
+
+
+def test_a_run_that_publishes_second_uses_the_first_ones_folder(kohya_recipe, tmp_path, monkeypatch):
+    """Two runs staging one content at the same time: each writes aside; the one renaming second finds the folder
+    there, checks it (rewriting nothing, keeping the caches sd-scripts wrote there already) and removes its own."""
+    recipe, report = _linted(kohya_recipe())
+    sets = wanted_sets(report.usable, recipe, report)
+    paths = Paths(tmp_path, "<sd-scripts>", "python", tmp_path / "cache" / "kohya-data" / "dataset-x")
+    real_rename = os.rename
+    seen: dict[str, dict] = {}
+
+    def rename(src, dst):
+        if not seen:        # the other run gets there first, and its sd-scripts has cached a latent already
+            monkeypatch.setattr(stage_module.os, "rename", real_rename)
+            stage_dataset(sets, paths)
+            image = next(p for p in (Path(dst) / "subject").iterdir() if p.suffix == ".png")
+            image.with_name(f"{image.stem}_0512x0512_flux.npz").write_bytes(b"latents")
+            seen["theirs"] = snapshot(Path(dst))
+            monkeypatch.setattr(stage_module.os, "rename", rename)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(stage_module.os, "rename", rename)
+    assert stage_dataset(sets, paths) == {"subject": 4}
+    assert snapshot(paths.data_dir) == seen["theirs"]
+    assert [p.name for p in paths.data_dir.parent.iterdir()] == ["dataset-x"]    # no hidden staging folder left
+
+
+def test_a_rerun_in_the_run_folder_drops_the_caches_of_what_is_no_longer_staged(kohya_recipe, tmp_path,
+                                                                                   subject_dataset):
+    """Without `[train] cache_dir` the run folder's own `kohya/data` is brought up to date in place (a resume after an
+    allowed dataset change): an edited caption is staged under a new name, and sd-scripts' caches of the old name go,
+    while those of the images still staged stay."""
+    recipe, report = _linted(kohya_recipe())
+    paths = Paths(tmp_path, "<sd-scripts>", "python", tmp_path / "kohya" / "data")
+    stage_dataset(wanted_sets(report.usable, recipe, report), paths)
+    folder = paths.data_dir / "subject"
+    for image in [p for p in folder.iterdir() if p.suffix == ".png"]:
+        image.with_name(f"{image.stem}_0512x0512_flux.npz").write_bytes(b"latents")
+        image.with_name(f"{image.stem}_flux_te.npz").write_bytes(b"te")
+    old = {p.name for p in folder.glob("00000_*")}
+    kept = {k: v for k, v in snapshot(folder).items() if not k.startswith("00000_")}
+    (subject_dataset / "img000.txt").write_text("ohwx, an edited caption", "utf-8")
+    recipe, report = _linted(kohya_recipe())
+    stage_dataset(wanted_sets(report.usable, recipe, report), paths)
+    assert not old & {p.name for p in folder.iterdir()}
+    assert [p.suffix for p in sorted(folder.glob("00000_*"))] == [".png", ".txt"]
+    assert {k: v for k, v in snapshot(folder).items() if not k.startswith("00000_")} == kept
+
+
+def test_the_folder_name_covers_the_staged_content_and_the_model(kohya_recipe, plugins_with, tmp_path):
+    """What is staged (captions, images), the [dataset] table and the model files and precisions sd-scripts caches
+    with each name another folder; the run's own settings do not."""
+    from lora_run.run import make_backend, validate
+
+    recipe, report = _linted(kohya_recipe())
+    base = wanted_sets(report.usable, recipe, report)
+    assert content_digest(base) == content_digest(wanted_sets(report.usable, recipe, None))   # images read here
+    other, _ = _linted(kohya_recipe(), "dataset.trigger_policy='prepend'", "dataset.trigger='sks'")
+    assert content_digest(wanted_sets(report.usable, other, report)) != content_digest(base)
+
+    def folder(*sets: str) -> Path:
+        prepared = validate(load_recipe(kohya_recipe(), (f"train.cache_dir='{tmp_path / 'c'}'", *sets)), plugins_with())
+        return make_backend(prepared, plugins_with()).paths().data_dir
+
+    first = folder()
+    assert folder("output.name='other'", "train.steps=9") == first
+    vae = tmp_path / "models" / "other-ae.safetensors"
+    vae.write_bytes((tmp_path / "models" / "ae.safetensors").read_bytes())
+    for sets in (["model.base_precision='fp8'"], ["train.mixed_precision='fp16'"], [f"model.files.vae='{vae}'"]):
+        assert folder(*sets) != first, sets
