@@ -214,20 +214,25 @@ def load_dataset(path: str, caption_extension_default: str) -> dict:
 
 def write_caches(data: dict, args: argparse.Namespace) -> None:
     """sd-scripts' disk caches beside each staged image, written only where none is yet (sd-scripts checks a cache's
-    keys and sizes, never the image or caption it was made from): `<stem>_<W>x<H>_flux.npz` (latents, FLUX.1's
-    naming for both families) and `<stem>_flux_te.npz`, which here holds the caption it encoded."""
+    keys and sizes, never the image or caption it was made from), named as sd-scripts 48d368f names them
+    (`library/strategy_flux.py`, `strategy_hunyuan_image.py`; seen on the real engine, tests/kohya/fixtures/
+    sd-scripts-48d368f/cpu-staging-20261205): `<stem>_<W>x<H>_flux.npz` (latents; W×H the image file's own size,
+    4 digits each) and `<stem>_flux_te.npz` (text-encoder outputs, here holding the caption it encoded); `_hi.npz`
+    and `_hi_te.npz` for HunyuanImage-2.1."""
     import numpy as np
+    from PIL import Image
 
-    general = data.get("general", {})
-    side = int(general.get("resolution", 512))
+    suffix = "_hi" if "hunyuan" in SCRIPT else "_flux"
     for ds in data["datasets"]:
         for sub in ds["subsets"]:
             for image in images_in(Path(sub["image_dir"])):
                 stem = str(image.with_suffix(""))
-                latents = Path(f"{stem}_{side:04d}x{side:04d}_flux.npz")
+                with Image.open(image) as opened:     # the file's size, as sd-scripts' imagesize.get reads it
+                    width, height = opened.size
+                latents = Path(f"{stem}_{width:04d}x{height:04d}{suffix}.npz")
                 if args.cache_latents_to_disk and not latents.exists():
                     np.savez(latents, latents=np.zeros((1, 2, 2), dtype=np.float32))
-                te = Path(f"{stem}_flux_te.npz")
+                te = Path(f"{stem}{suffix}_te.npz")
                 if args.cache_text_encoder_outputs_to_disk and not te.exists():
                     caption = image.with_suffix(".txt").read_text("utf-8").splitlines()[0]
                     np.savez(te, caption=np.array(caption), apply_t5_attn_mask=np.array(False))
