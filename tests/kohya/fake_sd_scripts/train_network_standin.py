@@ -17,7 +17,9 @@ lines and the end. The ``steps`` bar is drawn by tqdm exactly as sd-scripts draw
 ``smoothing=0``, ``set_postfix(avr_loss=…)``).
 
 Failure injection through the environment: ``FAKE_KOHYA_MODE`` = ``crash`` | ``hang`` | ``garbage`` | ``nan``
-at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01);
+at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01),
+``FAKE_KOHYA_END_SECONDS`` the time spent after the last step before the final state and LoRA are saved (default 0;
+the real sd-scripts took about 2 s on CPU);
 ``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON. With ``--cache_latents_to_disk``
 and ``--cache_text_encoder_outputs_to_disk`` it writes cache files beside the staged images as sd-scripts does (only
 where none is yet), the text-encoder cache holding the caption it was made from.
@@ -410,6 +412,7 @@ def main() -> int:
                 seed = re.search(r" --d (\d+)", line)
                 write_sample(out / "sample", name, step, i, int(seed[1]) if seed else None)
     bar.close()
+    time.sleep(float(os.environ.get("FAKE_KOHYA_END_SECONDS", "0")))
     if args.save_state_on_train_end:     # sd-scripts saves the last state before the final LoRA
         save_state(out / f"{name}-state", step, epoch, last=True)
     write_lora(out / f"{name}.safetensors", args, step, args.seed or 0)
