@@ -314,12 +314,25 @@ class KohyaBackend:
         # seconds per step on lora-run's own clock, averaged since the first step it reported: sd-scripts' bar
         # rate leaves out every step shorter than its 0.1 s redraw interval (train_network.py calls
         # progress_bar.unpause() after each step, which drops the time since the last redraw): on the GPU its
-        # elapsed time stood still for 21 HunyuanImage-2.1 steps
+        # elapsed time stood still for 21 HunyuanImage-2.1 steps. Each step is timed when the bar first draws it
+        # (the step has just ended), not when it is reported: the supervisor reports a step once the next one is
+        # drawn (or at the end, after sd-scripts saved and exited), so the report's time would put one step's time
+        # on the one before and leave the last step only the time of the saving (the real sd-scripts on CPU:
+        # 16.4 s steps shown as 0.43 it/s on the last step)
         clock: dict[str, float] = {}
+        drawn: dict[int, float] = {}        # sd-scripts' step → when its bar first drew it
+
+        def progress(line: str) -> Progress | None:
+            parsed = training_progress(line)
+            if parsed is not None:
+                drawn.setdefault(parsed.step, time.monotonic())
+            return parsed
 
         def on_progress(p: Progress) -> None:
+            now = drawn.get(p.step, time.monotonic())
+            for step in [s for s in drawn if s <= p.step]:
+                del drawn[step]
             p = attrs.evolve(p, step=p.step + offset, total=p.total + offset)
-            now = time.monotonic()
             if not clock:
                 clock.update(at=now, step=p.step)
             between = (now - clock["at"]) / (p.step - clock["step"]) if p.step > clock["step"] else None
@@ -352,7 +365,7 @@ class KohyaBackend:
         stall = self.options.stall_minutes * 60 if self.options.stall_minutes else None
         timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
         sup = Supervisor(argv, log_path=log_path, name="sd-scripts", cwd=co.path, env=env, on_line=on_line,
-                         progress=training_progress, on_progress=on_progress, stall_seconds=stall,
+                         progress=progress, on_progress=on_progress, stall_seconds=stall,
                          timeout_seconds=timeout, poll=watcher.poll)
         ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
                  f"log: {log_path}")

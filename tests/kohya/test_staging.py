@@ -6,6 +6,7 @@ caption) are never reused for an edited image or caption. The same staging as di
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import pytest
 
 from lora_run.recipe import load_recipe
 from lora_run.run import execute
+from lora_run_devtools.testing import make_images
 import lora_run_engines.stage as stage_module
 from lora_run_engines.stage import content_digest
 from lora_run_kohya.backend import stage_dataset, wanted_sets
 from lora_run_kohya.translate import Paths
+
+from .conftest import RECORDED
 
 
 def run(recipe: Path, plugins_with, out: Path, *sets: str) -> None:
@@ -79,7 +83,7 @@ def test_an_edited_caption_stages_a_new_folder_and_leaves_the_old_one_as_it_was(
     with sd-scripts' caches, is left exactly as it was (a run still training on it reads what it staged)."""
     a = shared("a")
     before = snapshot(staged_subject(a))
-    assert any(name.endswith("_flux_te.npz") for name in before) and any(n.endswith("x0512_flux.npz") for n in before)
+    assert any(name.endswith("_flux_te.npz") for name in before) and any(n.endswith("_0320x0288_flux.npz") for n in before)
     (subject_dataset / "img000.txt").write_text("ohwx, an edited caption", "utf-8")
     b = shared("b")
     assert staged_subject(b) != staged_subject(a)
@@ -87,6 +91,25 @@ def test_an_edited_caption_stages_a_new_folder_and_leaves_the_old_one_as_it_was(
     assert "ohwx, an edited caption" in encoded(staged_subject(b))
     assert snapshot(staged_subject(a)) == before
     assert "ohwx, a photo number 0\n" in captions(staged_subject(a))
+
+
+@pytest.mark.slow
+def test_the_stand_ins_caches_are_named_as_the_real_sd_scripts_named_them(kohya_recipe, fake_checkout, plugins_with,
+                                                                          subject_dataset, tmp_path):
+    """The staged folder the real sd-scripts 48d368f left on CPU (2026-12-05, four 192×160 images, latents and
+    text-encoder outputs cached to disk; docs/backend-kohya.md) and the stand-in's on the same images, name for name:
+    the latents cache carries the image file's own size (`_0192x0160_flux.npz`), not the recipe's resolution."""
+    for old in subject_dataset.iterdir():
+        old.unlink()
+    make_images(subject_dataset, count=4, size=(192, 160))
+    out = tmp_path / "r"
+    run(kohya_recipe(sd_scripts=fake_checkout), plugins_with, out, "dataset.resolution=128", "dataset.bucket_min=64",
+        "dataset.bucket_max=256")     # the real run's [dataset] (192×160 is below the default bucket_min)
+
+    def hashless(names: list[str]) -> list[str]:
+        return sorted(re.sub(r"^(\d{5})_[0-9a-f]{10}_", r"\1_<hash>_", name) for name in names)
+    recorded = (RECORDED / "cpu-staging-20261205" / "staged_subject.txt").read_text("utf-8").split()
+    assert hashless([p.name for p in staged_subject(out).iterdir()]) == hashless(recorded)
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ lines and the end. The ``steps`` bar is drawn by tqdm exactly as sd-scripts draw
 ``smoothing=0``, ``set_postfix(avr_loss=…)``).
 
 Failure injection through the environment: ``FAKE_KOHYA_MODE`` = ``crash`` | ``hang`` | ``garbage`` | ``nan``
-at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01);
+at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01),
+``FAKE_KOHYA_END_SECONDS`` the time spent after the last step before the final state and LoRA are saved (default 0;
+the real sd-scripts took about 2 s on CPU);
 ``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON. With ``--cache_latents_to_disk``
 and ``--cache_text_encoder_outputs_to_disk`` it writes cache files beside the staged images as sd-scripts does (only
 where none is yet), the text-encoder cache holding the caption it was made from.
@@ -214,20 +216,25 @@ def load_dataset(path: str, caption_extension_default: str) -> dict:
 
 def write_caches(data: dict, args: argparse.Namespace) -> None:
     """sd-scripts' disk caches beside each staged image, written only where none is yet (sd-scripts checks a cache's
-    keys and sizes, never the image or caption it was made from): `<stem>_<W>x<H>_flux.npz` (latents, FLUX.1's
-    naming for both families) and `<stem>_flux_te.npz`, which here holds the caption it encoded."""
+    keys and sizes, never the image or caption it was made from), named as sd-scripts 48d368f names them
+    (`library/strategy_flux.py`, `strategy_hunyuan_image.py`; seen on the real engine, tests/kohya/fixtures/
+    sd-scripts-48d368f/cpu-staging-20261205): `<stem>_<W>x<H>_flux.npz` (latents; W×H the image file's own size,
+    4 digits each) and `<stem>_flux_te.npz` (text-encoder outputs, here holding the caption it encoded); `_hi.npz`
+    and `_hi_te.npz` for HunyuanImage-2.1."""
     import numpy as np
+    from PIL import Image
 
-    general = data.get("general", {})
-    side = int(general.get("resolution", 512))
+    suffix = "_hi" if "hunyuan" in SCRIPT else "_flux"
     for ds in data["datasets"]:
         for sub in ds["subsets"]:
             for image in images_in(Path(sub["image_dir"])):
                 stem = str(image.with_suffix(""))
-                latents = Path(f"{stem}_{side:04d}x{side:04d}_flux.npz")
+                with Image.open(image) as opened:     # the file's size, as sd-scripts' imagesize.get reads it
+                    width, height = opened.size
+                latents = Path(f"{stem}_{width:04d}x{height:04d}{suffix}.npz")
                 if args.cache_latents_to_disk and not latents.exists():
                     np.savez(latents, latents=np.zeros((1, 2, 2), dtype=np.float32))
-                te = Path(f"{stem}_flux_te.npz")
+                te = Path(f"{stem}{suffix}_te.npz")
                 if args.cache_text_encoder_outputs_to_disk and not te.exists():
                     caption = image.with_suffix(".txt").read_text("utf-8").splitlines()[0]
                     np.savez(te, caption=np.array(caption), apply_t5_attn_mask=np.array(False))
@@ -405,6 +412,7 @@ def main() -> int:
                 seed = re.search(r" --d (\d+)", line)
                 write_sample(out / "sample", name, step, i, int(seed[1]) if seed else None)
     bar.close()
+    time.sleep(float(os.environ.get("FAKE_KOHYA_END_SECONDS", "0")))
     if args.save_state_on_train_end:     # sd-scripts saves the last state before the final LoRA
         save_state(out / f"{name}-state", step, epoch, last=True)
     write_lora(out / f"{name}.safetensors", args, step, args.seed or 0)
