@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_run.errors import ModelSourceError
+from lora_run.files import shown
+
+from lora_run_formats.model_files import folder_problems, weights_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -271,10 +274,12 @@ class ModelAdapter:
             if key not in self.file_keys:  # refused by core from the family's registered slots
                 continue
             p = Path(value)
-            if not os.path.isfile(p):
+            if not os.path.lexists(p):
                 problems.append((("model", "files", key), f"file not found: {p}"))
             elif p.suffix != ".safetensors":
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
+            elif (why := weights_problem(p)) is not None:
+                problems.append((("model", "files", key), f"{shown(p)}: {why}"))
         if m.source is not None:
             if not m.source.strip():
                 problems.append((("model", "source"), "is empty: give a hub id (owner/name) or a local diffusers "
@@ -282,6 +287,10 @@ class ModelAdapter:
             elif is_local_source(m.source):
                 if not os.path.isdir(m.source):
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
+                else:
+                    problems += [(("model", "source"), why) for why in folder_problems(m.source)]
+            elif (snapshot := self.hub_snapshot(m.source)) is not None:
+                problems += [(("model", "source"), why) for why in folder_problems(snapshot)]
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -304,12 +313,16 @@ class ModelAdapter:
 
     def hub_cached(self, repo_id: str) -> bool:
         """Whether the hub model's `model_index.json` is in the local cache (no network)."""
+        return self.hub_snapshot(repo_id) is not None
+
+    def hub_snapshot(self, repo_id: str) -> Path | None:
+        """The local cache's folder of the hub model (the one holding its `model_index.json`), or None."""
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
-            return False
+            return None
         found = try_to_load_from_cache(repo_id, "model_index.json", revision=self.recipe.model.revision)
-        return isinstance(found, str)
+        return Path(found).parent if isinstance(found, str) else None
 
     #: Why the hub cannot be reached when a load found it so (None: reachable, offline, or not asked yet).
     hub_down: str | None = None

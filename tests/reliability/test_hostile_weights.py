@@ -1,0 +1,294 @@
+"""Hostile binary files lora-run reads on a user's behalf: a model's single files and diffusers folder (weights,
+config.json, model_index.json, tokenizer files), a LoRA given to `lora-run eval`, and the latent/text cache. Each
+damaged, lying or misplaced file ends in one line naming the file or its recipe key, exit 2, before anything is
+written where possible; never a traceback, a crash (exit 1), a hang or a silently wrong result."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+
+# ------------------------------------------------------------------------------------------- hostile variants
+def _parts(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _assemble(header, data: bytes) -> bytes:
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def _largest(header: dict) -> str:
+    return max((k for k in header if k != "__metadata__"),
+               key=lambda k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+
+
+def _hostile(kind: str, source: Path, target: Path) -> Path:
+    """``target`` as a hostile variant of the valid safetensors file ``source``."""
+    raw = source.read_bytes()
+    header, data = _parts(source)
+    (n,) = struct.unpack("<Q", raw[:8])
+    big = _largest(header)
+    if kind == "zero bytes":
+        target.write_bytes(b"")
+    elif kind == "five bytes":
+        target.write_bytes(raw[:5])
+    elif kind == "truncated data":
+        target.write_bytes(raw[:len(raw) // 2])
+    elif kind == "truncated header":
+        target.write_bytes(raw[:8 + n // 2])
+    elif kind == "header length 2**63":
+        target.write_bytes(struct.pack("<Q", 2 ** 63) + raw[8:])
+    elif kind == "header past the end":
+        target.write_bytes(struct.pack("<Q", len(raw)) + raw[8:])
+    elif kind == "header not JSON":
+        target.write_bytes(struct.pack("<Q", 16) + b"\xff\xfe\x00garbage!garbag" + data)
+    elif kind == "header a JSON list":
+        target.write_bytes(_assemble([1, 2], data))
+    elif kind == "offset out of range":
+        header[big]["data_offsets"][1] += 10 ** 6
+        target.write_bytes(_assemble(header, data))
+    elif kind == "offsets overlap":
+        first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+        header[second] = dict(header[first])
+        target.write_bytes(_assemble(header, data))
+    elif kind == "unknown dtype":
+        header[big]["dtype"] = "Q99"
+        target.write_bytes(_assemble(header, data))
+    elif kind == "shape of other size":
+        header[big]["shape"] = [math.prod(header[big]["shape"]) * 2]
+        target.write_bytes(_assemble(header, data))
+    elif kind == "metadata not strings":
+        header["__metadata__"] = {"a": 1}
+        target.write_bytes(_assemble(header, data))
+    elif kind == "FIFO":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    elif kind == "link to /dev/zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "link loop":
+        target.symlink_to(target)
+    elif kind == "dangling link":
+        target.symlink_to(target.parent / "nowhere.safetensors")
+    else:
+        raise ValueError(kind)
+    return target
+
+
+#: variant -> what the one line says about it
+DAMAGE = {"zero bytes": "too short to be a safetensors file (0 bytes)",
+          "five bytes": "too short to be a safetensors file (5 bytes)",
+          "truncated data": "truncated: its tensors need",
+          "truncated header": "header claims",
+          "header length 2**63": "header claims 9223372036854775808 bytes",
+          "header past the end": "header claims",
+          "header not JSON": "its header is not JSON",
+          "header a JSON list": "its header is not a JSON object",
+          "offset out of range": "do not hold a F32 tensor",
+          "offsets overlap": "tensors overlap or leave a gap",
+          "unknown dtype": "unknown dtype 'Q99'",
+          "shape of other size": "do not hold a F32 tensor",
+          "metadata not strings": "__metadata__ is not a table of strings",
+          "FIFO": "is a FIFO (named pipe), not a regular file",
+          "folder": "is a folder, not a regular file",
+          "link to /dev/zero": "is a character device, not a regular file",
+          "link loop": "cannot be read (Too many levels of symbolic links)",
+          "dangling link": "not found (a dangling link)"}
+
+
+@pytest.fixture(scope="module")
+def single_files(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    from lora_run_flux.tiny import write_single_files
+
+    return write_single_files(tiny_model, tmp_path_factory.mktemp("single"))
+
+
+def _with_source(recipe: Path, source: Path, extra: str = "") -> Path:
+    """``recipe`` with ``[model] source`` set to ``source`` (and ``extra`` appended)."""
+    body = re.sub(r'(?m)^source = ".*"$', lambda _m: f'source = "{source}"', recipe.read_text(), count=1)
+    recipe.write_text(body + extra, encoding="utf-8")
+    return recipe
+
+
+def _files_recipe(tiny_recipe, files: dict[str, Path], name: str = "recipe.toml") -> Path:
+    """The tiny recipe loading the model from its single files (the tokenizers from their folder)."""
+    slots = "".join(f'{k} = "{files[k]}"\n' for k in ("transformer", "vae", "clip_l", "t5xxl"))
+    return _with_source(tiny_recipe(name=name), files["tokenizers"], "\n[model.files]\n" + slots)
+
+
+def _adapter(recipe: Path):
+    from lora_run.recipe import load_recipe
+    from lora_run_native.adapters import adapter_class
+
+    loaded = load_recipe(recipe, [])
+    return adapter_class("flux.1-dev")(loaded.recipe, device="cpu", shown=loaded.shown)
+
+
+def _line(text: str, needle: str) -> str:
+    return next((ln for ln in text.splitlines() if needle in ln), "")
+
+
+# ----------------------------------------------------------------------------------------------- the header check
+def test_the_header_check_agrees_with_the_safetensors_library(single_files, tmp_path, figures):
+    """`lora_run_formats.read_header` refuses exactly the files the safetensors library cannot open, naming why,
+    without torch and reading only the header (a FIFO is never opened: it would block)."""
+    from safetensors import safe_open
+
+    from lora_run_formats import safetensors_problem
+
+    assert safetensors_problem(single_files["transformer"]) is None
+    for n, (kind, message) in enumerate(DAMAGE.items()):
+        path = _hostile(kind, single_files["transformer"], tmp_path / f"{n}.safetensors")
+        problem = safetensors_problem(path)
+        assert problem is not None and message in problem, (kind, problem)
+        if kind not in ("FIFO", "link to /dev/zero"):
+            with pytest.raises(Exception):   # noqa: B017, PT011 - the library's own refusal, whatever its type
+                with safe_open(str(path), framework="pt") as fh:
+                    for key in fh.keys():
+                        fh.get_tensor(key)
+    figures("hostile weights", cases=len(DAMAGE) + 1, faults=len(DAMAGE))
+
+
+# ------------------------------------------------------------------------------------ [model.files] single files
+def test_damaged_single_model_files_are_named_by_check_and_the_run(single_files, tiny_recipe, tmp_path, capsys,
+                                                                     figures):
+    """A damaged `[model.files]` file passed `check` and the run failed after caching the dataset, with the
+    library's terse reason; a FIFO, a folder, `/dev/zero` or a link loop was "file not found"."""
+    intact = _files_recipe(tiny_recipe, single_files)
+    code, text = run_cli(["check", str(intact)], capsys, never="error:")
+    assert code == 0, text
+    for n, (kind, message) in enumerate(DAMAGE.items()):
+        files = dict(single_files)
+        files["transformer"] = _hostile(kind, single_files["transformer"], tmp_path / f"{n}.safetensors")
+        recipe = _files_recipe(tiny_recipe, files, name=f"r{n}.toml")
+        code, text = run_cli(["check", str(recipe)], capsys, never="unexpected")
+        line = _line(text, "[model.files.transformer]")
+        assert code == 2 and message in line and f"/{n}.safetensors" in line, (kind, text[-1500:])
+    out = tmp_path / "run"
+    code, text = run_cli([str(recipe), "--output-dir", str(out)], capsys, never="unexpected")
+    assert code == 2 and "[model.files.transformer]" in text and not out.exists(), text[-1500:]
+    figures("hostile weights", cases=len(DAMAGE) + 2, faults=len(DAMAGE) + 1)
+
+
+# ------------------------------------------------------------------------------------------------ a model folder
+def _copy_model(tiny_model, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_model, folder)
+    return folder
+
+
+def _model_recipe(tiny_recipe, model: Path, name: str) -> Path:
+    return _with_source(tiny_recipe(name=name), model)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _shard_index(folder: Path, shard: str) -> None:
+    """transformer/ with its weights behind a shard index naming ``shard``."""
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").rename(folder / "transformer" / "part-1.safetensors")
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "part-1.safetensors", "b.weight": shard}}))
+
+
+FOLDER_DAMAGE = {
+    "config not JSON": (lambda f: (f / "transformer" / "config.json").write_text("{not json"),
+                        "transformer/config.json: is not valid JSON"),
+    "config a list": (lambda f: (f / "vae" / "config.json").write_text("[1, 2]"),
+                      "vae/config.json: is not a JSON object (it holds a list)"),
+    "config a FIFO": (lambda f: _fifo(f / "text_encoder" / "config.json"),
+                      "text_encoder/config.json: is a FIFO (named pipe), not a regular file"),
+    "config a folder": (lambda f: ((f / "vae" / "config.json").unlink(), (f / "vae" / "config.json").mkdir()),
+                        "vae/config.json: is a folder, not a regular file"),
+    "tokenizer config a FIFO": (lambda f: _fifo(f / "tokenizer" / "tokenizer_config.json"),
+                                "tokenizer/tokenizer_config.json: is a FIFO (named pipe)"),
+    "model_index not UTF-8": (lambda f: (f / "model_index.json").write_bytes(b'{"a": "\xff"}'),
+                              "model_index.json: is not valid JSON"),
+    "scheduler config not JSON": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text(""),
+                                  "scheduler/scheduler_config.json: is not valid JSON"),
+    "weights truncated": (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (f / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100]),
+                          "vae/diffusion_pytorch_model.safetensors: truncated: its tensors need"),
+    "weights /dev/zero": (lambda f: ((f / "text_encoder_2" / "model.safetensors").unlink(),
+                                     (f / "text_encoder_2" / "model.safetensors").symlink_to("/dev/zero")),
+                          "text_encoder_2/model.safetensors: is a character device"),
+    "shard missing": (lambda f: _shard_index(f, "part-2.safetensors"),
+                      "transformer/part-2.safetensors: missing (named by diffusion_pytorch_model.safetensors.index.json)"),
+    "shard outside": (lambda f: _shard_index(f, "../vae/diffusion_pytorch_model.safetensors"),
+                      "names the shard ../vae/diffusion_pytorch_model.safetensors, which is not a file name in its folder"),
+}
+
+
+def test_damaged_files_of_a_model_folder_are_named_by_check_and_the_run(tiny_model, tiny_recipe, tmp_path, capsys,
+                                                                         figures):
+    """diffusers and transformers met these files only after the dataset was cached: a tokenizer config that is a
+    FIFO crashed (`OverflowError: int too big to convert`, exit 1), a config.json that is a FIFO or a folder was "no
+    file named config.json", a damaged weights file "Unable to load weights" without the reason, and a damaged
+    model_index.json or scheduler config was not seen at all."""
+    for n, (kind, (damage, message)) in enumerate(FOLDER_DAMAGE.items()):
+        model = _copy_model(tiny_model, tmp_path, f"model-{n}")
+        damage(model)
+        recipe = _model_recipe(tiny_recipe, model, f"r{n}.toml")
+        code, text = run_cli(["check", str(recipe)], capsys, never="unexpected")
+        line = _line(text, "[model.source]")
+        assert code == 2 and message in line and str(model) in line, (kind, text[-1500:])
+        if kind == "tokenizer config a FIFO":      # the crash it was: the run stops before writing anything
+            out = tmp_path / "run"
+            code, text = run_cli([str(recipe), "--output-dir", str(out)], capsys, never="unexpected")
+            assert code == 2 and message in text and not out.exists(), text[-1500:]
+    figures("hostile weights", cases=len(FOLDER_DAMAGE) + 1, faults=len(FOLDER_DAMAGE) + 1)
+
+
+# ----------------------------------------------------------------------------------------- LoRAs for `eval --lora`
+EVAL = ["--set", 'eval.prompts=["{trigger}"]', "--set", "eval.strengths=[1.0]", "--set", "eval.seeds=[1]",
+        "--set", "eval.steps=2"]
+
+
+def _lora(path: Path, module: str = "double_blocks_0_img_attn_proj", width: int = 64, value: float = 0.01,
+          dtype=None) -> Path:
+    """A one-module kohya LoRA for the tiny FLUX model (its attention projection is 64 wide)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"lora_unet_{module}.lora_down.weight": torch.full((4, width), value),
+               f"lora_unet_{module}.lora_up.weight": torch.full((64, 4), value),
+               f"lora_unet_{module}.alpha": torch.tensor(4.0)}
+    save_file({k: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_eval_refuses_a_broken_lora_before_any_model_loads(tiny_recipe, tmp_path, capsys, figures):
+    """A LoRA holding NaN (or int tensors) was evaluated: exit 0, black images scored as the LoRA's; a truncated one
+    loaded the whole pipeline first. Each is refused naming the file (exit 2) before anything loads or is written."""
+    import torch
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(_lora(tmp_path / "t.safetensors").read_bytes()[:-10])
+    cases = [(_lora(tmp_path / "nan.safetensors", value=float("nan")), "holds NaN or inf values"),
+             (_lora(tmp_path / "inf.safetensors", value=float("inf")), "holds NaN or inf values"),
+             (_lora(tmp_path / "int.safetensors", dtype=torch.int32), "is I32, not floating point"),
+             (truncated, "not a LoRA file: truncated: its tensors need")]
+    for lora, message in cases:
+        out = tmp_path / f"eval-{lora.stem}"
+        code, text = run_cli(["eval", str(tiny_recipe()), "--lora", str(lora), "--output-dir", str(out), *EVAL],
+                             capsys, never="unexpected")
+        assert code == 2 and f"--lora {lora}: not a LoRA file: " in text and message in text, text[-1500:]
+        assert "generating" not in text and not out.exists()
+    figures("hostile weights", cases=len(cases), faults=len(cases))
+
+
