@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
+                                           require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
@@ -341,10 +342,14 @@ class FluxAdapter(ModelAdapter):
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
         try:
-            if detect_format(tensors) == "kohya":
-                pipe.load_lora_weights(kohya_to_diffusers(tensors), adapter_name=adapter_name)
-            else:
-                pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+            kohya = detect_format(tensors) == "kohya"
+            if kohya:
+                tensors = kohya_to_diffusers(tensors)
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
+        require_lora_fit(pipe.components, tensors, path, "FLUX.1")
+        try:
+            pipe.load_lora_weights(tensors if kohya else str(path), adapter_name=adapter_name)
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
 

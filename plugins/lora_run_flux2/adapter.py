@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
+                                           require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
 
@@ -281,9 +282,12 @@ class Flux2Adapter(ModelAdapter):
     def _encoder_classes(self) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def _load_file(self, key: str, dtype: Any) -> Any:
+        return self._load_file_component(key, dtype)
+
     def _component(self, key: str, dtype: Any) -> Any:
         if self.recipe.model.files.get(key) is not None:
-            return self._load_file_component(key, dtype)
+            return self.file_component(key, dtype)
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
         if key == "transformer":
@@ -435,11 +439,15 @@ class Flux2Adapter(ModelAdapter):
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
         try:
-            if all(k.startswith("transformer.") for k in tensors):
-                pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-            else:
-                pipe.load_lora_weights(to_diffusers(tensors), adapter_name=adapter_name)
-        except Exception as exc:  # noqa: BLE001 - a FormatError or diffusers' own refusal, named with the file
+            converted = not all(k.startswith("transformer.") for k in tensors)
+            if converted:
+                tensors = to_diffusers(tensors)
+        except Exception as exc:  # noqa: BLE001 - a FormatError, named with the file
+            raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
+        require_lora_fit(pipe.components, tensors, path, self.family)
+        try:
+            pipe.load_lora_weights(tensors if converted else str(path), adapter_name=adapter_name)
+        except Exception as exc:  # noqa: BLE001 - diffusers' own refusal, named with the file
             raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, seed_generators
+from lora_run_native.adapters.base import (COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, require_lora_fit,
+                                           seed_generators)
 from lora_run_native.shapes import FamilyShape, preset_inputs
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
@@ -540,6 +541,7 @@ def load_hunyuan_dit_lora(transformer: Any, path: Path, adapter_name: str = "ide
         raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
     if not tensors or not all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in tensors):
         raise OutputError(f"{path}: not a Hunyuan-DiT LoRA of ours (keys transformer.<module>.lora_A/B.weight)")
+    require_lora_fit({"transformer": transformer}, tensors, path, "Hunyuan-DiT")
     try:
         inject_adapter_in_model(lora_config_of(tensors), transformer, adapter_name=adapter_name)
         state = {k[len("transformer."):]: v for k, v in tensors.items()}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
-from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer, require_lora_fit
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 
@@ -424,6 +424,10 @@ def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "i
             tensors = comfy_to_diffusers(tensors)
         elif layout == "kohya":
             tensors = kohya_to_diffusers(tensors)
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None
+    require_lora_fit({"transformer": transformer}, tensors, path, "HunyuanImage-2.1")
+    try:
         transformer.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name)
     except Exception as exc:  # noqa: BLE001
         raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None

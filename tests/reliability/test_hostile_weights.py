@@ -183,6 +183,23 @@ def test_damaged_single_model_files_are_named_by_check_and_the_run(single_files,
     figures("hostile weights", cases=len(DAMAGE) + 2, faults=len(DAMAGE) + 1)
 
 
+def test_a_single_file_of_another_layout_is_named(single_files, tiny_recipe, tmp_path):
+    """A CLIP-L file whose tensor has another shape crashed the config inference (`ValueError: not enough values to
+    unpack`, exit 1); every failure of a family's conversion of a file's tensors names the file."""
+    from lora_run.errors import ModelSourceError
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(single_files["clip_l"]))
+    name = next(k for k in tensors if k.endswith("token_embedding.weight"))
+    tensors[name] = tensors[name].reshape(-1).contiguous()
+    flat = tmp_path / "clip_l.safetensors"
+    save_file(tensors, str(flat))
+    adapter = _adapter(_files_recipe(tiny_recipe, {**single_files, "clip_l": flat}))
+    with pytest.raises(ModelSourceError, match=r"\[model\.files\.clip_l\] clip_l\.safetensors does not fit the "
+                                               r"flux\.1-dev clip_l layout \(ValueError: "):
+        adapter.load_encoders(only=("clip_l",))
+
+
 # ------------------------------------------------------------------------------------------------ a model folder
 def _copy_model(tiny_model, tmp_path: Path, name: str) -> Path:
     folder = tmp_path / name
@@ -254,6 +271,34 @@ def test_damaged_files_of_a_model_folder_are_named_by_check_and_the_run(tiny_mod
     figures("hostile weights", cases=len(FOLDER_DAMAGE) + 1, faults=len(FOLDER_DAMAGE) + 1)
 
 
+def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recipe, tmp_path):
+    """A config.json with fewer blocks than its weights trained a smaller model, and weights missing from a text
+    encoder's file were initialised randomly: diffusers and transformers only warn (unseen). Both are refused,
+    naming the component folder; the intact folder loads."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_run.errors import ModelSourceError
+
+    model = _copy_model(tiny_model, tmp_path, "fewer-blocks")
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    (model / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 0}))
+    with pytest.raises(ModelSourceError, match=r"\[model\.source\] .*/transformer: its weights do not fit its "
+                                               r"config\.json \(the FLUX transformer\): \d+ tensor\(s\) of its files "
+                                               r"have no place in the model"):
+        _adapter(_model_recipe(tiny_recipe, model, "a.toml")).load_transformer()
+    model = _copy_model(tiny_model, tmp_path, "missing-weight")
+    weights = model / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors[next(k for k in tensors if "mlp.fc1.weight" in k)]
+    save_file(tensors, str(weights))
+    with pytest.raises(ModelSourceError, match=r"/text_encoder: its weights do not fit its config\.json .*1 "
+                                               r"weight\(s\) missing from its files \(.*mlp\.fc1\.weight"):
+        _adapter(_model_recipe(tiny_recipe, model, "b.toml")).load_encoders(only=("clip_l",))
+    adapter = _adapter(_model_recipe(tiny_recipe, tiny_model, "c.toml"))      # the control
+    assert isinstance(adapter.load_transformer(), torch.nn.Module)
+
+
 # ----------------------------------------------------------------------------------------- LoRAs for `eval --lora`
 EVAL = ["--set", 'eval.prompts=["{trigger}"]', "--set", "eval.strengths=[1.0]", "--set", "eval.seeds=[1]",
         "--set", "eval.steps=2"]
@@ -290,5 +335,29 @@ def test_eval_refuses_a_broken_lora_before_any_model_loads(tiny_recipe, tmp_path
         assert code == 2 and f"--lora {lora}: not a LoRA file: " in text and message in text, text[-1500:]
         assert "generating" not in text and not out.exists()
     figures("hostile weights", cases=len(cases), faults=len(cases))
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_lora_that_does_not_fit_the_model(tiny_recipe, tmp_path, capsys, figures):
+    """A LoRA naming layers the model does not have was applied in part, silently (diffusers only warns); one wider
+    than its layers crashed at the first image (exit 1: diffusers widened the layer). Both are refused naming the
+    file (exit 2), nothing written; the intact LoRA is evaluated."""
+    recipe = str(tiny_recipe())
+    cases = [(_lora(tmp_path / "other.safetensors", module="double_blocks_7_img_attn_proj"),
+              "does not fit this FLUX.1 model (2 of its tensors; transformer.transformer_blocks.7.attn.to_out.0.lora_A."
+              "weight names no linear layer of the FLUX.1 model …)"),
+             (_lora(tmp_path / "wide.safetensors", width=128),
+              "has shape (4, 128); the layer has 64 inputs")]
+    for lora, message in cases:
+        out = tmp_path / f"eval-{lora.stem}"
+        code, text = run_cli(["eval", recipe, "--lora", str(lora), "--output-dir", str(out), *EVAL], capsys,
+                             never="unexpected")
+        assert code == 2 and message in text and lora.name in text, (lora.name, text[-1500:])
+        assert not out.exists()
+    out = tmp_path / "eval-good"
+    code, text = run_cli(["eval", recipe, "--lora", str(_lora(tmp_path / "good.safetensors")), "--output-dir",
+                          str(out), *EVAL], capsys, never="unexpected")
+    assert code == 0 and (out / "report.html").is_file(), text[-1500:]
+    figures("hostile weights", cases=len(cases) + 1, faults=len(cases))
 
 

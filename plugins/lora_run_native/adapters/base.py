@@ -199,6 +199,63 @@ def quiet_libraries() -> None:
         pass
 
 
+_LORA_KEY = re.compile(r"^(?P<component>[A-Za-z_][\w]*)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+def require_lora_fit(components: dict[str, Any], tensors: dict[str, Any], path: Path, family: str) -> None:
+    """Before a LoRA is loaded into ``components`` (prefix -> module: ``transformer``, ``text_encoder`` …) from
+    ``tensors`` in diffusers/peft names (``<prefix>.<module>.lora_A.weight``): every ``lora_A``/``lora_B`` tensor must
+    name a linear layer of that module with its width (``lora_A``: rank × inputs, ``lora_B``: outputs × rank).
+    diffusers only warns (unseen) about tensors that match no layer, and widens a layer to fit a wider ``lora_A``
+    (its support of FLUX control LoRAs), so a LoRA of another model size or family was evaluated as if it applied,
+    or crashed at the first image after the pipeline loaded. OutputError (exit 2) names the file and a tensor."""
+    from lora_run.errors import OutputError
+
+    bad: list[str] = []
+    for key, value in sorted(tensors.items()):
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        layer = _layer(components.get(m["component"]), m["module"])
+        if not (isinstance(getattr(layer, "in_features", None), int)
+                and isinstance(getattr(layer, "out_features", None), int)):
+            bad.append(f"{key} names no linear layer of the {family} model")
+            continue
+        size, dim = (layer.in_features, 1) if m["which"] == "A" else (layer.out_features, 0)
+        if len(value.shape) != 2 or value.shape[dim] != size:
+            bad.append(f"{key} has shape {tuple(value.shape)}; the layer has {size} "
+                       f"{'inputs' if m['which'] == 'A' else 'outputs'}")
+    if bad:
+        raise OutputError(f"{shown(path)}: does not fit this {family} model ({len(bad)} of its tensors; {bad[0]}"
+                          f"{' …' if len(bad) > 1 else ''}): a LoRA of another model or model size?")
+
+
+def _layer(component: Any, name: str) -> Any:
+    """The submodule ``name`` of ``component``, or None; a text encoder's ``text_model.`` names are looked up without
+    it too (transformers 5 dropped that level of CLIP; diffusers maps a LoRA's keys to either)."""
+    for candidate in (name, name[len("text_model."):] if name.startswith("text_model.") else None):
+        try:
+            if candidate and hasattr(component, "get_submodule"):
+                return component.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def weights_misfit(info: dict[str, Any], diffusers: bool) -> str | None:
+    """What a ``from_pretrained(..., output_loading_info=True)`` report says does not fit, or None: weights the model
+    lacks in its file (diffusers and transformers would initialise them randomly, with a warning nobody sees) or,
+    for a diffusers model, tensors of the file the model has no place for (dropped: a config.json describing fewer
+    blocks than the weights trains a smaller model). A transformers text encoder may hold heads it does not use."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or []) if diffusers else []
+    if missing:
+        return f"{len(missing)} weight(s) missing from its files ({', '.join(map(str, missing[:3]))}…)"
+    if unexpected:
+        return f"{len(unexpected)} tensor(s) of its files have no place in the model ({', '.join(map(str, unexpected[:3]))}…)"
+    return None
+
+
 def file_identity(path: Path) -> str:
     """Cheap identity of a (possibly many-GB) weight file: path, size and modification time."""
     st = path.stat()
@@ -384,10 +441,24 @@ class ModelAdapter:
             raise self.error(*missing)
         if is_local_source(src) and not os.path.isdir(Path(src) / subfolder):
             raise self.error("model.source", f"{src} has no {subfolder}/ folder ({what})")
+        import torch
+
+        model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
         try:
-            return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)
+            loaded = cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw,
+                                         **({"output_loading_info": True} if model else {}))
         except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
             raise self.source_error("model.source", f"{src}/{subfolder}", exc) from None
+        if not model:
+            return loaded
+        from diffusers import ModelMixin
+
+        module, info = loaded
+        why = weights_misfit(info, diffusers=isinstance(module, ModelMixin))
+        if why:
+            raise self.error("model.source", f"{src}/{subfolder}: its weights do not fit its config.json ({what}): "
+                             f"{why}")
+        return module
 
     #: component -> (module, class name, keyword that takes the dtype, further keywords): how ``_component``
     #: loads ``transformer``, ``vae`` and each of ``text_encoders`` from the source's subfolder.
@@ -406,11 +477,26 @@ class ModelAdapter:
         """``cls.from_pretrained`` of component ``key`` from the source's subfolder."""
         raise NotImplementedError
 
+    def file_component(self, key: str, dtype: Any) -> Any:
+        """``_load_file``, with any failure of the family's conversion or config inference on the file's tensors
+        (a tensor of another shape than its layout has: ``ValueError: not enough values to unpack``, a
+        ``KeyError``, a size mismatch) named as the file that does not fit, exit 2, instead of a crash."""
+        from lora_run.errors import LoraRunError
+
+        try:
+            return self._load_file(key, dtype)
+        except (LoraRunError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file's tensors are what the family's code could not use
+            name = Path(self.recipe.model.files.get(key)).name
+            raise self.error(f"model.files.{key}", f"{shown(name)} does not fit the {self.family} {key} layout "
+                             f"({type(exc).__name__}: {first_line(exc)})") from exc
+
     def _component(self, key: str, dtype: Any) -> Any:
         """One component in ``dtype``: from its ``[model.files]`` slot when the recipe names one, else from the
         source (``COMPONENTS``)."""
         if self.recipe.model.files.get(key) is not None:
-            return self._load_file(key, dtype)
+            return self.file_component(key, dtype)
         import importlib
 
         module, name, dtype_keyword, extra = self.COMPONENTS[key]
