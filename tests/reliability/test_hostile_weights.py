@@ -299,6 +299,37 @@ def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recip
     assert isinstance(adapter.load_transformer(), torch.nn.Module)
 
 
+@pytest.mark.slow
+def test_nan_weights_are_named_not_blamed_on_the_learning_rate(single_files, tiny_model, tiny_recipe, tmp_path,
+                                                              capsys, figures):
+    """A model file holding NaN ended as "the loss became nan … lower the learning rate" (exit 1): the VAE's NaN
+    latents were even cached. The file is named (exit 2) and nothing non-finite is cached."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def poisoned(source: Path, target: Path) -> Path:
+        tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in load_file(str(source)).items()}
+        save_file(tensors, str(target))
+        return target
+
+    vae = poisoned(single_files["vae"], tmp_path / "ae.safetensors")
+    cache = tmp_path / "cache"
+    recipe = _files_recipe(tiny_recipe, {**single_files, "vae": vae})
+    recipe.write_text(recipe.read_text().replace("[train]\n", f'[train]\ncache_dir = "{cache}"\n', 1))
+    code, text = run_cli([str(recipe), "--output-dir", str(tmp_path / "run-vae")], capsys, never="unexpected")
+    assert code == 2 and "[model.files.vae] ae.safetensors: its weights hold NaN or inf" in text, text[-1500:]
+    assert not list(cache.rglob("*.safetensors")), "no NaN latent is cached"
+    model = _copy_model(tiny_model, tmp_path, "nan-transformer")
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    poisoned(Path(shutil.copy(weights, tmp_path / "w.safetensors")), weights)
+    code, text = run_cli([str(_model_recipe(tiny_recipe, model, "t.toml")), "--output-dir", str(tmp_path / "run-t")],
+                         capsys, never="unexpected")
+    assert code == 2 and f"[model.source] {model}: the transformer weights hold NaN or inf" in text, text[-1500:]
+    assert "learning rate" not in text
+    figures("hostile weights", cases=2, faults=2)
+
+
 # ----------------------------------------------------------------------------------------- LoRAs for `eval --lora`
 EVAL = ["--set", 'eval.prompts=["{trigger}"]', "--set", "eval.strengths=[1.0]", "--set", "eval.seeds=[1]",
         "--set", "eval.steps=2"]

@@ -319,6 +319,40 @@ class ModelAdapter:
         """A ModelSourceError naming the recipe file and key: `recipe.toml: [model.files.vae] …`."""
         return ModelSourceError(f"{self.shown}: [{key}] {message}")
 
+    def damaged_weights(self, key: str, module: Any) -> ModelSourceError | None:
+        """When ``key``'s frozen weights (``transformer``, ``vae`` or a text encoder) hold NaN or inf, a
+        ModelSourceError naming where they come from (every output of such a model is NaN: the file is damaged, and
+        no learning rate helps); else None. It reads every weight, so it is asked only after a non-finite result."""
+        import torch
+
+        bad = None
+        try:
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if "lora_" in name or tensor.requires_grad or not tensor.is_floating_point() or tensor.is_meta:
+                    continue
+                if not bool(torch.isfinite(tensor.detach().float()).all()):
+                    bad = name
+                    break
+        except Exception:  # noqa: BLE001 - a module this cannot read (sharded, offloaded): no verdict
+            return None
+        if bad is None:
+            return None
+        value = self.recipe.model.files.get(key)
+        if value:
+            return self.error(f"model.files.{key}", f"{shown(Path(value).name)}: its weights hold NaN or inf ({bad}): "
+                              "the file is damaged; download it again")
+        return self.error("model.source", f"{shown(self.recipe.model.source or '')}: the {key} weights hold NaN or inf "
+                          f"({bad}): its files are damaged; download them again")
+
+    def nonfinite_encoding(self, key: str, what: str) -> Exception:
+        """The error for an encoder (``vae`` or a text encoder) whose output for ``what`` holds NaN or inf: its
+        damaged weights named (``damaged_weights``), else an overflow in the run's precision (never cached)."""
+        from lora_run.errors import BackendError
+
+        return self.damaged_weights(key, self.encoders.get(key)) or BackendError(
+            f"the {key} encoded {what} to NaN or inf values although its weights are finite: an overflow in "
+            f"{self.compute_dtype} ([train.mixed_precision] is \"{self.recipe.train.mixed_precision}\"; use bf16)")
+
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
         """Problems with `[model]` found without loading anything (missing files, not safetensors,
         hub id not cached while offline). No torch. Default: files exist and are safetensors."""
