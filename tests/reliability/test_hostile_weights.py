@@ -392,3 +392,34 @@ def test_eval_refuses_a_lora_that_does_not_fit_the_model(tiny_recipe, tmp_path, 
     figures("hostile weights", cases=len(cases) + 1, faults=len(cases))
 
 
+# --------------------------------------------------------------------------------------------------- the cache
+def test_a_folder_or_file_in_the_way_of_an_atomic_write_is_named(tmp_path):
+    """The cache (and every atomic write) crashed on a folder where its file goes (`IsADirectoryError`) or a file
+    where its folder goes (`NotADirectoryError`, `FileExistsError`): exit 1, after the model had loaded."""
+    from lora_run.errors import OutputError
+    from lora_run_rundir import atomic_write_text
+
+    (tmp_path / "entry.safetensors").mkdir()
+    (tmp_path / "entry.safetensors" / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match=r"entry\.safetensors: is a folder where lora-run writes a file"):
+        atomic_write_text(tmp_path / "entry.safetensors", "x")
+    assert (tmp_path / "entry.safetensors" / "mine.txt").read_text() == "keep"
+    (tmp_path / "shard").write_text("mine")
+    with pytest.raises(OutputError, match=r"/shard: is not a folder, but lora-run writes .*/shard/deep/x\.json"):
+        atomic_write_text(tmp_path / "shard" / "deep" / "x.json", "x")
+    assert (tmp_path / "shard").read_text() == "mine"
+    (tmp_path / "link").symlink_to(tmp_path / "target.txt")      # a link at the name is replaced, never followed
+    atomic_write_text(tmp_path / "link", "new")
+    assert not (tmp_path / "link").is_symlink() and not (tmp_path / "target.txt").exists()
+
+
+@pytest.mark.slow
+def test_a_cache_with_a_file_where_its_folder_goes_is_named(tiny_recipe, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "latents").write_text("someone's notes")
+    recipe = tiny_recipe()
+    recipe.write_text(recipe.read_text().replace("[train]\n", f'[train]\ncache_dir = "{cache}"\n', 1))
+    code, text = run_cli([str(recipe), "--output-dir", str(tmp_path / "run")], capsys, never="unexpected")
+    assert code == 2 and f"{cache / 'latents'}: is not a folder, but lora-run writes" in text, text[-1500:]
+    assert (cache / "latents").read_text() == "someone's notes"
