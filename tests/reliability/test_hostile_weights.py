@@ -423,3 +423,35 @@ def test_a_cache_with_a_file_where_its_folder_goes_is_named(tiny_recipe, tmp_pat
     code, text = run_cli([str(recipe), "--output-dir", str(tmp_path / "run")], capsys, never="unexpected")
     assert code == 2 and f"{cache / 'latents'}: is not a folder, but lora-run writes" in text, text[-1500:]
     assert (cache / "latents").read_text() == "someone's notes"
+
+
+# ------------------------------------------------------------------------------- the loss log beside an eval's LoRA
+def test_a_damaged_loss_log_beside_a_lora_is_left_out(tiny_recipe, tmp_path, capsys, figures):
+    """`eval --lora` reads the loss log of the LoRA's run folder for its report: a log that was not UTF-8 or held
+    a line nested too deep ended the evaluation after its images were generated ("unexpected UnicodeDecodeError",
+    exit 1), a FIFO there hung it and a link to /dev/zero filled the memory. Bad lines are skipped, a log that is
+    not a regular file is left out with a warning naming it."""
+    import threading
+
+    from lora_run_eval.metrics import read_loss
+
+    log = tmp_path / "loss.jsonl"
+    log.write_bytes(b'\xff\xfe{"step": 1}\n' + b"[" * 100_000 + b"]" * 100_000 + b'\n{"step": 2, "loss": 0.5}\n')
+    assert read_loss(log) == [(2, 0.5)]
+    for name, make in (("fifo", os.mkfifo), ("zero", lambda p: os.symlink("/dev/zero", p))):
+        odd = tmp_path / f"{name}.jsonl"
+        make(odd)
+        found: list = []
+        reader = threading.Thread(target=lambda p=odd: found.append(read_loss(p)), daemon=True)
+        reader.start()
+        reader.join(20)
+        assert found == [[]], name
+        assert f"warning: {odd}: is a " in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "manifest.json").write_text("{}")
+    (run / "eval" / "loss.jsonl").write_bytes(b"\xff\xfe not UTF-8\n")
+    code, text = run_cli(["eval", str(tiny_recipe()), "--lora", str(_lora(run / "lora.safetensors")), "--output-dir",
+                          str(tmp_path / "eval"), *EVAL], capsys, never="unexpected")
+    assert code == 0 and (tmp_path / "eval" / "report.html").is_file(), text[-1500:]
+    figures("hostile weights", cases=4, faults=4)
