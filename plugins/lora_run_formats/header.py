@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,15 @@ class HeaderError(ValueError):
 
 def read_header(path: str | Path, limit: int = WEIGHTS_LIMIT, kind: str = "weights") -> dict[str, Any]:
     """The checked JSON header of a ``.safetensors`` file: tensor name -> dtype/shape/offsets, and
-    ``__metadata__``. HeaderError says what is wrong: not a regular file (a folder, a FIFO, a device, a link
+    ``__metadata__``. HeaderError says what is wrong: a path that is not UTF-8, not a regular file (a folder, a FIFO, a device, a link
     loop), over ``limit``, too short, a header length past the end, a header that is not a JSON object, a tensor
     entry of the wrong form, an unknown dtype, offsets that do not match the shape, overlap, leave gaps or run past
     the end of the file (truncated), metadata that is not strings."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:     # safetensors (Rust) opens UTF-8 paths only: "Path … is not valid UTF-8"
+        raise HeaderError("its path is not valid UTF-8, which the safetensors library cannot open; rename the file "
+                          "or its folder") from None
     try:
         size = check_input_file(path, kind, limit).st_size
         with open(path, "rb") as fh:

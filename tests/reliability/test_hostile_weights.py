@@ -183,6 +183,24 @@ def test_damaged_single_model_files_are_named_by_check_and_the_run(single_files,
     figures("hostile weights", cases=len(DAMAGE) + 2, faults=len(DAMAGE) + 1)
 
 
+def test_a_model_file_or_lora_whose_path_is_not_utf8_is_named(single_files, tiny_recipe, tmp_path, capsys):
+    """safetensors opens UTF-8 paths only: a `[model.files]` file under a name with other bytes passed `check` and
+    crashed the run ("UnicodeEncodeError: surrogates not allowed", exit 1); `eval --lora` said the library's
+    "Path … is not valid UTF-8" as if the LoRA were damaged. Both name the file and why (exit 2)."""
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    transformer = Path(shutil.copy(single_files["transformer"], folder / "flux1-dev.safetensors"))
+    recipe = _files_recipe(tiny_recipe, single_files)
+    given = ["--set", f'model.files.transformer="{transformer}"']
+    for argv in (["check", str(recipe), *given], [str(recipe), *given, "--output-dir", str(tmp_path / "run")]):
+        code, text = run_cli(argv, capsys, never="unexpected")
+        assert code == 2 and "[model.files.transformer]" in text and "its path is not valid UTF-8" in text, text
+    assert not (tmp_path / "run").exists()
+    lora = Path(shutil.copy(single_files["clip_l"], folder / "lora.safetensors"))
+    code, text = run_cli(["eval", str(recipe), "--lora", str(lora)], capsys, never="unexpected")
+    assert code == 2 and "its path is not valid UTF-8" in text, text
+
+
 def test_a_single_file_of_another_layout_is_named(single_files, tiny_recipe, tmp_path):
     """A CLIP-L file whose tensor has another shape crashed the config inference (`ValueError: not enough values to
     unpack`, exit 1); every failure of a family's conversion of a file's tensors names the file."""
