@@ -10,7 +10,6 @@ offline).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
                                            require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
+from lora_run_formats.model_files import config_json
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
@@ -113,7 +113,7 @@ class FluxAdapter(ModelAdapter):
         sub = SUBFOLDER[key]
         if is_local_source(src):
             path = Path(src) / sub / "config.json"
-            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            return config_json(path)
         try:
             config = cls.load_config(src, subfolder=sub, **self.source_kwargs()) if hasattr(cls, "load_config") \
                 else cls.config_class.from_pretrained(src, subfolder=sub, **self.source_kwargs()).to_dict()

@@ -24,7 +24,6 @@ No torch at import (``lora-run check``/``plugins`` import this module).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, Model
                                            require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
+from lora_run_formats.model_files import config_json
 
 from .shapes import DEV_SHAPE, KLEIN_SHAPE
 
@@ -150,10 +150,7 @@ class Flux2Adapter(ModelAdapter):
         found = try_to_load_from_cache(repo, "model_index.json", revision=self.recipe.model.revision)
         name = None
         if isinstance(found, str):
-            try:
-                name = json.loads(Path(found).read_text("utf-8")).get("_class_name")
-            except (OSError, ValueError):
-                name = None
+            name = (config_json(found) or {}).get("_class_name")
         elif "flux.1" in repo.lower():
             name = "FLUX.1 pipeline"
         if not name or name in self.pipeline_names:
@@ -172,17 +169,14 @@ class Flux2Adapter(ModelAdapter):
             return None
         if is_local_source(src):
             path = Path(src) / subfolder / name if subfolder else Path(src) / name
-            try:
-                return json.loads(path.read_text("utf-8")) if path.is_file() else None
-            except (OSError, ValueError):             # unreadable: treated as absent (the load names what is missing)
-                return None
+            return config_json(path)                  # unreadable: treated as absent (check names it)
         try:
             from huggingface_hub import hf_hub_download
 
             kw = self.source_kwargs()
             path = hf_hub_download(src, name, subfolder=subfolder or None, revision=kw.get("revision"),
                                    local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(path).read_text("utf-8"))
+            return config_json(path)
         except Exception:  # noqa: BLE001 - callers fall back (inferred config) or say what is missing
             return None
 
@@ -527,10 +521,7 @@ class Flux2KleinAdapter(Flux2Adapter):
         m = self.recipe.model
         if m.version and m.source and is_local_source(m.source):
             index = Path(m.source) / "model_index.json"
-            try:
-                distilled = json.loads(index.read_text("utf-8")).get("is_distilled") if index.is_file() else None
-            except (OSError, ValueError):
-                distilled = None
+            distilled = (config_json(index) or {}).get("is_distilled")
             if distilled is not None and bool(distilled) == m.version.startswith("base-"):
                 problems.append((("model", "version"), f"\"{m.version}\" names a {'base' if m.version.startswith('base-') else 'distilled'} "
                                  f"[klein], but {index} says is_distilled = {str(bool(distilled)).lower()}"))

@@ -49,6 +49,15 @@ def json_problem(path: Path) -> str | None:
     return None if isinstance(data, dict) else f"is not a JSON object (it holds a {type(data).__name__})"
 
 
+def config_json(path: str | Path) -> dict | None:
+    """A model's JSON file (a config, ``model_index.json``) as a table, or None where there is none to use: absent,
+    not a regular file, not JSON, not an object (``check`` names each of those through ``json_problem``; a
+    reader here falls back as for an absent file instead of crashing or blocking on a FIFO)."""
+    if json_problem(Path(path)) is not None:
+        return None
+    return json.loads(Path(path).read_bytes())
+
+
 def folder_problems(folder: str | Path) -> list[str]:
     """Every problem of a diffusers folder's files (module docstring), each naming its file."""
     folder = Path(folder)

@@ -146,8 +146,7 @@ class HunyuanDiTAdapter(SourceLoader):
     # ------------------------------------------------------------------------------ noise schedule
     def _component_json(self, relative: str) -> tuple[dict[str, Any] | None, str]:
         """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
-        import json
-
+        from lora_run_formats.model_files import config_json, json_problem
         from lora_run_native.adapters.base import is_local_source
 
         src = self._source()
@@ -155,12 +154,12 @@ class HunyuanDiTAdapter(SourceLoader):
             return None, ""
         if is_local_source(src):
             path = Path(src) / relative
-            if not os.path.isfile(path):
+            if not os.path.lexists(path):
                 return None, str(path)
-            try:
-                return json.loads(path.read_text("utf-8")), str(path)
-            except (OSError, ValueError) as exc:
-                raise self.error("model.source", f"{path}: not readable JSON ({first_line(exc)})") from None
+            problem = json_problem(path)
+            if problem is not None:
+                raise self.error("model.source", f"{path}: {problem}")
+            return config_json(path), str(path)
         try:
             from huggingface_hub import hf_hub_download
 
@@ -168,7 +167,7 @@ class HunyuanDiTAdapter(SourceLoader):
             sub, name = relative.rsplit("/", 1)
             found = hf_hub_download(src, name, subfolder=sub, revision=kw.get("revision"),
                                     local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(found).read_text("utf-8")), f"{src}/{relative}"
+            return config_json(found), f"{src}/{relative}"
         except Exception:  # noqa: BLE001 - not in the cache / no such file: the documented default applies
             return None, f"{src}/{relative}"
 

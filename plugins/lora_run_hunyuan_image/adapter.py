@@ -110,8 +110,7 @@ class HunyuanImageAdapter(SourceLoader):
 
     def _source_config(self, key: str) -> dict | None:
         """The component's config.json from ``source`` (local folder or hub cache), or None."""
-        import json
-
+        from lora_run_formats.model_files import config_json
         from lora_run_native.adapters.base import is_local_source
 
         src, sub = self._source(), self.SUBFOLDER[key]
@@ -119,14 +118,14 @@ class HunyuanImageAdapter(SourceLoader):
             return None
         if is_local_source(src):
             path = Path(src) / sub / "config.json"
-            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            return config_json(path)
         try:
             from huggingface_hub import hf_hub_download
 
             kw = self.source_kwargs()
             path = hf_hub_download(src, "config.json", subfolder=sub, revision=kw.get("revision"),
                                    local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(path).read_text("utf-8"))
+            return config_json(path)
         except Exception:  # noqa: BLE001 - fall back to inferring the config
             return None
 
