@@ -58,8 +58,9 @@ def config_json(path: str | Path) -> dict | None:
     return json.loads(Path(path).read_bytes())
 
 
-def folder_problems(folder: str | Path) -> list[str]:
-    """Every problem of a diffusers folder's files (module docstring), each naming its file."""
+def folder_problems(folder: str | Path, partial: bool = False) -> list[str]:
+    """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub
+    model's snapshot in the local cache, where a shard not downloaded yet is fetched when the model loads."""
     folder = Path(folder)
     out = []
     index = folder / "model_index.json"
@@ -70,11 +71,11 @@ def folder_problems(folder: str | Path) -> list[str]:
     except OSError as exc:
         return out + [f"{shown(folder)}: cannot be listed ({exc.strerror or exc})"]
     for sub in subs:
-        out += _component_problems(sub)
+        out += _component_problems(sub, partial)
     return out
 
 
-def _component_problems(sub: Path) -> list[str]:
+def _component_problems(sub: Path, partial: bool) -> list[str]:
     try:
         entries = sorted(p for p in sub.iterdir() if not p.name.startswith("."))
     except OSError as exc:
@@ -86,7 +87,7 @@ def _component_problems(sub: Path) -> list[str]:
             problem = json_problem(entry)
             out += _named(entry, problem)
             if problem is None and entry.name.endswith(".safetensors.index.json"):
-                shards, bad = _shards(entry)
+                shards, bad = _shards(entry, partial)
                 out += bad
                 weights |= shards
         elif entry.name.endswith(_TOKENIZER_SUFFIXES):
@@ -99,7 +100,7 @@ def _component_problems(sub: Path) -> list[str]:
     return out
 
 
-def _shards(index: Path) -> tuple[set[Path], list[str]]:
+def _shards(index: Path, partial: bool) -> tuple[set[Path], list[str]]:
     """The shard files an ``*.safetensors.index.json`` names (plain names in its folder), and what is wrong."""
     data = json.loads(index.read_bytes())
     weight_map = data.get("weight_map")
@@ -110,7 +111,8 @@ def _shards(index: Path) -> tuple[set[Path], list[str]]:
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             bad.append(f"{shown(index)}: names the shard {shown(name)}, which is not a file name in its folder")
         elif not os.path.lexists(index.parent / name):
-            bad.append(f"{shown(index.parent / name)}: missing (named by {index.name})")
+            if not partial:
+                bad.append(f"{shown(index.parent / name)}: missing (named by {index.name})")
         else:
             shards.add(index.parent / name)
     return shards, bad

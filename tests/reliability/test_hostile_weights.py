@@ -289,6 +289,18 @@ def test_damaged_files_of_a_model_folder_are_named_by_check_and_the_run(tiny_mod
     figures("hostile weights", cases=len(FOLDER_DAMAGE) + 1, faults=len(FOLDER_DAMAGE) + 1)
 
 
+def test_a_hub_snapshot_may_lack_shards_not_downloaded_yet(tiny_model, tmp_path):
+    """A hub model's snapshot in the local cache is checked too, but a shard its index names and the cache does not
+    hold yet is downloaded when the model loads: only a local folder must hold every shard."""
+    from lora_run_formats.model_files import folder_problems
+
+    model = _copy_model(tiny_model, tmp_path, "snapshot")
+    _shard_index(model, "part-2.safetensors")
+    assert folder_problems(model, partial=True) == []
+    assert [p.split(": ", 1)[1] for p in folder_problems(model)] == [
+        "missing (named by diffusion_pytorch_model.safetensors.index.json)"]
+
+
 def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recipe, tmp_path):
     """A config.json with fewer blocks than its weights trained a smaller model, and weights missing from a text
     encoder's file were initialised randomly: diffusers and transformers only warn (unseen). Both are refused,

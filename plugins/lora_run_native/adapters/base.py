@@ -381,7 +381,7 @@ class ModelAdapter:
                 else:
                     problems += [(("model", "source"), why) for why in folder_problems(m.source)]
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
-                problems += [(("model", "source"), why) for why in folder_problems(snapshot)]
+                problems += [(("model", "source"), why) for why in folder_problems(snapshot, partial=True)]
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
