@@ -17,6 +17,7 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 from lora_run_engines import tomlfile
+from lora_run_formats.model_files import folder_problems, weights_problem
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
@@ -261,11 +262,15 @@ class DiffusionPipeBackend:
         else:
             paths = [(("model", "files", n), m.files.get(n)) for n in ("transformer", "vae", "qwen", "byt5")]
         for key, value in paths:
-            if value and not Path(value).is_file():
-                what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+            if value and (not os.path.lexists(value) or os.path.isdir(value)):
+                what = "is a folder, not a file" if os.path.isdir(value) else "does not exist"
                 out.append((key, f"{value} {what}"))
+            elif value and (why := weights_problem(value)) is not None:   # a FIFO, a link loop, a damaged file
+                out.append((key, f"{value} is not a readable .safetensors file ({why})"))
             elif value and key[-1] == "transformer" and self.family == "flux.1-dev":
                 out += _flux_transformer_problem(key, Path(value))
+        if self.family == "flux.1-dev" and m.source and source.is_dir() and (source / "model_index.json").is_file():
+            out += [(("model", "source"), why) for why in folder_problems(source)]
         return out
 
     def _check_model_files(self) -> None:

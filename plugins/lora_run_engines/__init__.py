@@ -32,7 +32,6 @@ No torch, no engine import: ``lora-run check`` loads the backends that use this.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -141,18 +140,10 @@ def explain(tail: Iterable[str], hints: Iterable[tuple[tuple[str, ...], str]] = 
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a ``.safetensors`` file's header (OSError/ValueError when it is not one)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path} is too short to be a .safetensors file")
-        size = int.from_bytes(head, "little")
-        if size > 100 * 2**20:
-            raise ValueError(f"{path}: implausible .safetensors header size {size}")
-        header = json.loads(fh.read(size))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the .safetensors header is not a table")
-    return [k for k in header if k != "__metadata__"]
+    """The tensor names in a ``.safetensors`` file's checked header (ValueError saying why when it is not one)."""
+    from lora_run_formats import read_header, tensor_names
+
+    return tensor_names(read_header(path))
 
 
 def stage_link(source: Path, target: Path) -> None:

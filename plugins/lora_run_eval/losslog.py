@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,34 @@ from lora_run_rundir import atomic_write_text
 
 LOSS_FILE = "loss.jsonl"
 FLUSH_EVERY = 50
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a loss log, one a line; lines that are not one are skipped. The log is read as every file
+    on a user's behalf is (``eval --lora`` reads the one of the LoRA's run folder): a regular file within
+    ``lora_run_rundir.JSON_LIMIT``, never a FIFO (a read would wait forever) or ``/dev/zero``; a log that cannot be
+    read is left out with a warning naming it, and bytes that are not UTF-8 or nesting too deep for Python spoil
+    only their line."""
+    import sys
+
+    from lora_run.files import FileProblem, read_limited, shown
+    from lora_run_rundir import JSON_LIMIT
+
+    try:
+        data = read_limited(path, "json", JSON_LIMIT)
+    except FileProblem as exc:
+        if os.path.lexists(path):
+            print(f"warning: {shown(path)}: {exc}; its loss history is left out", file=sys.stderr)
+        return []
+    rows = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class LossLog:
@@ -28,16 +57,11 @@ class LossLog:
 
     def _load(self, first_step: int) -> None:
         self.loaded = True
-        try:
-            lines = self.path.read_text("utf-8").splitlines()
-        except OSError:
-            return
-        for line in lines:
+        for row in read_rows(self.path):
             try:
-                row = json.loads(line)
                 if int(row["step"]) < first_step:
                     self.rows.append(row)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):
                 continue
 
     def add(self, step: int, metrics: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ output is a JSON-able dict. numpy is imported inside functions.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -428,17 +427,14 @@ def strength_notes(m: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------------------ loss, checkpoints, best
 def read_loss(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs from a JSON-lines file; bad lines are skipped."""
+    """(step, loss) pairs from a JSON-lines file (``losslog.read_rows``); bad lines are skipped."""
+    from .losslog import read_rows
+
     out = []
-    try:
-        lines = path.read_text("utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
+    for row in read_rows(path):
         try:
-            row = json.loads(line)
             step, loss = int(row["step"]), float(row["loss"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):
             continue
         if math.isfinite(loss):
             out.append((step, loss))

@@ -10,14 +10,15 @@ offline).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
+                                           require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
+from lora_run_formats.model_files import config_json
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
@@ -112,7 +113,7 @@ class FluxAdapter(ModelAdapter):
         sub = SUBFOLDER[key]
         if is_local_source(src):
             path = Path(src) / sub / "config.json"
-            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            return config_json(path)
         try:
             config = cls.load_config(src, subfolder=sub, **self.source_kwargs()) if hasattr(cls, "load_config") \
                 else cls.config_class.from_pretrained(src, subfolder=sub, **self.source_kwargs()).to_dict()
@@ -341,10 +342,14 @@ class FluxAdapter(ModelAdapter):
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
         try:
-            if detect_format(tensors) == "kohya":
-                pipe.load_lora_weights(kohya_to_diffusers(tensors), adapter_name=adapter_name)
-            else:
-                pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+            kohya = detect_format(tensors) == "kohya"
+            if kohya:
+                tensors = kohya_to_diffusers(tensors)
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
+        require_lora_fit(pipe.components, tensors, path, "FLUX.1")
+        try:
+            pipe.load_lora_weights(tensors if kohya else str(path), adapter_name=adapter_name)
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
 

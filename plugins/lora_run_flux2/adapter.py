@@ -24,15 +24,16 @@ No torch at import (``lora-run check``/``plugins`` import this module).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
+                                           require_lora_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
+from lora_run_formats.model_files import config_json
 
 from .shapes import DEV_SHAPE, KLEIN_SHAPE
 
@@ -149,10 +150,7 @@ class Flux2Adapter(ModelAdapter):
         found = try_to_load_from_cache(repo, "model_index.json", revision=self.recipe.model.revision)
         name = None
         if isinstance(found, str):
-            try:
-                name = json.loads(Path(found).read_text("utf-8")).get("_class_name")
-            except (OSError, ValueError):
-                name = None
+            name = (config_json(found) or {}).get("_class_name")
         elif "flux.1" in repo.lower():
             name = "FLUX.1 pipeline"
         if not name or name in self.pipeline_names:
@@ -171,17 +169,14 @@ class Flux2Adapter(ModelAdapter):
             return None
         if is_local_source(src):
             path = Path(src) / subfolder / name if subfolder else Path(src) / name
-            try:
-                return json.loads(path.read_text("utf-8")) if path.is_file() else None
-            except (OSError, ValueError):             # unreadable: treated as absent (the load names what is missing)
-                return None
+            return config_json(path)                  # unreadable: treated as absent (check names it)
         try:
             from huggingface_hub import hf_hub_download
 
             kw = self.source_kwargs()
             path = hf_hub_download(src, name, subfolder=subfolder or None, revision=kw.get("revision"),
                                    local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(path).read_text("utf-8"))
+            return config_json(path)
         except Exception:  # noqa: BLE001 - callers fall back (inferred config) or say what is missing
             return None
 
@@ -281,9 +276,12 @@ class Flux2Adapter(ModelAdapter):
     def _encoder_classes(self) -> tuple[Any, Any]:
         raise NotImplementedError
 
+    def _load_file(self, key: str, dtype: Any) -> Any:
+        return self._load_file_component(key, dtype)
+
     def _component(self, key: str, dtype: Any) -> Any:
         if self.recipe.model.files.get(key) is not None:
-            return self._load_file_component(key, dtype)
+            return self.file_component(key, dtype)
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
         if key == "transformer":
@@ -435,11 +433,15 @@ class Flux2Adapter(ModelAdapter):
         except Exception as exc:  # noqa: BLE001
             raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
         try:
-            if all(k.startswith("transformer.") for k in tensors):
-                pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-            else:
-                pipe.load_lora_weights(to_diffusers(tensors), adapter_name=adapter_name)
-        except Exception as exc:  # noqa: BLE001 - a FormatError or diffusers' own refusal, named with the file
+            converted = not all(k.startswith("transformer.") for k in tensors)
+            if converted:
+                tensors = to_diffusers(tensors)
+        except Exception as exc:  # noqa: BLE001 - a FormatError, named with the file
+            raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
+        require_lora_fit(pipe.components, tensors, path, self.family)
+        try:
+            pipe.load_lora_weights(tensors if converted else str(path), adapter_name=adapter_name)
+        except Exception as exc:  # noqa: BLE001 - diffusers' own refusal, named with the file
             raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:
@@ -519,10 +521,7 @@ class Flux2KleinAdapter(Flux2Adapter):
         m = self.recipe.model
         if m.version and m.source and is_local_source(m.source):
             index = Path(m.source) / "model_index.json"
-            try:
-                distilled = json.loads(index.read_text("utf-8")).get("is_distilled") if index.is_file() else None
-            except (OSError, ValueError):
-                distilled = None
+            distilled = (config_json(index) or {}).get("is_distilled")
             if distilled is not None and bool(distilled) == m.version.startswith("base-"):
                 problems.append((("model", "version"), f"\"{m.version}\" names a {'base' if m.version.startswith('base-') else 'distilled'} "
                                  f"[klein], but {index} says is_distilled = {str(bool(distilled)).lower()}"))

@@ -164,18 +164,13 @@ def vae_ldm_to_diffusers(raw: dict[str, Any], config: dict[str, Any]) -> dict[st
 
 
 def header_keys(path: Any) -> list[str] | None:
-    """The tensor names of a ``.safetensors`` file from its JSON header (no torch, nothing else read); None when
-    the header cannot be read."""
-    import json
-    import struct
+    """The tensor names of a ``.safetensors`` file from its checked header (no torch, nothing else read); None when
+    it is not a complete safetensors file (``check_sources`` names why)."""
+    from lora_run_formats import HeaderError, read_header, tensor_names
 
     try:
-        with open(path, "rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            if size > 100_000_000:
-                return None
-            return [k for k in json.loads(fh.read(size)) if k != "__metadata__"]
-    except (OSError, ValueError, struct.error):
+        return tensor_names(read_header(path))
+    except HeaderError:
         return None
 
 

@@ -4,12 +4,20 @@ A library, not a plugin: it registers nothing. The family-specific layouts live 
 (``lora_run_<family>.lora``); ``lora_run_formats.flux`` and ``lora_run_formats.hunyuan_image`` are kept as
 other names of those modules for the engine backends.
 
+``lora_run_formats.header`` is the one check of a ``.safetensors`` file read on a user's behalf and
+``lora_run_formats.model_files`` the checks of a model's single files and diffusers folder (every backend's).
+
 torch is imported inside the functions that need it, so importing this package is cheap.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
+
+from .header import HeaderError, read_header, safetensors_problem, tensor_names
+
+__all__ = ["FormatError", "HeaderError", "copy_with_metadata", "detect_format", "kohya_modules", "load_lora",
+           "lora_file_problem", "read_header", "read_metadata", "safetensors_problem", "save_lora", "tensor_names"]
 
 
 class FormatError(ValueError):
@@ -61,44 +69,46 @@ def load_lora(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     return tensors, metadata
 
 
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file: tensor name -> dtype/shape/offsets, and ``__metadata__``
-    (no torch, nothing else read). ValueError (or OSError) when it is not one."""
-    import json
-    import struct
-
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError("too short to be a safetensors file")
-        size = struct.unpack("<Q", head)[0]
-        if size > 100_000_000:
-            raise ValueError(f"not a safetensors file (header of {size} bytes)")
-        try:
-            header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (its header is not a JSON object)")
-    return header
-
-
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a ``.safetensors`` file, read from its JSON header (no torch)."""
+    """The ``__metadata__`` strings of a ``.safetensors`` file, read from its checked JSON header (no torch)."""
     return dict(read_header(path).get("__metadata__") or {})
 
 
+#: safetensors dtypes a LoRA's tensors may have (its weights and alphas are floating point).
+LORA_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
+
+
 def lora_file_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a LoRA in kohya or diffusers format, judged from its header alone (a model's weights,
-    a file of another kind), or None."""
+    """Why ``path`` is not a LoRA lora-run can apply, or None: not a complete safetensors file (``read_header``:
+    truncated, a header that lies, …), no LoRA tensors in kohya or diffusers format (a model's weights, a file of
+    another kind), a tensor that is not floating point, or one holding NaN or inf (a LoRA trained into NaN would
+    give black or noise images that the evaluation would score as the LoRA's)."""
     try:
-        header = read_header(path)
-    except (OSError, ValueError) as exc:
+        header = read_header(path, kind="lora")
+    except HeaderError as exc:
         return str(exc)
-    if detect_format({k: None for k in header if k != "__metadata__"}) == "unknown":
-        count = len(header) - ("__metadata__" in header)
-        return (f"holds no LoRA tensors (none of its {count} tensor names ends in lora_down.weight or holds "
+    names = tensor_names(header)
+    if detect_format(dict.fromkeys(names)) == "unknown":
+        return (f"holds no LoRA tensors (none of its {len(names)} tensor names ends in lora_down.weight or holds "
                 ".lora_A.)")
+    odd = next((n for n in names if header[n]["dtype"] not in LORA_DTYPES), None)
+    if odd is not None:
+        return f"tensor {odd} is {header[odd]['dtype']}, not floating point: not a LoRA's weights"
+    return _non_finite(path, names)
+
+
+def _non_finite(path: str | Path, names: list[str]) -> str | None:
+    """The first tensor holding NaN or inf, named, or None (one tensor in memory at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in names:
+                if not bool(torch.isfinite(fh.get_tensor(name).float()).all()):
+                    return f"tensor {name} holds NaN or inf values (the LoRA is broken: its training diverged?)"
+    except Exception as exc:  # noqa: BLE001 - a file that changed since its header was read
+        return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
     return None
 
 

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, seed_generators
+from lora_run_native.adapters.base import (COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, require_lora_fit,
+                                           seed_generators)
 from lora_run_native.shapes import FamilyShape, preset_inputs
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
@@ -145,8 +146,7 @@ class HunyuanDiTAdapter(SourceLoader):
     # ------------------------------------------------------------------------------ noise schedule
     def _component_json(self, relative: str) -> tuple[dict[str, Any] | None, str]:
         """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
-        import json
-
+        from lora_run_formats.model_files import config_json, json_problem
         from lora_run_native.adapters.base import is_local_source
 
         src = self._source()
@@ -154,12 +154,12 @@ class HunyuanDiTAdapter(SourceLoader):
             return None, ""
         if is_local_source(src):
             path = Path(src) / relative
-            if not os.path.isfile(path):
+            if not os.path.lexists(path):
                 return None, str(path)
-            try:
-                return json.loads(path.read_text("utf-8")), str(path)
-            except (OSError, ValueError) as exc:
-                raise self.error("model.source", f"{path}: not readable JSON ({first_line(exc)})") from None
+            problem = json_problem(path)
+            if problem is not None:
+                raise self.error("model.source", f"{path}: {problem}")
+            return config_json(path), str(path)
         try:
             from huggingface_hub import hf_hub_download
 
@@ -167,7 +167,7 @@ class HunyuanDiTAdapter(SourceLoader):
             sub, name = relative.rsplit("/", 1)
             found = hf_hub_download(src, name, subfolder=sub, revision=kw.get("revision"),
                                     local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(found).read_text("utf-8")), f"{src}/{relative}"
+            return config_json(found), f"{src}/{relative}"
         except Exception:  # noqa: BLE001 - not in the cache / no such file: the documented default applies
             return None, f"{src}/{relative}"
 
@@ -540,6 +540,7 @@ def load_hunyuan_dit_lora(transformer: Any, path: Path, adapter_name: str = "ide
         raise OutputError(f"{path}: not a readable safetensors LoRA ({first_line(exc)})") from None
     if not tensors or not all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in tensors):
         raise OutputError(f"{path}: not a Hunyuan-DiT LoRA of ours (keys transformer.<module>.lora_A/B.weight)")
+    require_lora_fit({"transformer": transformer}, tensors, path, "Hunyuan-DiT")
     try:
         inject_adapter_in_model(lora_config_of(tensors), transformer, adapter_name=adapter_name)
         state = {k[len("transformer."):]: v for k, v in tensors.items()}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
-from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer
+from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer, require_lora_fit
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 
@@ -110,8 +110,7 @@ class HunyuanImageAdapter(SourceLoader):
 
     def _source_config(self, key: str) -> dict | None:
         """The component's config.json from ``source`` (local folder or hub cache), or None."""
-        import json
-
+        from lora_run_formats.model_files import config_json
         from lora_run_native.adapters.base import is_local_source
 
         src, sub = self._source(), self.SUBFOLDER[key]
@@ -119,14 +118,14 @@ class HunyuanImageAdapter(SourceLoader):
             return None
         if is_local_source(src):
             path = Path(src) / sub / "config.json"
-            return json.loads(path.read_text("utf-8")) if path.is_file() else None
+            return config_json(path)
         try:
             from huggingface_hub import hf_hub_download
 
             kw = self.source_kwargs()
             path = hf_hub_download(src, "config.json", subfolder=sub, revision=kw.get("revision"),
                                    local_files_only=kw.get("local_files_only", False))
-            return json.loads(Path(path).read_text("utf-8"))
+            return config_json(path)
         except Exception:  # noqa: BLE001 - fall back to inferring the config
             return None
 
@@ -424,6 +423,10 @@ def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "i
             tensors = comfy_to_diffusers(tensors)
         elif layout == "kohya":
             tensors = kohya_to_diffusers(tensors)
+    except Exception as exc:  # noqa: BLE001
+        raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None
+    require_lora_fit({"transformer": transformer}, tensors, path, "HunyuanImage-2.1")
+    try:
         transformer.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name)
     except Exception as exc:  # noqa: BLE001
         raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None

@@ -8,6 +8,7 @@ table and the reasons behind each refusal); anything else is refused by the capa
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -146,30 +147,10 @@ def sample_lines(recipe: Recipe) -> list[str]:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete safetensors file (header length, header JSON, data size), or None. Reads
-    only the header: an 8-byte little-endian length, a JSON table of tensors, then their bytes."""
-    import json
-    import struct
+    """Why ``path`` is not a complete safetensors file, or None (``lora_run_formats``' one header check)."""
+    from lora_run_formats import safetensors_problem as problem
 
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"{size} bytes, shorter than a header"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
-                return f"its header claims {n} bytes but the file has {size}: truncated or not safetensors"
-            table = json.loads(fh.read(n))
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    except (ValueError, UnicodeDecodeError):
-        return "its header is not valid JSON"
-    ends = [v["data_offsets"][1] for k, v in table.items() if k != "__metadata__" and isinstance(v, dict)
-            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
-    if ends and 8 + n + max(ends) > size:
-        return f"truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}"
-    return None
+    return problem(path)
 
 
 def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
@@ -190,11 +171,11 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
                     f"backend: sd-scripts loads single-file checkpoints only{src}. Set {need}"))
     for key in fam.files:
         value = files.get(key)
-        if value and not Path(value).is_file():
-            what = "is a folder, not a single file" if Path(value).is_dir() else "does not exist"
+        if value and (not os.path.lexists(value) or os.path.isdir(value)):
+            what = "is a folder, not a single file" if os.path.isdir(value) else "does not exist"
             out.append((("model", "files", key), f"{value} {what} (expected {fam.file_help[key]})"))
         elif value and str(value).endswith(".safetensors"):
-            bad = safetensors_problem(Path(value))
+            bad = safetensors_problem(Path(value))     # a FIFO, a device, a link loop, a damaged file
             if bad:  # sd-scripts would only say `SafetensorError: … InvalidHeaderLength`, minutes later
                 out.append((("model", "files", key), f"{value} is not a readable safetensors file ({bad}); "
                             f"expected {fam.file_help[key]}"))

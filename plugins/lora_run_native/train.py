@@ -520,6 +520,8 @@ class Trainer:
                 for i, key in todo_images:
                     image = prepare_image(self._open_image(items[i], digests[i]).image, buckets_of[i])
                     z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu")
+                    if not bool(torch.isfinite(z).all()):      # never cached, never trained on
+                        raise adapter.nonfinite_encoding("vae", shown(items[i].image))
                     latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
                     latents[i] = z
                 adapter.unload_encoders(keep=keep)
@@ -528,6 +530,8 @@ class Trainer:
                 adapter.load_encoders(only=(encoder,))
                 for caption, _key in todo_text:
                     enc = adapter.encode_captions([caption], encoders=(encoder,))
+                    if not all(bool(torch.isfinite(v).all()) for v in enc.values() if v.is_floating_point()):
+                        raise adapter.nonfinite_encoding(encoder, f"the caption {caption[:60]!r}")
                     partial[caption].update({k: v[0].detach().to("cpu") for k, v in enc.items()})
                 adapter.unload_encoders(keep=keep)
             for caption, key in todo_text:
@@ -858,7 +862,7 @@ class Trainer:
                 if self.parallel.active:      # every rank: the global batch's loss and one stop decision
                     step_loss, stop_now = self.parallel.agree(float(loss_sum), stop_now)
                     if not math.isfinite(step_loss):
-                        self._non_finite(step_loss, step)
+                        self._non_finite(step_loss, step, state)
                 if r.optimizer.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
                 state.optimizer.step()
@@ -870,7 +874,7 @@ class Trainer:
                     # of this step is written: the LoRA in memory is then discarded, the last checkpoint kept.
                     step_loss = float(loss_sum)
                     if not math.isfinite(step_loss):
-                        self._non_finite(step_loss, step)
+                        self._non_finite(step_loss, step, state)
                 done += 1
                 number = step + 1
                 self.step_times.append((shape, time.perf_counter() - step_started))
@@ -986,8 +990,12 @@ class Trainer:
         acc.backward(part * (self.parallel.world * scale))       # every rank, always: DDP/FSDP average
         return part.detach() * scale
 
-    def _non_finite(self, value: float, step: int) -> None:
+    def _non_finite(self, value: float, step: int, state: LoopState) -> None:
         r = self.recipe
+        damaged = state.adapter.damaged_weights("transformer", state.transformer)
+        if damaged is not None:     # no learning rate helps: the model file is what is wrong
+            self.run_dir.log(str(damaged))
+            raise damaged
         kept = f"the last good checkpoint is kept: {self.last_checkpoint}" if self.last_checkpoint \
             else "no checkpoint had been saved yet"
         message = (f"the loss became {value} at step {step + 1}; training stopped and no LoRA was written for this "

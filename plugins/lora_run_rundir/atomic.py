@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from lora_run.errors import BackendError
+from lora_run.errors import BackendError, OutputError
 from lora_run.files import human_size, shown
 
 
@@ -85,6 +85,7 @@ def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
     """For writers that want a file name (safetensors.save_file): yields a temp path, fsynced and renamed on
     success. A full disk becomes a DiskFullError naming ``path`` (``needed``: the bytes the write needs, if
     known)."""
+    in_the_way(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -105,6 +106,22 @@ def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
         if not isinstance(exc, DiskFullError) and is_disk_full(exc):
             raise disk_full_error(path, needed) from exc
         raise
+
+
+def in_the_way(path: Path) -> None:
+    """Refuse to write ``path`` where something lora-run does not replace is in the way: a folder under the file's
+    name (renaming onto it fails, or would replace an empty one), or a file (or anything but a folder) where one of
+    its folders goes. OutputError (exit 2) names it; nothing is written and nothing removed. A link at ``path`` is
+    replaced, not followed (its target is never written)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise OutputError(f"{shown(path)}: is a folder where lora-run writes a file; move it away (nothing in it was "
+                          "touched)")
+    for folder in Path(path).parents:
+        if os.path.isdir(folder):
+            break
+        if os.path.lexists(folder):
+            raise OutputError(f"{shown(folder)}: is {'a link to nowhere' if os.path.islink(folder) else 'not a folder'}"
+                              f", but lora-run writes {shown(path)} inside it; move it away")
 
 
 #: Temporary files of our atomic writes: ``.<final name>.<8 random characters>.tmp`` (tempfile.mkstemp).

@@ -53,6 +53,10 @@ def flux_folder(tmp_path) -> Path:
     return folder
 
 
+#: A complete .safetensors file holding no tensors (an 8-byte header length, then `{}` padded to 8 bytes).
+EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "
+
+
 @pytest.fixture
 def hunyuan_files(tmp_path) -> dict[str, Path]:
     folder = tmp_path / "comfy"
@@ -60,7 +64,7 @@ def hunyuan_files(tmp_path) -> dict[str, Path]:
     files = {}
     for key, name in (("transformer", "hunyuanimage2.1.safetensors"), ("vae", "hunyuan_image_2.1_vae_fp16.safetensors"),
                       ("qwen", "qwen_2.5_vl_7b.safetensors"), ("byt5", "byt5_small_glyphxl_fp16.safetensors")):
-        (folder / name).write_bytes(b"")
+        (folder / name).write_bytes(EMPTY_SAFETENSORS)     # complete (model files are checked), never loaded
         files[key] = folder / name
     return files
 

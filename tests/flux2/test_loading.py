@@ -14,7 +14,7 @@ def klein_files(tiny_klein, tmp_path_factory):
     return write_single_files(tiny_klein, tmp_path_factory.mktemp("klein-files"))
 
 
-def _adapter(source, files: dict, family="flux.2-klein"):
+def _adapter(source, files: dict, family="flux.2-klein", model_extra: str = ""):
     from lora_run_native.adapters import adapter_class
 
     lines = "\n".join(f'{k} = "{v}"' for k, v in files.items())
@@ -24,6 +24,7 @@ def _adapter(source, files: dict, family="flux.2-klein"):
 family = "{family}"
 {src}
 offline = true
+{model_extra}
 [model.files]
 {lines}
 [dataset]
@@ -149,3 +150,18 @@ def test_files_without_source_need_the_hub_ids_small_files(klein_files, monkeypa
     problems = _adapter(None, files).check_sources()
     assert [key for key, _ in problems] == [("model", "source")]
     assert "black-forest-labs/FLUX.2-klein-base-4B" in problems[0][1] and "not in the local" in problems[0][1]
+
+
+def test_a_model_index_that_is_no_json_object_is_named_not_a_crash(tiny_klein, tmp_path):
+    """FLUX.2's own reads of model_index.json (the pipeline's class, is_distilled) crashed `check` on one holding a
+    JSON list ("unexpected AttributeError: 'list' object has no attribute 'get'", exit 1); every JSON file of a
+    model folder is read through one reader that treats it as absent, and the folder check names it."""
+    import shutil
+
+    folder = tmp_path / "klein"
+    shutil.copytree(tiny_klein, folder)
+    (folder / "model_index.json").write_text("[1]")
+    for extra in ("", 'version = "base-4b"'):         # the version is checked against is_distilled
+        adapter = _adapter(folder, {}, model_extra=extra)
+        assert [why for _key, why in adapter.check_sources()] == [
+            f"{folder / 'model_index.json'}: is not a JSON object (it holds a list)"], extra

@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lora_run.errors import ModelSourceError
+from lora_run.files import shown
+
+from lora_run_formats.model_files import folder_problems, weights_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -196,6 +199,63 @@ def quiet_libraries() -> None:
         pass
 
 
+_LORA_KEY = re.compile(r"^(?P<component>[A-Za-z_][\w]*)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+def require_lora_fit(components: dict[str, Any], tensors: dict[str, Any], path: Path, family: str) -> None:
+    """Before a LoRA is loaded into ``components`` (prefix -> module: ``transformer``, ``text_encoder`` …) from
+    ``tensors`` in diffusers/peft names (``<prefix>.<module>.lora_A.weight``): every ``lora_A``/``lora_B`` tensor must
+    name a linear layer of that module with its width (``lora_A``: rank × inputs, ``lora_B``: outputs × rank).
+    diffusers only warns (unseen) about tensors that match no layer, and widens a layer to fit a wider ``lora_A``
+    (its support of FLUX control LoRAs), so a LoRA of another model size or family was evaluated as if it applied,
+    or crashed at the first image after the pipeline loaded. OutputError (exit 2) names the file and a tensor."""
+    from lora_run.errors import OutputError
+
+    bad: list[str] = []
+    for key, value in sorted(tensors.items()):
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        layer = _layer(components.get(m["component"]), m["module"])
+        if not (isinstance(getattr(layer, "in_features", None), int)
+                and isinstance(getattr(layer, "out_features", None), int)):
+            bad.append(f"{key} names no linear layer of the {family} model")
+            continue
+        size, dim = (layer.in_features, 1) if m["which"] == "A" else (layer.out_features, 0)
+        if len(value.shape) != 2 or value.shape[dim] != size:
+            bad.append(f"{key} has shape {tuple(value.shape)}; the layer has {size} "
+                       f"{'inputs' if m['which'] == 'A' else 'outputs'}")
+    if bad:
+        raise OutputError(f"{shown(path)}: does not fit this {family} model ({len(bad)} of its tensors; {bad[0]}"
+                          f"{' …' if len(bad) > 1 else ''}): a LoRA of another model or model size?")
+
+
+def _layer(component: Any, name: str) -> Any:
+    """The submodule ``name`` of ``component``, or None; a text encoder's ``text_model.`` names are looked up without
+    it too (transformers 5 dropped that level of CLIP; diffusers maps a LoRA's keys to either)."""
+    for candidate in (name, name[len("text_model."):] if name.startswith("text_model.") else None):
+        try:
+            if candidate and hasattr(component, "get_submodule"):
+                return component.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def weights_misfit(info: dict[str, Any], diffusers: bool) -> str | None:
+    """What a ``from_pretrained(..., output_loading_info=True)`` report says does not fit, or None: weights the model
+    lacks in its file (diffusers and transformers would initialise them randomly, with a warning nobody sees) or,
+    for a diffusers model, tensors of the file the model has no place for (dropped: a config.json describing fewer
+    blocks than the weights trains a smaller model). A transformers text encoder may hold heads it does not use."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or []) if diffusers else []
+    if missing:
+        return f"{len(missing)} weight(s) missing from its files ({', '.join(map(str, missing[:3]))}…)"
+    if unexpected:
+        return f"{len(unexpected)} tensor(s) of its files have no place in the model ({', '.join(map(str, unexpected[:3]))}…)"
+    return None
+
+
 def file_identity(path: Path) -> str:
     """Cheap identity of a (possibly many-GB) weight file: path, size and modification time."""
     st = path.stat()
@@ -259,6 +319,40 @@ class ModelAdapter:
         """A ModelSourceError naming the recipe file and key: `recipe.toml: [model.files.vae] …`."""
         return ModelSourceError(f"{self.shown}: [{key}] {message}")
 
+    def damaged_weights(self, key: str, module: Any) -> ModelSourceError | None:
+        """When ``key``'s frozen weights (``transformer``, ``vae`` or a text encoder) hold NaN or inf, a
+        ModelSourceError naming where they come from (every output of such a model is NaN: the file is damaged, and
+        no learning rate helps); else None. It reads every weight, so it is asked only after a non-finite result."""
+        import torch
+
+        bad = None
+        try:
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if "lora_" in name or tensor.requires_grad or not tensor.is_floating_point() or tensor.is_meta:
+                    continue
+                if not bool(torch.isfinite(tensor.detach().float()).all()):
+                    bad = name
+                    break
+        except Exception:  # noqa: BLE001 - a module this cannot read (sharded, offloaded): no verdict
+            return None
+        if bad is None:
+            return None
+        value = self.recipe.model.files.get(key)
+        if value:
+            return self.error(f"model.files.{key}", f"{shown(Path(value).name)}: its weights hold NaN or inf ({bad}): "
+                              "the file is damaged; download it again")
+        return self.error("model.source", f"{shown(self.recipe.model.source or '')}: the {key} weights hold NaN or inf "
+                          f"({bad}): its files are damaged; download them again")
+
+    def nonfinite_encoding(self, key: str, what: str) -> Exception:
+        """The error for an encoder (``vae`` or a text encoder) whose output for ``what`` holds NaN or inf: its
+        damaged weights named (``damaged_weights``), else an overflow in the run's precision (never cached)."""
+        from lora_run.errors import BackendError
+
+        return self.damaged_weights(key, self.encoders.get(key)) or BackendError(
+            f"the {key} encoded {what} to NaN or inf values although its weights are finite: an overflow in "
+            f"{self.compute_dtype} ([train.mixed_precision] is \"{self.recipe.train.mixed_precision}\"; use bf16)")
+
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
         """Problems with `[model]` found without loading anything (missing files, not safetensors,
         hub id not cached while offline). No torch. Default: files exist and are safetensors."""
@@ -271,10 +365,12 @@ class ModelAdapter:
             if key not in self.file_keys:  # refused by core from the family's registered slots
                 continue
             p = Path(value)
-            if not os.path.isfile(p):
+            if not os.path.lexists(p):
                 problems.append((("model", "files", key), f"file not found: {p}"))
             elif p.suffix != ".safetensors":
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
+            elif (why := weights_problem(p)) is not None:
+                problems.append((("model", "files", key), f"{shown(p)}: {why}"))
         if m.source is not None:
             if not m.source.strip():
                 problems.append((("model", "source"), "is empty: give a hub id (owner/name) or a local diffusers "
@@ -282,6 +378,10 @@ class ModelAdapter:
             elif is_local_source(m.source):
                 if not os.path.isdir(m.source):
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
+                else:
+                    problems += [(("model", "source"), why) for why in folder_problems(m.source)]
+            elif (snapshot := self.hub_snapshot(m.source)) is not None:
+                problems += [(("model", "source"), why) for why in folder_problems(snapshot, partial=True)]
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -304,12 +404,16 @@ class ModelAdapter:
 
     def hub_cached(self, repo_id: str) -> bool:
         """Whether the hub model's `model_index.json` is in the local cache (no network)."""
+        return self.hub_snapshot(repo_id) is not None
+
+    def hub_snapshot(self, repo_id: str) -> Path | None:
+        """The local cache's folder of the hub model (the one holding its `model_index.json`), or None."""
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
-            return False
+            return None
         found = try_to_load_from_cache(repo_id, "model_index.json", revision=self.recipe.model.revision)
-        return isinstance(found, str)
+        return Path(found).parent if isinstance(found, str) else None
 
     #: Why the hub cannot be reached when a load found it so (None: reachable, offline, or not asked yet).
     hub_down: str | None = None
@@ -371,10 +475,24 @@ class ModelAdapter:
             raise self.error(*missing)
         if is_local_source(src) and not os.path.isdir(Path(src) / subfolder):
             raise self.error("model.source", f"{src} has no {subfolder}/ folder ({what})")
+        import torch
+
+        model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
         try:
-            return cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw)
+            loaded = cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw,
+                                         **({"output_loading_info": True} if model else {}))
         except Exception as exc:  # noqa: BLE001 - hub/file errors become one clear message
             raise self.source_error("model.source", f"{src}/{subfolder}", exc) from None
+        if not model:
+            return loaded
+        from diffusers import ModelMixin
+
+        module, info = loaded
+        why = weights_misfit(info, diffusers=isinstance(module, ModelMixin))
+        if why:
+            raise self.error("model.source", f"{src}/{subfolder}: its weights do not fit its config.json ({what}): "
+                             f"{why}")
+        return module
 
     #: component -> (module, class name, keyword that takes the dtype, further keywords): how ``_component``
     #: loads ``transformer``, ``vae`` and each of ``text_encoders`` from the source's subfolder.
@@ -393,11 +511,26 @@ class ModelAdapter:
         """``cls.from_pretrained`` of component ``key`` from the source's subfolder."""
         raise NotImplementedError
 
+    def file_component(self, key: str, dtype: Any) -> Any:
+        """``_load_file``, with any failure of the family's conversion or config inference on the file's tensors
+        (a tensor of another shape than its layout has: ``ValueError: not enough values to unpack``, a
+        ``KeyError``, a size mismatch) named as the file that does not fit, exit 2, instead of a crash."""
+        from lora_run.errors import LoraRunError
+
+        try:
+            return self._load_file(key, dtype)
+        except (LoraRunError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the file's tensors are what the family's code could not use
+            name = Path(self.recipe.model.files.get(key)).name
+            raise self.error(f"model.files.{key}", f"{shown(name)} does not fit the {self.family} {key} layout "
+                             f"({type(exc).__name__}: {first_line(exc)})") from exc
+
     def _component(self, key: str, dtype: Any) -> Any:
         """One component in ``dtype``: from its ``[model.files]`` slot when the recipe names one, else from the
         source (``COMPONENTS``)."""
         if self.recipe.model.files.get(key) is not None:
-            return self._load_file(key, dtype)
+            return self.file_component(key, dtype)
         import importlib
 
         module, name, dtype_keyword, extra = self.COMPONENTS[key]

@@ -1,0 +1,122 @@
+"""The files of a model lora-run (or an engine it drives) reads on a user's behalf, checked before anything loads
+(by the native adapters' ``check_sources`` and the engine backends' model checks, so ``lora-run check`` and a run's
+pre-flight both see them; no torch, nothing but headers and small JSON files read):
+
+- a ``[model.files]`` single file: a regular file (not a folder, FIFO, device or link loop) that is a complete
+  safetensors file (``lora_run_formats.read_header``: truncated, a header that lies, unknown dtypes, overlapping
+  or out-of-range offsets are named);
+- a diffusers folder (``[model] source``, or a hub model's snapshot in the local cache): ``model_index.json`` and,
+  in each component folder, every ``*.json`` (a config, a tokenizer file, a shard index: a regular UTF-8 JSON
+  object within ``TEXT_LIMIT``), the tokenizer's other files (``*.txt``, ``*.model``, ``*.tiktoken``: regular
+  files), and the weights the loaders read (``diffusion_pytorch_model.safetensors`` / ``model.safetensors``, or
+  the shards an ``*.safetensors.index.json`` names): complete safetensors files. Other files are never read.
+
+Without it, diffusers and transformers met these files after the dataset was cached, as "no file named
+config.json" for a FIFO, "int too big to convert" for a tokenizer config that is a FIFO (exit 1), or a 300-character
+"Unable to load weights" that left out why.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lora_run.files import MiB, FileProblem, check_input_file, read_limited, shown
+
+from .header import safetensors_problem
+
+#: The size limit of a JSON or tokenizer file in a model folder (a large tokenizer.json is tens of MiB).
+TEXT_LIMIT = 256 * MiB
+#: The weight files diffusers and transformers load from a component folder when it has no shard index.
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_TOKENIZER_SUFFIXES = (".txt", ".model", ".tiktoken")
+
+
+def weights_problem(path: str | Path) -> str | None:
+    """Why a single weights file is not a complete safetensors file, or None."""
+    return safetensors_problem(path, kind="model")
+
+
+def json_problem(path: Path) -> str | None:
+    """Why a JSON file of a model folder cannot be used, or None: it must be a regular file within ``TEXT_LIMIT``
+    holding one UTF-8 JSON object."""
+    try:
+        data = json.loads(read_limited(path, "model JSON", TEXT_LIMIT).decode("utf-8"))
+    except FileProblem as exc:
+        return str(exc)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return f"is not valid JSON ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+    return None if isinstance(data, dict) else f"is not a JSON object (it holds a {type(data).__name__})"
+
+
+def config_json(path: str | Path) -> dict | None:
+    """A model's JSON file (a config, ``model_index.json``) as a table, or None where there is none to use: absent,
+    not a regular file, not JSON, not an object (``check`` names each of those through ``json_problem``; a
+    reader here falls back as for an absent file instead of crashing or blocking on a FIFO)."""
+    if json_problem(Path(path)) is not None:
+        return None
+    return json.loads(Path(path).read_bytes())
+
+
+def folder_problems(folder: str | Path, partial: bool = False) -> list[str]:
+    """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub
+    model's snapshot in the local cache, where a shard not downloaded yet is fetched when the model loads."""
+    folder = Path(folder)
+    out = []
+    index = folder / "model_index.json"
+    if os.path.lexists(index):
+        out += _named(index, json_problem(index))
+    try:
+        subs = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError as exc:
+        return out + [f"{shown(folder)}: cannot be listed ({exc.strerror or exc})"]
+    for sub in subs:
+        out += _component_problems(sub, partial)
+    return out
+
+
+def _component_problems(sub: Path, partial: bool) -> list[str]:
+    try:
+        entries = sorted(p for p in sub.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        return [f"{shown(sub)}: cannot be listed ({exc.strerror or exc})"]
+    out: list[str] = []
+    weights = {sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name)}
+    for entry in entries:
+        if entry.name.endswith(".json"):
+            problem = json_problem(entry)
+            out += _named(entry, problem)
+            if problem is None and entry.name.endswith(".safetensors.index.json"):
+                shards, bad = _shards(entry, partial)
+                out += bad
+                weights |= shards
+        elif entry.name.endswith(_TOKENIZER_SUFFIXES):
+            try:
+                check_input_file(entry, "tokenizer", TEXT_LIMIT)
+            except FileProblem as exc:
+                out.append(f"{shown(entry)}: {exc}")
+    for path in sorted(weights):
+        out += _named(path, weights_problem(path))
+    return out
+
+
+def _shards(index: Path, partial: bool) -> tuple[set[Path], list[str]]:
+    """The shard files an ``*.safetensors.index.json`` names (plain names in its folder), and what is wrong."""
+    data = json.loads(index.read_bytes())
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return set(), [f"{shown(index)}: has no weight_map of tensor names to file names"]
+    shards, bad = set(), []
+    for name in sorted(set(weight_map.values())):
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            bad.append(f"{shown(index)}: names the shard {shown(name)}, which is not a file name in its folder")
+        elif not os.path.lexists(index.parent / name):
+            if not partial:
+                bad.append(f"{shown(index.parent / name)}: missing (named by {index.name})")
+        else:
+            shards.add(index.parent / name)
+    return shards, bad
+
+
+def _named(path: Path, problem: str | None) -> list[str]:
+    return [] if problem is None else [f"{shown(path)}: {problem}"]
