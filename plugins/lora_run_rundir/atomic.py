@@ -93,11 +93,11 @@ def atomic_path(path: Path, needed: int | None = None) -> Iterator[Path]:
         if is_disk_full(exc):
             raise disk_full_error(path, needed) from exc
         raise
-    _honour_umask(fd)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "rb+") as fh:    # the writer may have replaced the file (safetensors 0.8 writes it 0600)
+            _honour_umask(fh.fileno())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:

@@ -216,6 +216,8 @@ def test_a_failed_pre_flight_leaves_nothing_and_the_retry_is_not_blocked(tmp_pat
 
 # ------------------------------------------------------------------------------------------ smaller
 def test_atomic_writes_honour_the_umask(tmp_path):
+    import torch
+    from lora_run_formats import save_lora
     from lora_run_rundir import atomic_path, atomic_write_text
 
     old = os.umask(0o027)
@@ -223,6 +225,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
         atomic_write_text(tmp_path / "a.txt", "x")
         with atomic_path(tmp_path / "b.bin") as tmp:
             tmp.write_bytes(b"y")
+        save_lora(tmp_path / "d.safetensors", {"x.lora_A.weight": torch.zeros(2, 2)})   # safetensors writes it 0600
         os.umask(0o002)
         atomic_write_text(tmp_path / "c.txt", "x")
     finally:
@@ -230,6 +233,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "c.txt").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o640, "a LoRA file others may read (ComfyUI)"
 
 
 def test_remove_temp_files_takes_only_ours(tmp_path):
