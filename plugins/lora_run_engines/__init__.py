@@ -32,6 +32,7 @@ No torch, no engine import: ``lora-run check`` loads the backends that use this.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil

