@@ -37,25 +37,30 @@ def weights_problem(path: str | Path) -> str | None:
     return safetensors_problem(path, kind="model")
 
 
-def json_problem(path: Path) -> str | None:
-    """Why a JSON file of a model folder cannot be used, or None: it must be a regular file within ``TEXT_LIMIT``
-    holding one UTF-8 JSON object."""
+def read_json(path: str | Path) -> tuple[dict | None, str | None]:
+    """A JSON file of a model folder, read once: (its table, None), or (None, why it cannot be used). It must be a
+    regular file within ``TEXT_LIMIT`` holding one UTF-8 JSON object."""
     try:
         data = json.loads(read_limited(path, "model JSON", TEXT_LIMIT).decode("utf-8"))
     except FileProblem as exc:
-        return str(exc)
+        return None, str(exc)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return f"is not valid JSON ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
-    return None if isinstance(data, dict) else f"is not a JSON object (it holds a {type(data).__name__})"
+        return None, f"is not valid JSON ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+    if not isinstance(data, dict):
+        return None, f"is not a JSON object (it holds a {type(data).__name__})"
+    return data, None
+
+
+def json_problem(path: Path) -> str | None:
+    """Why a JSON file of a model folder cannot be used (``read_json``), or None."""
+    return read_json(path)[1]
 
 
 def config_json(path: str | Path) -> dict | None:
     """A model's JSON file (a config, ``model_index.json``) as a table, or None where there is none to use: absent,
     not a regular file, not JSON, not an object (``check`` names each of those through ``json_problem``; a
     reader here falls back as for an absent file instead of crashing or blocking on a FIFO)."""
-    if json_problem(Path(path)) is not None:
-        return None
-    return json.loads(Path(path).read_bytes())
+    return read_json(path)[0]
 
 
 def folder_problems(folder: str | Path, partial: bool = False) -> list[str]:
@@ -84,10 +89,10 @@ def _component_problems(sub: Path, partial: bool) -> list[str]:
     weights = {sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name)}
     for entry in entries:
         if entry.name.endswith(".json"):
-            problem = json_problem(entry)
+            data, problem = read_json(entry)
             out += _named(entry, problem)
-            if problem is None and entry.name.endswith(".safetensors.index.json"):
-                shards, bad = _shards(entry, partial)
+            if data is not None and entry.name.endswith(".safetensors.index.json"):
+                shards, bad = _shards(entry, data, partial)
                 out += bad
                 weights |= shards
         elif entry.name.endswith(_TOKENIZER_SUFFIXES):
@@ -100,9 +105,9 @@ def _component_problems(sub: Path, partial: bool) -> list[str]:
     return out
 
 
-def _shards(index: Path, partial: bool) -> tuple[set[Path], list[str]]:
-    """The shard files an ``*.safetensors.index.json`` names (plain names in its folder), and what is wrong."""
-    data = json.loads(index.read_bytes())
+def _shards(index: Path, data: dict, partial: bool) -> tuple[set[Path], list[str]]:
+    """The shard files an ``*.safetensors.index.json`` (``data``, as read) names (plain names in its folder), and
+    what is wrong."""
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return set(), [f"{shown(index)}: has no weight_map of tensor names to file names"]

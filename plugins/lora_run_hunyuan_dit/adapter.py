@@ -146,7 +146,7 @@ class HunyuanDiTAdapter(SourceLoader):
     # ------------------------------------------------------------------------------ noise schedule
     def _component_json(self, relative: str) -> tuple[dict[str, Any] | None, str]:
         """A JSON file of the source (local folder, or the hub cache / hub): (contents or None, where)."""
-        from lora_run_formats.model_files import config_json, json_problem
+        from lora_run_formats.model_files import config_json, read_json
         from lora_run_native.adapters.base import is_local_source
 
         src = self._source()
@@ -156,10 +156,10 @@ class HunyuanDiTAdapter(SourceLoader):
             path = Path(src) / relative
             if not os.path.lexists(path):
                 return None, str(path)
-            problem = json_problem(path)
+            data, problem = read_json(path)
             if problem is not None:
                 raise self.error("model.source", f"{path}: {problem}")
-            return config_json(path), str(path)
+            return data, str(path)
         try:
             from huggingface_hub import hf_hub_download
 
