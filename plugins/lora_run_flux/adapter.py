@@ -345,12 +345,11 @@ class FluxAdapter(ModelAdapter):
             kohya = detect_format(tensors) == "kohya"
             if kohya:
                 tensors = kohya_to_diffusers(tensors)
-        except Exception as exc:  # noqa: BLE001
-            raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
-        require_lora_fit(pipe.components, tensors, path, "FLUX.1")
-        try:
+            require_lora_fit(pipe.components, tensors, path, "FLUX.1")
             pipe.load_lora_weights(tensors if kohya else str(path), adapter_name=adapter_name)
-        except Exception as exc:  # noqa: BLE001
+        except OutputError:      # require_lora_fit's, naming the file and a tensor
+            raise
+        except Exception as exc:  # noqa: BLE001 - a conversion's FormatError or diffusers' own refusal
             raise OutputError(f"{path}: cannot load this LoRA into FLUX.1 ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:

@@ -436,12 +436,11 @@ class Flux2Adapter(ModelAdapter):
             converted = not all(k.startswith("transformer.") for k in tensors)
             if converted:
                 tensors = to_diffusers(tensors)
-        except Exception as exc:  # noqa: BLE001 - a FormatError, named with the file
-            raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
-        require_lora_fit(pipe.components, tensors, path, self.family)
-        try:
+            require_lora_fit(pipe.components, tensors, path, self.family)
             pipe.load_lora_weights(tensors if converted else str(path), adapter_name=adapter_name)
-        except Exception as exc:  # noqa: BLE001 - diffusers' own refusal, named with the file
+        except OutputError:      # require_lora_fit's, naming the file and a tensor
+            raise
+        except Exception as exc:  # noqa: BLE001 - a FormatError or diffusers' own refusal, named with the file
             raise OutputError(f"{path}: cannot load this LoRA into {self.family} ({first_line(exc)})") from None
 
     def sampling_pipeline(self, transformer: Any) -> Any:

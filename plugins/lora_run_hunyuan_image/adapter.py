@@ -423,12 +423,11 @@ def load_hunyuan_image_lora(transformer: Any, path: Path, adapter_name: str = "i
             tensors = comfy_to_diffusers(tensors)
         elif layout == "kohya":
             tensors = kohya_to_diffusers(tensors)
-    except Exception as exc:  # noqa: BLE001
-        raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None
-    require_lora_fit({"transformer": transformer}, tensors, path, "HunyuanImage-2.1")
-    try:
+        require_lora_fit({"transformer": transformer}, tensors, path, "HunyuanImage-2.1")
         transformer.load_lora_adapter(tensors, prefix="transformer", adapter_name=adapter_name)
-    except Exception as exc:  # noqa: BLE001
+    except OutputError:      # require_lora_fit's, naming the file and a tensor
+        raise
+    except Exception as exc:  # noqa: BLE001 - a conversion's error or diffusers' own refusal
         raise OutputError(f"{path}: cannot load this LoRA into HunyuanImage-2.1 ({first_line(exc)})") from None
 
 
