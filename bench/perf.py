@@ -621,19 +621,19 @@ def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path
     print(f"== {group}: {' '.join(rows)} (limit {limit:.0f} s)", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        rc = proc.wait(timeout=max(1.0, limit))
+        rc, why = proc.wait(timeout=max(1.0, limit)), "crashed"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        rc = -9
+        rc, why = -9, f"stopped at the group's limit of {limit:.0f} s"
     stop_cli_run(Path(args.work))
     if rc != 0:
-        print(f"== {group}: worker exit {rc}", flush=True)
+        print(f"== {group}: worker exit {rc}, {why}", flush=True)
         done = {r["row"] for r in read_rows(jsonl)}
         for row in rows:
             if row not in done:
                 with jsonl.open("a") as f:
-                    f.write(json.dumps({"row": row, "error": f"worker exit {rc} (crash or group time limit)"}) + "\n")
+                    f.write(json.dumps({"row": row, "error": f"worker exit {rc} ({why})"}) + "\n")
 
 
 def read_rows(jsonl: Path) -> list[dict[str, Any]]:

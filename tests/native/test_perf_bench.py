@@ -112,7 +112,7 @@ def test_a_worker_killed_at_its_group_limit_takes_its_cli_run_with_it(tmp_path, 
     args = argparse.Namespace(work=tmp_path, cli_steps=1, cli_every=None, row_timeout=1)
     perf.run_group("cli", ["cli-fast"], args, tmp_path / "rows.jsonl", limit=3)
     assert perf.read_rows(tmp_path / "rows.jsonl") == [
-        {"row": "cli-fast", "error": "worker exit -9 (crash or group time limit)"}]
+        {"row": "cli-fast", "error": "worker exit -9 (stopped at the group's limit of 3 s)"}]
     run = int(pid_file.read_text())
     deadline = time.monotonic() + 5
     while _alive(run) and time.monotonic() < deadline:
@@ -122,6 +122,22 @@ def test_a_worker_killed_at_its_group_limit_takes_its_cli_run_with_it(tmp_path, 
     finally:
         if _alive(run):
             os.killpg(run, signal.SIGKILL)
+
+
+def test_a_worker_that_crashes_is_told_from_one_stopped_at_the_limit(tmp_path, monkeypatch):
+    """A worker that dies by itself is recorded as crashed, with its exit code; only the orchestrator's own kill at
+    the group's limit is recorded as a stop (on 2026-12-05 a row stopped at the limit read "crash or group time
+    limit", and its run.log had to be read to tell)."""
+    import argparse
+
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(perf, "__file__", str(worker))
+    args = argparse.Namespace(work=tmp_path, cli_steps=1, cli_every=None, row_timeout=1)
+    perf.run_group("cli", ["cli-fast", "cli-fast-first"], args, tmp_path / "rows.jsonl", limit=30)
+    assert perf.read_rows(tmp_path / "rows.jsonl") == [
+        {"row": "cli-fast", "error": "worker exit 3 (crashed)"},
+        {"row": "cli-fast-first", "error": "worker exit 3 (crashed)"}]
 
 
 def test_kernel_names_fall_into_their_kinds():
