@@ -86,6 +86,8 @@ def warn_broken(plugins: Any) -> None:
     plugins.warned = True
     for b in plugins.broken:
         print(f"warning: plugin {b.name} is broken and was skipped: {b.error}", file=sys.stderr)
+    for note in plugins.notes:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
@@ -96,7 +98,7 @@ def _with_command(argv: list[str], commands: list[str]) -> list[str]:
         return argv
     if word.strip() and word != "-" and not os.path.exists(word) and not re.search(r"[/\\]|\.toml$", word, re.I):
         raise ArgumentsError(f'"{printable(word)}" is neither a command nor a recipe file'
-                             f'{did_you_mean(word, commands, chr(34))}; commands: {", ".join(commands)} (a plugin\'s '
+                             f'{did_you_mean(word, commands, chr(34))}; commands: {", ".join(commands) or "none"} (a plugin\'s '
                              "command exists only while the plugin is installed and loads: lora-run plugins)")
     if "run" not in commands:
         raise ArgumentsError(f'no installed plugin adds the `run` command that trains "{printable(word)}" (the '

@@ -1,11 +1,8 @@
 """Plugin discovery (stevedore over the ``lora_run`` entry-point group) and the registries (pluggy).
 
 Built-in plugins are found exactly like third-party ones. Nothing is loaded at import time: call
-:func:`load_plugins`. Debug switches (environment variables):
-
-- ``LORA_RUN_PLUGINS_DISABLE=name,name`` — skip these entry points;
-- ``LORA_RUN_PLUGINS_ONLY=name,name`` — load only these entry points;
-- ``LORA_RUN_TRACE_PLUGINS=1`` — print every hook call and its result to stderr.
+:func:`load_plugins`. Its environment switches (``LORA_RUN_PLUGINS_DISABLE``, ``_ONLY``, ``LORA_RUN_TRACE_PLUGINS``)
+are described in docs/writing-a-plugin.md, "Debugging".
 """
 from __future__ import annotations
 
@@ -82,6 +79,7 @@ class Plugins:
         self.broken = broken
         self.conflicts: list[str] = []
         self.warned = False     # the command line has reported the broken plugins
+        self.notes: list[str] = []   # the environment's plugin switches naming no installed plugin
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._collect("family", "register_families")
         self._collect("backend", "register_backends", families=dict(self.registry["family"]))
@@ -176,20 +174,21 @@ def make_plugin_manager() -> pluggy.PluginManager:
 def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
     """Discover entry points with stevedore, register them with pluggy, collect the registries; ``extra`` objects
     (tests, embedding applications) are registered after the entry points."""
-    from stevedore import EnabledExtensionManager
+    from importlib.metadata import entry_points
+
+    from stevedore import NamedExtensionManager
 
     pm = make_plugin_manager()
     broken: list[BrokenPlugin] = []
     disabled, only = _split_env("LORA_RUN_PLUGINS_DISABLE"), _split_env("LORA_RUN_PLUGINS_ONLY")
+    installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
     def failed(_manager: Any, entrypoint: Any, exc: BaseException) -> None:
         broken.append(BrokenPlugin(entrypoint.name, f"{type(exc).__name__}: {exc}"))
 
-    def wanted(ext: Any) -> bool:
-        return ext.name not in disabled and (not only or ext.name in only)
-
-    manager = EnabledExtensionManager(namespace=ENTRY_POINT_GROUP, check_func=wanted, invoke_on_load=False,
-                                      on_load_failure_callback=failed)
+    # a skipped plugin is never imported (its import may be what is broken)
+    manager = NamedExtensionManager(ENTRY_POINT_GROUP, sorted((only or installed) - disabled), invoke_on_load=False,
+                                    on_load_failure_callback=failed, on_missing_entrypoints_callback=None)
     for ext in sorted(manager, key=lambda e: e.name):
         try:
             pm.register(ext.plugin, name=ext.name)
@@ -212,4 +211,9 @@ def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
         def after(outcome: Any, hook_name: str, _impls: Any, _kwargs: dict) -> None:
             print(f"[lora-run trace] {hook_name} -> {outcome.get_result()!r}"[:300], file=sys.stderr)
         pm.add_hookcall_monitoring(before, after)
-    return Plugins(pm, broken)
+    plugins = Plugins(pm, broken)
+    plugins.notes = [f"{var} names {', '.join(sorted(names - installed))}, which no installed plugin is (installed: "
+                     f"{', '.join(sorted(installed))})" for var, names in (("LORA_RUN_PLUGINS_ONLY", only),
+                                                                      ("LORA_RUN_PLUGINS_DISABLE", disabled))
+                     if names - installed]
+    return plugins

@@ -156,7 +156,7 @@ def cmd_plugins(args: argparse.Namespace, plugins: Any) -> int:
     listing = plugin_listing(plugins)
     if args.json:
         print(json.dumps({"plugins": listing, "broken": [attrs.asdict(b) for b in plugins.broken],
-                          "conflicts": plugins.conflicts}, indent=2))
+                          "conflicts": plugins.conflicts, "warnings": plugins.notes}, indent=2))
         return EXIT_OK
     for p in listing:
         print(f"{p['name']} {p['version'] or ''} ({p['module']})".replace("  ", " "))
@@ -170,6 +170,8 @@ def cmd_plugins(args: argparse.Namespace, plugins: Any) -> int:
         print(f"BROKEN {b.name}: {b.error}")
     for c in plugins.conflicts:
         print(f"CONFLICT {c}")
+    for note in plugins.notes:
+        print(f"WARNING {note}")
     return EXIT_OK
 
 

@@ -96,6 +96,41 @@ def test_disable_and_trace_switches(tmp_path):
     assert "[lora-run trace] register_datasets(register)" in out.stderr
 
 
+def test_a_skipped_plugin_is_never_imported_and_a_switch_naming_none_is_named(tmp_path):
+    """`LORA_RUN_PLUGINS_DISABLE` is how a user gets past a plugin whose import is what is broken (or slow, or has
+    side effects): the plugin must not be imported at all, so neither its failure nor its side effect happens. A
+    name in either switch that no installed plugin has (a typo) is named with the variable, instead of the
+    commands silently going missing. Control: without the switch the same plugin is imported and reported."""
+    import os
+
+    site, marker = tmp_path / "site", tmp_path / "imported"
+    fake_distribution(site, "loud_plugin", f"open({str(marker)!r}, 'w').close()\nraise ImportError('boom')\n")
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+
+    def plugins_json(**env: str) -> tuple[dict, str]:
+        out = subprocess.run([sys.executable, "-m", "lora_run.cli", "plugins", "--json"], capture_output=True,
+                             text=True, env={**base, **env}, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout), out.stderr
+
+    data, _ = plugins_json()
+    assert marker.exists() and "boom" in {b["name"]: b["error"] for b in data["broken"]}["loud_plugin"]
+    marker.unlink()
+    data, err = plugins_json(LORA_RUN_PLUGINS_DISABLE="loud_plugin")
+    assert not marker.exists() and data["broken"] == [], (data["broken"], err)
+    assert "warning" not in err
+    data, err = plugins_json(LORA_RUN_PLUGINS_ONLY="commands,folder,losses")
+    assert not marker.exists() and sorted(p["name"] for p in data["plugins"]) == ["commands", "folder", "losses"]
+    data, _ = plugins_json(LORA_RUN_PLUGINS_DISABLE="loud_plugin,lossses")
+    assert len(data["warnings"]) == 1 and data["warnings"][0].startswith(
+        "LORA_RUN_PLUGINS_DISABLE names lossses, which no installed plugin is (installed: commands, "), data
+    out = subprocess.run([sys.executable, "-m", "lora_run.cli", "check", "r.toml"], capture_output=True, text=True,
+                         env={**base, "LORA_RUN_PLUGINS_ONLY": "zzz"}, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "warning: LORA_RUN_PLUGINS_ONLY names zzz, which no installed plugin is" in out.stderr
+    assert "commands: none" in out.stderr
+
+
 def toy_env(site: Path) -> dict:
     """PYTHONPATH with the toy's install folder in front of the one the tests run with."""
     import os
