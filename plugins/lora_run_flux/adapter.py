@@ -63,6 +63,7 @@ class FluxAdapter(ModelAdapter):
         self.guidance_embeds = True
         self.tokenizers: dict[str, Any] = {}
         self._configs: dict[str, dict] = {}
+        self._image_ids: dict[tuple, Any] = {}     # per latent size: diffusers builds them on the host every call
 
     @property
     def max_sequence_length(self) -> int:
@@ -76,7 +77,7 @@ class FluxAdapter(ModelAdapter):
         if m.source is None:
             missing = [k for k in self.file_keys if m.files.get(k) is None]
             for key in missing:
-                problems.append((("model", "files", key), f"is required when [model.source] is not set (or set "
+                problems.append((("model", "files", key), "is required when [model.source] is not set (or set "
                                  "[model.source] to a diffusers folder / hub id that provides it)"))
         elif is_local_source(m.source) and os.path.isdir(m.source):
             src = Path(m.source)
@@ -278,7 +279,10 @@ class FluxAdapter(ModelAdapter):
         dtype = self.compute_dtype
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        key = (h, w, str(noisy.device), dtype)
+        if key not in self._image_ids:    # built on the host and copied: a sync, once per size instead of per step
+            self._image_ids[key] = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dtype)
+        img_ids = self._image_ids[key]
         prompt = text["prompt_embeds"].to(dtype)
         txt_ids = torch.zeros(prompt.shape[1], 3, device=noisy.device, dtype=dtype)
         g = torch.full((b,), float(guidance), device=noisy.device, dtype=dtype) if self.guidance_embeds else None

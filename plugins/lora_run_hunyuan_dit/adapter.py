@@ -377,6 +377,8 @@ class HunyuanDiTAdapter(SourceLoader):
     def predict(self, transformer: Any, noisy: Any, t: Any, text: dict[str, Any], guidance: float) -> Any:
         import torch
 
+        from lora_run_native.timesteps import to_device
+
         dtype = self.compute_dtype
         b, c, h, w = noisy.shape
         rope = self.rotary_embedding(transformer, h, w, noisy.device)
@@ -385,7 +387,7 @@ class HunyuanDiTAdapter(SourceLoader):
             # v1.1: original size = target size = the bucket in pixels (images are resized into it), crop at
             # (0, 0), style 0 — what the pipeline passes at sampling (generate() gives original_size the same way)
             px = [h * 8, w * 8]
-            meta = torch.tensor([px + px + [0, 0]] * b, device=noisy.device, dtype=dtype)
+            meta = to_device(torch.tensor([px + px + [0, 0]] * b, dtype=dtype), noisy.device)
             style = torch.zeros(b, device=noisy.device, dtype=torch.long)
         # t in float32 (exact for every step), everything else in the compute dtype: the timestep embedding sees
         # the exact integer t (bf16 would make 999 → 1000) and computes in the compute dtype (embed_exact_timesteps)

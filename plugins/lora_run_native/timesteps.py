@@ -57,7 +57,7 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
         u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
         index = (u * TABLE_STEPS).long().clamp(max=TABLE_STEPS - 1)   # u = 1.0 (n > 17) would run off the table
         sigma = (TABLE_STEPS - index).float() / TABLE_STEPS            # the table's σ, bit for bit; 1.0 included
-        return sigma.to(device=device, dtype=torch.float32)
+        return to_device(sigma.float(), device)
     elif method in ("sigmoid", "shift", "flux-shift"):
         sigma = torch.sigmoid(torch.randn(batch, generator=generator) * sigmoid_scale)
         if method == "shift":
@@ -67,7 +67,16 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
             sigma = mu / (mu + (1 / sigma.clamp_min(SIGMA_EPS) - 1))
     else:
         raise ValueError(f"unknown timestep sampling {method!r}")
-    return sigma.clamp(SIGMA_EPS, 1 - SIGMA_EPS).to(device=device, dtype=torch.float32)
+    return to_device(sigma.clamp(SIGMA_EPS, 1 - SIGMA_EPS).float(), device)
+
+
+def to_device(tensor: Any, device: Any) -> Any:
+    """A host tensor to ``device`` without waiting for the GPU: on CUDA through pinned memory, non-blocking. A plain
+    ``.to("cuda")`` of pageable memory synchronises the host with the GPU, which then cannot queue work ahead (the
+    training step draws its noise, σ and loss weights on the host every step)."""
+    if getattr(device, "type", str(device)).startswith("cuda") and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def loss_weighting(scheme: str, sigma: Any) -> Any:

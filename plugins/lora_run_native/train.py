@@ -10,7 +10,6 @@ a run resumed from a checkpoint continues exactly as the uninterrupted run would
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -826,7 +825,6 @@ class Trainer:
         return state.epoch_cache[1][position]
 
     def _loop(self, state: LoopState, start: int) -> None:
-        import torch
         from tqdm.auto import tqdm
 
         r = self.recipe
@@ -836,8 +834,36 @@ class Trainer:
         show = getattr(self.options, "progress_bar", True) and self.main
         bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
                    unit="step", desc="training", mininterval=0.1 if sys.stderr.isatty() else 5.0)
-        loss_ema = None
+        loss_ema, finished = None, time.perf_counter()
         t0, done = time.time(), 0
+
+        def finish(step: int, loss_sum: Any, shape: Any, started: float, step_loss: float | None = None) -> None:
+            """A queued step's loss read (one process: the host waits for that step's kernels here), checked and
+            reported; the step's time runs to this point from its start or the previous step's end."""
+            nonlocal loss_ema, finished, done
+            if step_loss is None:
+                step_loss = float(loss_sum)
+                if not math.isfinite(step_loss):
+                    self._non_finite(step_loss, step, state)
+            now = time.perf_counter()
+            self.step_times.append((shape, now - max(started, finished)))
+            done, finished, number = done + 1, now, step + 1
+            loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+            elapsed = time.time() - t0
+            metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": state.scheduler.get_last_lr()[0],
+                       "it_per_s": done / elapsed if elapsed > 0 else 0.0, "memory_gib": _memory_gib(device),
+                       "epoch": (number * accum) // state.planner.batches_per_epoch}
+            state.losses.append(step_loss)
+            if self.has_trackers:
+                acc.log({"train/loss": step_loss, "train/lr": metrics["lr"]}, step=number)
+            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{metrics['lr']:.2e}", mem=f"{metrics['memory_gib']:.1f}G",
+                            refresh=False)
+            bar.update(1)
+            if number % 10 == 0 or number == state.total:
+                self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
+            self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
+
+        pending: tuple | None = None     # one process: the step queued last, its loss not read yet
         try:
             for step in range(start, state.total):
                 step_started = time.perf_counter()
@@ -868,35 +894,28 @@ class Trainer:
                 state.optimizer.step()
                 state.scheduler.step()
                 state.optimizer.zero_grad(set_to_none=True)
-                if not self.parallel.active:
-                    # The step's one host sync, after its forward, backward and optimizer kernels are queued (the
-                    # GPU is busy while the host waits). A non-finite loss stops the run here, before anything
-                    # of this step is written: the LoRA in memory is then discarded, the last checkpoint kept.
-                    step_loss = float(loss_sum)
-                    if not math.isfinite(step_loss):
-                        self._non_finite(step_loss, step, state)
-                done += 1
                 number = step + 1
-                self.step_times.append((shape, time.perf_counter() - step_started))
-                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-                elapsed = time.time() - t0
-                metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": state.scheduler.get_last_lr()[0],
-                           "it_per_s": done / elapsed if elapsed > 0 else 0.0, "memory_gib": _memory_gib(device),
-                           "epoch": (number * accum) // state.planner.batches_per_epoch}
-                state.losses.append(step_loss)
-                if self.has_trackers:
-                    acc.log({"train/loss": step_loss, "train/lr": metrics["lr"]}, step=number)
-                bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{metrics['lr']:.2e}", mem=f"{metrics['memory_gib']:.1f}G",
-                                refresh=False)
-                bar.update(1)
-                if number % 10 == 0 or number == state.total:
-                    self.run_dir.log(f"step {number}/{state.total} loss {step_loss:.5f} lr {metrics['lr']:.3e}")
-                self.ctx.hook.step_finished(run=self.ctx, step=number, metrics=metrics)
-                if not self.parallel.active:   # one process: a stop requested during this step counts now
-                    stop_now = self.stop_requested
-                if self._checkpoint_due(number, state.total, state.planner) or (stop_now and number < state.total):
+                if self.parallel.active:
+                    finish(step, loss_sum, shape, step_started, step_loss)
+                else:
+                    # The previous step's loss is read now, with this step's kernels already queued: the host
+                    # waits for the previous step only, and the GPU is not left idle while the host prepares the
+                    # next one. A non-finite loss stops the run there, before anything of it is written: a step
+                    # that writes (a checkpoint, samples, the end, a stop) has its own loss read first, so the
+                    # LoRA in memory, one step further, is discarded and the last checkpoint kept.
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (step, loss_sum, shape, step_started)
+                    stop_now = self.stop_requested   # one process: a stop requested during this step counts now
+                checkpoint_due = self._checkpoint_due(number, state.total, state.planner) or (
+                    stop_now and number < state.total)
+                sample_due = self._sample_due(number, state.total)
+                if pending is not None and (checkpoint_due or sample_due or stop_now or number == state.total):
+                    finish(*pending)
+                    pending = None
+                if checkpoint_due:
                     self._save_checkpoint(state, number)
-                if self._sample_due(number, state.total):
+                if sample_due:
                     self._samples(state, number)
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     raise TrainingInterrupted(
@@ -914,7 +933,7 @@ class Trainer:
                     accum: int) -> Any:
         import torch
 
-        from .timesteps import make_noise
+        from .timesteps import make_noise, to_device
 
         r = self.recipe
         acc = state.accelerator
@@ -930,7 +949,7 @@ class Trainer:
                 live = adapter.encode_captions([s.caption for s in batch], encoders=(adapter.trainable_text_encoder,))
             text.update({k: v.to(device) for k, v in live.items()})
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = _to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset), device)
+        noise = to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset), device)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         return self._forward_backward(state, batch, x0, noise, t, text, step, te_active, accum, len(batch))
 
@@ -970,6 +989,8 @@ class Trainer:
         """Forward and backward of one micro-batch; returns its loss as a detached device scalar (no sync)."""
         import torch
 
+        from .timesteps import to_device
+
         r = self.recipe
         acc = state.accelerator
         adapter = state.adapter
@@ -980,8 +1001,8 @@ class Trainer:
         with acc.autocast():
             pred = adapter.predict(state.forward, noisy, t, text, r.train.guidance)
         per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
-        weights = adapter.loss_weights(t).to(per_sample.device) * torch.tensor(
-            [s.weight for s in batch], dtype=torch.float32, device=per_sample.device)
+        weights = adapter.loss_weights(t).to(per_sample.device) * to_device(
+            torch.tensor([s.weight for s in batch], dtype=torch.float32), per_sample.device)
         if not self.parallel.active:
             loss = (per_sample * weights).mean()
             acc.backward(loss)              # the accelerator divides by the accumulation steps
@@ -1223,13 +1244,6 @@ def _memory_gib(device: Any) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
     except Exception:  # noqa: BLE001
         return 0.0
-
-
-def _to_device(tensor: Any, device: Any) -> Any:
-    """A host tensor to the device without waiting for the GPU (pinned, non-blocking) on CUDA."""
-    if getattr(device, "type", str(device)) == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 STAGE_ON_GPU_BYTES = 512 * 2**20

@@ -52,31 +52,80 @@ class NaNLoss:
         register("nan-after-3", factory)
 
 
-def test_nan_loss_stops_with_playbook_advice_and_keeps_the_last_checkpoint(flux_recipe, run_recipe, tmp_path):
-    from lora_run.plugins import load_plugins
-
-    recipe = flux_recipe()
-    plugins = load_plugins(extra=[NaNLoss()])
-    # the native backend only honours the losses it lists; register the test loss under its capabilities
-    native = plugins.registry["backend"]["native"]
-    caps = {f: frozenset(v | {"loss:nan-after-3"}) for f, v in native.capabilities.items()}
+def _with_loss(plugins, name):
+    """The native backend honours the losses its capabilities list; a test loss is added to them."""
     import attrs
 
+    native = plugins.registry["backend"]["native"]
+    caps = {f: frozenset(v | {f"loss:{name}"}) for f, v in native.capabilities.items()}
     plugins.registry["backend"]["native"] = attrs.evolve(native, capabilities=caps)
+    return plugins
+
+
+@pytest.mark.parametrize("every, kept", [(2, "step-000002"), (3, "step-000003"), (5, None)])
+def test_nan_loss_stops_with_playbook_advice_and_keeps_the_last_checkpoint(flux_recipe, run_recipe, tmp_path, every,
+                                                                           kept):
+    """A step's loss is read while the next step runs, so a NaN at step 4 may be seen one step later; nothing of
+    it may be written meanwhile. Step 4 writes a checkpoint itself (every 2), the next write is two steps later
+    (every 3: the NaN is seen at step 5, which writes nothing), or step 5 writes one (every 5: its loss must be
+    read before that checkpoint is written)."""
+    from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    loaded = load_recipe(recipe, ["train.steps=8", "train.save_every_steps=2", "train.loss=\"nan-after-3\""])
+    plugins = _with_loss(load_plugins(extra=[NaNLoss()]), "nan-after-3")
+    loaded = load_recipe(flux_recipe(), ["train.steps=8", f"train.save_every_steps={every}",
+                                         "train.loss=\"nan-after-3\""])
     with pytest.raises(NonFiniteLoss) as info:
         execute(loaded, plugins, output_dir=str(tmp_path / "run"), echo=lambda *_: None)
     message = str(info.value)
     assert "step 4" in message and "lower the learning rate" in message and "bf16" in message
-    assert "step-000002" in message
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-000002" / "resume" / "state.json").is_file()
-    assert not (run / "tiny.safetensors").exists(), "no LoRA is written after a NaN"
+    written = sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else []
+    assert written == ([kept] if kept else []), written
+    assert (kept or "no checkpoint had been saved yet") in message
+    if kept:
+        assert (run / "checkpoints" / kept / "resume" / "state.json").is_file()
+    assert not list(run.glob("*.safetensors")), "no LoRA is written after a NaN"
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed"
+
+
+class Order:
+    """Records when each step's loss is computed (its forward) and when the step is reported finished."""
+
+    def __init__(self):
+        self.events = []
+
+    @hookimpl
+    def register_losses(self, register):
+        def factory(_options=None):
+            def loss(prediction, target, step=0, **_info):
+                self.events.append(f"L{step}")
+                return ((prediction - target) ** 2).flatten(1).mean(1)
+            return loss
+        register("ordered", factory)
+
+    @hookimpl
+    def step_finished(self, step):
+        self.events.append(f"F{step}")
+
+
+def test_a_steps_loss_is_read_once_the_next_step_is_queued_except_where_it_writes(flux_recipe, tmp_path):
+    """One process: step N is reported (its loss read, which waits for its kernels) after step N+1's forward and
+    backward are queued, so the GPU has work while the host reads; a step that writes (the checkpoint at 3, the
+    last step) is reported before anything is written. The old order, L0 F1 L1 F2 …, read every loss at once."""
+    from lora_run.plugins import load_plugins
+
+    order = Order()
+    plugins = _with_loss(load_plugins(extra=[order]), "ordered")
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+
+    loaded = load_recipe(flux_recipe(), ["train.steps=6", "train.save_every_steps=3", "train.loss=\"ordered\""])
+    ctx = execute(loaded, plugins, output_dir=str(tmp_path / "run"), echo=lambda *_: None)
+    assert order.events == ["L0", "L1", "F1", "L2", "F2", "F3", "L3", "L4", "F4", "L5", "F5", "F6"], order.events
+    assert ctx.artifacts["steps"] == 6 and len(ctx.artifacts["timing"]["step_s_between_rounds"]) >= 1
 
 
 class InterruptAt:
@@ -95,7 +144,10 @@ def test_ctrl_c_saves_a_resumable_state(flux_recipe, run_recipe, tmp_path):
         run_recipe(recipe, ["train.steps=6"], [InterruptAt(3)])
     assert "--resume" in str(info.value)
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-000003" / "resume" / "state.json").is_file()
+    # step_finished(3) runs once step 4 is queued (a step's loss is read while the next one runs): the stop is
+    # honoured at the end of the step in progress, 4, as for a Ctrl-C at any other moment
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]
+    assert (run / "checkpoints" / "step-000004" / "resume" / "state.json").is_file()
     assert json.loads((run / "manifest.json").read_text())["status"] == "interrupted"
     ctx = run_recipe(recipe, ["train.steps=6"], resume=True)
     assert ctx.artifacts["steps"] == 6 and os.path.isfile(ctx.artifacts["lora_kohya"])
