@@ -5,11 +5,12 @@ caption text), the encoder identity (``ModelAdapter.encoder_identity``: model fi
 settings) and, for latents, the bucket. The file ``<cache>/<kind>/<key[:2]>/<key>.safetensors`` stores the
 tensors and, in its metadata, the key, the format version, the source and, per tensor, its shape, dtype and
 the SHA-256 of its bytes. On every read the entry is checked: the file must be a regular file of sane size
-and parse, its metadata must carry the same key and version, the expected tensors must be present, match
-their recorded shape, dtype and checksum (a flipped bit is caught) and be finite, and a latent must have
-the geometry of its bucket (3-D, both sides the bucket's divided by one integer factor; and the same channel
-count and factor as the other latents of the run). Anything else is **corrupt**: the file is deleted and
-rebuilt, never trusted.
+and parse, its metadata must carry the same key and version, it must hold exactly the expected tensors, each
+matching its recorded shape, dtype and checksum (a flipped bit is caught), of the dtype the run itself would
+have stored (latents float32, text embeddings the compute dtype, masks int64: a record rewritten for another
+dtype is not enough) and finite. A latent must have the geometry of its bucket (3-D, both sides the bucket's
+divided by one integer factor; and the same channel count and factor as the other latents of the run).
+Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
 
 When an image changes, its new content hash gives a new key (a miss); the per-kind ``index.json`` remembers
 which key each source had, so the entry of the old content is found **stale** and deleted. Writes are
@@ -75,10 +76,11 @@ class Cache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, expected: tuple[str, ...], source: str | None = None,
+    def load(self, key: str, expected: dict[str, Any], source: str | None = None,
              check: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any] | None:
         """The tensors of a valid entry (a hit), or None (a miss; a corrupt or stale file is removed).
-        ``check``: what the tensors must be beyond their own record (e.g. a latent's bucket geometry)."""
+        ``expected``: each tensor's name → the torch dtype the run stores it in; ``check``: what the tensors must
+        be beyond their own record (e.g. a latent's bucket geometry)."""
         if source is not None:
             old = self._index.get(source)
             if old is not None and old != key:
@@ -111,11 +113,11 @@ class Cache:
         self.stats.misses += 1
         self._remove(self.path(key))
 
-    def contains_valid(self, key: str, expected: tuple[str, ...]) -> bool:
+    def contains_valid(self, key: str, expected: dict[str, Any]) -> bool:
         path = self.path(key)
         return path.is_file() and self._read_valid(path, key, expected) is not None
 
-    def _read_valid(self, path: Path, key: str, expected: tuple[str, ...]) -> dict[str, Any] | None:
+    def _read_valid(self, path: Path, key: str, expected: dict[str, Any]) -> dict[str, Any] | None:
         import torch
         from safetensors import safe_open
 
@@ -129,13 +131,13 @@ class Cache:
                     return None
                 records = json.loads(meta.get("tensors", "null"))
                 names = set(fh.keys())
-                if not set(expected) <= names or not isinstance(records, dict) or set(records) != names:
+                if names != set(expected) or not isinstance(records, dict) or set(records) != names:
                     return None
                 tensors = {name: fh.get_tensor(name) for name in names}
         except Exception:  # noqa: BLE001 - any parse failure means corrupt
             return None
         for name, value in tensors.items():
-            if records[name] != tensor_record(value):
+            if records[name] != tensor_record(value) or value.dtype != expected[name]:
                 return None
             if value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
                 return None
@@ -207,3 +209,4 @@ def odd_latents(latents: dict[int, Any], buckets_of: list[tuple[int, int]]) -> l
     geometry = {i: latent_geometry(z, buckets_of[i]) for i, z in latents.items()}
     common = Counter(g for g in geometry.values() if g is not None).most_common(1)
     return sorted(i for i, g in geometry.items() if g is None or (common and g != common[0][0]))
+
