@@ -9,8 +9,9 @@ and parse, its metadata must carry the same key and version, it must hold exactl
 matching its recorded shape, dtype and checksum (a flipped bit is caught), of the dtype the run itself would
 have stored (latents float32, text embeddings the compute dtype, masks int64: a record rewritten for another
 dtype is not enough) and finite. A latent must have the geometry of its bucket (3-D, both sides the bucket's
-divided by one integer factor; and the same channel count and factor as the other latents of the run).
-Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
+divided by one integer factor; and the same channel count and factor as the other latents of the run), a
+text entry the shapes of a fresh encode (``odd_texts``: those of this run's fresh encodes, else those of most
+of its text entries). Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
 
 When an image changes, its new content hash gives a new key (a miss); the per-kind ``index.json`` remembers
 which key each source had, so the entry of the old content is found **stale** and deleted. Writes are
@@ -107,7 +108,7 @@ class Cache:
         return tensors
 
     def discard(self, key: str) -> None:
-        """A hit found wrong after the fact (``odd_latents``): delete it; it is rebuilt as a miss."""
+        """A hit found wrong after the fact (``odd_latents``, ``odd_texts``): delete it; it is rebuilt as a miss."""
         self.stats.hits -= 1
         self.stats.corrupt += 1
         self.stats.misses += 1
@@ -210,3 +211,18 @@ def odd_latents(latents: dict[int, Any], buckets_of: list[tuple[int, int]]) -> l
     common = Counter(g for g in geometry.values() if g is not None).most_common(1)
     return sorted(i for i, g in geometry.items() if g is None or (common and g != common[0][0]))
 
+
+def text_layout(tensors: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The shape of each tensor of a text entry, by name."""
+    return tuple(sorted((name, tuple(value.shape)) for name, value in tensors.items()))
+
+
+def odd_texts(texts: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> list[str]:
+    """Captions whose text tensors are shaped unlike ``reference`` (a fresh encode of this run) or, without one,
+    unlike most of the run's text entries (a wrong-shaped entry with a consistent record): they are rebuilt."""
+    from collections import Counter
+
+    layouts = {caption: text_layout(tensors) for caption, tensors in texts.items()}
+    common = Counter(layouts.values()).most_common(1)
+    want = text_layout(reference) if reference is not None else common[0][0] if common else None
+    return sorted(caption for caption, layout in layouts.items() if layout != want)

@@ -29,7 +29,7 @@ from lora_run_folder.lint import file_key
 from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
-from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
+from .cache import Cache, entry_key, latent_geometry, odd_latents, odd_texts, text_hash
 from .data import EpochPlanner, choose_bucket, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
 
@@ -473,7 +473,8 @@ class Trainer:
     def build_caches(self, adapter: Any, items: list[Any], buckets_of: list[tuple[int, int]], digests: list[str],
                      captions: set[str], te_live: bool) -> tuple[dict[int, Any], dict[str, dict[str, Any]]]:
         """Latents per item and text encodings per caption, from the cache or encoded (then stored). A cached
-        entry must hold the dtypes a fresh encode stores (latents float32, text: ``adapter.text_dtype``)."""
+        entry must hold what a fresh encode would: the dtypes the adapter declares (latents float32,
+        ``text_dtype``) and, for text, the shapes of this run's fresh encodes (else of most of its entries)."""
         import torch
 
         root = Path(self.recipe.train.cache_dir) if self.recipe.train.cache_dir else self.run_dir.file("cache")
@@ -498,13 +499,18 @@ class Trainer:
             latent_cache.discard(hit_keys[i])
             del latents[i]
             todo_images.append((i, hit_keys[i]))
+        text_hits: dict[str, str] = {}
         for caption in sorted(captions):
             key = entry_key("text", text_hash(caption), text_id)
             found = text_cache.load(key, text_dtypes)
             if found is None:
                 todo_text.append((caption, key))
             else:
-                texts[caption] = found
+                texts[caption], text_hits[caption] = found, key
+        for caption in odd_texts(texts):       # shaped unlike the run's other text entries: rebuilt
+            text_cache.discard(text_hits[caption])
+            del texts[caption]
+            todo_text.append((caption, text_hits.pop(caption)))
         if (todo_images or todo_text) and not self.main:
             raise BackendError(f"rank {self.parallel.rank} does not find {len(todo_images)} latent(s) and "
                                f"{len(todo_text)} caption(s) that rank 0 cached in {root}: on several machines the "
@@ -527,6 +533,13 @@ class Trainer:
                     latents[i] = z
                 adapter.unload_encoders(keep=keep)
             fresh = self._encode_texts(adapter, cached_encoders, todo_text, keep)
+            if fresh:       # the reference: entries shaped otherwise are foreign, however many agree
+                redo = [(caption, text_hits.pop(caption)) for caption in odd_texts(texts, next(iter(fresh.values())))]
+                for caption, key in redo:
+                    text_cache.discard(key)
+                    del texts[caption]
+                fresh.update(self._encode_texts(adapter, cached_encoders, redo, keep))
+                todo_text += redo
             for caption, key in todo_text:
                 text_cache.store(key, fresh[caption], source=None)
                 texts[caption] = fresh[caption]

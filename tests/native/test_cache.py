@@ -98,6 +98,19 @@ def test_entry_with_wrong_key_or_non_finite_values_is_corrupt(tmp_path):
     assert cache.stats.corrupt == 8
 
 
+def test_odd_texts_follow_a_fresh_encode_else_the_most_common_shapes():
+    import torch
+
+    from lora_run_native.cache import odd_texts
+
+    good = {"prompt_embeds": torch.zeros(16, 32), "pooled_prompt_embeds": torch.zeros(64)}
+    short = {**good, "prompt_embeds": torch.zeros(8, 32)}
+    texts = {"a": good, "b": good, "c": short}
+    assert odd_texts(texts) == ["c"]
+    assert odd_texts({"a": short, "b": short, "c": good}, reference=good) == ["a", "b"]
+    assert odd_texts({"a": good, "b": {"prompt_embeds": torch.zeros(16, 32)}}, reference=good) == ["b"]
+    assert odd_texts({}) == [] and odd_texts(texts, reference=good) == ["c"]
+
 
 # ------------------------------------------- entries rewritten with a consistent record (checksum recomputed)
 def _entries(cache, kind):
@@ -157,3 +170,33 @@ def test_an_entry_of_another_dtype_is_rebuilt_not_trained_on(flux_recipe, run_re
         assert all(torch_equal(rebuilt[key][name], value) for name, value in original.items()), key
     assert _same_lora(clean, again), "trained on the rebuilt entries, as on a clean cache"
 
+
+def test_a_text_entry_of_another_shape_is_rebuilt(flux_recipe, run_recipe, tmp_path, dataset):
+    """A text embedding of another sequence length (FLUX trained on it silently) or width (the first step crashed),
+    with a consistent record, is rebuilt; so is a whole text cache rewritten to one other shape once a fresh encode
+    of the run shows the shape a fresh encode gives."""
+    cache = tmp_path / "cache"
+    recipe = flux_recipe()
+    sets = ["train.steps=3", f"train.cache_dir=\"{cache}\""]
+    clean = run_recipe(recipe, sets, output=tmp_path / "clean")
+    texts = _entries(cache, "text")
+    keys = list(texts)
+    shorter = {**texts[keys[0]], "prompt_embeds": texts[keys[0]]["prompt_embeds"][:8].clone()}
+    _plant(cache, "text", keys[0], shorter)
+    short = run_recipe(recipe, sets, output=tmp_path / "short")
+    assert _stats(short)[1] == {"hits": 2, "misses": 1, "stale": 0, "corrupt": 1}
+    assert _same_lora(clean, short)
+
+    narrower = {**texts[keys[1]], "prompt_embeds": texts[keys[1]]["prompt_embeds"][:, :16].clone()}
+    _plant(cache, "text", keys[1], narrower)
+    narrow = run_recipe(recipe, sets, output=tmp_path / "narrow")
+    assert _stats(narrow)[1] == {"hits": 2, "misses": 1, "stale": 0, "corrupt": 1}
+    assert _same_lora(clean, narrow)
+
+    for key in keys:                    # every entry of one other shape: they agree with each other
+        _plant(cache, "text", key, {**texts[key], "prompt_embeds": texts[key]["prompt_embeds"][:8].clone()})
+    sorted(dataset.glob("*.txt"))[0].write_text("ohwx, a new caption", encoding="utf-8")
+    foreign = run_recipe(recipe, sets, output=tmp_path / "foreign")
+    assert _stats(foreign)[1] == {"hits": 0, "misses": 3, "stale": 0, "corrupt": 2}, "the fresh encode decides"
+    lengths = sorted(t["prompt_embeds"].shape[0] for t in _entries(cache, "text").values())
+    assert lengths == [8, 16, 16, 16], "the run's entries rebuilt; the changed caption's old one is not read"
