@@ -138,7 +138,7 @@ class Cache:
         except Exception:  # noqa: BLE001 - any parse failure means corrupt
             return None
         for name, value in tensors.items():
-            if records[name] != tensor_record(value) or value.dtype != expected[name]:
+            if value.dtype != expected[name] or records[name] != tensor_record(value):
                 return None
             if value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
                 return None
