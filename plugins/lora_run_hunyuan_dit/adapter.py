@@ -105,6 +105,7 @@ class HunyuanDiTAdapter(SourceLoader):
     }
     lora_formats = ("diffusers",)
     text_encoders = ("bert", "mt5")
+    text_masks = frozenset({"prompt_attention_mask", "prompt_attention_mask_2"})
     cache_tag = "hunyuan-dit"
     vae_file_key = None
     trainable_text_encoder = None

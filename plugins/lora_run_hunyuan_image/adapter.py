@@ -65,6 +65,7 @@ class HunyuanImageAdapter(SourceLoader):
     #: ``kohya`` (the recipe's name for the ComfyUI file) is written in ComfyUI's ``diffusion_model.`` layout
     lora_formats = ("diffusers", "comfyui", "kohya")   # <name>.safetensors, comfyui/<name>…, kohya/<name>…
     text_encoders = ("qwen", "byt5")
+    text_masks = frozenset({"prompt_embeds_mask", "prompt_embeds_mask_2"})
     cache_tag = "hunyuan-image"
     trainable_text_encoder = None
     default_hub_id = "hunyuanvideo-community/HunyuanImage-2.1-Diffusers"

@@ -5,11 +5,13 @@ caption text), the encoder identity (``ModelAdapter.encoder_identity``: model fi
 settings) and, for latents, the bucket. The file ``<cache>/<kind>/<key[:2]>/<key>.safetensors`` stores the
 tensors and, in its metadata, the key, the format version, the source and, per tensor, its shape, dtype and
 the SHA-256 of its bytes. On every read the entry is checked: the file must be a regular file of sane size
-and parse, its metadata must carry the same key and version, the expected tensors must be present, match
-their recorded shape, dtype and checksum (a flipped bit is caught) and be finite, and a latent must have
-the geometry of its bucket (3-D, both sides the bucket's divided by one integer factor; and the same channel
-count and factor as the other latents of the run). Anything else is **corrupt**: the file is deleted and
-rebuilt, never trusted.
+and parse, its metadata must carry the same key and version, it must hold exactly the expected tensors, each
+matching its recorded shape, dtype and checksum (a flipped bit is caught), of the dtype the run itself would
+have stored (latents float32, text embeddings the compute dtype, masks int64: a record rewritten for another
+dtype is not enough) and finite. A latent must have the geometry of its bucket (3-D, both sides the bucket's
+divided by one integer factor; and the same channel count and factor as the other latents of the run), a
+text entry the shapes of a fresh encode (``odd_texts``: those of this run's fresh encodes, else those of most
+of its text entries). Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
 
 When an image changes, its new content hash gives a new key (a miss); the per-kind ``index.json`` remembers
 which key each source had, so the entry of the old content is found **stale** and deleted. Writes are
@@ -75,10 +77,11 @@ class Cache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, expected: tuple[str, ...], source: str | None = None,
+    def load(self, key: str, expected: dict[str, Any], source: str | None = None,
              check: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any] | None:
         """The tensors of a valid entry (a hit), or None (a miss; a corrupt or stale file is removed).
-        ``check``: what the tensors must be beyond their own record (e.g. a latent's bucket geometry)."""
+        ``expected``: each tensor's name → the torch dtype the run stores it in; ``check``: what the tensors must
+        be beyond their own record (e.g. a latent's bucket geometry)."""
         if source is not None:
             old = self._index.get(source)
             if old is not None and old != key:
@@ -105,17 +108,17 @@ class Cache:
         return tensors
 
     def discard(self, key: str) -> None:
-        """A hit found wrong after the fact (``odd_latents``): delete it; it is rebuilt as a miss."""
+        """A hit found wrong after the fact (``odd_latents``, ``odd_texts``): delete it; it is rebuilt as a miss."""
         self.stats.hits -= 1
         self.stats.corrupt += 1
         self.stats.misses += 1
         self._remove(self.path(key))
 
-    def contains_valid(self, key: str, expected: tuple[str, ...]) -> bool:
+    def contains_valid(self, key: str, expected: dict[str, Any]) -> bool:
         path = self.path(key)
         return path.is_file() and self._read_valid(path, key, expected) is not None
 
-    def _read_valid(self, path: Path, key: str, expected: tuple[str, ...]) -> dict[str, Any] | None:
+    def _read_valid(self, path: Path, key: str, expected: dict[str, Any]) -> dict[str, Any] | None:
         import torch
         from safetensors import safe_open
 
@@ -129,13 +132,13 @@ class Cache:
                     return None
                 records = json.loads(meta.get("tensors", "null"))
                 names = set(fh.keys())
-                if not set(expected) <= names or not isinstance(records, dict) or set(records) != names:
+                if names != set(expected) or not isinstance(records, dict) or set(records) != names:
                     return None
                 tensors = {name: fh.get_tensor(name) for name in names}
         except Exception:  # noqa: BLE001 - any parse failure means corrupt
             return None
         for name, value in tensors.items():
-            if records[name] != tensor_record(value):
+            if value.dtype != expected[name] or records[name] != tensor_record(value):
                 return None
             if value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
                 return None
@@ -207,3 +210,19 @@ def odd_latents(latents: dict[int, Any], buckets_of: list[tuple[int, int]]) -> l
     geometry = {i: latent_geometry(z, buckets_of[i]) for i, z in latents.items()}
     common = Counter(g for g in geometry.values() if g is not None).most_common(1)
     return sorted(i for i, g in geometry.items() if g is None or (common and g != common[0][0]))
+
+
+def text_layout(tensors: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The shape of each tensor of a text entry, by name."""
+    return tuple(sorted((name, tuple(value.shape)) for name, value in tensors.items()))
+
+
+def odd_texts(texts: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> list[str]:
+    """Captions whose text tensors are shaped unlike ``reference`` (a fresh encode of this run) or, without one,
+    unlike most of the run's text entries (a wrong-shaped entry with a consistent record): they are rebuilt."""
+    from collections import Counter
+
+    layouts = {caption: text_layout(tensors) for caption, tensors in texts.items()}
+    common = Counter(layouts.values()).most_common(1)
+    want = text_layout(reference) if reference is not None else common[0][0] if common else None
+    return sorted(caption for caption, layout in layouts.items() if layout != want)

@@ -28,7 +28,7 @@ from lora_run_folder.lint import file_key
 from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
-from .cache import Cache, entry_key, latent_geometry, odd_latents, text_hash
+from .cache import Cache, entry_key, latent_geometry, odd_latents, odd_texts, text_hash
 from .data import EpochPlanner, choose_bucket, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
 
@@ -471,7 +471,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------- caching
     def build_caches(self, adapter: Any, items: list[Any], buckets_of: list[tuple[int, int]], digests: list[str],
                      captions: set[str], te_live: bool) -> tuple[dict[int, Any], dict[str, dict[str, Any]]]:
-        """Latents per item and text encodings per caption, from the cache or encoded (then stored)."""
+        """Latents per item and text encodings per caption, from the cache or encoded (then stored). A cached
+        entry must hold what a fresh encode would: the dtypes the adapter declares (latents float32,
+        ``text_dtype``) and, for text, the shapes of this run's fresh encodes (else of most of its entries)."""
         import torch
 
         root = Path(self.recipe.train.cache_dir) if self.recipe.train.cache_dir else self.run_dir.file("cache")
@@ -479,14 +481,14 @@ class Trainer:
         latent_id = adapter.encoder_identity("latents")
         cached_encoders = tuple(e for e in adapter.text_encoders if not (te_live and e == adapter.trainable_text_encoder))
         text_id = adapter.encoder_identity("text") + "|" + ",".join(cached_encoders)
-        text_expected = tuple(k for e in cached_encoders for k in adapter.text_keys(e))
+        text_dtypes = {k: adapter.text_dtype(k) for e in cached_encoders for k in adapter.text_keys(e)}
         latents: dict[int, Any] = {}
         texts: dict[str, dict[str, Any]] = {}
         todo_images, todo_text = [], []
         hit_keys: dict[int, str] = {}
         for i, (item, bucket) in enumerate(zip(items, buckets_of)):
             key = entry_key("latents", digests[i], latent_id, f"{bucket[0]}x{bucket[1]}")
-            found = latent_cache.load(key, ("latent",), source=f"{item.image}|{bucket[0]}x{bucket[1]}",
+            found = latent_cache.load(key, {"latent": torch.float32}, source=f"{item.image}|{bucket[0]}x{bucket[1]}",
                                       check=lambda t, b=bucket: None if latent_geometry(t["latent"], b) else "shape")
             if found is None:
                 todo_images.append((i, key))
@@ -496,13 +498,18 @@ class Trainer:
             latent_cache.discard(hit_keys[i])
             del latents[i]
             todo_images.append((i, hit_keys[i]))
+        text_hits: dict[str, str] = {}
         for caption in sorted(captions):
             key = entry_key("text", text_hash(caption), text_id)
-            found = text_cache.load(key, text_expected)
+            found = text_cache.load(key, text_dtypes)
             if found is None:
                 todo_text.append((caption, key))
             else:
-                texts[caption] = found
+                texts[caption], text_hits[caption] = found, key
+        for caption in odd_texts(texts):       # shaped unlike the run's other text entries: rebuilt
+            text_cache.discard(text_hits[caption])
+            del texts[caption]
+            todo_text.append((caption, text_hits.pop(caption)))
         if (todo_images or todo_text) and not self.main:
             raise BackendError(f"rank {self.parallel.rank} does not find {len(todo_images)} latent(s) and "
                                f"{len(todo_text)} caption(s) that rank 0 cached in {root}: on several machines the "
@@ -518,24 +525,23 @@ class Trainer:
                 adapter.load_encoders(only=("vae",))
                 for i, key in todo_images:
                     image = prepare_image(self._open_image(items[i], digests[i]).image, buckets_of[i])
-                    z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu")
+                    z = adapter.encode_images(image_to_tensor(image)[None])[0].to("cpu", torch.float32)
                     if not bool(torch.isfinite(z).all()):      # never cached, never trained on
                         raise adapter.nonfinite_encoding("vae", shown(items[i].image))
                     latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
                     latents[i] = z
                 adapter.unload_encoders(keep=keep)
-            partial: dict[str, dict[str, Any]] = {caption: {} for caption, _ in todo_text}
-            for encoder in (cached_encoders if todo_text else ()):
-                adapter.load_encoders(only=(encoder,))
-                for caption, _key in todo_text:
-                    enc = adapter.encode_captions([caption], encoders=(encoder,))
-                    if not all(bool(torch.isfinite(v).all()) for v in enc.values() if v.is_floating_point()):
-                        raise adapter.nonfinite_encoding(encoder, f"the caption {caption[:60]!r}")
-                    partial[caption].update({k: v[0].detach().to("cpu") for k, v in enc.items()})
-                adapter.unload_encoders(keep=keep)
+            fresh = self._encode_texts(adapter, cached_encoders, todo_text, keep)
+            if fresh:       # the reference: entries shaped otherwise are foreign, however many agree
+                redo = [(caption, text_hits.pop(caption)) for caption in odd_texts(texts, next(iter(fresh.values())))]
+                for caption, key in redo:
+                    text_cache.discard(key)
+                    del texts[caption]
+                fresh.update(self._encode_texts(adapter, cached_encoders, redo, keep))
+                todo_text += redo
             for caption, key in todo_text:
-                text_cache.store(key, partial[caption], source=None)
-                texts[caption] = partial[caption]
+                text_cache.store(key, fresh[caption], source=None)
+                texts[caption] = fresh[caption]
         if te_live:
             adapter.load_encoders(only=(adapter.trainable_text_encoder,))
         latent_cache.flush()
@@ -546,6 +552,29 @@ class Trainer:
         self.ctx.artifacts["cache"] = {"dir": str(root), "latents": attrs.asdict(latent_cache.stats),
                                        "text": attrs.asdict(text_cache.stats)}
         return latents, texts
+
+    @staticmethod
+    def _encode_texts(adapter: Any, encoders: tuple[str, ...], todo: list[tuple[str, str]],
+                      keep: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """The text tensors of each caption of ``todo`` (caption, key) as the cache stores them (on the CPU, in
+        ``adapter.text_dtype``), encoded one encoder at a time: each loaded, then unloaded unless in ``keep``."""
+        import torch
+
+        out: dict[str, dict[str, Any]] = {caption: {} for caption, _ in todo}
+        for encoder in (encoders if todo else ()):
+            adapter.load_encoders(only=(encoder,))
+            for caption, _key in todo:
+                enc = adapter.encode_captions([caption], encoders=(encoder,))
+                if not all(bool(torch.isfinite(v).all()) for v in enc.values() if v.is_floating_point()):
+                    raise adapter.nonfinite_encoding(encoder, f"the caption {caption[:60]!r}")
+                for key, value in enc.items():
+                    dtype = adapter.text_dtype(key)
+                    if value.is_floating_point() != dtype.is_floating_point:
+                        raise BackendError(f"the {adapter.family} adapter encodes {key!r} as {value.dtype}, not as "
+                                           f"the {dtype} it declares (ModelAdapter.text_masks)")
+                    out[caption][key] = value[0].detach().to("cpu", dtype)
+            adapter.unload_encoders(keep=keep)
+        return out
 
     # ---------------------------------------------------------------------------------------- signals
     def _install_signals(self) -> dict[int, Any]:

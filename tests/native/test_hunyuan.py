@@ -166,6 +166,18 @@ def test_killed_and_resumed_run_is_bitwise_equal(kind, hunyuan_recipe, run_recip
 
 
 # -------------------------------------------------------------------------------------- HunyuanImage
+@pytest.mark.parametrize("kind", ["image", "dit"])
+def test_a_second_run_reads_every_cached_entry_as_valid(kind, hunyuan_recipe, run_recipe, tmp_path):
+    """The cache requires the dtypes the adapter declares (``text_dtype``: embeddings in the compute dtype, the
+    ``text_masks`` int64); its masks are declared, so a second run finds every entry valid, none rebuilt (an
+    undeclared mask is named at the first encode). In-process runs share one precision (accelerate's state)."""
+    sets = ["train.steps=1", f"train.cache_dir=\"{tmp_path / 'cache'}\""]
+    run_recipe(hunyuan_recipe(kind), sets, output=tmp_path / "first")
+    again = run_recipe(hunyuan_recipe(kind), sets, output=tmp_path / "again")
+    for kind_stats in (again.artifacts["cache"]["latents"], again.artifacts["cache"]["text"]):
+        assert kind_stats["hits"] > 0 and kind_stats["misses"] == kind_stats["corrupt"] == 0, kind_stats
+
+
 @pytest.fixture(scope="module")
 def image_run(tiny_hunyuan, tmp_path_factory):
     from lora_run.plugins import load_plugins

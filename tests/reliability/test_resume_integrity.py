@@ -168,19 +168,19 @@ def test_cache_entries_are_verified_and_rebuilt(tmp_path):
         return None if latent_geometry(t["latent"], bucket) else "shape"
 
     cache.store(key, {"latent": z})
-    assert torch.equal(cache.load(key, ("latent",), check=ok)["latent"], z)
+    assert torch.equal(cache.load(key, {"latent": torch.float32}, check=ok)["latent"], z)
     # one flipped bit in the tensor bytes: the recorded checksum catches it
     path = cache.path(key)
     _flip(path)
-    assert cache.load(key, ("latent",), check=ok) is None and not path.exists()
+    assert cache.load(key, {"latent": torch.float32}, check=ok) is None and not path.exists()
     # the wrong shape with a fully consistent record (key, version and its own checksum): the bucket check
     wrong = torch.randn(4, 9, 10)
     save_file({"latent": wrong}, str(path), metadata={"key": key, "version": FORMAT_VERSION, "kind": "latents",
                                                       "source": "", "tensors": json.dumps({"latent": tensor_record(wrong)})})
-    assert cache.load(key, ("latent",), check=ok) is None
+    assert cache.load(key, {"latent": torch.float32}, check=ok) is None
     # an old-style entry (key and version right, no per-tensor record) is not trusted either
     save_file({"latent": z}, str(path), metadata={"key": key, "version": FORMAT_VERSION})
-    assert cache.load(key, ("latent",)) is None
+    assert cache.load(key, {"latent": torch.float32}) is None
     assert cache.stats.corrupt == 3
     # shaped like some bucket but unlike the run's other latents: rebuilt
     latents = {0: torch.zeros(4, 8, 10), 1: torch.zeros(4, 8, 10), 2: torch.zeros(16, 4, 5)}
@@ -192,6 +192,8 @@ def test_cache_entries_are_verified_and_rebuilt(tmp_path):
 
 
 def test_a_tampered_cache_index_never_deletes_outside_the_cache(tmp_path):
+    import torch
+
     from lora_run_native.cache import Cache
 
     victim = tmp_path / "victim.safetensors"
@@ -200,7 +202,7 @@ def test_a_tampered_cache_index_never_deletes_outside_the_cache(tmp_path):
     (root / "latents").mkdir(parents=True)
     (root / "latents" / "index.json").write_text(json.dumps({"img|64x64": "../../victim", "x": "../" * 5 + "etc"}))
     cache = Cache(root, "latents")
-    assert cache.load("b" * 64, ("latent",), source="img|64x64") is None
+    assert cache.load("b" * 64, {"latent": torch.float32}, source="img|64x64") is None
     assert victim.read_text() == "not the cache's"
 
 

@@ -27,7 +27,9 @@ Contract (stable; other adapters code against it):
 Tensor conventions: images enter ``encode_images`` as ``(B, 3, H, W)`` floats in ``[-1, 1]``; latents
 are the *normalised* latents the transformer sees, unpacked ``(B, C, h, w)``; caption encodings are a dict of
 tensors with the batch first (``encode_captions`` returns a batch; the cache stores one sample per file
-without the batch dimension and the loader stacks them again). ``t`` is the adapter's own timestep:
+without the batch dimension and the loader stacks them again), padded to one shape per key, embeddings in
+``compute_dtype`` and the masks named in ``text_masks`` int64 (``text_dtype``: what the cache stores and
+requires on reading; latents are float32). ``t`` is the adapter's own timestep:
 σ ∈ [0, 1] for flow models, an integer-valued tensor in ``[0, 1000)`` for DDPM models.
 
 torch is never imported at module level: ``lora-run check`` and ``lora-run plugins`` import this file.
@@ -293,6 +295,8 @@ class ModelAdapter:
     #: Why an output format is not written for this family (shown by `lora-run plan`).
     format_notes: ClassVar[dict[str, str]] = {}
     text_encoders: ClassVar[tuple[str, ...]] = ()
+    #: Keys of ``encode_captions``' dict that are attention masks (int64); every other key is an embedding.
+    text_masks: ClassVar[frozenset[str]] = frozenset()
     trainable_text_encoder: ClassVar[str | None] = None
     default_hub_id: ClassVar[str | None] = None
     #: `[model.files]` keys this family uses (others are refused by `check_sources`).
@@ -649,6 +653,13 @@ class ModelAdapter:
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         """The keys of ``encode_captions``' dict produced by ``encoder``."""
         raise NotImplementedError
+
+    def text_dtype(self, key: str) -> torch.dtype:
+        """The dtype of ``encode_captions``' tensor ``key``, as the text cache stores and requires it: int64 for a
+        mask (``text_masks``), else ``compute_dtype`` (the text encoders run in it)."""
+        import torch
+
+        return torch.int64 if key in self.text_masks else self.compute_dtype
 
     # ---------------------------------------------------------------------------------------- LoRA
     def lora_target_modules(self, transformer: torch.nn.Module, preset: str, explicit: list[str]) -> list[str]:
