@@ -13,8 +13,10 @@ Contract (stable; other adapters code against it):
   ``features`` (recipe features the adapter honours: ``lora_run_training.capabilities`` names; the ``native`` backend
   registers them as its capabilities for this family), ``reasons`` (why a feature is not honoured),
   ``target_presets`` (LoRA target preset → regular expressions over module names), ``lora_formats``,
-  ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``) and
-  ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``).
+  ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``),
+  ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``) and, optionally,
+  ``config_fits`` / ``file_fits`` (what each component's config.json declares and where its weights hold it:
+  compared from the headers before anything loads, ``lora_run_formats.config_fit``).
 * **Lifecycle** (called by ``train.py`` in this order): ``check_sources()`` (no torch; by ``lora-run
   check``) → ``load_encoders()`` → ``encode_images()`` / ``encode_captions()`` for every cache miss →
   ``unload_encoders()`` → ``load_transformer()`` → ``prepare_transformer()`` (in ``train.py``, the one place
