@@ -270,7 +270,9 @@ class DiffusionPipeBackend:
             elif value and key[-1] == "transformer" and self.family == "flux.1-dev":
                 out += _flux_transformer_problem(key, Path(value))
         if self.family == "flux.1-dev" and m.source and source.is_dir() and (source / "model_index.json").is_file():
-            out += [(("model", "source"), why) for why in folder_problems(source)]
+            from lora_run_flux.adapter import FluxAdapter        # what FLUX.1's config.json files declare
+
+            out += [(("model", "source"), why) for why in folder_problems(source, fits=FluxAdapter.config_fits)]
         return out
 
     def _check_model_files(self) -> None:

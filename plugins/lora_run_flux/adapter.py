@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
-                                           require_lora_fit,
+                                           require_lora_fit, mmdit_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
+from lora_run_formats import config_fit as cf
 from lora_run_formats.model_files import config_json
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
@@ -50,6 +51,17 @@ class FluxAdapter(ModelAdapter):
     cache_tag = "flux"
     encoder_sources = (("clip", "text_encoder", "clip_l"), ("t5", "text_encoder_2", "t5xxl"))
     vae_scale_factor = 8
+    SUBFOLDER = SUBFOLDER
+    #: what each component's config.json declares and where the weights hold it, in a diffusers folder and in the
+    #: single files (BFL's transformer, the LDM autoencoder; the text encoders' files are in transformers' layout)
+    config_fits = {"transformer": mmdit_fit("transformer_blocks", "single_transformer_blocks", r"x_embedder\.weight",
+                                            r"context_embedder\.weight", "joint_attention_dim")
+                   + (cf.Width(("pooled_projection_dim",), r"time_text_embed\.text_embedder\.linear_1\.weight", 1),),
+                   "vae": cf.AUTOENCODER_KL, "text_encoder": cf.CLIP_TEXT, "text_encoder_2": cf.T5_ENCODER}
+    file_fits = {"transformer": mmdit_fit("double_blocks", "single_blocks", r"img_in\.weight", r"txt_in\.weight",
+                                          "joint_attention_dim")
+                 + (cf.Width(("pooled_projection_dim",), r"(?:.*\.)?vector_in\.in_layer\.weight", 1),),
+                 "vae": cf.AUTOENCODER_FILE, "clip_l": cf.CLIP_TEXT, "t5xxl": cf.T5_ENCODER}
     COMPONENTS = {"transformer": ("diffusers", "FluxTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),
                   "clip_l": ("transformers", "CLIPTextModel", "dtype", {}),

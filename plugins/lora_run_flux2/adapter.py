@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
-                                           require_lora_fit,
+                                           require_lora_fit, mmdit_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
+from lora_run_formats import config_fit as cf
 from lora_run_formats.model_files import config_json
 
 from .shapes import DEV_SHAPE, KLEIN_SHAPE
@@ -68,14 +69,25 @@ class Flux2Adapter(ModelAdapter):
     variant: ClassVar[str] = ""
     text_layers: ClassVar[tuple[int, ...]] = ()
     memory_shape: ClassVar[Any] = None
+    SUBFOLDER = SUBFOLDER
+    #: what the text encoder's config.json declares and where its weights hold it (``config_fits``)
+    text_fit: ClassVar[cf.Fit] = ()
 
     def __init_subclass__(cls, **kw: Any):
-        """A variant names itself and its text encoder; family, file slots and cache tag follow."""
+        """A variant names itself and its text encoder; family, file slots, cache tag and the config fits
+        follow."""
         super().__init_subclass__(**kw)
         te = cls.text_encoders[0]
         cls.family, cls.cache_tag = f"flux.2-{cls.variant}", f"flux2-{cls.variant}"
         cls.file_keys = ("transformer", "vae", te)
         cls.encoder_sources = ((te, "text_encoder", te),)
+        cls.config_fits = {"transformer": mmdit_fit("transformer_blocks", "single_transformer_blocks",
+                                                    r"x_embedder\.weight", r"context_embedder\.weight",
+                                                    "joint_attention_dim"),
+                           "vae": cf.AUTOENCODER_KL, "text_encoder": cls.text_fit}
+        cls.file_fits = {"transformer": mmdit_fit("double_blocks", "single_blocks", r"img_in\.weight",
+                                                  r"txt_in\.weight", "joint_attention_dim"),
+                         "vae": cf.AUTOENCODER_FILE, te: cls.text_fit}
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -498,6 +510,7 @@ class Flux2KleinAdapter(Flux2Adapter):
     text_layers = (9, 18, 27)
     pipeline_names = ("Flux2KleinPipeline",)
     memory_shape = KLEIN_SHAPE
+    text_fit = cf.QWEN3
     HUB_IDS = {"base-4b": "black-forest-labs/FLUX.2-klein-base-4B", "base-9b": "black-forest-labs/FLUX.2-klein-base-9B",
                "4b": "black-forest-labs/FLUX.2-klein-4B", "9b": "black-forest-labs/FLUX.2-klein-9B"}
     default_hub_id = HUB_IDS["base-4b"]
@@ -554,6 +567,7 @@ class Flux2DevAdapter(Flux2Adapter):
     text_layers = (10, 20, 30)
     pipeline_names = ("Flux2Pipeline",)
     memory_shape = DEV_SHAPE
+    text_fit = cf.MISTRAL3
     default_hub_id = "black-forest-labs/FLUX.2-dev"
 
     def __init__(self, recipe: Any, **kw: Any):

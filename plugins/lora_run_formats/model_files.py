@@ -9,7 +9,10 @@ pre-flight both see them; no torch, nothing but headers and small JSON files rea
   in each component folder, every ``*.json`` (a config, a tokenizer file, a shard index: a regular UTF-8 JSON
   object within ``TEXT_LIMIT``), the tokenizer's other files (``*.txt``, ``*.model``, ``*.tiktoken``: regular
   files), and the weights the loaders read (``diffusion_pytorch_model.safetensors`` / ``model.safetensors``, or
-  the shards an ``*.safetensors.index.json`` names): complete safetensors files. Other files are never read.
+  the shards an ``*.safetensors.index.json`` names): complete safetensors files. Other files are never read;
+- a component's ``config.json`` against its weights' headers (``config_fit``): the blocks and widths the family
+  declares for it (``folder_problems``' ``fits``), and a ``[model.files]`` file's against the config the loader
+  reads for it (``file_fit_problems``), so no library builds a model its weights do not fill.
 
 Without it, diffusers and transformers met these files after the dataset was cached, as "no file named
 config.json" for a FIFO, "int too big to convert" for a tokenizer config that is a FIFO (exit 1), or a 300-character
@@ -20,10 +23,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 from lora_run.files import MiB, FileProblem, check_input_file, read_limited, shown
 
-from .header import safetensors_problem
+from .config_fit import Fit, fit_problems, header_shapes
+from .header import HeaderError, read_header
 
 #: The size limit of a JSON or tokenizer file in a model folder (a large tokenizer.json is tens of MiB).
 TEXT_LIMIT = 256 * MiB
@@ -32,9 +37,18 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _TOKENIZER_SUFFIXES = (".txt", ".model", ".tiktoken")
 
 
+def read_weights(path: str | Path) -> tuple[dict | None, str | None]:
+    """A weights file's checked safetensors header, read once: (the header, None), or (None, why the file is not a
+    complete safetensors file)."""
+    try:
+        return read_header(path, kind="model"), None
+    except HeaderError as exc:
+        return None, str(exc)
+
+
 def weights_problem(path: str | Path) -> str | None:
     """Why a single weights file is not a complete safetensors file, or None."""
-    return safetensors_problem(path, kind="model")
+    return read_weights(path)[1]
 
 
 def read_json(path: str | Path) -> tuple[dict | None, str | None]:
@@ -63,9 +77,10 @@ def config_json(path: str | Path) -> dict | None:
     return read_json(path)[0]
 
 
-def folder_problems(folder: str | Path, partial: bool = False) -> list[str]:
+def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str, Fit] | None = None) -> list[str]:
     """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub
-    model's snapshot in the local cache, where a shard not downloaded yet is fetched when the model loads."""
+    model's snapshot in the local cache, where a shard not downloaded yet is fetched when the model loads.
+    ``fits``: component folder name -> what its config.json must fit in its weights (``config_fit``)."""
     folder = Path(folder)
     out = []
     index = folder / "model_index.json"
@@ -76,32 +91,62 @@ def folder_problems(folder: str | Path, partial: bool = False) -> list[str]:
     except OSError as exc:
         return out + [f"{shown(folder)}: cannot be listed ({exc.strerror or exc})"]
     for sub in subs:
-        out += _component_problems(sub, partial)
+        out += _component_problems(sub, partial, (fits or {}).get(sub.name))
     return out
 
 
-def _component_problems(sub: Path, partial: bool) -> list[str]:
+def component_fit_problems(sub: str | Path, fit: Fit) -> list[str]:
+    """What the config.json of the component folder ``sub`` declares that its weights do not hold (``config_fit``),
+    each naming the config file; damaged files are left to ``folder_problems``."""
+    return _component_problems(Path(sub), True, fit, fit_only=True)
+
+
+def file_fit_problems(config: str | Path, weights: str | Path, fit: Fit) -> list[str]:
+    """What the config.json ``config`` declares that the single weights file ``weights`` does not hold (``fit``:
+    declared in the file's own layout), naming the config file; nothing where either cannot be read (absent, or
+    named by the other checks)."""
+    data, header = config_json(config), read_weights(weights)[0]
+    if data is None or header is None:
+        return []
+    return [f"{shown(config)}: {why}" for why in fit_problems(data, header_shapes(header), fit,
+                                                            weights=f"the weights of {Path(weights).name}")]
+
+
+def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_only: bool = False) -> list[str]:
+    """The problems of one component folder's files, then (``fit``) what its config.json declares that its weights
+    do not hold; ``fit_only``: only the latter."""
     try:
         entries = sorted(p for p in sub.iterdir() if not p.name.startswith("."))
     except OSError as exc:
-        return [f"{shown(sub)}: cannot be listed ({exc.strerror or exc})"]
+        return [] if fit_only else [f"{shown(sub)}: cannot be listed ({exc.strerror or exc})"]
     out: list[str] = []
     weights = {sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name)}
+    config: dict | None = None
+    shapes: dict[str, Any] = {}                 # every weight name: its shape, None where only an index names it
     for entry in entries:
         if entry.name.endswith(".json"):
             data, problem = read_json(entry)
             out += _named(entry, problem)
+            if data is not None and entry.name == "config.json":
+                config = data
             if data is not None and entry.name.endswith(".safetensors.index.json"):
                 shards, bad = _shards(entry, data, partial)
                 out += bad
                 weights |= shards
+                shapes.update(dict.fromkeys(k for k in data["weight_map"] if isinstance(k, str)) if not bad else {})
         elif entry.name.endswith(_TOKENIZER_SUFFIXES):
             try:
                 check_input_file(entry, "tokenizer", TEXT_LIMIT)
             except FileProblem as exc:
                 out.append(f"{shown(entry)}: {exc}")
     for path in sorted(weights):
-        out += _named(path, weights_problem(path))
+        header, problem = read_weights(path)
+        out += _named(path, problem)
+        shapes.update(header_shapes(header) if header is not None else {})
+    if fit_only:
+        out = []
+    if fit and config is not None:
+        out += [f"{shown(sub / 'config.json')}: {why}" for why in fit_problems(config, shapes, fit)]
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, require_lora_fit,
                                            seed_generators)
+from lora_run_formats import config_fit as cf
 from lora_run_native.shapes import FamilyShape, preset_inputs
 
 _ATTN = [r"blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)", r"blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"]
@@ -111,6 +112,15 @@ class HunyuanDiTAdapter(SourceLoader):
     trainable_text_encoder = None
     default_hub_id = "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     file_keys = ()
+    #: what each component's config.json declares and where its weights hold it: the transformer's blocks, its
+    #: patch embedding (hidden size × input channels), its attention width (the output norm's input) and the mT5
+    #: projection's input
+    config_fits = {"transformer": (cf.Blocks("num_layers", r"^blocks\.(\d+)\.", "block"),
+                                   cf.Width(("hidden_size",), r"pos_embed\.proj\.weight", 0),
+                                   cf.Width(("in_channels",), r"pos_embed\.proj\.weight", 1),
+                                   cf.Width(("num_attention_heads", "attention_head_dim"), r"norm_out\.linear\.weight", 1),
+                                   cf.Width(("cross_attention_dim_t5",), r"text_embedder\.linear_1\.weight", 1)),
+                   "vae": cf.AUTOENCODER_KL, "text_encoder": cf.BERT, "text_encoder_2": cf.T5_ENCODER}
     WHAT = {"transformer": "the Hunyuan-DiT transformer", "vae": "the autoencoder", "bert": "the BERT/CLIP text encoder",
             "mt5": "the mT5 text encoder", "bert_tokenizer": "the BERT tokenizer", "mt5_tokenizer": "the mT5 tokenizer"}
 

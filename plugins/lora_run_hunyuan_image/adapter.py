@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter
+from lora_run_formats import config_fit as cf
+from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, mmdit_fit
 from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer, require_lora_fit
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
@@ -74,6 +75,21 @@ class HunyuanImageAdapter(SourceLoader):
             "qwen": "the Qwen2.5-VL text encoder", "byt5": "the ByT5 glyph encoder",
             "qwen_tokenizer": "the Qwen tokenizer", "byt5_tokenizer": "the ByT5 tokenizer"}
     vae_scale_factor = 32
+    #: what each component's config.json declares and where its weights hold it (the transformer's token refiner
+    #: and ByT5 projection besides the MMDiT fields), in a diffusers folder and in the single files (Tencent's
+    #: transformer and autoencoder layouts; the text encoders' files are in transformers' layout)
+    config_fits = {"transformer": mmdit_fit("transformer_blocks", "single_transformer_blocks", r"x_embedder\.proj\.weight",
+                                            r"context_embedder\.proj_in\.weight", "text_embed_dim")
+                   + (cf.Blocks("num_refiner_layers", r"^context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.",
+                                "refiner block"),
+                      cf.Width(("text_embed_2_dim",), r"context_embedder_2\.linear_1\.weight", 1)),
+                   "text_encoder": cf.QWEN2_5_VL, "text_encoder_2": cf.T5_ENCODER}
+    file_fits = {"transformer": mmdit_fit("double_blocks", "single_blocks", r"img_in\.proj\.weight",
+                                          r"txt_in\.input_embedder\.weight", "text_embed_dim")
+                 + (cf.Blocks("num_refiner_layers", r"(?:^|\.)txt_in\.individual_token_refiner\.blocks\.(\d+)\.",
+                              "refiner block"),
+                    cf.Width(("text_embed_2_dim",), r"(?:.*\.)?byt5_in\.fc1\.weight", 1)),
+                 "vae": cf.AUTOENCODER_FILE, "qwen": cf.QWEN2_5_VL, "byt5": cf.T5_ENCODER}
     COMPONENTS = {"transformer": ("diffusers", "HunyuanImageTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKLHunyuanImage", "torch_dtype", {}),
                   "qwen": ("transformers", "Qwen2_5_VLForConditionalGeneration", "dtype", {}),

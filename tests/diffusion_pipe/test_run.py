@@ -397,6 +397,27 @@ def test_check_reports_a_missing_source_folder_and_model_file(dp_recipe, run_cli
     assert out.stderr.count("[model.source]") == 1
 
 
+def test_a_source_config_of_a_larger_model_is_named_before_launch(dp_recipe, tmp_path):
+    """diffusion-pipe loads FLUX.1's VAE and text encoders from the source folder with diffusers and transformers,
+    which build the model a config.json describes before they compare it with the weights: a T5 config of
+    100000 blocks cost minutes and gigabytes inside the engine. The check compares the config with the weights'
+    headers (lora_run_formats.config_fit), exit 2; the intact folder passes."""
+    from lora_run.cli import main
+    from lora_run_flux.tiny import build_tiny_flux
+
+    from .conftest import FLUX_RECIPE
+
+    model = build_tiny_flux(tmp_path / "tiny-flux")
+    recipe = dp_recipe(FLUX_RECIPE.replace("{flux}", str(model)))
+    code, text = _check_output(main, recipe)
+    assert code == 0, text
+    config = model / "text_encoder_2" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 100000}))
+    code, text = _check_output(main, recipe)
+    assert code == 2 and (f"[model.source] {config}: num_layers = 100000, but the weights hold 1 block "
+                          "(encoder.block.0)") in text, text
+
+
 def test_cli_run_exit_codes(dp_recipe, run_cli, tmp_path, fake_env):
     fake_env()
     ok = run_cli(dp_recipe(), "--output-dir", tmp_path / "ok")

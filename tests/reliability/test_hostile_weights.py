@@ -302,9 +302,10 @@ def test_a_hub_snapshot_may_lack_shards_not_downloaded_yet(tiny_model, tmp_path)
 
 
 def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recipe, tmp_path):
-    """A config.json with fewer blocks than its weights trained a smaller model, and weights missing from a text
-    encoder's file were initialised randomly: diffusers and transformers only warn (unseen). Both are refused,
-    naming the component folder; the intact folder loads."""
+    """A config.json with fewer blocks than its weights trained a smaller model, tensors of the weights the model
+    has no place for were dropped, and weights missing from a text encoder's file were initialised randomly:
+    diffusers and transformers only warn (unseen). Each is refused, naming the component folder (the fewer blocks
+    before the model is built: tests/formats/test_config_fit.py); the intact folder loads."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -313,10 +314,17 @@ def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recip
     model = _copy_model(tiny_model, tmp_path, "fewer-blocks")
     config = json.loads((model / "transformer" / "config.json").read_text())
     (model / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 0}))
-    with pytest.raises(ModelSourceError, match=r"\[model\.source\] .*/transformer: its weights do not fit its "
-                                               r"config\.json \(the FLUX transformer\): \d+ tensor\(s\) of its files "
-                                               r"have no place in the model"):
+    with pytest.raises(ModelSourceError, match=r"\[model\.source\] .*/transformer/config\.json: num_layers = 0, but "
+                                               r"the weights hold 1 double block \(transformer_blocks\.0\)"):
         _adapter(_model_recipe(tiny_recipe, model, "a.toml")).load_transformer()
+    model = _copy_model(tiny_model, tmp_path, "extra-tensor")
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({**tensors, "proj_extra.weight": torch.zeros(2)}, str(weights))
+    with pytest.raises(ModelSourceError, match=r"\[model\.source\] .*/transformer: its weights do not fit its "
+                                               r"config\.json \(the FLUX transformer\): 1 tensor\(s\) of its files "
+                                               r"have no place in the model \(proj_extra\.weight"):
+        _adapter(_model_recipe(tiny_recipe, model, "a2.toml")).load_transformer()
     model = _copy_model(tiny_model, tmp_path, "missing-weight")
     weights = model / "text_encoder" / "model.safetensors"
     tensors = load_file(str(weights))

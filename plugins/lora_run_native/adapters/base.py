@@ -13,8 +13,10 @@ Contract (stable; other adapters code against it):
   ``features`` (recipe features the adapter honours: ``lora_run_training.capabilities`` names; the ``native`` backend
   registers them as its capabilities for this family), ``reasons`` (why a feature is not honoured),
   ``target_presets`` (LoRA target preset → regular expressions over module names), ``lora_formats``,
-  ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``) and
-  ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``).
+  ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``),
+  ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``) and, optionally,
+  ``config_fits`` / ``file_fits`` (what each component's config.json declares and where its weights hold it:
+  compared from the headers before anything loads, ``lora_run_formats.config_fit``).
 * **Lifecycle** (called by ``train.py`` in this order): ``check_sources()`` (no torch; by ``lora-run
   check``) → ``load_encoders()`` → ``encode_images()`` / ``encode_captions()`` for every cache miss →
   ``unload_encoders()`` → ``load_transformer()`` → ``prepare_transformer()`` (in ``train.py``, the one place
@@ -47,7 +49,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lora_run.errors import ModelSourceError
 from lora_run.files import shown
 
-from lora_run_formats.model_files import folder_problems, weights_problem
+from lora_run_formats.config_fit import Blocks, Fit, Width
+from lora_run_formats.model_files import component_fit_problems, file_fit_problems, folder_problems, weights_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -88,6 +91,19 @@ MMDIT_TARGET_PRESETS: dict[str, list[str]] = {
     "attention+mlp": _MMDIT_DOUBLE_ATTN + _MMDIT_SINGLE_ATTN + _MMDIT_MLP,
     "all-linear": _MMDIT_DOUBLE_ATTN + _MMDIT_SINGLE_ATTN + _MMDIT_MLP + _MMDIT_MODULATION,
 }
+
+
+def mmdit_fit(double: str, single: str, image_in: str, text_in: str, text_field: str) -> tuple[Blocks | Width, ...]:
+    """What the config.json of an MMDiT transformer (FLUX.1, FLUX.2, HunyuanImage-2.1) declares and where its
+    weights hold it (``lora_run_formats.config_fit``), in one layout: the double- and single-stream blocks (their
+    names before the number: ``transformer_blocks`` in diffusers' layout, ``double_blocks`` in BFL's), the image
+    input projection (rows: heads × head size, columns: ``in_channels``) and the text one (columns:
+    ``text_field``). Names may carry a prefix (``model.diffusion_model.`` in ComfyUI's files)."""
+    return (Blocks("num_layers", rf"(?:^|\.){double}\.(\d+)\.", "double block"),
+            Blocks("num_single_layers", rf"(?:^|\.){single}\.(\d+)\.", "single block"),
+            Width(("num_attention_heads", "attention_head_dim"), rf"(?:.*\.)?{image_in}", 0),
+            Width(("in_channels",), rf"(?:.*\.)?{image_in}", 1),
+            Width((text_field,), rf"(?:.*\.)?{text_in}", 1))
 
 
 def encoder_fits(size_gib: float, free_gib: float) -> bool:
@@ -301,6 +317,15 @@ class ModelAdapter:
     default_hub_id: ClassVar[str | None] = None
     #: `[model.files]` keys this family uses (others are refused by `check_sources`).
     file_keys: ClassVar[tuple[str, ...]] = ("transformer", "vae")
+    #: component -> its folder in a diffusers model folder (``transformer`` -> ``transformer`` …).
+    SUBFOLDER: ClassVar[dict[str, str]] = {}
+    #: component folder -> what its config.json declares and where its weights hold it
+    #: (``lora_run_formats.config_fit``): compared by `check_sources` and before a component loads, so no library
+    #: builds a model its weights do not fill (a config.json of `num_layers = 100000` took minutes and gigabytes).
+    config_fits: ClassVar[dict[str, Fit]] = {}
+    #: `[model.files]` slot -> the same in the file's own layout, compared with the config.json the loader reads
+    #: for it from the source (``SUBFOLDER``).
+    file_fits: ClassVar[dict[str, Fit]] = {}
 
     def __init__(self, recipe: Recipe, *, device: Any = "cpu", options: Any = None, shown: str = "recipe.toml"):
         self.recipe = recipe
@@ -362,11 +387,10 @@ class ModelAdapter:
         hub id not cached while offline). No torch. Default: files exist and are safetensors."""
         problems: list[tuple[tuple[str, ...], str]] = []
         m = self.recipe.model
-        for key in ("transformer", "vae", "clip_l", "t5xxl", "qwen", "byt5"):
+        files: dict[str, Path] = {}              # the [model.files] that are complete safetensors files
+        for key in self.file_keys:               # others are refused by core from the family's registered slots
             value = m.files.get(key)
             if value is None:
-                continue
-            if key not in self.file_keys:  # refused by core from the family's registered slots
                 continue
             p = Path(value)
             if not os.path.lexists(p):
@@ -375,6 +399,9 @@ class ModelAdapter:
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
             elif (why := weights_problem(p)) is not None:
                 problems.append((("model", "files", key), f"{shown(p)}: {why}"))
+            else:
+                files[key] = p
+        root: Path | None = None                 # the source folder, or the hub model's snapshot in the cache
         if m.source is not None:
             if not m.source.strip():
                 problems.append((("model", "source"), "is empty: give a hub id (owner/name) or a local diffusers "
@@ -383,9 +410,12 @@ class ModelAdapter:
                 if not os.path.isdir(m.source):
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
                 else:
-                    problems += [(("model", "source"), why) for why in folder_problems(m.source)]
+                    root = Path(m.source)
+                    problems += [(("model", "source"), why) for why in folder_problems(root, fits=self.config_fits)]
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
-                problems += [(("model", "source"), why) for why in folder_problems(snapshot, partial=True)]
+                root = snapshot
+                problems += [(("model", "source"), why)
+                             for why in folder_problems(snapshot, partial=True, fits=self.config_fits)]
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -394,6 +424,11 @@ class ModelAdapter:
                 reason = hub_unreachable()
                 if reason:
                     problems.append((("model", "source"), unreachable_message(m.source, reason)))
+        for key, path in files.items():          # a file's config comes from the source where it has one
+            fit, sub = self.file_fits.get(key), self.SUBFOLDER.get(key)
+            if root is not None and fit and sub:
+                problems += [(("model", "files", key), why)
+                             for why in file_fit_problems(root / sub / "config.json", path, fit)]
         return problems
 
     def cache_hint(self) -> str:
@@ -482,6 +517,9 @@ class ModelAdapter:
         import torch
 
         model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        fit = self.config_fits.get(subfolder)
+        if model and fit and is_local_source(src) and (misfit := component_fit_problems(Path(src) / subfolder, fit)):
+            raise self.error("model.source", f"{misfit[0]} ({what}; nothing was loaded)")
         try:
             loaded = cls.from_pretrained(src, subfolder=subfolder, **self.source_kwargs(), **kw,
                                          **({"output_loading_info": True} if model else {}))
@@ -830,11 +868,10 @@ class SourceLoader(ModelAdapter):
     local diffusers folder with the pipeline's component folders (subclasses set ``SUBFOLDER`` and ``WHAT``;
     single files, where the family has slots, are read by the subclass). Errors name the key and component."""
 
-    #: component -> subfolder of the diffusers folder; tokenizer -> subfolder; component -> what it is (messages).
+    #: ``SUBFOLDER`` (and the tokenizers' subfolders, ``TOKENIZER_SUBFOLDER``); component -> what it is (messages).
     #: Unless a subclass sets them, the pipeline convention is assumed: ``transformer/``, ``vae/``, the two
     #: ``text_encoders`` in ``text_encoder/`` and ``text_encoder_2/``, their tokenizers (``<encoder>_tokenizer``)
     #: in ``tokenizer/`` and ``tokenizer_2/``; ``encoder_sources`` follows from them and ``file_keys``.
-    SUBFOLDER: ClassVar[dict[str, str]] = {}
     WHAT: ClassVar[dict[str, str]] = {}
     TOKENIZER_SUBFOLDER: ClassVar[dict[str, str]] = {}
 
