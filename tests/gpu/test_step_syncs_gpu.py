@@ -14,47 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lora_run.hookspecs import hookimpl  # noqa: E402
-
-RECIPE = """
-[model]
-family = "flux.1-dev"
-source = "{model}"
-offline = true
-
-[dataset]
-path = "{dataset}"
-trigger = "ohwx"
-resolution = 64
-bucket_min = 64
-bucket_max = 64
-min_images = 1
-
-[lora]
-rank = 4
-alpha = 4.0
-targets = "all-linear"
-
-[optimizer]
-name = "adamw"
-lr = 1e-3
-
-[train]
-steps = 14
-batch_size = 1
-seed = 7
-memory_mode = "{mode}"
-
-[eval]
-enabled = false
-
-[output]
-name = "tiny"
-
-[backend.native]
-text_max_length = 16
-progress_bar = false
-tensorboard = false
-"""
+from tests.native.conftest import BASE_RECIPE  # noqa: E402
 
 
 class SyncWatch:
@@ -82,7 +42,9 @@ def _syncs(tmp_path: Path, mode: str, monkeypatch, planted: bool = False) -> lis
     model = build_tiny_flux(tmp_path / "tiny-flux")
     make_images(tmp_path / "subject", count=3, size=(64, 64))
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(RECIPE.format(model=model, dataset=tmp_path / "subject", mode=mode), encoding="utf-8")
+    recipe.write_text(BASE_RECIPE.replace("{model}", str(model)).replace("{dataset}", str(tmp_path / "subject"))
+                      .replace("{length}", "steps = 14"), encoding="utf-8")
+    sets = [f'train.memory_mode="{mode}"', 'train.mixed_precision="bf16"', "dataset.bucket_max=64"]
     if planted:      # the control: a pageable copy to the GPU, as σ was copied before
         from lora_run_native import timesteps
 
@@ -90,7 +52,7 @@ def _syncs(tmp_path: Path, mode: str, monkeypatch, planted: bool = False) -> lis
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            execute(load_recipe(recipe), load_plugins(extra=[SyncWatch(4, 12)]), output_dir=str(tmp_path / "run"),
+            execute(load_recipe(recipe, sets), load_plugins(extra=[SyncWatch(4, 12)]), output_dir=str(tmp_path / "run"),
                     echo=lambda *_: None)
         finally:
             torch.cuda.set_sync_debug_mode("default")
