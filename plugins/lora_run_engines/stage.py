@@ -10,10 +10,11 @@ Only lora-run's staging folders are ever touched. No torch.
 
 What both engine backends stage, and how, is one implementation here:
 
-- :func:`staged_files` — one set's files, each image named ``NNNNN_<hash of image bytes and caption>_<safe stem>``
-  beside its caption: the engines key their caches beside the images (sd-scripts' ``*.npz``, diffusion-pipe's
-  ``cache/``) on the file name, not the contents, so an edited image or caption gets a new name and a fresh cache.
-  Each image's SHA-256 and whether it was converted come from the dataset lint's result (no image is read again);
+- :func:`staged_files` — one set's files, each image named ``<safe stem>_<hash of image bytes and caption>`` beside
+  its caption: the engines key their caches beside the images (sd-scripts' ``*.npz``, diffusion-pipe's ``cache/``)
+  on the file name, not the contents, so an edited image or caption gets a new name and a fresh cache, while an
+  image added or removed renames nothing else (no index in the name). Each image's SHA-256 and whether it was
+  converted come from the dataset lint's result (no image is read again);
 - :func:`content_digest` — a hash of everything staged (file names, what each is made from, caption texts), part of
   the staging folder's name under ``[train] cache_dir`` (with :func:`lora_run_engines.dataset_key`), so recipes
   that stage anything different never share a folder;
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
@@ -54,6 +56,7 @@ class Staged:
     kind: str
     source: Path | None = None
     text: str = ""
+    sha: str = ""        # an image's: the SHA-256 of the bytes the lint read (the name carries its hash)
 
 
 def place(target: Path, staged: Staged) -> None:
@@ -133,23 +136,48 @@ def _image_facts(item: Any, lint: Any, converted: set[str]) -> tuple[str, bool]:
     return opened.sha256, bool(opened.notes)
 
 
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+
+
 def staged_files(items: Iterable[Any], caption: Callable[[Any], str], *, lint: Any = None, copy: bool = False,
                  pass_through: Collection[str] | None = None) -> dict[str, Staged]:
-    """One set's files: per item (in order) its image — a link (a copy with ``copy``) to it, or a converted PNG where
-    the lint converted it or its suffix is not in ``pass_through`` (None: every suffix) — and ``<stem>.txt`` holding
-    ``caption(item)``, named ``NNNNN_<hash of the image bytes and that text>_<safe stem>``."""
+    """One set's files: per item its image — a link (a copy with ``copy``) to it, or a converted PNG where the lint
+    converted it or its suffix is not in ``pass_through`` (None: every suffix) — and ``<stem>.txt`` holding
+    ``caption(item)``, the stem ``<safe stem>_<hash of the image bytes and that text>``.
+
+    The name depends on the item alone, never on its place in the set: an image added or removed leaves every other
+    name (and the engine's caches named after it) as it was. The engines sort the names, so the order they read is
+    the safe stems' order, the dataset folder's own for ordinary names. Two items that would get one stem (the same
+    bytes and caption under one safe stem: ``a.png`` and ``a.PNG``, ``a b.png`` and ``a_b.png``; compared without
+    case, for case-insensitive file systems) are told apart by a hash of their own file's path as well, so no two
+    images share a caption file or a cache. Each image's SHA-256 and whether it was converted come from the dataset
+    lint's result (no image is read again)."""
     converted = {f.file for f in lint.findings if f.code == "converted"} if lint is not None else set()
-    wanted: dict[str, Staged] = {}
-    for index, item in enumerate(items):
+    rows = []
+    for item in items:
         text = caption(item)
         sha, was_converted = _image_facts(item, lint, converted)
-        digest = hashlib.sha256(f"{sha}\0{text}".encode("utf-8", "surrogateescape")).hexdigest()[:10]
-        stem = f"{index:05d}_{digest}_{safe_stem(item.image.stem)}"
+        rows.append((item, text, sha, was_converted, safe_stem(item.image.stem)))
+    stems = [f"{safe}_{_key(sha, text)}" for _, text, sha, _, safe in rows]
+    clashing = Counter(stem.casefold() for stem in stems)
+    for n, (item, text, sha, _, safe) in enumerate(rows):
+        if clashing[stems[n].casefold()] > 1:
+            stems[n] = f"{safe}_{_key(sha, text, str(item.image))}"
+    taken: set[str] = set()
+    for n, (item, text, sha, _, safe) in enumerate(rows):     # the same file listed twice: its occurrence too
+        extra = 1
+        while stems[n].casefold() in taken:
+            extra += 1
+            stems[n] = f"{safe}_{_key(sha, text, str(item.image), str(extra))}"
+        taken.add(stems[n].casefold())
+    wanted: dict[str, Staged] = {}
+    for stem, (item, text, sha, was_converted, _) in zip(stems, rows):
         suffix = item.image.suffix.lower()
         if was_converted or (pass_through is not None and suffix not in pass_through):
-            wanted[f"{stem}.png"] = Staged("png", item.image)
+            wanted[f"{stem}.png"] = Staged("png", item.image, sha=sha)
         else:
-            wanted[f"{stem}{suffix}"] = Staged("copy" if copy else "link", item.image.resolve())
+            wanted[f"{stem}{suffix}"] = Staged("copy" if copy else "link", item.image.resolve(), sha=sha)
         wanted[f"{stem}.txt"] = Staged("text", text=text)
     return wanted
 
@@ -162,14 +190,19 @@ def content_digest(sets: Sets) -> str:
     return hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def staged_prefix(name: str) -> str | None:
-    """The ``NNNNN_<hash>_`` a staged file's name (:func:`staged_files`) starts with, which an engine's cache file
-    named after the image (``<stem>_….npz``) starts with too; None for a name not staged that way."""
-    match = _PREFIX.match(name)
-    return match.group(0) if match else None
+def staged_stems(wanted: dict[str, Staged]) -> set[str]:
+    """The stems of a set's staged files (each image's and its caption's)."""
+    return {name.rsplit(".", 1)[0] for name in wanted}
 
 
-_PREFIX = re.compile(r"\d{5,}_[0-9a-f]{10}_")
+def cache_owner(name: str, stems: Collection[str]) -> str | None:
+    """The stem among ``stems`` an engine's cache file named after a staged image (``<stem>_….npz``) belongs to
+    (the longest that ``name`` starts with, followed by ``_``); None for a file of no such stem."""
+    found = None
+    for at, char in enumerate(name):
+        if char == "_" and name[:at] in stems:
+            found = name[:at]
+    return found
 
 
 def publish(sets: Sets, root: Path,

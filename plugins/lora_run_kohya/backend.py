@@ -29,7 +29,8 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
-from lora_run_engines.stage import Sets, Staged, content_digest, linted, publish, staged_files, staged_prefix
+from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, linted, publish, staged_files,
+                                    staged_stems)
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -589,9 +590,9 @@ def wanted_sets(items: list[Item], recipe: Any, lint: Any) -> Sets:
     """The dataset view sd-scripts reads, per subset folder (`subject`, `reg0`, …; only those with a usable image):
     a link to each usable image (a converted PNG where the lint converted it: EXIF rotation, CMYK, 16-bit, alpha)
     and a ``.txt`` caption holding exactly the caption lora-run trains with (trigger policy and default captions
-    applied, one line), named ``NNNNN_<hash of image bytes and caption>_<stem>``
-    (`lora_run_engines.stage.staged_files`): sd-scripts names its latent and text-encoder caches after the image
-    and checks neither against an edited image or caption, so edited content gets a new name and is cached afresh."""
+    applied, one line), named ``<stem>_<hash of image bytes and caption>`` (`lora_run_engines.stage.staged_files`):
+    sd-scripts names its latent and text-encoder caches after the image and checks neither against an edited image or
+    caption, so edited content gets a new name and is cached afresh; an image added or removed renames no other."""
     groups: dict[int, list[Item]] = {}
     for item in items:
         groups.setdefault(_subset_index(item), []).append(item)
@@ -604,13 +605,13 @@ def _removable(wanted: dict[str, Staged]) -> Callable[[Path], bool]:
     image no longer staged; the caches of the images staged are kept (a resume or rerun reuses them)."""
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
-    staged = {staged_prefix(name) for name in wanted}
+    stems = staged_stems(wanted)
 
     def removable(entry: Path) -> bool:
         suffix = entry.suffix.lower()
         if suffix in IMAGE_EXTENSIONS or suffix == ".txt":
             return True
-        return suffix == ".npz" and staged_prefix(entry.name) not in staged
+        return suffix == ".npz" and cache_owner(entry.name, stems) is None
     return removable
 
 

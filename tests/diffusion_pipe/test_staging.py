@@ -147,3 +147,21 @@ def test_the_content_digest_covers_what_is_staged(dp_recipe, tmp_path):
     assert content_digest(wanted_sets(other, report.usable, ["subject"], lint=report)) != content_digest(base)
     # without the lint's digests, the images are read here: the same names
     assert wanted_sets(recipe, report.usable, ["subject"]) == base
+
+
+def test_removing_a_middle_image_renames_nothing_else(dp_recipe, tmp_path, subject_dataset):
+    """The run folder's own sets (no `[train] cache_dir`) are brought up to date in place on a resume after an allowed
+    dataset change. Named by their place in the set, every image after a removed one was renamed; named by content,
+    each other file keeps its name and is left untouched, and so does diffusion-pipe's `cache/` (whose buckets are
+    keyed by their file lists: only the removed image's bucket changes)."""
+    recipe, report = _items(dp_recipe())
+    root = tmp_path / "diffusion-pipe" / "data"
+    stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root)
+    (root / "subject" / "cache").mkdir()
+    (root / "subject" / "cache" / "kept").write_text("diffusion-pipe's")
+    before = snapshot(root / "subject")
+    for path in subject_dataset.glob("img001.*"):
+        path.unlink()
+    recipe, report = _items(dp_recipe())
+    assert stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root) == {"subject": 3}
+    assert snapshot(root / "subject") == {k: v for k, v in before.items() if not k.startswith("img001_")}

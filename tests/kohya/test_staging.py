@@ -106,8 +106,9 @@ def test_the_stand_ins_caches_are_named_as_the_real_sd_scripts_named_them(kohya_
     run(kohya_recipe(sd_scripts=fake_checkout), plugins_with, out, "dataset.resolution=128", "dataset.bucket_min=64",
         "dataset.bucket_max=256")     # the real run's [dataset] (192×160 is below the default bucket_min)
 
-    def hashless(names: list[str]) -> list[str]:
-        return sorted(re.sub(r"^(\d{5})_[0-9a-f]{10}_", r"\1_<hash>_", name) for name in names)
+    def hashless(names: list[str]) -> list[str]:    # the recording's NNNNN_<hash>_<stem> and our <stem>_<hash>
+        return sorted(re.sub(r"^(?:\d{5}_[0-9a-f]{10}_(img\d{3})|(img\d{3})_[0-9a-f]{10})", r"\1\2_<hash>", name)
+                      for name in names)
     recorded = (RECORDED / "cpu-staging-20261205" / "staged_subject.txt").read_text("utf-8").split()
     assert hashless([p.name for p in staged_subject(out).iterdir()]) == hashless(recorded)
 
@@ -172,6 +173,46 @@ def test_a_run_that_publishes_second_uses_the_first_ones_folder(kohya_recipe, tm
     assert [p.name for p in paths.data_dir.parent.iterdir()] == ["dataset-x"]    # no hidden staging folder left
 
 
+def encode(folder: Path) -> list[str]:
+    """What sd-scripts does before training, for the images of one staged set folder: the caches it finds missing are
+    written (named as it names them: `<stem>_<W>x<H>_flux.npz`, `<stem>_flux_te.npz`), the latents holding the SHA-256
+    of the image bytes they were made from, the text-encoder outputs the caption; returns the names written."""
+    import hashlib
+
+    from PIL import Image
+
+    written = []
+    for image in sorted(p for p in folder.iterdir() if p.suffix == ".png"):
+        with Image.open(image) as opened:
+            width, height = opened.size
+        latents = image.with_name(f"{image.stem}_{width:04d}x{height:04d}_flux.npz")
+        if not latents.exists():
+            np.savez(latents, image=np.array(hashlib.sha256(image.read_bytes()).hexdigest()))
+            written.append(latents.name)
+        te = image.with_name(f"{image.stem}_flux_te.npz")
+        if not te.exists():
+            np.savez(te, caption=np.array(image.with_suffix(".txt").read_text("utf-8").splitlines()[0]))
+            written.append(te.name)
+    return written
+
+
+def stale(folder: Path) -> list[str]:
+    """The caches in a staged set folder made from another image or caption than the one staged under their name:
+    what sd-scripts would train with, wrongly, since it checks neither."""
+    import hashlib
+
+    out = []
+    for cache in sorted(folder.glob("*.npz")):
+        stem, form = re.fullmatch(r"(.+)_(\d{4}x\d{4}_flux|flux_te)\.npz", cache.name).groups()
+        image, caption = folder / f"{stem}.png", folder / f"{stem}.txt"
+        if form == "flux_te":
+            if not caption.exists() or str(np.load(cache)["caption"]) != caption.read_text("utf-8").splitlines()[0]:
+                out.append(cache.name)
+        elif not image.exists() or str(np.load(cache)["image"]) != hashlib.sha256(image.read_bytes()).hexdigest():
+            out.append(cache.name)
+    return out
+
+
 def test_a_rerun_in_the_run_folder_drops_the_caches_of_what_is_no_longer_staged(kohya_recipe, tmp_path,
                                                                                    subject_dataset):
     """Without `[train] cache_dir` the run folder's own `kohya/data` is brought up to date in place (a resume after an
@@ -181,17 +222,61 @@ def test_a_rerun_in_the_run_folder_drops_the_caches_of_what_is_no_longer_staged(
     paths = Paths(tmp_path, "<sd-scripts>", "python", tmp_path / "kohya" / "data")
     stage_dataset(wanted_sets(report.usable, recipe, report), paths)
     folder = paths.data_dir / "subject"
-    for image in [p for p in folder.iterdir() if p.suffix == ".png"]:
-        image.with_name(f"{image.stem}_0512x0512_flux.npz").write_bytes(b"latents")
-        image.with_name(f"{image.stem}_flux_te.npz").write_bytes(b"te")
-    old = {p.name for p in folder.glob("00000_*")}
-    kept = {k: v for k, v in snapshot(folder).items() if not k.startswith("00000_")}
+    encode(folder)
+    old = {p.name for p in folder.glob("img000_*")}
+    kept = {k: v for k, v in snapshot(folder).items() if not k.startswith("img000_")}
     (subject_dataset / "img000.txt").write_text("ohwx, an edited caption", "utf-8")
     recipe, report = _linted(kohya_recipe())
     stage_dataset(wanted_sets(report.usable, recipe, report), paths)
     assert not old & {p.name for p in folder.iterdir()}
-    assert [p.suffix for p in sorted(folder.glob("00000_*"))] == [".png", ".txt"]
-    assert {k: v for k, v in snapshot(folder).items() if not k.startswith("00000_")} == kept
+    assert [p.suffix for p in sorted(folder.glob("img000_*"))] == [".png", ".txt"]
+    assert {k: v for k, v in snapshot(folder).items() if not k.startswith("img000_")} == kept
+    assert all(name.startswith("img000_") for name in encode(folder)) and stale(folder) == []
+
+
+def test_removing_a_middle_image_renames_nothing_else(kohya_recipe, tmp_path, subject_dataset):
+    """Named by their place in the set (`NNNNN_<hash>_<stem>`), the images after a removed one were renamed, their
+    caches removed as stale and sd-scripts encoded them again (seen on the real engine, 2026-12-05). Named by content,
+    every other image keeps its name, link, caption and caches, untouched; sd-scripts has nothing to encode."""
+    recipe, report = _linted(kohya_recipe())
+    paths = Paths(tmp_path, "<sd-scripts>", "python", tmp_path / "kohya" / "data")
+    stage_dataset(wanted_sets(report.usable, recipe, report), paths)
+    folder = paths.data_dir / "subject"
+    assert len(encode(folder)) == 8
+    before = snapshot(folder)
+    for path in subject_dataset.glob("img001.*"):
+        path.unlink()
+    recipe, report = _linted(kohya_recipe())
+    stage_dataset(wanted_sets(report.usable, recipe, report), paths)
+    after = snapshot(folder)
+    assert after == {k: v for k, v in before.items() if not k.startswith("img001_")}
+    assert len(after) == 3 * 4 and encode(folder) == [] and stale(folder) == []
+
+
+def test_names_are_unique_where_stems_meet(tmp_path):
+    """Without the index, two images of the same bytes and caption whose stems meet (`a.png` and `a.PNG`, or `a b.png`
+    and `a_b.png` made safe) would share one caption file and one cache; each gets a name of its own, which stays when
+    the other goes."""
+    from lora_run.dataset import Item
+    from lora_run_engines.stage import staged_files
+
+    names = ["a.png", "a.PNG", "a b.png", "a_b.png", "c.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"the same bytes")
+    items = [Item(tmp_path / name, "cap", None, "subject") for name in names]
+
+    def stems(chosen):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stage_module, "_image_facts", lambda item, lint, converted: ("same", False))
+            wanted = staged_files(chosen, lambda item: "the same caption")
+        return {str(item.image.name): n.rsplit(".", 1)[0] for item, n in zip(chosen, [k for k in wanted
+                                                                                     if not k.endswith(".txt")])}
+
+    every = stems(items)
+    assert len({s.casefold() for s in every.values()}) == len(items)
+    fewer = stems([i for i in items if i.image.name != "a b.png"])
+    assert fewer["c.png"] == every["c.png"] and fewer["a.png"] == every["a.png"]
+    assert stems([i for i in items if i.image.name == "a_b.png"])["a_b.png"] != every["a_b.png"]  # alone: unhashed
 
 
 def test_the_folder_name_covers_the_staged_content_and_the_model(kohya_recipe, plugins_with, tmp_path):
