@@ -205,33 +205,122 @@ def cache_owner(name: str, stems: Collection[str]) -> str | None:
     return found
 
 
-def publish(sets: Sets, root: Path,
-            removable: Callable[[dict[str, Staged]], Callable[[Path], bool]]) -> dict[str, int]:
-    """Make ``root/<set>/`` hold the files of every set; returns the number of images (files but captions) per set.
+#: lora-run's record in every folder it stages: what it staged (per set, each image's stem, file, kind and the SHA-256
+#: the lint read) and ``key``, everything else the engine's caches depend on (the folder's name without the staged
+#: content). It marks a folder lora-run made, and says which caches of another folder are valid in a new one.
+MARKER = "lora-run-staging.json"
+#: a marker larger than this is not lora-run's (it holds one line per staged image)
+MARKER_LIMIT = 64 << 20
 
-    A ``root`` that exists (this run folder's earlier attempt, or a shared folder whose name says it holds this
+#: what an engine backend's :func:`publish` ``carry`` is called with: (the folder being staged, the sets, the folders
+#: whose caches may serve it, each with its marker); it links the engine's caches that are valid there
+Carry = Callable[[Path, Sets, list[tuple[Path, dict[str, Any]]]], None]
+
+
+def marker_text(sets: Sets, key: str) -> str:
+    """The marker (:data:`MARKER`) of a folder holding ``sets``, staged with ``key``: the same bytes for the same
+    content (no time, no run), so a folder checked by another run is not rewritten."""
+    staged = {name: {file.rsplit(".", 1)[0]: {"file": file, "kind": s.kind, "image": s.sha}
+                     for file, s in sorted(files.items()) if s.kind != "text"}
+              for name, files in sets.items()}
+    return json.dumps({"lora_run_staging": 1, "key": key, "sets": staged}, indent=1, sort_keys=True) + "\n"
+
+
+def read_marker(root: Path) -> dict[str, Any] | None:
+    """The marker of a folder lora-run staged (a regular file, within :data:`MARKER_LIMIT`, of the form
+    :func:`marker_text` writes); None for anything else: no marker, another program's file, a damaged one."""
+    path = root / MARKER
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_LIMIT:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("lora_run_staging") != 1 or not isinstance(data.get("key"), str) \
+            or not isinstance(data.get("sets"), dict):
+        return None
+    for files in data["sets"].values():
+        if not isinstance(files, dict) or not all(
+                isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("file", "kind", "image"))
+                for f in files.values()):
+            return None
+    return data
+
+
+def sources(root: Path, key: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The folders beside ``root`` (``dataset-*``, real folders, not ``root``) that lora-run staged with the same
+    ``key``, each with its marker, the most recently staged first: whose engine caches may serve ``root``."""
+    found = []
+    try:
+        entries = list(root.parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.name == root.name or not entry.name.startswith("dataset-") or entry.is_symlink() \
+                or not entry.is_dir():
+            continue
+        marker = read_marker(entry)
+        if marker is not None and marker["key"] == key:
+            try:
+                found.append((-(entry / MARKER).stat().st_mtime_ns, entry.name, entry, marker))
+            except OSError:
+                continue
+    return [(entry, marker) for _, _, entry, marker in sorted(found)]
+
+
+def publish(sets: Sets, root: Path,
+            removable: Callable[[dict[str, Staged]], Callable[[Path], bool]], *, key: str = "",
+            carry: Carry | None = None, shared: bool = True) -> dict[str, int]:
+    """Make ``root/<set>/`` hold the files of every set, and ``root`` the marker (:data:`MARKER`); returns the number
+    of images (files but captions) per set.
+
+    A ``root`` that exists (this run folder's earlier attempt, or a ``shared`` folder whose name says it holds this
     content) is brought to what is wanted in place: nothing is written where a file is as wanted already; an entry
     not wanted goes where ``removable(the set's wanted files)(entry)`` says so. A new ``root`` is staged in a hidden
     folder beside it and renamed into place whole, so no run sees a half-staged folder; when another run renamed its
-    own there first, theirs (of the same content) is checked, rewriting nothing, and ours removed."""
-    def sync(into: Path) -> None:
+    own there first, theirs (of the same content) is checked, rewriting nothing, and ours removed.
+
+    ``carry`` (the engine backend's) brings the engine's caches that are valid here from elsewhere before the engine
+    starts: into a new ``shared`` folder from the folders beside it staged with the same ``key`` (:func:`sources`),
+    and into a folder that is not ``shared`` (a run folder's own) from its earlier staging, before what is no
+    longer wanted goes. A ``shared`` folder that exists gets nothing: another run's engine may be writing there."""
+    def sync(into: Path, keep: bool = False) -> None:
         for name, wanted in sets.items():
-            sync_folder(into / name, wanted, removable(wanted))
+            sync_folder(into / name, wanted, (lambda _entry: False) if keep else removable(wanted))
+
+    from lora_run_rundir import atomic_write_text
+
+    text = marker_text(sets, key)
+
+    def mark(into: Path) -> None:
+        path = into / MARKER
+        if path.is_symlink() or not path.is_file() or path.read_text("utf-8", "replace") != text:
+            atomic_write_text(path, text)
 
     if root.is_dir():
+        if not shared and carry is not None:
+            earlier = read_marker(root)
+            if earlier is not None and earlier["key"] == key:
+                sync(root, keep=True)           # the new names beside the old, whose caches may serve them
+                carry(root, sets, [(root, earlier)])
         sync(root)
+        mark(root)
     else:
         root.parent.mkdir(parents=True, exist_ok=True)
         building = root.with_name(f".{root.name}.{os.getpid()}.{secrets.token_hex(4)}.staging")
         building.mkdir()
         try:
             sync(building)
+            if carry is not None and shared:
+                carry(building, sets, sources(root, key))
+            mark(building)
             try:
                 os.rename(building, root)
             except OSError:
                 if not root.is_dir():
                     raise
                 sync(root)       # another run's, of the same content: checked, nothing rewritten
+                mark(root)
         finally:
             if building.exists():
                 shutil.rmtree(building, ignore_errors=True)

@@ -152,8 +152,8 @@ def test_the_content_digest_covers_what_is_staged(dp_recipe, tmp_path):
 def test_removing_a_middle_image_renames_nothing_else(dp_recipe, tmp_path, subject_dataset):
     """The run folder's own sets (no `[train] cache_dir`) are brought up to date in place on a resume after an allowed
     dataset change. Named by their place in the set, every image after a removed one was renamed; named by content,
-    each other file keeps its name and is left untouched, and so does diffusion-pipe's `cache/` (whose buckets are
-    keyed by their file lists: only the removed image's bucket changes)."""
+    each other file keeps its name and is left untouched, and so does diffusion-pipe's `cache/` (diffusion-pipe
+    itself decides what of it to keep: its fingerprint covers the set's whole file list)."""
     recipe, report = _items(dp_recipe())
     root = tmp_path / "diffusion-pipe" / "data"
     stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root)
