@@ -57,7 +57,9 @@ def _removable(wanted: dict[str, Staged]) -> Callable[[Path], bool]:
     return lambda entry: entry.name != "cache"        # diffusion-pipe's cache stays
 
 
-def stage(sets: Sets, root: Path) -> dict[str, int]:
-    """Make `root/<set>/` hold the files of every set; returns the number of images per set
-    (``lora_run_engines.stage.publish``: a new ``root`` renamed into place whole, an existing one only checked)."""
-    return publish(sets, root, _removable)
+def stage(sets: Sets, root: Path, key: str = "") -> dict[str, int]:
+    """Make `root/<set>/` hold the files of every set, and `root` lora-run's marker with ``key``
+    (``translate.staging_key``); returns the number of images per set (``lora_run_engines.stage.publish``: a new
+    ``root`` renamed into place whole, an existing one only checked). No cache is carried: diffusion-pipe's is one
+    per set, keyed by the whole set's file list with its absolute paths (docs/backend-diffusion-pipe.md)."""
+    return publish(sets, root, _removable, key=key)

@@ -325,3 +325,107 @@ def publish(sets: Sets, root: Path,
             if building.exists():
                 shutil.rmtree(building, ignore_errors=True)
     return {name: sum(1 for file in wanted if not file.endswith(".txt")) for name, wanted in sets.items()}
+
+
+# ---------------------------------------------------------------------------- shared folders in use, and old ones
+def lock_path(root: Path) -> Path:
+    """The lock file of a shared staged folder: beside it (``.<name>.lock``), so it can be taken before the folder
+    exists and outlives the folder's removal while a waiting run still holds it open."""
+    return root.with_name(f".{root.name}.lock")
+
+
+def _flock(path: Path, mode: int) -> int | None:
+    """A file descriptor of ``path`` (created if missing) locked with ``mode`` (``fcntl.LOCK_SH`` or ``LOCK_EX``,
+    with ``LOCK_NB``: None when another holds it); the lock is on the file at ``path`` when it is taken (a lock file
+    removed or replaced while waiting is opened again), so a remover and a user never hold two different files."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, mode)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            now = os.stat(path)
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def use(root: Path) -> int:
+    """Hold ``root`` (a staged folder under ``[train] cache_dir``) in use: a shared lock on its :func:`lock_path`,
+    taken before the folder is checked or staged and held while the returned descriptor is open (the run closes it
+    when its engine is done; the engine inherits it, so a lora-run killed under a running engine leaves it held).
+    :func:`remove_earlier` removes no folder held so; it holds the lock exclusively while it moves a folder away, and
+    a run waiting here meanwhile finds no folder and stages its own."""
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    fd = _flock(lock_path(root), fcntl.LOCK_SH)
+    assert fd is not None
+    return fd
+
+
+def remove_earlier(root: Path, key: str) -> list[str]:
+    """Remove the folders beside ``root`` that an earlier run of this recipe staged and no run uses; returns their
+    names. ``root`` must be staged (:func:`publish`) and held (:func:`use`). A folder goes only when all of this holds:
+
+    - its name is ``dataset-*``, a real folder (no link), and it holds lora-run's marker (:data:`MARKER`) with the
+      same ``key`` as ``root`` (the same `[dataset]` table, model files, precisions and engine settings: an earlier
+      version of this recipe's dataset; another recipe's folders are never touched);
+    - its marker is older than ``root``'s (a folder staged after this one, e.g. by a run of a later edit, stays);
+    - no run holds it (:func:`use`): its lock is taken exclusively without waiting, and kept while the folder is moved
+      to a hidden name (``.<name>.<pid>.<hex>.removing``), so no run starts using it meanwhile; the marker is read
+      again under the lock. The moved folder is then deleted.
+
+    Anything else under the cache folder, any folder without the marker (another program's, or one an earlier
+    lora-run staged), is left alone."""
+    import fcntl
+
+    mine = read_marker(root)
+    if mine is None or mine["key"] != key:
+        return []
+    try:
+        since = (root / MARKER).stat().st_mtime_ns
+        entries = sorted(root.parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if entry.name == root.name or not entry.name.startswith("dataset-") or entry.is_symlink() \
+                or not entry.is_dir():
+            continue
+        marker = read_marker(entry)
+        try:
+            older = marker is not None and (entry / MARKER).stat().st_mtime_ns < since
+        except OSError:
+            older = False
+        if marker is None or marker["key"] != key or not older:
+            continue
+        fd = _flock(lock_path(entry), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:              # a run uses it
+            continue
+        moved = None
+        try:
+            marker = read_marker(entry)
+            if marker is not None and marker["key"] == key and not entry.is_symlink():
+                hidden = entry.with_name(f".{entry.name}.{os.getpid()}.{secrets.token_hex(4)}.removing")
+                os.rename(entry, hidden)
+                moved = hidden
+                os.unlink(lock_path(entry))     # under the lock: a run waiting on it opens a new one
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        if moved is not None:
+            shutil.rmtree(moved, ignore_errors=True)
+            removed.append(entry.name)
+    return removed

@@ -30,8 +30,8 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
-from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, linted, publish, staged_files,
-                                    staged_stems)
+from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, linted, publish, remove_earlier,
+                                    staged_files, staged_stems, use)
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -265,6 +265,17 @@ class KohyaBackend:
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> None:
+        """Stage, launch and supervise sd-scripts. A staged folder under `[train] cache_dir` is held in use
+        (`lora_run_engines.stage.use`) from before it is staged until sd-scripts is done, sd-scripts inheriting the
+        hold, so `remove_old_staging` in another run never removes it."""
+        lock = use(self.data_dir()) if self.recipe.train.cache_dir else None
+        try:
+            self._run(lock)
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _run(self, lock: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None and self.family is not None
         tr0 = self.translation()
@@ -288,6 +299,10 @@ class KohyaBackend:
             run_dir.write_text(rel, text)
         counts = stage_dataset(self.staged_sets(), paths, key=self.cache_key(),
                                shared=bool(recipe.train.cache_dir))
+        if lock is not None and self.options.remove_old_staging:
+            for name in remove_earlier(paths.data_dir, self.cache_key()):
+                ctx.echo(f"kohya: removed {paths.data_dir.parent / name}, staged by an earlier run of this recipe and "
+                         "used by none ([backend.kohya] remove_old_staging)")
         argv = list(tr.argv)
         resume_from = None
         offset = 0
@@ -380,7 +395,7 @@ class KohyaBackend:
         timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
         sup = Supervisor(argv, log_path=log_path, name="sd-scripts", cwd=co.path, env=env, on_line=on_line,
                          progress=progress, on_progress=on_progress, stall_seconds=stall,
-                         timeout_seconds=timeout, poll=watcher.poll)
+                         timeout_seconds=timeout, poll=watcher.poll, pass_fds=() if lock is None else (lock,))
         ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
                  f"log: {log_path}")
         try:

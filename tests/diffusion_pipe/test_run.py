@@ -179,7 +179,7 @@ def test_read_only_dataset_and_shared_cache_dir(dp_recipe, plugins_with, tmp_pat
         second, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "b", f"train.cache_dir='{cache}'")
     finally:
         os.chmod(subject_dataset, 0o755)
-    staged = list((cache / "diffusion-pipe").iterdir())
+    staged = [p for p in (cache / "diffusion-pipe").iterdir() if not p.name.startswith(".")]   # .<folder>.lock
     assert len(staged) == 1, "same model and dataset: one staging folder, its cache reused"
     assert (staged[0] / "subject" / "cache" / "flux").is_dir()
     assert Path(second.artifacts["lora_kohya"]).is_file()

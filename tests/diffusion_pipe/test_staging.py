@@ -85,7 +85,8 @@ def test_the_same_recipe_again_reuses_its_folder_and_writes_nothing(shared):
     before = snapshot(staged_subject(a))
     b = shared("b")
     assert staged_subject(b) == staged_subject(a)
-    assert [p.name for p in (shared.cache / "diffusion-pipe").iterdir()] == [staged_subject(a).parent.name]
+    assert [p.name for p in (shared.cache / "diffusion-pipe").iterdir() if not p.name.endswith(".lock")] == \
+        [staged_subject(a).parent.name]
     assert {k: v for k, v in snapshot(staged_subject(a)).items() if not k.startswith("cache")} == \
         {k: v for k, v in before.items() if not k.startswith("cache")}
 
@@ -165,3 +166,22 @@ def test_removing_a_middle_image_renames_nothing_else(dp_recipe, tmp_path, subje
     recipe, report = _items(dp_recipe())
     assert stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root) == {"subject": 3}
     assert snapshot(root / "subject") == {k: v for k, v in before.items() if not k.startswith("img001_")}
+
+
+def test_remove_old_staging_removes_the_earlier_folders_no_run_uses(shared, subject_dataset):
+    """Without `remove_old_staging` every folder stays; with it the run removes the folders earlier runs of this
+    recipe staged (lora-run's marker, the same key), unless a run still holds one."""
+    from lora_run_engines.stage import use
+
+    a = staged_subject(shared("a")).parent
+    (subject_dataset / "img000.txt").write_text("ohwx, edited", "utf-8")
+    b = staged_subject(shared("b")).parent
+    assert a.is_dir() and b.is_dir()
+    other = staged_subject(shared("other", "dataset.trigger='sks'")).parent      # another recipe's folder
+    (subject_dataset / "img000.txt").write_text("ohwx, edited twice", "utf-8")
+    held = use(b)
+    try:
+        c = staged_subject(shared("c", "backend.diffusion-pipe.remove_old_staging=true")).parent
+    finally:
+        os.close(held)
+    assert not a.exists() and b.is_dir() and c.is_dir() and other.is_dir()

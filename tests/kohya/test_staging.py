@@ -131,7 +131,8 @@ def test_the_same_recipe_again_reuses_its_folder_and_writes_nothing(shared):
     before = snapshot(staged_subject(a))
     b = shared("b")
     assert staged_subject(b) == staged_subject(a)
-    assert [p.name for p in (shared.cache / "kohya-data").iterdir()] == [staged_subject(a).parent.name]
+    assert sorted(p.name for p in (shared.cache / "kohya-data").iterdir()) == \
+        [f".{staged_subject(a).parent.name}.lock", staged_subject(a).parent.name]        # the folder and its lock
     assert snapshot(staged_subject(a)) == before
 
 
@@ -434,3 +435,36 @@ def test_a_resume_in_the_run_folder_keeps_the_latents_of_an_image_whose_caption_
     stage_at(kohya_recipe, tmp_path / "kohya" / "data", shared=False)
     assert [re.sub(r"_[0-9a-f]{10}_", "_", n) for n in encode(folder)] == ["img000_flux_te.npz"]
     assert stale(folder) == [] and len(list(folder.glob("*.npz"))) == 8
+
+
+# ------------------------------------------------------------------------------- earlier folders removed, by opt-in
+@pytest.mark.slow
+def test_remove_old_staging_removes_the_earlier_folders_no_run_uses(shared, subject_dataset, monkeypatch):
+    """Without `remove_old_staging` every folder stays; with it the run removes the folders earlier runs of this
+    recipe staged, unless a run still holds one (`lora_run_engines.stage.use`). sd-scripts is launched holding the
+    run's own folder (the descriptor passed on), and the caches carried from a removed folder stay (hard links)."""
+    import lora_run_kohya.backend as backend
+    from lora_run_engines.stage import lock_path, use
+
+    a = staged_subject(shared("a")).parent
+    (subject_dataset / "img000.txt").write_text("ohwx, edited", "utf-8")
+    b = staged_subject(shared("b")).parent
+    assert a.is_dir() and b.is_dir()
+    (subject_dataset / "img000.txt").write_text("ohwx, edited twice", "utf-8")
+    passed: list[str] = []
+    real = backend.Supervisor
+
+    def supervisor(*args, **kwargs):
+        passed.extend(os.readlink(f"/proc/self/fd/{fd}") for fd in kwargs.get("pass_fds", ()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "Supervisor", supervisor)
+    held = use(b)                                   # a run still training on b
+    try:
+        c = staged_subject(shared("c", "backend.kohya.remove_old_staging=true")).parent
+    finally:
+        os.close(held)
+    assert not a.exists() and b.is_dir() and c.is_dir()
+    assert passed == [str(lock_path(c))]
+    assert stale(c / "subject") == [] and len(list((c / "subject").glob("*.npz"))) == 8
+    assert sorted(p.name for p in c.parent.iterdir() if not p.name.startswith(".")) == sorted([b.name, c.name])
