@@ -12,6 +12,7 @@ from LORA_RUN_SD_SCRIPTS, LORA_RUN_ENGINE_PY and LORA_RUN_FLUX_FILES (defaults /
 
 Runs (4 images 192×160 with captions; `resolution = 128`, 2 steps, latents and text-encoder outputs cached to disk):
   a   first run, `[train] cache_dir` set
+  a2  the same under an empty cache_dir (a fresh encode in a's order: `a_against_a2`)
   b   img002's caption edited: a new folder
   c   img001 removed (a middle image): a new folder
   d   an image added (new000, its own caption) and img003's pixels changed (caption kept): a new folder
@@ -26,7 +27,7 @@ Runs (4 images 192×160 with captions; `resolution = 128`, 2 steps, latents and 
 The carried caches of d are compared with f's, array for array (`d_against_f`): sd-scripts samples the VAE's posterior
 (`library/flux_models.py` DiagonalGaussian, `sample=True`) from its seeded generator, so a latents cache is the same
 bit for bit only where the image was encoded at the same place in the run's order; g1 (a fresh encode in f's order)
-against f shows that (`g1_against_f`).
+against f shows that (`g1_against_f`), and a against a2 that the caches d carries from a are what sd-scripts writes.
 After each run: `listing-<x>.txt` (`find -printf '%i %n %T@ %y %p'`: inode, links, mtime, type, path of everything in
 the cache folder or the run's kohya/data), `lora-run-<x>.out`, `train-<x>.log` (sd-scripts' log) and, in
 `summary.json`, per run the staged folder, the caches sd-scripts wrote (a new inode) and the caches carried (an inode
@@ -178,7 +179,8 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     summary: dict = {"lora_run_tree": str(src), "checkout_head": commit, "runs": {}}
-    seen_inodes: dict[int, str] = {}         # inode -> the first path it was seen at (an earlier run's cache)
+    seen_inodes: dict[tuple[int, int], str] = {}    # (inode, mtime) -> the first path it was seen at
+    seen_files: dict[str, tuple[int, int]] = {}     # path -> (inode, mtime) when last seen
 
     def run(name: str, *extra: str, folder: str = "cache", rerun_of: str | None = None) -> None:
         out_dir = work / "runs" / (rerun_of or name)
@@ -186,6 +188,7 @@ def main() -> int:
         start = log.stat().st_size if log.exists() else 0
         argv = [sys.executable, "-m", "lora_run", str(recipe), "--output-dir", str(out_dir), *extra]
         t0 = time.time()
+        start_ns = time.time_ns()
         done = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True)
         seconds = round(time.time() - t0, 1)
         (out / f"lora-run-{name}.out").write_text(f"$ {' '.join(argv)}\n{done.stdout}{done.stderr}"
@@ -193,35 +196,45 @@ def main() -> int:
         if log.exists():
             (out / f"train-{name}.log").write_bytes(log.read_bytes()[start:])
         root = work / "cache" if folder == "cache" else out_dir / "kohya" / "data"
-        if folder == "fresh":
-            root = work / "fresh-cache"
+        if folder in ("fresh", "fresh-a"):
+            root = work / ("fresh-cache" if folder == "fresh" else "fresh-a")
         lines = listing(root, work) if root.exists() else []
         (out / f"listing-{name}.txt").write_text("\n".join(lines) + "\n")
         dataset = tomllib.loads((out_dir / "kohya" / "dataset.toml").read_text("utf-8"))
         staged = Path(dataset["datasets"][0]["subsets"][0]["image_dir"])
-        written, carried, kept = [], [], []
+        # a cache sd-scripts wrote in this run is newer than the run's start; one linked in (or renamed in place)
+        # keeps its file: the same inode and mtime as a file seen before (inode numbers alone are reused once a file
+        # is removed)
+        written, carried, kept, other = [], [], [], []
         for cache in sorted(staged.glob("*.npz")):
-            ino = cache.stat().st_ino
-            if ino not in seen_inodes:
+            st = cache.stat()
+            ident = (st.st_ino, st.st_mtime_ns)
+            if st.st_mtime_ns >= start_ns:
                 written.append(cache.name)
-            elif seen_inodes[ino] == str(cache):
+            elif seen_files.get(str(cache)) == ident:
                 kept.append(cache.name)
+            elif ident in seen_inodes:
+                carried.append(f"{cache.name} <- {Path(seen_inodes[ident]).relative_to(work)}")
             else:
-                carried.append(f"{cache.name} <- {Path(seen_inodes[ino]).relative_to(work)}")
+                other.append(cache.name)
         for path in root.rglob("*.npz"):
-            seen_inodes.setdefault(path.stat().st_ino, str(path))
+            st = path.stat()
+            seen_inodes.setdefault((st.st_ino, st.st_mtime_ns), str(path))
+            seen_files[str(path)] = (st.st_ino, st.st_mtime_ns)
         summary["runs"][name] = {"argv": argv[2:], "exit": done.returncode, "seconds": seconds,
                                  "staged": str(staged.relative_to(work)),
                                  "caches_written_by_sd_scripts": written, "caches_carried": carried,
-                                 "caches_kept_in_place": kept,
+                                 "caches_kept_in_place": kept, "caches_unexplained": other,
                                  "sd_scripts_caching_lines": caching_lines(log, start) if log.exists() else []}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         print(f"{name}: exit {done.returncode} in {seconds} s; written {len(written)}, carried {len(carried)}, "
-              f"kept {len(kept)} ({staged.relative_to(work)})", flush=True)
+              f"kept {len(kept)}, unexplained {len(other)} ({staged.relative_to(work)})", flush=True)
         if done.returncode != 0:
             raise SystemExit(done.stdout + done.stderr)
 
     run("a")
+    run("a2", "--set", f"train.cache_dir='{work / 'fresh-a'}'", folder="fresh-a")
+    summary["a_against_a2"] = compare(work / summary["runs"]["a"]["staged"], work / summary["runs"]["a2"]["staged"])
     (data / "img002.txt").write_text("ohwx, a photo number 2, edited", "utf-8")
     run("b")
     for path in data.glob("img001.*"):
