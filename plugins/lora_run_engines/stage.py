@@ -20,7 +20,13 @@ What both engine backends stage, and how, is one implementation here:
   that stage anything different never share a folder;
 - :func:`publish` — a folder that does not exist yet is staged aside and renamed into place whole (when another run
   renamed its own there first, theirs, of the same content, is used and ours removed); a folder that exists is only
-  checked: nothing is written where a file is as wanted, so no run rewrites a file another run is reading;
+  checked: nothing is written where a file is as wanted, so no run rewrites a file another run is reading. Every
+  folder gets lora-run's marker (:data:`MARKER`: the key of what else the engine's caches depend on and, per staged
+  image, its bytes' SHA-256 and kind), and a backend's ``carry`` (kohya's) brings into a new folder the engine's
+  caches that the markers prove valid there (:func:`sources`: the folders beside it staged with the same key);
+- :func:`use` / :func:`remove_earlier` — a run holds the shared folder it stages (a shared ``flock`` beside it,
+  passed on to the engine) until the engine is done; with the backend's ``remove_old_staging`` a run removes the
+  folders beside its own that hold the marker with its key, are older, and no run holds;
 - :func:`linted` — the run's linted items, or for ``lora-run plan`` (no lint yet) the lint run here, so the plan
   names the folder the run stages.
 """
@@ -239,10 +245,13 @@ def read_marker(root: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("lora_run_staging") != 1 or not isinstance(data.get("key"), str) \
             or not isinstance(data.get("sets"), dict):
         return None
-    for files in data["sets"].values():
-        if not isinstance(files, dict) or not all(
-                isinstance(f, dict) and all(isinstance(f.get(k), str) for k in ("file", "kind", "image"))
-                for f in files.values()):
+    def plain(name: Any) -> bool:       # a name in its folder, never a path
+        return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+    for name, files in data["sets"].items():
+        if not plain(name) or not isinstance(files, dict) or not all(
+                plain(stem) and isinstance(f, dict) and plain(f.get("file")) and
+                all(isinstance(f.get(k), str) for k in ("kind", "image")) for stem, f in files.items()):
             return None
     return data
 

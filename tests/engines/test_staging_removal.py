@@ -102,3 +102,19 @@ def test_a_run_waiting_while_its_folder_is_removed_stages_it_again(tmp_path):
         assert remove_earlier(current, "k") == [] and earlier.is_dir()
     finally:
         os.close(got["fd"])
+
+
+def test_a_marker_naming_paths_is_not_lora_runs(tmp_path):
+    """The marker names files in their set folder; one naming a path (a tampered or foreign file) is no marker, so
+    nothing is read, linked or removed through it."""
+    import json
+
+    from lora_run_engines.stage import read_marker
+
+    root = staged(tmp_path / "dataset-x", "k", "x", time.time())
+    good = json.loads((root / MARKER).read_text())
+    assert read_marker(root) == good
+    for bad in ({"subject": {"s": {"file": "../../secret", "kind": "link", "image": "0"}}},
+                {"../up": {}}, {"subject": {"a/b": {"file": "a", "kind": "link", "image": "0"}}}):
+        (root / MARKER).write_text(json.dumps({**good, "sets": bad}))
+        assert read_marker(root) is None, bad
