@@ -281,6 +281,20 @@ class DiffusionPipeBackend:
             raise ModelSourceError("\n".join(f"{self._shown()}: [{'.'.join(k)}] {msg}" for k, msg in problems))
 
     def run(self) -> None:
+        """Stage, launch and supervise diffusion-pipe. A staged folder under `[train] cache_dir` is held in use
+        (`lora_run_engines.stage.use`) from before it is staged until diffusion-pipe is done, the launcher inheriting
+        the hold, so `remove_old_staging` in another run never removes it."""
+        from lora_run_engines.stage import use
+
+        assert self.ctx.run_dir is not None
+        lock = use(self.layout().data) if self.recipe.train.cache_dir else None
+        try:
+            self._run(lock)
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _run(self, lock: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
         checkout = self._require_checkout()
@@ -298,8 +312,15 @@ class DiffusionPipeBackend:
 
         from .stage import stage
 
-        counts = stage(self._staged_sets(), layout.data)
+        key = translate.staging_key(recipe, self.options)
+        counts = stage(self._staged_sets(), layout.data, key=key)
         ctx.run_dir.log(f"diffusion-pipe: staged {counts} in {layout.data}")
+        if lock is not None and self.options.remove_old_staging:
+            from lora_run_engines.stage import remove_earlier
+
+            for name in remove_earlier(layout.data, key):
+                ctx.echo(f"diffusion-pipe: removed {layout.data.parent / name}, staged by an earlier run of this recipe "
+                         "and used by none ([backend.diffusion-pipe] remove_old_staging)")
         examples = self._examples()
         resume_from = None
         if ctx.resume:
@@ -324,7 +345,8 @@ class DiffusionPipeBackend:
             argv, log_path=layout.log, name=NAME, cwd=checkout, env=translate.child_env(self.options),
             on_line=watcher.on_line, poll=watcher.tick, request_quit=watcher.request_quit,
             stall_seconds=self.options.stall_timeout or None, timeout_seconds=self.options.timeout,
-            grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo)
+            grace_seconds=10.0, quit_grace=self.options.interrupt_grace, echo=ctx.echo,
+            pass_fds=() if lock is None else (lock,))
         watcher.supervisor = supervisor
         try:
             outcome = supervisor.run()

@@ -51,3 +51,7 @@ class DiffusionPipeOptions:
     stop_on_nan: bool = option(True, "Stop the run when the loss becomes NaN or infinite.")
     copy_images: bool = option(False, "Stage the training images as copies instead of symbolic links (for "
                                "filesystems without symlinks).")
+    remove_old_staging: bool = option(False, "After staging under `[train] cache_dir`, remove the folders earlier "
+                                      "runs of this recipe staged there (lora-run's marker; the same `[dataset]` "
+                                      "table, model and settings; staged before this one), diffusion-pipe's cache "
+                                      "with them, that no run is using. Off: every staged folder is kept.")

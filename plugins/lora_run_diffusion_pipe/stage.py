@@ -3,7 +3,7 @@
 Why not point diffusion-pipe at the dataset folders: it writes its cache into them (read-only datasets fail),
 it reads ``<stem>.txt`` captions as they are (our trigger policy and the regularisation sets' default caption
 would be lost), and it skips images without a caption. Here every usable image (after lint) is linked (or
-copied) as ``NNNNN_<hash>_<stem>`` (the stem made safe for a file name: ``lora_run_engines.stage.safe_stem``)
+copied) as ``<stem>_<hash>`` (the stem made safe for a file name: ``lora_run_engines.stage.safe_stem``)
 next to the same name's ``.txt`` holding exactly the caption we train with. Images the
 lint had to convert (EXIF rotation, CMYK, 16-bit, alpha, palette, animation) are written as converted PNGs,
 so diffusion-pipe sees the same pixels our other backends train on. The file names carry a hash of the image
@@ -45,7 +45,7 @@ def set_of(item: Item) -> str:
 def wanted_sets(recipe: Recipe, items: list[Item], set_names: list[str], *, lint: Any = None,
                 copy: bool = False) -> Sets:
     """Every staged file of every set (``set_names``, in order): the image (a link, a copy, or a converted PNG) and
-    its training caption, named ``NNNNN_<hash of image bytes and caption>_<safe stem>``
+    its training caption, named ``<safe stem>_<hash of image bytes and caption>``
     (``lora_run_engines.stage.staged_files``)."""
     return {name: staged_files((i for i in items if set_of(i) == name),
                                lambda item: training_caption(item, recipe.dataset), lint=lint, copy=copy,
@@ -57,7 +57,9 @@ def _removable(wanted: dict[str, Staged]) -> Callable[[Path], bool]:
     return lambda entry: entry.name != "cache"        # diffusion-pipe's cache stays
 
 
-def stage(sets: Sets, root: Path) -> dict[str, int]:
-    """Make `root/<set>/` hold the files of every set; returns the number of images per set
-    (``lora_run_engines.stage.publish``: a new ``root`` renamed into place whole, an existing one only checked)."""
-    return publish(sets, root, _removable)
+def stage(sets: Sets, root: Path, key: str = "") -> dict[str, int]:
+    """Make `root/<set>/` hold the files of every set, and `root` lora-run's marker with ``key``
+    (``translate.staging_key``); returns the number of images per set (``lora_run_engines.stage.publish``: a new
+    ``root`` renamed into place whole, an existing one only checked). No cache is carried: diffusion-pipe's is one
+    per set, keyed by the whole set's file list with its absolute paths (docs/backend-diffusion-pipe.md)."""
+    return publish(sets, root, _removable, key=key)

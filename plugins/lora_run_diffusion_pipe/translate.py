@@ -64,10 +64,22 @@ def staging_root(recipe: Recipe, root: Path, options: DiffusionPipeOptions | Non
         return root / "data"
     from lora_run_engines import dataset_key
 
+    return Path(recipe.train.cache_dir) / "diffusion-pipe" / dataset_key(recipe, *_cache_settings(recipe, options),
+                                                                         content)
+
+
+def _cache_settings(recipe: Recipe, options: DiffusionPipeOptions | None) -> tuple[Any, ...]:
     m = recipe.model
-    key = dataset_key(recipe, m.files, m.base_precision, recipe.train.mixed_precision,
-                      bool(options.copy_images) if options is not None else False, content)
-    return Path(recipe.train.cache_dir) / "diffusion-pipe" / key
+    return (m.files, m.base_precision, recipe.train.mixed_precision,
+            bool(options.copy_images) if options is not None else False)
+
+
+def staging_key(recipe: Recipe, options: DiffusionPipeOptions | None = None) -> str:
+    """The staging folder's key without the staged content (`lora_run_engines.stage.MARKER`): the folders of one
+    recipe's dataset table, model and settings, whatever was staged in them."""
+    from lora_run_engines import dataset_key
+
+    return dataset_key(recipe, *_cache_settings(recipe, options))
 
 
 def set_names(recipe: Recipe) -> list[str]:

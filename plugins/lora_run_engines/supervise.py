@@ -62,7 +62,7 @@ class Supervisor:
                  stall_seconds: float | None = None, timeout_seconds: float | None = None,
                  grace_seconds: float = 30.0, quit_grace: float = 600.0, kill_grace: float = 10.0,
                  keep_lines: int = 40, echo: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, pass_fds: Sequence[int] = ()):
         self.argv = [str(a) for a in argv]
         self.log_path, self.name, self.cwd, self.env = log_path, name, cwd, env
         self.on_line, self.progress, self.on_progress = on_line, progress, on_progress
@@ -70,6 +70,7 @@ class Supervisor:
         self.stall_seconds, self.timeout_seconds = stall_seconds, timeout_seconds
         self.grace_seconds, self.quit_grace, self.kill_grace = grace_seconds, quit_grace, kill_grace
         self.echo, self.clock = echo, clock
+        self.pass_fds = tuple(pass_fds)     # descriptors the child keeps open (a staged folder's lock)
         self.tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self.last_progress: Any = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -84,7 +85,7 @@ class Supervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(self.argv, cwd=None if self.cwd is None else str(self.cwd), env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_default_sigint)
+                                     start_new_session=True, preexec_fn=_default_sigint, pass_fds=self.pass_fds)
         threading.Thread(target=self._read, name=f"{self.name}-output", daemon=True).start()
 
     def _read(self) -> None:

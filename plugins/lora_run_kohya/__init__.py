@@ -48,6 +48,10 @@ class KohyaOptions:
     stall_minutes: float = option(20.0, "Stop sd-scripts when it prints nothing for this many minutes "
                                   "(0 = never).", ge=0.0)
     timeout_hours: float | None = option(None, "Stop sd-scripts after this many hours in total.", gt=0.0)
+    remove_old_staging: bool = option(False, "After staging under `[train] cache_dir`, remove the folders earlier "
+                                      "runs of this recipe staged there (lora-run's marker; the same `[dataset]` "
+                                      "table, model and settings; staged before this one) that no run is using. "
+                                      "Off: every staged folder is kept.")
     extra_args: dict[str, Any] = option(factory=dict, doc="More sd-scripts options, as in its config file "
                                         "(`{ full_bf16 = true }`); each is checked against sd-scripts' option "
                                         "list. Options lora-run sets from the recipe cannot be overridden here.")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
-from lora_run_engines.stage import Sets, Staged, content_digest, linted, publish, staged_files, staged_prefix
+from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, linted, publish, remove_earlier,
+                                    staged_files, staged_stems, use)
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -103,15 +105,26 @@ class KohyaBackend:
         """The staged view under `[train] cache_dir` that later runs share: `<cache_dir>/kohya-data/dataset-<hash>`,
         the hash covering everything the folder holds and sd-scripts caches beside the images: what is staged
         (`content_digest`: each file's name, which carries a hash of the image bytes and caption, what it is made
-        from and each caption's text), the `[dataset]` table, the model family, source and files and the precisions
-        the latents and text-encoder outputs are cached with (`lora_run_engines.dataset_key`, diffusion-pipe's key
-        too). Recipes that stage anything different never share a folder. ``content=False`` (`check()`, before the
+        from and each caption's text), the `[dataset]` table, the model family, source and files, the precisions
+        the latents and text-encoder outputs are cached with and `extra_args` (`lora_run_engines.dataset_key`,
+        diffusion-pipe's key too). Recipes that stage anything different never share a folder. ``content=False`` (`check()`, before the
         dataset is linted) leaves the staged content out: a name of the same form, for checking the generated
         files, not a folder any run stages."""
-        m = self.recipe.model
         digest = content_digest(self.staged_sets()) if content else ""
-        key = dataset_key(self.recipe, m.files, m.base_precision, self.recipe.train.mixed_precision, digest)
-        return Path(self.recipe.train.cache_dir) / "kohya-data" / key
+        return Path(self.recipe.train.cache_dir) / "kohya-data" / dataset_key(self.recipe, *self._cache_settings(),
+                                                                              digest)
+
+    def _cache_settings(self) -> tuple[Any, ...]:
+        """What sd-scripts' caches depend on besides the staged files and the `[dataset]` table: the model files, the
+        precisions they are cached with, and `extra_args` (sd-scripts' own options, `apply_t5_attn_mask` or
+        `t5xxl_max_token_length` among them)."""
+        m = self.recipe.model
+        return m.files, m.base_precision, self.recipe.train.mixed_precision, dict(self.options.extra_args)
+
+    def cache_key(self) -> str:
+        """The staged folder's key without the staged content (`lora_run_engines.stage.MARKER`): folders of one key
+        differ in what is staged alone, so a cache of an image and caption staged in both serves both."""
+        return dataset_key(self.recipe, *self._cache_settings())
 
     def staged_sets(self) -> Sets:
         """What the run stages (`wanted_sets`), from the linted items and the lint's digests; `lora-run plan` (no lint
@@ -252,6 +265,17 @@ class KohyaBackend:
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> None:
+        """Stage, launch and supervise sd-scripts. A staged folder under `[train] cache_dir` is held in use
+        (`lora_run_engines.stage.use`) from before it is staged until sd-scripts is done, sd-scripts inheriting the
+        hold, so `remove_old_staging` in another run never removes it."""
+        lock = use(self.data_dir()) if self.recipe.train.cache_dir else None
+        try:
+            self._run(lock)
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _run(self, lock: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None and self.family is not None
         tr0 = self.translation()
@@ -273,7 +297,12 @@ class KohyaBackend:
         run_dir = ctx.run_dir
         for rel, text in self.files(tr).items():
             run_dir.write_text(rel, text)
-        counts = stage_dataset(self.staged_sets(), paths)
+        counts = stage_dataset(self.staged_sets(), paths, key=self.cache_key(),
+                               shared=bool(recipe.train.cache_dir))
+        if lock is not None and self.options.remove_old_staging:
+            for name in remove_earlier(paths.data_dir, self.cache_key()):
+                ctx.echo(f"kohya: removed {paths.data_dir.parent / name}, staged by an earlier run of this recipe and "
+                         "used by none ([backend.kohya] remove_old_staging)")
         argv = list(tr.argv)
         resume_from = None
         offset = 0
@@ -366,7 +395,7 @@ class KohyaBackend:
         timeout = self.options.timeout_hours * 3600 if self.options.timeout_hours else None
         sup = Supervisor(argv, log_path=log_path, name="sd-scripts", cwd=co.path, env=env, on_line=on_line,
                          progress=progress, on_progress=on_progress, stall_seconds=stall,
-                         timeout_seconds=timeout, poll=watcher.poll)
+                         timeout_seconds=timeout, poll=watcher.poll, pass_fds=() if lock is None else (lock,))
         ctx.echo(f"kohya: launching sd-scripts {tr.family.script} ({co.commit[:10] if co.commit else 'no git'}); "
                  f"log: {log_path}")
         try:
@@ -589,9 +618,9 @@ def wanted_sets(items: list[Item], recipe: Any, lint: Any) -> Sets:
     """The dataset view sd-scripts reads, per subset folder (`subject`, `reg0`, …; only those with a usable image):
     a link to each usable image (a converted PNG where the lint converted it: EXIF rotation, CMYK, 16-bit, alpha)
     and a ``.txt`` caption holding exactly the caption lora-run trains with (trigger policy and default captions
-    applied, one line), named ``NNNNN_<hash of image bytes and caption>_<stem>``
-    (`lora_run_engines.stage.staged_files`): sd-scripts names its latent and text-encoder caches after the image
-    and checks neither against an edited image or caption, so edited content gets a new name and is cached afresh."""
+    applied, one line), named ``<stem>_<hash of image bytes and caption>`` (`lora_run_engines.stage.staged_files`):
+    sd-scripts names its latent and text-encoder caches after the image and checks neither against an edited image or
+    caption, so edited content gets a new name and is cached afresh; an image added or removed renames no other."""
     groups: dict[int, list[Item]] = {}
     for item in items:
         groups.setdefault(_subset_index(item), []).append(item)
@@ -604,23 +633,150 @@ def _removable(wanted: dict[str, Staged]) -> Callable[[Path], bool]:
     image no longer staged; the caches of the images staged are kept (a resume or rerun reuses them)."""
     from lora_run_folder.images import IMAGE_EXTENSIONS
 
-    staged = {staged_prefix(name) for name in wanted}
+    stems = staged_stems(wanted)
 
     def removable(entry: Path) -> bool:
         suffix = entry.suffix.lower()
         if suffix in IMAGE_EXTENSIONS or suffix == ".txt":
             return True
-        return suffix == ".npz" and staged_prefix(entry.name) not in staged
+        return suffix == ".npz" and cache_owner(entry.name, stems) is None
     return removable
 
 
-def stage_dataset(sets: Sets, paths: Paths) -> dict[str, int]:
+#: sd-scripts' caches after a staged image's stem and ``_`` (`library/strategy_flux.py`,
+#: `strategy_hunyuan_image.py`): the latents, named with the image file's own size, and the text-encoder outputs
+LATENTS_CACHE = re.compile(r"\d{4}x\d{4}_(?:flux|hi)\.npz")
+TE_CACHE = re.compile(r"(?:flux|hi)_te\.npz")
+
+
+def _complete(path: Path) -> bool:
+    """A cache file sd-scripts has finished writing: a regular file holding a whole zip (``np.savez`` writes the zip's
+    directory last, so a file being written, or cut short, is none)."""
+    import zipfile
+
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _link(source: Path, target: Path) -> bool:
+    """``target`` becomes a hard link to ``source`` (a copy where the file system has none); False when ``target``
+    exists already."""
+    from lora_run_rundir import atomic_path
+
+    if target.exists() or target.is_symlink():
+        return False
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return True
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def carry_caches(into: Path, sets: Sets, sources: list[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """Link into ``into/<set>/`` the sd-scripts caches of ``sources`` (folders staged with the same key: the same
+    `[dataset]` table, model files, precisions and `extra_args`; `lora_run_engines.stage.publish`) that are valid
+    there, where ``into`` has none yet; returns the names linked. sd-scripts checks neither the image nor the caption
+    a cache was made from, so a cache is carried only where that is proven:
+
+    - latents (`<stem>_<W>x<H>_flux.npz`) of a source image of the same set whose marker records the same SHA-256 of
+      the image bytes and the same kind (a link to the image, or lora-run's converted PNG, byte for byte the same as
+      ours);
+    - text-encoder outputs (`<stem>_flux_te.npz`) of a source image of the same set whose caption file holds the very
+      bytes of ours;
+    - only a whole cache (``np.savez`` finished writing it), a regular file.
+
+    Hard links: sd-scripts rewrites a cache in place only when it finds it missing or lacking what its settings need,
+    and with the same key it finds what it found in the folder the cache came from."""
+    carried: list[str] = []
+    for name, wanted in sets.items():
+        folder = into / name
+        ours = {file.rsplit(".", 1)[0]: (file, s) for file, s in wanted.items() if s.kind != "text"}
+        have: dict[str, set[str]] = {"latents": set(), "te": set()}
+        for entry in os.listdir(folder):
+            owner = cache_owner(entry, ours)
+            if owner is not None:
+                rest = entry[len(owner) + 1:]
+                if LATENTS_CACHE.fullmatch(rest):
+                    have["latents"].add(owner)
+                elif TE_CACHE.fullmatch(rest):
+                    have["te"].add(owner)
+        for source, marker in sources:
+            theirs: dict[str, dict[str, str]] = marker["sets"].get(name) or {}
+            src = source / name
+            try:
+                entries = os.listdir(src)
+            except OSError:
+                continue
+            caches: dict[str, list[tuple[str, str]]] = {}        # their stem -> [(form, cache file name)]
+            for entry in entries:
+                owner = cache_owner(entry, theirs)
+                if owner is not None:
+                    rest = entry[len(owner) + 1:]
+                    form = "latents" if LATENTS_CACHE.fullmatch(rest) else "te" if TE_CACHE.fullmatch(rest) else ""
+                    if form:
+                        caches.setdefault(owner, []).append((form, entry))
+            by_image: dict[tuple[str, str], list[str]] = {}
+            for stem, facts in theirs.items():
+                if stem in caches:
+                    by_image.setdefault((facts["image"], facts["kind"]), []).append(stem)
+            by_caption: dict[bytes, str] = {}
+            for stem in caches:
+                if any(form == "te" for form, _ in caches[stem]):
+                    try:
+                        by_caption.setdefault((src / f"{stem}.txt").read_bytes(), stem)
+                    except OSError:
+                        continue
+            for stem, (file, staged) in ours.items():
+                if stem not in have["latents"] and staged.sha:
+                    for other in by_image.get((staged.sha, staged.kind), []):
+                        if staged.kind == "png" and not _same_bytes(src / theirs[other]["file"], folder / file):
+                            continue
+                        for form, entry in caches[other]:
+                            if form == "latents" and _complete(src / entry) and \
+                                    _link(src / entry, folder / f"{stem}_{entry[len(other) + 1:]}"):
+                                carried.append(f"{name}/{stem}_{entry[len(other) + 1:]}")
+                                have["latents"].add(stem)
+                        if stem in have["latents"]:
+                            break
+                if stem not in have["te"]:
+                    try:
+                        other_te = by_caption.get((folder / f"{stem}.txt").read_bytes())
+                    except OSError:
+                        other_te = None
+                    for form, entry in caches.get(other_te, []) if other_te is not None else []:
+                        if form == "te" and _complete(src / entry) and \
+                                _link(src / entry, folder / f"{stem}_{entry[len(other_te) + 1:]}"):
+                            carried.append(f"{name}/{stem}_{entry[len(other_te) + 1:]}")
+                            have["te"].add(stem)
+    return carried
+
+
+def stage_dataset(sets: Sets, paths: Paths, *, key: str = "", shared: bool = False) -> dict[str, int]:
     """Make ``paths.data_dir`` hold ``sets`` (`lora_run_engines.stage.publish`: a new folder is staged aside and
-    renamed into place whole; an existing one, this run folder's earlier attempt or a shared folder of this content,
-    is only checked, nothing written where a file is as wanted); returns the images per subset folder."""
+    renamed into place whole; an existing one, this run folder's earlier attempt or a ``shared`` folder of this
+    content, is only checked, nothing written where a file is as wanted), with the sd-scripts caches that are valid
+    there carried from the folders staged before with the same ``key`` (`carry_caches`); returns the images per subset
+    folder."""
     if not sets.get("subject"):
         raise BackendError("no usable subject image to train on (see the dataset lint above)")
-    return publish(sets, paths.data_dir, _removable)
+    return publish(sets, paths.data_dir, _removable, key=key, carry=carry_caches, shared=shared)
 
 
 SEGMENT = "lora-run-segment.json"

@@ -162,7 +162,7 @@ def test_epochs_regularisation_and_keep_last(dp_recipe, plugins_with, tmp_path, 
     staged = out / "diffusion-pipe" / "data" / "reg-0"
     captions = sorted(p.read_text() for p in staged.glob("*.txt"))
     assert captions == ["a man"] * 3
-    converted = [p for p in staged.iterdir() if p.name.endswith("reg_alpha.png")]
+    converted = [p for p in staged.iterdir() if p.name.startswith("reg_alpha_") and p.suffix == ".png"]
     assert len(converted) == 1 and not converted[0].is_symlink()       # alpha composited: a converted copy
     assert Image.open(converted[0]).mode == "RGB"
     dataset = (out / "diffusion-pipe" / "dataset.toml").read_text()
@@ -179,7 +179,7 @@ def test_read_only_dataset_and_shared_cache_dir(dp_recipe, plugins_with, tmp_pat
         second, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "b", f"train.cache_dir='{cache}'")
     finally:
         os.chmod(subject_dataset, 0o755)
-    staged = list((cache / "diffusion-pipe").iterdir())
+    staged = [p for p in (cache / "diffusion-pipe").iterdir() if not p.name.startswith(".")]   # .<folder>.lock
     assert len(staged) == 1, "same model and dataset: one staging folder, its cache reused"
     assert (staged[0] / "subject" / "cache" / "flux").is_dir()
     assert Path(second.artifacts["lora_kohya"]).is_file()

@@ -85,7 +85,8 @@ def test_the_same_recipe_again_reuses_its_folder_and_writes_nothing(shared):
     before = snapshot(staged_subject(a))
     b = shared("b")
     assert staged_subject(b) == staged_subject(a)
-    assert [p.name for p in (shared.cache / "diffusion-pipe").iterdir()] == [staged_subject(a).parent.name]
+    assert [p.name for p in (shared.cache / "diffusion-pipe").iterdir() if not p.name.endswith(".lock")] == \
+        [staged_subject(a).parent.name]
     assert {k: v for k, v in snapshot(staged_subject(a)).items() if not k.startswith("cache")} == \
         {k: v for k, v in before.items() if not k.startswith("cache")}
 
@@ -147,3 +148,40 @@ def test_the_content_digest_covers_what_is_staged(dp_recipe, tmp_path):
     assert content_digest(wanted_sets(other, report.usable, ["subject"], lint=report)) != content_digest(base)
     # without the lint's digests, the images are read here: the same names
     assert wanted_sets(recipe, report.usable, ["subject"]) == base
+
+
+def test_removing_a_middle_image_renames_nothing_else(dp_recipe, tmp_path, subject_dataset):
+    """The run folder's own sets (no `[train] cache_dir`) are brought up to date in place on a resume after an allowed
+    dataset change. Named by their place in the set, every image after a removed one was renamed; named by content,
+    each other file keeps its name and is left untouched, and so does diffusion-pipe's `cache/` (diffusion-pipe
+    itself decides what of it to keep: its fingerprint covers the set's whole file list)."""
+    recipe, report = _items(dp_recipe())
+    root = tmp_path / "diffusion-pipe" / "data"
+    stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root)
+    (root / "subject" / "cache").mkdir()
+    (root / "subject" / "cache" / "kept").write_text("diffusion-pipe's")
+    before = snapshot(root / "subject")
+    for path in subject_dataset.glob("img001.*"):
+        path.unlink()
+    recipe, report = _items(dp_recipe())
+    assert stage(wanted_sets(recipe, report.usable, ["subject"], lint=report), root) == {"subject": 3}
+    assert snapshot(root / "subject") == {k: v for k, v in before.items() if not k.startswith("img001_")}
+
+
+def test_remove_old_staging_removes_the_earlier_folders_no_run_uses(shared, subject_dataset):
+    """Without `remove_old_staging` every folder stays; with it the run removes the folders earlier runs of this
+    recipe staged (lora-run's marker, the same key), unless a run still holds one."""
+    from lora_run_engines.stage import use
+
+    a = staged_subject(shared("a")).parent
+    (subject_dataset / "img000.txt").write_text("ohwx, edited", "utf-8")
+    b = staged_subject(shared("b")).parent
+    assert a.is_dir() and b.is_dir()
+    other = staged_subject(shared("other", "dataset.trigger='sks'")).parent      # another recipe's folder
+    (subject_dataset / "img000.txt").write_text("ohwx, edited twice", "utf-8")
+    held = use(b)
+    try:
+        c = staged_subject(shared("c", "backend.diffusion-pipe.remove_old_staging=true")).parent
+    finally:
+        os.close(held)
+    assert not a.exists() and b.is_dir() and c.is_dir() and other.is_dir()

@@ -83,7 +83,7 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     staged = sorted((run / "kohya" / "data" / "subject").iterdir())
     images = [p for p in staged if p.suffix == ".png"]
     assert len(images) == 4 and all(p.is_symlink() for p in images)
-    caption, = (run / "kohya" / "data" / "subject").glob("00000_*_img000.txt")     # NNNNN_<hash>_<stem>
+    caption, = (run / "kohya" / "data" / "subject").glob("img000_*.txt")     # <stem>_<hash>
     assert caption.read_text() == "ohwx, a photo number 0\n"
     log = (run / "kohya" / "train.log").read_text()
     assert "running training" in log and "steps: 100%" in log
@@ -123,7 +123,7 @@ def test_staging_converts_and_captions(kohya_recipe, fake_checkout, plugins_with
     assert Image.open(converted[0]).mode == "RGB"
     assert converted[0].with_suffix(".txt").read_text() == "ohwx, with two lines\n"
     staged = sorted(p.name for p in (data / "reg0").iterdir() if p.suffix != ".npz")    # sd-scripts' caches beside
-    assert [re.sub(r"_[0-9a-f]{10}_", "_", n) for n in staged] == ["00000_r0.jpg", "00000_r0.txt"]
+    assert [re.sub(r"_[0-9a-f]{10}\.", ".", n) for n in staged] == ["r0.jpg", "r0.txt"]
     assert (data / "reg0" / staged[1]).read_text() == "a man\n"
 
 

@@ -22,7 +22,8 @@ at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time
 the real sd-scripts took about 2 s on CPU);
 ``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON. With ``--cache_latents_to_disk``
 and ``--cache_text_encoder_outputs_to_disk`` it writes cache files beside the staged images as sd-scripts does (only
-where none is yet), the text-encoder cache holding the caption it was made from.
+where none is yet), the latents cache holding the SHA-256 of the image bytes and the text-encoder cache the caption it
+was made from; ``FAKE_KOHYA_ENCODED`` names a file to which each cache written is appended.
 """
 from __future__ import annotations
 
@@ -219,12 +220,16 @@ def write_caches(data: dict, args: argparse.Namespace) -> None:
     keys and sizes, never the image or caption it was made from), named as sd-scripts 48d368f names them
     (`library/strategy_flux.py`, `strategy_hunyuan_image.py`; seen on the real engine, tests/kohya/fixtures/
     sd-scripts-48d368f/cpu-staging-20261205): `<stem>_<W>x<H>_flux.npz` (latents; W×H the image file's own size,
-    4 digits each) and `<stem>_flux_te.npz` (text-encoder outputs, here holding the caption it encoded); `_hi.npz`
-    and `_hi_te.npz` for HunyuanImage-2.1."""
+    4 digits each; here holding the SHA-256 of the image bytes it encoded) and `<stem>_flux_te.npz` (text-encoder
+    outputs, here holding the caption it encoded); `_hi.npz` and `_hi_te.npz` for HunyuanImage-2.1. Each name written
+    is appended to the file ``FAKE_KOHYA_ENCODED`` names, if set."""
+    import hashlib
+
     import numpy as np
     from PIL import Image
 
     suffix = "_hi" if "hunyuan" in SCRIPT else "_flux"
+    encoded: list[Path] = []
     for ds in data["datasets"]:
         for sub in ds["subsets"]:
             for image in images_in(Path(sub["image_dir"])):
@@ -233,11 +238,17 @@ def write_caches(data: dict, args: argparse.Namespace) -> None:
                     width, height = opened.size
                 latents = Path(f"{stem}_{width:04d}x{height:04d}{suffix}.npz")
                 if args.cache_latents_to_disk and not latents.exists():
-                    np.savez(latents, latents=np.zeros((1, 2, 2), dtype=np.float32))
+                    np.savez(latents, latents=np.zeros((1, 2, 2), dtype=np.float32),
+                             image=np.array(hashlib.sha256(image.read_bytes()).hexdigest()))
+                    encoded.append(latents)
                 te = Path(f"{stem}{suffix}_te.npz")
                 if args.cache_text_encoder_outputs_to_disk and not te.exists():
                     caption = image.with_suffix(".txt").read_text("utf-8").splitlines()[0]
                     np.savez(te, caption=np.array(caption), apply_t5_attn_mask=np.array(False))
+                    encoded.append(te)
+    if os.environ.get("FAKE_KOHYA_ENCODED"):
+        with open(os.environ["FAKE_KOHYA_ENCODED"], "a", encoding="utf-8") as fh:
+            fh.writelines(f"{path}\n" for path in encoded)
 
 
 def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> None:
