@@ -9,7 +9,8 @@ pre-flight both see them; no torch, nothing but headers and small JSON files rea
   in each component folder, every ``*.json`` (a config, a tokenizer file, a shard index: a regular UTF-8 JSON
   object within ``TEXT_LIMIT``), the tokenizer's other files (``*.txt``, ``*.model``, ``*.tiktoken``: regular
   files), and the weights the loaders read (``diffusion_pytorch_model.safetensors`` / ``model.safetensors``, or
-  the shards an ``*.safetensors.index.json`` names): complete safetensors files. Other files are never read;
+  the shards an ``*.safetensors.index.json`` names): complete safetensors files, and a component the family loads
+  from the folder has some (``folder_problems``' ``loaded``). Other files are never read;
 - a component's ``config.json`` against its weights' headers (``config_fit``): the blocks and widths the family
   declares for it (``folder_problems``' ``fits``), and a ``[model.files]`` file's against the config the loader
   reads for it (``file_fit_problems``), so no library builds a model its weights do not fill.
@@ -35,6 +36,8 @@ TEXT_LIMIT = 256 * MiB
 #: The weight files diffusers and transformers load from a component folder when it has no shard index.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _TOKENIZER_SUFFIXES = (".txt", ".model", ".tiktoken")
+#: any file of weights a loader may read (other names, variants, formats): a folder with one is not "without weights"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
 
 
 def read_weights(path: str | Path) -> tuple[dict | None, str | None]:
@@ -77,10 +80,13 @@ def config_json(path: str | Path) -> dict | None:
     return read_json(path)[0]
 
 
-def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str, Fit] | None = None) -> list[str]:
+def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str, Fit] | None = None,
+                    loaded: frozenset[str] = frozenset()) -> list[str]:
     """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub
     model's snapshot in the local cache, where a shard not downloaded yet is fetched when the model loads.
-    ``fits``: component folder name -> what its config.json must fit in its weights (``config_fit``)."""
+    ``fits``: component folder name -> what its config.json must fit in its weights (``config_fit``).
+    ``loaded``: the component folders whose model is loaded from this folder: one of them with a config.json but
+    no weights file (an interrupted download or copy) is named (not where ``partial``)."""
     folder = Path(folder)
     out = []
     index = folder / "model_index.json"
@@ -91,7 +97,7 @@ def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str
     except OSError as exc:
         return out + [f"{shown(folder)}: cannot be listed ({exc.strerror or exc})"]
     for sub in subs:
-        out += _component_problems(sub, partial, (fits or {}).get(sub.name))
+        out += _component_problems(sub, partial, (fits or {}).get(sub.name), weighted=sub.name in loaded)
     return out
 
 
@@ -112,9 +118,10 @@ def file_fit_problems(config: str | Path, weights: str | Path, fit: Fit) -> list
                                                             weights=f"the weights of {Path(weights).name}")]
 
 
-def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_only: bool = False) -> list[str]:
+def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_only: bool = False,
+                        weighted: bool = False) -> list[str]:
     """The problems of one component folder's files, then (``fit``) what its config.json declares that its weights
-    do not hold; ``fit_only``: only the latter."""
+    do not hold; ``fit_only``: only the latter; ``weighted``: a config.json without any weights file is named."""
     try:
         entries = sorted(p for p in sub.iterdir() if not p.name.startswith("."))
     except OSError as exc:
@@ -143,6 +150,10 @@ def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_on
         header, problem = read_weights(path)
         out += _named(path, problem)
         shapes.update(header_shapes(header) if header is not None else {})
+    if weighted and not partial and config is not None and not weights and not any(
+            e.name.endswith(_WEIGHT_SUFFIXES) for e in entries):
+        out.append(f"{shown(sub)}: has a config.json but no weights file ({' or '.join(WEIGHT_NAMES)}, or the shards "
+                   "of an index): an interrupted download or copy?")
     if fit_only:
         out = []
     if fit and config is not None:

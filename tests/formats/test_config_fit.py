@@ -310,3 +310,19 @@ def _single_files(family: str, model: Path, tmp_path: Path) -> dict[str, Path]:
 
         return write_hunyuan_image_single_files(model, tmp_path / "single")
     return {}
+
+
+@pytest.mark.parametrize("family, sub", [("flux.1-dev", "vae"), ("flux.1-dev", "text_encoder_2"),
+                                         ("flux.2-klein", "vae"), ("hunyuan-dit-1.2", "text_encoder"),
+                                         ("hunyuan-image-2.1", "transformer")])
+def test_a_component_with_a_config_but_no_weights_is_named_at_check(family, sub, tiny_models, dataset, tmp_path,
+                                                                    capsys):
+    """An interrupted download or copy leaves a component folder with its config.json and no weights: `check`
+    passed it, and the run stopped after caching on diffusers' "no file named diffusion_pytorch_model.bin". A
+    component a `[model.files]` slot provides is not read from the folder, so a config alone is right there
+    (the single-file test above is that control)."""
+    model = _copy(tiny_models[family], tmp_path)
+    for weights in (model / sub).glob("*.safetensors*"):
+        weights.unlink()
+    code, text = _cli(["check", str(_recipe(tmp_path, family, model, dataset))], capsys)
+    assert code == 2 and f"[model.source] {model}/{sub}: has a config.json but no weights file" in text, text[-2000:]

@@ -411,7 +411,11 @@ class ModelAdapter:
                     problems.append((("model", "source"), f"folder not found: {m.source}"))
                 else:
                     root = Path(m.source)
-                    problems += [(("model", "source"), why) for why in folder_problems(root, fits=self.config_fits)]
+                    slots = {k for k in self.file_keys if m.files.get(k) is not None}    # not read from the folder
+                    loaded = frozenset(s for k, s in self.SUBFOLDER.items() if k not in slots) - {
+                        s for k, s in self.SUBFOLDER.items() if k in slots}
+                    problems += [(("model", "source"), why)
+                                 for why in folder_problems(root, fits=self.config_fits, loaded=loaded)]
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
                 root = snapshot
                 problems += [(("model", "source"), why)
