@@ -37,6 +37,8 @@ def model_folder(tmp_path: Path, scheduler: dict | None = V12, style: bool = Fal
     folder = tmp_path / name
     (folder / "transformer").mkdir(parents=True)
     (folder / "transformer" / "config.json").write_text(json.dumps({"use_style_cond_and_image_meta_size": style}))
+    # weights beside the config (an empty safetensors file): a folder with a config alone is named by `check`
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes((8).to_bytes(8, "little") + b"{}      ")
     if scheduler is not None:
         (folder / "scheduler").mkdir()
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
