@@ -284,15 +284,11 @@ class DiffusionPipeBackend:
         """Stage, launch and supervise diffusion-pipe. A staged folder under `[train] cache_dir` is held in use
         (`lora_run_engines.stage.use`) from before it is staged until diffusion-pipe is done, the launcher inheriting
         the hold, so `remove_old_staging` in another run never removes it."""
-        from lora_run_engines.stage import use
+        from lora_run_engines.stage import held
 
         assert self.ctx.run_dir is not None
-        lock = use(self.layout().data) if self.recipe.train.cache_dir else None
-        try:
+        with held(self.layout().data if self.recipe.train.cache_dir else None) as lock:
             self._run(lock)
-        finally:
-            if lock is not None:
-                os.close(lock)
 
     def _run(self, lock: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe

@@ -32,6 +32,7 @@ What both engine backends stage, and how, is one implementation here:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import attrs
 
@@ -381,6 +382,17 @@ def use(root: Path) -> int:
     fd = _flock(lock_path(root), fcntl.LOCK_SH)
     assert fd is not None
     return fd
+
+
+@contextlib.contextmanager
+def held(root: Path | None) -> Iterator[int | None]:
+    """:func:`use` for a ``with`` block, its descriptor closed at the end (``root`` None: nothing held, None)."""
+    fd = use(root) if root is not None else None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def remove_earlier(root: Path, key: str) -> list[str]:

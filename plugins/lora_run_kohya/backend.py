@@ -30,8 +30,8 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
-from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, linted, publish, remove_earlier,
-                                    staged_files, staged_stems, use)
+from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, held, linted, publish, remove_earlier,
+                                    staged_files, staged_stems)
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -268,12 +268,8 @@ class KohyaBackend:
         """Stage, launch and supervise sd-scripts. A staged folder under `[train] cache_dir` is held in use
         (`lora_run_engines.stage.use`) from before it is staged until sd-scripts is done, sd-scripts inheriting the
         hold, so `remove_old_staging` in another run never removes it."""
-        lock = use(self.data_dir()) if self.recipe.train.cache_dir else None
-        try:
+        with held(self.data_dir() if self.recipe.train.cache_dir else None) as lock:
             self._run(lock)
-        finally:
-            if lock is not None:
-                os.close(lock)
 
     def _run(self, lock: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe
