@@ -866,9 +866,12 @@ class Trainer:
         loss_ema, finished = None, time.perf_counter()
         t0, done = time.time(), 0
 
-        def finish(step: int, loss_sum: Any, shape: Any, started: float, step_loss: float | None = None) -> None:
+        def finish(step: int, loss_sum: Any, shape: Any, started: float, lr: float,
+                   step_loss: float | None = None) -> None:
             """A queued step's loss read (one process: the host waits for that step's kernels here), checked and
-            reported; the step's time runs to this point from its start or the previous step's end."""
+            reported with ``lr``, the scheduler's after that step (taken when it was queued: the next step's
+            scheduler step may have run since); the step's time runs to this point from its start or the previous
+            step's end."""
             nonlocal loss_ema, finished, done
             if step_loss is None:
                 step_loss = float(loss_sum)
@@ -879,7 +882,7 @@ class Trainer:
             done, finished, number = done + 1, now, step + 1
             loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
             elapsed = time.time() - t0
-            metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": state.scheduler.get_last_lr()[0],
+            metrics = {"loss": step_loss, "loss_avg": loss_ema, "lr": lr,
                        "it_per_s": done / elapsed if elapsed > 0 else 0.0, "memory_gib": _memory_gib(device),
                        "epoch": (number * accum) // state.planner.batches_per_epoch}
             state.losses.append(step_loss)
@@ -923,9 +926,9 @@ class Trainer:
                 state.optimizer.step()
                 state.scheduler.step()
                 state.optimizer.zero_grad(set_to_none=True)
-                number = step + 1
+                number, lr = step + 1, state.scheduler.get_last_lr()[0]
                 if self.parallel.active:
-                    finish(step, loss_sum, shape, step_started, step_loss)
+                    finish(step, loss_sum, shape, step_started, lr, step_loss)
                 else:
                     # The previous step's loss is read now, with this step's kernels already queued: the host
                     # waits for the previous step only, and the GPU is not left idle while the host prepares the
@@ -934,7 +937,7 @@ class Trainer:
                     # LoRA in memory, one step further, is discarded and the last checkpoint kept.
                     if pending is not None:
                         finish(*pending)
-                    pending = (step, loss_sum, shape, step_started)
+                    pending = (step, loss_sum, shape, step_started, lr)
                     stop_now = self.stop_requested   # one process: a stop requested during this step counts now
                 checkpoint_due = self._checkpoint_due(number, state.total, state.planner) or (
                     stop_now and number < state.total)

@@ -95,7 +95,7 @@ class Order:
     """Records when each step's loss is computed (its forward) and when the step is reported finished."""
 
     def __init__(self):
-        self.events = []
+        self.events, self.lrs = [], []
 
     @hookimpl
     def register_losses(self, register):
@@ -107,8 +107,9 @@ class Order:
         register("ordered", factory)
 
     @hookimpl
-    def step_finished(self, step):
+    def step_finished(self, step, metrics):
         self.events.append(f"F{step}")
+        self.lrs.append(metrics["lr"])
 
 
 def test_a_steps_loss_is_read_once_the_next_step_is_queued_except_where_it_writes(flux_recipe, tmp_path):
@@ -122,9 +123,14 @@ def test_a_steps_loss_is_read_once_the_next_step_is_queued_except_where_it_write
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
 
-    loaded = load_recipe(flux_recipe(), ["train.steps=6", "train.save_every_steps=3", "train.loss=\"ordered\""])
+    loaded = load_recipe(flux_recipe(), ["train.steps=6", "train.save_every_steps=3", "train.loss=\"ordered\"",
+                                         "scheduler.name=\"linear\"", "scheduler.warmup_steps=4"])
     ctx = execute(loaded, plugins, output_dir=str(tmp_path / "run"), echo=lambda *_: None)
     assert order.events == ["L0", "L1", "F1", "L2", "F2", "F3", "L3", "L4", "F4", "L5", "F5", "F6"], order.events
+    # each step reports the learning rate after its own scheduler step (warmup: 1/4, 2/4, 3/4 and 4/4 of 1e-3,
+    # then the linear decay to the end), not the next step's, which is queued before it is reported
+    expected = [1e-3 * n / 4 for n in (1, 2, 3, 4)] + [1e-3 * (6 - n) / 2 for n in (5, 6)]
+    assert order.lrs == pytest.approx(expected, rel=1e-6), order.lrs
     assert ctx.artifacts["steps"] == 6 and len(ctx.artifacts["timing"]["step_s_between_rounds"]) >= 1
 
 
