@@ -150,8 +150,7 @@ def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_on
         header, problem = read_weights(path)
         out += _named(path, problem)
         shapes.update(header_shapes(header) if header is not None else {})
-    if weighted and not partial and config is not None and not weights and not any(
-            e.name.endswith(_WEIGHT_SUFFIXES) for e in entries):
+    if weighted and not partial and config is not None and not any(e.name.endswith(_WEIGHT_SUFFIXES) for e in entries):
         out.append(f"{shown(sub)}: has a config.json but no weights file ({' or '.join(WEIGHT_NAMES)}, or the shards "
                    "of an index): an interrupted download or copy?")
     if fit_only:
