@@ -416,20 +416,15 @@ def remove_earlier(root: Path, key: str) -> list[str]:
         return []
     try:
         since = (root / MARKER).stat().st_mtime_ns
-        entries = sorted(root.parent.iterdir())
     except OSError:
         return []
     removed = []
-    for entry in entries:
-        if entry.name == root.name or not entry.name.startswith("dataset-") or entry.is_symlink() \
-                or not entry.is_dir():
-            continue
-        marker = read_marker(entry)
+    for entry, _marker in sources(root, key):
         try:
-            older = marker is not None and (entry / MARKER).stat().st_mtime_ns < since
+            older = (entry / MARKER).stat().st_mtime_ns < since
         except OSError:
             older = False
-        if marker is None or marker["key"] != key or not older:
+        if not older:
             continue
         fd = _flock(lock_path(entry), fcntl.LOCK_EX | fcntl.LOCK_NB)
         if fd is None:              # a run uses it
@@ -449,4 +444,4 @@ def remove_earlier(root: Path, key: str) -> list[str]:
         if moved is not None:
             shutil.rmtree(moved, ignore_errors=True)
             removed.append(entry.name)
-    return removed
+    return sorted(removed)
