@@ -255,6 +255,13 @@ class FluxAdapter(ModelAdapter):
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         return {"clip_l": ("pooled_prompt_embeds",), "t5xxl": ("prompt_embeds",)}[encoder]
 
+    def text_shapes(self, encoder: str) -> dict[str, tuple[int | None, ...]]:
+        """CLIP-L's pooled output (its ``hidden_size``) and T5's ``max_sequence_length`` tokens (padded to it) of
+        its ``d_model``."""
+        if encoder == "clip_l":
+            return {"pooled_prompt_embeds": (self.encoder_width("clip_l", "hidden_size"),)}
+        return {"prompt_embeds": (self.max_sequence_length, self.encoder_width("t5xxl", "d_model"))}
+
     def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
         import torch
 

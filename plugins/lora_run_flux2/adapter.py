@@ -68,6 +68,8 @@ class Flux2Adapter(ModelAdapter):
     vae_scale_factor = 8
     variant: ClassVar[str] = ""
     text_layers: ClassVar[tuple[int, ...]] = ()
+    #: the text encoder's config field of its language model's width (``text_shapes``)
+    text_width_field: ClassVar[str] = "hidden_size"
     memory_shape: ClassVar[Any] = None
     SUBFOLDER = SUBFOLDER
     #: what the text encoder's config.json declares and where its weights hold it (``config_fits``)
@@ -360,6 +362,12 @@ class Flux2Adapter(ModelAdapter):
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         return ("prompt_embeds",)
 
+    def text_shapes(self, encoder: str) -> dict[str, tuple[int | None, ...]]:
+        """``max_sequence_length`` tokens (the pipeline pads to it), each the hidden states of ``text_layers``
+        side by side (their number × the language model's ``hidden_size``)."""
+        width = self.encoder_width(self.te, self.text_width_field)
+        return {"prompt_embeds": (self.max_sequence_length, None if width is None else len(self.text_layers) * width)}
+
     def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
         import torch
 
@@ -565,6 +573,7 @@ class Flux2DevAdapter(Flux2Adapter):
     features = Flux2Adapter.features | {"guidance"}
     text_encoders = ("mistral",)
     text_layers = (10, 20, 30)
+    text_width_field = "text_config.hidden_size"
     pipeline_names = ("Flux2Pipeline",)
     memory_shape = DEV_SHAPE
     text_fit = cf.MISTRAL3

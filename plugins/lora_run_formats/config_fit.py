@@ -91,6 +91,26 @@ def _lookup(config: Mapping[str, Any], field: str) -> tuple[str, Any] | None:
     return None
 
 
+def declared(config: Mapping[str, Any], field: str) -> Any:
+    """The value of ``field`` in ``config`` (a nested table's key ``text_config.hidden_size``, alternatives ``a|b``:
+    the first the config has), or None where it has none."""
+    found = _lookup(config, field)
+    return None if found is None else found[1]
+
+
+def held_width(shapes: Mapping[str, Sequence[int] | None], fit: Fit, field: str) -> int | None:
+    """The width ``field`` has in weights of ``shapes`` (every weight name: its shape, None where not known), read
+    through the ``Width`` rule of ``fit`` that names ``field`` alone; None where no such rule or tensor is found."""
+    for rule in fit:
+        if isinstance(rule, Width) and rule.fields == (field,):
+            pattern = re.compile(rule.tensor)
+            for tensor in sorted(shapes):
+                shape = shapes[tensor]
+                if pattern.fullmatch(tensor) and shape is not None and len(shape) > rule.dim:
+                    return int(shape[rule.dim])
+    return None
+
+
 def _shown(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "…"

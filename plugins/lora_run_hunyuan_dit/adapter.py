@@ -296,6 +296,15 @@ class HunyuanDiTAdapter(SourceLoader):
         return {"bert": ("prompt_embeds", "prompt_attention_mask"),
                 "mt5": ("prompt_embeds_2", "prompt_attention_mask_2")}[encoder]
 
+    def text_shapes(self, encoder: str) -> dict[str, tuple[int | None, ...]]:
+        """The fixed lengths (BERT 77, mT5 256 tokens; masks of the same length) of each encoder's width (BERT's
+        ``hidden_size``, mT5's ``d_model``)."""
+        if encoder == "bert":
+            return {"prompt_embeds": (BERT_LENGTH, self.encoder_width("bert", "hidden_size")),
+                    "prompt_attention_mask": (BERT_LENGTH,)}
+        return {"prompt_embeds_2": (T5_LENGTH, self.encoder_width("mt5", "d_model")),
+                "prompt_attention_mask_2": (T5_LENGTH,)}
+
     def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
         """As ``HunyuanDiTPipeline.encode_prompt``: padded to the fixed length, hidden states of the last layer,
         the attention mask kept."""

@@ -266,6 +266,16 @@ class HunyuanImageAdapter(SourceLoader):
         return {"qwen": ("prompt_embeds", "prompt_embeds_mask"),
                 "byt5": ("prompt_embeds_2", "prompt_embeds_mask_2")}[encoder]
 
+    def text_shapes(self, encoder: str) -> dict[str, tuple[int | None, ...]]:
+        """Qwen: ``qwen_max_length`` tokens (padded to it with the template, whose tokens are dropped) of the
+        language model's ``hidden_size``; ByT5: 128 tokens of its ``d_model`` (zeros without quoted text); masks of
+        the same lengths."""
+        if encoder == "qwen":
+            width = self.encoder_width("qwen", "text_config.hidden_size|hidden_size")
+            return {"prompt_embeds": (self.qwen_max_length, width), "prompt_embeds_mask": (self.qwen_max_length,)}
+        return {"prompt_embeds_2": (BYT5_MAX_LENGTH, self.encoder_width("byt5", "d_model")),
+                "prompt_embeds_mask_2": (BYT5_MAX_LENGTH,)}
+
     def encode_captions(self, captions: list[str], encoders: tuple[str, ...] | None = None) -> dict[str, Any]:
         import torch
         from diffusers import HunyuanImagePipeline

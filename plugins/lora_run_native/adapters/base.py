@@ -31,7 +31,9 @@ are the *normalised* latents the transformer sees, unpacked ``(B, C, h, w)``; ca
 tensors with the batch first (``encode_captions`` returns a batch; the cache stores one sample per file
 without the batch dimension and the loader stacks them again), padded to one shape per key, embeddings in
 ``compute_dtype`` and the masks named in ``text_masks`` int64 (``text_dtype``: what the cache stores and
-requires on reading; latents are float32). ``t`` is the adapter's own timestep:
+requires on reading; latents are float32). ``text_shapes`` (optional) declares the shape of each such tensor
+before any encoder loads (fixed sequence lengths, widths from the configs: ``encoder_width``); the cache rebuilds
+entries of another shape even in a run that encodes nothing. ``t`` is the adapter's own timestep:
 σ ∈ [0, 1] for flow models, an integer-valued tensor in ``[0, 1000)`` for DDPM models.
 
 torch is never imported at module level: ``lora-run check`` and ``lora-run plugins`` import this file.
@@ -49,8 +51,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from lora_run.errors import ModelSourceError
 from lora_run.files import shown
 
-from lora_run_formats.config_fit import Blocks, Fit, Width
-from lora_run_formats.model_files import component_fit_problems, file_fit_problems, folder_problems, weights_problem
+from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
+from lora_run_formats.model_files import (component_fit_problems, config_json, file_fit_problems, folder_problems,
+                                          read_weights, weights_problem)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -695,6 +698,45 @@ class ModelAdapter:
     def text_keys(self, encoder: str) -> tuple[str, ...]:
         """The keys of ``encode_captions``' dict produced by ``encoder``."""
         raise NotImplementedError
+
+    def text_shapes(self, encoder: str) -> dict[str, tuple[int | None, ...]] | None:
+        """The shape of each tensor ``encoder`` gives one caption (its ``text_keys``, without the batch dimension), as
+        a fresh encode gives it, known before any encoder loads: the family's fixed sequence lengths and the widths
+        its configs declare (``encoder_width``); None for a dimension not known ahead. The text cache rebuilds an
+        entry of another shape even in a run that encodes nothing to compare it with, and a fresh encode of another
+        shape is the adapter's error. Default None: not known (the cache then compares its entries with the run's
+        fresh encodes, else with each other)."""
+        return None
+
+    def cached_config(self, subfolder: str) -> dict | None:
+        """``<subfolder>/config.json`` of the source, without loading or downloading anything: a local folder's, or a
+        hub model's already in the local Hugging Face cache; None where there is none to read."""
+        src = self._source()
+        if not src:
+            return None
+        if is_local_source(src):
+            return config_json(Path(src) / subfolder / "config.json")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(src, f"{subfolder}/config.json", revision=self.recipe.model.revision)
+        except Exception:  # noqa: BLE001 - a malformed id or cache: not known
+            return None
+        return config_json(found) if isinstance(found, str) else None
+
+    def encoder_width(self, encoder: str, field: str) -> int | None:
+        """A width of text encoder ``encoder`` (``field`` of its config: ``hidden_size``, ``d_model`` …), read
+        without loading it: from the config.json its loader takes (the source's ``SUBFOLDER`` one) or, for a
+        ``[model.files]`` file whose source has none, from the file's safetensors header through the family's
+        ``file_fits`` rule for ``field``; None where neither says."""
+        sub = self.SUBFOLDER.get(encoder)
+        config = self.cached_config(sub) if sub else None
+        if config is not None:
+            value = declared(config, field)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        path, fit = self.recipe.model.files.get(encoder), self.file_fits.get(encoder)
+        header = read_weights(path)[0] if path and fit else None
+        return held_width(header_shapes(header), fit, field) if header is not None else None
 
     def text_dtype(self, key: str) -> torch.dtype:
         """The dtype of ``encode_captions``' tensor ``key``, as the text cache stores and requires it: int64 for a
