@@ -10,8 +10,10 @@ matching its recorded shape, dtype and checksum (a flipped bit is caught), of th
 have stored (latents float32, text embeddings the compute dtype, masks int64: a record rewritten for another
 dtype is not enough) and finite. A latent must have the geometry of its bucket (3-D, both sides the bucket's
 divided by one integer factor; and the same channel count and factor as the other latents of the run), a
-text entry the shapes of a fresh encode (``odd_texts``: those of this run's fresh encodes, else those of most
-of its text entries). Anything else is **corrupt**: the file is deleted and rebuilt, never trusted.
+text entry the shapes of a fresh encode (``odd_texts``: the shapes the family declares before anything loads,
+``ModelAdapter.text_shapes``: fixed sequence lengths, widths from the configs; and those of this run's fresh
+encodes, else those of most of its text entries). Anything else is **corrupt**: the file is deleted and rebuilt,
+never trusted.
 
 When an image changes, its new content hash gives a new key (a miss); the per-kind ``index.json`` remembers
 which key each source had, so the entry of the old content is found **stale** and deleted. Writes are
@@ -217,12 +219,29 @@ def text_layout(tensors: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], .
     return tuple(sorted((name, tuple(value.shape)) for name, value in tensors.items()))
 
 
-def odd_texts(texts: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> list[str]:
-    """Captions whose text tensors are shaped unlike ``reference`` (a fresh encode of this run) or, without one,
-    unlike most of the run's text entries (a wrong-shaped entry with a consistent record): they are rebuilt."""
+def fits_shapes(tensors: dict[str, Any], expected: dict[str, tuple[int | None, ...]] | None) -> str | None:
+    """How ``tensors`` differ from ``expected`` (tensor name -> the shape a fresh encode gives, None for a dimension
+    not known ahead: ``ModelAdapter.text_shapes``; names it leaves out are not compared), or None where they fit."""
+    for name, shape in (expected or {}).items():
+        if name not in tensors:
+            continue
+        held = tuple(tensors[name].shape)
+        if len(held) != len(shape) or any(want is not None and want != got for want, got in zip(shape, held)):
+            return f"{name} has shape {list(held)}, not [{', '.join('*' if d is None else str(d) for d in shape)}]"
+    return None
+
+
+def odd_texts(texts: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None,
+              expected: dict[str, tuple[int | None, ...]] | None = None) -> list[str]:
+    """Captions whose text tensors are shaped unlike ``expected`` (the shapes the family declares before anything
+    loads: ``fits_shapes``) or, among the rest, unlike ``reference`` (a fresh encode of this run) or, without one,
+    unlike most of the run's text entries (a wrong-shaped entry with a consistent record): they are rebuilt. So a
+    text cache rewritten whole to one other shape is rebuilt even in a run that encodes nothing, wherever the
+    family declares the shapes."""
     from collections import Counter
 
-    layouts = {caption: text_layout(tensors) for caption, tensors in texts.items()}
+    odd = {caption for caption, tensors in texts.items() if fits_shapes(tensors, expected) is not None}
+    layouts = {caption: text_layout(tensors) for caption, tensors in texts.items() if caption not in odd}
     common = Counter(layouts.values()).most_common(1)
     want = text_layout(reference) if reference is not None else common[0][0] if common else None
-    return sorted(caption for caption, layout in layouts.items() if layout != want)
+    return sorted(odd | {caption for caption, layout in layouts.items() if layout != want})

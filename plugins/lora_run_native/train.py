@@ -28,7 +28,7 @@ from lora_run_folder.lint import file_key
 from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt
-from .cache import Cache, entry_key, latent_geometry, odd_latents, odd_texts, text_hash
+from .cache import Cache, entry_key, fits_shapes, latent_geometry, odd_latents, odd_texts, text_hash
 from .data import EpochPlanner, choose_bucket, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
 
@@ -473,7 +473,9 @@ class Trainer:
                      captions: set[str], te_live: bool) -> tuple[dict[int, Any], dict[str, dict[str, Any]]]:
         """Latents per item and text encodings per caption, from the cache or encoded (then stored). A cached
         entry must hold what a fresh encode would: the dtypes the adapter declares (latents float32,
-        ``text_dtype``) and, for text, the shapes of this run's fresh encodes (else of most of its entries)."""
+        ``text_dtype``) and, for text, the shapes the family declares (``text_shapes``: known before any encoder loads,
+        so a cache rewritten whole to one other shape is rebuilt in a run that encodes nothing) and those of this
+        run's fresh encodes (else of most of its entries)."""
         import torch
 
         root = Path(self.recipe.train.cache_dir) if self.recipe.train.cache_dir else self.run_dir.file("cache")
@@ -482,6 +484,7 @@ class Trainer:
         cached_encoders = tuple(e for e in adapter.text_encoders if not (te_live and e == adapter.trainable_text_encoder))
         text_id = adapter.encoder_identity("text") + "|" + ",".join(cached_encoders)
         text_dtypes = {k: adapter.text_dtype(k) for e in cached_encoders for k in adapter.text_keys(e)}
+        text_shapes = self._text_shapes(adapter, cached_encoders)
         latents: dict[int, Any] = {}
         texts: dict[str, dict[str, Any]] = {}
         todo_images, todo_text = [], []
@@ -506,7 +509,7 @@ class Trainer:
                 todo_text.append((caption, key))
             else:
                 texts[caption], text_hits[caption] = found, key
-        for caption in odd_texts(texts):       # shaped unlike the run's other text entries: rebuilt
+        for caption in odd_texts(texts, expected=text_shapes):   # shaped unlike a fresh encode: rebuilt
             text_cache.discard(text_hits[caption])
             del texts[caption]
             todo_text.append((caption, text_hits.pop(caption)))
@@ -531,13 +534,14 @@ class Trainer:
                     latent_cache.store(key, {"latent": z}, source=f"{items[i].image}|{buckets_of[i][0]}x{buckets_of[i][1]}")
                     latents[i] = z
                 adapter.unload_encoders(keep=keep)
-            fresh = self._encode_texts(adapter, cached_encoders, todo_text, keep)
+            fresh = self._encode_texts(adapter, cached_encoders, todo_text, keep, text_shapes)
             if fresh:       # the reference: entries shaped otherwise are foreign, however many agree
-                redo = [(caption, text_hits.pop(caption)) for caption in odd_texts(texts, next(iter(fresh.values())))]
+                redo = [(caption, text_hits.pop(caption))
+                        for caption in odd_texts(texts, next(iter(fresh.values())), text_shapes)]
                 for caption, key in redo:
                     text_cache.discard(key)
                     del texts[caption]
-                fresh.update(self._encode_texts(adapter, cached_encoders, redo, keep))
+                fresh.update(self._encode_texts(adapter, cached_encoders, redo, keep, text_shapes))
                 todo_text += redo
             for caption, key in todo_text:
                 text_cache.store(key, fresh[caption], source=None)
@@ -554,10 +558,29 @@ class Trainer:
         return latents, texts
 
     @staticmethod
+    def _text_shapes(adapter: Any, encoders: tuple[str, ...]) -> dict[str, tuple[int | None, ...]] | None:
+        """What ``adapter.text_shapes`` declares of the tensors ``encoders`` give one caption (None: nothing known);
+        a declaration naming a tensor ``text_keys`` does not is the adapter's error."""
+        declared: dict[str, tuple[int | None, ...]] = {}
+        for encoder in encoders:
+            shapes = adapter.text_shapes(encoder) or {}
+            for key, shape in shapes.items():
+                shape = tuple(shape) if isinstance(shape, (tuple, list)) else shape
+                if key not in adapter.text_keys(encoder) or not isinstance(shape, tuple) or not all(
+                        d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape):
+                    raise BackendError(f"the {adapter.family} adapter declares {key!r}: {shape!r} for the {encoder} "
+                                       "text encoder, not a shape of one of its text_keys (ModelAdapter.text_shapes)")
+                declared[key] = shape
+        return declared or None
+
+    @staticmethod
     def _encode_texts(adapter: Any, encoders: tuple[str, ...], todo: list[tuple[str, str]],
-                      keep: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+                      keep: tuple[str, ...], shapes: dict[str, tuple[int | None, ...]] | None = None
+                      ) -> dict[str, dict[str, Any]]:
         """The text tensors of each caption of ``todo`` (caption, key) as the cache stores them (on the CPU, in
-        ``adapter.text_dtype``), encoded one encoder at a time: each loaded, then unloaded unless in ``keep``."""
+        ``adapter.text_dtype``), encoded one encoder at a time: each loaded, then unloaded unless in ``keep``. A
+        tensor of another shape than ``shapes`` declares (``adapter.text_shapes``) is the adapter's error: the cache
+        would rebuild it on every run."""
         import torch
 
         out: dict[str, dict[str, Any]] = {caption: {} for caption, _ in todo}
@@ -573,6 +596,11 @@ class Trainer:
                         raise BackendError(f"the {adapter.family} adapter encodes {key!r} as {value.dtype}, not as "
                                            f"the {dtype} it declares (ModelAdapter.text_masks)")
                     out[caption][key] = value[0].detach().to("cpu", dtype)
+                wrong = fits_shapes({k: v[0] for k, v in enc.items()}, shapes)
+                if wrong is not None:
+                    raise BackendError(f"the {adapter.family} adapter encodes the caption {caption[:60]!r} with the "
+                                       f"{encoder} text encoder to shapes it does not declare: {wrong} "
+                                       "(ModelAdapter.text_shapes)")
             adapter.unload_encoders(keep=keep)
         return out
 

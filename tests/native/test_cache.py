@@ -112,6 +112,46 @@ def test_odd_texts_follow_a_fresh_encode_else_the_most_common_shapes():
     assert odd_texts({}) == [] and odd_texts(texts, reference=good) == ["c"]
 
 
+def test_odd_texts_follow_the_shapes_the_family_declares_first():
+    """A family's declared shapes (``ModelAdapter.text_shapes``; None: a dimension not known ahead) decide before
+    the entries' majority: a whole cache of one other shape is odd, with or without a fresh encode."""
+    import torch
+
+    from lora_run_native.cache import fits_shapes, odd_texts
+
+    good = {"prompt_embeds": torch.zeros(16, 32), "pooled_prompt_embeds": torch.zeros(64)}
+    short = {**good, "prompt_embeds": torch.zeros(8, 32)}
+    narrow = {**good, "prompt_embeds": torch.zeros(16, 8)}
+    declared = {"prompt_embeds": (16, 32), "pooled_prompt_embeds": (None,)}
+    assert odd_texts({"a": short, "b": short}) == [], "without a declaration the entries agree: trusted"
+    assert odd_texts({"a": short, "b": short}, expected=declared) == ["a", "b"]
+    assert odd_texts({"a": narrow, "b": narrow, "c": good}, expected=declared) == ["a", "b"]
+    assert odd_texts({"a": good, "b": {**good, "pooled_prompt_embeds": torch.zeros(48)}}, expected=declared) == ["b"], \
+        "an undeclared dimension still follows the run's other entries"
+    assert odd_texts({"a": good, "b": good}, reference=good, expected=declared) == []
+    assert fits_shapes(good, declared) is None and fits_shapes(good, None) is None
+    assert fits_shapes({**good, "pooled_prompt_embeds": torch.zeros(1, 64)}, declared) is not None, "another rank"
+    assert fits_shapes(short, declared) == "prompt_embeds has shape [8, 32], not [16, 32]"
+    assert fits_shapes(good, {"prompt_embeds": (None, 32), "other": (3,)}) is None, "names it lacks: not compared"
+
+
+def test_a_fresh_encode_unlike_the_declared_shapes_is_the_adapters_error(flux_recipe, run_recipe, tmp_path,
+                                                                          monkeypatch):
+    """A family that declares shapes its encoders do not give would have its cache rebuilt on every run: the first
+    fresh encode names the adapter and the tensor instead, before anything is cached."""
+    import pytest
+
+    from lora_run.errors import BackendError
+    from lora_run_flux.adapter import FluxAdapter
+
+    monkeypatch.setattr(FluxAdapter, "text_shapes", lambda self, encoder: {
+        "clip_l": {"pooled_prompt_embeds": (None,)}, "t5xxl": {"prompt_embeds": (17, None)}}[encoder])
+    cache = tmp_path / "cache"
+    with pytest.raises(BackendError, match=r"prompt_embeds has shape \[16, 32\], not \[17, \*\].*text_shapes"):
+        run_recipe(flux_recipe(), ["train.steps=1", f"train.cache_dir=\"{cache}\""], output=tmp_path / "r")
+    assert not list((cache / "text").rglob("*.safetensors")), "nothing cached"
+
+
 # ------------------------------------------- entries rewritten with a consistent record (checksum recomputed)
 def _entries(cache, kind):
     """key → tensors of every entry of ``kind``, read as they are (no checks)."""
