@@ -333,19 +333,26 @@ class HunyuanDiTAdapter(SourceLoader):
         return int(self.schedule()[0].get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))
 
     def sample_timesteps(self, batch: int, generator: Any, latents: Any) -> Any:
-        """Integer t in [0, T-1] (as float32; T = 1000): ``uniform`` draws it uniformly; ``sigmoid`` /
-        ``logit-normal`` draw u ∈ (0, 1) exactly as σ for flow models and take t = round((T-1)·u)."""
+        """Integer t in [0, T-1] (as float32; T = 1000): ``uniform`` draws it uniformly; ``logit-normal`` is the
+        references' draw on this scheduler's own table — u = sigmoid(N(m, s)) indexes the DDPM scheduler's
+        descending training timesteps (T−1, …, 0), t = T − 1 − ⌊T·u⌋, as the flow families' σ is the flow table's
+        entry at that index (so t ≈ (T−1)·σ of the same draw, every step reachable, each index its own step);
+        ``sigmoid`` draws u ∈ (0, 1) exactly as σ for flow models and takes t = round((T-1)·u)."""
         import torch
 
         from lora_run_native import timesteps
 
         t = self.recipe.train
+        steps_total = self.num_train_timesteps
         if t.timestep_sampling == "uniform":
-            steps = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+            steps = torch.randint(0, steps_total, (batch,), generator=generator)
+        elif t.timestep_sampling == "logit-normal":
+            index = timesteps.logit_normal_index(batch, generator, t.logit_mean, t.logit_std, steps=steps_total)
+            steps = steps_total - 1 - index
         else:
             u = timesteps.sample_sigmas(t.timestep_sampling, batch, generator, sigmoid_scale=t.sigmoid_scale,
                                         logit_mean=t.logit_mean, logit_std=t.logit_std)
-            steps = torch.round(u * (self.num_train_timesteps - 1))
+            steps = torch.round(u * (steps_total - 1))
         return steps.to(device=latents.device, dtype=torch.float32)
 
     def _coefficients(self, t: Any, ndim: int) -> tuple[Any, Any]:

@@ -54,8 +54,7 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
     if method == "uniform":
         sigma = torch.rand(batch, generator=generator)
     elif method == "logit-normal":
-        u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
-        index = (u * TABLE_STEPS).long().clamp(max=TABLE_STEPS - 1)   # u = 1.0 (n > 17) would run off the table
+        index = logit_normal_index(batch, generator, logit_mean, logit_std)
         sigma = (TABLE_STEPS - index).float() / TABLE_STEPS            # the table's σ, bit for bit; 1.0 included
         return to_device(sigma.float(), device)
     elif method in ("sigmoid", "shift", "flux-shift"):
@@ -68,6 +67,18 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
     else:
         raise ValueError(f"unknown timestep sampling {method!r}")
     return to_device(sigma.clamp(SIGMA_EPS, 1 - SIGMA_EPS).float(), device)
+
+
+def logit_normal_index(batch: int, generator: Any, logit_mean: float = 0.0, logit_std: float = 1.0,
+                       steps: int = TABLE_STEPS) -> Any:
+    """The references' `logit_normal` draw as an index into a scheduler's *descending* training table of ``steps``
+    entries: ⌊steps·u⌋, u = sigmoid(N(`logit_mean`, `logit_std`)) (``torch.normal``, as diffusers' helper draws
+    it), int64 in [0, steps − 1]. The flow table's entry is σ = (steps − index)/steps; a DDPM scheduler's training
+    ``timesteps`` are ``steps − 1, …, 0``, so its entry is t = steps − 1 − index."""
+    import torch
+
+    u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
+    return (u * steps).long().clamp(max=steps - 1)      # u = 1.0 (n > 17) would run off the table
 
 
 def to_device(tensor: Any, device: Any) -> Any:

@@ -636,14 +636,17 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
     noise = reference_noise(tuple(x0.shape), g, offset)
     agrees("noise", ob["noise"], noise, {})
     T = scheduler.config.num_train_timesteps
+    planted_t = {}
     if method == "uniform":             # diffusers' DDPM training examples
         t = torch.randint(0, T, (b,), generator=g)
-    else:                               # documented: u drawn as σ is for flow models, t = round((T − 1)·u)
+    else:                               # diffusers' example: u indexes the scheduler's descending training table
         u = compute_density_for_timestep_sampling("logit_normal", b, logit_mean=train["logit_mean"],
                                                   logit_std=1.0, generator=g)
-        u = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas[(u * 1000).long()]
-        t = torch.round(u * (T - 1)).long()
-    agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float()}, atol=1e-6)
+        t = scheduler.timesteps[(u * T).long()]
+        sigma = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas[(u * 1000).long()]
+        planted_t["round(999·σ) of the flow table (the old mapping)"] = torch.round(sigma * (T - 1))
+    agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float(), **planted_t},
+           atol=1e-6)
     noisy = scheduler.add_noise(x0, noise, t)
     target = scheduler.get_velocity(x0, noise, t)
     other = DDPMScheduler.from_config({**scheduler.config, "beta_end": 0.03})      # v1.1's schedule
