@@ -134,8 +134,7 @@ class NativeBackend:
                    if fmt in adapter.lora_formats]
         notes = [f"{r.model.family} via diffusers + peft + accelerate; objective: "
                  + ("rectified flow (x_t = (1-σ)·x0 + σ·ε, target ε - x0)" if adapter.objective == "flow"
-                    else "DDPM v-prediction" + (f" ({adapter.schedule_note()})"
-                                                 if hasattr(adapter, "schedule_note") else ""))]
+                    else "DDPM" + (f" ({adapter.schedule_note()})" if hasattr(adapter, "schedule_note") else ""))]
         if r.model.base_precision == "fp8":
             notes.append("base weights stored in float8 (e4m3), computed in "
                          + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision]

@@ -95,9 +95,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
     from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
 
+    from lora_run_hunyuan_dit.tiny import PUBLISHED_SCHEDULERS
+
     root = tmp_path_factory.mktemp("step-models")
+    epsilon = {**PUBLISHED_SCHEDULERS["1.2"], "prediction_type": "epsilon"}
     return {"flux.1-dev": build_tiny_flux(root / "flux"), "hunyuan-image-2.1": build_tiny_hunyuan_image(root / "hi"),
             "hunyuan-dit-1.2": build_tiny_hunyuan_dit(root / "dit"),
+            # a Hunyuan-DiT whose scheduler config says ε-prediction: the objective follows the config
+            "hunyuan-dit-1.2-epsilon": build_tiny_hunyuan_dit(root / "dit-eps", scheduler=epsilon),
             "flux.2-klein": build_tiny_flux2(root / "klein", "klein"), "flux.2-dev": build_tiny_flux2(root / "dev", "dev")}
 
 
@@ -611,6 +616,17 @@ def test_hunyuan_dit_training_step(method, extra, models, dataset, tmp_path, mon
     check_hunyuan_dit(seen, models["hunyuan-dit-1.2"], dataset, method, extra)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("uniform", "min_snr_gamma = 5.0"),
+                                           ("logit-normal", "logit_mean = 0.5\nnoise_offset = 0.05")])
+def test_hunyuan_dit_epsilon_model_training_step(method, extra, models, dataset, tmp_path, monkeypatch):
+    """A Hunyuan-DiT whose scheduler config says ``prediction_type = "epsilon"`` trains the ε target (and Min-SNR's
+    ε form), as its sampler reads it: the objective is the model's scheduler config's."""
+    seen = train_one_step("hunyuan-dit-1.2", models["hunyuan-dit-1.2-epsilon"], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    check_hunyuan_dit(seen, models["hunyuan-dit-1.2-epsilon"], dataset, method, extra)
+
+
 def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extra: str) -> None:
     import torch
     from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, HunyuanDiT2DModel,
@@ -630,7 +646,8 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
     b = len(order)
 
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    assert scheduler.config.prediction_type == "v_prediction"
+    prediction = scheduler.config.prediction_type          # the target follows the model's scheduler config
+    assert prediction in ("v_prediction", "epsilon")
     g = step_generator()
     offset = train.get("noise_offset", 0.0)
     noise = reference_noise(tuple(x0.shape), g, offset)
@@ -648,11 +665,17 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
     agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float(), **planted_t},
            atol=1e-6)
     noisy = scheduler.add_noise(x0, noise, t)
-    target = scheduler.get_velocity(x0, noise, t)
+    velocity = scheduler.get_velocity(x0, noise, t)
     other = DDPMScheduler.from_config({**scheduler.config, "beta_end": 0.03})      # v1.1's schedule
     agrees("noisy input", ob["noisy"], noisy, {"v1.1 schedule": other.add_noise(x0, noise, t)})
-    agrees("v target", ob["target"], target, {"ε target": noise, "flipped v": -target,
-                                             "v1.1 schedule": other.get_velocity(x0, noise, t)})
+    if prediction == "v_prediction":
+        target = velocity
+        agrees("v target", ob["target"], target, {"ε target": noise, "flipped v": -target,
+                                                 "v1.1 schedule": other.get_velocity(x0, noise, t)})
+    else:
+        target = noise
+        agrees("ε target", ob["target"], target, {"v target (the config's ε ignored)": velocity, "flipped ε": -noise,
+                                                 "ε − x0 (the flow target)": noise - x0})
 
     pipe = HunyuanDiTPipeline.from_pretrained(folder)
     captions = [CAPTIONS[i] for i in order]
@@ -680,11 +703,13 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
                           return_dict=False)[0]
     pred, _variance = out.chunk(2, dim=1)
     weights = torch.ones(b)
-    if "min_snr_gamma" in train:        # diffusers' examples (and sd-scripts) for v-prediction
+    if "min_snr_gamma" in train:        # diffusers' examples (and sd-scripts): ÷ (SNR + 1) for v, ÷ SNR for ε
         snr = compute_snr(scheduler, t)
-        weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / (snr + 1)
-        eps_weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
-        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, eps_weights), rel=1e-4)
+        clipped = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        v_weights, eps_weights = clipped / (snr + 1), clipped / snr
+        weights, wrong = (v_weights, eps_weights) if prediction == "v_prediction" else (eps_weights, v_weights)
+        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, wrong), rel=1e-4), \
+            "Min-SNR in the other prediction type's form"
     check_loss(seen, pred, target, weights)
 
 
