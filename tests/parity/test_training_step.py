@@ -871,3 +871,100 @@ def test_planted_reference_mistakes_change_the_loss():
     right = reference_loss(pred, eps - x0, ones)
     assert not math.isclose(right, reference_loss(pred, x0 - eps, ones), rel_tol=1e-3)
     assert not math.isclose(right, reference_loss(pred, eps, ones), rel_tol=1e-3)
+
+
+# ------------------------------------------------------------------- flux-shift: each bucket's own token count
+MULTI_BUCKET = {"resolution = 64\nbucket_min = 64\nbucket_max = 64\nbucket_step = 64":
+                "resolution = 96\nbucket_min = 64\nbucket_max = 128\nbucket_step = 32",
+                "steps = 1\nbatch_size = 2": "steps = 4\nbatch_size = 1"}
+
+
+@pytest.fixture(scope="module")
+def two_buckets(tmp_path_factory) -> Path:
+    """A square 64×64 image and a wide 128×64 one: buckets (64, 64) and (128, 64) (no resize, no crop)."""
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path_factory.mktemp("step-buckets") / "subject"
+    make_images(folder, count=1, size=(64, 64), prefix="sq")
+    make_images(folder, count=1, size=(128, 64), prefix="wide")
+    return folder
+
+
+def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: str, native: str = "") -> list:
+    """A multi-step run on `MULTI_BUCKET`'s buckets (batch 1); returns each micro-step's (x0, σ, the transformer's
+    image tokens), observed through wrappers that call the real methods unchanged."""
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_native.adapters import adapter_class
+
+    cls = adapter_class(family)
+    noisy_and_target, predict = cls.noisy_and_target, cls.predict
+    calls: list[dict[str, Any]] = []
+
+    def observed_objective(self, x0, noise, t):
+        calls.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
+        return noisy_and_target(self, x0, noise, t)
+
+    def observed_predict(self, transformer, noisy, t, text, guidance):
+        def hook(module, args, kwargs):
+            calls[-1]["tokens"] = int(kwargs["hidden_states"].shape[1])
+            calls[-1]["img_ids"] = int(kwargs["img_ids"].shape[-2])
+        handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            return predict(self, transformer, noisy, t, text, guidance)
+        finally:
+            handle.remove()
+
+    text = RECIPE
+    for old, new in MULTI_BUCKET.items():
+        assert old in text
+        text = text.replace(old, new)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.toml"
+    path.write_text(text.format(family=family, model=model, dataset=dataset, seed=SEED, train=train, native=native,
+                                dataset_extra=""), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cls, "noisy_and_target", observed_objective)
+        patch.setattr(cls, "predict", observed_predict)
+        execute(load_recipe(path, []), load_plugins(), output_dir=str(tmp_path / "run"), resume=False,
+                overwrite=False, echo=lambda *_: None)
+    return calls
+
+
+def flux_shift_reference(step: int, shape, tokens: int):
+    """sd-scripts' `flux_shift` on the step's generator (after its noise): σ = e^μ / (e^μ + 1/u − 1),
+    u = sigmoid(N(0, 1)), μ = 0.5 + (tokens − 256)·(1.15 − 0.5)/(4096 − 256)."""
+    import torch
+
+    from lora_run_native.train import step_seed
+
+    g = torch.Generator("cpu").manual_seed(step_seed(SEED, "noise", step, 0))
+    torch.randn(tuple(shape), generator=g)
+    u = torch.sigmoid(torch.randn(shape[0], generator=g))
+    mu = 0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256)
+    return (math.exp(mu) / (math.exp(mu) + (1 / u - 1))).clamp(1e-4, 1 - 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, native", [("flux.1-dev", "text_max_length = 16"),
+                                            ("flux.2-klein", f"text_max_length = {FLUX2_TEXT_LENGTH['klein']}")])
+def test_flux_shift_uses_each_buckets_token_count(family, native, models, two_buckets, tmp_path, monkeypatch):
+    """A run over two buckets (64×64 and 128×64 px) draws each step's σ with the μ of *that* step's bucket: the
+    image tokens the transformer is fed (FLUX.1: the packed (h/2)·(w/2) of the (h, w) latent; FLUX.2: the h·w
+    positions of its patchified latent). Planted: the μ of the other bucket, and of the unpacked latent (FLUX.1)."""
+    calls = train_steps(family, models[family], two_buckets, tmp_path, 'timestep_sampling = "flux-shift"', native)
+    assert len(calls) == 4
+    token_counts = set()
+    for step, call in enumerate(calls):
+        b, c, h, w = call["x0"].shape
+        tokens = (h // 2) * (w // 2) if family == "flux.1-dev" else h * w
+        assert call["tokens"] == call["img_ids"] == tokens, "the documented count is what the transformer sees"
+        token_counts.add(tokens)
+        reference = flux_shift_reference(step, (b, c, h, w), tokens)
+        other = 32 if tokens == 16 else 16                        # the other bucket's count (64² ↔ 128×64 px)
+        agrees(f"σ of step {step + 1}", call["t"], reference,
+               {"μ of the other bucket": flux_shift_reference(step, (b, c, h, w), other),
+                **({"μ of the unpacked latent": flux_shift_reference(step, (b, c, h, w), h * w)}
+                   if family == "flux.1-dev" else {})}, atol=1e-7)
+    assert token_counts == {16, 32}, "both buckets were trained"
