@@ -915,6 +915,8 @@ class Trainer:
                     with acc.accumulate(sync_model):       # gradients reduced on the last micro-batch only
                         value = self._micro_step(state, batch, step, micro, te_active, accum)
                     loss_sum = value if loss_sum is None else loss_sum + value
+                if accum > 1:       # the step's loss is the mean over its micro-batches, as its gradient is (the
+                    loss_sum = loss_sum / accum     # accelerator divides each micro-batch's backward by `accum`)
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
                 stop_now = self.stop_requested   # read once: a signal arriving later counts for the next step
                 if self.parallel.active:      # every rank: the global batch's loss and one stop decision

@@ -890,9 +890,11 @@ def two_buckets(tmp_path_factory) -> Path:
     return folder
 
 
-def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: str, native: str = "") -> list:
-    """A multi-step run on `MULTI_BUCKET`'s buckets (batch 1); returns each micro-step's (x0, σ, the transformer's
-    image tokens), observed through wrappers that call the real methods unchanged."""
+def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: str, native: str = "",
+                replace: dict[str, str] | None = None, seen: Seen | None = None) -> list:
+    """A multi-step run on `MULTI_BUCKET`'s buckets (batch 1; or the recipe changed by ``replace``); returns each
+    micro-step's x0, σ, target, the transformer's image tokens and inputs, observed through wrappers that call the
+    real methods unchanged (``seen`` collects the logged losses)."""
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
@@ -903,13 +905,15 @@ def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: 
     calls: list[dict[str, Any]] = []
 
     def observed_objective(self, x0, noise, t):
-        calls.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
-        return noisy_and_target(self, x0, noise, t)
+        noisy, target = noisy_and_target(self, x0, noise, t)
+        calls.append({"x0": x0.detach().clone(), "t": t.detach().clone(), "target": target.detach().clone()})
+        return noisy, target
 
     def observed_predict(self, transformer, noisy, t, text, guidance):
         def hook(module, args, kwargs):
             calls[-1]["tokens"] = int(kwargs["hidden_states"].shape[1])
             calls[-1]["img_ids"] = int(kwargs["img_ids"].shape[-2])
+            calls[-1]["fed"] = {k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in kwargs.items()}
         handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             return predict(self, transformer, noisy, t, text, guidance)
@@ -917,7 +921,7 @@ def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: 
             handle.remove()
 
     text = RECIPE
-    for old, new in MULTI_BUCKET.items():
+    for old, new in (replace or MULTI_BUCKET).items():
         assert old in text
         text = text.replace(old, new)
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -927,8 +931,8 @@ def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cls, "noisy_and_target", observed_objective)
         patch.setattr(cls, "predict", observed_predict)
-        execute(load_recipe(path, []), load_plugins(), output_dir=str(tmp_path / "run"), resume=False,
-                overwrite=False, echo=lambda *_: None)
+        execute(load_recipe(path, []), load_plugins(extra=[seen] if seen else []), output_dir=str(tmp_path / "run"),
+                resume=False, overwrite=False, echo=lambda *_: None)
     return calls
 
 
@@ -968,3 +972,33 @@ def test_flux_shift_uses_each_buckets_token_count(family, native, models, two_bu
                 **({"μ of the unpacked latent": flux_shift_reference(step, (b, c, h, w), h * w)}
                    if family == "flux.1-dev" else {})}, atol=1e-7)
     assert token_counts == {16, 32}, "both buckets were trained"
+
+
+# ------------------------------------------------------------------------ gradient accumulation: the step's loss
+@pytest.mark.slow
+def test_a_steps_loss_is_the_mean_over_its_accumulated_micro_batches(models, dataset, tmp_path, monkeypatch):
+    """With `gradient_accumulation = 2` (batch 1) one optimizer step is two micro-batches, and its gradient is that
+    of their mean loss (the accelerator divides each backward by 2, as diffusers' examples and sd-scripts do). The
+    step's logged loss is that mean — each micro-batch's loss computed here with a freshly loaded transformer on
+    what it was fed, against the step's target. Planted: their sum (what was logged before)."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    seen = Seen()
+    replace = {"steps = 1\nbatch_size = 2": "steps = 1\nbatch_size = 1\ngradient_accumulation = 2"}
+    calls = train_steps("flux.1-dev", models["flux.1-dev"], dataset, tmp_path, "", "text_max_length = 16",
+                        replace=replace, seen=seen)
+    assert len(calls) == 2 and len(seen.losses) == 1
+    transformer = FluxTransformer2DModel.from_pretrained(models["flux.1-dev"], subfolder="transformer").eval()
+    micro = []
+    for call in calls:              # step 1: the LoRA's B is still 0, so both micro-batches see the base model
+        fed = call["fed"]
+        b, c, h, w = call["target"].shape
+        with torch.no_grad():
+            out = transformer(**{k: fed[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                     "timestep", "img_ids", "txt_ids", "guidance")},
+                              return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+        micro.append(reference_loss(pred, call["target"], torch.ones(b)))
+    assert seen.losses[0] == pytest.approx(sum(micro) / 2, rel=1e-4, abs=1e-7)
+    assert seen.losses[0] != pytest.approx(sum(micro), rel=1e-2), "planted: the micro-batches' sum"
