@@ -145,7 +145,7 @@ class NativeBackend:
             notes.append("gradient_checkpointing: on CUDA under memory_mode \"auto\" the GPU plan decides how many "
                          "blocks are recomputed (none where the speed plan fits)")
         if r.train.noise_offset > 0:
-            notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and channel, before "
+            notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and latent channel, before "
                          "x_t and the target are formed")
         if r.text_encoder.train:
             te_steps = math.ceil(steps * r.text_encoder.train_fraction)

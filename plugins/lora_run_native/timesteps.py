@@ -23,7 +23,10 @@ sd-scripts define them): ``none``; ``sigma_sqrt``: w = σ⁻² (not clamped: the
 bounds it); ``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
 
 Noise offset for flow matching (`train.noise_offset` = o > 0): ε ← ε + o·δ with δ ~ N(0, 1) drawn once
-per sample and channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. The
+per sample and VAE latent channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. A
+family whose trained latent is already patchified (FLUX.2: channel 4c + 2i + j holds VAE channel c at sub-position
+(i, j)) draws one δ per VAE channel and gives it to that channel's ``group`` patch channels, so the offset stays
+constant over the image (a per-patch-channel δ would be a pattern repeating every 2×2 latent positions). The
 model thus also learns to move the per-channel mean, which lets it render very dark or bright images.
 The target stays consistent with the noisy input (unlike adding the offset to x_t only).
 """
@@ -102,11 +105,16 @@ def loss_weighting(scheme: str, sigma: Any) -> Any:
     return torch.ones_like(sigma, dtype=torch.float32)
 
 
-def make_noise(shape: tuple[int, ...], generator: Any, noise_offset: float = 0.0) -> Any:
-    """ε ~ N(0, 1) of ``shape`` on CPU (deterministic everywhere), with the flow-matching noise offset."""
+def make_noise(shape: tuple[int, ...], generator: Any, noise_offset: float = 0.0, group: int = 1) -> Any:
+    """ε ~ N(0, 1) of ``shape`` on CPU (deterministic everywhere), with the flow-matching noise offset: one δ per
+    sample and VAE latent channel, shared by the ``group`` consecutive channels that hold that VAE channel (1 for
+    an unpatchified latent; 4 for FLUX.2's 2×2-patchified one)."""
     import torch
 
     noise = torch.randn(shape, generator=generator)
     if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator)
+        if shape[1] % group:
+            raise ValueError(f"{shape[1]} latent channels are not groups of {group}")
+        delta = torch.randn((shape[0], shape[1] // group, *([1] * (len(shape) - 2))), generator=generator)
+        noise = noise + noise_offset * delta.repeat_interleave(group, dim=1)
     return noise

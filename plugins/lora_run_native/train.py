@@ -983,7 +983,8 @@ class Trainer:
                 live = adapter.encode_captions([s.caption for s in batch], encoders=(adapter.trainable_text_encoder,))
             text.update({k: v.to(device) for k, v in live.items()})
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset), device)
+        noise = to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset, adapter.noise_offset_group),
+                          device)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         return self._forward_backward(state, batch, x0, noise, t, text, step, te_active, accum, len(batch))
 
@@ -1001,7 +1002,7 @@ class Trainer:
         adapter = state.adapter
         x0 = torch.stack([state.latents[s.index] for s in batch])
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset)
+        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset, adapter.noise_offset_group)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         lo, hi = self.parallel.shard(len(batch), r.train.batch_size)
         scale = 1.0

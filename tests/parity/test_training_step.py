@@ -244,12 +244,21 @@ def step_generator():
     return torch.Generator("cpu").manual_seed(step_seed(SEED, "noise", 0, 0))
 
 
-def reference_noise(shape, generator, offset: float = 0.0):
-    """ε ~ N(0, 1); with a noise offset o, + o·N(0, 1) per sample and channel (diffusers' examples' form)."""
+def reference_noise(shape, generator, offset: float = 0.0, patchified: bool = False):
+    """ε ~ N(0, 1); with a noise offset o, + o·N(0, 1) per sample and VAE latent channel (diffusers' examples'
+    form), constant over the image. ``patchified`` (FLUX.2, whose trained latent is the 2×2-patchified one): the
+    offset is drawn per VAE channel (C/4 of them), spread over the unpatchified latent and patchified as the
+    pipeline does (``Flux2Pipeline._patchify_latents``)."""
     import torch
 
     noise = torch.randn(shape, generator=generator)
-    if offset:
+    if offset and patchified:
+        from diffusers import Flux2Pipeline
+
+        b, c, h, w = shape
+        delta = torch.randn((b, c // 4, 1, 1), generator=generator).expand(b, c // 4, 2 * h, 2 * w)
+        noise = noise + offset * Flux2Pipeline._patchify_latents(delta.contiguous())
+    elif offset:
         noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
     return noise
 
@@ -331,7 +340,7 @@ def reference_loss(pred, target, weights, loss: str = "mse", **option):
 
 
 def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int, *, offset=0.0, weighting="none",
-                    **draw):
+                    patchified=False, **draw):
     """x0, noise, σ, noisy input and target of a flow-matching step against the reference; returns (order, σ,
     target, weights)."""
     import torch
@@ -340,18 +349,23 @@ def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int,
     order = batch_order(ob["x0"], per_image)
     x0 = torch.stack([per_image[i] for i in order])
     g = step_generator()
-    noise = reference_noise(tuple(x0.shape), g, offset)
-    agrees("noise", ob["noise"], noise, {"no offset": reference_noise(tuple(x0.shape), step_generator())}
-           if offset else {})
+    noise = reference_noise(tuple(x0.shape), g, offset, patchified)
+    planted_noise = {"no offset": reference_noise(tuple(x0.shape), step_generator())} if offset else {}
+    if offset and patchified:
+        planted_noise["δ per patch channel (a 2×2 pattern)"] = reference_noise(tuple(x0.shape), step_generator(),
+                                                                              offset)
+    agrees("noise", ob["noise"], noise, planted_noise)
     sigma, continuous = flow_sigmas(method, len(order), g, scheduler, seq_len, **draw)
     planted = {"1 - σ": 1 - sigma}
     if continuous is not None:
         planted["the continuous 1 − u (off the table)"] = continuous
     if method in ("shift", "flux-shift"):
-        planted["unshifted"] = flow_sigmas("sigmoid", len(order), _after_noise(x0.shape, offset), scheduler, seq_len,
+        planted["unshifted"] = flow_sigmas("sigmoid", len(order), _after_noise(x0.shape, offset, patchified), scheduler,
+                                           seq_len,
                                            scale=draw.get("scale", 1.0))[0]
     if method == "flux-shift":          # the token count of the unpacked latent instead of the packed one
-        planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset), scheduler,
+        planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset, patchified),
+                                                    scheduler,
                                                     seq_len * 4, scale=draw.get("scale", 1.0), mu=draw.get("mu"))[0]
     agrees("σ", ob["t"], sigma, planted, atol=1e-7)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
@@ -362,9 +376,9 @@ def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int,
     return order, sigma, target, weights
 
 
-def _after_noise(shape, offset):
+def _after_noise(shape, offset, patchified=False):
     g = step_generator()
-    reference_noise(tuple(shape), g, offset)
+    reference_noise(tuple(shape), g, offset, patchified)
     return g
 
 
@@ -724,6 +738,7 @@ FLUX2_TEXT_LENGTH = {"klein": 64, "dev": 512}
     ("klein", "uniform", "timestep_weighting = \"cosmap\"", {}),
     ("dev", "logit-normal", "logit_mean = 0.3\nguidance = 4.0", {"mean": 0.3}),
     ("dev", "flux-shift", "", {}),
+    ("klein", "shift", "noise_offset = 0.1\nshift = 3.0", {"shift": 3.0}),
 ])
 def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_path, monkeypatch):
     family = f"flux.2-{variant}"
@@ -759,7 +774,7 @@ def check_flux2(seen: Seen, folder: Path, dataset: Path, variant: str, method: s
     flux2_mu = lambda tokens: compute_empirical_mu(tokens, 200)  # noqa: E731
     order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, h * w,
                                                     weighting=train.get("timestep_weighting", "none"), mu=flux2_mu,
-                                                    **draw)
+                                                    offset=train.get("noise_offset", 0.0), patchified=True, **draw)
     if method == "flux-shift":          # planted: μ of the pipelines' default 50-step schedule
         at_50 = flow_sigmas(method, b, _after_noise((b, c, h, w), 0.0), scheduler, h * w,
                             mu=lambda tokens: compute_empirical_mu(tokens, 50))[0]

@@ -82,6 +82,11 @@ def flux2_batch_norm_left_out(cls, patch):
     patch.setattr(latents, "normalise", lambda z, vae: latents.patchify(z))
 
 
+def noise_offset_per_patch_channel(cls, patch):
+    """FLUX.2's noise offset drawn per patchified channel (one δ for each VAE channel's 4 sub-positions)."""
+    patch.setattr(cls, "noise_offset_group", 1)
+
+
 def v11_schedule(cls, patch):
     real = cls.schedule
 
@@ -179,6 +184,7 @@ HUNYUAN_IMAGE = _hunyuan_image("shift", "shift = 5.0", {"shift": 5.0})
 HUNYUAN_DIT = _hunyuan_dit("uniform", "min_snr_gamma = 5.0")
 HUNYUAN_DIT_EPSILON = _hunyuan_dit("uniform", "min_snr_gamma = 5.0", model="hunyuan-dit-1.2-epsilon")
 FLUX2_KLEIN = _flux2_klein("sigmoid", "")
+FLUX2_KLEIN_OFFSET = _flux2_klein("shift", "noise_offset = 0.1\nshift = 3.0")
 
 #: (case, mistake, the check's message that must reject it; None: check_loss's bare assertion)
 PLANTED: list[tuple[str, tuple, Callable[..., None], str | None]] = [
@@ -204,6 +210,7 @@ PLANTED: list[tuple[str, tuple, Callable[..., None], str | None]] = [
     ("flux2 batch norm left out", FLUX2_KLEIN, flux2_batch_norm_left_out, "not the reference encoding"),
     ("flux2 timestep ×1000", FLUX2_KLEIN, timestep_scaled(1000.0), "timestep: differs"),
     ("flux2 flipped target", FLUX2_KLEIN, flipped_target, "target: differs"),
+    ("flux2 noise offset per patch channel", FLUX2_KLEIN_OFFSET, noise_offset_per_patch_channel, "noise: differs"),
 ]
 
 

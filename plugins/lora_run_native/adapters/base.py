@@ -305,6 +305,9 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     pixel_multiple: ClassVar[int] = 16
     objective: ClassVar[str] = "flow"            # "flow" | "ddpm"
+    #: consecutive latent channels holding one VAE latent channel (the noise offset draws one δ for them): 1 for
+    #: an unpatchified latent, 4 where the trained latent is 2×2-patchified (FLUX.2)
+    noise_offset_group: ClassVar[int] = 1
     features: ClassVar[frozenset[str]] = COMMON_FEATURES
     reasons: ClassVar[dict[str, str]] = {}
     target_presets: ClassVar[dict[str, list[str]]] = {}
