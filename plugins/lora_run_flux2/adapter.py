@@ -61,6 +61,7 @@ class Flux2Adapter(ModelAdapter):
 
     pixel_multiple = 16                          # 8× VAE × 2×2 patches
     objective = "flow"
+    noise_offset_group = 4                       # the noise offset's δ: one per VAE channel, not per patch channel
     features = COMMON_FEATURES | FLOW_FEATURES | {"fp8", "fp8_matmul"}
     target_presets = TARGET_PRESETS
     lora_formats = ("kohya", "diffusers", "comfyui")   # <name>.safetensors, diffusers/<name>…, comfyui/<name>…

@@ -1,10 +1,12 @@
 """Hunyuan-DiT adapter (v1.2, and v1.1 with ``[model] version = "1.1"``): diffusers ``HunyuanDiT2DModel`` +
 ``HunyuanDiTPipeline`` components.
 
-Objective: DDPM with v-prediction, ``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε``, target ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0``, on the
-noise schedule *of the model*: the source's ``scheduler/scheduler_config.json`` when it has one, otherwise the
-documented schedule of the release (``SCHEDULES``: v1.2 β 0.00085 → 0.018, v1.1 β 0.00085 → 0.03, scaled-linear,
-1000 steps). ``[model] version`` names the release where the model cannot (and must agree with it where it
+Objective: DDPM, ``x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε``, with the prediction type and the noise schedule *of the model*:
+the source's ``scheduler/scheduler_config.json`` when it has one, otherwise the documented schedule of the
+release (``SCHEDULES``: v-prediction, v1.2 β 0.00085 → 0.018, v1.1 β 0.00085 → 0.03, scaled-linear, 1000 steps).
+The target is what that config's ``prediction_type`` names (the sampler reads the same config): ``v_prediction``
+(every Tencent release) ``v = √ᾱ_t·ε - √(1-ᾱ_t)·x0``, or ``epsilon`` (diffusers' ``DDPMScheduler`` default, also
+for a config without the key) ``ε``; Min-SNR-γ takes the matching form. ``[model] version`` names the release where the model cannot (and must agree with it where it
 can); unset, the transformer's config decides (style/size conditioning = v1.1). One ``DDPMScheduler`` built from
 that config gives both the training ᾱ_t and the sampling scheduler. The model has
 ``learn_sigma`` (8 output channels: 4 for v, 4 for the variance); the first half is trained, the variance
@@ -55,6 +57,9 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     for version, beta_end in (("1.2", 0.018), ("1.1", 0.03))
 }
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
+#: The scheduler ``prediction_type`` values trained (what the model predicts; ``DDPMScheduler``'s default is
+#: ``epsilon``), with their names in words.
+PREDICTION_TYPES = {"v_prediction": "v-prediction", "epsilon": "ε-prediction"}
 
 #: For the memory model (perfmodel.py): 40 blocks; self-attention q/k/v/out and cross-attention q/out on the
 #: 1408-wide stream, cross-attention k/v from the 1024-wide text; MLP 1408 → 6144 → 1408.
@@ -88,11 +93,12 @@ REASONS = {
 
 
 class HunyuanDiTAdapter(SourceLoader):
-    """Hunyuan-DiT v1.2: DDPM v-prediction, BERT + mT5 conditioning with masks, learn_sigma output."""
+    """Hunyuan-DiT v1.2: DDPM (v- or ε-prediction, as the model's scheduler config says), BERT + mT5 conditioning
+    with masks, learn_sigma output."""
 
     family = "hunyuan-dit-1.2"
     features, reasons = COMMON_FEATURES | DDPM_FEATURES | {"fp8", "fp8_matmul"}, REASONS
-    objective = "ddpm-v"
+    objective = "ddpm"
     pixel_multiple = 16
     memory_shape = MEMORY_SHAPE
     COMPONENTS = {"transformer": ("diffusers", "HunyuanDiT2DModel", "torch_dtype", {}),
@@ -192,7 +198,8 @@ class HunyuanDiTAdapter(SourceLoader):
 
     def schedule(self) -> tuple[dict[str, Any], str]:
         """(DDPM scheduler config, where it came from): the source's ``scheduler/scheduler_config.json``, or the
-        release's documented schedule. Checked: v-prediction; agreement with ``[model] version``."""
+        release's documented schedule. Checked: a prediction type trained here (``PREDICTION_TYPES``); agreement
+        with ``[model] version``."""
         if self._schedule is not None:
             return self._schedule
         version = self.version()
@@ -201,9 +208,10 @@ class HunyuanDiTAdapter(SourceLoader):
             self._schedule = (dict(SCHEDULES[version]), f"the documented Hunyuan-DiT v{version} schedule "
                               f"(no {SCHEDULER_FILE} in the source)")
             return self._schedule
-        if config.get("prediction_type", "epsilon") != "v_prediction":
+        if config.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise self.error("model.source", f"{where}: prediction_type is {config.get('prediction_type')!r}; "
-                             "Hunyuan-DiT is trained with v-prediction (\"v_prediction\")")
+                             "the native backend trains Hunyuan-DiT with v-prediction (\"v_prediction\", every "
+                             "Tencent release) or ε-prediction (\"epsilon\")")
         if config.get("trained_betas") is None:
             for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule"):
                 if key not in config:
@@ -225,15 +233,16 @@ class HunyuanDiTAdapter(SourceLoader):
         from lora_run_native.adapters.base import is_local_source
 
         if not is_local_source(self._source() or ""):
-            return "noise schedule: the model's scheduler config, read when it is loaded"
+            return "prediction type and noise schedule: the model's scheduler config, read when it is loaded"
         try:
             config, where = self.schedule()
         except Exception as exc:  # noqa: BLE001 - `check` reports it with the key
             return f"noise schedule: {str(exc).split('] ', 1)[-1]}"
+        prediction = PREDICTION_TYPES[config.get("prediction_type", "epsilon")]
         if config.get("trained_betas") is not None:
-            return f"noise schedule: trained betas from {where}"
-        return (f"noise schedule {config['beta_schedule']} β {config['beta_start']} → {config['beta_end']}, "
-                f"{config['num_train_timesteps']} steps, from {where}")
+            return f"{prediction}, noise schedule: trained betas from {where}"
+        return (f"{prediction}, noise schedule {config['beta_schedule']} β {config['beta_start']} → "
+                f"{config['beta_end']}, {config['num_train_timesteps']} steps, from {where}")
 
     def noise_scheduler(self) -> Any:
         """A ``DDPMScheduler`` on the model's schedule (training ᾱ_t and sampling use this same config)."""
@@ -338,23 +347,36 @@ class HunyuanDiTAdapter(SourceLoader):
         return self._alphas_cumprod
 
     @property
+    def prediction_type(self) -> str:
+        """``"v_prediction"`` or ``"epsilon"``: the model's scheduler config's (``DDPMScheduler`` reads a config
+        without the key as ``epsilon``)."""
+        return str(self.schedule()[0].get("prediction_type", "epsilon"))
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.schedule()[0].get("num_train_timesteps", NUM_TRAIN_TIMESTEPS))
 
     def sample_timesteps(self, batch: int, generator: Any, latents: Any) -> Any:
-        """Integer t in [0, T-1] (as float32; T = 1000): ``uniform`` draws it uniformly; ``sigmoid`` /
-        ``logit-normal`` draw u ∈ (0, 1) exactly as σ for flow models and take t = round((T-1)·u)."""
+        """Integer t in [0, T-1] (as float32; T = 1000): ``uniform`` draws it uniformly; ``logit-normal`` is the
+        references' draw on this scheduler's own table — u = sigmoid(N(m, s)) indexes the DDPM scheduler's
+        descending training timesteps (T−1, …, 0), t = T − 1 − ⌊T·u⌋, as the flow families' σ is the flow table's
+        entry at that index (so t ≈ (T−1)·σ of the same draw, every step reachable, each index its own step);
+        ``sigmoid`` draws u ∈ (0, 1) exactly as σ for flow models and takes t = round((T-1)·u)."""
         import torch
 
         from lora_run_native import timesteps
 
         t = self.recipe.train
+        steps_total = self.num_train_timesteps
         if t.timestep_sampling == "uniform":
-            steps = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+            steps = torch.randint(0, steps_total, (batch,), generator=generator)
+        elif t.timestep_sampling == "logit-normal":
+            index = timesteps.logit_normal_index(batch, generator, t.logit_mean, t.logit_std, steps=steps_total)
+            steps = steps_total - 1 - index
         else:
             u = timesteps.sample_sigmas(t.timestep_sampling, batch, generator, sigmoid_scale=t.sigmoid_scale,
                                         logit_mean=t.logit_mean, logit_std=t.logit_std)
-            steps = torch.round(u * (self.num_train_timesteps - 1))
+            steps = torch.round(u * (steps_total - 1))
         return steps.to(device=latents.device, dtype=torch.float32)
 
     def _coefficients(self, t: Any, ndim: int) -> tuple[Any, Any]:
@@ -363,13 +385,19 @@ class HunyuanDiTAdapter(SourceLoader):
         return ac.sqrt().view(shape), (1.0 - ac).sqrt().view(shape)
 
     def noisy_and_target(self, x0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
+        """``DDPMScheduler.add_noise``, and the target of the model's prediction type: ``get_velocity`` for
+        v-prediction, the noise for ε-prediction."""
         a, s = self._coefficients(t, x0.dim())
         a, s = a.to(x0.dtype), s.to(x0.dtype)
-        return a * x0 + s * noise, a * noise - s * x0
+        noisy = a * x0 + s * noise
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        return noisy, a * noise - s * x0
 
     def loss_weights(self, t: Any) -> Any:
-        """Min-SNR-γ for v-prediction (``train.min_snr_gamma`` = γ): w = min(SNR, γ) / (SNR + 1) with
-        SNR = ᾱ_t / (1 - ᾱ_t); ones without it."""
+        """Min-SNR-γ (``train.min_snr_gamma`` = γ), SNR = ᾱ_t / (1 - ᾱ_t): w = min(SNR, γ) / (SNR + 1) for
+        v-prediction, min(SNR, γ) / SNR for ε-prediction (the Min-SNR paper's forms, as diffusers' examples and
+        sd-scripts apply them); ones without it."""
         import torch
 
         gamma = self.recipe.train.min_snr_gamma
@@ -377,7 +405,7 @@ class HunyuanDiTAdapter(SourceLoader):
             return torch.ones(t.shape[0], dtype=torch.float32, device=t.device)
         ac = self.alphas_cumprod().to(t.device)[t.long()]
         snr = ac / (1.0 - ac)
-        return (torch.clamp(snr, max=float(gamma)) / (snr + 1.0)).float()
+        return (torch.clamp(snr, max=float(gamma)) / (snr if self.prediction_type == "epsilon" else snr + 1.0)).float()
 
     def rotary_embedding(self, transformer: Any, height: int, width: int, device: Any) -> Any:
         """(cos, sin) for a latent of ``height × width`` (cached per size), as the pipeline computes them."""
@@ -416,7 +444,7 @@ class HunyuanDiTAdapter(SourceLoader):
                           encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
                           text_embedding_mask_t5=text["prompt_attention_mask_2"], image_meta_size=meta, style=style,
                           image_rotary_emb=rope, return_dict=False)[0]
-        return out[:, :c]                       # learn_sigma: the first half is the v prediction
+        return out[:, :c]                       # learn_sigma: the first half is the prediction (v or ε)
 
     # ------------------------------------------------------------------------------------- outputs
     def lora_files(self, fmt: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, rank: int,

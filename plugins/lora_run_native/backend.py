@@ -134,8 +134,7 @@ class NativeBackend:
                    if fmt in adapter.lora_formats]
         notes = [f"{r.model.family} via diffusers + peft + accelerate; objective: "
                  + ("rectified flow (x_t = (1-σ)·x0 + σ·ε, target ε - x0)" if adapter.objective == "flow"
-                    else "DDPM v-prediction" + (f" ({adapter.schedule_note()})"
-                                                 if hasattr(adapter, "schedule_note") else ""))]
+                    else "DDPM" + (f" ({adapter.schedule_note()})" if hasattr(adapter, "schedule_note") else ""))]
         if r.model.base_precision == "fp8":
             notes.append("base weights stored in float8 (e4m3), computed in "
                          + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision]
@@ -146,7 +145,7 @@ class NativeBackend:
             notes.append("gradient_checkpointing: on CUDA under memory_mode \"auto\" the GPU plan decides how many "
                          "blocks are recomputed (none where the speed plan fits)")
         if r.train.noise_offset > 0:
-            notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and channel, before "
+            notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and latent channel, before "
                          "x_t and the target are formed")
         if r.text_encoder.train:
             te_steps = math.ceil(steps * r.text_encoder.train_fraction)

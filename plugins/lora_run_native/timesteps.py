@@ -23,7 +23,10 @@ sd-scripts define them): ``none``; ``sigma_sqrt``: w = σ⁻² (not clamped: the
 bounds it); ``cosmap``: w = 2 / (π·(1 - 2σ + 2σ²)).
 
 Noise offset for flow matching (`train.noise_offset` = o > 0): ε ← ε + o·δ with δ ~ N(0, 1) drawn once
-per sample and channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. The
+per sample and VAE latent channel (shape ``(B, C, 1, 1)``), *before* x_t and the target ``ε - x0`` are formed. A
+family whose trained latent is already patchified (FLUX.2: channel 4c + 2i + j holds VAE channel c at sub-position
+(i, j)) draws one δ per VAE channel and gives it to that channel's ``group`` patch channels, so the offset stays
+constant over the image (a per-patch-channel δ would be a pattern repeating every 2×2 latent positions). The
 model thus also learns to move the per-channel mean, which lets it render very dark or bright images.
 The target stays consistent with the noisy input (unlike adding the offset to x_t only).
 """
@@ -54,8 +57,7 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
     if method == "uniform":
         sigma = torch.rand(batch, generator=generator)
     elif method == "logit-normal":
-        u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
-        index = (u * TABLE_STEPS).long().clamp(max=TABLE_STEPS - 1)   # u = 1.0 (n > 17) would run off the table
+        index = logit_normal_index(batch, generator, logit_mean, logit_std)
         sigma = (TABLE_STEPS - index).float() / TABLE_STEPS            # the table's σ, bit for bit; 1.0 included
         return to_device(sigma.float(), device)
     elif method in ("sigmoid", "shift", "flux-shift"):
@@ -68,6 +70,18 @@ def sample_sigmas(method: str, batch: int, generator: Any, *, sigmoid_scale: flo
     else:
         raise ValueError(f"unknown timestep sampling {method!r}")
     return to_device(sigma.clamp(SIGMA_EPS, 1 - SIGMA_EPS).float(), device)
+
+
+def logit_normal_index(batch: int, generator: Any, logit_mean: float = 0.0, logit_std: float = 1.0,
+                       steps: int = TABLE_STEPS) -> Any:
+    """The references' `logit_normal` draw as an index into a scheduler's *descending* training table of ``steps``
+    entries: ⌊steps·u⌋, u = sigmoid(N(`logit_mean`, `logit_std`)) (``torch.normal``, as diffusers' helper draws
+    it), int64 in [0, steps − 1]. The flow table's entry is σ = (steps − index)/steps; a DDPM scheduler's training
+    ``timesteps`` are ``steps − 1, …, 0``, so its entry is t = steps − 1 − index."""
+    import torch
+
+    u = torch.sigmoid(torch.normal(mean=float(logit_mean), std=float(logit_std), size=(batch,), generator=generator))
+    return (u * steps).long().clamp(max=steps - 1)      # u = 1.0 (n > 17) would run off the table
 
 
 def to_device(tensor: Any, device: Any) -> Any:
@@ -91,11 +105,16 @@ def loss_weighting(scheme: str, sigma: Any) -> Any:
     return torch.ones_like(sigma, dtype=torch.float32)
 
 
-def make_noise(shape: tuple[int, ...], generator: Any, noise_offset: float = 0.0) -> Any:
-    """ε ~ N(0, 1) of ``shape`` on CPU (deterministic everywhere), with the flow-matching noise offset."""
+def make_noise(shape: tuple[int, ...], generator: Any, noise_offset: float = 0.0, group: int = 1) -> Any:
+    """ε ~ N(0, 1) of ``shape`` on CPU (deterministic everywhere), with the flow-matching noise offset: one δ per
+    sample and VAE latent channel, shared by the ``group`` consecutive channels that hold that VAE channel (1 for
+    an unpatchified latent; 4 for FLUX.2's 2×2-patchified one)."""
     import torch
 
     noise = torch.randn(shape, generator=generator)
     if noise_offset > 0:
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], *([1] * (len(shape) - 2))), generator=generator)
+        if shape[1] % group:
+            raise ValueError(f"{shape[1]} latent channels are not groups of {group}")
+        delta = torch.randn((shape[0], shape[1] // group, *([1] * (len(shape) - 2))), generator=generator)
+        noise = noise + noise_offset * delta.repeat_interleave(group, dim=1)
     return noise

@@ -943,6 +943,8 @@ class Trainer:
                     with acc.accumulate(sync_model):       # gradients reduced on the last micro-batch only
                         value = self._micro_step(state, batch, step, micro, te_active, accum)
                     loss_sum = value if loss_sum is None else loss_sum + value
+                if accum > 1:       # the step's loss is the mean over its micro-batches, as its gradient is (the
+                    loss_sum = loss_sum / accum     # accelerator divides each micro-batch's backward by `accum`)
                 params = [p for p in state.params.values()] + [p for p in state.te_params.values() if p.requires_grad]
                 stop_now = self.stop_requested   # read once: a signal arriving later counts for the next step
                 if self.parallel.active:      # every rank: the global batch's loss and one stop decision
@@ -1009,7 +1011,8 @@ class Trainer:
                 live = adapter.encode_captions([s.caption for s in batch], encoders=(adapter.trainable_text_encoder,))
             text.update({k: v.to(device) for k, v in live.items()})
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset), device)
+        noise = to_device(make_noise(tuple(x0.shape), generator, r.train.noise_offset, adapter.noise_offset_group),
+                          device)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         return self._forward_backward(state, batch, x0, noise, t, text, step, te_active, accum, len(batch))
 
@@ -1027,7 +1030,7 @@ class Trainer:
         adapter = state.adapter
         x0 = torch.stack([state.latents[s.index] for s in batch])
         generator = torch.Generator("cpu").manual_seed(step_seed(r.train.seed, "noise", step, micro))
-        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset)
+        noise = make_noise(tuple(x0.shape), generator, r.train.noise_offset, adapter.noise_offset_group)
         t = adapter.sample_timesteps(len(batch), generator, x0)
         lo, hi = self.parallel.shard(len(batch), r.train.batch_size)
         scale = 1.0

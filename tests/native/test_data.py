@@ -140,6 +140,26 @@ def test_noise_offset_is_per_sample_and_channel():
     assert float(diff.abs().mean()) > 0.05
 
 
+def test_noise_offset_of_a_patchified_latent_is_per_vae_channel():
+    """FLUX.2's latent is 2×2-patchified (channel 4c + 2i + j = VAE channel c at (i, j)): the offset is one δ per VAE
+    channel, so unpatchified it is constant over the image; one δ per patch channel (group 1) is a 2×2 pattern."""
+    import torch
+
+    from lora_run_flux2.latents import unpatchify
+    from lora_run_native.timesteps import make_noise
+
+    plain = make_noise((2, 128, 4, 4), torch.Generator().manual_seed(0))
+    grouped = unpatchify(make_noise((2, 128, 4, 4), torch.Generator().manual_seed(0), 0.5, group=4) - plain)
+    assert torch.allclose(grouped, grouped[:, :, :1, :1].expand_as(grouped), atol=1e-6)
+    assert float(grouped.abs().mean()) > 0.05
+    per_patch = unpatchify(make_noise((2, 128, 4, 4), torch.Generator().manual_seed(0), 0.5) - plain)
+    assert not torch.allclose(per_patch, per_patch[:, :, :1, :1].expand_as(per_patch), atol=1e-3)
+    from lora_run_flux2.adapter import Flux2Adapter
+    from lora_run_native.adapters.base import ModelAdapter
+
+    assert Flux2Adapter.noise_offset_group == 4 and ModelAdapter.noise_offset_group == 1
+
+
 def test_loss_weighting_schemes():
     import torch
 

@@ -445,7 +445,7 @@ def test_flux_fast_recipe_switched_to_hunyuan_plans_and_runs(kind, tiny_hunyuan,
             "--set", "dataset.bucket_max=96", "--set", "dataset.min_images=1"]
     plan = run_cli("plan", recipe, *sets)
     assert plan.returncode == 0, plan.stderr
-    assert FAMILIES[kind] in plan.stdout and ("DDPM v-prediction" if kind == "dit" else "rectified flow") in plan.stdout
+    assert FAMILIES[kind] in plan.stdout and ("DDPM (v-prediction" if kind == "dit" else "rectified flow") in plan.stdout
     if kind == "dit":               # the plan says which schedule trains, and where it came from
         assert "β 0.00085 → 0.018" in plan.stdout and "scheduler_config.json" in plan.stdout, plan.stdout
     out = tmp_path / "run"

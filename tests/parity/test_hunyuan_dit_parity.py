@@ -3,10 +3,11 @@
 - schedule: the model's ``scheduler/scheduler_config.json`` — for v1.2 (Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers)
   scaled-linear β from 0.00085 to **0.018** over 1000 steps, v-prediction. β_t = (√β₀ + t/(T−1)·(√β₁ − √β₀))²,
   ᾱ_t = Π_{s≤t}(1 − β_s); without a config file, the release's documented schedule;
-- x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and the target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (DDPM v-prediction);
+- x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and the target v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (DDPM v-prediction), or ε where the
+  scheduler config says ``prediction_type = "epsilon"`` (diffusers' default for a config without the key);
 - the transformer gets the integer timestep t (0..999), not t/1000, plus both text encodings with their masks;
   of its 8 output channels (learn_sigma) the first 4 are the prediction;
-- Min-SNR-γ for v-prediction: w = min(SNR, γ) / (SNR + 1), SNR = ᾱ/(1−ᾱ);
+- Min-SNR-γ for v-prediction: w = min(SNR, γ) / (SNR + 1), SNR = ᾱ/(1−ᾱ); for ε-prediction min(SNR, γ) / SNR;
 - latents: the VAE posterior mean × 0.13025, no shift.
 
 Every check runs against a deliberately wrong variant too (the old β_end 0.03, a flipped target, t/1000 fed
@@ -61,7 +62,7 @@ def schedule_matches(alphas, config: dict) -> bool:
     return len(alphas) == len(ref) and max(abs(float(a) - r) for a, r in zip(alphas, ref)) < 1e-6
 
 
-def objective_matches(noisy_and_target, alphas_config: dict) -> bool:
+def objective_matches(noisy_and_target, alphas_config: dict, prediction: str = "v_prediction") -> bool:
     import torch
 
     ref = documented_alphas_cumprod(alphas_config)
@@ -73,7 +74,7 @@ def objective_matches(noisy_and_target, alphas_config: dict) -> bool:
     for i, step in enumerate(t.long().tolist()):
         a, s = math.sqrt(ref[step]), math.sqrt(1.0 - ref[step])
         ok &= torch.allclose(noisy[i], a * x0[i] + s * eps[i], atol=1e-5)
-        ok &= torch.allclose(target[i], a * eps[i] - s * x0[i], atol=1e-5)
+        ok &= torch.allclose(target[i], a * eps[i] - s * x0[i] if prediction == "v_prediction" else eps[i], atol=1e-5)
     return bool(ok)
 
 
@@ -129,8 +130,8 @@ def test_a_version_that_contradicts_the_model_is_refused_with_the_key(tmp_path):
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path), "1.1"))
     with pytest.raises(ModelSourceError, match=r"\[model.version\] is \"1.1\".*0.018"):
         adapter.schedule()
-    bad = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, {**V12, "prediction_type": "epsilon"}, name="e")))
-    with pytest.raises(ModelSourceError, match="v-prediction"):
+    bad = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, {**V12, "prediction_type": "sample"}, name="x")))
+    with pytest.raises(ModelSourceError, match="prediction_type is 'sample'.*v-prediction.*ε-prediction"):
         bad.schedule()
     # no scheduler config, but a v1.1 (style-conditioned) transformer: `lora-run check` names the key
     folder = model_folder(tmp_path, None, style=True, name="s")
@@ -151,6 +152,33 @@ def test_noisy_input_and_v_target(tmp_path):
     assert not objective_matches(flipped, V12)
     old = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, {**V12, "beta_end": 0.03}, name="old")))
     assert not objective_matches(old.noisy_and_target, V12)
+
+
+@pytest.mark.parametrize("config, prediction", [({**V12, "prediction_type": "epsilon"}, "epsilon"),
+                                                ({k: v for k, v in V12.items() if k != "prediction_type"}, "epsilon"),
+                                                (V12, "v_prediction")])
+def test_the_target_is_the_scheduler_configs_prediction_type(tmp_path, config, prediction):
+    """The objective follows the model's scheduler config, as its sampler (``DDPMScheduler.step``) reads it: ε for
+    ``epsilon`` (and for a config without the key: diffusers' default), v for ``v_prediction``; Min-SNR-γ takes the
+    matching form. The other type's target and weights are the planted mistakes."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
+
+    adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path, config), min_snr_gamma=5.0))
+    assert adapter.prediction_type == prediction
+    assert DDPMScheduler.from_config(adapter.schedule()[0]).config.prediction_type == prediction   # the sampler's
+    other = "v_prediction" if prediction == "epsilon" else "epsilon"
+    assert objective_matches(adapter.noisy_and_target, V12, prediction)
+    assert not objective_matches(adapter.noisy_and_target, V12, other)
+    t = torch.tensor([10.0, 300.0, 700.0, 990.0])
+    ref = documented_alphas_cumprod(V12)
+    snr = [ref[s] / (1 - ref[s]) for s in t.long().tolist()]
+    forms = {"v_prediction": [min(x, 5.0) / (x + 1.0) for x in snr], "epsilon": [min(x, 5.0) / x for x in snr]}
+    assert torch.allclose(adapter.loss_weights(t), torch.tensor(forms[prediction]), atol=1e-5)
+    assert not torch.allclose(adapter.loss_weights(t), torch.tensor(forms[other]), atol=1e-3)
+    assert ("ε-prediction" if prediction == "epsilon" else "v-prediction") in adapter.schedule_note()
 
 
 def test_min_snr_weights(tmp_path):

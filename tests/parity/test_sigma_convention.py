@@ -78,15 +78,65 @@ def test_median_and_the_exact_draw():
     assert not torch.equal(drawn, 1 - u), "planted: the continuous 1 − u is up to one table step off"
 
 
+def reference_ddpm_steps(batch: int, mean: float, std: float, generator):
+    """diffusers' documented recipe on Hunyuan-DiT's own (DDPM) scheduler: u from its helper, index ⌊u·T⌋ into the
+    scheduler's descending training timesteps (T − 1, …, 0)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_end=0.018,
+                              prediction_type="v_prediction")
+    u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=mean, logit_std=std,
+                                              generator=generator)
+    return scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
+
+
+def old_ddpm_mapping(batch: int, mean: float, std: float, generator):
+    """The planted mistake (what lora-run drew before): t = round(999·σ) of the flow table's σ, one step high for
+    half the indices (⌊1000·u⌋ ≥ 500), t = 0 unreachable and t = 500 drawn from two indices."""
+    import torch
+
+    from lora_run_native.timesteps import sample_sigmas
+
+    return torch.round(sample_sigmas("logit-normal", batch, generator, logit_mean=mean, logit_std=std) * 999).long()
+
+
 def test_hunyuan_dit_timesteps_follow_the_same_convention(tmp_path):
-    """The DDPM family draws u the same way: t = round(999·σ), so mean 0.5 → median t ≈ 377."""
+    """The DDPM family draws u the same way and takes the entry of its own scheduler's table: each t is, draw for
+    draw, the diffusers example's ``scheduler.timesteps[⌊T·u⌋]`` (mean 0.5 → median t ≈ 999·sigmoid(−0.5) ≈ 377);
+    the old round(999·σ) mapping is caught, both draw for draw and by its distribution (t = 500 twice as likely
+    as its neighbours, t = 0 never drawn)."""
     import torch
 
     from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
-    recipe = minimal_recipe("hunyuan-dit-1.2", tmp_path, train={"timestep_sampling": "logit-normal", "logit_mean": 0.5})
-    t = HunyuanDiTAdapter(recipe).sample_timesteps(N, torch.Generator().manual_seed(0), torch.zeros(1, 4, 2, 2))
-    assert float(t.median()) == pytest.approx(999 / (1 + math.exp(0.5)), abs=10)
+    for mean, std in ((0.5, 1.0), (-0.3, 1.6)):
+        recipe = minimal_recipe("hunyuan-dit-1.2", tmp_path,
+                                train={"timestep_sampling": "logit-normal", "logit_mean": mean, "logit_std": std})
+        t = HunyuanDiTAdapter(recipe).sample_timesteps(N, torch.Generator().manual_seed(5), torch.zeros(1, 4, 2, 2))
+        assert t.dtype == torch.float32 and torch.equal(t, t.round())
+        reference = reference_ddpm_steps(N, mean, std, torch.Generator().manual_seed(5))
+        assert torch.equal(t.long(), reference)
+        assert not torch.equal(old_ddpm_mapping(N, mean, std, torch.Generator().manual_seed(5)), reference)
+        if mean == 0.5:
+            assert float(t.median()) == pytest.approx(999 / (1 + math.exp(0.5)), abs=10)
+
+    # distribution: at mean 0, std 0.05 (u ≈ 0.5) the two mappings differ visibly; ours is the reference's
+    many = 200_000
+    ours = HunyuanDiTAdapter(minimal_recipe("hunyuan-dit-1.2", tmp_path, train={
+        "timestep_sampling": "logit-normal", "logit_std": 0.05})).sample_timesteps(
+        many, torch.Generator().manual_seed(6), torch.zeros(1, 4, 2, 2)).long()
+    counts = torch.bincount(ours, minlength=1000).double()
+    ref = torch.bincount(reference_ddpm_steps(many, 0.0, 0.05, torch.Generator().manual_seed(7)), minlength=1000)
+    old = torch.bincount(old_ddpm_mapping(many, 0.0, 0.05, torch.Generator().manual_seed(8)), minlength=1000)
+    # near u = 0.5: steps 495..504 each ≈ 0.8 % of the draws; the old mapping gives step 500 about twice that
+    window = slice(495, 505)
+    assert (counts[window] - ref[window].double()).abs().max() < 6 * math.sqrt(float(ref[window].max()))
+    assert (counts[window] - old[window].double()).abs().max() > 6 * math.sqrt(float(ref[window].max()))
+    edge = HunyuanDiTAdapter(minimal_recipe("hunyuan-dit-1.2", tmp_path, train={
+        "timestep_sampling": "logit-normal", "logit_mean": 9.0, "logit_std": 0.5})).sample_timesteps(
+        1000, torch.Generator().manual_seed(9), torch.zeros(1, 4, 2, 2))
+    assert float(edge.min()) == 0.0, "t = 0 (the least noisy step, u ≥ 0.999) is reachable"
 
 
 def test_kohya_translation_means_the_same_sigmas(tmp_path):

@@ -95,9 +95,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from lora_run_hunyuan_dit.tiny import build_tiny_hunyuan_dit
     from lora_run_hunyuan_image.tiny import build_tiny_hunyuan_image
 
+    from lora_run_hunyuan_dit.tiny import PUBLISHED_SCHEDULERS
+
     root = tmp_path_factory.mktemp("step-models")
+    epsilon = {**PUBLISHED_SCHEDULERS["1.2"], "prediction_type": "epsilon"}
     return {"flux.1-dev": build_tiny_flux(root / "flux"), "hunyuan-image-2.1": build_tiny_hunyuan_image(root / "hi"),
             "hunyuan-dit-1.2": build_tiny_hunyuan_dit(root / "dit"),
+            # a Hunyuan-DiT whose scheduler config says ε-prediction: the objective follows the config
+            "hunyuan-dit-1.2-epsilon": build_tiny_hunyuan_dit(root / "dit-eps", scheduler=epsilon),
             "flux.2-klein": build_tiny_flux2(root / "klein", "klein"), "flux.2-dev": build_tiny_flux2(root / "dev", "dev")}
 
 
@@ -239,12 +244,21 @@ def step_generator():
     return torch.Generator("cpu").manual_seed(step_seed(SEED, "noise", 0, 0))
 
 
-def reference_noise(shape, generator, offset: float = 0.0):
-    """ε ~ N(0, 1); with a noise offset o, + o·N(0, 1) per sample and channel (diffusers' examples' form)."""
+def reference_noise(shape, generator, offset: float = 0.0, patchified: bool = False):
+    """ε ~ N(0, 1); with a noise offset o, + o·N(0, 1) per sample and VAE latent channel (diffusers' examples'
+    form), constant over the image. ``patchified`` (FLUX.2, whose trained latent is the 2×2-patchified one): the
+    offset is drawn per VAE channel (C/4 of them), spread over the unpatchified latent and patchified as the
+    pipeline does (``Flux2Pipeline._patchify_latents``)."""
     import torch
 
     noise = torch.randn(shape, generator=generator)
-    if offset:
+    if offset and patchified:
+        from diffusers import Flux2Pipeline
+
+        b, c, h, w = shape
+        delta = torch.randn((b, c // 4, 1, 1), generator=generator).expand(b, c // 4, 2 * h, 2 * w)
+        noise = noise + offset * Flux2Pipeline._patchify_latents(delta.contiguous())
+    elif offset:
         noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
     return noise
 
@@ -326,7 +340,7 @@ def reference_loss(pred, target, weights, loss: str = "mse", **option):
 
 
 def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int, *, offset=0.0, weighting="none",
-                    **draw):
+                    patchified=False, **draw):
     """x0, noise, σ, noisy input and target of a flow-matching step against the reference; returns (order, σ,
     target, weights)."""
     import torch
@@ -335,18 +349,23 @@ def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int,
     order = batch_order(ob["x0"], per_image)
     x0 = torch.stack([per_image[i] for i in order])
     g = step_generator()
-    noise = reference_noise(tuple(x0.shape), g, offset)
-    agrees("noise", ob["noise"], noise, {"no offset": reference_noise(tuple(x0.shape), step_generator())}
-           if offset else {})
+    noise = reference_noise(tuple(x0.shape), g, offset, patchified)
+    planted_noise = {"no offset": reference_noise(tuple(x0.shape), step_generator())} if offset else {}
+    if offset and patchified:
+        planted_noise["δ per patch channel (a 2×2 pattern)"] = reference_noise(tuple(x0.shape), step_generator(),
+                                                                              offset)
+    agrees("noise", ob["noise"], noise, planted_noise)
     sigma, continuous = flow_sigmas(method, len(order), g, scheduler, seq_len, **draw)
     planted = {"1 - σ": 1 - sigma}
     if continuous is not None:
         planted["the continuous 1 − u (off the table)"] = continuous
     if method in ("shift", "flux-shift"):
-        planted["unshifted"] = flow_sigmas("sigmoid", len(order), _after_noise(x0.shape, offset), scheduler, seq_len,
+        planted["unshifted"] = flow_sigmas("sigmoid", len(order), _after_noise(x0.shape, offset, patchified), scheduler,
+                                           seq_len,
                                            scale=draw.get("scale", 1.0))[0]
     if method == "flux-shift":          # the token count of the unpacked latent instead of the packed one
-        planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset), scheduler,
+        planted["μ of 4× the tokens"] = flow_sigmas(method, len(order), _after_noise(x0.shape, offset, patchified),
+                                                    scheduler,
                                                     seq_len * 4, scale=draw.get("scale", 1.0), mu=draw.get("mu"))[0]
     agrees("σ", ob["t"], sigma, planted, atol=1e-7)
     s = sigma.view(-1, *([1] * (x0.dim() - 1)))
@@ -357,9 +376,9 @@ def check_flow_step(seen: Seen, per_image, method: str, scheduler, seq_len: int,
     return order, sigma, target, weights
 
 
-def _after_noise(shape, offset):
+def _after_noise(shape, offset, patchified=False):
     g = step_generator()
-    reference_noise(tuple(shape), g, offset)
+    reference_noise(tuple(shape), g, offset, patchified)
     return g
 
 
@@ -611,6 +630,17 @@ def test_hunyuan_dit_training_step(method, extra, models, dataset, tmp_path, mon
     check_hunyuan_dit(seen, models["hunyuan-dit-1.2"], dataset, method, extra)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("uniform", "min_snr_gamma = 5.0"),
+                                           ("logit-normal", "logit_mean = 0.5\nnoise_offset = 0.05")])
+def test_hunyuan_dit_epsilon_model_training_step(method, extra, models, dataset, tmp_path, monkeypatch):
+    """A Hunyuan-DiT whose scheduler config says ``prediction_type = "epsilon"`` trains the ε target (and Min-SNR's
+    ε form), as its sampler reads it: the objective is the model's scheduler config's."""
+    seen = train_one_step("hunyuan-dit-1.2", models["hunyuan-dit-1.2-epsilon"], dataset, tmp_path, monkeypatch,
+                          train=f'timestep_sampling = "{method}"\n{extra}')
+    check_hunyuan_dit(seen, models["hunyuan-dit-1.2-epsilon"], dataset, method, extra)
+
+
 def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extra: str) -> None:
     import torch
     from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, HunyuanDiT2DModel,
@@ -630,26 +660,36 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
     b = len(order)
 
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    assert scheduler.config.prediction_type == "v_prediction"
+    prediction = scheduler.config.prediction_type          # the target follows the model's scheduler config
+    assert prediction in ("v_prediction", "epsilon")
     g = step_generator()
     offset = train.get("noise_offset", 0.0)
     noise = reference_noise(tuple(x0.shape), g, offset)
     agrees("noise", ob["noise"], noise, {})
     T = scheduler.config.num_train_timesteps
+    planted_t = {}
     if method == "uniform":             # diffusers' DDPM training examples
         t = torch.randint(0, T, (b,), generator=g)
-    else:                               # documented: u drawn as σ is for flow models, t = round((T − 1)·u)
+    else:                               # diffusers' example: u indexes the scheduler's descending training table
         u = compute_density_for_timestep_sampling("logit_normal", b, logit_mean=train["logit_mean"],
                                                   logit_std=1.0, generator=g)
-        u = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas[(u * 1000).long()]
-        t = torch.round(u * (T - 1)).long()
-    agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float()}, atol=1e-6)
+        t = scheduler.timesteps[(u * T).long()]
+        sigma = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).sigmas[(u * 1000).long()]
+        planted_t["round(999·σ) of the flow table (the old mapping)"] = torch.round(sigma * (T - 1))
+    agrees("t", ob["t"], t.float(), {"t/1000": t.float() / 1000, "T − 1 − t": (T - 1 - t).float(), **planted_t},
+           atol=1e-6)
     noisy = scheduler.add_noise(x0, noise, t)
-    target = scheduler.get_velocity(x0, noise, t)
+    velocity = scheduler.get_velocity(x0, noise, t)
     other = DDPMScheduler.from_config({**scheduler.config, "beta_end": 0.03})      # v1.1's schedule
     agrees("noisy input", ob["noisy"], noisy, {"v1.1 schedule": other.add_noise(x0, noise, t)})
-    agrees("v target", ob["target"], target, {"ε target": noise, "flipped v": -target,
-                                             "v1.1 schedule": other.get_velocity(x0, noise, t)})
+    if prediction == "v_prediction":
+        target = velocity
+        agrees("v target", ob["target"], target, {"ε target": noise, "flipped v": -target,
+                                                 "v1.1 schedule": other.get_velocity(x0, noise, t)})
+    else:
+        target = noise
+        agrees("ε target", ob["target"], target, {"v target (the config's ε ignored)": velocity, "flipped ε": -noise,
+                                                 "ε − x0 (the flow target)": noise - x0})
 
     pipe = HunyuanDiTPipeline.from_pretrained(folder)
     captions = [CAPTIONS[i] for i in order]
@@ -677,11 +717,13 @@ def check_hunyuan_dit(seen: Seen, folder: Path, dataset: Path, method: str, extr
                           return_dict=False)[0]
     pred, _variance = out.chunk(2, dim=1)
     weights = torch.ones(b)
-    if "min_snr_gamma" in train:        # diffusers' examples (and sd-scripts) for v-prediction
+    if "min_snr_gamma" in train:        # diffusers' examples (and sd-scripts): ÷ (SNR + 1) for v, ÷ SNR for ε
         snr = compute_snr(scheduler, t)
-        weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / (snr + 1)
-        eps_weights = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
-        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, eps_weights), rel=1e-4)
+        clipped = torch.stack([snr, train["min_snr_gamma"] * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        v_weights, eps_weights = clipped / (snr + 1), clipped / snr
+        weights, wrong = (v_weights, eps_weights) if prediction == "v_prediction" else (eps_weights, v_weights)
+        assert seen.losses[0] != pytest.approx(reference_loss(pred, target, wrong), rel=1e-4), \
+            "Min-SNR in the other prediction type's form"
     check_loss(seen, pred, target, weights)
 
 
@@ -696,6 +738,7 @@ FLUX2_TEXT_LENGTH = {"klein": 64, "dev": 512}
     ("klein", "uniform", "timestep_weighting = \"cosmap\"", {}),
     ("dev", "logit-normal", "logit_mean = 0.3\nguidance = 4.0", {"mean": 0.3}),
     ("dev", "flux-shift", "", {}),
+    ("klein", "shift", "noise_offset = 0.1\nshift = 3.0", {"shift": 3.0}),
 ])
 def test_flux2_training_step(variant, method, extra, draw, models, dataset, tmp_path, monkeypatch):
     family = f"flux.2-{variant}"
@@ -731,7 +774,7 @@ def check_flux2(seen: Seen, folder: Path, dataset: Path, variant: str, method: s
     flux2_mu = lambda tokens: compute_empirical_mu(tokens, 200)  # noqa: E731
     order, sigma, target, weights = check_flow_step(seen, per_image, method, scheduler, h * w,
                                                     weighting=train.get("timestep_weighting", "none"), mu=flux2_mu,
-                                                    **draw)
+                                                    offset=train.get("noise_offset", 0.0), patchified=True, **draw)
     if method == "flux-shift":          # planted: μ of the pipelines' default 50-step schedule
         at_50 = flow_sigmas(method, b, _after_noise((b, c, h, w), 0.0), scheduler, h * w,
                             mu=lambda tokens: compute_empirical_mu(tokens, 50))[0]
@@ -843,3 +886,134 @@ def test_planted_reference_mistakes_change_the_loss():
     right = reference_loss(pred, eps - x0, ones)
     assert not math.isclose(right, reference_loss(pred, x0 - eps, ones), rel_tol=1e-3)
     assert not math.isclose(right, reference_loss(pred, eps, ones), rel_tol=1e-3)
+
+
+# ------------------------------------------------------------------- flux-shift: each bucket's own token count
+MULTI_BUCKET = {"resolution = 64\nbucket_min = 64\nbucket_max = 64\nbucket_step = 64":
+                "resolution = 96\nbucket_min = 64\nbucket_max = 128\nbucket_step = 32",
+                "steps = 1\nbatch_size = 2": "steps = 4\nbatch_size = 1"}
+
+
+@pytest.fixture(scope="module")
+def two_buckets(tmp_path_factory) -> Path:
+    """A square 64×64 image and a wide 128×64 one: buckets (64, 64) and (128, 64) (no resize, no crop)."""
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path_factory.mktemp("step-buckets") / "subject"
+    make_images(folder, count=1, size=(64, 64), prefix="sq")
+    make_images(folder, count=1, size=(128, 64), prefix="wide")
+    return folder
+
+
+def train_steps(family: str, model: Path, dataset: Path, tmp_path: Path, train: str, native: str = "",
+                replace: dict[str, str] | None = None, seen: Seen | None = None) -> list:
+    """A multi-step run on `MULTI_BUCKET`'s buckets (batch 1; or the recipe changed by ``replace``); returns each
+    micro-step's x0, σ, target, the transformer's image tokens and inputs, observed through wrappers that call the
+    real methods unchanged (``seen`` collects the logged losses)."""
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_native.adapters import adapter_class
+
+    cls = adapter_class(family)
+    noisy_and_target, predict = cls.noisy_and_target, cls.predict
+    calls: list[dict[str, Any]] = []
+
+    def observed_objective(self, x0, noise, t):
+        noisy, target = noisy_and_target(self, x0, noise, t)
+        calls.append({"x0": x0.detach().clone(), "t": t.detach().clone(), "target": target.detach().clone()})
+        return noisy, target
+
+    def observed_predict(self, transformer, noisy, t, text, guidance):
+        def hook(module, args, kwargs):
+            calls[-1]["tokens"] = int(kwargs["hidden_states"].shape[1])
+            calls[-1]["img_ids"] = int(kwargs["img_ids"].shape[-2])
+            calls[-1]["fed"] = {k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in kwargs.items()}
+        handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            return predict(self, transformer, noisy, t, text, guidance)
+        finally:
+            handle.remove()
+
+    text = RECIPE
+    for old, new in (replace or MULTI_BUCKET).items():
+        assert old in text
+        text = text.replace(old, new)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.toml"
+    path.write_text(text.format(family=family, model=model, dataset=dataset, seed=SEED, train=train, native=native,
+                                dataset_extra=""), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cls, "noisy_and_target", observed_objective)
+        patch.setattr(cls, "predict", observed_predict)
+        execute(load_recipe(path, []), load_plugins(extra=[seen] if seen else []), output_dir=str(tmp_path / "run"),
+                resume=False, overwrite=False, echo=lambda *_: None)
+    return calls
+
+
+def flux_shift_reference(step: int, shape, tokens: int):
+    """sd-scripts' `flux_shift` on the step's generator (after its noise): σ = e^μ / (e^μ + 1/u − 1),
+    u = sigmoid(N(0, 1)), μ = 0.5 + (tokens − 256)·(1.15 − 0.5)/(4096 − 256)."""
+    import torch
+
+    from lora_run_native.train import step_seed
+
+    g = torch.Generator("cpu").manual_seed(step_seed(SEED, "noise", step, 0))
+    torch.randn(tuple(shape), generator=g)
+    u = torch.sigmoid(torch.randn(shape[0], generator=g))
+    mu = 0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256)
+    return (math.exp(mu) / (math.exp(mu) + (1 / u - 1))).clamp(1e-4, 1 - 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, native", [("flux.1-dev", "text_max_length = 16"),
+                                            ("flux.2-klein", f"text_max_length = {FLUX2_TEXT_LENGTH['klein']}")])
+def test_flux_shift_uses_each_buckets_token_count(family, native, models, two_buckets, tmp_path, monkeypatch):
+    """A run over two buckets (64×64 and 128×64 px) draws each step's σ with the μ of *that* step's bucket: the
+    image tokens the transformer is fed (FLUX.1: the packed (h/2)·(w/2) of the (h, w) latent; FLUX.2: the h·w
+    positions of its patchified latent). Planted: the μ of the other bucket, and of the unpacked latent (FLUX.1)."""
+    calls = train_steps(family, models[family], two_buckets, tmp_path, 'timestep_sampling = "flux-shift"', native)
+    assert len(calls) == 4
+    token_counts = set()
+    for step, call in enumerate(calls):
+        b, c, h, w = call["x0"].shape
+        tokens = (h // 2) * (w // 2) if family == "flux.1-dev" else h * w
+        assert call["tokens"] == call["img_ids"] == tokens, "the documented count is what the transformer sees"
+        token_counts.add(tokens)
+        reference = flux_shift_reference(step, (b, c, h, w), tokens)
+        other = 32 if tokens == 16 else 16                        # the other bucket's count (64² ↔ 128×64 px)
+        agrees(f"σ of step {step + 1}", call["t"], reference,
+               {"μ of the other bucket": flux_shift_reference(step, (b, c, h, w), other),
+                **({"μ of the unpacked latent": flux_shift_reference(step, (b, c, h, w), h * w)}
+                   if family == "flux.1-dev" else {})}, atol=1e-7)
+    assert token_counts == {16, 32}, "both buckets were trained"
+
+
+# ------------------------------------------------------------------------ gradient accumulation: the step's loss
+@pytest.mark.slow
+def test_a_steps_loss_is_the_mean_over_its_accumulated_micro_batches(models, dataset, tmp_path, monkeypatch):
+    """With `gradient_accumulation = 2` (batch 1) one optimizer step is two micro-batches, and its gradient is that
+    of their mean loss (the accelerator divides each backward by 2, as diffusers' examples and sd-scripts do). The
+    step's logged loss is that mean — each micro-batch's loss computed here with a freshly loaded transformer on
+    what it was fed, against the step's target. Planted: their sum (what was logged before)."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    seen = Seen()
+    replace = {"steps = 1\nbatch_size = 2": "steps = 1\nbatch_size = 1\ngradient_accumulation = 2"}
+    calls = train_steps("flux.1-dev", models["flux.1-dev"], dataset, tmp_path, "", "text_max_length = 16",
+                        replace=replace, seen=seen)
+    assert len(calls) == 2 and len(seen.losses) == 1
+    transformer = FluxTransformer2DModel.from_pretrained(models["flux.1-dev"], subfolder="transformer").eval()
+    micro = []
+    for call in calls:              # step 1: the LoRA's B is still 0, so both micro-batches see the base model
+        fed = call["fed"]
+        b, c, h, w = call["target"].shape
+        with torch.no_grad():
+            out = transformer(**{k: fed[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                                                     "timestep", "img_ids", "txt_ids", "guidance")},
+                              return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+        micro.append(reference_loss(pred, call["target"], torch.ones(b)))
+    assert seen.losses[0] == pytest.approx(sum(micro) / 2, rel=1e-4, abs=1e-7)
+    assert seen.losses[0] != pytest.approx(sum(micro), rel=1e-2), "planted: the micro-batches' sum"

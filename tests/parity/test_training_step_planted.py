@@ -82,6 +82,11 @@ def flux2_batch_norm_left_out(cls, patch):
     patch.setattr(latents, "normalise", lambda z, vae: latents.patchify(z))
 
 
+def noise_offset_per_patch_channel(cls, patch):
+    """FLUX.2's noise offset drawn per patchified channel (one δ for each VAE channel's 4 sub-positions)."""
+    patch.setattr(cls, "noise_offset_group", 1)
+
+
 def v11_schedule(cls, patch):
     real = cls.schedule
 
@@ -98,6 +103,27 @@ def min_snr_epsilon_form(cls, patch):
         ac = self.alphas_cumprod().to(t.device)[t.long()]
         snr = ac / (1.0 - ac)
         return (torch.clamp(snr, max=float(self.recipe.train.min_snr_gamma)) / snr).float()
+    patch.setattr(cls, "loss_weights", weights)
+
+
+def v_target_whatever_the_config(cls, patch):
+    """The target before the objective followed the scheduler config: v, also for an ε-prediction model."""
+    real = cls.noisy_and_target
+
+    def noisy_and_target(self, x0, eps, t):
+        noisy, _ = real(self, x0, eps, t)
+        a, s = self._coefficients(t, x0.dim())
+        return noisy, a * eps - s * x0
+    patch.setattr(cls, "noisy_and_target", noisy_and_target)
+
+
+def min_snr_v_form(cls, patch):
+    import torch
+
+    def weights(self, t):
+        ac = self.alphas_cumprod().to(t.device)[t.long()]
+        snr = ac / (1.0 - ac)
+        return (torch.clamp(snr, max=float(self.recipe.train.min_snr_gamma)) / (snr + 1.0)).float()
     patch.setattr(cls, "loss_weights", weights)
 
 
@@ -140,9 +166,9 @@ def _hunyuan_image(method, extra, draw):
                                                               draw))
 
 
-def _hunyuan_dit(method, extra):
+def _hunyuan_dit(method, extra, model="hunyuan-dit-1.2"):
     return ("hunyuan-dit-1.2", f'timestep_sampling = "{method}"\n{extra}', "",
-            lambda seen, models, dataset: check_hunyuan_dit(seen, models["hunyuan-dit-1.2"], dataset, method, extra))
+            lambda seen, models, dataset: check_hunyuan_dit(seen, models[model], dataset, method, extra), model)
 
 
 def _flux2_klein(method, extra):
@@ -156,7 +182,9 @@ FLUX1_SHIFT = _flux1("shift", "shift = 3.1582", {"shift": 3.1582})
 FLUX1_FLUX_SHIFT = _flux1("flux-shift", "", {})
 HUNYUAN_IMAGE = _hunyuan_image("shift", "shift = 5.0", {"shift": 5.0})
 HUNYUAN_DIT = _hunyuan_dit("uniform", "min_snr_gamma = 5.0")
+HUNYUAN_DIT_EPSILON = _hunyuan_dit("uniform", "min_snr_gamma = 5.0", model="hunyuan-dit-1.2-epsilon")
 FLUX2_KLEIN = _flux2_klein("sigmoid", "")
+FLUX2_KLEIN_OFFSET = _flux2_klein("shift", "noise_offset = 0.1\nshift = 3.0")
 
 #: (case, mistake, the check's message that must reject it; None: check_loss's bare assertion)
 PLANTED: list[tuple[str, tuple, Callable[..., None], str | None]] = [
@@ -176,9 +204,13 @@ PLANTED: list[tuple[str, tuple, Callable[..., None], str | None]] = [
     ("hunyuan-dit t/1000 fed", HUNYUAN_DIT, timestep_scaled(1 / 1000.0), "timestep fed: differs"),
     ("hunyuan-dit scaling factor left out", HUNYUAN_DIT, scaling_factor_left_out, "not the reference encoding"),
     ("hunyuan-dit Min-SNR in its ε form", HUNYUAN_DIT, min_snr_epsilon_form, None),
+    ("hunyuan-dit ε model trained on v", HUNYUAN_DIT_EPSILON, v_target_whatever_the_config, "ε target: differs"),
+    ("hunyuan-dit ε model, Min-SNR in its v form", HUNYUAN_DIT_EPSILON, min_snr_v_form,
+     "Min-SNR in the other prediction type's form"),
     ("flux2 batch norm left out", FLUX2_KLEIN, flux2_batch_norm_left_out, "not the reference encoding"),
     ("flux2 timestep ×1000", FLUX2_KLEIN, timestep_scaled(1000.0), "timestep: differs"),
     ("flux2 flipped target", FLUX2_KLEIN, flipped_target, "target: differs"),
+    ("flux2 noise offset per patch channel", FLUX2_KLEIN_OFFSET, noise_offset_per_patch_channel, "noise: differs"),
 ]
 
 
@@ -188,10 +220,11 @@ def test_a_mistake_planted_in_the_training_step_is_caught(case, mistake, message
                                                           monkeypatch):
     from lora_run_native.adapters import adapter_class
 
-    family, train, native, check = case
+    family, train, native, check, *model = case         # the model folder: the family's, or the one named
     with pytest.MonkeyPatch.context() as patch:
         mistake(adapter_class(family), patch)
-        seen = train_one_step(family, models[family], dataset, tmp_path, monkeypatch, train=train, native=native)
+        seen = train_one_step(family, models[model[0] if model else family], dataset, tmp_path, monkeypatch,
+                              train=train, native=native)
     with pytest.raises(AssertionError, match=message):
         check(seen, models, dataset)
 

@@ -9,7 +9,8 @@ Contract (stable; other adapters code against it):
 
 * **Class attributes** describe the family without importing torch: ``family``, ``pixel_multiple``
   (bucket sides are multiples of it: 16 for FLUX/Hunyuan-DiT, 32 for HunyuanImage-2.1), ``objective``
-  (``"flow"``: ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``; ``"ddpm-v"``: DDPM with v-prediction),
+  (``"flow"``: ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``; ``"ddpm"``: DDPM, v- or ε-prediction as the model's
+  scheduler config says),
   ``features`` (recipe features the adapter honours: ``lora_run_training.capabilities`` names; the ``native`` backend
   registers them as its capabilities for this family), ``reasons`` (why a feature is not honoured),
   ``target_presets`` (LoRA target preset → regular expressions over module names), ``lora_formats``,
@@ -306,7 +307,10 @@ class ModelAdapter:
 
     family: ClassVar[str] = ""
     pixel_multiple: ClassVar[int] = 16
-    objective: ClassVar[str] = "flow"            # "flow" | "ddpm-v"
+    objective: ClassVar[str] = "flow"            # "flow" | "ddpm"
+    #: consecutive latent channels holding one VAE latent channel (the noise offset draws one δ for them): 1 for
+    #: an unpatchified latent, 4 where the trained latent is 2×2-patchified (FLUX.2)
+    noise_offset_group: ClassVar[int] = 1
     features: ClassVar[frozenset[str]] = COMMON_FEATURES
     reasons: ClassVar[dict[str, str]] = {}
     target_presets: ClassVar[dict[str, list[str]]] = {}
