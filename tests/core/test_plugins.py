@@ -142,9 +142,13 @@ def toy_env(site: Path) -> dict:
 @pytest.fixture(scope="session")
 def toy_site(tmp_path_factory):
     """The toy third-party plugin from docs/examples, pip-installed into a throwaway target folder."""
+    import shutil
+
     target = tmp_path_factory.mktemp("toy-site")
+    source = tmp_path_factory.mktemp("toy-source") / "lora-run-toy"   # the build's build/ and egg-info land here,
+    shutil.copytree(REPO / "docs" / "examples" / "lora-run-toy", source)  # not in the checkout
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                             "--target", str(target), str(REPO / "docs" / "examples" / "lora-run-toy")],
+                             "--target", str(target), str(source)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return target
