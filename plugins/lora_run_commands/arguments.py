@@ -58,10 +58,18 @@ def load_recipe_for(args: argparse.Namespace, plugins: Any) -> Any:
     """The recipe of a command's RECIPE, --set and --unset arguments, with the registries' defaults; warns
     of broken plugins and registration conflicts (after the recipe loaded: a recipe error comes alone)."""
     from lora_run.cli import warn_broken
+    from lora_run.errors import RecipeError
     from lora_run.recipe import load_recipe
     from lora_run.run import with_defaults
+    from lora_run_recipes import copy_hint
 
-    loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins), plugins)
+    try:
+        loaded = with_defaults(load_recipe(args.recipe, args.sets, getattr(args, "unsets", ()), plugins), plugins)
+    except RecipeError as exc:
+        hint = copy_hint(args.recipe)        # `lora-run recipes/flux/identity-fast.toml` outside a checkout
+        if hint is None:
+            raise
+        raise RecipeError(f"{exc}; {hint}") from None
     warn_broken(plugins)
     for c in plugins.conflicts:
         print(f"warning: {c}", file=sys.stderr)

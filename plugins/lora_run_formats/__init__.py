@@ -94,18 +94,33 @@ def lora_file_problem(path: str | Path) -> str | None:
     odd = next((n for n in names if header[n]["dtype"] not in LORA_DTYPES), None)
     if odd is not None:
         return f"tensor {odd} is {header[odd]['dtype']}, not floating point: not a LoRA's weights"
-    return _non_finite(path, names)
+    return _non_finite(path, header, names)
 
 
-def _non_finite(path: str | Path, names: list[str]) -> str | None:
-    """The first tensor holding NaN or inf, named, or None (one tensor in memory at a time)."""
-    import torch
-    from safetensors import safe_open
+#: How to find a non-finite value in the raw bytes of each LoRA dtype: the unsigned view of one element, and the
+#: bits that are all set exactly in NaN and inf (the exponent; float8 e4m3, which has no inf, marks NaN with every
+#: exponent and mantissa bit).
+_NON_FINITE_BITS = {"F64": ("<u8", 0x7FF0_0000_0000_0000), "F32": ("<u4", 0x7F80_0000), "F16": ("<u2", 0x7C00),
+                    "BF16": ("<u2", 0x7F80), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F)}
+
+
+def _non_finite(path: str | Path, header: dict[str, Any], names: list[str]) -> str | None:
+    """The first tensor holding NaN or inf, named, or None (one tensor in memory at a time). Read from the raw bytes
+    with numpy, without torch: `lora-run eval` refuses a broken LoRA in any install, and an install without the
+    `train` extra then names the packages generation needs instead of failing on an import."""
+    import struct
+
+    import numpy as np
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with open(path, "rb") as fh:
+            start = 8 + struct.unpack("<Q", fh.read(8))[0]
             for name in names:
-                if not bool(torch.isfinite(fh.get_tensor(name).float()).all()):
+                view, bits = _NON_FINITE_BITS[header[name]["dtype"]]
+                begin, end = header[name]["data_offsets"]
+                fh.seek(start + begin)
+                raw = np.frombuffer(fh.read(end - begin), dtype=view)
+                if bool(((raw & np.array(bits, dtype=view)) == bits).any()):
                     return f"tensor {name} holds NaN or inf values (the LoRA is broken: its training diverged?)"
     except Exception as exc:  # noqa: BLE001 - a file that changed since its header was read
         return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})"

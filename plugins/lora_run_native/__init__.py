@@ -33,8 +33,16 @@ def _cmd_demo(args, plugins):
 
 
 def _generate(*args, **kwargs):
-    """Image generation for evaluators (`generate_images(recipe, lora_path, jobs, out_dir, device=None)`)."""
+    """Image generation for evaluators (`generate_images(recipe, lora_path, jobs, out_dir, device=None)`). Without
+    the `train` extra (a kohya or diffusion-pipe recipe evaluated in an install that drives only the engines) it says
+    which packages to install, exit 2, instead of failing on the first import."""
+    from lora_run.errors import PluginError
+
+    from .backend import missing_packages
     from .generate import generate_images
+
+    if (why := missing_packages()) is not None:
+        raise PluginError(f"generating the evaluation images: {why}")
 
     return generate_images(*args, **kwargs)
 

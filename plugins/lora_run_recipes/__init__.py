@@ -50,6 +50,20 @@ def shipped_name(path: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
+def copy_hint(recipe: str | Path) -> str | None:
+    """For a recipe path that is no file here but names a shipped recipe as a checkout has it
+    (`recipes/flux/identity-fast.toml`, run from outside the checkout or in a wheel install), how every install gets
+    that recipe: `lora-run recipes NAME > my.toml`. None for anything else."""
+    text = Path(recipe).as_posix()
+    if Path(recipe).expanduser().exists() or not text.endswith(".toml"):
+        return None
+    wanted = text.removesuffix(".toml").rpartition("recipes/")[2]
+    if not wanted or wanted not in {shipped_name(p) for p in shipped_recipes()}:
+        return None
+    return (f"{wanted} is a shipped recipe: copy it with `lora-run recipes {wanted} > my.toml` (any install, any "
+            "folder), then use my.toml")
+
+
 def header_line(path: Path) -> str:
     for line in path.read_text("utf-8").splitlines():
         text = line.lstrip("#").strip()

@@ -152,3 +152,19 @@ def test_the_wheel_carries_the_pages_the_command_lists():
     assert {"lora_run.docs", "lora_run.docs.hooks"} <= set(config["packages"])
     assert doc_pages() == dict(sorted(expected_pages().items()))
     assert not (REPO / "core" / "lora_run" / "docs").exists(), "docs/ has one copy, at the top level"
+
+
+#: a command naming a shipped recipe by its path in the checkout (`lora-run check recipes/flux/identity-fast.toml`)
+CHECKOUT_RECIPE = re.compile(r"lora-run (?:\w+ )?(?:\./)?recipes/[\w-]+/[\w-]+\.toml")
+
+
+def test_no_command_for_a_user_names_a_shipped_recipe_by_its_checkout_path():
+    """docs/hunyuan.md and the shipped recipes' "Command:" lines said `lora-run check recipes/hunyuan-dit/identity.toml
+    …`: outside a checkout (any wheel install) that is "recipe file not found". They copy the recipe with
+    `lora-run recipes NAME > FILE` first now, which every install can (bench/ runs in a checkout and may)."""
+    sources = [REPO / "README.md", *DOCS.rglob("*.md"), *(REPO / "recipes").rglob("*.toml")]
+    found = [f"{p.relative_to(REPO)}: {m}" for p in sources for m in CHECKOUT_RECIPE.findall(p.read_text("utf-8"))]
+    assert found == []
+    assert CHECKOUT_RECIPE.findall("run `lora-run check recipes/flux/identity-fast.toml --set a=b` or "
+                                   "lora-run ./recipes/flux2/identity-hifi.toml") == [
+        "lora-run check recipes/flux/identity-fast.toml", "lora-run ./recipes/flux2/identity-hifi.toml"]

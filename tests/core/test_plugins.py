@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -70,7 +71,7 @@ def test_broken_and_misspelled_plugins_are_skipped(tmp_path):
         """)
     env = {"PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-m", "lora_run.cli", "plugins", "--json"], capture_output=True,
-                         text=True, env={**__import__("os").environ, **env}, timeout=60)
+                         text=True, env={**os.environ, **env}, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     broken = {b["name"]: b["error"] for b in data["broken"]}
@@ -81,7 +82,7 @@ def test_broken_and_misspelled_plugins_are_skipped(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('[dataset]\npath = "d"\n[backend]\nname = "nope"\n', encoding="utf-8")
     run = subprocess.run([sys.executable, "-m", "lora_run.cli", str(recipe)], capture_output=True, text=True,
-                         env={**__import__("os").environ, **env}, timeout=60)
+                         env={**os.environ, **env}, timeout=60)
     assert run.returncode == 2 and 'unknown backend "nope"' in run.stderr, run.stderr
     assert run.stderr.count("plugin broken_plugin is broken") == 1, run.stderr
 
@@ -141,12 +142,74 @@ def toy_env(site: Path) -> dict:
 @pytest.fixture(scope="session")
 def toy_site(tmp_path_factory):
     """The toy third-party plugin from docs/examples, pip-installed into a throwaway target folder."""
+    import shutil
+
     target = tmp_path_factory.mktemp("toy-site")
+    source = tmp_path_factory.mktemp("toy-source") / "lora-run-toy"   # the build's build/ and egg-info land here,
+    shutil.copytree(REPO / "docs" / "examples" / "lora-run-toy", source)  # not in the checkout
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                             "--target", str(target), str(REPO / "docs" / "examples" / "lora-run-toy")],
+                             "--target", str(target), str(source)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return target
+
+
+def readme_commands(text: str) -> list[tuple[str, str | None]]:
+    """The ```bash block of a README as (command, here-document body or None), continuation lines joined and
+    comments dropped."""
+    import re
+
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+    commands, lines = [], iter(block.splitlines())
+    for line in lines:
+        line = line.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        here = re.search(r"<<'(\w+)'$", line)
+        body = None
+        if here:
+            body = "".join(f"{l}\n" for l in iter(lambda: next(lines), here.group(1)))
+            line = line[:here.start()].strip()
+        commands.append((line, body))
+    return commands
+
+
+@pytest.mark.slow
+def test_the_toy_readme_runs_as_written(toy_site, tmp_path, run_cli):
+    """docs/examples/lora-run-toy/README.md said `lora-run my-recipe.toml --set backend.name=toy` with no recipe
+    the toy could run: the README's own recipe (the one it copies, identity-fast) was refused with five keys the toy
+    backend cannot honour. Its lines now write a recipe of their own on the demo's photos; each runs here as written
+    (the pip line is the `toy_site` fixture; `lora-run demo` is its assets, built without its run)."""
+    import shlex
+
+    from lora_run_native.demo import build_demo
+
+    env = toy_env(toy_site)
+    commands = readme_commands((REPO / "docs" / "examples" / "lora-run-toy" / "README.md").read_text("utf-8"))
+    assert commands[0] == ("pip install ./docs/examples/lora-run-toy", None)
+    ran = []
+    for line, body in commands[1:]:
+        argv = shlex.split(line)
+        if argv == ["lora-run", "demo"]:
+            build_demo(tmp_path / "runs" / "demo" / "assets")
+        elif argv[:2] == ["cat", ">"] and body is not None:
+            (tmp_path / argv[2]).write_text(body, encoding="utf-8")
+        elif argv[0] == "python":
+            done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=tmp_path,
+                                  env={**os.environ, **env}, timeout=120)
+            assert done.returncode == 0, (line, done.stderr)
+        else:
+            assert argv[0] == "lora-run", line
+            done = run_cli(*argv[1:], env=env, cwd=tmp_path)
+            assert done.returncode == 0, (line, done.stderr[-2000:])
+            ran.append(done.stdout)
+    assert len(ran) == 3 and "toy-flux is trained by: native" in ran[0]
+    toy = tmp_path / "runs" / "identity-lora"
+    assert json.loads((toy / "identity-lora.toy.json").read_text())["greeting"] == "hello"
+    assert len((toy / "toy-events.txt").read_text().splitlines()) == 20
+    manifest = json.loads((tmp_path / "runs" / "toy-flux" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["family"] == "toy-flux"
+    assert 'loss = "toy-abs"' in (tmp_path / "runs" / "toy-flux" / "recipe.toml").read_text()
 
 
 def test_third_party_plugin_is_discovered_and_selected(toy_site, tmp_path, run_cli, subject_dataset):

@@ -247,3 +247,133 @@ def test_a_terminal_that_cannot_show_a_name_gets_it_escaped(tiny_recipe, tmp_pat
     assert "\\xe9t\\xe9" in shown["check"] and "\\u65e5\\u672c.png" in shown["check"], shown["check"]
     assert "\\xd7" in shown["docs"]      # the page's multiplication signs
     figures("first use (copied recipes, pasted commands, score arguments)", cases=2, faults=2)
+
+
+#: A process that has none of the `train` extra's packages, as `pip install lora-run` alone gives.
+WITHOUT_TRAIN = ("import sys\n"
+                 "for name in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'safetensors'):\n"
+                 "    sys.modules[name] = None\n"
+                 "from lora_run.cli import main\n"
+                 "sys.exit(main())\n")
+
+
+def test_an_install_without_the_train_extra_names_it_in_every_command(tiny_recipe, tmp_path, figures):
+    """`pip install lora-run` without `[train]`: `lora-run eval RECIPE --lora FILE` ended in "unexpected
+    ModuleNotFoundError: No module named 'torch' (a bug in lora-run …)", exit 1: the check that a LoRA holds no NaN
+    read it with torch before the recipe's backend was checked. The check reads the raw bytes now, and eval names the
+    packages to install (exit 2, nothing written), as check, plan, the run and the demo do; the reading commands
+    work."""
+    import os
+    import subprocess
+    import sys
+
+    lora = _lora_file(tmp_path / "my-lora.safetensors")
+    recipe = tiny_recipe()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-c", WITHOUT_TRAIN, *argv], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    needs = "pip install 'lora-run[train]'"
+    for argv in (["eval", str(recipe), "--lora", str(lora)], ["check", str(recipe)], ["plan", str(recipe)],
+                 [str(recipe)], ["demo"]):
+        code, text = run(*argv)
+        assert code == 2 and needs in text and "unexpected" not in text and "Traceback" not in text, (argv, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    for argv in (["recipes"], ["docs", "getting-started"], ["plugins"]):
+        code, text = run(*argv)
+        assert code == 0, (argv, text)
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=8, faults=5)
+
+
+def _lora_file(path, values=None, dtype=None):
+    import torch
+    from safetensors.torch import save_file
+
+    down = torch.full((4, 64), 0.01) if values is None else values
+    tensors = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": down,
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.full((64, 4), 0.01),
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(4.0)}
+    save_file({k: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_the_lora_check_finds_nan_and_inf_in_every_lora_dtype_without_torch(tmp_path, figures):
+    """The NaN/inf check of `lora-run eval --lora` reads the raw bytes with numpy (no torch): for every dtype a LoRA
+    may have it agrees with torch, on NaN, ±inf, the largest and smallest finite values, -0 and subnormals."""
+    import torch
+
+    from lora_run_formats import LORA_DTYPES, lora_file_problem
+
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn}
+    assert set(dtypes) == LORA_DTYPES
+    for name, dtype in dtypes.items():
+        info = torch.finfo(dtype)
+        finite = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 0.0, 1.0, -1.5],
+                              dtype=torch.float64)
+        specials = [float("nan"), -float("nan")]
+        if dtype != torch.float8_e4m3fn:          # e4m3fn has no inf (it would be stored as NaN)
+            specials += [float("inf"), float("-inf")]
+        cases = [(finite, None)] + [(finite.clone().index_fill_(0, torch.tensor([3]), v), "holds NaN or inf")
+                                    for v in specials]
+        for n, (values, expected) in enumerate(cases):
+            stored = values.to(dtype)
+            path = _lora_file(tmp_path / f"{name}-{n}.safetensors", stored.reshape(2, 4).repeat(2, 16))
+            problem = lora_file_problem(path)
+            truth = bool(torch.isfinite(stored.to(torch.float64)).all())
+            assert (problem is None) == truth == (expected is None), (name, n, problem)
+            assert expected is None or expected in problem, (name, problem)
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=len(dtypes), faults=len(dtypes))
+
+
+def test_generation_without_the_train_extra_names_the_packages(monkeypatch, tmp_path, figures):
+    """The native backend generates the evaluation's images for any recipe (a kohya one too, whose `check` does not
+    ask for torch): without the `train` extra that generator says what to install (exit 2) before any import."""
+    import lora_run_native
+    import lora_run_native.backend as backend
+    from lora_run.errors import PluginError
+
+    monkeypatch.setattr(backend, "missing_packages", lambda name="native": f'backend "{name}" trains with torch, '
+                        "not installed here: pip install 'lora-run[train]'")
+    with pytest.raises(PluginError, match=r"generating the evaluation images: .*pip install 'lora-run\[train\]'") as e:
+        lora_run_native._generate(None, None, [], str(tmp_path))
+    assert e.value.exit_code == 2 and not any(tmp_path.iterdir())
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
+
+
+@pytest.mark.parametrize("name", [n for n in map(shipped_name, shipped_recipes()) if not n.startswith("demo/")])
+def test_a_shipped_recipes_command_lines_work_from_any_folder(name, tmp_path, capsys, monkeypatch, figures):
+    """A shipped recipe's header told the user to run `lora-run check recipes/NAME.toml --set …`, a path only a
+    checkout has (a wheel install: "recipe file not found"). The header now names the copy, `lora-run recipes NAME >
+    my.toml`, and its command lines read my.toml: run from an empty folder, each finds the recipe (what is left is
+    the model, which is not here). The checkout path itself is answered with that copy command."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", name]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "my.toml").write_text(text, encoding="utf-8")
+    header = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+    start = next(n for n, line in enumerate(header) if line.startswith("Command"))
+    assert f"lora-run recipes {name} > my.toml" in header[start]
+    lines, commands = iter(header[start + 1:]), []
+    for line in lines:
+        if not line.startswith("lora-run"):
+            break
+        while line.endswith("\\"):
+            line = line[:-1] + next(lines)
+        commands.append(shlex.split(line))
+    assert commands and all("my.toml" in argv[1:3] for argv in commands), commands
+    (tmp_path / "photos").mkdir()
+    for argv in commands:
+        code, out = run_cli(["check" if argv[1] == "my.toml" else argv[1], *argv[argv.index("my.toml"):],
+                             "--set", "model.offline=true"], capsys, "unexpected")
+        assert code == 2 and "recipe file not found" not in out and "[model.source]" in out, out
+    code, out = run_cli(["check", f"recipes/{name}.toml"], capsys, "unexpected")
+    assert code == 2 and f"recipe file not found; {name} is a shipped recipe: copy it with `lora-run recipes {name} " \
+                         "> my.toml`" in out, out
+    code, out = run_cli(["check", "recipes/flux/no-such.toml"], capsys, "unexpected")
+    assert code == 2 and "shipped recipe" not in out
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=len(commands) + 2, faults=2)
