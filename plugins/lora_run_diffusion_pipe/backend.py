@@ -153,7 +153,7 @@ class DiffusionPipeBackend:
 
     # ------------------------------------------------------------------------------ check
     def check(self) -> list[tuple[tuple, str]]:
-        problems = translate.recipe_problems(self.recipe, self.options) + self.model_problems()
+        problems = translate.recipe_problems(self.recipe, self.options) + self.model_problems() + self.toml_problems()
         key = translate.OPTIONS_KEY
         path, where = self.checkout()
         if path is not None:
@@ -172,6 +172,36 @@ class DiffusionPipeBackend:
                 problems.append(((*key, "deepspeed"), f"diffusion-pipe's Python ({python}, from the launcher "
                                  f"{launcher}) {problem}: {wanted.why}; {wanted.fix}"))
         return problems
+
+    def toml_problems(self) -> list[tuple[tuple, str]]:
+        """Recipe values (paths: the run folder, `[train] cache_dir`, the model) that the generated files would hold
+        and diffusion-pipe's `toml` 0.10.2 reader would not read back (`tomlfile.misread`), each at its recipe key,
+        so `check` refuses them instead of the plan failing as a translation bug. No lint, no staging: the staged
+        folder's content hash only appends hex digits to a name."""
+        if self.family not in translate.MODEL_TYPE:
+            return []
+        run_dir = self.ctx.run_dir.path if self.ctx.run_dir is not None else None
+        if run_dir is None:
+            from lora_run_rundir import output_path
+
+            run_dir = output_path(self.recipe, None)
+        layout = translate.Layout.of(Path(run_dir), self.recipe, self.options)
+        config = translate.build_config(self.recipe, self.options, layout, examples=0,
+                                        loss_options=self._loss_options())
+        dataset = translate.build_dataset(self.recipe, layout)
+        staged = ("train", "cache_dir") if self.recipe.train.cache_dir else ("output", "dir")
+        keys = {"output_dir": ("output", "dir"), "dataset": ("output", "dir"), "path": staged,
+                "diffusers_path": ("model", "source"), "transformer_path": ("model", "files", "transformer"),
+                "vae_path": ("model", "files", "vae"), "text_encoder_path": ("model", "files", "qwen"),
+                "byt5_path": ("model", "files", "byt5")}
+        out: list[tuple[tuple, str]] = []
+        for name, data in (("config.toml", config), ("dataset.toml", dataset)):
+            for path, why in tomlfile.misread(data):
+                key = [p for p in path if isinstance(p, str)][-1]
+                where = keys.get(key, translate.OPTIONS_KEY)
+                if where not in [w for w, _ in out]:
+                    out.append((where, f"generated diffusion-pipe/{name}: {'.'.join(map(str, path))}: {why}"))
+        return out
 
     # ------------------------------------------------------------------------------ plan
     def _configs(self, layout: translate.Layout, examples: int) -> tuple[dict[str, Any], dict[str, Any]]:

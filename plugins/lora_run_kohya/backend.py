@@ -49,6 +49,8 @@ TAIL_LINES = 30
 #: generated options that hold a recipe value as it is written (the key a problem with it names)
 RECIPE_KEYS = {"output_name": ("output", "name"), "metadata_title": ("output", "name"),
                "metadata_trigger_phrase": ("dataset", "trigger")}
+#: generated options that hold a path in the run folder (`[output] dir`, or `--output-dir`)
+RUN_FOLDER_OPTIONS = ("output_dir", "sample_prompts", "logging_dir")
 
 
 def _toml(config: dict[str, Any], header: str) -> str:
@@ -187,13 +189,20 @@ class KohyaBackend:
         for message in spec.check_dataset(tr.dataset):
             out.append((("dataset",), f"generated {DATASET}: {message}"))
         named: set[tuple] = set()      # output_name and metadata_title both come from [output] name
+        keys = {**RECIPE_KEYS, **{option: ("model", "files", slot) for slot, option in tr.family.files.items()},
+                **dict.fromkeys(RUN_FOLDER_OPTIONS, ("output", "dir")),
+                "tokenizer_cache_dir": ("backend", "kohya", "tokenizer_cache_dir"),
+                # the staged view: under [train] cache_dir when set, else in the run folder
+                "image_dir": ("train", "cache_dir") if self.recipe.train.cache_dir else ("output", "dir")}
         for rel, table in ((CONFIG, tr.config), (DATASET, tr.dataset)):
-            for (section, key, *_), why in tomlfile.misread(table):
-                where = (("backend", "kohya", "extra_args", key) if section == "extra" else
-                         RECIPE_KEYS.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
+            for path, why in tomlfile.misread(table):
+                section, key = path[0], [p for p in path if isinstance(p, str)][-1]
+                where = (("backend", "kohya", "extra_args", path[1]) if section == "extra" else
+                         keys.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
                 if where not in named:
                     named.add(where)
-                    out.append((where, f"generated {rel}: [{section}] {key}: {why}"))
+                    shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
+                    out.append((where, f"generated {rel}: [{section}]{shown}: {why}"))
         return out
 
     # ---------------------------------------------------------------------------------------------- plan

@@ -78,6 +78,13 @@ def tomllib_str(value: str) -> str:
     (['dataset.trigger="\\"\\"ohwx"', 'dataset.trigger_policy="prepend"'], "dataset.trigger", "empty string"),
     (['backend.kohya.extra_args={lr_scheduler_args=[",x=1"]}'], "backend.kohya.extra_args.lr_scheduler_args",
      "comma"),
+    # the reader strips any white space Python knows off a list item, the no-break space too
+    (['backend.kohya.extra_args={lr_scheduler_args=["\\u00a0,x=1"]}'], "backend.kohya.extra_args.lr_scheduler_args",
+     "comma"),
+    # a control character, then a backslash-u: the reader stops ("Reserved escape sequence used")
+    (['dataset.trigger="\\u001bC:\\\\users"', 'dataset.trigger_policy="prepend"'], "dataset.trigger",
+     "Reserved escape"),
+    (['output.dir="/tmp/r\\u001b\\\\u/{name}"'], "output.dir", "Reserved escape"),
     (["backend.kohya.extra_args={noise_offset=nan}"], "backend.kohya.extra_args", "finite number, got float nan"),
     (["backend.kohya.extra_args={huber_c=-inf}"], "backend.kohya.extra_args", "finite number"),
     (['sample.prompts=[""]'], "sample.prompts[0]", "is empty"),
@@ -147,3 +154,15 @@ def test_recipes_sharing_a_cache_folder_stage_their_datasets_apart(kohya_recipe,
     assert first == image_dir() and first.startswith(str(tmp_path / "cache" / "kohya-data"))
     assert image_dir('dataset.trigger="zxq"', 'dataset.trigger_policy="prepend"') != first
     assert image_dir('output.name="other"') == first       # the dataset, not the run, names the folder
+
+
+def test_a_model_file_the_engines_reader_cannot_read_is_refused_at_its_key(kohya_recipe, plugins, tmp_path):  # noqa: F811
+    """A model file whose path holds a control character and, after it, a backslash-u cannot be read back by
+    sd-scripts' `toml` 0.10.2 ("Reserved escape sequence used"); it was refused under [backend.kohya], naming no
+    recipe key, or (before the rule) passed and sd-scripts stopped reading its config."""
+    from .conftest import model_files
+
+    files = model_files(tmp_path / "m\x1b\\user")
+    message = refusal(kohya_recipe(), plugins, [f"model.files.transformer={tomllib_str(files['transformer'])}"])
+    line = next(m for m in message.splitlines() if "[model.files.transformer]" in m)
+    assert "Reserved escape" in line and "pretrained_model_name_or_path" in line, message
