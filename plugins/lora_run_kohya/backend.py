@@ -210,14 +210,14 @@ class KohyaBackend:
         t = self.recipe.train
         if t.steps is not None:
             return int(t.steps)
-        return int(t.epochs) * steps_per_epoch(self.recipe, *self._image_counts())
+        return int(t.epochs) * steps_per_epoch(self.recipe, *self._image_counts(), self.options.num_processes)
 
     def epochs(self) -> int:
         """The epochs sd-scripts runs: [train] epochs, or enough epochs for [train] steps (an estimate)."""
         t = self.recipe.train
         if t.epochs is not None:
             return int(t.epochs)
-        per_epoch = steps_per_epoch(self.recipe, *self._image_counts())
+        per_epoch = steps_per_epoch(self.recipe, *self._image_counts(), self.options.num_processes)
         return math.ceil(int(t.steps) / per_epoch) if per_epoch else 1
 
     def _image_counts(self) -> tuple[int, int]:

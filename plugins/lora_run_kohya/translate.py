@@ -134,6 +134,16 @@ def prompt_problem(text: str) -> str | None:
     return None
 
 
+def prompt_number(value: float) -> str:
+    """``value`` as sd-scripts' prompt-file reader reads it back: digits and a point only (it matches
+    ``[\\d.]+``, so `1e-05`, as ``{:g}`` writes 0.00001, would be read as 1), the shortest exact form, no trailing
+    ``.0``."""
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(value))), "f")
+    return text[:-2] if text.endswith(".0") else text
+
+
 def sample_lines(recipe: Recipe) -> list[str]:
     """One sd-scripts prompt-file line per prompt × seed (FLUX: `--g` embedded guidance; HunyuanImage: `--l`)."""
     s = recipe.sample
@@ -142,7 +152,7 @@ def sample_lines(recipe: Recipe) -> list[str]:
     for prompt in s.prompts:
         text = prompt_text(prompt, recipe)
         for seed in s.seeds:
-            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {s.guidance:g}")
+            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {prompt_number(s.guidance)}")
     return lines
 
 
@@ -242,7 +252,11 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     return out
 
 
-def _lr_args(recipe: Recipe) -> dict[str, Any]:
+def _lr_args(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
+    """The scheduler options. sd-scripts (`get_scheduler_fix`) builds the schedule over max_train_steps × processes
+    scheduler steps, because accelerate steps a prepared scheduler once per process at every optimizer step, but
+    takes an integer lr_warmup_steps as it is: with N processes the warmup would end after warmup_steps / N optimizer
+    steps. lora-run's warmup counts optimizer steps, so it is written × processes."""
     s, lr = recipe.scheduler, recipe.optimizer.lr
     out: dict[str, Any] = {}
     name, ratio = s.name, s.min_lr_ratio
@@ -260,11 +274,11 @@ def _lr_args(recipe: Recipe) -> dict[str, Any]:
         out["lr_scheduler_args"] = [f"lr_end={lr * ratio!r}"]
     else:
         out["lr_scheduler"] = name
-    out["lr_warmup_steps"] = int(s.warmup_steps)
+    out["lr_warmup_steps"] = int(s.warmup_steps) * int(processes)
     return out
 
 
-def _optimizer(recipe: Recipe) -> dict[str, Any]:
+def _optimizer(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
     o = recipe.optimizer
     args = [f"weight_decay={float(o.weight_decay)!r}"]
     if o.name == "adafactor":
@@ -272,7 +286,7 @@ def _optimizer(recipe: Recipe) -> dict[str, Any]:
     else:
         args += [f"betas=({float(o.betas[0])!r},{float(o.betas[1])!r})", f"eps={float(o.eps)!r}"]
     return {"optimizer_type": OPTIMIZERS[o.name], "optimizer_args": args, "learning_rate": float(o.lr),
-            "max_grad_norm": float(o.max_grad_norm), **_lr_args(recipe)}
+            "max_grad_norm": float(o.max_grad_norm), **_lr_args(recipe, processes)}
 
 
 def _timesteps(recipe: Recipe) -> dict[str, Any]:
@@ -298,14 +312,16 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
     return {"loss_type": "l2"}
 
 
-def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int) -> int:
-    """sd-scripts' batches per epoch: subject × repeats, regularisation images balanced to the same count."""
+def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int, processes: int = 1) -> int:
+    """sd-scripts' optimizer steps per epoch: subject × repeats, regularisation images balanced to the same count, in
+    batches shared by the ``processes`` (`accelerate launch --num_processes`) and accumulated (train_network.py:
+    ceil(batches / processes / gradient_accumulation_steps))."""
     d, t = recipe.dataset, recipe.train
     samples = subject_images * d.repeats
     if reg_images and d.regularization:
         samples *= 2
     batches = math.ceil(samples / t.batch_size) if samples else 0
-    return math.ceil(batches / t.gradient_accumulation) if batches else 0
+    return math.ceil(batches / max(1, processes) / t.gradient_accumulation) if batches else 0
 
 
 def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", recipe_path: str = "") -> Translation:
@@ -385,7 +401,8 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
         saving["save_last_n_epochs"] = int(t.keep_last)
         saving["save_last_n_epochs_state"] = int(t.keep_last)
 
-    config: dict[str, dict[str, Any]] = {"model": model, "network": network, "optimizer": _optimizer(recipe),
+    config: dict[str, dict[str, Any]] = {"model": model, "network": network,
+                                         "optimizer": _optimizer(recipe, options.num_processes),
                                          "training": training, "saving": saving}
     sample_text = None
     if recipe.sample.every_steps is not None:
@@ -401,12 +418,12 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
                                "min_bucket_reso": int(d.bucket_min), "max_bucket_reso": int(d.bucket_max),
                                "bucket_reso_steps": int(d.bucket_step), "bucket_no_upscale": True,
                                "batch_size": int(t.batch_size)}
-    subject: dict[str, Any] = {"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}
-    if d.caption_dropout > 0:
-        subject["caption_dropout_rate"] = float(d.caption_dropout)
-    subsets = [subject]
+    subsets = [{"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}]
     for n, reg in enumerate(d.regularization):
         subsets.append({"image_dir": str(paths.subset_dir(n + 1)), "num_repeats": int(reg.repeats), "is_reg": True})
+    if d.caption_dropout > 0:       # every sample, the regularisation images' too, as lora-run trains it
+        for subset in subsets:
+            subset["caption_dropout_rate"] = float(d.caption_dropout)
     dataset = {"general": general, "datasets": [{"subsets": subsets}]}
 
     argv = [paths.python, "-m", "accelerate.commands.launch",

@@ -405,3 +405,53 @@ def test_plan_gives_our_memory_estimate_for_the_equivalent_settings(kohya_recipe
     assert equivalent_estimate(bf16)[0] > equivalent_estimate(fp8)[0] > equivalent_estimate(fp8, 20)[0]
     shown = run_cli("plan", path)
     assert "# memory estimate:" in shown.stdout and "lora-run's native memory model" in shown.stdout
+
+
+# ------------------------------------------------------------------------------------------ semantics (audit)
+def test_warmup_counts_optimizer_steps_on_several_gpus(kohya_recipe, plugins):
+    """sd-scripts builds its schedule over max_train_steps × processes scheduler steps (accelerate steps a prepared
+    scheduler once per process at every optimizer step) but takes an integer lr_warmup_steps as it is, so with 2 GPUs
+    the warmup ended after half the recipe's warmup_steps. lora-run's warmup counts optimizer steps."""
+    for gpus, warmup in ((1, 10), (2, 20), (4, 40)):
+        _, config, _ = planned(kohya_recipe(), plugins, [f"train.gpus={gpus}", "scheduler.warmup_steps=10",
+                                                         "scheduler.name=\"cosine\""])
+        assert flat(config)["lr_warmup_steps"] == warmup
+    plan, config, _ = planned(kohya_recipe("[backend.kohya]\nnum_processes = 3\n"), plugins,
+                              ["scheduler.warmup_steps=5"])
+    assert flat(config)["lr_warmup_steps"] == 15 and flat(config)["max_train_steps"] == 6
+
+
+def test_steps_from_epochs_share_the_batches_between_gpus(kohya_recipe, plugins):
+    """train_network.py: steps per epoch = ceil(batches / processes / gradient accumulation); the plan's step count
+    (progress, disk check) left the processes out and was twice sd-scripts' on 2 GPUs."""
+    plan, _, _ = planned(kohya_recipe(replace={"steps = 6": ""}), plugins,
+                         ["train.epochs=5", "dataset.repeats=3", "train.gpus=2"])
+    assert plan.steps == 5 * 6           # 4 images × 3 repeats = 12 batches of 1, over 2 processes: 6 per epoch
+    plan, _, _ = planned(kohya_recipe(replace={"steps = 6": ""}), plugins, ["train.epochs=5", "dataset.repeats=3"])
+    assert plan.steps == 5 * 12
+
+
+def test_caption_dropout_reaches_the_regularisation_images(kohya_recipe, plugins, tmp_path):
+    """[dataset] caption_dropout drops the caption of any sample (the native backend's data order, diffusion-pipe's
+    uncond_fraction); sd-scripts reads caption_dropout_rate per subset, and only the subject's had it."""
+    from lora_run_devtools.testing import make_images
+
+    make_images(tmp_path / "reg", count=2, trigger="", prefix="reg")
+    extra = f'[[dataset.regularization]]\npath = "{tmp_path / "reg"}"\n'
+    _, _, dataset = planned(kohya_recipe(extra), plugins, ["dataset.caption_dropout=0.2"])
+    assert [s.get("caption_dropout_rate") for s in dataset["datasets"][0]["subsets"]] == [0.2, 0.2]
+    assert spec.check_dataset(dataset) == []
+    _, _, dataset = planned(kohya_recipe(extra), plugins)
+    assert all("caption_dropout_rate" not in s for s in dataset["datasets"][0]["subsets"])
+
+
+@pytest.mark.parametrize("guidance, written", [(3.5, "3.5"), (1.0, "1"), (0.0, "0"), (0.00001, "0.00001"),
+                                               (12.25, "12.25")])
+def test_sample_guidance_is_written_as_sd_scripts_reads_it(kohya_recipe, plugins, guidance, written):
+    """sd-scripts reads `--g` / `--l` with the pattern [\\d.]+: 0.00001, written `1e-05` by {:g}, came back as 1."""
+    import re
+
+    plan, _, _ = planned(kohya_recipe(), plugins, [f"sample.guidance={guidance!r}"])
+    line = plan.files["kohya/sample_prompts.txt"].splitlines()[0]
+    assert line.endswith(f" --g {written}")
+    assert float(re.search(r"--g ([\d.]+)", line)[1]) == guidance     # what sd-scripts' line_to_prompt_dict takes
