@@ -153,10 +153,17 @@ class KohyaBackend:
             if key in RESERVED or any(key in table for name, table in tr.config.items() if name != "extra"):
                 out.append((where, "is set by lora-run from the recipe (or by the backend's layout) and cannot be "
                             "overridden here"))
-            elif key in in_dataset:
-                out.append((where, f"is set in the generated dataset file ({DATASET}), whose values sd-scripts takes "
-                            "over its options, so this one would be ignored; set it through the recipe's [dataset] "
-                            "and [train] keys"))
+            elif DATASET_NAMES.get(key, key) in in_dataset:
+                named = DATASET_NAMES.get(key, key)
+                out.append((where, f"is set in the generated dataset file ({DATASET}"
+                            + (f", as `{named}`" if named != key else "") + "), whose values sd-scripts takes over its "
+                            "options, so this one would be ignored; set it through the recipe's [dataset] and [train] "
+                            "keys"))
+            elif any(other in table for other in OVERRIDES.get(key, ()) for name, table in tr.config.items()
+                     if name != "extra"):
+                other = next(o for o in OVERRIDES[key] if any(o in t for n, t in tr.config.items() if n != "extra"))
+                out.append((where, f"would override or conflict with `{other}`, which lora-run sets from the recipe "
+                            "(sd-scripts does not warn); set it through the recipe"))
             elif key in IGNORED_OPTIONS:
                 out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
                             f"recipe key"))
@@ -595,6 +602,17 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
 #: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
 IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: sd-scripts options whose value the dataset file gives under another name (`config_util`'s
+#: ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME; `caption_extention`, the old spelling, becomes `caption_extension`)
+DATASET_NAMES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats",
+                 "caption_extention": "caption_extension"}
+#: sd-scripts options that replace (or are replaced by) another option lora-run sets: `max_train_epochs` overrides
+#: `max_train_steps`, `save_every_n_epochs` / `sample_every_n_epochs` override their `_steps` forms (train_util),
+#: `lr_scheduler_type` replaces `lr_scheduler`, `unet_lr` replaces `learning_rate` for the transformer's LoRA
+OVERRIDES = {"max_train_epochs": ("max_train_steps",), "max_train_steps": ("max_train_epochs",),
+             "save_every_n_epochs": ("save_every_n_steps",), "save_every_n_steps": ("save_every_n_epochs",),
+             "sample_every_n_epochs": ("sample_every_n_steps",), "lr_scheduler_type": ("lr_scheduler",),
+             "unet_lr": ("learning_rate",)}
 
 
 def dataset_file_keys(dataset: dict[str, Any]) -> set[str]:

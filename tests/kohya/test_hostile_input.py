@@ -166,3 +166,23 @@ def test_a_model_file_the_engines_reader_cannot_read_is_refused_at_its_key(kohya
     message = refusal(kohya_recipe(), plugins, [f"model.files.transformer={tomllib_str(files['transformer'])}"])
     line = next(m for m in message.splitlines() if "[model.files.transformer]" in m)
     assert "Reserved escape" in line and "pretrained_model_name_or_path" in line, message
+
+
+@pytest.mark.parametrize("extra, words", [
+    # sd-scripts reads these argparse options as the dataset file's `batch_size` / `num_repeats` /
+    # `caption_extension`, which the generated file sets, so they were ignored without a word
+    ("{train_batch_size=4}", "as `batch_size`"),
+    ("{dataset_repeats=3}", "as `num_repeats`"),
+    ("{caption_extention=\".caption\"}", "as `caption_extension`"),
+    # options that override (or lose to) one lora-run sets from the recipe
+    ("{max_train_epochs=2}", "`max_train_steps`"),
+    ("{save_every_n_epochs=1}", "`save_every_n_steps`"),
+    ("{sample_every_n_epochs=1}", "`sample_every_n_steps`"),
+    ("{unet_lr=0.001}", "`learning_rate`"),
+    ("{lr_scheduler_type=\"CosineAnnealingLR\"}", "`lr_scheduler`"),
+])
+def test_extra_args_that_shadow_or_override_recipe_keys_are_refused(kohya_recipe, plugins, extra, words):  # noqa: F811
+    key = extra.strip("{}").split("=")[0]
+    message = refusal(kohya_recipe(), plugins, [f"backend.kohya.extra_args={extra}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert words in line, message
