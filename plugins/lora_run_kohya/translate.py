@@ -442,6 +442,11 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
     if not te_cache and not recipe.text_encoder.train and d.caption_dropout > 0:
         notes.append("text-encoder outputs are not cached (sd-scripts forbids caching with caption dropout): the "
                      "text encoders stay loaded and run every step")
+    every = recipe.sample.every_steps
+    if every is not None and (t.steps is None or t.steps % every):
+        last = f" (the last at step {t.steps // every * every} of {t.steps})" if t.steps is not None else ""
+        notes.append(f"sd-scripts samples at the multiples of sample.every_steps = {every} only, not also at the end "
+                     f"of training as the native backend does{last}")
     if t.epochs is not None:
         notes.append("steps are estimated from the image counts; sd-scripts batches per bucket, so an epoch can "
                      "have a few more batches than estimated")

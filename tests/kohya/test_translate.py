@@ -455,3 +455,12 @@ def test_sample_guidance_is_written_as_sd_scripts_reads_it(kohya_recipe, plugins
     line = plan.files["kohya/sample_prompts.txt"].splitlines()[0]
     assert line.endswith(f" --g {written}")
     assert float(re.search(r"--g ([\d.]+)", line)[1]) == guidance     # what sd-scripts' line_to_prompt_dict takes
+
+
+def test_the_plan_says_sd_scripts_does_not_sample_at_the_end(kohya_recipe, plugins):
+    """[sample] every_steps samples every N steps and at the end; sd-scripts samples at the multiples of
+    sample_every_n_steps only, which the plan did not say."""
+    plan, _, _ = planned(kohya_recipe(), plugins, ["sample.every_steps=4"])       # 6 steps: samples at 4 only
+    assert any("not also at the end" in n and "step 4 of 6" in n for n in plan.notes), plan.notes
+    plan, _, _ = planned(kohya_recipe(), plugins, ["sample.every_steps=3"])       # 3 and 6: the end is one
+    assert not any("not also at the end" in n for n in plan.notes)
