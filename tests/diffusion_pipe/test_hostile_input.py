@@ -54,3 +54,24 @@ def test_paths_the_engines_reader_cannot_read_are_refused_at_check_by_key(dp_rec
         line, = [p for p in info.value.problems if key in p]
         assert "toml 0.10.2" in line and "diffusion-pipe/" in line, info.value.problems
     validate(load_recipe(dp_recipe(), [f"output.dir={json.dumps(str(tmp_path / 'a b #q'))}"]), load_plugins())
+
+
+def test_a_recipe_file_named_with_braces_or_a_control_character_plans(dp_recipe, tmp_path):
+    """The files' comment header names the recipe: it went through str.format, so `lora-run plan r{x}.toml` stopped
+    with "unexpected KeyError: 'x'", and a control character in the name was written into the comment, where TOML
+    forbids it (tomllib refused the file; the values were fine)."""
+    import tomllib
+
+    from lora_run.plugins import load_plugins
+    from lora_run.run import make_backend, validate
+    from lora_run_rundir import RunDir
+
+    for name in ("r{x}.toml", "r{0}.toml", "r\x1b{}.toml"):
+        path = dp_recipe(name=name)
+        plugins = load_plugins()
+        prepared = validate(load_recipe(path), plugins)
+        plan = make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "run")).plan()
+        for rel, text in plan.files.items():
+            assert text.startswith("# diffusion-pipe ") and name.replace("\x1b", "\\x1b") in text.splitlines()[0]
+            assert tomllib.loads(text), rel
+            assert "\x1b" not in text

@@ -186,3 +186,13 @@ def test_extra_args_that_shadow_or_override_recipe_keys_are_refused(kohya_recipe
     message = refusal(kohya_recipe(), plugins, [f"backend.kohya.extra_args={extra}"])
     line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
     assert words in line, message
+
+
+def test_a_recipe_file_named_with_a_control_character_gives_valid_toml(kohya_recipe, plugins):  # noqa: F811
+    """config.toml's comment header names the recipe file; a control character in that name went into the comment,
+    where TOML forbids it: tomllib refused the whole file."""
+    plan, config, _ = planned(kohya_recipe(name="r\x1b{x}.toml"), plugins)
+    text = plan.files["kohya/config.toml"]
+    assert "\x1b" not in text and "r\\x1b{x}.toml" in text.splitlines()[0]
+    assert tomllib.loads(text) == toml.loads(text) == config
+    assert config["saving"]["training_comment"].endswith("r\x1b{x}.toml")     # the value itself is kept exactly
