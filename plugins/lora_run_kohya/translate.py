@@ -216,6 +216,10 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if d.caption_dropout > 0 and options.cache_text_encoder_outputs:
         out.append((("backend", "kohya", "cache_text_encoder_outputs"), "cannot be true with dataset.caption_dropout "
                     "> 0: sd-scripts refuses caption dropout on cached text-encoder outputs"))
+    if fam.name == FLUX and recipe.model.base_precision == "fp8" and t.mixed_precision == "no":
+        out.append((("model", "base_precision"), "\"fp8\" becomes sd-scripts' --fp8_base, which asserts mixed precision "
+                    "(train_network.py: \"fp8_base requires mixed precision='fp16' or 'bf16'\"); set "
+                    "train.mixed_precision = \"bf16\" or base_precision = \"bf16\""))
     if recipe.lora.init != "default":
         out.append((("lora", "init"), "sd-scripts always initialises LoRA down with Kaiming-uniform and up with "
                     "zeros (= \"default\")"))
