@@ -446,6 +446,16 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
     if not te_cache and not recipe.text_encoder.train and d.caption_dropout > 0:
         notes.append("text-encoder outputs are not cached (sd-scripts forbids caching with caption dropout): the "
                      "text encoders stay loaded and run every step")
+    if recipe.model.source:
+        notes.append(f"[model] source {recipe.model.source} not used: sd-scripts loads the [model.files] single files "
+                     "(and downloads its tokenizers itself)")
+    if recipe.model.revision:
+        notes.append("[model] revision not used: sd-scripts loads local single files")
+    if t.gpu_memory_gib is not None:
+        notes.append(f"[train] gpu_memory_gib = {t.gpu_memory_gib:g} not used: an in-process backends' setting; "
+                     "sd-scripts plans no memory budget (use [backend.kohya] blocks_to_swap, fp8, checkpointing)")
+    if t.cuda_graphs != "auto":
+        notes.append(f"[train] cuda_graphs = \"{t.cuda_graphs}\" not used: a native-backend speed setting")
     every = recipe.sample.every_steps
     if every is not None and (t.steps is None or t.steps % every):
         last = f" (the last at step {t.steps // every * every} of {t.steps})" if t.steps is not None else ""

@@ -466,3 +466,16 @@ def test_the_plan_says_sd_scripts_does_not_sample_at_the_end(kohya_recipe, plugi
     assert any("not also at the end" in n and "step 4 of 6" in n for n in plan.notes), plan.notes
     plan, _, _ = planned(kohya_recipe(), plugins, ["sample.every_steps=3"])       # 3 and 6: the end is one
     assert not any("not also at the end" in n for n in plan.notes)
+
+
+def test_recipe_keys_sd_scripts_does_not_use_are_named_in_the_plan(kohya_recipe, plugins):
+    """[model] source / revision (sd-scripts loads the single files) and the native-only [train] gpu_memory_gib and
+    cuda_graphs were dropped without a word."""
+    plan, config, _ = planned(kohya_recipe(), plugins, ['model.source="black-forest-labs/FLUX.1-dev"',
+                                                        'model.revision="main"', "train.gpu_memory_gib=20.0",
+                                                        'train.cuda_graphs="on"'])
+    for words in ("[model] source black-forest-labs/FLUX.1-dev not used", "[model] revision not used",
+                  "[train] gpu_memory_gib = 20 not used", "[train] cuda_graphs = \"on\" not used"):
+        assert any(words in n for n in plan.notes), (words, plan.notes)
+    plan, _, _ = planned(kohya_recipe(), plugins)
+    assert not any("not used" in n for n in plan.notes)
