@@ -30,6 +30,7 @@ class Family:
     file_help: dict[str, str]             # [model.files] key -> what file it is
     max_blocks_to_swap: int
     bucket_multiple: int = 32
+    sample_multiple: int = 16      # sample sizes the family decodes (sd-scripts rounds down to 16 without a word)
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,7 +49,7 @@ FAMILIES: dict[str, Family] = {
          "vae": "the HunyuanImage-2.1 VAE single file",
          "qwen": "Qwen2.5-VL-7B in bf16 (qwen_2.5_vl_7b.safetensors)",
          "byt5": "the ByT5 glyph encoder in fp16 (byt5_small_glyphxl_fp16.safetensors)"},
-        max_blocks_to_swap=37),
+        max_blocks_to_swap=37, sample_multiple=32),
 }
 
 OPTIMIZERS = {"adafactor": "Adafactor", "adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
@@ -240,6 +241,12 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if recipe.sample.every_steps is not None:
         if any(s != 1.0 for s in recipe.sample.strengths):
             out.append((("sample", "strengths"), "sd-scripts samples with the LoRA at strength 1.0 only"))
+        for key in ("width", "height"):
+            value = getattr(recipe.sample, key)
+            if value % fam.sample_multiple:
+                out.append((("sample", key), f"must be a multiple of {fam.sample_multiple} for {fam.name}, got {value}: "
+                            f"sd-scripts would sample at {max(64, value - value % 16)} without a word (it rounds "
+                            "sample sizes down to a multiple of 16)"))
         for i, line in enumerate(recipe.sample.prompts):
             why = prompt_problem(prompt_text(line, recipe))
             if why:

@@ -209,6 +209,8 @@ def test_hunyuan_image(kohya_recipe, plugins):
 
 @pytest.mark.parametrize("sets, key, words", [
     (["train.noise_offset=0.05"], "train.noise_offset", "plain randn noise"),
+    # sd-scripts rounds a sample size down to a multiple of 16 without a word; the native backend refuses it
+    (["sample.width=520"], "sample.width", "would sample at 512"),
     # sd-scripts asserts mixed precision with --fp8_base (FLUX); it passed check and stopped at start-up
     (["model.base_precision=\"fp8\"", "train.mixed_precision=\"no\""], "model.base_precision", "fp8_base requires"),
     (["train.min_snr_gamma=5.0"], "train.min_snr_gamma", "return the loss unchanged"),
@@ -289,6 +291,8 @@ def test_hunyuan_refusals(kohya_recipe, plugins):
     assert "[train.guidance]" in message and "no guidance embedding" in message
     assert "[text_encoder.train]" in message and "--network_train_unet_only" in message
     assert "[lora.targets]" in message
+    message = refusal(path, plugins, ["sample.height=528"])          # HunyuanImage-2.1 decodes 32-pixel sizes
+    assert "[sample.height]" in message and "multiple of 32" in message
 
 
 def test_hunyuan_dit_is_refused_naming_the_backends_that_train_it(kohya_recipe, plugins, tmp_path):
