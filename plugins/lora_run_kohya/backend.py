@@ -37,8 +37,8 @@ from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, subset_name,
-                        translate)
+from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, resume_schedule_args,
+                        steps_per_epoch, subset_name, translate)
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
     "kohya/train.log"
@@ -471,7 +471,8 @@ class KohyaBackend:
         (over the earlier ones). For a step-based recipe lora-run therefore passes ``--initial_step 0`` (the
         state's step is then not used to skip epochs) and ``--max_train_steps <steps left>``, moves the earlier
         segment's step checkpoints and states into ``kohya/output/before-step<N>/`` (nothing is overwritten) and
-        adds N to the steps sd-scripts reports."""
+        adds N to the steps sd-scripts reports. A decaying LR schedule is given its totals on the command line
+        (`translate.resume_schedule_args`): built from the steps left, it would not continue the run's schedule."""
         t = self.recipe.train
         if t.steps is None or saved is None:  # epoch-based: sd-scripts starts at the saved epoch, as it should
             return state, [], 0
@@ -492,7 +493,8 @@ class KohyaBackend:
                 if entry == state:
                     moved = target
         atomic_write_text(paths.output_dir / SEGMENT, json.dumps({"offset": saved, "resumed_from": str(moved)}) + "\n")
-        return moved, ["--initial_step", "0", "--max_train_steps", str(int(t.steps) - saved)], saved
+        return moved, ["--initial_step", "0", "--max_train_steps", str(int(t.steps) - saved),
+                       *resume_schedule_args(self.recipe, self.options)], saved
 
     def _tail(self, sup: Supervisor, log_path: Path) -> str:
         lines = list(sup.tail)[-TAIL_LINES:]

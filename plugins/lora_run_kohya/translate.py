@@ -289,6 +289,37 @@ def _lr_args(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
     return out
 
 
+#: sd-scripts' decaying schedules as the transformers functions it calls (transformers.optimization)
+SCHEDULE_FUNCTIONS = {"cosine": "get_cosine_schedule_with_warmup", "linear": "get_linear_schedule_with_warmup",
+                      "cosine_with_min_lr": "get_cosine_with_min_lr_schedule_with_warmup",
+                      "polynomial": "get_polynomial_decay_schedule_with_warmup"}
+
+
+def resume_schedule_args(recipe: Recipe, options: Any) -> list[str]:
+    """Command-line options that keep a decaying LR schedule on its course when a step-based run resumes with
+    ``--max_train_steps <steps left>`` (`KohyaBackend._resume_segment`). sd-scripts builds the schedule from
+    max_train_steps before ``--resume`` restores its state, and a LambdaLR's state holds the step count but not the
+    totals (transformers' schedules are partials, whose arguments are not saved): a cosine over the steps left, at
+    the restored step, fell to ~0 and climbed back to the peak. ``--lr_scheduler_type`` names the same transformers
+    function with the run's own totals in ``--lr_scheduler_args`` (sd-scripts calls it with the optimizer and
+    those; ``--lr_warmup_steps 0``: that path refuses any other). Empty for the constant schedules, whose shape has
+    no total."""
+    config = _lr_args(recipe, options.num_processes)
+    name = config["lr_scheduler"]
+    if name not in SCHEDULE_FUNCTIONS or recipe.train.steps is None:
+        return []
+    processes = int(options.num_processes)
+    args = [f"num_warmup_steps={config['lr_warmup_steps']}",
+            f"num_training_steps={int(recipe.train.steps) * processes}"]
+    if name == "cosine_with_min_lr":   # sd-scripts passes num_cycles = lr_scheduler_num_cycles / 2
+        cycles = (options.extra_args or {}).get("lr_scheduler_num_cycles", 1)
+        args += [f"num_cycles={cycles / 2!r}", f"min_lr_rate={config['lr_scheduler_min_lr_ratio']!r}"]
+    elif name == "polynomial":
+        args += [f"power={config['lr_scheduler_power']!r}", *config["lr_scheduler_args"]]
+    return ["--lr_scheduler_type", f"transformers.optimization.{SCHEDULE_FUNCTIONS[name]}",
+            "--lr_scheduler_args", *args, "--lr_warmup_steps", "0"]
+
+
 def _optimizer(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
     o = recipe.optimizer
     args = [f"weight_decay={float(o.weight_decay)!r}"]

@@ -483,3 +483,74 @@ def test_recipe_keys_sd_scripts_does_not_use_are_named_in_the_plan(kohya_recipe,
         assert any(words in n for n in plan.notes), (words, plan.notes)
     plan, _, _ = planned(kohya_recipe(), plugins)
     assert not any("not used" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("sets", [
+    ["scheduler.name=\"cosine\"", "scheduler.warmup_steps=10"],
+    ["scheduler.name=\"cosine\"", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1"],
+    ["scheduler.name=\"linear\""],
+    ["scheduler.name=\"linear\"", "scheduler.min_lr_ratio=0.25", "scheduler.warmup_steps=5", "train.gpus=2"],
+])
+def test_a_resumed_run_keeps_its_lr_schedule(kohya_recipe, plugins, sets):
+    """A step-based resume runs sd-scripts with --max_train_steps <steps left>, from which it builds the schedule
+    before --resume restores the scheduler's step count (not its totals: transformers' schedules are partials). A
+    cosine of 100 steps resumed at 50 fell to ~0 and climbed back to the peak. The resume's command line now names
+    the same schedule with the run's totals; replayed here as sd-scripts' get_scheduler_fix builds it."""
+    import ast
+    import importlib
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lora_run_kohya.translate import resume_schedule_args
+
+    path = kohya_recipe(replace={"steps = 6": "steps = 100"})
+    plan, config, _ = planned(path, plugins, sets)
+    f, processes = flat(config), int(plan.commands[0][plan.commands[0].index("--num_processes") + 1])
+    backend = make_backend(validate(load_recipe(path, sets), plugins), plugins,
+                           run_dir=RunDir(output_path(load_recipe(path, sets).recipe, None)))
+    argv = resume_schedule_args(backend.recipe, backend.options)
+    assert argv[0] == "--lr_scheduler_type" and argv[-2:] == ["--lr_warmup_steps", "0"]
+
+    def schedule(total_steps, scheduler_args=None, scheduler_type=None):    # sd-scripts' get_scheduler_fix
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        if scheduler_type:
+            module, name = scheduler_type.rsplit(".", 1)
+            kwargs = {k: ast.literal_eval(v) for k, v in (a.split("=") for a in scheduler_args)}
+            return optimizer, getattr(importlib.import_module(module), name)(optimizer, **kwargs)
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+        kwargs = {"num_warmup_steps": f["lr_warmup_steps"], "num_training_steps": total_steps * processes}
+        if f["lr_scheduler"] == "cosine_with_min_lr":
+            kwargs.update(num_cycles=0.5, min_lr_rate=f["lr_scheduler_min_lr_ratio"])
+        if f["lr_scheduler"] == "polynomial":
+            kwargs.update(power=f["lr_scheduler_power"], lr_end=float(f["lr_scheduler_args"][0].split("=")[1]))
+        return optimizer, TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(f["lr_scheduler"])](optimizer, **kwargs)
+
+    def run(scheduler, optimizer, steps):       # accelerate steps a prepared scheduler once per process
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            for _ in range(processes):
+                scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    whole = run(*reversed(schedule(100)), 100)
+    optimizer, first = schedule(100)
+    run(first, optimizer, 50)
+    state = first.state_dict()
+    i = argv.index("--lr_scheduler_args")
+    optimizer, resumed = schedule(50, argv[i + 1:-2], argv[1])          # --max_train_steps 50: the steps left
+    resumed.load_state_dict(state)
+    assert run(resumed, optimizer, 50) == pytest.approx(whole[50:], rel=1e-6, abs=1e-12)
+    optimizer, broken = schedule(50)                                     # planted mistake: the steps-left schedule
+    broken.load_state_dict(state)
+    assert run(broken, optimizer, 50) != pytest.approx(whole[50:], rel=1e-3)
+
+
+def test_a_constant_schedule_resumes_without_overrides(kohya_recipe, plugins):
+    from lora_run_kohya.translate import resume_schedule_args
+
+    backend = make_backend(validate(load_recipe(kohya_recipe()), plugins), plugins,
+                           run_dir=RunDir(output_path(load_recipe(kohya_recipe()).recipe, None)))
+    assert resume_schedule_args(backend.recipe, backend.options) == []
