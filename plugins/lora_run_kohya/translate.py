@@ -153,7 +153,8 @@ def sample_lines(recipe: Recipe) -> list[str]:
     for prompt in s.prompts:
         text = prompt_text(prompt, recipe)
         for seed in s.seeds:
-            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {prompt_number(s.guidance)}")
+            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} "
+                         f"{flag} {prompt_number(s.guidance)}")
     return lines
 
 
@@ -218,8 +219,8 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         out.append((("backend", "kohya", "cache_text_encoder_outputs"), "cannot be true with dataset.caption_dropout "
                     "> 0: sd-scripts refuses caption dropout on cached text-encoder outputs"))
     if fam.name == FLUX and recipe.model.base_precision == "fp8" and t.mixed_precision == "no":
-        out.append((("model", "base_precision"), "\"fp8\" becomes sd-scripts' --fp8_base, which asserts mixed precision "
-                    "(train_network.py: \"fp8_base requires mixed precision='fp16' or 'bf16'\"); set "
+        out.append((("model", "base_precision"), "\"fp8\" becomes sd-scripts' --fp8_base, which asserts mixed "
+                    "precision (train_network.py: \"fp8_base requires mixed precision='fp16' or 'bf16'\"); set "
                     "train.mixed_precision = \"bf16\" or base_precision = \"bf16\""))
     if recipe.lora.init != "default":
         out.append((("lora", "init"), "sd-scripts always initialises LoRA down with Kaiming-uniform and up with "
@@ -244,8 +245,8 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         for key in ("width", "height"):
             value = getattr(recipe.sample, key)
             if value % fam.sample_multiple:
-                out.append((("sample", key), f"must be a multiple of {fam.sample_multiple} for {fam.name}, got {value}: "
-                            f"sd-scripts would sample at {max(64, value - value % 16)} without a word (it rounds "
+                out.append((("sample", key), f"must be a multiple of {fam.sample_multiple} for {fam.name}, got "
+                            f"{value}: sd-scripts would sample at {max(64, value - value % 16)} without a word (it rounds "
                             "sample sizes down to a multiple of 16)"))
         for i, line in enumerate(recipe.sample.prompts):
             why = prompt_problem(prompt_text(line, recipe))
