@@ -188,7 +188,10 @@ class DiffusionPipeBackend:
         layout = translate.Layout.of(Path(run_dir), self.recipe, self.options)
         config = translate.build_config(self.recipe, self.options, layout, examples=0,
                                         loss_options=self._loss_options())
-        dataset = translate.build_dataset(self.recipe, layout)
+        return self._misread(config, translate.build_dataset(self.recipe, layout))
+
+    def _misread(self, config: dict[str, Any], dataset: dict[str, Any]) -> list[tuple[tuple, str]]:
+        """(recipe key, why) for each value of the generated files that `toml` 0.10.2 would not read back."""
         staged = ("train", "cache_dir") if self.recipe.train.cache_dir else ("output", "dir")
         keys = {"output_dir": ("output", "dir"), "dataset": ("output", "dir"), "path": staged,
                 "diffusers_path": ("model", "source"), "transformer_path": ("model", "files", "transformer"),
@@ -208,8 +211,11 @@ class DiffusionPipeBackend:
         config = translate.build_config(self.recipe, self.options, layout, examples=examples,
                                         loss_options=self._loss_options())
         dataset = translate.build_dataset(self.recipe, layout, self._set_counts())
-        problems = keydata.config_problems(config) + keydata.dataset_problems(dataset) + [
-            f"{'.'.join(map(str, key))}: {why}" for data in (config, dataset) for key, why in tomlfile.misread(data)]
+        misread = self._misread(config, dataset)   # a run folder from --output-dir, which check() does not see
+        if misread:
+            shown = self.ctx.loaded.shown if self.ctx.loaded else "recipe"
+            raise RecipeError([f"{shown}: [{'.'.join(map(str, key))}] {why}" for key, why in misread])
+        problems = keydata.config_problems(config) + keydata.dataset_problems(dataset)
         if problems:  # a bug in the translation, not in the recipe
             raise PluginError("diffusion-pipe backend generated a config diffusion-pipe would not accept: "
                               + "; ".join(problems))

@@ -252,6 +252,9 @@ class KohyaBackend:
 
     def plan(self) -> Plan:
         tr = self.translation()
+        unreadable = self._validate(tr)      # check() saw [output] dir; a run folder from --output-dir is seen here
+        if unreadable:
+            raise RecipeError([f"{self.shown}: [{'.'.join(map(str, k))}] {m}" for k, m in unreadable])
         files = self.files(tr)
         paths = self.paths()
         name = self.recipe.output.name

@@ -75,3 +75,20 @@ def test_a_recipe_file_named_with_braces_or_a_control_character_plans(dp_recipe,
             assert text.startswith("# diffusion-pipe ") and name.replace("\x1b", "\\x1b") in text.splitlines()[0]
             assert tomllib.loads(text), rel
             assert "\x1b" not in text
+
+
+def test_a_run_folder_from_output_dir_the_reader_cannot_read_is_refused_by_key(dp_recipe, tmp_path):
+    """`--output-dir` is not seen by check(), so a run folder `toml` 0.10.2 cannot read reached plan(), which
+    reported it as "a bug in the translation" (exit 1); it is now a recipe error naming [output.dir] (exit 2)."""
+    import pytest
+
+    from lora_run.errors import RecipeError
+    from lora_run.plugins import load_plugins
+    from lora_run.run import make_backend, validate
+    from lora_run_rundir import RunDir
+
+    plugins = load_plugins()
+    prepared = validate(load_recipe(dp_recipe()), plugins)
+    with pytest.raises(RecipeError) as info:
+        make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "r\x1b\\u")).plan()
+    assert "[output.dir]" in str(info.value) and "toml 0.10.2" in str(info.value)

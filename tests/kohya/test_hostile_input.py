@@ -196,3 +196,18 @@ def test_a_recipe_file_named_with_a_control_character_gives_valid_toml(kohya_rec
     assert "\x1b" not in text and "r\\x1b{x}.toml" in text.splitlines()[0]
     assert tomllib.loads(text) == toml.loads(text) == config
     assert config["saving"]["training_comment"].endswith("r\x1b{x}.toml")     # the value itself is kept exactly
+
+
+def test_a_run_folder_from_output_dir_the_reader_cannot_read_is_refused_by_plan(kohya_recipe, plugins,  # noqa: F811
+                                                                                  tmp_path):
+    """`--output-dir` is not seen by check(): `lora-run plan --output-dir` showed a config.toml sd-scripts' reader
+    cannot read, without a word (only the run refused it)."""
+    from lora_run.errors import RecipeError
+    from lora_run.run import make_backend, validate
+    from lora_run.recipe import load_recipe
+    from lora_run_rundir import RunDir
+
+    prepared = validate(load_recipe(kohya_recipe()), plugins)
+    with pytest.raises(RecipeError) as info:
+        make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "r\x1b\\u")).plan()
+    assert "[output.dir]" in str(info.value) and "toml 0.10.2" in str(info.value)
