@@ -383,6 +383,12 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
                    "blocks_to_swap / activation_checkpointing / pipeline_stages")
     if t.attention != "auto":
         out.append("[train] attention is a native-backend setting; diffusion-pipe uses the model's own attention")
+    if t.gpu_memory_gib is not None:
+        out.append(f"[train] gpu_memory_gib = {t.gpu_memory_gib:g} not used: an in-process backends' setting; "
+                   "diffusion-pipe plans no memory budget (use [backend.diffusion-pipe] blocks_to_swap / "
+                   "pipeline_stages)")
+    if t.cuda_graphs != "auto":
+        out.append(f"[train] cuda_graphs = \"{t.cuda_graphs}\" not used: a native-backend speed setting")
     if t.compile == "auto":
         out.append("[train] compile = \"auto\" → compile = false (diffusion-pipe's torch.compile is not tested on "
                    "every model; set compile = \"on\" to use it)")

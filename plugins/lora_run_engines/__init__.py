@@ -91,9 +91,17 @@ def git_state(path: Path) -> tuple[str | None, bool | None]:
     return head.strip(), (bool(status.strip()) if status is not None else None)
 
 
+#: what a TOML comment may not hold (U+0000–U+0008, U+000A–U+001F, U+007F): tomllib refuses the whole file
+_COMMENT_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def commented(header: str, body: str) -> str:
-    """``body`` (a generated TOML file) under ``header``, each header line a ``#`` comment."""
-    return "".join(f"# {line}\n" for line in header.splitlines()) + "\n" + body
+    """``body`` (a generated TOML file) under ``header``, each header line a ``#`` comment. A control character the
+    header holds (a recipe path can) is written as its escape (``\\x1b``): TOML forbids it in a comment."""
+    def line(text: str) -> str:
+        return _COMMENT_FORBIDDEN.sub(lambda m: ascii(m.group())[1:-1], text)
+
+    return "".join(f"# {line(part)}\n" for part in header.splitlines()) + "\n" + body
 
 
 def split_output(read: Callable[[], bytes], emit: Callable[[bytes], None]) -> None:

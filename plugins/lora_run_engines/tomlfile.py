@@ -1,4 +1,4 @@
-"""The TOML files lora-run writes for an engine, as the engine's own reader reads them.
+r"""The TOML files lora-run writes for an engine, as the engine's own reader reads them.
 
 sd-scripts and diffusion-pipe both read their configs with the ``toml`` package (0.10.2, pinned by sd-scripts'
 requirements), not with ``tomllib``. That reader misreads some valid TOML that tomli-w writes:
@@ -8,8 +8,13 @@ requirements), not with ``tomllib``. That reader misreads some valid TOML that t
   writes every list of tables as ``[[name]]`` blocks (diffusion-pipe also needs that: its inline tables cannot be
   pickled for its caching processes);
 - a string that is ``"`` or begins with ``""`` is read as ``""``, and a string in an array that begins (after
-  blanks) with ``,`` is split or crashes the reader. No way of writing it avoids that, so :func:`misread` names
-  such values and the backend refuses them with the recipe key.
+  blanks: the reader strips every character Python calls white space that tomli-w writes as it is, the no-break
+  and other Unicode spaces too, not only `` `` and tab) with ``,`` is split or crashes the reader;
+- a string holding a control character that tomli-w writes as a ``\uXXXX`` escape (U+0000–U+0007, U+000B,
+  U+000E–U+001F, U+007F) followed anywhere by a backslash and ``u`` (``\x1b`` … ``C:\users``) stops
+  the reader ("Reserved escape sequence used"): it decodes the ``\u`` escapes before the ``\\`` ones.
+  No way of writing these avoids that, so :func:`misread` names such values and the backend refuses them with the
+  recipe key.
 
 No torch, no engine import.
 """
@@ -21,6 +26,10 @@ from typing import Any, Iterator
 import tomli_w
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
+#: the white space the engines' reader strips off a list item (``str.strip``) that tomli-w writes unescaped
+_RAW_BLANKS = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and (c in " \t" or ord(c) > 0x7f))
+#: a control character tomli-w escapes as ``\uXXXX``, later followed by a literal backslash-u
+_ESCAPE_THEN_BACKSLASH_U = re.compile(r"[\x00-\x07\x0b\x0e-\x1f\x7f].*\\u", re.DOTALL)
 
 
 def _table_list(value: Any) -> bool:
@@ -71,7 +80,10 @@ def misread(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         if text == '"' or text.startswith('""'):
             out.append((where, f"{text[:40]!r} begins with a double quote that the engine's TOML reader (toml "
                         "0.10.2) reads as an empty string"))
-        elif in_array and text.lstrip(" \t").startswith(","):
+        elif in_array and text.lstrip(_RAW_BLANKS).startswith(","):
             out.append((where, f"{text[:40]!r} begins with a comma, which the engine's TOML reader (toml 0.10.2) "
                         "splits off a list item"))
+        elif _ESCAPE_THEN_BACKSLASH_U.search(text):
+            out.append((where, f"{text[:40]!r} holds a control character and, after it, a backslash before u, "
+                        "which the engine's TOML reader (toml 0.10.2) cannot read (\"Reserved escape sequence\")"))
     return out

@@ -37,8 +37,8 @@ from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, steps_per_epoch, subset_name,
-                        translate)
+from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, resume_schedule_args,
+                        steps_per_epoch, subset_name, translate)
 
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
     "kohya/train.log"
@@ -49,6 +49,8 @@ TAIL_LINES = 30
 #: generated options that hold a recipe value as it is written (the key a problem with it names)
 RECIPE_KEYS = {"output_name": ("output", "name"), "metadata_title": ("output", "name"),
                "metadata_trigger_phrase": ("dataset", "trigger")}
+#: generated options that hold a path in the run folder (`[output] dir`, or `--output-dir`)
+RUN_FOLDER_OPTIONS = ("output_dir", "sample_prompts", "logging_dir")
 
 
 def _toml(config: dict[str, Any], header: str) -> str:
@@ -151,10 +153,17 @@ class KohyaBackend:
             if key in RESERVED or any(key in table for name, table in tr.config.items() if name != "extra"):
                 out.append((where, "is set by lora-run from the recipe (or by the backend's layout) and cannot be "
                             "overridden here"))
-            elif key in in_dataset:
-                out.append((where, f"is set in the generated dataset file ({DATASET}), whose values sd-scripts takes "
-                            "over its options, so this one would be ignored; set it through the recipe's [dataset] "
-                            "and [train] keys"))
+            elif DATASET_NAMES.get(key, key) in in_dataset:
+                named = DATASET_NAMES.get(key, key)
+                out.append((where, f"is set in the generated dataset file ({DATASET}"
+                            + (f", as `{named}`" if named != key else "") + "), whose values sd-scripts takes over its "
+                            "options, so this one would be ignored; set it through the recipe's [dataset] and [train] "
+                            "keys"))
+            elif any(other in table for other in OVERRIDES.get(key, ()) for name, table in tr.config.items()
+                     if name != "extra"):
+                other = next(o for o in OVERRIDES[key] if any(o in t for n, t in tr.config.items() if n != "extra"))
+                out.append((where, f"would override or conflict with `{other}`, which lora-run sets from the recipe "
+                            "(sd-scripts does not warn); set it through the recipe"))
             elif key in IGNORED_OPTIONS:
                 out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
                             f"recipe key"))
@@ -187,13 +196,20 @@ class KohyaBackend:
         for message in spec.check_dataset(tr.dataset):
             out.append((("dataset",), f"generated {DATASET}: {message}"))
         named: set[tuple] = set()      # output_name and metadata_title both come from [output] name
+        keys = {**RECIPE_KEYS, **{option: ("model", "files", slot) for slot, option in tr.family.files.items()},
+                **dict.fromkeys(RUN_FOLDER_OPTIONS, ("output", "dir")),
+                "tokenizer_cache_dir": ("backend", "kohya", "tokenizer_cache_dir"),
+                # the staged view: under [train] cache_dir when set, else in the run folder
+                "image_dir": ("train", "cache_dir") if self.recipe.train.cache_dir else ("output", "dir")}
         for rel, table in ((CONFIG, tr.config), (DATASET, tr.dataset)):
-            for (section, key, *_), why in tomlfile.misread(table):
-                where = (("backend", "kohya", "extra_args", key) if section == "extra" else
-                         RECIPE_KEYS.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
+            for path, why in tomlfile.misread(table):
+                section, key = path[0], [p for p in path if isinstance(p, str)][-1]
+                where = (("backend", "kohya", "extra_args", path[1]) if section == "extra" else
+                         keys.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
                 if where not in named:
                     named.add(where)
-                    out.append((where, f"generated {rel}: [{section}] {key}: {why}"))
+                    shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
+                    out.append((where, f"generated {rel}: [{section}]{shown}: {why}"))
         return out
 
     # ---------------------------------------------------------------------------------------------- plan
@@ -201,14 +217,14 @@ class KohyaBackend:
         t = self.recipe.train
         if t.steps is not None:
             return int(t.steps)
-        return int(t.epochs) * steps_per_epoch(self.recipe, *self._image_counts())
+        return int(t.epochs) * steps_per_epoch(self.recipe, *self._image_counts(), self.options.num_processes)
 
     def epochs(self) -> int:
         """The epochs sd-scripts runs: [train] epochs, or enough epochs for [train] steps (an estimate)."""
         t = self.recipe.train
         if t.epochs is not None:
             return int(t.epochs)
-        per_epoch = steps_per_epoch(self.recipe, *self._image_counts())
+        per_epoch = steps_per_epoch(self.recipe, *self._image_counts(), self.options.num_processes)
         return math.ceil(int(t.steps) / per_epoch) if per_epoch else 1
 
     def _image_counts(self) -> tuple[int, int]:
@@ -236,6 +252,9 @@ class KohyaBackend:
 
     def plan(self) -> Plan:
         tr = self.translation()
+        unreadable = self._validate(tr)      # check() saw [output] dir; a run folder from --output-dir is seen here
+        if unreadable:
+            raise RecipeError([f"{self.shown}: [{'.'.join(map(str, k))}] {m}" for k, m in unreadable])
         files = self.files(tr)
         paths = self.paths()
         name = self.recipe.output.name
@@ -455,7 +474,8 @@ class KohyaBackend:
         (over the earlier ones). For a step-based recipe lora-run therefore passes ``--initial_step 0`` (the
         state's step is then not used to skip epochs) and ``--max_train_steps <steps left>``, moves the earlier
         segment's step checkpoints and states into ``kohya/output/before-step<N>/`` (nothing is overwritten) and
-        adds N to the steps sd-scripts reports."""
+        adds N to the steps sd-scripts reports. A decaying LR schedule is given its totals on the command line
+        (`translate.resume_schedule_args`): built from the steps left, it would not continue the run's schedule."""
         t = self.recipe.train
         if t.steps is None or saved is None:  # epoch-based: sd-scripts starts at the saved epoch, as it should
             return state, [], 0
@@ -476,7 +496,8 @@ class KohyaBackend:
                 if entry == state:
                     moved = target
         atomic_write_text(paths.output_dir / SEGMENT, json.dumps({"offset": saved, "resumed_from": str(moved)}) + "\n")
-        return moved, ["--initial_step", "0", "--max_train_steps", str(int(t.steps) - saved)], saved
+        return moved, ["--initial_step", "0", "--max_train_steps", str(int(t.steps) - saved),
+                       *resume_schedule_args(self.recipe, self.options)], saved
 
     def _tail(self, sup: Supervisor, log_path: Path) -> str:
         lines = list(sup.tail)[-TAIL_LINES:]
@@ -586,6 +607,17 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
 #: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
 IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: sd-scripts options whose value the dataset file gives under another name (`config_util`'s
+#: ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME; `caption_extention`, the old spelling, becomes `caption_extension`)
+DATASET_NAMES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats",
+                 "caption_extention": "caption_extension"}
+#: sd-scripts options that replace (or are replaced by) another option lora-run sets: `max_train_epochs` overrides
+#: `max_train_steps`, `save_every_n_epochs` / `sample_every_n_epochs` override their `_steps` forms (train_util),
+#: `lr_scheduler_type` replaces `lr_scheduler`, `unet_lr` replaces `learning_rate` for the transformer's LoRA
+OVERRIDES = {"max_train_epochs": ("max_train_steps",), "max_train_steps": ("max_train_epochs",),
+             "save_every_n_epochs": ("save_every_n_steps",), "save_every_n_steps": ("save_every_n_epochs",),
+             "sample_every_n_epochs": ("sample_every_n_steps",), "lr_scheduler_type": ("lr_scheduler",),
+             "unet_lr": ("learning_rate",)}
 
 
 def dataset_file_keys(dataset: dict[str, Any]) -> set[str]:

@@ -30,6 +30,7 @@ class Family:
     file_help: dict[str, str]             # [model.files] key -> what file it is
     max_blocks_to_swap: int
     bucket_multiple: int = 32
+    sample_multiple: int = 16      # sample sizes the family decodes (sd-scripts rounds down to 16 without a word)
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,7 +49,7 @@ FAMILIES: dict[str, Family] = {
          "vae": "the HunyuanImage-2.1 VAE single file",
          "qwen": "Qwen2.5-VL-7B in bf16 (qwen_2.5_vl_7b.safetensors)",
          "byt5": "the ByT5 glyph encoder in fp16 (byt5_small_glyphxl_fp16.safetensors)"},
-        max_blocks_to_swap=37),
+        max_blocks_to_swap=37, sample_multiple=32),
 }
 
 OPTIMIZERS = {"adafactor": "Adafactor", "adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
@@ -134,6 +135,16 @@ def prompt_problem(text: str) -> str | None:
     return None
 
 
+def prompt_number(value: float) -> str:
+    """``value`` as sd-scripts' prompt-file reader reads it back: digits and a point only (it matches
+    ``[\\d.]+``, so `1e-05`, as ``{:g}`` writes 0.00001, would be read as 1), the shortest exact form, no trailing
+    ``.0``."""
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(value))), "f")
+    return text[:-2] if text.endswith(".0") else text
+
+
 def sample_lines(recipe: Recipe) -> list[str]:
     """One sd-scripts prompt-file line per prompt × seed (FLUX: `--g` embedded guidance; HunyuanImage: `--l`)."""
     s = recipe.sample
@@ -142,7 +153,8 @@ def sample_lines(recipe: Recipe) -> list[str]:
     for prompt in s.prompts:
         text = prompt_text(prompt, recipe)
         for seed in s.seeds:
-            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} {flag} {s.guidance:g}")
+            lines.append(f"{text} --w {s.width} --h {s.height} --d {seed} --s {s.steps} "
+                         f"{flag} {prompt_number(s.guidance)}")
     return lines
 
 
@@ -206,6 +218,10 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if d.caption_dropout > 0 and options.cache_text_encoder_outputs:
         out.append((("backend", "kohya", "cache_text_encoder_outputs"), "cannot be true with dataset.caption_dropout "
                     "> 0: sd-scripts refuses caption dropout on cached text-encoder outputs"))
+    if fam.name == FLUX and recipe.model.base_precision == "fp8" and t.mixed_precision == "no":
+        out.append((("model", "base_precision"), "\"fp8\" becomes sd-scripts' --fp8_base, which asserts mixed "
+                    "precision (train_network.py: \"fp8_base requires mixed precision='fp16' or 'bf16'\"); set "
+                    "train.mixed_precision = \"bf16\" or base_precision = \"bf16\""))
     if recipe.lora.init != "default":
         out.append((("lora", "init"), "sd-scripts always initialises LoRA down with Kaiming-uniform and up with "
                     "zeros (= \"default\")"))
@@ -226,6 +242,12 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     if recipe.sample.every_steps is not None:
         if any(s != 1.0 for s in recipe.sample.strengths):
             out.append((("sample", "strengths"), "sd-scripts samples with the LoRA at strength 1.0 only"))
+        for key in ("width", "height"):
+            value = getattr(recipe.sample, key)
+            if value % fam.sample_multiple:
+                out.append((("sample", key), f"must be a multiple of {fam.sample_multiple} for {fam.name}, got "
+                            f"{value}: sd-scripts would sample at {max(64, value - value % 16)} without a word (it rounds "
+                            "sample sizes down to a multiple of 16)"))
         for i, line in enumerate(recipe.sample.prompts):
             why = prompt_problem(prompt_text(line, recipe))
             if why:
@@ -242,7 +264,11 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
     return out
 
 
-def _lr_args(recipe: Recipe) -> dict[str, Any]:
+def _lr_args(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
+    """The scheduler options. sd-scripts (`get_scheduler_fix`) builds the schedule over max_train_steps × processes
+    scheduler steps, because accelerate steps a prepared scheduler once per process at every optimizer step, but
+    takes an integer lr_warmup_steps as it is: with N processes the warmup would end after warmup_steps / N optimizer
+    steps. lora-run's warmup counts optimizer steps, so it is written × processes."""
     s, lr = recipe.scheduler, recipe.optimizer.lr
     out: dict[str, Any] = {}
     name, ratio = s.name, s.min_lr_ratio
@@ -260,11 +286,42 @@ def _lr_args(recipe: Recipe) -> dict[str, Any]:
         out["lr_scheduler_args"] = [f"lr_end={lr * ratio!r}"]
     else:
         out["lr_scheduler"] = name
-    out["lr_warmup_steps"] = int(s.warmup_steps)
+    out["lr_warmup_steps"] = int(s.warmup_steps) * int(processes)
     return out
 
 
-def _optimizer(recipe: Recipe) -> dict[str, Any]:
+#: sd-scripts' decaying schedules as the transformers functions it calls (transformers.optimization)
+SCHEDULE_FUNCTIONS = {"cosine": "get_cosine_schedule_with_warmup", "linear": "get_linear_schedule_with_warmup",
+                      "cosine_with_min_lr": "get_cosine_with_min_lr_schedule_with_warmup",
+                      "polynomial": "get_polynomial_decay_schedule_with_warmup"}
+
+
+def resume_schedule_args(recipe: Recipe, options: Any) -> list[str]:
+    """Command-line options that keep a decaying LR schedule on its course when a step-based run resumes with
+    ``--max_train_steps <steps left>`` (`KohyaBackend._resume_segment`). sd-scripts builds the schedule from
+    max_train_steps before ``--resume`` restores its state, and a LambdaLR's state holds the step count but not the
+    totals (transformers' schedules are partials, whose arguments are not saved): a cosine over the steps left, at
+    the restored step, fell to ~0 and climbed back to the peak. ``--lr_scheduler_type`` names the same transformers
+    function with the run's own totals in ``--lr_scheduler_args`` (sd-scripts calls it with the optimizer and
+    those; ``--lr_warmup_steps 0``: that path refuses any other). Empty for the constant schedules, whose shape has
+    no total."""
+    config = _lr_args(recipe, options.num_processes)
+    name = config["lr_scheduler"]
+    if name not in SCHEDULE_FUNCTIONS or recipe.train.steps is None:
+        return []
+    processes = int(options.num_processes)
+    args = [f"num_warmup_steps={config['lr_warmup_steps']}",
+            f"num_training_steps={int(recipe.train.steps) * processes}"]
+    if name == "cosine_with_min_lr":   # sd-scripts passes num_cycles = lr_scheduler_num_cycles / 2
+        cycles = (options.extra_args or {}).get("lr_scheduler_num_cycles", 1)
+        args += [f"num_cycles={cycles / 2!r}", f"min_lr_rate={config['lr_scheduler_min_lr_ratio']!r}"]
+    elif name == "polynomial":
+        args += [f"power={config['lr_scheduler_power']!r}", *config["lr_scheduler_args"]]
+    return ["--lr_scheduler_type", f"transformers.optimization.{SCHEDULE_FUNCTIONS[name]}",
+            "--lr_scheduler_args", *args, "--lr_warmup_steps", "0"]
+
+
+def _optimizer(recipe: Recipe, processes: int = 1) -> dict[str, Any]:
     o = recipe.optimizer
     args = [f"weight_decay={float(o.weight_decay)!r}"]
     if o.name == "adafactor":
@@ -272,7 +329,7 @@ def _optimizer(recipe: Recipe) -> dict[str, Any]:
     else:
         args += [f"betas=({float(o.betas[0])!r},{float(o.betas[1])!r})", f"eps={float(o.eps)!r}"]
     return {"optimizer_type": OPTIMIZERS[o.name], "optimizer_args": args, "learning_rate": float(o.lr),
-            "max_grad_norm": float(o.max_grad_norm), **_lr_args(recipe)}
+            "max_grad_norm": float(o.max_grad_norm), **_lr_args(recipe, processes)}
 
 
 def _timesteps(recipe: Recipe) -> dict[str, Any]:
@@ -298,14 +355,16 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
     return {"loss_type": "l2"}
 
 
-def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int) -> int:
-    """sd-scripts' batches per epoch: subject × repeats, regularisation images balanced to the same count."""
+def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int, processes: int = 1) -> int:
+    """sd-scripts' optimizer steps per epoch: subject × repeats, regularisation images balanced to the same count, in
+    batches shared by the ``processes`` (`accelerate launch --num_processes`) and accumulated (train_network.py:
+    ceil(batches / processes / gradient_accumulation_steps))."""
     d, t = recipe.dataset, recipe.train
     samples = subject_images * d.repeats
     if reg_images and d.regularization:
         samples *= 2
     batches = math.ceil(samples / t.batch_size) if samples else 0
-    return math.ceil(batches / t.gradient_accumulation) if batches else 0
+    return math.ceil(batches / max(1, processes) / t.gradient_accumulation) if batches else 0
 
 
 def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", recipe_path: str = "") -> Translation:
@@ -385,7 +444,8 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
         saving["save_last_n_epochs"] = int(t.keep_last)
         saving["save_last_n_epochs_state"] = int(t.keep_last)
 
-    config: dict[str, dict[str, Any]] = {"model": model, "network": network, "optimizer": _optimizer(recipe),
+    config: dict[str, dict[str, Any]] = {"model": model, "network": network,
+                                         "optimizer": _optimizer(recipe, options.num_processes),
                                          "training": training, "saving": saving}
     sample_text = None
     if recipe.sample.every_steps is not None:
@@ -401,12 +461,12 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
                                "min_bucket_reso": int(d.bucket_min), "max_bucket_reso": int(d.bucket_max),
                                "bucket_reso_steps": int(d.bucket_step), "bucket_no_upscale": True,
                                "batch_size": int(t.batch_size)}
-    subject: dict[str, Any] = {"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}
-    if d.caption_dropout > 0:
-        subject["caption_dropout_rate"] = float(d.caption_dropout)
-    subsets = [subject]
+    subsets = [{"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}]
     for n, reg in enumerate(d.regularization):
         subsets.append({"image_dir": str(paths.subset_dir(n + 1)), "num_repeats": int(reg.repeats), "is_reg": True})
+    if d.caption_dropout > 0:       # every sample, the regularisation images' too, as lora-run trains it
+        for subset in subsets:
+            subset["caption_dropout_rate"] = float(d.caption_dropout)
     dataset = {"general": general, "datasets": [{"subsets": subsets}]}
 
     argv = [paths.python, "-m", "accelerate.commands.launch",
@@ -425,6 +485,21 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
     if not te_cache and not recipe.text_encoder.train and d.caption_dropout > 0:
         notes.append("text-encoder outputs are not cached (sd-scripts forbids caching with caption dropout): the "
                      "text encoders stay loaded and run every step")
+    if recipe.model.source:
+        notes.append(f"[model] source {recipe.model.source} not used: sd-scripts loads the [model.files] single files "
+                     "(and downloads its tokenizers itself)")
+    if recipe.model.revision:
+        notes.append("[model] revision not used: sd-scripts loads local single files")
+    if t.gpu_memory_gib is not None:
+        notes.append(f"[train] gpu_memory_gib = {t.gpu_memory_gib:g} not used: an in-process backends' setting; "
+                     "sd-scripts plans no memory budget (use [backend.kohya] blocks_to_swap, fp8, checkpointing)")
+    if t.cuda_graphs != "auto":
+        notes.append(f"[train] cuda_graphs = \"{t.cuda_graphs}\" not used: a native-backend speed setting")
+    every = recipe.sample.every_steps
+    if every is not None and (t.steps is None or t.steps % every):
+        last = f" (the last at step {t.steps // every * every} of {t.steps})" if t.steps is not None else ""
+        notes.append(f"sd-scripts samples at the multiples of sample.every_steps = {every} only, not also at the end "
+                     f"of training as the native backend does{last}")
     if t.epochs is not None:
         notes.append("steps are estimated from the image counts; sd-scripts batches per bucket, so an epoch can "
                      "have a few more batches than estimated")

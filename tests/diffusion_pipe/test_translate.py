@@ -286,3 +286,11 @@ def test_train_gpus_feeds_num_gpus_unless_the_backend_option_is_set(dp_recipe, t
                    "backend.diffusion-pipe.pipeline_stages=2")
     assert plan.commands[0][1] == "--num_gpus=4"        # the backend's own option wins
     assert plan_of(dp_recipe(), tmp_path).commands[0][1] == "--num_gpus=1"
+
+
+def test_native_only_train_keys_are_named_in_the_plan(dp_recipe, tmp_path):
+    """[train] gpu_memory_gib and cuda_graphs (in-process backends only) were dropped without a word."""
+    plan = plan_of(dp_recipe(), tmp_path, "train.gpu_memory_gib=20.0", 'train.cuda_graphs="off"')
+    assert any("[train] gpu_memory_gib = 20 not used" in n for n in plan.notes), plan.notes
+    assert any("[train] cuda_graphs = \"off\" not used" in n for n in plan.notes), plan.notes
+    assert not any("gpu_memory_gib" in n or "cuda_graphs" in n for n in plan_of(dp_recipe(), tmp_path).notes)

@@ -78,6 +78,13 @@ def tomllib_str(value: str) -> str:
     (['dataset.trigger="\\"\\"ohwx"', 'dataset.trigger_policy="prepend"'], "dataset.trigger", "empty string"),
     (['backend.kohya.extra_args={lr_scheduler_args=[",x=1"]}'], "backend.kohya.extra_args.lr_scheduler_args",
      "comma"),
+    # the reader strips any white space Python knows off a list item, the no-break space too
+    (['backend.kohya.extra_args={lr_scheduler_args=["\\u00a0,x=1"]}'], "backend.kohya.extra_args.lr_scheduler_args",
+     "comma"),
+    # a control character, then a backslash-u: the reader stops ("Reserved escape sequence used")
+    (['dataset.trigger="\\u001bC:\\\\users"', 'dataset.trigger_policy="prepend"'], "dataset.trigger",
+     "Reserved escape"),
+    (['output.dir="/tmp/r\\u001b\\\\u/{name}"'], "output.dir", "Reserved escape"),
     (["backend.kohya.extra_args={noise_offset=nan}"], "backend.kohya.extra_args", "finite number, got float nan"),
     (["backend.kohya.extra_args={huber_c=-inf}"], "backend.kohya.extra_args", "finite number"),
     (['sample.prompts=[""]'], "sample.prompts[0]", "is empty"),
@@ -147,3 +154,60 @@ def test_recipes_sharing_a_cache_folder_stage_their_datasets_apart(kohya_recipe,
     assert first == image_dir() and first.startswith(str(tmp_path / "cache" / "kohya-data"))
     assert image_dir('dataset.trigger="zxq"', 'dataset.trigger_policy="prepend"') != first
     assert image_dir('output.name="other"') == first       # the dataset, not the run, names the folder
+
+
+def test_a_model_file_the_engines_reader_cannot_read_is_refused_at_its_key(kohya_recipe, plugins, tmp_path):  # noqa: F811
+    """A model file whose path holds a control character and, after it, a backslash-u cannot be read back by
+    sd-scripts' `toml` 0.10.2 ("Reserved escape sequence used"); it was refused under [backend.kohya], naming no
+    recipe key, or (before the rule) passed and sd-scripts stopped reading its config."""
+    from .conftest import model_files
+
+    files = model_files(tmp_path / "m\x1b\\user")
+    message = refusal(kohya_recipe(), plugins, [f"model.files.transformer={tomllib_str(files['transformer'])}"])
+    line = next(m for m in message.splitlines() if "[model.files.transformer]" in m)
+    assert "Reserved escape" in line and "pretrained_model_name_or_path" in line, message
+
+
+@pytest.mark.parametrize("extra, words", [
+    # sd-scripts reads these argparse options as the dataset file's `batch_size` / `num_repeats` /
+    # `caption_extension`, which the generated file sets, so they were ignored without a word
+    ("{train_batch_size=4}", "as `batch_size`"),
+    ("{dataset_repeats=3}", "as `num_repeats`"),
+    ("{caption_extention=\".caption\"}", "as `caption_extension`"),
+    # options that override (or lose to) one lora-run sets from the recipe
+    ("{max_train_epochs=2}", "`max_train_steps`"),
+    ("{save_every_n_epochs=1}", "`save_every_n_steps`"),
+    ("{sample_every_n_epochs=1}", "`sample_every_n_steps`"),
+    ("{unet_lr=0.001}", "`learning_rate`"),
+    ("{lr_scheduler_type=\"CosineAnnealingLR\"}", "`lr_scheduler`"),
+])
+def test_extra_args_that_shadow_or_override_recipe_keys_are_refused(kohya_recipe, plugins, extra, words):  # noqa: F811
+    key = extra.strip("{}").split("=")[0]
+    message = refusal(kohya_recipe(), plugins, [f"backend.kohya.extra_args={extra}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert words in line, message
+
+
+def test_a_recipe_file_named_with_a_control_character_gives_valid_toml(kohya_recipe, plugins):  # noqa: F811
+    """config.toml's comment header names the recipe file; a control character in that name went into the comment,
+    where TOML forbids it: tomllib refused the whole file."""
+    plan, config, _ = planned(kohya_recipe(name="r\x1b{x}.toml"), plugins)
+    text = plan.files["kohya/config.toml"]
+    assert "\x1b" not in text and "r\\x1b{x}.toml" in text.splitlines()[0]
+    assert tomllib.loads(text) == toml.loads(text) == config
+    assert config["saving"]["training_comment"].endswith("r\x1b{x}.toml")     # the value itself is kept exactly
+
+
+def test_a_run_folder_from_output_dir_the_reader_cannot_read_is_refused_by_plan(kohya_recipe, plugins,  # noqa: F811
+                                                                                  tmp_path):
+    """`--output-dir` is not seen by check(): `lora-run plan --output-dir` showed a config.toml sd-scripts' reader
+    cannot read, without a word (only the run refused it)."""
+    from lora_run.errors import RecipeError
+    from lora_run.run import make_backend, validate
+    from lora_run.recipe import load_recipe
+    from lora_run_rundir import RunDir
+
+    prepared = validate(load_recipe(kohya_recipe()), plugins)
+    with pytest.raises(RecipeError) as info:
+        make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "r\x1b\\u")).plan()
+    assert "[output.dir]" in str(info.value) and "toml 0.10.2" in str(info.value)

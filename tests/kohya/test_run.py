@@ -389,3 +389,23 @@ def test_an_unreachable_hub_runs_sd_scripts_offline(kohya_recipe, fake_checkout,
                                          sets=[f"output.dir=\"{tmp_path / 'second'}\""])
     assert error is None, error
     assert json.loads(record.read_text())["env_HF_HUB_OFFLINE"] is None
+
+
+@pytest.mark.slow
+def test_a_resumed_cosine_run_names_its_schedule_totals(kohya_recipe, fake_checkout, plugins_with, tmp_path,
+                                                        monkeypatch):
+    """The resume of a decaying schedule passes the run's totals (see test_translate's replay of the schedule):
+    sd-scripts (here its stand-in, with sd-scripts' option list) accepts the command line and finishes the run."""
+    path = kohya_recipe(sd_scripts=fake_checkout, extra='[scheduler]\nname = "cosine"\nwarmup_steps = 2\n')
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
+    monkeypatch.setenv("FAKE_KOHYA_AT", "5")
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert isinstance(error, BackendError)
+    monkeypatch.delenv("FAKE_KOHYA_MODE")
+    ctx, hooks, _, error = run_in_process(path, plugins_with, resume=True)
+    assert error is None, error
+    argv = read_manifest(tmp_path / "runs" / "ohwx")["external_tools"]["sd-scripts"]["argv"]
+    assert argv[-9:] == ["--max_train_steps", "2", "--lr_scheduler_type",
+                         "transformers.optimization.get_cosine_schedule_with_warmup", "--lr_scheduler_args",
+                         "num_warmup_steps=2", "num_training_steps=6", "--lr_warmup_steps", "0"]
+    assert [s for s, _ in hooks.steps] == [5, 6]

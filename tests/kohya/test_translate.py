@@ -209,6 +209,10 @@ def test_hunyuan_image(kohya_recipe, plugins):
 
 @pytest.mark.parametrize("sets, key, words", [
     (["train.noise_offset=0.05"], "train.noise_offset", "plain randn noise"),
+    # sd-scripts rounds a sample size down to a multiple of 16 without a word; the native backend refuses it
+    (["sample.width=520"], "sample.width", "would sample at 512"),
+    # sd-scripts asserts mixed precision with --fp8_base (FLUX); it passed check and stopped at start-up
+    (["model.base_precision=\"fp8\"", "train.mixed_precision=\"no\""], "model.base_precision", "fp8_base requires"),
     (["train.min_snr_gamma=5.0"], "train.min_snr_gamma", "return the loss unchanged"),
     (["lora.targets=\"attention\""], "lora.targets", "linear1"),
     (["train.loss=\"huber\""], "train.loss", "pseudo-Huber"),
@@ -287,6 +291,8 @@ def test_hunyuan_refusals(kohya_recipe, plugins):
     assert "[train.guidance]" in message and "no guidance embedding" in message
     assert "[text_encoder.train]" in message and "--network_train_unet_only" in message
     assert "[lora.targets]" in message
+    message = refusal(path, plugins, ["sample.height=528"])          # HunyuanImage-2.1 decodes 32-pixel sizes
+    assert "[sample.height]" in message and "multiple of 32" in message
 
 
 def test_hunyuan_dit_is_refused_naming_the_backends_that_train_it(kohya_recipe, plugins, tmp_path):
@@ -405,3 +411,146 @@ def test_plan_gives_our_memory_estimate_for_the_equivalent_settings(kohya_recipe
     assert equivalent_estimate(bf16)[0] > equivalent_estimate(fp8)[0] > equivalent_estimate(fp8, 20)[0]
     shown = run_cli("plan", path)
     assert "# memory estimate:" in shown.stdout and "lora-run's native memory model" in shown.stdout
+
+
+# ------------------------------------------------------------------------------------------ semantics (audit)
+def test_warmup_counts_optimizer_steps_on_several_gpus(kohya_recipe, plugins):
+    """sd-scripts builds its schedule over max_train_steps × processes scheduler steps (accelerate steps a prepared
+    scheduler once per process at every optimizer step) but takes an integer lr_warmup_steps as it is, so with 2 GPUs
+    the warmup ended after half the recipe's warmup_steps. lora-run's warmup counts optimizer steps."""
+    for gpus, warmup in ((1, 10), (2, 20), (4, 40)):
+        _, config, _ = planned(kohya_recipe(), plugins, [f"train.gpus={gpus}", "scheduler.warmup_steps=10",
+                                                         "scheduler.name=\"cosine\""])
+        assert flat(config)["lr_warmup_steps"] == warmup
+    plan, config, _ = planned(kohya_recipe("[backend.kohya]\nnum_processes = 3\n"), plugins,
+                              ["scheduler.warmup_steps=5"])
+    assert flat(config)["lr_warmup_steps"] == 15 and flat(config)["max_train_steps"] == 6
+
+
+def test_steps_from_epochs_share_the_batches_between_gpus(kohya_recipe, plugins):
+    """train_network.py: steps per epoch = ceil(batches / processes / gradient accumulation); the plan's step count
+    (progress, disk check) left the processes out and was twice sd-scripts' on 2 GPUs."""
+    plan, _, _ = planned(kohya_recipe(replace={"steps = 6": ""}), plugins,
+                         ["train.epochs=5", "dataset.repeats=3", "train.gpus=2"])
+    assert plan.steps == 5 * 6           # 4 images × 3 repeats = 12 batches of 1, over 2 processes: 6 per epoch
+    plan, _, _ = planned(kohya_recipe(replace={"steps = 6": ""}), plugins, ["train.epochs=5", "dataset.repeats=3"])
+    assert plan.steps == 5 * 12
+
+
+def test_caption_dropout_reaches_the_regularisation_images(kohya_recipe, plugins, tmp_path):
+    """[dataset] caption_dropout drops the caption of any sample (the native backend's data order, diffusion-pipe's
+    uncond_fraction); sd-scripts reads caption_dropout_rate per subset, and only the subject's had it."""
+    from lora_run_devtools.testing import make_images
+
+    make_images(tmp_path / "reg", count=2, trigger="", prefix="reg")
+    extra = f'[[dataset.regularization]]\npath = "{tmp_path / "reg"}"\n'
+    _, _, dataset = planned(kohya_recipe(extra), plugins, ["dataset.caption_dropout=0.2"])
+    assert [s.get("caption_dropout_rate") for s in dataset["datasets"][0]["subsets"]] == [0.2, 0.2]
+    assert spec.check_dataset(dataset) == []
+    _, _, dataset = planned(kohya_recipe(extra), plugins)
+    assert all("caption_dropout_rate" not in s for s in dataset["datasets"][0]["subsets"])
+
+
+@pytest.mark.parametrize("guidance, written", [(3.5, "3.5"), (1.0, "1"), (0.0, "0"), (0.00001, "0.00001"),
+                                               (12.25, "12.25")])
+def test_sample_guidance_is_written_as_sd_scripts_reads_it(kohya_recipe, plugins, guidance, written):
+    """sd-scripts reads `--g` / `--l` with the pattern [\\d.]+: 0.00001, written `1e-05` by {:g}, came back as 1."""
+    import re
+
+    plan, _, _ = planned(kohya_recipe(), plugins, [f"sample.guidance={guidance!r}"])
+    line = plan.files["kohya/sample_prompts.txt"].splitlines()[0]
+    assert line.endswith(f" --g {written}")
+    assert float(re.search(r"--g ([\d.]+)", line)[1]) == guidance     # what sd-scripts' line_to_prompt_dict takes
+
+
+def test_the_plan_says_sd_scripts_does_not_sample_at_the_end(kohya_recipe, plugins):
+    """[sample] every_steps samples every N steps and at the end; sd-scripts samples at the multiples of
+    sample_every_n_steps only, which the plan did not say."""
+    plan, _, _ = planned(kohya_recipe(), plugins, ["sample.every_steps=4"])       # 6 steps: samples at 4 only
+    assert any("not also at the end" in n and "step 4 of 6" in n for n in plan.notes), plan.notes
+    plan, _, _ = planned(kohya_recipe(), plugins, ["sample.every_steps=3"])       # 3 and 6: the end is one
+    assert not any("not also at the end" in n for n in plan.notes)
+
+
+def test_recipe_keys_sd_scripts_does_not_use_are_named_in_the_plan(kohya_recipe, plugins):
+    """[model] source / revision (sd-scripts loads the single files) and the native-only [train] gpu_memory_gib and
+    cuda_graphs were dropped without a word."""
+    plan, config, _ = planned(kohya_recipe(), plugins, ['model.source="black-forest-labs/FLUX.1-dev"',
+                                                        'model.revision="main"', "train.gpu_memory_gib=20.0",
+                                                        'train.cuda_graphs="on"'])
+    for words in ("[model] source black-forest-labs/FLUX.1-dev not used", "[model] revision not used",
+                  "[train] gpu_memory_gib = 20 not used", "[train] cuda_graphs = \"on\" not used"):
+        assert any(words in n for n in plan.notes), (words, plan.notes)
+    plan, _, _ = planned(kohya_recipe(), plugins)
+    assert not any("not used" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("sets", [
+    ["scheduler.name=\"cosine\"", "scheduler.warmup_steps=10"],
+    ["scheduler.name=\"cosine\"", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1"],
+    ["scheduler.name=\"linear\""],
+    ["scheduler.name=\"linear\"", "scheduler.min_lr_ratio=0.25", "scheduler.warmup_steps=5", "train.gpus=2"],
+])
+def test_a_resumed_run_keeps_its_lr_schedule(kohya_recipe, plugins, sets):
+    """A step-based resume runs sd-scripts with --max_train_steps <steps left>, from which it builds the schedule
+    before --resume restores the scheduler's step count (not its totals: transformers' schedules are partials). A
+    cosine of 100 steps resumed at 50 fell to ~0 and climbed back to the peak. The resume's command line now names
+    the same schedule with the run's totals; replayed here as sd-scripts' get_scheduler_fix builds it."""
+    import ast
+    import importlib
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lora_run_kohya.translate import resume_schedule_args
+
+    path = kohya_recipe(replace={"steps = 6": "steps = 100"})
+    plan, config, _ = planned(path, plugins, sets)
+    f, processes = flat(config), int(plan.commands[0][plan.commands[0].index("--num_processes") + 1])
+    backend = make_backend(validate(load_recipe(path, sets), plugins), plugins,
+                           run_dir=RunDir(output_path(load_recipe(path, sets).recipe, None)))
+    argv = resume_schedule_args(backend.recipe, backend.options)
+    assert argv[0] == "--lr_scheduler_type" and argv[-2:] == ["--lr_warmup_steps", "0"]
+
+    def schedule(total_steps, scheduler_args=None, scheduler_type=None):    # sd-scripts' get_scheduler_fix
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        if scheduler_type:
+            module, name = scheduler_type.rsplit(".", 1)
+            kwargs = {k: ast.literal_eval(v) for k, v in (a.split("=") for a in scheduler_args)}
+            return optimizer, getattr(importlib.import_module(module), name)(optimizer, **kwargs)
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+        kwargs = {"num_warmup_steps": f["lr_warmup_steps"], "num_training_steps": total_steps * processes}
+        if f["lr_scheduler"] == "cosine_with_min_lr":
+            kwargs.update(num_cycles=0.5, min_lr_rate=f["lr_scheduler_min_lr_ratio"])
+        if f["lr_scheduler"] == "polynomial":
+            kwargs.update(power=f["lr_scheduler_power"], lr_end=float(f["lr_scheduler_args"][0].split("=")[1]))
+        return optimizer, TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(f["lr_scheduler"])](optimizer, **kwargs)
+
+    def run(scheduler, optimizer, steps):       # accelerate steps a prepared scheduler once per process
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            for _ in range(processes):
+                scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    whole = run(*reversed(schedule(100)), 100)
+    optimizer, first = schedule(100)
+    run(first, optimizer, 50)
+    state = first.state_dict()
+    i = argv.index("--lr_scheduler_args")
+    optimizer, resumed = schedule(50, argv[i + 1:-2], argv[1])          # --max_train_steps 50: the steps left
+    resumed.load_state_dict(state)
+    assert run(resumed, optimizer, 50) == pytest.approx(whole[50:], rel=1e-6, abs=1e-12)
+    optimizer, broken = schedule(50)                                     # planted mistake: the steps-left schedule
+    broken.load_state_dict(state)
+    assert run(broken, optimizer, 50) != pytest.approx(whole[50:], rel=1e-3)
+
+
+def test_a_constant_schedule_resumes_without_overrides(kohya_recipe, plugins):
+    from lora_run_kohya.translate import resume_schedule_args
+
+    backend = make_backend(validate(load_recipe(kohya_recipe()), plugins), plugins,
+                           run_dir=RunDir(output_path(load_recipe(kohya_recipe()).recipe, None)))
+    assert resume_schedule_args(backend.recipe, backend.options) == []
