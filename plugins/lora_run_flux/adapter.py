@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
-                                           require_lora_fit, mmdit_fit,
+                                           matches_module, require_lora_fit, mmdit_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_formats import config_fit as cf
 from lora_run_formats.model_files import config_json
@@ -25,6 +25,16 @@ from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_sh
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
 TOKENIZER_SUBFOLDER = {"clip_l": "tokenizer", "t5xxl": "tokenizer_2"}
 DEFAULT_TOKENIZERS = {"clip_l": ("openai/clip-vit-large-patch14", None), "t5xxl": ("google/t5-v1_1-xxl", None)}
+#: FLUX.1's Linear layers outside the blocks (diffusers name → kohya module after ``lora_unet_``): `[lora] modules`
+#: can target them, the presets never do
+TOP_LEVEL = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+             "proj_out": "final_layer_linear", "norm_out.linear": "final_layer_adaLN_modulation_1"}
 WHAT = {"transformer": "FLUX transformer", "vae": "FLUX autoencoder", "clip_l": "CLIP-L text encoder",
         "t5xxl": "T5-XXL text encoder"}
 
@@ -312,6 +322,26 @@ class FluxAdapter(ModelAdapter):
                                             self.vae_scale_factor)
 
     # ---------------------------------------------------------------------------------------- outputs
+    def lora_format_notes(self) -> list[str]:
+        """The kohya file of a LoRA on layers outside the blocks (`[lora] modules` only): sd-scripts'
+        ``networks.lora_flux`` creates no module for the final layer, and its loader (``load_state_dict(…,
+        strict=False)``) drops ``lora_unet_final_layer_*`` without a word; diffusers' kohya converter drops every
+        top-level layer (docs/lora-formats.md). ComfyUI loads them all, diffusers the diffusers file."""
+        r = self.recipe
+        if "kohya" not in r.output.formats or not r.lora.modules:
+            return []
+        hit = [name for name in TOP_LEVEL if matches_module(name, r.lora.modules)]
+        notes = []
+        final = [name for name in hit if TOP_LEVEL[name].startswith("final_layer")]
+        if final:
+            notes.append("kohya file: sd-scripts (networks.lora_flux) does not load the LoRA of the final layer ("
+                         + ", ".join(f"{n} → lora_unet_{TOP_LEVEL[n]}" for n in final) + "): its loader drops "
+                         "those keys without a warning; ComfyUI loads them, and diffusers does from the diffusers file")
+        if hit:
+            notes.append("kohya file: diffusers' kohya loader (load_lora_weights on the kohya file) drops the LoRA of "
+                         "the layers outside the blocks (" + ", ".join(hit) + "); give diffusers the diffusers file")
+        return notes
+
     def lora_files(self, fmt: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, rank: int,
                    alpha: float, te_rank: int | None, metadata: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         te_rank = te_rank or rank

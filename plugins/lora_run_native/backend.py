@@ -155,6 +155,7 @@ class NativeBackend:
             if fmt not in adapter.lora_formats:
                 notes.append(f"output format {fmt} is not available for {r.model.family}; skipped"
                              + (f" ({adapter.format_notes[fmt]})" if fmt in adapter.format_notes else ""))
+        notes.extend(adapter.lora_format_notes())
         notes.append("latents and text embeddings are cached in "
                      + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
         estimate = estimate_memory_gib(r)

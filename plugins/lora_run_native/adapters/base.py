@@ -134,6 +134,14 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
 
+def matches_module(name: str, patterns: Sequence[str], compiled: Sequence[re.Pattern] | None = None) -> bool:
+    """Whether a LoRA target pattern of `[lora] modules` / a preset selects the module ``name``: the name itself,
+    a dotted suffix of it, or a regular expression matching the whole name (``lora_target_modules``' rule)."""
+    compiled = compiled if compiled is not None else [re.compile(p) for p in patterns]
+    return any(name == raw or name.endswith("." + raw) or pattern.fullmatch(name)
+               for pattern, raw in zip(compiled, patterns))
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type when empty), at most 300 characters."""
     text = str(exc).strip()
@@ -764,14 +772,8 @@ class ModelAdapter:
                 compiled.append(re.compile(p))
             except re.error as exc:
                 raise RecipeError(f"{self.shown}: [lora.modules] {p!r} is not a valid regular expression ({exc})")
-        names = []
-        for name, module in transformer.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            for pattern, raw in zip(compiled, patterns):
-                if name == raw or name.endswith("." + raw) or pattern.fullmatch(name):
-                    names.append(name)
-                    break
+        names = [name for name, module in transformer.named_modules()
+                 if isinstance(module, torch.nn.Linear) and matches_module(name, patterns, compiled)]
         if not names:
             key = "lora.modules" if explicit else "lora.targets"
             raise RecipeError(f"{self.shown}: [{key}] matched no linear layer of the {self.family} transformer")
@@ -837,6 +839,11 @@ class ModelAdapter:
         raise NotImplementedError
 
     # --------------------------------------------------------------------------------------- outputs
+    def lora_format_notes(self) -> list[str]:
+        """What a tool does not load from a file this recipe writes (its `[lora]` targets against each format of
+        `[output] formats`), shown by `lora-run plan`; none by default."""
+        return []
+
     def lora_files(self, fmt: str, transformer_sd: dict[str, torch.Tensor], te_sd: dict[str, torch.Tensor],
                    *, rank: int, alpha: float, te_rank: int | None, metadata: dict[str, str]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
