@@ -331,3 +331,26 @@ def test_images_in_a_sub_folder_are_named_and_caption_extensions_match_in_any_ca
     item = next(i for i in report.usable if i.image.name == "img002.png")
     assert item.caption_file.name == "img002.TXT" and item.caption.startswith("ohwx")
 
+
+def test_the_text_encoder_policy_and_fp16_are_warnings(recording, write_recipe, tmp_path):
+    """Playbook §5 (TE LR 0.3–0.5 × the transformer's, trained for ≤ 50 % of the steps, with prior regularisation,
+    not under ~15 images) and §9 (fp16 overflow → NaNs): recipes breaking them passed without a word."""
+    _, plugins = recording
+
+    def codes(*sets):
+        report = lint(load_recipe(write_recipe(GOOD), list(sets)).recipe, plugins)
+        return {f.code: f for f in report.findings if f.code.startswith(("te-", "fp16"))}
+
+    assert codes() == {}
+    assert codes("text_encoder.lr_ratio=0.9", "text_encoder.train_fraction=1.0") == {}   # TE not trained
+    on = "text_encoder.train=true"
+    assert set(codes(on, "text_encoder.lr_ratio=0.3", "text_encoder.train_fraction=0.5")) == {"te-no-reg",
+                                                                                               "te-few-images"}
+    assert set(codes(on, "text_encoder.lr_ratio=0.5")) >= {"te-no-reg"}
+    found = codes(on, "text_encoder.lr_ratio=0.51", "text_encoder.train_fraction=0.51")
+    assert {"te-lr-ratio", "te-train-fraction"} <= set(found)
+    assert "[text_encoder.lr_ratio] is 0.51" in found["te-lr-ratio"].message
+    assert "te-lr-ratio" in codes(on, "text_encoder.lr_ratio=0.29")
+    assert "4 usable subject images" in found["te-few-images"].message
+    assert found["te-few-images"].level == WARNING
+    assert codes('train.mixed_precision="fp16"')["fp16"].level == WARNING
