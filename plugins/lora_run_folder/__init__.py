@@ -26,13 +26,33 @@ from .images import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS
 CAPTION_LIMIT = 64 * 1024
 
 
+def trigger_pattern(trigger: str, ignore_case: bool = False) -> re.Pattern[str] | None:
+    """The trigger as a whole word (None for no trigger): ``ohwx`` is not found in ``ohwxman`` or ``bohwx``, nor
+    ``sks`` in ``asks``; a trigger of several words matches with any run of spaces between them. A trigger's end
+    that is punctuation (``<ohwx>``) needs no word break beside it."""
+    words = trigger.split()
+    if not words:
+        return None
+    body = r"\s+".join(re.escape(w) for w in words)
+    start = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
+    end = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
+    return re.compile(start + body + end, re.IGNORECASE if ignore_case else 0)
+
+
+def has_trigger(caption: str, trigger: str, ignore_case: bool = False) -> bool:
+    """Whether ``caption`` holds ``trigger`` as a whole word (``trigger_pattern``); case counts unless
+    ``ignore_case`` (T5 reads ``OHWX`` and ``ohwx`` as different tokens)."""
+    pattern = trigger_pattern(trigger, ignore_case)
+    return pattern is not None and pattern.search(caption) is not None
+
+
 def training_caption(item: Item, section: DatasetKeys) -> str:
     """The caption a sample is trained with (before caption dropout)."""
     caption = (item.caption or "").strip()
     if item.is_reg:
         return caption or item.default_caption
     trigger = section.trigger.strip()
-    if section.trigger_policy == "prepend" and trigger and trigger not in caption:
+    if section.trigger_policy == "prepend" and trigger and not has_trigger(caption, trigger):
         return f"{trigger}, {caption}" if caption else trigger
     return caption
 
@@ -84,6 +104,40 @@ def _images(folder: Path) -> list[Path]:
     return _listing(folder, IMAGE_EXTENSIONS)
 
 
+def caption_file(image: Path, extension: str) -> Path:
+    """The caption file of ``image``: the image's name with its last extension replaced by ``extension``; where no
+    such file exists, one whose name differs from it only in letter case (``a.TXT``, as a dataset made on Windows
+    or macOS has it) when there is exactly one."""
+    wanted = image.with_suffix(extension)
+    if os.path.lexists(wanted):
+        return wanted
+    try:
+        names = [n for n in os.listdir(image.parent) if n.lower() == wanted.name.lower()]
+    except OSError:
+        return wanted
+    return image.parent / names[0] if len(names) == 1 else wanted
+
+
+def subfolder_images(section: DatasetKeys) -> list[tuple[Path, int]]:
+    """The sub-folders of the subject and regularisation folders that hold images (folder, how many): the folder
+    type reads only the images directly in a set's folder (a kohya-style ``10_ohwx`` sub-folder is not entered), so
+    the lint names each rather than leave its images out unseen. Linked sub-folders (a loop back to the folder) and
+    hidden ones are not looked into."""
+    folders = ([section.path] if section.path is not None else []) + [reg.path for reg in section.regularization]
+    out = []
+    for folder in dict.fromkeys(folders):
+        try:
+            subs = sorted(e for e in Path(folder).iterdir()
+                          if not e.name.startswith(".") and not e.is_symlink() and e.is_dir())
+        except (OSError, ValueError):
+            continue
+        for sub in subs:
+            count = len(_listing(sub, IMAGE_EXTENSIONS))
+            if count:
+                out.append((sub, count))
+    return out
+
+
 def unread_images(section: DatasetKeys) -> list[Path]:
     """Files of the subject and regularisation folders in an image format the folder type does not read (GIF,
     TIFF, HEIC, …): the lint names each, so none is left out unseen."""
@@ -102,7 +156,8 @@ def extension_problems(section: DatasetKeys) -> list[tuple[tuple[Any, ...], str]
 
 def dataset_key_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
     """The rules among `[dataset]`'s keys (``check_recipe``, for every dataset type): the buckets hold the
-    resolution, a trigger policy has a trigger, caption extensions are file extensions."""
+    resolution, a trigger policy has a trigger, no regularisation set's default caption holds the trigger, caption
+    extensions are file extensions."""
     d, out = recipe.dataset, []
     if d.bucket_min > d.bucket_max:
         out.append((("dataset", "bucket_min"), f"must be <= bucket_max ({d.bucket_max}), got {d.bucket_min}"))
@@ -112,6 +167,11 @@ def dataset_key_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
     if d.trigger_policy != "none" and not d.trigger.strip():
         out.append((("dataset", "trigger"), f"is empty but trigger_policy is \"{d.trigger_policy}\"; set a "
                     "unique trigger token or trigger_policy = \"none\""))
+    for n, reg in enumerate(d.regularization):
+        if has_trigger(reg.default_caption, d.trigger, ignore_case=True):
+            out.append((("dataset", "regularization", n, "default_caption"), f"holds the trigger "
+                        f"\"{d.trigger.strip()}\": it must never appear in a regularisation caption (playbook §6); "
+                        "use a class phrase such as \"a person\""))
     return out + extension_problems(d) + same_folder_problems(d)
 
 
@@ -158,13 +218,13 @@ class FolderDataset:
             raise RecipeError([f"[{format_key(where)}] {message}" for where, message in unusable])
         out = []
         for image in _images(Path(s.path)) if s.path is not None else ():
-            cap_file = image.with_suffix(s.caption_extension)
+            cap_file = caption_file(image, s.caption_extension)
             text, error = read_caption(cap_file)
             out.append(Item(image, text, cap_file if text is not None or error else None, "subject",
                             repeats=s.repeats, caption_error=error))
         for n, reg in enumerate(s.regularization):
             for image in _images(Path(reg.path)):
-                cap_file = image.with_suffix(reg.caption_extension)
+                cap_file = caption_file(image, reg.caption_extension)
                 text, error = read_caption(cap_file)
                 out.append(Item(image, text, cap_file if text is not None or error else None,
                                 f"regularization[{n}]", is_reg=True, weight=reg.weight, repeats=reg.repeats,
@@ -190,6 +250,10 @@ def lint_dataset(recipe, items, report):
     if recipe.dataset.type == "folder":
         from lora_run.dataset import WARNING
 
+        for folder, count in subfolder_images(recipe.dataset):
+            report.add(WARNING, "sub-folder", f"{count} image{'s' * (count != 1)} in this sub-folder "
+                       f"{'are' if count != 1 else 'is'} not read (only the images directly in a set's folder are); "
+                       "move them up or point the set at the sub-folder", folder)
         for path in unread_images(recipe.dataset):
             report.add(WARNING, "unread-format", f"{path.suffix} images are not read (only "
                        f"{' '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG to train on it", path)

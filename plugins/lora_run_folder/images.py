@@ -134,9 +134,10 @@ def _to_rgb(img: object, notes: list[str]) -> object:
         import numpy as np
 
         notes.append("16-bit converted to 8-bit")
+        # the formats read here (PNG) store these modes as 16-bit samples: 65535 is white whatever the image's
+        # brightest pixel (a dark 16-bit photo whose values all lie below 256 is near black, not full range)
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype("uint8")).convert("RGB")
+        return Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype("uint8")).convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):  # type: ignore[attr-defined]
         notes.append("alpha composited on white")
         rgba = img.convert("RGBA")  # type: ignore[attr-defined]

@@ -15,11 +15,16 @@ from lora_run.dataset import ERROR, INFO, WARNING, Item, LintReport
 from lora_run.files import FileProblem, printable, shown
 from lora_run.schema import Recipe
 
-from . import training_caption
+from . import has_trigger, training_caption, trigger_pattern
 from .images import ImageProblem, decode_rgb, read_image_bytes
 
 EXTREME_ASPECT = 3.0
 NEAR_DUPLICATE_BITS = 4
+#: the playbook's size of the regularisation sets together (§6: "20–50 generic people")
+REG_IMAGES = (20, 50)
+#: class words: a trigger that is one of them is no "unique, uncommon string" (playbook §6)
+CLASS_WORDS = frozenset({"person", "man", "woman", "boy", "girl", "child", "kid", "baby", "people", "human", "guy",
+                         "lady", "gentleman", "face", "portrait", "photo", "subject", "character", "model"})
 #: the codes of the findings for an image that cannot be read or does not decode (the finding's message says why;
 #: such an item has no digest in ``LintReport.files``): ``lora-run eval`` names the subject photos among them
 NOT_DECODED = ("unreadable", "bad-image")
@@ -67,9 +72,6 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
     elif not subject:
         report.add(ERROR, "no-images", f"no images found in {shown(d.path) if d.path is not None else 'the dataset'} "
                    "(looked for .jpg .jpeg .png .webp .bmp)")
-    elif len(subject) < d.min_images:
-        report.add(WARNING, "few-images", f"only {len(subject)} subject images; the playbook asks for 15–30 "
-                   f"with mixed angles, lighting and framing (threshold: dataset.min_images = {d.min_images})")
     for n, reg in enumerate(d.regularization):
         missing = _not_a_folder(reg.path)
         if missing:
@@ -119,12 +121,47 @@ def lint_dataset(recipe: Recipe, items: list[Item], report: LintReport | None = 
                                                            "caption": hashlib.sha256(caption_bytes).hexdigest()}
         if ok:
             ok_items.append(item)
+    usable_subject = sum(not i.is_reg for i in ok_items)
+    usable_reg = len(ok_items) - usable_subject
+    if d.regularization and not REG_IMAGES[0] <= usable_reg <= REG_IMAGES[1]:
+        few = usable_reg < REG_IMAGES[0]
+        report.add(WARNING, "few-reg-images" if few else "many-reg-images",
+                   f"{usable_reg} usable regularisation image{'s' * (usable_reg != 1)} in all; the playbook asks for "
+                   f"{REG_IMAGES[0]}–{REG_IMAGES[1]} generic people (§6)"
+                   + ("" if few else ": more outweigh the subject; use fewer or a smaller weight"))
+    same_captions(ok_items, d, report)
+    if trigger.lower() in CLASS_WORDS:
+        report.add(WARNING, "common-trigger", f"the trigger \"{trigger}\" is a common class word: the playbook asks "
+                   "for a unique, uncommon string (§6) such as \"ohwx\"; the LoRA would overwrite what the model "
+                   f"knows as \"{trigger}\"")
+    if subject and usable_subject < d.min_images:
+        what = (f"{usable_subject} subject image{'s' * (usable_subject != 1)}" if usable_subject == len(subject) else
+                f"{usable_subject} of the {len(subject)} subject images can be trained on (the others are named here)")
+        report.add(WARNING, "few-images", f"only {what}; the playbook asks for 15–30 with mixed angles, lighting "
+                   f"and framing (threshold: dataset.min_images = {d.min_images})")
     kept = {id(i) for i in ok_items}
     report.usable = [i for i in report.usable if id(i) in kept]
     report.dataset_hash = digest.hexdigest()
     if subject and not any(not i.is_reg for i in report.usable) and not report.errors:
         report.add(ERROR, "no-usable-images", "no subject image is usable (see the warnings above)")
     return report
+
+
+def same_captions(items: list[Item], section: Any, report: LintReport) -> None:
+    """Subject images trained with one caption (letter case and spacing aside): the playbook's "avoid repeating
+    identical phrasing" (§6); one warning per caption, naming the files."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        if not item.is_reg and (item.caption or "").strip():
+            groups.setdefault(" ".join(training_caption(item, section).lower().split()), []).append(item)
+    for group in groups.values():
+        if len(group) > 1:
+            names = [shown(i.image.name) for i in group]
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            report.add(WARNING, "same-caption", f"{len(group)} subject images are trained with the same caption "
+                       f"\"{training_caption(group[0], section)}\" ({listed}); the playbook asks to avoid repeating "
+                       "identical phrasing (§6): describe what differs (pose, clothes, place, light)",
+                       group[0].caption_file or group[0].image)
 
 
 def shared_captions(items: list[Item], report: LintReport) -> None:
@@ -162,7 +199,7 @@ def _check_caption(item: Item, recipe: Recipe, trigger: str, report: LintReport)
     if item.is_reg:
         if not caption:
             report.add(INFO, "default-caption", f"no caption; uses \"{item.default_caption}\"", str(item.image))
-        if trigger and trigger in caption:
+        if trigger and has_trigger(caption, trigger, ignore_case=True):
             report.add(ERROR, "trigger-in-reg", f"regularisation caption contains the trigger \"{trigger}\"; it "
                        "must never appear there (playbook §6)", where)
             return False
@@ -175,8 +212,25 @@ def _check_caption(item: Item, recipe: Recipe, trigger: str, report: LintReport)
         report.add(ERROR, "no-caption", f"{what} (expected {item.image.with_suffix(d.caption_extension).name})",
                    str(item.image))
         return False
-    if d.trigger_policy == "require" and trigger and trigger not in caption:
-        report.add(ERROR, "trigger-missing", f"caption does not contain the trigger \"{trigger}\" (or set "
-                   "dataset.trigger_policy = \"prepend\")", where)
+    if d.trigger_policy == "require" and trigger and not has_trigger(caption, trigger):
+        report.add(ERROR, "trigger-missing", f"caption does not contain the trigger \"{trigger}\""
+                   f"{_near_trigger(caption, trigger)} (or set dataset.trigger_policy = \"prepend\")", where)
         return False
     return True
+
+
+def _near_trigger(caption: str, trigger: str) -> str:
+    """What a caption holds instead of the trigger: the trigger in other letter case, or inside a longer word."""
+    pattern = trigger_pattern(trigger, ignore_case=True)
+    found = pattern.search(caption) if pattern is not None else None
+    if found:
+        return f"; it has \"{found.group(0)}\", which differs in case (T5 reads it as another token)"
+    at = caption.lower().find(trigger.lower())
+    if at >= 0:
+        start, end = at, at + len(trigger)
+        while start > 0 and (caption[start - 1].isalnum() or caption[start - 1] == "_"):
+            start -= 1
+        while end < len(caption) and (caption[end].isalnum() or caption[end] == "_"):
+            end += 1
+        return f"; it has \"{caption[start:end]}\", a different word (the trigger must stand as a word of its own)"
+    return ""

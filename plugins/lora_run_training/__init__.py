@@ -6,6 +6,8 @@
   loss lookup of `[train]` included); :class:`Feature`, a recipe feature some backend may not honour;
 - :mod:`.capabilities` — the recipe features a backend may not honour, and the check that refuses a recipe
   using one the chosen backend does not list for the chosen family (``check_recipe``);
+- :mod:`.policy` — the playbook's text-encoder policy (§5) and the failure causes a recipe shows (§9, fp16):
+  warnings in the dataset lint's table (``lint_dataset``);
 - :mod:`.families` — what the families' registrations say about a recipe: the bucket grid, `[model] version`,
   the `[model.files]` slots, the weights to train on, the σ samplers and LoRA formats they register
   (``check_recipe``).
@@ -57,3 +59,12 @@ def check_recipe(recipe: Any, plugins: Any) -> list:
     if family is not None and recipe.backend.name in backends:
         problems += capability_problems(recipe, recipe.backend.name, backends)
     return problems
+
+
+@hookimpl(trylast=True)
+def lint_dataset(recipe: Any, items: Any, report: Any) -> None:
+    """The playbook's text-encoder policy and fp16 (warnings), after the dataset's lint has counted the usable
+    images."""
+    from .policy import lint_policy
+
+    lint_policy(recipe, report)

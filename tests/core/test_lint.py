@@ -191,3 +191,166 @@ def test_an_unusable_caption_extension_is_named_and_the_lint_does_not_run(write_
     main(["check", recipe, "--set", "dataset.caption_extension='.txt'"])
     captured = capsys.readouterr()
     assert "dataset: 4 subject images" in captured.out and "caption_extension" not in captured.err, captured
+
+
+def _codes(report, code):
+    return {os.path.basename(f.file): f for f in report.findings if f.code == code}
+
+
+def test_the_trigger_counts_only_as_a_word_of_its_own(recording, write_recipe, subject_dataset, tmp_path):
+    """Before: the trigger was found as a substring: "ohwxman" and "bohwx" passed as holding "ohwx" (and with
+    `prepend` were not given it), while a regularisation caption "a man asks" was refused for holding "sks". A
+    caption with the trigger in other letter case is still an error (T5 reads "OHWX" as another token), now named
+    as such; in a regularisation caption any case is refused."""
+    from lora_run_folder import has_trigger, training_caption
+
+    _, plugins = recording
+    d = subject_dataset
+    (d / "img000.txt").write_text("ohwxman, a man outdoors")
+    (d / "img001.txt").write_text("bohwx, a man indoors")
+    (d / "img002.txt").write_text("OHWX, a man at night")
+    (d / "img003.txt").write_text("a portrait of ohwx.")          # punctuation after the word: found
+    reg = tmp_path / "reg"
+    make_images(reg, count=3, trigger="", seed=9, prefix="r")
+    (reg / "r000.txt").write_text("a man who asks")
+    (reg / "r001.txt").write_text("a photo of SKS")
+    (reg / "r002.txt").write_text("a photo of a man, sks")
+    body = GOOD + f'[[dataset.regularization]]\npath = "{reg}"\n'
+    report = lint(load_recipe(write_recipe(body), ['dataset.trigger="ohwx"']).recipe, plugins)
+    missing = _codes(report, "trigger-missing")
+    assert set(missing) == {"img000.txt", "img001.txt", "img002.txt"}, missing
+    assert '"ohwxman", a different word' in missing["img000.txt"].message
+    assert '"bohwx", a different word' in missing["img001.txt"].message
+    assert '"OHWX", which differs in case' in missing["img002.txt"].message
+    report = lint(load_recipe(write_recipe(body), ['dataset.trigger="sks"',
+                                                   'dataset.trigger_policy="none"']).recipe, plugins)
+    assert set(_codes(report, "trigger-in-reg")) == {"r001.txt", "r002.txt"}
+    # prepend gives the trigger to a caption that holds it only inside another word
+    recipe = load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="prepend"']).recipe
+    report = lint(recipe, plugins)
+    item = next(i for i in report.usable if i.image.name == "img000.png")
+    assert training_caption(item, recipe.dataset) == "ohwx, ohwxman, a man outdoors"
+    # several words, and a trigger that ends in punctuation
+    assert has_trigger("photo of ohwx  man, smiling", "ohwx man") and not has_trigger("ohwx manly", "ohwx man")
+    assert has_trigger("a photo of <ohwx>", "<ohwx>") and has_trigger("x<ohwx>y", "<ohwx>")
+    assert not has_trigger("anything", "") and has_trigger("ohwx_1", "ohwx_1") and not has_trigger("ohwx_12", "ohwx_1")
+
+
+def test_a_default_caption_holding_the_trigger_is_a_recipe_error(write_recipe, tmp_path, capsys):
+    """Before: a regularisation set whose `default_caption` held the trigger passed (the lint checked only caption
+    files): every uncaptioned regularisation image was trained with the trigger."""
+    from lora_run.cli import main
+
+    reg = tmp_path / "reg"
+    make_images(reg, count=2, captions=False, prefix="r")
+    for default, bad in (("OHWX person", True), ("a person", False), ("a person asking", False)):
+        code = main(["check", str(write_recipe(GOOD)), "--set",
+                     f'dataset.regularization=[{{path="{reg}", default_caption="{default}"}}]'])
+        err = capsys.readouterr().err
+        line = "[dataset.regularization[0].default_caption] holds the trigger \"ohwx\""
+        assert (line in err) == bad, err
+        if bad:
+            assert code == 2
+
+
+def test_few_images_counts_the_images_that_train(recording, write_recipe, subject_dataset):
+    """Before: `few-images` counted every image file, the broken and too-small ones too: 4 files of which one is
+    skipped as too small passed `min_images = 4` with no word, and 3 images were trained."""
+    _, plugins = recording
+    Image.new("RGB", (100, 100), "gray").save(subject_dataset / "img003.png")
+    report = lint(load_recipe(write_recipe(GOOD), ["dataset.min_images=4"]).recipe, plugins)
+    few = findings(report, "few-images")
+    assert few and few[0].level == WARNING and "only 3 of the 4 subject images" in few[0].message, report.table()
+    report = lint(load_recipe(write_recipe(GOOD), ["dataset.min_images=3"]).recipe, plugins)
+    assert not findings(report, "few-images")          # the threshold itself is enough
+    report = lint(load_recipe(write_recipe(GOOD), ["dataset.min_images=5", "dataset.bucket_min=64"]).recipe, plugins)
+    assert "only 4 subject images;" in findings(report, "few-images")[0].message
+
+
+def test_a_dark_16_bit_png_stays_dark():
+    """Before: a 16-bit image whose samples all lay below 256 (a dark photo) was scaled as if it were 8-bit: near
+    black became mid grey."""
+    import io
+
+    from lora_run_folder.images import decode_rgb
+
+    for value, expected in ((200, 1), (65535, 255), (32896, 128)):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), value, "uint16")).save(buf, "PNG")
+        opened = decode_rgb(buf.getvalue())
+        assert "16-bit converted to 8-bit" in opened.notes
+        assert np.asarray(opened.image).max() == expected, (value, np.asarray(opened.image).max())
+
+
+@pytest.mark.parametrize("count,code", [(19, "few-reg-images"), (20, None), (50, None), (51, "many-reg-images")])
+def test_the_regularisation_images_number_20_to_50(recording, write_recipe, tmp_path, count, code):
+    """Playbook §6: "20–50 generic people"; a set outside that range was not mentioned."""
+    _, plugins = recording
+    reg = tmp_path / "reg"
+    make_images(reg, count=count, size=(64, 64), captions=False, prefix="r")
+    body = GOOD + f'[[dataset.regularization]]\npath = "{reg}"\n'
+    report = lint(load_recipe(write_recipe(body), ["dataset.bucket_min=64"]).recipe, plugins)
+    got = {f.code for f in report.findings} & {"few-reg-images", "many-reg-images"}
+    assert got == ({code} if code else set()), report.table()
+    if code:
+        assert findings(report, code)[0].level == WARNING and f"{count} usable regularisation images" in \
+            findings(report, code)[0].message
+
+
+def test_identical_captions_and_a_class_word_trigger_are_warnings(recording, write_recipe, subject_dataset):
+    """Playbook §6: "avoid repeating identical phrasing" and "use a unique, uncommon string" were not checked."""
+    _, plugins = recording
+    for n in range(3):
+        (subject_dataset / f"img00{n}.txt").write_text("ohwx, a man " if n else "OHWX,  A man")
+    report = lint(load_recipe(write_recipe(GOOD), ['dataset.trigger_policy="none"']).recipe, plugins)
+    same = findings(report, "same-caption")
+    assert len(same) == 1 and same[0].level == WARNING and "3 subject images" in same[0].message
+    assert "img000.png, img001.png, img002.png" in same[0].message
+    for trigger, warned in (("man", True), ("Person", True), ("ohwx", False), ("ohwx man", False)):
+        report = lint(load_recipe(write_recipe(GOOD), [f'dataset.trigger="{trigger}"',
+                                                       'dataset.trigger_policy="none"']).recipe, plugins)
+        assert bool(findings(report, "common-trigger")) == warned, trigger
+
+
+def test_images_in_a_sub_folder_are_named_and_caption_extensions_match_in_any_case(recording, write_recipe,
+                                                                                    subject_dataset):
+    """Before: images in a sub-folder (kohya's `10_ohwx` layout) were left out without a word, and `a.png` beside
+    `a.TXT` (a dataset made on Windows) was a missing caption although image extensions match in any case."""
+    _, plugins = recording
+    d = subject_dataset
+    (d / "10_ohwx").mkdir()
+    for n in range(2):
+        (d / f"img00{n}.png").rename(d / "10_ohwx" / f"img00{n}.png")
+    (d / "img002.txt").rename(d / "img002.TXT")
+    (d / "loop").symlink_to(d, target_is_directory=True)       # not looked into
+    report = lint(load_recipe(write_recipe(GOOD)).recipe, plugins)
+    sub = _codes(report, "sub-folder")
+    assert set(sub) == {"10_ohwx"} and sub["10_ohwx"].level == WARNING and "2 images" in sub["10_ohwx"].message
+    assert not report.errors, report.table()
+    assert {i.image.name for i in report.usable} == {"img002.png", "img003.png"}
+    item = next(i for i in report.usable if i.image.name == "img002.png")
+    assert item.caption_file.name == "img002.TXT" and item.caption.startswith("ohwx")
+
+
+def test_the_text_encoder_policy_and_fp16_are_warnings(recording, write_recipe, tmp_path):
+    """Playbook §5 (TE LR 0.3–0.5 × the transformer's, trained for ≤ 50 % of the steps, with prior regularisation,
+    not under ~15 images) and §9 (fp16 overflow → NaNs): recipes breaking them passed without a word."""
+    _, plugins = recording
+
+    def codes(*sets):
+        report = lint(load_recipe(write_recipe(GOOD), list(sets)).recipe, plugins)
+        return {f.code: f for f in report.findings if f.code.startswith(("te-", "fp16"))}
+
+    assert codes() == {}
+    assert codes("text_encoder.lr_ratio=0.9", "text_encoder.train_fraction=1.0") == {}   # TE not trained
+    on = "text_encoder.train=true"
+    assert set(codes(on, "text_encoder.lr_ratio=0.3", "text_encoder.train_fraction=0.5")) == {"te-no-reg",
+                                                                                               "te-few-images"}
+    assert set(codes(on, "text_encoder.lr_ratio=0.5")) >= {"te-no-reg"}
+    found = codes(on, "text_encoder.lr_ratio=0.51", "text_encoder.train_fraction=0.51")
+    assert {"te-lr-ratio", "te-train-fraction"} <= set(found)
+    assert "[text_encoder.lr_ratio] is 0.51" in found["te-lr-ratio"].message
+    assert "te-lr-ratio" in codes(on, "text_encoder.lr_ratio=0.29")
+    assert "4 usable subject images" in found["te-few-images"].message
+    assert found["te-few-images"].level == WARNING
+    assert codes('train.mixed_precision="fp16"')["fp16"].level == WARNING
