@@ -550,8 +550,10 @@ def _folder_images(given: str, flag: str) -> list[Path]:
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {shown(folder)}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not p.name.startswith("."))
+    # a link that leads nowhere (dangling, or a loop) is named by ``unreadable_images`` like a file that does not
+    # decode, never left out unseen; a link to a folder is no image file
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                   and (p.is_file() or (p.is_symlink() and not p.exists())))
     if not files:
         raise RecipeError(f"{flag} {shown(folder)}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
     return files

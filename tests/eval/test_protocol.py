@@ -175,3 +175,19 @@ def test_a_prompt_that_writes_the_trigger_out_is_not_a_control_prompt():
     assert [j["control"] for j in jobs] == [False, False, True, False]
     assert [j["prompt"] for j in jobs][3] == "画像 ohwx ✓"
     assert is_control("a photo of a person", "") and not is_control("{trigger}", "")
+
+
+def test_score_names_a_link_that_leads_nowhere_instead_of_leaving_it_out(run_cli, tmp_path, subject_dir):
+    """A dangling link or a link loop named like an image is no image to score: exit 2 naming each, before any model
+    loads; a link to a real image is scored like the image (control)."""
+    images = save({"gen0": astronaut_scene(0)}, tmp_path / "images")[0].parent
+    (images / "linked.png").symlink_to(sorted(subject_dir.glob("*.png"))[0])
+    done = run_cli("score", "--subject", subject_dir, "--images", images, "--json")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r["name"] for r in json.loads(done.stdout)["results"]["images"]["images"]) == ["gen0", "linked"]
+    (images / "gone.png").symlink_to(tmp_path / "missing.png")
+    (images / "loop.png").symlink_to("loop.png")
+    done = run_cli("score", "--subject", subject_dir, "--images", images)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "gone.png: cannot be scored: not found (a dangling link)" in done.stderr
+    assert "loop.png: cannot be scored" in done.stderr and "eval: subject" not in done.stdout
