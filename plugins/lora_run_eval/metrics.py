@@ -448,7 +448,10 @@ def strength_notes(m: dict[str, Any]) -> list[str]:
     if top is not best and top["score"] < best["score"] - STRENGTH_DROP:
         notes.append(f"above strength {best['strength']} identity drops (score {top['score']:.2f} at "
                      f"{top['strength']}): the LoRA is over-strong there")
-    if rows[0]["score"] > MATCH_SCORE:
+    if rows[0]["score"] > MATCH_SCORE and rows[0]["strength"] == 0:
+        notes.append("identity holds even at strength 0, without the LoRA: the base model already draws this person "
+                     "(or the embedder cannot tell these faces apart), so the score does not show what the LoRA learned")
+    elif rows[0]["score"] > MATCH_SCORE:
         notes.append(f"identity already holds at strength {rows[0]['strength']}")
     return notes
 

@@ -79,6 +79,9 @@ def check(recipe: Any, plugins: Any, problems: Any) -> None:
             problems.add(("eval", key), "must not be empty when eval is enabled")
     check_grid(problems, "eval", ev.strengths, ev.seeds)
     check_prompts(problems, ev.prompts, recipe.dataset.trigger)
+    if ev.strengths and not any(ev.strengths):
+        problems.add(("eval", "strengths"), "only strength 0 (the model without the LoRA): add the strengths to "
+                     "evaluate the LoRA at, e.g. [0.5, 0.8, 1.0, 1.2] (0 may stay as the control)")
     if plugins.registry["embedder"] and ev.embedder is None:
         problems.add(("eval", "embedder"), unset_message("embedder", plugins))
     elif plugins.registry["embedder"]:

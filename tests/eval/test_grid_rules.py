@@ -54,6 +54,8 @@ def check(recipe, *sets):
     # a prompt given twice (as generated: the trigger filled in, white space folded) would be read as "ignored"
     ('eval.prompts=["a photo of {trigger}", "a photo of  ohwx", "a person"]',
      "[eval.prompts[1]] the same prompt as [eval.prompts[0]] once the trigger is filled in"),
+    # only strength 0: the LoRA itself is never evaluated
+    ("eval.strengths=[0.0]", "[eval.strengths] only strength 0 (the model without the LoRA)"),
     # no prompt names the subject: nothing to measure
     ('eval.prompts=["a photo of a person", "a man"]', "[eval.prompts] no prompt names the subject"),
     # τ = 1 − min_similarity must stay above 0 (the identity score divides by it)

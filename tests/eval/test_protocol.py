@@ -160,6 +160,15 @@ def test_a_flat_colour_grid_is_named_nans_not_sameface(tmp_path, dlib_embedder, 
     assert "NaNs" not in [f["name"] for f in m["failures"]]
 
 
+def test_identity_at_strength_0_is_read_as_the_base_model_not_the_lora():
+    curve = [{"strength": 0.0, "score": 0.7}, {"strength": 1.0, "score": 0.8}]
+    notes = M.strength_notes({"strength_curve": curve})
+    assert any("even at strength 0, without the LoRA" in n for n in notes), notes
+    assert not any(n == "identity already holds at strength 0.0" for n in notes)
+    curve[0]["strength"] = 0.5                                  # control: a real LoRA strength
+    assert "identity already holds at strength 0.5" in M.strength_notes({"strength_curve": curve})
+
+
 def test_a_prompt_that_writes_the_trigger_out_is_not_a_control_prompt():
     from lora_run_eval.section import is_control
 
