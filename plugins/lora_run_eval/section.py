@@ -27,7 +27,7 @@ class EvalSection:
     enabled: bool = option(True, "Evaluate at the end of the run.")
     prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
                                 "portrait, new environment, new outfit, new style, and the control prompt "
-                                "(the last one, without `{trigger}`).")
+                                "(the last one: without `{trigger}` or the trigger itself). Each prompt once.")
     strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep (0: the model "
                                     "without the LoRA).", ge=0.0)
     seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.", ge=0, le=MAX_SEED)
