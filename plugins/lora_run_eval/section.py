@@ -53,7 +53,7 @@ def is_control(template: str, trigger: str) -> bool:
     """A control prompt is one without the token (playbook §7 "Control (no token)"): neither `{trigger}` nor the
     trigger itself written out (the caption lint's rule: the caption contains the trigger). A prompt that writes
     "a photo of ohwx" names the subject as surely as "a photo of {trigger}" does."""
-    token = trigger.strip()
+    token = " ".join(trigger.split())          # compared as generated: runs of white space are one space
     return "{trigger}" not in template and not (token and token in expand_prompt(template, token))
 
 

@@ -184,6 +184,7 @@ def test_a_prompt_that_writes_the_trigger_out_is_not_a_control_prompt():
     assert [j["control"] for j in jobs] == [False, False, True, False]
     assert [j["prompt"] for j in jobs][3] == "画像 ohwx ✓"
     assert is_control("a photo of a person", "") and not is_control("{trigger}", "")
+    assert not is_control("a photo of ohwx  man", " ohwx  man ")     # white space folded on both sides
 
 
 def test_score_names_a_link_that_leads_nowhere_instead_of_leaving_it_out(run_cli, tmp_path, subject_dir):
