@@ -422,6 +422,8 @@ def _limit_problem(meta: Any, value: Any) -> str | None:
         return f"must be > {meta['gt']}, got {value}"
     if meta.get("le") is not None and value > meta["le"]:
         return f"must be <= {meta['le']}, got {value}"
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        return f"must be < {meta['lt']}, got {value}"
     return None
 
 

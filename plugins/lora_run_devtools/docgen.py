@@ -61,7 +61,7 @@ def _default(field: attrs.Attribute) -> str:
 def _limits(field: attrs.Attribute) -> str:
     m = field.metadata
     parts = [f"≥ {m['ge']}" if m.get("ge") is not None else "", f"> {m['gt']}" if m.get("gt") is not None else "",
-             f"≤ {m['le']}" if m.get("le") is not None else ""]
+             f"≤ {m['le']}" if m.get("le") is not None else "", f"< {m['lt']}" if m.get("lt") is not None else ""]
     return ", ".join(p for p in parts if p)
 
 

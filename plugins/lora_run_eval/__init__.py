@@ -103,9 +103,10 @@ def register_sections(register):
 
 @hookimpl
 def lint_dataset(recipe, items, report):
-    from .section import lint_packages
+    from .section import lint_packages, lint_prompts
 
     lint_packages(recipe, report)
+    lint_prompts(recipe, report)
 
 
 @hookimpl

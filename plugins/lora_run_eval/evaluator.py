@@ -64,13 +64,16 @@ def job_name(prompt_index: int, strength: float, seed: int) -> str:
 
 
 def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
-    """The §7 grid: every prompt × strength × seed; `{trigger}` replaced; no `{trigger}` = control prompt."""
+    """The §7 grid: every prompt × strength × seed; `{trigger}` replaced; a prompt without the token (neither
+    `{trigger}` nor the trigger written out, ``section.is_control``) is a control prompt."""
+    from .section import expand_prompt, is_control
+
     ev = recipe.eval
-    trigger = recipe.dataset.trigger.strip()
+    trigger = recipe.dataset.trigger
     jobs = []
     for pi, template in enumerate(ev.prompts):
-        control = "{trigger}" not in template
-        prompt = " ".join(template.replace("{trigger}", trigger).split())
+        control = is_control(template, trigger)
+        prompt = expand_prompt(template, trigger)
         for strength in ev.strengths:
             for seed in ev.seeds:
                 jobs.append({"name": job_name(pi, strength, seed), "prompt": prompt, "prompt_index": pi,
@@ -80,8 +83,9 @@ def grid_jobs(recipe: Any) -> list[dict[str, Any]]:
 
 
 def expanded_prompts(recipe: Any) -> list[str]:
-    trigger = recipe.dataset.trigger.strip()
-    return [" ".join(p.replace("{trigger}", trigger).split()) for p in recipe.eval.prompts]
+    from .section import expand_prompt
+
+    return [expand_prompt(p, recipe.dataset.trigger) for p in recipe.eval.prompts]
 
 
 def find_generator(plugins: Any, recipe: Any) -> Callable[..., Any]:
@@ -482,7 +486,9 @@ def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:
         ident, leak, div = final["identity"], final["leakage"], final["diversity"]
         print(f"identity score: {_f(ident['score'])} (faces {_p(ident['face_rate'])}, match rate "
               f"{_p(ident['match_rate'])}; subject vs itself {_f(final['subject']['self_score'])})")
-        if leak["faces"]:
+        if leak["faces"] and leak["leak_rate"] is None:
+            print(f"leakage: not measured (no subject face to compare the {leak['faces']} control faces with)")
+        elif leak["faces"]:
             print(f"leakage: {_p(leak['leak_rate'])} of {leak['faces']} control faces match the subject")
         elif leak["images"]:
             print(f"leakage: no face in the {leak['images']} control images")
@@ -544,8 +550,10 @@ def _folder_images(given: str, flag: str) -> list[Path]:
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {shown(folder)}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not p.name.startswith("."))
+    # a link that leads nowhere (dangling, or a loop) is named by ``unreadable_images`` like a file that does not
+    # decode, never left out unseen; a link to a folder is no image file
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                   and (p.is_file() or (p.is_symlink() and not p.exists())))
     if not files:
         raise RecipeError(f"{flag} {shown(folder)}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
     return files

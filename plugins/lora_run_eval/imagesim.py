@@ -13,6 +13,7 @@ SSIM_SIDE = 64          # images are compared as 64×64 grayscale
 SSIM_WINDOW = 7         # uniform 7×7 window
 HASH_SIDE = 32          # the DCT hash looks at a 32×32 grayscale copy …
 HASH_BITS_SIDE = 8      # … and keeps its 8×8 lowest frequencies (64 bits)
+BLANK_RANGE = 2.0       # a 64×64 grayscale copy whose values span at most this (of 255) is one flat colour
 
 
 @attrs.frozen
@@ -21,6 +22,11 @@ class Signature:
 
     gray: Any        # SSIM_SIDE² float64 array
     phash: int       # 64-bit DCT hash
+
+    @property
+    def blank(self) -> bool:
+        """One flat colour (a black image is what a pipeline that produced NaNs writes): nothing to compare."""
+        return float(self.gray.max() - self.gray.min()) <= BLANK_RANGE
 
 
 def _gray(image: Any, side: int) -> Any:

@@ -50,6 +50,16 @@ class Sample:
     result: FaceResult | None = None
     signature: Signature | None = None
 
+    @property
+    def blank(self) -> bool:
+        return self.signature is not None and self.signature.blank
+
+    @property
+    def comparable(self) -> Signature | None:
+        """The signature to compare with others: none for a blank image (every blank image is the same picture, so
+        it would count as a carbon copy of every other: a pipeline's NaNs are not overtraining)."""
+        return None if self.signature is None or self.signature.blank else self.signature
+
 
 @attrs.define
 class Subject:
@@ -131,14 +141,17 @@ def subject_summary(subject: Subject, embedder: Embedder) -> dict[str, Any]:
     }
 
 
+BLANK_NOTE = "blank image (one flat colour: NaNs in the generation?)"
+
+
 def _image_record(s: Sample, subject_faces: list[Any], embedder: Embedder) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": s.name or Path(s.path).stem, "path": s.path, "prompt_index": s.prompt_index,
                            "control": s.control, "strength": s.strength, "seed": s.seed, "face": False,
                            "faces_found": 0, "note": "", "distance": None, "nearest_distance": None,
-                           "score": None, "match": False}
+                           "score": None, "match": False, "blank": s.blank}
     r = s.result
     if r is None or r.face is None:
-        rec["note"] = r.note if r is not None else "not embedded"
+        rec["note"] = BLANK_NOTE if s.blank else r.note if r is not None else "not embedded"
         return rec
     rec.update(face=True, faces_found=r.faces_found, box=[round(v, 1) for v in r.face.box],
                pose=[round(v, 4) for v in r.face.pose()])
@@ -152,7 +165,9 @@ def _image_record(s: Sample, subject_faces: list[Any], embedder: Embedder) -> di
     return rec
 
 
-def _rates(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _rates(records: list[dict[str, Any]], measured: bool = True) -> dict[str, Any]:
+    """Counts and rates of a set of image records; ``measured`` False when there is no subject face to compare with
+    (then no image can match or not match: the match rate is None, not 0)."""
     faces = [r for r in records if r["face"]]
     return {
         "images": len(records),
@@ -160,7 +175,7 @@ def _rates(records: list[dict[str, Any]]) -> dict[str, Any]:
         "face_rate": len(faces) / len(records) if records else None,
         "score": _mean(r["score"] for r in faces),
         "distance": _mean(r["distance"] for r in faces),
-        "match_rate": (sum(1 for r in records if r["match"]) / len(records)) if records else None,
+        "match_rate": (sum(1 for r in records if r["match"]) / len(records)) if records and measured else None,
     }
 
 
@@ -176,10 +191,10 @@ def _diversity(samples: list[Sample], embedder: Embedder) -> dict[str, Any]:
     ssim_all, bits_all, emb_all = [], [], []
     same_pose_groups = pose_groups = 0
     for (control, prompt_index, strength), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        sigs = [m for m in members if m.signature is not None]
+        sigs = [m for m in members if m.comparable is not None]
         ssim_d, bits, carbon = [], [], 0
         for a, b in _pairs(sigs):
-            d, h, c = _carbon(a.signature, b.signature)
+            d, h, c = _carbon(a.comparable, b.comparable)
             ssim_d.append(d)
             bits.append(h)
             carbon += int(c)
@@ -220,7 +235,7 @@ def _prompt_following(trigger: list[Sample]) -> dict[str, Any]:
     """Same seed and strength, different trigger prompts: carbon copies mean the prompt is ignored."""
     by_cell: dict[tuple, list[Sample]] = {}
     for s in trigger:
-        if s.prompt_index is not None and s.signature is not None:
+        if s.prompt_index is not None and s.comparable is not None:
             by_cell.setdefault((s.strength, s.seed), []).append(s)
     pairs = carbon = 0
     for members in by_cell.values():
@@ -228,7 +243,7 @@ def _prompt_following(trigger: list[Sample]) -> dict[str, Any]:
             if a.prompt_index == b.prompt_index:
                 continue
             pairs += 1
-            carbon += int(_carbon(a.signature, b.signature)[2])
+            carbon += int(_carbon(a.comparable, b.comparable)[2])
     rate = carbon / pairs if pairs else None
     return {"pairs": pairs, "carbon_copies": carbon, "rate": rate,
             "ignored": rate is not None and rate >= FLAG_RATE}
@@ -236,15 +251,15 @@ def _prompt_following(trigger: list[Sample]) -> dict[str, Any]:
 
 def _memorised(samples: list[Sample], subject: Subject) -> tuple[list[str], int]:
     """Names of the images that are carbon copies of a subject photo, and how many images were compared
-    (those with a readable signature; none when no subject photo could be read)."""
+    (those with a readable signature that are not blank; none when no subject photo could be read)."""
     if not subject.signatures:
         return [], 0
     out, compared = [], 0
     for s in samples:
-        if s.signature is None:
+        if s.comparable is None:
             continue
         compared += 1
-        if any(_carbon(s.signature, t)[2] for t in subject.signatures):
+        if any(_carbon(s.comparable, t)[2] for t in subject.signatures):
             out.append(s.name or Path(s.path).stem)
     return out, compared
 
@@ -254,33 +269,35 @@ def analyze(samples: Sequence[Sample], subject: Subject, embedder: Embedder, *,
     """Every per-LoRA metric and signal for one set of images (a grid, or a scored folder)."""
     samples = list(samples)
     subject_faces = subject.faces
+    measured = bool(subject_faces)      # no subject face: nothing matches or fails to match (rates None, not 0)
     records = [_image_record(s, subject_faces, embedder) for s in samples]
     by_sample = dict(zip(map(id, samples), records))
     trigger = [s for s in samples if not s.control]
     control = [s for s in samples if s.control]
     ref = reference_strength(s.strength for s in trigger)
     at_ref = [by_sample[id(s)] for s in trigger if ref is None or s.strength == ref]
-    identity = {"reference_strength": ref, **_rates(at_ref), "all_strengths": _rates([by_sample[id(s)]
-                                                                                     for s in trigger])}
+    identity = {"reference_strength": ref, **_rates(at_ref, measured),
+                "all_strengths": _rates([by_sample[id(s)] for s in trigger], measured)}
     strengths = sorted({s.strength for s in samples if s.strength is not None})
     curve = []
     for st in strengths:
-        row = {"strength": st, **_rates([by_sample[id(s)] for s in trigger if s.strength == st])}
+        row = {"strength": st, **_rates([by_sample[id(s)] for s in trigger if s.strength == st], measured)}
         ctl = _rates([by_sample[id(s)] for s in control if s.strength == st])
         row["leak_rate"] = (sum(1 for s in control if s.strength == st and by_sample[id(s)]["match"])
-                            / ctl["faces"]) if ctl["faces"] else None
+                            / ctl["faces"]) if ctl["faces"] and measured else None
         curve.append(row)
     prompts: dict[int, dict[str, Any]] = {}
     for s in trigger:
         if s.prompt_index is not None and (ref is None or s.strength == ref):
             prompts.setdefault(s.prompt_index, {"index": s.prompt_index, "prompt": s.prompt, "records": []})
             prompts[s.prompt_index]["records"].append(by_sample[id(s)])
-    identity["by_prompt"] = [{"index": p["index"], "prompt": p["prompt"], **_rates(p["records"])}
+    identity["by_prompt"] = [{"index": p["index"], "prompt": p["prompt"], **_rates(p["records"], measured)}
                              for _, p in sorted(prompts.items())]
     leak_records = [by_sample[id(s)] for s in control if ref is None or s.strength == ref]
     leak_faces = [r for r in leak_records if r["face"]]
     leakage = {"images": len(leak_records), "faces": len(leak_faces),
-               "leak_rate": (sum(1 for r in leak_faces if r["match"]) / len(leak_faces)) if leak_faces else None,
+               "leak_rate": (sum(1 for r in leak_faces if r["match"]) / len(leak_faces))
+               if leak_faces and measured else None,
                "score": _mean(r["score"] for r in leak_faces),
                "control_prompts": sorted({s.prompt for s in control if s.prompt})}
     leakage["flagged"] = leakage["leak_rate"] is not None and leakage["leak_rate"] >= LEAK_RATE_MAX
@@ -292,9 +309,11 @@ def analyze(samples: Sequence[Sample], subject: Subject, embedder: Embedder, *,
         diversity[key] = names
         diversity[f"{key}_compared"] = compared
         diversity[f"{key}_rate"] = len(names) / compared if compared else None
+    blank = [r["name"] for r in records if r["blank"]]
     result = {
         "embedder": embedder.describe(),
         "subject": subject_summary(subject, embedder),
+        "blank": {"images": len(blank), "of": len(records), "names": blank},
         "identity": identity,
         "strength_curve": curve,
         "leakage": leakage,
@@ -330,6 +349,9 @@ FIXES = {
     "prompt brittleness": ("text-encoder overfit (playbook §9)", "Freeze the text encoder early "
                            "([text_encoder] train_fraction ≤ 0.5, lr_ratio 0.3–0.5)."),
     "angle failure": ("poor dataset (playbook §9)", "Add side and profile photos of the subject."),
+    "NaNs": ("non-finite values in the LoRA or the generation: LR too high, fp16 overflow (playbook §9)",
+             "Lower the learning rate and train in bf16 ([train] mixed_precision); a LoRA from another tool: check "
+             "its weights for NaN/Inf."),
 }
 
 
@@ -354,6 +376,12 @@ def diagnose(m: dict[str, Any], *, text_encoder_trained: bool | None = None,
     at = f" at strength {ident['reference_strength']}" if ident["reference_strength"] is not None else ""
     if subj["images"] and not subj["faces"]:
         out.append(_failure("no subject face", [f"no face found in any of the {subj['images']} subject photos"]))
+    blank = m.get("blank") or {}
+    if blank.get("images"):
+        shown = ", ".join(blank["names"][:5]) + (", …" if len(blank["names"]) > 5 else "")
+        out.append(_failure("NaNs", [f"{blank['images']} of {blank['of']} images are blank, one flat colour (what a "
+                                     f"pipeline writes for NaN values): {shown}; they are left out of the "
+                                     "carbon-copy, prompt-following and memorisation comparisons"]))
     if ident["images"] and (ident["face_rate"] or 0.0) < FACE_RATE_MIN:
         out.append(_failure("no face", [f"faces found in {_pct(ident['face_rate'])} of the trigger images{at} "
                                         f"(identity needs ≥ {_pct(FACE_RATE_MIN)})"]))
@@ -420,7 +448,10 @@ def strength_notes(m: dict[str, Any]) -> list[str]:
     if top is not best and top["score"] < best["score"] - STRENGTH_DROP:
         notes.append(f"above strength {best['strength']} identity drops (score {top['score']:.2f} at "
                      f"{top['strength']}): the LoRA is over-strong there")
-    if rows[0]["score"] > MATCH_SCORE:
+    if rows[0]["score"] > MATCH_SCORE and rows[0]["strength"] == 0:
+        notes.append("identity holds even at strength 0, without the LoRA: the base model already draws this person "
+                     "(or the embedder cannot tell these faces apart), so the score does not show what the LoRA learned")
+    elif rows[0]["score"] > MATCH_SCORE:
         notes.append(f"identity already holds at strength {rows[0]['strength']}")
     return notes
 

@@ -34,8 +34,9 @@ class OnnxOptions:
     detector: str | None = option(None, "Optional SCRFD face detector (`.onnx`, the 9-output layout with "
                                   "five keypoints). Without it the dlib HOG detector and its 5-point landmarks "
                                   "give the boxes and the alignment points.")
-    min_similarity: float = option(0.4, "Same-person threshold on the cosine similarity of two embeddings.",
-                                   ge=-1.0, le=1.0)
+    min_similarity: float = option(0.4, "Same-person threshold on the cosine similarity of two embeddings "
+                                   "(below 1: the distance threshold τ = 1 − min_similarity must be above 0).",
+                                   gt=-1.0, lt=1.0)
     input_size: int = option(112, "Side of the aligned face crop the model takes.", ge=16, le=1024)
     normalize: Literal["arcface", "unit", "none"] = option(
         "arcface", "Pixel normalisation: `arcface` = (x − 127.5) / 127.5, `unit` = x / 255, `none` = 0…255.")

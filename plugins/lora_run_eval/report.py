@@ -234,6 +234,10 @@ def _headline(m: dict[str, Any]) -> str:
         ("copies of training photos", pct(div.get("memorised_rate")),
          _copies(div.get("memorised", []), div.get("memorised_compared"), "trigger")),
     ]
+    blank = m.get("blank") or {}
+    if blank.get("images"):
+        rows.append(("blank images", f"{blank['images']} / {blank['of']}", "one flat colour (NaNs?); left out of the "
+                     "image comparisons"))
     if div.get("memorised_control_compared"):
         rows.append(("control images copying a training photo", pct(div["memorised_control_rate"]),
                      _copies(div["memorised_control"], div["memorised_control_compared"], "control")))

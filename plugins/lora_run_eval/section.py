@@ -27,7 +27,7 @@ class EvalSection:
     enabled: bool = option(True, "Evaluate at the end of the run.")
     prompts: list[str] = option(factory=lambda: list(DEFAULT_EVAL_PROMPTS), doc="Fixed prompt set: neutral "
                                 "portrait, new environment, new outfit, new style, and the control prompt "
-                                "(the last one, without `{trigger}`).")
+                                "(the last one: without `{trigger}` or the trigger itself). Each prompt once.")
     strengths: list[float] = option(factory=lambda: [0.5, 0.8, 1.0, 1.2], doc="LoRA strength sweep (0: the model "
                                     "without the LoRA).", ge=0.0)
     seeds: list[int] = option(factory=lambda: [1, 2, 3], doc="Seeds per prompt and strength.", ge=0, le=MAX_SEED)
@@ -42,6 +42,19 @@ class EvalSection:
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
     evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
                                           "plugins` lists them); unset: every installed evaluator.")
+
+
+def expand_prompt(template: str, trigger: str) -> str:
+    """A prompt as generated: `{trigger}` replaced by the trigger token, runs of white space made one space."""
+    return " ".join(template.replace("{trigger}", trigger.strip()).split())
+
+
+def is_control(template: str, trigger: str) -> bool:
+    """A control prompt is one without the token (playbook §7 "Control (no token)"): neither `{trigger}` nor the
+    trigger itself written out (the caption lint's rule: the caption contains the trigger). A prompt that writes
+    "a photo of ohwx" names the subject as surely as "a photo of {trigger}" does."""
+    token = " ".join(trigger.split())          # compared as generated: runs of white space are one space
+    return "{trigger}" not in template and not (token and token in expand_prompt(template, token))
 
 
 def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:
@@ -65,12 +78,34 @@ def check(recipe: Any, plugins: Any, problems: Any) -> None:
         if not values:
             problems.add(("eval", key), "must not be empty when eval is enabled")
     check_grid(problems, "eval", ev.strengths, ev.seeds)
+    check_prompts(problems, ev.prompts, recipe.dataset.trigger)
+    if ev.strengths and not any(ev.strengths):
+        problems.add(("eval", "strengths"), "only strength 0 (the model without the LoRA): add the strengths to "
+                     "evaluate the LoRA at, e.g. [0.5, 0.8, 1.0, 1.2] (0 may stay as the control)")
     if plugins.registry["embedder"] and ev.embedder is None:
         problems.add(("eval", "embedder"), unset_message("embedder", plugins))
     elif plugins.registry["embedder"]:
         reg = plugins.find("embedder", ev.embedder, ("eval", "embedder"), problems)
         if reg is not None:
             structure_options(reg, ev.embedder_options, ("eval", "embedder_options"), problems)
+
+
+def check_prompts(problems: Any, prompts: list[str], trigger: str) -> None:
+    """Each prompt once (as generated: a prompt given twice would be scored against itself as "the prompt is
+    ignored", and its images count twice), and at least one prompt that names the subject: without one there is no
+    identity to measure."""
+    seen: dict[str, int] = {}
+    for n, template in enumerate(prompts):
+        text = expand_prompt(template, trigger)
+        if text in seen:
+            problems.add(("eval", "prompts", n), f"the same prompt as [eval.prompts[{seen[text]}]] once the trigger is "
+                         "filled in: give each prompt once (two copies would be compared as different prompts and "
+                         "read as \"the prompt is ignored\")")
+        else:
+            seen[text] = n
+    if prompts and all(is_control(p, trigger) for p in prompts):
+        problems.add(("eval", "prompts"), "no prompt names the subject (with `{trigger}` or the trigger "
+                     f"\"{trigger.strip()}\"): every prompt is a control prompt and identity cannot be measured")
 
 
 def lint_packages(recipe: Any, report: Any) -> None:
@@ -88,6 +123,19 @@ def lint_packages(recipe: Any, report: Any) -> None:
                    f"[eval] is enabled but the \"{ev.embedder}\" face embedder needs {', '.join(missing)}, not "
                    "installed: the run would train and then skip its evaluation. Install them with "
                    "pip install 'lora-run[eval]', or set [eval] enabled = false")
+
+
+def lint_prompts(recipe: Any, report: Any) -> None:
+    """A warning when the prompt set has no control prompt (playbook §7: "Control (no token)"): the evaluation could
+    not tell a LoRA that draws the subject for every prompt (leakage, overtraining) from a healthy one."""
+    ev = getattr(recipe, "eval", None)
+    if ev is None or not ev.enabled or not ev.prompts:
+        return
+    if not any(is_control(p, recipe.dataset.trigger) for p in ev.prompts):
+        report.add("warning", "eval-no-control-prompt",
+                   "[eval] prompts has no control prompt (one without `{trigger}` and without the trigger "
+                   f"\"{recipe.dataset.trigger.strip()}\"): the leakage check cannot run. Add one, e.g. \"a close-up "
+                   "portrait photo of a person, neutral expression, soft studio light\"")
 
 
 def evaluate_run(ctx: Any) -> None:

@@ -250,3 +250,18 @@ def test_the_report_says_what_the_run_is():
     assert "demo" in demo.description and "cartoon" in demo.description and "expected" in demo.description
     assert 'class="card about"' in html and "cartoon drawings" in html
     assert 'class="card about"' not in render({**data, "about": ""})
+
+
+def test_metrics_json_has_exactly_the_documented_keys(evaluated_run):
+    """docs/evaluation.md's schema is the file's: every top-level key and every per-LoRA result key, no more, no
+    fewer (a key renamed or added in the code and not on the page fails here)."""
+    out, _, _ = evaluated_run
+    page = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    block = page.split("## `metrics.json`", 1)[1].split("```", 2)[1]
+    documented = set(re.findall(r'"([a-z_]+)"', block))
+    inner = re.search(r'"results": \{label: \{([^}]*?)failures:', block, re.S).group(1)
+    result_keys = {k.strip() for k in inner.replace("\n", " ").split(",") if k.strip()} | {"failures"}
+    data = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(data) == documented
+    for result in data["results"].values():
+        assert set(result) == result_keys
