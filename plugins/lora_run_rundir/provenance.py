@@ -1,6 +1,6 @@
 """What a run was made with, for the manifest (the playbook's §10 "always record"): the versions of the Python
-packages that train, the GPU driver, the base model's identity (a hub revision resolved to its commit, or the
-SHA-256 of every local model file) and the digests of the LoRA files a run wrote. No torch import: versions are
+packages that train, the GPU driver, the base model's identity (a hub revision resolved to its commit, or a
+digest of every local model file: ``_file_record``) and the digests of the LoRA files a run wrote. No torch import: versions are
 read from the installed distributions' metadata."""
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface-hub", "numpy",
             "bitsandbytes", "optimum-quanto", "torchao", "prodigyopt", "flash-attn", "xformers", "triton")
 _CHUNK = 8 << 20
+#: Files up to this size get a full SHA-256 in the model's record; larger ones their safetensors header's.
+FULL_DIGEST_LIMIT = 64 << 20
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -52,16 +54,37 @@ def sha256_file(path: Path) -> str:
             digest.update(chunk)
 
 
+def header_sha256(path: Path) -> str | None:
+    """A SHA-256 of a safetensors file's header (its length and JSON: every tensor's name, dtype, shape and offsets,
+    and the metadata), read without the tensor data; None for a file that is not safetensors."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            (length,) = struct.unpack("<Q", head)
+            if length > 100 << 20:
+                return None
+            body = fh.read(length)
+        json.loads(body)
+    except (OSError, ValueError, struct.error):
+        return None
+    return hashlib.sha256(head + body).hexdigest()
+
+
 def _file_record(path: Path, earlier: dict[str, Any]) -> dict[str, Any]:
-    """size, modification time and SHA-256 of one file; the digest ``earlier`` recorded for the same path, size and
-    modification time is reused (a resume does not read a many-GB model again)."""
+    """size, modification time and a digest of one file: the SHA-256 of a file up to ``FULL_DIGEST_LIMIT``, the
+    safetensors header's (``header_sha256``) of a larger one, so that a run's start does not read tens of GB of
+    weights (a re-export, conversion or quantisation changes the header; a flipped bit in the data does not, and the
+    loaders' own checks are what catch that). A file of that size with no safetensors header gets size and time
+    alone. The digest ``earlier`` recorded for the same path, size and modification time is reused."""
     st = path.stat()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    kind = "sha256" if st.st_size <= FULL_DIGEST_LIMIT else "header_sha256"
     before = earlier.get(str(path))
     if isinstance(before, dict) and all(before.get(k) == v for k, v in record.items()) \
-            and isinstance(before.get("sha256"), str):
-        return {**record, "sha256": before["sha256"]}
-    return {**record, "sha256": sha256_file(path)}
+            and isinstance(before.get(kind), str):
+        return {**record, kind: before[kind]}
+    digest = sha256_file(path) if kind == "sha256" else header_sha256(path)
+    return {**record, kind: digest} if digest is not None else record
 
 
 def _local_files(folder: Path) -> list[Path]:
@@ -101,7 +124,7 @@ def hub_commit(repo: str, revision: str | None) -> str | None:
 
 def model_identity(model: Any, default_hub_id: str | None = None, earlier: Any = None) -> dict[str, Any]:
     """The base model's identity: for a hub id its revision and the commit it resolved to; for a local folder or a
-    ``[model.files]`` file the size and SHA-256 of every file. ``earlier`` is the record of an earlier start of the
+    ``[model.files]`` file the size, time and digest of every file (``_file_record``). ``earlier`` is the record of an earlier start of the
     same run (its digests are reused for files unchanged since)."""
     old = earlier.get("files") if isinstance(earlier, dict) and isinstance(earlier.get("files"), dict) else {}
     source = model.source or default_hub_id

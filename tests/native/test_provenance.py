@@ -86,3 +86,43 @@ def test_resume_under_other_versions_is_said_and_recorded(flux_recipe, tmp_path)
     assert len(after["invocations"]) == 2
     # the LoRA says when the run started, not when it was resumed
     assert _metadata(out / "tiny.safetensors")["ss_training_started_at"] == after["started_at"]
+
+
+def test_large_model_files_are_identified_by_their_safetensors_header(tmp_path, monkeypatch):
+    """A run's start must not read tens of GB: files over the limit get the digest of their header alone."""
+    import struct
+
+    import attrs
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_run_rundir import provenance
+
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    weights = folder / "transformer" / "w.safetensors"
+    save_file({"a": torch.zeros(64, 64)}, str(weights))
+    (folder / "transformer" / "config.json").write_text('{"num_layers": 2}')
+    (folder / "transformer" / "w.bin").write_bytes(b"\0" * 4096)
+
+    @attrs.frozen
+    class Model:
+        source: str
+        revision: str | None = None
+        files: dict = attrs.Factory(dict)
+
+    monkeypatch.setattr(provenance, "FULL_DIGEST_LIMIT", 1024)
+    files = provenance.model_identity(Model(str(folder)))["files"]
+    config, big, other = (files[str((folder / "transformer" / n).resolve())] for n in ("config.json", "w.safetensors",
+                                                                                          "w.bin"))
+    assert config["sha256"] == _sha(folder / "transformer" / "config.json")
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert big["header_sha256"] == hashlib.sha256(raw[:8 + length]).hexdigest() and "sha256" not in big
+    assert set(other) == {"size", "mtime_ns"}          # no header to digest: size and time alone
+    save_file({"a": torch.zeros(64, 32)}, str(weights))   # another shape: another header
+    again = provenance.model_identity(Model(str(folder)))["files"][str(weights.resolve())]
+    assert again["header_sha256"] != big["header_sha256"]
+    monkeypatch.setattr(provenance, "FULL_DIGEST_LIMIT", 1 << 30)        # control: small files are read whole
+    whole = provenance.model_identity(Model(str(folder)))["files"][str(weights.resolve())]
+    assert whole["sha256"] == _sha(weights) and "header_sha256" not in whole
