@@ -40,6 +40,21 @@ from .supervise import Progress, finite, training_progress
 from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, resume_schedule_args,
                         steps_per_epoch, subset_name, translate)
 
+#: Run in sd-scripts' Python: accelerate's version (the first line; the import fails there without it), then the
+#: versions of the packages that decide what sd-scripts computes, as one JSON line (for the manifest).
+_VERSIONS_SCRIPT = (
+    "import accelerate, json, platform\n"
+    "from importlib import metadata\n"
+    "print(accelerate.__version__)\n"
+    "out = {'python': platform.python_version()}\n"
+    "for name in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'safetensors', 'bitsandbytes',\n"
+    "             'huggingface-hub', 'numpy'):\n"
+    "    try:\n"
+    "        out[name] = metadata.version(name)\n"
+    "    except Exception:\n"
+    "        pass\n"
+    "print(json.dumps(out))\n")
+
 CONFIG, DATASET, PROMPTS, LOG = "kohya/config.toml", "kohya/dataset.toml", "kohya/sample_prompts.txt", \
     "kohya/train.log"
 #: options the backend owns; `extra_args` may not set them (they would break the run's layout or launch)
@@ -333,6 +348,7 @@ class KohyaBackend:
                 resume_from, extra_argv, offset = self._resume_segment(paths, resume_from, saved)
                 argv += ["--resume", str(resume_from), *extra_argv]
         run_dir.update_manifest(external_tools={"sd-scripts": {**co.manifest(), "accelerate": accelerate_version,
+                                                               "packages": getattr(self, "engine_packages", {}),
                                                                "argv": argv,
                                                                "resumed_from": str(resume_from) if resume_from
                                                                else None}})
@@ -453,7 +469,7 @@ class KohyaBackend:
     def _check_python(self) -> str:
         python = self.python()
         try:
-            done = subprocess.run([python, "-c", "import accelerate; print(accelerate.__version__)"],
+            done = subprocess.run([python, "-c", _VERSIONS_SCRIPT],
                                   capture_output=True, encoding="utf-8", errors="replace", timeout=300,
                                   stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -463,7 +479,12 @@ class KohyaBackend:
             raise RecipeError(f"{self.shown}: [backend.kohya.python] {python} cannot import accelerate ({last}); set "
                               "it to the Python of sd-scripts' environment (where `pip install -r requirements.txt` "
                               "was run)")
-        return done.stdout.strip()
+        lines = done.stdout.strip().splitlines() or [""]
+        try:     # the versions of sd-scripts' own environment, for the manifest (the first line: accelerate's)
+            self.engine_packages = json.loads(lines[-1]) if len(lines) > 1 else {}
+        except ValueError:
+            self.engine_packages = {}
+        return lines[0].strip()
 
     def _resume_segment(self, paths: Paths, state: Path, saved: int | None) -> tuple[Path, list[str], int]:
         """How to continue from an sd-scripts state: (state folder, extra options, step offset).

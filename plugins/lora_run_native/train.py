@@ -390,6 +390,10 @@ class Trainer:
         self.echo = ctx.echo
         self.stop_requested = False
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if ctx.resume and hasattr(self.run_dir, "read_manifest"):  # the LoRA's `training_started_at`: the run's start
+            first = self.run_dir.read_manifest().get("started_at")
+            if isinstance(first, str) and first:
+                self.started_at = first
         self.last_checkpoint: Path | None = None
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_rounds: list[float] = []        # seconds of each sample round

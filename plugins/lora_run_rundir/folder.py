@@ -20,6 +20,7 @@ from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, 
 from lora_run_commands import describe_plugins
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
+from .provenance import model_identity, package_versions, version_changes
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
 #: cache index).
@@ -40,6 +41,13 @@ def hardware() -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             info["cuda"] = torch.version.cuda
+            with contextlib.suppress(Exception):
+                info["cudnn"] = torch.backends.cudnn.version()
+    from .provenance import gpu_driver
+
+    driver = gpu_driver()
+    if driver:
+        info["nvidia_driver"] = driver
     return info
 
 
@@ -246,6 +254,7 @@ class RunDir:
         self.manifest_written = False
         self.started = time.time()
         self.found: set[str] = set()    # top-level names that were there before this run (never recorded as written)
+        self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None:
         """Create and lock the folder; refuse a non-empty one unless resuming or told to overwrite, and
@@ -431,7 +440,7 @@ class RunDir:
         from lora_run.recipe import dump_recipe, replace
 
         recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
-        self.started, self.resumed = time.time(), resume
+        self.started, self.resumed, self.run = time.time(), resume, run
         if resume:
             cache = resolved(recipe.train.cache_dir) if recipe.train.cache_dir else None
             if cache is None or self.path in cache.parents:   # a shared cache may have live writers
@@ -442,17 +451,28 @@ class RunDir:
         self.write_text(RECIPE, dump_recipe(
             replace(recipe, output={"dir": earlier_dir}) if earlier_dir else recipe,
             header=f"Resolved from {loaded.shown} by lora-run {__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
-        manifest = manifest_base(run)
+        before = self.read_manifest() if resume else {}
+        manifest = manifest_base(run, before.get("model"))
         manifest.update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if run.process.launched:
             manifest["processes"] = {"world_size": run.process.world}
         if resume:
-            before = self.read_manifest()
 
             def earlier(key: str) -> list[Any]:   # a damaged manifest's value is dropped, not trusted
                 value = before.get(key)
                 return value if isinstance(value, list) else []
             manifest["resumed_at"] = [*earlier("resumed_at"), manifest.pop("started_at")]
+            changes = version_changes(before, manifest)
+            if changes:     # allowed (a fix may be what the resume is for), but the result may differ: said and kept
+                run.echo(f"warning: this run was started with other versions ({'; '.join(changes)}); the resumed "
+                         "run may not end bitwise equal to an uninterrupted one")
+                manifest["resumed_with_other_versions"] = [*earlier("resumed_with_other_versions"),
+                                                           {"at": manifest["resumed_at"][-1], "changes": changes}]
+                # what the run began with stays on record: this start's versions are kept beside it
+                for key in ("lora_run_version", "packages"):
+                    if key in before:
+                        manifest[f"started_with_{key}"] = before.get(f"started_with_{key}", before[key])
+            manifest["invocations"] = [*earlier("invocations"), manifest["invocations"][-1]]
             if allow_dataset_change:
                 manifest["dataset_change_allowed_at"] = [*earlier("dataset_change_allowed_at"),
                                                          manifest["resumed_at"][-1]]
@@ -490,9 +510,14 @@ class RunDir:
                  "run the same command again)")
             return
         try:
+            from .provenance import lora_digests
+
+            final = {"hardware": hardware(), "lora_files": lora_digests(self.path, artifacts)}   # torch is loaded now
+            if self.run is not None:     # a hub model is in the local cache now: its commit is known
+                final["model"] = model_identity_of(self.run, self.read_manifest().get("model"))
             self.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                  duration_s=round(time.time() - self.started, 2), artifacts=artifacts,
-                                 error=(str(error) or type(error).__name__) if error else None)
+                                 error=(str(error) or type(error).__name__) if error else None, **final)
         except (OSError, LoraRunError) as exc:
             echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")
         self.log(f"run {status}")
@@ -512,12 +537,19 @@ def _recorded_output_dir(recipe_file: Path) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def manifest_base(run: Any) -> dict[str, Any]:
+def manifest_base(run: Any, earlier_model: Any = None) -> dict[str, Any]:
+    """The manifest's record of what the run is made of; ``earlier_model``: the base model's record of an earlier
+    start of the same run (its file digests are reused where the files did not change)."""
     r, report = run.recipe, run.lint
     return {
         "lora_run_version": __version__,
         "recipe": str(run.loaded.path.resolve()),
         "command": sys.argv,
+        "cwd": os.getcwd(),
+        # every start of the run (the first, then each --resume): the command line, in the folder it ran in
+        "invocations": [{"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(),
+                         "command": ["lora-run", *sys.argv[1:]]}],
+        "packages": package_versions(),
         "backend": r.backend.name,
         "family": r.model.family,
         "model_source": r.model.source or dict(r.model.files),
@@ -530,7 +562,22 @@ def manifest_base(run: Any) -> dict[str, Any]:
         "epochs": r.train.epochs,
         "hardware": hardware(),
         "external_tools": {},
+        "model": model_identity_of(run, earlier_model),
     }
+
+
+def model_identity_of(run: Any, earlier: Any) -> dict[str, Any]:
+    """The base model's identity (``provenance.model_identity``); the family's default hub model where the recipe
+    names no source and no files."""
+    model, default = run.recipe.model, None
+    if not model.source and not dict(model.files):
+        with contextlib.suppress(Exception):     # the native adapter knows the family's default hub id
+            import importlib
+
+            where = run.plugins.registry["family"][model.family].adapters.get("native", "")
+            module, _, name = where.partition(":")
+            default = getattr(getattr(importlib.import_module(module), name), "default_hub_id", None)
+    return model_identity(model, default, earlier)
 
 
 def _valuable(folder: Path) -> bool:

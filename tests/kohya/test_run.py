@@ -3,8 +3,10 @@
 (accelerate imports torch), so those tests are marked slow; CI runs them."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -72,6 +74,13 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
                           text=True).stdout.strip()
     assert tool["commit"] == head and tool["dirty"] is False and tool["path"] == str(fake_checkout)
     assert tool["argv"][:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # the versions of sd-scripts' own Python (here the test's), and the final LoRA's digest
+    from importlib import metadata
+    assert {k: tool["packages"].get(k) for k in ("torch", "accelerate", "safetensors")} == {
+        k: metadata.version(k) for k in ("torch", "accelerate", "safetensors")}
+    assert tool["packages"]["python"] == platform.python_version()
+    final = Path(arts["lora_kohya"])
+    assert manifest["lora_files"][str(final.relative_to(run))]["sha256"] == hashlib.sha256(final.read_bytes()).hexdigest()
     assert manifest["status"] == "completed"
     # what sd-scripts parsed from our files (TOML flattened into argparse's namespace)
     args = json.loads(record.read_text())
