@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import operator
 import os
 import shlex
 import sys
@@ -416,14 +417,10 @@ def _limit_problem(meta: Any, value: Any) -> str | None:
         return None
     if not math.isfinite(value):     # TOML has nan and inf; no recipe number means either (nan passes every bound)
         return f"must be a finite number, got {value}"
-    if meta.get("ge") is not None and value < meta["ge"]:
-        return f"must be >= {meta['ge']}, got {value}"
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        return f"must be > {meta['gt']}, got {value}"
-    if meta.get("le") is not None and value > meta["le"]:
-        return f"must be <= {meta['le']}, got {value}"
-    if meta.get("lt") is not None and value >= meta["lt"]:
-        return f"must be < {meta['lt']}, got {value}"
+    for key, word, holds in (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le),
+                             ("lt", "<", operator.lt)):
+        if meta.get(key) is not None and not holds(value, meta[key]):
+            return f"must be {word} {meta[key]}, got {value}"
     return None
 
 

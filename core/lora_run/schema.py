@@ -15,8 +15,8 @@ from .errors import PluginError
 
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None, path: bool | str | tuple[str, ...] = False,
-           features: tuple[Any, ...] = (), choice_features: str = "") -> Any:
+           gt: float | None = None, le: float | None = None, lt: float | None = None,
+           path: bool | str | tuple[str, ...] = False, features: tuple[Any, ...] = (), choice_features: str = "") -> Any:
     """An attrs field with its documentation, limits, ``path`` mark (docs/hooks/register_sections.md) and the
     ``features`` (``lora_run_training.Feature``) a recipe uses through it, which a backend may not honour, in the
     metadata; ``choice_features="optimizer"``: one feature per value of a choice field, ``optimizer:<value>``."""
