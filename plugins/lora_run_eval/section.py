@@ -51,10 +51,13 @@ def expand_prompt(template: str, trigger: str) -> str:
 
 def is_control(template: str, trigger: str) -> bool:
     """A control prompt is one without the token (playbook §7 "Control (no token)"): neither `{trigger}` nor the
-    trigger itself written out (the caption lint's rule: the caption contains the trigger). A prompt that writes
+    trigger itself written out, as a word in any case (the caption lint's rule for regularisation captions,
+    ``lora_run_folder.has_trigger``). A prompt that writes
     "a photo of ohwx" names the subject as surely as "a photo of {trigger}" does."""
+    from lora_run_folder import has_trigger
+
     token = " ".join(trigger.split())          # compared as generated: runs of white space are one space
-    return "{trigger}" not in template and not (token and token in expand_prompt(template, token))
+    return "{trigger}" not in template and not (token and has_trigger(expand_prompt(template, token), token, True))
 
 
 def with_defaults(section: EvalSection, plugins: Any) -> EvalSection:

@@ -34,9 +34,20 @@ def trigger_pattern(trigger: str, ignore_case: bool = False) -> re.Pattern[str] 
     if not words:
         return None
     body = r"\s+".join(re.escape(w) for w in words)
-    start = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
-    end = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
+    start = rf"(?<![^\W{_UNSPACED}])" if _spaced_word(words[0][0]) else ""
+    end = rf"(?![^\W{_UNSPACED}])" if _spaced_word(words[-1][-1]) else ""
     return re.compile(start + body + end, re.IGNORECASE if ignore_case else 0)
+
+
+#: Scripts written without spaces between words (Han, kana, Hangul's attached particles, Thai, Lao, Myanmar, Khmer):
+#: a trigger beside or made of such letters needs no word break there ("一张ohwx的照片", "一张小明的照片").
+_UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3040-\u30ff\u3130-\u318f\u3400-\u4dbf"
+             "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff")
+
+
+def _spaced_word(char: str) -> bool:
+    """A word character of a script that separates words with spaces (Latin, Cyrillic, Greek, digits …)."""
+    return re.match(rf"[^\W{_UNSPACED}]", char) is not None
 
 
 def has_trigger(caption: str, trigger: str, ignore_case: bool = False) -> bool:

@@ -354,3 +354,20 @@ def test_the_text_encoder_policy_and_fp16_are_warnings(recording, write_recipe, 
     assert "4 usable subject images" in found["te-few-images"].message
     assert found["te-few-images"].level == WARNING
     assert codes('train.mixed_precision="fp16"')["fp16"].level == WARNING
+
+
+def test_a_trigger_in_text_written_without_spaces_is_found(recording, write_recipe, subject_dataset):
+    """Hunyuan's families read Chinese captions: a whole-word rule that wanted a word break beside the trigger found
+    no "ohwx" in "一张ohwx男人的照片" and no "小明" in "一张小明的照片" (both refused as missing the trigger)."""
+    from lora_run_folder import has_trigger
+
+    assert has_trigger("一张ohwx男人的照片", "ohwx") and has_trigger("一张小明的照片", "小明")
+    assert has_trigger("홍길동이 웃는다", "홍길동") and has_trigger("ภาพของสมชายยิ้ม", "สมชาย")
+    assert not has_trigger("ohwx男人", "ohwxm") and not has_trigger("一张ohwxman的照片", "ohwx")   # controls
+    assert not has_trigger("ohwx2 portrait", "ohwx") and not has_trigger("café ohwxé", "ohwx")
+    _, plugins = recording
+    d = subject_dataset
+    for i, caption in enumerate(["一张ohwx男人的照片", "ohwx在海边", "穿红衣服的ohwx"]):
+        (d / f"img00{i}.txt").write_text(caption, encoding="utf-8")
+    report = lint(load_recipe(write_recipe(GOOD), ['dataset.trigger="ohwx"']).recipe, plugins)
+    assert not _codes(report, "trigger-missing")

@@ -185,6 +185,8 @@ def test_a_prompt_that_writes_the_trigger_out_is_not_a_control_prompt():
     assert [j["prompt"] for j in jobs][3] == "画像 ohwx ✓"
     assert is_control("a photo of a person", "") and not is_control("{trigger}", "")
     assert not is_control("a photo of ohwx  man", " ohwx  man ")     # white space folded on both sides
+    assert not is_control("一张ohwx的照片", "ohwx") and not is_control("a photo of OHWX", "ohwx")
+    assert is_control("a man who asks", "sks")      # the trigger inside another word is no trigger (as in the lint)
 
 
 def test_score_names_a_link_that_leads_nowhere_instead_of_leaving_it_out(run_cli, tmp_path, subject_dir):
