@@ -64,6 +64,20 @@ class Progress:
         self.echo("diffusion-pipe: " + "  ".join(parts))
 
 
+def _staged_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as diffusion-pipe sees it once staged: the header's size, sides swapped for an EXIF
+    orientation of 5 to 8 (the lint stages such images rotated); None when unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - an unreadable image is the lint's to report
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -80,6 +94,7 @@ class DiffusionPipeBackend:
             self.options = attrs.evolve(self.options, num_gpus=self.recipe.train.gpus)
         self.family = self.recipe.model.family
         self._sets: Any = None
+        self._bucket_counts: list[int] | None = None
 
     # ------------------------------------------------------------------------------ locations
     def _base(self) -> Path:
@@ -137,6 +152,22 @@ class DiffusionPipeBackend:
     def _examples(self) -> int:
         return sum(max(1, getattr(i, "repeats", 1)) for i in self._items())
 
+    def _buckets(self) -> list[int] | None:
+        """The examples (images × repeats) of each of diffusion-pipe's aspect buckets over all sets
+        (`translate.bucket_of`, from each image's size as it is staged: EXIF orientation applied), for the exact steps
+        per epoch; None when no image could be measured."""
+        if self._bucket_counts is None:
+            ratios = translate.aspect_ratios(self.recipe)
+            counts = [0] * len(ratios)
+            measured = False
+            for item in self._items():
+                size = _staged_size(item.image)
+                if size is not None and size[0] > 0 and size[1] > 0:
+                    counts[translate.bucket_of(ratios, *size)] += max(1, getattr(item, "repeats", 1))
+                    measured = True
+            self._bucket_counts = counts if measured else []
+        return self._bucket_counts or None
+
     def _set_counts(self) -> dict[str, int]:
         from .stage import set_of
 
@@ -154,6 +185,10 @@ class DiffusionPipeBackend:
     # ------------------------------------------------------------------------------ check
     def check(self) -> list[tuple[tuple, str]]:
         problems = translate.recipe_problems(self.recipe, self.options) + self.model_problems() + self.toml_problems()
+        if self.family in translate.MODEL_TYPE:
+            empty = translate.empty_dataset_problem(self.recipe, self.options, self._buckets())
+            if empty:
+                problems.append(empty)
         key = translate.OPTIONS_KEY
         path, where = self.checkout()
         if path is not None:
@@ -231,7 +266,7 @@ class DiffusionPipeBackend:
         run_dir = self.ctx.run_dir.path  # type: ignore[union-attr]
         examples = self._examples()
         config, dataset = self._configs(layout, examples)
-        _, _, steps = translate.training_length(self.recipe, self.options, examples)
+        _, _, steps = translate.training_length(self.recipe, self.options, examples, self._buckets())
         checkout, _ = self.checkout()
         shown = self.ctx.loaded.shown if self.ctx.loaded else "recipe"
 
@@ -251,7 +286,8 @@ class DiffusionPipeBackend:
             outputs=[*translate.expected_outputs(self.recipe, run_dir), str(layout.log)],
             notes=[f"runs in {checkout or '<the diffusion-pipe checkout: [backend.diffusion-pipe] path or $' + ENV_PATH + '>'}"
                    + (f" with {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else ""),
-                   *translate.notes(self.recipe, self.options, layout, examples, self._set_counts())],
+                   *translate.notes(self.recipe, self.options, layout, examples, self._set_counts(),
+                                     self._buckets())],
             details={"cwd": str(checkout) if checkout else None, "env": env,
                      "model_type": translate.MODEL_TYPE[self.family], "examples": examples,
                      "key_data_commit": keydata.SOURCE_COMMIT},
@@ -367,7 +403,11 @@ class DiffusionPipeBackend:
         argv = self._argv(layout, resume_from)
         argv[0] = str(launcher)
         before = set(collect.run_folders(layout.output))
-        length = translate.training_length(recipe, self.options, examples)
+        buckets = self._buckets()
+        empty = translate.empty_dataset_problem(recipe, self.options, buckets)
+        if empty:           # the linted images: the lint may have left out more than `check` saw
+            raise RecipeError([f"{ctx.loaded.shown if ctx.loaded else 'recipe'}: [{'.'.join(empty[0])}] {empty[1]}"])
+        length = translate.training_length(recipe, self.options, examples, buckets)
         watcher = _Watcher(self, layout, before, resume_from, length[2], commit or "unknown")
         if resume_from is not None:
             resumed = layout.output / resume_from
@@ -429,9 +469,10 @@ class DiffusionPipeBackend:
             return
         examples = self._examples()
         config, _ = self._configs(layout, examples)
-        epochs, max_steps, steps = translate.training_length(self.recipe, self.options, examples)
+        epochs, max_steps, steps = translate.training_length(self.recipe, self.options, examples, self._buckets())
         if max_steps is not None:
-            epochs = math.ceil(steps / translate.steps_per_epoch(self.recipe, self.options, examples))
+            epochs = math.ceil(steps / max(1, translate.steps_per_epoch(self.recipe, self.options, examples,
+                                                                         self._buckets())))
         writes = translate.disk_writes(self.recipe, config, parameters, epochs)
         check_free_space(self.ctx.run_dir.path, writes, self.recipe.train.keep_last)  # type: ignore[union-attr]
 

@@ -7,6 +7,7 @@ diffusion-pipe cannot honour exactly are refused by the capability table in ``__
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "no": "float3
 OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
 #: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
 MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
+#: the layers diffusion-pipe's to_layers() gives the pipeline: FLUX.1 embedding + 19 double + 38 single + output;
+#: HunyuanImage-2.1 embedding + 20 double + concatenation + 40 single + output
+PIPELINE_LAYERS = {"flux.1-dev": 59, "hunyuan-image-2.1": 63}
 DEFAULT_CHECKPOINT_MINUTES = 30
 #: the kohya copy of a FLUX.1 save against diffusion-pipe's diffusers file, bytes (at most 1.5: see disk_writes)
 KOHYA_COPY_FACTOR = 2
@@ -106,21 +110,65 @@ def global_batch(recipe: Recipe, options: DiffusionPipeOptions) -> int:
     return recipe.train.batch_size * recipe.train.gradient_accumulation * (options.num_gpus // options.pipeline_stages)
 
 
-def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int) -> int:
-    """diffusion-pipe's steps per epoch for `examples` (images × repeats): an estimate, because it drops, per
-    aspect bucket, what does not fill a whole global batch."""
+def aspect_ratios(recipe: Recipe) -> list[float]:
+    """diffusion-pipe's aspect buckets for our `ar_buckets`: each [w, h] as w / h rounded to 3 digits, deduplicated
+    and sorted (utils/dataset.py `_process_user_provided_ars`, `dedup_and_sort`)."""
+    return sorted({round(w / h, 3) for w, h in bucket_sizes(recipe)})
+
+
+def bucket_of(ratios: list[float], width: int, height: int) -> int:
+    """The aspect bucket diffusion-pipe puts a `width` × `height` image in: the nearest ratio in log space, the first
+    on a tie (`_find_closest_ar_bucket`: np.argmin over |log(w/h) - log(ar)|)."""
+    log_ar = math.log(width / height)
+    diffs = [abs(log_ar - math.log(r)) for r in ratios]
+    return diffs.index(min(diffs))
+
+
+def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int,
+                    buckets: list[int] | None = None) -> int:
+    """diffusion-pipe's steps per epoch. With `buckets` (the examples, images × repeats, of each aspect bucket over
+    all sets, `bucket_of`) it is exact: every bucket keeps only whole global batches (`ConcatenatedBatchedDataset.
+    _make_divisible_by`), so it is the sum of examples // global batch, and 0 means diffusion-pipe stops with
+    "Processed dataset was empty". Without, an estimate from `examples` alone (at least 1)."""
     per_step = max(1, global_batch(recipe, options))
+    if buckets is not None:
+        return sum(n // per_step for n in buckets)
     return max(1, examples // per_step)
 
 
-def training_length(recipe: Recipe, options: DiffusionPipeOptions, examples: int) -> tuple[int, int | None, int]:
+def training_length(recipe: Recipe, options: DiffusionPipeOptions, examples: int,
+                    buckets: list[int] | None = None) -> tuple[int, int | None, int]:
     """(epochs, max_steps, planned steps). A `steps` recipe sets `max_steps` and an epoch count that cannot end
     the run first (each epoch has at least one step)."""
     t = recipe.train
     if t.steps is not None:
         return t.steps, t.steps, t.steps
     assert t.epochs is not None
-    return t.epochs, None, t.epochs * steps_per_epoch(recipe, options, examples)
+    return t.epochs, None, t.epochs * steps_per_epoch(recipe, options, examples, buckets)
+
+
+def batch_key(recipe: Recipe, options: DiffusionPipeOptions) -> KeyPath:
+    """The recipe key that makes the global batch larger than 1 (for a refusal that names it)."""
+    t = recipe.train
+    if t.batch_size > 1:
+        return ("train", "batch_size")
+    if t.gradient_accumulation > 1:
+        return ("train", "gradient_accumulation")
+    return ("train", "gpus")
+
+
+def empty_dataset_problem(recipe: Recipe, options: DiffusionPipeOptions,
+                          buckets: list[int] | None) -> tuple[KeyPath, str] | None:
+    """diffusion-pipe keeps, per aspect bucket, only whole global batches and raises "Processed dataset was empty"
+    when no bucket holds one (utils/dataset.py `PipelineDataLoader`): refused here, naming the batch key."""
+    if not buckets or steps_per_epoch(recipe, options, 0, buckets) > 0:
+        return None
+    gbs = global_batch(recipe, options)
+    return (batch_key(recipe, options), f"the global batch is {gbs} (batch_size × gradient_accumulation × "
+            f"data-parallel GPUs) but no aspect bucket holds that many examples (largest: {max(buckets)}; "
+            f"{sum(buckets)} in {sum(1 for n in buckets if n)} bucket(s)): diffusion-pipe drops, per bucket, what "
+            "does not fill a whole global batch and would stop with \"Processed dataset was empty\"; lower the "
+            "batch, or raise dataset.repeats")
 
 
 def activation_checkpointing(recipe: Recipe, options: DiffusionPipeOptions) -> bool | str:
@@ -333,11 +381,15 @@ def recipe_problems(recipe: Recipe, options: DiffusionPipeOptions | None) -> lis
                         f"numbers, got {len(split)}"))
         elif any(b <= a for a, b in zip(split, split[1:])) or split[0] < 1:
             out.append(((*key, "partition_split"), f"must be increasing layer indices >= 1, got {split}"))
+        elif m.family in PIPELINE_LAYERS and split[-1] >= PIPELINE_LAYERS[m.family]:
+            out.append(((*key, "partition_split"), f"{m.family} has {PIPELINE_LAYERS[m.family]} pipeline layers "
+                        f"(indices 0 to {PIPELINE_LAYERS[m.family] - 1}), so every index must be at most "
+                        f"{PIPELINE_LAYERS[m.family] - 1}, leaving the last stage a layer; got {split}"))
     return out
 
 
 def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, examples: int,
-          counts: dict[str, int] | None = None) -> list[str]:
+          counts: dict[str, int] | None = None, buckets: list[int] | None = None) -> list[str]:
     """What a user should know about this translation (shown by `lora-run plan`)."""
     r, t = recipe, recipe.train
     out = [
@@ -355,9 +407,17 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
     if t.steps is not None:
         out.append(f"max_steps = {t.steps} ends the run; epochs = {t.steps} is only an upper bound")
     else:
-        out.append(f"{examples} examples per epoch ≈ {steps_per_epoch(r, options, examples)} steps at a global "
-                   f"batch of {global_batch(r, options)} (an estimate: diffusion-pipe drops, per aspect bucket, "
-                   "what does not fill a whole global batch)")
+        if buckets:
+            gbs = global_batch(r, options)
+            kept = sum(n // gbs * gbs for n in buckets)
+            out.append(f"{sum(buckets)} examples per epoch in {sum(1 for n in buckets if n)} aspect bucket(s) → "
+                       f"{steps_per_epoch(r, options, examples, buckets)} steps at a global batch of {gbs}"
+                       + (f" (diffusion-pipe drops {sum(buckets) - kept} per epoch: in each bucket what does not "
+                          "fill a whole global batch)" if kept < sum(buckets) else ""))
+        else:
+            out.append(f"{examples} examples per epoch ≈ {steps_per_epoch(r, options, examples)} steps at a global "
+                       f"batch of {global_batch(r, options)} (an estimate: diffusion-pipe drops, per aspect bucket, "
+                       "what does not fill a whole global batch)")
     for i, reg in enumerate(r.dataset.regularization):
         if counts is not None and not counts.get(f"reg-{i}"):
             out.append(f"[[dataset.regularization]] {i} ({reg.path}) has no usable image and is left out")

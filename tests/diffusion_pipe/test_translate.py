@@ -185,6 +185,11 @@ def test_hunyuan_image_uses_the_comfyui_files(dp_recipe, tmp_path, hunyuan_files
     (["backend.diffusion-pipe.blocks_to_swap=35"], "backend.diffusion-pipe.blocks_to_swap", "at most 34"),
     (["backend.diffusion-pipe.num_gpus=3", "backend.diffusion-pipe.pipeline_stages=3",
       "backend.diffusion-pipe.partition_split=[5]"], "backend.diffusion-pipe.partition_split", "needs pipeline_stages"),
+    (["backend.diffusion-pipe.num_gpus=2", "backend.diffusion-pipe.pipeline_stages=2",
+      "backend.diffusion-pipe.partition_split=[59]"], "backend.diffusion-pipe.partition_split", "59 pipeline layers"),
+    (["train.batch_size=8"], "train.batch_size", "Processed dataset was empty"),
+    (["train.gradient_accumulation=5", "dataset.repeats=2", "train.gpus=2"], "train.gradient_accumulation",
+     "largest: 8"),
     (["backend.diffusion-pipe.path=/nonexistent/dp"], "backend.diffusion-pipe.path", "is not a folder"),
     (["backend.diffusion-pipe.deepspeed=/nonexistent/deepspeed"], "backend.diffusion-pipe.deepspeed", "executable"),
     (["backend.diffusion-pipe.stall_timeout=-1"], "backend.diffusion-pipe.stall_timeout", ">= 0"),
@@ -294,3 +299,43 @@ def test_native_only_train_keys_are_named_in_the_plan(dp_recipe, tmp_path):
     assert any("[train] gpu_memory_gib = 20 not used" in n for n in plan.notes), plan.notes
     assert any("[train] cuda_graphs = \"off\" not used" in n for n in plan.notes), plan.notes
     assert not any("gpu_memory_gib" in n or "cuda_graphs" in n for n in plan_of(dp_recipe(), tmp_path).notes)
+
+
+def test_aspect_buckets_follow_diffusion_pipes_assignment():
+    """utils/dataset.py (8f83dbf): user ar_buckets [w, h] become w / h rounded to 3 digits, deduplicated and sorted
+    (`dedup_and_sort`); an image goes to the ratio nearest in log space, the first on a tie (np.argmin)."""
+    ratios = [0.5, 0.667, 1.0, 1.5, 2.0]
+    assert translate.bucket_of(ratios, 512, 512) == 2
+    assert translate.bucket_of(ratios, 600, 512) == 2       # log 1.17 is nearer log 1.0 than log 1.5
+    assert translate.bucket_of(ratios, 640, 512) == 3       # 1.25: nearer 1.5 in log space (nearer 1.0 linearly)
+    assert translate.bucket_of(ratios, 700, 512) == 3
+    assert translate.bucket_of(ratios, 100, 1000) == 0      # beyond the grid: the extreme bucket
+    ratio = 1.5 ** 0.5                                        # the geometric middle of 1.0 and 1.5: a tie
+    assert translate.bucket_of([1.0, 1.5], 10000, round(10000 / ratio)) in (0, 1)
+
+
+def test_steps_per_epoch_keeps_whole_global_batches_per_bucket(dp_recipe):
+    """ConcatenatedBatchedDataset._make_divisible_by keeps, per bucket, only whole global batches."""
+    from lora_run_diffusion_pipe.options import DiffusionPipeOptions
+
+    recipe = load_recipe(dp_recipe(), ["train.batch_size=2", "train.gradient_accumulation=2"]).recipe
+    options = DiffusionPipeOptions(num_gpus=2)
+    assert translate.global_batch(recipe, options) == 8
+    assert translate.steps_per_epoch(recipe, options, 23, [7, 9, 7]) == 1        # only the 9 holds a batch of 8
+    assert translate.steps_per_epoch(recipe, options, 23) == 2                   # the estimate ignores buckets
+    assert translate.steps_per_epoch(recipe, options, 0, [16, 8]) == 3
+    assert translate.empty_dataset_problem(recipe, options, [7, 7, 7])[0] == ("train", "batch_size")
+    assert translate.empty_dataset_problem(recipe, options, [8]) is None
+
+
+def test_plan_counts_steps_per_aspect_bucket(dp_recipe, tmp_path, subject_dataset):
+    """Images of two aspect ratios: each bucket keeps whole global batches, so the plan's steps are exact."""
+    from lora_run_devtools.testing import make_images
+
+    make_images(subject_dataset, count=3, size=(256, 512), prefix="tall", seed=3)  # 4 wide (320×288) + 3 tall
+    body = FLUX_RECIPE.replace("steps = 6", "epochs = 5").replace("save_every_steps = 2", "")
+    plan = plan_of(dp_recipe(body), tmp_path, "train.batch_size=2", "dataset.bucket_min=256",
+                   "dataset.bucket_max=768", "dataset.bucket_step=64", "dataset.resolution=512")
+    # per epoch: 4 // 2 + 3 // 2 = 3 steps (the estimate 7 // 2 said 3 too, but drops one tall image per epoch)
+    assert plan.steps == 15
+    assert any("2 aspect bucket(s) → 3 steps" in n and "drops 1 per epoch" in n for n in plan.notes), plan.notes
