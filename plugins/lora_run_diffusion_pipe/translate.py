@@ -424,6 +424,11 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
     if global_batch(r, options) > 1:
         out.append(f"global batch {global_batch(r, options)}: buckets holding fewer images than that are "
                    "dropped by diffusion-pipe; with a small dataset keep batch_size = 1")
+    if t.mixed_precision == "fp16":
+        out.append("[train] mixed_precision = \"fp16\" → [model] dtype = \"float16\" without loss scaling: diffusion-pipe "
+                   "never enables DeepSpeed's fp16 mode (train.py builds its DeepSpeed config without an fp16 "
+                   "section), so small float16 gradients underflow to zero, unlike the native backend's scaled fp16; "
+                   "use \"bf16\"")
     if r.dataset.caption_dropout > 0:
         out.append(f"caption_dropout → uncond_fraction = {r.dataset.caption_dropout}: an undocumented diffusion-pipe "
                    "key (read by train.py at the pinned commit) that swaps in the cached empty-caption embedding")

@@ -339,3 +339,12 @@ def test_plan_counts_steps_per_aspect_bucket(dp_recipe, tmp_path, subject_datase
     # per epoch: 4 // 2 + 3 // 2 = 3 steps (the estimate 7 // 2 said 3 too, but drops one tall image per epoch)
     assert plan.steps == 15
     assert any("2 aspect bucket(s) → 3 steps" in n and "drops 1 per epoch" in n for n in plan.notes), plan.notes
+
+
+def test_fp16_is_noted_as_unscaled(dp_recipe, tmp_path):
+    """train.py (8f83dbf) builds its DeepSpeed config with no fp16 section: float16 training has no loss scaling."""
+    plan = plan_of(dp_recipe(), tmp_path, "train.mixed_precision=fp16")
+    config = parse_like_diffusion_pipe(plan.files["diffusion-pipe/config.toml"])
+    assert config["model"]["dtype"] == "float16"
+    assert any("without loss scaling" in n for n in plan.notes), plan.notes
+    assert not any("loss scaling" in n for n in plan_of(dp_recipe(), tmp_path / "bf16").notes)
