@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import attrs
 import pytest
 
+from lora_run_kohya import KohyaOptions
 from lora_run_kohya.backend import SEGMENT, Display, KohyaBackend, Watcher, latest_state, state_step
 from lora_run_kohya.supervise import Progress
 
@@ -78,7 +79,11 @@ def test_ctrl_c_then_resume_reproduces_the_recorded_output_folder(tmp_path):
     assert state == out / f"{NAME}-step00000008-state" and state_step(state) == 8
     # 2. the backend's resume step: what it moves, and what it tells sd-scripts
     backend = KohyaBackend.__new__(KohyaBackend)
-    backend.recipe = SimpleNamespace(train=SimpleNamespace(steps=24), output=SimpleNamespace(name=NAME))
+    backend.recipe = SimpleNamespace(train=SimpleNamespace(steps=24), output=SimpleNamespace(name=NAME),
+                                     optimizer=SimpleNamespace(lr=1e-4),       # the recorded run's schedule (bench/
+                                     scheduler=SimpleNamespace(name="constant_with_warmup", warmup_steps=2,
+                                                               min_lr_ratio=0.0))   # engines_gpu.py): no totals
+    backend.options = KohyaOptions()
     backend.ctx = SimpleNamespace(loaded=None)
     resumed_from, extra, offset = backend._resume_segment(SimpleNamespace(output_dir=out), state, 8)
     assert extra == ["--initial_step", "0", "--max_train_steps", "16"] and offset == 8
