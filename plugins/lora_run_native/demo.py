@@ -5,7 +5,8 @@
 - ``tiny-flux/``: a randomly initialised FLUX.1-dev-layout ``FluxPipeline`` (see ``tiny.py``);
 - ``data/subject/``: 12 drawings of one cartoon character ("ohwx": a green face with a red hat) in varied
   poses, sizes and backgrounds, each with a caption containing the trigger;
-- ``data/reg/``: 6 generic cartoon faces without the trigger (a regularisation set);
+- ``data/reg/``: 20 generic cartoon faces without the trigger (a regularisation set of the size the playbook asks
+  for), each caption its own;
 - ``recipe.toml``: ``extends`` the shipped ``recipes/demo/tiny-flux.toml`` and fills in these paths.
 
 Everything is deterministic and offline. It shows the pipeline end to end; it does not make a useful LoRA.
@@ -22,6 +23,7 @@ from lora_run.files import resolved, shown
 from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 TRIGGER = "ohwx"
+REG_IMAGES = 20     # the playbook's 20–50 (§6): the demo's lint shows no warning of its own making
 SHIPPED = Path("demo") / "tiny-flux.toml"
 BACKGROUNDS = [(70, 110, 200), (230, 220, 160), (120, 180, 120), (200, 120, 160), (90, 90, 90), (240, 240, 240)]
 PLACES = ["on a blue background", "on a sandy background", "in a green field", "on a pink wall",
@@ -71,15 +73,17 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
         img = _face(sizes[i % len(sizes)], rng, (90, 200, 90), (210, 40, 40), BACKGROUNDS[bg])
         subject.mkdir(parents=True, exist_ok=True)
         img.save(subject / f"{TRIGGER}_{i:02d}.png")
-        mood = ["smiling", "surprised", "calm"][i % 3]
+        mood = ["smiling", "surprised", "calm", "winking"][i % 4]     # with the places: no caption twice
         (subject / f"{TRIGGER}_{i:02d}.txt").write_text(f"{TRIGGER}, a cartoon face, {mood}, {PLACES[bg]}\n",
                                                           encoding="utf-8")
-    for i in range(6):
+    for i in range(REG_IMAGES):
         skin = rng.choice([(240, 200, 170), (180, 130, 90), (250, 220, 120), (150, 160, 230)])
-        img = _face((96, 96), rng, skin, None, BACKGROUNDS[(i + 2) % len(BACKGROUNDS)])
+        bg = (i + 2) % len(BACKGROUNDS)
+        img = _face((96, 96), rng, skin, None, BACKGROUNDS[bg])
         reg.mkdir(parents=True, exist_ok=True)
         img.save(reg / f"face_{i:02d}.png")
-        (reg / f"face_{i:02d}.txt").write_text("a cartoon face\n", encoding="utf-8")
+        mood = ["smiling", "surprised", "calm", "winking", "sleepy"][i % 5]
+        (reg / f"face_{i:02d}.txt").write_text(f"a cartoon face, {mood}, {PLACES[bg]}\n", encoding="utf-8")
     return subject, reg
 
 
