@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomli_w
 
 from lora_run_devtools.testing import parse_recipe_text
@@ -39,3 +40,25 @@ def transformer_inputs(predict, model, noisy, t, text) -> tuple[dict[str, Any], 
     finally:
         handle.remove()
     return seen, out
+
+
+@pytest.fixture
+def flux2_registered(tmp_path_factory):
+    """The FLUX.2 family registered in this process (as tests/flux2/conftest.py provides it), for the tests that
+    use it (`pytest.mark.usefixtures("flux2_registered")`)."""
+    import sys
+
+    from tests.flux2.conftest import _installed
+
+    if not _installed():
+        site = tmp_path_factory.mktemp("flux2-density-site")
+        info = site / "lora_run_flux2_entry-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora-run-flux2-entry\nVersion: 0.1.0\n")
+        (info / "entry_points.txt").write_text("[lora_run]\nflux.2 = lora_run_flux2\n")
+        sys.path.insert(0, str(site))
+    from lora_run_native import adapters
+
+    adapters._registered.cache_clear()
+    yield
+    adapters._registered.cache_clear()

@@ -24,26 +24,6 @@ from .conftest import minimal_recipe
 pytestmark = pytest.mark.usefixtures("flux2_registered")
 
 
-@pytest.fixture
-def flux2_registered(tmp_path_factory):
-    """The family registered in this process (see tests/flux2/conftest.py)."""
-    import sys
-
-    from tests.flux2.conftest import _installed
-
-    if not _installed():
-        site = tmp_path_factory.mktemp("flux2-site")
-        info = site / "lora_run_flux2_entry-0.1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora-run-flux2-entry\nVersion: 0.1.0\n")
-        (info / "entry_points.txt").write_text("[lora_run]\nflux.2 = lora_run_flux2\n")
-        sys.path.insert(0, str(site))
-    from lora_run_native import adapters
-
-    adapters._registered.cache_clear()
-    yield
-
-
 def adapter_for(variant, model, **train):
     from lora_run_native.adapters import adapter_class
 

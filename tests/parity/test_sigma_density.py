@@ -94,25 +94,6 @@ def fits(samples, cdf, slack: float = 0.0) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- adapters
-@pytest.fixture
-def flux2_registered(tmp_path_factory):
-    """The FLUX.2 family registered in this process (as tests/flux2/conftest.py provides it)."""
-    import sys
-
-    from tests.flux2.conftest import _installed
-
-    if not _installed():
-        site = tmp_path_factory.mktemp("flux2-density-site")
-        info = site / "lora_run_flux2_entry-0.1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lora-run-flux2-entry\nVersion: 0.1.0\n")
-        (info / "entry_points.txt").write_text("[lora_run]\nflux.2 = lora_run_flux2\n")
-        sys.path.insert(0, str(site))
-    from lora_run_native import adapters
-
-    adapters._registered.cache_clear()
-    yield
-    adapters._registered.cache_clear()
 
 
 def adapter(family: str, tmp_path, **train):
