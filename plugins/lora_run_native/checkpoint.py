@@ -34,8 +34,8 @@ from typing import Any, Callable
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full
+from lora_run_rundir.provenance import sha256_file
 
-from .data import file_sha256
 from .outputs import HEADER_BYTES
 
 STATE = "resume/state.json"
@@ -245,7 +245,7 @@ def _records(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file under ``folder`` (relative names), for ``verify``."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
 
@@ -275,7 +275,7 @@ def verify(folder: Path) -> str | None:
             if not isinstance(rec, dict) or size != rec.get("size"):
                 return f"{shown(path)}: {size} bytes, {rec.get('size') if isinstance(rec, dict) else '?'} recorded " \
                        "(truncated or damaged)"
-            if file_sha256(path) != rec.get("sha256"):
+            if sha256_file(path) != rec.get("sha256"):
                 return f"{shown(path)}: checksum differs from the one recorded (damaged)"
         required = {TRAINABLE, OPTIMIZER, RNG} - set(records)
         if required:

@@ -14,10 +14,8 @@
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -90,14 +88,6 @@ def image_to_tensor(image: Any) -> Any:
 
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class EpochPlanner:

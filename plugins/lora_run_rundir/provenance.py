@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import struct
@@ -45,6 +46,7 @@ def gpu_driver() -> str | None:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while True:
@@ -54,20 +56,33 @@ def sha256_file(path: Path) -> str:
             digest.update(chunk)
 
 
+def _safetensors_header(data: Any) -> tuple[int, dict[str, Any]]:
+    """(where the tensor bytes begin, the parsed JSON header) of a safetensors file's bytes (a buffer of at least its
+    header); ValueError for bytes that are not safetensors."""
+    if len(data) < 8:
+        raise ValueError("too short")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > 100 << 20 or len(data) < 8 + length:
+        raise ValueError("header length")
+    header = json.loads(bytes(data[8:8 + length]))
+    if not isinstance(header, dict):
+        raise ValueError("header")
+    return 8 + length, header
+
+
 def header_sha256(path: Path) -> str | None:
     """A SHA-256 of a safetensors file's header (its length and JSON: every tensor's name, dtype, shape and offsets,
     and the metadata), read without the tensor data; None for a file that is not safetensors."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
-            (length,) = struct.unpack("<Q", head)
-            if length > 100 << 20:
-                return None
-            body = fh.read(length)
-        json.loads(body)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if length <= 100 << 20:      # a longer claim is refused below without reading it
+                head += fh.read(length)
+        base, _ = _safetensors_header(head)
     except (OSError, ValueError, struct.error):
         return None
-    return hashlib.sha256(head + body).hexdigest()
+    return hashlib.sha256(head[:base]).hexdigest()
 
 
 def _file_record(path: Path, earlier: dict[str, Any]) -> dict[str, Any]:
@@ -146,33 +161,33 @@ def model_identity(model: Any, default_hub_id: str | None = None, earlier: Any =
     return out
 
 
-def tensors_sha256(path: Path) -> str | None:
-    """A SHA-256 of a safetensors file's tensors alone (names, dtypes, shapes and bytes, in name order), leaving out
-    its metadata: equal for two runs that trained the same LoRA, whatever their start times. None for a file that is
-    not safetensors."""
+def _tensors_sha256(data: Any) -> str | None:
+    """A SHA-256 of the tensors alone in a safetensors file's bytes (names, dtypes, shapes and bytes, in name order),
+    leaving out its metadata: equal for two runs that trained the same LoRA, whatever their start times. None for
+    bytes that are not safetensors."""
     try:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100 << 20:
+        base, header = _safetensors_header(data)
+        digest = hashlib.sha256()
+        for name in sorted(k for k in header if k != "__metadata__"):
+            info = header[name]
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(data) - base:
                 return None
-            header = json.loads(fh.read(length))
-            base = 8 + length
-            digest = hashlib.sha256()
-            for name in sorted(k for k in header if k != "__metadata__"):
-                info = header[name]
-                start, end = info["data_offsets"]
-                digest.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\0")
-                fh.seek(base + start)
-                left = end - start
-                while left > 0:
-                    chunk = fh.read(min(_CHUNK, left))
-                    if not chunk:
-                        return None
-                    digest.update(chunk)
-                    left -= len(chunk)
-            return digest.hexdigest()
-    except (OSError, ValueError, KeyError, TypeError, struct.error, AttributeError):
+            digest.update(json.dumps([name, info["dtype"], info["shape"]]).encode() + b"\0")
+            digest.update(data[base + start:base + end])
+        return digest.hexdigest()
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def file_digests(path: Path) -> dict[str, Any]:
+    """size, SHA-256 and tensors' SHA-256 (``_tensors_sha256``) of a LoRA file, from one read of it (mapped)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return {"size": 0, "sha256": hashlib.sha256().hexdigest(), "tensors_sha256": None}
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
+            return {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "tensors_sha256": _tensors_sha256(data)}
 
 
 def lora_digests(folder: Path, artifacts: Any) -> dict[str, dict[str, Any]]:
@@ -195,8 +210,7 @@ def lora_digests(folder: Path, artifacts: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for path in sorted(paths):
         try:
-            out[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path),
-                                                  "tensors_sha256": tensors_sha256(path)}
+            out[str(path.relative_to(folder))] = file_digests(path)
         except OSError:
             continue
     return out

@@ -126,3 +126,35 @@ def test_large_model_files_are_identified_by_their_safetensors_header(tmp_path, 
     monkeypatch.setattr(provenance, "FULL_DIGEST_LIMIT", 1 << 30)        # control: small files are read whole
     whole = provenance.model_identity(Model(str(folder)))["files"][str(weights.resolve())]
     assert whole["sha256"] == _sha(weights) and "header_sha256" not in whole
+
+
+def test_lora_file_digests_read_once_equal_independent_ones(tmp_path):
+    """``file_digests`` maps the file once for both digests: the SHA-256 is the file's, and the tensors' digest is
+    the one computed from the tensors as safetensors loads them, the same whatever the metadata (control: another
+    tensor value changes it)."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_run_rundir.provenance import file_digests
+
+    def independent(path: Path) -> str:
+        digest = hashlib.sha256()
+        raw = path.read_bytes()
+        header = _json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        for name, tensor in sorted(load_file(str(path)).items()):
+            digest.update(_json.dumps([name, header[name]["dtype"], list(tensor.shape)]).encode() + b"\0")
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    tensors = {"b.lora_up.weight": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4),
+               "a.lora_down.weight": torch.ones(4, 2), "a.alpha": torch.tensor(8.0)}
+    first, second, other = tmp_path / "1.safetensors", tmp_path / "2.safetensors", tmp_path / "3.safetensors"
+    save_file(tensors, str(first), metadata={"ss_training_started_at": "1"})
+    save_file(tensors, str(second), metadata={"ss_training_started_at": "2"})
+    save_file({**tensors, "a.alpha": torch.tensor(4.0)}, str(other), metadata={"ss_training_started_at": "1"})
+    one, two, three = (file_digests(p) for p in (first, second, other))
+    assert one["sha256"] == _sha(first) and one["size"] == first.stat().st_size
+    assert one["tensors_sha256"] == independent(first) == two["tensors_sha256"] and one["sha256"] != two["sha256"]
+    assert three["tensors_sha256"] != one["tensors_sha256"]
