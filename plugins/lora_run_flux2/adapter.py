@@ -149,7 +149,7 @@ class Flux2Adapter(ModelAdapter):
         problems += [(("model", "source"), f"{folder} has no {sub}/ folder ({what}); it is not a {self.family} "
                       "diffusers folder, or give that component in [model.files]")
                      for sub, what in wanted.items() if not (folder / sub).is_dir()]
-        name = (self._source_config("", "model_index.json") or {}).get("_class_name")
+        name = (self.source_json("", "model_index.json") or {}).get("_class_name")
         if name and name not in self.pipeline_names:
             problems.append((("model", "source"), f"{folder} holds a {name}, not a {self.family} model "
                              f"({' or '.join(self.pipeline_names)}); set [model] family accordingly"))
@@ -176,24 +176,6 @@ class Flux2Adapter(ModelAdapter):
     def _from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
         return self.load_from_source(cls, subfolder or SUBFOLDER[key], f"the {WHAT.get(key, key)}", **kw,
                                      missing=(f"model.files.{key}", "is required when [model.source] is not set"))
-
-    def _source_config(self, subfolder: str, name: str = "config.json") -> dict | None:
-        """A JSON file of the source (local folder or hub cache), or None."""
-        src = self._source()
-        if not src:
-            return None
-        if is_local_source(src):
-            path = Path(src) / subfolder / name if subfolder else Path(src) / name
-            return config_json(path)                  # unreadable: treated as absent (check names it)
-        try:
-            from huggingface_hub import hf_hub_download
-
-            kw = self.source_kwargs()
-            path = hf_hub_download(src, name, subfolder=subfolder or None, revision=kw.get("revision"),
-                                   local_files_only=kw.get("local_files_only", False))
-            return config_json(path)
-        except Exception:  # noqa: BLE001 - callers fall back (inferred config) or say what is missing
-            return None
 
     #: reading a `[model.files]` safetensors file, errors naming the key: FLUX.1's
     _read_file = FluxAdapter._read_file
@@ -257,7 +239,7 @@ class Flux2Adapter(ModelAdapter):
         from .files import infer_transformer_config, transformer_bfl_to_diffusers
 
         tensors = transformer_bfl_to_diffusers(raw)
-        config = self._source_config("transformer") or infer_transformer_config(tensors)
+        config = self.source_json("transformer") or infer_transformer_config(tensors)
         return (lambda: Flux2Transformer2DModel.from_config(config)), tensors, True
 
     def _file_vae(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:
@@ -265,7 +247,7 @@ class Flux2Adapter(ModelAdapter):
 
         from .files import vae_ldm_to_diffusers
 
-        config = self._source_config("vae")
+        config = self.source_json("vae")
         if config is None and self.recipe.model.source != self.hub_id():
             try:
                 config = dict(AutoencoderKLFlux2.load_config(self.hub_id(), subfolder="vae", **self.source_kwargs()))
@@ -279,7 +261,7 @@ class Flux2Adapter(ModelAdapter):
         return (lambda: AutoencoderKLFlux2.from_config(config)), vae_ldm_to_diffusers(raw, config), True
 
     def _file_encoder(self, raw: dict[str, Any], file_name: str) -> tuple[Any, dict[str, Any], bool]:
-        config = self._source_config("text_encoder")
+        config = self.source_json("text_encoder")
         if config is None:
             raise self.error(f"model.files.{self.te}", f"{file_name}: the {WHAT[self.te]}'s config comes from "
                              f"[model.source]'s text_encoder/config.json (or the hub model {self.hub_id()}), which "
@@ -422,7 +404,7 @@ class Flux2Adapter(ModelAdapter):
     def _scheduler(self) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        config = self._source_config("scheduler", "scheduler_config.json")
+        config = self.source_json("scheduler", "scheduler_config.json")
         if config is not None:
             return FlowMatchEulerDiscreteScheduler.from_config(config)
         return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -534,7 +516,7 @@ class Flux2KleinAdapter(Flux2Adapter):
         version = self.recipe.model.version
         if version:
             return not version.startswith("base-")
-        index = self._source_config("", "model_index.json") or {}
+        index = self.source_json("", "model_index.json") or {}
         return bool(index.get("is_distilled", False))
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:

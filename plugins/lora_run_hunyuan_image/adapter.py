@@ -125,27 +125,6 @@ class HunyuanImageAdapter(SourceLoader):
                                  "[model.source] to a HunyuanImage-2.1 diffusers folder / hub id that provides it)"))
         return problems
 
-    def _source_config(self, key: str) -> dict | None:
-        """The component's config.json from ``source`` (local folder or hub cache), or None."""
-        from lora_run_formats.model_files import config_json
-        from lora_run_native.adapters.base import is_local_source
-
-        src, sub = self._source(), self.SUBFOLDER[key]
-        if src is None:
-            return None
-        if is_local_source(src):
-            path = Path(src) / sub / "config.json"
-            return config_json(path)
-        try:
-            from huggingface_hub import hf_hub_download
-
-            kw = self.source_kwargs()
-            path = hf_hub_download(src, "config.json", subfolder=sub, revision=kw.get("revision"),
-                                   local_files_only=kw.get("local_files_only", False))
-            return config_json(path)
-        except Exception:  # noqa: BLE001 - fall back to inferring the config
-            return None
-
     def _load_file(self, key: str, dtype: Any) -> Any:
         from diffusers import AutoencoderKLHunyuanImage, HunyuanImageTransformer2DModel
         from safetensors.torch import load_file
@@ -161,7 +140,7 @@ class HunyuanImageAdapter(SourceLoader):
             raw = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
             raise self.error(f"model.files.{key}", f"{path.name} is not a readable safetensors file ({exc})") from None
-        config = self._source_config(key)
+        config = self.source_json(self.SUBFOLDER[key])
         optional: tuple[str, ...] = ()
         try:
             if key == "transformer":

@@ -720,19 +720,29 @@ class ModelAdapter:
         fresh encodes, else with each other)."""
         return None
 
-    def cached_config(self, subfolder: str) -> dict | None:
-        """``<subfolder>/config.json`` of the source, without loading or downloading anything: a local folder's, or a
-        hub model's already in the local Hugging Face cache; None where there is none to read."""
+    def source_json(self, subfolder: str, name: str = "config.json", *, download: bool = True) -> dict | None:
+        """``<subfolder>/<name>`` (a config, ``model_index.json`` with ``subfolder=""``) of the source as a JSON object,
+        or None where there is none to read (unreadable: treated as absent, `check` names it): a local folder's, or a
+        hub model's, fetched as ``source_kwargs`` allow (offline: the local Hugging Face cache only); ``download=False``
+        never fetches, whatever the recipe allows (a check before anything loads)."""
         src = self._source()
         if not src:
             return None
         if is_local_source(src):
-            return config_json(Path(src) / subfolder / "config.json")
+            return config_json(Path(src) / subfolder / name)
         try:
-            from huggingface_hub import try_to_load_from_cache
+            if download:
+                from huggingface_hub import hf_hub_download
 
-            found = try_to_load_from_cache(src, f"{subfolder}/config.json", revision=self.recipe.model.revision)
-        except Exception:  # noqa: BLE001 - a malformed id or cache: not known
+                kw = self.source_kwargs()
+                found = hf_hub_download(src, name, subfolder=subfolder or None, revision=kw.get("revision"),
+                                        local_files_only=kw.get("local_files_only", False))
+            else:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(src, f"{subfolder}/{name}" if subfolder else name,
+                                               revision=self.recipe.model.revision)
+        except Exception:  # noqa: BLE001 - callers fall back (an inferred config) or say what is missing
             return None
         return config_json(found) if isinstance(found, str) else None
 
@@ -742,7 +752,7 @@ class ModelAdapter:
         ``[model.files]`` file whose source has none, from the file's safetensors header through the family's
         ``file_fits`` rule for ``field``; None where neither says."""
         sub = self.SUBFOLDER.get(encoder)
-        config = self.cached_config(sub) if sub else None
+        config = self.source_json(sub, download=False) if sub else None
         if config is not None:
             value = declared(config, field)
             return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
