@@ -232,14 +232,10 @@ class DiffusionPipeBackend:
                 "diffusers_path": ("model", "source"), "transformer_path": ("model", "files", "transformer"),
                 "vae_path": ("model", "files", "vae"), "text_encoder_path": ("model", "files", "qwen"),
                 "byt5_path": ("model", "files", "byt5")}
-        out: list[tuple[tuple, str]] = []
-        for name, data in (("config.toml", config), ("dataset.toml", dataset)):
-            for path, why in tomlfile.misread(data):
-                key = [p for p in path if isinstance(p, str)][-1]
-                where = keys.get(key, translate.OPTIONS_KEY)
-                if where not in [w for w, _ in out]:
-                    out.append((where, f"generated diffusion-pipe/{name}: {'.'.join(map(str, path))}: {why}"))
-        return out
+        found = tomlfile.misread_at((("config.toml", config), ("dataset.toml", dataset)), lambda _name, path: keys.get(
+            [p for p in path if isinstance(p, str)][-1], translate.OPTIONS_KEY))
+        return [(where, f"generated diffusion-pipe/{name}: {'.'.join(map(str, path))}: {why}")
+                for where, name, path, why in found]
 
     # ------------------------------------------------------------------------------ plan
     def _configs(self, layout: translate.Layout, examples: int) -> tuple[dict[str, Any], dict[str, Any]]:

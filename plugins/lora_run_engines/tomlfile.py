@@ -21,7 +21,7 @@ No torch, no engine import.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import tomli_w
 
@@ -86,4 +86,17 @@ def misread(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         elif _ESCAPE_THEN_BACKSLASH_U.search(text):
             out.append((where, f"{text[:40]!r} holds a control character and, after it, a backslash before u, "
                         "which the engine's TOML reader (toml 0.10.2) cannot read (\"Reserved escape sequence\")"))
+    return out
+
+
+def misread_at(files: Iterable[tuple[str, dict[str, Any]]],
+               key_of: Callable[[str, tuple[Any, ...]], tuple[str, ...]]) -> list[tuple[tuple[str, ...], str, tuple, str]]:
+    """(recipe key, file name, key path, why) for the values of generated ``files`` (name, data) that ``misread``
+    names, the first one of each recipe key only; ``key_of(name, key path)`` is the recipe key a value comes from."""
+    out: list[tuple[tuple[str, ...], str, tuple, str]] = []
+    for name, data in files:
+        for path, why in misread(data):
+            where = key_of(name, path)
+            if where not in [w for w, *_ in out]:
+                out.append((where, name, path, why))
     return out

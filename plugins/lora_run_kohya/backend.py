@@ -210,21 +210,22 @@ class KohyaBackend:
             out.append((where, f"generated {CONFIG}: {message}"))
         for message in spec.check_dataset(tr.dataset):
             out.append((("dataset",), f"generated {DATASET}: {message}"))
-        named: set[tuple] = set()      # output_name and metadata_title both come from [output] name
+        # one problem per recipe key (output_name and metadata_title both come from [output] name)
         keys = {**RECIPE_KEYS, **{option: ("model", "files", slot) for slot, option in tr.family.files.items()},
                 **dict.fromkeys(RUN_FOLDER_OPTIONS, ("output", "dir")),
                 "tokenizer_cache_dir": ("backend", "kohya", "tokenizer_cache_dir"),
                 # the staged view: under [train] cache_dir when set, else in the run folder
                 "image_dir": ("train", "cache_dir") if self.recipe.train.cache_dir else ("output", "dir")}
-        for rel, table in ((CONFIG, tr.config), (DATASET, tr.dataset)):
-            for path, why in tomlfile.misread(table):
-                section, key = path[0], [p for p in path if isinstance(p, str)][-1]
-                where = (("backend", "kohya", "extra_args", path[1]) if section == "extra" else
-                         keys.get(key, ("dataset",) if rel == DATASET else ("backend", "kohya")))
-                if where not in named:
-                    named.add(where)
-                    shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
-                    out.append((where, f"generated {rel}: [{section}]{shown}: {why}"))
+
+        def key_of(rel: str, path: tuple) -> tuple:
+            if path[0] == "extra":
+                return ("backend", "kohya", "extra_args", path[1])
+            return keys.get([p for p in path if isinstance(p, str)][-1],
+                            ("dataset",) if rel == DATASET else ("backend", "kohya"))
+
+        for where, rel, path, why in tomlfile.misread_at(((CONFIG, tr.config), (DATASET, tr.dataset)), key_of):
+            shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
+            out.append((where, f"generated {rel}: [{path[0]}]{shown}: {why}"))
         return out
 
     # ---------------------------------------------------------------------------------------------- plan
