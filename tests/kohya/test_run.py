@@ -212,9 +212,8 @@ def test_stall_is_stopped(kohya_recipe, fake_checkout, plugins_with, monkeypatch
     assert time.monotonic() - started < 60
 
 
-@pytest.mark.slow
-def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
-    path = kohya_recipe(sd_scripts=fake_checkout)
+def crashed_then_resumed(path, plugins_with, monkeypatch):
+    """The stand-in sd-scripts crashes at step 5 (a BackendError), then `--resume` finishes the run: (ctx, hooks)."""
     monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
     monkeypatch.setenv("FAKE_KOHYA_AT", "5")
     _, _, _, error = run_in_process(path, plugins_with)
@@ -222,6 +221,13 @@ def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plu
     monkeypatch.delenv("FAKE_KOHYA_MODE")
     ctx, hooks, _, error = run_in_process(path, plugins_with, resume=True)
     assert error is None, error
+    return ctx, hooks
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    ctx, hooks = crashed_then_resumed(path, plugins_with, monkeypatch)
     run = tmp_path / "runs" / "ohwx"
     tool = read_manifest(run)["external_tools"]["sd-scripts"]
     # the earlier segment's files are kept aside (sd-scripts would name its new checkpoints from step 1 again)
@@ -406,13 +412,7 @@ def test_a_resumed_cosine_run_names_its_schedule_totals(kohya_recipe, fake_check
     """The resume of a decaying schedule passes the run's totals (see test_translate's replay of the schedule):
     sd-scripts (here its stand-in, with sd-scripts' option list) accepts the command line and finishes the run."""
     path = kohya_recipe(sd_scripts=fake_checkout, extra='[scheduler]\nname = "cosine"\nwarmup_steps = 2\n')
-    monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
-    monkeypatch.setenv("FAKE_KOHYA_AT", "5")
-    _, _, _, error = run_in_process(path, plugins_with)
-    assert isinstance(error, BackendError)
-    monkeypatch.delenv("FAKE_KOHYA_MODE")
-    ctx, hooks, _, error = run_in_process(path, plugins_with, resume=True)
-    assert error is None, error
+    ctx, hooks = crashed_then_resumed(path, plugins_with, monkeypatch)
     argv = read_manifest(tmp_path / "runs" / "ohwx")["external_tools"]["sd-scripts"]["argv"]
     assert argv[-9:] == ["--max_train_steps", "2", "--lr_scheduler_type",
                          "transformers.optimization.get_cosine_schedule_with_warmup", "--lr_scheduler_args",
