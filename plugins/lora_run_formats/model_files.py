@@ -9,7 +9,8 @@ pre-flight both see them; no torch, nothing but headers and small JSON files rea
   in each component folder, every ``*.json`` (a config, a tokenizer file, a shard index: a regular UTF-8 JSON
   object within ``TEXT_LIMIT``), the tokenizer's other files (``*.txt``, ``*.model``, ``*.tiktoken``: regular
   files), and the weights the loaders read (``diffusion_pytorch_model.safetensors`` / ``model.safetensors``, or
-  the shards an ``*.safetensors.index.json`` names): complete safetensors files, and a component the family loads
+  the shards an ``*.safetensors.index.json`` names; of a shard index and a single file beside it, only the one the
+  library reads: diffusers' index, transformers' single file): complete safetensors files, and a component the family loads
   from the folder has some (``folder_problems``' ``loaded``). Other files are never read;
 - a component's ``config.json`` against its weights' headers (``config_fit``): the blocks and widths the family
   declares for it (``folder_problems``' ``fits``), and a ``[model.files]`` file's against the config the loader
@@ -35,6 +36,10 @@ from .header import HeaderError, read_header
 TEXT_LIMIT = 256 * MiB
 #: The weight files diffusers and transformers load from a component folder when it has no shard index.
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+#: Where a component folder holds both a shard index and a single file of the same weights, the one each library
+#: loads, then the one it leaves unread: diffusers takes its index first, transformers its single file.
+_PREFERRED = (("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
+              ("model.safetensors", "model.safetensors.index.json"))
 _TOKENIZER_SUFFIXES = (".txt", ".model", ".tiktoken")
 #: any file of weights a loader may read (other names, variants, formats): a folder with one is not "without weights"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
@@ -127,7 +132,9 @@ def _component_problems(sub: Path, partial: bool, fit: Fit | None = None, fit_on
     except OSError as exc:
         return [] if fit_only else [f"{shown(sub)}: cannot be listed ({exc.strerror or exc})"]
     out: list[str] = []
-    weights = {sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name)}
+    unread = {second for first, second in _PREFERRED if os.path.lexists(sub / first) and os.path.lexists(sub / second)}
+    entries = [e for e in entries if e.name not in unread]
+    weights = {sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name) and name not in unread}
     config: dict | None = None
     shapes: dict[str, Any] = {}                 # every weight name: its shape, None where only an index names it
     for entry in entries:

@@ -326,3 +326,67 @@ def test_a_component_with_a_config_but_no_weights_is_named_at_check(family, sub,
         weights.unlink()
     code, text = _cli(["check", str(_recipe(tmp_path, family, model, dataset))], capsys)
     assert code == 2 and f"[model.source] {model}/{sub}: has a config.json but no weights file" in text, text[-2000:]
+
+
+def _shard(folder: Path, single: str, index: str, stale: str, wide: str, dim: int) -> None:
+    """Beside the single file ``single`` of ``folder``, the same tensors as two shards and the index ``index``;
+    then the tensor ``wide`` made twice as wide along ``dim`` in the copy named ``stale`` ("single" or "index"): a
+    folder re-saved sharded over an older save, as `save_pretrained(max_shard_size=…)` leaves one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / single)
+    names = sorted(tensors)
+    shards = {f"{index.split('.')[0]}-0000{i}-of-00002.safetensors": names[i - 1::2] for i in (1, 2)}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / shard, metadata={"format": "pt"})
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    target = folder / (single if stale == "single" else next(s for s, ks in shards.items() if wide in ks))
+    held = load_file(target)
+    shape = list(held[wide].shape)
+    shape[dim] *= 2
+    held[wide] = torch.zeros(shape, dtype=held[wide].dtype)
+    save_file(held, target, metadata={"format": "pt"})
+
+
+#: (family, component, single file, index, the tensor made wider, its dimension the config's width is read from,
+#: which copy the loader reads, its class)
+BOTH = [("flux.1-dev", "transformer", "diffusion_pytorch_model.safetensors",
+         "diffusion_pytorch_model.safetensors.index.json", "x_embedder.weight", 0, "index",
+         "diffusers:FluxTransformer2DModel"),
+        ("flux.1-dev", "text_encoder", "model.safetensors", "model.safetensors.index.json",
+         "embeddings.token_embedding.weight", 1, "single", "transformers:CLIPTextModel")]
+
+
+@pytest.mark.parametrize("family, sub, single, index, wide, dim, read, cls", BOTH, ids=[b[1] for b in BOTH])
+def test_of_a_shard_index_and_a_single_file_only_the_one_the_loader_reads_is_compared(
+        family, sub, single, index, wide, dim, read, cls, tiny_models, dataset, tmp_path, capsys):
+    """diffusers loads a component's shard index before a single file beside it, transformers the single file
+    first; the config check compared both (their shapes merged), so a stale file the loader never reads refused the
+    model: the GPU acceptance bench's full-size FLUX.1 folder (sharded over the tiny builder's single file) was
+    refused by every row. The loaders themselves are the reference here: each loads the folder whose unread copy is
+    wrong. The control: the copy the loader reads is the wrong one, and the check refuses it."""
+    stale = "single" if read == "index" else "index"
+    model = _copy(tiny_models[family], tmp_path)
+    _shard(model / sub, single, index, stale=stale, wide=wide, dim=dim)
+    loaded = _load(cls).from_pretrained(model / sub)         # the loader reads the intact copy
+    held = next(v for k, v in loaded.state_dict().items() if k.endswith(wide))
+    assert held.shape[dim] * 2 == _wide_shape(model / sub, single, index, stale, wide)[dim]
+    recipe = _recipe(tmp_path, family, model, dataset)
+    code, text = _cli(["check", str(recipe)], capsys)
+    assert code == 0, text[-2000:]
+    control = _copy(tiny_models[family], tmp_path / "control")
+    _shard(control / sub, single, index, stale=read, wide=wide, dim=dim)
+    code, text = _cli(["check", str(_recipe(tmp_path, family, control, dataset, name="control.toml"))], capsys)
+    assert code == 2 and f"{control}/{sub}/config.json: " in text and "a config.json of another model" in text, \
+        text[-2000:]
+
+
+def _wide_shape(folder: Path, single: str, index: str, stale: str, wide: str) -> list[int]:
+    """The shape of ``wide`` in the copy ``stale`` names (the one the loader leaves unread)."""
+    from safetensors import safe_open
+
+    path = folder / single if stale == "single" else \
+        folder / json.loads((folder / index).read_text())["weight_map"][wide]
+    with safe_open(path, "pt") as f:
+        return list(f.get_slice(wide).get_shape())
