@@ -46,8 +46,12 @@ def _shrink(model) -> None:
 
 
 def _save(model, folder: Path) -> None:
+    """``model`` saved into ``folder`` in shards, replacing the weights the tiny builder left there (a single file
+    beside a shard index is ambiguous: diffusers reads the index, transformers the single file)."""
     import torch
 
+    for old in [*Path(folder).glob("*.safetensors"), *Path(folder).glob("*.safetensors.index.json")]:
+        old.unlink()
     model.save_pretrained(folder, max_shard_size="10GB")
     del model
     torch.cuda.empty_cache()

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -217,9 +217,20 @@ def build_assets(work: Path, models: set[str]) -> dict[str, Path]:
     for key, builder in builders.items():
         if key in models:
             started = time.perf_counter()
-            assets[key] = builder(work / "models" / key)
+            try:
+                assets[key] = builder(work / "models" / key)
+            except (Exception, SystemExit) as exc:     # its rows fail with this; the other models' rows still run
+                shutil.rmtree(work / "models" / key, ignore_errors=True)     # the disk it filled, for the others
+                assets[key] = NotBuilt(f"model {key} not built: {type(exc).__name__}: {str(exc)[:300]}")
+                print(assets[key].why, flush=True)
+                continue
             print(f"built {key} in {time.perf_counter() - started:.0f} s", flush=True)
     return assets
+
+
+class NotBuilt(NamedTuple):
+    """A model whose builder failed (a full disk, say): why, for each row that needs it."""
+    why: str
 
 
 def _scaled_dataset(source: Path, out: Path, base: int) -> None:
@@ -451,6 +462,10 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
         return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
                 "exit": None, "wall_s": 0.0, "passed": False, "stopped": DEADLINE_STOP,
                 "problems": ["not started: under a minute of --deadline left"]}
+    model = assets.get(f"tiny-{row['family']}" if row["model"] == "tiny" else row["model"])
+    if isinstance(model, NotBuilt):
+        return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
+                "exit": None, "wall_s": 0.0, "passed": False, "problems": [model.why]}
     try:
         if row["kind"] == "kill-resume":
             result = _kill_resume(row, assets, work)

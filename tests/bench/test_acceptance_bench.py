@@ -153,3 +153,23 @@ def test_latest_names_the_environment_of_each_result(bench, tmp_path):
     assert any(line.startswith("- 1 row(s), 2026-12-02 10:00") and "torch 2.11.0" in line
                and "flash-attn-4 not installed" in line and "NVIDIA H200 (139.8 GiB)" in line for line in measured)
     assert any("environment not recorded" in line for line in measured)
+
+
+def test_a_model_that_cannot_be_built_fails_its_rows_not_the_bench(bench, tmp_path, monkeypatch):
+    """On 2026-12-05 the flux2 group's [dev] build filled the H100 machine's disk and the bench stopped with a
+    traceback: no row of any model was recorded. Now the model's rows fail with the builder's reason, its partial
+    folder is removed (its disk is the other models'), and the bench goes on to the other models' rows."""
+    import flux2_fullsize
+
+    def full_disk(folder):
+        (Path(folder) / "transformer").mkdir(parents=True)
+        (Path(folder) / "transformer" / "shard.safetensors").write_bytes(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(flux2_fullsize, "builders", lambda: {"dev-full": full_disk})
+    assets = bench.build_assets(tmp_path, {"dev-full"})
+    assert isinstance(assets["dev-full"], bench.NotBuilt) and "No space left on device" in assets["dev-full"].why
+    assert not (tmp_path / "models" / "dev-full").exists()
+    row = next(r for r in bench.flux2_rows() if r["model"] == "dev-full")
+    result = bench.run_row(row, assets, tmp_path)
+    assert not result["passed"] and result["problems"] == [assets["dev-full"].why]
