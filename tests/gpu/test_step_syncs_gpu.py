@@ -4,7 +4,8 @@ queueing work ahead, and the GPU then idles through the host's gaps (docs/perfor
 round": the fast recipe's step was host-bound by a fifth to a third). PyTorch's sync debug mode reports each such
 call with the line that made it. The control: σ copied to the GPU the plain way (pageable, as before) must show up
 as a second sync per step, at that line. A sync inside torch's CUDA-graph trees records a graph (once per shape,
-on the steps after compilation) and is not a steady step's; any other sync fails with its call stack."""
+on the steps after compilation) and is not a steady step's, nor is one the watch makes switching the debug mode
+back; any other sync fails with its call stack."""
 from __future__ import annotations
 
 import traceback
@@ -76,6 +77,12 @@ def _shown(sync: tuple[str, list[traceback.FrameSummary]]) -> str:
                                         for f in reversed(stack[-6:]))
 
 
+def _watcher(stack: list[traceback.FrameSummary]) -> bool:
+    """A sync reported inside ``SyncWatch.step_finished``: the watch switching the debug mode back (seen on the
+    H100 on 2026-12-05, from ``torch/cuda/__init__.py``), not the step's."""
+    return any(f.filename == __file__ and f.name == "step_finished" for f in stack)
+
+
 def _recording(stack: list[traceback.FrameSummary]) -> bool:
     """A sync inside torch's CUDA-graph trees: a graph being recorded (once per shape), not a steady step's."""
     return any(Path(f.filename).name == "cudagraph_trees.py" for f in stack)
@@ -89,7 +96,7 @@ def test_a_steady_step_syncs_once_at_the_previous_loss(tmp_path, monkeypatch, mo
     source = Path(train.__file__).read_text("utf-8").splitlines()
     reads = [w for w, _ in syncs if w.startswith("train.py:") and "float(loss_sum)" in source[int(w.split(":")[1]) - 1]]
     recorded = [s for s in syncs if _recording(s[1])]
-    others = [s for s in syncs if s[0] not in reads and s not in recorded]
+    others = [s for s in syncs if s[0] not in reads and s not in recorded and not _watcher(s[1])]
     assert not others, "syncs outside the loss read: " + "; ".join(map(_shown, others))
     assert 7 <= len(reads) <= 9, f"{len(reads)} loss reads in 8 steps: {[_shown(s) for s in syncs]}"
     assert len(recorded) <= 2, f"graph recordings in steady steps: {[_shown(s) for s in recorded]}"
