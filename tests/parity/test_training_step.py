@@ -146,7 +146,8 @@ class Seen:
 
     def __init__(self):
         self.objective: dict[str, Any] = {}
-        self.fed: dict[str, Any] = {}
+        self.fed: dict[str, Any] = {}           # what the transformer was fed by the training step (its first call)
+        self.calls: list[dict[str, Any]] = []   # every call of the run, samples included
         self.losses: list[float] = []
 
     @hookimpl
@@ -155,7 +156,7 @@ class Seen:
 
 
 def train_one_step(family: str, model: Path, dataset: Path, tmp_path: Path, monkeypatch, train: str = "",
-                   native: str = "", dataset_extra: str = "") -> Seen:
+                   native: str = "", dataset_extra: str = "", replace: dict[str, str] | None = None) -> Seen:
     import inspect
 
     from lora_run.plugins import load_plugins
@@ -178,14 +179,19 @@ def train_one_step(family: str, model: Path, dataset: Path, tmp_path: Path, monk
 
         def hook(module, args, kwargs):
             bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-            seen.fed = {k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in bound.items()}
+            seen.calls.append({k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in bound.items()})
+            seen.fed = seen.calls[0]
         transformer.register_forward_pre_hook(hook, with_kwargs=True)
         return transformer
 
+    text = RECIPE
+    for old, new in (replace or {}).items():
+        assert old in text
+        text = text.replace(old, new)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.toml"
-    path.write_text(RECIPE.format(family=family, model=model, dataset=dataset, seed=SEED, train=train, native=native,
-                                  dataset_extra=dataset_extra),
+    path.write_text(text.format(family=family, model=model, dataset=dataset, seed=SEED, train=train, native=native,
+                                dataset_extra=dataset_extra),
                     encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:          # observers of this run only (undone after it)
         patch.setattr(cls, "noisy_and_target", observed_objective)

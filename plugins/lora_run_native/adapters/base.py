@@ -504,10 +504,18 @@ class ModelAdapter:
         return kw
 
     def source_identity(self, subfolder: str, file_key: str | None = None) -> str:
-        """Identity string of one component: a single file, a local folder's component or a hub id."""
+        """Identity string of one component: a single file, a local folder's component or a hub id. A single file
+        takes its config from the source where that has one (the VAE's scaling and shift factors, FLUX.2's batch-norm
+        eps, a text encoder's settings): that config's content is part of the file's identity, as a folder's JSON
+        files are part of its own (read from the local cache only for a hub source: no download)."""
         m = self.recipe.model
         if file_key and m.files.get(file_key):
-            return "file:" + file_identity(Path(m.files.get(file_key)))
+            identity = "file:" + file_identity(Path(m.files.get(file_key)))
+            config = self.source_json(subfolder, download=False)
+            if config is not None:
+                text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+                identity += "|config:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            return identity
         src = m.source or self.default_hub_id or "?"
         if is_local_source(src):
             return f"folder:{Path(src).resolve()}/{subfolder}:{folder_identity(Path(src), subfolder)}"
