@@ -790,6 +790,11 @@ class Trainer:
                               f"does not fit this recipe's ({type(exc).__name__}: {exc}); only steps/epochs, save "
                               "policy, [sample] and [eval] may change on resume") from None
         start = int(saved["state"]["step"])
+        if start > data.total:       # `check_resume` refuses this first where the checkpoint records its epoch length
+            from . import shorter_than_checkpoint
+
+            key = "train.steps" if self.recipe.train.steps is not None else "train.epochs"
+            raise RecipeError(shorter_than_checkpoint(self.shown, found, start, data.total, key))
         self.last_checkpoint = found
         self.echo(f"resumed from {found} (step {start} of {data.total})")
         self.run_dir.log(f"resumed from {found.name}")
@@ -1132,6 +1137,7 @@ class Trainer:
         epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
         info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
                 state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family,
+                "batches_per_epoch": state.planner.batches_per_epoch,     # an epochs-based run's length on resume
                 "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
         started = time.perf_counter()
         path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
