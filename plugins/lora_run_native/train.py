@@ -396,7 +396,6 @@ class Trainer:
                 self.started_at = first
         self.last_checkpoint: Path | None = None
         self.first_loss: float | None = None        # step 1's loss (a resumed run: from its checkpoint)
-        self.start = 0                              # the step this start of the run continues from
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_rounds: list[float] = []        # seconds of each sample round
         self.checkpoint_seconds = 0.0
