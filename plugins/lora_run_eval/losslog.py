@@ -1,12 +1,17 @@
 """Collects the training loss from the `step_finished` hook into `<run>/eval/loss.jsonl`.
 
-The file is rewritten atomically (every FLUSH_EVERY steps, at each checkpoint and at the end), never
-appended in place, so a crash leaves the previous complete file. On resume the earlier history is kept
-up to the step the run continues from. Checkpoints seen through `checkpoint_saved` are remembered for the
-evaluator too (in case a backend does not list them in `ctx.artifacts`).
+Each step's row is appended as it is reported, in one write, so a run killed at any moment (SIGKILL, a power cut
+of the process) leaves every step it reported on disk, also those between its last checkpoint and the kill. When
+a run starts or resumes, the file is first rewritten atomically with the earlier history up to the step the run
+continues from (a resumed run trains the steps after its checkpoint again, and reports them again). A row whose
+append failed (a full disk) would leave a torn line that spoils the next one: after a failed append the rows are
+kept in memory only and the whole file is rewritten atomically at the next checkpoint or the end (``flush``).
+Checkpoints seen through `checkpoint_saved` are remembered for the evaluator too (in case a backend does not list
+them in `ctx.artifacts`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +21,7 @@ from typing import Any
 from lora_run_rundir import atomic_write_text
 
 LOSS_FILE = "loss.jsonl"
+#: after a failed append, rewrite the whole file every this many steps
 FLUSH_EVERY = 50
 
 
@@ -52,17 +58,26 @@ class LossLog:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
-        self.dirty = 0
+        self.dirty = 0          # rows not on disk (an append failed): the next flush rewrites the file
         self.loaded = False
 
     def _load(self, first_step: int) -> None:
+        """The history before ``first_step`` (the step this run continues from), rewritten atomically: the rows of
+        the steps a resumed run trains again, reported by the run that was stopped, go."""
         self.loaded = True
+        kept = []
         for row in read_rows(self.path):
             try:
                 if int(row["step"]) < first_step:
-                    self.rows.append(row)
+                    kept.append(row)
             except (ValueError, KeyError, TypeError, OverflowError):
                 continue
+        self.rows = kept + self.rows
+        if self.rows or os.path.lexists(self.path):
+            self._rewrite()
+        else:
+            with contextlib.suppress(OSError):      # else the first append fails and the rows wait for a flush
+                self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.loaded:
@@ -78,15 +93,23 @@ class LossLog:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 row[key] = value
         self.rows.append(row)
-        self.dirty += 1
-        if self.dirty >= FLUSH_EVERY:
-            self.flush()
+        if self.dirty:          # an earlier append failed: appending now would join this row to a torn line
+            self.dirty += 1
+            if self.dirty >= FLUSH_EVERY:
+                self.flush()
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError:
+            self.dirty = 1
 
     def flush(self) -> None:
-        if not self.dirty and self.path.exists():
-            return
-        if not self.rows:
-            return
+        """Rewrite the file atomically where rows are not on disk (an append failed)."""
+        if self.dirty and self.rows:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.dirty = 0
 

@@ -8,6 +8,8 @@ No torch import at module level: `lora-run check` and `lora-run plugins` load th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from lora_run.hookspecs import hookimpl
 
 
@@ -92,7 +94,8 @@ def check_resume(run_dir, recipe, loaded, report, allow_dataset_change, plugins)
     from lora_run.files import shown
     from lora_run.recipe import to_dict
 
-    from .checkpoint import misplaced_entries, recorded_checkpoints, recorded_recipe_differences, unwritten_checkpoints
+    from .checkpoint import (misplaced_entries, past_the_end, recorded_checkpoints, recorded_recipe_differences,
+                             unwritten_checkpoints)
 
     backend = plugins.registry["backend"].get(recipe.backend.name)
     if backend is None or backend.factory is not make_backend:
@@ -114,6 +117,21 @@ def check_resume(run_dir, recipe, loaded, report, allow_dataset_change, plugins)
         raise RecipeError(f"{loaded.shown}: cannot resume from {shown(state)}: that checkpoint was trained with another "
                           f"recipe (it differs at {', '.join('[' + k + ']' for k in keys)}); only steps/epochs, save "
                           "policy, [sample] and [eval] may change on resume")
+    past = past_the_end(root, recipe)
+    if past is not None:
+        raise RecipeError(shorter_than_checkpoint(loaded.shown, *past))
+
+
+def shorter_than_checkpoint(where: str, state: Path, step: int, total: int, key: str) -> str:
+    """The refusal of a resume whose run is now shorter than its newest checkpoint (``[train] steps`` or ``epochs``
+    lowered below it): it would write that checkpoint's LoRA as the final one of a shorter run."""
+    from lora_run.files import shown
+
+    folder = state.parent.parent if state.name == "state.json" else state
+    return (f"{where}: cannot resume from {shown(folder)}: that checkpoint has trained {step} steps, more than the "
+            f"{total} [{key}] gives now; a resume trains on from its newest checkpoint and cannot go back. Set "
+            f"[{key}] so the run is at least {step} steps long, take the LoRA of an earlier step from its checkpoint "
+            "folder, or start over with --overwrite")
 
 
 @hookimpl

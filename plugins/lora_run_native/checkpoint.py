@@ -401,6 +401,29 @@ def recorded_recipe_differences(root: Path, recipe: dict[str, Any]) -> list[tupl
     return out
 
 
+def past_the_end(root: Path, recipe: Any) -> tuple[Path, int, int, str] | None:
+    """(state file, its step, the run's length now, the recipe key that sets it) where the newest checkpoint whose
+    state reads has trained more steps than ``recipe`` (its ``[train] steps`` or ``epochs``) now gives: a resume
+    continues from its newest checkpoint and cannot go back. For an epochs-based recipe the length needs the
+    batches of an epoch, which a checkpoint records (``batches_per_epoch``); an older checkpoint that does not is
+    left to the check after loading (``Trainer.restore``)."""
+    t = recipe.train
+    for _step, folder in reversed(candidate_checkpoints(root)):
+        state = _state_record(folder)
+        step = state.get("step")
+        if not _is_state(state):
+            continue
+        if t.steps is not None:
+            total, key = t.steps, "train.steps"
+        else:
+            bpe = state.get("batches_per_epoch")
+            if not isinstance(bpe, int) or isinstance(bpe, bool) or bpe < 1:
+                return None
+            total, key = math.ceil(t.epochs * bpe / t.gradient_accumulation), "train.epochs"
+        return (folder / STATE, step, total, key) if step > total else None
+    return None
+
+
 def recorded_loras(folder: Path) -> dict[str, str]:
     """The LoRA files (format -> path relative to ``folder``) a checkpoint's state records; none for a state that
     does not parse (an older checkpoint damaged after the one a run resumed from)."""

@@ -395,6 +395,7 @@ class Trainer:
             if isinstance(first, str) and first:
                 self.started_at = first
         self.last_checkpoint: Path | None = None
+        self.first_loss: float | None = None        # step 1's loss (a resumed run: from its checkpoint)
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_rounds: list[float] = []        # seconds of each sample round
         self.checkpoint_seconds = 0.0
@@ -790,6 +791,14 @@ class Trainer:
                               f"does not fit this recipe's ({type(exc).__name__}: {exc}); only steps/epochs, save "
                               "policy, [sample] and [eval] may change on resume") from None
         start = int(saved["state"]["step"])
+        first = saved["state"].get("loss_first")        # the run's first loss (none in an older checkpoint)
+        self.first_loss = float(first) if isinstance(first, (int, float)) and not isinstance(first, bool) else None
+        self._record_checkpoints(opt.ckpt_root)         # those moved aside as damaged are no longer listed
+        if start > data.total:       # `check_resume` refuses this first where the checkpoint records its epoch length
+            from . import shorter_than_checkpoint
+
+            key = "train.steps" if self.recipe.train.steps is not None else "train.epochs"
+            raise RecipeError(shorter_than_checkpoint(self.shown, found, start, data.total, key))
         self.last_checkpoint = found
         self.echo(f"resumed from {found} (step {start} of {data.total})")
         self.run_dir.log(f"resumed from {found.name}")
@@ -826,6 +835,8 @@ class Trainer:
         try:
             self._loop(state, start)
         finally:
+            # the steps this start trained (from its checkpoint to the last step it finished), for `invocations`
+            self.ctx.artifacts["steps_this_start"] = [start, start + len(self.step_times)]
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if self.has_trackers:     # not end_training(): it also ends the process group _finish may need
@@ -918,6 +929,8 @@ class Trainer:
                        "it_per_s": done / elapsed if elapsed > 0 else 0.0, "memory_gib": _memory_gib(device),
                        "epoch": (number * accum) // state.planner.batches_per_epoch}
             state.losses.append(step_loss)
+            if number == 1:
+                self.first_loss = step_loss
             if self.has_trackers:
                 acc.log({"train/loss": step_loss, "train/lr": metrics["lr"]}, step=number)
             bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{metrics['lr']:.2e}", mem=f"{metrics['memory_gib']:.1f}G",
@@ -1132,23 +1145,32 @@ class Trainer:
         epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
         info = {"epoch": epoch, "position": (number * self.recipe.train.gradient_accumulation) %
                 state.planner.batches_per_epoch, "total_steps": state.total, "family": self.recipe.model.family,
+                "batches_per_epoch": state.planner.batches_per_epoch,     # an epochs-based run's length on resume
+                "loss_first": self.first_loss,
                 "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
         started = time.perf_counter()
         path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
                          scheduler=state.scheduler, info=info, write_loras=loras)
         self.last_checkpoint = path
         removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
+        self._record_checkpoints(state.ckpt_root)
+        self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        self.checkpoint_seconds += time.perf_counter() - started
+        self._mark_round()
+        self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
+
+    def _record_checkpoints(self, root: Path) -> None:
+        """The manifest's ``artifacts.checkpoints``: the checkpoints in the run folder now (after every save, so a
+        killed run's record holds them; on resume, less those moved aside as damaged)."""
+        if not self.main:
+            return
         kept = []
-        for step, folder in ckpt.complete_checkpoints(state.ckpt_root):
+        for step, folder in ckpt.complete_checkpoints(root):
             loras = ckpt.recorded_loras(folder)
             kept.append({"step": step, "dir": str(folder),
                          **{f"lora_{fmt}": str(folder / rel) for fmt, rel in loras.items()}})
         self.ctx.artifacts["checkpoints"] = kept
         self.run_dir.update_manifest(artifacts={"checkpoints": kept})   # which ones lora-run wrote, before any kill
-        self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
-        self.checkpoint_seconds += time.perf_counter() - started
-        self._mark_round()
-        self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
 
     # -------------------------------------------------------------------------------------- samples
     def _samples(self, state: LoopState, number: int) -> list[str]:
@@ -1234,8 +1256,9 @@ class Trainer:
             self._samples(state, state.total)     # under FSDP every rank takes part
         if not self.main:
             return
+        if self.first_loss is not None:       # a run resumed from an older checkpoint does not know it
+            self.ctx.artifacts["loss_first"] = self.first_loss
         if state.losses:
-            self.ctx.artifacts["loss_first"] = state.losses[0]
             self.ctx.artifacts["loss_last"] = state.losses[-1]
         self.ctx.artifacts["steps"] = state.total
 

@@ -513,10 +513,19 @@ class RunDir:
             from .provenance import lora_digests
 
             final = {"hardware": hardware(), "lora_files": lora_digests(self.path, artifacts)}   # torch is loaded now
+            before = self.read_manifest()
             if self.run is not None:     # a hub model is in the local cache now: its commit is known
-                final["model"] = model_identity_of(self.run, self.read_manifest().get("model"))
-            self.update_manifest(status=status, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 duration_s=round(time.time() - self.started, 2), artifacts=artifacts,
+                final["model"] = model_identity_of(self.run, before.get("model"))
+            artifacts = dict(artifacts)
+            steps = artifacts.pop("steps_this_start", None)      # a backend's: the steps this start trained
+            finished, duration = time.strftime("%Y-%m-%dT%H:%M:%S%z"), round(time.time() - self.started, 2)
+            invocations = before.get("invocations")
+            if isinstance(invocations, list) and invocations and isinstance(invocations[-1], dict):
+                # this start's own record (a start that was killed has none: it could write nothing)
+                invocations[-1].update(status=status, finished_at=finished, duration_s=duration,
+                                       **({"steps": steps} if isinstance(steps, list) else {}))
+                final["invocations"] = invocations
+            self.update_manifest(status=status, finished_at=finished, duration_s=duration, artifacts=artifacts,
                                  error=(str(error) or type(error).__name__) if error else None, **final)
         except (OSError, LoraRunError) as exc:
             echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")

@@ -60,11 +60,26 @@ def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str, plug
                           f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
                           "[sample] and [eval] may change on resume")
     length = [{k: part.get("train", {}).get(k) for k in ("steps", "epochs")} for part in (before, now)]
-    if run_dir.read_manifest().get("status") == "completed" and length[0] == length[1]:
+    if run_dir.read_manifest().get("status") == "completed" and not _longer(*length):
         told = ", ".join(f"{k} = {v}" for k, v in length[0].items() if v is not None)
-        raise OutputError(f"{shown_recipe}: nothing to resume: the run in {run_dir.path} is completed ({told}); "
-                          "raise [train.steps] (or epochs) to train on, `lora-run eval` evaluates its LoRA again, "
+        asked = ", ".join(f"{k} = {v}" for k, v in length[1].items() if v is not None)
+        raise OutputError(f"{shown_recipe}: nothing to resume: the run in {run_dir.path} is completed ({told}"
+                          + (f"; {asked} now would not train on: a resume replaces its LoRA, samples and evaluation with "
+                             "an earlier step's" if length[0] != length[1] else "")
+                          + "); raise [train.steps] (or epochs) to train on, `lora-run eval` evaluates its LoRA again, "
                           "--overwrite starts it over")
+
+
+def _longer(before: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether the run's length (``[train] steps`` or ``epochs``) is now longer. A completed run resumes only for
+    that: the same or a shorter length would write an earlier step's LoRA over the one it finished with. Where the
+    length changed from steps to epochs (or back) the backend knows the step count (the native backend refuses a
+    run shorter than its newest checkpoint)."""
+    for key in ("steps", "epochs"):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+            return new > old
+    return before != now
 
 
 def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> list[str]:

@@ -131,7 +131,8 @@ def test_the_readmes_error_example_is_what_check_prints(tmp_path, capsys, monkey
 def test_resuming_a_completed_run_replaces_nothing(tiny_recipe, tmp_path, capsys, monkeypatch, figures):
     """`--resume` of a completed run (an agent retrying a command that already succeeded) said "no complete
     checkpoint yet; starting from step 0" and trained the run again, replacing the LoRA it had finished with.
-    It is now refused (exit 2) with nothing touched; raising the step count still trains on."""
+    It is now refused (exit 2) with nothing touched, and so is a shorter step count (it replaced the LoRA with the
+    newest checkpoint's, an earlier step's); raising the step count still trains on."""
     monkeypatch.chdir(tmp_path)
     recipe = tiny_recipe("", name="recipe.toml")
     out = tmp_path / "run"
@@ -144,6 +145,12 @@ def test_resuming_a_completed_run_replaces_nothing(tiny_recipe, tmp_path, capsys
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
              and p.name != ".lora-run.lock"}
     assert after == before
+    # a shorter run would write the step-4 checkpoint's LoRA over the 6-step one the run finished with
+    code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume", "--set", "train.steps=4"], capsys,
+                         "unexpected")
+    assert code == 2 and "is completed (steps = 6; steps = 4 now would not train on" in text, text
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()
+            and p.name != ".lora-run.lock"} == before
     code, text = run_cli([str(recipe), "--output-dir", str(out), "--resume", "--set", "train.steps=8"], capsys,
                          "unexpected")
     assert code == 0 and "resumed from" in text, text

@@ -444,6 +444,39 @@ def test_a_checkpoint_of_another_recipe_is_refused(base_run, tmp_path, capsys, c
     figures("resume integrity", cases=1, faults=1)
 
 
+@pytest.mark.slow
+def test_a_resume_shorter_than_its_newest_checkpoint_is_refused(base_run, tmp_path, capsys, figures):
+    """A killed run whose `[train] steps` (or `epochs`) was lowered below its newest checkpoint on `--resume`
+    trained nothing, wrote that checkpoint's LoRA as the final LoRA of the shorter run and ended "completed" ("resumed
+    from …step-000004 (step 4 of 3)"). It is refused naming the key: before anything is written where the checkpoint
+    records its length (an epoch's batches for `epochs`), else once the checkpoint is loaded (exit 2 either way)."""
+    recipe, run, _ = _copy(base_run, tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["status"] = "running"                    # as a SIGKILL leaves it
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"}
+    for sets, key, total in ((["train.steps=3"], "train.steps", 3),
+                             (["train.epochs=1"], "train.epochs", 3)):     # 3 images, batch 1: 3 steps an epoch
+        argv = [str(recipe), "--resume", "--output-dir", str(run)] + [a for s in sets for a in ("--set", s)]
+        if key == "train.epochs":
+            argv += ["--unset", "train.steps"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and f"step-000004: that checkpoint has trained 4 steps, more than the {total} [{key}] gives " \
+            "now" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lora-run.lock"} == before
+    state = run / "checkpoints" / "step-000004" / "resume" / "state.json"      # an older checkpoint records no
+    data = json.loads(state.read_text())                                        # epoch length: refused once loaded
+    del data["batches_per_epoch"]
+    state.write_text(json.dumps(data), encoding="utf-8")
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--unset", "train.steps", "--set", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the 3 [train.epochs] gives now" in err and "Traceback" not in err, err
+    assert (run / "tiny.safetensors").read_bytes() == before[run / "tiny.safetensors"], "the LoRA is kept"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    figures("resume integrity", cases=3, faults=3)
+
+
 # ------------------------------------------------------------------------------ where the run folder is
 @pytest.mark.slow
 def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, capsys, monkeypatch, figures):
