@@ -56,8 +56,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PROBE = Path(__file__).resolve().parent / "mp_probe"      # its sitecustomize instruments launched processes
+
+
 def env() -> dict:
-    paths = [str(Path(__file__).resolve().parents[2] / d) for d in ("core", "plugins")]
+    paths = [str(PROBE), *(str(Path(__file__).resolve().parents[2] / d) for d in ("core", "plugins"))]
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
             "HOME": os.environ.get("HOME", "/tmp")}
@@ -312,6 +315,34 @@ def test_a_failed_rank_ends_the_run_with_exit_1_and_its_log_tail(flux_recipe, fi
     assert code == 1, text
     assert "rank 1 was killed by SIGKILL" in text and "last output" in text, text[-6000:]
     assert json.loads((out / "manifest.json").read_text())["status"] != "completed"
+
+
+def _root_cause(text: str) -> str:
+    """torchrun's failure summary from "Root Cause" on."""
+    assert "Root Cause" in text, text[-6000:]
+    return text[text.index("Root Cause"):]
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_ends_a_torchrun_run_with_its_message_as_the_root_cause(flux_recipe, five_images, tmp_path):
+    """Under your own torchrun, rank 1 fails (an out-of-memory error, say) at step 3: the launcher stops rank 0 and
+    exits non-zero, and its summary's Root Cause is rank 1's message, worded as rank 0's crash would be (rank 1 once
+    said "unexpected RuntimeError … a bug in lora-run" and left the launcher's error file empty)."""
+    recipe = flux_recipe(data=five_images)
+    out = tmp_path / "raise"
+    (tmp_path / "probe").mkdir()
+    started = time.time()
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}", *lora_run_args(recipe, out, [*TWO, "train.steps=40"])],
+                        tmp_path / "raise.log", timeout=180, LORA_RUN_PROBE=str(tmp_path / "probe"),
+                        LORA_RUN_PROBE_RAISE="1:3")
+    assert code != 0 and time.time() - started < 150, text
+    cause = _root_cause(text)
+    assert "rank      : 1" in cause and 'backend "native" crashed on rank 1 of 2: RuntimeError: probe: out of ' \
+        "memory on rank 1 in step 3" in cause, cause
+    assert "a bug in lora-run" not in text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert not (out / "tiny.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------ units
