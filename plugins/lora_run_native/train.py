@@ -984,6 +984,9 @@ class Trainer:
                 if sample_due:
                     self._samples(state, number)
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
+                    # ... and leaves once rank 0 has saved it: a launcher stops the other processes as soon as one
+                    # exits (torchrun: SIGTERM, then SIGKILL), which would cut rank 0's checkpoint short
+                    self.parallel.barrier()
                     raise TrainingInterrupted(
                         f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
                         f"resume with: {resume_command(self.ctx.loaded, self.run_dir.path)}")
@@ -1113,6 +1116,8 @@ class Trainer:
         return lora_state_dict(transformer), lora_state_dict(te_module)
 
     def _save_checkpoint(self, state: LoopState, number: int) -> None:
+        if not self.main:       # the folder rank 0 writes: what this rank's messages name (an interrupted run's)
+            self.last_checkpoint = ckpt.checkpoint_dir(state.ckpt_root, number)
         if not (self.main or self.parallel.fsdp):
             return
         trainable = self.parallel.trainable_full(           # under FSDP every rank takes part in the gathers

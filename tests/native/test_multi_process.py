@@ -345,6 +345,35 @@ def test_a_rank_that_raises_ends_a_torchrun_run_with_its_message_as_the_root_cau
     assert not (out / "tiny.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_a_stop_agreed_after_a_slow_step_keeps_rank_0s_checkpoint(flux_recipe, five_images, tmp_path):
+    """Ctrl-C reaches rank 0 alone, whose step then takes 12 s more: the ranks agree on the stop, and rank 1 waits
+    for rank 0's checkpoint before it exits. It used to exit at once; torchrun then stopped rank 0 (SIGTERM), which,
+    more than 10 s after its Ctrl-C, took it for a second one and aborted the save: no resumable state. Rank 1's
+    message names rank 0's checkpoint (it said "a resumable state is in None")."""
+    recipe = flux_recipe(data=five_images)
+    out = tmp_path / "stop"
+    log = tmp_path / "stop.log"
+    (tmp_path / "probe").mkdir()
+    proc = start([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                  *lora_run_args(recipe, out, [*TWO, "train.steps=400", "train.save_every_steps=1000"])], log,
+                 LORA_RUN_PROBE=str(tmp_path / "probe"), LORA_RUN_PROBE_SLOW_STOP="0:12")
+    try:
+        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
+        rank0 = _rank_pid(proc.pid, 0)
+        assert rank0 is not None
+        os.kill(rank0, signal.SIGINT)
+    finally:
+        code, text = finish(proc, log)
+    assert code != 0, text                      # torchrun's own exit code for workers that exited with 130
+    found = sorted((out / "checkpoints").glob("step-*/resume/state.json"))
+    assert len(found) == 1, text[-6000:]
+    step = json.loads(found[0].read_text())["step"]
+    assert text.count(f"a resumable state is in {out / 'checkpoints' / f'step-{step:06d}'}") == 2, text[-6000:]
+    assert "resumable state is in None" not in text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+
+
 # ------------------------------------------------------------------------------------------------ units
 def test_more_gpus_than_cuda_devices_is_refused_with_the_key_named():
     from lora_run_native.distributed import validate_gpus
