@@ -35,7 +35,7 @@ from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_
 MASK64 = (1 << 63) - 1
 
 
-def step_seed(seed: int, *parts: int) -> int:
+def step_seed(seed: int, *parts: int | str) -> int:
     """A 63-bit seed derived from the run seed and step/micro-batch numbers (stable across runs)."""
     import hashlib
 
@@ -892,6 +892,7 @@ class Trainer:
         acc = state.accelerator
         device = acc.device
         accum = r.train.gradient_accumulation
+        rank = self.parallel.rank
         show = getattr(self.options, "progress_bar", True) and self.main
         bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
                    unit="step", desc="training", mininterval=0.1 if sys.stderr.isatty() else 5.0)
@@ -931,7 +932,9 @@ class Trainer:
         try:
             for step in range(start, state.total):
                 step_started = time.perf_counter()
-                reseed(step_seed(r.train.seed, "step", step))
+                # python/numpy/torch's own generators (LoRA dropout's masks): one stream per rank, as one process
+                # draws another mask for each sample of its batch (rank 0 keeps the one-process stream)
+                reseed(step_seed(r.train.seed, "step", step, *(("rank", rank) if rank else ())))
                 te_active = state.te_module is not None and step < state.te_stop
                 if state.te_module is not None and not te_active and state.te_module.training:
                     for p in state.te_params.values():

@@ -151,6 +151,77 @@ def test_torchrun_equals_one_process_and_resumes_with_another_process_count(flux
     assert_close(one.artifacts["lora_kohya"], resumed.artifacts["lora_kohya"])
 
 
+# ------------------------------------------------------------------------------- what each rank trains
+def probed(folder: Path) -> dict[int, list[dict]]:
+    """The records of ``mp_probe`` (LORA_RUN_PROBE=folder): rank → one dict per micro-step."""
+    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob("rank*.jsonl"))}
+
+
+@pytest.fixture
+def three_buckets(tmp_path):
+    """6 images in 3 buckets at resolution 96 (3 wide, 2 tall, 1 square): with a global batch of 2 every epoch has
+    full and short batches of different shapes."""
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path / "mixed"
+    make_images(folder, count=3, size=(96, 80), prefix="wide")
+    make_images(folder, count=2, size=(80, 96), prefix="tall", seed=1)
+    make_images(folder, count=1, size=(96, 96), prefix="square", seed=2)
+    return folder
+
+
+@pytest.mark.slow
+def test_each_rank_trains_its_own_share_of_every_global_batch_across_buckets(flux_recipe, three_buckets, tmp_path):
+    """2 processes × batch 1 against 1 process × batch 2, 2 epochs over 3 buckets (`epochs`: the step count comes
+    from the global batch). Every step the ranks train disjoint parts of the one-process batch, in one bucket; each
+    image once per epoch; the step's loss and the LoRA are the one-process ones; torch's own generator (LoRA
+    dropout) runs one stream per rank, rank 0's the one-process stream. Planted mistake: DDP summing the ranks'
+    gradients instead of averaging them is caught by the LoRA comparison."""
+    recipe = flux_recipe(data=three_buckets, length="epochs = 2")
+    common = ["dataset.resolution=96", "optimizer.lr=1e-2", "optimizer.eps=1e-4"]
+    runs = {}
+    for name, argv, values in (
+            ("one", [sys.executable], ["train.batch_size=2"]),
+            ("two", [str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                     f"--master-port={free_port()}"], ["train.batch_size=1"])):
+        (tmp_path / f"probe-{name}").mkdir()
+        code, text = launch([*argv, *lora_run_args(recipe, tmp_path / name, [*common, *values])],
+                            tmp_path / f"{name}.log", LORA_RUN_PROBE=str(tmp_path / f"probe-{name}"))
+        assert code == 0, text
+        runs[name] = probed(tmp_path / f"probe-{name}")
+    one, two = runs["one"][0], runs["two"]
+    assert [r["step"] for r in one] == list(range(8)), "2 epochs × 4 global batches (3 buckets: 2 + 1 + 1)"
+    assert {tuple(r["shape"]) for r in one} == {(16, 10, 12), (16, 12, 10), (16, 12, 12)}
+    assert len(two[0]) == len(two[1]) == len(one)
+    seen: list[int] = []
+    for ref, r0, r1 in zip(one, two[0], two[1]):
+        assert r0["step"] == r1["step"] == ref["step"]
+        assert r0["shape"] == r1["shape"] == ref["shape"], "the ranks of a step train one bucket"
+        trained = [i for r in (r0, r1) if r["scale"] for i in r["items"]]
+        assert trained == ref["items"], "the ranks' slices are the one-process batch, disjoint, nothing dropped"
+        assert r0["global"] == r1["global"] == len(ref["items"])
+        seen += trained
+        assert r0["rng"] == ref["rng"], "rank 0 keeps the one-process generator stream"
+        assert r1["rng"] != r0["rng"], "rank 1 draws its own LoRA-dropout masks"
+    assert sorted(seen[:6]) == sorted(seen[6:]) == list(range(6)), "every image once per epoch"
+    assert any(not r["scale"] for r in two[1]), "a short batch leaves rank 1 a weight-0 sample"
+    losses = [json.loads((tmp_path / n / "manifest.json").read_text())["artifacts"] for n in ("one", "two")]
+    for key in ("loss_first", "loss_last"):
+        assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-5), "the logged loss is the global batch's"
+    assert_close(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
+
+    summed = tmp_path / "summed"
+    (tmp_path / "probe-summed").mkdir()
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}", *lora_run_args(recipe, summed, [*common, "train.batch_size=1"])],
+                        tmp_path / "summed.log", LORA_RUN_PROBE=str(tmp_path / "probe-summed"),
+                        LORA_RUN_PROBE_PLANT="sum-gradients")
+    assert code == 0, text
+    with pytest.raises(AssertionError):
+        assert_close(tmp_path / "one" / "tiny.safetensors", summed / "tiny.safetensors")
+
+
 # ------------------------------------------------------------------------------------- accelerate launch
 @pytest.mark.slow
 def test_accelerate_launch_and_two_nodes_on_one_machine_equal_one_process(flux_recipe, run_recipe, five_images,
