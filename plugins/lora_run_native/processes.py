@@ -18,6 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
+
 from lora_run.errors import LoraRunError, RecipeError, TrainingInterrupted
 from lora_run.recipe import replace
 from lora_run.run import Processes, RunContext, Signals, crash_error
@@ -56,6 +58,8 @@ def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Calla
             run.echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
         if gpus != process.world:           # under a launcher the number of processes is the launcher's
             run.recipe = replace(run.recipe, train={"gpus": process.world})
+            if run.loaded is not None:      # ... and the `--resume` line the run prints keeps it (else refused)
+                run.loaded = attrs.evolve(run.loaded, sets=(*run.loaded.sets, f"train.gpus={process.world}"))
     if several is None or process.launched and process.main:
         return None
     return lambda: several(run, output_dir=output_dir, overwrite=overwrite)

@@ -493,6 +493,34 @@ def test_resume_may_change_the_process_count_but_not_the_global_batch():
     assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}})
 
 
+@pytest.mark.parametrize("recipe_gpus, world", [(1, 2), (4, 2), (2, 1)])
+def test_under_a_launcher_the_printed_resume_line_resumes_with_its_process_count(flux_recipe, monkeypatch, recipe_gpus,
+                                                                                 world):
+    """Under torchrun the launcher's process count becomes `[train] gpus` of the run (its recipe.toml); the
+    `--resume` line the run prints (Ctrl-C, a crash, a NaN) must say it: pasted as printed, it used to ask for the
+    recipe's count and was refused ("the global batch: 1 × 2 before, 1 × 1 now")."""
+    import shlex
+
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe, resume_command, to_dict
+    from lora_run.run import RunContext, validate
+    from lora_run_native.processes import take_part
+    from lora_run_rundir.resume import resume_differences
+
+    plugins = load_plugins()
+    loaded = load_recipe(flux_recipe(), [f"train.gpus={recipe_gpus}"], plugins=plugins)
+    prepared = validate(loaded, plugins)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, loaded, echo=lambda *_: None)
+    assert take_part(ctx, None, False) is None            # rank 0 goes on in core's run
+    assert ctx.recipe.train.gpus == world                 # what the run folder records
+    line = shlex.split(resume_command(ctx.loaded, "runs/x"))
+    again = load_recipe(line[1], [line[i + 1] for i, a in enumerate(line) if a == "--set"], plugins=plugins)
+    assert again.recipe.train.gpus == world
+    assert resume_differences(to_dict(ctx.recipe), to_dict(validate(again, plugins).recipe)) == []
+
+
 def test_gpus_key_and_flag(flux_recipe, tmp_path):
     from lora_run.cli import main
     from lora_run.recipe import load_recipe
