@@ -489,8 +489,13 @@ def test_resume_may_change_the_process_count_but_not_the_global_batch():
 
     saved = {"train": {"batch_size": 1, "gpus": 2, "steps": 4}}
     assert _resume_differences(saved, {"train": {"batch_size": 2, "gpus": 1, "steps": 8}}) == []
-    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 4, "steps": 4}})
-    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}})
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 4, "steps": 4}}) == [
+        "train.batch_size × train.gpus (the global batch: 1 × 2 before, 1 × 4 now; keep it: --gpus 2 with "
+        "train.batch_size = 1)"]
+    # the way on is named: a 2-process run pasted without its launcher (one process) takes batch 2 on 1 process
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}}) == [
+        "train.batch_size × train.gpus (the global batch: 1 × 2 before, 1 × 1 now; keep it: --gpus 2 with "
+        "train.batch_size = 1 or train.batch_size = 2 on 1 process(es))"]
 
 
 @pytest.mark.parametrize("recipe_gpus, world", [(1, 2), (4, 2), (2, 1)])
