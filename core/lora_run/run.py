@@ -304,11 +304,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
     except LoraRunError as exc:
         error = exc
         raise
-    except MemoryError as exc:
-        error = exc
-        raise BackendError(f"backend \"{recipe.backend.name}\" ran out of memory (MemoryError; run folder kept: "
-                           f"{run_dir.path})") from exc
-    except Exception as exc:  # noqa: BLE001 - an unexpected crash still ends with a manifest entry
+    except Exception as exc:  # noqa: BLE001 - an unexpected crash (MemoryError too) still ends with a manifest entry
         if signals.caused(exc):   # Ctrl-C in an import ("partially initialized module 'torch'"): not a crash
             status, error = "interrupted", TrainingInterrupted(
                 f"interrupted; resume with: {resume_command(loaded, run_dir.path)}")
@@ -316,8 +312,7 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
         error = run_dir.error_for(exc) or exc     # a full disk met outside the atomic writers: one line
         if error is not exc:
             raise error from exc
-        raise BackendError(f"backend \"{recipe.backend.name}\" crashed: {type(exc).__name__}: {exc} "
-                           f"(run folder kept: {run_dir.path}; --debug shows the traceback)") from exc
+        raise crash_error(exc, recipe.backend.name, run_dir.path) from exc
     finally:
         signals.restore()
         run_dir.finish(status, error, ctx.artifacts, echo)
@@ -328,6 +323,13 @@ def execute(loaded: LoadedRecipe, plugins: Plugins, *, output_dir: str | None = 
                 echo(f"warning: a run_finished hook failed: {exc}")
         run_dir.release()
     return ctx
+
+
+def crash_error(exc: BaseException, backend: str, run_path: Any, where: str = "") -> BackendError:
+    """A backend's unexpected exception as the run's error (exit 1), alike on every rank (``where``: " on rank 1")."""
+    what = "ran out of memory" if isinstance(exc, MemoryError) else "crashed"
+    return BackendError(f"backend \"{backend}\" {what}{where}: {type(exc).__name__}: {exc} (run folder kept: "
+                        f"{run_path}; --debug shows the traceback)")
 
 
 class Signals:

@@ -18,9 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_run.errors import RecipeError, TrainingInterrupted
+import attrs
+
+from lora_run.errors import LoraRunError, RecipeError, TrainingInterrupted
 from lora_run.recipe import replace
-from lora_run.run import Processes, RunContext, Signals
+from lora_run.run import Processes, RunContext, Signals, crash_error
 from lora_run_rundir import RunDir, output_path
 
 
@@ -56,6 +58,8 @@ def take_part(run: RunContext, output_dir: str | None, overwrite: bool) -> Calla
             run.echo(f"note: {shown}: [train.gpus] = {gpus} is replaced by the launcher's {process.world} process(es)")
         if gpus != process.world:           # under a launcher the number of processes is the launcher's
             run.recipe = replace(run.recipe, train={"gpus": process.world})
+            if run.loaded is not None:      # ... and the `--resume` line the run prints keeps it (else refused)
+                run.loaded = attrs.evolve(run.loaded, sets=(*run.loaded.sets, f"train.gpus={process.world}"))
     if several is None or process.launched and process.main:
         return None
     return lambda: several(run, output_dir=output_dir, overwrite=overwrite)
@@ -99,7 +103,9 @@ def launch_all(ctx: RunContext, output_dir: str | None, overwrite: bool) -> RunC
 
 
 def follow(ctx: RunContext, output_dir: str | None) -> RunContext:
-    """A rank other than 0 of a launched run: it trains its share and writes nothing."""
+    """A rank other than 0 of a launched run: it trains its share and writes nothing. A failure ends it as rank 0's
+    ends core's run, naming the rank: a LoraRunError as it is, any other exception as the backend's crash (exit 1;
+    the message reaches the launcher's error file, :func:`lora_run_commands.run.tell_launcher`)."""
     ctx.run_dir = FollowerRunDir(output_path(ctx.recipe, output_dir))
     signals = Signals()
     signals.term()
@@ -107,6 +113,13 @@ def follow(ctx: RunContext, output_dir: str | None) -> RunContext:
         ctx.backend.factory(ctx).run()
     except KeyboardInterrupt:
         raise TrainingInterrupted("interrupted") from None
+    except LoraRunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - worded as rank 0's crash is, not as a bug of lora-run
+        if signals.caused(exc):
+            raise TrainingInterrupted("interrupted") from None
+        where = f" on rank {ctx.process.rank} of {ctx.process.world}"
+        raise ctx.run_dir.error_for(exc) or crash_error(exc, ctx.recipe.backend.name, ctx.run_dir.path, where) from exc
     finally:
         signals.restore()
     return ctx

@@ -35,7 +35,7 @@ from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_
 MASK64 = (1 << 63) - 1
 
 
-def step_seed(seed: int, *parts: int) -> int:
+def step_seed(seed: int, *parts: int | str) -> int:
     """A 63-bit seed derived from the run seed and step/micro-batch numbers (stable across runs)."""
     import hashlib
 
@@ -903,6 +903,7 @@ class Trainer:
         acc = state.accelerator
         device = acc.device
         accum = r.train.gradient_accumulation
+        rank = self.parallel.rank
         show = getattr(self.options, "progress_bar", True) and self.main
         bar = tqdm(total=state.total, initial=start, disable=not show, file=sys.stderr, dynamic_ncols=True,
                    unit="step", desc="training", mininterval=0.1 if sys.stderr.isatty() else 5.0)
@@ -944,7 +945,9 @@ class Trainer:
         try:
             for step in range(start, state.total):
                 step_started = time.perf_counter()
-                reseed(step_seed(r.train.seed, "step", step))
+                # python/numpy/torch's own generators (LoRA dropout's masks): one stream per rank, as one process
+                # draws another mask for each sample of its batch (rank 0 keeps the one-process stream)
+                reseed(step_seed(r.train.seed, "step", step, *(("rank", rank) if rank else ())))
                 te_active = state.te_module is not None and step < state.te_stop
                 if state.te_module is not None and not te_active and state.te_module.training:
                     for p in state.te_params.values():
@@ -997,6 +1000,9 @@ class Trainer:
                 if sample_due:
                     self._samples(state, number)
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
+                    # ... and leaves once rank 0 has saved it: a launcher stops the other processes as soon as one
+                    # exits (torchrun: SIGTERM, then SIGKILL), which would cut rank 0's checkpoint short
+                    self.parallel.barrier()
                     raise TrainingInterrupted(
                         f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
                         f"resume with: {resume_command(self.ctx.loaded, self.run_dir.path)}")
@@ -1126,6 +1132,8 @@ class Trainer:
         return lora_state_dict(transformer), lora_state_dict(te_module)
 
     def _save_checkpoint(self, state: LoopState, number: int) -> None:
+        if not self.main:       # the folder rank 0 writes: what this rank's messages name (an interrupted run's)
+            self.last_checkpoint = ckpt.checkpoint_dir(state.ckpt_root, number)
         if not (self.main or self.parallel.fsdp):
             return
         trainable = self.parallel.trainable_full(           # under FSDP every rank takes part in the gathers

@@ -29,10 +29,11 @@ def resume_differences(saved: dict[str, Any], new: dict[str, Any], prefix: tuple
     out = []
     if not prefix:
         a, b = saved.get("train", {}), new.get("train", {})
-        if a.get("batch_size", 1) * a.get("gpus", 1) != b.get("batch_size", 1) * b.get("gpus", 1):
-            out.append("train.batch_size × train.gpus (the global batch: "
-                       f"{a.get('batch_size', 1)} × {a.get('gpus', 1)} before, "
-                       f"{b.get('batch_size', 1)} × {b.get('gpus', 1)} now)")
+        (ab, ag), (bb, bg) = ((t.get("batch_size", 1), t.get("gpus", 1)) for t in (a, b))
+        if ab * ag != bb * bg:      # the way on: the run's process count, or this one with the batch that keeps it
+            other = f" or train.batch_size = {ab * ag // bg} on {bg} process(es)" if ab * ag % bg == 0 else ""
+            out.append(f"train.batch_size × train.gpus (the global batch: {ab} × {ag} before, {bb} × {bg} now; keep "
+                       f"it: --gpus {ag} with train.batch_size = {ab}{other})")
     for key in sorted(set(saved) | set(new)):
         here = (*prefix, key)
         if here in _RESUMABLE_CHANGES or here[:1] in _RESUMABLE_CHANGES or here in _PER_PROCESS_BATCH \
@@ -58,7 +59,8 @@ def check_recipe_unchanged(run_dir: RunDir, recipe: Any, shown_recipe: str, plug
     if diffs:
         raise RecipeError(f"{shown_recipe}: cannot resume {run_dir.path}: the recipe changed at "
                           f"{', '.join('[' + d + ']' for d in diffs)}; only steps/epochs, save policy, "
-                          "[sample] and [eval] may change on resume")
+                          "[sample] and [eval] may change on resume (and the process count, with the global batch "
+                          "kept)")
     length = [{k: part.get("train", {}).get(k) for k in ("steps", "epochs")} for part in (before, now)]
     if run_dir.read_manifest().get("status") == "completed" and not _longer(*length):
         told = ", ".join(f"{k} = {v}" for k, v in length[0].items() if v is not None)

@@ -56,8 +56,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PROBE = Path(__file__).resolve().parent / "mp_probe"      # its sitecustomize instruments launched processes
+
+
 def env() -> dict:
-    paths = [str(Path(__file__).resolve().parents[2] / d) for d in ("core", "plugins")]
+    paths = [str(PROBE), *(str(Path(__file__).resolve().parents[2] / d) for d in ("core", "plugins"))]
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
             "HOME": os.environ.get("HOME", "/tmp")}
@@ -146,6 +149,77 @@ def test_torchrun_equals_one_process_and_resumes_with_another_process_count(flux
     resumed = run_recipe(recipe, [*ONE, *accum, "train.steps=4"], output=cut, resume=True)
     assert (cut / "run.log").read_text().count("resumed from step-000002") == 1
     assert_close(one.artifacts["lora_kohya"], resumed.artifacts["lora_kohya"])
+
+
+# ------------------------------------------------------------------------------- what each rank trains
+def probed(folder: Path) -> dict[int, list[dict]]:
+    """The records of ``mp_probe`` (LORA_RUN_PROBE=folder): rank → one dict per micro-step."""
+    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob("rank*.jsonl"))}
+
+
+@pytest.fixture
+def three_buckets(tmp_path):
+    """6 images in 3 buckets at resolution 96 (3 wide, 2 tall, 1 square): with a global batch of 2 every epoch has
+    full and short batches of different shapes."""
+    from lora_run_devtools.testing import make_images
+
+    folder = tmp_path / "mixed"
+    make_images(folder, count=3, size=(96, 80), prefix="wide")
+    make_images(folder, count=2, size=(80, 96), prefix="tall", seed=1)
+    make_images(folder, count=1, size=(96, 96), prefix="square", seed=2)
+    return folder
+
+
+@pytest.mark.slow
+def test_each_rank_trains_its_own_share_of_every_global_batch_across_buckets(flux_recipe, three_buckets, tmp_path):
+    """2 processes × batch 1 against 1 process × batch 2, 2 epochs over 3 buckets (`epochs`: the step count comes
+    from the global batch). Every step the ranks train disjoint parts of the one-process batch, in one bucket; each
+    image once per epoch; the step's loss and the LoRA are the one-process ones; torch's own generator (LoRA
+    dropout) runs one stream per rank, rank 0's the one-process stream. Planted mistake: DDP summing the ranks'
+    gradients instead of averaging them is caught by the LoRA comparison."""
+    recipe = flux_recipe(data=three_buckets, length="epochs = 2")
+    common = ["dataset.resolution=96", "optimizer.lr=1e-2", "optimizer.eps=1e-4"]
+    runs = {}
+    for name, argv, values in (
+            ("one", [sys.executable], ["train.batch_size=2"]),
+            ("two", [str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                     f"--master-port={free_port()}"], ["train.batch_size=1"])):
+        (tmp_path / f"probe-{name}").mkdir()
+        code, text = launch([*argv, *lora_run_args(recipe, tmp_path / name, [*common, *values])],
+                            tmp_path / f"{name}.log", LORA_RUN_PROBE=str(tmp_path / f"probe-{name}"))
+        assert code == 0, text
+        runs[name] = probed(tmp_path / f"probe-{name}")
+    one, two = runs["one"][0], runs["two"]
+    assert [r["step"] for r in one] == list(range(8)), "2 epochs × 4 global batches (3 buckets: 2 + 1 + 1)"
+    assert {tuple(r["shape"]) for r in one} == {(16, 10, 12), (16, 12, 10), (16, 12, 12)}
+    assert len(two[0]) == len(two[1]) == len(one)
+    seen: list[int] = []
+    for ref, r0, r1 in zip(one, two[0], two[1]):
+        assert r0["step"] == r1["step"] == ref["step"]
+        assert r0["shape"] == r1["shape"] == ref["shape"], "the ranks of a step train one bucket"
+        trained = [i for r in (r0, r1) if r["scale"] for i in r["items"]]
+        assert trained == ref["items"], "the ranks' slices are the one-process batch, disjoint, nothing dropped"
+        assert r0["global"] == r1["global"] == len(ref["items"])
+        seen += trained
+        assert r0["rng"] == ref["rng"], "rank 0 keeps the one-process generator stream"
+        assert r1["rng"] != r0["rng"], "rank 1 draws its own LoRA-dropout masks"
+    assert sorted(seen[:6]) == sorted(seen[6:]) == list(range(6)), "every image once per epoch"
+    assert any(not r["scale"] for r in two[1]), "a short batch leaves rank 1 a weight-0 sample"
+    losses = [json.loads((tmp_path / n / "manifest.json").read_text())["artifacts"] for n in ("one", "two")]
+    for key in ("loss_first", "loss_last"):
+        assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-5), "the logged loss is the global batch's"
+    assert_close(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
+
+    summed = tmp_path / "summed"
+    (tmp_path / "probe-summed").mkdir()
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}", *lora_run_args(recipe, summed, [*common, "train.batch_size=1"])],
+                        tmp_path / "summed.log", LORA_RUN_PROBE=str(tmp_path / "probe-summed"),
+                        LORA_RUN_PROBE_PLANT="sum-gradients")
+    assert code == 0, text
+    with pytest.raises(AssertionError):
+        assert_close(tmp_path / "one" / "tiny.safetensors", summed / "tiny.safetensors")
 
 
 # ------------------------------------------------------------------------------------- accelerate launch
@@ -314,6 +388,63 @@ def test_a_failed_rank_ends_the_run_with_exit_1_and_its_log_tail(flux_recipe, fi
     assert json.loads((out / "manifest.json").read_text())["status"] != "completed"
 
 
+def _root_cause(text: str) -> str:
+    """torchrun's failure summary from "Root Cause" on."""
+    assert "Root Cause" in text, text[-6000:]
+    return text[text.index("Root Cause"):]
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_ends_a_torchrun_run_with_its_message_as_the_root_cause(flux_recipe, five_images, tmp_path):
+    """Under your own torchrun, rank 1 fails (an out-of-memory error, say) at step 3: the launcher stops rank 0 and
+    exits non-zero, and its summary's Root Cause is rank 1's message, worded as rank 0's crash would be (rank 1 once
+    said "unexpected RuntimeError … a bug in lora-run" and left the launcher's error file empty)."""
+    recipe = flux_recipe(data=five_images)
+    out = tmp_path / "raise"
+    (tmp_path / "probe").mkdir()
+    started = time.time()
+    code, text = launch([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                         f"--master-port={free_port()}", *lora_run_args(recipe, out, [*TWO, "train.steps=40"])],
+                        tmp_path / "raise.log", timeout=180, LORA_RUN_PROBE=str(tmp_path / "probe"),
+                        LORA_RUN_PROBE_RAISE="1:3")
+    assert code != 0 and time.time() - started < 150, text
+    cause = _root_cause(text)
+    assert "rank      : 1" in cause and 'backend "native" crashed on rank 1 of 2: RuntimeError: probe: out of ' \
+        "memory on rank 1 in step 3" in cause, cause
+    assert "a bug in lora-run" not in text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert not (out / "tiny.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_stop_agreed_after_a_slow_step_keeps_rank_0s_checkpoint(flux_recipe, five_images, tmp_path):
+    """Ctrl-C reaches rank 0 alone, whose step then takes 12 s more: the ranks agree on the stop, and rank 1 waits
+    for rank 0's checkpoint before it exits. It used to exit at once; torchrun then stopped rank 0 (SIGTERM), which,
+    more than 10 s after its Ctrl-C, took it for a second one and aborted the save: no resumable state. Rank 1's
+    message names rank 0's checkpoint (it said "a resumable state is in None")."""
+    recipe = flux_recipe(data=five_images)
+    out = tmp_path / "stop"
+    log = tmp_path / "stop.log"
+    (tmp_path / "probe").mkdir()
+    proc = start([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                  *lora_run_args(recipe, out, [*TWO, "train.steps=400", "train.save_every_steps=1000"])], log,
+                 LORA_RUN_PROBE=str(tmp_path / "probe"), LORA_RUN_PROBE_SLOW_STOP="0:12")
+    try:
+        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
+        rank0 = _rank_pid(proc.pid, 0)
+        assert rank0 is not None
+        os.kill(rank0, signal.SIGINT)
+    finally:
+        code, text = finish(proc, log)
+    assert code != 0, text                      # torchrun's own exit code for workers that exited with 130
+    found = sorted((out / "checkpoints").glob("step-*/resume/state.json"))
+    assert len(found) == 1, text[-6000:]
+    step = json.loads(found[0].read_text())["step"]
+    assert text.count(f"a resumable state is in {out / 'checkpoints' / f'step-{step:06d}'}") == 2, text[-6000:]
+    assert "resumable state is in None" not in text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+
+
 # ------------------------------------------------------------------------------------------------ units
 def test_more_gpus_than_cuda_devices_is_refused_with_the_key_named():
     from lora_run_native.distributed import validate_gpus
@@ -358,8 +489,41 @@ def test_resume_may_change_the_process_count_but_not_the_global_batch():
 
     saved = {"train": {"batch_size": 1, "gpus": 2, "steps": 4}}
     assert _resume_differences(saved, {"train": {"batch_size": 2, "gpus": 1, "steps": 8}}) == []
-    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 4, "steps": 4}})
-    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}})
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 4, "steps": 4}}) == [
+        "train.batch_size × train.gpus (the global batch: 1 × 2 before, 1 × 4 now; keep it: --gpus 2 with "
+        "train.batch_size = 1)"]
+    # the way on is named: a 2-process run pasted without its launcher (one process) takes batch 2 on 1 process
+    assert _resume_differences(saved, {"train": {"batch_size": 1, "gpus": 1, "steps": 4}}) == [
+        "train.batch_size × train.gpus (the global batch: 1 × 2 before, 1 × 1 now; keep it: --gpus 2 with "
+        "train.batch_size = 1 or train.batch_size = 2 on 1 process(es))"]
+
+
+@pytest.mark.parametrize("recipe_gpus, world", [(1, 2), (4, 2), (2, 1)])
+def test_under_a_launcher_the_printed_resume_line_resumes_with_its_process_count(flux_recipe, monkeypatch, recipe_gpus,
+                                                                                 world):
+    """Under torchrun the launcher's process count becomes `[train] gpus` of the run (its recipe.toml); the
+    `--resume` line the run prints (Ctrl-C, a crash, a NaN) must say it: pasted as printed, it used to ask for the
+    recipe's count and was refused ("the global batch: 1 × 2 before, 1 × 1 now")."""
+    import shlex
+
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe, resume_command, to_dict
+    from lora_run.run import RunContext, validate
+    from lora_run_native.processes import take_part
+    from lora_run_rundir.resume import resume_differences
+
+    plugins = load_plugins()
+    loaded = load_recipe(flux_recipe(), [f"train.gpus={recipe_gpus}"], plugins=plugins)
+    prepared = validate(loaded, plugins)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ctx = RunContext(prepared.recipe, plugins, prepared.backend, prepared.options, loaded, echo=lambda *_: None)
+    assert take_part(ctx, None, False) is None            # rank 0 goes on in core's run
+    assert ctx.recipe.train.gpus == world                 # what the run folder records
+    line = shlex.split(resume_command(ctx.loaded, "runs/x"))
+    again = load_recipe(line[1], [line[i + 1] for i, a in enumerate(line) if a == "--set"], plugins=plugins)
+    assert again.recipe.train.gpus == world
+    assert resume_differences(to_dict(ctx.recipe), to_dict(validate(again, plugins).recipe)) == []
 
 
 def test_gpus_key_and_flag(flux_recipe, tmp_path):
