@@ -111,6 +111,88 @@ def test_a_folder_holding_only_our_lock_and_temp_files_is_not_in_the_way(tmp_pat
         RunDir(run).prepare(overwrite=False, resume=False)
 
 
+OWN_NAMES = [".lora-run.lock", ".lora-run.reserve", ".write-test", ".recipe.toml.k2j4h5g6.tmp"]
+
+
+def _plant(folder: Path, name: str, kind: str, victim: Path) -> None:
+    entry = folder / name
+    if kind == "link":
+        entry.symlink_to(victim)
+    elif kind == "hard link":
+        os.link(victim, entry)
+    elif kind == "dangling link":
+        entry.symlink_to(folder.parent / "nowhere")
+    else:
+        os.mkfifo(entry)
+
+
+@pytest.mark.parametrize("kind", ["link", "hard link", "dangling link", "fifo"])
+@pytest.mark.parametrize("name", OWN_NAMES)
+def test_lora_runs_own_names_are_never_written_through(tiny_recipe, tmp_path, capsys, name, kind, figures):
+    """A folder holding only lora-run's own names counts as empty, and the run writes those names in place: a link
+    named `.lora-run.reserve` to a user's file had the reserve's megabyte of zeros written through it (exit 0, the
+    file lost), a hard link was truncated, a FIFO there hung the run. Such an entry is someone else's: a fresh run
+    (and `--overwrite`) stops naming the folder or the entry, exit 2, and the file it reaches is unchanged."""
+    victim = tmp_path / "thesis.txt"
+    victim.write_bytes(b"precious words\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    _plant(run, name, kind, victim)
+    for extra in ([], ["--overwrite"]):
+        code = main([str(tiny_recipe()), "--output-dir", str(run), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert any(words in err for words in ("not empty", "lora-run made here", "holds other files",
+                                              "no lora-run run wrote")), err
+        assert victim.read_bytes() == b"precious words\n" and os.path.lexists(run / name)
+        assert sorted(p.name for p in run.iterdir()) == [name], "nothing was written into the folder"
+    figures("run-folder safety", cases=2, faults=2)
+
+
+@pytest.mark.parametrize("kind", ["link", "hard link", "fifo"])
+@pytest.mark.parametrize("name", [".lora-run.reserve", ".write-test"])
+def test_a_resumed_run_never_writes_through_its_reserve_or_probe_name(tmp_path, name, kind):
+    """`--resume` of a folder where the reserve's or the probe's name is a link, a hard link or a FIFO: the reserve
+    is skipped (a safety margin; the entry and what it reaches stay as they are), the probe names the entry."""
+    from lora_run.errors import OutputError
+    from lora_run_rundir.folder import MANIFEST, RunDir
+
+    victim = tmp_path / "thesis.txt"
+    victim.write_bytes(b"precious words\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MANIFEST).write_text(json.dumps({"lora_run_version": "0", "written": [], "status": "interrupted"}))
+    _plant(run, name, kind, victim)
+    rd = RunDir(run)
+    try:
+        if name == ".write-test":
+            with pytest.raises(OutputError, match="lora-run made here"):
+                rd.prepare(overwrite=False, resume=True)
+        else:
+            rd.prepare(overwrite=False, resume=True)
+            rd.reserve()
+            rd.unreserve()
+    finally:
+        rd.release()
+    assert victim.read_bytes() == b"precious words\n" and os.path.lexists(run / name)
+    assert (run / name).is_symlink() == (kind == "link")
+
+
+def test_a_failed_pre_flight_removes_only_what_it_wrote(tmp_path):
+    """A run that undoes itself (a failed pre-flight) in a folder it found holding only lora-run-looking files (a
+    file named like an atomic write's temporary file) leaves them: they were there before it."""
+    from lora_run_rundir.folder import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".draft.abcd1234.tmp").write_text("someone's")
+    rd = RunDir(run)
+    rd.prepare(overwrite=False, resume=False)
+    (run / "recipe.toml").write_text("x")
+    assert rd.remove_created()
+    assert sorted(p.name for p in run.iterdir()) == [".draft.abcd1234.tmp"]
+
+
 # ------------------------------------------------------------------------------------------------ lock
 HOLDER = """
 import sys, time
