@@ -186,10 +186,11 @@ def _create_new(path: Path) -> int:
 #: the evaluation, the LoRA in diffusers layout): a resumed run writes them again, so each must still be a regular
 #: file, or a folder, where it is there at all.
 _RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
-_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers")
-#: What runs write at the top of a run folder besides the files their manifest names (the final LoRA): the
-#: above and the external backends' working folders.
-RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS, "kohya", "diffusion-pipe"}
+#: The external backends' working folders are among them: a resumed engine run writes its configs there and prunes
+#: and stages in it, so a link there would have it write and delete in the link's target.
+_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers", "kohya", "diffusion-pipe")
+#: What runs write at the top of a run folder besides the files their manifest names (the final LoRA).
+RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS}
 
 
 def _recorded_names(path: Path, node: Any) -> set[str]:
