@@ -407,3 +407,87 @@ def test_overwrite_of_our_run_folder_keeps_what_the_user_put_in_it(tiny_recipe, 
     assert main([str(recipe), "--output-dir", str(run), "--overwrite"]) == 0, capsys.readouterr().err
     assert (run / "tiny.safetensors").is_file() and not evaluation.exists()
     figures("run-folder safety", cases=2, faults=2)
+
+
+# ------------------------------------------------------------------------------------------ eval's folder
+def _lora(path: Path) -> Path:
+    """A LoRA file's header and one tensor (eval checks it before anything loads)."""
+    import struct
+
+    header = json.dumps({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight":
+                         {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (None if p.is_dir() or p.is_symlink() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def _earlier_evaluation(folder: Path) -> None:
+    from lora_run_eval.report import REPORT_HEAD
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.html").write_text(REPORT_HEAD + "<title>Identity evaluation</title></head></html>\n")
+
+
+EVAL_FOLDERS = {   # name: (how the folder given as --output-dir is made from (project, dataset), what the error says)
+    "a web page's report.html beside the dataset": (
+        lambda project, data: (project / "report.html").write_text("<html>my page</html>"),
+        "replaces only an earlier evaluation"),
+    "an earlier evaluation beside the dataset named images": (
+        lambda project, data: _earlier_evaluation(project), "contains [dataset.path]"),
+    "an earlier evaluation beside the user's notes": (
+        lambda project, data: (_earlier_evaluation(project / "ev"), (project / "ev" / "notes.txt").write_text("mine")),
+        "did not write (notes.txt)"),
+    "images a link to the dataset": (
+        lambda project, data: ((project / "ev").mkdir(), (project / "ev" / "images").symlink_to(data)),
+        "is a link or not a folder"),
+    "a folder in the dataset": (lambda project, data: None, "lies in the dataset folder [dataset.path]"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_FOLDERS))
+def test_eval_overwrite_replaces_only_an_earlier_evaluation_and_never_the_dataset(tiny_recipe, tmp_path, capsys,
+                                                                                  case, figures):
+    """`lora-run eval --output-dir DIR --overwrite` took any folder holding a `report.html` or `metrics.json` for an
+    earlier evaluation and deleted its `images/` folder: a project folder whose dataset is `images/` lost every photo
+    and caption (and its own report.html), then the evaluation wrote there. Now an earlier evaluation is one whose
+    report lora-run wrote (or whose metrics hold the evaluation's keys), holding nothing else; the folder may neither
+    hold nor lie in a dataset folder, and its `images` may not be a link. Each is exit 2 before any model loads,
+    nothing touched."""
+    from lora_run_devtools.testing import make_images
+
+    project = tmp_path / "project"
+    data = project / "images"
+    make_images(data, count=3, size=(96, 80))
+    make, words = EVAL_FOLDERS[case]
+    make(project, data)
+    out = {"a web page's report.html beside the dataset": project,
+           "an earlier evaluation beside the dataset named images": project,
+           "a folder in the dataset": data / "eval"}.get(case, project / "ev")
+    lora = _lora(tmp_path / "x.safetensors")
+    before = _snapshot(project)
+    code = main(["eval", str(tiny_recipe(data=data)), "--lora", str(lora), "--output-dir", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert _snapshot(project) == before, "nothing was touched"
+    figures("run-folder safety", cases=1, faults=1)
+
+
+def test_an_earlier_evaluation_is_known_by_what_lora_run_wrote(tmp_path):
+    """The control: a folder holding only an earlier evaluation (its report, or its metrics, and images) may be
+    replaced; files merely named so may not."""
+    from lora_run_eval.evaluator import _check_output, _is_evaluation
+
+    ours = tmp_path / "ours"
+    _earlier_evaluation(ours)
+    (ours / "images").mkdir()
+    _check_output(ours, overwrite=True)
+    metrics = tmp_path / "metrics-only"
+    metrics.mkdir()
+    (metrics / "metrics.json").write_text(json.dumps({"results": {}, "loras": [], "final": "x", "subject_images": []}))
+    assert _is_evaluation(metrics)
+    (metrics / "metrics.json").write_text('{"accuracy": 0.9}')
+    assert not _is_evaluation(metrics)
