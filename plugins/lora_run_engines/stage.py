@@ -97,7 +97,11 @@ def place(target: Path, staged: Staged) -> None:
 
 
 def sync_folder(folder: Path, wanted: dict[str, Staged], removable: Callable[[Path], bool]) -> None:
-    """``folder`` holds every ``wanted`` file (name → what it is); other entries that are ``removable`` go."""
+    """``folder`` holds every ``wanted`` file (name → what it is); other entries that are ``removable`` go. A link
+    (or anything but a folder) in the folder's place is refused (``not_staged_here``): what is removed there would be
+    removed in the link's target."""
+    if os.path.islink(folder) or (os.path.lexists(folder) and not folder.is_dir()):
+        raise not_staged_here(folder, "a link or not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     for entry in folder.iterdir():
         if entry.name in wanted or not removable(entry):
@@ -307,7 +311,11 @@ def publish(sets: Sets, root: Path,
         if path.is_symlink() or not path.is_file() or path.read_text("utf-8", "replace") != text:
             atomic_write_text(path, text)
 
+    if os.path.islink(root) or (os.path.lexists(root) and not root.is_dir()):
+        raise not_staged_here(root, "a link or not a folder")
     if root.is_dir():
+        if read_marker(root) is None:     # not a folder lora-run staged: nothing in it is ours to replace or remove
+            raise not_staged_here(root, f"a folder without lora-run's staging record ({MARKER})")
         if not shared and carry is not None:
             earlier = read_marker(root)
             if earlier is not None and earlier["key"] == key:
@@ -335,6 +343,18 @@ def publish(sets: Sets, root: Path,
             if building.exists():
                 shutil.rmtree(building, ignore_errors=True)
     return {name: sum(1 for file in wanted if not file.endswith(".txt")) for name, wanted in sets.items()}
+
+
+def not_staged_here(folder: Path, what: str) -> Exception:
+    """The refusal (exit 2) to stage into ``folder``, which is ``what``: staging removes the files no longer wanted,
+    so it works only in folders lora-run made (a real folder holding its marker), never through a link (a run
+    folder's ``kohya/data`` linked to the dataset's parent had the dataset's images and captions deleted)."""
+    from lora_run.errors import OutputError
+    from lora_run.files import shown
+
+    return OutputError(f"{shown(folder)}: is {what}, where lora-run stages the dataset for the engine (and removes "
+                       "the staged files no longer wanted); move it away, lora-run stages it again (nothing was "
+                       "touched)")
 
 
 # ---------------------------------------------------------------------------- shared folders in use, and old ones

@@ -18,10 +18,12 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, GiB, check_input_file, resolved, shown
+from lora_run.files import FileProblem, GiB, check_input_file, read_limited, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
-from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
+from lora_run_rundir import JSON_LIMIT
+from lora_run_rundir.atomic import TEMP_FILE
+from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
 
 from . import metrics as M
 from .faces import Embedder
@@ -399,21 +401,46 @@ def _run_dir_of(lora: Path) -> Path | None:
     return None
 
 
+#: What an evaluation writes in its folder: ``--overwrite`` replaces a folder holding these alone.
+IMAGES = "images"
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     unusable = folder_problem(path)
     if unusable:
         raise OutputError(f"--output-dir {shown(path)}: {unusable}")
+    images = path / IMAGES
+    if os.path.islink(images) or (os.path.lexists(images) and not images.is_dir()):   # images would go through it
+        raise OutputError(f"--output-dir {shown(path)}: {shown(images)} is a link or not a folder, where the "
+                          "evaluation writes its images; move it away (nothing was touched)")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise OutputError(f"{shown(path)}: the output folder is not empty; use --overwrite to replace its evaluation "
                               "or --output-dir for a new folder")
         if not _is_evaluation(path):
-            raise OutputError(f"{shown(path)}: --overwrite replaces only an earlier evaluation (a folder with "
-                              f"{METRICS_FILE} or {REPORT_FILE}); this folder holds other files and is left alone")
+            raise OutputError(f"{shown(path)}: --overwrite replaces only an earlier evaluation (a folder with the "
+                              f"{METRICS_FILE} or {REPORT_FILE} lora-run wrote); this folder holds other files and is "
+                              "left alone")
+        others = sorted(e.name for e in path.iterdir() if e.name not in (METRICS_FILE, REPORT_FILE, IMAGES)
+                        and not (TEMP_FILE.match(e.name) and e.is_file() and not e.is_symlink()))
+        if others:
+            raise OutputError(f"{shown(path)}: --overwrite would delete the earlier evaluation beside "
+                              f"{len(others)} entr{'y' if len(others) == 1 else 'ies'} it did not write "
+                              f"({', '.join(shown(n) for n in others[:8])}{', …' if len(others) > 8 else ''}); move "
+                              "them out, or choose another --output-dir")
 
 
 def _is_evaluation(path: Path) -> bool:
-    return (path / METRICS_FILE).is_file() or (path / REPORT_FILE).is_file()
+    """An earlier evaluation's folder: its report page as lora-run writes it, or its metrics (a JSON object with the
+    evaluation's own keys); a file merely named so (a web page's report.html) is not one."""
+    if is_report(path / REPORT_FILE):
+        return True
+    metrics = path / METRICS_FILE
+    try:
+        data = json.loads(read_limited(metrics, "json", JSON_LIMIT))
+    except (OSError, ValueError, FileProblem, RecursionError):
+        return False
+    return isinstance(data, dict) and {"results", "loras", "final", "subject_images"} <= data.keys()
 
 
 def _clear_output(path: Path, overwrite: bool) -> None:
@@ -453,6 +480,9 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         if not_lora:     # before any model loads: a model's weights or another file given by mistake
             raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
     recipe = validate(loaded, plugins).recipe
+    overlap = input_problems(recipe, out, f"--output-dir {shown(out)}", "evaluation folder")
+    if overlap:     # --overwrite would delete the recipe's dataset with the earlier evaluation's images
+        raise OutputError("\n".join(overlap))
     items = scan_dataset(recipe, plugins)
     report = lint(recipe, plugins, items)
     subject = [i.image for i in report.usable if not i.is_reg]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lora_run.errors import BackendError
 from lora_run.files import resolved, shown
+from lora_run_rundir import atomic_write_text
 from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 TRIGGER = "ohwx"
@@ -127,12 +128,18 @@ def build_demo(assets_dir: str | Path) -> Path:
     path = assets / "recipe.toml"
     header = ("# Written by `lora-run demo`: the shipped recipes/demo/tiny-flux.toml with this demo's model and\n"
               "# dataset paths. Run it again with: lora-run " + shlex.quote(str(path)) + " --overwrite\n\n")
-    path.write_text(header + tomli_w.dumps(recipe), encoding="utf-8")
+    atomic_write_text(path, header + tomli_w.dumps(recipe))     # replaces a link there, never writes through it
     return path
 
 
 #: The file that marks a folder as the demo's own: only such a folder (or a new or empty one) is written into.
 MARK = ".lora-run-demo"
+
+
+def _own_file(path: Path) -> bool:
+    """A regular file that is no link: a link under the mark's or the recipe's name (to a user's file) neither marks
+    the folder as the demo's nor is written through."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _claim(out: Path) -> None:
@@ -145,14 +152,15 @@ def _claim(out: Path) -> None:
         unusable = folder_problem(out)
         if unusable:
             raise RecipeError(f"--output-dir {shown(out)}: {unusable}; give a new or empty folder")
-        if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
-            written = recipe.is_file() and recipe.read_text(encoding="utf-8", errors="replace").startswith(
+        if out.is_dir() and any(out.iterdir()) and not _own_file(out / MARK):
+            written = _own_file(recipe) and recipe.read_text(encoding="utf-8", errors="replace").startswith(
                 "# Written by `lora-run demo`")          # a demo folder from before the mark existed
             if not written:
                 raise RecipeError(f"--output-dir {out}: the folder holds files `lora-run demo` did not write; "
                                   "give a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
-        (out / MARK).write_text("This folder was written by `lora-run demo`.\n", encoding="utf-8")
+        if not _own_file(out / MARK):    # written anew, never through a link (its target is never written)
+            atomic_write_text(out / MARK, "This folder was written by `lora-run demo`.\n")
     except OSError as exc:
         raise RecipeError(f"--output-dir {out}: cannot write there ({exc.strerror or exc})") from None
 

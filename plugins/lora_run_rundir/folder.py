@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -99,14 +100,18 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no locking
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
-                         0o666)
+        try:   # never through a link, never blocking on a FIFO put in its place
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | _CLOEXEC | _NOFOLLOW, 0o666)
         except OSError as exc:
             if is_disk_full(exc):
                 raise disk_full_error(self.path, 4096) from None
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{shown(self.path)}: {_NOT_OURS}") from None
             raise OutputError(f"{shown(self.path.parent)}: cannot create the run folder's lock file "
                               f"({exc.strerror})") from None
+        if not _single_file(os.fstat(fd)):   # the holder's line below is written into it: never into another file
+            os.close(fd)
+            raise OutputError(f"{shown(self.path)}: {_NOT_OURS}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -141,19 +146,51 @@ def _read_holder(fd: int) -> str:
         return "holder unknown"
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+#: The write probe of ``RunDir.prepare`` (removed at once; one a killed run left is ours).
+PROBE = ".write-test"
+_NOT_OURS = ("is not a file lora-run made here (a link, a hard link to another file, a folder, a FIFO or a device "
+             "under the name of lora-run's own file); lora-run writes that file, so move it away (nothing was touched)")
+
+
+def _single_file(st: os.stat_result) -> bool:
+    """A regular file with no other name: writing it in place changes nothing outside the run folder."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 def _ours_only(entry: Path) -> bool:
-    return entry.name in (LOCK, RESERVE, ".write-test") or (TEMP_FILE.match(entry.name) is not None
-                                                            and entry.is_file() and not entry.is_symlink())
+    """An entry that is nothing of value: lora-run's lock, reserve, write probe or the temporary file of an
+    interrupted atomic write, by name and as lora-run makes it (a regular file with no other name). A link, a hard
+    link, a folder, a FIFO or a device under such a name is someone else's: it makes the folder not empty (a link
+    named `.lora-run.reserve` would have had the reserve's megabyte written through it)."""
+    if entry.name not in (LOCK, RESERVE, PROBE) and TEMP_FILE.match(entry.name) is None:
+        return False
+    try:
+        return _single_file(os.lstat(entry))
+    except OSError:
+        return False
+
+
+def _create_new(path: Path) -> int:
+    """A file descriptor of a new, empty regular file at ``path``, created exclusively and never through a link;
+    lora-run's own leftover there (``_ours_only``: a killed run's) is removed first, anything else is left alone and
+    the creation fails (FileExistsError)."""
+    if os.path.lexists(path) and _ours_only(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)      # a name, never a target: another name of the file keeps its data
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC | _NOFOLLOW, 0o666)
 
 
 #: The run's own records and folders at the top of a run folder (the cache, checkpoints, samples, TensorBoard logs,
 #: the evaluation, the LoRA in diffusers layout): a resumed run writes them again, so each must still be a regular
 #: file, or a folder, where it is there at all.
 _RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
-_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers")
-#: What runs write at the top of a run folder besides the files their manifest names (the final LoRA): the
-#: above and the external backends' working folders.
-RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS, "kohya", "diffusion-pipe"}
+#: The external backends' working folders are among them: a resumed engine run writes its configs there and prunes
+#: and stages in it, so a link there would have it write and delete in the link's target.
+_RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers", "kohya", "diffusion-pipe")
+#: What runs write at the top of a run folder besides the files their manifest names (the final LoRA).
+RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS}
 
 
 def _recorded_names(path: Path, node: Any) -> set[str]:
@@ -254,6 +291,8 @@ class RunDir:
         self.manifest_written = False
         self.started = time.time()
         self.found: set[str] = set()    # top-level names that were there before this run (never recorded as written)
+        self.before: set[str] = set()   # ... with lora-run's own leftovers (a run that undoes itself leaves them be)
+        self.reserved = False           # this run made the reserve file (``unreserve`` removes only that)
         self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
 
     def prepare(self, *, overwrite: bool, resume: bool) -> None:
@@ -265,10 +304,11 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise OutputError(f"{shown(p)}: the output path exists and is not a folder")
         try:   # our lock, reserve and temporary files alone are nothing of value (a run killed very early)
-            existing = [c for c in p.iterdir() if not _ours_only(c)] if p.is_dir() else []
+            everything = list(p.iterdir()) if p.is_dir() else []
         except OSError as exc:
             raise OutputError(f"{shown(p)}: cannot read the output folder ({exc.strerror})") from None
-        self.found = {c.name for c in existing}
+        existing = [c for c in everything if not _ours_only(c)]
+        self.found, self.before = {c.name for c in existing}, {c.name for c in everything}
         if resume:
             self.check_resumable()
             self._lock()
@@ -299,10 +339,13 @@ class RunDir:
                     raise disk_full_error(p, 4096) from None
                 raise OutputError(f"{shown(p)}: cannot create the output folder ({exc.strerror})") from None
             self._lock()
+        probe = p / PROBE
         try:
-            probe = p / ".write-test"
-            probe.write_bytes(b"")
+            os.close(_create_new(probe))
             probe.unlink()
+        except FileExistsError:
+            self.release()
+            raise OutputError(f"{shown(probe)}: {_NOT_OURS}") from None
         except OSError as exc:
             self.release()
             raise OutputError(f"{shown(p)}: cannot write to the output folder ({exc.strerror})") from None
@@ -349,7 +392,7 @@ class RunDir:
         except OSError as exc:
             raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
         self.created = True
-        self.found = set()
+        self.found, self.before = set(), set()
         try:
             self._lock()
         except OutputError as exc:
@@ -359,16 +402,25 @@ class RunDir:
         shutil.rmtree(trash, ignore_errors=True)
 
     def reserve(self) -> None:
-        """Set aside RESERVE_BYTES (released by ``unreserve`` before the final manifest is written)."""
-        with contextlib.suppress(OSError):
-            with open(self.path / RESERVE, "wb") as fh:
-                fh.write(b"\0" * RESERVE_BYTES)
-                fh.flush()
-                os.fsync(fh.fileno())
+        """Set aside RESERVE_BYTES (released by ``unreserve`` before the final manifest is written) in a file of its
+        own: never written through a link or into a file with another name; where something else has the name, no
+        reserve is made (it is a safety margin, not a need)."""
+        try:
+            fd = _create_new(self.path / RESERVE)
+        except OSError:
+            return
+        self.reserved = True
+        with contextlib.suppress(OSError), os.fdopen(fd, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def unreserve(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.path / RESERVE)
+        """Remove the reserve this run made (only that: what else has its name stays)."""
+        if self.reserved:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / RESERVE)
+            self.reserved = False
 
     def remove_created(self) -> bool:
         """Undo a run that stopped before it wrote anything of value (a failed pre-flight): remove the folder
@@ -379,6 +431,8 @@ class RunDir:
         p = self.path
         try:
             for entry in p.iterdir():
+                if entry.name in self.before:     # there before this run: not this run's to remove
+                    continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:

@@ -159,11 +159,19 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         with contextlib.suppress(OSError, ValueError):
             problems.extend(_in_dataset(recipe, resolved(cache), f"{{cache_file}}: [train.cache_dir] (= {shown(cache)})",
                                         "cache folder"))
-    problems.extend(_in_dataset(recipe, path, where, "run folder"))
+    problems.extend(input_problems(recipe, path, where, "run folder"))
+    return problems
+
+
+def input_problems(recipe: Recipe, path: Path, where: str, what: str) -> list[str]:
+    """Why ``path`` (an output folder, ``what``, named ``where``) cannot hold a run's output: it lies in a dataset
+    folder, or contains (or is) one of the recipe's local inputs (the dataset, a regularisation set, a local model), so
+    replacing it would delete them. A run folder and `lora-run eval`'s folder ask the same."""
+    problems = _in_dataset(recipe, path, where, what)
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
-            problems.append(f"{where}: the run folder {shown(path)} contains [{key}] ({shown(value)}); a run "
-                            "folder must not hold the run's inputs (--overwrite would delete them)")
+            problems.append(f"{where}: the {what} {shown(path)} contains [{key}] ({shown(value)}); a {what} "
+                            "must not hold the run's inputs (--overwrite would delete them)")
     return problems
 
 

@@ -211,3 +211,31 @@ def test_a_run_folder_from_output_dir_the_reader_cannot_read_is_refused_by_plan(
     with pytest.raises(RecipeError) as info:
         make_backend(prepared, plugins, run_dir=RunDir(tmp_path / "r\x1b\\u")).plan()
     assert "[output.dir]" in str(info.value) and "toml 0.10.2" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["kohya/data", "kohya"])
+def test_a_resume_never_stages_through_a_link_in_the_run_folder(kohya_recipe, fake_checkout, plugins_with,  # noqa: F811
+                                                               subject_dataset, tmp_path, monkeypatch, where):
+    """The run folder's `kohya/data` (or `kohya`) replaced by a link to a folder holding the dataset: `--resume`
+    deleted the dataset's images and captions through it (sd-scripts' staging removes the images and captions no
+    longer staged), then trained. It is refused before the engine starts (exit 2, named), the dataset untouched."""
+    parent = tmp_path / "project"                  # the dataset's parent, where the link will point
+    target = parent
+    dataset = parent / ("subject" if where == "kohya/data" else "data/subject")
+    shutil.copytree(subject_dataset, dataset)
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "crash")
+    monkeypatch.setenv("FAKE_KOHYA_AT", "3")
+    path = kohya_recipe(sd_scripts=fake_checkout, replace={str(subject_dataset): str(dataset)})
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert error is not None
+    monkeypatch.delenv("FAKE_KOHYA_MODE")
+    run = tmp_path / "runs" / "ohwx"
+    entry = run / where
+    shutil.rmtree(entry)
+    before = {p.name: p.read_bytes() for p in dataset.iterdir()}
+    entry.symlink_to(target, target_is_directory=True)
+    _, _, _, error = run_in_process(path, plugins_with, resume=True)
+    assert error is not None and getattr(error, "exit_code", None) == 2, error
+    assert f"{run}{'/' if where == 'kohya/data' else ': cannot resume: '}{where}" in str(error), error
+    assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before, "the dataset is untouched"

@@ -185,6 +185,21 @@ def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
     assert sorted(p.name for p in photos.rglob("*")) == ["assets", "recipe.toml"]
     assert (photos / "assets" / "recipe.toml").read_text() == "# my own recipe\n"
 
+    # the demo's mark (or its recipe) as a link to a user's file: it marked the folder as the demo's, and the mark
+    # was written through it (the user's file replaced by the demo's line), the folder used
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("my thesis")
+    for name in (".lora-run-demo", "assets/recipe.toml"):
+        folder = tmp_path / f"linked-{name.replace('/', '-')}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(thesis)
+        (folder / "notes.txt").write_text("mine")
+        result = run_cli("demo", "--output-dir", folder)
+        assert result.returncode == 2 and "did not write" in result.stderr, result.stderr[-2000:]
+        assert thesis.read_text() == "my thesis" and (folder / name).is_symlink()
+        assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == sorted(
+            {name, "notes.txt", *([str(Path(name).parent)] if "/" in name else [])})
+
 
 def test_a_demo_interrupted_while_building_leaves_nothing_half_built(tmp_path, monkeypatch):
     """Ctrl-C while `lora-run demo` built its model left a folder with model_index.json and missing weights,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import signal
 import struct
@@ -135,13 +136,13 @@ def test_read_only_output_is_refused_before_anything_runs(tiny_recipe, tmp_path,
     import lora_run_rundir.folder as rundir
     from lora_run.cli import main
 
-    real = Path.write_bytes
+    real = os.open
 
-    def refuse(self, data):
-        if self.name == ".write-test":
+    def refuse(path, flags, *args, **kwargs):
+        if os.path.basename(path) == ".write-test":
             raise OSError(errno.EROFS, "Read-only file system")
-        return real(self, data)
-    monkeypatch.setattr(Path, "write_bytes", refuse)
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
     code = main([str(tiny_recipe()), "--output-dir", str(tmp_path / "ro")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot write to the output folder (Read-only file system)" in err, err

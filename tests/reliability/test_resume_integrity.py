@@ -359,6 +359,10 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
         "manifest.json: cannot resume: the manifest is not valid JSON"),
     "manifest deleted": (lambda run: (run / "manifest.json").unlink(),
                          "the manifest is missing, while the folder holds what runs write after it (cache, checkpoints"),
+    # an engine backend's working folder: its resume writes configs, stages and prunes there (in a link's target)
+    "kohya a link to the dataset": (lambda run: (run / "kohya").symlink_to(run.parent / "data", target_is_directory=True),
+                                    "kohya is not a folder"),
+    "diffusion-pipe a link": (lambda run: (run / "diffusion-pipe").symlink_to(run.parent), "diffusion-pipe is not a folder"),
     "checkpoints a file": (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
                            "checkpoints is not a folder"),
     # a file or a link under a checkpoint's name: the resume trained up to that step and then crashed writing it

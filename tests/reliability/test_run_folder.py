@@ -111,6 +111,88 @@ def test_a_folder_holding_only_our_lock_and_temp_files_is_not_in_the_way(tmp_pat
         RunDir(run).prepare(overwrite=False, resume=False)
 
 
+OWN_NAMES = [".lora-run.lock", ".lora-run.reserve", ".write-test", ".recipe.toml.k2j4h5g6.tmp"]
+
+
+def _plant(folder: Path, name: str, kind: str, victim: Path) -> None:
+    entry = folder / name
+    if kind == "link":
+        entry.symlink_to(victim)
+    elif kind == "hard link":
+        os.link(victim, entry)
+    elif kind == "dangling link":
+        entry.symlink_to(folder.parent / "nowhere")
+    else:
+        os.mkfifo(entry)
+
+
+@pytest.mark.parametrize("kind", ["link", "hard link", "dangling link", "fifo"])
+@pytest.mark.parametrize("name", OWN_NAMES)
+def test_lora_runs_own_names_are_never_written_through(tiny_recipe, tmp_path, capsys, name, kind, figures):
+    """A folder holding only lora-run's own names counts as empty, and the run writes those names in place: a link
+    named `.lora-run.reserve` to a user's file had the reserve's megabyte of zeros written through it (exit 0, the
+    file lost), a hard link was truncated, a FIFO there hung the run. Such an entry is someone else's: a fresh run
+    (and `--overwrite`) stops naming the folder or the entry, exit 2, and the file it reaches is unchanged."""
+    victim = tmp_path / "thesis.txt"
+    victim.write_bytes(b"precious words\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    _plant(run, name, kind, victim)
+    for extra in ([], ["--overwrite"]):
+        code = main([str(tiny_recipe()), "--output-dir", str(run), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert any(words in err for words in ("not empty", "lora-run made here", "holds other files",
+                                              "no lora-run run wrote")), err
+        assert victim.read_bytes() == b"precious words\n" and os.path.lexists(run / name)
+        assert sorted(p.name for p in run.iterdir()) == [name], "nothing was written into the folder"
+    figures("run-folder safety", cases=2, faults=2)
+
+
+@pytest.mark.parametrize("kind", ["link", "hard link", "fifo"])
+@pytest.mark.parametrize("name", [".lora-run.reserve", ".write-test"])
+def test_a_resumed_run_never_writes_through_its_reserve_or_probe_name(tmp_path, name, kind):
+    """`--resume` of a folder where the reserve's or the probe's name is a link, a hard link or a FIFO: the reserve
+    is skipped (a safety margin; the entry and what it reaches stay as they are), the probe names the entry."""
+    from lora_run.errors import OutputError
+    from lora_run_rundir.folder import MANIFEST, RunDir
+
+    victim = tmp_path / "thesis.txt"
+    victim.write_bytes(b"precious words\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MANIFEST).write_text(json.dumps({"lora_run_version": "0", "written": [], "status": "interrupted"}))
+    _plant(run, name, kind, victim)
+    rd = RunDir(run)
+    try:
+        if name == ".write-test":
+            with pytest.raises(OutputError, match="lora-run made here"):
+                rd.prepare(overwrite=False, resume=True)
+        else:
+            rd.prepare(overwrite=False, resume=True)
+            rd.reserve()
+            rd.unreserve()
+    finally:
+        rd.release()
+    assert victim.read_bytes() == b"precious words\n" and os.path.lexists(run / name)
+    assert (run / name).is_symlink() == (kind == "link")
+
+
+def test_a_failed_pre_flight_removes_only_what_it_wrote(tmp_path):
+    """A run that undoes itself (a failed pre-flight) in a folder it found holding only lora-run-looking files (a
+    file named like an atomic write's temporary file) leaves them: they were there before it."""
+    from lora_run_rundir.folder import RunDir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".draft.abcd1234.tmp").write_text("someone's")
+    rd = RunDir(run)
+    rd.prepare(overwrite=False, resume=False)
+    (run / "recipe.toml").write_text("x")
+    assert rd.remove_created()
+    assert sorted(p.name for p in run.iterdir()) == [".draft.abcd1234.tmp"]
+
+
 # ------------------------------------------------------------------------------------------------ lock
 HOLDER = """
 import sys, time
@@ -325,3 +407,87 @@ def test_overwrite_of_our_run_folder_keeps_what_the_user_put_in_it(tiny_recipe, 
     assert main([str(recipe), "--output-dir", str(run), "--overwrite"]) == 0, capsys.readouterr().err
     assert (run / "tiny.safetensors").is_file() and not evaluation.exists()
     figures("run-folder safety", cases=2, faults=2)
+
+
+# ------------------------------------------------------------------------------------------ eval's folder
+def _lora(path: Path) -> Path:
+    """A LoRA file's header and one tensor (eval checks it before anything loads)."""
+    import struct
+
+    header = json.dumps({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight":
+                         {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    return path
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (None if p.is_dir() or p.is_symlink() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def _earlier_evaluation(folder: Path) -> None:
+    from lora_run_eval.report import REPORT_HEAD
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.html").write_text(REPORT_HEAD + "<title>Identity evaluation</title></head></html>\n")
+
+
+EVAL_FOLDERS = {   # name: (how the folder given as --output-dir is made from (project, dataset), what the error says)
+    "a web page's report.html beside the dataset": (
+        lambda project, data: (project / "report.html").write_text("<html>my page</html>"),
+        "replaces only an earlier evaluation"),
+    "an earlier evaluation beside the dataset named images": (
+        lambda project, data: _earlier_evaluation(project), "contains [dataset.path]"),
+    "an earlier evaluation beside the user's notes": (
+        lambda project, data: (_earlier_evaluation(project / "ev"), (project / "ev" / "notes.txt").write_text("mine")),
+        "did not write (notes.txt)"),
+    "images a link to the dataset": (
+        lambda project, data: ((project / "ev").mkdir(), (project / "ev" / "images").symlink_to(data)),
+        "is a link or not a folder"),
+    "a folder in the dataset": (lambda project, data: None, "lies in the dataset folder [dataset.path]"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_FOLDERS))
+def test_eval_overwrite_replaces_only_an_earlier_evaluation_and_never_the_dataset(tiny_recipe, tmp_path, capsys,
+                                                                                  case, figures):
+    """`lora-run eval --output-dir DIR --overwrite` took any folder holding a `report.html` or `metrics.json` for an
+    earlier evaluation and deleted its `images/` folder: a project folder whose dataset is `images/` lost every photo
+    and caption (and its own report.html), then the evaluation wrote there. Now an earlier evaluation is one whose
+    report lora-run wrote (or whose metrics hold the evaluation's keys), holding nothing else; the folder may neither
+    hold nor lie in a dataset folder, and its `images` may not be a link. Each is exit 2 before any model loads,
+    nothing touched."""
+    from lora_run_devtools.testing import make_images
+
+    project = tmp_path / "project"
+    data = project / "images"
+    make_images(data, count=3, size=(96, 80))
+    make, words = EVAL_FOLDERS[case]
+    make(project, data)
+    out = {"a web page's report.html beside the dataset": project,
+           "an earlier evaluation beside the dataset named images": project,
+           "a folder in the dataset": data / "eval"}.get(case, project / "ev")
+    lora = _lora(tmp_path / "x.safetensors")
+    before = _snapshot(project)
+    code = main(["eval", str(tiny_recipe(data=data)), "--lora", str(lora), "--output-dir", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert _snapshot(project) == before, "nothing was touched"
+    figures("run-folder safety", cases=1, faults=1)
+
+
+def test_an_earlier_evaluation_is_known_by_what_lora_run_wrote(tmp_path):
+    """The control: a folder holding only an earlier evaluation (its report, or its metrics, and images) may be
+    replaced; files merely named so may not."""
+    from lora_run_eval.evaluator import _check_output, _is_evaluation
+
+    ours = tmp_path / "ours"
+    _earlier_evaluation(ours)
+    (ours / "images").mkdir()
+    _check_output(ours, overwrite=True)
+    metrics = tmp_path / "metrics-only"
+    metrics.mkdir()
+    (metrics / "metrics.json").write_text(json.dumps({"results": {}, "loras": [], "final": "x", "subject_images": []}))
+    assert _is_evaluation(metrics)
+    (metrics / "metrics.json").write_text('{"accuracy": 0.9}')
+    assert not _is_evaluation(metrics)
