@@ -81,11 +81,21 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------------ the child
     def start(self) -> None:
-        """Launch the child (OSError when it cannot be started) and the thread that reads its output."""
+        """Open the log, then launch the child (OSError when it cannot be started) and the thread that reads its
+        output. The log is opened first, so a log that cannot be appended to (``open_append``: a link, a FIFO under
+        its name; OutputError) stops the run before the engine starts; a log with other names (a resumed run folder
+        copied with ``cp -al``) gets its own copy, so the copy's log never grows."""
+        from lora_run_rundir import open_append
+
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv, cwd=None if self.cwd is None else str(self.cwd), env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_default_sigint, pass_fds=self.pass_fds)
+        self._log = open_append(self.log_path, errors="replace")
+        try:
+            self.proc = subprocess.Popen(self.argv, cwd=None if self.cwd is None else str(self.cwd), env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_default_sigint, pass_fds=self.pass_fds)
+        except BaseException:
+            self._log.close()
+            raise
         threading.Thread(target=self._read, name=f"{self.name}-output", daemon=True).start()
 
     def _read(self) -> None:
@@ -140,7 +150,7 @@ class Supervisor:
         quit_deadline: float | None = None
         exited_at: float | None = None
         eof = False
-        with open(self.log_path, "a", encoding="utf-8", errors="replace") as self._log:
+        with self._log:
             shown = shlex.join(self.argv).replace("\n", "\\n")
             self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} lora-run launches: {shown}\n")
             self._log.flush()

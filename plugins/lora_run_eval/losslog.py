@@ -3,7 +3,9 @@
 Each step's row is appended as it is reported, in one write, so a run killed at any moment (SIGKILL, a power cut
 of the process) leaves every step it reported on disk, also those between its last checkpoint and the kill. When
 a run starts or resumes, the file is first rewritten atomically with the earlier history up to the step the run
-continues from (a resumed run trains the steps after its checkpoint again, and reports them again). A row whose
+continues from (a resumed run trains the steps after its checkpoint again, and reports them again). An append never
+reaches another name of the file: one with other names (a run folder copied with ``cp -al``) gets its own copy
+first (``lora_run_rundir.open_append``). A row whose
 append failed (a full disk) would leave a torn line that spoils the next one: after a failed append the rows are
 kept in memory only and the whole file is rewritten atomically at the next checkpoint or the end (``flush``).
 Checkpoints seen through `checkpoint_saved` are remembered for the evaluator too (in case a backend does not list
@@ -18,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_run_rundir import atomic_write_text
+from lora_run.errors import OutputError
+from lora_run_rundir import atomic_write_text, open_append
 
 LOSS_FILE = "loss.jsonl"
 #: after a failed append, rewrite the whole file every this many steps
@@ -99,9 +102,9 @@ class LossLog:
                 self.flush()
             return
         try:
-            with open(self.path, "a", encoding="utf-8") as fh:
+            with open_append(self.path) as fh:      # never through a hard link (a copied run folder's log)
                 fh.write(json.dumps(row) + "\n")
-        except OSError:
+        except (OSError, OutputError):
             self.dirty = 1
 
     def flush(self) -> None:

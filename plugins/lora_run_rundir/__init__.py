@@ -2,7 +2,8 @@
 change (``check_resume``), and the safe-writing library plugins share.
 
 - :mod:`.atomic` — atomic writes (``atomic_write_bytes``/``atomic_write_text``/``atomic_path``), a full disk
-  reported as one line naming the file, the temporary files of interrupted writes;
+  reported as one line naming the file, the temporary files of interrupted writes, appends that never reach another
+  name of the file (``open_append``: a hard link is broken first);
 - :mod:`.folder` — ``RunDir``: never replaces what lora-run did not create, one lora-run per folder (a lock),
   the manifest, the log, the run's start and end;
 - :mod:`.output` — where a run folder may not go (`lora-run check` and `plan` ask too), and the rules of the
@@ -17,12 +18,13 @@ from typing import Any
 
 from lora_run.hookspecs import hookimpl
 
-from .atomic import atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, free_bytes, is_disk_full
+from .atomic import (atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, free_bytes, is_disk_full,
+                     open_append)
 from .folder import JSON_LIMIT, RunDir
 from .output import output_path
 
 __all__ = ["JSON_LIMIT", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error",
-           "free_bytes", "is_disk_full", "output_path"]
+           "free_bytes", "is_disk_full", "open_append", "output_path"]
 
 
 @hookimpl(trylast=True)     # the fallback: a folder another plugin gives is used instead, whatever the load order

@@ -7,9 +7,10 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from lora_run.errors import BackendError, OutputError
 from lora_run.files import human_size, shown
@@ -143,3 +144,49 @@ def remove_temp_files(folder: Path) -> list[Path]:
                         target.unlink()
                         removed.append(target)
     return removed
+
+
+def own_copy(path: Path) -> None:
+    """Give ``path`` its own bytes where it is a regular file with other names (a hard link: ``st_nlink`` > 1, as in a
+    run folder copied with ``cp -al``): it is copied to a temporary file beside it and that is renamed over it
+    atomically, so the other names keep the old bytes and a write in place reaches this file alone. Anything else
+    (no file, a single-link file, a link or another kind of file) is left as it is."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink <= 1:
+        return
+    with atomic_path(path, st.st_size) as tmp:
+        shutil.copyfile(path, tmp)
+
+
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+    | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_append(path: Path, errors: str = "strict") -> IO[str]:
+    """``path`` opened for appending text (created when missing), only as a regular file of its own: a hard link is
+    broken first (``own_copy``), so an append never grows another name's file; a link, a FIFO (which would block the
+    open), a device or a folder under the name is refused with an OutputError (exit 2) naming it, nothing written."""
+    for _ in range(3):     # a hard link made between the copy and the open: copied again
+        own_copy(path)
+        try:
+            fd = os.open(path, _APPEND, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EMLINK):
+                raise OutputError(f"{shown(path)}: {_NOT_A_LOG}") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OutputError(f"{shown(path)}: {_NOT_A_LOG}")
+        if st.st_nlink <= 1:
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "a", encoding="utf-8", errors=errors)
+        os.close(fd)
+    raise OutputError(f"{shown(path)}: keeps getting other names (hard links) while lora-run appends to it")
+
+
+_NOT_A_LOG = ("is not a regular file (a link, a FIFO, a device or a folder under the name of a file lora-run appends "
+              "to); move it away (nothing was written)")

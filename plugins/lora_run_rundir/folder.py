@@ -20,7 +20,7 @@ from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 from lora_run_commands import describe_plugins
 
-from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, remove_temp_files
+from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
@@ -481,9 +481,10 @@ class RunDir:
         return sorted(names)
 
     def log(self, message: str) -> None:
-        """Append to run.log; the log is informative, so a failed append (a full disk) is not an error."""
-        with contextlib.suppress(OSError):
-            with open(self.path / LOG, "a", encoding="utf-8") as fh:
+        """Append to run.log; the log is informative, so a failed append (a full disk) is not an error. A run.log with
+        other names (a run folder copied with ``cp -al``) gets its own copy first: the copy's log never grows."""
+        with contextlib.suppress(OSError, OutputError):
+            with open_append(self.path / LOG) as fh:
                 fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
     # ------------------------------------------------------------------------- the run's start and end

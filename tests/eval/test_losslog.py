@@ -52,22 +52,20 @@ def test_a_run_killed_before_its_checkpoints_hook_keeps_every_step(tmp_path):
 
 
 def test_after_a_failed_append_the_rows_wait_for_a_whole_rewrite(tmp_path, monkeypatch):
-    import builtins
-
     from lora_run_eval import losslog
 
     run = SimpleNamespace(run_dir=RunDir(tmp_path))
     loss_file = tmp_path / "eval" / "loss.jsonl"
     plugin.step_finished(run, 1, {"loss": 1.0})
-    real_open = builtins.open
+    real_open = losslog.open_append
 
-    def full(path, mode="r", *a, **kw):
-        if str(path) == str(loss_file) and "a" in mode:
+    def full(path, *a, **kw):      # the append's open (lora_run_rundir.open_append) meets a full disk
+        if str(path) == str(loss_file):
             raise OSError(28, "No space left on device")
-        return real_open(path, mode, *a, **kw)
-    monkeypatch.setattr(builtins, "open", full)
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(losslog, "open_append", full)
     plugin.step_finished(run, 2, {"loss": 0.5})
-    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(losslog, "open_append", real_open)
     plugin.step_finished(run, 3, {"loss": 0.25})         # not appended after a torn line: kept for the rewrite
     assert [r["step"] for r in rows(loss_file)] == [1]
     for step in range(4, 4 + losslog.FLUSH_EVERY):
