@@ -489,9 +489,9 @@ class RunDir:
 
     # ------------------------------------------------------------------------- the run's start and end
     def start(self, run: Any, *, allow_dataset_change: bool) -> None:
-        """After ``prepare``: the temporary files of an interrupted write removed (on resume), the reserve set
-        aside, the resolved recipe, the manifest (status "running"; the process count of a launched run) and the
-        dataset record written."""
+        """After ``prepare``: the temporary files of an interrupted write removed (on resume), a `[train] cache_dir`
+        made lora-run's cache (``cachedir.claim_cache``), the reserve set aside, the resolved recipe, the manifest
+        (status "running"; the process count of a launched run) and the dataset record written."""
         from lora_run.recipe import dump_recipe, replace
 
         recipe, loaded, report, resume = run.recipe, run.loaded, run.lint, run.resume
@@ -501,6 +501,10 @@ class RunDir:
             if cache is None or self.path in cache.parents:   # a shared cache may have live writers
                 for tmp in remove_temp_files(self.path):
                     self.log(f"removed the temporary file of an interrupted write: {tmp.name}")
+        if recipe.train.cache_dir:     # made lora-run's cache (its marker) before any backend writes there
+            from .cachedir import claim_cache
+
+            claim_cache(Path(recipe.train.cache_dir))
         self.reserve()
         earlier_dir = _recorded_output_dir(self.file(RECIPE)) if resume else None
         self.write_text(RECIPE, dump_recipe(

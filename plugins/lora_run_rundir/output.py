@@ -10,6 +10,7 @@ from lora_run.files import resolved, shown
 from lora_run.recipe import LoadedRecipe
 from lora_run.schema import Recipe
 
+from .cachedir import cache_problems, describe
 from .folder import RECIPE
 
 
@@ -159,6 +160,15 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
         with contextlib.suppress(OSError, ValueError):
             problems.extend(_in_dataset(recipe, resolved(cache), f"{{cache_file}}: [train.cache_dir] (= {shown(cache)})",
                                         "cache folder"))
+        if not unusable:   # lora-run writes and replaces files there: only in a folder that is provably its cache
+            try:
+                foreign = cache_problems(resolved(cache))
+            except OSError as exc:
+                foreign = []
+                problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): cannot be read "
+                                f"({exc.strerror or exc})")
+            if foreign:
+                problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): {describe(foreign)}")
     problems.extend(input_problems(recipe, path, where, "run folder"))
     return problems
 

@@ -167,8 +167,11 @@ class TrainSection:
         features=(Feature("save_every_epochs", "checkpoints every N epochs", is_set),))
     keep_last: int = option(3, "How many checkpoints to keep (older ones are deleted; the final LoRA is "
                             "always kept).", ge=1, le=10000)
-    cache_dir: str | None = option(None, "Latent / text-embedding cache folder; default `<output>/cache`.",
-                                   path=True)
+    cache_dir: str | None = option(None, "Latent / text-embedding cache folder (and the engines' staged datasets), "
+                                   "shared by runs; default `<output>/cache`. lora-run writes and replaces files "
+                                   "there, so it must be a new or empty folder or a cache lora-run made (its "
+                                   "`lora-run-cache.json`, or only lora-run's cache entries); anything else is "
+                                   "refused.", path=True)
     num_workers: int = option(0, "Data-loader worker processes.", ge=0, le=64)
     compile: Literal["auto", "on", "off"] = option("auto", "Regional `torch.compile` of the repeated blocks "
                                                    "(`auto`: on CUDA in speed/memory mode).")

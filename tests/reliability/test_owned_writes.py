@@ -95,3 +95,156 @@ def test_appends_never_reach_another_name_of_the_file(tmp_path):
         with pytest.raises(OutputError, match=name):
             open_append(path)
     assert victim.read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------ [train] cache_dir
+def _someones_files(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "latents").mkdir()
+    (folder / "latents" / "index.json").write_text('{"my": "index"}')     # replaced by a run before the fix
+
+
+def _model_folder(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+
+
+def _marked_cache_linking_out(folder: Path) -> None:
+    """A cache lora-run made, whose `latents` is now a link to a user's folder (entries would be written there)."""
+    from lora_run_rundir.cachedir import CACHE_MARKER, MARKER_TEXT
+
+    folder.mkdir()
+    (folder / CACHE_MARKER).write_text(MARKER_TEXT)
+    elsewhere = folder.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "index.json").write_text('{"my": "index"}')
+    (folder / "latents").symlink_to(elsewhere)
+
+
+def _index_not_ours(folder: Path) -> None:
+    """lora-run's names, but an index.json that is no cache index of lora-run's (an old-looking cache, no marker)."""
+    (folder / "text" / "ab").mkdir(parents=True)
+    (folder / "text" / "index.json").write_text('{"settings": {"theme": "dark"}}')
+
+
+HOSTILE_CACHES = {   # name: (how it is made, an entry the message must name)
+    "a folder of someone's files": (_someones_files, "notes.txt"),
+    "a model folder": (_model_folder, "config.json"),
+    "a marked cache whose latents is a link": (_marked_cache_linking_out, "latents (a link"),
+    "an index.json that is not lora-run's": (_index_not_ours, "text/index.json (not lora-run's cache index)"),
+}
+
+BACKEND_SETTINGS = {   # what each backend's pre-flight needs of the tiny recipe to reach the run folder's checks
+    "native": [],
+    "kohya": ["dataset.bucket_step=32", "dataset.bucket_max=128", "train.noise_offset=0.0", "lora.dropout=0.0"],
+    "diffusion-pipe": ['scheduler.name="constant_with_warmup"', "train.noise_offset=0.0", "lora.dropout=0.0"],
+}
+
+
+def _backend_sets(backend: str, tmp_path: Path) -> list[str]:
+    sets = [f'backend.name="{backend}"', *BACKEND_SETTINGS[backend]]
+    if backend == "kohya":      # sd-scripts loads single files: header-only dummies (nothing loads before the refusal)
+        import json
+
+        folder = tmp_path / "kohya-models"
+        folder.mkdir(exist_ok=True)
+        header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
+        for key in ("transformer", "clip_l", "t5xxl", "vae"):
+            (folder / f"{key}.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+            sets.append(f'model.files.{key}="{folder / key}.safetensors"')
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CACHES))
+def test_a_cache_folder_that_is_not_lora_runs_is_refused_before_anything_is_written(tiny_recipe, tmp_path, capsys,
+                                                                                    case, figures):
+    """`[train] cache_dir` was taken as lora-run's own: pointed at a folder of someone's files or a model folder,
+    a run wrote `latents/`, `text/` (and the engines' staged folders) there and replaced the `index.json` it found.
+    Now `check` and every backend's run refuse a cache folder that is not provably lora-run's (exit 2, naming
+    `[train.cache_dir]` and the entry) and nothing anywhere changes."""
+    make, entry = HOSTILE_CACHES[case]
+    cache = tmp_path / "cache"
+    make(cache)
+    recipe = tiny_recipe()
+    before = _state(tmp_path)
+    tried = 0
+    for backend in BACKEND_SETTINGS:
+        sets = [*_backend_sets(backend, tmp_path), "--set", f'train.cache_dir="{cache}"']
+        before = _state(tmp_path)      # the kohya dummies are written by the first kohya case
+        for argv in (["check", str(recipe)], [str(recipe), "--output-dir", str(tmp_path / "run")]):
+            code, text = _cli([*argv, *sets], capsys)
+            assert code == 2, (backend, argv, text)
+            lines = [line for line in text.splitlines() if "[train.cache_dir]" in line]
+            assert lines and entry in lines[0] and "not a cache folder lora-run made" in lines[0], (backend, text)
+            assert _state(tmp_path) == before, (backend, argv, "nothing was written or changed")
+            tried += 1
+    figures("run-folder safety", cases=tried, faults=tried)
+
+
+def test_the_root_folder_as_cache_is_refused(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe()
+    for argv in (["check", str(recipe)], [str(recipe), "--output-dir", str(tmp_path / "run")]):
+        code, text = _cli([*argv, "--set", 'train.cache_dir="/"'], capsys)
+        assert code == 2 and "[train.cache_dir] (= /): is not a cache folder lora-run made" in text, text
+    assert not any(os.path.lexists(f"/{name}") for name in ("latents", "text", "lora-run-cache.json"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_earlier_cache_without_the_marker_is_reused_with_hits(tiny_recipe, tmp_path, capsys):
+    """The control: a cache lora-run wrote before the marker existed (its entries and index, no marker) is still
+    lora-run's: a run of another recipe (another run folder) shares it, reads every entry as a hit and marks it."""
+    from lora_run_rundir.cachedir import CACHE_MARKER, cache_problems, is_marked
+
+    cache = tmp_path / "shared-cache"
+    recipe = tiny_recipe()
+    sets = ["--set", f'train.cache_dir="{cache}"', "--set", "train.steps=1"]
+    code, text = _cli([str(recipe), "--output-dir", str(tmp_path / "a"), *sets], capsys)
+    assert code == 0 and "latents 0 hit(s), 3 built" in text, text
+    assert is_marked(cache)
+    (cache / CACHE_MARKER).unlink()         # as a cache from before the marker looks
+    assert cache_problems(cache) == []
+    before = {p: p.read_bytes() for p in cache.rglob("*.safetensors")}
+    code, text = _cli([str(recipe), "--output-dir", str(tmp_path / "b"), *sets], capsys)
+    assert code == 0 and "latents 3 hit(s), 0 built" in text and "text 4 hit(s), 0 built" in text, text
+    assert is_marked(cache) and {p: p.read_bytes() for p in cache.rglob("*.safetensors")} == before
+
+
+def test_what_a_cache_folder_may_hold(tmp_path):
+    """Unit rules of ``cache_problems``/``claim_cache``: a missing or empty folder is taken (and marked), a marked one
+    keeps the user's other files untouched, lora-run's names must be what it makes, and an unmarked folder must hold
+    lora-run's entries alone (temporary files and the engines' staging leftovers included)."""
+    from lora_run.errors import OutputError
+    from lora_run_rundir.cachedir import CACHE_MARKER, cache_problems, claim_cache, is_marked
+
+    new = tmp_path / "new" / "cache"
+    claim_cache(new)
+    assert is_marked(new) and sorted(p.name for p in new.iterdir()) == [CACHE_MARKER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim_cache(empty)
+    assert is_marked(empty)
+    (empty / "README.txt").write_text("my notes about this cache")      # marked: the user's file is tolerated
+    assert cache_problems(empty) == []
+    old = tmp_path / "old"
+    key = "ab" + "0" * 62
+    (old / "latents" / "ab").mkdir(parents=True)
+    (old / "latents" / "ab" / f"{key}.safetensors").write_bytes(b"x")
+    (old / "latents" / "ab" / f".{key}.safetensors.k2j4h5g6.tmp").write_bytes(b"x")
+    (old / "latents" / "index.json").write_text(f'{{"subject/a.png|64x64": "{key}"}}')
+    (old / "text").mkdir()
+    (old / "kohya-data" / "dataset-0123456789ab" / "subject").mkdir(parents=True)
+    (old / "kohya-data" / ".dataset-0123456789ab.lock").write_text("")
+    (old / "diffusion-pipe" / ".dataset-0123456789ab.77.0a1b2c3d.removing").mkdir(parents=True)
+    assert cache_problems(old) == []
+    (old / "latents" / "ab" / "photo.jpg").write_bytes(b"mine")
+    (old / "kohya-data" / "my-dataset").mkdir()
+    (old / CACHE_MARKER).symlink_to(new / CACHE_MARKER)                 # a link is no marker
+    assert cache_problems(old) == ["kohya-data/my-dataset", "latents/ab/photo.jpg",
+                                   CACHE_MARKER + " (not lora-run's marker)"]
+    before = _state(old)
+    with pytest.raises(OutputError, match=r"\[train.cache_dir\].*kohya-data/my-dataset"):
+        claim_cache(old)
+    assert _state(old) == before
+
