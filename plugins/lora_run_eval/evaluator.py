@@ -24,6 +24,7 @@ from lora_run_rundir import atomic_write_text
 from lora_run_rundir import JSON_LIMIT
 from lora_run_rundir.atomic import TEMP_FILE
 from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
+from lora_run_rundir.record import EVALUATION, OUTPUT_RECORD, recorded_output, unrecorded
 
 from . import metrics as M
 from .faces import Embedder
@@ -401,8 +402,10 @@ def _run_dir_of(lora: Path) -> Path | None:
     return None
 
 
-#: What an evaluation writes in its folder: ``--overwrite`` replaces a folder holding these alone.
+#: What an evaluation writes in its folder: ``--overwrite`` replaces a folder holding these alone (and the record,
+#: ``lora_run_rundir.record.OUTPUT_RECORD``, that lists them).
 IMAGES = "images"
+OWN_ENTRIES = (METRICS_FILE, REPORT_FILE, IMAGES)
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -421,7 +424,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
             raise OutputError(f"{shown(path)}: --overwrite replaces only an earlier evaluation (a folder with the "
                               f"{METRICS_FILE} or {REPORT_FILE} lora-run wrote); this folder holds other files and is "
                               "left alone")
-        others = sorted(e.name for e in path.iterdir() if e.name not in (METRICS_FILE, REPORT_FILE, IMAGES)
+        others = sorted(e.name for e in path.iterdir() if e.name not in (*OWN_ENTRIES, OUTPUT_RECORD)
                         and not (TEMP_FILE.match(e.name) and e.is_file() and not e.is_symlink()))
         if others:
             raise OutputError(f"{shown(path)}: --overwrite would delete the earlier evaluation beside "
@@ -432,8 +435,9 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 def _is_evaluation(path: Path) -> bool:
     """An earlier evaluation's folder: its report page as lora-run writes it, or its metrics (a JSON object with the
-    evaluation's own keys); a file merely named so (a web page's report.html) is not one."""
-    if is_report(path / REPORT_FILE):
+    evaluation's own keys), or its record (written first, so an evaluation cut short is one too); a file merely named
+    so (a web page's report.html) is not one."""
+    if is_report(path / REPORT_FILE) or unrecorded(path, EVALUATION) is not None:
         return True
     metrics = path / METRICS_FILE
     try:
@@ -493,16 +497,20 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
     _clear_output(out, args.overwrite)
     echo = (lambda _m: None) if args.json else print
-    embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
-                             loaded.path.resolve().parent)
-    generate = find_generator(plugins, recipe)
-    ev = Evaluation(embedder, subject, out, echo=echo, title=f"Identity evaluation: {loras[0][2].name}",
-                    source=loaded.shown, text_encoder_trained=recipe.text_encoder.train)
-    evaluate_loras(ev, generate, recipe, loras, out / "images")
-    run_dir = _run_dir_of(loras[0][2])
-    history = M.read_loss(run_dir / "eval" / LOSS_FILE) if run_dir else []
-    data = ev.finish(final=loras[-1][0], prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
-                     seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
+    # before anything goes in: the record that this folder is lora-run's evaluation and what it holds, by which the run
+    # folder's `run --overwrite` knows an `eval-*` folder as a run's (it never reads this plugin's files); taken back
+    # when the evaluation stops before its first output (a LoRA that does not fit the model: nothing left behind)
+    with recorded_output(out, EVALUATION, OWN_ENTRIES):
+        embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
+                                 loaded.path.resolve().parent)
+        generate = find_generator(plugins, recipe)
+        ev = Evaluation(embedder, subject, out, echo=echo, title=f"Identity evaluation: {loras[0][2].name}",
+                        source=loaded.shown, text_encoder_trained=recipe.text_encoder.train)
+        evaluate_loras(ev, generate, recipe, loras, out / "images")
+        run_dir = _run_dir_of(loras[0][2])
+        history = M.read_loss(run_dir / "eval" / LOSS_FILE) if run_dir else []
+        data = ev.finish(final=loras[-1][0], prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
+                         seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
     return _print_result(data, out, args.json)
 
 

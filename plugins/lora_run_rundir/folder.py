@@ -22,6 +22,7 @@ from lora_run_commands import describe_plugins
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
+from .record import EVALUATION, OUTPUT_RECORD, unrecorded
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
 #: cache index).
@@ -210,7 +211,9 @@ def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) 
     """The entries of a run folder that no run wrote (a user's notes, a folder of their own): `--overwrite`
     would delete them with the old run. A run's entries are those its manifest lists as written (or, in a folder
     from before that list, names the manifest's artifacts) and the fixed ones above; an evaluation `lora-run eval`
-    wrote next to the final LoRA is a run's too."""
+    wrote next to the final LoRA (an ``eval-*`` folder) is a run's too, when its record says so and it holds nothing
+    the record does not list (``record.unrecorded``): a folder merely holding a `metrics.json` or `report.html` is
+    not."""
     written = manifest.get(WRITTEN)
     recorded = _recorded_names(path, manifest.get("artifacts")) | (
         {n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
@@ -218,8 +221,7 @@ def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) 
     for entry in existing:
         if entry.name in RUN_ENTRIES or entry.name in recorded or _ours_only(entry):
             continue
-        if entry.name.startswith("eval-") and entry.is_dir() and not entry.is_symlink() and any(
-                (entry / name).is_file() for name in ("metrics.json", "report.html")):
+        if entry.name.startswith("eval-") and unrecorded(entry, EVALUATION) == []:
             continue
         out.append(entry)
     return sorted(out, key=lambda e: e.name)
@@ -326,8 +328,13 @@ class RunDir:
             foreign = foreign_entries(p, existing, self.read_manifest())
             if foreign:
                 names = ", ".join(shown(e.name) for e in foreign[:8]) + (", …" if len(foreign) > 8 else "")
+                unproven = [e.name for e in foreign if e.name.startswith("eval-") and e.is_dir()]
+                hint = (f" ({', '.join(shown(n) for n in unproven[:4])}: an evaluation folder holds lora-run's record "
+                        f"{OUTPUT_RECORD} listing all it holds; one without, from an earlier lora-run, or holding "
+                        "other files, is left to you)") if unproven else ""
                 raise OutputError(f"{shown(p)}: --overwrite would delete {_entries(foreign)} no lora-run run wrote "
-                                  f"there ({names}); move them out of the run folder, or choose another --output-dir")
+                                  f"there ({names}); move them out of the run folder, or choose another --output-dir"
+                                  + hint)
             self._lock()             # refuses while another run uses it
             self._clear()
         else:

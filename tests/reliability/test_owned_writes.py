@@ -39,6 +39,7 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------- appends through hard links
+@pytest.mark.slow     # real tiny runs (about 5 s each on CPU)
 def test_a_resumed_copy_made_with_hard_links_never_grows_the_originals_files(tiny_recipe, tmp_path, capsys, figures):
     """`cp -al run copy` then `--resume --output-dir copy`: run.log (and the loss log, appended row by row) were
     appended in place, so the original's log grew with the copy's resume. Now a file with other names gets its own
@@ -192,6 +193,7 @@ def test_the_root_folder_as_cache_is_refused(tiny_recipe, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow     # real tiny runs (about 5 s each on CPU)
 def test_an_earlier_cache_without_the_marker_is_reused_with_hits(tiny_recipe, tmp_path, capsys):
     """The control: a cache lora-run wrote before the marker existed (its entries and index, no marker) is still
     lora-run's: a run of another recipe (another run folder) shares it, reads every entry as a hit and marks it."""
@@ -248,3 +250,70 @@ def test_what_a_cache_folder_may_hold(tmp_path):
         claim_cache(old)
     assert _state(old) == before
 
+
+# ------------------------------------------------------------------------ eval-* folders and run --overwrite
+@pytest.mark.slow     # real tiny runs and a real `lora-run eval` (generation and face scoring)
+def test_run_overwrite_deletes_only_an_evaluation_lora_run_recorded(tiny_recipe, tmp_path, capsys, figures):
+    """`run --overwrite` counted any `eval-*` folder of a run folder holding a file named `metrics.json` or
+    `report.html` as a run's and deleted it with the old run: a user's folder of results (their own metrics, their
+    page, their images) went. Now an evaluation folder is a run's only with the record `lora-run eval` writes there
+    first, listing everything it holds; anything else is refused (exit 2, named), nothing touched. The control: a real
+    `lora-run eval` next to the LoRA, then `run --overwrite`, replaces the run with its evaluation."""
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    code, text = _cli([str(recipe), "--output-dir", str(run), "--set", "train.steps=1"], capsys)
+    assert code == 0, text
+    mine = run / "eval-mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "metrics.json").write_text('{"accuracy": 0.9}')
+    (mine / "report.html").write_text("<html>my results</html>")
+    (mine / "images" / "best.png").write_bytes(b"mine")
+    overwrite = [str(recipe), "--output-dir", str(run), "--overwrite", "--set", "train.steps=1"]
+    before = _state(tmp_path)
+    code, text = _cli(overwrite, capsys)
+    assert code == 2 and "--overwrite would delete 1 entry no lora-run run wrote there (eval-mine)" in text, text
+    assert _state(tmp_path) == before
+    for path in sorted(mine.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    mine.rmdir()
+    code, text = _cli(["eval", str(run / "recipe.toml"), "--lora", str(run / "tiny.safetensors"),
+                       "--set", "eval.prompts=['{trigger}']", "--set", "eval.seeds=[1]",
+                       "--set", "eval.strengths=[1.0]"], capsys)
+    assert code == 0, text
+    evaluation = run / "eval-tiny"
+    assert (evaluation / ".lora-run-output.json").is_file() and (evaluation / "report.html").is_file()
+    (evaluation / "notes.txt").write_text("the second seed looked best")    # the user's file makes it theirs
+    before = _state(tmp_path)
+    code, text = _cli(overwrite, capsys)
+    assert code == 2 and "(eval-tiny)" in text and "other files, is left to you" in text, text
+    assert _state(tmp_path) == before
+    (evaluation / "notes.txt").unlink()
+    code, text = _cli(overwrite, capsys)
+    assert code == 0, text
+    assert not evaluation.exists() and (run / "tiny.safetensors").is_file()
+    figures("run-folder safety", cases=3, faults=2)
+
+
+def test_an_output_record_proves_only_what_it_lists(tmp_path):
+    """``record.unrecorded``: a folder is a writer's only with its record (a regular file of lora-run's form) and
+    only the entries it lists (temporary files of atomic writes aside)."""
+    from lora_run_rundir.record import OUTPUT_RECORD, unrecorded, write_output_record
+
+    folder = tmp_path / "eval-x"
+    write_output_record(folder, "evaluation", ["metrics.json", "images"])
+    (folder / "metrics.json").write_text("{}")
+    (folder / ".metrics.json.abcd1234.tmp").write_text("")
+    assert unrecorded(folder, "evaluation") == [] and unrecorded(folder, "other") is None
+    (folder / "report.html").write_text("")
+    assert unrecorded(folder, "evaluation") == ["report.html"]
+    (folder / "link").symlink_to(folder)
+    assert unrecorded(folder / "link", "evaluation") is None
+    record = folder / OUTPUT_RECORD
+    text = record.read_text()
+    record.unlink()
+    (tmp_path / "elsewhere.json").write_text(text)
+    record.symlink_to(tmp_path / "elsewhere.json")           # a link is no record
+    assert unrecorded(folder, "evaluation") is None
+    record.unlink()
+    record.write_text('{"lora_run_output": "evaluation", "entries": ["../x"]}')
+    assert unrecorded(folder, "evaluation") is None

@@ -389,8 +389,10 @@ def test_overwrite_of_our_run_folder_keeps_what_the_user_put_in_it(tiny_recipe, 
     recipe = tiny_recipe()
     run = tmp_path / "run"
     assert main([str(recipe), "--output-dir", str(run)]) == 0
+    from lora_run_rundir.record import EVALUATION, write_output_record
+
     evaluation = run / "eval-tiny"                                   # what `lora-run eval` writes by default
-    evaluation.mkdir()
+    write_output_record(evaluation, EVALUATION, ("metrics.json", "report.html", "images"))   # its record, first
     (evaluation / "metrics.json").write_text("{}")
     (run / "notes.txt").write_text("which step looked best")
     (run / "picked").mkdir()
