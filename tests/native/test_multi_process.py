@@ -349,6 +349,22 @@ def _wait_for(predicate, timeout: float = 240) -> None:
     raise AssertionError("timed out")
 
 
+def _signal_at_step_10(proc: subprocess.Popen, out: Path, log: Path, sig: int, rank: int | None = None
+                       ) -> tuple[int, str]:
+    """Once the run's log reports step 10 (of 400): ``sig`` to rank ``rank``'s process, or (None) to the launcher's
+    whole process group, as a terminal's Ctrl-C; then the launcher's exit code and output (``finish``)."""
+    try:
+        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
+        if rank is None:
+            os.killpg(proc.pid, sig)
+        else:
+            pid = _rank_pid(proc.pid, rank)
+            assert pid is not None, f"no process of rank {rank}"
+            os.kill(pid, sig)
+    finally:
+        result = finish(proc, log)
+    return result
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_with_a_resumable_checkpoint(flux_recipe, five_images, tmp_path):
     recipe = flux_recipe(data=five_images)
@@ -356,11 +372,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_resumable_checkpoint(flux_re
     log = tmp_path / "stop.log"
     proc = start([sys.executable, *lora_run_args(recipe, out, [*TWO, "train.steps=400",
                                                                 "train.save_every_steps=1000"], "--gpus", "2")], log)
-    try:
-        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
-        os.killpg(proc.pid, signal.SIGINT)            # a terminal's Ctrl-C reaches the whole process group
-    finally:
-        code, text = finish(proc, log)
+    code, text = _signal_at_step_10(proc, out, log, signal.SIGINT)   # a terminal's Ctrl-C: the whole group
     assert code == 130, text
     assert "resume with" in text
     found = sorted((out / "checkpoints").glob("step-*/resume/state.json"))
@@ -376,13 +388,7 @@ def test_a_failed_rank_ends_the_run_with_exit_1_and_its_log_tail(flux_recipe, fi
     out = tmp_path / "crash"
     log = tmp_path / "crash.log"
     proc = start([sys.executable, *lora_run_args(recipe, out, [*TWO, "train.steps=400"], "--gpus", "2")], log)
-    try:
-        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
-        victim = _rank_pid(proc.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-    finally:
-        code, text = finish(proc, log)
+    code, text = _signal_at_step_10(proc, out, log, signal.SIGKILL, rank=1)
     assert code == 1, text
     assert "rank 1 was killed by SIGKILL" in text and "last output" in text, text[-6000:]
     assert json.loads((out / "manifest.json").read_text())["status"] != "completed"
@@ -429,13 +435,7 @@ def test_a_stop_agreed_after_a_slow_step_keeps_rank_0s_checkpoint(flux_recipe, f
     proc = start([str(BIN / "torchrun"), "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                   *lora_run_args(recipe, out, [*TWO, "train.steps=400", "train.save_every_steps=1000"])], log,
                  LORA_RUN_PROBE=str(tmp_path / "probe"), LORA_RUN_PROBE_SLOW_STOP="0:12")
-    try:
-        _wait_for(lambda: (out / "run.log").is_file() and "step 10/400" in (out / "run.log").read_text())
-        rank0 = _rank_pid(proc.pid, 0)
-        assert rank0 is not None
-        os.kill(rank0, signal.SIGINT)
-    finally:
-        code, text = finish(proc, log)
+    code, text = _signal_at_step_10(proc, out, log, signal.SIGINT, rank=0)
     assert code != 0, text                      # torchrun's own exit code for workers that exited with 130
     found = sorted((out / "checkpoints").glob("step-*/resume/state.json"))
     assert len(found) == 1, text[-6000:]
