@@ -247,9 +247,14 @@ def _scaled_dataset(source: Path, out: Path, base: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- recipes
+def model_key_of(row: dict[str, Any]) -> str:
+    """The key of a row's model among the built assets: its family's tiny model, or the full-size one it names."""
+    return f"tiny-{row['family']}" if row["model"] == "tiny" else row["model"]
+
+
 def recipe_for(row: dict[str, Any], assets: dict[str, Path]) -> dict[str, Any]:
     fam = row["family"]
-    model_key = f"tiny-{fam}" if row["model"] == "tiny" else row["model"]
+    model_key = model_key_of(row)
     res = row.get("resolution", 96)
     tiny = row["model"] == "tiny"
     step = 16 if fam in ("flux", "klein", "dev") else 32
@@ -462,7 +467,7 @@ def run_row(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
         return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
                 "exit": None, "wall_s": 0.0, "passed": False, "stopped": DEADLINE_STOP,
                 "problems": ["not started: under a minute of --deadline left"]}
-    model = assets.get(f"tiny-{row['family']}" if row["model"] == "tiny" else row["model"])
+    model = assets.get(model_key_of(row))
     if isinstance(model, NotBuilt):
         return {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
                 "exit": None, "wall_s": 0.0, "passed": False, "problems": [model.why]}
