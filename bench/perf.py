@@ -34,6 +34,9 @@ moment it is measured, so a timeout keeps what was done:
 * ``cli-fast-nosamples`` ``cli-fast-first`` without the sample rounds (``sample.every_steps`` past the run's end;
                 the checkpoints stay): against ``cli-fast-first`` in the same call, the manifests'
                 ``step_s_between_rounds`` say whether a sample round slows the steps after it (not a default row).
+* ``cli-fast-stepgraphs`` ``cli-fast-nosamples`` with ``[train] cuda_graphs = "step"``: each micro-step (forward,
+                loss, backward) replayed as one CUDA graph per token count instead of every block's graphs; against
+                ``cli-fast-nosamples`` in the same call, the steady step and the start-up (not a default row).
 * ``recipe-adamw-graphs``, ``recipe-graphs`` the graphs row's step with the shipped fast recipe's LoRA
                 (all-linear rank 32, lora-run's own target preset) and attention ``auto``: with the reference's fused
                 AdamW, then with the recipe's Adafactor. Against ``graphs`` they split the CLI step's extra time
@@ -100,7 +103,7 @@ RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
-    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "memory-fp8mm": "memory-fp8mm",
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "cli-fast-stepgraphs": "cli", "memory-fp8mm": "memory-fp8mm",
     "low-vram-fp8mm": "low-vram-fp8mm",
     # one process each: a second compiled model in the process after the first one's release fails
     # ("Running CUDAGraph after shutdown", 2026-12-04)
@@ -293,6 +296,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                     # the A/B of the sample rounds: no round before the end (the checkpoints stay)
                     "cli-fast-nosamples": {"train.cuda_graphs": "on", "eval.enabled": False,
                                            "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
+                    "cli-fast-stepgraphs": {"train.cuda_graphs": "step", "eval.enabled": False,
+                                            "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
                     }.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
@@ -671,7 +676,8 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm", "cli-fast-nosamples"):
+    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm", "cli-fast-nosamples",
+                 "cli-fast-stepgraphs"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue

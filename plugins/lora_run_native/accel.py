@@ -39,9 +39,11 @@ class PerfPlan:
     compile_mode: str = "default"   # torch.compile mode of each block ("reduce-overhead": CUDA graphs)
     dynamic_tokens: bool = False    # compile the token dimension symbolic: one graph for every bucket shape
     fp8_matmul: bool = False        # the fp8 base's matmuls run in float8 (`[train] fp8_matmul`; needs `fp8`)
+    step_graphs: bool = False       # each micro-step (forward, loss, backward) replayed as one CUDA graph (stepgraph.py)
 
     def describe(self) -> str:
-        compiled = "compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else "compiled"
+        compiled = ("compiled + CUDA graphs" if self.compile_mode == "reduce-overhead" else
+                    "compiled + step CUDA graphs" if self.step_graphs else "compiled")
         parts = [self.mode, compiled if self.compile else "eager", "fp8 base" if self.fp8 else "bf16 base"]
         if self.fp8_matmul:
             parts.append("fp8 matmuls")
@@ -533,6 +535,7 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
                     compile_mode=plan.compile_mode, dynamic_tokens=plan.dynamic_tokens)
     done["checkpointed"] = len(ckpt)
     model._lora_run_cuda_graphs = bool(plan.compile and on_cuda and plan.compile_mode == "reduce-overhead")
+    model._lora_run_step_graphs = bool(plan.compile and on_cuda and plan.step_graphs)
     model._lora_run_mode = plan.mode
     if plan.compile and on_cuda:
         import torch._dynamo

@@ -121,7 +121,7 @@ def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
     `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs
     (`auto`: small steps, at most CUDA_GRAPH_MAX_BUCKETS shapes, and with several shapes enough `steps` to win
-    the recording back). With several bucket shapes the blocks compile with a symbolic token dimension."""
+    the recording back); "step" replays each whole micro-step as one graph instead (stepgraph.py). With several bucket shapes the blocks compile with a symbolic token dimension."""
     plan = _plan_mode(mode, family, height, width, batch, rank, preset, budget_gib, compile, buckets, shape,
                       cuda_graphs, dropout, steps)
     return attrs.evolve(plan, dynamic_tokens=plan.compile and buckets > 1)
@@ -131,6 +131,8 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
                budget_gib: float | None, compile: bool, buckets: int, shape: FamilyShape | None,
                cuda_graphs: str, dropout: float, steps: int | None) -> PerfPlan:
     s = shape or family_shape(family)
+    if mode == "speed" and compile and cuda_graphs == "step":
+        return PerfPlan("speed", compile=True, step_graphs=True)
     if mode == "speed":
         # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
         small = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS

@@ -206,7 +206,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     accel.configure_cuda()
     kernel = choose_attention(transformer, r, device, tokens=perfmodel.tokens(r.model.family, height, width, shape)
                               * r.train.batch_size,
-                              graphs=plan.compile and plan.compile_mode == "reduce-overhead")
+                              graphs=plan.compile and (plan.compile_mode == "reduce-overhead" or plan.step_graphs))
     accel.apply(transformer, plan, device, adapter.compute_dtype, offloader=offloader)
     why = ""
     if r.train.memory_mode == "auto":
@@ -373,6 +373,7 @@ class LoopState:
     counts: dict[str, Any]
     epoch_cache: tuple[int, list] = (-1, [])
     losses: list[float] = attrs.Factory(list)
+    step_graphs: Any = None         # `StepGraphs` when `[train] cuda_graphs = "step"` applies
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -652,7 +653,15 @@ class Trainer:
                           texts=data.texts, loss_fn=opt.loss_fn, accelerator=env.accelerator, total=data.total,
                           te_stop=data.te_stop, ckpt_root=opt.ckpt_root,
                           counts=dict(self.ctx.lint.counts if self.ctx.lint else {}))
+        if getattr(state.transformer, "_lora_run_step_graphs", False) and not self.parallel.active:
+            from .stepgraph import StepGraphs
+
+            state.step_graphs = StepGraphs(lambda inputs, step: self._step_body(state, inputs, step),
+                                           notify=lambda line: (self.echo(line), self.run_dir.log(line)))
         self.train(env, state, start)
+        if state.step_graphs is not None:
+            env.timing["step_graphs"] = state.step_graphs.describe()
+            env.timing["step_graphs_record_s"] = round(state.step_graphs.record_s, 2)
         phase = time.perf_counter()
         self._finish(state)
         self.parallel.close()
@@ -975,7 +984,7 @@ class Trainer:
                     acc.clip_grad_norm_(params, r.optimizer.max_grad_norm)
                 state.optimizer.step()
                 state.scheduler.step()
-                state.optimizer.zero_grad(set_to_none=True)
+                state.optimizer.zero_grad(set_to_none=state.step_graphs is None)   # a graph adds into the same .grad
                 number, lr = step + 1, state.scheduler.get_last_lr()[0]
                 if self.parallel.active:
                     finish(step, loss_sum, shape, step_started, lr, step_loss)
@@ -1077,23 +1086,38 @@ class Trainer:
 
         from .timesteps import to_device
 
-        r = self.recipe
-        acc = state.accelerator
         adapter = state.adapter
         noisy, target = adapter.noisy_and_target(x0, noise, t)
+        weights = adapter.loss_weights(t).to(noisy.device) * to_device(
+            torch.tensor([s.weight for s in batch], dtype=torch.float32), noisy.device)
+        inputs = {"noisy": noisy, "target": target, "t": t, "weights": weights,
+                  **{f"text.{k}": v for k, v in text.items()}}
+        if self.parallel.active:
+            return self._step_body(state, inputs, step, share=(global_size, scale))
+        if state.step_graphs is not None and not te_active:
+            return state.step_graphs(inputs, step)
+        return self._step_body(state, inputs, step)
+
+    def _step_body(self, state: LoopState, inputs: dict[str, Any], step: Any,
+                   share: tuple[int, float] | None = None) -> Any:
+        """A micro-step on the device: the prediction, the weighted loss and its backward; returns the loss as a
+        detached device scalar. Nothing in it reads the host, so `StepGraphs` can replay it. ``share``: (the global
+        batch, this rank's scale) of a data-parallel step, whose loss is this rank's share of the global one."""
         from .accel import mark_step_begin
 
+        acc, adapter = state.accelerator, state.adapter
+        text = {k[5:]: v for k, v in inputs.items() if k.startswith("text.")}
         mark_step_begin(state.transformer)
         with acc.autocast():
-            pred = adapter.predict(state.forward, noisy, t, text, r.train.guidance)
-        per_sample = state.loss_fn(pred.float(), target.float(), timesteps=t, step=step)
-        weights = adapter.loss_weights(t).to(per_sample.device) * to_device(
-            torch.tensor([s.weight for s in batch], dtype=torch.float32), per_sample.device)
-        if not self.parallel.active:
-            loss = (per_sample * weights).mean()
+            pred = adapter.predict(state.forward, inputs["noisy"], inputs["t"], text, self.recipe.train.guidance)
+        per_sample = state.loss_fn(pred.float(), inputs["target"].float(), timesteps=inputs["t"], step=step)
+        weighted = per_sample * inputs["weights"]
+        if share is None:
+            loss = weighted.mean()
             acc.backward(loss)              # the accelerator divides by the accumulation steps
             return loss.detach()
-        part = (per_sample * weights).sum() / global_size          # this rank's share of the global loss
+        global_size, scale = share
+        part = weighted.sum() / global_size                       # this rank's share of the global loss
         acc.backward(part * (self.parallel.world * scale))       # every rank, always: DDP/FSDP average
         return part.detach() * scale
 

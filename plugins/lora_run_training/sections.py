@@ -114,9 +114,12 @@ class TrainSection:
         "samples. `auto` plans within it and the CUDA allocator is capped a quarter GiB below it (its cache "
         "included, the reserved peak stays inside), so a shared GPU or a smaller card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
         "Default: the GPU's free memory.", gt=0.0, le=4096.0)
-    cuda_graphs: Literal["auto", "on", "off"] = option(
+    cuda_graphs: Literal["auto", "on", "off", "step"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
-        "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each).")
+        "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each). "
+        "`step` (opt-in, one process): replay each whole micro-step (forward, loss and backward) as one CUDA "
+        "graph per token count instead of every block's own; a step that cannot be recorded runs eagerly, and the "
+        "run log says why.")
     fp8_matmul: bool = option(
         False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
         "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer, an older one stops "

@@ -184,6 +184,15 @@ def test_cuda_graphs_setting():
                                cuda_graphs="on").compile_mode == "reduce-overhead"     # "on" is the user's call
     assert perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
                                cuda_graphs="on").compile_mode == "default"      # graphs need compiled blocks
+    step = perfmodel.plan_mode("speed", "flux.1-dev", 1024, 1024, 1, 32, "all-linear", buckets=3, steps=100,
+                               cuda_graphs="step")          # whole micro-steps graphed: the blocks without trees
+    assert (step.step_graphs, step.compile_mode, step.dynamic_tokens) == (True, "default", True)
+    assert step.describe() == "speed, compiled + step CUDA graphs, bf16 base"
+    assert not any(p.step_graphs for p in (auto, off, on, recipe, short, one_shape, many))
+    assert not perfmodel.plan_mode("speed", "flux.1-dev", 512, 512, 1, 32, "attention", compile=False,
+                                   cuda_graphs="step").step_graphs       # nothing compiled: no graphs
+    assert not perfmodel.plan_mode("memory", "flux.1-dev", 1024, 1024, 1, 32, "attention", budget_gib=24.0,
+                                   cuda_graphs="step").step_graphs       # recomputed blocks: speed mode only
 
 
 def test_graph_shapes_count_token_counts_not_bucket_sizes():

@@ -1,0 +1,107 @@
+"""Training micro-steps replayed from CUDA graphs: forward, loss and backward as one graph per input shape.
+
+`[train] cuda_graphs = "step"` (speed mode on CUDA, one process). The blocks are compiled as usual (inductor's
+default mode, no CUDA-graph trees); what is graphed is the whole micro-step around them: the transformer's
+forward, the loss and the backward that adds each LoRA parameter's gradient into its ``.grad``. Against
+``"on"`` (each compiled block's forward and backward replayed as its own graph by CUDA-graph trees: 114 graphs
+per token count for FLUX.1) this is one launch per micro-step instead of one per block, and one recording per
+token count instead of 114.
+
+How a call is served, by its key (every input's name, shape and dtype):
+- the first call of a key runs eagerly: it compiles the blocks (and FlashAttention-4's kernels) for that shape;
+- the second runs once more eagerly on a side stream, as the warm-up a capture needs (it is that step's real
+  work: its gradients count), then records the graph; nothing of the recording runs;
+- later calls copy their inputs into the graph's own input tensors and replay it. The loss handed back is a
+  copy, so a loss read after the next replay is still its own step's.
+At most ``max_graphs`` keys are recorded, sharing one memory pool; further keys run eagerly. A recording that
+fails (something in the step reads a value on the host, which a capture forbids) turns the graphs off for the
+rest of the run, with the reason in ``failed``; every call is then eager, as without graphs.
+
+What a replay assumes, and the trainer keeps:
+- the gradients stay the same tensors: the optimizer zeroes them in place (``zero_grad(set_to_none=False)``),
+  never frees them; the backward recorded adds into them;
+- the trained and frozen weights keep their storage (optimizer steps update them in place);
+- the body uses nothing from the host but its inputs: the loss gets ``step`` as a 0-dim tensor on the device
+  (a loss that needs its Python value reads it on the host, which fails the recording: eager steps then);
+- random numbers (LoRA dropout) come from the device's default generator, whose seed and offset a replay reads
+  when it starts, so the per-step reseeding holds.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+MAX_GRAPHS = 8
+
+
+class StepGraphs:
+    """``body(inputs, step) -> loss`` (a detached device scalar; the body runs the backward) served from CUDA graphs
+    (see the module's docstring)."""
+
+    def __init__(self, body: Callable[[dict[str, Any], Any], Any], max_graphs: int = MAX_GRAPHS,
+                 notify: Callable[[str], Any] | None = None):
+        self.body = body
+        self.notify = notify        # told once, when a recording fails
+        self.max_graphs = max_graphs
+        self.graphs: dict[Any, tuple[Any, dict[str, Any], Any, Any]] = {}   # key -> (graph, inputs, step, loss)
+        self.seen: set[Any] = set()
+        self.pool: Any = None
+        self.calls = self.recorded = self.replays = 0
+        self.record_s = 0.0         # the warm-ups and recordings together
+        self.failed: str | None = None
+
+    def describe(self) -> str:
+        if self.failed:
+            return f"eager micro-steps: recording the step as a CUDA graph failed ({self.failed})"
+        return f"{self.replays} of {self.calls} micro-steps replayed from {self.recorded} CUDA graph(s)"
+
+    def __call__(self, inputs: dict[str, Any], step: int) -> Any:
+        self.calls += 1
+        key = tuple((name, tuple(value.shape), value.dtype) for name, value in sorted(inputs.items()))
+        if key in self.graphs:
+            return self._replay(self.graphs[key], inputs, step)
+        if self.failed is not None or key not in self.seen or len(self.graphs) >= self.max_graphs:
+            self.seen.add(key)
+            return self.body(inputs, step)
+        return self._record(key, inputs, step)
+
+    def _record(self, key: Any, inputs: dict[str, Any], step: int) -> Any:
+        import torch
+
+        started = time.perf_counter()
+        static = {name: value.clone() for name, value in inputs.items()}
+        step_tensor = torch.full((), step, dtype=torch.int64, device=next(iter(static.values())).device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.body(static, step_tensor)          # this step's real work, and the capture's warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_loss = self.body(static, step_tensor)
+        except Exception as exc:  # noqa: BLE001 - any failure: eager steps from here on
+            text = str(exc).strip()
+            self.failed = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            self.graphs.clear()
+            self.pool = None
+            if self.notify is not None:
+                self.notify(f"warning: [train.cuda_graphs] \"step\": {self.describe()}; the run goes on with eager steps")
+            return loss
+        finally:
+            self.record_s += time.perf_counter() - started
+        self.graphs[key] = (graph, static, step_tensor, static_loss)
+        self.recorded += 1
+        return loss
+
+    def _replay(self, entry: tuple[Any, dict[str, Any], Any, Any], inputs: dict[str, Any], step: int) -> Any:
+        graph, static, step_tensor, loss = entry
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        step_tensor.fill_(step)
+        graph.replay()
+        self.replays += 1
+        return loss.clone()

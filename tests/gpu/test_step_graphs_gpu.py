@@ -1,0 +1,135 @@
+"""On CUDA: `[train] cuda_graphs = "step"` (plugins/lora_run_native/stepgraph.py) trains what eager steps train.
+
+A tiny FLUX.1 run through the real orchestrator, two token counts (a 64×64 and a wide bucket), two micro-batches a
+step, LoRA dropout off, once with step graphs and once with `off` (the same compiled blocks, no graphs): the losses
+step by step and the final LoRA agree, and the manifest's timing says how many micro-steps were replayed from how
+many graphs. Controls: a planted replay that does not copy the new step's inputs in, and one whose optimizer frees
+the gradients between steps (`set_to_none=True`, which a recorded backward cannot follow), must each move the
+losses away. A loss that reads its `step` on the host cannot be recorded: the run goes on with eager steps, says
+so, and trains the same."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lora_run.hookspecs import hookimpl  # noqa: E402
+from tests.native.conftest import BASE_RECIPE, lora_tensors  # noqa: E402
+
+
+class Losses:
+    """Collects each step's loss (the `step_finished` hook)."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    @hookimpl
+    def step_finished(self, step, metrics):
+        self.values.append(metrics["loss"])
+
+
+class HostStepLoss:
+    """A loss plugin that reads its `step` on the host (``int(step)``)."""
+
+    @hookimpl
+    def register_losses(self, register):
+        def factory(_options=None):
+            def loss(prediction, target, step=0, **_info):
+                bump = 1.0 + 0.0 * int(step)
+                return ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1) * bump
+            return loss
+        register("host-step-mse", factory, description="mse that reads its step on the host (test)")
+
+
+def _run(tmp_path: Path, name: str, graphs: str, extra=(), sets=()):
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_devtools.testing import make_images
+    from lora_run_flux.tiny import build_tiny_flux
+
+    model = tmp_path / "tiny-flux"
+    if not model.exists():
+        build_tiny_flux(model)
+        make_images(tmp_path / "subject", count=2, size=(64, 64))
+        make_images(tmp_path / "subject", count=2, size=(96, 64), seed=5, prefix="wide")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(BASE_RECIPE.replace("{model}", str(model)).replace("{dataset}", str(tmp_path / "subject"))
+                      .replace("{length}", "steps = 12"), encoding="utf-8")
+    watch = Losses()
+    lines: list[str] = []
+    ctx = execute(load_recipe(recipe, ['train.memory_mode="speed"', 'train.mixed_precision="bf16"',
+                                       f'train.cuda_graphs="{graphs}"', "dataset.resolution=80",
+                                       "train.gradient_accumulation=2", *sets]),
+                  load_plugins(extra=[watch, *extra]), output_dir=str(tmp_path / name), echo=lines.append)
+    return ctx, watch.values, lines
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("step-graphs")
+    ctx, losses, _ = _run(tmp, "off", "off")
+    return tmp, ctx, losses
+
+
+def test_step_graphs_train_what_eager_steps_train(reference):
+    tmp, off, off_losses = reference
+    ctx, losses, lines = _run(tmp, "step", "step")
+    timing = ctx.artifacts["timing"]
+    assert "compiled + step CUDA graphs" in ctx.artifacts["gpu_plan"]["plan"]
+    # 12 steps × 2 micro-batches; per token count: 1 eager call, 1 warm-up + recording, then replays
+    assert timing["step_graphs"].endswith("micro-steps replayed from 2 CUDA graph(s)"), timing["step_graphs"]
+    replayed = int(timing["step_graphs"].split(" of ")[0])
+    assert replayed >= 12, timing["step_graphs"]
+    assert len(losses) == len(off_losses) == 12
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses))
+    assert worst < 1e-3, (losses, off_losses)
+    a, b = lora_tensors(ctx.artifacts["lora_diffusers"]), lora_tensors(off.artifacts["lora_diffusers"])
+    assert max(_rel(a[k], b[k]) for k in b if "lora_B" in k) < 1e-2
+    assert not any("step CUDA graphs" in line and "warning" in line for line in lines)
+
+
+def test_control_stale_inputs_and_freed_gradients_are_caught(reference, monkeypatch):
+    from lora_run_native import stepgraph, train
+
+    tmp, _off, off_losses = reference
+
+    def stale(self, entry, inputs, step):          # planted: the new step's inputs are not copied in
+        graph, _static, _step, loss = entry
+        graph.replay()
+        self.replays += 1
+        return loss.clone()
+
+    with monkeypatch.context() as m:
+        m.setattr(stepgraph.StepGraphs, "_replay", stale)
+        _, losses, _ = _run(tmp, "stale", "step")
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses)) > 1e-2
+
+    made = train.make_optimizer
+
+    def freeing(*args, **kwargs):                  # planted: the optimizer frees the gradients between steps
+        optimizer = made(*args, **kwargs)
+        zero = optimizer.zero_grad
+        optimizer.zero_grad = lambda set_to_none=True: zero(set_to_none=True)
+        return optimizer
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "make_optimizer", freeing)
+        _, freed, _ = _run(tmp, "freed", "step")
+    assert max(abs(a - b) / abs(b) for a, b in zip(freed, off_losses)) > 1e-2
+
+
+def test_a_loss_reading_its_step_on_the_host_falls_back_to_eager_steps(reference):
+    tmp, _off, _ = reference
+    ctx, losses, lines = _run(tmp, "host-step-step", "step", extra=[HostStepLoss()], sets=['train.loss="host-step-mse"'])
+    _, eager, _ = _run(tmp, "host-step-off", "off", extra=[HostStepLoss()], sets=['train.loss="host-step-mse"'])
+    warned = [line for line in lines if "[train.cuda_graphs]" in line and "eager steps" in line]
+    assert warned, lines
+    assert ctx.artifacts["timing"]["step_graphs"].startswith("eager micro-steps: recording the step")
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, eager)) < 1e-3
