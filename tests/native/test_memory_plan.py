@@ -1,17 +1,19 @@
 """The GPU memory plan (`[train] memory_mode`, `gpu_memory_gib`) as a user on each GPU size meets it, on CPU: the
 planner's choice over every family × shipped recipe × budget × batch × resolution against the documented model
-(docs/performance.md, "The modes"), and what a refusal suggests.
+(docs/performance.md, "The modes"), `lora-run plan` / `check` against the run's own choice, refusals, and the
+plan line's reasons for overriding the recipe's memory settings.
 
 The property checker is run on the real planner and on planted mistakes, each of which it must catch."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from lora_run.recipe import load_recipe
-from lora_run_native import perfmodel
+from lora_run.recipe import load_recipe, replace
+from lora_run_native import memory, perfmodel
 from lora_run_native.accel import PerfPlan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +164,43 @@ def test_mode_thresholds_are_where_auto_changes_mode():
                 assert below.mode != mode and perfmodel.fits(gib, free * 0.999), (name, family, res, mode, free)
 
 
+# ------------------------------------------------------------------------------- the plan the run will choose
+def with_cap(recipe, gib, **train):
+    return replace(recipe, train={"gpu_memory_gib": gib, **train})
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_plan_shows_the_run_s_choice_within_gpu_memory_gib(name):
+    """`lora-run plan`'s estimate under `[train] gpu_memory_gib` is the plan the run chooses within it (the allocator
+    cap, nothing held after caching): it fits, or the recipe is refused. Before, the plan ignored the budget and
+    printed the speed estimate on every card (the control)."""
+    r = shipped(name)
+    shape = perfmodel.family_shape(r.model.family)
+    for gib in BUDGETS[1:]:
+        capped = with_cap(r, gib)
+        plan, estimate = memory.gpu_plan(capped, shape)
+        run = perfmodel.choose_mode("auto", r.model.family, r.dataset.resolution, r.dataset.resolution,
+                                    r.train.batch_size, r.lora.rank, r.lora.targets, perfmodel.allocator_cap_gib(gib),
+                                    r.model.base_precision == "fp8", shape=shape, dropout=r.lora.dropout,
+                                    steps=r.train.steps, cuda_graphs=r.train.cuda_graphs)
+        assert plan == run, (name, gib)
+        assert memory.estimate_memory_gib(capped, shape) == estimate
+        speed = memory.gpu_mode_estimates(capped, shape)["speed"][1]
+        if perfmodel.fits(estimate, perfmodel.allocator_cap_gib(gib)):
+            assert estimate <= gib * MARGIN
+        if speed > gib:       # the control: the speed estimate the plan printed before does not fit this card
+            assert estimate < speed and not perfmodel.fits(speed, perfmodel.allocator_cap_gib(gib))
+
+
+def test_issue_19_targets_for_the_shipped_flux_recipe():
+    """Issue 19: a big GPU gets the speed plan, a 24 GB card an fp8 plan, 8–12 GB the low-vram plan."""
+    r = shipped("flux/identity-fast.toml")
+    modes = {gib: memory.gpu_plan(with_cap(r, gib))[0] for gib in (8.0, 12.0, 24.0, 48.0, 80.0)}
+    assert [modes[g].mode for g in (8.0, 12.0)] == ["low-vram", "low-vram"] and modes[8.0].offload_blocks
+    assert modes[24.0].mode == "memory" and modes[24.0].fp8
+    assert modes[48.0].mode == modes[80.0].mode == "speed" and not modes[80.0].fp8
+
+
 def test_what_fits_suggestions_fit():
     """Each change a refusal suggests fits where the recipe's smallest plan does not; the control: suggesting the
     bare estimate as `gpu_memory_gib` (without the allocator's quarter GiB) does not."""
@@ -195,3 +234,151 @@ def test_what_fits_suggestions_fit():
                     assert not perfmodel.fits(gib, perfmodel.allocator_cap_gib(math.ceil(gib / MARGIN * 10) / 10))
                 checked += 1
     assert checked > 100
+
+
+# ------------------------------------------------------------------------------------- the recipe's settings
+def test_the_plan_says_where_it_overrides_the_recipe_s_memory_settings():
+    """On CUDA the mode decides fp8 storage and checkpointing; the run's plan line and `lora-run plan` say where
+    that overrides `[model] base_precision` / `[train] gradient_checkpointing`, in `auto` and explicit modes alike."""
+    r = shipped("flux/identity-fast.toml")
+    notes = {}
+    for label, recipe in {
+        "auto, 80 GiB": with_cap(r, 80.0),
+        "auto, 24 GiB, checkpointing off": with_cap(replace(r, model={"base_precision": "bf16"}), 24.0,
+                                                    gradient_checkpointing=False, batch_size=4),
+        "speed": replace(r, train={"memory_mode": "speed"}),
+        "memory, bf16": with_cap(replace(r, model={"base_precision": "bf16"}), 48.0, memory_mode="memory"),
+    }.items():
+        plan, _gib = memory.gpu_plan(recipe)
+        notes[label] = " ".join(perfmodel.setting_notes(plan, recipe.model.base_precision == "fp8",
+                                                        recipe.train.gradient_checkpointing))
+    assert "\"fp8\" is a memory setting not needed here" in notes["auto, 80 GiB"]
+    assert "gradient_checkpointing] is a memory setting speed mode does not use" in notes["auto, 80 GiB"]
+    assert "\"bf16\" is a memory setting: memory mode stores the base in fp8" in notes[
+        "auto, 24 GiB, checkpointing off"]
+    assert "gradient_checkpointing] = false is a memory setting: memory mode recomputes" in notes[
+        "auto, 24 GiB, checkpointing off"]
+    assert "speed mode does not use" in notes["speed"] and "fp8" not in notes["speed"]   # explicit speed keeps fp8
+    assert "memory mode stores the base in fp8" in notes["memory, bf16"]
+
+
+# ------------------------------------------------------------------------------------------ through the CLI
+def padded(model: Path, to: Path, parameters: float) -> Path:
+    """A copy of a tiny model whose transformer's safetensors header claims ``parameters`` (a sparse tensor appended:
+    no disk used): `lora-run plan` and `check` read only headers, so it stands for the full-size model."""
+    import shutil
+
+    shutil.copytree(model, to)
+    path = to / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    count = sum(math.prod(e["shape"]) for name, e in header.items() if name != "__metadata__")
+    extra = int(parameters) - count
+    header["lora_run_test_padding"] = {"dtype": "F8_E4M3", "shape": [extra],
+                                       "data_offsets": [len(body), len(body) + extra]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + body)
+        f.truncate(8 + len(text) + len(body) + extra)
+    return to
+
+
+@pytest.fixture(scope="module")
+def full_flux(tmp_path_factory):
+    from lora_run_flux.tiny import build_tiny_flux
+
+    root = tmp_path_factory.mktemp("full")
+    tiny = build_tiny_flux(root / "tiny")
+    return tiny, padded(tiny, root / "full", perfmodel.family_shape("flux.1-dev").params)
+
+
+def plan_cli(run_cli, source: Path, *sets: str, command: str = "plan"):
+    argv = [command, REPO / "recipes" / "flux" / "identity-fast.toml", "--set", f"model.source=\"{source}\""]
+    for s in sets:
+        argv += ["--set", s]
+    return run_cli(*argv)
+
+
+def test_plan_on_each_gpu_size(full_flux, run_cli):
+    _tiny, full = full_flux
+    expected = {8: "low-vram", 12: "low-vram", 24: "memory", 80: "speed", 141: "speed"}
+    for gib, mode in expected.items():
+        done = plan_cli(run_cli, full, f"train.gpu_memory_gib={gib}")
+        assert done.returncode == 0, done.stderr
+        line = next(x for x in done.stdout.splitlines() if x.startswith("# note: GPU plan (auto within"))
+        assert f"[train] gpu_memory_gib = {gib} GiB): {mode}," in line and "the fastest that fits" in line, line
+        estimate = float(done.stdout.split("# memory estimate: ")[1].split(" ")[0])
+        assert estimate <= gib * MARGIN and f"estimated {estimate:.1f} GiB" in line
+    done = plan_cli(run_cli, full)
+    assert "GPU plan (auto): the fastest that fits" in done.stdout and "low-vram from" in done.stdout
+
+
+@pytest.mark.parametrize("command", ["plan", "check"])
+def test_a_budget_nothing_fits_is_refused_before_anything_runs(full_flux, run_cli, command):
+    _tiny, full = full_flux
+    done = plan_cli(run_cli, full, "train.gpu_memory_gib=8", "train.batch_size=4", "dataset.resolution=768",
+                    command=command)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "[train.gpu_memory_gib] = 8 GiB: no plan fits" in done.stderr, done.stderr
+    assert "What fits: [train] batch_size = 2 with gradient_accumulation × 2" in done.stderr, done.stderr
+    assert "[dataset] resolution = 640" in done.stderr and "[train] gpu_memory_gib ≥ " in done.stderr
+    explicit = plan_cli(run_cli, full, "train.gpu_memory_gib=24", "train.memory_mode=\"speed\"",
+                        "model.base_precision=\"bf16\"", command=command)
+    assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
+    assert "[train.memory_mode] \"speed\": the plan \"speed" in explicit.stderr
+    assert "What fits: [train] memory_mode = \"auto\" (here: memory, compiled, fp8 base" in explicit.stderr
+    fits = plan_cli(run_cli, full, "train.gpu_memory_gib=8", command=command)     # batch 1 at 512² fits 8 GiB
+    assert "no plan fits" not in fits.stderr and "[train.gpu_memory_gib]" not in fits.stderr, fits.stderr
+
+
+def test_a_model_of_another_size_is_not_refused_by_the_full_size_estimate(full_flux, run_cli):
+    """A tiny (or pruned) model: the plan estimates the full-size model, so it says so and does not refuse; the run
+    plans for the model it loads."""
+    tiny, _full = full_flux
+    done = plan_cli(run_cli, tiny, "train.gpu_memory_gib=2")
+    assert done.returncode == 0, done.stderr
+    assert "not refused here: the transformer's weights hold" in done.stdout
+
+
+@pytest.mark.parametrize("value, words", [("0", "must be > 0.0"), ("-8", "must be > 0.0"), ("nan", "finite"),
+                                          ("inf", "finite"), ("\"12GB\"", "expected float"), ("true", "expected float"),
+                                          ("1e6", "must be <= 4096")])
+def test_bad_budgets_are_refused_by_name(full_flux, run_cli, value, words):
+    done = plan_cli(run_cli, full_flux[1], f"train.gpu_memory_gib={value}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "[train.gpu_memory_gib]" in done.stderr and words in done.stderr, done.stderr
+
+
+def test_several_gpus_plan_per_gpu(full_flux, run_cli):
+    done = plan_cli(run_cli, full_flux[1], "train.gpu_memory_gib=24", "train.gpus=2")
+    assert done.returncode == 0, done.stderr
+    assert "every figure is per GPU; [train] gpu_memory_gib is each process's budget" in done.stdout
+    single = plan_cli(run_cli, full_flux[1], "train.gpu_memory_gib=24")
+    assert single.stdout.split("# memory estimate: ")[1][:8] == done.stdout.split("# memory estimate: ")[1][:8]
+
+
+def test_klein_plans_for_the_size_it_will_train(tmp_path):
+    """[klein] 4B or 9B: the size the transformer's weights hold where their headers can be read, else `[model]
+    version` or the hub id; the 9B, the larger, with a note where nothing says."""
+    import lora_run_flux2.shapes as flux2
+    from lora_run_flux2.tiny import build_tiny_flux2
+    from lora_run_native.adapters import adapter_class
+
+    r = shipped("flux2/identity-fast.toml")
+    assert r.model.source == "black-forest-labs/FLUX.2-klein-base-4B" and r.model.version is None
+
+    def planned(**model):
+        return adapter_class("flux.2-klein")(replace(r, model=model)).planning_shape()
+
+    assert planned() == (flux2.KLEIN_4B_SHAPE, None)
+    assert planned(version="base-9b", source="black-forest-labs/FLUX.2-klein-base-9B") == (flux2.KLEIN_9B_SHAPE, None)
+    tiny = build_tiny_flux2(tmp_path / "tiny")
+    for name, shape in (("4b", flux2.KLEIN_4B_SHAPE), ("9b", flux2.KLEIN_9B_SHAPE)):
+        assert planned(source=str(padded(tiny, tmp_path / name, shape.params))) == (shape, None)
+    shape, note = planned(source=str(tiny))
+    assert "parameters, not the 3.88 B of the full-size flux.2-klein" in note
+    (tiny / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    shape, note = planned(source=str(tiny))
+    assert shape is flux2.KLEIN_9B_SHAPE and "does not say whether it is [klein] 4B or 9B" in note
