@@ -179,7 +179,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                            r.lora.targets, plan, shape, dropout=r.lora.dropout)
     if not perfmodel.fits(estimate, available) and not sharded:
-        # an explicit mode on the free memory (no cap) is the user's call: it trains, warned (the estimate errs high)
+        # an explicit mode on the free memory (no cap) is the user's call: it trains, warned (the model errs either way)
         stops = r.train.gpu_memory_gib is not None or r.train.memory_mode == "auto"
         message = perfmodel.refusal(r.train.memory_mode, plan, estimate, available, source, r.model.family, height,
                                     width, r.train.batch_size, r.lora.rank, r.lora.targets, shape, r.lora.dropout,
