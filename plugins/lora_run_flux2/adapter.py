@@ -36,7 +36,7 @@ from lora_run_flux.adapter import FluxAdapter
 from lora_run_formats import config_fit as cf
 from lora_run_formats.model_files import config_json
 
-from .shapes import DEV_SHAPE, KLEIN_SHAPE
+from .shapes import DEV_SHAPE, KLEIN_4B_SHAPE, KLEIN_9B_SHAPE, KLEIN_SHAPE
 
 _DOUBLE_ATTN = [r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)"]
@@ -508,6 +508,21 @@ class Flux2KleinAdapter(Flux2Adapter):
 
     def hub_id(self) -> str:
         return self.HUB_IDS[self.recipe.model.version or "base-4b"]
+
+    def planning_shape(self) -> tuple[Any, str | None]:
+        """[klein] 4B or 9B: the size the transformer's weights hold where their headers can be read, else the one
+        `[model] version` or the hub id names; the 9B (the larger) where none says."""
+        count = self.transformer_parameters()
+        if count is not None:
+            nearest = min((KLEIN_4B_SHAPE, KLEIN_9B_SHAPE), key=lambda s: abs(count / s.params - 1))
+            return nearest, self.size_note(nearest, count)
+        m = self.recipe.model
+        version = m.version or next((v for v, hub in self.HUB_IDS.items() if hub == m.source), None)
+        if version is not None:
+            return (KLEIN_9B_SHAPE if "9b" in version else KLEIN_4B_SHAPE), None
+        return KLEIN_9B_SHAPE, ("[model] source does not say whether it is [klein] 4B or 9B (no [model] version, "
+                                "weights not readable here): these estimates are for the 9B, the larger; the run plans "
+                                "for the model it loads")
 
     @property
     def is_distilled(self) -> bool:

@@ -85,6 +85,37 @@ def config_json(path: str | Path) -> dict | None:
     return read_json(path)[0]
 
 
+def parameter_count(paths: list[Path]) -> int | None:
+    """The elements the tensors of these weights files hold, from their safetensors headers (nothing else is read), or
+    None where one cannot be read."""
+    total = 0
+    for path in paths:
+        header = read_weights(path)[0]
+        if header is None:
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for n in entry["shape"]:
+                    count *= n
+                total += count
+    return total
+
+
+def component_weights(sub: str | Path) -> list[Path] | None:
+    """The weights files diffusers loads from the component folder ``sub``: the shards of its index (preferred where
+    both are there), else its single file; None where there are none, or a shard is missing (a snapshot still
+    downloading)."""
+    sub = Path(sub)
+    index = sub / "diffusion_pytorch_model.safetensors.index.json"
+    data = config_json(index) if os.path.lexists(index) else None
+    if data is not None:
+        shards, bad = _shards(index, data, partial=False)
+        return sorted(shards) if shards and not bad else None
+    single = [sub / name for name in WEIGHT_NAMES if os.path.lexists(sub / name)]
+    return single[:1] or None
+
+
 def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str, Fit] | None = None,
                     loaded: frozenset[str] = frozenset()) -> list[str]:
     """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub

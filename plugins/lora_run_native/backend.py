@@ -48,8 +48,7 @@ class NativeBackend:
     def _adapter(self) -> Any:
         from .adapters import adapter_class
 
-        shown = self.ctx.loaded.shown if self.ctx.loaded else "recipe.toml"
-        return adapter_class(self.recipe.model.family)(self.recipe, options=self.ctx.options, shown=shown)
+        return adapter_class(self.recipe.model.family)(self.recipe, options=self.ctx.options, shown=self._shown())
 
     # ---------------------------------------------------------------------------------------------- check
     def check(self) -> list[tuple[tuple, str]]:
@@ -73,6 +72,13 @@ class NativeBackend:
                 if bad:
                     problems.append((key, f"{why} cannot be combined with [backend.{r.backend.name}] fsdp = true; "
                                      "turn one of them off"))
+        from .perfmodel import SHAPES
+
+        if r.train.mixed_precision != "no" and r.train.gpu_memory_gib is not None and r.model.family in SHAPES:
+            _shape, size_note, _plan, _gib, refusal = self._gpu_plan()
+            if refusal is not None and size_note is None:
+                key, _, message = refusal.partition(" ")
+                problems.append((tuple(key.strip("[]").split(".")), message))
         import re
 
         for n, pattern in enumerate(r.lora.modules):
@@ -138,12 +144,8 @@ class NativeBackend:
         if r.model.base_precision == "fp8":
             notes.append("base weights stored in float8 (e4m3), computed in "
                          + {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[r.train.mixed_precision]
-                         + (" — on CUDA under memory_mode \"auto\" a memory setting the GPU plan decides (a GPU "
-                            "with room keeps the base in bf16)"
-                            if r.train.memory_mode == "auto" and r.train.mixed_precision != "no" else ""))
-        if r.train.gradient_checkpointing and r.train.memory_mode == "auto" and r.train.mixed_precision != "no":
-            notes.append("gradient_checkpointing: on CUDA under memory_mode \"auto\" the GPU plan decides how many "
-                         "blocks are recomputed (none where the speed plan fits)")
+                         + (" — on CUDA a memory setting the GPU plan decides (below)"
+                            if r.train.mixed_precision != "no" else ""))
         if r.train.noise_offset > 0:
             notes.append(f"noise offset {r.train.noise_offset}: ε += offset·N(0,1) per sample and latent channel, before "
                          "x_t and the target are formed")
@@ -158,14 +160,10 @@ class NativeBackend:
         notes.extend(adapter.lora_format_notes())
         notes.append("latents and text embeddings are cached in "
                      + (r.train.cache_dir or f"{base}/cache") + "; encoders leave memory before training")
-        estimate = estimate_memory_gib(r)
+        planned = adapter.planning_shape()
+        estimate = estimate_memory_gib(r, planned[0])
         if r.train.mixed_precision != "no" and estimate is not None:
-            from .memory import gpu_mode_estimates
-
-            modes = gpu_mode_estimates(r)
-            notes.append("CUDA memory modes at " + f"{r.dataset.resolution}²: " + "; ".join(
-                f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in modes.items())
-                + (" — auto picks the fastest that fits the free GPU memory" if r.train.memory_mode == "auto" else ""))
+            notes.extend(self._gpu_plan_notes(planned))
             notes.append({"auto": "attention (CUDA): FlashAttention-4 on SM90/SM100 GPUs when flash-attn-4 is "
                                   "installed and passes its start-up check, else SDPA flash; the run prints which",
                           "fa4": "attention (CUDA): FlashAttention-4 required (SM90/SM100, flash-attn-4 installed)",
@@ -183,6 +181,74 @@ class NativeBackend:
         return Plan(backend=r.backend.name, family=r.model.family, steps=steps, outputs=outputs,
                     memory_estimate_gib=None if estimate is None else round(estimate, 1), memory_mode=r.train.memory_mode,
                     notes=notes, details=details)
+
+    def _gpu_plan(self, planned: tuple[Any, str | None] | None = None
+                  ) -> tuple[Any, str | None, Any, float, str | None]:
+        """The CUDA plan the run will choose at the base resolution (no bucket exceeds its area): (memory-model shape,
+        why it may not be the run's model or None, PerfPlan, estimate GiB, the refusal where it cannot fit `[train]
+        gpu_memory_gib` or None). The run stops on that refusal before anything is cached (`check` reports it); it
+        is a note instead where the model's size is not known to be the one estimated (``planning_shape``) and
+        under FSDP (one unsharded replica's estimate, not enforced). Without a cap the GPU decides, at run time."""
+        from . import perfmodel
+        from .memory import gpu_plan, plan_budget_gib
+
+        r = self.recipe
+        shape, size_note = planned or self._adapter().planning_shape()
+        plan, estimate = gpu_plan(r, shape)
+        available, cap = plan_budget_gib(r), r.train.gpu_memory_gib
+        refusal = None
+        if not perfmodel.fits(estimate, available) and not getattr(self.ctx.options, "fsdp", False):
+            refusal = perfmodel.refusal(
+                r.train.memory_mode, plan, estimate, available, f"[train.gpu_memory_gib] = {cap:g} GiB",
+                r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
+                r.lora.targets, shape, r.lora.dropout, r.train.fp8_matmul, r.train.compile != "off", cap,
+                perfmodel.WILL_STOP, r.dataset.bucket_min)
+        return shape, size_note, plan, estimate, refusal
+
+    def _gpu_plan_notes(self, planned: tuple[Any, str | None]) -> list[str]:
+        """The CUDA plan the run will choose (memory_mode within `[train] gpu_memory_gib`), its estimate and why;
+        RecipeError where it cannot fit (``_gpu_plan``)."""
+        from lora_run.errors import RecipeError
+
+        from . import perfmodel
+        from .memory import gpu_mode_estimates
+
+        r, res = self.recipe, self.recipe.dataset.resolution
+        shape, size_note, plan, estimate, refusal = self._gpu_plan(planned)
+        cap, mode = r.train.gpu_memory_gib, r.train.memory_mode
+        within = "" if cap is None else f" within [train] gpu_memory_gib = {cap:g} GiB"
+        notes = [f"CUDA memory modes at {res}x{res}{within}: " + "; ".join(
+            f"{m}: {gib:.1f} GiB ({desc})" for m, (desc, gib) in gpu_mode_estimates(r, shape).items())]
+        if mode == "auto" and cap is None:
+            t = perfmodel.mode_thresholds(r.model.family, res, res, r.train.batch_size, r.lora.rank, r.lora.targets,
+                                          shape, r.lora.dropout, r.train.fp8_matmul, r.train.compile != "off")
+            notes.append(f"GPU plan (auto): the fastest that fits the memory the run may use (the GPU's free memory, "
+                         f"or [train] gpu_memory_gib): speed from {t['speed']:.1f} GiB, memory mode from "
+                         f"{t['memory']:.1f} GiB, low-vram from {t['low-vram']:.1f} GiB; with less the run stops "
+                         "before training (exit 2)")
+        else:
+            fastest = "the fastest that fits" if refusal is None else "none fits: the smallest"
+            reasons = ([fastest] if mode == "auto" else []) + perfmodel.setting_notes(
+                plan, r.model.base_precision == "fp8", r.train.gradient_checkpointing)
+            if cap is None and mode != "speed":
+                reasons.append(f"sized for {perfmodel.default_budget_gib(mode, shape):g} GiB: the run sizes it to the "
+                               "GPU's free memory")
+            notes.append(f"GPU plan ({mode}{within}): {plan.describe()}, estimated {estimate:.1f} GiB"
+                         + (f" ({'; '.join(reasons)})" if reasons else ""))
+        if refusal is not None and size_note is None:
+            raise RecipeError(f"{self._shown()}: {refusal}")
+        if refusal is not None:
+            notes.append(refusal.replace(perfmodel.WILL_STOP, f"not refused here: {size_note}"))
+        elif size_note is not None:
+            notes.append(f"memory estimates: {size_note}")
+        if r.train.gpus > 1:
+            notes.append("memory: every figure is per GPU; [train] gpu_memory_gib is each process's budget"
+                         + (" (under FSDP the estimates are of one unsharded replica and are not enforced)"
+                            if getattr(self.ctx.options, "fsdp", False) else ""))
+        return notes
+
+    def _shown(self) -> str:
+        return self.ctx.loaded.shown if self.ctx.loaded else "recipe.toml"
 
     # ------------------------------------------------------------------------------------------------ run
     def run_processes(self, ctx: Any, output_dir: str | None, overwrite: bool) -> Any:

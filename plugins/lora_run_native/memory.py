@@ -14,39 +14,73 @@ OPTIMIZER_BYTES = {"adafactor": 4, "adamw": 8, "adamw8bit": 2, "prodigy": 16}   
 OVERHEAD_GIB = 1.5
 
 
-def gpu_mode_estimates(recipe: Any) -> dict[str, tuple[str, float]]:
-    """CUDA with mixed precision: {mode: (plan description, estimated peak GiB)} at the base resolution,
-    from the measured memory model in perfmodel.py (speed unbounded, memory for 24 GiB, low-vram for 12)."""
+def plan_budget_gib(recipe: Any) -> float | None:
+    """The memory a run of ``recipe`` may use as `lora-run plan` knows it: ``[train] gpu_memory_gib``'s allocator cap
+    (the run subtracts what it already holds, nothing after caching), None without it (the run reads the GPU)."""
+    from . import perfmodel
+
+    cap = recipe.train.gpu_memory_gib
+    return None if cap is None else perfmodel.allocator_cap_gib(cap)
+
+
+def _plan_args(recipe: Any, shape: Any, size: tuple[int, int] | None) -> tuple[tuple, dict]:
+    r = recipe
+    height, width = size or (r.dataset.resolution, r.dataset.resolution)
+    return ((r.model.family, height, width, r.train.batch_size, r.lora.rank, r.lora.targets),
+            dict(compile=r.train.compile != "off", shape=shape, dropout=r.lora.dropout))
+
+
+def gpu_mode_estimates(recipe: Any, shape: Any = None, size: tuple[int, int] | None = None
+                       ) -> dict[str, tuple[str, float]]:
+    """CUDA with mixed precision: {mode: (plan description, estimated peak GiB)} at ``size`` (height, width; default
+    the base resolution), from the measured memory model in perfmodel.py: speed unbounded, memory and low-vram
+    within ``[train] gpu_memory_gib`` (without it: 24 GiB and the family's low-vram budget)."""
     from . import perfmodel
 
     r = recipe
+    args, kw = _plan_args(r, shape, size)
     out = {}
     for mode in ("speed", "memory", "low-vram"):
-        plan = perfmodel.plan_mode(mode, r.model.family, r.dataset.resolution, r.dataset.resolution,
-                                   r.train.batch_size, r.lora.rank, r.lora.targets, compile=r.train.compile != "off",
-                                   dropout=r.lora.dropout, steps=r.train.steps)
+        plan = perfmodel.plan_mode(mode, *args, budget_gib=None if mode == "speed" else _margin(plan_budget_gib(r)),
+                                   steps=r.train.steps, **kw)
         plan = perfmodel.with_precision(plan, r.train.memory_mode, r.model.base_precision == "fp8",
                                         r.train.fp8_matmul)
-        out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(
-            r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
-            r.lora.targets, plan, dropout=r.lora.dropout))
+        out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(*args, plan, shape, dropout=r.lora.dropout))
     return out
 
 
-def estimate_memory_gib(recipe: Any) -> float | None:
-    """Peak GiB on the accelerator for one training step at the recipe's largest bucket (None: the family's
-    adapter declares no ``memory_shape``).
+def _margin(budget: float | None) -> float | None:
+    from .perfmodel import PLAN_MARGIN
 
-    With mixed precision this is the CUDA estimate of the recipe's memory_mode (for `auto`: the speed
-    mode, the most it will use; `auto` picks a leaner mode when the GPU has less free memory)."""
+    return None if budget is None else budget * PLAN_MARGIN
+
+
+def gpu_plan(recipe: Any, shape: Any = None, size: tuple[int, int] | None = None) -> tuple[Any, float]:
+    """(PerfPlan, estimated peak GiB) of the recipe's `memory_mode` at ``size`` as the run chooses it within
+    ``plan_budget_gib``; without a budget, `auto` is the speed plan (the most it uses on any GPU)."""
     from . import perfmodel
 
-    f = perfmodel.SHAPES.get(recipe.model.family)
+    r = recipe
+    args, kw = _plan_args(r, shape, size)
+    plan = perfmodel.choose_mode(r.train.memory_mode, *args, plan_budget_gib(r), r.model.base_precision == "fp8",
+                                 cuda_graphs=r.train.cuda_graphs, steps=r.train.steps, fp8_matmul=r.train.fp8_matmul,
+                                 **kw)
+    return plan, perfmodel.estimate_peak_gib(*args, plan, shape, dropout=r.lora.dropout)
+
+
+def estimate_memory_gib(recipe: Any, shape: Any = None, size: tuple[int, int] | None = None) -> float | None:
+    """Peak GiB on the accelerator for one training step at ``size`` (height, width; default the base resolution,
+    which no bucket exceeds in area) (None: the family's adapter declares no ``memory_shape``).
+
+    With mixed precision this is the CUDA estimate of the plan the recipe's memory_mode chooses within `[train]
+    gpu_memory_gib` (``gpu_plan``; `auto` without it: the speed plan, the most it will use)."""
+    from . import perfmodel
+
+    f = shape or perfmodel.SHAPES.get(recipe.model.family)
     if f is None:
         return None
     if recipe.train.mixed_precision != "no":
-        mode = "speed" if recipe.train.memory_mode == "auto" else recipe.train.memory_mode
-        return gpu_mode_estimates(recipe)[mode][1]
+        return gpu_plan(recipe, f, size)[1]
     weight_bytes = 1 if recipe.model.base_precision == "fp8" else (4 if recipe.train.mixed_precision == "no" else 2)
     base = f.params * weight_bytes
     lora_params = perfmodel.lora_params(recipe.model.family, recipe.lora.targets, recipe.lora.rank, f)

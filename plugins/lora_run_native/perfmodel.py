@@ -25,6 +25,33 @@ SHAPES = RegisteredShapes()
 OVERHEAD_GIB = 0.6
 
 
+#: `auto` plans into this share of the memory a run may use, and a plan whose estimate is above it stops the run:
+#: the estimates are within 10% of the measured allocated peaks, and the caching allocator reserves above those
+PLAN_MARGIN = 0.95
+#: what the allocator is capped below ``[train] gpu_memory_gib``: the caching allocator's fraction check lets
+#: one mapping cross it (FLUX.2 [dev] streaming under a 24 GiB cap reserved 24.02 GiB), and a run under a cap
+#: keeps its cache up to the cap, so the reserved peak is the cap plus that overshoot
+ALLOCATOR_SLACK_GIB = 0.25
+
+
+def allocator_cap_gib(cap: float) -> float:
+    """The limit the CUDA allocator gets for ``[train] gpu_memory_gib = cap``: ``ALLOCATOR_SLACK_GIB`` below it
+    (a twentieth of a cap under 5 GiB), so that the reserved peak, the allocator's cache included, stays inside
+    ``cap``. It is also what a run under the cap may use (less what the process already holds)."""
+    return cap - min(ALLOCATOR_SLACK_GIB, cap / 20)
+
+
+def fits(estimate_gib: float, available_gib: float | None) -> bool:
+    """Whether a plan estimated at ``estimate_gib`` fits the memory a run may use (None: not known, it fits)."""
+    return available_gib is None or estimate_gib <= available_gib * PLAN_MARGIN
+
+
+def default_budget_gib(mode: str, shape: FamilyShape) -> float:
+    """The budget an explicit `memory` / `low-vram` mode is sized for where no GPU is known (`lora-run plan` without
+    `[train] gpu_memory_gib`): a 24 GiB card, and the family's low-vram budget (``FamilyShape.low_vram_gib``)."""
+    return shape.low_vram_gib if mode == "low-vram" else 24.0
+
+
 def family_shape(family: str) -> FamilyShape | None:
     """The ``memory_shape`` the family's native adapter declares, None where it declares none."""
     return SHAPES.get(family)
@@ -140,14 +167,14 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
                                                       and graphs_pay_off(buckets, steps)))
         return PerfPlan("speed", compile=compile, compile_mode="reduce-overhead" if graphs else "default")
     if mode == "memory":
-        budget = budget_gib if budget_gib is not None else 24.0
+        budget = budget_gib if budget_gib is not None else default_budget_gib(mode, s)
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=n)
             if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout) <= budget:
                 return plan
         return PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks)
     if mode == "low-vram":
-        budget = budget_gib if budget_gib is not None else s.low_vram_gib
+        budget = budget_gib if budget_gib is not None else default_budget_gib(mode, s)
         for n in range(0, s.blocks + 1):
             plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=s.blocks, offload_blocks=n)
             if estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout) <= budget:
@@ -173,7 +200,7 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
     `base_precision = "fp8"` is a memory setting: an explicit mode honours it, `auto` decides itself (a GPU
     with room gets the bf16 speed plan, a small one an fp8 plan). `fp8_matmul` (`[train] fp8_matmul`, opt-in)
     makes every mode's base fp8 and its matmuls float8."""
-    budget = free_gib * 0.95 if free_gib else None
+    budget = None if free_gib is None else free_gib * PLAN_MARGIN      # 0 GiB free is a budget, not "unknown"
     kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
 
     def with_fp8(plan: PerfPlan) -> PerfPlan:
@@ -192,3 +219,115 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
 
 def round_up(value: float, step: float = 0.1) -> float:
     return math.ceil(value / step) * step
+
+
+def smallest_plan(family: str, compile: bool = True, shape: FamilyShape | None = None,
+                  fp8_matmul: bool = False) -> PerfPlan:
+    """The plan that needs the least memory: low-vram with every block checkpointed and streamed from the host."""
+    blocks = (shape or family_shape(family)).blocks
+    plan = PerfPlan("low-vram", compile=compile, fp8=True, checkpoint_blocks=blocks, offload_blocks=blocks)
+    return with_precision(plan, "low-vram", True, fp8_matmul)
+
+
+def mode_thresholds(family: str, height: int, width: int, batch: int, rank: int, preset: str,
+                    shape: FamilyShape | None = None, dropout: float = 0.0, fp8_matmul: bool = False,
+                    compile: bool = True) -> dict[str, float]:
+    """{mode: the least memory a run may use (GiB) with which `auto` picks that mode}: the speed plan from its
+    estimate, memory mode from its plan with every block checkpointed, low-vram from `smallest_plan`; below the
+    last nothing fits. (`auto` is monotone in the memory: each threshold is exact.)"""
+    s = shape or family_shape(family)
+    plans = {"speed": with_precision(PerfPlan("speed", compile=compile), "auto", False, fp8_matmul),
+             "memory": with_precision(PerfPlan("memory", compile=compile, fp8=True, checkpoint_blocks=s.blocks),
+                                      "auto", False, fp8_matmul),
+             "low-vram": smallest_plan(family, compile, s, fp8_matmul)}
+    return {mode: estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout) / PLAN_MARGIN
+            for mode, plan in plans.items()}
+
+
+def what_fits(family: str, height: int, width: int, batch: int, rank: int, preset: str, available_gib: float,
+              requested: str = "auto", shape: FamilyShape | None = None, dropout: float = 0.0,
+              fp8_matmul: bool = False, compile: bool = True, capped: bool = False, bucket_min: int = 256) -> list[str]:
+    """What would fit ``available_gib`` where the recipe's plan does not, each a recipe change with its estimate:
+    `auto` (for an explicit mode), fewer samples per step (a divisor of the batch, the rest accumulated), a smaller
+    resolution, a lower rank, and the memory the recipe's smallest plan needs (``capped``: as `[train]
+    gpu_memory_gib`, whose allocator cap is a little lower)."""
+    s = shape or family_shape(family)
+
+    def smallest(h: int, w: int, b: int, r: int) -> float:
+        return estimate_peak_gib(family, h, w, b, r, preset, smallest_plan(family, compile, s, fp8_matmul), s, dropout)
+
+    out = []
+    if requested != "auto":
+        plan = choose_mode("auto", family, height, width, batch, rank, preset, available_gib, False, compile,
+                           shape=s, dropout=dropout, fp8_matmul=fp8_matmul)
+        gib = estimate_peak_gib(family, height, width, batch, rank, preset, plan, s, dropout)
+        if fits(gib, available_gib):
+            out.append(f"[train] memory_mode = \"auto\" (here: {plan.describe()}, about {gib:.1f} GiB)")
+    if not fits(smallest(height, width, batch, rank), available_gib):
+        fewer = next((b for b in range(batch - 1, 0, -1)
+                      if batch % b == 0 and fits(smallest(height, width, b, rank), available_gib)), None)
+        if fewer:
+            out.append(f"[train] batch_size = {fewer} with gradient_accumulation × {batch // fewer} (about "
+                       f"{smallest(height, width, fewer, rank):.1f} GiB)")
+        side = next((n for n in range(max(height, width) // 64 * 64 - 64, 255, -64)
+                     if fits(smallest(n, n, batch, rank), available_gib)), None)
+        if side:
+            out.append(f"[dataset] resolution = {side}" + (f" and bucket_min ≤ {side}" if side < bucket_min else "")
+                       + f" (about {smallest(side, side, batch, rank):.1f} GiB)")
+        lower = next((r for r in (rank // 2, rank // 4, 4) if 4 <= r < rank
+                      and fits(smallest(height, width, batch, r), available_gib)), None)
+        if lower:
+            out.append(f"[lora] rank = {lower} (about {smallest(height, width, batch, lower):.1f} GiB)")
+        need = mode_thresholds(family, height, width, batch, rank, preset, s, dropout, fp8_matmul, compile)["low-vram"]
+        if capped:
+            out.append(f"[train] gpu_memory_gib ≥ {math.ceil((need + ALLOCATOR_SLACK_GIB) * 10) / 10:g}")
+        else:
+            out.append(f"a GPU with {math.ceil(need * 10) / 10:g} GiB free")
+    return out
+
+
+#: what a refusal says happens: the run's, `lora-run plan`'s and `check`'s, and an explicit mode's warning
+STOPPED = "nothing was trained"
+WILL_STOP = "the run stops before caching or training (exit 2)"
+WARNED = "training anyway, it may run out of memory"
+
+
+def refusal(requested: str, plan: PerfPlan, estimate_gib: float, available_gib: float, source: str, family: str,
+            height: int, width: int, batch: int, rank: int, preset: str, shape: FamilyShape | None = None,
+            dropout: float = 0.0, fp8_matmul: bool = False, compile: bool = True, cap: float | None = None,
+            outcome: str = STOPPED, bucket_min: int = 256) -> str:
+    """The message of a run whose plan does not fit (`lora-run plan`, `check` and the run word it alike): the key
+    that decides it (`[train.gpu_memory_gib]` for `auto` under a cap, else `[train.memory_mode]`), the plan, its
+    estimate against the memory the run may use (``source``: where that figure comes from), what happens
+    (``outcome``) and what would fit (``what_fits``)."""
+    if requested != "auto":
+        head = f"[train.memory_mode] \"{requested}\": the plan \"{plan.describe()}\""
+    elif cap is not None:
+        head = (f"[train.gpu_memory_gib] = {cap:g} GiB: no plan fits (memory_mode \"auto\"); the smallest, "
+                f"\"{plan.describe()}\",")
+    else:
+        head = f"[train.memory_mode] \"auto\": no plan fits the free GPU memory; the smallest, \"{plan.describe()}\","
+    options = what_fits(family, height, width, batch, rank, preset, available_gib, requested, shape, dropout,
+                        fp8_matmul, compile, capped=cap is not None, bucket_min=bucket_min)
+    return (f"{head} needs about {estimate_gib:.1f} GiB at {width}x{height}, batch {batch}, but this run may use "
+            f"{max(available_gib, 0):.1f} GiB ({source}; a plan must fit {PLAN_MARGIN:.0%} of it); {outcome}. "
+            + ("What would fit: " if outcome == WARNED else "What fits: ")
+            + "; or ".join(options or ["more GPU memory"]))
+
+
+def setting_notes(plan: PerfPlan, base_fp8: bool, checkpointing: bool) -> list[str]:
+    """Where the plan overrides `[model] base_precision` and `[train] gradient_checkpointing` (on CUDA with mixed
+    precision both are memory settings the mode decides), and why: the run's plan line and `lora-run plan` say so."""
+    out = []
+    if base_fp8 and not plan.fp8:
+        out.append("[model.base_precision] \"fp8\" is a memory setting not needed here, the base stays bf16")
+    elif plan.fp8 and not base_fp8:
+        out.append("[train.fp8_matmul] stores the base in fp8" if plan.fp8_matmul else
+                   f"[model.base_precision] \"bf16\" is a memory setting: {plan.mode} mode stores the base in fp8")
+    if checkpointing and not plan.checkpoint_blocks:
+        out.append("[train.gradient_checkpointing] is a memory setting " + (
+            "speed mode does not use" if plan.mode == "speed" else "not needed here") + ", no block is recomputed")
+    elif plan.checkpoint_blocks and not checkpointing:
+        out.append(f"[train.gradient_checkpointing] = false is a memory setting: {plan.mode} mode recomputes "
+                   f"{plan.checkpoint_blocks} blocks to fit")
+    return out

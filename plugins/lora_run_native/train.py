@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .cache import Cache, entry_key, fits_shapes, latent_geometry, odd_latents, odd_texts, text_hash
 from .data import EpochPlanner, choose_bucket, image_to_tensor, make_buckets, prepare_image
 from .outputs import lora_files_bytes, lora_state_dict, run_metadata, trainable_parameters, write_loras
+from .perfmodel import allocator_cap_gib
 
 MASK64 = (1 << 63) - 1
 
@@ -109,19 +110,6 @@ def gpu_budget_gib(recipe: Any, device: Any) -> tuple[float, str]:
     return min(free, allocator_cap_gib(cap) - held), f"[train.gpu_memory_gib] = {cap:g} GiB"
 
 
-#: what the allocator is capped below ``[train] gpu_memory_gib``: the caching allocator's fraction check lets
-#: one mapping cross it (FLUX.2 [dev] streaming under a 24 GiB cap reserved 24.02 GiB), and a run under a cap
-#: keeps its cache up to the cap, so the reserved peak is the cap plus that overshoot
-ALLOCATOR_SLACK_GIB = 0.25
-
-
-def allocator_cap_gib(cap: float) -> float:
-    """The limit the CUDA allocator gets for ``[train] gpu_memory_gib = cap``: ``ALLOCATOR_SLACK_GIB`` below it
-    (a twentieth of a cap under 5 GiB), so that the reserved peak, the allocator's cache included, stays inside
-    ``cap``."""
-    return cap - min(ALLOCATOR_SLACK_GIB, cap / 20)
-
-
 def cap_gpu_memory(recipe: Any, device: Any) -> None:
     """Cap this process's CUDA allocator at ``[train] gpu_memory_gib`` (a smaller card, a shared GPU): an
     allocation past it fails as it would on a card of that size, in caching, training and sampling alike."""
@@ -190,16 +178,16 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
         check_fp8_matmuls(device)
     estimate = perfmodel.estimate_peak_gib(r.model.family, height, width, r.train.batch_size, r.lora.rank,
                                            r.lora.targets, plan, shape, dropout=r.lora.dropout)
-    if estimate > available * 0.95 and not sharded and (r.train.gpu_memory_gib is not None
-                                                       or r.train.memory_mode == "auto"):
-        raise RecipeError(
-            f"[train.memory_mode] \"{r.train.memory_mode}\": the plan \"{plan.describe()}\" needs about "
-            f"{estimate:.1f} GiB at {width}x{height} but this run may use {max(available, 0):.1f} GiB "
-            f"({source}); nothing was trained. Lower [dataset] resolution/bucket_max or [train.batch_size], "
-            "or give the run more GPU memory")
-    if estimate > available * 0.95 and not sharded:
-        echo(f"warning: [train.memory_mode] \"{r.train.memory_mode}\" is estimated at {estimate:.1f} GiB, more than "
-             f"the {available:.1f} GiB available ({source}); \"auto\" would pick a leaner plan")
+    if not perfmodel.fits(estimate, available) and not sharded:
+        # an explicit mode on the free memory (no cap) is the user's call: it trains, warned (the model errs either way)
+        stops = r.train.gpu_memory_gib is not None or r.train.memory_mode == "auto"
+        message = perfmodel.refusal(r.train.memory_mode, plan, estimate, available, source, r.model.family, height,
+                                    width, r.train.batch_size, r.lora.rank, r.lora.targets, shape, r.lora.dropout,
+                                    r.train.fp8_matmul, r.train.compile != "off", r.train.gpu_memory_gib,
+                                    perfmodel.STOPPED if stops else perfmodel.WARNED, r.dataset.bucket_min)
+        if stops:
+            raise RecipeError(message)
+        echo("warning: " + message)
     # layer by layer on the GPU, offloaded blocks straight back to pinned host memory: the bf16 model never sits
     # on the GPU whole, nor do the offloaded blocks' fp8 weights (an 8 GiB card holds neither)
     offloader = accel.place_frozen_weights(transformer, plan, device, adapter.compute_dtype)
@@ -208,19 +196,14 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                               * r.train.batch_size,
                               graphs=plan.compile and (plan.compile_mode == "reduce-overhead" or plan.step_graphs))
     accel.apply(transformer, plan, device, adapter.compute_dtype, offloader=offloader)
-    why = ""
-    if r.train.memory_mode == "auto":
-        why = " (the fastest plan that fits"
-        if r.model.base_precision == "fp8" and not plan.fp8:
-            why += "; [model.base_precision] \"fp8\" is a memory setting not needed here, the base stays bf16"
-        if r.train.gradient_checkpointing and not plan.checkpoint_blocks:
-            why += "; [train.gradient_checkpointing] is a memory setting not needed here, no block is recomputed"
-        if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead"
-                and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(graph_shapes, r.train.steps)):
-            why += (f"; no CUDA graphs: recording them for {graph_shapes} token counts of the buckets (about "
-                    f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * graph_shapes:.0f} s) would outlast what "
-                    f"{r.train.steps} steps win back")
-        why += ")"
+    reasons = (["the fastest plan that fits"] if r.train.memory_mode == "auto" else []) + perfmodel.setting_notes(
+        plan, r.model.base_precision == "fp8", r.train.gradient_checkpointing)
+    if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead"
+            and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(graph_shapes, r.train.steps)):
+        reasons.append(f"no CUDA graphs: recording them for {graph_shapes} token counts of the buckets (about "
+                       f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * graph_shapes:.0f} s) would outlast what "
+                       f"{r.train.steps} steps win back")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     echo(f"GPU plan ({r.train.memory_mode}): {plan.describe()}{why}; {kernel.describe()}; estimated peak "
          f"{estimate:.1f} GiB of {available:.1f} GiB available ({source}), largest bucket {width}x{height}")
     transformer._lora_run_plan = {"plan": plan.describe(), "estimate_gib": round(estimate, 2),

@@ -36,7 +36,10 @@ class ModelKeys:
                                    "(see Model families below), e.g. `transformer`, `vae` and the text encoders.",
                                    path=True)
     base_precision: Literal["bf16", "fp8"] = option(
-        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute).",
+        "bf16", "Storage precision of the frozen base weights: `bf16`, or `fp8` (float8 storage, bf16 compute). In-process "
+        "backends on CUDA with mixed precision: a memory setting `[train] memory_mode` decides (`auto` keeps a GPU "
+        "with room in bf16; `memory` and `low-vram` always store fp8; an explicit `speed` honours `fp8`); the plan "
+        "line says where it is overridden.",
         features=(Feature("fp8", "fp8 base weights", lambda precision, _: precision == "fp8"),))
     offline: bool = option(False, "Never contact the hub (also implied by the `HF_HUB_OFFLINE` environment "
                            "variable).")
@@ -104,15 +107,26 @@ class TrainSection:
                                          lambda n, _: n > 1),))
     mixed_precision: Literal["bf16", "fp16", "no"] = option("bf16", "Compute precision (`no` = float32; "
                                                             "use it on CPU).")
-    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory. In-process "
+                                          "backends on CUDA with mixed precision: a memory setting the "
+                                          "`memory_mode` plan decides (speed: no block; memory: as many as the "
+                                          "budget needs; low-vram: every block); the plan line says where it is "
+                                          "overridden.")
     memory_mode: Literal["auto", "speed", "memory", "low-vram"] = option(
-        "auto", "In-process backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (selective "
-        "checkpointing), `low-vram` (fp8 storage + block offload), `auto` (pick from free GPU memory; "
-        "`base_precision` and `gradient_checkpointing` are then decided by the plan).")
+        "auto", "In-process backends on CUDA: `speed` (compiled blocks, no checkpointing), `memory` (fp8 storage, "
+        "as many checkpointed blocks as the budget needs), `low-vram` (fp8 storage, every block checkpointed, as many "
+        "blocks streamed from host memory as needed), `auto` (the fastest that fits the free GPU memory or "
+        "`gpu_memory_gib`; `base_precision` and `gradient_checkpointing` are then decided by the plan). `lora-run "
+        "plan` prints the plan within `gpu_memory_gib` (without it, from how much memory `auto` picks each mode) "
+        "and why. A plan over `gpu_memory_gib` stops the run before caching (exit 2; `check` reports it), naming "
+        "what fits; an explicit mode over the free memory without `gpu_memory_gib` trains with a warning.")
     gpu_memory_gib: float | None = option(
-        None, "In-process backends on CUDA: the most GPU memory (GiB) this run may use — caching, training and "
-        "samples. `auto` plans within it and the CUDA allocator is capped a quarter GiB below it (its cache "
-        "included, the reserved peak stays inside), so a shared GPU or a smaller card's budget is honoured; a run whose smallest plan does not fit stops before training (exit 2). "
+        None, "In-process backends on CUDA: the most GPU memory (GiB) this run may use on each GPU (each process of "
+        "a multi-GPU run) — caching, training and samples. `auto` plans within it and the CUDA allocator is capped a "
+        "quarter GiB below it (its cache included, the reserved peak stays inside), so a shared GPU or a smaller "
+        "card's budget is honoured; a plan must fit 95% of that. A recipe whose plan does not fit (for `auto`: its "
+        "smallest) is refused by `check`, `plan` and the run before caching (exit 2; a model whose weights are "
+        "not the family's full size: once it has loaded), with what would fit (batch, resolution, rank, budget). "
         "Default: the GPU's free memory.", gt=0.0, le=4096.0)
     cuda_graphs: Literal["auto", "on", "off", "step"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "

@@ -143,3 +143,24 @@ def test_the_allocator_cap_keeps_the_measured_reserved_peak_inside_the_budget():
                                        .read_text())["rows"] if r["id"] == "budget-dev-1024-24gib")
     assert again["passed"] and again["plan"] == row["plan"]
     assert again["timing"]["peak_reserved_gib"] <= allocator_cap_gib(budget) + 0.005 < budget
+
+
+@pytest.mark.parametrize("row_id", sorted(ROWS))
+def test_the_estimate_lora_run_plan_prints_is_the_calibrated_one(row_id):
+    """`lora-run plan` estimates each shipped recipe with the shape its adapter plans with before anything loads
+    (``planning_shape``), at the base resolution: within 10% of the peak the H200 measured. The control: the
+    shipped [klein] recipes train the 4B (their hub id), which the plan used to estimate as the 9B, about twice
+    the memory."""
+    from lora_run_native.adapters import adapter_class
+    from lora_run_native.memory import estimate_memory_gib
+    from lora_run_native.perfmodel import family_shape
+
+    measured = _measured()[row_id]["timing"]["peak_allocated_gib"]
+    r = load_recipe(REPO / "recipes" / ROWS[row_id][0]).recipe
+    shape, note = adapter_class(r.model.family)(r).planning_shape()
+    assert note is None
+    estimate = estimate_memory_gib(r, shape)
+    assert abs(estimate - measured) / measured < 0.10, (row_id, estimate, measured)
+    if r.model.family == "flux.2-klein":
+        nominal = estimate_memory_gib(r, family_shape(r.model.family))
+        assert nominal > 1.5 * measured, (row_id, nominal, measured)

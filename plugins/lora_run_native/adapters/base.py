@@ -53,8 +53,8 @@ from lora_run.errors import ModelSourceError
 from lora_run.files import shown
 
 from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
-from lora_run_formats.model_files import (component_fit_problems, config_json, file_fit_problems, folder_problems,
-                                          read_weights, weights_problem)
+from lora_run_formats.model_files import (component_fit_problems, component_weights, config_json, file_fit_problems,
+                                          folder_problems, parameter_count, read_weights, weights_problem)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -341,6 +341,9 @@ class ModelAdapter:
     #: `[model.files]` slot -> the same in the file's own layout, compared with the config.json the loader reads
     #: for it from the source (``SUBFOLDER``).
     file_fits: ClassVar[dict[str, Fit]] = {}
+    #: the memory model's shape of the family's transformer (``lora_run_native.shapes.FamilyShape``; None: no
+    #: estimates): what `lora-run plan` estimates with, rescaled at run time to the model actually loaded
+    memory_shape: ClassVar[Any] = None
 
     def __init__(self, recipe: Recipe, *, device: Any = "cpu", options: Any = None, shown: str = "recipe.toml"):
         self.recipe = recipe
@@ -520,6 +523,35 @@ class ModelAdapter:
         if is_local_source(src):
             return f"folder:{Path(src).resolve()}/{subfolder}:{folder_identity(Path(src), subfolder)}"
         return f"hub:{src}@{m.revision or 'main'}/{subfolder}"
+
+    def transformer_parameters(self) -> int | None:
+        """The parameters of the transformer the run will load, from its weights' safetensors headers (no torch, only
+        headers read): `[model.files] transformer`, else the source folder's transformer component (a local folder or
+        a hub model in the local cache); None where they cannot all be read here."""
+        m = self.recipe.model
+        if m.files.get("transformer"):
+            return parameter_count([Path(m.files["transformer"])])
+        src, sub = self._source(), self.SUBFOLDER.get("transformer")
+        root = None if not src or not sub else Path(src) if is_local_source(src) else self.hub_snapshot(src)
+        paths = component_weights(root / sub) if root is not None else None
+        return parameter_count(paths) if paths else None
+
+    def planning_shape(self) -> tuple[Any, str | None]:
+        """The shape `lora-run plan` estimates with (before anything loads), and why its estimates do not stand for
+        the run where they do not (``size_note``). Default: ``memory_shape``."""
+        return self.memory_shape, self.size_note(self.memory_shape, self.transformer_parameters())
+
+    def size_note(self, shape: Any, count: int | None) -> str | None:
+        """None where the transformer's weights (``count`` parameters; None: not read) may be the model ``shape``
+        describes (half to twice its parameters), else why the plan's estimates are for another model than the
+        run's (a tiny test model, a pruned variant): the run plans for the model it loads."""
+        if shape is None or count is None or 0.5 <= count / shape.params <= 2:
+            return None
+        def size(n: float) -> str:
+            return f"{n / 1e9:.3g} B" if n >= 1e8 else f"{n / 1e6:.3g} M" if n >= 1e5 else f"{int(n):,}"
+
+        return (f"the transformer's weights hold {size(count)} parameters, not the {size(shape.params)} of the "
+                f"full-size {self.family} these estimates are for; the run plans for the model it loads")
 
     # ------------------------------------------------------------------------------------- loading
     def _source(self) -> str | None:
