@@ -47,6 +47,7 @@ class StepGraphs:
         self.graphs: dict[Any, tuple[Any, dict[str, Any], Any, Any]] = {}   # key -> (graph, inputs, step, loss)
         self.seen: set[Any] = set()
         self.pool: Any = None
+        self.side: Any = None       # the warm-ups' stream: one for every recording, so their freed memory is reused
         self.calls = self.recorded = self.replays = 0
         self.record_s = 0.0         # the warm-ups and recordings together
         self.failed: str | None = None
@@ -73,12 +74,11 @@ class StepGraphs:
         static = {name: value.clone() for name, value in inputs.items()}
         step_tensor = torch.full((), step, dtype=torch.int64, device=next(iter(static.values())).device)
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+            self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             loss = self.body(static, step_tensor)          # this step's real work, and the capture's warm-up
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
@@ -92,6 +92,7 @@ class StepGraphs:
                 self.notify(f"warning: [train.cuda_graphs] \"step\": {self.describe()}; the run goes on with eager steps")
             return loss
         finally:
+            torch.cuda.empty_cache()      # the warm-up's activations, cached for its stream alone, go back
             self.record_s += time.perf_counter() - started
         self.graphs[key] = (graph, static, step_tensor, static_loss)
         self.recorded += 1
