@@ -168,3 +168,56 @@ def test_no_command_for_a_user_names_a_shipped_recipe_by_its_checkout_path():
     assert CHECKOUT_RECIPE.findall("run `lora-run check recipes/flux/identity-fast.toml --set a=b` or "
                                    "lora-run ./recipes/flux2/identity-hifi.toml") == [
         "lora-run check recipes/flux/identity-fast.toml", "lora-run ./recipes/flux2/identity-hifi.toml"]
+
+
+# every relative link and #anchor in README.md and docs/**.md resolves
+
+#: a Markdown link or image `[text](target)` / `![alt](target "title")`; the target is group 1
+LINK = re.compile(r"\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation other than `-` and `_` dropped, spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def page_anchors(text: str) -> set[str]:
+    """The anchors of a page's headings (outside code blocks), a repeated one numbered `-1`, `-2` as GitHub does."""
+    found: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M):
+        anchor, n = heading_anchor(heading), 0
+        while (anchor if n == 0 else f"{anchor}-{n}") in found:
+            n += 1
+        found.add(anchor if n == 0 else f"{anchor}-{n}")
+    return found
+
+
+def broken_links(pages: dict[Path, str]) -> list[str]:
+    """Each relative link of ``pages`` (path → text) to a missing file, or to a heading its page lacks."""
+    broken = []
+    for page, text in pages.items():
+        prose = re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+        for target in LINK.findall(prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):        # https:, mailto:: not ours to check
+                continue
+            name, _, anchor = target.partition("#")
+            linked = (page.parent / name).resolve() if name else page
+            text_of = pages.get(linked) if linked in pages else \
+                (linked.read_text("utf-8") if linked.suffix == ".md" and linked.is_file() else None)
+            if not linked.exists() and linked not in pages:
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and text_of is not None and anchor not in page_anchors(text_of):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    return broken
+
+
+def test_every_relative_link_and_anchor_resolves():
+    pages = {p.resolve(): p.read_text("utf-8") for p in [REPO / "README.md", *DOCS.rglob("*.md")]}
+    assert sum(len(LINK.findall(t)) for t in pages.values()) > 100       # the scan sees the links
+    assert broken_links(pages) == []
+    # control: a missing page, a missing heading (here and on another page) are named; code and URLs are not links
+    planted = {DOCS.resolve() / "x.md": "# Top `level`: 2×\n## Same\n## Same\nSee [a](multi-gpu.md#no-such), "
+               "[b](gone.md), [c](#same-1), [d](#top-level-2), [e](#same-2), ![f](../README.md#quick-start-a-fresh-"
+               "machine-two-commands), `[g](gone.md)`, [h](https://example.com/#x).\n```\n[i](gone.md)\n```\n"}
+    assert broken_links(planted) == ["docs/x.md: multi-gpu.md#no-such (no such heading)",
+                                     "docs/x.md: gone.md (no such file)", "docs/x.md: #same-2 (no such heading)"]
