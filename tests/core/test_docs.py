@@ -221,3 +221,47 @@ def test_every_relative_link_and_anchor_resolves():
                "machine-two-commands), `[g](gone.md)`, [h](https://example.com/#x).\n```\n[i](gone.md)\n```\n"}
     assert broken_links(planted) == ["docs/x.md: multi-gpu.md#no-such (no such heading)",
                                      "docs/x.md: gone.md (no such file)", "docs/x.md: #same-2 (no such heading)"]
+
+
+#: a dotted name of lora-run's code as a page writes it (`lora_run_rundir.space`, `lora_run.run.Signals.term`)
+CODE_NAME = re.compile(r"\b(lora_run(?:_[a-z0-9]+)*(?:\.[A-Za-z_]\w*)+)")
+#: names that are no importable module in a checkout: the wheel's data packages, the example plugin (not installed)
+NOT_IMPORTABLE = ("lora_run.docs", "lora_run.recipes", "lora_run_toy")
+
+
+def unknown_code_names(texts: dict[str, str]) -> list[str]:
+    """Each dotted name in ``texts`` that is neither a module nor an attribute of one, as 'file: name'."""
+    import importlib
+
+    unknown = []
+    for where, text in texts.items():
+        for name in dict.fromkeys(CODE_NAME.findall(text)):
+            if name.startswith(NOT_IMPORTABLE):
+                continue
+            parts = [p for p in name.split(".") if p not in ("py", "md", "toml", "json")]
+            for split in range(len(parts), 0, -1):
+                try:
+                    found: object = importlib.import_module(".".join(parts[:split]))
+                    break
+                except ImportError:
+                    continue
+            else:
+                unknown.append(f"{where}: {name}")
+                continue
+            for attribute in parts[split:]:
+                if not hasattr(found, attribute):
+                    unknown.append(f"{where}: {name}")
+                    break
+                found = getattr(found, attribute)
+    return unknown
+
+
+def test_every_code_name_a_page_writes_exists():
+    """docs/reliability.md named `lora_run.run.CtrlC` after it became `Signals`: a renamed function or module leaves
+    no page behind."""
+    texts = {str(p.relative_to(REPO)): p.read_text("utf-8") for p in [REPO / "README.md", *DOCS.rglob("*.md")]}
+    assert sum(len(CODE_NAME.findall(t)) for t in texts.values()) > 50       # the scan sees the names
+    assert unknown_code_names(texts) == []
+    planted = {"docs/x.md": "`lora_run.run.CtrlC`, `lora_run_rundir.spaces`, `lora_run_rundir.space` and "
+                            "`lora_run_native.checkpoint.save`, (`lora_run_formats.model_files`). lora_run.docs"}
+    assert unknown_code_names(planted) == ["docs/x.md: lora_run.run.CtrlC", "docs/x.md: lora_run_rundir.spaces"]
