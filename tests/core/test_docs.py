@@ -265,3 +265,53 @@ def test_every_code_name_a_page_writes_exists():
     planted = {"docs/x.md": "`lora_run.run.CtrlC`, `lora_run_rundir.spaces`, `lora_run_rundir.space` and "
                             "`lora_run_native.checkpoint.save`, (`lora_run_formats.model_files`). lora_run.docs"}
     assert unknown_code_names(planted) == ["docs/x.md: lora_run.run.CtrlC", "docs/x.md: lora_run_rundir.spaces"]
+
+
+# every ```toml block of a page is a recipe (or a part of one) that parses: valid TOML, known keys, right types
+
+#: what a page's recipe fragment is laid over, so that it is a whole recipe (the fragment's keys win)
+FRAGMENT_BASE = {"model": {"family": "flux.1-dev", "source": "models/flux"},
+                 "dataset": {"path": "data/subject", "trigger": "ohwx"}, "train": {"steps": 10}}
+
+
+def toml_blocks(text: str) -> list[str]:
+    return re.findall(r"^```toml\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def recipe_block_problems(where: str, block: str) -> list[str]:
+    """Why ``block`` (a page's ```toml block) is no part of a recipe: not TOML, or unknown keys and wrong types."""
+    from lora_run.errors import RecipeError
+    from lora_run.recipe import tomllib
+    from lora_run_devtools.testing import parse_recipe_text
+    import tomli_w
+
+    try:
+        table = tomllib.loads(block)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"{where}: not valid TOML: {exc}"]
+    if "project" in table:                   # a package's pyproject.toml (writing-a-plugin.md)
+        return []
+    merged = {**FRAGMENT_BASE, **{k: v for k, v in table.items() if not isinstance(v, dict)}}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+    try:
+        parse_recipe_text(tomli_w.dumps(merged), name=where)
+    except RecipeError as exc:
+        return [str(exc)]
+    return []
+
+
+def test_every_toml_block_of_a_page_is_a_recipe_that_parses():
+    """backend-kohya.md's set-up block wrote `backend = "kohya"` above a `[backend.kohya]` table, which TOML refuses
+    (getting-started.md says so): copied, it failed with "not valid TOML"."""
+    pages = [REPO / "README.md", *DOCS.rglob("*.md")]
+    blocks = [(f"{p.relative_to(REPO)} block {i + 1}", b) for p in pages for i, b in enumerate(toml_blocks(p.read_text()))]
+    assert len(blocks) >= 10
+    assert [why for where, block in blocks for why in recipe_block_problems(where, block)] == []
+    planted = {"shorthand": 'backend = "kohya"\n[backend.kohya]\nsd_scripts = "x"\n',
+               "misspelt": "[lora]\nrnak = 4\n", "a float": "[train]\nsteps = 3.9\n",
+               "fine": '[backend]\nname = "kohya"\n[backend.kohya]\nsd_scripts = "x"\n'}
+    found = {where: " ".join(recipe_block_problems(where, block)) for where, block in planted.items()}
+    assert "not valid TOML" in found["shorthand"] and "unknown key 'rnak'" in found["misspelt"]
+    assert "expected int, got float 3.9" in found["a float"] and found["fine"] == ""
