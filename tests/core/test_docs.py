@@ -223,10 +223,11 @@ def test_every_relative_link_and_anchor_resolves():
                                      "docs/x.md: gone.md (no such file)", "docs/x.md: #same-2 (no such heading)"]
 
 
-#: a dotted name of lora-run's code as a page writes it (`lora_run_rundir.space`, `lora_run.run.Signals.term`)
-CODE_NAME = re.compile(r"\b(lora_run(?:_[a-z0-9]+)*(?:\.[A-Za-z_]\w*)+)")
-#: names that are no importable module in a checkout: the wheel's data packages, the example plugin (not installed)
-NOT_IMPORTABLE = ("lora_run.docs", "lora_run.recipes", "lora_run_toy")
+#: a dotted name of lora-run's code as a page writes it (`lora_run_rundir.space`, `lora_run.run.Signals.term`), or an
+#: entry as a registration names it (`"lora_run_toy.family:ToyFluxAdapter"`)
+CODE_NAME = re.compile(r"\b(lora_run(?:_[a-z0-9]+)*(?:[.:][A-Za-z_]\w*)+)")
+#: names that are no importable module in a checkout: the wheel's data packages
+NOT_IMPORTABLE = ("lora_run.docs", "lora_run.recipes")
 
 
 def unknown_code_names(texts: dict[str, str]) -> list[str]:
@@ -238,7 +239,7 @@ def unknown_code_names(texts: dict[str, str]) -> list[str]:
         for name in dict.fromkeys(CODE_NAME.findall(text)):
             if name.startswith(NOT_IMPORTABLE):
                 continue
-            parts = [p for p in name.split(".") if p not in ("py", "md", "toml", "json")]
+            parts = [p for p in re.split(r"[.:]", name) if p not in ("py", "md", "toml", "json")]
             for split in range(len(parts), 0, -1):
                 try:
                     found: object = importlib.import_module(".".join(parts[:split]))
@@ -256,15 +257,19 @@ def unknown_code_names(texts: dict[str, str]) -> list[str]:
     return unknown
 
 
-def test_every_code_name_a_page_writes_exists():
-    """docs/reliability.md named `lora_run.run.CtrlC` after it became `Signals`: a renamed function or module leaves
-    no page behind."""
+def test_every_code_name_a_page_writes_exists(monkeypatch):
+    """docs/reliability.md named `lora_run.run.CtrlC` after it became `Signals`, and hooks/register_families.md
+    registered the toy plugin's adapter as `lora_run_toy.family:ToyAdapter` (it is `ToyFluxAdapter`): a renamed
+    function or module leaves no page behind."""
+    monkeypatch.syspath_prepend(str(DOCS / "examples" / "lora-run-toy"))      # the example plugin, not installed
     texts = {str(p.relative_to(REPO)): p.read_text("utf-8") for p in [REPO / "README.md", *DOCS.rglob("*.md")]}
     assert sum(len(CODE_NAME.findall(t)) for t in texts.values()) > 50       # the scan sees the names
     assert unknown_code_names(texts) == []
     planted = {"docs/x.md": "`lora_run.run.CtrlC`, `lora_run_rundir.spaces`, `lora_run_rundir.space` and "
-                            "`lora_run_native.checkpoint.save`, (`lora_run_formats.model_files`). lora_run.docs"}
-    assert unknown_code_names(planted) == ["docs/x.md: lora_run.run.CtrlC", "docs/x.md: lora_run_rundir.spaces"]
+                            "`lora_run_native.checkpoint.save`, (`lora_run_formats.model_files`). lora_run.docs "
+                            '"lora_run_toy.family:ToyAdapter", "lora_run_toy.family:ToyFluxAdapter"'}
+    assert unknown_code_names(planted) == ["docs/x.md: lora_run.run.CtrlC", "docs/x.md: lora_run_rundir.spaces",
+                                           "docs/x.md: lora_run_toy.family:ToyAdapter"]
 
 
 # every ```toml block of a page is a recipe (or a part of one) that parses: valid TOML, known keys, right types
