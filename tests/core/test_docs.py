@@ -320,3 +320,27 @@ def test_every_toml_block_of_a_page_is_a_recipe_that_parses():
     found = {where: " ".join(recipe_block_problems(where, block)) for where, block in planted.items()}
     assert "not valid TOML" in found["shorthand"] and "unknown key 'rnak'" in found["misspelt"]
     assert "expected int, got float 3.9" in found["a float"] and found["fine"] == ""
+
+
+def demo_page_mismatches(page: str) -> list[str]:
+    """What docs/demo.md (``page``, its text with lines joined) says of the demo that its code and shipped recipe do
+    not: the counts of drawings and regularisation faces, the steps, the checkpoint and sample intervals."""
+    from lora_run.recipe import tomllib
+    from lora_run_native import demo
+
+    recipe = tomllib.loads(demo.shipped_recipe().read_text("utf-8"))
+    train, sample = recipe["train"], recipe["sample"]
+    said = {f"{demo.SUBJECT_IMAGES} drawings of one cartoon character": "subject drawings",
+            f"and {demo.REG_IMAGES} generic cartoon faces": "regularisation faces (REG_IMAGES)",
+            f"{train['steps']} training steps": "[train] steps",
+            f"checkpoints every {train['save_every_steps']} steps": "[train] save_every_steps",
+            f"samples at step {sample['every_steps']} and at the end": "[sample] every_steps"}
+    return [what for text, what in said.items() if text not in page]
+
+
+def test_the_demo_page_says_what_the_demo_does():
+    """docs/demo.md said the demo draws 6 regularisation faces; it draws REG_IMAGES (20)."""
+    page = " ".join((DOCS / "demo.md").read_text("utf-8").split())
+    assert demo_page_mismatches(page) == []
+    assert demo_page_mismatches(page.replace("and 20 generic", "and 6 generic").replace("24 training", "25 training")) \
+        == ["regularisation faces (REG_IMAGES)", "[train] steps"]
