@@ -344,3 +344,70 @@ def test_the_demo_page_says_what_the_demo_does():
     assert demo_page_mismatches(page) == []
     assert demo_page_mismatches(page.replace("and 20 generic", "and 6 generic").replace("24 training", "25 training")) \
         == ["regularisation faces (REG_IMAGES)", "[train] steps"]
+
+
+# the backends' option tables: every option, and the defaults a cell writes as a plain value
+
+#: page, the text the table follows, the options class (module, name)
+OPTION_TABLES = [("native-backend.md", "Options live in `[backend.native]`", ("lora_run_native.backend", "NativeOptions")),
+                 ("backend-kohya.md", "## `[backend.kohya]` options", ("lora_run_kohya", "KohyaOptions")),
+                 ("backend-diffusion-pipe.md", "## Options: `[backend.diffusion-pipe]`",
+                  ("lora_run_diffusion_pipe.options", "DiffusionPipeOptions"))]
+
+
+def option_rows(text: str, after: str) -> dict[str, str]:
+    """The first Markdown table after ``after`` in ``text``: each key of its first column → its second cell."""
+    lines = text.split(after, 1)[1].lstrip("\n:").strip("\n").splitlines()
+    rows = [line for line in lines[:next((i for i, line in enumerate(lines[2:], 2) if not line.startswith("|")),
+                                         len(lines))] if line.startswith("|")][2:]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    return {key: cell[1] for cell in cells for key in re.findall(r"`(\w+)`", cell[0])}
+
+
+def plain_default(cell: str) -> tuple[bool, object]:
+    """(True, value) where a default cell writes a plain value (`true`, 1, 1800, `{}`, unset, —), else (False, None)."""
+    word = cell.strip("`").split(" ")[0].strip("`:")
+    if word in ("true", "false"):
+        return True, word == "true"
+    if word in ("unset", "—", "none"):
+        return True, None
+    if word in ("{}", "[]"):
+        return True, {"{}": {}, "[]": []}[word]
+    if re.fullmatch(r"-?\d+(\.\d+)?", word):
+        return True, float(word)
+    return False, None
+
+
+def option_table_problems(page: str, text: str, after: str, options: type) -> list[str]:
+    import attrs
+
+    rows, fields = option_rows(text, after), {f.name: f for f in attrs.fields(options)}
+    problems = [f"{page}: `{name}` is no option" for name in rows if name not in fields]
+    problems += [f"{page}: option `{name}` missing from the table" for name in fields if name not in rows]
+    for name, cell in rows.items():
+        plain, value = plain_default(cell)
+        if plain and name in fields:
+            field = fields[name]
+            default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+            if default != value:
+                problems.append(f"{page}: `{name}` default is {default!r}, the table says {cell}")
+    return problems
+
+
+def test_every_backend_options_table_lists_its_options_with_their_defaults():
+    """docs/native-backend.md gave `text_max_length` the default 512; it is unset (the family's maximum)."""
+    import importlib
+
+    found = []
+    for page, after, (module, name) in OPTION_TABLES:
+        found += option_table_problems(page, (DOCS / page).read_text("utf-8"), after,
+                                       getattr(importlib.import_module(module), name))
+    assert found == []
+    from lora_run_native.backend import NativeOptions
+
+    planted = ("Options live in `[backend.native]`:\n\n| key | default | meaning |\n|---|---|---|\n"
+               "| `text_max_length` | 512 | … |\n| `tensorboard` | `true` | … |\n| `progress_bar` | false | … |\n"
+               "| `fsdp` | `false` | … |\n| `fsdpp` | unset | … |\n\nText.\n")
+    assert option_table_problems("x.md", planted, "Options live in `[backend.native]`", NativeOptions) == [
+        "x.md: `fsdpp` is no option", "x.md: `text_max_length` default is None, the table says 512",
+        "x.md: `progress_bar` default is True, the table says false"]
