@@ -411,3 +411,72 @@ def test_every_backend_options_table_lists_its_options_with_their_defaults():
     assert option_table_problems("x.md", planted, "Options live in `[backend.native]`", NativeOptions) == [
         "x.md: `fsdpp` is no option", "x.md: `text_max_length` default is None, the table says 512",
         "x.md: `progress_bar` default is True, the table says false"]
+
+
+# every `lora-run …` command line a page shows is one the command line accepts
+
+#: a page's placeholder → a value of its kind
+PLACEHOLDERS = {"RECIPE": "recipe.toml", "RECIPE.toml": "recipe.toml", "N": "2", "PAGE": "multi-gpu",
+                "NAME": "demo/tiny-flux", "FILE": "file", "DIR": "dir", "D": "dir", "RUN": "run", "OTHER": "other"}
+#: command lines the pages show as refused (bad input, to show its message)
+SHOWN_REFUSED = {"lora-run chek r.toml", "lora-run chek recipe.toml", 'lora-run check ""', "lora-run check -",
+                 "lora-run -"}
+
+
+def command_lines(text: str) -> list[str]:
+    """The `lora-run …` command lines of a page: those in its shell blocks, and its code spans that give arguments."""
+    found = []
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)    # in order: each opening with its close
+    for block in (body for language, body in blocks if language in ("sh", "bash", "")):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;", line):
+                part = re.sub(r"^\S*/bin/(?=lora-run )", "", part.strip())
+                found += [part] if part.startswith("lora-run ") else []
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    found += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose) if span.startswith("lora-run ")]
+    return found
+
+
+def refused_command_lines(lines: list[str]) -> list[str]:
+    """Each of ``lines`` the command line refuses (its arguments as parsed, nothing run), with why. A mention of a
+    command without the arguments it requires (`lora-run check`) is a name, not a command line; a usage synopsis
+    (`[--json]`, `…`) and a version line are not parsed."""
+    import shlex
+
+    from lora_run.cli import ArgumentsError, _with_command, build_parser
+    from lora_run.plugins import load_plugins
+
+    plugins = load_plugins()
+    parser, commands = build_parser(plugins), sorted(plugins.registry["command"])
+    refused = []
+    for line in lines:
+        line = re.split(r"\s+#|\s+[>|]", line)[0]
+        if re.search(r" \[|…|\.\.\.|<command>|^lora-run \d", line):
+            continue
+        argv = [PLACEHOLDERS.get(word, word.replace("<run>", "run")) for word in shlex.split(line)[1:]
+                if word != "--debug"]           # the CLI takes --debug off the line before parsing
+        try:
+            parser.parse_args(_with_command(argv, commands))
+        except ArgumentsError as exc:
+            if not re.search(r"arguments are required|expected one argument", str(exc)):
+                refused.append(f"{line}: {exc}")
+        except SystemExit:                       # --help
+            pass
+    return refused
+
+
+def test_every_command_line_a_page_shows_is_accepted(capsys):
+    """Pages wrote `lora-run --gpus N`, which the command line reads as the command "N" (the option belongs to `run`:
+    `lora-run RECIPE --gpus N`). The GPU record pages (performance, gpu-acceptance) keep the commands as run."""
+    pages = [REPO / "README.md", *(p for p in DOCS.rglob("*.md") if p.name not in ("performance.md", "gpu-acceptance.md"))]
+    lines = [line for page in pages for line in command_lines(page.read_text("utf-8"))]
+    assert len(lines) > 100 and "lora-run recipes flux/identity-fast > my-recipe.toml   # copy one to start your own" \
+        in lines and not any("package versions" in line for line in lines)     # a closing fence opens no block
+    refused = refused_command_lines(lines)
+    assert {line.split(":")[0] for line in refused} == SHOWN_REFUSED, refused
+    planted = ["lora-run --gpus N", "lora-run plan recipe.toml --gpus 4", "lora-run check", "lora-run check --json",
+               "lora-run RECIPE --resume --output-dir <run>", "lora-run recipe.toml --gpus 4 # a comment",
+               "lora-run eval --lora"]
+    assert [line.split(":")[0] for line in refused_command_lines(planted)] == ["lora-run --gpus N",
+                                                                               "lora-run plan recipe.toml --gpus 4"]
+    capsys.readouterr()
