@@ -480,3 +480,64 @@ def test_every_command_line_a_page_shows_is_accepted(capsys):
     assert [line.split(":")[0] for line in refused_command_lines(planted)] == ["lora-run --gpus N",
                                                                                "lora-run plan recipe.toml --gpus 4"]
     capsys.readouterr()
+
+
+# the plugin examples: every name they use is imported, defined or the reader's; each hook page's example loads
+
+#: names an example leaves to its reader (their own functions, classes and constants) or takes from its page's text
+READERS_NAMES = {"ENGINE_VERSION", "upload", "notify", "send_to_dashboard", "train_share", "ToyBackend", "ToyOptions",
+                 "FolderDataset", "IdentityEvaluator", "DlibEmbedder", "DlibOptions", "charbonnier",
+                 "CharbonnierOptions", "state_dict"}
+
+
+def undefined_names(code: str) -> list[str]:
+    """The names ``code`` reads that it neither imports, defines, assigns nor takes as an argument (builtins aside)."""
+    import builtins
+
+    tree = ast.parse(code)
+    known = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            known |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            known.add(node.name)
+        elif isinstance(node, ast.arg):
+            known.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            known.add(node.id)
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return sorted(read - known - READERS_NAMES)
+
+
+def example_blocks() -> dict[str, str]:
+    pages = [*sorted((DOCS / "hooks").glob("*.md")), DOCS / "writing-a-plugin.md", DOCS / "lora-formats.md"]
+    return {f"{p.relative_to(DOCS)} block {i + 1}": block for p in pages
+            for i, block in enumerate(re.findall(r"^```python\n(.*?)^```", p.read_text("utf-8"), flags=re.S | re.M))}
+
+
+def test_every_plugin_example_names_only_what_it_imports_and_each_hook_example_loads():
+    """The hook pages' examples used `hookimpl`, `Path`, `RecipeError`, `attrs` and `option` without importing them,
+    so a copied example failed with NameError; each now runs as written, as a plugin the plugin manager accepts."""
+    import types
+
+    from lora_run.plugins import load_plugins
+
+    blocks = example_blocks()
+    assert len(blocks) >= 20
+    assert {where: undefined_names(code) for where, code in blocks.items() if undefined_names(code)} == {}
+    def as_plugin(where: str, code: str) -> types.ModuleType:
+        module = types.ModuleType(where.split()[0].replace("/", "_").removesuffix(".md"))
+        module.__dict__.update(dict.fromkeys(READERS_NAMES))     # the reader's own objects, never called here
+        exec(compile(code, where, "exec"), module.__dict__)      # noqa: S102 - the page's own example
+        return module
+
+    modules = [as_plugin(where, code) for where, code in blocks.items() if where.startswith("hooks/")]
+    assert len(modules) == 18
+    names = {m.__name__ for m in modules}
+    assert [b for b in load_plugins(extra=modules).broken if b.name in names] == []     # hook names and arguments
+    planted = "@hookimpl\ndef step_finished(run, step, metrics):\n    print(Path(step), helper)\n"
+    assert undefined_names(planted) == ["Path", "helper", "hookimpl"]
+    assert undefined_names("from pathlib import Path\nx = lambda p: Path(p)\nupload(x)\n") == []
+    misnamed = as_plugin("hooks/x.md", "from lora_run.hookspecs import hookimpl\n@hookimpl\ndef step_finishd(run):\n"
+                                       "    pass\n")
+    assert [b.name for b in load_plugins(extra=[misnamed]).broken] == ["hooks_x"]
