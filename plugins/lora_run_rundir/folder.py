@@ -514,9 +514,10 @@ class RunDir:
             claim_cache(Path(recipe.train.cache_dir))
         self.reserve()
         # `[output] dir` is this folder, whether `--output-dir` or the recipe named it and from whichever working folder:
-        # the recorded recipe, re-run (`--resume` too), finds it
+        # the run's recipe says where it runs, and the recorded one, re-run (`--resume` too), finds it
+        run.recipe = recipe = replace(recipe, output={"dir": str(self.path)})
         self.write_text(RECIPE, dump_recipe(
-            replace(recipe, output={"dir": str(self.path)}),
+            recipe,
             header=f"Resolved from {loaded.shown} by lora-run {__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
         before = self.read_manifest() if resume else {}
         manifest = manifest_base(run, before.get("model"))
