@@ -513,8 +513,8 @@ class RunDir:
 
             claim_cache(Path(recipe.train.cache_dir))
         self.reserve()
-        # `[output] dir` is this folder, whether `--output-dir` or the recipe named it and from whichever working folder:
-        # the run's recipe says where it runs, and the recorded one, re-run (`--resume` too), finds it
+        # `[output] dir` is this folder, whether `--output-dir` or the recipe named it, from any working folder: the
+        # run's recipe says where it runs, and the recorded one, re-run (`--resume` too), finds it
         run.recipe = recipe = replace(recipe, output={"dir": str(self.path)})
         self.write_text(RECIPE, dump_recipe(
             recipe,

@@ -311,7 +311,8 @@ def test_every_toml_block_of_a_page_is_a_recipe_that_parses():
     """backend-kohya.md's set-up block wrote `backend = "kohya"` above a `[backend.kohya]` table, which TOML refuses
     (getting-started.md says so): copied, it failed with "not valid TOML"."""
     pages = [REPO / "README.md", *DOCS.rglob("*.md")]
-    blocks = [(f"{p.relative_to(REPO)} block {i + 1}", b) for p in pages for i, b in enumerate(toml_blocks(p.read_text()))]
+    blocks = [(f"{p.relative_to(REPO)} block {i + 1}", b) for p in pages
+              for i, b in enumerate(toml_blocks(p.read_text("utf-8")))]
     assert len(blocks) >= 10
     assert [why for where, block in blocks for why in recipe_block_problems(where, block)] == []
     planted = {"shorthand": 'backend = "kohya"\n[backend.kohya]\nsd_scripts = "x"\n',
@@ -349,7 +350,8 @@ def test_the_demo_page_says_what_the_demo_does():
 # the backends' option tables: every option, and the defaults a cell writes as a plain value
 
 #: page, the text the table follows, the options class (module, name)
-OPTION_TABLES = [("native-backend.md", "Options live in `[backend.native]`", ("lora_run_native.backend", "NativeOptions")),
+OPTION_TABLES = [("native-backend.md", "Options live in `[backend.native]`",
+                  ("lora_run_native.backend", "NativeOptions")),
                  ("backend-kohya.md", "## `[backend.kohya]` options", ("lora_run_kohya", "KohyaOptions")),
                  ("backend-diffusion-pipe.md", "## Options: `[backend.diffusion-pipe]`",
                   ("lora_run_diffusion_pipe.options", "DiffusionPipeOptions"))]
@@ -365,7 +367,8 @@ def option_rows(text: str, after: str) -> dict[str, str]:
 
 
 def plain_default(cell: str) -> tuple[bool, object]:
-    """(True, value) where a default cell writes a plain value (`true`, 1, 1800, `{}`, unset, —), else (False, None)."""
+    """(True, value) where a default cell writes a plain value (`true`, 1, 1800, `{}`, unset, —), else (False,
+    None)."""
     word = cell.strip("`").split(" ")[0].strip("`:")
     if word in ("true", "false"):
         return True, word == "true"
@@ -468,7 +471,8 @@ def refused_command_lines(lines: list[str]) -> list[str]:
 def test_every_command_line_a_page_shows_is_accepted(capsys):
     """Pages wrote `lora-run --gpus N`, which the command line reads as the command "N" (the option belongs to `run`:
     `lora-run RECIPE --gpus N`). The GPU record pages (performance, gpu-acceptance) keep the commands as run."""
-    pages = [REPO / "README.md", *(p for p in DOCS.rglob("*.md") if p.name not in ("performance.md", "gpu-acceptance.md"))]
+    records = ("performance.md", "gpu-acceptance.md")
+    pages = [REPO / "README.md", *(p for p in DOCS.rglob("*.md") if p.name not in records)]
     lines = [line for page in pages for line in command_lines(page.read_text("utf-8"))]
     assert len(lines) > 100 and "lora-run recipes flux/identity-fast > my-recipe.toml   # copy one to start your own" \
         in lines and not any("package versions" in line for line in lines)     # a closing fence opens no block
