@@ -24,7 +24,8 @@ from lora_run_rundir import atomic_write_text
 from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 TRIGGER = "ohwx"
-REG_IMAGES = 20     # the playbook's 20–50 (§6): the demo's lint shows no warning of its own making
+SUBJECT_IMAGES = 12     # drawings of the "ohwx" character
+REG_IMAGES = 20         # the playbook's 20–50 (§6): the demo's lint shows no warning of its own making
 SHIPPED = Path("demo") / "tiny-flux.toml"
 BACKGROUNDS = [(70, 110, 200), (230, 220, 160), (120, 180, 120), (200, 120, 160), (90, 90, 90), (240, 240, 240)]
 PLACES = ["on a blue background", "on a sandy background", "in a green field", "on a pink wall",
@@ -69,7 +70,7 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
     subject, reg = folder / "subject", folder / "reg"
     rng = random.Random(seed)
     sizes = [(96, 96), (96, 80), (80, 96), (96, 96), (112, 96), (96, 112)]
-    for i in range(12):
+    for i in range(SUBJECT_IMAGES):
         bg = i % len(BACKGROUNDS)
         img = _face(sizes[i % len(sizes)], rng, (90, 200, 90), (210, 40, 40), BACKGROUNDS[bg])
         subject.mkdir(parents=True, exist_ok=True)

@@ -513,9 +513,11 @@ class RunDir:
 
             claim_cache(Path(recipe.train.cache_dir))
         self.reserve()
-        earlier_dir = _recorded_output_dir(self.file(RECIPE)) if resume else None
+        # `[output] dir` is this folder, whether `--output-dir` or the recipe named it, from any working folder: the
+        # run's recipe says where it runs, and the recorded one, re-run (`--resume` too), finds it
+        run.recipe = recipe = replace(recipe, output={"dir": str(self.path)})
         self.write_text(RECIPE, dump_recipe(
-            replace(recipe, output={"dir": earlier_dir}) if earlier_dir else recipe,
+            recipe,
             header=f"Resolved from {loaded.shown} by lora-run {__version__}.\nRe-run with: lora-run {self.path / RECIPE}"))
         before = self.read_manifest() if resume else {}
         manifest = manifest_base(run, before.get("model"))
@@ -596,20 +598,6 @@ class RunDir:
         except (OSError, LoraRunError) as exc:
             echo(f"warning: could not record the final status \"{status}\" in {self.file(MANIFEST)}: {exc}")
         self.log(f"run {status}")
-
-
-def _recorded_output_dir(recipe_file: Path) -> str | None:
-    """The `[output] dir` a run folder's resolved recipe records, or None. A resume keeps it: `--output-dir` named
-    the folder, and the recipe's own value, relative to the working folder, may resolve elsewhere from another one
-    (the recorded recipe, re-run, must still find this folder)."""
-    from lora_run.files import RECIPE_LIMIT
-    from lora_run.recipe import tomllib
-
-    try:
-        value = tomllib.loads(read_limited(recipe_file, "recipe", RECIPE_LIMIT).decode("utf-8"))["output"]["dir"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError, FileProblem):
-        return None
-    return value if isinstance(value, str) and value.strip() else None
 
 
 def manifest_base(run: Any, earlier_model: Any = None) -> dict[str, Any]:

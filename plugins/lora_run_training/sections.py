@@ -101,7 +101,7 @@ class TrainSection:
     gradient_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1, le=1024)
     gpus: int = option(1, "Data-parallel processes on this machine (one per GPU). The global batch is batch_size "
                        "× gpus × gradient_accumulation; `steps` count optimizer steps at that batch. `lora-run "
-                       "--gpus N` overrides it; under `torchrun` / `accelerate launch` the launcher's process count "
+                       "RECIPE --gpus N` overrides it; under `torchrun` / `accelerate launch` the launcher's process count "
                        "is used. Without CUDA, N > 1 runs N CPU processes (gloo; for testing).", ge=1, le=64,
                        features=(Feature("multi_gpu", "data-parallel training on several GPUs",
                                          lambda n, _: n > 1),))

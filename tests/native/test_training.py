@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +112,7 @@ class Order:
     def step_finished(self, step, metrics):
         self.events.append(f"F{step}")
         self.lrs.append(metrics["lr"])
+        self.metrics = metrics
 
 
 def test_a_steps_loss_is_read_once_the_next_step_is_queued_except_where_it_writes(flux_recipe, tmp_path):
@@ -132,6 +135,12 @@ def test_a_steps_loss_is_read_once_the_next_step_is_queued_except_where_it_write
     expected = [1e-3 * n / 4 for n in (1, 2, 3, 4)] + [1e-3 * (6 - n) / 2 for n in (5, 6)]
     assert order.lrs == pytest.approx(expected, rel=1e-6), order.lrs
     assert ctx.artifacts["steps"] == 6 and len(ctx.artifacts["timing"]["step_s_between_rounds"]) >= 1
+    # the metrics are those docs/hooks/step_finished.md names (it named `mem_gib`, on CUDA only; the key is
+    # `memory_gib`, on every device)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "hooks" / "step_finished.md").read_text("utf-8")
+    documented = set(re.findall(r"`(\w+)`", page.split("the native backend adds", 1)[1].split(". ", 1)[0]))
+    assert set(order.metrics) == documented | {"loss"}, (sorted(order.metrics), sorted(documented))
+    assert order.metrics["memory_gib"] > 0 and order.metrics["epoch"] >= 0
 
 
 class InterruptAt:

@@ -486,11 +486,13 @@ def test_a_resume_shorter_than_its_newest_checkpoint_is_refused(base_run, tmp_pa
 def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, capsys, monkeypatch, figures):
     """The recipe's `[output] dir` (the default `runs/{name}`) resolves against the working folder; resumed from
     another one with `--output-dir` naming the run folder, the resume was refused as "the recipe changed at
-    [output.dir]". The folder resumed is the one named; the run folder's recipe keeps the `[output] dir` it
-    recorded, so re-running it still finds that folder."""
+    [output.dir]". The folder resumed is the one named. The run folder's recipe records the folder itself as its
+    `[output] dir`, so re-running it finds that folder: it recorded the recipe's `runs/{name}` when `--output-dir`
+    named the folder, and `lora-run RUN/recipe.toml --resume` (the "Re-run with" its header prints) looked there."""
     recipe, run, _ = _copy(base_run, tmp_path)
-    recorded = [line for line in (run / "recipe.toml").read_text("utf-8").splitlines() if line.startswith("dir = ")]
-    assert recorded and str(tmp_path) not in recorded[0]
+    def recorded() -> list[str]:
+        return [line for line in (run / "recipe.toml").read_text("utf-8").splitlines() if line.startswith("dir = ")]
+    assert recorded() == [f'dir = "{base_run / "run"}"']       # the base run's own folder (--output-dir named it)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -499,8 +501,14 @@ def test_a_run_folder_resumes_from_another_working_folder(base_run, tmp_path, ca
     assert code == 0, out.err[-2000:]
     assert "[output.dir]" not in out.err and "step-000004 (step 4 of 8)" in out.out + out.err
     assert _status(run) == "completed" and not any(elsewhere.iterdir()), "nothing is written where it was run from"
-    assert [line for line in (run / "recipe.toml").read_text("utf-8").splitlines()
-            if line.startswith("dir = ")] == recorded
+    assert recorded() == [f'dir = "{run}"']                    # the folder it is in now (a copy)
+    # the recorded recipe, re-run from anywhere, trains on in its own folder
+    code = main([str(run / "recipe.toml"), "--resume", "--set", "train.steps=9"])
+    out = capsys.readouterr()
+    assert code == 0 and "resumed from" in out.out + out.err, (out.out + out.err)[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["invocations"][-1]["steps"][1] == 9
+    assert not any(elsewhere.iterdir())
     # a changed recipe is still refused from there, naming the key
     code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=10", "--set", "lora.rank=8"])
     assert code == 2 and "[lora.rank]" in capsys.readouterr().err
