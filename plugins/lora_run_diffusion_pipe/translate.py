@@ -19,6 +19,8 @@ from lora_run.schema import Recipe
 from .options import DiffusionPipeOptions
 
 MODEL_TYPE = {"flux.1-dev": "flux", "hunyuan-image-2.1": "hunyuan_image"}
+#: the model's `pixels_round_to_multiple` (models/base.py 16, models/hunyuan_image.py 32)
+PIXEL_MULTIPLE = {"flux.1-dev": 16, "hunyuan-image-2.1": 32}
 DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "no": "float32"}
 OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
 #: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
@@ -122,6 +124,17 @@ def bucket_of(ratios: list[float], width: int, height: int) -> int:
     log_ar = math.log(width / height)
     diffs = [abs(log_ar - math.log(r)) for r in ratios]
     return diffs.index(min(diffs))
+
+
+def size_of(recipe: Recipe, width: int, height: int) -> tuple[int, int]:
+    """The size diffusion-pipe trains a `width` × `height` image at: its aspect bucket (`bucket_of`) at the area
+    resolution², each side rounded to the nearest multiple of the model's pixel grid (utils/dataset.py
+    `ARBucketDataset.cache_latents`); the image is scaled to cover it (up or down) and centre-cropped."""
+    ratios = aspect_ratios(recipe)
+    ratio = ratios[bucket_of(ratios, width, height)]
+    area, multiple = recipe.dataset.resolution ** 2, PIXEL_MULTIPLE[recipe.model.family]
+    w = math.sqrt(area * ratio)
+    return int(round(w / multiple) * multiple), int(round(area / w / multiple) * multiple)
 
 
 def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int,
@@ -400,8 +413,8 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         "blocks (targets = \"all-linear\"); the adapter trains in float32 and is saved as "
         f"{DTYPE[r.output.save_precision]}",
         f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
-        f"the area of {r.dataset.resolution}² (rounded to its grid); images below bucket_min were left out by the "
-        "dataset lint, because diffusion-pipe itself would upscale them",
+        f"the area of {r.dataset.resolution}² (rounded to its grid) and every image to cover its bucket, up or down "
+        "(images below bucket_min are left out by the dataset lint)",
         f"[train] seed = {t.seed} is not used: diffusion-pipe has no seed setting",
     ]
     if t.steps is not None:

@@ -348,3 +348,20 @@ def test_fp16_is_noted_as_unscaled(dp_recipe, tmp_path):
     assert config["model"]["dtype"] == "float16"
     assert any("without loss scaling" in n for n in plan.notes), plan.notes
     assert not any("loss scaling" in n for n in plan_of(dp_recipe(), tmp_path / "bf16").notes)
+
+
+def test_the_plan_names_the_images_diffusion_pipe_scales_up(dp_recipe, tmp_path):
+    """diffusion-pipe trains every image at its aspect bucket's size at the area resolution² (utils/dataset.py), up
+    where the image is smaller; the native backend never upscales. The fixture's 320×288 photos go to the square
+    bucket, 512×512 at resolution 512, and are named; photos larger than every bucket are not."""
+    from lora_run_devtools.testing import make_images
+
+    plan = plan_of(dp_recipe(), tmp_path)
+    note = [n for n in plan.notes if "scaled up" in n]
+    assert translate.size_of(load_recipe(dp_recipe(name="again.toml")).recipe, 320, 288) == (512, 512)
+    assert len(note) == 1 and note[0].startswith("4 image(s) are smaller than the bucket diffusion-pipe puts them in")
+    assert "img000.png (320×288 → 512×512)" in note[0] and "and 1 more" in note[0]
+    large = tmp_path / "large"
+    make_images(large, count=2, size=(1024, 1024))
+    plan = plan_of(dp_recipe(name="large.toml"), tmp_path, f'dataset.path="{large}"')
+    assert not [n for n in plan.notes if "scaled up" in n]
