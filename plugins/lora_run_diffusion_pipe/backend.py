@@ -361,8 +361,10 @@ class DiffusionPipeBackend:
         self._check_disk_space(layout)
         commit, dirty = engines.git_state(checkout)
         tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
-                "key_data_commit": keydata.SOURCE_COMMIT}
-        ctx.run_dir.update_manifest(external_tools={NAME: tool})
+                "key_data_commit": keydata.SOURCE_COMMIT, "seed": translate.UNSEEDED.format(seed=recipe.train.seed)}
+        # no seed: diffusion-pipe's training draws (LoRA init, noise, timesteps) are not seeded, so the recipe's seed
+        # would be a reproducibility record of something that did not happen (playbook §10)
+        ctx.run_dir.update_manifest(seed=None, external_tools={NAME: tool})
         if commit is not None and commit != keydata.SOURCE_COMMIT:
             ctx.echo(f"note: diffusion-pipe checkout is at {commit[:12]}{' (modified)' if dirty else ''}; this "
                      f"backend's key data was read at {keydata.SOURCE_COMMIT[:12]}")

@@ -29,6 +29,9 @@ MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
 #: HunyuanImage-2.1 embedding + 20 double + concatenation + 40 single + output
 PIPELINE_LAYERS = {"flux.1-dev": 59, "hunyuan-image-2.1": 63}
 DEFAULT_CHECKPOINT_MINUTES = 30
+#: diffusion-pipe (8f83dbf) seeds only its evaluation (by rank); training draws come from an unseeded generator
+UNSEEDED = ("[train] seed = {seed} is not used: diffusion-pipe has no seed setting and does not seed its training "
+            "(LoRA init, noise and timesteps differ from run to run)")
 #: the kohya copy of a FLUX.1 save against diffusion-pipe's diffusers file, bytes (at most 1.5: see disk_writes)
 KOHYA_COPY_FACTOR = 2
 OPTIONS_KEY = ("backend", "options", "diffusion-pipe")
@@ -415,7 +418,7 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
         f"the area of {r.dataset.resolution}² (rounded to its grid) and every image to cover its bucket, up or down "
         "(images below bucket_min are left out by the dataset lint)",
-        f"[train] seed = {t.seed} is not used: diffusion-pipe has no seed setting",
+        UNSEEDED.format(seed=t.seed),
     ]
     if t.steps is not None:
         out.append(f"max_steps = {t.steps} ends the run; epochs = {t.steps} is only an upper bound")
