@@ -134,10 +134,31 @@ def size_of(recipe: Recipe, width: int, height: int) -> tuple[int, int]:
     resolution², each side rounded to the nearest multiple of the model's pixel grid (utils/dataset.py
     `ARBucketDataset.cache_latents`); the image is scaled to cover it (up or down) and centre-cropped."""
     ratios = aspect_ratios(recipe)
-    ratio = ratios[bucket_of(ratios, width, height)]
+    return size_at(recipe, ratios[bucket_of(ratios, width, height)])
+
+
+def size_at(recipe: Recipe, ratio: float) -> tuple[int, int]:
+    """diffusion-pipe's training size for an aspect bucket of ``ratio``: the area resolution², each side rounded to
+    the nearest multiple of the model's pixel grid. It keeps the area, so the extreme aspect buckets of our grid
+    (whose area is smaller) come out with a long side past dataset.bucket_max."""
     area, multiple = recipe.dataset.resolution ** 2, PIXEL_MULTIPLE[recipe.model.family]
     w = math.sqrt(area * ratio)
     return int(round(w / multiple) * multiple), int(round(area / w / multiple) * multiple)
+
+
+def bucket_note(recipe: Recipe) -> str:
+    """The plan's note on the aspect buckets: how many, the sizes diffusion-pipe trains them at, and the sides past
+    dataset.bucket_min / bucket_max (diffusion-pipe has no side limits, only the area)."""
+    d = recipe.dataset
+    sizes = [size_at(recipe, ratio) for ratio in aspect_ratios(recipe)]
+    sides = [side for size in sizes for side in size]
+    past = [f"{w}×{h}" for w, h in sizes if not (d.bucket_min <= w <= d.bucket_max and d.bucket_min <= h <= d.bucket_max)]
+    return (f"aspect buckets: {len(sizes)} from dataset.bucket_min/max/step; diffusion-pipe trains each at the area of "
+            f"{d.resolution}² (sides {min(sides)} to {max(sides)}, rounded to its {PIXEL_MULTIPLE[recipe.model.family]}"
+            "-pixel grid) and scales every image to cover its bucket, up or down (images below bucket_min are left out "
+            "by the dataset lint)"
+            + (f"; {', '.join(past)} go past bucket_min/bucket_max = {d.bucket_min}/{d.bucket_max}, which diffusion-pipe "
+               "cannot bound (it keeps the area): narrow them to keep every side inside" if past else ""))
 
 
 def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int,
@@ -415,9 +436,7 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         f"LoRA alpha = rank = {r.lora.rank} (diffusion-pipe forces it), on every Linear of the transformer "
         "blocks (targets = \"all-linear\"); the adapter trains in float32 and is saved as "
         f"{DTYPE[r.output.save_precision]}",
-        f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
-        f"the area of {r.dataset.resolution}² (rounded to its grid) and every image to cover its bucket, up or down "
-        "(images below bucket_min are left out by the dataset lint)",
+        bucket_note(r),
         UNSEEDED.format(seed=t.seed),
     ]
     if t.steps is not None:
