@@ -179,6 +179,8 @@ class KohyaBackend:
                 other = next(o for o in OVERRIDES[key] if any(o in t for n, t in tr.config.items() if n != "extra"))
                 out.append((where, f"would override or conflict with `{other}`, which lora-run sets from the recipe "
                             "(sd-scripts does not warn); set it through the recipe"))
+            elif key in DATASET_OVERRIDES:
+                out.append((where, DATASET_OVERRIDES[key]))
             elif key in IGNORED_OPTIONS:
                 out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
                             f"recipe key"))
@@ -640,6 +642,11 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
 #: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
 IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: sd-scripts options that make it ignore values the generated dataset file sets from the recipe
+DATASET_OVERRIDES = {"bucket_no_upscale": "makes sd-scripts ignore min_bucket_reso and max_bucket_reso (lora-run's "
+                                          "dataset.bucket_min / bucket_max) and size each image's bucket from the "
+                                          "image, so a wide image trains past bucket_max; the buckets come from the "
+                                          "recipe's [dataset] keys"}
 #: sd-scripts options whose value the dataset file gives under another name (`config_util`'s
 #: ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME; `caption_extention`, the old spelling, becomes `caption_extension`)
 DATASET_NAMES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats",
