@@ -152,13 +152,14 @@ def bucket_note(recipe: Recipe) -> str:
     d = recipe.dataset
     sizes = [size_at(recipe, ratio) for ratio in aspect_ratios(recipe)]
     sides = [side for size in sizes for side in size]
-    past = [f"{w}×{h}" for w, h in sizes if not (d.bucket_min <= w <= d.bucket_max and d.bucket_min <= h <= d.bucket_max)]
-    return (f"aspect buckets: {len(sizes)} from dataset.bucket_min/max/step; diffusion-pipe trains each at the area of "
-            f"{d.resolution}² (sides {min(sides)} to {max(sides)}, rounded to its {PIXEL_MULTIPLE[recipe.model.family]}"
-            "-pixel grid) and scales every image to cover its bucket, up or down (images below bucket_min are left out "
-            "by the dataset lint)"
-            + (f"; {', '.join(past)} go past bucket_min/bucket_max = {d.bucket_min}/{d.bucket_max}, which diffusion-pipe "
-               "cannot bound (it keeps the area): narrow them to keep every side inside" if past else ""))
+    past = [f"{w}×{h}" for w, h in sizes if not all(d.bucket_min <= side <= d.bucket_max for side in (w, h))]
+    grid = PIXEL_MULTIPLE[recipe.model.family]
+    return (f"aspect buckets: {len(sizes)} from dataset.bucket_min/max/step; diffusion-pipe trains each at the area "
+            f"of {d.resolution}² (sides {min(sides)} to {max(sides)}, rounded to its {grid}-pixel grid) and scales "
+            "every image to cover its bucket, up or down (images below bucket_min are left out by the dataset lint)"
+            + (f"; {', '.join(past)} go past bucket_min/bucket_max = {d.bucket_min}/{d.bucket_max}, which "
+               "diffusion-pipe cannot bound (it keeps the area): narrow them to keep every side inside"
+               if past else ""))
 
 
 def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int,

@@ -367,7 +367,7 @@ def test_the_plan_names_the_images_diffusion_pipe_scales_up(dp_recipe, tmp_path)
     assert not [n for n in plan.notes if "scaled up" in n]
 
 
-def test_the_bucket_note_gives_the_sizes_diffusion_pipe_trains_and_the_sides_past_the_recipes_bounds(dp_recipe, tmp_path):
+def test_the_bucket_note_gives_the_sizes_diffusion_pipe_trains_and_the_sides_past_bucket_max(dp_recipe, tmp_path):
     """diffusion-pipe keeps each aspect bucket's area at resolution² and has no side limits: at buckets 256–768 the 1:3
     bucket (256×768 in our grid) trains at 288×880, past bucket_max; the note names it. Control: at 384–704 every
     bucket stays inside, and the note says nothing of it."""

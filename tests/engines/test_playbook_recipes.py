@@ -163,8 +163,8 @@ needs_tools = pytest.mark.skipif(not TOOLS.is_dir(), reason="shared tools-data n
 
 
 @needs_tools
-@pytest.mark.parametrize("recipe, wanted, buckets", [(FAST, FAST_KOHYA, FAST_BUCKETS), (HIFI, HIFI_KOHYA, HIFI_BUCKETS)],
-                         ids=["fast", "hifi"])
+@pytest.mark.parametrize("recipe, wanted, buckets",
+                         [(FAST, FAST_KOHYA, FAST_BUCKETS), (HIFI, HIFI_KOHYA, HIFI_BUCKETS)], ids=["fast", "hifi"])
 def test_the_profile_through_kohya_is_the_playbooks_sd_scripts_run(recipe, wanted, buckets, data, plugins, tmp_path):
     sets = recipe_sets(data, recipe, "kohya")
     assert refused_keys(recipe, sets, plugins) == KOHYA_REFUSED[recipe]
@@ -209,8 +209,8 @@ DPIPE_REMEDIES = {FAST: (("optimizer.name=\"adamw\"",), ("sample.every_steps", "
                          ("sample.every_steps", "train.noise_offset", "train.loss_options"))}
 FAST_DPIPE = {"max_steps": 1500, "lr_scheduler": "constant", "warmup_steps": 100, "activation_checkpointing": True,
               "gradient_clipping": 1.0, "model.type": "flux", "model.dtype": "bfloat16",
-              "model.transformer_dtype": "float8", "model.guidance": 1.0, "model.timestep_sample_method": "logit_normal",
-              "model.sigmoid_scale": 1.0, "adapter.type": "lora", "adapter.rank": 32, "optimizer.lr": 1e-4,
+              "model.transformer_dtype": "float8", "model.guidance": 1.0,
+              "model.timestep_sample_method": "logit_normal", "model.sigmoid_scale": 1.0, "adapter.type": "lora", "adapter.rank": 32, "optimizer.lr": 1e-4,
               "save_dtype": "bfloat16"}
 HIFI_DPIPE = {**FAST_DPIPE, "max_steps": 2500, "warmup_steps": 500, "adapter.rank": 64, "adapter.dropout": 0.1}
 DPIPE_ABSENT = ("adapter.alpha", "model.shift", "model.flux_shift", "huber_delta", "pseudo_huber_c")
@@ -246,8 +246,8 @@ def dpipe_unknown(config: dict, dataset: dict) -> list[str]:
 
 
 @needs_tools
-@pytest.mark.parametrize("recipe, wanted, res", [(FAST, FAST_DPIPE, (512, 256, 768)), (HIFI, HIFI_DPIPE, (768, 384, 1024))],
-                         ids=["fast", "hifi"])
+@pytest.mark.parametrize("recipe, wanted, res",
+                         [(FAST, FAST_DPIPE, (512, 256, 768)), (HIFI, HIFI_DPIPE, (768, 384, 1024))], ids=["fast", "hifi"])
 def test_the_profile_through_diffusion_pipe_says_what_the_recipe_says(recipe, wanted, res, data, plugins, tmp_path,
                                                                      tiny_flux):
     sets = recipe_sets(data, recipe, "diffusion-pipe", f'model.source="{tiny_flux}"')
