@@ -139,10 +139,20 @@ KOHYA_REFUSED = {FAST: {"train.noise_offset"}, HIFI: {"train.noise_offset", "lor
 
 
 def sd_scripts_options(script: str) -> set[str]:
+    """The options of an sd-scripts trainer: shared/tools-data's list, or without it lora-run's copy (equal to it:
+    tests/kohya/test_spec.py)."""
+    if not TOOLS.is_dir():
+        from lora_run_kohya import spec
+
+        return set(spec.options(f"{script}.py"))
     return {o["dest"] for o in json.loads((TOOLS / "sd-scripts" / f"{script}_args.json").read_text("utf-8"))}
 
 
 def sd_scripts_dataset_keys() -> dict[str, set[str]]:
+    if not TOOLS.is_dir():
+        from lora_run_kohya import spec
+
+        return {k: set(spec.load()["dataset"][k]) for k in ("general", "datasets", "subsets")}
     schema = json.loads((TOOLS / "sd-scripts" / "dataset_config_keys.json").read_text("utf-8"))["default"]
     return {"general": set(schema["general"]), "datasets": set(schema["datasets_dreambooth"]),
             "subsets": set(schema["subsets_dreambooth"])}
@@ -159,10 +169,6 @@ def kohya_unknown(config: dict, dataset: dict) -> list[str]:
     return out
 
 
-needs_tools = pytest.mark.skipif(not TOOLS.is_dir(), reason="shared tools-data not present")
-
-
-@needs_tools
 @pytest.mark.parametrize("recipe, wanted, buckets",
                          [(FAST, FAST_KOHYA, FAST_BUCKETS), (HIFI, HIFI_KOHYA, HIFI_BUCKETS)], ids=["fast", "hifi"])
 def test_the_profile_through_kohya_is_the_playbooks_sd_scripts_run(recipe, wanted, buckets, data, plugins, tmp_path):
@@ -182,9 +188,9 @@ def test_the_profile_through_kohya_is_the_playbooks_sd_scripts_run(recipe, wante
     assert [s["is_reg"] for s in subsets] == ([False, True] if recipe == HIFI else [False])
     assert len({s["image_dir"] for s in subsets}) == len(subsets)       # the priors in a subset of their own
     assert kohya_unknown(config, dataset) == []
-    # the FLUX options are the FLUX trainer's: the playbook's train_network.py has none of them
-    assert {"guidance_scale", "model_prediction_type", "clip_l", "t5xxl", "ae"} - sd_scripts_options("train_network") \
-        == {"guidance_scale", "model_prediction_type", "clip_l", "t5xxl", "ae"}
+    if TOOLS.is_dir():    # the FLUX options are the FLUX trainer's: the playbook's train_network.py has none of them
+        flux_only = {"guidance_scale", "model_prediction_type", "clip_l", "t5xxl", "ae"}
+        assert flux_only - sd_scripts_options("train_network") == flux_only
 
     # planted mistakes: every value, a key that must be absent, Adafactor's relative step, unknown keys
     for key, value in wanted.items():
@@ -229,7 +235,10 @@ def dotted(config: dict) -> dict:
 
 def dpipe_unknown(config: dict, dataset: dict) -> list[str]:
     """Keys of the generated files diffusion-pipe does not read (shared/tools-data/diffusion-pipe/config_keys.json:
-    a key noted as not read or forbidden counts as unknown)."""
+    a key noted as not read or forbidden counts as unknown; without it, lora-run's copy, equal to it:
+    tests/diffusion_pipe/test_translate.py)."""
+    if not TOOLS.is_dir():
+        return list(dict.fromkeys(p.split(":")[0] for p in keydata_problems(config, dataset)))
     data = json.loads((TOOLS / "diffusion-pipe" / "config_keys.json").read_text("utf-8"))
 
     def read(table: dict) -> set[str]:
@@ -245,7 +254,14 @@ def dpipe_unknown(config: dict, dataset: dict) -> list[str]:
     return out
 
 
-@needs_tools
+def keydata_problems(config: dict, dataset: dict) -> list[str]:
+    """lora-run's own key check (keydata), as `key: why` lines, for the unknown-key comparison without tools-data."""
+    from lora_run_diffusion_pipe import keydata
+
+    return [p for p in keydata.config_problems(config) + keydata.dataset_problems(dataset)
+            if "not a key" in p or "ignores" in p or "refuses" in p]
+
+
 @pytest.mark.parametrize("recipe, wanted, res",
                          [(FAST, FAST_DPIPE, (512, 256, 768)), (HIFI, HIFI_DPIPE, (768, 384, 1024))], ids=["fast", "hifi"])
 def test_the_profile_through_diffusion_pipe_says_what_the_recipe_says(recipe, wanted, res, data, plugins, tmp_path,
