@@ -17,6 +17,7 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 from lora_run_engines import tomlfile
+from lora_run_engines.stage import staged_size, upscale_note
 from lora_run_formats.model_files import folder_problems, weights_problem
 
 from . import collect, keydata, translate
@@ -62,20 +63,6 @@ class Progress:
                 left = (self.total - step) * metrics["s_per_it"]
                 parts.append(f"ETA {_duration(left)}")
         self.echo("diffusion-pipe: " + "  ".join(parts))
-
-
-def _staged_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of an image as diffusion-pipe sees it once staged: the header's size, sides swapped for an EXIF
-    orientation of 5 to 8 (the lint stages such images rotated); None when unreadable."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - an unreadable image is the lint's to report
-        return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _duration(seconds: float) -> str:
@@ -161,7 +148,7 @@ class DiffusionPipeBackend:
             counts = [0] * len(ratios)
             measured = False
             for item in self._items():
-                size = _staged_size(item.image)
+                size = staged_size(item.image)
                 if size is not None and size[0] > 0 and size[1] > 0:
                     counts[translate.bucket_of(ratios, *size)] += max(1, getattr(item, "repeats", 1))
                     measured = True
@@ -283,7 +270,11 @@ class DiffusionPipeBackend:
             notes=[f"runs in {checkout or '<the diffusion-pipe checkout: [backend.diffusion-pipe] path or $' + ENV_PATH + '>'}"
                    + (f" with {' '.join(f'{k}={v}' for k, v in sorted(env.items()))}" if env else ""),
                    *translate.notes(self.recipe, self.options, layout, examples, self._set_counts(),
-                                     self._buckets())],
+                                     self._buckets()),
+                   *filter(None, [upscale_note("diffusion-pipe", self._items(),
+                                               lambda w, h: translate.size_of(self.recipe, w, h),
+                                               self.recipe.dataset.bucket_min,
+                                               f"its aspect bucket at the area of {self.recipe.dataset.resolution}²")])],
             details={"cwd": str(checkout) if checkout else None, "env": env,
                      "model_type": translate.MODEL_TYPE[self.family], "examples": examples,
                      "key_data_commit": keydata.SOURCE_COMMIT},
@@ -370,8 +361,10 @@ class DiffusionPipeBackend:
         self._check_disk_space(layout)
         commit, dirty = engines.git_state(checkout)
         tool = {"path": str(checkout), "commit": commit, "dirty": dirty, "launcher": str(launcher),
-                "key_data_commit": keydata.SOURCE_COMMIT}
-        ctx.run_dir.update_manifest(external_tools={NAME: tool})
+                "key_data_commit": keydata.SOURCE_COMMIT, "seed": translate.UNSEEDED.format(seed=recipe.train.seed)}
+        # no seed: diffusion-pipe's training draws (LoRA init, noise, timesteps) are not seeded, so the recipe's seed
+        # would be a reproducibility record of something that did not happen (playbook §10)
+        ctx.run_dir.update_manifest(seed=None, external_tools={NAME: tool})
         if commit is not None and commit != keydata.SOURCE_COMMIT:
             ctx.echo(f"note: diffusion-pipe checkout is at {commit[:12]}{' (modified)' if dirty else ''}; this "
                      f"backend's key data was read at {keydata.SOURCE_COMMIT[:12]}")

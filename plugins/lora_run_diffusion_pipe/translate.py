@@ -19,6 +19,8 @@ from lora_run.schema import Recipe
 from .options import DiffusionPipeOptions
 
 MODEL_TYPE = {"flux.1-dev": "flux", "hunyuan-image-2.1": "hunyuan_image"}
+#: the model's `pixels_round_to_multiple` (models/base.py 16, models/hunyuan_image.py 32)
+PIXEL_MULTIPLE = {"flux.1-dev": 16, "hunyuan-image-2.1": 32}
 DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "no": "float32"}
 OPTIMIZER = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "Prodigy"}
 #: blocks_to_swap n swaps n//2 double and (n - n//2)·2 + 1 single blocks; at most (blocks - 2) of each.
@@ -27,6 +29,9 @@ MAX_BLOCKS_TO_SWAP = {"flux.1-dev": 34, "hunyuan-image-2.1": 36}
 #: HunyuanImage-2.1 embedding + 20 double + concatenation + 40 single + output
 PIPELINE_LAYERS = {"flux.1-dev": 59, "hunyuan-image-2.1": 63}
 DEFAULT_CHECKPOINT_MINUTES = 30
+#: diffusion-pipe (8f83dbf) seeds only its evaluation (by rank); training draws come from an unseeded generator
+UNSEEDED = ("[train] seed = {seed} is not used: diffusion-pipe has no seed setting and does not seed its training "
+            "(LoRA init, noise and timesteps differ from run to run)")
 #: the kohya copy of a FLUX.1 save against diffusion-pipe's diffusers file, bytes (at most 1.5: see disk_writes)
 KOHYA_COPY_FACTOR = 2
 OPTIONS_KEY = ("backend", "options", "diffusion-pipe")
@@ -122,6 +127,39 @@ def bucket_of(ratios: list[float], width: int, height: int) -> int:
     log_ar = math.log(width / height)
     diffs = [abs(log_ar - math.log(r)) for r in ratios]
     return diffs.index(min(diffs))
+
+
+def size_of(recipe: Recipe, width: int, height: int) -> tuple[int, int]:
+    """The size diffusion-pipe trains a `width` × `height` image at: its aspect bucket (`bucket_of`) at the area
+    resolution², each side rounded to the nearest multiple of the model's pixel grid (utils/dataset.py
+    `ARBucketDataset.cache_latents`); the image is scaled to cover it (up or down) and centre-cropped."""
+    ratios = aspect_ratios(recipe)
+    return size_at(recipe, ratios[bucket_of(ratios, width, height)])
+
+
+def size_at(recipe: Recipe, ratio: float) -> tuple[int, int]:
+    """diffusion-pipe's training size for an aspect bucket of ``ratio``: the area resolution², each side rounded to
+    the nearest multiple of the model's pixel grid. It keeps the area, so the extreme aspect buckets of our grid
+    (whose area is smaller) come out with a long side past dataset.bucket_max."""
+    area, multiple = recipe.dataset.resolution ** 2, PIXEL_MULTIPLE[recipe.model.family]
+    w = math.sqrt(area * ratio)
+    return int(round(w / multiple) * multiple), int(round(area / w / multiple) * multiple)
+
+
+def bucket_note(recipe: Recipe) -> str:
+    """The plan's note on the aspect buckets: how many, the sizes diffusion-pipe trains them at, and the sides past
+    dataset.bucket_min / bucket_max (diffusion-pipe has no side limits, only the area)."""
+    d = recipe.dataset
+    sizes = [size_at(recipe, ratio) for ratio in aspect_ratios(recipe)]
+    sides = [side for size in sizes for side in size]
+    past = [f"{w}×{h}" for w, h in sizes if not all(d.bucket_min <= side <= d.bucket_max for side in (w, h))]
+    grid = PIXEL_MULTIPLE[recipe.model.family]
+    return (f"aspect buckets: {len(sizes)} from dataset.bucket_min/max/step; diffusion-pipe trains each at the area "
+            f"of {d.resolution}² (sides {min(sides)} to {max(sides)}, rounded to its {grid}-pixel grid) and scales "
+            "every image to cover its bucket, up or down (images below bucket_min are left out by the dataset lint)"
+            + (f"; {', '.join(past)} go past bucket_min/bucket_max = {d.bucket_min}/{d.bucket_max}, which "
+               "diffusion-pipe cannot bound (it keeps the area): narrow them to keep every side inside"
+               if past else ""))
 
 
 def steps_per_epoch(recipe: Recipe, options: DiffusionPipeOptions, examples: int,
@@ -399,10 +437,8 @@ def notes(recipe: Recipe, options: DiffusionPipeOptions, layout: Layout, example
         f"LoRA alpha = rank = {r.lora.rank} (diffusion-pipe forces it), on every Linear of the transformer "
         "blocks (targets = \"all-linear\"); the adapter trains in float32 and is saved as "
         f"{DTYPE[r.output.save_precision]}",
-        f"aspect buckets: {len(bucket_sizes(r))} from dataset.bucket_min/max/step; diffusion-pipe scales each to "
-        f"the area of {r.dataset.resolution}² (rounded to its grid); images below bucket_min were left out by the "
-        "dataset lint, because diffusion-pipe itself would upscale them",
-        f"[train] seed = {t.seed} is not used: diffusion-pipe has no seed setting",
+        bucket_note(r),
+        UNSEEDED.format(seed=t.seed),
     ]
     if t.steps is not None:
         out.append(f"max_steps = {t.steps} ends the run; epochs = {t.steps} is only an upper bound")

@@ -28,7 +28,9 @@ What both engine backends stage, and how, is one implementation here:
   passed on to the engine) until the engine is done; with the backend's ``remove_old_staging`` a run removes the
   folders beside its own that hold the marker with its key, are older, and no run holds;
 - :func:`linted` — the run's linted items, or for ``lora-run plan`` (no lint yet) the lint run here, so the plan
-  names the folder the run stages.
+  names the folder the run stages;
+- :func:`staged_size` / :func:`upscale_note` — an image's size as the engine sees it once staged, and the plan's note
+  naming the images an engine scales up to its bucket (lora-run's own data pipeline never does).
 """
 from __future__ import annotations
 
@@ -131,6 +133,44 @@ def linted(ctx: Any) -> tuple[list[Any], Any]:
         except Exception:  # noqa: BLE001 - only for the plan's folder name (the run uses its own lint)
             items, report = [], None
     return items, report
+
+
+def staged_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as an engine sees it once staged: the header's size, sides swapped for an EXIF
+    orientation of 5 to 8 (the lint stages such images rotated); None when unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - an unreadable image is the lint's to report
+        return None
+    if width <= 0 or height <= 0:
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def upscale_note(engine: str, items: Iterable[Any], bucket: Callable[[int, int], tuple[int, int]], bucket_min: int,
+                 how: str, shown: int = 3) -> str | None:
+    """The plan's note naming the images of ``items`` that ``engine`` scales *up* to cover its bucket (``bucket``:
+    an image's (width, height) → the engine's bucket for it), or None when it scales none. lora-run's own data
+    pipeline never upscales: it trains such an image at a smaller bucket, so this is where the engine's training
+    differs. Images the lint skips (a side below ``bucket_min``) are not counted."""
+    found = []
+    for item in items:
+        size = staged_size(item.image)
+        if size is None or min(size) < bucket_min:
+            continue
+        width, height = bucket(*size)
+        if width > size[0] or height > size[1]:
+            found.append(f"{Path(item.image).name} ({size[0]}×{size[1]} → {width}×{height})")
+    if not found:
+        return None
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return (f"{len(found)} image(s) are smaller than the bucket {engine} puts them in and are scaled up to it ({how}): "
+            f"{', '.join(found[:shown])}{more}. lora-run's native backend never upscales (it trains such an image at "
+            "a smaller bucket); use larger images to train the same pixels on every backend")
 
 
 def _image_facts(item: Any, lint: Any, converted: set[str]) -> tuple[str, bool]:

@@ -31,14 +31,14 @@ from lora_run.run import Plan
 import lora_run_engines as engines
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
 from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, held, linted, publish, remove_earlier,
-                                    staged_files, staged_stems)
+                                    staged_files, staged_stems, upscale_note)
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import (FAMILIES, FLUX, Paths, Translation, disk_writes, problems, resume_schedule_args,
-                        steps_per_epoch, subset_name, translate)
+from .translate import (FAMILIES, FLUX, Paths, Translation, bucket_of, buckets, disk_writes, problems,
+                        resume_schedule_args, steps_per_epoch, subset_name, translate)
 
 #: Run in sd-scripts' Python: accelerate's version (the first line; the import fails there without it), then the
 #: versions of the packages that decide what sd-scripts computes, as one JSON line (for the manifest).
@@ -179,6 +179,8 @@ class KohyaBackend:
                 other = next(o for o in OVERRIDES[key] if any(o in t for n, t in tr.config.items() if n != "extra"))
                 out.append((where, f"would override or conflict with `{other}`, which lora-run sets from the recipe "
                             "(sd-scripts does not warn); set it through the recipe"))
+            elif key in DATASET_OVERRIDES:
+                out.append((where, DATASET_OVERRIDES[key]))
             elif key in IGNORED_OPTIONS:
                 out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
                             f"recipe key"))
@@ -243,8 +245,8 @@ class KohyaBackend:
         per_epoch = steps_per_epoch(self.recipe, *self._image_counts(), self.options.num_processes)
         return math.ceil(int(t.steps) / per_epoch) if per_epoch else 1
 
-    def _image_counts(self) -> tuple[int, int]:
-        """(subject images, regularisation images) of the dataset."""
+    def _items(self) -> list[Any]:
+        """The dataset's items: the run's linted ones, or for the plan the scanned ones."""
         items = self.ctx.items
         if not items:
             try:
@@ -253,6 +255,11 @@ class KohyaBackend:
                 items = scan_dataset(self.recipe, self.ctx.plugins)
             except Exception:  # noqa: BLE001 - an unreadable dataset is the lint's job, not the plan's
                 items = []
+        return list(items)
+
+    def _image_counts(self) -> tuple[int, int]:
+        """(subject images, regularisation images) of the dataset."""
+        items = self._items()
         return sum(1 for i in items if not i.is_reg), sum(1 for i in items if i.is_reg)
 
     def files(self, tr: Translation) -> dict[str, str]:
@@ -283,6 +290,12 @@ class KohyaBackend:
             outputs.append(str(paths.run_dir / f"{name}.comfyui.safetensors"))
         outputs.append(str(paths.output_dir) + "/ (sd-scripts' checkpoints, states and samples)")
         notes = list(tr.notes)
+        grid = buckets(self.recipe)
+        upscaled = upscale_note("sd-scripts", self._items(), lambda w, h: bucket_of(grid, w, h),
+                                self.recipe.dataset.bucket_min, "the bucket of the nearest aspect ratio in its grid "
+                                "from dataset.bucket_min/max/step, which it scales an image to cover")
+        if upscaled:
+            notes.append(upscaled)
         if "comfyui" in self.recipe.output.formats and self.family.name == FLUX:
             notes.append("output format comfyui skipped: ComfyUI loads FLUX.1's kohya and diffusers files directly")
         if paths.sd_scripts == "<sd-scripts>":
@@ -629,6 +642,11 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
 #: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
 IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: sd-scripts options that make it ignore values the generated dataset file sets from the recipe
+DATASET_OVERRIDES = {"bucket_no_upscale": "makes sd-scripts ignore min_bucket_reso and max_bucket_reso (lora-run's "
+                                          "dataset.bucket_min / bucket_max) and size each image's bucket from the "
+                                          "image, so a wide image trains past bucket_max; the buckets come from the "
+                                          "recipe's [dataset] keys"}
 #: sd-scripts options whose value the dataset file gives under another name (`config_util`'s
 #: ARGPARSE_OPTNAME_TO_CONFIG_OPTNAME; `caption_extention`, the old spelling, becomes `caption_extension`)
 DATASET_NAMES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats",

@@ -355,6 +355,32 @@ def _loss(recipe: Recipe) -> dict[str, Any]:
     return {"loss_type": "l2"}
 
 
+def buckets(recipe: Recipe) -> list[tuple[int, int]]:
+    """sd-scripts' bucket grid for the recipe (library/model_util.py `make_bucket_resolutions`, as the dataset file's
+    resolution, min/max_bucket_reso and bucket_reso_steps give it): the square of side `resolution` rounded down to
+    `bucket_step`, and for each width from `bucket_min` to `bucket_max` in `bucket_step` the tallest height up to
+    `bucket_max` whose area stays within resolution², when it is at least `bucket_min`; both orientations; sorted."""
+    d = recipe.dataset
+    area, step = d.resolution * d.resolution, d.bucket_step
+    side = d.resolution // step * step
+    found = {(side, side)}
+    for width in range(d.bucket_min, d.bucket_max + 1, step):
+        height = min(d.bucket_max, area // width // step * step)
+        if height >= d.bucket_min:
+            found |= {(width, height), (height, width)}
+    return sorted(found)
+
+
+def bucket_of(grid: list[tuple[int, int]], width: int, height: int) -> tuple[int, int]:
+    """The bucket sd-scripts puts a `width` × `height` image in (`BucketManager.select_bucket` without
+    bucket_no_upscale): its own size when that is a bucket, else the nearest aspect ratio (w / h, not its log; the
+    first of the sorted grid on a tie, as numpy's argmin). It is then scaled to cover the bucket and cropped."""
+    if (width, height) in grid:
+        return (width, height)
+    errors = [abs(w / h - width / height) for w, h in grid]
+    return grid[errors.index(min(errors))]
+
+
 def steps_per_epoch(recipe: Recipe, subject_images: int, reg_images: int, processes: int = 1) -> int:
     """sd-scripts' optimizer steps per epoch: subject × repeats, regularisation images balanced to the same count, in
     batches shared by the ``processes`` (`accelerate launch --num_processes`) and accumulated (train_network.py:
@@ -457,10 +483,12 @@ def translate(recipe: Recipe, options: Any, paths: Paths, *, version: str = "", 
     if options.extra_args:
         config["extra"] = dict(options.extra_args)
 
+    # No bucket_no_upscale: with it sd-scripts ignores min/max_bucket_reso (it says so in a warning) and sizes each
+    # image's bucket from the image, so a wide photo trained past bucket_max. Without it the buckets are the grid
+    # below (`buckets`), which is the native backend's; `upscale_note` names the images it scales up.
     general: dict[str, Any] = {"caption_extension": ".txt", "enable_bucket": True, "resolution": int(d.resolution),
                                "min_bucket_reso": int(d.bucket_min), "max_bucket_reso": int(d.bucket_max),
-                               "bucket_reso_steps": int(d.bucket_step), "bucket_no_upscale": True,
-                               "batch_size": int(t.batch_size)}
+                               "bucket_reso_steps": int(d.bucket_step), "batch_size": int(t.batch_size)}
     subsets = [{"image_dir": str(paths.subset_dir(0)), "num_repeats": int(d.repeats), "is_reg": False}]
     for n, reg in enumerate(d.regularization):
         subsets.append({"image_dir": str(paths.subset_dir(n + 1)), "num_repeats": int(reg.repeats), "is_reg": True})

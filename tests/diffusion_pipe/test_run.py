@@ -96,6 +96,8 @@ def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_c
     assert tool["commit"] == head.stdout.strip() and tool["dirty"] is False
     assert Path(tool["run_folder"]).parent == out / "diffusion-pipe" / "output"
     assert manifest["status"] == "completed"
+    # the recipe's seed is not recorded as the run's: diffusion-pipe does not seed its training
+    assert manifest["seed"] is None and tool["seed"].startswith("[train] seed = 42 is not used")
     log = (out / "diffusion-pipe" / "train.log").read_text()
     assert "TRAINING COMPLETE!" in log and "lora-run launches:" in log
     # the stand-ins print the real engine's lines (recorded on a GPU): its progress bars were not taken for steps

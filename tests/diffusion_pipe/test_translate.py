@@ -348,3 +348,34 @@ def test_fp16_is_noted_as_unscaled(dp_recipe, tmp_path):
     assert config["model"]["dtype"] == "float16"
     assert any("without loss scaling" in n for n in plan.notes), plan.notes
     assert not any("loss scaling" in n for n in plan_of(dp_recipe(), tmp_path / "bf16").notes)
+
+
+def test_the_plan_names_the_images_diffusion_pipe_scales_up(dp_recipe, tmp_path):
+    """diffusion-pipe trains every image at its aspect bucket's size at the area resolution² (utils/dataset.py), up
+    where the image is smaller; the native backend never upscales. The fixture's 320×288 photos go to the square
+    bucket, 512×512 at resolution 512, and are named; photos larger than every bucket are not."""
+    from lora_run_devtools.testing import make_images
+
+    plan = plan_of(dp_recipe(), tmp_path)
+    note = [n for n in plan.notes if "scaled up" in n]
+    assert translate.size_of(load_recipe(dp_recipe(name="again.toml")).recipe, 320, 288) == (512, 512)
+    assert len(note) == 1 and note[0].startswith("4 image(s) are smaller than the bucket diffusion-pipe puts them in")
+    assert "img000.png (320×288 → 512×512)" in note[0] and "and 1 more" in note[0]
+    large = tmp_path / "large"
+    make_images(large, count=2, size=(1024, 1024))
+    plan = plan_of(dp_recipe(name="large.toml"), tmp_path, f'dataset.path="{large}"')
+    assert not [n for n in plan.notes if "scaled up" in n]
+
+
+def test_the_bucket_note_gives_the_sizes_diffusion_pipe_trains_and_the_sides_past_bucket_max(dp_recipe, tmp_path):
+    """diffusion-pipe keeps each aspect bucket's area at resolution² and has no side limits: at buckets 256–768 the 1:3
+    bucket (256×768 in our grid) trains at 288×880, past bucket_max; the note names it. Control: at 384–704 every
+    bucket stays inside, and the note says nothing of it."""
+    def note(*sets):
+        plan = plan_of(dp_recipe(name=f"r{len(sets)}.toml"), tmp_path, *sets)
+        return next(n for n in plan.notes if n.startswith("aspect buckets:"))
+    wide = note("dataset.bucket_min=256", "dataset.bucket_max=768")
+    assert "sides 288 to 880, rounded to its 16-pixel grid" in wide
+    assert "288×880, 336×800, 800×336, 880×288 go past bucket_min/bucket_max = 256/768" in wide
+    narrow = note("dataset.bucket_min=384", "dataset.bucket_max=704", "dataset.resolution=512")
+    assert "go past" not in narrow and "sides 400 to 656" in narrow

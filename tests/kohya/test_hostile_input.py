@@ -180,6 +180,8 @@ def test_a_model_file_the_engines_reader_cannot_read_is_refused_at_its_key(kohya
     ("{sample_every_n_epochs=1}", "`sample_every_n_steps`"),
     ("{unet_lr=0.001}", "`learning_rate`"),
     ("{lr_scheduler_type=\"CosineAnnealingLR\"}", "`lr_scheduler`"),
+    # it makes sd-scripts ignore min/max_bucket_reso, which the dataset file sets from dataset.bucket_min/max
+    ("{bucket_no_upscale=true}", "ignore min_bucket_reso and max_bucket_reso"),
 ])
 def test_extra_args_that_shadow_or_override_recipe_keys_are_refused(kohya_recipe, plugins, extra, words):  # noqa: F811
     key = extra.strip("{}").split("=")[0]

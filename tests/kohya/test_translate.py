@@ -1,6 +1,7 @@
 """Recipe → sd-scripts files: the mapping of every feature, the refusals, and every shipped recipe."""
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -554,3 +555,75 @@ def test_a_constant_schedule_resumes_without_overrides(kohya_recipe, plugins):
     backend = make_backend(validate(load_recipe(kohya_recipe()), plugins), plugins,
                            run_dir=RunDir(output_path(load_recipe(kohya_recipe()).recipe, None)))
     assert resume_schedule_args(backend.recipe, backend.options) == []
+
+
+# ------------------------------------------------------------------------------------------ buckets (audit)
+def sd_scripts_bucket(general: dict, width: int, height: int) -> tuple[int, int]:
+    """The bucket sd-scripts 48d368f gives an image for a generated `[general]` table (library/train_util.py
+    `BucketManager.select_bucket`, written out here from its source): with `bucket_no_upscale` the image's own size,
+    shrunk to the area resolution² and rounded down to the steps, min/max_bucket_reso unused; without it the
+    grid of `model_util.make_bucket_resolutions` and its nearest aspect ratio."""
+    res, step = general["resolution"], general["bucket_reso_steps"]
+    area = res * res
+    if general.get("bucket_no_upscale"):
+        w, h = width, height
+        if w * h > area:
+            w = math.sqrt(area * width / height)
+            h = area / w
+        return int(w) - int(w) % step, int(h) - int(h) % step
+    grid = {(res // step * step,) * 2}
+    low, high = general["min_bucket_reso"], general["max_bucket_reso"]
+    for w in range(low, high + 1, step):
+        h = min(high, area // w // step * step)
+        if h >= low:
+            grid |= {(w, h), (h, w)}
+    grid = sorted(grid)
+    errors = [abs(w / h - width / height) for w, h in grid]
+    return grid[errors.index(min(errors))]
+
+
+def outside(general: dict, sizes) -> list[str]:
+    low, high = general["min_bucket_reso"], general["max_bucket_reso"]
+    return [f"{w}×{h} → {b}" for w, h in sizes for b in [sd_scripts_bucket(general, w, h)]
+            if not all(low <= side <= high for side in b)]
+
+
+def test_the_buckets_keep_to_bucket_min_and_max_and_are_the_native_grid(kohya_recipe, plugins):
+    """With `bucket_no_upscale` sd-scripts ignores min/max_bucket_reso (it says so in a warning: the recorded logs in
+    fixtures/sd-scripts-48d368f) and gave a 2048×512 photo a 1024×256 bucket at buckets 256–768; lora-run writes
+    the grid, the native backend's, that keeps every bucket inside the recipe's bounds."""
+    from lora_run_kohya.translate import bucket_of, buckets
+    from lora_run_native.data import choose_bucket, make_buckets
+
+    path = kohya_recipe(replace={"min_images = 2": "min_images = 2\nbucket_min = 256\nbucket_max = 768"})
+    _, _, dataset = planned(path, plugins)
+    general = dataset["general"]
+    photos = [(1024, 1024), (2048, 512), (512, 2048), (3000, 2000), (1200, 1600), (4000, 1000)]
+    assert "bucket_no_upscale" not in general and outside(general, photos) == []
+    recipe = load_recipe(path).recipe
+    d = recipe.dataset
+    assert buckets(recipe) == make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step)
+    for w, h in photos:    # photos larger than every bucket land where the native backend puts them
+        assert bucket_of(buckets(recipe), w, h) == sd_scripts_bucket(general, w, h) \
+            == choose_bucket((w, h), make_buckets(d.resolution, d.bucket_min, d.bucket_max, d.bucket_step), 64)
+    # planted mistake: the flag as it was written until 2026-12-05
+    assert outside({**general, "bucket_no_upscale": True}, photos) == ["2048×512 → (1024, 256)",
+                                                                      "512×2048 → (256, 1024)",
+                                                                      "4000×1000 → (1024, 256)"]
+
+
+def test_the_plan_names_the_images_sd_scripts_scales_up(kohya_recipe, plugins, tmp_path):
+    """The fixture's 320×288 photos are smaller than their 512×512 bucket: sd-scripts scales them up (the native
+    backend trains them at a smaller bucket), and the plan says so, naming them; photos larger than every bucket
+    are not named."""
+    from lora_run_devtools.testing import make_images
+
+    plan, _, _ = planned(kohya_recipe(), plugins)
+    note = [n for n in plan.notes if "scaled up" in n]
+    assert len(note) == 1 and note[0].startswith("4 image(s) are smaller than the bucket sd-scripts puts them in")
+    assert "img000.png (320×288 → 512×512)" in note[0] and "and 1 more" in note[0]
+    large = tmp_path / "large"
+    make_images(large, count=2, size=(1024, 1024))
+    path = kohya_recipe(name="large.toml")
+    plan, _, _ = planned(path, plugins, [f'dataset.path="{large}"'])
+    assert not [n for n in plan.notes if "scaled up" in n]
