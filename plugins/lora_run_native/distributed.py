@@ -356,8 +356,10 @@ def accelerator_options(recipe: Any, options: Any, block_names: list[str] | None
 
     te_train = bool(recipe.text_encoder.train)
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2)),
-                # the text-encoder LoRA stops getting gradients after train_fraction of the steps
-                DistributedDataParallelKwargs(find_unused_parameters=te_train)]
+                # the text-encoder LoRA stops getting gradients after train_fraction of the steps; the gradients
+                # are views into DDP's reduction buckets, not a second copy of them (0.6 GiB a GPU for the fast
+                # FLUX.1 recipe's LoRA, 1.3 GiB for the high-fidelity one, which the memory plan does not count)
+                DistributedDataParallelKwargs(find_unused_parameters=te_train, gradient_as_bucket_view=True)]
     out: dict[str, Any] = {"kwargs_handlers": handlers,
                            "gradient_accumulation_steps": recipe.train.gradient_accumulation}
     if getattr(options, "fsdp", False):

@@ -551,11 +551,14 @@ class RunDir:
         self.log(f"lora-run {__version__}: {loaded.shown} with backend {recipe.backend.name}")
 
     def record_plan(self, plan: Any) -> None:
-        """The files the backend's plan names, and the plan in the manifest."""
+        """The files the backend's plan names, and the plan in the manifest; its notes (what a backend does not use
+        of the recipe, how it reads it) in run.log too, as `lora-run plan` shows them."""
         for name, content in plan.files.items():
             self.write_text(name, content)
-        self.update_manifest(plan={"steps": plan.steps, "commands": plan.commands,
+        self.update_manifest(plan={"steps": plan.steps, "commands": plan.commands, "notes": list(plan.notes),
                                    "memory_estimate_gib": plan.memory_estimate_gib, "memory_mode": plan.memory_mode})
+        for note in plan.notes:
+            self.log(f"plan note: {note}")
 
     def error_for(self, exc: BaseException) -> LoraRunError | None:
         """A full disk met by a write outside the atomic writers (a tracker, a library), as one line naming the

@@ -82,6 +82,15 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     final = Path(arts["lora_kohya"])
     assert manifest["lora_files"][str(final.relative_to(run))]["sha256"] == hashlib.sha256(final.read_bytes()).hexdigest()
     assert manifest["status"] == "completed"
+    # the plan's notes, as `lora-run plan` shows them, in the manifest and in run.log
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import make_backend, validate
+
+    notes = make_backend(validate(load_recipe(path), load_plugins()), load_plugins()).plan().notes
+    assert notes and manifest["plan"]["notes"] == notes
+    assert [line.split(" ", 1)[1] for line in (run / "run.log").read_text().splitlines()
+            if " plan note: " in line] == [f"plan note: {note}" for note in notes]
     # what sd-scripts parsed from our files (TOML flattened into argparse's namespace)
     args = json.loads(record.read_text())
     assert args["guidance_scale"] == 1.0 and args["timestep_sampling"] == "sigmoid"

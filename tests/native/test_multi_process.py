@@ -176,8 +176,8 @@ def test_each_rank_trains_its_own_share_of_every_global_batch_across_buckets(flu
     """2 processes × batch 1 against 1 process × batch 2, 2 epochs over 3 buckets (`epochs`: the step count comes
     from the global batch). Every step the ranks train disjoint parts of the one-process batch, in one bucket; each
     image once per epoch; the step's loss and the LoRA are the one-process ones; torch's own generator (LoRA
-    dropout) runs one stream per rank, rank 0's the one-process stream. Planted mistake: DDP summing the ranks'
-    gradients instead of averaging them is caught by the LoRA comparison."""
+    dropout) runs one stream per rank, rank 0's the one-process stream; DDP's gradients live in its buckets. Planted
+    mistake: DDP summing the ranks' gradients instead of averaging them is caught by the LoRA comparison."""
     recipe = flux_recipe(data=three_buckets, length="epochs = 2")
     common = ["dataset.resolution=96", "optimizer.lr=1e-2", "optimizer.eps=1e-4"]
     runs = {}
@@ -210,6 +210,17 @@ def test_each_rank_trains_its_own_share_of_every_global_batch_across_buckets(flu
     for key in ("loss_first", "loss_last"):
         assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-5), "the logged loss is the global batch's"
     assert_close(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
+    # DDP's gradients are views into its reduction buckets, not a second copy of them (memory); control: one
+    # process, no DDP, holds each gradient in its own storage
+    for name, ranks in (("one", [0]), ("two", [0, 1])):
+        for rank in ranks:
+            records = [json.loads(line) for line in (tmp_path / f"probe-{name}" / f"grads{rank}.jsonl").read_text()
+                       .splitlines()]
+            assert records and all(r["grads"] >= 20 for r in records)
+            if name == "one":
+                assert all(r["storages"] == r["grads"] for r in records)
+            else:
+                assert all(r["storages"] <= 4 for r in records[2:]), records
 
     summed = tmp_path / "summed"
     (tmp_path / "probe-summed").mkdir()

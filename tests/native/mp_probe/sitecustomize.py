@@ -6,7 +6,8 @@ tests/native/test_multi_process.py puts this folder on PYTHONPATH of the process
 
 - ``LORA_RUN_PROBE=DIR``: every micro-step's forward/backward appends one JSON line to ``DIR/rank<R>.jsonl``: the
   step, the item indices this rank trains, their loss scale (0: the padding sample of an empty slice), the latent
-  shape, and a digest of torch's global generator state (what LoRA dropout draws from);
+  shape, and a digest of torch's global generator state (what LoRA dropout draws from); after it, one line to
+  ``DIR/grads<R>.jsonl``: how many LoRA gradients there are and how many storages hold them;
 - ``LORA_RUN_PROBE_RAISE=R:N``: rank R raises a RuntimeError (as an out-of-memory error would) in step N;
 - ``LORA_RUN_PROBE_SLOW_STOP=R:SECONDS``: rank R, asked to stop (Ctrl-C), takes that much longer to finish its
   step (a slow step: it sleeps before the ranks agree on the stop), and 3 s longer to write each checkpoint (a
@@ -52,7 +53,12 @@ if os.environ.get("LORA_RUN_PROBE"):
                                      "shape": list(x0.shape[1:]), "global": global_size, "rng": generator}) + "\n")
             if failing and failing[0] == _rank() and step + 1 == failing[1]:
                 raise RuntimeError(f"probe: out of memory on rank {_rank()} in step {step + 1}")
-            return real_fb(self, state, batch, x0, noise, t, text, step, te_active, accum, global_size, scale)
+            loss = real_fb(self, state, batch, x0, noise, t, text, step, te_active, accum, global_size, scale)
+            grads = [p.grad for p in state.params.values() if p.grad is not None]
+            with open(os.path.join(os.environ["LORA_RUN_PROBE"], f"grads{_rank()}.jsonl"), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "grads": len(grads),
+                                     "storages": len({g.untyped_storage().data_ptr() for g in grads})}) + "\n")
+            return loss
 
         trainer._forward_backward = forward_backward
         from lora_run_native import distributed
