@@ -91,12 +91,12 @@ def warn_broken(plugins: Any) -> None:
 
 
 def _with_command(argv: list[str], commands: list[str]) -> list[str]:
-    """``argv`` with the default command `run` before a recipe; a first word that is no command, no file and no path
-    (no folder part, no .toml) is named, with the commands and the closest of them."""
+    """``argv`` with the default command `run` before a recipe and its options; an unknown first word is named."""
     word = argv[0] if argv else "-h"
-    if word in commands or (word.startswith("-") and word != "-"):
-        return argv
-    if word.strip() and word != "-" and not os.path.exists(word) and not re.search(r"[/\\]|\.toml$", word, re.I):
+    paths = [a for a in argv if os.path.exists(a) or re.search(r"(?i)[/\\]|\.toml$", a)]    # a recipe, a folder
+    if word in commands or (word.startswith("-") and word != "-" and (set(argv) & set(commands) or not paths)):
+        return argv     # a command, or the program's own options (--help, --version) and no recipe
+    if word.strip("- ") and not os.path.exists(word) and not re.search(r"(^-)|[/\\]|\.toml$", word, re.I):
         raise ArgumentsError(f'"{printable(word)}" is neither a command nor a recipe file'
                              f'{did_you_mean(word, commands, chr(34))}; commands: {", ".join(commands) or "none"} (a plugin\'s '
                              "command exists only while the plugin is installed and loads: lora-run plugins)")

@@ -235,3 +235,28 @@ def test_a_working_folder_deleted_under_the_shell_is_named(tiny_recipe, tmp_path
         assert code == 2 and "the working folder cannot be read" in text, text[-1500:]
     assert json.loads(text)["problems"][0].startswith("the working folder cannot be read")
     figures(AREA, cases=3, faults=3)
+
+
+def test_run_options_before_the_recipe_are_the_run_commands(tmp_path, monkeypatch, capsys):
+    """`lora-run --gpus 2 recipe.toml` said "invalid choice: '2'" (argparse read the option's value as the command);
+    options before a recipe are now `run`'s, as they are after it. Controls: the program's own options still work,
+    an option `run` lacks is named, and a word that is no option, command or path is still named as such."""
+    from lora_run import plugins as registry
+    from lora_run.cli import _with_command
+
+    commands = sorted(registry.load_plugins().registry["command"])
+    parser = build_parser()
+    before = parser.parse_args(_with_command(["--gpus", "2", "--set", "train.steps=3", "r.toml"], commands))
+    after = parser.parse_args(_with_command(["r.toml", "--gpus", "2", "--set", "train.steps=3"], commands))
+    assert before.command == after.command == "run"
+    assert {k: v for k, v in vars(before).items() if k != "_given"} == {k: v for k, v in vars(after).items()
+                                                                         if k != "_given"}
+    assert _with_command(["--version"], commands) == ["--version"] and _with_command([], commands) == []
+    monkeypatch.chdir(tmp_path)
+    code, text = run_cli(["--output-dir", str(tmp_path / "o"), "nope.toml"], capsys, "invalid choice")
+    assert code == 2 and "nope.toml: recipe file not found" in text, text
+    code, text = run_cli(["--frobnicate", "nope.toml"], capsys, "invalid choice")
+    assert code == 2 and "unrecognized arguments: --frobnicate" in text, text
+    code, text = run_cli(["chek"], capsys, "invalid choice")
+    assert code == 2 and '"chek" is neither a command nor a recipe file' in text
+    assert not any(tmp_path.iterdir())
