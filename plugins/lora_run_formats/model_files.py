@@ -85,6 +85,20 @@ def config_json(path: str | Path) -> dict | None:
     return read_json(path)[0]
 
 
+def folder_classes(folder: str | Path) -> tuple[str | None, str | None]:
+    """What a diffusers folder says it is: the pipeline its ``model_index.json`` names (``_class_name``) and its
+    transformer's class (``transformer/config.json``'s ``_class_name``, else the ``transformer`` entry of
+    ``model_index.json``); None for each where the folder does not say (absent, unreadable: named by the other
+    checks)."""
+    folder = Path(folder)
+    index = config_json(folder / "model_index.json") or {}
+    config = config_json(folder / "transformer" / "config.json") or {}
+    entry = index.get("transformer")
+    listed = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    names = (index.get("_class_name"), config.get("_class_name") or listed)
+    return tuple(name if isinstance(name, str) and name else None for name in names)  # type: ignore[return-value]
+
+
 def parameter_count(paths: list[Path]) -> int | None:
     """The elements the tensors of these weights files hold, from their safetensors headers (nothing else is read), or
     None where one cannot be read."""
