@@ -14,7 +14,10 @@ pre-flight both see them; no torch, nothing but headers and small JSON files rea
   from the folder has some (``folder_problems``' ``loaded``). Other files are never read;
 - a component's ``config.json`` against its weights' headers (``config_fit``): the blocks and widths the family
   declares for it (``folder_problems``' ``fits``), and a ``[model.files]`` file's against the config the loader
-  reads for it (``file_fit_problems``), so no library builds a model its weights do not fill.
+  reads for it (``file_fit_problems``), so no library builds a model its weights do not fill;
+- what a diffusers folder says it is (``folder_classes``: its pipeline and its transformer's class), which the
+  native adapters compare with the installed families' (``ModelAdapter.foreign_folder``). What a single file is
+  (its layout) is ``lora_run_formats.layouts``'.
 
 Without it, diffusers and transformers met these files after the dataset was cached, as "no file named
 config.json" for a FIFO, "int too big to convert" for a tokenizer config that is a FIFO (exit 1), or a 300-character
