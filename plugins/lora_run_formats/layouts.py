@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lora_run.files import shown
+
 from .config_fit import header_shapes
 
 #: a pattern after it matches at the start of a tensor name or of any dotted part of it (under any prefix)
@@ -116,6 +118,6 @@ def layout_problem(header: Mapping[str, Any], accepted: Sequence[Layout]) -> str
         return f"is {found.what}, not {wanted}"
     if not shapes:
         return f"holds no tensors: not {wanted}"
-    sample = ", ".join(sorted(shapes)[:2])
+    sample = ", ".join(shown(name[:100]) for name in sorted(shapes)[:2])
     return (f"is not {wanted}, nor any model file lora-run knows (its {len(shapes)} tensors are named like {sample}"
             f"{' …' if len(shapes) > 2 else ''})")

@@ -446,7 +446,7 @@ class ModelAdapter:
                     slots = {k for k in self.file_keys if m.files.get(k) is not None}    # not read from the folder
                     loaded = frozenset(s for k, s in self.SUBFOLDER.items() if k not in slots) - {
                         s for k, s in self.SUBFOLDER.items() if k in slots}
-                    problems += self._folder_problems(root, str(root), loaded=loaded)
+                    problems += self._folder_problems(root, shown(root), loaded=loaded)
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
                 root = snapshot
                 problems += self._folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face cache)",
