@@ -19,6 +19,7 @@ from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT
                                            matches_module, require_lora_fit, mmdit_fit,
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_formats import config_fit as cf
+from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
@@ -72,6 +73,10 @@ class FluxAdapter(ModelAdapter):
                                           "joint_attention_dim")
                  + (cf.Width(("pooled_projection_dim",), r"(?:.*\.)?vector_in\.in_layer\.weight", 1),),
                  "vae": cf.AUTOENCODER_FILE, "clip_l": cf.CLIP_TEXT, "t5xxl": cf.T5_ENCODER}
+    #: the single-file layouts ``files`` converts (BFL's transformer, the LDM autoencoder, transformers' encoders)
+    file_layouts = {"transformer": (layouts.FLUX1_TRANSFORMER,), "vae": (layouts.FLUX1_VAE,),
+                    "clip_l": (layouts.CLIP_TEXT,), "t5xxl": (layouts.T5_ENCODER,)}
+    pipeline_names = ("FluxPipeline",)
     COMPONENTS = {"transformer": ("diffusers", "FluxTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),
                   "clip_l": ("transformers", "CLIPTextModel", "dtype", {}),

@@ -34,6 +34,7 @@ from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, Model
                                            is_local_source, quiet_libraries, seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
 from lora_run_formats import config_fit as cf
+from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
 
 from .shapes import DEV_SHAPE, KLEIN_4B_SHAPE, KLEIN_9B_SHAPE, KLEIN_SHAPE
@@ -73,8 +74,11 @@ class Flux2Adapter(ModelAdapter):
     text_width_field: ClassVar[str] = "hidden_size"
     memory_shape: ClassVar[Any] = None
     SUBFOLDER = SUBFOLDER
-    #: what the text encoder's config.json declares and where its weights hold it (``config_fits``)
+    #: what the text encoder's config.json declares and where its weights hold it (``config_fits``), and the layout
+    #: of its single file (``file_layouts``)
     text_fit: ClassVar[cf.Fit] = ()
+    text_layout: ClassVar[layouts.Layout | None] = None
+    transformer_class = "Flux2Transformer2DModel"
 
     def __init_subclass__(cls, **kw: Any):
         """A variant names itself and its text encoder; family, file slots, cache tag and the config fits
@@ -91,6 +95,8 @@ class Flux2Adapter(ModelAdapter):
         cls.file_fits = {"transformer": mmdit_fit("double_blocks", "single_blocks", r"img_in\.weight",
                                                   r"txt_in\.weight", "joint_attention_dim"),
                          "vae": cf.AUTOENCODER_FILE, te: cls.text_fit}
+        cls.file_layouts = {"transformer": (layouts.FLUX2_TRANSFORMER,), "vae": (layouts.FLUX2_VAE,),
+                            te: (cls.text_layout,) if cls.text_layout else ()}
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)
@@ -119,16 +125,9 @@ class Flux2Adapter(ModelAdapter):
         return self.recipe.model.source or self.hub_id()
 
     def check_sources(self) -> list[tuple[tuple[str, ...], str]]:
-        from .files import transformer_file_problem
-
         problems = super().check_sources()
         m = self.recipe.model
         given = {k for k in self.file_keys if m.files.get(k) is not None}
-        transformer = m.files.get("transformer")
-        if transformer and os.path.isfile(transformer) and str(transformer).endswith(".safetensors"):
-            why = transformer_file_problem(transformer)
-            if why:
-                problems.append((("model", "files", "transformer"), f"{Path(transformer).name} {why}"))
         if m.source is None:
             why = (f"is required when [model.source] is not set (or set [model.source] to a {self.family} diffusers "
                    "folder / hub id that provides it)")
@@ -149,29 +148,15 @@ class Flux2Adapter(ModelAdapter):
         problems += [(("model", "source"), f"{folder} has no {sub}/ folder ({what}); it is not a {self.family} "
                       "diffusers folder, or give that component in [model.files]")
                      for sub, what in wanted.items() if not (folder / sub).is_dir()]
-        name = (self.source_json("", "model_index.json") or {}).get("_class_name")
-        if name and name not in self.pipeline_names:
-            problems.append((("model", "source"), f"{folder} holds a {name}, not a {self.family} model "
-                             f"({' or '.join(self.pipeline_names)}); set [model] family accordingly"))
         return problems
 
-    pipeline_names: ClassVar[tuple[str, ...]] = ()
-
     def _hub_model_problems(self, repo: str) -> list[tuple[tuple[str, ...], str]]:
-        """A hub id that is another model (a FLUX.1 recipe switched by its family line only): its cached
-        ``model_index.json`` names another pipeline, or, not cached, its name says FLUX.1."""
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo, "model_index.json", revision=self.recipe.model.revision)
-        name = None
-        if isinstance(found, str):
-            name = (config_json(found) or {}).get("_class_name")
-        elif "flux.1" in repo.lower():
-            name = "FLUX.1 pipeline"
-        if not name or name in self.pipeline_names:
+        """A hub id that is another model (a FLUX.1 recipe switched by its family line only), not in the local
+        cache, whose name says FLUX.1 (a cached one is checked as a folder: ``foreign_folder``)."""
+        if self.hub_snapshot(repo) is not None or "flux.1" not in repo.lower():
             return []
-        return [(("model", "source"), f"{repo} is a {name}, not a {self.family} model: set it to {self.hub_id()} "
-                 f"(or another {self.family} hub id / diffusers folder)")]
+        return [(("model", "source"), f"{repo} is a FLUX.1 pipeline, not a {self.family} model: set it to "
+                 f"{self.hub_id()} (or another {self.family} hub id / diffusers folder)")]
 
     def _from_source(self, cls: Any, key: str, subfolder: str | None = None, **kw: Any) -> Any:
         return self.load_from_source(cls, subfolder or SUBFOLDER[key], f"the {WHAT.get(key, key)}", **kw,
@@ -500,6 +485,7 @@ class Flux2KleinAdapter(Flux2Adapter):
     text_encoders = ("qwen3",)
     text_layers = (9, 18, 27)
     pipeline_names = ("Flux2KleinPipeline",)
+    text_layout = layouts.QWEN3
     memory_shape = KLEIN_SHAPE
     text_fit = cf.QWEN3
     HUB_IDS = {"base-4b": "black-forest-labs/FLUX.2-klein-base-4B", "base-9b": "black-forest-labs/FLUX.2-klein-base-9B",
@@ -573,6 +559,7 @@ class Flux2DevAdapter(Flux2Adapter):
     text_layers = (10, 20, 30)
     text_width_field = "text_config.hidden_size"
     pipeline_names = ("Flux2Pipeline",)
+    text_layout = layouts.MISTRAL3
     memory_shape = DEV_SHAPE
     text_fit = cf.MISTRAL3
     default_hub_id = "black-forest-labs/FLUX.2-dev"

@@ -161,28 +161,3 @@ def vae_ldm_to_diffusers(raw: dict[str, Any], config: dict[str, Any]) -> dict[st
         if key in state:
             out[key] = state[key]
     return out
-
-
-def header_keys(path: Any) -> list[str] | None:
-    """The tensor names of a ``.safetensors`` file from its checked header (no torch, nothing else read); None when
-    it is not a complete safetensors file (``check_sources`` names why)."""
-    from lora_run_formats import HeaderError, read_header, tensor_names
-
-    try:
-        return tensor_names(read_header(path))
-    except HeaderError:
-        return None
-
-
-def transformer_file_problem(path: Any) -> str | None:
-    """Why a ``[model.files] transformer`` file is not a FLUX.2 transformer, judged from its tensor names."""
-    keys = header_keys(path)
-    if keys is None:
-        return None                               # unreadable: the load says so with the reason
-    names = strip_prefix(dict.fromkeys(keys))
-    if any(k.startswith("single_stream_modulation.") for k in names):
-        return None
-    if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in names):
-        if any(".img_mod." in k or ".norm1.linear." in k for k in names):
-            return "is a FLUX.1 transformer (per-block modulation), not FLUX.2"
-    return "has no FLUX.2 transformer tensors (single_stream_modulation.*)"

@@ -5,7 +5,8 @@ A library, not a plugin: it registers nothing. The family-specific layouts live 
 other names of those modules for the engine backends.
 
 ``lora_run_formats.header`` is the one check of a ``.safetensors`` file read on a user's behalf and
-``lora_run_formats.model_files`` the checks of a model's single files and diffusers folder (every backend's).
+``lora_run_formats.model_files`` the checks of a model's single files and diffusers folder (every backend's);
+``lora_run_formats.layouts`` says what kind of model file a header belongs to (the native families' slots).
 
 torch is imported inside the functions that need it, so importing this package is cheap.
 """

@@ -14,7 +14,10 @@ pre-flight both see them; no torch, nothing but headers and small JSON files rea
   from the folder has some (``folder_problems``' ``loaded``). Other files are never read;
 - a component's ``config.json`` against its weights' headers (``config_fit``): the blocks and widths the family
   declares for it (``folder_problems``' ``fits``), and a ``[model.files]`` file's against the config the loader
-  reads for it (``file_fit_problems``), so no library builds a model its weights do not fill.
+  reads for it (``file_fit_problems``), so no library builds a model its weights do not fill;
+- what a diffusers folder says it is (``folder_classes``: its pipeline and its transformer's class), which the
+  native adapters compare with the installed families' (``ModelAdapter.foreign_folder``). What a single file is
+  (its layout) is ``lora_run_formats.layouts``'.
 
 Without it, diffusers and transformers met these files after the dataset was cached, as "no file named
 config.json" for a FIFO, "int too big to convert" for a tokenizer config that is a FIFO (exit 1), or a 300-character
@@ -83,6 +86,20 @@ def config_json(path: str | Path) -> dict | None:
     not a regular file, not JSON, not an object (``check`` names each of those through ``json_problem``; a
     reader here falls back as for an absent file instead of crashing or blocking on a FIFO)."""
     return read_json(path)[0]
+
+
+def folder_classes(folder: str | Path) -> tuple[str | None, str | None]:
+    """What a diffusers folder says it is: the pipeline its ``model_index.json`` names (``_class_name``) and its
+    transformer's class (``transformer/config.json``'s ``_class_name``, else the ``transformer`` entry of
+    ``model_index.json``); None for each where the folder does not say (absent, unreadable: named by the other
+    checks)."""
+    folder = Path(folder)
+    index = config_json(folder / "model_index.json") or {}
+    config = config_json(folder / "transformer" / "config.json") or {}
+    entry = index.get("transformer")
+    listed = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    names = (index.get("_class_name"), config.get("_class_name") or listed)
+    return tuple(name if isinstance(name, str) and name else None for name in names)  # type: ignore[return-value]
 
 
 def parameter_count(paths: list[Path]) -> int | None:

@@ -118,6 +118,7 @@ class HunyuanDiTAdapter(SourceLoader):
     trainable_text_encoder = None
     default_hub_id = "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     file_keys = ()
+    pipeline_names = ("HunyuanDiTPipeline",)
     #: what each component's config.json declares and where its weights hold it: the transformer's blocks, its
     #: patch embedding (hidden size × input channels), its attention width (the output norm's input) and the mT5
     #: projection's input

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_run_formats import config_fit as cf
+from lora_run_formats import layouts
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, mmdit_fit
 from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer, require_lora_fit
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
@@ -90,6 +91,10 @@ class HunyuanImageAdapter(SourceLoader):
                               "refiner block"),
                     cf.Width(("text_embed_2_dim",), r"(?:.*\.)?byt5_in\.fc1\.weight", 1)),
                  "vae": cf.AUTOENCODER_FILE, "qwen": cf.QWEN2_5_VL, "byt5": cf.T5_ENCODER}
+    #: the single-file layouts ``files`` converts (Tencent's and diffusers' transformer and autoencoder)
+    file_layouts = {"transformer": (layouts.HUNYUAN_IMAGE_TRANSFORMER, layouts.HUNYUAN_IMAGE_DIFFUSERS_TRANSFORMER),
+                    "vae": (layouts.HUNYUAN_IMAGE_VAE,), "qwen": (layouts.QWEN2_5_VL,), "byt5": (layouts.T5_ENCODER,)}
+    pipeline_names = ("HunyuanImagePipeline",)
     COMPONENTS = {"transformer": ("diffusers", "HunyuanImageTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKLHunyuanImage", "torch_dtype", {}),
                   "qwen": ("transformers", "Qwen2_5_VLForConditionalGeneration", "dtype", {}),

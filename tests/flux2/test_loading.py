@@ -74,8 +74,8 @@ def test_wrong_files_are_named(tiny_klein, tiny_single_bad, tmp_path):
 
     flux1, garbage = tiny_single_bad
     problems = _adapter(tiny_klein, {"transformer": flux1}).check_sources()       # found by `lora-run check`
-    assert problems == [(("model", "files", "transformer"),
-                         "flux1-dev.safetensors is a FLUX.1 transformer (per-block modulation), not FLUX.2")]
+    assert problems == [(("model", "files", "transformer"), f"{flux1} is a FLUX.1 transformer (BFL layout, as "
+                         "flux1-dev.safetensors), not a FLUX.2 transformer")]
     with pytest.raises(ModelSourceError, match=r"\[model.files.transformer\].*FLUX.1 transformer, not FLUX.2"):
         _adapter(tiny_klein, {"transformer": flux1}).load_transformer()
     with pytest.raises(ModelSourceError, match=r"\[model.files.transformer\].*not a readable safetensors"):

@@ -581,7 +581,7 @@ def test_image_single_files_load_the_same_model_as_the_folder(image_single_files
 
 
 def test_image_trains_from_single_files_and_names_a_wrong_file(image_single_files, dataset, run_recipe, tmp_path):
-    from lora_run.errors import ModelSourceError
+    from lora_run.errors import RecipeError
 
     def write(files: dict, name: str) -> Path:
         body = RECIPE.format(family=FAMILIES["image"], model=image_single_files["tokenizers"], dataset=dataset)
@@ -592,8 +592,10 @@ def test_image_trains_from_single_files_and_names_a_wrong_file(image_single_file
     ctx = run_recipe(write(image_single_files, "files.toml"), ["train.steps=2"])
     assert Path(ctx.artifacts["lora_diffusers"]).is_file()
     wrong = write({**image_single_files, "vae": image_single_files["byt5"]}, "wrong.toml")
-    with pytest.raises(ModelSourceError, match=r"model\.files\.vae.*byt5_small_glyphxl"):
+    with pytest.raises(RecipeError, match=r"model\.files\.vae.*byt5_small_glyphxl.*is a T5 encoder, not a "
+                       "HunyuanImage-2.1 autoencoder"):     # before the dataset is linted or anything loads
         run_recipe(wrong, ["train.steps=1"], output=tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_dit_transformer_loaded_for_training_dispatches_its_attention(tiny_hunyuan):

@@ -17,7 +17,10 @@ Contract (stable; other adapters code against it):
   ``text_encoders`` (names of the text encoders, also the names used in ``[model.files]``),
   ``trainable_text_encoder`` (the encoder a text-encoder LoRA may wrap, or ``None``) and, optionally,
   ``config_fits`` / ``file_fits`` (what each component's config.json declares and where its weights hold it:
-  compared from the headers before anything loads, ``lora_run_formats.config_fit``).
+  compared from the headers before anything loads, ``lora_run_formats.config_fit``), ``file_layouts`` (the
+  single-file layouts each ``[model.files]`` slot's loader converts, ``lora_run_formats.layouts``) and
+  ``pipeline_names`` / ``transformer_class`` (what a diffusers folder of the family names: a folder another family
+  claims is refused, ``foreign_folder``).
 * **Lifecycle** (called by ``train.py`` in this order): ``check_sources()`` (no torch; by ``lora-run
   check``) → ``load_encoders()`` → ``encode_images()`` / ``encode_captions()`` for every cache miss →
   ``unload_encoders()`` → ``load_transformer()`` → ``prepare_transformer()`` (in ``train.py``, the one place
@@ -53,8 +56,9 @@ from lora_run.errors import ModelSourceError
 from lora_run.files import shown
 
 from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
+from lora_run_formats.layouts import Layout, layout_problem
 from lora_run_formats.model_files import (component_fit_problems, component_weights, config_json, file_fit_problems,
-                                          folder_problems, parameter_count, read_weights, weights_problem)
+                                          folder_classes, folder_problems, parameter_count, read_weights)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -341,6 +345,14 @@ class ModelAdapter:
     #: `[model.files]` slot -> the same in the file's own layout, compared with the config.json the loader reads
     #: for it from the source (``SUBFOLDER``).
     file_fits: ClassVar[dict[str, Fit]] = {}
+    #: `[model.files]` slot -> the layouts its single-file loader converts (``lora_run_formats.layouts``): a file of
+    #: none of them (another component's, another family's, a LoRA) is named by `check_sources` with what it is
+    file_layouts: ClassVar[dict[str, tuple[Layout, ...]]] = {}
+    #: what a diffusers folder of this family says it is: the pipelines (``model_index.json``'s ``_class_name``)
+    #: whose folders it loads, and its transformer's class (default: ``COMPONENTS``'); a folder another installed
+    #: family claims, and this one does not, is named by `check_sources` (``foreign_folder``)
+    pipeline_names: ClassVar[tuple[str, ...]] = ()
+    transformer_class: ClassVar[str | None] = None
     #: the memory model's shape of the family's transformer (``lora_run_native.shapes.FamilyShape``; None: no
     #: estimates): what `lora-run plan` estimates with, rescaled at run time to the model actually loaded
     memory_shape: ClassVar[Any] = None
@@ -415,8 +427,10 @@ class ModelAdapter:
                 problems.append((("model", "files", key), f"file not found: {p}"))
             elif p.suffix != ".safetensors":
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
-            elif (why := weights_problem(p)) is not None:
-                problems.append((("model", "files", key), f"{shown(p)}: {why}"))
+            elif (read := read_weights(p))[1] is not None:
+                problems.append((("model", "files", key), f"{shown(p)}: {read[1]}"))
+            elif (why := layout_problem(read[0], self.file_layouts.get(key, ()))) is not None:
+                problems.append((("model", "files", key), f"{shown(p)} {why}"))
             else:
                 files[key] = p
         root: Path | None = None                 # the source folder, or the hub model's snapshot in the cache
@@ -432,12 +446,11 @@ class ModelAdapter:
                     slots = {k for k in self.file_keys if m.files.get(k) is not None}    # not read from the folder
                     loaded = frozenset(s for k, s in self.SUBFOLDER.items() if k not in slots) - {
                         s for k, s in self.SUBFOLDER.items() if k in slots}
-                    problems += [(("model", "source"), why)
-                                 for why in folder_problems(root, fits=self.config_fits, loaded=loaded)]
+                    problems += self._folder_problems(root, shown(root), loaded=loaded)
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
                 root = snapshot
-                problems += [(("model", "source"), why)
-                             for why in folder_problems(snapshot, partial=True, fits=self.config_fits)]
+                problems += self._folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face cache)",
+                                                  partial=True)
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -452,6 +465,37 @@ class ModelAdapter:
                 problems += [(("model", "files", key), why)
                              for why in file_fit_problems(root / sub / "config.json", path, fit)]
         return problems
+
+    def _folder_problems(self, folder: Path, shown_as: str, **kw: Any) -> list[tuple[tuple[str, ...], str]]:
+        """The source folder's problems at ``[model.source]``: another family's model (``foreign_folder``, first; its
+        configs are then not compared with this family's ``config_fits``), then its files' (``folder_problems``)."""
+        foreign = self.foreign_folder(folder, shown_as)
+        found = folder_problems(folder, fits=None if foreign else self.config_fits, **kw)
+        return [(("model", "source"), why) for why in ([foreign] if foreign else []) + found]
+
+    def foreign_folder(self, folder: Path, shown_as: str) -> str | None:
+        """Why the diffusers folder ``folder`` (``shown_as`` in the message) is another family's model, or None: the
+        pipeline its ``model_index.json`` names, else its transformer's class, is claimed by other installed
+        families (``pipeline_names``, ``transformer_class``) and not by this one. A folder no family claims (a
+        pipeline of this family's transformer lora-run does not list, a folder of components without
+        ``model_index.json``) is left to the loaders."""
+        from . import registered_adapters
+
+        pipeline, transformer = folder_classes(folder)
+        adapters = registered_adapters()
+        evidence = ((f"its model_index.json names {pipeline}", pipeline, lambda a: pipeline in a.pipeline_names),
+                    (f"its transformer is a {transformer}", transformer, lambda a: transformer == a.transformer_name()))
+        for says, name, claimed in evidence:
+            owners = sorted(family for family, adapter in adapters.items() if name and claimed(adapter))
+            if owners and self.family not in owners:
+                return (f"{shown_as} is a {' or '.join(owners)} model ({says}), not a {self.family} one: set [model] "
+                        f"family = \"{owners[0]}\", or [model] source to a {self.family} folder or hub id")
+        return None
+
+    @classmethod
+    def transformer_name(cls) -> str | None:
+        """The class of this family's transformer (``transformer_class``, else ``COMPONENTS``')."""
+        return cls.transformer_class or (cls.COMPONENTS.get("transformer") or (None, None))[1]
 
     def cache_hint(self) -> str:
         """Why a hub file may be missing: downloads are off, or the hub cannot be reached."""
