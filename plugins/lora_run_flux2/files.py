@@ -127,20 +127,21 @@ def infer_transformer_config(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def match_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """Text-encoder files name tensors with or without the model's top prefix (``model.`` for Qwen3,
-    ``model.language_model.``/``language_model.model.`` for Mistral-3): align them with ``own``'s names."""
+    """Text-encoder files name tensors with or without the model's wrapper prefixes: Qwen3's ``model.``, and Mistral-3's
+    checkpoint names (``language_model.model.layers.…``, ``vision_tower.…``, ``language_model.lm_head.…``, as
+    transformers saves them) against the model's own (``model.language_model.layers.…``, ``model.vision_tower.…``,
+    ``lm_head.…``). Each name is matched to ``own``'s by what is left without its leading ``model.`` and
+    ``language_model.`` segments; names that match nothing stay as they are (the load names them)."""
     if all(k in own for k in state):
         return state
-    own_keys = set(own)
-    for prefix in ("model.", "model.language_model.", "language_model.model.", "language_model."):
-        for add in (True, False):
-            if add:
-                candidate = {prefix + k: v for k, v in state.items()}
-            else:
-                candidate = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-            if sum(k in own_keys for k in candidate) > sum(k in own_keys for k in state):
-                return candidate
-    return state
+
+    def bare(key: str) -> str:
+        return re.sub(r"^(?:(?:model|language_model)\.)+", "", key)
+
+    by_bare: dict[str, list[str]] = {}
+    for key in own:
+        by_bare.setdefault(bare(key), []).append(key)
+    return {by_bare[bare(k)][0] if len(by_bare.get(bare(k), ())) == 1 else k: v for k, v in state.items()}
 
 
 def vae_ldm_to_diffusers(raw: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:

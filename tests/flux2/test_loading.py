@@ -59,6 +59,32 @@ def test_single_files_load_to_the_folders_weights(tiny_klein, klein_files):
     assert from_files.encoder_identity("latents") != from_folder.encoder_identity("latents")
 
 
+def test_the_dev_text_encoder_file_loads_in_the_names_transformers_saves_and_in_its_own(tiny_dev, tmp_path):
+    """[dev]'s Mistral-3 text encoder as one file: transformers saves it with checkpoint names (``language_model.model.*``,
+    ``vision_tower.*``, ``multi_modal_projector.*``) that differ from the model's own (``model.language_model.*`` …); both
+    load to the folder's weights. Control: a file whose tensors match no name of the model is refused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lora_run.errors import LoraRunError
+    from lora_run_flux2.tiny import write_single_files
+
+    files = write_single_files(tiny_dev, tmp_path / "files")
+    saved = load_file(str(files["text_encoder"]))
+    assert any(k.startswith("language_model.model.") for k in saved) and any(k.startswith("vision_tower.") for k in saved)
+    dtype = torch.float32
+    folder = _adapter(tiny_dev, {}, family="flux.2-dev")._component("mistral", dtype)
+    own = tmp_path / "own-names.safetensors"
+    save_file({k: v.contiguous() for k, v in folder.state_dict().items() if k != "lm_head.weight"}, str(own))
+    for path in (files["text_encoder"], own):
+        loaded = _adapter(tiny_dev, {"mistral": path}, family="flux.2-dev")._component("mistral", dtype)
+        assert _same(loaded, folder), path
+    alien = tmp_path / "alien.safetensors"
+    save_file({f"encoder.block.{k}": v.contiguous() for k, v in saved.items()}, str(alien))
+    with pytest.raises(LoraRunError, match=r"model\.files\.mistral.*does not match"):
+        _adapter(tiny_dev, {"mistral": alien}, family="flux.2-dev")._component("mistral", dtype)
+
+
 def test_transformer_config_is_inferred_without_a_source_config(tiny_klein, klein_files, tmp_path):
     """A folder with only the tokenizer (no transformer/ config): the config comes from the tensors."""
     import shutil
