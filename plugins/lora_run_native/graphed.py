@@ -80,6 +80,7 @@ class GraphedForward:
                 self.graphs[key] = self._record(leaves, spec)
             except Exception as exc:  # noqa: BLE001 - any failure: eager from here on
                 self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                reset_after_failed_capture()
                 self.graphs.clear()
                 self.recorded = 0
                 return self.eager(*args, **kwargs)
@@ -115,6 +116,19 @@ class GraphedForward:
         graph.replay()
         self.replays += 1
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
+
+
+def reset_after_failed_capture() -> None:
+    """After a recording that failed: a capture that ends in an error (a host read inside it) never runs the default
+    CUDA generators' end-of-capture step, so they stay as if capturing, and the next random draw outside a graph
+    (inductor compiling a new shape does some) fails with "Offset increment outside graph capture encountered
+    unexpectedly" (seen on an H100, 2026-12-05). A small capture that ends cleanly puts them back."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.zeros(1, device="cuda").add_(1)
+    del graph
 
 
 def _key(spec: Any, leaves: list[Any], device_type: str = "cuda") -> Any:

@@ -84,6 +84,9 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 static_loss = self.body(static, step_tensor)
         except Exception as exc:  # noqa: BLE001 - any failure: eager steps from here on
+            from .graphed import reset_after_failed_capture
+
+            reset_after_failed_capture()
             text = str(exc).strip()
             self.failed = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
             self.graphs.clear()

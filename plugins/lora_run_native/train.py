@@ -691,7 +691,15 @@ class Trainer:
         captions = planner.all_captions() | set(self.sample_prompts())
         if not self.main:
             self.parallel.barrier()       # rank 0 encodes and writes the caches; the others then read them
-        latents, texts = self.build_caches(adapter, items, buckets_of, digests, captions, te_train)
+        try:
+            latents, texts = self.build_caches(adapter, items, buckets_of, digests, captions, te_train)
+        except Exception as exc:   # the encoders did not fit the run's memory cap: the cap is the recipe's
+            cap = r.train.gpu_memory_gib
+            if cap is None or type(exc).__name__ != "OutOfMemoryError":
+                raise
+            raise RecipeError(f"[train.gpu_memory_gib] = {cap:g} GiB: caching the dataset (the autoencoder and text "
+                              f"encoders on the GPU) ran out of GPU memory under it; nothing was trained. Raise it "
+                              f"(lora-run plan shows what each plan needs)") from None
         if self.main:
             self.parallel.barrier()
         env.timing["cache_s"] = round(time.perf_counter() - env.phase, 2)

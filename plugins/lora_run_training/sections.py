@@ -126,8 +126,8 @@ class TrainSection:
         "quarter GiB below it (its cache included, the reserved peak stays inside), so a shared GPU or a smaller "
         "card's budget is honoured; a plan must fit 95% of that. A recipe whose plan does not fit (for `auto`: its "
         "smallest) is refused by `check`, `plan` and the run before caching (exit 2; a model whose weights are "
-        "not the family's full size: once it has loaded), with what would fit (batch, resolution, rank, budget). "
-        "Default: the GPU's free memory.", gt=0.0, le=4096.0)
+        "not the family's full size: once it has loaded), with what would fit (batch, resolution, rank, budget); "
+        "so is a cap the autoencoder and text encoders do not fit while caching. Default: the GPU's free memory.", gt=0.0, le=4096.0)
     cuda_graphs: Literal["auto", "on", "off", "step"] = option(
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
         "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each). "

@@ -71,6 +71,12 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _lora_gap(ctx, reference) -> float:
+    """The largest relative difference of the LoRA's up-projections (zero at the start: all they hold is training)."""
+    a, b = lora_tensors(ctx.artifacts["lora_diffusers"]), lora_tensors(reference.artifacts["lora_diffusers"])
+    return max(_rel(a[k], b[k]) for k in b if "lora_B" in k)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("step-graphs")
@@ -90,15 +96,16 @@ def test_step_graphs_train_what_eager_steps_train(reference):
     assert len(losses) == len(off_losses) == 12
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses))
     assert worst < 1e-3, (losses, off_losses)
-    a, b = lora_tensors(ctx.artifacts["lora_diffusers"]), lora_tensors(off.artifacts["lora_diffusers"])
-    assert max(_rel(a[k], b[k]) for k in b if "lora_B" in k) < 1e-2
+    gap = _lora_gap(ctx, off)
+    print(f"step graphs against eager steps: losses within {worst:.1e}, LoRA within {gap:.1e}")
+    assert gap < 1e-2
     assert not any("step CUDA graphs" in line and "warning" in line for line in lines)
 
 
 def test_control_stale_inputs_and_freed_gradients_are_caught(reference, monkeypatch):
     from lora_run_native import stepgraph, train
 
-    tmp, _off, off_losses = reference
+    tmp, off, _ = reference
 
     def stale(self, entry, inputs, step):          # planted: the new step's inputs are not copied in
         graph, _static, _step, loss = entry
@@ -108,8 +115,8 @@ def test_control_stale_inputs_and_freed_gradients_are_caught(reference, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(stepgraph.StepGraphs, "_replay", stale)
-        _, losses, _ = _run(tmp, "stale", "step")
-    assert max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses)) > 1e-2
+        stale_run, _, _ = _run(tmp, "stale", "step")
+    assert _lora_gap(stale_run, off) > 5e-2
 
     made = train.make_optimizer
 
@@ -121,8 +128,8 @@ def test_control_stale_inputs_and_freed_gradients_are_caught(reference, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(train, "make_optimizer", freeing)
-        _, freed, _ = _run(tmp, "freed", "step")
-    assert max(abs(a - b) / abs(b) for a, b in zip(freed, off_losses)) > 1e-2
+        freed_run, _, _ = _run(tmp, "freed", "step")
+    assert _lora_gap(freed_run, off) > 5e-2
 
 
 def test_a_loss_reading_its_step_on_the_host_falls_back_to_eager_steps(reference):
@@ -133,3 +140,25 @@ def test_a_loss_reading_its_step_on_the_host_falls_back_to_eager_steps(reference
     assert warned, lines
     assert ctx.artifacts["timing"]["step_graphs"].startswith("eager micro-steps: recording the step")
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, eager)) < 1e-3
+    torch.rand(2, device="cuda")          # the failed recording left the random generator usable (compiling draws)
+
+
+def test_a_failed_capture_is_put_right_for_the_random_generator():
+    """A capture that draws random numbers and then reads the host ends in an error without the generators' end of
+    capture: the next draw outside a graph fails (the control, as first seen on an H100). `reset_after_failed_capture`
+    (which `StepGraphs` and the graphed samples call) puts them back."""
+    from lora_run_native.graphed import reset_after_failed_capture
+
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(Exception):
+        with torch.cuda.graph(graph):
+            x = torch.rand(4, device="cuda")
+            float(x.sum())
+    try:
+        torch.rand(2, device="cuda")
+        broken = False
+    except RuntimeError as exc:
+        broken = "outside graph capture" in str(exc)
+    reset_after_failed_capture()
+    torch.rand(2, device="cuda")
+    assert broken, "the control: without the reset, a draw after the failed capture fails"

@@ -258,3 +258,25 @@ def test_missing_optional_optimizer_package_is_a_clear_error(flux_recipe, run_cl
     result = run_cli("check", flux_recipe(), "--set", "optimizer.name=\"prodigy\"")
     assert result.returncode == 2
     assert "[optimizer.name]" in result.stderr and "prodigyopt" in result.stderr
+
+
+def test_encoders_out_of_memory_under_the_runs_cap_name_the_cap(flux_recipe, run_recipe, tmp_path, monkeypatch):
+    """`[train] gpu_memory_gib` too small for the autoencoder and text encoders: caching runs out of GPU memory before
+    any training. That was reported as a crash (exit 1, "OutOfMemoryError"); it is the recipe's cap, so it is bad input
+    (exit 2) naming the key, and nothing was trained. Control: the same error without a cap stays a crash."""
+    import torch
+
+    from lora_run.errors import BackendError, RecipeError
+    from lora_run_native import train
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 MiB")
+
+    monkeypatch.setattr(train.Trainer, "build_caches", out_of_memory)
+    recipe = flux_recipe()
+    with pytest.raises(RecipeError, match=r"\[train\.gpu_memory_gib\] = 0\.5 GiB: caching the dataset .* nothing was "
+                                          r"trained") as caught:
+        run_recipe(recipe, ["train.gpu_memory_gib=0.5"], output=tmp_path / "capped")
+    assert caught.value.exit_code == 2
+    with pytest.raises(BackendError, match="OutOfMemoryError"):
+        run_recipe(recipe, [], output=tmp_path / "uncapped")
