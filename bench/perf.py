@@ -35,7 +35,7 @@ moment it is measured, so a timeout keeps what was done:
                 the checkpoints stay): against ``cli-fast-first`` in the same call, the manifests'
                 ``step_s_between_rounds`` say whether a sample round slows the steps after it (not a default row).
 * ``cli-fast-stepgraphs`` ``cli-fast-nosamples`` with ``[train] cuda_graphs = "step"``: each micro-step (forward,
-                loss, backward) replayed as one CUDA graph per token count instead of every block's graphs; against
+                loss, backward) replayed as one CUDA graph per bucket shape instead of every block's graphs; against
                 ``cli-fast-nosamples`` in the same call, the steady step and the start-up (not a default row).
 * ``recipe-adamw-graphs``, ``recipe-graphs`` the graphs row's step with the shipped fast recipe's LoRA
                 (all-linear rank 32, lora-run's own target preset) and attention ``auto``: with the reference's fused

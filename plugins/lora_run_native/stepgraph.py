@@ -5,7 +5,7 @@ default mode, no CUDA-graph trees); what is graphed is the whole micro-step arou
 forward, the loss and the backward that adds each LoRA parameter's gradient into its ``.grad``. Against
 ``"on"`` (each compiled block's forward and backward replayed as its own graph by CUDA-graph trees: 114 graphs
 per token count for FLUX.1) this is one launch per micro-step instead of one per block, and one recording per
-token count instead of 114.
+bucket shape (a bucket and its transpose are two: the latents differ in shape) instead of 114 per token count.
 
 How a call is served, by its key (every input's name, shape and dtype):
 - the first call of a key runs eagerly: it compiles the blocks (and FlashAttention-4's kernels) for that shape;

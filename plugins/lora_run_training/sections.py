@@ -132,7 +132,7 @@ class TrainSection:
         "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
         "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each). "
         "`step` (opt-in, one process): replay each whole micro-step (forward, loss and backward) as one CUDA "
-        "graph per token count instead of every block's own; a step that cannot be recorded runs eagerly, and the "
+        "graph per bucket shape instead of every block's own; a step that cannot be recorded runs eagerly, and the "
         "run log says why.")
     fp8_matmul: bool = option(
         False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
