@@ -149,7 +149,7 @@ class DiffusionPipeBackend:
             measured = False
             for item in self._items():
                 size = staged_size(item.image)
-                if size is not None and size[0] > 0 and size[1] > 0:
+                if size is not None:             # staged_size: None for an unreadable image or an empty side
                     counts[translate.bucket_of(ratios, *size)] += max(1, getattr(item, "repeats", 1))
                     measured = True
             self._bucket_counts = counts if measured else []

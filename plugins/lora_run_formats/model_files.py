@@ -26,6 +26,7 @@ config.json" for a FIFO, "int too big to convert" for a tokenizer config that is
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -110,12 +111,7 @@ def parameter_count(paths: list[Path]) -> int | None:
         header = read_weights(path)[0]
         if header is None:
             return None
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for n in entry["shape"]:
-                    count *= n
-                total += count
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     return total
 
 

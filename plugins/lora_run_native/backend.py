@@ -72,13 +72,13 @@ class NativeBackend:
                 if bad:
                     problems.append((key, f"{why} cannot be combined with [backend.{r.backend.name}] fsdp = true; "
                                      "turn one of them off"))
-        from .perfmodel import SHAPES
+        from .perfmodel import SHAPES, refusal_key
 
         if r.train.mixed_precision != "no" and r.train.gpu_memory_gib is not None and r.model.family in SHAPES:
             _shape, size_note, _plan, _gib, refusal = self._gpu_plan()
-            if refusal is not None and size_note is None:
-                key, _, message = refusal.partition(" ")
-                problems.append((tuple(key.strip("[]").split(".")), message))
+            if refusal is not None and size_note is None:     # shown at its key: the message without its "[key] "
+                key = refusal_key(r.train.memory_mode, r.train.gpu_memory_gib)
+                problems.append((key, refusal.removeprefix(f"[{'.'.join(key)}] ")))
         import re
 
         for n, pattern in enumerate(r.lora.modules):

@@ -292,6 +292,12 @@ WILL_STOP = "the run stops before caching or training (exit 2)"
 WARNED = "training anyway, it may run out of memory"
 
 
+def refusal_key(requested: str, cap: float | None) -> tuple[str, str]:
+    """The recipe key a plan that does not fit is charged to: `[train] gpu_memory_gib` for `auto` under a cap (the
+    cap decides), else `[train] memory_mode` (an explicit mode, or `auto` on the GPU's free memory)."""
+    return ("train", "gpu_memory_gib") if requested == "auto" and cap is not None else ("train", "memory_mode")
+
+
 def refusal(requested: str, plan: PerfPlan, estimate_gib: float, available_gib: float, source: str, family: str,
             height: int, width: int, batch: int, rank: int, preset: str, shape: FamilyShape | None = None,
             dropout: float = 0.0, fp8_matmul: bool = False, compile: bool = True, cap: float | None = None,
@@ -300,13 +306,13 @@ def refusal(requested: str, plan: PerfPlan, estimate_gib: float, available_gib: 
     that decides it (`[train.gpu_memory_gib]` for `auto` under a cap, else `[train.memory_mode]`), the plan, its
     estimate against the memory the run may use (``source``: where that figure comes from), what happens
     (``outcome``) and what would fit (``what_fits``)."""
+    key = ".".join(refusal_key(requested, cap))
     if requested != "auto":
-        head = f"[train.memory_mode] \"{requested}\": the plan \"{plan.describe()}\""
+        head = f"[{key}] \"{requested}\": the plan \"{plan.describe()}\""
     elif cap is not None:
-        head = (f"[train.gpu_memory_gib] = {cap:g} GiB: no plan fits (memory_mode \"auto\"); the smallest, "
-                f"\"{plan.describe()}\",")
+        head = f"[{key}] = {cap:g} GiB: no plan fits (memory_mode \"auto\"); the smallest, \"{plan.describe()}\","
     else:
-        head = f"[train.memory_mode] \"auto\": no plan fits the free GPU memory; the smallest, \"{plan.describe()}\","
+        head = f"[{key}] \"auto\": no plan fits the free GPU memory; the smallest, \"{plan.describe()}\","
     options = what_fits(family, height, width, batch, rank, preset, available_gib, requested, shape, dropout,
                         fp8_matmul, compile, capped=cap is not None, bucket_min=bucket_min)
     return (f"{head} needs about {estimate_gib:.1f} GiB at {width}x{height}, batch {batch}, but this run may use "
