@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import gc
 import json
 import os
 import platform
@@ -899,8 +900,11 @@ def main() -> int:
     # Tiny rows running alongside hold about 1.5 GiB each (context, compiled kernels, caches): the first shared
     # run, without this, put two full-size rows out of memory.
     alongside = 1.5 * min(max(1, args.jobs), len(tiny)) if args.overlap else 0.0
-    gpu = GpuPool(capacity=torch.cuda.get_device_properties(0).total_memory / 2**30 - 8 - alongside,
-                  jobs=max(1, args.full_jobs))
+    # What is free now, not the card's size: building the full-size models leaves memory in this process (on an
+    # H100 its 32 GiB put two of three rows sharing the rest out of memory, 2026-12-05)
+    gc.collect()
+    torch.cuda.empty_cache()
+    gpu = GpuPool(capacity=torch.cuda.mem_get_info(0)[0] / 2**30 - 8 - alongside, jobs=max(1, args.full_jobs))
     with cf.ThreadPoolExecutor(max_workers=max(1, args.full_jobs)) as pool:
         for future in [pool.submit(gpu.run, r, lambda r: run_row(r, assets, work)) for r in big]:
             record({**future.result(), "shared_gpu": args.full_jobs > 1 or bool(args.overlap and tiny)})

@@ -50,6 +50,7 @@ def expected_grad_input(dy, w8, scale):
 
 
 def test_row_quantisation_keeps_each_row_within_e4m3_rounding():
+    torch.manual_seed(0)
     x = torch.randn(7, 200) * torch.logspace(-3, 3, 7)[:, None]          # rows six orders apart
     q, s = accel.quantise_rows(x)
     assert q.dtype == E4M3 and s.shape == (7, 1)
@@ -59,7 +60,9 @@ def test_row_quantisation_keeps_each_row_within_e4m3_rounding():
     assert torch.allclose(q.float().abs().amax(dim=1), torch.full((7,), 448.0))
     column = torch.linspace(0.5, 2.0, 200)
     qc, sc = accel.quantise_rows(x, column)
-    assert torch.allclose(qc.float() * sc, x * column, rtol=1 / 16, atol=1e-30)
+    # the same bound with the column scale folded in: values far below their row's largest are subnormal in e4m3
+    # (an unseeded run failed about one time in twelve with a relative bound alone)
+    assert torch.all((qc.float() * sc - x * column).abs() <= (x * column).abs() / 16 + sc * 2.0 ** -9)
     assert not torch.allclose(qc.float() * sc, x, rtol=1 / 16)                  # the control: scale applied
 
 
