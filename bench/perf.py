@@ -103,7 +103,8 @@ RANK, TARGETS = 32, "attention"
 GROUPS = {            # row → the worker group that measures it (rows of one group share one process / model)
     "cli-fast": "cli", "cli-fast-warm": "cli", "cli-fast-graphs": "cli", "cli-fast-first": "cli", "reference": "fa2", "fa2": "fa2",
     "fa4": "fa4", "graphs": "fa4", "memory": "memory", "low-vram": "low-vram", "low-vram-8g": "low-vram-8g",
-    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "cli-fast-stepgraphs": "cli", "memory-fp8mm": "memory-fp8mm",
+    "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "cli-fast-stepgraphs": "cli",
+    "cli-fast-whole-stepgraphs": "cli", "cli-fast-auto-nosamples": "cli", "memory-fp8mm": "memory-fp8mm",
     "low-vram-fp8mm": "low-vram-fp8mm",
     # one process each: a second compiled model in the process after the first one's release fails
     # ("Running CUDAGraph after shutdown", 2026-12-04)
@@ -298,6 +299,11 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
                                            "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
                     "cli-fast-stepgraphs": {"train.cuda_graphs": "step", "eval.enabled": False,
                                             "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
+                    # the whole run as the fast recipe ships it (samples, evaluation) with the step graphs
+                    "cli-fast-whole-stepgraphs": {"train.cuda_graphs": "step"},
+                    # the plan `auto` picks (whole-step graphs since 2026-12-05), samples only at the end
+                    "cli-fast-auto-nosamples": {"eval.enabled": False,
+                                                "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
                     }.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
                 Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
@@ -677,7 +683,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
     for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm", "cli-fast-nosamples",
-                 "cli-fast-stepgraphs"):
+                 "cli-fast-stepgraphs", "cli-fast-whole-stepgraphs", "cli-fast-auto-nosamples"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
