@@ -23,11 +23,22 @@ def plan_budget_gib(recipe: Any) -> float | None:
     return None if cap is None else perfmodel.allocator_cap_gib(cap)
 
 
+def step_shapes(recipe: Any, shapes: int, one_process: bool = True) -> int | None:
+    """The bucket shapes (``shapes``) whole-step CUDA graphs would record for ``recipe``, for `[train] cuda_graphs =
+    "auto"` to weigh, or None where a run does not replay whole steps by itself: several processes, a trained text
+    encoder (its steps run eagerly), float8 matmuls (not measured under step graphs)."""
+    r = recipe
+    if not one_process or r.text_encoder.train or r.train.fp8_matmul:
+        return None
+    return shapes
+
+
 def _plan_args(recipe: Any, shape: Any, size: tuple[int, int] | None) -> tuple[tuple, dict]:
     r = recipe
     height, width = size or (r.dataset.resolution, r.dataset.resolution)
     return ((r.model.family, height, width, r.train.batch_size, r.lora.rank, r.lora.targets),
-            dict(compile=r.train.compile != "off", shape=shape, dropout=r.lora.dropout))
+            dict(compile=r.train.compile != "off", shape=shape, dropout=r.lora.dropout,
+                 step_shapes=step_shapes(r, 1)))
 
 
 def gpu_mode_estimates(recipe: Any, shape: Any = None, size: tuple[int, int] | None = None

@@ -144,25 +144,32 @@ def estimate_peak_gib(family: str, height: int, width: int, batch: int, rank: in
 def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
               budget_gib: float | None = None, compile: bool = True, buckets: int = 1,
               shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
-              steps: int | None = None) -> PerfPlan:
+              steps: int | None = None, step_shapes: int | None = None) -> PerfPlan:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
-    `cuda_graphs` ("auto", "on", "off") decides whether speed mode's compiled blocks replay CUDA graphs
-    (`auto`: small steps, at most CUDA_GRAPH_MAX_BUCKETS shapes, and with several shapes enough `steps` to win
-    the recording back); "step" replays each whole micro-step as one graph instead (stepgraph.py). With several bucket shapes the blocks compile with a symbolic token dimension."""
+    `cuda_graphs` decides how speed mode replays CUDA graphs: "step" replays each whole micro-step as one graph
+    (stepgraph.py), "on" each compiled block's own; `auto` graphs small steps (at most CUDA_GRAPH_MAX_TOKENS
+    tokens): whole steps where the run can (`step_shapes`, its bucket shapes, is given: one process, no
+    text-encoder training) and they are at most MAX_GRAPHS, else the blocks', for at most CUDA_GRAPH_MAX_BUCKETS
+    token counts and, with several, enough `steps` to win the recording back. With several bucket shapes the
+    blocks compile with a symbolic token dimension."""
     plan = _plan_mode(mode, family, height, width, batch, rank, preset, budget_gib, compile, buckets, shape,
-                      cuda_graphs, dropout, steps)
+                      cuda_graphs, dropout, steps, step_shapes)
     return attrs.evolve(plan, dynamic_tokens=plan.compile and buckets > 1)
 
 
 def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                budget_gib: float | None, compile: bool, buckets: int, shape: FamilyShape | None,
-               cuda_graphs: str, dropout: float, steps: int | None) -> PerfPlan:
+               cuda_graphs: str, dropout: float, steps: int | None, step_shapes: int | None = None) -> PerfPlan:
+    from .stepgraph import MAX_GRAPHS
+
     s = shape or family_shape(family)
-    if mode == "speed" and compile and cuda_graphs == "step":
+    # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
+    launch_bound = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS
+    whole = cuda_graphs == "auto" and launch_bound and step_shapes is not None and step_shapes <= MAX_GRAPHS
+    if mode == "speed" and compile and (cuda_graphs == "step" or whole):
         return PerfPlan("speed", compile=True, step_graphs=True)
     if mode == "speed":
-        # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
-        small = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS and buckets <= CUDA_GRAPH_MAX_BUCKETS
+        small = launch_bound and buckets <= CUDA_GRAPH_MAX_BUCKETS
         graphs = compile and (cuda_graphs == "on" or (cuda_graphs == "auto" and small
                                                       and graphs_pay_off(buckets, steps)))
         return PerfPlan("speed", compile=compile, compile_mode="reduce-overhead" if graphs else "default")
@@ -195,13 +202,14 @@ def with_precision(plan: PerfPlan, requested: str, fp8_requested: bool, fp8_matm
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                 free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
                 shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
-                steps: int | None = None, fp8_matmul: bool = False) -> PerfPlan:
+                steps: int | None = None, fp8_matmul: bool = False, step_shapes: int | None = None) -> PerfPlan:
     """`auto`: the fastest mode whose estimate fits in `free_gib` (minus a 5% margin). The recipe's
     `base_precision = "fp8"` is a memory setting: an explicit mode honours it, `auto` decides itself (a GPU
     with room gets the bf16 speed plan, a small one an fp8 plan). `fp8_matmul` (`[train] fp8_matmul`, opt-in)
     makes every mode's base fp8 and its matmuls float8."""
     budget = None if free_gib is None else free_gib * PLAN_MARGIN      # 0 GiB free is a budget, not "unknown"
-    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
+    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps,
+              step_shapes=step_shapes)
 
     def with_fp8(plan: PerfPlan) -> PerfPlan:
         return with_precision(plan, requested, fp8_requested, fp8_matmul)

@@ -58,7 +58,7 @@ def reseed(seed: int) -> None:
 # ------------------------------------------------------------------------------------------- transformer
 def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any,
                         bucket_sizes: set[tuple[int, int]] | None = None, echo: Any = None,
-                        sharded: bool = False) -> Any:
+                        sharded: bool = False, one_process: bool = True) -> Any:
     """The one place the transformer is set up for training: storage dtype (fp8 via diffusers' layerwise
     casting), gradient checkpointing, device placement and LoRA injection (seeded). Returns the transformer
     with only the LoRA parameters trainable, in fp32.
@@ -72,7 +72,7 @@ def prepare_transformer(adapter: Any, transformer: Any, recipe: Any, device: Any
     transformer.requires_grad_(False)
     transformer.to(dtype=compute)
     if torch.device(device).type == "cuda" and recipe.train.mixed_precision != "no":
-        return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print, sharded)
+        return _prepare_cuda(adapter, transformer, recipe, device, bucket_sizes, echo or print, sharded, one_process)
     if recipe.model.base_precision == "fp8" and not recipe.train.fp8_matmul:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
     if recipe.train.gradient_checkpointing:
@@ -137,7 +137,8 @@ def cap_gpu_memory(recipe: Any, device: Any) -> None:
 
 
 def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
-                  bucket_sizes: set[tuple[int, int]] | None, echo: Any, sharded: bool = False) -> Any:
+                  bucket_sizes: set[tuple[int, int]] | None, echo: Any, sharded: bool = False,
+                  one_process: bool = True) -> Any:
     """CUDA: LoRA first (on the host), then the memory_mode plan for the model actually loaded: fp8 storage
     before the move to the GPU, then compile / checkpointing / offload of the repeated blocks. A plan whose
     estimate exceeds the memory this run may use stops here, before any training (exit 2). Under FSDP
@@ -146,6 +147,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     import torch
 
     from . import accel, perfmodel
+    from .memory import step_shapes
 
     r = recipe
     sizes = bucket_sizes or {(r.dataset.resolution, r.dataset.resolution)}
@@ -169,7 +171,8 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
                                  r.lora.targets, available, fp8_requested=r.model.base_precision == "fp8",
                                  compile=r.train.compile != "off", buckets=graph_shapes, shape=shape,
                                  cuda_graphs=r.train.cuda_graphs, dropout=r.lora.dropout, steps=r.train.steps,
-                                 fp8_matmul=r.train.fp8_matmul)
+                                 fp8_matmul=r.train.fp8_matmul,
+                                 step_shapes=step_shapes(r, len(sizes), one_process and not sharded))
     if sharded:        # FSDP shards the frozen base itself: no fp8 storage, offload or compiled blocks under it
         plan = attrs.evolve(plan, fp8=False, fp8_matmul=False, offload_blocks=0, compile=False)
         if r.train.fp8_matmul:
@@ -198,7 +201,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     accel.apply(transformer, plan, device, adapter.compute_dtype, offloader=offloader)
     reasons = (["the fastest plan that fits"] if r.train.memory_mode == "auto" else []) + perfmodel.setting_notes(
         plan, r.model.base_precision == "fp8", r.train.gradient_checkpointing)
-    if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead"
+    if (plan.mode == "speed" and plan.compile and plan.compile_mode != "reduce-overhead" and not plan.step_graphs
             and r.train.cuda_graphs == "auto" and not perfmodel.graphs_pay_off(graph_shapes, r.train.steps)):
         reasons.append(f"no CUDA graphs: recording them for {graph_shapes} token counts of the buckets (about "
                        f"{perfmodel.CUDA_GRAPH_RECORD_S_PER_SHAPE * graph_shapes:.0f} s) would outlast what "
@@ -640,7 +643,8 @@ class Trainer:
             from .stepgraph import StepGraphs
 
             state.step_graphs = StepGraphs(lambda inputs, step: self._step_body(state, inputs, step),
-                                           notify=lambda line: (self.echo(line), self.run_dir.log(line)))
+                                           notify=lambda line: (self.echo(line), self.run_dir.log(line)),
+                                           expected=len(set(data.buckets_of)))
         self.train(env, state, start)
         if state.step_graphs is not None:
             env.timing["step_graphs"] = state.step_graphs.describe()
@@ -716,7 +720,8 @@ class Trainer:
         adapter = data.adapter
         transformer = adapter.load_transformer()
         transformer = prepare_transformer(adapter, transformer, r, env.device, bucket_sizes=set(data.buckets_of),
-                                          echo=self.echo, sharded=self.parallel.fsdp)
+                                          echo=self.echo, sharded=self.parallel.fsdp,
+                                          one_process=not self.parallel.active)
         te_module = None
         if data.te_train:
             te_module = adapter.text_encoder_module()

@@ -129,11 +129,13 @@ class TrainSection:
         "not the family's full size: once it has loaded), with what would fit (batch, resolution, rank, budget); "
         "so is a cap the autoencoder and text encoders do not fit while caching. Default: the GPU's free memory.", gt=0.0, le=4096.0)
     cuda_graphs: Literal["auto", "on", "off", "step"] = option(
-        "auto", "Speed mode: replay the compiled blocks as CUDA graphs (`auto`: when a step has at most 2048 "
-        "tokens, the buckets have at most 8 token counts and, with several, the steps win back recording each). "
-        "`step` (opt-in, one process): replay each whole micro-step (forward, loss and backward) as one CUDA "
-        "graph per bucket shape instead of every block's own; a step that cannot be recorded runs eagerly, and the "
-        "run log says why.")
+        "auto", "Speed mode: replay steps as CUDA graphs. `step`: each whole micro-step (forward, loss and "
+        "backward) as one CUDA graph per bucket shape, recorded in about half a second each (one process; steps "
+        "that train the text encoder run eagerly; a step that cannot be recorded runs eagerly, and the run log "
+        "says why). `on`: every compiled block's forward and backward as its own graph (CUDA-graph trees, about "
+        "48 s of recording per token count). `auto`: when a step has at most 2048 tokens, `step` for a single "
+        "process with the text encoder frozen, no float8 matmuls and at most 8 bucket shapes, else `on` for at "
+        "most 8 token counts when the steps win its recording back; `off`: no graphs.")
     fp8_matmul: bool = option(
         False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
         "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer, an older one stops "

@@ -195,6 +195,45 @@ def test_cuda_graphs_setting():
                                    cuda_graphs="step").step_graphs       # recomputed blocks: speed mode only
 
 
+def test_auto_replays_whole_steps_where_the_run_can():
+    """`auto` graphs whole micro-steps where the run can replay them (`step_shapes` given: one process, no trained
+    text encoder) and a step is launch-bound, for at most MAX_GRAPHS bucket shapes, whatever the steps (a shape
+    records in about half a second, not the blocks' ~48 s); elsewhere the blocks' graphs as before."""
+    from lora_run_native.stepgraph import MAX_GRAPHS
+
+    def plan(**kw):
+        args = dict(buckets=3, steps=100) | kw
+        return perfmodel.plan_mode("speed", "flux.1-dev", args.pop("size", 512), args.pop("size2", 512), 1, 32,
+                                   "all-linear", **args)
+
+    fast = plan(step_shapes=5)
+    assert fast.step_graphs and fast.compile_mode == "default"
+    assert fast.describe() == "speed, compiled + step CUDA graphs, bf16 base"
+    assert not plan().step_graphs                                   # the run cannot: the rule as before
+    assert not plan(step_shapes=MAX_GRAPHS + 1).step_graphs         # too many shapes to keep graphs of
+    assert plan(step_shapes=MAX_GRAPHS).step_graphs
+    assert not plan(step_shapes=1, size=1024, size2=1024).step_graphs      # compute-bound: graphs do not pay
+    assert not plan(step_shapes=1, cuda_graphs="off").step_graphs
+    assert plan(step_shapes=1, cuda_graphs="on").compile_mode == "reduce-overhead"   # "on" is the blocks' graphs
+    assert not plan(step_shapes=1, compile=False).step_graphs
+    auto = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear", 130.0, fp8_requested=True,
+                                 buckets=3, steps=1500, step_shapes=5)
+    assert auto.mode == "speed" and auto.step_graphs and not auto.fp8
+
+
+def test_step_shapes_follow_what_the_run_can_replay():
+    import attrs
+
+    from lora_run.recipe import load_recipe
+    from lora_run_native.memory import step_shapes
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "flux" / "identity-fast.toml").recipe
+    assert step_shapes(recipe, 5) == 5
+    assert step_shapes(recipe, 5, one_process=False) is None
+    assert step_shapes(attrs.evolve(recipe, text_encoder=attrs.evolve(recipe.text_encoder, train=True)), 5) is None
+    assert step_shapes(attrs.evolve(recipe, train=attrs.evolve(recipe.train, fp8_matmul=True)), 5) is None
+
+
 def test_graph_shapes_count_token_counts_not_bucket_sizes():
     """The fast recipe's five buckets on the acceptance dataset are three token counts: a bucket and its
     transpose share the compiled blocks' graphs. Control: five buckets of five areas are five shapes."""

@@ -182,7 +182,8 @@ def test_the_plan_shows_the_run_s_choice_within_gpu_memory_gib(name):
         run = perfmodel.choose_mode("auto", r.model.family, r.dataset.resolution, r.dataset.resolution,
                                     r.train.batch_size, r.lora.rank, r.lora.targets, perfmodel.allocator_cap_gib(gib),
                                     r.model.base_precision == "fp8", shape=shape, dropout=r.lora.dropout,
-                                    steps=r.train.steps, cuda_graphs=r.train.cuda_graphs)
+                                    steps=r.train.steps, cuda_graphs=r.train.cuda_graphs,
+                                    step_shapes=memory.step_shapes(r, 1))
         assert plan == run, (name, gib)
         assert memory.estimate_memory_gib(capped, shape) == estimate
         speed = memory.gpu_mode_estimates(capped, shape)["speed"][1]
