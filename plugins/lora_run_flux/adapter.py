@@ -81,9 +81,10 @@ class FluxAdapter(ModelAdapter):
                   "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),
                   "clip_l": ("transformers", "CLIPTextModel", "dtype", {}),
                   "t5xxl": ("transformers", "T5EncoderModel", "dtype", {})}
-    #: for the memory model (perfmodel.py); activation bytes per token measured on an H100 (bench/flux_bench.py)
+    #: for the memory model (perfmodel.py); activation bytes per token measured on an H100 (bench/flux_bench.py);
+    #: whole-step CUDA graphs measured on the H100 and the H200 (the fast recipe through the CLI, 2026-12-05)
     memory_shape = FamilyShape(11.90e9, 57, 3072, 16, 512, 80_500.0, 100_000.0, mmdit_lora_shapes(19, 38, 3072, 12288),
-                               lora_inputs_per_token=mmdit_lora_inputs(19, 38, 3072, 12288))
+                               lora_inputs_per_token=mmdit_lora_inputs(19, 38, 3072, 12288), whole_step_graphs=True)
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)

@@ -67,6 +67,11 @@ CUDA_GRAPH_MAX_BUCKETS = 8
 #: compile caches or cold alike. With several shapes, `auto` replays graphs only where the run wins that time
 #: back (3 token counts: from about 870 steps).
 CUDA_GRAPH_RECORD_S_PER_SHAPE = 48.0
+#: `auto` replays whole steps only where the memory it may use holds this multiple of the plan's estimate: the
+#: first GPU runs of step graphs (the fast recipe, H100, 2026-12-05) reserved 56.8 GiB for a 32.2-GiB estimate
+#: (33.7 allocated) when each shape recorded at its second call, an eager step's activations beside the graphs'
+#: pool. Recordings now wait for every shape's eager call; this stays until a GPU run measures that order's peak.
+STEP_GRAPHS_HEADROOM = 1.8
 CUDA_GRAPH_SAVED_S_PER_STEP = 0.165
 #: LoRA dropout keeps each LoRA layer's dropped input for the backward: bytes per element (compiled: the bf16
 #: copy, measured as the whole of the high-fidelity FLUX.1 recipe's excess over the model without it, 8.2 GiB
@@ -148,8 +153,9 @@ def plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank:
     """The PerfPlan for a mode; `memory`/`low-vram` checkpoint/offload just enough blocks for the budget.
     `cuda_graphs` decides how speed mode replays CUDA graphs: "step" replays each whole micro-step as one graph
     (stepgraph.py), "on" each compiled block's own; `auto` graphs small steps (at most CUDA_GRAPH_MAX_TOKENS
-    tokens): whole steps where the run can (`step_shapes`, its bucket shapes, is given: one process, no
-    text-encoder training) and they are at most MAX_GRAPHS, else the blocks', for at most CUDA_GRAPH_MAX_BUCKETS
+    tokens): whole steps where the family has them measured (`FamilyShape.whole_step_graphs`), the run can
+    (`step_shapes`, its bucket shapes, is given: one process, no text-encoder training) and they are at most
+    MAX_GRAPHS, else the blocks', for at most CUDA_GRAPH_MAX_BUCKETS
     token counts and, with several, enough `steps` to win the recording back. With several bucket shapes the
     blocks compile with a symbolic token dimension."""
     plan = _plan_mode(mode, family, height, width, batch, rank, preset, budget_gib, compile, buckets, shape,
@@ -165,7 +171,8 @@ def _plan_mode(mode: str, family: str, height: int, width: int, batch: int, rank
     s = shape or family_shape(family)
     # CUDA graphs pay off when a step is launch-bound (few tokens) and shapes do not vary much
     launch_bound = tokens(family, height, width, s) * batch <= CUDA_GRAPH_MAX_TOKENS
-    whole = cuda_graphs == "auto" and launch_bound and step_shapes is not None and step_shapes <= MAX_GRAPHS
+    whole = (cuda_graphs == "auto" and launch_bound and s.whole_step_graphs and step_shapes is not None
+             and step_shapes <= MAX_GRAPHS)
     if mode == "speed" and compile and (cuda_graphs == "step" or whole):
         return PerfPlan("speed", compile=True, step_graphs=True)
     if mode == "speed":
@@ -211,18 +218,25 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
     kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps,
               step_shapes=step_shapes)
 
-    def with_fp8(plan: PerfPlan) -> PerfPlan:
-        return with_precision(plan, requested, fp8_requested, fp8_matmul)
+    def planned(mode: str, mode_budget: float | None) -> PerfPlan:
+        plan = with_precision(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=mode_budget,
+                                        **kw), requested, fp8_requested, fp8_matmul)
+        if (plan.step_graphs and cuda_graphs == "auto" and budget is not None and budget
+                < STEP_GRAPHS_HEADROOM * estimate_peak_gib(family, height, width, batch, rank, preset, plan, shape,
+                                                           dropout)):
+            # whole-step graphs only with room for what their recording may reserve: else the blocks' graphs
+            plan = with_precision(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=mode_budget,
+                                            **(kw | {"step_shapes": None})), requested, fp8_requested, fp8_matmul)
+        return plan
 
     if requested != "auto":
-        return with_fp8(plan_mode(requested, family, height, width, batch, rank, preset,
-                                  budget_gib=budget if requested != "speed" else None, **kw))
+        return planned(requested, budget if requested != "speed" else None)
     for mode in ("speed", "memory", "low-vram"):
-        candidate = with_fp8(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=budget, **kw))
+        candidate = planned(mode, budget)
         if budget is None or estimate_peak_gib(family, height, width, batch, rank, preset, candidate, shape,
                                                dropout) <= budget:
             return candidate
-    return with_fp8(plan_mode("low-vram", family, height, width, batch, rank, preset, budget_gib=budget, **kw))
+    return planned("low-vram", budget)
 
 
 def round_up(value: float, step: float = 0.1) -> float:

@@ -21,6 +21,9 @@ class FamilyShape:
     #: preset -> elements one token feeds into the LoRA-wrapped layers in one forward, summed over the blocks:
     #: with LoRA dropout each of those inputs is kept (dropped) for the LoRA's backward
     lora_inputs_per_token: dict[str, float] = attrs.field(factory=dict)
+    #: `[train] cuda_graphs = "auto"` may replay whole micro-steps as CUDA graphs (stepgraph.py) for this family:
+    #: set where a GPU run has shown the recording to work and pay; the blocks' graphs otherwise
+    whole_step_graphs: bool = False
 
 
 def mmdit_lora_shapes(double: int, single: int, hidden: int, ff: int) -> dict[str, list[tuple[int, int, int]]]:

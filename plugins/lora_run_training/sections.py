@@ -134,8 +134,9 @@ class TrainSection:
         "that train the text encoder run eagerly; a step that cannot be recorded runs eagerly, and the run log "
         "says why). `on`: every compiled block's forward and backward as its own graph (CUDA-graph trees, about "
         "48 s of recording per token count). `auto`: when a step has at most 2048 tokens, `step` for a single "
-        "process with the text encoder frozen, no float8 matmuls and at most 8 bucket shapes, else `on` for at "
-        "most 8 token counts when the steps win its recording back; `off`: no graphs.")
+        "process with the text encoder frozen, no float8 matmuls and at most 8 bucket shapes on a family whose "
+        "whole-step graphs a GPU run has measured (FLUX.1-dev so far), else `on` for at most 8 token counts when "
+        "the steps win its recording back; `off`: no graphs.")
     fp8_matmul: bool = option(
         False, "Opt-in speed: the frozen base's forward and input-gradient matmuls run in float8 (e4m3 with "
         "row-wise scales, `torch._scaled_mm`; CUDA GPUs of compute capability 8.9 or newer, an older one stops "

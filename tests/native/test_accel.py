@@ -219,6 +219,27 @@ def test_auto_replays_whole_steps_where_the_run_can():
     auto = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear", 130.0, fp8_requested=True,
                                  buckets=3, steps=1500, step_shapes=5)
     assert auto.mode == "speed" and auto.step_graphs and not auto.fp8
+    # a GPU without room for what the recording may reserve keeps the blocks' graphs (the speed plan all the same)
+    estimate = perfmodel.estimate_peak_gib("flux.1-dev", 512, 512, 1, 32, "all-linear", auto)
+    tight = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear",
+                                  estimate * 1.5 / perfmodel.PLAN_MARGIN, fp8_requested=True, buckets=3, steps=1500,
+                                  step_shapes=5)
+    assert tight.mode == "speed" and not tight.step_graphs and tight.compile_mode == "reduce-overhead"
+    roomy = perfmodel.choose_mode("auto", "flux.1-dev", 512, 512, 1, 32, "all-linear",
+                                  estimate * perfmodel.STEP_GRAPHS_HEADROOM / perfmodel.PLAN_MARGIN + 0.1,
+                                  fp8_requested=True, buckets=3, steps=1500, step_shapes=5)
+    assert roomy.step_graphs
+    explicit = perfmodel.choose_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear",
+                                     estimate * 1.5 / perfmodel.PLAN_MARGIN, fp8_requested=False, buckets=3,
+                                     steps=1500, step_shapes=5)
+    assert not explicit.step_graphs and explicit.compile_mode == "reduce-overhead"   # an explicit speed mode too
+    chosen = perfmodel.choose_mode("speed", "flux.1-dev", 512, 512, 1, 32, "all-linear",
+                                   estimate * 1.5 / perfmodel.PLAN_MARGIN, fp8_requested=False, buckets=3,
+                                   steps=1500, step_shapes=5, cuda_graphs="step")
+    assert chosen.step_graphs                                                          # "step" is the user's call
+    # a family whose whole-step graphs no GPU run has shown keeps the blocks' graphs
+    dit = perfmodel.plan_mode("speed", "hunyuan-dit-1.2", 512, 512, 1, 32, "attention", buckets=1, step_shapes=1)
+    assert not dit.step_graphs and dit.compile_mode == "reduce-overhead"
 
 
 def test_step_shapes_follow_what_the_run_can_replay():
