@@ -61,13 +61,14 @@ COMMON = {
     "steps", "epochs", "save_every_steps", "save_every_epochs", "regularization", "regularization_weight",
     "caption_dropout", "lora_alpha", "fp8", "sampling", "multi_gpu",
     "timestep_sampling:uniform", "timestep_sampling:sigmoid", "timestep_sampling:logit-normal",
-    "timestep_sampling:shift", "timestep_sampling:flux-shift",
+    "timestep_sampling:shift",
     "optimizer:adafactor", "optimizer:adamw", "optimizer:adamw8bit", "optimizer:prodigy",
     "scheduler:constant", "scheduler:constant_with_warmup", "scheduler:cosine", "scheduler:linear",
     "loss:mse", "loss:pseudo-huber",
 }
 CAPABILITIES = {
-    FLUX: COMMON | {"guidance", "text_encoder_training", "targets:attention+mlp", "targets:all-linear"},
+    FLUX: COMMON | {"guidance", "text_encoder_training", "targets:attention+mlp", "targets:all-linear",
+                    "timestep_sampling:flux-shift"},
     HUNYUAN_IMAGE: COMMON | {"targets:attention+mlp", "targets:all-linear"},
 }
 REASONS = {
@@ -91,6 +92,10 @@ REASONS = {
     "text_encoder_training": "sd-scripts trains no text encoder for HunyuanImage-2.1 (--network_train_unet_only "
                              "is required)",
     "guidance": "HunyuanImage-2.1 has no guidance embedding to train with",
+    "timestep_sampling:flux-shift": "sd-scripts' flux_shift takes μ from (h/2)·(w/2) latent positions (FLUX.1's "
+                                    "packed 2×2 patches), a quarter of HunyuanImage-2.1's patch-1 token count, so the "
+                                    "shift differs from lora-run's flux-shift; HunyuanImage-2.1 samples with a fixed "
+                                    "shift (use timestep_sampling = \"shift\" with train.shift, 5 upstream)",
 }
 FAMILY_NOTES = {
     "hunyuan-dit-1.2": "sd-scripts has no Hunyuan-DiT trainer: the draft pull requests #1378 and #1397 were never "

@@ -296,6 +296,22 @@ def test_hunyuan_refusals(kohya_recipe, plugins):
     assert "[sample.height]" in message and "multiple of 32" in message
 
 
+def test_hunyuan_flux_shift_is_refused_not_a_quarter_of_the_tokens(kohya_recipe, plugins):
+    """sd-scripts' `flux_shift` takes μ from (h // 2)·(w // 2) of the latent (library/flux_train_utils.py
+    `get_noisy_model_input_and_timesteps`, written for FLUX.1's packed 2×2 patches). HunyuanImage-2.1's latent has
+    patch size 1, so that is a quarter of its token count: neither lora-run's `flux-shift` (μ of the tokens the
+    transformer sees) nor anything the model samples with (a fixed shift; the native backend refuses it too)."""
+    path = kohya_recipe(family="hunyuan-image-2.1")
+    message = refusal(path, plugins, ["train.timestep_sampling=\"flux-shift\""])
+    assert "[train.timestep_sampling]" in message and "quarter" in message
+    # FLUX.1's latent is packed 2×2, so there (h // 2)·(w // 2) is the token count: translated
+    _plan, config, _dataset = planned(kohya_recipe(), plugins, ["train.timestep_sampling=\"flux-shift\""])
+    assert flat(config)["timestep_sampling"] == "flux_shift"
+    # HunyuanImage's own shifted sampling still translates
+    _plan, config, _dataset = planned(path, plugins, ["train.timestep_sampling=\"shift\"", "train.shift=5.0"])
+    assert flat(config)["timestep_sampling"] == "shift" and flat(config)["discrete_flow_shift"] == 5.0
+
+
 def test_hunyuan_dit_is_refused_naming_the_backends_that_train_it(kohya_recipe, plugins, tmp_path):
     path = kohya_recipe()
     path.write_text(path.read_text().replace('family = "flux.1-dev"', 'family = "hunyuan-dit-1.2"'))
