@@ -230,3 +230,17 @@ def test_hunyuan_dit_steps_follow_the_documented_density(train, expected, tmp_pa
     # planted: the mean's sign flipped (more noise for a positive mean), and t read as the table index
     assert not fits(grid, documented_cdf("logit-normal", mean=-m, std=s), GRID)
     assert not fits(ungrid(1 - t / 1000), documented_cdf("logit-normal", mean=m, std=s), GRID)
+
+
+def test_hunyuan_dit_sigmoid_steps_follow_the_documented_density(tmp_path):
+    """`sigmoid` on the DDPM family: u = sigmoid(s·n) drawn as σ is for flow models, t = round(999·u), so
+    P(t ≤ k) = P(u < (k + ½)/999) = Φ(logit((k + ½)/999) / s); each t spread uniformly over its cell
+    ((t − ½)/999, (t + ½)/999] makes that a continuous CDF to test by KS. Planted: the scale ignored."""
+    import torch
+
+    t = draw(adapter("hunyuan-dit-1.2", tmp_path, timestep_sampling="sigmoid", sigmoid_scale=1.6), (4, 8, 8))
+    assert bool((t == t.round()).all()) and float(t.min()) >= 0 and float(t.max()) <= 999
+    spread = ungrid((t + 0.5) / 999, step=1 / 999)
+    assert fits(spread, documented_cdf("sigmoid", scale=1.6), GRID)
+    assert not fits(spread, documented_cdf("sigmoid", scale=1.0), GRID)
+    assert float(torch.quantile(t, 0.5)) == pytest.approx(499.5, abs=12)
