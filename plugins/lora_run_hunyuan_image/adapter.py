@@ -2,7 +2,8 @@
 
 Flow matching like FLUX (``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``), but the transformer takes *unpacked*
 latents ``(B, 64, H/32, W/32)`` from the 32× ``AutoencoderKLHunyuanImage`` (normalised as ``z · 0.75289``,
-no shift) and its timestep on the 0–1000 scale (σ·1000; the model does not scale it). Text: Qwen2.5-VL-7B
+no shift) and its timestep on the 0–1000 scale (σ·1000 in float32, exact under bf16 too; the model does not
+scale it). Text: Qwen2.5-VL-7B
 hidden states (the pipeline's prompt template, the hidden state two layers before the last, the template's
 tokens dropped) with their mask, plus the ByT5 glyph encoder on the quoted text of the caption (zeros and an
 empty mask when the caption quotes nothing), as ``HunyuanImagePipeline.encode_prompt`` computes them (its
@@ -293,7 +294,10 @@ class HunyuanImageAdapter(SourceLoader):
         dtype = self.compute_dtype
         b = noisy.shape[0]
         g = torch.full((b,), float(guidance) * 1000.0, device=noisy.device, dtype=dtype) if self.guidance_embeds else None
-        return transformer(hidden_states=noisy.to(dtype), timestep=(t * 1000.0).to(dtype),
+        # the timestep in float32, exact: the model computes its sinusoid in float32 from what it is given (and its
+        # MLP in the compute dtype under autocast), as the training references feed it (sd-scripts the integer
+        # ⌊σ·1000⌋, diffusion-pipe float32 σ·1000); cast to bf16 it would be rounded to a multiple of 4 above 512
+        return transformer(hidden_states=noisy.to(dtype), timestep=t.float() * 1000.0,
                            encoder_hidden_states=text["prompt_embeds"].to(dtype),
                            encoder_attention_mask=text["prompt_embeds_mask"],
                            encoder_hidden_states_2=text["prompt_embeds_2"].to(dtype),

@@ -213,3 +213,35 @@ def test_the_transformer_gets_sigma_times_1000_and_both_encodings(tmp_path):
     assert torch.equal(seen["encoder_attention_mask_2"], text["prompt_embeds_mask_2"])
     assert seen["guidance"] is None
     assert math.isclose(float(seen["timestep"][0]), 500.0)
+
+
+def test_bf16_training_feeds_the_exact_timestep(tmp_path):
+    """Under bf16 mixed precision the timestep is σ·1000 exactly, as the training references feed it: sd-scripts
+    (`hunyuan_image_train_network.py`: the integer ⌊σ·1000⌋ into a float32 sinusoid), diffusion-pipe (float32
+    σ·1000) and Tencent's model (`timestep_embedding` of float t). diffusers' transformer computes the sinusoid in
+    float32 from whatever it is given; a bf16 timestep (σ·1000 cast to the compute dtype, what the old code did)
+    would be rounded to a multiple of 4 above 512 — σ up to 0.002 off the noise level of x_t. The embedding is still
+    computed in the compute dtype under autocast (the step runs under it), so nothing else changes."""
+    import torch
+
+    from lora_run_hunyuan_image.adapter import HunyuanImageAdapter
+
+    adapter = HunyuanImageAdapter(minimal_recipe("hunyuan-image-2.1", tmp_path, train={"mixed_precision": "bf16"}))
+    assert adapter.compute_dtype == torch.bfloat16
+    model = tiny_transformer().to(torch.bfloat16)
+    sigma = torch.tensor([0.9973, 0.5181])
+    text = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in text_inputs(2).items()}
+    embedded = {}
+    hook = model.time_guidance_embed.register_forward_pre_hook(
+        lambda m, args, kwargs: embedded.update(t=(args[0] if args else kwargs["timestep"]).detach().clone()),
+        with_kwargs=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = adapter.predict(model, torch.randn(2, 64, 2, 2), sigma, text, 1.0)
+    finally:
+        hook.remove()
+    assert out.shape == (2, 64, 2, 2) and out.dtype == torch.bfloat16
+    assert torch.equal(embedded["t"].double(), (sigma * 1000).double()), embedded["t"]
+    planted = (sigma * 1000).to(torch.bfloat16)                    # the compute-dtype cast
+    assert not torch.equal(embedded["t"].double(), planted.double()), "the planted bf16 timestep is caught"
+    assert planted.tolist() == [996.0, 520.0]
