@@ -182,8 +182,10 @@ class KohyaBackend:
             elif key in DATASET_OVERRIDES:
                 out.append((where, DATASET_OVERRIDES[key]))
             elif key in IGNORED_OPTIONS:
-                out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
-                            f"recipe key"))
+                group = IGNORED_OPTIONS[key]
+                like = "" if key == group else f"like --{group}, which it belongs with, --{key} changes nothing: "
+                out.append((where, f"{like}{REASONS[group]}; lora-run refuses it here as it refuses the recipe key"
+                            + ("" if key == group else f" `train.{group}`")))
         formats = self.recipe.output.formats
         converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
         if converted:
@@ -640,8 +642,15 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 
 
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
-#: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
-IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would.
+#: The noise offset's companions (random strength, adaptive scale, multi-resolution noise) shape the noise these
+#: trainers do not use (plain randn); the loss weightings beside Min-SNR-γ are applied in the `post_process_loss`
+#: these trainers replace by one that returns the loss unchanged (research notes on sd-scripts, §2)
+IGNORED_OPTIONS = {"noise_offset": "noise_offset", "noise_offset_random_strength": "noise_offset",
+                   "adaptive_noise_scale": "noise_offset", "multires_noise_iterations": "noise_offset",
+                   "multires_noise_discount": "noise_offset",
+                   "min_snr_gamma": "min_snr_gamma", "debiased_estimation_loss": "min_snr_gamma",
+                   "scale_v_pred_loss_like_noise_pred": "min_snr_gamma", "v_pred_like_loss": "min_snr_gamma"}
 #: sd-scripts options that make it ignore values the generated dataset file sets from the recipe
 DATASET_OVERRIDES = {"bucket_no_upscale": "makes sd-scripts ignore min_bucket_reso and max_bucket_reso (lora-run's "
                                           "dataset.bucket_min / bucket_max) and size each image's bucket from the "

@@ -241,3 +241,19 @@ def test_a_resume_never_stages_through_a_link_in_the_run_folder(kohya_recipe, fa
     assert error is not None and getattr(error, "exit_code", None) == 2, error
     assert f"{run}{'/' if where == 'kohya/data' else ': cannot resume: '}{where}" in str(error), error
     assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before, "the dataset is untouched"
+
+
+@pytest.mark.parametrize("extra", ["{noise_offset_random_strength=true}", "{adaptive_noise_scale=0.1}",
+                                   "{multires_noise_iterations=6}", "{multires_noise_discount=0.5}",
+                                   "{debiased_estimation_loss=true}", "{scale_v_pred_loss_like_noise_pred=true}",
+                                   "{v_pred_like_loss=0.5}"])
+@pytest.mark.parametrize("family", ["flux.1-dev", "hunyuan-image-2.1"])
+def test_extra_args_that_shape_ignored_noise_or_loss_weights_are_refused(kohya_recipe, plugins, extra, family):  # noqa: F811
+    """The noise offset's companions and the loss weightings beside Min-SNR-γ act where `noise_offset` and
+    `min_snr_gamma` act, which sd-scripts' FLUX.1 and HunyuanImage trainers replace (plain randn noise; a
+    `post_process_loss` that returns the loss unchanged): refused at their key like the two, not passed on to do
+    nothing."""
+    key = extra.strip("{}").split("=")[0]
+    message = refusal(kohya_recipe(family=family), plugins, [f"backend.kohya.extra_args={extra}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert "changes nothing" in line and "lora-run refuses it here" in line, message
