@@ -37,8 +37,8 @@ from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import (FAMILIES, FLUX, Paths, Translation, bucket_of, buckets, disk_writes, problems,
-                        resume_schedule_args, steps_per_epoch, subset_name, translate)
+from .translate import (FAMILIES, FLUX, Paths, Translation, bucket_of, buckets, disk_writes, option_conflicts,
+                        problems, resume_schedule_args, steps_per_epoch, subset_name, translate)
 
 #: Run in sd-scripts' Python: accelerate's version (the first line; the import fails there without it), then the
 #: versions of the packages that decide what sd-scripts computes, as one JSON line (for the manifest).
@@ -186,6 +186,7 @@ class KohyaBackend:
                 like = "" if key == group else f"like --{group}, which it belongs with, --{key} changes nothing: "
                 out.append((where, f"{like}{REASONS[group]}; lora-run refuses it here as it refuses the recipe key"
                             + ("" if key == group else f" `train.{group}`")))
+        out.extend(option_conflicts(tr, dict(self.options.extra_args), self.recipe))
         formats = self.recipe.output.formats
         converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
         if converted:

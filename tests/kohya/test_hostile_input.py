@@ -257,3 +257,50 @@ def test_extra_args_that_shape_ignored_noise_or_loss_weights_are_refused(kohya_r
     message = refusal(kohya_recipe(family=family), plugins, [f"backend.kohya.extra_args={extra}"])
     line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
     assert "changes nothing" in line and "lora-run refuses it here" in line, message
+
+
+@pytest.mark.parametrize("family", ["flux.1-dev", "hunyuan-image-2.1"])
+@pytest.mark.parametrize("sets, key, words", [
+    # the text-encoder cache (on by default) and the caption changes sd-scripts asserts against with it: the dataset
+    # file does not set them, so the option reaches every subset
+    (["backend.kohya.extra_args={shuffle_caption=true}"], "shuffle_caption", "text-encoder outputs are cached"),
+    (["backend.kohya.extra_args={caption_dropout_rate=0.1}"], "caption_dropout_rate", "text-encoder outputs"),
+    (["backend.kohya.extra_args={caption_tag_dropout_rate=0.1}"], "caption_tag_dropout_rate", "text-encoder"),
+    (["backend.kohya.extra_args={token_warmup_step=10.0}"], "token_warmup_step", "text-encoder outputs are cached"),
+    # the cache turned back on through extra_args where caption dropout keeps it off
+    (["dataset.caption_dropout=0.1", "backend.kohya.extra_args={cache_text_encoder_outputs_to_disk=true}"],
+     "cache_text_encoder_outputs_to_disk", "`caption_dropout_rate`"),
+    # the latent cache (on by default) and the augmentations sd-scripts asserts against with it
+    (["backend.kohya.extra_args={color_aug=true}"], "color_aug", "latents are cached"),
+    (["backend.kohya.extra_args={random_crop=true}"], "random_crop", "latents are cached"),
+    # block swap and CPU-offloaded checkpointing, each half given through extra_args
+    (["backend.kohya.blocks_to_swap=4", "backend.kohya.extra_args={cpu_offload_checkpointing=true}"],
+     "cpu_offload_checkpointing", "together with cpu_offload_checkpointing"),
+    (["backend.kohya.cpu_offload_checkpointing=true", "backend.kohya.extra_args={blocks_to_swap=4}"],
+     "blocks_to_swap", "together with cpu_offload_checkpointing"),
+    (["backend.kohya.extra_args={blocks_to_swap=60}"], "blocks_to_swap", "swaps at most"),
+])
+def test_extra_args_sd_scripts_asserts_against_with_the_generated_options_are_refused(
+        kohya_recipe, plugins, family, sets, key, words):  # noqa: F811
+    """Each option is valid on its own, so the key check passed it, and sd-scripts stopped at start on the combination
+    (its trainers assert that no caption change is used while text-encoder outputs are cached, no augmentation while
+    latents are cached, and no block swap with CPU-offloaded checkpointing). Refused at the extra_args key; with the
+    cache turned off the same option passes."""
+    message = refusal(kohya_recipe(family=family), plugins, sets)
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert words in line, message
+    if key in ("shuffle_caption", "color_aug"):
+        off = "cache_text_encoder_outputs" if key == "shuffle_caption" else "cache_latents"
+        _, config, _ = planned(kohya_recipe(family=family), plugins, [*sets, f"backend.kohya.{off}=false"])
+        assert config["extra"][key] is True
+
+
+@pytest.mark.parametrize("key", ["fp8_base", "fp8_base_unet"])
+def test_fp8_base_through_extra_args_is_refused_for_hunyuan_image(kohya_recipe, plugins, key):  # noqa: F811
+    """sd-scripts' HunyuanImage trainer does not support --fp8_base / --fp8_base_unet (it warns, and drops them for
+    --fp8_scaled): refused at the key, naming the recipe setting that gives --fp8_scaled. FLUX.1 takes them."""
+    message = refusal(kohya_recipe(family="hunyuan-image-2.1"), plugins, [f"backend.kohya.extra_args={{{key}=true}}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert "does not support" in line and "base_precision" in line, message
+    _, config, _ = planned(kohya_recipe(), plugins, [f"backend.kohya.extra_args={{{key}=true}}"])
+    assert config["extra"][key] is True
