@@ -639,6 +639,15 @@ def option_conflicts(tr: Translation, extra: dict[str, Any], recipe: Recipe) -> 
                     "(it asserts at start)"))
     if offload and "cpu_offload_checkpointing" in extra and not merged.get("gradient_checkpointing"):
         out.append((where("cpu_offload_checkpointing"), "needs train.gradient_checkpointing = true"))
+    if extra.get("lr_warmup_steps") and merged.get("lr_scheduler") == "constant":
+        out.append((where("lr_warmup_steps"), "sd-scripts' `constant` schedule takes no warmup (it raises \"constant "
+                    "does not require `num_warmup_steps`\"); set scheduler.name = \"constant_with_warmup\" and "
+                    "scheduler.warmup_steps"))
+    if extra.get("fused_backward_pass"):
+        out.append((where("fused_backward_pass"), f"sd-scripts' LoRA trainers ({fam.script} on train_network.py) never "
+                    "fuse the backward pass, only its full fine-tuning scripts do: the option would change nothing "
+                    "with Adafactor and stop the run with any other optimizer or with gradient accumulation (its "
+                    "optimizer set-up asserts both)"))
     if fam.name != FLUX:
         for name in ("fp8_base", "fp8_base_unet"):
             if extra.get(name):

@@ -279,13 +279,21 @@ def test_extra_args_that_shape_ignored_noise_or_loss_weights_are_refused(kohya_r
     (["backend.kohya.cpu_offload_checkpointing=true", "backend.kohya.extra_args={blocks_to_swap=4}"],
      "blocks_to_swap", "together with cpu_offload_checkpointing"),
     (["backend.kohya.extra_args={blocks_to_swap=60}"], "blocks_to_swap", "swaps at most"),
+    # a warmup for the schedule that takes none (sd-scripts raises), the fused backward pass beside AdamW
+    (["scheduler.name=\"constant\"", "scheduler.warmup_steps=0", "backend.kohya.extra_args={lr_warmup_steps=10}"],
+     "lr_warmup_steps", "takes no warmup"),
+    (["optimizer.name=\"adamw\"", "backend.kohya.extra_args={fused_backward_pass=true}"], "fused_backward_pass",
+     "never fuse the backward pass"),
+    (["optimizer.name=\"adafactor\"", "backend.kohya.extra_args={fused_backward_pass=true}"],
+     "fused_backward_pass", "would change nothing"),
 ])
 def test_extra_args_sd_scripts_asserts_against_with_the_generated_options_are_refused(
         kohya_recipe, plugins, family, sets, key, words):  # noqa: F811
     """Each option is valid on its own, so the key check passed it, and sd-scripts stopped at start on the combination
     (its trainers assert that no caption change is used while text-encoder outputs are cached, no augmentation while
-    latents are cached, and no block swap with CPU-offloaded checkpointing). Refused at the extra_args key; with the
-    cache turned off the same option passes."""
+    latents are cached, no block swap with CPU-offloaded checkpointing, no warmup for `constant`; the fused backward
+    pass asserts Adafactor and no accumulation, and then the LoRA trainers do not fuse anyway). Refused at the
+    extra_args key; with the cache turned off the same option passes."""
     message = refusal(kohya_recipe(family=family), plugins, sets)
     line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
     assert words in line, message
