@@ -37,8 +37,8 @@ from lora_run_folder import training_caption
 
 from . import REASONS, checkout, spec
 from .supervise import Progress, finite, training_progress
-from .translate import (FAMILIES, FLUX, Paths, Translation, bucket_of, buckets, disk_writes, problems,
-                        resume_schedule_args, steps_per_epoch, subset_name, translate)
+from .translate import (FAMILIES, FLUX, Paths, Translation, bucket_of, buckets, disk_writes, option_conflicts,
+                        problems, resume_schedule_args, steps_per_epoch, subset_name, translate)
 
 #: Run in sd-scripts' Python: accelerate's version (the first line; the import fails there without it), then the
 #: versions of the packages that decide what sd-scripts computes, as one JSON line (for the manifest).
@@ -182,8 +182,11 @@ class KohyaBackend:
             elif key in DATASET_OVERRIDES:
                 out.append((where, DATASET_OVERRIDES[key]))
             elif key in IGNORED_OPTIONS:
-                out.append((where, f"{REASONS[IGNORED_OPTIONS[key]]}; lora-run refuses it here as it refuses the "
-                            f"recipe key"))
+                group = IGNORED_OPTIONS[key]
+                like = "" if key == group else f"like --{group}, which it belongs with, --{key} changes nothing: "
+                out.append((where, f"{like}{REASONS[group]}; lora-run refuses it here as it refuses the recipe key"
+                            + ("" if key == group else f" `train.{group}`")))
+        out.extend(option_conflicts(tr, dict(self.options.extra_args), self.recipe))
         formats = self.recipe.output.formats
         converted = [f for f in formats if f == "diffusers" or (f == "comfyui" and self.family.name != FLUX)]
         if converted:
@@ -640,8 +643,15 @@ def convert_to_diffusers(source: Path, target: Path, family: str, metadata: dict
 
 
 #: sd-scripts options its FLUX.1 and HunyuanImage trainers accept and then ignore, with the capability whose reason
-#: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would
-IGNORED_OPTIONS = {"noise_offset": "noise_offset", "min_snr_gamma": "min_snr_gamma"}
+#: (`REASONS`) says so: through `extra_args` they would be a setting that changes nothing, as the recipe keys would.
+#: The noise offset's companions (random strength, adaptive scale, multi-resolution noise) shape the noise these
+#: trainers do not use (plain randn); the loss weightings beside Min-SNR-γ are applied in the `post_process_loss`
+#: these trainers replace by one that returns the loss unchanged (research notes on sd-scripts, §2)
+IGNORED_OPTIONS = {"noise_offset": "noise_offset", "noise_offset_random_strength": "noise_offset",
+                   "adaptive_noise_scale": "noise_offset", "multires_noise_iterations": "noise_offset",
+                   "multires_noise_discount": "noise_offset",
+                   "min_snr_gamma": "min_snr_gamma", "debiased_estimation_loss": "min_snr_gamma",
+                   "scale_v_pred_loss_like_noise_pred": "min_snr_gamma", "v_pred_like_loss": "min_snr_gamma"}
 #: sd-scripts options that make it ignore values the generated dataset file sets from the recipe
 DATASET_OVERRIDES = {"bucket_no_upscale": "makes sd-scripts ignore min_bucket_reso and max_bucket_reso (lora-run's "
                                           "dataset.bucket_min / bucket_max) and size each image's bucket from the "

@@ -572,3 +572,85 @@ def disk_writes(recipe: Recipe, config: dict[str, dict[str, Any]], steps: int, e
     return Writes("sd-scripts", saves, one, f"a LoRA of {human_size(lora)}{state_is}", final,
                   f"the final LoRA, its state and lora-run's {copies} cop{'y' if copies == 1 else 'ies'}",
                   tuple(others)), kept
+
+
+#: dataset parameters sd-scripts refuses while text-encoder outputs are cached (`is_text_encoder_output_cacheable`:
+#: the trainers assert it at start), and those it refuses while latents are cached (the image would change per epoch)
+TE_CACHE_FORBIDS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate", "token_warmup_step")
+LATENT_CACHE_FORBIDS = ("color_aug", "random_crop")
+
+
+def option_conflicts(tr: Translation, extra: dict[str, Any], recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Combinations sd-scripts asserts against (or warns and drops) that a ``[backend.kohya] extra_args`` option makes
+    with the options lora-run generates. Each option is valid on its own (``spec.check_config``), so only the
+    effective options show them: sd-scripts reads a dataset parameter the generated dataset file does not set from its
+    command-line options (subset → dataset → general → option), so `shuffle_caption = true` in `extra_args` reaches
+    every subset. Only conflicts an `extra_args` key takes part in are reported here (the recipe-level ones are
+    :func:`problems`'), each at that key."""
+    if not extra:
+        return []
+    fam = tr.family
+    merged = {k: v for table in tr.config.values() for k, v in table.items()}
+    general = tr.dataset.get("general") or {}
+    subsets = [s for d in tr.dataset.get("datasets") or [] for s in d.get("subsets") or []] or [{}]
+
+    def effective(name: str) -> tuple[Any, bool]:
+        """The value sd-scripts uses for a dataset parameter (the first subset that sets it wins the report) and
+        whether it comes from `extra_args`."""
+        for table in (*subsets, general):
+            if table.get(name):
+                return table[name], False
+        return merged.get(name), name in extra
+
+    def where(name: str) -> tuple:
+        return ("backend", "kohya", "extra_args", name)
+
+    out: list[tuple[tuple, str]] = []
+    te_keys = [k for k in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk") if merged.get(k)]
+    if te_keys:
+        te_from_extra = all(k in extra for k in te_keys)
+        for name in TE_CACHE_FORBIDS:
+            value, from_extra = effective(name)
+            if value and (from_extra or te_from_extra):
+                blame = name if from_extra else te_keys[0]
+                out.append((where(blame), f"sd-scripts refuses `{name}` ({value!r}) while text-encoder outputs are "
+                            f"cached (`{te_keys[0]}`): its trainers assert at start that none of "
+                            f"{', '.join(TE_CACHE_FORBIDS)} is used then"
+                            + ("; [backend.kohya] cache_text_encoder_outputs = false turns the cache off"
+                               if from_extra else "")))
+        if recipe.text_encoder.train and te_from_extra:
+            out.append((where(te_keys[0]), "sd-scripts cannot train the text-encoder LoRA from cached text-encoder "
+                        "outputs (text_encoder.train = true)"))
+    latent_keys = [k for k in ("cache_latents", "cache_latents_to_disk") if merged.get(k)]
+    if latent_keys:
+        for name in LATENT_CACHE_FORBIDS:
+            value, from_extra = effective(name)
+            if value and (from_extra or all(k in extra for k in latent_keys)):
+                out.append((where(name if from_extra else latent_keys[0]), f"sd-scripts refuses `{name}` while "
+                            f"latents are cached (`{latent_keys[0]}`: it asserts at start); set [backend.kohya] "
+                            "cache_latents = false to use it"))
+    swap, offload = merged.get("blocks_to_swap"), merged.get("cpu_offload_checkpointing")
+    if "blocks_to_swap" in extra and isinstance(swap, int) and swap > fam.max_blocks_to_swap:
+        out.append((where("blocks_to_swap"), f"sd-scripts swaps at most {fam.max_blocks_to_swap} blocks for "
+                    f"{fam.name}; got {swap}"))
+    if swap and offload and ("blocks_to_swap" in extra or "cpu_offload_checkpointing" in extra):
+        blame = "cpu_offload_checkpointing" if "cpu_offload_checkpointing" in extra else "blocks_to_swap"
+        out.append((where(blame), "sd-scripts refuses blocks_to_swap together with cpu_offload_checkpointing "
+                    "(it asserts at start)"))
+    if offload and "cpu_offload_checkpointing" in extra and not merged.get("gradient_checkpointing"):
+        out.append((where("cpu_offload_checkpointing"), "needs train.gradient_checkpointing = true"))
+    if extra.get("lr_warmup_steps") and merged.get("lr_scheduler") == "constant":
+        out.append((where("lr_warmup_steps"), "sd-scripts' `constant` schedule takes no warmup (it raises \"constant "
+                    "does not require `num_warmup_steps`\"); set scheduler.name = \"constant_with_warmup\" and "
+                    "scheduler.warmup_steps"))
+    if extra.get("fused_backward_pass"):
+        out.append((where("fused_backward_pass"), f"sd-scripts' LoRA trainers ({fam.script} on train_network.py) never "
+                    "fuse the backward pass, only its full fine-tuning scripts do: the option would change nothing "
+                    "with Adafactor and stop the run with any other optimizer or with gradient accumulation (its "
+                    "optimizer set-up asserts both)"))
+    if fam.name != FLUX:
+        for name in ("fp8_base", "fp8_base_unet"):
+            if extra.get(name):
+                out.append((where(name), f"sd-scripts' {fam.script} does not support --{name} (it warns so, and drops it "
+                            "when --fp8_scaled is on); [model] base_precision = \"fp8\" sets --fp8_scaled"))
+    return out

@@ -241,3 +241,74 @@ def test_a_resume_never_stages_through_a_link_in_the_run_folder(kohya_recipe, fa
     assert error is not None and getattr(error, "exit_code", None) == 2, error
     assert f"{run}{'/' if where == 'kohya/data' else ': cannot resume: '}{where}" in str(error), error
     assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before, "the dataset is untouched"
+
+
+@pytest.mark.parametrize("extra", ["{noise_offset_random_strength=true}", "{adaptive_noise_scale=0.1}",
+                                   "{multires_noise_iterations=6}", "{multires_noise_discount=0.5}",
+                                   "{debiased_estimation_loss=true}", "{scale_v_pred_loss_like_noise_pred=true}",
+                                   "{v_pred_like_loss=0.5}"])
+@pytest.mark.parametrize("family", ["flux.1-dev", "hunyuan-image-2.1"])
+def test_extra_args_that_shape_ignored_noise_or_loss_weights_are_refused(kohya_recipe, plugins, extra, family):  # noqa: F811
+    """The noise offset's companions and the loss weightings beside Min-SNR-γ act where `noise_offset` and
+    `min_snr_gamma` act, which sd-scripts' FLUX.1 and HunyuanImage trainers replace (plain randn noise; a
+    `post_process_loss` that returns the loss unchanged): refused at their key like the two, not passed on to do
+    nothing."""
+    key = extra.strip("{}").split("=")[0]
+    message = refusal(kohya_recipe(family=family), plugins, [f"backend.kohya.extra_args={extra}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert "changes nothing" in line and "lora-run refuses it here" in line, message
+
+
+@pytest.mark.parametrize("family", ["flux.1-dev", "hunyuan-image-2.1"])
+@pytest.mark.parametrize("sets, key, words", [
+    # the text-encoder cache (on by default) and the caption changes sd-scripts asserts against with it: the dataset
+    # file does not set them, so the option reaches every subset
+    (["backend.kohya.extra_args={shuffle_caption=true}"], "shuffle_caption", "text-encoder outputs are cached"),
+    (["backend.kohya.extra_args={caption_dropout_rate=0.1}"], "caption_dropout_rate", "text-encoder outputs"),
+    (["backend.kohya.extra_args={caption_tag_dropout_rate=0.1}"], "caption_tag_dropout_rate", "text-encoder"),
+    (["backend.kohya.extra_args={token_warmup_step=10.0}"], "token_warmup_step", "text-encoder outputs are cached"),
+    # the cache turned back on through extra_args where caption dropout keeps it off
+    (["dataset.caption_dropout=0.1", "backend.kohya.extra_args={cache_text_encoder_outputs_to_disk=true}"],
+     "cache_text_encoder_outputs_to_disk", "`caption_dropout_rate`"),
+    # the latent cache (on by default) and the augmentations sd-scripts asserts against with it
+    (["backend.kohya.extra_args={color_aug=true}"], "color_aug", "latents are cached"),
+    (["backend.kohya.extra_args={random_crop=true}"], "random_crop", "latents are cached"),
+    # block swap and CPU-offloaded checkpointing, each half given through extra_args
+    (["backend.kohya.blocks_to_swap=4", "backend.kohya.extra_args={cpu_offload_checkpointing=true}"],
+     "cpu_offload_checkpointing", "together with cpu_offload_checkpointing"),
+    (["backend.kohya.cpu_offload_checkpointing=true", "backend.kohya.extra_args={blocks_to_swap=4}"],
+     "blocks_to_swap", "together with cpu_offload_checkpointing"),
+    (["backend.kohya.extra_args={blocks_to_swap=60}"], "blocks_to_swap", "swaps at most"),
+    # a warmup for the schedule that takes none (sd-scripts raises), the fused backward pass beside AdamW
+    (["scheduler.name=\"constant\"", "scheduler.warmup_steps=0", "backend.kohya.extra_args={lr_warmup_steps=10}"],
+     "lr_warmup_steps", "takes no warmup"),
+    (["optimizer.name=\"adamw\"", "backend.kohya.extra_args={fused_backward_pass=true}"], "fused_backward_pass",
+     "never fuse the backward pass"),
+    (["optimizer.name=\"adafactor\"", "backend.kohya.extra_args={fused_backward_pass=true}"],
+     "fused_backward_pass", "would change nothing"),
+])
+def test_extra_args_sd_scripts_asserts_against_with_the_generated_options_are_refused(
+        kohya_recipe, plugins, family, sets, key, words):  # noqa: F811
+    """Each option is valid on its own, so the key check passed it, and sd-scripts stopped at start on the combination
+    (its trainers assert that no caption change is used while text-encoder outputs are cached, no augmentation while
+    latents are cached, no block swap with CPU-offloaded checkpointing, no warmup for `constant`; the fused backward
+    pass asserts Adafactor and no accumulation, and then the LoRA trainers do not fuse anyway). Refused at the
+    extra_args key; with the cache turned off the same option passes."""
+    message = refusal(kohya_recipe(family=family), plugins, sets)
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert words in line, message
+    if key in ("shuffle_caption", "color_aug"):
+        off = "cache_text_encoder_outputs" if key == "shuffle_caption" else "cache_latents"
+        _, config, _ = planned(kohya_recipe(family=family), plugins, [*sets, f"backend.kohya.{off}=false"])
+        assert config["extra"][key] is True
+
+
+@pytest.mark.parametrize("key", ["fp8_base", "fp8_base_unet"])
+def test_fp8_base_through_extra_args_is_refused_for_hunyuan_image(kohya_recipe, plugins, key):  # noqa: F811
+    """sd-scripts' HunyuanImage trainer does not support --fp8_base / --fp8_base_unet (it warns, and drops them for
+    --fp8_scaled): refused at the key, naming the recipe setting that gives --fp8_scaled. FLUX.1 takes them."""
+    message = refusal(kohya_recipe(family="hunyuan-image-2.1"), plugins, [f"backend.kohya.extra_args={{{key}=true}}"])
+    line = next(m for m in message.splitlines() if f"[backend.kohya.extra_args.{key}]" in m)
+    assert "does not support" in line and "base_precision" in line, message
+    _, config, _ = planned(kohya_recipe(), plugins, [f"backend.kohya.extra_args={{{key}=true}}"])
+    assert config["extra"][key] is True
