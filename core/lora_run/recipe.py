@@ -35,6 +35,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 KeyPath = tuple[Any, ...]
 MAX_EXTENDS_DEPTH = 8
+#: How deeply tables and arrays may nest in a recipe (or a `--set` value): a recipe needs a handful of levels;
+#: dotted keys and table headers (`[a.a.a…]`) nest without limit in TOML and every reader of the data recurses.
+MAX_NESTING = 64
 
 
 class RecipeValueError(ValueError):
@@ -209,13 +212,33 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
         raise RecipeError(f"{shown}: {what}") from None
     try:
         # utf-8-sig: a byte-order mark, which Windows editors write, is dropped; anything else is the same UTF-8
-        return tomllib.loads(data.decode("utf-8-sig"))
+        parsed = tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise RecipeError(f"{shown}: the recipe is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{shown}: not valid TOML: {files.printable(str(exc))}") from None
     except RecursionError:
         raise RecipeError(f"{shown}: not valid TOML: nested too deeply") from None
+    deepest = too_deep(parsed)
+    if deepest is not None:
+        raise RecipeError(f"{shown}: [{format_key(deepest)}] nests tables or arrays more than {MAX_NESTING} levels "
+                          "deep; no recipe key does")
+    return parsed
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> KeyPath | None:
+    """The key path (cut at ``limit`` levels) where ``value`` nests tables or arrays deeper than ``limit``, or None.
+    Iterative: the check itself never recurses (TOML's dotted keys and table headers nest without a parser's limit)."""
+    stack: list[tuple[Any, KeyPath]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= limit and isinstance(node, (dict, list)) and node:
+            return path
+        if isinstance(node, dict):
+            stack.extend((v, (*path, k)) for k, v in node.items() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(node) if isinstance(v, (dict, list)))
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,6 +360,8 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
         return path, text
     if set(parsed) != {"v"}:
         raise RecipeError(f"{shown}: the value holds more than one TOML value (a line break and another key?)")
+    if len(path) > MAX_NESTING or too_deep(parsed["v"], MAX_NESTING - len(path)) is not None:
+        raise RecipeError(f"{shown}: the key and its value nest more than {MAX_NESTING} levels deep; no recipe key does")
     return path, parsed["v"]
 
 

@@ -1,0 +1,43 @@
+"""A hostile-input sweep of the CLI (recipes, `--set`, run folders, evaluation folders, `recipes`/`docs` names): each
+class of defect it found, fixed at its root, with the case that showed it. CPU, fast (no training)."""
+from __future__ import annotations
+
+import pytest
+
+from lora_run.cli import main
+from lora_run.errors import RecipeError
+from lora_run.recipe import MAX_NESTING, load_recipe, parse_set
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# ------------------------------------------------------------------------------------------- deep nesting
+@pytest.mark.parametrize("body", [
+    "[" + ".".join(["a"] * 3000) + "]\nx = 1\n",                 # a table header 3000 tables deep
+    "[train]\n" + ".".join(["a"] * 3000) + " = 1\n",              # a dotted key, the same
+    "[[" + ".".join(["a"] * 3000) + "]]\n",                       # an array of tables
+])
+def test_a_recipe_nested_thousands_deep_is_bad_input_not_a_crash(tmp_path, capsys, body):
+    # TOML's dotted keys and headers nest without a parser's limit; every reader of the data recursed
+    # (RecursionError, "unexpected", exit 1)
+    path = tmp_path / "deep.toml"
+    path.write_text(body, encoding="utf-8")
+    for command in ("check", "plan"):
+        code, text = _run([command, path], capsys)
+        assert code == 2, text
+        assert "deep.toml: [" in text and f"more than {MAX_NESTING} levels deep" in text, text
+        assert "unexpected" not in text and "Traceback" not in text
+    with pytest.raises(RecipeError, match="levels deep"):
+        load_recipe(path)
+
+
+def test_a_set_value_or_key_nested_too_deeply_is_refused():
+    with pytest.raises(RecipeError, match="levels deep"):
+        parse_set("train.loss_options=" + "{a=" * 100 + "1" + "}" * 100)
+    with pytest.raises(RecipeError, match="levels deep"):
+        parse_set(".".join(["a"] * 3000) + "=1")
+    assert parse_set("backend.kohya.extra_args={lr_scheduler_args=[\"a=1\"]}")[1] == {"lr_scheduler_args": ["a=1"]}
