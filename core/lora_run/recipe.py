@@ -372,7 +372,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         key = key.strip()
         path = tuple(key.split("."))
         if not all(path) or "=" in key:
-            raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
+            raise RecipeError(f"--unset {files.printable(key)}: expected a dotted key such as sample.every_steps")
         node: Any = raw
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys
@@ -380,7 +380,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
             known = _schema_keys(recipe_class)       # any key in backend tables and free-form tables
             if not (path[0] == "backend" or path in known or any(_is_dict(known[path[:n]][1]) for n in
                                                                 range(1, len(path)) if path[:n] in known)):
-                raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
+                raise RecipeError(f"--unset {files.printable(key)}: [{format_key(path)}] is not a recipe key")
             continue
         del node[path[-1]]
         for known in [k for k in origins if k[:len(path)] == path]:
@@ -407,7 +407,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
             elif isinstance(child, str) and part == "backend":
                 child = node[part] = {"name": child}
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {assignment}: [{'.'.join(path[:-1])}] is not a table")
+                raise RecipeError(f"--set {files.printable(assignment)}: [{format_key(path[:-1])}] is not a table")
             node = child
         node[path[-1]] = value
         _record(origins, path, value, "--set")

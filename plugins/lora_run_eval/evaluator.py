@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, GiB, check_input_file, read_limited, resolved, shown
+from lora_run.files import FileProblem, GiB, check_input_file, printable, read_limited, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir import JSON_LIMIT
@@ -603,7 +603,7 @@ def cmd_score(args: Any, plugins: Any) -> int:
 
     embedders = plugins.registry["embedder"]
     if args.embedder not in embedders:     # named by its option: score reads no recipe, there is no [eval.embedder]
-        raise PluginError(f"--embedder {args.embedder}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
+        raise PluginError(f"--embedder {printable(args.embedder)}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
                           f"available: {', '.join(sorted(embedders)) or 'none installed'}")
     subject = _folder_images(args.subject, "--subject")
     images = _folder_images(args.images, "--images")

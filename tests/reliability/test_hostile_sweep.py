@@ -41,3 +41,24 @@ def test_a_set_value_or_key_nested_too_deeply_is_refused():
     with pytest.raises(RecipeError, match="levels deep"):
         parse_set(".".join(["a"] * 3000) + "=1")
     assert parse_set("backend.kohya.extra_args={lr_scheduler_args=[\"a=1\"]}")[1] == {"lr_scheduler_args": ["a=1"]}
+
+
+# ---------------------------------------------------------------------------------- one line per problem
+def test_a_line_break_in_any_argument_never_splits_an_error_line(tmp_path, capsys, write_recipe):
+    # a name from a script's variable may hold a line break; the message of the command that refuses it stays one
+    # `error:` line per problem (`recipes` and `docs` printed the name raw, its second half on a line of its own)
+    odd = "a\nZQ1\rZQ2"
+    recipe = write_recipe("[model]\nsource = \"x\"\n[dataset]\npath = \"{dataset}\"\n")
+    cases = [["recipes", odd], ["docs", odd], ["docs", "--path", odd],
+             ["score", "--subject", tmp_path, "--images", tmp_path, "--embedder", odd],
+             ["check", tmp_path / odd], ["plan", tmp_path / f"{odd}.toml"],
+             ["eval", recipe, "--lora", tmp_path / odd],
+             ["check", recipe, "--set", f"output.name={odd}"], ["check", recipe, "--unset", odd]]
+    for argv in cases:
+        code, text = _run(argv, capsys)
+        assert code == 2, (argv, text)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if not ln.startswith(("usage:", " ", "dataset:", "  ", "check failed"))]
+        assert errors and all(ln.startswith("error: ") for ln in errors), (argv, text)
+        # the name's second half never begins a line of its own (`_fail` starts every line with "error: ")
+        assert not any(ln.startswith(("error: ZQ", "ZQ")) for ln in lines), (argv, text)
