@@ -308,11 +308,28 @@ def _p(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def image_folders(images_root: Path, labels: Sequence[str]) -> list[Path]:
+    """One folder under ``images_root`` per LoRA label, named after it with safe characters: never "", "." or ".."
+    (it stays inside), and never one name for two labels, also where the file system ignores letter case (`x y` and
+    `x-y` both make `x-y`, `Step` and `step` are one folder on macOS): a later LoRA's images would replace an earlier
+    one's, which the report then shows under the earlier label."""
+    taken: set[str] = set()
+    out = []
+    for n, label in enumerate(labels, 1):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+        name = name if name.strip(".") else f"lora-{n}"
+        unique, k = name, 1
+        while unique.casefold() in taken:
+            k += 1
+            unique = f"{name}-{k}"
+        taken.add(unique.casefold())
+        out.append(images_root / unique)
+    return out
+
+
 def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
                    loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
-    for n, (label, step, path) in enumerate(loras, 1):
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
-        folder = images_root / (name if name.strip(".") else f"lora-{n}")   # never "", "." or "..": stays inside
+    for folder, (label, step, path) in zip(image_folders(images_root, [label for label, _, _ in loras]), loras):
         samples = generate_grid(generate, recipe, path, folder, evaluation.echo)
         evaluation.add(label, step, str(path), samples)
 

@@ -62,3 +62,42 @@ def test_a_line_break_in_any_argument_never_splits_an_error_line(tmp_path, capsy
         assert errors and all(ln.startswith("error: ") for ln in errors), (argv, text)
         # the name's second half never begins a line of its own (`_fail` starts every line with "error: ")
         assert not any(ln.startswith(("error: ZQ", "ZQ")) for ln in lines), (argv, text)
+
+
+# ------------------------------------------------------------------------------ evaluation image folders
+def test_each_evaluated_lora_gets_its_own_image_folder(tmp_path):
+    # `eval --lora "a/x y.safetensors" --lora b/x-y.safetensors`: both labels made the folder `x-y`, the second LoRA's
+    # images replaced the first's and the report showed them under the first; `Step`/`step` are one folder on macOS
+    from lora_run_eval.evaluator import evaluate_loras, image_folders
+
+    labels = ["x y", "x-y", "x_y", "Step 2", "step-2", "STEP 2", "..", "", "final (step 4)"]
+    folders = image_folders(tmp_path / "images", labels)
+    names = [f.name for f in folders]
+    assert len({n.casefold() for n in names}) == len(labels), names
+    assert all(f.parent == tmp_path / "images" and f.name not in ("", ".", "..") for f in folders), names
+    assert names[0] == "x-y" and names[2] == "x_y" and names[-1] == "final-step-4"    # ordinary names as before
+
+    class Ev:
+        echo = staticmethod(lambda _m: None)
+        added: list = []
+
+        def add(self, label, step, path, samples):
+            self.added.append((label, {s.path for s in samples}))
+
+    class Recipe:
+        class eval:
+            prompts, strengths, seeds = ["a photo of ohwx"], [1.0], [1]
+            steps, guidance, width, height = 2, 3.5, 64, 64
+        class dataset:
+            trigger = "ohwx"
+            class_word = None
+
+    written = []
+
+    def generate(recipe, lora, jobs, out_dir):
+        written.append(out_dir)
+        return [{"name": j["name"], "path": f"{out_dir}/{j['name']}.png"} for j in jobs]
+
+    loras = [("x y", None, tmp_path / "a.safetensors"), ("x-y", None, tmp_path / "b.safetensors")]
+    evaluate_loras(Ev(), generate, Recipe(), loras, tmp_path / "images")
+    assert len(set(written)) == 2, written
