@@ -443,6 +443,8 @@ def _check_output(path: Path, overwrite: bool) -> None:
                               "left alone")
         others = sorted(e.name for e in path.iterdir() if e.name not in (*OWN_ENTRIES, OUTPUT_RECORD)
                         and not (TEMP_FILE.match(e.name) and e.is_file() and not e.is_symlink()))
+        # inside images/: what the evaluation's record does not list (a picked image, a user's notes) is not its own
+        others += [n for n in unrecorded(path, EVALUATION) or [] if "/" in n]
         if others:
             raise OutputError(f"{shown(path)}: --overwrite would delete the earlier evaluation beside "
                               f"{len(others)} entr{'y' if len(others) == 1 else 'ies'} it did not write "

@@ -101,3 +101,135 @@ def test_each_evaluated_lora_gets_its_own_image_folder(tmp_path):
     loras = [("x y", None, tmp_path / "a.safetensors"), ("x-y", None, tmp_path / "b.safetensors")]
     evaluate_loras(Ev(), generate, Recipe(), loras, tmp_path / "images")
     assert len(set(written)) == 2, written
+
+
+# ------------------------------------------------------------------- what a user adds inside a run's folders
+NESTED = """
+backend = "nested"
+[model]
+source = "black-forest-labs/FLUX.1-dev"
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+min_images = 2
+[train]
+steps = 2
+[eval]
+enabled = false
+"""
+
+
+class NestedBackend:
+    """Writes what a trainer writes inside its folders: samples, a checkpoint, the loss log (a hook may add more)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def plan(self):
+        from lora_run.run import Plan
+
+        return Plan(backend="nested", family=self.ctx.recipe.model.family, steps=2)
+
+    def run(self):
+        d = self.ctx.run_dir
+        for rel in ("samples/step-000002/0.png", "checkpoints/step-000002/lora.safetensors", "eval/loss.jsonl"):
+            d.file(rel).parent.mkdir(parents=True, exist_ok=True)
+            d.file(rel).write_bytes(b"the run's")
+        d.write_text("lora.safetensors", "weights")
+        self.ctx.artifacts["lora"] = str(d.file("lora.safetensors"))
+
+
+class NestedPlugin:
+    from lora_run.hookspecs import hookimpl
+
+    @hookimpl
+    def register_backends(self, register):
+        register("nested", NestedBackend, capabilities={"flux.1-dev": {
+            "steps", "epochs", "timestep_sampling:sigmoid", "targets:attention", "optimizer:adafactor",
+            "scheduler:constant_with_warmup", "loss:mse"}})
+
+    @hookimpl
+    def run_finished(self, run):          # written after the final manifest: still the run's
+        run.run_dir.file("eval", "after-finish.json").write_text("{}")
+
+
+def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, plugins_with, tmp_path, monkeypatch):
+    # `--overwrite` deleted everything inside a run's own folders (`samples/`, `checkpoints/`, `eval/`, `diffusers/`):
+    # a folder of picked samples or notes added there went with the old run; only the top level was checked
+    import json
+
+    from lora_run.errors import OutputError
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    recipe, run = write_recipe(NESTED), tmp_path / "run"
+
+    def go(**flags):
+        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
+                       **flags)
+
+    go()
+    files = json.loads((run / "manifest.json").read_text())["files"]
+    assert {"samples/step-000002/0.png", "eval/after-finish.json", "checkpoints/step-000002"} <= set(files), files
+    go(overwrite=True)                                             # the control: a run's own folders are replaced
+    added = {run / "samples" / "picked" / "best.png": b"mine", run / "checkpoints" / "notes.txt": b"step 2 was best",
+             run / "eval" / "step-000002" / "mine.txt": b"mine too"}
+    for path, data in added.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.raises(OutputError) as info:
+        go(overwrite=True)
+    message = str(info.value)
+    assert "--overwrite would delete 3 entries no lora-run run wrote there" in message, message
+    assert "samples/picked" in message and "checkpoints/notes.txt" in message and "eval/step-000002" in message
+    assert "samples/picked/best.png" not in message                # a folder added stands for what it holds
+    assert all(p.read_bytes() == data for p, data in added.items())
+    # a resume keeps them the user's: a later --overwrite still refuses
+    (run / "samples" / "picked" / "best.png").unlink()
+    (run / "samples" / "picked").rmdir()
+    (run / "eval" / "step-000002" / "mine.txt").unlink()
+    (run / "eval" / "step-000002").rmdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    go(resume=True)
+    assert "checkpoints/notes.txt" not in json.loads((run / "manifest.json").read_text())["files"]
+    with pytest.raises(OutputError, match="checkpoints/notes.txt"):
+        go(overwrite=True)
+    assert (run / "checkpoints" / "notes.txt").read_bytes() == b"step 2 was best"
+    (run / "checkpoints" / "notes.txt").unlink()
+    go(overwrite=True)
+    # a run that was killed (its manifest still "running") wrote more after its last record: as before, its
+    # folders are taken as the run's
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    (run / "samples" / "step-000002" / "1.png").write_bytes(b"written after the last record")
+    go(overwrite=True)
+    assert not (run / "samples" / "step-000002" / "1.png").exists()
+
+
+def test_eval_overwrite_keeps_what_a_user_added_among_its_images(tmp_path):
+    # `eval --overwrite` removed the whole `images/` folder of the earlier evaluation, a user's picks in it too;
+    # `run --overwrite` deleted such an `eval-*` folder with the run
+    from lora_run.errors import OutputError
+    from lora_run_eval.evaluator import OWN_ENTRIES, _check_output
+    from lora_run_rundir.record import EVALUATION, recorded_output, unrecorded
+
+    out = tmp_path / "eval-tiny"
+    with recorded_output(out, EVALUATION, OWN_ENTRIES):
+        (out / "images" / "final").mkdir(parents=True)
+        (out / "images" / "final" / "p0.png").write_bytes(b"generated")
+        (out / "metrics.json").write_text("{}")
+    assert unrecorded(out, EVALUATION) == []
+    _check_output(out, overwrite=True)                             # the control: its own evaluation is replaced
+    (out / "images" / "final" / "favourite.png").write_bytes(b"picked")
+    assert unrecorded(out, EVALUATION) == ["images/final/favourite.png"]
+    with pytest.raises(OutputError, match="images/final/favourite.png"):
+        _check_output(out, overwrite=True)
+    # an evaluation that stopped after its first image records what it wrote too
+    other = tmp_path / "eval-other"
+    with pytest.raises(RuntimeError), recorded_output(other, EVALUATION, OWN_ENTRIES):
+        (other / "images").mkdir(parents=True)
+        (other / "images" / "p0.png").write_bytes(b"generated")
+        raise RuntimeError("the second image failed")
+    assert unrecorded(other, EVALUATION) == []
