@@ -233,3 +233,33 @@ def test_eval_overwrite_keeps_what_a_user_added_among_its_images(tmp_path):
         (other / "images" / "p0.png").write_bytes(b"generated")
         raise RuntimeError("the second image failed")
     assert unrecorded(other, EVALUATION) == []
+
+
+# ---------------------------------------------------------------------------- a cache folder on the run folder
+def test_a_cache_dir_that_is_or_holds_the_run_folder_is_refused_by_check(write_recipe, plugins_with, tmp_path,
+                                                                           monkeypatch):
+    # `check` and `plan` passed; the run then refused it ("not a cache folder lora-run made: … .lora-run.lock"), after
+    # making the run folder, and a run folder inside the cache made the cache unusable for every later run
+    from lora_run_rundir.output import output_problems
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    recipe = load_recipe(write_recipe(NESTED), plugins=plugins).recipe
+    runs = tmp_path / "runs"
+    cases = {(str(runs / "a"), str(runs / "a")): "is the run folder",
+             (str(runs / "b"), str(runs / "b" / "run")): "contains the run folder",
+             (str(runs / "c"), str(runs / "c" / "x" / "run")): "contains the run folder"}
+    for (cache, out), message in cases.items():
+        r = attrs_evolve_cache(recipe, cache)
+        found = [p for p in output_problems(r, out) if "[train.cache_dir]" in p]
+        assert len(found) == 1 and message in found[0], (cache, out, found)
+    # the controls: a cache beside the run folder, or inside it (the run's own to delete with it)
+    for cache, out in ((runs / "cache", runs / "d"), (runs / "e" / "cache", runs / "e")):
+        assert output_problems(attrs_evolve_cache(recipe, str(cache)), str(out)) == [], (cache, out)
+    assert not runs.exists()
+
+
+def attrs_evolve_cache(recipe, cache):
+    from lora_run.recipe import replace
+
+    return replace(recipe, train={"cache_dir": cache})
