@@ -607,10 +607,11 @@ def _folder_images(given: str, flag: str) -> list[Path]:
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {shown(folder)}: not a folder")
-    # a link that leads nowhere (dangling, or a loop) is named by ``unreadable_images`` like a file that does not
-    # decode, never left out unseen; a link to a folder is no image file
+    # a link that leads nowhere (dangling, or a loop), a FIFO, a device or a socket under an image's name is named by
+    # ``unreadable_images`` like a file that does not decode, never left out unseen; a folder (or a link to one) is no
+    # image file
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-                   and (p.is_file() or (p.is_symlink() and not p.exists())))
+                   and not p.is_dir())
     if not files:
         raise RecipeError(f"{flag} {shown(folder)}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
     return files

@@ -263,3 +263,21 @@ def attrs_evolve_cache(recipe, cache):
     from lora_run.recipe import replace
 
     return replace(recipe, train={"cache_dir": cache})
+
+
+# ------------------------------------------------------------------------------ score: what is no image file
+def test_score_names_a_fifo_or_device_under_an_image_name(tmp_path, capsys, subject_dataset):
+    # a FIFO or a link to /dev/zero named `x.png` in --images was left out unseen (exit 0, fewer images scored),
+    # while a text file or a dangling link under such a name was named
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "real.png").write_bytes((subject_dataset / "img000.png").read_bytes())
+    os.mkfifo(images / "pipe.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "folder.png").mkdir()                            # a folder is no image file: still left out
+    code, text = _run(["score", "--subject", subject_dataset, "--images", images], capsys)
+    assert code == 2, text
+    assert "--images" in text and "pipe.png: cannot be scored: is a FIFO" in text, text
+    assert "zero.png: cannot be scored: is a character device" in text and "folder.png" not in text, text
