@@ -69,13 +69,31 @@ def build_parser(plugins: registry.Plugins | None = None) -> argparse.ArgumentPa
     return parser
 
 
+def _reader_gone() -> None:
+    """The reader of our output went away (`lora-run … --json | head` stopped reading): nothing more is written to
+    either stream, so neither a traceback nor Python's "Exception ignored" note at exit reaches the terminal."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):   # a stream without a descriptor (a test's capture)
+            pass
+
+
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
-    if as_json:
-        print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
-                          "problems": getattr(err, "problems", [str(err)])}, indent=2))
-    else:
-        for line in str(err).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+    """Report ``err`` (JSON on standard output under ``--json``, else one `error:` line per problem) and return its
+    exit code, also when the reader of the output has gone away."""
+    try:
+        if as_json:
+            print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
+                              "problems": getattr(err, "problems", [str(err)])}, indent=2))
+        else:
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        _reader_gone()
     return err.exit_code
 
 
@@ -124,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(_with_command(argv, sorted(commands)))
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
+    except BrokenPipeError:    # the usage, or the help, written to a reader that went away
+        _reader_gone()
+        return EXIT_OK if {"-h", "--help", "--version"} & set(argv) else EXIT_BAD_INPUT
     except ArgumentsError as err:
         warn_broken(plugins)   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)

@@ -281,3 +281,32 @@ def test_score_names_a_fifo_or_device_under_an_image_name(tmp_path, capsys, subj
     assert code == 2, text
     assert "--images" in text and "pipe.png: cannot be scored: is a FIFO" in text, text
     assert "zero.png: cannot be scored: is a character device" in text and "folder.png" not in text, text
+
+
+# ------------------------------------------------------------------------------- a reader that went away
+@pytest.mark.parametrize("argv", [
+    ["plan", "--json", "{recipe}", "--output-dir", ""],        # an argument error, as JSON
+    ["chek", "{recipe}", "--json"],                             # an unknown command word
+    ["eval", "{recipe}", "--lora", "{missing}", "--json"],       # a command that is not read-only
+    ["{recipe}", "--output-dir", "{dataset}"],                  # a run's refusal on standard error
+])
+def test_a_closed_pipe_ends_a_failing_command_quietly_with_its_exit_code(argv, tmp_path, write_recipe,
+                                                                         subject_dataset):
+    # `lora-run plan --json … | head` where the command fails: writing its error to a reader that had gone away
+    # ended in a BrokenPipeError traceback and exit 1 instead of the error's exit 2
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe("[model]\nsource = \"x\"\n[dataset]\npath = \"{dataset}\"\n")
+    values = {"{recipe}": str(recipe), "{missing}": str(tmp_path / "none.safetensors"), "{dataset}": str(subject_dataset)}
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lora_run", *(values.get(a, a) for a in argv)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
