@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -78,6 +79,40 @@ def _reader_gone() -> None:
             os.dup2(devnull, stream.fileno())
         except (OSError, ValueError, AttributeError):   # a stream without a descriptor (a test's capture)
             pass
+
+
+class _Outlasting:
+    """Standard output or error for a command that writes files (a run, `eval`, `demo`): when its reader goes away (`lora-run
+    r.toml | head`, a `tee` that was stopped), the rest of what it says goes to the null device and the command goes
+    on, instead of ending in BrokenPipeError wherever it printed next (a run "crashed" mid-training, or, at its first
+    line, did nothing and exited 0). Everything else is the stream's own."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())   # later writes, flushes: nowhere
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
@@ -156,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    elif as_program and not read_only:     # a command that writes files outlasts the reader of what it says
+        sys.stdout, sys.stderr = _Outlasting(sys.stdout), _Outlasting(sys.stderr)
     try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
         if not read_only:
             warn_broken(plugins)

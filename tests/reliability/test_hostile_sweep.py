@@ -310,3 +310,28 @@ def test_a_closed_pipe_ends_a_failing_command_quietly_with_its_exit_code(argv, t
         os.close(write)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow     # a real tiny run (about 10 s on CPU)
+def test_a_run_outlasts_the_reader_of_its_output(tiny_recipe, tmp_path):
+    # `lora-run r.toml | head -1`: the run's next line raised BrokenPipeError, which crashed the training ("backend
+    # crashed: BrokenPipeError", exit 1, manifest failed); a reader gone before its first line made it exit 0 having
+    # done nothing. The run now trains to the end, saying the rest to no one.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe("", name="r.toml")
+    run = tmp_path / "run"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lora_run", str(recipe), "--output-dir", str(run),
+                               "--set", "train.steps=2", "--set", "train.save_every_steps=1"],
+                              stdout=write, stderr=write, cwd=tmp_path, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    assert (run / "tiny.safetensors").is_file()
