@@ -335,3 +335,34 @@ def test_a_run_outlasts_the_reader_of_its_output(tiny_recipe, tmp_path):
     assert done.returncode == 0
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     assert (run / "tiny.safetensors").is_file()
+
+
+def test_a_folder_holding_a_copied_run_recipe_keeps_its_own_folders(write_recipe, plugins_with, tmp_path,
+                                                                      monkeypatch):
+    # a project folder holding a recipe.toml copied from a run folder (its "Resolved from … by lora-run" header made it
+    # a run folder) and folders of the user's named like a run's (`logs/`, `samples/`, `cache/`): `--overwrite` there
+    # deleted them as the run's, though no manifest said a run had written anything there
+    from lora_run.errors import OutputError
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    run = tmp_path / "run"
+    execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None)
+    project = tmp_path / "project"
+    (project / "logs").mkdir(parents=True)
+    (project / "logs" / "notes.txt").write_text("mine")
+    (project / "samples").mkdir()
+    (project / "recipe.toml").write_bytes((run / "recipe.toml").read_bytes())
+    with pytest.raises(OutputError, match=r"would delete 2 entries no lora-run run wrote there \(logs, samples\)"):
+        execute(load_recipe(project / "recipe.toml", plugins=plugins), plugins, output_dir=str(project),
+                overwrite=True, echo=lambda _m: None)
+    assert (project / "logs" / "notes.txt").read_text() == "mine" and (project / "samples").is_dir()
+    # a finished run's own folder that it never made is the user's too
+    (run / "logs").mkdir()
+    with pytest.raises(OutputError, match=r"would delete 1 entry no lora-run run wrote there \(logs\)"):
+        execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), overwrite=True,
+                echo=lambda _m: None)
+    (run / "logs").rmdir()
+    execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), overwrite=True,
+            echo=lambda _m: None)
