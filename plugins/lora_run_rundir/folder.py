@@ -22,6 +22,7 @@ from lora_run_commands import describe_plugins
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
+from .cachedir import cache_problems
 from .record import EVALUATION, OUTPUT_RECORD, tree, unlisted, unrecorded
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
@@ -192,6 +193,8 @@ _RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
 _RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers", "kohya", "diffusion-pipe")
 #: What runs write at the top of a run folder besides the files their manifest names (the final LoRA).
 RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS}
+#: The native backend's cache in a run folder without a `[train] cache_dir`: lora-run's cache entries alone.
+CACHE = "cache"
 
 
 def _recorded_names(path: Path, node: Any) -> set[str]:
@@ -216,7 +219,8 @@ def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
     those its manifest lists as written (an evaluation's ``eval-*`` folder has a record of its own)."""
     written = manifest.get(WRITTEN)
     names = set(_RUN_FOLDERS) | ({n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
-    return sorted(n for n in names if n not in _RUN_FILES and _plain_name(n))
+    # the run's own cache (thousands of entries in a large run) is checked by what it holds instead: ``unrecorded_files``
+    return sorted(n for n in names if n not in _RUN_FILES and n != CACHE and _plain_name(n))
 
 
 def _plain_name(name: str) -> bool:
@@ -227,9 +231,11 @@ def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:
     """The entries inside a run folder's own folders that its manifest's ``FILES`` does not list: added by someone
     after the run's last record. None to compare with (no list: a folder from before it) or a run that was killed
     (status "running": what it wrote after its last record is unlisted) gives none."""
-    if manifest.get("status") == "running":
+    if manifest.get("status") == "running" or not isinstance(manifest.get(FILES), list):
         return []
-    return unlisted(path, own_folders(path, manifest), manifest.get(FILES))
+    cache = path / CACHE
+    foreign_cache = [] if os.path.islink(cache) else [f"{CACHE}/{p}" for p in cache_problems(cache)]
+    return unlisted(path, own_folders(path, manifest), manifest.get(FILES)) + foreign_cache
 
 
 def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:

@@ -132,6 +132,8 @@ class NestedBackend:
 
     def run(self):
         d = self.ctx.run_dir
+        d.file("cache", "latents").mkdir(parents=True, exist_ok=True)
+        d.file("cache", "latents", "index.json").write_text("{}")       # the run's own (empty) latent cache
         for rel in ("samples/step-000002/0.png", "checkpoints/step-000002/lora.safetensors", "eval/loss.jsonl"):
             d.file(rel).parent.mkdir(parents=True, exist_ok=True)
             d.file(rel).write_bytes(b"the run's")
@@ -174,14 +176,15 @@ def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, 
     assert {"samples/step-000002/0.png", "eval/after-finish.json", "checkpoints/step-000002"} <= set(files), files
     go(overwrite=True)                                             # the control: a run's own folders are replaced
     added = {run / "samples" / "picked" / "best.png": b"mine", run / "checkpoints" / "notes.txt": b"step 2 was best",
-             run / "eval" / "step-000002" / "mine.txt": b"mine too"}
+             run / "eval" / "step-000002" / "mine.txt": b"mine too", run / "cache" / "latents" / "keep.txt": b"mine"}
     for path, data in added.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     with pytest.raises(OutputError) as info:
         go(overwrite=True)
     message = str(info.value)
-    assert "--overwrite would delete 3 entries no lora-run run wrote there" in message, message
+    assert "--overwrite would delete 4 entries no lora-run run wrote there" in message, message
+    assert "cache/latents/keep.txt" in message        # the run's cache: by what lora-run's cache holds
     assert "samples/picked" in message and "checkpoints/notes.txt" in message and "eval/step-000002" in message
     assert "samples/picked/best.png" not in message                # a folder added stands for what it holds
     assert all(p.read_bytes() == data for p, data in added.items())
@@ -190,6 +193,7 @@ def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, 
     (run / "samples" / "picked").rmdir()
     (run / "eval" / "step-000002" / "mine.txt").unlink()
     (run / "eval" / "step-000002").rmdir()
+    (run / "cache" / "latents" / "keep.txt").unlink()
     manifest = json.loads((run / "manifest.json").read_text())
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
     go(resume=True)
