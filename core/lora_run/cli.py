@@ -70,65 +70,37 @@ def build_parser(plugins: registry.Plugins | None = None) -> argparse.ArgumentPa
     return parser
 
 
-def _reader_gone() -> None:
-    """The reader of our output went away (`lora-run … --json | head` stopped reading): nothing more is written to
-    either stream, so neither a traceback nor Python's "Exception ignored" note at exit reaches the terminal."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            os.dup2(devnull, stream.fileno())
-        except (OSError, ValueError, AttributeError):   # a stream without a descriptor (a test's capture)
-            pass
+def _to_null(*streams: Any) -> None:
+    """Their reader went away (`lora-run … | head`): what is still written to ``streams`` goes to the null device."""
+    for stream in streams:
+        with contextlib.suppress(OSError, ValueError, AttributeError):    # a test's capture has no descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
-class _Outlasting:
-    """Standard output or error for a command that writes files (a run, `eval`, `demo`): when its reader goes away (`lora-run
-    r.toml | head`, a `tee` that was stopped), the rest of what it says goes to the null device and the command goes
-    on, instead of ending in BrokenPipeError wherever it printed next (a run "crashed" mid-training, or, at its first
-    line, did nothing and exited 0). Everything else is the stream's own."""
-
-    def __init__(self, stream: Any):
-        self._stream = stream
-
-    def _gone(self) -> None:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())   # later writes, flushes: nowhere
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._gone()
-            return len(text)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._gone()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
+def _outlast(stream: Any) -> None:
+    """A command that writes files (a run, `eval`, `demo`) goes on when the reader of ``stream`` goes away (`lora-run
+    r.toml | head`), saying the rest to no one, instead of a BrokenPipeError where it printed next."""
+    def guarded(method: Any) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                return method(*args)
+            except BrokenPipeError:
+                _to_null(stream)
+        return call
+    stream.write, stream.flush = guarded(stream.write), guarded(stream.flush)
 
 
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
-    """Report ``err`` (JSON on standard output under ``--json``, else one `error:` line per problem) and return its
-    exit code, also when the reader of the output has gone away."""
-    try:
+    try:    # the exit code stands also when the reader of the output has gone away
         if as_json:
             print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
                               "problems": getattr(err, "problems", [str(err)])}, indent=2))
         else:
             for line in str(err).splitlines():
                 print(f"error: {line}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush(), sys.stderr.flush()
     except BrokenPipeError:
-        _reader_gone()
+        _to_null(sys.stdout, sys.stderr)
     return err.exit_code
 
 
@@ -178,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
     except BrokenPipeError:    # the usage, or the help, written to a reader that went away
-        _reader_gone()
+        _to_null(sys.stdout, sys.stderr)
         return EXIT_OK if {"-h", "--help", "--version"} & set(argv) else EXIT_BAD_INPUT
     except ArgumentsError as err:
         warn_broken(plugins)   # a broken plugin's command is missing
@@ -192,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     elif as_program and not read_only:     # a command that writes files outlasts the reader of what it says
-        sys.stdout, sys.stderr = _Outlasting(sys.stdout), _Outlasting(sys.stderr)
+        _outlast(sys.stdout), _outlast(sys.stderr)
     try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
         if not read_only:
             warn_broken(plugins)

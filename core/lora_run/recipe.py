@@ -35,8 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 KeyPath = tuple[Any, ...]
 MAX_EXTENDS_DEPTH = 8
-#: How deeply tables and arrays may nest in a recipe (or a `--set` value): a recipe needs a handful of levels;
-#: dotted keys and table headers (`[a.a.a…]`) nest without limit in TOML and every reader of the data recurses.
+#: How deeply a recipe may nest tables and arrays (`[a.a.a…]` nests without a parser's limit; readers recurse)
 MAX_NESTING = 64
 
 
@@ -219,25 +218,20 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
         raise RecipeError(f"{shown}: not valid TOML: {files.printable(str(exc))}") from None
     except RecursionError:
         raise RecipeError(f"{shown}: not valid TOML: nested too deeply") from None
-    deepest = too_deep(parsed)
-    if deepest is not None:
-        raise RecipeError(f"{shown}: [{format_key(deepest)}] nests tables or arrays more than {MAX_NESTING} levels "
-                          "deep; no recipe key does")
+    if (deepest := too_deep(parsed)) is not None:
+        raise RecipeError(f"{shown}: [{format_key(deepest)}] nests more than {MAX_NESTING} levels deep; no key does")
     return parsed
 
 
 def too_deep(value: Any, limit: int = MAX_NESTING) -> KeyPath | None:
-    """The key path (cut at ``limit`` levels) where ``value`` nests tables or arrays deeper than ``limit``, or None.
-    Iterative: the check itself never recurses (TOML's dotted keys and table headers nest without a parser's limit)."""
+    """The key path (cut at ``limit`` levels) where ``value`` nests tables or arrays deeper, or None (iteratively)."""
     stack: list[tuple[Any, KeyPath]] = [(value, ())]
     while stack:
         node, path = stack.pop()
-        if len(path) >= limit and isinstance(node, (dict, list)) and node:
+        children = list(node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ())
+        if children and len(path) >= limit:
             return path
-        if isinstance(node, dict):
-            stack.extend((v, (*path, k)) for k, v in node.items() if isinstance(v, (dict, list)))
-        elif isinstance(node, list):
-            stack.extend((v, (*path, i)) for i, v in enumerate(node) if isinstance(v, (dict, list)))
+        stack.extend((v, (*path, k)) for k, v in children)
     return None
 
 
@@ -361,7 +355,7 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     if set(parsed) != {"v"}:
         raise RecipeError(f"{shown}: the value holds more than one TOML value (a line break and another key?)")
     if len(path) > MAX_NESTING or too_deep(parsed["v"], MAX_NESTING - len(path)) is not None:
-        raise RecipeError(f"{shown}: the key and its value nest more than {MAX_NESTING} levels deep; no recipe key does")
+        raise RecipeError(f"{shown}: the key and its value nest more than {MAX_NESTING} levels deep; no key does")
     return path, parsed["v"]
 
 

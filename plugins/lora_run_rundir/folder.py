@@ -241,11 +241,11 @@ def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:
 def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:
     """The entries of a run folder that no run wrote (a user's notes, a folder of their own): `--overwrite`
     would delete them with the old run. A run's entries are those its manifest lists as written (or, in a folder
-    from before that list, names the manifest's artifacts) and the fixed ones above (its folders only where the list
-    may lack them: a manifest from before it, a killed run's; without a manifest of lora-run's, its recipe and log); an evaluation `lora-run eval`
-    wrote next to the final LoRA (an ``eval-*`` folder) is a run's too, when its record says so and it holds nothing
-    the record does not list (``record.unrecorded``): a folder merely holding a `metrics.json` or `report.html` is
-    not."""
+    from before that list, names the manifest's artifacts) and the fixed ones above (its folders only where the
+    list may lack them: a manifest from before it, a killed run's; without a manifest of lora-run's, its recipe
+    and log); an evaluation `lora-run eval` wrote next to the final LoRA (an ``eval-*`` folder) is a run's too,
+    when its record says so and it holds nothing the record does not list (``record.unrecorded``): a folder
+    merely holding a `metrics.json` or `report.html` is not."""
     written = manifest.get(WRITTEN)
     recorded = _recorded_names(path, manifest.get("artifacts")) | (
         {n for n in written if isinstance(n, str)} if isinstance(written, list) else set())

@@ -52,8 +52,9 @@ def tree(folder: Path, names: Iterable[str]) -> set[str]:
 
 def unlisted(folder: Path, names: Iterable[str], listed: Any) -> list[str]:
     """The entries inside the sub-folders ``names`` of ``folder`` that ``listed`` (a record's ``files``) does not name,
-    the temporary files of lora-run's atomic writes aside, sorted (a folder not listed stands for what it holds); none when ``listed`` is no list of names (a record
-    from before the list, or of a writer that was killed: nothing to compare with)."""
+    the temporary files of lora-run's atomic writes aside, sorted (a folder not listed stands for what it holds);
+    none when ``listed`` is no list of names (a record from before the list, or of a writer that was killed:
+    nothing to compare with)."""
     if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
         return []
     known = set(listed)
