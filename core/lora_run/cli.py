@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -69,13 +70,37 @@ def build_parser(plugins: registry.Plugins | None = None) -> argparse.ArgumentPa
     return parser
 
 
+def _to_null(*streams: Any) -> None:
+    """Their reader went away (`lora-run … | head`): what is still written to ``streams`` goes to the null device."""
+    for stream in streams:
+        with contextlib.suppress(OSError, ValueError, AttributeError):    # a test's capture has no descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def _outlast(stream: Any) -> None:
+    """A command that writes files (a run, `eval`, `demo`) goes on when the reader of ``stream`` goes away (`lora-run
+    r.toml | head`), saying the rest to no one, instead of a BrokenPipeError where it printed next."""
+    def guarded(method: Any) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                return method(*args)
+            except BrokenPipeError:
+                _to_null(stream)
+        return call
+    stream.write, stream.flush = guarded(stream.write), guarded(stream.flush)
+
+
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
-    if as_json:
-        print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
-                          "problems": getattr(err, "problems", [str(err)])}, indent=2))
-    else:
-        for line in str(err).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+    try:    # the exit code stands also when the reader of the output has gone away
+        if as_json:
+            print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
+                              "problems": getattr(err, "problems", [str(err)])}, indent=2))
+        else:
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+    except BrokenPipeError:
+        _to_null(sys.stdout, sys.stderr)
     return err.exit_code
 
 
@@ -124,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(_with_command(argv, sorted(commands)))
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
+    except BrokenPipeError:    # the usage, or the help, written to a reader that went away
+        _to_null(sys.stdout, sys.stderr)
+        return EXIT_OK if {"-h", "--help", "--version"} & set(argv) else EXIT_BAD_INPUT
     except ArgumentsError as err:
         warn_broken(plugins)   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)
@@ -135,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     if as_program and read_only and hasattr(signal, "SIGPIPE"):
         # `lora-run check … --json | head`: a reader that stops early ends us quietly, as it ends `cat`
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    elif as_program and not read_only:     # a command that writes files outlasts the reader of what it says
+        _outlast(sys.stdout), _outlast(sys.stderr)
     try:    # a read-only command reports broken plugins itself (``warn_broken``); the others before they run
         if not read_only:
             warn_broken(plugins)

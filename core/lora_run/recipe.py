@@ -35,6 +35,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 KeyPath = tuple[Any, ...]
 MAX_EXTENDS_DEPTH = 8
+#: How deeply a recipe may nest tables and arrays (`[a.a.a…]` nests without a parser's limit; readers recurse)
+MAX_NESTING = 64
 
 
 class RecipeValueError(ValueError):
@@ -209,13 +211,28 @@ def read_toml(path: Path, shown: str | None = None) -> dict[str, Any]:
         raise RecipeError(f"{shown}: {what}") from None
     try:
         # utf-8-sig: a byte-order mark, which Windows editors write, is dropped; anything else is the same UTF-8
-        return tomllib.loads(data.decode("utf-8-sig"))
+        parsed = tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise RecipeError(f"{shown}: the recipe is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{shown}: not valid TOML: {files.printable(str(exc))}") from None
     except RecursionError:
         raise RecipeError(f"{shown}: not valid TOML: nested too deeply") from None
+    if (deepest := too_deep(parsed)) is not None:
+        raise RecipeError(f"{shown}: [{format_key(deepest)}] nests more than {MAX_NESTING} levels deep; no key does")
+    return parsed
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> KeyPath | None:
+    """The key path (cut at ``limit`` levels) where ``value`` nests tables or arrays deeper, or None (iteratively)."""
+    stack: list[tuple[Any, KeyPath]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        children = list(node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ())
+        if children and len(path) >= limit:
+            return path
+        stack.extend((v, (*path, k)) for k, v in children)
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,6 +354,8 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
         return path, text
     if set(parsed) != {"v"}:
         raise RecipeError(f"{shown}: the value holds more than one TOML value (a line break and another key?)")
+    if len(path) > MAX_NESTING or too_deep(parsed["v"], MAX_NESTING - len(path)) is not None:
+        raise RecipeError(f"{shown}: the key and its value nest more than {MAX_NESTING} levels deep; no key does")
     return path, parsed["v"]
 
 
@@ -347,7 +366,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         key = key.strip()
         path = tuple(key.split("."))
         if not all(path) or "=" in key:
-            raise RecipeError(f"--unset {key}: expected a dotted key such as sample.every_steps")
+            raise RecipeError(f"--unset {files.printable(key)}: expected a dotted key such as sample.every_steps")
         node: Any = raw
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys
@@ -355,7 +374,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
             known = _schema_keys(recipe_class)       # any key in backend tables and free-form tables
             if not (path[0] == "backend" or path in known or any(_is_dict(known[path[:n]][1]) for n in
                                                                 range(1, len(path)) if path[:n] in known)):
-                raise RecipeError(f"--unset {key}: [{key}] is not a recipe key")
+                raise RecipeError(f"--unset {files.printable(key)}: [{format_key(path)}] is not a recipe key")
             continue
         del node[path[-1]]
         for known in [k for k in origins if k[:len(path)] == path]:
@@ -382,7 +401,7 @@ def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, 
             elif isinstance(child, str) and part == "backend":
                 child = node[part] = {"name": child}
             if not isinstance(child, dict):
-                raise RecipeError(f"--set {assignment}: [{'.'.join(path[:-1])}] is not a table")
+                raise RecipeError(f"--set {files.printable(assignment)}: [{format_key(path[:-1])}] is not a table")
             node = child
         node[path[-1]] = value
         _record(origins, path, value, "--set")

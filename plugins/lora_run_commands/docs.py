@@ -39,6 +39,7 @@ def doc_pages() -> dict[str, Path]:
 def find_page(name: str, pages: dict[str, Path]) -> Path:
     """The page ``name`` names (``docs/`` and ``.md`` may be written, letter case is ignored), or exit 2 naming
     the closest page and every page."""
+    from lora_run.files import printable
     from lora_run.recipe import did_you_mean
 
     wanted = name.strip().removeprefix("docs/").removesuffix(".md")
@@ -49,7 +50,7 @@ def find_page(name: str, pages: dict[str, Path]) -> Path:
     by_case = {page.casefold(): path for page, path in pages.items()}
     if wanted.casefold() in by_case:
         return by_case[wanted.casefold()]
-    raise ArgumentsError(f'docs: no page "{name}"{did_you_mean(wanted, pages, chr(34))}; pages: {", ".join(pages)}')
+    raise ArgumentsError(f'docs: no page "{printable(name)}"{did_you_mean(wanted, pages, chr(34))}; pages: {", ".join(pages)}')
 
 
 def title(path: Path) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputError, PluginError, RecipeError
-from lora_run.files import FileProblem, GiB, check_input_file, read_limited, resolved, shown
+from lora_run.files import FileProblem, GiB, check_input_file, printable, read_limited, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir import JSON_LIMIT
@@ -308,11 +308,28 @@ def _p(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def image_folders(images_root: Path, labels: Sequence[str]) -> list[Path]:
+    """One folder under ``images_root`` per LoRA label, named after it with safe characters: never "", "." or ".."
+    (it stays inside), and never one name for two labels, also where the file system ignores letter case (`x y` and
+    `x-y` both make `x-y`, `Step` and `step` are one folder on macOS): a later LoRA's images would replace an earlier
+    one's, which the report then shows under the earlier label."""
+    taken: set[str] = set()
+    out = []
+    for n, label in enumerate(labels, 1):
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+        name = name if name.strip(".") else f"lora-{n}"
+        unique, k = name, 1
+        while unique.casefold() in taken:
+            k += 1
+            unique = f"{name}-{k}"
+        taken.add(unique.casefold())
+        out.append(images_root / unique)
+    return out
+
+
 def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
                    loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
-    for n, (label, step, path) in enumerate(loras, 1):
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
-        folder = images_root / (name if name.strip(".") else f"lora-{n}")   # never "", "." or "..": stays inside
+    for folder, (label, step, path) in zip(image_folders(images_root, [label for label, _, _ in loras]), loras):
         samples = generate_grid(generate, recipe, path, folder, evaluation.echo)
         evaluation.add(label, step, str(path), samples)
 
@@ -426,6 +443,8 @@ def _check_output(path: Path, overwrite: bool) -> None:
                               "left alone")
         others = sorted(e.name for e in path.iterdir() if e.name not in (*OWN_ENTRIES, OUTPUT_RECORD)
                         and not (TEMP_FILE.match(e.name) and e.is_file() and not e.is_symlink()))
+        # inside images/: what the evaluation's record does not list (a picked image, a user's notes) is not its own
+        others += [n for n in unrecorded(path, EVALUATION) or [] if "/" in n]
         if others:
             raise OutputError(f"{shown(path)}: --overwrite would delete the earlier evaluation beside "
                               f"{len(others)} entr{'y' if len(others) == 1 else 'ies'} it did not write "
@@ -588,10 +607,11 @@ def _folder_images(given: str, flag: str) -> list[Path]:
     folder = Path(given).expanduser()
     if not folder.is_dir():
         raise RecipeError(f"{flag} {shown(folder)}: not a folder")
-    # a link that leads nowhere (dangling, or a loop) is named by ``unreadable_images`` like a file that does not
-    # decode, never left out unseen; a link to a folder is no image file
+    # a link that leads nowhere (dangling, or a loop), a FIFO, a device or a socket under an image's name is named by
+    # ``unreadable_images`` like a file that does not decode, never left out unseen; a folder (or a link to one) is no
+    # image file
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-                   and (p.is_file() or (p.is_symlink() and not p.exists())))
+                   and not p.is_dir())
     if not files:
         raise RecipeError(f"{flag} {shown(folder)}: no images (.jpg, .jpeg, .png, .webp, .bmp)")
     return files
@@ -603,7 +623,7 @@ def cmd_score(args: Any, plugins: Any) -> int:
 
     embedders = plugins.registry["embedder"]
     if args.embedder not in embedders:     # named by its option: score reads no recipe, there is no [eval.embedder]
-        raise PluginError(f"--embedder {args.embedder}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
+        raise PluginError(f"--embedder {printable(args.embedder)}: unknown embedder{did_you_mean(args.embedder, embedders, chr(34))}; "
                           f"available: {', '.join(sorted(embedders)) or 'none installed'}")
     subject = _folder_images(args.subject, "--subject")
     images = _folder_images(args.images, "--images")

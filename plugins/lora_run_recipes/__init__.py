@@ -94,10 +94,11 @@ def cmd_recipes(args: Any, _plugins: Any = None) -> int:
             if shipped_name(path) == wanted:
                 sys.stdout.write(copyable_text(path))
                 return EXIT_OK
+        from lora_run.files import printable
         from lora_run.recipe import did_you_mean
 
         names = [shipped_name(p) for p in recipes]
-        raise RecipeError(f"no shipped recipe \"{args.name}\"{did_you_mean(wanted, names, chr(34))}; shipped: "
+        raise RecipeError(f"no shipped recipe \"{printable(args.name)}\"{did_you_mean(wanted, names, chr(34))}; shipped: "
                           f"{', '.join(names)}")
     for path in recipes:
         print(f"{shipped_name(path):<28} {header_line(path)}")

@@ -22,7 +22,8 @@ from lora_run_commands import describe_plugins
 
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
-from .record import EVALUATION, OUTPUT_RECORD, unrecorded
+from .cachedir import cache_problems
+from .record import EVALUATION, OUTPUT_RECORD, tree, unlisted, unrecorded
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
 #: cache index).
@@ -192,6 +193,8 @@ _RUN_FILES = (MANIFEST, RECIPE, LOG, DATASET_RECORD)
 _RUN_FOLDERS = ("cache", "checkpoints", "samples", "logs", "eval", "diffusers", "kohya", "diffusion-pipe")
 #: What runs write at the top of a run folder besides the files their manifest names (the final LoRA).
 RUN_ENTRIES = {*_RUN_FILES, *_RUN_FOLDERS}
+#: The native backend's cache in a run folder without a `[train] cache_dir`: lora-run's cache entries alone.
+CACHE = "cache"
 
 
 def _recorded_names(path: Path, node: Any) -> set[str]:
@@ -205,21 +208,58 @@ def _recorded_names(path: Path, node: Any) -> set[str]:
 
 #: The manifest key listing the top-level entries the folder's runs wrote (any backend's, a third party's too).
 WRITTEN = "written"
+#: The manifest key listing every entry inside the folders runs wrote (``a/b`` paths, as ``record.tree`` lists them),
+#: as the run's last record found them: a user's file added inside one (a picked sample in ``samples/``, notes in
+#: ``checkpoints/``) is no run's, and `--overwrite` refuses to delete it as it refuses one at the top.
+FILES = "files"
+
+
+def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The top-level names of ``path`` whose insides the runs' record ``FILES`` covers: the fixed folders of a run and
+    those its manifest lists as written (an evaluation's ``eval-*`` folder has a record of its own)."""
+    written = manifest.get(WRITTEN)
+    names = set(_RUN_FOLDERS) | ({n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
+    # the run's own cache (thousands of entries in a large run) is checked by what it holds instead: ``unrecorded_files``
+    return sorted(n for n in names if n not in _RUN_FILES and n != CACHE and _plain_name(n))
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and os.sep not in name and "\0" not in name
+
+
+def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The entries inside a run folder's own folders that its manifest's ``FILES`` does not list: added by someone
+    after the run's last record. None to compare with (no list: a folder from before it) or a run that was killed
+    (status "running": what it wrote after its last record is unlisted) gives none."""
+    if manifest.get("status") == "running" or not isinstance(manifest.get(FILES), list):
+        return []
+    cache = path / CACHE
+    foreign_cache = [] if os.path.islink(cache) else [f"{CACHE}/{p}" for p in cache_problems(cache)]
+    return unlisted(path, own_folders(path, manifest), manifest.get(FILES)) + foreign_cache
 
 
 def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:
     """The entries of a run folder that no run wrote (a user's notes, a folder of their own): `--overwrite`
     would delete them with the old run. A run's entries are those its manifest lists as written (or, in a folder
-    from before that list, names the manifest's artifacts) and the fixed ones above; an evaluation `lora-run eval`
-    wrote next to the final LoRA (an ``eval-*`` folder) is a run's too, when its record says so and it holds nothing
-    the record does not list (``record.unrecorded``): a folder merely holding a `metrics.json` or `report.html` is
-    not."""
+    from before that list, names the manifest's artifacts) and the fixed ones above (its folders only where the
+    list may lack them: a manifest from before it, a killed run's; without a manifest of lora-run's, its recipe
+    and log); an evaluation `lora-run eval` wrote next to the final LoRA (an ``eval-*`` folder) is a run's too,
+    when its record says so and it holds nothing the record does not list (``record.unrecorded``): a folder
+    merely holding a `metrics.json` or `report.html` is not."""
     written = manifest.get(WRITTEN)
     recorded = _recorded_names(path, manifest.get("artifacts")) | (
         {n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
+    if not isinstance(manifest.get("lora_run_version"), str):
+        # no manifest of lora-run's: a run stopped before its first one wrote its recipe and log alone (a folder that
+        # merely holds a recipe.toml copied from a run folder is no run's: its `logs/`, `samples/` are the user's)
+        fixed = _BEFORE_MANIFEST
+    elif isinstance(written, list) and manifest.get("status") != "running":
+        fixed = set(_RUN_FILES)    # the list is whole: a run's folders are there (a `samples/` it never made is not)
+    else:
+        fixed = RUN_ENTRIES        # a manifest from before the list, or a killed run's: its folders may be unlisted
     out = []
     for entry in existing:
-        if entry.name in RUN_ENTRIES or entry.name in recorded or _ours_only(entry):
+        if entry.name in fixed or entry.name in recorded or _ours_only(entry):
             continue
         if entry.name.startswith("eval-") and unrecorded(entry, EVALUATION) == []:
             continue
@@ -293,6 +333,7 @@ class RunDir:
         self.manifest_written = False
         self.started = time.time()
         self.found: set[str] = set()    # top-level names that were there before this run (never recorded as written)
+        self.found_files: set[str] = set()   # ... and entries inside the run's own folders no run recorded (FILES)
         self.before: set[str] = set()   # ... with lora-run's own leftovers (a run that undoes itself leaves them be)
         self.reserved = False           # this run made the reserve file (``unreserve`` removes only that)
         self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
@@ -314,6 +355,8 @@ class RunDir:
         if resume:
             self.check_resumable()
             self._lock()
+            # a user's file added inside the run's folders since its last record stays theirs: never listed as written
+            self.found_files = set(unrecorded_files(p, self.read_manifest()))
         elif existing and not overwrite:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
                 self._lock()
@@ -325,10 +368,11 @@ class RunDir:
                 raise OutputError(f"{shown(p)}: --overwrite replaces only a run folder lora-run created (one with "
                                   f"its {MANIFEST}); this folder holds other files ({_entries(existing)}) and is "
                                   "left alone; choose another --output-dir")
-            foreign = foreign_entries(p, existing, self.read_manifest())
+            manifest = self.read_manifest()
+            foreign = [e.name for e in foreign_entries(p, existing, manifest)] + unrecorded_files(p, manifest)
             if foreign:
-                names = ", ".join(shown(e.name) for e in foreign[:8]) + (", …" if len(foreign) > 8 else "")
-                unproven = [e.name for e in foreign if e.name.startswith("eval-") and e.is_dir()]
+                names = ", ".join(shown(n) for n in foreign[:8]) + (", …" if len(foreign) > 8 else "")
+                unproven = [n for n in foreign if n.startswith("eval-") and "/" not in n and (p / n).is_dir()]
                 hint = (f" ({', '.join(shown(n) for n in unproven[:4])}: an evaluation folder holds lora-run's record "
                         f"{OUTPUT_RECORD} listing all it holds; one without, from an earlier lora-run, or holding "
                         "other files, is left to you)") if unproven else ""
@@ -385,6 +429,7 @@ class RunDir:
 
     def release(self) -> None:
         if self.lock is not None:
+            self.record_files()
             self.lock.release()
             self.lock = None
 
@@ -399,7 +444,7 @@ class RunDir:
         except OSError as exc:
             raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
         self.created = True
-        self.found, self.before = set(), set()
+        self.found, self.before, self.found_files = set(), set(), set()
         try:
             self._lock()
         except OutputError as exc:
@@ -476,6 +521,7 @@ class RunDir:
                 data[key] = value
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         data[WRITTEN] = self._written(data.get(WRITTEN))
+        data[FILES] = self._files(data)
         atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         return data
 
@@ -486,6 +532,24 @@ class RunDir:
         with contextlib.suppress(OSError):
             names |= {c.name for c in self.path.iterdir() if not _ours_only(c)} - self.found
         return sorted(names)
+
+    def _files(self, manifest: dict[str, Any]) -> list[str]:
+        """``FILES``: every entry inside the run's own folders now, but what a user had added there before this run."""
+        return sorted(tree(self.path, own_folders(self.path, manifest)) - self.found_files)
+
+    def record_files(self) -> None:
+        """Bring the manifest's ``FILES`` up to date (what hooks wrote after the final manifest, the loss log's last
+        rows), while this run still holds the folder; a failure to write it is no error (the record is a safeguard)."""
+        if not self.manifest_written or self.lock is None:
+            return
+        data = self.read_manifest()
+        if not isinstance(data.get("lora_run_version"), str):
+            return
+        files = self._files(data)
+        if data.get(FILES) != files:
+            data[FILES] = files
+            with contextlib.suppress(OSError, LoraRunError):
+                atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
     def log(self, message: str) -> None:
         """Append to run.log; the log is informative, so a failed append (a full disk) is not an error. A run.log with

@@ -169,6 +169,15 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
                                 f"({exc.strerror or exc})")
             if foreign:
                 problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}): {describe(foreign)}")
+            else:      # a new or empty cache folder that is, or holds, the run folder: each would hold the other's
+                with contextlib.suppress(OSError, ValueError):
+                    cache_path = resolved(cache)
+                    if cache_path == path or cache_path in path.parents:
+                        how = "is" if cache_path == path else "contains"
+                        problems.append(f"{{cache_file}}: [train.cache_dir] (= {shown(cache)}) {how} the run folder "
+                                        f"{shown(path)}; a cache folder is shared by runs and holds lora-run's cache "
+                                        "alone: give one outside the run folder (or leave [train] cache_dir out: the "
+                                        "run folder's own cache/)")
     problems.extend(input_problems(recipe, path, where, "run folder"))
     return problems
 

@@ -7,7 +7,9 @@ The run folder counts such a folder as a run's own (``run --overwrite`` deletes 
 record is lora-run's and every entry it holds is listed there (or is the temporary file of one of lora-run's atomic
 writes): a file merely named like a writer's own output (a ``metrics.json``, a ``report.html``) proves nothing, and a
 user's file added later makes the folder theirs. The run-folder plugin reads the record, never the writer's files,
-so it stays independent of the plugin that wrote them. No torch.
+so it stays independent of the plugin that wrote them. When the writer is done (or stops after writing something), the
+record also lists every entry inside the folders it wrote (``files``): a user's file added inside one of them (a picked
+image in ``images/``) makes the folder theirs too. No torch.
 """
 from __future__ import annotations
 
@@ -16,37 +18,75 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
+
+from lora_run.errors import LoraRunError
 
 from .atomic import TEMP_FILE, atomic_write_text
 
 OUTPUT_RECORD = ".lora-run-output.json"
 #: the writer's name in the record of an evaluation folder (``lora_run_eval``'s `lora-run eval`)
 EVALUATION = "evaluation"
-#: a record larger than this is not lora-run's
-RECORD_LIMIT = 65536
+#: a record larger than this is not lora-run's (its ``files`` list names each image of an evaluation)
+RECORD_LIMIT = 16 << 20
 
 
 def _plain(name: object) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
-def write_output_record(folder: Path, writer: str, entries: Iterable[str]) -> None:
+def tree(folder: Path, names: Iterable[str]) -> set[str]:
+    """Every entry inside the sub-folders ``names`` of ``folder`` (files, folders, links; a link is never followed),
+    as paths relative to ``folder`` with ``/`` between parts. A name that is no real folder (a file, a link) holds
+    nothing; what cannot be read is left out."""
+    out: set[str] = set()
+    for name in names:
+        top = folder / name
+        if os.path.islink(top) or not top.is_dir():
+            continue
+        for root, dirs, files in os.walk(top):     # links to folders are listed, never walked
+            rel = Path(root).relative_to(folder).as_posix()
+            out.update(f"{rel}/{n}" for n in (*dirs, *files))
+    return out
+
+
+def unlisted(folder: Path, names: Iterable[str], listed: Any) -> list[str]:
+    """The entries inside the sub-folders ``names`` of ``folder`` that ``listed`` (a record's ``files``) does not name,
+    the temporary files of lora-run's atomic writes aside, sorted (a folder not listed stands for what it holds);
+    none when ``listed`` is no list of names (a record from before the list, or of a writer that was killed:
+    nothing to compare with)."""
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        return []
+    known = set(listed)
+    out = sorted(rel for rel in tree(folder, names) if rel not in known
+                 and not (TEMP_FILE.match(rel.rsplit("/", 1)[-1]) and os.path.isfile(folder / rel)
+                          and not os.path.islink(folder / rel)))
+    found = set(out)
+    return [rel for rel in out if rel.rsplit("/", 1)[0] not in found]    # a folder added, not each thing in it
+
+
+def write_output_record(folder: Path, writer: str, entries: Iterable[str], files: Iterable[str] | None = None) -> None:
     """Record in ``folder`` (made when missing) that lora-run's ``writer`` writes ``entries`` (plain names) there;
-    before the first of them is written."""
+    before the first of them is written. ``files``: every entry the writer wrote inside them (see :func:`tree`), once
+    it is done."""
     names = sorted(set(entries))
     assert all(_plain(n) for n in names) and OUTPUT_RECORD not in names, names
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / OUTPUT_RECORD, json.dumps({"lora_run_output": writer, "entries": names}, indent=1) + "\n")
+    data: dict[str, Any] = {"lora_run_output": writer, "entries": names}
+    if files is not None:
+        data["files"] = sorted(files)
+    atomic_write_text(folder / OUTPUT_RECORD, json.dumps(data, indent=1) + "\n")
 
 
 @contextlib.contextmanager
 def recorded_output(folder: Path, writer: str, entries: Iterable[str]) -> Iterator[None]:
     """:func:`write_output_record`, then the writer's work; when that raises while the folder holds nothing but the
     record, the record is removed again, and the folder when this made it: a refusal before the first output leaves
-    nothing behind."""
+    nothing behind. Otherwise, done or stopped, the record is written again with the ``files`` the writer left in its
+    folders."""
     made = not os.path.lexists(folder)
-    write_output_record(folder, writer, entries)
+    names = sorted(set(entries))
+    write_output_record(folder, writer, names)
     try:
         yield
     except BaseException:
@@ -55,12 +95,19 @@ def recorded_output(folder: Path, writer: str, entries: Iterable[str]) -> Iterat
                 os.unlink(folder / OUTPUT_RECORD)
                 if made:
                     folder.rmdir()
+                raise
+        _record_files(folder, writer, names)
         raise
+    _record_files(folder, writer, names)
 
 
-def read_output_record(folder: Path) -> tuple[str, set[str]] | None:
-    """(writer, entries) of ``folder``'s record, or None: no record, or a file under its name that is not lora-run's
-    record (a link, not a regular file, too large, not a JSON object of that form)."""
+def _record_files(folder: Path, writer: str, names: list[str]) -> None:
+    with contextlib.suppress(OSError, LoraRunError):     # a full disk: the record without its list, as before
+        write_output_record(folder, writer, names, tree(folder, names))
+
+
+def _read(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s record as a JSON object of lora-run's form, or None."""
     path = folder / OUTPUT_RECORD
     try:
         st = os.lstat(path)
@@ -74,19 +121,26 @@ def read_output_record(folder: Path) -> tuple[str, set[str]] | None:
     entries = data.get("entries")
     if not isinstance(entries, list) or not all(_plain(n) for n in entries):
         return None
-    return data["lora_run_output"], set(entries)
+    return data
+
+
+def read_output_record(folder: Path) -> tuple[str, set[str]] | None:
+    """(writer, entries) of ``folder``'s record, or None: no record, or a file under its name that is not lora-run's
+    record (a link, not a regular file, too large, not a JSON object of that form)."""
+    data = _read(folder)
+    return None if data is None else (data["lora_run_output"], set(data["entries"]))
 
 
 def unrecorded(folder: Path, writer: str) -> list[str] | None:
     """The entries of ``folder`` that ``writer``'s record there does not list (its own record and the temporary files
-    of atomic writes aside), sorted; None when ``folder`` is not a real folder (a link, a file) or holds no record of
-    ``writer``'s."""
+    of atomic writes aside), sorted, then those inside its folders that its ``files`` do not list (``a/b`` paths);
+    None when ``folder`` is not a real folder (a link, a file) or holds no record of ``writer``'s."""
     if os.path.islink(folder) or not folder.is_dir():
         return None
-    record = read_output_record(folder)
-    if record is None or record[0] != writer:
+    record = _read(folder)
+    if record is None or record["lora_run_output"] != writer:
         return None
-    listed = record[1] | {OUTPUT_RECORD}
+    listed = set(record["entries"]) | {OUTPUT_RECORD}
     out = []
     for entry in folder.iterdir():
         if entry.name in listed:
@@ -94,4 +148,5 @@ def unrecorded(folder: Path, writer: str) -> list[str] | None:
         if TEMP_FILE.match(entry.name) and entry.is_file() and not entry.is_symlink():
             continue
         out.append(entry.name)
-    return sorted(out)
+    # inside the writer's own folders: what its record lists when it was done (a user's picks added since)
+    return sorted(out) + unlisted(folder, sorted(set(record["entries"])), record.get("files"))

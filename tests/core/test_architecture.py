@@ -12,7 +12,9 @@ from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,777 when it was set: `run.crash_error` words a backend's crash
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,826 when it was set: the loader's nesting limit and the CLI
+#: outlasting a reader that went away (49 lines, docs/DEVELOPING.md); 1,777 before: `run.crash_error` words a
+#: backend's crash
 #: for rank 0 (`execute`) and, through the native backend's `follow`, the other ranks alike (2 lines); 1,775 before;
 #: 1,770 when the budget before was set: SIGHUP interrupts a run as SIGTERM
 #: does unless `nohup` ignores it (4 lines); 1,766 before: the CLI refuses a deleted working
@@ -41,7 +43,7 @@ CORE = REPO / "core" / "lora_run"
 #: read, the capability check and the family-fact checks to lora_run_training, a launched process's place in the run
 #: and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size")
 #: says what stands between.
-CORE_LINE_BUDGET = 1777
+CORE_LINE_BUDGET = 1826
 
 
 def core_sources() -> dict[Path, str]:

@@ -1,0 +1,372 @@
+"""A hostile-input sweep of the CLI (recipes, `--set`, run folders, evaluation folders, `recipes`/`docs` names): each
+class of defect it found, fixed at its root, with the case that showed it. CPU, fast (no training)."""
+from __future__ import annotations
+
+import pytest
+
+from lora_run.cli import main
+from lora_run.errors import RecipeError
+from lora_run.recipe import MAX_NESTING, load_recipe, parse_set
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# ------------------------------------------------------------------------------------------- deep nesting
+@pytest.mark.parametrize("body", [
+    "[" + ".".join(["a"] * 3000) + "]\nx = 1\n",                 # a table header 3000 tables deep
+    "[train]\n" + ".".join(["a"] * 3000) + " = 1\n",              # a dotted key, the same
+    "[[" + ".".join(["a"] * 3000) + "]]\n",                       # an array of tables
+])
+def test_a_recipe_nested_thousands_deep_is_bad_input_not_a_crash(tmp_path, capsys, body):
+    # TOML's dotted keys and headers nest without a parser's limit; every reader of the data recursed
+    # (RecursionError, "unexpected", exit 1)
+    path = tmp_path / "deep.toml"
+    path.write_text(body, encoding="utf-8")
+    for command in ("check", "plan"):
+        code, text = _run([command, path], capsys)
+        assert code == 2, text
+        assert "deep.toml: [" in text and f"more than {MAX_NESTING} levels deep" in text, text
+        assert "unexpected" not in text and "Traceback" not in text
+    with pytest.raises(RecipeError, match="levels deep"):
+        load_recipe(path)
+
+
+def test_a_set_value_or_key_nested_too_deeply_is_refused():
+    with pytest.raises(RecipeError, match="levels deep"):
+        parse_set("train.loss_options=" + "{a=" * 100 + "1" + "}" * 100)
+    with pytest.raises(RecipeError, match="levels deep"):
+        parse_set(".".join(["a"] * 3000) + "=1")
+    assert parse_set("backend.kohya.extra_args={lr_scheduler_args=[\"a=1\"]}")[1] == {"lr_scheduler_args": ["a=1"]}
+
+
+# ---------------------------------------------------------------------------------- one line per problem
+def test_a_line_break_in_any_argument_never_splits_an_error_line(tmp_path, capsys, write_recipe):
+    # a name from a script's variable may hold a line break; the message of the command that refuses it stays one
+    # `error:` line per problem (`recipes` and `docs` printed the name raw, its second half on a line of its own)
+    odd = "a\nZQ1\rZQ2"
+    recipe = write_recipe("[model]\nsource = \"x\"\n[dataset]\npath = \"{dataset}\"\n")
+    cases = [["recipes", odd], ["docs", odd], ["docs", "--path", odd],
+             ["score", "--subject", tmp_path, "--images", tmp_path, "--embedder", odd],
+             ["check", tmp_path / odd], ["plan", tmp_path / f"{odd}.toml"],
+             ["eval", recipe, "--lora", tmp_path / odd],
+             ["check", recipe, "--set", f"output.name={odd}"], ["check", recipe, "--unset", odd]]
+    for argv in cases:
+        code, text = _run(argv, capsys)
+        assert code == 2, (argv, text)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if not ln.startswith(("usage:", " ", "dataset:", "  ", "check failed"))]
+        assert errors and all(ln.startswith("error: ") for ln in errors), (argv, text)
+        # the name's second half never begins a line of its own (`_fail` starts every line with "error: ")
+        assert not any(ln.startswith(("error: ZQ", "ZQ")) for ln in lines), (argv, text)
+
+
+# ------------------------------------------------------------------------------ evaluation image folders
+def test_each_evaluated_lora_gets_its_own_image_folder(tmp_path):
+    # `eval --lora "a/x y.safetensors" --lora b/x-y.safetensors`: both labels made the folder `x-y`, the second LoRA's
+    # images replaced the first's and the report showed them under the first; `Step`/`step` are one folder on macOS
+    from lora_run_eval.evaluator import evaluate_loras, image_folders
+
+    labels = ["x y", "x-y", "x_y", "Step 2", "step-2", "STEP 2", "..", "", "final (step 4)"]
+    folders = image_folders(tmp_path / "images", labels)
+    names = [f.name for f in folders]
+    assert len({n.casefold() for n in names}) == len(labels), names
+    assert all(f.parent == tmp_path / "images" and f.name not in ("", ".", "..") for f in folders), names
+    assert names[0] == "x-y" and names[2] == "x_y" and names[-1] == "final-step-4"    # ordinary names as before
+
+    class Ev:
+        echo = staticmethod(lambda _m: None)
+        added: list = []
+
+        def add(self, label, step, path, samples):
+            self.added.append((label, {s.path for s in samples}))
+
+    class Recipe:
+        class eval:
+            prompts, strengths, seeds = ["a photo of ohwx"], [1.0], [1]
+            steps, guidance, width, height = 2, 3.5, 64, 64
+        class dataset:
+            trigger = "ohwx"
+            class_word = None
+
+    written = []
+
+    def generate(recipe, lora, jobs, out_dir):
+        written.append(out_dir)
+        return [{"name": j["name"], "path": f"{out_dir}/{j['name']}.png"} for j in jobs]
+
+    loras = [("x y", None, tmp_path / "a.safetensors"), ("x-y", None, tmp_path / "b.safetensors")]
+    evaluate_loras(Ev(), generate, Recipe(), loras, tmp_path / "images")
+    assert len(set(written)) == 2, written
+
+
+# ------------------------------------------------------------------- what a user adds inside a run's folders
+NESTED = """
+backend = "nested"
+[model]
+source = "black-forest-labs/FLUX.1-dev"
+[dataset]
+path = "{dataset}"
+trigger = "ohwx"
+min_images = 2
+[train]
+steps = 2
+[eval]
+enabled = false
+"""
+
+
+class NestedBackend:
+    """Writes what a trainer writes inside its folders: samples, a checkpoint, the loss log (a hook may add more)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def plan(self):
+        from lora_run.run import Plan
+
+        return Plan(backend="nested", family=self.ctx.recipe.model.family, steps=2)
+
+    def run(self):
+        d = self.ctx.run_dir
+        d.file("cache", "latents").mkdir(parents=True, exist_ok=True)
+        d.file("cache", "latents", "index.json").write_text("{}")       # the run's own (empty) latent cache
+        for rel in ("samples/step-000002/0.png", "checkpoints/step-000002/lora.safetensors", "eval/loss.jsonl"):
+            d.file(rel).parent.mkdir(parents=True, exist_ok=True)
+            d.file(rel).write_bytes(b"the run's")
+        d.write_text("lora.safetensors", "weights")
+        self.ctx.artifacts["lora"] = str(d.file("lora.safetensors"))
+
+
+class NestedPlugin:
+    from lora_run.hookspecs import hookimpl
+
+    @hookimpl
+    def register_backends(self, register):
+        register("nested", NestedBackend, capabilities={"flux.1-dev": {
+            "steps", "epochs", "timestep_sampling:sigmoid", "targets:attention", "optimizer:adafactor",
+            "scheduler:constant_with_warmup", "loss:mse"}})
+
+    @hookimpl
+    def run_finished(self, run):          # written after the final manifest: still the run's
+        run.run_dir.file("eval", "after-finish.json").write_text("{}")
+
+
+def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, plugins_with, tmp_path, monkeypatch):
+    # `--overwrite` deleted everything inside a run's own folders (`samples/`, `checkpoints/`, `eval/`, `diffusers/`):
+    # a folder of picked samples or notes added there went with the old run; only the top level was checked
+    import json
+
+    from lora_run.errors import OutputError
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    recipe, run = write_recipe(NESTED), tmp_path / "run"
+
+    def go(**flags):
+        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
+                       **flags)
+
+    go()
+    files = json.loads((run / "manifest.json").read_text())["files"]
+    assert {"samples/step-000002/0.png", "eval/after-finish.json", "checkpoints/step-000002"} <= set(files), files
+    go(overwrite=True)                                             # the control: a run's own folders are replaced
+    added = {run / "samples" / "picked" / "best.png": b"mine", run / "checkpoints" / "notes.txt": b"step 2 was best",
+             run / "eval" / "step-000002" / "mine.txt": b"mine too", run / "cache" / "latents" / "keep.txt": b"mine"}
+    for path, data in added.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.raises(OutputError) as info:
+        go(overwrite=True)
+    message = str(info.value)
+    assert "--overwrite would delete 4 entries no lora-run run wrote there" in message, message
+    assert "cache/latents/keep.txt" in message        # the run's cache: by what lora-run's cache holds
+    assert "samples/picked" in message and "checkpoints/notes.txt" in message and "eval/step-000002" in message
+    assert "samples/picked/best.png" not in message                # a folder added stands for what it holds
+    assert all(p.read_bytes() == data for p, data in added.items())
+    # a resume keeps them the user's: a later --overwrite still refuses
+    (run / "samples" / "picked" / "best.png").unlink()
+    (run / "samples" / "picked").rmdir()
+    (run / "eval" / "step-000002" / "mine.txt").unlink()
+    (run / "eval" / "step-000002").rmdir()
+    (run / "cache" / "latents" / "keep.txt").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    go(resume=True)
+    assert "checkpoints/notes.txt" not in json.loads((run / "manifest.json").read_text())["files"]
+    with pytest.raises(OutputError, match="checkpoints/notes.txt"):
+        go(overwrite=True)
+    assert (run / "checkpoints" / "notes.txt").read_bytes() == b"step 2 was best"
+    (run / "checkpoints" / "notes.txt").unlink()
+    go(overwrite=True)
+    # a run that was killed (its manifest still "running") wrote more after its last record: as before, its
+    # folders are taken as the run's
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    (run / "samples" / "step-000002" / "1.png").write_bytes(b"written after the last record")
+    go(overwrite=True)
+    assert not (run / "samples" / "step-000002" / "1.png").exists()
+
+
+def test_eval_overwrite_keeps_what_a_user_added_among_its_images(tmp_path):
+    # `eval --overwrite` removed the whole `images/` folder of the earlier evaluation, a user's picks in it too;
+    # `run --overwrite` deleted such an `eval-*` folder with the run
+    from lora_run.errors import OutputError
+    from lora_run_eval.evaluator import OWN_ENTRIES, _check_output
+    from lora_run_rundir.record import EVALUATION, recorded_output, unrecorded
+
+    out = tmp_path / "eval-tiny"
+    with recorded_output(out, EVALUATION, OWN_ENTRIES):
+        (out / "images" / "final").mkdir(parents=True)
+        (out / "images" / "final" / "p0.png").write_bytes(b"generated")
+        (out / "metrics.json").write_text("{}")
+    assert unrecorded(out, EVALUATION) == []
+    _check_output(out, overwrite=True)                             # the control: its own evaluation is replaced
+    (out / "images" / "final" / "favourite.png").write_bytes(b"picked")
+    assert unrecorded(out, EVALUATION) == ["images/final/favourite.png"]
+    with pytest.raises(OutputError, match="images/final/favourite.png"):
+        _check_output(out, overwrite=True)
+    # an evaluation that stopped after its first image records what it wrote too
+    other = tmp_path / "eval-other"
+    with pytest.raises(RuntimeError), recorded_output(other, EVALUATION, OWN_ENTRIES):
+        (other / "images").mkdir(parents=True)
+        (other / "images" / "p0.png").write_bytes(b"generated")
+        raise RuntimeError("the second image failed")
+    assert unrecorded(other, EVALUATION) == []
+
+
+# ---------------------------------------------------------------------------- a cache folder on the run folder
+def test_a_cache_dir_that_is_or_holds_the_run_folder_is_refused_by_check(write_recipe, plugins_with, tmp_path,
+                                                                           monkeypatch):
+    # `check` and `plan` passed; the run then refused it ("not a cache folder lora-run made: … .lora-run.lock"), after
+    # making the run folder, and a run folder inside the cache made the cache unusable for every later run
+    from lora_run_rundir.output import output_problems
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    recipe = load_recipe(write_recipe(NESTED), plugins=plugins).recipe
+    runs = tmp_path / "runs"
+    cases = {(str(runs / "a"), str(runs / "a")): "is the run folder",
+             (str(runs / "b"), str(runs / "b" / "run")): "contains the run folder",
+             (str(runs / "c"), str(runs / "c" / "x" / "run")): "contains the run folder"}
+    for (cache, out), message in cases.items():
+        r = attrs_evolve_cache(recipe, cache)
+        found = [p for p in output_problems(r, out) if "[train.cache_dir]" in p]
+        assert len(found) == 1 and message in found[0], (cache, out, found)
+    # the controls: a cache beside the run folder, or inside it (the run's own to delete with it)
+    for cache, out in ((runs / "cache", runs / "d"), (runs / "e" / "cache", runs / "e")):
+        assert output_problems(attrs_evolve_cache(recipe, str(cache)), str(out)) == [], (cache, out)
+    assert not runs.exists()
+
+
+def attrs_evolve_cache(recipe, cache):
+    from lora_run.recipe import replace
+
+    return replace(recipe, train={"cache_dir": cache})
+
+
+# ------------------------------------------------------------------------------ score: what is no image file
+def test_score_names_a_fifo_or_device_under_an_image_name(tmp_path, capsys, subject_dataset):
+    # a FIFO or a link to /dev/zero named `x.png` in --images was left out unseen (exit 0, fewer images scored),
+    # while a text file or a dangling link under such a name was named
+    import os
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "real.png").write_bytes((subject_dataset / "img000.png").read_bytes())
+    os.mkfifo(images / "pipe.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "folder.png").mkdir()                            # a folder is no image file: still left out
+    code, text = _run(["score", "--subject", subject_dataset, "--images", images], capsys)
+    assert code == 2, text
+    assert "--images" in text and "pipe.png: cannot be scored: is a FIFO" in text, text
+    assert "zero.png: cannot be scored: is a character device" in text and "folder.png" not in text, text
+
+
+# ------------------------------------------------------------------------------- a reader that went away
+@pytest.mark.parametrize("argv", [
+    ["plan", "--json", "{recipe}", "--output-dir", ""],        # an argument error, as JSON
+    ["chek", "{recipe}", "--json"],                             # an unknown command word
+    ["eval", "{recipe}", "--lora", "{missing}", "--json"],       # a command that is not read-only
+    ["{recipe}", "--output-dir", "{dataset}"],                  # a run's refusal on standard error
+])
+def test_a_closed_pipe_ends_a_failing_command_quietly_with_its_exit_code(argv, tmp_path, write_recipe,
+                                                                         subject_dataset):
+    # `lora-run plan --json … | head` where the command fails: writing its error to a reader that had gone away
+    # ended in a BrokenPipeError traceback and exit 1 instead of the error's exit 2
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe("[model]\nsource = \"x\"\n[dataset]\npath = \"{dataset}\"\n")
+    values = {"{recipe}": str(recipe), "{missing}": str(tmp_path / "none.safetensors"), "{dataset}": str(subject_dataset)}
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lora_run", *(values.get(a, a) for a in argv)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow     # a real tiny run (about 10 s on CPU)
+def test_a_run_outlasts_the_reader_of_its_output(tiny_recipe, tmp_path):
+    # `lora-run r.toml | head -1`: the run's next line raised BrokenPipeError, which crashed the training ("backend
+    # crashed: BrokenPipeError", exit 1, manifest failed); a reader gone before its first line made it exit 0 having
+    # done nothing. The run now trains to the end, saying the rest to no one.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe("", name="r.toml")
+    run = tmp_path / "run"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "lora_run", str(recipe), "--output-dir", str(run),
+                               "--set", "train.steps=2", "--set", "train.save_every_steps=1"],
+                              stdout=write, stderr=write, cwd=tmp_path, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    assert (run / "tiny.safetensors").is_file()
+
+
+def test_a_folder_holding_a_copied_run_recipe_keeps_its_own_folders(write_recipe, plugins_with, tmp_path,
+                                                                      monkeypatch):
+    # a project folder holding a recipe.toml copied from a run folder (its "Resolved from … by lora-run" header made it
+    # a run folder) and folders of the user's named like a run's (`logs/`, `samples/`, `cache/`): `--overwrite` there
+    # deleted them as the run's, though no manifest said a run had written anything there
+    from lora_run.errors import OutputError
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    run = tmp_path / "run"
+    execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None)
+    project = tmp_path / "project"
+    (project / "logs").mkdir(parents=True)
+    (project / "logs" / "notes.txt").write_text("mine")
+    (project / "samples").mkdir()
+    (project / "recipe.toml").write_bytes((run / "recipe.toml").read_bytes())
+    with pytest.raises(OutputError, match=r"would delete 2 entries no lora-run run wrote there \(logs, samples\)"):
+        execute(load_recipe(project / "recipe.toml", plugins=plugins), plugins, output_dir=str(project),
+                overwrite=True, echo=lambda _m: None)
+    assert (project / "logs" / "notes.txt").read_text() == "mine" and (project / "samples").is_dir()
+    # a finished run's own folder that it never made is the user's too
+    (run / "logs").mkdir()
+    with pytest.raises(OutputError, match=r"would delete 1 entry no lora-run run wrote there \(logs\)"):
+        execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), overwrite=True,
+                echo=lambda _m: None)
+    (run / "logs").rmdir()
+    execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), overwrite=True,
+            echo=lambda _m: None)
