@@ -11,6 +11,7 @@ family's tiny random model), ``parse_recipe_text(text)`` (a recipe from TOML tex
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,22 @@ def parse_recipe_text(text: str, name: str = "recipe.toml", base: Path | None = 
     recipe = structure(raw, problems, recipe_class)
     problems.raise_if_any()
     return recipe
+
+
+def header_only_files(root: Path, slots: dict[str, tuple[str, ...]]) -> dict[str, dict[str, str]]:
+    """``{family: {slot: path}}``: for each family's ``[model.files]`` slots a ``.safetensors`` file under
+    ``root/files/FAMILY/`` that holds only a header (no tensors), for recipes whose files are named but never loaded
+    (config generation, `check` without the layout check)."""
+    header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
+    files: dict[str, dict[str, str]] = {}
+    for family, names in slots.items():
+        files[family] = {}
+        for slot in names:
+            path = Path(root) / "files" / family / f"{slot}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(len(header).to_bytes(8, "little") + header)
+            files[family][slot] = str(path)
+    return files
 
 
 def make_images(folder: Path, count: int = 4, size: tuple[int, int] = (320, 288), trigger: str = "ohwx",

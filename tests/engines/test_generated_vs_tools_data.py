@@ -43,20 +43,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not TOOLS.is_dir(), reason="s
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Any]:
-    from lora_run_devtools.testing import build_tiny
+    from lora_run_devtools.testing import build_tiny, header_only_files
 
     root = tmp_path_factory.mktemp("tools-data")
     make_images(root / "subject", count=4, size=(640, 640))
     make_images(root / "reg", count=2, size=(640, 640), trigger="", prefix="reg")
-    header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
-    files = {}
-    for family, slots in SLOTS.items():
-        files[family] = {}
-        for slot in slots:
-            path = root / "files" / family / f"{slot}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(len(header).to_bytes(8, "little") + header)
-            files[family][slot] = str(path)
+    files = header_only_files(root, SLOTS)
     return {"root": root, "files": files, "flux": build_tiny("flux.1-dev", root / "flux")}
 
 

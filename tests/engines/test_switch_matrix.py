@@ -5,7 +5,6 @@ each error line naming a recipe key and why; never a traceback, never exit code 
 offline here) are one more column."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from lora_run.cli import main
 from lora_run.plugins import load_plugins
 from lora_run.recipe import load_recipe
-from lora_run_devtools.testing import build_tiny, make_images
+from lora_run_devtools.testing import build_tiny, header_only_files, make_images
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
@@ -54,15 +53,7 @@ def world(tmp_path_factory) -> dict:
             sources[family] = build_tiny(family, root / family)
         except ValueError:       # a third-party family without a tiny builder: its hub id stays
             sources[family] = None
-    header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
-    files = {}
-    for family, slots in FILES.items():
-        files[family] = {}
-        for slot in slots:
-            path = root / "files" / family / f"{slot}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(len(header).to_bytes(8, "little") + header)
-            files[family][slot] = str(path)
+    files = header_only_files(root, FILES)
     return {"root": root, "families": families, "sources": sources, "files": files}
 
 
