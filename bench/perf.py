@@ -288,26 +288,24 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
     accel.compile_cache_dir()
     if group == "cli":
+        steps = int(os.environ.get("PERF_CLI_STEPS", "30"))
+        no_rounds = {"eval.enabled": False, "sample.every_steps": steps + 1}   # no sample round before the end
         for row in rows:
             sets = {"cli-fast-graphs": {"train.cuda_graphs": "on"},
                     # the first run on a machine (cold compile caches) without the evaluation: it fills the caches
                     # the next row's whole run reads, and measures the cold start-up
                     "cli-fast-first": {"train.cuda_graphs": "on", "eval.enabled": False},
                     "cli-fast-fp8mm": {"train.cuda_graphs": "on", "train.fp8_matmul": True},
-                    # the A/B of the sample rounds: no round before the end (the checkpoints stay)
-                    "cli-fast-nosamples": {"train.cuda_graphs": "on", "eval.enabled": False,
-                                           "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
-                    "cli-fast-stepgraphs": {"train.cuda_graphs": "step", "eval.enabled": False,
-                                            "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
+                    # the A/B of the sample rounds (the checkpoints stay)
+                    "cli-fast-nosamples": {"train.cuda_graphs": "on", **no_rounds},
+                    "cli-fast-stepgraphs": {"train.cuda_graphs": "step", **no_rounds},
                     # the whole run as the fast recipe ships it (samples, evaluation) with the step graphs
                     "cli-fast-whole-stepgraphs": {"train.cuda_graphs": "step"},
-                    # the plan `auto` picks (whole-step graphs since 2026-12-05), samples only at the end
-                    "cli-fast-auto-nosamples": {"eval.enabled": False,
-                                                "sample.every_steps": int(os.environ.get("PERF_CLI_STEPS", "30")) + 1},
+                    # the plan `auto` picks (whole-step graphs since 2026-12-05)
+                    "cli-fast-auto-nosamples": no_rounds,
                     }.get(row, {})
             guarded(out, row, int(timeout * 1.5), lambda row=row, sets=sets: cli_row(   # model build + a whole run
-                Path(os.environ["PERF_WORK"]), int(os.environ.get("PERF_CLI_STEPS", "30")), row, sets,
-                int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
+                Path(os.environ["PERF_WORK"]), steps, row, sets, int(os.environ.get("PERF_CLI_EVERY", "0")) or None))
         return
     build_started = time.perf_counter()
     recipe_group = group.startswith("recipe")       # recipe-adamw, recipe-adafactor
@@ -682,8 +680,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             r["grad_bound"] = grad_bound(r.get("bf16_noise")) if r["row"] in ("fa2", "fa4", "graphs") else None
             r["grad_ok"] = r["grad_rel_error"] <= r["grad_bound"] if r["grad_bound"] else None
     summary: dict[str, Any] = {}
-    for name in ("cli-fast", "cli-fast-warm", "cli-fast-first", "cli-fast-graphs", "cli-fast-fp8mm", "cli-fast-nosamples",
-                 "cli-fast-stepgraphs", "cli-fast-whole-stepgraphs", "cli-fast-auto-nosamples"):
+    for name in (row for row, group in GROUPS.items() if group == "cli"):
         cli = by.get((name, None))
         if not (cli and cli.get("step_s")):
             continue
