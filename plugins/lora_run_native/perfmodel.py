@@ -215,18 +215,16 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
     with room gets the bf16 speed plan, a small one an fp8 plan). `fp8_matmul` (`[train] fp8_matmul`, opt-in)
     makes every mode's base fp8 and its matmuls float8."""
     budget = None if free_gib is None else free_gib * PLAN_MARGIN      # 0 GiB free is a budget, not "unknown"
-    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps,
-              step_shapes=step_shapes)
+    kw = dict(compile=compile, buckets=buckets, shape=shape, cuda_graphs=cuda_graphs, dropout=dropout, steps=steps)
 
-    def planned(mode: str, mode_budget: float | None) -> PerfPlan:
+    def planned(mode: str, mode_budget: float | None, whole_steps: int | None = step_shapes) -> PerfPlan:
         plan = with_precision(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=mode_budget,
-                                        **kw), requested, fp8_requested, fp8_matmul)
+                                        step_shapes=whole_steps, **kw), requested, fp8_requested, fp8_matmul)
         if (plan.step_graphs and cuda_graphs == "auto" and budget is not None and budget
                 < STEP_GRAPHS_HEADROOM * estimate_peak_gib(family, height, width, batch, rank, preset, plan, shape,
                                                            dropout)):
             # whole-step graphs only with room for what their recording may reserve: else the blocks' graphs
-            plan = with_precision(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=mode_budget,
-                                            **(kw | {"step_shapes": None})), requested, fp8_requested, fp8_matmul)
+            return planned(mode, mode_budget, None)
         return plan
 
     if requested != "auto":
