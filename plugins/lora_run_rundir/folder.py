@@ -23,7 +23,7 @@ from lora_run_commands import describe_plugins
 from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
 from .cachedir import cache_problems
-from .record import EVALUATION, OUTPUT_RECORD, tree, unlisted, unrecorded
+from .record import EVALUATION, OUTPUT_RECORD, plain_name, tree, unlisted, unrecorded
 
 #: The size limit (bytes) of a JSON file of a run folder read back (manifest, dataset record, checkpoint state,
 #: cache index).
@@ -220,11 +220,7 @@ def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
     written = manifest.get(WRITTEN)
     names = set(_RUN_FOLDERS) | ({n for n in written if isinstance(n, str)} if isinstance(written, list) else set())
     # the run's own cache (thousands of entries in a large run) is checked by what it holds instead: ``unrecorded_files``
-    return sorted(n for n in names if n not in _RUN_FILES and n != CACHE and _plain_name(n))
-
-
-def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and os.sep not in name and "\0" not in name
+    return sorted(n for n in names if n not in _RUN_FILES and n != CACHE and plain_name(n))
 
 
 def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:

@@ -31,8 +31,10 @@ EVALUATION = "evaluation"
 RECORD_LIMIT = 16 << 20
 
 
-def _plain(name: object) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+def plain_name(name: object) -> bool:
+    """A name of one entry in a folder: no path (no separator), not "", "." or "..", no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and "\0" not in name)
 
 
 def tree(folder: Path, names: Iterable[str]) -> set[str]:
@@ -70,7 +72,7 @@ def write_output_record(folder: Path, writer: str, entries: Iterable[str], files
     before the first of them is written. ``files``: every entry the writer wrote inside them (see :func:`tree`), once
     it is done."""
     names = sorted(set(entries))
-    assert all(_plain(n) for n in names) and OUTPUT_RECORD not in names, names
+    assert all(plain_name(n) for n in names) and OUTPUT_RECORD not in names, names
     folder.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {"lora_run_output": writer, "entries": names}
     if files is not None:
@@ -119,7 +121,7 @@ def _read(folder: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("lora_run_output"), str):
         return None
     entries = data.get("entries")
-    if not isinstance(entries, list) or not all(_plain(n) for n in entries):
+    if not isinstance(entries, list) or not all(plain_name(n) for n in entries):
         return None
     return data
 
