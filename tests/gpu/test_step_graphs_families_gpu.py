@@ -1,0 +1,64 @@
+"""On CUDA: whole-step graphs (`[train] cuda_graphs = "step"`) on the families other than FLUX.1-dev.
+
+`FamilyShape.whole_step_graphs` lets `cuda_graphs = "auto"` pick step graphs only for families whose recordings were
+run and checked on a GPU. This file is that check for HunyuanImage-2.1, Hunyuan-DiT v1.2 and FLUX.2 [klein]: each
+family's tiny model trains 8 steps × 2 micro-batches over two token counts, once with step graphs and once with
+`off` (the same compiled blocks, no graphs), through the real orchestrator. It passes where the run replayed its
+micro-steps from graphs (not an eager fallback) and the losses and the LoRA agree with the eager steps. The control
+(`test_step_graphs_gpu.py`'s planted stale replay) shows the comparison catches a replay that trains something else;
+here a family that records but replays wrongly fails the same comparison."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.gpu.test_step_graphs_gpu import Losses, _lora_gap  # noqa: E402
+from tests.native.conftest import BASE_RECIPE  # noqa: E402
+
+FAMILIES = ("hunyuan-image-2.1", "hunyuan-dit-1.2", "flux.2-klein")
+
+
+def _run(tmp: Path, family: str, graphs: str):
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_devtools.testing import build_tiny, make_images
+
+    model = tmp / "model"
+    if not model.exists():
+        build_tiny(family, model)
+        make_images(tmp / "subject", count=2, size=(64, 64))
+        make_images(tmp / "subject", count=2, size=(96, 64), seed=5, prefix="wide")
+    text = (BASE_RECIPE.replace('family = "flux.1-dev"', f'family = "{family}"').replace("{model}", str(model))
+            .replace("{dataset}", str(tmp / "subject")).replace("{length}", "steps = 8")
+            .replace("bucket_step = 16", "bucket_step = 32").replace("text_max_length = 16\n", ""))
+    recipe = tmp / "recipe.toml"
+    recipe.write_text(text, encoding="utf-8")
+    watch = Losses()
+    lines: list[str] = []
+    ctx = execute(load_recipe(recipe, ['train.memory_mode="speed"', 'train.mixed_precision="bf16"',
+                                       f'train.cuda_graphs="{graphs}"', "dataset.resolution=96",
+                                       "train.gradient_accumulation=2"]),
+                  load_plugins(extra=[watch]), output_dir=str(tmp / graphs), echo=lines.append)
+    return ctx, watch.values, lines
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_graphs_train_what_eager_steps_train_on_every_family(family, tmp_path):
+    off, off_losses, _ = _run(tmp_path, family, "off")
+    ctx, losses, lines = _run(tmp_path, family, "step")
+    timing = ctx.artifacts["timing"]
+    print(f"{family}: {ctx.artifacts['gpu_plan']['plan']}; {timing.get('step_graphs')}")
+    assert "compiled + step CUDA graphs" in ctx.artifacts["gpu_plan"]["plan"]
+    assert "replayed from" in timing["step_graphs"] and not timing["step_graphs"].startswith("eager"), \
+        (timing["step_graphs"], [line for line in lines if "cuda_graphs" in line])
+    assert int(timing["step_graphs"].split(" of ")[0]) >= 8, timing["step_graphs"]
+    assert len(losses) == len(off_losses) == 8
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses))
+    gap = _lora_gap(ctx, off)
+    print(f"{family}: step graphs against eager steps: losses within {worst:.1e}, LoRA within {gap:.1e}")
+    assert worst < 1e-3, (losses, off_losses)
+    assert gap < 1e-2
