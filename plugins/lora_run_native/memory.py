@@ -50,13 +50,21 @@ def gpu_mode_estimates(recipe: Any, shape: Any = None, size: tuple[int, int] | N
 
     r = recipe
     args, kw = _plan_args(r, shape, size)
-    out = {}
-    for mode in ("speed", "memory", "low-vram"):
-        plan = perfmodel.plan_mode(mode, *args, budget_gib=None if mode == "speed" else _margin(plan_budget_gib(r)),
-                                   steps=r.train.steps, **kw)
+    budget = _margin(plan_budget_gib(r))
+
+    def planned(mode: str, **change: Any) -> tuple[Any, float]:
+        plan = perfmodel.plan_mode(mode, *args, budget_gib=None if mode == "speed" else budget,
+                                   cuda_graphs=r.train.cuda_graphs, steps=r.train.steps, **{**kw, **change})
         plan = perfmodel.with_precision(plan, r.train.memory_mode, r.model.base_precision == "fp8",
                                         r.train.fp8_matmul)
-        out[mode] = (plan.describe(), perfmodel.estimate_peak_gib(*args, plan, shape, dropout=r.lora.dropout))
+        return plan, perfmodel.estimate_peak_gib(*args, plan, shape, dropout=r.lora.dropout)
+
+    out = {}
+    for mode in ("speed", "memory", "low-vram"):
+        plan, gib = planned(mode)
+        if not perfmodel.room_for_step_graphs(plan, r.train.cuda_graphs, budget, lambda: gib):
+            plan, gib = planned(mode, step_shapes=None)          # as the run decides (perfmodel.choose_mode)
+        out[mode] = (plan.describe(), gib)
     return out
 
 

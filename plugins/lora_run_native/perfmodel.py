@@ -11,6 +11,7 @@ The per-token coefficients were measured on an H100 (bench/flux_bench.py, result
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 
@@ -206,6 +207,15 @@ def with_precision(plan: PerfPlan, requested: str, fp8_requested: bool, fp8_matm
     return attrs.evolve(plan, fp8=True) if fp8_requested and requested != "auto" else plan
 
 
+def room_for_step_graphs(plan: PerfPlan, cuda_graphs: str, budget: float | None,
+                         estimate: Callable[[], float]) -> bool:
+    """False where `auto` chose whole-step graphs (``plan``) but the memory the run may use (``budget``, GiB) does not
+    hold ``STEP_GRAPHS_HEADROOM`` × the plan's ``estimate()``: what their recording may reserve. The run then
+    replays the blocks' graphs instead; an explicit `"step"` is honoured as asked."""
+    return not (plan.step_graphs and cuda_graphs == "auto" and budget is not None
+                and budget < STEP_GRAPHS_HEADROOM * estimate())
+
+
 def choose_mode(requested: str, family: str, height: int, width: int, batch: int, rank: int, preset: str,
                 free_gib: float | None, fp8_requested: bool, compile: bool = True, buckets: int = 1,
                 shape: FamilyShape | None = None, cuda_graphs: str = "auto", dropout: float = 0.0,
@@ -220,10 +230,8 @@ def choose_mode(requested: str, family: str, height: int, width: int, batch: int
     def planned(mode: str, mode_budget: float | None, whole_steps: int | None = step_shapes) -> PerfPlan:
         plan = with_precision(plan_mode(mode, family, height, width, batch, rank, preset, budget_gib=mode_budget,
                                         step_shapes=whole_steps, **kw), requested, fp8_requested, fp8_matmul)
-        if (plan.step_graphs and cuda_graphs == "auto" and budget is not None and budget
-                < STEP_GRAPHS_HEADROOM * estimate_peak_gib(family, height, width, batch, rank, preset, plan, shape,
-                                                           dropout)):
-            # whole-step graphs only with room for what their recording may reserve: else the blocks' graphs
+        if not room_for_step_graphs(plan, cuda_graphs, budget, lambda: estimate_peak_gib(
+                family, height, width, batch, rank, preset, plan, shape, dropout)):
             return planned(mode, mode_budget, None)
         return plan
 

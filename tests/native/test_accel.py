@@ -255,6 +255,32 @@ def test_step_shapes_follow_what_the_run_can_replay():
     assert step_shapes(attrs.evolve(recipe, train=attrs.evolve(recipe.train, fp8_matmul=True)), 5) is None
 
 
+def test_the_per_mode_estimates_name_the_speed_plan_the_run_picks():
+    """`lora-run plan`'s per-mode line (``gpu_mode_estimates``) and the plan the run chooses (``gpu_plan``) agree on
+    the speed plan: with `[train] gpu_memory_gib` below what whole-step graphs may reserve, both name the blocks'
+    graphs; with room, both name step graphs. Control: the first case's cap is big enough for the speed plan
+    itself, so only the step graphs' headroom moves it."""
+    import attrs
+
+    from lora_run.recipe import load_recipe
+    from lora_run_native.memory import gpu_mode_estimates, gpu_plan
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "flux" / "identity-fast.toml").recipe
+
+    def capped(gib):
+        return attrs.evolve(recipe, train=attrs.evolve(recipe.train, gpu_memory_gib=gib))
+
+    roomy = capped(130.0)
+    assert gpu_plan(roomy)[0].step_graphs
+    assert "step CUDA graphs" in gpu_mode_estimates(roomy)["speed"][0]
+    estimate = gpu_plan(roomy)[1]
+    tight = capped(estimate * 1.4 / perfmodel.PLAN_MARGIN)
+    plan, gib = gpu_plan(tight)
+    assert plan.mode == "speed" and not plan.step_graphs and gib <= tight.train.gpu_memory_gib
+    described, _ = gpu_mode_estimates(tight)["speed"]
+    assert described == plan.describe() and "step CUDA graphs" not in described
+
+
 def test_graph_shapes_count_token_counts_not_bucket_sizes():
     """The fast recipe's five buckets on the acceptance dataset are three token counts: a bucket and its
     transpose share the compiled blocks' graphs. Control: five buckets of five areas are five shapes."""
