@@ -24,7 +24,11 @@ forward in diffusers 0.42.1 reorders the text tokens by boolean-mask indexing, w
 mask's values: a read on the host, which a capture forbids. That is a reading of the code, not yet confirmed.)
 
 A recorded forward replays exactly the kernels of its recording: it must not depend on anything but its
-arguments and the model's tensors (whose values may change between replays, not their storage). The model's
+arguments and the model's tensors (whose values may change between replays, not their storage). The one piece of
+module state a pipeline changes between calls is peft's: a LoRA strength applied to the layers themselves
+(``scale_lora_layers``, as Hunyuan-DiT's sampling does) is a Python float baked into the recorded kernels, and so
+are merged or disabled adapters. Every LoRA layer's scaling, active adapters and merged/disabled flags are part
+of the key (``lora_state``), so each strength gets its own graph instead of replaying the first one's. The model's
 blocks must stay on the GPU: a model whose blocks are streamed from the host is not graphed (callers pass
 ``enabled=False``). Under autocast the recording runs with autocast's cast cache off, so the casts of the
 model's weights are inside the graph, not references to cached copies that autocast frees later.
@@ -44,9 +48,10 @@ FAILED_ATTRIBUTE = "_lora_run_graphs_failed"
 class GraphedForward:
     """The stand-in for a module's ``forward`` (see the module's docstring)."""
 
-    def __init__(self, eager: Callable[..., Any], max_graphs: int = MAX_GRAPHS):
+    def __init__(self, eager: Callable[..., Any], max_graphs: int = MAX_GRAPHS, state: Callable[[], Any] | None = None):
         self.eager = eager
         self.max_graphs = max_graphs
+        self.state = state        # module state a recording bakes in besides the arguments (part of the key)
         self.graphs: dict[Any, tuple[Any, list[Any], Any]] = {}     # key -> (graph, static inputs, static output)
         self.seen: set[Any] = set()
         self.pool: Any = None
@@ -70,6 +75,8 @@ class GraphedForward:
             return self.eager(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         key = _key(spec, leaves)
+        if key is not None and self.state is not None:
+            key = (key, self.state())
         if key is None:
             return self.eager(*args, **kwargs)
         if key not in self.graphs:
@@ -150,6 +157,19 @@ def _key(spec: Any, leaves: list[Any], device_type: str = "cuda") -> Any:
     return tuple(parts)
 
 
+def lora_state(module: Any) -> Callable[[], tuple]:
+    """A function giving the state of ``module``'s peft LoRA layers that a recorded forward bakes in: each layer's
+    ``scaling`` per adapter (a Python float in the kernels), its active adapters and whether its adapters are
+    merged or disabled. The layers are found once; the state is read at every call."""
+    layers = [m for m in module.modules() if isinstance(getattr(m, "scaling", None), dict)]
+
+    def state() -> tuple:
+        return tuple((tuple(sorted(m.scaling.items())), tuple(getattr(m, "active_adapters", ()) or ()),
+                      bool(getattr(m, "merged", False)), bool(getattr(m, "disable_adapters", False)))
+                     for m in layers)
+    return state
+
+
 @contextlib.contextmanager
 def _uncached_autocast() -> Iterator[None]:
     import torch
@@ -170,7 +190,7 @@ def graphed_forward(module: Any, *, enabled: bool = True, max_graphs: int = MAX_
 
     had_own = "forward" in vars(module)
     eager = module.forward
-    graphs = GraphedForward(eager, max_graphs=max_graphs)
+    graphs = GraphedForward(eager, max_graphs=max_graphs, state=lora_state(module))
     graphs.failed = getattr(module, FAILED_ATTRIBUTE, None)     # a model that failed once is not tried again
     if not (enabled and torch.cuda.is_available()) or graphs.failed:
         yield graphs
