@@ -447,7 +447,18 @@ EVAL_FOLDERS = {   # name: (how the folder given as --output-dir is made from (p
         lambda project, data: ((project / "ev").mkdir(), (project / "ev" / "images").symlink_to(data)),
         "is a link or not a folder"),
     "a folder in the dataset": (lambda project, data: None, "lies in the dataset folder [dataset.path]"),
+    "a web page that begins as lora-run's reports once did, beside the user's images": (
+        lambda project, data: _web_page(project / "ev"), "replaces only an earlier evaluation"),
 }
+
+
+def _web_page(folder: Path) -> None:
+    """A user's gallery: a minified page whose head is the one lora-run's report pages began with before they carried
+    its generator mark (any minified page's), and its pictures in `images/`."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "holiday.png").write_bytes(b"mine")
+    (folder / "report.html").write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>My '
+                                        "holiday</title></head><body><img src=images/holiday.png></body></html>")
 
 
 @pytest.mark.parametrize("case", list(EVAL_FOLDERS))
