@@ -34,6 +34,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 KeyPath = tuple[Any, ...]
+Tables = tuple[tuple[KeyPath, Any], ...]   # (table, options class): `[backend.<name>]`s, tables marked ``keys``
 MAX_EXTENDS_DEPTH = 8
 #: How deeply a recipe may nest tables and arrays (`[a.a.a…]` nests without a parser's limit; readers recurse)
 MAX_NESTING = 64
@@ -236,9 +237,9 @@ def too_deep(value: Any, limit: int = MAX_NESTING) -> KeyPath | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _schema_keys(recipe_class: type, backends: tuple[tuple[str, type], ...] = ()) -> dict[KeyPath, Any]:
+def _schema_keys(recipe_class: type, tables: Tables = ()) -> dict[KeyPath, Any]:
     """Each key of the schema (``*`` stands for a list index) with its (field, type): the recipe's, and those of the
-    ``backends``' option classes in their `[backend.<name>]` tables."""
+    option ``tables``' classes in their tables."""
     found: dict[KeyPath, Any] = {}
 
     def walk(cls: type, prefix: KeyPath) -> None:
@@ -250,13 +251,13 @@ def _schema_keys(recipe_class: type, backends: tuple[tuple[str, type], ...] = ()
             if attrs.has(tp) or inner:
                 walk(tp if attrs.has(tp) else inner[0], (*key, "*") if _is_list(tp) else key)
     walk(recipe_class, ())
-    for name, options in backends:
-        walk(options, ("backend", name))
+    for prefix, options in tables:
+        if attrs.has(options):
+            walk(options, prefix)
     return found
 
 
-def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type,
-                  backends: tuple[tuple[str, type], ...] = ()) -> None:
+def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type, tables: Tables = ()) -> None:
     """Make the path-valued keys of one file absolute against that file's folder (in place)."""
 
     def visit(node: Any, keys: KeyPath, which: Any) -> None:
@@ -271,7 +272,7 @@ def resolve_paths(raw: dict[str, Any], base: Path, recipe_class: type,
             child.update({key: _absolute(value, base) for key, value in child.items()
                           if isinstance(value, str) and value and (which is True or key in which)})
 
-    for keys, (field, _) in _schema_keys(recipe_class, backends).items():
+    for keys, (field, _) in _schema_keys(recipe_class, tables).items():
         if field.metadata.get("path"):
             visit(raw, keys, field.metadata["path"])
 
@@ -311,7 +312,7 @@ def _record(origins: dict[KeyPath, str], path: KeyPath, value: Any, shown: str) 
 
 
 def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recipe, chain: tuple[Path, ...] = (),
-             backends: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
+             tables: Tables = ()) -> dict[str, Any]:
     """Read a recipe and everything it `extends`, merged (later files win), paths made absolute."""
     path = Path(os.path.expanduser(str(path)))
     real = files.resolved(path)
@@ -322,7 +323,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
     if len(chain) >= MAX_EXTENDS_DEPTH:
         raise RecipeError(f"{shown}: [extends] nests deeper than {MAX_EXTENDS_DEPTH} files")
     raw = read_toml(path, shown)
-    resolve_paths(raw, real.parent, recipe_class, backends)
+    resolve_paths(raw, real.parent, recipe_class, tables)
     parent = raw.pop("extends", None)
     if parent is None:
         return _merge({}, raw, origins, shown)      # every key is this file's
@@ -335,7 +336,7 @@ def load_raw(path: Path, origins: dict[KeyPath, str], recipe_class: type = Recip
         what = "file not found" if str(exc).startswith("not found") else f"file {exc}"
         raise RecipeError(f"{shown}: [extends] {what}: {files.shown(parent)}") from None
     try:
-        parent_raw = load_raw(parent_path, origins, recipe_class, (*chain, real), backends)
+        parent_raw = load_raw(parent_path, origins, recipe_class, (*chain, real), tables)
     except RecipeError as exc:   # a parent that cannot be read or parsed: named through this file's key
         raise RecipeError([line if "[extends]" in line else f"{shown}: [extends] {line}"
                            for line in exc.problems]) from None
@@ -359,8 +360,25 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     return path, parsed["v"]
 
 
+def unknown_key(path: KeyPath, recipe_class: type = Recipe, tables: Tables = ()) -> str | None:
+    """Why ``path`` (as a recipe writes it) is no key a recipe may hold, naming the closest and those beside it; None
+    for a key of the schema or of the option ``tables``, or any key inside a table the schema leaves free (a table
+    not marked ``keys``: the plugin that reads it decides)."""
+    known = {as_written(k): v for k, v in _schema_keys(recipe_class, tables).items() if k != ("backend", "options")}
+    known.update(dict.fromkeys(prefix for prefix, _ in tables))
+    for n in range(1, len(path) + 1):
+        if path[:n] not in known:
+            names = sorted({k[-1] for k in known if len(k) == n and k[:-1] == path[:n - 1]} - {"*"})
+            where = f"[{format_key(path[:n - 1])}]" if n > 1 else "a recipe"
+            return f"is not a recipe key{did_you_mean(str(path[n - 1]), names)}" + (
+                f"; {where} holds: {', '.join(names)}" if names else "")
+        if known[path[:n]] and _is_dict(known[path[:n]][1]) and not known[path[:n]][0].metadata.get("keys"):
+            return None
+    return None
+
+
 def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath, str],
-                 recipe_class: type = Recipe) -> dict[str, Any]:
+                 recipe_class: type = Recipe, tables: Tables = ()) -> dict[str, Any]:
     """`--unset sample.every_steps`: remove the key (a value or a whole table) so its default applies."""
     for key in keys:
         key = key.strip()
@@ -371,10 +389,8 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys
         if not isinstance(node, dict) or path[-1] not in node:  # not set: nothing to do, if it is a key at all
-            known = _schema_keys(recipe_class)       # any key in backend tables and free-form tables
-            if not (path[0] == "backend" or path in known or any(_is_dict(known[path[:n]][1]) for n in
-                                                                range(1, len(path)) if path[:n] in known)):
-                raise RecipeError(f"--unset {files.printable(key)}: [{format_key(path)}] is not a recipe key")
+            if (problem := unknown_key(path, recipe_class, tables)) is not None:
+                raise RecipeError(f"--unset {files.printable(key)}: [{files.printable(key)}] {problem}")
             continue
         del node[path[-1]]
         for known in [k for k in origins if k[:len(path)] == path]:
@@ -383,15 +399,15 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
 
 
 def apply_sets(raw: dict[str, Any], sets: Iterable[str], origins: dict[KeyPath, str],
-               recipe_class: type | None = None, backends: tuple[tuple[str, type], ...] = ()) -> dict[str, Any]:
+               recipe_class: type | None = None, tables: Tables = ()) -> dict[str, Any]:
     """Apply `--set KEY=VALUE`s in order (a later one wins: a script's overrides after its base values); values at
-    the keys the schema marks ``path`` (``recipe_class``'s, and in ``backends``' option tables) are made absolute
+    the keys the schema marks ``path`` (``recipe_class``'s, and in the option ``tables``) are made absolute
     against the working folder."""
     for assignment in sets:
         path, value = parse_set(assignment)
         if recipe_class is not None:    # the value alone at its key, made absolute as a file's would be
             holder = functools.reduce(lambda node, key: {key: node}, reversed(path), value)
-            resolve_paths(holder, Path.cwd(), recipe_class, backends)
+            resolve_paths(holder, Path.cwd(), recipe_class, tables)
             value = functools.reduce(lambda node, key: node[key], path, holder)
         node = raw
         for part in path[:-1]:
@@ -422,8 +438,8 @@ def _pack_backend(raw: dict[str, Any], problems: Problems) -> dict[str, Any]:
             elif isinstance(value, dict):
                 packed["options"][key] = value
             else:
-                problems.add(("backend", key), "unknown key; [backend] holds `name` and one "
-                             "`[backend.<name>]` table per backend")
+                problems.add(("backend", key), f"unknown key{did_you_mean(key, ['name'])}; [backend] holds `name` and "
+                             "one `[backend.<name>]` table per backend")
         raw["backend"] = packed
     elif section is not None:
         problems.add(("backend",), f"expected a backend name or a table, got {describe(section)}")
@@ -519,9 +535,11 @@ def load_recipe(path: str | Path, sets: Iterable[str] = (), unsets: Iterable[str
 
         plugins = load_plugins()
     path, recipe_class, origins = Path(path), plugins.recipe_class, {}
-    backends = tuple((name, reg.options) for name, reg in plugins.registry["backend"].items() if attrs.has(reg.options))
-    raw = apply_unsets(load_raw(path, origins, recipe_class, (), backends), unsets, origins, recipe_class)
-    raw = apply_sets(raw, sets, origins, recipe_class, backends)
+    tables = (*((("backend", name), reg.options) for name, reg in plugins.registry["backend"].items()), *(
+        (key, reg.options) for key, (f, _) in _schema_keys(recipe_class).items() if f.metadata.get("keys")
+        for reg in plugins.registry.get(f.metadata["keys"], {}).values()))
+    raw = apply_unsets(load_raw(path, origins, recipe_class, (), tables), unsets, origins, recipe_class, tables)
+    raw = apply_sets(raw, sets, origins, recipe_class, tables)
     problems = Problems(display_path(path), origins)
     recipe = structure(raw, problems, recipe_class)
     if plugins.broken and set(raw) - set(attrs.fields_dict(recipe_class)):   # perhaps the table of a plugin that failed

@@ -12,7 +12,7 @@ import attrs
 from .dataset import Item, LintReport
 from .errors import (BackendError, DatasetError, LoraRunError, PluginError, RecipeError, TrainingInterrupted)
 from .plugins import Plugins, Registration
-from .recipe import LoadedRecipe, Problems, replace, resume_command, structure_table
+from .recipe import LoadedRecipe, Problems, did_you_mean, replace, resume_command, structure_table
 from .schema import Recipe
 
 
@@ -178,8 +178,9 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
         tables.setdefault(backend.name, {})     # the chosen backend's options: its defaults when it has no table
     for name, table in tables.items():
         if name not in plugins.registry["backend"]:
-            problems.add(("backend", "options", name), f"table for unknown backend \"{name}\"; installed: "
-                         f"{', '.join(plugins.names('backend'))}")
+            installed = plugins.names("backend")
+            problems.add(("backend", "options", name), f"table for unknown backend \"{name}\""
+                         f"{did_you_mean(name, installed, chr(34))}; installed: {', '.join(installed)}")
             continue
         value = structure_options(plugins.registry["backend"][name], table, ("backend", "options", name), problems)
         if backend is not None and name == backend.name:

@@ -16,12 +16,13 @@ from .errors import PluginError
 
 def option(default: Any = attrs.NOTHING, doc: str = "", *, factory: Any = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
-           path: bool | str | tuple[str, ...] = False, features: tuple[Any, ...] = (), choice_features: str = "") -> Any:
-    """An attrs field with its documentation, limits, ``path`` mark (docs/hooks/register_sections.md) and the
-    ``features`` (``lora_run_training.Feature``) a recipe uses through it, which a backend may not honour, in the
+           path: bool | str | tuple[str, ...] = False, features: tuple[Any, ...] = (), choice_features: str = "",
+           keys: str = "") -> Any:
+    """An attrs field with its documentation, limits, ``path`` and ``keys`` marks (docs/hooks/register_sections.md) and
+    the ``features`` (``lora_run_training.Feature``) a recipe uses through it, which a backend may not honour, in the
     metadata; ``choice_features="optimizer"``: one feature per value of a choice field, ``optimizer:<value>``."""
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path, "features": features,
-                "choice_features": choice_features}
+                "choice_features": choice_features, "keys": keys}
     return attrs.field(default=default if factory is None else attrs.Factory(factory), metadata=metadata)
 
 
@@ -43,7 +44,7 @@ class DatasetSection:
 
     type: str = option("folder", "Dataset plugin (`lora-run plugins` lists them).")
     options: dict[str, Any] = option(factory=dict, doc="`[dataset.options]`: options of the dataset type, "
-                                     "checked by the options class that type registered.")
+                                     "checked by the options class that type registered.", keys="dataset")
 
 
 @frozen

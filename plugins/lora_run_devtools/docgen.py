@@ -24,7 +24,8 @@ On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.st
 `--set 'dataset.regularization=[{path="reg/"}]'`) and `--unset KEY` removes one, so that its default
 applies (`--unset sample.every_steps` turns sampling off; `--unset sample` resets the whole table).
 `--unset` is applied first, then every `--set`, in order (a later `--set` of a key wins); unsetting a key that is
-not set does nothing, and a name that is not a recipe key is an error.
+not set does nothing, and a name that is not a recipe key is an error naming the closest key (inside a
+`[backend.<name>]` table and the options tables, `[train] loss_options` …: a key no installed plugin's options take).
 """
 
 

@@ -617,6 +617,28 @@ def _folder_images(given: str, flag: str) -> list[Path]:
     return files
 
 
+def _check_report(path: Path, overwrite: bool, subject: Path) -> None:
+    """Where `score --report` may write (OutputError, exit 2, naming the path, before any model loads): not among the
+    subject's photos (a dataset folder: lora-run never writes into one), over an existing file only with --overwrite
+    and only over a report page lora-run wrote (``is_report``), in a folder that is or can be made, never through a
+    dangling link."""
+    if subject == path or subject in path.parents:
+        raise OutputError(f"--report {shown(path)}: lies in the --subject folder {shown(subject)}; lora-run never "
+                          "writes among the subject's photos (a dataset folder): give a report path outside it")
+    if path.exists() and not overwrite:
+        raise OutputError(f"--report {shown(path)}: exists; use --overwrite to replace it")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"--report {shown(path)}: exists and is not a regular file; it is never replaced")
+    if path.exists() and not is_report(path):
+        raise OutputError(f"--report {shown(path)}: --overwrite replaces only a report lora-run wrote; this file "
+                          "is something else and is left alone")
+    unusable = folder_problem(path.parent)
+    if unusable:
+        raise OutputError(f"--report {shown(path)}: {shown(path.parent)} {unusable}")
+    if os.path.islink(path) and not path.exists():
+        raise OutputError(f"--report {shown(path)}: is a dangling link or a symlink loop")
+
+
 def cmd_score(args: Any, plugins: Any) -> int:
     """`lora-run score --subject DIR --images DIR [--control DIR] [--embedder NAME] [--model F] [--json]`."""
     from lora_run.recipe import did_you_mean
@@ -648,19 +670,8 @@ def cmd_score(args: Any, plugins: Any) -> int:
     if args.embedder == "onnx" and not args.model:
         raise RecipeError("--embedder onnx needs --model FILE (an ArcFace ONNX model)")
     report_path = resolved(Path(args.report).expanduser()) if args.report else None
-    if report_path is not None and report_path.exists() and not args.overwrite:
-        raise OutputError(f"--report {report_path}: exists; use --overwrite to replace it")
-    if report_path is not None and report_path.exists() and not report_path.is_file():
-        raise OutputError(f"--report {shown(report_path)}: exists and is not a regular file; it is never replaced")
-    if report_path is not None and report_path.exists() and not is_report(report_path):
-        raise OutputError(f"--report {shown(report_path)}: --overwrite replaces only a report lora-run wrote; this file "
-                          "is something else and is left alone")
     if report_path is not None:
-        unusable = folder_problem(report_path.parent)
-        if unusable:
-            raise OutputError(f"--report {shown(report_path)}: {shown(report_path.parent)} {unusable}")
-        if os.path.islink(report_path) and not report_path.exists():
-            raise OutputError(f"--report {shown(report_path)}: is a dangling link or a symlink loop")
+        _check_report(report_path, args.overwrite, resolved(Path(args.subject).expanduser()))
     embedder = make_embedder(plugins, args.embedder, raw, Path.cwd(), where=("--embedder-options",))
     echo = (lambda _m: None) if args.json else print
     samples = [M.Sample(str(p), p.stem) for p in images] + [M.Sample(str(p), p.stem, control=True) for p in control]

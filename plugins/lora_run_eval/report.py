@@ -247,8 +247,10 @@ def _headline(m: dict[str, Any]) -> str:
     return _table(("metric", "value", "meaning"), ([esc(a), f'<td class="num">{b}</td>', esc(c)] for a, b, c in rows))
 
 
-#: How every report page begins; `score --overwrite` replaces only a file that begins so (one lora-run wrote).
-REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+#: How every report page begins; `score --overwrite` and `eval --overwrite` replace only a file that begins so (one
+#: lora-run wrote): the generator mark is lora-run's, where the HTML before it is any minified page's.
+REPORT_HEAD = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+               '<meta name="generator" content="lora-run identity report">')
 
 
 def is_report(path: Path) -> bool:

@@ -38,7 +38,7 @@ class EvalSection:
     embedder: str | None = option(None, "Embedder plugin the evaluation compares images with (`lora-run plugins` "
                                   "lists them). Unset: the installed embedder registered as the default.")
     embedder_options: dict[str, Any] = option(factory=dict, doc="Options of the embedder, checked by its options "
-                                              "class.", path=("model", "detector"))
+                                              "class.", path=("model", "detector"), keys="embedder")
     every_checkpoint: bool = option(False, "Also evaluate every saved checkpoint and pick the best.")
     evaluators: list[str] | None = option(None, "Evaluator plugins to run at the end, by name (`lora-run "
                                           "plugins` lists them); unset: every installed evaluator.")

@@ -7,7 +7,10 @@
   poses, sizes and backgrounds, each with a caption containing the trigger;
 - ``data/reg/``: 20 generic cartoon faces without the trigger (a regularisation set of the size the playbook asks
   for), each caption its own;
-- ``recipe.toml``: ``extends`` the shipped ``recipes/demo/tiny-flux.toml`` and fills in these paths.
+- ``tiny-flux.toml``: a copy of the shipped ``recipes/demo/tiny-flux.toml``;
+- ``recipe.toml``: ``extends`` that copy and fills in these paths, all relative to the assets folder: the demo's
+  recipe (and the resume command an interrupted demo prints) never reads a file of the installation, so it still
+  loads, and resumes the same run, after the venv moved or lora-run was upgraded, and the demo folder may move.
 
 Everything is deterministic and offline. It shows the pipeline end to end; it does not make a useful LoRA.
 """
@@ -18,6 +21,7 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
+from lora_run import __version__
 from lora_run.errors import BackendError
 from lora_run.files import resolved, shown
 from lora_run_rundir import atomic_write_text
@@ -119,16 +123,21 @@ def build_demo(assets_dir: str | Path) -> Path:
     if not subject.is_dir() or not reg.is_dir():
         print(f"demo: drawing a synthetic captioned dataset in {assets / 'data'}")
         _build_whole(assets / "data", build_dataset)
+    shipped = f"recipes/{SHIPPED.as_posix()}"
+    base = assets / SHIPPED.name     # a copy of the shipped recipe: its own relative paths name these assets too
+    atomic_write_text(base, f"# Copied by `lora-run demo` (lora-run {__version__}) from the shipped {shipped};\n"
+                      f"# the demo's recipe.toml extends this copy.\n{shipped_recipe().read_text(encoding='utf-8')}")
     recipe = {
-        "extends": str(shipped_recipe()),
-        "model": {"source": str(model)},
-        "dataset": {"path": str(subject), "regularization": [
-            {"path": str(reg), "weight": 0.5, "default_caption": "a cartoon face"}]},
-        "output": {"dir": str(assets.parent / "run")},
+        "extends": base.name,
+        "model": {"source": f"./{model.name}"},
+        "dataset": {"path": subject.relative_to(assets).as_posix(), "regularization": [
+            {"path": reg.relative_to(assets).as_posix(), "weight": 0.5, "default_caption": "a cartoon face"}]},
+        "output": {"dir": "../run"},
     }
     path = assets / "recipe.toml"
-    header = ("# Written by `lora-run demo`: the shipped recipes/demo/tiny-flux.toml with this demo's model and\n"
-              "# dataset paths. Run it again with: lora-run " + shlex.quote(str(path)) + " --overwrite\n\n")
+    header = (f"# Written by `lora-run demo`: the shipped {shipped} (copied beside this file as\n"
+              f"# {base.name}) with this demo's model and dataset paths, relative to this folder.\n"
+              "# Run it again with: lora-run " + shlex.quote(str(path)) + " --overwrite\n\n")
     atomic_write_text(path, header + tomli_w.dumps(recipe))     # replaces a link there, never writes through it
     return path
 

@@ -184,8 +184,8 @@ def output_problems(recipe: Recipe, override: str | None = None, overwrite: bool
 
 def input_problems(recipe: Recipe, path: Path, where: str, what: str) -> list[str]:
     """Why ``path`` (an output folder, ``what``, named ``where``) cannot hold a run's output: it lies in a dataset
-    folder, or contains (or is) one of the recipe's local inputs (the dataset, a regularisation set, a local model), so
-    replacing it would delete them. A run folder and `lora-run eval`'s folder ask the same."""
+    folder or a local model folder, or contains (or is) one of the recipe's local inputs (the dataset, a regularisation
+    set, a local model), so replacing it would delete them. A run folder and `lora-run eval`'s folder ask the same."""
     problems = _in_dataset(recipe, path, where, what)
     for key, value in _inputs(recipe):
         if value == path or path in value.parents:
@@ -194,14 +194,20 @@ def input_problems(recipe: Recipe, path: Path, where: str, what: str) -> list[st
     return problems
 
 
+#: The inputs whose folders lora-run never writes into, by the start of their key: the dataset's folders and a local
+#: model folder (`[model] source`; every file under it is recorded as the model's, and `--overwrite` works beside
+#: them). A `[model.files]` file's folder is not the model's (it may be the working folder, where `runs/` goes).
+INPUT_FOLDERS = {"dataset.": "dataset", "model.source": "model"}
+
+
 def _in_dataset(recipe: Recipe, where: Path, named: str, what: str) -> list[str]:
-    """A problem for each dataset folder that ``where`` (the run or cache folder, ``named`` by its key) lies in, or
-    for the cache is: lora-run would write into the user's dataset folder (a run folder that is one is refused as
-    holding an input)."""
-    return [f"{named}: lies in the dataset folder [{key}] ({shown(value)}); lora-run never writes into a dataset "
+    """A problem for each dataset folder or local model folder (``INPUT_FOLDERS``) that ``where`` (the run, evaluation
+    or cache folder, ``named`` by its key) lies in, or for the cache is: lora-run would write into the user's dataset
+    or model (a run folder that is one is refused as holding an input)."""
+    return [f"{named}: lies in the {kind} folder [{key}] ({shown(value)}); lora-run never writes into a {kind} "
             f"folder, give a {what} outside it"
-            for key, value in _inputs(recipe)
-            if key.startswith("dataset.") and (value in where.parents or value == where and what == "cache folder")]
+            for key, value in _inputs(recipe) for start, kind in INPUT_FOLDERS.items()
+            if key.startswith(start) and (value in where.parents or value == where and what == "cache folder")]
 
 
 def raise_output_problems(loaded: LoadedRecipe, override: str | None = None, overwrite: bool = False) -> None:

@@ -154,7 +154,7 @@ class TrainSection:
     seed: int = option(42, "Seed for noise, timesteps, data order and LoRA init.", ge=0, le=MAX_SEED)
     loss: str = option("mse", "Loss plugin: `mse`, `huber`, `pseudo-huber`, `smooth-l1` (`lora-run plugins`).")
     loss_options: dict[str, Any] = option(factory=dict, doc="Options of the chosen loss (for example "
-                                          "`{ c = 0.1 }` for huber); checked by the loss plugin.")
+                                          "`{ c = 0.1 }` for huber); checked by the loss plugin.", keys="loss")
     timestep_sampling: str = option(
         "sigmoid", "How σ/t is drawn: `uniform`, `sigmoid` (sigmoid of scaled normal), `logit-normal` (mean/std), "
         "`shift` (sigmoid then a fixed shift), or a sampler a family registers (see Model families below).")

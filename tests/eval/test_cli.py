@@ -44,6 +44,43 @@ def test_score_folders_human_and_json(run_cli, tmp_path, subject_dir):
     assert len(result["images"]) == 3 and all(r["match"] for r in result["images"])
 
 
+def test_score_report_never_goes_among_the_subject_photos_nor_over_a_page_lora_run_did_not_write(run_cli, tmp_path,
+                                                                                                  subject_dir):
+    """`score --report` wrote its page into the `--subject` folder (the subject's photos: a dataset folder, which
+    lora-run never writes into), and `--overwrite` replaced any HTML page that began as lora-run's reports then did
+    (`<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>`, the head of any minified page). Each is
+    now exit 2 naming the path, before any model loads, nothing written; a report lora-run wrote is still replaced."""
+    import shutil
+
+    subject = tmp_path / "subject"
+    shutil.copytree(subject_dir, subject)
+    images, _ = folders(tmp_path, subject_dir)
+    page = tmp_path / "gallery.html"
+    page.write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>My gallery</title></head>'
+                    "<body>mine</body></html>", encoding="utf-8")
+
+    def state():
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = state()
+    for report, overwrite, says in ((subject / "report.html", [], f"--report {subject / 'report.html'}: lies in the "
+                                     f"--subject folder {subject}; lora-run never writes among the subject's photos"),
+                                    (subject / "new" / "r.html", [], "lies in the --subject folder"),
+                                    (subject / "a0.png", ["--overwrite"], "lies in the --subject folder"),
+                                    (page, ["--overwrite"], f"--report {page}: --overwrite replaces only a report "
+                                                            "lora-run wrote")):
+        done = run_cli("score", "--subject", subject, "--images", images, "--report", report, *overwrite)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 2 and len(errors) == 1 and says in errors[0], done.stderr
+        assert "Traceback" not in done.stderr and state() == before
+    # the control: a report of lora-run's, outside the subject's folder, is written and then replaced
+    ours = tmp_path / "score.html"
+    assert run_cli("score", "--subject", subject, "--images", images, "--report", ours).returncode == 0
+    again = run_cli("score", "--subject", subject, "--images", images, "--report", ours, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in state().items() if k != "score.html"} == before
+
+
 def test_score_reports_no_face_and_weak_identity(run_cli, tmp_path, subject_dir):
     mixed = save({**face_free(), **{f"other{i}": other_person(i) for i in range(4)}}, tmp_path / "mixed")[0].parent
     done = run_cli("score", "--subject", subject_dir, "--images", mixed, "--json")

@@ -260,3 +260,47 @@ def test_run_options_before_the_recipe_are_the_run_commands(tmp_path, monkeypatc
     code, text = run_cli(["chek"], capsys, "invalid choice")
     assert code == 2 and '"chek" is neither a command nor a recipe file' in text
     assert not any(tmp_path.iterdir())
+
+
+def test_unset_of_a_key_no_recipe_holds_is_named(tiny_recipe, tmp_path, monkeypatch, capsys, figures):
+    """`--unset backend.nonsense` (any key under `[backend]`), `--unset backend.native.<typo>` and `--unset` of a key
+    no loss, embedder or dataset type takes (`train.loss_options.…`, `[dataset.options]`) were accepted and removed
+    nothing, exit 0: the typo went unseen and the key the user meant stayed set. Each is now refused naming the key and
+    the closest one, for every command that reads a recipe, as `--unset` of an unknown key of core's tables was;
+    a key that exists but is not set still does nothing, under any installed backend's table too."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tiny_recipe()
+    before = recipe.read_bytes()
+    cases = {"backend.nonsense": "[backend.nonsense] is not a recipe key; [backend] holds: ",
+             "backend.nme": "[backend.nme] is not a recipe key (did you mean 'name'?)",
+             "backend.nativ.fsdp": "[backend.nativ.fsdp] is not a recipe key (did you mean 'native'?)",
+             "backend.native.text_max_lenght": "[backend.native.text_max_lenght] is not a recipe key (did you mean "
+                                               "'text_max_length'?); [backend.native] holds: fsdp, progress_bar, ",
+             "backend.kohya.pythn": "(did you mean 'python'?)",
+             "train.nonexistent": "[train.nonexistent] is not a recipe key; [train] holds: attention,",
+             "dataset.pathx": "[dataset.pathx] is not a recipe key (did you mean 'path'?)",
+             "dataset.options.xyz": "[dataset.options.xyz] is not a recipe key",
+             "train.loss_options.width": "[train.loss_options.width] is not a recipe key; [train.loss_options] holds: "
+                                         "beta, c",
+             "eval.embedder_options.modle": "(did you mean 'model'?)"}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    for command in ("check", "plan", "run", "eval"):
+        for key, says in cases.items():
+            code, text = run_cli([command, str(recipe), "--unset", key, *(["--lora", str(recipe)] if command == "eval"
+                                                                          else [])], capsys, "unexpected")
+            error = [line for line in text.splitlines() if line.startswith("error:")]
+            assert code == 2 and len(error) == 1, (command, key, text[-1500:])
+            assert error[0].startswith(f"error: --unset {key}: ") and says in error[0], (command, key, error)
+    assert recipe.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+    # controls: keys that exist but are not set remove nothing and pass, under another backend's table too
+    for key in ("backend.native.fsdp", "backend.kohya.python", "backend.kohya", "train.loss_options.c",
+                "eval.embedder_options.model", "model.files.transformer", "dataset.options"):
+        code, text = run_cli(["check", str(recipe), "--unset", key], capsys, "unexpected")
+        assert code == 0 and "check passed" in text, (key, text[-1500:])
+    # --set of an unknown backend table or [backend] key already failed; it names the closest now as well
+    code, text = run_cli(["check", str(recipe), "--set", "backend.nativ.fsdp=true"], capsys, "unexpected")
+    assert code == 2 and 'table for unknown backend "nativ" (did you mean "native"?)' in text, text[-1500:]
+    code, text = run_cli(["check", str(recipe), "--set", "backend.nme=native"], capsys, "unexpected")
+    assert code == 2 and "[backend.nme] unknown key (did you mean 'name'?)" in text, text[-1500:]
+    assert recipe.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+    figures(AREA, cases=len(cases) * 4 + 9, faults=len(cases) * 4 + 2)

@@ -62,6 +62,45 @@ def test_the_demo_recipe_names_a_command_that_pastes(tmp_path, monkeypatch, caps
     figures("first use (copied recipes, pasted commands, score arguments)", cases=1, faults=1)
 
 
+def test_the_demo_recipe_reads_nothing_of_the_installation(tiny_model, tmp_path, monkeypatch, capsys, figures):
+    """`lora-run demo` wrote a recipe that `extends` the shipped recipes/demo/tiny-flux.toml by its absolute path in
+    the installation (site-packages for a wheel): once the venv moved or lora-run was upgraded, the demo's recipe and
+    the resume command an interrupted demo prints failed ("[extends] file not found", exit 2) or read another
+    recipe than the run's. The demo now copies the shipped recipe into its own folder and extends the copy, with every
+    path relative to that folder: the run resumes with the installation's recipe gone, and the demo folder may move."""
+    import shutil
+
+    from lora_run_native import demo
+
+    installed = tmp_path / "venv" / "recipes" / "demo" / "tiny-flux.toml"     # the installation's shipped recipe
+    installed.parent.mkdir(parents=True)
+    shutil.copyfile(demo.shipped_recipe(), installed)
+    shipped = installed.read_text("utf-8")
+    monkeypatch.setattr(demo, "shipped_recipe", lambda: installed)
+    assets = tmp_path / "demo" / "assets"
+    shutil.copytree(tiny_model, assets / "tiny-flux")        # the model an earlier demo built: reused, not rebuilt
+    recipe = demo.build_demo(assets)
+    quick = ["--unset", "sample.every_steps", "--set", "eval.enabled=false", "--set", "train.save_every_steps=2"]
+    assert main([str(recipe), "--set", "train.steps=3", *quick]) == 0, capsys.readouterr().err
+    run = tmp_path / "demo" / "run"
+    first = (run / "tiny-flux-demo.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "venv")                          # the venv moved, or lora-run was upgraded
+    capsys.readouterr()
+    code = main([str(recipe), "--set", "train.steps=4", *quick, "--resume", "--output-dir", str(run)])
+    out = capsys.readouterr()
+    assert code == 0 and "Traceback" not in out.err, out.err[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000002'} (step 2 of 4)" in out.out, out.out[-2000:]
+    assert (run / "tiny-flux-demo.safetensors").read_bytes() != first
+    assert str(tmp_path / "venv") not in recipe.read_text("utf-8")   # the copy beside it: the shipped recipe as it was
+    assert (assets / "tiny-flux.toml").read_text("utf-8").endswith(shipped)
+    moved = tmp_path / "moved demo"                           # the whole demo folder moved
+    (tmp_path / "demo").rename(moved)
+    code, text = run_cli(["check", str(moved / "assets" / "recipe.toml")], capsys, "not found")
+    assert code == 0 and "check passed" in text, text[-2000:]
+    assert load_recipe(moved / "assets" / "recipe.toml").recipe.model.source == str(moved / "assets" / "tiny-flux")
+    figures("first use (copied recipes, pasted commands, score arguments)", cases=3, faults=2)
+
+
 @pytest.fixture
 def faces(tmp_path):
     from lora_run_devtools.testing import make_images

@@ -447,7 +447,18 @@ EVAL_FOLDERS = {   # name: (how the folder given as --output-dir is made from (p
         lambda project, data: ((project / "ev").mkdir(), (project / "ev" / "images").symlink_to(data)),
         "is a link or not a folder"),
     "a folder in the dataset": (lambda project, data: None, "lies in the dataset folder [dataset.path]"),
+    "a web page that begins as lora-run's reports once did, beside the user's images": (
+        lambda project, data: _web_page(project / "ev"), "replaces only an earlier evaluation"),
 }
+
+
+def _web_page(folder: Path) -> None:
+    """A user's gallery: a minified page whose head is the one lora-run's report pages began with before they carried
+    its generator mark (any minified page's), and its pictures in `images/`."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "holiday.png").write_bytes(b"mine")
+    (folder / "report.html").write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>My '
+                                        "holiday</title></head><body><img src=images/holiday.png></body></html>")
 
 
 @pytest.mark.parametrize("case", list(EVAL_FOLDERS))
@@ -493,3 +504,38 @@ def test_an_earlier_evaluation_is_known_by_what_lora_run_wrote(tmp_path):
     assert _is_evaluation(metrics)
     (metrics / "metrics.json").write_text('{"accuracy": 0.9}')
     assert not _is_evaluation(metrics)
+
+
+# ------------------------------------------------------------------------------------ a local model's folder
+def test_no_run_evaluation_or_cache_folder_goes_inside_a_local_model_folder(tiny_recipe, tiny_model, tmp_path, capsys,
+                                                                            figures):
+    """A run folder (`--output-dir`, `[output] dir`), an evaluation folder (`eval --output-dir`, or its default next
+    to a LoRA kept there) and a `[train] cache_dir` inside the `[model] source` folder passed `check` and `plan`, and
+    the run wrote its LoRAs, checkpoints and cache among the model's files, where the run's own record took every one
+    of them for a file of the base model. Each is refused as a dataset folder is (exit 2 naming the key or option, the
+    model folder and `[model.source]`), before anything is written; the model's files are untouched."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    path = tiny_recipe()
+    path.write_text(path.read_text().replace(str(tiny_model), str(model)))
+    recipe = str(path)
+    lora = _lora(model / "x.safetensors")
+    before = _snapshot(model)
+    says = f"lies in the model folder [model.source] ({model}); lora-run never writes into a model folder"
+    cases = {("check", recipe, "--set", f'output.dir="{model}/runs/x"'): "recipe.toml (--set): [output.dir]",
+             ("plan", recipe, "--output-dir", str(model / "runs" / "x")): f"--output-dir {model / 'runs' / 'x'}",
+             (recipe, "--output-dir", str(model / "run")): f"--output-dir {model / 'run'}",
+             (recipe, "--output-dir", str(model / "transformer" / "run"), "--overwrite"): "--output-dir",
+             ("check", recipe, "--set", f'train.cache_dir="{model}/cache"'): "(--set): [train.cache_dir]",
+             ("eval", recipe, "--lora", str(lora), "--output-dir", str(model / "ev")): f"--output-dir {model / 'ev'}",
+             ("eval", recipe, "--lora", str(lora)): f"--output-dir {model / 'eval-x'}"}
+    for argv, named in cases.items():
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2 and f"{named}" in err and says in err and "Traceback" not in err, (argv, err[-1500:])
+        assert _snapshot(model) == before, argv
+    # the control: a folder beside the model folder is a run folder as before
+    assert main(["check", recipe, "--set", f'output.dir="{tmp_path}/runs/x"']) == 0, capsys.readouterr().err
+    figures("run-folder safety", cases=len(cases) + 1, faults=len(cases))
