@@ -114,7 +114,8 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
                 image.save(buf, format="PNG")
                 atomic_write_bytes(target, buf.getvalue())
                 paths[n] = str(target)
-            seconds.update((n, (time.monotonic() - started) / len(group)) for n in group)
+            share = (time.monotonic() - started) / len(group)      # read once: the call's images share it exactly
+            seconds.update((n, share) for n in group)
     if graphs.calls:                        # calls are counted only where the transformer was wrapped
         print(f"generation: the transformer's {graphs.describe()}", file=sys.stderr)
     results = [{**job, "path": paths[n], "seconds": round(seconds[n], 4)} for n, job in enumerate(jobs)]
