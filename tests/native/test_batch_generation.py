@@ -1,8 +1,11 @@
 """Batched generation: jobs that differ only in seed go through one pipeline call with one starting latent per
-seed. Every family's batch gives the one-at-a-time images (same seeds, same order); planted mistakes (a batch in
-the wrong order, noise from the wrong seed) are caught by the same comparison; the grouping of jobs."""
+seed; a batch may also hold one prompt (or one row of pre-encoded text) per seed. Every family's batch gives the
+one-at-a-time images (same seeds and prompts, same order); planted mistakes (a batch in the wrong order, noise from
+the wrong seed, the prompts rotated by one inside the batch) are caught by the same comparison; the grouping of
+jobs."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +15,16 @@ from .conftest import BASE_RECIPE
 
 FAMILIES = ["flux.1-dev", "flux.2-klein", "flux.2-dev", "hunyuan-image-2.1", "hunyuan-dit-1.2"]
 SEEDS = [3, 1, 2]
+#: one prompt per seed for the mixed batches: a repeated prompt, and glyph text (quoted, HunyuanImage's ByT5 input)
+#: in some rows only
+PROMPTS = ['ohwx, a portrait "hi"', "a red car on a bridge at night, rain", 'ohwx, a portrait "hi"']
 #: uint8 pixels: a batch may differ from batch 1 by kernel-level float differences (measured on CPU: at most 1)
 TOLERANCE = 1
+#: the latents the VAE decodes (float32, CPU): a batch differs from batch 1 by at most 2e-5 (Hunyuan-DiT; about 1e-6
+#: elsewhere), where the prompts of ``PROMPTS`` swapped differ by 4e-3 (FLUX.2 [dev]) to 2 (Hunyuan-DiT). Two tiny
+#: models barely hear their text (a prompt moves FLUX.2 [dev]'s pixels by 1 of 255, HunyuanImage's by 3), which
+#: ``TOLERANCE`` cannot tell from float noise, so the prompt checks compare these latents too
+LATENT_TOLERANCE = 1e-4
 
 #: the native tests' tiny-model recipe on any family
 RECIPE = BASE_RECIPE.replace('family = "flux.1-dev"', 'family = "{family}"').replace("{length}", "steps = 2")
@@ -95,6 +106,107 @@ def test_a_batch_gives_the_one_at_a_time_images(family, pipelines):
     wrong_seed, _ = _call(adapter, pipe, [s + 10 for s in SEEDS], guidance)
     with pytest.raises(AssertionError, match="batched differs"):
         assert_same_images(wrong_seed, single)
+
+
+def _guidance(family: str) -> float:
+    return 4.0 if family == "hunyuan-dit-1.2" else 3.5        # Hunyuan-DiT: CFG on (negative batch too)
+
+
+@contextlib.contextmanager
+def decoded_latents(pipe):
+    """The latents the pipeline's VAE decodes inside the block, one row per image, in the order of the calls."""
+    rows: list = []
+    real = pipe.vae.decode
+
+    def decode(latents, *args, **kwargs):
+        rows.extend(latents.detach().clone())
+        return real(latents, *args, **kwargs)
+
+    pipe.vae.decode = decode
+    try:
+        yield rows
+    finally:
+        del pipe.vae.decode          # the instance attribute: the class's method again
+
+
+def assert_same_latents(batched, single) -> None:
+    """The latents of one batch equal the one-at-a-time latents, in order, within ``LATENT_TOLERANCE``."""
+    assert len(batched) == len(single)
+    for n, (x, y) in enumerate(zip(batched, single)):
+        diff = float((x - y).abs().max())
+        assert diff <= LATENT_TOLERANCE, f"latent {n}: batched differs from one-at-a-time by {diff:.1e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_mixing_prompts_gives_each_image_alone(family, pipelines):
+    """Evaluation groups mix prompts (one strength, several prompts × seeds): a list of per-seed prompts gives, per
+    image, the image of its prompt and seed generated alone; the prompts rotated by one inside the batch do not."""
+    import torch
+
+    adapter, pipe = pipelines(family)
+    kw = dict(steps=2, guidance=_guidance(family), width=64, height=64, lora_scale=1.0)
+    with torch.no_grad(), decoded_latents(pipe) as latents:
+        batched = adapter.generate_batch(pipe, prompt=PROMPTS, seeds=SEEDS, **kw)
+        single = [adapter.generate(pipe, prompt=prompt, seed=seed, **kw) for prompt, seed in zip(PROMPTS, SEEDS)]
+        # planted mistake: each seed paired with its neighbour's prompt inside the batch
+        adapter.generate_batch(pipe, prompt=PROMPTS[1:] + PROMPTS[:1], seeds=SEEDS, **kw)
+    assert len(batched) == len(SEEDS) and len(latents) == 3 * len(SEEDS)
+    assert_same_images(batched, single)
+    assert_same_latents(latents[:3], latents[3:6])
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_latents(latents[6:], latents[3:6])
+
+
+def _encoded(family: str, adapter, pipe, prompts: list[str]) -> dict:
+    """The prompts encoded by the family's pipeline, one row each, under the keys ``generate_batch`` takes as
+    ``text`` (``encode_captions``' keys)."""
+    import torch
+
+    with torch.no_grad():
+        if family == "flux.1-dev":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,
+                                                   max_sequence_length=adapter.max_sequence_length)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if family.startswith("flux.2"):
+            def encode(texts):
+                return pipe.encode_prompt(prompt=texts, max_sequence_length=adapter.max_sequence_length,
+                                          text_encoder_out_layers=adapter.text_layers)[0]
+
+            adapter.negative_text = {"prompt_embeds": encode([""])}      # CFG's empty prompt, without a reload
+            return {"prompt_embeds": encode(prompts)}
+        if family == "hunyuan-image-2.1":
+            e, m, e2, m2 = pipe.encode_prompt(prompt=prompts, batch_size=len(prompts))
+            return {"prompt_embeds": e, "prompt_embeds_mask": m, "prompt_embeds_2": e2, "prompt_embeds_mask_2": m2}
+        out = {}
+        for index, suffix in ((0, ""), (1, "_2")):
+            e, _, m, _ = pipe.encode_prompt(prompts, device=torch.device("cpu"), dtype=torch.float32,
+                                            do_classifier_free_guidance=False, text_encoder_index=index)
+            out["prompt_embeds" + suffix], out["prompt_attention_mask" + suffix] = e, m
+        return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pre_encoded_text_with_a_row_per_seed(family, pipelines):
+    """Sample rounds during training stack the sample prompts' cached encodings, one row per seed: each image is
+    the one generated alone from its own row (a batch of 1); the rows rotated by one are caught."""
+    import torch
+
+    from lora_run_native.adapters.base import text_row
+
+    adapter, pipe = pipelines(family)
+    text = _encoded(family, adapter, pipe, PROMPTS)
+    assert all(v.shape[0] == len(PROMPTS) for v in text.values())
+    rotated = {k: torch.cat([v[1:], v[:1]]) for k, v in text.items()}
+    kw = dict(prompt=None, steps=2, guidance=_guidance(family), width=64, height=64, lora_scale=1.0)
+    with torch.no_grad(), decoded_latents(pipe) as latents:
+        batched = adapter.generate_batch(pipe, seeds=SEEDS, text=text, **kw)
+        single = [adapter.generate(pipe, seed=seed, text=text_row(text, n, len(SEEDS)), **kw)
+                  for n, seed in enumerate(SEEDS)]
+        adapter.generate_batch(pipe, seeds=SEEDS, text=rotated, **kw)
+    assert_same_images(batched, single)
+    assert_same_latents(latents[:3], latents[3:6])
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_latents(latents[6:], latents[3:6])
 
 
 def test_pre_encoded_text_is_batched_too(pipelines):
@@ -194,20 +306,36 @@ def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, m
 
 
 def test_an_adapter_with_only_generate_falls_back_to_one_call_per_seed():
+    """A third-party adapter that implements only ``generate``: one call per seed, with that seed's prompt and its
+    row of pre-encoded text (a batch of 1)."""
+    import torch
+
     from lora_run_native.adapters.base import ModelAdapter
 
     class OneByOne(ModelAdapter):
         def __init__(self):
             self.calls = []
 
-        def generate(self, pipe, *, prompt, seed, **kw):
-            self.calls.append(seed)
+        def generate(self, pipe, *, prompt, seed, text=None, **kw):
+            self.calls.append((prompt, seed, None if text is None else {k: v.tolist() for k, v in text.items()}))
             return f"image {seed}"
 
     adapter = OneByOne()
-    out = adapter.generate_batch(None, prompt="p", seeds=[4, 2], steps=1, guidance=1.0, width=8, height=8,
-                                 lora_scale=1.0)
-    assert out == ["image 4", "image 2"] and adapter.calls == [4, 2]
+    kw = dict(steps=1, guidance=1.0, width=8, height=8, lora_scale=1.0)
+    out = adapter.generate_batch(None, prompt="p", seeds=[4, 2], **kw)
+    assert out == ["image 4", "image 2"] and adapter.calls == [("p", 4, None), ("p", 2, None)]
+    adapter.calls.clear()
+    adapter.generate_batch(None, prompt=["p", "q", "p"], seeds=[4, 2, 7], **kw)
+    assert adapter.calls == [("p", 4, None), ("q", 2, None), ("p", 7, None)]
+    adapter.calls.clear()
+    text = {"embeds": torch.tensor([[1.0], [2.0]]), "pooled": torch.tensor([[9.0]])}     # rows per seed, and shared
+    adapter.generate_batch(None, prompt=None, seeds=[4, 2], text=text, **kw)
+    assert adapter.calls == [(None, 4, {"embeds": [[1.0]], "pooled": [[9.0]]}),
+                             (None, 2, {"embeds": [[2.0]], "pooled": [[9.0]]})]
+    with pytest.raises(ValueError, match="2 prompts for 3 seeds"):
+        adapter.generate_batch(None, prompt=["p", "q"], seeds=[4, 2, 7], **kw)
+    with pytest.raises(ValueError, match="'embeds' has 2 rows for 3 seeds"):
+        adapter.generate_batch(None, prompt=None, seeds=[4, 2, 7], text=text, **kw)
 
     class Neither(ModelAdapter):
         def __init__(self):
@@ -215,3 +343,19 @@ def test_an_adapter_with_only_generate_falls_back_to_one_call_per_seed():
 
     with pytest.raises(NotImplementedError, match="neither generate nor generate_batch"):
         Neither().generate(None, prompt="p", seed=1, steps=1, guidance=1.0, width=8, height=8, lora_scale=1.0)
+
+
+def test_prompts_and_text_rows_for_a_pipeline():
+    """One prompt shared by every seed goes to the pipeline once with ``num_images_per_prompt`` = the seeds (as
+    before); per-seed prompts that differ go as a list, one image each. Text of batch 1 is repeated."""
+    import torch
+
+    from lora_run_native.adapters.base import pipeline_prompt, text_rows
+
+    assert pipeline_prompt("p", [1, 2, 3]) == ("p", 3)
+    assert pipeline_prompt(["p", "p"], [1, 2]) == ("p", 2)
+    assert pipeline_prompt(["p", "q", "p"], [1, 2, 3]) == (["p", "q", "p"], 1)
+    assert pipeline_prompt(None, [1, 2]) == (None, 2)
+    rows = text_rows({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0], [4.0]])}, 2)
+    assert rows["a"].tolist() == [[1.0, 2.0], [1.0, 2.0]] and rows["a"].is_contiguous()
+    assert rows["b"].tolist() == [[3.0], [4.0]]
