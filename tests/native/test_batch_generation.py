@@ -1,8 +1,8 @@
-"""Batched generation: jobs that differ only in seed go through one pipeline call with one starting latent per
-seed; a batch may also hold one prompt (or one row of pre-encoded text) per seed. Every family's batch gives the
-one-at-a-time images (same seeds and prompts, same order); planted mistakes (a batch in the wrong order, noise from
-the wrong seed, the prompts rotated by one inside the batch) are caught by the same comparison; the grouping of
-jobs."""
+"""Batched generation: jobs of one strength, step count, guidance and size go through one pipeline call with one
+starting latent and one prompt per image, whatever their prompts. Every family's batch gives the one-at-a-time
+images (same seeds and prompts, same order), from prompts and from pre-encoded text; planted mistakes (a batch in
+the wrong order, noise from the wrong seed, the prompts rotated by one inside the batch) are caught by the same
+comparison; the grouping of jobs."""
 from __future__ import annotations
 
 import contextlib
@@ -243,19 +243,61 @@ def _job(name, seed, prompt="p", strength=1.0, steps=2, guidance=3.5, width=64, 
             "guidance": guidance, "width": width, "height": height}
 
 
-def test_jobs_differing_only_in_seed_share_a_call():
+def test_jobs_of_one_strength_steps_guidance_and_size_share_a_call_whatever_their_prompt():
     from lora_run_native.generate import batch_groups
 
-    jobs = [_job("a1", 1), _job("b1", 1, strength=0.5), _job("a2", 2), _job("b2", 2, strength=0.5),
+    jobs = [_job("a1", 1), _job("b1", 1, strength=0.5), _job("a2", 2, prompt="q"), _job("b2", 2, strength=0.5),
             _job("c1", 1, prompt="q"), _job("a3", 3, strength=1), _job("d1", 1, steps=3), _job("e1", 1, width=96),
-            _job("f1", 1, guidance=4.0), _job("g1", 1, height=96)]
-    assert batch_groups(jobs, lambda w, h: 8) == [[0, 2, 5], [1, 3], [4], [6], [7], [8], [9]]
-    # each group is cut to the limit of its image size; the order inside stays the jobs' order
-    assert batch_groups(jobs, lambda w, h: 2) == [[0, 2], [5], [1, 3], [4], [6], [7], [8], [9]]
+            _job("f1", 1, guidance=4.0), _job("g1", 1, height=96), _job("h1", 1, prompt="r", strength=0.5)]
+    # prompts p, q, p, q at strength 1 in one call; p, p, r at 0.5; any other steps, guidance or size alone
+    assert batch_groups(jobs, lambda w, h: 8) == [[0, 2, 4, 5], [1, 3, 10], [6], [7], [8], [9]]
+    # each group is cut to the limit of its image size, the order inside kept: 4 at a limit of 3 as 2 + 2 (one
+    # batch size in two calls, as 3 + 1 takes); 3 at a limit of 2 as 2 + 1 (no equal cut in two calls)
+    assert batch_groups(jobs, lambda w, h: 3) == [[0, 2], [4, 5], [1, 3, 10], [6], [7], [8], [9]]
+    assert batch_groups(jobs, lambda w, h: 2) == [[0, 2], [4, 5], [1, 3], [10], [6], [7], [8], [9]]
     sizes = []
     batch_groups(jobs, lambda w, h: sizes.append((w, h)) or 1)
     assert (96, 64) in sizes and (64, 96) in sizes
     assert batch_groups([], lambda w, h: 4) == []
+
+
+@pytest.mark.parametrize("count,limit,runs", [
+    (16, 8, [8, 8]), (15, 8, [8, 7]), (14, 8, [7, 7]), (9, 8, [8, 1]), (12, 5, [4, 4, 4]), (11, 5, [5, 5, 1]),
+    (3, 8, [3]), (8, 8, [8]), (5, 1, [1, 1, 1, 1, 1])])
+def test_a_group_is_cut_in_equal_runs_only_where_that_drops_a_batch_size(count, limit, runs):
+    """Equal runs where they give one batch size in as many calls as the plain cut (one CUDA-graph recording
+    fewer: 14 at 8 as 7 + 7); else runs of the limit and a shorter last one (9 at 8 as 8 + 1: 5 + 4 would keep
+    two sizes)."""
+    from lora_run_native.generate import batch_groups
+
+    groups = batch_groups([_job(f"j{n}", n, prompt=f"p{n % 3}") for n in range(count)], lambda w, h: limit)
+    assert [len(g) for g in groups] == runs
+    assert [n for g in groups for n in g] == list(range(count))
+
+
+def test_the_evaluation_grid_batches_across_prompts():
+    """The shipped fast recipe's grid (5 prompts × 4 strengths × 3 seeds at 512², 8 a call): two calls per
+    strength (8 + 7, the prompts mixed, in the grid's order) where batching by prompt made five calls of 3."""
+    from lora_run_eval.evaluator import grid_jobs
+    from lora_run_native.generate import batch_groups, max_batch
+
+    class Recipe:
+        class eval:
+            prompts = [f"photo {n} of {{trigger}}" for n in range(5)]
+            strengths, seeds, steps, guidance, width, height = [0.5, 0.8, 1.0, 1.2], [1, 2, 3], 20, 3.5, 512, 512
+
+        class dataset:
+            trigger = "ohwx"
+
+    jobs = grid_jobs(Recipe)
+    groups = batch_groups(jobs, max_batch)
+    assert [len(g) for g in groups] == [8, 7] * 4
+    for n, strength in enumerate([0.5, 0.8, 1.0, 1.2]):
+        members = groups[2 * n] + groups[2 * n + 1]
+        assert {jobs[i]["strength"] for i in members} == {strength}
+        assert [(jobs[i]["prompt_index"], jobs[i]["seed"]) for i in members] == [
+            (p, seed) for p in range(5) for seed in (1, 2, 3)]
+    assert len({jobs[i]["prompt"] for i in groups[0]}) == 3      # p0 × 3 seeds, p1 × 3, p2 × 2
 
 
 def test_the_batch_limit_follows_the_image_size():
@@ -275,13 +317,14 @@ def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, m
     from lora_run_native import generate
 
     recipe = family_recipe("flux.1-dev")
-    jobs = [_job(f"p{p}-s{s:g}-seed{seed}", seed, prompt=f"ohwx {p}", strength=s)
+    jobs = [_job(f"p{p}-s{s:g}-seed{seed}", seed, prompt=PROMPTS[p], strength=s)
             for p in range(2) for s in (0.5, 1.0) for seed in (1, 2, 3)]
     calls = []
     real = generate.batch_groups
     monkeypatch.setattr(generate, "batch_groups", lambda jobs, limit: calls.append(real(jobs, limit)) or calls[-1])
     done = generate.generate_images(recipe, None, jobs, tmp_path / "batched", device="cpu")
-    assert [len(g) for g in calls[0]] == [3, 3, 3, 3]
+    assert [len(g) for g in calls[0]] == [6, 6]         # one call per strength, both prompts in it
+    assert all({jobs[n]["prompt"] for n in group} == set(PROMPTS[:2]) for group in calls[0])
     assert [r["name"] for r in done] == [j["name"] for j in jobs]
     assert [Path(r["path"]).name for r in done] == [f"{j['name']}.png" for j in jobs]
     assert all(r["seed"] == j["seed"] for r, j in zip(done, jobs))
@@ -294,13 +337,22 @@ def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, m
     singles = [Image.open(r["path"]) for r in single]
     assert_same_images(images, singles)
 
-    # planted mistake: an adapter whose batch comes back reversed
+    # planted mistakes: an adapter whose batch comes back reversed; one that pairs each seed with its neighbour's
+    # prompt (rotated by one inside the call)
     from lora_run_flux.adapter import FluxAdapter
 
     monkeypatch.setattr(generate, "batch_groups", real)
     right = FluxAdapter.generate_batch
     monkeypatch.setattr(FluxAdapter, "generate_batch", lambda self, pipe, **kw: right(self, pipe, **kw)[::-1])
     wrong = generate.generate_images(recipe, None, jobs, tmp_path / "wrong", device="cpu")
+    with pytest.raises(AssertionError, match="batched differs"):
+        assert_same_images([Image.open(r["path"]) for r in wrong], singles)
+
+    def rotated(self, pipe, *, prompt, **kw):
+        return right(self, pipe, prompt=list(prompt[1:]) + list(prompt[:1]), **kw)
+
+    monkeypatch.setattr(FluxAdapter, "generate_batch", rotated)
+    wrong = generate.generate_images(recipe, None, jobs, tmp_path / "rotated", device="cpu")
     with pytest.raises(AssertionError, match="batched differs"):
         assert_same_images([Image.open(r["path"]) for r in wrong], singles)
 
