@@ -17,7 +17,8 @@ from typing import Any
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, first_line,
                                            matches_module, require_lora_fit, mmdit_fit,
-                                           is_local_source, quiet_libraries, seed_generators, seeded_noise)
+                                           is_local_source, pipeline_prompt, quiet_libraries, seed_generators,
+                                           seeded_noise, text_rows)
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
@@ -419,21 +420,22 @@ class FluxAdapter(ModelAdapter):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
-                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
-        """One image per seed from one pipeline call (batched starting latents, one per seed). FluxPipeline
-        repeats a prompt's encoding ``num_images_per_prompt`` times but not pre-encoded ``text``, which is
-        repeated here."""
+    def generate_batch(self, pipe: Any, *, prompt: str | Sequence[str] | None, seeds: Sequence[int], steps: int,
+                       guidance: float, width: int, height: int, lora_scale: float,
+                       text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call (batched starting latents, one per seed). One prompt goes to
+        FluxPipeline once, with ``num_images_per_prompt`` = the seeds; per-seed prompts go as a list, one image
+        each (CLIP and T5 pad to their fixed lengths, so a row's encoding does not depend on the others).
+        FluxPipeline does not repeat pre-encoded ``text``: a batch of 1 is repeated here, one row per seed taken
+        as it is."""
         kwargs: dict[str, Any] = {}
         dtype = self._pipe_dtype(pipe)
         if text is not None:
             device = pipe._execution_device
-            for key in ("prompt_embeds", "pooled_prompt_embeds"):
-                embeds = text[key].to(device, dtype)
-                kwargs[key] = embeds.expand(len(seeds), *embeds.shape[1:]).contiguous()
+            keys = ("prompt_embeds", "pooled_prompt_embeds")
+            kwargs.update(text_rows({key: text[key].to(device, dtype) for key in keys}, len(seeds)))
         else:
-            kwargs["prompt"] = prompt
-            kwargs["num_images_per_prompt"] = len(seeds)
+            kwargs["prompt"], kwargs["num_images_per_prompt"] = pipeline_prompt(prompt, seeds)
         latents = self._initial_latents(pipe, seeds, width, height)
         result = pipe(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                       generator=seed_generators(seeds), latents=latents, max_sequence_length=self.max_sequence_length,

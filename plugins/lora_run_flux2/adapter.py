@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, ModelAdapter, first_line, hub_offline,
                                            require_lora_fit, mmdit_fit,
-                                           is_local_source, quiet_libraries, seed_generators, seeded_noise)
+                                           image_rows, is_local_source, pipeline_prompt, quiet_libraries,
+                                           seed_generators, seeded_noise)
 from lora_run_flux.adapter import FluxAdapter
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
@@ -454,24 +455,31 @@ class Flux2Adapter(ModelAdapter):
                 self.device = device
         return self.negative_text  # type: ignore[return-value]
 
-    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
-                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
-        """One image per seed from one pipeline call: batched starting latents, one per seed; the pipeline
-        repeats the prompt's (or ``text``'s and the negative) encoding ``num_images_per_prompt`` times."""
+    def generate_batch(self, pipe: Any, *, prompt: str | Sequence[str] | None, seeds: Sequence[int], steps: int,
+                       guidance: float, width: int, height: int, lora_scale: float,
+                       text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call: batched starting latents, one per seed. One prompt goes to
+        the pipeline once with ``num_images_per_prompt`` = the seeds (the pipeline repeats its encoding, and the
+        empty prompt's for CFG); per-seed prompts go as a list, one image each (the pipeline encodes as many empty
+        prompts for CFG). Pre-encoded ``text`` has one row per seed (a batch of 1 is repeated), and so has the
+        empty prompt's encoding passed with it for CFG. The text encoders pad to ``max_sequence_length``, so a
+        row's encoding does not depend on the others."""
         dtype = getattr(pipe, "_lora_run_dtype", None) or self.compute_dtype
         device = pipe._execution_device
         kwargs: dict[str, Any] = {}
         if text is not None:
-            kwargs["prompt_embeds"] = text["prompt_embeds"].to(device, dtype)
+            kwargs["prompt_embeds"] = image_rows(text["prompt_embeds"].to(device, dtype), len(seeds))
             if self._guided(pipe, guidance):
-                kwargs["negative_prompt_embeds"] = self._negative()["prompt_embeds"].to(device, dtype)
+                negative = self._negative()["prompt_embeds"].to(device, dtype)
+                kwargs["negative_prompt_embeds"] = image_rows(negative, len(seeds), "negative prompt_embeds")
+            per_prompt = 1
         else:
-            kwargs["prompt"] = prompt
+            kwargs["prompt"], per_prompt = pipeline_prompt(prompt, seeds)
         channels = pipe.transformer.config.in_channels       # patchified: 4 × the VAE's latent channels
         h, w = height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2)
         noise = seeded_noise(seeds, (channels, h, w))
         result = pipe(num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                      num_images_per_prompt=len(seeds), generator=seed_generators(seeds),
+                      num_images_per_prompt=per_prompt, generator=seed_generators(seeds),
                       latents=noise.to(device, dtype), max_sequence_length=self.max_sequence_length,
                       text_encoder_out_layers=self.text_layers, attention_kwargs={"scale": float(lora_scale)},
                       output_type="pil", **kwargs)

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_run_native.adapters.base import (COMMON_FEATURES, SourceLoader, first_line, real_tokenizer, require_lora_fit,
-                                           seed_generators)
+from lora_run_native.adapters.base import (COMMON_FEATURES, SourceLoader, first_line, pipeline_prompt, real_tokenizer,
+                                           require_lora_fit, seed_generators, text_rows)
 from lora_run_formats import config_fit as cf
 from lora_run_native.shapes import FamilyShape, preset_inputs
 
@@ -480,27 +480,34 @@ class HunyuanDiTAdapter(SourceLoader):
         embed_exact_timesteps(transformer)
         return pipe
 
-    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
-                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
+    def generate_batch(self, pipe: Any, *, prompt: str | Sequence[str] | None, seeds: Sequence[int], steps: int,
+                       guidance: float, width: int, height: int, lora_scale: float,
+                       text: dict[str, Any] | None = None) -> list:
         """One image per seed from one pipeline call: batched starting latents, one per seed, and one generator
         per seed for the DDPM steps' noise (row ``i`` from seed ``i``, as alone). With ``text`` (pre-encoded,
-        samples during training) there is no negative prompt encoding, so classifier-free guidance is off; with
-        ``prompt`` the pipeline's CFG uses ``guidance``. The LoRA strength scales the peft layers
-        (``scale_lora_layers``) for this call."""
+        samples during training; one row per seed, a batch of 1 repeated) there is no negative prompt encoding,
+        so classifier-free guidance is off; with ``prompt`` the pipeline's CFG uses ``guidance``: one prompt goes
+        once with ``num_images_per_prompt`` = the seeds, per-seed prompts as a list, one image each (the pipeline
+        then encodes one empty negative prompt per image; with more than one image per listed prompt, diffusers
+        0.42.1 would tile the attention masks while it repeats the embeddings row by row). BERT and mT5 pad to
+        their fixed lengths (77, 256) with masks, so a row does not depend on the others. The LoRA strength
+        scales the peft layers (``scale_lora_layers``) for this call."""
         from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 
         if text is not None:
-            kwargs = self.pipe_text(pipe, text, ("prompt_embeds", "prompt_embeds_2"),
+            kwargs = self.pipe_text(pipe, text_rows(text, len(seeds)), ("prompt_embeds", "prompt_embeds_2"),
                                     ("prompt_attention_mask", "prompt_attention_mask_2"))
             kwargs["guidance_scale"] = 1.0
+            per_prompt = 1
         else:
-            kwargs = {"prompt": prompt, "guidance_scale": guidance}
+            shared, per_prompt = pipeline_prompt(prompt, seeds)
+            kwargs = {"prompt": shared, "guidance_scale": guidance}
         noise = self.initial_noise(pipe, seeds, height, width)
         scale_lora_layers(pipe.transformer, float(lora_scale))
         try:
             with exact_sampling_timesteps(pipe):
                 result = pipe(num_inference_steps=steps, height=height, width=width, latents=noise,
-                              num_images_per_prompt=len(seeds), generator=seed_generators(seeds), output_type="pil",
+                              num_images_per_prompt=per_prompt, generator=seed_generators(seeds), output_type="pil",
                               use_resolution_binning=False, original_size=(height, width), **kwargs)
         finally:
             unscale_lora_layers(pipe.transformer, float(lora_scale))

@@ -28,7 +28,8 @@ from typing import Any
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, mmdit_fit
-from lora_run_native.adapters.base import SourceLoader, first_line, real_tokenizer, require_lora_fit
+from lora_run_native.adapters.base import (SourceLoader, first_line, pipeline_prompt, real_tokenizer,
+                                           require_lora_fit, text_rows)
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 
@@ -351,24 +352,32 @@ class HunyuanImageAdapter(SourceLoader):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
-                       width: int, height: int, lora_scale: float, text: dict[str, Any] | None = None) -> list:
-        """One image per seed from one pipeline call (batched starting latents, one per seed; the pipeline
-        repeats the encodings ``num_images_per_prompt`` times). The base model has no guidance embedding and the
-        pipeline built here has no guider, so sampling runs without classifier-free guidance (``guidance``
-        feeds only a distilled model)."""
+    def generate_batch(self, pipe: Any, *, prompt: str | Sequence[str] | None, seeds: Sequence[int], steps: int,
+                       guidance: float, width: int, height: int, lora_scale: float,
+                       text: dict[str, Any] | None = None) -> list:
+        """One image per seed from one pipeline call (batched starting latents, one per seed). One prompt goes to
+        the pipeline once with ``num_images_per_prompt`` = the seeds (it repeats the encodings); per-seed prompts
+        go as a list, one image each (with one, diffusers 0.42.1's ``encode_prompt`` would repeat the masks in
+        another order than the embeddings), their ByT5 input computed per prompt (``glyph_embeds``). Pre-encoded
+        ``text`` has one row per seed (a batch of 1 is repeated). Qwen pads to its fixed length and ByT5 to 128
+        tokens, with masks, and the transformer reorders each row's tokens by its own masks, so a row does not
+        depend on the others. The base model has no guidance embedding and the pipeline built here has no guider,
+        so sampling runs without classifier-free guidance (``guidance`` feeds only a distilled model)."""
         device, dtype = self.pipe_placement(pipe)
         if text is not None:
-            kwargs = self.pipe_text(pipe, text, ("prompt_embeds", "prompt_embeds_2"),
+            kwargs = self.pipe_text(pipe, text_rows(text, len(seeds)), ("prompt_embeds", "prompt_embeds_2"),
                                     ("prompt_embeds_mask", "prompt_embeds_mask_2"))
+            per_prompt = 1
         else:
             # the pipeline's own glyph extraction also quotes with ASCII apostrophes; the ByT5 input is computed
             # here with the reference rule (glyph_text), the same as in training
-            embeds_2, mask_2 = glyph_embeds(pipe.tokenizer_2, pipe.text_encoder_2, [prompt], device)
-            kwargs = {"prompt": prompt, "prompt_embeds_2": embeds_2.to(device, dtype), "prompt_embeds_mask_2": mask_2}
+            shared, per_prompt = pipeline_prompt(prompt, seeds)
+            glyphs = [shared] if isinstance(shared, str) else shared
+            embeds_2, mask_2 = glyph_embeds(pipe.tokenizer_2, pipe.text_encoder_2, glyphs, device)
+            kwargs = {"prompt": shared, "prompt_embeds_2": embeds_2.to(device, dtype), "prompt_embeds_mask_2": mask_2}
         noise = self.initial_noise(pipe, seeds, height, width)
         result = pipe(num_inference_steps=steps, height=height, width=width, distilled_guidance_scale=guidance,
-                      num_images_per_prompt=len(seeds), latents=noise, attention_kwargs={"scale": float(lora_scale)},
+                      num_images_per_prompt=per_prompt, latents=noise, attention_kwargs={"scale": float(lora_scale)},
                       output_type="pil", **kwargs)
         return list(result.images)
 

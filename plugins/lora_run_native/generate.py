@@ -13,10 +13,11 @@ so the sum over the jobs is the generation time without the pipeline's load. On 
 the transformer's calls are replayed from CUDA graphs (``graphed.py``): the same kernels without the host's
 per-kernel launch cost, which bounds the eager forward at these sizes.
 
-Jobs that differ only in ``seed`` (and ``name``) are generated together, in one pipeline call with a batch of
-starting latents (``batch_groups``; the adapter's ``generate_batch``), at most ``max_batch(width, height)``
-images a call: each latent is still drawn from its own job's seed, so the images are the one-at-a-time images
-up to kernel-level float differences.
+Jobs equal in ``strength``, ``steps``, ``guidance``, ``width`` and ``height`` are generated together, whatever
+their prompt, in one pipeline call with a batch of starting latents and one prompt per image (``batch_groups``;
+the adapter's ``generate_batch``), at most ``max_batch(width, height)`` images a call: each latent is still drawn
+from its own job's seed and each image conditioned on its own job's prompt (text padded to the family's fixed
+length, or masked), so the images are the one-at-a-time images up to kernel-level float differences.
 """
 from __future__ import annotations
 
@@ -39,19 +40,31 @@ def max_batch(width: int, height: int, placement: str = "whole") -> int:
 
 
 def batch_groups(jobs: list[dict[str, Any]], limit: Callable[[int, int], int]) -> list[list[int]]:
-    """Indices of ``jobs`` in groups of one pipeline call each: jobs equal in everything but their name and seed
-    (``prompt``, ``strength``, ``steps``, ``guidance``, ``width``, ``height``, compared as the pipeline gets
-    them: ``steps``, ``width``, ``height`` as ints, ``strength``, ``guidance`` as floats), whatever their
-    position in the list, in the order they appear; a group is cut into runs of at most
-    ``limit(width, height)`` jobs. Groups come in the order of their first job."""
+    """Indices of ``jobs`` in groups of one pipeline call each: jobs equal in ``strength``, ``steps``,
+    ``guidance``, ``width`` and ``height`` (compared as the pipeline gets them: ``steps``, ``width``, ``height``
+    as ints, ``strength``, ``guidance`` as floats), whatever their prompt, name and seed and wherever they are in
+    the list, in the order they appear; groups come in the order of their first job. A group of ``n`` jobs is cut,
+    in order, into ``k = ceil(n / limit(width, height))`` runs (never more calls than the limit needs): runs of
+    ``limit`` jobs and a last, shorter one, except where ``k`` runs of equal length fit (``n`` a multiple of
+    ``k``), which are taken instead: 14 jobs at a limit of 8 go as 7 + 7, not 8 + 6.
+
+    Why: on the GPU the transformer's calls are replayed from CUDA graphs (``graphed.py``), one recorded per
+    distinct call key (an eager call, a warm-up and a capture each; at most ``graphed.MAX_GRAPHS`` a pipeline), and
+    the key holds the batch size (and the LoRA scale where the pipeline passes it as an argument), so every
+    distinct batch size of a strength costs a recording. Equal runs drop a group's second size at no extra call.
+    Cuts of near-equal but different sizes (9 at 8 as 5 + 4) keep two sizes, as 8 + 1 does, so they buy no
+    recording; the plain cut stays there (its full runs share one size with the other groups' full runs)."""
     groups: dict[tuple, list[int]] = {}
     for n, job in enumerate(jobs):
-        key = (job["prompt"], float(job["strength"]), int(job["steps"]), float(job["guidance"]), int(job["width"]),
+        key = (float(job["strength"]), int(job["steps"]), float(job["guidance"]), int(job["width"]),
                int(job["height"]))
         groups.setdefault(key, []).append(n)
     out = []
     for key, members in groups.items():
-        size = max(1, int(limit(key[4], key[5])))
+        size = max(1, int(limit(key[3], key[4])))
+        calls = -(-len(members) // size)
+        if len(members) % size and len(members) % calls == 0:
+            size = len(members) // calls           # equal runs: one batch size where the plain cut has two
         out.extend(members[i:i + size] for i in range(0, len(members), size))
     return out
 
@@ -102,7 +115,8 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
             started = time.monotonic()
             first = jobs[group[0]]
             images = adapter.generate_batch(
-                pipe, prompt=first["prompt"], seeds=[int(jobs[n]["seed"]) for n in group], steps=int(first["steps"]),
+                pipe, prompt=[jobs[n]["prompt"] for n in group], seeds=[int(jobs[n]["seed"]) for n in group],
+                steps=int(first["steps"]),
                 guidance=float(first["guidance"]), width=int(first["width"]), height=int(first["height"]),
                 lora_scale=float(first["strength"]) if lora_path is not None else 1.0)
             if len(images) != len(group):
@@ -114,7 +128,8 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
                 image.save(buf, format="PNG")
                 atomic_write_bytes(target, buf.getvalue())
                 paths[n] = str(target)
-            seconds.update((n, (time.monotonic() - started) / len(group)) for n in group)
+            share = (time.monotonic() - started) / len(group)      # read once: the call's images share it exactly
+            seconds.update((n, share) for n in group)
     if graphs.calls:                        # calls are counted only where the transformer was wrapped
         print(f"generation: the transformer's {graphs.describe()}", file=sys.stderr)
     results = [{**job, "path": paths[n], "seconds": round(seconds[n], 4)} for n, job in enumerate(jobs)]

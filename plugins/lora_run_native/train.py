@@ -1206,7 +1206,7 @@ class Trainer:
 
         from lora_run_rundir import atomic_write_bytes
 
-        from .generate import max_batch
+        from .generate import batch_groups, max_batch
         from .graphed import graphed_forward
 
         r = self.recipe
@@ -1231,24 +1231,34 @@ class Trainer:
                    and getattr(transformer, "_lora_run_mode", None) == "speed")
         try:
             with torch.no_grad(), acc.autocast(), graphed_forward(pipe.transformer, enabled=graphed) as graphs:
-                for n, prompt in enumerate(self.sample_prompts()):
+                prompts = self.sample_prompts()
+                texts = []                         # each prompt's encoding, a batch of 1 (the cache's, or live)
+                for prompt in prompts:
                     text = {k: v[None] for k, v in state.texts[prompt].items()}
                     if state.te_module is not None:
                         text.update(adapter.encode_captions([prompt], encoders=(adapter.trainable_text_encoder,)))
-                    images = {}        # the seeds of one strength in one pipeline call (generate.py)
-                    for strength in r.sample.strengths:
-                        for start in range(0, len(r.sample.seeds), limit):
-                            seeds = r.sample.seeds[start:start + limit]
-                            batch = adapter.generate_batch(pipe, prompt=None, seeds=seeds, steps=r.sample.steps,
-                                                           guidance=r.sample.guidance, width=r.sample.width,
-                                                           height=r.sample.height, lora_scale=strength, text=text)
-                            images.update({(seed, strength): image for seed, image in zip(seeds, batch)})
-                    for seed in r.sample.seeds:
-                        for strength in r.sample.strengths:
-                            path = folder / f"p{n:02d}-seed{seed}-x{strength:g}.png"
-                            if self.main:
-                                atomic_write_bytes(path, _png_bytes(images[seed, strength]))
-                                written.append(str(path))
+                    texts.append(text)
+                # the images of one strength in as few pipeline calls as the limit allows, the prompts mixed, each
+                # image with its prompt's row of text (generate.py's grouping); written under the same names
+                jobs = [{"prompt": n, "seed": seed, "strength": strength, "steps": r.sample.steps,
+                         "guidance": r.sample.guidance, "width": r.sample.width, "height": r.sample.height}
+                        for n in range(len(prompts)) for strength in r.sample.strengths for seed in r.sample.seeds]
+                paths = {}
+                for group in batch_groups(jobs, lambda w, h: limit):
+                    batch = [jobs[i] for i in group]
+                    text = {k: torch.cat([texts[job["prompt"]][k] for job in batch]) for k in texts[batch[0]["prompt"]]}
+                    images = adapter.generate_batch(pipe, prompt=None, seeds=[job["seed"] for job in batch],
+                                                    steps=r.sample.steps, guidance=r.sample.guidance,
+                                                    width=r.sample.width, height=r.sample.height,
+                                                    lora_scale=batch[0]["strength"], text=text)
+                    for job, image in zip(batch, images):
+                        key = (job["prompt"], job["seed"], job["strength"])
+                        paths[key] = folder / f"p{key[0]:02d}-seed{key[1]}-x{key[2]:g}.png"
+                        if self.main:
+                            atomic_write_bytes(paths[key], _png_bytes(image))
+                if self.main:
+                    written = [str(paths[n, seed, strength]) for n in range(len(prompts))
+                               for seed in r.sample.seeds for strength in r.sample.strengths]
         finally:
             torch.set_rng_state(rng_state)
             adapter.sample_vae.to("cpu")

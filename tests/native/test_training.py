@@ -220,6 +220,79 @@ weight = 0.5
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"], "epoch 1 ends in step 2"
 
 
+def test_a_sample_round_batches_the_prompts_and_keeps_each_image_its_own(flux_recipe, run_recipe, tmp_path,
+                                                                           monkeypatch):
+    """A sample round generates the images of one strength in one pipeline call across the sample prompts (their
+    cached encodings stacked, one row per image); every file is the image of its prompt, seed and strength
+    generated alone with the same weights, and the files keep their names and order. A prompt's images written
+    under the other prompt's names fail the same comparison (planted)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lora_run_native.train import Trainer
+
+    from .test_batch_generation import assert_same_images
+
+    seeds, strengths = [1, 2], [0.5, 1.0]
+    rounds = []
+    real = Trainer._samples
+
+    def checked(self, state, number):
+        adapter, prompts = state.adapter, self.sample_prompts()
+        right = type(adapter).generate_batch
+        calls = []
+
+        def spy(pipe, **kw):        # which prompt's cached encoding each row of the call is
+            rows = kw["text"]["prompt_embeds"]
+            calls.append((kw["lora_scale"], list(kw["seeds"]),
+                          [next(n for n, p in enumerate(prompts) if torch.equal(row, state.texts[p]["prompt_embeds"]))
+                           for row in rows]))
+            return right(adapter, pipe, **kw)
+
+        adapter.generate_batch = spy
+        try:
+            written = real(self, state, number)
+        finally:
+            del adapter.generate_batch
+        alone, was_training, rng = {}, state.transformer.training, torch.get_rng_state()
+        pipe = adapter.sampling_pipeline(state.transformer)
+        state.transformer.eval()
+        try:
+            with torch.no_grad():
+                for n, prompt in enumerate(prompts):
+                    text = {k: v[None] for k, v in state.texts[prompt].items()}
+                    for seed in seeds:
+                        for strength in strengths:
+                            alone[n, seed, strength] = adapter.generate(
+                                pipe, prompt=None, seed=seed, steps=2, guidance=3.5, width=64, height=64,
+                                lora_scale=strength, text=text)
+        finally:
+            torch.set_rng_state(rng)
+            state.transformer.train(was_training)
+        rounds.append((number, written, alone, calls))
+        return written
+
+    monkeypatch.setattr(Trainer, "_samples", checked)
+    run_recipe(flux_recipe(), ["train.steps=2", 'sample.prompts=["a photo of {trigger}", "a red car at night, rain"]',
+                               "sample.every_steps=2", "sample.steps=2", "sample.width=64", "sample.height=64",
+                               f"sample.seeds={seeds}", f"sample.strengths={strengths}"])
+    assert rounds
+    for number, written, alone, calls in rounds:
+        keys = [(n, seed, strength) for n in range(2) for seed in seeds for strength in strengths]
+        assert [Path(p).name for p in written] == [f"p{n:02d}-seed{seed}-x{strength:g}.png" for n, seed, strength in keys]
+        assert all(Path(p).parent.name == f"step-{number:06d}" for p in written)
+        # one call per strength, both prompts in it, each row the encoding of its image's prompt
+        assert calls == [(strength, [1, 2, 1, 2], [0, 0, 1, 1]) for strength in strengths]
+        files = [Image.open(p) for p in written]
+        assert_same_images(files, [alone[key] for key in keys])
+        first, second = np.asarray(files[0], dtype=np.int16), np.asarray(files[4], dtype=np.int16)
+        assert int(np.abs(first - second).max()) > 10, "the two prompts give different images"
+        swapped = files[4:] + files[:4]          # planted: each prompt's images under the other prompt's names
+        with pytest.raises(AssertionError, match="batched differs"):
+            assert_same_images(swapped, [alone[key] for key in keys])
+
+
 def test_text_encoder_lora_is_trained_then_frozen(flux_recipe, run_recipe, tmp_path):
     ctx = run_recipe(flux_recipe(), ["train.steps=4", "text_encoder.train=true", "text_encoder.train_fraction=0.5",
                                      "text_encoder.lr_ratio=0.5", "optimizer.lr=1e-2"])

@@ -138,6 +138,56 @@ def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
 
+def seed_prompts(prompt: str | Sequence[str] | None, seeds: Sequence[int]) -> list[str | None]:
+    """One prompt per seed: ``prompt`` for every seed when it is one string (or None, with pre-encoded text), else
+    the sequence, which must hold one prompt per seed."""
+    if prompt is None or isinstance(prompt, str):
+        return [prompt] * len(seeds)
+    prompts = list(prompt)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per seed")
+    return prompts
+
+
+def pipeline_prompt(prompt: str | Sequence[str] | None, seeds: Sequence[int]) -> tuple[str | list[str] | None, int]:
+    """``(prompt, num_images_per_prompt)`` for a diffusers pipeline making one image per seed: one prompt shared by
+    every seed goes as that string with ``len(seeds)`` images (encoded once, as before prompts could differ);
+    different prompts go as the list, one per seed, with 1 image each (the pipelines repeat a list's prompt
+    encodings ``num_images_per_prompt`` times, and some of their masks then in another order)."""
+    prompts = seed_prompts(prompt, seeds)
+    if prompts and all(p == prompts[0] for p in prompts):
+        return prompts[0], len(prompts)
+    if any(not isinstance(p, str) for p in prompts):
+        raise ValueError("per-seed prompts must all be strings")
+    return prompts, 1
+
+
+def text_rows(text: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Pre-encoded text (``encode_captions``' dict) with one row per image of ``count`` (``image_rows``)."""
+    return {key: image_rows(value, count, key) for key, value in text.items()}
+
+
+def image_rows(value: torch.Tensor, count: int, name: str = "prompt_embeds") -> torch.Tensor:
+    """A text tensor with one row per image of ``count``: batch 1 repeated ``count`` times (contiguous, as
+    stacked rows are), batch ``count`` as it is."""
+    _check_rows(name, value, count)
+    return value if value.shape[0] == count else value.expand(count, *value.shape[1:]).contiguous()
+
+
+def text_row(text: dict[str, torch.Tensor], index: int, count: int) -> dict[str, torch.Tensor]:
+    """The pre-encoded text of image ``index`` of ``count`` as a batch of 1: row ``index`` of a tensor with one row
+    per image, a tensor of batch 1 as it is."""
+    for key, value in text.items():
+        _check_rows(key, value, count)
+    return {key: value if value.shape[0] == 1 else value[index:index + 1] for key, value in text.items()}
+
+
+def _check_rows(name: str, value: torch.Tensor, count: int) -> None:
+    if value.shape[0] not in (1, count):
+        raise ValueError(f"pre-encoded text {name!r} has {value.shape[0]} rows for {count} seeds: give 1 row, or "
+                         "one per seed")
+
+
 def matches_module(name: str, patterns: Sequence[str], compiled: Sequence[re.Pattern] | None = None) -> bool:
     """Whether a LoRA target pattern of `[lora] modules` / a preset selects the module ``name``: the name itself,
     a dotted suffix of it, or a regular expression matching the whole name (``lora_target_modules``' rule)."""
@@ -1001,17 +1051,25 @@ class ModelAdapter:
         return self.generate_batch(pipe, prompt=prompt, seeds=(seed,), steps=steps, guidance=guidance, width=width,
                                    height=height, lora_scale=lora_scale, text=text)[0]
 
-    def generate_batch(self, pipe: Any, *, prompt: str | None, seeds: Sequence[int], steps: int, guidance: float,
-                       width: int, height: int, lora_scale: float, text: dict[str, torch.Tensor] | None = None) -> list:
+    def generate_batch(self, pipe: Any, *, prompt: str | Sequence[str] | None, seeds: Sequence[int], steps: int,
+                       guidance: float, width: int, height: int, lora_scale: float,
+                       text: dict[str, torch.Tensor] | None = None) -> list:
         """One PIL image per seed, in the order of ``seeds``, from one pipeline call: the starting latents are
         stacked, row ``i`` drawn from ``seeds[i]`` exactly as ``generate`` draws it alone (``seeded_noise``), so
-        each image is the one-at-a-time image up to kernel-level float differences. The built-in families
-        override this. The default serves an adapter that implements only ``generate`` (its pipeline is not
-        known to take batched latents): one pipeline call per seed."""
+        each image is the one-at-a-time image up to kernel-level float differences. ``prompt`` is one prompt for
+        every seed or a sequence of one prompt per seed (``seed_prompts``); ``text`` (pre-encoded, from
+        ``encode_captions``), which replaces it, has batch 1 (for every seed) or one row per seed. The built-in
+        families override this; their pipelines pad the text to a fixed length or mask it, so an image does not
+        depend on the other prompts of its batch. The default serves an adapter that implements only ``generate``
+        (its pipeline is not known to take batched latents): one pipeline call per seed, with that seed's prompt
+        and text row (batch 1)."""
         if type(self).generate is ModelAdapter.generate:
             raise NotImplementedError(f"{type(self).__name__} implements neither generate nor generate_batch")
-        return [self.generate(pipe, prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=width,
-                              height=height, lora_scale=lora_scale, text=text) for seed in seeds]
+        prompts = seed_prompts(prompt, seeds)
+        return [self.generate(pipe, prompt=prompts[n], seed=seed, steps=steps, guidance=guidance, width=width,
+                              height=height, lora_scale=lora_scale,
+                              text=None if text is None else text_row(text, n, len(seeds)))
+                for n, seed in enumerate(seeds)]
 
 
 class SourceLoader(ModelAdapter):
