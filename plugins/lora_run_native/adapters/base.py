@@ -450,11 +450,11 @@ class ModelAdapter:
                     slots = {k for k in self.file_keys if m.files.get(k) is not None}    # not read from the folder
                     loaded = frozenset(s for k, s in self.SUBFOLDER.items() if k not in slots) - {
                         s for k, s in self.SUBFOLDER.items() if k in slots}
-                    problems += self._folder_problems(root, shown(root), loaded=loaded)
+                    problems += self.source_folder_problems(root, shown(root), loaded=loaded)
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
                 root = snapshot
-                problems += self._folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face cache)",
-                                                  partial=True)
+                problems += self.source_folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face "
+                                                        "cache)", partial=True)
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -475,7 +475,9 @@ class ModelAdapter:
         """What the ``[model.files]`` files (slot -> path) are where their slots do not take them: a file of none of
         the slot's ``file_layouts`` (another component's, another family's, a LoRA), then one of a width the
         transformer file does not take (``file_links``: CLIP-G as CLIP-L), each named with what it is. A file that
-        is not a complete safetensors file is left to the caller, which names it in its own words."""
+        is not a complete safetensors file is left to the caller, which names it in its own words. The one check of
+        the single files' kinds: the native backend's ``check_sources`` and the engine backends' model checks
+        (``lora_run_engines.model_file_problems``) call it, so every backend refuses the same files alike."""
         out: list[tuple[tuple[str, ...], str]] = []
         shapes: dict[str, dict[str, Any]] = {}
         for key, path in files.items():
@@ -493,9 +495,10 @@ class ModelAdapter:
                 out.append((("model", "files", link.slot), f"{shown(files[link.slot])} {why}"))
         return out
 
-    def _folder_problems(self, folder: Path, shown_as: str, **kw: Any) -> list[tuple[tuple[str, ...], str]]:
+    def source_folder_problems(self, folder: Path, shown_as: str, **kw: Any) -> list[tuple[tuple[str, ...], str]]:
         """The source folder's problems at ``[model.source]``: another family's model (``foreign_folder``, first; its
-        configs are then not compared with this family's ``config_fits``), then its files' (``folder_problems``)."""
+        configs are then not compared with this family's ``config_fits``), then its files' (``folder_problems``).
+        diffusion-pipe's model check calls it too, for the folder it loads FLUX.1's components from."""
         foreign = self.foreign_folder(folder, shown_as)
         found = folder_problems(folder, fits=None if foreign else self.config_fits, **kw)
         return [(("model", "source"), why) for why in ([foreign] if foreign else []) + found]
