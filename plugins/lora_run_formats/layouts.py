@@ -174,10 +174,11 @@ class Link:
     known: tuple[tuple[int, str], ...] = ()
 
 
-#: the tensors whose dimension 1 is a text encoder's hidden size, under any prefix (the embedding tables)
+#: the tensors whose dimension 1 is a text encoder's hidden size, under any prefix (the embedding tables: CLIP's, T5's,
+#: a language model's)
 CLIP_HIDDEN = _AT + r"embeddings\.token_embedding\.weight$"
 T5_HIDDEN = _AT + r"(?:shared|encoder\.embed_tokens)\.weight$"
-DECODER_HIDDEN = _AT + r"embed_tokens\.weight$"
+LM_HIDDEN = _AT + r"embed_tokens\.weight$"
 #: the widths of released files, named in the messages
 CLIP_WIDTHS = ((512, "CLIP-B's"), (768, "CLIP-L's"), (1024, "CLIP-H's"), (1280, "CLIP-G's"))
 T5_WIDTHS = ((768, "T5-base's"), (1024, "T5-large's"), (1472, "ByT5-small's, HunyuanImage-2.1's glyph encoder"),

@@ -98,7 +98,7 @@ class HunyuanImageAdapter(SourceLoader):
     #: what the other files' widths are to the transformer (Tencent's or diffusers' names): Qwen's hidden states
     #: enter the token refiner, ByT5's the glyph projection, the latents (patch 1) the image embedding; FLUX.1's
     #: T5-XXL given as the glyph encoder is named
-    file_links = (layouts.Link("qwen", layouts.DECODER_HIDDEN,
+    file_links = (layouts.Link("qwen", layouts.LM_HIDDEN,
                                r"(?:^|\.)(?:txt_in\.input_embedder|context_embedder\.proj_in)\.weight$", "is {} wide",
                                known=layouts.QWEN_WIDTHS),
                   layouts.Link("byt5", layouts.T5_HIDDEN,
