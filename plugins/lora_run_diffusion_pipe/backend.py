@@ -18,7 +18,7 @@ from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 from lora_run_engines import tomlfile
 from lora_run_engines.stage import staged_size, upscale_note
-from lora_run_formats.model_files import folder_problems, weights_problem
+from lora_run_formats.model_files import weights_problem
 
 from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
@@ -307,7 +307,9 @@ class DiffusionPipeBackend:
         return self.ctx.loaded.shown if self.ctx.loaded else "recipe"
 
     def model_problems(self) -> list[tuple[tuple, str]]:
-        """Model files and folders that do not exist (or are not what diffusion-pipe loads); no torch."""
+        """Model files and folders that do not exist (or are not what diffusion-pipe loads), and files and folders of
+        another kind, family or model size (the native backend's checks, ``lora_run_engines.model_file_problems`` /
+        ``source_folder_problems``); no torch."""
         m = self.recipe.model
         out: list[tuple[tuple, str]] = []
         if self.family == "flux.1-dev":
@@ -322,18 +324,21 @@ class DiffusionPipeBackend:
                                 "diffusion-pipe loads FLUX.1-dev's VAE and text encoders from it"))
         else:
             paths = [(("model", "files", n), m.files.get(n)) for n in ("transformer", "vae", "qwen", "byt5")]
+        complete: dict[str, str] = {}
         for key, value in paths:
             if value and (not os.path.lexists(value) or os.path.isdir(value)):
                 what = "is a folder, not a file" if os.path.isdir(value) else "does not exist"
                 out.append((key, f"{value} {what}"))
             elif value and (why := weights_problem(value)) is not None:   # a FIFO, a link loop, a damaged file
                 out.append((key, f"{value} is not a readable .safetensors file ({why})"))
-            elif value and key[-1] == "transformer" and self.family == "flux.1-dev":
-                out += _flux_transformer_problem(key, Path(value))
+            elif value and key[-1] == "transformer" and self.family == "flux.1-dev" and \
+                    (wrong := _flux_transformer_problem(key, Path(value))):
+                out += wrong
+            elif value:
+                complete[key[-1]] = value
+        out += engines.model_file_problems(self.recipe, complete)    # what each file is: the native backend's check
         if self.family == "flux.1-dev" and m.source and source.is_dir() and (source / "model_index.json").is_file():
-            from lora_run_flux.adapter import FluxAdapter        # what FLUX.1's config.json files declare
-
-            out += [(("model", "source"), why) for why in folder_problems(source, fits=FluxAdapter.config_fits)]
+            out += engines.source_folder_problems(self.recipe, source)   # another family's folder, then its files
         return out
 
     def _check_model_files(self) -> None:

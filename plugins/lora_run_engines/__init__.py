@@ -11,6 +11,9 @@ A library, not a plugin (no entry point, no hooks), as ``lora_run_formats`` is f
 - :func:`explain` — why an engine failed, from the tail of its output: its own last exception line (not the
   launcher's wrapper around it) and a hint for the failures we recognise;
 - :func:`safetensors_keys` — the tensor names of a ``.safetensors`` file, read from its header (no torch);
+- :func:`model_file_problems` / :func:`source_folder_problems` — the native backend's checks of what the
+  ``[model.files]`` files and the ``[model] source`` folder are (another component's, family's or model size's),
+  run before the engine starts, so every backend refuses the same files with the same words;
 - :func:`stage_link` — place a dataset file in a staging folder as a symlink, atomically, copying where the
   file system has no symlinks;
 - :func:`dataset_key` — the name of a staged view's folder under ``[train] cache_dir`` (shared by runs): a hash of
@@ -41,7 +44,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from lora_run.files import resolved
+from lora_run.files import resolved, shown
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
@@ -154,6 +157,33 @@ def safetensors_keys(path: Path) -> list[str]:
     from lora_run_formats import read_header, tensor_names
 
     return tensor_names(read_header(path))
+
+
+def model_file_problems(recipe: Any, files: dict[str, Any]) -> list[tuple[tuple, str]]:
+    """What the ``[model.files]`` files (slot -> path: those the engine reads that its own checks found complete) are
+    where their slots do not take them: the native backend's one check (``ModelAdapter.single_file_problems``: a
+    file of another component, family or model size, named with what it is), for the recipe's family; none for a
+    family without a native adapter (nothing declares its files' kinds)."""
+    from lora_run_native.adapters import adapter_class
+
+    try:
+        adapter = adapter_class(recipe.model.family)
+    except KeyError:
+        return []
+    return adapter.single_file_problems({key: Path(value) for key, value in files.items() if value})
+
+
+def source_folder_problems(recipe: Any, folder: Path) -> list[tuple[tuple, str]]:
+    """The problems of the diffusers folder ``folder`` an engine loads components from, at ``[model.source]``: the
+    native backend's check (``ModelAdapter.source_folder_problems``: another family's model first, then its files
+    and configs against the family's), for the recipe's family; none for a family without a native adapter."""
+    from lora_run_native.adapters import adapter_class
+
+    try:
+        adapter = adapter_class(recipe.model.family)
+    except KeyError:
+        return []
+    return adapter(recipe).source_folder_problems(folder, shown(folder))
 
 
 def stage_link(source: Path, target: Path) -> None:

@@ -77,6 +77,14 @@ class FluxAdapter(ModelAdapter):
     #: the single-file layouts ``files`` converts (BFL's transformer, the LDM autoencoder, transformers' encoders)
     file_layouts = {"transformer": (layouts.FLUX1_TRANSFORMER,), "vae": (layouts.FLUX1_VAE,),
                     "clip_l": (layouts.CLIP_TEXT,), "t5xxl": (layouts.T5_ENCODER,)}
+    #: what the other files' widths are to BFL's transformer: CLIP's pooled output enters `vector_in`, T5's hidden
+    #: states `txt_in`, the latents packed 2 × 2 `img_in`
+    file_links = (layouts.Link("clip_l", layouts.CLIP_HIDDEN, r"(?:^|\.)vector_in\.in_layer\.weight$", "is {} wide",
+                               known=layouts.CLIP_WIDTHS),
+                  layouts.Link("t5xxl", layouts.T5_HIDDEN, r"(?:^|\.)txt_in\.weight$", "is {} wide",
+                               known=layouts.T5_WIDTHS),
+                  layouts.Link("vae", layouts.LATENT, r"(?:^|\.)img_in\.weight$", "has {} latent channels", factor=4,
+                               known=layouts.LATENT_CHANNELS))
     pipeline_names = ("FluxPipeline",)
     COMPONENTS = {"transformer": ("diffusers", "FluxTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKL", "torch_dtype", {}),

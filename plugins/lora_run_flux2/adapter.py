@@ -98,6 +98,12 @@ class Flux2Adapter(ModelAdapter):
                          "vae": cf.AUTOENCODER_FILE, te: cls.text_fit}
         cls.file_layouts = {"transformer": (layouts.FLUX2_TRANSFORMER,), "vae": (layouts.FLUX2_VAE,),
                             te: (cls.text_layout,) if cls.text_layout else ()}
+        #: the transformer (BFL's or diffusers' names) takes three of the text encoder's layers side by side and
+        #: the latents packed 2 × 2: a [klein] 4B transformer with the 9B's Qwen3-8B, or [dev]'s, is named
+        cls.file_links = (layouts.Link(te, layouts.LM_HIDDEN, r"(?:^|\.)(?:txt_in|context_embedder)\.weight$",
+                                       "is {} wide", factor=3, known=layouts.QWEN_WIDTHS),
+                          layouts.Link("vae", layouts.LATENT, r"(?:^|\.)(?:img_in|x_embedder)\.weight$",
+                                       "has {} latent channels", factor=4, known=layouts.LATENT_CHANNELS))
 
     def __init__(self, recipe: Any, **kw: Any):
         super().__init__(recipe, **kw)

@@ -96,6 +96,17 @@ class HunyuanImageAdapter(SourceLoader):
     #: the single-file layouts ``files`` converts (Tencent's and diffusers' transformer and autoencoder)
     file_layouts = {"transformer": (layouts.HUNYUAN_IMAGE_TRANSFORMER, layouts.HUNYUAN_IMAGE_DIFFUSERS_TRANSFORMER),
                     "vae": (layouts.HUNYUAN_IMAGE_VAE,), "qwen": (layouts.QWEN2_5_VL,), "byt5": (layouts.T5_ENCODER,)}
+    #: what the other files' widths are to the transformer (Tencent's or diffusers' names): Qwen's hidden states
+    #: enter the token refiner, ByT5's the glyph projection, the latents (patch 1) the image embedding; FLUX.1's
+    #: T5-XXL given as the glyph encoder is named
+    file_links = (layouts.Link("qwen", layouts.LM_HIDDEN,
+                               r"(?:^|\.)(?:txt_in\.input_embedder|context_embedder\.proj_in)\.weight$", "is {} wide",
+                               known=layouts.QWEN_WIDTHS),
+                  layouts.Link("byt5", layouts.T5_HIDDEN,
+                               r"(?:^|\.)(?:byt5_in\.fc1|context_embedder_2\.linear_1)\.weight$", "is {} wide",
+                               known=layouts.T5_WIDTHS),
+                  layouts.Link("vae", layouts.LATENT, r"(?:^|\.)(?:img_in|x_embedder)\.proj\.weight$",
+                               "has {} latent channels", known=layouts.LATENT_CHANNELS))
     pipeline_names = ("HunyuanImagePipeline",)
     COMPONENTS = {"transformer": ("diffusers", "HunyuanImageTransformer2DModel", "torch_dtype", {}),
                   "vae": ("diffusers", "AutoencoderKLHunyuanImage", "torch_dtype", {}),

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from lora_run.schema import Recipe
+from lora_run_engines import model_file_problems
 
 FLUX = "flux.1-dev"
 HUNYUAN_IMAGE = "hunyuan-image-2.1"
@@ -181,16 +182,22 @@ def problems(recipe: Recipe, options: Any) -> list[tuple[tuple, str]]:
         keys = ", ".join(missing)
         out.append((("model", "files"), f"{keys} {'is' if len(missing) == 1 else 'are'} required by the kohya "
                     f"backend: sd-scripts loads single-file checkpoints only{src}. Set {need}"))
+    complete: dict[str, str] = {}
     for key in fam.files:
         value = files.get(key)
         if value and (not os.path.lexists(value) or os.path.isdir(value)):
             what = "is a folder, not a single file" if os.path.isdir(value) else "does not exist"
             out.append((("model", "files", key), f"{value} {what} (expected {fam.file_help[key]})"))
-        elif value and str(value).endswith(".safetensors"):
-            bad = safetensors_problem(Path(value))     # a FIFO, a device, a link loop, a damaged file
-            if bad:  # sd-scripts would only say `SafetensorError: … InvalidHeaderLength`, minutes later
-                out.append((("model", "files", key), f"{value} is not a readable safetensors file ({bad}); "
-                            f"expected {fam.file_help[key]}"))
+        elif value and str(value).endswith(".safetensors") and (bad := safetensors_problem(Path(value))):
+            # a FIFO, a device, a link loop, a damaged file: sd-scripts would only say `SafetensorError: …
+            # InvalidHeaderLength`, minutes later
+            out.append((("model", "files", key), f"{value} is not a readable safetensors file ({bad}); "
+                        f"expected {fam.file_help[key]}"))
+        elif value:
+            complete[key] = value
+    # what each file is (another component's, family's or model size's: `ae.safetensors` as HunyuanImage's VAE),
+    # the native backend's check: sd-scripts would find it only after loading, with a size mismatch or a KeyError
+    out += model_file_problems(recipe, complete)
     for key in ("bucket_step",):
         if d.bucket_step % fam.bucket_multiple:
             out.append((("dataset", key), f"sd-scripts requires bucket_reso_steps to be a multiple of "

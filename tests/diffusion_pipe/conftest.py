@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_run_devtools.testing import MODEL_FILES, SLOT_FILES, header_only_weights
+
 HERE = Path(__file__).resolve().parent
 #: the real diffusion-pipe's GPU output, which the stand-ins print (see the README there)
 RECORDED = HERE / "fixtures" / "diffusion-pipe-8f83dbf" / "gpu-h200-20261202"
@@ -53,10 +55,6 @@ def flux_folder(tmp_path) -> Path:
     return folder
 
 
-#: A complete .safetensors file holding no tensors (an 8-byte header length, then `{}` padded to 8 bytes).
-EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "
-
-
 @pytest.fixture
 def hunyuan_files(tmp_path) -> dict[str, Path]:
     folder = tmp_path / "comfy"
@@ -64,8 +62,8 @@ def hunyuan_files(tmp_path) -> dict[str, Path]:
     files = {}
     for key, name in (("transformer", "hunyuanimage2.1.safetensors"), ("vae", "hunyuan_image_2.1_vae_fp16.safetensors"),
                       ("qwen", "qwen_2.5_vl_7b.safetensors"), ("byt5", "byt5_small_glyphxl_fp16.safetensors")):
-        (folder / name).write_bytes(EMPTY_SAFETENSORS)     # complete (model files are checked), never loaded
-        files[key] = folder / name
+        # the released file's header (model files are checked: complete, and of the slot's kind), never loaded
+        files[key] = header_only_weights(folder / name, MODEL_FILES[SLOT_FILES["hunyuan-image-2.1"][key]])
     return files
 
 

@@ -23,7 +23,7 @@ from lora_run.errors import RecipeError
 from lora_run.plugins import load_plugins
 from lora_run.recipe import load_recipe
 from lora_run.run import make_backend, validate
-from lora_run_devtools.testing import make_images
+from lora_run_devtools.testing import MODEL_FILES, SLOT_FILES, header_only_weights, make_images
 from lora_run_rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,10 +54,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("playbook")
     make_images(root / "subject", count=4, size=(1024, 1024))
     make_images(root / "reg", count=2, size=(1024, 1024), trigger="", prefix="reg")
-    (root / "models").mkdir()
-    header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
-    for name in FLUX_FILES.values():
-        (root / "models" / name).write_bytes(len(header).to_bytes(8, "little") + header)
+    for key, name in FLUX_FILES.items():       # the released files' headers (their kinds are checked), no weights
+        header_only_weights(root / "models" / name, MODEL_FILES[SLOT_FILES["flux.1-dev"][key]])
     return {"root": root, "subject": root / "subject", "reg": root / "reg", "models": root / "models"}
 
 

@@ -1,5 +1,5 @@
 """Fixtures for the kohya backend: a fake sd-scripts checkout (a real git repo with a stand-in trainer) and
-recipes with dummy single-file model checkpoints."""
+recipes with dummy single-file model checkpoints (the released files' headers, no weights)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_run.hookspecs import hookimpl
+from lora_run_devtools.testing import MODEL_FILES, SLOT_FILES, header_only_weights
 from lora_run_kohya import spec
 
 HERE = Path(__file__).resolve().parent
@@ -83,9 +84,9 @@ def model_files(folder: Path, family: str = "flux.1-dev") -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for key, name in names.items():
-        # an empty but well-formed safetensors file (the backend checks each header before launch)
-        header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
-        (folder / name).write_bytes(len(header).to_bytes(8, "little") + header)
+        # the released file's header, its data a hole (the backend checks each header and what file it is before
+        # launch; nothing loads it)
+        header_only_weights(folder / name, MODEL_FILES[SLOT_FILES[family][key]])
         out[key] = str(folder / name)
     return out
 

@@ -144,23 +144,26 @@ BACKEND_SETTINGS = {   # what each backend's pre-flight needs of the tiny recipe
 }
 
 
-def _backend_sets(backend: str, tmp_path: Path) -> list[str]:
-    sets = [f'backend.name="{backend}"', *BACKEND_SETTINGS[backend]]
-    if backend == "kohya":      # sd-scripts loads single files: header-only dummies (nothing loads before the refusal)
-        import json
+@pytest.fixture(scope="module")
+def kohya_models(tmp_path_factory) -> dict[str, str]:
+    """sd-scripts loads single files: the released files' headers (their data a hole; nothing loads before the
+    refusal), outside each test's folder, whose every byte `_state` reads."""
+    from lora_run_devtools.testing import header_only_files
 
-        folder = tmp_path / "kohya-models"
-        folder.mkdir(exist_ok=True)
-        header = json.dumps({"__metadata__": {"note": "not really weights"}}).encode()
-        for key in ("transformer", "clip_l", "t5xxl", "vae"):
-            (folder / f"{key}.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-            sets.append(f'model.files.{key}="{folder / key}.safetensors"')
+    slots = ("transformer", "clip_l", "t5xxl", "vae")
+    return header_only_files(tmp_path_factory.mktemp("kohya-models"), {"flux.1-dev": slots})["flux.1-dev"]
+
+
+def _backend_sets(backend: str, kohya_models: dict[str, str]) -> list[str]:
+    sets = [f'backend.name="{backend}"', *BACKEND_SETTINGS[backend]]
+    if backend == "kohya":
+        sets += [f'model.files.{key}="{path}"' for key, path in kohya_models.items()]
     return [arg for s in sets for arg in ("--set", s)]
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_CACHES))
 def test_a_cache_folder_that_is_not_lora_runs_is_refused_before_anything_is_written(tiny_recipe, tmp_path, capsys,
-                                                                                    case, figures):
+                                                                                    case, figures, kohya_models):
     """`[train] cache_dir` was taken as lora-run's own: pointed at a folder of someone's files or a model folder,
     a run wrote `latents/`, `text/` (and the engines' staged folders) there and replaced the `index.json` it found.
     Now `check` and every backend's run refuse a cache folder that is not provably lora-run's (exit 2, naming
@@ -172,8 +175,7 @@ def test_a_cache_folder_that_is_not_lora_runs_is_refused_before_anything_is_writ
     before = _state(tmp_path)
     tried = 0
     for backend in BACKEND_SETTINGS:
-        sets = [*_backend_sets(backend, tmp_path), "--set", f'train.cache_dir="{cache}"']
-        before = _state(tmp_path)      # the kohya dummies are written by the first kohya case
+        sets = [*_backend_sets(backend, kohya_models), "--set", f'train.cache_dir="{cache}"']
         for argv in (["check", str(recipe)], [str(recipe), "--output-dir", str(tmp_path / "run")]):
             code, text = _cli([*argv, *sets], capsys)
             assert code == 2, (backend, argv, text)

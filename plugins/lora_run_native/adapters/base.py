@@ -56,7 +56,7 @@ from lora_run.errors import ModelSourceError
 from lora_run.files import shown
 
 from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
-from lora_run_formats.layouts import Layout, layout_problem
+from lora_run_formats.layouts import Layout, Link, layout_problem, link_problem
 from lora_run_formats.model_files import (component_fit_problems, component_weights, config_json, file_fit_problems,
                                           folder_classes, folder_problems, parameter_count, read_weights)
 
@@ -398,6 +398,9 @@ class ModelAdapter:
     #: `[model.files]` slot -> the layouts its single-file loader converts (``lora_run_formats.layouts``): a file of
     #: none of them (another component's, another family's, a LoRA) is named by `check_sources` with what it is
     file_layouts: ClassVar[dict[str, tuple[Layout, ...]]] = {}
+    #: the widths a `[model.files]` slot's file shares with the transformer file (``lora_run_formats.layouts.Link``):
+    #: a file of another model size (CLIP-G for CLIP-L, T5-XXL for ByT5) is named by `check_sources`
+    file_links: ClassVar[tuple[Link, ...]] = ()
     #: what a diffusers folder of this family says it is: the pipelines (``model_index.json``'s ``_class_name``)
     #: whose folders it loads, and its transformer's class (default: ``COMPONENTS``'); a folder another installed
     #: family claims, and this one does not, is named by `check_sources` (``foreign_folder``)
@@ -479,10 +482,11 @@ class ModelAdapter:
                 problems.append((("model", "files", key), f"{p.name}: only .safetensors files are loaded"))
             elif (read := read_weights(p))[1] is not None:
                 problems.append((("model", "files", key), f"{shown(p)}: {read[1]}"))
-            elif (why := layout_problem(read[0], self.file_layouts.get(key, ()))) is not None:
-                problems.append((("model", "files", key), f"{shown(p)} {why}"))
             else:
                 files[key] = p
+        wrong = dict(self.single_file_problems(files))       # another kind of file, or of another model size
+        problems += list(wrong.items())
+        files = {k: p for k, p in files.items() if ("model", "files", k) not in wrong}
         root: Path | None = None                 # the source folder, or the hub model's snapshot in the cache
         if m.source is not None:
             if not m.source.strip():
@@ -496,11 +500,11 @@ class ModelAdapter:
                     slots = {k for k in self.file_keys if m.files.get(k) is not None}    # not read from the folder
                     loaded = frozenset(s for k, s in self.SUBFOLDER.items() if k not in slots) - {
                         s for k, s in self.SUBFOLDER.items() if k in slots}
-                    problems += self._folder_problems(root, shown(root), loaded=loaded)
+                    problems += self.source_folder_problems(root, shown(root), loaded=loaded)
             elif (snapshot := self.hub_snapshot(m.source)) is not None:
                 root = snapshot
-                problems += self._folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face cache)",
-                                                  partial=True)
+                problems += self.source_folder_problems(snapshot, f"{m.source} (its copy in the local Hugging Face "
+                                                        "cache)", partial=True)
             elif hub_offline(self.recipe) and not self.hub_cached(m.source):
                 problems.append((("model", "source"), f"hub model {m.source!r} is not in the local Hugging Face "
                                  "cache and downloads are off ([model] offline = true or HF_HUB_OFFLINE); "
@@ -516,9 +520,35 @@ class ModelAdapter:
                              for why in file_fit_problems(root / sub / "config.json", path, fit)]
         return problems
 
-    def _folder_problems(self, folder: Path, shown_as: str, **kw: Any) -> list[tuple[tuple[str, ...], str]]:
+    @classmethod
+    def single_file_problems(cls, files: dict[str, Path]) -> list[tuple[tuple[str, ...], str]]:
+        """What the ``[model.files]`` files (slot -> path) are where their slots do not take them: a file of none of
+        the slot's ``file_layouts`` (another component's, another family's, a LoRA), then one of a width the
+        transformer file does not take (``file_links``: CLIP-G as CLIP-L), each named with what it is. A file that
+        is not a complete safetensors file is left to the caller, which names it in its own words. The one check of
+        the single files' kinds: the native backend's ``check_sources`` and the engine backends' model checks
+        (``lora_run_engines.model_file_problems``) call it, so every backend refuses the same files alike."""
+        out: list[tuple[tuple[str, ...], str]] = []
+        shapes: dict[str, dict[str, Any]] = {}
+        for key, path in files.items():
+            header = read_weights(path)[0]
+            if header is None:
+                continue
+            why = layout_problem(header, cls.file_layouts.get(key, ()))
+            if why is not None:
+                out.append((("model", "files", key), f"{shown(path)} {why}"))
+            else:
+                shapes[key] = header_shapes(header)
+        for link in cls.file_links if "transformer" in shapes else ():
+            if link.slot in shapes and (why := link_problem(link, shapes[link.slot], shapes["transformer"],
+                                                             files["transformer"])) is not None:
+                out.append((("model", "files", link.slot), f"{shown(files[link.slot])} {why}"))
+        return out
+
+    def source_folder_problems(self, folder: Path, shown_as: str, **kw: Any) -> list[tuple[tuple[str, ...], str]]:
         """The source folder's problems at ``[model.source]``: another family's model (``foreign_folder``, first; its
-        configs are then not compared with this family's ``config_fits``), then its files' (``folder_problems``)."""
+        configs are then not compared with this family's ``config_fits``), then its files' (``folder_problems``).
+        diffusion-pipe's model check calls it too, for the folder it loads FLUX.1's components from."""
         foreign = self.foreign_folder(folder, shown_as)
         found = folder_problems(folder, fits=None if foreign else self.config_fits, **kw)
         return [(("model", "source"), why) for why in ([foreign] if foreign else []) + found]
