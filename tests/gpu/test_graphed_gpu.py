@@ -78,6 +78,36 @@ def test_replayed_forward_matches_the_eager_one_per_step_and_scale(monkeypatch):
     assert max(_rel(a, b) for a, b in zip(stale, eager[:5])) > 0.01
 
 
+def _run_scaled_layers(model, scales):
+    """As Hunyuan-DiT's sampling applies a strength: on the LoRA layers (``scale_lora_layers``), not as an argument."""
+    from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+
+    out = []
+    for scale in scales:
+        scale_lora_layers(model, scale)
+        try:
+            out += _run(model, [1.0])
+        finally:
+            unscale_lora_layers(model, scale)
+    return out
+
+
+def test_a_strength_set_on_the_layers_gets_its_own_graph(monkeypatch):
+    """Control: a key without the LoRA layers' state replays the first strength's graph at the second."""
+    model = _model()
+    eager = _run_scaled_layers(model, [1.0, 0.5])
+    with graphed.graphed_forward(model) as graphs:
+        replayed = _run_scaled_layers(model, [1.0, 0.5])
+    assert graphs.recorded == 2, graphs.describe()
+    assert max(_rel(a, b) for a, b in zip(replayed, eager)) < 1e-3
+    assert _rel(eager[2], eager[7]) > 0.01                             # the strength matters: the check can fail
+    monkeypatch.setattr(graphed, "lora_state", lambda module: None)    # planted: the layers' state not in the key
+    with graphed.graphed_forward(model) as graphs:
+        stale = _run_scaled_layers(model, [1.0, 0.5])
+    assert graphs.recorded == 1
+    assert max(_rel(a, b) for a, b in zip(stale[5:], eager[5:])) > 0.01
+
+
 def test_a_forward_that_syncs_with_the_host_runs_eagerly_and_says_why():
     model = _model()
     eager_forward = model.forward
