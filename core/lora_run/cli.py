@@ -1,7 +1,5 @@
-"""The `lora-run` command line: `lora-run COMMAND ...` runs a command a plugin adds (`register_commands`; `lora-run -h`
-lists them); `lora-run RECIPE.toml ...` is `lora-run run RECIPE.toml ...` (the built-in `commands` plugin's).
-Exit codes: 0 ok, 1 the run failed, 2 bad input (nothing ran), 130 interrupted (resumable).
-"""
+"""The `lora-run` command line: `lora-run COMMAND ...` runs a command a plugin adds (`register_commands`); `lora-run
+RECIPE.toml ...` is `lora-run run RECIPE.toml ...` (the built-in `commands` plugin's). Exit codes: `errors.EXIT_*`."""
 from __future__ import annotations
 
 import argparse

@@ -46,17 +46,7 @@ class BackendError(LoraRunError):
     """A backend failed while running (its message says what and where the logs are)."""
 
 
-class ModelSourceError(LoraRunError):
-    """A model file or folder named by the recipe is missing or wrong."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
 class TrainingInterrupted(LoraRunError):
     """Ctrl-C or SIGTERM arrived; a resumable state was saved."""
 
     exit_code = EXIT_INTERRUPTED
-
-
-class NonFiniteLoss(BackendError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""

@@ -41,8 +41,7 @@ def register_datasets(register: Any) -> None:
 
 @hookspec
 def register_evaluators(register: Any) -> None:
-    """Register evaluators and face embedders: ``register(name, factory, options=OptionsClass, kind="evaluator" |
-    "embedder")``."""
+    """Register evaluators, face embedders: ``register(name, factory, options=Class, kind="evaluator"|"embedder")``."""
 
 
 @hookspec
@@ -70,8 +69,7 @@ def lint_dataset(recipe: Any, items: list, report: Any) -> None:
 
 @hookspec(firstresult=True)
 def open_run_folder(loaded: Any, output_dir: Any, overwrite: bool) -> Any:
-    """Return the folder a run writes to (a :class:`lora_run.run.RunFolder`), creating nothing yet; the first answer
-    is used."""
+    """Return the folder a run writes to (a :class:`lora_run.run.RunFolder`), creating nothing; first answer wins."""
 
 
 @hookspec(firstresult=True)

@@ -165,12 +165,6 @@ def _split_env(name: str) -> set[str]:
     return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
 
 
-def make_plugin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    return pm
-
-
 def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
     """Discover entry points with stevedore, register them with pluggy, collect the registries; ``extra`` objects
     (tests, embedding applications) are registered after the entry points."""
@@ -178,7 +172,8 @@ def load_plugins(extra: Iterable[Any] = ()) -> Plugins:
 
     from stevedore import NamedExtensionManager
 
-    pm = make_plugin_manager()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
     broken: list[BrokenPlugin] = []
     disabled, only = _split_env("LORA_RUN_PLUGINS_DISABLE"), _split_env("LORA_RUN_PLUGINS_ONLY")
     installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}

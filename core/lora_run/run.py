@@ -126,14 +126,6 @@ def structure_options(reg: Registration, raw: dict[str, Any], where: tuple, prob
     return value if len(own.items) == before else None
 
 
-@attrs.frozen
-class Prepared:
-    recipe: Recipe
-    loaded: LoadedRecipe
-    backend: Registration
-    options: Any
-
-
 def with_defaults(loaded: LoadedRecipe, plugins: Plugins) -> LoadedRecipe:
     """The recipe with the plugin names it leaves unset taken from the registries (the family, the backend
     that trains it, the family's LoRA formats, and what each plugin section's ``with_defaults`` fills in); what
@@ -159,8 +151,8 @@ def unset_message(kind: str, plugins: Plugins, among: list[str] | None = None) -
             f"{', '.join(names) or 'none installed'}")
 
 
-def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
-    """Plugin tables, plugin names and capabilities; every problem at once (RecipeError)."""
+def validate(loaded: LoadedRecipe, plugins: Plugins) -> RunContext:
+    """Plugin tables, plugin names and capabilities, every problem at once (RecipeError); the run's context if valid."""
     loaded = with_defaults(loaded, plugins)
     recipe = loaded.recipe
     problems = loaded.problems()
@@ -201,7 +193,7 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
     if backend is not None and (options is not None or backend.options is None):
         found = len(problems.items)
         try:
-            checker = getattr(make_backend(Prepared(recipe, loaded, backend, options), plugins), "check", None)
+            checker = getattr(backend.factory(RunContext(recipe, plugins, backend, options, loaded)), "check", None)
             for path, message in checker() if checker is not None else ():
                 problems.add(tuple(path), message)
         except LoraRunError as exc:  # reported with the others (alone, it keeps its own type and exit code)
@@ -213,11 +205,11 @@ def validate(loaded: LoadedRecipe, plugins: Plugins) -> Prepared:
                 raise
     problems.raise_if_any()
     assert backend is not None
-    return Prepared(recipe, loaded, backend, options)
+    return RunContext(recipe, plugins, backend, options, loaded)
 
 
-def make_backend(prepared: Prepared, plugins: Plugins, **context: Any) -> Any:
-    """The backend of a validated recipe; ``context``: further :class:`RunContext` fields (``run_dir`` …)."""
+def make_backend(prepared: RunContext, plugins: Plugins, **context: Any) -> Any:
+    """The backend of a validated recipe (``validate``'s context); ``context``: further fields (``run_dir`` …)."""
     return prepared.backend.factory(RunContext(prepared.recipe, plugins, prepared.backend, prepared.options,
                                                prepared.loaded, **context))
 

@@ -11,8 +11,7 @@ from typing import Any, Callable
 
 import attrs
 
-from lora_run.errors import (BackendError, ModelSourceError, NonFiniteLoss, OutputError, PluginError, RecipeError,
-                             TrainingInterrupted)
+from lora_run.errors import BackendError, OutputError, PluginError, RecipeError, TrainingInterrupted
 from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
@@ -24,6 +23,7 @@ from . import collect, keydata, translate
 from .options import ENV_PATH, DiffusionPipeOptions
 from .supervise import LogParser, PhaseEvent, SaveEvent, StepEvent
 from lora_run_engines.supervise import Supervisor
+from lora_run_training import ModelSourceError, NonFiniteLoss
 from lora_run_training.sections import loss_options
 
 NAME = "diffusion-pipe"

@@ -9,8 +9,9 @@ An engine's key data (extracted from its source at a pinned commit and shipped w
 - ``[int,int]`` — a list of exactly those kinds; ``a|b`` — either.
 
 :func:`table_problems` lists the problems of one table (unknown keys, with a close match when there is one,
-and values of the wrong kind) in the backend's own words; :func:`value_ok` and :func:`describe` serve the
-checks a backend adds (argparse ``nargs``/``choices`` for sd-scripts, required keys for diffusion-pipe).
+and values of the wrong kind) in the backend's own words; :func:`value_ok` and ``describe`` (the recipe loader's,
+imported here) serve the checks a backend adds (argparse ``nargs``/``choices`` for sd-scripts, required keys for
+diffusion-pipe).
 No torch, no engine import: ``lora-run check`` runs these.
 """
 from __future__ import annotations
@@ -19,13 +20,9 @@ import difflib
 import math
 from typing import Any, Callable, Iterable, Mapping
 
+from lora_run.recipe import describe  # noqa: F401 - a value for a message, as the recipe loader words it
+
 ANY = "any"
-
-
-def describe(value: Any) -> str:
-    """A value for a message: its type and (shortened) repr."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _scalar_ok(kind: str, value: Any) -> bool:

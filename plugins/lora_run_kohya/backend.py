@@ -23,12 +23,13 @@ import attrs
 
 from lora_run import __version__
 from lora_run.dataset import Item
-from lora_run.errors import BackendError, NonFiniteLoss, RecipeError, TrainingInterrupted
+from lora_run.errors import BackendError, RecipeError, TrainingInterrupted
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir.space import check_free_space
 from lora_run.recipe import resume_command
 from lora_run.run import Plan
 import lora_run_engines as engines
+from lora_run_training import NonFiniteLoss
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
 from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, held, linted, publish, remove_earlier,
                                     staged_files, staged_stems, upscale_note)

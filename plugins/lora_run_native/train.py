@@ -20,11 +20,12 @@ from typing import Any
 
 import attrs
 
-from lora_run.errors import BackendError, DatasetError, NonFiniteLoss, OutputError, RecipeError, TrainingInterrupted
+from lora_run.errors import BackendError, DatasetError, OutputError, RecipeError, TrainingInterrupted
 from lora_run.files import shown
 from lora_run.recipe import resume_command, to_dict
 from lora_run_folder.images import ImageProblem, open_rgb
 from lora_run_folder.lint import file_key
+from lora_run_training import NonFiniteLoss
 from lora_run_training.sections import loss_options
 
 from . import checkpoint as ckpt

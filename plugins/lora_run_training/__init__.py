@@ -10,7 +10,9 @@
   warnings in the dataset lint's table (``lint_dataset``);
 - :mod:`.families` — what the families' registrations say about a recipe: the bucket grid, `[model] version`,
   the `[model.files]` slots, the weights to train on, the σ samplers and LoRA formats they register
-  (``check_recipe``).
+  (``check_recipe``);
+- :class:`ModelSourceError` (a weights file or folder the `[model]` keys name is wrong; exit 2) and
+  :class:`NonFiniteLoss` (the loss became NaN or inf; exit 1), raised by the backends and the families' adapters.
 
 Registered through the `lora_run` entry-point group like any third-party plugin. No torch import.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from lora_run.errors import EXIT_BAD_INPUT, BackendError, LoraRunError
 from lora_run.hookspecs import hookimpl
 
 
@@ -35,6 +38,16 @@ class Feature(NamedTuple):
     doc: str
     used: Callable[[Any, Any], bool] = is_used
     key: tuple[str, ...] = ()     # filled in from the field that carries it (:mod:`.capabilities`)
+
+
+class ModelSourceError(LoraRunError):
+    """A model file or folder named by the recipe (the ``[model]`` keys of :mod:`.sections`) is missing or wrong."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class NonFiniteLoss(BackendError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 @hookimpl

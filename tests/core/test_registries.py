@@ -2,6 +2,8 @@
 evaluator choice."""
 from __future__ import annotations
 
+import re
+
 import attrs
 import pytest
 
@@ -53,26 +55,14 @@ def test_a_loss_from_any_plugin_is_honoured_by_a_backend_that_takes_every_loss(p
     validate(load_recipe(write_recipe(body)), plugins)  # the whole check passes
 
 
-def test_registry_hooks_go_through_pluggy_so_monitoring_sees_them(plugins_with):
-    seen = []
-
+def test_registry_hooks_go_through_pluggy_so_monitoring_sees_them(plugins_with, monkeypatch, capsys):
     class Watch:
         @hookimpl
         def register_losses(self, register):
             register("watched", _abs_loss)
-    from lora_run import plugins as plugins_mod
-
-    pm = plugins_mod.make_plugin_manager()
-    real = plugins_mod.make_plugin_manager
-
-    def monitored():
-        pm.add_hookcall_monitoring(lambda name, impls, kwargs: seen.append(name), lambda *a: None)
-        return pm
-    plugins_mod.make_plugin_manager = monitored
-    try:
-        plugins = plugins_with(Watch())
-    finally:
-        plugins_mod.make_plugin_manager = real
+    monkeypatch.setenv("LORA_RUN_TRACE_PLUGINS", "1")    # pluggy's hook-call monitoring, printed to stderr
+    plugins = plugins_with(Watch())
+    seen = re.findall(r"^\[lora-run trace\] (\w+)\(", capsys.readouterr().err, flags=re.M)
     assert "watched" in plugins.names("loss") and plugins.registry["loss"]["watched"].plugin != "losses"
     assert {"register_backends", "register_losses", "register_datasets", "register_evaluators"} <= set(seen)
     assert seen.count("register_losses") >= 2  # once per implementing plugin: `losses` and the test plugin

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.errors import BackendError, NonFiniteLoss, OutputError
+from lora_run.errors import BackendError, OutputError
+from lora_run_training import NonFiniteLoss
 from lora_run_diffusion_pipe import collect
 from lora_run_diffusion_pipe.backend import HINTS
 from lora_run_diffusion_pipe.supervise import LogParser, PhaseEvent, SaveEvent, StepEvent

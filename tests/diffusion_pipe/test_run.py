@@ -14,10 +14,11 @@ from typing import Callable
 
 import pytest
 
-from lora_run.errors import BackendError, NonFiniteLoss, OutputError, RecipeError
+from lora_run.errors import BackendError, OutputError, RecipeError
 from lora_run.hookspecs import hookimpl
 from lora_run.recipe import load_recipe
 from lora_run.run import execute
+from lora_run_training import NonFiniteLoss
 
 from .conftest import FLUX_RECIPE, hunyuan_recipe
 

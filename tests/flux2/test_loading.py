@@ -96,7 +96,7 @@ def test_transformer_config_is_inferred_without_a_source_config(tiny_klein, klei
 
 
 def test_wrong_files_are_named(tiny_klein, tiny_single_bad, tmp_path):
-    from lora_run.errors import ModelSourceError
+    from lora_run_training import ModelSourceError
 
     flux1, garbage = tiny_single_bad
     problems = _adapter(tiny_klein, {"transformer": flux1}).check_sources()       # found by `lora-run check`
@@ -157,7 +157,7 @@ def test_vae_file_without_any_config_uses_flux2s_defaults(tiny_klein, klein_file
     tiny file does not match them and the error names the file and the key."""
     import shutil
 
-    from lora_run.errors import ModelSourceError
+    from lora_run_training import ModelSourceError
 
     only_tok = tmp_path / "tok"
     shutil.copytree(tiny_klein / "tokenizer", only_tok / "tokenizer")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.errors import BackendError, NonFiniteLoss, RecipeError
+from lora_run.errors import BackendError, RecipeError
 from lora_run.recipe import load_recipe
 from lora_run.run import execute
+from lora_run_training import NonFiniteLoss
 
 from .conftest import HookRecorder, make_checkout, read_manifest
 

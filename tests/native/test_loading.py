@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from lora_run.errors import ModelSourceError
+from lora_run_training import ModelSourceError
 
 FILES = """
 [model.files]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_run.errors import NonFiniteLoss, TrainingInterrupted
+from lora_run.errors import TrainingInterrupted
 from lora_run.hookspecs import hookimpl
+from lora_run_training import NonFiniteLoss
 
 from .conftest import lora_tensors
 

@@ -124,7 +124,7 @@ def test_without_a_scheduler_config_the_release_default(tmp_path, style, version
 
 
 def test_a_version_that_contradicts_the_model_is_refused_with_the_key(tmp_path):
-    from lora_run.errors import ModelSourceError
+    from lora_run_training import ModelSourceError
     from lora_run_hunyuan_dit.adapter import HunyuanDiTAdapter
 
     adapter = HunyuanDiTAdapter(recipe_for(model_folder(tmp_path), "1.1"))

@@ -204,7 +204,7 @@ def test_a_model_file_or_lora_whose_path_is_not_utf8_is_named(single_files, tiny
 def test_a_single_file_of_another_layout_is_named(single_files, tiny_recipe, tmp_path):
     """A CLIP-L file whose tensor has another shape crashed the config inference (`ValueError: not enough values to
     unpack`, exit 1); every failure of a family's conversion of a file's tensors names the file."""
-    from lora_run.errors import ModelSourceError
+    from lora_run_training import ModelSourceError
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(single_files["clip_l"]))
@@ -309,7 +309,7 @@ def test_weights_that_do_not_fit_their_config_are_refused(tiny_model, tiny_recip
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lora_run.errors import ModelSourceError
+    from lora_run_training import ModelSourceError
 
     model = _copy_model(tiny_model, tmp_path, "fewer-blocks")
     config = json.loads((model / "transformer" / "config.json").read_text())

@@ -52,8 +52,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lora_run.errors import ModelSourceError
 from lora_run.files import shown
+from lora_run_training import ModelSourceError
 
 from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
 from lora_run_formats.layouts import Layout, Link, layout_problem, link_problem
