@@ -191,6 +191,7 @@ class NativeBackend:
         under FSDP (one unsharded replica's estimate, not enforced). Without a cap the GPU decides, at run time."""
         from . import perfmodel
         from .memory import gpu_plan, plan_budget_gib
+        from .memory import refusal as memory_refusal
 
         r = self.recipe
         shape, size_note = planned or self._adapter().planning_shape()
@@ -198,11 +199,8 @@ class NativeBackend:
         available, cap = plan_budget_gib(r), r.train.gpu_memory_gib
         refusal = None
         if not perfmodel.fits(estimate, available) and not getattr(self.ctx.options, "fsdp", False):
-            refusal = perfmodel.refusal(
-                r.train.memory_mode, plan, estimate, available, f"[train.gpu_memory_gib] = {cap:g} GiB",
-                r.model.family, r.dataset.resolution, r.dataset.resolution, r.train.batch_size, r.lora.rank,
-                r.lora.targets, shape, r.lora.dropout, r.train.fp8_matmul, r.train.compile != "off", cap,
-                perfmodel.WILL_STOP, r.dataset.bucket_min)
+            refusal = memory_refusal(r, plan, estimate, available, f"[train.gpu_memory_gib] = {cap:g} GiB", shape,
+                                     (r.dataset.resolution, r.dataset.resolution), perfmodel.WILL_STOP)
         return shape, size_note, plan, estimate, refusal
 
     def _gpu_plan_notes(self, planned: tuple[Any, str | None]) -> list[str]:

@@ -74,6 +74,18 @@ def _margin(budget: float | None) -> float | None:
     return None if budget is None else budget * PLAN_MARGIN
 
 
+def refusal(recipe: Any, plan: Any, estimate: float, available: float, source: str, shape: Any,
+            size: tuple[int, int], outcome: str) -> str:
+    """``perfmodel.refusal`` for ``recipe``'s plan at ``size`` (height, width) that does not fit ``available`` GiB
+    (``source``: where that figure comes from; ``outcome``: what the run does about it)."""
+    from . import perfmodel
+
+    r = recipe
+    return perfmodel.refusal(r.train.memory_mode, plan, estimate, available, source, r.model.family, *size,
+                             r.train.batch_size, r.lora.rank, r.lora.targets, shape, r.lora.dropout, r.train.fp8_matmul,
+                             r.train.compile != "off", r.train.gpu_memory_gib, outcome, r.dataset.bucket_min)
+
+
 def gpu_plan(recipe: Any, shape: Any = None, size: tuple[int, int] | None = None) -> tuple[Any, float]:
     """(PerfPlan, estimated peak GiB) of the recipe's `memory_mode` at ``size`` as the run chooses it within
     ``plan_budget_gib``; without a budget, `auto` is the speed plan (the most it uses on any GPU)."""

@@ -147,7 +147,7 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     (of one unsharded replica) is shown but not enforced."""
     import torch
 
-    from . import accel, perfmodel
+    from . import accel, memory, perfmodel
     from .memory import step_shapes
 
     r = recipe
@@ -185,10 +185,8 @@ def _prepare_cuda(adapter: Any, transformer: Any, recipe: Any, device: Any,
     if not perfmodel.fits(estimate, available) and not sharded:
         # an explicit mode on the free memory (no cap) is the user's call: it trains, warned (the model errs either way)
         stops = r.train.gpu_memory_gib is not None or r.train.memory_mode == "auto"
-        message = perfmodel.refusal(r.train.memory_mode, plan, estimate, available, source, r.model.family, height,
-                                    width, r.train.batch_size, r.lora.rank, r.lora.targets, shape, r.lora.dropout,
-                                    r.train.fp8_matmul, r.train.compile != "off", r.train.gpu_memory_gib,
-                                    perfmodel.STOPPED if stops else perfmodel.WARNED, r.dataset.bucket_min)
+        message = memory.refusal(r, plan, estimate, available, source, shape, (height, width),
+                                 perfmodel.STOPPED if stops else perfmodel.WARNED)
         if stops:
             raise RecipeError(message)
         echo("warning: " + message)
