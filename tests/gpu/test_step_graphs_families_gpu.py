@@ -1,7 +1,7 @@
 """On CUDA: whole-step graphs (`[train] cuda_graphs = "step"`) on the families other than FLUX.1-dev.
 
 `FamilyShape.whole_step_graphs` lets `cuda_graphs = "auto"` pick step graphs only for families whose recordings were
-run and checked on a GPU. This file is that check for HunyuanImage-2.1, Hunyuan-DiT v1.2 and FLUX.2 [klein]: each
+run and checked on a GPU. This file is that check for HunyuanImage-2.1, Hunyuan-DiT v1.2 and FLUX.2 [klein] (``FAMILIES``: which record): each
 family's tiny model trains 8 steps × 2 micro-batches over two token counts, once with step graphs and once with
 `off` (the same compiled blocks, no graphs), through the real orchestrator. It passes where the run replayed its
 micro-steps from graphs (not an eager fallback) and the losses and the LoRA agree with the eager steps. The control
@@ -18,7 +18,11 @@ torch = pytest.importorskip("torch")
 from tests.gpu.test_step_graphs_gpu import Losses, _lora_gap  # noqa: E402
 from tests.native.conftest import BASE_RECIPE  # noqa: E402
 
-FAMILIES = ("hunyuan-image-2.1", "hunyuan-dit-1.2", "flux.2-klein")
+#: family -> whether its step records as a CUDA graph. Measured on an H100 at ce40f56 (2026-12-06): Hunyuan-DiT and
+#: [klein] replay 11 of 16 micro-steps from 2 graphs and train what eager steps train; HunyuanImage-2.1's recording
+#: fails ("operation failed due to a previous error during capture": its forward reads the host, as its graphed
+#: samples do, graphed.py) and the run goes on with eager steps.
+FAMILIES = {"hunyuan-image-2.1": False, "hunyuan-dit-1.2": True, "flux.2-klein": True}
 
 
 def _run(tmp: Path, family: str, graphs: str):
@@ -26,6 +30,8 @@ def _run(tmp: Path, family: str, graphs: str):
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
     from lora_run_devtools.testing import build_tiny, make_images
+
+    torch._dynamo.reset()          # each run compiles as in its own process (a user's run), not after the others'
 
     model = tmp / "model"
     if not model.exists():
@@ -53,9 +59,13 @@ def test_step_graphs_train_what_eager_steps_train_on_every_family(family, tmp_pa
     timing = ctx.artifacts["timing"]
     print(f"{family}: {ctx.artifacts['gpu_plan']['plan']}; {timing.get('step_graphs')}")
     assert "compiled + step CUDA graphs" in ctx.artifacts["gpu_plan"]["plan"]
-    assert "replayed from" in timing["step_graphs"] and not timing["step_graphs"].startswith("eager"), \
-        (timing["step_graphs"], [line for line in lines if "cuda_graphs" in line])
-    assert int(timing["step_graphs"].split(" of ")[0]) >= 8, timing["step_graphs"]
+    if FAMILIES[family]:
+        assert "replayed from" in timing["step_graphs"] and not timing["step_graphs"].startswith("eager"), \
+            (timing["step_graphs"], [line for line in lines if "cuda_graphs" in line])
+        assert int(timing["step_graphs"].split(" of ")[0]) >= 8, timing["step_graphs"]
+    else:                               # the recording fails: said once, and the run goes on with eager steps
+        assert timing["step_graphs"].startswith("eager micro-steps: recording the step as a CUDA graph failed")
+        assert any("[train.cuda_graphs]" in line and "eager steps" in line for line in lines), lines
     assert len(losses) == len(off_losses) == 8
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses))
     gap = _lora_gap(ctx, off)

@@ -50,6 +50,7 @@ def _run(tmp_path: Path, name: str, graphs: str, extra=(), sets=()):
     from lora_run_devtools.testing import make_images
     from lora_run_flux.tiny import build_tiny_flux
 
+    torch._dynamo.reset()          # each run compiles as in its own process (a user's run), not after the others'
     model = tmp_path / "tiny-flux"
     if not model.exists():
         build_tiny_flux(model)
