@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.gpu.test_step_graphs_gpu import Losses, _lora_gap  # noqa: E402
-from tests.native.conftest import BASE_RECIPE  # noqa: E402
+from tests.gpu.test_step_graphs_gpu import _lora_gap  # noqa: E402
+from tests.gpu.test_step_graphs_gpu import _run as run  # noqa: E402
 
 #: family -> whether its step records as a CUDA graph. Measured on an H100 at ce40f56 (2026-12-06): Hunyuan-DiT and
 #: [klein] replay 11 of 16 micro-steps from 2 graphs and train what eager steps train; HunyuanImage-2.1's recording
@@ -26,30 +26,7 @@ FAMILIES = {"hunyuan-image-2.1": False, "hunyuan-dit-1.2": True, "flux.2-klein":
 
 
 def _run(tmp: Path, family: str, graphs: str):
-    from lora_run.plugins import load_plugins
-    from lora_run.recipe import load_recipe
-    from lora_run.run import execute
-    from lora_run_devtools.testing import build_tiny, make_images
-
-    torch._dynamo.reset()          # each run compiles as in its own process (a user's run), not after the others'
-
-    model = tmp / "model"
-    if not model.exists():
-        build_tiny(family, model)
-        make_images(tmp / "subject", count=2, size=(64, 64))
-        make_images(tmp / "subject", count=2, size=(96, 64), seed=5, prefix="wide")
-    text = (BASE_RECIPE.replace('family = "flux.1-dev"', f'family = "{family}"').replace("{model}", str(model))
-            .replace("{dataset}", str(tmp / "subject")).replace("{length}", "steps = 8")
-            .replace("bucket_step = 16", "bucket_step = 32").replace("text_max_length = 16\n", ""))
-    recipe = tmp / "recipe.toml"
-    recipe.write_text(text, encoding="utf-8")
-    watch = Losses()
-    lines: list[str] = []
-    ctx = execute(load_recipe(recipe, ['train.memory_mode="speed"', 'train.mixed_precision="bf16"',
-                                       f'train.cuda_graphs="{graphs}"', "dataset.resolution=96",
-                                       "train.gradient_accumulation=2"]),
-                  load_plugins(extra=[watch]), output_dir=str(tmp / graphs), echo=lines.append)
-    return ctx, watch.values, lines
+    return run(tmp, graphs, graphs, family=family, steps=8, resolution=96)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -43,26 +43,32 @@ class HostStepLoss:
         register("host-step-mse", factory, description="mse that reads its step on the host (test)")
 
 
-def _run(tmp_path: Path, name: str, graphs: str, extra=(), sets=()):
+def _run(tmp_path: Path, name: str, graphs: str, extra=(), sets=(), family: str = "flux.1-dev", steps: int = 12,
+         resolution: int = 80):
+    """One run of ``family``'s tiny model (two token counts, two micro-batches a step) with `cuda_graphs` =
+    ``graphs`` into ``tmp_path / name``; the families with a 32-pixel grid get buckets of that step and no T5 length."""
     from lora_run.plugins import load_plugins
     from lora_run.recipe import load_recipe
     from lora_run.run import execute
-    from lora_run_devtools.testing import make_images
-    from lora_run_flux.tiny import build_tiny_flux
+    from lora_run_devtools.testing import build_tiny, make_images
 
     torch._dynamo.reset()          # each run compiles as in its own process (a user's run), not after the others'
-    model = tmp_path / "tiny-flux"
+    model = tmp_path / f"tiny-{family}"
     if not model.exists():
-        build_tiny_flux(model)
+        build_tiny(family, model)
         make_images(tmp_path / "subject", count=2, size=(64, 64))
         make_images(tmp_path / "subject", count=2, size=(96, 64), seed=5, prefix="wide")
+    text = (BASE_RECIPE.replace("{model}", str(model)).replace("{dataset}", str(tmp_path / "subject"))
+            .replace("{length}", f"steps = {steps}"))
+    if family != "flux.1-dev":
+        text = (text.replace('family = "flux.1-dev"', f'family = "{family}"')
+                .replace("bucket_step = 16", "bucket_step = 32").replace("text_max_length = 16\n", ""))
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(BASE_RECIPE.replace("{model}", str(model)).replace("{dataset}", str(tmp_path / "subject"))
-                      .replace("{length}", "steps = 12"), encoding="utf-8")
+    recipe.write_text(text, encoding="utf-8")
     watch = Losses()
     lines: list[str] = []
     ctx = execute(load_recipe(recipe, ['train.memory_mode="speed"', 'train.mixed_precision="bf16"',
-                                       f'train.cuda_graphs="{graphs}"', "dataset.resolution=80",
+                                       f'train.cuda_graphs="{graphs}"', f"dataset.resolution={resolution}",
                                        "train.gradient_accumulation=2", *sets]),
                   load_plugins(extra=[watch, *extra]), output_dir=str(tmp_path / name), echo=lines.append)
     return ctx, watch.values, lines
