@@ -164,11 +164,8 @@ def model_file_problems(recipe: Any, files: dict[str, Any]) -> list[tuple[tuple,
     where their slots do not take them: the native backend's one check (``ModelAdapter.single_file_problems``: a
     file of another component, family or model size, named with what it is), for the recipe's family; none for a
     family without a native adapter (nothing declares its files' kinds)."""
-    from lora_run_native.adapters import adapter_class
-
-    try:
-        adapter = adapter_class(recipe.model.family)
-    except KeyError:
+    adapter = _native_adapter(recipe)
+    if adapter is None:
         return []
     return adapter.single_file_problems({key: Path(value) for key, value in files.items() if value})
 
@@ -177,13 +174,20 @@ def source_folder_problems(recipe: Any, folder: Path) -> list[tuple[tuple, str]]
     """The problems of the diffusers folder ``folder`` an engine loads components from, at ``[model.source]``: the
     native backend's check (``ModelAdapter.source_folder_problems``: another family's model first, then its files
     and configs against the family's), for the recipe's family; none for a family without a native adapter."""
+    adapter = _native_adapter(recipe)
+    if adapter is None:
+        return []
+    return adapter(recipe).source_folder_problems(folder, shown(folder))
+
+
+def _native_adapter(recipe: Any) -> Any:
+    """The native backend's adapter class of the recipe's family, or None where the family has none."""
     from lora_run_native.adapters import adapter_class
 
     try:
-        adapter = adapter_class(recipe.model.family)
+        return adapter_class(recipe.model.family)
     except KeyError:
-        return []
-    return adapter(recipe).source_folder_problems(folder, shown(folder))
+        return None
 
 
 def stage_link(source: Path, target: Path) -> None:
