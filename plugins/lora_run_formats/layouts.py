@@ -109,7 +109,12 @@ HUNYUAN_IMAGE_VAE = Layout("a HunyuanImage-2.1 autoencoder (32×, 64 latent chan
 DIFFUSERS_VAE = Layout("an autoencoder in diffusers' layout (a vae/ folder's weights)",
                        (_AT + r"encoder\.down_blocks\.\d+\.resnets\.",))
 # ------------------------------------------------------------------------------ text encoders (transformers')
-CLIP_TEXT = Layout("a CLIP text encoder", (_AT + r"embeddings\.token_embedding\.weight$",))
+#: the tensors whose dimension 1 is a text encoder's hidden size, under any prefix (the embedding tables: CLIP's, T5's,
+#: a language model's)
+CLIP_HIDDEN = _AT + r"embeddings\.token_embedding\.weight$"
+T5_HIDDEN = _AT + r"(?:shared|encoder\.embed_tokens)\.weight$"
+LM_HIDDEN = _AT + r"embed_tokens\.weight$"
+CLIP_TEXT = Layout("a CLIP text encoder", (CLIP_HIDDEN,))
 #: OpenCLIP's (and OpenAI's) own names, as SD 2.x and SDXL checkpoints hold their text towers
 OPEN_CLIP = Layout("a CLIP model in OpenCLIP's own layout (transformer.resblocks.N …), not transformers' CLIP text "
                    "model", (_AT + r"transformer\.resblocks\.\d+\.attn\.in_proj_weight$",))
@@ -118,12 +123,11 @@ _EVERY_BLOCK_BIAS = _AT + r"encoder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.r
 UMT5_ENCODER = Layout("a UMT5 encoder (a relative attention bias in every block, as umt5_xxl_fp16.safetensors)",
                       (_AT + r"encoder\.block\.\d+\.layer\.", _EVERY_BLOCK_BIAS))
 T5_ENCODER = Layout("a T5 encoder", (_AT + r"encoder\.block\.\d+\.layer\.",
-                                     _AT + r"(?:shared|encoder\.embed_tokens)\.weight$"), lacks=(_EVERY_BLOCK_BIAS,))
-_EMBED = _AT + r"embed_tokens\.weight$"
+                                     T5_HIDDEN), lacks=(_EVERY_BLOCK_BIAS,))
 #: Qwen2.5's attention has biases, Qwen3's normalises q and k; Mistral-3 has a vision tower
-QWEN2_5_VL = Layout("a Qwen2.5-VL text encoder", (_EMBED, _AT + r"layers\.\d+\.self_attn\.q_proj\.bias$"))
-QWEN3 = Layout("a Qwen3 text encoder", (_EMBED, _AT + r"layers\.\d+\.self_attn\.q_norm\.weight$"))
-MISTRAL3 = Layout("a Mistral-3 text encoder", (_EMBED, _AT + r"vision_tower\.", _AT + r"multi_modal_projector\."))
+QWEN2_5_VL = Layout("a Qwen2.5-VL text encoder", (LM_HIDDEN, _AT + r"layers\.\d+\.self_attn\.q_proj\.bias$"))
+QWEN3 = Layout("a Qwen3 text encoder", (LM_HIDDEN, _AT + r"layers\.\d+\.self_attn\.q_norm\.weight$"))
+MISTRAL3 = Layout("a Mistral-3 text encoder", (LM_HIDDEN, _AT + r"vision_tower\.", _AT + r"multi_modal_projector\."))
 BERT = Layout("a BERT text encoder", (_AT + r"embeddings\.word_embeddings\.weight$",))
 
 #: every layout lora-run recognises, the more specific first (``identify`` takes the first that matches)
@@ -174,11 +178,6 @@ class Link:
     known: tuple[tuple[int, str], ...] = ()
 
 
-#: the tensors whose dimension 1 is a text encoder's hidden size, under any prefix (the embedding tables: CLIP's, T5's,
-#: a language model's)
-CLIP_HIDDEN = _AT + r"embeddings\.token_embedding\.weight$"
-T5_HIDDEN = _AT + r"(?:shared|encoder\.embed_tokens)\.weight$"
-LM_HIDDEN = _AT + r"embed_tokens\.weight$"
 #: the widths of released files, named in the messages
 CLIP_WIDTHS = ((512, "CLIP-B's"), (768, "CLIP-L's"), (1024, "CLIP-H's"), (1280, "CLIP-G's"))
 T5_WIDTHS = ((768, "T5-base's"), (1024, "T5-large's"), (1472, "ByT5-small's, HunyuanImage-2.1's glyph encoder"),
