@@ -353,7 +353,9 @@ class DiffusionPipeBackend:
         from lora_run_engines.stage import held
 
         assert self.ctx.run_dir is not None
-        with held(self.layout().data if self.recipe.train.cache_dir else None) as lock:
+        # diffusion-pipe's working folder is written by it from here to the end: what appears in it is the run's
+        with held(self.layout().data if self.recipe.train.cache_dir else None) as lock, \
+                self.ctx.run_dir.writing("diffusion-pipe"):
             self._run(lock)
 
     def _run(self, lock: int | None) -> None:
@@ -522,8 +524,9 @@ class DiffusionPipeBackend:
         """Write the final LoRA into the run folder in our formats, and the run's artifacts."""
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
-        written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
-                                        examples=self._examples(), commit=commit)
+        with ctx.run_dir.writing(""):
+            written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
+                                            examples=self._examples(), commit=commit)
         ctx.artifacts.update(written)
         ctx.artifacts["steps"] = steps
         watcher.forget(final.name)             # the final LoRA is in the run folder itself
@@ -651,8 +654,9 @@ class _Watcher:
             if step is None:                   # an epoch save seen before its save line: the log's last step
                 step = self.step_of[saved.name] = self.parser.last_step
             try:
-                files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,
-                                              examples=backend._examples(), commit=self.commit)
+                with self.ctx.run_dir.writing("checkpoints"):
+                    files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,
+                                                  examples=backend._examples(), commit=self.commit)
             except Exception as exc:  # noqa: BLE001 - an unreadable save is a failed run, with the reason
                 raise BackendError(f"cannot convert diffusion-pipe's LoRA {saved.file}: {type(exc).__name__}: "
                                    f"{exc}") from exc

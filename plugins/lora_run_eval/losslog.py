@@ -126,6 +126,7 @@ def log_for(run: Any) -> LossLog | None:
         return None
     key = str(Path(run_dir.path).resolve())
     if key not in _LOGS:
+        run_dir.claim(f"eval/{LOSS_FILE}")      # the run's, in its manifest before the first row is written
         _LOGS[key] = LossLog(Path(key) / "eval" / LOSS_FILE)
     return _LOGS[key]
 

@@ -148,6 +148,7 @@ def evaluate_run(ctx: Any) -> None:
     if ev is None or not ev.enabled:
         return
     started = time.perf_counter()
-    for name in ev.evaluators if ev.evaluators is not None else ctx.plugins.names("evaluator"):
-        ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
+    with ctx.run_dir.writing("eval"):          # what the evaluators write there is the run's
+        for name in ev.evaluators if ev.evaluators is not None else ctx.plugins.names("evaluator"):
+            ctx.plugins.get("evaluator", name, "eval.evaluators").factory(ctx).evaluate()
     ctx.artifacts.setdefault("timing", {})["evaluate_s"] = round(time.perf_counter() - started, 2)

@@ -320,7 +320,10 @@ class KohyaBackend:
         """Stage, launch and supervise sd-scripts. A staged folder under `[train] cache_dir` is held in use
         (`lora_run_engines.stage.use`) from before it is staged until sd-scripts is done, sd-scripts inheriting the
         hold, so `remove_old_staging` in another run never removes it."""
-        with held(self.data_dir() if self.recipe.train.cache_dir else None) as lock:
+        assert self.ctx.run_dir is not None
+        # sd-scripts' working folder is written by sd-scripts from here to the end: what appears in it is the run's
+        with held(self.data_dir() if self.recipe.train.cache_dir else None) as lock, \
+                self.ctx.run_dir.writing("kohya"):
             self._run(lock)
 
     def _run(self, lock: int | None) -> None:
@@ -482,7 +485,8 @@ class KohyaBackend:
         if code != 0:
             raise BackendError(f"sd-scripts exited with code {code}{engines.explain(sup.tail, HINTS)}.\n"
                                f"{self._tail(sup, log_path)}")
-        self._collect(paths, co, tr)
+        with run_dir.writing(""):        # the LoRA files at the top of the run folder
+            self._collect(paths, co, tr)
 
     def _check_python(self) -> str:
         python = self.python()

@@ -625,6 +625,11 @@ class Trainer:
     # torchtune's recipe classes): environment → data (buckets, plan, caches) → model (transformer, optional
     # text-encoder LoRA) → optimization (optimizer, schedule, data-parallel wrap, loss) → resume → loop → finish.
     def run(self) -> None:
+        # the trackers' logs and the run folder's cache are written from here to the end: what appears in them is ours
+        with self.run_dir.writing("logs", "cache"):
+            self._run()
+
+    def _run(self) -> None:
         env = self.setup_environment()
         data = self.setup_data(env)
         model = self.setup_model(env, data)
@@ -766,7 +771,8 @@ class Trainer:
         """`--resume`: the newest intact checkpoint's LoRA, optimizer, schedule and RNG; the step to start at."""
         if not self.ctx.resume:
             return 0
-        found, saved = ckpt.newest_intact(opt.ckpt_root, warn=self.echo, move_damaged=self.main)
+        with self.run_dir.writing("checkpoints"):    # a damaged one is moved aside there under a new name
+            found, saved = ckpt.newest_intact(opt.ckpt_root, warn=self.echo, move_damaged=self.main)
         if found is None or saved is None:
             self.echo("resume: no complete checkpoint yet; starting from step 0")
             return 0
@@ -1176,8 +1182,9 @@ class Trainer:
                 "loss_first": self.first_loss,
                 "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
         started = time.perf_counter()
-        path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
-                         scheduler=state.scheduler, info=info, write_loras=loras)
+        with self.run_dir.writing("checkpoints"):
+            path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
+                             scheduler=state.scheduler, info=info, write_loras=loras)
         self.last_checkpoint = path
         removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
         self._record_checkpoints(state.ckpt_root)
@@ -1201,6 +1208,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- samples
     def _samples(self, state: LoopState, number: int) -> list[str]:
+        with self.run_dir.writing("samples"):
+            return self._sample_round(state, number)
+
+    def _sample_round(self, state: LoopState, number: int) -> list[str]:
         import torch
 
         from lora_run_rundir import atomic_write_bytes
@@ -1284,8 +1295,9 @@ class Trainer:
         t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)
         if self.main:
             meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
-            written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
-                                  metadata=meta)
+            with self.run_dir.writing(""):      # <name>.safetensors and the formats' folders
+                written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
+                                      metadata=meta)
             for fmt, path in written.items():
                 self.ctx.artifacts[f"lora_{fmt}"] = str(path)
             self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))

@@ -13,7 +13,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lora_run import __version__
 from lora_run.errors import LoraRunError, OutputError
@@ -208,10 +208,14 @@ def _recorded_names(path: Path, node: Any) -> set[str]:
 
 #: The manifest key listing the top-level entries the folder's runs wrote (any backend's, a third party's too).
 WRITTEN = "written"
-#: The manifest key listing every entry inside the folders runs wrote (``a/b`` paths, as ``record.tree`` lists them),
-#: as the run's last record found them: a user's file added inside one (a picked sample in ``samples/``, notes in
-#: ``checkpoints/``) is no run's, and `--overwrite` refuses to delete it as it refuses one at the top.
+#: The manifest key listing every entry inside the folders runs wrote (``a/b`` paths, as ``record.tree`` lists them)
+#: that a run's writers wrote (``RunDir.claim``, ``RunDir.writing``), never a walk of the folders: a user's file added
+#: inside one (a picked sample in ``samples/``, notes in ``checkpoints/``), before, during or after a run, is no run's,
+#: and `--overwrite` refuses to delete it as it refuses one at the top.
 FILES = "files"
+#: The manifest key listing the paths a run is writing now (``RunDir.writing``), recorded before it writes there: a
+#: run killed meanwhile leaves what it wrote under them unlisted in ``FILES``, and this says whose it is.
+WRITING = "writing"
 
 
 def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
@@ -224,14 +228,18 @@ def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:
-    """The entries inside a run folder's own folders that its manifest's ``FILES`` does not list: added by someone
-    after the run's last record. None to compare with (no list: a folder from before it) or a run that was killed
-    (status "running": what it wrote after its last record is unlisted) gives none."""
-    if manifest.get("status") == "running" or not isinstance(manifest.get(FILES), list):
+    """The entries inside a run folder's own folders that its manifest's ``FILES`` does not list and no run was
+    writing when it stopped (``WRITING``: a killed run's unfinished writes there are its own): no run's. None to
+    compare with (no list: a folder from before it; a killed run of a lora-run from before ``WRITING``) gives none."""
+    writing = manifest.get(WRITING)
+    if not isinstance(manifest.get(FILES), list) or (manifest.get("status") == "running"
+                                                     and not isinstance(writing, list)):
         return []
+    busy = [w for w in writing if isinstance(w, str) and w] if isinstance(writing, list) else []
     cache = path / CACHE
     foreign_cache = [] if os.path.islink(cache) else [f"{CACHE}/{p}" for p in cache_problems(cache)]
-    return unlisted(path, own_folders(path, manifest), manifest.get(FILES)) + foreign_cache
+    return [rel for rel in unlisted(path, own_folders(path, manifest), manifest.get(FILES))
+            if not any(rel == w or rel.startswith(w + "/") for w in busy)] + foreign_cache
 
 
 def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:
@@ -329,8 +337,12 @@ class RunDir:
         self.manifest_written = False
         self.started = time.time()
         self.found: set[str] = set()    # top-level names that were there before this run (never recorded as written)
-        self.found_files: set[str] = set()   # ... and entries inside the run's own folders no run recorded (FILES)
         self.before: set[str] = set()   # ... with lora-run's own leftovers (a run that undoes itself leaves them be)
+        # what runs wrote here, as their writers say (``claim``, ``writing``), never a walk of the folder: the top-level
+        # names (WRITTEN), the entries inside (FILES), and the paths being written now (WRITING)
+        self.names: set[str] = set()
+        self.files: set[str] = set()
+        self.busy: list[str] = []
         self.reserved = False           # this run made the reserve file (``unreserve`` removes only that)
         self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
 
@@ -351,8 +363,9 @@ class RunDir:
         if resume:
             self.check_resumable()
             self._lock()
-            # a user's file added inside the run's folders since its last record stays theirs: never listed as written
-            self.found_files = set(unrecorded_files(p, self.read_manifest()))
+            # what the earlier starts wrote is this run's; a user's file added inside its folders since stays theirs
+            manifest = self.read_manifest()
+            self.files = tree(p, own_folders(p, manifest)) - set(unrecorded_files(p, manifest))
         elif existing and not overwrite:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
                 self._lock()
@@ -440,7 +453,7 @@ class RunDir:
         except OSError as exc:
             raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
         self.created = True
-        self.found, self.before, self.found_files = set(), set(), set()
+        self.found, self.before, self.names, self.files, self.busy = set(), set(), set(), set(), []
         try:
             self._lock()
         except OutputError as exc:
@@ -498,8 +511,61 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         target = self.path / name
+        self.claim(Path(name).as_posix())
         atomic_write_text(target, text)
         return target
+
+    def claim(self, *rels: str) -> None:
+        """Record the paths ``rels`` (relative to the folder, ``a/b``) as this run's, before it writes them: the
+        manifest lists them (as long as they exist), so `--overwrite` may replace them and a killed run's record has
+        them. For a file or folder whose name the writer knows; :meth:`writing` for a folder it writes into."""
+        new = {rel for rel in rels if rel not in self.files and rel not in self.names}
+        for rel in new:
+            self._own(rel)
+        if new:
+            self._persist()
+
+    @contextlib.contextmanager
+    def writing(self, *folders: str) -> Iterator[None]:
+        """Around a writer whose names are not known ahead (a checkpoint, a sample round, a tracker's logs, an
+        engine's working folder; ``""`` is the run folder itself): what appears under ``folders`` while it runs is
+        this run's, nothing that was there before. The manifest names ``folders`` as being written first (``WRITING``),
+        so a run killed meanwhile leaves a record of whose their new entries are."""
+        before = {rel: self._below(rel) for rel in folders}
+        self.busy.extend(folders)
+        self._persist()
+        try:
+            yield
+        finally:
+            for rel in folders:
+                self.busy.remove(rel)
+                for new in sorted(self._below(rel) - before[rel]):
+                    self._own(new)
+            self._persist()
+
+    def _own(self, rel: str) -> None:
+        parts = rel.split("/")
+        self.names.add(parts[0])
+        self.files.update("/".join(parts[:n]) for n in range(2, len(parts) + 1))
+
+    def _below(self, rel: str) -> set[str]:
+        """``rel`` and every entry under it (``a/b`` paths; ``""``: the whole folder); a link is never followed, the
+        cache's entries are not listed (``cachedir`` checks them)."""
+        if rel == "":
+            try:
+                tops = {c.name for c in self.path.iterdir() if not _ours_only(c)}
+            except OSError:
+                return set()
+            return tops | tree(self.path, tops - {CACHE})
+        if not os.path.lexists(self.path / rel):
+            return set()
+        return {rel} if rel.split("/")[0] == CACHE else {rel} | tree(self.path, [rel])
+
+    def _persist(self) -> None:
+        """The record of what this run writes, into the manifest (once it has one; a follower process has none)."""
+        if self.manifest_written and self.lock is not None:
+            with contextlib.suppress(OSError, LoraRunError):    # a full disk: the next record brings it up to date
+                self.update_manifest()
 
     def read_manifest(self) -> dict[str, Any]:
         try:
@@ -517,21 +583,19 @@ class RunDir:
                 data[key] = value
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         data[WRITTEN] = self._written(data.get(WRITTEN))
-        data[FILES] = self._files(data)
+        data[FILES], data[WRITING] = self._files(), sorted(set(self.busy))
         atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         return data
 
     def _written(self, before: Any) -> list[str]:
-        """The top-level entries runs wrote here: those recorded before, and what appeared since this run began
-        (what was there already, a user's file added between a run and its --resume, is never counted)."""
+        """The top-level entries runs wrote here: those recorded before, and those this run's writers wrote (what was
+        there already, a user's file added during a run or between a run and its --resume, is never counted)."""
         names = {n for n in before if isinstance(n, str)} if isinstance(before, list) else set()
-        with contextlib.suppress(OSError):
-            names |= {c.name for c in self.path.iterdir() if not _ours_only(c)} - self.found
-        return sorted(names)
+        return sorted(names | (self.names - self.found))
 
-    def _files(self, manifest: dict[str, Any]) -> list[str]:
-        """``FILES``: every entry inside the run's own folders now, but what a user had added there before this run."""
-        return sorted(tree(self.path, own_folders(self.path, manifest)) - self.found_files)
+    def _files(self) -> list[str]:
+        """``FILES``: the entries inside the run's folders that its writers wrote (and earlier starts'), that exist."""
+        return sorted(rel for rel in self.files if os.path.lexists(self.path / rel))
 
     def record_files(self) -> None:
         """Bring the manifest's ``FILES`` up to date (what hooks wrote after the final manifest, the loss log's last
@@ -541,9 +605,9 @@ class RunDir:
         data = self.read_manifest()
         if not isinstance(data.get("lora_run_version"), str):
             return
-        files = self._files(data)
-        if data.get(FILES) != files:
-            data[FILES] = files
+        files = self._files()
+        if data.get(FILES) != files or data.get(WRITING) != sorted(set(self.busy)):
+            data[FILES], data[WRITING] = files, sorted(set(self.busy))
             with contextlib.suppress(OSError, LoraRunError):
                 atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -49,7 +49,7 @@ CORE = REPO / "core" / "lora_run"
 #: read, the capability check and the family-fact checks to lora_run_training, a launched process's place in the run
 #: and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size")
 #: says what stands between.
-CORE_LINE_BUDGET = 1814
+CORE_LINE_BUDGET = 1816
 
 
 def core_sources() -> dict[Path, str]:

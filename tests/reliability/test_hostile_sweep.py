@@ -131,12 +131,16 @@ class NestedBackend:
         return Plan(backend="nested", family=self.ctx.recipe.model.family, steps=2)
 
     def run(self):
-        d = self.ctx.run_dir
-        d.file("cache", "latents").mkdir(parents=True, exist_ok=True)
-        d.file("cache", "latents", "index.json").write_text("{}")       # the run's own (empty) latent cache
+        d = self.ctx.run_dir            # what it writes, it says: a folder it writes into, or a path it names
+        with d.writing("cache"):
+            d.file("cache", "latents").mkdir(parents=True, exist_ok=True)
+            d.file("cache", "latents", "index.json").write_text("{}")       # the run's own (empty) latent cache
+        d.claim("eval/loss.jsonl")
         for rel in ("samples/step-000002/0.png", "checkpoints/step-000002/lora.safetensors", "eval/loss.jsonl"):
-            d.file(rel).parent.mkdir(parents=True, exist_ok=True)
-            d.file(rel).write_bytes(b"the run's")
+            with d.writing(rel.split("/")[0]):
+                d.file(rel).parent.mkdir(parents=True, exist_ok=True)
+                d.file(rel).write_bytes(b"the run's")
+            self.ctx.hook.step_finished(run=self.ctx, step=1, metrics={"loss": 1.0})   # between its writes
         d.write_text("lora.safetensors", "weights")
         self.ctx.artifacts["lora"] = str(d.file("lora.safetensors"))
 
@@ -151,8 +155,32 @@ class NestedPlugin:
             "scheduler:constant_with_warmup", "loss:mse"}})
 
     @hookimpl
-    def run_finished(self, run):          # written after the final manifest: still the run's
+    def run_finished(self, run):          # written after the final manifest, claimed: still the run's
+        run.run_dir.claim("eval/after-finish.json")
         run.run_dir.file("eval", "after-finish.json").write_text("{}")
+
+
+class MeanwhileUser:
+    """A user (or a plugin writing without saying so) adding files inside the run's folders while it runs: between
+    two of the run's own writes into the same folders."""
+
+    from lora_run.hookspecs import hookimpl
+
+    def __init__(self):
+        self.added: dict[Path, bytes] = {}
+        self.active = True
+
+    @hookimpl
+    def step_finished(self, run, step, metrics):
+        if not self.active:
+            return
+        for rel, data in (("samples/picked/best.png", b"mine"), ("checkpoints/notes.txt", b"step 1 looks best"),
+                          ("eval/my-notes.txt", b"mine too")):
+            path = run.run_dir.file(rel)
+            if rel.split("/")[0] in {p.name for p in run.run_dir.path.iterdir()} and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                self.added[path] = data
 
 
 def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, plugins_with, tmp_path, monkeypatch):
@@ -203,13 +231,65 @@ def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, 
     assert (run / "checkpoints" / "notes.txt").read_bytes() == b"step 2 was best"
     (run / "checkpoints" / "notes.txt").unlink()
     go(overwrite=True)
-    # a run that was killed (its manifest still "running") wrote more after its last record: as before, its
-    # folders are taken as the run's
+    # a run that was killed (its manifest still "running") while it wrote samples: what it wrote there after its
+    # last record is the run's (the manifest said it was writing there, before it did) ...
     manifest = json.loads((run / "manifest.json").read_text())
-    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running", "writing": ["samples"]}))
     (run / "samples" / "step-000002" / "1.png").write_bytes(b"written after the last record")
     go(overwrite=True)
     assert not (run / "samples" / "step-000002" / "1.png").exists()
+    # ... but a killed run writing nothing there makes a file added there no run's
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running", "writing": ["checkpoints"]}))
+    (run / "samples" / "step-000002" / "1.png").write_bytes(b"the user's")
+    with pytest.raises(OutputError, match="samples/step-000002/1.png"):
+        go(overwrite=True)
+    assert (run / "samples" / "step-000002" / "1.png").read_bytes() == b"the user's"
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["claims", "planted-walk"])
+def test_overwrite_keeps_what_a_user_added_inside_the_run_folders_while_it_ran(write_recipe, plugins_with, tmp_path,
+                                                                             monkeypatch, planted):
+    # the manifest's list of a run's files was a walk of its folders at each record: a file a user added inside them
+    # while the run went on (picked samples, notes) was recorded as the run's at the next record and deleted by
+    # `--overwrite`. Now the list holds what the run's writers said they wrote. The planted control puts the walk
+    # back: the user's files are listed as the run's, and `--overwrite` deletes them
+    import json
+
+    from lora_run.errors import OutputError
+    from lora_run.run import execute
+    from lora_run_rundir import folder
+    from lora_run_rundir.record import tree
+
+    if planted:
+        monkeypatch.setattr(folder.RunDir, "_files",
+                            lambda self: sorted(tree(self.path, folder.own_folders(self.path, self.read_manifest()))))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    user = MeanwhileUser()
+    plugins = plugins_with(NestedPlugin(), user)
+    recipe, run = write_recipe(NESTED), tmp_path / "run"
+
+    def go(**flags):
+        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
+                       **flags)
+
+    go()
+    user.active = False                 # the user adds them during this first run only
+    assert len(user.added) == 3, user.added
+    files = json.loads((run / "manifest.json").read_text())["files"]
+    assert {"samples/step-000002/0.png", "checkpoints/step-000002/lora.safetensors", "eval/loss.jsonl"} <= set(files)
+    listed = {"samples/picked", "samples/picked/best.png", "checkpoints/notes.txt", "eval/my-notes.txt"} & set(files)
+    if planted:
+        assert listed, files                           # the walk took them for the run's ...
+        go(overwrite=True)
+        assert not any(p.exists() for p in user.added)  # ... and --overwrite deleted them: what the test catches
+        return
+    assert not listed, files
+    with pytest.raises(OutputError) as info:
+        go(overwrite=True)
+    message = str(info.value)
+    assert "samples/picked" in message and "checkpoints/notes.txt" in message and "eval/my-notes.txt" in message
+    assert all(p.read_bytes() == data for p, data in user.added.items())
 
 
 def test_eval_overwrite_keeps_what_a_user_added_among_its_images(tmp_path):

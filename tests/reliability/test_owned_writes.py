@@ -319,3 +319,58 @@ def test_an_output_record_proves_only_what_it_lists(tmp_path):
     record.unlink()
     record.write_text('{"lora_run_output": "evaluation", "entries": ["../x"]}')
     assert unrecorded(folder, "evaluation") is None
+
+
+# ----------------------------------------------------------------------- files added inside a run while it runs
+class _AddsWhileRunning:
+    """A user adding files inside the run's folders between its steps (after its first checkpoint and samples)."""
+
+    from lora_run.hookspecs import hookimpl
+
+    def __init__(self):
+        self.added: dict[Path, bytes] = {}
+
+    @hookimpl
+    def step_finished(self, run, step, metrics):
+        if step != 3 or self.added:
+            return
+        for rel in ("samples/picked/best.png", "checkpoints/notes.txt", "samples/step-000002/mine.png", "logs/x.txt"):
+            path = run.run_dir.file(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"the user's")
+            self.added[path] = b"the user's"
+
+
+@pytest.mark.slow     # a real tiny native run (about 10 s on CPU)
+def test_a_native_run_never_takes_a_file_added_inside_its_folders_while_it_runs(tiny_recipe, tmp_path, capsys):
+    """The native trainer's checkpoints, samples, loss log and final LoRA are listed as the run's by the writers
+    themselves; files a user adds in `samples/`, `checkpoints/` (and a sample round's folder) meanwhile are not,
+    and `lora-run --overwrite` refuses to delete them, naming them (exit 2). The tracker's `logs/` is the run's while
+    it runs (documented): a file added there is taken. The control: `--overwrite` of the same run without the
+    user's files replaces it."""
+    import json
+
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+
+    recipe = tiny_recipe('[sample]\nevery_steps = 2\nseeds = [1]\nsteps = 2\nwidth = 64\nheight = 64\n'
+                         'prompts = ["a photo of {trigger}"]\n')
+    run, user = tmp_path / "run", _AddsWhileRunning()
+    execute(load_recipe(recipe), load_plugins(extra=[user]), output_dir=str(run), echo=lambda _m: None)
+    manifest = json.loads((run / "manifest.json").read_text())
+    files = set(manifest["files"])
+    assert manifest["status"] == "completed" and manifest["writing"] == []
+    assert {"samples/step-000002", "samples/step-000006", "checkpoints/step-000004", "eval/loss.jsonl"} <= files, files
+    assert not files & {"samples/picked", "checkpoints/notes.txt", "samples/step-000002/mine.png"}, files
+    code, text = _cli([str(recipe), "--output-dir", str(run), "--overwrite"], capsys)
+    assert code == 2, text
+    for name in ("samples/picked", "checkpoints/notes.txt", "samples/step-000002/mine.png"):
+        assert name in text, text
+    assert all(p.read_bytes() == data for p, data in user.added.items())
+    for path in user.added:                  # the control: without them, the run is replaced
+        if not path.name == "x.txt":
+            path.unlink()
+    (run / "samples" / "picked").rmdir()
+    code, text = _cli([str(recipe), "--output-dir", str(run), "--overwrite"], capsys)
+    assert code == 0, text
