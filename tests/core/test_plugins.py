@@ -247,6 +247,10 @@ enabled = false
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["backend"] == "toy"
     assert any(p["name"] == "toy" and p["version"] == "0.3.0" for p in manifest["plugins"])
+    # the third-party backend and hook claim what they write: the run is theirs to replace with --overwrite
+    assert {"identity-lora.toy.json", "toy-events.txt"} <= set(manifest["written"]), manifest["written"]
+    again = run_cli(recipe, "--output-dir", tmp_path / "run", "--overwrite", env=env)
+    assert again.returncode == 0, again.stderr
     bad = run_cli(recipe, "--output-dir", tmp_path / "run2", "--set", "backend.toy.target='x'", env=env)
     assert bad.returncode == 2
     assert "[backend.toy.target] expected float, got str 'x'" in bad.stderr

@@ -25,13 +25,20 @@ from tests.gpu.test_step_graphs_gpu import _run as run  # noqa: E402
 FAMILIES = {"hunyuan-image-2.1": False, "hunyuan-dit-1.2": True, "flux.2-klein": True}
 
 
-def _run(tmp: Path, family: str, graphs: str):
-    return run(tmp, graphs, graphs, family=family, steps=8, resolution=96)
+def _run(tmp: Path, family: str, graphs: str, name: str | None = None):
+    return run(tmp, name or graphs, graphs, family=family, steps=8, resolution=96)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_step_graphs_train_what_eager_steps_train_on_every_family(family, tmp_path):
     off, off_losses, _ = _run(tmp_path, family, "off")
+    # the eager steps against themselves first: on an H100 (2026-12-06, each family in a process of its own)
+    # Hunyuan-DiT's step graphs and HunyuanImage-2.1's eager fallback both ended 4-6e-2 from the eager LoRA while
+    # FLUX.1 and [klein] were bitwise equal; a second eager run says whether that is the family's own run-to-run
+    # spread (a nondeterministic kernel) or the graphs
+    again, again_losses, _ = _run(tmp_path, family, "off", name="off-again")
+    floor, floor_losses = _lora_gap(again, off), max(abs(a - b) / abs(b) for a, b in zip(again_losses, off_losses))
+    print(f"{family}: eager steps against eager steps: losses within {floor_losses:.1e}, LoRA within {floor:.1e}")
     ctx, losses, lines = _run(tmp_path, family, "step")
     timing = ctx.artifacts["timing"]
     print(f"{family}: {ctx.artifacts['gpu_plan']['plan']}; {timing.get('step_graphs')}")
@@ -47,5 +54,6 @@ def test_step_graphs_train_what_eager_steps_train_on_every_family(family, tmp_pa
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, off_losses))
     gap = _lora_gap(ctx, off)
     print(f"{family}: step graphs against eager steps: losses within {worst:.1e}, LoRA within {gap:.1e}")
+    assert floor_losses < 1e-3 and floor < 1e-2, "the eager runs themselves differ: the comparison below means nothing"
     assert worst < 1e-3, (losses, off_losses)
     assert gap < 1e-2

@@ -48,6 +48,7 @@ class ToyBackend:
             value += 2 * lr * (self.options.target - value)
             ctx.hook.step_finished(run=ctx, step=step, metrics={"loss": abs(self.options.target - value)})
         out = ctx.run_dir.file(f"{r.output.name}.toy.json")
+        ctx.run_dir.claim(out.name)          # the run's: listed in its manifest, so --overwrite may replace it
         atomic_write_text(out, json.dumps({"value": value, "greeting": self.options.greeting}) + "\n")
         ctx.artifacts["toy_lora"] = str(out)
         ctx.hook.checkpoint_saved(run=ctx, step=r.train.steps or 1, path=out)
@@ -82,5 +83,6 @@ def register_losses(register):
 @hookimpl
 def step_finished(run, step, metrics):
     if run.run_dir is not None:
+        run.run_dir.claim("toy-events.txt")
         with open(run.run_dir.file("toy-events.txt"), "a", encoding="utf-8") as fh:
             fh.write(f"step {step} loss {metrics['loss']:.6f}\n")
