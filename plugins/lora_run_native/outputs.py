@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _ADAPTER_NAME = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
 SAVE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -91,13 +91,19 @@ def _format_tensors(adapter: Any, transformer_sd: dict[str, Any], te_sd: dict[st
 
 
 def write_loras(adapter: Any, folder: Path, base: str, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *,
-                recipe: Any, metadata: dict[str, str], suffix: str = "") -> dict[str, Path]:
-    """Write the LoRA in every requested format under ``folder``; returns {format: path}."""
+                recipe: Any, metadata: dict[str, str], suffix: str = "",
+                claim: Callable[[str], Any] | None = None) -> dict[str, Path]:
+    """Write the LoRA in every requested format under ``folder``; returns {format: path}. ``claim`` is told each
+    file's path relative to ``folder`` before it is written (the run folder's ``RunDir.claim``)."""
     from lora_run_formats import save_lora
 
-    return {fmt: save_lora(Path(folder) / adapter.output_name(fmt, base + suffix), tensors, meta)
-            for fmt, tensors, meta in _format_tensors(adapter, transformer_sd, te_sd, recipe=recipe,
-                                                      metadata=metadata)}
+    written = {}
+    for fmt, tensors, meta in _format_tensors(adapter, transformer_sd, te_sd, recipe=recipe, metadata=metadata):
+        rel = adapter.output_name(fmt, base + suffix)
+        if claim is not None:
+            claim(rel)
+        written[fmt] = save_lora(Path(folder) / rel, tensors, meta)
+    return written
 
 
 def lora_files_bytes(adapter: Any, transformer_sd: dict[str, Any], te_sd: dict[str, Any], *, recipe: Any) -> int:

@@ -1295,9 +1295,8 @@ class Trainer:
         t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)
         if self.main:
             meta = run_metadata(r, step=state.total, counts=state.counts, started_at=self.started_at)
-            with self.run_dir.writing(""):      # <name>.safetensors and the formats' folders
-                written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
-                                      metadata=meta)
+            written = write_loras(state.adapter, self.run_dir.path, r.output.name, t_sd, te_sd, recipe=r,
+                                  metadata=meta, claim=self.run_dir.claim)
             for fmt, path in written.items():
                 self.ctx.artifacts[f"lora_{fmt}"] = str(path)
             self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))

@@ -216,6 +216,9 @@ FILES = "files"
 #: The manifest key listing the paths a run is writing now (``RunDir.writing``), recorded before it writes there: a
 #: run killed meanwhile leaves what it wrote under them unlisted in ``FILES``, and this says whose it is.
 WRITING = "writing"
+#: ... and the entries under them that were there, no run's, when the writing began: a killed run's unfinished
+#: writes are what else is there.
+OTHERS = "writing_found"
 
 
 def own_folders(path: Path, manifest: dict[str, Any]) -> list[str]:
@@ -231,15 +234,27 @@ def unrecorded_files(path: Path, manifest: dict[str, Any]) -> list[str]:
     """The entries inside a run folder's own folders that its manifest's ``FILES`` does not list and no run was
     writing when it stopped (``WRITING``: a killed run's unfinished writes there are its own): no run's. None to
     compare with (no list: a folder from before it; a killed run of a lora-run from before ``WRITING``) gives none."""
-    writing = manifest.get(WRITING)
     if not isinstance(manifest.get(FILES), list) or (manifest.get("status") == "running"
-                                                     and not isinstance(writing, list)):
+                                                     and not isinstance(manifest.get(WRITING), list)):
         return []
-    busy = [w for w in writing if isinstance(w, str) and w] if isinstance(writing, list) else []
     cache = path / CACHE
     foreign_cache = [] if os.path.islink(cache) else [f"{CACHE}/{p}" for p in cache_problems(cache)]
     return [rel for rel in unlisted(path, own_folders(path, manifest), manifest.get(FILES))
-            if not any(rel == w or rel.startswith(w + "/") for w in busy)] + foreign_cache
+            if not unfinished(manifest, rel)] + foreign_cache
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def unfinished(manifest: dict[str, Any], rel: str) -> bool:
+    """Whether ``rel`` (an ``a/b`` path of the run folder) is under a folder the manifest's run was writing when it
+    stopped (``WRITING``; ``""``: the folder itself) and was not there, no run's, when that writing began (``OTHERS``):
+    a killed run's unfinished write."""
+    def under(path: str, folder: str) -> bool:
+        return "/" not in path if folder == "" else path == folder or path.startswith(folder + "/")
+    return (any(under(rel, w) for w in _strings(manifest.get(WRITING)))
+            and not any(under(rel, o) for o in _strings(manifest.get(OTHERS)) if o))
 
 
 def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) -> list[Path]:
@@ -264,6 +279,8 @@ def foreign_entries(path: Path, existing: list[Path], manifest: dict[str, Any]) 
     out = []
     for entry in existing:
         if entry.name in fixed or entry.name in recorded or _ours_only(entry):
+            continue
+        if manifest.get("status") == "running" and unfinished(manifest, entry.name):
             continue
         if entry.name.startswith("eval-") and unrecorded(entry, EVALUATION) == []:
             continue
@@ -342,7 +359,7 @@ class RunDir:
         # names (WRITTEN), the entries inside (FILES), and the paths being written now (WRITING)
         self.names: set[str] = set()
         self.files: set[str] = set()
-        self.busy: list[str] = []
+        self.busy: list[tuple[str, set[str]]] = []     # (folder, what was there, no run's, when writing began)
         self.reserved = False           # this run made the reserve file (``unreserve`` removes only that)
         self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
 
@@ -528,20 +545,32 @@ class RunDir:
     @contextlib.contextmanager
     def writing(self, *folders: str) -> Iterator[None]:
         """Around a writer whose names are not known ahead (a checkpoint, a sample round, a tracker's logs, an
-        engine's working folder; ``""`` is the run folder itself): what appears under ``folders`` while it runs is
-        this run's, nothing that was there before. The manifest names ``folders`` as being written first (``WRITING``),
+        engine's working folder; ``""``: the top of the run folder, with what a folder made there holds, not the
+        insides of folders already there): what appears under ``folders`` while it runs is this run's, nothing that
+        was there before. The manifest names ``folders`` as being written first (``WRITING``),
         so a run killed meanwhile leaves a record of whose their new entries are."""
         before = {rel: self._below(rel) for rel in folders}
-        self.busy.extend(folders)
+        entries = [(rel, {e for e in before[rel] if not self._is_own(e)}) for rel in folders]
+        self.busy.extend(entries)
         self._persist()
         try:
             yield
         finally:
-            for rel in folders:
-                self.busy.remove(rel)
-                for new in sorted(self._below(rel) - before[rel]):
+            for entry in entries:
+                self.busy.remove(entry)
+                for new in sorted(self._below(entry[0]) - before[entry[0]]):
                     self._own(new)
+                    if entry[0] == "" and new != CACHE:       # a folder made at the top: all it holds is new
+                        for rel in tree(self.path, [new]):
+                            self._own(rel)
             self._persist()
+
+    def _is_own(self, rel: str) -> bool:
+        return rel in self.files or ("/" not in rel and (rel in self.names or rel in RUN_ENTRIES))
+
+    def _busy(self) -> tuple[list[str], list[str]]:
+        """``WRITING`` and ``OTHERS`` now."""
+        return sorted({rel for rel, _ in self.busy}), sorted(set().union(*(others for _, others in self.busy)))
 
     def _own(self, rel: str) -> None:
         parts = rel.split("/")
@@ -549,14 +578,13 @@ class RunDir:
         self.files.update("/".join(parts[:n]) for n in range(2, len(parts) + 1))
 
     def _below(self, rel: str) -> set[str]:
-        """``rel`` and every entry under it (``a/b`` paths; ``""``: the whole folder); a link is never followed, the
-        cache's entries are not listed (``cachedir`` checks them)."""
+        """``rel`` and every entry under it (``a/b`` paths; ``""``: the entries at the top of the run folder, not what
+        they hold); a link is never followed, the cache's entries are not listed (``cachedir`` checks them)."""
         if rel == "":
             try:
-                tops = {c.name for c in self.path.iterdir() if not _ours_only(c)}
+                return {c.name for c in self.path.iterdir() if not _ours_only(c)}
             except OSError:
                 return set()
-            return tops | tree(self.path, tops - {CACHE})
         if not os.path.lexists(self.path / rel):
             return set()
         return {rel} if rel.split("/")[0] == CACHE else {rel} | tree(self.path, [rel])
@@ -583,7 +611,8 @@ class RunDir:
                 data[key] = value
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         data[WRITTEN] = self._written(data.get(WRITTEN))
-        data[FILES], data[WRITING] = self._files(), sorted(set(self.busy))
+        data[FILES] = self._files()
+        data[WRITING], data[OTHERS] = self._busy()
         atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
         return data
 
@@ -606,8 +635,9 @@ class RunDir:
         if not isinstance(data.get("lora_run_version"), str):
             return
         files = self._files()
-        if data.get(FILES) != files or data.get(WRITING) != sorted(set(self.busy)):
-            data[FILES], data[WRITING] = files, sorted(set(self.busy))
+        busy = self._busy()
+        if data.get(FILES) != files or (data.get(WRITING), data.get(OTHERS)) != busy:
+            data[FILES], (data[WRITING], data[OTHERS]) = files, busy
             with contextlib.suppress(OSError, LoraRunError):
                 atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -67,6 +67,15 @@ def torn_files_under_final_names(run: Path) -> list[str]:
     return bad
 
 
+def not_the_runs(run: Path) -> list[str]:
+    """What `--overwrite` of ``run`` would refuse to delete as no run's (its check, without running it)."""
+    from lora_run_rundir.folder import RunDir, foreign_entries, unrecorded_files
+
+    manifest = RunDir(run).read_manifest()
+    existing = [e for e in run.iterdir() if not e.name.startswith(".")]
+    return [e.name for e in foreign_entries(run, existing, manifest)] + unrecorded_files(run, manifest)
+
+
 def pick_kill_points(trace: list[dict], run: str) -> list[tuple[str, dict]]:
     """20 points spread over the phases, chosen from the uninterrupted run's own event trace."""
     def where(e: dict) -> str:
@@ -131,6 +140,20 @@ def test_twenty_kills_each_resume_is_bitwise_equal_to_the_uninterrupted_run(tiny
         assert Path(note["path"]).name == Path(fault["path"]).name.replace("ref", run.name) or phase in ("step",) \
             or "tmp" in note["path"] or note["path"].endswith(Path(fault["path"]).name), (note, fault)
         assert not torn_files_under_final_names(run), torn_files_under_final_names(run)
+        # the killed run's record (written ahead of each write) accounts for all it left: --overwrite would take
+        # everything, and a file a user adds there afterwards is no run's
+        assert not_the_runs(run) == [], (phase, fault, not_the_runs(run))
+        mine = run / "samples" / "mine.txt"
+        made = not mine.parent.exists()
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("the user's")
+        # named itself, or by the folder the user made for it where a run's `samples/` cannot be told from a user's
+        # (a run killed before its first manifest)
+        assert not_the_runs(run) in ([["samples"], ["samples/mine.txt"]] if made else [["samples/mine.txt"]]), \
+            (phase, fault, not_the_runs(run))
+        mine.unlink()
+        if made:
+            mine.parent.rmdir()
         after_kill.append(complete_checkpoint_steps(run))
     resumes = run_jobs(jobs[1::2], tmp_path)
     survived = lost = 0
