@@ -536,6 +536,8 @@ class RunDir:
         """Record the paths ``rels`` (relative to the folder, ``a/b``) as this run's, before it writes them: the
         manifest lists them (as long as they exist), so `--overwrite` may replace them and a killed run's record has
         them. For a file or folder whose name the writer knows; :meth:`writing` for a folder it writes into."""
+        if any(rel.startswith("/") or ".." in rel.split("/") or not all(rel.split("/")) for rel in rels):
+            raise ValueError(f"claim: {rels!r}: paths inside the run folder, relative, without '..'")
         new = {rel for rel in rels if rel not in self.files and rel not in self.names}
         for rel in new:
             self._own(rel)

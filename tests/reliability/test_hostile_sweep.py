@@ -450,3 +450,17 @@ def test_a_folder_holding_a_copied_run_recipe_keeps_its_own_folders(write_recipe
     (run / "logs").rmdir()
     execute(load_recipe(write_recipe(NESTED), plugins=plugins), plugins, output_dir=str(run), overwrite=True,
             echo=lambda _m: None)
+
+
+def test_a_claim_names_a_path_inside_the_run_folder(tmp_path):
+    # `RunDir.claim` is a plugin's API: a path that leaves the folder (absolute, `..`, empty parts) is a plugin's bug,
+    # refused at once, never recorded as the run's
+    from lora_run_rundir import RunDir
+
+    folder = RunDir(tmp_path / "run")
+    for bad in ("/etc/passwd", "../outside.txt", "eval/../../x", "eval//x", ""):
+        with pytest.raises(ValueError):
+            folder.claim(bad)
+    assert folder.names == set() and folder.files == set()
+    folder.claim("eval/loss.jsonl", "notes.txt")          # the control
+    assert folder.names == {"eval", "notes.txt"} and folder.files == {"eval/loss.jsonl"}
