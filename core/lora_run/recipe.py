@@ -360,10 +360,11 @@ def parse_set(assignment: str) -> tuple[KeyPath, Any]:
     return path, parsed["v"]
 
 
-def unknown_key(path: KeyPath, recipe_class: type = Recipe, tables: Tables = ()) -> str | None:
+def unknown_key(path: KeyPath, recipe_class: type = Recipe, tables: Tables = (), present: Any = None) -> str | None:
     """Why ``path`` (as a recipe writes it) is no key a recipe may hold, naming the closest and those beside it; None
     for a key of the schema or of the option ``tables``, or any key inside a table the schema leaves free (a table
-    not marked ``keys``: the plugin that reads it decides)."""
+    not marked ``keys``: the plugin that reads it decides), unless ``present`` (what that table holds) has a key so
+    close to it that it is surely a misspelling of that key."""
     known = {as_written(k): v for k, v in _schema_keys(recipe_class, tables).items() if k != ("backend", "options")}
     known.update(dict.fromkeys(prefix for prefix, _ in tables))
     for n in range(1, len(path) + 1):
@@ -373,7 +374,8 @@ def unknown_key(path: KeyPath, recipe_class: type = Recipe, tables: Tables = ())
             return f"is not a recipe key{did_you_mean(str(path[n - 1]), names)}" + (
                 f"; {where} holds: {', '.join(names)}" if names else "")
         if known[path[:n]] and _is_dict(known[path[:n]][1]) and not known[path[:n]][0].metadata.get("keys"):
-            return None
+            close = did_you_mean(str(path[-1]), map(str, present)) if n == len(path) - 1 and present else ""
+            return f"is not set{close}: nothing to remove" if close else None
     return None
 
 
@@ -389,7 +391,7 @@ def apply_unsets(raw: dict[str, Any], keys: Iterable[str], origins: dict[KeyPath
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None    # `backend = "name"` holds no keys
         if not isinstance(node, dict) or path[-1] not in node:  # not set: nothing to do, if it is a key at all
-            if (problem := unknown_key(path, recipe_class, tables)) is not None:
+            if (problem := unknown_key(path, recipe_class, tables, node if isinstance(node, dict) else None)):
                 raise RecipeError(f"--unset {files.printable(key)}: [{files.printable(key)}] {problem}")
             continue
         del node[path[-1]]

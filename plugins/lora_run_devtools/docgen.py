@@ -25,7 +25,8 @@ On the command line, `--set KEY=VALUE` sets a key (a TOML value: `--set train.st
 applies (`--unset sample.every_steps` turns sampling off; `--unset sample` resets the whole table).
 `--unset` is applied first, then every `--set`, in order (a later `--set` of a key wins); unsetting a key that is
 not set does nothing, and a name that is not a recipe key is an error naming the closest key (inside a
-`[backend.<name>]` table and the options tables, `[train] loss_options` …: a key no installed plugin's options take).
+`[backend.<name>]` table and the options tables, `[train] loss_options` …: a key no installed plugin's options take;
+in a free table such as `[model.files]`, a key that is not set while one very close to it is, `t5xx` beside `t5xxl`).
 """
 
 

@@ -297,6 +297,16 @@ def test_unset_of_a_key_no_recipe_holds_is_named(tiny_recipe, tmp_path, monkeypa
                 "eval.embedder_options.model", "model.files.transformer", "dataset.options"):
         code, text = run_cli(["check", str(recipe), "--unset", key], capsys, "unexpected")
         assert code == 0 and "check passed" in text, (key, text[-1500:])
+    # a free table's key (the family's `[model.files]` slots are a plugin's) that is not set passes, unless one set
+    # there is so close that it is a misspelling of it: `--unset model.files.t5xx` removed nothing, exit 0, and the
+    # run trained with the t5xxl file the user meant to drop
+    files = tmp_path / "with-files.toml"
+    files.write_text(recipe.read_text() + f'\n[model.files]\nt5xxl = "{recipe}"\n', encoding="utf-8")
+    code, text = run_cli(["check", str(files), "--unset", "model.files.t5xx"], capsys, "unexpected")
+    assert code == 2 and "[model.files.t5xx] is not set (did you mean 't5xxl'?): nothing to remove" in text, text[-1500:]
+    code, text = run_cli(["check", str(files), "--unset", "model.files.clip_l"], capsys, "unexpected")
+    assert code != 2 or "model.files.clip_l" not in text, text[-1500:]           # the control: a slot not set
+    files.unlink()
     # --set of an unknown backend table or [backend] key already failed; it names the closest now as well
     code, text = run_cli(["check", str(recipe), "--set", "backend.nativ.fsdp=true"], capsys, "unexpected")
     assert code == 2 and 'table for unknown backend "nativ" (did you mean "native"?)' in text, text[-1500:]
