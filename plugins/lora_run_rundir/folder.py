@@ -383,6 +383,9 @@ class RunDir:
             # what the earlier starts wrote is this run's; a user's file added inside its folders since stays theirs
             manifest = self.read_manifest()
             self.files = tree(p, own_folders(p, manifest)) - set(unrecorded_files(p, manifest))
+            if manifest.get("status") == "running":    # a killed start's unfinished writes at the top are the run's
+                adopted = {n for n in self.found if unfinished(manifest, n)}
+                self.names, self.found = adopted, self.found - adopted
         elif existing and not overwrite:
             if is_run_folder(p):       # a run at work there is named first: "use --resume" would not help
                 self._lock()

@@ -464,3 +464,38 @@ def test_a_claim_names_a_path_inside_the_run_folder(tmp_path):
     assert folder.names == set() and folder.files == set()
     folder.claim("eval/loss.jsonl", "notes.txt")          # the control
     assert folder.names == {"eval", "notes.txt"} and folder.files == {"eval/loss.jsonl"}
+
+
+def test_a_resume_takes_over_what_the_killed_start_was_writing_at_the_top(write_recipe, plugins_with, tmp_path,
+                                                                          monkeypatch):
+    # a start killed inside a write at the top of the run folder (an engine's LoRA files collected there, `writing("")`)
+    # left a file its record does not list as written; the resume rewrote it, but as a file that was there when it
+    # began, it stayed unlisted, and `--overwrite` of the finished run refused it as no run's
+    import json
+
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin())
+    recipe, run = write_recipe(NESTED), tmp_path / "run"
+
+    def go(**flags):
+        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
+                       **flags)
+
+    go()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "lora.safetensors" in manifest["written"]
+    (run / "notes.txt").write_text("the user's")         # there before the killed write: stays the user's
+    killed = {**manifest, "status": "running", "writing": [""], "writing_found": ["notes.txt"],
+              "written": [n for n in manifest["written"] if n != "lora.safetensors"]}
+    (run / "manifest.json").write_text(json.dumps(killed))
+    go(resume=True)
+    written = json.loads((run / "manifest.json").read_text())["written"]
+    assert "lora.safetensors" in written and "notes.txt" not in written, written
+    from lora_run.errors import OutputError
+
+    with pytest.raises(OutputError, match="notes.txt"):
+        go(overwrite=True)
+    (run / "notes.txt").unlink()
+    go(overwrite=True)

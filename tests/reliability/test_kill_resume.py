@@ -174,6 +174,7 @@ def test_twenty_kills_each_resume_is_bitwise_equal_to_the_uninterrupted_run(tiny
             assert same, f"kill {n} ({phase} {fault}): the resumed {fmt} LoRA differs from the uninterrupted run's"
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["status"] == "completed" and manifest.get("resumed_at")
+        assert not_the_runs(run) == [], (phase, fault, not_the_runs(run))     # --overwrite may replace it all
         assert not torn_files_under_final_names(run)
         survived += 1
     phases = sorted({p for p, _ in points})
