@@ -113,6 +113,13 @@ def test_flux_run_end_to_end(dp_recipe, plugins_with, tmp_path, fake_env, fake_c
     assert images[0].with_suffix(".txt").read_text() == "ohwx, a photo number 0"
     assert (staged / "cache" / "flux" / "metadata.json").is_file()
     assert sorted(p.name for p in subject_dataset.iterdir()) == before
+    # what the engine and lora-run wrote is on the run's record: --overwrite may replace it all, and a file a user adds
+    # inside the engine's folder afterwards is named instead
+    from tests.reliability.test_kill_resume import not_the_runs
+
+    assert not_the_runs(out) == [], not_the_runs(out)
+    (out / "diffusion-pipe" / "mine.txt").write_text("the user's")
+    assert not_the_runs(out) == ["diffusion-pipe/mine.txt"]
 
 
 def test_hunyuan_image_run_converts_comfyui_keys(dp_recipe, plugins_with, tmp_path, fake_env, hunyuan_files):

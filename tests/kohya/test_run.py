@@ -113,6 +113,13 @@ def test_end_to_end(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeyp
     assert f"save train state to {run}/kohya/output/ohwx-step00000004-state/train_state.json at epoch 1 step 4" in log
     assert "INFO     saving last state." in log and "INFO     model saved." in log
     assert all(re.fullmatch(r"ohwx_00000[36]_00_\d{14}_\d+\.png", Path(p).name) for _, ps in hooks.samples for p in ps)
+    # what sd-scripts and lora-run wrote is on the run's record: --overwrite may replace it all, and a file a user adds
+    # inside sd-scripts' folder afterwards is named instead
+    from tests.reliability.test_kill_resume import not_the_runs
+
+    assert not_the_runs(run) == [], not_the_runs(run)
+    (run / "kohya" / "output" / "mine.txt").write_text("the user's")
+    assert not_the_runs(run) == ["kohya/output/mine.txt"]
 
 
 @pytest.mark.slow
