@@ -359,6 +359,7 @@ class RunDir:
         # names (WRITTEN), the entries inside (FILES), and the paths being written now (WRITING)
         self.names: set[str] = set()
         self.files: set[str] = set()
+        self.claimed: set[str] = set()   # the entries inside that writers named ahead: listed before they exist
         self.busy: list[tuple[str, set[str]]] = []     # (folder, what was there, no run's, when writing began)
         self.reserved = False           # this run made the reserve file (``unreserve`` removes only that)
         self.run: Any = None            # the run (``start``): its recipe names the base model recorded at the end
@@ -473,7 +474,7 @@ class RunDir:
         except OSError as exc:
             raise OutputError(f"{shown(path)}: cannot replace the old run ({exc.strerror})") from None
         self.created = True
-        self.found, self.before, self.names, self.files, self.busy = set(), set(), set(), set(), []
+        self.found, self.before, self.names, self.files, self.claimed, self.busy = set(), set(), set(), set(), set(), []
         try:
             self._lock()
         except OutputError as exc:
@@ -541,9 +542,9 @@ class RunDir:
         them. For a file or folder whose name the writer knows; :meth:`writing` for a folder it writes into."""
         if any(rel.startswith("/") or ".." in rel.split("/") or not all(rel.split("/")) for rel in rels):
             raise ValueError(f"claim: {rels!r}: paths inside the run folder, relative, without '..'")
-        new = {rel for rel in rels if rel not in self.files and rel not in self.names}
+        new = {rel for rel in rels if rel not in self.claimed and rel not in self.names}
         for rel in new:
-            self._own(rel)
+            self._own(rel, claimed=True)
         if new:
             self._persist()
 
@@ -571,16 +572,18 @@ class RunDir:
             self._persist()
 
     def _is_own(self, rel: str) -> bool:
-        return rel in self.files or ("/" not in rel and (rel in self.names or rel in RUN_ENTRIES))
+        return rel in self.files or rel in self.claimed or ("/" not in rel and (rel in self.names or rel in RUN_ENTRIES))
 
     def _busy(self) -> tuple[list[str], list[str]]:
         """``WRITING`` and ``OTHERS`` now."""
         return sorted({rel for rel, _ in self.busy}), sorted(set().union(*(others for _, others in self.busy)))
 
-    def _own(self, rel: str) -> None:
+    def _own(self, rel: str, claimed: bool = False) -> None:
+        """``rel`` and the folders above it are this run's; ``claimed``: named before it is written, so listed whether
+        it exists yet or not (a run killed right after writing it has it on record)."""
         parts = rel.split("/")
         self.names.add(parts[0])
-        self.files.update("/".join(parts[:n]) for n in range(2, len(parts) + 1))
+        (self.claimed if claimed else self.files).update("/".join(parts[:n]) for n in range(2, len(parts) + 1))
 
     def _below(self, rel: str) -> set[str]:
         """``rel`` and every entry under it (``a/b`` paths; ``""``: the entries at the top of the run folder, not what
@@ -628,8 +631,9 @@ class RunDir:
         return sorted(names | (self.names - self.found))
 
     def _files(self) -> list[str]:
-        """``FILES``: the entries inside the run's folders that its writers wrote (and earlier starts'), that exist."""
-        return sorted(rel for rel in self.files if os.path.lexists(self.path / rel))
+        """``FILES``: the entries inside the run's folders that its writers named ahead, and those they wrote (and
+        earlier starts') that exist."""
+        return sorted(self.claimed | {rel for rel in self.files if os.path.lexists(self.path / rel)})
 
     def record_files(self) -> None:
         """Bring the manifest's ``FILES`` up to date (what hooks wrote after the final manifest, the loss log's last

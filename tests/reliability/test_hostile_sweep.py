@@ -461,9 +461,30 @@ def test_a_claim_names_a_path_inside_the_run_folder(tmp_path):
     for bad in ("/etc/passwd", "../outside.txt", "eval/../../x", "eval//x", ""):
         with pytest.raises(ValueError):
             folder.claim(bad)
-    assert folder.names == set() and folder.files == set()
+    assert folder.names == set() and folder.claimed == set()
     folder.claim("eval/loss.jsonl", "notes.txt")          # the control
-    assert folder.names == {"eval", "notes.txt"} and folder.files == {"eval/loss.jsonl"}
+    assert folder.names == {"eval", "notes.txt"} and folder.claimed == {"eval/loss.jsonl"}
+
+
+def test_a_path_claimed_ahead_is_on_record_when_the_run_is_killed_right_after_writing_it(tmp_path):
+    # a claimed path was listed in `files` only once it existed at a later record: a run killed between writing it
+    # and its next record (the final LoRA in `diffusers/`, the loss log) had it unlisted, and `--overwrite` refused
+    # the run's own file as no run's
+    from lora_run_rundir import RunDir
+    from lora_run_rundir.folder import unrecorded_files
+
+    folder = RunDir(tmp_path / "run")
+    folder.prepare(overwrite=False, resume=False)
+    folder.manifest_written = True
+    folder.update_manifest(lora_run_version="test", status="running")
+    folder.claim("diffusers/tiny.safetensors")
+    (folder.path / "diffusers").mkdir()
+    (folder.path / "diffusers" / "tiny.safetensors").write_bytes(b"weights")
+    killed = folder.read_manifest()                       # no record after the write: the run was killed
+    assert "diffusers/tiny.safetensors" in killed["files"] and unrecorded_files(folder.path, killed) == []
+    (folder.path / "diffusers" / "mine.txt").write_text("the user's")        # the control: anything else is named
+    assert unrecorded_files(folder.path, killed) == ["diffusers/mine.txt"]
+    folder.release()
 
 
 def test_a_resume_takes_over_what_the_killed_start_was_writing_at_the_top(write_recipe, plugins_with, tmp_path,
