@@ -183,21 +183,29 @@ class MeanwhileUser:
                 self.added[path] = data
 
 
+def _nested_runs(write_recipe, plugins_with, tmp_path, monkeypatch, *extra):
+    """``(go, run)``: ``go(**flags)`` runs the stand-in backend's recipe (with the ``extra`` plugins) through
+    ``execute`` into ``run``, ``tmp_path / "run"``."""
+    from lora_run.run import execute
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plugins = plugins_with(NestedPlugin(), *extra)
+    recipe, run = write_recipe(NESTED), tmp_path / "run"
+
+    def go(**flags):
+        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
+                       **flags)
+    return go, run
+
+
 def test_overwrite_keeps_what_a_user_added_inside_the_run_folders(write_recipe, plugins_with, tmp_path, monkeypatch):
     # `--overwrite` deleted everything inside a run's own folders (`samples/`, `checkpoints/`, `eval/`, `diffusers/`):
     # a folder of picked samples or notes added there went with the old run; only the top level was checked
     import json
 
     from lora_run.errors import OutputError
-    from lora_run.run import execute
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    plugins = plugins_with(NestedPlugin())
-    recipe, run = write_recipe(NESTED), tmp_path / "run"
-
-    def go(**flags):
-        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
-                       **flags)
+    go, run = _nested_runs(write_recipe, plugins_with, tmp_path, monkeypatch)
 
     go()
     files = json.loads((run / "manifest.json").read_text())["files"]
@@ -257,21 +265,14 @@ def test_overwrite_keeps_what_a_user_added_inside_the_run_folders_while_it_ran(w
     import json
 
     from lora_run.errors import OutputError
-    from lora_run.run import execute
     from lora_run_rundir import folder
     from lora_run_rundir.record import tree
 
     if planted:
         monkeypatch.setattr(folder.RunDir, "_files",
                             lambda self: sorted(tree(self.path, folder.own_folders(self.path, self.read_manifest()))))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     user = MeanwhileUser()
-    plugins = plugins_with(NestedPlugin(), user)
-    recipe, run = write_recipe(NESTED), tmp_path / "run"
-
-    def go(**flags):
-        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
-                       **flags)
+    go, run = _nested_runs(write_recipe, plugins_with, tmp_path, monkeypatch, user)
 
     go()
     user.active = False                 # the user adds them during this first run only
@@ -494,15 +495,7 @@ def test_a_resume_takes_over_what_the_killed_start_was_writing_at_the_top(write_
     # began, it stayed unlisted, and `--overwrite` of the finished run refused it as no run's
     import json
 
-    from lora_run.run import execute
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    plugins = plugins_with(NestedPlugin())
-    recipe, run = write_recipe(NESTED), tmp_path / "run"
-
-    def go(**flags):
-        return execute(load_recipe(recipe, plugins=plugins), plugins, output_dir=str(run), echo=lambda _m: None,
-                       **flags)
+    go, run = _nested_runs(write_recipe, plugins_with, tmp_path, monkeypatch)
 
     go()
     manifest = json.loads((run / "manifest.json").read_text())
