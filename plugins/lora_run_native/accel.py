@@ -18,9 +18,10 @@ Everything here is a no-op on CPU except fp8 storage (used by ``base_precision =
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import attrs
 
@@ -546,14 +547,70 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
     return done
 
 
-def configure_cuda() -> None:
-    """Process-wide CUDA settings for training: flash/efficient SDPA on, cuDNN SDPA off (its backward
-    crashes on H100 with torch 2.11 + CUDA 13)."""
+#: the process-wide torch settings a run or a generation changes (``torch_settings`` saves and restores them)
+_FLAGS = (("cuda.matmul", "allow_tf32"), ("cudnn", "allow_tf32"))
+_SDPA = ("cudnn", "flash", "mem_efficient")
+
+
+def _get_settings(torch: Any) -> dict[str, Any]:
+    got: dict[str, Any] = {f"{a}.{b}": getattr(_module(torch, a), b) for a, b in _FLAGS}
+    got.update({f"sdp.{k}": getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in _SDPA})
+    return got
+
+
+def _module(torch: Any, dotted: str) -> Any:
+    out = torch.backends
+    for part in dotted.split("."):
+        out = getattr(out, part)
+    return out
+
+
+def _set_settings(torch: Any, settings: dict[str, Any]) -> None:
+    for a, b in _FLAGS:
+        setattr(_module(torch, a), b, settings[f"{a}.{b}"])
+    for k in _SDPA:
+        getattr(torch.backends.cuda, f"enable_{k}_sdp")(settings[f"sdp.{k}"])
+
+
+@contextlib.contextmanager
+def torch_settings(*, tf32: bool) -> Iterator[None]:
+    """Fixed process-wide torch settings for a run (``tf32=False``: what it encodes into its caches is computed at
+    full float32 precision) or a generation (``tf32=True``: as the training step and its samples), whatever this
+    process set before, restored when it ends. cuDNN's SDPA stays off throughout (its backward crashes on H100 with
+    torch 2.11 + CUDA 13), flash and memory-efficient SDPA on. Without it a second run in one process (the Python
+    API, an agent's loop, the tests) encoded its caches with the TF32 matmuls the first run's training had left on,
+    and trained on other numbers than the same run alone (Hunyuan-DiT's LoRA 6e-2 apart on an H100, 2026-12-06);
+    the evaluation after a run generated with them while ``lora-run eval`` of the same LoRA did not. The allocator's
+    per-process memory fraction (``[train] gpu_memory_gib``) is restored too: it held a later run in the same process
+    to the first run's cap."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(True)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    saved = _get_settings(torch)
+    fraction = _memory_fraction(torch)
+    try:
+        _set_settings(torch, {**{f"{a}.{b}": tf32 for a, b in _FLAGS},
+                              "sdp.cudnn": False, "sdp.flash": True, "sdp.mem_efficient": True})
+        yield
+    finally:
+        _set_settings(torch, saved)
+        if fraction is not None and torch.cuda.is_initialized() and _memory_fraction(torch) != fraction:
+            torch.cuda.set_per_process_memory_fraction(fraction)
+
+
+def _memory_fraction(torch: Any) -> float | None:
+    """The current device's allocator fraction (1.0 before CUDA starts; None: no CUDA, or no getter in this torch)."""
+    if not torch.cuda.is_available():
+        return None
+    if not torch.cuda.is_initialized():
+        return 1.0
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return None if getter is None else float(getter())
+
+
+def configure_cuda() -> None:
+    """The training step's settings inside a run's ``torch_settings`` (restored when the run ends): TF32 matmuls on,
+    after the caches are encoded at full precision."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -79,6 +79,19 @@ def _device(device: Any) -> Any:
 
 def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
                     device: Any = None) -> list[dict[str, Any]]:
+    from .accel import torch_settings
+
+    for n, job in enumerate(jobs):
+        missing = [k for k in JOB_KEYS if k not in job]
+        if missing:
+            raise ValueError(f"generation job {n} lacks {', '.join(missing)}")
+    dev = _device(device)
+    with torch_settings(tf32=True):         # the training step's settings (its samples'), restored after
+        return _generate(recipe, lora_path, jobs, out_dir, dev)
+
+
+def _generate(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
+              dev: Any) -> list[dict[str, Any]]:
     import io
     import sys
     import time
@@ -91,13 +104,6 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
     from .adapters import adapter_class
     from .graphed import graphed_forward
 
-    for n, job in enumerate(jobs):
-        missing = [k for k in JOB_KEYS if k not in job]
-        if missing:
-            raise ValueError(f"generation job {n} lacks {', '.join(missing)}")
-    dev = _device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
     adapter = adapter_class(recipe.model.family)(recipe, device=dev)
     dtype = adapter.compute_dtype if dev.type == "cuda" or recipe.train.mixed_precision == "no" else torch.float32
     if lora_path is not None and not Path(lora_path).is_file():

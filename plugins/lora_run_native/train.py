@@ -625,8 +625,11 @@ class Trainer:
     # torchtune's recipe classes): environment → data (buckets, plan, caches) → model (transformer, optional
     # text-encoder LoRA) → optimization (optimizer, schedule, data-parallel wrap, loss) → resume → loop → finish.
     def run(self) -> None:
+        from . import accel
+
         # the trackers' logs and the run folder's cache are written from here to the end: what appears in them is ours
-        with self.run_dir.writing("logs", "cache"):
+        # and torch's process-wide settings are the run's own, whatever ran in this process before, until it ends
+        with self.run_dir.writing("logs", "cache"), accel.torch_settings(tf32=False):
             self._run()
 
     def _run(self) -> None:
@@ -669,8 +672,6 @@ class Trainer:
 
         from .distributed import Parallel
 
-        if torch.cuda.is_available():
-            torch.backends.cuda.enable_cudnn_sdp(False)   # its backward crashes on H100 with torch 2.11
         accelerator = self._accelerator()
         device = accelerator.device
         cap_gpu_memory(self.recipe, device)

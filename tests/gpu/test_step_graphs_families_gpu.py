@@ -32,10 +32,10 @@ def _run(tmp: Path, family: str, graphs: str, name: str | None = None):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_step_graphs_train_what_eager_steps_train_on_every_family(family, tmp_path):
     off, off_losses, _ = _run(tmp_path, family, "off")
-    # the eager steps against themselves first: on an H100 (2026-12-06, each family in a process of its own)
-    # Hunyuan-DiT's step graphs and HunyuanImage-2.1's eager fallback both ended 4-6e-2 from the eager LoRA while
-    # FLUX.1 and [klein] were bitwise equal; a second eager run says whether that is the family's own run-to-run
-    # spread (a nondeterministic kernel) or the graphs
+    # the eager steps against themselves first: on an H100 (2026-12-06) the second of two identical eager runs of
+    # Hunyuan-DiT and HunyuanImage-2.1 in one process ended as far from the first (LoRA 6e-2 / 4e-2) as their step
+    # graphs did: the first run's training had left TF32 matmuls on and the second encoded its caches with them
+    # (accel.torch_settings now fixes and restores them). Two runs of one recipe in one process must agree.
     again, again_losses, _ = _run(tmp_path, family, "off", name="off-again")
     floor, floor_losses = _lora_gap(again, off), max(abs(a - b) / abs(b) for a, b in zip(again_losses, off_losses))
     print(f"{family}: eager steps against eager steps: losses within {floor_losses:.1e}, LoRA within {floor:.1e}")
