@@ -642,7 +642,26 @@ def run_group(group: str, rows: list[str], args: argparse.Namespace, jsonl: Path
         for row in rows:
             if row not in done:
                 with jsonl.open("a") as f:
-                    f.write(json.dumps({"row": row, "error": f"worker exit {rc} ({why})"}) + "\n")
+                    f.write(json.dumps({"row": row, "error": f"worker exit {rc} ({why})",
+                                        **(stopped_cli_run(Path(args.work), row) if group == "cli" else {})}) + "\n")
+
+
+def stopped_cli_run(work: Path, row: str) -> dict[str, Any]:
+    """What a cli row's CLI run measured before its worker was stopped or crashed (the manifest's timing is written
+    only at its end): its run.log's phases (``gpu_acceptance.run_log_phases``: start to cache, cache to step 10, the
+    steady step time, the rounds, the final LoRA) and its output's last lines (an evaluation under way says so there).
+    On 2026-12-06 the group's limit stopped the whole 1500-step run in its evaluation and the row kept nothing but
+    "worker exit -9"; its timings had to be read off the machine by hand."""
+    import gpu_acceptance as acc
+
+    out: dict[str, Any] = {}
+    phases = acc.run_log_phases(work / "runs" / row / "run.log")
+    if phases:
+        out["partial_timing"] = phases
+    log = work / "logs" / f"{row}.log"
+    if log.is_file():
+        out["log_tail"] = acc._tail(log, 4)
+    return out
 
 
 def read_rows(jsonl: Path) -> list[dict[str, Any]]:
@@ -759,7 +778,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str,
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for cli in clis:
             if "error" in cli:
-                lines.append(f"| {cli['row']} | **failed**: {cli['error'][:300]} |")
+                partial = f" (what it measured: {cli['partial_timing']})" if cli.get("partial_timing") else ""
+                lines.append(f"| {cli['row']} | **failed**: {cli['error'][:300]}{partial} |")
                 continue
             t = cli.get("timing") or {}
             cells = [cli["row"], cli["steps"], cli.get("plan"), cli.get("attention"), f(cli.get("step_s")),

@@ -109,10 +109,22 @@ def test_a_worker_killed_at_its_group_limit_takes_its_cli_run_with_it(tmp_path, 
     monkeypatch.setattr(perf, "__file__", str(worker))   # run_group starts `python <perf.__file__> --worker …`
     if not stops:
         monkeypatch.setattr(perf, "stop_cli_run", lambda work: None)
+    # what the CLI run had written when it was stopped: its run.log (steps, a checkpoint round) and its output
+    run_log = tmp_path / "runs" / "cli-fast" / "run.log"
+    run_log.parent.mkdir(parents=True)
+    run_log.write_text("05:52:30 lora-run 0.1.0: recipe.toml with backend native\n05:52:46 cache: latents 20 built\n"
+                       "05:54:23 step 10/1500 loss 1.0\n05:54:38 step 110/1500 loss 0.2\n05:54:40 checkpoint step-000110\n"
+                       "05:54:45 step 120/1500 loss 0.1\n05:55:00 step 220/1500 loss 0.1\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "cli-fast.log").write_text("step 220/1500 loss 0.1\neval: generating 60 images\n")
     args = argparse.Namespace(work=tmp_path, cli_steps=1, cli_every=None, row_timeout=1)
     perf.run_group("cli", ["cli-fast"], args, tmp_path / "rows.jsonl", limit=3)
-    assert perf.read_rows(tmp_path / "rows.jsonl") == [
-        {"row": "cli-fast", "error": "worker exit -9 (stopped at the group's limit of 3 s)"}]
+    [row] = perf.read_rows(tmp_path / "rows.jsonl")
+    assert row["error"] == "worker exit -9 (stopped at the group's limit of 3 s)"
+    assert row["log_tail"].endswith("eval: generating 60 images")
+    assert row["partial_timing"] == {"start_to_cache_s": 16.0, "last_step": 220, "cache_to_step10_s": 97.0,
+                                     "steps_span_s": 37.0, "step_s": 0.15, "rounds_s": 5.5, "logged_s": 150.0}
+    assert "what it measured: {'start_to_cache_s': 16.0" in perf.markdown({}, [row], {}, "perf-x.json")
     run = int(pid_file.read_text())
     deadline = time.monotonic() + 5
     while _alive(run) and time.monotonic() < deadline:
