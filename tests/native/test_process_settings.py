@@ -73,3 +73,68 @@ def test_a_generation_runs_with_the_training_steps_settings_and_gives_them_back(
     done = generate_images(load_recipe(flux_recipe()).recipe, None, [job], tmp_path / "out", device="cpu")
     assert len(done) == 1 and seen == [(True, True, False, True)]
     assert _flags() == leftover
+
+
+def _process_state() -> dict:
+    """What a run could leave changed in its process, beyond torch's flags above."""
+    import os
+    import signal
+    import sys
+    import warnings
+
+    state = {"flags": _flags(), "grad": torch.is_grad_enabled(), "dtype": torch.get_default_dtype(),
+             "threads": torch.get_num_threads(), "cwd": os.getcwd(), "sys.path": list(sys.path),
+             "warnings": list(warnings.filters),
+             "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
+             # the compile caches' folders are set once for the process (setdefault: a user's own setting wins)
+             "env": {k: v for k, v in os.environ.items()
+                     if k not in ("TORCHINDUCTOR_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED",
+                                  "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")}}
+    return state
+
+
+def _imported() -> None:
+    """What a first run imports (diffusers, transformers and peft add warning filters as they load): imported before
+    the state is taken, so that only what the run itself does is compared."""
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lora_run_flux.adapter  # noqa: F401
+    import lora_run_native.train  # noqa: F401
+
+
+def test_two_runs_of_one_recipe_in_one_process_train_the_same_lora_and_leave_it_as_they_found_it(
+        flux_recipe, run_recipe, tmp_path, leftover):
+    """The Python API as an agent's loop uses it, in a process whose settings are not torch's defaults (``leftover``):
+    each run leaves the process as it found it (the compile caches' folders apart, which the first run names for the
+    process and a user's own value overrides), and the second trains what the first trained, bit for bit."""
+    from .conftest import lora_tensors
+
+    _imported()
+    recipe = flux_recipe(length="steps = 3")
+    before = _process_state()
+    first = run_recipe(recipe, output=tmp_path / "first")
+    assert _process_state() == before
+    second = run_recipe(recipe, output=tmp_path / "second")
+    assert _process_state() == before
+    a, b = lora_tensors(first.artifacts["lora_diffusers"]), lora_tensors(second.artifacts["lora_diffusers"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_run_leaves_the_process_as_it_found_it_too(flux_recipe, tmp_path, leftover):
+    """A run stopped by a NaN loss (an error inside training) gives the process its state back as a finished one does."""
+    from lora_run.plugins import load_plugins
+    from lora_run.recipe import load_recipe
+    from lora_run.run import execute
+    from lora_run_training import NonFiniteLoss
+
+    from .test_training import NaNLoss, _with_loss
+
+    _imported()
+    plugins = _with_loss(load_plugins(extra=[NaNLoss()]), "nan-after-3")
+    loaded = load_recipe(flux_recipe(), ["train.steps=6", 'train.loss="nan-after-3"'])
+    before = _process_state()
+    with pytest.raises(NonFiniteLoss):
+        execute(loaded, plugins, output_dir=str(tmp_path / "nan"), echo=lambda *_: None)
+    assert _process_state() == before
