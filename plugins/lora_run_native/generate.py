@@ -80,13 +80,14 @@ def _device(device: Any) -> Any:
 def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
                     device: Any = None) -> list[dict[str, Any]]:
     from .accel import torch_settings
+    from .adapters.base import libraries_quieted
 
     for n, job in enumerate(jobs):
         missing = [k for k in JOB_KEYS if k not in job]
         if missing:
             raise ValueError(f"generation job {n} lacks {', '.join(missing)}")
     dev = _device(device)
-    with torch_settings(tf32=True):         # the training step's settings (its samples'), restored after
+    with torch_settings(tf32=True), libraries_quieted():    # the training step's settings (its samples'), restored
         return _generate(recipe, lora_path, jobs, out_dir, dev)
 
 

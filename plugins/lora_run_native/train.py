@@ -626,10 +626,11 @@ class Trainer:
     # text-encoder LoRA) → optimization (optimizer, schedule, data-parallel wrap, loss) → resume → loop → finish.
     def run(self) -> None:
         from . import accel
+        from .adapters.base import libraries_quieted
 
-        # the trackers' logs and the run folder's cache are written from here to the end: what appears in them is ours
-        # and torch's process-wide settings are the run's own, whatever ran in this process before, until it ends
-        with self.run_dir.writing("logs", "cache"), accel.torch_settings(tf32=False):
+        # the trackers' logs and the run folder's cache are written from here to the end: what appears in them is
+        # ours; and the process-wide settings (torch's, the libraries' logging) are the run's own until it ends
+        with self.run_dir.writing("logs", "cache"), accel.torch_settings(tf32=False), libraries_quieted():
             self._run()
 
     def _run(self) -> None:

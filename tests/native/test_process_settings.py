@@ -20,15 +20,26 @@ def _flags() -> tuple[bool, bool, bool, bool]:
 
 @pytest.fixture
 def leftover():
-    """What an earlier run's training (or the user) left set in this process: TF32 on, cuDNN's SDPA on, flash off."""
+    """What an earlier run's training (or the user) left set in this process: TF32 on, cuDNN's SDPA on, flash off;
+    transformers and diffusers logging at INFO with their progress bars on (a tiny model's builder quiets them)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
     saved = _flags()
+    logs = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in (tlog, dlog)]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.enable_cudnn_sdp(True)
     torch.backends.cuda.enable_flash_sdp(False)
+    for log, _, _ in logs:
+        log.set_verbosity_info()
+        log.enable_progress_bar()
     yield (True, True, True, False)
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
     torch.backends.cuda.enable_cudnn_sdp(saved[2])
     torch.backends.cuda.enable_flash_sdp(saved[3])
+    for log, verbosity, bars in logs:
+        log.set_verbosity(verbosity)
+        (log.enable_progress_bar if bars else log.disable_progress_bar)()
 
 
 def test_the_settings_are_fixed_inside_and_given_back_after_even_on_an_error(leftover):
@@ -82,7 +93,11 @@ def _process_state() -> dict:
     import sys
     import warnings
 
-    state = {"flags": _flags(), "grad": torch.is_grad_enabled(), "dtype": torch.get_default_dtype(),
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    state = {"flags": _flags(), "grad": torch.is_grad_enabled(),
+             "logging": [(log.get_verbosity(), log.is_progress_bar_enabled()) for log in (tlog, dlog)], "dtype": torch.get_default_dtype(),
              "threads": torch.get_num_threads(), "cwd": os.getcwd(), "sys.path": list(sys.path),
              "warnings": list(warnings.filters),
              "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},

@@ -44,11 +44,13 @@ torch is never imported at module level: ``lora-run check`` and ``lora-run plugi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -265,22 +267,36 @@ def unreachable_message(repo_id: str, reason: str) -> str:
             "the cache, set [model] offline = true")
 
 
+def _library_loggers() -> list[Any]:
+    """transformers' and diffusers' logging modules (each of the same shape), those importable."""
+    out = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            out.append(importlib.import_module(name))
+        except Exception:  # noqa: BLE001 - cosmetics only
+            pass
+    return out
+
+
 def quiet_libraries() -> None:
     """No per-file loading/saving progress bars from transformers/diffusers (our own bar is enough)."""
-    try:
-        from transformers.utils import logging as tlog
+    for log in _library_loggers():
+        log.disable_progress_bar()
+        log.set_verbosity_error()
 
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
-    try:
-        from diffusers.utils import logging as dlog
 
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-    except Exception:  # noqa: BLE001
-        pass
+@contextlib.contextmanager
+def libraries_quieted() -> Iterator[None]:
+    """`quiet_libraries` for a run's or a generation's length, and the libraries' own verbosity and progress bars
+    given back after it (a process that goes on, the Python API's, keeps its transformers warnings)."""
+    saved = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in _library_loggers()]
+    quiet_libraries()
+    try:
+        yield
+    finally:
+        for log, verbosity, bars in saved:
+            log.set_verbosity(verbosity)
+            (log.enable_progress_bar if bars else log.disable_progress_bar)()
 
 
 _LORA_KEY = re.compile(r"^(?P<component>[A-Za-z_][\w]*)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
