@@ -669,8 +669,6 @@ class Trainer:
 
     def setup_environment(self) -> RunEnv:
         """The accelerator (device, mixed precision, trackers), the GPU memory cap and the process group."""
-        import torch
-
         from .distributed import Parallel
 
         accelerator = self._accelerator()
