@@ -547,29 +547,22 @@ def apply(model: Any, plan: PerfPlan, device: Any, compute_dtype: Any,
     return done
 
 
-#: the process-wide torch settings a run or a generation changes (``torch_settings`` saves and restores them)
-_FLAGS = (("cuda.matmul", "allow_tf32"), ("cudnn", "allow_tf32"))
-_SDPA = ("cudnn", "flash", "mem_efficient")
+def _settings(torch: Any) -> tuple[bool, bool, bool, bool, bool]:
+    """The process-wide torch settings a run or a generation sets (``torch_settings`` saves and restores them): TF32
+    for matmuls and for cuDNN, and cuDNN's, flash and memory-efficient SDPA."""
+    b = torch.backends
+    return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cuda.cudnn_sdp_enabled(), b.cuda.flash_sdp_enabled(),
+            b.cuda.mem_efficient_sdp_enabled())
 
 
-def _get_settings(torch: Any) -> dict[str, Any]:
-    got: dict[str, Any] = {f"{a}.{b}": getattr(_module(torch, a), b) for a, b in _FLAGS}
-    got.update({f"sdp.{k}": getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in _SDPA})
-    return got
-
-
-def _module(torch: Any, dotted: str) -> Any:
-    out = torch.backends
-    for part in dotted.split("."):
-        out = getattr(out, part)
-    return out
-
-
-def _set_settings(torch: Any, settings: dict[str, Any]) -> None:
-    for a, b in _FLAGS:
-        setattr(_module(torch, a), b, settings[f"{a}.{b}"])
-    for k in _SDPA:
-        getattr(torch.backends.cuda, f"enable_{k}_sdp")(settings[f"sdp.{k}"])
+def _set(torch: Any, matmul_tf32: bool, cudnn_tf32: bool, cudnn_sdp: bool = False, flash: bool = True,
+         efficient: bool = True) -> None:
+    """Set what ``_settings`` reads, in its order; SDPA as a run wants it unless given."""
+    b = torch.backends
+    b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+    b.cuda.enable_cudnn_sdp(cudnn_sdp)
+    b.cuda.enable_flash_sdp(flash)
+    b.cuda.enable_mem_efficient_sdp(efficient)
 
 
 @contextlib.contextmanager
@@ -585,14 +578,13 @@ def torch_settings(*, tf32: bool) -> Iterator[None]:
     to the first run's cap."""
     import torch
 
-    saved = _get_settings(torch)
+    saved = _settings(torch)
     fraction = _memory_fraction(torch)
     try:
-        _set_settings(torch, {**{f"{a}.{b}": tf32 for a, b in _FLAGS},
-                              "sdp.cudnn": False, "sdp.flash": True, "sdp.mem_efficient": True})
+        _set(torch, tf32, tf32)
         yield
     finally:
-        _set_settings(torch, saved)
+        _set(torch, *saved)
         if fraction is not None and torch.cuda.is_initialized() and _memory_fraction(torch) != fraction:
             torch.cuda.set_per_process_memory_fraction(fraction)
 
@@ -612,5 +604,4 @@ def configure_cuda() -> None:
     after the caches are encoded at full precision."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    _set(torch, True, True)
