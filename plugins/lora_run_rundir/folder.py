@@ -574,10 +574,6 @@ class RunDir:
     def _is_own(self, rel: str) -> bool:
         return rel in self.files or rel in self.claimed or ("/" not in rel and (rel in self.names or rel in RUN_ENTRIES))
 
-    def _busy(self) -> tuple[list[str], list[str]]:
-        """``WRITING`` and ``OTHERS`` now."""
-        return sorted({rel for rel, _ in self.busy}), sorted(set().union(*(others for _, others in self.busy)))
-
     def _own(self, rel: str, claimed: bool = False) -> None:
         """``rel`` and the folders above it are this run's; ``claimed``: named before it is written, so listed whether
         it exists yet or not (a run killed right after writing it has it on record)."""
@@ -619,10 +615,17 @@ class RunDir:
                 data[key] = value
         data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         data[WRITTEN] = self._written(data.get(WRITTEN))
-        data[FILES] = self._files()
-        data[WRITING], data[OTHERS] = self._busy()
-        atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        data.update(self._writers_record())
+        self._write_manifest(data)
         return data
+
+    def _write_manifest(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+    def _writers_record(self) -> dict[str, list[str]]:
+        """What the run's writers say now: ``FILES``, and ``WRITING`` with its ``OTHERS``."""
+        return {FILES: self._files(), WRITING: sorted({rel for rel, _ in self.busy}),
+                OTHERS: sorted(set().union(*(others for _, others in self.busy)))}
 
     def _written(self, before: Any) -> list[str]:
         """The top-level entries runs wrote here: those recorded before, and those this run's writers wrote (what was
@@ -643,12 +646,11 @@ class RunDir:
         data = self.read_manifest()
         if not isinstance(data.get("lora_run_version"), str):
             return
-        files = self._files()
-        busy = self._busy()
-        if data.get(FILES) != files or (data.get(WRITING), data.get(OTHERS)) != busy:
-            data[FILES], (data[WRITING], data[OTHERS]) = files, busy
+        record = self._writers_record()
+        if any(data.get(key) != value for key, value in record.items()):
+            data.update(record)
             with contextlib.suppress(OSError, LoraRunError):
-                atomic_write_text(self.path / MANIFEST, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+                self._write_manifest(data)
 
     def log(self, message: str) -> None:
         """Append to run.log; the log is informative, so a failed append (a full disk) is not an error. A run.log with
