@@ -694,8 +694,8 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]]) -> str:
                       f"{f['change_vs_base']['diffusers']:.1f}; kohya vs diffusers {f['kohya_vs_diffusers']:.2f}")
         if r.get("group") == "whole" and r.get("timing"):
             t = r["timing"]
-            split = ("load_s", "cache_s", "compile_s", "warmup_s", "train_s", "samples_s", "checkpoints_s", "finish_s",
-                     "evaluate_s")
+            split = ("load_s", "cache_s", "compile_s", "warmup_s", "train_s", "samples_s", "checkpoints_s",
+                     "checkpoint_writes_s", "finish_s", "evaluate_s")
             notes += "; split: " + ", ".join(f"{k} {t[k]}" for k in split if k in t)
         if r["problems"]:
             notes += "; " + " | ".join(p.replace("\n", " ")[:300] for p in r["problems"])

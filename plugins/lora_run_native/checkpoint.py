@@ -145,6 +145,20 @@ def restore_rng(tensors: dict[str, Any], data: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ optimizer
+def cpu_copy(value: Any) -> Any:
+    """``value`` (a state dict: tensors in dicts, lists and tuples) with every tensor copied to the CPU and every
+    container rebuilt: a copy that later steps cannot change, for a write on another thread."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return {"__tuple__": [_jsonable(v) for v in value]}
@@ -194,9 +208,51 @@ def join_state(tensors: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- save/load
+class Writing:
+    """One checkpoint being written on a thread of its own while training goes on (``write``: a call of ``save``
+    on copies taken at its step). ``done`` says whether it ended; ``wait`` joins it and returns ``save``'s folder or
+    raises what it raised, on the caller's thread. The thread is a daemon: a process killed or aborted meanwhile
+    leaves the temp folder that ``prune`` removes later, never a checkpoint under its final name."""
+
+    def __init__(self, step: int, write: Callable[[], Path]):
+        import threading
+
+        self.step = step
+        self.seconds = 0.0                         # the write's own time, on its thread
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"lora-run checkpoint {step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], Path]) -> None:
+        import time
+
+        started = time.perf_counter()
+        try:
+            self._result = write()
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits
+            self._error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
 def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, scheduler: Any, info: dict[str, Any],
-         write_loras: Callable[[Path], dict[str, Path]] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically (temp folder + rename); returns its folder."""
+         write_loras: Callable[[Path], dict[str, Path]] | None = None,
+         rng: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically (temp folder + rename); returns its folder. ``rng``: the generators'
+    states as ``capture_rng`` took them at that step (taken now when not given; a write on another thread must be
+    given the ones of its step)."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -219,7 +275,7 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
         save_file(weights, str(writing))
         writing = tmp / OPTIMIZER
         save_file(opt_tensors, str(writing))
-        rng_tensors, rng_data = capture_rng()
+        rng_tensors, rng_data = rng or capture_rng()
         writing = tmp / RNG
         save_file(rng_tensors, str(writing))
         writing = tmp

@@ -10,6 +10,7 @@ a run resumed from a checkpoint continues exactly as the uninterrupted run would
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -384,7 +385,9 @@ class Trainer:
         self.first_loss: float | None = None        # step 1's loss (a resumed run: from its checkpoint)
         self.step_times: list[tuple[Any, float]] = []     # (batch shape, seconds) of each optimizer step
         self.sample_rounds: list[float] = []        # seconds of each sample round
-        self.checkpoint_seconds = 0.0
+        self.checkpoint_seconds = 0.0              # the training thread's time on checkpoints (copies, waits)
+        self.checkpoint_write_seconds = 0.0        # the checkpoints' writes, on their own thread
+        self.checkpoint_writing: tuple[Any, Any, Path] | None = None    # (ckpt.Writing, its folder scope, root)
         self.round_marks: list[int] = []            # how many steps had run at each sample or checkpoint round
 
     # ---------------------------------------------------------------------------------------- setup
@@ -867,7 +870,7 @@ class Trainer:
         steps = self.step_times
         samples_s, ckpt_s = sum(self.sample_rounds), self.checkpoint_seconds
         timing.update(loop_s=round(loop_s, 2), samples_s=round(samples_s, 2), checkpoints_s=round(ckpt_s, 2),
-                      steps=len(steps))
+                      checkpoint_writes_s=round(self.checkpoint_write_seconds, 2), steps=len(steps))
         if not steps:
             return
         seen: set[Any] = set()
@@ -1005,6 +1008,7 @@ class Trainer:
                 if pending is not None and (checkpoint_due or sample_due or stop_now or number == state.total):
                     finish(*pending)
                     pending = None
+                self._checkpoint_written(wait=False)      # one written meanwhile: recorded, `checkpoint_saved`
                 if checkpoint_due:
                     self._save_checkpoint(state, number)
                 if sample_due:
@@ -1012,17 +1016,26 @@ class Trainer:
                 if stop_now and number < state.total:   # every rank stops at the same, agreed step
                     # ... and leaves once rank 0 has saved it: a launcher stops the other processes as soon as one
                     # exits (torchrun: SIGTERM, then SIGKILL), which would cut rank 0's checkpoint short
+                    self._checkpoint_written(wait=True)
                     self.parallel.barrier()
                     raise TrainingInterrupted(
                         f"interrupted at step {number}/{state.total}; a resumable state is in {self.last_checkpoint}; "
                         f"resume with: {resume_command(self.ctx.loaded, self.run_dir.path)}")
+            self._checkpoint_written(wait=True)
         except KeyboardInterrupt:
+            self._checkpoint_written(wait=True)       # the one being written holds a good state: kept and named
             raise TrainingInterrupted(
                 "aborted" + (f"; the last checkpoint is {self.last_checkpoint}; resume with: "
                              f"{resume_command(self.ctx.loaded, self.run_dir.path)}" if self.last_checkpoint else
                              " before the first checkpoint")) from None
         finally:
             bar.close()
+            if self.checkpoint_writing is not None:     # the loop failed: the write in flight still ends as a whole
+                number = self.checkpoint_writing[0].step
+                try:
+                    self._checkpoint_written(wait=True)
+                except Exception as exc:  # noqa: BLE001 - the loop's own error is the one reported
+                    self.run_dir.log(f"checkpoint step-{number:06d} not written: {exc}")
 
     def _micro_step(self, state: LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
                     accum: int) -> Any:
@@ -1123,6 +1136,7 @@ class Trainer:
         return part.detach() * scale
 
     def _non_finite(self, value: float, step: int, state: LoopState) -> None:
+        self._checkpoint_written(wait=True)      # the one being written holds a good state: kept and named below
         r = self.recipe
         damaged = state.adapter.damaged_weights("transformer", state.transformer)
         if damaged is not None:     # no learning rate helps: the model file is what is wrong
@@ -1157,10 +1171,16 @@ class Trainer:
         return lora_state_dict(transformer), lora_state_dict(te_module)
 
     def _save_checkpoint(self, state: LoopState, number: int) -> None:
+        """Checkpoint ``number``: its state is copied to the CPU here (every rank takes part in FSDP's gathers) and
+        written on a thread of its own (``ckpt.Writing``) while the next steps and sample rounds run; one write at a
+        time. ``_checkpoint_written`` takes it up once it ended: the record, pruning, the log line and
+        ``checkpoint_saved`` happen on this thread, after the checkpoint is on disk."""
+        self._checkpoint_written(wait=True)            # the one before it first: saved, recorded and pruned in order
         if not self.main:       # the folder rank 0 writes: what this rank's messages name (an interrupted run's)
             self.last_checkpoint = ckpt.checkpoint_dir(state.ckpt_root, number)
         if not (self.main or self.parallel.fsdp):
             return
+        started = time.perf_counter()
         trainable = self.parallel.trainable_full(           # under FSDP every rank takes part in the gathers
             {**{f"transformer.{k}": p for k, p in state.params.items()},
              **{f"text_encoder.{k}": p for k, p in state.te_params.items()}})
@@ -1168,11 +1188,14 @@ class Trainer:
         t_sd, te_sd = self._lora_dicts(state.transformer, state.te_module)
         if not self.main:
             return
+        # copies the steps after this one cannot change, and the generators' states of this step
+        trainable, optimizer_state = ckpt.cpu_copy(trainable), ckpt.cpu_copy(optimizer_state)
+        scheduler_state, rng = ckpt.cpu_copy(state.scheduler.state_dict()), ckpt.capture_rng()
         meta = run_metadata(self.recipe, step=number, counts=state.counts, started_at=self.started_at)
-        name = self.recipe.output.name
+        name, adapter, recipe, root = self.recipe.output.name, state.adapter, self.recipe, state.ckpt_root
 
         def loras(folder: Path) -> dict[str, Path]:
-            return write_loras(state.adapter, folder, name, t_sd, te_sd, recipe=self.recipe, metadata=meta,
+            return write_loras(adapter, folder, name, t_sd, te_sd, recipe=recipe, metadata=meta,
                                suffix=f"-step{number:06d}")
 
         epoch = (number * self.recipe.train.gradient_accumulation) // state.planner.batches_per_epoch
@@ -1181,17 +1204,33 @@ class Trainer:
                 "batches_per_epoch": state.planner.batches_per_epoch,     # an epochs-based run's length on resume
                 "loss_first": self.first_loss,
                 "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
-        started = time.perf_counter()
-        with self.run_dir.writing("checkpoints"):
-            path = ckpt.save(state.ckpt_root, number, trainable=trainable, optimizer=_StateOf(optimizer_state),
-                             scheduler=state.scheduler, info=info, write_loras=loras)
-        self.last_checkpoint = path
-        removed = ckpt.prune(state.ckpt_root, self.recipe.train.keep_last)
-        self._record_checkpoints(state.ckpt_root)
-        self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        scope = contextlib.ExitStack()      # the run folder knows its checkpoints folder is being written until then
+        scope.enter_context(self.run_dir.writing("checkpoints"))
+        self.checkpoint_writing = (ckpt.Writing(number, lambda: ckpt.save(
+            root, number, trainable=trainable, optimizer=_StateOf(optimizer_state), scheduler=_StateOf(scheduler_state),
+            info=info, write_loras=loras, rng=rng)), scope, root)
         self.checkpoint_seconds += time.perf_counter() - started
         self._mark_round()
-        self.ctx.hook.checkpoint_saved(run=self.ctx, step=number, path=path)
+
+    def _checkpoint_written(self, wait: bool) -> None:
+        """Take up the checkpoint being written once it ended (``wait``: wait for it): a failed write raises here,
+        on the training thread (a full disk's message names the file)."""
+        if self.checkpoint_writing is None or not (wait or self.checkpoint_writing[0].done()):
+            return
+        writing, scope, root = self.checkpoint_writing
+        self.checkpoint_writing = None
+        started = time.perf_counter()
+        try:
+            with scope:
+                path = writing.wait()
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - started        # the training thread's wait only
+            self.checkpoint_write_seconds += writing.seconds
+        self.last_checkpoint = path
+        removed = ckpt.prune(root, self.recipe.train.keep_last)
+        self._record_checkpoints(root)
+        self.run_dir.log(f"checkpoint {path.name}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+        self.ctx.hook.checkpoint_saved(run=self.ctx, step=writing.step, path=path)
 
     def _record_checkpoints(self, root: Path) -> None:
         """The manifest's ``artifacts.checkpoints``: the checkpoints in the run folder now (after every save, so a

@@ -310,12 +310,14 @@ def test_the_trainer_reports_the_warm_up_beside_the_first_step_of_each_shape():
 
     a, b = ("a",), ("b",)
     steps = [(a, 10.0), (a, 5.0), *[(a, 0.1)] * 20, (b, 3.0), *[(b, 0.1)] * 20]
-    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=2.0, sample_rounds=[0.25, 0.75], round_marks=[])
+    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=2.0, checkpoint_write_seconds=3.0,
+                              sample_rounds=[0.25, 0.75], round_marks=[])
     timing: dict = {}
     Trainer._record_step_times(trainer, timing, 30.0)
     assert timing["step_s"] == 0.1 and timing["shapes"] == 2 and timing["step_s_between_rounds"] == [0.1]
     assert timing["first_steps_s"] == {"('a',)": [10.0, 5.0, 0.1], "('b',)": [3.0, 0.1, 0.1]}
     assert timing["sample_rounds_s"] == [0.25, 0.75] and timing["samples_s"] == 1.0
+    assert timing["checkpoints_s"] == 2.0 and timing["checkpoint_writes_s"] == 3.0   # the loop's part, the thread's
     assert timing["compile_s"] == pytest.approx(9.9 + 2.9)
     assert timing["warmup_s"] == pytest.approx(9.9 + 4.9 + 2.9)
     assert timing["train_s"] == pytest.approx(10 + 5 + 3 + 4.0)
@@ -333,7 +335,8 @@ def test_the_trainer_reports_the_steady_step_between_rounds():
 
     a, b = ("a",), ("b",)
     steps = [(a, 4.0), *[(a, 0.1)] * 9, (b, 3.0), (a, 0.15), *[(b, 0.12)] * 10]
-    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=0.0, sample_rounds=[], round_marks=[])
+    trainer = SimpleNamespace(step_times=steps, checkpoint_seconds=0.0, checkpoint_write_seconds=0.0,
+                              sample_rounds=[], round_marks=[])
     for mark in (10, 12, 12, 22):
         trainer.step_times = steps[:mark]
         Trainer._mark_round(trainer)

@@ -1,0 +1,156 @@
+"""Checkpoints are written on a thread of their own while training goes on (``checkpoint.Writing``): what lands on
+disk is the state of the checkpoint's own step, whatever the steps after it change meanwhile, and a failed write is
+still reported on the training thread."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from lora_run.hookspecs import hookimpl
+
+from .conftest import lora_tensors
+
+SETS = ["train.steps=6", "train.save_every_steps=2", "train.keep_last=5", "optimizer.name=\"adamw\"",
+        "optimizer.lr=5e-2", "lora.dropout=0.1"]
+
+
+class Events:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def step_finished(self, step):
+        self.seen.append(("step", step))
+
+    @hookimpl
+    def checkpoint_saved(self, step, path):
+        self.seen.append(("checkpoint", step))
+
+
+def slow_writes(monkeypatch, seconds):
+    """Every checkpoint's write waits ``seconds`` on its thread before it starts: the steps after it run first."""
+    from lora_run_native import checkpoint
+
+    real = checkpoint.save
+
+    def save(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save", save)
+
+
+def inline_writes(monkeypatch):
+    """The reference: each checkpoint written on the training thread before the next step (the old behaviour)."""
+    from lora_run_native import checkpoint
+
+    class Inline(checkpoint.Writing):
+        def __init__(self, step, write):
+            self.step, self.seconds, self._error = step, 0.0, None
+            self._result = write()
+
+        def done(self):
+            return True
+
+        def wait(self):
+            return self._result
+    monkeypatch.setattr(checkpoint, "Writing", Inline)
+
+
+def contents(folder):
+    """A checkpoint's tensors (resumable state and LoRA files) and its state's values, less the files' records
+    (the LoRA files' metadata name the run's start time)."""
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        for key, value in lora_tensors(path).items():
+            out[f"{path.relative_to(folder)}:{key}"] = value
+    state = json.loads((folder / "resume" / "state.json").read_text())
+    state.pop("files")
+    return out, state
+
+
+def differences(a, b):
+    (ta, sa), (tb, sb) = a, b
+    out = sorted(set(ta) ^ set(tb))
+    out += [k for k in sorted(set(ta) & set(tb)) if not (ta[k].dtype == tb[k].dtype and bool((ta[k] == tb[k]).all()))]
+    out += [k for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    return out
+
+
+def run(run_recipe, recipe, out, sets=SETS):
+    events = Events()
+    ctx = run_recipe(recipe, sets, extra_plugins=[events], output=out)
+    return ctx, events.seen
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_while_training_goes_on_holds_its_own_step(flux_recipe, run_recipe, tmp_path,
+                                                                        monkeypatch):
+    from lora_run_native import checkpoint
+
+    recipe = flux_recipe()
+    with monkeypatch.context() as m:
+        inline_writes(m)
+        reference, order = run(run_recipe, recipe, tmp_path / "inline")
+    assert order.index(("checkpoint", 2)) < order.index(("step", 3))
+
+    with monkeypatch.context() as m:
+        slow_writes(m, 1.0)
+        threaded, order = run(run_recipe, recipe, tmp_path / "thread")
+    # the steps after a checkpoint ran while it was written; each is recorded once it is on disk, in order
+    assert order.index(("step", 3)) < order.index(("checkpoint", 2)) < order.index(("checkpoint", 4))
+    assert threaded.artifacts["timing"]["checkpoint_writes_s"] >= 2.0      # the writes' own time, on their thread
+    for step in (2, 4):
+        name = f"checkpoints/step-{step:06d}"
+        assert differences(contents(tmp_path / "inline" / name), contents(tmp_path / "thread" / name)) == [], name
+    for fmt in ("lora_kohya", "lora_diffusers"):
+        a, b = lora_tensors(reference.artifacts[fmt]), lora_tensors(threaded.artifacts[fmt])
+        assert all(bool((a[k] == b[k]).all()) for k in a) and a.keys() == b.keys(), fmt
+    manifest = json.loads((tmp_path / "thread" / "manifest.json").read_text())
+    assert [c["step"] for c in manifest["artifacts"]["checkpoints"]] == [2, 4]
+    assert not list((tmp_path / "thread" / "checkpoints").glob(".step-*"))
+
+    # planted: the state handed to the thread is the live tensors, not copies; the steps during the write change it
+    with monkeypatch.context() as m:
+        slow_writes(m, 1.0)
+        m.setattr(checkpoint, "cpu_copy", lambda value: value)
+        run(run_recipe, recipe, tmp_path / "planted")
+    planted = differences(contents(tmp_path / "inline" / "checkpoints/step-000002"),
+                          contents(tmp_path / "planted" / "checkpoints/step-000002"))
+    assert any(k.startswith("resume/trainable.safetensors:") for k in planted), planted
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_on_its_thread_fails_the_run_naming_the_file(flux_recipe, tmp_path, monkeypatch, capsys):
+    """The disk fills during checkpoint 4's write, on its thread: the run fails with the file named, exit code 1, at
+    a later step's look at the write; checkpoint 2 stays intact and recorded, no half folder is left."""
+    import errno
+
+    import safetensors.torch as st
+
+    from lora_run.cli import main
+
+    real = st.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if "step-000004" in str(filename):
+            time.sleep(0.5)
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(st, "save_file", save_file)
+    out = tmp_path / "run"
+    args = [str(flux_recipe()), "--output-dir", str(out)]
+    for s in SETS:
+        args += ["--set", s]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "step-000004/resume/trainable.safetensors: No space left" in line[0], err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [c["step"] for c in manifest["artifacts"]["checkpoints"]] == [2]
+    assert (out / "checkpoints" / "step-000002" / "resume" / "state.json").is_file()
+    assert not (out / "checkpoints" / "step-000004").exists()
+    assert not list((out / "checkpoints").glob(".step-*"))
