@@ -34,7 +34,7 @@ from typing import Any, Callable
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full
-from lora_run_rundir.provenance import sha256_file
+from lora_run_rundir.provenance import file_digests, sha256_file
 
 from .outputs import HEADER_BYTES
 
@@ -298,10 +298,15 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
 
 
 def _records(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file under ``folder`` (relative names), for ``verify``."""
+    """Size and SHA-256 of every file under ``folder`` (relative names), for ``verify``. A LoRA file's come from
+    ``file_digests``, which keeps them (and its tensors' digest) for the manifest's record at the run's end."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if path.suffix == ".safetensors" and path.parent.name != "resume":
+            digests = file_digests(path)
+            out[path.relative_to(folder).as_posix()] = {"size": digests["size"], "sha256": digests["sha256"]}
+        else:
+            out[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
 

@@ -26,6 +26,7 @@ from lora_run.files import shown
 from lora_run.recipe import resume_command, to_dict
 from lora_run_folder.images import ImageProblem, open_rgb
 from lora_run_folder.lint import file_key
+from lora_run_rundir.provenance import digest_soon
 from lora_run_training import NonFiniteLoss
 from lora_run_training.sections import loss_options
 
@@ -1338,6 +1339,7 @@ class Trainer:
                                   metadata=meta, claim=self.run_dir.claim)
             for fmt, path in written.items():
                 self.ctx.artifacts[f"lora_{fmt}"] = str(path)
+            digest_soon(written.values())      # for the manifest's record, while the samples and evaluation run
             self.run_dir.log("LoRA written: " + ", ".join(f"{k} {v}" for k, v in written.items()))
         if r.sample.every_steps:
             self._samples(state, state.total)     # under FSDP every rank takes part

@@ -180,14 +180,44 @@ def _tensors_sha256(data: Any) -> str | None:
         return None
 
 
+#: ``file_digests`` already computed in this process, by the file's identity: (device, inode, size, mtime_ns). A
+#: rename keeps it, so a checkpoint's LoRA files hashed in their temp folder (on the writing thread) are not read
+#: again when the run's end records them; a file written again has another mtime and is read again.
+_DIGESTS: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+
+
 def file_digests(path: Path) -> dict[str, Any]:
-    """size, SHA-256 and tensors' SHA-256 (``_tensors_sha256``) of a LoRA file, from one read of it (mapped)."""
+    """size, SHA-256 and tensors' SHA-256 (``_tensors_sha256``) of a LoRA file, from one read of it (mapped), or
+    from this process's earlier read of the same unchanged file (``_DIGESTS``)."""
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            return {"size": 0, "sha256": hashlib.sha256().hexdigest(), "tensors_sha256": None}
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
-            return {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "tensors_sha256": _tensors_sha256(data)}
+        st = os.fstat(fh.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _DIGESTS:
+            return dict(_DIGESTS[key])
+        if st.st_size == 0:
+            out = {"size": 0, "sha256": hashlib.sha256().hexdigest(), "tensors_sha256": None}
+        else:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as data:
+                out = {"size": st.st_size, "sha256": hashlib.sha256(data).hexdigest(),
+                       "tensors_sha256": _tensors_sha256(data)}
+    _DIGESTS[key] = out
+    return dict(out)
+
+
+def digest_soon(paths: Any) -> Any:
+    """Compute ``file_digests`` of ``paths`` on a daemon thread (returned, started), so that the run's end finds
+    them done: the final LoRA files, hashed while the last samples and the evaluation run."""
+    import threading
+
+    def run() -> None:
+        for path in paths:
+            try:
+                file_digests(Path(path))
+            except OSError:
+                pass
+    thread = threading.Thread(target=run, name="lora-run digests", daemon=True)
+    thread.start()
+    return thread
 
 
 def lora_digests(folder: Path, artifacts: Any) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -158,3 +159,27 @@ def test_lora_file_digests_read_once_equal_independent_ones(tmp_path):
     assert one["sha256"] == _sha(first) and one["size"] == first.stat().st_size
     assert one["tensors_sha256"] == independent(first) == two["tensors_sha256"] and one["sha256"] != two["sha256"]
     assert three["tensors_sha256"] != one["tensors_sha256"]
+
+
+def test_file_digests_are_read_once_for_an_unchanged_file(tmp_path, monkeypatch):
+    """A file's digests are computed once while it stays the same file (renamed too: a checkpoint's LoRA hashed in
+    its temp folder); a file written anew is read again and gets its new digests."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_run_rundir import provenance
+
+    reads = []
+    real = provenance._tensors_sha256
+    monkeypatch.setattr(provenance, "_tensors_sha256", lambda data: reads.append(len(data)) or real(data))
+    first = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(3)}, str(first))
+    one = provenance.file_digests(first)
+    moved = tmp_path / "b.safetensors"
+    first.rename(moved)
+    assert provenance.file_digests(moved) == one and len(reads) == 1
+    fresh = tmp_path / "c.safetensors"
+    save_file({"x": torch.zeros(3)}, str(fresh))          # the same size, another file
+    os.replace(fresh, moved)
+    two = provenance.file_digests(moved)
+    assert len(reads) == 2 and two["tensors_sha256"] != one["tensors_sha256"] and two["sha256"] == _sha(moved)
