@@ -71,8 +71,9 @@ CUDA_GRAPH_RECORD_S_PER_SHAPE = 48.0
 #: `auto` replays whole steps only where the memory it may use holds this multiple of the plan's estimate: the
 #: first GPU runs of step graphs (the fast recipe, H100, 2026-12-05) reserved 56.8 GiB for a 32.2-GiB estimate
 #: (33.7 allocated) when each shape recorded at its second call, an eager step's activations beside the graphs'
-#: pool. Recordings now wait for every shape's eager call; this stays until a GPU run measures that order's peak.
-STEP_GRAPHS_HEADROOM = 1.8
+#: pool. With recordings waiting for every shape's eager call (the order since), the same run reserved 49.3 GiB
+#: (33.8 allocated; H100, 2026-12-06, bench/results/perf-20261206-075243.json): 1.53 × the estimate, and 1.6 holds it.
+STEP_GRAPHS_HEADROOM = 1.6
 CUDA_GRAPH_SAVED_S_PER_STEP = 0.165
 #: LoRA dropout keeps each LoRA layer's dropped input for the backward: bytes per element (compiled: the bf16
 #: copy, measured as the whole of the high-fidelity FLUX.1 recipe's excess over the model without it, 8.2 GiB
