@@ -49,6 +49,11 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
+def temp_dir(root: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place (this process's own)."""
+    return Path(root) / f".step-{step:06d}.tmp-{os.getpid()}"
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under ``root``, oldest first."""
     out = []
@@ -262,7 +267,7 @@ def save(root: Path, step: int, *, trainable: dict[str, Any], optimizer: Any, sc
     if os.path.lexists(final):       # never ours: ours are renamed in whole (``--resume`` refused those it found)
         raise OutputError(f"{shown(final)}: something lora-run did not write is where this checkpoint goes (it holds "
                           "no checkpoint state); move it out of the run folder, then continue with --resume")
-    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
+    tmp = temp_dir(root, step)
     shutil.rmtree(tmp, ignore_errors=True)
     weights = {k: v.detach().to("cpu").float().contiguous() for k, v in trainable.items()}
     opt_tensors, opt_data = split_state(optimizer.state_dict())
@@ -367,7 +372,11 @@ def candidate_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def recorded_checkpoints(manifest: dict[str, Any]) -> set[str]:
     """The names of the checkpoint folders a run folder's manifest records its runs saved (``artifacts.checkpoints``,
-    written after every save); none from a record of the wrong shape."""
+    written after every save) or was writing when it stopped (its ``checkpoints/step-NNNNNN`` paths among the paths
+    being written, ``WRITING``, unless something was there when that writing began: a run killed after a checkpoint's
+    rename, before its record); none from a record of the wrong shape."""
+    from lora_run_rundir.folder import OTHERS, WRITING, unfinished
+
     artifacts = manifest.get("artifacts")
     entries = artifacts.get("checkpoints") if isinstance(artifacts, dict) else None
     names = set()
@@ -376,6 +385,12 @@ def recorded_checkpoints(manifest: dict[str, Any]) -> set[str]:
             names.add(Path(entry["dir"]).name)
         elif isinstance(entry, dict) and isinstance(entry.get("step"), int):
             names.add(checkpoint_dir(Path(), entry["step"]).name)
+    writing = manifest.get(WRITING) if isinstance(manifest.get(WRITING), list) else []
+    for rel in writing:
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if len(parts) == 2 and parts[0] == "checkpoints" and _STEP_DIR.match(parts[1]) \
+                and unfinished({WRITING: writing, OTHERS: manifest.get(OTHERS)}, rel):
+            names.add(parts[1])
     return names
 
 

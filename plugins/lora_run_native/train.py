@@ -1205,8 +1205,12 @@ class Trainer:
                 "batches_per_epoch": state.planner.batches_per_epoch,     # an epochs-based run's length on resume
                 "loss_first": self.first_loss,
                 "recipe": ckpt.trained_with(to_dict(self.recipe))}    # `--resume` refuses it for another recipe
-        scope = contextlib.ExitStack()      # the run folder knows its checkpoints folder is being written until then
-        scope.enter_context(self.run_dir.writing("checkpoints"))
+        # the run folder records the two paths this write makes as being written until it is taken up: what appears
+        # there is the run's (nothing that was there before), and nothing a user adds elsewhere meanwhile
+        top = self.run_dir.path
+        scope = contextlib.ExitStack()
+        scope.enter_context(self.run_dir.writing(*(p.relative_to(top).as_posix() for p in (
+            ckpt.checkpoint_dir(root, number), ckpt.temp_dir(root, number)))))
         self.checkpoint_writing = (ckpt.Writing(number, lambda: ckpt.save(
             root, number, trainable=trainable, optimizer=_StateOf(optimizer_state), scheduler=_StateOf(scheduler_state),
             info=info, write_loras=loras, rng=rng)), scope, root)

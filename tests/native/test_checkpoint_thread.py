@@ -202,3 +202,61 @@ def checkpoint_module():
     from lora_run_native import checkpoint
 
     return checkpoint
+
+
+@pytest.mark.slow
+def test_a_file_added_to_checkpoints_while_one_is_written_stays_the_users(flux_recipe, run_recipe, tmp_path,
+                                                                           monkeypatch, capsys):
+    """While a checkpoint is written on its thread (here: a second longer, so the steps after it run meanwhile), the
+    run folder records the two paths that write makes (`checkpoints/step-NNNNNN` and its temp folder) as being
+    written, not the whole `checkpoints/` folder: a file the user adds there meanwhile is not taken as the run's, and
+    `--overwrite` refuses to delete it. Control: with `checkpoints/` recorded as being written, the file is taken."""
+    from lora_run.cli import main
+    from lora_run_native.train import Trainer
+    from lora_run_rundir import folder as rundir_folder
+
+    def notes_at_step_3(m, out):
+        real = Trainer._micro_step
+
+        def micro(self, state, batch, step, *a, **kw):
+            if step + 1 == 3:
+                (out / "checkpoints").mkdir(exist_ok=True)
+                (out / "checkpoints" / "notes.txt").write_text("mine")
+            return real(self, state, batch, step, *a, **kw)
+        m.setattr(Trainer, "_micro_step", micro)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        slow_writes(m, 1.0)
+        notes_at_step_3(m, out)
+        run(run_recipe, flux_recipe(), out)
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert "checkpoints/step-000002/resume/state.json" in files and "checkpoints/notes.txt" not in files
+    code = main([str(flux_recipe()), "--output-dir", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.txt" in err and (out / "checkpoints" / "notes.txt").read_text() == "mine", err
+
+    planted = tmp_path / "planted"
+    with monkeypatch.context() as m:
+        slow_writes(m, 1.0)
+        notes_at_step_3(m, planted)
+        real_writing = rundir_folder.RunDir.writing
+
+        def wide(self, *folders):
+            return real_writing(self, *{"checkpoints" if f.startswith("checkpoints/") else f for f in folders})
+        m.setattr(rundir_folder.RunDir, "writing", wide)
+        run(run_recipe, flux_recipe(), planted)
+    assert "checkpoints/notes.txt" in json.loads((planted / "manifest.json").read_text())["files"]
+
+
+def test_a_checkpoint_being_written_when_the_run_stopped_is_known_as_the_runs(tmp_path):
+    """`recorded_checkpoints`: a checkpoint path the manifest lists as being written (a run killed after the rename,
+    before its record) is the run's, unless something was there when that writing began (the user's)."""
+    from lora_run_native.checkpoint import recorded_checkpoints
+
+    being = {"writing": ["checkpoints/.step-000004.tmp-77", "checkpoints/step-000004"], "writing_found": [],
+             "artifacts": {"checkpoints": [{"step": 2, "dir": str(tmp_path / "checkpoints" / "step-000002")}]}}
+    assert recorded_checkpoints(being) == {"step-000002", "step-000004"}
+    theirs = {**being, "writing_found": ["checkpoints/step-000004"]}
+    assert recorded_checkpoints(theirs) == {"step-000002"}
+    assert recorded_checkpoints({"writing": ["samples/step-000004", "checkpoints"]}) == set()

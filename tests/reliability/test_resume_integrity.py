@@ -600,8 +600,8 @@ def test_a_folder_made_where_the_next_checkpoint_goes_is_never_deleted(tiny_reci
     theirs = run / "checkpoints" / "step-000004"
 
     def micro(self, state, batch, step, *a, **kw):
-        if step + 1 == 3 and not theirs.exists():
-            theirs.mkdir()
+        if step + 1 == 3 and not theirs.exists():     # checkpoint 2 may still be being written on its thread
+            theirs.mkdir(parents=True)
             (theirs / "notes.txt").write_text("mine")
         return real(self, state, batch, step, *a, **kw)
     monkeypatch.setattr(Trainer, "_micro_step", micro)
