@@ -43,6 +43,7 @@ def _train(args: argparse.Namespace, plugins: Any) -> int:
     loaded = load_recipe_for(args, plugins)
     if args.allow_dataset_change and not args.resume:
         raise RecipeError("--allow-dataset-change only applies with --resume")
+    started = time.perf_counter()
     ctx = execute(loaded, plugins, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
                   debug=args.debug, allow_dataset_change=args.allow_dataset_change)
     if not ctx.process.main:          # one of several processes: rank 0 reports
@@ -51,7 +52,43 @@ def _train(args: argparse.Namespace, plugins: Any) -> int:
     for key, value in ctx.artifacts.items():
         if isinstance(value, (str, Path)):
             print(f"  {key}: {value}")
+    split = time_split(ctx.artifacts.get("timing"), time.perf_counter() - started)
+    if split:
+        print(split)
     return EXIT_OK
+
+
+#: The parts of a run's time a backend records in the manifest's ``timing`` (docs/run-directory.md), in run order
+_PARTS = (("cache_s", "caching"), ("load_s", "load"), ("compile_s", "compilation"), ("train_s", "steps"),
+          ("samples_s", "samples"), ("checkpoints_s", "checkpoints"), ("finish_s", "final LoRA and samples"),
+          ("evaluate_s", "evaluation"))
+
+
+def time_split(timing: Any, total: float) -> str | None:
+    """One line of where the run's ``total`` seconds went, from the ``timing`` its backend recorded: each part the
+    backend measured (the steps without their compilation, which is a part of its own), then the rest (start-up
+    before the caching, lint, writing the records). None when the backend recorded none of them."""
+    if not isinstance(timing, dict):
+        return None
+    parts, counted = [], 0.0
+    for key, label in _PARTS:
+        value = timing.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        detail = ""
+        if key == "train_s":
+            value = max(0.0, value - (timing.get("compile_s") or 0))
+            if isinstance(timing.get("steps"), int) and isinstance(timing.get("step_s"), (int, float)):
+                detail = f" ({timing['steps']} at {timing['step_s']:.3f} s)"
+        parts.append(f"{label} {_seconds(value)}{detail}")
+        counted += value
+    if not parts:
+        return None
+    return f"time: {_seconds(total)}: " + ", ".join(parts) + f", the rest {_seconds(max(0.0, total - counted))}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
 
 
 def tell_launcher(err: LoraRunError) -> None:
