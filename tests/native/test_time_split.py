@@ -18,7 +18,9 @@ def test_the_split_names_each_measured_part_once_and_the_rest():
     assert line == ("time: 100 s: caching 5.0 s, load 10 s, compilation 20 s, steps 30 s (300 at 0.100 s), samples "
                     "4.0 s, checkpoints 1.0 s, final LoRA and samples 2.0 s, evaluation 6.0 s, the rest 22 s")
     assert time_split({"steps": 3}, 1.0) is None and time_split(None, 1.0) is None       # nothing measured: no line
-    assert time_split({"evaluate_s": 3.0}, 2.0) == "time: 2.0 s: evaluation 3.0 s, the rest 0.0 s"
+    assert time_split({"evaluate_s": 3.0}, 9.0) is None       # an engine's run: no part of its own measured
+    assert time_split({"load_s": 1.0, "evaluate_s": 3.0}, 2.0) == ("time: 2.0 s: load 1.0 s, evaluation 3.0 s, "
+                                                                   "the rest 0.0 s")
 
 
 @pytest.mark.slow
