@@ -32,8 +32,8 @@ def test_a_run_prints_its_split_as_its_manifest_records_it(flux_recipe, tmp_path
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time: ")]
     assert len(lines) == 1, lines
     timing = json.loads((out / "manifest.json").read_text())["artifacts"]["timing"]
-    shown = {label: float(value) for label, value in re.findall(r"([a-z][a-zA-Z ]*?) ([\d.]+) s(?: \(\d+ at [\d.]+ s\))?",
-                                                                  lines[0].split(": ", 1)[1])}
+    part = r"([a-z][a-zA-Z ]*?) ([\d.]+) s(?: \(\d+ at [\d.]+ s\))?"      # "label 12 s", steps with their count
+    shown = {label: float(value) for label, value in re.findall(part, lines[0].split(": ", 1)[1])}
 
     def near(value):          # as printed: one decimal under 10 s, whole seconds above
         return pytest.approx(value, abs=0.051 if value < 10 else 0.51)
