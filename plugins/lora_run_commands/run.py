@@ -67,15 +67,16 @@ _PARTS = (("cache_s", "caching"), ("load_s", "load"), ("compile_s", "compilation
 def time_split(timing: Any, total: float) -> str | None:
     """One line of where the run's ``total`` seconds went, from the ``timing`` its backend recorded: each part the
     backend measured (the steps without their compilation, which is a part of its own), then the rest (start-up
-    before the caching, lint, writing the records). None when the backend recorded none of them (an external engine's
-    run, whose training the evaluation's time alone would leave as "the rest")."""
+    before the caching, lint, writing the records). None when the backend measured none of its own parts (an
+    external engine's run, whose training the evaluation's time alone would leave as "the rest")."""
     if not isinstance(timing, dict):
         return None
+    measured = [(key, label, timing[key]) for key, label in _PARTS
+                if isinstance(timing.get(key), (int, float)) and not isinstance(timing.get(key), bool)]
+    if not {key for key, _, _ in measured} - {"evaluate_s"}:
+        return None
     parts, counted = [], 0.0
-    for key, label in _PARTS:
-        value = timing.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
+    for key, label, value in measured:
         detail = ""
         if key == "train_s":
             value = max(0.0, value - (timing.get("compile_s") or 0))
@@ -83,8 +84,6 @@ def time_split(timing: Any, total: float) -> str | None:
                 detail = f" ({timing['steps']} at {timing['step_s']:.3f} s)"
         parts.append(f"{label} {_seconds(value)}{detail}")
         counted += value
-    if not parts or set(timing) & {key for key, _ in _PARTS} <= {"evaluate_s"}:
-        return None
     return f"time: {_seconds(total)}: " + ", ".join(parts) + f", the rest {_seconds(max(0.0, total - counted))}"
 
 

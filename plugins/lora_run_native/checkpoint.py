@@ -375,7 +375,7 @@ def recorded_checkpoints(manifest: dict[str, Any]) -> set[str]:
     written after every save) or was writing when it stopped (its ``checkpoints/step-NNNNNN`` paths among the paths
     being written, ``WRITING``, unless something was there when that writing began: a run killed after a checkpoint's
     rename, before its record); none from a record of the wrong shape."""
-    from lora_run_rundir.folder import OTHERS, WRITING, unfinished
+    from lora_run_rundir.folder import WRITING, unfinished
 
     artifacts = manifest.get("artifacts")
     entries = artifacts.get("checkpoints") if isinstance(artifacts, dict) else None
@@ -388,8 +388,7 @@ def recorded_checkpoints(manifest: dict[str, Any]) -> set[str]:
     writing = manifest.get(WRITING) if isinstance(manifest.get(WRITING), list) else []
     for rel in writing:
         parts = rel.split("/") if isinstance(rel, str) else []
-        if len(parts) == 2 and parts[0] == "checkpoints" and _STEP_DIR.match(parts[1]) \
-                and unfinished({WRITING: writing, OTHERS: manifest.get(OTHERS)}, rel):
+        if len(parts) == 2 and parts[0] == "checkpoints" and _STEP_DIR.match(parts[1]) and unfinished(manifest, rel):
             names.add(parts[1])
     return names
 

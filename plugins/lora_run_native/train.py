@@ -1032,11 +1032,11 @@ class Trainer:
         finally:
             bar.close()
             if self.checkpoint_writing is not None:     # the loop failed: the write in flight still ends as a whole
-                number = self.checkpoint_writing[0].step
+                in_flight = self.checkpoint_writing[0].step
                 try:
                     self._checkpoint_written(wait=True)
                 except Exception as exc:  # noqa: BLE001 - the loop's own error is the one reported
-                    self.run_dir.log(f"checkpoint step-{number:06d} not written: {exc}")
+                    self.run_dir.log(f"checkpoint step-{in_flight:06d} not written: {exc}")
 
     def _micro_step(self, state: LoopState, batch: list[Any], step: int, micro: int, te_active: bool,
                     accum: int) -> Any:
