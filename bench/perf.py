@@ -56,8 +56,9 @@ at 1024² in the same run (``fa4``, else ``fa2``): issue 19 states its targets t
 second (``nvidia-smi``) for the whole invocation, beside the JSON (``gpu-<time>.csv``); each CLI row notes its
 start and end (Unix time), and ``bench/step_clocks.py`` lines the log up with a run's stretches between rounds.
 
-``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm) and to the 512² CUDA-graph rows the GPU time of
-one step split by kernel kind (matmuls in bf16 and float8, attention, fused elementwise/reductions, the rest) from
+``--profile`` adds to each speed row at 1024² (fa2, fa4, fp8mm), to the memory-saving rows (memory, low-vram and
+their variants) and to the 512² CUDA-graph rows the GPU time of one step split by kernel kind (matmuls in bf16 and
+float8, attention, the fp8 base's dequantisation, copies, fused elementwise/reductions, the rest) from
 ``torch.profiler``, and how much of the step the kernels kept the GPU busy: where the step's time goes, beside
 the FLOP floor.
 
@@ -183,7 +184,9 @@ def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, gr
                       after=sampling_check if graphs else None, optimizer=optimizer)
 
 
-KERNEL_KINDS = (("optimizer", ("multi_tensor_apply", "fused_adam")),  # foreach/fused optimizer kernels
+KERNEL_KINDS = (("dequant (fp8 storage)", ("dequant",)),      # memory modes' `accel._triton_dequant`
+                ("copy", ("memcpy", "memset")),            # low-vram's host-to-device weight copies among them
+                ("optimizer", ("multi_tensor_apply", "fused_adam")),  # foreach/fused optimizer kernels
                 ("matmul fp8", ("f8", "e4m3", "fp8", "_qqt")),    # cuBLAS's nvjet_sm90_qq…: float8 inputs
                 ("attention", ("flash", "fmha", "attention", "attn")),
                 ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")), ("fused (triton)", ("triton",)))
@@ -440,8 +443,11 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         err = grad_error(model, ref_grads, snapshot)
         free()
         estimate = perfmodel.estimate_peak_gib("flux.1-dev", 1024, 1024, 1, RANK, TARGETS, plan)
-        return dict(timed_steps(model, 1024), grad_rel_error=err, bf16_noise=noise, attention=choice.describe(),
-                    estimate_gib=estimate, budget_gib=budget)
+        row = dict(timed_steps(model, 1024), grad_rel_error=err, bf16_noise=noise, attention=choice.describe(),
+                   estimate_gib=estimate, budget_gib=budget)
+        if os.environ.get("PERF_PROFILE"):
+            row["profile"] = kernel_split(model, 1024)
+        return row
     guarded(out, group, timeout, fp8_row, resolution=1024, impl="lora-run", plan=plan.describe())
 
 
@@ -807,7 +813,7 @@ def main() -> int:
                     "twice a run; the recipe's own schedule is 250: --cli-steps 1500 --cli-every 250 is the whole run)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--work", default="/tmp/lora-run-perf")
-    ap.add_argument("--profile", action="store_true", help="split the 1024² speed rows' and the 512² graph rows' GPU time by kernel kind")
+    ap.add_argument("--profile", action="store_true", help="split the GPU time of the 1024² speed and memory-saving rows and the 512² graph rows by kernel kind")
     ap.add_argument("--gpu-log", action="store_true", help="log the GPU's clocks, power and temperature every "
                     "0.5 s (nvidia-smi) to gpu-<time>.csv beside the JSON")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="no GPU needed: join the perf-*.json of "

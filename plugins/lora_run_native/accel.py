@@ -222,7 +222,7 @@ def _triton_dequant() -> Any:
         return None
 
     @triton.jit
-    def kernel(w_ptr, s_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    def dequant_e4m3_rows(w_ptr, s_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -235,7 +235,7 @@ def _triton_dequant() -> Any:
         rows, cols = w8.shape
         out = torch.empty((rows, cols), dtype=dtype, device=w8.device)
         block = 1024
-        kernel[(rows, triton.cdiv(cols, block))](w8, scale, out, cols, BLOCK=block)
+        dequant_e4m3_rows[(rows, triton.cdiv(cols, block))](w8, scale, out, cols, BLOCK=block)
         return out
 
     return run

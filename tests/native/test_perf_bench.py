@@ -160,6 +160,8 @@ def test_kernel_names_fall_into_their_kinds():
     assert perf.kernel_kind("flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
     assert perf.kernel_kind("triton_per_fused__to_copy_mul_0") == "fused (triton)"
     assert perf.kernel_kind("void at::native::vectorized_elementwise_kernel") == "other"
+    assert perf.kernel_kind("dequant_e4m3_rows") == "dequant (fp8 storage)"   # not "matmul fp8" for its e4m3
+    assert perf.kernel_kind("Memcpy HtoD (Pinned -> Device)") == "copy"
 
 
 def test_a_float8_row_is_compared_with_its_own_plan_in_bf16():
