@@ -162,6 +162,7 @@ def test_kernel_names_fall_into_their_kinds():
     assert perf.kernel_kind("void at::native::vectorized_elementwise_kernel") == "other"
     assert perf.kernel_kind("dequant_e4m3_rows") == "dequant (fp8 storage)"   # not "matmul fp8" for its e4m3
     assert perf.kernel_kind("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert perf.kernel_kind("triton_poi_fused_cat_fp8_linear_gelu_permute_view_5") == "fused (triton)"
 
 
 def test_a_float8_row_is_compared_with_its_own_plan_in_bf16():
