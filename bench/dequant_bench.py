@@ -121,6 +121,16 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
     lib = torch.library.Library("lora_run_bench", "DEF")
     lib.define("grad_input(Tensor grad, Tensor w8, Tensor scale) -> Tensor")
     lib.impl("grad_input", lambda g, q, s: g @ current(q, s, g.dtype), "CUDA")
+    lib.define("linear(Tensor x, Tensor w8, Tensor scale) -> Tensor")
+    lib.impl("linear", lambda x, q, s: F.linear(x, current(q, s, x.dtype)), "CUDA")
+    torch.library.register_fake("lora_run_bench::linear", lambda x, q, s: x.new_empty((*x.shape[:-1], q.shape[0])),
+                                lib=lib)
+
+    @torch.library.custom_op("lora_run_bench::linear_cuda", mutates_args=(), device_types="cuda")
+    def linear_cuda(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, current(q, s, x.dtype))
+
+    linear_cuda.register_fake(lambda x, q, s: x.new_empty((*x.shape[:-1], q.shape[0])))
     grad_op, low_level = torch.ops.lora_run.fp8_linear_grad_input, torch.ops.lora_run_bench.grad_input
     fp8_op = torch.ops.lora_run.fp8_linear
 
@@ -133,6 +143,8 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
 
     with torch.no_grad():
         fp8_chain = chain(lambda y: fp8_op(y, w8, scale, None))
+        library_chain = chain(lambda y: torch.ops.lora_run_bench.linear(y, w8, scale))
+        cuda_only_chain = chain(lambda y: linear_cuda(y, w8, scale))
         bf16_chain = chain(lambda y: F.linear(y, want))
         out = {
             "triton_dequant": host_us(lambda: current(w8, scale, torch.bfloat16)),
@@ -141,8 +153,19 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
             "custom_op": host_us(lambda: grad_op(dy, w8, scale)),
             "library_op": host_us(lambda: low_level(dy, w8, scale)),
             "compiled_fp8_per_call": host_us(lambda: fp8_chain(dy)) / 8,
+            "compiled_library_op_per_call": host_us(lambda: library_chain(dy)) / 8,
+            "compiled_custom_op_cuda_per_call": host_us(lambda: cuda_only_chain(dy)) / 8,
             "compiled_bf16_per_call": host_us(lambda: bf16_chain(dy)) / 8,
         }
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                fp8_chain(dy)
+        torch.cuda.synchronize()
+        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:14]
+        print("host time of 80 custom-op calls inside compiled code, by op (self µs per call): " + "; ".join(
+            f"{e.key[:60]} {e.self_cpu_time_total / 80:.1f} ({e.count // 10}/chain)" for e in top), flush=True)
     return out
 
 
@@ -155,11 +178,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4608)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--host-only", action="store_true", help="only the host-time split")
     args = ap.parse_args()
     current = accel._triton_dequant()
     tiled = tiled_kernel()
     Fp8Linear = accel.fp8_linear_class()
 
+    if args.host_only:
+        print(json.dumps({k: round(v, 1) for k, v in host_breakdown(current, args.tokens).items()}))
+        return 0
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
 
