@@ -126,7 +126,8 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
     torch.library.register_fake("lora_run_bench::linear", lambda x, q, s: x.new_empty((*x.shape[:-1], q.shape[0])),
                                 lib=lib)
 
-    @torch.library.custom_op("lora_run_bench::linear_cuda", mutates_args=(), device_types="cuda")
+    @torch.library.custom_op("lora_run_bench::linear_cuda", mutates_args=(), device_types="cuda",
+                             schema="(Tensor x, Tensor q, Tensor s) -> Tensor")
     def linear_cuda(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return F.linear(x, current(q, s, x.dtype))
 

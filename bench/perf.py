@@ -106,6 +106,8 @@ GROUPS = {            # row → the worker group that measures it (rows of one g
     "fp8mm": "fp8mm", "fp8mm-graphs": "fp8mm", "cli-fast-fp8mm": "cli", "cli-fast-nosamples": "cli", "cli-fast-stepgraphs": "cli",
     "cli-fast-whole-stepgraphs": "cli", "cli-fast-auto-nosamples": "cli", "memory-fp8mm": "memory-fp8mm",
     "low-vram-fp8mm": "low-vram-fp8mm",
+    # the A/B of the in-graph dequantisation: compiled blocks call the opaque fp8 op as before 2026-12-06
+    "memory-opaque": "memory-opaque", "low-vram-opaque": "low-vram-opaque",
     # one process each: a second compiled model in the process after the first one's release fails
     # ("Running CUDAGraph after shutdown", 2026-12-04)
     "recipe-adamw-graphs": "recipe-adamw", "recipe-graphs": "recipe-adafactor"}
@@ -429,7 +431,9 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
     # memory / low-vram rows: a fresh model each (fp8 storage replaces its layers)
     mode, budget = {"memory": ("memory", 24.0), "low-vram": ("low-vram", 12.0),
                     "low-vram-8g": ("low-vram", 8.0), "memory-fp8mm": ("memory", 24.0),
-                    "low-vram-fp8mm": ("low-vram", 12.0)}[group]
+                    "low-vram-fp8mm": ("low-vram", 12.0), "memory-opaque": ("memory", 24.0),
+                    "low-vram-opaque": ("low-vram", 12.0)}[group]
+    accel.IN_GRAPH_DEQUANT = not group.endswith("-opaque")
     plan = perfmodel.plan_mode(mode, "flux.1-dev", 1024, 1024, 1, RANK, TARGETS, budget_gib=budget)
     if group.endswith("fp8mm"):      # apply switches the stored layers to float8 matmuls
         import attrs
@@ -449,7 +453,8 @@ def worker(group: str, rows: list[str], out: Path, timeout: int) -> None:
         if os.environ.get("PERF_PROFILE"):
             row["profile"] = kernel_split(model, 1024)
         return row
-    guarded(out, group, timeout, fp8_row, resolution=1024, impl="lora-run", plan=plan.describe())
+    guarded(out, group, timeout, fp8_row, resolution=1024, impl="lora-run", plan=plan.describe(),
+            dequant="in the compiled graph" if accel.IN_GRAPH_DEQUANT else "the opaque op")
 
 
 # --------------------------------------------------------------------------------------------- CLI row

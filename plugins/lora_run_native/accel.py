@@ -65,12 +65,28 @@ def repeated_blocks(model: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------ fp8 storage
+#: compiled blocks dequantise the fp8 base inside their graph (`dequant_in_graph`); False calls the opaque op there
+#: too (the benchmark's A/B: `bench/perf.py --rows memory-opaque`)
+IN_GRAPH_DEQUANT = True
+
+
 def _fp8_linear_class() -> type:
     import torch
     import torch.nn.functional as F
+    import torch.utils.checkpoint
 
     def _dequant(w8: Any, scale: Any, dtype: Any) -> Any:
         return (w8.to(torch.float32) * scale).to(dtype)
+
+    def dequant_in_graph(x: Any, w8: Any, scale: Any, bias: Any) -> Any:
+        """The layer inside a compiled block: inductor generates the dequantisation (the same float32 product,
+        rounded once) and calls the matmul from its own code. Called through the opaque op there instead, every
+        layer cost about 145 µs of host time against 17 µs for a bf16 layer (H100, `bench/dequant_bench.py`),
+        which left the GPU idle in memory and low-vram steps. The checkpoint marks the bf16 weight to be
+        recomputed, so the partitioner saves only the fp8 weight and its scale for backward, as the opaque op
+        does (without it, it saved the bf16 weight of every layer: a bf16 copy of the model)."""
+        weight = torch.utils.checkpoint.checkpoint(_dequant, w8, scale, x.dtype, use_reentrant=False)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     triton_dequant = _triton_dequant()
 
@@ -80,8 +96,8 @@ def _fp8_linear_class() -> type:
             return triton_dequant(w8, scale, dtype)
         return _dequant(w8, scale, dtype)
 
-    # Opaque custom ops: torch.compile must not see the dequantisation, or its partitioner may save the
-    # bf16 weight for backward (a full bf16 copy of the model per non-checkpointed block).
+    # Opaque custom ops for eager calls (sampling, evaluation, the layers outside the compiled blocks): autograd
+    # would save a plain F.linear's bf16 weight for backward; these save the fp8 weight and its scale only.
     @torch.library.custom_op("lora_run::fp8_linear", mutates_args=(),
                              schema="(Tensor x, Tensor w8, Tensor scale, Tensor? bias) -> Tensor")
     def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
@@ -145,6 +161,8 @@ def _fp8_linear_class() -> type:
                 return F.linear(x, weight, None if self.bias is None else self.bias.float())
             if x.dtype == torch.float32:
                 x = x.to(self.compute_dtype)
+            if IN_GRAPH_DEQUANT and torch.compiler.is_compiling():
+                return dequant_in_graph(x, self.w8, self.scale, self.bias)
             return fp8_linear(x, self.w8, self.scale, self.bias)
 
         def extra_repr(self) -> str:

@@ -85,6 +85,67 @@ def test_fp8_custom_op_backward_in_bf16():
     assert y.dtype == torch.bfloat16 and torch.allclose(x.grad.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def _saved_by_compiled_training(fn, x, backend):
+    """What a compiled training call of ``fn`` saves for backward (shape, dtype) and the graphs dynamo handed the
+    backend; the output and the input's gradient."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs, saved = [], []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+    x = x.detach().clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = torch.compile(fn, backend=recording)(x)
+    y.float().sum().backward()
+    torch._dynamo.reset()
+    return saved, "".join(graphs), y.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+def test_compiled_fp8_layers_dequantise_in_their_graph_and_save_only_the_fp8_weight(backend, monkeypatch):
+    """Inside a compiled block an fp8 layer's dequantisation is part of the graph (an opaque op there cost ~145 µs
+    of host per call on the GPU), and the partitioner still saves the 1-byte weight, never a bf16 copy of it; the
+    output and input gradient are the eager op's. Controls: the same visible dequantisation without the
+    checkpoint saves the bf16 weights (so the check can fail), and with the switch off the graph calls the op."""
+    Fp8Linear = accel.fp8_linear_class()
+    torch.manual_seed(0)
+    first = Fp8Linear(torch.nn.Linear(64, 96).requires_grad_(False), torch.bfloat16)
+    second = Fp8Linear(torch.nn.Linear(96, 48).requires_grad_(False), torch.bfloat16)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    weights = {(96, 64), (48, 96)}
+
+    def block(inp):
+        return second(torch.nn.functional.gelu(first(inp)))
+
+    saved, code, y, dx = _saved_by_compiled_training(block, x, backend)
+    assert "lora_run.fp8_linear" not in code and "checkpoint" in code
+    assert not [s for s in saved if s[0] in weights and s[1] != torch.float8_e4m3fn], saved
+    assert {s for s in saved if s[1] == torch.float8_e4m3fn} == {(w, torch.float8_e4m3fn) for w in weights}
+    eager_x = x.clone().requires_grad_()
+    eager_y = block(eager_x)
+    eager_y.float().sum().backward()
+    assert torch.allclose(y.float(), eager_y.float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(dx.float(), eager_x.grad.float(), rtol=1e-2, atol=1e-2)
+
+    def visible(layer, inp):    # planted: the dequantisation in the graph without the checkpoint
+        w = (layer.w8.to(torch.float32) * layer.scale).to(torch.bfloat16)
+        return torch.nn.functional.linear(inp, w, layer.bias.to(torch.bfloat16))
+
+    planted, *_ = _saved_by_compiled_training(
+        lambda inp: visible(second, torch.nn.functional.gelu(visible(first, inp))), x, backend)
+    assert [s for s in planted if s[0] in weights and s[1] == torch.bfloat16], planted
+    monkeypatch.setattr(accel, "IN_GRAPH_DEQUANT", False)
+    _, opaque_code, *_ = _saved_by_compiled_training(block, x, backend)
+    assert "lora_run.fp8_linear" in opaque_code
+
+
 def test_checkpointed_blocks_give_the_same_gradients():
     model = tiny_flux_with_lora()
     plain = copy.deepcopy(model)
