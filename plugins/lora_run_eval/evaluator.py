@@ -104,8 +104,21 @@ def find_generator(plugins: Any, recipe: Any) -> Callable[..., Any]:
                       "(the native backend does; install lora-run with the [train] extra)")
 
 
+def takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (or any keyword)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir: Path,
-                  echo: Callable[[str], None]) -> list[M.Sample]:
+                  echo: Callable[[str], None], on_image: Callable[[str], None] | None = None) -> list[M.Sample]:
+    """The grid's images for ``lora``; ``on_image(path)`` is told of each as it is written, where ``generate`` takes
+    ``on_image`` (docs/hooks/register_backends.md)."""
     jobs = grid_jobs(recipe)
     wire = [{k: j[k] for k in ("name", "prompt", "seed", "strength", "steps", "guidance", "width", "height")}
             for j in jobs]
@@ -113,7 +126,9 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
          f"{len(recipe.eval.strengths)} strengths × {len(recipe.eval.seeds)} seeds)")
     started = time.monotonic()
     try:
-        done = generate(recipe, str(lora), wire, str(out_dir))
+        told = {"on_image": lambda job: on_image(job["path"])} if on_image and takes_keyword(generate, "on_image") \
+            else {}
+        done = generate(recipe, str(lora), wire, str(out_dir), **told)
     except LoraRunError:
         raise
     except Exception as exc:  # noqa: BLE001 - a pipeline failure is reported with the LoRA it was for
@@ -208,11 +223,14 @@ class Evaluation:
         self.results: dict[str, dict[str, Any]] = {}
         self.entries: list[dict[str, Any]] = []
         self.samples: dict[str, list[M.Sample]] = {}
+        #: what embeds the images: the embedder, or while ``evaluate_loras`` runs, its pool of worker processes, which
+        #: has embedded most of them by the time they are asked for (``faces.EmbeddingPool``)
+        self.embedding: Any = embedder
 
     @property
     def subject(self) -> M.Subject:
         if self._subject is None:
-            self._subject = M.embed_subject(self.embedder, self.subject_paths)
+            self._subject = M.embed_subject(self.embedding, self.subject_paths)
             _refuse_unreadable(self._subject.results, DatasetError, "subject photo")
             s = self._subject
             self.echo(f"eval: subject: {len(s.faces)} faces in {len(s.results)} photos "
@@ -221,7 +239,7 @@ class Evaluation:
 
     def add(self, label: str, step: int | None, path: str, samples: list[M.Sample]) -> dict[str, Any]:
         started = time.monotonic()
-        M.embed_samples(self.embedder, samples)
+        M.embed_samples(self.embedding, samples)
         _refuse_unreadable([s.result for s in samples], BackendError, "image to score")
         result = M.analyze(samples, self.subject, self.embedder, text_encoder_trained=self.text_encoder_trained)
         self.echo(f"eval: {label}: {len(samples)} images scored in {time.monotonic() - started:.1f} s")
@@ -329,9 +347,23 @@ def image_folders(images_root: Path, labels: Sequence[str]) -> list[Path]:
 
 def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
                    loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
-    for folder, (label, step, path) in zip(image_folders(images_root, [label for label, _, _ in loras]), loras):
-        samples = generate_grid(generate, recipe, path, folder, evaluation.echo)
-        evaluation.add(label, step, str(path), samples)
+    """Generate and score each LoRA's grid. Where the embedder has a ``pool``, its worker processes embed the subject
+    photos and then each image as the generator writes it, while the GPU makes the next ones."""
+    make_pool = getattr(evaluation.embedder, "pool", None)
+    pool = make_pool(len(evaluation.subject_paths) + len(grid_jobs(recipe)) * len(loras)) if make_pool else None
+    try:
+        if pool is not None:
+            evaluation.embedding = pool
+            for photo in evaluation.subject_paths:
+                pool.submit(photo)
+        for folder, (label, step, path) in zip(image_folders(images_root, [label for label, _, _ in loras]), loras):
+            samples = generate_grid(generate, recipe, path, folder, evaluation.echo,
+                                    pool.submit if pool is not None else None)
+            evaluation.add(label, step, str(path), samples)
+    finally:
+        evaluation.embedding = evaluation.embedder
+        if pool is not None:
+            pool.close()
 
 
 def grid_extra(recipe: Any) -> dict[str, Any]:

@@ -109,6 +109,12 @@ class Embedder:
         except OSError:        # no processes here (no shared-memory semaphores in some sandboxes): one at a time
             return [self.embed_path(p) for p in paths]
 
+    def pool(self, expected: int) -> EmbeddingPool:
+        """Worker processes that embed images as they are handed over (``EmbeddingPool``), for about ``expected``
+        images: as many as ``embed_paths`` starts for that many."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return EmbeddingPool(self, min(cores, MAX_WORKERS, expected // IMAGES_PER_WORKER))
+
     def faces(self, image: Any) -> list[Face]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -139,6 +145,60 @@ class Embedder:
 
 #: the embedder of a worker process of `Embedder.embed_paths`
 _WORKER_EMBEDDER: Embedder | None = None
+
+
+class EmbeddingPool:
+    """Images embedded while the caller goes on: ``submit(path)`` hands an image to a worker process as soon as it
+    is written (the evaluation grid, while the next images are generated on the GPU); ``embed_paths(paths)`` then
+    gives their results in order, as ``Embedder.embed_paths`` does (submitting the paths not handed over yet). Without
+    workers (an embedder that is not ``parallel``, fewer than two workers, or processes that cannot be started) it
+    submits nothing and ``embed_paths`` is the embedder's own. The workers start at the first ``submit`` (spawned:
+    the caller holds a CUDA context) and ignore Ctrl-C; ``close`` stops them, dropping what is still queued."""
+
+    def __init__(self, embedder: Embedder, workers: int):
+        self.embedder = embedder
+        self.workers = workers if embedder.parallel and workers >= 2 else 0
+        self._pool: Any = None
+        self._futures: dict[str, Any] = {}
+
+    def submit(self, path: Path | str) -> None:
+        if not self.workers or str(path) in self._futures:
+            return
+        try:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker,
+                                                 initargs=(type(self.embedder), self.embedder.options))
+            self._futures[str(path)] = self._pool.submit(_embed_in_worker, str(path))
+        except Exception:  # noqa: BLE001 - no processes here (or the pool broke): the rest is embedded in this process
+            self.workers = 0
+
+    def embed_paths(self, paths: Sequence[Path | str]) -> list[FaceResult]:
+        for path in paths:     # those not handed over yet (a generator that does not report its images) go now
+            self.submit(path)
+        out = []
+        for path in paths:
+            future = self._futures.pop(str(path), None)
+            try:
+                out.append(future.result() if future is not None else self.embedder.embed_path(path))
+            except (OSError, RuntimeError):   # a worker that died (BrokenProcessPool): this one embeds it
+                out.append(self.embedder.embed_path(path))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._futures.clear()
+
+    def __enter__(self) -> EmbeddingPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _start_worker(kind: type[Embedder], options: Any) -> None:

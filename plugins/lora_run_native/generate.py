@@ -1,6 +1,6 @@
 """Image generation with a trained LoRA: used by evaluation (and by anyone comparing LoRA files).
 
-    generate_images(recipe, lora_path, jobs, out_dir, device=None) -> list[dict]
+    generate_images(recipe, lora_path, jobs, out_dir, device=None, on_image=None) -> list[dict]
 
 Each job is ``{"name", "prompt", "seed", "strength", "steps", "guidance", "width", "height"}``. The family's
 base pipeline is built once from ``recipe.model`` (hub id, diffusers folder or single files, through the
@@ -9,7 +9,9 @@ is generated with the LoRA scale set to its ``strength``. The starting noise is 
 job's seed, so a seed gives the same image on every device. Images are written atomically as
 ``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added, and ``"seconds"``: the
 wall time of the pipeline call that made the image (its PNG written), shared equally by the images of that call,
-so the sum over the jobs is the generation time without the pipeline's load. On a GPU holding the whole pipeline
+so the sum over the jobs is the generation time without the pipeline's load. ``on_image`` (optional) is called with
+each job, ``"path"`` added, as soon as its image is written (the evaluation scores it meanwhile). On a GPU holding the
+whole pipeline
 the transformer's calls are replayed from CUDA graphs (``graphed.py``): the same kernels without the host's
 per-kernel launch cost, which bounds the eager forward at these sizes.
 
@@ -78,7 +80,8 @@ def _device(device: Any) -> Any:
 
 
 def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
-                    device: Any = None) -> list[dict[str, Any]]:
+                    device: Any = None, on_image: Callable[[dict[str, Any]], None] | None = None
+                    ) -> list[dict[str, Any]]:
     from .accel import torch_settings
     from .adapters.base import libraries_quieted
 
@@ -88,11 +91,11 @@ def generate_images(recipe: Any, lora_path: str | Path | None, jobs: list[dict[s
             raise ValueError(f"generation job {n} lacks {', '.join(missing)}")
     dev = _device(device)
     with torch_settings(tf32=True), libraries_quieted():    # the training step's settings (its samples'), restored
-        return _generate(recipe, lora_path, jobs, out_dir, dev)
+        return _generate(recipe, lora_path, jobs, out_dir, dev, on_image)
 
 
 def _generate(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, Any]], out_dir: str | Path,
-              dev: Any) -> list[dict[str, Any]]:
+              dev: Any, on_image: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     import io
     import sys
     import time
@@ -135,6 +138,8 @@ def _generate(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, An
                 image.save(buf, format="PNG")
                 atomic_write_bytes(target, buf.getvalue())
                 paths[n] = str(target)
+                if on_image is not None:     # the image is on disk: the caller may score it while the next are made
+                    on_image({**jobs[n], "path": str(target)})
             share = (time.monotonic() - started) / len(group)      # read once: the call's images share it exactly
             seconds.update((n, share) for n in group)
     if graphs.calls:                        # calls are counted only where the transformer was wrapped

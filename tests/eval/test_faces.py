@@ -157,3 +157,37 @@ def test_few_images_or_an_embedder_that_cannot_be_rebuilt_stay_in_this_process(t
         parallel = False
 
     assert all(r.note.endswith(here) for r in Serial().embed_paths(paths * 4, workers=2))
+
+
+def test_a_pool_embeds_images_handed_over_one_at_a_time_in_worker_processes(tmp_path):
+    """The evaluation hands each image to an `EmbeddingPool` as it is written: the workers (other processes) embed
+    them meanwhile, and `embed_paths` gives the serial results in the paths' order, a path never handed over
+    included. Control: an embedder that is not `parallel` gets no workers, and its results come from this process."""
+    images = {**{f"a-{k}": v for k, v in astronaut_variants().items()},
+              **{f"other-{i}": other_person(i) for i in range(3)}, **face_free()}
+    paths = save(images, tmp_path)
+    embedder = PidNoted()
+    serial = [embedder.embed_path(p) for p in paths]
+    with embedder.pool(len(paths)) as pool:
+        pool.workers = 2
+        for p in paths[:-1]:       # the last one is never handed over
+            pool.submit(p)
+        assert len(pool._futures) == len(paths) - 1
+        pooled = pool.embed_paths(paths)
+    assert pool._pool is None and [r.path for r in pooled] == [str(p) for p in paths]
+    pids = {r.note.rsplit("|pid ", 1)[1] for r in pooled}
+    assert str(os.getpid()) not in pids, pids
+    for one, other in zip(serial, pooled):
+        assert (one.faces_found, one.note.split("|")[0]) == (other.faces_found, other.note.split("|")[0]), one.path
+        if one.face is not None:
+            assert one.face.box == other.face.box and np.array_equal(one.face.embedding, other.face.embedding)
+
+    class Serial(PidNoted):
+        parallel = False
+
+    with Serial().pool(len(paths) * 4) as pool:
+        for p in paths:
+            pool.submit(p)
+        assert pool.workers == 0 and not pool._futures
+        here = pool.embed_paths(paths[:3])
+    assert all(r.note.endswith(f"|pid {os.getpid()}") for r in here)

@@ -4,6 +4,7 @@ registration meta) from real faces. Checks loss collection, checkpoint evaluatio
 pick, metrics.json and the report — and renders that report in headless Chromium."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -265,3 +266,62 @@ def test_metrics_json_has_exactly_the_documented_keys(evaluated_run):
     assert set(data) == documented
     for result in data["results"].values():
         assert set(result) == result_keys
+
+
+def _run_with_generator(folder: Path, subject_dir: Path, generate, monkeypatch) -> tuple[list[str], dict]:
+    """A run whose backend's `generate` is ``generate``; the order in which images were written (``write NAME``,
+    appended by the generator) and handed to the embedding pool (``submit NAME``), and the metrics written."""
+    from lora_run.plugins import load_plugins
+    from lora_run_eval import faces
+
+    events: list[str] = []
+    submit = faces.EmbeddingPool.submit
+
+    def spied(self, path):
+        events.append(f"submit {Path(path).stem}")
+        return submit(self, path)
+    monkeypatch.setattr(faces.EmbeddingPool, "submit", spied)
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            features = {f.name for f in FEATURES} | {"loss:mse", "timestep_sampling:sigmoid"}
+            register("fake-gen", FakeBackend, capabilities={"flux.1-dev": features},
+                     generate=functools.partial(generate, events))     # its signature: generate's
+
+    folder.mkdir()
+    recipe = folder / "recipe.toml"
+    recipe.write_text(RECIPE.replace("{dataset}", str(subject_dir)).replace("every_checkpoint = true",
+                                                                            "every_checkpoint = false"))
+    execute(load_recipe(recipe), load_plugins(extra=[Plugin()]), output_dir=str(folder / "out"),
+            echo=lambda _line: None)
+    return events, json.loads((folder / "out" / "eval" / "metrics.json").read_text())
+
+
+def test_the_images_are_scored_while_the_next_ones_are_generated(tmp_path, subject_dir, monkeypatch):
+    """A generator that takes `on_image` tells the evaluation of each image as it writes it, and the evaluation hands
+    it to the embedding pool at once, before the next image is made; the metrics are those of the same images scored
+    after the generation. Control: a generator without `on_image` has its images handed over after it returns."""
+    def reporting(events, recipe, lora_path, jobs, out_dir, on_image=None):
+        done = []
+        for job in fake_generate(recipe, lora_path, jobs, out_dir):
+            events.append(f"write {job['name']}")
+            on_image(job)
+            done.append(job)
+        return done
+
+    def silent(events, recipe, lora_path, jobs, out_dir):
+        done = fake_generate(recipe, lora_path, jobs, out_dir)
+        events.extend(f"write {job['name']}" for job in done)
+        return done
+
+    events, metrics = _run_with_generator(tmp_path / "a", subject_dir, reporting, monkeypatch)
+    writes = [e.split()[1] for e in events if e.startswith("write")]
+    assert len(writes) == 12 and [e.split()[1] for e in events if e.startswith("submit")][:3] == ["a0", "a1", "a2"]
+    for name, after in zip(writes, writes[1:]):
+        assert events.index(f"submit {name}") < events.index(f"write {after}"), events
+    control, control_metrics = _run_with_generator(tmp_path / "b", subject_dir, silent, monkeypatch)
+    last_write = max(i for i, e in enumerate(control) if e.startswith("write"))
+    assert all(control.index(f"submit {name}") > last_write for name in writes)
+    same = json.dumps(metrics["results"]).replace(str(tmp_path / "a"), "RUN")
+    assert same == json.dumps(control_metrics["results"]).replace(str(tmp_path / "b"), "RUN")

@@ -322,7 +322,12 @@ def test_generate_images_keeps_order_names_and_images(family_recipe, tmp_path, m
     calls = []
     real = generate.batch_groups
     monkeypatch.setattr(generate, "batch_groups", lambda jobs, limit: calls.append(real(jobs, limit)) or calls[-1])
-    done = generate.generate_images(recipe, None, jobs, tmp_path / "batched", device="cpu")
+    told = []       # `on_image`: each job once its file is written, in the order the calls make them
+
+    def on_image(job):
+        told.append((job["name"], Path(job["path"]).is_file()))
+    done = generate.generate_images(recipe, None, jobs, tmp_path / "batched", device="cpu", on_image=on_image)
+    assert told == [(jobs[n]["name"], True) for group in calls[0] for n in group]
     assert [len(g) for g in calls[0]] == [6, 6]         # one call per strength, both prompts in it
     assert all({jobs[n]["prompt"] for n in group} == set(PROMPTS[:2]) for group in calls[0])
     assert [r["name"] for r in done] == [j["name"] for j in jobs]
