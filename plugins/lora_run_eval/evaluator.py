@@ -347,18 +347,24 @@ def image_folders(images_root: Path, labels: Sequence[str]) -> list[Path]:
 
 def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe: Any,
                    loras: Sequence[tuple[str, int | None, Path]], images_root: Path) -> None:
-    """Generate and score each LoRA's grid. Where the embedder has a ``pool``, its worker processes embed the subject
-    photos and then each image as the generator writes it, while the GPU makes the next ones."""
+    """Generate and score each LoRA's grid. Where the embedder has a ``pool``, its worker processes embed each image
+    as the generator writes it, while the GPU makes the next ones; they start at the first image, with the subject
+    photos, so that they do not compete with the pipeline's load."""
     make_pool = getattr(evaluation.embedder, "pool", None)
     pool = make_pool(len(evaluation.subject_paths) + len(grid_jobs(recipe)) * len(loras)) if make_pool else None
+    photos = list(evaluation.subject_paths)
+
+    def hand_over(image: str) -> None:
+        assert pool is not None
+        while photos:
+            pool.submit(photos.pop(0))
+        pool.submit(image)
     try:
         if pool is not None:
             evaluation.embedding = pool
-            for photo in evaluation.subject_paths:
-                pool.submit(photo)
         for folder, (label, step, path) in zip(image_folders(images_root, [label for label, _, _ in loras]), loras):
             samples = generate_grid(generate, recipe, path, folder, evaluation.echo,
-                                    pool.submit if pool is not None else None)
+                                    hand_over if pool is not None else None)
             evaluation.add(label, step, str(path), samples)
     finally:
         evaluation.embedding = evaluation.embedder
