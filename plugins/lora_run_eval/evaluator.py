@@ -128,7 +128,12 @@ def generate_grid(generate: Callable[..., Any], recipe: Any, lora: Path, out_dir
     try:
         told = {"on_image": lambda job: on_image(job["path"])} if on_image and takes_keyword(generate, "on_image") \
             else {}
-        done = generate(recipe, str(lora), wire, str(out_dir), **told)
+        try:
+            done = generate(recipe, str(lora), wire, str(out_dir), **told)
+        except TypeError as exc:    # a wrapper taking any keyword around a generator without `on_image`: refused
+            if not told or "on_image" not in str(exc):     # at the call, before any image: called again without it
+                raise
+            done = generate(recipe, str(lora), wire, str(out_dir))
     except LoraRunError:
         raise
     except Exception as exc:  # noqa: BLE001 - a pipeline failure is reported with the LoRA it was for
@@ -350,9 +355,9 @@ def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe:
     """Generate and score each LoRA's grid. Where the embedder has a ``pool``, its worker processes embed each image
     as the generator writes it, while the GPU makes the next ones; they start at the first image, with the subject
     photos, so that they do not compete with the pipeline's load."""
-    make_pool = getattr(evaluation.embedder, "pool", None)
-    pool = make_pool(len(evaluation.subject_paths) + len(grid_jobs(recipe)) * len(loras)) if make_pool else None
-    photos = list(evaluation.subject_paths)
+    make_pool = getattr(getattr(evaluation, "embedder", None), "pool", None)
+    photos = list(getattr(evaluation, "subject_paths", []))
+    pool = make_pool(len(photos) + len(grid_jobs(recipe)) * len(loras)) if make_pool else None
 
     def hand_over(image: str) -> None:
         assert pool is not None
@@ -367,8 +372,8 @@ def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe:
                                     hand_over if pool is not None else None)
             evaluation.add(label, step, str(path), samples)
     finally:
-        evaluation.embedding = evaluation.embedder
         if pool is not None:
+            evaluation.embedding = evaluation.embedder
             pool.close()
 
 

@@ -325,3 +325,10 @@ def test_the_images_are_scored_while_the_next_ones_are_generated(tmp_path, subje
     assert all(control.index(f"submit {name}") > last_write for name in writes)
     same = json.dumps(metrics["results"]).replace(str(tmp_path / "a"), "RUN")
     assert same == json.dumps(control_metrics["results"]).replace(str(tmp_path / "b"), "RUN")
+
+    def wrapped(events, *args, **kwargs):     # takes any keyword, passes them to one that refuses `on_image`
+        return silent(events, *args, **kwargs)
+
+    retried, retried_metrics = _run_with_generator(tmp_path / "c", subject_dir, wrapped, monkeypatch)
+    assert sum(e.startswith("write") for e in retried) == 12
+    assert json.dumps(retried_metrics["results"]).replace(str(tmp_path / "c"), "RUN") == same
