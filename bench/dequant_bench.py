@@ -108,7 +108,8 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
     """Where a dequantising layer's host time goes, at 3072×3072: the Triton launch alone, the matmul alone, the
     two in plain Python, the same through the custom op (``torch.library.custom_op``) and through an op defined
     with the low-level ``torch.library.Library`` API, and a chain of eight layers inside one compiled function
-    (inductor calls the op from its generated code: per call, against the same chain of bf16 ``F.linear``)."""
+    (inductor calls the op from its generated code: per call, against the same chain of bf16 ``F.linear`` and of
+    lora-run's fp8 layer as compiled blocks run it, dequantising inside the graph)."""
     import torch
     import torch.nn.functional as F
 
@@ -144,6 +145,10 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
 
     with torch.no_grad():
         fp8_chain = chain(lambda y: fp8_op(y, w8, scale, None))
+        from lora_run_native import accel
+
+        layer = accel.fp8_linear_class()(torch.nn.Linear(3072, 3072, bias=False, device="cuda"), torch.bfloat16)
+        in_graph_chain = chain(layer)       # the layer as compiled blocks run it since c661879
         library_chain = chain(lambda y: torch.ops.lora_run_bench.linear(y, w8, scale))
         cuda_only_chain = chain(lambda y: linear_cuda(y, w8, scale))
         bf16_chain = chain(lambda y: F.linear(y, want))
@@ -154,6 +159,7 @@ def host_breakdown(current, tokens: int) -> dict[str, float]:
             "custom_op": host_us(lambda: grad_op(dy, w8, scale)),
             "library_op": host_us(lambda: low_level(dy, w8, scale)),
             "compiled_fp8_per_call": host_us(lambda: fp8_chain(dy)) / 8,
+            "compiled_in_graph_dequant_per_call": host_us(lambda: in_graph_chain(dy)) / 8,
             "compiled_library_op_per_call": host_us(lambda: library_chain(dy)) / 8,
             "compiled_custom_op_cuda_per_call": host_us(lambda: cuda_only_chain(dy)) / 8,
             "compiled_bf16_per_call": host_us(lambda: bf16_chain(dy)) / 8,
