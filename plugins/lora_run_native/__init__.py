@@ -36,9 +36,8 @@ def _cmd_demo(args, plugins):
 
 def _generate(*args, **kwargs):
     """Image generation for evaluators (`generate_images(recipe, lora_path, jobs, out_dir, device=None,
-    on_image=None)`). Without
-    the `train` extra (a kohya or diffusion-pipe recipe evaluated in an install that drives only the engines) it says
-    which packages to install, exit 2, instead of failing on the first import."""
+    on_image=None)`). Without the `train` extra (a kohya or diffusion-pipe recipe evaluated in an install that drives
+    only the engines) it says which packages to install, exit 2, instead of failing on the first import."""
     from lora_run.errors import PluginError
 
     from .backend import missing_packages

@@ -81,8 +81,9 @@ def _fp8_linear_class() -> type:
     def dequant_in_graph(x: Any, w8: Any, scale: Any, bias: Any) -> Any:
         """The layer inside a compiled block: inductor generates the dequantisation (the same float32 product,
         rounded once) and calls the matmul from its own code. Called through the opaque op there instead, every
-        layer cost about 145 µs of host time against 17 µs for a bf16 layer (H100, `bench/dequant_bench.py`),
-        which left the GPU idle in memory and low-vram steps. The checkpoint marks the bf16 weight to be
+        layer cost about 145 µs of host time against 17 µs for a bf16 layer (H100, `bench/dequant_bench.py`); the
+        lent H100's steps were GPU-bound either way (docs/performance.md), a slower host's may not be. The checkpoint
+        marks the bf16 weight to be
         recomputed, so the partitioner saves only the fp8 weight and its scale for backward, as the opaque op
         does (without it, it saved the bf16 weight of every layer: a bf16 copy of the model)."""
         weight = torch.utils.checkpoint.checkpoint(_dequant, w8, scale, x.dtype, use_reentrant=False)

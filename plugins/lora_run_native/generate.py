@@ -11,9 +11,8 @@ job's seed, so a seed gives the same image on every device. Images are written a
 wall time of the pipeline call that made the image (its PNG written), shared equally by the images of that call,
 so the sum over the jobs is the generation time without the pipeline's load. ``on_image`` (optional) is called with
 each job, ``"path"`` added, as soon as its image is written (the evaluation scores it meanwhile). On a GPU holding the
-whole pipeline
-the transformer's calls are replayed from CUDA graphs (``graphed.py``): the same kernels without the host's
-per-kernel launch cost, which bounds the eager forward at these sizes.
+whole pipeline the transformer's calls are replayed from CUDA graphs (``graphed.py``): the same kernels without the
+host's per-kernel launch cost, which bounds the eager forward at these sizes.
 
 Jobs equal in ``strength``, ``steps``, ``guidance``, ``width`` and ``height`` are generated together, whatever
 their prompt, in one pipeline call with a batch of starting latents and one prompt per image (``batch_groups``;
