@@ -189,10 +189,10 @@ def timed_steps(model: Any, resolution: int, iters: int = 8, warmup: int = 3, gr
 KERNEL_KINDS = (("dequant (fp8 storage)", ("dequant",)),      # memory modes' `accel._triton_dequant`
                 ("copy", ("memcpy", "memset")),            # low-vram's host-to-device weight copies among them
                 ("optimizer", ("multi_tensor_apply", "fused_adam")),  # foreach/fused optimizer kernels
-                ("fused (triton)", ("triton_",)),    # inductor's kernels, even where an op's name is in theirs (fp8)
+                ("fused (triton)", ("triton",)),     # inductor's kernels, even where an op's name is in theirs (fp8)
                 ("matmul fp8", ("f8", "e4m3", "fp8", "_qqt")),    # cuBLAS's nvjet_sm90_qq…: float8 inputs
                 ("attention", ("flash", "fmha", "attention", "attn")),
-                ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")), ("fused (triton)", ("triton",)))
+                ("matmul bf16", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "sm90")))
 
 
 def kernel_kind(name: str) -> str:

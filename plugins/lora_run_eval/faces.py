@@ -94,26 +94,16 @@ class Embedder:
         workers ignore it and are stopped with the pool. Where processes cannot be started, the images are embedded
         here, one at a time."""
         paths = list(paths)
+        with self.pool(len(paths), workers) as pool:
+            return pool.embed_paths(paths)
+
+    def pool(self, expected: int, workers: int | None = None) -> EmbeddingPool:
+        """Worker processes that embed images as they are handed over (``EmbeddingPool``): ``workers``, by default as
+        many as ``embed_paths`` starts for ``expected`` images."""
         if workers is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            workers = min(cores, MAX_WORKERS, len(paths) // IMAGES_PER_WORKER)
-        if not self.parallel or workers < 2:
-            return [self.embed_path(p) for p in paths]
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_start_worker, initargs=(type(self), self.options)) as pool:
-                return list(pool.map(_embed_in_worker, [str(p) for p in paths]))
-        except OSError:        # no processes here (no shared-memory semaphores in some sandboxes): one at a time
-            return [self.embed_path(p) for p in paths]
-
-    def pool(self, expected: int) -> EmbeddingPool:
-        """Worker processes that embed images as they are handed over (``EmbeddingPool``), for about ``expected``
-        images: as many as ``embed_paths`` starts for that many."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return EmbeddingPool(self, min(cores, MAX_WORKERS, expected // IMAGES_PER_WORKER))
+            workers = min(cores, MAX_WORKERS, expected // IMAGES_PER_WORKER)
+        return EmbeddingPool(self, workers)
 
     def faces(self, image: Any) -> list[Face]:  # pragma: no cover - interface
         raise NotImplementedError

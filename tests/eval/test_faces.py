@@ -168,8 +168,7 @@ def test_a_pool_embeds_images_handed_over_one_at_a_time_in_worker_processes(tmp_
     paths = save(images, tmp_path)
     embedder = PidNoted()
     serial = [embedder.embed_path(p) for p in paths]
-    with embedder.pool(len(paths)) as pool:
-        pool.workers = 2
+    with embedder.pool(len(paths), workers=2) as pool:
         for p in paths[:-1]:       # the last one is never handed over
             pool.submit(p)
         assert len(pool._futures) == len(paths) - 1
