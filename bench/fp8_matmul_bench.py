@@ -32,7 +32,6 @@ SHAPES = [(3072, 3072, 19 * 8 + 38 * 3), (3072, 12288, 19 * 2 + 38), (12288, 307
 
 def main() -> int:
     import torch
-    import torch.nn.functional as F
 
     from lora_run_native import accel
 

@@ -291,7 +291,7 @@ def recipe_for(row: dict[str, Any], assets: dict[str, Path]) -> dict[str, Any]:
     return recipe
 
 
-def _set_args(sets: dict[str, Any]) -> list[str]:
+def set_args(sets: dict[str, Any]) -> list[str]:
     import tomli_w
 
     out = []
@@ -317,7 +317,7 @@ def _launch(row: dict[str, Any], assets: dict[str, Path], work: Path, recipe_pat
         recipe_path = work / "recipes" / f"{row['id']}.toml"
         recipe_path.parent.mkdir(parents=True, exist_ok=True)
         recipe_path.write_text(tomli_w.dumps(recipe_for(row, assets)))
-    args = [*cli(), str(recipe_path), "--output-dir", str(out), *_set_args({**row["sets"], **(sets or {})})]
+    args = [*cli(), str(recipe_path), "--output-dir", str(out), *set_args({**row["sets"], **(sets or {})})]
     args += ["--resume"] if resume else ["--overwrite"]
     args += extra or []
     log = work / "logs" / f"{row['id']}{'-resume' if resume else ''}.log"
@@ -358,14 +358,14 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
         return -9
 
 
-def _manifest(out: Path) -> dict[str, Any]:
+def manifest(out: Path) -> dict[str, Any]:
     try:
         return json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _tail(log: Path, lines: int = 12) -> str:
+def tail(log: Path, lines: int = 12) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -427,7 +427,7 @@ def run_log_phases(path: Path) -> dict[str, Any]:
 
 
 def _summary(row: dict[str, Any], rc: int, out: Path, log: Path, wall: float) -> dict[str, Any]:
-    m = _manifest(out)
+    m = manifest(out)
     art = m.get("artifacts") or {}
     timing = art.get("timing") or {}
     result = {"id": row["id"], "group": row["group"], "family": FAMILIES[row["family"]], "sets": row["sets"],
@@ -436,14 +436,14 @@ def _summary(row: dict[str, Any], rc: int, out: Path, log: Path, wall: float) ->
               "plan": (art.get("gpu_plan") or {}).get("plan"), "estimate_gib": (art.get("gpu_plan") or {}).get(
                   "estimate_gib"), "timing": timing, "problems": []}
     if rc != 0 or m.get("status") != "completed":
-        result["problems"].append(f"exit {rc}, status {m.get('status')}: {m.get('error') or _tail(log, 6)}")
+        result["problems"].append(f"exit {rc}, status {m.get('status')}: {m.get('error') or tail(log, 6)}")
         result["partial_timing"] = run_log_phases(out / "run.log")   # what a stopped run measured
     return result
 
 
 def _expect_outputs(result: dict[str, Any], row: dict[str, Any], out: Path) -> None:
     """The feature set of a completed run: LoRA files, checkpoints, samples, evaluation."""
-    m = _manifest(out)
+    m = manifest(out)
     art = m.get("artifacts") or {}
     formats = row.get("formats") or (("kohya", "diffusers") if row["family"] != "dit" else ("diffusers",))
     for fmt in formats:       # Hunyuan-DiT: diffusers only; a shipped recipe: the formats it lists
@@ -534,7 +534,6 @@ def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, step: int, timeout: 
 
 def lora_difference(a: Path, b: Path) -> float:
     """‖a − b‖ / ‖b‖ over all tensors of two LoRA files (same keys required)."""
-    import torch
     from safetensors.torch import load_file
 
     ta, tb = load_file(str(a)), load_file(str(b))
@@ -600,7 +599,7 @@ def _ctrl_c(row: dict[str, Any], assets: dict[str, Path], work: Path) -> dict[st
     result = _summary(row, rc, out, log, time.perf_counter() - started)
     result["problems"] = []
     if rc != 130:
-        result["problems"].append(f"Ctrl-C exit {rc}, expected 130: {_tail(log, 4)}")
+        result["problems"].append(f"Ctrl-C exit {rc}, expected 130: {tail(log, 4)}")
     if not list((out / "checkpoints").glob("step-*")):
         result["problems"].append("Ctrl-C left no resumable checkpoint")
     proc, out, log = _launch(row, assets, work, out=out, resume=True,
@@ -620,7 +619,7 @@ def _formats_check(row: dict[str, Any], assets: dict[str, Path], out: Path) -> d
     from lora_run_native.generate import generate_images
 
     recipe = load_recipe(out / "recipe.toml").recipe
-    art = _manifest(out)["artifacts"]
+    art = manifest(out)["artifacts"]
     job = {"prompt": "a photo of ohwx", "seed": 3, "strength": 1.0, "steps": 4, "guidance": 3.5, "width": 64,
            "height": 64}
     images = {}

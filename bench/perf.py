@@ -498,7 +498,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
             "train.save_every_steps": every, "sample.every_steps": every,
             "backend.native.progress_bar": False, **(extra or {})}
     args = [*acc.cli(), str(REPO / "recipes" / "flux" / "identity-fast.toml"), "--output-dir", str(out),
-            "--overwrite", *acc._set_args(sets)]
+            "--overwrite", *acc.set_args(sets)]
     log = work / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -512,12 +512,12 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
     except RowTimeout:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise RowTimeout(f"the CLI run did not finish; log tail: {acc._tail(log, 4)}") from None
+        raise RowTimeout(f"the CLI run did not finish; log tail: {acc.tail(log, 4)}") from None
     finally:                     # the run has ended (or was stopped): nothing for the orchestrator to stop
         if proc.poll() is not None:
             cli_pgid_file(work).unlink(missing_ok=True)
     wall = time.perf_counter() - run_started
-    manifest = acc._manifest(out)
+    manifest = acc.manifest(out)
     art = manifest.get("artifacts") or {}
     timing = art.get("timing") or {}
     plan = art.get("gpu_plan") or {}
@@ -527,7 +527,7 @@ def cli_row(work: Path, steps: int, name: str = "cli-fast", extra: dict[str, Any
                attention_reason=plan.get("attention_reason"), plan_line=plan_line,
                peak_gib=timing.get("peak_reserved_gib"), shapes=timing.get("shapes"))
     if rc != 0 or manifest.get("status") != "completed":
-        row["error"] = f"exit {rc}, status {manifest.get('status')}: {manifest.get('error') or acc._tail(log, 6)}"
+        row["error"] = f"exit {rc}, status {manifest.get('status')}: {manifest.get('error') or acc.tail(log, 6)}"
     return row
 
 
@@ -671,7 +671,7 @@ def stopped_cli_run(work: Path, row: str) -> dict[str, Any]:
         out["partial_timing"] = phases
     log = work / "logs" / f"{row}.log"
     if log.is_file():
-        out["log_tail"] = acc._tail(log, 4)
+        out["log_tail"] = acc.tail(log, 4)
     return out
 
 
