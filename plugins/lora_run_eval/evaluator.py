@@ -22,7 +22,7 @@ from lora_run.files import FileProblem, GiB, check_input_file, printable, read_l
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir import JSON_LIMIT
-from lora_run_rundir.atomic import TEMP_FILE
+from lora_run_rundir.atomic import TEMP_FILE, disk_full_error, is_disk_full, make_folder
 from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
 from lora_run_rundir.record import EVALUATION, OUTPUT_RECORD, recorded_output, unrecorded
 
@@ -680,6 +680,8 @@ def _check_report(path: Path, overwrite: bool, subject: Path) -> None:
         raise OutputError(f"--report {shown(path)}: {shown(path.parent)} {unusable}")
     if os.path.islink(path) and not path.exists():
         raise OutputError(f"--report {shown(path)}: is a dangling link or a symlink loop")
+    # made now, not after the scoring: a folder the system refuses (read-only, /proc) is said before any model loads
+    make_folder(path.parent, f"--report {shown(path)}", f"folder {shown(path.parent)}")
 
 
 def cmd_score(args: Any, plugins: Any) -> int:
@@ -728,7 +730,12 @@ def cmd_score(args: Any, plugins: Any) -> int:
             "best": {}, "overfit": {}, "strength_notes": {}, "results": ev.results, "loss_history": [],
             "subject_images": ev.subject_records(), "prompts": [], "strengths": [], "seeds": []}
     if report_path is not None:
-        atomic_write_text(report_path, render(data))
+        try:
+            atomic_write_text(report_path, render(data))
+        except OSError as exc:      # the folder became unwritable, the disk filled: named, exit 2, no traceback
+            if is_disk_full(exc):
+                raise disk_full_error(report_path, None) from None
+            raise OutputError(f"--report {shown(report_path)}: cannot be written ({exc.strerror or exc})") from None
         if not args.json:
             print(f"report: {report_path}")
         data["report"] = str(report_path)      # --json: where the report went (an agent reads it back)

@@ -71,6 +71,18 @@ def disk_full_error(path: Path, needed: int | None) -> DiskFullError:
                          "system); free some space, then continue with --resume")
 
 
+def make_folder(path: Path, label: str | None = None, what: str = "output folder") -> None:
+    """``path`` made, with its parents, where missing. A folder that cannot be made (a read-only file system, a
+    kernel file system such as ``/proc``, a file in the way) is lora-run's error naming it, ``label``: (default: the
+    path) "cannot create the <what> (reason)", exit 2; a full disk is ``DiskFullError``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, 4096) from None
+        raise OutputError(f"{label or shown(path)}: cannot create the {what} ({exc.strerror or exc})") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
     with atomic_path(path, len(data)) as tmp, open(tmp, "wb") as fh:

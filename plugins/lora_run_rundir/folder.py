@@ -20,7 +20,7 @@ from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 from lora_run_commands import describe_plugins
 
-from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, open_append, remove_temp_files
+from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, make_folder, open_append, remove_temp_files
 from .provenance import model_identity, package_versions, version_changes
 from .cachedir import cache_problems
 from .record import EVALUATION, OUTPUT_RECORD, plain_name, tree, unlisted, unrecorded
@@ -413,12 +413,7 @@ class RunDir:
             self._clear()
         else:
             self.created, self.existed = True, p.is_dir()
-            try:
-                p.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise disk_full_error(p, 4096) from None
-                raise OutputError(f"{shown(p)}: cannot create the output folder ({exc.strerror})") from None
+            make_folder(p)
             self._lock()
         probe = p / PROBE
         try:

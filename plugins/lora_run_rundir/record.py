@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from lora_run.errors import LoraRunError
 
-from .atomic import TEMP_FILE, atomic_write_text
+from .atomic import TEMP_FILE, atomic_write_text, make_folder
 
 OUTPUT_RECORD = ".lora-run-output.json"
 #: the writer's name in the record of an evaluation folder (``lora_run_eval``'s `lora-run eval`)
@@ -73,7 +73,7 @@ def write_output_record(folder: Path, writer: str, entries: Iterable[str], files
     it is done."""
     names = sorted(set(entries))
     assert all(plain_name(n) for n in names) and OUTPUT_RECORD not in names, names
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     data: dict[str, Any] = {"lora_run_output": writer, "entries": names}
     if files is not None:
         data["files"] = sorted(files)

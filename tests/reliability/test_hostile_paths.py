@@ -81,3 +81,29 @@ def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(t
     assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
     code, text = _run(["check", recipe, "--set", f'train.cache_dir="{tmp_path / "new" / "cache"}"'], capsys)
     assert code == 0, text[-1500:]                                            # a folder still to be made is fine
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder where nothing can be made")
+def test_a_folder_the_system_refuses_to_make_is_named_with_exit_2(tiny_recipe, small_dataset, tmp_path, capsys):
+    """An output folder whose parent exists but where the file system refuses a new folder (a read-only mount, a
+    kernel file system: here /proc) passes the path checks and failed at mkdir: `eval --output-dir` and `score
+    --report` said "unexpected FileNotFoundError" (exit 1; `score` after its scoring). Each now says which path
+    cannot be made, exit 2, and `score` says it before it scores."""
+    import torch
+    from safetensors.torch import save_file
+
+    refused = "/proc/lora-run-cannot-make-this"
+    recipe = str(tiny_recipe())
+    lora = tmp_path / "some.safetensors"       # a LoRA by its tensors' names: eval gets as far as making its folder
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 4), "transformer.x.lora_B.weight": torch.zeros(4, 2)},
+              str(lora))
+    cases = [(recipe, "--output-dir", f"{refused}/run"),
+             ("eval", recipe, "--lora", str(lora), "--output-dir", f"{refused}/eval"),
+             ("score", "--subject", str(small_dataset), "--images", str(small_dataset), "--report",
+              f"{refused}/report.html"),
+             ("demo", "--output-dir", f"{refused}/demo")]
+    for argv in cases:
+        code, text = _run(list(argv), capsys)
+        error = "\n".join(line for line in text.splitlines() if line.startswith("error:"))
+        assert code == 2 and refused in error, (argv, text[-1500:])
+        assert "score" not in argv or "scored" not in text, "refused before scoring"
