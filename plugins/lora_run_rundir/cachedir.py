@@ -27,7 +27,7 @@ from pathlib import Path
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
 
-from .atomic import TEMP_FILE, atomic_write_text
+from .atomic import TEMP_FILE, atomic_write_text, make_folder
 
 #: lora-run's mark in a cache folder it made (or took over as an empty folder or an earlier lora-run's cache).
 CACHE_MARKER = "lora-run-cache.json"
@@ -171,7 +171,7 @@ def claim_cache(folder: Path) -> None:
     missing, check it again (:func:`cache_problems`; it may have changed since the pre-flight) and write the marker
     where it is missing (an empty folder, an earlier lora-run's cache). OutputError (exit 2) when the folder is not
     lora-run's, nothing written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, f"[train.cache_dir] (= {shown(folder)})", "cache folder")
     problems = cache_problems(folder)
     if problems:
         raise OutputError(f"[train.cache_dir] (= {shown(folder)}): {describe(problems)}")

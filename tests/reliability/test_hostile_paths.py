@@ -87,8 +87,9 @@ def test_a_cache_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(t
 def test_a_folder_the_system_refuses_to_make_is_named_with_exit_2(tiny_recipe, small_dataset, tmp_path, capsys):
     """An output folder whose parent exists but where the file system refuses a new folder (a read-only mount, a
     kernel file system: here /proc) passes the path checks and failed at mkdir: `eval --output-dir` and `score
-    --report` said "unexpected FileNotFoundError" (exit 1; `score` after its scoring). Each now says which path
-    cannot be made, exit 2, and `score` says it before it scores."""
+    --report` said "unexpected FileNotFoundError" (exit 1; `score` after its scoring), a `train.cache_dir` there
+    'backend "native" crashed'. Each now says which path cannot be made, exit 2, and `score` says it before it
+    scores."""
     import torch
     from safetensors.torch import save_file
 
@@ -101,7 +102,8 @@ def test_a_folder_the_system_refuses_to_make_is_named_with_exit_2(tiny_recipe, s
              ("eval", recipe, "--lora", str(lora), "--output-dir", f"{refused}/eval"),
              ("score", "--subject", str(small_dataset), "--images", str(small_dataset), "--report",
               f"{refused}/report.html"),
-             ("demo", "--output-dir", f"{refused}/demo")]
+             ("demo", "--output-dir", f"{refused}/demo"),
+             (recipe, "--output-dir", str(tmp_path / "run"), "--set", f"train.cache_dir={refused}/cache")]
     for argv in cases:
         code, text = _run(list(argv), capsys)
         error = "\n".join(line for line in text.splitlines() if line.startswith("error:"))
