@@ -355,8 +355,8 @@ def evaluate_loras(evaluation: Evaluation, generate: Callable[..., Any], recipe:
     """Generate and score each LoRA's grid. Where the embedder has a ``pool``, its worker processes embed each image
     as the generator writes it, while the GPU makes the next ones; they start at the first image, with the subject
     photos, so that they do not compete with the pipeline's load."""
-    make_pool = getattr(getattr(evaluation, "embedder", None), "pool", None)
-    photos = list(getattr(evaluation, "subject_paths", []))
+    make_pool = getattr(evaluation.embedder, "pool", None)
+    photos = list(evaluation.subject_paths)
     pool = make_pool(len(photos) + len(grid_jobs(recipe)) * len(loras)) if make_pool else None
 
     def hand_over(image: str) -> None:

@@ -81,6 +81,7 @@ def test_each_evaluated_lora_gets_its_own_image_folder(tmp_path):
 
     class Ev:
         echo = staticmethod(lambda _m: None)
+        embedder, subject_paths = None, []       # no embedder: no pool of workers
         added: list = []
 
         def add(self, label, step, path, samples):
