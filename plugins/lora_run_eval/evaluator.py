@@ -663,8 +663,8 @@ def _folder_images(given: str, flag: str) -> list[Path]:
 def _check_report(path: Path, overwrite: bool, subject: Path) -> None:
     """Where `score --report` may write (OutputError, exit 2, naming the path, before any model loads): not among the
     subject's photos (a dataset folder: lora-run never writes into one), over an existing file only with --overwrite
-    and only over a report page lora-run wrote (``is_report``), in a folder that is or can be made, never through a
-    dangling link."""
+    and only over a report page lora-run wrote (``is_report``), never through a dangling link; its folder is made here,
+    so a folder the system refuses is said before any model loads."""
     if subject == path or subject in path.parents:
         raise OutputError(f"--report {shown(path)}: lies in the --subject folder {shown(subject)}; lora-run never "
                           "writes among the subject's photos (a dataset folder): give a report path outside it")
@@ -680,7 +680,6 @@ def _check_report(path: Path, overwrite: bool, subject: Path) -> None:
         raise OutputError(f"--report {shown(path)}: {shown(path.parent)} {unusable}")
     if os.path.islink(path) and not path.exists():
         raise OutputError(f"--report {shown(path)}: is a dangling link or a symlink loop")
-    # made now, not after the scoring: a folder the system refuses (read-only, /proc) is said before any model loads
     make_folder(path.parent, f"--report {shown(path)}", f"folder {shown(path.parent)}")
 
 
