@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import re
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) and not exc.filename:
+            _to_null(sys.stdout)    # `lora-run … > /dev/full`: Python's flush at exit would fail again
+            return _fail(LoraRunError(f"writing the output failed: {exc.strerror} (a full disk or device?)"))
         kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
         print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
               "traceback)", file=sys.stderr)

@@ -400,6 +400,26 @@ def test_a_closed_pipe_ends_a_failing_command_quietly_with_its_exit_code(argv, t
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["recipes"], ["plugins", "--json"], ["check", "{recipe}"]])
+def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write_recipe, subject_dataset):
+    # `lora-run recipes > /dev/full` (a full disk under a redirected output) ended in "unexpected OSError ... (a bug
+    # in lora-run or a plugin ...)"; it is the machine's state, said as such, exit 1, and nothing more at exit
+    import os
+    import subprocess
+    import sys
+
+    recipe = write_recipe(f"[model]\nsource = \"x\"\n[dataset]\npath = \"{subject_dataset}\"\n")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "lora_run", *(str(recipe) if a == "{recipe}" else a for a in argv)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: writing the output failed: No space left on device (a full disk or device?)"), done.stderr
+    assert "a bug" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 @pytest.mark.slow     # a real tiny run (about 10 s on CPU)
 def test_a_run_outlasts_the_reader_of_its_output(tiny_recipe, tmp_path):
     # `lora-run r.toml | head -1`: the run's next line raised BrokenPipeError, which crashed the training ("backend
