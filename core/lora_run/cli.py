@@ -18,6 +18,10 @@ from .files import printable
 from .recipe import did_you_mean
 
 
+#: The output's reader went away, or its device is full or gone (a closed terminal): nothing more can be said there
+_LOST = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO)
+
+
 class ArgumentsError(RecipeError):
     """The command line is wrong: an argparse usage error, or a first word neither a command nor a file."""
 
@@ -78,12 +82,14 @@ def _to_null(*streams: Any) -> None:
 
 def _outlast(stream: Any) -> None:
     """A command that writes files (a run, `eval`, `demo`) goes on when the reader of ``stream`` goes away (`lora-run
-    r.toml | head`), saying the rest to no one, instead of a BrokenPipeError where it printed next."""
+    r.toml | head`) or its device is full or gone (``_LOST``), saying the rest to no one (the run's log keeps it)."""
     def guarded(method: Any) -> Any:
         def call(*args: Any) -> Any:
             try:
                 return method(*args)
-            except BrokenPipeError:
+            except OSError as exc:
+                if exc.errno not in _LOST:
+                    raise
                 _to_null(stream)
         return call
     stream.write, stream.flush = guarded(stream.write), guarded(stream.flush)
@@ -181,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - no traceback reaches the user without --debug
         if debug:
             raise
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) and not exc.filename:
+        if isinstance(exc, OSError) and exc.errno in _LOST and not exc.filename:
             _to_null(sys.stdout)    # `lora-run … > /dev/full`: Python's flush at exit would fail again
-            return _fail(LoraRunError(f"writing the output failed: {exc.strerror} (a full disk or device?)"))
+            return _fail(LoraRunError(f"writing the output failed: {exc.strerror} (is its disk or device full or gone?)"))
         kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
         print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
               "traceback)", file=sys.stderr)

@@ -83,7 +83,11 @@ def copyable_text(path: Path) -> str:
     return re.sub(r'^(extends\s*=\s*)"([^"\n]+)"', absolute, path.read_text("utf-8"), flags=re.M)
 
 
-def cmd_recipes(args: Any, _plugins: Any = None) -> int:
+def cmd_recipes(args: Any, plugins: Any = None) -> int:
+    if plugins is not None:      # a read-only command warns of broken plugins itself
+        from lora_run.cli import warn_broken
+
+        warn_broken(plugins)
     recipes = shipped_recipes()
     if not recipes:
         raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "
@@ -114,5 +118,6 @@ def _arguments(p: Any) -> None:
 
 @hookimpl
 def register_commands(register):
-    register("recipes", cmd_recipes, configure=_arguments,
+    # read-only: `lora-run recipes NAME > my.toml` on a full disk fails (exit 1), never leaves a cut copy with exit 0
+    register("recipes", cmd_recipes, configure=_arguments, read_only=True,
              description="list shipped recipes, or print one (to copy it)")

@@ -85,6 +85,11 @@ def test_broken_and_misspelled_plugins_are_skipped(tmp_path):
                          env={**os.environ, **env}, timeout=60)
     assert run.returncode == 2 and 'unknown backend "nope"' in run.stderr, run.stderr
     assert run.stderr.count("plugin broken_plugin is broken") == 1, run.stderr
+    # a read-only command warns itself (`recipes` is one: its output is what it is for), once
+    listing = subprocess.run([sys.executable, "-m", "lora_run.cli", "recipes"], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=60)
+    assert listing.returncode == 0 and "flux/identity-fast" in listing.stdout, listing.stderr
+    assert listing.stderr.count("plugin broken_plugin is broken") == 1, listing.stderr
 
 
 def test_disable_and_trace_switches(tmp_path):

@@ -416,24 +416,31 @@ def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: writing the output failed: No space left on device (a full disk or device?)"), done.stderr
+        "error: writing the output failed: No space left on device (is its disk or device full or gone?)"), done.stderr
     assert "a bug" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
 @pytest.mark.slow     # a real tiny run (about 10 s on CPU)
-def test_a_run_outlasts_the_reader_of_its_output(tiny_recipe, tmp_path):
+@pytest.mark.parametrize("output", ["closed pipe", "full device"])
+def test_a_run_outlasts_the_reader_of_its_output(output, tiny_recipe, tmp_path):
     # `lora-run r.toml | head -1`: the run's next line raised BrokenPipeError, which crashed the training ("backend
     # crashed: BrokenPipeError", exit 1, manifest failed); a reader gone before its first line made it exit 0 having
-    # done nothing. The run now trains to the end, saying the rest to no one.
+    # done nothing. The run now trains to the end, saying the rest to no one. Likewise an output whose device is full
+    # (`> /dev/full`; a closed terminal's EIO alike): the run stopped at its first line, exit 1, nothing trained.
     import json
     import os
     import subprocess
     import sys
 
+    if output == "full device" and not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full (Linux)")
     recipe = tiny_recipe("", name="r.toml")
     run = tmp_path / "run"
     read, write = os.pipe()
     os.close(read)
+    if output == "full device":
+        os.close(write)
+        write = os.open("/dev/full", os.O_WRONLY)
     try:
         done = subprocess.run([sys.executable, "-m", "lora_run", str(recipe), "--output-dir", str(run),
                                "--set", "train.steps=2", "--set", "train.save_every_steps=1"],
