@@ -96,7 +96,7 @@ def _outlast(stream: Any) -> None:
 
 
 def _fail(err: LoraRunError, as_json: bool = False) -> int:
-    try:    # the exit code stands also when the reader of the output has gone away
+    try:    # the exit code stands also when the reader of the output has gone away, or its device is full or gone
         if as_json:
             print(json.dumps({"ok": False, "exit_code": err.exit_code, "error": type(err).__name__,
                               "problems": getattr(err, "problems", [str(err)])}, indent=2))
@@ -104,7 +104,9 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
             for line in str(err).splitlines():
                 print(f"error: {line}", file=sys.stderr)
         sys.stdout.flush(), sys.stderr.flush()
-    except BrokenPipeError:
+    except OSError as exc:
+        if exc.errno not in _LOST:
+            raise
         _to_null(sys.stdout, sys.stderr)
     return err.exit_code
 

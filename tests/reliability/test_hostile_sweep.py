@@ -420,6 +420,24 @@ def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write
     assert "a bug" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("stream,extra", [("stderr", []), ("stdout", ["--json"])])
+def test_a_failing_commands_exit_code_stands_when_its_error_cannot_be_written(stream, extra, tmp_path):
+    # `lora-run check bad.toml 2>/dev/full`: the error's write failed inside the error handler, exit 1 for a bad
+    # recipe whose code is 2 (automation reads the code)
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[dataset]\npath = 3\n', encoding="utf-8")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "lora_run", "check", str(bad), *extra], cwd=tmp_path, timeout=120,
+                              **{stream: full}, **{"stdout" if stream == "stderr" else "stderr": subprocess.PIPE},
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, (done.returncode, done.stdout if stream == "stderr" else done.stderr)
+
+
 @pytest.mark.slow     # a real tiny run (about 10 s on CPU)
 @pytest.mark.parametrize("output", ["closed pipe", "full device"])
 def test_a_run_outlasts_the_reader_of_its_output(output, tiny_recipe, tmp_path):
