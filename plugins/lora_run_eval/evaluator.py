@@ -22,7 +22,7 @@ from lora_run.files import FileProblem, GiB, check_input_file, printable, read_l
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
 from lora_run_rundir import JSON_LIMIT
-from lora_run_rundir.atomic import TEMP_FILE, disk_full_error, is_disk_full, make_folder
+from lora_run_rundir.atomic import TEMP_FILE, make_folder
 from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
 from lora_run_rundir.record import EVALUATION, OUTPUT_RECORD, recorded_output, unrecorded
 
@@ -731,9 +731,7 @@ def cmd_score(args: Any, plugins: Any) -> int:
     if report_path is not None:
         try:
             atomic_write_text(report_path, render(data))
-        except OSError as exc:      # the folder became unwritable, the disk filled: named, exit 2, no traceback
-            if is_disk_full(exc):
-                raise disk_full_error(report_path, None) from None
+        except OSError as exc:      # the folder became unwritable (a full disk is the writer's DiskFullError already)
             raise OutputError(f"--report {shown(report_path)}: cannot be written ({exc.strerror or exc})") from None
         if not args.json:
             print(f"report: {report_path}")

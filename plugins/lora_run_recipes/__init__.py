@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_run.cli import warn_broken
 from lora_run.errors import EXIT_OK, RecipeError
 from lora_run.hookspecs import hookimpl
 
@@ -83,11 +84,8 @@ def copyable_text(path: Path) -> str:
     return re.sub(r'^(extends\s*=\s*)"([^"\n]+)"', absolute, path.read_text("utf-8"), flags=re.M)
 
 
-def cmd_recipes(args: Any, plugins: Any = None) -> int:
-    if plugins is not None:      # a read-only command warns of broken plugins itself
-        from lora_run.cli import warn_broken
-
-        warn_broken(plugins)
+def cmd_recipes(args: Any, plugins: Any) -> int:
+    warn_broken(plugins)         # a read-only command warns of broken plugins itself
     recipes = shipped_recipes()
     if not recipes:
         raise RecipeError("no shipped recipes found: this lora-run installation is missing its recipes "

@@ -20,7 +20,8 @@ from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 from lora_run_commands import describe_plugins
 
-from .atomic import TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, make_folder, open_append, remove_temp_files
+from .atomic import (TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, make_folder, open_append,
+                     remove_temp_files)
 from .provenance import model_identity, package_versions, version_changes
 from .cachedir import cache_problems
 from .record import EVALUATION, OUTPUT_RECORD, plain_name, tree, unlisted, unrecorded

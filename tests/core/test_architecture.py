@@ -13,8 +13,9 @@ from lora_run.plugins import load_plugins
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
 #: core/'s line budget (`wc -l core/lora_run/*.py`: 1,830 when it was set: output to a full device is named as
-#: such, exit 1, not called a bug, a command that writes files writes on past it as past a closed pipe, and a failing command's exit code stands when its error cannot
-#: be written (`cli._LOST`, +12); 1,818 before: `--unset` of a free table's key not set
+#: such, exit 1, not called a bug, a command that writes files writes on past it as past a closed pipe, and a
+#: failing command's exit code stands when its error cannot be written (`cli._LOST`, +12); 1,818 before: `--unset`
+#: of a free table's key not set
 #: beside one set that close is refused (+2); 1,816 before: the run folder's `claim` and `writing` on the
 #: `RunFolder` protocol, what every writer uses; 1,814 before: `ModelSourceError` and `NonFiniteLoss`,
 #: raised only by plugins, went to lora_run_training, `validate` returns a `RunContext` instead of `Prepared`, the

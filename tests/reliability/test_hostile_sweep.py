@@ -411,7 +411,8 @@ def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write
 
     recipe = write_recipe(f"[model]\nsource = \"x\"\n[dataset]\npath = \"{subject_dataset}\"\n")
     with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "lora_run", *(str(recipe) if a == "{recipe}" else a for a in argv)],
+        args = [str(recipe) if a == "{recipe}" else a for a in argv]
+        done = subprocess.run([sys.executable, "-m", "lora_run", *args],
                               stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1, (done.returncode, done.stderr)
