@@ -53,8 +53,14 @@ class _Parser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        """Help, usage and version, flushed: a full device or a closed pipe raises here (argparse would hide it)."""
+        stream = file or sys.stderr
+        stream.write(message or ""), stream.flush()
+
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
+        with contextlib.suppress(OSError):   # the error's own exit code stands (``_fail``)
+            self.print_usage(sys.stderr)
         raise ArgumentsError(f"{self.prog}: {message}")
 
 
@@ -111,6 +117,12 @@ def _fail(err: LoraRunError, as_json: bool = False) -> int:
     return err.exit_code
 
 
+def _lost(exc: OSError) -> int:
+    """`lora-run … > /dev/full`: the machine's state, said as such (Python's flush at exit would fail again)."""
+    _to_null(sys.stdout)
+    return _fail(LoraRunError(f"writing the output failed: {exc.strerror} (is its disk or device full or gone?)"))
+
+
 def warn_broken(plugins: Any) -> None:
     """Report the plugins that failed to load, once per command line."""
     if plugins.warned:
@@ -156,14 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(_with_command(argv, sorted(commands)))
     except SystemExit as exc:  # --help, --version
         return EXIT_BAD_INPUT if exc.code not in (0, None) else EXIT_OK
-    except BrokenPipeError:    # the usage, or the help, written to a reader that went away
-        _to_null(sys.stdout, sys.stderr)
-        return EXIT_OK if {"-h", "--help", "--version"} & set(argv) else EXIT_BAD_INPUT
+    except OSError as exc:     # the help or the version written to a reader that went away, or a full device
+        if exc.errno not in _LOST:
+            raise
+        return _lost(exc) if exc.errno != errno.EPIPE else _to_null(sys.stdout, sys.stderr) or EXIT_OK
     except ArgumentsError as err:
         warn_broken(plugins)   # a broken plugin's command is missing
         return _fail(err, "--json" in argv)
     if not args.command:
-        parser.print_help()
+        with contextlib.suppress(OSError):
+            parser.print_help()
         return EXIT_BAD_INPUT
     args.debug, as_json = debug, getattr(args, "json", False)
     read_only = commands[args.command].read_only
@@ -190,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         if isinstance(exc, OSError) and exc.errno in _LOST and not exc.filename:
-            _to_null(sys.stdout)    # `lora-run … > /dev/full`: Python's flush at exit would fail again
-            return _fail(LoraRunError(f"writing the output failed: {exc.strerror} (is its disk or device full or gone?)"))
+            return _lost(exc)
         kind = "out of memory" if isinstance(exc, MemoryError) else f"unexpected {type(exc).__name__}"
         print(f"error: {kind}: {printable(str(exc))[:2000]} (a bug in lora-run or a plugin; --debug shows the "
               "traceback)", file=sys.stderr)

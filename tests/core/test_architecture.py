@@ -12,7 +12,9 @@ from lora_run.plugins import load_plugins
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core" / "lora_run"
-#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,830 when it was set: output to a full device is named as
+#: core/'s line budget (`wc -l core/lora_run/*.py`: 1,843 when it was set: the help, usage and version written through
+#: the CLI's parser, which lets a failed write through (argparse drops it: `--help` to a full device exited 0), +13;
+#: 1,830 before: output to a full device is named as
 #: such, exit 1, not called a bug, a command that writes files writes on past it as past a closed pipe, and a
 #: failing command's exit code stands when its error cannot be written (`cli._LOST`, +12); 1,818 before: `--unset`
 #: of a free table's key not set
@@ -54,7 +56,7 @@ CORE = REPO / "core" / "lora_run"
 #: read, the capability check and the family-fact checks to lora_run_training, a launched process's place in the run
 #: and the ranks other than 0 to lora_run_native). Issue #18 aims at about 1,500; docs/DEVELOPING.md ("Core's size")
 #: says what stands between.
-CORE_LINE_BUDGET = 1830
+CORE_LINE_BUDGET = 1843
 
 
 def core_sources() -> dict[Path, str]:

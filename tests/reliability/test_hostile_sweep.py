@@ -401,10 +401,12 @@ def test_a_closed_pipe_ends_a_failing_command_quietly_with_its_exit_code(argv, t
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-@pytest.mark.parametrize("argv", [["recipes"], ["plugins", "--json"], ["check", "{recipe}"]])
+@pytest.mark.parametrize("argv", [["recipes"], ["plugins", "--json"], ["check", "{recipe}"], ["--help"], ["--version"],
+                                  ["check", "-h"]])
 def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write_recipe, subject_dataset):
     # `lora-run recipes > /dev/full` (a full disk under a redirected output) ended in "unexpected OSError ... (a bug
-    # in lora-run or a plugin ...)"; it is the machine's state, said as such, exit 1, and nothing more at exit
+    # in lora-run or a plugin ...)"; it is the machine's state, said as such, exit 1, and nothing more at exit. The
+    # help and the version went through argparse, which drops a failed write: they ended with exit 0, having said nothing
     import os
     import subprocess
     import sys
@@ -419,6 +421,21 @@ def test_output_to_a_full_device_is_named_not_called_a_bug(argv, tmp_path, write
     assert done.stderr.strip().splitlines()[-1] == (
         "error: writing the output failed: No space left on device (is its disk or device full or gone?)"), done.stderr
     assert "a bug" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv,code", [([], 2), (["--bogus"], 2), (["check", "--bogus"], 2)])
+def test_usage_to_a_full_device_keeps_the_exit_code(argv, code, tmp_path):
+    # the usage is written to standard error before a usage error's message; both to a full device (and, with no
+    # command, the help to a full standard output) must not turn the exit code 2 into a traceback's 1
+    import os
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "lora_run", *argv], cwd=tmp_path, timeout=120, stdout=full,
+                              stderr=full, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == code, done.returncode
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
