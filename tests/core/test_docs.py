@@ -545,3 +545,37 @@ def test_every_plugin_example_names_only_what_it_imports_and_each_hook_example_l
     misnamed = as_plugin("hooks/x.md", "from lora_run.hookspecs import hookimpl\n@hookimpl\ndef step_finishd(run):\n"
                                        "    pass\n")
     assert [b.name for b in load_plugins(extra=[misnamed]).broken] == ["hooks_x"]
+
+
+# docs/dataset-lint.md: its tables list every finding code the lint and the training policy report, and no other
+
+#: a finding as the dataset's lint and the training policy add it: `report.add(WARNING, "few-images", …)`
+LINT_CODE = re.compile(r'report\.add\((?:ERROR|WARNING|INFO|"error"|"warning"|"info"), "([a-z0-9-]+)"'
+                       r'(?: if \w+ else "([a-z0-9-]+)")?')
+
+
+def lint_codes_in_code() -> set[str]:
+    from lora_run_folder.lint import NOT_DECODED
+
+    sources = [*(REPO / "plugins" / "lora_run_folder").glob("*.py"), REPO / "plugins" / "lora_run_training" / "policy.py"]
+    return {code for path in sources for pair in LINT_CODE.findall(path.read_text("utf-8")) for code in pair
+            if code} | set(NOT_DECODED)
+
+
+def lint_table_problems(page: str, codes: set[str]) -> list[str]:
+    """The codes the lint reports that the page's tables lack, and the codes the tables name that nothing reports."""
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    listed = {code for row in rows for code in re.findall(r"`([a-z0-9-]+)`", row.split("|")[1])}
+    return [f"missing from the page: {c}" for c in sorted(codes - listed)] + \
+        [f"reported by no code: {c}" for c in sorted(listed - codes)]
+
+
+def test_the_dataset_lint_page_lists_every_finding_code():
+    """docs/dataset-lint.md lacked `no-usable-images`, the error of a dataset whose every subject image is unusable."""
+    codes = lint_codes_in_code()
+    assert {"no-usable-images", "unreadable", "bad-image", "te-lr-ratio", "sub-folder", "many-reg-images"} <= codes
+    page = (DOCS / "dataset-lint.md").read_text("utf-8")
+    assert lint_table_problems(page, codes) == []
+    planted = page.replace("| `no-usable-images` |", "| `no-usable-image` |")
+    assert lint_table_problems(planted, codes) == ["missing from the page: no-usable-images",
+                                                   "reported by no code: no-usable-image"]
