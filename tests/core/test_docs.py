@@ -545,3 +545,79 @@ def test_every_plugin_example_names_only_what_it_imports_and_each_hook_example_l
     misnamed = as_plugin("hooks/x.md", "from lora_run.hookspecs import hookimpl\n@hookimpl\ndef step_finishd(run):\n"
                                        "    pass\n")
     assert [b.name for b in load_plugins(extra=[misnamed]).broken] == ["hooks_x"]
+
+
+# docs/dataset-lint.md: its tables list every finding code the lint and the training policy report, and no other
+
+#: a finding as the dataset's lint and the training policy add it: `report.add(WARNING, "few-images", …)`
+LINT_CODE = re.compile(r'report\.add\((?:ERROR|WARNING|INFO|"error"|"warning"|"info"), "([a-z0-9-]+)"'
+                       r'(?: if \w+ else "([a-z0-9-]+)")?')
+
+
+def lint_codes_in_code() -> set[str]:
+    from lora_run_folder.lint import NOT_DECODED
+
+    sources = [*(REPO / "plugins" / "lora_run_folder").glob("*.py"), REPO / "plugins" / "lora_run_training" / "policy.py"]
+    return {code for path in sources for pair in LINT_CODE.findall(path.read_text("utf-8")) for code in pair
+            if code} | set(NOT_DECODED)
+
+
+def lint_table_problems(page: str, codes: set[str]) -> list[str]:
+    """The codes the lint reports that the page's tables lack, and the codes the tables name that nothing reports."""
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    listed = {code for row in rows for code in re.findall(r"`([a-z0-9-]+)`", row.split("|")[1])}
+    return [f"missing from the page: {c}" for c in sorted(codes - listed)] + \
+        [f"reported by no code: {c}" for c in sorted(listed - codes)]
+
+
+def test_the_dataset_lint_page_lists_every_finding_code():
+    """docs/dataset-lint.md lacked `no-usable-images`, the error of a dataset whose every subject image is unusable."""
+    codes = lint_codes_in_code()
+    assert {"no-usable-images", "unreadable", "bad-image", "te-lr-ratio", "sub-folder", "many-reg-images"} <= codes
+    page = (DOCS / "dataset-lint.md").read_text("utf-8")
+    assert lint_table_problems(page, codes) == []
+    planted = page.replace("| `no-usable-images` |", "| `no-usable-image` |")
+    assert lint_table_problems(planted, codes) == ["missing from the page: no-usable-images",
+                                                   "reported by no code: no-usable-image"]
+
+
+# docs/reliability.md: the size limits of files read on a user's behalf are the constants the readers check
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes as the page writes a limit: the largest binary unit that divides it (1 MiB, 64 KiB, 8 GiB)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
+def size_limit_problems(page: str) -> list[str]:
+    from lora_run import files
+    import lora_run_folder
+    import lora_run_rundir
+    from lora_run_eval import evaluator, faces
+    from lora_run_folder import images
+    from lora_run_formats import model_files
+
+    table = page.split("### Size limits of files read on a user's behalf", 1)[1].split("\n\n")[1]
+    cells = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in table.splitlines()[2:]}
+    expected = {"recipe and every `extends` file": size_text(files.RECIPE_LIMIT),
+                "caption": size_text(lora_run_folder.CAPTION_LIMIT),
+                "training / subject image, and every image `score` scores":
+                    f"{size_text(images.IMAGE_LIMIT)}, and {images.MAX_PIXELS // 1_000_000} million pixels",
+                "LoRA file for `lora-run eval --lora`": size_text(evaluator.LORA_LIMIT),
+                "ONNX face model (`[eval.embedder_options]`)": f"{size_text(faces.ONNX_LIMIT)} (protobuf's own limit)",
+                "JSON of our own run folder read back (manifest, checkpoint state, cache index, the loss log `eval` "
+                "reads)": size_text(lora_run_rundir.JSON_LIMIT),
+                "JSON and tokenizer file of a model folder (config.json, model_index.json, tokenizer files)":
+                    size_text(model_files.TEXT_LIMIT)}
+    return [f"{row}: the page says {cells.get(row)!r}, the code {limit!r}" for row, limit in expected.items()
+            if cells.get(row) != limit]
+
+
+def test_the_size_limits_on_the_reliability_page_are_the_code_s():
+    page = (DOCS / "reliability.md").read_text("utf-8")
+    assert size_limit_problems(page) == []
+    planted = page.replace("| caption | 64 KiB |", "| caption | 1 MiB |")
+    assert size_limit_problems(planted) == ["caption: the page says '1 MiB', the code '64 KiB'"]
