@@ -41,6 +41,35 @@ def test_pyproject_ships_every_package_and_the_recipes():
     assert not (REPO / "core" / "lora_run" / "recipes").exists(), "recipes/ has one copy, at the top level"
 
 
+
+def test_only_lora_runs_own_checkout_adds_its_recipes_and_docs(tmp_path, monkeypatch):
+    """`pip install --target vendor` inside a user's project put the package at project/vendor/lora_run; the project's
+    pyproject.toml, two levels up, made it "the checkout", and the project's own docs/ and recipes/ were listed, and
+    printed, as lora-run's (its recipes/flux/identity-fast.toml shadowed the shipped one). Only lora-run's own
+    checkout (core/lora_run under a pyproject.toml naming lora-run) is read as one."""
+    import lora_run
+    from lora_run_commands.docs import doc_folders
+    from lora_run_recipes import is_checkout, shipped_folders
+
+    package = Path(lora_run.__file__).resolve().parent
+    assert is_checkout(package) == (package == REPO / "core" / "lora_run")
+    project = tmp_path / "project"
+    for folder in ("docs", "recipes/flux", "vendor/lora_run/recipes/flux", "vendor/lora_run/docs"):
+        (project / folder).mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "my-project"\n')
+    (project / "recipes" / "flux" / "identity-fast.toml").write_text("# my team's recipe\n")
+    (project / "vendor" / "lora_run" / "__init__.py").write_text("")
+    monkeypatch.setattr(lora_run, "__file__", str(project / "vendor" / "lora_run" / "__init__.py"))
+    assert shipped_folders("recipes") == [project / "vendor" / "lora_run" / "recipes"]
+    assert doc_folders() == [project / "vendor" / "lora_run" / "docs"]
+    # the same layout that is lora-run's own checkout (core/lora_run, its pyproject.toml) still reads it first
+    checkout = tmp_path / "checkout"
+    (checkout / "core" / "lora_run").mkdir(parents=True)
+    (checkout / "recipes").mkdir()
+    (checkout / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    monkeypatch.setattr(lora_run, "__file__", str(checkout / "core" / "lora_run" / "__init__.py"))
+    assert shipped_folders("recipes") == [checkout / "recipes"]
+
 def test_recipes_are_listed_by_name_and_printed_ready_to_copy(tmp_path, capsys, monkeypatch):
     assert main(["recipes"]) == 0
     listing = capsys.readouterr().out
