@@ -1,6 +1,7 @@
 """The first hour with lora-run: shipped recipes from any install, --unset, every problem at once, pipes."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -39,7 +40,19 @@ def test_pyproject_ships_every_package_and_the_recipes():
     assert config["package-dir"]["lora_run.recipes"] == "recipes"
     assert "**/*.toml" in config["package-data"]["lora_run.recipes"]
     assert not (REPO / "core" / "lora_run" / "recipes").exists(), "recipes/ has one copy, at the top level"
-
+    # every data file (not .py) of a package is matched by its package-data patterns: setuptools leaves out the
+    # others without a word, and the wheel's command that opens one fails (.ci/install-proof compares whole wheels)
+    unshipped = []
+    for root in (REPO / "core", REPO / "plugins"):
+        for path in root.rglob("*"):
+            parts = path.relative_to(root).parts
+            if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in parts
+                    or any(part.endswith(".egg-info") for part in parts)):
+                continue
+            rel = "/".join(parts[1:])       # below its top-level package, as package-data patterns are written
+            if not any(fnmatch.fnmatch(rel, pattern) for pattern in config["package-data"].get(parts[0], [])):
+                unshipped.append("/".join(parts))
+    assert unshipped == [], f"not in the wheel (pyproject.toml [tool.setuptools.package-data]): {unshipped}"
 
 
 def test_only_lora_runs_own_checkout_adds_its_recipes_and_docs(tmp_path, monkeypatch):
