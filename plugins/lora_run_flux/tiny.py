@@ -38,12 +38,12 @@ def _tokenizers():
 
 def build_tiny_flux(folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random FLUX.1-dev-layout ``FluxPipeline`` to ``folder`` (diffusers layout); returns it."""
+    from lora_run_native.adapters.base import quiet_libraries
+
+    quiet_libraries()       # before diffusers' import: without torchvision, transformers 5 warns on it (`lora-run demo`)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from lora_run_native.adapters.base import quiet_libraries
-
-    quiet_libraries()
     folder = Path(folder)
     clip_tok, t5_tok = _tokenizers()
     with seeded(seed):

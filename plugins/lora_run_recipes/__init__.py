@@ -25,11 +25,24 @@ def shipped_folders(name: str) -> list[Path]:
     import lora_run
 
     package = Path(lora_run.__file__).resolve().parent
-    checkout = package.parents[1]
     folders = [package / name]
-    if (checkout / "pyproject.toml").is_file():
-        folders.insert(0, checkout / name)
+    if is_checkout(package):
+        folders.insert(0, package.parents[1] / name)
     return [f for f in folders if f.is_dir()]
+
+
+def is_checkout(package: Path) -> bool:
+    """Whether the ``lora_run`` package folder is lora-run's own source checkout's ``core/lora_run``. Not merely
+    "a pyproject.toml two levels up": `pip install --target vendor` inside a user's project puts the package at
+    ``project/vendor/lora_run``, and that project's own docs/ and recipes/ were listed, and printed, as lora-run's."""
+    pyproject = package.parents[1] / "pyproject.toml"
+    if package.parent.name != "core" or not pyproject.is_file():
+        return False
+    try:
+        text = pyproject.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return re.search(r'(?m)^name\s*=\s*"lora-run"\s*$', text) is not None
 
 
 def recipe_roots() -> list[Path]:

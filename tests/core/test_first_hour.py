@@ -1,6 +1,7 @@
 """The first hour with lora-run: shipped recipes from any install, --unset, every problem at once, pipes."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -39,7 +40,48 @@ def test_pyproject_ships_every_package_and_the_recipes():
     assert config["package-dir"]["lora_run.recipes"] == "recipes"
     assert "**/*.toml" in config["package-data"]["lora_run.recipes"]
     assert not (REPO / "core" / "lora_run" / "recipes").exists(), "recipes/ has one copy, at the top level"
+    # every data file (not .py) of a package is matched by its package-data patterns: setuptools leaves out the
+    # others without a word, and the wheel's command that opens one fails (.ci/install-proof compares whole wheels)
+    unshipped = []
+    for root in (REPO / "core", REPO / "plugins"):
+        for path in root.rglob("*"):
+            parts = path.relative_to(root).parts
+            if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in parts
+                    or any(part.endswith(".egg-info") for part in parts)):
+                continue
+            rel = "/".join(parts[1:])       # below its top-level package, as package-data patterns are written
+            if not any(fnmatch.fnmatch(rel, pattern) for pattern in config["package-data"].get(parts[0], [])):
+                unshipped.append("/".join(parts))
+    assert unshipped == [], f"not in the wheel (pyproject.toml [tool.setuptools.package-data]): {unshipped}"
 
+
+def test_only_lora_runs_own_checkout_adds_its_recipes_and_docs(tmp_path, monkeypatch):
+    """`pip install --target vendor` inside a user's project put the package at project/vendor/lora_run; the project's
+    pyproject.toml, two levels up, made it "the checkout", and the project's own docs/ and recipes/ were listed, and
+    printed, as lora-run's (its recipes/flux/identity-fast.toml shadowed the shipped one). Only lora-run's own
+    checkout (core/lora_run under a pyproject.toml naming lora-run) is read as one."""
+    import lora_run
+    from lora_run_commands.docs import doc_folders
+    from lora_run_recipes import is_checkout, shipped_folders
+
+    package = Path(lora_run.__file__).resolve().parent
+    assert is_checkout(package) == (package == REPO / "core" / "lora_run")
+    project = tmp_path / "project"
+    for folder in ("docs", "recipes/flux", "vendor/lora_run/recipes/flux", "vendor/lora_run/docs"):
+        (project / folder).mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "my-project"\n')
+    (project / "recipes" / "flux" / "identity-fast.toml").write_text("# my team's recipe\n")
+    (project / "vendor" / "lora_run" / "__init__.py").write_text("")
+    monkeypatch.setattr(lora_run, "__file__", str(project / "vendor" / "lora_run" / "__init__.py"))
+    assert shipped_folders("recipes") == [project / "vendor" / "lora_run" / "recipes"]
+    assert doc_folders() == [project / "vendor" / "lora_run" / "docs"]
+    # the same layout that is lora-run's own checkout (core/lora_run, its pyproject.toml) still reads it first
+    checkout = tmp_path / "checkout"
+    (checkout / "core" / "lora_run").mkdir(parents=True)
+    (checkout / "recipes").mkdir()
+    (checkout / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    monkeypatch.setattr(lora_run, "__file__", str(checkout / "core" / "lora_run" / "__init__.py"))
+    assert shipped_folders("recipes") == [checkout / "recipes"]
 
 def test_recipes_are_listed_by_name_and_printed_ready_to_copy(tmp_path, capsys, monkeypatch):
     assert main(["recipes"]) == 0

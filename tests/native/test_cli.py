@@ -154,6 +154,9 @@ def test_demo_runs_from_the_cli(run_cli, tmp_path):
     assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs through accelerate"
     assert manifest["artifacts"]["cache"]["latents"]["misses"] == 12 + 20      # subject and regularisation images
     assert "0 error(s), 0 warning(s)" in result.stdout       # our own demo raises none of the playbook's warnings
+    # nor the libraries' own: transformers 5 without torchvision warned twice while the demo built its model, telling a
+    # first-time user to install torchvision (which, beside the README's CPU torch, pulls a multi-GB CUDA torch)
+    assert "[transformers]" not in result.stdout + result.stderr and "torchvision" not in result.stdout + result.stderr
 
 
 def test_demo_run_again_says_how_to_replace_it(run_cli, tmp_path):
