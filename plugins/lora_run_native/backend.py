@@ -30,12 +30,42 @@ TRAIN_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "s
 
 
 def missing_packages(backend: str = "native") -> str | None:
-    """Why ``backend`` cannot train in this environment (the `train` extra's packages not installed), or None."""
+    """Why ``backend`` cannot train in this environment (the `train` extra's packages not installed, or older than
+    the extra asks for), or None."""
     missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
-    if not missing:
-        return None
-    return (f"backend \"{backend}\" trains with {', '.join(missing)}, not installed here: pip install "
-            "'lora-run[train]' (on a GPU machine, install the torch build for its CUDA first)")
+    if missing:
+        return (f"backend \"{backend}\" trains with {', '.join(missing)}, not installed here: pip install "
+                "'lora-run[train]' (on a GPU machine, install the torch build for its CUDA first)")
+    if old := too_old("train"):
+        return (f"backend \"{backend}\" needs newer {', '.join(old)}: pip install -U 'lora-run[train]' (on a GPU "
+                "machine, keep the torch build for its CUDA)")
+    return None
+
+
+def too_old(extra: str, distribution: str = "lora-run") -> list[str]:
+    """The packages of ``distribution``'s ``extra`` that are installed at a version it does not accept, as
+    "diffusers 0.35.2 (lora-run asks for >=0.37)"; pip keeps an installed release that an older lora-run accepted,
+    and `--no-deps` installs ignore the bounds."""
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        wanted = metadata.requires(distribution) or []
+    except metadata.PackageNotFoundError:     # run from a source tree that was never installed: nothing to compare
+        return []
+    old = []
+    for text in wanted:
+        try:
+            req = Requirement(text)
+            if req.marker is None or not req.marker.evaluate({"extra": extra}):
+                continue
+            have = metadata.version(req.name)
+        except (InvalidRequirement, metadata.PackageNotFoundError):
+            continue       # not installed: `missing_packages` names what the backend imports
+        if not req.specifier.contains(have, prereleases=True):
+            old.append(f"{req.name} {have} ({distribution} asks for {req.specifier})")
+    return old
 
 
 class NativeBackend:

@@ -74,6 +74,31 @@ def test_an_install_without_the_train_extra_is_named_before_anything_is_written(
             assert "[backend.name]" in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
 
+
+@pytest.mark.parametrize("version,old", [("0.30.0", True), ("99.0.0", False)])
+def test_an_install_with_a_train_package_too_old_is_named_before_anything_is_written(version, old, flux_recipe,
+                                                                                       tmp_path):
+    """pip keeps an installed release an older lora-run accepted (and `--no-deps` ignores the bounds): a diffusers
+    older than the `train` extra asks for failed deep in an import, "unexpected ImportError … a bug in lora-run" (exit
+    1). `check`, the run and the demo name it with the upgrade line (exit 2) and write nothing. The old release is a
+    real distribution record first on the path (what `importlib.metadata` reads); the control's new one passes."""
+    shadow = tmp_path / "shadow" / f"diffusers-{version}.dist-info"
+    shadow.mkdir(parents=True)
+    (shadow / "METADATA").write_text(f"Metadata-Version: 2.1\nName: diffusers\nVersion: {version}\n", encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH")) if p)
+    recipe = flux_recipe()
+    runs = {"check": ["check", str(recipe)], "run": [str(recipe), "--output-dir", str(tmp_path / "run")],
+            "demo": ["demo", "--output-dir", str(tmp_path / "demo")]}
+    for name, argv in runs.items() if old else [("check", runs["check"])]:
+        result = subprocess.run([sys.executable, "-m", "lora_run", *argv], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+        said = f"needs newer diffusers {version} (lora-run asks for >=0.37): pip install -U 'lora-run[train]'"
+        assert (result.returncode, said in result.stderr) == ((2, True) if old else (0, False)), (
+            name, result.returncode, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and (not old or name != "check" or "[backend.name]" in result.stderr)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
+
+
 def test_plan_reports_steps_buckets_memory_and_outputs(flux_recipe, run_cli):
     result = run_cli("plan", flux_recipe(length="epochs = 3"), "--json", "--set", "dataset.repeats=2")
     assert result.returncode == 0, result.stderr
