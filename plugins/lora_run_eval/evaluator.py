@@ -21,7 +21,7 @@ from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputErro
 from lora_run.files import FileProblem, GiB, check_input_file, printable, read_limited, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
-from lora_run_rundir import JSON_LIMIT
+from lora_run_rundir import JSON_LIMIT, parse_json
 from lora_run_rundir.atomic import TEMP_FILE, make_folder
 from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
 from lora_run_rundir.record import EVALUATION, OUTPUT_RECORD, recorded_output, unrecorded
@@ -171,7 +171,7 @@ def _lora_file(path: Path) -> Path | None:
         return None
     for state in (path / "state.json", path / "resume" / "state.json"):
         try:
-            named = json.loads(state.read_text("utf-8")).get("loras") or {}
+            named = parse_json(state.read_text("utf-8")).get("loras") or {}
         except (OSError, ValueError, AttributeError):
             continue
         for fmt in sorted(named, key=lambda f: (f != "kohya", f)):

@@ -16,6 +16,18 @@ from lora_run.errors import BackendError, OutputError
 from lora_run.files import human_size, shown
 
 
+def parse_json(raw: bytes | str):
+    """``json.loads`` for a file lora-run reads back (a run folder's records, a cache's index, a staged folder's
+    marker): JSON nested deeper than the decoder's recursion limit (``[[[[…``, a few bytes a level) is a
+    ``ValueError`` like any other text that is not JSON, not a ``RecursionError`` no reader expects."""
+    import json
+
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply to read") from None
+
+
 class DiskFullError(BackendError):
     """The disk (or the quota) filled up; the message names the file and the space it needs."""
 

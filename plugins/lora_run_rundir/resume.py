@@ -2,13 +2,13 @@
 the dataset not at all (unless `--allow-dataset-change`)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from lora_run.errors import OutputError, RecipeError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run.recipe import load_recipe, to_dict
 
+from .atomic import parse_json
 from .folder import DATASET_RECORD, JSON_LIMIT, RECIPE, RunDir
 
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
@@ -108,7 +108,7 @@ def check_dataset_unchanged(run_dir: RunDir, report: Any, shown_recipe: str) -> 
     changes: list[str] = []
     if record.is_file():
         try:
-            saved = json.loads(read_limited(record, "json", JSON_LIMIT)).get("files", {})
+            saved = parse_json(read_limited(record, "json", JSON_LIMIT)).get("files", {})
         except (OSError, ValueError, AttributeError, FileProblem):
             saved = None
         if isinstance(saved, dict):

@@ -334,6 +334,10 @@ def _manifest_edit(**fields):
     return edit
 
 
+def _deep(path: Path) -> None:
+    path.write_text("[" * 100_000)
+
+
 RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes on)
     "manifest dataset a string": (_manifest_edit(dataset="x", resumed_at=5), None),
     "manifest dataset a list": (_manifest_edit(dataset=[1, {"hash": 2}], artifacts=[3]), None),
@@ -379,6 +383,17 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
         lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text("{"), None),
     "an older checkpoint's LoRA list not a table": (
         lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text('{"loras": 5}'), None),
+    # JSON nested past the decoder's recursion limit (a few bytes a level): "unexpected RecursionError" (exit 1) from
+    # the manifest check, the dataset check, the checkpoint scan and the cache index alike
+    "manifest nested too deeply": (lambda run: _deep(run / "manifest.json"),
+                                   "manifest.json: cannot resume: the manifest cannot be read (the JSON is nested too "
+                                   "deeply to read)"),
+    "dataset.json nested too deeply": (lambda run: _deep(run / "dataset.json"), None),
+    "the newest checkpoint's state nested too deeply": (
+        lambda run: _deep(run / "checkpoints" / "step-000004" / "resume" / "state.json"), None),
+    "an older checkpoint's state nested too deeply": (
+        lambda run: _deep(run / "checkpoints" / "step-000002" / "resume" / "state.json"), None),
+    "the cache index nested too deeply": (lambda run: _deep(run / "cache" / "latents" / "index.json"), None),
 }
 
 
