@@ -557,12 +557,17 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         raise DatasetError("\n".join(unreadable))
     if not subject:
         raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
-    _clear_output(out, args.overwrite)
     echo = (lambda _m: None) if args.json else print
+
+    def prepare() -> None:     # under the folder's lock: another evaluation may have written there since the check
+        _check_output(out, args.overwrite)
+        _clear_output(out, args.overwrite)
     # before anything goes in: the record that this folder is lora-run's evaluation and what it holds, by which the run
     # folder's `run --overwrite` knows an `eval-*` folder as a run's (it never reads this plugin's files); taken back
-    # when the evaluation stops before its first output (a LoRA that does not fit the model: nothing left behind)
-    with recorded_output(out, EVALUATION, OWN_ENTRIES):
+    # when the evaluation stops before its first output (a LoRA that does not fit the model: nothing left behind). The
+    # folder is locked until the evaluation ends: a second `lora-run eval` into it is refused (its --overwrite deleted
+    # the first one's images while it scored them)
+    with recorded_output(out, EVALUATION, OWN_ENTRIES, prepare):
         embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
                                  loaded.path.resolve().parent)
         generate = find_generator(plugins, recipe)
