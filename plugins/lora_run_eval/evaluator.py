@@ -540,6 +540,12 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
+    from lora_run_commands.arguments import NAME_MAX
+
+    if not args.output_dir and len(os.fsencode(out.name)) > NAME_MAX:   # a LoRA named up to the limit ("File name too long")
+        raise OutputError(f"--lora {shown(args.lora[0])}: the evaluation's default folder next to it, eval-<its name>, "
+                          f"would have a name of {len(os.fsencode(out.name))} bytes, over the {NAME_MAX} a folder name "
+                          "may have; give --output-dir")
     _check_output(out, args.overwrite)
     for raw, (_, _, path) in zip(args.lora, loras):
         not_lora = lora_file_problem(path)
