@@ -16,6 +16,7 @@ Everything is deterministic and offline. It shows the pipeline end to end; it do
 """
 from __future__ import annotations
 
+import os
 import random
 import shlex
 from collections.abc import Callable
@@ -96,15 +97,21 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
 
 def _build_whole(target: Path, build: Callable[[Path], object]) -> None:
     """``build(folder)`` into a temporary sibling, renamed to ``target`` when complete: a demo interrupted while
-    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. Only
-    called inside the demo's own folder, so an earlier incomplete ``target`` is the demo's and is replaced."""
+    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. So the demo
+    itself never leaves ``target`` incomplete: one that is there, short of what the demo builds (its `reg/` or the
+    model's `model_index.json` gone), was changed by someone else and may hold their files (notes, their own photos
+    beside the drawings), which deleting it to build anew took with it; it is refused instead, named (exit 2)."""
     import shutil
 
+    from lora_run.errors import OutputError
+
+    if os.path.lexists(target):
+        raise OutputError(f"{shown(target)}: is not the demo's {'model' if target.name != 'data' else 'dataset'} as "
+                          "`lora-run demo` builds it (parts of it are missing) and may hold files of yours; the demo "
+                          "never deletes it: move it away (or delete it) and run the demo again to have it built anew")
     building = target.with_name(f".{target.name}.building")
     shutil.rmtree(building, ignore_errors=True)
     build(building)
-    if target.exists():
-        shutil.rmtree(target)
     building.rename(target)
 
 
