@@ -3,18 +3,33 @@ them, and so may a plugin's (`docs/hooks/register_commands.md`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 
+#: The longest name of one file or folder (one part of a path), in bytes, and the longest path, that Linux's file
+#: systems take (NAME_MAX, PATH_MAX): a longer one can be neither read nor made.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
 def path_argument(value: str) -> str:
     """The type of every path argument: a blank one ("$UNSET") is refused, never the working folder (`Path("")`), and
-    `-`: no file is read from standard input or written to standard output (a run records its recipe file)."""
+    `-`: no file is read from standard input or written to standard output (a run records its recipe file). So is a
+    path no file system takes (a name over :data:`NAME_MAX` bytes, a path over :data:`PATH_MAX`), which made Python's
+    own checks (``Path.exists``, ``is_dir``) raise "File name too long" where the commands ask whether it exists."""
     if value == "-":
         raise argparse.ArgumentTypeError("reading standard input or writing standard output is not supported; "
                                          "name a file (a recipe: save it to a file first)")
     if not value.strip():
         raise argparse.ArgumentTypeError("an empty path; name the file or folder (an unset variable gives one)")
+    longest = max((len(os.fsencode(part)) for part in value.split(os.sep)), default=0)
+    if longest > NAME_MAX:
+        raise argparse.ArgumentTypeError(f"a name in the path is {longest} bytes long, over the {NAME_MAX} bytes a file "
+                                         "or folder name may have")
+    if len(os.fsencode(os.path.abspath(value))) >= PATH_MAX:
+        raise argparse.ArgumentTypeError(f"the path is over the {PATH_MAX} bytes a path may have")
     return value
 
 

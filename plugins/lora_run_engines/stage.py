@@ -280,11 +280,13 @@ def marker_text(sets: Sets, key: str) -> str:
 def read_marker(root: Path) -> dict[str, Any] | None:
     """The marker of a folder lora-run staged (a regular file, within :data:`MARKER_LIMIT`, of the form
     :func:`marker_text` writes); None for anything else: no marker, another program's file, a damaged one."""
+    from lora_run_rundir import parse_json
+
     path = root / MARKER
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > MARKER_LIMIT:
             return None
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("lora_run_staging") != 1 or not isinstance(data.get("key"), str) \

@@ -21,7 +21,7 @@ from lora_run.errors import BackendError, DatasetError, LoraRunError, OutputErro
 from lora_run.files import FileProblem, GiB, check_input_file, printable, read_limited, resolved, shown
 from lora_run_formats import lora_file_problem
 from lora_run_rundir import atomic_write_text
-from lora_run_rundir import JSON_LIMIT
+from lora_run_rundir import JSON_LIMIT, parse_json
 from lora_run_rundir.atomic import TEMP_FILE, make_folder
 from lora_run_rundir.output import folder_problem, input_problems, refuse_empty_output_dir
 from lora_run_rundir.record import EVALUATION, OUTPUT_RECORD, recorded_output, unrecorded
@@ -171,7 +171,7 @@ def _lora_file(path: Path) -> Path | None:
         return None
     for state in (path / "state.json", path / "resume" / "state.json"):
         try:
-            named = json.loads(state.read_text("utf-8")).get("loras") or {}
+            named = parse_json(state.read_text("utf-8")).get("loras") or {}
         except (OSError, ValueError, AttributeError):
             continue
         for fmt in sorted(named, key=lambda f: (f != "kohya", f)):
@@ -540,6 +540,12 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras = [(f"{label} ({n})", step, path) for n, (label, step, path) in enumerate(loras, 1)]
     out = resolved(Path(args.output_dir).expanduser()) if args.output_dir else \
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
+    from lora_run_commands.arguments import NAME_MAX
+
+    if not args.output_dir and len(os.fsencode(out.name)) > NAME_MAX:   # a LoRA named up to the limit ("File name too long")
+        raise OutputError(f"--lora {shown(args.lora[0])}: the evaluation's default folder next to it, eval-<its name>, "
+                          f"would have a name of {len(os.fsencode(out.name))} bytes, over the {NAME_MAX} a folder name "
+                          "may have; give --output-dir")
     _check_output(out, args.overwrite)
     for raw, (_, _, path) in zip(args.lora, loras):
         not_lora = lora_file_problem(path)
@@ -557,12 +563,17 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         raise DatasetError("\n".join(unreadable))
     if not subject:
         raise RecipeError(f"{loaded.shown}: [dataset.path] has no usable subject photos to compare against")
-    _clear_output(out, args.overwrite)
     echo = (lambda _m: None) if args.json else print
+
+    def prepare() -> None:     # under the folder's lock: another evaluation may have written there since the check
+        _check_output(out, args.overwrite)
+        _clear_output(out, args.overwrite)
     # before anything goes in: the record that this folder is lora-run's evaluation and what it holds, by which the run
     # folder's `run --overwrite` knows an `eval-*` folder as a run's (it never reads this plugin's files); taken back
-    # when the evaluation stops before its first output (a LoRA that does not fit the model: nothing left behind)
-    with recorded_output(out, EVALUATION, OWN_ENTRIES):
+    # when the evaluation stops before its first output (a LoRA that does not fit the model: nothing left behind). The
+    # folder is locked until the evaluation ends: a second `lora-run eval` into it is refused (its --overwrite deleted
+    # the first one's images while it scored them)
+    with recorded_output(out, EVALUATION, OWN_ENTRIES, prepare):
         embedder = make_embedder(plugins, recipe.eval.embedder, recipe.eval.embedder_options,
                                  loaded.path.resolve().parent)
         generate = find_generator(plugins, recipe)

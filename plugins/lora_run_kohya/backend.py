@@ -873,13 +873,13 @@ def state_step(state: Path) -> int | None:
 
     try:
         value = json.loads((state / "train_state.json").read_text("utf-8")).get("current_step")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     if not isinstance(value, int):
         return None
     try:
         offset = int(json.loads((state.parent / SEGMENT).read_text("utf-8")).get("offset", 0))
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         offset = 0
     return value + offset
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import attrs
 
 from lora_run.files import FileProblem, read_limited
-from lora_run_rundir import JSON_LIMIT, atomic_path, atomic_write_text
+from lora_run_rundir import JSON_LIMIT, atomic_path, atomic_write_text, parse_json
 
 FORMAT_VERSION = "2"   # 2: per-tensor shape, dtype and checksum in the metadata
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -68,7 +68,7 @@ class Cache:
         self.stats = CacheStats()
         self._index_path = self.root / "index.json"
         try:
-            index = json.loads(read_limited(self._index_path, "json", JSON_LIMIT))
+            index = parse_json(read_limited(self._index_path, "json", JSON_LIMIT))
         except (OSError, ValueError, FileProblem):
             index = {}
         # only well-formed keys: a tampered index must never make us delete a file outside the cache

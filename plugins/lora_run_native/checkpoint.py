@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
-from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full
+from lora_run_rundir import JSON_LIMIT, disk_full_error, is_disk_full, parse_json
 from lora_run_rundir.provenance import file_digests, sha256_file
 
 from .outputs import HEADER_BYTES
@@ -322,7 +322,7 @@ def verify(folder: Path) -> str | None:
     if not os.path.lexists(state_path):
         return f"{shown(state_path)}: missing"
     try:
-        state = json.loads(read_limited(state_path, "json", JSON_LIMIT))
+        state = parse_json(read_limited(state_path, "json", JSON_LIMIT))
     except FileProblem as exc:
         return f"{shown(state_path)}: {exc}"
     except (OSError, ValueError) as exc:
@@ -511,7 +511,7 @@ def recorded_loras(folder: Path) -> dict[str, str]:
 def _state_record(folder: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``, or an empty record where it does not read as a JSON object."""
     try:
-        state = json.loads(read_limited(Path(folder) / STATE, "json", JSON_LIMIT))
+        state = parse_json(read_limited(Path(folder) / STATE, "json", JSON_LIMIT))
     except (OSError, ValueError, FileProblem):
         return {}
     return state if isinstance(state, dict) else {}
@@ -535,7 +535,7 @@ def load(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     path = Path(path)
-    state = json.loads((path / STATE).read_bytes())
+    state = parse_json((path / STATE).read_bytes())
     return {
         "state": state,
         "trainable": load_file(str(path / TRAINABLE)),

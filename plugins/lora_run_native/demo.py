@@ -16,6 +16,7 @@ Everything is deterministic and offline. It shows the pipeline end to end; it do
 """
 from __future__ import annotations
 
+import os
 import random
 import shlex
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from lora_run import __version__
 from lora_run.errors import BackendError
 from lora_run.files import resolved, shown
 from lora_run_rundir import atomic_write_text
+from lora_run_rundir.atomic import folder_lock
 from lora_run_rundir.output import folder_problem, refuse_empty_output_dir
 
 TRIGGER = "ohwx"
@@ -95,15 +97,21 @@ def build_dataset(folder: Path, seed: int = 7) -> tuple[Path, Path]:
 
 def _build_whole(target: Path, build: Callable[[Path], object]) -> None:
     """``build(folder)`` into a temporary sibling, renamed to ``target`` when complete: a demo interrupted while
-    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. Only
-    called inside the demo's own folder, so an earlier incomplete ``target`` is the demo's and is replaced."""
+    building (Ctrl-C) leaves no half-written model or dataset that the next `lora-run demo` would reuse. So the demo
+    itself never leaves ``target`` incomplete: one that is there, short of what the demo builds (its `reg/` or the
+    model's `model_index.json` gone), was changed by someone else and may hold their files (notes, their own photos
+    beside the drawings), which deleting it to build anew took with it; it is refused instead, named (exit 2)."""
     import shutil
 
+    from lora_run.errors import OutputError
+
+    if os.path.lexists(target):
+        raise OutputError(f"{shown(target)}: is not the demo's {'model' if target.name != 'data' else 'dataset'} as "
+                          "`lora-run demo` builds it (parts of it are missing) and may hold files of yours; the demo "
+                          "never deletes it: move it away (or delete it) and run the demo again to have it built anew")
     building = target.with_name(f".{target.name}.building")
     shutil.rmtree(building, ignore_errors=True)
     build(building)
-    if target.exists():
-        shutil.rmtree(target)
     building.rename(target)
 
 
@@ -152,6 +160,19 @@ def _own_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def _make(out: Path) -> None:
+    """``out`` made where missing (a new folder is empty: the demo's to use), or refused (exit 2)."""
+    from lora_run.errors import RecipeError
+
+    unusable = folder_problem(out)
+    if unusable:
+        raise RecipeError(f"--output-dir {shown(out)}: {unusable}; give a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RecipeError(f"--output-dir {out}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _claim(out: Path) -> None:
     """Make ``out`` the demo's folder, or refuse (exit 2) before anything is written: the demo rebuilds its
     model, dataset and recipe in there, so a folder of the user's own files is never used."""
@@ -159,16 +180,12 @@ def _claim(out: Path) -> None:
 
     recipe = out / "assets" / "recipe.toml"
     try:
-        unusable = folder_problem(out)
-        if unusable:
-            raise RecipeError(f"--output-dir {shown(out)}: {unusable}; give a new or empty folder")
         if out.is_dir() and any(out.iterdir()) and not _own_file(out / MARK):
             written = _own_file(recipe) and recipe.read_text(encoding="utf-8", errors="replace").startswith(
                 "# Written by `lora-run demo`")          # a demo folder from before the mark existed
             if not written:
                 raise RecipeError(f"--output-dir {out}: the folder holds files `lora-run demo` did not write; "
                                   "give a new or empty folder")
-        out.mkdir(parents=True, exist_ok=True)
         if not _own_file(out / MARK):    # written anew, never through a link (its target is never written)
             atomic_write_text(out / MARK, "This folder was written by `lora-run demo`.\n")
     except OSError as exc:
@@ -187,13 +204,19 @@ def run_demo(output_dir: str, plugins: object, *, overwrite: bool = False, debug
     if (why := missing_packages()) is not None:     # before anything is built: the tiny model needs them too
         raise RecipeError(f"lora-run demo: {why}")
     out = resolved(output_dir)
-    _claim(out)
-    run_out = out / "run"
-    if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
-        raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
-                          "`lora-run demo --output-dir OTHER` runs it elsewhere")
-    recipe_path = build_demo(out / "assets")
-    ctx = execute(load_recipe(recipe_path, plugins=plugins), plugins, output_dir=str(run_out), overwrite=overwrite, debug=debug)
+    _make(out)
+    # one demo per folder, for the whole demo: a second one rebuilt the model and the dataset under the first (its
+    # `.building` folders deleted each other's: "unexpected FileNotFoundError", exit 1, either demo) before the run
+    # folder's own lock refused it
+    with folder_lock(out, "a demo"):
+        _claim(out)
+        run_out = out / "run"
+        if not overwrite and run_out.is_dir() and any(run_out.iterdir()):
+            raise RecipeError(f"an earlier demo run is in {run_out}: `lora-run demo --overwrite` replaces it, or "
+                              "`lora-run demo --output-dir OTHER` runs it elsewhere")
+        recipe_path = build_demo(out / "assets")
+        ctx = execute(load_recipe(recipe_path, plugins=plugins), plugins, output_dir=str(run_out), overwrite=overwrite,
+                      debug=debug)
     print(f"demo done: {ctx.run_dir.path if ctx.run_dir else out}")
     print("This shows the pipeline end to end on a tiny random model; it is not a useful LoRA. The evaluation "
           "report's failures are expected: the model is random and the photos are cartoons.\n" + NEXT_STEPS)

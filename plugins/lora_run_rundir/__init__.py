@@ -19,12 +19,12 @@ from typing import Any
 from lora_run.hookspecs import hookimpl
 
 from .atomic import (atomic_path, atomic_write_bytes, atomic_write_text, disk_full_error, free_bytes, is_disk_full,
-                     open_append)
+                     open_append, parse_json)
 from .folder import JSON_LIMIT, RunDir
 from .output import output_path
 
 __all__ = ["JSON_LIMIT", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_error",
-           "free_bytes", "is_disk_full", "open_append", "output_path"]
+           "free_bytes", "is_disk_full", "open_append", "output_path", "parse_json"]
 
 
 @hookimpl(trylast=True)     # the fallback: a folder another plugin gives is used instead, whatever the load order

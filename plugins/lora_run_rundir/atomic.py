@@ -16,6 +16,18 @@ from lora_run.errors import BackendError, OutputError
 from lora_run.files import human_size, shown
 
 
+def parse_json(raw: bytes | str):
+    """``json.loads`` for a file lora-run reads back (a run folder's records, a cache's index, a staged folder's
+    marker): JSON nested deeper than the decoder's recursion limit (``[[[[…``, a few bytes a level) is a
+    ``ValueError`` like any other text that is not JSON, not a ``RecursionError`` no reader expects."""
+    import json
+
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply to read") from None
+
+
 class DiskFullError(BackendError):
     """The disk (or the quota) filled up; the message names the file and the space it needs."""
 
@@ -81,6 +93,54 @@ def make_folder(path: Path, label: str | None = None, what: str = "output folder
         if is_disk_full(exc):
             raise disk_full_error(path, 4096) from None
         raise OutputError(f"{label or shown(path)}: cannot create the {what} ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """One lora-run writer per folder that is no run folder (an evaluation's, the demo's): an exclusive ``flock`` on
+    the folder itself (its directory, so nothing is added to it), held while the block runs. Another writer holding it
+    is refused, exit 2 (two `lora-run eval` or `lora-run demo` into one folder at once: the second's ``--overwrite``
+    deleted the first's images, or its model was rebuilt under it); the kernel drops the lock when the process ends,
+    however it ends. ``what`` names the writer for the message ("an evaluation")."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise OutputError(f"{shown(folder)}: cannot open the folder to lock it ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"{shown(folder)}: another lora-run is writing {what} in this folder now; wait for "
+                                  "it to finish or stop it, or use another --output-dir (nothing was touched)") from None
+            raise OutputError(f"{shown(folder)}: cannot lock the folder ({exc.strerror or exc})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def folder_locked(folder: Path) -> bool:
+    """Whether another process holds :func:`folder_lock` on ``folder`` now (a writer is at work there)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)     # closing drops a lock just taken
+    return False
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

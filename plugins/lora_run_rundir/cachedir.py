@@ -27,7 +27,7 @@ from pathlib import Path
 from lora_run.errors import OutputError
 from lora_run.files import FileProblem, read_limited, shown
 
-from .atomic import TEMP_FILE, atomic_write_text, make_folder
+from .atomic import TEMP_FILE, atomic_write_text, make_folder, parse_json
 
 #: lora-run's mark in a cache folder it made (or took over as an empty folder or an earlier lora-run's cache).
 CACHE_MARKER = "lora-run-cache.json"
@@ -70,7 +70,7 @@ def is_marked(folder: Path) -> bool:
     try:
         if path.stat().st_size > MARKER_LIMIT:
             return False
-        data = json.loads(path.read_bytes())
+        data = parse_json(path.read_bytes())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("lora_run_cache") == 1

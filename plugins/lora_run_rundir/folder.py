@@ -20,8 +20,8 @@ from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 from lora_run_commands import describe_plugins
 
-from .atomic import (TEMP_FILE, atomic_write_text, disk_full_error, is_disk_full, make_folder, open_append,
-                     remove_temp_files)
+from .atomic import (TEMP_FILE, atomic_write_text, disk_full_error, folder_locked, is_disk_full, make_folder,
+                     open_append, parse_json, remove_temp_files)
 from .provenance import model_identity, package_versions, version_changes
 from .cachedir import cache_problems
 from .record import EVALUATION, OUTPUT_RECORD, plain_name, tree, unlisted, unrecorded
@@ -72,7 +72,7 @@ def is_run_folder(path: Path) -> bool:
     manifest = path / MANIFEST
     if manifest.is_file() and not manifest.is_symlink():
         try:
-            if "lora_run_version" in json.loads(read_limited(manifest, "json", JSON_LIMIT)):
+            if "lora_run_version" in parse_json(read_limited(manifest, "json", JSON_LIMIT)):
                 return True
         except (OSError, ValueError, TypeError, FileProblem):
             pass
@@ -141,7 +141,7 @@ class RunLock:
 
 def _read_holder(fd: int) -> str:
     try:
-        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace") or "{}")
+        info = parse_json(os.pread(fd, 65536, 0).decode("utf-8", "replace") or "{}")
         command = " ".join(str(a) for a in info.get("command", []))
         return printable(f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}: "
                          f"{command}".strip())
@@ -322,7 +322,7 @@ def _manifest_damage(path: Path) -> str | None:
         return (f"is missing, while the folder holds what runs write after it ({', '.join(shown(n) for n in later[:4])}"
                 f"{', …' if len(later) > 4 else ''})") if later else None
     try:
-        data = json.loads(read_limited(manifest, "json", JSON_LIMIT))
+        data = parse_json(read_limited(manifest, "json", JSON_LIMIT))
     except FileProblem as exc:
         return str(exc)
     except UnicodeDecodeError:
@@ -410,6 +410,14 @@ class RunDir:
                 raise OutputError(f"{shown(p)}: --overwrite would delete {_entries(foreign)} no lora-run run wrote "
                                   f"there ({names}); move them out of the run folder, or choose another --output-dir"
                                   + hint)
+            # an evaluation `lora-run eval` is writing into the folder now (it holds its folder's lock): deleted with the
+            # old run, it failed (exit 1) and its record came back in the new run folder
+            busy = [e.name for e in existing if e.name.startswith("eval-") and e.is_dir() and not e.is_symlink()
+                    and folder_locked(e)]
+            if busy:
+                raise OutputError(f"{shown(p)}: --overwrite would delete {', '.join(shown(n) for n in busy[:4])}, "
+                                  "which a `lora-run eval` is writing now; wait for it to finish or stop it, or choose "
+                                  "another --output-dir (nothing was touched)")
             self._lock()             # refuses while another run uses it
             self._clear()
         else:
@@ -597,7 +605,7 @@ class RunDir:
 
     def read_manifest(self) -> dict[str, Any]:
         try:
-            data = json.loads(read_limited(self.path / MANIFEST, "json", JSON_LIMIT))
+            data = parse_json(read_limited(self.path / MANIFEST, "json", JSON_LIMIT))
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError, FileProblem):
             return {}

@@ -64,7 +64,9 @@ def _safetensors_header(data: Any) -> tuple[int, dict[str, Any]]:
     (length,) = struct.unpack("<Q", data[:8])
     if length > 100 << 20 or len(data) < 8 + length:
         raise ValueError("header length")
-    header = json.loads(bytes(data[8:8 + length]))
+    from .atomic import parse_json
+
+    header = parse_json(bytes(data[8:8 + length]))
     if not isinstance(header, dict):
         raise ValueError("header")
     return 8 + length, header

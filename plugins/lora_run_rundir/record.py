@@ -18,11 +18,11 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lora_run.errors import LoraRunError
 
-from .atomic import TEMP_FILE, atomic_write_text, make_folder
+from .atomic import TEMP_FILE, atomic_write_text, folder_lock, make_folder
 
 OUTPUT_RECORD = ".lora-run-output.json"
 #: the writer's name in the record of an evaluation folder (``lora_run_eval``'s `lora-run eval`)
@@ -81,26 +81,47 @@ def write_output_record(folder: Path, writer: str, entries: Iterable[str], files
 
 
 @contextlib.contextmanager
-def recorded_output(folder: Path, writer: str, entries: Iterable[str]) -> Iterator[None]:
-    """:func:`write_output_record`, then the writer's work; when that raises while the folder holds nothing but the
-    record, the record is removed again, and the folder when this made it: a refusal before the first output leaves
-    nothing behind. Otherwise, done or stopped, the record is written again with the ``files`` the writer left in its
-    folders."""
-    made = not os.path.lexists(folder)
+def recorded_output(folder: Path, writer: str, entries: Iterable[str],
+                    prepare: Callable[[], None] | None = None) -> Iterator[None]:
+    """:func:`write_output_record`, then the writer's work, the folder locked throughout (:func:`folder_lock`: a second
+    writer into it is refused); ``prepare`` runs first under the lock (the writer's checks of the folder and its
+    clearing of an earlier output, which another writer could otherwise change between check and write). When the
+    work raises while the folder holds nothing but the record, the record is removed again, and the folder when this
+    made it: a refusal before the first output leaves nothing behind. Otherwise, done or stopped, the record is
+    written again with the ``files`` the writer left in its folders."""
     names = sorted(set(entries))
-    write_output_record(folder, writer, names)
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if [e.name for e in folder.iterdir()] == [OUTPUT_RECORD]:
-                os.unlink(folder / OUTPUT_RECORD)
-                if made:
+    made = False
+    if not os.path.lexists(folder):
+        make_folder(folder.parent)
+        try:
+            os.mkdir(folder)
+            made = True
+        except FileExistsError:     # another writer made it just now: its lock decides
+            pass
+        except OSError:
+            make_folder(folder)     # names the folder and the reason
+    with folder_lock(folder, f"an {writer}" if writer[:1] in "aeiou" else f"a {writer}"):
+        try:
+            if prepare is not None:
+                prepare()
+            write_output_record(folder, writer, names)
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):
                     folder.rmdir()
-                raise
+            raise
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if [e.name for e in folder.iterdir()] == [OUTPUT_RECORD]:
+                    os.unlink(folder / OUTPUT_RECORD)
+                    if made:
+                        folder.rmdir()
+                    raise
+            _record_files(folder, writer, names)
+            raise
         _record_files(folder, writer, names)
-        raise
-    _record_files(folder, writer, names)
 
 
 def _record_files(folder: Path, writer: str, names: list[str]) -> None:

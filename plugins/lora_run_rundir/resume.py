@@ -2,13 +2,14 @@
 the dataset not at all (unless `--allow-dataset-change`)."""
 from __future__ import annotations
 
-import json
+import os
 from typing import Any
 
 from lora_run.errors import OutputError, RecipeError
 from lora_run.files import FileProblem, read_limited, shown
 from lora_run.recipe import load_recipe, to_dict
 
+from .atomic import parse_json
 from .folder import DATASET_RECORD, JSON_LIMIT, RECIPE, RunDir
 
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "epochs"), ("train", "save_every_steps"),
@@ -106,18 +107,23 @@ def dataset_changes(saved: dict[str, Any], now: dict[str, dict[str, str]]) -> li
 def check_dataset_unchanged(run_dir: RunDir, report: Any, shown_recipe: str) -> None:
     record = run_dir.file(DATASET_RECORD)
     changes: list[str] = []
+    saved: Any = None
     if record.is_file():
         try:
-            saved = json.loads(read_limited(record, "json", JSON_LIMIT)).get("files", {})
+            saved = parse_json(read_limited(record, "json", JSON_LIMIT)).get("files", {})
         except (OSError, ValueError, AttributeError, FileProblem):
             saved = None
         if isinstance(saved, dict):
             changes = dataset_changes(saved, report.files)
-    if not changes:
+    if not isinstance(saved, dict):
+        # no per-file record, or one that does not read as one (not JSON, another shape): the manifest's hash of the
+        # whole dataset still tells a change (a damaged record must not let a changed dataset through)
         recorded = run_dir.read_manifest().get("dataset")
         old_hash = recorded.get("hash") if isinstance(recorded, dict) else None
-        if old_hash and old_hash != report.dataset_hash and not record.is_file():
-            changes = ["the dataset hash differs (this run folder has no per-file record to name the files)"]
+        if old_hash and old_hash != report.dataset_hash:
+            why = "is damaged" if os.path.lexists(record) else "is missing"
+            changes = [f"the dataset hash differs (this run folder's per-file record {DATASET_RECORD} {why}, so the "
+                       "files cannot be named)"]
     if changes:
         shown_changes = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more" if len(changes) > 12 else "")
         raise OutputError(f"{shown_recipe}: cannot resume {shown(run_dir.path)}: the dataset changed since the run "

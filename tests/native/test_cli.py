@@ -229,6 +229,35 @@ def test_demo_never_writes_into_a_folder_it_did_not_make(run_cli, tmp_path):
             {name, "notes.txt", *([str(Path(name).parent)] if "/" in name else [])})
 
 
+def test_the_demo_never_deletes_a_changed_model_or_dataset_folder_to_build_it_anew(tmp_path, capsys):
+    """`lora-run demo` rebuilt its dataset when `data/subject` or `data/reg` was missing, and its model when
+    `model_index.json` was, by deleting the whole folder first: a user who had removed the regularisation drawings and
+    kept notes (or photos of their own) in `assets/data` lost them. The demo never leaves either folder incomplete
+    (it builds into a temporary folder and renames it), so one that is short of its parts is refused, named, exit 2,
+    nothing deleted; the control: with the folder moved away it is built anew."""
+    from lora_run.cli import main
+    from lora_run_native import demo
+
+    out = tmp_path / "demo"
+    demo.build_demo(out / "assets")
+    data = out / "assets" / "data"
+    for png in (data / "reg").iterdir():
+        png.unlink()
+    (data / "reg").rmdir()
+    (data / "notes.txt").write_text("mine")
+    (data / "subject" / "my-photo.png").write_bytes(b"mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    code = main(["demo", "--output-dir", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{data}: is not the demo's dataset" in err and "Traceback" not in err, err
+    after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert set(after) - set(before) <= {".lora-run-demo"} and set(before) <= set(after), "nothing deleted"   # its mark
+    assert (data / "notes.txt").read_text() == "mine"
+    data.rename(tmp_path / "kept")
+    demo.build_demo(out / "assets")
+    assert len(list((data / "reg").glob("*.png"))) == 20 and (tmp_path / "kept" / "notes.txt").is_file()
+
+
 def test_a_demo_interrupted_while_building_leaves_nothing_half_built(tmp_path, monkeypatch):
     """Ctrl-C while `lora-run demo` built its model left a folder with model_index.json and missing weights,
     which every later `lora-run demo` reused (and failed on); the model and dataset now appear whole or not at all."""

@@ -120,6 +120,57 @@ def test_every_path_option_refuses_an_empty_path_in_one_place(capsys, tmp_path, 
     figures(AREA, cases=3 * len(flags) + 1, faults=3 * len(flags) + 1)
 
 
+def _lora_header(path):
+    """A LoRA file's header and one tensor (eval checks it before anything loads)."""
+    import struct
+
+    header = json.dumps({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight":
+                         {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+
+
+def test_a_path_no_file_system_takes_is_named_by_its_argument(capsys, tmp_path, monkeypatch, tiny_recipe, figures):
+    """A name over 255 bytes (NAME_MAX) or a path over 4096 (PATH_MAX) in a path argument made Python's own
+    `Path.exists()`/`is_dir()` raise "File name too long" where a command asked whether it exists: `check LONG.toml`
+    (while looking for a shipped recipe of that name), `eval --output-dir LONG` and `score --report LONG.html` ended in
+    "unexpected OSError" (exit 1), and `plan --output-dir LONG` planned a run folder no run could make. The path
+    argument type now refuses such a path for every path option and RECIPE, naming the argument (exit 2)."""
+    from lora_run_commands.arguments import path_argument
+
+    monkeypatch.chdir(tmp_path)
+    long_name, deep = "x" * 300, "a/" * 2100 + "b"
+    recipe = str(tiny_recipe())
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"\0" * 16)
+    subject = str(tmp_path / "subject")
+    full = [["check", f"{long_name}.toml"], ["plan", recipe, "--output-dir", long_name],
+            ["eval", recipe, "--lora", str(lora), "--output-dir", long_name],
+            ["score", "--subject", subject, "--images", subject, "--report", f"{long_name}.html"],
+            ["check", f"{deep}.toml"], ["score", "--subject", deep, "--images", subject]]
+    for argv in full:       # the commands that crashed or passed: whole command lines
+        code, text = run_cli(argv, capsys, "unexpected")
+        assert code == 2 and ("bytes a file or folder name may have" in text or "bytes a path may have" in text), \
+            (argv[:2], text[-400:])
+    paths = [(name, action) for name, parser in _commands().items() for action in parser._actions
+             if action.type is path_argument]
+    flags = {(name, action.option_strings[-1]) for name, action in paths if action.option_strings}
+    for name, flag in sorted(flags):
+        for value, says in ((long_name, "a name in the path is 300 bytes long"),
+                            (f"{tmp_path}/{'é' * 128}", "a name in the path is 256 bytes long"),
+                            (deep, "the path is over the 4096 bytes")):
+            code, text = run_cli([name, flag, value], capsys, "unexpected")
+            assert code == 2 and f"argument {flag}: {says}" in text, (name, flag, text[-300:])
+    # a LoRA named near the limit: its default evaluation folder `eval-<name>` is over it
+    long_lora = tmp_path / ("y" * 252 + ".st")
+    _lora_header(long_lora)
+    code, text = run_cli(["eval", recipe, "--lora", str(long_lora)], capsys, "unexpected")
+    assert code == 2 and "eval-<its name>, would have a name of 257 bytes" in text and "give --output-dir" in text, text
+    for ok in ("x" * 255, f"{tmp_path}/{'é' * 127}"):      # the longest names a file system takes pass
+        assert path_argument(ok) == ok
+    assert not any(tmp_path.glob("x*x")), "nothing was written"
+    figures(AREA, cases=len(full) + 3 * len(flags), faults=len(full) + 3 * len(flags))
+
+
 def test_the_demo_points_at_what_every_install_has():
     """The demo's closing line sent the user to docs/getting-started.md, which a wheel does not install. What it
     names now exists at run time: commands that are registered and shipped recipes by their names."""

@@ -625,3 +625,36 @@ def test_every_key_of_a_shipped_recipe_takes_hostile_values_as_bad_input(tmp_pat
     monkeypatch.setattr(orchestration, "validate", planted)
     code, text = _run(["check", recipe, "--set", f"dataset.path={data}"], capsys)
     assert code == 1 and "unexpected ZeroDivisionError: planted" in text, (code, text)
+
+
+# ------------------------------------------------------------------------------------ JSON nested too deeply
+def test_json_nested_past_the_recursion_limit_is_damaged_json_for_every_reader(tmp_path):
+    # `[[[[…` (a byte a level) made Python's decoder raise RecursionError, which no reader of lora-run's records
+    # expected: "unexpected RecursionError" (exit 1) from `--resume`, a plain run or `--overwrite` on such a manifest,
+    # a checkpoint's state, a dataset record, a cache index (the manifest and checkpoint cases run end to end in
+    # test_resume_integrity.py); here the small records read on the way
+    import os
+
+    from lora_run_engines.stage import MARKER, read_marker
+    from lora_run_rundir.cachedir import CACHE_MARKER, is_marked
+    from lora_run_rundir.folder import _read_holder, is_run_folder
+
+    deep = "[" * 4000      # within the cache marker's 4 KiB limit, far past the decoder's limit
+    (tmp_path / CACHE_MARKER).write_text(deep)
+    assert is_marked(tmp_path) is False
+    (tmp_path / MARKER).write_text(deep)
+    assert read_marker(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(deep)
+    assert is_run_folder(tmp_path) is False
+    lock = tmp_path / "lock"
+    lock.write_text(deep)
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert _read_holder(fd) == "holder unknown"
+    finally:
+        os.close(fd)
+    from lora_run_rundir import parse_json
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_json(deep)
+    assert parse_json(b'{"a": [1]}') == {"a": [1]}

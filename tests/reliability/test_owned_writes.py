@@ -284,6 +284,19 @@ def test_run_overwrite_deletes_only_an_evaluation_lora_run_recorded(tiny_recipe,
     assert code == 0, text
     evaluation = run / "eval-tiny"
     assert (evaluation / ".lora-run-output.json").is_file() and (evaluation / "report.html").is_file()
+    # an evaluation at work there (it holds its folder's lock): deleted with the old run, it failed (exit 1) and wrote
+    # its record again into the new run folder
+    import fcntl
+
+    fd = os.open(evaluation, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = _state(tmp_path)
+        code, text = _cli(overwrite, capsys)
+    finally:
+        os.close(fd)
+    assert code == 2 and "--overwrite would delete eval-tiny, which a `lora-run eval` is writing now" in text, text
+    assert _state(tmp_path) == before
     (evaluation / "notes.txt").write_text("the second seed looked best")    # the user's file makes it theirs
     before = _state(tmp_path)
     code, text = _cli(overwrite, capsys)
@@ -293,7 +306,7 @@ def test_run_overwrite_deletes_only_an_evaluation_lora_run_recorded(tiny_recipe,
     code, text = _cli(overwrite, capsys)
     assert code == 0, text
     assert not evaluation.exists() and (run / "tiny.safetensors").is_file()
-    figures("run-folder safety", cases=3, faults=2)
+    figures("run-folder safety", cases=4, faults=3)
 
 
 def test_an_output_record_proves_only_what_it_lists(tmp_path):

@@ -85,6 +85,37 @@ def test_resume_refuses_a_changed_dataset_naming_the_files(base_run, tmp_path, c
     figures("resume integrity", cases=len(edits) + 2, faults=len(edits) + 2)
 
 
+DATASET_RECORD_DAMAGE = {
+    "not JSON": lambda p: p.write_text("garbage"),
+    "nested too deeply": lambda p: p.write_text("[" * 100_000),
+    "a list": lambda p: p.write_text("[1, 2]"),
+    "files not a table": lambda p: p.write_text('{"files": 5}'),
+    "deleted": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DATASET_RECORD_DAMAGE))
+def test_a_damaged_dataset_record_never_lets_a_changed_dataset_through(base_run, tmp_path, capsys, damage):
+    """The per-file record `dataset.json` damaged (not JSON, of another shape) counted as "no change", and the
+    manifest's hash of the whole dataset was compared only when the record was missing: a dataset with an added image
+    resumed silently (exit 0). A record that does not read as one now falls back to that hash (the files cannot be
+    named), as a missing one did; with the dataset unchanged the resume goes on (RECORD_DAMAGE's cases)."""
+    recipe, run, data = _copy(base_run, tmp_path)
+    record = run / "dataset.json"
+    DATASET_RECORD_DAMAGE[damage](record)
+    png = sorted(data.glob("*.png"))
+    shutil.copy(png[0], data / "extra.png")
+    (data / "extra.txt").write_text("ohwx, another")
+    manifest_before = (run / "manifest.json").read_bytes()
+    code = main([str(recipe), "--resume", "--output-dir", str(run), "--set", "train.steps=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the dataset changed since the run started" in err and "the dataset hash differs" in err, err
+    assert "dataset.json is " + ("missing" if damage == "deleted" else "damaged") in err, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    assert (run / "manifest.json").read_bytes() == manifest_before, "a refused resume writes nothing"
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
@@ -334,6 +365,10 @@ def _manifest_edit(**fields):
     return edit
 
 
+def _deep(path: Path) -> None:
+    path.write_text("[" * 100_000)
+
+
 RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes on)
     "manifest dataset a string": (_manifest_edit(dataset="x", resumed_at=5), None),
     "manifest dataset a list": (_manifest_edit(dataset=[1, {"hash": 2}], artifacts=[3]), None),
@@ -379,6 +414,17 @@ RECORD_DAMAGE = {   # name: (damage, what the error names; None: the resume goes
         lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text("{"), None),
     "an older checkpoint's LoRA list not a table": (
         lambda run: (run / "checkpoints" / "step-000002" / "resume" / "state.json").write_text('{"loras": 5}'), None),
+    # JSON nested past the decoder's recursion limit (a few bytes a level): "unexpected RecursionError" (exit 1) from
+    # the manifest check, the dataset check, the checkpoint scan and the cache index alike
+    "manifest nested too deeply": (lambda run: _deep(run / "manifest.json"),
+                                   "manifest.json: cannot resume: the manifest cannot be read (the JSON is nested too "
+                                   "deeply to read)"),
+    "dataset.json nested too deeply": (lambda run: _deep(run / "dataset.json"), None),
+    "the newest checkpoint's state nested too deeply": (
+        lambda run: _deep(run / "checkpoints" / "step-000004" / "resume" / "state.json"), None),
+    "an older checkpoint's state nested too deeply": (
+        lambda run: _deep(run / "checkpoints" / "step-000002" / "resume" / "state.json"), None),
+    "the cache index nested too deeply": (lambda run: _deep(run / "cache" / "latents" / "index.json"), None),
 }
 
 

@@ -489,6 +489,61 @@ def test_eval_overwrite_replaces_only_an_earlier_evaluation_and_never_the_datase
     figures("run-folder safety", cases=1, faults=1)
 
 
+def test_an_evaluation_or_demo_folder_in_use_is_refused_to_a_second_one(tiny_recipe, tmp_path, capsys, monkeypatch,
+                                                                         figures):
+    """Two `lora-run eval` into one folder at once: the second's `--overwrite` took the first's folder (its record
+    written, images coming) for an earlier evaluation and cleared it, and the first ended "cannot be scored: not found"
+    (exit 1). Two `lora-run demo` into one folder at once deleted each other's half-built model (`.tiny-flux.building`):
+    "unexpected FileNotFoundError" or "SafetensorError", exit 1, the first demo included. Each now holds a lock on its
+    folder (``folder_lock``, a flock on the folder itself) while it writes there; the second is refused, exit 2,
+    nothing touched. Here the first writer is stood in for by holding that lock; the control: without it, each goes
+    on past the point where it is refused."""
+    import contextlib
+    import fcntl
+
+    import lora_run_eval.evaluator as evaluator
+    import lora_run_native.demo as demo
+
+    @contextlib.contextmanager
+    def held(folder):      # what the first writer holds (``lora_run_rundir.atomic.folder_lock``)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield
+        finally:
+            os.close(fd)
+
+    class PastTheLock(Exception):
+        pass
+
+    def past(*_a, **_k):
+        raise PastTheLock("went on past the lock")
+    monkeypatch.setattr(evaluator, "make_embedder", past)
+    monkeypatch.setattr(demo, "build_demo", past)
+    ev = tmp_path / "ev"
+    _earlier_evaluation(ev)
+    (ev / "images").mkdir()
+    (ev / "images" / "p0.png").write_bytes(b"png")
+    lora = _lora(tmp_path / "x.safetensors")
+    eval_argv = ["eval", str(tiny_recipe()), "--lora", str(lora), "--output-dir", str(ev), "--overwrite"]
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    for argv, folder, what in ((eval_argv, ev, "an evaluation"), (["demo", "--output-dir", str(demo_dir)], demo_dir,
+                                                                  "a demo")):
+        before = _snapshot(folder)
+        with held(folder):
+            code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and f"{folder}: another lora-run is writing {what} in this folder now" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert _snapshot(folder) == before, "nothing touched"
+        code = main(argv)       # the control: no other writer
+        err = capsys.readouterr().err
+        assert code == 1 and "went on past the lock" in err, err
+        figures("run-folder lock", cases=1, faults=1)
+    assert not (ev / "images").exists(), "the control's --overwrite cleared the earlier evaluation"
+
+
 def test_an_earlier_evaluation_is_known_by_what_lora_run_wrote(tmp_path):
     """The control: a folder holding only an earlier evaluation (its report, or its metrics, and images) may be
     replaced; files merely named so may not."""
