@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from typing import Any, NoReturn
 
 from . import __version__, plugins as registry
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except LoraRunError as err:
-        if debug:
-            raise
+        if debug:    # the traceback, and the same exit code and message (JSON with --json) as without --debug
+            traceback.print_exc()
         return _fail(err, as_json)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -190,14 +190,20 @@ def test_the_demo_points_at_what_every_install_has():
 
 def test_debug_is_honoured_before_the_command_too(tmp_path, monkeypatch, capsys, figures):
     """`lora-run --debug check x.toml` and `lora-run --debug RECIPE` silently dropped --debug (the command's own
-    parser reset it to false); it now applies wherever it stands on the line."""
-    from lora_run.errors import RecipeError
-
+    parser reset it to false); it now applies wherever it stands on the line. A bad input under --debug shows its
+    traceback and keeps its exit code 2 and its message (`check --json --debug` exited 1 with no JSON: automation
+    reads the code)."""
     monkeypatch.chdir(tmp_path)
     for argv in (["--debug", "check", "nope.toml"], ["check", "nope.toml", "--debug"], ["--debug", "nope.toml"]):
-        with pytest.raises(RecipeError, match="nope.toml: recipe file not found"):
-            main(argv)
-    assert main(["check", "nope.toml"]) == 2 and "error: nope.toml: recipe file not found" in capsys.readouterr().err
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "RecipeError" in err and "error: nope.toml: recipe file not found" in err, err
+    assert main(["check", "nope.toml", "--json", "--debug"]) == 2
+    out = capsys.readouterr()
+    assert json.loads(out.out)["exit_code"] == 2 and "Traceback" in out.err
+    assert main(["check", "nope.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "error: nope.toml: recipe file not found" in err and "Traceback" not in err
     figures(AREA, cases=4, faults=2)
 
 
