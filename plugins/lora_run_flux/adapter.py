@@ -22,6 +22,7 @@ from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
+from lora_run_flux.lora import lora_targets as flux_lora_targets
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
@@ -54,6 +55,7 @@ class FluxAdapter(ModelAdapter):
                                 "alphas_cumprod (use train.timestep_weighting or the pseudo-huber loss)"}
     target_presets = MMDIT_TARGET_PRESETS
     lora_formats = ("kohya", "diffusers")
+    lora_targets = staticmethod(flux_lora_targets)
     format_notes = {"comfyui": "ComfyUI loads FLUX.1's kohya and diffusers files directly; no separate comfyui "
                                "file is written"}
     text_encoders = ("clip_l", "t5xxl")
