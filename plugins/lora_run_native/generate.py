@@ -111,6 +111,9 @@ def _generate(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, An
     dtype = adapter.compute_dtype if dev.type == "cuda" or recipe.train.mixed_precision == "no" else torch.float32
     if lora_path is not None and not Path(lora_path).is_file():
         raise OutputError(f"{lora_path}: LoRA file not found")
+    misfit = adapter.lora_problem(lora_path) if lora_path is not None else None
+    if misfit is not None:       # from the headers, before the pipeline loads (minutes for a full-size model)
+        raise OutputError(f"{lora_path}: {misfit}")
     pipe = adapter.load_pipeline(torch.device("cpu") if dev.type == "cuda" else dev, dtype)
     if lora_path is not None:
         adapter.load_lora_into_pipeline(pipe, Path(lora_path))
