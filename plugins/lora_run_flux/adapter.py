@@ -399,6 +399,14 @@ class FluxAdapter(ModelAdapter):
 
         return self.assemble_pipeline(FluxPipeline, device, dtype)
 
+    def file_layer_shapes(self, key: str, header: dict[str, Any]) -> dict[str, list[int] | None] | None:
+        """A ``[model.files] transformer`` in BFL's layout: its layers in diffusers' names, from the header."""
+        from lora_run_formats.config_fit import header_shapes
+
+        from .files import transformer_bfl_layer_shapes
+
+        return transformer_bfl_layer_shapes(header_shapes(header)) if key == "transformer" else None
+
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         """A diffusers-format file goes to ``load_lora_weights`` as is. A kohya file is converted with
         ``lora_run_formats.flux.kohya_to_diffusers`` first: exact for any model width (diffusers' own kohya

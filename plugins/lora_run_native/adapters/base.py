@@ -978,25 +978,38 @@ class ModelAdapter:
         return None if why is None else f"does not fit the {self.family} model of {self.model_shown()}: {why}"
 
     def model_shown(self) -> str:
-        """The recipe's model in messages: ``[model.source] <folder or hub id>``."""
+        """The recipe's model in messages: ``[model.files.transformer] <file>`` where the transformer is a single
+        file, else ``[model.source] <folder or hub id>``."""
+        file = self.recipe.model.files.get("transformer")
+        if file:
+            return f"[model.files.transformer] {shown(file)}"
         return f"[model.source] {shown(self.recipe.model.source or self.default_hub_id or '?')}"
 
     def lora_layer_shapes(self) -> dict[str, dict[str, list[int] | None]]:
         """component (the pipeline's name: ``transformer``, ``text_encoder`` …) -> its layers' weight shapes
         (``lora_check.linear_shapes``), for the components loaded from the source folder (local, or a hub model in
-        the local cache: nothing is downloaded) whose weights' headers can all be read; a component given as a
-        ``[model.files]`` file (in its own layout) is left out."""
+        the local cache: nothing is downloaded) whose weights' headers can all be read, and for a ``[model.files]``
+        file, where the family reads them from its header (``file_layer_shapes``)."""
         src = self._source()
         root = None if not src else Path(src) if is_local_source(src) else self.hub_snapshot(src)
-        if root is None or not root.is_dir():
-            return {}
-        given = {self.SUBFOLDER.get(key) for key in self.file_keys if self.recipe.model.files.get(key)}
         out = {}
-        for sub in sorted(set(self.SUBFOLDER.values()) - given):
+        for key, value in sorted(self.recipe.model.files.items()):
+            header = read_weights(value)[0] if key in self.file_keys and key in self.SUBFOLDER else None
+            shapes = self.file_layer_shapes(key, header) if header is not None else None
+            if shapes is not None:
+                out[self.SUBFOLDER[key]] = shapes
+        given = {self.SUBFOLDER.get(key) for key in self.file_keys if self.recipe.model.files.get(key)}
+        for sub in sorted(set(self.SUBFOLDER.values()) - given) if root is not None and root.is_dir() else ():
             headers = component_headers(root / sub) if (root / sub).is_dir() else None
             if headers is not None:
                 out[sub] = linear_shapes(headers)
         return out
+
+    def file_layer_shapes(self, key: str, header: dict[str, Any]) -> dict[str, list[int] | None] | None:
+        """The weight shapes of the diffusers layers the ``[model.files]`` file of slot ``key`` (its checked header)
+        becomes, for ``lora_layer_shapes``; None where they are not known from the header (the default: a file in its
+        own layout is not compared)."""
+        return None
 
     def lora_target_modules(self, transformer: torch.nn.Module, preset: str, explicit: list[str]) -> list[str]:
         """Full names of the linear layers to wrap: ``explicit`` names/regexes (when given) or the preset's
