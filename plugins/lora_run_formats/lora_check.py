@@ -113,9 +113,10 @@ def linear_shapes(headers: Sequence[Mapping[str, Any]]) -> dict[str, list[int] |
 
 def _layer(layers: Mapping[str, list[int] | None], path: str) -> tuple[bool, list[int] | None]:
     """(whether the component has the layer, its shape): transformers 5 dropped CLIP's ``text_model.`` level, which
-    a LoRA's names may still have."""
-    for candidate in (path, path[len("text_model."):] if path.startswith("text_model.") else None):
-        if candidate and candidate in layers:
+    a LoRA's names may still have (and weights saved before it still have)."""
+    bare = path[len("text_model."):] if path.startswith("text_model.") else path
+    for candidate in (path, bare, "text_model." + bare):
+        if candidate in layers:
             return True, layers[candidate]
     return False, None
 
