@@ -552,6 +552,10 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         if not_lora:     # before any model loads: a model's weights or another file given by mistake
             raise RecipeError(f"--lora {shown(raw)}: not a LoRA file: {not_lora}")
     recipe = validate(loaded, plugins).recipe
+    for raw, (_, _, path) in zip(args.lora, loras):
+        misfit = lora_model_problem(recipe, path, loaded.shown)
+        if misfit:       # before any model loads: matrices the wrong way round, a LoRA of another model size
+            raise RecipeError(f"--lora {shown(raw)}: {misfit}")
     overlap = input_problems(recipe, out, f"--output-dir {shown(out)}", "evaluation folder")
     if overlap:     # --overwrite would delete the recipe's dataset with the earlier evaluation's images
         raise OutputError("\n".join(overlap))
@@ -585,6 +589,19 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         data = ev.finish(final=loras[-1][0], prompts=expanded_prompts(recipe), strengths=recipe.eval.strengths,
                          seeds=recipe.eval.seeds, loss_history=history, extra=grid_extra(recipe))
     return _print_result(data, out, args.json)
+
+
+def lora_model_problem(recipe: Any, path: Path, recipe_shown: str = "recipe.toml") -> str | None:
+    """Why the LoRA file ``path`` does not fit the recipe's model, read from headers before anything loads (the
+    family's native adapter's ``lora_problem``: modules that do not form LoRAs, or do not fit the layers they name),
+    or None; None too where no native adapter declares the family (its generator's load names what does not fit)."""
+    try:
+        from lora_run_native.adapters import adapter_class
+
+        adapter = adapter_class(recipe.model.family)
+    except (ImportError, KeyError):
+        return None
+    return adapter(recipe, shown=recipe_shown).lora_problem(path)
 
 
 def _print_result(data: dict[str, Any], out: Path | None, as_json: bool) -> int:

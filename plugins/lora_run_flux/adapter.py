@@ -22,6 +22,7 @@ from lora_run_native.adapters.base import (COMMON_FEATURES, FLOW_FEATURES, MMDIT
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
+from lora_run_flux.lora import lora_targets as flux_lora_targets
 from lora_run_native.shapes import FamilyShape, mmdit_lora_inputs, mmdit_lora_shapes
 
 SUBFOLDER = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
@@ -54,6 +55,7 @@ class FluxAdapter(ModelAdapter):
                                 "alphas_cumprod (use train.timestep_weighting or the pseudo-huber loss)"}
     target_presets = MMDIT_TARGET_PRESETS
     lora_formats = ("kohya", "diffusers")
+    lora_targets = staticmethod(flux_lora_targets)
     format_notes = {"comfyui": "ComfyUI loads FLUX.1's kohya and diffusers files directly; no separate comfyui "
                                "file is written"}
     text_encoders = ("clip_l", "t5xxl")
@@ -396,6 +398,14 @@ class FluxAdapter(ModelAdapter):
         from diffusers import FluxPipeline
 
         return self.assemble_pipeline(FluxPipeline, device, dtype)
+
+    def file_layer_shapes(self, key: str, header: dict[str, Any]) -> dict[str, list[int] | None] | None:
+        """A ``[model.files] transformer`` in BFL's layout: its layers in diffusers' names, from the header."""
+        from lora_run_formats.config_fit import header_shapes
+
+        from .files import transformer_bfl_layer_shapes
+
+        return transformer_bfl_layer_shapes(header_shapes(header)) if key == "transformer" else None
 
     def load_lora_into_pipeline(self, pipe: Any, path: Path, adapter_name: str = "identity") -> None:
         """A diffusers-format file goes to ``load_lora_weights`` as is. A kohya file is converted with

@@ -111,6 +111,41 @@ def transformer_bfl_to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def transformer_bfl_layer_shapes(shapes: dict[str, Any]) -> dict[str, Any] | None:
+    """The weight shapes ``(outputs, inputs)`` of the diffusers layers a BFL transformer file becomes, from its
+    header's tensor shapes alone (``transformer_bfl_to_diffusers``'s names and splits on shapes; None for a shape
+    not known), so a LoRA is compared with a ``[model.files] transformer`` before it loads
+    (``lora_run_formats.lora_check``); None where the file is not in BFL's layout."""
+    sd = strip_prefixes({k: v for k, v in shapes.items() if k.endswith(".weight")}, _TRANSFORMER_PREFIXES)
+    if not isinstance(sd.get("img_in.weight"), list) or not any(k.startswith("double_blocks.") for k in sd):
+        return None
+    hidden = sd["img_in.weight"][0]
+    out: dict[str, Any] = {d: sd[f"{b}.weight"] for d, b in [*_TOP_PLAIN, _SWAPPED] if f"{b}.weight" in sd}
+
+    def split(fused: Any, sizes: list[int]) -> list[Any]:
+        if fused is None or len(fused) != 2 or min(sizes) < 1:
+            return [None] * len(sizes)
+        return [[size, fused[1]] for size in sizes]
+
+    for i in range(count_blocks(sd, r"double_blocks\.(\d+)\.")):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        out.update({d + dn: sd[f"{b}{bn}.weight"] for dn, bn in _DOUBLE_PLAIN if f"{b}{bn}.weight" in sd})
+        for parts, bname in _DOUBLE_FUSED:
+            if f"{b}{bname}.weight" in sd:
+                fused = sd[f"{b}{bname}.weight"]
+                sizes = [fused[0] // 3] * 3 if fused and fused[0] % 3 == 0 else [0, 0, 0]
+                out.update({d + dn: shape for dn, shape in zip(parts, split(fused, sizes))})
+    for i in range(count_blocks(sd, r"single_blocks\.(\d+)\.")):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        out.update({d + dn: sd[f"{b}{bn}.weight"] for dn, bn in _SINGLE_PLAIN if f"{b}{bn}.weight" in sd})
+        parts, bname = _SINGLE_FUSED
+        if f"{b}{bname}.weight" in sd:
+            fused = sd[f"{b}{bname}.weight"]
+            sizes = [hidden] * 3 + [fused[0] - 3 * hidden] if fused else [0] * 4
+            out.update({d + dn: shape for dn, shape in zip(parts, split(fused, sizes))})
+    return out
+
+
 def transformer_diffusers_to_bfl(sd: dict[str, Any]) -> dict[str, Any]:
     """``FluxTransformer2DModel`` state dict → BFL layout (the inverse of :func:`transformer_bfl_to_diffusers`)."""
     import torch

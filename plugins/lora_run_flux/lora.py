@@ -204,6 +204,23 @@ def _mlp_hidden(proj_mlp: str, modules: dict, hidden: int, mlp_ratio: float) -> 
     return int(hidden * mlp_ratio)
 
 
+def lora_targets(module: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a FLUX.1 LoRA module goes (``lora_run_formats.lora_check.Targets``): a kohya module
+    (``lora_unet_``/``lora_te1_``/``lora_te3_`` + BFL or transformers path) -> its component and diffusers layers
+    (the q, k, v (and MLP-input) parts of a fused one, in order); a diffusers module (``transformer.``,
+    ``text_encoder.``, ``text_encoder_2.`` + path) -> itself. None for any other name."""
+    if module.startswith((KOHYA_PREFIX, TE1_PREFIX, TE3_PREFIX)):
+        try:
+            component, layers = _diffusers_target(module)
+        except FormatError:
+            return None
+        return component, tuple(layers)
+    for prefix, component in _COMPONENT_PREFIXES:
+        if module.startswith(prefix) and component is not None and len(module) > len(prefix):
+            return component, (module[len(prefix):],)
+    return None
+
+
 # --------------------------------------------------------------------------------------- conversions
 def diffusers_to_kohya(state_dict: Mapping[str, Any], alpha: float | None = None, rank: int | None = None, *,
                        mlp_ratio: float = 4.0) -> dict[str, Any]:

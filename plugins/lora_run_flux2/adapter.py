@@ -37,6 +37,7 @@ from lora_run_flux.adapter import FluxAdapter
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
 from lora_run_formats.model_files import config_json
+from lora_run_flux2.formats import lora_targets as flux2_lora_targets
 
 from .shapes import DEV_SHAPE, KLEIN_4B_SHAPE, KLEIN_9B_SHAPE, KLEIN_SHAPE
 
@@ -67,6 +68,7 @@ class Flux2Adapter(ModelAdapter):
     features = COMMON_FEATURES | FLOW_FEATURES | {"fp8", "fp8_matmul"}
     target_presets = TARGET_PRESETS
     lora_formats = ("kohya", "diffusers", "comfyui")   # <name>.safetensors, diffusers/<name>…, comfyui/<name>…
+    lora_targets = staticmethod(flux2_lora_targets)
     trainable_text_encoder = None
     vae_scale_factor = 8
     variant: ClassVar[str] = ""

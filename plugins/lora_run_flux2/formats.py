@@ -196,6 +196,22 @@ def to_diffusers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def lora_targets(module: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a FLUX.2 LoRA module goes (``lora_run_formats.lora_check.Targets``): a kohya (``lora_unet_``) or
+    ComfyUI (``diffusion_model.``) module on BFL's names -> the transformer's diffusers layers it writes (q, k, v of
+    a fused one, in order); a diffusers one (``transformer.`` + path) -> itself. None for any other name."""
+    try:
+        if module.startswith(KOHYA_PREFIX):
+            return "transformer", tuple(diffusers_modules(_kohya_module(module[len(KOHYA_PREFIX):])))
+        if module.startswith(COMFY_PREFIX):
+            return "transformer", tuple(diffusers_modules(module[len(COMFY_PREFIX):]))
+    except FormatError:
+        return None
+    if module.startswith("transformer.") and len(module) > len("transformer."):
+        return "transformer", (module[len("transformer."):],)
+    return None
+
+
 def flux2_kohya_metadata(variant: str, **fields: Any) -> dict[str, str]:
     """sd-scripts-style ``ss_*``/ModelSpec metadata for a FLUX.2 LoRA (``variant``: ``klein`` or ``dev``)."""
     return kohya_metadata(**{"ss_network_module": "networks.lora_flux2", "ss_base_model_version": f"flux2_{variant}",

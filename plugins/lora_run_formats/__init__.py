@@ -6,7 +6,8 @@ other names of those modules for the engine backends.
 
 ``lora_run_formats.header`` is the one check of a ``.safetensors`` file read on a user's behalf and
 ``lora_run_formats.model_files`` the checks of a model's single files and diffusers folder (every backend's);
-``lora_run_formats.layouts`` says what kind of model file a header belongs to (the native families' slots).
+``lora_run_formats.layouts`` says what kind of model file a header belongs to (the native families' slots);
+``lora_run_formats.lora_check`` whether a LoRA's matrices form LoRAs and fit the model they name (headers only).
 
 torch is imported inside the functions that need it, so importing this package is cheap.
 """
@@ -83,7 +84,10 @@ def lora_file_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a LoRA lora-run can apply, or None: not a complete safetensors file (``read_header``:
     truncated, a header that lies, …), no LoRA tensors in kohya or diffusers format (a model's weights, a file of
     another kind), a tensor that is not floating point, or one holding NaN or inf (a LoRA trained into NaN would
-    give black or noise images that the evaluation would score as the LoRA's)."""
+    give black or noise images that the evaluation would score as the LoRA's), or matrices that do not form LoRAs
+    (``lora_check.structure_problem``: a module without one of its matrices, ranks that disagree, an alpha that is
+    not one number), the first module named. Whether the modules fit the model is the family's check
+    (``lora_check.fit_problem``, through the native adapters' ``lora_problem``)."""
     try:
         header = read_header(path, kind="lora")
     except HeaderError as exc:
@@ -95,7 +99,9 @@ def lora_file_problem(path: str | Path) -> str | None:
     odd = next((n for n in names if header[n]["dtype"] not in LORA_DTYPES), None)
     if odd is not None:
         return f"tensor {odd} is {header[odd]['dtype']}, not floating point: not a LoRA's weights"
-    return _non_finite(path, header, names)
+    from .lora_check import structure_problem
+
+    return structure_problem(header) or _non_finite(path, header, names)
 
 
 #: How to find a non-finite value in the raw bytes of each LoRA dtype: the unsigned view of one element, and the

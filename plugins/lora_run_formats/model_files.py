@@ -129,6 +129,20 @@ def component_weights(sub: str | Path) -> list[Path] | None:
     return single[:1] or None
 
 
+def component_headers(sub: str | Path) -> list[dict] | None:
+    """The checked safetensors headers of every weights file a loader reads from the component folder ``sub``
+    (``component_weights``, else transformers' shard index ``model.safetensors.index.json``), or None where there
+    are none, a shard is missing or a header cannot be read (the other checks name those)."""
+    sub = Path(sub)
+    paths = component_weights(sub)
+    index = sub / "model.safetensors.index.json"
+    if paths is None and os.path.lexists(index) and (data := config_json(index)) is not None:
+        shards, bad = _shards(index, data, partial=False)
+        paths = sorted(shards) if shards and not bad else None
+    headers = [read_weights(path)[0] for path in paths or ()]
+    return headers if headers and all(h is not None for h in headers) else None  # type: ignore[return-value]
+
+
 def folder_problems(folder: str | Path, partial: bool = False, fits: Mapping[str, Fit] | None = None,
                     loaded: frozenset[str] = frozenset()) -> list[str]:
     """Every problem of a diffusers folder's files (module docstring), each naming its file. ``partial``: a hub

@@ -27,6 +27,7 @@ from typing import Any
 
 from lora_run_formats import config_fit as cf
 from lora_run_formats import layouts
+from lora_run_hunyuan_image.lora import lora_targets as hunyuan_image_lora_targets
 from lora_run_native.adapters.base import COMMON_FEATURES, MMDIT_TARGET_PRESETS, ModelAdapter, mmdit_fit
 from lora_run_native.adapters.base import (SourceLoader, first_line, pipeline_prompt, real_tokenizer,
                                            require_lora_fit, text_rows)
@@ -68,6 +69,7 @@ class HunyuanImageAdapter(SourceLoader):
     target_presets = MMDIT_TARGET_PRESETS
     #: ``kohya`` (the recipe's name for the ComfyUI file) is written in ComfyUI's ``diffusion_model.`` layout
     lora_formats = ("diffusers", "comfyui", "kohya")   # <name>.safetensors, comfyui/<name>…, kohya/<name>…
+    lora_targets = staticmethod(hunyuan_image_lora_targets)
     text_encoders = ("qwen", "byt5")
     text_masks = frozenset({"prompt_embeds_mask", "prompt_embeds_mask_2"})
     cache_tag = "hunyuan-image"

@@ -117,6 +117,27 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
     return "unknown"
 
 
+def lora_targets(module: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a HunyuanImage-2.1 LoRA module goes (``lora_run_formats.lora_check.Targets``), in any layout the
+    loader reads: a kohya module (``lora_unet_`` + ComfyUI's or sd-scripts' names), a ComfyUI one
+    (``diffusion_model.`` + path, or the bare path) or a diffusers one (``transformer.`` + path) -> the
+    transformer's layers it writes (q, k, v (and MLP input) of a fused one, in order). None for any other name."""
+    from lora_run_flux.lora import lora_targets as flux_targets
+
+    path = module[len(KOHYA_PREFIX):] if module.startswith(KOHYA_PREFIX) else module
+    for prefix in ("transformer.", "base_model.model."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    if _DIFFUSERS_BLOCK.match(path):
+        return "transformer", (path,)
+    path = path[len(COMFY_PREFIX):] if path.startswith(COMFY_PREFIX) else path
+    try:
+        return flux_targets(KOHYA_PREFIX + _kohya_module(path, module))
+    except FormatError:
+        return None
+
+
 # ------------------------------------------------------------------------------------ ComfyUI ↔ kohya
 def comfy_to_kohya(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """ComfyUI-layout peft keys (``diffusion_model.<module>.lora_A/B.weight``; the prefix is optional, original

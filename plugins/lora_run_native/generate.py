@@ -5,7 +5,8 @@
 Each job is ``{"name", "prompt", "seed", "strength", "steps", "guidance", "width", "height"}``. The family's
 base pipeline is built once from ``recipe.model`` (hub id, diffusers folder or single files, through the
 adapter), the LoRA file (kohya or diffusers format; ``None`` = the base model) is loaded once, and every job
-is generated with the LoRA scale set to its ``strength``. The starting noise is drawn on the CPU from the
+is generated with the LoRA scale set to its ``strength``. A LoRA whose matrices do not form LoRAs or do not fit the
+model is refused from the headers before the pipeline is built (``ModelAdapter.lora_problem``, OutputError). The starting noise is drawn on the CPU from the
 job's seed, so a seed gives the same image on every device. Images are written atomically as
 ``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added, and ``"seconds"``: the
 wall time of the pipeline call that made the image (its PNG written), shared equally by the images of that call,
@@ -111,6 +112,9 @@ def _generate(recipe: Any, lora_path: str | Path | None, jobs: list[dict[str, An
     dtype = adapter.compute_dtype if dev.type == "cuda" or recipe.train.mixed_precision == "no" else torch.float32
     if lora_path is not None and not Path(lora_path).is_file():
         raise OutputError(f"{lora_path}: LoRA file not found")
+    misfit = adapter.lora_problem(lora_path) if lora_path is not None else None
+    if misfit is not None:       # from the headers, before the pipeline loads (minutes for a full-size model)
+        raise OutputError(f"{lora_path}: {misfit}")
     pipe = adapter.load_pipeline(torch.device("cpu") if dev.type == "cuda" else dev, dtype)
     if lora_path is not None:
         adapter.load_lora_into_pipeline(pipe, Path(lora_path))

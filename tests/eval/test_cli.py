@@ -107,13 +107,19 @@ def test_score_bad_input_exits_2_without_traceback(run_cli, tmp_path, subject_di
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-def _safetensors(path, name):
-    """A one-tensor .safetensors file written by hand (no torch)."""
+def _safetensors(path, *names):
+    """A .safetensors file of 1 × 1 tensors written by hand (no torch)."""
     import json
     import struct
 
-    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    header = json.dumps({name: {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * n, 4 * n + 4]}
+                         for n, name in enumerate(names)}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0" * len(names))
+
+
+#: the tensors of a (1 × 1) LoRA module: both matrices (half a LoRA is refused before anything loads)
+LORA_MODULE = ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
 
 
 def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
@@ -131,7 +137,7 @@ def test_eval_bad_input_exits_2(run_cli, tmp_path, subject_dir):
     _safetensors(weights, "transformer_blocks.0.attn.to_q.weight")
     done = run_cli("eval", recipe, "--lora", weights)
     assert done.returncode == 2 and "not a LoRA file: holds no LoRA tensors" in done.stderr, done.stderr
-    _safetensors(lora, "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+    _safetensors(lora, *LORA_MODULE)
     done = run_cli("eval", recipe, "--lora", lora)
     assert done.returncode == 2 and "[eval.embedder_options.model]" in done.stderr, done.stderr
     recipe.write_text(recipe.read_text().replace('embedder = "onnx"', 'embedder = "dlib"'))
@@ -365,7 +371,7 @@ def test_eval_names_the_subject_photos_the_lint_could_not_decode_without_reading
                       f'trigger = "ohwx"\nmin_images = 2\n[[dataset.regularization]]\npath = "{reg}"\n'
                       '[train]\nsteps = 2\n[eval]\nembedder = "dlib"\n', encoding="utf-8")
     lora = tmp_path / "x.safetensors"
-    _safetensors(lora, "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+    _safetensors(lora, *LORA_MODULE)
     reads: list[str] = []
     real = images.read_image_bytes
 

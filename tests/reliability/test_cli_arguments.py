@@ -121,12 +121,14 @@ def test_every_path_option_refuses_an_empty_path_in_one_place(capsys, tmp_path, 
 
 
 def _lora_header(path):
-    """A LoRA file's header and one tensor (eval checks it before anything loads)."""
+    """A LoRA file of one module that fits the tiny FLUX.1 model (eval checks it before anything loads)."""
     import struct
 
     header = json.dumps({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight":
-                         {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+                         {"dtype": "F32", "shape": [1, 64], "data_offsets": [0, 256]},
+                         "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight":
+                         {"dtype": "F32", "shape": [192, 1], "data_offsets": [256, 1024]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 1024)
 
 
 def test_a_path_no_file_system_takes_is_named_by_its_argument(capsys, tmp_path, monkeypatch, tiny_recipe, figures):

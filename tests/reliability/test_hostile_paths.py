@@ -96,8 +96,8 @@ def test_a_folder_the_system_refuses_to_make_is_named_with_exit_2(tiny_recipe, s
     refused = "/proc/lora-run-cannot-make-this"
     recipe = str(tiny_recipe())
     lora = tmp_path / "some.safetensors"       # a LoRA by its tensors' names: eval gets as far as making its folder
-    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 4), "transformer.x.lora_B.weight": torch.zeros(4, 2)},
-              str(lora))
+    save_file({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": torch.zeros(2, 64),
+               "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": torch.zeros(64, 2)}, str(lora))
     cases = [(recipe, "--output-dir", f"{refused}/run"),
              ("eval", recipe, "--lora", str(lora), "--output-dir", f"{refused}/eval"),
              ("score", "--subject", str(small_dataset), "--images", str(small_dataset), "--report",

@@ -407,24 +407,39 @@ def test_eval_refuses_a_broken_lora_before_any_model_loads(tiny_recipe, tmp_path
 
 
 @pytest.mark.slow
-def test_eval_refuses_a_lora_that_does_not_fit_the_model(tiny_recipe, tmp_path, capsys, figures):
+def test_eval_refuses_a_lora_that_does_not_fit_the_model(tiny_recipe, single_files, tmp_path, capsys, figures,
+                                                          monkeypatch):
     """A LoRA naming layers the model does not have was applied in part, silently (diffusers only warns); one wider
     than its layers crashed at the first image (exit 1: diffusers widened the layer). Both are refused naming the
-    file (exit 2), nothing written; the intact LoRA is evaluated."""
-    recipe = str(tiny_recipe())
-    cases = [(_lora(tmp_path / "other.safetensors", module="double_blocks_7_img_attn_proj"),
-              "does not fit this FLUX.1 model (2 of its tensors; transformer.transformer_blocks.7.attn.to_out.0.lora_A."
-              "weight names no linear layer of the FLUX.1 model …)"),
-             (_lora(tmp_path / "wide.safetensors", width=128),
-              "has shape (4, 128); the layer has 64 inputs")]
-    for lora, message in cases:
-        out = tmp_path / f"eval-{lora.stem}"
-        code, text = run_cli(["eval", recipe, "--lora", str(lora), "--output-dir", str(out), *EVAL], capsys,
-                             never="unexpected")
+    file (exit 2), nothing written; the intact LoRA is evaluated. Against a model folder and a transformer given as a
+    BFL single file, from the headers before anything loads (``lora_run_formats.lora_check``;
+    tests/reliability/test_lora_check.py); where the headers do not say (a single file whose layout the family does
+    not read: here FLUX.1's reading switched off), by the loader (``require_lora_fit``), after the pipeline's load."""
+    from lora_run_flux.adapter import FluxAdapter
+
+    folder, files = str(tiny_recipe()), str(_files_recipe(tiny_recipe, single_files, name="files.toml"))
+    other = _lora(tmp_path / "other.safetensors", module="double_blocks_7_img_attn_proj")
+    wide = _lora(tmp_path / "wide.safetensors", width=128)
+    before = {other: "module lora_unet_double_blocks_7_img_attn_proj: names the layer transformer.transformer_blocks.7."
+                     "attn.to_out.0, which this model does not have",
+              wide: "module lora_unet_double_blocks_0_img_attn_proj: lora_down.weight is [4, 128] (128 inputs), but "
+                    "transformer.transformer_blocks.0.attn.to_out.0 takes 64 inputs"}
+    after = {other: "does not fit this FLUX.1 model (2 of its tensors; transformer.transformer_blocks.7.attn.to_out.0."
+                    "lora_A.weight names no linear layer of the FLUX.1 model …)",
+             wide: "has shape (4, 128); the layer has 64 inputs"}
+    cases = [(recipe, lora, before[lora], False) for recipe in (folder, files) for lora in (other, wide)]
+    cases += [(files, lora, after[lora], True) for lora in (other, wide)]
+    for n, (recipe, lora, message, loaded) in enumerate(cases):
+        out = tmp_path / f"eval-{n}-{lora.stem}"
+        with monkeypatch.context() as patch:
+            if loaded:
+                patch.setattr(FluxAdapter, "file_layer_shapes", lambda self, key, header: None)
+            code, text = run_cli(["eval", recipe, "--lora", str(lora), "--output-dir", str(out), *EVAL], capsys,
+                                 never="unexpected")
         assert code == 2 and message in text and lora.name in text, (lora.name, text[-1500:])
-        assert not out.exists()
+        assert ("generating" in text) == loaded and not out.exists(), (lora.name, text[-1500:])
     out = tmp_path / "eval-good"
-    code, text = run_cli(["eval", recipe, "--lora", str(_lora(tmp_path / "good.safetensors")), "--output-dir",
+    code, text = run_cli(["eval", folder, "--lora", str(_lora(tmp_path / "good.safetensors")), "--output-dir",
                           str(out), *EVAL], capsys, never="unexpected")
     assert code == 0 and (out / "report.html").is_file(), text[-1500:]
     figures("hostile weights", cases=len(cases) + 1, faults=len(cases))

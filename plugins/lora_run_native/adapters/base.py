@@ -59,8 +59,10 @@ from lora_run_training import ModelSourceError
 
 from lora_run_formats.config_fit import Blocks, Fit, Width, declared, header_shapes, held_width
 from lora_run_formats.layouts import Layout, Link, layout_problem, link_problem
-from lora_run_formats.model_files import (component_fit_problems, component_weights, config_json, file_fit_problems,
-                                          folder_classes, folder_problems, parameter_count, read_weights)
+from lora_run_formats.lora_check import Targets, fit_problem, linear_shapes, structure_problem
+from lora_run_formats.model_files import (component_fit_problems, component_headers, component_weights, config_json,
+                                          file_fit_problems, folder_classes, folder_problems, parameter_count,
+                                          read_weights)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -114,6 +116,13 @@ def mmdit_fit(double: str, single: str, image_in: str, text_in: str, text_field:
             Width(("num_attention_heads", "attention_head_dim"), rf"(?:.*\.)?{image_in}", 0),
             Width(("in_channels",), rf"(?:.*\.)?{image_in}", 1),
             Width((text_field,), rf"(?:.*\.)?{text_in}", 1))
+
+
+def transformer_targets(module: str) -> tuple[str, tuple[str, ...]] | None:
+    """Where a LoRA module of diffusers' layout goes (``lora_run_formats.lora_check.Targets``):
+    ``transformer.<layer>`` -> the transformer's layer; other names are not declared (left to the loader)."""
+    component, _, layer = module.partition(".")
+    return (component, (layer,)) if component == "transformer" and layer else None
 
 
 def encoder_fits(size_gib: float, free_gib: float) -> bool:
@@ -422,6 +431,10 @@ class ModelAdapter:
     #: family claims, and this one does not, is named by `check_sources` (``foreign_folder``)
     pipeline_names: ClassVar[tuple[str, ...]] = ()
     transformer_class: ClassVar[str | None] = None
+    #: where the module names of the family's LoRA files go (``lora_run_formats.lora_check.Targets``: a module name
+    #: as in the file -> the component and the layers, in diffusers' names, it writes), for ``lora_problem``;
+    #: default: diffusers' ``transformer.<layer>`` names
+    lora_targets: ClassVar[Targets] = staticmethod(transformer_targets)
     #: the memory model's shape of the family's transformer (``lora_run_native.shapes.FamilyShape``; None: no
     #: estimates): what `lora-run plan` estimates with, rescaled at run time to the model actually loaded
     memory_shape: ClassVar[Any] = None
@@ -948,6 +961,56 @@ class ModelAdapter:
         return torch.int64 if key in self.text_masks else self.compute_dtype
 
     # ---------------------------------------------------------------------------------------- LoRA
+    def lora_problem(self, path: str | Path) -> str | None:
+        """Why the LoRA file ``path`` cannot be applied to this recipe's model, from headers alone (no torch, nothing
+        loaded; the words follow the file's name), or None: its matrices do not form LoRAs
+        (``lora_check.structure_problem``), or a module does not fit the layer it names (``lora_check.fit_problem``:
+        transposed matrices, a LoRA of another model size), compared where the component's weights are on disk
+        (``lora_layer_shapes``). `lora-run eval` asks before anything loads, ``generate_images`` before it builds
+        the pipeline. A file that is not a complete safetensors file is left to the caller's check."""
+        header = read_weights(path)[0]
+        if header is None:
+            return None
+        why = structure_problem(header)
+        if why is not None:
+            return f"not a LoRA file: {why}"
+        why = fit_problem(header, self.lora_targets, self.lora_layer_shapes())
+        return None if why is None else f"does not fit the {self.family} model of {self.model_shown()}: {why}"
+
+    def model_shown(self) -> str:
+        """The recipe's model in messages: ``[model.files.transformer] <file>`` where the transformer is a single
+        file, else ``[model.source] <folder or hub id>``."""
+        file = self.recipe.model.files.get("transformer")
+        if file:
+            return f"[model.files.transformer] {shown(file)}"
+        return f"[model.source] {shown(self.recipe.model.source or self.default_hub_id or '?')}"
+
+    def lora_layer_shapes(self) -> dict[str, dict[str, list[int] | None]]:
+        """component (the pipeline's name: ``transformer``, ``text_encoder`` …) -> its layers' weight shapes
+        (``lora_check.linear_shapes``), for the components loaded from the source folder (local, or a hub model in
+        the local cache: nothing is downloaded) whose weights' headers can all be read, and for a ``[model.files]``
+        file, where the family reads them from its header (``file_layer_shapes``)."""
+        src = self._source()
+        root = None if not src else Path(src) if is_local_source(src) else self.hub_snapshot(src)
+        out = {}
+        for key, value in sorted(self.recipe.model.files.items()):
+            header = read_weights(value)[0] if key in self.file_keys and key in self.SUBFOLDER else None
+            shapes = self.file_layer_shapes(key, header) if header is not None else None
+            if shapes is not None:
+                out[self.SUBFOLDER[key]] = shapes
+        given = {self.SUBFOLDER.get(key) for key in self.file_keys if self.recipe.model.files.get(key)}
+        for sub in sorted(set(self.SUBFOLDER.values()) - given) if root is not None and root.is_dir() else ():
+            headers = component_headers(root / sub) if (root / sub).is_dir() else None
+            if headers is not None:
+                out[sub] = linear_shapes(headers)
+        return out
+
+    def file_layer_shapes(self, key: str, header: dict[str, Any]) -> dict[str, list[int] | None] | None:
+        """The weight shapes of the diffusers layers the ``[model.files]`` file of slot ``key`` (its checked header)
+        becomes, for ``lora_layer_shapes``; None where they are not known from the header (the default: a file in its
+        own layout is not compared)."""
+        return None
+
     def lora_target_modules(self, transformer: torch.nn.Module, preset: str, explicit: list[str]) -> list[str]:
         """Full names of the linear layers to wrap: ``explicit`` names/regexes (when given) or the preset's
         regexes, matched against ``named_modules()``. Raises RecipeError when nothing matches."""
