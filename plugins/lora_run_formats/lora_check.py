@@ -4,8 +4,8 @@ before anything loads (``lora_file_problem`` for `lora-run eval`, the native ada
 and the generation API).
 
 - ``structure_problem``: every module has both matrices (``lora_down``/``lora_A`` and ``lora_up``/``lora_B``), each a
-  matrix, down/A ``(rank, inputs)`` and up/B ``(outputs, rank)`` with the same rank, at least 1; an ``alpha`` is one
-  number. A file that breaks one of these cannot be applied by any loader; the loaders found it only after the
+  matrix (or both 4-D: a Conv2d LoRA, whose fit the loader checks), down/A ``(rank, inputs)`` and up/B ``(outputs,
+  rank)`` with the same rank, at least 1; an ``alpha`` is one number. A file that breaks one of these cannot be applied by any loader; the loaders found it only after the
   base pipeline had loaded (minutes and gigabytes for a full-size model).
 - ``fit_problem``: each module against the layers it names, through the family's declaration of where its LoRA names
   go (``Targets``: a module name as in the file -> the component and the layers, in diffusers' names, whose outputs
@@ -72,9 +72,10 @@ def _module_problem(entry: Mapping[str, tuple[str, list[int]]], module: str) -> 
         has = _tail((down or up or alpha)[0], module)           # type: ignore[index]
         lacks = "the down (lora_down / lora_A)" if down is None else "the up (lora_up / lora_B)"
         return f"has {has} but not {lacks} matrix: a LoRA needs both"
-    for (name, shape), what in ((down, "rank × inputs"), (up, "outputs × rank")):
-        if len(shape) != 2:
-            return f"{_tail(name, module)} has shape {_shape(shape)}, not a matrix ({what}): not a Linear LoRA"
+    if (len(down[1]), len(up[1])) != (4, 4):    # a Conv2d LoRA's pair (peft, LyCORIS) is 4-D: its ranks are checked
+        for (name, shape), what in ((down, "rank × inputs"), (up, "outputs × rank")):
+            if len(shape) != 2:
+                return f"{_tail(name, module)} has shape {_shape(shape)}, not a matrix ({what}): not a Linear LoRA"
     if down[1][0] != up[1][1]:
         return (f"its ranks disagree: {_tail(down[0], module)} is {_shape(down[1])} (rank × inputs) but "
                 f"{_tail(up[0], module)} is {_shape(up[1])} (outputs × rank)")
@@ -149,6 +150,8 @@ _OTHER = " (a LoRA of another model or model size?)"
 
 def _fit(entry: Mapping[str, tuple[str, list[int]]], module: str, component: str, paths: Sequence[str],
          layers: Mapping[str, list[int] | None]) -> str | None:
+    if len(entry["down"][1]) != 2:
+        return None                                     # a Conv2d LoRA: its loader compares it with the layer
     parts = []
     for path in paths:
         has, shape = _layer(layers, path)

@@ -29,6 +29,10 @@ def test_what_forms_a_lora():
                                    c__lora_B__weight=(64, 4)))
     assert two.startswith("module a: ") and two.endswith("(and 1 more modules)"), two
     assert structure_problem(header(other=(3,), m__dora_scale=(1, 64))) is None       # left to the loaders
+    conv = header(m__lora_down__weight=(4, 64, 3, 3), m__lora_up__weight=(32, 4, 1, 1))   # a Conv2d LoRA (peft, LyCORIS)
+    assert structure_problem(conv) is None
+    assert "its ranks disagree" in structure_problem(header(m__lora_down__weight=(4, 64, 3, 3),
+                                                            m__lora_up__weight=(32, 8, 1, 1)))
 
 
 def targets(module):
@@ -60,6 +64,8 @@ def test_what_fits_the_model():
     for says, bad in cases.items():
         why = fit_problem(bad, targets, LAYERS)
         assert why is not None and says in why, (says, why)
+    conv = header(p__lora_down__weight=(4, 256, 3, 3), p__lora_up__weight=(64, 4, 1, 1))
+    assert fit_problem(conv, targets, LAYERS) is None          # a Conv2d LoRA: left to its loader
     broken = fit_problem(header(p__lora_down__weight=(4, 128), p__lora_up__weight=(64, 4)),
                          lambda m: 1 / 0, LAYERS)            # a family's name mapping that fails: not judged
     assert broken is None
