@@ -16,6 +16,7 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 from lora_run_engines import tomlfile
+from lora_run_engines.output import collectable
 from lora_run_engines.stage import staged_size, upscale_note
 from lora_run_formats.model_files import weights_problem
 
@@ -520,10 +521,17 @@ class DiffusionPipeBackend:
         self._collect(final, watcher.save_step(final) or at, watcher, commit)
         return True
 
+    def check_saved(self, saved: collect.SavedLora, log: Path) -> None:
+        """Refuse a save whose LoRA is not a whole one of the run's family and rank (exit 1, named), before it is
+        converted and reported: `lora_run_engines.output`."""
+        collectable(saved.file, engine=NAME, family=self.family, layout=collect.LORA_LAYOUTS[self.family],
+                    rank=self.recipe.lora.rank, log=log)
+
     def _collect(self, final: collect.SavedLora, steps: int | None, watcher: "_Watcher", commit: str) -> None:
         """Write the final LoRA into the run folder in our formats, and the run's artifacts."""
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
+        self.check_saved(final, watcher.layout.log)
         with ctx.run_dir.writing(""):
             written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
                                             examples=self._examples(), commit=commit)
@@ -653,6 +661,7 @@ class _Watcher:
             step = self.save_step(saved)
             if step is None:                   # an epoch save seen before its save line: the log's last step
                 step = self.step_of[saved.name] = self.parser.last_step
+            backend.check_saved(saved, self.layout.log)
             try:
                 with self.ctx.run_dir.writing("checkpoints"):
                     files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,

@@ -28,6 +28,8 @@ Its modules, for every engine backend:
 - :mod:`lora_run_engines.stage` — the dataset staged as the engine reads it (links, converted PNGs, captions),
   named by content; a new folder renamed into place whole, an existing one only checked; lora-run's marker in each,
   the engine's valid caches carried into a new one, folders in use held, earlier unused ones removed on request;
+- :mod:`lora_run_engines.output` — the LoRA an engine wrote, checked before lora-run reports it (whole, finite, the
+  recipe's rank, the family's modules in the engine's layout);
 - :mod:`lora_run_engines.keys` — one scheme for checking generated files against the keys the engine reads;
 - :mod:`lora_run_engines.tomlfile` — generated TOML as the engines' ``toml`` 0.10.2 reader reads it (lists of
   tables as ``[[…]]`` blocks; the values it would read back otherwise, named).

@@ -33,6 +33,7 @@ from lora_run_training import NonFiniteLoss
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
 from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, held, linted, publish, remove_earlier,
                                     staged_files, staged_stems, upscale_note)
+from lora_run_engines.output import collectable, lora_problem
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -376,7 +377,9 @@ class KohyaBackend:
         run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
                     f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
         paths.output_dir.mkdir(parents=True, exist_ok=True)
-        watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset)
+        watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset,
+                          check=lambda path: lora_problem(path, family=recipe.model.family, layout="kohya",
+                                                          rank=recipe.lora.rank))
         display = Display(ctx.echo)
         log_path = run_dir.file(LOG)
         # sd-scripts logs through rich, which wraps at 80 columns without a terminal (paths split over lines)
@@ -569,6 +572,8 @@ class KohyaBackend:
         produced = paths.output_dir / f"{name}.safetensors"
         if not produced.is_file():
             raise BackendError(f"sd-scripts finished but wrote no {produced}; see {self.run_path() / LOG}")
+        collectable(produced, engine="sd-scripts", family=recipe.model.family, layout="kohya", rank=recipe.lora.rank,
+                    log=self.run_path() / LOG)
         wrong = unexpected_modules(produced, recipe)
         if wrong:
             raise BackendError(f"{produced} holds LoRA modules the recipe did not ask for ({', '.join(wrong[:4])}"
@@ -899,11 +904,15 @@ class Watcher:
     """Finds new checkpoints and sample images in sd-scripts' output folder and calls the lifecycle hooks.
 
     A file is reported once its size and modification time stayed the same between two looks (sd-scripts
-    writes in place), or when the process has ended.
+    writes in place), or when the process has ended, and only when it is a whole LoRA of the run's family and rank
+    (`lora_run_engines.output.lora_problem`): one cut off by a stop while sd-scripts wrote it, or broken, is named in
+    a warning at the end instead, never reported as a checkpoint.
     """
 
-    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0, offset: int = 0):
+    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0, offset: int = 0,
+                 check: Callable[[Path], str | None] | None = None):
         self.ctx, self.output_dir, self.name, self.every = ctx, output_dir, name, every
+        self.check = check      # why a checkpoint file is not a whole LoRA of the run, or None
         self.offset = offset    # steps done before this segment (sd-scripts counts from 0 after a resume)
         self.step = 0
         self.checkpoints: list[dict[str, Any]] = []
@@ -911,6 +920,7 @@ class Watcher:
         self.last_checkpoint: str | None = None
         self._seen: set[str] = set()
         self._sizes: dict[str, tuple[int, int]] = {}
+        self._broken: dict[str, tuple[tuple[int, int] | None, str]] = {}   # path -> (size and time, problem)
         self._last = 0.0
         self._pattern = re.compile(re.escape(name) + r"-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))\.safetensors$")
         if output_dir.is_dir():  # files of an earlier segment (before --resume) were reported by that run
@@ -927,6 +937,24 @@ class Watcher:
         self._sizes[str(path)] = key
         return final or previous == key
 
+    def _refused(self, path: Path, final: bool) -> bool:
+        """Whether the checkpoint at ``path`` is not a whole LoRA of the run (checked once per size and time); at the
+        final look such a file is named in a warning, once."""
+        if self.check is None:
+            return False
+        key = self._sizes.get(str(path))
+        known = self._broken.get(str(path))
+        if known is None or known[0] != key:
+            problem = self.check(path)
+            if problem is None:
+                self._broken.pop(str(path), None)
+                return False
+            known = self._broken[str(path)] = (key, problem)
+        if final:
+            self._seen.add(str(path))
+            self.ctx.echo(f"warning: kohya: {path} is not reported as a checkpoint: {known[1]}")
+        return True
+
     def poll(self, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self._last < self.every:
@@ -936,7 +964,7 @@ class Watcher:
             return
         for path in sorted(self.output_dir.glob(f"{self.name}-*.safetensors")):
             match = self._pattern.match(path.name)
-            if not match or str(path) in self._seen or not self._stable(path, final):
+            if not match or str(path) in self._seen or not self._stable(path, final) or self._refused(path, final):
                 continue
             self._seen.add(str(path))
             step = int(match["step"]) + self.offset if match["step"] else self.step
