@@ -50,6 +50,12 @@ from lora_run.files import resolved, shown
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
+#: The characters of one output line an engine's parser reads (the log keeps the whole line): a progress or step
+#: line is far shorter, and a parser's time then stays bounded whatever an engine prints.
+PARSE_CHARS = 16384
+#: A step, total or epoch number in an engine's progress line: at most 9 digits (a billion steps). A longer run of
+#: digits is no progress (and `int()` refuses one of 4300 digits or more).
+STEP_NUMBER = r"\d{1,9}(?!\d)"
 
 
 def resolve_path(value: str, base: Path) -> Path:
