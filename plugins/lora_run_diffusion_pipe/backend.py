@@ -447,11 +447,16 @@ class DiffusionPipeBackend:
             raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode})"
                                f"{engines.explain(supervisor.tail, HINTS)}; last output:\n{tail}\n{where}")
         saves = collect.saved_loras(run_folder, self.family)
-        if not watcher.parser.completed or not saves:
-            what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
+        # the save diffusion-pipe makes at the end of training, never an earlier one (the newest save, step4/ of a
+        # 5-step run whose step5/ is missing, was collected as the final LoRA)
+        final = collect.final_save(saves, length[1], length[0])
+        if not watcher.parser.completed or final is None:
+            wanted = f"step{length[1]}" if length[1] is not None else f"epoch{length[0]}"
+            what = ("no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
+                    if not watcher.parser.completed else f"its end-of-training save {wanted}/ is missing (the newest "
+                    f"save, {saves[-1].name}/, is no final LoRA)")
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        final = saves[-1]
         self._collect(final, watcher.save_step(final) or watcher.parser.last_step or None, watcher,
                       commit or "unknown")
 

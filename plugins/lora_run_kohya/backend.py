@@ -377,6 +377,7 @@ class KohyaBackend:
         run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
                     f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
         paths.output_dir.mkdir(parents=True, exist_ok=True)
+        earlier = _identity(paths.output_dir / f"{recipe.output.name}.safetensors")    # an earlier segment's final LoRA
         watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset,
                           check=lambda path: lora_problem(path, family=recipe.model.family, layout="kohya",
                                                           rank=recipe.lora.rank))
@@ -489,7 +490,7 @@ class KohyaBackend:
             raise BackendError(f"sd-scripts exited with code {code}{engines.explain(sup.tail, HINTS)}.\n"
                                f"{self._tail(sup, log_path)}")
         with run_dir.writing(""):        # the LoRA files at the top of the run folder
-            self._collect(paths, co, tr)
+            self._collect(paths, co, tr, earlier)
 
     def _check_python(self) -> str:
         python = self.python()
@@ -564,7 +565,10 @@ class KohyaBackend:
         if state is not None:
             arts["kohya_state"] = str(state)
 
-    def _collect(self, paths: Paths, co: checkout.Checkout, tr: Translation) -> None:
+    def _collect(self, paths: Paths, co: checkout.Checkout, tr: Translation,
+                 earlier: tuple[int, ...] | None = None) -> None:
+        """Collect sd-scripts' final LoRA; ``earlier``: the identity (`_identity`) of the file under its name before
+        the launch (a resumed run's earlier segment wrote one), which is never collected as this launch's."""
         from lora_run_formats import copy_with_metadata, read_metadata
 
         recipe, ctx = self.recipe, self.ctx
@@ -572,6 +576,9 @@ class KohyaBackend:
         produced = paths.output_dir / f"{name}.safetensors"
         if not produced.is_file():
             raise BackendError(f"sd-scripts finished but wrote no {produced}; see {self.run_path() / LOG}")
+        if earlier is not None and _identity(produced) == earlier:
+            raise BackendError(f"sd-scripts finished but wrote no new {produced}: the file there is the one an earlier "
+                               f"run of this folder left, not this run's final LoRA; see {self.run_path() / LOG}")
         collectable(produced, engine="sd-scripts", family=recipe.model.family, layout="kohya", rank=recipe.lora.rank,
                     log=self.run_path() / LOG)
         wrong = unexpected_modules(produced, recipe)
@@ -597,6 +604,15 @@ class KohyaBackend:
             ctx.artifacts["lora_comfyui"] = str(target)
         written = [str(ctx.artifacts[k]) for k in ("lora_kohya", "lora_diffusers", "lora_comfyui") if k in ctx.artifacts]
         ctx.echo(f"kohya: LoRA written: {', '.join(written)}")
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """A file's identity (device, inode, size, modification time), or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:

@@ -247,6 +247,19 @@ def test_a_broken_saved_lora_is_never_reported(dp_recipe, plugins_with, tmp_path
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
 
 
+def test_an_earlier_save_is_never_collected_as_the_final_lora(dp_recipe, plugins_with, tmp_path, fake_env):
+    """A 5-step run saving every 2 steps whose engine prints TRAINING COMPLETE! without its end-of-training save
+    (step5/): the newest save, step4/, was collected as the final LoRA (exit 0). Control: the same run with the save
+    collects step5/."""
+    fake_env(mode="no_final_save")
+    with pytest.raises(BackendError, match=r"its end-of-training save step5/ is missing \(the newest save, step4/"):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "train.steps=5")
+    assert not (tmp_path / "run" / "subject.safetensors").exists()
+    fake_env(mode="ok")
+    ctx, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "ok", "train.steps=5")
+    assert ctx.artifacts["steps"] == 5 and Path(ctx.artifacts["lora_kohya"]).is_file()
+
+
 def test_stall_timeout_stops_a_hung_run(dp_recipe, plugins_with, tmp_path, fake_env):
     fake_env(mode="hang", at=2)
     started = time.monotonic()

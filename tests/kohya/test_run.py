@@ -225,6 +225,30 @@ def test_a_checkpoint_cut_off_while_written_is_not_reported(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_earlier_segments_final_lora_is_never_collected_again(kohya_recipe, fake_checkout, plugins_with, tmp_path,
+                                                                 monkeypatch):
+    """A finished 6-step run extended to 8 steps with --resume, whose sd-scripts exits 0 without writing its final
+    LoRA: the step-6 file of the first segment, still under the final name, was collected as the 8-step LoRA (exit 0,
+    `ss_steps` 6). Control: the same resume with sd-scripts writing it collects the new file."""
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    run = tmp_path / "runs" / "ohwx"
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "no_lora")
+    _, _, _, error = run_in_process(path, plugins_with, resume=True, sets=["train.steps=8"])
+    assert isinstance(error, BackendError) and "wrote no new " in str(error), error
+    assert read_manifest(run)["status"] == "failed"
+    for entry in ("ohwx-state", "lora-run-segment.json"):       # the failed segment's state is moved aside next time
+        assert (run / "kohya" / "output" / entry).exists()
+    monkeypatch.delenv("FAKE_KOHYA_MODE")
+    _, _, _, error = run_in_process(path, plugins_with, resume=True, sets=["train.steps=10"])
+    assert error is None, error
+    from lora_run_formats import read_metadata
+
+    assert read_metadata(run / "ohwx.safetensors")["ss_steps"] == "2"      # the last segment's own count
+
+
+@pytest.mark.slow
 def test_garbage_output_does_not_break_anything(kohya_recipe, fake_checkout, plugins_with, monkeypatch):
     monkeypatch.setenv("FAKE_KOHYA_MODE", "garbage")
     ctx, hooks, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with)
