@@ -16,6 +16,7 @@ from lora_run.recipe import resume_command
 from lora_run.run import Plan, RunContext
 import lora_run_engines as engines
 from lora_run_engines import tomlfile
+from lora_run_engines.output import collectable
 from lora_run_engines.stage import staged_size, upscale_note
 from lora_run_formats.model_files import weights_problem
 
@@ -446,11 +447,16 @@ class DiffusionPipeBackend:
             raise BackendError(f"diffusion-pipe failed (exit code {outcome.returncode})"
                                f"{engines.explain(supervisor.tail, HINTS)}; last output:\n{tail}\n{where}")
         saves = collect.saved_loras(run_folder, self.family)
-        if not watcher.parser.completed or not saves:
-            what = "no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
+        # the save diffusion-pipe makes at the end of training, never an earlier one (the newest save, step4/ of a
+        # 5-step run whose step5/ is missing, was collected as the final LoRA)
+        final = collect.final_save(saves, length[1], length[0])
+        if not watcher.parser.completed or final is None:
+            wanted = f"step{length[1]}" if length[1] is not None else f"epoch{length[0]}"
+            what = ("no saved LoRA was found" if not saves else "it never printed TRAINING COMPLETE!"
+                    if not watcher.parser.completed else f"its end-of-training save {wanted}/ is missing (the newest "
+                    f"save, {saves[-1].name}/, is no final LoRA)")
             raise BackendError(f"diffusion-pipe exited normally but {what} (run folder: {run_folder}); last "
                                f"output:\n{tail}\n{where}")
-        final = saves[-1]
         self._collect(final, watcher.save_step(final) or watcher.parser.last_step or None, watcher,
                       commit or "unknown")
 
@@ -520,10 +526,17 @@ class DiffusionPipeBackend:
         self._collect(final, watcher.save_step(final) or at, watcher, commit)
         return True
 
+    def check_saved(self, saved: collect.SavedLora, log: Path) -> None:
+        """Refuse a save whose LoRA is not a whole one of the run's family and rank (exit 1, named), before it is
+        converted and reported: `lora_run_engines.output`."""
+        collectable(saved.file, engine=NAME, family=self.family, layout=collect.LORA_LAYOUTS[self.family],
+                    rank=self.recipe.lora.rank, log=log)
+
     def _collect(self, final: collect.SavedLora, steps: int | None, watcher: "_Watcher", commit: str) -> None:
         """Write the final LoRA into the run folder in our formats, and the run's artifacts."""
         ctx, recipe = self.ctx, self.recipe
         assert ctx.run_dir is not None
+        self.check_saved(final, watcher.layout.log)
         with ctx.run_dir.writing(""):
             written = collect.write_formats(final, self.family, recipe, ctx.run_dir.path, steps=steps,
                                             examples=self._examples(), commit=commit)
@@ -653,6 +666,7 @@ class _Watcher:
             step = self.save_step(saved)
             if step is None:                   # an epoch save seen before its save line: the log's last step
                 step = self.step_of[saved.name] = self.parser.last_step
+            backend.check_saved(saved, self.layout.log)
             try:
                 with self.ctx.run_dir.writing("checkpoints"):
                     files = collect.write_formats(saved, backend.family, recipe, self._folder(saved.name), steps=step,

@@ -19,6 +19,8 @@ RUN_FOLDER = re.compile(r"^\d{8}_\d{2}-\d{2}-\d{2}$")
 SAVE_FOLDER = re.compile(r"^(epoch|step)(\d+)$")
 CHECKPOINT_FOLDER = re.compile(r"^global_step(\d+)$")
 LORA_FILES = {"flux.1-dev": "pytorch_lora_weights.safetensors", "hunyuan-image-2.1": "adapter_model.safetensors"}
+#: the key layout of those files (`lora_run_engines.output.module_pattern`)
+LORA_LAYOUTS = {"flux.1-dev": "diffusers", "hunyuan-image-2.1": "comfyui"}
 
 
 @attrs.frozen

@@ -14,7 +14,9 @@ from typing import Any
 
 import attrs
 
-MAX_LINE = 16384          # parse at most this much of one line (the log keeps everything)
+from lora_run_engines import PARSE_CHARS as MAX_LINE, STEP_NUMBER   # noqa: E402 - at most this much of a line
+
+_N = f"({STEP_NUMBER})"
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -36,15 +38,15 @@ class PhaseEvent:
 
 
 _FLOAT = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf|-inf))"
-_DS_STEP = re.compile(r"\bsteps:\s*(\d+)\s+loss:\s*" + _FLOAT + r"(?P<rest>.*)", re.I)
-_DP_STEP = re.compile(r"\bstep:\s*(\d+)\s*/\s*(\d+)\s+loss:\s*" + _FLOAT + r"(?P<rest>.*)", re.I)
-_TQDM_STEP = re.compile(r"^Training:.*?\|\s*(\d+)/(\d+)\b.*?loss=" + _FLOAT, re.I)
+_DS_STEP = re.compile(r"\bsteps:\s*" + _N + r"\s+loss:\s*" + _FLOAT + r"(?P<rest>.*)", re.I)
+_DP_STEP = re.compile(r"\bstep:\s*" + _N + r"\s*/\s*" + _N + r"\s+loss:\s*" + _FLOAT + r"(?P<rest>.*)", re.I)
+_TQDM_STEP = re.compile(r"^Training:.*?\|\s*" + _N + "/" + _N + r"\b.*?loss=" + _FLOAT, re.I)
 _ITER_TIME = re.compile(r"iter time \(s\):\s*" + _FLOAT)
 _SAMPLES = re.compile(r"samples/sec:\s*" + _FLOAT)
 _LR = re.compile(r"\bstep=(\d+), skipped=(\d+), lr=\[?\s*" + _FLOAT)
 _SAVE = re.compile(r"Saving model to directory (\S+)")
-_EPOCH = re.compile(r"Started new epoch: (\d+)")
-_RESUMED = re.compile(r"Resuming training from checkpoint\. Resuming at epoch: (\d+), step: (\d+)")
+_EPOCH = re.compile(r"Started new epoch: " + _N)
+_RESUMED = re.compile(r"Resuming training from checkpoint\. Resuming at epoch: " + _N + ", step: " + _N)
 _CACHING = re.compile(r"\b(cach(e|ing)|Map\b.*num_proc)", re.I)
 COMPLETE = "TRAINING COMPLETE!"
 

@@ -28,6 +28,8 @@ Its modules, for every engine backend:
 - :mod:`lora_run_engines.stage` — the dataset staged as the engine reads it (links, converted PNGs, captions),
   named by content; a new folder renamed into place whole, an existing one only checked; lora-run's marker in each,
   the engine's valid caches carried into a new one, folders in use held, earlier unused ones removed on request;
+- :mod:`lora_run_engines.output` — the LoRA an engine wrote, checked before lora-run reports it (whole, finite, the
+  recipe's rank, the family's modules in the engine's layout);
 - :mod:`lora_run_engines.keys` — one scheme for checking generated files against the keys the engine reads;
 - :mod:`lora_run_engines.tomlfile` — generated TOML as the engines' ``toml`` 0.10.2 reader reads it (lists of
   tables as ``[[…]]`` blocks; the values it would read back otherwise, named).
@@ -48,6 +50,12 @@ from lora_run.files import resolved, shown
 
 #: A line longer than this without a line break is passed on anyway (an engine printing without newlines).
 MAX_LINE_BYTES = 1 << 20
+#: The characters of one output line an engine's parser reads (the log keeps the whole line): a progress or step
+#: line is far shorter, and a parser's time then stays bounded whatever an engine prints.
+PARSE_CHARS = 16384
+#: A step, total or epoch number in an engine's progress line: at most 9 digits (a billion steps). A longer run of
+#: digits is no progress (and `int()` refuses one of 4300 digits or more).
+STEP_NUMBER = r"\d{1,9}(?!\d)"
 
 
 def resolve_path(value: str, base: Path) -> Path:

@@ -3,7 +3,9 @@
 One :class:`Supervisor` serves every engine backend. The child runs without a shell, in its own process group
 (an engine's launcher and its workers), with SIGINT at its default (lora-run started with ``&`` or nohup has
 SIGINT ignored, and the child would inherit that). Its output is split on ``\\n`` and ``\\r`` (progress bars
-redraw with ``\\r``), written to the log as UTF-8 (undecodable bytes replaced) and handed to the backend:
+redraw with ``\\r``), written to the log as UTF-8 (undecodable bytes replaced) and handed to the backend (the first
+``PARSE_CHARS`` characters of a line: a 1 MiB line of an engine printing without line breaks kept lora-run's progress
+parser busy for hours):
 
 - ``on_line(text)`` for every line that is not a progress redraw;
 - ``progress(text)`` (optional) parses a progress-bar line into an object with a ``step``; redraws of one step
@@ -35,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from . import split_output
+from . import PARSE_CHARS, split_output
 
 #: characters of one line kept in the tail shown on failure (the log keeps everything)
 TAIL_CHARS = 2000
@@ -257,7 +259,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------------ lines
     def _handle(self, line: str) -> None:
-        parsed = self.progress(line) if self.progress is not None else None
+        text = line[:PARSE_CHARS]           # what the backend parses; the log keeps the whole line
+        parsed = self.progress(text) if self.progress is not None else None
         if parsed is not None:
             if self._pending is not None and self._pending[0].step != parsed.step:
                 self._flush()
@@ -266,7 +269,7 @@ class Supervisor:
         self._write_pending()
         self._write(line)
         if self.on_line is not None:
-            self.on_line(line)
+            self.on_line(text)
 
     def _write(self, line: str) -> None:
         self._log.write(line + "\n")

@@ -33,6 +33,7 @@ from lora_run_training import NonFiniteLoss
 from lora_run_engines import borrowed_memory_estimate, commented, dataset_key, tomlfile
 from lora_run_engines.stage import (Sets, Staged, cache_owner, content_digest, held, linted, publish, remove_earlier,
                                     staged_files, staged_stems, upscale_note)
+from lora_run_engines.output import collectable, lora_problem
 from lora_run_engines.supervise import Supervisor
 from lora_run_folder import training_caption
 
@@ -376,7 +377,10 @@ class KohyaBackend:
         run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
                     f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
         paths.output_dir.mkdir(parents=True, exist_ok=True)
-        watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset)
+        earlier = _identity(paths.output_dir / f"{recipe.output.name}.safetensors")    # an earlier segment's final LoRA
+        watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset,
+                          check=lambda path: lora_problem(path, family=recipe.model.family, layout="kohya",
+                                                          rank=recipe.lora.rank))
         display = Display(ctx.echo)
         log_path = run_dir.file(LOG)
         # sd-scripts logs through rich, which wraps at 80 columns without a terminal (paths split over lines)
@@ -486,7 +490,7 @@ class KohyaBackend:
             raise BackendError(f"sd-scripts exited with code {code}{engines.explain(sup.tail, HINTS)}.\n"
                                f"{self._tail(sup, log_path)}")
         with run_dir.writing(""):        # the LoRA files at the top of the run folder
-            self._collect(paths, co, tr)
+            self._collect(paths, co, tr, earlier)
 
     def _check_python(self) -> str:
         python = self.python()
@@ -561,7 +565,10 @@ class KohyaBackend:
         if state is not None:
             arts["kohya_state"] = str(state)
 
-    def _collect(self, paths: Paths, co: checkout.Checkout, tr: Translation) -> None:
+    def _collect(self, paths: Paths, co: checkout.Checkout, tr: Translation,
+                 earlier: tuple[int, ...] | None = None) -> None:
+        """Collect sd-scripts' final LoRA; ``earlier``: the identity (`_identity`) of the file under its name before
+        the launch (a resumed run's earlier segment wrote one), which is never collected as this launch's."""
         from lora_run_formats import copy_with_metadata, read_metadata
 
         recipe, ctx = self.recipe, self.ctx
@@ -569,6 +576,11 @@ class KohyaBackend:
         produced = paths.output_dir / f"{name}.safetensors"
         if not produced.is_file():
             raise BackendError(f"sd-scripts finished but wrote no {produced}; see {self.run_path() / LOG}")
+        if earlier is not None and _identity(produced) == earlier:
+            raise BackendError(f"sd-scripts finished but wrote no new {produced}: the file there is the one an earlier "
+                               f"run of this folder left, not this run's final LoRA; see {self.run_path() / LOG}")
+        collectable(produced, engine="sd-scripts", family=recipe.model.family, layout="kohya", rank=recipe.lora.rank,
+                    log=self.run_path() / LOG)
         wrong = unexpected_modules(produced, recipe)
         if wrong:
             raise BackendError(f"{produced} holds LoRA modules the recipe did not ask for ({', '.join(wrong[:4])}"
@@ -592,6 +604,15 @@ class KohyaBackend:
             ctx.artifacts["lora_comfyui"] = str(target)
         written = [str(ctx.artifacts[k]) for k in ("lora_kohya", "lora_diffusers", "lora_comfyui") if k in ctx.artifacts]
         ctx.echo(f"kohya: LoRA written: {', '.join(written)}")
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """A file's identity (device, inode, size, modification time), or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def unexpected_modules(path: Path, recipe: Any) -> list[str]:
@@ -899,11 +920,15 @@ class Watcher:
     """Finds new checkpoints and sample images in sd-scripts' output folder and calls the lifecycle hooks.
 
     A file is reported once its size and modification time stayed the same between two looks (sd-scripts
-    writes in place), or when the process has ended.
+    writes in place), or when the process has ended, and only when it is a whole LoRA of the run's family and rank
+    (`lora_run_engines.output.lora_problem`): one cut off by a stop while sd-scripts wrote it, or broken, is named in
+    a warning at the end instead, never reported as a checkpoint.
     """
 
-    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0, offset: int = 0):
+    def __init__(self, ctx: Any, output_dir: Path, name: str, every: float = 2.0, offset: int = 0,
+                 check: Callable[[Path], str | None] | None = None):
         self.ctx, self.output_dir, self.name, self.every = ctx, output_dir, name, every
+        self.check = check      # why a checkpoint file is not a whole LoRA of the run, or None
         self.offset = offset    # steps done before this segment (sd-scripts counts from 0 after a resume)
         self.step = 0
         self.checkpoints: list[dict[str, Any]] = []
@@ -911,6 +936,7 @@ class Watcher:
         self.last_checkpoint: str | None = None
         self._seen: set[str] = set()
         self._sizes: dict[str, tuple[int, int]] = {}
+        self._broken: dict[str, tuple[tuple[int, int] | None, str]] = {}   # path -> (size and time, problem)
         self._last = 0.0
         self._pattern = re.compile(re.escape(name) + r"-(?:step(?P<step>\d{8})|(?P<epoch>\d{6}))\.safetensors$")
         if output_dir.is_dir():  # files of an earlier segment (before --resume) were reported by that run
@@ -927,6 +953,24 @@ class Watcher:
         self._sizes[str(path)] = key
         return final or previous == key
 
+    def _refused(self, path: Path, final: bool) -> bool:
+        """Whether the checkpoint at ``path`` is not a whole LoRA of the run (checked once per size and time); at the
+        final look such a file is named in a warning, once."""
+        if self.check is None:
+            return False
+        key = self._sizes.get(str(path))
+        known = self._broken.get(str(path))
+        if known is None or known[0] != key:
+            problem = self.check(path)
+            if problem is None:
+                self._broken.pop(str(path), None)
+                return False
+            known = self._broken[str(path)] = (key, problem)
+        if final:
+            self._seen.add(str(path))
+            self.ctx.echo(f"warning: kohya: {path} is not reported as a checkpoint: {known[1]}")
+        return True
+
     def poll(self, final: bool = False) -> None:
         now = time.monotonic()
         if not final and now - self._last < self.every:
@@ -936,7 +980,7 @@ class Watcher:
             return
         for path in sorted(self.output_dir.glob(f"{self.name}-*.safetensors")):
             match = self._pattern.match(path.name)
-            if not match or str(path) in self._seen or not self._stable(path, final):
+            if not match or str(path) in self._seen or not self._stable(path, final) or self._refused(path, final):
                 continue
             self._seen.add(str(path))
             step = int(match["step"]) + self.offset if match["step"] else self.step

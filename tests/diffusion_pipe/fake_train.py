@@ -15,7 +15,10 @@ caching lines are printed as recorded, and each step prints the recorded DeepSpe
 `Started new epoch`, `Resuming training from checkpoint` and `TRAINING COMPLETE!` are still written from
 diffusion-pipe's code: the GPU run went NaN before its first save.
 
-FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay.
+FAKE_DP_MODE picks a behaviour: ok | crash | hang | garbage | nan | quiet_exit | slow_cache | replay |
+no_final_save (TRAINING COMPLETE! without the end-of-training save), and for the saves from step FAKE_DP_AT on:
+lora_truncated | lora_empty | lora_nan | lora_rank (twice the rank) | lora_family (another family's keys) |
+partial_crash (cut off, then exit 1).
 FAKE_DP_AT: the step at which crash/hang/nan happen (default 3). FAKE_DP_STEP_DELAY: seconds per step.
 FAKE_DP_AWAIT_QUIT_AT: at the start of that step, wait (at most 60 s) for the `save_quit` file: a Ctrl-C that comes
 during the step. FAKE_DP_EXIT_DELAY: seconds between `TRAINING COMPLETE!` and the exit (the real train.py took seconds to end after
@@ -181,13 +184,30 @@ def save_model(run_dir, name, config, config_path, step, out):
     tmp = save_dir / "tmp"
     os.makedirs(tmp, exist_ok=False)
     model_type = config["model"]["type"]
-    tensors = lora_tensors(model_type, config["adapter"]["rank"], seed=step)
+    mode = os.environ.get("FAKE_DP_MODE", "ok") if step >= int(os.environ.get("FAKE_DP_AT", "3")) else "ok"
+    rank = config["adapter"]["rank"] * (2 if mode == "lora_rank" else 1)     # a LoRA of another rank
+    tensors = lora_tensors(model_type, rank, seed=step)
+    if mode == "lora_nan":
+        import numpy as np
+
+        tensors = {k: np.full_like(v, np.nan) if "lora_B" in k else v for k, v in tensors.items()}
+    if mode == "lora_family":          # an SDXL U-Net LoRA's keys: another family's file
+        tensors = {re.sub(r"^(transformer|diffusion_model)\.", "unet.down_blocks.", k): v for k, v in tensors.items()}
     if model_type == "flux":
-        save_file(tensors, str(save_dir / "pytorch_lora_weights.safetensors"))
+        file = save_dir / "pytorch_lora_weights.safetensors"
+        save_file(tensors, str(file))
     else:
         (save_dir / "adapter_config.json").write_text(json.dumps({"r": config["adapter"]["rank"],
                                                                    "lora_alpha": config["adapter"]["rank"]}))
-        save_file(tensors, str(save_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        file = save_dir / "adapter_model.safetensors"
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    if mode in ("lora_truncated", "partial_crash"):      # cut off while written
+        with open(file, "r+b") as fh:
+            fh.truncate(file.stat().st_size // 2)
+        if mode == "partial_crash":
+            raise SystemExit("killed while saving the LoRA")
+    if mode == "lora_empty":
+        file.write_bytes(b"")
     shutil.copy(config_path, save_dir)
     shutil.rmtree(tmp)
 
@@ -374,7 +394,7 @@ def main():
         return 0
     if not checkpointed:
         save_checkpoint(run_dir, step, epoch)
-    if not saved:
+    if not saved and mode != "no_final_save":
         save_model(run_dir, final_name, config, args.config, step, out)
         out.flush()
     log("TRAINING COMPLETE!")

@@ -225,6 +225,41 @@ def test_failures_show_the_log_tail(dp_recipe, plugins_with, tmp_path, fake_env,
     assert manifest["status"] == "failed" and (tmp_path / "run" / "recipe.toml").is_file()
 
 
+@pytest.mark.parametrize("mode, words", [
+    ("lora_truncated", "truncated or not safetensors"), ("lora_empty", "too short to be a safetensors file"),
+    ("lora_nan", "holds NaN or inf values"), ("lora_rank", "rank 8, not the recipe's [lora] rank = 4"),
+    ("lora_family", "is not a module of a flux.1-dev LoRA in the diffusers layout"), ("ok", None)])
+def test_a_broken_saved_lora_is_never_reported(dp_recipe, plugins_with, tmp_path, fake_env, mode, words):
+    """diffusion-pipe's save at step 4 is cut off, empty, trained into NaN, of another rank or another family: it is
+    refused by name when it appears (exit 1, manifest `failed`), never converted, reported as a checkpoint or
+    collected (a NaN or rank-8 file converted without a word before). Control: `ok` reports both saves."""
+    fake_env(mode=mode, at=4)
+    run = tmp_path / "run"
+    if words is None:
+        ctx, rec, _ = run_recipe(dp_recipe(), plugins_with, run)
+        assert [c[0] for c in rec.checkpoints] == [2, 4, 6] and Path(ctx.artifacts["lora_kohya"]).is_file()
+        return
+    with pytest.raises(BackendError) as info:
+        run_recipe(dp_recipe(), plugins_with, run)
+    assert "diffusion-pipe wrote " in str(info.value) and "step4/pytorch_lora_weights.safetensors, which is not a " \
+        "LoRA lora-run can report as the run's: " in str(info.value) and words in str(info.value), str(info.value)
+    assert not (run / "checkpoints" / "step4").exists() and not (run / "subject.safetensors").exists()
+    assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_an_earlier_save_is_never_collected_as_the_final_lora(dp_recipe, plugins_with, tmp_path, fake_env):
+    """A 5-step run saving every 2 steps whose engine prints TRAINING COMPLETE! without its end-of-training save
+    (step5/): the newest save, step4/, was collected as the final LoRA (exit 0). Control: the same run with the save
+    collects step5/."""
+    fake_env(mode="no_final_save")
+    with pytest.raises(BackendError, match=r"its end-of-training save step5/ is missing \(the newest save, step4/"):
+        run_recipe(dp_recipe(), plugins_with, tmp_path / "run", "train.steps=5")
+    assert not (tmp_path / "run" / "subject.safetensors").exists()
+    fake_env(mode="ok")
+    ctx, _, _ = run_recipe(dp_recipe(), plugins_with, tmp_path / "ok", "train.steps=5")
+    assert ctx.artifacts["steps"] == 5 and Path(ctx.artifacts["lora_kohya"]).is_file()
+
+
 def test_stall_timeout_stops_a_hung_run(dp_recipe, plugins_with, tmp_path, fake_env):
     fake_env(mode="hang", at=2)
     started = time.monotonic()

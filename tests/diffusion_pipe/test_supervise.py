@@ -99,3 +99,12 @@ def test_total_timeout(tmp_path):
                      timeout_seconds=1.0, kill_grace=2)
     outcome = sup.run()
     assert outcome.timed_out and not outcome.stalled and "tick" in sup.tail
+
+
+def test_a_step_of_absurd_length_is_no_step():
+    """A step of 5000 digits raised ValueError out of the parser (`int()` refuses 4300 digits and more): the run ended
+    as a crash. A step number of more than 9 digits is no progress; the steps after it are still reported."""
+    parser = LogParser()
+    assert parser.feed("steps: " + "9" * 5000 + " loss: 0.1") == []
+    assert parser.feed("steps: " + "1" * 13 + " loss: 0.1") == []
+    assert [e.step for e in parser.feed("steps: 3 loss: 0.1 iter time (s): 1.0 samples/sec: 1.0")] == [3]

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,88 @@ def test_crash_shows_the_last_lines(kohya_recipe, fake_checkout, plugins_with, t
     assert "RuntimeError: CUDA out of memory" in text and "train.log" in text
     assert "run folder kept" in text
     assert read_manifest(tmp_path / "runs" / "ohwx")["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_broken_final_lora_is_never_collected(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
+    """sd-scripts' file is copied as it is (formats = ["kohya"]: no conversion reads its tensors). One cut off while it
+    was written, empty, trained into NaN, of another rank or of another family is refused by name (exit 1, manifest
+    `failed`), nothing at the top of the run folder. Control: the same run with a whole LoRA is collected."""
+    cases = {"lora_truncated": "truncated: its tensors need", "lora_empty": "too short to be a safetensors file",
+             "lora_nan": "holds NaN or inf values", "lora_rank": "rank 8, not the recipe's [lora] rank = 4",
+             "lora_family": "is not a module of a flux.1-dev LoRA in the kohya layout", "": None}
+    for mode, words in cases.items():
+        monkeypatch.setenv("FAKE_KOHYA_MODE", mode)
+        run = tmp_path / f"out-{mode or 'ok'}"
+        _, _, _, error = run_in_process(kohya_recipe(sd_scripts=fake_checkout), plugins_with,
+                                        sets=[f'output.dir="{run}"', 'output.formats=["kohya"]'])
+        if words is None:
+            assert error is None and (run / "ohwx.safetensors").is_file(), error
+            continue
+        assert isinstance(error, BackendError), (mode, error)
+        assert f"sd-scripts wrote {run / 'kohya' / 'output' / 'ohwx.safetensors'}, which is not a LoRA" in str(error)
+        assert words in str(error), (mode, str(error))
+        assert not (run / "ohwx.safetensors").exists() and read_manifest(run)["status"] == "failed"
+
+
+def test_a_checkpoint_cut_off_while_written_is_not_reported(tmp_path):
+    """sd-scripts writes its checkpoints in place: a stop while it writes one leaves half a file under the checkpoint's
+    name, which the watcher's last look (after the stop) reported as a checkpoint. It is named in a warning instead.
+    Planted-mistake control: the watcher without the check reports it."""
+    from types import SimpleNamespace
+
+    from lora_run_engines.output import lora_problem
+    from lora_run_kohya.backend import Watcher
+
+    from tests.engines.test_output import write
+
+    out = tmp_path / "output"
+    whole = write(tmp_path / "whole.safetensors", "lora_unet_single_blocks_0_linear1", "lora_down.weight",
+                  "lora_up.weight")
+
+    def watched(check):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        reported, echoed = [], []
+        hook = SimpleNamespace(checkpoint_saved=lambda run, step, path: reported.append(step),
+                               samples_written=lambda **_: None)
+        watcher = Watcher(SimpleNamespace(hook=hook, echo=echoed.append), out, "ohwx", check=check)
+        shutil.copy(whole, out / "ohwx-step00000002.safetensors")
+        (out / "ohwx-step00000004.safetensors").write_bytes(whole.read_bytes()[:200])    # then stopped
+        watcher.poll()
+        watcher.poll(final=True)
+        return reported, echoed
+
+    reported, echoed = watched(lambda path: lora_problem(path, family="flux.1-dev", layout="kohya", rank=4))
+    assert reported == [2]
+    assert [line for line in echoed if line.startswith("warning")] == [
+        f"warning: kohya: {out / 'ohwx-step00000004.safetensors'} is not reported as a checkpoint: its header claims "
+        f"{int.from_bytes(whole.read_bytes()[:8], 'little')} bytes but the file has 200: truncated or not safetensors"]
+    assert watched(None)[0] == [2, 4]
+
+
+@pytest.mark.slow
+def test_an_earlier_segments_final_lora_is_never_collected_again(kohya_recipe, fake_checkout, plugins_with, tmp_path,
+                                                                 monkeypatch):
+    """A finished 6-step run extended to 8 steps with --resume, whose sd-scripts exits 0 without writing its final
+    LoRA: the step-6 file of the first segment, still under the final name, was collected as the 8-step LoRA (exit 0,
+    `ss_steps` 6). Control: the same resume with sd-scripts writing it collects the new file."""
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert error is None, error
+    run = tmp_path / "runs" / "ohwx"
+    monkeypatch.setenv("FAKE_KOHYA_MODE", "no_lora")
+    _, _, _, error = run_in_process(path, plugins_with, resume=True, sets=["train.steps=8"])
+    assert isinstance(error, BackendError) and "wrote no new " in str(error), error
+    assert read_manifest(run)["status"] == "failed"
+    for entry in ("ohwx-state", "lora-run-segment.json"):       # the failed segment's state is moved aside next time
+        assert (run / "kohya" / "output" / entry).exists()
+    monkeypatch.delenv("FAKE_KOHYA_MODE")
+    _, _, _, error = run_in_process(path, plugins_with, resume=True, sets=["train.steps=10"])
+    assert error is None, error
+    from lora_run_formats import read_metadata
+
+    assert read_metadata(run / "ohwx.safetensors")["ss_steps"] == "2"      # the last segment's own count
 
 
 @pytest.mark.slow

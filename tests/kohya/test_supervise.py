@@ -78,6 +78,46 @@ def test_supervisor_streams_carriage_return_progress_and_reports_each_step_once(
     assert "invalid utf-8" in list(sup.tail)[-1] and log.index("4/4") < log.rindex("invalid utf-8")
 
 
+FLOOD = r"""
+import sys
+sys.stdout.buffer.write(b"\x1b[2J\x1b[31mred\r" + b"y" * (10 << 20) + b"\x1b[0m\n")
+sys.stdout.flush()
+sys.stderr.write("\rsteps:  50%|##| 2/4 [00:01<00:01,  2.00it/s, avr_loss=0.5]\n" + "9" * 5000 + "\n")
+sys.stderr.write("steps:  50%|##| " + "9" * 5000 + "/4 [00:01<00:01,  2.00it/s, avr_loss=0.5]\n")
+sys.stderr.write("\rsteps:  75%|##| 3/4 [00:01<00:01,  2.00it/s, avr_loss=0.4]\n")
+"""
+
+
+def test_a_flood_without_line_breaks_is_logged_whole_and_parsed_in_bounded_time(tmp_path):
+    """10 MB without a line break (an engine printing without newlines, ANSI escapes and carriage returns in it), then
+    a bar whose step has 5000 digits: the log keeps every byte, the steps around it are reported, in seconds. Before,
+    the bar pattern took time quadratic in a line's length (26 s for 64 000 letters: hours for each 1 MiB piece), even
+    after Ctrl-C, and the 5000-digit step raised ValueError out of the parser (the run "crashed"). The control times
+    the old pattern on 16 000 letters: well over the new one's time on 10 MB."""
+    import re
+
+    lines: list[str] = []
+    seen = []
+    sup = Supervisor(child(FLOOD), log_path=tmp_path / "train.log", progress=training_progress,
+                     on_progress=seen.append, on_line=lines.append)
+    started = time.monotonic()
+    assert sup.run().returncode == 0
+    took = time.monotonic() - started
+    assert took < 20, took
+    assert [p.step for p in seen] == [2, 3]
+    assert (tmp_path / "train.log").read_text("utf-8").count("y") >= 10 << 20
+    assert max(len(line) for line in lines) <= 16384              # what a parser is handed
+    # planted-mistake control: the old pattern's first part on 16 000 letters takes far longer than the parser now
+    # takes on 1 MiB
+    old = re.compile(r"(?P<desc>[\w ./-]*?):\s*(?P<pct>\d+)%\|")
+    started = time.monotonic()
+    training_progress("y" * (1 << 20))
+    new = time.monotonic() - started
+    started = time.monotonic()
+    old.search("y" * 16000)
+    assert time.monotonic() - started > 5 * new
+
+
 def test_nonzero_exit_code_and_tail(tmp_path):
     sup = Supervisor(child("import sys\nfor i in range(50): print('line', i)\nsys.exit(3)"),
                      log_path=tmp_path / "t.log", keep_lines=10)

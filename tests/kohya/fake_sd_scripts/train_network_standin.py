@@ -16,8 +16,12 @@ lines stay as recorded), the resume lines, ``epoch N/M``, the checkpoint and sta
 lines and the end. The ``steps`` bar is drawn by tqdm exactly as sd-scripts draws it (``desc="steps"``,
 ``smoothing=0``, ``set_postfix(avr_loss=…)``).
 
-Failure injection through the environment: ``FAKE_KOHYA_MODE`` = ``crash`` | ``hang`` | ``garbage`` | ``nan``
-at step ``FAKE_KOHYA_AT`` (default 3); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01),
+Failure injection through the environment: ``FAKE_KOHYA_MODE`` = ``crash`` | ``hang`` | ``garbage`` | ``nan`` |
+``hang_ignore_int`` (SIGINT ignored) | ``fork`` (a child that outlives it) | ``flood`` (10 MB without a line break,
+ANSI, carriage returns) | ``absurd`` (progress lines with absurd numbers) | ``partial_checkpoint`` (a step checkpoint
+cut off while written, then a hang) at step ``FAKE_KOHYA_AT`` (default 3); the final LoRA: ``lora_truncated`` |
+``lora_empty`` | ``lora_nan`` | ``lora_rank`` (twice the rank) | ``lora_family`` (another family's module names) |
+``no_lora`` (exit 0 without it) | ``partial_crash`` (cut off, exit 1) | ``enospc`` (cut off, ENOSPC); ``FAKE_KOHYA_STEP_SECONDS`` sets the time per step (default 0.01),
 ``FAKE_KOHYA_END_SECONDS`` the time spent after the last step before the final state and LoRA are saved (default 0;
 the real sd-scripts took about 2 s on CPU);
 ``FAKE_KOHYA_RECORD`` names a file that receives the parsed arguments as JSON. With ``--cache_latents_to_disk``
@@ -251,12 +255,15 @@ def write_caches(data: dict, args: argparse.Namespace) -> None:
             fh.writelines(f"{path}\n" for path in encoded)
 
 
-def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> None:
+def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int, final: bool = False) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
+    mode = os.environ.get("FAKE_KOHYA_MODE", "")
     rng = np.random.default_rng(seed + step)
     d, mlp, rank = 32, 128, int(args.network_dim or 4)
+    if final and mode == "lora_rank":          # a LoRA of another rank than the one asked for
+        rank *= 2
     alpha = float(args.network_alpha if args.network_alpha is not None else 1.0)
     import re
 
@@ -291,10 +298,23 @@ def write_lora(path: Path, args: argparse.Namespace, step: int, seed: int) -> No
     metadata = {"ss_network_module": args.network_module, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
                 "ss_output_name": args.output_name, "ss_steps": str(step), "ss_base_model_version": "flux1",
                 "modelspec.architecture": "flux-1-dev/lora", "ss_sd_scripts_commit_hash": "fake"}
+    if final and mode == "lora_nan":
+        tensors = {k: np.full_like(v, np.nan) if "lora_up" in k else v for k, v in tensors.items()}
+    if final and mode == "lora_family":       # an SDXL U-Net LoRA's keys: another family's file
+        tensors = {k.replace("lora_unet_", "lora_unet_down_blocks_"): v for k, v in tensors.items()}
     say(RECORDED_LINES.checkpoint(path))
     tmp = path.with_name(path.name + ".writing")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+    if final and mode in ("lora_truncated", "partial_crash", "enospc"):    # cut off while written
+        with open(path, "r+b") as fh:
+            fh.truncate(path.stat().st_size // 2)
+        if mode == "partial_crash":
+            raise SystemExit("FAKE sd-scripts: killed while writing the LoRA")
+        if mode == "enospc":
+            raise OSError(28, "No space left on device", str(path))
+    if final and mode == "lora_empty":
+        path.write_bytes(b"")
 
 
 def write_sample(folder: Path, name: str, step: int, index: int, seed: int | None) -> Path:
@@ -387,6 +407,30 @@ def main() -> int:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
         if mode == "hang" and step == at:
             time.sleep(3600)
+        if mode == "hang_ignore_int" and step == at:     # deaf to Ctrl-C, silent, never ends
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            time.sleep(3600)
+        if mode == "fork" and step == at:       # a child that outlives it, holding its output open
+            import subprocess
+
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        if mode == "flood" and step == at:      # 10 MB without a line break, ANSI escapes, carriage returns
+            sys.stdout.buffer.write(b"\x1b[2J\x1b]0;title\x07\x1b[31mred\r" + b"y" * (10 << 20))
+            sys.stdout.buffer.write(b"\rprogress 1\rprogress 2\r\x1b[0m\n")
+            sys.stdout.flush()
+        if mode == "absurd" and step == at:     # progress lines with absurd numbers
+            for text in (f"steps: 50%|#####     | {10 ** 12}/{2 * 10 ** 12} [00:01<00:01, 1.00it/s, avr_loss=0.1]",
+                         "steps: 50%|#####     | -3/6 [00:01<00:01, 1.00it/s, avr_loss=-1]",
+                         "steps: 50%|#####     | 3/6 [00:01<00:01, 1.00it/s, avr_loss=1e999999]"):
+                print(text, file=sys.stderr, flush=True)
+        if mode == "partial_checkpoint" and step == at:     # killed while sd-scripts writes a checkpoint in place
+            path = out / f"{name}-step{step:08d}.safetensors"
+            write_lora(path, args, step, args.seed or 0)
+            with open(path, "r+b") as fh:
+                fh.truncate(path.stat().st_size // 2)
+            time.sleep(3600)
         if mode == "garbage" and step == at:
             sys.stdout.buffer.write(b"\xff\xfe\x00garbage \x1b[31mred\x1b[0m steps: 99%|| nonsense\n" + b"x" * 5000 + b"\n")
             sys.stdout.flush()
@@ -426,7 +470,8 @@ def main() -> int:
     time.sleep(float(os.environ.get("FAKE_KOHYA_END_SECONDS", "0")))
     if args.save_state_on_train_end:     # sd-scripts saves the last state before the final LoRA
         save_state(out / f"{name}-state", step, epoch, last=True)
-    write_lora(out / f"{name}.safetensors", args, step, args.seed or 0)
+    if mode != "no_lora":
+        write_lora(out / f"{name}.safetensors", args, step, args.seed or 0, final=True)
     say(RECORDED_LINES.model_saved())
     return 0
 
