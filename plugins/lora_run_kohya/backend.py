@@ -357,7 +357,7 @@ class KohyaBackend:
                          "used by none ([backend.kohya] remove_old_staging)")
         argv = list(tr.argv)
         resume_from = None
-        offset = 0
+        offset, finished = 0, False
         if ctx.resume:
             resume_from = latest_state(paths.output_dir, recipe.output.name)
             if resume_from is None:
@@ -367,8 +367,10 @@ class KohyaBackend:
                 saved = state_step(resume_from)
                 ctx.echo(f"kohya: resuming from sd-scripts' state {resume_from.name}"
                          + (f" (step {saved})" if saved is not None else ""))
-                resume_from, extra_argv, offset = self._resume_segment(paths, resume_from, saved)
-                argv += ["--resume", str(resume_from), *extra_argv]
+                finished = self._finished(paths, resume_from, saved)
+                if not finished:
+                    resume_from, extra_argv, offset = self._resume_segment(paths, resume_from, saved)
+                    argv += ["--resume", str(resume_from), *extra_argv]
         run_dir.update_manifest(external_tools={"sd-scripts": {**co.manifest(), "accelerate": accelerate_version,
                                                                "packages": getattr(self, "engine_packages", {}),
                                                                "argv": argv,
@@ -376,6 +378,13 @@ class KohyaBackend:
                                                                else None}})
         run_dir.log(f"kohya: sd-scripts {co.commit or '(not a git checkout)'}"
                     f"{' (dirty)' if co.dirty else ''} at {co.path}; staged {counts}")
+        if finished:    # stopped after sd-scripts had finished: its final LoRA is collected, nothing is launched
+            ctx.echo(f"kohya: nothing left to train: sd-scripts' state {resume_from.name} is at the run's last step "
+                     f"({recipe.train.steps}) and its final LoRA was written after it; collecting that LoRA without "
+                     "launching sd-scripts")
+            with run_dir.writing(""):
+                self._collect(paths, co, tr)
+            return
         paths.output_dir.mkdir(parents=True, exist_ok=True)
         earlier = _identity(paths.output_dir / f"{recipe.output.name}.safetensors")    # an earlier segment's final LoRA
         watcher = Watcher(ctx, paths.output_dir, recipe.output.name, offset=offset,
@@ -511,6 +520,17 @@ class KohyaBackend:
         except ValueError:
             self.engine_packages = {}
         return lines[0].strip()
+
+    def _finished(self, paths: Paths, state: Path, saved: int | None) -> bool:
+        """Whether sd-scripts had finished the run when it was stopped (Ctrl-C while lora-run collected the LoRA, or a
+        failure after sd-scripts' end): its newest ``state`` is at the recipe's last step and its final LoRA was
+        written after that state (sd-scripts saves the last state, then the LoRA). A final LoRA older than the state
+        is an earlier segment's, never this one's (``_resume_segment`` then says there is nothing left to do)."""
+        steps, final = self.recipe.train.steps, paths.output_dir / f"{self.recipe.output.name}.safetensors"
+        if steps is None or saved is None or saved < int(steps) or not final.is_file():
+            return False
+        newest = max((p.stat().st_mtime_ns for p in state.rglob("*") if p.is_file()), default=state.stat().st_mtime_ns)
+        return final.stat().st_mtime_ns >= newest
 
     def _resume_segment(self, paths: Paths, state: Path, saved: int | None) -> tuple[Path, list[str], int]:
         """How to continue from an sd-scripts state: (state folder, extra options, step offset).

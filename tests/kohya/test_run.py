@@ -341,6 +341,43 @@ def test_resume_continues_from_the_newest_state(kohya_recipe, fake_checkout, plu
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_run_stopped_after_sd_scripts_finished_resumes_by_collecting_its_lora(stale, kohya_recipe, fake_checkout,
+                                                                                 plugins_with, tmp_path, monkeypatch):
+    """Ctrl-C while lora-run collected sd-scripts' final LoRA (sd-scripts had saved its last state and the LoRA): the
+    resume line it printed failed, exit 2, "the sd-scripts state … is at step 6, so a run of 6 steps has nothing left to
+    do". The resume collects that LoRA without launching sd-scripts. Control (``stale``): a final LoRA older than the
+    last state is an earlier segment's, never collected; the refusal stands."""
+    from lora_run.errors import TrainingInterrupted
+    from lora_run_kohya.backend import KohyaBackend
+
+    path = kohya_recipe(sd_scripts=fake_checkout)
+    collect = KohyaBackend._collect
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KohyaBackend, "_collect", interrupted)
+    _, _, _, error = run_in_process(path, plugins_with)
+    assert isinstance(error, TrainingInterrupted), error
+    monkeypatch.setattr(KohyaBackend, "_collect", collect)
+    run = tmp_path / "runs" / "ohwx"
+    final = run / "kohya" / "output" / "ohwx.safetensors"
+    if stale:
+        os.utime(final, ns=(1, 1))
+    log = (run / "kohya" / "train.log").read_text()
+    ctx, _, echoed, error = run_in_process(path, plugins_with, resume=True)
+    assert (run / "kohya" / "train.log").read_text() == log          # sd-scripts was not launched again
+    if stale:
+        assert isinstance(error, RecipeError) and "nothing left to do" in str(error), error
+        assert not (run / "ohwx.safetensors").exists()
+        return
+    assert error is None, error
+    assert any("nothing left to train" in line for line in echoed), echoed
+    assert Path(ctx.artifacts["lora_kohya"]).read_bytes()[8:] and read_manifest(run)["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_hunyuan_image_runs_with_its_script(kohya_recipe, fake_checkout, plugins_with, tmp_path, monkeypatch):
     record = tmp_path / "args.json"
     monkeypatch.setenv("FAKE_KOHYA_RECORD", str(record))
