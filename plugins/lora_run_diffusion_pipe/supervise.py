@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from lora_run_engines import PARSE_CHARS as MAX_LINE, STEP_NUMBER   # noqa: E402 - at most this much of a line
+from lora_run_engines import PARSE_CHARS as MAX_LINE, STEP_NUMBER   # MAX_LINE: at most this much of a line
 
 _N = f"({STEP_NUMBER})"
 

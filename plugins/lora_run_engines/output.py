@@ -19,9 +19,6 @@ from typing import Any
 
 from lora_run.errors import BackendError
 
-#: a LoRA tensor name: ``<module>.<which>`` in kohya (``lora_down``/``lora_up``/``alpha``) or peft/diffusers keys
-_KEY = re.compile(r"^(?P<module>.+?)\.(?P<which>lora_down\.weight|lora_up\.weight|alpha|lora_A(?:\.default)?\.weight|"
-                  r"lora_B(?:\.default)?\.weight)$")
 
 
 def module_pattern(family: str, layout: str) -> re.Pattern[str]:
@@ -63,6 +60,7 @@ def lora_problem(path: Path, *, family: str, layout: str, rank: int) -> str | No
     LoRA of finite floating-point tensors, a module that is not the engine's ``layout`` of ``family``
     (:func:`module_pattern`), or a module of another rank than ``rank`` (the recipe's ``[lora] rank``)."""
     from lora_run_formats import lora_file_problem, read_header, tensor_names
+    from lora_run_formats.lora_check import LORA_KEY
 
     problem = lora_file_problem(path)
     if problem is not None:
@@ -70,7 +68,7 @@ def lora_problem(path: Path, *, family: str, layout: str, rank: int) -> str | No
     header = read_header(path, kind="lora")
     modules = module_pattern(family, layout)
     for name in tensor_names(header):
-        match = _KEY.match(name)
+        match = LORA_KEY.match(name)
         if match is None or not modules.fullmatch(match["module"]):
             return (f"tensor {name} is not a module of a {family} LoRA in the {layout} layout this engine writes "
                     "(another family's or another tool's file?)")

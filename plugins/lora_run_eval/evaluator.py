@@ -503,8 +503,8 @@ def _is_evaluation(path: Path) -> bool:
         return True
     metrics = path / METRICS_FILE
     try:
-        data = json.loads(read_limited(metrics, "json", JSON_LIMIT))
-    except (OSError, ValueError, FileProblem, RecursionError):
+        data = parse_json(read_limited(metrics, "json", JSON_LIMIT))
+    except (OSError, ValueError, FileProblem):
         return False
     return isinstance(data, dict) and {"results", "loras", "final", "subject_images"} <= data.keys()
 
@@ -542,7 +542,8 @@ def cmd_eval(args: Any, plugins: Any) -> int:
         loras[0][2].parent / f"eval-{loras[0][2].stem}"
     from lora_run_commands.arguments import NAME_MAX
 
-    if not args.output_dir and len(os.fsencode(out.name)) > NAME_MAX:   # a LoRA named up to the limit ("File name too long")
+    # a LoRA named up to the limit: its default folder's name would be over it ("File name too long")
+    if not args.output_dir and len(os.fsencode(out.name)) > NAME_MAX:
         raise OutputError(f"--lora {shown(args.lora[0])}: the evaluation's default folder next to it, eval-<its name>, "
                           f"would have a name of {len(os.fsencode(out.name))} bytes, over the {NAME_MAX} a folder name "
                           "may have; give --output-dir")

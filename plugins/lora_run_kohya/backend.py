@@ -24,7 +24,7 @@ import attrs
 from lora_run import __version__
 from lora_run.dataset import Item
 from lora_run.errors import BackendError, RecipeError, TrainingInterrupted
-from lora_run_rundir import atomic_write_text
+from lora_run_rundir import atomic_write_text, parse_json
 from lora_run_rundir.space import check_free_space
 from lora_run.recipe import resume_command
 from lora_run.run import Plan
@@ -910,17 +910,15 @@ def state_step(state: Path) -> int | None:
     """The run's optimizer step an sd-scripts state folder was saved at: its ``train_state.json``
     ``current_step`` (counted from the segment's start: sd-scripts restarts at 0 after a resume) plus the steps
     of the earlier segments, which lora-run records in ``lora-run-segment.json`` beside the state."""
-    import json
-
     try:
-        value = json.loads((state / "train_state.json").read_text("utf-8")).get("current_step")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        value = parse_json((state / "train_state.json").read_text("utf-8")).get("current_step")
+    except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(value, int):
         return None
     try:
-        offset = int(json.loads((state.parent / SEGMENT).read_text("utf-8")).get("offset", 0))
-    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
+        offset = int(parse_json((state.parent / SEGMENT).read_text("utf-8")).get("offset", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
         offset = 0
     return value + offset
 

@@ -23,15 +23,16 @@ _BAR = re.compile(
     rf":\s*(?P<pct>\d{{1,3}})%\|[^|]*\|\s*(?P<step>{STEP_NUMBER})/(?P<total>{STEP_NUMBER})\s*"
     r"\[(?P<elapsed>[\d:]+)<(?P<remaining>[\d:?]+),\s*(?P<rate>[\d.]+|\?)\s*(?P<unit>it/s|s/it)?"
     r"(?:,\s*(?P<post>[^\]]*))?\]")
-_DESCRIPTION = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ./-")
 
 
 def _description(line: str, end: int) -> str:
-    """The bar's description: the characters of ``[\\w ./-]`` (ASCII) right before ``end`` (its colon)."""
+    """The bar's description: the letters, digits and ``_ ./-`` right before ``end`` (its colon)."""
     start = end
-    while start > 0 and (line[start - 1] in _DESCRIPTION or line[start - 1].isalnum()):
+    while start > 0 and (line[start - 1].isalnum() or line[start - 1] in "_ ./-"):
         start -= 1
     return line[start:end]
+
+
 _NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|-inf)$", re.I)
 
 

@@ -2,16 +2,16 @@
 
     generate_images(recipe, lora_path, jobs, out_dir, device=None, on_image=None) -> list[dict]
 
-Each job is ``{"name", "prompt", "seed", "strength", "steps", "guidance", "width", "height"}``. The family's
-base pipeline is built once from ``recipe.model`` (hub id, diffusers folder or single files, through the
-adapter), the LoRA file (kohya or diffusers format; ``None`` = the base model) is loaded once, and every job
-is generated with the LoRA scale set to its ``strength``. A LoRA whose matrices do not form LoRAs or do not fit the
-model is refused from the headers before the pipeline is built (``ModelAdapter.lora_problem``, OutputError). The starting noise is drawn on the CPU from the
-job's seed, so a seed gives the same image on every device. Images are written atomically as
-``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added, and ``"seconds"``: the
-wall time of the pipeline call that made the image (its PNG written), shared equally by the images of that call,
-so the sum over the jobs is the generation time without the pipeline's load. ``on_image`` (optional) is called with
-each job, ``"path"`` added, as soon as its image is written (the evaluation scores it meanwhile). On a GPU holding the
+Each job is ``{"name", "prompt", "seed", "strength", "steps", "guidance", "width", "height"}``. The family's base
+pipeline is built once from ``recipe.model`` (hub id, diffusers folder or single files, through the adapter), the
+LoRA file (kohya or diffusers format; ``None`` = the base model) is loaded once, and every job is generated with the
+LoRA scale set to its ``strength``. A LoRA whose matrices do not form LoRAs or do not fit the model is refused from
+the headers before the pipeline is built (``ModelAdapter.lora_problem``, OutputError). The starting noise is drawn
+on the CPU from the job's seed, so a seed gives the same image on every device. Images are written atomically as
+``<out_dir>/<name>.png``; the jobs come back, in their order, with ``"path"`` added, and ``"seconds"``: the wall
+time of the pipeline call that made the image (its PNG written), shared equally by the images of that call, so the
+sum over the jobs is the generation time without the pipeline's load. ``on_image`` (optional) is called with each
+job, ``"path"`` added, as soon as its image is written (the evaluation scores it meanwhile). On a GPU holding the
 whole pipeline the transformer's calls are replayed from CUDA graphs (``graphed.py``): the same kernels without the
 host's per-kernel launch cost, which bounds the eager forward at these sizes.
 

@@ -95,6 +95,15 @@ def make_folder(path: Path, label: str | None = None, what: str = "output folder
         raise OutputError(f"{label or shown(path)}: cannot create the {what} ({exc.strerror or exc})") from None
 
 
+#: what ``flock(LOCK_EX | LOCK_NB)`` answers when another process holds the lock
+LOCK_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+def _open_folder(folder: Path) -> int:
+    """A descriptor of the folder itself, to ``flock`` (nothing is added to the folder)."""
+    return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
     """One lora-run writer per folder that is no run folder (an evaluation's, the demo's): an exclusive ``flock`` on
@@ -108,16 +117,17 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
         yield
         return
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_folder(folder)
     except OSError as exc:
         raise OutputError(f"{shown(folder)}: cannot open the folder to lock it ({exc.strerror or exc})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno in LOCK_HELD:
                 raise OutputError(f"{shown(folder)}: another lora-run is writing {what} in this folder now; wait for "
-                                  "it to finish or stop it, or use another --output-dir (nothing was touched)") from None
+                                  "it to finish or stop it, or use another --output-dir (nothing was touched)"
+                                  ) from None
             raise OutputError(f"{shown(folder)}: cannot lock the folder ({exc.strerror or exc})") from None
         yield
     finally:
@@ -131,13 +141,13 @@ def folder_locked(folder: Path) -> bool:
     except ImportError:  # pragma: no cover
         return False
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_folder(folder)
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        return exc.errno in LOCK_HELD
     finally:
         os.close(fd)     # closing drops a lock just taken
     return False

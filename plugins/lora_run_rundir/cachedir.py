@@ -86,8 +86,8 @@ def _is_index(path: Path) -> bool:
     from .folder import JSON_LIMIT
 
     try:
-        data = json.loads(read_limited(path, "json", JSON_LIMIT))
-    except (OSError, ValueError, FileProblem, RecursionError):
+        data = parse_json(read_limited(path, "json", JSON_LIMIT))
+    except (OSError, ValueError, FileProblem):
         return False
     return isinstance(data, dict) and all(isinstance(v, str) and _KEY.match(v) for v in data.values())
 

@@ -20,8 +20,8 @@ from lora_run.errors import LoraRunError, OutputError
 from lora_run.files import FileProblem, MiB, printable, read_limited, resolved, shown
 from lora_run_commands import describe_plugins
 
-from .atomic import (TEMP_FILE, atomic_write_text, disk_full_error, folder_locked, is_disk_full, make_folder,
-                     open_append, parse_json, remove_temp_files)
+from .atomic import (LOCK_HELD, TEMP_FILE, atomic_write_text, disk_full_error, folder_locked, is_disk_full,
+                     make_folder, open_append, parse_json, remove_temp_files)
 from .provenance import model_identity, package_versions, version_changes
 from .cachedir import cache_problems
 from .record import EVALUATION, OUTPUT_RECORD, plain_name, tree, unlisted, unrecorded
@@ -120,7 +120,7 @@ class RunLock:
         except OSError as exc:
             holder = _read_holder(fd)
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno in LOCK_HELD:
                 raise OutputError(f"{shown(self.path.parent)}: another lora-run is using this run folder "
                                   f"({holder}); wait for it to finish or stop it, or use another --output-dir") from None
             raise OutputError(f"{shown(self.path.parent)}: cannot lock the run folder ({exc.strerror})") from None
@@ -410,8 +410,8 @@ class RunDir:
                 raise OutputError(f"{shown(p)}: --overwrite would delete {_entries(foreign)} no lora-run run wrote "
                                   f"there ({names}); move them out of the run folder, or choose another --output-dir"
                                   + hint)
-            # an evaluation `lora-run eval` is writing into the folder now (it holds its folder's lock): deleted with the
-            # old run, it failed (exit 1) and its record came back in the new run folder
+            # an evaluation `lora-run eval` is writing into the folder now (it holds its folder's lock): deleted with
+            # the old run, it failed (exit 1) and its record came back in the new run folder
             busy = [e.name for e in existing if e.name.startswith("eval-") and e.is_dir() and not e.is_symlink()
                     and folder_locked(e)]
             if busy:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from lora_run.errors import LoraRunError
 
-from .atomic import TEMP_FILE, atomic_write_text, folder_lock, make_folder
+from .atomic import TEMP_FILE, atomic_write_text, folder_lock, make_folder, parse_json
 
 OUTPUT_RECORD = ".lora-run-output.json"
 #: the writer's name in the record of an evaluation folder (``lora_run_eval``'s `lora-run eval`)
@@ -136,8 +136,8 @@ def _read(folder: Path) -> dict[str, Any] | None:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode) or st.st_size > RECORD_LIMIT:
             return None
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        data = parse_json(path.read_bytes())
+    except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("lora_run_output"), str):
         return None

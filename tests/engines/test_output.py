@@ -46,7 +46,7 @@ def test_a_whole_lora_of_the_family_and_rank_passes_and_every_damage_is_named(tm
     assert "too short" in problem(empty)
     nan = write(tmp_path / "nan.safetensors", module, down, up, value=float("nan"))
     assert "holds NaN or inf" in problem(nan)
-    assert f"rank 4, not the recipe's [lora] rank = 8" in problem(good, rank=8)
+    assert "rank 4, not the recipe's [lora] rank = 8" in problem(good, rank=8)
     other = write(tmp_path / "sdxl.safetensors", "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_down.weight",
                   "lora_up.weight")
     assert f"is not a module of a {family} LoRA in the {layout} layout" in problem(other)
